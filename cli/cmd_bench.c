@@ -1,0 +1,121 @@
+/* `denoised bench unet`: times network evaluations on random inputs and
+ * reports ms per forward, effective GFLOP/s and peak RSS. The side-by-side
+ * comparison with PyTorch lives in bench/unet, which calls this. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "cli.h"
+#include "model.h"
+#include "rng.h"
+
+static const char help[] =
+    "usage: denoised bench unet --model DIR [--batch B] [--threads T] [--size S]\n"
+    "                           [--iters N] [--warmup W]\n"
+    "\n"
+    "Times one network evaluation (median of N) on Gaussian noise.\n"
+    "  --batch B    images per forward (default 1)\n"
+    "  --threads T  CPU threads (default 2)\n"
+    "  --size S     image side (default: the model's sample_size)\n"
+    "  --iters N    timed runs (default 5); --warmup W untimed runs first (default 1)\n";
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+int cmd_bench(int argc, char **argv) {
+  const char *cmd = "bench";
+  if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+    fputs(help, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (strcmp(argv[1], "unet") != 0)
+    return cli_usage_error(cmd, "unknown benchmark '%s' (available: unet)", argv[1]);
+  argc--;
+  argv++;
+  const char *model_dir = NULL;
+  long long batch = 1, threads = 2, size = 0, iters = 5, warmup = 1;
+  static const struct option opts[] = {
+      {"model", required_argument, 0, 'm'},  {"batch", required_argument, 0, 'b'},
+      {"threads", required_argument, 0, 'j'}, {"size", required_argument, 0, 's'},
+      {"iters", required_argument, 0, 'n'},   {"warmup", required_argument, 0, 'w'},
+      {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+  optind = 1;
+  int c;
+  while ((c = getopt_long(argc, argv, "m:b:j:s:n:w:h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'm': model_dir = optarg; break;
+    case 'b': if (cli_parse_int("--batch", optarg, 1, 4096, &batch)) return 2; break;
+    case 'j': if (cli_parse_int("--threads", optarg, 1, 256, &threads)) return 2; break;
+    case 's': if (cli_parse_int("--size", optarg, 1, 4096, &size)) return 2; break;
+    case 'n': if (cli_parse_int("--iters", optarg, 1, 10000, &iters)) return 2; break;
+    case 'w': if (cli_parse_int("--warmup", optarg, 0, 10000, &warmup)) return 2; break;
+    case 'h': fputs(help, stdout); return 0;
+    default: return cli_usage_error(cmd, "bad option");
+    }
+  }
+  if (optind < argc)
+    return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+  if (!model_dir)
+    return cli_usage_error(cmd, "--model is required");
+  err e = {0};
+  model *m = NULL;
+  if (model_load(model_dir, &m, &e))
+    return cli_fail(cmd, "%s", e.msg);
+  const model_info *mi = model_get_info(m);
+  int s = size ? (int)size : mi->sample_size, n = (int)batch, status = 1;
+  if (s < 1) {
+    model_free(m);
+    return cli_usage_error(cmd, "the model has no sample_size: pass --size");
+  }
+  size_t per = (size_t)mi->in_channels * s * s;
+  float *x = malloc(sizeof(float) * per * n);
+  float *out = malloc(sizeof(float) * (size_t)mi->out_channels * s * s * n);
+  float *t = malloc(sizeof(float) * n);
+  int64_t *labels = calloc((size_t)n, sizeof *labels);
+  double *times = malloc(sizeof(double) * (size_t)iters);
+  if (!x || !out || !t || !labels || !times) {
+    cli_fail(cmd, "out of memory");
+    goto done;
+  }
+  for (int i = 0; i < n; i++) {
+    rng_normal(0, (uint64_t)i, 0, x + per * i, per);
+    t[i] = 500.0f;
+  }
+  const int64_t *lab = mi->num_classes ? labels : NULL;
+  for (long long i = 0; i < warmup + iters; i++) {
+    double t0 = now_ms();
+    if (model_eval(m, x, n, s, s, t, lab, out, (int)threads, &e)) {
+      cli_fail(cmd, "%s", e.msg);
+      goto done;
+    }
+    if (i >= warmup)
+      times[i - warmup] = now_ms() - t0;
+  }
+  qsort(times, (size_t)iters, sizeof *times, cmp_double);
+  double med = times[iters / 2], flops = model_flops(m, s, s) * n;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
+         "gflops=%.1f peak_rss_mb=%.1f\n",
+         n, threads, s, med, med / n, flops / (med * 1e6), ru.ru_maxrss / 1024.0);
+  status = 0;
+done:
+  free(x);
+  free(out);
+  free(t);
+  free(labels);
+  free(times);
+  model_free(m);
+  return status;
+}

@@ -1,0 +1,96 @@
+/* `denoised`: the command-line front end of the engine. Dispatches to one
+ * subcommand per file (cmd_*.c); the engine itself never prints or exits. */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const char usage[] =
+    "usage: denoised <command> [options]\n"
+    "\n"
+    "Diffusion-model image generation on the CPU.\n"
+    "\n"
+    "commands:\n"
+    "  sample    generate images with a model and a solver (PNG or .npy)\n"
+    "  forward   run one network evaluation on inputs from .npy files\n"
+    "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
+    "\n"
+    "Run 'denoised <command> --help' for the options of a command.\n";
+
+int cli_parse_int(const char *flag, const char *s, long long min, long long max, long long *out) {
+  char *end;
+  errno = 0;
+  long long v = strtoll(s, &end, 10);
+  if (errno || end == s || *end || v < min || v > max) {
+    fprintf(stderr, "denoised: %s expects an integer in [%lld, %lld], got '%s'\n", flag, min,
+            max, s);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+int cli_parse_double(const char *flag, const char *s, double min, double max, double *out) {
+  char *end;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (errno || end == s || *end || !isfinite(v) || v < min || v > max) {
+    fprintf(stderr, "denoised: %s expects a number in [%g, %g], got '%s'\n", flag, min, max, s);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+static int vfail(const char *cmd, int status, const char *fmt, va_list ap) {
+  fprintf(stderr, "denoised %s: ", cmd);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+  if (status == 2)
+    fprintf(stderr, "Run 'denoised %s --help' for usage.\n", cmd);
+  return status;
+}
+
+int cli_fail(const char *cmd, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int rc = vfail(cmd, 1, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+int cli_usage_error(const char *cmd, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int rc = vfail(cmd, 2, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    fputs(usage, stderr);
+    return 2;
+  }
+  const char *cmd = argv[1];
+  if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+    fputs(usage, stdout);
+    return 0;
+  }
+  if (strcmp(cmd, "--version") == 0) {
+    puts("denoised 0.1.0");
+    return 0;
+  }
+  if (strcmp(cmd, "forward") == 0)
+    return cmd_forward(argc - 1, argv + 1);
+  if (strcmp(cmd, "sample") == 0)
+    return cmd_sample(argc - 1, argv + 1);
+  if (strcmp(cmd, "bench") == 0)
+    return cmd_bench(argc - 1, argv + 1);
+  fprintf(stderr, "denoised: unknown command '%s'\n\n%s", cmd, usage);
+  return 2;
+}

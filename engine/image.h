@@ -1,0 +1,38 @@
+/* Images in and out: float tensors in [-1, 1] <-> 8-bit pixels, PNG encoding
+ * and decoding with libpng, and the text chunks that carry reproducibility
+ * metadata (AUTOMATIC1111 "parameters" tEXt, full request JSON in iTXt). */
+#ifndef DENOISED_IMAGE_H
+#define DENOISED_IMAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+/* CHW float image (c = 1 or 3, values nominally in [-1, 1]) to interleaved
+ * 8-bit pixels, the way diffusers does it: round(clamp(x/2+0.5, 0, 1) * 255). */
+void image_to_u8(const float *chw, int c, int h, int w, uint8_t *out);
+
+/* Interleaved 8-bit pixels (c = 1 or 3) to CHW floats in [-1, 1]. */
+void image_from_u8(const uint8_t *px, int c, int h, int w, float *chw);
+
+typedef struct image_text {
+  const char *key;   /* e.g. "parameters" (tEXt) or "denoised" (iTXt) */
+  const char *value; /* UTF-8 */
+  int international; /* 1: iTXt, 0: tEXt (Latin-1) */
+} image_text;
+
+/* Encodes pixels (c = 1 gray or 3 RGB) as PNG into a malloc'ed buffer. */
+int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *texts,
+                     int ntexts, uint8_t **png, size_t *png_len, err *e);
+int image_png_write(const char *path, const uint8_t *px, int c, int h, int w,
+                    const image_text *texts, int ntexts, err *e);
+
+/* Decodes a PNG (any colour type/bit depth, converted to 8-bit RGB) from memory,
+ * refusing images larger than max_w x max_h. *px is malloc'ed, h*w*3 bytes. */
+int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, uint8_t **px,
+                     int *h, int *w, err *e);
+/* Reads the value of text chunk `key` from a PNG file into a malloc'ed string. */
+int image_png_read_text(const char *path, const char *key, char **value, err *e);
+
+#endif

@@ -1,0 +1,231 @@
+/* Model directory loading and dispatch: finds config.json and the weights in
+ * either diffusers layout, then builds a UNet2DModel or the analytic
+ * GaussianMixtureDenoiser behind the common model interface. */
+#include "model.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "gmm.h"
+#include "safetensors.h"
+#include "schedule.h"
+#include "unet.h"
+
+#define MODEL_MAX_CONFIG_BYTES (1 << 20)
+#define MODEL_PATH_MAX 4096
+
+struct model {
+  model_info info;
+  char class_name[64];
+  char prediction_type[32];
+  char sched_path[MODEL_PATH_MAX];
+  int has_sched;
+  unet *unet;
+  gmm *gmm;
+};
+
+static int is_file(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+static int is_dir(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
+static json_t *load_json(const char *path, err *e) {
+  struct stat sb;
+  if (stat(path, &sb) != 0) {
+    err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
+    return NULL;
+  }
+  if (sb.st_size > MODEL_MAX_CONFIG_BYTES) {
+    err_set(e, ERR_FORMAT, "%s: %lld bytes is too large for a config file", path,
+            (long long)sb.st_size);
+    return NULL;
+  }
+  json_error_t je;
+  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!j)
+    err_set(e, ERR_FORMAT, "%s:%d: invalid JSON: %s", path, je.line, je.text);
+  else if (!json_is_object(j)) {
+    err_set(e, ERR_FORMAT, "%s: expected a JSON object", path);
+    json_decref(j);
+    j = NULL;
+  }
+  return j;
+}
+
+/* Finds the network's own folder and its scheduler config in either layout. */
+static int resolve_layout(const char *dir, char *net_dir, char *sched_path, err *e) {
+  char p[MODEL_PATH_MAX];
+  if (strlen(dir) > MODEL_PATH_MAX - 128)
+    return err_set(e, ERR_INVALID, "model directory path is too long");
+  if (!is_dir(dir))
+    return err_set(e, ERR_IO, "model directory '%s' does not exist", dir);
+  snprintf(p, sizeof p, "%s/model_index.json", dir);
+  if (is_file(p)) {
+    snprintf(net_dir, MODEL_PATH_MAX, "%s/unet", dir);
+    if (!is_dir(net_dir))
+      return err_set(e, ERR_FORMAT, "%s: pipeline layout without a 'unet/' folder", dir);
+    snprintf(sched_path, MODEL_PATH_MAX, "%s/scheduler/scheduler_config.json", dir);
+  } else {
+    snprintf(net_dir, MODEL_PATH_MAX, "%s", dir);
+    snprintf(sched_path, MODEL_PATH_MAX, "%s/scheduler_config.json", dir);
+  }
+  snprintf(p, sizeof p, "%s/config.json", net_dir);
+  if (!is_file(p))
+    return err_set(e, ERR_FORMAT, "%s: no config.json (expected a diffusers model folder)",
+                   net_dir);
+  return ERR_OK;
+}
+
+static int open_weights(const char *net_dir, st_file **st, char *path, err *e) {
+  snprintf(path, MODEL_PATH_MAX, "%s/diffusion_pytorch_model.safetensors", net_dir);
+  if (!is_file(path)) {
+    char bin[MODEL_PATH_MAX];
+    snprintf(bin, sizeof bin, "%s/diffusion_pytorch_model.bin", net_dir);
+    if (is_file(bin))
+      return err_set(e, ERR_UNSUPPORTED,
+                     "%s: only a PyTorch .bin checkpoint; convert it with "
+                     "tools/bin_to_safetensors.py %s %s",
+                     net_dir, bin, path);
+    return err_set(e, ERR_FORMAT, "%s: missing diffusion_pytorch_model.safetensors", net_dir);
+  }
+  return st_open(path, st, e);
+}
+
+static int load_gmm(model *m, const json_t *cfg, const char *weights, err *e) {
+  if (!m->has_sched)
+    return err_set(e, ERR_FORMAT,
+                   "GaussianMixtureDenoiser needs the scheduler_config.json beside it (%s)",
+                   m->sched_path);
+  sched_config sc;
+  int rc = sched_config_load_file(m->sched_path, NULL, 0, &sc, e);
+  if (rc)
+    return rc;
+  double *ac = malloc(sizeof(double) * (size_t)sc.num_train_timesteps);
+  if (!ac) {
+    sched_config_free(&sc);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  rc = sched_alphas_cumprod_f64(&sc, ac, e);
+  if (!rc)
+    rc = gmm_load(cfg, weights, ac, sc.num_train_timesteps, &m->gmm, e);
+  free(ac);
+  sched_config_free(&sc);
+  if (rc)
+    return rc;
+  m->info.kind = MODEL_GAUSSIAN_MIXTURE;
+  m->info.sample_size = gmm_sample_size(m->gmm);
+  m->info.in_channels = m->info.out_channels = gmm_channels(m->gmm);
+  m->info.num_classes = gmm_num_classes(m->gmm);
+  m->info.num_params = gmm_num_values(m->gmm);
+  return ERR_OK;
+}
+
+static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
+  char path[MODEL_PATH_MAX];
+  st_file *st = NULL;
+  int rc = open_weights(net_dir, &st, path, e);
+  if (rc)
+    return rc;
+  rc = unet_load(cfg, st, &m->unet, e);
+  if (rc)
+    err_prefix(e, "%s", path);
+  st_close(st); /* weights were copied (and converted) into the model */
+  if (rc)
+    return rc;
+  const unet_shape *s = unet_get_shape(m->unet);
+  m->info.kind = MODEL_UNET2D;
+  m->info.sample_size = s->sample_size;
+  m->info.in_channels = s->in_channels;
+  m->info.out_channels = s->out_channels;
+  m->info.num_classes = s->num_classes;
+  m->info.num_params = s->num_params;
+  return ERR_OK;
+}
+
+int model_load(const char *dir, model **out, err *e) {
+  *out = NULL;
+  char net_dir[MODEL_PATH_MAX], cfg_path[MODEL_PATH_MAX + 16];
+  model *m = calloc(1, sizeof *m);
+  if (!m)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = resolve_layout(dir, net_dir, m->sched_path, e);
+  if (rc) {
+    free(m);
+    return rc;
+  }
+  m->has_sched = is_file(m->sched_path);
+  snprintf(cfg_path, sizeof cfg_path, "%s/config.json", net_dir);
+  json_t *cfg = load_json(cfg_path, e);
+  if (!cfg) {
+    free(m);
+    return e ? e->code : ERR_FORMAT;
+  }
+  const json_t *cls = json_object_get(cfg, "_class_name");
+  const char *name = json_is_string(cls) ? json_string_value(cls) : "UNet2DModel";
+  snprintf(m->class_name, sizeof m->class_name, "%s", name);
+  m->info.class_name = m->class_name;
+  const json_t *pt = json_object_get(cfg, "prediction_type");
+  if (json_is_string(pt)) {
+    snprintf(m->prediction_type, sizeof m->prediction_type, "%s", json_string_value(pt));
+    m->info.prediction_type = m->prediction_type;
+  }
+  if (strcmp(name, "UNet2DModel") == 0) {
+    rc = load_unet(m, cfg, net_dir, e);
+  } else if (strcmp(name, "GaussianMixtureDenoiser") == 0) {
+    char weights[MODEL_PATH_MAX + 40];
+    snprintf(weights, sizeof weights, "%s/diffusion_pytorch_model.safetensors", net_dir);
+    rc = load_gmm(m, cfg, weights, e);
+    if (rc)
+      err_prefix(e, "%s", net_dir);
+  } else {
+    rc = err_set(e, ERR_UNSUPPORTED,
+                 "%s: _class_name \"%s\" is not supported (UNet2DModel or "
+                 "GaussianMixtureDenoiser)",
+                 cfg_path, name);
+  }
+  json_decref(cfg);
+  if (rc) {
+    model_free(m);
+    return rc;
+  }
+  *out = m;
+  return ERR_OK;
+}
+
+void model_free(model *m) {
+  if (!m)
+    return;
+  unet_free(m->unet);
+  gmm_free(m->gmm);
+  free(m);
+}
+
+const model_info *model_get_info(const model *m) { return &m->info; }
+
+const char *model_scheduler_config_path(const model *m) {
+  return m->has_sched ? m->sched_path : NULL;
+}
+
+int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
+               const int64_t *labels, float *out, int threads, err *e) {
+  if (n < 1 || !x || !t || !out)
+    return err_set(e, ERR_INVALID, "model_eval: empty batch or missing buffers");
+  if (m->unet)
+    return unet_forward(m->unet, x, n, h, w, t, labels, out, threads, e);
+  if (h != m->info.sample_size || w != m->info.sample_size)
+    return err_set(e, ERR_INVALID, "GaussianMixtureDenoiser is %dx%d; got %dx%d",
+                   m->info.sample_size, m->info.sample_size, h, w);
+  return gmm_eval(m->gmm, x, n, t, labels, out, e);
+}
+
+double model_flops(const model *m, int h, int w) {
+  return m->unet ? unet_flops(m->unet, h, w) : 0.0;
+}

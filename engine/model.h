@@ -1,0 +1,47 @@
+/* The denoising network behind one interface: a UNet2DModel checkpoint or the
+ * analytic GaussianMixtureDenoiser, loaded from a diffusers-layout directory.
+ * A loaded model is read-only, so any number of threads may evaluate it. */
+#ifndef DENOISED_MODEL_H
+#define DENOISED_MODEL_H
+
+#include <stdint.h>
+
+#include "err.h"
+
+typedef struct model model;
+
+typedef enum { MODEL_UNET2D, MODEL_GAUSSIAN_MIXTURE } model_kind;
+
+typedef struct model_info {
+  model_kind kind;
+  const char *class_name; /* "_class_name" from config.json */
+  int sample_size;        /* H == W of the images it was built for */
+  int in_channels;
+  int out_channels;
+  int num_classes;        /* 0 when not class-conditional */
+  int64_t num_params;     /* learned parameters (UNet) or stored values */
+  /* prediction_type declared by the model's own config.json, or NULL. */
+  const char *prediction_type;
+} model_info;
+
+/* Loads `dir`: flat (config.json + diffusion_pytorch_model.safetensors) or
+ * pipeline layout (model_index.json + unet/). Returns ERR_OK and *out. */
+int model_load(const char *dir, model **out, err *e);
+void model_free(model *m);
+const model_info *model_get_info(const model *m);
+
+/* Path of the scheduler_config.json that belongs with the model, or NULL. */
+const char *model_scheduler_config_path(const model *m);
+
+/* One network evaluation on a batch of n images (NCHW float32, in_channels x
+ * sample_size^2 each; H and W may differ from sample_size for UNets).
+ * t holds one (possibly fractional) timestep per image; labels one class per
+ * image or NULL. out receives n * out_channels * h * w floats. `threads` is
+ * the number of CPU threads this call may use (>= 1). Thread-safe. */
+int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
+               const int64_t *labels, float *out, int threads, err *e);
+
+/* Approximate multiply-add FLOPs (x2) of one forward on one h x w image. */
+double model_flops(const model *m, int h, int w);
+
+#endif

@@ -1,0 +1,28 @@
+/* NumPy .npy files: read any little-endian float32/float64/int32/int64 array
+ * (C order) into float32 or int64, write float32. Sizes checked against the file. */
+#ifndef DENOISED_NPY_H
+#define DENOISED_NPY_H
+
+#include <stdint.h>
+
+#include "err.h"
+
+#define NPY_MAX_DIMS 8
+
+typedef struct npy_array {
+  int ndim;
+  int64_t shape[NPY_MAX_DIMS];
+  int64_t count; /* product of shape */
+  float *data;   /* malloc'ed, count floats; free with npy_array_free */
+} npy_array;
+
+/* Reads and converts to float32 (integers converted exactly where they fit). */
+int npy_read_f32(const char *path, npy_array *out, err *e);
+/* Reads integer (or integral float) data into int64; non-integral floats are an error. */
+int npy_read_i64(const char *path, int64_t **data, int64_t *count, int *ndim,
+                 int64_t shape[NPY_MAX_DIMS], err *e);
+void npy_array_free(npy_array *a);
+
+int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e);
+
+#endif

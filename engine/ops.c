@@ -1,0 +1,305 @@
+/* Tensor core implementation. Convolutions are im2col + sgemm over tiles of
+ * output pixels; each task runs single-threaded sgemm so that our own split,
+ * not OpenBLAS's, decides how the cores share a layer. */
+#include "ops.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+#include "pool.h"
+
+#define COL_TILE_BYTES (2u << 20) /* im2col tile kept near cache size */
+
+void ops_conv2d_out_size(const conv2d *c, int h, int w, int *oh, int *ow) {
+  *oh = (h + c->pad_top + c->pad_bottom - c->k) / c->stride + 1;
+  *ow = (w + c->pad_left + c->pad_right - c->k) / c->stride + 1;
+}
+
+typedef struct conv_job {
+  const conv2d *c;
+  const float *x;
+  float *y;
+  int h, w, oh, ow;
+  int tile, ntiles, nrow_chunks;
+  float *col; /* per-worker scratch, K * tile floats each */
+  int direct; /* 1x1, stride 1, no padding: x is already the B matrix */
+} conv_job;
+
+static void im2col_tile(const conv2d *c, const float *x, int h, int w, int ow, int p0, int p1,
+                        float *col) {
+  int tw = p1 - p0, k = c->k;
+  for (int ci = 0; ci < c->cin; ci++) {
+    const float *xc = x + (size_t)ci * h * w;
+    for (int ky = 0; ky < k; ky++) {
+      for (int kx = 0; kx < k; kx++) {
+        float *dst = col + ((size_t)(ci * k + ky) * k + kx) * tw;
+        int oy = p0 / ow, ox = p0 % ow;
+        for (int j = 0; j < tw; j++) {
+          int iy = oy * c->stride - c->pad_top + ky;
+          int ix = ox * c->stride - c->pad_left + kx;
+          dst[j] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? xc[(size_t)iy * w + ix] : 0.0f;
+          if (++ox == ow) {
+            ox = 0;
+            oy++;
+          }
+        }
+      }
+    }
+  }
+}
+
+static void conv_task(void *ctx, int task, int worker) {
+  conv_job *j = ctx;
+  const conv2d *c = j->c;
+  int per_image = j->ntiles * j->nrow_chunks;
+  int img = task / per_image, rest = task % per_image;
+  int tile = rest / j->nrow_chunks, rc = rest % j->nrow_chunks;
+  int P = j->oh * j->ow, K = c->cin * c->k * c->k;
+  int p0 = tile * j->tile, p1 = p0 + j->tile < P ? p0 + j->tile : P;
+  int r0 = (int)((long)c->cout * rc / j->nrow_chunks);
+  int r1 = (int)((long)c->cout * (rc + 1) / j->nrow_chunks);
+  if (r1 <= r0 || p1 <= p0)
+    return;
+  const float *xi = j->x + (size_t)img * c->cin * j->h * j->w;
+  float *yi = j->y + (size_t)img * c->cout * P;
+  const float *b;
+  int ldb;
+  if (j->direct) {
+    b = xi + p0;
+    ldb = P;
+  } else {
+    float *col = j->col + (size_t)worker * K * j->tile;
+    im2col_tile(c, xi, j->h, j->w, j->ow, p0, p1, col);
+    b = col;
+    ldb = p1 - p0;
+  }
+  for (int r = r0; r < r1; r++) {
+    float bias = c->bias ? c->bias[r] : 0.0f;
+    float *row = yi + (size_t)r * P + p0;
+    for (int p = 0; p < p1 - p0; p++)
+      row[p] = bias;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, p1 - p0, K, 1.0f,
+              c->weight + (size_t)r0 * K, K, b, ldb, 1.0f, yi + (size_t)r0 * P + p0, P);
+}
+
+int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a,
+               int threads) {
+  conv_job j = {.c = c, .x = x, .y = y, .h = h, .w = w};
+  ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);
+  int P = j.oh * j.ow, K = c->cin * c->k * c->k;
+  j.direct = c->k == 1 && c->stride == 1 && !c->pad_top && !c->pad_left && !c->pad_bottom &&
+             !c->pad_right;
+  j.tile = P;
+  if (!j.direct && (size_t)K * P * sizeof(float) > COL_TILE_BYTES) {
+    j.tile = (int)(COL_TILE_BYTES / sizeof(float) / (size_t)K);
+    j.tile = j.tile < 64 ? 64 : (j.tile / 16) * 16;
+  }
+  if (j.tile > P)
+    j.tile = P;
+  j.ntiles = (P + j.tile - 1) / j.tile;
+  /* Too few tiles to feed every thread: split output channels instead. */
+  j.nrow_chunks = n * j.ntiles >= threads ? 1 : threads;
+  if (j.nrow_chunks > c->cout)
+    j.nrow_chunks = c->cout;
+  arena_mark m = arena_get_mark(a);
+  if (!j.direct) {
+    j.col = arena_floats(a, (size_t)K * j.tile * (threads > 0 ? threads : 1));
+    if (!j.col)
+      return -1;
+  }
+  pool_run(threads, n * j.ntiles * j.nrow_chunks, conv_task, &j);
+  arena_release(a, m);
+  return 0;
+}
+
+typedef struct gn_job {
+  const float *x;
+  float *y;
+  int c, hw, groups, silu;
+  float eps;
+  const float *gamma, *beta;
+} gn_job;
+
+static inline float silu1(float v) { return v / (1.0f + expf(-v)); }
+
+static void gn_task(void *ctx, int task, int worker) {
+  (void)worker;
+  gn_job *j = ctx;
+  int cpg = j->c / j->groups, g = task % j->groups, img = task / j->groups;
+  size_t off = ((size_t)img * j->c + (size_t)g * cpg) * j->hw, cnt = (size_t)cpg * j->hw;
+  const float *x = j->x + off;
+  /* Two passes in double: the mean first, so the variance does not lose
+   * precision when |mean| is much larger than the spread. */
+  double sum = 0;
+  for (size_t i = 0; i < cnt; i++)
+    sum += x[i];
+  double mean = sum / (double)cnt, sq = 0;
+  for (size_t i = 0; i < cnt; i++) {
+    double d = x[i] - mean;
+    sq += d * d;
+  }
+  float rstd = (float)(1.0 / sqrt(sq / (double)cnt + j->eps)), fmean = (float)mean;
+  float *y = j->y + off;
+  for (int ci = 0; ci < cpg; ci++) {
+    int ch = g * cpg + ci;
+    float scale = rstd * (j->gamma ? j->gamma[ch] : 1.0f), shift = j->beta ? j->beta[ch] : 0.0f;
+    const float *xc = x + (size_t)ci * j->hw;
+    float *yc = y + (size_t)ci * j->hw;
+    if (j->silu) {
+      for (int p = 0; p < j->hw; p++)
+        yc[p] = silu1((xc[p] - fmean) * scale + shift);
+    } else {
+      for (int p = 0; p < j->hw; p++)
+        yc[p] = (xc[p] - fmean) * scale + shift;
+    }
+  }
+}
+
+void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps,
+                    const float *gamma, const float *beta, int silu, float *y, int threads) {
+  gn_job j = {x, y, c, hw, groups, silu, eps, gamma, beta};
+  pool_run(threads, n * groups, gn_task, &j);
+}
+
+void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
+                float *y) {
+  for (int i = 0; i < n; i++)
+    for (int o = 0; o < out; o++)
+      y[(size_t)i * out + o] = bias ? bias[o] : 0.0f;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, weight, in, 1.0f,
+              y, out);
+}
+
+void ops_silu(const float *x, size_t count, float *y) {
+  for (size_t i = 0; i < count; i++)
+    y[i] = silu1(x[i]);
+}
+
+void ops_upsample_nearest2x(const float *x, int n, int c, int h, int w, float *y) {
+  for (size_t plane = 0; plane < (size_t)n * c; plane++) {
+    const float *xp = x + plane * h * w;
+    float *yp = y + plane * 4 * h * w;
+    for (int iy = 0; iy < h; iy++) {
+      float *r0 = yp + (size_t)(2 * iy) * 2 * w, *r1 = r0 + 2 * w;
+      for (int ix = 0; ix < w; ix++) {
+        float v = xp[(size_t)iy * w + ix];
+        r0[2 * ix] = r0[2 * ix + 1] = v;
+      }
+      memcpy(r1, r0, sizeof(float) * 2 * w);
+    }
+  }
+}
+
+void ops_avgpool2x2(const float *x, int n, int c, int h, int w, float *y) {
+  int oh = h / 2, ow = w / 2;
+  for (size_t plane = 0; plane < (size_t)n * c; plane++) {
+    const float *xp = x + plane * h * w;
+    float *yp = y + plane * oh * ow;
+    for (int oy = 0; oy < oh; oy++)
+      for (int ox = 0; ox < ow; ox++) {
+        const float *p = xp + (size_t)(2 * oy) * w + 2 * ox;
+        yp[(size_t)oy * ow + ox] = (p[0] + p[1] + p[w] + p[w + 1]) * 0.25f;
+      }
+  }
+}
+
+void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos,
+                            float freq_shift, float *out) {
+  int half = dim / 2;
+  /* float32 at every step, in diffusers' order, so large timesteps give the
+   * same phase as PyTorch rather than a more exact but different one. */
+  const float neg_log_period = (float)-log(10000.0);
+  for (int i = 0; i < n; i++) {
+    float *o = out + (size_t)i * dim;
+    for (int k = 0; k < half; k++) {
+      float expo = neg_log_period * (float)k;
+      expo = expo / ((float)half - freq_shift);
+      float arg = t[i] * expf(expo);
+      float s = sinf(arg), co = cosf(arg);
+      o[flip_sin_to_cos ? half + k : k] = s;
+      o[flip_sin_to_cos ? k : half + k] = co;
+    }
+    if (dim % 2)
+      o[dim - 1] = 0.0f;
+  }
+}
+
+typedef struct attn_job {
+  const float *q, *k, *v; /* [n][c][L], channel-major like the activations */
+  float *o;
+  float *scores; /* per-worker [rows][L] */
+  int c, L, heads, dh, rows, nchunks;
+  float scale;
+} attn_job;
+
+static void attn_task(void *ctx, int task, int worker) {
+  attn_job *j = ctx;
+  int chunk = task % j->nchunks, head = (task / j->nchunks) % j->heads;
+  int img = task / j->nchunks / j->heads;
+  int r0 = chunk * j->rows, r1 = r0 + j->rows < j->L ? r0 + j->rows : j->L, nr = r1 - r0;
+  size_t base = ((size_t)img * j->c + (size_t)head * j->dh) * j->L;
+  float *s = j->scores + (size_t)worker * j->rows * j->L;
+  /* scores[r][l] = scale * sum_d q[d][r] k[d][l] */
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, j->L, j->dh, j->scale, j->q + base + r0,
+              j->L, j->k + base, j->L, 0.0f, s, j->L);
+  for (int r = 0; r < nr; r++) {
+    float *row = s + (size_t)r * j->L, mx = row[0];
+    for (int l = 1; l < j->L; l++)
+      mx = row[l] > mx ? row[l] : mx;
+    float sum = 0;
+    for (int l = 0; l < j->L; l++) {
+      row[l] = expf(row[l] - mx);
+      sum += row[l];
+    }
+    float inv = 1.0f / sum;
+    for (int l = 0; l < j->L; l++)
+      row[l] *= inv;
+  }
+  /* o[d][r] = sum_l v[d][l] p[r][l] */
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, j->L, 1.0f, j->v + base, j->L,
+              s, j->L, 0.0f, j->o + base + r0, j->L);
+}
+
+int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
+                  int threads) {
+  int c = aw->channels;
+  size_t count = (size_t)n * c * hw;
+  arena_mark m = arena_get_mark(a);
+  float *xn = arena_floats(a, count), *q = arena_floats(a, count), *k = arena_floats(a, count);
+  float *v = arena_floats(a, count), *o = arena_floats(a, count);
+  if (!xn || !q || !k || !v || !o)
+    return -1;
+  if (aw->groups > 0)
+    ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn,
+                   threads);
+  else
+    memcpy(xn, x, count * sizeof(float));
+  conv2d proj = {.cin = c, .cout = c, .k = 1, .stride = 1};
+  const float *w[3] = {aw->wq, aw->wk, aw->wv}, *b[3] = {aw->bq, aw->bk, aw->bv};
+  float *dst[3] = {q, k, v};
+  for (int i = 0; i < 3; i++) {
+    proj.weight = w[i];
+    proj.bias = b[i];
+    if (ops_conv2d(&proj, xn, n, hw, 1, dst[i], a, threads))
+      return -1;
+  }
+  attn_job j = {.q = q, .k = k, .v = v, .o = o, .c = c, .L = hw, .heads = aw->heads};
+  j.dh = c / aw->heads;
+  j.scale = 1.0f / sqrtf((float)j.dh);
+  j.rows = hw < 256 ? hw : 256;
+  j.nchunks = (hw + j.rows - 1) / j.rows;
+  j.scores = arena_floats(a, (size_t)j.rows * hw * (threads > 0 ? threads : 1));
+  if (!j.scores)
+    return -1;
+  pool_run(threads, n * aw->heads * j.nchunks, attn_task, &j);
+  proj.weight = aw->wo;
+  proj.bias = aw->bo;
+  if (ops_conv2d(&proj, o, n, hw, 1, xn, a, threads))
+    return -1;
+  for (size_t i = 0; i < count; i++)
+    y[i] = (xn[i] + x[i]) / aw->rescale;
+  arena_release(a, m);
+  return 0;
+}

@@ -1,0 +1,62 @@
+/* Tensor core: the float32 NCHW operations a UNet needs, on cblas_sgemm.
+ * Every op takes explicit shapes and writes into caller-provided memory;
+ * scratch comes from an arena, parallelism from pool_run with `threads`. */
+#ifndef DENOISED_OPS_H
+#define DENOISED_OPS_H
+
+#include <stddef.h>
+
+#include "arena.h"
+
+typedef struct conv2d {
+  int cin, cout, k, stride;
+  int pad_top, pad_left, pad_bottom, pad_right;
+  const float *weight; /* [cout][cin][k][k] */
+  const float *bias;   /* [cout] or NULL */
+} conv2d;
+
+/* Output size of conv c on an h x w input. */
+void ops_conv2d_out_size(const conv2d *c, int h, int w, int *oh, int *ow);
+
+/* y[n][cout][oh][ow] = conv(x[n][cin][h][w]). Returns 0, or -1 when the arena
+ * is out of memory. */
+int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a,
+               int threads);
+
+/* Group norm over (c/groups channels x hw) per image, affine, then optional
+ * SiLU. In-place (y == x) is allowed. */
+void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps,
+                    const float *gamma, const float *beta, int silu, float *y, int threads);
+
+/* y[n][out] = x[n][in] * W^T + b, W stored [out][in] as in PyTorch. */
+void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
+                float *y);
+
+void ops_silu(const float *x, size_t count, float *y);
+
+/* Nearest-neighbour 2x upsampling: [n][c][h][w] -> [n][c][2h][2w]. */
+void ops_upsample_nearest2x(const float *x, int n, int c, int h, int w, float *y);
+
+/* 2x2 average pool, stride 2 (floors odd sizes like PyTorch). */
+void ops_avgpool2x2(const float *x, int n, int c, int h, int w, float *y);
+
+/* Sinusoidal timestep embedding as diffusers' get_timestep_embedding:
+ * out[n][dim], frequencies exp(-ln(10000) i / (dim/2 - freq_shift)). */
+void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos,
+                            float freq_shift, float *out);
+
+typedef struct attn_weights {
+  int channels, heads;
+  int groups;         /* group norm before q/k/v; 0 for none */
+  float eps;
+  const float *norm_gamma, *norm_beta;
+  const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo; /* [c][c], [c] */
+  float rescale;      /* output divided by this after the residual add */
+} attn_weights;
+
+/* Spatial self-attention with diffusers' semantics (AttnProcessor on a 4-D
+ * input with residual_connection): y = (x + attn(norm(x))) / rescale. */
+int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
+                  int threads);
+
+#endif

@@ -1,0 +1,709 @@
+/* Scheduler configuration (diffusers' scheduler_config.json semantics) and the training noise
+ * schedule. The float32 tables reproduce torch 1.13's CPU kernels exactly, because a one-ulp
+ * difference in alpha_bar shows up as a mismatch against diffusers in every later step. */
+#include "schedule.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Defaults that differ between diffusers schedulers; everything else is shared. */
+typedef struct sched_defaults {
+  const char *class_name;
+  const char *alias; /* the engine's short solver name, or NULL */
+  double beta_start, beta_end;
+  sched_beta_schedule beta_schedule;
+  sched_spacing spacing;
+  int set_alpha_to_one;
+  int clip_sample; /* 0 also where the class has no clip_sample key: it never clips */
+} sched_defaults;
+
+static const sched_defaults sched_table[] = {
+    {"DDPMScheduler", "ddpm", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 0, 1},
+    {"DDIMScheduler", "ddim", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 1, 1},
+    {"PNDMScheduler", "pndm", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 0, 0},
+    {"DPMSolverMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE,
+     0, 0},
+    {"DPMSolverSinglestepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR,
+     SCHED_SPACING_LINSPACE, 0, 0},
+    {"UniPCMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
+     0},
+    {"DEISMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
+    {"EulerDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
+    {"EulerAncestralDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR,
+     SCHED_SPACING_LINSPACE, 0, 0},
+    {"LMSDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
+    {"HeunDiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
+     0},
+    {"KDPM2DiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
+     0},
+    {"KDPM2AncestralDiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR,
+     SCHED_SPACING_LINSPACE, 0, 0},
+};
+
+/* Every __init__ argument of a diffusers scheduler class (releases 0.21 to current main), plus
+ * keys that older releases wrote into hub configs. A model's config may carry any of them. */
+static const char *const sched_known_keys[] = {
+    "algorithm_type", "alpha_cum_end", "alpha_cum_start", "base_image_seq_len", "base_shift",
+    "beta_end", "beta_max", "beta_min", "beta_schedule", "beta_start", "block_length",
+    "clip_denoised", "clip_sample", "clip_sample_range", "correct_steps", "corrector_k",
+    "corrector_order", "corrector_selection", "corrector_selection_tau", "corrector_steps",
+    "disable_corrector", "dtype", "dynamic_thresholding_ratio", "editing_threshold",
+    "entropy_bound", "eta", "euler_at_final", "final_sigmas_type", "flow_shift", "gamma",
+    "gamma_cum_end", "gamma_cum_start", "interpolation_type", "invert_sigmas",
+    "lambda_min_clipped", "lower_order_final", "mask_token_id", "masking_schedule",
+    "max_image_seq_len", "max_shift", "minimal_topk", "noise_sampler_seed",
+    "num_inference_steps", "num_train_timesteps", "num_vec_classes", "original_inference_steps",
+    "predict_x0", "prediction_type", "predictor_order", "rescale_betas_zero_snr", "rho", "s",
+    "s_churn", "s_max", "s_min", "s_noise", "sample_max_value", "sampling_eps", "scale_factors",
+    "scaler", "scheduler_type", "set_alpha_to_one", "shift", "shift_terminal", "sigma_data",
+    "sigma_max", "sigma_min", "sigma_schedule", "skip_prk_steps", "snr", "snr_shift_scale",
+    "solver_order", "solver_p", "solver_type", "stage_range", "stages", "steps_offset",
+    "stochastic_sampling", "t_max", "t_min", "tau_func", "threshold", "thresholding",
+    "time_shift_type", "timestep_scaling", "timestep_spacing", "timestep_type", "trained_betas",
+    "upscale_mode", "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas",
+    "use_flow_sigmas", "use_karras_sigmas", "use_lu_lambdas", "variance_type",
+    /* legacy (diffusers <= 0.12) */
+    "predict_epsilon", "tensor_format",
+};
+
+/* Guards against configs that would make the tables absurdly large. */
+#define SCHED_MAX_TRAIN_TIMESTEPS 1000000
+
+static const char *const beta_names[] = {"linear", "scaled_linear", "squaredcos_cap_v2",
+                                         "sigmoid"};
+static const char *const pred_names[] = {"epsilon", "sample", "v_prediction"};
+static const char *const spacing_names[] = {"leading", "trailing", "linspace"};
+static const char *const variance_names[] = {"fixed_small", "fixed_small_log", "fixed_large",
+                                             "fixed_large_log", "learned", "learned_range"};
+
+#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+const char *sched_prediction_name(sched_prediction p) {
+  return (int)p >= 0 && (int)p < COUNT(pred_names) ? pred_names[p] : "?";
+}
+const char *sched_spacing_name(sched_spacing s) {
+  return (int)s >= 0 && (int)s < COUNT(spacing_names) ? spacing_names[s] : "?";
+}
+const char *sched_variance_name(sched_variance v) {
+  return (int)v >= 0 && (int)v < COUNT(variance_names) ? variance_names[v] : "?";
+}
+const char *sched_beta_schedule_name(sched_beta_schedule b) {
+  return (int)b >= 0 && (int)b < COUNT(beta_names) ? beta_names[b] : "?";
+}
+
+static const sched_defaults *sched_find(const char *name) {
+  for (int i = 0; i < COUNT(sched_table); i++)
+    if (strcmp(sched_table[i].class_name, name) == 0 ||
+        (sched_table[i].alias && strcmp(sched_table[i].alias, name) == 0))
+      return &sched_table[i];
+  return NULL;
+}
+
+static int sched_is_known_key(const char *key) {
+  for (int i = 0; i < COUNT(sched_known_keys); i++)
+    if (strcmp(sched_known_keys[i], key) == 0)
+      return 1;
+  return 0;
+}
+
+int sched_config_init(sched_config *cfg, const char *name, err *e) {
+  const sched_defaults *d = sched_find(name ? name : "DDPMScheduler");
+  if (!d)
+    return err_set(e, ERR_UNSUPPORTED, "unknown scheduler '%s'", name);
+  memset(cfg, 0, sizeof *cfg);
+  snprintf(cfg->scheduler, sizeof cfg->scheduler, "%s", d->class_name);
+  cfg->num_train_timesteps = 1000;
+  cfg->beta_start = d->beta_start;
+  cfg->beta_end = d->beta_end;
+  cfg->beta_schedule = d->beta_schedule;
+  cfg->trained_betas = NULL;
+  cfg->rescale_betas_zero_snr = 0;
+  cfg->prediction_type = SCHED_PRED_EPSILON;
+  cfg->timestep_spacing = d->spacing;
+  cfg->steps_offset = 0;
+  cfg->set_alpha_to_one = d->set_alpha_to_one;
+  cfg->clip_sample = d->clip_sample;
+  cfg->clip_sample_range = 1.0;
+  cfg->thresholding = 0;
+  cfg->dynamic_thresholding_ratio = 0.995;
+  cfg->sample_max_value = 1.0;
+  cfg->variance_type = SCHED_VAR_FIXED_SMALL;
+  cfg->eta = 0.0;
+  return ERR_OK;
+}
+
+void sched_config_free(sched_config *cfg) {
+  if (!cfg)
+    return;
+  free(cfg->trained_betas);
+  cfg->trained_betas = NULL;
+}
+
+int sched_config_copy(sched_config *dst, const sched_config *src, err *e) {
+  float *tb = NULL;
+  if (src->trained_betas) {
+    size_t n = (size_t)src->num_train_timesteps;
+    tb = malloc(n * sizeof *tb);
+    if (!tb)
+      return err_set(e, ERR_NOMEM, "out of memory copying trained_betas");
+    memcpy(tb, src->trained_betas, n * sizeof *tb);
+  }
+  *dst = *src;
+  dst->trained_betas = tb;
+  return ERR_OK;
+}
+
+/* ---- value parsing: each helper names the key in its message ---- */
+
+static const char *json_kind(const json_t *v) {
+  switch (json_typeof(v)) {
+  case JSON_OBJECT:
+    return "an object";
+  case JSON_ARRAY:
+    return "an array";
+  case JSON_STRING:
+    return "a string";
+  case JSON_INTEGER:
+    return "an integer";
+  case JSON_REAL:
+    return "a number";
+  case JSON_TRUE:
+  case JSON_FALSE:
+    return "a boolean";
+  default:
+    return "null";
+  }
+}
+
+static int get_real(const char *key, const json_t *v, double lo, double hi, double *out, err *e) {
+  if (!json_is_number(v))
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a number, got %s", key,
+                   json_kind(v));
+  double x = json_number_value(v);
+  if (!isfinite(x) || x < lo || x > hi)
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': %g is out of range [%g, %g]", key,
+                   x, lo, hi);
+  *out = x;
+  return ERR_OK;
+}
+
+static int get_int(const char *key, const json_t *v, long long lo, long long hi, int *out,
+                   err *e) {
+  long long x;
+  if (json_is_integer(v)) {
+    x = json_integer_value(v);
+  } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
+             fabs(json_real_value(v)) < 1e15) {
+    x = (long long)json_real_value(v); /* 1000.0 from a Python float is still 1000 */
+  } else {
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected an integer, got %s", key,
+                   json_kind(v));
+  }
+  if (x < lo || x > hi)
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': %lld is out of range [%lld, %lld]",
+                   key, x, lo, hi);
+  *out = (int)x;
+  return ERR_OK;
+}
+
+static int get_bool(const char *key, const json_t *v, int *out, err *e) {
+  if (json_is_boolean(v)) {
+    *out = json_is_true(v);
+    return ERR_OK;
+  }
+  if (json_is_integer(v) && (json_integer_value(v) == 0 || json_integer_value(v) == 1)) {
+    *out = (int)json_integer_value(v);
+    return ERR_OK;
+  }
+  return err_set(e, ERR_INVALID, "scheduler config key '%s': expected true or false, got %s",
+                 key, json_kind(v));
+}
+
+static int get_enum(const char *key, const json_t *v, const char *const *names, int n, int *out,
+                    err *e) {
+  if (json_is_string(v)) {
+    for (int i = 0; i < n; i++)
+      if (strcmp(json_string_value(v), names[i]) == 0) {
+        *out = i;
+        return ERR_OK;
+      }
+  }
+  char list[256] = "";
+  for (int i = 0; i < n; i++) {
+    size_t len = strlen(list);
+    snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", names[i]);
+  }
+  if (json_is_string(v))
+    return err_set(e, ERR_UNSUPPORTED, "scheduler config key '%s': unsupported value '%s' (one of: %s)",
+                   key, json_string_value(v), list);
+  return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a string (one of: %s), got %s",
+                 key, list, json_kind(v));
+}
+
+static int get_trained_betas(const json_t *v, sched_config *cfg, err *e) {
+  if (!json_is_array(v))
+    return err_set(e, ERR_INVALID,
+                   "scheduler config key 'trained_betas': expected an array of numbers, got %s",
+                   json_kind(v));
+  size_t n = json_array_size(v);
+  if (n < 1 || n > SCHED_MAX_TRAIN_TIMESTEPS)
+    return err_set(e, ERR_INVALID, "scheduler config key 'trained_betas': %zu values", n);
+  float *tb = malloc(n * sizeof *tb);
+  if (!tb)
+    return err_set(e, ERR_NOMEM, "out of memory reading trained_betas");
+  for (size_t i = 0; i < n; i++) {
+    const json_t *x = json_array_get(v, i);
+    /* torch.tensor(list, dtype=float32) rounds each Python float once */
+    double d = json_is_number(x) ? json_number_value(x) : NAN;
+    if (!isfinite(d) || !((float)d > 0.0f) || (float)d > 1.0f) {
+      free(tb);
+      return err_set(e, ERR_INVALID,
+                     "scheduler config key 'trained_betas': value %zu must be a number in (0, 1]",
+                     i);
+    }
+    tb[i] = (float)d;
+  }
+  free(cfg->trained_betas);
+  cfg->trained_betas = tb;
+  /* diffusers sizes its tables by the array, so the array decides the length */
+  cfg->num_train_timesteps = (int)n;
+  return ERR_OK;
+}
+
+/* Applies one modelled key; returns 1 through *handled when the key is one of ours. A JSON null
+ * keeps the default, as a None argument to a diffusers constructor mostly does. */
+static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *handled, err *e) {
+  int rc = ERR_OK, iv = 0;
+  *handled = 1;
+  if (json_is_null(v)) {
+    if (strcmp(key, "trained_betas") == 0) {
+      free(cfg->trained_betas);
+      cfg->trained_betas = NULL;
+    }
+    *handled = sched_is_known_key(key) ? 1 : 0;
+    return ERR_OK;
+  }
+  if (strcmp(key, "num_train_timesteps") == 0) {
+    rc = get_int(key, v, 1, SCHED_MAX_TRAIN_TIMESTEPS, &iv, e);
+    if (rc == ERR_OK)
+      cfg->num_train_timesteps = iv;
+  } else if (strcmp(key, "beta_start") == 0) {
+    rc = get_real(key, v, 0.0, 1.0, &cfg->beta_start, e);
+  } else if (strcmp(key, "beta_end") == 0) {
+    rc = get_real(key, v, 0.0, 1.0, &cfg->beta_end, e);
+  } else if (strcmp(key, "beta_schedule") == 0) {
+    rc = get_enum(key, v, beta_names, COUNT(beta_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->beta_schedule = (sched_beta_schedule)iv;
+  } else if (strcmp(key, "trained_betas") == 0) {
+    rc = get_trained_betas(v, cfg, e);
+  } else if (strcmp(key, "rescale_betas_zero_snr") == 0) {
+    rc = get_bool(key, v, &cfg->rescale_betas_zero_snr, e);
+  } else if (strcmp(key, "prediction_type") == 0) {
+    rc = get_enum(key, v, pred_names, COUNT(pred_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->prediction_type = (sched_prediction)iv;
+  } else if (strcmp(key, "predict_epsilon") == 0) {
+    /* diffusers <= 0.12 spelled prediction_type this way; an explicit prediction_type in the
+     * same object wins (see sched_config_apply_json) */
+    rc = get_bool(key, v, &iv, e);
+    if (rc == ERR_OK)
+      cfg->prediction_type = iv ? SCHED_PRED_EPSILON : SCHED_PRED_SAMPLE;
+  } else if (strcmp(key, "timestep_spacing") == 0) {
+    rc = get_enum(key, v, spacing_names, COUNT(spacing_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->timestep_spacing = (sched_spacing)iv;
+  } else if (strcmp(key, "steps_offset") == 0) {
+    rc = get_int(key, v, 0, SCHED_MAX_TRAIN_TIMESTEPS, &cfg->steps_offset, e);
+  } else if (strcmp(key, "set_alpha_to_one") == 0) {
+    rc = get_bool(key, v, &cfg->set_alpha_to_one, e);
+  } else if (strcmp(key, "clip_sample") == 0) {
+    rc = get_bool(key, v, &cfg->clip_sample, e);
+  } else if (strcmp(key, "clip_sample_range") == 0) {
+    rc = get_real(key, v, 1e-30, 1e30, &cfg->clip_sample_range, e);
+  } else if (strcmp(key, "thresholding") == 0) {
+    rc = get_bool(key, v, &cfg->thresholding, e);
+  } else if (strcmp(key, "dynamic_thresholding_ratio") == 0) {
+    rc = get_real(key, v, 0.0, 1.0, &cfg->dynamic_thresholding_ratio, e);
+  } else if (strcmp(key, "sample_max_value") == 0) {
+    rc = get_real(key, v, 1e-30, 1e30, &cfg->sample_max_value, e);
+  } else if (strcmp(key, "variance_type") == 0) {
+    rc = get_enum(key, v, variance_names, COUNT(variance_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->variance_type = (sched_variance)iv;
+  } else if (strcmp(key, "eta") == 0) {
+    rc = get_real(key, v, 0.0, 1e6, &cfg->eta, e);
+  } else {
+    *handled = 0;
+  }
+  return rc;
+}
+
+int sched_config_validate(const sched_config *cfg, err *e) {
+  if (cfg->num_train_timesteps < 1 || cfg->num_train_timesteps > SCHED_MAX_TRAIN_TIMESTEPS)
+    return err_set(e, ERR_INVALID, "scheduler config key 'num_train_timesteps': %d is out of range",
+                   cfg->num_train_timesteps);
+  if (cfg->steps_offset >= cfg->num_train_timesteps)
+    return err_set(e, ERR_INVALID,
+                   "scheduler config key 'steps_offset': %d must be below num_train_timesteps (%d)",
+                   cfg->steps_offset, cfg->num_train_timesteps);
+  return ERR_OK;
+}
+
+int sched_config_apply_json(sched_config *cfg, const json_t *obj, int strict, err *e) {
+  if (!json_is_object(obj))
+    return err_set(e, ERR_INVALID, "scheduler config: expected a JSON object, got %s",
+                   obj ? json_kind(obj) : "nothing");
+  sched_config tmp;
+  int rc = sched_config_copy(&tmp, cfg, e);
+  if (rc != ERR_OK)
+    return rc;
+  const char *key;
+  json_t *v;
+  int tb_given = 0;
+  json_object_foreach((json_t *)obj, key, v) {
+    if (key[0] == '_')
+      continue;
+    /* prediction_type is applied after the loop so that it beats legacy predict_epsilon */
+    if (strcmp(key, "prediction_type") == 0 || strcmp(key, "num_train_timesteps") == 0)
+      continue;
+    int handled = 0;
+    rc = apply_key(&tmp, key, v, &handled, e);
+    if (rc != ERR_OK)
+      goto fail;
+    if (strcmp(key, "trained_betas") == 0 && !json_is_null(v))
+      tb_given = 1;
+    if (!handled && strict && !sched_is_known_key(key)) {
+      rc = err_set(e, ERR_INVALID, "unknown scheduler config key '%s'", key);
+      goto fail;
+    }
+  }
+  static const char *const late[] = {"prediction_type", "num_train_timesteps"};
+  for (int i = 0; i < COUNT(late); i++) {
+    const json_t *lv = json_object_get(obj, late[i]);
+    int handled;
+    if (lv && (rc = apply_key(&tmp, late[i], lv, &handled, e)) != ERR_OK)
+      goto fail;
+  }
+  if (tmp.trained_betas) {
+    /* trained_betas fixes the table length; a num_train_timesteps that disagrees with it (in the
+     * same object, or later on top of it) is a conflict diffusers would crash on */
+    const json_t *nt = json_object_get(obj, "num_train_timesteps");
+    const json_t *tb = json_object_get(obj, "trained_betas");
+    size_t len = tb_given ? json_array_size(tb) : 0;
+    if (nt && !json_is_null(nt) && tb_given && (size_t)tmp.num_train_timesteps != len) {
+      rc = err_set(e, ERR_INVALID,
+                   "scheduler config key 'num_train_timesteps': %d disagrees with the %zu "
+                   "trained_betas",
+                   tmp.num_train_timesteps, len);
+      goto fail;
+    }
+    if (!tb_given && tmp.num_train_timesteps != cfg->num_train_timesteps) {
+      rc = err_set(e, ERR_INVALID,
+                   "scheduler config key 'num_train_timesteps': cannot change it to %d while "
+                   "%d trained_betas are set",
+                   tmp.num_train_timesteps, cfg->num_train_timesteps);
+      goto fail;
+    }
+  }
+  if ((rc = sched_config_validate(&tmp, e)) != ERR_OK)
+    goto fail;
+  sched_config_free(cfg);
+  *cfg = tmp;
+  return ERR_OK;
+fail:
+  sched_config_free(&tmp);
+  return rc;
+}
+
+int sched_config_from_json(const json_t *obj, const char *name, int strict, sched_config *out,
+                           err *e) {
+  if (!json_is_object(obj))
+    return err_set(e, ERR_INVALID, "scheduler config: expected a JSON object");
+  if (!name) {
+    const json_t *cn = json_object_get(obj, "_class_name");
+    if (json_is_string(cn) && sched_find(json_string_value(cn)))
+      name = json_string_value(cn);
+  }
+  int rc = sched_config_init(out, name, e);
+  if (rc != ERR_OK)
+    return rc;
+  rc = sched_config_apply_json(out, obj, strict, e);
+  if (rc != ERR_OK)
+    sched_config_free(out);
+  return rc;
+}
+
+int sched_config_load_file(const char *path, const char *name, int strict, sched_config *out,
+                           err *e) {
+  json_error_t je;
+  json_t *obj = json_load_file(path, 0, &je);
+  if (!obj)
+    return err_set(e, ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
+  int rc = sched_config_from_json(obj, name, strict, out, e);
+  json_decref(obj);
+  if (rc != ERR_OK)
+    err_prefix(e, "%s", path);
+  return rc;
+}
+
+int sched_config_set(sched_config *cfg, const char *key, const char *value, err *e) {
+  if (!key || !*key)
+    return err_set(e, ERR_INVALID, "scheduler override: empty key");
+  json_t *v = json_loads(value, JSON_DECODE_ANY, NULL);
+  if (!v) {
+    if (strcmp(value, "True") == 0)
+      v = json_true();
+    else if (strcmp(value, "False") == 0)
+      v = json_false();
+    else if (strcmp(value, "None") == 0)
+      v = json_null();
+    else
+      v = json_string(value);
+  }
+  json_t *obj = json_object();
+  if (!v || !obj || json_object_set_new(obj, key, v) != 0) {
+    json_decref(obj);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  int rc = sched_config_apply_json(cfg, obj, 1, e);
+  json_decref(obj);
+  return rc;
+}
+
+int sched_config_set_override(sched_config *cfg, const char *kv, err *e) {
+  const char *eq = strchr(kv, '=');
+  if (!eq || eq == kv)
+    return err_set(e, ERR_INVALID, "scheduler override '%s': expected KEY=VALUE", kv);
+  char key[128];
+  size_t n = (size_t)(eq - kv);
+  if (n >= sizeof key)
+    return err_set(e, ERR_INVALID, "scheduler override: key too long");
+  memcpy(key, kv, n);
+  key[n] = '\0';
+  return sched_config_set(cfg, key, eq + 1, e);
+}
+
+json_t *sched_config_to_json(const sched_config *cfg) {
+  json_t *o = json_object();
+  if (!o)
+    return NULL;
+  json_object_set_new(o, "_class_name", json_string(cfg->scheduler));
+  json_object_set_new(o, "num_train_timesteps", json_integer(cfg->num_train_timesteps));
+  json_object_set_new(o, "beta_start", json_real(cfg->beta_start));
+  json_object_set_new(o, "beta_end", json_real(cfg->beta_end));
+  json_object_set_new(o, "beta_schedule", json_string(sched_beta_schedule_name(cfg->beta_schedule)));
+  if (cfg->trained_betas) {
+    json_t *a = json_array();
+    for (int i = 0; a && i < cfg->num_train_timesteps; i++)
+      json_array_append_new(a, json_real(cfg->trained_betas[i]));
+    json_object_set_new(o, "trained_betas", a);
+  } else {
+    json_object_set_new(o, "trained_betas", json_null());
+  }
+  json_object_set_new(o, "rescale_betas_zero_snr", json_boolean(cfg->rescale_betas_zero_snr));
+  json_object_set_new(o, "prediction_type", json_string(sched_prediction_name(cfg->prediction_type)));
+  json_object_set_new(o, "timestep_spacing", json_string(sched_spacing_name(cfg->timestep_spacing)));
+  json_object_set_new(o, "steps_offset", json_integer(cfg->steps_offset));
+  json_object_set_new(o, "set_alpha_to_one", json_boolean(cfg->set_alpha_to_one));
+  json_object_set_new(o, "clip_sample", json_boolean(cfg->clip_sample));
+  json_object_set_new(o, "clip_sample_range", json_real(cfg->clip_sample_range));
+  json_object_set_new(o, "thresholding", json_boolean(cfg->thresholding));
+  json_object_set_new(o, "dynamic_thresholding_ratio", json_real(cfg->dynamic_thresholding_ratio));
+  json_object_set_new(o, "sample_max_value", json_real(cfg->sample_max_value));
+  json_object_set_new(o, "variance_type", json_string(sched_variance_name(cfg->variance_type)));
+  json_object_set_new(o, "eta", json_real(cfg->eta));
+  return o;
+}
+
+/* ---- the tables ---- */
+
+/* torch.linspace(start, end, n, dtype=float32) on CPU: the scalar path fuses start + step * i
+ * into one fma, the AVX2 path builds 8-wide ramps base + j * step unfused, 16 values per
+ * iteration, and the tail goes through the scalar path again. */
+static void torch_linspace_f32(double start_d, double end_d, int n, float *out) {
+  const float start = (float)start_d, end = (float)end_d;
+  if (n == 1) {
+    out[0] = start;
+    return;
+  }
+  const float step = (end - start) / (float)(n - 1);
+  const int halfway = n / 2;
+  int idx = 0;
+  for (; idx + 16 <= n; idx += 16) {
+    for (int v = idx; v < idx + 16; v += 8) {
+      float base = v < halfway ? fmaf(step, (float)v, start) : fmaf(-step, (float)(n - v - 1), end);
+      for (int j = 0; j < 8; j++)
+        out[v + j] = base + (float)j * step;
+    }
+  }
+  for (; idx < n; idx++)
+    out[idx] = idx < halfway ? fmaf(step, (float)idx, start)
+                             : fmaf(-step, (float)(n - idx - 1), end);
+}
+
+/* diffusers' betas_for_alpha_bar(cosine): Python doubles, then one rounding to float32. */
+static double cos_alpha_bar(double t) {
+  return pow(cos((t + 0.008) / 1.008 * 3.141592653589793 / 2), 2.0);
+}
+
+/* cumprod(1 - betas): torch accumulates a float32 cumprod in double, rounding each output. */
+static void cumprod_alphas(const float *betas, int n, float *out) {
+  double acc = 1.0;
+  for (int i = 0; i < n; i++) {
+    acc *= (double)(1.0f - betas[i]);
+    out[i] = (float)acc;
+  }
+}
+
+/* diffusers' rescale_zero_terminal_snr, in torch's float32 operation order. */
+static int rescale_zero_snr(float *betas, int n, err *e) {
+  float *s = malloc((size_t)n * sizeof *s);
+  if (!s)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  cumprod_alphas(betas, n, s);
+  for (int i = 0; i < n; i++)
+    s[i] = sqrtf(s[i]);
+  float s0 = s[0], sT = s[n - 1];
+  if (!(s0 - sT > 0.0f)) {
+    free(s);
+    return err_set(e, ERR_INVALID,
+                   "scheduler config key 'rescale_betas_zero_snr': schedule has no SNR range");
+  }
+  float scale = s0 / (s0 - sT);
+  for (int i = 0; i < n; i++) {
+    s[i] -= sT;
+    s[i] *= scale;
+    s[i] = s[i] * s[i];
+  }
+  /* alphas = [abar0, abar[1:] / abar[:-1]], betas = 1 - alphas */
+  for (int i = n - 1; i >= 1; i--)
+    betas[i] = 1.0f - s[i] / s[i - 1];
+  betas[0] = 1.0f - s[0];
+  free(s);
+  return ERR_OK;
+}
+
+int sched_betas(const sched_config *cfg, float *betas, err *e) {
+  int rc = sched_config_validate(cfg, e);
+  if (rc != ERR_OK)
+    return rc;
+  const int n = cfg->num_train_timesteps;
+  if (cfg->trained_betas) {
+    memcpy(betas, cfg->trained_betas, (size_t)n * sizeof *betas);
+  } else {
+    switch (cfg->beta_schedule) {
+    case SCHED_BETA_LINEAR:
+      torch_linspace_f32(cfg->beta_start, cfg->beta_end, n, betas);
+      break;
+    case SCHED_BETA_SCALED_LINEAR:
+      torch_linspace_f32(pow(cfg->beta_start, 0.5), pow(cfg->beta_end, 0.5), n, betas);
+      for (int i = 0; i < n; i++)
+        betas[i] = betas[i] * betas[i];
+      break;
+    case SCHED_BETA_SQUAREDCOS_CAP_V2:
+      for (int i = 0; i < n; i++) {
+        double t1 = (double)i / n, t2 = (double)(i + 1) / n;
+        double b = 1 - cos_alpha_bar(t2) / cos_alpha_bar(t1);
+        betas[i] = (float)(b < 0.999 ? b : 0.999);
+      }
+      break;
+    case SCHED_BETA_SIGMOID: {
+      /* sigmoid(linspace(-6, 6)) * (end - start) + start; torch's vectorised exp may differ
+       * from libm's expf by an ulp, so this one is not bit-exact */
+      const float scale = (float)(cfg->beta_end - cfg->beta_start), off = (float)cfg->beta_start;
+      torch_linspace_f32(-6.0, 6.0, n, betas);
+      for (int i = 0; i < n; i++)
+        betas[i] = 1.0f / (1.0f + expf(-betas[i])) * scale + off;
+      break;
+    }
+    default:
+      return err_set(e, ERR_INVALID, "scheduler config key 'beta_schedule': invalid value");
+    }
+  }
+  if (cfg->rescale_betas_zero_snr && (rc = rescale_zero_snr(betas, n, e)) != ERR_OK)
+    return rc;
+  for (int i = 0; i < n; i++) {
+    if (!(betas[i] > 0.0f && betas[i] <= 1.0f))
+      return err_set(e, ERR_INVALID,
+                     "scheduler config: beta[%d] = %g is outside (0, 1]; check beta_start, "
+                     "beta_end, beta_schedule and trained_betas",
+                     i, (double)betas[i]);
+  }
+  return ERR_OK;
+}
+
+int sched_alphas_cumprod(const sched_config *cfg, float *out, err *e) {
+  const int n = cfg->num_train_timesteps;
+  float *betas = malloc((size_t)(n > 0 ? n : 1) * sizeof *betas);
+  if (!betas)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = sched_betas(cfg, betas, e);
+  if (rc == ERR_OK)
+    cumprod_alphas(betas, n, out);
+  free(betas);
+  return rc;
+}
+
+int sched_alphas_cumprod_f64(const sched_config *cfg, double *out, err *e) {
+  const int n = cfg->num_train_timesteps;
+  float *a = malloc((size_t)(n > 0 ? n : 1) * sizeof *a);
+  if (!a)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = sched_alphas_cumprod(cfg, a, e);
+  if (rc == ERR_OK)
+    for (int i = 0; i < n; i++)
+      out[i] = a[i];
+  free(a);
+  return rc;
+}
+
+int sched_timesteps(const sched_config *cfg, int num_inference_steps, int64_t *out, err *e) {
+  const int T = cfg->num_train_timesteps, n = num_inference_steps;
+  int rc = sched_config_validate(cfg, e);
+  if (rc != ERR_OK)
+    return rc;
+  if (n < 1 || n > T)
+    return err_set(e, ERR_INVALID, "num_inference_steps %d must be in [1, %d] (num_train_timesteps)",
+                   n, T);
+  switch (cfg->timestep_spacing) {
+  case SCHED_SPACING_LINSPACE: {
+    /* np.linspace(0, T - 1, n).round()[::-1]: i * step, the endpoint stored exactly, and
+     * round-half-even */
+    double step = n > 1 ? (double)(T - 1) / (n - 1) : 0.0;
+    for (int i = 0; i < n; i++) {
+      double y = (n > 1 && i == n - 1) ? (double)(T - 1) : (double)i * step;
+      out[n - 1 - i] = (int64_t)nearbyint(y);
+    }
+    break;
+  }
+  case SCHED_SPACING_LEADING: {
+    int64_t ratio = T / n;
+    for (int i = 0; i < n; i++) {
+      out[i] = (int64_t)(n - 1 - i) * ratio + cfg->steps_offset;
+      if (out[i] > T - 1)
+        return err_set(e, ERR_INVALID,
+                       "scheduler config key 'steps_offset': %d pushes timestep %lld past %d",
+                       cfg->steps_offset, (long long)out[i], T - 1);
+    }
+    break;
+  }
+  case SCHED_SPACING_TRAILING: {
+    /* np.round(np.arange(T, 0, -T / n)) - 1. numpy fills a float arange as start + i * delta
+     * with delta = (start + step) - start. For some n (61 of 1000, ...) numpy's length rounds up
+     * to n + 1 and diffusers gets a stray -1 timestep; only the first n are kept here. */
+    double ratio = (double)T / n;
+    double second = (double)T + -ratio;
+    double delta = second - (double)T;
+    for (int i = 0; i < n; i++) {
+      double y = i == 0 ? (double)T : i == 1 ? second : (double)T + i * delta;
+      out[i] = (int64_t)nearbyint(y) - 1;
+    }
+    break;
+  }
+  default:
+    return err_set(e, ERR_INVALID, "scheduler config key 'timestep_spacing': invalid value");
+  }
+  return ERR_OK;
+}

@@ -1,0 +1,101 @@
+/* The training noise schedule and the scheduler configuration every solver shares: diffusers'
+ * scheduler_config.json keys with each diffusers scheduler's defaults, and the beta and
+ * alpha_bar tables computed bit for bit the way diffusers computes them (torch float32 on CPU). */
+#ifndef DENOISED_SCHEDULE_H
+#define DENOISED_SCHEDULE_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "err.h"
+
+typedef enum {
+  SCHED_BETA_LINEAR,
+  SCHED_BETA_SCALED_LINEAR,
+  SCHED_BETA_SQUAREDCOS_CAP_V2,
+  SCHED_BETA_SIGMOID, /* DDPMScheduler only in diffusers */
+} sched_beta_schedule;
+
+typedef enum { SCHED_PRED_EPSILON, SCHED_PRED_SAMPLE, SCHED_PRED_V } sched_prediction;
+
+typedef enum { SCHED_SPACING_LEADING, SCHED_SPACING_TRAILING, SCHED_SPACING_LINSPACE } sched_spacing;
+
+typedef enum {
+  SCHED_VAR_FIXED_SMALL,
+  SCHED_VAR_FIXED_SMALL_LOG,
+  SCHED_VAR_FIXED_LARGE,
+  SCHED_VAR_FIXED_LARGE_LOG,
+  SCHED_VAR_LEARNED,
+  SCHED_VAR_LEARNED_RANGE,
+} sched_variance;
+
+#define SCHED_NAME_MAX 64
+
+typedef struct sched_config {
+  char scheduler[SCHED_NAME_MAX]; /* diffusers class whose defaults this config started from */
+  int num_train_timesteps;
+  double beta_start, beta_end;
+  sched_beta_schedule beta_schedule;
+  float *trained_betas; /* NULL or num_train_timesteps values; owned, see sched_config_free */
+  int rescale_betas_zero_snr;
+  sched_prediction prediction_type;
+  sched_spacing timestep_spacing;
+  int steps_offset;
+  int set_alpha_to_one;
+  int clip_sample;
+  double clip_sample_range;
+  int thresholding;
+  double dynamic_thresholding_ratio;
+  double sample_max_value;
+  sched_variance variance_type;
+  double eta; /* a step() argument in diffusers, kept here so requests set it like a key */
+} sched_config;
+
+/* Fills cfg with the defaults of scheduler `name`: a diffusers class name ("DDIMScheduler") or
+ * a short solver name ("ddim", "ddpm", "pndm"); NULL means DDPMScheduler. */
+int sched_config_init(sched_config *cfg, const char *name, err *e);
+void sched_config_free(sched_config *cfg);
+int sched_config_copy(sched_config *dst, const sched_config *src, err *e);
+
+/* sched_config_init(name) then sched_config_apply_json(obj). With name NULL the object's
+ * "_class_name" picks the defaults. `strict` is for input typed by a user: keys that no diffusers
+ * scheduler has are then an error; from a model's file they are ignored, as diffusers does. */
+int sched_config_from_json(const json_t *obj, const char *name, int strict, sched_config *out,
+                           err *e);
+int sched_config_load_file(const char *path, const char *name, int strict, sched_config *out,
+                           err *e);
+
+/* Layers the keys of obj onto cfg. Keys starting with '_' are bookkeeping and skipped; keys of
+ * other diffusers schedulers are accepted (a DDPM config drives DDIM) and those this engine
+ * does not model are ignored. Every value of a modelled key is validated, errors name the key.
+ * On error cfg is left unchanged. */
+int sched_config_apply_json(sched_config *cfg, const json_t *obj, int strict, err *e);
+
+/* One strict override from text, "KEY=VALUE" or key and value apart. The value is read as JSON
+ * when it parses (1e-4, true, null, [..]), as Python's True/False/None, else as a string. */
+int sched_config_set(sched_config *cfg, const char *key, const char *value, err *e);
+int sched_config_set_override(sched_config *cfg, const char *key_equals_value, err *e);
+
+/* Cross-key checks (trained_betas length against num_train_timesteps, ...). */
+int sched_config_validate(const sched_config *cfg, err *e);
+
+/* The config as a diffusers-style JSON object (new reference), e.g. for image metadata. */
+json_t *sched_config_to_json(const sched_config *cfg);
+
+const char *sched_prediction_name(sched_prediction p);
+const char *sched_spacing_name(sched_spacing s);
+const char *sched_variance_name(sched_variance v);
+const char *sched_beta_schedule_name(sched_beta_schedule b);
+
+/* The training schedule, num_train_timesteps values each, as diffusers' float32 tensors:
+ * betas, then alphas_cumprod (cumprod of 1 - beta, accumulated in double by torch and rounded
+ * to float at every step). The _f64 variant returns those same float values widened. */
+int sched_betas(const sched_config *cfg, float *betas, err *e);
+int sched_alphas_cumprod(const sched_config *cfg, float *out, err *e);
+int sched_alphas_cumprod_f64(const sched_config *cfg, double *out, err *e);
+
+/* diffusers' set_timesteps(n) for the config's timestep_spacing and steps_offset: n descending
+ * training timesteps into out[0..n). */
+int sched_timesteps(const sched_config *cfg, int num_inference_steps, int64_t *out, err *e);
+
+#endif

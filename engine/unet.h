@@ -1,0 +1,32 @@
+/* UNet2DModel as diffusers defines it, built from config.json and loaded from
+ * safetensors under diffusers' tensor names (legacy attention names accepted). */
+#ifndef DENOISED_UNET_H
+#define DENOISED_UNET_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "safetensors.h"
+
+typedef struct unet unet;
+
+typedef struct unet_shape {
+  int sample_size; /* 0 when the config leaves it null */
+  int in_channels, out_channels;
+  int num_classes;
+  int64_t num_params;
+} unet_shape;
+
+int unet_load(const json_t *config, const st_file *weights, unet **out, err *e);
+void unet_free(unet *u);
+const unet_shape *unet_get_shape(const unet *u);
+
+/* Raw model output for n images of h x w; see model_eval. */
+int unet_forward(const unet *u, const float *x, int n, int h, int w, const float *t,
+                 const int64_t *labels, float *out, int threads, err *e);
+
+/* FLOPs (2 x multiply-adds of convolutions, linears and attention matmuls). */
+double unet_flops(const unet *u, int h, int w);
+
+#endif

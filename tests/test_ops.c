@@ -1,0 +1,290 @@
+/* Tensor-core ops against naive double-precision references: convolutions of
+ * every shape the UNet uses (1x1, 3x3, stride 2, asymmetric padding), group
+ * norm, attention, resampling, embeddings, and the arena. */
+#include <math.h>
+
+#include "arena.h"
+#include "ops.h"
+#include "rng.h"
+#include "testutil.h"
+
+static float *randn(size_t n, uint64_t stream) {
+  float *p = malloc(n * sizeof *p);
+  rng_normal(42, 0, stream, p, n);
+  return p;
+}
+
+static void naive_conv(const conv2d *c, const float *x, int n, int h, int w, double *y) {
+  int oh, ow;
+  ops_conv2d_out_size(c, h, w, &oh, &ow);
+  for (int b = 0; b < n; b++)
+    for (int o = 0; o < c->cout; o++)
+      for (int oy = 0; oy < oh; oy++)
+        for (int ox = 0; ox < ow; ox++) {
+          double s = c->bias ? c->bias[o] : 0;
+          for (int i = 0; i < c->cin; i++)
+            for (int ky = 0; ky < c->k; ky++)
+              for (int kx = 0; kx < c->k; kx++) {
+                int iy = oy * c->stride - c->pad_top + ky, ix = ox * c->stride - c->pad_left + kx;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= w)
+                  continue;
+                s += (double)c->weight[((o * c->cin + i) * c->k + ky) * c->k + kx] *
+                     x[((size_t)(b * c->cin + i) * h + iy) * w + ix];
+              }
+          y[((size_t)(b * c->cout + o) * oh + oy) * ow + ox] = s;
+        }
+}
+
+static double rel_err_d(const float *a, const double *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return sqrt(num / (den > 0 ? den : 1));
+}
+
+static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int pb, int pr,
+                       int n, int h, int w, int threads) {
+  conv2d c = {cin, cout, k, stride, pt, pl, pb, pr, NULL, NULL};
+  float *wt = randn((size_t)cout * cin * k * k, 1), *b = randn((size_t)cout, 2);
+  float *x = randn((size_t)n * cin * h * w, 3);
+  c.weight = wt;
+  c.bias = b;
+  int oh, ow;
+  ops_conv2d_out_size(&c, h, w, &oh, &ow);
+  size_t cnt = (size_t)n * cout * oh * ow;
+  float *y = malloc(cnt * sizeof *y);
+  double *ref = malloc(cnt * sizeof *ref);
+  arena *a = arena_new(1 << 20);
+  ck_assert_int_eq(ops_conv2d(&c, x, n, h, w, y, a, threads), 0);
+  naive_conv(&c, x, n, h, w, ref);
+  double err = rel_err_d(y, ref, cnt);
+  ck_assert_msg(err < 1e-6, "conv %dx%d s%d cin %d cout %d: rel err %g", k, k, stride, cin, cout,
+                err);
+  arena_free(a);
+  free(wt);
+  free(b);
+  free(x);
+  free(y);
+  free(ref);
+}
+
+START_TEST(conv_shapes) {
+  check_conv(3, 8, 3, 1, 1, 1, 1, 1, 2, 9, 7, 1);     /* conv_in-like, odd sizes */
+  check_conv(16, 8, 1, 1, 0, 0, 0, 0, 2, 5, 5, 2);    /* 1x1 shortcut, direct path */
+  check_conv(8, 8, 3, 2, 1, 1, 1, 1, 1, 8, 8, 2);     /* stride-2 downsample, padding 1 */
+  check_conv(8, 8, 3, 2, 0, 0, 1, 1, 3, 8, 8, 2);     /* diffusers' (0,1,0,1) pad, padding 0 */
+  check_conv(4, 64, 3, 1, 1, 1, 1, 1, 1, 2, 2, 2);    /* tiny image: channel split */
+  check_conv(128, 16, 3, 1, 1, 1, 1, 1, 1, 48, 48, 2); /* forces several im2col tiles */
+}
+END_TEST
+
+START_TEST(group_norm_matches_reference) {
+  int n = 2, c = 8, hw = 10, groups = 4;
+  float *x = randn((size_t)n * c * hw, 4), *g = randn(c, 5), *b = randn(c, 6);
+  for (int i = 0; i < n * c * hw; i++)
+    x[i] = x[i] * 3 + 100; /* large mean: a one-pass variance would lose digits */
+  float *y = malloc(sizeof(float) * n * c * hw), *ys = malloc(sizeof(float) * n * c * hw);
+  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 0, y, 2);
+  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 1, ys, 1);
+  int cpg = c / groups;
+  for (int bi = 0; bi < n; bi++)
+    for (int gi = 0; gi < groups; gi++) {
+      double mean = 0, var = 0;
+      const float *p = x + ((size_t)bi * c + gi * cpg) * hw;
+      for (int i = 0; i < cpg * hw; i++)
+        mean += p[i];
+      mean /= cpg * hw;
+      for (int i = 0; i < cpg * hw; i++)
+        var += (p[i] - mean) * (p[i] - mean);
+      var /= cpg * hw;
+      for (int i = 0; i < cpg * hw; i++) {
+        int ch = gi * cpg + i / hw;
+        double ref = (p[i] - mean) / sqrt(var + 1e-6) * g[ch] + b[ch];
+        size_t at = ((size_t)bi * c + gi * cpg) * hw + i;
+        ck_assert_double_eq_tol(y[at], ref, 1e-4);
+        ck_assert_double_eq_tol(ys[at], ref / (1 + exp(-ref)), 1e-4);
+      }
+    }
+  free(x);
+  free(g);
+  free(b);
+  free(y);
+  free(ys);
+}
+END_TEST
+
+/* Attention written out per element, in the token-major form of diffusers. */
+static void naive_attention(const attn_weights *aw, const float *x, int n, int hw, double *y) {
+  int c = aw->channels, dh = c / aw->heads;
+  float *xn = malloc(sizeof(float) * n * c * hw);
+  ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, 1);
+  double *q = malloc(sizeof(double) * hw * c), *k = malloc(sizeof(double) * hw * c);
+  double *v = malloc(sizeof(double) * hw * c), *o = malloc(sizeof(double) * hw * c);
+  double *p = malloc(sizeof(double) * hw);
+  for (int b = 0; b < n; b++) {
+    const float *xb = xn + (size_t)b * c * hw;
+    for (int l = 0; l < hw; l++)
+      for (int j = 0; j < c; j++) {
+        double sq = aw->bq[j], sk = aw->bk[j], sv = aw->bv[j];
+        for (int i = 0; i < c; i++) {
+          double xi = xb[(size_t)i * hw + l];
+          sq += aw->wq[j * c + i] * xi;
+          sk += aw->wk[j * c + i] * xi;
+          sv += aw->wv[j * c + i] * xi;
+        }
+        q[l * c + j] = sq;
+        k[l * c + j] = sk;
+        v[l * c + j] = sv;
+      }
+    for (int h = 0; h < aw->heads; h++)
+      for (int l = 0; l < hw; l++) {
+        double mx = -1e300, sum = 0;
+        for (int m = 0; m < hw; m++) {
+          double s = 0;
+          for (int d = 0; d < dh; d++)
+            s += q[l * c + h * dh + d] * k[m * c + h * dh + d];
+          p[m] = s / sqrt(dh);
+          mx = p[m] > mx ? p[m] : mx;
+        }
+        for (int m = 0; m < hw; m++)
+          sum += (p[m] = exp(p[m] - mx));
+        for (int d = 0; d < dh; d++) {
+          double s = 0;
+          for (int m = 0; m < hw; m++)
+            s += p[m] / sum * v[m * c + h * dh + d];
+          o[l * c + h * dh + d] = s;
+        }
+      }
+    for (int l = 0; l < hw; l++)
+      for (int j = 0; j < c; j++) {
+        double s = aw->bo[j];
+        for (int i = 0; i < c; i++)
+          s += aw->wo[j * c + i] * o[l * c + i];
+        size_t at = ((size_t)b * c + j) * hw + l;
+        y[at] = (s + x[at]) / aw->rescale;
+      }
+  }
+  free(xn);
+  free(q);
+  free(k);
+  free(v);
+  free(o);
+  free(p);
+}
+
+START_TEST(attention_matches_reference) {
+  int c = 16, n = 2, hw = 300; /* 300 tokens: more than one query-row chunk */
+  for (int heads = 1; heads <= 4; heads *= 4) {
+    float *w[8];
+    for (int i = 0; i < 8; i++)
+      w[i] = randn((size_t)c * c, 10 + i);
+    for (int i = 0; i < 8; i++)
+      for (int j = 0; j < c * c; j++)
+        w[i][j] *= 0.25f;
+    float *g = randn(c, 20), *b = randn(c, 21);
+    attn_weights aw = {c, heads, 4, 1e-6f, g, b, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+                       2.0f};
+    float *x = randn((size_t)n * c * hw, 22), *y = malloc(sizeof(float) * n * c * hw);
+    double *ref = malloc(sizeof(double) * n * c * hw);
+    arena *a = arena_new(1 << 20);
+    ck_assert_int_eq(ops_attention(&aw, x, n, hw, y, a, 2), 0);
+    naive_attention(&aw, x, n, hw, ref);
+    double err = rel_err_d(y, ref, (size_t)n * c * hw);
+    ck_assert_msg(err < 1e-5, "attention heads %d: rel err %g", heads, err);
+    arena_free(a);
+    for (int i = 0; i < 8; i++)
+      free(w[i]);
+    free(g);
+    free(b);
+    free(x);
+    free(y);
+    free(ref);
+  }
+}
+END_TEST
+
+START_TEST(resampling) {
+  float x[2 * 3 * 4];
+  for (int i = 0; i < 24; i++)
+    x[i] = (float)i;
+  float up[2 * 6 * 8], down[2 * 1 * 2];
+  ops_upsample_nearest2x(x, 1, 2, 3, 4, up);
+  for (int c = 0; c < 2; c++)
+    for (int y = 0; y < 6; y++)
+      for (int xx = 0; xx < 8; xx++)
+        ck_assert_float_eq(up[(c * 6 + y) * 8 + xx], x[(c * 3 + y / 2) * 4 + xx / 2]);
+  ops_avgpool2x2(x, 1, 2, 3, 4, down); /* odd height floors to 1 row */
+  ck_assert_float_eq(down[0], (0 + 1 + 4 + 5) / 4.0f);
+  ck_assert_float_eq(down[1], (2 + 3 + 6 + 7) / 4.0f);
+  ck_assert_float_eq(down[2], (12 + 13 + 16 + 17) / 4.0f);
+}
+END_TEST
+
+START_TEST(timestep_embedding) {
+  float t[2] = {0.0f, 999.0f}, e[2 * 8], f[2 * 8];
+  ops_timestep_embedding(t, 2, 8, 0, 1.0f, e);
+  ops_timestep_embedding(t, 2, 8, 1, 1.0f, f);
+  for (int k = 0; k < 4; k++) {
+    double freq = exp(-log(10000.0) * k / (4 - 1.0));
+    ck_assert_double_eq_tol(e[k], 0.0, 1e-7); /* sin(0) first without flip */
+    ck_assert_double_eq_tol(e[4 + k], 1.0, 1e-7);
+    ck_assert_double_eq_tol(e[8 + k], sin(999.0 * freq), 2e-4);
+    ck_assert_double_eq_tol(e[12 + k], cos(999.0 * freq), 2e-4);
+    ck_assert_float_eq(f[8 + k], e[12 + k]); /* flip puts cos first */
+    ck_assert_float_eq(f[12 + k], e[8 + k]);
+  }
+}
+END_TEST
+
+START_TEST(linear_and_silu) {
+  float x[2 * 3] = {1, 2, 3, -1, 0, 1}, w[2 * 3] = {1, 0, -1, 0.5f, 0.5f, 0.5f}, b[2] = {1, -1};
+  float y[4];
+  ops_linear(x, 2, 3, 2, w, b, y);
+  ck_assert_float_eq_tol(y[0], 1 + (1 - 3), 1e-6);
+  ck_assert_float_eq_tol(y[1], -1 + 3, 1e-6);
+  ck_assert_float_eq_tol(y[2], 1 + (-1 - 1), 1e-6);
+  ck_assert_float_eq_tol(y[3], -1 + 0, 1e-6);
+  float s[3] = {0, 10, -10}, o[3];
+  ops_silu(s, 3, o);
+  ck_assert_float_eq_tol(o[0], 0, 1e-7);
+  ck_assert_float_eq_tol(o[1], 10 / (1 + exp(-10)), 1e-5);
+  ck_assert_float_eq_tol(o[2], -10 / (1 + exp(10)), 1e-7);
+}
+END_TEST
+
+START_TEST(arena_marks) {
+  arena *a = arena_new(1 << 20);
+  char *p = arena_alloc(a, 100);
+  ck_assert_ptr_nonnull(p);
+  ck_assert_int_eq((uintptr_t)p % 64, 0);
+  arena_mark m = arena_get_mark(a);
+  char *q = arena_alloc(a, 3 << 20); /* larger than a chunk */
+  ck_assert_ptr_nonnull(q);
+  q[(3 << 20) - 1] = 1;
+  arena_release(a, m);
+  char *r = arena_alloc(a, 64);
+  ck_assert_ptr_eq(r, p + 128); /* released space is handed out again */
+  size_t cap = arena_capacity(a);
+  arena_release(a, m);
+  ck_assert_ptr_nonnull(arena_alloc(a, 3 << 20));
+  ck_assert_uint_eq(arena_capacity(a), cap); /* the big chunk was reused */
+  arena_free(a);
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("ops");
+  TCase *tc = tcase_create("ops");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, conv_shapes);
+  tcase_add_test(tc, group_norm_matches_reference);
+  tcase_add_test(tc, attention_matches_reference);
+  tcase_add_test(tc, resampling);
+  tcase_add_test(tc, timestep_embedding);
+  tcase_add_test(tc, linear_and_silu);
+  tcase_add_test(tc, arena_marks);
+  suite_add_tcase(s, tc);
+  return s;
+}
