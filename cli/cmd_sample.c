@@ -1,7 +1,443 @@
-/* `denoised sample`: placeholder until the sampler lands (filled in below). */
+/* `denoised sample`: generate images with a model and a solver, writing .npy
+ * or PNGs whose metadata (A1111 "parameters" text plus the full resolved
+ * request as JSON) is enough to regenerate any one image with --replay. */
+#include <fcntl.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
 #include "cli.h"
+#include "image.h"
+#include "model.h"
+#include "npy.h"
+#include "sampler.h"
+#include "schedule.h"
+
+#define MAX_OVERRIDES 64
+#define META_KEY "denoised"
+
+static const char help[] =
+    "usage: denoised sample --model DIR [--scheduler NAME] [--steps N]\n"
+    "                       [--scheduler-config FILE.json] [--scheduler-opt KEY=VALUE ...]\n"
+    "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
+    "                       [--size S] [--threads T] [--quiet]\n"
+    "                       (--out OUT.npy | -o OUT.png)\n"
+    "       denoised sample --replay IMAGE.png -o OUT.png\n"
+    "\n"
+    "Generates images by solving the reverse diffusion from Gaussian noise.\n"
+    "  --model DIR             diffusers model folder (flat or pipeline layout)\n"
+    "  --scheduler NAME        solver: ddim (default) or ddpm, or the diffusers class name\n"
+    "                          (DDIMScheduler, DDPMScheduler)\n"
+    "  --steps N               inference steps (default: the solver's diffusers default)\n"
+    "  --scheduler-config F    JSON object of diffusers scheduler_config keys, layered on the\n"
+    "                          model's scheduler_config.json\n"
+    "  --scheduler-opt K=V     one more key (repeatable), e.g. eta=1, timestep_spacing=trailing\n"
+    "  --seed S                seed (default: random, printed); image i of a batch uses noise\n"
+    "                          stream i, so any image can be regenerated alone\n"
+    "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
+    "  --batch B               images (default 1)\n"
+    "  --class C               class label for class-conditional models\n"
+    "  --size S                image side (default: the model's sample_size)\n"
+    "  --threads T             CPU threads (default 2)\n"
+    "  --out OUT.npy           write the raw samples [B, C, H, W] float32\n"
+    "  -o OUT.png              write PNGs (OUT.png for one image, OUT-<i>.png for a batch)\n"
+    "  --replay IMAGE.png      regenerate the image from the metadata a PNG of ours carries\n"
+    "  --quiet                 no progress bar\n";
+
+typedef struct sample_args {
+  const char *model_dir, *scheduler, *sched_file, *noise_path, *npy_out, *png_out, *replay;
+  const char *overrides[MAX_OVERRIDES];
+  int noverrides;
+  long long steps, seed, batch, label, size, threads, first_image;
+  int has_seed, has_label, quiet;
+} sample_args;
+
+typedef struct progress {
+  int tty;
+  time_t start;
+} progress;
+
+static void on_progress(int step, int total, int nfe, void *user) {
+  progress *p = user;
+  if (!p->tty)
+    return;
+  int width = 30, done = total ? step * width / total : width;
+  fprintf(stderr, "\r[%.*s%*s] %d/%d steps, %d NFE, %lds", done,
+          "##############################", width - done, "", step, total, nfe,
+          (long)(time(NULL) - p->start));
+  if (step == total)
+    fputc('\n', stderr);
+}
+
+static uint64_t random_seed(void) {
+  uint64_t s = 0;
+  int fd = open("/dev/urandom", O_RDONLY);
+  if (fd >= 0) {
+    if (read(fd, &s, sizeof s) != (ssize_t)sizeof s)
+      s = 0;
+    close(fd);
+  }
+  if (!s)
+    s = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+  /* JSON and A1111 clients carry seeds as doubles or signed ints: keep 53 bits */
+  return s & ((1ull << 53) - 1);
+}
+
+/* Accepts a solver name or the diffusers class it mirrors. */
+static const char *resolve_solver(const char *name) {
+  for (int i = 0; i < sampler_solver_count(); i++) {
+    const char *s = sampler_solver_name(i);
+    if (strcmp(name, s) == 0 || strcmp(name, sampler_solver_class(s)) == 0)
+      return s;
+  }
+  return NULL;
+}
+
+static json_t *load_json_object(const char *path, err *e) {
+  json_error_t je;
+  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!j) {
+    err_set(e, ERR_FORMAT, "%s:%d: invalid JSON: %s", path, je.line, je.text);
+    return NULL;
+  }
+  if (!json_is_object(j)) {
+    json_decref(j);
+    err_set(e, ERR_FORMAT, "%s: expected a JSON object", path);
+    return NULL;
+  }
+  return j;
+}
+
+/* The model's scheduler_config.json, then the user's file, then KEY=VALUE. */
+static int build_sched_config(const sample_args *a, const model *m, const char *solver,
+                              const json_t *resolved, sched_config *cfg, err *e) {
+  const char *cls = sampler_solver_class(solver);
+  const char *path = model_scheduler_config_path(m);
+  int rc = path ? sched_config_load_file(path, cls, 0, cfg, e) : sched_config_init(cfg, cls, e);
+  if (rc)
+    return rc;
+  if (resolved) { /* --replay: the exact config recorded in the image */
+    if ((rc = sched_config_apply_json(cfg, resolved, 1, e)))
+      goto fail;
+    return sched_config_validate(cfg, e);
+  }
+  if (a->sched_file) {
+    json_t *j = load_json_object(a->sched_file, e);
+    if (!j) {
+      rc = e->code;
+      goto fail;
+    }
+    rc = sched_config_apply_json(cfg, j, 1, e);
+    json_decref(j);
+    if (rc) {
+      err_prefix(e, "%s", a->sched_file);
+      goto fail;
+    }
+  }
+  for (int i = 0; i < a->noverrides; i++)
+    if ((rc = sched_config_set_override(cfg, a->overrides[i], e))) {
+      err_prefix(e, "--scheduler-opt %s", a->overrides[i]);
+      goto fail;
+    }
+  if ((rc = sched_config_validate(cfg, e)))
+    goto fail;
+  return ERR_OK;
+fail:
+  sched_config_free(cfg);
+  return rc;
+}
+
+static char *png_name(const char *base, int i, int batch) {
+  size_t n = strlen(base) + 32;
+  char *out = malloc(n);
+  if (!out)
+    return NULL;
+  if (batch == 1) {
+    snprintf(out, n, "%s", base);
+    return out;
+  }
+  const char *dot = strrchr(base, '.'), *slash = strrchr(base, '/');
+  if (!dot || (slash && dot < slash))
+    dot = base + strlen(base);
+  snprintf(out, n, "%.*s-%d%s", (int)(dot - base), base, i, dot);
+  return out;
+}
+
+/* A1111-style infotext: what other tools display and parse. */
+static void infotext(char *buf, size_t n, const sample_args *a, const char *solver, int steps,
+                     uint64_t seed, int h, int w, const char *model_name) {
+  size_t off = (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s",
+                                steps, solver, (unsigned long long)seed, w, h, model_name);
+  if (a->has_label && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", a->label);
+  if (off < n)
+    snprintf(buf + off, n - off, ", Version: denoised 0.1.0");
+}
+
+static int write_pngs(const sample_args *a, const model *m, const sched_config *cfg,
+                      const char *solver, int steps, uint64_t seed, const float *x, int h, int w,
+                      err *e) {
+  const model_info *mi = model_get_info(m);
+  int c = mi->out_channels < 3 ? 1 : 3;
+  size_t plane = (size_t)h * w, per = (size_t)mi->out_channels * plane;
+  uint8_t *px = malloc(plane * 3);
+  if (!px)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  const char *model_name = strrchr(a->model_dir, '/');
+  model_name = model_name && model_name[1] ? model_name + 1 : a->model_dir;
+  int rc = ERR_OK;
+  for (int i = 0; i < (int)a->batch && !rc; i++) {
+    image_to_u8(x + per * i, c, h, w, px);
+    json_t *meta = json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model",
+                             a->model_dir, "scheduler", solver, "steps", steps, "seed",
+                             (json_int_t)seed, "image_index", (json_int_t)(a->first_image + i),
+                             "height", h, "width", w, "scheduler_config",
+                             sched_config_to_json(cfg), "version", "denoised 0.1.0");
+    if (a->has_label)
+      json_object_set_new(meta, "class_label", json_integer(a->label));
+    char *meta_s = json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS), info[1024];
+    infotext(info, sizeof info, a, solver, steps, seed, h, w, model_name);
+    image_text texts[2] = {{"parameters", info, 0}, {META_KEY, meta_s, 1}};
+    char *name = png_name(a->png_out, i, (int)a->batch);
+    if (!name || !meta_s)
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+    else
+      rc = image_png_write(name, px, c, h, w, texts, 2, e);
+    free(name);
+    free(meta_s);
+    json_decref(meta);
+  }
+  free(px);
+  return rc;
+}
+
+/* Fills the arguments from the JSON a PNG of ours carries. */
+static int load_replay(sample_args *a, json_t **meta_out, err *e) {
+  char *text = NULL;
+  int rc = image_png_read_text(a->replay, META_KEY, &text, e);
+  if (rc)
+    return rc;
+  json_error_t je;
+  json_t *meta = json_loads(text, 0, &je);
+  free(text);
+  const char *model_dir, *solver;
+  json_int_t steps, seed, index, h, w;
+  json_t *cfg = NULL, *label = NULL;
+  if (!meta || json_unpack_ex(meta, &je, 0, "{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:o, s?o}",
+                              "model", &model_dir, "scheduler", &solver, "steps", &steps, "seed",
+                              &seed, "image_index", &index, "height", &h, "width", &w,
+                              "scheduler_config", &cfg, "class_label", &label)) {
+    json_decref(meta);
+    return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a denoised request: %s", a->replay,
+                   META_KEY, je.text);
+  }
+  a->model_dir = model_dir;
+  a->scheduler = solver;
+  a->steps = steps;
+  a->seed = seed;
+  a->has_seed = 1;
+  a->first_image = index;
+  a->size = h;
+  a->batch = 1;
+  if (h != w || h < 1 || steps < 1 || seed < 0 || index < 0) {
+    json_decref(meta);
+    return err_set(e, ERR_FORMAT, "%s: metadata has out-of-range values", a->replay);
+  }
+  if (label && json_is_integer(label)) {
+    a->label = json_integer_value(label);
+    a->has_label = 1;
+  }
+  *meta_out = meta;
+  return ERR_OK;
+}
+
+static int parse_args(int argc, char **argv, sample_args *a) {
+  static const struct option opts[] = {
+      {"model", required_argument, 0, 'm'},     {"scheduler", required_argument, 0, 's'},
+      {"steps", required_argument, 0, 'n'},     {"scheduler-config", required_argument, 0, 'c'},
+      {"scheduler-opt", required_argument, 0, 'O'}, {"seed", required_argument, 0, 'S'},
+      {"noise", required_argument, 0, 'N'},     {"batch", required_argument, 0, 'b'},
+      {"class", required_argument, 0, 'l'},     {"size", required_argument, 0, 'z'},
+      {"threads", required_argument, 0, 'j'},   {"out", required_argument, 0, 'u'},
+      {"replay", required_argument, 0, 'r'},    {"quiet", no_argument, 0, 'q'},
+      {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
+  const char *cmd = "sample";
+  optind = 1;
+  int c;
+  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:z:j:u:o:r:qh", opts, NULL)) != -1) {
+    switch (c) {
+    case 'm': a->model_dir = optarg; break;
+    case 's': a->scheduler = optarg; break;
+    case 'n': if (cli_parse_int("--steps", optarg, 1, 100000, &a->steps)) return 2; break;
+    case 'c': a->sched_file = optarg; break;
+    case 'O':
+      if (a->noverrides == MAX_OVERRIDES)
+        return cli_usage_error(cmd, "at most %d --scheduler-opt", MAX_OVERRIDES);
+      a->overrides[a->noverrides++] = optarg;
+      break;
+    case 'S':
+      if (cli_parse_int("--seed", optarg, -1, (1ll << 53) - 1, &a->seed)) return 2;
+      a->has_seed = a->seed >= 0;
+      break;
+    case 'N': a->noise_path = optarg; break;
+    case 'b': if (cli_parse_int("--batch", optarg, 1, 1024, &a->batch)) return 2; break;
+    case 'l':
+      if (cli_parse_int("--class", optarg, 0, 1 << 20, &a->label)) return 2;
+      a->has_label = 1;
+      break;
+    case 'z': if (cli_parse_int("--size", optarg, 1, 4096, &a->size)) return 2; break;
+    case 'j': if (cli_parse_int("--threads", optarg, 1, 256, &a->threads)) return 2; break;
+    case 'u': a->npy_out = optarg; break;
+    case 'o': a->png_out = optarg; break;
+    case 'r': a->replay = optarg; break;
+    case 'q': a->quiet = 1; break;
+    case 'h': fputs(help, stdout); return -1;
+    default: return cli_usage_error(cmd, "bad option");
+    }
+  }
+  if (optind < argc)
+    return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+  if (a->replay) {
+    if (a->model_dir || a->scheduler || a->sched_file || a->noverrides || a->has_seed ||
+        a->noise_path || a->has_label || a->steps || a->size)
+      return cli_usage_error(cmd, "--replay takes only -o/--out, --threads and --quiet");
+  } else if (!a->model_dir) {
+    return cli_usage_error(cmd, "--model is required");
+  }
+  if (!a->npy_out && !a->png_out)
+    return cli_usage_error(cmd, "give --out OUT.npy or -o OUT.png");
+  if (a->noise_path && a->has_seed)
+    return cli_usage_error(cmd, "--seed and --noise exclude each other");
+  return 0;
+}
+
 int cmd_sample(int argc, char **argv) {
-  (void)argc;
-  (void)argv;
-  return cli_fail("sample", "not built yet");
+  const char *cmd = "sample";
+  sample_args a = {.scheduler = NULL, .batch = 1, .threads = 2};
+  int prc = parse_args(argc, argv, &a);
+  if (prc)
+    return prc < 0 ? 0 : prc;
+  err e = {0};
+  json_t *replay_meta = NULL;
+  model *m = NULL;
+  sampler *s = NULL;
+  sched_config cfg;
+  int have_cfg = 0, status = 1;
+  npy_array noise = {0};
+  float *out = NULL;
+  if (a.replay && load_replay(&a, &replay_meta, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  const char *solver = resolve_solver(a.scheduler ? a.scheduler : "ddim");
+  if (!solver) {
+    cli_usage_error(cmd, "unknown scheduler '%s' (available: ddim, ddpm)", a.scheduler);
+    status = 2;
+    goto done;
+  }
+  if (model_load(a.model_dir, &m, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  const model_info *mi = model_get_info(m);
+  json_t *recorded = replay_meta ? json_object_get(replay_meta, "scheduler_config") : NULL;
+  if (build_sched_config(&a, m, solver, recorded, &cfg, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  have_cfg = 1;
+  if (sampler_new(solver, &cfg, (int)a.steps, &s, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  int size = a.size ? (int)a.size : mi->sample_size;
+  if (size < 1) {
+    cli_usage_error(cmd, "the model has no sample_size: pass --size");
+    status = 2;
+    goto done;
+  }
+  if (mi->num_classes && !a.has_label) {
+    cli_usage_error(cmd, "this model is class-conditional (%d classes): pass --class",
+                    mi->num_classes);
+    status = 2;
+    goto done;
+  }
+  if (!mi->num_classes && a.has_label) {
+    cli_usage_error(cmd, "this model is not class-conditional: drop --class");
+    status = 2;
+    goto done;
+  }
+  if (a.has_label && a.label >= mi->num_classes) {
+    cli_usage_error(cmd, "--class %lld out of range [0, %d)", a.label, mi->num_classes);
+    status = 2;
+    goto done;
+  }
+  if (a.noise_path) {
+    if (npy_read_f32(a.noise_path, &noise, &e)) {
+      cli_fail(cmd, "%s", e.msg);
+      goto done;
+    }
+    if (noise.ndim != 4 || noise.shape[0] != a.batch || noise.shape[1] != mi->in_channels ||
+        noise.shape[2] != size || noise.shape[3] != size) {
+      cli_fail(cmd, "%s: expected shape [%lld, %d, %d, %d]", a.noise_path, a.batch,
+               mi->in_channels, size, size);
+      goto done;
+    }
+  }
+  uint64_t seed = a.has_seed ? (uint64_t)a.seed : random_seed();
+  if (!a.has_seed && !a.noise_path && !a.quiet)
+    fprintf(stderr, "denoised sample: seed %llu\n", (unsigned long long)seed);
+  int64_t *labels = NULL;
+  if (a.has_label) {
+    labels = malloc(sizeof *labels * (size_t)a.batch);
+    for (int i = 0; labels && i < a.batch; i++)
+      labels[i] = a.label;
+  }
+  size_t count = (size_t)a.batch * mi->out_channels * size * size;
+  out = malloc(sizeof(float) * count);
+  if (!out || (a.has_label && !labels)) {
+    free(labels);
+    cli_fail(cmd, "out of memory");
+    goto done;
+  }
+  progress pr = {!a.quiet && isatty(STDERR_FILENO), time(NULL)};
+  sampler_run_opts o = {.batch = (int)a.batch, .height = size, .width = size, .seed = seed,
+                        .first_image = (uint64_t)a.first_image,
+                        .init_noise = a.noise_path ? noise.data : NULL, .labels = labels,
+                        .progress = on_progress, .progress_user = &pr, .threads = (int)a.threads};
+  int nfe = 0, rc = sampler_run(s, m, &o, out, &nfe, &e);
+  free(labels);
+  if (rc) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  if (a.npy_out) {
+    int64_t shape[4] = {a.batch, mi->out_channels, size, size};
+    if (npy_write_f32(a.npy_out, out, 4, shape, &e)) {
+      cli_fail(cmd, "%s", e.msg);
+      goto done;
+    }
+  }
+  if (a.png_out && write_pngs(&a, m, &cfg, solver, sampler_num_steps(s), seed, out, size, size,
+                              &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  if (!a.quiet)
+    fprintf(stderr, "denoised sample: %lld image(s), %s, %d steps, %d NFE per image\n", a.batch,
+            solver, sampler_num_steps(s), nfe);
+  status = 0;
+done:
+  free(out);
+  npy_array_free(&noise);
+  sampler_free(s);
+  if (have_cfg)
+    sched_config_free(&cfg);
+  model_free(m);
+  json_decref(replay_meta);
+  return status;
 }

@@ -1,6 +1,6 @@
-/* GaussianMixtureDenoiser: the exact eps-prediction of an isotropic Gaussian mixture under the
- * variance-preserving forward process, computed in double. Tests use it as a network whose
- * right answer is known, so every input is validated rather than trusted. */
+/* GaussianMixtureDenoiser: the exact denoiser of an isotropic Gaussian mixture under the
+ * variance-preserving forward process, computed in double and returned as eps (or, when its
+ * config says so, x0 or v). Tests use it as a network whose right answer is known. */
 #include "gmm.h"
 
 #include <math.h>
@@ -15,9 +15,13 @@
 #define GMM_MAX_SIZE 4096
 #define GMM_MAX_CLASSES 1000000
 
+/* What gmm_eval returns, from config.json "prediction_type". */
+typedef enum { GMM_OUT_EPSILON, GMM_OUT_SAMPLE, GMM_OUT_V } gmm_output;
+
 struct gmm {
   int k, c, s, d; /* components, channels, side, values per image */
   int num_classes;
+  gmm_output output;
   int num_train_timesteps;
   double *means;     /* k * d */
   double *log_w;     /* log softmax(log_weights) */
@@ -82,11 +86,19 @@ static int parse_config(gmm *g, const json_t *cfg, err *e) {
                                   "(%d): the mixture predicts eps only",
                    outc, g->c);
   const json_t *pt = json_object_get(cfg, "prediction_type");
-  if (pt && !json_is_null(pt) &&
-      (!json_is_string(pt) || strcmp(json_string_value(pt), "epsilon") != 0))
-    return err_set(e, ERR_UNSUPPORTED,
-                   "config.json: key 'prediction_type' must be \"epsilon\" for "
-                   "GaussianMixtureDenoiser");
+  g->output = GMM_OUT_EPSILON;
+  if (pt && !json_is_null(pt)) {
+    const char *p = json_is_string(pt) ? json_string_value(pt) : "";
+    if (strcmp(p, "epsilon") == 0)
+      g->output = GMM_OUT_EPSILON;
+    else if (strcmp(p, "sample") == 0)
+      g->output = GMM_OUT_SAMPLE;
+    else if (strcmp(p, "v_prediction") == 0)
+      g->output = GMM_OUT_V;
+    else
+      return err_set(e, ERR_UNSUPPORTED, "config.json: key 'prediction_type' must be "
+                                         "\"epsilon\", \"sample\" or \"v_prediction\"");
+  }
   g->d = g->c * g->s * g->s;
   return ERR_OK;
 }
@@ -318,8 +330,12 @@ int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t 
         ex0[i] += r * (mu[i] + gain * (xb[i] - alpha * mu[i]));
     }
     float *ob = out + (size_t)b * d;
-    for (int i = 0; i < d; i++)
-      ob[i] = (float)((xb[i] - alpha * ex0[i]) / sigma);
+    for (int i = 0; i < d; i++) {
+      const double eps = (xb[i] - alpha * ex0[i]) / sigma;
+      ob[i] = (float)(g->output == GMM_OUT_EPSILON  ? eps
+                      : g->output == GMM_OUT_SAMPLE ? ex0[i]
+                                                    : alpha * eps - sigma * ex0[i]);
+    }
   }
   free(logp);
   free(ex0);

@@ -443,7 +443,8 @@ static int conv_i64(const npy_header *h, const unsigned char *b, int64_t i, void
   }
   double v = elem_f64(h->dtype, b);
   /* -2^63 is exactly representable; 2^63 is the first value out of range. */
-  if (!(v >= -0x1p63 && v < 0x1p63) || v != trunc(v))
+  const double two63 = 9223372036854775808.0;
+  if (!(v >= -two63 && v < two63) || v != trunc(v))
     return err_set(e, ERR_FORMAT, "%s: element %lld (%.17g) is not an integer that fits int64",
                    path, (long long)i, v);
   out[i] = (int64_t)v;
@@ -542,7 +543,7 @@ static int write_body(FILE *f, const float *data, int ndim, const int64_t *shape
       return -1;
   if (fputc('\n', f) == EOF)
     return -1;
-  unsigned char buf[4096];
+  unsigned char buf[4096] = {0};
   for (int64_t i = 0; i < count;) {
     size_t n = 0;
     for (; n < sizeof buf / 4 && i < count; n++, i++) {

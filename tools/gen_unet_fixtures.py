@@ -143,18 +143,6 @@ def randomise(model, torch, gen_scale=0.1):
                 p.copy_(1 + gen_scale * torch.randn_like(p))
 
 
-def exact_f64(model):
-    """float64 copy for the reference.  diffusers' attention has upcast_softmax=True, which
-    does scores.float() -- for a float64 model that is a down-cast to float32 (~1e-8 relative
-    effect on the output).  It is a no-op for float32 models, so turn it off here to keep the
-    reference genuinely float64.  (The timestep sinusoid stays float32: that is the model.)"""
-    model = model.double().eval()
-    for m in model.modules():
-        if hasattr(m, "upcast_softmax"):
-            m.upcast_softmax = False
-    return model
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="preset name or UNet2DModel config.json")
@@ -281,8 +269,8 @@ def main(argv=None):
     if model.config.class_embed_type is not None:
         die("class_embed_type %r is not supported by the fixtures" % model.config.class_embed_type)
 
-    model64 = exact_f64(copy.deepcopy(model))
-    with torch.no_grad():
+    model64 = diffusers_env.exact_f64(copy.deepcopy(model))
+    with torch.no_grad(), diffusers_env.safe_baddbmm():
         out = model64(x.double(), t, class_labels=y).sample
     out_np = out.numpy().astype(np.float32)
     if not np.all(np.isfinite(out_np)):
@@ -311,7 +299,7 @@ def main(argv=None):
         num_parameters=int(sum(v.size for v in sd.values())),
         output_rms=float(np.sqrt(np.mean(out_np.astype(np.float64) ** 2))),
         reference="diffusers UNet2DModel forward in float64 (timestep sinusoid computed in float32 as "
-                  "diffusers does; attention softmax kept in float64)",
+                  "diffusers does; attention softmax kept in float64; baddbmm(beta=0) as bmm)",
         diffusers_version=diffusers.__version__, torch_version=torch.__version__, command=cmd,
     )
     with open(os.path.join(args.out, "fixture.json"), "w") as f:
@@ -320,8 +308,8 @@ def main(argv=None):
 
     if not args.no_check:
         # Reload through diffusers' own loader (exercises legacy-name conversion + dtype upcast).
-        m2 = exact_f64(UNet2DModel.from_pretrained(args.out))
-        with torch.no_grad():
+        m2 = diffusers_env.exact_f64(UNet2DModel.from_pretrained(args.out))
+        with torch.no_grad(), diffusers_env.safe_baddbmm():
             o2 = m2(x.double(), t, class_labels=y).sample
         rel = float((o2 - out).norm() / out.norm())
         if rel > 1e-12:
