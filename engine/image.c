@@ -177,7 +177,9 @@ static void mem_write(png_structp png, png_bytep data, size_t n) {
   b->len += n;
 }
 
-static void mem_flush(png_structp png) { (void)png; }
+static void mem_flush(png_structp png) {
+  (void)png;
+}
 
 typedef struct enc_job {
   const uint8_t *px;
@@ -221,8 +223,8 @@ static int encode_run(enc_job *j) {
   return 0;
 }
 
-int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *texts,
-                     int ntexts, uint8_t **png, size_t *png_len, err *e) {
+int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *texts, int ntexts,
+                     uint8_t **png, size_t *png_len, err *e) {
   if (!png || !png_len)
     return err_set(e, ERR_INVALID, "PNG encode: no output pointers");
   *png = NULL;
@@ -252,8 +254,8 @@ int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *t
     if ((rc = check_key(t->key, e)))
       goto done;
     if (!t->value || utf8_scan(t->value, &max_cp) != 0) {
-      rc = err_set(e, ERR_INVALID, "PNG encode: value of text '%s' is missing or not UTF-8",
-                   t->key);
+      rc =
+          err_set(e, ERR_INVALID, "PNG encode: value of text '%s' is missing or not UTF-8", t->key);
       goto done;
     }
     pt[i].key = (png_charp)t->key;
@@ -432,8 +434,8 @@ static int decode_run(dec_job *j) {
   return 0;
 }
 
-int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, uint8_t **px,
-                     int *h, int *w, err *e) {
+int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, uint8_t **px, int *h,
+                     int *w, err *e) {
   if (!px || !h || !w)
     return err_set(e, ERR_INVALID, "PNG decode: no output pointers");
   *px = NULL;
@@ -469,7 +471,7 @@ int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, u
 typedef struct text_job {
   FILE *f;
   const char *key;
-  char *value; /* UTF-8, malloc'ed, once found */
+  char *value;   /* UTF-8, malloc'ed, once found */
   png_bytep row; /* scratch for skipping pixel rows; freed by the caller */
   int nomem;
   png_errctx ectx;

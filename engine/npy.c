@@ -41,8 +41,8 @@ static void skip_ws(parser *ps) {
 }
 
 static int syntax(parser *ps, const char *what) {
-  return err_set(ps->e, ERR_FORMAT, "%s: malformed .npy header: %s at header offset %ld",
-                 ps->path, what, (long)(ps->p - ps->start));
+  return err_set(ps->e, ERR_FORMAT, "%s: malformed .npy header: %s at header offset %ld", ps->path,
+                 what, (long)(ps->p - ps->start));
 }
 
 static int expect(parser *ps, char c) {
@@ -133,8 +133,8 @@ static int parse_shape(parser *ps, npy_header *h) {
       break;
     }
     if (h->ndim == NPY_MAX_DIMS)
-      return err_set(ps->e, ERR_UNSUPPORTED, "%s: .npy array has more than %d dimensions",
-                     ps->path, NPY_MAX_DIMS);
+      return err_set(ps->e, ERR_UNSUPPORTED, "%s: .npy array has more than %d dimensions", ps->path,
+                     NPY_MAX_DIMS);
     if ((rc = parse_int(ps, &h->shape[h->ndim])))
       return rc;
     h->ndim++;
@@ -148,8 +148,10 @@ static int parse_shape(parser *ps, npy_header *h) {
     }
   }
   if (h->ndim == 1 && !trailing_comma)
-    return err_set(ps->e, ERR_FORMAT, "%s: .npy shape is not a tuple (missing ',' after the "
-                   "single dimension)", ps->path);
+    return err_set(ps->e, ERR_FORMAT,
+                   "%s: .npy shape is not a tuple (missing ',' after the "
+                   "single dimension)",
+                   ps->path);
   return ERR_OK;
 }
 
@@ -234,7 +236,9 @@ static int parse_dict(const char *path, const char *text, size_t len, npy_header
     return syntax(&ps, "trailing characters after the dict");
   if (!have_descr || !have_order || !have_shape)
     return err_set(e, ERR_FORMAT, "%s: .npy header lacks '%s'", path,
-                   !have_descr ? "descr" : !have_order ? "fortran_order" : "shape");
+                   !have_descr   ? "descr"
+                   : !have_order ? "fortran_order"
+                                 : "shape");
   if (fortran)
     return err_set(e, ERR_UNSUPPORTED,
                    "%s: Fortran-order .npy arrays are not supported (save with C order)", path);
@@ -294,8 +298,8 @@ static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
     hlen = le32(pre + 8);
     prefix = 12;
   } else {
-    rc = err_set(e, ERR_UNSUPPORTED, "%s: .npy format version %d.%d is not supported", path,
-                 major, minor);
+    rc = err_set(e, ERR_UNSUPPORTED, "%s: .npy format version %d.%d is not supported", path, major,
+                 minor);
     goto done;
   }
   if (hlen > NPY_MAX_HEADER) {
@@ -304,8 +308,10 @@ static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
     goto done;
   }
   if ((uint64_t)prefix + hlen > (uint64_t)st.st_size) {
-    rc = err_set(e, ERR_FORMAT, "%s: .npy header (%llu bytes) runs past the end of the file "
-                 "(%lld bytes)", path, (unsigned long long)hlen, (long long)st.st_size);
+    rc = err_set(e, ERR_FORMAT,
+                 "%s: .npy header (%llu bytes) runs past the end of the file "
+                 "(%lld bytes)",
+                 path, (unsigned long long)hlen, (long long)st.st_size);
     goto done;
   }
   text = malloc(hlen + 1);
@@ -402,23 +408,17 @@ static double elem_f64(npy_dtype dt, const unsigned char *b) {
     memcpy(&v, &u, 8);
     return v;
   }
-  default:
-    return 0;
+  default: return 0;
   }
 }
 
 static int64_t elem_i64(npy_dtype dt, const unsigned char *b) {
   switch (dt) {
-  case DT_I4:
-    return (int32_t)le32(b);
-  case DT_I8:
-    return (int64_t)le64(b);
-  case DT_U1:
-    return b[0];
-  case DT_I1:
-    return (int8_t)b[0];
-  default:
-    return 0;
+  case DT_I4: return (int32_t)le32(b);
+  case DT_I8: return (int64_t)le64(b);
+  case DT_U1: return b[0];
+  case DT_I1: return (int8_t)b[0];
+  default: return 0;
   }
 }
 
@@ -521,7 +521,9 @@ void npy_array_free(npy_array *a) {
 
 /* ---- writing ---- */
 
-static int write_all(FILE *f, const void *p, size_t n) { return fwrite(p, 1, n, f) == n ? 0 : -1; }
+static int write_all(FILE *f, const void *p, size_t n) {
+  return fwrite(p, 1, n, f) == n ? 0 : -1;
+}
 
 static int write_body(FILE *f, const float *data, int ndim, const int64_t *shape, int64_t count) {
   char dict[256];
@@ -534,8 +536,10 @@ static int write_body(FILE *f, const float *data, int ndim, const int64_t *shape
   int total = 10 + len + 1;
   int pad = (64 - total % 64) % 64;
   int hlen = len + pad + 1;
-  unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hlen & 0xff),
-                           (unsigned char)(hlen >> 8)};
+  unsigned char pre[10];
+  memcpy(pre, "\x93NUMPY\x01\x00", 8);
+  pre[8] = (unsigned char)(hlen & 0xff);
+  pre[9] = (unsigned char)(hlen >> 8);
   if (write_all(f, pre, sizeof pre) || write_all(f, dict, (size_t)len))
     return -1;
   for (int i = 0; i < pad; i++)

@@ -99,10 +99,13 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
   if (j.tile > P)
     j.tile = P;
   j.ntiles = (P + j.tile - 1) / j.tile;
-  /* Too few tiles to feed every thread: split output channels instead. */
-  j.nrow_chunks = n * j.ntiles >= threads ? 1 : threads;
-  if (j.nrow_chunks > c->cout)
-    j.nrow_chunks = c->cout;
+  /* Small images give too few tiles to feed the threads, so output channels
+   * are split too. The split depends on the layer alone, never on the batch
+   * size or thread count: every image then sees the same sgemm shapes and
+   * gets bit-identical results however it is batched or scheduled. */
+  j.nrow_chunks = j.ntiles >= 4 ? 1 : c->cout / 64;
+  if (j.nrow_chunks < 1)
+    j.nrow_chunks = 1;
   arena_mark m = arena_get_mark(a);
   if (!j.direct) {
     j.col = arena_floats(a, (size_t)K * j.tile * (threads > 0 ? threads : 1));
@@ -165,11 +168,15 @@ void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps,
 
 void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
                 float *y) {
-  for (int i = 0; i < n; i++)
+  /* One matrix-vector product per row: a row's result must not depend on how
+   * many rows are batched with it (see ops_conv2d). */
+  for (int i = 0; i < n; i++) {
+    float *yi = y + (size_t)i * out;
     for (int o = 0; o < out; o++)
-      y[(size_t)i * out + o] = bias ? bias[o] : 0.0f;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, weight, in, 1.0f,
-              y, out);
+      yi[o] = bias ? bias[o] : 0.0f;
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, weight, in, x + (size_t)i * in, 1,
+                1.0f, yi, 1);
+  }
 }
 
 void ops_silu(const float *x, size_t count, float *y) {

@@ -128,7 +128,9 @@ static uint8_t *decode_ok(const uint8_t *png, size_t len, int *h, int *w) {
 static char dir[64];
 static char path[256];
 
-static void setup(void) { ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir)); }
+static void setup(void) {
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+}
 
 static void teardown(void) {
   char cmd[128];
@@ -238,8 +240,8 @@ START_TEST(test_png_roundtrip_rgb_texts) {
   const image_text texts[] = {
       {"parameters", "a cat, Steps: 20, Seed: 42", 0},
       {"denoised", json, 1},
-      {"latin", "caf\xc3\xa9", 0},    /* fits Latin-1: stays tEXt */
-      {"emoji", "\xe2\x98\x95", 0},   /* does not: promoted to iTXt */
+      {"latin", "caf\xc3\xa9", 0},  /* fits Latin-1: stays tEXt */
+      {"emoji", "\xe2\x98\x95", 0}, /* does not: promoted to iTXt */
       {"empty", "", 0},
   };
   size_t len;
@@ -324,8 +326,15 @@ START_TEST(test_png_other_formats) {
   const png_color pal[4] = {{255, 0, 0}, {0, 255, 0}, {0, 0, 255}, {9, 8, 7}};
   const png_byte trans[1] = {0};
   const uint8_t idx[2] = {0x01, 0x23}; /* 4x1: indices 0 1 2 3 */
-  png_spec sp = {.w = 4, .h = 1, .color = PNG_COLOR_TYPE_PALETTE, .depth = 4, .data = idx,
-                 .palette = pal, .npalette = 4, .trans = trans, .ntrans = 1};
+  png_spec sp = {.w = 4,
+                 .h = 1,
+                 .color = PNG_COLOR_TYPE_PALETTE,
+                 .depth = 4,
+                 .data = idx,
+                 .palette = pal,
+                 .npalette = 4,
+                 .trans = trans,
+                 .ntrans = 1};
   png = make_png(&sp, &len);
   rgb = decode_ok(png, len, &dh, &dw);
   ck_assert_int_eq(dw, 4);
@@ -365,8 +374,8 @@ START_TEST(test_png_other_formats) {
   free(png);
   const png_color_16 tc = {.gray = 200};
   const uint8_t g8[2] = {200, 100};
-  sp = (png_spec){.w = 2, .h = 1, .color = PNG_COLOR_TYPE_GRAY, .depth = 8, .data = g8,
-                  .trans_color = &tc};
+  sp = (png_spec){
+      .w = 2, .h = 1, .color = PNG_COLOR_TYPE_GRAY, .depth = 8, .data = g8, .trans_color = &tc};
   png = make_png(&sp, &len);
   rgb = decode_ok(png, len, &dh, &dw);
   ck_assert_mem_eq(rgb, want_ga, 6);
@@ -383,8 +392,12 @@ START_TEST(test_png_other_formats) {
       if (k < 3)
         want[3 * i + k] = (uint8_t)(i * 7 + k * 50);
     }
-  sp = (png_spec){.w = W, .h = H, .color = PNG_COLOR_TYPE_RGBA, .depth = 16,
-                  .interlace = PNG_INTERLACE_ADAM7, .data = rgba};
+  sp = (png_spec){.w = W,
+                  .h = H,
+                  .color = PNG_COLOR_TYPE_RGBA,
+                  .depth = 16,
+                  .interlace = PNG_INTERLACE_ADAM7,
+                  .data = rgba};
   png = make_png(&sp, &len);
   rgb = decode_ok(png, len, &dh, &dw);
   ck_assert_int_eq(dh, H);
@@ -399,10 +412,15 @@ END_TEST
 /* Text chunks after IDAT (zTXt, compressed iTXt) are found too; zTXt is Latin-1. */
 START_TEST(test_png_text_after_idat) {
   const uint8_t g8[2] = {1, 2};
-  png_text t = {.compression = PNG_TEXT_COMPRESSION_zTXt, .key = "parameters",
-                .text = "caf\xe9 at the end"};
-  png_spec sp = {.w = 2, .h = 1, .color = PNG_COLOR_TYPE_GRAY, .depth = 8, .data = g8,
-                 .end_text = &t, .interlace = PNG_INTERLACE_ADAM7};
+  png_text t = {
+      .compression = PNG_TEXT_COMPRESSION_zTXt, .key = "parameters", .text = "caf\xe9 at the end"};
+  png_spec sp = {.w = 2,
+                 .h = 1,
+                 .color = PNG_COLOR_TYPE_GRAY,
+                 .depth = 8,
+                 .data = g8,
+                 .end_text = &t,
+                 .interlace = PNG_INTERLACE_ADAM7};
   size_t len;
   uint8_t *png = make_png(&sp, &len);
   ck_assert(contains(png, len, "zTXtparameters", 14));
@@ -419,7 +437,8 @@ START_TEST(test_png_text_after_idat) {
   free(v);
   free(png);
 
-  png_text it = {.compression = PNG_ITXT_COMPRESSION_zTXt, .key = "denoised",
+  png_text it = {.compression = PNG_ITXT_COMPRESSION_zTXt,
+                 .key = "denoised",
                  .text = "{\"x\": \"\xe2\x98\x95\"}"};
   sp.end_text = &it;
   png = make_png(&sp, &len);
@@ -564,10 +583,18 @@ START_TEST(test_png_encode_errors) {
   memset(long_key, 'k', 80);
   long_key[80] = '\0';
   const image_text bad[] = {
-      {"", "v", 0},           {long_key, "v", 0},         {" lead", "v", 0},
-      {"trail ", "v", 0},     {"two  spaces", "v", 0},    {"tab\there", "v", 0},
-      {NULL, "v", 0},         {"k", NULL, 0},             {"k", "\xff", 0},
-      {"k", "\xc0\x80", 1},   {"k", "\xed\xa0\x80", 1},   {"k", "\xe2\x98", 0},
+      {"", "v", 0},
+      {long_key, "v", 0},
+      {" lead", "v", 0},
+      {"trail ", "v", 0},
+      {"two  spaces", "v", 0},
+      {"tab\there", "v", 0},
+      {NULL, "v", 0},
+      {"k", NULL, 0},
+      {"k", "\xff", 0},
+      {"k", "\xc0\x80", 1},
+      {"k", "\xed\xa0\x80", 1},
+      {"k", "\xe2\x98", 0},
       {"k", "\xf4\x90\x80\x80", 1},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -579,8 +606,7 @@ START_TEST(test_png_encode_errors) {
   png = encode_ok(px, 3, 2, 2, &ok, 1, &len);
   free(png);
 
-  ck_assert_int_eq(image_png_write(file_path("no/such/dir.png"), px, 3, 2, 2, NULL, 0, &e),
-                   ERR_IO);
+  ck_assert_int_eq(image_png_write(file_path("no/such/dir.png"), px, 3, 2, 2, NULL, 0, &e), ERR_IO);
   ck_assert_ptr_nonnull(strstr(e.msg, "no/such/dir.png"));
   ck_assert_int_eq(image_png_write(file_path("bad.png"), px, 5, 2, 2, NULL, 0, &e), ERR_INVALID);
   ck_assert_ptr_nonnull(strstr(e.msg, "bad.png"));

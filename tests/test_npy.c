@@ -11,7 +11,9 @@
 static char dir[64];
 static char path[256];
 
-static void setup(void) { ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir)); }
+static void setup(void) {
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+}
 
 static void teardown(void) {
   char cmd[128];
@@ -148,8 +150,10 @@ END_TEST
 START_TEST(test_empty_and_scalar) {
   err e = {0};
   npy_array a;
-  const char *p = make_npy("empty.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': "
-                                           "(0, 3), }", NULL, 0);
+  const char *p = make_npy("empty.npy", 1,
+                           "{'descr': '<f4', 'fortran_order': False, 'shape': "
+                           "(0, 3), }",
+                           NULL, 0);
   ck_assert_int_eq(npy_read_f32(p, &a, &e), ERR_OK);
   ck_assert_int_eq(a.count, 0);
   ck_assert_int_eq(a.ndim, 2);
@@ -250,8 +254,8 @@ START_TEST(test_versions_and_syntax) {
   ck_assert_int_eq(npy_read_f32(p, &a, &e), ERR_OK);
   ck_assert_mem_eq(a.data, f6, sizeof f6);
   npy_array_free(&a);
-  p = make_npy("v3.npy", 3, "{\"shape\": (3, 2), \"fortran_order\": False, \"descr\": \"<f4\"}",
-               f6, sizeof f6);
+  p = make_npy("v3.npy", 3, "{\"shape\": (3, 2), \"fortran_order\": False, \"descr\": \"<f4\"}", f6,
+               sizeof f6);
   ck_assert_int_eq(npy_read_f32(p, &a, &e), ERR_OK);
   ck_assert_int_eq(a.shape[0], 3);
   ck_assert_int_eq(a.shape[1], 2);
@@ -326,8 +330,8 @@ START_TEST(test_bad_files) {
                sizeof f6);
   expect_fail(p, ERR_FORMAT, "negative");
   p = make_npy("ovf.npy", 1,
-               "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }",
-               f6, sizeof f6);
+               "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }", f6,
+               sizeof f6);
   expect_fail(p, ERR_FORMAT, "overflows");
   p = make_npy("ovf2.npy", 1,
                "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }", f6,
@@ -377,8 +381,10 @@ START_TEST(test_bad_files) {
   p = make_npy("extra.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), 'x': 1}",
                f6, sizeof f6);
   expect_fail(p, ERR_FORMAT, "unexpected key 'x'");
-  p = make_npy("dup.npy", 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), "
-                             "'descr': '<f4'}", f6, sizeof f6);
+  p = make_npy("dup.npy", 1,
+               "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), "
+               "'descr': '<f4'}",
+               f6, sizeof f6);
   expect_fail(p, ERR_FORMAT, "duplicate");
 
   /* A NUL inside the header. */

@@ -186,6 +186,12 @@ START_TEST(test_large_offsets) {
   rng_philox4x32_10(ctr, key, x);
   for (int i = 0; i < 4; i++)
     ck_assert_float_eq(hi[i], (float)(x[i] >> 8) * 0x1p-24f);
+
+  /* As documented, image and stream only use their low 32 bits. */
+  float wrap[4];
+  rng_uniform(3, 5, 6, lo, 4);
+  rng_uniform(3, 5ull | 1ull << 32, 6ull | 1ull << 40, wrap, 4);
+  ck_assert_mem_eq(lo, wrap, sizeof lo);
 }
 END_TEST
 

@@ -13,8 +13,14 @@ Suite *test_suite(void);
 /* Path under the source tree (DENOISED_SOURCE_DIR, set by ctest). */
 static inline const char *test_src_path(char *buf, size_t n, const char *rel) {
   const char *root = getenv("DENOISED_SOURCE_DIR");
-  snprintf(buf, n, "%s/%s", root ? root : ".", rel);
+  snprintf(buf, n, "%s/%s", root ? root : DENOISED_SOURCE_DIR_DEFAULT, rel);
   return buf;
+}
+
+/* The denoised binary under test (DENOISED_BIN, set by ctest). */
+static inline const char *test_bin(void) {
+  const char *bin = getenv("DENOISED_BIN");
+  return bin ? bin : DENOISED_BIN_DEFAULT;
 }
 
 /* A fresh scratch directory for this test; template must end in XXXXXX. */

@@ -18,6 +18,7 @@ Exit status 1 if any tolerance fails.
 """
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -26,6 +27,18 @@ import numpy as np
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
+
+
+_G = dict(act_fn="silu", attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False,
+          freq_shift=1, norm_eps=1e-6, layers_per_block=2, norm_num_groups=32)
+BENCH_ARCHS = [  # must match bench/unet
+    ("ddpm-cifar10-32", dict(_G, block_out_channels=[128, 256, 256, 256], sample_size=32,
+                             down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                             up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]), 32),
+    ("ddpm-celebahq-256@64", dict(_G, block_out_channels=[128, 128, 256, 256, 512, 512], sample_size=256,
+                                  down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+                                  up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4), 64),
+]
 
 
 def rel(a, b):
@@ -47,6 +60,9 @@ def main():
     ap.add_argument("dirs", nargs="*")
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--diffusers-src")
+    ap.add_argument("--bench-archs", action="store_true",
+                    help="also check param shapes/config/FLOP count of the full-size bench/unet archs "
+                         "(instantiates ~150M params; slow)")
     args = ap.parse_args()
     dirs = args.dirs or sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "unet", "*", "config.json")))
     dirs = [os.path.dirname(d) if d.endswith("config.json") else d for d in dirs]
@@ -57,8 +73,61 @@ def main():
     diffusers_env.setup(args.diffusers_src)
     import torch
     from diffusers import UNet2DModel
+    import st
+    import torch_unet
     from torch_unet import TorchUNet
     torch.set_num_threads(1)
+
+    def count_flops(model, x, t, y):
+        """2*MACs of Conv2d/Linear modules (hooks) + attention matmuls, from a diffusers run."""
+        tot = [0]
+        hooks = []
+
+        def conv_hook(m, i, o):
+            tot[0] += 2 * o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+        def lin_hook(m, i, o):
+            tot[0] += 2 * o.numel() * m.in_features
+
+        def attn_hook(m, i, o):
+            n, c, h, w = i[0].shape
+            tot[0] += 2 * 2 * n * (h * w) ** 2 * m.inner_dim
+
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                hooks.append(m.register_forward_hook(conv_hook))
+            elif isinstance(m, torch.nn.Linear):
+                hooks.append(m.register_forward_hook(lin_hook))
+            elif hasattr(m, "inner_dim") and hasattr(m, "to_q"):
+                hooks.append(m.register_forward_hook(attn_hook))
+        with torch.no_grad():
+            model(x, t, class_labels=y)
+        for h in hooks:
+            h.remove()
+        return tot[0]
+
+    def check_static(name, model, cfg, legacy, x, t, y, file_shapes=None):
+        """param_shapes / full_config / flops of torch_unet vs diffusers' own model."""
+        errs = []
+        sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        mine = torch_unet.param_shapes(cfg)
+        if mine != sd:
+            errs.append("param_shapes differs: %s" % sorted(set(mine.items()) ^ set(sd.items()))[:4])
+        if file_shapes is not None and torch_unet.param_shapes(cfg, legacy=legacy) != file_shapes:
+            errs.append("param_shapes(legacy=%s) differs from the safetensors file" % legacy)
+        fc = torch_unet.full_config(cfg)
+        dc = dict(model.config)
+        dc = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items() if not k.startswith("_")}
+        fc = {k: v for k, v in fc.items() if not k.startswith("_")}
+        if fc != dc:
+            errs.append("full_config differs: %s" % sorted(k for k in set(fc) | set(dc) if fc.get(k) != dc.get(k)))
+        f_mine = torch_unet.flops(cfg, x.shape[0], x.shape[2], x.shape[3])
+        f_ref = count_flops(model, x, t, y)
+        if f_mine != f_ref:
+            errs.append("flops %d != counted %d" % (f_mine, f_ref))
+        print("%-32s static: params %d tensors, %.3f GFLOP/forward  %s" % (
+            name, len(sd), f_ref / 1e9, "OK" if not errs else "FAIL " + "; ".join(errs)))
+        return not errs
 
     ok = True
     for d in dirs:
@@ -72,6 +141,12 @@ def main():
             o64 = TorchUNet.from_dir(d, dtype=torch.float64)(x, t, y).numpy()
             d32 = ref64.float()(x, t, class_labels=y).sample.numpy()
             o32 = TorchUNet.from_dir(d, dtype=torch.float32)(x, t, y).numpy()
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        hdr = st.load_header(os.path.join(d, "diffusion_pytorch_model.safetensors"))[0]
+        legacy = any(".query." in k for k in hdr)
+        ok &= check_static(os.path.basename(os.path.normpath(d)), ref.float(), cfg, legacy, x, t, y,
+                           {k: tuple(v["shape"]) for k, v in hdr.items()})
         stored = np.load(os.path.join(d, "output.npy"))
         r64 = rel(o64, d64)
         rst = rel(o64, stored)
@@ -84,6 +159,15 @@ def main():
               "diffusers f32/f64 %.1e | f32-softmax effect %.1e  %s"
               % (os.path.relpath(d, ROOT) if d.startswith(ROOT) else d, r64, rst, r32, e32, rsm,
                  "OK" if good else "FAIL"))
+    if args.bench_archs:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        for name, cfg, size in BENCH_ARCHS:
+            torch.manual_seed(0)
+            model = UNet2DModel(**cfg).eval()
+            x = torch.randn(1, 3, size, size)
+            t = torch.tensor([500])
+            ok &= check_static(name, model, cfg, True, x, t, None)
+            del model
     return 0 if ok else 1
 
 

@@ -102,7 +102,7 @@ def main():
                                        "expect": {k: cfg[k] for k in keys if k in cfg}})
 
     with open(os.path.join(args.out, "cases.json"), "w") as f:
-        json.dump(out, f, indent=1, sort_keys=True)
+        json.dump(out, f, sort_keys=True)
         f.write("\n")
     print("wrote %s (%d schedules, %d timestep cases, %d from_config cases)"
           % (args.out, len(out["schedules"]), len(out["timesteps"]), len(out["from_config"])))

@@ -99,6 +99,16 @@ def main():
                  "num_train_timesteps": 1000, "set_alpha_to_one": True, "steps_offset": 0,
                  "prediction_type": "epsilon", "timestep_spacing": "leading"})
 
+    # wide2: two components reaching past [-1, 1], so that dynamic thresholding really rescales.
+    rng = np.random.RandomState(20240604)
+    wide2 = {
+        "means": smooth_means(rng, 2, c, s, 1.6),
+        "log_weights": np.log(np.array([0.6, 0.4])).astype(np.float32),
+        "stds": np.array([0.3, 0.4], dtype=np.float32),
+    }
+    write_model(args.out, "wide2", dict(base, prediction_type="epsilon"), wide2,
+                dict(OLD_DDPM_SCHEDULER, clip_sample=False))
+
     # gauss1: one Gaussian N(mu, 0.5^2 I), no clipping: its samples must have mean mu and
     # variance 0.25, which the statistical sampler tests check.
     rng = np.random.RandomState(20240603)
