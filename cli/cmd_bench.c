@@ -46,7 +46,7 @@ int cmd_bench(int argc, char **argv) {
   const char *model_dir = NULL;
   long long batch = 1, threads = 2, size = 0, iters = 5, warmup = 1;
   static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},  {"batch", required_argument, 0, 'b'},
+      {"model", required_argument, 0, 'm'},   {"batch", required_argument, 0, 'b'},
       {"threads", required_argument, 0, 'j'}, {"size", required_argument, 0, 's'},
       {"iters", required_argument, 0, 'n'},   {"warmup", required_argument, 0, 'w'},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
@@ -55,11 +55,26 @@ int cmd_bench(int argc, char **argv) {
   while ((c = getopt_long(argc, argv, "m:b:j:s:n:w:h", opts, NULL)) != -1) {
     switch (c) {
     case 'm': model_dir = optarg; break;
-    case 'b': if (cli_parse_int("--batch", optarg, 1, 4096, &batch)) return 2; break;
-    case 'j': if (cli_parse_int("--threads", optarg, 1, 256, &threads)) return 2; break;
-    case 's': if (cli_parse_int("--size", optarg, 1, 4096, &size)) return 2; break;
-    case 'n': if (cli_parse_int("--iters", optarg, 1, 10000, &iters)) return 2; break;
-    case 'w': if (cli_parse_int("--warmup", optarg, 0, 10000, &warmup)) return 2; break;
+    case 'b':
+      if (cli_parse_int("--batch", optarg, 1, 4096, &batch))
+        return 2;
+      break;
+    case 'j':
+      if (cli_parse_int("--threads", optarg, 1, 256, &threads))
+        return 2;
+      break;
+    case 's':
+      if (cli_parse_int("--size", optarg, 1, 4096, &size))
+        return 2;
+      break;
+    case 'n':
+      if (cli_parse_int("--iters", optarg, 1, 10000, &iters))
+        return 2;
+      break;
+    case 'w':
+      if (cli_parse_int("--warmup", optarg, 0, 10000, &warmup))
+        return 2;
+      break;
     case 'h': fputs(help, stdout); return 0;
     default: return cli_usage_error(cmd, "bad option");
     }

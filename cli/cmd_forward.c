@@ -25,11 +25,14 @@ int cmd_forward(int argc, char **argv) {
   const char *cmd = "forward", *model_dir = NULL, *in_path = NULL, *t_path = NULL;
   const char *l_path = NULL, *out_path = NULL;
   long long threads = 2;
-  static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},        {"input", required_argument, 0, 'i'},
-      {"timesteps", required_argument, 0, 't'},    {"class-labels", required_argument, 0, 'l'},
-      {"out", required_argument, 0, 'o'},          {"threads", required_argument, 0, 'j'},
-      {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"input", required_argument, 0, 'i'},
+                                       {"timesteps", required_argument, 0, 't'},
+                                       {"class-labels", required_argument, 0, 'l'},
+                                       {"out", required_argument, 0, 'o'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
   optind = 1;
   int c;
   while ((c = getopt_long(argc, argv, "m:i:t:l:o:j:h", opts, NULL)) != -1) {

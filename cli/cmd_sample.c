@@ -66,9 +66,8 @@ static void on_progress(int step, int total, int nfe, void *user) {
   if (!p->tty)
     return;
   int width = 30, done = total ? step * width / total : width;
-  fprintf(stderr, "\r[%.*s%*s] %d/%d steps, %d NFE, %lds", done,
-          "##############################", width - done, "", step, total, nfe,
-          (long)(time(NULL) - p->start));
+  fprintf(stderr, "\r[%.*s%*s] %d/%d steps, %d NFE, %lds", done, "##############################",
+          width - done, "", step, total, nfe, (long)(time(NULL) - p->start));
   if (step == total)
     fputc('\n', stderr);
 }
@@ -170,8 +169,9 @@ static char *png_name(const char *base, int i, int batch) {
 /* A1111-style infotext: what other tools display and parse. */
 static void infotext(char *buf, size_t n, const sample_args *a, const char *solver, int steps,
                      uint64_t seed, int h, int w, const char *model_name) {
-  size_t off = (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s",
-                                steps, solver, (unsigned long long)seed, w, h, model_name);
+  size_t off =
+      (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s", steps,
+                       solver, (unsigned long long)seed, w, h, model_name);
   if (a->has_label && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", a->label);
   if (off < n)
@@ -192,21 +192,22 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
   int rc = ERR_OK;
   for (int i = 0; i < (int)a->batch && !rc; i++) {
     image_to_u8(x + per * i, c, h, w, px);
-    json_t *meta = json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model",
-                             a->model_dir, "scheduler", solver, "steps", steps, "seed",
-                             (json_int_t)seed, "image_index", (json_int_t)(a->first_image + i),
-                             "height", h, "width", w, "scheduler_config",
-                             sched_config_to_json(cfg), "version", "denoised 0.1.0");
+    json_t *meta =
+        json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model", a->model_dir,
+                  "scheduler", solver, "steps", steps, "seed", (json_int_t)seed, "image_index",
+                  (json_int_t)(a->first_image + i), "height", h, "width", w, "scheduler_config",
+                  sched_config_to_json(cfg), "version", "denoised 0.1.0");
     if (a->has_label)
       json_object_set_new(meta, "class_label", json_integer(a->label));
     char *meta_s = json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS), info[1024];
     infotext(info, sizeof info, a, solver, steps, seed, h, w, model_name);
-    image_text texts[2] = {{"parameters", info, 0}, {META_KEY, meta_s, 1}};
     char *name = png_name(a->png_out, i, (int)a->batch);
-    if (!name || !meta_s)
+    if (!name || !meta_s) {
       rc = err_set(e, ERR_NOMEM, "out of memory");
-    else
+    } else {
+      image_text texts[2] = {{"parameters", info, 0}, {META_KEY, meta_s, 1}};
       rc = image_png_write(name, px, c, h, w, texts, 2, e);
+    }
     free(name);
     free(meta_s);
     json_decref(meta);
@@ -256,15 +257,22 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
 }
 
 static int parse_args(int argc, char **argv, sample_args *a) {
-  static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},     {"scheduler", required_argument, 0, 's'},
-      {"steps", required_argument, 0, 'n'},     {"scheduler-config", required_argument, 0, 'c'},
-      {"scheduler-opt", required_argument, 0, 'O'}, {"seed", required_argument, 0, 'S'},
-      {"noise", required_argument, 0, 'N'},     {"batch", required_argument, 0, 'b'},
-      {"class", required_argument, 0, 'l'},     {"size", required_argument, 0, 'z'},
-      {"threads", required_argument, 0, 'j'},   {"out", required_argument, 0, 'u'},
-      {"replay", required_argument, 0, 'r'},    {"quiet", no_argument, 0, 'q'},
-      {"help", no_argument, 0, 'h'},            {0, 0, 0, 0}};
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"scheduler", required_argument, 0, 's'},
+                                       {"steps", required_argument, 0, 'n'},
+                                       {"scheduler-config", required_argument, 0, 'c'},
+                                       {"scheduler-opt", required_argument, 0, 'O'},
+                                       {"seed", required_argument, 0, 'S'},
+                                       {"noise", required_argument, 0, 'N'},
+                                       {"batch", required_argument, 0, 'b'},
+                                       {"class", required_argument, 0, 'l'},
+                                       {"size", required_argument, 0, 'z'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"out", required_argument, 0, 'u'},
+                                       {"replay", required_argument, 0, 'r'},
+                                       {"quiet", no_argument, 0, 'q'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
   const char *cmd = "sample";
   optind = 1;
   int c;
@@ -272,7 +280,10 @@ static int parse_args(int argc, char **argv, sample_args *a) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 's': a->scheduler = optarg; break;
-    case 'n': if (cli_parse_int("--steps", optarg, 1, 100000, &a->steps)) return 2; break;
+    case 'n':
+      if (cli_parse_int("--steps", optarg, 1, 100000, &a->steps))
+        return 2;
+      break;
     case 'c': a->sched_file = optarg; break;
     case 'O':
       if (a->noverrides == MAX_OVERRIDES)
@@ -280,17 +291,28 @@ static int parse_args(int argc, char **argv, sample_args *a) {
       a->overrides[a->noverrides++] = optarg;
       break;
     case 'S':
-      if (cli_parse_int("--seed", optarg, -1, (1ll << 53) - 1, &a->seed)) return 2;
+      if (cli_parse_int("--seed", optarg, -1, (1ll << 53) - 1, &a->seed))
+        return 2;
       a->has_seed = a->seed >= 0;
       break;
     case 'N': a->noise_path = optarg; break;
-    case 'b': if (cli_parse_int("--batch", optarg, 1, 1024, &a->batch)) return 2; break;
+    case 'b':
+      if (cli_parse_int("--batch", optarg, 1, 1024, &a->batch))
+        return 2;
+      break;
     case 'l':
-      if (cli_parse_int("--class", optarg, 0, 1 << 20, &a->label)) return 2;
+      if (cli_parse_int("--class", optarg, 0, 1 << 20, &a->label))
+        return 2;
       a->has_label = 1;
       break;
-    case 'z': if (cli_parse_int("--size", optarg, 1, 4096, &a->size)) return 2; break;
-    case 'j': if (cli_parse_int("--threads", optarg, 1, 256, &a->threads)) return 2; break;
+    case 'z':
+      if (cli_parse_int("--size", optarg, 1, 4096, &a->size))
+        return 2;
+      break;
+    case 'j':
+      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
+        return 2;
+      break;
     case 'u': a->npy_out = optarg; break;
     case 'o': a->png_out = optarg; break;
     case 'r': a->replay = optarg; break;
@@ -383,8 +405,8 @@ int cmd_sample(int argc, char **argv) {
     }
     if (noise.ndim != 4 || noise.shape[0] != a.batch || noise.shape[1] != mi->in_channels ||
         noise.shape[2] != size || noise.shape[3] != size) {
-      cli_fail(cmd, "%s: expected shape [%lld, %d, %d, %d]", a.noise_path, a.batch,
-               mi->in_channels, size, size);
+      cli_fail(cmd, "%s: expected shape [%lld, %d, %d, %d]", a.noise_path, a.batch, mi->in_channels,
+               size, size);
       goto done;
     }
   }
@@ -405,10 +427,16 @@ int cmd_sample(int argc, char **argv) {
     goto done;
   }
   progress pr = {!a.quiet && isatty(STDERR_FILENO), time(NULL)};
-  sampler_run_opts o = {.batch = (int)a.batch, .height = size, .width = size, .seed = seed,
+  sampler_run_opts o = {.batch = (int)a.batch,
+                        .height = size,
+                        .width = size,
+                        .seed = seed,
                         .first_image = (uint64_t)a.first_image,
-                        .init_noise = a.noise_path ? noise.data : NULL, .labels = labels,
-                        .progress = on_progress, .progress_user = &pr, .threads = (int)a.threads};
+                        .init_noise = a.noise_path ? noise.data : NULL,
+                        .labels = labels,
+                        .progress = on_progress,
+                        .progress_user = &pr,
+                        .threads = (int)a.threads};
   int nfe = 0, rc = sampler_run(s, m, &o, out, &nfe, &e);
   free(labels);
   if (rc) {
@@ -422,8 +450,8 @@ int cmd_sample(int argc, char **argv) {
       goto done;
     }
   }
-  if (a.png_out && write_pngs(&a, m, &cfg, solver, sampler_num_steps(s), seed, out, size, size,
-                              &e)) {
+  if (a.png_out &&
+      write_pngs(&a, m, &cfg, solver, sampler_num_steps(s), seed, out, size, size, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }

@@ -9,25 +9,24 @@
 
 #include "cli.h"
 
-static const char usage[] =
-    "usage: denoised <command> [options]\n"
-    "\n"
-    "Diffusion-model image generation on the CPU.\n"
-    "\n"
-    "commands:\n"
-    "  sample    generate images with a model and a solver (PNG or .npy)\n"
-    "  forward   run one network evaluation on inputs from .npy files\n"
-    "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
-    "\n"
-    "Run 'denoised <command> --help' for the options of a command.\n";
+static const char usage[] = "usage: denoised <command> [options]\n"
+                            "\n"
+                            "Diffusion-model image generation on the CPU.\n"
+                            "\n"
+                            "commands:\n"
+                            "  sample    generate images with a model and a solver (PNG or .npy)\n"
+                            "  forward   run one network evaluation on inputs from .npy files\n"
+                            "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
+                            "\n"
+                            "Run 'denoised <command> --help' for the options of a command.\n";
 
 int cli_parse_int(const char *flag, const char *s, long long min, long long max, long long *out) {
   char *end;
   errno = 0;
   long long v = strtoll(s, &end, 10);
   if (errno || end == s || *end || v < min || v > max) {
-    fprintf(stderr, "denoised: %s expects an integer in [%lld, %lld], got '%s'\n", flag, min,
-            max, s);
+    fprintf(stderr, "denoised: %s expects an integer in [%lld, %lld], got '%s'\n", flag, min, max,
+            s);
     return -1;
   }
   *out = v;

@@ -76,7 +76,9 @@ float *arena_floats(arena *a, size_t count) {
   return (float *)arena_alloc(a, count * sizeof(float));
 }
 
-arena_mark arena_get_mark(const arena *a) { return (arena_mark){a->cur, a->used}; }
+arena_mark arena_get_mark(const arena *a) {
+  return (arena_mark){a->cur, a->used};
+}
 
 void arena_release(arena *a, arena_mark m) {
   a->cur = m.chunk;

@@ -20,8 +20,7 @@ typedef struct err {
 
 /* Records code and a printf-style message in e (if non-NULL); returns code so
  * callers can write `return err_set(e, ERR_INVALID, "...")`. */
-int err_set(err *e, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+int err_set(err *e, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* Prefixes the message already in e with more context ("loading x: ..."). */
 int err_prefix(err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -43,9 +43,15 @@ void gmm_free(gmm *g) {
   free(g);
 }
 
-int gmm_sample_size(const gmm *g) { return g->s; }
-int gmm_channels(const gmm *g) { return g->c; }
-int gmm_num_classes(const gmm *g) { return g->num_classes; }
+int gmm_sample_size(const gmm *g) {
+  return g->s;
+}
+int gmm_channels(const gmm *g) {
+  return g->c;
+}
+int gmm_num_classes(const gmm *g) {
+  return g->num_classes;
+}
 int64_t gmm_num_values(const gmm *g) {
   return (int64_t)g->k * g->d + 2 * (int64_t)g->k + (g->labels ? g->k : 0);
 }
@@ -69,10 +75,10 @@ static int parse_config(gmm *g, const json_t *cfg, err *e) {
   if (!json_is_object(cfg))
     return err_set(e, ERR_FORMAT, "config.json: expected a JSON object");
   const json_t *cn = json_object_get(cfg, "_class_name");
-  if (cn && (!json_is_string(cn) ||
-             strcmp(json_string_value(cn), "GaussianMixtureDenoiser") != 0))
-    return err_set(e, ERR_FORMAT, "config.json: key '_class_name' must be "
-                                  "\"GaussianMixtureDenoiser\"");
+  if (cn && (!json_is_string(cn) || strcmp(json_string_value(cn), "GaussianMixtureDenoiser") != 0))
+    return err_set(e, ERR_FORMAT,
+                   "config.json: key '_class_name' must be "
+                   "\"GaussianMixtureDenoiser\"");
   int rc;
   if ((rc = cfg_int(cfg, "sample_size", 1, GMM_MAX_SIZE, &g->s, e)) != ERR_OK ||
       (rc = cfg_int(cfg, "in_channels", 1, GMM_MAX_CHANNELS, &g->c, e)) != ERR_OK ||
@@ -82,8 +88,9 @@ static int parse_config(gmm *g, const json_t *cfg, err *e) {
   if ((rc = cfg_int(cfg, "out_channels", 0, GMM_MAX_CHANNELS, &outc, e)) != ERR_OK)
     return rc;
   if (outc && outc != g->c)
-    return err_set(e, ERR_FORMAT, "config.json: key 'out_channels' (%d) must equal in_channels "
-                                  "(%d): the mixture predicts eps only",
+    return err_set(e, ERR_FORMAT,
+                   "config.json: key 'out_channels' (%d) must equal in_channels "
+                   "(%d): the mixture predicts eps only",
                    outc, g->c);
   const json_t *pt = json_object_get(cfg, "prediction_type");
   g->output = GMM_OUT_EPSILON;
@@ -96,8 +103,9 @@ static int parse_config(gmm *g, const json_t *cfg, err *e) {
     else if (strcmp(p, "v_prediction") == 0)
       g->output = GMM_OUT_V;
     else
-      return err_set(e, ERR_UNSUPPORTED, "config.json: key 'prediction_type' must be "
-                                         "\"epsilon\", \"sample\" or \"v_prediction\"");
+      return err_set(e, ERR_UNSUPPORTED,
+                     "config.json: key 'prediction_type' must be "
+                     "\"epsilon\", \"sample\" or \"v_prediction\"");
   }
   g->d = g->c * g->s * g->s;
   return ERR_OK;
@@ -266,8 +274,8 @@ static double abar_at(const gmm *g, double t) {
   return 1 / (1 + s2);
 }
 
-int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t *labels,
-             float *out, err *e) {
+int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t *labels, float *out,
+             err *e) {
   const int d = g->d, kk = g->k;
   double *logp = malloc((size_t)kk * sizeof *logp);
   double *ex0 = malloc((size_t)d * sizeof *ex0);
@@ -286,8 +294,8 @@ int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t 
     /* a negative label asks for the unconditional mixture (classifier-free guidance) */
     int64_t c = labels && g->labels ? labels[b] : -1;
     if (labels && g->labels && c >= g->num_classes) {
-      rc = err_set(e, ERR_INVALID, "class label %lld of image %d is outside [0, %d)",
-                   (long long)c, b, g->num_classes);
+      rc = err_set(e, ERR_INVALID, "class label %lld of image %d is outside [0, %d)", (long long)c,
+                   b, g->num_classes);
       break;
     }
     const double abar = abar_at(g, t[b]);

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include "gmm.h"
+#include "ops.h"
 #include "safetensors.h"
 #include "schedule.h"
 #include "unet.h"
@@ -152,6 +153,7 @@ static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
 
 int model_load(const char *dir, model **out, err *e) {
   *out = NULL;
+  ops_init();
   char net_dir[MODEL_PATH_MAX], cfg_path[MODEL_PATH_MAX + 16];
   model *m = calloc(1, sizeof *m);
   if (!m)
@@ -208,7 +210,9 @@ void model_free(model *m) {
   free(m);
 }
 
-const model_info *model_get_info(const model *m) { return &m->info; }
+const model_info *model_get_info(const model *m) {
+  return &m->info;
+}
 
 const char *model_scheduler_config_path(const model *m) {
   return m->has_sched ? m->sched_path : NULL;

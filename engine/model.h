@@ -18,8 +18,8 @@ typedef struct model_info {
   int sample_size;        /* H == W of the images it was built for */
   int in_channels;
   int out_channels;
-  int num_classes;        /* 0 when not class-conditional */
-  int64_t num_params;     /* learned parameters (UNet) or stored values */
+  int num_classes;    /* 0 when not class-conditional */
+  int64_t num_params; /* learned parameters (UNet) or stored values */
   /* prediction_type declared by the model's own config.json, or NULL. */
   const char *prediction_type;
 } model_info;

@@ -5,11 +5,23 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "pool.h"
 
 #define COL_TILE_BYTES (2u << 20) /* im2col tile kept near cache size */
+
+static void blas_single_thread(void) {
+  openblas_set_num_threads(1);
+}
+
+/* OpenBLAS would otherwise start its own threads inside every sgemm that our
+ * tasks already run in parallel, and the two pools would fight for the cores. */
+void ops_init(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, blas_single_thread);
+}
 
 void ops_conv2d_out_size(const conv2d *c, int h, int w, int *oh, int *ow) {
   *oh = (h + c->pad_top + c->pad_bottom - c->k) / c->stride + 1;
@@ -26,22 +38,39 @@ typedef struct conv_job {
   int direct; /* 1x1, stride 1, no padding: x is already the B matrix */
 } conv_job;
 
-static void im2col_tile(const conv2d *c, const float *x, int h, int w, int ow, int p0, int p1,
+/* Unfolds output rows [oy0, oy1) into col[(ci, ky, kx)][pixel]. Stride-1
+ * rows are one memcpy between zero margins, the common case in a UNet. */
+static void im2col_rows(const conv2d *c, const float *x, int h, int w, int ow, int oy0, int oy1,
                         float *col) {
-  int tw = p1 - p0, k = c->k;
+  int tw = (oy1 - oy0) * ow, k = c->k;
   for (int ci = 0; ci < c->cin; ci++) {
     const float *xc = x + (size_t)ci * h * w;
     for (int ky = 0; ky < k; ky++) {
       for (int kx = 0; kx < k; kx++) {
         float *dst = col + ((size_t)(ci * k + ky) * k + kx) * tw;
-        int oy = p0 / ow, ox = p0 % ow;
-        for (int j = 0; j < tw; j++) {
+        int ix0 = kx - c->pad_left;
+        int lo = ix0 < 0 ? -ix0 : 0, hi = w - ix0 < ow ? w - ix0 : ow;
+        for (int oy = oy0; oy < oy1; oy++) {
+          float *d = dst + (size_t)(oy - oy0) * ow;
           int iy = oy * c->stride - c->pad_top + ky;
-          int ix = ox * c->stride - c->pad_left + kx;
-          dst[j] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? xc[(size_t)iy * w + ix] : 0.0f;
-          if (++ox == ow) {
-            ox = 0;
-            oy++;
+          if (iy < 0 || iy >= h) {
+            memset(d, 0, sizeof(float) * ow);
+            continue;
+          }
+          const float *src = xc + (size_t)iy * w;
+          if (c->stride == 1) {
+            if (hi <= lo) {
+              memset(d, 0, sizeof(float) * ow);
+              continue;
+            }
+            memset(d, 0, sizeof(float) * lo);
+            memcpy(d + lo, src + lo + ix0, sizeof(float) * (hi - lo));
+            memset(d + hi, 0, sizeof(float) * (ow - hi));
+          } else {
+            for (int ox = 0; ox < ow; ox++) {
+              int ix = ox * c->stride + ix0;
+              d[ox] = ix >= 0 && ix < w ? src[ix] : 0.0f;
+            }
           }
         }
       }
@@ -70,7 +99,7 @@ static void conv_task(void *ctx, int task, int worker) {
     ldb = P;
   } else {
     float *col = j->col + (size_t)worker * K * j->tile;
-    im2col_tile(c, xi, j->h, j->w, j->ow, p0, p1, col);
+    im2col_rows(c, xi, j->h, j->w, j->ow, p0 / j->ow, p1 / j->ow, col);
     b = col;
     ldb = p1 - p0;
   }
@@ -89,12 +118,13 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
   conv_job j = {.c = c, .x = x, .y = y, .h = h, .w = w};
   ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);
   int P = j.oh * j.ow, K = c->cin * c->k * c->k;
-  j.direct = c->k == 1 && c->stride == 1 && !c->pad_top && !c->pad_left && !c->pad_bottom &&
-             !c->pad_right;
+  j.direct =
+      c->k == 1 && c->stride == 1 && !c->pad_top && !c->pad_left && !c->pad_bottom && !c->pad_right;
   j.tile = P;
   if (!j.direct && (size_t)K * P * sizeof(float) > COL_TILE_BYTES) {
-    j.tile = (int)(COL_TILE_BYTES / sizeof(float) / (size_t)K);
-    j.tile = j.tile < 64 ? 64 : (j.tile / 16) * 16;
+    /* whole output rows per tile, so im2col works row by row */
+    int rows = (int)(COL_TILE_BYTES / sizeof(float) / (size_t)K / (size_t)j.ow);
+    j.tile = (rows < 1 ? 1 : rows) * j.ow;
   }
   if (j.tile > P)
     j.tile = P;
@@ -125,7 +155,9 @@ typedef struct gn_job {
   const float *gamma, *beta;
 } gn_job;
 
-static inline float silu1(float v) { return v / (1.0f + expf(-v)); }
+static inline float silu1(float v) {
+  return v / (1.0f + expf(-v));
+}
 
 static void gn_task(void *ctx, int task, int worker) {
   (void)worker;
@@ -160,8 +192,8 @@ static void gn_task(void *ctx, int task, int worker) {
   }
 }
 
-void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps,
-                    const float *gamma, const float *beta, int silu, float *y, int threads) {
+void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
+                    const float *beta, int silu, float *y, int threads) {
   gn_job j = {x, y, c, hw, groups, silu, eps, gamma, beta};
   pool_run(threads, n * groups, gn_task, &j);
 }
@@ -174,8 +206,8 @@ void ops_linear(const float *x, int n, int in, int out, const float *weight, con
     float *yi = y + (size_t)i * out;
     for (int o = 0; o < out; o++)
       yi[o] = bias ? bias[o] : 0.0f;
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, weight, in, x + (size_t)i * in, 1,
-                1.0f, yi, 1);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, weight, in, x + (size_t)i * in, 1, 1.0f,
+                yi, 1);
   }
 }
 
@@ -212,8 +244,8 @@ void ops_avgpool2x2(const float *x, int n, int c, int h, int w, float *y) {
   }
 }
 
-void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos,
-                            float freq_shift, float *out) {
+void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos, float freq_shift,
+                            float *out) {
   int half = dim / 2;
   /* float32 at every step, in diffusers' order, so large timesteps give the
    * same phase as PyTorch rather than a more exact but different one. */
@@ -265,8 +297,8 @@ static void attn_task(void *ctx, int task, int worker) {
       row[l] *= inv;
   }
   /* o[d][r] = sum_l v[d][l] p[r][l] */
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, j->L, 1.0f, j->v + base, j->L,
-              s, j->L, 0.0f, j->o + base + r0, j->L);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, j->L, 1.0f, j->v + base, j->L, s,
+              j->L, 0.0f, j->o + base + r0, j->L);
 }
 
 int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
@@ -279,8 +311,7 @@ int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *
   if (!xn || !q || !k || !v || !o)
     return -1;
   if (aw->groups > 0)
-    ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn,
-                   threads);
+    ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, threads);
   else
     memcpy(xn, x, count * sizeof(float));
   conv2d proj = {.cin = c, .cout = c, .k = 1, .stride = 1};

@@ -8,6 +8,10 @@
 
 #include "arena.h"
 
+/* Makes BLAS single-threaded so that `threads` alone sets the parallelism.
+ * Called by model_load; idempotent and thread-safe. */
+void ops_init(void);
+
 typedef struct conv2d {
   int cin, cout, k, stride;
   int pad_top, pad_left, pad_bottom, pad_right;
@@ -25,8 +29,8 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
 
 /* Group norm over (c/groups channels x hw) per image, affine, then optional
  * SiLU. In-place (y == x) is allowed. */
-void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps,
-                    const float *gamma, const float *beta, int silu, float *y, int threads);
+void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
+                    const float *beta, int silu, float *y, int threads);
 
 /* y[n][out] = x[n][in] * W^T + b, W stored [out][in] as in PyTorch. */
 void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
@@ -42,16 +46,16 @@ void ops_avgpool2x2(const float *x, int n, int c, int h, int w, float *y);
 
 /* Sinusoidal timestep embedding as diffusers' get_timestep_embedding:
  * out[n][dim], frequencies exp(-ln(10000) i / (dim/2 - freq_shift)). */
-void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos,
-                            float freq_shift, float *out);
+void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos, float freq_shift,
+                            float *out);
 
 typedef struct attn_weights {
   int channels, heads;
-  int groups;         /* group norm before q/k/v; 0 for none */
+  int groups; /* group norm before q/k/v; 0 for none */
   float eps;
   const float *norm_gamma, *norm_beta;
   const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo; /* [c][c], [c] */
-  float rescale;      /* output divided by this after the residual add */
+  float rescale; /* output divided by this after the residual add */
 } attn_weights;
 
 /* Spatial self-attention with diffusers' semantics (AttnProcessor on a 4-D

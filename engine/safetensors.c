@@ -32,16 +32,12 @@ struct st_file {
 static size_t dtype_size(st_dtype d) {
   switch (d) {
   case ST_F32:
-  case ST_I32:
-    return 4;
+  case ST_I32: return 4;
   case ST_F16:
-  case ST_BF16:
-    return 2;
+  case ST_BF16: return 2;
   case ST_F64:
-  case ST_I64:
-    return 8;
-  default:
-    return 0;
+  case ST_I64: return 8;
+  default: return 0;
   }
 }
 
@@ -83,8 +79,8 @@ static int parse_entry(st_file *f, const char *name, json_t *v, st_entry *out, e
   for (size_t i = 0; i < nd; i++) {
     json_t *d = json_array_get(shape, i);
     if (!json_is_integer(d) || json_integer_value(d) < 0)
-      return err_set(e, ERR_FORMAT, "tensor '%s': shape[%zu] is not a non-negative integer",
-                     name, i);
+      return err_set(e, ERR_FORMAT, "tensor '%s': shape[%zu] is not a non-negative integer", name,
+                     i);
     int64_t n = json_integer_value(d);
     if (n > 0 && count > INT64_MAX / 16 / n)
       return err_set(e, ERR_FORMAT, "tensor '%s': shape too large", name);
@@ -205,7 +201,9 @@ void st_close(st_file *f) {
   free(f);
 }
 
-int st_count(const st_file *f) { return f->count; }
+int st_count(const st_file *f) {
+  return f->count;
+}
 const st_tensor_info *st_info_at(const st_file *f, int i) {
   return i >= 0 && i < f->count ? &f->entries[i].info : NULL;
 }
@@ -276,15 +274,13 @@ int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *sha
     char want[128], got[128];
     shape_str(want, sizeof want, ndim, shape);
     shape_str(got, sizeof got, en->info.ndim, en->info.shape);
-    return err_set(e, ERR_FORMAT, "%s: tensor '%s' has shape %s, expected %s", f->path, name,
-                   got, want);
+    return err_set(e, ERR_FORMAT, "%s: tensor '%s' has shape %s, expected %s", f->path, name, got,
+                   want);
   }
   const uint8_t *p = f->data + en->begin;
   int64_t n = en->info.count;
   switch (en->info.dtype) {
-  case ST_F32:
-    memcpy(dst, p, (size_t)n * 4);
-    break;
+  case ST_F32: memcpy(dst, p, (size_t)n * 4); break;
   case ST_F64:
     for (int64_t i = 0; i < n; i++) {
       double d;
@@ -319,8 +315,8 @@ int st_read_i64(const st_file *f, const char *name, int64_t *dst, int64_t count,
   if (!en)
     return err_set(e, ERR_FORMAT, "%s: missing tensor '%s'", f->path, name);
   if (en->info.count != count)
-    return err_set(e, ERR_FORMAT, "%s: tensor '%s' has %lld values, expected %lld", f->path,
-                   name, (long long)en->info.count, (long long)count);
+    return err_set(e, ERR_FORMAT, "%s: tensor '%s' has %lld values, expected %lld", f->path, name,
+                   (long long)en->info.count, (long long)count);
   const uint8_t *p = f->data + en->begin;
   if (en->info.dtype == ST_I64) {
     memcpy(dst, p, (size_t)count * 8);
@@ -331,8 +327,8 @@ int st_read_i64(const st_file *f, const char *name, int64_t *dst, int64_t count,
       dst[i] = v;
     }
   } else {
-    return err_set(e, ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected I64 or I32",
-                   f->path, name, dtype_name(en->info.dtype));
+    return err_set(e, ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s, expected I64 or I32", f->path,
+                   name, dtype_name(en->info.dtype));
   }
   return ERR_OK;
 }

@@ -11,15 +11,15 @@
 
 /* What one step of a solver sees: the whole batch, the model output for it, scratch space. */
 typedef struct step_ctx {
-  int i;                 /* step index */
+  int i; /* step index */
   int batch;
-  size_t d;              /* values per image */
-  float *x;              /* batch * d, updated in place */
-  const float *mo;       /* model output, mo_stride values per image */
-  size_t mo_stride;      /* d, or 2 d when the model also predicts a variance */
-  float *x0;             /* d scratch */
-  float *noise;          /* d scratch */
-  float *sel;            /* d scratch for the thresholding quantile */
+  size_t d;         /* values per image */
+  float *x;         /* batch * d, updated in place */
+  const float *mo;  /* model output, mo_stride values per image */
+  size_t mo_stride; /* d, or 2 d when the model also predicts a variance */
+  float *x0;        /* d scratch */
+  float *noise;     /* d scratch */
+  float *sel;       /* d scratch for the thresholding quantile */
   const sampler_run_opts *o;
 } step_ctx;
 
@@ -96,9 +96,7 @@ static void predict_x0(sched_prediction p, float a_t, const float *x, const floa
     for (size_t i = 0; i < d; i++)
       x0[i] = (x[i] - sb * mo[i]) / sa;
     break;
-  case SCHED_PRED_SAMPLE:
-    memcpy(x0, mo, d * sizeof *x0);
-    break;
+  case SCHED_PRED_SAMPLE: memcpy(x0, mo, d * sizeof *x0); break;
   case SCHED_PRED_V:
     for (size_t i = 0; i < d; i++)
       x0[i] = sa * x[i] - sb * mo[i];
@@ -128,22 +126,15 @@ static int ddpm_step(const sampler *s, const step_ctx *c, err *e) {
   var = fmaxf(var, 1e-20f);
   float std = 0;
   switch (cfg->variance_type) {
-  case SCHED_VAR_FIXED_SMALL:
-    std = sqrtf(var);
-    break;
-  case SCHED_VAR_FIXED_SMALL_LOG:
-    std = expf(0.5f * logf(var));
-    break;
-  case SCHED_VAR_FIXED_LARGE:
-    std = sqrtf(cur_beta);
-    break;
+  case SCHED_VAR_FIXED_SMALL: std = sqrtf(var); break;
+  case SCHED_VAR_FIXED_SMALL_LOG: std = expf(0.5f * logf(var)); break;
+  case SCHED_VAR_FIXED_LARGE: std = sqrtf(cur_beta); break;
   case SCHED_VAR_FIXED_LARGE_LOG:
     /* diffusers takes sqrt(log(beta)) here and gets NaN; the intent (and the original DDPM
      * code) is a log-variance of log(beta), i.e. the fixed_large std */
     std = expf(0.5f * logf(cur_beta));
     break;
-  default: /* learned, learned_range: per element below */
-    break;
+  default: /* learned, learned_range: per element below */ break;
   }
   const float min_log = logf(var), max_log = logf(cur_beta);
   for (int b = 0; b < c->batch; b++) {
@@ -241,8 +232,12 @@ static const solver_desc *find_solver(const char *name) {
   return NULL;
 }
 
-int sampler_solver_count(void) { return NSOLVERS; }
-const char *sampler_solver_name(int i) { return i >= 0 && i < NSOLVERS ? solvers[i].name : NULL; }
+int sampler_solver_count(void) {
+  return NSOLVERS;
+}
+const char *sampler_solver_name(int i) {
+  return i >= 0 && i < NSOLVERS ? solvers[i].name : NULL;
+}
 const char *sampler_solver_class(const char *solver) {
   const solver_desc *d = find_solver(solver);
   return d ? d->class_name : NULL;
@@ -271,8 +266,7 @@ int sampler_new(const char *name, const sched_config *cfg, int num_inference_ste
       size_t len = strlen(list);
       snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", solvers[i].name);
     }
-    return err_set(e, ERR_UNSUPPORTED, "unknown sampler '%s' (one of: %s)", name ? name : "",
-                   list);
+    return err_set(e, ERR_UNSUPPORTED, "unknown sampler '%s' (one of: %s)", name ? name : "", list);
   }
   sampler *s = calloc(1, sizeof *s);
   if (!s)
@@ -311,10 +305,18 @@ fail:
   return rc;
 }
 
-const char *sampler_name(const sampler *s) { return s->desc->name; }
-int sampler_num_steps(const sampler *s) { return s->n; }
-const int64_t *sampler_timesteps(const sampler *s) { return s->ts; }
-int sampler_nfe(const sampler *s) { return s->n; }
+const char *sampler_name(const sampler *s) {
+  return s->desc->name;
+}
+int sampler_num_steps(const sampler *s) {
+  return s->n;
+}
+const int64_t *sampler_timesteps(const sampler *s) {
+  return s->ts;
+}
+int sampler_nfe(const sampler *s) {
+  return s->n;
+}
 
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e) {
@@ -325,23 +327,26 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
   const int w = o->width ? o->width : info->sample_size;
   const int cin = info->in_channels, cout = info->out_channels;
   if (o->batch < 1 || h < 1 || w < 1)
-    return err_set(e, ERR_INVALID, "sampler: batch %d and size %dx%d must be positive", o->batch,
-                   h, w);
+    return err_set(e, ERR_INVALID, "sampler: batch %d and size %dx%d must be positive", o->batch, h,
+                   w);
   if (cout != cin && cout != 2 * cin)
-    return err_set(e, ERR_UNSUPPORTED, "sampler: model has %d output channels for %d input "
-                                       "channels (expected equal, or double for a learned "
-                                       "variance)",
+    return err_set(e, ERR_UNSUPPORTED,
+                   "sampler: model has %d output channels for %d input "
+                   "channels (expected equal, or double for a learned "
+                   "variance)",
                    cout, cin);
   const sched_config *cfg = &s->cfg;
   if ((cfg->variance_type == SCHED_VAR_LEARNED || cfg->variance_type == SCHED_VAR_LEARNED_RANGE) &&
       s->desc->step == ddpm_step && cout != 2 * cin)
-    return err_set(e, ERR_INVALID, "sampler: variance_type '%s' needs a model with 2 x %d output "
-                                   "channels, this one has %d",
+    return err_set(e, ERR_INVALID,
+                   "sampler: variance_type '%s' needs a model with 2 x %d output "
+                   "channels, this one has %d",
                    sched_variance_name(cfg->variance_type), cin, cout);
   if (info->prediction_type &&
       strcmp(info->prediction_type, sched_prediction_name(cfg->prediction_type)) != 0)
-    return err_set(e, ERR_INVALID, "sampler: the model predicts '%s' but the scheduler config "
-                                   "says prediction_type '%s'",
+    return err_set(e, ERR_INVALID,
+                   "sampler: the model predicts '%s' but the scheduler config "
+                   "says prediction_type '%s'",
                    info->prediction_type, sched_prediction_name(cfg->prediction_type));
   const size_t d = (size_t)cin * h * w, dout = (size_t)cout * h * w;
   const size_t nb = (size_t)o->batch;
@@ -360,8 +365,15 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     else
       rng_normal(o->seed, o->first_image + b, 0, out + b * d, d);
   }
-  step_ctx c = {.batch = o->batch, .d = d, .x = out, .mo = mo, .mo_stride = dout,
-                .x0 = scratch, .noise = scratch + d, .sel = scratch + 2 * d, .o = o};
+  step_ctx c = {.batch = o->batch,
+                .d = d,
+                .x = out,
+                .mo = mo,
+                .mo_stride = dout,
+                .x0 = scratch,
+                .noise = scratch + d,
+                .sel = scratch + 2 * d,
+                .o = o};
   int rc = ERR_OK;
   for (int i = 0; i < s->n; i++) {
     if (o->cancel && *o->cancel) {
@@ -370,8 +382,7 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     }
     for (size_t b = 0; b < nb; b++)
       tv[b] = (float)s->ts[i];
-    rc = model_eval(m, out, o->batch, h, w, tv, o->labels, mo, o->threads > 0 ? o->threads : 1,
-                    e);
+    rc = model_eval(m, out, o->batch, h, w, tv, o->labels, mo, o->threads > 0 ? o->threads : 1, e);
     if (rc != ERR_OK) {
       err_prefix(e, "step %d (t=%lld)", i + 1, (long long)s->ts[i]);
       break;

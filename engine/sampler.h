@@ -42,22 +42,22 @@ typedef void (*sampler_progress_fn)(int step, int total, int nfe, void *user);
 /* Supplies the standard normal noise a stochastic step adds to one image: `image` is the rng
  * image index (first_image + position in the batch), `stream` is step index + 1. The default
  * (NULL) is rng_normal(seed, image, stream, out, n); tests and inversion methods replace it. */
-typedef int (*sampler_noise_fn)(void *user, uint64_t image, uint64_t stream, float *out,
-                                size_t n, err *e);
+typedef int (*sampler_noise_fn)(void *user, uint64_t image, uint64_t stream, float *out, size_t n,
+                                err *e);
 
 typedef struct sampler_run_opts {
-  int batch;                  /* images, >= 1 */
-  int height, width;          /* 0: the model's sample_size */
+  int batch;         /* images, >= 1 */
+  int height, width; /* 0: the model's sample_size */
   uint64_t seed;
-  uint64_t first_image;       /* rng image index of out[0], so a split batch reproduces */
-  const float *init_noise;    /* batch * C * H * W floats, or NULL: rng_normal(seed, image, 0) */
-  const int64_t *labels;      /* one class per image, or NULL */
+  uint64_t first_image;    /* rng image index of out[0], so a split batch reproduces */
+  const float *init_noise; /* batch * C * H * W floats, or NULL: rng_normal(seed, image, 0) */
+  const int64_t *labels;   /* one class per image, or NULL */
   sampler_progress_fn progress;
   void *progress_user;
   sampler_noise_fn noise;
   void *noise_user;
-  volatile int *cancel;       /* checked before every evaluation; non-zero stops the run */
-  int threads;                /* CPU threads for the model, >= 1 (0 means 1) */
+  volatile int *cancel; /* checked before every evaluation; non-zero stops the run */
+  int threads;          /* CPU threads for the model, >= 1 (0 means 1) */
 } sampler_run_opts;
 
 /* Runs the whole chain; out receives batch * C * H * W floats (nominally in [-1, 1]) and *nfe

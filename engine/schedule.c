@@ -22,16 +22,15 @@ static const sched_defaults sched_table[] = {
     {"DDPMScheduler", "ddpm", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 0, 1},
     {"DDIMScheduler", "ddim", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 1, 1},
     {"PNDMScheduler", "pndm", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 0, 0},
-    {"DPMSolverMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE,
-     0, 0},
-    {"DPMSolverSinglestepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR,
-     SCHED_SPACING_LINSPACE, 0, 0},
-    {"UniPCMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
+    {"DPMSolverMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
      0},
+    {"DPMSolverSinglestepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
+     0},
+    {"UniPCMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
     {"DEISMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
     {"EulerDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
-    {"EulerAncestralDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR,
-     SCHED_SPACING_LINSPACE, 0, 0},
+    {"EulerAncestralDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE,
+     0, 0},
     {"LMSDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
     {"HeunDiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
      0},
@@ -44,38 +43,115 @@ static const sched_defaults sched_table[] = {
 /* Every __init__ argument of a diffusers scheduler class (releases 0.21 to current main), plus
  * keys that older releases wrote into hub configs. A model's config may carry any of them. */
 static const char *const sched_known_keys[] = {
-    "algorithm_type", "alpha_cum_end", "alpha_cum_start", "base_image_seq_len", "base_shift",
-    "beta_end", "beta_max", "beta_min", "beta_schedule", "beta_start", "block_length",
-    "clip_denoised", "clip_sample", "clip_sample_range", "correct_steps", "corrector_k",
-    "corrector_order", "corrector_selection", "corrector_selection_tau", "corrector_steps",
-    "disable_corrector", "dtype", "dynamic_thresholding_ratio", "editing_threshold",
-    "entropy_bound", "eta", "euler_at_final", "final_sigmas_type", "flow_shift", "gamma",
-    "gamma_cum_end", "gamma_cum_start", "interpolation_type", "invert_sigmas",
-    "lambda_min_clipped", "lower_order_final", "mask_token_id", "masking_schedule",
-    "max_image_seq_len", "max_shift", "minimal_topk", "noise_sampler_seed",
-    "num_inference_steps", "num_train_timesteps", "num_vec_classes", "original_inference_steps",
-    "predict_x0", "prediction_type", "predictor_order", "rescale_betas_zero_snr", "rho", "s",
-    "s_churn", "s_max", "s_min", "s_noise", "sample_max_value", "sampling_eps", "scale_factors",
-    "scaler", "scheduler_type", "set_alpha_to_one", "shift", "shift_terminal", "sigma_data",
-    "sigma_max", "sigma_min", "sigma_schedule", "skip_prk_steps", "snr", "snr_shift_scale",
-    "solver_order", "solver_p", "solver_type", "stage_range", "stages", "steps_offset",
-    "stochastic_sampling", "t_max", "t_min", "tau_func", "threshold", "thresholding",
-    "time_shift_type", "timestep_scaling", "timestep_spacing", "timestep_type", "trained_betas",
-    "upscale_mode", "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas",
-    "use_flow_sigmas", "use_karras_sigmas", "use_lu_lambdas", "variance_type",
+    "algorithm_type",
+    "alpha_cum_end",
+    "alpha_cum_start",
+    "base_image_seq_len",
+    "base_shift",
+    "beta_end",
+    "beta_max",
+    "beta_min",
+    "beta_schedule",
+    "beta_start",
+    "block_length",
+    "clip_denoised",
+    "clip_sample",
+    "clip_sample_range",
+    "correct_steps",
+    "corrector_k",
+    "corrector_order",
+    "corrector_selection",
+    "corrector_selection_tau",
+    "corrector_steps",
+    "disable_corrector",
+    "dtype",
+    "dynamic_thresholding_ratio",
+    "editing_threshold",
+    "entropy_bound",
+    "eta",
+    "euler_at_final",
+    "final_sigmas_type",
+    "flow_shift",
+    "gamma",
+    "gamma_cum_end",
+    "gamma_cum_start",
+    "interpolation_type",
+    "invert_sigmas",
+    "lambda_min_clipped",
+    "lower_order_final",
+    "mask_token_id",
+    "masking_schedule",
+    "max_image_seq_len",
+    "max_shift",
+    "minimal_topk",
+    "noise_sampler_seed",
+    "num_inference_steps",
+    "num_train_timesteps",
+    "num_vec_classes",
+    "original_inference_steps",
+    "predict_x0",
+    "prediction_type",
+    "predictor_order",
+    "rescale_betas_zero_snr",
+    "rho",
+    "s",
+    "s_churn",
+    "s_max",
+    "s_min",
+    "s_noise",
+    "sample_max_value",
+    "sampling_eps",
+    "scale_factors",
+    "scaler",
+    "scheduler_type",
+    "set_alpha_to_one",
+    "shift",
+    "shift_terminal",
+    "sigma_data",
+    "sigma_max",
+    "sigma_min",
+    "sigma_schedule",
+    "skip_prk_steps",
+    "snr",
+    "snr_shift_scale",
+    "solver_order",
+    "solver_p",
+    "solver_type",
+    "stage_range",
+    "stages",
+    "steps_offset",
+    "stochastic_sampling",
+    "t_max",
+    "t_min",
+    "tau_func",
+    "threshold",
+    "thresholding",
+    "time_shift_type",
+    "timestep_scaling",
+    "timestep_spacing",
+    "timestep_type",
+    "trained_betas",
+    "upscale_mode",
+    "use_beta_sigmas",
+    "use_dynamic_shifting",
+    "use_exponential_sigmas",
+    "use_flow_sigmas",
+    "use_karras_sigmas",
+    "use_lu_lambdas",
+    "variance_type",
     /* legacy (diffusers <= 0.12) */
-    "predict_epsilon", "tensor_format",
+    "predict_epsilon",
+    "tensor_format",
 };
 
 /* Guards against configs that would make the tables absurdly large. */
 #define SCHED_MAX_TRAIN_TIMESTEPS 1000000
 
-static const char *const beta_names[] = {"linear", "scaled_linear", "squaredcos_cap_v2",
-                                         "sigmoid"};
+static const char *const beta_names[] = {"linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"};
 static const char *const pred_names[] = {"epsilon", "sample", "v_prediction"};
 static const char *const spacing_names[] = {"leading", "trailing", "linspace"};
-static const char *const variance_names[] = {"fixed_small", "fixed_small_log", "fixed_large",
-                                             "fixed_large_log", "learned", "learned_range"};
+static const char *const variance_names[] = {"fixed_small",     "fixed_small_log", "fixed_large",
+                                             "fixed_large_log", "learned",         "learned_range"};
 
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
@@ -158,21 +234,14 @@ int sched_config_copy(sched_config *dst, const sched_config *src, err *e) {
 
 static const char *json_kind(const json_t *v) {
   switch (json_typeof(v)) {
-  case JSON_OBJECT:
-    return "an object";
-  case JSON_ARRAY:
-    return "an array";
-  case JSON_STRING:
-    return "a string";
-  case JSON_INTEGER:
-    return "an integer";
-  case JSON_REAL:
-    return "a number";
+  case JSON_OBJECT: return "an object";
+  case JSON_ARRAY: return "an array";
+  case JSON_STRING: return "a string";
+  case JSON_INTEGER: return "an integer";
+  case JSON_REAL: return "a number";
   case JSON_TRUE:
-  case JSON_FALSE:
-    return "a boolean";
-  default:
-    return "null";
+  case JSON_FALSE: return "a boolean";
+  default: return "null";
   }
 }
 
@@ -182,14 +251,13 @@ static int get_real(const char *key, const json_t *v, double lo, double hi, doub
                    json_kind(v));
   double x = json_number_value(v);
   if (!isfinite(x) || x < lo || x > hi)
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': %g is out of range [%g, %g]", key,
-                   x, lo, hi);
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': %g is out of range [%g, %g]", key, x,
+                   lo, hi);
   *out = x;
   return ERR_OK;
 }
 
-static int get_int(const char *key, const json_t *v, long long lo, long long hi, int *out,
-                   err *e) {
+static int get_int(const char *key, const json_t *v, long long lo, long long hi, int *out, err *e) {
   long long x;
   if (json_is_integer(v)) {
     x = json_integer_value(v);
@@ -216,8 +284,8 @@ static int get_bool(const char *key, const json_t *v, int *out, err *e) {
     *out = (int)json_integer_value(v);
     return ERR_OK;
   }
-  return err_set(e, ERR_INVALID, "scheduler config key '%s': expected true or false, got %s",
-                 key, json_kind(v));
+  return err_set(e, ERR_INVALID, "scheduler config key '%s': expected true or false, got %s", key,
+                 json_kind(v));
 }
 
 static int get_enum(const char *key, const json_t *v, const char *const *names, int n, int *out,
@@ -235,10 +303,12 @@ static int get_enum(const char *key, const json_t *v, const char *const *names, 
     snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", names[i]);
   }
   if (json_is_string(v))
-    return err_set(e, ERR_UNSUPPORTED, "scheduler config key '%s': unsupported value '%s' (one of: %s)",
-                   key, json_string_value(v), list);
-  return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a string (one of: %s), got %s",
-                 key, list, json_kind(v));
+    return err_set(e, ERR_UNSUPPORTED,
+                   "scheduler config key '%s': unsupported value '%s' (one of: %s)", key,
+                   json_string_value(v), list);
+  return err_set(e, ERR_INVALID,
+                 "scheduler config key '%s': expected a string (one of: %s), got %s", key, list,
+                 json_kind(v));
 }
 
 static int get_trained_betas(const json_t *v, sched_config *cfg, err *e) {
@@ -272,7 +342,7 @@ static int get_trained_betas(const json_t *v, sched_config *cfg, err *e) {
 }
 
 /* Applies one modelled key; returns 1 through *handled when the key is one of ours. A JSON null
- * keeps the default, as a None argument to a diffusers constructor mostly does. */
+ * keeps the default (None mostly selects it in diffusers), except that it clears a flag. */
 static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *handled, err *e) {
   int rc = ERR_OK, iv = 0;
   *handled = 1;
@@ -281,6 +351,14 @@ static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *h
       free(cfg->trained_betas);
       cfg->trained_betas = NULL;
     }
+    /* None is falsy where diffusers tests a flag ("elif self.config.clip_sample:") */
+    int *flag = strcmp(key, "clip_sample") == 0              ? &cfg->clip_sample
+                : strcmp(key, "set_alpha_to_one") == 0       ? &cfg->set_alpha_to_one
+                : strcmp(key, "thresholding") == 0           ? &cfg->thresholding
+                : strcmp(key, "rescale_betas_zero_snr") == 0 ? &cfg->rescale_betas_zero_snr
+                                                             : NULL;
+    if (flag)
+      *flag = 0;
     *handled = sched_is_known_key(key) ? 1 : 0;
     return ERR_OK;
   }
@@ -493,7 +571,8 @@ json_t *sched_config_to_json(const sched_config *cfg) {
   json_object_set_new(o, "num_train_timesteps", json_integer(cfg->num_train_timesteps));
   json_object_set_new(o, "beta_start", json_real(cfg->beta_start));
   json_object_set_new(o, "beta_end", json_real(cfg->beta_end));
-  json_object_set_new(o, "beta_schedule", json_string(sched_beta_schedule_name(cfg->beta_schedule)));
+  json_object_set_new(o, "beta_schedule",
+                      json_string(sched_beta_schedule_name(cfg->beta_schedule)));
   if (cfg->trained_betas) {
     json_t *a = json_array();
     for (int i = 0; a && i < cfg->num_train_timesteps; i++)
@@ -503,8 +582,10 @@ json_t *sched_config_to_json(const sched_config *cfg) {
     json_object_set_new(o, "trained_betas", json_null());
   }
   json_object_set_new(o, "rescale_betas_zero_snr", json_boolean(cfg->rescale_betas_zero_snr));
-  json_object_set_new(o, "prediction_type", json_string(sched_prediction_name(cfg->prediction_type)));
-  json_object_set_new(o, "timestep_spacing", json_string(sched_spacing_name(cfg->timestep_spacing)));
+  json_object_set_new(o, "prediction_type",
+                      json_string(sched_prediction_name(cfg->prediction_type)));
+  json_object_set_new(o, "timestep_spacing",
+                      json_string(sched_spacing_name(cfg->timestep_spacing)));
   json_object_set_new(o, "steps_offset", json_integer(cfg->steps_offset));
   json_object_set_new(o, "set_alpha_to_one", json_boolean(cfg->set_alpha_to_one));
   json_object_set_new(o, "clip_sample", json_boolean(cfg->clip_sample));
@@ -539,8 +620,8 @@ static void torch_linspace_f32(double start_d, double end_d, int n, float *out) 
     }
   }
   for (; idx < n; idx++)
-    out[idx] = idx < halfway ? fmaf(step, (float)idx, start)
-                             : fmaf(-step, (float)(n - idx - 1), end);
+    out[idx] =
+        idx < halfway ? fmaf(step, (float)idx, start) : fmaf(-step, (float)(n - idx - 1), end);
 }
 
 /* diffusers' betas_for_alpha_bar(cosine): Python doubles, then one rounding to float32. */
@@ -594,9 +675,7 @@ int sched_betas(const sched_config *cfg, float *betas, err *e) {
     memcpy(betas, cfg->trained_betas, (size_t)n * sizeof *betas);
   } else {
     switch (cfg->beta_schedule) {
-    case SCHED_BETA_LINEAR:
-      torch_linspace_f32(cfg->beta_start, cfg->beta_end, n, betas);
-      break;
+    case SCHED_BETA_LINEAR: torch_linspace_f32(cfg->beta_start, cfg->beta_end, n, betas); break;
     case SCHED_BETA_SCALED_LINEAR:
       torch_linspace_f32(pow(cfg->beta_start, 0.5), pow(cfg->beta_end, 0.5), n, betas);
       for (int i = 0; i < n; i++)
@@ -618,8 +697,7 @@ int sched_betas(const sched_config *cfg, float *betas, err *e) {
         betas[i] = 1.0f / (1.0f + expf(-betas[i])) * scale + off;
       break;
     }
-    default:
-      return err_set(e, ERR_INVALID, "scheduler config key 'beta_schedule': invalid value");
+    default: return err_set(e, ERR_INVALID, "scheduler config key 'beta_schedule': invalid value");
     }
   }
   if (cfg->rescale_betas_zero_snr && (rc = rescale_zero_snr(betas, n, e)) != ERR_OK)
@@ -665,8 +743,8 @@ int sched_timesteps(const sched_config *cfg, int num_inference_steps, int64_t *o
   if (rc != ERR_OK)
     return rc;
   if (n < 1 || n > T)
-    return err_set(e, ERR_INVALID, "num_inference_steps %d must be in [1, %d] (num_train_timesteps)",
-                   n, T);
+    return err_set(e, ERR_INVALID,
+                   "num_inference_steps %d must be in [1, %d] (num_train_timesteps)", n, T);
   switch (cfg->timestep_spacing) {
   case SCHED_SPACING_LINSPACE: {
     /* np.linspace(0, T - 1, n).round()[::-1]: i * step, the endpoint stored exactly, and
@@ -702,8 +780,7 @@ int sched_timesteps(const sched_config *cfg, int num_inference_steps, int64_t *o
     }
     break;
   }
-  default:
-    return err_set(e, ERR_INVALID, "scheduler config key 'timestep_spacing': invalid value");
+  default: return err_set(e, ERR_INVALID, "scheduler config key 'timestep_spacing': invalid value");
   }
   return ERR_OK;
 }

@@ -18,7 +18,11 @@ typedef enum {
 
 typedef enum { SCHED_PRED_EPSILON, SCHED_PRED_SAMPLE, SCHED_PRED_V } sched_prediction;
 
-typedef enum { SCHED_SPACING_LEADING, SCHED_SPACING_TRAILING, SCHED_SPACING_LINSPACE } sched_spacing;
+typedef enum {
+  SCHED_SPACING_LEADING,
+  SCHED_SPACING_TRAILING,
+  SCHED_SPACING_LINSPACE
+} sched_spacing;
 
 typedef enum {
   SCHED_VAR_FIXED_SMALL,
@@ -52,7 +56,8 @@ typedef struct sched_config {
 } sched_config;
 
 /* Fills cfg with the defaults of scheduler `name`: a diffusers class name ("DDIMScheduler") or
- * a short solver name ("ddim", "ddpm", "pndm"); NULL means DDPMScheduler. */
+ * a short solver name ("ddim", "ddpm", "pndm"); NULL means DDPMScheduler. Overwrites cfg
+ * without freeing it: sched_config_free a config that may hold trained_betas first. */
 int sched_config_init(sched_config *cfg, const char *name, err *e);
 void sched_config_free(sched_config *cfg);
 int sched_config_copy(sched_config *dst, const sched_config *src, err *e);

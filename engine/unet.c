@@ -4,6 +4,7 @@
 #include "unet.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@
 #define UNET_MAX_LEVELS 8
 #define UNET_MAX_LAYERS 8
 #define UNET_MAX_PARAMS 4096
+#define UNET_MAX_SPARE 8
 
 typedef struct group_norm {
   int groups, channels;
@@ -60,6 +62,11 @@ struct unet {
   group_norm norm_out;
   void *params[UNET_MAX_PARAMS];
   int nparams;
+  /* Arenas of finished forward passes, reused so that steady-state sampling
+   * touches no fresh pages; one per concurrent caller at most. */
+  pthread_mutex_t lock;
+  arena *spare[UNET_MAX_SPARE];
+  int nspare;
 };
 
 /* ---------- config ---------- */
@@ -81,14 +88,35 @@ typedef struct unet_config {
   int num_classes;
 } unet_config;
 
-static const char *const known_keys[] = {
-    "sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_type",
-    "freq_shift", "flip_sin_to_cos", "down_block_types", "up_block_types", "block_out_channels",
-    "layers_per_block", "mid_block_scale_factor", "downsample_padding", "downsample_type",
-    "upsample_type", "dropout", "act_fn", "attention_head_dim", "norm_num_groups",
-    "attn_norm_num_groups", "norm_eps", "resnet_time_scale_shift", "add_attention",
-    "class_embed_type", "num_class_embeds", "num_train_timesteps", "mid_block_type",
-    "time_embedding_dim", "prediction_type"};
+static const char *const known_keys[] = {"sample_size",
+                                         "in_channels",
+                                         "out_channels",
+                                         "center_input_sample",
+                                         "time_embedding_type",
+                                         "freq_shift",
+                                         "flip_sin_to_cos",
+                                         "down_block_types",
+                                         "up_block_types",
+                                         "block_out_channels",
+                                         "layers_per_block",
+                                         "mid_block_scale_factor",
+                                         "downsample_padding",
+                                         "downsample_type",
+                                         "upsample_type",
+                                         "dropout",
+                                         "act_fn",
+                                         "attention_head_dim",
+                                         "norm_num_groups",
+                                         "attn_norm_num_groups",
+                                         "norm_eps",
+                                         "resnet_time_scale_shift",
+                                         "add_attention",
+                                         "class_embed_type",
+                                         "num_class_embeds",
+                                         "num_train_timesteps",
+                                         "mid_block_type",
+                                         "time_embedding_dim",
+                                         "prediction_type"};
 
 static int get_int(const json_t *cfg, const char *key, int def, int min, int max, int *out,
                    err *e) {
@@ -98,8 +126,7 @@ static int get_int(const json_t *cfg, const char *key, int def, int min, int max
     return ERR_OK;
   }
   if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max)
-    return err_set(e, ERR_INVALID, "config key '%s' must be an integer in [%d, %d]", key, min,
-                   max);
+    return err_set(e, ERR_INVALID, "config key '%s' must be an integer in [%d, %d]", key, min, max);
   *out = (int)json_integer_value(v);
   return ERR_OK;
 }
@@ -172,8 +199,8 @@ static int get_list(const json_t *cfg, const char *key, const char *const *def, 
       if (strcmp(name, allowed[k]) == 0)
         out[i] = allowed[k];
     if (!out[i])
-      return err_set(e, ERR_UNSUPPORTED, "config key '%s'[%d]: unsupported block type \"%s\"",
-                     key, i, json_string_value(s));
+      return err_set(e, ERR_UNSUPPORTED, "config key '%s'[%d]: unsupported block type \"%s\"", key,
+                     i, json_string_value(s));
   }
   return ERR_OK;
 }
@@ -226,12 +253,10 @@ static int parse_config(const json_t *cfg, unet_config *c, err *e) {
       (rc = get_list(cfg, "down_block_types", down_def, 4, down_allowed, c->down_types, &ndown,
                      e)) ||
       (rc = get_list(cfg, "up_block_types", up_def, 4, up_allowed, c->up_types, &nup, e)) ||
-      (rc = get_int(cfg, "layers_per_block", 2, 1, UNET_MAX_LAYERS - 1, &c->layers_per_block,
-                    e)) ||
+      (rc = get_int(cfg, "layers_per_block", 2, 1, UNET_MAX_LAYERS - 1, &c->layers_per_block, e)) ||
       (rc = get_num(cfg, "mid_block_scale_factor", 1, &c->mid_scale, e)) ||
       (rc = get_int(cfg, "downsample_padding", 1, 0, 1, &c->downsample_padding, e)) ||
-      (rc = get_choice(cfg, "downsample_type", "conv", resample_allowed, &c->downsample_type,
-                       e)) ||
+      (rc = get_choice(cfg, "downsample_type", "conv", resample_allowed, &c->downsample_type, e)) ||
       (rc = get_choice(cfg, "upsample_type", "conv", resample_allowed, &c->upsample_type, e)) ||
       (rc = get_choice(cfg, "act_fn", "silu", silu, &tmp, e)) ||
       (rc = get_int(cfg, "norm_num_groups", 32, 1, 1 << 16, &c->norm_groups, e)) ||
@@ -267,16 +292,17 @@ static int parse_config(const json_t *cfg, unet_config *c, err *e) {
     c->nlevels = 4;
     memcpy(c->channels, boc_def, sizeof boc_def);
   } else {
-    if (!json_is_array(boc) || json_array_size(boc) == 0 ||
-        json_array_size(boc) > UNET_MAX_LEVELS)
+    if (!json_is_array(boc) || json_array_size(boc) == 0 || json_array_size(boc) > UNET_MAX_LEVELS)
       return err_set(e, ERR_INVALID, "config key 'block_out_channels' must be a list of 1 to %d",
                      UNET_MAX_LEVELS);
     c->nlevels = (int)json_array_size(boc);
     for (int i = 0; i < c->nlevels; i++) {
       const json_t *v = json_array_get(boc, (size_t)i);
       if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 65536)
-        return err_set(e, ERR_INVALID, "config key 'block_out_channels'[%d] must be a positive "
-                       "integer", i);
+        return err_set(e, ERR_INVALID,
+                       "config key 'block_out_channels'[%d] must be a positive "
+                       "integer",
+                       i);
       c->channels[i] = (int)json_integer_value(v);
     }
   }
@@ -324,8 +350,8 @@ static int load_group_norm(loader *ld, const char *prefix, int groups, int chann
                            group_norm *gn) {
   char name[256];
   if (channels % groups)
-    return err_set(ld->e, ERR_INVALID, "%s: %d channels are not divisible into %d groups",
-                   prefix, channels, groups);
+    return err_set(ld->e, ERR_INVALID, "%s: %d channels are not divisible into %d groups", prefix,
+                   channels, groups);
   int64_t shape[1] = {channels};
   gn->groups = groups;
   gn->channels = channels;
@@ -339,16 +365,23 @@ static int load_group_norm(loader *ld, const char *prefix, int groups, int chann
   return ERR_OK;
 }
 
-static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, int stride,
-                     int pad, int bias, conv2d *c) {
+static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, int stride, int pad,
+                     int bias, conv2d *c) {
   char name[256];
-  int64_t wshape[4] = {cout, cin, k, k}, bshape[1] = {cout};
-  *c = (conv2d){.cin = cin, .cout = cout, .k = k, .stride = stride, .pad_top = pad,
-                .pad_left = pad, .pad_bottom = pad, .pad_right = pad};
+  int64_t wshape[4] = {cout, cin, k, k};
+  *c = (conv2d){.cin = cin,
+                .cout = cout,
+                .k = k,
+                .stride = stride,
+                .pad_top = pad,
+                .pad_left = pad,
+                .pad_bottom = pad,
+                .pad_right = pad};
   snprintf(name, sizeof name, "%s.weight", prefix);
   if (!(c->weight = load_tensor(ld, name, 4, wshape)))
     return ld->e->code;
   if (bias) {
+    int64_t bshape[1] = {cout};
     snprintf(name, sizeof name, "%s.bias", prefix);
     if (!(c->bias = load_tensor(ld, name, 1, bshape)))
       return ld->e->code;
@@ -358,8 +391,8 @@ static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, i
 
 /* A linear layer; `conv_ok` also accepts a [out, in, 1, 1] weight (old
  * checkpoints stored some projections as 1x1 convolutions). */
-static int load_linear(loader *ld, const char *wname, const char *bname, int in, int out,
-                       float **w, float **b) {
+static int load_linear(loader *ld, const char *wname, const char *bname, int in, int out, float **w,
+                       float **b) {
   int64_t shape2[2] = {out, in}, shape4[4] = {out, in, 1, 1}, bshape[1] = {out};
   const st_tensor_info *info = st_find(ld->st, wname);
   int four = info && info->ndim == 4;
@@ -374,8 +407,12 @@ static int load_resnet(loader *ld, const unet_config *c, const char *prefix, int
                        int temb_dim, float out_scale, int up, int down, resnet *r) {
   char name[256], name2[256];
   int rc;
-  *r = (resnet){.cin = cin, .cout = cout, .up = up, .down = down,
-                .scale_shift = c->scale_shift, .out_scale = out_scale};
+  *r = (resnet){.cin = cin,
+                .cout = cout,
+                .up = up,
+                .down = down,
+                .scale_shift = c->scale_shift,
+                .out_scale = out_scale};
   snprintf(name, sizeof name, "%s.norm1", prefix);
   if ((rc = load_group_norm(ld, name, c->norm_groups, cin, c->norm_eps, &r->norm1)))
     return rc;
@@ -386,8 +423,7 @@ static int load_resnet(loader *ld, const unet_config *c, const char *prefix, int
   r->temb_proj = (linear){.in = temb_dim, .out = tout};
   snprintf(name, sizeof name, "%s.time_emb_proj.weight", prefix);
   snprintf(name2, sizeof name2, "%s.time_emb_proj.bias", prefix);
-  if ((rc = load_linear(ld, name, name2, temb_dim, tout, &r->temb_proj.weight,
-                        &r->temb_proj.bias)))
+  if ((rc = load_linear(ld, name, name2, temb_dim, tout, &r->temb_proj.weight, &r->temb_proj.bias)))
     return rc;
   snprintf(name, sizeof name, "%s.norm2", prefix);
   if ((rc = load_group_norm(ld, name, c->norm_groups, cout, c->norm_eps, &r->norm2)))
@@ -409,11 +445,13 @@ static int load_attention(loader *ld, const unet_config *c, const char *prefix, 
   char name[256], wname[256], bname[256];
   int rc;
   if (channels % head_dim)
-    return err_set(ld->e, ERR_UNSUPPORTED,
-                   "%s: attention_head_dim %d does not divide %d channels", prefix, head_dim,
-                   channels);
-  *a = (attn_weights){.channels = channels, .heads = channels / head_dim, .groups = groups,
-                      .eps = (float)c->norm_eps, .rescale = rescale};
+    return err_set(ld->e, ERR_UNSUPPORTED, "%s: attention_head_dim %d does not divide %d channels",
+                   prefix, head_dim, channels);
+  *a = (attn_weights){.channels = channels,
+                      .heads = channels / head_dim,
+                      .groups = groups,
+                      .eps = (float)c->norm_eps,
+                      .rescale = rescale};
   if (groups > 0) {
     group_norm gn = {0};
     snprintf(name, sizeof name, "%s.group_norm", prefix);
@@ -447,19 +485,17 @@ static int load_weights(loader *ld, const unet_config *c) {
   unet *u = ld->u;
   char name[256];
   int rc, temb = u->temb_dim;
-  int64_t shape[2];
   if ((rc = load_conv(ld, "conv_in", c->in_channels, c->channels[0], 3, 1, 1, 1, &u->conv_in)))
     return rc;
   u->temb1 = (linear){.in = c->channels[0], .out = temb};
   u->temb2 = (linear){.in = temb, .out = temb};
   if ((rc = load_linear(ld, "time_embedding.linear_1.weight", "time_embedding.linear_1.bias",
                         c->channels[0], temb, &u->temb1.weight, &u->temb1.bias)) ||
-      (rc = load_linear(ld, "time_embedding.linear_2.weight", "time_embedding.linear_2.bias",
-                        temb, temb, &u->temb2.weight, &u->temb2.bias)))
+      (rc = load_linear(ld, "time_embedding.linear_2.weight", "time_embedding.linear_2.bias", temb,
+                        temb, &u->temb2.weight, &u->temb2.bias)))
     return rc;
   if (c->num_classes) {
-    shape[0] = c->num_classes;
-    shape[1] = temb;
+    int64_t shape[2] = {c->num_classes, temb};
     if (!(u->class_table = load_tensor(ld, "class_embedding.weight", 2, shape)))
       return ld->e->code;
   }
@@ -496,8 +532,7 @@ static int load_weights(loader *ld, const unet_config *c) {
         b->sample = SAMPLE_CONV;
         char cname[280];
         snprintf(cname, sizeof cname, "%s.conv", name);
-        if ((rc = load_conv(ld, cname, out, out, 3, 2, c->downsample_padding, 1,
-                            &b->sample_conv)))
+        if ((rc = load_conv(ld, cname, out, out, 3, 2, c->downsample_padding, 1, &b->sample_conv)))
           return rc;
         if (c->downsample_padding == 0) /* diffusers pads (0,1,0,1) before a pad-0 conv */
           b->sample_conv.pad_bottom = b->sample_conv.pad_right = 1;
@@ -514,10 +549,10 @@ static int load_weights(loader *ld, const unet_config *c) {
       return rc;
     u->mid_has_attn = c->add_attention;
     if (c->add_attention) {
-      int groups = c->attn_norm_groups ? c->attn_norm_groups
-                                       : (c->scale_shift ? 0 : c->norm_groups);
-      if ((rc = load_attention(ld, c, "mid_block.attentions.0", top, head, groups, s,
-                               &u->mid_attn)))
+      int groups =
+          c->attn_norm_groups ? c->attn_norm_groups : (c->scale_shift ? 0 : c->norm_groups);
+      if ((rc =
+               load_attention(ld, c, "mid_block.attentions.0", top, head, groups, s, &u->mid_attn)))
         return rc;
     }
     if ((rc = load_resnet(ld, c, "mid_block.resnets.1", top, top, temb, s, 0, 0, &u->mid_res[1])))
@@ -573,14 +608,17 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
   unet *u = calloc(1, sizeof *u);
   if (!u)
     return err_set(e, ERR_NOMEM, "out of memory");
+  pthread_mutex_init(&u->lock, NULL);
   u->nlevels = c.nlevels;
   u->ch0 = c.channels[0];
   u->temb_dim = 4 * c.channels[0];
   u->center_input = c.center_input;
   u->flip_sin_to_cos = c.flip_sin_to_cos;
   u->freq_shift = (float)c.freq_shift;
-  u->shape = (unet_shape){.sample_size = c.sample_size, .in_channels = c.in_channels,
-                          .out_channels = c.out_channels, .num_classes = c.num_classes};
+  u->shape = (unet_shape){.sample_size = c.sample_size,
+                          .in_channels = c.in_channels,
+                          .out_channels = c.out_channels,
+                          .num_classes = c.num_classes};
   loader ld = {u, weights, calloc((size_t)st_count(weights) + 1, 1), e};
   if (!ld.used) {
     unet_free(u);
@@ -607,10 +645,15 @@ void unet_free(unet *u) {
     return;
   for (int i = 0; i < u->nparams; i++)
     free(u->params[i]);
+  for (int i = 0; i < u->nspare; i++)
+    arena_free(u->spare[i]);
+  pthread_mutex_destroy(&u->lock);
   free(u);
 }
 
-const unet_shape *unet_get_shape(const unet *u) { return &u->shape; }
+const unet_shape *unet_get_shape(const unet *u) {
+  return &u->shape;
+}
 
 /* ---------- forward ---------- */
 
@@ -688,7 +731,8 @@ static int resnet_forward(fwd *f, const resnet *r, const float *x, int h, int w,
       for (int i = 0; i < n; i++)
         for (int c = 0; c < r->cout; c++) {
           float *p = h1 + ((size_t)i * r->cout + c) * hw;
-          float sc = tp[(size_t)i * 2 * r->cout + c], sh = tp[(size_t)i * 2 * r->cout + r->cout + c];
+          float sc = tp[(size_t)i * 2 * r->cout + c],
+                sh = tp[(size_t)i * 2 * r->cout + r->cout + c];
           for (int k = 0; k < hw; k++) {
             float v = p[k] * (1.0f + sc) + sh;
             p[k] = v / (1.0f + expf(-v));
@@ -889,11 +933,22 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
   int rc = check_input(u, n, h, w, t, labels, e);
   if (rc)
     return rc;
-  arena *a = arena_new((size_t)64 << 20);
-  if (!a)
+  unet *mu = (unet *)u; /* only the arena cache changes, under its lock */
+  pthread_mutex_lock(&mu->lock);
+  arena *a = mu->nspare ? mu->spare[--mu->nspare] : NULL;
+  pthread_mutex_unlock(&mu->lock);
+  if (!a && !(a = arena_new((size_t)64 << 20)))
     return err_set(e, ERR_NOMEM, "out of memory");
   fwd f = {.u = u, .a = a, .n = n, .threads = threads < 1 ? 1 : threads};
+  arena_mark start = arena_get_mark(a);
   rc = forward(&f, x, h, w, t, labels, out, e);
+  arena_release(a, start);
+  pthread_mutex_lock(&mu->lock);
+  if (mu->nspare < UNET_MAX_SPARE) {
+    mu->spare[mu->nspare++] = a;
+    a = NULL;
+  }
+  pthread_mutex_unlock(&mu->lock);
   arena_free(a);
   return rc;
 }

@@ -66,18 +66,30 @@ END_TEST
 START_TEST(runtime_errors_are_clear) {
   char out[8192], model[1024], tmp[256];
   test_tmpdir(tmp, sizeof tmp);
-  ck_assert_int_eq(run(out, sizeof out, "sample --model /nonexistent --seed 1 --out %s/a.npy", tmp), 1);
+  ck_assert_int_eq(run(out, sizeof out, "sample --model /nonexistent --seed 1 --out %s/a.npy", tmp),
+                   1);
   ck_assert_ptr_nonnull(strstr(out, "does not exist"));
   test_src_path(model, sizeof model, "tests/fixtures/gmm/cond4");
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --seed 1 --out %s/a.npy", model, tmp), 2);
+  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --seed 1 --out %s/a.npy", model, tmp),
+                   2);
   ck_assert_ptr_nonnull(strstr(out, "pass --class"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --class 9 --seed 1 --out %s/a.npy", model, tmp), 2);
+  ck_assert_int_eq(
+      run(out, sizeof out, "sample --model %s --class 9 --seed 1 --out %s/a.npy", model, tmp), 2);
   ck_assert_ptr_nonnull(strstr(out, "out of range"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --class 0 --scheduler nope --out %s/a.npy", model, tmp), 2);
+  ck_assert_int_eq(run(out, sizeof out,
+                       "sample --model %s --class 0 --scheduler nope --out %s/a.npy", model, tmp),
+                   2);
   ck_assert_ptr_nonnull(strstr(out, "unknown scheduler 'nope'"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --class 0 --scheduler-opt bogus_key=1 --out %s/a.npy", model, tmp), 1);
+  ck_assert_int_eq(run(out, sizeof out,
+                       "sample --model %s --class 0 --scheduler-opt bogus_key=1 --out %s/a.npy",
+                       model, tmp),
+                   1);
   ck_assert_ptr_nonnull(strstr(out, "bogus_key"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --class 0 --scheduler-opt timestep_spacing=sideways --out %s/a.npy", model, tmp), 1);
+  ck_assert_int_eq(
+      run(out, sizeof out,
+          "sample --model %s --class 0 --scheduler-opt timestep_spacing=sideways --out %s/a.npy",
+          model, tmp),
+      1);
   ck_assert_ptr_nonnull(strstr(out, "timestep_spacing"));
   ck_assert_int_eq(run(out, sizeof out, "sample --replay %s/missing.png -o %s/b.png", tmp, tmp), 1);
 }
@@ -90,7 +102,8 @@ START_TEST(forward_matches_fixture) {
   ck_assert_msg(run(out, sizeof out,
                     "forward --model %s --input %s/input.npy --timesteps %s/timesteps.npy "
                     "--class-labels %s/class_labels.npy --out %s/o.npy --threads 2",
-                    fx, fx, fx, fx, tmp) == 0, "%s", out);
+                    fx, fx, fx, fx, tmp) == 0,
+                "%s", out);
   npy_array a, b;
   err e;
   snprintf(path, sizeof path, "%s/o.npy", tmp);
@@ -104,7 +117,9 @@ START_TEST(forward_matches_fixture) {
   /* wrong channel count in the input is an error, not a crash */
   ck_assert_int_eq(run(out, sizeof out,
                        "forward --model %s --input %s/timesteps.npy --timesteps %s/timesteps.npy "
-                       "--out %s/o.npy", fx, fx, fx, tmp), 1);
+                       "--out %s/o.npy",
+                       fx, fx, fx, tmp),
+                   1);
   ck_assert_ptr_nonnull(strstr(out, "expected shape"));
 }
 END_TEST
@@ -114,8 +129,11 @@ START_TEST(png_metadata_replays_bit_for_bit) {
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(model, sizeof model, "tests/fixtures/unet/cifar_small");
   /* DDPM is stochastic at every step: replay must reproduce the step noise too */
-  ck_assert_msg(run(out, sizeof out, "sample --model %s --scheduler ddpm --steps 8 --seed 1234 "
-                    "--batch 3 -o %s/img.png --quiet", model, tmp) == 0, "%s", out);
+  ck_assert_msg(run(out, sizeof out,
+                    "sample --model %s --scheduler ddpm --steps 8 --seed 1234 "
+                    "--batch 3 -o %s/img.png --quiet",
+                    model, tmp) == 0,
+                "%s", out);
   snprintf(a, sizeof a, "%s/img-2.png", tmp);
   snprintf(b, sizeof b, "%s/replayed.png", tmp);
   ck_assert_msg(run(out, sizeof out, "sample --replay %s -o %s --quiet", a, b) == 0, "%s", out);
@@ -124,8 +142,15 @@ START_TEST(png_metadata_replays_bit_for_bit) {
   snprintf(b, sizeof b, "%s/img-1.png", tmp);
   ck_assert(!files_equal(a, b));
   /* an image comes out bit-identical alone, in a bigger batch, on any thread count */
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --steps 5 --seed 9 --batch 2 --out %s/two.npy --quiet", model, tmp), 0);
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --steps 5 --seed 9 --batch 1 --threads 1 --out %s/one.npy --quiet", model, tmp), 0);
+  ck_assert_int_eq(run(out, sizeof out,
+                       "sample --model %s --steps 5 --seed 9 --batch 2 --out %s/two.npy --quiet",
+                       model, tmp),
+                   0);
+  ck_assert_int_eq(
+      run(out, sizeof out,
+          "sample --model %s --steps 5 --seed 9 --batch 1 --threads 1 --out %s/one.npy --quiet",
+          model, tmp),
+      0);
   npy_array one, two;
   err e;
   snprintf(a, sizeof a, "%s/one.npy", tmp);

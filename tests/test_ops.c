@@ -44,8 +44,8 @@ static double rel_err_d(const float *a, const double *b, size_t n) {
   return sqrt(num / (den > 0 ? den : 1));
 }
 
-static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int pb, int pr,
-                       int n, int h, int w, int threads) {
+static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int pb, int pr, int n,
+                       int h, int w, int threads) {
   conv2d c = {cin, cout, k, stride, pt, pl, pb, pr, NULL, NULL};
   float *wt = randn((size_t)cout * cin * k * k, 1), *b = randn((size_t)cout, 2);
   float *x = randn((size_t)n * cin * h * w, 3);
@@ -71,11 +71,11 @@ static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int
 }
 
 START_TEST(conv_shapes) {
-  check_conv(3, 8, 3, 1, 1, 1, 1, 1, 2, 9, 7, 1);     /* conv_in-like, odd sizes */
-  check_conv(16, 8, 1, 1, 0, 0, 0, 0, 2, 5, 5, 2);    /* 1x1 shortcut, direct path */
-  check_conv(8, 8, 3, 2, 1, 1, 1, 1, 1, 8, 8, 2);     /* stride-2 downsample, padding 1 */
-  check_conv(8, 8, 3, 2, 0, 0, 1, 1, 3, 8, 8, 2);     /* diffusers' (0,1,0,1) pad, padding 0 */
-  check_conv(4, 64, 3, 1, 1, 1, 1, 1, 1, 2, 2, 2);    /* tiny image: channel split */
+  check_conv(3, 8, 3, 1, 1, 1, 1, 1, 2, 9, 7, 1);      /* conv_in-like, odd sizes */
+  check_conv(16, 8, 1, 1, 0, 0, 0, 0, 2, 5, 5, 2);     /* 1x1 shortcut, direct path */
+  check_conv(8, 8, 3, 2, 1, 1, 1, 1, 1, 8, 8, 2);      /* stride-2 downsample, padding 1 */
+  check_conv(8, 8, 3, 2, 0, 0, 1, 1, 3, 8, 8, 2);      /* diffusers' (0,1,0,1) pad, padding 0 */
+  check_conv(4, 64, 3, 1, 1, 1, 1, 1, 1, 2, 2, 2);     /* tiny image: channel split */
   check_conv(128, 16, 3, 1, 1, 1, 1, 1, 1, 48, 48, 2); /* forces several im2col tiles */
 }
 END_TEST
@@ -184,8 +184,8 @@ START_TEST(attention_matches_reference) {
       for (int j = 0; j < c * c; j++)
         w[i][j] *= 0.25f;
     float *g = randn(c, 20), *b = randn(c, 21);
-    attn_weights aw = {c, heads, 4, 1e-6f, g, b, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-                       2.0f};
+    attn_weights aw = {c,    heads, 4,    1e-6f, g,    b,    w[0], w[1],
+                       w[2], w[3],  w[4], w[5],  w[6], w[7], 2.0f};
     float *x = randn((size_t)n * c * hw, 22), *y = malloc(sizeof(float) * n * c * hw);
     double *ref = malloc(sizeof(double) * n * c * hw);
     arena *a = arena_new(1 << 20);

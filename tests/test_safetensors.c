@@ -104,17 +104,17 @@ END_TEST
 
 START_TEST(malformed_files) {
   char zeros[64] = {0};
-  expect_open_error("{}", zeros, 0, 1000, "overruns");                  /* header overrun */
-  expect_open_error("{\"a\":", zeros, 0, -1, "not valid JSON");          /* truncated JSON */
+  expect_open_error("{}", zeros, 0, 1000, "overruns");          /* header overrun */
+  expect_open_error("{\"a\":", zeros, 0, -1, "not valid JSON"); /* truncated JSON */
   expect_open_error("[1,2]", zeros, 0, -1, "not a JSON object");
-  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", zeros,
-                    8, -1, "truncated");                                  /* data cut short */
-  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,16]}}", zeros,
-                    16, -1, "16 bytes for 3");                            /* size mismatch */
-  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", zeros,
-                    4, -1, "shape[0]");
-  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}", zeros,
-                    8, -1, "bad data_offsets");
+  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", zeros, 8,
+                    -1, "truncated"); /* data cut short */
+  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,16]}}", zeros, 16,
+                    -1, "16 bytes for 3"); /* size mismatch */
+  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", zeros, 4,
+                    -1, "shape[0]");
+  expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}", zeros, 8,
+                    -1, "bad data_offsets");
   expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", zeros, 8, -1, "data_offsets");
   expect_open_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,4294967296],"
                     "\"data_offsets\":[0,8]}}",

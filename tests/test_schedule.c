@@ -12,8 +12,8 @@
 static json_t *load_cases(void) {
   char path[512];
   json_error_t je;
-  json_t *root = json_load_file(test_src_path(path, sizeof path, "tests/fixtures/sched/cases.json"),
-                                0, &je);
+  json_t *root =
+      json_load_file(test_src_path(path, sizeof path, "tests/fixtures/sched/cases.json"), 0, &je);
   ck_assert_msg(root != NULL, "cannot read %s: %s", path, je.text);
   return root;
 }
@@ -22,8 +22,7 @@ static void load_npy(const char *name, const char *suffix, npy_array *a) {
   char rel[256], path[512];
   err e = {0};
   snprintf(rel, sizeof rel, "tests/fixtures/sched/%s_%s.npy", name, suffix);
-  ck_assert_msg(npy_read_f32(test_src_path(path, sizeof path, rel), a, &e) == ERR_OK, "%s",
-                e.msg);
+  ck_assert_msg(npy_read_f32(test_src_path(path, sizeof path, rel), a, &e) == ERR_OK, "%s", e.msg);
 }
 
 START_TEST(beta_schedules_match_diffusers) {
@@ -84,8 +83,8 @@ START_TEST(timesteps_match_diffusers) {
     json_t *ref = json_object_get(c, "timesteps");
     sched_config cfg;
     err e = {0};
-    ck_assert_msg(sched_config_from_json(json_object_get(c, "config"), cls, 1, &cfg, &e) == 0,
-                  "%s", e.msg);
+    ck_assert_msg(sched_config_from_json(json_object_get(c, "config"), cls, 1, &cfg, &e) == 0, "%s",
+                  e.msg);
     int64_t *ts = malloc(sizeof(int64_t) * n);
     ck_assert_msg(sched_timesteps(&cfg, n, ts, &e) == 0, "case %zu: %s", i, e.msg);
     /* numpy's arange gives diffusers n + 1 trailing timesteps for some n, the last being -1;
@@ -115,8 +114,8 @@ START_TEST(from_config_matches_diffusers) {
     const char *cls = json_string_value(json_object_get(c, "scheduler"));
     sched_config cfg;
     err e = {0};
-    ck_assert_msg(sched_config_from_json(json_object_get(c, "source"), cls, 0, &cfg, &e) == 0,
-                  "%s", e.msg);
+    ck_assert_msg(sched_config_from_json(json_object_get(c, "source"), cls, 0, &cfg, &e) == 0, "%s",
+                  e.msg);
     json_t *mine = sched_config_to_json(&cfg);
     const char *key;
     json_t *want;
@@ -287,10 +286,11 @@ START_TEST(files_and_ranges) {
   char path[512];
   sched_config c;
   err e = {0};
-  ck_assert_int_eq(sched_config_load_file(test_src_path(path, sizeof path,
-                                                        "tests/fixtures/gmm/mix3/scheduler_config.json"),
-                                          "ddim", 0, &c, &e),
-                   0);
+  ck_assert_int_eq(
+      sched_config_load_file(
+          test_src_path(path, sizeof path, "tests/fixtures/gmm/mix3/scheduler_config.json"), "ddim",
+          0, &c, &e),
+      0);
   ck_assert_str_eq(c.scheduler, "DDIMScheduler");
   ck_assert_int_eq(c.set_alpha_to_one, 1);
   int64_t ts[1000];

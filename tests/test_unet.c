@@ -151,18 +151,31 @@ static void expect_load_error(mutate_fn fn, const char *needle) {
   ck_assert_msg(strstr(e.msg, needle), "error '%s' should mention '%s'", e.msg, needle);
 }
 
-static void m_act(json_t *c, json_t *h) { (void)h; json_object_set_new(c, "act_fn", json_string("gelu")); }
-static void m_unknown(json_t *c, json_t *h) { (void)h; json_object_set_new(c, "mystery_knob", json_integer(3)); }
+static void m_act(json_t *c, json_t *h) {
+  (void)h;
+  json_object_set_new(c, "act_fn", json_string("gelu"));
+}
+static void m_unknown(json_t *c, json_t *h) {
+  (void)h;
+  json_object_set_new(c, "mystery_knob", json_integer(3));
+}
 static void m_levels(json_t *c, json_t *h) {
   (void)h;
   json_array_remove(json_object_get(c, "block_out_channels"), 0);
 }
-static void m_groups(json_t *c, json_t *h) { (void)h; json_object_set_new(c, "norm_num_groups", json_integer(7)); }
+static void m_groups(json_t *c, json_t *h) {
+  (void)h;
+  json_object_set_new(c, "norm_num_groups", json_integer(7));
+}
 static void m_block(json_t *c, json_t *h) {
   (void)h;
-  json_array_set_new(json_object_get(c, "down_block_types"), 0, json_string("CrossAttnDownBlock2D"));
+  json_array_set_new(json_object_get(c, "down_block_types"), 0,
+                     json_string("CrossAttnDownBlock2D"));
 }
-static void m_type(json_t *c, json_t *h) { (void)h; json_object_set_new(c, "layers_per_block", json_string("2")); }
+static void m_type(json_t *c, json_t *h) {
+  (void)h;
+  json_object_set_new(c, "layers_per_block", json_string("2"));
+}
 static void m_missing(json_t *c, json_t *h) {
   (void)c;
   json_t *v = json_object_get(h, "conv_in.weight");
@@ -249,11 +262,12 @@ START_TEST(pipeline_layout_loads) {
   char dir[256], src[1024], cmd[2600];
   test_tmpdir(dir, sizeof dir);
   test_src_path(src, sizeof src, "tests/fixtures/unet/cifar_small");
-  snprintf(cmd, sizeof cmd,
-           "mkdir -p %s/unet %s/scheduler && cp %s/config.json %s/diffusion_pytorch_model.safetensors "
-           "%s/unet/ && cp %s/scheduler_config.json %s/scheduler/ && echo '{\"_class_name\": "
-           "\"DDPMPipeline\"}' > %s/model_index.json",
-           dir, dir, src, src, dir, src, dir, dir);
+  snprintf(
+      cmd, sizeof cmd,
+      "mkdir -p %s/unet %s/scheduler && cp %s/config.json %s/diffusion_pytorch_model.safetensors "
+      "%s/unet/ && cp %s/scheduler_config.json %s/scheduler/ && echo '{\"_class_name\": "
+      "\"DDPMPipeline\"}' > %s/model_index.json",
+      dir, dir, src, src, dir, src, dir, dir);
   ck_assert_int_eq(system(cmd), 0);
   model *m = NULL;
   err e = {0};

@@ -38,6 +38,7 @@ CASES = [
     ("ddpm30_v_small_log", "mix3_v", "ddpm", 30,
      {"variance_type": "fixed_small_log", "clip_sample": False}, None),
     ("ddpm25_sample_large", "mix3_sample", "ddpm", 25, {"variance_type": "fixed_large"}, None),
+    ("ddpm16_trailing", "mix3", "ddpm", 16, {"timestep_spacing": "trailing"}, None),
     ("ddpm25_threshold", "wide2", "ddpm", 25,
      {"thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.3}, None),
 ]
@@ -90,6 +91,12 @@ def run_case(diffusers, models, name, model, solver, steps, overrides, labels, r
     cls = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler}[solver]
     sched = cls.from_config(sconf, **kw)
     sched.set_timesteps(steps)
+    if solver == "ddpm":
+        # Current diffusers steps DDPM to the next timestep of the schedule; 0.21 went to
+        # t - T // n, which differs for trailing/linspace spacing. Follow current diffusers.
+        ts_list = [int(t) for t in sched.timesteps]
+        sched.previous_timestep = lambda t: (
+            ts_list[ts_list.index(int(t)) + 1] if ts_list.index(int(t)) + 1 < len(ts_list) else -1)
     gmm = Gmm(mdir)
     abar = sched.alphas_cumprod.numpy().astype(np.float64)
     shape = (BATCH, gmm.config["in_channels"], gmm.config["sample_size"],

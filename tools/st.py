@@ -128,8 +128,9 @@ def load(path, bf16="f32", names=None):
                 raise SafetensorsError("%s: tensor %r: offsets [%d,%d] do not match dtype %s shape %s "
                                        "(data section %d bytes)" % (path, name, b, e, dt, shape, data_len))
             f.seek(start + b)
-            buf = f.read(e - b)
-            arr = np.frombuffer(buf, dtype=_NP[dt], count=count).reshape(shape).copy()
+            arr = np.empty(shape, dtype=_NP[dt])
+            if arr.nbytes and f.readinto(memoryview(arr.reshape(-1)).cast("B")) != arr.nbytes:
+                raise SafetensorsError("%s: short read for tensor %r" % (path, name))
             if dt == "BF16" and bf16 != "raw":
                 arr = bf16_bits_to_f32(arr)
             out[name] = arr

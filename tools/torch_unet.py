@@ -87,7 +87,9 @@ def timestep_embedding(t, dim, flip_sin_to_cos, freq_shift, max_period=10000):
 
 
 class TorchUNet:
-    def __init__(self, config, params, dtype=torch.float32, memory_format=torch.contiguous_format):
+    def __init__(self, config, params, dtype=torch.float32, memory_format=torch.contiguous_format,
+                 consume=False):
+        """params: {name: numpy array or tensor}; consume=True empties the dict while converting."""
         c = dict(config)
         self.c = c
         self.dtype = dtype
@@ -118,9 +120,11 @@ class TorchUNet:
         self.act = _act(c.get("act_fn", "silu"))
         self.head_dim = c.get("attention_head_dim", 8)
         self.dpad = int(c.get("downsample_padding", 1))
-        self.dtype_name = str(dtype)
         self.p = {}
-        for k, v in modernise_names(params).items():
+        for k in list(params):
+            # pop as we go: converted copies then reuse the memory of the freed originals
+            v = params.pop(k) if consume else params[k]
+            k = _LEGACY.sub(lambda m: "%s.%s." % (m.group(1), _LEGACY_MAP[m.group(2)]), k)
             t = v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))
             if t.is_floating_point():
                 t = t.to(dtype)
@@ -145,14 +149,23 @@ class TorchUNet:
                 break
         else:
             raise UNetConfigError("%s: no %s" % (path, " or ".join(WEIGHT_FILES)))
-        return cls(config, st.load(wp), dtype=dtype, memory_format=memory_format)
+        return cls(config, st.load(wp), dtype=dtype, memory_format=memory_format, consume=True)
 
     def _check_params(self):
-        need = ["conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight",
-                "time_embedding.linear_2.weight", "conv_norm_out.weight"]
-        missing = [k for k in need if k not in self.p]
+        want = param_shapes(self.c)
+        missing = sorted(k for k in want if k not in self.p)
+        extra = sorted(k for k in self.p if k not in want)
+        bad = sorted("%s %s (expected %s)" % (k, tuple(self.p[k].shape), want[k])
+                     for k in want if k in self.p and tuple(self.p[k].shape) != tuple(want[k]))
+        msg = []
         if missing:
-            raise UNetConfigError("missing tensors: %s" % ", ".join(missing))
+            msg.append("missing tensors: %s%s" % (", ".join(missing[:8]), " ..." if len(missing) > 8 else ""))
+        if extra:
+            msg.append("unexpected tensors: %s%s" % (", ".join(extra[:8]), " ..." if len(extra) > 8 else ""))
+        if bad:
+            msg.append("shape mismatch: %s" % "; ".join(bad[:8]))
+        if msg:
+            raise UNetConfigError("weights do not match the config: " + " | ".join(msg))
 
     # ---- primitives ------------------------------------------------------------------------
     def _gn(self, x, pfx, groups=None):
