@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "gemm.h"
 #include "model.h"
 #include "rng.h"
 
@@ -122,8 +123,9 @@ int cmd_bench(int argc, char **argv) {
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
-         "gflops=%.1f peak_rss_mb=%.1f\n",
-         n, threads, s, med, med / n, flops / (med * 1e6), ru.ru_maxrss / 1024.0);
+         "gflops=%.1f peak_rss_mb=%.1f kernel=%s\n",
+         n, threads, s, med, med / n, flops / (med * 1e6), ru.ru_maxrss / 1024.0,
+         gemm_kernel_name());
   status = 0;
 done:
   free(x);

@@ -175,10 +175,10 @@ int model_load(const char *dir, model **out, err *e) {
   snprintf(m->class_name, sizeof m->class_name, "%s", name);
   m->info.class_name = m->class_name;
   const json_t *pt = json_object_get(cfg, "prediction_type");
-  if (json_is_string(pt)) {
-    snprintf(m->prediction_type, sizeof m->prediction_type, "%s", json_string_value(pt));
-    m->info.prediction_type = m->prediction_type;
-  }
+  /* UNet2DModel configs do not say what they predict; diffusers assumes epsilon. */
+  snprintf(m->prediction_type, sizeof m->prediction_type, "%s",
+           json_is_string(pt) ? json_string_value(pt) : "epsilon");
+  m->info.prediction_type = m->prediction_type;
   if (strcmp(name, "UNet2DModel") == 0) {
     rc = load_unet(m, cfg, net_dir, e);
   } else if (strcmp(name, "GaussianMixtureDenoiser") == 0) {

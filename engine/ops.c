@@ -8,9 +8,11 @@
 #include <pthread.h>
 #include <string.h>
 
+#include "gemm.h"
 #include "pool.h"
 
 #define COL_TILE_BYTES (2u << 20) /* im2col tile kept near cache size */
+#define CONV_MIN_COLS 256         /* narrower GEMMs waste the 32-wide kernel */
 
 static void blas_single_thread(void) {
   openblas_set_num_threads(1);
@@ -32,22 +34,28 @@ typedef struct conv_job {
   const conv2d *c;
   const float *x;
   float *y;
-  int h, w, oh, ow;
-  int tile, ntiles, nrow_chunks;
-  float *col; /* per-worker scratch, K * tile floats each */
-  int direct; /* 1x1, stride 1, no padding: x is already the B matrix */
+  int n, h, w, oh, ow, P, K;
+  int group;  /* images per column block when images are small, else 1 */
+  int tile;   /* output pixels per column block of one image (whole rows) */
+  int ntiles; /* column blocks per image when group == 1 */
+  int units;  /* column blocks in all */
+  int row_chunks, rows_per_chunk;
+  int cols;                     /* widest column block */
+  float *col, *cbuf, *gscratch; /* per-worker scratch */
+  size_t col_stride, cbuf_stride, gscratch_stride;
+  int direct;
 } conv_job;
 
-/* Unfolds output rows [oy0, oy1) into col[(ci, ky, kx)][pixel]. Stride-1
- * rows are one memcpy between zero margins, the common case in a UNet. */
+/* Unfolds output rows [oy0, oy1) of one image into col[(ci, ky, kx)][ld]
+ * from column 0. Stride-1 rows are one memcpy between zero margins. */
 static void im2col_rows(const conv2d *c, const float *x, int h, int w, int ow, int oy0, int oy1,
-                        float *col) {
-  int tw = (oy1 - oy0) * ow, k = c->k;
+                        float *col, int ld) {
+  int k = c->k;
   for (int ci = 0; ci < c->cin; ci++) {
     const float *xc = x + (size_t)ci * h * w;
     for (int ky = 0; ky < k; ky++) {
       for (int kx = 0; kx < k; kx++) {
-        float *dst = col + ((size_t)(ci * k + ky) * k + kx) * tw;
+        float *dst = col + ((size_t)(ci * k + ky) * k + kx) * ld;
         int ix0 = kx - c->pad_left;
         int lo = ix0 < 0 ? -ix0 : 0, hi = w - ix0 < ow ? w - ix0 : ow;
         for (int oy = oy0; oy < oy1; oy++) {
@@ -78,71 +86,126 @@ static void im2col_rows(const conv2d *c, const float *x, int h, int w, int ow, i
   }
 }
 
+/* One column block x one chunk of output channels. Small images are laid
+ * side by side into one wide B so the kernel sees enough columns; large ones
+ * are cut into row tiles. Each output element is computed by the same
+ * arithmetic either way (see gemm.h), so blocking never changes results. */
 static void conv_task(void *ctx, int task, int worker) {
   conv_job *j = ctx;
   const conv2d *c = j->c;
-  int per_image = j->ntiles * j->nrow_chunks;
-  int img = task / per_image, rest = task % per_image;
-  int tile = rest / j->nrow_chunks, rc = rest % j->nrow_chunks;
-  int P = j->oh * j->ow, K = c->cin * c->k * c->k;
-  int p0 = tile * j->tile, p1 = p0 + j->tile < P ? p0 + j->tile : P;
-  int r0 = (int)((long)c->cout * rc / j->nrow_chunks);
-  int r1 = (int)((long)c->cout * (rc + 1) / j->nrow_chunks);
-  if (r1 <= r0 || p1 <= p0)
+  int unit = task / j->row_chunks, rc = task % j->row_chunks;
+  int r0 = rc * j->rows_per_chunk, r1 = r0 + j->rows_per_chunk;
+  if (r1 > c->cout)
+    r1 = c->cout;
+  if (r0 >= r1)
     return;
-  const float *xi = j->x + (size_t)img * c->cin * j->h * j->w;
-  float *yi = j->y + (size_t)img * c->cout * P;
-  const float *b;
-  int ldb;
-  if (j->direct) {
-    b = xi + p0;
-    ldb = P;
-  } else {
-    float *col = j->col + (size_t)worker * K * j->tile;
-    im2col_rows(c, xi, j->h, j->w, j->ow, p0 / j->ow, p1 / j->ow, col);
-    b = col;
-    ldb = p1 - p0;
+  int P = j->P;
+  size_t in_plane = (size_t)c->cin * j->h * j->w, out_plane = (size_t)c->cout * P;
+  float *col = j->col + worker * j->col_stride;
+  float *gs = j->gscratch + worker * j->gscratch_stride;
+  if (j->group == 1) {
+    int img = unit / j->ntiles, tile = unit % j->ntiles;
+    int p0 = tile * j->tile, p1 = p0 + j->tile < P ? p0 + j->tile : P;
+    const float *xi = j->x + (size_t)img * in_plane;
+    float *yi = j->y + (size_t)img * out_plane;
+    const float *b = xi + p0;
+    int ldb = P;
+    if (!j->direct) {
+      im2col_rows(c, xi, j->h, j->w, j->ow, p0 / j->ow, p1 / j->ow, col, p1 - p0);
+      b = col;
+      ldb = p1 - p0;
+    }
+    gemm_run(&c->packed, r0, r1, b, ldb, p1 - p0, yi + (size_t)r0 * P + p0, P, 0, gs);
+    if (c->bias) /* added last, as in the grouped path, so both round alike */
+      for (int r = r0; r < r1; r++) {
+        float bias = c->bias[r], *row = yi + (size_t)r * P + p0;
+        for (int p = 0; p < p1 - p0; p++)
+          row[p] += bias;
+      }
+    return;
   }
-  for (int r = r0; r < r1; r++) {
-    float bias = c->bias ? c->bias[r] : 0.0f;
-    float *row = yi + (size_t)r * P + p0;
-    for (int p = 0; p < p1 - p0; p++)
-      row[p] = bias;
+  int i0 = unit * j->group, i1 = i0 + j->group < j->n ? i0 + j->group : j->n;
+  int ld = (i1 - i0) * P;
+  for (int i = i0; i < i1; i++) {
+    const float *xi = j->x + (size_t)i * in_plane;
+    float *dst = col + (size_t)(i - i0) * P;
+    if (j->direct) {
+      for (int ci = 0; ci < c->cin; ci++)
+        memcpy(dst + (size_t)ci * ld, xi + (size_t)ci * P, sizeof(float) * P);
+    } else {
+      im2col_rows(c, xi, j->h, j->w, j->ow, 0, j->oh, dst, ld);
+    }
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, p1 - p0, K, 1.0f,
-              c->weight + (size_t)r0 * K, K, b, ldb, 1.0f, yi + (size_t)r0 * P + p0, P);
+  float *cb = j->cbuf + worker * j->cbuf_stride;
+  gemm_run(&c->packed, r0, r1, col, ld, ld, cb, ld, 0, gs);
+  for (int i = i0; i < i1; i++)
+    for (int r = r0; r < r1; r++) {
+      float bias = c->bias ? c->bias[r] : 0.0f;
+      const float *src = cb + (size_t)(r - r0) * ld + (size_t)(i - i0) * P;
+      float *dst = j->y + (size_t)i * out_plane + (size_t)r * P;
+      for (int p = 0; p < P; p++)
+        dst[p] = src[p] + bias;
+    }
+}
+
+int ops_conv2d_pack(conv2d *c) {
+  return gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k);
+}
+
+void ops_conv2d_unpack(conv2d *c) {
+  gemm_packed_free(&c->packed);
 }
 
 int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a,
                int threads) {
-  conv_job j = {.c = c, .x = x, .y = y, .h = h, .w = w};
+  if (threads < 1)
+    threads = 1;
+  conv_job j = {.c = c, .x = x, .y = y, .n = n, .h = h, .w = w};
   ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);
-  int P = j.oh * j.ow, K = c->cin * c->k * c->k;
+  j.P = j.oh * j.ow;
+  j.K = c->cin * c->k * c->k;
   j.direct =
       c->k == 1 && c->stride == 1 && !c->pad_top && !c->pad_left && !c->pad_bottom && !c->pad_right;
-  j.tile = P;
-  if (!j.direct && (size_t)K * P * sizeof(float) > COL_TILE_BYTES) {
-    /* whole output rows per tile, so im2col works row by row */
-    int rows = (int)(COL_TILE_BYTES / sizeof(float) / (size_t)K / (size_t)j.ow);
-    j.tile = (rows < 1 ? 1 : rows) * j.ow;
+  j.group = 1;
+  if (j.P < CONV_MIN_COLS && n > 1) {
+    j.group = (CONV_MIN_COLS + j.P - 1) / j.P;
+    if (j.group > n)
+      j.group = n;
   }
-  if (j.tile > P)
-    j.tile = P;
-  j.ntiles = (P + j.tile - 1) / j.tile;
-  /* Small images give too few tiles to feed the threads, so output channels
-   * are split too. The split depends on the layer alone, never on the batch
-   * size or thread count: every image then sees the same sgemm shapes and
-   * gets bit-identical results however it is batched or scheduled. */
-  j.nrow_chunks = j.ntiles >= 4 ? 1 : c->cout / 64;
-  if (j.nrow_chunks < 1)
-    j.nrow_chunks = 1;
+  if (j.group > 1) {
+    j.units = (n + j.group - 1) / j.group;
+    j.cols = j.group * j.P;
+  } else {
+    j.tile = j.P;
+    if (!j.direct && (size_t)j.K * j.P * sizeof(float) > COL_TILE_BYTES) {
+      int rows = (int)(COL_TILE_BYTES / sizeof(float) / (size_t)j.K / (size_t)j.ow);
+      j.tile = (rows < 1 ? 1 : rows) * j.ow;
+    }
+    j.ntiles = (j.P + j.tile - 1) / j.tile;
+    j.units = n * j.ntiles;
+    j.cols = j.tile;
+  }
+  /* Few column blocks: split output channels as well, in whole kernel rows. */
+  int rb = gemm_row_block();
+  j.row_chunks = 1;
+  if (j.units < 2 * threads) {
+    j.row_chunks = (2 * threads + j.units - 1) / j.units;
+    int max_chunks = (c->cout + 4 * rb - 1) / (4 * rb);
+    if (j.row_chunks > max_chunks)
+      j.row_chunks = max_chunks < 1 ? 1 : max_chunks;
+  }
+  j.rows_per_chunk = (c->cout + j.row_chunks - 1) / j.row_chunks;
+  j.rows_per_chunk = (j.rows_per_chunk + rb - 1) / rb * rb;
+  j.col_stride = (j.direct && j.group == 1) ? 0 : (size_t)j.K * j.cols;
+  j.cbuf_stride = j.group > 1 ? (size_t)j.rows_per_chunk * j.cols : 0;
+  j.gscratch_stride = gemm_scratch_floats(j.K, j.cols);
   arena_mark m = arena_get_mark(a);
-  if (!j.direct) {
-    j.col = arena_floats(a, (size_t)K * j.tile * (threads > 0 ? threads : 1));
-    if (!j.col)
-      return -1;
-  }
-  pool_run(threads, n * j.ntiles * j.nrow_chunks, conv_task, &j);
+  j.col = arena_floats(a, j.col_stride * threads + 16);
+  j.cbuf = arena_floats(a, j.cbuf_stride * threads + 16);
+  j.gscratch = arena_floats(a, j.gscratch_stride * threads);
+  if (!j.col || !j.cbuf || !j.gscratch)
+    return -1;
+  pool_run(threads, j.units * j.row_chunks, conv_task, &j);
   arena_release(a, m);
   return 0;
 }
@@ -301,6 +364,26 @@ static void attn_task(void *ctx, int task, int worker) {
               j->L, 0.0f, j->o + base + r0, j->L);
 }
 
+int ops_attention_pack(attn_weights *aw) {
+  const float *w[4] = {aw->wq, aw->wk, aw->wv, aw->wo}, *b[4] = {aw->bq, aw->bk, aw->bv, aw->bo};
+  for (int i = 0; i < 4; i++) {
+    aw->proj[i] = (conv2d){.cin = aw->channels,
+                           .cout = aw->channels,
+                           .k = 1,
+                           .stride = 1,
+                           .weight = w[i],
+                           .bias = b[i]};
+    if (ops_conv2d_pack(&aw->proj[i]))
+      return -1;
+  }
+  return 0;
+}
+
+void ops_attention_unpack(attn_weights *aw) {
+  for (int i = 0; i < 4; i++)
+    ops_conv2d_unpack(&aw->proj[i]);
+}
+
 int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
                   int threads) {
   int c = aw->channels;
@@ -314,15 +397,10 @@ int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *
     ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, threads);
   else
     memcpy(xn, x, count * sizeof(float));
-  conv2d proj = {.cin = c, .cout = c, .k = 1, .stride = 1};
-  const float *w[3] = {aw->wq, aw->wk, aw->wv}, *b[3] = {aw->bq, aw->bk, aw->bv};
   float *dst[3] = {q, k, v};
-  for (int i = 0; i < 3; i++) {
-    proj.weight = w[i];
-    proj.bias = b[i];
-    if (ops_conv2d(&proj, xn, n, hw, 1, dst[i], a, threads))
+  for (int i = 0; i < 3; i++)
+    if (ops_conv2d(&aw->proj[i], xn, n, hw, 1, dst[i], a, threads))
       return -1;
-  }
   attn_job j = {.q = q, .k = k, .v = v, .o = o, .c = c, .L = hw, .heads = aw->heads};
   j.dh = c / aw->heads;
   j.scale = 1.0f / sqrtf((float)j.dh);
@@ -332,9 +410,7 @@ int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *
   if (!j.scores)
     return -1;
   pool_run(threads, n * aw->heads * j.nchunks, attn_task, &j);
-  proj.weight = aw->wo;
-  proj.bias = aw->bo;
-  if (ops_conv2d(&proj, o, n, hw, 1, xn, a, threads))
+  if (ops_conv2d(&aw->proj[3], o, n, hw, 1, xn, a, threads))
     return -1;
   for (size_t i = 0; i < count; i++)
     y[i] = (xn[i] + x[i]) / aw->rescale;

@@ -7,6 +7,7 @@
 #include <stddef.h>
 
 #include "arena.h"
+#include "gemm.h"
 
 /* Makes BLAS single-threaded so that `threads` alone sets the parallelism.
  * Called by model_load; idempotent and thread-safe. */
@@ -17,7 +18,12 @@ typedef struct conv2d {
   int pad_top, pad_left, pad_bottom, pad_right;
   const float *weight; /* [cout][cin][k][k] */
   const float *bias;   /* [cout] or NULL */
+  gemm_packed packed;  /* weight in the GEMM kernel's layout: ops_conv2d_pack */
 } conv2d;
+
+/* Packs c->weight for ops_conv2d (once, at load); unpack frees it. */
+int ops_conv2d_pack(conv2d *c);
+void ops_conv2d_unpack(conv2d *c);
 
 /* Output size of conv c on an h x w input. */
 void ops_conv2d_out_size(const conv2d *c, int h, int w, int *oh, int *ow);
@@ -55,8 +61,13 @@ typedef struct attn_weights {
   float eps;
   const float *norm_gamma, *norm_beta;
   const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo; /* [c][c], [c] */
-  float rescale; /* output divided by this after the residual add */
+  float rescale;  /* output divided by this after the residual add */
+  conv2d proj[4]; /* q, k, v, out as packed 1x1 convolutions: ops_attention_pack */
 } attn_weights;
+
+/* Builds the packed projections from wq..bo (once, at load). */
+int ops_attention_pack(attn_weights *aw);
+void ops_attention_unpack(attn_weights *aw);
 
 /* Spatial self-attention with diffusers' semantics (AttnProcessor on a 4-D
  * input with residual_connection): y = (x + attn(norm(x))) / rescale. */

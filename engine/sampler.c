@@ -9,7 +9,10 @@
 
 #include "rng.h"
 
-/* What one step of a solver sees: the whole batch, the model output for it, scratch space. */
+typedef struct run_ctx run_ctx;
+
+/* What one step of a solver sees: the whole batch, the model output at the step's timestep,
+ * scratch space, and (through run) per-run state and more evaluations. */
 typedef struct step_ctx {
   int i; /* step index */
   int batch;
@@ -21,15 +24,23 @@ typedef struct step_ctx {
   float *noise;     /* d scratch */
   float *sel;       /* d scratch for the thresholding quantile */
   const sampler_run_opts *o;
+  run_ctx *run;
 } step_ctx;
 
+/* A solver. The loop evaluates the model at tm[i] before step i; a solver that needs more
+ * evaluations per step (Heun, singlestep DPM-Solver) calls sampler_eval, so that NFE counting
+ * and cancellation stay in one place. Multistep solvers keep their history in c->run->state. */
 typedef struct solver_desc {
   const char *name;
   const char *class_name;
   int default_steps;
-  /* Fills s->prev (the timestep each step goes to) after s->ts is set. */
+  /* Fills s->tm (model timesteps) and s->prev (where each step goes) after s->ts is set. */
   void (*prepare)(sampler *s);
-  int (*step)(const sampler *s, const step_ctx *c, err *e);
+  int (*step)(const sampler *s, step_ctx *c, err *e);
+  /* Optional: bytes of per-run state for `batch` images of d values. */
+  size_t (*state_size)(const sampler *s, int batch, size_t d);
+  /* Optional: evaluations per image for a whole run; NULL means one per step. */
+  int (*nfe)(const sampler *s);
 } solver_desc;
 
 struct sampler {
@@ -38,9 +49,36 @@ struct sampler {
   int num_train_timesteps;
   float *abar; /* alphas_cumprod, float32 as diffusers holds it */
   int n;
-  int64_t *ts;
+  int64_t *ts;   /* the schedule's training timesteps (sched_timesteps) */
+  double *tm;    /* timestep handed to the model at each step */
   int64_t *prev; /* -1: past the end of the chain */
 };
+
+struct run_ctx {
+  const sampler *s;
+  const model *m;
+  const sampler_run_opts *o;
+  int h, w;
+  float *tv;   /* batch timesteps */
+  void *state; /* solver_desc.state_size bytes, zeroed at the start of a run */
+  int nfe;
+};
+
+/* One more network evaluation on the batch at timestep t, counted and cancellable. */
+static int sampler_eval(step_ctx *c, const float *x, double t, float *out, err *e) {
+  run_ctx *r = c->run;
+  const sampler_run_opts *o = r->o;
+  if (o->cancel && *o->cancel)
+    return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", c->i + 1, r->s->n);
+  for (int b = 0; b < c->batch; b++)
+    r->tv[b] = (float)t;
+  int rc = model_eval(r->m, x, c->batch, r->h, r->w, r->tv, o->labels, out,
+                      o->threads > 0 ? o->threads : 1, e);
+  if (rc != ERR_OK)
+    return err_prefix(e, "step %d (t=%g)", c->i + 1, t);
+  r->nfe++;
+  return ERR_OK;
+}
 
 /* ---- pieces shared by the solvers ---- */
 
@@ -109,11 +147,13 @@ static void predict_x0(sched_prediction p, float a_t, const float *x, const floa
 /* Current diffusers: the chain goes to the next timestep of the schedule. (0.21 used
  * t - T / n, which only differs for trailing/linspace spacing; its last step was -1 too.) */
 static void ddpm_prepare(sampler *s) {
-  for (int i = 0; i < s->n; i++)
+  for (int i = 0; i < s->n; i++) {
+    s->tm[i] = (double)s->ts[i];
     s->prev[i] = i + 1 < s->n ? s->ts[i + 1] : -1;
+  }
 }
 
-static int ddpm_step(const sampler *s, const step_ctx *c, err *e) {
+static int ddpm_step(const sampler *s, step_ctx *c, err *e) {
   const sched_config *cfg = &s->cfg;
   const int64_t t = s->ts[c->i], pt = s->prev[c->i];
   const float a_t = s->abar[t], a_prev = pt >= 0 ? s->abar[pt] : 1.0f;
@@ -173,11 +213,13 @@ static int ddpm_step(const sampler *s, const step_ctx *c, err *e) {
  * timestep of the schedule (trailing with T % n != 0); kept for parity. */
 static void ddim_prepare(sampler *s) {
   const int64_t ratio = s->num_train_timesteps / s->n;
-  for (int i = 0; i < s->n; i++)
+  for (int i = 0; i < s->n; i++) {
+    s->tm[i] = (double)s->ts[i];
     s->prev[i] = s->ts[i] - ratio;
+  }
 }
 
-static int ddim_step(const sampler *s, const step_ctx *c, err *e) {
+static int ddim_step(const sampler *s, step_ctx *c, err *e) {
   const sched_config *cfg = &s->cfg;
   const int64_t t = s->ts[c->i], pt = s->prev[c->i];
   const float final_abar = cfg->set_alpha_to_one ? 1.0f : s->abar[0];
@@ -219,8 +261,8 @@ static int ddim_step(const sampler *s, const step_ctx *c, err *e) {
 }
 
 static const solver_desc solvers[] = {
-    {"ddpm", "DDPMScheduler", 1000, ddpm_prepare, ddpm_step},
-    {"ddim", "DDIMScheduler", 50, ddim_prepare, ddim_step},
+    {"ddpm", "DDPMScheduler", 1000, ddpm_prepare, ddpm_step, NULL, NULL},
+    {"ddim", "DDIMScheduler", 50, ddim_prepare, ddim_step, NULL, NULL},
 };
 
 #define NSOLVERS ((int)(sizeof solvers / sizeof solvers[0]))
@@ -253,6 +295,7 @@ void sampler_free(sampler *s) {
   sched_config_free(&s->cfg);
   free(s->abar);
   free(s->ts);
+  free(s->tm);
   free(s->prev);
   free(s);
 }
@@ -289,8 +332,9 @@ int sampler_new(const char *name, const sched_config *cfg, int num_inference_ste
   }
   s->abar = malloc((size_t)T * sizeof *s->abar);
   s->ts = malloc((size_t)s->n * sizeof *s->ts);
+  s->tm = malloc((size_t)s->n * sizeof *s->tm);
   s->prev = malloc((size_t)s->n * sizeof *s->prev);
-  if (!s->abar || !s->ts || !s->prev) {
+  if (!s->abar || !s->ts || !s->tm || !s->prev) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto fail;
   }
@@ -311,11 +355,11 @@ const char *sampler_name(const sampler *s) {
 int sampler_num_steps(const sampler *s) {
   return s->n;
 }
-const int64_t *sampler_timesteps(const sampler *s) {
-  return s->ts;
+const double *sampler_timesteps(const sampler *s) {
+  return s->tm;
 }
 int sampler_nfe(const sampler *s) {
-  return s->n;
+  return s->desc->nfe ? s->desc->nfe(s) : s->n;
 }
 
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
@@ -331,32 +375,35 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                    w);
   if (cout != cin && cout != 2 * cin)
     return err_set(e, ERR_UNSUPPORTED,
-                   "sampler: model has %d output channels for %d input "
-                   "channels (expected equal, or double for a learned "
-                   "variance)",
+                   "sampler: model has %d output channels for %d input channels (expected "
+                   "equal, or double for a learned variance)",
                    cout, cin);
   const sched_config *cfg = &s->cfg;
   if ((cfg->variance_type == SCHED_VAR_LEARNED || cfg->variance_type == SCHED_VAR_LEARNED_RANGE) &&
       s->desc->step == ddpm_step && cout != 2 * cin)
     return err_set(e, ERR_INVALID,
-                   "sampler: variance_type '%s' needs a model with 2 x %d output "
-                   "channels, this one has %d",
+                   "sampler: variance_type '%s' needs a model with 2 x %d output channels, "
+                   "this one has %d",
                    sched_variance_name(cfg->variance_type), cin, cout);
   if (info->prediction_type &&
       strcmp(info->prediction_type, sched_prediction_name(cfg->prediction_type)) != 0)
     return err_set(e, ERR_INVALID,
-                   "sampler: the model predicts '%s' but the scheduler config "
-                   "says prediction_type '%s'",
+                   "sampler: the model predicts '%s' but the scheduler config says "
+                   "prediction_type '%s'",
                    info->prediction_type, sched_prediction_name(cfg->prediction_type));
   const size_t d = (size_t)cin * h * w, dout = (size_t)cout * h * w;
   const size_t nb = (size_t)o->batch;
+  const size_t state_bytes = s->desc->state_size ? s->desc->state_size(s, o->batch, d) : 0;
   float *mo = malloc(nb * dout * sizeof *mo);
   float *scratch = malloc(3 * d * sizeof *scratch);
   float *tv = malloc(nb * sizeof *tv);
-  if (!mo || !scratch || !tv) {
+  run_ctx run = {.s = s, .m = m, .o = o, .h = h, .w = w, .tv = tv};
+  run.state = state_bytes ? calloc(1, state_bytes) : NULL;
+  if (!mo || !scratch || !tv || (state_bytes && !run.state)) {
     free(mo);
     free(scratch);
     free(tv);
+    free(run.state);
     return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
   }
   for (size_t b = 0; b < nb; b++) {
@@ -373,30 +420,22 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                 .x0 = scratch,
                 .noise = scratch + d,
                 .sel = scratch + 2 * d,
-                .o = o};
+                .o = o,
+                .run = &run};
   int rc = ERR_OK;
-  for (int i = 0; i < s->n; i++) {
-    if (o->cancel && *o->cancel) {
-      rc = err_set(e, ERR_CANCELLED, "cancelled before step %d of %d", i + 1, s->n);
-      break;
-    }
-    for (size_t b = 0; b < nb; b++)
-      tv[b] = (float)s->ts[i];
-    rc = model_eval(m, out, o->batch, h, w, tv, o->labels, mo, o->threads > 0 ? o->threads : 1, e);
-    if (rc != ERR_OK) {
-      err_prefix(e, "step %d (t=%lld)", i + 1, (long long)s->ts[i]);
-      break;
-    }
-    if (nfe)
-      (*nfe)++;
+  for (int i = 0; i < s->n && rc == ERR_OK; i++) {
     c.i = i;
-    if ((rc = s->desc->step(s, &c, e)) != ERR_OK)
+    if ((rc = sampler_eval(&c, out, s->tm[i], mo, e)) != ERR_OK ||
+        (rc = s->desc->step(s, &c, e)) != ERR_OK)
       break;
     if (o->progress)
-      o->progress(i + 1, s->n, i + 1, o->progress_user);
+      o->progress(i + 1, s->n, run.nfe, o->progress_user);
   }
+  if (nfe)
+    *nfe = run.nfe;
   free(mo);
   free(scratch);
   free(tv);
+  free(run.state);
   return rc;
 }

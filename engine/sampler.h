@@ -31,8 +31,9 @@ void sampler_free(sampler *s);
 
 const char *sampler_name(const sampler *s);
 int sampler_num_steps(const sampler *s);
-/* The model timestep of each step, num_steps values. */
-const int64_t *sampler_timesteps(const sampler *s);
+/* The timestep handed to the model at each step, num_steps values (integral for DDPM/DDIM;
+ * solvers on a sigma grid may give fractional ones). */
+const double *sampler_timesteps(const sampler *s);
 /* Network evaluations one image costs for a whole run. */
 int sampler_nfe(const sampler *s);
 

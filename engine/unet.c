@@ -325,6 +325,16 @@ typedef struct loader {
   err *e;
 } loader;
 
+/* Hands a buffer to the model, which frees it with the weights. */
+static int keep(loader *ld, void *p) {
+  if (ld->u->nparams == UNET_MAX_PARAMS) {
+    free(p);
+    return err_set(ld->e, ERR_UNSUPPORTED, "model has more than %d tensors", UNET_MAX_PARAMS);
+  }
+  ld->u->params[ld->u->nparams++] = p;
+  return ERR_OK;
+}
+
 static float *load_tensor(loader *ld, const char *name, int ndim, const int64_t *shape) {
   if (ld->u->nparams == UNET_MAX_PARAMS) {
     err_set(ld->e, ERR_UNSUPPORTED, "model has more than %d tensors", UNET_MAX_PARAMS);
@@ -386,7 +396,9 @@ static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, i
     if (!(c->bias = load_tensor(ld, name, 1, bshape)))
       return ld->e->code;
   }
-  return ERR_OK;
+  if (ops_conv2d_pack(c))
+    return err_set(ld->e, ERR_NOMEM, "out of memory packing '%s'", prefix);
+  return keep(ld, c->packed.data);
 }
 
 /* A linear layer; `conv_ok` also accepts a [out, in, 1, 1] weight (old
@@ -478,6 +490,11 @@ static int load_attention(loader *ld, const unet_config *c, const char *prefix, 
     if ((rc = load_linear(ld, wname, bname, channels, channels, w[i], b[i])))
       return rc;
   }
+  if (ops_attention_pack(a))
+    return err_set(ld->e, ERR_NOMEM, "out of memory packing '%s'", prefix);
+  for (int i = 0; i < 4; i++)
+    if ((rc = keep(ld, a->proj[i].packed.data)))
+      return rc;
   return ERR_OK;
 }
 

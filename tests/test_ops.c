@@ -46,11 +46,19 @@ static double rel_err_d(const float *a, const double *b, size_t n) {
 
 static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int pb, int pr, int n,
                        int h, int w, int threads) {
-  conv2d c = {cin, cout, k, stride, pt, pl, pb, pr, NULL, NULL};
+  conv2d c = {.cin = cin,
+              .cout = cout,
+              .k = k,
+              .stride = stride,
+              .pad_top = pt,
+              .pad_left = pl,
+              .pad_bottom = pb,
+              .pad_right = pr};
   float *wt = randn((size_t)cout * cin * k * k, 1), *b = randn((size_t)cout, 2);
   float *x = randn((size_t)n * cin * h * w, 3);
   c.weight = wt;
   c.bias = b;
+  ck_assert_int_eq(ops_conv2d_pack(&c), 0);
   int oh, ow;
   ops_conv2d_out_size(&c, h, w, &oh, &ow);
   size_t cnt = (size_t)n * cout * oh * ow;
@@ -63,6 +71,7 @@ static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int
   ck_assert_msg(err < 1e-6, "conv %dx%d s%d cin %d cout %d: rel err %g", k, k, stride, cin, cout,
                 err);
   arena_free(a);
+  ops_conv2d_unpack(&c);
   free(wt);
   free(b);
   free(x);
@@ -184,8 +193,22 @@ START_TEST(attention_matches_reference) {
       for (int j = 0; j < c * c; j++)
         w[i][j] *= 0.25f;
     float *g = randn(c, 20), *b = randn(c, 21);
-    attn_weights aw = {c,    heads, 4,    1e-6f, g,    b,    w[0], w[1],
-                       w[2], w[3],  w[4], w[5],  w[6], w[7], 2.0f};
+    attn_weights aw = {.channels = c,
+                       .heads = heads,
+                       .groups = 4,
+                       .eps = 1e-6f,
+                       .norm_gamma = g,
+                       .norm_beta = b,
+                       .wq = w[0],
+                       .bq = w[1],
+                       .wk = w[2],
+                       .bk = w[3],
+                       .wv = w[4],
+                       .bv = w[5],
+                       .wo = w[6],
+                       .bo = w[7],
+                       .rescale = 2.0f};
+    ck_assert_int_eq(ops_attention_pack(&aw), 0);
     float *x = randn((size_t)n * c * hw, 22), *y = malloc(sizeof(float) * n * c * hw);
     double *ref = malloc(sizeof(double) * n * c * hw);
     arena *a = arena_new(1 << 20);
@@ -194,6 +217,7 @@ START_TEST(attention_matches_reference) {
     double err = rel_err_d(y, ref, (size_t)n * c * hw);
     ck_assert_msg(err < 1e-5, "attention heads %d: rel err %g", heads, err);
     arena_free(a);
+    ops_attention_unpack(&aw);
     for (int i = 0; i < 8; i++)
       free(w[i]);
     free(g);

@@ -282,6 +282,23 @@ START_TEST(legacy_predict_epsilon) {
 }
 END_TEST
 
+/* JSON null keeps a default, but clears a flag: diffusers tests flags for truthiness. */
+START_TEST(null_values) {
+  sched_config c;
+  err e = {0};
+  json_t *o = json_loads("{\"clip_sample\": null, \"set_alpha_to_one\": null, "
+                         "\"variance_type\": null, \"timestep_spacing\": null}",
+                         0, NULL);
+  ck_assert_int_eq(sched_config_from_json(o, "ddim", 1, &c, &e), 0);
+  ck_assert_int_eq(c.clip_sample, 0);
+  ck_assert_int_eq(c.set_alpha_to_one, 0);
+  ck_assert_int_eq(c.variance_type, SCHED_VAR_FIXED_SMALL);
+  ck_assert_int_eq(c.timestep_spacing, SCHED_SPACING_LEADING);
+  sched_config_free(&c);
+  json_decref(o);
+}
+END_TEST
+
 START_TEST(files_and_ranges) {
   char path[512];
   sched_config c;
@@ -351,6 +368,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, failed_apply_leaves_config_unchanged);
   tcase_add_test(tc, text_overrides);
   tcase_add_test(tc, legacy_predict_epsilon);
+  tcase_add_test(tc, null_values);
   tcase_add_test(tc, files_and_ranges);
   tcase_add_test(tc, json_round_trip);
   suite_add_tcase(s, tc);

@@ -151,7 +151,8 @@ def main(argv=None):
     ap.add_argument("--list-presets", action="store_true")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--batch", type=int)
-    ap.add_argument("--timesteps", help="comma list, one per batch item (default: preset or random)")
+    ap.add_argument("--timesteps", help="comma list, one per batch item (default: the preset's, or random "
+                                        "when --seed/--batch is given or the config is a file)")
     ap.add_argument("--fractional-timesteps", action="store_true", default=None,
                     help="store float32 timesteps (random ones get fractional parts)")
     ap.add_argument("--class-labels", help="comma list of ints (when num_class_embeds is set)")
@@ -219,10 +220,13 @@ def main(argv=None):
     # Preset timesteps/labels only apply while the batch is unchanged.
     ts = spec.get("timesteps") if args.batch is None and args.seed is None else None
     labels = spec.get("class_labels") if args.batch is None and args.seed is None else None
-    if args.timesteps:
-        ts = [float(t) if fractional else int(t) for t in args.timesteps.split(",")]
-    if args.class_labels:
-        labels = [int(c) for c in args.class_labels.split(",")]
+    try:
+        if args.timesteps:
+            ts = [float(t) if fractional else int(t) for t in args.timesteps.split(",")]
+        if args.class_labels:
+            labels = [int(c) for c in args.class_labels.split(",")]
+    except ValueError as e:
+        die("bad --timesteps/--class-labels (%s); fractional timesteps need --fractional-timesteps" % e)
 
     torch.manual_seed(seed)
     try:

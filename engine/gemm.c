@@ -1,0 +1,269 @@
+/* sgemm with pre-packed A. The AVX-512 path is a 12x32 register-blocked
+ * micro-kernel: every C element sums its k terms in one order (k-blocks of
+ * GEMM_KC, each from zero, added to C in turn), so results are bit-identical
+ * however M and N are split. An AVX2+FMA kernel does the same sums in the
+ * same order; only CPUs with neither fall back to OpenBLAS, whose results
+ * depend on the matrix shape. */
+#include "gemm.h"
+
+#include <cblas.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GEMM_X86 1
+#endif
+
+#define GEMM_MR 12
+#define GEMM_NR 32
+#define GEMM_KC 256
+
+int gemm_row_block(void) {
+  return GEMM_MR;
+}
+
+static int has_avx2(void) {
+#ifdef GEMM_X86
+  static int cached = -1;
+  if (cached < 0) {
+    __builtin_cpu_init();
+    cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const char *off = getenv("DENOISED_NO_AVX2");
+    if (off && *off && *off != '0')
+      cached = 0;
+  }
+  return cached;
+#else
+  return 0;
+#endif
+}
+
+static int has_avx512(void) {
+#ifdef GEMM_X86
+  static int cached = -1;
+  if (cached < 0) {
+    __builtin_cpu_init();
+    cached = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    const char *off = getenv("DENOISED_NO_AVX512");
+    if (off && *off && *off != '0')
+      cached = 0;
+  }
+  return cached;
+#else
+  return 0;
+#endif
+}
+
+int gemm_pack_a(gemm_packed *p, const float *a, int m, int k) {
+  int panels = (m + GEMM_MR - 1) / GEMM_MR;
+  size_t bytes = (size_t)panels * GEMM_MR * k * sizeof(float);
+  p->m = m;
+  p->k = k;
+  p->rowmajor = a;
+  p->data = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+  if (!p->data)
+    return -1;
+  for (int pi = 0; pi < panels; pi++) {
+    float *dst = p->data + (size_t)pi * GEMM_MR * k;
+    for (int kk = 0; kk < k; kk++)
+      for (int r = 0; r < GEMM_MR; r++) {
+        int row = pi * GEMM_MR + r;
+        dst[(size_t)kk * GEMM_MR + r] = row < m ? a[(size_t)row * k + kk] : 0.0f;
+      }
+  }
+  return 0;
+}
+
+void gemm_packed_free(gemm_packed *p) {
+  free(p->data);
+  p->data = NULL;
+}
+
+size_t gemm_scratch_floats(int k, int n) {
+  (void)k;
+  (void)n;
+  return (size_t)GEMM_KC * GEMM_NR + 16; /* one packed B panel, plus alignment slack */
+}
+
+#ifdef GEMM_X86
+/* Packs rows [k0, k0+kc) x columns [j0, j0+nr) of B into kc rows of 32,
+ * zero-filling missing columns so the kernel never reads past B. */
+__attribute__((target("avx512f"))) static void pack_b(const float *b, int ldb, int k0, int kc,
+                                                      int j0, int nr, float *dst) {
+  if (nr == GEMM_NR) {
+    for (int kk = 0; kk < kc; kk++) {
+      const float *src = b + (size_t)(k0 + kk) * ldb + j0;
+      _mm512_store_ps(dst + kk * GEMM_NR, _mm512_loadu_ps(src));
+      _mm512_store_ps(dst + kk * GEMM_NR + 16, _mm512_loadu_ps(src + 16));
+    }
+    return;
+  }
+  __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+  __mmask16 m1 = nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+  for (int kk = 0; kk < kc; kk++) {
+    const float *src = b + (size_t)(k0 + kk) * ldb + j0;
+    _mm512_store_ps(dst + kk * GEMM_NR, _mm512_maskz_loadu_ps(m0, src));
+    _mm512_store_ps(dst + kk * GEMM_NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+  }
+}
+
+/* C[mr x nr] (+)= A panel (kc x 12, k-major) * B panel (kc x 32). */
+__attribute__((target("avx512f"))) static void
+kernel_12x32(int kc, const float *a, const float *b, float *c, int ldc, int mr, int nr, int add) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00, c80 = c00, c81 = c00;
+  __m512 c90 = c00, c91 = c00, ca0 = c00, ca1 = c00, cb0 = c00, cb1 = c00;
+  for (int kk = 0; kk < kc; kk++) {
+    __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+    __m512 av;
+#define GEMM_ROW(r, x0, x1)                                                                        \
+  av = _mm512_set1_ps(a[r]);                                                                       \
+  x0 = _mm512_fmadd_ps(av, b0, x0);                                                                \
+  x1 = _mm512_fmadd_ps(av, b1, x1);
+    GEMM_ROW(0, c00, c01)
+    GEMM_ROW(1, c10, c11)
+    GEMM_ROW(2, c20, c21)
+    GEMM_ROW(3, c30, c31)
+    GEMM_ROW(4, c40, c41)
+    GEMM_ROW(5, c50, c51)
+    GEMM_ROW(6, c60, c61)
+    GEMM_ROW(7, c70, c71)
+    GEMM_ROW(8, c80, c81)
+    GEMM_ROW(9, c90, c91)
+    GEMM_ROW(10, ca0, ca1)
+    GEMM_ROW(11, cb0, cb1)
+#undef GEMM_ROW
+    a += GEMM_MR;
+    b += GEMM_NR;
+  }
+  __m512 acc[GEMM_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51},
+                            {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91}, {ca0, ca1}, {cb0, cb1}};
+  __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+  __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xffff : (__mmask16)((1u << (nr - 16)) - 1);
+  for (int r = 0; r < mr; r++) {
+    float *row = c + (size_t)r * ldc;
+    __m512 v0 = acc[r][0], v1 = acc[r][1];
+    if (add) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), v1);
+    }
+    _mm512_mask_storeu_ps(row, m0, v0);
+    _mm512_mask_storeu_ps(row + 16, m1, v1);
+  }
+}
+
+/* AVX2 + FMA: the same 12x32 block done as 2 x 2 tiles of 6x16, with the
+ * same per-element FMA sequence as the AVX-512 kernel, so results match it. */
+__attribute__((target("avx2,fma"))) static void kernel_6x16_avx2(int kc, const float *a,
+                                                                 const float *b, float *c, int ldc,
+                                                                 int mr, int nr, int add) {
+  __m256 acc[6][2];
+  for (int r = 0; r < 6; r++)
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int kk = 0; kk < kc; kk++) {
+    __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    for (int r = 0; r < 6; r++) {
+      __m256 av = _mm256_broadcast_ss(a + r);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+    a += GEMM_MR;
+    b += GEMM_NR;
+  }
+  float tmp[16];
+  for (int r = 0; r < mr; r++) {
+    float *row = c + (size_t)r * ldc;
+    _mm256_storeu_ps(tmp, acc[r][0]);
+    _mm256_storeu_ps(tmp + 8, acc[r][1]);
+    for (int j = 0; j < nr; j++)
+      row[j] = add ? row[j] + tmp[j] : tmp[j];
+  }
+}
+
+static void pack_b_plain(const float *b, int ldb, int k0, int kc, int j0, int nr, float *dst) {
+  for (int kk = 0; kk < kc; kk++) {
+    const float *src = b + (size_t)(k0 + kk) * ldb + j0;
+    float *d = dst + kk * GEMM_NR;
+    for (int j = 0; j < GEMM_NR; j++)
+      d[j] = j < nr ? src[j] : 0.0f;
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void run_avx2(const gemm_packed *a, int r0, int r1,
+                                                         const float *b, int ldb, int n, float *c,
+                                                         int ldc, int accumulate, float *scratch) {
+  int k = a->k;
+  float *bp = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
+    int kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
+    int add = accumulate || k0 > 0;
+    for (int j0 = 0; j0 < n; j0 += GEMM_NR) {
+      int nr = n - j0 < GEMM_NR ? n - j0 : GEMM_NR;
+      pack_b_plain(b, ldb, k0, kc, j0, nr, bp);
+      for (int i0 = r0; i0 < r1; i0 += GEMM_MR) {
+        int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
+        const float *ap = a->data + (size_t)(i0 / GEMM_MR) * GEMM_MR * k + (size_t)k0 * GEMM_MR;
+        for (int half = 0; half < 2; half++) {
+          int rows = mr - 6 * half;
+          if (rows <= 0)
+            break;
+          for (int q = 0; q < 2; q++) {
+            int cols = nr - 16 * q;
+            if (cols <= 0)
+              break;
+            kernel_6x16_avx2(kc, ap + 6 * half, bp + 16 * q,
+                             c + (size_t)(i0 - r0 + 6 * half) * ldc + j0 + 16 * q, ldc,
+                             rows < 6 ? rows : 6, cols < 16 ? cols : 16, add);
+          }
+        }
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) static void run_avx512(const gemm_packed *a, int r0, int r1,
+                                                          const float *b, int ldb, int n, float *c,
+                                                          int ldc, int accumulate, float *scratch) {
+  int k = a->k;
+  float *bp = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
+    int kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
+    int add = accumulate || k0 > 0;
+    for (int j0 = 0; j0 < n; j0 += GEMM_NR) {
+      int nr = n - j0 < GEMM_NR ? n - j0 : GEMM_NR;
+      pack_b(b, ldb, k0, kc, j0, nr, bp);
+      for (int i0 = r0; i0 < r1; i0 += GEMM_MR) {
+        int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
+        const float *ap = a->data + (size_t)(i0 / GEMM_MR) * GEMM_MR * k + (size_t)k0 * GEMM_MR;
+        kernel_12x32(kc, ap, bp, c + (size_t)(i0 - r0) * ldc + j0, ldc, mr, nr, add);
+      }
+    }
+  }
+}
+#endif
+
+const char *gemm_kernel_name(void) {
+  return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "openblas";
+}
+
+void gemm_run(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int n, float *c,
+              int ldc, int accumulate, float *scratch) {
+  if (r1 <= r0 || n <= 0)
+    return;
+#ifdef GEMM_X86
+  if (has_avx512()) {
+    run_avx512(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch);
+    return;
+  }
+  if (has_avx2()) {
+    run_avx2(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch);
+    return;
+  }
+#endif
+  (void)scratch;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, n, a->k, 1.0f,
+              a->rowmajor + (size_t)r0 * a->k, a->k, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
+}
