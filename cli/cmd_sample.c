@@ -12,13 +12,13 @@
 
 #include "cli.h"
 #include "image.h"
+#include "meta.h"
 #include "model.h"
 #include "npy.h"
 #include "sampler.h"
 #include "schedule.h"
 
 #define MAX_OVERRIDES 64
-#define META_KEY "denoised"
 
 static const char help[] =
     "usage: denoised sample --model DIR [--scheduler NAME] [--steps N]\n"
@@ -26,7 +26,7 @@ static const char help[] =
     "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
     "                       [--size S] [--threads T] [--quiet]\n"
     "                       (--out OUT.npy | -o OUT.png)\n"
-    "       denoised sample --replay IMAGE.png -o OUT.png\n"
+    "       denoised sample --replay IMAGE.png [--model DIR] -o OUT.png\n"
     "\n"
     "Generates images by solving the reverse diffusion from Gaussian noise.\n"
     "  --model DIR             diffusers model folder (flat or pipeline layout)\n"
@@ -46,6 +46,7 @@ static const char help[] =
     "  --out OUT.npy           write the raw samples [B, C, H, W] float32\n"
     "  -o OUT.png              write PNGs (OUT.png for one image, OUT-<i>.png for a batch)\n"
     "  --replay IMAGE.png      regenerate the image from the metadata a PNG of ours carries\n"
+    "                          (--model DIR for images from the daemon, which record a name)\n"
     "  --quiet                 no progress bar\n";
 
 typedef struct sample_args {
@@ -166,18 +167,6 @@ static char *png_name(const char *base, int i, int batch) {
   return out;
 }
 
-/* A1111-style infotext: what other tools display and parse. */
-static void infotext(char *buf, size_t n, const sample_args *a, const char *solver, int steps,
-                     uint64_t seed, int h, int w, const char *model_name) {
-  size_t off =
-      (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s", steps,
-                       solver, (unsigned long long)seed, w, h, model_name);
-  if (a->has_label && off < n)
-    off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", a->label);
-  if (off < n)
-    snprintf(buf + off, n - off, ", Version: denoised 0.1.0");
-}
-
 static int write_pngs(const sample_args *a, const model *m, const sched_config *cfg,
                       const char *solver, int steps, uint64_t seed, const float *x, int h, int w,
                       err *e) {
@@ -187,25 +176,27 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
   uint8_t *px = malloc(plane * 3);
   if (!px)
     return err_set(e, ERR_NOMEM, "out of memory");
-  const char *model_name = strrchr(a->model_dir, '/');
-  model_name = model_name && model_name[1] ? model_name + 1 : a->model_dir;
   int rc = ERR_OK;
   for (int i = 0; i < (int)a->batch && !rc; i++) {
     image_to_u8(x + per * i, c, h, w, px);
-    json_t *meta =
-        json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model", a->model_dir,
-                  "scheduler", solver, "steps", steps, "seed", (json_int_t)seed, "image_index",
-                  (json_int_t)(a->first_image + i), "height", h, "width", w, "scheduler_config",
-                  sched_config_to_json(cfg), "version", "denoised 0.1.0");
-    if (a->has_label)
-      json_object_set_new(meta, "class_label", json_integer(a->label));
-    char *meta_s = json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS), info[1024];
-    infotext(info, sizeof info, a, solver, steps, seed, h, w, model_name);
+    meta_image mm = {.model = a->model_dir,
+                     .solver = solver,
+                     .steps = steps,
+                     .seed = seed,
+                     .image_index = (uint64_t)(a->first_image + i),
+                     .height = h,
+                     .width = w,
+                     .cfg = cfg,
+                     .has_label = a->has_label,
+                     .label = a->label};
+    json_t *meta = meta_json(&mm);
+    char *meta_s = meta ? json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS) : NULL, info[1024];
+    meta_infotext(&mm, info, sizeof info);
     char *name = png_name(a->png_out, i, (int)a->batch);
     if (!name || !meta_s) {
       rc = err_set(e, ERR_NOMEM, "out of memory");
     } else {
-      image_text texts[2] = {{"parameters", info, 0}, {META_KEY, meta_s, 1}};
+      image_text texts[2] = {{META_TEXT_KEY, info, 0}, {META_JSON_KEY, meta_s, 1}};
       rc = image_png_write(name, px, c, h, w, texts, 2, e);
     }
     free(name);
@@ -219,7 +210,7 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
 /* Fills the arguments from the JSON a PNG of ours carries. */
 static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   char *text = NULL;
-  int rc = image_png_read_text(a->replay, META_KEY, &text, e);
+  int rc = image_png_read_text(a->replay, META_JSON_KEY, &text, e);
   if (rc)
     return rc;
   json_error_t je;
@@ -234,9 +225,10 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
                               "scheduler_config", &cfg, "class_label", &label)) {
     json_decref(meta);
     return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a denoised request: %s", a->replay,
-                   META_KEY, je.text);
+                   META_JSON_KEY, je.text);
   }
-  a->model_dir = model_dir;
+  if (!a->model_dir) /* images from the daemon record a model name: --model gives its folder */
+    a->model_dir = model_dir;
   a->scheduler = solver;
   a->steps = steps;
   a->seed = seed;
@@ -324,9 +316,9 @@ static int parse_args(int argc, char **argv, sample_args *a) {
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
   if (a->replay) {
-    if (a->model_dir || a->scheduler || a->sched_file || a->noverrides || a->has_seed ||
+    if (a->scheduler || a->sched_file || a->noverrides || a->has_seed ||
         a->noise_path || a->has_label || a->steps || a->size)
-      return cli_usage_error(cmd, "--replay takes only -o/--out, --threads and --quiet");
+      return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
   } else if (!a->model_dir) {
     return cli_usage_error(cmd, "--model is required");
   }

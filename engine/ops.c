@@ -6,6 +6,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "gemm.h"
@@ -148,11 +149,37 @@ static void conv_task(void *ctx, int task, int worker) {
     }
 }
 
+static int winograd_enabled(void) {
+  static int cached = -1;
+  if (cached < 0) {
+    const char *off = getenv("DENOISED_NO_WINOGRAD");
+    cached = !(off && *off && *off != '0');
+  }
+  return cached;
+}
+
 int ops_conv2d_pack(conv2d *c) {
+  int symmetric =
+      c->pad_top == c->pad_left && c->pad_top == c->pad_bottom && c->pad_top == c->pad_right;
+  if (winograd_enabled() && symmetric &&
+      wino_applies(c->k, c->stride, c->pad_top, c->cin, c->cout)) {
+    c->wino = malloc(sizeof *c->wino);
+    if (!c->wino || wino_prepare(c->wino, c->weight, c->bias, c->cin, c->cout)) {
+      free(c->wino);
+      c->wino = NULL;
+      return -1;
+    }
+    return 0;
+  }
   return gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k);
 }
 
 void ops_conv2d_unpack(conv2d *c) {
+  if (c->wino) {
+    wino_release(c->wino);
+    free(c->wino);
+    c->wino = NULL;
+  }
   gemm_packed_free(&c->packed);
 }
 
@@ -160,6 +187,8 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
                int threads) {
   if (threads < 1)
     threads = 1;
+  if (c->wino)
+    return wino_conv2d(c->wino, x, n, h, w, y, a, threads);
   conv_job j = {.c = c, .x = x, .y = y, .n = n, .h = h, .w = w};
   ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);
   j.P = j.oh * j.ow;

@@ -8,6 +8,7 @@
 
 #include "arena.h"
 #include "gemm.h"
+#include "winograd.h"
 
 /* Makes BLAS single-threaded so that `threads` alone sets the parallelism.
  * Called by model_load; idempotent and thread-safe. */
@@ -19,9 +20,12 @@ typedef struct conv2d {
   const float *weight; /* [cout][cin][k][k] */
   const float *bias;   /* [cout] or NULL */
   gemm_packed packed;  /* weight in the GEMM kernel's layout: ops_conv2d_pack */
+  wino_conv *wino;     /* Winograd form instead, for 3x3 stride-1 layers */
 } conv2d;
 
-/* Packs c->weight for ops_conv2d (once, at load); unpack frees it. */
+/* Packs c->weight for ops_conv2d (once, at load): Winograd-transformed for
+ * 3x3 stride-1 pad-1 layers (unless DENOISED_NO_WINOGRAD=1), im2col GEMM
+ * layout otherwise. Unpack frees what pack made. */
 int ops_conv2d_pack(conv2d *c);
 void ops_conv2d_unpack(conv2d *c);
 

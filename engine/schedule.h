@@ -33,7 +33,44 @@ typedef enum {
   SCHED_VAR_LEARNED_RANGE,
 } sched_variance;
 
+/* DPM-Solver family: diffusers' algorithm_type, plus DEISMultistepScheduler's own. */
+typedef enum {
+  SCHED_ALGO_DPMSOLVER,
+  SCHED_ALGO_DPMSOLVER_PP,
+  SCHED_ALGO_SDE_DPMSOLVER,
+  SCHED_ALGO_SDE_DPMSOLVER_PP,
+  SCHED_ALGO_DEIS,
+} sched_algorithm;
+
+/* solver_type: midpoint/heun (DPM-Solver), logrho (DEIS), bh1/bh2 (UniPC), and the official
+ * DPM-Solver code's names dpmsolver/taylor (the DPM_Solver paper variants). */
+typedef enum {
+  SCHED_SOLVER_MIDPOINT,
+  SCHED_SOLVER_HEUN,
+  SCHED_SOLVER_LOGRHO,
+  SCHED_SOLVER_BH1,
+  SCHED_SOLVER_BH2,
+  SCHED_SOLVER_DPMSOLVER,
+  SCHED_SOLVER_TAYLOR,
+} sched_solver_type;
+
+typedef enum { SCHED_FINAL_ZERO, SCHED_FINAL_SIGMA_MIN } sched_final_sigmas;
+
+/* The official DPM-Solver code's skip_type: how the time steps are spaced. */
+typedef enum { SCHED_SKIP_TIME_UNIFORM, SCHED_SKIP_LOGSNR, SCHED_SKIP_TIME_QUADRATIC } sched_skip;
+
+/* `method` of the paper variants: DPM_Solver's sample(method=...) and PNDM's --method. */
+typedef enum {
+  SCHED_METHOD_MULTISTEP,
+  SCHED_METHOD_SINGLESTEP,
+  SCHED_METHOD_SINGLESTEP_FIXED,
+  SCHED_METHOD_ADAPTIVE,
+  SCHED_METHOD_F_PNDM,
+  SCHED_METHOD_S_PNDM,
+} sched_method;
+
 #define SCHED_NAME_MAX 64
+#define SCHED_MAX_DISABLE_CORRECTOR 64
 
 typedef struct sched_config {
   char scheduler[SCHED_NAME_MAX]; /* diffusers class whose defaults this config started from */
@@ -53,11 +90,33 @@ typedef struct sched_config {
   double sample_max_value;
   sched_variance variance_type;
   double eta; /* a step() argument in diffusers, kept here so requests set it like a key */
+  /* multistep / singlestep solvers (DPMSolver*, UniPC, DEIS) */
+  int solver_order;
+  sched_algorithm algorithm_type;
+  sched_solver_type solver_type;
+  int lower_order_final;
+  int euler_at_final;
+  int use_karras_sigmas;
+  int use_lu_lambdas;
+  sched_final_sigmas final_sigmas_type;
+  double lambda_min_clipped; /* -INFINITY: no clipping (JSON null) */
+  double sigma_min, sigma_max; /* Karras range override (UniPC, Euler); NAN: None */
+  int predict_x0;              /* UniPC */
+  int n_disable_corrector;     /* UniPC: steps whose corrector is skipped */
+  int disable_corrector[SCHED_MAX_DISABLE_CORRECTOR];
+  int skip_prk_steps; /* PNDM */
+  /* the paper variants (official DPM-Solver and PNDM code), engine keys */
+  sched_method method;
+  sched_skip skip_type;
+  int denoise_to_zero;
+  double rtol, atol, h_init, theta, t_err; /* DPM-Solver-12/23 step size control */
+  double thresholding_max_val;             /* the paper's dynamic thresholding floor */
 } sched_config;
 
-/* Fills cfg with the defaults of scheduler `name`: a diffusers class name ("DDIMScheduler") or
- * a short solver name ("ddim", "ddpm", "pndm"); NULL means DDPMScheduler. Overwrites cfg
- * without freeing it: sched_config_free a config that may hold trained_betas first. */
+/* Fills cfg with the defaults of scheduler `name`: a diffusers class name ("DDIMScheduler"), one
+ * of the engine's paper-variant classes ("DPM_Solver", "PNDM_Official") or a short name ("ddim",
+ * "ddpm", "pndm"); NULL means DDPMScheduler. Overwrites cfg without freeing it:
+ * sched_config_free a config that may hold trained_betas first. */
 int sched_config_init(sched_config *cfg, const char *name, err *e);
 void sched_config_free(sched_config *cfg);
 int sched_config_copy(sched_config *dst, const sched_config *src, err *e);
@@ -84,13 +143,27 @@ int sched_config_set_override(sched_config *cfg, const char *key_equals_value, e
 /* Cross-key checks (trained_betas length against num_train_timesteps, ...). */
 int sched_config_validate(const sched_config *cfg, err *e);
 
-/* The config as a diffusers-style JSON object (new reference), e.g. for image metadata. */
+/* The config as a diffusers-style JSON object (new reference), e.g. for image metadata: every
+ * modelled key. sched_config_to_json_for gives only the keys `class_name` reads. */
 json_t *sched_config_to_json(const sched_config *cfg);
+json_t *sched_config_to_json_for(const sched_config *cfg, const char *class_name);
+
+/* Whether scheduler class `class_name` (as for sched_config_init) has config key `key`: the
+ * arguments of the diffusers class's __init__ in current diffusers, plus eta for DDIM. */
+int sched_class_has_key(const char *class_name, const char *key);
+/* Keys this engine accepts only at diffusers' default (use_flow_sigmas, use_beta_sigmas, ...):
+ * an error naming the key if obj sets one that class_name reads to anything else. */
+int sched_check_unsupported(const json_t *obj, const char *class_name, err *e);
 
 const char *sched_prediction_name(sched_prediction p);
 const char *sched_spacing_name(sched_spacing s);
 const char *sched_variance_name(sched_variance v);
 const char *sched_beta_schedule_name(sched_beta_schedule b);
+const char *sched_algorithm_name(sched_algorithm a);
+const char *sched_solver_type_name(sched_solver_type t);
+const char *sched_final_sigmas_name(sched_final_sigmas f);
+const char *sched_skip_name(sched_skip s);
+const char *sched_method_name(sched_method m);
 
 /* The training schedule, num_train_timesteps values each, as diffusers' float32 tensors:
  * betas, then alphas_cumprod (cumprod of 1 - beta, accumulated in double by torch and rounded

@@ -62,6 +62,8 @@ struct unet {
   group_norm norm_out;
   void *params[UNET_MAX_PARAMS];
   int nparams;
+  conv2d *convs[UNET_MAX_PARAMS]; /* packed layers, unpacked by unet_free */
+  int nconvs;
   /* Arenas of finished forward passes, reused so that steady-state sampling
    * touches no fresh pages; one per concurrent caller at most. */
   pthread_mutex_t lock;
@@ -325,13 +327,13 @@ typedef struct loader {
   err *e;
 } loader;
 
-/* Hands a buffer to the model, which frees it with the weights. */
-static int keep(loader *ld, void *p) {
-  if (ld->u->nparams == UNET_MAX_PARAMS) {
-    free(p);
-    return err_set(ld->e, ERR_UNSUPPORTED, "model has more than %d tensors", UNET_MAX_PARAMS);
+/* Registers a packed convolution for ops_conv2d_unpack in unet_free. */
+static int keep_conv(loader *ld, conv2d *c) {
+  if (ld->u->nconvs == UNET_MAX_PARAMS) {
+    ops_conv2d_unpack(c);
+    return err_set(ld->e, ERR_UNSUPPORTED, "model has more than %d layers", UNET_MAX_PARAMS);
   }
-  ld->u->params[ld->u->nparams++] = p;
+  ld->u->convs[ld->u->nconvs++] = c;
   return ERR_OK;
 }
 
@@ -396,9 +398,11 @@ static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, i
     if (!(c->bias = load_tensor(ld, name, 1, bshape)))
       return ld->e->code;
   }
+  /* Padding is final except for the (0,1,0,1) downsampler, which is not a
+   * Winograd candidate (stride 2), so packing here is safe. */
   if (ops_conv2d_pack(c))
     return err_set(ld->e, ERR_NOMEM, "out of memory packing '%s'", prefix);
-  return keep(ld, c->packed.data);
+  return keep_conv(ld, c);
 }
 
 /* A linear layer; `conv_ok` also accepts a [out, in, 1, 1] weight (old
@@ -493,7 +497,7 @@ static int load_attention(loader *ld, const unet_config *c, const char *prefix, 
   if (ops_attention_pack(a))
     return err_set(ld->e, ERR_NOMEM, "out of memory packing '%s'", prefix);
   for (int i = 0; i < 4; i++)
-    if ((rc = keep(ld, a->proj[i].packed.data)))
+    if ((rc = keep_conv(ld, &a->proj[i])))
       return rc;
   return ERR_OK;
 }
@@ -660,6 +664,8 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
 void unet_free(unet *u) {
   if (!u)
     return;
+  for (int i = 0; i < u->nconvs; i++)
+    ops_conv2d_unpack(u->convs[i]);
   for (int i = 0; i < u->nparams; i++)
     free(u->params[i]);
   for (int i = 0; i < u->nspare; i++)

@@ -85,7 +85,10 @@ START_TEST(conv_shapes) {
   check_conv(8, 8, 3, 2, 1, 1, 1, 1, 1, 8, 8, 2);      /* stride-2 downsample, padding 1 */
   check_conv(8, 8, 3, 2, 0, 0, 1, 1, 3, 8, 8, 2);      /* diffusers' (0,1,0,1) pad, padding 0 */
   check_conv(4, 64, 3, 1, 1, 1, 1, 1, 1, 2, 2, 2);     /* tiny image: channel split */
-  check_conv(128, 16, 3, 1, 1, 1, 1, 1, 1, 48, 48, 2); /* forces several im2col tiles */
+  check_conv(128, 16, 3, 1, 1, 1, 1, 1, 1, 48, 48, 2); /* Winograd, several blocks */
+  check_conv(16, 24, 3, 1, 1, 1, 1, 1, 3, 5, 7, 2);    /* Winograd, ragged edge tiles */
+  check_conv(32, 32, 3, 1, 1, 1, 1, 1, 16, 4, 4, 2);   /* Winograd, one tile per image */
+  check_conv(8, 8, 3, 1, 1, 1, 1, 1, 1, 80, 80, 2);    /* im2col, several row tiles */
 }
 END_TEST
 

@@ -1,0 +1,59 @@
+/* Image metadata in the two forms other tools read: A1111 infotext for viewers and the exact
+ * resolved request as JSON for replay. One writer, so CLI and daemon PNGs carry the same keys. */
+#include "meta.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "image.h"
+
+json_t *meta_json(const meta_image *m) {
+  json_t *j = json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model", m->model,
+                        "scheduler", m->solver, "steps", m->steps, "seed", (json_int_t)m->seed,
+                        "image_index", (json_int_t)m->image_index, "height", m->height, "width",
+                        m->width, "scheduler_config", sched_config_to_json(m->cfg), "version",
+                        META_VERSION);
+  if (!j)
+    return NULL;
+  if (m->has_label)
+    json_object_set_new(j, "class_label", json_integer(m->label));
+  if (m->extra)
+    json_object_update(j, (json_t *)m->extra);
+  return j;
+}
+
+void meta_infotext(const meta_image *m, char *buf, size_t n) {
+  const char *name = strrchr(m->model, '/');
+  name = name && name[1] ? name + 1 : m->model;
+  size_t off = (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s",
+                                m->steps, m->solver, (unsigned long long)m->seed, m->width,
+                                m->height, name);
+  if (m->has_label && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", (long long)m->label);
+  if (off < n)
+    snprintf(buf + off, n - off, ", Version: %s", META_VERSION);
+}
+
+int meta_png_encode(const meta_image *m, const float *chw, int channels, uint8_t **png,
+                    size_t *png_len, err *e) {
+  const int c = channels < 3 ? 1 : 3;
+  const size_t plane = (size_t)m->height * m->width;
+  uint8_t *px = malloc(plane * 3);
+  json_t *j = meta_json(m);
+  char *js = j ? json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+  json_decref(j);
+  int rc;
+  if (!px || !js) {
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  } else {
+    char info[1024];
+    meta_infotext(m, info, sizeof info);
+    image_to_u8(chw, c, m->height, m->width, px);
+    image_text texts[2] = {{META_TEXT_KEY, info, 0}, {META_JSON_KEY, js, 1}};
+    rc = image_png_encode(px, c, m->height, m->width, texts, 2, png, png_len, e);
+  }
+  free(px);
+  free(js);
+  return rc;
+}

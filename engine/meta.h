@@ -1,0 +1,43 @@
+/* Reproducibility metadata of a generated image, shared by the CLI and the daemon: the
+ * AUTOMATIC1111 infotext ("parameters" tEXt) and the full resolved request as JSON ("denoised"
+ * iTXt), which is enough to regenerate that one image bit for bit. */
+#ifndef DENOISED_META_H
+#define DENOISED_META_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "schedule.h"
+
+#define META_VERSION "denoised 0.1.0"
+#define META_TEXT_KEY "parameters" /* A1111 infotext, tEXt */
+#define META_JSON_KEY "denoised"   /* the resolved request, iTXt */
+
+typedef struct meta_image {
+  const char *model; /* what regenerates it: a model folder (CLI) or a configured name (daemon) */
+  const char *solver;
+  int steps;
+  uint64_t seed;
+  uint64_t image_index; /* rng image index: position in the batch plus first_image */
+  int height, width;
+  const sched_config *cfg;
+  int has_label;
+  int64_t label;
+  const json_t *extra; /* more keys for the JSON (e.g. the job id), or NULL */
+} meta_image;
+
+/* The JSON record (new reference), keys as `denoised sample --replay` reads them. */
+json_t *meta_json(const meta_image *m);
+
+/* "Steps: 50, Sampler: ddim, Seed: 1, Size: 32x32, Model: NAME, ..., Version: ..." where NAME is
+ * the last path component of m->model. */
+void meta_infotext(const meta_image *m, char *buf, size_t n);
+
+/* One CHW float image (out_channels of the model: 1 or 3+, in [-1, 1]) as PNG bytes carrying
+ * both text chunks; *png is malloc'ed. */
+int meta_png_encode(const meta_image *m, const float *chw, int channels, uint8_t **png,
+                    size_t *png_len, err *e);
+
+#endif
