@@ -16,29 +16,45 @@ typedef struct sched_defaults {
   sched_spacing spacing;
   int set_alpha_to_one;
   int clip_sample; /* 0 also where the class has no clip_sample key: it never clips */
+  sched_algorithm algorithm;
+  sched_solver_type solver_type;
+  int lower_order_final;
+  sched_method method;
 } sched_defaults;
 
+#define LIN 1e-4, 0.02, SCHED_BETA_LINEAR
+#define DPMPP SCHED_ALGO_DPMSOLVER_PP
+#define MID SCHED_SOLVER_MIDPOINT
+#define MS SCHED_METHOD_MULTISTEP
 static const sched_defaults sched_table[] = {
-    {"DDPMScheduler", "ddpm", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 0, 1},
-    {"DDIMScheduler", "ddim", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 1, 1},
-    {"PNDMScheduler", "pndm", 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LEADING, 0, 0},
-    {"DPMSolverMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
-     0},
-    {"DPMSolverSinglestepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
-     0},
-    {"UniPCMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
-    {"DEISMultistepScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
-    {"EulerDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
-    {"EulerAncestralDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE,
-     0, 0},
-    {"LMSDiscreteScheduler", NULL, 1e-4, 0.02, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0},
-    {"HeunDiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
-     0},
+    {"DDPMScheduler", "ddpm", LIN, SCHED_SPACING_LEADING, 0, 1, DPMPP, MID, 1, MS},
+    {"DDIMScheduler", "ddim", LIN, SCHED_SPACING_LEADING, 1, 1, DPMPP, MID, 1, MS},
+    {"PNDMScheduler", "pndm", LIN, SCHED_SPACING_LEADING, 0, 0, DPMPP, MID, 1, MS},
+    {"DPMSolverMultistepScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    /* singlestep: lower_order_final defaults to False */
+    {"DPMSolverSinglestepScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 0, MS},
+    {"UniPCMultistepScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, SCHED_SOLVER_BH2, 1,
+     MS},
+    {"DEISMultistepScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, SCHED_ALGO_DEIS,
+     SCHED_SOLVER_LOGRHO, 1, MS},
+    {"EulerDiscreteScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    {"EulerAncestralDiscreteScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    {"LMSDiscreteScheduler", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    {"HeunDiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0, 0,
+     DPMPP, MID, 1, MS},
     {"KDPM2DiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR, SCHED_SPACING_LINSPACE, 0,
-     0},
+     0, DPMPP, MID, 1, MS},
     {"KDPM2AncestralDiscreteScheduler", NULL, 0.00085, 0.012, SCHED_BETA_LINEAR,
-     SCHED_SPACING_LINSPACE, 0, 0},
+     SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    /* the official DPM-Solver code (dpm_solver_pytorch.DPM_Solver.sample defaults) */
+    {"DPM_Solver", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, SCHED_SOLVER_DPMSOLVER, 1, MS},
+    /* the official PNDM code (runner/method.py), F-PNDM by default */
+    {"PNDM_Official", NULL, LIN, SCHED_SPACING_LEADING, 0, 0, DPMPP, MID, 1, SCHED_METHOD_F_PNDM},
 };
+#undef LIN
+#undef DPMPP
+#undef MID
+#undef MS
 
 /* Every __init__ argument of a diffusers scheduler class (releases 0.21 to current main), plus
  * keys that older releases wrote into hub configs. A model's config may carry any of them. */
@@ -139,6 +155,15 @@ static const char *const sched_known_keys[] = {
     "use_karras_sigmas",
     "use_lu_lambdas",
     "variance_type",
+    /* the engine's paper-variant solvers (official DPM-Solver and PNDM code) */
+    "atol",
+    "denoise_to_zero",
+    "h_init",
+    "method",
+    "rtol",
+    "skip_type",
+    "t_err",
+    "thresholding_max_val",
     /* legacy (diffusers <= 0.12) */
     "predict_epsilon",
     "tensor_format",
@@ -152,6 +177,14 @@ static const char *const pred_names[] = {"epsilon", "sample", "v_prediction"};
 static const char *const spacing_names[] = {"leading", "trailing", "linspace"};
 static const char *const variance_names[] = {"fixed_small",     "fixed_small_log", "fixed_large",
                                              "fixed_large_log", "learned",         "learned_range"};
+static const char *const algorithm_names[] = {"dpmsolver", "dpmsolver++", "sde-dpmsolver",
+                                              "sde-dpmsolver++", "deis"};
+static const char *const solver_type_names[] = {"midpoint", "heun",      "logrho", "bh1",
+                                                "bh2",      "dpmsolver", "taylor"};
+static const char *const final_sigmas_names[] = {"zero", "sigma_min"};
+static const char *const skip_names[] = {"time_uniform", "logSNR", "time_quadratic"};
+static const char *const method_names[] = {"multistep", "singlestep", "singlestep_fixed",
+                                           "adaptive",  "F-PNDM",     "S-PNDM"};
 
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
@@ -166,6 +199,22 @@ const char *sched_variance_name(sched_variance v) {
 }
 const char *sched_beta_schedule_name(sched_beta_schedule b) {
   return (int)b >= 0 && (int)b < COUNT(beta_names) ? beta_names[b] : "?";
+}
+
+const char *sched_algorithm_name(sched_algorithm a) {
+  return (int)a >= 0 && (int)a < COUNT(algorithm_names) ? algorithm_names[a] : "?";
+}
+const char *sched_solver_type_name(sched_solver_type t) {
+  return (int)t >= 0 && (int)t < COUNT(solver_type_names) ? solver_type_names[t] : "?";
+}
+const char *sched_final_sigmas_name(sched_final_sigmas f) {
+  return (int)f >= 0 && (int)f < COUNT(final_sigmas_names) ? final_sigmas_names[f] : "?";
+}
+const char *sched_skip_name(sched_skip k) {
+  return (int)k >= 0 && (int)k < COUNT(skip_names) ? skip_names[k] : "?";
+}
+const char *sched_method_name(sched_method m) {
+  return (int)m >= 0 && (int)m < COUNT(method_names) ? method_names[m] : "?";
 }
 
 static const sched_defaults *sched_find(const char *name) {
@@ -206,6 +255,29 @@ int sched_config_init(sched_config *cfg, const char *name, err *e) {
   cfg->sample_max_value = 1.0;
   cfg->variance_type = SCHED_VAR_FIXED_SMALL;
   cfg->eta = 0.0;
+  cfg->solver_order = 2;
+  cfg->algorithm_type = d->algorithm;
+  cfg->solver_type = d->solver_type;
+  cfg->lower_order_final = d->lower_order_final;
+  cfg->euler_at_final = 0;
+  cfg->use_karras_sigmas = 0;
+  cfg->use_lu_lambdas = 0;
+  cfg->final_sigmas_type = SCHED_FINAL_ZERO;
+  cfg->lambda_min_clipped = -INFINITY;
+  cfg->sigma_min = NAN;
+  cfg->sigma_max = NAN;
+  cfg->predict_x0 = 1;
+  cfg->n_disable_corrector = 0;
+  cfg->skip_prk_steps = 0;
+  cfg->method = d->method;
+  cfg->skip_type = SCHED_SKIP_TIME_UNIFORM;
+  cfg->denoise_to_zero = 0;
+  cfg->rtol = 0.05;
+  cfg->atol = 0.0078;
+  cfg->h_init = 0.05;
+  cfg->theta = 0.9;
+  cfg->t_err = 1e-5;
+  cfg->thresholding_max_val = 1.0;
   return ERR_OK;
 }
 
@@ -311,6 +383,23 @@ static int get_enum(const char *key, const json_t *v, const char *const *names, 
                  json_kind(v));
 }
 
+static int get_int_list(const char *key, const json_t *v, int *out, int max, int *n, err *e) {
+  if (!json_is_array(v))
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a list of step indices, got %s",
+                   key, json_kind(v));
+  if (json_array_size(v) > (size_t)max)
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': at most %d entries", key, max);
+  int tmp[SCHED_MAX_DISABLE_CORRECTOR];
+  for (size_t i = 0; i < json_array_size(v); i++) {
+    int rc = get_int(key, json_array_get(v, i), 0, SCHED_MAX_TRAIN_TIMESTEPS, &tmp[i], e);
+    if (rc != ERR_OK)
+      return rc;
+  }
+  *n = (int)json_array_size(v);
+  memcpy(out, tmp, (size_t)*n * sizeof *out);
+  return ERR_OK;
+}
+
 static int get_trained_betas(const json_t *v, sched_config *cfg, err *e) {
   if (!json_is_array(v))
     return err_set(e, ERR_INVALID,
@@ -356,9 +445,25 @@ static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *h
                 : strcmp(key, "set_alpha_to_one") == 0       ? &cfg->set_alpha_to_one
                 : strcmp(key, "thresholding") == 0           ? &cfg->thresholding
                 : strcmp(key, "rescale_betas_zero_snr") == 0 ? &cfg->rescale_betas_zero_snr
+                : strcmp(key, "lower_order_final") == 0      ? &cfg->lower_order_final
+                : strcmp(key, "euler_at_final") == 0         ? &cfg->euler_at_final
+                : strcmp(key, "use_karras_sigmas") == 0      ? &cfg->use_karras_sigmas
+                : strcmp(key, "use_lu_lambdas") == 0         ? &cfg->use_lu_lambdas
+                : strcmp(key, "predict_x0") == 0             ? &cfg->predict_x0
+                : strcmp(key, "skip_prk_steps") == 0         ? &cfg->skip_prk_steps
+                : strcmp(key, "denoise_to_zero") == 0        ? &cfg->denoise_to_zero
                                                              : NULL;
     if (flag)
       *flag = 0;
+    /* None means "no bound" for these, and -inf is what JSON cannot spell */
+    if (strcmp(key, "lambda_min_clipped") == 0)
+      cfg->lambda_min_clipped = -INFINITY;
+    else if (strcmp(key, "sigma_min") == 0)
+      cfg->sigma_min = NAN;
+    else if (strcmp(key, "sigma_max") == 0)
+      cfg->sigma_max = NAN;
+    else if (strcmp(key, "disable_corrector") == 0)
+      cfg->n_disable_corrector = 0;
     *handled = sched_is_known_key(key) ? 1 : 0;
     return ERR_OK;
   }
@@ -412,6 +517,63 @@ static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *h
       cfg->variance_type = (sched_variance)iv;
   } else if (strcmp(key, "eta") == 0) {
     rc = get_real(key, v, 0.0, 1e6, &cfg->eta, e);
+  } else if (strcmp(key, "solver_order") == 0) {
+    rc = get_int(key, v, 1, 3, &cfg->solver_order, e);
+  } else if (strcmp(key, "algorithm_type") == 0) {
+    rc = get_enum(key, v, algorithm_names, COUNT(algorithm_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->algorithm_type = (sched_algorithm)iv;
+  } else if (strcmp(key, "solver_type") == 0) {
+    rc = get_enum(key, v, solver_type_names, COUNT(solver_type_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->solver_type = (sched_solver_type)iv;
+  } else if (strcmp(key, "final_sigmas_type") == 0) {
+    rc = get_enum(key, v, final_sigmas_names, COUNT(final_sigmas_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->final_sigmas_type = (sched_final_sigmas)iv;
+  } else if (strcmp(key, "skip_type") == 0) {
+    rc = get_enum(key, v, skip_names, COUNT(skip_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->skip_type = (sched_skip)iv;
+  } else if (strcmp(key, "method") == 0) {
+    rc = get_enum(key, v, method_names, COUNT(method_names), &iv, e);
+    if (rc == ERR_OK)
+      cfg->method = (sched_method)iv;
+  } else if (strcmp(key, "lower_order_final") == 0) {
+    rc = get_bool(key, v, &cfg->lower_order_final, e);
+  } else if (strcmp(key, "euler_at_final") == 0) {
+    rc = get_bool(key, v, &cfg->euler_at_final, e);
+  } else if (strcmp(key, "use_karras_sigmas") == 0) {
+    rc = get_bool(key, v, &cfg->use_karras_sigmas, e);
+  } else if (strcmp(key, "use_lu_lambdas") == 0) {
+    rc = get_bool(key, v, &cfg->use_lu_lambdas, e);
+  } else if (strcmp(key, "predict_x0") == 0) {
+    rc = get_bool(key, v, &cfg->predict_x0, e);
+  } else if (strcmp(key, "skip_prk_steps") == 0) {
+    rc = get_bool(key, v, &cfg->skip_prk_steps, e);
+  } else if (strcmp(key, "denoise_to_zero") == 0) {
+    rc = get_bool(key, v, &cfg->denoise_to_zero, e);
+  } else if (strcmp(key, "lambda_min_clipped") == 0) {
+    rc = get_real(key, v, -1e30, 1e30, &cfg->lambda_min_clipped, e);
+  } else if (strcmp(key, "sigma_min") == 0) {
+    rc = get_real(key, v, 1e-30, 1e30, &cfg->sigma_min, e);
+  } else if (strcmp(key, "sigma_max") == 0) {
+    rc = get_real(key, v, 1e-30, 1e30, &cfg->sigma_max, e);
+  } else if (strcmp(key, "disable_corrector") == 0) {
+    rc = get_int_list(key, v, cfg->disable_corrector, SCHED_MAX_DISABLE_CORRECTOR,
+                      &cfg->n_disable_corrector, e);
+  } else if (strcmp(key, "rtol") == 0) {
+    rc = get_real(key, v, 0.0, 1e3, &cfg->rtol, e);
+  } else if (strcmp(key, "atol") == 0) {
+    rc = get_real(key, v, 0.0, 1e3, &cfg->atol, e);
+  } else if (strcmp(key, "h_init") == 0) {
+    rc = get_real(key, v, 1e-6, 100.0, &cfg->h_init, e);
+  } else if (strcmp(key, "theta") == 0) {
+    rc = get_real(key, v, 1e-3, 1.0, &cfg->theta, e);
+  } else if (strcmp(key, "t_err") == 0) {
+    rc = get_real(key, v, 1e-12, 1.0, &cfg->t_err, e);
+  } else if (strcmp(key, "thresholding_max_val") == 0) {
+    rc = get_real(key, v, 1e-30, 1e30, &cfg->thresholding_max_val, e);
   } else {
     *handled = 0;
   }

@@ -68,8 +68,11 @@ static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int
   ck_assert_int_eq(ops_conv2d(&c, x, n, h, w, y, a, threads), 0);
   naive_conv(&c, x, n, h, w, ref);
   double err = rel_err_d(y, ref, cnt);
-  ck_assert_msg(err < 1e-6, "conv %dx%d s%d cin %d cout %d: rel err %g", k, k, stride, cin, cout,
-                err);
+  /* Winograd F(4x4,3x3) trades a little float accuracy for 4x fewer multiplies
+   * (about 2e-6 per layer measured; UNet parity stays near 5e-6). */
+  double tol = c.wino ? 1e-5 : 1e-6;
+  ck_assert_msg(err < tol, "conv %dx%d s%d cin %d cout %d%s: rel err %g", k, k, stride, cin, cout,
+                c.wino ? " (winograd)" : "", err);
   arena_free(a);
   ops_conv2d_unpack(&c);
   free(wt);
