@@ -183,12 +183,10 @@ void ops_conv2d_unpack(conv2d *c) {
   gemm_packed_free(&c->packed);
 }
 
-int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a,
-               int threads) {
-  if (threads < 1)
-    threads = 1;
+int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a, pool *p) {
+  int threads = pool_threads(p);
   if (c->wino)
-    return wino_conv2d(c->wino, x, n, h, w, y, a, threads);
+    return wino_conv2d(c->wino, x, n, h, w, y, a, p);
   conv_job j = {.c = c, .x = x, .y = y, .n = n, .h = h, .w = w};
   ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);
   j.P = j.oh * j.ow;
@@ -234,7 +232,7 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
   j.gscratch = arena_floats(a, j.gscratch_stride * threads);
   if (!j.col || !j.cbuf || !j.gscratch)
     return -1;
-  pool_run(threads, j.units * j.row_chunks, conv_task, &j);
+  pool_run(p, j.units * j.row_chunks, conv_task, &j);
   arena_release(a, m);
   return 0;
 }
@@ -285,9 +283,9 @@ static void gn_task(void *ctx, int task, int worker) {
 }
 
 void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
-                    const float *beta, int silu, float *y, int threads) {
+                    const float *beta, int silu, float *y, pool *p) {
   gn_job j = {x, y, c, hw, groups, silu, eps, gamma, beta};
-  pool_run(threads, n * groups, gn_task, &j);
+  pool_run(p, n * groups, gn_task, &j);
 }
 
 void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
@@ -414,8 +412,8 @@ void ops_attention_unpack(attn_weights *aw) {
 }
 
 int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
-                  int threads) {
-  int c = aw->channels;
+                  pool *p) {
+  int c = aw->channels, threads = pool_threads(p);
   size_t count = (size_t)n * c * hw;
   arena_mark m = arena_get_mark(a);
   float *xn = arena_floats(a, count), *q = arena_floats(a, count), *k = arena_floats(a, count);
@@ -423,23 +421,23 @@ int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *
   if (!xn || !q || !k || !v || !o)
     return -1;
   if (aw->groups > 0)
-    ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, threads);
+    ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, p);
   else
     memcpy(xn, x, count * sizeof(float));
   float *dst[3] = {q, k, v};
   for (int i = 0; i < 3; i++)
-    if (ops_conv2d(&aw->proj[i], xn, n, hw, 1, dst[i], a, threads))
+    if (ops_conv2d(&aw->proj[i], xn, n, hw, 1, dst[i], a, p))
       return -1;
   attn_job j = {.q = q, .k = k, .v = v, .o = o, .c = c, .L = hw, .heads = aw->heads};
   j.dh = c / aw->heads;
   j.scale = 1.0f / sqrtf((float)j.dh);
   j.rows = hw < 256 ? hw : 256;
   j.nchunks = (hw + j.rows - 1) / j.rows;
-  j.scores = arena_floats(a, (size_t)j.rows * hw * (threads > 0 ? threads : 1));
+  j.scores = arena_floats(a, (size_t)j.rows * hw * threads);
   if (!j.scores)
     return -1;
-  pool_run(threads, n * aw->heads * j.nchunks, attn_task, &j);
-  if (ops_conv2d(&aw->proj[3], o, n, hw, 1, xn, a, threads))
+  pool_run(p, n * aw->heads * j.nchunks, attn_task, &j);
+  if (ops_conv2d(&aw->proj[3], o, n, hw, 1, xn, a, p))
     return -1;
   for (size_t i = 0; i < count; i++)
     y[i] = (xn[i] + x[i]) / aw->rescale;

@@ -1,6 +1,7 @@
 /* Tensor core: the float32 NCHW operations a UNet needs, on cblas_sgemm.
  * Every op takes explicit shapes and writes into caller-provided memory;
- * scratch comes from an arena, parallelism from pool_run with `threads`. */
+ * scratch comes from an arena, parallelism from a caller-owned pool (NULL:
+ * single-threaded). */
 #ifndef DENOISED_OPS_H
 #define DENOISED_OPS_H
 
@@ -8,9 +9,10 @@
 
 #include "arena.h"
 #include "gemm.h"
+#include "pool.h"
 #include "winograd.h"
 
-/* Makes BLAS single-threaded so that `threads` alone sets the parallelism.
+/* Makes BLAS single-threaded so that the pool alone sets the parallelism.
  * Called by model_load; idempotent and thread-safe. */
 void ops_init(void);
 
@@ -34,13 +36,12 @@ void ops_conv2d_out_size(const conv2d *c, int h, int w, int *oh, int *ow);
 
 /* y[n][cout][oh][ow] = conv(x[n][cin][h][w]). Returns 0, or -1 when the arena
  * is out of memory. */
-int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a,
-               int threads);
+int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a, pool *p);
 
 /* Group norm over (c/groups channels x hw) per image, affine, then optional
  * SiLU. In-place (y == x) is allowed. */
 void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
-                    const float *beta, int silu, float *y, int threads);
+                    const float *beta, int silu, float *y, pool *p);
 
 /* y[n][out] = x[n][in] * W^T + b, W stored [out][in] as in PyTorch. */
 void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
@@ -76,6 +77,6 @@ void ops_attention_unpack(attn_weights *aw);
 /* Spatial self-attention with diffusers' semantics (AttnProcessor on a 4-D
  * input with residual_connection): y = (x + attn(norm(x))) / rescale. */
 int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
-                  int threads);
+                  pool *p);
 
 #endif

@@ -17,6 +17,11 @@
 #define UNET_MAX_PARAMS 4096
 #define UNET_MAX_SPARE 8
 
+typedef struct workspace {
+  arena *a;
+  pool *p;
+} workspace;
+
 typedef struct group_norm {
   int groups, channels;
   float eps;
@@ -64,10 +69,11 @@ struct unet {
   int nparams;
   conv2d *convs[UNET_MAX_PARAMS]; /* packed layers, unpacked by unet_free */
   int nconvs;
-  /* Arenas of finished forward passes, reused so that steady-state sampling
-   * touches no fresh pages; one per concurrent caller at most. */
+  /* Workspaces (arena + thread pool) of finished forward passes, reused so
+   * that steady-state sampling touches no fresh pages and starts no threads;
+   * one per concurrent caller. */
   pthread_mutex_t lock;
-  arena *spare[UNET_MAX_SPARE];
+  workspace spare[UNET_MAX_SPARE];
   int nspare;
 };
 
@@ -668,8 +674,10 @@ void unet_free(unet *u) {
     ops_conv2d_unpack(u->convs[i]);
   for (int i = 0; i < u->nparams; i++)
     free(u->params[i]);
-  for (int i = 0; i < u->nspare; i++)
-    arena_free(u->spare[i]);
+  for (int i = 0; i < u->nspare; i++) {
+    arena_free(u->spare[i].a);
+    pool_free(u->spare[i].p);
+  }
   pthread_mutex_destroy(&u->lock);
   free(u);
 }
@@ -683,7 +691,8 @@ const unet_shape *unet_get_shape(const unet *u) {
 typedef struct fwd {
   const unet *u;
   arena *a;
-  int n, threads, dry;
+  int n, dry;
+  pool *p;
   double flops;
   const float *temb_act; /* silu(emb), [n][temb_dim], shared by every resnet */
 } fwd;
@@ -696,13 +705,12 @@ static int run_conv(fwd *f, const conv2d *c, const float *x, int h, int w, float
   int oh, ow;
   ops_conv2d_out_size(c, h, w, &oh, &ow);
   f->flops += 2.0 * f->n * c->cout * oh * ow * (double)c->cin * c->k * c->k;
-  return f->dry ? 0 : ops_conv2d(c, x, f->n, h, w, y, f->a, f->threads);
+  return f->dry ? 0 : ops_conv2d(c, x, f->n, h, w, y, f->a, f->p);
 }
 
 static void run_norm(fwd *f, const group_norm *g, const float *x, int hw, int silu, float *y) {
   if (!f->dry)
-    ops_group_norm(x, f->n, g->channels, hw, g->groups, g->eps, g->gamma, g->beta, silu, y,
-                   f->threads);
+    ops_group_norm(x, f->n, g->channels, hw, g->groups, g->eps, g->gamma, g->beta, silu, y, f->p);
 }
 
 static int resnet_forward(fwd *f, const resnet *r, const float *x, int h, int w, float *y) {
@@ -747,10 +755,10 @@ static int resnet_forward(fwd *f, const resnet *r, const float *x, int h, int w,
             p[k] += v;
         }
       ops_group_norm(h1, n, r->cout, hw, r->norm2.groups, r->norm2.eps, r->norm2.gamma,
-                     r->norm2.beta, 1, h1, f->threads);
+                     r->norm2.beta, 1, h1, f->p);
     } else {
       ops_group_norm(h1, n, r->cout, hw, r->norm2.groups, r->norm2.eps, r->norm2.gamma,
-                     r->norm2.beta, 0, h1, f->threads);
+                     r->norm2.beta, 0, h1, f->p);
       for (int i = 0; i < n; i++)
         for (int c = 0; c < r->cout; c++) {
           float *p = h1 + ((size_t)i * r->cout + c) * hw;
@@ -785,7 +793,7 @@ static int attn_forward(fwd *f, const attn_weights *aw, float *x, int hw) {
   int c = aw->channels;
   double L = hw;
   f->flops += f->n * (4 * 2.0 * c * c * L + 2 * 2.0 * L * L * c);
-  return f->dry ? 0 : ops_attention(aw, x, f->n, hw, x, f->a, f->threads);
+  return f->dry ? 0 : ops_attention(aw, x, f->n, hw, x, f->a, f->p);
 }
 
 /* Runs the network; in dry mode only shapes and FLOPs are computed. */
@@ -956,23 +964,44 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
   int rc = check_input(u, n, h, w, t, labels, e);
   if (rc)
     return rc;
-  unet *mu = (unet *)u; /* only the arena cache changes, under its lock */
+  unet *mu = (unet *)u; /* only the workspace cache changes, under its lock */
+  if (threads < 1)
+    threads = 1;
+  workspace ws = {NULL, NULL};
   pthread_mutex_lock(&mu->lock);
-  arena *a = mu->nspare ? mu->spare[--mu->nspare] : NULL;
+  for (int i = 0; i < mu->nspare; i++)
+    if (pool_threads(mu->spare[i].p) == threads || i == mu->nspare - 1) {
+      ws = mu->spare[i];
+      mu->spare[i] = mu->spare[--mu->nspare];
+      break;
+    }
   pthread_mutex_unlock(&mu->lock);
-  if (!a && !(a = arena_new((size_t)64 << 20)))
-    return err_set(e, ERR_NOMEM, "out of memory");
-  fwd f = {.u = u, .a = a, .n = n, .threads = threads < 1 ? 1 : threads};
-  arena_mark start = arena_get_mark(a);
+  if (ws.p && pool_threads(ws.p) != threads) {
+    pool_free(ws.p);
+    ws.p = NULL;
+  }
+  if (!ws.a)
+    ws.a = arena_new((size_t)64 << 20);
+  if (!ws.p && threads > 1)
+    ws.p = pool_new(threads);
+  if (!ws.a || (threads > 1 && !ws.p)) {
+    arena_free(ws.a);
+    pool_free(ws.p);
+    return err_set(e, ERR_NOMEM, "out of memory (or threads) for a forward pass");
+  }
+  fwd f = {.u = u, .a = ws.a, .n = n, .p = ws.p};
+  arena_mark start = arena_get_mark(ws.a);
   rc = forward(&f, x, h, w, t, labels, out, e);
-  arena_release(a, start);
+  arena_release(ws.a, start);
   pthread_mutex_lock(&mu->lock);
   if (mu->nspare < UNET_MAX_SPARE) {
-    mu->spare[mu->nspare++] = a;
-    a = NULL;
+    mu->spare[mu->nspare++] = ws;
+    ws.a = NULL;
+    ws.p = NULL;
   }
   pthread_mutex_unlock(&mu->lock);
-  arena_free(a);
+  arena_free(ws.a);
+  pool_free(ws.p);
   return rc;
 }
 
@@ -984,7 +1013,7 @@ double unet_flops(const unet *u, int h, int w) {
   arena *a = arena_new((size_t)64 << 20);
   if (!a)
     return 0;
-  fwd f = {.u = u, .a = a, .n = 1, .threads = 1, .dry = 1};
+  fwd f = {.u = u, .a = a, .n = 1, .p = NULL, .dry = 1};
   int rc = forward(&f, NULL, h, w, NULL, NULL, NULL, &e);
   arena_free(a);
   return rc ? 0 : f.flops;

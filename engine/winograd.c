@@ -213,9 +213,8 @@ WINO_CLONES static void output_task(void *ctx, int task, int worker) {
 #undef L
 
 int wino_conv2d(const wino_conv *w, const float *x, int n, int h, int wd, float *y, arena *a,
-                int threads) {
-  if (threads < 1)
-    threads = 1;
+                pool *p) {
+  int threads = pool_threads(p);
   wino_job j = {.w = w, .x = x, .y = y, .n = n, .h = h, .wd = wd};
   j.th = (h + 3) / 4;
   j.tw = (wd + 3) / 4;
@@ -236,9 +235,9 @@ int wino_conv2d(const wino_conv *w, const float *x, int n, int h, int wd, float 
     j.nt = total - j.t0 < block ? total - j.t0 : block;
     /* 36 GEMMs usually feed the threads; narrow blocks split columns too */
     j.col_splits = j.nt >= 64 ? 2 : 1;
-    pool_run(threads, (w->cin + WINO_CHAN_CHUNK - 1) / WINO_CHAN_CHUNK, input_task, &j);
-    pool_run(threads, WINO_POINTS * j.col_splits, gemm_task, &j);
-    pool_run(threads, (w->cout + WINO_CHAN_CHUNK - 1) / WINO_CHAN_CHUNK, output_task, &j);
+    pool_run(p, (w->cin + WINO_CHAN_CHUNK - 1) / WINO_CHAN_CHUNK, input_task, &j);
+    pool_run(p, WINO_POINTS * j.col_splits, gemm_task, &j);
+    pool_run(p, (w->cout + WINO_CHAN_CHUNK - 1) / WINO_CHAN_CHUNK, output_task, &j);
   }
   arena_release(a, mark);
   return 0;

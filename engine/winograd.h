@@ -7,6 +7,7 @@
 
 #include "arena.h"
 #include "gemm.h"
+#include "pool.h"
 
 #define WINO_POINTS 36 /* 6 x 6 transform domain */
 
@@ -27,6 +28,6 @@ void wino_release(wino_conv *w);
 /* y[n][cout][h][w] = conv3x3(x[n][cin][h][w]), padding 1. Returns 0, or -1
  * when the arena is out of memory. */
 int wino_conv2d(const wino_conv *w, const float *x, int n, int h, int wd, float *y, arena *a,
-                int threads);
+                pool *p);
 
 #endif

@@ -65,7 +65,9 @@ static void check_conv(int cin, int cout, int k, int stride, int pt, int pl, int
   float *y = malloc(cnt * sizeof *y);
   double *ref = malloc(cnt * sizeof *ref);
   arena *a = arena_new(1 << 20);
-  ck_assert_int_eq(ops_conv2d(&c, x, n, h, w, y, a, threads), 0);
+  pool *p = pool_new(threads);
+  ck_assert_int_eq(ops_conv2d(&c, x, n, h, w, y, a, p), 0);
+  pool_free(p);
   naive_conv(&c, x, n, h, w, ref);
   double err = rel_err_d(y, ref, cnt);
   /* Winograd F(4x4,3x3) trades a little float accuracy for 4x fewer multiplies
@@ -101,8 +103,10 @@ START_TEST(group_norm_matches_reference) {
   for (int i = 0; i < n * c * hw; i++)
     x[i] = x[i] * 3 + 100; /* large mean: a one-pass variance would lose digits */
   float *y = malloc(sizeof(float) * n * c * hw), *ys = malloc(sizeof(float) * n * c * hw);
-  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 0, y, 2);
-  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 1, ys, 1);
+  pool *p = pool_new(2);
+  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 0, y, p);
+  pool_free(p);
+  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 1, ys, NULL);
   int cpg = c / groups;
   for (int bi = 0; bi < n; bi++)
     for (int gi = 0; gi < groups; gi++) {
@@ -134,7 +138,7 @@ END_TEST
 static void naive_attention(const attn_weights *aw, const float *x, int n, int hw, double *y) {
   int c = aw->channels, dh = c / aw->heads;
   float *xn = malloc(sizeof(float) * n * c * hw);
-  ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, 1);
+  ops_group_norm(x, n, c, hw, aw->groups, aw->eps, aw->norm_gamma, aw->norm_beta, 0, xn, NULL);
   double *q = malloc(sizeof(double) * hw * c), *k = malloc(sizeof(double) * hw * c);
   double *v = malloc(sizeof(double) * hw * c), *o = malloc(sizeof(double) * hw * c);
   double *p = malloc(sizeof(double) * hw);
@@ -218,7 +222,9 @@ START_TEST(attention_matches_reference) {
     float *x = randn((size_t)n * c * hw, 22), *y = malloc(sizeof(float) * n * c * hw);
     double *ref = malloc(sizeof(double) * n * c * hw);
     arena *a = arena_new(1 << 20);
-    ck_assert_int_eq(ops_attention(&aw, x, n, hw, y, a, 2), 0);
+    pool *p = pool_new(2);
+    ck_assert_int_eq(ops_attention(&aw, x, n, hw, y, a, p), 0);
+    pool_free(p);
     naive_attention(&aw, x, n, hw, ref);
     double err = rel_err_d(y, ref, (size_t)n * c * hw);
     ck_assert_msg(err < 1e-5, "attention heads %d: rel err %g", heads, err);
