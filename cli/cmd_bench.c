@@ -29,6 +29,26 @@ static double now_ms(void) {
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+/* Peak resident memory of this process. ru_maxrss would also count a
+ * parent's peak when we were started from a big process (e.g. a Python
+ * benchmark driver), so the kernel's VmHWM is read instead. */
+static double peak_rss_mb(void) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  double kb = 0;
+  while (f && fgets(line, sizeof line, f))
+    if (strncmp(line, "VmHWM:", 6) == 0)
+      kb = strtod(line + 6, NULL);
+  if (f)
+    fclose(f);
+  if (kb == 0) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    kb = (double)ru.ru_maxrss;
+  }
+  return kb / 1024.0;
+}
+
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return (x > y) - (x < y);
@@ -40,8 +60,10 @@ int cmd_bench(int argc, char **argv) {
     fputs(help, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }
+  if (strcmp(argv[1], "solvers") == 0)
+    return cmd_bench_solvers(argc - 1, argv + 1);
   if (strcmp(argv[1], "unet") != 0)
-    return cli_usage_error(cmd, "unknown benchmark '%s' (available: unet)", argv[1]);
+    return cli_usage_error(cmd, "unknown benchmark '%s' (available: unet, solvers)", argv[1]);
   argc--;
   argv++;
   const char *model_dir = NULL;
@@ -120,11 +142,9 @@ int cmd_bench(int argc, char **argv) {
   }
   qsort(times, (size_t)iters, sizeof *times, cmp_double);
   double med = times[iters / 2], flops = model_flops(m, s, s) * n;
-  struct rusage ru;
-  getrusage(RUSAGE_SELF, &ru);
   printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
          "gflops=%.1f peak_rss_mb=%.1f kernel=%s\n",
-         n, threads, s, med, med / n, flops / (med * 1e6), ru.ru_maxrss / 1024.0,
+         n, threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(),
          gemm_kernel_name());
   status = 0;
 done:

@@ -43,14 +43,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import st  # noqa: E402
+from unet_arch import (DEFAULT_CONFIG, UNetConfigError, flops, full_config, param_shapes,  # noqa: E402,F401
+                       random_weights, write_model_dir)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _LEGACY = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.")
 _LEGACY_MAP = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-class UNetConfigError(ValueError):
-    pass
 
 
 def modernise_names(sd):
@@ -282,229 +280,72 @@ class TorchUNet:
         return self._conv(h, "conv_out")
 
 
-# UNet2DModel.__init__ defaults in diffusers v0.21 (what config.json holds for unspecified keys).
-DEFAULT_CONFIG = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type="positional", freq_shift=0, flip_sin_to_cos=True,
-    down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[224, 448, 672, 896], layers_per_block=2, mid_block_scale_factor=1,
-    downsample_padding=1, downsample_type="conv", upsample_type="conv", dropout=0.0,
-    act_fn="silu", attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
-    num_class_embeds=None,
-)
+# ---- trainable module ----------------------------------------------------------------------
+class _Node(torch.nn.Module):
+    """Container so that parameters get diffusers' dotted names (down_blocks.0.resnets.0...)."""
 
 
-def full_config(overrides, diffusers_version="0.21.0"):
-    """A config.json dict as diffusers would save it for UNet2DModel(**overrides)."""
-    cfg = dict(DEFAULT_CONFIG)
-    for k, v in overrides.items():
-        if k.startswith("_"):
-            continue
-        if k not in cfg:
-            raise UNetConfigError("unknown UNet2DModel config key %r" % k)
-        cfg[k] = list(v) if isinstance(v, tuple) else v
-    cfg["_class_name"] = "UNet2DModel"
-    cfg["_diffusers_version"] = diffusers_version
-    return dict(sorted(cfg.items()))
+class UNet2D(torch.nn.Module):
+    """Trainable UNet2DModel: an nn.Module whose state_dict() has exactly diffusers' parameter
+    names and shapes (param_shapes), and whose forward is TorchUNet's (one definition of the
+    network for training, the PyTorch reference and the benchmarks).
+
+        net = UNet2D(config, seed=0)                 # fresh init (see init_weights)
+        net = UNet2D(config, weights=st.load(path))  # or from a {name: array} dict
+        eps = net(x, t, class_labels)
+        write_model_dir(path, config, {k: v.detach().numpy() for k, v in net.state_dict().items()})
+    """
+
+    def __init__(self, config, weights=None, seed=0):
+        super().__init__()
+        self.config = full_config(config)
+        shapes = param_shapes(self.config)
+        if weights is None:
+            weights = init_weights(self.config, seed)
+        for name, shape in shapes.items():
+            *path, leaf = name.split(".")
+            node = self
+            for part in path:
+                if not hasattr(node, part):
+                    node.add_module(part, _Node())
+                node = getattr(node, part)
+            w = weights[name]
+            w = w.detach().clone() if torch.is_tensor(w) else torch.from_numpy(np.array(w, dtype=np.float32))
+            if tuple(w.shape) != tuple(shape):
+                raise UNetConfigError("%s: shape %s, expected %s" % (name, tuple(w.shape), shape))
+            node.register_parameter(leaf, torch.nn.Parameter(w.float()))
+        self._fn = TorchUNet(self.config, dict(self.named_parameters()))
+
+    def forward(self, x, timesteps, class_labels=None):
+        # re-read the parameters each call (cheap) so .to()/load_state_dict() can never leave
+        # the functional forward holding stale tensors
+        self._fn.p = dict(self.named_parameters())
+        self._fn.dtype = next(iter(self._fn.p.values())).dtype
+        return self._fn(x, timesteps, class_labels)
 
 
-def param_shapes(config, legacy=False):
-    """{name: shape} of a UNet2DModel state_dict (diffusers v0.21 names; legacy attention
-    names query/key/value/proj_attn with legacy=True).  Same checks as TorchUNet."""
-    c = dict(DEFAULT_CONFIG)
-    c.update({k: v for k, v in config.items() if not k.startswith("_")})
-    ch = list(c["block_out_channels"])
-    if not len(ch) == len(c["down_block_types"]) == len(c["up_block_types"]):
-        raise UNetConfigError("block_out_channels/down_block_types/up_block_types lengths differ")
-    L = int(c["layers_per_block"])
-    temb = ch[0] * 4
-    ss = c["resnet_time_scale_shift"] == "scale_shift"
-    hd = c["attention_head_dim"]
-    P = {}
-
-    def conv(pfx, cin, cout, k=3):
-        P[pfx + ".weight"] = (cout, cin, k, k)
-        P[pfx + ".bias"] = (cout,)
-
-    def lin(pfx, cin, cout):
-        P[pfx + ".weight"] = (cout, cin)
-        P[pfx + ".bias"] = (cout,)
-
-    def norm(pfx, n):
-        P[pfx + ".weight"] = (n,)
-        P[pfx + ".bias"] = (n,)
-
-    def resnet(pfx, cin, cout):
-        norm(pfx + ".norm1", cin)
-        conv(pfx + ".conv1", cin, cout)
-        lin(pfx + ".time_emb_proj", temb, 2 * cout if ss else cout)
-        norm(pfx + ".norm2", cout)
-        conv(pfx + ".conv2", cout, cout)
-        if cin != cout:
-            conv(pfx + ".conv_shortcut", cin, cout, 1)
-
-    def attn(pfx, ch_, with_norm=True):
-        d = hd if hd is not None else ch_
-        inner = (ch_ // d) * d
-        if with_norm:
-            norm(pfx + ".group_norm", ch_)
-        names = ("query", "key", "value", "proj_attn") if legacy else ("to_q", "to_k", "to_v", "to_out.0")
-        for n in names[:3]:
-            lin(pfx + "." + n, ch_, inner)
-        lin(pfx + "." + names[3], inner, ch_)
-
-    conv("conv_in", c["in_channels"], ch[0])
-    lin("time_embedding.linear_1", ch[0], temb)
-    lin("time_embedding.linear_2", temb, temb)
-    if c.get("class_embed_type") is not None:
-        raise UNetConfigError("class_embed_type unsupported")
-    if c.get("num_class_embeds") is not None:
-        P["class_embedding.weight"] = (int(c["num_class_embeds"]), temb)
-    nb = len(ch)
-    out = ch[0]
-    for i, bt in enumerate(c["down_block_types"]):
-        cin, out = out, ch[i]
-        pfx = "down_blocks.%d" % i
-        for j in range(L):
-            resnet("%s.resnets.%d" % (pfx, j), cin if j == 0 else out, out)
-            if bt == "AttnDownBlock2D":
-                attn("%s.attentions.%d" % (pfx, j), out)
-        if i < nb - 1:
-            if bt == "AttnDownBlock2D" and (c["downsample_type"] or "conv") == "resnet":
-                resnet(pfx + ".downsamplers.0", out, out)
-            else:
-                conv(pfx + ".downsamplers.0.conv", out, out)
-    resnet("mid_block.resnets.0", ch[-1], ch[-1])
-    if c["add_attention"]:
-        attn("mid_block.attentions.0", ch[-1], with_norm=c["resnet_time_scale_shift"] == "default")
-    resnet("mid_block.resnets.1", ch[-1], ch[-1])
-    rev = list(reversed(ch))
-    out = rev[0]
-    for i, bt in enumerate(c["up_block_types"]):
-        prev, out = out, rev[i]
-        inp = rev[min(i + 1, nb - 1)]
-        pfx = "up_blocks.%d" % i
-        for j in range(L + 1):
-            skip = inp if j == L else out
-            resnet("%s.resnets.%d" % (pfx, j), (prev if j == 0 else out) + skip, out)
-            if bt == "AttnUpBlock2D":
-                attn("%s.attentions.%d" % (pfx, j), out)
-        if i < nb - 1:
-            if bt == "AttnUpBlock2D" and (c["upsample_type"] or "conv") == "resnet":
-                resnet(pfx + ".upsamplers.0", out, out)
-            else:
-                conv(pfx + ".upsamplers.0.conv", out, out)
-    norm("conv_norm_out", ch[0])
-    conv("conv_out", ch[0], c["out_channels"])
-    return P
-
-
-def random_weights(config, seed=0, legacy=False):
-    """Random float32 weights for a UNet2DModel config, numpy only: uniform(+-1/sqrt(fan_in))
-    for conv/linear weights and biases (PyTorch's default init range), GroupNorm weight
-    1+0.1*randn and bias 0.1*randn, class embedding randn."""
-    rng = np.random.default_rng(seed)
-    shapes = param_shapes(config, legacy=legacy)
+def init_weights(config, seed=0, zero_out=True):
+    """Fresh float32 training init as torch tensors: PyTorch's default for Conv2d/Linear
+    (uniform +-1/sqrt(fan_in) for weight and bias, i.e. what diffusers' UNet2DModel() gets),
+    GroupNorm weight 1 / bias 0, class embedding N(0, 1).  zero_out=True zeroes the last conv
+    of every resnet, every attention output projection and conv_out (the usual DDPM /
+    guided-diffusion trick: each block starts as the identity, training is more stable)."""
+    g = torch.Generator().manual_seed(int(seed))
+    shapes = param_shapes(config)
     out = {}
     for name, shape in shapes.items():
-        is_norm = ("norm" in name.rsplit(".", 2)[-2]) and len(shape) == 1
-        if is_norm:
-            v = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1)
-            if name.endswith(".weight"):
-                v += np.float32(1)
+        mod, kind = name.rsplit(".", 1)
+        last = mod.rsplit(".", 1)[-1]
+        if "norm" in last and len(shape) == 1:
+            v = torch.ones(shape) if kind == "weight" else torch.zeros(shape)
         elif name == "class_embedding.weight":
-            v = rng.standard_normal(shape, dtype=np.float32)
+            v = torch.randn(shape, generator=g)
         else:
-            wshape = shapes[name[:-len("bias")] + "weight"] if name.endswith(".bias") else shape
+            wshape = shapes[mod + ".weight"]
             fan_in = int(np.prod(wshape[1:]))
-            bound = np.float32(1.0 / math.sqrt(fan_in))
-            v = (rng.random(shape, dtype=np.float32) * np.float32(2) - np.float32(1)) * bound
+            bound = 1.0 / math.sqrt(fan_in)
+            v = (torch.rand(shape, generator=g) * 2 - 1) * bound
+            if zero_out and (mod.endswith((".conv2", ".to_out.0")) or mod == "conv_out"):
+                v = torch.zeros(shape)
         out[name] = v
     return out
-
-
-def write_model_dir(path, config, weights, dtype="F32"):
-    """Write config.json + diffusion_pytorch_model.safetensors (diffusers layout)."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(full_config(config), f, indent=2, sort_keys=True)
-        f.write("\n")
-    st.save(os.path.join(path, "diffusion_pytorch_model.safetensors"), weights, dtype=dtype,
-            metadata={"format": "pt"})
-
-
-def flops(config, batch, height, width=None):
-    """2*MACs of every conv, linear and attention matmul in one forward (element-wise ops excluded)."""
-    width = height if width is None else width
-    ch = list(config["block_out_channels"])
-    L = int(config.get("layers_per_block", 2))
-    hd = config.get("attention_head_dim", 8)
-    tss = config.get("resnet_time_scale_shift", "default")
-    temb = ch[0] * 4
-    macs = 0
-    H, W = height, width
-
-    def conv(cin, cout, k, h, w):
-        return cin * cout * k * k * h * w
-
-    def resnet(cin, cout, h, w, hout=None, wout=None):
-        hout = h if hout is None else hout
-        wout = w if wout is None else wout
-        m = conv(cin, cout, 3, hout, wout) + conv(cout, cout, 3, hout, wout)
-        m += temb * cout * (2 if tss == "scale_shift" else 1)
-        if cin != cout:
-            m += conv(cin, cout, 1, hout, wout)
-        return m
-
-    def attn(c, h, w):
-        s = h * w
-        d = hd if hd is not None else c
-        inner = (c // d) * d
-        return 4 * s * c * inner + 2 * s * s * inner
-
-    macs += ch[0] * temb + temb * temb
-    macs += conv(config.get("in_channels", 3), ch[0], 3, H, W)
-    out_ch = ch[0]
-    skip_ch = [ch[0]]
-    nb = len(ch)
-    for i, bt in enumerate(config["down_block_types"]):
-        cin, out_ch = out_ch, ch[i]
-        for j in range(L):
-            macs += resnet(cin if j == 0 else out_ch, out_ch, H, W)
-            if bt == "AttnDownBlock2D":
-                macs += attn(out_ch, H, W)
-            skip_ch.append(out_ch)
-        if i < nb - 1:
-            if bt == "AttnDownBlock2D" and (config.get("downsample_type") or "conv") == "resnet":
-                macs += resnet(out_ch, out_ch, H, W, H // 2, W // 2)
-                H, W = H // 2, W // 2
-            else:
-                pad = int(config.get("downsample_padding", 1))
-                extra = 1 if pad == 0 else 2 * pad  # padding 0 means an asymmetric (0,1) pad
-                H, W = (H + extra - 3) // 2 + 1, (W + extra - 3) // 2 + 1
-                macs += conv(out_ch, out_ch, 3, H, W)
-            skip_ch.append(out_ch)
-    c = ch[-1]
-    macs += 2 * resnet(c, c, H, W)
-    if config.get("add_attention", True):
-        macs += attn(c, H, W)
-    rev = list(reversed(ch))
-    prev = rev[0]
-    for i, bt in enumerate(config["up_block_types"]):
-        out_ch = rev[i]
-        for j in range(L + 1):
-            cin = (prev if j == 0 else out_ch) + skip_ch.pop()
-            macs += resnet(cin, out_ch, H, W)
-            if bt == "AttnUpBlock2D":
-                macs += attn(out_ch, H, W)
-        if i < nb - 1:
-            if bt == "AttnUpBlock2D" and (config.get("upsample_type") or "conv") == "resnet":
-                macs += resnet(out_ch, out_ch, H, W, 2 * H, 2 * W)
-            else:
-                macs += conv(out_ch, out_ch, 3, 2 * H, 2 * W)
-            H, W = 2 * H, 2 * W
-        prev = out_ch
-    macs += conv(ch[0], config.get("out_channels", 3), 3, H, W)
-    return 2 * macs * batch
