@@ -16,6 +16,7 @@
 static const char help[] =
     "usage: denoised bench unet --model DIR [--batch B] [--threads T] [--size S]\n"
     "                           [--iters N] [--warmup W]\n"
+    "       denoised bench solvers --model DIR [--nfe 5,10,20,50] ...  (solver accuracy; --help)\n"
     "\n"
     "Times one network evaluation (median of N) on Gaussian noise.\n"
     "  --batch B    images per forward (default 1)\n"

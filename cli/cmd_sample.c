@@ -30,12 +30,18 @@ static const char help[] =
     "\n"
     "Generates images by solving the reverse diffusion from Gaussian noise.\n"
     "  --model DIR             diffusers model folder (flat or pipeline layout)\n"
-    "  --scheduler NAME        solver: ddim (default) or ddpm, or the diffusers class name\n"
-    "                          (DDIMScheduler, DDPMScheduler)\n"
-    "  --steps N               inference steps (default: the solver's diffusers default)\n"
+    "  --scheduler NAME        solver (default ddim): a diffusers class name such as\n"
+    "                          DPMSolverMultistepScheduler, or ddpm, ddim, pndm, plms,\n"
+    "                          dpm-solver, dpm-solver++, dpm++2m, dpm++3m, dpm++2m-karras,\n"
+    "                          dpm++2m-sde, dpm++2m-sde-karras, dpm++2s, dpm++2s-sde, unipc,\n"
+    "                          deis, euler, euler-a, heun, and the papers' variants f-pndm,\n"
+    "                          s-pndm, dpm-solver-fast, dpm-solver-adaptive (DPM_Solver)\n"
+    "  --steps N               inference steps (default: the solver's diffusers default); for\n"
+    "                          dpm-solver-fast the NFE budget\n"
     "  --scheduler-config F    JSON object of diffusers scheduler_config keys, layered on the\n"
-    "                          model's scheduler_config.json\n"
-    "  --scheduler-opt K=V     one more key (repeatable), e.g. eta=1, timestep_spacing=trailing\n"
+    "                          model's scheduler_config.json (keys of other schedulers ignored)\n"
+    "  --scheduler-opt K=V     one more key the solver reads (repeatable), e.g. eta=1,\n"
+    "                          timestep_spacing=trailing, solver_order=3, use_karras_sigmas=true\n"
     "  --seed S                seed (default: random, printed); image i of a batch uses noise\n"
     "                          stream i, so any image can be regenerated alone\n"
     "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
@@ -66,7 +72,11 @@ static void on_progress(int step, int total, int nfe, void *user) {
   progress *p = user;
   if (!p->tty)
     return;
-  int width = 30, done = total ? step * width / total : width;
+  if (!total) { /* an adaptive solver: the number of steps is not known in advance */
+    fprintf(stderr, "\r%d steps accepted, %d NFE, %lds", step, nfe, (long)(time(NULL) - p->start));
+    return;
+  }
+  int width = 30, done = step * width / total;
   fprintf(stderr, "\r[%.*s%*s] %d/%d steps, %d NFE, %lds", done, "##############################",
           width - done, "", step, total, nfe, (long)(time(NULL) - p->start));
   if (step == total)
@@ -87,67 +97,46 @@ static uint64_t random_seed(void) {
   return s & ((1ull << 53) - 1);
 }
 
-/* Accepts a solver name or the diffusers class it mirrors. */
-static const char *resolve_solver(const char *name) {
-  for (int i = 0; i < sampler_solver_count(); i++) {
-    const char *s = sampler_solver_name(i);
-    if (strcmp(name, s) == 0 || strcmp(name, sampler_solver_class(s)) == 0)
-      return s;
-  }
-  return NULL;
-}
-
-static json_t *load_json_object(const char *path, err *e) {
-  json_error_t je;
-  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-  if (!j) {
-    err_set(e, ERR_FORMAT, "%s:%d: invalid JSON: %s", path, je.line, je.text);
-    return NULL;
-  }
-  if (!json_is_object(j)) {
-    json_decref(j);
-    err_set(e, ERR_FORMAT, "%s: expected a JSON object", path);
-    return NULL;
-  }
-  return j;
-}
-
-/* The model's scheduler_config.json, then the user's file, then KEY=VALUE. */
-static int build_sched_config(const sample_args *a, const model *m, const char *solver,
-                              const json_t *resolved, sched_config *cfg, err *e) {
-  const char *cls = sampler_solver_class(solver);
+/* The request as the engine's solver spec: the model's scheduler_config.json, then the user's
+ * file ("config"), then KEY=VALUE ("options"); on --replay the config the image recorded. */
+static int build_sampler(const sample_args *a, const model *m, const char *solver,
+                         const json_t *recorded, sampler **out, err *e) {
+  json_t *spec = json_pack("{s:s}", "name", solver), *mcfg = NULL;
   const char *path = model_scheduler_config_path(m);
-  int rc = path ? sched_config_load_file(path, cls, 0, cfg, e) : sched_config_init(cfg, cls, e);
-  if (rc)
-    return rc;
-  if (resolved) { /* --replay: the exact config recorded in the image */
-    if ((rc = sched_config_apply_json(cfg, resolved, 1, e)))
-      goto fail;
-    return sched_config_validate(cfg, e);
-  }
-  if (a->sched_file) {
-    json_t *j = load_json_object(a->sched_file, e);
-    if (!j) {
+  int rc = spec ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK && path && !(mcfg = sched_config_read_json(path, e)))
+    rc = e->code;
+  if (rc == ERR_OK && a->steps)
+    json_object_set_new(spec, "steps", json_integer(a->steps));
+  if (rc == ERR_OK && recorded) {
+    json_object_set(spec, "config", (json_t *)recorded);
+  } else if (rc == ERR_OK && a->sched_file) {
+    json_t *j = sched_config_read_json(a->sched_file, e);
+    if (!j)
       rc = e->code;
-      goto fail;
-    }
-    rc = sched_config_apply_json(cfg, j, 1, e);
-    json_decref(j);
-    if (rc) {
-      err_prefix(e, "%s", a->sched_file);
-      goto fail;
+    else
+      json_object_set_new(spec, "config", j);
+  }
+  if (rc == ERR_OK && !recorded && a->noverrides) {
+    json_t *opts = json_object();
+    json_object_set_new(spec, "options", opts);
+    for (int i = 0; i < a->noverrides && rc == ERR_OK; i++) {
+      const char *kv = a->overrides[i], *eq = strchr(kv, '=');
+      if (!eq || eq == kv) {
+        rc = err_set(e, ERR_INVALID, "--scheduler-opt '%s': expected KEY=VALUE", kv);
+        break;
+      }
+      char key[128];
+      snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+      json_object_set_new(opts, key, sched_value_from_text(eq + 1));
     }
   }
-  for (int i = 0; i < a->noverrides; i++)
-    if ((rc = sched_config_set_override(cfg, a->overrides[i], e))) {
-      err_prefix(e, "--scheduler-opt %s", a->overrides[i]);
-      goto fail;
-    }
-  if ((rc = sched_config_validate(cfg, e)))
-    goto fail;
-  return ERR_OK;
-fail:
-  sched_config_free(cfg);
+  if (rc == ERR_OK)
+    rc = sampler_new_from_json(spec, mcfg, out, e);
+  if (rc != ERR_OK && a->sched_file && !recorded && strstr(e->msg, "solver spec config"))
+    err_prefix(e, "%s", a->sched_file);
+  json_decref(spec);
+  json_decref(mcfg);
   return rc;
 }
 
@@ -316,8 +305,8 @@ static int parse_args(int argc, char **argv, sample_args *a) {
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
   if (a->replay) {
-    if (a->scheduler || a->sched_file || a->noverrides || a->has_seed ||
-        a->noise_path || a->has_label || a->steps || a->size)
+    if (a->scheduler || a->sched_file || a->noverrides || a->has_seed || a->noise_path ||
+        a->has_label || a->steps || a->size)
       return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
   } else if (!a->model_dir) {
     return cli_usage_error(cmd, "--model is required");
@@ -339,17 +328,16 @@ int cmd_sample(int argc, char **argv) {
   json_t *replay_meta = NULL;
   model *m = NULL;
   sampler *s = NULL;
-  sched_config cfg;
-  int have_cfg = 0, status = 1;
+  int status = 1;
   npy_array noise = {0};
   float *out = NULL;
   if (a.replay && load_replay(&a, &replay_meta, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  const char *solver = resolve_solver(a.scheduler ? a.scheduler : "ddim");
-  if (!solver) {
-    cli_usage_error(cmd, "unknown scheduler '%s' (available: ddim, ddpm)", a.scheduler);
+  const char *solver = a.scheduler ? a.scheduler : "ddim";
+  if (!sampler_solver_class(solver)) {
+    cli_usage_error(cmd, "unknown scheduler '%s' (see --help for the names)", solver);
     status = 2;
     goto done;
   }
@@ -359,15 +347,11 @@ int cmd_sample(int argc, char **argv) {
   }
   const model_info *mi = model_get_info(m);
   json_t *recorded = replay_meta ? json_object_get(replay_meta, "scheduler_config") : NULL;
-  if (build_sched_config(&a, m, solver, recorded, &cfg, &e)) {
+  if (build_sampler(&a, m, solver, recorded, &s, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  have_cfg = 1;
-  if (sampler_new(solver, &cfg, (int)a.steps, &s, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
+  const sched_config *cfg = sampler_config(s);
   int size = a.size ? (int)a.size : mi->sample_size;
   if (size < 1) {
     cli_usage_error(cmd, "the model has no sample_size: pass --size");
@@ -430,6 +414,8 @@ int cmd_sample(int argc, char **argv) {
                         .progress_user = &pr,
                         .threads = (int)a.threads};
   int nfe = 0, rc = sampler_run(s, m, &o, out, &nfe, &e);
+  if (pr.tty && !sampler_nfe(s))
+    fputc('\n', stderr);
   free(labels);
   if (rc) {
     cli_fail(cmd, "%s", e.msg);
@@ -443,7 +429,7 @@ int cmd_sample(int argc, char **argv) {
     }
   }
   if (a.png_out &&
-      write_pngs(&a, m, &cfg, solver, sampler_num_steps(s), seed, out, size, size, &e)) {
+      write_pngs(&a, m, cfg, solver, sampler_num_steps(s), seed, out, size, size, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
@@ -455,8 +441,6 @@ done:
   free(out);
   npy_array_free(&noise);
   sampler_free(s);
-  if (have_cfg)
-    sched_config_free(&cfg);
   model_free(m);
   json_decref(replay_meta);
   return status;

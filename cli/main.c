@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "cli.h"
+#include "config.h"
+#include "server.h"
 
 static const char usage[] = "usage: denoised <command> [options]\n"
                             "\n"
@@ -17,6 +19,8 @@ static const char usage[] = "usage: denoised <command> [options]\n"
                             "  sample    generate images with a model and a solver (PNG or .npy)\n"
                             "  forward   run one network evaluation on inputs from .npy files\n"
                             "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
+                            "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
+                            "  config    check a daemon config file, list its keys\n"
                             "\n"
                             "Run 'denoised <command> --help' for the options of a command.\n";
 
@@ -90,6 +94,10 @@ int main(int argc, char **argv) {
     return cmd_sample(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0)
     return cmd_bench(argc - 1, argv + 1);
+  if (strcmp(cmd, "serve") == 0)
+    return server_main(argc - 1, argv + 1);
+  if (strcmp(cmd, "config") == 0)
+    return config_main(argc - 1, argv + 1);
   fprintf(stderr, "denoised: unknown command '%s'\n\n%s", cmd, usage);
   return 2;
 }

@@ -9,11 +9,11 @@
 #include "image.h"
 
 json_t *meta_json(const meta_image *m) {
-  json_t *j = json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model", m->model,
-                        "scheduler", m->solver, "steps", m->steps, "seed", (json_int_t)m->seed,
-                        "image_index", (json_int_t)m->image_index, "height", m->height, "width",
-                        m->width, "scheduler_config", sched_config_to_json(m->cfg), "version",
-                        META_VERSION);
+  json_t *j =
+      json_pack("{s:s, s:s, s:i, s:I, s:I, s:i, s:i, s:o, s:s}", "model", m->model, "scheduler",
+                m->solver, "steps", m->steps, "seed", (json_int_t)m->seed, "image_index",
+                (json_int_t)m->image_index, "height", m->height, "width", m->width,
+                "scheduler_config", sched_config_to_json(m->cfg), "version", META_VERSION);
   if (!j)
     return NULL;
   if (m->has_label)
@@ -26,9 +26,9 @@ json_t *meta_json(const meta_image *m) {
 void meta_infotext(const meta_image *m, char *buf, size_t n) {
   const char *name = strrchr(m->model, '/');
   name = name && name[1] ? name + 1 : m->model;
-  size_t off = (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s",
-                                m->steps, m->solver, (unsigned long long)m->seed, m->width,
-                                m->height, name);
+  size_t off =
+      (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s",
+                       m->steps, m->solver, (unsigned long long)m->seed, m->width, m->height, name);
   if (m->has_label && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", (long long)m->label);
   if (off < n)

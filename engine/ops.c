@@ -14,6 +14,9 @@
 #include "pool.h"
 
 #define COL_TILE_BYTES (2u << 20) /* im2col tile kept near cache size */
+#ifndef OPS_WINO_MIN_PIXELS
+#define OPS_WINO_MIN_PIXELS 64 /* 8x8 and larger images use Winograd */
+#endif
 #define CONV_MIN_COLS 256         /* narrower GEMMs waste the 32-wide kernel */
 
 static void blas_single_thread(void) {
@@ -170,8 +173,8 @@ int ops_conv2d_pack(conv2d *c) {
       c->wino = NULL;
       return -1;
     }
-    return 0;
   }
+  /* Both forms are kept: small images go the im2col way (see ops_conv2d). */
   return gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k);
 }
 
@@ -186,7 +189,11 @@ void ops_conv2d_unpack(conv2d *c) {
 
 int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a, pool *p) {
   int threads = pool_threads(p);
-  if (c->wino)
+  /* Winograd pays off only with enough tiles per GEMM: on small images its
+   * 4x larger filters make the GEMMs memory-bound. The choice depends on
+   * the image size alone, never on the batch, so an image gets the same
+   * bits alone or batched. */
+  if (c->wino && h * w >= OPS_WINO_MIN_PIXELS)
     return wino_conv2d(c->wino, x, n, h, w, y, a, p);
   conv_job j = {.c = c, .x = x, .y = y, .n = n, .h = h, .w = w};
   ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);

@@ -1,88 +1,79 @@
-/* Sampling loop and the DDPM / DDIM solvers. The step arithmetic runs in float32 in the order
- * torch runs diffusers' DDPMScheduler.step and DDIMScheduler.step, so that a run on the same
- * noise lands within rounding of diffusers' output rather than merely near it. */
-#include "sampler.h"
-
+/* The sampling loop, the solver names, the JSON request -> solver function, and DDPM / DDIM (the
+ * other solvers: sampler_dpm.c, sampler_karras.c, sampler_pndm.c, sampler_paper.c). Steps run in
+ * float32 in torch's order, so a run lands within rounding of diffusers' on the same noise. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "rng.h"
-
-typedef struct run_ctx run_ctx;
-
-/* What one step of a solver sees: the whole batch, the model output at the step's timestep,
- * scratch space, and (through run) per-run state and more evaluations. */
-typedef struct step_ctx {
-  int i; /* step index */
-  int batch;
-  size_t d;         /* values per image */
-  float *x;         /* batch * d, updated in place */
-  const float *mo;  /* model output, mo_stride values per image */
-  size_t mo_stride; /* d, or 2 d when the model also predicts a variance */
-  float *x0;        /* d scratch */
-  float *noise;     /* d scratch */
-  float *sel;       /* d scratch for the thresholding quantile */
-  const sampler_run_opts *o;
-  run_ctx *run;
-} step_ctx;
-
-/* A solver. The loop evaluates the model at tm[i] before step i; a solver that needs more
- * evaluations per step (Heun, singlestep DPM-Solver) calls sampler_eval, so that NFE counting
- * and cancellation stay in one place. Multistep solvers keep their history in c->run->state. */
-typedef struct solver_desc {
-  const char *name;
-  const char *class_name;
-  int default_steps;
-  /* Fills s->tm (model timesteps) and s->prev (where each step goes) after s->ts is set. */
-  void (*prepare)(sampler *s);
-  int (*step)(const sampler *s, step_ctx *c, err *e);
-  /* Optional: bytes of per-run state for `batch` images of d values. */
-  size_t (*state_size)(const sampler *s, int batch, size_t d);
-  /* Optional: evaluations per image for a whole run; NULL means one per step. */
-  int (*nfe)(const sampler *s);
-} solver_desc;
-
-struct sampler {
-  const solver_desc *desc;
-  sched_config cfg;
-  int num_train_timesteps;
-  float *abar; /* alphas_cumprod, float32 as diffusers holds it */
-  int n;
-  int64_t *ts;   /* the schedule's training timesteps (sched_timesteps) */
-  double *tm;    /* timestep handed to the model at each step */
-  int64_t *prev; /* -1: past the end of the chain */
-};
+#include "sampler_impl.h"
 
 struct run_ctx {
   const sampler *s;
   const model *m;
   const sampler_run_opts *o;
-  int h, w;
-  float *tv;   /* batch timesteps */
-  void *state; /* solver_desc.state_size bytes, zeroed at the start of a run */
+  int h, w, batch;
+  size_t d;
+  size_t dout;     /* model output values per image (2 d for a learned variance) */
+  float *tv;       /* batch timesteps */
+  int64_t *labels; /* batch labels for row subsets */
+  float *full;     /* batch * dout scratch for sampler_eval_rows, custom loops only */
   int nfe;
 };
 
-/* One more network evaluation on the batch at timestep t, counted and cancellable. */
-static int sampler_eval(step_ctx *c, const float *x, double t, float *out, err *e) {
-  run_ctx *r = c->run;
+/* ---- evaluation, progress, noise ---- */
+
+static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_t *labels,
+                       double t_for_msg, float *out, err *e) {
   const sampler_run_opts *o = r->o;
+  const int total = r->s->n;
   if (o->cancel && *o->cancel)
-    return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", c->i + 1, r->s->n);
-  for (int b = 0; b < c->batch; b++)
-    r->tv[b] = (float)t;
-  int rc = model_eval(r->m, x, c->batch, r->h, r->w, r->tv, o->labels, out,
-                      o->threads > 0 ? o->threads : 1, e);
+    return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", step + 1, total);
+  int rc =
+      model_eval(r->m, x, n, r->h, r->w, r->tv, labels, out, o->threads > 0 ? o->threads : 1, e);
   if (rc != ERR_OK)
-    return err_prefix(e, "step %d (t=%g)", c->i + 1, t);
+    return err_prefix(e, "step %d (t=%g)", step + 1, t_for_msg);
   r->nfe++;
   return ERR_OK;
 }
 
-/* ---- pieces shared by the solvers ---- */
+int sampler_eval_all(run_ctx *r, int step, const float *x, double t, float *out, err *e) {
+  for (int b = 0; b < r->batch; b++)
+    r->tv[b] = (float)t;
+  return eval_common(r, step, x, r->batch, r->o->labels, t, out, e);
+}
 
-static int step_noise(const step_ctx *c, int b, float *out, err *e) {
+int sampler_eval_rows(run_ctx *r, int step, const float *x, int n, const int *rows, const double *t,
+                      float *out, err *e) {
+  for (int k = 0; k < n; k++) {
+    r->tv[k] = (float)t[k];
+    if (r->o->labels)
+      r->labels[k] = r->o->labels[rows ? rows[k] : k];
+  }
+  float *dst = r->dout == r->d ? out : r->full;
+  int rc = eval_common(r, step, x, n, r->o->labels ? r->labels : NULL, t[0], dst, e);
+  if (rc == ERR_OK && dst != out) /* keep the prediction, drop a learned variance */
+    for (int k = 0; k < n; k++)
+      memcpy(out + (size_t)k * r->d, dst + (size_t)k * r->dout, r->d * sizeof *out);
+  return rc;
+}
+
+int sampler_run_batch(const run_ctx *r) {
+  return r->batch;
+}
+size_t sampler_run_d(const run_ctx *r) {
+  return r->d;
+}
+int sampler_run_nfe(const run_ctx *r) {
+  return r->nfe;
+}
+
+void sampler_report(run_ctx *r, int step, int total) {
+  if (r->o->progress)
+    r->o->progress(step, total, r->nfe, r->o->progress_user);
+}
+
+int sampler_noise(const step_ctx *c, int b, float *out, err *e) {
   const sampler_run_opts *o = c->o;
   uint64_t image = o->first_image + (uint64_t)b, stream = (uint64_t)c->i + 1;
   if (o->noise)
@@ -91,14 +82,15 @@ static int step_noise(const step_ctx *c, int b, float *out, err *e) {
   return ERR_OK;
 }
 
+/* ---- pieces shared by the solvers ---- */
+
 static int cmp_float(const void *pa, const void *pb) {
   float a = *(const float *)pa, b = *(const float *)pb;
   return (a > b) - (a < b);
 }
 
-/* diffusers' _threshold_sample on one image: s = quantile(|x0|, ratio) with torch.quantile's
- * float32 linear interpolation, clamped to [1, sample_max_value]; x0 = clamp(x0, -s, s) / s. */
-static void threshold_image(const sched_config *cfg, float *x0, size_t d, float *sel) {
+/* torch.quantile(|x0|, ratio) of one image with torch's float32 linear interpolation. */
+static float abs_quantile(const sched_config *cfg, const float *x0, size_t d, float *sel) {
   for (size_t i = 0; i < d; i++)
     sel[i] = fabsf(x0[i]);
   const float rank = (float)cfg->dynamic_thresholding_ratio * (float)(d - 1);
@@ -108,16 +100,27 @@ static void threshold_image(const sched_config *cfg, float *x0, size_t d, float 
   qsort(sel, d, sizeof *sel, cmp_float);
   const float lo = sel[below], hi = sel[above];
   const float w = rank - (float)below;
-  float s = fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w);
+  return fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w);
+}
+
+void sampler_threshold_diffusers(const sched_config *cfg, float *x0, size_t d, float *sel) {
+  float s = abs_quantile(cfg, x0, d, sel);
   s = fmaxf(s, 1.0f);
   s = fminf(s, (float)cfg->sample_max_value);
   for (size_t i = 0; i < d; i++)
     x0[i] = fminf(fmaxf(x0[i], -s), s) / s;
 }
 
+void sampler_threshold_paper(const sched_config *cfg, float *x0, size_t d, float *sel) {
+  float s = abs_quantile(cfg, x0, d, sel);
+  s = fmaxf(s, (float)cfg->thresholding_max_val);
+  for (size_t i = 0; i < d; i++)
+    x0[i] = fminf(fmaxf(x0[i], -s), s) / s;
+}
+
 static void clip_or_threshold(const sched_config *cfg, float *x0, size_t d, float *sel) {
   if (cfg->thresholding) {
-    threshold_image(cfg, x0, d, sel);
+    sampler_threshold_diffusers(cfg, x0, d, sel);
   } else if (cfg->clip_sample) {
     const float r = (float)cfg->clip_sample_range;
     for (size_t i = 0; i < d; i++)
@@ -125,7 +128,42 @@ static void clip_or_threshold(const sched_config *cfg, float *x0, size_t d, floa
   }
 }
 
-/* pred_original_sample from the model output, as both diffusers schedulers compute it. */
+float sampler_sigma_of(const sampler *s, int t) {
+  const float a = s->abar[t];
+  return sqrtf((1.0f - a) / a);
+}
+
+static double log_sigma_ve(double abar) {
+  return 0.5 * (log1p(-abar) - log(abar));
+}
+
+double sampler_abar_at(const sampler *s, double t) {
+  const int last = s->T - 1;
+  if (t <= 0)
+    return s->abar[0];
+  if (t >= last)
+    return s->abar[last];
+  const int lo = (int)floor(t);
+  const double w = t - lo;
+  if (w == 0)
+    return s->abar[lo];
+  const double ls = (1 - w) * log_sigma_ve(s->abar[lo]) + w * log_sigma_ve(s->abar[lo + 1]);
+  if (isinf(ls))
+    return 0.0;
+  return 1 / (1 + exp(2 * ls));
+}
+
+int sampler_plan(sampler *s, int n_evals, int with_in_div, err *e) {
+  s->n_evals = n_evals;
+  s->tm = calloc((size_t)(n_evals > 0 ? n_evals : 1), sizeof *s->tm);
+  s->step_end = calloc((size_t)(n_evals > 0 ? n_evals : 1), 1);
+  s->in_div = with_in_div ? calloc((size_t)(n_evals > 0 ? n_evals : 1), sizeof *s->in_div) : NULL;
+  if (!s->tm || !s->step_end || (with_in_div && !s->in_div))
+    return err_set(e, ERR_NOMEM, "out of memory");
+  return ERR_OK;
+}
+
+/* pred_original_sample from the model output, as DDPM and DDIM compute it. */
 static void predict_x0(sched_prediction p, float a_t, const float *x, const float *mo, size_t d,
                        float *x0) {
   const float sa = sqrtf(a_t), sb = sqrtf(1.0f - a_t);
@@ -146,11 +184,22 @@ static void predict_x0(sched_prediction p, float a_t, const float *x, const floa
 
 /* Current diffusers: the chain goes to the next timestep of the schedule. (0.21 used
  * t - T / n, which only differs for trailing/linspace spacing; its last step was -1 too.) */
-static void ddpm_prepare(sampler *s) {
+static int ddpm_prepare(sampler *s, err *e) {
+  int rc = sampler_plan(s, s->n, 0, e);
+  s->ts = malloc((size_t)s->n * sizeof *s->ts);
+  s->prev = malloc((size_t)s->n * sizeof *s->prev);
+  if (rc != ERR_OK || !s->ts || !s->prev)
+    return rc != ERR_OK ? rc : err_set(e, ERR_NOMEM, "out of memory");
+  if ((rc = sched_timesteps(&s->cfg, s->n, s->ts, e)) != ERR_OK)
+    return rc;
   for (int i = 0; i < s->n; i++) {
     s->tm[i] = (double)s->ts[i];
     s->prev[i] = i + 1 < s->n ? s->ts[i + 1] : -1;
+    s->step_end[i] = 1;
   }
+  s->stochastic = 1;
+  s->ends_clean = 1;
+  return ERR_OK;
 }
 
 static int ddpm_step(const sampler *s, step_ctx *c, err *e) {
@@ -187,7 +236,7 @@ static int ddpm_step(const sampler *s, step_ctx *c, err *e) {
       x[i] = c_x0 * c->x0[i] + c_x * x[i];
     if (t <= 0)
       continue;
-    int rc = step_noise(c, b, c->noise, e);
+    int rc = sampler_noise(c, b, c->noise, e);
     if (rc != ERR_OK)
       return rc;
     if (cfg->variance_type == SCHED_VAR_LEARNED) {
@@ -211,12 +260,23 @@ static int ddpm_step(const sampler *s, step_ctx *c, err *e) {
 
 /* diffusers' DDIM goes to t - T / n whatever the spacing, even where that is not the next
  * timestep of the schedule (trailing with T % n != 0); kept for parity. */
-static void ddim_prepare(sampler *s) {
-  const int64_t ratio = s->num_train_timesteps / s->n;
+static int ddim_prepare(sampler *s, err *e) {
+  int rc = sampler_plan(s, s->n, 0, e);
+  s->ts = malloc((size_t)s->n * sizeof *s->ts);
+  s->prev = malloc((size_t)s->n * sizeof *s->prev);
+  if (rc != ERR_OK || !s->ts || !s->prev)
+    return rc != ERR_OK ? rc : err_set(e, ERR_NOMEM, "out of memory");
+  if ((rc = sched_timesteps(&s->cfg, s->n, s->ts, e)) != ERR_OK)
+    return rc;
+  const int64_t ratio = s->T / s->n;
   for (int i = 0; i < s->n; i++) {
     s->tm[i] = (double)s->ts[i];
     s->prev[i] = s->ts[i] - ratio;
+    s->step_end[i] = 1;
   }
+  s->stochastic = s->cfg.eta > 0;
+  s->ends_clean = s->cfg.set_alpha_to_one;
+  return ERR_OK;
 }
 
 static int ddim_step(const sampler *s, step_ctx *c, err *e) {
@@ -233,115 +293,216 @@ static int ddim_step(const sampler *s, step_ctx *c, err *e) {
   for (int b = 0; b < c->batch; b++) {
     float *x = c->x + (size_t)b * c->d;
     const float *mo = c->mo + (size_t)b * c->mo_stride;
-    float *x0 = c->x0;
+    float *x0 = c->x0, *pe = c->noise + (size_t)b * c->d;
     predict_x0(cfg->prediction_type, a_t, x, mo, c->d, x0);
     /* pred_epsilon is taken before clipping, from the raw output */
     for (size_t i = 0; i < c->d; i++) {
-      float pe;
       if (cfg->prediction_type == SCHED_PRED_EPSILON)
-        pe = mo[i];
+        pe[i] = mo[i];
       else if (cfg->prediction_type == SCHED_PRED_SAMPLE)
-        pe = (x[i] - sa * x0[i]) / sb;
+        pe[i] = (x[i] - sa * x0[i]) / sb;
       else
-        pe = sa * mo[i] + sb * x[i];
-      c->noise[i] = pe; /* reuse as the pred_epsilon buffer until the noise is drawn */
+        pe[i] = sa * mo[i] + sb * x[i];
     }
     clip_or_threshold(cfg, x0, c->d, c->sel);
     for (size_t i = 0; i < c->d; i++)
-      x[i] = c_x0 * x0[i] + c_dir * c->noise[i];
+      x[i] = c_x0 * x0[i] + c_dir * pe[i];
     if (cfg->eta > 0) {
-      int rc = step_noise(c, b, c->noise, e);
+      int rc = sampler_noise(c, b, pe, e);
       if (rc != ERR_OK)
         return rc;
       for (size_t i = 0; i < c->d; i++)
-        x[i] = x[i] + std * c->noise[i];
+        x[i] = x[i] + std * pe[i];
     }
   }
   return ERR_OK;
 }
 
-static const solver_desc solvers[] = {
-    {"ddpm", "DDPMScheduler", 1000, ddpm_prepare, ddpm_step, NULL, NULL},
-    {"ddim", "DDIMScheduler", 50, ddim_prepare, ddim_step, NULL, NULL},
+static const solver_desc solver_ddpm = {
+    "ddpm", "DDPMScheduler", 1000, ddpm_prepare, ddpm_step, NULL, 0, 1};
+static const solver_desc solver_ddim = {
+    "ddim", "DDIMScheduler", 50, ddim_prepare, ddim_step, NULL, 0, 0};
+
+/* ---- names ---- */
+
+/* What users type. `fixed` holds the option values the name stands for (an explicit option
+ * that contradicts them is an error); `defaults` sits below the model's config. */
+typedef struct solver_name {
+  const char *name;
+  const solver_desc *desc;
+  const char *fixed, *defaults;
+  const char *summary;
+} solver_name;
+
+static const solver_name names[] = {
+    {"ddpm", &solver_ddpm, NULL, NULL, "DDPM ancestral sampling (stochastic)"},
+    {"ddim", &solver_ddim, NULL, NULL, "DDIM; eta > 0 makes it stochastic"},
+    {"pndm", &solver_pndm, NULL, NULL,
+     "PNDMScheduler: Runge-Kutta warm-up then linear multistep (skip_prk_steps for PLMS)"},
+    {"plms", &solver_pndm, "{\"skip_prk_steps\": true}", NULL,
+     "PNDMScheduler with skip_prk_steps (Stable Diffusion's PLMS)"},
+    {"dpm-solver", &solver_dpm_multistep,
+     "{\"algorithm_type\": \"dpmsolver\", \"final_sigmas_type\": \"sigma_min\"}", NULL,
+     "DPMSolverMultistepScheduler with the noise-prediction DPM-Solver"},
+    {"dpm-solver++", &solver_dpm_multistep, "{\"algorithm_type\": \"dpmsolver++\"}", NULL,
+     "DPMSolverMultistepScheduler, DPM-Solver++ (solver_order 2 by default)"},
+    {"dpm++2m", &solver_dpm_multistep, "{\"algorithm_type\": \"dpmsolver++\", \"solver_order\": 2}",
+     NULL, "DPM-Solver++(2M)"},
+    {"dpm++3m", &solver_dpm_multistep, "{\"algorithm_type\": \"dpmsolver++\", \"solver_order\": 3}",
+     NULL, "DPM-Solver++(3M)"},
+    {"dpm++2m-karras", &solver_dpm_multistep,
+     "{\"algorithm_type\": \"dpmsolver++\", \"solver_order\": 2, \"use_karras_sigmas\": true}",
+     NULL, "DPM-Solver++(2M) on Karras sigmas"},
+    {"dpm++2m-sde", &solver_dpm_multistep,
+     "{\"algorithm_type\": \"sde-dpmsolver++\", \"solver_order\": 2}", NULL,
+     "SDE-DPM-Solver++(2M) (stochastic)"},
+    {"dpm++2m-sde-karras", &solver_dpm_multistep,
+     "{\"algorithm_type\": \"sde-dpmsolver++\", \"solver_order\": 2, \"use_karras_sigmas\": true}",
+     NULL, "SDE-DPM-Solver++(2M) on Karras sigmas (stochastic)"},
+    {"dpm++2s", &solver_dpm_singlestep,
+     "{\"algorithm_type\": \"dpmsolver++\", \"solver_order\": 2}", NULL,
+     "DPMSolverSinglestepScheduler, DPM-Solver++(2S)"},
+    {"dpm++2s-sde", &solver_dpm_singlestep,
+     "{\"algorithm_type\": \"sde-dpmsolver++\", \"solver_order\": 2}", NULL,
+     "DPMSolverSinglestepScheduler with sde-dpmsolver++ (stochastic)"},
+    {"unipc", &solver_unipc, NULL, NULL, "UniPC (bh2 predictor-corrector)"},
+    {"deis", &solver_deis, NULL, NULL, "DEIS (log-rho multistep)"},
+    {"euler", &solver_euler, NULL, NULL, "Euler on the sigma grid (k-diffusion style)"},
+    {"euler-a", &solver_euler_a, NULL, NULL, "Euler ancestral (stochastic)"},
+    {"heun", &solver_heun, NULL, NULL, "Heun's second-order method (2 NFE per step)"},
+    {"f-pndm", &solver_pndm_official, "{\"method\": \"F-PNDM\"}", NULL,
+     "the PNDM paper's F-PNDM: pseudo-RK4 warm-up, then 4th-order pseudo linear multistep"},
+    {"s-pndm", &solver_pndm_official, "{\"method\": \"S-PNDM\"}", NULL,
+     "the PNDM paper's S-PNDM: pseudo improved Euler warm-up, then 2nd-order multistep"},
+    {"dpm-solver-fast", &solver_dpm_official, "{\"method\": \"singlestep\"}",
+     "{\"solver_order\": 3, \"algorithm_type\": \"dpmsolver\", \"skip_type\": \"logSNR\"}",
+     "DPM-Solver-fast (official code): singlestep orders 3,..,3,2,1 spending exactly the NFE"},
+    {"dpm-solver-adaptive", &solver_dpm_official, "{\"method\": \"adaptive\"}",
+     "{\"solver_order\": 3, \"algorithm_type\": \"dpmsolver\"}",
+     "DPM-Solver-12/23 (official code): adaptive step size under rtol/atol; steps is ignored"},
 };
+#define NNAMES ((int)(sizeof names / sizeof names[0]))
 
-#define NSOLVERS ((int)(sizeof solvers / sizeof solvers[0]))
+static const solver_desc *const impls[] = {
+    &solver_ddpm,           &solver_ddim,  &solver_pndm,          &solver_dpm_multistep,
+    &solver_dpm_singlestep, &solver_unipc, &solver_deis,          &solver_euler,
+    &solver_euler_a,        &solver_heun,  &solver_pndm_official, &solver_dpm_official,
+};
+#define NIMPLS ((int)(sizeof impls / sizeof impls[0]))
 
-static const solver_desc *find_solver(const char *name) {
-  for (int i = 0; name && i < NSOLVERS; i++)
-    if (strcmp(solvers[i].name, name) == 0)
-      return &solvers[i];
+/* A name or a class name; *alias is the names[] entry or NULL for a class name. */
+static const solver_desc *resolve(const char *name, const solver_name **alias) {
+  *alias = NULL;
+  if (!name)
+    return NULL;
+  for (int i = 0; i < NNAMES; i++)
+    if (strcmp(names[i].name, name) == 0) {
+      *alias = &names[i];
+      return names[i].desc;
+    }
+  for (int i = 0; i < NIMPLS; i++)
+    if (strcmp(impls[i]->class_name, name) == 0)
+      return impls[i];
   return NULL;
 }
 
 int sampler_solver_count(void) {
-  return NSOLVERS;
+  return NNAMES;
 }
 const char *sampler_solver_name(int i) {
-  return i >= 0 && i < NSOLVERS ? solvers[i].name : NULL;
+  return i >= 0 && i < NNAMES ? names[i].name : NULL;
 }
-const char *sampler_solver_class(const char *solver) {
-  const solver_desc *d = find_solver(solver);
+const char *sampler_solver_summary(int i) {
+  return i >= 0 && i < NNAMES ? names[i].summary : NULL;
+}
+const char *sampler_solver_class(const char *name) {
+  const solver_name *a;
+  const solver_desc *d = resolve(name, &a);
   return d ? d->class_name : NULL;
 }
-int sampler_solver_default_steps(const char *solver) {
-  const solver_desc *d = find_solver(solver);
+int sampler_solver_default_steps(const char *name) {
+  const solver_name *a;
+  const solver_desc *d = resolve(name, &a);
   return d ? d->default_steps : 0;
 }
+
+static int unknown_name(const char *name, err *e) {
+  char list[400] = "";
+  for (int i = 0; i < NNAMES; i++) {
+    size_t len = strlen(list);
+    snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", names[i].name);
+  }
+  return err_set(e, ERR_UNSUPPORTED,
+                 "unknown scheduler '%s' (one of: %s; or a diffusers class name such as "
+                 "DPMSolverMultistepScheduler)",
+                 name ? name : "", list);
+}
+
+/* ---- construction ---- */
 
 void sampler_free(sampler *s) {
   if (!s)
     return;
   sched_config_free(&s->cfg);
   free(s->abar);
-  free(s->ts);
   free(s->tm);
+  free(s->in_div);
+  free(s->step_end);
+  free(s->ts);
   free(s->prev);
+  free(s->sigmas);
+  free(s->orders);
+  free(s->aux);
   free(s);
 }
 
-int sampler_new(const char *name, const sched_config *cfg, int num_inference_steps, sampler **out,
-                err *e) {
-  const solver_desc *d = find_solver(name);
-  if (!d) {
-    char list[128] = "";
-    for (int i = 0; i < NSOLVERS; i++) {
-      size_t len = strlen(list);
-      snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", solvers[i].name);
-    }
-    return err_set(e, ERR_UNSUPPORTED, "unknown sampler '%s' (one of: %s)", name ? name : "", list);
-  }
+static int apply_text(sched_config *cfg, const char *json_text, err *e) {
+  if (!json_text)
+    return ERR_OK;
+  json_t *o = json_loads(json_text, 0, NULL);
+  if (!o)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = sched_config_apply_json(cfg, o, 1, e);
+  json_decref(o);
+  return rc;
+}
+
+static int build(const solver_desc *d, const char *name, const sched_config *cfg, int steps,
+                 sampler **out, err *e) {
   sampler *s = calloc(1, sizeof *s);
   if (!s)
     return err_set(e, ERR_NOMEM, "out of memory");
   s->desc = d;
+  snprintf(s->name, sizeof s->name, "%s", name);
   int rc = sched_config_copy(&s->cfg, cfg, e);
   if (rc != ERR_OK) {
     free(s);
     return rc;
   }
+  /* the class decides which keys exist; a config built for another class keeps its name */
+  snprintf(s->cfg.scheduler, sizeof s->cfg.scheduler, "%s", d->class_name);
   const int T = cfg->num_train_timesteps;
-  s->num_train_timesteps = T;
-  if (num_inference_steps == 0)
-    num_inference_steps = d->default_steps < T ? d->default_steps : T;
-  s->n = num_inference_steps;
-  if (num_inference_steps < 1 || num_inference_steps > T) {
-    rc = err_set(e, ERR_INVALID, "num_inference_steps %d must be in [1, %d]", num_inference_steps,
-                 T);
+  s->T = T;
+  s->init_sigma = 1.0f;
+  if (steps == 0)
+    steps = d->default_steps < T ? d->default_steps : T;
+  s->n = steps;
+  /* DPM_Solver's steps are an NFE budget on a continuous schedule, not training timesteps */
+  const int max_steps = d == &solver_dpm_official ? 100000 : T;
+  if (steps < 1 || steps > max_steps) {
+    rc = err_set(e, ERR_INVALID, "num_inference_steps %d must be in [1, %d]", steps, max_steps);
     goto fail;
   }
   s->abar = malloc((size_t)T * sizeof *s->abar);
-  s->ts = malloc((size_t)s->n * sizeof *s->ts);
-  s->tm = malloc((size_t)s->n * sizeof *s->tm);
-  s->prev = malloc((size_t)s->n * sizeof *s->prev);
-  if (!s->abar || !s->ts || !s->tm || !s->prev) {
+  if (!s->abar) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto fail;
   }
-  if ((rc = sched_alphas_cumprod(&s->cfg, s->abar, e)) != ERR_OK ||
-      (rc = sched_timesteps(&s->cfg, s->n, s->ts, e)) != ERR_OK)
+  if ((rc = sched_config_validate(&s->cfg, e)) != ERR_OK ||
+      (rc = sched_alphas_cumprod(&s->cfg, s->abar, e)) != ERR_OK ||
+      (rc = d->prepare(s, e)) != ERR_OK)
     goto fail;
-  d->prepare(s);
+  s->stochastic |= d->stochastic_always;
   *out = s;
   return ERR_OK;
 fail:
@@ -349,18 +510,207 @@ fail:
   return rc;
 }
 
+int sampler_new(const char *name, const sched_config *cfg, int num_inference_steps, sampler **out,
+                err *e) {
+  const solver_name *alias;
+  const solver_desc *d = resolve(name, &alias);
+  if (!d)
+    return unknown_name(name, e);
+  sched_config c;
+  int rc = sched_config_copy(&c, cfg, e);
+  if (rc != ERR_OK)
+    return rc;
+  if (alias && (rc = apply_text(&c, alias->fixed, e)) != ERR_OK) {
+    sched_config_free(&c);
+    return rc;
+  }
+  rc = build(d, name, &c, num_inference_steps, out, e);
+  sched_config_free(&c);
+  return rc;
+}
+
+/* The keys of obj that class `cls` has (diffusers' from_config drops the rest); legacy
+ * predict_epsilon goes with prediction_type. Keys no scheduler has are an error if `strict`. */
+static json_t *class_subset(const json_t *obj, const char *cls, int strict, const char *what,
+                            err *e) {
+  json_t *o = json_object();
+  if (!o) {
+    err_set(e, ERR_NOMEM, "out of memory");
+    return NULL;
+  }
+  if (!obj)
+    return o;
+  if (!json_is_object(obj)) {
+    json_decref(o);
+    err_set(e, ERR_INVALID, "%s: expected a JSON object", what);
+    return NULL;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)obj, key, v) {
+    if (key[0] == '_')
+      continue;
+    if (sched_class_has_key(cls, key) ||
+        (strcmp(key, "predict_epsilon") == 0 && sched_class_has_key(cls, "prediction_type"))) {
+      json_object_set(o, key, v);
+      continue;
+    }
+    if (strict && !sched_key_is_known(key)) {
+      json_decref(o);
+      err_set(e, ERR_INVALID, "%s: unknown scheduler config key '%s'", what, key);
+      return NULL;
+    }
+  }
+  return o;
+}
+
+static int apply_layer(sched_config *cfg, const json_t *layer, const char *what, err *e) {
+  if (!layer || json_object_size(layer) == 0)
+    return ERR_OK;
+  int rc = sched_config_apply_json(cfg, layer, 1, e);
+  if (rc != ERR_OK)
+    err_prefix(e, "%s", what);
+  return rc;
+}
+
+int sampler_new_from_json(const json_t *spec, const json_t *model_config, sampler **out, err *e) {
+  if (!json_is_object(spec))
+    return err_set(e, ERR_INVALID, "solver spec: expected a JSON object");
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)spec, key, v) {
+    if (strcmp(key, "name") && strcmp(key, "steps") && strcmp(key, "config") &&
+        strcmp(key, "options"))
+      return err_set(e, ERR_INVALID,
+                     "solver spec: unknown key '%s' (expected name, steps, config, options)", key);
+  }
+  const json_t *jn = json_object_get(spec, "name");
+  const char *name = NULL;
+  if (jn && !json_is_null(jn)) {
+    if (!json_is_string(jn))
+      return err_set(e, ERR_INVALID, "solver spec key 'name': expected a string");
+    name = json_string_value(jn);
+  } else if (model_config && json_is_string(json_object_get(model_config, "_class_name"))) {
+    name = json_string_value(json_object_get(model_config, "_class_name"));
+  } else {
+    return err_set(e, ERR_INVALID, "solver spec: no 'name' and no model scheduler class");
+  }
+  const solver_name *alias;
+  const solver_desc *d = resolve(name, &alias);
+  if (!d)
+    return unknown_name(name, e);
+  const char *cls = d->class_name;
+  int steps = 0;
+  const json_t *js = json_object_get(spec, "steps");
+  if (js && !json_is_null(js)) {
+    if (!json_is_integer(js) || json_integer_value(js) < 1 || json_integer_value(js) > 1000000)
+      return err_set(e, ERR_INVALID, "solver spec key 'steps': expected a positive integer");
+    steps = (int)json_integer_value(js);
+  }
+  const json_t *opts = json_object_get(spec, "options");
+  if (opts && !json_is_null(opts) && !json_is_object(opts))
+    return err_set(e, ERR_INVALID, "solver spec key 'options': expected a JSON object");
+  /* explicit options: every key must be one this solver reads, and agree with the name */
+  json_t *fixed = alias && alias->fixed ? json_loads(alias->fixed, 0, NULL) : NULL;
+  json_object_foreach((json_t *)opts, key, v) {
+    if (key[0] == '_')
+      continue;
+    if (!sched_class_has_key(cls, key)) {
+      json_decref(fixed);
+      if (!sched_key_is_known(key))
+        return err_set(e, ERR_INVALID, "unknown scheduler config key '%s'", key);
+      return err_set(e, ERR_INVALID,
+                     "scheduler option '%s' does not apply to %s (%s has no such key)", key, name,
+                     cls);
+    }
+    const json_t *fv = fixed ? json_object_get(fixed, key) : NULL;
+    if (fv) {
+      sched_config a, b;
+      sched_config_init(&a, cls, NULL);
+      sched_config_init(&b, cls, NULL);
+      json_t *oa = json_pack("{s:O}", key, fv), *ob = json_pack("{s:O}", key, v);
+      int ra = sched_config_apply_json(&a, oa, 1, NULL), rb = sched_config_apply_json(&b, ob, 1, e);
+      json_t *ja = sched_config_to_json(&a), *jb = sched_config_to_json(&b);
+      int same = ra == ERR_OK && rb == ERR_OK && json_equal(ja, jb);
+      json_decref(oa);
+      json_decref(ob);
+      json_decref(ja);
+      json_decref(jb);
+      sched_config_free(&a);
+      sched_config_free(&b);
+      if (rb != ERR_OK) {
+        json_decref(fixed);
+        return rb;
+      }
+      if (!same) {
+        char *want = json_dumps(fv, JSON_ENCODE_ANY);
+        int rc = err_set(e, ERR_INVALID,
+                         "scheduler option '%s' contradicts '%s', which means %s = %s; use the "
+                         "class %s to choose it freely",
+                         key, name, key, want ? want : "?", cls);
+        free(want);
+        json_decref(fixed);
+        return rc;
+      }
+    }
+  }
+  json_decref(fixed);
+  const json_t *conf = json_object_get(spec, "config");
+  if (conf && json_is_null(conf))
+    conf = NULL;
+  json_t *lm = class_subset(model_config, cls, 0, "model scheduler config", e);
+  json_t *lc = lm ? class_subset(conf, cls, 1, "solver spec config", e) : NULL;
+  int rc = lc ? ERR_OK : (e ? e->code : ERR_INVALID);
+  sched_config cfg;
+  int have = 0;
+  if (rc == ERR_OK && (rc = sched_check_unsupported(lm, cls, e)) != ERR_OK)
+    err_prefix(e, "model scheduler config");
+  if (rc == ERR_OK && (rc = sched_check_unsupported(lc, cls, e)) != ERR_OK)
+    err_prefix(e, "solver spec config");
+  if (rc == ERR_OK && (rc = sched_check_unsupported(opts, cls, e)) != ERR_OK)
+    err_prefix(e, "solver spec options");
+  if (rc == ERR_OK && (rc = sched_config_init(&cfg, cls, e)) == ERR_OK) {
+    have = 1;
+    if ((rc = apply_text(&cfg, alias ? alias->defaults : NULL, e)) == ERR_OK &&
+        (rc = apply_layer(&cfg, lm, "model scheduler config", e)) == ERR_OK &&
+        (rc = apply_layer(&cfg, lc, "solver spec config", e)) == ERR_OK &&
+        (rc = apply_text(&cfg, alias ? alias->fixed : NULL, e)) == ERR_OK &&
+        (rc = apply_layer(&cfg, opts, "solver spec options", e)) == ERR_OK)
+      rc = build(d, name, &cfg, steps, out, e);
+  }
+  if (have)
+    sched_config_free(&cfg);
+  json_decref(lm);
+  json_decref(lc);
+  return rc;
+}
+
 const char *sampler_name(const sampler *s) {
-  return s->desc->name;
+  return s->name;
+}
+json_t *sampler_config_json(const sampler *s) {
+  return sched_config_to_json_for(&s->cfg, s->desc->class_name);
+}
+const sched_config *sampler_config(const sampler *s) {
+  return &s->cfg;
 }
 int sampler_num_steps(const sampler *s) {
   return s->n;
 }
 const double *sampler_timesteps(const sampler *s) {
-  return s->tm;
+  return s->n_evals ? s->tm : NULL;
 }
 int sampler_nfe(const sampler *s) {
-  return s->desc->nfe ? s->desc->nfe(s) : s->n;
+  return s->n_evals;
 }
+int sampler_is_stochastic(const sampler *s) {
+  return s->stochastic;
+}
+int sampler_ends_clean(const sampler *s) {
+  return s->ends_clean;
+}
+
+/* ---- the loop ---- */
 
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e) {
@@ -380,7 +730,7 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                    cout, cin);
   const sched_config *cfg = &s->cfg;
   if ((cfg->variance_type == SCHED_VAR_LEARNED || cfg->variance_type == SCHED_VAR_LEARNED_RANGE) &&
-      s->desc->step == ddpm_step && cout != 2 * cin)
+      s->desc == &solver_ddpm && cout != 2 * cin)
     return err_set(e, ERR_INVALID,
                    "sampler: variance_type '%s' needs a model with 2 x %d output channels, "
                    "this one has %d",
@@ -392,19 +742,28 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                    "prediction_type '%s'",
                    info->prediction_type, sched_prediction_name(cfg->prediction_type));
   const size_t d = (size_t)cin * h * w, dout = (size_t)cout * h * w;
-  const size_t nb = (size_t)o->batch;
-  const size_t state_bytes = s->desc->state_size ? s->desc->state_size(s, o->batch, d) : 0;
+  const size_t nb = (size_t)o->batch, nd = nb * d;
+  const int nbuf = s->desc->nbuf;
   float *mo = malloc(nb * dout * sizeof *mo);
-  float *scratch = malloc(3 * d * sizeof *scratch);
+  /* x0 (d), sel (2 d), noise (nd), xin (nd), tmp[3] (3 nd), state buffers (nbuf nd) */
+  float *scratch = calloc(3 * d + (5 + (size_t)nbuf) * nd, sizeof *scratch);
   float *tv = malloc(nb * sizeof *tv);
-  run_ctx run = {.s = s, .m = m, .o = o, .h = h, .w = w, .tv = tv};
-  run.state = state_bytes ? calloc(1, state_bytes) : NULL;
-  if (!mo || !scratch || !tv || (state_bytes && !run.state)) {
-    free(mo);
-    free(scratch);
-    free(tv);
-    free(run.state);
-    return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
+  int64_t *lab = malloc(nb * sizeof *lab);
+  run_ctx run = {.s = s,
+                 .m = m,
+                 .o = o,
+                 .h = h,
+                 .w = w,
+                 .batch = o->batch,
+                 .d = d,
+                 .dout = dout,
+                 .tv = tv,
+                 .labels = lab,
+                 .full = mo};
+  int rc = ERR_OK;
+  if (!mo || !scratch || !tv || !lab) {
+    rc = err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
+    goto done;
   }
   for (size_t b = 0; b < nb; b++) {
     if (o->init_noise)
@@ -412,30 +771,54 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     else
       rng_normal(o->seed, o->first_image + b, 0, out + b * d, d);
   }
+  if (s->init_sigma != 1.0f)
+    for (size_t k = 0; k < nd; k++)
+      out[k] = out[k] * s->init_sigma;
+  if (s->desc->run) {
+    rc = s->desc->run(s, &run, out, e);
+    goto done;
+  }
   step_ctx c = {.batch = o->batch,
                 .d = d,
                 .x = out,
                 .mo = mo,
-                .mo_stride = dout,
+                .mo_stride = s->desc == &solver_ddpm ? dout : d,
                 .x0 = scratch,
-                .noise = scratch + d,
-                .sel = scratch + 2 * d,
+                .sel = scratch + d,
+                .noise = scratch + 3 * d,
                 .o = o,
                 .run = &run};
-  int rc = ERR_OK;
-  for (int i = 0; i < s->n && rc == ERR_OK; i++) {
+  float *xin = c.noise + nd;
+  for (int k = 0; k < 3; k++)
+    c.tmp[k] = xin + (size_t)(k + 1) * nd;
+  for (int k = 0; k < nbuf; k++)
+    c.buf[k] = c.tmp[2] + (size_t)(k + 1) * nd;
+  int done_steps = 0;
+  for (int i = 0; i < s->n_evals && rc == ERR_OK; i++) {
     c.i = i;
-    if ((rc = sampler_eval(&c, out, s->tm[i], mo, e)) != ERR_OK ||
-        (rc = s->desc->step(s, &c, e)) != ERR_OK)
+    const float *in = out;
+    if (s->in_div) {
+      const float div = s->in_div[i];
+      for (size_t k = 0; k < nd; k++)
+        xin[k] = out[k] / div;
+      in = xin;
+    }
+    if ((rc = sampler_eval_all(&run, i, in, s->tm[i], mo, e)) != ERR_OK)
       break;
-    if (o->progress)
-      o->progress(i + 1, s->n, run.nfe, o->progress_user);
+    if (c.mo_stride == d && dout != d) /* a learned variance only DDPM uses */
+      for (size_t b = 1; b < nb; b++)
+        memmove(mo + b * d, mo + b * dout, d * sizeof *mo);
+    if ((rc = s->desc->step(s, &c, e)) != ERR_OK)
+      break;
+    if (s->step_end[i])
+      sampler_report(&run, ++done_steps, s->n);
   }
+done:
   if (nfe)
     *nfe = run.nfe;
   free(mo);
   free(scratch);
   free(tv);
-  free(run.state);
+  free(lab);
   return rc;
 }

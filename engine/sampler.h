@@ -1,9 +1,10 @@
-/* The sampling loop: a solver (DDPM, DDIM, ...) built from a name and a scheduler config walks
- * pure noise down to an image, asking the model for one evaluation per step. The loop owns the
- * model calls, progress, cancellation and the random streams; solvers only do step arithmetic. */
+/* The sampling loop and the solver family (diffusers' schedulers by class name or alias, and the
+ * papers' own variants): a solver walks pure noise down to an image; the loop owns the model calls,
+ * NFE counting, progress, cancellation and the random streams, solvers do the step arithmetic. */
 #ifndef DENOISED_SAMPLER_H
 #define DENOISED_SAMPLER_H
 
+#include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -13,36 +14,62 @@
 
 typedef struct sampler sampler;
 
-/* Built-in solver names, for listings and validation messages. */
+/* The names sampler_new accepts besides the class names, for listings and help. */
 int sampler_solver_count(void);
 const char *sampler_solver_name(int i);
-/* The diffusers class a solver mirrors ("DDIMScheduler"), whose defaults the scheduler config
- * should be built with (sched_config_init / sched_config_from_json); NULL if unknown. */
-const char *sampler_solver_class(const char *solver);
+const char *sampler_solver_summary(int i);
+/* The scheduler class a name or class name stands for ("dpm++2m" -> "DPMSolverMultistepScheduler";
+ * "dpm-solver-fast" -> "DPM_Solver"), whose defaults the scheduler config is built with
+ * (sched_config_init / sched_config_from_json); NULL if unknown. */
+const char *sampler_solver_class(const char *name);
 /* Default number of inference steps (diffusers' pipeline default), 0 if unknown. */
-int sampler_solver_default_steps(const char *solver);
+int sampler_solver_default_steps(const char *name);
 
-/* A solver `name` for num_inference_steps steps (0: the solver's default) on the training
- * schedule of cfg, which is copied. The result is read-only: one sampler may serve any number
- * of concurrent sampler_run calls. */
+/* A solver `name` for num_inference_steps steps (0: the solver's default) on the scheduler config
+ * cfg, which is copied; the option values an alias stands for (dpm++3m: solver_order 3, ...)
+ * replace cfg's. Invalid combinations are errors naming the keys. The result is read-only: one
+ * sampler may serve any number of concurrent sampler_run calls. */
 int sampler_new(const char *name, const sched_config *cfg, int num_inference_steps, sampler **out,
                 err *e);
+
+/* The one way requests (CLI, HTTP API) make a solver. spec is a JSON object:
+ *   "name"    solver name or class name (default: model_config's "_class_name")
+ *   "steps"   inference steps (default: the solver's diffusers default)
+ *   "config"  a diffusers scheduler_config object layered on model_config: keys of other
+ *             diffusers schedulers are ignored as from_config does, unknown keys are errors
+ *   "options" scheduler config keys set explicitly: each must be one the solver reads, and
+ *             may not contradict what the name stands for (dpm++2m with solver_order 3)
+ * model_config is the model's scheduler_config.json object or NULL. Precedence, lowest first:
+ * class defaults, the name's defaults, model_config, config, the name's fixed values, options. */
+int sampler_new_from_json(const json_t *spec, const json_t *model_config, sampler **out, err *e);
 void sampler_free(sampler *s);
 
 const char *sampler_name(const sampler *s);
+/* The resolved scheduler config (new reference): the keys this solver reads, with
+ * "_class_name"; sampler_new(name, config from it) rebuilds the same solver. */
+json_t *sampler_config_json(const sampler *s);
+const sched_config *sampler_config(const sampler *s);
 int sampler_num_steps(const sampler *s);
-/* The timestep handed to the model at each step, num_steps values (integral for DDPM/DDIM;
- * solvers on a sigma grid may give fractional ones). */
-const double *sampler_timesteps(const sampler *s);
-/* Network evaluations one image costs for a whole run. */
+/* Planned network evaluations per image for a whole run (PRK and Heun steps cost more than one,
+ * singlestep and F-PNDM warm-ups too); 0 when data-dependent (dpm-solver-adaptive). */
 int sampler_nfe(const sampler *s);
+/* The timestep handed to the model at each planned evaluation, sampler_nfe values (fractional
+ * for solvers on a sigma or lambda grid); NULL when data-dependent. */
+const double *sampler_timesteps(const sampler *s);
+/* Whether a run draws random noise after the initial x_T (DDPM, DDIM eta > 0, SDE, ancestral). */
+int sampler_is_stochastic(const sampler *s);
+/* 1 if the result is the clean end of the ODE (sigma 0, alpha_bar 1: the last step lands on the
+ * model's x0 estimate), 0 if it stops at the first training timestep (alpha_bar[0]). */
+int sampler_ends_clean(const sampler *s);
 
-/* Called after every step: step counts 1..total, nfe the evaluations per image so far. */
+/* Called after every completed step: step counts 1..total, nfe the evaluations per image so far.
+ * For a data-dependent solver total is 0 and step counts accepted steps. */
 typedef void (*sampler_progress_fn)(int step, int total, int nfe, void *user);
 
 /* Supplies the standard normal noise a stochastic step adds to one image: `image` is the rng
- * image index (first_image + position in the batch), `stream` is step index + 1. The default
- * (NULL) is rng_normal(seed, image, stream, out, n); tests and inversion methods replace it. */
+ * image index (first_image + position in the batch), `stream` is evaluation index + 1. The
+ * default (NULL) is rng_normal(seed, image, stream, out, n); tests and inversion methods replace
+ * it. */
 typedef int (*sampler_noise_fn)(void *user, uint64_t image, uint64_t stream, float *out, size_t n,
                                 err *e);
 
@@ -62,8 +89,12 @@ typedef struct sampler_run_opts {
 } sampler_run_opts;
 
 /* Runs the whole chain; out receives batch * C * H * W floats (nominally in [-1, 1]) and *nfe
- * (if non-NULL) the evaluations per image performed. A cancelled run returns ERR_CANCELLED with
- * out holding the last completed step's samples. */
+ * (if non-NULL) the network evaluations per image performed. One evaluation of the batch counts
+ * as one NFE whatever its batch size (so a guided step that evaluates the conditional and the
+ * unconditional pass as one batch of 2B counts once). Every image's result depends only on its
+ * own noise, so a batch split into parts reproduces (dpm-solver-adaptive adapts per image; its
+ * NFE is the most any image needed). A cancelled run returns ERR_CANCELLED with out holding the
+ * last completed step's samples. */
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e);
 

@@ -3,7 +3,9 @@
  * difference in alpha_bar shows up as a mismatch against diffusers in every later step. */
 #include "schedule.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -163,10 +165,142 @@ static const char *const sched_known_keys[] = {
     "rtol",
     "skip_type",
     "t_err",
+    "theta",
     "thresholding_max_val",
     /* legacy (diffusers <= 0.12) */
     "predict_epsilon",
     "tensor_format",
+};
+
+/* The keys each class reads beyond the six all have (num_train_timesteps, beta_start,
+ * beta_end, beta_schedule, trained_betas, prediction_type): the arguments of its __init__ in
+ * current diffusers. eta is a DDIM step() argument the engine takes as a key. */
+static const char *const common_keys[] = {
+    "num_train_timesteps", "beta_start",      "beta_end", "beta_schedule",
+    "trained_betas",       "prediction_type", NULL};
+#define THRESH "thresholding", "dynamic_thresholding_ratio", "sample_max_value"
+#define SIGMAS "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"
+#define FLOW "use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type"
+static const char *const keys_ddpm[] = {
+    "variance_type",    "clip_sample",  "clip_sample_range",      THRESH,
+    "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", NULL};
+static const char *const keys_ddim[] = {
+    "clip_sample",      "set_alpha_to_one",       "steps_offset", THRESH, "clip_sample_range",
+    "timestep_spacing", "rescale_betas_zero_snr", "eta",          NULL};
+static const char *const keys_pndm[] = {"skip_prk_steps", "set_alpha_to_one", "timestep_spacing",
+                                        "steps_offset", NULL};
+static const char *const keys_dpm_multi[] = {"solver_order",
+                                             THRESH,
+                                             "algorithm_type",
+                                             "solver_type",
+                                             "lower_order_final",
+                                             "euler_at_final",
+                                             SIGMAS,
+                                             "use_lu_lambdas",
+                                             FLOW,
+                                             "final_sigmas_type",
+                                             "lambda_min_clipped",
+                                             "variance_type",
+                                             "timestep_spacing",
+                                             "steps_offset",
+                                             "rescale_betas_zero_snr",
+                                             NULL};
+static const char *const keys_dpm_single[] = {"solver_order",
+                                              THRESH,
+                                              "algorithm_type",
+                                              "solver_type",
+                                              "lower_order_final",
+                                              SIGMAS,
+                                              FLOW,
+                                              "final_sigmas_type",
+                                              "lambda_min_clipped",
+                                              "variance_type",
+                                              NULL};
+static const char *const keys_unipc[] = {"solver_order",
+                                         THRESH,
+                                         "predict_x0",
+                                         "solver_type",
+                                         "lower_order_final",
+                                         "disable_corrector",
+                                         "solver_p",
+                                         SIGMAS,
+                                         FLOW,
+                                         "timestep_spacing",
+                                         "steps_offset",
+                                         "final_sigmas_type",
+                                         "rescale_betas_zero_snr",
+                                         "sigma_min",
+                                         "sigma_max",
+                                         "shift_terminal",
+                                         NULL};
+static const char *const keys_deis[] = {
+    "solver_order", THRESH, "algorithm_type",   "solver_type",  "lower_order_final",
+    SIGMAS,         FLOW,   "timestep_spacing", "steps_offset", NULL};
+static const char *const keys_euler[] = {"interpolation_type", SIGMAS,
+                                         "sigma_min",          "sigma_max",
+                                         "timestep_spacing",   "timestep_type",
+                                         "steps_offset",       "rescale_betas_zero_snr",
+                                         "final_sigmas_type",  NULL};
+static const char *const keys_euler_a[] = {"timestep_spacing", "steps_offset",
+                                           "rescale_betas_zero_snr", NULL};
+static const char *const keys_heun[] = {
+    SIGMAS, "clip_sample", "clip_sample_range", "timestep_spacing", "steps_offset", NULL};
+static const char *const keys_dpm_official[] = {"solver_order",
+                                                "algorithm_type",
+                                                "solver_type",
+                                                "method",
+                                                "skip_type",
+                                                "lower_order_final",
+                                                "denoise_to_zero",
+                                                "thresholding",
+                                                "dynamic_thresholding_ratio",
+                                                "thresholding_max_val",
+                                                "rtol",
+                                                "atol",
+                                                "h_init",
+                                                "theta",
+                                                "t_err",
+                                                "lambda_min_clipped",
+                                                NULL};
+static const char *const keys_pndm_official[] = {"method", "timestep_spacing", "steps_offset",
+                                                 "set_alpha_to_one", NULL};
+static const char *const keys_none[] = {NULL};
+#undef THRESH
+#undef SIGMAS
+#undef FLOW
+
+static const struct {
+  const char *class_name;
+  const char *const *keys;
+} class_keys[] = {
+    {"DDPMScheduler", keys_ddpm},
+    {"DDIMScheduler", keys_ddim},
+    {"PNDMScheduler", keys_pndm},
+    {"DPMSolverMultistepScheduler", keys_dpm_multi},
+    {"DPMSolverSinglestepScheduler", keys_dpm_single},
+    {"UniPCMultistepScheduler", keys_unipc},
+    {"DEISMultistepScheduler", keys_deis},
+    {"EulerDiscreteScheduler", keys_euler},
+    {"EulerAncestralDiscreteScheduler", keys_euler_a},
+    {"HeunDiscreteScheduler", keys_heun},
+    {"DPM_Solver", keys_dpm_official},
+    {"PNDM_Official", keys_pndm_official},
+};
+
+/* Keys whose diffusers features this engine does not implement: only the default (or null) is
+ * accepted where the class reads them. Text is the default as JSON. */
+static const struct {
+  const char *key, *json_default;
+} default_only_keys[] = {
+    {"use_exponential_sigmas", "false"},
+    {"use_beta_sigmas", "false"},
+    {"use_flow_sigmas", "false"},
+    {"use_dynamic_shifting", "false"},
+    {"time_shift_type", "\"exponential\""},
+    {"solver_p", "null"},
+    {"shift_terminal", "null"},
+    {"interpolation_type", "\"linear\""},
+    {"timestep_type", "\"discrete\""},
 };
 
 /* Guards against configs that would make the tables absurdly large. */
@@ -232,6 +366,52 @@ static int sched_is_known_key(const char *key) {
   return 0;
 }
 
+static const char *const *class_key_list(const char *class_name) {
+  for (int i = 0; i < COUNT(class_keys); i++)
+    if (strcmp(class_keys[i].class_name, class_name) == 0)
+      return class_keys[i].keys;
+  return keys_none;
+}
+
+int sched_key_is_known(const char *key) {
+  return key && sched_is_known_key(key);
+}
+
+int sched_class_has_key(const char *class_name, const char *key) {
+  const sched_defaults *d = sched_find(class_name);
+  if (!d || !key)
+    return 0;
+  for (int i = 0; common_keys[i]; i++)
+    if (strcmp(common_keys[i], key) == 0)
+      return 1;
+  const char *const *k = class_key_list(d->class_name);
+  for (int i = 0; k[i]; i++)
+    if (strcmp(k[i], key) == 0)
+      return 1;
+  return 0;
+}
+
+int sched_check_unsupported(const json_t *obj, const char *class_name, err *e) {
+  for (int i = 0; obj && i < COUNT(default_only_keys); i++) {
+    const json_t *v = json_object_get(obj, default_only_keys[i].key);
+    if (!v || json_is_null(v) || !sched_class_has_key(class_name, default_only_keys[i].key))
+      continue;
+    json_t *def = json_loads(default_only_keys[i].json_default, JSON_DECODE_ANY, NULL);
+    int same = def && json_equal(def, (json_t *)v);
+    json_decref(def);
+    if (!same) {
+      char *got = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+      int rc = err_set(e, ERR_UNSUPPORTED,
+                       "scheduler config key '%s': %s is not supported by this engine (only %s)",
+                       default_only_keys[i].key, got ? got : "this value",
+                       default_only_keys[i].json_default);
+      free(got);
+      return rc;
+    }
+  }
+  return ERR_OK;
+}
+
 int sched_config_init(sched_config *cfg, const char *name, err *e) {
   const sched_defaults *d = sched_find(name ? name : "DDPMScheduler");
   if (!d)
@@ -278,6 +458,9 @@ int sched_config_init(sched_config *cfg, const char *name, err *e) {
   cfg->theta = 0.9;
   cfg->t_err = 1e-5;
   cfg->thresholding_max_val = 1.0;
+  /* the official code's numerical_clip_alpha; null (-inf) switches it off */
+  if (strcmp(d->class_name, "DPM_Solver") == 0)
+    cfg->lambda_min_clipped = -5.1;
   return ERR_OK;
 }
 
@@ -385,11 +568,12 @@ static int get_enum(const char *key, const json_t *v, const char *const *names, 
 
 static int get_int_list(const char *key, const json_t *v, int *out, int max, int *n, err *e) {
   if (!json_is_array(v))
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a list of step indices, got %s",
-                   key, json_kind(v));
+    return err_set(e, ERR_INVALID,
+                   "scheduler config key '%s': expected a list of step indices, got %s", key,
+                   json_kind(v));
   if (json_array_size(v) > (size_t)max)
     return err_set(e, ERR_INVALID, "scheduler config key '%s': at most %d entries", key, max);
-  int tmp[SCHED_MAX_DISABLE_CORRECTOR];
+  int tmp[SCHED_MAX_DISABLE_CORRECTOR] = {0};
   for (size_t i = 0; i < json_array_size(v); i++) {
     int rc = get_int(key, json_array_get(v, i), 0, SCHED_MAX_TRAIN_TIMESTEPS, &tmp[i], e);
     if (rc != ERR_OK)
@@ -675,12 +859,93 @@ int sched_config_from_json(const json_t *obj, const char *name, int strict, sche
   return rc;
 }
 
+/* Python's json module writes float('-inf') as -Infinity (DPMSolverMultistepScheduler's
+ * lambda_min_clipped default), which is not JSON; outside strings, -Infinity, Infinity and NaN
+ * become null, which every key that can hold them reads as its default. */
+static void json_nonfinite_to_null(char *text) {
+  static const char *const words[] = {"-Infinity", "Infinity", "NaN"};
+  int in_str = 0;
+  for (char *p = text; *p; p++) {
+    if (in_str) {
+      if (*p == '\\' && p[1])
+        p++;
+      else if (*p == '"')
+        in_str = 0;
+      continue;
+    }
+    if (*p == '"') {
+      in_str = 1;
+      continue;
+    }
+    for (int w = 0; w < 3; w++) {
+      size_t n = strlen(words[w]);
+      if (strncmp(p, words[w], n) == 0) {
+        memcpy(p, "null", 4);
+        memset(p + 4, ' ', n - 4);
+        p += n - 1;
+        break;
+      }
+    }
+  }
+}
+
+static json_t *load_json_lenient(const char *path, err *e) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    err_set(e, ERR_FORMAT, "%s: cannot open: %s", path, strerror(errno));
+    return NULL;
+  }
+  char *buf = NULL;
+  size_t len = 0, cap = 0;
+  for (;;) {
+    if (len + 4096 + 1 > cap) {
+      cap = cap ? 2 * cap : 8192;
+      char *nb = cap <= (size_t)1 << 28 ? realloc(buf, cap) : NULL;
+      if (!nb) {
+        free(buf);
+        fclose(f);
+        err_set(e, ERR_FORMAT, "%s: too large or out of memory", path);
+        return NULL;
+      }
+      buf = nb;
+    }
+    size_t got = fread(buf + len, 1, 4096, f);
+    len += got;
+    if (got < 4096)
+      break;
+  }
+  int failed = ferror(f);
+  fclose(f);
+  if (failed) {
+    free(buf);
+    err_set(e, ERR_IO, "%s: read error", path);
+    return NULL;
+  }
+  buf[len] = '\0';
+  json_nonfinite_to_null(buf);
+  json_error_t je;
+  json_t *obj = json_loadb(buf, len, 0, &je);
+  free(buf);
+  if (!obj)
+    err_set(e, ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
+  return obj;
+}
+
+json_t *sched_config_read_json(const char *path, err *e) {
+  json_t *obj = load_json_lenient(path, e);
+  if (obj && !json_is_object(obj)) {
+    json_decref(obj);
+    err_set(e, ERR_FORMAT, "%s: expected a JSON object", path);
+    return NULL;
+  }
+  return obj;
+}
+
 int sched_config_load_file(const char *path, const char *name, int strict, sched_config *out,
                            err *e) {
-  json_error_t je;
-  json_t *obj = json_load_file(path, 0, &je);
+  json_t *obj = load_json_lenient(path, e);
   if (!obj)
-    return err_set(e, ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
+    return e ? e->code : ERR_FORMAT;
   int rc = sched_config_from_json(obj, name, strict, out, e);
   json_decref(obj);
   if (rc != ERR_OK)
@@ -688,9 +953,7 @@ int sched_config_load_file(const char *path, const char *name, int strict, sched
   return rc;
 }
 
-int sched_config_set(sched_config *cfg, const char *key, const char *value, err *e) {
-  if (!key || !*key)
-    return err_set(e, ERR_INVALID, "scheduler override: empty key");
+json_t *sched_value_from_text(const char *value) {
   json_t *v = json_loads(value, JSON_DECODE_ANY, NULL);
   if (!v) {
     if (strcmp(value, "True") == 0)
@@ -702,6 +965,13 @@ int sched_config_set(sched_config *cfg, const char *key, const char *value, err 
     else
       v = json_string(value);
   }
+  return v;
+}
+
+int sched_config_set(sched_config *cfg, const char *key, const char *value, err *e) {
+  if (!key || !*key)
+    return err_set(e, ERR_INVALID, "scheduler override: empty key");
+  json_t *v = sched_value_from_text(value);
   json_t *obj = json_object();
   if (!v || !obj || json_object_set_new(obj, key, v) != 0) {
     json_decref(obj);
@@ -757,6 +1027,55 @@ json_t *sched_config_to_json(const sched_config *cfg) {
   json_object_set_new(o, "sample_max_value", json_real(cfg->sample_max_value));
   json_object_set_new(o, "variance_type", json_string(sched_variance_name(cfg->variance_type)));
   json_object_set_new(o, "eta", json_real(cfg->eta));
+  json_object_set_new(o, "solver_order", json_integer(cfg->solver_order));
+  json_object_set_new(o, "algorithm_type", json_string(sched_algorithm_name(cfg->algorithm_type)));
+  json_object_set_new(o, "solver_type", json_string(sched_solver_type_name(cfg->solver_type)));
+  json_object_set_new(o, "lower_order_final", json_boolean(cfg->lower_order_final));
+  json_object_set_new(o, "euler_at_final", json_boolean(cfg->euler_at_final));
+  json_object_set_new(o, "use_karras_sigmas", json_boolean(cfg->use_karras_sigmas));
+  json_object_set_new(o, "use_lu_lambdas", json_boolean(cfg->use_lu_lambdas));
+  json_object_set_new(o, "final_sigmas_type",
+                      json_string(sched_final_sigmas_name(cfg->final_sigmas_type)));
+  json_object_set_new(o, "lambda_min_clipped",
+                      isfinite(cfg->lambda_min_clipped) ? json_real(cfg->lambda_min_clipped)
+                                                        : json_null());
+  json_object_set_new(o, "sigma_min",
+                      isnan(cfg->sigma_min) ? json_null() : json_real(cfg->sigma_min));
+  json_object_set_new(o, "sigma_max",
+                      isnan(cfg->sigma_max) ? json_null() : json_real(cfg->sigma_max));
+  json_object_set_new(o, "predict_x0", json_boolean(cfg->predict_x0));
+  json_t *dc = json_array();
+  for (int i = 0; dc && i < cfg->n_disable_corrector; i++)
+    json_array_append_new(dc, json_integer(cfg->disable_corrector[i]));
+  json_object_set_new(o, "disable_corrector", dc);
+  json_object_set_new(o, "skip_prk_steps", json_boolean(cfg->skip_prk_steps));
+  json_object_set_new(o, "method", json_string(sched_method_name(cfg->method)));
+  json_object_set_new(o, "skip_type", json_string(sched_skip_name(cfg->skip_type)));
+  json_object_set_new(o, "denoise_to_zero", json_boolean(cfg->denoise_to_zero));
+  json_object_set_new(o, "rtol", json_real(cfg->rtol));
+  json_object_set_new(o, "atol", json_real(cfg->atol));
+  json_object_set_new(o, "h_init", json_real(cfg->h_init));
+  json_object_set_new(o, "theta", json_real(cfg->theta));
+  json_object_set_new(o, "t_err", json_real(cfg->t_err));
+  json_object_set_new(o, "thresholding_max_val", json_real(cfg->thresholding_max_val));
+  return o;
+}
+
+json_t *sched_config_to_json_for(const sched_config *cfg, const char *class_name) {
+  json_t *all = sched_config_to_json(cfg);
+  json_t *o = json_object();
+  if (!all || !o) {
+    json_decref(all);
+    json_decref(o);
+    return NULL;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach(all, key, v) {
+    if (key[0] == '_' || sched_class_has_key(class_name, key))
+      json_object_set(o, key, v);
+  }
+  json_decref(all);
   return o;
 }
 

@@ -99,7 +99,7 @@ typedef struct sched_config {
   int use_karras_sigmas;
   int use_lu_lambdas;
   sched_final_sigmas final_sigmas_type;
-  double lambda_min_clipped; /* -INFINITY: no clipping (JSON null) */
+  double lambda_min_clipped;   /* -INFINITY: no clipping (JSON null) */
   double sigma_min, sigma_max; /* Karras range override (UniPC, Euler); NAN: None */
   int predict_x0;              /* UniPC */
   int n_disable_corrector;     /* UniPC: steps whose corrector is skipped */
@@ -128,6 +128,9 @@ int sched_config_from_json(const json_t *obj, const char *name, int strict, sche
                            err *e);
 int sched_config_load_file(const char *path, const char *name, int strict, sched_config *out,
                            err *e);
+/* A scheduler_config.json as a JSON object (new reference, NULL on error), reading Python's
+ * -Infinity/Infinity/NaN (which diffusers writes, e.g. lambda_min_clipped) as null. */
+json_t *sched_config_read_json(const char *path, err *e);
 
 /* Layers the keys of obj onto cfg. Keys starting with '_' are bookkeeping and skipped; keys of
  * other diffusers schedulers are accepted (a DDPM config drives DDIM) and those this engine
@@ -138,6 +141,8 @@ int sched_config_apply_json(sched_config *cfg, const json_t *obj, int strict, er
 /* One strict override from text, "KEY=VALUE" or key and value apart. The value is read as JSON
  * when it parses (1e-4, true, null, [..]), as Python's True/False/None, else as a string. */
 int sched_config_set(sched_config *cfg, const char *key, const char *value, err *e);
+/* That reading of a VALUE text as a JSON value (new reference; NULL only when out of memory). */
+json_t *sched_value_from_text(const char *value);
 int sched_config_set_override(sched_config *cfg, const char *key_equals_value, err *e);
 
 /* Cross-key checks (trained_betas length against num_train_timesteps, ...). */
@@ -151,6 +156,8 @@ json_t *sched_config_to_json_for(const sched_config *cfg, const char *class_name
 /* Whether scheduler class `class_name` (as for sched_config_init) has config key `key`: the
  * arguments of the diffusers class's __init__ in current diffusers, plus eta for DDIM. */
 int sched_class_has_key(const char *class_name, const char *key);
+/* Whether any scheduler class (diffusers' or the engine's) has config key `key`. */
+int sched_key_is_known(const char *key);
 /* Keys this engine accepts only at diffusers' default (use_flow_sigmas, use_beta_sigmas, ...):
  * an error naming the key if obj sets one that class_name reads to anything else. */
 int sched_check_unsupported(const json_t *obj, const char *class_name, err *e);

@@ -333,16 +333,6 @@ typedef struct loader {
   err *e;
 } loader;
 
-/* Frees a loaded tensor that a packed form has made redundant. */
-static void drop_param(unet *u, float *p) {
-  for (int i = u->nparams - 1; i >= 0; i--)
-    if (u->params[i] == p) {
-      free(p);
-      u->params[i] = NULL;
-      return;
-    }
-}
-
 /* Registers a packed convolution for ops_conv2d_unpack in unet_free. */
 static int keep_conv(loader *ld, conv2d *c) {
   if (ld->u->nconvs == UNET_MAX_PARAMS) {
@@ -418,8 +408,6 @@ static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, i
    * Winograd candidate (stride 2), so packing here is safe. */
   if (ops_conv2d_pack(c))
     return err_set(ld->e, ERR_NOMEM, "out of memory packing '%s'", prefix);
-  if (c->wino && strcmp(gemm_kernel_name(), "openblas") != 0)
-    drop_param(ld->u, (float *)c->weight); /* the transformed filters replace it */
   return keep_conv(ld, c);
 }
 

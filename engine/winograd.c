@@ -111,6 +111,8 @@ typedef struct wino_job {
   const float *x;
   float *y;
   int n, h, wd, th, tw; /* tiles per image: th x tw */
+  int ph, pw;           /* padded input planes: (4 th + 2) x (4 tw + 2) */
+  float *xp;            /* zero-bordered copy of x, so tiles need no bounds checks */
   int t0, nt, ld;       /* this block: global tiles [t0, t0 + nt), V/M row length */
   float *v, *m, *scratch;
   size_t scratch_stride;
@@ -120,44 +122,71 @@ typedef struct wino_job {
 /* Lanes are laid out [point][lane]: 36 rows of WINO_LANES floats. */
 #define L WINO_LANES
 
+static void pad_task(void *ctx, int plane, int worker) {
+  (void)worker;
+  wino_job *j = ctx;
+  const float *src = j->x + (size_t)plane * j->h * j->wd;
+  float *dst = j->xp + (size_t)plane * j->ph * j->pw;
+  memset(dst, 0, sizeof(float) * j->pw);
+  for (int y = 0; y < j->ph - 1; y++) {
+    float *row = dst + (size_t)(y + 1) * j->pw;
+    if (y < j->h) {
+      row[0] = 0;
+      memcpy(row + 1, src + (size_t)y * j->wd, sizeof(float) * j->wd);
+      memset(row + 1 + j->wd, 0, sizeof(float) * (j->pw - 1 - j->wd));
+    } else {
+      memset(row, 0, sizeof(float) * j->pw);
+    }
+  }
+}
+
+/* Offsets of the first element of up to L tiles starting at global tile g:
+ * into the padded input (channel 0) and into the output (channel 0). */
+static void tile_offsets(const wino_job *j, int g, int lanes, int cin_or_cout, int padded,
+                         size_t *off) {
+  int per_image = j->th * j->tw;
+  for (int l = 0; l < L; l++) {
+    int gg = g + (l < lanes ? l : 0), img = gg / per_image, r = gg % per_image;
+    int ty = r / j->tw, tx = r % j->tw;
+    off[l] = padded ? ((size_t)img * cin_or_cout * j->ph + (size_t)ty * 4) * j->pw + (size_t)tx * 4
+                    : ((size_t)img * cin_or_cout * j->h + (size_t)ty * 4) * j->wd + (size_t)tx * 4;
+  }
+}
+
 WINO_CLONES static void input_task(void *ctx, int task, int worker) {
   (void)worker;
   wino_job *j = ctx;
   int c0 = task * WINO_CHAN_CHUNK, c1 = c0 + WINO_CHAN_CHUNK;
   if (c1 > j->w->cin)
     c1 = j->w->cin;
-  size_t plane = (size_t)j->h * j->wd, vstride = (size_t)j->w->cin * j->ld;
-  int per_image = j->th * j->tw;
+  size_t pplane = (size_t)j->ph * j->pw, vstride = (size_t)j->w->cin * j->ld;
   float d[36 * L], tmp[36 * L], v[36 * L];
-  for (int ci = c0; ci < c1; ci++)
-    for (int t0 = 0; t0 < j->nt; t0 += L) {
-      int lanes = j->nt - t0 < L ? j->nt - t0 : L;
-      for (int l = 0; l < L; l++) {
-        if (l >= lanes) {
-          for (int p = 0; p < 36; p++)
-            d[p * L + l] = 0;
-          continue;
-        }
-        int g = j->t0 + t0 + l, img = g / per_image, r = g % per_image;
-        int y0 = (r / j->tw) * 4 - 1, x0 = (r % j->tw) * 4 - 1;
-        const float *src = j->x + ((size_t)img * j->w->cin + ci) * plane;
-        int inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= j->h && x0 + 6 <= j->wd;
-        for (int i = 0; i < 6; i++)
-          for (int k = 0; k < 6; k++) {
-            int yy = y0 + i, xx = x0 + k;
-            d[(6 * i + k) * L + l] = inside || (yy >= 0 && yy < j->h && xx >= 0 && xx < j->wd)
-                                         ? src[(size_t)yy * j->wd + xx]
-                                         : 0.0f;
-          }
-      }
+  size_t off[L];
+  for (int t0 = 0; t0 < j->nt; t0 += L) {
+    int lanes = j->nt - t0 < L ? j->nt - t0 : L;
+    tile_offsets(j, j->t0 + t0, lanes, j->w->cin, 1, off);
+    for (int ci = c0; ci < c1; ci++) {
+      const float *src = j->xp + (size_t)ci * pplane;
+      for (int i = 0; i < 6; i++)
+        for (int k = 0; k < 6; k++)
+          for (int l = 0; l < L; l++)
+            d[(6 * i + k) * L + l] = src[off[l] + (size_t)i * j->pw + k];
       for (int k = 0; k < 6; k++) /* columns: tmp = B^T d */
         bt6(d + k * L, 6 * L, tmp + k * L, 6 * L);
       for (int i = 0; i < 6; i++) /* rows: v = tmp B */
         bt6(tmp + 6 * i * L, L, v + 6 * i * L, L);
       float *dst = j->v + (size_t)ci * j->ld + t0;
-      for (int p = 0; p < 36; p++)
-        memcpy(dst + p * vstride, v + p * L, sizeof(float) * lanes);
+      if (lanes == L) {
+        for (int p = 0; p < 36; p++)
+          for (int l = 0; l < L; l++)
+            dst[p * vstride + l] = v[p * L + l];
+      } else {
+        for (int p = 0; p < 36; p++)
+          for (int l = 0; l < lanes; l++)
+            dst[p * vstride + l] = v[p * L + l];
+      }
     }
+  }
 }
 
 static void gemm_task(void *ctx, int task, int worker) {
@@ -181,30 +210,38 @@ WINO_CLONES static void output_task(void *ctx, int task, int worker) {
   if (c1 > w->cout)
     c1 = w->cout;
   size_t plane = (size_t)j->h * j->wd, mstride = (size_t)w->cout * j->ld;
+  int exact = j->h % 4 == 0 && j->wd % 4 == 0; /* no tile crosses the border */
   int per_image = j->th * j->tw;
   float m[36 * L], tmp[24 * L], o[16 * L];
-  for (int co = c0; co < c1; co++) {
-    float bias = w->bias ? w->bias[co] : 0.0f;
-    for (int t0 = 0; t0 < j->nt; t0 += L) {
-      int lanes = j->nt - t0 < L ? j->nt - t0 : L;
+  size_t off[L];
+  for (int t0 = 0; t0 < j->nt; t0 += L) {
+    int lanes = j->nt - t0 < L ? j->nt - t0 : L;
+    tile_offsets(j, j->t0 + t0, lanes, w->cout, 0, off);
+    for (int co = c0; co < c1; co++) {
+      float bias = w->bias ? w->bias[co] : 0.0f;
       const float *src = j->m + (size_t)co * j->ld + t0;
-      for (int p = 0; p < 36; p++) {
-        memcpy(m + p * L, src + p * mstride, sizeof(float) * lanes);
-        for (int l = lanes; l < L; l++)
-          m[p * L + l] = 0;
-      }
+      for (int p = 0; p < 36; p++)
+        for (int l = 0; l < L; l++)
+          m[p * L + l] = l < lanes ? src[p * mstride + l] : 0.0f;
       for (int k = 0; k < 6; k++) /* columns: tmp (4x6) = A^T m */
         at6(m + k * L, 6 * L, tmp + k * L, 6 * L);
       for (int i = 0; i < 4; i++) /* rows: o (4x4) = tmp A */
         at6(tmp + 6 * i * L, L, o + 4 * i * L, L);
+      float *dst = j->y + (size_t)co * plane;
+      if (exact && lanes == L) {
+        for (int i = 0; i < 4; i++)
+          for (int k = 0; k < 4; k++)
+            for (int l = 0; l < L; l++)
+              dst[off[l] + (size_t)i * j->wd + k] = o[(4 * i + k) * L + l] + bias;
+        continue;
+      }
       for (int l = 0; l < lanes; l++) {
-        int g = j->t0 + t0 + l, img = g / per_image, r = g % per_image;
+        int r = (j->t0 + t0 + l) % per_image;
         int y0 = (r / j->tw) * 4, x0 = (r % j->tw) * 4;
-        float *dst = j->y + ((size_t)img * w->cout + co) * plane;
         int rows = j->h - y0 < 4 ? j->h - y0 : 4, cols = j->wd - x0 < 4 ? j->wd - x0 : 4;
         for (int i = 0; i < rows; i++)
           for (int k = 0; k < cols; k++)
-            dst[(size_t)(y0 + i) * j->wd + x0 + k] = o[(4 * i + k) * L + l] + bias;
+            dst[off[l] + (size_t)i * j->wd + k] = o[(4 * i + k) * L + l] + bias;
       }
     }
   }
@@ -229,8 +266,12 @@ int wino_conv2d(const wino_conv *w, const float *x, int n, int h, int wd, float 
   j.m = arena_floats(a, (size_t)WINO_POINTS * w->cout * block);
   j.scratch_stride = gemm_scratch_floats(w->cin, block);
   j.scratch = arena_floats(a, j.scratch_stride * threads);
-  if (!j.v || !j.m || !j.scratch)
+  j.ph = 4 * j.th + 2;
+  j.pw = 4 * j.tw + 2;
+  j.xp = arena_floats(a, (size_t)n * w->cin * j.ph * j.pw);
+  if (!j.v || !j.m || !j.scratch || !j.xp)
     return -1;
+  pool_run(p, n * w->cin, pad_task, &j);
   for (j.t0 = 0; j.t0 < total; j.t0 += block) {
     j.nt = total - j.t0 < block ? total - j.t0 : block;
     /* 36 GEMMs usually feed the threads; narrow blocks split columns too */

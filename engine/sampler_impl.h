@@ -1,0 +1,120 @@
+/* Internal to the sampler module (sampler*.c): the solver interface and the helpers the solver
+ * files share. Nothing outside engine/sampler*.c includes this. */
+#ifndef DENOISED_SAMPLER_IMPL_H
+#define DENOISED_SAMPLER_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sampler.h"
+
+typedef struct run_ctx run_ctx;
+
+#define SAMPLER_MAX_BUF 8
+#define SAMPLER_ISTATE 16
+
+/* What one step of a diffusers-style solver sees: the whole batch after the model evaluation
+ * number i, scratch space and the per-run state. */
+typedef struct step_ctx {
+  int i; /* evaluation index, 0 .. n_evals-1 */
+  int batch;
+  size_t d;                    /* values per image */
+  float *x;                    /* batch * d, updated in place */
+  const float *mo;             /* model output, mo_stride values per image */
+  size_t mo_stride;            /* d, except for DDPM with a learned variance (2 d) */
+  float *x0;                   /* d scratch (DDPM/DDIM) */
+  float *noise;                /* batch * d scratch */
+  float *sel;                  /* d scratch for the thresholding quantile */
+  float *tmp[3];               /* batch * d scratch each */
+  float *buf[SAMPLER_MAX_BUF]; /* solver_desc.nbuf buffers of batch * d, zeroed per run */
+  int ist[SAMPLER_ISTATE];     /* solver integer state, zeroed per run */
+  const sampler_run_opts *o;
+  run_ctx *run;
+} step_ctx;
+
+typedef struct solver_desc {
+  const char *name;       /* implementation id */
+  const char *class_name; /* scheduler class whose keys it reads */
+  int default_steps;
+  /* Validates the config for this solver and fills the plan (n_evals, tm, step_end, ...). */
+  int (*prepare)(sampler *s, err *e);
+  /* diffusers-style: called after each planned evaluation, like Scheduler.step() */
+  int (*step)(const sampler *s, step_ctx *c, err *e);
+  /* or a loop of its own (the official-code variants): x holds x_T on entry */
+  int (*run)(const sampler *s, run_ctx *r, float *x, err *e);
+  int nbuf; /* state buffers of batch * d floats for step() */
+  int stochastic_always;
+} solver_desc;
+
+struct sampler {
+  const solver_desc *desc;
+  char name[SCHED_NAME_MAX];
+  sched_config cfg;
+  int T;                   /* num_train_timesteps */
+  float *abar;             /* alphas_cumprod as the class holds it (float32) */
+  int n;                   /* num_inference_steps */
+  int n_evals;             /* planned evaluations; 0 when data-dependent */
+  double *tm;              /* n_evals model timesteps */
+  float *in_div;           /* n_evals divisors of the model input, or NULL */
+  unsigned char *step_end; /* n_evals: a user-visible step ends with this evaluation */
+  float init_sigma;        /* x_T = noise * init_sigma (Euler family), else 1 */
+  int stochastic;
+  int ends_clean; /* the last step lands on sigma 0 (alpha_bar 1), not on alpha_bar[0] */
+  /* solver data, owned */
+  int64_t *ts, *prev; /* integer timesteps (DDPM/DDIM/PNDM) */
+  float *sigmas;      /* sigma grid (n_sigmas) */
+  int n_sigmas;
+  int *orders; /* per-evaluation orders (singlestep) */
+  double *aux; /* further per-solver data */
+  int n_aux;
+};
+
+/* ---- sampler.c ---- */
+/* Model evaluation of the whole batch at one timestep, counted and cancellable. */
+int sampler_eval_all(run_ctx *r, int step, const float *x, double t, float *out, err *e);
+/* Evaluation of n images of the batch (rows[k] is the batch index of x's k-th image, or rows
+ * NULL for the first n, t[k] its timestep); counts one NFE. out gets n * d values: the model's
+ * prediction without a learned-variance half. For custom loops (solver_desc.run) only. */
+int sampler_eval_rows(run_ctx *r, int step, const float *x, int n, const int *rows, const double *t,
+                      float *out, err *e);
+int sampler_run_batch(const run_ctx *r);
+size_t sampler_run_d(const run_ctx *r);
+int sampler_run_nfe(const run_ctx *r);
+void sampler_report(run_ctx *r, int step, int total);
+/* The standard normal noise of image b for evaluation index i (stream i + 1). */
+int sampler_noise(const step_ctx *c, int b, float *out, err *e);
+
+/* diffusers' _threshold_sample on one image: s = quantile(|x0|, ratio), clamped to
+ * [1, sample_max_value]. */
+void sampler_threshold_diffusers(const sched_config *cfg, float *x0, size_t d, float *sel);
+/* The official DPM-Solver code's: s = max(quantile(|x0|, ratio), thresholding_max_val). */
+void sampler_threshold_paper(const sched_config *cfg, float *x0, size_t d, float *sel);
+
+/* Allocation helpers for prepare(): set s->n_evals and allocate tm/step_end (zeroed). */
+int sampler_plan(sampler *s, int n_evals, int with_in_div, err *e);
+
+/* alpha_bar at a possibly fractional timestep, the way diffusers' fractional timesteps are read
+ * (log sigma interpolated linearly between integer timesteps, the inverse of _sigma_to_t; the
+ * GaussianMixtureDenoiser reads them the same way). The paper variants solve the ODE of this
+ * continuous schedule, so every fractional timestep they pass means what they assume. */
+double sampler_abar_at(const sampler *s, double t);
+
+/* The training sigmas sqrt((1 - abar) / abar) in float32 as torch computes them. */
+float sampler_sigma_of(const sampler *s, int t);
+
+/* Solvers of the other files. */
+extern const solver_desc solver_pndm, solver_dpm_multistep, solver_dpm_singlestep, solver_unipc,
+    solver_deis, solver_euler, solver_euler_a, solver_heun, solver_pndm_official,
+    solver_dpm_official;
+
+/* Shared by the sigma-grid solvers (sampler_dpm.c, sampler_karras.c). */
+/* numpy's linspace(start, stop, n)[i] */
+double np_linspace_at(double start, double stop, int n, int i);
+/* diffusers' _sigma_to_t against the float32 training sigmas. */
+double sampler_sigma_to_t(const sampler *s, double sigma);
+/* _convert_to_karras: n sigmas from sigma_max down to sigma_min (rho 7), float64. */
+void sampler_karras(double sigma_min, double sigma_max, int n, double *out);
+/* np.interp(t, arange(T), sigmas) of the float32 training sigmas. */
+double sampler_sigma_interp(const sampler *s, double t);
+
+#endif

@@ -1,0 +1,334 @@
+/* Helpers for the daemon's integration tests: start the real `denoised serve` on a free
+ * loopback port, talk HTTP to it with libcurl, stop or kill it. */
+#ifndef DENOISED_TESTHTTP_H
+#define DENOISED_TESTHTTP_H
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+typedef struct daemon_proc {
+  pid_t pid;
+  int port;
+  char log[512];
+  char state[512];
+} daemon_proc;
+
+static inline double th_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Starts the daemon with `args` (NULL-terminated, after "serve") and extra environment
+ * assignments ("K=V", NULL-terminated, may be NULL); waits until it listens. Returns 0 or the
+ * exit status if it exited during start-up (port stays 0). */
+static inline int daemon_start_env(daemon_proc *d, const char *state_dir, const char *const *args,
+                                   const char *const *env) {
+  static char logdir[256];
+  static int nlog;
+  if (!logdir[0])
+    test_tmpdir(logdir, sizeof logdir);
+  memset(d, 0, sizeof *d);
+  snprintf(d->state, sizeof d->state, "%s", state_dir);
+  snprintf(d->log, sizeof d->log, "%s/daemon-%d.log", logdir, ++nlog); /* one per start */
+  char model[1024], model_arg[1100];
+  test_src_path(model, sizeof model, "models/shapes-gmm");
+  snprintf(model_arg, sizeof model_arg, "default=%s", model);
+  const char *argv[64];
+  int n = 0;
+  argv[n++] = test_bin();
+  argv[n++] = "serve";
+  argv[n++] = "--listen";
+  argv[n++] = "127.0.0.1:0";
+  argv[n++] = "--state-dir";
+  argv[n++] = state_dir;
+  int has_model = 0;
+  for (int i = 0; args && args[i]; i++)
+    has_model |= strcmp(args[i], "--model") == 0 || strcmp(args[i], "--config") == 0;
+  if (!has_model) {
+    argv[n++] = "--model";
+    argv[n++] = model_arg;
+  }
+  for (int i = 0; args && args[i] && n < 62; i++)
+    argv[n++] = args[i];
+  argv[n] = NULL;
+  char out_log[512];
+  snprintf(out_log, sizeof out_log, "%s", d->log); /* stdout and stderr */
+  for (int i = 0; args && args[i] && args[i + 1]; i++)
+    if (strcmp(args[i], "--log-file") == 0) /* the log goes there: watch that file */
+      snprintf(d->log, sizeof d->log, "%s", args[i + 1]);
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL); /* a failed test must not leave a daemon behind */
+    int fd = open(out_log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+      dup2(fd, 2);
+      dup2(fd, 1);
+    }
+    for (int i = 0; env && env[i]; i++)
+      putenv((char *)env[i]);
+    execv(argv[0], (char *const *)argv);
+    _exit(127);
+  }
+  d->pid = pid;
+  for (double t0 = th_now(); th_now() - t0 < 30;) {
+    int st;
+    if (waitpid(pid, &st, WNOHANG) == pid) {
+      d->pid = 0;
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+    FILE *f = fopen(d->log, "r");
+    char line[2048];
+    while (f && fgets(line, sizeof line, f)) {
+      /* a line still being written has no newline yet: read it again next time */
+      if (!strstr(line, "msg=listening") || !strchr(line, '\n'))
+        continue;
+      const char *u = strstr(line, "url=http://127.0.0.1:");
+      if (u)
+        d->port = atoi(u + strlen("url=http://127.0.0.1:"));
+    }
+    if (f)
+      fclose(f);
+    if (d->port)
+      return 0;
+    usleep(20000);
+  }
+  ck_abort_msg("daemon %d did not start within 30 s; see %s", (int)pid, d->log);
+  return -1;
+}
+
+static inline int daemon_start(daemon_proc *d, const char *state_dir, const char *const *args) {
+  return daemon_start_env(d, state_dir, args, NULL);
+}
+
+/* Sends sig and waits up to timeout_s; returns the exit status (128+sig if killed, -1 if it did
+ * not exit, in which case it is killed). */
+static inline int daemon_signal_wait(daemon_proc *d, int sig, double timeout_s) {
+  if (!d->pid)
+    return -1;
+  kill(d->pid, sig);
+  for (double t0 = th_now(); th_now() - t0 < timeout_s;) {
+    int st;
+    if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+      d->pid = 0;
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+    usleep(10000);
+  }
+  kill(d->pid, SIGKILL);
+  waitpid(d->pid, NULL, 0);
+  d->pid = 0;
+  return -1;
+}
+
+static inline void daemon_stop(daemon_proc *d) {
+  if (d->pid)
+    ck_assert_int_eq(daemon_signal_wait(d, SIGTERM, 30), 0);
+}
+
+/* Counts lines of the daemon's log that contain needle. */
+static inline int daemon_log_count(const daemon_proc *d, const char *needle) {
+  FILE *f = fopen(d->log, "r");
+  char line[4096];
+  int n = 0;
+  while (f && fgets(line, sizeof line, f))
+    n += strstr(line, needle) != NULL;
+  if (f)
+    fclose(f);
+  return n;
+}
+
+typedef struct http_resp {
+  long status;
+  char *body;
+  size_t len;
+  char headers[8192];
+  size_t hlen;
+  char ctype[128];
+} http_resp;
+
+static size_t th_write(char *p, size_t sz, size_t n, void *u) {
+  http_resp *r = u;
+  size_t k = sz * n;
+  char *nb = realloc(r->body, r->len + k + 1);
+  if (!nb)
+    return 0;
+  r->body = nb;
+  memcpy(r->body + r->len, p, k);
+  r->len += k;
+  r->body[r->len] = 0;
+  return k;
+}
+
+static size_t th_header(char *p, size_t sz, size_t n, void *u) {
+  http_resp *r = u;
+  size_t k = sz * n;
+  if (r->hlen + k < sizeof r->headers) {
+    memcpy(r->headers + r->hlen, p, k);
+    r->hlen += k;
+    r->headers[r->hlen] = 0;
+  }
+  return k;
+}
+
+/* The value of a response header (case-insensitive name), copied into out; NULL if absent. */
+static inline const char *http_header(const http_resp *r, const char *name, char *out, size_t n) {
+  size_t nl = strlen(name);
+  for (const char *p = r->headers; *p;) {
+    const char *eol = strstr(p, "\r\n");
+    if (!eol)
+      break;
+    if (strncasecmp(p, name, nl) == 0 && p[nl] == ':') {
+      const char *v = p + nl + 1;
+      while (*v == ' ')
+        v++;
+      snprintf(out, n, "%.*s", (int)(eol - v), v);
+      return out;
+    }
+    p = eol + 2;
+  }
+  return NULL;
+}
+
+static inline void http_free(http_resp *r) {
+  free(r->body);
+  memset(r, 0, sizeof *r);
+}
+
+/* One request; hdrs is NULL-terminated ("Name: value"). body NULL: no body. */
+static inline long http_req(const daemon_proc *d, const char *method, const char *path,
+                            const char *body, size_t body_len, const char *const *hdrs,
+                            http_resp *r) {
+  memset(r, 0, sizeof *r);
+  CURL *c = curl_easy_init();
+  ck_assert_ptr_nonnull(c);
+  char url[1024];
+  snprintf(url, sizeof url, "http://127.0.0.1:%d%s", d->port, path);
+  curl_easy_setopt(c, CURLOPT_URL, url);
+  curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, th_write);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
+  curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, th_header);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, r);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT, 120L);
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  if (strcmp(method, "HEAD") == 0)
+    curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+  struct curl_slist *hl = curl_slist_append(NULL, "Expect:");
+  for (int i = 0; hdrs && hdrs[i]; i++)
+    hl = curl_slist_append(hl, hdrs[i]);
+  if (body) {
+    hl = curl_slist_append(hl, "Content-Type: application/json");
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long)body_len);
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, hl);
+  CURLcode rc = curl_easy_perform(c);
+  if (rc == CURLE_OK) {
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r->status);
+    char *ct = NULL;
+    curl_easy_getinfo(c, CURLINFO_CONTENT_TYPE, &ct);
+    if (ct)
+      snprintf(r->ctype, sizeof r->ctype, "%s", ct);
+  } else {
+    r->status = -(long)rc;
+  }
+  curl_slist_free_all(hl);
+  curl_easy_cleanup(c);
+  return r->status;
+}
+
+static inline long http_get(const daemon_proc *d, const char *path, http_resp *r) {
+  return http_req(d, "GET", path, NULL, 0, NULL, r);
+}
+
+static inline long http_post(const daemon_proc *d, const char *path, const char *json,
+                             http_resp *r) {
+  return http_req(d, "POST", path, json, strlen(json), NULL, r);
+}
+
+/* The body parsed as JSON (new reference), failing the test if it is not. */
+static inline json_t *http_json(const http_resp *r) {
+  json_error_t je;
+  json_t *j = r->body ? json_loads(r->body, 0, &je) : NULL;
+  ck_assert_msg(j != NULL, "not JSON (status %ld): %s", r->status, r->body ? r->body : "");
+  return j;
+}
+
+/* Submits a job, expects 202, returns its id in out. */
+static inline void submit_job(const daemon_proc *d, const char *json, char *out, size_t n) {
+  http_resp r;
+  http_post(d, "/v1/jobs", json, &r);
+  ck_assert_msg(r.status == 202, "submit %s: %ld %s", json, r.status, r.body ? r.body : "");
+  json_t *j = http_json(&r);
+  snprintf(out, n, "%s", json_string_value(json_object_get(j, "id")));
+  json_decref(j);
+  http_free(&r);
+}
+
+/* The state of a job ("queued", ...), plus its step when step is non-NULL. */
+static inline void job_state(const daemon_proc *d, const char *id, char *state, size_t n,
+                             int *step) {
+  char path[256];
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  http_resp r;
+  http_get(d, path, &r);
+  ck_assert_msg(r.status == 200, "GET %s: %ld", path, r.status);
+  json_t *j = http_json(&r);
+  snprintf(state, n, "%s", json_string_value(json_object_get(j, "state")));
+  if (step)
+    *step = (int)json_integer_value(json_object_get(json_object_get(j, "progress"), "step"));
+  json_decref(j);
+  http_free(&r);
+}
+
+/* Polls until the job's state is `want` (or, for "finished", any final state) */
+static inline void wait_state(const daemon_proc *d, const char *id, const char *want,
+                              double timeout_s) {
+  char st[32] = "";
+  for (double t0 = th_now(); th_now() - t0 < timeout_s; usleep(20000)) {
+    job_state(d, id, st, sizeof st, NULL);
+    if (strcmp(st, want) == 0 || (strcmp(want, "finished") == 0 &&
+                                  (strcmp(st, "succeeded") == 0 || strcmp(st, "failed") == 0 ||
+                                   strcmp(st, "cancelled") == 0)))
+      return;
+  }
+  ck_abort_msg("job %s: state '%s' after %.0f s, wanted '%s'", id, st, timeout_s, want);
+}
+
+/* Waits until the job runs and has done at least one step. */
+static inline void wait_running(const daemon_proc *d, const char *id, double timeout_s) {
+  char st[32] = "";
+  int step = 0;
+  for (double t0 = th_now(); th_now() - t0 < timeout_s; usleep(5000)) {
+    job_state(d, id, st, sizeof st, &step);
+    if (strcmp(st, "running") == 0 && step > 0)
+      return;
+    ck_assert_msg(strcmp(st, "queued") == 0 || strcmp(st, "running") == 0,
+                  "job %s is %s before it could be seen running", id, st);
+  }
+  ck_abort_msg("job %s did not start", id);
+}
+
+/* A scratch state directory path (not created). */
+static inline const char *th_state_dir(char *buf, size_t n) {
+  char tmp[256];
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(buf, n, "%s/state", tmp);
+  return buf;
+}
+
+#endif
