@@ -1,12 +1,37 @@
 #!/bin/sh
 # Installs the Debian packages denoised needs to build and test; skips what is present.
-# Usage: scripts/install-deps.sh [--reference]   (--reference adds python3-torch + the modules tools/ needs to
-# import a diffusers source tree for fixtures/bench)
+# Usage: scripts/install-deps.sh [--reference] [--openapi] [--bench]
+#   --reference  python3-torch + the modules tools/ needs to import a diffusers source tree
+#                for fixtures/bench
+#   --openapi    node + npm (Debian's, if no npm is on PATH) and the OpenAPI validator that
+#                tests/test_openapi.c runs (tools/openapi, pinned by its package-lock.json)
+#   --bench      wrk, for bench/load.sh
+#   --training   --reference plus the Debian font packages tools/glyphs/fonts.txt renders the glyph
+#                data set from (retraining models/glyphs32 and bench/glyph_classifier.pt)
 set -eu
-PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check"
-if [ "${1:-}" = "--reference" ]; then
-  PKGS="$PKGS python3-torch python3-numpy python3-packaging python3-filelock python3-regex python3-requests python3-yaml python3-importlib-metadata python3-tqdm python3-pil"
-fi
+cd "$(dirname "$0")/.."
+PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev"
+openapi=0
+for arg in "$@"; do
+  case "$arg" in
+  --reference)
+    PKGS="$PKGS python3-torch python3-numpy python3-packaging python3-filelock python3-regex python3-requests python3-yaml python3-importlib-metadata python3-tqdm python3-pil" ;;
+  --openapi)
+    openapi=1
+    if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
+  --bench) PKGS="$PKGS wrk" ;;
+  --training)
+    PKGS="$PKGS python3-torch python3-numpy python3-pil"
+    PKGS="$PKGS fonts-adf-accanthis fonts-anonymous-pro fonts-cantarell fonts-cmu fonts-courier-prime"
+    PKGS="$PKGS fonts-croscore fonts-crosextra-caladea fonts-crosextra-carlito fonts-dejavu-core"
+    PKGS="$PKGS fonts-dejavu-extra fonts-ebgaramond fonts-firacode fonts-freefont-ttf fonts-gfs-didot"
+    PKGS="$PKGS fonts-go fonts-hack fonts-inconsolata fonts-inter fonts-jetbrains-mono fonts-lato"
+    PKGS="$PKGS fonts-liberation2 fonts-linuxlibertine fonts-lmodern fonts-noto-core fonts-noto-mono"
+    PKGS="$PKGS fonts-open-sans fonts-oxygen fonts-roboto-unhinted fonts-sil-andika fonts-sil-charis"
+    PKGS="$PKGS fonts-sil-gentium fonts-stix fonts-texgyre fonts-urw-base35" ;;
+  *) echo "install-deps: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 missing=""
 for p in $PKGS; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -19,4 +44,8 @@ if [ -n "$missing" ]; then
   echo "install-deps: installing:$missing" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+if [ "$openapi" = 1 ] && [ ! -d tools/openapi/node_modules/@apidevtools/swagger-parser ]; then
+  echo "install-deps: installing the OpenAPI validator (npm ci in tools/openapi)" >&2
+  (cd tools/openapi && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

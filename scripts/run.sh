@@ -1,7 +1,8 @@
 #!/bin/sh
-# Main job: install what is missing, build, and generate sample images with the
-# model that ships in the repo (the analytic shapes model until the trained
-# default model and the daemon land). Output: out/sample-*.png
+# Main job: install what is missing, build, write sample images with the model that ships in
+# the repo (out/sample-*.png), then run the daemon with that model as `default` in the
+# foreground on 127.0.0.1:8080 (Ctrl-C or SIGTERM stops it). DENOISED_LISTEN=HOST:PORT moves
+# it; README.md "Daemon" shows a curl session against it.
 set -eu
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -11,3 +12,8 @@ mkdir -p out
 ./build/denoised sample --model models/shapes-gmm --class 2 --seed 1 --batch 4 --steps 50 \
   -o out/sample.png
 ls -l out/sample-*.png
+listen="${DENOISED_LISTEN:-127.0.0.1:8080}"
+echo "run.sh: starting the daemon on http://$listen with models/shapes-gmm as 'default';" \
+  "jobs persist in ./denoised-state (Ctrl-C stops it)"
+# no flags: the built-in defaults (DENOISED_LISTEN, if set, is read by the daemon itself)
+exec ./build/denoised serve

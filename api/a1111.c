@@ -1,0 +1,315 @@
+/* AUTOMATIC1111 compatibility: /sdapi/v1 request and response shapes and their sampler names
+ * mapped onto ours. Their server ignores fields it does not know, so this does too; the fields
+ * it uses are still checked and errors still name them. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "api.h"
+#include "meta.h"
+
+/* Their names (and k-diffusion aliases) -> candidates among ours, first existing one wins. The
+ * solver family grows behind this table: names without an implementation are simply absent
+ * from /sdapi/v1/samplers. */
+typedef struct sampler_map {
+  const char *a1111;
+  const char *aliases[3];
+  const char *ours[3];
+} sampler_map;
+
+static const sampler_map sampler_table[] = {
+    {"DDIM", {"ddim", NULL}, {"ddim", NULL}},
+    {"DDPM", {"ddpm", NULL}, {"ddpm", NULL}},
+    {"Euler", {"k_euler", "euler", NULL}, {"euler", NULL}},
+    {"Euler a", {"k_euler_a", "euler_ancestral", NULL}, {"euler-a", "euler_ancestral", NULL}},
+    {"Heun", {"k_heun", "heun", NULL}, {"heun", NULL}},
+    {"LMS", {"k_lms", "lms", NULL}, {"lms", NULL}},
+    {"PLMS", {"plms", NULL}, {"plms", NULL}},
+    {"DPM2", {"k_dpm_2", NULL}, {"kdpm2", "dpm2", NULL}},
+    {"DPM2 a", {"k_dpm_2_a", NULL}, {"kdpm2-a", "dpm2-a", NULL}},
+    {"DPM++ 2M", {"k_dpmpp_2m", NULL}, {"dpm++2m", NULL}},
+    {"DPM++ 2M Karras", {"k_dpmpp_2m_ka", NULL}, {"dpm++2m-karras", NULL}},
+    {"DPM++ 2M SDE", {"k_dpmpp_2m_sde", NULL}, {"dpm++2m-sde", NULL}},
+    {"DPM++ 2M SDE Karras", {"k_dpmpp_2m_sde_ka", NULL}, {"dpm++2m-sde-karras", NULL}},
+    {"DPM++ 3M", {"k_dpmpp_3m", NULL}, {"dpm++3m", NULL}},
+    {"DPM++ SDE", {"k_dpmpp_sde", NULL}, {"dpm++2s-sde", NULL}},
+    {"DPM++ 2S", {"k_dpmpp_2s", NULL}, {"dpm++2s", NULL}},
+    {"DPM fast", {"k_dpm_fast", NULL}, {"dpm-solver-fast", NULL}},
+    {"DPM adaptive", {"k_dpm_ad", NULL}, {"dpm-solver-adaptive", NULL}},
+    {"UniPC", {"unipc", NULL}, {"unipc", NULL}},
+    {"DEIS", {"deis", NULL}, {"deis", NULL}},
+    {"LCM", {"lcm", NULL}, {"lcm", NULL}},
+};
+
+#define NMAP ((int)(sizeof sampler_table / sizeof *sampler_table))
+
+static const char *ours_for(const sampler_map *m) {
+  for (int k = 0; k < 3 && m->ours[k]; k++)
+    if (sampler_solver_class(m->ours[k]))
+      return m->ours[k];
+  return NULL;
+}
+
+const char *api_a1111_solver(const char *name) {
+  /* "DPM++ 2M Karras" style names carry the schedule after the solver in old releases */
+  for (int i = 0; i < NMAP; i++) {
+    const sampler_map *m = &sampler_table[i];
+    int hit = strcasecmp(name, m->a1111) == 0;
+    for (int k = 0; k < 3 && m->aliases[k] && !hit; k++)
+      hit = strcasecmp(name, m->aliases[k]) == 0;
+    if (hit)
+      return ours_for(m);
+  }
+  return sampler_solver_class(name) ? name : NULL;
+}
+
+json_t *api_sd_samplers_json(void) {
+  json_t *arr = json_array();
+  for (int i = 0; i < NMAP; i++) {
+    const sampler_map *m = &sampler_table[i];
+    const char *ours = ours_for(m);
+    if (!ours)
+      continue;
+    json_t *al = json_array();
+    for (int k = 0; k < 3 && m->aliases[k]; k++)
+      json_array_append_new(al, json_string(m->aliases[k]));
+    json_array_append_new(arr, json_pack("{s:s, s:o, s:{s:s}}", "name", m->a1111, "aliases", al,
+                                         "options", "denoised_solver", ours));
+  }
+  return arr;
+}
+
+json_t *api_sd_models_json(const api_ctx *c) {
+  json_t *arr = json_array();
+  for (int i = 0; i < queue_model_count(c->q); i++) {
+    queue_model_desc d;
+    if (queue_model_get(c->q, i, NULL, &d) != ERR_OK)
+      continue;
+    json_array_append_new(arr,
+                          json_pack("{s:s, s:s, s:n, s:s, s:n, s:n}", "title", d.name, "model_name",
+                                    d.name, "hash", "filename", d.name, "sha256", "config"));
+    queue_model_desc_clear(&d);
+  }
+  return arr;
+}
+
+static const char *type_of(const json_t *v) {
+  return json_is_string(v)    ? "a string"
+         : json_is_number(v)  ? "a number"
+         : json_is_boolean(v) ? "a boolean"
+         : json_is_object(v)  ? "an object"
+         : json_is_array(v)   ? "an array"
+                              : "null";
+}
+
+/* Integer-valued field (A1111 clients sometimes send 20.0). */
+static int a_int(const json_t *obj, const char *key, long long lo, long long hi, long long *out,
+                 int *present, api_error *e) {
+  const json_t *v = json_object_get(obj, key);
+  *present = v && !json_is_null(v);
+  if (!*present)
+    return 0;
+  double x;
+  if (json_is_integer(v))
+    x = (double)json_integer_value(v);
+  else if (json_is_real(v) && json_real_value(v) == (double)(long long)json_real_value(v))
+    x = json_real_value(v);
+  else
+    return api_fail(e, 400, "wrong_type", key, "%s: expected an integer, got %s", key, type_of(v));
+  if (x < (double)lo || x > (double)hi)
+    return api_fail(e, 400, "out_of_range", key, "%s: %.0f is out of range [%lld, %lld]", key, x,
+                    lo, hi);
+  *out = (long long)x;
+  return 0;
+}
+
+int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char *owner,
+                      queue_spec *out, api_error *e) {
+  json_error_t je;
+  json_t *j = len ? json_loadb(body, len, 0, &je) : json_object();
+  if (!j)
+    return api_fail(e, 400, "invalid_json", NULL, "invalid JSON at line %d, column %d: %s", je.line,
+                    je.column, je.text);
+  int rc = 0, present;
+  if (!json_is_object(j)) {
+    rc = api_fail(e, 400, "invalid_json", NULL, "the body must be a JSON object");
+    goto done;
+  }
+  long long steps = 0, seed = -1, batch = 1, n_iter = 1, width = 0, height = 0;
+  int has_steps, has_w, has_h, p2;
+  if ((rc = a_int(j, "steps", 1, c->max_steps, &steps, &has_steps, e)) ||
+      (rc = a_int(j, "seed", -1, (1ll << 53) - 1, &seed, &present, e)) ||
+      (rc = a_int(j, "batch_size", 1, c->max_batch, &batch, &present, e)) ||
+      (rc = a_int(j, "n_iter", 1, c->max_batch, &n_iter, &p2, e)) ||
+      (rc = a_int(j, "width", 1, c->max_image_size, &width, &has_w, e)) ||
+      (rc = a_int(j, "height", 1, c->max_image_size, &height, &has_h, e)))
+    goto done;
+  if (batch * n_iter > c->max_batch) {
+    rc = api_fail(e, 400, "out_of_range", "n_iter",
+                  "n_iter: batch_size x n_iter = %lld images is above this server's limit of %d",
+                  batch * n_iter, c->max_batch);
+    goto done;
+  }
+  const json_t *v = json_object_get(j, "sampler_name");
+  if (!v || json_is_null(v))
+    v = json_object_get(j, "sampler_index");
+  const char *solver = "ddim";
+  const char *sfield = json_object_get(j, "sampler_name") ? "sampler_name" : "sampler_index";
+  if (v && !json_is_null(v)) {
+    if (!json_is_string(v)) {
+      rc = api_fail(e, 400, "wrong_type", sfield, "%s: expected a sampler name, got %s", sfield,
+                    type_of(v));
+      goto done;
+    }
+    solver = api_a1111_solver(json_string_value(v));
+    if (!solver) {
+      rc = api_fail(e, 400, "invalid_field", sfield,
+                    "%s: sampler '%s' is not available here (GET /sdapi/v1/samplers lists them)",
+                    sfield, json_string_value(v));
+      goto done;
+    }
+  }
+  json_t *options = json_object();
+  v = json_object_get(j, "eta");
+  if (v && !json_is_null(v)) {
+    if (!json_is_number(v)) {
+      json_decref(options);
+      rc = api_fail(e, 400, "wrong_type", "eta", "eta: expected a number, got %s", type_of(v));
+      goto done;
+    }
+    json_object_set(options, "eta", (json_t *)v);
+  }
+  /* the model: override_settings.sd_model_checkpoint names one of ours, as in their API */
+  const char *model = NULL;
+  const json_t *ov = json_object_get(j, "override_settings");
+  const json_t *ck = json_is_object(ov) ? json_object_get(ov, "sd_model_checkpoint") : NULL;
+  if (json_is_string(ck))
+    model = json_string_value(ck);
+  /* the prompt picks the class of a class-conditional model by name or index */
+  json_t *label = NULL;
+  v = json_object_get(j, "prompt");
+  if (json_is_string(v) && json_string_length(v) > 0) {
+    const char *p = json_string_value(v);
+    char *end;
+    long long idx = strtoll(p, &end, 10);
+    label = *end == 0 && end != p ? json_integer(idx) : json_string(p);
+  }
+  queue_model_desc md;
+  int has_classes = queue_model_get(c->q, -1, model ? model : c->default_model, &md) == ERR_OK &&
+                    md.num_classes > 0;
+  queue_model_desc_clear(&md);
+  if (!has_classes && label) { /* a text prompt means nothing to an unconditional model */
+    json_decref(label);
+    label = NULL;
+  }
+  /* reuse the native path with their field names mapped onto ours */
+  json_t *native = json_pack("{s:I, s:{s:s, s:O}}", "batch_size", (json_int_t)(batch * n_iter),
+                             "scheduler", "name", solver, "options", options);
+  json_decref(options);
+  if (model)
+    json_object_set_new(native, "model", json_string(model));
+  if (seed >= 0)
+    json_object_set_new(native, "seed", json_integer(seed));
+  if (has_steps)
+    json_object_set_new(json_object_get(native, "scheduler"), "steps", json_integer(steps));
+  if (has_w)
+    json_object_set_new(native, "width", json_integer(width));
+  if (has_h)
+    json_object_set_new(native, "height", json_integer(height));
+  if (label)
+    json_object_set_new(native, "class_label", label);
+  char *text = json_dumps(native, JSON_COMPACT);
+  json_decref(native);
+  if (!text) {
+    rc = api_fail(e, 500, "internal", NULL, "out of memory");
+    goto done;
+  }
+  rc = api_parse_job(c, text, strlen(text), owner, out, e);
+  free(text);
+  if (rc) { /* name their fields, not ours */
+    if (strcmp(e->field, "class_label") == 0)
+      snprintf(e->field, sizeof e->field, "prompt");
+    else if (strcmp(e->field, "scheduler.steps") == 0)
+      snprintf(e->field, sizeof e->field, "steps");
+    else if (strcmp(e->field, "scheduler.name") == 0)
+      snprintf(e->field, sizeof e->field, "%s", sfield);
+    else if (strcmp(e->field, "scheduler.options.eta") == 0)
+      snprintf(e->field, sizeof e->field, "eta");
+    else if (strcmp(e->field, "model") == 0)
+      snprintf(e->field, sizeof e->field, "override_settings.sd_model_checkpoint");
+  }
+done:
+  json_decref(j);
+  return rc;
+}
+
+json_t *api_txt2img_json(const queue_job_view *v, char **images_b64, int n, const char *body,
+                         size_t len) {
+  json_t *params = len ? json_loadb(body, len, 0, NULL) : NULL;
+  if (!params)
+    params = json_object();
+  json_t *imgs = json_array(), *seeds = json_array(), *infos = json_array(), *idx = json_array();
+  const queue_spec *s = &v->spec;
+  for (int i = 0; i < n; i++) {
+    json_array_append_new(imgs, json_string(images_b64[i]));
+    json_array_append_new(seeds, json_integer((json_int_t)s->seed));
+    json_array_append_new(idx, json_integer((json_int_t)(s->first_image + (uint64_t)i)));
+    meta_image mm = {.model = s->model,
+                     .solver = s->solver,
+                     .steps = s->steps,
+                     .seed = s->seed,
+                     .image_index = s->first_image + (uint64_t)i,
+                     .height = s->height,
+                     .width = s->width,
+                     .has_label = s->has_label,
+                     .label = s->label};
+    char text[1024];
+    meta_infotext(&mm, text, sizeof text);
+    json_array_append_new(infos, json_string(text));
+  }
+  time_t t = (time_t)v->created;
+  struct tm tm;
+  gmtime_r(&t, &tm);
+  char stamp[32];
+  strftime(stamp, sizeof stamp, "%Y%m%d%H%M%S", &tm);
+  json_t *info = json_pack(
+      "{s:I, s:o, s:o, s:s, s:i, s:i, s:i, s:i, s:o, s:s, s:s, s:s}", "seed", (json_int_t)s->seed,
+      "all_seeds", seeds, "image_indices", idx, "sampler_name", s->solver, "steps", s->steps,
+      "width", s->width, "height", s->height, "batch_size", s->batch, "infotexts", infos,
+      "job_timestamp", stamp, "job_id", v->id, "seed_note",
+      "image i uses noise stream (seed, image_indices[i]); all_seeds repeats the job seed");
+  if (s->has_label)
+    json_object_set_new(info, "class_label", json_integer(s->label));
+  char *info_s = json_dumps(info, JSON_COMPACT);
+  json_decref(info);
+  json_t *r = json_pack("{s:o, s:o, s:s}", "images", imgs, "parameters", params, "info",
+                        info_s ? info_s : "{}");
+  free(info_s);
+  return r;
+}
+
+json_t *api_sd_progress_json(const queue_job_view *v, int have, int queued_total) {
+  double progress = 0, eta = 0;
+  char stamp[32] = "0";
+  if (have && v->total > 0 && v->state == QUEUE_RUNNING) {
+    progress = (double)v->step / v->total;
+    time_t now = time(NULL);
+    double elapsed = (double)now - v->started;
+    if (v->step > 0 && elapsed > 0)
+      eta = elapsed / v->step * (v->total - v->step);
+  }
+  if (have) {
+    time_t t = (time_t)v->created;
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(stamp, sizeof stamp, "%Y%m%d%H%M%S", &tm);
+  }
+  return json_pack("{s:f, s:f, s:{s:b, s:b, s:b, s:s, s:i, s:s, s:i, s:i, s:i}, s:n, s:n}",
+                   "progress", progress, "eta_relative", eta, "state", "skipped", 0, "interrupted",
+                   0, "stopping_generation", 0, "job", have ? v->id : "", "job_count",
+                   queued_total + (have && v->state == QUEUE_RUNNING), "job_timestamp", stamp,
+                   "job_no", 0, "sampling_step", have ? v->step : 0, "sampling_steps",
+                   have ? (v->total ? v->total : v->spec.steps) : 0, "current_image", "textinfo");
+}

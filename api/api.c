@@ -1,0 +1,499 @@
+/* Request validation and JSON views for the native /v1 API. A request is checked field by
+ * field against the model it names, then its scheduler block is built by the queue exactly as a
+ * worker will build it, so every error surfaces as a 400 naming the field, before the 202. */
+#include "api.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <time.h>
+
+#define MAX_SEED ((1ll << 53) - 1) /* JSON clients carry numbers as doubles */
+#define MAX_FIRST_IMAGE (1ll << 31)
+
+int api_fail(api_error *e, int status, const char *code, const char *field, const char *fmt, ...) {
+  e->status = status;
+  snprintf(e->code, sizeof e->code, "%s", code);
+  snprintf(e->field, sizeof e->field, "%s", field ? field : "");
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(e->message, sizeof e->message, fmt, ap);
+  va_end(ap);
+  return status;
+}
+
+json_t *api_error_json(const api_error *e) {
+  return json_pack("{s:{s:s, s:s, s:o}}", "error", "code", e->code, "message", e->message, "field",
+                   e->field[0] ? json_string(e->field) : json_null());
+}
+
+int api_fail_queue(api_error *e, const err *qe) {
+  switch (qe->code) {
+  case QUEUE_FULL: e->retry_after = 5; return api_fail(e, 429, "queue_full", NULL, "%s", qe->msg);
+  case QUEUE_LIMIT:
+    e->retry_after = 5;
+    return api_fail(e, 429, "too_many_jobs", NULL, "%s", qe->msg);
+  case QUEUE_NOT_FOUND: return api_fail(e, 404, "not_found", NULL, "%s", qe->msg);
+  case QUEUE_CONFLICT: return api_fail(e, 409, "conflict", NULL, "%s", qe->msg);
+  case QUEUE_STOPPING:
+    e->retry_after = 10;
+    return api_fail(e, 503, "unavailable", NULL, "%s", qe->msg);
+  case QUEUE_NOT_READY: return api_fail(e, 409, "not_ready", NULL, "%s", qe->msg);
+  case ERR_IO:
+    return api_fail(e, strstr(qe->msg, "No space left") ? 507 : 500, "storage_error", NULL,
+                    "the job could not be stored: %s", qe->msg);
+  case ERR_NOMEM: return api_fail(e, 503, "out_of_memory", NULL, "%s", qe->msg);
+  default: return api_fail(e, 500, "internal", NULL, "%s", qe->msg);
+  }
+}
+
+json_t *api_time_json(double t) {
+  if (t <= 0)
+    return json_null();
+  time_t s = (time_t)t;
+  struct tm tm;
+  gmtime_r(&s, &tm);
+  char buf[64];
+  int ms = (int)((t - (double)s) * 1000);
+  snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+           tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms < 0 ? 0 : ms % 1000);
+  return json_string(buf);
+}
+
+static const char *type_name(const json_t *v) {
+  switch (json_typeof(v)) {
+  case JSON_OBJECT: return "an object";
+  case JSON_ARRAY: return "an array";
+  case JSON_STRING: return "a string";
+  case JSON_INTEGER: return "an integer";
+  case JSON_REAL: return "a number";
+  case JSON_TRUE:
+  case JSON_FALSE: return "a boolean";
+  default: return "null";
+  }
+}
+
+/* An integer field in [lo, hi]; 0 with *out untouched when absent. */
+static int get_int(const json_t *obj, const char *key, const char *field, long long lo,
+                   long long hi, long long *out, int *present, api_error *e) {
+  const json_t *v = json_object_get(obj, key);
+  *present = v != NULL;
+  if (!v)
+    return 0;
+  if (!json_is_integer(v))
+    return api_fail(e, 400, "wrong_type", field, "%s: expected an integer, got %s", field,
+                    type_name(v));
+  long long x = json_integer_value(v);
+  if (x < lo || x > hi)
+    return api_fail(e, 400, "out_of_range", field, "%s: %lld is out of range [%lld, %lld]", field,
+                    x, lo, hi);
+  *out = x;
+  return 0;
+}
+
+static int parse_body(const char *body, size_t len, json_t **out, api_error *e) {
+  json_error_t je;
+  if (len == 0)
+    return api_fail(e, 400, "invalid_json", NULL, "the request body is empty: send a JSON object");
+  json_t *j = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
+  if (!j)
+    return api_fail(e, 400, "invalid_json", NULL, "invalid JSON at line %d, column %d: %s", je.line,
+                    je.column, je.text);
+  if (!json_is_object(j)) {
+    api_fail(e, 400, "invalid_json", NULL, "the body must be a JSON object, not %s", type_name(j));
+    json_decref(j);
+    return e->status;
+  }
+  *out = j;
+  return 0;
+}
+
+uint64_t api_random_seed(void);
+uint64_t api_random_seed(void) {
+  uint64_t s = 0;
+  if (getrandom(&s, sizeof s, 0) != (ssize_t)sizeof s)
+    s = (uint64_t)time(NULL) * 2654435761u;
+  return s & (uint64_t)MAX_SEED;
+}
+
+/* Any name the engine accepts: ours ("dpm++2m") or a diffusers class ("DDIMScheduler"). */
+static const char *resolve_solver(const char *name) {
+  return sampler_solver_class(name) ? name : NULL;
+}
+
+static void solver_list(char *buf, size_t n) {
+  buf[0] = 0;
+  for (int i = 0; i < sampler_solver_count(); i++) {
+    size_t l = strlen(buf);
+    snprintf(buf + l, n - l, "%s%s", i ? ", " : "", sampler_solver_name(i));
+  }
+}
+
+/* class_label: an index, or one of the model's class names. */
+static int parse_label(const json_t *v, const queue_model_desc *md, const char *field, int64_t *out,
+                       api_error *e) {
+  if (json_is_integer(v)) {
+    long long x = json_integer_value(v);
+    if (x < 0 || x >= md->num_classes)
+      return api_fail(e, 400, "out_of_range", field, "%s: %lld is out of range [0, %d)", field, x,
+                      md->num_classes);
+    *out = x;
+    return 0;
+  }
+  if (json_is_string(v)) {
+    const char *name = json_string_value(v);
+    size_t i;
+    json_t *l;
+    json_array_foreach(md->class_labels, i, l) {
+      if (json_is_string(l) && strcasecmp(json_string_value(l), name) == 0 &&
+          (int)i < md->num_classes) {
+        *out = (int64_t)i;
+        return 0;
+      }
+    }
+    char names[512] = "";
+    json_array_foreach(md->class_labels, i, l) {
+      size_t n = strlen(names);
+      if (json_is_string(l))
+        snprintf(names + n, sizeof names - n, "%s%s", i ? ", " : "", json_string_value(l));
+    }
+    return api_fail(e, 400, "invalid_field", field,
+                    "%s: '%s' is not a class of model '%s' (classes: %s)", field, name, md->name,
+                    names[0] ? names : "by index only");
+  }
+  return api_fail(e, 400, "wrong_type", field, "%s: expected a class index or name, got %s", field,
+                  type_name(v));
+}
+
+/* Checks a size against what the model can produce. */
+static int check_size(const api_ctx *c, const queue_model_desc *md, const char *field, int v,
+                      api_error *e) {
+  if (v < 1 || v > c->max_image_size)
+    return api_fail(e, 400, "out_of_range", field, "%s: %d is out of range [1, %d]", field, v,
+                    c->max_image_size);
+  if (md->kind == MODEL_GAUSSIAN_MIXTURE && v != md->sample_size)
+    return api_fail(e, 400, "invalid_field", field, "%s: model '%s' produces %dx%d images only",
+                    field, md->name, md->sample_size, md->sample_size);
+  if (md->kind == MODEL_UNET2D && v != md->sample_size && v % 32 != 0)
+    return api_fail(e, 400, "invalid_field", field,
+                    "%s: %d must be the model's size %d or a multiple of 32", field, v,
+                    md->sample_size);
+  return 0;
+}
+
+/* The fields every form of request shares, already pulled out of their JSON. */
+typedef struct job_fields {
+  const char *model;
+  const json_t *label;
+  int has_seed;
+  long long seed, batch, width, height, first_image, steps, preview;
+  int has_width, has_height, has_steps;
+  const char *solver;
+  const char *solver_field;
+  json_t *options; /* borrowed */
+} job_fields;
+
+/* Resolves model, sizes, seed and solver; builds the sampler once to validate the scheduler
+ * block. Shared by /v1/jobs and /sdapi/v1/txt2img. */
+static int finish_spec(const api_ctx *c, const job_fields *f, const char *owner, queue_spec *out,
+                       api_error *e) {
+  queue_model_desc md;
+  const char *mname = f->model ? f->model : c->default_model;
+  if (queue_model_get(c->q, -1, mname, &md) != ERR_OK) {
+    char names[512] = "";
+    for (int i = 0; i < queue_model_count(c->q); i++) {
+      queue_model_desc d;
+      if (queue_model_get(c->q, i, NULL, &d) == ERR_OK) {
+        size_t n = strlen(names);
+        snprintf(names + n, sizeof names - n, "%s%s", n ? ", " : "", d.name);
+        queue_model_desc_clear(&d);
+      }
+    }
+    return api_fail(e, 400, "invalid_field", "model", "model: no model named '%s' (available: %s)",
+                    mname, names);
+  }
+  int rc = 0;
+  memset(out, 0, sizeof *out);
+  snprintf(out->model, sizeof out->model, "%s", md.name);
+  snprintf(out->owner, sizeof out->owner, "%s", owner ? owner : "");
+  out->batch = (int)f->batch;
+  out->seed = f->has_seed && f->seed >= 0 ? (uint64_t)f->seed : api_random_seed();
+  out->first_image = (uint64_t)f->first_image;
+  out->height = f->has_height ? (int)f->height : md.sample_size;
+  out->width = f->has_width ? (int)f->width : md.sample_size;
+  if ((rc = check_size(c, &md, "height", out->height, e)) ||
+      (rc = check_size(c, &md, "width", out->width, e)))
+    goto done;
+  if (md.num_classes > 0) {
+    if (!f->label) {
+      char names[256] = "";
+      size_t i;
+      json_t *l;
+      json_array_foreach(md.class_labels, i, l) {
+        size_t n = strlen(names);
+        if (json_is_string(l))
+          snprintf(names + n, sizeof names - n, "%s%zu=%s", i ? ", " : "", i, json_string_value(l));
+      }
+      rc = api_fail(e, 400, "missing_field", "class_label",
+                    "class_label: model '%s' is class-conditional, give a class (%s)", md.name,
+                    names[0] ? names : "an index");
+      goto done;
+    }
+    if ((rc = parse_label(f->label, &md, "class_label", &out->label, e)))
+      goto done;
+    out->has_label = 1;
+  } else if (f->label && !json_is_null(f->label)) {
+    rc = api_fail(e, 400, "invalid_field", "class_label",
+                  "class_label: model '%s' is not class-conditional", md.name);
+    goto done;
+  }
+  const char *solver = resolve_solver(f->solver ? f->solver : "ddim");
+  if (!solver) {
+    char list[256];
+    solver_list(list, sizeof list);
+    rc = api_fail(e, 400, "invalid_field", f->solver_field, "%s: unknown solver '%s' (one of: %s)",
+                  f->solver_field, f->solver, list);
+    goto done;
+  }
+  snprintf(out->solver, sizeof out->solver, "%s", solver);
+  out->steps = f->has_steps ? (int)f->steps : sampler_solver_default_steps(solver);
+  if (out->steps > c->max_steps) {
+    rc = api_fail(e, 400, "out_of_range", "scheduler.steps",
+                  "scheduler.steps: %s defaults to %d steps, above this server's limit of %d; "
+                  "give steps",
+                  solver, out->steps, c->max_steps);
+    goto done;
+  }
+  out->options = f->options ? json_deep_copy(f->options) : json_object();
+  out->preview_every = (int)f->preview;
+  sampler *s = NULL;
+  err qe = {0};
+  char field[128] = "";
+  if (queue_make_sampler(c->q, out, &s, field, sizeof field, &qe) != ERR_OK) {
+    rc = api_fail(e, 400, "invalid_field", field[0] ? field : "scheduler", "%s: %s",
+                  field[0] ? field : "scheduler", qe.msg);
+    goto done;
+  }
+  out->steps = sampler_num_steps(s);
+  sampler_free(s);
+  if (out->preview_every > out->steps)
+    out->preview_every = out->steps;
+done:
+  if (rc)
+    queue_spec_clear(out);
+  queue_model_desc_clear(&md);
+  return rc;
+}
+
+static int check_keys(const json_t *obj, const char *prefix, const char *const *allowed,
+                      api_error *e) {
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)obj, key, v) {
+    int ok = 0;
+    for (int i = 0; allowed[i]; i++)
+      ok |= strcmp(allowed[i], key) == 0;
+    if (ok)
+      continue;
+    char field[128];
+    snprintf(field, sizeof field, "%s%s", prefix, key);
+    if (!*prefix && (strcmp(key, "guidance") == 0 || strcmp(key, "edit") == 0))
+      return api_fail(e, 400, "not_supported", field,
+                      "%s: %s blocks are not supported by this version yet", field, key);
+    return api_fail(e, 400, "unknown_field", field, "%s: unknown field", field);
+  }
+  return 0;
+}
+
+int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *owner,
+                  queue_spec *out, api_error *e) {
+  static const char *const top[] = {"model",  "batch_size", "seed",        "class_label", "width",
+                                    "height", "scheduler",  "first_image", "preview",     NULL};
+  static const char *const sched_keys[] = {"name", "steps", "options", NULL};
+  static const char *const preview_keys[] = {"every", NULL};
+  json_t *j = NULL;
+  int rc = parse_body(body, len, &j, e);
+  if (rc)
+    return rc;
+  job_fields f = {.batch = 1, .solver_field = "scheduler.name"};
+  int present;
+  if ((rc = check_keys(j, "", top, e)))
+    goto done;
+  const json_t *v = json_object_get(j, "model");
+  if (v && !json_is_string(v)) {
+    rc = api_fail(e, 400, "wrong_type", "model", "model: expected a model name, got %s",
+                  type_name(v));
+    goto done;
+  }
+  f.model = v ? json_string_value(v) : NULL;
+  if ((rc = get_int(j, "batch_size", "batch_size", 1, c->max_batch, &f.batch, &present, e)))
+    goto done;
+  v = json_object_get(j, "seed");
+  if (v && !json_is_null(v)) {
+    if ((rc = get_int(j, "seed", "seed", -1, MAX_SEED, &f.seed, &present, e)))
+      goto done;
+    f.has_seed = f.seed >= 0;
+  }
+  f.label = json_object_get(j, "class_label");
+  if (f.label && json_is_null(f.label))
+    f.label = NULL;
+  if ((rc = get_int(j, "width", "width", 1, c->max_image_size, &f.width, &f.has_width, e)) ||
+      (rc = get_int(j, "height", "height", 1, c->max_image_size, &f.height, &f.has_height, e)) ||
+      (rc = get_int(j, "first_image", "first_image", 0, MAX_FIRST_IMAGE, &f.first_image, &present,
+                    e)))
+    goto done;
+  const json_t *sc = json_object_get(j, "scheduler");
+  if (sc && !json_is_object(sc) && !json_is_string(sc)) {
+    rc = api_fail(e, 400, "wrong_type", "scheduler",
+                  "scheduler: expected an object {name, steps, options}, got %s", type_name(sc));
+    goto done;
+  }
+  if (json_is_string(sc)) { /* shorthand: "scheduler": "ddim" */
+    f.solver = json_string_value(sc);
+    f.solver_field = "scheduler";
+  } else if (sc) {
+    if ((rc = check_keys(sc, "scheduler.", sched_keys, e)))
+      goto done;
+    v = json_object_get(sc, "name");
+    if (v && !json_is_string(v)) {
+      rc = api_fail(e, 400, "wrong_type", "scheduler.name",
+                    "scheduler.name: expected a solver name, got %s", type_name(v));
+      goto done;
+    }
+    f.solver = v ? json_string_value(v) : NULL;
+    if ((rc = get_int(sc, "steps", "scheduler.steps", 1, c->max_steps, &f.steps, &f.has_steps, e)))
+      goto done;
+    v = json_object_get(sc, "options");
+    if (v && !json_is_object(v)) {
+      rc = api_fail(e, 400, "wrong_type", "scheduler.options",
+                    "scheduler.options: expected an object of scheduler_config keys, got %s",
+                    type_name(v));
+      goto done;
+    }
+    f.options = (json_t *)v;
+  }
+  const json_t *pv = json_object_get(j, "preview");
+  if (pv) {
+    if (!json_is_object(pv)) {
+      rc = api_fail(e, 400, "wrong_type", "preview", "preview: expected an object {every}, got %s",
+                    type_name(pv));
+      goto done;
+    }
+    if ((rc = check_keys(pv, "preview.", preview_keys, e)) ||
+        (rc = get_int(pv, "every", "preview.every", 1, c->max_steps, &f.preview, &present, e)))
+      goto done;
+    if (!present) {
+      rc = api_fail(e, 400, "missing_field", "preview.every",
+                    "preview.every: give the number of steps between previews");
+      goto done;
+    }
+  }
+  rc = finish_spec(c, &f, owner, out, e);
+done:
+  json_decref(j);
+  return rc;
+}
+
+json_t *api_job_json(const queue_job_view *v, const char *prefix) {
+  char self[256], url[300];
+  snprintf(self, sizeof self, "%s%s", prefix, v->id);
+  const queue_spec *s = &v->spec;
+  json_t *req =
+      json_pack("{s:s, s:i, s:I, s:i, s:i, s:I, s:{s:s, s:i, s:O}}", "model", s->model,
+                "batch_size", s->batch, "seed", (json_int_t)s->seed, "width", s->width, "height",
+                s->height, "first_image", (json_int_t)s->first_image, "scheduler", "name",
+                s->solver, "steps", s->steps, "options", s->options ? s->options : json_object());
+  if (s->has_label)
+    json_object_set_new(req, "class_label", json_integer(s->label));
+  if (s->preview_every)
+    json_object_set_new(req, "preview", json_pack("{s:i}", "every", s->preview_every));
+  json_t *images = json_array(), *links = json_array();
+  for (int i = 0; i < s->batch; i++) {
+    snprintf(url, sizeof url, "%s/images/%d", self, i);
+    json_array_append_new(links, json_string(url));
+    if (i < v->images)
+      json_array_append_new(images, json_pack("{s:i, s:s, s:I, s:I}", "index", i, "url", url,
+                                              "seed", (json_int_t)s->seed, "image_index",
+                                              (json_int_t)(s->first_image + (uint64_t)i)));
+  }
+  snprintf(url, sizeof url, "%s/events", self);
+  json_t *j = json_pack("{s:s, s:s, s:I, s:o, s:{s:i, s:i, s:i}, s:o, s:o, s:o, s:o, s:o, "
+                        "s:{s:s, s:s, s:o}}",
+                        "id", v->id, "state", queue_state_name(v->state), "seed",
+                        (json_int_t)s->seed, "request", req, "progress", "step", v->step, "total",
+                        v->total ? v->total : s->steps, "nfe", v->nfe, "created_at",
+                        api_time_json(v->created), "started_at", api_time_json(v->started),
+                        "finished_at", api_time_json(v->finished), "images", images, "timings",
+                        json_object(), "links", "self", self, "events", url, "images", links);
+  if (v->state == QUEUE_QUEUED)
+    json_object_set_new(j, "position", json_integer(v->position));
+  if (v->state == QUEUE_RUNNING && v->batched_with)
+    json_object_set_new(j, "batched_with", json_integer(v->batched_with));
+  if (v->state == QUEUE_FAILED || v->state == QUEUE_CANCELLED)
+    json_object_set_new(j, "error", json_pack("{s:s}", "message", v->error));
+  json_t *t = json_object_get(j, "timings");
+  if (v->started > 0)
+    json_object_set_new(t, "queued_seconds", json_real(v->started - v->created));
+  if (v->finished > 0 && v->started > 0)
+    json_object_set_new(t, "run_seconds", json_real(v->finished - v->started));
+  if (v->finished > 0)
+    json_object_set_new(t, "total_seconds", json_real(v->finished - v->created));
+  return j;
+}
+
+json_t *api_models_json(const api_ctx *c) {
+  json_t *arr = json_array();
+  for (int i = 0; i < queue_model_count(c->q); i++) {
+    queue_model_desc d;
+    if (queue_model_get(c->q, i, NULL, &d) != ERR_OK)
+      continue;
+    json_t *m = json_pack("{s:s, s:s, s:s, s:i, s:i, s:i, s:I, s:b}", "name", d.name, "kind",
+                          d.kind == MODEL_UNET2D ? "UNet2DModel" : "GaussianMixtureDenoiser",
+                          "prediction_type", d.prediction_type[0] ? d.prediction_type : "epsilon",
+                          "sample_size", d.sample_size, "channels", d.in_channels, "num_classes",
+                          d.num_classes, "num_params", (json_int_t)d.num_params, "default",
+                          strcmp(d.name, c->default_model) == 0);
+    if (d.class_labels)
+      json_object_set(m, "class_labels", d.class_labels);
+    json_array_append_new(arr, m);
+    queue_model_desc_clear(&d);
+  }
+  return json_pack("{s:o}", "models", arr);
+}
+
+json_t *api_capabilities_json(const api_ctx *c) {
+  json_t *solvers = json_array();
+  for (int i = 0; i < sampler_solver_count(); i++) {
+    const char *n = sampler_solver_name(i);
+    /* the keys this solver reads, with the values its name implies, from the engine itself */
+    json_t *spec = json_pack("{s:s}", "name", n), *opts = NULL;
+    sampler *s = NULL;
+    err e;
+    if (spec && sampler_new_from_json(spec, NULL, &s, &e) == ERR_OK) {
+      opts = sampler_config_json(s);
+      sampler_free(s);
+    }
+    json_decref(spec);
+    const char *summary = sampler_solver_summary(i);
+    json_array_append_new(
+        solvers, json_pack("{s:s, s:s?, s:s?, s:i, s:o}", "name", n, "diffusers_class",
+                           sampler_solver_class(n), "summary", summary, "default_steps",
+                           sampler_solver_default_steps(n), "options", opts ? opts : json_null()));
+  }
+  return json_pack(
+      "{s:o, s:{s:i, s:i, s:i, s:i, s:i, s:i}, s:{s:i, s:i, s:i, s:i}, s:{s:b, s:b, s:b, s:b, "
+      "s:b, s:b, s:b}, s:s}",
+      "solvers", solvers, "limits", "max_batch", c->max_batch, "max_steps", c->max_steps,
+      "max_image_size", c->max_image_size, "max_body_bytes", c->max_body_bytes, "queue_max",
+      c->queue_max, "result_ttl_seconds", c->result_ttl, "workers", "workers", c->workers,
+      "threads_per_job", c->threads_per_job, "cpu_budget", c->workers * c->threads_per_job,
+      "batch_max_images", c->batch_max_images, "features", "events_sse", 1, "event_resume", 1,
+      "preview", 1, "batching", c->batch_max_images > 1, "auth", c->auth, "a1111_compat", 1,
+      "guidance", 0, "seed_scheme",
+      "image i of a job uses Philox4x32 noise stream (seed, first_image + i): a job with "
+      "batch_size 1 and first_image i regenerates it alone");
+}

@@ -1,0 +1,75 @@
+/* The JSON contract of the daemon: request bodies validated into job specs (every error names
+ * the offending field), jobs and models as JSON, the error model, Prometheus text, and the
+ * AUTOMATIC1111 compatibility mapping. No sockets here: the server hands in bytes. */
+#ifndef DENOISED_API_H
+#define DENOISED_API_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "queue.h"
+
+typedef struct api_error {
+  int status;        /* HTTP status */
+  char code[32];     /* machine-readable: invalid_json, invalid_field, unknown_field, ... */
+  char message[512]; /* for people */
+  char field[128];   /* path of the bad field ("scheduler.options.eta"), or "" */
+  int retry_after;   /* seconds, for 429/503; 0: none */
+} api_error;
+
+/* Fills e and returns e->status. */
+int api_fail(api_error *e, int status, const char *code, const char *field, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+/* {"error": {"code", "message", "field"}} (field null when empty). */
+json_t *api_error_json(const api_error *e);
+/* Maps a queue error (QUEUE_FULL, ERR_IO, ...) onto an HTTP error. */
+int api_fail_queue(api_error *e, const err *qe);
+
+typedef struct api_ctx {
+  queue *q;
+  const char *default_model;
+  int max_batch, max_steps, max_image_size;
+  int queue_max, workers, threads_per_job, batch_max_images, max_body_bytes, result_ttl;
+  int auth; /* API keys are required */
+} api_ctx;
+
+/* POST /v1/jobs (and /v1/generate) body -> spec. owner is the API key name ("" without auth). */
+int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *owner,
+                  queue_spec *out, api_error *e);
+
+/* Views. prefix is the jobs URL ("/v1/jobs/"). */
+json_t *api_job_json(const queue_job_view *v, const char *prefix);
+json_t *api_models_json(const api_ctx *c);
+json_t *api_capabilities_json(const api_ctx *c);
+
+/* RFC 3339 UTC with milliseconds, or JSON null for 0. */
+json_t *api_time_json(double unix_seconds);
+
+/* ---- AUTOMATIC1111 /sdapi/v1 ---- */
+
+/* Our solver for one of their sampler names ("Euler a", "DDIM", "k_euler_a", or ours), or NULL
+ * when nothing here implements it. */
+const char *api_a1111_solver(const char *name);
+/* txt2img body -> spec; unknown A1111 fields are ignored as their server does, the ones we use
+ * are checked. */
+int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char *owner,
+                      queue_spec *out, api_error *e);
+/* {images: [base64 PNG], parameters: <request echo>, info: "<JSON string>"} */
+json_t *api_txt2img_json(const queue_job_view *v, char **images_b64, int n, const char *body,
+                         size_t len);
+json_t *api_sd_progress_json(const queue_job_view *v, int have, int queued_total);
+json_t *api_sd_samplers_json(void);
+json_t *api_sd_models_json(const api_ctx *c);
+
+/* ---- metrics ---- */
+
+typedef struct api_http_stats {
+  uint64_t requests[6]; /* by status class: [1] 1xx ... [5] 5xx */
+  uint64_t connections, open_connections, sse_streams, auth_failures;
+} api_http_stats;
+
+/* Prometheus text exposition (version 0.0.4), malloc'ed. */
+char *api_metrics_text(const queue_stats *s, const api_http_stats *h);
+
+#endif

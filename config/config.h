@@ -1,0 +1,87 @@
+/* The daemon's configuration: one schema (names, types, defaults, ranges) read from a JSON file,
+ * then DENOISED_* environment variables, then command-line flags, each layer over the last.
+ * `denoised config check FILE` prints the effective result. */
+#ifndef DENOISED_CONFIG_H
+#define DENOISED_CONFIG_H
+
+#include <jansson.h>
+
+#include "err.h"
+
+#define CONFIG_MAX_MODELS 32
+#define CONFIG_MAX_ORIGINS 16
+#define CONFIG_NAME_MAX 64
+#define CONFIG_PATH_MAX 1024
+
+/* The model served as `default` when nothing else is configured: one build-time setting
+ * (cmake -DDENOISED_DEFAULT_MODEL=DIR) so that switching to the trained model is one line. */
+#ifndef DENOISED_DEFAULT_MODEL
+#define DENOISED_DEFAULT_MODEL "models/shapes-gmm"
+#endif
+#define CONFIG_DEFAULT_MODEL_NAME "default"
+
+typedef struct config_model {
+  char name[CONFIG_NAME_MAX];
+  char path[CONFIG_PATH_MAX];
+} config_model;
+
+typedef struct config {
+  char listen[256]; /* HOST:PORT; port 0 picks a free one */
+  char state_dir[CONFIG_PATH_MAX];
+  config_model models[CONFIG_MAX_MODELS];
+  int nmodels;
+  char default_model[CONFIG_NAME_MAX]; /* used when a request names no model */
+  int cpu_budget;                      /* 0: the CPUs online */
+  int workers;                         /* concurrent jobs (or batches); 0: min(2, cpu_budget) */
+  int threads_per_job;                 /* 0: cpu_budget / workers */
+  int queue_max;
+  int batch_max_images; /* images in one batched forward; 1 disables batching */
+  int result_ttl;       /* seconds a finished job and its images are kept */
+  int max_body_bytes;
+  int max_batch;
+  int max_steps;
+  int max_image_size;
+  int max_jobs_per_key; /* queued + running jobs per API key (no limit without keys) */
+  int max_connections;
+  int max_connections_per_ip;
+  int header_timeout; /* seconds from connect to complete request headers and body */
+  int idle_timeout;   /* seconds a connection may sit silent */
+  int shutdown_timeout;
+  int generate_timeout; /* seconds POST /v1/generate and /sdapi/v1/txt2img wait */
+  int sse_heartbeat;
+  int progress_interval_ms; /* at most one progress event per job per interval */
+  char api_keys_file[CONFIG_PATH_MAX];
+  char cors_origins[CONFIG_MAX_ORIGINS][256];
+  int ncors;
+  char log_level[16];
+  char log_file[CONFIG_PATH_MAX]; /* empty: stderr */
+} config;
+
+/* Defaults: 127.0.0.1:8080, the default model as `default`, ./denoised-state. */
+void config_defaults(config *c);
+
+/* Layers a JSON object / a file onto c. Errors name the key ("workers: ..."). */
+int config_apply_json(config *c, const json_t *obj, const char *origin, err *e);
+int config_load_file(config *c, const char *path, err *e);
+
+/* Layers the DENOISED_* variables of envp (NULL: environ). DENOISED_CONFIG and
+ * DENOISED_API_KEYS are read by their users, other unknown names are left alone. */
+int config_apply_env(config *c, char **envp, err *e);
+
+/* One flag: name without the leading dashes ("workers", "state-dir", "model"), value as typed.
+ * Returns ERR_UNSUPPORTED for a name that is not a config flag. */
+int config_set_flag(config *c, const char *name, const char *value, err *e);
+
+/* Cross-key checks and derived values (cpu_budget, threads_per_job). */
+int config_finalize(config *c, err *e);
+
+/* The effective configuration as JSON (new reference); secrets are never part of it. */
+json_t *config_to_json(const config *c);
+
+/* Splits "HOST:PORT" ("[::1]:8080" for IPv6). */
+int config_listen_split(const char *listen, char *host, size_t hostlen, int *port, err *e);
+
+/* `denoised config check FILE` / `denoised config defaults`; returns the exit status. */
+int config_main(int argc, char **argv);
+
+#endif

@@ -1,0 +1,206 @@
+/* Jobs: a bounded queue of validated job specs, scheduled onto a libuv worker pool (compatible
+ * jobs batched into one forward), cancellable, persisted in a store before they are accepted,
+ * with a per-job event log (sequence numbers) that progress streams read and resume from.
+ * Every function is thread-safe; none blocks on compute except the *_wait ones. */
+#ifndef DENOISED_QUEUE_H
+#define DENOISED_QUEUE_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+#include "sampler.h"
+#include "schedule.h"
+
+/* Error codes beyond err.h's, in err.code. */
+enum {
+  QUEUE_FULL = -100,      /* queue_max jobs are waiting */
+  QUEUE_LIMIT = -101,     /* this API key has max_jobs_per_key unfinished jobs */
+  QUEUE_NOT_FOUND = -102, /* no such job (or not the caller's) */
+  QUEUE_CONFLICT = -103,  /* the job is finished: nothing to cancel */
+  QUEUE_STOPPING = -104,  /* shutting down: no new jobs */
+  QUEUE_NOT_READY = -105, /* the image is not produced (yet) */
+};
+
+#define QUEUE_ID_SIZE 32
+#define QUEUE_NAME_SIZE 64
+
+typedef enum {
+  QUEUE_QUEUED,
+  QUEUE_RUNNING,
+  QUEUE_SUCCEEDED,
+  QUEUE_FAILED,
+  QUEUE_CANCELLED
+} queue_state;
+
+const char *queue_state_name(queue_state s);
+int queue_state_from_name(const char *name); /* -1 if unknown */
+
+/* A validated job. Guidance and edit blocks of later issues become more members here; the
+ * batching key (queue_spec_compatible) must then take them into account. */
+typedef struct queue_spec {
+  char model[QUEUE_NAME_SIZE];
+  char solver[QUEUE_NAME_SIZE];
+  int steps;
+  json_t *options; /* scheduler options object (diffusers scheduler_config keys); owned */
+  int batch;
+  uint64_t seed;
+  uint64_t first_image; /* rng image index of image 0: image i uses noise stream first_image+i */
+  int has_label;
+  int64_t label;
+  int height, width;
+  int preview_every;           /* steps between x0 previews in progress events; 0: none */
+  char owner[QUEUE_NAME_SIZE]; /* API key name, "" without auth */
+} queue_spec;
+
+void queue_spec_clear(queue_spec *s);
+int queue_spec_copy(queue_spec *dst, const queue_spec *src);
+json_t *queue_spec_to_json(const queue_spec *s);
+int queue_spec_from_json(const json_t *j, queue_spec *s, err *e);
+/* Same model, solver, steps, size and scheduler options: one forward can serve both. */
+int queue_spec_compatible(const queue_spec *a, const queue_spec *b);
+
+typedef enum { QUEUE_LOG_DEBUG, QUEUE_LOG_INFO, QUEUE_LOG_WARN, QUEUE_LOG_ERROR } queue_log_level;
+typedef void (*queue_log_fn)(void *user, queue_log_level level, const char *job_id,
+                             const char *msg);
+
+typedef struct queue_opts {
+  const char *state_dir;
+  int workers;          /* jobs or batches computed at once */
+  int threads_per_job;  /* compute threads each of them uses */
+  int queue_max;        /* queued jobs */
+  int batch_max_images; /* 1: no batching */
+  int max_jobs_per_key;
+  int result_ttl;           /* seconds */
+  int progress_interval_ms; /* least time between progress events of a job */
+  const char *url_prefix;   /* "/v1/jobs/": image links in events */
+  queue_log_fn log;
+  void *log_user;
+} queue_opts;
+
+typedef struct queue queue;
+
+/* Opens the store and recovers its jobs: finished ones as they were, queued and running ones
+ * queued again (same spec, same seed). Nothing runs before queue_start. */
+int queue_new(const queue_opts *o, queue **out, err *e);
+void queue_free(queue *q);
+
+typedef struct queue_model_conf {
+  const char *name, *path;
+} queue_model_conf;
+
+/* Loads the list (mmapped weights, shared read-only by all workers). A model already loaded
+ * from the same path is kept; one that disappears stays alive until its running jobs end, and
+ * queued jobs naming it fail. On error nothing changes. */
+int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e);
+
+typedef struct queue_model_desc {
+  char name[QUEUE_NAME_SIZE];
+  char class_name[QUEUE_NAME_SIZE];
+  char prediction_type[16];
+  model_kind kind;
+  int sample_size, in_channels, out_channels, num_classes;
+  int64_t num_params;
+  json_t *class_labels; /* array of names or NULL; a reference the caller decrefs */
+} queue_model_desc;
+
+int queue_model_count(queue *q);
+/* By index (name NULL) or by name; QUEUE_NOT_FOUND if absent. */
+int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out);
+void queue_model_desc_clear(queue_model_desc *d);
+
+/* Builds the solver exactly as a worker will (sampler_new_from_json with the spec's name, steps
+ * and options over the model's scheduler_config.json). On error `field` names the offending
+ * part: "scheduler.name", "scheduler.steps", "scheduler.options.KEY", "scheduler.options". */
+int queue_make_sampler(queue *q, const queue_spec *s, sampler **out, char *field, size_t fieldlen,
+                       err *e);
+
+/* Starts the event loop and the workers. */
+int queue_start(queue *q, err *e);
+/* Stops taking jobs, stops running ones at the next step boundary (they stay queued on disk and
+ * run again after a restart) and waits up to timeout_ms. Returns 0 if everything stopped. */
+int queue_stop(queue *q, int timeout_ms);
+
+typedef struct queue_job_view {
+  char id[QUEUE_ID_SIZE];
+  queue_state state;
+  int position; /* queued: 1 = next to run */
+  int step, total, nfe;
+  double created, started, finished; /* unix seconds, 0 when not reached */
+  int images;                        /* images ready */
+  int batched_with;                  /* other jobs sharing its forward, while running */
+  char error[512];
+  uint64_t last_seq;
+  queue_spec spec; /* a copy; queue_view_clear frees it */
+} queue_job_view;
+
+void queue_view_clear(queue_job_view *v);
+
+/* Accepts a job: on disk (durable) before it returns. The spec is moved into the queue on
+ * success (left empty) and untouched on failure. */
+int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e);
+
+/* owner NULL sees every job; otherwise only jobs with that owner exist. */
+int queue_get(queue *q, const char *id, const char *owner, queue_job_view *out, err *e);
+
+/* Newest first; `before` (a job id, or NULL) pages on, state -1 for all. *n views filled, *more
+ * says whether a next page exists. */
+int queue_list(queue *q, const char *owner, const char *before, int state, int limit,
+               queue_job_view *out, int *n, int *more);
+
+/* Cancels: a queued job leaves the queue, a running one stops at the next step boundary.
+ * QUEUE_CONFLICT for a finished job. */
+int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *out, err *e);
+/* Cancels every running job of owner (NULL: all); returns how many. */
+int queue_cancel_running(queue *q, const char *owner);
+
+/* The first running job of owner (or the head of its queue); 1 if there is one. */
+int queue_current(queue *q, const char *owner, queue_job_view *out, int *queued_total);
+
+typedef struct queue_event {
+  uint64_t seq;
+  const char *type; /* static string */
+  char *data;       /* JSON object text, with job_id, seq and type */
+} queue_event;
+
+/* Events of job id with seq > after, waiting up to timeout_ms for one to arrive. *done is set
+ * when the job is finished and nothing more will come (or the queue is stopping). */
+int queue_events(queue *q, const char *id, const char *owner, uint64_t after, int timeout_ms,
+                 queue_event **evs, int *n, int *done, err *e);
+void queue_events_free(queue_event *evs, int n);
+
+/* Waits until the job is finished (or timeout_ms); returns its view. */
+int queue_wait(queue *q, const char *id, int timeout_ms, queue_job_view *out, err *e);
+
+/* Image n of a succeeded job, PNG with its metadata; QUEUE_NOT_READY before it exists. */
+int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **png, size_t *len,
+                err *e);
+
+#define QUEUE_HIST_BUCKETS 14
+
+typedef struct queue_hist {
+  const double *bounds; /* QUEUE_HIST_BUCKETS upper bounds, +Inf implied */
+  uint64_t counts[QUEUE_HIST_BUCKETS + 1];
+  double sum;
+  uint64_t count;
+} queue_hist;
+
+typedef struct queue_stats {
+  int queued, running;
+  uint64_t submitted, succeeded, failed, cancelled, rejected_full, rejected_limit;
+  uint64_t images_generated, batches, batched_jobs;
+  int workers, busy_workers, threads_per_job;
+  double busy_seconds; /* summed over workers */
+  double uptime;
+  int models, stopping;
+  queue_hist step_seconds, job_seconds, wait_seconds;
+} queue_stats;
+
+void queue_get_stats(queue *q, queue_stats *out);
+
+/* Models loaded, not stopping, not full. */
+int queue_ready(queue *q, char *why, size_t whylen);
+
+#endif

@@ -1,0 +1,38 @@
+/* Where jobs and their images persist: a narrow interface (internal to queue/) with one backend
+ * today, a directory on the local disk. A shared backend (Redis, object storage) implements the
+ * same operations; the queue never touches files itself. */
+#ifndef DENOISED_QUEUE_STORE_H
+#define DENOISED_QUEUE_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+typedef struct store store;
+
+/* Called once per stored job record by list_jobs. */
+typedef void (*store_job_fn)(void *user, const char *id, const char *json, size_t len);
+
+typedef struct store_ops {
+  /* Durable when it returns: the record survives a crash (file fsync + directory fsync). */
+  int (*put_job)(store *s, const char *id, const char *json, size_t len, err *e);
+  /* Durable once sync_images returns, so a batch of images costs one directory sync. */
+  int (*put_image)(store *s, const char *id, int n, const uint8_t *png, size_t len, err *e);
+  int (*sync_images)(store *s, err *e);
+  int (*get_image)(store *s, const char *id, int n, uint8_t **png, size_t *len, err *e);
+  /* Removes the record and its first nimages images; missing pieces are not an error. */
+  int (*remove_job)(store *s, const char *id, int nimages, err *e);
+  int (*list_jobs)(store *s, store_job_fn fn, void *user, err *e);
+  void (*free)(store *s);
+} store_ops;
+
+struct store {
+  const store_ops *ops;
+};
+
+/* The directory backend: DIR/jobs/ID.json and DIR/images/ID-N.png, created if missing.
+ * Fails with a clear message when DIR cannot be created or written. */
+int store_fs_open(const char *dir, store **out, err *e);
+
+#endif

@@ -1,0 +1,265 @@
+/* The directory store: one JSON file per job and one PNG per image, each written to a temporary
+ * name, fsync'ed, renamed into place and made durable by an fsync of the directory. A lock file
+ * keeps a second daemon off the same directory. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "store.h"
+
+typedef struct fs_store {
+  store base;
+  char dir[1024];
+  int jobs_fd, images_fd, lock_fd;
+} fs_store;
+
+static int write_all(int fd, const void *buf, size_t len) {
+  const char *p = buf;
+  while (len) {
+    ssize_t w = write(fd, p, len);
+    if (w < 0) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    p += w;
+    len -= (size_t)w;
+  }
+  return 0;
+}
+
+/* tmp file, fsync, rename; the caller syncs the directory. */
+static int write_atomic(fs_store *s, int dirfd, const char *sub, const char *name, const void *data,
+                        size_t len, err *e) {
+  char tmp[300];
+  snprintf(tmp, sizeof tmp, ".tmp-%s", name);
+  int fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  if (fd < 0)
+    return err_set(e, ERR_IO, "state directory %s: creating %s/%s: %s", s->dir, sub, tmp,
+                   strerror(errno));
+  if (write_all(fd, data, len) != 0 || fsync(fd) != 0) {
+    int en = errno;
+    close(fd);
+    unlinkat(dirfd, tmp, 0);
+    return err_set(e, ERR_IO, "state directory %s: writing %s/%s: %s", s->dir, sub, name,
+                   strerror(en));
+  }
+  if (close(fd) != 0 || renameat(dirfd, tmp, dirfd, name) != 0) {
+    int en = errno;
+    unlinkat(dirfd, tmp, 0);
+    return err_set(e, ERR_IO, "state directory %s: renaming %s/%s: %s", s->dir, sub, name,
+                   strerror(en));
+  }
+  return ERR_OK;
+}
+
+static int sync_dir(fs_store *s, int dirfd, const char *sub, err *e) {
+  if (fsync(dirfd) != 0)
+    return err_set(e, ERR_IO, "state directory %s: syncing %s/: %s", s->dir, sub, strerror(errno));
+  return ERR_OK;
+}
+
+static int fs_put_job(store *b, const char *id, const char *json, size_t len, err *e) {
+  fs_store *s = (fs_store *)b;
+  char name[128];
+  snprintf(name, sizeof name, "%s.json", id);
+  int rc = write_atomic(s, s->jobs_fd, "jobs", name, json, len, e);
+  return rc ? rc : sync_dir(s, s->jobs_fd, "jobs", e);
+}
+
+static int fs_put_image(store *b, const char *id, int n, const uint8_t *png, size_t len, err *e) {
+  fs_store *s = (fs_store *)b;
+  char name[128];
+  snprintf(name, sizeof name, "%s-%d.png", id, n);
+  return write_atomic(s, s->images_fd, "images", name, png, len, e);
+}
+
+static int fs_sync_images(store *b, err *e) {
+  fs_store *s = (fs_store *)b;
+  return sync_dir(s, s->images_fd, "images", e);
+}
+
+static int read_fd_all(int fd, uint8_t **out, size_t *len, size_t max) {
+  struct stat st;
+  if (fstat(fd, &st) != 0)
+    return -1;
+  if ((size_t)st.st_size > max) {
+    errno = EFBIG;
+    return -1;
+  }
+  size_t n = (size_t)st.st_size, got = 0;
+  uint8_t *buf = malloc(n + 1);
+  if (!buf)
+    return -1;
+  while (got < n) {
+    ssize_t r = read(fd, buf + got, n - got);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      free(buf);
+      if (r == 0)
+        errno = EIO;
+      return -1;
+    }
+    got += (size_t)r;
+  }
+  buf[n] = 0;
+  *out = buf;
+  *len = n;
+  return 0;
+}
+
+static int fs_get_image(store *b, const char *id, int n, uint8_t **png, size_t *len, err *e) {
+  fs_store *s = (fs_store *)b;
+  char name[128];
+  snprintf(name, sizeof name, "%s-%d.png", id, n);
+  int fd = openat(s->images_fd, name, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return err_set(e, ERR_IO, "image %s: %s", name, strerror(errno));
+  int rc = read_fd_all(fd, png, len, (size_t)1 << 30);
+  int en = errno;
+  close(fd);
+  if (rc)
+    return err_set(e, ERR_IO, "image %s: %s", name, strerror(en));
+  return ERR_OK;
+}
+
+static int fs_remove_job(store *b, const char *id, int nimages, err *e) {
+  fs_store *s = (fs_store *)b;
+  char name[128];
+  for (int i = 0; i < nimages; i++) {
+    snprintf(name, sizeof name, "%s-%d.png", id, i);
+    unlinkat(s->images_fd, name, 0);
+  }
+  snprintf(name, sizeof name, "%s.json", id);
+  if (unlinkat(s->jobs_fd, name, 0) != 0 && errno != ENOENT)
+    return err_set(e, ERR_IO, "state directory %s: removing jobs/%s: %s", s->dir, name,
+                   strerror(errno));
+  return ERR_OK;
+}
+
+static int fs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
+  fs_store *s = (fs_store *)b;
+  int fd = dup(s->jobs_fd);
+  DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+  if (!d) {
+    if (fd >= 0)
+      close(fd);
+    return err_set(e, ERR_IO, "state directory %s: listing jobs/: %s", s->dir, strerror(errno));
+  }
+  rewinddir(d);
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    const char *nm = de->d_name;
+    size_t n = strlen(nm);
+    if (strncmp(nm, ".tmp-", 5) == 0) { /* a write cut short by a crash */
+      unlinkat(s->jobs_fd, nm, 0);
+      continue;
+    }
+    if (n < 6 || n > 100 || strcmp(nm + n - 5, ".json") != 0 || nm[0] == '.')
+      continue;
+    char id[100];
+    snprintf(id, sizeof id, "%.*s", (int)(n - 5), nm);
+    int jfd = openat(s->jobs_fd, nm, O_RDONLY | O_CLOEXEC);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (jfd >= 0 && read_fd_all(jfd, &buf, &len, (size_t)16 << 20) == 0)
+      fn(user, id, (const char *)buf, len);
+    else
+      fn(user, id, NULL, 0); /* unreadable: the queue reports it */
+    free(buf);
+    if (jfd >= 0)
+      close(jfd);
+  }
+  closedir(d);
+  return ERR_OK;
+}
+
+static void fs_free(store *b) {
+  fs_store *s = (fs_store *)b;
+  if (!s)
+    return;
+  if (s->jobs_fd >= 0)
+    close(s->jobs_fd);
+  if (s->images_fd >= 0)
+    close(s->images_fd);
+  if (s->lock_fd >= 0)
+    close(s->lock_fd); /* releases the flock */
+  free(s);
+}
+
+static const store_ops fs_ops = {fs_put_job,    fs_put_image, fs_sync_images, fs_get_image,
+                                 fs_remove_job, fs_list_jobs, fs_free};
+
+static int open_subdir(fs_store *s, const char *sub, int *out, err *e) {
+  char path[1200];
+  snprintf(path, sizeof path, "%s/%s", s->dir, sub);
+  if (mkdir(path, 0750) != 0 && errno != EEXIST)
+    return err_set(e, ERR_IO, "state directory %s: creating %s/: %s", s->dir, sub, strerror(errno));
+  int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return err_set(e, ERR_IO, "state directory %s: opening %s/: %s", s->dir, sub, strerror(errno));
+  *out = fd;
+  /* clear leftovers of writes a crash cut short */
+  int dfd = dup(fd);
+  DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+  if (d) {
+    struct dirent *de;
+    while ((de = readdir(d)))
+      if (strncmp(de->d_name, ".tmp-", 5) == 0)
+        unlinkat(fd, de->d_name, 0);
+    closedir(d);
+  } else if (dfd >= 0) {
+    close(dfd);
+  }
+  return ERR_OK;
+}
+
+int store_fs_open(const char *dir, store **out, err *e) {
+  fs_store *s = calloc(1, sizeof *s);
+  if (!s)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  s->base.ops = &fs_ops;
+  s->jobs_fd = s->images_fd = s->lock_fd = -1;
+  if (strlen(dir) >= sizeof s->dir - 16) {
+    free(s);
+    return err_set(e, ERR_INVALID, "state directory path too long");
+  }
+  snprintf(s->dir, sizeof s->dir, "%s", dir);
+  int rc = ERR_OK;
+  if (mkdir(dir, 0750) != 0 && errno != EEXIST) {
+    rc = err_set(e, ERR_IO, "state directory %s: cannot create: %s", dir, strerror(errno));
+    goto fail;
+  }
+  char path[1200];
+  snprintf(path, sizeof path, "%s/lock", dir);
+  s->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+  if (s->lock_fd < 0) {
+    rc = err_set(e, ERR_IO, "state directory %s: not writable: %s", dir, strerror(errno));
+    goto fail;
+  }
+  if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    rc = err_set(e, ERR_IO, "state directory %s is in use by another denoised process", dir);
+    goto fail;
+  }
+  if ((rc = open_subdir(s, "jobs", &s->jobs_fd, e)) ||
+      (rc = open_subdir(s, "images", &s->images_fd, e)))
+    goto fail;
+  /* a directory that opens but cannot take a write (read-only mount, full disk) should stop the
+   * daemon at start, not fail the first job */
+  static const char probe[] = "probe";
+  if ((rc = write_atomic(s, s->jobs_fd, "jobs", ".probe", probe, sizeof probe, e)))
+    goto fail;
+  unlinkat(s->jobs_fd, ".probe", 0);
+  *out = &s->base;
+  return ERR_OK;
+fail:
+  fs_free(&s->base);
+  return rc;
+}

@@ -1,0 +1,1009 @@
+/* The HTTP front end on libmicrohttpd: a thread per connection (an event stream or a synchronous
+ * /v1/generate may block its own thread, never a worker), routing, auth, body and time limits,
+ * CORS, and Server-Sent Events fed from the queue's per-job event log. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "base64.h"
+#include "internal.h"
+
+#define JOBS_PREFIX "/v1/jobs/"
+#define MAX_LIST 100
+
+/* A connection as the reaper sees it: slow clients must not hold a thread forever. */
+typedef enum { CONN_WAITING, CONN_BODY, CONN_RESPONDING } conn_phase;
+
+typedef struct conn_track {
+  struct conn_track *next, *prev;
+  int fd;
+  conn_phase phase;
+  double since; /* monotonic start of the current phase */
+} conn_track;
+
+typedef struct req {
+  char id[32];
+  char method[16];
+  char path[256];
+  double t0;
+  char *body;
+  size_t len, cap;
+  int too_big;
+  int status;
+  int authed;
+  char owner[QUEUE_NAME_SIZE]; /* the key's name; "" without auth */
+  int scopes;
+  conn_track *ct;
+  char job[QUEUE_ID_SIZE]; /* for the log line */
+} req;
+
+static double mono(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- responses ---- */
+
+static const char *header(struct MHD_Connection *c, const char *name) {
+  return MHD_lookup_connection_value(c, MHD_HEADER_KIND, name);
+}
+
+static const char *cors_origin(srv *s, struct MHD_Connection *c) {
+  const char *o = header(c, "Origin");
+  if (!o)
+    return NULL;
+  for (int i = 0; i < s->cfg.ncors; i++)
+    if (strcmp(s->cfg.cors_origins[i], "*") == 0 || strcmp(s->cfg.cors_origins[i], o) == 0)
+      return o;
+  return NULL;
+}
+
+static enum MHD_Result queue_resp(srv *s, struct MHD_Connection *c, req *r, int status,
+                                  struct MHD_Response *resp, const char *ctype) {
+  if (!resp)
+    return MHD_NO;
+  if (ctype)
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+  MHD_add_response_header(resp, "X-Request-Id", r->id);
+  MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+  const char *origin = cors_origin(s, c);
+  if (origin) {
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", origin);
+    MHD_add_response_header(resp, "Vary", "Origin");
+    MHD_add_response_header(resp, "Access-Control-Expose-Headers",
+                            "Location, Retry-After, X-Request-Id, X-Job-Id, X-Seed");
+  }
+  if (atomic_load(&s->stopping))
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+  r->status = status;
+  enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
+  MHD_destroy_response(resp);
+  return ret;
+}
+
+static enum MHD_Result send_text(srv *s, struct MHD_Connection *c, req *r, int status, char *text,
+                                 size_t len, const char *ctype) {
+  struct MHD_Response *resp = MHD_create_response_from_buffer(
+      len, text, text ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+  return queue_resp(s, c, r, status, resp, ctype);
+}
+
+static enum MHD_Result send_json_h(srv *s, struct MHD_Connection *c, req *r, int status, json_t *j,
+                                   const char *hname, const char *hval) {
+  char *text = j ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(10)) : NULL;
+  json_decref(j);
+  if (!text) {
+    text =
+        strdup("{\"error\":{\"code\":\"internal\",\"message\":\"out of memory\",\"field\":null}}");
+    status = 500;
+    if (!text)
+      return MHD_NO;
+  }
+  struct MHD_Response *resp =
+      MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+  if (resp && hname)
+    MHD_add_response_header(resp, hname, hval);
+  return queue_resp(s, c, r, status, resp, "application/json");
+}
+
+static enum MHD_Result send_json(srv *s, struct MHD_Connection *c, req *r, int status, json_t *j) {
+  return send_json_h(s, c, r, status, j, NULL, NULL);
+}
+
+static enum MHD_Result send_error(srv *s, struct MHD_Connection *c, req *r, const api_error *e) {
+  char *text = NULL;
+  json_t *j = api_error_json(e);
+  text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+  json_decref(j);
+  if (!text)
+    return MHD_NO;
+  struct MHD_Response *resp =
+      MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+  if (!resp)
+    return MHD_NO;
+  if (e->retry_after > 0) {
+    char ra[16];
+    snprintf(ra, sizeof ra, "%d", e->retry_after);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, ra);
+  }
+  if (e->status == 401)
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"denoised\"");
+  if (e->status == 401 || e->status == 403)
+    atomic_fetch_add(&s->auth_failures, 1);
+  if (r->status == 0 && log_enabled(LOG_DEBUG))
+    log_event(LOG_DEBUG, "request refused", "req", r->id, "code", e->code, "detail", e->message,
+              LOG_END);
+  return queue_resp(s, c, r, e->status, resp, "application/json");
+}
+
+static enum MHD_Result fail(srv *s, struct MHD_Connection *c, req *r, int status, const char *code,
+                            const char *field, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+static enum MHD_Result fail(srv *s, struct MHD_Connection *c, req *r, int status, const char *code,
+                            const char *field, const char *fmt, ...) {
+  api_error e = {0};
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  api_fail(&e, status, code, field, "%s", msg);
+  if (status == 503)
+    e.retry_after = 10;
+  return send_error(s, c, r, &e);
+}
+
+static enum MHD_Result method_not_allowed(srv *s, struct MHD_Connection *c, req *r,
+                                          const char *allow) {
+  api_error e = {0};
+  api_fail(&e, 405, "method_not_allowed", NULL, "%s is not allowed on %s (allowed: %s)", r->method,
+           r->path, allow);
+  json_t *j = api_error_json(&e);
+  return send_json_h(s, c, r, 405, j, MHD_HTTP_HEADER_ALLOW, allow);
+}
+
+/* ---- auth ---- */
+
+/* Checks the scope a route needs; returns 0 to go on. Healthz, readyz and CORS preflights never
+ * get here. */
+static int authorize(srv *s, struct MHD_Connection *c, req *r, int scope, enum MHD_Result *ret) {
+  if (!r->authed) {
+    *ret = fail(s, c, r, 401, "unauthorized", NULL,
+                "an API key is required: send 'Authorization: Bearer KEY'");
+    return -1;
+  }
+  if ((r->scopes & scope) != scope) {
+    *ret = fail(s, c, r, 403, "forbidden", NULL, "the key '%s' lacks the '%s' permission", r->owner,
+                auth_scope_name(scope));
+    return -1;
+  }
+  return 0;
+}
+
+/* Whose jobs a request sees: admins and the auth-less server see all. */
+static const char *owner_filter(srv *s, const req *r) {
+  if (!s->api.auth || (r->scopes & SCOPE_ADMIN))
+    return NULL;
+  return r->owner;
+}
+
+/* ---- SSE ---- */
+
+typedef struct sse {
+  srv *s;
+  char id[QUEUE_ID_SIZE];
+  char owner[QUEUE_NAME_SIZE];
+  int all;
+  uint64_t last;
+  char *buf;
+  size_t len, off, cap;
+  int done;
+} sse;
+
+static int sse_append(sse *x, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int sse_append(sse *x, const char *fmt, ...) {
+  for (;;) {
+    va_list ap;
+    va_start(ap, fmt);
+    int w = vsnprintf(x->buf + x->len, x->cap - x->len, fmt, ap);
+    va_end(ap);
+    if (w < 0)
+      return -1;
+    if ((size_t)w < x->cap - x->len) {
+      x->len += (size_t)w;
+      return 0;
+    }
+    size_t cap = x->cap * 2 + (size_t)w + 1;
+    char *nb = realloc(x->buf, cap);
+    if (!nb)
+      return -1;
+    x->buf = nb;
+    x->cap = cap;
+  }
+}
+
+static ssize_t sse_read(void *cls, uint64_t pos, char *out, size_t max) {
+  (void)pos;
+  sse *x = cls;
+  srv *s = x->s;
+  while (x->off >= x->len) {
+    if (x->done)
+      return MHD_CONTENT_READER_END_OF_STREAM;
+    x->off = x->len = 0;
+    if (atomic_load(&s->stopping)) {
+      x->done = 1;
+      continue;
+    }
+    queue_event *evs = NULL;
+    int n = 0, done = 0;
+    err e = {0};
+    if (queue_events(s->q, x->id, x->all ? NULL : x->owner, x->last, s->cfg.sse_heartbeat * 1000,
+                     &evs, &n, &done, &e) != ERR_OK) {
+      x->done = 1; /* the job expired under us */
+      continue;
+    }
+    for (int i = 0; i < n; i++) {
+      if (sse_append(x, "id: %llu\nevent: %s\ndata: %s\n\n", (unsigned long long)evs[i].seq,
+                     evs[i].type, evs[i].data)) {
+        queue_events_free(evs, n);
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+      }
+      x->last = evs[i].seq;
+    }
+    queue_events_free(evs, n);
+    if (!n && !done && sse_append(x, ": keep-alive\n\n"))
+      return MHD_CONTENT_READER_END_WITH_ERROR;
+    x->done = done;
+  }
+  size_t k = x->len - x->off < max ? x->len - x->off : max;
+  memcpy(out, x->buf + x->off, k);
+  x->off += k;
+  return (ssize_t)k;
+}
+
+static void sse_free(void *cls) {
+  sse *x = cls;
+  atomic_fetch_sub(&x->s->sse_streams, 1);
+  free(x->buf);
+  free(x);
+}
+
+static enum MHD_Result serve_events(srv *s, struct MHD_Connection *c, req *r, const char *id) {
+  const char *owner = owner_filter(s, r);
+  queue_job_view v;
+  err e = {0};
+  if (queue_get(s->q, id, owner, &v, &e) != ERR_OK)
+    return fail(s, c, r, 404, "not_found", NULL, "no job '%s'", id);
+  queue_view_clear(&v);
+  const char *last = header(c, "Last-Event-ID");
+  if (!last)
+    last = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "last_event_id");
+  uint64_t after = 0;
+  if (last && *last) {
+    char *end;
+    errno = 0;
+    unsigned long long v2 = strtoull(last, &end, 10);
+    if (errno || *end || end == last)
+      return fail(s, c, r, 400, "invalid_field", "Last-Event-ID",
+                  "Last-Event-ID: expected the integer id of an event, got '%.40s'", last);
+    after = v2;
+  }
+  sse *x = calloc(1, sizeof *x);
+  if (!x || !(x->buf = malloc(4096))) {
+    free(x);
+    return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+  }
+  x->cap = 4096;
+  x->s = s;
+  snprintf(x->id, sizeof x->id, "%s", id);
+  snprintf(x->owner, sizeof x->owner, "%s", r->owner);
+  x->all = owner == NULL;
+  x->last = after;
+  /* reconnect delay for EventSource; resumption then goes by Last-Event-ID */
+  sse_append(x, "retry: 2000\n\n");
+  atomic_fetch_add(&s->sse_streams, 1);
+  struct MHD_Response *resp =
+      MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, sse_read, x, sse_free);
+  if (!resp) {
+    sse_free(x);
+    return MHD_NO;
+  }
+  MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+  return queue_resp(s, c, r, 200, resp, "text/event-stream");
+}
+
+/* ---- routes ---- */
+
+static int valid_id(const char *id, size_t n) {
+  if (n == 0 || n >= QUEUE_ID_SIZE)
+    return 0;
+  for (size_t i = 0; i < n; i++)
+    if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f')))
+      return 0;
+  return 1;
+}
+
+static enum MHD_Result serve_png(srv *s, struct MHD_Connection *c, req *r, const char *id, int n,
+                                 const char *owner) {
+  uint8_t *png = NULL;
+  size_t len = 0;
+  err e = {0};
+  if (queue_image(s->q, id, owner, n, &png, &len, &e) != ERR_OK) {
+    api_error ae = {0};
+    api_fail_queue(&ae, &e);
+    if (e.code == ERR_IO)
+      api_fail(&ae, 500, "storage_error", NULL, "%s", e.msg);
+    return send_error(s, c, r, &ae);
+  }
+  struct MHD_Response *resp = MHD_create_response_from_buffer(len, png, MHD_RESPMEM_MUST_FREE);
+  if (resp) {
+    char disp[96];
+    snprintf(disp, sizeof disp, "inline; filename=\"%s-%d.png\"", id, n);
+    MHD_add_response_header(resp, "Content-Disposition", disp);
+    MHD_add_response_header(resp, "X-Job-Id", id);
+  }
+  return queue_resp(s, c, r, 200, resp, "image/png");
+}
+
+/* Hands the spec to the queue; on failure the error is already answered (*ret). */
+static int submit(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec, queue_job_view *v,
+                  enum MHD_Result *ret) {
+  err e = {0};
+  if (queue_submit(s->q, spec, v, &e) != ERR_OK) {
+    queue_spec_clear(spec);
+    api_error ae = {0};
+    api_fail_queue(&ae, &e);
+    if (ae.status >= 500)
+      log_event(LOG_ERROR, "submission failed", "req", r->id, "error", e.msg, LOG_END);
+    *ret = send_error(s, c, r, &ae);
+    return -1;
+  }
+  snprintf(r->job, sizeof r->job, "%s", v->id);
+  return 0;
+}
+
+static enum MHD_Result post_job(srv *s, struct MHD_Connection *c, req *r) {
+  queue_spec spec;
+  api_error ae = {0};
+  if (api_parse_job(&s->api, r->body, r->len, r->owner, &spec, &ae))
+    return send_error(s, c, r, &ae);
+  queue_job_view v;
+  enum MHD_Result ret;
+  if (submit(s, c, r, &spec, &v, &ret))
+    return ret;
+  char loc[128];
+  snprintf(loc, sizeof loc, JOBS_PREFIX "%s", v.id);
+  json_t *j = api_job_json(&v, JOBS_PREFIX);
+  queue_view_clear(&v);
+  log_event(LOG_INFO, "job accepted", "req", r->id, "job", r->job, LOG_END);
+  return send_json_h(s, c, r, 202, j, MHD_HTTP_HEADER_LOCATION, loc);
+}
+
+/* Submits and waits: the connection thread blocks, the workers do not. */
+static int run_sync(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec,
+                    queue_job_view *done, enum MHD_Result *ret) {
+  queue_job_view v;
+  if (submit(s, c, r, spec, &v, ret))
+    return -1;
+  queue_view_clear(&v);
+  log_event(LOG_INFO, "job accepted (synchronous)", "req", r->id, "job", r->job, LOG_END);
+  err e = {0};
+  if (queue_wait(s->q, r->job, s->cfg.generate_timeout * 1000, done, &e) != ERR_OK) {
+    *ret = fail(s, c, r, 500, "internal", NULL, "%s", e.msg);
+    return -1;
+  }
+  if (done->state == QUEUE_SUCCEEDED)
+    return 0;
+  char loc[128];
+  snprintf(loc, sizeof loc, JOBS_PREFIX "%s", r->job);
+  api_error fe = {0};
+  if (done->state == QUEUE_FAILED)
+    api_fail(&fe, 500, "job_failed", NULL, "job %s failed: %s", r->job, done->error);
+  else if (done->state == QUEUE_CANCELLED)
+    api_fail(&fe, 409, "cancelled", NULL, "job %s was cancelled", r->job);
+  else if (atomic_load(&s->stopping))
+    api_fail(&fe, 503, "unavailable", NULL,
+             "the server is stopping; job %s stays queued and runs after the restart (%s)", r->job,
+             loc);
+  else
+    api_fail(&fe, 504, "timeout", NULL, "job %s did not finish within %d s; it goes on: follow %s",
+             r->job, s->cfg.generate_timeout, loc);
+  queue_view_clear(done);
+  *ret = send_error(s, c, r, &fe);
+  return -1;
+}
+
+static enum MHD_Result post_generate(srv *s, struct MHD_Connection *c, req *r) {
+  queue_spec spec;
+  api_error ae = {0};
+  if (api_parse_job(&s->api, r->body, r->len, r->owner, &spec, &ae))
+    return send_error(s, c, r, &ae);
+  queue_job_view v;
+  enum MHD_Result ret;
+  if (run_sync(s, c, r, &spec, &v, &ret))
+    return ret;
+  uint8_t *png = NULL;
+  size_t len = 0;
+  err e = {0};
+  if (queue_image(s->q, v.id, NULL, 0, &png, &len, &e) != ERR_OK) {
+    queue_view_clear(&v);
+    return fail(s, c, r, 500, "storage_error", NULL, "%s", e.msg);
+  }
+  char seed[32];
+  snprintf(seed, sizeof seed, "%llu", (unsigned long long)v.spec.seed);
+  struct MHD_Response *resp = MHD_create_response_from_buffer(len, png, MHD_RESPMEM_MUST_FREE);
+  if (resp) {
+    char loc[128];
+    snprintf(loc, sizeof loc, JOBS_PREFIX "%s", v.id);
+    MHD_add_response_header(resp, "X-Job-Id", v.id);
+    MHD_add_response_header(resp, "X-Seed", seed);
+    MHD_add_response_header(resp, "Content-Location", loc);
+  }
+  queue_view_clear(&v);
+  return queue_resp(s, c, r, 200, resp, "image/png");
+}
+
+static enum MHD_Result post_txt2img(srv *s, struct MHD_Connection *c, req *r) {
+  queue_spec spec;
+  api_error ae = {0};
+  if (api_parse_txt2img(&s->api, r->body, r->len, r->owner, &spec, &ae))
+    return send_error(s, c, r, &ae);
+  queue_job_view v;
+  enum MHD_Result ret;
+  if (run_sync(s, c, r, &spec, &v, &ret))
+    return ret;
+  int n = v.images;
+  char **b64 = calloc((size_t)(n ? n : 1), sizeof *b64);
+  int ok = b64 != NULL;
+  for (int i = 0; ok && i < n; i++) {
+    uint8_t *png = NULL;
+    size_t len = 0;
+    err e = {0};
+    ok = queue_image(s->q, v.id, NULL, i, &png, &len, &e) == ERR_OK &&
+         (b64[i] = base64_encode(png, len)) != NULL;
+    free(png);
+  }
+  json_t *j = ok ? api_txt2img_json(&v, b64, n, r->body, r->len) : NULL;
+  for (int i = 0; b64 && i < n; i++)
+    free(b64[i]);
+  free(b64);
+  queue_view_clear(&v);
+  if (!j)
+    return fail(s, c, r, 500, "storage_error", NULL, "reading the images back failed");
+  return send_json(s, c, r, 200, j);
+}
+
+static enum MHD_Result get_job_list(srv *s, struct MHD_Connection *c, req *r) {
+  const char *ls = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "limit");
+  const char *cursor = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "cursor");
+  const char *st = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "state");
+  long limit = 20;
+  if (ls) {
+    char *end;
+    limit = strtol(ls, &end, 10);
+    if (*end || end == ls || limit < 1 || limit > MAX_LIST)
+      return fail(s, c, r, 400, "out_of_range", "limit",
+                  "limit: expected an integer in [1, %d], got '%.20s'", MAX_LIST, ls);
+  }
+  if (cursor && !valid_id(cursor, strlen(cursor)))
+    return fail(s, c, r, 400, "invalid_field", "cursor",
+                "cursor: not a cursor from a previous page ('%.40s')", cursor);
+  int state = -1;
+  if (st && (state = queue_state_from_name(st)) < 0)
+    return fail(s, c, r, 400, "invalid_field", "state",
+                "state: '%.20s' is not one of queued, running, succeeded, failed, cancelled", st);
+  queue_job_view *views = calloc((size_t)limit, sizeof *views);
+  if (!views)
+    return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+  int n = 0, more = 0;
+  queue_list(s->q, owner_filter(s, r), cursor, state, (int)limit, views, &n, &more);
+  json_t *arr = json_array();
+  for (int i = 0; i < n; i++) {
+    json_array_append_new(arr, api_job_json(&views[i], JOBS_PREFIX));
+    queue_view_clear(&views[i]);
+  }
+  json_t *j = json_pack("{s:o, s:o}", "jobs", arr, "next_cursor",
+                        more && n ? json_string(views[n - 1].id) : json_null());
+  free(views);
+  return send_json(s, c, r, 200, j);
+}
+
+static enum MHD_Result route_job(srv *s, struct MHD_Connection *c, req *r, const char *rest) {
+  enum MHD_Result ret;
+  const char *slash = strchr(rest, '/');
+  size_t idlen = slash ? (size_t)(slash - rest) : strlen(rest);
+  if (!valid_id(rest, idlen))
+    return fail(s, c, r, 404, "not_found", NULL, "no job '%.*s'", (int)(idlen > 40 ? 40 : idlen),
+                rest);
+  char id[QUEUE_ID_SIZE];
+  snprintf(id, sizeof id, "%.*s", (int)idlen, rest);
+  snprintf(r->job, sizeof r->job, "%s", id);
+  const char *owner = owner_filter(s, r);
+  const int get = strcmp(r->method, "GET") == 0;
+  if (!slash) {
+    if (get) {
+      if (authorize(s, c, r, SCOPE_READ, &ret))
+        return ret;
+      queue_job_view v;
+      err e = {0};
+      if (queue_get(s->q, id, owner, &v, &e) != ERR_OK)
+        return fail(s, c, r, 404, "not_found", NULL, "no job '%s'", id);
+      json_t *j = api_job_json(&v, JOBS_PREFIX);
+      queue_view_clear(&v);
+      return send_json(s, c, r, 200, j);
+    }
+    if (strcmp(r->method, "DELETE") == 0) {
+      if (authorize(s, c, r, SCOPE_CANCEL, &ret))
+        return ret;
+      queue_job_view v;
+      memset(&v, 0, sizeof v);
+      err e = {0};
+      int rc = queue_cancel(s->q, id, owner, &v, &e);
+      if (rc == QUEUE_CONFLICT) {
+        api_error ae = {0};
+        api_fail_queue(&ae, &e);
+        queue_view_clear(&v);
+        return send_error(s, c, r, &ae);
+      }
+      if (rc != ERR_OK)
+        return fail(s, c, r, 404, "not_found", NULL, "no job '%s'", id);
+      json_t *j = api_job_json(&v, JOBS_PREFIX);
+      queue_view_clear(&v);
+      return send_json(s, c, r, 200, j);
+    }
+    return method_not_allowed(s, c, r, "GET, DELETE");
+  }
+  if (strcmp(slash, "/events") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    return serve_events(s, c, r, id);
+  }
+  if (strncmp(slash, "/images/", 8) == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    const char *ns = slash + 8;
+    char *end;
+    long n = strtol(ns, &end, 10);
+    if (*end || end == ns || n < 0 || n > 1 << 20 || (ns[0] == '0' && ns[1]))
+      return fail(s, c, r, 404, "not_found", NULL, "no image '%.20s'", ns);
+    return serve_png(s, c, r, id, (int)n, owner);
+  }
+  return fail(s, c, r, 404, "not_found", NULL, "no such resource");
+}
+
+static enum MHD_Result route(srv *s, struct MHD_Connection *c, req *r) {
+  const char *p = r->path, *m = r->method;
+  enum MHD_Result ret;
+  const int get = strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0;
+  const int post = strcmp(m, "POST") == 0;
+  if (strcmp(p, "/healthz") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    return send_json(s, c, r, 200, json_pack("{s:s}", "status", "ok"));
+  }
+  if (strcmp(p, "/readyz") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    char why[128] = "";
+    int ok = !atomic_load(&s->stopping) && queue_ready(s->q, why, sizeof why);
+    if (atomic_load(&s->stopping))
+      snprintf(why, sizeof why, "shutting down");
+    return send_json(s, c, r, ok ? 200 : 503,
+                     ok ? json_pack("{s:b}", "ready", 1)
+                        : json_pack("{s:b, s:s}", "ready", 0, "reason", why));
+  }
+  if (atomic_load(&s->stopping))
+    return fail(s, c, r, 503, "unavailable", NULL, "the server is shutting down");
+  if (strcmp(p, "/metrics") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (s->api.auth && authorize(s, c, r, SCOPE_METRICS, &ret))
+      return ret;
+    queue_stats qs;
+    queue_get_stats(s->q, &qs);
+    api_http_stats hs = {{0}, 0, 0, 0, 0};
+    for (int i = 0; i < 6; i++)
+      hs.requests[i] = atomic_load(&s->requests[i]);
+    hs.connections = atomic_load(&s->connections);
+    hs.open_connections = atomic_load(&s->open_connections);
+    hs.sse_streams = atomic_load(&s->sse_streams);
+    hs.auth_failures = atomic_load(&s->auth_failures);
+    char *text = api_metrics_text(&qs, &hs);
+    if (!text)
+      return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+    return send_text(s, c, r, 200, text, strlen(text), "text/plain; version=0.0.4; charset=utf-8");
+  }
+  if (strcmp(p, "/v1/models") == 0 || strcmp(p, "/v1/capabilities") == 0 ||
+      strcmp(p, "/sdapi/v1/samplers") == 0 || strcmp(p, "/sdapi/v1/sd-models") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    json_t *j = strcmp(p, "/v1/models") == 0           ? api_models_json(&s->api)
+                : strcmp(p, "/v1/capabilities") == 0   ? api_capabilities_json(&s->api)
+                : strcmp(p, "/sdapi/v1/samplers") == 0 ? api_sd_samplers_json()
+                                                       : api_sd_models_json(&s->api);
+    return send_json(s, c, r, 200, j);
+  }
+  if (strcmp(p, "/v1/jobs") == 0 || strcmp(p, "/v1/jobs/") == 0) {
+    if (post) {
+      if (authorize(s, c, r, SCOPE_SUBMIT, &ret))
+        return ret;
+      return post_job(s, c, r);
+    }
+    if (get) {
+      if (authorize(s, c, r, SCOPE_READ, &ret))
+        return ret;
+      return get_job_list(s, c, r);
+    }
+    return method_not_allowed(s, c, r, "GET, POST");
+  }
+  if (strncmp(p, JOBS_PREFIX, strlen(JOBS_PREFIX)) == 0)
+    return route_job(s, c, r, p + strlen(JOBS_PREFIX));
+  if (strcmp(p, "/v1/generate") == 0) {
+    if (!post)
+      return method_not_allowed(s, c, r, "POST");
+    if (authorize(s, c, r, SCOPE_SUBMIT, &ret))
+      return ret;
+    return post_generate(s, c, r);
+  }
+  if (strcmp(p, "/sdapi/v1/txt2img") == 0) {
+    if (!post)
+      return method_not_allowed(s, c, r, "POST");
+    if (authorize(s, c, r, SCOPE_SUBMIT, &ret))
+      return ret;
+    return post_txt2img(s, c, r);
+  }
+  if (strcmp(p, "/sdapi/v1/progress") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    queue_job_view v;
+    memset(&v, 0, sizeof v);
+    int queued = 0, have = queue_current(s->q, owner_filter(s, r), &v, &queued);
+    json_t *j =
+        api_sd_progress_json(&v, have, have && v.state == QUEUE_QUEUED ? queued - 1 : queued);
+    if (have)
+      queue_view_clear(&v);
+    return send_json(s, c, r, 200, j);
+  }
+  if (strcmp(p, "/sdapi/v1/interrupt") == 0) {
+    if (!post)
+      return method_not_allowed(s, c, r, "POST");
+    if (authorize(s, c, r, SCOPE_CANCEL, &ret))
+      return ret;
+    int n = queue_cancel_running(s->q, owner_filter(s, r));
+    char nb[16];
+    snprintf(nb, sizeof nb, "%d", n);
+    log_event(LOG_INFO, "interrupt", "req", r->id, "cancelled", nb, LOG_END);
+    return send_json(s, c, r, 200, json_object());
+  }
+  return fail(s, c, r, 404, "not_found", NULL, "no route %s %.100s", m, p);
+}
+
+/* ---- the libmicrohttpd callbacks ---- */
+
+static enum MHD_Result preflight(srv *s, struct MHD_Connection *c, req *r) {
+  struct MHD_Response *resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+  if (!resp)
+    return MHD_NO;
+  if (cors_origin(s, c)) {
+    MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS");
+    MHD_add_response_header(resp, "Access-Control-Allow-Headers",
+                            "Authorization, Content-Type, Last-Event-ID, X-Request-Id");
+    MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
+  }
+  return queue_resp(s, c, r, 204, resp, NULL);
+}
+
+static void request_id(srv *s, struct MHD_Connection *c, char *out, size_t n) {
+  const char *in = header(c, "X-Request-Id");
+  if (in) { /* keep a caller's id when it is harmless to log */
+    size_t len = strlen(in);
+    int ok = len > 0 && len < n && len <= 64;
+    for (size_t i = 0; ok && i < len; i++)
+      ok = (in[i] >= '0' && in[i] <= '9') || (in[i] >= 'a' && in[i] <= 'z') ||
+           (in[i] >= 'A' && in[i] <= 'Z') || in[i] == '-' || in[i] == '_' || in[i] == '.';
+    if (ok) {
+      snprintf(out, n, "%s", in);
+      return;
+    }
+  }
+  snprintf(out, n, "r%llu", (unsigned long long)atomic_fetch_add(&s->req_counter, 1));
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_size, void **con_cls) {
+  (void)version;
+  srv *s = cls;
+  req *r = *con_cls;
+  if (!r) {
+    r = calloc(1, sizeof *r);
+    if (!r)
+      return MHD_NO;
+    *con_cls = r;
+    r->t0 = mono();
+    request_id(s, c, r->id, sizeof r->id);
+    snprintf(r->method, sizeof r->method, "%s", method);
+    snprintf(r->path, sizeof r->path, "%s", url);
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    r->ct = ci ? (conn_track *)ci->socket_context : NULL;
+    if (r->ct) {
+      pthread_mutex_lock(&s->conn_mu);
+      r->ct->phase = CONN_BODY;
+      r->ct->since = r->t0; /* header_timeout now covers the body */
+      pthread_mutex_unlock(&s->conn_mu);
+    }
+    if (strlen(url) >= sizeof r->path)
+      return fail(s, c, r, 414, "uri_too_long", NULL, "the URL is longer than %zu bytes",
+                  sizeof r->path - 1);
+    if (strcmp(method, "OPTIONS") == 0)
+      return preflight(s, c, r);
+    const char *cl = header(c, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg.max_body_bytes)
+      return fail(s, c, r, 413, "payload_too_large", NULL,
+                  "the body is larger than this server's limit of %d bytes", s->cfg.max_body_bytes);
+    if (s->api.auth) {
+      const char *authz = header(c, MHD_HTTP_HEADER_AUTHORIZATION);
+      char bearer[300];
+      const size_t plen = strlen(url);
+      const char *tok = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "access_token");
+      /* a browser's EventSource cannot send headers: event streams also take the key as a
+       * query parameter (the logged path never includes the query) */
+      if (!authz && tok && plen > 7 && strcmp(url + plen - 7, "/events") == 0 &&
+          strlen(tok) < 256) {
+        snprintf(bearer, sizeof bearer, "Bearer %s", tok);
+        authz = bearer;
+      }
+      pthread_rwlock_rdlock(&s->auth_lock);
+      const auth_key *k = auth_check(&s->keys, authz);
+      if (k) {
+        r->authed = 1;
+        r->scopes = k->scopes;
+        snprintf(r->owner, sizeof r->owner, "%s", k->name);
+      }
+      pthread_rwlock_unlock(&s->auth_lock);
+    } else {
+      r->authed = 1;
+      r->scopes = 31;
+    }
+    return MHD_YES;
+  }
+  if (*upload_size) {
+    if (!r->too_big && r->len + *upload_size > (size_t)s->cfg.max_body_bytes) {
+      r->too_big = 1;
+      free(r->body);
+      r->body = NULL;
+      r->len = r->cap = 0;
+    }
+    if (!r->too_big) {
+      if (r->len + *upload_size + 1 > r->cap) {
+        size_t cap = (r->len + *upload_size + 1) * 2;
+        if (cap > (size_t)s->cfg.max_body_bytes + 1)
+          cap = (size_t)s->cfg.max_body_bytes + 1;
+        char *nb = realloc(r->body, cap);
+        if (!nb)
+          return MHD_NO;
+        r->body = nb;
+        r->cap = cap;
+      }
+      memcpy(r->body + r->len, upload_data, *upload_size);
+      r->len += *upload_size;
+      r->body[r->len] = 0;
+    }
+    *upload_size = 0;
+    if (mono() - r->t0 > s->cfg.header_timeout)
+      return MHD_NO; /* a body trickling in slower than the limit: drop the connection */
+    return MHD_YES;
+  }
+  if (r->ct) {
+    pthread_mutex_lock(&s->conn_mu);
+    r->ct->phase = CONN_RESPONDING;
+    pthread_mutex_unlock(&s->conn_mu);
+  }
+  if (r->too_big)
+    return fail(s, c, r, 413, "payload_too_large", NULL,
+                "the body is larger than this server's limit of %d bytes", s->cfg.max_body_bytes);
+  return route(s, c, r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+  (void)c;
+  srv *s = cls;
+  req *r = *con_cls;
+  if (!r)
+    return;
+  if (r->status >= 100 && r->status < 600)
+    atomic_fetch_add(&s->requests[r->status / 100], 1);
+  if (r->ct) {
+    pthread_mutex_lock(&s->conn_mu);
+    r->ct->phase = CONN_WAITING;
+    r->ct->since = mono();
+    pthread_mutex_unlock(&s->conn_mu);
+  }
+  const int quiet = strcmp(r->path, "/healthz") == 0 || strcmp(r->path, "/readyz") == 0 ||
+                    strcmp(r->path, "/metrics") == 0;
+  log_level lvl = r->status >= 500 ? LOG_WARN : quiet ? LOG_DEBUG : LOG_INFO;
+  if (log_enabled(lvl)) {
+    char st[16], ms[32];
+    snprintf(st, sizeof st, "%d", r->status);
+    snprintf(ms, sizeof ms, "%.2f", (mono() - r->t0) * 1000.0);
+    log_event(lvl, toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "request" : "request aborted",
+              "req", r->id, "method", r->method, "path", r->path, "status", st, "ms", ms, "key",
+              r->owner, "job", r->job, LOG_END);
+  }
+  free(r->body);
+  free(r);
+  *con_cls = NULL;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe) {
+  srv *s = cls;
+  if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+    conn_track *t = calloc(1, sizeof *t);
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    atomic_fetch_add(&s->connections, 1);
+    atomic_fetch_add(&s->open_connections, 1);
+    *socket_context = t;
+    if (!t)
+      return;
+    t->fd = ci ? ci->connect_fd : -1;
+    t->phase = CONN_WAITING;
+    t->since = mono();
+    pthread_mutex_lock(&s->conn_mu);
+    t->next = s->conns;
+    if (s->conns)
+      s->conns->prev = t;
+    s->conns = t;
+    pthread_mutex_unlock(&s->conn_mu);
+  } else {
+    conn_track *t = *socket_context;
+    atomic_fetch_sub(&s->open_connections, 1);
+    if (!t)
+      return;
+    pthread_mutex_lock(&s->conn_mu);
+    if (t->prev)
+      t->prev->next = t->next;
+    else
+      s->conns = t->next;
+    if (t->next)
+      t->next->prev = t->prev;
+    pthread_mutex_unlock(&s->conn_mu);
+    free(t);
+    *socket_context = NULL;
+  }
+}
+
+/* Closes connections that take longer than header_timeout to deliver a request (headers and
+ * body): libmicrohttpd's own timeout only sees silence, not a client that trickles bytes. */
+static void *reaper_main(void *arg) {
+  srv *s = arg;
+  while (!atomic_load(&s->reaper_stop)) {
+    usleep(250000);
+    const double now = mono();
+    pthread_mutex_lock(&s->conn_mu);
+    for (conn_track *t = s->conns; t; t = t->next)
+      if (t->phase != CONN_RESPONDING && t->fd >= 0 && now - t->since > s->cfg.header_timeout) {
+        shutdown(t->fd, SHUT_RDWR); /* libmicrohttpd sees the socket fail and closes it */
+        t->fd = -1;
+      }
+    pthread_mutex_unlock(&s->conn_mu);
+  }
+  return NULL;
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+  (void)cls;
+  char msg[512];
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  size_t n = strlen(msg);
+  while (n && msg[n - 1] == '\n')
+    msg[--n] = 0;
+  log_event(LOG_DEBUG, msg, "component", "libmicrohttpd", LOG_END);
+}
+
+static int bind_listen(srv *s, err *e) {
+  char host[256];
+  int port;
+  int rc = config_listen_split(s->cfg.listen, host, sizeof host, &port, e);
+  if (rc)
+    return rc;
+  struct addrinfo hints = {0}, *res = NULL;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  char ps[16];
+  snprintf(ps, sizeof ps, "%d", port);
+  int g = getaddrinfo(host, ps, &hints, &res);
+  if (g != 0)
+    return err_set(e, ERR_INVALID, "listen %s: %s", s->cfg.listen, gai_strerror(g));
+  int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  if (fd >= 0)
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 128) != 0) {
+    int en = errno;
+    if (fd >= 0)
+      close(fd);
+    freeaddrinfo(res);
+    return err_set(e, ERR_IO, "cannot listen on %s: %s", s->cfg.listen, strerror(en));
+  }
+  freeaddrinfo(res);
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  getsockname(fd, (struct sockaddr *)&ss, &sl);
+  s->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                     : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  s->listen_fd = fd;
+  return ERR_OK;
+}
+
+int http_start(srv *s, err *e) {
+  int rc = bind_listen(s, e);
+  if (rc)
+    return rc;
+  pthread_mutex_init(&s->conn_mu, NULL);
+  s->mhd = MHD_start_daemon(
+      MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ITC |
+          MHD_USE_ERROR_LOG,
+      0, NULL, NULL, on_request, s, MHD_OPTION_LISTEN_SOCKET, s->listen_fd,
+      MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->cfg.max_connections,
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)s->cfg.max_connections_per_ip,
+      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)s->cfg.idle_timeout,
+      MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)64 * 1024, MHD_OPTION_THREAD_STACK_SIZE,
+      (size_t)1 << 20, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
+      on_connection, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_END);
+  if (!s->mhd) {
+    close(s->listen_fd);
+    s->listen_fd = -1;
+    return err_set(e, ERR_IO, "libmicrohttpd failed to start on %s", s->cfg.listen);
+  }
+  if (pthread_create(&s->reaper, NULL, reaper_main, s) == 0)
+    s->reaper_running = 1;
+  return ERR_OK;
+}
+
+void http_quiesce(srv *s) {
+  if (!s->mhd)
+    return;
+  MHD_socket fd = MHD_quiesce_daemon(s->mhd);
+  if (fd != MHD_INVALID_SOCKET)
+    close(fd);
+  s->listen_fd = -1;
+}
+
+void http_stop(srv *s) {
+  if (s->reaper_running) {
+    atomic_store(&s->reaper_stop, 1);
+    pthread_join(s->reaper, NULL);
+    s->reaper_running = 0;
+  }
+  if (s->mhd) {
+    MHD_stop_daemon(s->mhd);
+    s->mhd = NULL;
+  }
+  if (s->listen_fd >= 0)
+    close(s->listen_fd);
+  s->listen_fd = -1;
+}

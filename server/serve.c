@@ -1,0 +1,250 @@
+/* `denoised serve`: configuration, start-up order (store, models, workers, listener), signal
+ * handling on the main thread (SIGHUP reload, SIGTERM/SIGINT graceful stop) and exit codes. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "server.h"
+
+static const char serve_help[] =
+    "usage: denoised serve [--config FILE] [--listen HOST:PORT] [--state-dir DIR]\n"
+    "                      [--model NAME=DIR ...] [--workers N] [--KEY VALUE ...]\n"
+    "\n"
+    "Serves the HTTP API (see openapi.yaml). With no flags: the default model as 'default' on\n"
+    "127.0.0.1:8080, jobs kept in ./denoised-state.\n"
+    "  --config FILE        JSON config file (also DENOISED_CONFIG); see config/denoised.json\n"
+    "  --listen HOST:PORT   address to listen on (port 0: any free port, logged at start)\n"
+    "  --state-dir DIR      where jobs and images persist\n"
+    "  --model NAME=DIR     serve the model folder DIR as NAME (repeatable)\n"
+    "  --workers N          jobs computed at once; workers x threads_per_job <= cpu_budget\n"
+    "  --cors-origin ORIGIN allow a web origin (repeatable)\n"
+    "  --KEY VALUE          any config key, dashes or underscores ('denoised config keys')\n"
+    "Precedence: flags over DENOISED_* environment over the file over the defaults.\n"
+    "API keys: api_keys_file (lines 'NAME KEY [scopes]') and/or DENOISED_API_KEYS.\n"
+    "Signals: SIGTERM/SIGINT stop gracefully; SIGHUP reopens the log and reloads models and keys.\n"
+    "Exit codes: 0 stopped, 1 failure, 2 usage/config, 3 listen, 4 state directory, 5 model,\n"
+    "            6 shutdown timed out (jobs stay queued on disk).\n";
+
+typedef struct serve_args {
+  const char *config_file;
+  int argc;
+  char **argv;
+} serve_args;
+
+/* defaults < file < environment < flags */
+static int build_config(const serve_args *a, config *c, err *e) {
+  config_defaults(c);
+  const char *file = a->config_file ? a->config_file : getenv("DENOISED_CONFIG");
+  int rc;
+  if (file && *file && (rc = config_load_file(c, file, e)))
+    return rc;
+  if ((rc = config_apply_env(c, NULL, e)))
+    return rc;
+  int models_from_flags = 0;
+  for (int i = 1; i < a->argc; i++) {
+    const char *arg = a->argv[i];
+    if (strncmp(arg, "--", 2) != 0)
+      return err_set(e, ERR_INVALID, "unexpected argument '%s'", arg);
+    char name[128];
+    const char *value, *eq = strchr(arg, '=');
+    if (eq) {
+      snprintf(name, sizeof name, "%.*s", (int)(eq - arg - 2), arg + 2);
+      value = eq + 1; /* split at the first '=': --model=NAME=DIR works too */
+    } else {
+      snprintf(name, sizeof name, "%s", arg + 2);
+      if (i + 1 >= a->argc)
+        return err_set(e, ERR_INVALID, "--%s needs a value", name);
+      value = a->argv[++i];
+    }
+    if (strcmp(name, "config") == 0)
+      continue;
+    if (strcmp(name, "model") == 0 && !models_from_flags) {
+      c->nmodels = 0; /* --model flags replace the configured list */
+      models_from_flags = 1;
+    }
+    if ((rc = config_set_flag(c, name, value, e)))
+      return rc;
+  }
+  return config_finalize(c, e);
+}
+
+static int parse_serve_args(int argc, char **argv, serve_args *a) {
+  a->argc = argc;
+  a->argv = argv;
+  for (int i = 1; i < argc; i++) {
+    if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+      fputs(serve_help, stdout);
+      return -1;
+    }
+    if (strcmp(argv[i], "--config") == 0) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "denoised serve: --config needs a file\n");
+        return SERVER_EXIT_USAGE;
+      }
+      a->config_file = argv[i + 1];
+    } else if (strncmp(argv[i], "--config=", 9) == 0) {
+      a->config_file = argv[i] + 9;
+    }
+  }
+  return 0;
+}
+
+static int load_models(queue *q, const config *c, err *e) {
+  queue_model_conf list[CONFIG_MAX_MODELS];
+  for (int i = 0; i < c->nmodels; i++)
+    list[i] = (queue_model_conf){c->models[i].name, c->models[i].path};
+  return queue_set_models(q, list, c->nmodels, e);
+}
+
+static void reload(srv *s, const serve_args *a) {
+  err e = {0};
+  if (log_reopen(&e))
+    log_event(LOG_ERROR, "reopening the log failed", "error", e.msg, LOG_END);
+  config c;
+  if (build_config(a, &c, &e)) {
+    log_event(LOG_ERROR, "reload: configuration invalid, keeping the old one", "error", e.msg,
+              LOG_END);
+    return;
+  }
+  if (load_models(s->q, &c, &e)) {
+    log_event(LOG_ERROR, "reload: model list not changed", "error", e.msg, LOG_END);
+    return;
+  }
+  auth keys;
+  if (auth_load(c.api_keys_file, getenv("DENOISED_API_KEYS"), &keys, &e)) {
+    log_event(LOG_ERROR, "reload: API keys not changed", "error", e.msg, LOG_END);
+  } else if (s->api.auth != (keys.n > 0)) {
+    log_event(LOG_ERROR, "reload: turning API keys on or off needs a restart; keys unchanged",
+              LOG_END);
+    auth_free(&keys);
+  } else {
+    pthread_rwlock_wrlock(&s->auth_lock);
+    auth old = s->keys;
+    s->keys = keys;
+    pthread_rwlock_unlock(&s->auth_lock);
+    auth_free(&old);
+  }
+  char n[16];
+  snprintf(n, sizeof n, "%d", c.nmodels);
+  log_event(LOG_INFO, "reloaded: log reopened, models and API keys reread", "models", n, LOG_END);
+}
+
+int server_main(int argc, char **argv) {
+  serve_args a = {0};
+  int prc = parse_serve_args(argc, argv, &a);
+  if (prc)
+    return prc < 0 ? 0 : prc;
+  static srv s; /* one daemon per process; static keeps it off the stack of main */
+  memset(&s, 0, sizeof s);
+  s.listen_fd = -1;
+  err e = {0};
+  if (build_config(&a, &s.cfg, &e)) {
+    fprintf(stderr, "denoised serve: %s\nRun 'denoised serve --help' for usage.\n", e.msg);
+    return SERVER_EXIT_USAGE;
+  }
+  if (log_open(s.cfg.log_file, s.cfg.log_level, &e)) {
+    fprintf(stderr, "denoised serve: %s\n", e.msg);
+    return SERVER_EXIT_USAGE;
+  }
+  /* signals go to the main thread's sigwait: block them before any thread starts */
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  pthread_rwlock_init(&s.auth_lock, NULL);
+  if (auth_load(s.cfg.api_keys_file, getenv("DENOISED_API_KEYS"), &s.keys, &e)) {
+    log_event(LOG_ERROR, "API keys", "error", e.msg, LOG_END);
+    return SERVER_EXIT_USAGE;
+  }
+  queue_opts qo = {.state_dir = s.cfg.state_dir,
+                   .workers = s.cfg.workers,
+                   .threads_per_job = s.cfg.threads_per_job,
+                   .queue_max = s.cfg.queue_max,
+                   .batch_max_images = s.cfg.batch_max_images,
+                   .max_jobs_per_key = s.cfg.max_jobs_per_key,
+                   .result_ttl = s.cfg.result_ttl,
+                   .progress_interval_ms = s.cfg.progress_interval_ms,
+                   .url_prefix = "/v1/jobs/",
+                   .log = log_queue_cb};
+  int status = SERVER_EXIT_FAILURE;
+  if (queue_new(&qo, &s.q, &e)) {
+    log_event(LOG_ERROR, "state directory unusable", "error", e.msg, LOG_END);
+    status = SERVER_EXIT_STATE;
+    goto out;
+  }
+  if (load_models(s.q, &s.cfg, &e)) {
+    log_event(LOG_ERROR, "loading models failed", "error", e.msg, LOG_END);
+    status = SERVER_EXIT_MODEL;
+    goto out;
+  }
+  s.api = (api_ctx){.q = s.q,
+                    .default_model = s.cfg.default_model,
+                    .max_batch = s.cfg.max_batch,
+                    .max_steps = s.cfg.max_steps,
+                    .max_image_size = s.cfg.max_image_size,
+                    .queue_max = s.cfg.queue_max,
+                    .workers = s.cfg.workers,
+                    .threads_per_job = s.cfg.threads_per_job,
+                    .batch_max_images = s.cfg.batch_max_images,
+                    .max_body_bytes = s.cfg.max_body_bytes,
+                    .result_ttl = s.cfg.result_ttl,
+                    .auth = s.keys.n > 0};
+  if (queue_start(s.q, &e)) {
+    log_event(LOG_ERROR, "starting workers failed", "error", e.msg, LOG_END);
+    goto out;
+  }
+  if (http_start(&s, &e)) {
+    log_event(LOG_ERROR, "listening failed", "error", e.msg, LOG_END);
+    status = SERVER_EXIT_LISTEN;
+    queue_stop(s.q, s.cfg.shutdown_timeout * 1000);
+    goto out;
+  }
+  {
+    char host[256], url[300], w[16], t[16], nm[16], keys[16];
+    int port;
+    config_listen_split(s.cfg.listen, host, sizeof host, &port, &e);
+    snprintf(url, sizeof url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, s.port);
+    snprintf(w, sizeof w, "%d", s.cfg.workers);
+    snprintf(t, sizeof t, "%d", s.cfg.threads_per_job);
+    snprintf(nm, sizeof nm, "%d", s.cfg.nmodels);
+    snprintf(keys, sizeof keys, "%d", s.keys.n);
+    log_event(LOG_INFO, "listening", "url", url, "workers", w, "threads_per_job", t, "models", nm,
+              "default_model", s.cfg.default_model, "state_dir", s.cfg.state_dir, "api_keys", keys,
+              LOG_END);
+  }
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0)
+      continue;
+    if (sig == SIGHUP) {
+      reload(&s, &a);
+      continue;
+    }
+    log_event(LOG_INFO, "stopping", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT", LOG_END);
+    break;
+  }
+  atomic_store(&s.stopping, 1);
+  http_quiesce(&s);
+  if (queue_stop(s.q, s.cfg.shutdown_timeout * 1000) != 0) {
+    log_event(LOG_ERROR, "shutdown timed out: workers still computing; their jobs stay queued",
+              LOG_END);
+    log_close();
+    _exit(SERVER_EXIT_SHUTDOWN_TIMEOUT); /* workers still use the models: no cleanup */
+  }
+  http_stop(&s);
+  log_event(LOG_INFO, "stopped", LOG_END);
+  status = SERVER_EXIT_OK;
+out:
+  http_stop(&s);
+  queue_free(s.q);
+  auth_free(&s.keys);
+  pthread_rwlock_destroy(&s.auth_lock);
+  log_close();
+  return status;
+}
