@@ -22,7 +22,8 @@ static const char help[] =
     "  --batch B    images per forward (default 1)\n"
     "  --threads T  CPU threads (default 2)\n"
     "  --size S     image side (default: the model's sample_size)\n"
-    "  --iters N    timed runs (default 5); --warmup W untimed runs first (default 1)\n";
+    "  --iters N    timed runs (default 5); --warmup W untimed runs first (default 2:\n"
+    "               the first pass sizes the scratch memory, the second touches it)\n";
 
 static double now_ms(void) {
   struct timespec ts;
@@ -68,7 +69,7 @@ int cmd_bench(int argc, char **argv) {
   argc--;
   argv++;
   const char *model_dir = NULL;
-  long long batch = 1, threads = 2, size = 0, iters = 5, warmup = 1;
+  long long batch = 1, threads = 2, size = 0, iters = 5, warmup = 2;
   static const struct option opts[] = {
       {"model", required_argument, 0, 'm'},   {"batch", required_argument, 0, 'b'},
       {"threads", required_argument, 0, 'j'}, {"size", required_argument, 0, 's'},
@@ -145,8 +146,7 @@ int cmd_bench(int argc, char **argv) {
   double med = times[iters / 2], flops = model_flops(m, s, s) * n;
   printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
          "gflops=%.1f peak_rss_mb=%.1f kernel=%s\n",
-         n, threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(),
-         gemm_kernel_name());
+         n, threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(), gemm_kernel_name());
   status = 0;
 done:
   free(x);

@@ -19,6 +19,8 @@ struct arena {
   int nchunks;
   int cur;     /* chunk being carved */
   size_t used; /* bytes used in chunks[cur] */
+  size_t base; /* bytes of chunks[0..cur) */
+  size_t peak; /* most bytes ever in use at once */
 };
 
 arena *arena_new(size_t chunk_bytes) {
@@ -46,11 +48,14 @@ void *arena_alloc(arena *a, size_t bytes) {
       if (c->size - a->used >= bytes) {
         void *p = c->base + a->used;
         a->used += bytes;
+        if (a->base + a->used > a->peak)
+          a->peak = a->base + a->used;
         return p;
       }
       /* A later chunk that is already big enough is reused; otherwise a new
        * chunk is inserted here so release order stays a simple index. */
       if (a->cur + 1 < a->nchunks && a->chunks[a->cur + 1].size >= bytes) {
+        a->base += c->size;
         a->cur++;
         a->used = 0;
         continue;
@@ -63,6 +68,8 @@ void *arena_alloc(arena *a, size_t bytes) {
     if (!base)
       return NULL;
     int at = a->cur < a->nchunks ? a->cur + 1 : a->nchunks;
+    if (a->cur < a->nchunks)
+      a->base += a->chunks[a->cur].size;
     for (int i = a->nchunks; i > at; i--)
       a->chunks[i] = a->chunks[i - 1];
     a->chunks[at] = (chunk){base, size};
@@ -77,12 +84,31 @@ float *arena_floats(arena *a, size_t count) {
 }
 
 arena_mark arena_get_mark(const arena *a) {
-  return (arena_mark){a->cur, a->used};
+  return (arena_mark){a->cur, a->used, a->base};
 }
 
 void arena_release(arena *a, arena_mark m) {
   a->cur = m.chunk;
   a->used = m.used;
+  a->base = m.base;
+}
+
+void arena_reset(arena *a) {
+  a->cur = 0;
+  a->used = 0;
+  a->base = 0;
+  if (a->nchunks <= 1)
+    return;
+  /* Several chunks means the sizes did not fit: one chunk of the peak serves
+   * every later pass of the same shape without new allocations. */
+  size_t want = (a->peak + 4095) & ~(size_t)4095;
+  void *big = aligned_alloc(ARENA_ALIGN, want);
+  if (!big)
+    return;
+  for (int i = 0; i < a->nchunks; i++)
+    free(a->chunks[i].base);
+  a->chunks[0] = (chunk){big, want};
+  a->nchunks = 1;
 }
 
 size_t arena_capacity(const arena *a) {

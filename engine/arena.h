@@ -10,7 +10,7 @@ typedef struct arena arena;
 
 typedef struct arena_mark {
   int chunk;
-  size_t used;
+  size_t used, base;
 } arena_mark;
 
 /* chunk_bytes is the size of each chunk (a larger request gets its own). */
@@ -24,6 +24,10 @@ float *arena_floats(arena *a, size_t count);
 arena_mark arena_get_mark(const arena *a);
 /* Frees everything allocated after the mark (memory stays with the arena). */
 void arena_release(arena *a, arena_mark m);
+
+/* Frees everything; if the last uses needed several chunks, they are merged
+ * into one of the peak size so later passes of that shape allocate nothing. */
+void arena_reset(arena *a);
 
 /* Bytes of chunks held: the high-water mark of all uses so far. */
 size_t arena_capacity(const arena *a);

@@ -990,9 +990,8 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
     return err_set(e, ERR_NOMEM, "out of memory (or threads) for a forward pass");
   }
   fwd f = {.u = u, .a = ws.a, .n = n, .p = ws.p};
-  arena_mark start = arena_get_mark(ws.a);
   rc = forward(&f, x, h, w, t, labels, out, e);
-  arena_release(ws.a, start);
+  arena_reset(ws.a);
   pthread_mutex_lock(&mu->lock);
   if (mu->nspare < UNET_MAX_SPARE) {
     mu->spare[mu->nspare++] = ws;
