@@ -192,41 +192,26 @@ static void pack_b_plain(const float *b, int ldb, int k0, int kc, int j0, int nr
   }
 }
 
-__attribute__((target("avx2,fma"))) static void run_avx2(const gemm_packed *a, int r0, int r1,
-                                                         const float *b, int ldb, int n, float *c,
-                                                         int ldc, int accumulate, float *scratch) {
-  int k = a->k;
-  float *bp = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-  for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
-    int kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
-    int add = accumulate || k0 > 0;
-    for (int j0 = 0; j0 < n; j0 += GEMM_NR) {
-      int nr = n - j0 < GEMM_NR ? n - j0 : GEMM_NR;
-      pack_b_plain(b, ldb, k0, kc, j0, nr, bp);
-      for (int i0 = r0; i0 < r1; i0 += GEMM_MR) {
-        int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
-        const float *ap = a->data + (size_t)(i0 / GEMM_MR) * GEMM_MR * k + (size_t)k0 * GEMM_MR;
-        for (int half = 0; half < 2; half++) {
-          int rows = mr - 6 * half;
-          if (rows <= 0)
-            break;
-          for (int q = 0; q < 2; q++) {
-            int cols = nr - 16 * q;
-            if (cols <= 0)
-              break;
-            kernel_6x16_avx2(kc, ap + 6 * half, bp + 16 * q,
-                             c + (size_t)(i0 - r0 + 6 * half) * ldc + j0 + 16 * q, ldc,
-                             rows < 6 ? rows : 6, cols < 16 ? cols : 16, add);
-          }
-        }
-      }
+/* One 12x32 block of C from a packed A panel and a packed B panel. */
+typedef void (*block_fn)(int kc, const float *a, const float *b, float *c, int ldc, int mr, int nr,
+                         int add);
+typedef void (*pack_fn)(const float *b, int ldb, int k0, int kc, int j0, int nr, float *dst);
+
+__attribute__((target("avx2,fma"))) static void
+block_avx2(int kc, const float *a, const float *b, float *c, int ldc, int mr, int nr, int add) {
+  for (int half = 0; half < 2 && mr > 6 * half; half++)
+    for (int q = 0; q < 2 && nr > 16 * q; q++) {
+      int rows = mr - 6 * half, cols = nr - 16 * q;
+      kernel_6x16_avx2(kc, a + 6 * half, b + 16 * q, c + (size_t)6 * half * ldc + 16 * q, ldc,
+                       rows < 6 ? rows : 6, cols < 16 ? cols : 16, add);
     }
-  }
 }
 
-__attribute__((target("avx512f"))) static void run_avx512(const gemm_packed *a, int r0, int r1,
-                                                          const float *b, int ldb, int n, float *c,
-                                                          int ldc, int accumulate, float *scratch) {
+/* The blocking shared by both kernels: k-blocks outermost so each C element
+ * sees its k terms in the same order whatever r0..r1 and n are. */
+static void run_blocked(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int n,
+                        float *c, int ldc, int accumulate, float *scratch, pack_fn pack,
+                        block_fn block) {
   int k = a->k;
   float *bp = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
   for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
@@ -234,11 +219,11 @@ __attribute__((target("avx512f"))) static void run_avx512(const gemm_packed *a, 
     int add = accumulate || k0 > 0;
     for (int j0 = 0; j0 < n; j0 += GEMM_NR) {
       int nr = n - j0 < GEMM_NR ? n - j0 : GEMM_NR;
-      pack_b(b, ldb, k0, kc, j0, nr, bp);
+      pack(b, ldb, k0, kc, j0, nr, bp);
       for (int i0 = r0; i0 < r1; i0 += GEMM_MR) {
         int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
         const float *ap = a->data + (size_t)(i0 / GEMM_MR) * GEMM_MR * k + (size_t)k0 * GEMM_MR;
-        kernel_12x32(kc, ap, bp, c + (size_t)(i0 - r0) * ldc + j0, ldc, mr, nr, add);
+        block(kc, ap, bp, c + (size_t)(i0 - r0) * ldc + j0, ldc, mr, nr, add);
       }
     }
   }
@@ -255,11 +240,11 @@ void gemm_run(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int
     return;
 #ifdef GEMM_X86
   if (has_avx512()) {
-    run_avx512(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch);
+    run_blocked(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch, pack_b, kernel_12x32);
     return;
   }
   if (has_avx2()) {
-    run_avx2(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch);
+    run_blocked(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch, pack_b_plain, block_avx2);
     return;
   }
 #endif
