@@ -7,91 +7,64 @@
 #include "npy.h"
 #include "testutil.h"
 
-/* Runs a shell command line with the binary substituted for "@", capturing
- * stdout+stderr into out; returns the exit status. */
-static int run(char *out, size_t outlen, const char *fmt, ...) {
-  char line[4096], cmd[4400];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(line, sizeof line, fmt, ap);
-  va_end(ap);
-  snprintf(cmd, sizeof cmd, "%s %s 2>&1", test_bin(), line);
-  FILE *p = popen(cmd, "r");
-  ck_assert_ptr_nonnull(p);
-  size_t n = fread(out, 1, outlen - 1, p);
-  out[n] = 0;
-  int st = pclose(p);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static int files_equal(const char *a, const char *b) {
-  FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-  int eq = fa && fb;
-  while (eq) {
-    int ca = fgetc(fa), cb = fgetc(fb);
-    eq = ca == cb;
-    if (ca == EOF || cb == EOF)
-      break;
-  }
-  if (fa)
-    fclose(fa);
-  if (fb)
-    fclose(fb);
-  return eq;
-}
-
 START_TEST(help_and_usage_errors) {
   char out[8192];
-  ck_assert_int_eq(run(out, sizeof out, "--help"), 0);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "--help"), 0);
   ck_assert_ptr_nonnull(strstr(out, "sample"));
   const char *cmds[] = {"sample --help", "forward --help", "bench --help", "bench unet --help"};
   for (int i = 0; i < 4; i++) {
-    ck_assert_int_eq(run(out, sizeof out, "%s", cmds[i]), 0);
+    ck_assert_int_eq(test_run_cli(out, sizeof out, "%s", cmds[i]), 0);
     ck_assert_ptr_nonnull(strstr(out, "usage:"));
   }
-  ck_assert_int_eq(run(out, sizeof out, "frobnicate"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "frobnicate"), 2);
   ck_assert_ptr_nonnull(strstr(out, "unknown command 'frobnicate'"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model x --steps abc --out y.npy"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps abc --out y.npy"), 2);
   ck_assert_ptr_nonnull(strstr(out, "--steps expects an integer"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model x --steps 0 --out y.npy"), 2);
-  ck_assert_int_eq(run(out, sizeof out, "sample --steps 5 --out y.npy"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps 0 --out y.npy"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --steps 5 --out y.npy"), 2);
   ck_assert_ptr_nonnull(strstr(out, "--model is required"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --model x --steps 5"), 2);
-  ck_assert_int_eq(run(out, sizeof out, "sample --model x --seed 1 --noise n.npy --out y.npy"), 2);
-  ck_assert_int_eq(run(out, sizeof out, "forward --model x"), 2);
-  ck_assert_int_eq(run(out, sizeof out, "bench mystery"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps 5"), 2);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out, "sample --model x --seed 1 --noise n.npy --out y.npy"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "forward --model x"), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "bench mystery"), 2);
 }
 END_TEST
 
 START_TEST(runtime_errors_are_clear) {
   char out[8192], model[1024], tmp[256];
   test_tmpdir(tmp, sizeof tmp);
-  ck_assert_int_eq(run(out, sizeof out, "sample --model /nonexistent --seed 1 --out %s/a.npy", tmp),
-                   1);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out, "sample --model /nonexistent --seed 1 --out %s/a.npy", tmp), 1);
   ck_assert_ptr_nonnull(strstr(out, "does not exist"));
   test_src_path(model, sizeof model, "tests/fixtures/gmm/cond4");
-  ck_assert_int_eq(run(out, sizeof out, "sample --model %s --seed 1 --out %s/a.npy", model, tmp),
-                   2);
-  ck_assert_ptr_nonnull(strstr(out, "pass --class"));
   ck_assert_int_eq(
-      run(out, sizeof out, "sample --model %s --class 9 --seed 1 --out %s/a.npy", model, tmp), 2);
+      test_run_cli(out, sizeof out, "sample --model %s --seed 1 --out %s/a.npy", model, tmp), 2);
+  ck_assert_ptr_nonnull(strstr(out, "pass --class"));
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --class 9 --seed 1 --out %s/a.npy", model, tmp),
+                   2);
   ck_assert_ptr_nonnull(strstr(out, "out of range"));
-  ck_assert_int_eq(run(out, sizeof out,
-                       "sample --model %s --class 0 --scheduler nope --out %s/a.npy", model, tmp),
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --class 0 --scheduler nope --out %s/a.npy",
+                                model, tmp),
                    2);
   ck_assert_ptr_nonnull(strstr(out, "unknown scheduler 'nope'"));
-  ck_assert_int_eq(run(out, sizeof out,
-                       "sample --model %s --class 0 --scheduler-opt bogus_key=1 --out %s/a.npy",
-                       model, tmp),
-                   1);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out,
+                   "sample --model %s --class 0 --scheduler-opt bogus_key=1 --out %s/a.npy", model,
+                   tmp),
+      1);
   ck_assert_ptr_nonnull(strstr(out, "bogus_key"));
   ck_assert_int_eq(
-      run(out, sizeof out,
+      test_run_cli(
+          out, sizeof out,
           "sample --model %s --class 0 --scheduler-opt timestep_spacing=sideways --out %s/a.npy",
           model, tmp),
       1);
   ck_assert_ptr_nonnull(strstr(out, "timestep_spacing"));
-  ck_assert_int_eq(run(out, sizeof out, "sample --replay %s/missing.png -o %s/b.png", tmp, tmp), 1);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out, "sample --replay %s/missing.png -o %s/b.png", tmp, tmp), 1);
 }
 END_TEST
 
@@ -99,10 +72,10 @@ START_TEST(forward_matches_fixture) {
   char out[8192], fx[1024], tmp[256], path[512];
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(fx, sizeof fx, "tests/fixtures/unet/classcond_small");
-  ck_assert_msg(run(out, sizeof out,
-                    "forward --model %s --input %s/input.npy --timesteps %s/timesteps.npy "
-                    "--class-labels %s/class_labels.npy --out %s/o.npy --threads 2",
-                    fx, fx, fx, fx, tmp) == 0,
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "forward --model %s --input %s/input.npy --timesteps %s/timesteps.npy "
+                             "--class-labels %s/class_labels.npy --out %s/o.npy --threads 2",
+                             fx, fx, fx, fx, tmp) == 0,
                 "%s", out);
   npy_array a, b;
   err e;
@@ -115,11 +88,12 @@ START_TEST(forward_matches_fixture) {
   npy_array_free(&a);
   npy_array_free(&b);
   /* wrong channel count in the input is an error, not a crash */
-  ck_assert_int_eq(run(out, sizeof out,
-                       "forward --model %s --input %s/timesteps.npy --timesteps %s/timesteps.npy "
-                       "--out %s/o.npy",
-                       fx, fx, fx, tmp),
-                   1);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out,
+                   "forward --model %s --input %s/timesteps.npy --timesteps %s/timesteps.npy "
+                   "--out %s/o.npy",
+                   fx, fx, fx, tmp),
+      1);
   ck_assert_ptr_nonnull(strstr(out, "expected shape"));
 }
 END_TEST
@@ -129,25 +103,28 @@ START_TEST(png_metadata_replays_bit_for_bit) {
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(model, sizeof model, "tests/fixtures/unet/cifar_small");
   /* DDPM is stochastic at every step: replay must reproduce the step noise too */
-  ck_assert_msg(run(out, sizeof out,
-                    "sample --model %s --scheduler ddpm --steps 8 --seed 1234 "
-                    "--batch 3 -o %s/img.png --quiet",
-                    model, tmp) == 0,
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "sample --model %s --scheduler ddpm --steps 8 --seed 1234 "
+                             "--batch 3 -o %s/img.png --quiet",
+                             model, tmp) == 0,
                 "%s", out);
   snprintf(a, sizeof a, "%s/img-2.png", tmp);
   snprintf(b, sizeof b, "%s/replayed.png", tmp);
-  ck_assert_msg(run(out, sizeof out, "sample --replay %s -o %s --quiet", a, b) == 0, "%s", out);
-  ck_assert_msg(files_equal(a, b), "replayed image differs from the original");
+  ck_assert_msg(test_run_cli(out, sizeof out, "sample --replay %s -o %s --quiet", a, b) == 0, "%s",
+                out);
+  ck_assert_msg(test_files_equal(a, b), "replayed image differs from the original");
   /* and the image differs from its batch neighbour (per-image noise streams) */
   snprintf(b, sizeof b, "%s/img-1.png", tmp);
-  ck_assert(!files_equal(a, b));
+  ck_assert(!test_files_equal(a, b));
   /* an image comes out bit-identical alone, in a bigger batch, on any thread count */
-  ck_assert_int_eq(run(out, sizeof out,
-                       "sample --model %s --steps 5 --seed 9 --batch 2 --out %s/two.npy --quiet",
-                       model, tmp),
-                   0);
   ck_assert_int_eq(
-      run(out, sizeof out,
+      test_run_cli(out, sizeof out,
+                   "sample --model %s --steps 5 --seed 9 --batch 2 --out %s/two.npy --quiet", model,
+                   tmp),
+      0);
+  ck_assert_int_eq(
+      test_run_cli(
+          out, sizeof out,
           "sample --model %s --steps 5 --seed 9 --batch 1 --threads 1 --out %s/one.npy --quiet",
           model, tmp),
       0);

@@ -8,38 +8,6 @@
 #include "npy.h"
 #include "testutil.h"
 
-/* Runs the binary with the printf-style arguments, stdout+stderr into out; the exit status. */
-static int run(char *out, size_t outlen, const char *fmt, ...) {
-  char line[4096], cmd[4400];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(line, sizeof line, fmt, ap);
-  va_end(ap);
-  snprintf(cmd, sizeof cmd, "%s %s 2>&1", test_bin(), line);
-  FILE *p = popen(cmd, "r");
-  ck_assert_ptr_nonnull(p);
-  size_t n = fread(out, 1, outlen - 1, p);
-  out[n] = 0;
-  int st = pclose(p);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static int files_equal(const char *a, const char *b) {
-  FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-  int eq = fa && fb;
-  while (eq) {
-    int ca = fgetc(fa), cb = fgetc(fb);
-    eq = ca == cb;
-    if (ca == EOF || cb == EOF)
-      break;
-  }
-  if (fa)
-    fclose(fa);
-  if (fb)
-    fclose(fb);
-  return eq;
-}
-
 START_TEST(sample_with_each_solver) {
   static const struct {
     const char *args;
@@ -64,8 +32,9 @@ START_TEST(sample_with_each_solver) {
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3");
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    ck_assert_msg(run(out, sizeof out, "sample --model %s %s --seed 4 --batch 2 --out %s/x.npy",
-                      model, cases[i].args, tmp) == 0,
+    ck_assert_msg(test_run_cli(out, sizeof out,
+                               "sample --model %s %s --seed 4 --batch 2 --out %s/x.npy", model,
+                               cases[i].args, tmp) == 0,
                   "%s: %s", cases[i].args, out);
     ck_assert_msg(strstr(out, cases[i].nfe) != NULL, "%s: no '%s' in: %s", cases[i].args,
                   cases[i].nfe, out);
@@ -104,8 +73,8 @@ START_TEST(bad_solver_requests) {
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3");
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    int st = run(out, sizeof out, "sample --model %s %s --seed 4 --out %s/x.npy", model,
-                 cases[i].args, tmp);
+    int st = test_run_cli(out, sizeof out, "sample --model %s %s --seed 4 --out %s/x.npy", model,
+                          cases[i].args, tmp);
     ck_assert_msg(st == cases[i].status, "%s: exit %d, expected %d: %s", cases[i].args, st,
                   cases[i].status, out);
     for (int w = 0; w < 2 && cases[i].words[w]; w++)
@@ -125,15 +94,15 @@ START_TEST(replay_paper_variants) {
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3");
   for (size_t i = 0; i < sizeof args / sizeof *args; i++) {
-    ck_assert_msg(run(out, sizeof out,
-                      "sample --model %s %s --seed 77 --batch 2 -o %s/i.png --quiet", model,
-                      args[i], tmp) == 0,
+    ck_assert_msg(test_run_cli(out, sizeof out,
+                               "sample --model %s %s --seed 77 --batch 2 -o %s/i.png --quiet",
+                               model, args[i], tmp) == 0,
                   "%s: %s", args[i], out);
     snprintf(a, sizeof a, "%s/i-1.png", tmp);
     snprintf(b, sizeof b, "%s/r.png", tmp);
-    ck_assert_msg(run(out, sizeof out, "sample --replay %s -o %s --quiet", a, b) == 0, "%s: %s",
-                  args[i], out);
-    ck_assert_msg(files_equal(a, b), "%s: replayed image differs", args[i]);
+    ck_assert_msg(test_run_cli(out, sizeof out, "sample --replay %s -o %s --quiet", a, b) == 0,
+                  "%s: %s", args[i], out);
+    ck_assert_msg(test_files_equal(a, b), "%s: replayed image differs", args[i]);
   }
 }
 END_TEST
@@ -141,11 +110,12 @@ END_TEST
 START_TEST(bench_solvers_table) {
   char out[16384], model[1024];
   test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3");
-  ck_assert_msg(run(out, sizeof out,
-                    "bench solvers --model %s --nfe 10,20 --solvers dpm++2m,unipc,ddim,heun,"
-                    "euler-a,dpm-solver-adaptive --batch 2 --ref-nfe 300",
-                    model) == 0,
-                "%s", out);
+  ck_assert_msg(
+      test_run_cli(out, sizeof out,
+                   "bench solvers --model %s --nfe 10,20 --solvers dpm++2m,unipc,ddim,heun,"
+                   "euler-a,dpm-solver-adaptive --batch 2 --ref-nfe 300",
+                   model) == 0,
+      "%s", out);
   fputs(out, stderr);
   ck_assert_ptr_nonnull(strstr(out, "NFE 10"));
   ck_assert_ptr_nonnull(strstr(out, "p 10-20"));
@@ -153,10 +123,11 @@ START_TEST(bench_solvers_table) {
   ck_assert_ptr_nonnull(strstr(out, "(19)")); /* Heun spends 2n - 1 */
   ck_assert_ptr_nonnull(strstr(out, "stochastic: skipped"));
   ck_assert_ptr_nonnull(strstr(out, "with"));
-  ck_assert_int_eq(run(out, sizeof out, "bench solvers --model %s --solvers nope", model), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "bench solvers --model %s --solvers nope", model),
+                   2);
   ck_assert_ptr_nonnull(strstr(out, "unknown solver 'nope'"));
-  ck_assert_int_eq(run(out, sizeof out, "bench solvers --model %s --nfe 5,x", model), 2);
-  ck_assert_int_eq(run(out, sizeof out, "bench solvers --help"), 0);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "bench solvers --model %s --nfe 5,x", model), 2);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "bench solvers --help"), 0);
   ck_assert_ptr_nonnull(strstr(out, "--ref-nfe"));
 }
 END_TEST
