@@ -150,9 +150,10 @@ class TorchSampler:
         return eu + guidance * (ec - eu)
 
     @torch.no_grad()
-    def ddim(self, y, steps, guidance, gen):
+    def ddim(self, y, steps, guidance, gen, x=None):
         n = y.shape[0]
-        x = torch.randn((n, 3, 32, 32), generator=gen, dtype=torch.float64)
+        if x is None:
+            x = torch.randn((n, 3, 32, 32), generator=gen, dtype=torch.float64)
         ratio = self.T // steps
         ts = (np.arange(steps) * ratio).round()[::-1].astype(np.int64)
         for t in ts:

@@ -3,7 +3,13 @@
 #ifndef DENOISED_CLI_H
 #define DENOISED_CLI_H
 
+#include <jansson.h>
 #include <stdint.h>
+#include <time.h>
+
+#include "err.h"
+#include "model.h"
+#include "sampler.h"
 
 /* Parse a whole string as an integer in [min, max]; on failure print an error
  * naming `flag` to stderr and return -1. */
@@ -14,9 +20,50 @@ int cli_parse_double(const char *flag, const char *s, double min, double max, do
 int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* ---- shared by the generation and editing commands (cli_io.c) ---- */
+
+#define CLI_MAX_OVERRIDES 64
+
+/* A whole file into memory, refused past max_bytes; *data malloc'ed. flag names the option. */
+int cli_read_file(const char *flag, const char *path, size_t max_bytes, uint8_t **data, size_t *len,
+                  err *e);
+/* An input image for a model of c channels sampling h x w: a PNG (decoded under that size) or a
+ * .npy [C, H, W] / [1, C, H, W] of finite values. *out: malloc'ed c * h * w floats in [-1, 1]. */
+int cli_read_image(const char *flag, const char *path, int c, int h, int w, float **out, err *e);
+/* Like cli_read_image, but a .npy may also hold a batch [B, C, H, W] (B <= max_batch). */
+int cli_read_images(const char *flag, const char *path, int c, int h, int w, int max_batch,
+                    int *batch, float **out, err *e);
+/* "C" or "C1,C2,..." (one per image) into batch labels in [0, num_classes); prints an error
+ * naming flag. */
+int cli_parse_labels(const char *flag, const char *s, int batch, int num_classes, int64_t *out);
+/* An inpainting mask (white: generate, black: keep): a PNG, or a .npy [H, W] of values in
+ * [0, 1]. *out: malloc'ed h * w floats. */
+int cli_read_mask(const char *flag, const char *path, int h, int w, float **out, err *e);
+
+/* The progress bar the commands draw on a terminal's stderr. */
+typedef struct cli_progress {
+  int tty;
+  time_t start;
+} cli_progress;
+void cli_progress_init(cli_progress *p, int quiet);
+void cli_on_progress(int step, int total, int nfe, void *user);
+
+/* The model's scheduler config (new reference) or NULL with *e clear when it has none. */
+json_t *cli_model_sched(const model *m, err *e);
+/* A solver spec from the usual flags: name, steps (0: default), --scheduler-config file (or
+ * NULL), KEY=VALUE overrides, and options forced on top (or NULL). */
+int cli_build_sampler(const model *m, const char *name, long long steps, const char *sched_file,
+                      const char *const *overrides, int noverrides, const json_t *forced,
+                      sampler **out, err *e);
+/* "a,b[,c]" into n doubles (n = count) each in [lo, hi]; prints an error naming flag. */
+int cli_parse_list(const char *flag, const char *s, int count, double lo, double hi, double *out);
+
 int cmd_forward(int argc, char **argv);
 int cmd_sample(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_solvers(int argc, char **argv);
+int cmd_invert(int argc, char **argv);
+int cmd_edit(int argc, char **argv);
+int cmd_boundary(int argc, char **argv);
 
 #endif

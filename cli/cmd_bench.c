@@ -10,12 +10,13 @@
 
 #include "cli.h"
 #include "gemm.h"
+#include "guidance.h"
 #include "model.h"
 #include "rng.h"
 
 static const char help[] =
     "usage: denoised bench unet --model DIR [--batch B] [--threads T] [--size S]\n"
-    "                           [--iters N] [--warmup W]\n"
+    "                           [--iters N] [--warmup W] [--guidance-scale G]\n"
     "       denoised bench solvers --model DIR [--nfe 5,10,20,50] ...  (solver accuracy; --help)\n"
     "\n"
     "Times one network evaluation (median of N) on Gaussian noise.\n"
@@ -23,7 +24,9 @@ static const char help[] =
     "  --threads T  CPU threads (default 2)\n"
     "  --size S     image side (default: the model's sample_size)\n"
     "  --iters N    timed runs (default 5); --warmup W untimed runs first (default 2:\n"
-    "               the first pass sizes the scratch memory, the second touches it)\n";
+    "               the first pass sizes the scratch memory, the second touches it)\n"
+    "  --guidance-scale G  time one classifier-free-guided evaluation, as a sampling step makes\n"
+    "               it: the conditional and unconditional passes as one forward of 2 B images\n";
 
 static double now_ms(void) {
   struct timespec ts;
@@ -70,14 +73,20 @@ int cmd_bench(int argc, char **argv) {
   argv++;
   const char *model_dir = NULL;
   long long batch = 1, threads = 2, size = 0, iters = 5, warmup = 2;
-  static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},   {"batch", required_argument, 0, 'b'},
-      {"threads", required_argument, 0, 'j'}, {"size", required_argument, 0, 's'},
-      {"iters", required_argument, 0, 'n'},   {"warmup", required_argument, 0, 'w'},
-      {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+  double gscale = 1;
+  int guided = 0;
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"batch", required_argument, 0, 'b'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"size", required_argument, 0, 's'},
+                                       {"iters", required_argument, 0, 'n'},
+                                       {"warmup", required_argument, 0, 'w'},
+                                       {"guidance-scale", required_argument, 0, 'g'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:b:j:s:n:w:h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:b:j:s:n:w:g:h", opts, NULL)) != -1) {
     switch (c) {
     case 'm': model_dir = optarg; break;
     case 'b':
@@ -99,6 +108,11 @@ int cmd_bench(int argc, char **argv) {
     case 'w':
       if (cli_parse_int("--warmup", optarg, 0, 10000, &warmup))
         return 2;
+      break;
+    case 'g':
+      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &gscale))
+        return 2;
+      guided = 1;
       break;
     case 'h': fputs(help, stdout); return 0;
     default: return cli_usage_error(cmd, "bad option");
@@ -133,9 +147,14 @@ int cmd_bench(int argc, char **argv) {
     t[i] = 500.0f;
   }
   const int64_t *lab = mi->num_classes ? labels : NULL;
+  guidance g = guidance_for(m, gscale);
+  if (guided && guidance_check(&g, m, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
   for (long long i = 0; i < warmup + iters; i++) {
     double t0 = now_ms();
-    if (model_eval(m, x, n, s, s, t, lab, out, (int)threads, &e)) {
+    if (guidance_eval(guided ? &g : NULL, m, x, n, s, s, t, lab, out, (int)threads, &e)) {
       cli_fail(cmd, "%s", e.msg);
       goto done;
     }
@@ -143,10 +162,15 @@ int cmd_bench(int argc, char **argv) {
       times[i - warmup] = now_ms() - t0;
   }
   qsort(times, (size_t)iters, sizeof *times, cmp_double);
-  double med = times[iters / 2], flops = model_flops(m, s, s) * n;
+  /* a guided evaluation (g other than 0 and 1) is one forward of twice the batch */
+  const int fwd = guided && gscale != 0 && gscale != 1 ? 2 * n : n;
+  double med = times[iters / 2], flops = model_flops(m, s, s) * fwd;
   printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
-         "gflops=%.1f peak_rss_mb=%.1f kernel=%s\n",
+         "gflops=%.1f peak_rss_mb=%.1f kernel=%s",
          n, threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(), gemm_kernel_name());
+  if (guided)
+    printf(" guidance=%g forwards_per_step=1 images_per_forward=%d", gscale, fwd);
+  putchar('\n');
   status = 0;
 done:
   free(x);

@@ -24,7 +24,8 @@ static const char help[] =
     "usage: denoised sample --model DIR [--scheduler NAME] [--steps N]\n"
     "                       [--scheduler-config FILE.json] [--scheduler-opt KEY=VALUE ...]\n"
     "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
-    "                       [--size S] [--threads T] [--quiet]\n"
+    "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
+    "                       [--mask MASK.png]] [--size S] [--threads T] [--quiet]\n"
     "                       (--out OUT.npy | -o OUT.png)\n"
     "       denoised sample --replay IMAGE.png [--model DIR] -o OUT.png\n"
     "\n"
@@ -47,6 +48,17 @@ static const char help[] =
     "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
     "  --batch B               images (default 1)\n"
     "  --class C               class label for class-conditional models\n"
+    "  --guidance-scale G      classifier-free guidance: uncond + G (cond - uncond), both\n"
+    "                          passes in one batched evaluation per step; G in [0, 100], 1 is\n"
+    "                          the plain conditional model, 0 the unconditional one (the null\n"
+    "                          class of the model's config.json \"_null_class\")\n"
+    "  --init-image IN.png     img2img (SDEdit): start from IN (PNG or .npy [C, H, W] in\n"
+    "                          [-1, 1], the model's size) noised to the level --strength picks\n"
+    "  --strength S            share of the schedule that runs, (0, 1] (default 0.8; with\n"
+    "                          --mask 1.0): the last int(S * steps) steps\n"
+    "  --mask MASK.png         inpainting: white pixels are generated, black ones keep the\n"
+    "                          init image (re-noised to every step's level; diffusers' pipeline\n"
+    "                          for models without mask channels)\n"
     "  --size S                image side (default: the model's sample_size)\n"
     "  --threads T             CPU threads (default 2)\n"
     "  --out OUT.npy           write the raw samples [B, C, H, W] float32\n"
@@ -57,31 +69,14 @@ static const char help[] =
 
 typedef struct sample_args {
   const char *model_dir, *scheduler, *sched_file, *noise_path, *npy_out, *png_out, *replay;
+  const char *init_image, *mask;
+  double guidance, strength;
+  int has_guidance, has_strength;
   const char *overrides[MAX_OVERRIDES];
   int noverrides;
   long long steps, seed, batch, label, size, threads, first_image;
   int has_seed, has_label, quiet;
 } sample_args;
-
-typedef struct progress {
-  int tty;
-  time_t start;
-} progress;
-
-static void on_progress(int step, int total, int nfe, void *user) {
-  progress *p = user;
-  if (!p->tty)
-    return;
-  if (!total) { /* an adaptive solver: the number of steps is not known in advance */
-    fprintf(stderr, "\r%d steps accepted, %d NFE, %lds", step, nfe, (long)(time(NULL) - p->start));
-    return;
-  }
-  int width = 30, done = step * width / total;
-  fprintf(stderr, "\r[%.*s%*s] %d/%d steps, %d NFE, %lds", done, "##############################",
-          width - done, "", step, total, nfe, (long)(time(NULL) - p->start));
-  if (step == total)
-    fputc('\n', stderr);
-}
 
 static uint64_t random_seed(void) {
   uint64_t s = 0;
@@ -168,6 +163,11 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
   int rc = ERR_OK;
   for (int i = 0; i < (int)a->batch && !rc; i++) {
     image_to_u8(x + per * i, c, h, w, px);
+    json_t *extra = json_object();
+    if (extra && a->init_image)
+      json_object_set_new(extra, "init_image", json_string(a->init_image));
+    if (extra && a->mask)
+      json_object_set_new(extra, "mask", json_string(a->mask));
     meta_image mm = {.model = a->model_dir,
                      .solver = solver,
                      .steps = steps,
@@ -177,7 +177,12 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
                      .width = w,
                      .cfg = cfg,
                      .has_label = a->has_label,
-                     .label = a->label};
+                     .label = a->label,
+                     .has_guidance = a->has_guidance,
+                     .guidance_scale = a->guidance,
+                     .has_strength = a->init_image != NULL,
+                     .strength = a->strength,
+                     .extra = extra};
     json_t *meta = meta_json(&mm);
     char *meta_s = meta ? json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS) : NULL, info[1024];
     meta_infotext(&mm, info, sizeof info);
@@ -191,6 +196,7 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
     free(name);
     free(meta_s);
     json_decref(meta);
+    json_decref(extra);
   }
   free(px);
   return rc;
@@ -207,11 +213,13 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   free(text);
   const char *model_dir, *solver;
   json_int_t steps, seed, index, h, w;
-  json_t *cfg = NULL, *label = NULL;
-  if (!meta || json_unpack_ex(meta, &je, 0, "{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:o, s?o}",
+  json_t *cfg = NULL, *label = NULL, *gs = NULL, *st = NULL, *init = NULL, *mask = NULL;
+  if (!meta || json_unpack_ex(meta, &je, 0,
+                              "{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:o, s?o, s?o, s?o, s?o, s?o}",
                               "model", &model_dir, "scheduler", &solver, "steps", &steps, "seed",
                               &seed, "image_index", &index, "height", &h, "width", &w,
-                              "scheduler_config", &cfg, "class_label", &label)) {
+                              "scheduler_config", &cfg, "class_label", &label, "guidance_scale",
+                              &gs, "strength", &st, "init_image", &init, "mask", &mask)) {
     json_decref(meta);
     return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a denoised request: %s", a->replay,
                    META_JSON_KEY, je.text);
@@ -233,6 +241,18 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
     a->label = json_integer_value(label);
     a->has_label = 1;
   }
+  if (gs && json_is_number(gs)) {
+    a->guidance = json_number_value(gs);
+    a->has_guidance = 1;
+  }
+  /* img2img and inpainting replay from the recorded files, when they are still there */
+  if (json_is_string(init)) {
+    a->init_image = json_string_value(init);
+    a->strength = json_is_number(st) ? json_number_value(st) : 0.8;
+    a->has_strength = 1;
+  }
+  if (json_is_string(mask))
+    a->mask = json_string_value(mask);
   *meta_out = meta;
   return ERR_OK;
 }
@@ -247,6 +267,10 @@ static int parse_args(int argc, char **argv, sample_args *a) {
                                        {"noise", required_argument, 0, 'N'},
                                        {"batch", required_argument, 0, 'b'},
                                        {"class", required_argument, 0, 'l'},
+                                       {"guidance-scale", required_argument, 0, 'g'},
+                                       {"init-image", required_argument, 0, 'I'},
+                                       {"strength", required_argument, 0, 'T'},
+                                       {"mask", required_argument, 0, 'M'},
                                        {"size", required_argument, 0, 'z'},
                                        {"threads", required_argument, 0, 'j'},
                                        {"out", required_argument, 0, 'u'},
@@ -257,7 +281,8 @@ static int parse_args(int argc, char **argv, sample_args *a) {
   const char *cmd = "sample";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:z:j:u:o:r:qh", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:qh", opts, NULL)) !=
+         -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 's': a->scheduler = optarg; break;
@@ -286,6 +311,20 @@ static int parse_args(int argc, char **argv, sample_args *a) {
         return 2;
       a->has_label = 1;
       break;
+    case 'g':
+      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
+        return 2;
+      a->has_guidance = 1;
+      break;
+    case 'I': a->init_image = optarg; break;
+    case 'T':
+      if (cli_parse_double("--strength", optarg, 0, 1, &a->strength))
+        return 2;
+      if (a->strength <= 0)
+        return cli_usage_error(cmd, "--strength must be greater than 0");
+      a->has_strength = 1;
+      break;
+    case 'M': a->mask = optarg; break;
     case 'z':
       if (cli_parse_int("--size", optarg, 1, 4096, &a->size))
         return 2;
@@ -306,7 +345,8 @@ static int parse_args(int argc, char **argv, sample_args *a) {
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
   if (a->replay) {
     if (a->scheduler || a->sched_file || a->noverrides || a->has_seed || a->noise_path ||
-        a->has_label || a->steps || a->size)
+        a->has_label || a->steps || a->size || a->has_guidance || a->init_image || a->mask ||
+        a->has_strength)
       return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
   } else if (!a->model_dir) {
     return cli_usage_error(cmd, "--model is required");
@@ -315,6 +355,12 @@ static int parse_args(int argc, char **argv, sample_args *a) {
     return cli_usage_error(cmd, "give --out OUT.npy or -o OUT.png");
   if (a->noise_path && a->has_seed)
     return cli_usage_error(cmd, "--seed and --noise exclude each other");
+  if (a->has_strength && !a->init_image)
+    return cli_usage_error(cmd, "--strength needs --init-image");
+  if (a->mask && !a->init_image)
+    return cli_usage_error(cmd, "--mask needs --init-image (the picture to inpaint)");
+  if (a->init_image && !a->has_strength)
+    a->strength = a->mask ? 1.0 : 0.8; /* diffusers' pipeline defaults */
   return 0;
 }
 
@@ -330,7 +376,7 @@ int cmd_sample(int argc, char **argv) {
   sampler *s = NULL;
   int status = 1;
   npy_array noise = {0};
-  float *out = NULL;
+  float *out = NULL, *init_px = NULL, *mask_px = NULL, *init_b = NULL, *mask_b = NULL;
   if (a.replay && load_replay(&a, &replay_meta, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
@@ -374,6 +420,30 @@ int cmd_sample(int argc, char **argv) {
     status = 2;
     goto done;
   }
+  if (a.has_guidance && !mi->num_classes) {
+    cli_usage_error(cmd, "--guidance-scale needs a class-conditional model");
+    status = 2;
+    goto done;
+  }
+  if (a.init_image) {
+    if (cli_read_image("--init-image", a.init_image, mi->in_channels, size, size, &init_px, &e) ||
+        (a.mask && cli_read_mask("--mask", a.mask, size, size, &mask_px, &e))) {
+      cli_fail(cmd, "%s", e.msg);
+      goto done;
+    }
+    const size_t d = (size_t)mi->in_channels * size * size, plane = (size_t)size * size;
+    init_b = malloc(sizeof(float) * d * (size_t)a.batch);
+    mask_b = a.mask ? malloc(sizeof(float) * plane * (size_t)a.batch) : NULL;
+    if (!init_b || (a.mask && !mask_b)) {
+      cli_fail(cmd, "out of memory");
+      goto done;
+    }
+    for (long long b = 0; b < a.batch; b++) { /* one picture, every image its own noise */
+      memcpy(init_b + d * (size_t)b, init_px, d * sizeof *init_b);
+      if (mask_b)
+        memcpy(mask_b + plane * (size_t)b, mask_px, plane * sizeof *mask_b);
+    }
+  }
   if (a.noise_path) {
     if (npy_read_f32(a.noise_path, &noise, &e)) {
       cli_fail(cmd, "%s", e.msg);
@@ -402,7 +472,9 @@ int cmd_sample(int argc, char **argv) {
     cli_fail(cmd, "out of memory");
     goto done;
   }
-  progress pr = {!a.quiet && isatty(STDERR_FILENO), time(NULL)};
+  cli_progress pr;
+  cli_progress_init(&pr, a.quiet);
+  guidance g = guidance_for(m, a.guidance);
   sampler_run_opts o = {.batch = (int)a.batch,
                         .height = size,
                         .width = size,
@@ -410,9 +482,13 @@ int cmd_sample(int argc, char **argv) {
                         .first_image = (uint64_t)a.first_image,
                         .init_noise = a.noise_path ? noise.data : NULL,
                         .labels = labels,
-                        .progress = on_progress,
+                        .progress = cli_on_progress,
                         .progress_user = &pr,
-                        .threads = (int)a.threads};
+                        .threads = (int)a.threads,
+                        .guidance = a.has_guidance ? &g : NULL,
+                        .init_image = init_b,
+                        .strength = a.strength,
+                        .mask = mask_b};
   int nfe = 0, rc = sampler_run(s, m, &o, out, &nfe, &e);
   if (pr.tty && !sampler_nfe(s))
     fputc('\n', stderr);
@@ -439,6 +515,10 @@ int cmd_sample(int argc, char **argv) {
   status = 0;
 done:
   free(out);
+  free(init_px);
+  free(mask_px);
+  free(init_b);
+  free(mask_b);
   npy_array_free(&noise);
   sampler_free(s);
   model_free(m);

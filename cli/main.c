@@ -18,6 +18,9 @@ static const char usage[] = "usage: denoised <command> [options]\n"
                             "commands:\n"
                             "  sample    generate images with a model and a solver (PNG or .npy)\n"
                             "  forward   run one network evaluation on inputs from .npy files\n"
+                            "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
+                            "  edit      edits in noise space, or across a semantic boundary\n"
+                            "  boundary  'boundary fit': a semantic boundary from labelled images\n"
                             "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
                             "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
                             "  config    check a daemon config file, list its keys\n"
@@ -94,6 +97,12 @@ int main(int argc, char **argv) {
     return cmd_sample(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0)
     return cmd_bench(argc - 1, argv + 1);
+  if (strcmp(cmd, "invert") == 0)
+    return cmd_invert(argc - 1, argv + 1);
+  if (strcmp(cmd, "edit") == 0)
+    return cmd_edit(argc - 1, argv + 1);
+  if (strcmp(cmd, "boundary") == 0)
+    return cmd_boundary(argc - 1, argv + 1);
   if (strcmp(cmd, "serve") == 0)
     return server_main(argc - 1, argv + 1);
   if (strcmp(cmd, "config") == 0)

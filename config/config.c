@@ -38,7 +38,7 @@ static const key_desc keys[] = {
     INT_KEY(workers, 0, 256, "jobs (or batches) computed at once (0: min(2, cpu_budget))"),
     INT_KEY(threads_per_job, 0, 1024, "compute threads per worker (0: cpu_budget / workers)"),
     INT_KEY(queue_max, 1, 1000000, "queued jobs before 429"),
-    INT_KEY(batch_max_images, 1, 1024, "images per batched forward (1: no batching)"),
+    INT_KEY(batch_max_images, 1, 1024, "images in a forward shared by jobs (1: no batching)"),
     INT_KEY(result_ttl, 1, 365 * 86400, "seconds finished jobs and images are kept"),
     INT_KEY(max_body_bytes, 256, 64 << 20, "largest request body"),
     INT_KEY(max_batch, 1, 1024, "largest batch_size"),
@@ -408,8 +408,6 @@ int config_finalize(config *c, err *e) {
     return err_set(e, ERR_INVALID,
                    "threads_per_job: workers %d x threads_per_job %d exceed cpu_budget %d",
                    c->workers, c->threads_per_job, c->cpu_budget);
-  if (c->batch_max_images < c->max_batch)
-    c->batch_max_images = c->max_batch; /* a single job is never split */
   static const char *levels[] = {"debug", "info", "warn", "error"};
   int ok = 0;
   for (int i = 0; i < 4; i++)

@@ -35,7 +35,7 @@ typedef struct config {
   int workers;                         /* concurrent jobs (or batches); 0: min(2, cpu_budget) */
   int threads_per_job;                 /* 0: cpu_budget / workers */
   int queue_max;
-  int batch_max_images; /* images in one batched forward; 1 disables batching */
+  int batch_max_images; /* images in a forward shared by jobs; 1 disables batching */
   int result_ttl;       /* seconds a finished job and its images are kept */
   int max_body_bytes;
   int max_batch;

@@ -18,6 +18,10 @@ json_t *meta_json(const meta_image *m) {
     return NULL;
   if (m->has_label)
     json_object_set_new(j, "class_label", json_integer(m->label));
+  if (m->has_guidance)
+    json_object_set_new(j, "guidance_scale", json_real(m->guidance_scale));
+  if (m->has_strength)
+    json_object_set_new(j, "strength", json_real(m->strength));
   if (m->extra)
     json_object_update(j, (json_t *)m->extra);
   return j;
@@ -31,6 +35,10 @@ void meta_infotext(const meta_image *m, char *buf, size_t n) {
                        m->steps, m->solver, (unsigned long long)m->seed, m->width, m->height, name);
   if (m->has_label && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", (long long)m->label);
+  if (m->has_guidance && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", CFG scale: %g", m->guidance_scale);
+  if (m->has_strength && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Denoising strength: %g", m->strength);
   if (off < n)
     snprintf(buf + off, n - off, ", Version: %s", META_VERSION);
 }

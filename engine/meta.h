@@ -25,6 +25,10 @@ typedef struct meta_image {
   const sched_config *cfg;
   int has_label;
   int64_t label;
+  int has_guidance; /* classifier-free guidance: A1111 "CFG scale", JSON "guidance_scale" */
+  double guidance_scale;
+  int has_strength; /* img2img / inpainting: A1111 "Denoising strength", JSON "strength" */
+  double strength;
   const json_t *extra; /* more keys for the JSON (e.g. the job id), or NULL */
 } meta_image;
 

@@ -151,6 +151,21 @@ static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
   return ERR_OK;
 }
 
+/* Which label means "unconditional" for classifier-free guidance (see model_info.null_class). */
+static int read_null_class(model *m, const json_t *cfg, const char *cfg_path, err *e) {
+  const int k = m->info.num_classes, gmm = m->info.kind == MODEL_GAUSSIAN_MIXTURE;
+  m->info.null_class = gmm ? -1 : k - 1;
+  const json_t *v = json_object_get(cfg, "_null_class");
+  if (!v || json_is_null(v))
+    return ERR_OK;
+  const json_int_t lo = gmm ? -1 : 0;
+  if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) >= k)
+    return err_set(e, ERR_FORMAT, "%s: key '_null_class' must be an integer in [%lld, %d)",
+                   cfg_path, (long long)lo, k);
+  m->info.null_class = json_integer_value(v);
+  return ERR_OK;
+}
+
 int model_load(const char *dir, model **out, err *e) {
   *out = NULL;
   ops_init();
@@ -193,6 +208,8 @@ int model_load(const char *dir, model **out, err *e) {
                  "GaussianMixtureDenoiser)",
                  cfg_path, name);
   }
+  if (rc == ERR_OK)
+    rc = read_null_class(m, cfg, cfg_path, e);
   json_decref(cfg);
   if (rc) {
     model_free(m);

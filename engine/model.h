@@ -18,7 +18,12 @@ typedef struct model_info {
   int sample_size;        /* H == W of the images it was built for */
   int in_channels;
   int out_channels;
-  int num_classes;    /* 0 when not class-conditional */
+  int num_classes; /* 0 when not class-conditional */
+  /* The label classifier-free guidance uses for "no class": config.json "_null_class", else
+   * num_classes - 1 for a class-conditional UNet (the convention of models trained with label
+   * dropout) and -1 for the GaussianMixtureDenoiser, whose negative labels mean the whole
+   * mixture. Unused when num_classes is 0. */
+  int64_t null_class;
   int64_t num_params; /* learned parameters (UNet) or stored values */
   /* prediction_type declared by the model's own config.json, or NULL. */
   const char *prediction_type;

@@ -29,8 +29,8 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
   const int total = r->s->n;
   if (o->cancel && *o->cancel)
     return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", step + 1, total);
-  int rc =
-      model_eval(r->m, x, n, r->h, r->w, r->tv, labels, out, o->threads > 0 ? o->threads : 1, e);
+  int rc = guidance_eval(o->guidance, r->m, x, n, r->h, r->w, r->tv, labels, out,
+                         o->threads > 0 ? o->threads : 1, e);
   if (rc != ERR_OK)
     return err_prefix(e, "step %d (t=%g)", step + 1, t_for_msg);
   r->nfe++;
@@ -279,9 +279,12 @@ static int ddim_prepare(sampler *s, err *e) {
   return ERR_OK;
 }
 
-static int ddim_step(const sampler *s, step_ctx *c, err *e) {
+/* The deterministic part of DDIM step k for one image (into mean, which may alias x) and the
+ * std of the noise it adds. x0 and pe are d scratch each, sel the thresholding scratch. */
+static void ddim_mean(const sampler *s, int k, const float *x, const float *mo, size_t d,
+                      float *mean, float *std_out, float *x0, float *pe, float *sel) {
   const sched_config *cfg = &s->cfg;
-  const int64_t t = s->ts[c->i], pt = s->prev[c->i];
+  const int64_t t = s->ts[k], pt = s->prev[k];
   const float final_abar = cfg->set_alpha_to_one ? 1.0f : s->abar[0];
   const float a_t = s->abar[t], a_prev = pt >= 0 ? s->abar[pt] : final_abar;
   const float beta_t = 1.0f - a_t;
@@ -290,23 +293,29 @@ static int ddim_step(const sampler *s, step_ctx *c, err *e) {
   const float std = (float)cfg->eta * sqrtf(var);
   const float c_dir = sqrtf(1.0f - a_prev - std * std);
   const float c_x0 = sqrtf(a_prev);
+  predict_x0(cfg->prediction_type, a_t, x, mo, d, x0);
+  /* pred_epsilon is taken before clipping, from the raw output */
+  for (size_t i = 0; i < d; i++) {
+    if (cfg->prediction_type == SCHED_PRED_EPSILON)
+      pe[i] = mo[i];
+    else if (cfg->prediction_type == SCHED_PRED_SAMPLE)
+      pe[i] = (x[i] - sa * x0[i]) / sb;
+    else
+      pe[i] = sa * mo[i] + sb * x[i];
+  }
+  clip_or_threshold(cfg, x0, d, sel);
+  for (size_t i = 0; i < d; i++)
+    mean[i] = c_x0 * x0[i] + c_dir * pe[i];
+  *std_out = std;
+}
+
+static int ddim_step(const sampler *s, step_ctx *c, err *e) {
+  const sched_config *cfg = &s->cfg;
   for (int b = 0; b < c->batch; b++) {
     float *x = c->x + (size_t)b * c->d;
     const float *mo = c->mo + (size_t)b * c->mo_stride;
-    float *x0 = c->x0, *pe = c->noise + (size_t)b * c->d;
-    predict_x0(cfg->prediction_type, a_t, x, mo, c->d, x0);
-    /* pred_epsilon is taken before clipping, from the raw output */
-    for (size_t i = 0; i < c->d; i++) {
-      if (cfg->prediction_type == SCHED_PRED_EPSILON)
-        pe[i] = mo[i];
-      else if (cfg->prediction_type == SCHED_PRED_SAMPLE)
-        pe[i] = (x[i] - sa * x0[i]) / sb;
-      else
-        pe[i] = sa * mo[i] + sb * x[i];
-    }
-    clip_or_threshold(cfg, x0, c->d, c->sel);
-    for (size_t i = 0; i < c->d; i++)
-      x[i] = c_x0 * x0[i] + c_dir * pe[i];
+    float *pe = c->noise + (size_t)b * c->d, std;
+    ddim_mean(s, c->i, x, mo, c->d, x, &std, c->x0, pe, c->sel);
     if (cfg->eta > 0) {
       int rc = sampler_noise(c, b, pe, e);
       if (rc != ERR_OK)
@@ -712,6 +721,13 @@ int sampler_ends_clean(const sampler *s) {
 
 /* ---- the loop ---- */
 
+static int plan_part(const sampler *s, const sampler_run_opts *o, int *start, int *end, int **first,
+                     err *e);
+static void noise_to_level(const sampler *s, int i, const float *x0, const float *nz, size_t n,
+                           float *out);
+static void blend_known(const sampler *s, int i, const sampler_run_opts *o, const float *nz,
+                        size_t plane, size_t d, float *known, float *x);
+
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e) {
   if (nfe)
@@ -741,6 +757,16 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                    "sampler: the model predicts '%s' but the scheduler config says "
                    "prediction_type '%s'",
                    info->prediction_type, sched_prediction_name(cfg->prediction_type));
+  int rc = guidance_check(o->guidance, m, e);
+  if (rc != ERR_OK)
+    return rc;
+  if (o->guidance && o->guidance->enabled && !o->labels)
+    return err_set(e, ERR_INVALID, "guidance_scale: classifier-free guidance needs class labels");
+  int start = 0, end = s->n;
+  int *first = NULL;
+  const int partial = o->start_step || o->end_step || o->init_image || o->mask;
+  if (partial && (rc = plan_part(s, o, &start, &end, &first, e)) != ERR_OK)
+    return rc;
   const size_t d = (size_t)cin * h * w, dout = (size_t)cout * h * w;
   const size_t nb = (size_t)o->batch, nd = nb * d;
   const int nbuf = s->desc->nbuf;
@@ -749,6 +775,8 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
   float *scratch = calloc(3 * d + (5 + (size_t)nbuf) * nd, sizeof *scratch);
   float *tv = malloc(nb * sizeof *tv);
   int64_t *lab = malloc(nb * sizeof *lab);
+  /* img2img/inpainting: the initial noise, which also re-noises the kept region */
+  float *nz = o->init_image ? malloc(nd * sizeof *nz) : NULL;
   run_ctx run = {.s = s,
                  .m = m,
                  .o = o,
@@ -760,20 +788,37 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                  .tv = tv,
                  .labels = lab,
                  .full = mo};
-  int rc = ERR_OK;
-  if (!mo || !scratch || !tv || !lab) {
+  if (!mo || !scratch || !tv || !lab || (o->init_image && !nz)) {
     rc = err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
     goto done;
   }
-  for (size_t b = 0; b < nb; b++) {
-    if (o->init_noise)
-      memcpy(out + b * d, o->init_noise + b * d, d * sizeof *out);
-    else
-      rng_normal(o->seed, o->first_image + b, 0, out + b * d, d);
+  const int e0 = first ? first[start] : 0, e1 = first ? first[end] : s->n_evals;
+  if (o->init_image) {
+    for (size_t b = 0; b < nb; b++) {
+      if (o->init_noise)
+        memcpy(nz + b * d, o->init_noise + b * d, d * sizeof *nz);
+      else
+        rng_normal(o->seed, o->first_image + b, 0, nz + b * d, d);
+    }
+    if (o->mask && o->strength >= 1.0) { /* diffusers: pure noise at full strength */
+      for (size_t k = 0; k < nd; k++)
+        out[k] = nz[k] * s->init_sigma;
+    } else {
+      noise_to_level(s, e0, o->init_image, nz, nd, out);
+    }
+  } else if (start > 0) {
+    memcpy(out, o->init_noise, nd * sizeof *out);
+  } else {
+    for (size_t b = 0; b < nb; b++) {
+      if (o->init_noise)
+        memcpy(out + b * d, o->init_noise + b * d, d * sizeof *out);
+      else
+        rng_normal(o->seed, o->first_image + b, 0, out + b * d, d);
+    }
+    if (s->init_sigma != 1.0f)
+      for (size_t k = 0; k < nd; k++)
+        out[k] = out[k] * s->init_sigma;
   }
-  if (s->init_sigma != 1.0f)
-    for (size_t k = 0; k < nd; k++)
-      out[k] = out[k] * s->init_sigma;
   if (s->desc->run) {
     rc = s->desc->run(s, &run, out, e);
     goto done;
@@ -787,14 +832,15 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                 .sel = scratch + d,
                 .noise = scratch + 3 * d,
                 .o = o,
-                .run = &run};
+                .run = &run,
+                .i0 = e0};
   float *xin = c.noise + nd;
   for (int k = 0; k < 3; k++)
     c.tmp[k] = xin + (size_t)(k + 1) * nd;
   for (int k = 0; k < nbuf; k++)
     c.buf[k] = c.tmp[2] + (size_t)(k + 1) * nd;
   int done_steps = 0;
-  for (int i = 0; i < s->n_evals && rc == ERR_OK; i++) {
+  for (int i = e0; i < e1 && rc == ERR_OK; i++) {
     c.i = i;
     const float *in = out;
     if (s->in_div) {
@@ -810,8 +856,10 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
         memmove(mo + b * d, mo + b * dout, d * sizeof *mo);
     if ((rc = s->desc->step(s, &c, e)) != ERR_OK)
       break;
+    if (o->mask)
+      blend_known(s, i + 1, o, nz, (size_t)h * w, d, c.tmp[0], out);
     if (s->step_end[i])
-      sampler_report(&run, ++done_steps, s->n);
+      sampler_report(&run, ++done_steps, end - start);
   }
 done:
   if (nfe)
@@ -820,5 +868,144 @@ done:
   free(scratch);
   free(tv);
   free(lab);
+  free(nz);
+  free(first);
   return rc;
+}
+
+/* ---- partial runs, img2img, inpainting ---- */
+
+/* first[k]: the first evaluation of step k, k = 0..n (first[n] = n_evals). */
+static int step_firsts(const sampler *s, int **out, err *e) {
+  int *first = malloc((size_t)(s->n + 1) * sizeof *first);
+  if (!first)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int k = 0;
+  first[0] = 0;
+  for (int i = 0; i < s->n_evals && k < s->n; i++)
+    if (s->step_end[i])
+      first[++k] = i + 1;
+  if (k != s->n || first[k] != s->n_evals) {
+    free(first);
+    return err_set(e, ERR_UNSUPPORTED, "%s: its evaluations do not split into %d steps", s->name,
+                   s->n);
+  }
+  *out = first;
+  return ERR_OK;
+}
+
+/* Checks the partial-run options and resolves [start, end) in steps. */
+static int plan_part(const sampler *s, const sampler_run_opts *o, int *start, int *end, int **first,
+                     err *e) {
+  if (s->desc->run || !s->n_evals)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "%s runs the paper's own loop: start/end steps, img2img and inpainting need "
+                   "one of diffusers' solvers",
+                   s->name);
+  if (o->mask && !o->init_image)
+    return err_set(e, ERR_INVALID, "mask: inpainting needs an init image");
+  if (o->init_image && o->start_step)
+    return err_set(e, ERR_INVALID,
+                   "start_step: an init image starts where strength says; give one, not both");
+  int rc;
+  *start = o->start_step;
+  *end = o->end_step ? o->end_step : s->n;
+  if (o->init_image && (rc = sampler_strength_start(s, o->strength, start, e)) != ERR_OK)
+    return rc;
+  if (*start < 0 || *end > s->n || *start >= *end)
+    return err_set(e, ERR_INVALID, "steps [%d, %d) are not a part of the %d steps", *start, *end,
+                   s->n);
+  if (*start > 0 && !o->init_image && !o->init_noise)
+    return err_set(e, ERR_INVALID, "start_step %d needs the state there (init_noise)", *start);
+  if (*start > 0 && s->desc == &solver_pndm && !s->cfg.skip_prk_steps)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "pndm cannot start inside its Runge-Kutta warm-up: use plms "
+                   "(skip_prk_steps) for img2img or a later start");
+  return step_firsts(s, first, e);
+}
+
+int sampler_strength_start(const sampler *s, double strength, int *start_step, err *e) {
+  if (!isfinite(strength) || strength <= 0 || strength > 1)
+    return err_set(e, ERR_INVALID, "strength %g must be in (0, 1]", strength);
+  /* diffusers' get_timesteps: int() truncation of the product */
+  int init = (int)((double)s->n * strength);
+  if (init > s->n)
+    init = s->n;
+  if (init < 1)
+    return err_set(e, ERR_INVALID, "strength %g leaves no step of %d (it needs at least 1/%d = %g)",
+                   strength, s->n, s->n, 1.0 / s->n);
+  *start_step = s->n - init;
+  return ERR_OK;
+}
+
+/* The state's level at the input of evaluation i (i = n_evals: the clean end), in the float32
+ * arithmetic of the scheduler's add_noise. */
+static void eval_level(const sampler *s, int i, float *a, float *b) {
+  if (i >= s->n_evals) {
+    *a = 1.0f;
+    *b = 0.0f;
+  } else if (s->in_div) { /* Euler family: x0 + sigma * noise */
+    *a = 1.0f;
+    *b = s->sigmas[i];
+  } else if (s->sigmas) { /* DPM-Solver, UniPC, DEIS: _sigma_to_alpha_sigma_t */
+    const float sg = s->sigmas[i], al = 1.0f / sqrtf(sg * sg + 1.0f);
+    *a = al;
+    *b = sg * al;
+  } else {
+    const float ab = s->abar[(int64_t)s->tm[i]];
+    *a = sqrtf(ab);
+    *b = sqrtf(1.0f - ab);
+  }
+}
+
+static void noise_to_level(const sampler *s, int i, const float *x0, const float *nz, size_t n,
+                           float *out) {
+  float a, b;
+  eval_level(s, i, &a, &b);
+  for (size_t k = 0; k < n; k++)
+    out[k] = a * x0[k] + b * nz[k];
+}
+
+/* latents = (1 - mask) * init_latents_proper + mask * latents, per image with its own mask */
+static void blend_known(const sampler *s, int i, const sampler_run_opts *o, const float *nz,
+                        size_t plane, size_t d, float *known, float *x) {
+  const size_t nd = (size_t)o->batch * d;
+  noise_to_level(s, i, o->init_image, nz, nd, known);
+  for (int b = 0; b < o->batch; b++) {
+    const float *mb = o->mask + (size_t)b * plane;
+    for (size_t k = 0; k < d; k++) {
+      const size_t idx = (size_t)b * d + k;
+      const float mk = mb[k % plane];
+      x[idx] = (1.0f - mk) * known[idx] + mk * x[idx];
+    }
+  }
+}
+
+void sampler_step_level(const sampler *s, int k, float *a, float *b) {
+  int i = s->n_evals, steps = 0;
+  if (k < s->n) {
+    i = 0;
+    for (int j = 0; j < s->n_evals && steps < k; j++)
+      if (s->step_end[j] && ++steps == k)
+        i = j + 1;
+  }
+  eval_level(s, i, a, b);
+}
+
+const float *sampler_alphas_cumprod(const sampler *s) {
+  return s->abar;
+}
+int sampler_train_timesteps(const sampler *s) {
+  return s->T;
+}
+
+int sampler_ddim_split(const sampler *s, int k, const float *x, const float *mo, size_t d,
+                       float *mean, float *std, float *scratch, err *e) {
+  if (s->desc != &solver_ddim)
+    return err_set(e, ERR_INVALID, "%s is not DDIM: the noise-map split needs DDIMScheduler",
+                   s->name);
+  if (k < 0 || k >= s->n)
+    return err_set(e, ERR_INVALID, "DDIM step %d outside [0, %d)", k, s->n);
+  ddim_mean(s, k, x, mo, d, mean, std, scratch, scratch + d, scratch + 2 * d);
+  return ERR_OK;
 }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "guidance.h"
 #include "model.h"
 #include "schedule.h"
 
@@ -86,6 +87,26 @@ typedef struct sampler_run_opts {
   void *noise_user;
   volatile int *cancel; /* checked before every evaluation; non-zero stops the run */
   int threads;          /* CPU threads for the model, >= 1 (0 means 1) */
+  /* Classifier-free guidance of every evaluation (NULL: none); needs labels. */
+  const guidance *guidance;
+  /* Part of the schedule: steps [start_step, end_step) of sampler_num_steps (end_step 0: to
+   * the end). With start_step > 0 (and no init_image) init_noise is required and is the state
+   * at that step as the solver holds it (x_t at the step's level, VE-scaled for the Euler
+   * family), not noise to scale. With end_step before the end, out receives the state there.
+   * Multistep solvers start over at first order, as diffusers' do from a begin index. Not for
+   * the papers' own loops (f-pndm, s-pndm, dpm-solver-fast/adaptive). */
+  int start_step, end_step;
+  /* img2img (SDEdit), batch * C * H * W values in [-1, 1]: the run starts at step
+   * n - int(n * strength) (diffusers' get_timesteps) from the image noised to that step's level
+   * with the initial noise (init_noise, else rng stream 0). strength in (0, 1]. */
+  const float *init_image;
+  double strength;
+  /* Inpainting (with init_image): batch * H * W weights, 1 = generate, 0 = keep. After every
+   * evaluation the kept part becomes init_image noised with the initial noise to the level of
+   * the next evaluation (clean after the last): diffusers' inpainting pipeline for models
+   * without mask channels, one fixed noise draw (no RePaint resampling). strength 1 starts
+   * from pure noise, as there. */
+  const float *mask;
 } sampler_run_opts;
 
 /* Runs the whole chain; out receives batch * C * H * W floats (nominally in [-1, 1]) and *nfe
@@ -97,5 +118,26 @@ typedef struct sampler_run_opts {
  * last completed step's samples. */
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e);
+
+/* The first step a run with img2img strength `strength` performs (n - int(n * strength)); an
+ * error if that leaves no step. */
+int sampler_strength_start(const sampler *s, double strength, int *start_step, err *e);
+
+/* The state a solver holds at the input of step k (0 <= k <= sampler_num_steps; k = n is the
+ * end): x = a * x0 + b * eps. VP solvers give (sqrt(abar), sqrt(1 - abar)), the Euler family
+ * (1, sigma); the end is (1, 0) however the schedule ends. */
+void sampler_step_level(const sampler *s, int k, float *a, float *b);
+
+/* The training schedule: num_train_timesteps alphas_cumprod in float32, as the scheduler
+ * class holds them. */
+const float *sampler_alphas_cumprod(const sampler *s);
+int sampler_train_timesteps(const sampler *s);
+
+/* DDIM solvers only: step k of one image split as x_prev = mean + std * z (z the noise an
+ * eta > 0 step draws), from x at the step's timestep and the (guided) model output mo, in the
+ * float operations the sampler uses, so x_prev = mean + std * z computed by the caller is
+ * bit-identical to the sampler's result for that z. scratch: 3 d floats. */
+int sampler_ddim_split(const sampler *s, int k, const float *x, const float *mo, size_t d,
+                       float *mean, float *std, float *scratch, err *e);
 
 #endif

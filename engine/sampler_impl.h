@@ -30,6 +30,7 @@ typedef struct step_ctx {
   int ist[SAMPLER_ISTATE];     /* solver integer state, zeroed per run */
   const sampler_run_opts *o;
   run_ctx *run;
+  int i0; /* the run's first evaluation (a later start restarts counters such as PNDM's) */
 } step_ctx;
 
 typedef struct solver_desc {

@@ -140,13 +140,14 @@ static void ets_append(step_ctx *c, const float *m, size_t nd) {
 static int pndm_step(const sampler *s, step_ctx *c, err *e) {
   const sched_config *cfg = &s->cfg;
   const size_t nd = (size_t)c->batch * c->d;
-  const int j = c->i, T = s->T, n = s->n;
-  const int64_t tj = s->ts[j];
+  /* j is diffusers' self.counter, which restarts with a later start (img2img) */
+  const int j = c->i - c->i0, T = s->T, n = s->n;
+  const int64_t tj = s->ts[c->i];
   float *cur = c->buf[4], *cur_sample = c->buf[5], *m = c->tmp[0], *out = c->tmp[1];
   const float *mo = c->mo;
   if (!cfg->skip_prk_steps && j < 12) {
     const int64_t diff = j % 2 ? 0 : T / n / 2;
-    const int64_t pt = tj - diff, t = s->ts[j / 4 * 4];
+    const int64_t pt = tj - diff, t = s->ts[c->i0 + j / 4 * 4];
     const int jm = j % 4;
     const float *use = mo;
     if (jm == 0) {

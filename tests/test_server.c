@@ -610,6 +610,7 @@ START_TEST(backpressure_429) {
   }
   ck_assert_int_eq(http_get(&d, "/metrics", &r), 200);
   ck_assert_ptr_nonnull(strstr(r.body, "denoised_jobs_rejected_total{reason=\"queue_full\"} 2"));
+  ck_assert_ptr_nonnull(strstr(r.body, "\ndenoised_batched_jobs_total 0\n")); /* batching off */
   http_free(&r);
   daemon_stop(&d);
 }

@@ -106,6 +106,10 @@ static inline int daemon_start_env(daemon_proc *d, const char *state_dir, const 
       return 0;
     usleep(20000);
   }
+  char cmd[1100]; /* show what it said, for a failure that is hard to reproduce */
+  snprintf(cmd, sizeof cmd, "echo '--- %s:' >&2; tail -c 2000 '%s' >&2", d->log, d->log);
+  if (system(cmd) != 0)
+    fprintf(stderr, "(no log)\n");
   ck_abort_msg("daemon %d did not start within 30 s; see %s", (int)pid, d->log);
   return -1;
 }

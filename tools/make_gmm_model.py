@@ -99,6 +99,17 @@ def main():
                  "num_train_timesteps": 1000, "set_alpha_to_one": True, "steps_offset": 0,
                  "prediction_type": "epsilon", "timestep_spacing": "leading"})
 
+    # The same class-conditional mixture answering in v and x0, for guidance of those outputs.
+    for pred, suffix in (("v_prediction", "_v"), ("sample", "_sample")):
+        write_model(args.out, "cond4" + suffix,
+                    {"sample_size": s, "in_channels": c, "num_class_embeds": 3,
+                     "prediction_type": pred},
+                    cond4,
+                    {"_class_name": "DDIMScheduler", "_diffusers_version": "0.21.0",
+                     "beta_schedule": "squaredcos_cap_v2", "clip_sample": False,
+                     "num_train_timesteps": 1000, "set_alpha_to_one": True, "steps_offset": 0,
+                     "prediction_type": pred, "timestep_spacing": "leading"})
+
     # wide2: two components reaching past [-1, 1], so that dynamic thresholding really rescales.
     rng = np.random.RandomState(20240604)
     wide2 = {

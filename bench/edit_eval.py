@@ -1,0 +1,309 @@
+#!/usr/bin/python3
+"""Editing quality of a class-conditional model through the C engine (issue 7's targets).
+
+    OPENBLAS_NUM_THREADS=1 /usr/bin/python3 bench/edit_eval.py --model models/glyphs32 \\
+        [--engine build/denoised] [--n 200] [--n-fit 400] [--steps 50] [--guidance 3] \\
+        [--strengths 1,2,3,4] [--skips 0,20,40] [--g-tgt 4] [--only boundary,classchange]
+
+1. BoundaryDiffusion attribute flips. A labelled pool of --n-fit generated images (classes
+   spread evenly) is classified, `denoised boundary fit` fits one boundary per attribute at the
+   automatic mixing step of a --steps DDIM grid, and --n fresh generated images are edited with
+   `denoised edit --boundary --seed` towards the opposite side, at each of --strengths. Reported
+   per attribute and strength: the share whose attribute verdict flips, the share still read as
+   the requested class, and both together. Target: flip >= 80% with the class kept >= 90%.
+2. Class change through edit-friendly DDPM inversion. --n source images (held-out real glyphs
+   from --data when there, else generated) are inverted (`denoised invert --method ddpm`, their
+   own class, guidance --g-src) and sampled again (`denoised edit --noise`) with a random other
+   class at guidance --g-tgt, for each of --skips. Reported: the share read as the target
+   class, the share keeping the colours (classifier fg and bg heads, or the mixture's colour
+   scheme) and the position (ink centroid within 2 px), and all three. Target: class >= 90%
+   while keeping position and colour.
+
+The instrument: for a UNet model the glyph classifier (bench/glyph_classifier.pt, heads char,
+bold, italic, fg, bg; tools/glyphs/train_classifier.py); for a GaussianMixtureDenoiser model
+(e.g. models/shapes-gmm) the mixture itself: an image's component is the nearest mean, its class
+the component's label, and the attributes are the two bits of the component's index within its
+class (for shapes-gmm: the colour scheme, bit0 = light background, bit1 = green/blue shape).
+Writes a JSON summary with --json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tools", "glyphs"))
+
+
+def to_u8(x):
+    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (the engine's PNG conversion)."""
+    x = np.clip((np.asarray(x, dtype=np.float32) + 1.0) * 127.5, 0, 255)
+    return np.rint(x).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+# ---- instruments ---------------------------------------------------------------------------
+class GlyphInstrument:
+    attributes = ("bold", "italic")
+
+    def __init__(self, path):
+        from train_classifier import load_classifier
+        self.net = load_classifier(path)
+
+    def read(self, x):
+        """{head: [N]} for float images [N, 3, H, W]."""
+        from train_classifier import predict
+        preds, _ = predict(self.net, to_u8(x))
+        return {"char": preds["char"], "bold": preds["bold"], "italic": preds["italic"],
+                "colour": preds["fg"] * 100 + preds["bg"]}
+
+
+class MixtureInstrument:
+    attributes = ("variant_bit0", "variant_bit1")
+
+    def __init__(self, model_dir):
+        import st
+        t = st.load(os.path.join(model_dir, "diffusion_pytorch_model.safetensors"))
+        self.means = t["means"].reshape(t["means"].shape[0], -1).astype(np.float64)
+        self.labels = t["labels"].astype(np.int64)
+        self.index = np.zeros(len(self.labels), np.int64)  # index of a component in its class
+        for c in np.unique(self.labels):
+            k = np.nonzero(self.labels == c)[0]
+            self.index[k] = np.arange(len(k))
+
+    def read(self, x):
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        d = (x ** 2).sum(1)[:, None] - 2 * x @ self.means.T + (self.means ** 2).sum(1)[None]
+        k = d.argmin(1)
+        v = self.index[k]
+        return {"char": self.labels[k], "variant_bit0": v & 1, "variant_bit1": (v >> 1) & 1,
+                "colour": v}
+
+
+def centroid(x):
+    """Ink centroid [N, 2] (y, x) of float images: weight = distance from the border colour."""
+    x = np.asarray(x, np.float64)
+    border = np.concatenate([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], 2)
+    bg = np.median(border, 2)[:, :, None, None]
+    w = np.sqrt(((x - bg) ** 2).sum(1))
+    w = w / np.maximum(w.sum((1, 2), keepdims=True), 1e-9)
+    h, wd = x.shape[2:]
+    yy, xx = np.meshgrid(np.arange(h), np.arange(wd), indexing="ij")
+    return np.stack([(w * yy).sum((1, 2)), (w * xx).sum((1, 2))], 1)
+
+
+# ---- the engine ----------------------------------------------------------------------------
+class Engine:
+    def __init__(self, args, work):
+        self.args = args
+        self.work = work
+        self.calls = 0
+
+    def run(self, *argv):
+        cmd = [self.args.engine] + [str(a) for a in argv] + ["--threads", str(self.args.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        self.calls += 1
+        if r.returncode:
+            raise SystemExit("edit_eval: %s failed (%d): %s" % (" ".join(cmd), r.returncode,
+                                                               r.stderr.strip()))
+        return r.stdout
+
+    def path(self, name):
+        return os.path.join(self.work, name)
+
+    def guidance(self):
+        return ["--guidance-scale", self.args.guidance] if self.args.guidance is not None else []
+
+    def sample(self, cls, n, seed):
+        out = self.path("s.npy")
+        self.run("sample", "--model", self.args.model, "--class", cls, "--batch", n, "--seed",
+                 seed, "--steps", self.args.steps, "--scheduler", "ddim", "--out", out, "--quiet",
+                 *self.guidance())
+        return np.load(out)
+
+
+def per_class(n, n_classes):
+    """n images spread over the classes: [(class, count)]"""
+    base, extra = divmod(n, n_classes)
+    return [(c, base + (c < extra)) for c in range(n_classes) if base + (c < extra)]
+
+
+# ---- 1. boundaries -------------------------------------------------------------------------
+def boundary_eval(args, eng, inst, n_classes, report):
+    print("== BoundaryDiffusion attribute flips (%d fit images, %d edited, %d-step DDIM grid)" %
+          (args.n_fit, args.n, args.steps))
+    xs, cls = [], []
+    for c, k in per_class(args.n_fit, n_classes):
+        xs.append(eng.sample(c, k, args.seed + 1000 + c))
+        cls += [c] * k
+    fit = np.concatenate(xs)
+    cls = np.array(cls)
+    np.save(eng.path("fit.npy"), fit.astype(np.float32))
+    read = inst.read(fit)
+    print("fit pool: %.1f%% read as their class" % (100 * np.mean(read["char"] == cls)))
+    strengths = [float(s) for s in args.strengths.split(",")]
+    for attr in inst.attributes:
+        lab = read[attr]
+        if lab.min() == lab.max():
+            print("%s: the pool has only label %d; skipped" % (attr, lab[0]))
+            continue
+        lpath = eng.path(attr + ".txt")
+        with open(lpath, "w") as f:
+            f.write("".join("%d %d\n" % (a, c) for a, c in zip(lab, cls)))
+        bpath = eng.path(attr + ".json")
+        out = eng.run("boundary", "fit", "--model", args.model, "--images", eng.path("fit.npy"),
+                      "--labels", lpath, "--steps", args.steps, "--attribute", attr, "--out",
+                      bpath, "--quiet", *eng.guidance(),
+                      *(["--step", args.mixing_step] if args.mixing_step != "auto" else []))
+        print(out.strip())
+        with open(bpath) as f:
+            b = json.load(f)
+        # originals and their verdicts, then edits towards both sides
+        orig, ocls, plus, minus = [], [], {s: [] for s in strengths}, {s: [] for s in strengths}
+        for c, k in per_class(args.n, n_classes):
+            seed = args.seed + 5000 + c
+            orig.append(eng.sample(c, k, seed))
+            ocls += [c] * k
+            for s in strengths:
+                for sign, dst in ((1, plus), (-1, minus)):
+                    o = eng.path("e.npy")
+                    eng.run("edit", "--model", args.model, "--boundary", bpath, "--strength",
+                            sign * s, "--seed", seed, "--batch", k, "--class", c, "--out", o,
+                            "--quiet", *eng.guidance())
+                    dst[s].append(np.load(o))
+        orig = np.concatenate(orig)
+        ocls = np.array(ocls)
+        r0 = inst.read(orig)
+        before = r0[attr]
+        rows = []
+        for s in strengths:
+            rp, rm = inst.read(np.concatenate(plus[s])), inst.read(np.concatenate(minus[s]))
+            # each image pushed to the side it is not on
+            after = np.where(before == 0, rp[attr], rm[attr])
+            char = np.where(before == 0, rp["char"], rm["char"])
+            flip = after != before
+            kept = char == ocls
+            row = {"attribute": attr, "strength": s, "flip": float(flip.mean()),
+                   "class_kept": float(kept.mean()), "both": float((flip & kept).mean()),
+                   "n": int(len(orig)), "step": b["step"], "timestep": b["timestep"],
+                   "test_accuracy": b["test_accuracy"]}
+            rows.append(row)
+            print("  %-14s strength %4.1f: flipped %5.1f%%, class kept %5.1f%%, both %5.1f%%" %
+                  (attr, s, 100 * row["flip"], 100 * row["class_kept"], 100 * row["both"]))
+        ok = [r for r in rows if r["flip"] >= 0.8 and r["class_kept"] >= 0.9]
+        print("  %s: %s" % (attr, "target met at strength %g" % ok[0]["strength"] if ok
+                            else "target (flip >= 80%, class >= 90%) not met"))
+        report["boundary"].extend(rows)
+
+
+# ---- 2. class change -----------------------------------------------------------------------
+def sources(args, eng, inst, n_classes, rng):
+    """--n source images with their classes: held-out real glyphs if available."""
+    ho = os.path.join(args.data, "heldout.npz") if args.data else None
+    if isinstance(inst, GlyphInstrument) and ho and os.path.isfile(ho):
+        with np.load(ho) as z:
+            idx = rng.choice(len(z["char"]), args.n, replace=False)
+            imgs = z["images"][idx]
+            cls = z["char"][idx].astype(np.int64)
+        x = imgs.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+        return x, cls, "held-out real glyphs"
+    xs, cls = [], []
+    for c, k in per_class(args.n, n_classes):
+        xs.append(eng.sample(c, k, args.seed + 9000 + c))
+        cls += [c] * k
+    return np.concatenate(xs), np.array(cls), "generated samples"
+
+
+def classchange_eval(args, eng, inst, n_classes, report):
+    rng = np.random.RandomState(args.seed)
+    x, cls, what = sources(args, eng, inst, n_classes, rng)
+    tgt = (cls + rng.randint(1, n_classes, len(cls))) % n_classes
+    print("== class change by edit-friendly DDPM inversion (%d %s, %d steps, g_src %s, g_tgt %s)"
+          % (len(x), what, args.ddpm_steps, args.g_src, args.g_tgt))
+    src = eng.path("src.npy")
+    np.save(src, x.astype(np.float32))
+    maps = eng.path("maps.npy")
+    ginv = ["--guidance-scale", args.g_src] if args.g_src is not None else []
+    out = eng.run("invert", "--model", args.model, "--method", "ddpm", "--image", src, "--class",
+                  ",".join(map(str, cls)), "--steps", args.ddpm_steps, "--seed", args.seed,
+                  "--out", maps, "--verify", "--quiet", *ginv)
+    print("inversion", out.strip())
+    r0 = inst.read(x)
+    c0 = centroid(x)
+    print("sources: %.1f%% read as their class" % (100 * np.mean(r0["char"] == cls)))
+    for skip in [int(s) for s in args.skips.split(",")]:
+        o = eng.path("cc.npy")
+        eng.run("edit", "--model", args.model, "--noise", maps, "--class",
+                ",".join(map(str, tgt)), "--guidance-scale", args.g_tgt, "--skip", skip, "--out",
+                o, "--quiet")
+        y = np.load(o)
+        r = inst.read(y)
+        hit = r["char"] == tgt
+        colour = r["colour"] == r0["colour"]
+        pos = np.hypot(*(centroid(y) - c0).T) <= 2.0
+        row = {"skip": skip, "target_class": float(hit.mean()), "colour_kept": float(colour.mean()),
+               "position_kept": float(pos.mean()), "all": float((hit & colour & pos).mean()),
+               "n": int(len(x)), "g_tgt": args.g_tgt, "steps": args.ddpm_steps}
+        report["classchange"].append(row)
+        print("  skip %3d: target class %5.1f%%, colour kept %5.1f%%, position kept %5.1f%%, all "
+              "%5.1f%%" % (skip, 100 * row["target_class"], 100 * row["colour_kept"],
+                           100 * row["position_kept"], 100 * row["all"]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "glyphs32"))
+    ap.add_argument("--engine", default=os.path.join(ROOT, "build", "denoised"))
+    ap.add_argument("--classifier", default=os.path.join(BENCH, "glyph_classifier.pt"))
+    ap.add_argument("--data", default="/work/glyphs-data")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n-fit", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=50, help="DDIM grid of the boundary edits")
+    ap.add_argument("--mixing-step", default="auto")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="guidance of generation and boundary edits (default: none)")
+    ap.add_argument("--strengths", default="1,2,3,4")
+    ap.add_argument("--ddpm-steps", type=int, default=100)
+    ap.add_argument("--skips", default="0,20,40")
+    ap.add_argument("--g-src", type=float, default=None, help="guidance of the inversion")
+    ap.add_argument("--g-tgt", type=float, default=4.0, help="guidance of the class change")
+    ap.add_argument("--only", default="boundary,classchange")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    with open(os.path.join(args.model, "config.json")) as f:
+        cfg = json.load(f)
+    n_classes = cfg.get("num_class_embeds") or 0
+    null = cfg.get("_null_class")
+    if cfg.get("_class_name") == "GaussianMixtureDenoiser":
+        inst = MixtureInstrument(args.model)
+    else:
+        inst = GlyphInstrument(args.classifier)
+        if null is None and n_classes:
+            null = n_classes - 1
+    if null is not None and 0 <= null < n_classes:
+        n_classes = null  # the null class is not a class to draw or target
+    if n_classes < 2:
+        raise SystemExit("edit_eval: %s is not a class-conditional model" % args.model)
+    report = {"model": args.model, "n": args.n, "boundary": [], "classchange": []}
+    with tempfile.TemporaryDirectory() as work:
+        eng = Engine(args, work)
+        only = set(args.only.split(","))
+        if "boundary" in only:
+            boundary_eval(args, eng, inst, n_classes, report)
+        if "classchange" in only:
+            classchange_eval(args, eng, inst, n_classes, report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+/* Input files and solver flags shared by `sample`, `invert`, `edit` and `boundary`: images and
+ * masks (PNG under the model's size, or .npy), the progress bar, and the solver spec built from
+ * --scheduler/--steps/--scheduler-config/--scheduler-opt. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "edit.h"
+#include "npy.h"
+#include "schedule.h"
+
+/* PNG inputs are small images; anything this large is not one of ours */
+#define CLI_MAX_IMAGE_BYTES (64u << 20)
+
+int cli_read_file(const char *flag, const char *path, size_t max_bytes, uint8_t **data, size_t *len,
+                  err *e) {
+  *data = NULL;
+  *len = 0;
+  FILE *f = fopen(path, "rb");
+  if (!f)
+    return err_set(e, ERR_IO, "%s %s: %s", flag, path, strerror(errno));
+  struct stat sb;
+  if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    fclose(f);
+    return err_set(e, ERR_IO, "%s %s: not a regular file", flag, path);
+  }
+  if ((size_t)sb.st_size > max_bytes) {
+    fclose(f);
+    return err_set(e, ERR_INVALID, "%s %s: %lld bytes, more than the %zu allowed", flag, path,
+                   (long long)sb.st_size, max_bytes);
+  }
+  uint8_t *buf = malloc((size_t)sb.st_size + 1);
+  if (!buf) {
+    fclose(f);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  size_t got = fread(buf, 1, (size_t)sb.st_size, f);
+  fclose(f);
+  if (got != (size_t)sb.st_size) {
+    free(buf);
+    return err_set(e, ERR_IO, "%s %s: short read", flag, path);
+  }
+  *data = buf;
+  *len = got;
+  return ERR_OK;
+}
+
+static int is_npy(const char *path) {
+  size_t n = strlen(path);
+  return n > 4 && strcmp(path + n - 4, ".npy") == 0;
+}
+
+int cli_read_image(const char *flag, const char *path, int c, int h, int w, float **out, err *e) {
+  *out = NULL;
+  const size_t n = (size_t)c * h * w;
+  if (is_npy(path)) {
+    npy_array a;
+    int rc = npy_read_f32(path, &a, e);
+    if (rc != ERR_OK)
+      return err_prefix(e, "%s", flag);
+    const int lead = a.ndim == 4 ? 1 : 0;
+    if ((a.ndim != 3 && a.ndim != 4) || (lead && a.shape[0] != 1) || a.shape[lead] != c ||
+        a.shape[lead + 1] != h || a.shape[lead + 2] != w) {
+      npy_array_free(&a);
+      return err_set(e, ERR_INVALID, "%s %s: expected shape [%d, %d, %d]", flag, path, c, h, w);
+    }
+    for (size_t i = 0; i < n; i++)
+      if (!isfinite(a.data[i])) {
+        npy_array_free(&a);
+        return err_set(e, ERR_INVALID, "%s %s: value %zu is not finite", flag, path, i);
+      }
+    *out = a.data;
+    return ERR_OK;
+  }
+  uint8_t *png;
+  size_t len;
+  int rc = cli_read_file(flag, path, CLI_MAX_IMAGE_BYTES, &png, &len, e);
+  if (rc != ERR_OK)
+    return rc;
+  float *x = malloc(n * sizeof *x);
+  char field[600];
+  snprintf(field, sizeof field, "%s %s", flag, path);
+  rc = x ? edit_image_from_png(png, len, field, c, h, w, x, e)
+         : err_set(e, ERR_NOMEM, "out of memory");
+  free(png);
+  if (rc != ERR_OK) {
+    free(x);
+    return rc;
+  }
+  *out = x;
+  return ERR_OK;
+}
+
+int cli_read_images(const char *flag, const char *path, int c, int h, int w, int max_batch,
+                    int *batch, float **out, err *e) {
+  *out = NULL;
+  *batch = 0;
+  if (!is_npy(path)) {
+    *batch = 1;
+    return cli_read_image(flag, path, c, h, w, out, e);
+  }
+  npy_array a;
+  int rc = npy_read_f32(path, &a, e);
+  if (rc != ERR_OK)
+    return err_prefix(e, "%s", flag);
+  const int lead = a.ndim == 4 ? 1 : 0;
+  const int64_t b = lead ? a.shape[0] : 1;
+  if ((a.ndim != 3 && a.ndim != 4) || b < 1 || b > max_batch || a.shape[lead] != c ||
+      a.shape[lead + 1] != h || a.shape[lead + 2] != w) {
+    npy_array_free(&a);
+    return err_set(e, ERR_INVALID, "%s %s: expected shape [B, %d, %d, %d] with B in [1, %d]", flag,
+                   path, c, h, w, max_batch);
+  }
+  for (int64_t i = 0; i < a.count; i++)
+    if (!isfinite(a.data[i])) {
+      npy_array_free(&a);
+      return err_set(e, ERR_INVALID, "%s %s: value %lld is not finite", flag, path, (long long)i);
+    }
+  *batch = (int)b;
+  *out = a.data;
+  return ERR_OK;
+}
+
+int cli_parse_labels(const char *flag, const char *s, int batch, int num_classes, int64_t *out) {
+  const char *p = s;
+  int n = 0;
+  for (;;) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(p, &end, 10);
+    if (errno || end == p || v < 0 || v >= num_classes || (*end != ',' && *end != 0)) {
+      fprintf(stderr, "denoised: %s expects classes in [0, %d) separated by commas, got '%s'\n",
+              flag, num_classes, s);
+      return -1;
+    }
+    if (n == batch) {
+      n++; /* one too many: counted for the message */
+      break;
+    }
+    out[n++] = v;
+    if (*end == 0)
+      break;
+    p = end + 1;
+  }
+  if (n == 1) {
+    for (int i = 1; i < batch; i++)
+      out[i] = out[0];
+  } else if (n != batch) {
+    fprintf(stderr, "denoised: %s gives %s%d classes for %d images (give one, or one each)\n", flag,
+            n > batch ? "more than " : "", n > batch ? batch : n, batch);
+    return -1;
+  }
+  return 0;
+}
+
+int cli_read_mask(const char *flag, const char *path, int h, int w, float **out, err *e) {
+  *out = NULL;
+  const size_t n = (size_t)h * w;
+  if (is_npy(path)) {
+    npy_array a;
+    int rc = npy_read_f32(path, &a, e);
+    if (rc != ERR_OK)
+      return err_prefix(e, "%s", flag);
+    if (a.ndim != 2 || a.shape[0] != h || a.shape[1] != w) {
+      npy_array_free(&a);
+      return err_set(e, ERR_INVALID, "%s %s: expected shape [%d, %d]", flag, path, h, w);
+    }
+    for (size_t i = 0; i < n; i++)
+      if (!(a.data[i] >= 0 && a.data[i] <= 1)) {
+        npy_array_free(&a);
+        return err_set(e, ERR_INVALID, "%s %s: value %zu is not in [0, 1]", flag, path, i);
+      }
+    *out = a.data;
+    return ERR_OK;
+  }
+  uint8_t *png;
+  size_t len;
+  int rc = cli_read_file(flag, path, CLI_MAX_IMAGE_BYTES, &png, &len, e);
+  if (rc != ERR_OK)
+    return rc;
+  float *x = malloc(n * sizeof *x);
+  char field[600];
+  snprintf(field, sizeof field, "%s %s", flag, path);
+  rc = x ? edit_mask_from_png(png, len, field, h, w, x, e) : err_set(e, ERR_NOMEM, "out of memory");
+  free(png);
+  if (rc != ERR_OK) {
+    free(x);
+    return rc;
+  }
+  *out = x;
+  return ERR_OK;
+}
+
+void cli_progress_init(cli_progress *p, int quiet) {
+  p->tty = !quiet && isatty(STDERR_FILENO);
+  p->start = time(NULL);
+}
+
+void cli_on_progress(int step, int total, int nfe, void *user) {
+  cli_progress *p = user;
+  if (!p->tty)
+    return;
+  if (!total) { /* an adaptive solver: the number of steps is not known in advance */
+    fprintf(stderr, "\r%d steps accepted, %d NFE, %lds", step, nfe, (long)(time(NULL) - p->start));
+    return;
+  }
+  int width = 30, done = step * width / total;
+  fprintf(stderr, "\r[%.*s%*s] %d/%d steps, %d NFE, %lds", done, "##############################",
+          width - done, "", step, total, nfe, (long)(time(NULL) - p->start));
+  if (step == total)
+    fputc('\n', stderr);
+}
+
+json_t *cli_model_sched(const model *m, err *e) {
+  const char *path = model_scheduler_config_path(m);
+  e->code = ERR_OK;
+  return path ? sched_config_read_json(path, e) : NULL;
+}
+
+int cli_build_sampler(const model *m, const char *name, long long steps, const char *sched_file,
+                      const char *const *overrides, int noverrides, const json_t *forced,
+                      sampler **out, err *e) {
+  json_t *spec = json_pack("{s:s}", "name", name);
+  json_t *mcfg = cli_model_sched(m, e);
+  int rc = spec ? e->code : err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK && steps)
+    json_object_set_new(spec, "steps", json_integer(steps));
+  if (rc == ERR_OK && sched_file) {
+    json_t *j = sched_config_read_json(sched_file, e);
+    if (!j)
+      rc = e->code;
+    else
+      json_object_set_new(spec, "config", j);
+  }
+  json_t *opts = json_object();
+  for (int i = 0; rc == ERR_OK && i < noverrides; i++) {
+    const char *kv = overrides[i], *eq = strchr(kv, '=');
+    if (!eq || eq == kv) {
+      rc = err_set(e, ERR_INVALID, "--scheduler-opt '%s': expected KEY=VALUE", kv);
+      break;
+    }
+    char key[128];
+    snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
+    json_object_set_new(opts, key, sched_value_from_text(eq + 1));
+  }
+  if (rc == ERR_OK && forced)
+    json_object_update(opts, (json_t *)forced);
+  if (rc == ERR_OK && json_object_size(opts))
+    json_object_set(spec, "options", opts);
+  if (rc == ERR_OK)
+    rc = sampler_new_from_json(spec, mcfg, out, e);
+  json_decref(opts);
+  json_decref(spec);
+  json_decref(mcfg);
+  return rc;
+}
+
+int cli_parse_list(const char *flag, const char *s, int count, double lo, double hi, double *out) {
+  const char *p = s;
+  for (int i = 0; i < count; i++) {
+    char *end;
+    errno = 0;
+    double v = strtod(p, &end);
+    if (errno || end == p || !isfinite(v) || v < lo || v > hi ||
+        (i + 1 < count ? *end != ',' : *end != 0)) {
+      fprintf(stderr, "denoised: %s expects %d comma-separated numbers in [%g, %g], got '%s'\n",
+              flag, count, lo, hi, s);
+      return -1;
+    }
+    out[i] = v;
+    p = end + 1;
+  }
+  return 0;
+}

@@ -1,0 +1,524 @@
+/* `denoised edit`: edits through a model's noise space. With --noise, the maps of `denoised
+ * invert` sampled again under another class, from a later step (T_skip), shifted or with a
+ * colour offset; with --boundary, a BoundaryDiffusion move of a generated or inverted image
+ * across a semantic boundary at its mixing step. */
+#include <getopt.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "boundary.h"
+#include "cli.h"
+#include "edit.h"
+#include "image.h"
+#include "invert.h"
+#include "npy.h"
+
+#define EDIT_MAX_BATCH 4096
+
+static const char help[] =
+    "usage: denoised edit --model DIR --noise NOISE.npy [--class C[,C...]]\n"
+    "                     [--guidance-scale G] [--skip K] [--shift DX,DY] [--colour R,G,B\n"
+    "                     [--colour-from K]] (-o OUT.png | --out OUT.npy) [--threads T]\n"
+    "       denoised edit --model DIR --boundary B.json --strength S\n"
+    "                     (--image IN.png | --seed S [--batch N]) [--class C[,C...]]\n"
+    "                     [--guidance-scale G] [--eta E] (-o OUT.png | --out OUT.npy)\n"
+    "\n"
+    "Noise-space edits (--noise, from 'denoised invert'; NOISE.json must be beside it):\n"
+    "  --class C          sample with these classes instead of the inverted ones\n"
+    "  --guidance-scale G guidance of the edited run (default: the inversion's)\n"
+    "  --skip K           ddpm maps: start at step K (T_skip): the first K steps rerun the\n"
+    "                     inversion's chain, so larger K keeps more of the input\n"
+    "  --shift DX,DY      translate x_T and every map by whole pixels (wrapping around)\n"
+    "  --colour R,G,B     ddpm maps: add this offset (in [-1, 1] image units) through the maps\n"
+    "                     of the steps from --colour-from (default: the last quarter) on\n"
+    "Boundary edits (BoundaryDiffusion, Zhu et al. 2023):\n"
+    "  --boundary B.json  from 'denoised boundary fit'\n"
+    "  --strength S       target signed distance from the boundary at the mixing step, in units\n"
+    "                     of the spread of the training latents (+: the positive label)\n"
+    "  --image IN         edit this image (PNG or .npy [C, H, W] / [B, C, H, W]); it is\n"
+    "                     DDIM-inverted to the mixing step\n"
+    "  --seed S --batch N edit N generated images (default 1)\n"
+    "  --eta E            eta of the steps after the edit (default 1, as the release)\n"
+    "Output: -o OUT.png (OUT-<i>.png for several) or --out OUT.npy [B, C, H, W].\n";
+
+typedef struct edit_args {
+  const char *model_dir, *noise, *boundary, *image, *classes, *png_out, *npy_out;
+  const char *shift_s, *colour_s;
+  double guidance, strength, eta, colour[3];
+  long long skip, seed, batch, threads, colour_from;
+  int has_guidance, has_strength, has_seed, has_skip, has_colour_from, quiet;
+  int shift[2];
+} edit_args;
+
+static int parse_args(int argc, char **argv, edit_args *a) {
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"noise", required_argument, 0, 'N'},
+                                       {"boundary", required_argument, 0, 'B'},
+                                       {"strength", required_argument, 0, 'T'},
+                                       {"image", required_argument, 0, 'i'},
+                                       {"seed", required_argument, 0, 'S'},
+                                       {"batch", required_argument, 0, 'b'},
+                                       {"class", required_argument, 0, 'l'},
+                                       {"guidance-scale", required_argument, 0, 'g'},
+                                       {"skip", required_argument, 0, 'k'},
+                                       {"shift", required_argument, 0, 'x'},
+                                       {"colour", required_argument, 0, 'C'},
+                                       {"color", required_argument, 0, 'C'},
+                                       {"colour-from", required_argument, 0, 'F'},
+                                       {"eta", required_argument, 0, 'e'},
+                                       {"out", required_argument, 0, 'u'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"quiet", no_argument, 0, 'q'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
+  const char *cmd = "edit";
+  optind = 1;
+  int c;
+  double v[2];
+  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:u:o:j:qh", opts, NULL)) != -1) {
+    switch (c) {
+    case 'm': a->model_dir = optarg; break;
+    case 'N': a->noise = optarg; break;
+    case 'B': a->boundary = optarg; break;
+    case 'T':
+      if (cli_parse_double("--strength", optarg, -1000, 1000, &a->strength))
+        return 2;
+      a->has_strength = 1;
+      break;
+    case 'i': a->image = optarg; break;
+    case 'S':
+      if (cli_parse_int("--seed", optarg, 0, (1ll << 53) - 1, &a->seed))
+        return 2;
+      a->has_seed = 1;
+      break;
+    case 'b':
+      if (cli_parse_int("--batch", optarg, 1, EDIT_MAX_BATCH, &a->batch))
+        return 2;
+      break;
+    case 'l': a->classes = optarg; break;
+    case 'g':
+      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
+        return 2;
+      a->has_guidance = 1;
+      break;
+    case 'k':
+      if (cli_parse_int("--skip", optarg, 0, 100000, &a->skip))
+        return 2;
+      a->has_skip = 1;
+      break;
+    case 'x':
+      if (cli_parse_list("--shift", optarg, 2, -4096, 4096, v))
+        return 2;
+      if (v[0] != floor(v[0]) || v[1] != floor(v[1]))
+        return cli_usage_error(cmd, "--shift takes whole pixels, got '%s'", optarg);
+      a->shift[0] = (int)v[0];
+      a->shift[1] = (int)v[1];
+      a->shift_s = optarg;
+      break;
+    case 'C':
+      if (cli_parse_list("--colour", optarg, 3, -2, 2, a->colour))
+        return 2;
+      a->colour_s = optarg;
+      break;
+    case 'F':
+      if (cli_parse_int("--colour-from", optarg, 0, 100000, &a->colour_from))
+        return 2;
+      a->has_colour_from = 1;
+      break;
+    case 'e':
+      if (cli_parse_double("--eta", optarg, 0, 1, &a->eta))
+        return 2;
+      break;
+    case 'u': a->npy_out = optarg; break;
+    case 'o': a->png_out = optarg; break;
+    case 'j':
+      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
+        return 2;
+      break;
+    case 'q': a->quiet = 1; break;
+    case 'h': fputs(help, stdout); return -1;
+    default: return cli_usage_error(cmd, "bad option");
+    }
+  }
+  if (optind < argc)
+    return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+  if (!a->model_dir)
+    return cli_usage_error(cmd, "--model is required");
+  if (!a->png_out && !a->npy_out)
+    return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
+  if (!!a->noise == !!a->boundary)
+    return cli_usage_error(cmd, "give either --noise (noise-space edits) or --boundary");
+  if (a->noise) {
+    if (a->has_strength || a->image || a->has_seed || a->batch)
+      return cli_usage_error(cmd, "--strength, --image, --seed and --batch go with --boundary");
+    if (a->has_colour_from && !a->colour_s)
+      return cli_usage_error(cmd, "--colour-from needs --colour");
+  } else {
+    if (a->has_skip || a->shift_s || a->colour_s || a->has_colour_from)
+      return cli_usage_error(cmd, "--skip, --shift and --colour go with --noise");
+    if (!a->has_strength)
+      return cli_usage_error(cmd, "--boundary needs --strength");
+    if (!!a->image == !!a->has_seed)
+      return cli_usage_error(cmd, "--boundary needs either --image or --seed");
+    if (a->image && a->batch)
+      return cli_usage_error(cmd, "--batch goes with --seed (an --image .npy sets its own)");
+  }
+  if (!a->batch)
+    a->batch = 1;
+  return 0;
+}
+
+static int write_outputs(const edit_args *a, const float *x, int batch, int c, int h, int w,
+                         const json_t *meta, err *e) {
+  if (a->npy_out) {
+    const int64_t shape[4] = {batch, c, h, w};
+    int rc = npy_write_f32(a->npy_out, x, 4, shape, e);
+    if (rc != ERR_OK)
+      return rc;
+  }
+  if (!a->png_out)
+    return ERR_OK;
+  const int pc = c < 3 ? 1 : 3;
+  uint8_t *px = malloc((size_t)h * w * 3);
+  char *js = json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS);
+  int rc = px && js ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  for (int b = 0; b < batch && rc == ERR_OK; b++) {
+    char name[4200];
+    const char *base = a->png_out, *dot = strrchr(base, '.'), *slash = strrchr(base, '/');
+    if (!dot || (slash && dot < slash))
+      dot = base + strlen(base);
+    if (batch == 1)
+      snprintf(name, sizeof name, "%s", base);
+    else
+      snprintf(name, sizeof name, "%.*s-%d%s", (int)(dot - base), base, b, dot);
+    image_to_u8(x + (size_t)b * c * h * w, pc, h, w, px);
+    image_text t = {"denoised", js, 1};
+    rc = image_png_write(name, px, pc, h, w, &t, 1, e);
+  }
+  free(px);
+  free(js);
+  return rc;
+}
+
+/* NOISE.npy's sidecar NOISE.json, as `denoised invert` writes it */
+static json_t *read_sidecar(const char *npy, err *e) {
+  size_t n = strlen(npy);
+  if (n < 5 || strcmp(npy + n - 4, ".npy") != 0) {
+    err_set(e, ERR_INVALID, "--noise must name a .npy file");
+    return NULL;
+  }
+  char path[4200];
+  snprintf(path, sizeof path, "%.*s.json", (int)(n - 4), npy);
+  json_error_t je;
+  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!j) {
+    err_set(e, ERR_FORMAT, "%s: %s (the sidecar 'denoised invert' writes)", path, je.text);
+    return NULL;
+  }
+  const json_t *f = json_object_get(j, "format"), *mth = json_object_get(j, "method");
+  const json_t *sv = json_object_get(j, "solver"), *bt = json_object_get(j, "batch");
+  const json_t *gs = json_object_get(j, "guidance_scale");
+  if (!json_is_string(f) || strcmp(json_string_value(f), "denoised-noise") != 0 ||
+      !json_is_string(mth) ||
+      (strcmp(json_string_value(mth), "ddim") && strcmp(json_string_value(mth), "ddpm")) ||
+      !json_is_object(sv) || !json_is_integer(json_object_get(sv, "steps")) ||
+      json_integer_value(json_object_get(sv, "steps")) < 1 || !json_is_integer(bt) ||
+      json_integer_value(bt) < 1 || json_integer_value(bt) > EDIT_MAX_BATCH ||
+      (gs && !json_is_null(gs) &&
+       (!json_is_number(gs) || !(json_number_value(gs) >= 0) ||
+        json_number_value(gs) > GUIDANCE_MAX_SCALE))) {
+    err_set(e, ERR_FORMAT,
+            "%s: not a denoised-noise sidecar (format, method, solver.steps, batch, "
+            "guidance_scale)",
+            path);
+    json_decref(j);
+    return NULL;
+  }
+  return j;
+}
+
+static int edit_noise(const edit_args *a, model *m, err *e) {
+  const char *cmd = "edit";
+  const model_info *mi = model_get_info(m);
+  const int size = mi->sample_size, cin = mi->in_channels;
+  json_t *side = read_sidecar(a->noise, e), *mcfg = NULL, *spec = NULL;
+  if (!side)
+    return cli_fail(cmd, "%s", e->msg);
+  const int ddpm = strcmp(json_string_value(json_object_get(side, "method")), "ddpm") == 0;
+  const json_t *sv = json_object_get(side, "solver");
+  const int n = (int)json_integer_value(json_object_get(sv, "steps"));
+  const int batch = (int)json_integer_value(json_object_get(side, "batch"));
+  const json_t *jl = json_object_get(side, "class_labels");
+  const json_t *jg = json_object_get(side, "guidance_scale");
+  int status = 1;
+  sampler *s = NULL;
+  npy_array maps = {0};
+  float *out = NULL;
+  int64_t *src = NULL, *tgt = NULL;
+  const size_t d = (size_t)cin * size * size;
+  if (!ddpm && (a->has_skip || a->colour_s)) {
+    status = cli_usage_error(cmd, "--skip and --colour need ddpm noise maps (this is %s x_T)",
+                             json_string_value(json_object_get(side, "method")));
+    goto done;
+  }
+  if (npy_read_f32(a->noise, &maps, e)) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  const int64_t want5[5] = {batch, n + 1, cin, size, size}, want4[4] = {batch, cin, size, size};
+  if (maps.ndim != (ddpm ? 5 : 4) ||
+      memcmp(maps.shape, ddpm ? want5 : want4, sizeof(int64_t) * (ddpm ? 5 : 4)) != 0) {
+    cli_fail(cmd,
+             "%s: shape does not match its sidecar and the model (expected [%d, %s%d, %d, %d])",
+             a->noise, batch, ddpm ? "steps + 1, " : "", cin, size, size);
+    goto done;
+  }
+  for (int64_t i = 0; i < maps.count; i++)
+    if (!isfinite(maps.data[i])) {
+      cli_fail(cmd, "%s: value %lld is not finite", a->noise, (long long)i);
+      goto done;
+    }
+  if (a->has_skip && a->skip >= n) {
+    status = cli_usage_error(cmd, "--skip %lld: the maps have %d steps", a->skip, n);
+    goto done;
+  }
+  if (a->has_colour_from && a->colour_from >= n) {
+    status = cli_usage_error(cmd, "--colour-from %lld: the maps have %d steps", a->colour_from, n);
+    goto done;
+  }
+  if (mi->num_classes) {
+    src = malloc(sizeof *src * (size_t)batch);
+    tgt = malloc(sizeof *tgt * (size_t)batch);
+    if (!src || !tgt || !json_is_array(jl) || (int)json_array_size(jl) != batch) {
+      cli_fail(cmd, "%s: the sidecar has no class_labels for this class-conditional model",
+               a->noise);
+      goto done;
+    }
+    for (int b = 0; b < batch; b++) {
+      const json_t *v = json_array_get(jl, b);
+      if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+          json_integer_value(v) >= mi->num_classes) {
+        cli_fail(cmd, "%s: class_labels[%d] is not a class of this model", a->noise, b);
+        goto done;
+      }
+      src[b] = tgt[b] = json_integer_value(v);
+    }
+    if (a->classes && cli_parse_labels("--class", a->classes, batch, mi->num_classes, tgt)) {
+      status = 2;
+      goto done;
+    }
+  } else if (json_is_array(jl)) {
+    cli_fail(cmd, "%s: made with class labels, but this model is not class-conditional", a->noise);
+    goto done;
+  } else if (a->classes || a->has_guidance) {
+    status = cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
+                                  "--guidance-scale");
+    goto done;
+  }
+  /* the grid the maps were made on: DDIM with the recorded (resolved) config */
+  mcfg = cli_model_sched(m, e);
+  spec = json_pack("{s:s, s:i, s:O}", "name", "ddim", "steps", n, "config",
+                   json_object_get(sv, "config") ? json_object_get(sv, "config") : json_null());
+  if (ddpm)
+    json_object_set_new(spec, "options",
+                        json_pack("{s:f, s:b, s:b, s:b}", "eta", 1.0, "set_alpha_to_one", 0,
+                                  "clip_sample", 0, "thresholding", 0));
+  if (e->code || sampler_new_from_json(spec, mcfg, &s, e)) {
+    cli_fail(cmd, "%s: %s", a->noise, e->msg);
+    goto done;
+  }
+  if (a->shift_s)
+    invert_maps_shift(maps.data, batch, ddpm ? n + 1 : 1, cin, size, size, a->shift[0],
+                      a->shift[1]);
+  if (a->colour_s) {
+    float delta[3] = {(float)a->colour[0], (float)a->colour[1], (float)a->colour[2]};
+    if (cin != 3 && cin != 1) {
+      cli_fail(cmd, "--colour needs a 1- or 3-channel model");
+      goto done;
+    }
+    if (cin == 1) /* gray: the luma of the offset */
+      delta[0] = 0.299f * delta[0] + 0.587f * delta[1] + 0.114f * delta[2];
+    const int from = a->has_colour_from ? (int)a->colour_from : n - (n + 3) / 4;
+    if (invert_maps_colour(s, maps.data, batch, cin, size, size, delta, from, e)) {
+      cli_fail(cmd, "%s", e->msg);
+      goto done;
+    }
+  }
+  out = malloc(sizeof(float) * d * (size_t)batch);
+  if (!out) {
+    cli_fail(cmd, "out of memory");
+    goto done;
+  }
+  cli_progress pr;
+  cli_progress_init(&pr, a->quiet);
+  const double g_src = json_is_number(jg) ? json_number_value(jg) : 1.0;
+  guidance gs = guidance_for(m, g_src), gt = guidance_for(m, a->has_guidance ? a->guidance : g_src);
+  const int guided_src = mi->num_classes && json_is_number(jg);
+  const int guided_tgt = mi->num_classes && (a->has_guidance || json_is_number(jg));
+  invert_opts io = {.batch = batch,
+                    .labels = tgt,
+                    .guidance = guided_tgt ? &gt : NULL,
+                    .progress = cli_on_progress,
+                    .progress_user = &pr,
+                    .threads = (int)a->threads};
+  int nfe = 0, rc;
+  if (ddpm) {
+    invert_sample_opts so = {
+        .skip = (int)a->skip, .src_labels = src, .src_guidance = guided_src ? &gs : NULL};
+    rc = invert_ddpm_sample(s, m, &io, &so, maps.data, out, &nfe, e);
+  } else {
+    sampler_run_opts r = {.batch = batch,
+                          .init_noise = maps.data,
+                          .labels = tgt,
+                          .guidance = io.guidance,
+                          .progress = cli_on_progress,
+                          .progress_user = &pr,
+                          .threads = (int)a->threads};
+    rc = sampler_run(s, m, &r, out, &nfe, e);
+  }
+  if (rc) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  json_t *meta = json_pack("{s:s, s:s, s:s, s:I}", "edit", "noise", "noise", a->noise, "model",
+                           a->model_dir, "skip", (json_int_t)a->skip);
+  if (a->classes)
+    json_object_set_new(meta, "class", json_string(a->classes));
+  if (a->has_guidance)
+    json_object_set_new(meta, "guidance_scale", json_real(a->guidance));
+  if (a->shift_s)
+    json_object_set_new(meta, "shift", json_string(a->shift_s));
+  if (a->colour_s)
+    json_object_set_new(meta, "colour", json_string(a->colour_s));
+  rc = write_outputs(a, out, batch, cin, size, size, meta, e);
+  json_decref(meta);
+  if (rc) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  if (!a->quiet)
+    fprintf(stderr, "denoised edit: %d image(s), %d NFE per image\n", batch, nfe);
+  status = 0;
+done:
+  npy_array_free(&maps);
+  free(out);
+  free(src);
+  free(tgt);
+  sampler_free(s);
+  json_decref(spec);
+  json_decref(mcfg);
+  json_decref(side);
+  return status;
+}
+
+static int edit_with_boundary(const edit_args *a, model *m, err *e) {
+  const char *cmd = "edit";
+  const model_info *mi = model_get_info(m);
+  const int size = mi->sample_size, cin = mi->in_channels;
+  boundary b = {0};
+  sampler *grid = NULL, *rest = NULL;
+  json_t *mcfg = NULL;
+  float *img = NULL, *out = NULL;
+  int64_t *labels = NULL;
+  int status = 1, batch = (int)a->batch;
+  if (boundary_load(a->boundary, &b, e)) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  if (b.dim != cin * size * size) {
+    cli_fail(cmd, "%s: a boundary for latents of %d values; this model's have %d", a->boundary,
+             b.dim, cin * size * size);
+    goto done;
+  }
+  if (a->image &&
+      cli_read_images("--image", a->image, cin, size, size, EDIT_MAX_BATCH, &batch, &img, e)) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  if (mi->num_classes && !a->classes) {
+    status = cli_usage_error(cmd, "this model is class-conditional: pass --class");
+    goto done;
+  }
+  if (!mi->num_classes && (a->classes || a->has_guidance)) {
+    status = cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
+                                  "--guidance-scale");
+    goto done;
+  }
+  if (a->classes) {
+    labels = malloc(sizeof *labels * (size_t)batch);
+    if (!labels || cli_parse_labels("--class", a->classes, batch, mi->num_classes, labels)) {
+      status = 2;
+      goto done;
+    }
+  }
+  mcfg = cli_model_sched(m, e);
+  if (e->code || edit_grid_sampler(b.solver, mcfg, 0.0, &grid, e) ||
+      edit_grid_sampler(b.solver, mcfg, a->eta, &rest, e)) {
+    cli_fail(cmd, "%s: %s", a->boundary, e->msg);
+    goto done;
+  }
+  out = malloc(sizeof(float) * (size_t)batch * b.dim);
+  if (!out) {
+    cli_fail(cmd, "out of memory");
+    goto done;
+  }
+  cli_progress pr;
+  cli_progress_init(&pr, a->quiet);
+  guidance g = guidance_for(m, a->guidance);
+  edit_src src = {.batch = batch,
+                  .image = img,
+                  .seed = (uint64_t)a->seed,
+                  .labels = labels,
+                  .guidance = a->has_guidance ? &g : NULL,
+                  .progress = cli_on_progress,
+                  .progress_user = &pr,
+                  .threads = (int)a->threads};
+  int nfe = 0;
+  if (edit_boundary(grid, rest, m, &b, &src, a->strength, out, NULL, &nfe, e)) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  json_t *meta =
+      json_pack("{s:s, s:s, s:s, s:f, s:f, s:i}", "edit", "boundary", "boundary", a->boundary,
+                "model", a->model_dir, "strength", a->strength, "eta", a->eta, "step", b.step);
+  if (a->has_seed)
+    json_object_set_new(meta, "seed", json_integer(a->seed));
+  if (a->classes)
+    json_object_set_new(meta, "class", json_string(a->classes));
+  int rc = write_outputs(a, out, batch, cin, size, size, meta, e);
+  json_decref(meta);
+  if (rc) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
+  if (!a->quiet)
+    fprintf(stderr, "denoised edit: %d image(s) moved to %g x %.3g at step %d, %d NFE per image\n",
+            batch, a->strength, b.scale, b.step, nfe);
+  status = 0;
+done:
+  boundary_free(&b);
+  sampler_free(grid);
+  sampler_free(rest);
+  json_decref(mcfg);
+  free(img);
+  free(out);
+  free(labels);
+  return status;
+}
+
+int cmd_edit(int argc, char **argv) {
+  edit_args a = {.threads = 2, .eta = 1.0};
+  int prc = parse_args(argc, argv, &a);
+  if (prc)
+    return prc < 0 ? 0 : prc;
+  err e = {0};
+  model *m = NULL;
+  if (model_load(a.model_dir, &m, &e))
+    return cli_fail("edit", "%s", e.msg);
+  int status = a.noise ? edit_noise(&a, m, &e) : edit_with_boundary(&a, m, &e);
+  model_free(m);
+  return status;
+}

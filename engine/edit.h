@@ -1,0 +1,59 @@
+/* BoundaryDiffusion edits around the sampler: the latent of a generated or inverted image at the
+ * mixing step of a DDIM grid, and the one-step move across a boundary followed by the rest of
+ * the chain. Shared by the CLI (`denoised boundary fit`, `denoised edit`) and the daemon. */
+#ifndef DENOISED_EDIT_H
+#define DENOISED_EDIT_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "boundary.h"
+#include "err.h"
+#include "guidance.h"
+#include "model.h"
+#include "sampler.h"
+
+/* Where the latents come from, and how the chain is conditioned. */
+typedef struct edit_src {
+  int batch;
+  const float *image;      /* batch images in [-1, 1] to DDIM-invert, or NULL: generate */
+  const float *init_noise; /* generating: x_T (NULL: rng stream 0 of seed/first_image) */
+  uint64_t seed, first_image;
+  const int64_t *labels;    /* classes, or NULL */
+  const guidance *guidance; /* or NULL */
+  sampler_progress_fn progress;
+  void *progress_user;
+  volatile int *cancel;
+  int threads;
+} edit_src;
+
+/* The DDIM sampler of a boundary's grid: solver is {"name": "ddim", "steps": N, "config": {...}}
+ * (the boundary file's "solver"), eta the value to run it with; x0 is never clipped. */
+int edit_grid_sampler(const json_t *solver, const json_t *model_config, double eta, sampler **out,
+                      err *e);
+
+/* The latents at the start of step `step` of DDIM grid s (run at eta 0): DDIM inversion of the
+ * images, or the first `step` steps of sampling from x_T. out: batch * C * H * W. */
+int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *src, float *out,
+                   int *nfe, err *e);
+
+/* One BoundaryDiffusion edit: the latents at the boundary's step (edit_latent_at on `grid`, eta
+ * 0), moved to signed distance strength * b->scale (strength in units of the spread of the
+ * training latents' distances: +-1 is a typical member of either side), then the rest of the
+ * chain on `rest` (the same grid; the release runs it with eta = 1, its noise from seed and
+ * first_image). latent (optional, batch * C * H * W) receives the unedited latent. */
+int edit_boundary(const sampler *grid, const sampler *rest, const model *m, const boundary *b,
+                  const edit_src *src, double strength, float *out, float *latent, int *nfe,
+                  err *e);
+
+/* Input images of edit requests (CLI files, base64 in API jobs): a PNG decoded under the size
+ * limit h x w (a different size is an error naming `field`), to c = 1 (luma, as PIL's "L") or 3
+ * channels in [-1, 1], CHW. */
+int edit_image_from_png(const uint8_t *png, size_t len, const char *field, int c, int h, int w,
+                        float *out, err *e);
+/* An inpainting mask: white (luma >= 128, diffusers' >= 0.5) is generated, black kept; out gets
+ * h * w values 0 or 1. */
+int edit_mask_from_png(const uint8_t *png, size_t len, const char *field, int h, int w, float *out,
+                       err *e);
+
+#endif

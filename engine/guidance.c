@@ -1,0 +1,86 @@
+/* Classifier-free guidance (Ho & Salimans 2022) over model_eval: one call of batch 2 n with the
+ * images' labels and the null label, combined in float32 in diffusers' order
+ * (uncond + g * (cond - uncond)), so results match its pipelines to rounding. */
+#include "guidance.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+guidance guidance_for(const model *m, double scale) {
+  guidance g = {.enabled = 1, .scale = scale, .null_label = model_get_info(m)->null_class};
+  return g;
+}
+
+int guidance_check(const guidance *g, const model *m, err *e) {
+  if (!g || !g->enabled)
+    return ERR_OK;
+  const model_info *mi = model_get_info(m);
+  if (!mi->num_classes)
+    return err_set(e, ERR_INVALID,
+                   "guidance_scale: classifier-free guidance needs a class-conditional model");
+  if (!isfinite(g->scale) || g->scale < 0 || g->scale > GUIDANCE_MAX_SCALE)
+    return err_set(e, ERR_INVALID, "guidance_scale %g must be in [0, %g]", g->scale,
+                   GUIDANCE_MAX_SCALE);
+  const int64_t lo = mi->kind == MODEL_GAUSSIAN_MIXTURE ? INT64_MIN : 0;
+  if (g->null_label < lo || g->null_label >= mi->num_classes)
+    return err_set(e, ERR_INVALID, "null_class %lld is not a label of this model (%d classes)",
+                   (long long)g->null_label, mi->num_classes);
+  return ERR_OK;
+}
+
+int guidance_eval(const guidance *g, const model *m, const float *x, int n, int h, int w,
+                  const float *t, const int64_t *labels, float *out, int threads, err *e) {
+  if (!g || !g->enabled || g->scale == 1.0)
+    return model_eval(m, x, n, h, w, t, labels, out, threads, e);
+  if (!labels)
+    return err_set(e, ERR_INVALID, "classifier-free guidance needs class labels");
+  const model_info *mi = model_get_info(m);
+  const size_t din = (size_t)mi->in_channels * h * w, dout = (size_t)mi->out_channels * h * w;
+  const size_t nb = (size_t)n;
+  /* g = 0 is the unconditional model: u + 0 (c - u) == u, so one pass gives the same floats */
+  if (g->scale == 0.0) {
+    int64_t *nl = malloc(nb * sizeof *nl);
+    if (!nl)
+      return err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t b = 0; b < nb; b++)
+      nl[b] = g->null_label;
+    int rc = model_eval(m, x, n, h, w, t, nl, out, threads, e);
+    free(nl);
+    return rc;
+  }
+  float *x2 = malloc(2 * nb * din * sizeof *x2), *o2 = malloc(2 * nb * dout * sizeof *o2);
+  float *t2 = malloc(2 * nb * sizeof *t2);
+  int64_t *l2 = malloc(2 * nb * sizeof *l2);
+  int rc = ERR_OK;
+  if (!x2 || !o2 || !t2 || !l2) {
+    rc = err_set(e, ERR_NOMEM, "out of memory for a guided batch of %d", n);
+    goto done;
+  }
+  /* conditional rows first, then unconditional: the model's result per row does not depend on
+   * the batch, so the order is free */
+  memcpy(x2, x, nb * din * sizeof *x2);
+  memcpy(x2 + nb * din, x, nb * din * sizeof *x2);
+  for (size_t b = 0; b < nb; b++) {
+    t2[b] = t2[nb + b] = t[b];
+    l2[b] = labels[b];
+    l2[nb + b] = g->null_label;
+  }
+  if ((rc = model_eval(m, x2, 2 * n, h, w, t2, l2, o2, threads, e)) != ERR_OK)
+    goto done;
+  const float s = (float)g->scale;
+  const size_t dg = din < dout ? din : dout; /* the guided (prediction) part of each row */
+  for (size_t b = 0; b < nb; b++) {
+    const float *c = o2 + b * dout, *u = o2 + (nb + b) * dout;
+    float *o = out + b * dout;
+    for (size_t k = 0; k < dg; k++)
+      o[k] = u[k] + s * (c[k] - u[k]);
+    memcpy(o + dg, c + dg, (dout - dg) * sizeof *o);
+  }
+done:
+  free(x2);
+  free(o2);
+  free(t2);
+  free(l2);
+  return rc;
+}

@@ -1,0 +1,35 @@
+/* Classifier-free guidance: the conditional and the unconditional pass as one batched model call,
+ * combined as uncond + g (cond - uncond) on the raw model output. Shared by the sampling loop and
+ * the inversion methods, so a guided step costs one network evaluation wherever it runs. */
+#ifndef DENOISED_GUIDANCE_H
+#define DENOISED_GUIDANCE_H
+
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+
+#define GUIDANCE_MAX_SCALE 100.0
+
+typedef struct guidance {
+  int enabled;        /* 0: plain model calls */
+  double scale;       /* g in [0, GUIDANCE_MAX_SCALE]; 1 is the conditional model alone */
+  int64_t null_label; /* the "no class" label (model_info.null_class) */
+} guidance;
+
+/* Guidance of scale g with the model's own null class. */
+guidance guidance_for(const model *m, double scale);
+
+/* Checks g against m: a class-conditional model, a finite scale in range, a null label the model
+ * accepts. Errors name the field ("guidance_scale", "null_class"). */
+int guidance_check(const guidance *g, const model *m, err *e);
+
+/* model_eval under guidance g (NULL or disabled: plain model_eval). Guided calls need labels and
+ * evaluate 2 n images at once; g = 1 and g = 0 need only one pass (the conditional or the
+ * unconditional one). Like diffusers' pipelines, whatever the model predicts (eps, x0 or v) is
+ * guided; of a learned variance (out_channels = 2 in_channels) only the prediction half is, the
+ * variance half is the conditional pass's. */
+int guidance_eval(const guidance *g, const model *m, const float *x, int n, int h, int w,
+                  const float *t, const int64_t *labels, float *out, int threads, err *e);
+
+#endif
