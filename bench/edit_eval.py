@@ -3,7 +3,7 @@
 
     OPENBLAS_NUM_THREADS=1 /usr/bin/python3 bench/edit_eval.py --model models/glyphs32 \\
         [--engine build/denoised] [--n 200] [--n-fit 400] [--steps 50] [--guidance 3] \\
-        [--strengths 1,2,3,4] [--skips 0,20,40] [--g-tgt 4] [--only boundary,classchange]
+        [--strengths 1,2,3,4] [--skips 0,20,40,60] [--g-tgt 4] [--only boundary,classchange]
 
 1. BoundaryDiffusion attribute flips. A labelled pool of --n-fit generated images (classes
    spread evenly) is classified, `denoised boundary fit` fits one boundary per attribute at the
@@ -269,7 +269,7 @@ def main():
                     help="guidance of generation and boundary edits (default: none)")
     ap.add_argument("--strengths", default="1,2,3,4")
     ap.add_argument("--ddpm-steps", type=int, default=100)
-    ap.add_argument("--skips", default="0,20,40")
+    ap.add_argument("--skips", default="0,20,40,60")
     ap.add_argument("--g-src", type=float, default=None, help="guidance of the inversion")
     ap.add_argument("--g-tgt", type=float, default=4.0, help="guidance of the class change")
     ap.add_argument("--only", default="boundary,classchange")

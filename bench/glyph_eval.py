@@ -12,9 +12,9 @@ each of the 36 classes through the C engine:
                           [--guidance-scale G] --threads T --out x.npy --quiet [--engine-arg ...]
 
 (`--guidance -` leaves --guidance-scale out: plain conditional sampling, for an engine without
-guidance), or with --backend torch through this script's own PyTorch DDIM sampler with
-classifier-free guidance (tools/torch_unet.py; solver must be ddim; --snapshot RUN/ema-N.pt
-evaluates a training snapshot).  It then reports
+guidance), or with --backend torch through this script's own PyTorch samplers with classifier-free
+guidance (tools/torch_unet.py; solvers ddim and dpm++2m, diffusers' DDIMScheduler and
+DPMSolverMultistepScheduler defaults; --snapshot RUN/ema-N.pt evaluates a training snapshot).  It then reports
   acc     the fraction of samples the classifier reads as the requested character
   min     the lowest per-class accuracy (and which class)
   FD      the Frechet distance between classifier features (bench/glyph_classifier.pt, the
@@ -129,7 +129,8 @@ def sample_cli(args, solver, steps, guidance, cls, n, seed):
 
 class TorchSampler:
     """DDIM (diffusers DDIMScheduler semantics: 'leading' spacing, eta 0, set_alpha_to_one,
-    clip_sample) with classifier-free guidance eps = eps(null) + g * (eps(c) - eps(null))."""
+    clip_sample) and DPM-Solver++(2M), with classifier-free guidance
+    eps = eps(null) + g * (eps(c) - eps(null))."""
 
     def __init__(self, net, sched):
         self.net = net
@@ -168,10 +169,42 @@ class TorchSampler:
         return x.float().numpy()
 
 
+    @torch.no_grad()
+    def dpmpp2m(self, y, steps, guidance, gen, x=None):
+        """DPM-Solver++(2M), diffusers v0.21 DPMSolverMultistepScheduler defaults: 'linspace'
+        timesteps, data prediction, midpoint second-order update, first order on the first
+        step and (below 15 steps) the last, which lands on t = 0."""
+        n = y.shape[0]
+        if x is None:
+            x = torch.randn((n, 3, 32, 32), generator=gen, dtype=torch.float64)
+        alpha = self.abar.sqrt()
+        sigma = (1 - self.abar).sqrt()
+        lam = alpha.log() - sigma.log()
+        ts = np.linspace(0, self.T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        prev_m, prev_t = None, None
+        for i, t in enumerate(ts):
+            e = self.eps(x.float(), t, y, guidance)
+            m = (x - sigma[t] * e) / alpha[t]
+            tn = int(ts[i + 1]) if i + 1 < len(ts) else 0
+            h = lam[tn] - lam[t]
+            first = prev_m is None or (i == len(ts) - 1 and steps < 15)
+            x_new = (sigma[tn] / sigma[t]) * x - alpha[tn] * torch.expm1(-h) * m
+            if not first:
+                r0 = (lam[t] - lam[prev_t]) / h
+                d1 = (m - prev_m) / r0
+                x_new = x_new - 0.5 * alpha[tn] * torch.expm1(-h) * d1
+            x = x_new
+            prev_m, prev_t = m, t
+        return x.float().numpy()
+
+
 def load_torch_model(args):
     import json
-    with open(os.path.join(args.model, "scheduler_config.json")) as f:
-        sched = json.load(f)
+    path = os.path.join(args.model, "scheduler_config.json")
+    sched = {}  # a snapshot before the model folder exists: the training schedule's defaults
+    if os.path.isfile(path) or not args.snapshot:
+        with open(path) as f:
+            sched = json.load(f)
     if args.snapshot:
         s = torch.load(args.snapshot)
         net = torch_unet.TorchUNet(torch_unet.full_config(s["config"]), dict(s["ema"]))
@@ -186,14 +219,15 @@ def generate(args, cfg, torch_sampler):
     if args.backend == "cli":
         xs = [sample_cli(args, solver, steps, guidance, c, n, args.seed + c) for c in range(len(CLASSES))]
         return np.concatenate(xs)
-    if solver != "ddim":
-        raise SystemExit("glyph_eval: the torch backend has only ddim (asked for %s)" % solver)
+    fns = {"ddim": torch_sampler.ddim, "dpm++2m": torch_sampler.dpmpp2m}
+    if solver not in fns:
+        raise SystemExit("glyph_eval: the torch backend has %s (asked for %s)" % (", ".join(fns), solver))
     out = []
     labels = np.repeat(np.arange(len(CLASSES)), n)
     gen = torch.Generator().manual_seed(args.seed)
     for i in range(0, len(labels), args.torch_batch):
         y = torch.from_numpy(labels[i:i + args.torch_batch])
-        out.append(torch_sampler.ddim(y, steps, guidance, gen))
+        out.append(fns[solver](y, steps, guidance, gen))
     return np.concatenate(out)
 
 
@@ -248,6 +282,7 @@ def main():
     if not os.path.isfile(args.classifier):
         sys.exit("glyph_eval: no classifier %s (train it: tools/glyphs/train_classifier.py)" % args.classifier)
     clf = load_classifier(args.classifier)
+    ts = load_torch_model(args) if args.backend == "torch" else None
     ho_path = os.path.join(args.data, "heldout.npz")
     if not os.path.isfile(ho_path):
         sys.exit("glyph_eval: no %s (render it: tools/glyphs/render.py --out %s)" % (ho_path, args.data))
@@ -275,7 +310,6 @@ def main():
           " train-real vs half B (%s) %.3f" % (n * 36, base["group"], base["face"], base["image"],
                                                args.reference, base["train"]))
     b = base[args.reference]
-    ts = load_torch_model(args) if args.backend == "torch" else None
     src = args.snapshot or args.model
     print("model %s, backend %s, %d samples per configuration, seed %d" % (src, args.backend, n * 36, args.seed))
     print()

@@ -44,7 +44,7 @@ static const char help[] =
     "  --batch B           images inverted at once (default 16)\n";
 
 typedef struct fit_args {
-  const char *model_dir, *labels, *images, *out, *step_s, *attribute;
+  const char *model_dir, *labels, *images, *out, *attribute;
   long long steps, step, cls, batch, threads;
   double eps, C, test_fraction, guidance;
   int has_class, has_guidance, quiet, step_auto;

@@ -982,8 +982,9 @@ static void blend_known(const sampler *s, int i, const sampler_run_opts *o, cons
 }
 
 void sampler_step_level(const sampler *s, int k, float *a, float *b) {
-  int i = s->n_evals, steps = 0;
+  int i = s->n_evals;
   if (k < s->n) {
+    int steps = 0;
     i = 0;
     for (int j = 0; j < s->n_evals && steps < k; j++)
       if (s->step_end[j] && ++steps == k)
