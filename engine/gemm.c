@@ -24,8 +24,8 @@ int gemm_row_block(void) {
   return GEMM_MR;
 }
 
-static int has_avx2(void) {
 #ifdef GEMM_X86
+static int has_avx2(void) {
   static int cached = -1;
   if (cached < 0) {
     __builtin_cpu_init();
@@ -35,13 +35,9 @@ static int has_avx2(void) {
       cached = 0;
   }
   return cached;
-#else
-  return 0;
-#endif
 }
 
 static int has_avx512(void) {
-#ifdef GEMM_X86
   static int cached = -1;
   if (cached < 0) {
     __builtin_cpu_init();
@@ -51,10 +47,8 @@ static int has_avx512(void) {
       cached = 0;
   }
   return cached;
-#else
-  return 0;
-#endif
 }
+#endif
 
 int gemm_pack_a(gemm_packed *p, const float *a, int m, int k) {
   int panels = (m + GEMM_MR - 1) / GEMM_MR;
@@ -231,7 +225,13 @@ static void run_blocked(const gemm_packed *a, int r0, int r1, const float *b, in
 #endif
 
 const char *gemm_kernel_name(void) {
-  return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "openblas";
+#ifdef GEMM_X86
+  if (has_avx512())
+    return "avx512";
+  if (has_avx2())
+    return "avx2";
+#endif
+  return "openblas";
 }
 
 void gemm_run(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int n, float *c,

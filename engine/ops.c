@@ -17,7 +17,7 @@
 #ifndef OPS_WINO_MIN_PIXELS
 #define OPS_WINO_MIN_PIXELS 64 /* 8x8 and larger images use Winograd */
 #endif
-#define CONV_MIN_COLS 256         /* narrower GEMMs waste the 32-wide kernel */
+#define CONV_MIN_COLS 256 /* narrower GEMMs waste the 32-wide kernel */
 
 static void blas_single_thread(void) {
   openblas_set_num_threads(1);
@@ -268,11 +268,10 @@ static inline float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  union {
-    int32_t i;
-    float f;
-  } scale = {.i = ((int32_t)n + 127) << 23};
-  return p * scale.f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
 static inline float silu1(float v) {

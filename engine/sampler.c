@@ -938,6 +938,15 @@ int sampler_strength_start(const sampler *s, double strength, int *start_step, e
   return ERR_OK;
 }
 
+int sampler_check_img2img(const sampler *s, double strength, err *e) {
+  static const float dummy = 0.0f; /* plan_part only looks at whether there is an image */
+  sampler_run_opts o = {.batch = 1, .init_image = &dummy, .strength = strength};
+  int start = 0, end = 0, *first = NULL;
+  int rc = plan_part(s, &o, &start, &end, &first, e);
+  free(first);
+  return rc;
+}
+
 /* The state's level at the input of evaluation i (i = n_evals: the clean end), in the float32
  * arithmetic of the scheduler's add_noise. */
 static void eval_level(const sampler *s, int i, float *a, float *b) {

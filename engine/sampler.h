@@ -123,6 +123,10 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
  * error if that leaves no step. */
 int sampler_strength_start(const sampler *s, double strength, int *start_step, err *e);
 
+/* Whether sampler_run would accept an init image (img2img or inpainting) at this strength:
+ * the solver supports partial runs and the strength leaves a step. For request validation. */
+int sampler_check_img2img(const sampler *s, double strength, err *e);
+
 /* The state a solver holds at the input of step k (0 <= k <= sampler_num_steps; k = n is the
  * end): x = a * x0 + b * eps. VP solvers give (sqrt(abar), sqrt(1 - abar)), the Euler family
  * (1, sigma); the end is (1, 0) however the schedule ends. */

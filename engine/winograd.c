@@ -110,10 +110,10 @@ typedef struct wino_job {
   const wino_conv *w;
   const float *x;
   float *y;
-  int n, h, wd, th, tw; /* tiles per image: th x tw */
-  int ph, pw;           /* padded input planes: (4 th + 2) x (4 tw + 2) */
-  float *xp;            /* zero-bordered copy of x, so tiles need no bounds checks */
-  int t0, nt, ld;       /* this block: global tiles [t0, t0 + nt), V/M row length */
+  int h, wd, th, tw; /* image size; tiles per image: th x tw */
+  int ph, pw;        /* padded input planes: (4 th + 2) x (4 tw + 2) */
+  float *xp;         /* zero-bordered copy of x, so tiles need no bounds checks */
+  int t0, nt, ld;    /* this block: global tiles [t0, t0 + nt), V/M row length */
   float *v, *m, *scratch;
   size_t scratch_stride;
   int col_splits;
@@ -220,9 +220,12 @@ WINO_CLONES static void output_task(void *ctx, int task, int worker) {
     for (int co = c0; co < c1; co++) {
       float bias = w->bias ? w->bias[co] : 0.0f;
       const float *src = j->m + (size_t)co * j->ld + t0;
-      for (int p = 0; p < 36; p++)
-        for (int l = 0; l < L; l++)
-          m[p * L + l] = l < lanes ? src[p * mstride + l] : 0.0f;
+      for (int p = 0; p < 36; p++) {
+        for (int l = 0; l < lanes; l++)
+          m[p * L + l] = src[p * mstride + l];
+        for (int l = lanes; l < L; l++)
+          m[p * L + l] = 0.0f;
+      }
       for (int k = 0; k < 6; k++) /* columns: tmp (4x6) = A^T m */
         at6(m + k * L, 6 * L, tmp + k * L, 6 * L);
       for (int i = 0; i < 4; i++) /* rows: o (4x4) = tmp A */
@@ -252,7 +255,7 @@ WINO_CLONES static void output_task(void *ctx, int task, int worker) {
 int wino_conv2d(const wino_conv *w, const float *x, int n, int h, int wd, float *y, arena *a,
                 pool *p) {
   int threads = pool_threads(p);
-  wino_job j = {.w = w, .x = x, .y = y, .n = n, .h = h, .wd = wd};
+  wino_job j = {.w = w, .x = x, .y = y, .h = h, .wd = wd};
   j.th = (h + 3) / 4;
   j.tw = (wd + 3) / 4;
   int total = n * j.th * j.tw;
