@@ -204,6 +204,29 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
     json_decref(label);
     label = NULL;
   }
+  /* cfg_scale is classifier-free guidance of a class-conditional model; their default (7) on an
+   * unconditional model means nothing and is ignored, as a prompt is */
+  double cfg = 0;
+  int has_cfg = 0;
+  v = json_object_get(j, "cfg_scale");
+  if (v && !json_is_null(v)) {
+    if (!json_is_number(v)) {
+      json_decref(label);
+      json_decref(options);
+      rc = api_fail(e, 400, "wrong_type", "cfg_scale", "cfg_scale: expected a number, got %s",
+                    type_of(v));
+      goto done;
+    }
+    cfg = json_number_value(v);
+    if (has_classes && (cfg < 0 || cfg > 50)) {
+      json_decref(label);
+      json_decref(options);
+      rc = api_fail(e, 400, "out_of_range", "cfg_scale", "cfg_scale: %g is out of range [0, 50]",
+                    cfg);
+      goto done;
+    }
+    has_cfg = has_classes;
+  }
   /* reuse the native path with their field names mapped onto ours */
   json_t *native = json_pack("{s:I, s:{s:s, s:O}}", "batch_size", (json_int_t)(batch * n_iter),
                              "scheduler", "name", solver, "options", options);
@@ -220,6 +243,8 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
     json_object_set_new(native, "height", json_integer(height));
   if (label)
     json_object_set_new(native, "class_label", label);
+  if (has_cfg)
+    json_object_set_new(native, "guidance", json_pack("{s:f}", "scale", cfg));
   char *text = json_dumps(native, JSON_COMPACT);
   json_decref(native);
   if (!text) {
@@ -239,6 +264,8 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
       snprintf(e->field, sizeof e->field, "eta");
     else if (strcmp(e->field, "model") == 0)
       snprintf(e->field, sizeof e->field, "override_settings.sd_model_checkpoint");
+    else if (strncmp(e->field, "guidance.", 9) == 0)
+      snprintf(e->field, sizeof e->field, "cfg_scale");
   }
 done:
   json_decref(j);
@@ -264,7 +291,9 @@ json_t *api_txt2img_json(const queue_job_view *v, char **images_b64, int n, cons
                      .height = s->height,
                      .width = s->width,
                      .has_label = s->has_label,
-                     .label = s->label};
+                     .label = s->label,
+                     .has_guidance = s->has_guidance,
+                     .guidance_scale = s->guidance_scale};
     char text[1024];
     meta_infotext(&mm, text, sizeof text);
     json_array_append_new(infos, json_string(text));

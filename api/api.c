@@ -3,6 +3,9 @@
  * worker will build it, so every error surfaces as a 400 naming the field, before the 202. */
 #include "api.h"
 
+#include "base64.h"
+#include "edit.h"
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -194,8 +197,208 @@ typedef struct job_fields {
   int has_width, has_height, has_steps;
   const char *solver;
   const char *solver_field;
-  json_t *options; /* borrowed */
+  json_t *options;                         /* borrowed */
+  const json_t *guidance;                  /* the "guidance" block, borrowed, or NULL */
+  const json_t *edit, *input_image, *mask; /* editing, borrowed, or NULL */
 } job_fields;
+
+#define API_MAX_PNG_BYTES (4 << 20) /* an input image or mask, decoded from base64 */
+
+/* A base64 PNG field (optionally a data: URL): its base64 text (malloc'ed, for the spec) and
+ * its bytes. */
+static int get_png(const json_t *v, const char *field, char **b64, uint8_t **png, size_t *len,
+                   api_error *e) {
+  if (!json_is_string(v))
+    return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 PNG, got %s", field,
+                    type_name(v));
+  const char *t = json_string_value(v);
+  size_t n = json_string_length(v);
+  if (strncmp(t, "data:", 5) == 0) {
+    const char *comma = memchr(t, ',', n);
+    if (!comma || comma - t < 12 || strncmp(comma - 7, ";base64", 7) != 0)
+      return api_fail(e, 400, "invalid_field", field,
+                      "%s: a data URL must be data:image/png;base64,...", field);
+    n -= (size_t)(comma + 1 - t);
+    t = comma + 1;
+  }
+  if (n == 0)
+    return api_fail(e, 400, "invalid_field", field, "%s: the image is empty", field);
+  if (n / 4 * 3 > API_MAX_PNG_BYTES)
+    return api_fail(e, 400, "too_large", field,
+                    "%s: the PNG is larger than this server's limit "
+                    "of %d bytes",
+                    field, API_MAX_PNG_BYTES);
+  if (base64_decode(t, n, png, len) != 0)
+    return api_fail(e, 400, "invalid_field", field, "%s: not valid base64 (RFC 4648, padded)",
+                    field);
+  *b64 = strndup(t, n);
+  if (!*b64) {
+    free(*png);
+    *png = NULL;
+    return api_fail(e, 500, "internal", NULL, "out of memory");
+  }
+  return 0;
+}
+
+/* edit {type, strength} with input_image (and mask for inpainting), after the size and the
+ * solver are known: the images are decoded here so a bad one is a 400, never a failed job. */
+static int parse_edit(const job_fields *f, const queue_model_desc *md, const sampler *s,
+                      queue_spec *out, api_error *e) {
+  static const char *const keys[] = {"type", "strength", NULL};
+  if (!f->edit) {
+    if (f->input_image || f->mask)
+      return api_fail(e, 400, "missing_field", "edit",
+                      "edit: %s needs an edit block ({\"type\": \"img2img\"} or \"inpaint\")",
+                      f->input_image ? "input_image" : "mask");
+    return 0;
+  }
+  if (!json_is_object(f->edit))
+    return api_fail(e, 400, "wrong_type", "edit",
+                    "edit: expected an object {type, strength}, got %s", type_name(f->edit));
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)f->edit, key, v) {
+    int ok = 0;
+    for (int i = 0; keys[i]; i++)
+      ok |= strcmp(keys[i], key) == 0;
+    if (!ok) {
+      char field[128];
+      snprintf(field, sizeof field, "edit.%s", key);
+      return api_fail(e, 400, "unknown_field", field, "%s: unknown field", field);
+    }
+  }
+  const json_t *ty = json_object_get(f->edit, "type");
+  if (!ty)
+    return api_fail(e, 400, "missing_field", "edit.type",
+                    "edit.type: give the kind of edit (img2img or inpaint)");
+  if (!json_is_string(ty))
+    return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
+                    type_name(ty));
+  const char *tn = json_string_value(ty);
+  const int kind = queue_edit_from_name(tn);
+  if (kind < 0) {
+    if (strcmp(tn, "invert_ddim") == 0 || strcmp(tn, "invert_ddpm") == 0 ||
+        strcmp(tn, "boundary") == 0)
+      return api_fail(e, 400, "not_supported", "edit.type",
+                      "edit.type: '%s' is not available through the API yet (the CLI has it)", tn);
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: '%s' is not an edit (img2img or inpaint)", tn);
+  }
+  double strength = kind == QUEUE_EDIT_INPAINT ? 1.0 : 0.8; /* diffusers' pipeline defaults */
+  const json_t *st = json_object_get(f->edit, "strength");
+  if (st) {
+    if (!json_is_number(st))
+      return api_fail(e, 400, "wrong_type", "edit.strength",
+                      "edit.strength: expected a number, got %s", type_name(st));
+    strength = json_number_value(st);
+    if (!(strength > 0 && strength <= 1))
+      return api_fail(e, 400, "out_of_range", "edit.strength",
+                      "edit.strength: %g is out of range (0, 1]", strength);
+  }
+  if (!f->input_image)
+    return api_fail(e, 400, "missing_field", "input_image",
+                    "input_image: %s needs the picture (base64 PNG of the job's size)", tn);
+  if (kind == QUEUE_EDIT_INPAINT && !f->mask)
+    return api_fail(e, 400, "missing_field", "mask",
+                    "mask: inpainting needs a mask (base64 PNG: white is generated, black kept)");
+  if (kind != QUEUE_EDIT_INPAINT && f->mask)
+    return api_fail(e, 400, "invalid_field", "mask", "mask: goes with edit.type inpaint");
+  if (out->preview_every)
+    return api_fail(e, 400, "invalid_field", "preview",
+                    "preview: previews are not available for edit jobs");
+  err qe = {0};
+  if (sampler_check_img2img(s, strength, &qe) != ERR_OK) {
+    const char *field = strstr(qe.msg, "strength") ? "edit.strength" : "scheduler.name";
+    return api_fail(e, 400, "invalid_field", field, "%s: %s", field, qe.msg);
+  }
+  const size_t plane = (size_t)out->height * out->width;
+  float *px = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane * sizeof *px);
+  if (!px)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  int rc = 0;
+  uint8_t *png = NULL;
+  size_t len = 0;
+  if ((rc = get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
+    goto done;
+  if (edit_image_from_png(png, len, "input_image", md->in_channels, out->height, out->width, px,
+                          &qe) != ERR_OK) {
+    rc = api_fail(e, 400, "invalid_field", "input_image", "%s", qe.msg);
+    goto done;
+  }
+  if (f->mask) {
+    free(png);
+    png = NULL;
+    if ((rc = get_png(f->mask, "mask", &out->mask, &png, &len, e)))
+      goto done;
+    if (edit_mask_from_png(png, len, "mask", out->height, out->width, px, &qe) != ERR_OK) {
+      rc = api_fail(e, 400, "invalid_field", "mask", "%s", qe.msg);
+      goto done;
+    }
+  }
+  out->edit = kind;
+  out->strength = strength;
+done:
+  free(png);
+  free(px);
+  return rc;
+}
+
+#define API_MAX_GUIDANCE 50.0
+
+/* guidance: {"scale": number in [0, API_MAX_GUIDANCE], "null_class"?: int} for class-conditional
+ * models; the null class defaults to the model's own. */
+static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spec *out,
+                          api_error *e) {
+  static const char *const keys[] = {"scale", "null_class", NULL};
+  if (!json_is_object(g))
+    return api_fail(e, 400, "wrong_type", "guidance",
+                    "guidance: expected an object {scale, null_class}, got %s", type_name(g));
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)g, key, v) {
+    int ok = 0;
+    for (int i = 0; keys[i]; i++)
+      ok |= strcmp(keys[i], key) == 0;
+    if (!ok) {
+      char field[128];
+      snprintf(field, sizeof field, "guidance.%s", key);
+      return api_fail(e, 400, "unknown_field", field, "%s: unknown field", field);
+    }
+  }
+  const json_t *sc = json_object_get(g, "scale");
+  if (!sc)
+    return api_fail(e, 400, "missing_field", "guidance.scale",
+                    "guidance.scale: give the guidance scale (1: the conditional model alone)");
+  if (!json_is_number(sc))
+    return api_fail(e, 400, "wrong_type", "guidance.scale",
+                    "guidance.scale: expected a number, got %s", type_name(sc));
+  if (md->num_classes <= 0)
+    return api_fail(e, 400, "invalid_field", "guidance.scale",
+                    "guidance.scale: model '%s' is not class-conditional: classifier-free "
+                    "guidance needs class labels",
+                    md->name);
+  const double x = json_number_value(sc);
+  if (!isfinite(x) || x < 0 || x > API_MAX_GUIDANCE)
+    return api_fail(e, 400, "out_of_range", "guidance.scale",
+                    "guidance.scale: %g is out of range [0, %g]", x, API_MAX_GUIDANCE);
+  out->null_class = md->null_class;
+  const json_t *nc = json_object_get(g, "null_class");
+  if (nc) {
+    if (!json_is_integer(nc))
+      return api_fail(e, 400, "wrong_type", "guidance.null_class",
+                      "guidance.null_class: expected an integer, got %s", type_name(nc));
+    const long long lo = md->kind == MODEL_GAUSSIAN_MIXTURE ? -1 : 0;
+    const long long n = json_integer_value(nc);
+    if (n < lo || n >= md->num_classes)
+      return api_fail(e, 400, "out_of_range", "guidance.null_class",
+                      "guidance.null_class: %lld is out of range [%lld, %d)", n, lo,
+                      md->num_classes);
+    out->null_class = n;
+  }
+  out->has_guidance = 1;
+  out->guidance_scale = x;
+  return 0;
+}
 
 /* Resolves model, sizes, seed and solver; builds the sampler once to validate the scheduler
  * block. Shared by /v1/jobs and /sdapi/v1/txt2img. */
@@ -251,6 +454,8 @@ static int finish_spec(const api_ctx *c, const job_fields *f, const char *owner,
                   "class_label: model '%s' is not class-conditional", md.name);
     goto done;
   }
+  if (f->guidance && (rc = parse_guidance(f->guidance, &md, out, e)))
+    goto done;
   const char *solver = resolve_solver(f->solver ? f->solver : "ddim");
   if (!solver) {
     char list[256];
@@ -279,7 +484,10 @@ static int finish_spec(const api_ctx *c, const job_fields *f, const char *owner,
     goto done;
   }
   out->steps = sampler_num_steps(s);
+  rc = parse_edit(f, &md, s, out, e);
   sampler_free(s);
+  if (rc)
+    goto done;
   if (out->preview_every > out->steps)
     out->preview_every = out->steps;
 done:
@@ -301,9 +509,6 @@ static int check_keys(const json_t *obj, const char *prefix, const char *const *
       continue;
     char field[128];
     snprintf(field, sizeof field, "%s%s", prefix, key);
-    if (!*prefix && (strcmp(key, "guidance") == 0 || strcmp(key, "edit") == 0))
-      return api_fail(e, 400, "not_supported", field,
-                      "%s: %s blocks are not supported by this version yet", field, key);
     return api_fail(e, 400, "unknown_field", field, "%s: unknown field", field);
   }
   return 0;
@@ -311,8 +516,9 @@ static int check_keys(const json_t *obj, const char *prefix, const char *const *
 
 int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *owner,
                   queue_spec *out, api_error *e) {
-  static const char *const top[] = {"model",  "batch_size", "seed",        "class_label", "width",
-                                    "height", "scheduler",  "first_image", "preview",     NULL};
+  static const char *const top[] = {
+      "model",       "batch_size", "seed",     "class_label", "width",       "height", "scheduler",
+      "first_image", "preview",    "guidance", "edit",        "input_image", "mask",   NULL};
   static const char *const sched_keys[] = {"name", "steps", "options", NULL};
   static const char *const preview_keys[] = {"every", NULL};
   json_t *j = NULL;
@@ -341,6 +547,12 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   f.label = json_object_get(j, "class_label");
   if (f.label && json_is_null(f.label))
     f.label = NULL;
+  f.guidance = json_object_get(j, "guidance");
+  if (f.guidance && json_is_null(f.guidance))
+    f.guidance = NULL;
+  f.edit = json_object_get(j, "edit");
+  f.input_image = json_object_get(j, "input_image");
+  f.mask = json_object_get(j, "mask");
   if ((rc = get_int(j, "width", "width", 1, c->max_image_size, &f.width, &f.has_width, e)) ||
       (rc = get_int(j, "height", "height", 1, c->max_image_size, &f.height, &f.has_height, e)) ||
       (rc = get_int(j, "first_image", "first_image", 0, MAX_FIRST_IMAGE, &f.first_image, &present,
@@ -411,6 +623,14 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
     json_object_set_new(req, "class_label", json_integer(s->label));
   if (s->preview_every)
     json_object_set_new(req, "preview", json_pack("{s:i}", "every", s->preview_every));
+  if (s->edit)
+    json_object_set_new(req, "edit",
+                        json_pack("{s:s, s:f, s:b}", "type", queue_edit_name(s->edit), "strength",
+                                  s->strength, "mask", s->mask != NULL));
+  if (s->has_guidance)
+    json_object_set_new(req, "guidance",
+                        json_pack("{s:f, s:I}", "scale", s->guidance_scale, "null_class",
+                                  (json_int_t)s->null_class));
   json_t *images = json_array(), *links = json_array();
   for (int i = 0; i < s->batch; i++) {
     snprintf(url, sizeof url, "%s/images/%d", self, i);
@@ -486,14 +706,14 @@ json_t *api_capabilities_json(const api_ctx *c) {
   }
   return json_pack(
       "{s:o, s:{s:i, s:i, s:i, s:i, s:i, s:i}, s:{s:i, s:i, s:i, s:i}, s:{s:b, s:b, s:b, s:b, "
-      "s:b, s:b, s:b}, s:s}",
+      "s:b, s:b, s:b, s:b, s:b, s:b}, s:s}",
       "solvers", solvers, "limits", "max_batch", c->max_batch, "max_steps", c->max_steps,
       "max_image_size", c->max_image_size, "max_body_bytes", c->max_body_bytes, "queue_max",
       c->queue_max, "result_ttl_seconds", c->result_ttl, "workers", "workers", c->workers,
       "threads_per_job", c->threads_per_job, "cpu_budget", c->workers * c->threads_per_job,
       "batch_max_images", c->batch_max_images, "features", "events_sse", 1, "event_resume", 1,
       "preview", 1, "batching", c->batch_max_images > 1, "auth", c->auth, "a1111_compat", 1,
-      "guidance", 0, "seed_scheme",
+      "guidance", 1, "img2img", 1, "inpaint", 1, "invert", 0, "seed_scheme",
       "image i of a job uses Philox4x32 noise stream (seed, first_image + i): a job with "
       "batch_size 1 and first_image i regenerates it alone");
 }

@@ -129,8 +129,8 @@ def sample_cli(args, solver, steps, guidance, cls, n, seed):
 
 class TorchSampler:
     """DDIM (diffusers DDIMScheduler semantics: 'leading' spacing, eta 0, set_alpha_to_one,
-    clip_sample) and DPM-Solver++(2M), with classifier-free guidance
-    eps = eps(null) + g * (eps(c) - eps(null))."""
+    clip_sample or thresholding) and DPM-Solver++(2M) (thresholding if the scheduler config
+    asks), with classifier-free guidance eps = eps(null) + g * (eps(c) - eps(null))."""
 
     def __init__(self, net, sched):
         self.net = net
@@ -139,6 +139,17 @@ class TorchSampler:
         self.abar = torch.cumprod(1 - betas, 0)
         self.T = len(betas)
         self.clip = sched.get("clip_sample", True)
+        self.clip_range = float(sched.get("clip_sample_range", 1.0))
+        self.thresholding = sched.get("thresholding", False)
+        self.ratio = float(sched.get("dynamic_thresholding_ratio", 0.995))
+        self.max_value = float(sched.get("sample_max_value", 1.0))
+
+    def threshold(self, x0):
+        """diffusers' _threshold_sample (dynamic thresholding; with sample_max_value 1 a clip)."""
+        n = x0.shape[0]
+        a = x0.reshape(n, -1).abs()
+        s = torch.quantile(a, self.ratio, dim=1).clamp(min=1.0, max=self.max_value).view(n, 1, 1, 1)
+        return torch.clamp(x0, -s, s) / s
 
     @torch.no_grad()
     def eps(self, x, t, y, guidance):
@@ -163,8 +174,10 @@ class TorchSampler:
             ap = self.abar[prev] if prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
             e = self.eps(x.float(), t, y, guidance)
             x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-            if self.clip:
-                x0 = x0.clamp(-1, 1)
+            if self.thresholding:
+                x0 = self.threshold(x0)
+            elif self.clip:
+                x0 = x0.clamp(-self.clip_range, self.clip_range)
             x = ap.sqrt() * x0 + (1 - ap).sqrt() * e
         return x.float().numpy()
 
@@ -185,6 +198,8 @@ class TorchSampler:
         for i, t in enumerate(ts):
             e = self.eps(x.float(), t, y, guidance)
             m = (x - sigma[t] * e) / alpha[t]
+            if self.thresholding:
+                m = self.threshold(m)
             tn = int(ts[i + 1]) if i + 1 < len(ts) else 0
             h = lam[tn] - lam[t]
             first = prev_m is None or (i == len(ts) - 1 and steps < 15)

@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "base64.h"
+#include "edit.h"
 #include "image.h"
 #include "meta.h"
 #include "rng.h"
@@ -95,6 +96,7 @@ struct queue {
   uv_timer_t expiry;
   pthread_t thread;
   int started, stopping, loop_done;
+  int closing; /* wake handle closed or closing: uv_async_send would abort */
   int busy;
   int npending; /* submissions being written to the store, counted against queue_max */
   uint64_t last_id_ms;
@@ -172,21 +174,41 @@ static void hist_observe(queue_hist *h, double v) {
 
 /* ---- specs ---- */
 
+const char *queue_edit_name(int edit) {
+  return edit == QUEUE_EDIT_IMG2IMG ? "img2img" : edit == QUEUE_EDIT_INPAINT ? "inpaint" : NULL;
+}
+
+int queue_edit_from_name(const char *name) {
+  return strcmp(name, "img2img") == 0   ? QUEUE_EDIT_IMG2IMG
+         : strcmp(name, "inpaint") == 0 ? QUEUE_EDIT_INPAINT
+                                        : -1;
+}
+
 void queue_spec_clear(queue_spec *s) {
   json_decref(s->options);
+  free(s->input_image);
+  free(s->mask);
   memset(s, 0, sizeof *s);
 }
 
 int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
   *dst = *src;
   dst->options = src->options ? json_deep_copy(src->options) : NULL;
-  return src->options && !dst->options ? ERR_NOMEM : ERR_OK;
+  dst->input_image = src->input_image ? strdup(src->input_image) : NULL;
+  dst->mask = src->mask ? strdup(src->mask) : NULL;
+  return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
+                 (src->mask && !dst->mask)
+             ? ERR_NOMEM
+             : ERR_OK;
 }
 
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
   return strcmp(a->model, b->model) == 0 && strcmp(a->solver, b->solver) == 0 &&
          a->steps == b->steps && a->height == b->height && a->width == b->width &&
-         a->has_label == b->has_label && !a->preview_every && !b->preview_every &&
+         a->has_label == b->has_label && !a->preview_every && !b->preview_every && !a->edit &&
+         !b->edit && a->has_guidance == b->has_guidance &&
+         (!a->has_guidance ||
+          (a->guidance_scale == b->guidance_scale && a->null_class == b->null_class)) &&
          json_equal(a->options ? a->options : json_null(), b->options ? b->options : json_null());
 }
 
@@ -198,20 +220,35 @@ json_t *queue_spec_to_json(const queue_spec *s) {
       s->height, "width", s->width, "preview_every", s->preview_every, "owner", s->owner);
   if (j && s->has_label)
     json_object_set_new(j, "class_label", json_integer(s->label));
+  if (j && s->has_guidance) {
+    json_object_set_new(j, "guidance_scale", json_real(s->guidance_scale));
+    json_object_set_new(j, "null_class", json_integer(s->null_class));
+  }
+  if (j && s->edit) {
+    json_object_set_new(j, "edit", json_string(queue_edit_name(s->edit)));
+    json_object_set_new(j, "strength", json_real(s->strength));
+    json_object_set_new(j, "input_image", json_string(s->input_image ? s->input_image : ""));
+    if (s->mask)
+      json_object_set_new(j, "mask", json_string(s->mask));
+  }
   return j;
 }
 
 int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   memset(s, 0, sizeof *s);
   const char *model, *solver, *owner;
-  json_t *options = NULL, *label = NULL;
+  json_t *options = NULL, *label = NULL, *gscale = NULL, *gnull = NULL, *edit = NULL;
+  json_t *strength = NULL, *input = NULL, *mask = NULL;
   json_int_t seed, first;
   json_error_t je;
-  if (json_unpack_ex(
-          (json_t *)j, &je, 0, "{s:s, s:s, s:i, s:o, s:i, s:I, s:I, s:i, s:i, s:i, s:s, s?o}",
-          "model", &model, "solver", &solver, "steps", &s->steps, "options", &options, "batch",
-          &s->batch, "seed", &seed, "first_image", &first, "height", &s->height, "width", &s->width,
-          "preview_every", &s->preview_every, "owner", &owner, "class_label", &label))
+  if (json_unpack_ex((json_t *)j, &je, 0,
+                     "{s:s, s:s, s:i, s:o, s:i, s:I, s:I, s:i, s:i, s:i, s:s, s?o, s?o, s?o, s?o, "
+                     "s?o, s?o, s?o}",
+                     "model", &model, "solver", &solver, "steps", &s->steps, "options", &options,
+                     "batch", &s->batch, "seed", &seed, "first_image", &first, "height", &s->height,
+                     "width", &s->width, "preview_every", &s->preview_every, "owner", &owner,
+                     "class_label", &label, "guidance_scale", &gscale, "null_class", &gnull, "edit",
+                     &edit, "strength", &strength, "input_image", &input, "mask", &mask))
     return err_set(e, ERR_FORMAT, "job spec: %s", je.text);
   if (strlen(model) >= sizeof s->model || strlen(solver) >= sizeof s->solver ||
       strlen(owner) >= sizeof s->owner || s->batch < 1 || s->steps < 1 || seed < 0 || first < 0)
@@ -226,6 +263,27 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   if (label && json_is_integer(label)) {
     s->has_label = 1;
     s->label = json_integer_value(label);
+  }
+  if (gscale && json_is_number(gscale)) {
+    s->has_guidance = 1;
+    s->guidance_scale = json_number_value(gscale);
+    s->null_class = json_is_integer(gnull) ? json_integer_value(gnull) : -1;
+  }
+  if (edit) {
+    int k = json_is_string(edit) ? queue_edit_from_name(json_string_value(edit)) : -1;
+    if (k <= 0 || !json_is_number(strength) || !json_is_string(input) ||
+        (k == QUEUE_EDIT_INPAINT && !json_is_string(mask))) {
+      queue_spec_clear(s);
+      return err_set(e, ERR_FORMAT, "job spec: a bad edit");
+    }
+    s->edit = k;
+    s->strength = json_number_value(strength);
+    s->input_image = strdup(json_string_value(input));
+    s->mask = json_is_string(mask) ? strdup(json_string_value(mask)) : NULL;
+    if (!s->input_image || (json_is_string(mask) && !s->mask)) {
+      queue_spec_clear(s);
+      return err_set(e, ERR_NOMEM, "out of memory");
+    }
   }
   return ERR_OK;
 }
@@ -558,6 +616,7 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->in_channels = mi->in_channels;
   out->out_channels = mi->out_channels;
   out->num_classes = mi->num_classes;
+  out->null_class = mi->null_class;
   out->num_params = mi->num_params;
   out->class_labels = m->labels ? json_incref(m->labels) : NULL;
   pthread_mutex_unlock(&q->mu);
@@ -831,6 +890,8 @@ static char *finish_job(queue *q, qjob *j, queue_state st, const char *why, size
 static void write_results(qbatch *b, int base, qjob *j, const float *x, size_t d) {
   queue *q = b->q;
   json_t *extra = json_pack("{s:s}", "job_id", j->id);
+  if (extra && j->spec.edit) /* the input image stays with the job: replay needs it as a file */
+    json_object_set_new(extra, "edit", json_string(queue_edit_name(j->spec.edit)));
   for (int i = 0; i < j->spec.batch; i++) {
     pthread_mutex_lock(&q->mu);
     int live = j->state == QUEUE_RUNNING;
@@ -847,6 +908,10 @@ static void write_results(qbatch *b, int base, qjob *j, const float *x, size_t d
                      .cfg = b->cfg,
                      .has_label = j->spec.has_label,
                      .label = j->spec.label,
+                     .has_guidance = j->spec.has_guidance,
+                     .guidance_scale = j->spec.guidance_scale,
+                     .has_strength = j->spec.edit != QUEUE_EDIT_NONE,
+                     .strength = j->spec.strength,
                      .extra = extra};
     uint8_t *png = NULL;
     size_t len = 0;
@@ -904,6 +969,30 @@ static void write_results(qbatch *b, int base, qjob *j, const float *x, size_t d
     persist_text(q, j->id, rec, rl);
 }
 
+/* An edit job's base64 PNG (checked at submission) decoded: image (c channels) or mask, the
+ * same picture for every image of the batch. */
+static int decode_edit_png(const char *b64, const char *field, int is_mask, int c, int h, int w,
+                           int batch, float **out, err *e) {
+  uint8_t *png = NULL;
+  size_t len = 0;
+  if (!b64 || base64_decode(b64, strlen(b64), &png, &len) != 0)
+    return err_set(e, ERR_FORMAT, "%s: not base64", field);
+  const size_t d = (size_t)(is_mask ? 1 : c) * h * w;
+  float *x = malloc(d * (size_t)batch * sizeof *x);
+  int rc = !x        ? err_set(e, ERR_NOMEM, "out of memory")
+           : is_mask ? edit_mask_from_png(png, len, field, h, w, x, e)
+                     : edit_image_from_png(png, len, field, c, h, w, x, e);
+  free(png);
+  if (rc) {
+    free(x);
+    return rc;
+  }
+  for (int b = 1; b < batch; b++)
+    memcpy(x + d * (size_t)b, x, d * sizeof *x);
+  *out = x;
+  return ERR_OK;
+}
+
 static void work_cb(uv_work_t *w) {
   qbatch *b = w->data;
   queue *q = b->q;
@@ -911,10 +1000,16 @@ static void work_cb(uv_work_t *w) {
   const model_info *mi = model_get_info(b->qm->m);
   err e = {0};
   char field[128];
-  float *init = NULL;
+  float *init = NULL, *init_image = NULL, *mask = NULL;
   int64_t *labels = NULL;
   uint64_t *seeds = NULL, *index = NULL;
   int rc = build_sampler(b->qm, &head->spec, &b->s, field, sizeof field, &e);
+  if (!rc && head->spec.edit) /* never batched: the head is the whole batch */
+    rc = decode_edit_png(head->spec.input_image, "input_image", 0, mi->in_channels,
+                         head->spec.height, head->spec.width, b->nimg, &init_image, &e);
+  if (!rc && head->spec.edit == QUEUE_EDIT_INPAINT)
+    rc = decode_edit_png(head->spec.mask, "mask", 1, mi->in_channels, head->spec.height,
+                         head->spec.width, b->nimg, &mask, &e);
   if (rc == ERR_OK)
     b->cfg = sampler_config(b->s);
   b->h = head->spec.height;
@@ -943,6 +1038,8 @@ static void work_cb(uv_work_t *w) {
     b->labels = labels;
     b->img_seed = seeds;
     b->img_index = index;
+    guidance g = guidance_for(b->qm->m, head->spec.guidance_scale);
+    g.null_label = head->spec.null_class;
     /* a single job runs on its own seed as the CLI would; a batch of jobs maps each position to
      * its job's (seed, image) so every image equals the one it would be alone */
     sampler_run_opts o = {.batch = b->nimg,
@@ -957,7 +1054,11 @@ static void work_cb(uv_work_t *w) {
                           .noise = b->njobs > 1 ? batch_noise : NULL,
                           .noise_user = b,
                           .cancel = &b->cancel,
-                          .threads = q->o.threads_per_job};
+                          .threads = q->o.threads_per_job,
+                          .guidance = head->spec.has_guidance ? &g : NULL,
+                          .init_image = init_image,
+                          .strength = head->spec.strength,
+                          .mask = mask};
     b->t_start = b->t_last = now_mono();
     rc = sampler_run(b->s, b->qm->m, &o, b->x, NULL, &e);
   }
@@ -993,6 +1094,8 @@ static void work_cb(uv_work_t *w) {
       }
   }
   free(init);
+  free(init_image);
+  free(mask);
   free(labels);
   free(seeds);
   free(index);
@@ -1125,6 +1228,16 @@ static void expire(queue *q) {
   }
 }
 
+/* Wakes the loop thread from any thread. libuv aborts the process when the
+ * wake-up handle is already closed, so the send happens under the lock that
+ * wake_cb takes to mark it closing: a request racing a shutdown is safe. */
+static void wake_loop(queue *q) {
+  pthread_mutex_lock(&q->mu);
+  if (q->started && !q->closing)
+    uv_async_send(&q->wake);
+  pthread_mutex_unlock(&q->mu);
+}
+
 static void on_close(uv_handle_t *h) {
   (void)h;
 }
@@ -1133,6 +1246,7 @@ static void wake_cb(uv_async_t *a) {
   queue *q = a->data;
   pthread_mutex_lock(&q->mu);
   if (q->stopping && q->busy == 0) {
+    q->closing = 1; /* under the lock: wake_loop() sends nothing from now on */
     pthread_mutex_unlock(&q->mu);
     uv_close((uv_handle_t *)&q->wake, on_close);
     uv_close((uv_handle_t *)&q->expiry, on_close);
@@ -1193,7 +1307,7 @@ int queue_stop(queue *q, int timeout_ms) {
     q->running[i]->cancel = 1;
   pthread_cond_broadcast(&q->cv);
   pthread_mutex_unlock(&q->mu);
-  uv_async_send(&q->wake);
+  wake_loop(q);
   struct timespec dl;
   clock_gettime(CLOCK_REALTIME, &dl);
   dl.tv_sec += timeout_ms / 1000;
@@ -1403,6 +1517,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   char *rec = job_record(j, &len);
   if (!rec || insert_job(q, j) != ERR_OK) {
     j->spec.options = NULL; /* still the caller's */
+    j->spec.input_image = j->spec.mask = NULL;
     pthread_mutex_unlock(&q->mu);
     free(rec);
     job_free(j);
@@ -1420,6 +1535,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
       remove_job_at(q, pos);
     pthread_mutex_unlock(&q->mu);
     j->spec.options = NULL;
+    j->spec.input_image = j->spec.mask = NULL;
     job_free(j);
     return rc;
   }
@@ -1433,8 +1549,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   if (out)
     make_view(q, j, out);
   pthread_mutex_unlock(&q->mu);
-  if (q->started)
-    uv_async_send(&q->wake);
+  wake_loop(q);
   return ERR_OK;
 }
 

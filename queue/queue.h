@@ -53,13 +53,29 @@ typedef struct queue_spec {
   int height, width;
   int preview_every;           /* steps between x0 previews in progress events; 0: none */
   char owner[QUEUE_NAME_SIZE]; /* API key name, "" without auth */
+  /* Classifier-free guidance (class-conditional models): scale and the null label, resolved
+   * (the model's own unless the request names one). */
+  int has_guidance;
+  double guidance_scale;
+  int64_t null_class;
+  /* Editing: img2img (SDEdit) or inpainting of input_image (base64 PNG of height x width, owned,
+   * checked at submission) at strength in (0, 1]; inpainting's mask (base64 PNG, owned: white
+   * is generated, black kept). Edit jobs are never batched with others. */
+  int edit; /* QUEUE_EDIT_* */
+  double strength;
+  char *input_image, *mask;
 } queue_spec;
+
+enum { QUEUE_EDIT_NONE, QUEUE_EDIT_IMG2IMG, QUEUE_EDIT_INPAINT };
+/* "img2img", "inpaint" (NULL for none); queue_edit_from_name returns -1 if unknown. */
+const char *queue_edit_name(int edit);
+int queue_edit_from_name(const char *name);
 
 void queue_spec_clear(queue_spec *s);
 int queue_spec_copy(queue_spec *dst, const queue_spec *src);
 json_t *queue_spec_to_json(const queue_spec *s);
 int queue_spec_from_json(const json_t *j, queue_spec *s, err *e);
-/* Same model, solver, steps, size and scheduler options: one forward can serve both. */
+/* Same model, solver, steps, size, scheduler options and guidance: one forward can serve both. */
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b);
 
 typedef enum { QUEUE_LOG_DEBUG, QUEUE_LOG_INFO, QUEUE_LOG_WARN, QUEUE_LOG_ERROR } queue_log_level;
@@ -102,6 +118,7 @@ typedef struct queue_model_desc {
   char prediction_type[16];
   model_kind kind;
   int sample_size, in_channels, out_channels, num_classes;
+  int64_t null_class; /* classifier-free guidance's "no class" label (model_info.null_class) */
   int64_t num_params;
   json_t *class_labels; /* array of names or NULL; a reference the caller decrefs */
 } queue_model_desc;

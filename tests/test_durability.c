@@ -1,6 +1,7 @@
 /* The daemon's lifecycle: kill -9 loses nothing (finished results intact, queued jobs queued,
  * running jobs restart with the same seed and image), SIGTERM stops at a step boundary, SIGHUP
  * reloads models, results expire, disk trouble is a clear error, exit codes, config check. */
+#include "base64.h"
 #include "image.h"
 #include "testhttp.h"
 
@@ -94,6 +95,71 @@ START_TEST(kill9_loses_nothing) {
   free(again);
   /* the events of the restarted job kept unique, increasing ids across the crash */
   daemon_stop(&d2);
+}
+END_TEST
+
+/* A queued guided inpainting job (its images travel in the stored spec) survives kill -9 and
+ * makes the image the same request makes on a clean daemon. */
+START_TEST(kill9_keeps_edit_jobs) {
+  uint8_t px[32 * 32 * 3], *png;
+  size_t plen;
+  err e;
+  for (size_t i = 0; i < sizeof px; i++)
+    px[i] = (uint8_t)((i / 3) % 32 < 16 ? 255 : (i * 7) % 200);
+  ck_assert_int_eq(image_png_encode(px, 3, 32, 32, NULL, 0, &png, &plen, &e), 0);
+  char *b64 = base64_encode(png, plen);
+  free(png);
+  char *body = malloc(strlen(b64) * 2 + 512);
+  sprintf(body,
+          "{\"class_label\": 4, \"seed\": 6, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}, "
+          "\"guidance\": {\"scale\": 2}, \"input_image\": \"%s\", \"mask\": \"%s\", "
+          "\"edit\": {\"type\": \"inpaint\", \"strength\": 0.9}}",
+          b64, b64);
+  char st[512];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  char blocker[64], edit[64], path[128];
+  submit_job(&d, LONG_JOB, blocker, sizeof blocker);
+  wait_running(&d, blocker, 60);
+  submit_job(&d, body, edit, sizeof edit);
+  ck_assert_int_eq(daemon_signal_wait(&d, SIGKILL, 10), 128 + SIGKILL);
+  ck_assert_int_eq(daemon_start(&d, st, args), 0);
+  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
+  http_resp r;
+  http_req(&d, "DELETE", path, NULL, 0, NULL, &r);
+  http_free(&r);
+  wait_state(&d, edit, "succeeded", 120);
+  snprintf(path, sizeof path, "/v1/jobs/%s", edit);
+  size_t len;
+  char *view = get_body(&d, path, &len);
+  ck_assert_ptr_nonnull(strstr(view, "\"type\":\"inpaint\""));
+  ck_assert_ptr_nonnull(strstr(view, "\"guidance\":{"));
+  free(view);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", edit);
+  char *img = get_body(&d, path, &len);
+  daemon_stop(&d);
+  char st2[512];
+  daemon_proc d2;
+  ck_assert_int_eq(daemon_start(&d2, th_state_dir(st2, sizeof st2), NULL), 0);
+  char fresh[64];
+  submit_job(&d2, body, fresh, sizeof fresh);
+  wait_state(&d2, fresh, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", fresh);
+  size_t flen;
+  char *again = get_body(&d2, path, &flen);
+  daemon_stop(&d2);
+  uint8_t *a, *b;
+  int h, w;
+  ck_assert_int_eq(image_png_decode((uint8_t *)img, len, 64, 64, &a, &h, &w, &e), 0);
+  ck_assert_int_eq(image_png_decode((uint8_t *)again, flen, 64, 64, &b, &h, &w, &e), 0);
+  ck_assert_msg(memcmp(a, b, 32 * 32 * 3) == 0, "the recovered edit job made a different image");
+  free(a);
+  free(b);
+  free(img);
+  free(again);
+  free(body);
+  free(b64);
 }
 END_TEST
 
@@ -440,6 +506,7 @@ Suite *test_suite(void) {
   TCase *tc = tcase_create("durability");
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, kill9_loses_nothing);
+  tcase_add_test(tc, kill9_keeps_edit_jobs);
   tcase_add_test(tc, sigterm_stops_at_step_boundary);
   tcase_add_test(tc, sighup_reloads_models);
   tcase_add_test(tc, sighup_reopens_the_log);

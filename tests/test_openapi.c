@@ -1,6 +1,8 @@
 /* openapi.yaml against a real OpenAPI 3.1 validator from npm (tools/openapi, installed by
  * scripts/install-deps.sh --openapi), and real daemon responses against its schemas. Skipped
  * only when npm itself is missing. */
+#include "base64.h"
+#include "image.h"
 #include "testhttp.h"
 
 #define SMALL_JOB                                                                                  \
@@ -129,6 +131,41 @@ START_TEST(responses_match_the_spec) {
   call(&d, "GET", path, NULL, NULL, &r);
   ck_assert_ptr_nonnull(strstr(r.body, "\"preview\":\"data:image/png;base64,"));
   http_free(&r);
+  /* guidance and an img2img edit, as the job views show them */
+  {
+    uint8_t px[32 * 32 * 3], *png = NULL;
+    for (size_t i = 0; i < sizeof px; i++)
+      px[i] = (uint8_t)(i % 96 < 48 ? 200 : 40);
+    size_t plen = 0;
+    err e;
+    ck_assert_int_eq(image_png_encode(px, 3, 32, 32, NULL, 0, &png, &plen, &e), 0);
+    char *b64 = base64_encode(png, plen);
+    char body[2048], eid[64];
+    snprintf(body, sizeof body,
+             "{\"class_label\": 2, \"seed\": 9, \"scheduler\": {\"name\": \"ddim\", "
+             "\"steps\": 10}, \"guidance\": {\"scale\": 2}, \"input_image\": \"%s\", "
+             "\"edit\": {\"type\": \"img2img\", \"strength\": 0.5}}",
+             b64);
+    ck_assert_int_eq(call(&d, "POST", "/v1/jobs", body, NULL, &r), 202);
+    json_t *ej = http_json(&r);
+    snprintf(eid, sizeof eid, "%s", json_string_value(json_object_get(ej, "id")));
+    json_decref(ej);
+    http_free(&r);
+    wait_state(&d, eid, "succeeded", 60);
+    snprintf(path, sizeof path, "/v1/jobs/%s", eid);
+    call(&d, "GET", path, NULL, NULL, &r);
+    ck_assert_ptr_nonnull(strstr(r.body, "\"edit\":{"));
+    ck_assert_ptr_nonnull(strstr(r.body, "\"guidance\":{"));
+    http_free(&r);
+    ck_assert_int_eq(call(&d, "POST", "/v1/jobs",
+                          "{\"class_label\": 1, \"edit\": {\"type\": \"img2img\"}, "
+                          "\"input_image\": \"iVBORw0KGgo=\"}",
+                          NULL, &r),
+                     400);
+    http_free(&r);
+    free(b64);
+    free(png);
+  }
   snprintf(path, sizeof path, "/v1/jobs/%s", id);
   ck_assert_int_eq(call(&d, "DELETE", path, NULL, NULL, &r), 409);
   http_free(&r);

@@ -187,7 +187,13 @@ def export(trainer, out_dir, args, wall=None, data_info=None):
     sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": T, "beta_start": BETA[0],
              "beta_end": BETA[1], "beta_schedule": "linear", "prediction_type": "epsilon",
              "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-             "timestep_spacing": "leading", "steps_offset": 0}
+             "thresholding": True, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+    # thresholding with sample_max_value 1 clips every x0 prediction to [-1, 1] -- the same as
+    # clip_sample, but honoured by the data-prediction solvers (DPM-Solver++, UniPC, DEIS) too.
+    # A small epsilon model's x0 estimate at t ~ 999 (alpha ~ 0.006) is off by several units,
+    # which unclipped DPM-Solver++ carries into saturated colours.
+    # no timestep_spacing / steps_offset: every solver keeps its own diffusers default (DDIM and
+    # DDPM "leading", DPM-Solver "linspace"); a shared "leading" would start DPM-Solver++ at t=900
     with open(os.path.join(out_dir, "scheduler_config.json"), "w") as f:
         json.dump(sched, f, indent=2, sort_keys=True)
         f.write("\n")
