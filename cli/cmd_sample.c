@@ -155,8 +155,9 @@ static int write_pngs(const sample_args *a, const model *m, const sched_config *
                       const char *solver, int steps, uint64_t seed, const float *x, int h, int w,
                       err *e) {
   const model_info *mi = model_get_info(m);
-  int c = mi->out_channels < 3 ? 1 : 3;
-  size_t plane = (size_t)h * w, per = (size_t)mi->out_channels * plane;
+  /* samples live in the input space: a learned-variance model outputs 2C */
+  int c = mi->in_channels < 3 ? 1 : 3;
+  size_t plane = (size_t)h * w, per = (size_t)mi->in_channels * plane;
   uint8_t *px = malloc(plane * 3);
   if (!px)
     return err_set(e, ERR_NOMEM, "out of memory");
@@ -465,7 +466,7 @@ int cmd_sample(int argc, char **argv) {
     for (int i = 0; labels && i < a.batch; i++)
       labels[i] = a.label;
   }
-  size_t count = (size_t)a.batch * mi->out_channels * size * size;
+  size_t count = (size_t)a.batch * mi->in_channels * size * size;
   out = malloc(sizeof(float) * count);
   if (!out || (a.has_label && !labels)) {
     free(labels);
@@ -498,7 +499,7 @@ int cmd_sample(int argc, char **argv) {
     goto done;
   }
   if (a.npy_out) {
-    int64_t shape[4] = {a.batch, mi->out_channels, size, size};
+    int64_t shape[4] = {a.batch, mi->in_channels, size, size};
     if (npy_write_f32(a.npy_out, out, 4, shape, &e)) {
       cli_fail(cmd, "%s", e.msg);
       goto done;
