@@ -14,7 +14,7 @@ each of the 36 classes through the C engine:
 (`--guidance -` leaves --guidance-scale out: plain conditional sampling, for an engine without
 guidance), or with --backend torch through this script's own PyTorch samplers with classifier-free
 guidance (tools/torch_unet.py; solvers ddim and dpm++2m, diffusers' DDIMScheduler and
-DPMSolverMultistepScheduler defaults; --snapshot RUN/ema-N.pt evaluates a training snapshot).  It then reports
+DPMSolverMultistepScheduler defaults as the engine runs them; --snapshot RUN/ema-N.pt evaluates a training snapshot).  It then reports
   acc     the fraction of samples the classifier reads as the requested character
   min     the lowest per-class accuracy (and which class)
   FD      the Frechet distance between classifier features (bench/glyph_classifier.pt, the
@@ -184,9 +184,11 @@ class TorchSampler:
 
     @torch.no_grad()
     def dpmpp2m(self, y, steps, guidance, gen, x=None):
-        """DPM-Solver++(2M), diffusers v0.21 DPMSolverMultistepScheduler defaults: 'linspace'
-        timesteps, data prediction, midpoint second-order update, first order on the first
-        step and (below 15 steps) the last, which lands on t = 0."""
+        """DPM-Solver++(2M) as current diffusers' DPMSolverMultistepScheduler defaults (and our
+        engine): 'linspace' timesteps from 999, data prediction (thresholded if the config
+        asks), midpoint second-order update, first order on the first step and the last, which
+        goes to sigma = 0 (final_sigmas_type "zero": the result is the last x0 estimate).
+        (diffusers 0.21 instead ended on t = 0, second order from 15 steps on.)"""
         n = y.shape[0]
         if x is None:
             x = torch.randn((n, 3, 32, 32), generator=gen, dtype=torch.float64)
@@ -200,11 +202,13 @@ class TorchSampler:
             m = (x - sigma[t] * e) / alpha[t]
             if self.thresholding:
                 m = self.threshold(m)
-            tn = int(ts[i + 1]) if i + 1 < len(ts) else 0
+            if i == len(ts) - 1:
+                x = m
+                break
+            tn = int(ts[i + 1])
             h = lam[tn] - lam[t]
-            first = prev_m is None or (i == len(ts) - 1 and steps < 15)
             x_new = (sigma[tn] / sigma[t]) * x - alpha[tn] * torch.expm1(-h) * m
-            if not first:
+            if prev_m is not None:
                 r0 = (lam[t] - lam[prev_t]) / h
                 d1 = (m - prev_m) / r0
                 x_new = x_new - 0.5 * alpha[tn] * torch.expm1(-h) * d1
