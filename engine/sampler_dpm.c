@@ -282,27 +282,28 @@ static int dpm_multi_prepare(sampler *s, err *e) {
   return rc;
 }
 
-/* convert_model_output for one image: x0 for the ++ algorithms, eps otherwise. */
-static void dpm_convert(const sched_config *cfg, float sigma, const float *x, const float *mo,
-                        size_t d, float *out, float *sel) {
-  float alpha_t, sigma_t;
-  alpha_sigma(sigma, &alpha_t, &sigma_t);
-  if (is_pp(cfg->algorithm_type)) {
-    switch (cfg->prediction_type) {
-    case SCHED_PRED_EPSILON:
-      for (size_t k = 0; k < d; k++)
-        out[k] = (x[k] - sigma_t * mo[k]) / alpha_t;
-      break;
-    case SCHED_PRED_SAMPLE: memcpy(out, mo, d * sizeof *out); break;
-    case SCHED_PRED_V:
-      for (size_t k = 0; k < d; k++)
-        out[k] = alpha_t * x[k] - sigma_t * mo[k];
-      break;
-    }
-    if (cfg->thresholding)
-      sampler_threshold_diffusers(cfg, out, d, sel);
-    return;
+/* The model output of one image as the data prediction x0 (thresholded when
+ * the config asks), the way diffusers' convert_model_output does it. */
+static void output_to_x0(const sched_config *cfg, float alpha_t, float sigma_t, const float *x,
+                         const float *mo, size_t d, float *out, float *sel) {
+  switch (cfg->prediction_type) {
+  case SCHED_PRED_EPSILON:
+    for (size_t k = 0; k < d; k++)
+      out[k] = (x[k] - sigma_t * mo[k]) / alpha_t;
+    break;
+  case SCHED_PRED_SAMPLE: memcpy(out, mo, d * sizeof *out); break;
+  case SCHED_PRED_V:
+    for (size_t k = 0; k < d; k++)
+      out[k] = alpha_t * x[k] - sigma_t * mo[k];
+    break;
   }
+  if (cfg->thresholding)
+    sampler_threshold_diffusers(cfg, out, d, sel);
+}
+
+/* The model output of one image as the noise prediction eps (no thresholding). */
+static void output_to_eps(const sched_config *cfg, float alpha_t, float sigma_t, const float *x,
+                          const float *mo, size_t d, float *out) {
   switch (cfg->prediction_type) {
   case SCHED_PRED_EPSILON: memcpy(out, mo, d * sizeof *out); break;
   case SCHED_PRED_SAMPLE:
@@ -314,6 +315,18 @@ static void dpm_convert(const sched_config *cfg, float sigma, const float *x, co
       out[k] = alpha_t * mo[k] + sigma_t * x[k];
     break;
   }
+}
+
+/* convert_model_output for one image: x0 for the ++ algorithms, eps otherwise. */
+static void dpm_convert(const sched_config *cfg, float sigma, const float *x, const float *mo,
+                        size_t d, float *out, float *sel) {
+  float alpha_t, sigma_t;
+  alpha_sigma(sigma, &alpha_t, &sigma_t);
+  if (is_pp(cfg->algorithm_type)) {
+    output_to_x0(cfg, alpha_t, sigma_t, x, mo, d, out, sel);
+    return;
+  }
+  output_to_eps(cfg, alpha_t, sigma_t, x, mo, d, out);
   if (cfg->thresholding) {
     /* x0 from eps, thresholded, back to eps; `sel` is 2 d floats here */
     float *x0 = sel + d;
@@ -714,33 +727,10 @@ static void unipc_convert(const sched_config *cfg, float sigma, const float *x, 
                           size_t d, float *out, float *sel) {
   float alpha_t, sigma_t;
   alpha_sigma(sigma, &alpha_t, &sigma_t);
-  if (cfg->predict_x0) {
-    switch (cfg->prediction_type) {
-    case SCHED_PRED_EPSILON:
-      for (size_t k = 0; k < d; k++)
-        out[k] = (x[k] - sigma_t * mo[k]) / alpha_t;
-      break;
-    case SCHED_PRED_SAMPLE: memcpy(out, mo, d * sizeof *out); break;
-    case SCHED_PRED_V:
-      for (size_t k = 0; k < d; k++)
-        out[k] = alpha_t * x[k] - sigma_t * mo[k];
-      break;
-    }
-    if (cfg->thresholding)
-      sampler_threshold_diffusers(cfg, out, d, sel);
-    return;
-  }
-  switch (cfg->prediction_type) {
-  case SCHED_PRED_EPSILON: memcpy(out, mo, d * sizeof *out); break;
-  case SCHED_PRED_SAMPLE:
-    for (size_t k = 0; k < d; k++)
-      out[k] = (x[k] - alpha_t * mo[k]) / sigma_t;
-    break;
-  case SCHED_PRED_V:
-    for (size_t k = 0; k < d; k++)
-      out[k] = alpha_t * mo[k] + sigma_t * x[k];
-    break;
-  }
+  if (cfg->predict_x0)
+    output_to_x0(cfg, alpha_t, sigma_t, x, mo, d, out, sel);
+  else
+    output_to_eps(cfg, alpha_t, sigma_t, x, mo, d, out);
 }
 
 /* Solves the small system R rho = b (n <= 3) in double; torch solves it in float32. */
@@ -939,19 +929,7 @@ static void deis_convert(const sched_config *cfg, float sigma, const float *x, c
                          size_t d, float *out, float *sel) {
   float alpha_t, sigma_t;
   alpha_sigma(sigma, &alpha_t, &sigma_t);
-  switch (cfg->prediction_type) {
-  case SCHED_PRED_EPSILON:
-    for (size_t k = 0; k < d; k++)
-      out[k] = (x[k] - sigma_t * mo[k]) / alpha_t;
-    break;
-  case SCHED_PRED_SAMPLE: memcpy(out, mo, d * sizeof *out); break;
-  case SCHED_PRED_V:
-    for (size_t k = 0; k < d; k++)
-      out[k] = alpha_t * x[k] - sigma_t * mo[k];
-    break;
-  }
-  if (cfg->thresholding)
-    sampler_threshold_diffusers(cfg, out, d, sel);
+  output_to_x0(cfg, alpha_t, sigma_t, x, mo, d, out, sel);
   for (size_t k = 0; k < d; k++)
     out[k] = (x[k] - alpha_t * out[k]) / sigma_t;
 }
