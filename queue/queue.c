@@ -408,15 +408,22 @@ static qjob *find_job(queue *q, const char *id, const char *owner) {
   return j;
 }
 
+/* Makes room for one more pointer in a job array that holds `n` of `*cap`. */
+static int reserve_one(qjob ***arr, int n, int *cap) {
+  if (n < *cap)
+    return ERR_OK;
+  int grown = *cap ? 2 * *cap : 64;
+  qjob **p = realloc(*arr, (size_t)grown * sizeof *p);
+  if (!p)
+    return ERR_NOMEM;
+  *arr = p;
+  *cap = grown;
+  return ERR_OK;
+}
+
 static int insert_job(queue *q, qjob *j) {
-  if (q->njobs == q->capjobs) {
-    int cap = q->capjobs ? 2 * q->capjobs : 64;
-    qjob **n = realloc(q->jobs, (size_t)cap * sizeof *n);
-    if (!n)
-      return ERR_NOMEM;
-    q->jobs = n;
-    q->capjobs = cap;
-  }
+  if (reserve_one(&q->jobs, q->njobs, &q->capjobs))
+    return ERR_NOMEM;
   int pos;
   job_index(q, j->id, &pos);
   memmove(q->jobs + pos + 1, q->jobs + pos, (size_t)(q->njobs - pos) * sizeof *q->jobs);
@@ -431,14 +438,8 @@ static void remove_job_at(queue *q, int pos) {
 }
 
 static int push_queued(queue *q, qjob *j) {
-  if (q->nqueued == q->capqueued) {
-    int cap = q->capqueued ? 2 * q->capqueued : 64;
-    qjob **n = realloc(q->queued, (size_t)cap * sizeof *n);
-    if (!n)
-      return ERR_NOMEM;
-    q->queued = n;
-    q->capqueued = cap;
-  }
+  if (reserve_one(&q->queued, q->nqueued, &q->capqueued))
+    return ERR_NOMEM;
   q->queued[q->nqueued++] = j;
   return ERR_OK;
 }
