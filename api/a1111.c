@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "api.h"
+#include "internal.h"
 #include "meta.h"
 
 /* Their names (and k-diffusion aliases) -> candidates among ours, first existing one wins. The
@@ -95,15 +96,6 @@ json_t *api_sd_models_json(const api_ctx *c) {
   return arr;
 }
 
-static const char *type_of(const json_t *v) {
-  return json_is_string(v)    ? "a string"
-         : json_is_number(v)  ? "a number"
-         : json_is_boolean(v) ? "a boolean"
-         : json_is_object(v)  ? "an object"
-         : json_is_array(v)   ? "an array"
-                              : "null";
-}
-
 /* Integer-valued field (A1111 clients sometimes send 20.0). */
 static int a_int(const json_t *obj, const char *key, long long lo, long long hi, long long *out,
                  int *present, api_error *e) {
@@ -117,7 +109,8 @@ static int a_int(const json_t *obj, const char *key, long long lo, long long hi,
   else if (json_is_real(v) && json_real_value(v) == (double)(long long)json_real_value(v))
     x = json_real_value(v);
   else
-    return api_fail(e, 400, "wrong_type", key, "%s: expected an integer, got %s", key, type_of(v));
+    return api_fail(e, 400, "wrong_type", key, "%s: expected an integer, got %s", key,
+                    api_type_name(v));
   if (x < (double)lo || x > (double)hi)
     return api_fail(e, 400, "out_of_range", key, "%s: %.0f is out of range [%lld, %lld]", key, x,
                     lo, hi);
@@ -160,7 +153,7 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
   if (v && !json_is_null(v)) {
     if (!json_is_string(v)) {
       rc = api_fail(e, 400, "wrong_type", sfield, "%s: expected a sampler name, got %s", sfield,
-                    type_of(v));
+                    api_type_name(v));
       goto done;
     }
     solver = api_a1111_solver(json_string_value(v));
@@ -176,7 +169,8 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
   if (v && !json_is_null(v)) {
     if (!json_is_number(v)) {
       json_decref(options);
-      rc = api_fail(e, 400, "wrong_type", "eta", "eta: expected a number, got %s", type_of(v));
+      rc =
+          api_fail(e, 400, "wrong_type", "eta", "eta: expected a number, got %s", api_type_name(v));
       goto done;
     }
     json_object_set(options, "eta", (json_t *)v);
@@ -214,7 +208,7 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
       json_decref(label);
       json_decref(options);
       rc = api_fail(e, 400, "wrong_type", "cfg_scale", "cfg_scale: expected a number, got %s",
-                    type_of(v));
+                    api_type_name(v));
       goto done;
     }
     cfg = json_number_value(v);

@@ -2,6 +2,7 @@
  * field against the model it names, then its scheduler block is built by the queue exactly as a
  * worker will build it, so every error surfaces as a 400 naming the field, before the 202. */
 #include "api.h"
+#include "internal.h"
 
 #include "base64.h"
 #include "edit.h"
@@ -18,6 +19,26 @@
 #define MAX_SEED ((1ll << 53) - 1) /* JSON clients carry numbers as doubles */
 #define MAX_FIRST_IMAGE (1ll << 31)
 
+/* Messages quote what clients sent (a .npy header, a key) and may be cut mid-character: JSON
+ * strings must be UTF-8, so every byte that does not start a whole sequence becomes '?'. */
+static void make_utf8(char *s) {
+  for (unsigned char *p = (unsigned char *)s; *p;) {
+    const int n = *p < 0x80             ? 1
+                  : (*p & 0xe0) == 0xc0 ? 2
+                  : (*p & 0xf0) == 0xe0 ? 3
+                  : (*p & 0xf8) == 0xf0 ? 4
+                                        : 0;
+    int ok = n > 0 && !(n == 2 && *p < 0xc2);
+    for (int i = 1; ok && i < n; i++)
+      ok = (p[i] & 0xc0) == 0x80;
+    if (!ok) {
+      *p++ = '?';
+      continue;
+    }
+    p += n;
+  }
+}
+
 int api_fail(api_error *e, int status, const char *code, const char *field, const char *fmt, ...) {
   e->status = status;
   snprintf(e->code, sizeof e->code, "%s", code);
@@ -26,6 +47,8 @@ int api_fail(api_error *e, int status, const char *code, const char *field, cons
   va_start(ap, fmt);
   vsnprintf(e->message, sizeof e->message, fmt, ap);
   va_end(ap);
+  make_utf8(e->field);
+  make_utf8(e->message);
   return status;
 }
 
@@ -67,7 +90,7 @@ json_t *api_time_json(double t) {
   return json_string(buf);
 }
 
-static const char *type_name(const json_t *v) {
+const char *api_type_name(const json_t *v) {
   switch (json_typeof(v)) {
   case JSON_OBJECT: return "an object";
   case JSON_ARRAY: return "an array";
@@ -81,15 +104,15 @@ static const char *type_name(const json_t *v) {
 }
 
 /* An integer field in [lo, hi]; 0 with *out untouched when absent. */
-static int get_int(const json_t *obj, const char *key, const char *field, long long lo,
-                   long long hi, long long *out, int *present, api_error *e) {
+int api_get_int(const json_t *obj, const char *key, const char *field, long long lo, long long hi,
+                long long *out, int *present, api_error *e) {
   const json_t *v = json_object_get(obj, key);
   *present = v != NULL;
   if (!v)
     return 0;
   if (!json_is_integer(v))
     return api_fail(e, 400, "wrong_type", field, "%s: expected an integer, got %s", field,
-                    type_name(v));
+                    api_type_name(v));
   long long x = json_integer_value(v);
   if (x < lo || x > hi)
     return api_fail(e, 400, "out_of_range", field, "%s: %lld is out of range [%lld, %lld]", field,
@@ -107,7 +130,8 @@ static int parse_body(const char *body, size_t len, json_t **out, api_error *e) 
     return api_fail(e, 400, "invalid_json", NULL, "invalid JSON at line %d, column %d: %s", je.line,
                     je.column, je.text);
   if (!json_is_object(j)) {
-    api_fail(e, 400, "invalid_json", NULL, "the body must be a JSON object, not %s", type_name(j));
+    api_fail(e, 400, "invalid_json", NULL, "the body must be a JSON object, not %s",
+             api_type_name(j));
     json_decref(j);
     return e->status;
   }
@@ -137,8 +161,8 @@ static void solver_list(char *buf, size_t n) {
 }
 
 /* class_label: an index, or one of the model's class names. */
-static int parse_label(const json_t *v, const queue_model_desc *md, const char *field, int64_t *out,
-                       api_error *e) {
+int api_parse_label(const json_t *v, const queue_model_desc *md, const char *field, int64_t *out,
+                    api_error *e) {
   if (json_is_integer(v)) {
     long long x = json_integer_value(v);
     if (x < 0 || x >= md->num_classes)
@@ -169,7 +193,7 @@ static int parse_label(const json_t *v, const queue_model_desc *md, const char *
                     names[0] ? names : "by index only");
   }
   return api_fail(e, 400, "wrong_type", field, "%s: expected a class index or name, got %s", field,
-                  type_name(v));
+                  api_type_name(v));
 }
 
 /* Checks a size against what the model can produce. */
@@ -188,161 +212,6 @@ static int check_size(const api_ctx *c, const queue_model_desc *md, const char *
   return 0;
 }
 
-/* The fields every form of request shares, already pulled out of their JSON. */
-typedef struct job_fields {
-  const char *model;
-  const json_t *label;
-  int has_seed;
-  long long seed, batch, width, height, first_image, steps, preview;
-  int has_width, has_height, has_steps;
-  const char *solver;
-  const char *solver_field;
-  json_t *options;                         /* borrowed */
-  const json_t *guidance;                  /* the "guidance" block, borrowed, or NULL */
-  const json_t *edit, *input_image, *mask; /* editing, borrowed, or NULL */
-} job_fields;
-
-#define API_MAX_PNG_BYTES (4 << 20) /* an input image or mask, decoded from base64 */
-
-/* A base64 PNG field (optionally a data: URL): its base64 text (malloc'ed, for the spec) and
- * its bytes. */
-static int get_png(const json_t *v, const char *field, char **b64, uint8_t **png, size_t *len,
-                   api_error *e) {
-  if (!json_is_string(v))
-    return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 PNG, got %s", field,
-                    type_name(v));
-  const char *t = json_string_value(v);
-  size_t n = json_string_length(v);
-  if (strncmp(t, "data:", 5) == 0) {
-    const char *comma = memchr(t, ',', n);
-    if (!comma || comma - t < 12 || strncmp(comma - 7, ";base64", 7) != 0)
-      return api_fail(e, 400, "invalid_field", field,
-                      "%s: a data URL must be data:image/png;base64,...", field);
-    n -= (size_t)(comma + 1 - t);
-    t = comma + 1;
-  }
-  if (n == 0)
-    return api_fail(e, 400, "invalid_field", field, "%s: the image is empty", field);
-  if (n / 4 * 3 > API_MAX_PNG_BYTES)
-    return api_fail(e, 400, "too_large", field,
-                    "%s: the PNG is larger than this server's limit "
-                    "of %d bytes",
-                    field, API_MAX_PNG_BYTES);
-  if (base64_decode(t, n, png, len) != 0)
-    return api_fail(e, 400, "invalid_field", field, "%s: not valid base64 (RFC 4648, padded)",
-                    field);
-  *b64 = strndup(t, n);
-  if (!*b64) {
-    free(*png);
-    *png = NULL;
-    return api_fail(e, 500, "internal", NULL, "out of memory");
-  }
-  return 0;
-}
-
-/* edit {type, strength} with input_image (and mask for inpainting), after the size and the
- * solver are known: the images are decoded here so a bad one is a 400, never a failed job. */
-static int parse_edit(const job_fields *f, const queue_model_desc *md, const sampler *s,
-                      queue_spec *out, api_error *e) {
-  static const char *const keys[] = {"type", "strength", NULL};
-  if (!f->edit) {
-    if (f->input_image || f->mask)
-      return api_fail(e, 400, "missing_field", "edit",
-                      "edit: %s needs an edit block ({\"type\": \"img2img\"} or \"inpaint\")",
-                      f->input_image ? "input_image" : "mask");
-    return 0;
-  }
-  if (!json_is_object(f->edit))
-    return api_fail(e, 400, "wrong_type", "edit",
-                    "edit: expected an object {type, strength}, got %s", type_name(f->edit));
-  const char *key;
-  json_t *v;
-  json_object_foreach((json_t *)f->edit, key, v) {
-    int ok = 0;
-    for (int i = 0; keys[i]; i++)
-      ok |= strcmp(keys[i], key) == 0;
-    if (!ok) {
-      char field[128];
-      snprintf(field, sizeof field, "edit.%s", key);
-      return api_fail(e, 400, "unknown_field", field, "%s: unknown field", field);
-    }
-  }
-  const json_t *ty = json_object_get(f->edit, "type");
-  if (!ty)
-    return api_fail(e, 400, "missing_field", "edit.type",
-                    "edit.type: give the kind of edit (img2img or inpaint)");
-  if (!json_is_string(ty))
-    return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
-                    type_name(ty));
-  const char *tn = json_string_value(ty);
-  const int kind = queue_edit_from_name(tn);
-  if (kind < 0) {
-    if (strcmp(tn, "invert_ddim") == 0 || strcmp(tn, "invert_ddpm") == 0 ||
-        strcmp(tn, "boundary") == 0)
-      return api_fail(e, 400, "not_supported", "edit.type",
-                      "edit.type: '%s' is not available through the API yet (the CLI has it)", tn);
-    return api_fail(e, 400, "invalid_field", "edit.type",
-                    "edit.type: '%s' is not an edit (img2img or inpaint)", tn);
-  }
-  double strength = kind == QUEUE_EDIT_INPAINT ? 1.0 : 0.8; /* diffusers' pipeline defaults */
-  const json_t *st = json_object_get(f->edit, "strength");
-  if (st) {
-    if (!json_is_number(st))
-      return api_fail(e, 400, "wrong_type", "edit.strength",
-                      "edit.strength: expected a number, got %s", type_name(st));
-    strength = json_number_value(st);
-    if (!(strength > 0 && strength <= 1))
-      return api_fail(e, 400, "out_of_range", "edit.strength",
-                      "edit.strength: %g is out of range (0, 1]", strength);
-  }
-  if (!f->input_image)
-    return api_fail(e, 400, "missing_field", "input_image",
-                    "input_image: %s needs the picture (base64 PNG of the job's size)", tn);
-  if (kind == QUEUE_EDIT_INPAINT && !f->mask)
-    return api_fail(e, 400, "missing_field", "mask",
-                    "mask: inpainting needs a mask (base64 PNG: white is generated, black kept)");
-  if (kind != QUEUE_EDIT_INPAINT && f->mask)
-    return api_fail(e, 400, "invalid_field", "mask", "mask: goes with edit.type inpaint");
-  if (out->preview_every)
-    return api_fail(e, 400, "invalid_field", "preview",
-                    "preview: previews are not available for edit jobs");
-  err qe = {0};
-  if (sampler_check_img2img(s, strength, &qe) != ERR_OK) {
-    const char *field = strstr(qe.msg, "strength") ? "edit.strength" : "scheduler.name";
-    return api_fail(e, 400, "invalid_field", field, "%s: %s", field, qe.msg);
-  }
-  const size_t plane = (size_t)out->height * out->width;
-  float *px = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane * sizeof *px);
-  if (!px)
-    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
-  int rc = 0;
-  uint8_t *png = NULL;
-  size_t len = 0;
-  if ((rc = get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
-    goto done;
-  if (edit_image_from_png(png, len, "input_image", md->in_channels, out->height, out->width, px,
-                          &qe) != ERR_OK) {
-    rc = api_fail(e, 400, "invalid_field", "input_image", "%s", qe.msg);
-    goto done;
-  }
-  if (f->mask) {
-    free(png);
-    png = NULL;
-    if ((rc = get_png(f->mask, "mask", &out->mask, &png, &len, e)))
-      goto done;
-    if (edit_mask_from_png(png, len, "mask", out->height, out->width, px, &qe) != ERR_OK) {
-      rc = api_fail(e, 400, "invalid_field", "mask", "%s", qe.msg);
-      goto done;
-    }
-  }
-  out->edit = kind;
-  out->strength = strength;
-done:
-  free(png);
-  free(px);
-  return rc;
-}
-
 #define API_MAX_GUIDANCE 50.0
 
 /* guidance: {"scale": number in [0, API_MAX_GUIDANCE], "null_class"?: int} for class-conditional
@@ -352,7 +221,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   static const char *const keys[] = {"scale", "null_class", NULL};
   if (!json_is_object(g))
     return api_fail(e, 400, "wrong_type", "guidance",
-                    "guidance: expected an object {scale, null_class}, got %s", type_name(g));
+                    "guidance: expected an object {scale, null_class}, got %s", api_type_name(g));
   const char *key;
   json_t *v;
   json_object_foreach((json_t *)g, key, v) {
@@ -371,7 +240,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
                     "guidance.scale: give the guidance scale (1: the conditional model alone)");
   if (!json_is_number(sc))
     return api_fail(e, 400, "wrong_type", "guidance.scale",
-                    "guidance.scale: expected a number, got %s", type_name(sc));
+                    "guidance.scale: expected a number, got %s", api_type_name(sc));
   if (md->num_classes <= 0)
     return api_fail(e, 400, "invalid_field", "guidance.scale",
                     "guidance.scale: model '%s' is not class-conditional: classifier-free "
@@ -386,7 +255,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   if (nc) {
     if (!json_is_integer(nc))
       return api_fail(e, 400, "wrong_type", "guidance.null_class",
-                      "guidance.null_class: expected an integer, got %s", type_name(nc));
+                      "guidance.null_class: expected an integer, got %s", api_type_name(nc));
     const long long lo = md->kind == MODEL_GAUSSIAN_MIXTURE ? -1 : 0;
     const long long n = json_integer_value(nc);
     if (n < lo || n >= md->num_classes)
@@ -402,8 +271,8 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
 
 /* Resolves model, sizes, seed and solver; builds the sampler once to validate the scheduler
  * block. Shared by /v1/jobs and /sdapi/v1/txt2img. */
-static int finish_spec(const api_ctx *c, const job_fields *f, const char *owner, queue_spec *out,
-                       api_error *e) {
+static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *owner,
+                       queue_spec *out, api_error *e) {
   queue_model_desc md;
   const char *mname = f->model ? f->model : c->default_model;
   if (queue_model_get(c->q, -1, mname, &md) != ERR_OK) {
@@ -446,7 +315,7 @@ static int finish_spec(const api_ctx *c, const job_fields *f, const char *owner,
                     names[0] ? names : "an index");
       goto done;
     }
-    if ((rc = parse_label(f->label, &md, "class_label", &out->label, e)))
+    if ((rc = api_parse_label(f->label, &md, "class_label", &out->label, e)))
       goto done;
     out->has_label = 1;
   } else if (f->label && !json_is_null(f->label)) {
@@ -484,7 +353,7 @@ static int finish_spec(const api_ctx *c, const job_fields *f, const char *owner,
     goto done;
   }
   out->steps = sampler_num_steps(s);
-  rc = parse_edit(f, &md, s, out, e);
+  rc = api_parse_edit(c, f, &md, s, owner, out, e);
   sampler_free(s);
   if (rc)
     goto done;
@@ -497,8 +366,8 @@ done:
   return rc;
 }
 
-static int check_keys(const json_t *obj, const char *prefix, const char *const *allowed,
-                      api_error *e) {
+int api_check_keys(const json_t *obj, const char *prefix, const char *const *allowed,
+                   api_error *e) {
   const char *key;
   json_t *v;
   json_object_foreach((json_t *)obj, key, v) {
@@ -525,22 +394,22 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   int rc = parse_body(body, len, &j, e);
   if (rc)
     return rc;
-  job_fields f = {.batch = 1, .solver_field = "scheduler.name"};
+  api_job_fields f = {.batch = 1, .solver_field = "scheduler.name"};
   int present;
-  if ((rc = check_keys(j, "", top, e)))
+  if ((rc = api_check_keys(j, "", top, e)))
     goto done;
   const json_t *v = json_object_get(j, "model");
   if (v && !json_is_string(v)) {
     rc = api_fail(e, 400, "wrong_type", "model", "model: expected a model name, got %s",
-                  type_name(v));
+                  api_type_name(v));
     goto done;
   }
   f.model = v ? json_string_value(v) : NULL;
-  if ((rc = get_int(j, "batch_size", "batch_size", 1, c->max_batch, &f.batch, &present, e)))
+  if ((rc = api_get_int(j, "batch_size", "batch_size", 1, c->max_batch, &f.batch, &present, e)))
     goto done;
   v = json_object_get(j, "seed");
   if (v && !json_is_null(v)) {
-    if ((rc = get_int(j, "seed", "seed", -1, MAX_SEED, &f.seed, &present, e)))
+    if ((rc = api_get_int(j, "seed", "seed", -1, MAX_SEED, &f.seed, &present, e)))
       goto done;
     f.has_seed = f.seed >= 0;
   }
@@ -553,37 +422,40 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   f.edit = json_object_get(j, "edit");
   f.input_image = json_object_get(j, "input_image");
   f.mask = json_object_get(j, "mask");
-  if ((rc = get_int(j, "width", "width", 1, c->max_image_size, &f.width, &f.has_width, e)) ||
-      (rc = get_int(j, "height", "height", 1, c->max_image_size, &f.height, &f.has_height, e)) ||
-      (rc = get_int(j, "first_image", "first_image", 0, MAX_FIRST_IMAGE, &f.first_image, &present,
-                    e)))
+  if ((rc = api_get_int(j, "width", "width", 1, c->max_image_size, &f.width, &f.has_width, e)) ||
+      (rc =
+           api_get_int(j, "height", "height", 1, c->max_image_size, &f.height, &f.has_height, e)) ||
+      (rc = api_get_int(j, "first_image", "first_image", 0, MAX_FIRST_IMAGE, &f.first_image,
+                        &present, e)))
     goto done;
   const json_t *sc = json_object_get(j, "scheduler");
   if (sc && !json_is_object(sc) && !json_is_string(sc)) {
-    rc = api_fail(e, 400, "wrong_type", "scheduler",
-                  "scheduler: expected an object {name, steps, options}, got %s", type_name(sc));
+    rc =
+        api_fail(e, 400, "wrong_type", "scheduler",
+                 "scheduler: expected an object {name, steps, options}, got %s", api_type_name(sc));
     goto done;
   }
   if (json_is_string(sc)) { /* shorthand: "scheduler": "ddim" */
     f.solver = json_string_value(sc);
     f.solver_field = "scheduler";
   } else if (sc) {
-    if ((rc = check_keys(sc, "scheduler.", sched_keys, e)))
+    if ((rc = api_check_keys(sc, "scheduler.", sched_keys, e)))
       goto done;
     v = json_object_get(sc, "name");
     if (v && !json_is_string(v)) {
       rc = api_fail(e, 400, "wrong_type", "scheduler.name",
-                    "scheduler.name: expected a solver name, got %s", type_name(v));
+                    "scheduler.name: expected a solver name, got %s", api_type_name(v));
       goto done;
     }
     f.solver = v ? json_string_value(v) : NULL;
-    if ((rc = get_int(sc, "steps", "scheduler.steps", 1, c->max_steps, &f.steps, &f.has_steps, e)))
+    if ((rc = api_get_int(sc, "steps", "scheduler.steps", 1, c->max_steps, &f.steps, &f.has_steps,
+                          e)))
       goto done;
     v = json_object_get(sc, "options");
     if (v && !json_is_object(v)) {
       rc = api_fail(e, 400, "wrong_type", "scheduler.options",
                     "scheduler.options: expected an object of scheduler_config keys, got %s",
-                    type_name(v));
+                    api_type_name(v));
       goto done;
     }
     f.options = (json_t *)v;
@@ -592,11 +464,11 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   if (pv) {
     if (!json_is_object(pv)) {
       rc = api_fail(e, 400, "wrong_type", "preview", "preview: expected an object {every}, got %s",
-                    type_name(pv));
+                    api_type_name(pv));
       goto done;
     }
-    if ((rc = check_keys(pv, "preview.", preview_keys, e)) ||
-        (rc = get_int(pv, "every", "preview.every", 1, c->max_steps, &f.preview, &present, e)))
+    if ((rc = api_check_keys(pv, "preview.", preview_keys, e)) ||
+        (rc = api_get_int(pv, "every", "preview.every", 1, c->max_steps, &f.preview, &present, e)))
       goto done;
     if (!present) {
       rc = api_fail(e, 400, "missing_field", "preview.every",
@@ -623,10 +495,27 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
     json_object_set_new(req, "class_label", json_integer(s->label));
   if (s->preview_every)
     json_object_set_new(req, "preview", json_pack("{s:i}", "every", s->preview_every));
-  if (s->edit)
-    json_object_set_new(req, "edit",
-                        json_pack("{s:s, s:f, s:b}", "type", queue_edit_name(s->edit), "strength",
-                                  s->strength, "mask", s->mask != NULL));
+  if (s->edit) {
+    json_t *ed = json_pack("{s:s, s:f, s:b}", "type", queue_edit_name(s->edit), "strength",
+                           s->strength, "mask", s->mask != NULL);
+    const char *key;
+    json_t *a;
+    json_object_foreach(s->edit_args, key, a) {
+      if (strcmp(key, "noise") == 0) /* the maps themselves stay out of the echo */
+        json_object_set_new(ed, "noise", json_true());
+      else if (strcmp(key, "boundary") == 0)
+        json_object_set_new(
+            ed, "boundary",
+            json_pack(
+                "{s:O, s:O, s:O}", "attribute",
+                json_object_get(a, "attribute") ? json_object_get(a, "attribute") : json_null(),
+                "step", json_object_get(a, "step") ? json_object_get(a, "step") : json_null(),
+                "model", json_object_get(a, "model") ? json_object_get(a, "model") : json_null()));
+      else
+        json_object_set(ed, key, a);
+    }
+    json_object_set_new(req, "edit", ed);
+  }
   if (s->has_guidance)
     json_object_set_new(req, "guidance",
                         json_pack("{s:f, s:I}", "scale", s->guidance_scale, "null_class",
@@ -649,6 +538,10 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
                         api_time_json(v->created), "started_at", api_time_json(v->started),
                         "finished_at", api_time_json(v->finished), "images", images, "timings",
                         json_object(), "links", "self", self, "events", url, "images", links);
+  if ((s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) && s->input_image) {
+    snprintf(url, sizeof url, "%s/noise.npy", self);
+    json_object_set_new(json_object_get(j, "links"), "noise", json_string(url));
+  }
   if (v->state == QUEUE_QUEUED)
     json_object_set_new(j, "position", json_integer(v->position));
   if (v->state == QUEUE_RUNNING && v->batched_with)
@@ -706,14 +599,14 @@ json_t *api_capabilities_json(const api_ctx *c) {
   }
   return json_pack(
       "{s:o, s:{s:i, s:i, s:i, s:i, s:i, s:i}, s:{s:i, s:i, s:i, s:i}, s:{s:b, s:b, s:b, s:b, "
-      "s:b, s:b, s:b, s:b, s:b, s:b}, s:s}",
+      "s:b, s:b, s:b, s:b, s:b, s:b, s:b}, s:s}",
       "solvers", solvers, "limits", "max_batch", c->max_batch, "max_steps", c->max_steps,
       "max_image_size", c->max_image_size, "max_body_bytes", c->max_body_bytes, "queue_max",
       c->queue_max, "result_ttl_seconds", c->result_ttl, "workers", "workers", c->workers,
       "threads_per_job", c->threads_per_job, "cpu_budget", c->workers * c->threads_per_job,
       "batch_max_images", c->batch_max_images, "features", "events_sse", 1, "event_resume", 1,
       "preview", 1, "batching", c->batch_max_images > 1, "auth", c->auth, "a1111_compat", 1,
-      "guidance", 1, "img2img", 1, "inpaint", 1, "invert", 0, "seed_scheme",
+      "guidance", 1, "img2img", 1, "inpaint", 1, "invert", 1, "boundary", 1, "seed_scheme",
       "image i of a job uses Philox4x32 noise stream (seed, first_image + i): a job with "
       "batch_size 1 and first_image i regenerates it alone");
 }

@@ -330,23 +330,6 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
     cli_fail(cmd, "%s: %s", a->noise, e->msg);
     goto done;
   }
-  if (a->shift_s)
-    invert_maps_shift(maps.data, batch, ddpm ? n + 1 : 1, cin, size, size, a->shift[0],
-                      a->shift[1]);
-  if (a->colour_s) {
-    float delta[3] = {(float)a->colour[0], (float)a->colour[1], (float)a->colour[2]};
-    if (cin != 3 && cin != 1) {
-      cli_fail(cmd, "--colour needs a 1- or 3-channel model");
-      goto done;
-    }
-    if (cin == 1) /* gray: the luma of the offset */
-      delta[0] = 0.299f * delta[0] + 0.587f * delta[1] + 0.114f * delta[2];
-    const int from = a->has_colour_from ? (int)a->colour_from : n - (n + 3) / 4;
-    if (invert_maps_colour(s, maps.data, batch, cin, size, size, delta, from, e)) {
-      cli_fail(cmd, "%s", e->msg);
-      goto done;
-    }
-  }
   out = malloc(sizeof(float) * d * (size_t)batch);
   if (!out) {
     cli_fail(cmd, "out of memory");
@@ -364,21 +347,16 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
                     .progress = cli_on_progress,
                     .progress_user = &pr,
                     .threads = (int)a->threads};
-  int nfe = 0, rc;
-  if (ddpm) {
-    invert_sample_opts so = {
-        .skip = (int)a->skip, .src_labels = src, .src_guidance = guided_src ? &gs : NULL};
-    rc = invert_ddpm_sample(s, m, &io, &so, maps.data, out, &nfe, e);
-  } else {
-    sampler_run_opts r = {.batch = batch,
-                          .init_noise = maps.data,
-                          .labels = tgt,
-                          .guidance = io.guidance,
-                          .progress = cli_on_progress,
-                          .progress_user = &pr,
-                          .threads = (int)a->threads};
-    rc = sampler_run(s, m, &r, out, &nfe, e);
-  }
+  invert_sample_opts so = {
+      .skip = (int)a->skip, .src_labels = src, .src_guidance = guided_src ? &gs : NULL};
+  invert_edit ed = {.ddpm = ddpm,
+                    .dx = a->shift[0],
+                    .dy = a->shift[1],
+                    .has_colour = a->colour_s != NULL,
+                    .colour = {(float)a->colour[0], (float)a->colour[1], (float)a->colour[2]},
+                    .colour_from = a->has_colour_from ? (int)a->colour_from : -1};
+  int nfe = 0;
+  int rc = invert_edit_sample(s, m, &io, &so, &ed, maps.data, out, &nfe, e);
   if (rc) {
     cli_fail(cmd, "%s", e->msg);
     goto done;

@@ -366,3 +366,41 @@ int invert_maps_colour(const sampler *s, float *maps, int batch, int c, int h, i
   free(std);
   return ERR_OK;
 }
+
+int invert_edit_sample(const sampler *s, const model *m, const invert_opts *o,
+                       const invert_sample_opts *so, const invert_edit *ed, float *maps, float *out,
+                       int *nfe, err *e) {
+  const model_info *mi = model_get_info(m);
+  const int c = mi->in_channels, n = sampler_num_steps(s);
+  const int h = o->height ? o->height : mi->sample_size, w = o->width ? o->width : mi->sample_size;
+  if (!ed->ddpm && (so->skip || ed->has_colour))
+    return err_set(e, ERR_INVALID, "skip and colour edits need ddpm noise maps, not a DDIM x_T");
+  if (so->skip < 0 || so->skip >= n)
+    return err_set(e, ERR_INVALID, "skip %d: the maps have %d steps", so->skip, n);
+  if (ed->dx || ed->dy)
+    invert_maps_shift(maps, o->batch, ed->ddpm ? n + 1 : 1, c, h, w, ed->dx, ed->dy);
+  if (ed->has_colour) {
+    float delta[3] = {ed->colour[0], ed->colour[1], ed->colour[2]};
+    if (c != 3 && c != 1)
+      return err_set(e, ERR_INVALID, "colour edits need a 1- or 3-channel model, not %d", c);
+    if (c == 1) /* gray: the luma of the offset */
+      delta[0] = 0.299f * delta[0] + 0.587f * delta[1] + 0.114f * delta[2];
+    const int from = ed->colour_from >= 0 ? ed->colour_from : n - (n + 3) / 4;
+    int rc = invert_maps_colour(s, maps, o->batch, c, h, w, delta, from, e);
+    if (rc)
+      return rc;
+  }
+  if (ed->ddpm)
+    return invert_ddpm_sample(s, m, o, so, maps, out, nfe, e);
+  sampler_run_opts r = {.batch = o->batch,
+                        .height = o->height,
+                        .width = o->width,
+                        .init_noise = maps,
+                        .labels = o->labels,
+                        .guidance = o->guidance,
+                        .progress = o->progress,
+                        .progress_user = o->progress_user,
+                        .cancel = o->cancel,
+                        .threads = o->threads};
+  return sampler_run(s, m, &r, out, nfe, e);
+}

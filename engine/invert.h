@@ -73,6 +73,25 @@ int invert_ddpm_sample(const sampler *s, const model *m, const invert_opts *o,
                        const invert_sample_opts *so, const float *maps, float *out, int *nfe,
                        err *e);
 
+/* The edits of a further run from noise maps: the maps are edit-friendly DDPM maps (ddpm: n + 1
+ * per image) or a DDIM x_T; shift by (dx, dy) pixels; colour offset (in [-1, 1] image units,
+ * RGB; luma for 1-channel models) through the maps of the steps from colour_from (-1: the last
+ * quarter) on. */
+typedef struct invert_edit {
+  int ddpm;
+  int dx, dy;
+  int has_colour;
+  float colour[3];
+  int colour_from;
+} invert_edit;
+
+/* Applies ed to maps (in place) and samples: invert_ddpm_sample for ddpm maps (so->skip, the
+ * source labels and guidance), else a run of s from x_T = maps with o's labels and guidance.
+ * The one path of `denoised edit --noise` and of the daemon's inversion jobs. */
+int invert_edit_sample(const sampler *s, const model *m, const invert_opts *o,
+                       const invert_sample_opts *so, const invert_edit *ed, float *maps, float *out,
+                       int *nfe, err *e);
+
 /* Translates every map of every image by (dx, dy) pixels (x to the right, y down), wrapping
  * around the borders so the maps keep their statistics. */
 void invert_maps_shift(float *maps, int batch, int nmaps, int c, int h, int w, int dx, int dy);

@@ -255,25 +255,11 @@ static uint64_t le64(const unsigned char *b) {
   return (uint64_t)le32(b) | (uint64_t)le32(b + 4) << 32;
 }
 
-/* Opens path and validates everything up to the data: on success *fp is
- * positioned at the first data byte and h describes exactly the rest of the file. */
-static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
-  if (!path)
-    return err_set(e, ERR_INVALID, "npy: no path given");
-  FILE *f = fopen(path, "rb");
-  if (!f)
-    return err_set(e, ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+/* Validates everything up to the data of a stream of `size` bytes: on success f is positioned at
+ * the first data byte and h describes exactly the rest of it. */
+static int read_header(FILE *f, const char *path, uint64_t size, npy_header *h, err *e) {
   int rc = ERR_OK;
   char *text = NULL;
-  struct stat st;
-  if (fstat(fileno(f), &st) != 0) {
-    rc = err_set(e, ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-    goto done;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    rc = err_set(e, ERR_IO, "%s: not a regular file", path);
-    goto done;
-  }
   unsigned char pre[12];
   size_t got = fread(pre, 1, 10, f);
   if (got < 6 || memcmp(pre, "\x93NUMPY", 6) != 0) {
@@ -307,11 +293,11 @@ static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
                  (unsigned long long)hlen);
     goto done;
   }
-  if ((uint64_t)prefix + hlen > (uint64_t)st.st_size) {
+  if ((uint64_t)prefix + hlen > size) {
     rc = err_set(e, ERR_FORMAT,
                  "%s: .npy header (%llu bytes) runs past the end of the file "
                  "(%lld bytes)",
-                 path, (unsigned long long)hlen, (long long)st.st_size);
+                 path, (unsigned long long)hlen, (long long)size);
     goto done;
   }
   text = malloc(hlen + 1);
@@ -349,7 +335,7 @@ static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
   h->count = count;
   h->data_offset = prefix + (long)hlen;
   uint64_t need = (uint64_t)count * (uint64_t)h->itemsize;
-  uint64_t have = (uint64_t)st.st_size - (uint64_t)h->data_offset;
+  uint64_t have = size - (uint64_t)h->data_offset;
   if (need != have) {
     rc = err_set(e, ERR_FORMAT, "%s: .npy data is %llu bytes but the shape needs %llu (%s)", path,
                  (unsigned long long)have, (unsigned long long)need,
@@ -358,6 +344,39 @@ static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
   }
 done:
   free(text);
+  return rc;
+}
+
+static int open_npy(const char *path, FILE **fp, npy_header *h, err *e) {
+  if (!path)
+    return err_set(e, ERR_INVALID, "npy: no path given");
+  FILE *f = fopen(path, "rb");
+  if (!f)
+    return err_set(e, ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+  struct stat st;
+  int rc = ERR_OK;
+  if (fstat(fileno(f), &st) != 0)
+    rc = err_set(e, ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+  else if (!S_ISREG(st.st_mode))
+    rc = err_set(e, ERR_IO, "%s: not a regular file", path);
+  else
+    rc = read_header(f, path, (uint64_t)st.st_size, h, e);
+  if (rc)
+    fclose(f);
+  else
+    *fp = f;
+  return rc;
+}
+
+/* An in-memory .npy (an upload): the same checks through a memory stream. */
+static int open_npy_mem(const void *buf, size_t len, const char *name, FILE **fp, npy_header *h,
+                        err *e) {
+  if (!buf || !len)
+    return err_set(e, ERR_FORMAT, "%s: empty .npy data", name);
+  FILE *f = fmemopen((void *)buf, len, "rb");
+  if (!f)
+    return err_set(e, ERR_NOMEM, "%s: cannot open a memory stream", name);
+  int rc = read_header(f, name, (uint64_t)len, h, e);
   if (rc)
     fclose(f);
   else
@@ -451,15 +470,10 @@ static int conv_i64(const npy_header *h, const unsigned char *b, int64_t i, void
   return ERR_OK;
 }
 
-int npy_read_f32(const char *path, npy_array *out, err *e) {
-  if (!out)
-    return err_set(e, ERR_INVALID, "npy_read_f32: no output array");
-  memset(out, 0, sizeof *out);
-  FILE *f;
-  npy_header h;
-  int rc = open_npy(path, &f, &h, e);
-  if (rc)
-    return rc;
+/* Reads the data of an opened stream and closes it. */
+static int read_f32(FILE *f, const char *path, const npy_header *hp, npy_array *out, err *e) {
+  const npy_header h = *hp;
+  int rc;
   /* Never NULL, even for an empty array, so callers can treat NULL as failure. */
   float *data = malloc((size_t)(h.count ? h.count : 1) * sizeof *data);
   if (!data) {
@@ -479,13 +493,33 @@ int npy_read_f32(const char *path, npy_array *out, err *e) {
   return ERR_OK;
 }
 
+int npy_read_f32(const char *path, npy_array *out, err *e) {
+  if (!out)
+    return err_set(e, ERR_INVALID, "npy_read_f32: no output array");
+  memset(out, 0, sizeof *out);
+  FILE *f = NULL;
+  npy_header h;
+  int rc = open_npy(path, &f, &h, e);
+  return rc ? rc : read_f32(f, path, &h, out, e);
+}
+
+int npy_parse_f32(const void *buf, size_t len, const char *name, npy_array *out, err *e) {
+  if (!out)
+    return err_set(e, ERR_INVALID, "npy_parse_f32: no output array");
+  memset(out, 0, sizeof *out);
+  FILE *f = NULL;
+  npy_header h;
+  int rc = open_npy_mem(buf, len, name, &f, &h, e);
+  return rc ? rc : read_f32(f, name, &h, out, e);
+}
+
 int npy_read_i64(const char *path, int64_t **data, int64_t *count, int *ndim,
                  int64_t shape[NPY_MAX_DIMS], err *e) {
   if (!data || !count)
     return err_set(e, ERR_INVALID, "npy_read_i64: no output pointers");
   *data = NULL;
   *count = 0;
-  FILE *f;
+  FILE *f = NULL;
   npy_header h;
   int rc = open_npy(path, &f, &h, e);
   if (rc)
@@ -564,9 +598,9 @@ static int write_body(FILE *f, const float *data, int ndim, const int64_t *shape
   return 0;
 }
 
-int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e) {
-  if (!path)
-    return err_set(e, ERR_INVALID, "npy_write_f32: no path given");
+/* The element count of an array to write, checked. */
+static int write_count(const char *path, const float *data, int ndim, const int64_t *shape,
+                       int64_t *out, err *e) {
   if (ndim < 0 || ndim > NPY_MAX_DIMS)
     return err_set(e, ERR_INVALID, "%s: cannot write %d dimensions (max %d)", path, ndim,
                    NPY_MAX_DIMS);
@@ -582,6 +616,38 @@ int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *
   }
   if (count > 0 && !data)
     return err_set(e, ERR_INVALID, "%s: no data given", path);
+  *out = count;
+  return ERR_OK;
+}
+
+int npy_encode_f32(const float *data, int ndim, const int64_t *shape, uint8_t **out, size_t *len,
+                   err *e) {
+  int64_t count;
+  int rc = write_count("npy", data, ndim, shape, &count, e);
+  if (rc)
+    return rc;
+  char *buf = NULL;
+  size_t n = 0;
+  FILE *f = open_memstream(&buf, &n);
+  if (!f)
+    return err_set(e, ERR_NOMEM, "npy: out of memory");
+  int bad = write_body(f, data, ndim, shape, count);
+  if (fclose(f) != 0 || bad) {
+    free(buf);
+    return err_set(e, ERR_NOMEM, "npy: out of memory for %lld floats", (long long)count);
+  }
+  *out = (uint8_t *)buf;
+  *len = n;
+  return ERR_OK;
+}
+
+int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e) {
+  if (!path)
+    return err_set(e, ERR_INVALID, "npy_write_f32: no path given");
+  int64_t count;
+  int rc0 = write_count(path, data, ndim, shape, &count, e);
+  if (rc0)
+    return rc0;
 
   /* Write beside the target and rename, so readers never see a partial file. */
   size_t plen = strlen(path);

@@ -3,6 +3,7 @@
 #ifndef DENOISED_NPY_H
 #define DENOISED_NPY_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -21,8 +22,13 @@ int npy_read_f32(const char *path, npy_array *out, err *e);
 /* Reads integer (or integral float) data into int64; non-integral floats are an error. */
 int npy_read_i64(const char *path, int64_t **data, int64_t *count, int *ndim,
                  int64_t shape[NPY_MAX_DIMS], err *e);
+/* The same from memory (an upload); name labels the errors. */
+int npy_parse_f32(const void *buf, size_t len, const char *name, npy_array *out, err *e);
 void npy_array_free(npy_array *a);
 
 int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e);
+/* The bytes of the same file, malloc'ed. */
+int npy_encode_f32(const float *data, int ndim, const int64_t *shape, uint8_t **out, size_t *len,
+                   err *e);
 
 #endif

@@ -17,6 +17,7 @@
 
 #include "base64.h"
 #include "edit.h"
+#include "edit_job.h"
 #include "image.h"
 #include "meta.h"
 #include "rng.h"
@@ -75,6 +76,7 @@ struct qbatch {
   int h, w;
   const int64_t *labels;
   const uint64_t *img_seed, *img_index;
+  edit_job_phase phase; /* inversion jobs: their phases on one progress count */
 };
 
 struct queue {
@@ -174,20 +176,30 @@ static void hist_observe(queue_hist *h, double v) {
 
 /* ---- specs ---- */
 
+static const char *const edit_names[] = {NULL,          "img2img",     "inpaint",
+                                         "invert_ddim", "invert_ddpm", "boundary"};
+
 const char *queue_edit_name(int edit) {
-  return edit == QUEUE_EDIT_IMG2IMG ? "img2img" : edit == QUEUE_EDIT_INPAINT ? "inpaint" : NULL;
+  return edit > 0 && edit < (int)(sizeof edit_names / sizeof *edit_names) ? edit_names[edit] : NULL;
 }
 
 int queue_edit_from_name(const char *name) {
-  return strcmp(name, "img2img") == 0   ? QUEUE_EDIT_IMG2IMG
-         : strcmp(name, "inpaint") == 0 ? QUEUE_EDIT_INPAINT
-                                        : -1;
+  for (int k = 1; k < (int)(sizeof edit_names / sizeof *edit_names); k++)
+    if (strcmp(name, edit_names[k]) == 0)
+      return k;
+  return -1;
+}
+
+/* Inversions of an input image store the noise they found. */
+static int has_noise(const queue_spec *s) {
+  return (s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) && s->input_image;
 }
 
 void queue_spec_clear(queue_spec *s) {
   json_decref(s->options);
   free(s->input_image);
   free(s->mask);
+  json_decref(s->edit_args);
   memset(s, 0, sizeof *s);
 }
 
@@ -196,8 +208,9 @@ int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
   dst->options = src->options ? json_deep_copy(src->options) : NULL;
   dst->input_image = src->input_image ? strdup(src->input_image) : NULL;
   dst->mask = src->mask ? strdup(src->mask) : NULL;
+  dst->edit_args = src->edit_args ? json_deep_copy(src->edit_args) : NULL;
   return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
-                 (src->mask && !dst->mask)
+                 (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
              ? ERR_NOMEM
              : ERR_OK;
 }
@@ -227,9 +240,12 @@ json_t *queue_spec_to_json(const queue_spec *s) {
   if (j && s->edit) {
     json_object_set_new(j, "edit", json_string(queue_edit_name(s->edit)));
     json_object_set_new(j, "strength", json_real(s->strength));
-    json_object_set_new(j, "input_image", json_string(s->input_image ? s->input_image : ""));
+    if (s->input_image)
+      json_object_set_new(j, "input_image", json_string(s->input_image));
     if (s->mask)
       json_object_set_new(j, "mask", json_string(s->mask));
+    if (s->edit_args)
+      json_object_set(j, "edit_args", s->edit_args);
   }
   return j;
 }
@@ -238,17 +254,18 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   memset(s, 0, sizeof *s);
   const char *model, *solver, *owner;
   json_t *options = NULL, *label = NULL, *gscale = NULL, *gnull = NULL, *edit = NULL;
-  json_t *strength = NULL, *input = NULL, *mask = NULL;
+  json_t *strength = NULL, *input = NULL, *mask = NULL, *args = NULL;
   json_int_t seed, first;
   json_error_t je;
   if (json_unpack_ex((json_t *)j, &je, 0,
                      "{s:s, s:s, s:i, s:o, s:i, s:I, s:I, s:i, s:i, s:i, s:s, s?o, s?o, s?o, s?o, "
-                     "s?o, s?o, s?o}",
+                     "s?o, s?o, s?o, s?o}",
                      "model", &model, "solver", &solver, "steps", &s->steps, "options", &options,
                      "batch", &s->batch, "seed", &seed, "first_image", &first, "height", &s->height,
                      "width", &s->width, "preview_every", &s->preview_every, "owner", &owner,
                      "class_label", &label, "guidance_scale", &gscale, "null_class", &gnull, "edit",
-                     &edit, "strength", &strength, "input_image", &input, "mask", &mask))
+                     &edit, "strength", &strength, "input_image", &input, "mask", &mask,
+                     "edit_args", &args))
     return err_set(e, ERR_FORMAT, "job spec: %s", je.text);
   if (strlen(model) >= sizeof s->model || strlen(solver) >= sizeof s->solver ||
       strlen(owner) >= sizeof s->owner || s->batch < 1 || s->steps < 1 || seed < 0 || first < 0)
@@ -271,16 +288,20 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   }
   if (edit) {
     int k = json_is_string(edit) ? queue_edit_from_name(json_string_value(edit)) : -1;
-    if (k <= 0 || !json_is_number(strength) || !json_is_string(input) ||
-        (k == QUEUE_EDIT_INPAINT && !json_is_string(mask))) {
+    const int needs_input = k == QUEUE_EDIT_IMG2IMG || k == QUEUE_EDIT_INPAINT;
+    if (k <= 0 || !json_is_number(strength) || (input && !json_is_string(input)) ||
+        (needs_input && !input) || (k == QUEUE_EDIT_INPAINT && !json_is_string(mask)) ||
+        (needs_input ? args != NULL : !json_is_object(args))) {
       queue_spec_clear(s);
       return err_set(e, ERR_FORMAT, "job spec: a bad edit");
     }
     s->edit = k;
     s->strength = json_number_value(strength);
-    s->input_image = strdup(json_string_value(input));
+    s->input_image = input ? strdup(json_string_value(input)) : NULL;
     s->mask = json_is_string(mask) ? strdup(json_string_value(mask)) : NULL;
-    if (!s->input_image || (json_is_string(mask) && !s->mask)) {
+    s->edit_args = args ? json_deep_copy(args) : NULL;
+    if ((input && !s->input_image) || (json_is_string(mask) && !s->mask) ||
+        (args && !s->edit_args)) {
       queue_spec_clear(s);
       return err_set(e, ERR_NOMEM, "out of memory");
     }
@@ -833,6 +854,11 @@ static void batch_progress(int step, int total, int nfe, void *user) {
   b->t_last = t;
   qjob *head = b->jobs[0];
   char *preview = NULL;
+  if (b->phase.total) {
+    step = b->phase.base + step < b->phase.total ? b->phase.base + step : b->phase.total;
+    total = b->phase.total;
+    nfe += b->phase.nfe;
+  }
   if (head->spec.preview_every && (step % head->spec.preview_every == 0 || step == total))
     preview = make_preview(b, nfe);
   pthread_mutex_lock(&q->mu);
@@ -1004,14 +1030,18 @@ static void work_cb(uv_work_t *w) {
   float *init = NULL, *init_image = NULL, *mask = NULL;
   int64_t *labels = NULL;
   uint64_t *seeds = NULL, *index = NULL;
-  int rc = build_sampler(b->qm, &head->spec, &b->s, field, sizeof field, &e);
-  if (!rc && head->spec.edit) /* never batched: the head is the whole batch */
+  uint8_t *noise = NULL;
+  size_t noise_len = 0;
+  const int edit_job_kind = head->spec.edit >= QUEUE_EDIT_INVERT_DDIM;
+  int rc =
+      edit_job_kind ? ERR_OK : build_sampler(b->qm, &head->spec, &b->s, field, sizeof field, &e);
+  if (!rc && head->spec.input_image) /* edits are never batched: the head is the whole batch */
     rc = decode_edit_png(head->spec.input_image, "input_image", 0, mi->in_channels,
                          head->spec.height, head->spec.width, b->nimg, &init_image, &e);
   if (!rc && head->spec.edit == QUEUE_EDIT_INPAINT)
     rc = decode_edit_png(head->spec.mask, "mask", 1, mi->in_channels, head->spec.height,
                          head->spec.width, b->nimg, &mask, &e);
-  if (rc == ERR_OK)
+  if (rc == ERR_OK && b->s)
     b->cfg = sampler_config(b->s);
   b->h = head->spec.height;
   b->w = head->spec.width;
@@ -1061,7 +1091,26 @@ static void work_cb(uv_work_t *w) {
                           .strength = head->spec.strength,
                           .mask = mask};
     b->t_start = b->t_last = now_mono();
-    rc = sampler_run(b->s, b->qm->m, &o, b->x, NULL, &e);
+    if (edit_job_kind) {
+      edit_job ej = {.m = b->qm->m,
+                     .sched = b->qm->sched,
+                     .spec = &head->spec,
+                     .image = init_image,
+                     .labels = labels,
+                     .guidance = o.guidance,
+                     .progress = batch_progress,
+                     .progress_user = b,
+                     .phase = &b->phase,
+                     .cancel = &b->cancel,
+                     .threads = q->o.threads_per_job};
+      rc = edit_job_run(&ej, &b->s, b->x, &noise, &noise_len, NULL, &e);
+      if (b->s)
+        b->cfg = sampler_config(b->s);
+      if (!rc && noise)
+        rc = q->st->ops->put_file(q->st, head->id, QUEUE_NOISE_FILE, noise, noise_len, &e);
+    } else {
+      rc = sampler_run(b->s, b->qm->m, &o, b->x, NULL, &e);
+    }
   }
   if (rc == ERR_OK) {
     int base = 0;
@@ -1097,6 +1146,7 @@ static void work_cb(uv_work_t *w) {
   free(init);
   free(init_image);
   free(mask);
+  free(noise);
   free(labels);
   free(seeds);
   free(index);
@@ -1205,13 +1255,14 @@ static void expire(queue *q) {
   const double cutoff = now_real() - q->o.result_ttl;
   for (;;) {
     char id[QUEUE_ID_SIZE];
-    int files = 0, found = 0;
+    int files = 0, found = 0, noise = 0;
     pthread_mutex_lock(&q->mu);
     for (int i = 0; i < q->njobs; i++) {
       qjob *j = q->jobs[i];
       if (finished(j->state) && !j->batch && j->finished > 0 && j->finished < cutoff) {
         snprintf(id, sizeof id, "%s", j->id);
         files = j->files;
+        noise = has_noise(&j->spec);
         remove_job_at(q, i);
         job_free(j);
         found = 1;
@@ -1222,7 +1273,8 @@ static void expire(queue *q) {
     if (!found)
       return;
     err e = {0};
-    if (q->st->ops->remove_job(q->st, id, files, &e))
+    static const char *const noise_file[] = {QUEUE_NOISE_FILE, NULL};
+    if (q->st->ops->remove_job(q->st, id, files, noise ? noise_file : NULL, &e))
       qlog(q, QUEUE_LOG_WARN, id, "expiring: %s", e.msg);
     else
       qlog(q, QUEUE_LOG_DEBUG, id, "expired");
@@ -1517,7 +1569,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   size_t len;
   char *rec = job_record(j, &len);
   if (!rec || insert_job(q, j) != ERR_OK) {
-    j->spec.options = NULL; /* still the caller's */
+    j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
     j->spec.input_image = j->spec.mask = NULL;
     pthread_mutex_unlock(&q->mu);
     free(rec);
@@ -1535,7 +1587,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     if (job_index(q, j->id, &pos))
       remove_job_at(q, pos);
     pthread_mutex_unlock(&q->mu);
-    j->spec.options = NULL;
+    j->spec.options = j->spec.edit_args = NULL;
     j->spec.input_image = j->spec.mask = NULL;
     job_free(j);
     return rc;
@@ -1784,6 +1836,23 @@ int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **pn
     return err_set(e, QUEUE_NOT_READY, "image %d of job '%s' is not ready (job %s)", n, id,
                    queue_state_name(st));
   return q->st->ops->get_image(q->st, id, n, png, len, e);
+}
+
+int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size_t *len, err *e) {
+  pthread_mutex_lock(&q->mu);
+  qjob *j = find_job(q, id, owner);
+  const int noise = j && has_noise(&j->spec);
+  queue_state st = j ? j->state : QUEUE_FAILED;
+  pthread_mutex_unlock(&q->mu);
+  if (!j)
+    return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
+  if (!noise)
+    return err_set(e, QUEUE_NOT_FOUND,
+                   "job '%s' is not an inversion of an input image: it has no noise", id);
+  if (st != QUEUE_SUCCEEDED)
+    return err_set(e, QUEUE_NOT_READY, "the noise of job '%s' is not ready (job %s)", id,
+                   queue_state_name(st));
+  return q->st->ops->get_file(q->st, id, QUEUE_NOISE_FILE, npy, len, e);
 }
 
 void queue_get_stats(queue *q, queue_stats *s) {

@@ -64,10 +64,27 @@ typedef struct queue_spec {
   int edit; /* QUEUE_EDIT_* */
   double strength;
   char *input_image, *mask;
+  /* Inversions (invert_ddim, invert_ddpm: input_image, or noise maps, -> images and noise.npy)
+   * and boundary moves (strength is the signed distance; no input_image: generated images):
+   * the rest of the edit block as the API validated it (owned): source_class, source_guidance,
+   * skip, shift [dx, dy], colour [r, g, b], colour_from, noise (base64 .npy), boundary (the
+   * boundary file's object), eta. */
+  json_t *edit_args;
 } queue_spec;
 
-enum { QUEUE_EDIT_NONE, QUEUE_EDIT_IMG2IMG, QUEUE_EDIT_INPAINT };
-/* "img2img", "inpaint" (NULL for none); queue_edit_from_name returns -1 if unknown. */
+enum {
+  QUEUE_EDIT_NONE,
+  QUEUE_EDIT_IMG2IMG,
+  QUEUE_EDIT_INPAINT,
+  QUEUE_EDIT_INVERT_DDIM,
+  QUEUE_EDIT_INVERT_DDPM,
+  QUEUE_EDIT_BOUNDARY
+};
+/* An inversion job's noise: DDIM x_T [batch, C, H, W] or the edit-friendly maps
+ * [batch, steps + 1, C, H, W], as .npy. */
+#define QUEUE_NOISE_FILE "noise.npy"
+/* Its name for edit ("img2img", ..., "boundary"; NULL for none); queue_edit_from_name returns -1
+ * if unknown. */
 const char *queue_edit_name(int edit);
 int queue_edit_from_name(const char *name);
 
@@ -190,6 +207,10 @@ void queue_events_free(queue_event *evs, int n);
 
 /* Waits until the job is finished (or timeout_ms); returns its view. */
 int queue_wait(queue *q, const char *id, int timeout_ms, queue_job_view *out, err *e);
+
+/* The noise an inversion job extracted (QUEUE_NOISE_FILE); QUEUE_NOT_FOUND for other jobs,
+ * QUEUE_NOT_READY before the job succeeded. */
+int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size_t *len, err *e);
 
 /* Image n of a succeeded job, PNG with its metadata; QUEUE_NOT_READY before it exists. */
 int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **png, size_t *len,

@@ -21,8 +21,13 @@ typedef struct store_ops {
   int (*put_image)(store *s, const char *id, int n, const uint8_t *png, size_t len, err *e);
   int (*sync_images)(store *s, err *e);
   int (*get_image)(store *s, const char *id, int n, uint8_t **png, size_t *len, err *e);
-  /* Removes the record and its first nimages images; missing pieces are not an error. */
-  int (*remove_job)(store *s, const char *id, int nimages, err *e);
+  /* A job's other results by name ("noise.npy": [a-z0-9._-]), durable when it returns. */
+  int (*put_file)(store *s, const char *id, const char *name, const uint8_t *data, size_t len,
+                  err *e);
+  int (*get_file)(store *s, const char *id, const char *name, uint8_t **data, size_t *len, err *e);
+  /* Removes the record, its first nimages images and the named files (NULL-terminated list, or
+   * NULL); missing pieces are not an error. */
+  int (*remove_job)(store *s, const char *id, int nimages, const char *const *files, err *e);
   int (*list_jobs)(store *s, store_job_fn fn, void *user, err *e);
   void (*free)(store *s);
 } store_ops;
@@ -31,7 +36,8 @@ struct store {
   const store_ops *ops;
 };
 
-/* The directory backend: DIR/jobs/ID.json and DIR/images/ID-N.png, created if missing.
+/* The directory backend: DIR/jobs/ID.json, DIR/images/ID-N.png and DIR/images/ID.NAME, created
+ * if missing.
  * Fails with a clear message when DIR cannot be created or written. */
 int store_fs_open(const char *dir, store **out, err *e);
 

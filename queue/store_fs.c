@@ -115,28 +115,58 @@ static int read_fd_all(int fd, uint8_t **out, size_t *len, size_t max) {
   return 0;
 }
 
-static int fs_get_image(store *b, const char *id, int n, uint8_t **png, size_t *len, err *e) {
-  fs_store *s = (fs_store *)b;
-  char name[128];
-  snprintf(name, sizeof name, "%s-%d.png", id, n);
-  int fd = openat(s->images_fd, name, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return err_set(e, ERR_IO, "image %s: %s", name, strerror(errno));
-  int rc = read_fd_all(fd, png, len, (size_t)1 << 30);
-  int en = errno;
-  close(fd);
-  if (rc)
-    return err_set(e, ERR_IO, "image %s: %s", name, strerror(en));
+static int file_name(const char *id, const char *file, char *name, size_t n, err *e) {
+  if (!*file || strspn(file, "abcdefghijklmnopqrstuvwxyz0123456789._-") != strlen(file) ||
+      file[0] == '.' || snprintf(name, n, "%s.%s", id, file) >= (int)n)
+    return err_set(e, ERR_INVALID, "'%s' is not a result file name", file);
   return ERR_OK;
 }
 
-static int fs_remove_job(store *b, const char *id, int nimages, err *e) {
+static int fs_put_file(store *b, const char *id, const char *file, const uint8_t *data, size_t len,
+                       err *e) {
   fs_store *s = (fs_store *)b;
+  char name[160];
+  int rc = file_name(id, file, name, sizeof name, e);
+  if (!rc)
+    rc = write_atomic(s, s->images_fd, "images", name, data, len, e);
+  return rc ? rc : sync_dir(s, s->images_fd, "images", e);
+}
+
+static int read_named(fs_store *s, const char *name, uint8_t **data, size_t *len, err *e) {
+  int fd = openat(s->images_fd, name, O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return err_set(e, ERR_IO, "images/%s: %s", name, strerror(errno));
+  int rc = read_fd_all(fd, data, len, (size_t)1 << 30);
+  int en = errno;
+  close(fd);
+  if (rc)
+    return err_set(e, ERR_IO, "images/%s: %s", name, strerror(en));
+  return ERR_OK;
+}
+
+static int fs_get_image(store *b, const char *id, int n, uint8_t **png, size_t *len, err *e) {
   char name[128];
+  snprintf(name, sizeof name, "%s-%d.png", id, n);
+  return read_named((fs_store *)b, name, png, len, e);
+}
+
+static int fs_get_file(store *b, const char *id, const char *file, uint8_t **data, size_t *len,
+                       err *e) {
+  char name[160];
+  int rc = file_name(id, file, name, sizeof name, e);
+  return rc ? rc : read_named((fs_store *)b, name, data, len, e);
+}
+
+static int fs_remove_job(store *b, const char *id, int nimages, const char *const *files, err *e) {
+  fs_store *s = (fs_store *)b;
+  char name[160];
   for (int i = 0; i < nimages; i++) {
     snprintf(name, sizeof name, "%s-%d.png", id, i);
     unlinkat(s->images_fd, name, 0);
   }
+  for (int i = 0; files && files[i]; i++)
+    if (file_name(id, files[i], name, sizeof name, e) == ERR_OK)
+      unlinkat(s->images_fd, name, 0);
   snprintf(name, sizeof name, "%s.json", id);
   if (unlinkat(s->jobs_fd, name, 0) != 0 && errno != ENOENT)
     return err_set(e, ERR_IO, "state directory %s: removing jobs/%s: %s", s->dir, name,
@@ -194,7 +224,8 @@ static void fs_free(store *b) {
   free(s);
 }
 
-static const store_ops fs_ops = {fs_put_job,    fs_put_image, fs_sync_images, fs_get_image,
+static const store_ops fs_ops = {fs_put_job,    fs_put_image, fs_sync_images,
+                                 fs_get_image,  fs_put_file,  fs_get_file,
                                  fs_remove_job, fs_list_jobs, fs_free};
 
 static int open_subdir(fs_store *s, const char *sub, int *out, err *e) {

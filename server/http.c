@@ -126,6 +126,9 @@ static enum MHD_Result send_error(srv *s, struct MHD_Connection *c, req *r, cons
   json_t *j = api_error_json(e);
   text = j ? json_dumps(j, JSON_COMPACT) : NULL;
   json_decref(j);
+  if (!text) /* out of memory: still an answer with the status */
+    text = strdup("{\"error\":{\"code\":\"internal\",\"message\":\"the error could not be "
+                  "encoded\",\"field\":null}}");
   if (!text)
     return MHD_NO;
   struct MHD_Response *resp =
@@ -356,6 +359,29 @@ static enum MHD_Result serve_png(srv *s, struct MHD_Connection *c, req *r, const
   return queue_resp(s, c, r, 200, resp, "image/png");
 }
 
+/* An inversion job's noise (.npy), to send back with a later job or to inspect with numpy. */
+static enum MHD_Result serve_noise(srv *s, struct MHD_Connection *c, req *r, const char *id,
+                                   const char *owner) {
+  uint8_t *npy = NULL;
+  size_t len = 0;
+  err e = {0};
+  if (queue_noise(s->q, id, owner, &npy, &len, &e) != ERR_OK) {
+    api_error ae = {0};
+    api_fail_queue(&ae, &e);
+    if (e.code == ERR_IO)
+      api_fail(&ae, 500, "storage_error", NULL, "%s", e.msg);
+    return send_error(s, c, r, &ae);
+  }
+  struct MHD_Response *resp = MHD_create_response_from_buffer(len, npy, MHD_RESPMEM_MUST_FREE);
+  if (resp) {
+    char disp[96];
+    snprintf(disp, sizeof disp, "attachment; filename=\"%s-noise.npy\"", id);
+    MHD_add_response_header(resp, "Content-Disposition", disp);
+    MHD_add_response_header(resp, "X-Job-Id", id);
+  }
+  return queue_resp(s, c, r, 200, resp, "application/octet-stream");
+}
+
 /* Hands the spec to the queue; on failure the error is already answered (*ret). */
 static int submit(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec, queue_job_view *v,
                   enum MHD_Result *ret) {
@@ -570,6 +596,13 @@ static enum MHD_Result route_job(srv *s, struct MHD_Connection *c, req *r, const
     if (authorize(s, c, r, SCOPE_READ, &ret))
       return ret;
     return serve_events(s, c, r, id);
+  }
+  if (strcmp(slash, "/noise.npy") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    return serve_noise(s, c, r, id, owner);
   }
   if (strncmp(slash, "/images/", 8) == 0) {
     if (!get)

@@ -68,7 +68,8 @@ static long call(const daemon_proc *d, const char *method, const char *path, con
   for (int i = 0; i < 3; i++)
     if (http_header(r, names[i], v, sizeof v))
       json_object_set_new(h, names[i], json_string(v));
-  int text = strncmp(r->ctype, "image/", 6) != 0; /* JSON, metrics, event streams */
+  /* JSON, metrics, event streams; not images or .npy */
+  int text = strncmp(r->ctype, "image/", 6) != 0 && strstr(r->ctype, "octet-stream") == NULL;
   json_t *j = json_pack("{s:s, s:s, s:i, s:s, s:o, s:s}", "method", method, "path", path, "status",
                         (int)r->status, "content_type", r->ctype, "headers", h, "body",
                         text && r->body ? r->body : "");
@@ -162,6 +163,40 @@ START_TEST(responses_match_the_spec) {
                           "\"input_image\": \"iVBORw0KGgo=\"}",
                           NULL, &r),
                      400);
+    http_free(&r);
+    /* an inversion: its view with the noise link, the noise itself, and a class change */
+    snprintf(body, sizeof body,
+             "{\"class_label\": 2, \"scheduler\": {\"name\": \"ddim\", \"steps\": 8}, "
+             "\"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\"}}",
+             b64);
+    ck_assert_int_eq(call(&d, "POST", "/v1/jobs", body, NULL, &r), 202);
+    ej = http_json(&r);
+    snprintf(eid, sizeof eid, "%s", json_string_value(json_object_get(ej, "id")));
+    json_decref(ej);
+    http_free(&r);
+    wait_state(&d, eid, "succeeded", 60);
+    snprintf(path, sizeof path, "/v1/jobs/%s", eid);
+    call(&d, "GET", path, NULL, NULL, &r);
+    ck_assert_ptr_nonnull(strstr(r.body, "/noise.npy\""));
+    http_free(&r);
+    snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", eid);
+    ck_assert_int_eq(call(&d, "GET", path, NULL, NULL, &r), 200);
+    http_free(&r);
+    snprintf(body, sizeof body,
+             "{\"class_label\": 3, \"scheduler\": {\"name\": \"ddim\", \"steps\": 8}, "
+             "\"edit\": {\"type\": \"invert_ddpm\", \"noise_from\": \"%s\", \"skip\": 2}}",
+             eid);
+    ck_assert_int_eq(call(&d, "POST", "/v1/jobs", body, NULL, &r), 202);
+    ej = http_json(&r);
+    snprintf(eid, sizeof eid, "%s", json_string_value(json_object_get(ej, "id")));
+    json_decref(ej);
+    http_free(&r);
+    wait_state(&d, eid, "succeeded", 60);
+    snprintf(path, sizeof path, "/v1/jobs/%s", eid);
+    call(&d, "GET", path, NULL, NULL, &r);
+    http_free(&r);
+    snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", eid);
+    ck_assert_int_eq(call(&d, "GET", path, NULL, NULL, &r), 404);
     http_free(&r);
     free(b64);
     free(png);

@@ -17,30 +17,6 @@
 #define SMALL_JOB                                                                                  \
   "{\"class_label\": 2, \"seed\": 7, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}}"
 
-static void expect_error(const daemon_proc *d, const char *method, const char *path,
-                         const char *body, long status, const char *code, const char *field) {
-  http_resp r;
-  http_req(d, method, path, body, body ? strlen(body) : 0, NULL, &r);
-  ck_assert_msg(r.status == status, "%s %s %s: status %ld, wanted %ld: %s", method, path,
-                body ? body : "", r.status, status, r.body ? r.body : "");
-  json_t *j = http_json(&r);
-  json_t *e = json_object_get(j, "error");
-  ck_assert_msg(json_is_object(e), "no error object: %s", r.body);
-  ck_assert_msg(strcmp(json_string_value(json_object_get(e, "code")), code) == 0,
-                "%s: code %s, wanted %s", body ? body : path,
-                json_string_value(json_object_get(e, "code")), code);
-  ck_assert(json_is_string(json_object_get(e, "message")));
-  json_t *f = json_object_get(e, "field");
-  if (field)
-    ck_assert_msg(json_is_string(f) && strcmp(json_string_value(f), field) == 0,
-                  "%s: field %s, wanted %s (%s)", body ? body : path,
-                  json_is_string(f) ? json_string_value(f) : "null", field, r.body);
-  else
-    ck_assert(json_is_null(f));
-  json_decref(j);
-  http_free(&r);
-}
-
 START_TEST(service_endpoints) {
   char st[512];
   daemon_proc d;
@@ -279,8 +255,8 @@ START_TEST(request_validation) {
        "guidance.null_class"},
       {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"null_class\": 1.5}}", 400, "wrong_type",
        "guidance.null_class"},
-      {"{\"class_label\": 1, \"edit\": {\"type\": \"invert_ddim\"}}", 400, "not_supported",
-       "edit.type"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"invert_ddim\"}}", 400, "missing_field",
+       "input_image"},
       {"{\"class_label\": 1, \"first_image\": -1}", 400, "out_of_range", "first_image"},
       {"{\"class_label\": 1,}", 400, "invalid_json", NULL},
       {"{\"class_label\": 1, \"class_label\": 2}", 400, "invalid_json", NULL},
@@ -333,22 +309,8 @@ END_TEST
 
 /* ---- guidance and editing ---- */
 
-static uint8_t *read_file_all(const char *path, size_t *len) {
-  FILE *f = fopen(path, "rb");
-  ck_assert_ptr_nonnull(f);
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  uint8_t *b = malloc((size_t)n + 1);
-  ck_assert_int_eq(fread(b, 1, (size_t)n, f), (size_t)n);
-  fclose(f);
-  *len = (size_t)n;
-  return b;
-}
-
 /* Image n of job id: its PNG written to tmp/<name>.png, then `denoised sample --replay` of it
  * must give the same pixels. Returns the PNG's "denoised" metadata. */
-static void fetch_pixels(const daemon_proc *d, const char *id, int n, uint8_t **px);
 
 static json_t *check_replay(const daemon_proc *d, const char *id, int n, const char *name,
                             const char *infotext) {
@@ -493,255 +455,6 @@ START_TEST(guided_jobs) {
 END_TEST
 
 /* A w x h RGB PNG: the left `white` columns white, the rest black (a mask), as base64. */
-static char *mask_b64(int h, int w, int white, uint8_t **png, size_t *len) {
-  uint8_t *px = calloc((size_t)h * w * 3, 1);
-  for (int y = 0; y < h; y++)
-    for (int x = 0; x < white && x < w; x++)
-      memset(px + ((size_t)y * w + x) * 3, 255, 3);
-  err e;
-  ck_assert_int_eq(image_png_encode(px, 3, h, w, NULL, 0, png, len, &e), 0);
-  free(px);
-  return base64_encode(*png, *len);
-}
-
-static void write_file(const char *path, const uint8_t *b, size_t n) {
-  FILE *f = fopen(path, "wb");
-  ck_assert_ptr_nonnull(f);
-  fwrite(b, 1, n, f);
-  fclose(f);
-}
-
-/* Image 0 of job id equals `denoised sample <flags> -o tmp/cli.png`. */
-static void check_cli_equal(const daemon_proc *d, const char *id, const char *tmp,
-                            const char *flags) {
-  char model[1024], cmd[8192], cli[512], out[4096];
-  test_src_path(model, sizeof model, "models/shapes-gmm");
-  snprintf(cli, sizeof cli, "%s/cli.png", tmp);
-  snprintf(cmd, sizeof cmd, "%s sample --model %s %s -o %s --quiet 2>&1", test_bin(), model, flags,
-           cli);
-  FILE *p = popen(cmd, "r");
-  size_t k = fread(out, 1, sizeof out - 1, p);
-  out[k] = 0;
-  ck_assert_msg(pclose(p) == 0, "%s: %s", cmd, out);
-  uint8_t *a, *b;
-  fetch_pixels(d, id, 0, &a);
-  size_t gl;
-  uint8_t *buf = read_file_all(cli, &gl);
-  int h, w;
-  err e;
-  ck_assert_int_eq(image_png_decode(buf, gl, 64, 64, &b, &h, &w, &e), 0);
-  ck_assert_msg(h == 32 && w == 32 && memcmp(a, b, 32 * 32 * 3) == 0,
-                "the daemon's image differs from `denoised sample %s`", flags);
-  free(buf);
-  free(a);
-  free(b);
-}
-
-START_TEST(edit_jobs) {
-  char st[512], tmp[256], path[600], flags[2048];
-  daemon_proc d;
-  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
-  test_tmpdir(tmp, sizeof tmp);
-  /* the picture to edit: one of ours */
-  char src[64];
-  submit_job(&d, SMALL_JOB, src, sizeof src);
-  wait_state(&d, src, "succeeded", 60);
-  http_resp r;
-  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", src);
-  ck_assert_int_eq(http_get(&d, path, &r), 200);
-  char *img = base64_encode((uint8_t *)r.body, r.len);
-  char in_png[512], mask_png[512];
-  snprintf(in_png, sizeof in_png, "%s/in.png", tmp);
-  write_file(in_png, (uint8_t *)r.body, r.len);
-  uint8_t *good_png = malloc(r.len);
-  size_t good_len = r.len;
-  memcpy(good_png, r.body, r.len);
-  http_free(&r);
-  uint8_t *mpng;
-  size_t mlen;
-  char *mask = mask_b64(32, 32, 16, &mpng, &mlen);
-  snprintf(mask_png, sizeof mask_png, "%s/mask.png", tmp);
-  write_file(mask_png, mpng, mlen);
-  free(mpng);
-  size_t cap = strlen(img) * 2 + strlen(mask) + 1024;
-  char *body = malloc(cap);
-  /* img2img */
-  snprintf(body, cap,
-           "{\"class_label\": 3, \"seed\": 21, \"scheduler\": {\"name\": \"ddim\", \"steps\": 20}, "
-           "\"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", \"strength\": 0.6}}",
-           img);
-  char id[64];
-  submit_job(&d, body, id, sizeof id);
-  wait_state(&d, id, "succeeded", 60);
-  snprintf(path, sizeof path, "/v1/jobs/%s", id);
-  ck_assert_int_eq(http_get(&d, path, &r), 200);
-  json_t *j = http_json(&r);
-  json_t *ed = json_object_get(json_object_get(j, "request"), "edit");
-  ck_assert_str_eq(json_string_value(json_object_get(ed, "type")), "img2img");
-  ck_assert(json_number_value(json_object_get(ed, "strength")) == 0.6);
-  /* the last int(20 * 0.6) steps run */
-  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "step")), 12);
-  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "total")),
-                   12);
-  json_decref(j);
-  http_free(&r);
-  snprintf(flags, sizeof flags,
-           "--class 3 --seed 21 --scheduler ddim --steps 20 --init-image %s --strength 0.6",
-           in_png);
-  check_cli_equal(&d, id, tmp, flags);
-  /* inpainting with guidance, the image as a data URL */
-  snprintf(body, cap,
-           "{\"class_label\": 1, \"seed\": 22, \"scheduler\": {\"name\": \"dpm++2m\", \"steps\": "
-           "15}, \"guidance\": {\"scale\": 3}, \"input_image\": \"data:image/png;base64,%s\", "
-           "\"mask\": \"%s\", \"edit\": {\"type\": \"inpaint\"}}",
-           img, mask);
-  submit_job(&d, body, id, sizeof id);
-  wait_state(&d, id, "succeeded", 60);
-  snprintf(flags, sizeof flags,
-           "--class 1 --seed 22 --scheduler dpm++2m --steps 15 --guidance-scale 3 --init-image %s "
-           "--mask %s",
-           in_png, mask_png);
-  check_cli_equal(&d, id, tmp, flags);
-  /* the kept half is the input picture (inpainting keeps black pixels) */
-  uint8_t *px, *in_px;
-  fetch_pixels(&d, id, 0, &px);
-  int h, w;
-  err e;
-  ck_assert_int_eq(image_png_decode(good_png, good_len, 64, 64, &in_px, &h, &w, &e), 0);
-  int off = 0;
-  for (int y = 0; y < 32; y++)
-    for (int x = 16; x < 32; x++)
-      for (int c = 0; c < 3; c++) {
-        int dv = (int)px[(y * 32 + x) * 3 + c] - (int)in_px[(y * 32 + x) * 3 + c];
-        off += dv > 2 || dv < -2;
-      }
-  ck_assert_msg(off == 0, "%d kept pixel values moved", off);
-  free(px);
-  free(in_px);
-  /* errors name the field */
-  char *png16 = NULL, *png64 = NULL;
-  {
-    uint8_t *p16, *p64;
-    size_t l16, l64;
-    png16 = mask_b64(16, 16, 4, &p16, &l16);
-    png64 = mask_b64(64, 64, 4, &p64, &l64);
-    free(p16);
-    free(p64);
-  }
-  char trunc[64];
-  snprintf(trunc, sizeof trunc, "%.40s", img); /* a PNG cut after its signature and header */
-  struct {
-    const char *tmpl; /* %s: an image */
-    const char *image;
-    const char *code, *field;
-  } cases[] = {
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", "@@@@",
-       "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}",
-       "aGVsbG8gd29ybGQ=", "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", trunc,
-       "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", png16,
-       "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", png64,
-       "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", "",
-       "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"data:text/plain,%s\", \"edit\": {\"type\": "
-       "\"img2img\"}}",
-       "x", "invalid_field", "input_image"},
-      {"{\"class_label\": 1, \"input_image\": 5, \"edit\": {\"type\": \"img2img\"}}%s", "",
-       "wrong_type", "input_image"},
-      {"{\"class_label\": 1, \"edit\": {\"type\": \"img2img\"}}%s", "", "missing_field",
-       "input_image"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\"}", img, "missing_field", "edit"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": \"img2img\"}", img, "wrong_type",
-       "edit"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {}}", img, "missing_field",
-       "edit.type"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"warp\"}}", img,
-       "invalid_field", "edit.type"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\"}}", img,
-       "not_supported", "edit.type"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
-       "\"strength\": 0}}",
-       img, "out_of_range", "edit.strength"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
-       "\"strength\": 1.5}}",
-       img, "out_of_range", "edit.strength"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
-       "\"strength\": \"high\"}}",
-       img, "wrong_type", "edit.strength"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
-       "\"strength\": 0.01}, \"scheduler\": {\"name\": \"ddim\", \"steps\": 20}}",
-       img, "invalid_field", "edit.strength"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
-       "\"bogus\": 1}}",
-       img, "unknown_field", "edit.bogus"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}, "
-       "\"scheduler\": {\"name\": \"f-pndm\", \"steps\": 20}}",
-       img, "invalid_field", "scheduler.name"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}, "
-       "\"preview\": {\"every\": 2}}",
-       img, "invalid_field", "preview"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"inpaint\"}}", img,
-       "missing_field", "mask"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"mask\": \"x\", \"edit\": {\"type\": "
-       "\"img2img\"}}",
-       img, "invalid_field", "mask"},
-      {"{\"class_label\": 1, \"input_image\": \"%s\", \"mask\": \"aGVsbG8=\", \"edit\": {\"type\": "
-       "\"inpaint\"}}",
-       img, "invalid_field", "mask"},
-  };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    snprintf(body, cap, cases[i].tmpl, cases[i].image);
-    expect_error(&d, "POST", "/v1/jobs", body, 400, cases[i].code, cases[i].field);
-  }
-  /* a wrong-size mask */
-  snprintf(body, cap,
-           "{\"class_label\": 1, \"input_image\": \"%s\", \"mask\": \"%s\", \"edit\": {\"type\": "
-           "\"inpaint\"}}",
-           img, png16);
-  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "mask");
-  /* mangled PNGs: cut anywhere or with a byte flipped, each a 400 or a job, never a crash */
-  unsigned rs = 12345;
-  int accepted = 0;
-  for (int k = 0; k < 60; k++) {
-    uint8_t *m = malloc(good_len);
-    memcpy(m, good_png, good_len);
-    size_t n = good_len;
-    rs = rs * 1103515245u + 12345u;
-    if (k % 3 == 0)
-      n = 1 + (rs >> 8) % (good_len - 1);
-    else
-      m[(rs >> 8) % good_len] ^= (uint8_t)(1 + (rs >> 20) % 255);
-    char *b = base64_encode(m, n);
-    snprintf(body, cap,
-             "{\"class_label\": 1, \"seed\": 1, \"scheduler\": {\"name\": \"ddim\", \"steps\": 4}, "
-             "\"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}",
-             b);
-    http_post(&d, "/v1/jobs", body, &r);
-    ck_assert_msg(r.status == 400 || r.status == 202, "mangled PNG %d: status %ld: %s", k, r.status,
-                  r.body);
-    if (r.status == 400)
-      ck_assert_ptr_nonnull(strstr(r.body, "\"field\":\"input_image\""));
-    accepted += r.status == 202;
-    http_free(&r);
-    free(b);
-    free(m);
-  }
-  ck_assert_int_eq(http_get(&d, "/healthz", &r), 200);
-  http_free(&r);
-  ck_assert_int_lt(accepted, 60);
-  free(png16);
-  free(png64);
-  free(body);
-  free(img);
-  free(mask);
-  free(good_png);
-  daemon_stop(&d);
-}
-END_TEST
 
 /* ---- SSE ---- */
 
@@ -1326,17 +1039,6 @@ static void *client_main(void *p) {
   return NULL;
 }
 
-static void fetch_pixels(const daemon_proc *d, const char *id, int n, uint8_t **px) {
-  char path[128];
-  snprintf(path, sizeof path, "/v1/jobs/%s/images/%d", id, n);
-  http_resp r;
-  ck_assert_int_eq(http_get(d, path, &r), 200);
-  int h, w;
-  err e;
-  ck_assert_int_eq(image_png_decode((uint8_t *)r.body, r.len, 64, 64, px, &h, &w, &e), 0);
-  http_free(&r);
-}
-
 START_TEST(concurrent_clients_and_batching) {
   char st[512];
   daemon_proc d;
@@ -1414,7 +1116,6 @@ Suite *test_suite(void) {
   tcase_add_test(tc, slow_clients_are_cut);
   tcase_add_test(tc, concurrent_clients_and_batching);
   tcase_add_test(tc, guided_jobs);
-  tcase_add_test(tc, edit_jobs);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -16,6 +16,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <check.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base64.h"
+#include "image.h"
 #include "testutil.h"
 
 typedef struct daemon_proc {
@@ -333,6 +341,79 @@ static inline const char *th_state_dir(char *buf, size_t n) {
   test_tmpdir(tmp, sizeof tmp);
   snprintf(buf, n, "%s/state", tmp);
   return buf;
+}
+
+/* ---- shared checks of the API tests (Check, the engine's PNG code) ---- */
+
+/* A request answered with status and the error object {code, field}. */
+static inline void expect_error(const daemon_proc *d, const char *method, const char *path,
+                                const char *body, long status, const char *code,
+                                const char *field) {
+  http_resp r;
+  http_req(d, method, path, body, body ? strlen(body) : 0, NULL, &r);
+  /* bodies can carry whole images: messages show their start (Check's limit is 4 KiB) */
+  ck_assert_msg(r.status == status, "%s %s %.300s: status %ld, wanted %ld: %.1000s", method, path,
+                body ? body : "", r.status, status, r.body ? r.body : "");
+  json_t *j = http_json(&r);
+  json_t *e = json_object_get(j, "error");
+  ck_assert_msg(json_is_object(e), "no error object: %s", r.body);
+  ck_assert_msg(strcmp(json_string_value(json_object_get(e, "code")), code) == 0,
+                "%.300s: code %s, wanted %s", body ? body : path,
+                json_string_value(json_object_get(e, "code")), code);
+  ck_assert(json_is_string(json_object_get(e, "message")));
+  json_t *f = json_object_get(e, "field");
+  if (field)
+    ck_assert_msg(json_is_string(f) && strcmp(json_string_value(f), field) == 0,
+                  "%.300s: field %s, wanted %s (%.1000s)", body ? body : path,
+                  json_is_string(f) ? json_string_value(f) : "null", field, r.body);
+  else
+    ck_assert(json_is_null(f));
+  json_decref(j);
+  http_free(&r);
+}
+
+static inline uint8_t *read_file_all(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  ck_assert_ptr_nonnull(f);
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  uint8_t *b = malloc((size_t)n + 1);
+  ck_assert_int_eq(fread(b, 1, (size_t)n, f), (size_t)n);
+  fclose(f);
+  *len = (size_t)n;
+  return b;
+}
+
+/* A base64 PNG, white in the first `white` columns: an inpainting mask. */
+static inline char *mask_b64(int h, int w, int white, uint8_t **png, size_t *len) {
+  uint8_t *px = calloc((size_t)h * w * 3, 1);
+  for (int y = 0; y < h; y++)
+    for (int x = 0; x < white && x < w; x++)
+      memset(px + ((size_t)y * w + x) * 3, 255, 3);
+  err e;
+  ck_assert_int_eq(image_png_encode(px, 3, h, w, NULL, 0, png, len, &e), 0);
+  free(px);
+  return base64_encode(*png, *len);
+}
+
+static inline void write_file(const char *path, const uint8_t *b, size_t n) {
+  FILE *f = fopen(path, "wb");
+  ck_assert_ptr_nonnull(f);
+  fwrite(b, 1, n, f);
+  fclose(f);
+}
+
+/* The pixels of image n of a job (at most 64x64). */
+static inline void fetch_pixels(const daemon_proc *d, const char *id, int n, uint8_t **px) {
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/%d", id, n);
+  http_resp r;
+  ck_assert_int_eq(http_get(d, path, &r), 200);
+  int h, w;
+  err e;
+  ck_assert_int_eq(image_png_decode((uint8_t *)r.body, r.len, 64, 64, px, &h, &w, &e), 0);
+  http_free(&r);
 }
 
 #endif

@@ -1,0 +1,457 @@
+/* The edit block of a job: img2img and inpainting (SDEdit), DDIM and edit-friendly DDPM
+ * inversions with their noise-space edits, and BoundaryDiffusion moves. Every picture, noise
+ * map and boundary is decoded and checked here, so a bad one is a 400 naming the field. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base64.h"
+#include "boundary.h"
+#include "edit.h"
+#include "internal.h"
+#include "npy.h"
+
+#define API_MAX_PNG_BYTES (4 << 20)     /* an input image or mask, decoded from base64 */
+#define API_MAX_NOISE_BYTES (256 << 20) /* the noise maps an inversion job keeps */
+#define API_MAX_SOURCE_GUIDANCE 50.0
+
+/* A base64 PNG field (optionally a data: URL): its base64 text (malloc'ed, for the spec) and
+ * its bytes. */
+static int get_png(const json_t *v, const char *field, char **b64, uint8_t **png, size_t *len,
+                   api_error *e) {
+  if (!json_is_string(v))
+    return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 PNG, got %s", field,
+                    api_type_name(v));
+  const char *t = json_string_value(v);
+  size_t n = json_string_length(v);
+  if (strncmp(t, "data:", 5) == 0) {
+    const char *comma = memchr(t, ',', n);
+    if (!comma || comma - t < 12 || strncmp(comma - 7, ";base64", 7) != 0)
+      return api_fail(e, 400, "invalid_field", field,
+                      "%s: a data URL must be data:image/png;base64,...", field);
+    n -= (size_t)(comma + 1 - t);
+    t = comma + 1;
+  }
+  if (n == 0)
+    return api_fail(e, 400, "invalid_field", field, "%s: the image is empty", field);
+  if (n / 4 * 3 > API_MAX_PNG_BYTES)
+    return api_fail(e, 400, "too_large", field,
+                    "%s: the PNG is larger than this server's limit of %d bytes", field,
+                    API_MAX_PNG_BYTES);
+  if (base64_decode(t, n, png, len) != 0)
+    return api_fail(e, 400, "invalid_field", field, "%s: not valid base64 (RFC 4648, padded)",
+                    field);
+  *b64 = strndup(t, n);
+  if (!*b64) {
+    free(*png);
+    *png = NULL;
+    return api_fail(e, 500, "internal", NULL, "out of memory");
+  }
+  return 0;
+}
+
+/* input_image (and mask) decoded at the job's size; out->input_image / out->mask keep the
+ * base64 text. */
+static int check_pictures(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
+                          api_error *e) {
+  const size_t plane = (size_t)out->height * out->width;
+  float *px = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane * sizeof *px);
+  if (!px)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  int rc = 0;
+  uint8_t *png = NULL;
+  size_t len = 0;
+  err qe = {0};
+  if (f->input_image) {
+    if ((rc = get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
+      goto done;
+    if (edit_image_from_png(png, len, "input_image", md->in_channels, out->height, out->width, px,
+                            &qe) != ERR_OK) {
+      rc = api_fail(e, 400, "invalid_field", "input_image", "%s", qe.msg);
+      goto done;
+    }
+  }
+  if (f->mask) {
+    free(png);
+    png = NULL;
+    if ((rc = get_png(f->mask, "mask", &out->mask, &png, &len, e)))
+      goto done;
+    if (edit_mask_from_png(png, len, "mask", out->height, out->width, px, &qe) != ERR_OK) {
+      rc = api_fail(e, 400, "invalid_field", "mask", "%s", qe.msg);
+      goto done;
+    }
+  }
+done:
+  free(png);
+  free(px);
+  return rc;
+}
+
+/* A number field in [lo, hi]; 0 with *out untouched when absent. */
+static int get_number(const json_t *obj, const char *key, const char *field, double lo, double hi,
+                      double *out, int *present, api_error *e) {
+  const json_t *v = json_object_get(obj, key);
+  *present = v != NULL;
+  if (!v)
+    return 0;
+  if (!json_is_number(v))
+    return api_fail(e, 400, "wrong_type", field, "%s: expected a number, got %s", field,
+                    api_type_name(v));
+  const double x = json_number_value(v);
+  if (!(x >= lo && x <= hi))
+    return api_fail(e, 400, "out_of_range", field, "%s: %g is out of range [%g, %g]", field, x, lo,
+                    hi);
+  *out = x;
+  return 0;
+}
+
+/* An array of n numbers in [lo, hi] (whole numbers if integral). */
+static int get_list(const json_t *obj, const char *key, const char *field, int n, double lo,
+                    double hi, int integral, json_t **out, api_error *e) {
+  const json_t *v = json_object_get(obj, key);
+  if (!v)
+    return 0;
+  if (!json_is_array(v) || (int)json_array_size(v) != n)
+    return api_fail(e, 400, "wrong_type", field, "%s: expected an array of %d %s", field, n,
+                    integral ? "integers" : "numbers");
+  for (int i = 0; i < n; i++) {
+    const json_t *x = json_array_get(v, (size_t)i);
+    if (integral ? !json_is_integer(x) : !json_is_number(x))
+      return api_fail(e, 400, "wrong_type", field, "%s[%d]: expected %s, got %s", field, i,
+                      integral ? "an integer" : "a number", api_type_name(x));
+    const double d = json_number_value(x);
+    if (!(d >= lo && d <= hi))
+      return api_fail(e, 400, "out_of_range", field, "%s[%d]: %g is out of range [%g, %g]", field,
+                      i, d, lo, hi);
+  }
+  *out = json_deep_copy(v);
+  return 0;
+}
+
+/* The defaults an earlier inversion job hands on with its noise (noise_from). */
+typedef struct noise_source {
+  int has_label, has_guidance;
+  int64_t label;
+  double guidance;
+} noise_source;
+
+/* edit.noise (base64 .npy) or edit.noise_from (a succeeded inversion job of the same owner):
+ * checked against the shape this job's grid needs; the base64 text goes to args.noise. */
+static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int kind,
+                     const int64_t *shape, int ndim, json_t *args, noise_source *src,
+                     api_error *e) {
+  const json_t *nz = json_object_get(ed, "noise"), *from = json_object_get(ed, "noise_from");
+  const char *field = nz ? "edit.noise" : "edit.noise_from";
+  uint8_t *raw = NULL;
+  size_t len = 0;
+  char *b64 = NULL;
+  int rc = 0;
+  if (nz) {
+    if (!json_is_string(nz))
+      return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 .npy, got %s", field,
+                      api_type_name(nz));
+    if (base64_decode(json_string_value(nz), json_string_length(nz), &raw, &len) != 0)
+      return api_fail(e, 400, "invalid_field", field, "%s: not valid base64 (RFC 4648, padded)",
+                      field);
+  } else {
+    if (!json_is_string(from))
+      return api_fail(e, 400, "wrong_type", field, "%s: expected a job id, got %s", field,
+                      api_type_name(from));
+    const char *id = json_string_value(from);
+    queue_job_view v;
+    err qe = {0};
+    if (queue_get(c->q, id, owner && *owner ? owner : NULL, &v, &qe) != ERR_OK)
+      return api_fail(e, 400, "invalid_field", field, "%s: no job '%.40s'", field, id);
+    const int same = v.spec.edit == kind;
+    src->has_label = v.spec.has_label;
+    src->label = v.spec.label;
+    src->has_guidance = v.spec.has_guidance;
+    src->guidance = v.spec.guidance_scale;
+    queue_view_clear(&v);
+    if (!same)
+      return api_fail(e, 400, "invalid_field", field,
+                      "%s: job '%.40s' is not an %s inversion of an input image", field, id,
+                      queue_edit_name(kind));
+    if (queue_noise(c->q, id, owner && *owner ? owner : NULL, &raw, &len, &qe) != ERR_OK)
+      return api_fail(e, qe.code == QUEUE_NOT_READY ? 409 : 400,
+                      qe.code == QUEUE_NOT_READY ? "not_ready" : "invalid_field", field, "%s: %s",
+                      field, qe.msg);
+  }
+  npy_array a = {0};
+  err qe = {0};
+  if (npy_parse_f32(raw, len, field, &a, &qe) != ERR_OK) {
+    rc = api_fail(e, 400, "invalid_field", field, "%s", qe.msg);
+    goto done;
+  }
+  if (a.ndim != ndim || memcmp(a.shape, shape, sizeof *shape * (size_t)ndim) != 0) {
+    char want[128] = "", got[128] = "";
+    for (int i = 0; i < ndim; i++)
+      snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld", i ? ", " : "",
+               (long long)shape[i]);
+    for (int i = 0; i < a.ndim; i++)
+      snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", i ? ", " : "",
+               (long long)a.shape[i]);
+    rc = api_fail(e, 400, "invalid_field", field,
+                  "%s: maps of shape [%s] do not fit this job, which needs [%s] (batch_size, "
+                  "%sthe model's channels, height, width)",
+                  field, got, want, ndim == 5 ? "scheduler.steps + 1, " : "");
+    goto done;
+  }
+  for (int64_t i = 0; i < a.count; i++)
+    if (!isfinite(a.data[i])) {
+      rc = api_fail(e, 400, "invalid_field", field, "%s: value %lld is not finite", field,
+                    (long long)i);
+      goto done;
+    }
+  b64 = nz ? NULL : base64_encode(raw, len);
+  if (!nz && !b64) {
+    rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+    goto done;
+  }
+  json_object_set_new(args, "noise", nz ? json_string(json_string_value(nz)) : json_string(b64));
+done:
+  npy_array_free(&a);
+  free(raw);
+  free(b64);
+  return rc;
+}
+
+/* invert_ddim / invert_ddpm: the image (input_image) or earlier noise (noise, noise_from), the
+ * classes and guidance the inversion ran with, and the noise-space edits. */
+static int parse_invert(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                        const sampler *s, const char *owner, int kind, queue_spec *out,
+                        api_error *e) {
+  const json_t *ed = f->edit;
+  const int ddpm = kind == QUEUE_EDIT_INVERT_DDPM;
+  static const char *const ddim_keys[] = {
+      "type", "source_class", "source_guidance", "shift", "noise", "noise_from", NULL};
+  static const char *const ddpm_keys[] = {
+      "type",       "source_class", "source_guidance", "shift",       "noise",
+      "noise_from", "skip",         "colour",          "colour_from", NULL};
+  int rc = api_check_keys(ed, "edit.", ddpm ? ddpm_keys : ddim_keys, e), present;
+  if (rc)
+    return rc;
+  const char *cls = sampler_solver_class(out->solver);
+  if (!cls || strcmp(cls, "DDIMScheduler") != 0)
+    return api_fail(e, 400, "invalid_field", f->solver_field,
+                    "%s: inversions run on DDIM's grid (scheduler ddim), not '%s'", f->solver_field,
+                    out->solver);
+  const int has_noise = json_object_get(ed, "noise") || json_object_get(ed, "noise_from");
+  if (json_object_get(ed, "noise") && json_object_get(ed, "noise_from"))
+    return api_fail(e, 400, "invalid_field", "edit.noise_from",
+                    "edit.noise_from: give either edit.noise or edit.noise_from");
+  if (!!f->input_image == has_noise)
+    return api_fail(e, 400, f->input_image ? "invalid_field" : "missing_field", "input_image",
+                    "input_image: an inversion takes either input_image (to invert) or "
+                    "edit.noise / edit.noise_from (noise of an earlier inversion)");
+  if (f->mask)
+    return api_fail(e, 400, "invalid_field", "mask", "mask: goes with edit.type inpaint");
+  const int n = sampler_num_steps(s), nmaps = ddpm ? n + 1 : 1;
+  const double bytes = 4.0 * out->batch * nmaps * md->in_channels * out->height * out->width;
+  if (bytes > API_MAX_NOISE_BYTES)
+    return api_fail(e, 400, "out_of_range", "scheduler.steps",
+                    "scheduler.steps: the noise maps of %d steps x %d images would take %.0f MB, "
+                    "above this server's limit of %d MB",
+                    n, out->batch, bytes / 1e6, API_MAX_NOISE_BYTES >> 20);
+  json_t *args = json_object();
+  if (!args)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  noise_source src = {0};
+  const int64_t shape[5] = {out->batch, nmaps, md->in_channels, out->height, out->width};
+  const int64_t shape4[4] = {out->batch, md->in_channels, out->height, out->width};
+  if (has_noise &&
+      (rc = get_noise(c, ed, owner, kind, ddpm ? shape : shape4, ddpm ? 5 : 4, args, &src, e)))
+    goto done;
+  const json_t *sc = json_object_get(ed, "source_class");
+  if (sc && md->num_classes <= 0) {
+    rc = api_fail(e, 400, "invalid_field", "edit.source_class",
+                  "edit.source_class: model '%s' is not class-conditional", md->name);
+    goto done;
+  }
+  int64_t label = src.label;
+  if (sc && (rc = api_parse_label(sc, md, "edit.source_class", &label, e)))
+    goto done;
+  if (sc || src.has_label)
+    json_object_set_new(args, "source_class", json_integer(label));
+  double g = src.guidance, lo = 0, hi = API_MAX_SOURCE_GUIDANCE;
+  if ((rc = get_number(ed, "source_guidance", "edit.source_guidance", lo, hi, &g, &present, e)))
+    goto done;
+  if (present && md->num_classes <= 0) {
+    rc = api_fail(e, 400, "invalid_field", "edit.source_guidance",
+                  "edit.source_guidance: model '%s' is not class-conditional", md->name);
+    goto done;
+  }
+  if (present || src.has_guidance)
+    json_object_set_new(args, "source_guidance", json_real(g));
+  long long skip = 0, from = 0;
+  if ((rc = api_get_int(ed, "skip", "edit.skip", 0, n - 1, &skip, &present, e)))
+    goto done;
+  if (present)
+    json_object_set_new(args, "skip", json_integer(skip));
+  json_t *shift = NULL, *colour = NULL;
+  const double size = out->height > out->width ? out->height : out->width;
+  if ((rc = get_list(ed, "shift", "edit.shift", 2, -size, size, 1, &shift, e)))
+    goto done;
+  if (shift)
+    json_object_set_new(args, "shift", shift);
+  if ((rc = get_list(ed, "colour", "edit.colour", 3, -2, 2, 0, &colour, e)))
+    goto done;
+  if (colour) {
+    if (md->in_channels != 1 && md->in_channels != 3) {
+      json_decref(colour);
+      rc = api_fail(e, 400, "invalid_field", "edit.colour",
+                    "edit.colour: needs a 1- or 3-channel model, not %d", md->in_channels);
+      goto done;
+    }
+    json_object_set_new(args, "colour", colour);
+  }
+  if ((rc = api_get_int(ed, "colour_from", "edit.colour_from", 0, n - 1, &from, &present, e)))
+    goto done;
+  if (present && !colour) {
+    rc = api_fail(e, 400, "invalid_field", "edit.colour_from",
+                  "edit.colour_from: goes with edit.colour");
+    goto done;
+  }
+  if (present)
+    json_object_set_new(args, "colour_from", json_integer(from));
+  if ((rc = check_pictures(f, md, out, e)))
+    goto done;
+  out->edit = kind;
+  out->strength = 1.0;
+  out->edit_args = args;
+  args = NULL;
+done:
+  json_decref(args);
+  return rc;
+}
+
+/* boundary: a boundary file's object, the signed distance to move to (strength), the eta of
+ * the steps after the move; an input image is DDIM-inverted to the mixing step, without one
+ * the job's seed generates the images. */
+static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
+                          api_error *e) {
+  static const char *const keys[] = {"type", "boundary", "strength", "eta", NULL};
+  const json_t *ed = f->edit;
+  int rc = api_check_keys(ed, "edit.", keys, e), present;
+  if (rc)
+    return rc;
+  if (f->solver || f->has_steps || f->options)
+    return api_fail(e, 400, "invalid_field", "scheduler",
+                    "scheduler: a boundary edit runs on the DDIM grid its boundary was fitted "
+                    "on; drop the scheduler block");
+  if (f->mask)
+    return api_fail(e, 400, "invalid_field", "mask", "mask: goes with edit.type inpaint");
+  if (out->height != md->sample_size || out->width != md->sample_size)
+    return api_fail(e, 400, "invalid_field", "height",
+                    "height: boundary edits run at the model's size %dx%d", md->sample_size,
+                    md->sample_size);
+  const json_t *bj = json_object_get(ed, "boundary");
+  if (!bj)
+    return api_fail(e, 400, "missing_field", "edit.boundary",
+                    "edit.boundary: give the boundary ('denoised boundary fit' writes it)");
+  boundary bd = {0};
+  err qe = {0};
+  if (boundary_from_json(bj, &bd, &qe) != ERR_OK)
+    return api_fail(e, 400, "invalid_field", "edit.boundary", "edit.boundary: %s", qe.msg);
+  const int dim = bd.dim,
+            steps = bd.solver ? (int)json_integer_value(json_object_get(bd.solver, "steps")) : 0;
+  boundary_free(&bd);
+  if (!steps)
+    return api_fail(e, 400, "invalid_field", "edit.boundary",
+                    "edit.boundary: has no solver (the grid it was fitted on)");
+  if (dim != md->in_channels * md->sample_size * md->sample_size)
+    return api_fail(e, 400, "invalid_field", "edit.boundary",
+                    "edit.boundary: a boundary for latents of %d values; model '%s' has %d", dim,
+                    md->name, md->in_channels * md->sample_size * md->sample_size);
+  double strength = 0, eta = 1;
+  if ((rc = get_number(ed, "strength", "edit.strength", -1000, 1000, &strength, &present, e)))
+    return rc;
+  if (!present)
+    return api_fail(e, 400, "missing_field", "edit.strength",
+                    "edit.strength: give the signed distance to move to, in units of the "
+                    "spread of the boundary's training latents (+: the positive side)");
+  if ((rc = get_number(ed, "eta", "edit.eta", 0, 1, &eta, &present, e)))
+    return rc;
+  if ((rc = check_pictures(f, md, out, e)))
+    return rc;
+  out->edit_args = json_pack("{s:O, s:f}", "boundary", bj, "eta", eta);
+  if (!out->edit_args)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  out->edit = QUEUE_EDIT_BOUNDARY;
+  out->strength = strength;
+  out->steps = steps;
+  return 0;
+}
+
+/* img2img / inpaint: strength in (0, 1] and the picture (and mask). */
+static int parse_sdedit(const api_job_fields *f, const queue_model_desc *md, const sampler *s,
+                        int kind, queue_spec *out, api_error *e) {
+  static const char *const keys[] = {"type", "strength", NULL};
+  int rc = api_check_keys(f->edit, "edit.", keys, e), present;
+  if (rc)
+    return rc;
+  double strength = kind == QUEUE_EDIT_INPAINT ? 1.0 : 0.8; /* diffusers' pipeline defaults */
+  if ((rc = get_number(f->edit, "strength", "edit.strength", -INFINITY, INFINITY, &strength,
+                       &present, e)))
+    return rc;
+  if (!(strength > 0 && strength <= 1))
+    return api_fail(e, 400, "out_of_range", "edit.strength",
+                    "edit.strength: %g is out of range (0, 1]", strength);
+  const char *tn = queue_edit_name(kind);
+  if (!f->input_image)
+    return api_fail(e, 400, "missing_field", "input_image",
+                    "input_image: %s needs the picture (base64 PNG of the job's size)", tn);
+  if (kind == QUEUE_EDIT_INPAINT && !f->mask)
+    return api_fail(e, 400, "missing_field", "mask",
+                    "mask: inpainting needs a mask (base64 PNG: white is generated, black kept)");
+  if (kind != QUEUE_EDIT_INPAINT && f->mask)
+    return api_fail(e, 400, "invalid_field", "mask", "mask: goes with edit.type inpaint");
+  err qe = {0};
+  if (sampler_check_img2img(s, strength, &qe) != ERR_OK) {
+    const char *field = strstr(qe.msg, "strength") ? "edit.strength" : "scheduler.name";
+    return api_fail(e, 400, "invalid_field", field, "%s: %s", field, qe.msg);
+  }
+  if ((rc = check_pictures(f, md, out, e)))
+    return rc;
+  out->edit = kind;
+  out->strength = strength;
+  return 0;
+}
+
+int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                   const sampler *s, const char *owner, queue_spec *out, api_error *e) {
+  if (!f->edit) {
+    if (f->input_image || f->mask)
+      return api_fail(e, 400, "missing_field", "edit",
+                      "edit: %s needs an edit block ({\"type\": \"img2img\"} or \"inpaint\")",
+                      f->input_image ? "input_image" : "mask");
+    return 0;
+  }
+  if (!json_is_object(f->edit))
+    return api_fail(e, 400, "wrong_type", "edit", "edit: expected an object {type, ...}, got %s",
+                    api_type_name(f->edit));
+  const json_t *ty = json_object_get(f->edit, "type");
+  if (!ty)
+    return api_fail(e, 400, "missing_field", "edit.type",
+                    "edit.type: give the kind of edit (img2img, inpaint, invert_ddim, "
+                    "invert_ddpm or boundary)");
+  if (!json_is_string(ty))
+    return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
+                    api_type_name(ty));
+  const int kind = queue_edit_from_name(json_string_value(ty));
+  if (kind < 0)
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: '%.40s' is not an edit (img2img, inpaint, invert_ddim, "
+                    "invert_ddpm or boundary)",
+                    json_string_value(ty));
+  if (out->preview_every)
+    return api_fail(e, 400, "invalid_field", "preview",
+                    "preview: previews are not available for edit jobs");
+  switch (kind) {
+  case QUEUE_EDIT_IMG2IMG:
+  case QUEUE_EDIT_INPAINT: return parse_sdedit(f, md, s, kind, out, e);
+  case QUEUE_EDIT_BOUNDARY: return parse_boundary(f, md, out, e);
+  default: return parse_invert(c, f, md, s, owner, kind, out, e);
+  }
+}

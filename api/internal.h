@@ -1,0 +1,42 @@
+/* Helpers the files of api/ share (not part of the module's interface): field checks that name
+ * the offending field, and the edit block's validation. */
+#ifndef DENOISED_API_INTERNAL_H
+#define DENOISED_API_INTERNAL_H
+
+#include <jansson.h>
+
+#include "api.h"
+#include "sampler.h"
+
+/* "an object", "an integer", ... for messages. */
+const char *api_type_name(const json_t *v);
+/* An integer field in [lo, hi]; 0 with *out untouched when absent. */
+int api_get_int(const json_t *obj, const char *key, const char *field, long long lo, long long hi,
+                long long *out, int *present, api_error *e);
+/* Unknown keys of obj (field names prefixed) are a 400. */
+int api_check_keys(const json_t *obj, const char *prefix, const char *const *allowed, api_error *e);
+/* A class: an index, or one of the model's class names. */
+int api_parse_label(const json_t *v, const queue_model_desc *md, const char *field, int64_t *out,
+                    api_error *e);
+
+/* The fields every form of request shares, already pulled out of their JSON. */
+typedef struct api_job_fields {
+  const char *model;
+  const json_t *label;
+  int has_seed;
+  long long seed, batch, width, height, first_image, steps, preview;
+  int has_width, has_height, has_steps;
+  const char *solver;
+  const char *solver_field;
+  json_t *options;                         /* borrowed */
+  const json_t *guidance;                  /* the "guidance" block, borrowed, or NULL */
+  const json_t *edit, *input_image, *mask; /* editing, borrowed, or NULL */
+} api_job_fields;
+
+/* The edit block with input_image, mask and the noise of earlier inversions, after the size and
+ * the solver s are known: images and noise are decoded here so a bad one is a 400, never a
+ * failed job. */
+int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                   const sampler *s, const char *owner, queue_spec *out, api_error *e);
+
+#endif

@@ -1,0 +1,669 @@
+/* Editing through the daemon: img2img and inpainting jobs, DDIM and edit-friendly DDPM
+ * inversions (noise.npy, noise sent back by upload or by job id, noise-space edits) and
+ * BoundaryDiffusion moves, each equal to the CLI's result, and every bad edit field a 400. */
+#include <math.h>
+
+#include "boundary.h"
+#include "npy.h"
+#include "testhttp.h"
+
+#define SMALL_JOB                                                                                  \
+  "{\"class_label\": 2, \"seed\": 7, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}}"
+
+/* Image 0 of job id equals `denoised sample <flags> -o tmp/cli.png`. */
+static void check_cli_equal(const daemon_proc *d, const char *id, const char *tmp,
+                            const char *flags) {
+  char model[1024], cmd[8192], cli[512], out[4096];
+  test_src_path(model, sizeof model, "models/shapes-gmm");
+  snprintf(cli, sizeof cli, "%s/cli.png", tmp);
+  snprintf(cmd, sizeof cmd, "%s sample --model %s %s -o %s --quiet 2>&1", test_bin(), model, flags,
+           cli);
+  FILE *p = popen(cmd, "r");
+  size_t k = fread(out, 1, sizeof out - 1, p);
+  out[k] = 0;
+  ck_assert_msg(pclose(p) == 0, "%s: %s", cmd, out);
+  uint8_t *a, *b;
+  fetch_pixels(d, id, 0, &a);
+  size_t gl;
+  uint8_t *buf = read_file_all(cli, &gl);
+  int h, w;
+  err e;
+  ck_assert_int_eq(image_png_decode(buf, gl, 64, 64, &b, &h, &w, &e), 0);
+  ck_assert_msg(h == 32 && w == 32 && memcmp(a, b, 32 * 32 * 3) == 0,
+                "the daemon's image differs from `denoised sample %s`", flags);
+  free(buf);
+  free(a);
+  free(b);
+}
+
+START_TEST(edit_jobs) {
+  char st[512], tmp[256], path[600], flags[2048];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  test_tmpdir(tmp, sizeof tmp);
+  /* the picture to edit: one of ours */
+  char src[64];
+  submit_job(&d, SMALL_JOB, src, sizeof src);
+  wait_state(&d, src, "succeeded", 60);
+  http_resp r;
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", src);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  char *img = base64_encode((uint8_t *)r.body, r.len);
+  char in_png[512], mask_png[512];
+  snprintf(in_png, sizeof in_png, "%s/in.png", tmp);
+  write_file(in_png, (uint8_t *)r.body, r.len);
+  uint8_t *good_png = malloc(r.len);
+  size_t good_len = r.len;
+  memcpy(good_png, r.body, r.len);
+  http_free(&r);
+  uint8_t *mpng;
+  size_t mlen;
+  char *mask = mask_b64(32, 32, 16, &mpng, &mlen);
+  snprintf(mask_png, sizeof mask_png, "%s/mask.png", tmp);
+  write_file(mask_png, mpng, mlen);
+  free(mpng);
+  size_t cap = strlen(img) * 2 + strlen(mask) + 1024;
+  char *body = malloc(cap);
+  /* img2img */
+  snprintf(body, cap,
+           "{\"class_label\": 3, \"seed\": 21, \"scheduler\": {\"name\": \"ddim\", \"steps\": 20}, "
+           "\"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", \"strength\": 0.6}}",
+           img);
+  char id[64];
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  json_t *j = http_json(&r);
+  json_t *ed = json_object_get(json_object_get(j, "request"), "edit");
+  ck_assert_str_eq(json_string_value(json_object_get(ed, "type")), "img2img");
+  ck_assert(json_number_value(json_object_get(ed, "strength")) == 0.6);
+  /* the last int(20 * 0.6) steps run */
+  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "step")), 12);
+  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "total")),
+                   12);
+  json_decref(j);
+  http_free(&r);
+  snprintf(flags, sizeof flags,
+           "--class 3 --seed 21 --scheduler ddim --steps 20 --init-image %s --strength 0.6",
+           in_png);
+  check_cli_equal(&d, id, tmp, flags);
+  /* inpainting with guidance, the image as a data URL */
+  snprintf(body, cap,
+           "{\"class_label\": 1, \"seed\": 22, \"scheduler\": {\"name\": \"dpm++2m\", \"steps\": "
+           "15}, \"guidance\": {\"scale\": 3}, \"input_image\": \"data:image/png;base64,%s\", "
+           "\"mask\": \"%s\", \"edit\": {\"type\": \"inpaint\"}}",
+           img, mask);
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  snprintf(flags, sizeof flags,
+           "--class 1 --seed 22 --scheduler dpm++2m --steps 15 --guidance-scale 3 --init-image %s "
+           "--mask %s",
+           in_png, mask_png);
+  check_cli_equal(&d, id, tmp, flags);
+  /* the kept half is the input picture (inpainting keeps black pixels) */
+  uint8_t *px, *in_px;
+  fetch_pixels(&d, id, 0, &px);
+  int h, w;
+  err e;
+  ck_assert_int_eq(image_png_decode(good_png, good_len, 64, 64, &in_px, &h, &w, &e), 0);
+  int off = 0;
+  for (int y = 0; y < 32; y++)
+    for (int x = 16; x < 32; x++)
+      for (int c = 0; c < 3; c++) {
+        int dv = (int)px[(y * 32 + x) * 3 + c] - (int)in_px[(y * 32 + x) * 3 + c];
+        off += dv > 2 || dv < -2;
+      }
+  ck_assert_msg(off == 0, "%d kept pixel values moved", off);
+  free(px);
+  free(in_px);
+  /* errors name the field */
+  char *png16 = NULL, *png64 = NULL;
+  {
+    uint8_t *p16, *p64;
+    size_t l16, l64;
+    png16 = mask_b64(16, 16, 4, &p16, &l16);
+    png64 = mask_b64(64, 64, 4, &p64, &l64);
+    free(p16);
+    free(p64);
+  }
+  char trunc[64];
+  snprintf(trunc, sizeof trunc, "%.40s", img); /* a PNG cut after its signature and header */
+  struct {
+    const char *tmpl; /* %s: an image */
+    const char *image;
+    const char *code, *field;
+  } cases[] = {
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", "@@@@",
+       "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}",
+       "aGVsbG8gd29ybGQ=", "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", trunc,
+       "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", png16,
+       "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", png64,
+       "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", "",
+       "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"data:text/plain,%s\", \"edit\": {\"type\": "
+       "\"img2img\"}}",
+       "x", "invalid_field", "input_image"},
+      {"{\"class_label\": 1, \"input_image\": 5, \"edit\": {\"type\": \"img2img\"}}%s", "",
+       "wrong_type", "input_image"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"img2img\"}}%s", "", "missing_field",
+       "input_image"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\"}", img, "missing_field", "edit"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": \"img2img\"}", img, "wrong_type",
+       "edit"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {}}", img, "missing_field",
+       "edit.type"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"warp\"}}", img,
+       "invalid_field", "edit.type"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"strength\": 0.5}}",
+       img, "unknown_field", "edit.strength"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
+       "\"strength\": 0}}",
+       img, "out_of_range", "edit.strength"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
+       "\"strength\": 1.5}}",
+       img, "out_of_range", "edit.strength"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
+       "\"strength\": \"high\"}}",
+       img, "wrong_type", "edit.strength"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
+       "\"strength\": 0.01}, \"scheduler\": {\"name\": \"ddim\", \"steps\": 20}}",
+       img, "invalid_field", "edit.strength"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", "
+       "\"bogus\": 1}}",
+       img, "unknown_field", "edit.bogus"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}, "
+       "\"scheduler\": {\"name\": \"f-pndm\", \"steps\": 20}}",
+       img, "invalid_field", "scheduler.name"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}, "
+       "\"preview\": {\"every\": 2}}",
+       img, "invalid_field", "preview"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"inpaint\"}}", img,
+       "missing_field", "mask"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"mask\": \"x\", \"edit\": {\"type\": "
+       "\"img2img\"}}",
+       img, "invalid_field", "mask"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"mask\": \"aGVsbG8=\", \"edit\": {\"type\": "
+       "\"inpaint\"}}",
+       img, "invalid_field", "mask"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    snprintf(body, cap, cases[i].tmpl, cases[i].image);
+    expect_error(&d, "POST", "/v1/jobs", body, 400, cases[i].code, cases[i].field);
+  }
+  /* a wrong-size mask */
+  snprintf(body, cap,
+           "{\"class_label\": 1, \"input_image\": \"%s\", \"mask\": \"%s\", \"edit\": {\"type\": "
+           "\"inpaint\"}}",
+           img, png16);
+  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "mask");
+  /* mangled PNGs: cut anywhere or with a byte flipped, each a 400 or a job, never a crash */
+  unsigned rs = 12345;
+  int accepted = 0;
+  for (int k = 0; k < 60; k++) {
+    uint8_t *m = malloc(good_len);
+    memcpy(m, good_png, good_len);
+    size_t n = good_len;
+    rs = rs * 1103515245u + 12345u;
+    if (k % 3 == 0)
+      n = 1 + (rs >> 8) % (good_len - 1);
+    else
+      m[(rs >> 8) % good_len] ^= (uint8_t)(1 + (rs >> 20) % 255);
+    char *b = base64_encode(m, n);
+    snprintf(body, cap,
+             "{\"class_label\": 1, \"seed\": 1, \"scheduler\": {\"name\": \"ddim\", \"steps\": 4}, "
+             "\"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}",
+             b);
+    http_post(&d, "/v1/jobs", body, &r);
+    ck_assert_msg(r.status == 400 || r.status == 202, "mangled PNG %d: status %ld: %s", k, r.status,
+                  r.body);
+    if (r.status == 400)
+      ck_assert_ptr_nonnull(strstr(r.body, "\"field\":\"input_image\""));
+    accepted += r.status == 202;
+    http_free(&r);
+    free(b);
+    free(m);
+  }
+  ck_assert_int_eq(http_get(&d, "/healthz", &r), 200);
+  http_free(&r);
+  ck_assert_int_lt(accepted, 60);
+  free(png16);
+  free(png64);
+  free(body);
+  free(img);
+  free(mask);
+  free(good_png);
+  daemon_stop(&d);
+}
+END_TEST
+
+/* `denoised <args>` must succeed. */
+static void run_cli(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void run_cli(const char *fmt, ...) {
+  char args[8192], cmd[8400], out[4096];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(args, sizeof args, fmt, ap);
+  va_end(ap);
+  snprintf(cmd, sizeof cmd, "%s %s --quiet 2>&1", test_bin(), args);
+  FILE *p = popen(cmd, "r");
+  size_t k = fread(out, 1, sizeof out - 1, p);
+  out[k] = 0;
+  ck_assert_msg(pclose(p) == 0, "%s: %s", cmd, out);
+}
+
+/* Image 0 of job id has the pixels of the PNG at path. */
+static void check_same_png(const daemon_proc *d, const char *id, const char *path) {
+  uint8_t *a, *b;
+  fetch_pixels(d, id, 0, &a);
+  size_t len;
+  uint8_t *buf = read_file_all(path, &len);
+  int h, w;
+  err e;
+  ck_assert_int_eq(image_png_decode(buf, len, 64, 64, &b, &h, &w, &e), 0);
+  ck_assert_msg(h == 32 && w == 32 && memcmp(a, b, 32 * 32 * 3) == 0,
+                "job %s differs from the CLI's %s", id, path);
+  free(buf);
+  free(a);
+  free(b);
+}
+
+/* The noise.npy of job id, parsed; its raw bytes in *raw (malloc'ed) when asked. */
+static void fetch_noise(const daemon_proc *d, const char *id, npy_array *out, uint8_t **raw,
+                        size_t *rawlen) {
+  char path[160];
+  snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", id);
+  http_resp r;
+  ck_assert_int_eq(http_get(d, path, &r), 200);
+  err e;
+  ck_assert_msg(npy_parse_f32(r.body, r.len, "noise.npy", out, &e) == 0, "%s", e.msg);
+  if (raw) {
+    *raw = malloc(r.len);
+    memcpy(*raw, r.body, r.len);
+    *rawlen = r.len;
+  }
+  http_free(&r);
+}
+
+static void check_same_floats(const npy_array *a, const char *path) {
+  npy_array b;
+  err e;
+  ck_assert_msg(npy_read_f32(path, &b, &e) == 0, "%s", e.msg);
+  ck_assert_int_eq(a->ndim, b.ndim);
+  ck_assert(memcmp(a->shape, b.shape, sizeof(int64_t) * (size_t)a->ndim) == 0);
+  ck_assert_msg(memcmp(a->data, b.data, sizeof(float) * (size_t)a->count) == 0,
+                "the daemon's noise differs from the CLI's %s", path);
+  npy_array_free(&b);
+}
+
+/* Largest pixel difference of two jobs' image 0, or of a job and a PNG's bytes. */
+static int max_pixel_diff(const uint8_t *a, const uint8_t *b, size_t n) {
+  int m = 0;
+  for (size_t i = 0; i < n; i++) {
+    int dv = abs((int)a[i] - (int)b[i]);
+    m = dv > m ? dv : m;
+  }
+  return m;
+}
+
+START_TEST(invert_jobs) {
+  char st[512], tmp[256], path[600], model[1024];
+  daemon_proc d;
+  /* noise maps are sent back in the body: more than the default 64 KiB */
+  const char *args[] = {"--max-body-bytes", "4000000", "--max-steps", "5000", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  test_tmpdir(tmp, sizeof tmp);
+  test_src_path(model, sizeof model, "models/shapes-gmm");
+  char src[64];
+  submit_job(&d,
+             "{\"class_label\": 2, \"seed\": 7, \"scheduler\": {\"name\": \"ddim\", \"steps\": "
+             "10}}",
+             src, sizeof src);
+  wait_state(&d, src, "succeeded", 60);
+  http_resp r;
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", src);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  char *img = base64_encode((uint8_t *)r.body, r.len);
+  char in_png[512];
+  snprintf(in_png, sizeof in_png, "%s/in.png", tmp);
+  write_file(in_png, (uint8_t *)r.body, r.len);
+  http_free(&r);
+  uint8_t *in_px;
+  fetch_pixels(&d, src, 0, &in_px);
+  size_t cap = strlen(img) * 4 + (1 << 20);
+  char *body = malloc(cap);
+
+  /* edit-friendly inversion: noise.npy as the CLI's, the image itself back */
+  snprintf(body, cap,
+           "{\"class_label\": 2, \"seed\": 5, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}, "
+           "\"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\"}}",
+           img);
+  char inv[64];
+  submit_job(&d, body, inv, sizeof inv);
+  wait_state(&d, inv, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", inv);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  json_t *j = http_json(&r);
+  http_free(&r);
+  const char *link = json_string_value(json_object_get(json_object_get(j, "links"), "noise"));
+  ck_assert_msg(link && strstr(link, "/noise.npy"), "no noise link");
+  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "total")),
+                   20);
+  json_decref(j);
+  npy_array maps;
+  uint8_t *raw;
+  size_t rawlen;
+  fetch_noise(&d, inv, &maps, &raw, &rawlen);
+  ck_assert_int_eq(maps.ndim, 5);
+  ck_assert_int_eq(maps.shape[1], 11);
+  char cli_npy[600], cli_png[600];
+  snprintf(cli_npy, sizeof cli_npy, "%s/inv.npy", tmp);
+  run_cli("invert --model %s --method ddpm --image %s --class 2 --steps 10 --seed 5 --out %s",
+          model, in_png, cli_npy);
+  check_same_floats(&maps, cli_npy);
+  npy_array_free(&maps);
+  uint8_t *px;
+  fetch_pixels(&d, inv, 0, &px);
+  ck_assert_int_le(max_pixel_diff(px, in_px, 32 * 32 * 3), 1);
+  free(px);
+
+  /* a class change from the stored noise (by job id) and from an upload: both the CLI's */
+  snprintf(body, cap,
+           "{\"class_label\": 4, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}, \"edit\": "
+           "{\"type\": \"invert_ddpm\", \"noise_from\": \"%s\", \"skip\": 3, \"shift\": [2, -1]}}",
+           inv);
+  char by_id[64], by_upload[64];
+  submit_job(&d, body, by_id, sizeof by_id);
+  char *noise64 = base64_encode(raw, rawlen);
+  snprintf(body, cap,
+           "{\"class_label\": 4, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}, \"edit\": "
+           "{\"type\": \"invert_ddpm\", \"noise\": \"%s\", \"source_class\": 2, \"skip\": 3, "
+           "\"shift\": [2, -1]}}",
+           noise64);
+  submit_job(&d, body, by_upload, sizeof by_upload);
+  wait_state(&d, by_id, "succeeded", 60);
+  wait_state(&d, by_upload, "succeeded", 60);
+  snprintf(cli_png, sizeof cli_png, "%s/edit.png", tmp);
+  run_cli("edit --model %s --noise %s --class 4 --skip 3 --shift 2,-1 -o %s", model, cli_npy,
+          cli_png);
+  check_same_png(&d, by_id, cli_png);
+  check_same_png(&d, by_upload, cli_png);
+  snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", by_id); /* not an inversion of a picture */
+  expect_error(&d, "GET", path, NULL, 404, "not_found", NULL);
+
+  /* colour edit */
+  snprintf(body, cap,
+           "{\"class_label\": 2, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}, \"edit\": "
+           "{\"type\": \"invert_ddpm\", \"noise_from\": \"%s\", \"colour\": [0.3, -0.2, 0.1], "
+           "\"colour_from\": 6}}",
+           inv);
+  char col[64];
+  submit_job(&d, body, col, sizeof col);
+  wait_state(&d, col, "succeeded", 60);
+  run_cli("edit --model %s --noise %s --colour 0.3,-0.2,0.1 --colour-from 6 -o %s", model, cli_npy,
+          cli_png);
+  check_same_png(&d, col, cli_png);
+
+  /* DDIM inversion: x_T as the CLI's; the round trip comes back close */
+  snprintf(body, cap,
+           "{\"class_label\": 2, \"scheduler\": {\"name\": \"ddim\", \"steps\": 20}, "
+           "\"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddim\"}}",
+           img);
+  char ddim[64];
+  submit_job(&d, body, ddim, sizeof ddim);
+  wait_state(&d, ddim, "succeeded", 60);
+  fetch_noise(&d, ddim, &maps, NULL, NULL);
+  ck_assert_int_eq(maps.ndim, 4);
+  run_cli("invert --model %s --method ddim --image %s --class 2 --steps 20 --out %s", model, in_png,
+          cli_npy);
+  check_same_floats(&maps, cli_npy);
+  npy_array_free(&maps);
+  fetch_pixels(&d, ddim, 0, &px);
+  ck_assert_int_le(max_pixel_diff(px, in_px, 32 * 32 * 3), 8);
+  free(px);
+
+  /* errors name the field */
+  struct {
+    const char *tmpl; /* %s: the picture, then the inversion job */
+    const char *code, *field;
+  } cases[] = {
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"scheduler\": \"dpm++2m\", \"edit\": "
+       "{\"type\": \"invert_ddpm\"}}%.0s",
+       "invalid_field", "scheduler"},
+      {"{\"class_label\": 2, \"edit\": {\"type\": \"invert_ddpm\"}}%.0s%.0s", "missing_field",
+       "input_image"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"noise_from\": \"%s\"}}",
+       "invalid_field", "input_image"},
+      {"{\"class_label\": 2, \"edit\": {\"type\": \"invert_ddpm\", \"noise\": \"@@@\"}}%.0s%.0s",
+       "invalid_field", "edit.noise"},
+      {"{\"class_label\": 2, \"edit\": {\"type\": \"invert_ddpm\", \"noise\": \"%s\"}}%.0s",
+       "invalid_field", "edit.noise"},
+      {"{\"class_label\": 2, \"scheduler\": {\"name\": \"ddim\", \"steps\": 12}, \"edit\": "
+       "{\"type\": \"invert_ddpm\", \"noise_from\": \"%.0s%s\"}}",
+       "invalid_field", "edit.noise_from"},
+      {"{\"class_label\": 2, \"edit\": {\"type\": \"invert_ddim\", \"noise_from\": "
+       "\"%.0s%s\"}}",
+       "invalid_field", "edit.noise_from"},
+      {"{\"class_label\": 2, \"edit\": {\"type\": \"invert_ddpm\", \"noise_from\": "
+       "\"ffff\"}}%.0s%.0s",
+       "invalid_field", "edit.noise_from"},
+      {"{\"class_label\": 2, \"edit\": {\"type\": \"invert_ddpm\", \"noise_from\": 7}}%.0s%.0s",
+       "wrong_type", "edit.noise_from"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"skip\": 50}}%.0s",
+       "out_of_range", "edit.skip"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddim\", "
+       "\"skip\": 2}}%.0s",
+       "unknown_field", "edit.skip"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"colour_from\": 2}}%.0s",
+       "invalid_field", "edit.colour_from"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"colour\": [1, 2]}}%.0s",
+       "wrong_type", "edit.colour"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"colour\": [1, 2, 9]}}%.0s",
+       "out_of_range", "edit.colour"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"shift\": [1.5, 2]}}%.0s",
+       "wrong_type", "edit.shift"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"source_class\": 9}}%.0s",
+       "out_of_range", "edit.source_class"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\", "
+       "\"source_guidance\": -1}}%.0s",
+       "out_of_range", "edit.source_guidance"},
+      {"{\"class_label\": 2, \"input_image\": \"%s\", \"mask\": \"%s\", \"edit\": {\"type\": "
+       "\"invert_ddim\"}}",
+       "invalid_field", "mask"},
+  };
+  static const char cut_npy[] = "\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'}"; /* header cut short */
+  char *cut_npy64 = base64_encode((const uint8_t *)cut_npy, sizeof cut_npy - 1);
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    const char *a = strstr(cases[i].tmpl, "\"noise\": \"%s\"") ? cut_npy64 : img;
+    snprintf(body, cap, cases[i].tmpl, a, i == 5 || i == 6 ? inv : i == 2 ? inv : src);
+    expect_error(&d, "POST", "/v1/jobs", body, 400, cases[i].code, cases[i].field);
+  }
+  snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", src);
+  expect_error(&d, "GET", path, NULL, 404, "not_found", NULL);
+  expect_error(&d, "GET", "/v1/jobs/ffffffffffffffff/noise.npy", NULL, 404, "not_found", NULL);
+  snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", inv);
+  expect_error(&d, "POST", path, "{}", 405, "method_not_allowed", NULL);
+  /* a corrupted upload: cut or flipped anywhere, a 400 or a job, never a crash */
+  unsigned rs = 777;
+  for (int k = 0; k < 40; k++) {
+    uint8_t *m = malloc(rawlen);
+    memcpy(m, raw, rawlen);
+    size_t n = rawlen;
+    rs = rs * 1103515245u + 12345u;
+    if (k % 2 == 0)
+      n = 1 + (rs >> 8) % (rawlen - 1);
+    else
+      m[(rs >> 8) % 128] ^= (uint8_t)(1 + (rs >> 20) % 255); /* in the header */
+    char *b = base64_encode(m, n);
+    snprintf(body, cap,
+             "{\"class_label\": 4, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}, \"edit\": "
+             "{\"type\": \"invert_ddpm\", \"noise\": \"%s\"}}",
+             b);
+    http_post(&d, "/v1/jobs", body, &r);
+    ck_assert_msg(r.status == 400 || r.status == 202, "corrupt noise %d: status %ld", k, r.status);
+    http_free(&r);
+    free(b);
+    free(m);
+  }
+  ck_assert_int_eq(http_get(&d, "/healthz", &r), 200);
+  http_free(&r);
+  free(cut_npy64);
+  free(noise64);
+  free(raw);
+  free(in_px);
+  free(body);
+  free(img);
+  daemon_stop(&d);
+}
+END_TEST
+
+START_TEST(boundary_jobs) {
+  char st[512], tmp[256], model[1024], bpath[600], cli_png[600], in_png[600], path[600];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  test_tmpdir(tmp, sizeof tmp);
+  test_src_path(model, sizeof model, "models/shapes-gmm");
+  /* a boundary along the red channel at step 4 of a 10-step grid */
+  boundary b = {.dim = 3 * 32 * 32,
+                .c = 3,
+                .h = 32,
+                .w = 32,
+                .scale = 2.0,
+                .step = 4,
+                .timestep = 600,
+                .n_train = 2,
+                .test_accuracy = -1,
+                .radius = 1};
+  b.normal = calloc((size_t)b.dim, sizeof *b.normal);
+  for (int i = 0; i < 32 * 32; i++)
+    b.normal[i] = 1.0f / 32;
+  b.solver = json_pack("{s:s, s:i}", "name", "ddim", "steps", 10);
+  snprintf(b.model, sizeof b.model, "%s", model);
+  snprintf(b.attribute, sizeof b.attribute, "red");
+  snprintf(bpath, sizeof bpath, "%s/red.json", tmp);
+  err e;
+  ck_assert_msg(boundary_save(&b, bpath, &e) == 0, "%s", e.msg);
+  json_t *bj = boundary_to_json(&b);
+  char *btext = json_dumps(bj, JSON_COMPACT);
+  json_decref(bj);
+  boundary_free(&b);
+  size_t cap = strlen(btext) + (1 << 16);
+  char *body = malloc(cap);
+  /* generated images moved across it */
+  snprintf(body, cap,
+           "{\"class_label\": 1, \"seed\": 9, \"edit\": {\"type\": \"boundary\", \"boundary\": "
+           "%s, \"strength\": 3}}",
+           btext);
+  char id[64];
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  snprintf(cli_png, sizeof cli_png, "%s/moved.png", tmp);
+  run_cli("edit --model %s --boundary %s --strength 3 --seed 9 --class 1 -o %s", model, bpath,
+          cli_png);
+  check_same_png(&d, id, cli_png);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  http_resp r;
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  json_t *j = http_json(&r);
+  http_free(&r);
+  json_t *ed = json_object_get(json_object_get(j, "request"), "edit");
+  ck_assert_str_eq(json_string_value(json_object_get(json_object_get(ed, "boundary"), "attribute")),
+                   "red");
+  ck_assert_int_eq(
+      json_integer_value(
+          json_object_get(json_object_get(j, "request"), "scheduler")
+              ? json_object_get(json_object_get(json_object_get(j, "request"), "scheduler"),
+                                "steps")
+              : NULL),
+      10);
+  json_decref(j);
+  /* an input picture, inverted to the mixing step */
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  char *img = base64_encode((uint8_t *)r.body, r.len);
+  snprintf(in_png, sizeof in_png, "%s/moved-in.png", tmp);
+  write_file(in_png, (uint8_t *)r.body, r.len);
+  http_free(&r);
+  cap += strlen(img);
+  body = realloc(body, cap);
+  snprintf(body, cap,
+           "{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"boundary\", "
+           "\"boundary\": %s, \"strength\": -2, \"eta\": 0}}",
+           img, btext);
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  run_cli("edit --model %s --boundary %s --strength -2 --eta 0 --image %s --class 1 -o %s", model,
+          bpath, in_png, cli_png);
+  check_same_png(&d, id, cli_png);
+  /* errors */
+  struct {
+    const char *tmpl; /* %s: the boundary */
+    const char *code, *field;
+  } cases[] = {
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"boundary\": %s}}",
+       "missing_field", "edit.strength"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"strength\": 1}}%.0s",
+       "missing_field", "edit.boundary"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"boundary\": {\"format\": "
+       "\"x\"}, \"strength\": 1}}%.0s",
+       "invalid_field", "edit.boundary"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"boundary\": %s, \"strength\": "
+       "1e9}}",
+       "out_of_range", "edit.strength"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"boundary\": %s, \"strength\": "
+       "1, \"eta\": 2}}",
+       "out_of_range", "edit.eta"},
+      {"{\"class_label\": 1, \"scheduler\": \"ddim\", \"edit\": {\"type\": \"boundary\", "
+       "\"boundary\": %s, \"strength\": 1}}",
+       "invalid_field", "scheduler"},
+      {"{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"boundary\": %s, \"strength\": "
+       "1, \"skip\": 1}}",
+       "unknown_field", "edit.skip"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    snprintf(body, cap, cases[i].tmpl, btext);
+    expect_error(&d, "POST", "/v1/jobs", body, 400, cases[i].code, cases[i].field);
+  }
+  /* a boundary of another shape */
+  char *wrong = strdup(btext);
+  char *sh = strstr(wrong, "\"shape\": [3, 32, 32]");
+  if (!sh)
+    sh = strstr(wrong, "\"shape\":[3,32,32]");
+  ck_assert_ptr_nonnull(sh);
+  sh[strlen(sh[8] == ' ' ? "\"shape\": [" : "\"shape\":[")] = '1'; /* C = 1 */
+  snprintf(body, cap,
+           "{\"class_label\": 1, \"edit\": {\"type\": \"boundary\", \"boundary\": %s, "
+           "\"strength\": 1}}",
+           wrong);
+  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "edit.boundary");
+  free(wrong);
+  free(img);
+  free(btext);
+  free(body);
+  daemon_stop(&d);
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("server_edit");
+  TCase *tc = tcase_create("server_edit");
+  tcase_set_timeout(tc, 300);
+  tcase_add_test(tc, edit_jobs);
+  tcase_add_test(tc, invert_jobs);
+  tcase_add_test(tc, boundary_jobs);
+  suite_add_tcase(s, tc);
+  return s;
+}
