@@ -35,7 +35,10 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
                     int *batch, float **out, err *e);
 /* "C" or "C1,C2,..." (one per image) into batch labels in [0, num_classes); prints an error
  * naming flag. */
-int cli_parse_labels(const char *flag, const char *s, int batch, int num_classes, int64_t *out);
+int cli_parse_labels(const char *flag, const char *s, int batch, const model *m, int64_t *out);
+
+/* The model folder commands use without --model: the build's default (DENOISED_DEFAULT_MODEL). */
+const char *cli_default_model(void);
 /* An inpainting mask (white: generate, black: keep): a PNG, or a .npy [H, W] of values in
  * [0, 1]. *out: malloc'ed h * w floats. */
 int cli_read_mask(const char *flag, const char *path, int h, int w, float **out, err *e);

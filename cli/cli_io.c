@@ -126,16 +126,24 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
   return ERR_OK;
 }
 
-int cli_parse_labels(const char *flag, const char *s, int batch, int num_classes, int64_t *out) {
+const char *cli_default_model(void) {
+  return DENOISED_DEFAULT_MODEL;
+}
+
+int cli_parse_labels(const char *flag, const char *s, int batch, const model *m, int64_t *out) {
+  const int k = model_get_info(m)->num_classes;
   const char *p = s;
   int n = 0;
   for (;;) {
-    char *end;
-    errno = 0;
-    long long v = strtoll(p, &end, 10);
-    if (errno || end == p || v < 0 || v >= num_classes || (*end != ',' && *end != 0)) {
-      fprintf(stderr, "denoised: %s expects classes in [0, %d) separated by commas, got '%s'\n",
-              flag, num_classes, s);
+    char one[72];
+    const size_t len = strcspn(p, ",");
+    snprintf(one, sizeof one, "%.*s", (int)(len < sizeof one - 1 ? len : sizeof one - 1), p);
+    const int64_t v = len < sizeof one - 1 ? model_class_from_name(m, one) : -1;
+    if (v < 0) {
+      fprintf(stderr,
+              "denoised: %s expects classes (indices in [0, %d) or class names) separated by "
+              "commas, got '%s'\n",
+              flag, k, s);
       return -1;
     }
     if (n == batch) {
@@ -143,9 +151,9 @@ int cli_parse_labels(const char *flag, const char *s, int batch, int num_classes
       break;
     }
     out[n++] = v;
-    if (*end == 0)
+    if (p[len] == 0)
       break;
-    p = end + 1;
+    p += len + 1;
   }
   if (n == 1) {
     for (int i = 1; i < batch; i++)

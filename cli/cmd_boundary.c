@@ -19,7 +19,7 @@
 #define BOUNDARY_MAX_LINE 4096
 
 static const char help[] =
-    "usage: denoised boundary fit --model DIR --labels FILE [--images X.npy] --out B.json\n"
+    "usage: denoised boundary fit [--model DIR] --labels FILE [--images X.npy] --out B.json\n"
     "                             [--step auto|K] [--eps E] [--steps N] [--class C]\n"
     "                             [--guidance-scale G] [--C C] [--test-fraction F]\n"
     "                             [--attribute NAME] [--batch B] [--threads T] [--quiet]\n"
@@ -132,8 +132,10 @@ static int parse_args(int argc, char **argv, fit_args *a) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!a->model_dir || !a->labels || !a->out)
-    return cli_usage_error(cmd, "--model, --labels and --out are required");
+  if (!a->model_dir)
+    a->model_dir = cli_default_model();
+  if (!a->labels || !a->out)
+    return cli_usage_error(cmd, "--labels and --out are required");
   return 0;
 }
 

@@ -19,10 +19,10 @@
 #define EDIT_MAX_BATCH 4096
 
 static const char help[] =
-    "usage: denoised edit --model DIR --noise NOISE.npy [--class C[,C...]]\n"
+    "usage: denoised edit [--model DIR] --noise NOISE.npy [--class C[,C...]]\n"
     "                     [--guidance-scale G] [--skip K] [--shift DX,DY] [--colour R,G,B\n"
     "                     [--colour-from K]] (-o OUT.png | --out OUT.npy) [--threads T]\n"
-    "       denoised edit --model DIR --boundary B.json --strength S\n"
+    "       denoised edit [--model DIR] --boundary B.json --strength S\n"
     "                     (--image IN.png | --seed S [--batch N]) [--class C[,C...]]\n"
     "                     [--guidance-scale G] [--eta E] (-o OUT.png | --out OUT.npy)\n"
     "\n"
@@ -146,7 +146,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
   if (!a->model_dir)
-    return cli_usage_error(cmd, "--model is required");
+    a->model_dir = cli_default_model();
   if (!a->png_out && !a->npy_out)
     return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
   if (!!a->noise == !!a->boundary)
@@ -306,7 +306,7 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
       }
       src[b] = tgt[b] = json_integer_value(v);
     }
-    if (a->classes && cli_parse_labels("--class", a->classes, batch, mi->num_classes, tgt)) {
+    if (a->classes && cli_parse_labels("--class", a->classes, batch, m, tgt)) {
       status = 2;
       goto done;
     }
@@ -427,7 +427,7 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
   }
   if (a->classes) {
     labels = malloc(sizeof *labels * (size_t)batch);
-    if (!labels || cli_parse_labels("--class", a->classes, batch, mi->num_classes, labels)) {
+    if (!labels || cli_parse_labels("--class", a->classes, batch, m, labels)) {
       status = 2;
       goto done;
     }

@@ -16,7 +16,7 @@
 #define INVERT_MAX_BATCH 4096
 
 static const char help[] =
-    "usage: denoised invert --model DIR --method ddim|ddpm --image IN.png --out NOISE.npy\n"
+    "usage: denoised invert [--model DIR] --method ddim|ddpm --image IN.png --out NOISE.npy\n"
     "                       [--class C[,C...]] [--guidance-scale G] [--steps N]\n"
     "                       [--scheduler-config F.json] [--scheduler-opt KEY=VALUE ...]\n"
     "                       [--seed S] [--verify] [--threads T] [--quiet]\n"
@@ -105,8 +105,10 @@ static int parse_args(int argc, char **argv, invert_args *a) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!a->model_dir || !a->image || !a->out || !a->method)
-    return cli_usage_error(cmd, "--model, --method, --image and --out are required");
+  if (!a->model_dir)
+    a->model_dir = cli_default_model();
+  if (!a->image || !a->out || !a->method)
+    return cli_usage_error(cmd, "--method, --image and --out are required");
   if (strcmp(a->method, "ddim") != 0 && strcmp(a->method, "ddpm") != 0)
     return cli_usage_error(cmd, "--method must be ddim or ddpm, not '%s'", a->method);
   size_t n = strlen(a->out);
@@ -161,7 +163,7 @@ int cmd_invert(int argc, char **argv) {
   }
   if (a.classes) {
     labels = malloc(sizeof *labels * (size_t)batch);
-    if (!labels || cli_parse_labels("--class", a.classes, batch, mi->num_classes, labels)) {
+    if (!labels || cli_parse_labels("--class", a.classes, batch, m, labels)) {
       status = 2;
       goto done;
     }

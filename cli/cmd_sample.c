@@ -21,7 +21,7 @@
 #define MAX_OVERRIDES 64
 
 static const char help[] =
-    "usage: denoised sample --model DIR [--scheduler NAME] [--steps N]\n"
+    "usage: denoised sample [--model DIR] [--scheduler NAME] [--steps N]\n"
     "                       [--scheduler-config FILE.json] [--scheduler-opt KEY=VALUE ...]\n"
     "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
     "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
@@ -30,7 +30,8 @@ static const char help[] =
     "       denoised sample --replay IMAGE.png [--model DIR] -o OUT.png\n"
     "\n"
     "Generates images by solving the reverse diffusion from Gaussian noise.\n"
-    "  --model DIR             diffusers model folder (flat or pipeline layout)\n"
+    "  --model DIR             diffusers model folder (flat or pipeline layout); default:\n"
+    "                          the built-in default model (" DENOISED_DEFAULT_MODEL ")\n"
     "  --scheduler NAME        solver (default ddim): a diffusers class name such as\n"
     "                          DPMSolverMultistepScheduler, or ddpm, ddim, pndm, plms,\n"
     "                          dpm-solver, dpm-solver++, dpm++2m, dpm++3m, dpm++2m-karras,\n"
@@ -47,7 +48,8 @@ static const char help[] =
     "                          stream i, so any image can be regenerated alone\n"
     "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
     "  --batch B               images (default 1)\n"
-    "  --class C               class label for class-conditional models\n"
+    "  --class C               class of class-conditional models: an index or a name of the\n"
+    "                          model's _class_labels (the default glyph model: 0-9, A-Z)\n"
     "  --guidance-scale G      classifier-free guidance: uncond + G (cond - uncond), both\n"
     "                          passes in one batched evaluation per step; G in [0, 100], 1 is\n"
     "                          the plain conditional model, 0 the unconditional one (the null\n"
@@ -76,6 +78,7 @@ typedef struct sample_args {
   int noverrides;
   long long steps, seed, batch, label, size, threads, first_image;
   int has_seed, has_label, quiet;
+  const char *class_s; /* --class as given */
 } sample_args;
 
 static uint64_t random_seed(void) {
@@ -308,8 +311,7 @@ static int parse_args(int argc, char **argv, sample_args *a) {
         return 2;
       break;
     case 'l':
-      if (cli_parse_int("--class", optarg, 0, 1 << 20, &a->label))
-        return 2;
+      a->class_s = optarg; /* an index or a name: resolved once the model is loaded */
       a->has_label = 1;
       break;
     case 'g':
@@ -350,7 +352,7 @@ static int parse_args(int argc, char **argv, sample_args *a) {
         a->has_strength)
       return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
   } else if (!a->model_dir) {
-    return cli_usage_error(cmd, "--model is required");
+    a->model_dir = cli_default_model();
   }
   if (!a->npy_out && !a->png_out)
     return cli_usage_error(cmd, "give --out OUT.npy or -o OUT.png");
@@ -416,8 +418,15 @@ int cmd_sample(int argc, char **argv) {
     status = 2;
     goto done;
   }
-  if (a.has_label && a.label >= mi->num_classes) {
-    cli_usage_error(cmd, "--class %lld out of range [0, %d)", a.label, mi->num_classes);
+  if (a.class_s && (a.label = model_class_from_name(m, a.class_s)) < 0) {
+    cli_usage_error(cmd, "--class '%s' is not a class of this model (an index in [0, %d)%s)",
+                    a.class_s, mi->num_classes,
+                    mi->class_labels ? " or a name of _class_labels" : "");
+    status = 2;
+    goto done;
+  }
+  if (!a.class_s && a.has_label && (a.label < 0 || a.label >= mi->num_classes)) { /* --replay */
+    cli_usage_error(cmd, "class %lld out of range [0, %d)", a.label, mi->num_classes);
     status = 2;
     goto done;
   }

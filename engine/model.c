@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include "gmm.h"
@@ -26,6 +27,7 @@ struct model {
   int has_sched;
   unet *unet;
   gmm *gmm;
+  char **labels; /* info.class_labels */
 };
 
 static int is_file(const char *path) {
@@ -166,6 +168,43 @@ static int read_null_class(model *m, const json_t *cfg, const char *cfg_path, er
   return ERR_OK;
 }
 
+/* "_class_labels": names of the classes, for requests and listings ("A", "bold", ...). */
+static int read_class_labels(model *m, const json_t *cfg, const char *cfg_path, err *e) {
+  const json_t *v = json_object_get(cfg, "_class_labels");
+  if (!v || json_is_null(v))
+    return ERR_OK;
+  const int n = json_is_array(v) ? (int)json_array_size(v) : -1;
+  if (n < 0 || n > m->info.num_classes)
+    return err_set(e, ERR_FORMAT, "%s: key '_class_labels' must be an array of at most %d names",
+                   cfg_path, m->info.num_classes);
+  m->labels = calloc((size_t)n + 1, sizeof *m->labels); /* NULL-terminated */
+  if (!m->labels)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < n; i++) {
+    const json_t *s = json_array_get(v, (size_t)i);
+    if (!json_is_string(s) || json_string_length(s) == 0 || json_string_length(s) > 64)
+      return err_set(e, ERR_FORMAT, "%s: _class_labels[%d] must be a name of 1 to 64 bytes",
+                     cfg_path, i);
+    if (!(m->labels[i] = strdup(json_string_value(s))))
+      return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  m->info.class_labels = (const char *const *)m->labels;
+  m->info.n_class_labels = n;
+  return ERR_OK;
+}
+
+int64_t model_class_from_name(const model *m, const char *name) {
+  const int k = m->info.num_classes;
+  char *end;
+  long long v = strtoll(name, &end, 10);
+  if (*name && *end == 0 && end != name)
+    return v >= 0 && v < k ? v : -1;
+  for (int i = 0; i < m->info.n_class_labels; i++)
+    if (strcasecmp(m->info.class_labels[i], name) == 0)
+      return i;
+  return -1;
+}
+
 int model_load(const char *dir, model **out, err *e) {
   *out = NULL;
   ops_init();
@@ -210,6 +249,8 @@ int model_load(const char *dir, model **out, err *e) {
   }
   if (rc == ERR_OK)
     rc = read_null_class(m, cfg, cfg_path, e);
+  if (rc == ERR_OK)
+    rc = read_class_labels(m, cfg, cfg_path, e);
   json_decref(cfg);
   if (rc) {
     model_free(m);
@@ -224,6 +265,9 @@ void model_free(model *m) {
     return;
   unet_free(m->unet);
   gmm_free(m->gmm);
+  for (int i = 0; m->labels && m->labels[i]; i++)
+    free(m->labels[i]);
+  free(m->labels);
   free(m);
 }
 

@@ -27,6 +27,10 @@ typedef struct model_info {
   int64_t num_params; /* learned parameters (UNet) or stored values */
   /* prediction_type declared by the model's own config.json, or NULL. */
   const char *prediction_type;
+  /* Names of classes 0 .. n_class_labels - 1 from config.json "_class_labels" (optional, at
+   * most num_classes), or NULL. */
+  const char *const *class_labels;
+  int n_class_labels;
 } model_info;
 
 /* Loads `dir`: flat (config.json + diffusion_pytorch_model.safetensors) or
@@ -34,6 +38,10 @@ typedef struct model_info {
 int model_load(const char *dir, model **out, err *e);
 void model_free(model *m);
 const model_info *model_get_info(const model *m);
+
+/* The class a label names: an index ("3") or one of class_labels (case-insensitive); -1 if
+ * neither. */
+int64_t model_class_from_name(const model *m, const char *name);
 
 /* Path of the scheduler_config.json that belongs with the model, or NULL. */
 const char *model_scheduler_config_path(const model *m);

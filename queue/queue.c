@@ -540,23 +540,6 @@ static qmodel *find_model(queue *q, const char *name) {
   return NULL;
 }
 
-/* "_class_labels" of the model's config.json, which names the classes of class-conditional
- * models; the engine has no use for it, so the queue reads it for listings and requests. */
-static json_t *read_class_labels(const char *dir) {
-  char path[1200];
-  json_t *labels = NULL;
-  const char *sub[] = {"config.json", "unet/config.json"};
-  for (int i = 0; i < 2 && !labels; i++) {
-    snprintf(path, sizeof path, "%s/%s", dir, sub[i]);
-    json_t *cfg = json_load_file(path, 0, NULL);
-    json_t *l = cfg ? json_object_get(cfg, "_class_labels") : NULL;
-    if (json_is_array(l))
-      labels = json_incref(l);
-    json_decref(cfg);
-  }
-  return labels;
-}
-
 int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
   qmodel **list = calloc((size_t)(n > 0 ? n : 1), sizeof *list);
   if (!list)
@@ -585,7 +568,12 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
       free(m);
       break;
     }
-    m->labels = read_class_labels(m->path);
+    const model_info *mi = model_get_info(m->m);
+    if (mi->class_labels) { /* as JSON, for listings and class names in requests */
+      m->labels = json_array();
+      for (int k = 0; m->labels && k < mi->n_class_labels; k++)
+        json_array_append_new(m->labels, json_string(mi->class_labels[k]));
+    }
     const char *sp = model_scheduler_config_path(m->m);
     json_error_t je;
     if (sp && !(m->sched = json_load_file(sp, 0, &je))) {

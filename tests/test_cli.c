@@ -21,8 +21,9 @@ START_TEST(help_and_usage_errors) {
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps abc --out y.npy"), 2);
   ck_assert_ptr_nonnull(strstr(out, "--steps expects an integer"));
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps 0 --out y.npy"), 2);
+  /* without --model: the build's default model, which is class-conditional */
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --steps 5 --out y.npy"), 2);
-  ck_assert_ptr_nonnull(strstr(out, "--model is required"));
+  ck_assert_ptr_nonnull(strstr(out, "pass --class"));
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps 5"), 2);
   ck_assert_int_eq(
       test_run_cli(out, sizeof out, "sample --model x --seed 1 --noise n.npy --out y.npy"), 2);
@@ -44,7 +45,33 @@ START_TEST(runtime_errors_are_clear) {
   ck_assert_int_eq(test_run_cli(out, sizeof out,
                                 "sample --model %s --class 9 --seed 1 --out %s/a.npy", model, tmp),
                    2);
-  ck_assert_ptr_nonnull(strstr(out, "out of range"));
+  ck_assert_ptr_nonnull(strstr(out, "is not a class of this model"));
+  /* classes by name (config.json _class_labels), case-insensitive, in every command */
+  char shapes[1024], a_npy[600], b_npy[600];
+  test_src_path(shapes, sizeof shapes, "models/shapes-gmm");
+  snprintf(a_npy, sizeof a_npy, "%s/by-name.npy", tmp);
+  snprintf(b_npy, sizeof b_npy, "%s/by-index.npy", tmp);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out,
+                   "sample --model %s --class Ring --seed 3 --steps 4 --out %s --quiet", shapes,
+                   a_npy),
+      0);
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --class 2 --seed 3 --steps 4 --out %s --quiet",
+                                shapes, b_npy),
+                   0);
+  ck_assert(test_files_equal(a_npy, b_npy));
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --class hexagon --seed 3 --out %s", shapes,
+                                a_npy),
+                   2);
+  ck_assert_ptr_nonnull(strstr(out, "'hexagon' is not a class"));
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out,
+                   "invert --model %s --method ddim --image %s --class ring,nope --out %s/n.npy",
+                   shapes, a_npy, tmp),
+      2);
+  ck_assert_ptr_nonnull(strstr(out, "class names"));
   ck_assert_int_eq(test_run_cli(out, sizeof out,
                                 "sample --model %s --class 0 --scheduler nope --out %s/a.npy",
                                 model, tmp),
