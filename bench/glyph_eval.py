@@ -220,7 +220,9 @@ class TorchSampler:
 def load_torch_model(args):
     import json
     path = os.path.join(args.model, "scheduler_config.json")
-    sched = {}  # a snapshot before the model folder exists: the training schedule's defaults
+    # a snapshot before the model folder exists: the schedule train_unet.py exports (x0 clipped
+    # by thresholding with sample_max_value 1; without it DPM-Solver++ reads ~40% lower)
+    sched = {"thresholding": True, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
     if os.path.isfile(path) or not args.snapshot:
         with open(path) as f:
             sched = json.load(f)

@@ -337,26 +337,34 @@ static int valid_id(const char *id, size_t n) {
   return 1;
 }
 
+/* A job's result file (fetched by the caller with rc/e), or the queue's error as JSON. */
+static enum MHD_Result serve_result(srv *s, struct MHD_Connection *c, req *r, const char *id,
+                                    int rc, const err *e, uint8_t *data, size_t len,
+                                    const char *ctype, const char *disposition) {
+  if (rc != ERR_OK) {
+    api_error ae = {0};
+    api_fail_queue(&ae, e);
+    if (e->code == ERR_IO)
+      api_fail(&ae, 500, "storage_error", NULL, "%s", e->msg);
+    return send_error(s, c, r, &ae);
+  }
+  struct MHD_Response *resp = MHD_create_response_from_buffer(len, data, MHD_RESPMEM_MUST_FREE);
+  if (resp) {
+    MHD_add_response_header(resp, "Content-Disposition", disposition);
+    MHD_add_response_header(resp, "X-Job-Id", id);
+  }
+  return queue_resp(s, c, r, 200, resp, ctype);
+}
+
 static enum MHD_Result serve_png(srv *s, struct MHD_Connection *c, req *r, const char *id, int n,
                                  const char *owner) {
   uint8_t *png = NULL;
   size_t len = 0;
   err e = {0};
-  if (queue_image(s->q, id, owner, n, &png, &len, &e) != ERR_OK) {
-    api_error ae = {0};
-    api_fail_queue(&ae, &e);
-    if (e.code == ERR_IO)
-      api_fail(&ae, 500, "storage_error", NULL, "%s", e.msg);
-    return send_error(s, c, r, &ae);
-  }
-  struct MHD_Response *resp = MHD_create_response_from_buffer(len, png, MHD_RESPMEM_MUST_FREE);
-  if (resp) {
-    char disp[96];
-    snprintf(disp, sizeof disp, "inline; filename=\"%s-%d.png\"", id, n);
-    MHD_add_response_header(resp, "Content-Disposition", disp);
-    MHD_add_response_header(resp, "X-Job-Id", id);
-  }
-  return queue_resp(s, c, r, 200, resp, "image/png");
+  int rc = queue_image(s->q, id, owner, n, &png, &len, &e);
+  char disp[96];
+  snprintf(disp, sizeof disp, "inline; filename=\"%s-%d.png\"", id, n);
+  return serve_result(s, c, r, id, rc, &e, png, len, "image/png", disp);
 }
 
 /* An inversion job's noise (.npy), to send back with a later job or to inspect with numpy. */
@@ -365,21 +373,10 @@ static enum MHD_Result serve_noise(srv *s, struct MHD_Connection *c, req *r, con
   uint8_t *npy = NULL;
   size_t len = 0;
   err e = {0};
-  if (queue_noise(s->q, id, owner, &npy, &len, &e) != ERR_OK) {
-    api_error ae = {0};
-    api_fail_queue(&ae, &e);
-    if (e.code == ERR_IO)
-      api_fail(&ae, 500, "storage_error", NULL, "%s", e.msg);
-    return send_error(s, c, r, &ae);
-  }
-  struct MHD_Response *resp = MHD_create_response_from_buffer(len, npy, MHD_RESPMEM_MUST_FREE);
-  if (resp) {
-    char disp[96];
-    snprintf(disp, sizeof disp, "attachment; filename=\"%s-noise.npy\"", id);
-    MHD_add_response_header(resp, "Content-Disposition", disp);
-    MHD_add_response_header(resp, "X-Job-Id", id);
-  }
-  return queue_resp(s, c, r, 200, resp, "application/octet-stream");
+  int rc = queue_noise(s->q, id, owner, &npy, &len, &e);
+  char disp[96];
+  snprintf(disp, sizeof disp, "attachment; filename=\"%s-noise.npy\"", id);
+  return serve_result(s, c, r, id, rc, &e, npy, len, "application/octet-stream", disp);
 }
 
 /* Hands the spec to the queue; on failure the error is already answered (*ret). */

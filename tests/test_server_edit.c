@@ -243,20 +243,13 @@ START_TEST(edit_jobs) {
 }
 END_TEST
 
-/* `denoised <args>` must succeed. */
-static void run_cli(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void run_cli(const char *fmt, ...) {
-  char args[8192], cmd[8400], out[4096];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(args, sizeof args, fmt, ap);
-  va_end(ap);
-  snprintf(cmd, sizeof cmd, "%s %s --quiet 2>&1", test_bin(), args);
-  FILE *p = popen(cmd, "r");
-  size_t k = fread(out, 1, sizeof out - 1, p);
-  out[k] = 0;
-  ck_assert_msg(pclose(p) == 0, "%s: %s", cmd, out);
-}
+/* `denoised <args> --quiet` must succeed. */
+#define run_cli(...)                                                                               \
+  do {                                                                                             \
+    char cli_out_[4096];                                                                           \
+    int cli_rc_ = test_run_cli(cli_out_, sizeof cli_out_, __VA_ARGS__);                            \
+    ck_assert_msg(cli_rc_ == 0, "denoised exited %d: %s", cli_rc_, cli_out_);                      \
+  } while (0)
 
 /* Image 0 of job id has the pixels of the PNG at path. */
 static void check_same_png(const daemon_proc *d, const char *id, const char *path) {
@@ -364,8 +357,9 @@ START_TEST(invert_jobs) {
   ck_assert_int_eq(maps.shape[1], 11);
   char cli_npy[600], cli_png[600];
   snprintf(cli_npy, sizeof cli_npy, "%s/inv.npy", tmp);
-  run_cli("invert --model %s --method ddpm --image %s --class 2 --steps 10 --seed 5 --out %s",
-          model, in_png, cli_npy);
+  run_cli(
+      "invert --model %s --method ddpm --image %s --class 2 --steps 10 --seed 5 --out %s --quiet",
+      model, in_png, cli_npy);
   check_same_floats(&maps, cli_npy);
   npy_array_free(&maps);
   uint8_t *px;
@@ -390,8 +384,8 @@ START_TEST(invert_jobs) {
   wait_state(&d, by_id, "succeeded", 60);
   wait_state(&d, by_upload, "succeeded", 60);
   snprintf(cli_png, sizeof cli_png, "%s/edit.png", tmp);
-  run_cli("edit --model %s --noise %s --class 4 --skip 3 --shift 2,-1 -o %s", model, cli_npy,
-          cli_png);
+  run_cli("edit --model %s --noise %s --class 4 --skip 3 --shift 2,-1 -o %s --quiet", model,
+          cli_npy, cli_png);
   check_same_png(&d, by_id, cli_png);
   check_same_png(&d, by_upload, cli_png);
   snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", by_id); /* not an inversion of a picture */
@@ -406,8 +400,8 @@ START_TEST(invert_jobs) {
   char col[64];
   submit_job(&d, body, col, sizeof col);
   wait_state(&d, col, "succeeded", 60);
-  run_cli("edit --model %s --noise %s --colour 0.3,-0.2,0.1 --colour-from 6 -o %s", model, cli_npy,
-          cli_png);
+  run_cli("edit --model %s --noise %s --colour 0.3,-0.2,0.1 --colour-from 6 -o %s --quiet", model,
+          cli_npy, cli_png);
   check_same_png(&d, col, cli_png);
 
   /* DDIM inversion: x_T as the CLI's; the round trip comes back close */
@@ -420,8 +414,8 @@ START_TEST(invert_jobs) {
   wait_state(&d, ddim, "succeeded", 60);
   fetch_noise(&d, ddim, &maps, NULL, NULL);
   ck_assert_int_eq(maps.ndim, 4);
-  run_cli("invert --model %s --method ddim --image %s --class 2 --steps 20 --out %s", model, in_png,
-          cli_npy);
+  run_cli("invert --model %s --method ddim --image %s --class 2 --steps 20 --out %s --quiet", model,
+          in_png, cli_npy);
   check_same_floats(&maps, cli_npy);
   npy_array_free(&maps);
   fetch_pixels(&d, ddim, 0, &px);
@@ -571,8 +565,8 @@ START_TEST(boundary_jobs) {
   submit_job(&d, body, id, sizeof id);
   wait_state(&d, id, "succeeded", 60);
   snprintf(cli_png, sizeof cli_png, "%s/moved.png", tmp);
-  run_cli("edit --model %s --boundary %s --strength 3 --seed 9 --class 1 -o %s", model, bpath,
-          cli_png);
+  run_cli("edit --model %s --boundary %s --strength 3 --seed 9 --class 1 -o %s --quiet", model,
+          bpath, cli_png);
   check_same_png(&d, id, cli_png);
   snprintf(path, sizeof path, "/v1/jobs/%s", id);
   http_resp r;
@@ -605,8 +599,8 @@ START_TEST(boundary_jobs) {
            img, btext);
   submit_job(&d, body, id, sizeof id);
   wait_state(&d, id, "succeeded", 60);
-  run_cli("edit --model %s --boundary %s --strength -2 --eta 0 --image %s --class 1 -o %s", model,
-          bpath, in_png, cli_png);
+  run_cli("edit --model %s --boundary %s --strength -2 --eta 0 --image %s --class 1 -o %s --quiet",
+          model, bpath, in_png, cli_png);
   check_same_png(&d, id, cli_png);
   /* errors */
   struct {

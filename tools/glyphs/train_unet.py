@@ -173,7 +173,7 @@ def export(trainer, out_dir, args, wall=None, data_info=None):
     os.makedirs(out_dir, exist_ok=True)
     cfg = torch_unet.full_config(trainer.cfg)
     cfg["_null_class"] = NULL_CLASS
-    cfg["_class_names"] = list(CLASSES)
+    cfg["_class_labels"] = list(CLASSES)
     cfg["_guidance"] = "classifier-free: eps = eps(null) + s * (eps(class) - eps(null)), null class = _null_class"
     cfg = dict(sorted(cfg.items()))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -225,7 +225,7 @@ def write_card(trainer, out_dir, args, dtype, data_info):
         "",
         "## Conditioning",
         "",
-        "- `num_class_embeds` = 37.  Class `i` < 36 is the character `_class_names[i]` =",
+        "- `num_class_embeds` = 37.  Class `i` < 36 is the character `_class_labels[i]` =",
         "  `\"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ\"[i]`; class 36 (`_null_class`) is the",
         "  unconditional / null class (labels were dropped to 36 with probability %g)." % a.p_uncond,
         "- Classifier-free guidance with scale s: `eps = eps(x, t, 36) + s * (eps(x, t, c) - eps(x, t, 36))`",
