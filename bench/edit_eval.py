@@ -3,7 +3,8 @@
 
     OPENBLAS_NUM_THREADS=1 /usr/bin/python3 bench/edit_eval.py --model models/glyphs32 \\
         [--engine build/denoised] [--n 200] [--n-fit 400] [--steps 50] [--guidance 3] \\
-        [--strengths 1,2,3,4] [--skips 0,20,40,60] [--g-tgt 4] [--only boundary,classchange]
+        [--strengths 1,2,3,4] [--skips 0,20,40,60] [--g-tgt 4] [--inv-steps 10,20,50,100,200]
+        [--only boundary,classchange,inversion]
 
 1. BoundaryDiffusion attribute flips. A labelled pool of --n-fit generated images (classes
    spread evenly) is classified, `denoised boundary fit` fits one boundary per attribute at the
@@ -19,6 +20,10 @@
    scheme) and the position (ink centroid within 2 px), and all three. Target: class >= 90%
    while keeping position and colour.
 
+3. Inversion round trips: --n source images DDIM-inverted and edit-friendly-DDPM-inverted at
+   each of --inv-steps and sampled back (`denoised invert --verify`): max abs and relative L2
+   reconstruction error. Target: edit-friendly below 1e-4 at every step count.
+
 The instrument: for a UNet model the glyph classifier (bench/glyph_classifier.pt, heads char,
 bold, italic, fg, bg; tools/glyphs/train_classifier.py); for a GaussianMixtureDenoiser model
 (e.g. models/shapes-gmm) the mixture itself: an image's component is the nearest mean, its class
@@ -29,6 +34,7 @@ Writes a JSON summary with --json.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -255,6 +261,31 @@ def classchange_eval(args, eng, inst, n_classes, report):
                            100 * row["position_kept"], 100 * row["all"]))
 
 
+def inversion_eval(args, eng, inst, n_classes, report):
+    """Reconstruction error of DDIM and edit-friendly DDPM inversion per step count (issue 7's
+    table): invert --n source images and sample them back (`denoised invert --verify`)."""
+    rng = np.random.RandomState(args.seed + 1)
+    x, cls, what = sources(args, eng, inst, n_classes, rng)
+    src = eng.path("inv-src.npy")
+    np.save(src, x.astype(np.float32))
+    print("== inversion round trips (%d %s; errors in [-1, 1] units over all values)"
+          % (len(x), what))
+    print("| method | steps | max abs error | rel L2 |")
+    print("|---|---:|---:|---:|")
+    for method in ("ddim", "ddpm"):
+        for steps in [int(s) for s in args.inv_steps.split(",")]:
+            out = eng.run("invert", "--model", args.model, "--method", method, "--image", src,
+                          "--class", ",".join(map(str, cls)), "--steps", steps, "--seed",
+                          args.seed, "--out", eng.path("inv.npy"), "--verify", "--quiet")
+            m = re.search(r"max abs error ([0-9.e+-]+), rel L2 ([0-9.e+-]+)", out)
+            if not m:
+                raise SystemExit("edit_eval: no reconstruction line in: %s" % out)
+            row = {"method": method, "steps": steps, "max_abs": float(m.group(1)),
+                   "rel_l2": float(m.group(2)), "n": int(len(x))}
+            report["inversion"].append(row)
+            print("| %s | %d | %.3g | %.3g |" % (method, steps, row["max_abs"], row["rel_l2"]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "glyphs32"))
@@ -272,7 +303,9 @@ def main():
     ap.add_argument("--skips", default="0,20,40,60")
     ap.add_argument("--g-src", type=float, default=None, help="guidance of the inversion")
     ap.add_argument("--g-tgt", type=float, default=4.0, help="guidance of the class change")
-    ap.add_argument("--only", default="boundary,classchange")
+    ap.add_argument("--inv-steps", default="10,20,50,100,200",
+                    help="step counts of the inversion table")
+    ap.add_argument("--only", default="boundary,classchange,inversion")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -291,7 +324,7 @@ def main():
         n_classes = null  # the null class is not a class to draw or target
     if n_classes < 2:
         raise SystemExit("edit_eval: %s is not a class-conditional model" % args.model)
-    report = {"model": args.model, "n": args.n, "boundary": [], "classchange": []}
+    report = {"model": args.model, "n": args.n, "boundary": [], "classchange": [], "inversion": []}
     with tempfile.TemporaryDirectory() as work:
         eng = Engine(args, work)
         only = set(args.only.split(","))
@@ -299,6 +332,8 @@ def main():
             boundary_eval(args, eng, inst, n_classes, report)
         if "classchange" in only:
             classchange_eval(args, eng, inst, n_classes, report)
+        if "inversion" in only:
+            inversion_eval(args, eng, inst, n_classes, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
