@@ -218,7 +218,7 @@ static int check_size(const api_ctx *c, const queue_model_desc *md, const char *
  * models; the null class defaults to the model's own. */
 static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spec *out,
                           api_error *e) {
-  static const char *const keys[] = {"scale", "null_class", NULL};
+  static const char *const keys[] = {"scale", "null_class", "thresholding", NULL};
   if (!json_is_object(g))
     return api_fail(e, 400, "wrong_type", "guidance",
                     "guidance: expected an object {scale, null_class}, got %s", api_type_name(g));
@@ -267,6 +267,61 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   out->has_guidance = 1;
   out->guidance_scale = x;
   return 0;
+}
+
+/* guidance.thresholding: true (diffusers' dynamic thresholding, ratio 0.995, max 1) or
+ * {ratio, max_value}: the scheduler options DPM-Solver++ and DDIM read, so large guidance
+ * scales stay in range. The same keys in scheduler.options must agree. */
+static int merge_thresholding(const json_t *g, json_t *options, api_error *e) {
+  const json_t *th = g ? json_object_get(g, "thresholding") : NULL;
+  if (!th || json_is_null(th))
+    return 0;
+  static const char *const keys[] = {"ratio", "max_value", NULL};
+  json_t *want = json_object();
+  int rc = 0;
+  if (json_is_boolean(th)) {
+    json_object_set_new(want, "thresholding", json_boolean(json_is_true(th)));
+  } else if (json_is_object(th)) {
+    if ((rc = api_check_keys(th, "guidance.thresholding.", keys, e)))
+      goto done;
+    json_object_set_new(want, "thresholding", json_true());
+    const json_t *r = json_object_get(th, "ratio"), *m = json_object_get(th, "max_value");
+    if (r && (!json_is_number(r) || !(json_number_value(r) > 0 && json_number_value(r) <= 1))) {
+      rc = api_fail(e, 400, "out_of_range", "guidance.thresholding.ratio",
+                    "guidance.thresholding.ratio: a quantile in (0, 1]");
+      goto done;
+    }
+    if (m && (!json_is_number(m) || !(json_number_value(m) >= 1 && json_number_value(m) <= 100))) {
+      rc = api_fail(e, 400, "out_of_range", "guidance.thresholding.max_value",
+                    "guidance.thresholding.max_value: a number in [1, 100]");
+      goto done;
+    }
+    if (r)
+      json_object_set_new(want, "dynamic_thresholding_ratio", json_real(json_number_value(r)));
+    if (m)
+      json_object_set_new(want, "sample_max_value", json_real(json_number_value(m)));
+  } else {
+    rc = api_fail(e, 400, "wrong_type", "guidance.thresholding",
+                  "guidance.thresholding: expected a boolean or {ratio, max_value}, got %s",
+                  api_type_name(th));
+    goto done;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach(want, key, v) {
+    const json_t *have = json_object_get(options, key);
+    if (have && !json_equal(have, v) &&
+        !(json_is_number(have) && json_is_number(v) &&
+          json_number_value(have) == json_number_value(v))) {
+      rc = api_fail(e, 400, "invalid_field", "guidance.thresholding",
+                    "guidance.thresholding: disagrees with scheduler.options.%s", key);
+      goto done;
+    }
+    json_object_set(options, key, v);
+  }
+done:
+  json_decref(want);
+  return rc;
 }
 
 /* Resolves model, sizes, seed and solver; builds the sampler once to validate the scheduler
@@ -343,11 +398,19 @@ static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *ow
     goto done;
   }
   out->options = f->options ? json_deep_copy(f->options) : json_object();
+  if ((rc = merge_thresholding(f->guidance, out->options, e)))
+    goto done;
   out->preview_every = (int)f->preview;
   sampler *s = NULL;
   err qe = {0};
   char field[128] = "";
   if (queue_make_sampler(c->q, out, &s, field, sizeof field, &qe) != ERR_OK) {
+    /* a thresholding the guidance block asked for is named there */
+    const json_t *th = f->guidance ? json_object_get(f->guidance, "thresholding") : NULL;
+    if (th && strncmp(field, "scheduler.options.", 18) == 0 &&
+        (strstr(field, "thresholding") || strstr(field, "sample_max_value")) &&
+        !(f->options && json_object_get(f->options, field + 18)))
+      snprintf(field, sizeof field, "guidance.thresholding");
     rc = api_fail(e, 400, "invalid_field", field[0] ? field : "scheduler", "%s: %s",
                   field[0] ? field : "scheduler", qe.msg);
     goto done;

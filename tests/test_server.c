@@ -249,8 +249,18 @@ START_TEST(request_validation) {
        "guidance.scale"},
       {"{\"class_label\": 1, \"guidance\": {\"scale\": 51}}", 400, "out_of_range",
        "guidance.scale"},
-      {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"thresholding\": true}}", 400,
-       "unknown_field", "guidance.thresholding"},
+      {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"thresholding\": \"yes\"}}", 400,
+       "wrong_type", "guidance.thresholding"},
+      {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"thresholding\": {\"ratio\": 2}}}", 400,
+       "out_of_range", "guidance.thresholding.ratio"},
+      {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"thresholding\": {\"cap\": 2}}}", 400,
+       "unknown_field", "guidance.thresholding.cap"},
+      {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"thresholding\": true}, "
+       "\"scheduler\": {\"name\": \"dpm++2m\", \"options\": {\"thresholding\": false}}}",
+       400, "invalid_field", "guidance.thresholding"},
+      {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"thresholding\": true}, "
+       "\"scheduler\": \"euler\"}",
+       400, "invalid_field", "guidance.thresholding"},
       {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"null_class\": 6}}", 400, "out_of_range",
        "guidance.null_class"},
       {"{\"class_label\": 1, \"guidance\": {\"scale\": 3, \"null_class\": 1.5}}", 400, "wrong_type",
@@ -413,6 +423,29 @@ START_TEST(guided_jobs) {
                 &r),
       200);
   ck_assert(r.len > 8 && memcmp(r.body, "\x89PNG", 4) == 0);
+  http_free(&r);
+  /* guidance.thresholding is the scheduler's dynamic thresholding: the same pixels as the
+   * options, and shown in them */
+  char tid[64], oid[64];
+  submit_job(&d,
+             "{\"class_label\": 2, \"seed\": 11, \"guidance\": {\"scale\": 8, \"thresholding\": "
+             "{\"ratio\": 0.9}}, \"scheduler\": {\"name\": \"dpm++2m\", \"steps\": 12}}",
+             tid, sizeof tid);
+  submit_job(&d,
+             "{\"class_label\": 2, \"seed\": 11, \"guidance\": {\"scale\": 8}, \"scheduler\": "
+             "{\"name\": \"dpm++2m\", \"steps\": 12, \"options\": {\"thresholding\": true, "
+             "\"dynamic_thresholding_ratio\": 0.9}}}",
+             oid, sizeof oid);
+  wait_state(&d, tid, "succeeded", 60);
+  wait_state(&d, oid, "succeeded", 60);
+  fetch_pixels(&d, tid, 0, &pg);
+  fetch_pixels(&d, oid, 0, &pu);
+  ck_assert_msg(memcmp(pg, pu, 32 * 32 * 3) == 0, "guidance.thresholding differs from the options");
+  free(pg);
+  free(pu);
+  snprintf(path, sizeof path, "/v1/jobs/%s", tid);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"thresholding\":true"));
   http_free(&r);
   /* only class-conditional models are guided */
   expect_error(&d, "POST", "/v1/jobs", "{\"model\": \"plain\", \"guidance\": {\"scale\": 3}}", 400,
