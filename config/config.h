@@ -16,7 +16,7 @@
 /* The model served as `default` when nothing else is configured: one build-time setting
  * (cmake -DDENOISED_DEFAULT_MODEL=DIR) so that switching to the trained model is one line. */
 #ifndef DENOISED_DEFAULT_MODEL
-#define DENOISED_DEFAULT_MODEL "models/shapes-gmm"
+#define DENOISED_DEFAULT_MODEL "models/glyphs32"
 #endif
 #define CONFIG_DEFAULT_MODEL_NAME "default"
 
