@@ -24,7 +24,7 @@ int64_t gmm_num_values(const gmm *g);
 
 /* eps prediction for n images at (fractional) timesteps t; labels may be NULL.
  * With a label c only components labelled c take part. */
-int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t *labels,
-             float *out, err *e);
+int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t *labels, float *out,
+             err *e);
 
 #endif
