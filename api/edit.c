@@ -198,12 +198,10 @@ static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int 
                   field, got, want, ndim == 5 ? "scheduler.steps + 1, " : "");
     goto done;
   }
-  for (int64_t i = 0; i < a.count; i++)
-    if (!isfinite(a.data[i])) {
-      rc = api_fail(e, 400, "invalid_field", field, "%s: value %lld is not finite", field,
-                    (long long)i);
-      goto done;
-    }
+  if (npy_check_finite(&a, field, &qe) != ERR_OK) {
+    rc = api_fail(e, 400, "invalid_field", field, "%s", qe.msg);
+    goto done;
+  }
   b64 = nz ? NULL : base64_encode(raw, len);
   if (!nz && !b64) {
     rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");

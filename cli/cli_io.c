@@ -69,11 +69,12 @@ int cli_read_image(const char *flag, const char *path, int c, int h, int w, floa
       npy_array_free(&a);
       return err_set(e, ERR_INVALID, "%s %s: expected shape [%d, %d, %d]", flag, path, c, h, w);
     }
-    for (size_t i = 0; i < n; i++)
-      if (!isfinite(a.data[i])) {
-        npy_array_free(&a);
-        return err_set(e, ERR_INVALID, "%s %s: value %zu is not finite", flag, path, i);
-      }
+    char what[1200];
+    snprintf(what, sizeof what, "%s %s", flag, path);
+    if ((rc = npy_check_finite(&a, what, e)) != ERR_OK) {
+      npy_array_free(&a);
+      return rc;
+    }
     *out = a.data;
     return ERR_OK;
   }
@@ -116,11 +117,12 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
     return err_set(e, ERR_INVALID, "%s %s: expected shape [B, %d, %d, %d] with B in [1, %d]", flag,
                    path, c, h, w, max_batch);
   }
-  for (int64_t i = 0; i < a.count; i++)
-    if (!isfinite(a.data[i])) {
-      npy_array_free(&a);
-      return err_set(e, ERR_INVALID, "%s %s: value %lld is not finite", flag, path, (long long)i);
-    }
+  char what[1200];
+  snprintf(what, sizeof what, "%s %s", flag, path);
+  if ((rc = npy_check_finite(&a, what, e)) != ERR_OK) {
+    npy_array_free(&a);
+    return rc;
+  }
   *batch = (int)b;
   *out = a.data;
   return ERR_OK;

@@ -276,11 +276,10 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
              a->noise, batch, ddpm ? "steps + 1, " : "", cin, size, size);
     goto done;
   }
-  for (int64_t i = 0; i < maps.count; i++)
-    if (!isfinite(maps.data[i])) {
-      cli_fail(cmd, "%s: value %lld is not finite", a->noise, (long long)i);
-      goto done;
-    }
+  if (npy_check_finite(&maps, a->noise, e)) {
+    cli_fail(cmd, "%s", e->msg);
+    goto done;
+  }
   if (a->has_skip && a->skip >= n) {
     status = cli_usage_error(cmd, "--skip %lld: the maps have %d steps", a->skip, n);
     goto done;

@@ -544,6 +544,13 @@ int npy_read_i64(const char *path, int64_t **data, int64_t *count, int *ndim,
   return ERR_OK;
 }
 
+int npy_check_finite(const npy_array *a, const char *what, err *e) {
+  for (int64_t i = 0; i < a->count; i++)
+    if (!isfinite(a->data[i]))
+      return err_set(e, ERR_INVALID, "%s: value %lld is not finite", what, (long long)i);
+  return ERR_OK;
+}
+
 void npy_array_free(npy_array *a) {
   if (!a)
     return;

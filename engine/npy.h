@@ -25,6 +25,8 @@ int npy_read_i64(const char *path, int64_t **data, int64_t *count, int *ndim,
 /* The same from memory (an upload); name labels the errors. */
 int npy_parse_f32(const void *buf, size_t len, const char *name, npy_array *out, err *e);
 void npy_array_free(npy_array *a);
+/* ERR_INVALID "<what>: value I is not finite" for the first NaN or infinity of a. */
+int npy_check_finite(const npy_array *a, const char *what, err *e);
 
 int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e);
 /* The bytes of the same file, malloc'ed. */

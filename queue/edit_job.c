@@ -3,7 +3,6 @@
  * decoded input image and gets images, the final solver and the noise to store. */
 #include "edit_job.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,11 +32,10 @@ static int decode_noise(const char *b64, const int64_t *shape, int ndim, float *
     npy_array_free(&a);
     return err_set(e, ERR_INVALID, "edit.noise: the maps' shape does not fit this job");
   }
-  for (int64_t i = 0; i < a.count; i++)
-    if (!isfinite(a.data[i])) {
-      npy_array_free(&a);
-      return err_set(e, ERR_INVALID, "edit.noise: value %lld is not finite", (long long)i);
-    }
+  if ((rc = npy_check_finite(&a, "edit.noise", e)) != ERR_OK) {
+    npy_array_free(&a);
+    return rc;
+  }
   *out = a.data;
   return ERR_OK;
 }
