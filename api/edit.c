@@ -325,11 +325,11 @@ done:
 }
 
 /* boundary: a boundary file's object, the signed distance to move to (strength), the eta of
- * the steps after the move; an input image is DDIM-inverted to the mixing step, without one
- * the job's seed generates the images. */
+ * the steps after the move, the space to move in (x, h, both); an input image is DDIM-inverted
+ * to the mixing step, without one the job's seed generates the images. */
 static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
                           api_error *e) {
-  static const char *const keys[] = {"type", "boundary", "strength", "eta", NULL};
+  static const char *const keys[] = {"type", "boundary", "strength", "eta", "space", NULL};
   const json_t *ed = f->edit;
   int rc = api_check_keys(ed, "edit.", keys, e), present;
   if (rc)
@@ -354,7 +354,20 @@ static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, q
     return api_fail(e, 400, "invalid_field", "edit.boundary", "edit.boundary: %s", qe.msg);
   const int dim = bd.dim,
             steps = bd.solver ? (int)json_integer_value(json_object_get(bd.solver, "steps")) : 0;
+  const json_t *sv = json_object_get(ed, "space");
+  edit_space space;
+  const int bad_space =
+      sv && (!json_is_string(sv) || edit_space_parse(json_string_value(sv), &bd, &space) != 0);
+  if (!bad_space && !sv)
+    edit_space_parse(NULL, &bd, &space);
+  const int has_mid = bd.mid != NULL;
   boundary_free(&bd);
+  if (bad_space)
+    return api_fail(e, 400, "invalid_field", "edit.space",
+                    "edit.space: must be \"x\", \"h\" or \"both\"");
+  if ((space & EDIT_SPACE_H) && !has_mid)
+    return api_fail(e, 400, "invalid_field", "edit.space",
+                    "edit.space: the boundary has no h-space part (\"mid\"); use \"x\"");
   if (!steps)
     return api_fail(e, 400, "invalid_field", "edit.boundary",
                     "edit.boundary: has no solver (the grid it was fitted on)");
@@ -373,7 +386,8 @@ static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, q
     return rc;
   if ((rc = check_pictures(f, md, out, e)))
     return rc;
-  out->edit_args = json_pack("{s:O, s:f}", "boundary", bj, "eta", eta);
+  out->edit_args =
+      json_pack("{s:O, s:f, s:s}", "boundary", bj, "eta", eta, "space", edit_space_name(space));
   if (!out->edit_args)
     return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
   out->edit = QUEUE_EDIT_BOUNDARY;

@@ -17,7 +17,8 @@
    own class, guidance --g-src) and sampled again (`denoised edit --noise`) with a random other
    class at guidance --g-tgt, for each of --skips. Reported: the share read as the target
    class, the share keeping the colours (classifier fg and bg heads, or the mixture's colour
-   scheme) and the position (ink centroid within 2 px), and all three. Target: class >= 90%
+   scheme) and the position (centre of the ink's bounding box within 2 px, where the renderer
+   places a glyph; the ink centroid is printed too), and all three. Target: class >= 90%
    while keeping position and colour.
 
 3. Inversion round trips: --n source images DDIM-inverted and edit-friendly-DDPM-inverted at
@@ -55,18 +56,23 @@ def to_u8(x):
 
 # ---- instruments ---------------------------------------------------------------------------
 class GlyphInstrument:
-    attributes = ("bold", "italic")
+    attributes = ("bold", "italic", "polarity")
 
     def __init__(self, path):
         from train_classifier import load_classifier
+        from render import PALETTE
         self.net = load_classifier(path)
+        rgb = np.array([c for _, c in PALETTE], np.float64) / 255.0
+        self.luminance = rgb @ np.array([0.2126, 0.7152, 0.0722])
 
     def read(self, x):
         """{head: [N]} for float images [N, 3, H, W]."""
         from train_classifier import predict
         preds, _ = predict(self.net, to_u8(x))
+        # polarity 1: light ink on a darker ground (from the fg and bg colour heads)
+        polarity = (self.luminance[preds["fg"]] > self.luminance[preds["bg"]]).astype(np.int64)
         return {"char": preds["char"], "bold": preds["bold"], "italic": preds["italic"],
-                "colour": preds["fg"] * 100 + preds["bg"]}
+                "polarity": polarity, "colour": preds["fg"] * 100 + preds["bg"]}
 
 
 class MixtureInstrument:
@@ -91,16 +97,33 @@ class MixtureInstrument:
                 "colour": v}
 
 
-def centroid(x):
-    """Ink centroid [N, 2] (y, x) of float images: weight = distance from the border colour."""
+def ink_weight(x):
+    """Per-pixel distance [N, H, W] of float images from their border colour (the ground)."""
     x = np.asarray(x, np.float64)
     border = np.concatenate([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], 2)
     bg = np.median(border, 2)[:, :, None, None]
-    w = np.sqrt(((x - bg) ** 2).sum(1))
+    return np.sqrt(((x - bg) ** 2).sum(1))
+
+
+def centroid(x):
+    """Ink centroid [N, 2] (y, x): the mean position weighted by ink_weight."""
+    w = ink_weight(x)
     w = w / np.maximum(w.sum((1, 2), keepdims=True), 1e-9)
-    h, wd = x.shape[2:]
+    h, wd = w.shape[1:]
     yy, xx = np.meshgrid(np.arange(h), np.arange(wd), indexing="ij")
     return np.stack([(w * yy).sum((1, 2)), (w * xx).sum((1, 2))], 1)
+
+
+def box_centre(x):
+    """Centre [N, 2] (y, x) of the ink's bounding box (pixels with at least half the image's
+    largest ink weight): where the renderer places a glyph, whatever its shape."""
+    w = ink_weight(x)
+    ink = w >= 0.5 * np.maximum(w.max((1, 2), keepdims=True), 1e-9)
+    out = np.zeros((len(w), 2))
+    for i, m in enumerate(ink):
+        ys, xs = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        out[i] = ((ys[0] + ys[-1]) / 2.0, (xs[0] + xs[-1]) / 2.0)
+    return out
 
 
 # ---- the engine ----------------------------------------------------------------------------
@@ -153,7 +176,11 @@ def boundary_eval(args, eng, inst, n_classes, report):
     read = inst.read(fit)
     print("fit pool: %.1f%% read as their class" % (100 * np.mean(read["char"] == cls)))
     strengths = [float(s) for s in args.strengths.split(",")]
-    for attr in inst.attributes:
+    wanted = args.attributes.split(",") if args.attributes else inst.attributes
+    for attr in wanted:
+        if attr not in inst.attributes:
+            raise SystemExit("edit_eval: --attributes: %s is not one of %s" %
+                             (attr, ",".join(inst.attributes)))
         lab = read[attr]
         if lab.min() == lab.max():
             print("%s: the pool has only label %d; skipped" % (attr, lab[0]))
@@ -169,40 +196,45 @@ def boundary_eval(args, eng, inst, n_classes, report):
         print(out.strip())
         with open(bpath) as f:
             b = json.load(f)
-        # originals and their verdicts, then edits towards both sides
-        orig, ocls, plus, minus = [], [], {s: [] for s in strengths}, {s: [] for s in strengths}
+        # originals and their verdicts, then edits towards both sides, in each space
+        spaces = args.space.split(",") if args.space else [""]
+        runs = [(sp, s) for sp in spaces for s in strengths]
+        orig, ocls, plus, minus = [], [], {r: [] for r in runs}, {r: [] for r in runs}
         for c, k in per_class(args.n, n_classes):
             seed = args.seed + 5000 + c
             orig.append(eng.sample(c, k, seed))
             ocls += [c] * k
-            for s in strengths:
+            for sp, s in runs:
                 for sign, dst in ((1, plus), (-1, minus)):
                     o = eng.path("e.npy")
                     eng.run("edit", "--model", args.model, "--boundary", bpath, "--strength",
                             sign * s, "--seed", seed, "--batch", k, "--class", c, "--out", o,
-                            "--quiet", *eng.guidance())
-                    dst[s].append(np.load(o))
+                            "--quiet", *eng.guidance(), *(["--space", sp] if sp else []))
+                    dst[(sp, s)].append(np.load(o))
         orig = np.concatenate(orig)
         ocls = np.array(ocls)
         r0 = inst.read(orig)
         before = r0[attr]
         rows = []
-        for s in strengths:
-            rp, rm = inst.read(np.concatenate(plus[s])), inst.read(np.concatenate(minus[s]))
+        for sp, s in runs:
+            rp = inst.read(np.concatenate(plus[(sp, s)]))
+            rm = inst.read(np.concatenate(minus[(sp, s)]))
             # each image pushed to the side it is not on
             after = np.where(before == 0, rp[attr], rm[attr])
             char = np.where(before == 0, rp["char"], rm["char"])
             flip = after != before
             kept = char == ocls
-            row = {"attribute": attr, "strength": s, "flip": float(flip.mean()),
-                   "class_kept": float(kept.mean()), "both": float((flip & kept).mean()),
-                   "n": int(len(orig)), "step": b["step"], "timestep": b["timestep"],
-                   "test_accuracy": b["test_accuracy"]}
+            row = {"attribute": attr, "space": sp or "default", "strength": s,
+                   "flip": float(flip.mean()), "class_kept": float(kept.mean()),
+                   "both": float((flip & kept).mean()), "n": int(len(orig)), "step": b["step"],
+                   "timestep": b["timestep"], "test_accuracy": b["test_accuracy"]}
             rows.append(row)
-            print("  %-14s strength %4.1f: flipped %5.1f%%, class kept %5.1f%%, both %5.1f%%" %
-                  (attr, s, 100 * row["flip"], 100 * row["class_kept"], 100 * row["both"]))
+            print("  %-10s space %-7s strength %4.1f: flipped %5.1f%%, class kept %5.1f%%, "
+                  "both %5.1f%%" % (attr, row["space"], s, 100 * row["flip"],
+                                    100 * row["class_kept"], 100 * row["both"]), flush=True)
         ok = [r for r in rows if r["flip"] >= 0.8 and r["class_kept"] >= 0.9]
-        print("  %s: %s" % (attr, "target met at strength %g" % ok[0]["strength"] if ok
+        print("  %s: %s" % (attr, "target met (space %s, strength %g)" %
+                            (ok[0]["space"], ok[0]["strength"]) if ok
                             else "target (flip >= 80%, class >= 90%) not met"))
         report["boundary"].extend(rows)
 
@@ -240,7 +272,7 @@ def classchange_eval(args, eng, inst, n_classes, report):
                   "--out", maps, "--verify", "--quiet", *ginv)
     print("inversion", out.strip())
     r0 = inst.read(x)
-    c0 = centroid(x)
+    c0, b0 = centroid(x), box_centre(x)
     print("sources: %.1f%% read as their class" % (100 * np.mean(r0["char"] == cls)))
     for skip in [int(s) for s in args.skips.split(",")]:
         o = eng.path("cc.npy")
@@ -251,14 +283,17 @@ def classchange_eval(args, eng, inst, n_classes, report):
         r = inst.read(y)
         hit = r["char"] == tgt
         colour = r["colour"] == r0["colour"]
-        pos = np.hypot(*(centroid(y) - c0).T) <= 2.0
+        pos = np.hypot(*(box_centre(y) - b0).T) <= 2.0
+        cen = np.hypot(*(centroid(y) - c0).T) <= 2.0
         row = {"skip": skip, "target_class": float(hit.mean()), "colour_kept": float(colour.mean()),
-               "position_kept": float(pos.mean()), "all": float((hit & colour & pos).mean()),
-               "n": int(len(x)), "g_tgt": args.g_tgt, "steps": args.ddpm_steps}
+               "position_kept": float(pos.mean()), "centroid_kept": float(cen.mean()),
+               "all": float((hit & colour & pos).mean()), "n": int(len(x)), "g_src": args.g_src,
+               "g_tgt": args.g_tgt, "steps": args.ddpm_steps}
         report["classchange"].append(row)
-        print("  skip %3d: target class %5.1f%%, colour kept %5.1f%%, position kept %5.1f%%, all "
-              "%5.1f%%" % (skip, 100 * row["target_class"], 100 * row["colour_kept"],
-                           100 * row["position_kept"], 100 * row["all"]))
+        print("  skip %3d: target class %5.1f%%, colour kept %5.1f%%, position kept %5.1f%% "
+              "(ink centroid %5.1f%%), all three %5.1f%%" %
+              (skip, 100 * row["target_class"], 100 * row["colour_kept"],
+               100 * row["position_kept"], 100 * row["centroid_kept"], 100 * row["all"]))
 
 
 def inversion_eval(args, eng, inst, n_classes, report):
@@ -296,6 +331,10 @@ def main():
     ap.add_argument("--n-fit", type=int, default=400)
     ap.add_argument("--steps", type=int, default=50, help="DDIM grid of the boundary edits")
     ap.add_argument("--mixing-step", default="auto")
+    ap.add_argument("--space", default="",
+                    help="boundary edit spaces, e.g. x,h,both (default: the CLI's default)")
+    ap.add_argument("--attributes", default="",
+                    help="boundary attributes to edit (default: all the instrument reads)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="guidance of generation and boundary edits (default: none)")
     ap.add_argument("--strengths", default="1,2,3,4")

@@ -1,7 +1,7 @@
 /* `denoised boundary fit`: a BoundaryDiffusion semantic boundary from labelled images: the
  * mixing step of the model's DDIM grid (chosen automatically or given), the images' latents
- * there by DDIM inversion, a linear SVM, and the boundary file `denoised edit --boundary`
- * reads. */
+ * there by DDIM inversion and (for a UNet) their bottleneck h, a linear SVM in each space, and
+ * the boundary file `denoised edit --boundary` reads. */
 #include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
@@ -25,7 +25,8 @@ static const char help[] =
     "                             [--attribute NAME] [--batch B] [--threads T] [--quiet]\n"
     "\n"
     "Fits a semantic boundary (BoundaryDiffusion, Zhu et al. 2023) in the x_t space of the\n"
-    "model's DDIM grid at the mixing step.\n"
+    "model's DDIM grid at the mixing step and, for a UNet, one in its h-space (the mid-block\n"
+    "output of the model call there), as the authors' release does.\n"
     "  --labels FILE       one image per line: 'PATH LABEL [CLASS]' (PATH a PNG or .npy\n"
     "                      [C, H, W], relative to FILE's folder; LABEL 0 or 1; CLASS for\n"
     "                      class-conditional models), '#' comments; or with --images, one\n"
@@ -301,7 +302,7 @@ static int boundary_fit_main(int argc, char **argv) {
   model *m = NULL;
   sampler *s = NULL;
   sample_set set = {0};
-  float *lat = NULL, *abar = NULL;
+  float *lat = NULL, *abar = NULL, *hl = NULL, *hrows = NULL;
   double *kl = NULL;
   boundary b = {0};
   int status = 1;
@@ -315,7 +316,7 @@ static int boundary_fit_main(int argc, char **argv) {
                                   "--guidance-scale");
     goto done;
   }
-  json_t *forced = json_pack("{s:f, s:b, s:b}", "eta", 0.0, "clip_sample", 0, "thresholding", 0);
+  json_t *forced = json_pack("{s:f}", "eta", 0.0);
   int rc = cli_build_sampler(m, "ddim", a.steps, NULL, NULL, 0, forced, &s, &e);
   json_decref(forced);
   if (rc || read_labels(&a, mi, &set, &e)) {
@@ -324,10 +325,21 @@ static int boundary_fit_main(int argc, char **argv) {
   }
   const int n = sampler_num_steps(s), size = mi->sample_size;
   const size_t d = (size_t)mi->in_channels * size * size;
+  guidance g = guidance_for(m, a.guidance);
+  const int passes = a.has_guidance ? guidance_passes(&g) : 1;
+  /* the h-space boundary too when the model has a bottleneck (a UNet's mid block) */
+  int hshape[3] = {0, 0, 0};
+  err he = {0};
+  const int with_h = model_mid_shape(m, size, size, hshape, &he) == ERR_OK;
+  const size_t hd = (size_t)hshape[0] * hshape[1] * hshape[2];
   abar = malloc(sizeof *abar * (size_t)n);
   kl = malloc(sizeof *kl * (size_t)n);
   lat = malloc(sizeof *lat * d * (size_t)set.n);
-  if (!abar || !kl || !lat) {
+  if (with_h) {
+    hl = malloc(sizeof *hl * hd * (size_t)set.n);
+    hrows = malloc(sizeof *hrows * hd * (size_t)a.batch * passes);
+  }
+  if (!abar || !kl || !lat || (with_h && (!hl || !hrows))) {
     cli_fail(cmd, "out of memory");
     goto done;
   }
@@ -358,7 +370,6 @@ static int boundary_fit_main(int argc, char **argv) {
   /* latents: DDIM inversion to the mixing step, a batch of images at a time */
   cli_progress pr;
   cli_progress_init(&pr, a.quiet);
-  guidance g = guidance_for(m, a.guidance);
   for (int i0 = 0; i0 < set.n; i0 += (int)a.batch) {
     const int nb = set.n - i0 < a.batch ? set.n - i0 : (int)a.batch;
     edit_src src = {.batch = nb,
@@ -366,16 +377,29 @@ static int boundary_fit_main(int argc, char **argv) {
                     .labels = mi->num_classes ? set.cls + i0 : NULL,
                     .guidance = a.has_guidance ? &g : NULL,
                     .threads = (int)a.threads};
-    if (edit_latent_at(s, m, step, &src, lat + (size_t)i0 * d, NULL, &e)) {
+    if (edit_latent_at(s, m, step, &src, lat + (size_t)i0 * d, NULL, &e) ||
+        (with_h && edit_mid_at(s, m, step, &src, lat + (size_t)i0 * d, hrows, &e))) {
       cli_fail(cmd, "%s", e.msg);
       goto done;
     }
+    if (with_h) /* the conditional rows come first */
+      memcpy(hl + (size_t)i0 * hd, hrows, sizeof *hl * hd * (size_t)nb);
     cli_on_progress(i0 + nb, set.n, 0, &pr);
   }
   boundary_fit_opts fo = {.C = a.C, .test_fraction = a.test_fraction};
   if (boundary_fit(lat, set.label, set.n, (int)d, &fo, &b, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
+  }
+  if (with_h) {
+    if (!(b.mid = calloc(1, sizeof *b.mid)) ||
+        boundary_fit(hl, set.label, set.n, (int)hd, &fo, b.mid, &e)) {
+      cli_fail(cmd, "h-space: %s", b.mid ? e.msg : "out of memory");
+      goto done;
+    }
+    b.mid->c = hshape[0];
+    b.mid->h = hshape[1];
+    b.mid->w = hshape[2];
   }
   b.c = mi->in_channels;
   b.h = b.w = size;
@@ -394,6 +418,12 @@ static int boundary_fit_main(int argc, char **argv) {
          set.n, b.n_train, b.n_test, step, ts[step], b.train_accuracy, b.test_accuracy, b.scale,
          b.mean_neg / (b.scale > 0 ? b.scale : 1), b.mean_pos / (b.scale > 0 ? b.scale : 1),
          b.radius, a.out);
+  if (b.mid)
+    printf("h-space boundary (mid block %dx%dx%d): train accuracy %.3f, test accuracy %.3f, "
+           "distance spread %.4g, class means %+.3g / %+.3g\n",
+           b.mid->c, b.mid->h, b.mid->w, b.mid->train_accuracy, b.mid->test_accuracy, b.mid->scale,
+           b.mid->mean_neg / (b.mid->scale > 0 ? b.mid->scale : 1),
+           b.mid->mean_pos / (b.mid->scale > 0 ? b.mid->scale : 1));
   status = 0;
 done:
   boundary_free(&b);
@@ -401,6 +431,8 @@ done:
   free(set.label);
   free(set.cls);
   free(lat);
+  free(hl);
+  free(hrows);
   free(abar);
   free(kl);
   sampler_free(s);

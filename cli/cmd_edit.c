@@ -24,7 +24,8 @@ static const char help[] =
     "                     [--colour-from K]] (-o OUT.png | --out OUT.npy) [--threads T]\n"
     "       denoised edit [--model DIR] --boundary B.json --strength S\n"
     "                     (--image IN.png | --seed S [--batch N]) [--class C[,C...]]\n"
-    "                     [--guidance-scale G] [--eta E] (-o OUT.png | --out OUT.npy)\n"
+    "                     [--guidance-scale G] [--eta E] [--space x|h|both]\n"
+    "                     (-o OUT.png | --out OUT.npy)\n"
     "\n"
     "Noise-space edits (--noise, from 'denoised invert'; NOISE.json must be beside it):\n"
     "  --class C          sample with these classes instead of the inverted ones\n"
@@ -42,11 +43,14 @@ static const char help[] =
     "                     DDIM-inverted to the mixing step\n"
     "  --seed S --batch N edit N generated images (default 1)\n"
     "  --eta E            eta of the steps after the edit (default 1, as the release)\n"
+    "  --space x|h|both   move x_t, the UNet's bottleneck h (its mid-block output, used in\n"
+    "                     the first step after the mixing step), or both as the authors'\n"
+    "                     release (default: both when the file has an h part, else x)\n"
     "Output: -o OUT.png (OUT-<i>.png for several) or --out OUT.npy [B, C, H, W].\n";
 
 typedef struct edit_args {
   const char *model_dir, *noise, *boundary, *image, *classes, *png_out, *npy_out;
-  const char *shift_s, *colour_s;
+  const char *shift_s, *colour_s, *space;
   double guidance, strength, eta, colour[3];
   long long skip, seed, batch, threads, colour_from;
   int has_guidance, has_strength, has_seed, has_skip, has_colour_from, quiet;
@@ -69,6 +73,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
                                        {"color", required_argument, 0, 'C'},
                                        {"colour-from", required_argument, 0, 'F'},
                                        {"eta", required_argument, 0, 'e'},
+                                       {"space", required_argument, 0, 'H'},
                                        {"out", required_argument, 0, 'u'},
                                        {"threads", required_argument, 0, 'j'},
                                        {"quiet", no_argument, 0, 'q'},
@@ -78,7 +83,8 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   optind = 1;
   int c;
   double v[2];
-  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:u:o:j:qh", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:u:o:j:qh", opts, NULL)) !=
+         -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'N': a->noise = optarg; break;
@@ -132,6 +138,11 @@ static int parse_args(int argc, char **argv, edit_args *a) {
       if (cli_parse_double("--eta", optarg, 0, 1, &a->eta))
         return 2;
       break;
+    case 'H':
+      if (edit_space_parse(optarg, NULL, &(edit_space){0}))
+        return cli_usage_error(cmd, "--space: '%s' is not x, h or both", optarg);
+      a->space = optarg;
+      break;
     case 'u': a->npy_out = optarg; break;
     case 'o': a->png_out = optarg; break;
     case 'j':
@@ -152,8 +163,9 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   if (!!a->noise == !!a->boundary)
     return cli_usage_error(cmd, "give either --noise (noise-space edits) or --boundary");
   if (a->noise) {
-    if (a->has_strength || a->image || a->has_seed || a->batch)
-      return cli_usage_error(cmd, "--strength, --image, --seed and --batch go with --boundary");
+    if (a->has_strength || a->image || a->has_seed || a->batch || a->space)
+      return cli_usage_error(cmd,
+                             "--strength, --image, --seed, --batch and --space go with --boundary");
     if (a->has_colour_from && !a->colour_s)
       return cli_usage_error(cmd, "--colour-from needs --colour");
   } else {
@@ -454,13 +466,15 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
                   .progress_user = &pr,
                   .threads = (int)a->threads};
   int nfe = 0;
-  if (edit_boundary(grid, rest, m, &b, &src, a->strength, out, NULL, &nfe, e)) {
-    cli_fail(cmd, "%s", e->msg);
+  edit_space space;
+  edit_space_parse(a->space, &b, &space); /* the name was checked with the options */
+  if (edit_boundary(grid, rest, m, &b, &src, a->strength, space, out, NULL, &nfe, e)) {
+    cli_fail(cmd, "%s: %s", a->boundary, e->msg);
     goto done;
   }
-  json_t *meta =
-      json_pack("{s:s, s:s, s:s, s:f, s:f, s:i}", "edit", "boundary", "boundary", a->boundary,
-                "model", a->model_dir, "strength", a->strength, "eta", a->eta, "step", b.step);
+  json_t *meta = json_pack("{s:s, s:s, s:s, s:f, s:f, s:i, s:s}", "edit", "boundary", "boundary",
+                           a->boundary, "model", a->model_dir, "strength", a->strength, "eta",
+                           a->eta, "step", b.step, "space", edit_space_name(space));
   if (a->has_seed)
     json_object_set_new(meta, "seed", json_integer(a->seed));
   if (a->classes)
@@ -472,8 +486,9 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
     goto done;
   }
   if (!a->quiet)
-    fprintf(stderr, "denoised edit: %d image(s) moved to %g x %.3g at step %d, %d NFE per image\n",
-            batch, a->strength, b.scale, b.step, nfe);
+    fprintf(stderr,
+            "denoised edit: %d image(s) moved to %g spreads (%s) at step %d, %d NFE per image\n",
+            batch, a->strength, edit_space_name(space), b.step, nfe);
   status = 0;
 done:
   boundary_free(&b);

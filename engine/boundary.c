@@ -215,26 +215,42 @@ void boundary_free(boundary *b) {
     return;
   free(b->normal);
   json_decref(b->solver);
+  if (b->mid) {
+    boundary_free(b->mid);
+    free(b->mid);
+  }
   b->normal = NULL;
   b->solver = NULL;
+  b->mid = NULL;
 }
 
 /* ---- the file ---- */
 
-json_t *boundary_to_json(const boundary *b) {
+/* The hyperplane and its statistics: what an x-space and an h-space boundary share. */
+static json_t *geometry_to_json(const boundary *b) {
   json_t *normal = json_array();
   for (int k = 0; normal && k < b->dim; k++)
     json_array_append_new(normal, json_real(b->normal[k]));
-  json_t *j = json_pack(
-      "{s:s, s:i, s:s, s:s, s:i, s:f, s:[i,i,i], s:o, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, "
-      "s:f}",
-      "format", BOUNDARY_FORMAT, "version", 1, "model", b->model, "attribute", b->attribute, "step",
-      b->step, "timestep", b->timestep, "shape", b->c, b->h, b->w, "normal", normal, "offset",
-      b->offset, "scale", b->scale, "mean_positive", b->mean_pos, "mean_negative", b->mean_neg,
-      "train_accuracy", b->train_accuracy, "test_accuracy", b->test_accuracy, "n_train", b->n_train,
-      "n_test", b->n_test, "radius", b->radius);
-  if (j && b->solver)
-    json_object_set(j, "solver", b->solver);
+  return json_pack("{s:[i,i,i], s:o, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:i, s:f}", "shape", b->c,
+                   b->h, b->w, "normal", normal, "offset", b->offset, "scale", b->scale,
+                   "mean_positive", b->mean_pos, "mean_negative", b->mean_neg, "train_accuracy",
+                   b->train_accuracy, "test_accuracy", b->test_accuracy, "n_train", b->n_train,
+                   "n_test", b->n_test, "radius", b->radius);
+}
+
+json_t *boundary_to_json(const boundary *b) {
+  json_t *j = geometry_to_json(b);
+  if (!j || json_object_set_new(j, "format", json_string(BOUNDARY_FORMAT)) ||
+      json_object_set_new(j, "version", json_integer(1)) ||
+      json_object_set_new(j, "model", json_string(b->model)) ||
+      json_object_set_new(j, "attribute", json_string(b->attribute)) ||
+      json_object_set_new(j, "step", json_integer(b->step)) ||
+      json_object_set_new(j, "timestep", json_real(b->timestep)) ||
+      (b->solver && json_object_set(j, "solver", b->solver)) ||
+      (b->mid && json_object_set_new(j, "mid", geometry_to_json(b->mid)))) {
+    json_decref(j);
+    return NULL;
+  }
   return j;
 }
 
@@ -257,11 +273,11 @@ static int get_num(const json_t *j, const char *key, int required, double *out, 
   const json_t *v = json_object_get(j, key);
   if (!v) {
     if (required)
-      return err_set(e, ERR_FORMAT, "boundary: missing key '%s'", key);
+      return err_set(e, ERR_FORMAT, "missing key '%s'", key);
     return ERR_OK;
   }
   if (!json_is_number(v) || !isfinite(json_number_value(v)))
-    return err_set(e, ERR_FORMAT, "boundary: key '%s' must be a finite number", key);
+    return err_set(e, ERR_FORMAT, "key '%s' must be a finite number", key);
   *out = json_number_value(v);
   return ERR_OK;
 }
@@ -271,8 +287,58 @@ static int get_str(const json_t *j, const char *key, char *out, size_t n, err *e
   if (!v || json_is_null(v))
     return ERR_OK;
   if (!json_is_string(v) || json_string_length(v) >= n)
-    return err_set(e, ERR_FORMAT, "boundary: key '%s' must be a string of under %zu bytes", key, n);
+    return err_set(e, ERR_FORMAT, "key '%s' must be a string of under %zu bytes", key, n);
   snprintf(out, n, "%s", json_string_value(v));
+  return ERR_OK;
+}
+
+static int geometry_from_json(const json_t *j, boundary *b, err *e) {
+  const json_t *sh = json_object_get(j, "shape");
+  json_int_t dims[3];
+  if (!json_is_array(sh) || json_array_size(sh) != 3)
+    return err_set(e, ERR_FORMAT, "key 'shape' must be [C, H, W]");
+  for (int k = 0; k < 3; k++) {
+    const json_t *x = json_array_get(sh, k);
+    if (!json_is_integer(x) || json_integer_value(x) < 1 ||
+        json_integer_value(x) > BOUNDARY_MAX_DIM)
+      return err_set(e, ERR_FORMAT, "key 'shape' must hold positive integers");
+    dims[k] = json_integer_value(x);
+  }
+  if (dims[0] * dims[1] * dims[2] > BOUNDARY_MAX_DIM)
+    return err_set(e, ERR_FORMAT, "shape too large");
+  b->c = (int)dims[0];
+  b->h = (int)dims[1];
+  b->w = (int)dims[2];
+  b->dim = b->c * b->h * b->w;
+  const json_t *nv = json_object_get(j, "normal");
+  if (!json_is_array(nv) || (int)json_array_size(nv) != b->dim)
+    return err_set(e, ERR_FORMAT, "key 'normal' must be an array of %d numbers", b->dim);
+  double norm = 0;
+  if (!(b->normal = malloc((size_t)b->dim * sizeof *b->normal)))
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int k = 0; k < b->dim; k++) {
+    const json_t *x = json_array_get(nv, k);
+    if (!json_is_number(x) || !isfinite(json_number_value(x)))
+      return err_set(e, ERR_FORMAT, "normal[%d] is not a finite number", k);
+    b->normal[k] = (float)json_number_value(x);
+    norm += (double)b->normal[k] * b->normal[k];
+  }
+  norm = sqrt(norm);
+  if (!(norm > 0))
+    return err_set(e, ERR_FORMAT, "the normal is zero");
+  for (int k = 0; k < b->dim; k++) /* rounding in the file: make it unit again */
+    b->normal[k] = (float)(b->normal[k] / norm);
+  int rc;
+  if ((rc = get_num(j, "offset", 1, &b->offset, e)) ||
+      (rc = get_num(j, "scale", 0, &b->scale, e)) ||
+      (rc = get_num(j, "mean_positive", 0, &b->mean_pos, e)) ||
+      (rc = get_num(j, "mean_negative", 0, &b->mean_neg, e)) ||
+      (rc = get_num(j, "train_accuracy", 0, &b->train_accuracy, e)) ||
+      (rc = get_num(j, "test_accuracy", 0, &b->test_accuracy, e)) ||
+      (rc = get_num(j, "radius", 0, &b->radius, e)))
+    return rc;
+  if (b->scale < 0)
+    return err_set(e, ERR_FORMAT, "key 'scale' must not be negative");
   return ERR_OK;
 }
 
@@ -286,67 +352,39 @@ int boundary_from_json(const json_t *j, boundary *b, err *e) {
   const json_t *v = json_object_get(j, "version");
   if (!json_is_integer(v) || json_integer_value(v) != 1)
     return err_set(e, ERR_UNSUPPORTED, "boundary: key 'version' must be 1");
-  const json_t *sh = json_object_get(j, "shape");
-  json_int_t dims[3];
-  if (!json_is_array(sh) || json_array_size(sh) != 3)
-    return err_set(e, ERR_FORMAT, "boundary: key 'shape' must be [C, H, W]");
-  for (int k = 0; k < 3; k++) {
-    const json_t *x = json_array_get(sh, k);
-    if (!json_is_integer(x) || json_integer_value(x) < 1 ||
-        json_integer_value(x) > BOUNDARY_MAX_DIM)
-      return err_set(e, ERR_FORMAT, "boundary: key 'shape' must hold positive integers");
-    dims[k] = json_integer_value(x);
-  }
-  if (dims[0] * dims[1] * dims[2] > BOUNDARY_MAX_DIM)
-    return err_set(e, ERR_FORMAT, "boundary: shape too large");
-  b->c = (int)dims[0];
-  b->h = (int)dims[1];
-  b->w = (int)dims[2];
-  b->dim = b->c * b->h * b->w;
-  const json_t *nv = json_object_get(j, "normal");
-  if (!json_is_array(nv) || (int)json_array_size(nv) != b->dim)
-    return err_set(e, ERR_FORMAT, "boundary: key 'normal' must be an array of %d numbers", b->dim);
-  int rc = ERR_OK;
-  double step = -1, norm = 0;
-  if (!(b->normal = malloc((size_t)b->dim * sizeof *b->normal))) {
-    rc = err_set(e, ERR_NOMEM, "out of memory");
+  int rc = geometry_from_json(j, b, e);
+  double step = -1;
+  if (rc != ERR_OK) {
+    err_prefix(e, "boundary");
     goto fail;
   }
-  for (int k = 0; k < b->dim; k++) {
-    const json_t *x = json_array_get(nv, k);
-    if (!json_is_number(x) || !isfinite(json_number_value(x))) {
-      rc = err_set(e, ERR_FORMAT, "boundary: normal[%d] is not a finite number", k);
-      goto fail;
-    }
-    b->normal[k] = (float)json_number_value(x);
-    norm += (double)b->normal[k] * b->normal[k];
-  }
-  norm = sqrt(norm);
-  if (!(norm > 0)) {
-    rc = err_set(e, ERR_FORMAT, "boundary: the normal is zero");
-    goto fail;
-  }
-  for (int k = 0; k < b->dim; k++) /* rounding in the file: make it unit again */
-    b->normal[k] = (float)(b->normal[k] / norm);
-  if ((rc = get_num(j, "offset", 1, &b->offset, e)) || (rc = get_num(j, "step", 1, &step, e)) ||
-      (rc = get_num(j, "timestep", 0, &b->timestep, e)) ||
-      (rc = get_num(j, "scale", 0, &b->scale, e)) ||
-      (rc = get_num(j, "mean_positive", 0, &b->mean_pos, e)) ||
-      (rc = get_num(j, "mean_negative", 0, &b->mean_neg, e)) ||
-      (rc = get_num(j, "train_accuracy", 0, &b->train_accuracy, e)) ||
-      (rc = get_num(j, "test_accuracy", 0, &b->test_accuracy, e)) ||
-      (rc = get_num(j, "radius", 0, &b->radius, e)) ||
+  if ((rc = get_num(j, "step", 1, &step, e)) || (rc = get_num(j, "timestep", 0, &b->timestep, e)) ||
       (rc = get_str(j, "model", b->model, sizeof b->model, e)) ||
-      (rc = get_str(j, "attribute", b->attribute, sizeof b->attribute, e)))
+      (rc = get_str(j, "attribute", b->attribute, sizeof b->attribute, e))) {
+    err_prefix(e, "boundary");
     goto fail;
+  }
   if (step < 0 || step != floor(step) || step > 1e6) {
     rc = err_set(e, ERR_FORMAT, "boundary: key 'step' must be a non-negative integer");
     goto fail;
   }
   b->step = (int)step;
-  if (b->scale < 0) {
-    rc = err_set(e, ERR_FORMAT, "boundary: key 'scale' must not be negative");
-    goto fail;
+  const json_t *mv = json_object_get(j, "mid");
+  if (mv && !json_is_null(mv)) {
+    if (!json_is_object(mv)) {
+      rc = err_set(e, ERR_FORMAT, "boundary: key 'mid' must be an object");
+      goto fail;
+    }
+    if (!(b->mid = calloc(1, sizeof *b->mid))) {
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+      goto fail;
+    }
+    if ((rc = geometry_from_json(mv, b->mid, e)) != ERR_OK) {
+      err_prefix(e, "boundary: mid");
+      goto fail;
+    }
+    b->mid->step = b->step;
+    b->mid->timestep = b->timestep;
   }
   const json_t *sv = json_object_get(j, "solver");
   if (sv && !json_is_null(sv)) {

@@ -1,8 +1,9 @@
 /* BoundaryDiffusion (Zhu et al., NeurIPS 2023): a semantic boundary is a hyperplane fitted by a
- * linear SVM to labelled latents x_t at the "mixing step" t_m of a DDIM grid; an edit moves a
- * trajectory's x_{t_m} in one step to a chosen signed distance from it and lets the remaining
- * steps render the change. This module holds the boundary (fit, file, apply) and the search of
- * the mixing step; the CLI and the daemon drive the sampler around it. */
+ * linear SVM to labelled latents at the "mixing step" t_m of a DDIM grid, in x_t and (as the
+ * authors' release does) in the UNet's bottleneck h, the mid-block output; an edit moves a
+ * trajectory's x_{t_m} and h in one step to a chosen signed distance from them and lets the
+ * remaining steps render the change. This module holds the boundary (fit, file, apply) and the
+ * search of the mixing step; edit.h drives the sampler around it. */
 #ifndef DENOISED_BOUNDARY_H
 #define DENOISED_BOUNDARY_H
 
@@ -29,6 +30,9 @@ typedef struct boundary {
   json_t *solver;     /* the grid: {"name", "steps", "config"} (owned reference), or NULL */
   char model[512];    /* the model it belongs to (folder or configured name) */
   char attribute[64]; /* what the positive label means, optional */
+  /* The h-space boundary at the same step: shape, normal, offset and statistics of the mid-block
+   * outputs (no model, solver or step of its own), or NULL for an x-space-only boundary. */
+  struct boundary *mid;
 } boundary;
 
 typedef struct boundary_fit_opts {
@@ -54,7 +58,8 @@ void boundary_move(const boundary *b, float *x, int n, double target);
 void boundary_free(boundary *b);
 
 /* The file: one JSON object (format, version, model, attribute, solver, step, timestep, shape,
- * normal, offset, scale, statistics). Reading validates every field and the normal's length. */
+ * normal, offset, scale, statistics, and "mid": the h-space boundary's shape, normal, offset and
+ * statistics). Reading validates every field and the normals' lengths. */
 int boundary_save(const boundary *b, const char *path, err *e);
 int boundary_load(const char *path, boundary *b, err *e);
 json_t *boundary_to_json(const boundary *b);

@@ -1,8 +1,8 @@
 /* BoundaryDiffusion's mixing trajectory (boundarydiffusion.py, edit_image_boundary and
  * unconditional, re-derived): latent at t_m by DDIM (eta 0) inversion or sampling, one move
- * along the boundary normal, the remaining steps with the release's eta = 1 by default. Only the
- * x_t ("z") space is edited: the bottleneck ("h") edit of the release needs a UNet hook the
- * engine does not have. */
+ * along the x_t ("z") normal and one along the bottleneck ("h") normal, the moved h standing in
+ * for the UNet's own in the first evaluation after t_m, the remaining steps with the release's
+ * eta = 1 by default. */
 #include "edit.h"
 
 #include <math.h>
@@ -12,6 +12,7 @@
 #include "image.h"
 #include "invert.h"
 #include "rng.h"
+#include "unet.h"
 
 int edit_grid_sampler(const json_t *solver, const json_t *model_config, double eta, sampler **out,
                       err *e) {
@@ -22,19 +23,17 @@ int edit_grid_sampler(const json_t *solver, const json_t *model_config, double e
     return err_set(e, ERR_INVALID, "boundary: its grid must be 'ddim'");
   if (!isfinite(eta) || eta < 0 || eta > 1)
     return err_set(e, ERR_INVALID, "eta %g must be in [0, 1]", eta);
-  /* no clipping: the release's denoising_step has none, and DDIM inversion cannot undo it */
-  json_t *spec = json_pack("{s:s, s:O, s:{s:f, s:b, s:b}}", "name", "ddim", "steps",
-                           json_object_get(solver, "steps"), "options", "eta", eta, "clip_sample",
-                           0, "thresholding", 0);
+  /* Clipping and thresholding as the grid was recorded (else as the model's scheduler config
+   * says): the release's models need none, but a model trained to be sampled with x0 clipped
+   * (glyphs32) drifts off its images without it. DDIM inversion never clips either way. */
+  json_t *spec = json_pack("{s:s, s:O, s:{s:f}}", "name", "ddim", "steps",
+                           json_object_get(solver, "steps"), "options", "eta", eta);
   if (!spec)
     return err_set(e, ERR_NOMEM, "out of memory");
   const json_t *cfg = json_object_get(solver, "config");
   if (cfg && !json_is_null(cfg)) {
-    /* the recorded config is resolved: drop what the options set */
-    json_t *c = json_deep_copy(cfg);
+    json_t *c = json_deep_copy(cfg); /* resolved: its eta gives way to the option */
     json_object_del(c, "eta");
-    json_object_del(c, "clip_sample");
-    json_object_del(c, "thresholding");
     json_object_set_new(spec, "config", c);
   }
   int rc = sampler_new_from_json(spec, model_config, out, e);
@@ -84,9 +83,78 @@ int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *s
   return sampler_run(s, m, &r, out, nfe, e);
 }
 
+int edit_mid_at(const sampler *s, const model *m, int step, const edit_src *src, const float *x,
+                float *mid, err *e) {
+  const model_info *mi = model_get_info(m);
+  const int n = sampler_num_steps(s), size = mi->sample_size;
+  if (step < 0 || step >= n)
+    return err_set(e, ERR_INVALID, "mixing step %d outside the grid's %d steps", step, n);
+  const size_t dout = (size_t)mi->out_channels * size * size;
+  float *out = malloc((size_t)src->batch * dout * sizeof *out);
+  float *tv = malloc((size_t)src->batch * sizeof *tv);
+  int rc = ERR_OK;
+  if (!out || !tv) {
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+    goto done;
+  }
+  for (int b = 0; b < src->batch; b++)
+    tv[b] = (float)sampler_timesteps(s)[step];
+  const unet_mid hook = {.save = mid};
+  rc = guidance_eval_mid(src->guidance, m, x, src->batch, size, size, tv, src->labels, out,
+                         src->threads > 0 ? src->threads : 1, &hook, e);
+done:
+  free(out);
+  free(tv);
+  return rc;
+}
+
+int edit_space_parse(const char *name, const boundary *b, edit_space *out) {
+  if (!name)
+    *out = b && b->mid ? EDIT_SPACE_BOTH : EDIT_SPACE_X;
+  else if (!strcmp(name, "x"))
+    *out = EDIT_SPACE_X;
+  else if (!strcmp(name, "h"))
+    *out = EDIT_SPACE_H;
+  else if (!strcmp(name, "both"))
+    *out = EDIT_SPACE_BOTH;
+  else
+    return -1;
+  return 0;
+}
+
+const char *edit_space_name(edit_space s) {
+  return s == EDIT_SPACE_X ? "x" : s == EDIT_SPACE_H ? "h" : "both";
+}
+
+/* Moves the h rows of every pass to the target distance, each image by the step its first
+ * (conditional) row needs, so the passes keep their difference: guidance acts as before. */
+static void move_mid(const boundary *hb, float *mid, int batch, int passes, double target) {
+  for (int i = 0; i < batch; i++) {
+    const double step = target - boundary_distance(hb, mid + (size_t)i * hb->dim);
+    for (int p = 0; p < passes; p++) {
+      float *row = mid + ((size_t)p * batch + i) * hb->dim;
+      for (int k = 0; k < hb->dim; k++)
+        row[k] = (float)(row[k] + step * hb->normal[k]);
+    }
+  }
+}
+
+static int check_mid(const model *m, const boundary *hb, err *e) {
+  const int size = model_get_info(m)->sample_size;
+  int shape[3];
+  int rc = model_mid_shape(m, size, size, shape, e);
+  if (rc != ERR_OK)
+    return err_prefix(e, "h-space edit");
+  if (shape[0] != hb->c || shape[1] != hb->h || shape[2] != hb->w)
+    return err_set(e, ERR_INVALID,
+                   "the boundary's h-space is %dx%dx%d, the model's mid block gives %dx%dx%d",
+                   hb->c, hb->h, hb->w, shape[0], shape[1], shape[2]);
+  return ERR_OK;
+}
+
 int edit_boundary(const sampler *grid, const sampler *rest, const model *m, const boundary *b,
-                  const edit_src *src, double strength, float *out, float *latent, int *nfe,
-                  err *e) {
+                  const edit_src *src, double strength, edit_space space, float *out, float *latent,
+                  int *nfe, err *e) {
   int dummy = 0, part = 0;
   nfe = nfe ? nfe : &dummy;
   *nfe = 0;
@@ -97,21 +165,39 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
   if (!isfinite(strength) || fabs(strength) > 1000)
     return err_set(e, ERR_INVALID, "strength %g must be a finite number in [-1000, 1000]",
                    strength);
+  if (space < EDIT_SPACE_X || space > EDIT_SPACE_BOTH)
+    return err_set(e, ERR_INVALID, "edit space %d is not x, h or both", (int)space);
+  int rc;
+  if ((space & EDIT_SPACE_H) && !b->mid)
+    return err_set(e, ERR_INVALID, "the boundary has no h-space part: edit x only, or refit it");
+  if ((space & EDIT_SPACE_H) && (rc = check_mid(m, b->mid, e)) != ERR_OK)
+    return rc;
   if (sampler_num_steps(rest) != sampler_num_steps(grid))
     return err_set(e, ERR_INVALID, "the edit's solver has %d steps, the boundary's grid %d",
                    sampler_num_steps(rest), sampler_num_steps(grid));
   if (src->batch < 1)
     return err_set(e, ERR_INVALID, "batch %d must be positive", src->batch);
   const size_t nd = (size_t)src->batch * d;
-  float *x = malloc(nd * sizeof *x);
+  const int passes = guidance_passes(src->guidance);
+  float *x = malloc(nd * sizeof *x), *mid = NULL;
   if (!x)
     return err_set(e, ERR_NOMEM, "out of memory");
-  int rc = edit_latent_at(grid, m, b->step, src, x, &part, e);
+  rc = edit_latent_at(grid, m, b->step, src, x, &part, e);
   *nfe += part;
+  if (rc == ERR_OK && (space & EDIT_SPACE_H)) {
+    /* h of the unmoved latent, as the release takes it from the unedited chain */
+    if (!(mid = malloc((size_t)passes * src->batch * b->mid->dim * sizeof *mid)))
+      rc = err_set(e, ERR_NOMEM, "out of memory for the h-space edit");
+    else if ((rc = edit_mid_at(grid, m, b->step, src, x, mid, e)) == ERR_OK) {
+      ++*nfe;
+      move_mid(b->mid, mid, src->batch, passes, strength * b->mid->scale);
+    }
+  }
   if (rc == ERR_OK) {
     if (latent)
       memcpy(latent, x, nd * sizeof *x);
-    boundary_move(b, x, src->batch, strength * b->scale);
+    if (space & EDIT_SPACE_X)
+      boundary_move(b, x, src->batch, strength * b->scale);
     sampler_run_opts r = {.batch = src->batch,
                           .seed = src->seed,
                           .first_image = src->first_image,
@@ -122,11 +208,13 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
                           .progress = src->progress,
                           .progress_user = src->progress_user,
                           .cancel = src->cancel,
-                          .threads = src->threads};
+                          .threads = src->threads,
+                          .first_mid = mid};
     rc = sampler_run(rest, m, &r, out, &part, e);
     *nfe += part;
   }
   free(x);
+  free(mid);
   return rc;
 }
 

@@ -28,7 +28,8 @@ typedef struct edit_src {
 } edit_src;
 
 /* The DDIM sampler of a boundary's grid: solver is {"name": "ddim", "steps": N, "config": {...}}
- * (the boundary file's "solver"), eta the value to run it with; x0 is never clipped. */
+ * (the boundary file's "solver"), eta the value to run it with; x0 is clipped or thresholded as
+ * the recorded config (else the model's scheduler config) says. */
 int edit_grid_sampler(const json_t *solver, const json_t *model_config, double eta, sampler **out,
                       err *e);
 
@@ -37,14 +38,31 @@ int edit_grid_sampler(const json_t *solver, const json_t *model_config, double e
 int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *src, float *out,
                    int *nfe, err *e);
 
+/* The UNet's mid-block outputs (h) of the evaluation at step `step` of grid s on the latents x
+ * (src's batch, labels and guidance): guidance_passes * batch rows of the h shape, the
+ * conditional rows first. */
+int edit_mid_at(const sampler *s, const model *m, int step, const edit_src *src, const float *x,
+                float *mid, err *e);
+
+/* What a boundary edit moves: x_t, the bottleneck h (the boundary's "mid" part), or both as the
+ * authors' release does. */
+typedef enum { EDIT_SPACE_X = 1, EDIT_SPACE_H = 2, EDIT_SPACE_BOTH = 3 } edit_space;
+
+/* "x", "h", "both"; NULL picks the default for b: both when it has an h part, else x. Returns
+ * 0, or -1 for an unknown name. */
+int edit_space_parse(const char *name, const boundary *b, edit_space *out);
+const char *edit_space_name(edit_space s);
+
 /* One BoundaryDiffusion edit: the latents at the boundary's step (edit_latent_at on `grid`, eta
- * 0), moved to signed distance strength * b->scale (strength in units of the spread of the
- * training latents' distances: +-1 is a typical member of either side), then the rest of the
+ * 0); for h, their mid-block outputs (one more evaluation) moved to signed distance
+ * strength * b->mid->scale and used instead of the network's own in the first evaluation of the
+ * rest; for x, the latents moved to strength * b->scale (strength in units of the spread of the
+ * training latents' distances: +-1 is a typical member of either side); then the rest of the
  * chain on `rest` (the same grid; the release runs it with eta = 1, its noise from seed and
  * first_image). latent (optional, batch * C * H * W) receives the unedited latent. */
 int edit_boundary(const sampler *grid, const sampler *rest, const model *m, const boundary *b,
-                  const edit_src *src, double strength, float *out, float *latent, int *nfe,
-                  err *e);
+                  const edit_src *src, double strength, edit_space space, float *out, float *latent,
+                  int *nfe, err *e);
 
 /* Input images of edit requests (CLI files, base64 in API jobs): a PNG decoded under the size
  * limit h x w (a different size is an error naming `field`), to c = 1 (luma, as PIL's "L") or 3

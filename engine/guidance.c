@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "unet.h"
+
 guidance guidance_for(const model *m, double scale) {
   guidance g = {.enabled = 1, .scale = scale, .null_label = model_get_info(m)->null_class};
   return g;
@@ -29,10 +31,20 @@ int guidance_check(const guidance *g, const model *m, err *e) {
   return ERR_OK;
 }
 
+int guidance_passes(const guidance *g) {
+  return g && g->enabled && g->scale != 1.0 && g->scale != 0.0 ? 2 : 1;
+}
+
 int guidance_eval(const guidance *g, const model *m, const float *x, int n, int h, int w,
                   const float *t, const int64_t *labels, float *out, int threads, err *e) {
+  return guidance_eval_mid(g, m, x, n, h, w, t, labels, out, threads, NULL, e);
+}
+
+int guidance_eval_mid(const guidance *g, const model *m, const float *x, int n, int h, int w,
+                      const float *t, const int64_t *labels, float *out, int threads,
+                      const unet_mid *mid, err *e) {
   if (!g || !g->enabled || g->scale == 1.0)
-    return model_eval(m, x, n, h, w, t, labels, out, threads, e);
+    return model_eval_mid(m, x, n, h, w, t, labels, out, threads, mid, e);
   if (!labels)
     return err_set(e, ERR_INVALID, "classifier-free guidance needs class labels");
   const model_info *mi = model_get_info(m);
@@ -45,7 +57,7 @@ int guidance_eval(const guidance *g, const model *m, const float *x, int n, int 
       return err_set(e, ERR_NOMEM, "out of memory");
     for (size_t b = 0; b < nb; b++)
       nl[b] = g->null_label;
-    int rc = model_eval(m, x, n, h, w, t, nl, out, threads, e);
+    int rc = model_eval_mid(m, x, n, h, w, t, nl, out, threads, mid, e);
     free(nl);
     return rc;
   }
@@ -66,7 +78,7 @@ int guidance_eval(const guidance *g, const model *m, const float *x, int n, int 
     l2[b] = labels[b];
     l2[nb + b] = g->null_label;
   }
-  if ((rc = model_eval(m, x2, 2 * n, h, w, t2, l2, o2, threads, e)) != ERR_OK)
+  if ((rc = model_eval_mid(m, x2, 2 * n, h, w, t2, l2, o2, threads, mid, e)) != ERR_OK)
     goto done;
   const float s = (float)g->scale;
   const size_t dg = din < dout ? din : dout; /* the guided (prediction) part of each row */

@@ -32,4 +32,15 @@ int guidance_check(const guidance *g, const model *m, err *e);
 int guidance_eval(const guidance *g, const model *m, const float *x, int n, int h, int w,
                   const float *t, const int64_t *labels, float *out, int threads, err *e);
 
+/* Evaluations per row of a guided call: 2 (the conditional rows, then the unconditional ones,
+ * in one batch of 2 n) or 1 (no guidance, g = 1 or g = 0). */
+int guidance_passes(const guidance *g);
+
+/* guidance_eval with access to a UNet's mid-block output (unet.h): mid's buffers hold
+ * guidance_passes(g) * n rows in the evaluated order (conditional rows first). */
+struct unet_mid;
+int guidance_eval_mid(const guidance *g, const model *m, const float *x, int n, int h, int w,
+                      const float *t, const int64_t *labels, float *out, int threads,
+                      const struct unet_mid *mid, err *e);
+
 #endif

@@ -26,8 +26,8 @@ typedef struct image_text {
  * must be 1-79 printable ASCII characters, values valid UTF-8; like PIL, a tEXt
  * value that cannot be written in Latin-1 is stored as iTXt instead.
  * image_png_write goes through a temporary file and rename(). */
-int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *texts,
-                     int ntexts, uint8_t **png, size_t *png_len, err *e);
+int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *texts, int ntexts,
+                     uint8_t **png, size_t *png_len, err *e);
 int image_png_write(const char *path, const uint8_t *px, int c, int h, int w,
                     const image_text *texts, int ntexts, err *e);
 
@@ -35,8 +35,8 @@ int image_png_write(const char *path, const uint8_t *px, int c, int h, int w,
  * refusing images larger than max_w x max_h (ERR_INVALID) before allocating.
  * *px is malloc'ed, h*w*3 bytes. Matches PIL's convert("RGB"): alpha and tRNS
  * are dropped (not composited), 16-bit samples keep their high byte. */
-int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, uint8_t **px,
-                     int *h, int *w, err *e);
+int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, uint8_t **px, int *h,
+                     int *w, err *e);
 /* Reads the value of text chunk `key` (tEXt, zTXt or iTXt, before or after
  * the image data) from a PNG file into a malloc'ed UTF-8 string; ERR_INVALID
  * if the file has no such chunk. */

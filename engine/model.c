@@ -281,10 +281,23 @@ const char *model_scheduler_config_path(const model *m) {
 
 int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
                const int64_t *labels, float *out, int threads, err *e) {
+  return model_eval_mid(m, x, n, h, w, t, labels, out, threads, NULL, e);
+}
+
+int model_mid_shape(const model *m, int h, int w, int shape[3], err *e) {
+  if (!m->unet)
+    return err_set(e, ERR_UNSUPPORTED, "%s has no mid block (h-space)", m->info.class_name);
+  return unet_mid_shape(m->unet, h, w, shape, e);
+}
+
+int model_eval_mid(const model *m, const float *x, int n, int h, int w, const float *t,
+                   const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
   if (n < 1 || !x || !t || !out)
     return err_set(e, ERR_INVALID, "model_eval: empty batch or missing buffers");
   if (m->unet)
-    return unet_forward(m->unet, x, n, h, w, t, labels, out, threads, e);
+    return unet_forward_mid(m->unet, x, n, h, w, t, labels, out, threads, mid, e);
+  if (mid)
+    return err_set(e, ERR_UNSUPPORTED, "%s has no mid block (h-space)", m->info.class_name);
   if (h != m->info.sample_size || w != m->info.sample_size)
     return err_set(e, ERR_INVALID, "GaussianMixtureDenoiser is %dx%d; got %dx%d",
                    m->info.sample_size, m->info.sample_size, h, w);

@@ -54,6 +54,15 @@ const char *model_scheduler_config_path(const model *m);
 int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
                const int64_t *labels, float *out, int threads, err *e);
 
+/* model_eval with access to a UNet's mid-block output (unet.h's unet_mid; NULL: model_eval).
+ * ERR_UNSUPPORTED for models without one (the GaussianMixtureDenoiser). */
+struct unet_mid;
+int model_eval_mid(const model *m, const float *x, int n, int h, int w, const float *t,
+                   const int64_t *labels, float *out, int threads, const struct unet_mid *mid,
+                   err *e);
+/* [C, H, W] of the mid-block output for h x w images; ERR_UNSUPPORTED without one. */
+int model_mid_shape(const model *m, int h, int w, int shape[3], err *e);
+
 /* Approximate multiply-add FLOPs (x2) of one forward on one h x w image. */
 double model_flops(const model *m, int h, int w);
 

@@ -7,6 +7,7 @@
 
 #include "rng.h"
 #include "sampler_impl.h"
+#include "unet.h"
 
 struct run_ctx {
   const sampler *s;
@@ -29,8 +30,13 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
   const int total = r->s->n;
   if (o->cancel && *o->cancel)
     return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", step + 1, total);
-  int rc = guidance_eval(o->guidance, r->m, x, n, r->h, r->w, r->tv, labels, out,
-                         o->threads > 0 ? o->threads : 1, e);
+  const unet_mid mid = {.replace = o->first_mid};
+  const int hooked = o->first_mid && r->nfe == 0;
+  if (hooked && n != r->batch)
+    return err_set(e, ERR_INVALID, "step %d: a mid-block replacement needs the whole batch",
+                   step + 1);
+  int rc = guidance_eval_mid(o->guidance, r->m, x, n, r->h, r->w, r->tv, labels, out,
+                             o->threads > 0 ? o->threads : 1, hooked ? &mid : NULL, e);
   if (rc != ERR_OK)
     return err_prefix(e, "step %d (t=%g)", step + 1, t_for_msg);
   r->nfe++;

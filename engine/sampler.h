@@ -107,6 +107,10 @@ typedef struct sampler_run_opts {
    * without mask channels, one fixed noise draw (no RePaint resampling). strength 1 starts
    * from pure noise, as there. */
   const float *mask;
+  /* h-space edits (BoundaryDiffusion): the UNet's mid-block output to use instead of its own in
+   * the run's first evaluation, guidance_passes * batch rows as guidance_eval_mid lays them out.
+   * That evaluation must cover the whole batch (every solver's first step does). */
+  const float *first_mid;
 } sampler_run_opts;
 
 /* Runs the whole chain; out receives batch * C * H * W floats (nominally in [-1, 1]) and *nfe

@@ -695,6 +695,8 @@ typedef struct fwd {
   pool *p;
   double flops;
   const float *temb_act; /* silu(emb), [n][temb_dim], shared by every resnet */
+  const unet_mid *mid;   /* h-space access, or NULL */
+  int mid_shape[3];      /* [C, H, W] of the mid-block output, set by the pass */
 } fwd;
 
 static float *alloc_act(fwd *f, int c, int h, int w) {
@@ -874,6 +876,16 @@ static int forward(fwd *f, const float *x, int h, int w, const float *t, const i
     float *ny = alloc_act(f, ch, h, w);
     if (!ny || resnet_forward(f, &u->mid_res[1], nx, h, w, ny))
       goto oom;
+    f->mid_shape[0] = ch;
+    f->mid_shape[1] = h;
+    f->mid_shape[2] = w;
+    if (f->mid && !f->dry) {
+      const size_t cnt = (size_t)n * ch * h * w;
+      if (f->mid->save)
+        memcpy(f->mid->save, ny, cnt * sizeof *ny);
+      if (f->mid->replace)
+        memcpy(ny, f->mid->replace, cnt * sizeof *ny);
+    }
     cur = ny;
   }
   for (int i = 0; i < u->nlevels; i++) {
@@ -961,9 +973,16 @@ static int check_input(const unet *u, int n, int h, int w, const float *t, const
 
 int unet_forward(const unet *u, const float *x, int n, int h, int w, const float *t,
                  const int64_t *labels, float *out, int threads, err *e) {
+  return unet_forward_mid(u, x, n, h, w, t, labels, out, threads, NULL, e);
+}
+
+int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
+                     const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
   int rc = check_input(u, n, h, w, t, labels, e);
   if (rc)
     return rc;
+  if (mid && !u->has_mid)
+    return err_set(e, ERR_UNSUPPORTED, "this UNet has no mid block (h-space)");
   unet *mu = (unet *)u; /* only the workspace cache changes, under its lock */
   if (threads < 1)
     threads = 1;
@@ -989,7 +1008,7 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
     pool_free(ws.p);
     return err_set(e, ERR_NOMEM, "out of memory (or threads) for a forward pass");
   }
-  fwd f = {.u = u, .a = ws.a, .n = n, .p = ws.p};
+  fwd f = {.u = u, .a = ws.a, .n = n, .p = ws.p, .mid = mid};
   rc = forward(&f, x, h, w, t, labels, out, e);
   arena_reset(ws.a);
   pthread_mutex_lock(&mu->lock);
@@ -1004,16 +1023,33 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
   return rc;
 }
 
-double unet_flops(const unet *u, int h, int w) {
-  err e;
+/* A dry pass (shapes and FLOPs only) of one h x w image. */
+static int dry_run(const unet *u, int h, int w, fwd *f, err *e) {
   int mult = 1 << (u->nlevels - 1);
-  if (h < 1 || w < 1 || h % mult || w % mult)
-    return 0;
+  if (h < 1 || w < 1 || h > 4096 || w > 4096 || h % mult || w % mult)
+    return err_set(e, ERR_INVALID, "input size %dx%d must be a multiple of %d up to 4096", h, w,
+                   mult);
   arena *a = arena_new((size_t)64 << 20);
   if (!a)
-    return 0;
-  fwd f = {.u = u, .a = a, .n = 1, .p = NULL, .dry = 1};
-  int rc = forward(&f, NULL, h, w, NULL, NULL, NULL, &e);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  *f = (fwd){.u = u, .a = a, .n = 1, .p = NULL, .dry = 1};
+  int rc = forward(f, NULL, h, w, NULL, NULL, NULL, e);
   arena_free(a);
-  return rc ? 0 : f.flops;
+  return rc;
+}
+
+double unet_flops(const unet *u, int h, int w) {
+  err e;
+  fwd f;
+  return dry_run(u, h, w, &f, &e) ? 0 : f.flops;
+}
+
+int unet_mid_shape(const unet *u, int h, int w, int shape[3], err *e) {
+  if (!u->has_mid)
+    return err_set(e, ERR_UNSUPPORTED, "this UNet has no mid block (h-space)");
+  fwd f;
+  int rc = dry_run(u, h, w, &f, e);
+  if (rc == ERR_OK)
+    memcpy(shape, f.mid_shape, sizeof f.mid_shape);
+  return rc;
 }

@@ -26,6 +26,21 @@ const unet_shape *unet_get_shape(const unet *u);
 int unet_forward(const unet *u, const float *x, int n, int h, int w, const float *t,
                  const int64_t *labels, float *out, int threads, err *e);
 
+/* The network's bottleneck, its "h-space" (Kwon et al. 2023; BoundaryDiffusion edits there):
+ * the mid-block output of every image. save (if set) receives it; replace (if set) is used by
+ * the decoder instead of the network's own. Both hold n * C * H * W floats (unet_mid_shape). */
+typedef struct unet_mid {
+  float *save;
+  const float *replace;
+} unet_mid;
+
+/* [C, H, W] of the mid-block output for h x w inputs; ERR_UNSUPPORTED without a mid block. */
+int unet_mid_shape(const unet *u, int h, int w, int shape[3], err *e);
+
+/* unet_forward with access to the mid-block output (mid may be NULL). */
+int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
+                     const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e);
+
 /* FLOPs (2 x multiply-adds of convolutions, linears and attention matmuls). */
 double unet_flops(const unet *u, int h, int w);
 

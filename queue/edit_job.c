@@ -157,7 +157,12 @@ static int run_boundary(const edit_job *j, sampler **s_out, float *x, int *nfe, 
                     .progress_user = j->progress_user,
                     .cancel = j->cancel,
                     .threads = j->threads};
-    rc = edit_boundary(grid, *s_out, j->m, &bd, &src, sp->strength, x, NULL, nfe, e);
+    edit_space space;
+    const json_t *sv = json_object_get(sp->edit_args, "space");
+    if (edit_space_parse(json_is_string(sv) ? json_string_value(sv) : NULL, &bd, &space))
+      rc = err_set(e, ERR_INVALID, "edit.space: must be x, h or both");
+    else
+      rc = edit_boundary(grid, *s_out, j->m, &bd, &src, sp->strength, space, x, NULL, nfe, e);
   }
   sampler_free(grid);
   boundary_free(&bd);

@@ -9,11 +9,13 @@
 
 #include "boundary.h"
 #include "edit.h"
+#include "guidance.h"
 #include "model.h"
 #include "rng.h"
 #include "safetensors.h"
 #include "sampler.h"
 #include "testutil.h"
+#include "unet.h"
 
 enum { D = 192 };
 
@@ -194,14 +196,16 @@ START_TEST(edits_cross_the_boundary) {
   const double strengths[3] = {1.5, 3, 5};
   for (int si = 0; si < 3; si++) {
     int flipped = 0, n_neg = 0, n_pos = 0, flipped_pos = 0;
-    ck_assert(edit_boundary(grid, rest, m, &b, &es, strengths[si], out, NULL, &nfe, &e) == 0);
+    ck_assert(edit_boundary(grid, rest, m, &b, &es, strengths[si], EDIT_SPACE_X, out, NULL, &nfe,
+                            &e) == 0);
     ck_assert_int_eq(nfe, 40);
     for (int i = 0; i < T; i++)
       if (nearest(means, orig + i * D) != 1) {
         n_neg++;
         flipped += nearest(means, out + i * D) == 1;
       }
-    ck_assert(edit_boundary(grid, rest, m, &b, &es, -strengths[si], out, NULL, NULL, &e) == 0);
+    ck_assert(edit_boundary(grid, rest, m, &b, &es, -strengths[si], EDIT_SPACE_X, out, NULL, NULL,
+                            &e) == 0);
     for (int i = 0; i < T; i++)
       if (nearest(means, orig + i * D) == 1) {
         n_pos++;
@@ -221,7 +225,8 @@ START_TEST(edits_cross_the_boundary) {
   double dmean = 0;
   for (int i = 0; i < T; i++)
     dmean += boundary_distance(&b, lat2 + i * D) / T;
-  ck_assert(edit_boundary(grid, rest0, m, &b, &ei, dmean / b.scale, out, NULL, NULL, &e) == 0);
+  ck_assert(edit_boundary(grid, rest0, m, &b, &ei, dmean / b.scale, EDIT_SPACE_X, out, NULL, NULL,
+                          &e) == 0);
   fprintf(stderr, "inverted images through the edit path at their mean distance: rel L2 %.3f\n",
           test_rel_l2(out, orig, T * D));
   /* the file round trip */
@@ -242,10 +247,12 @@ START_TEST(edits_cross_the_boundary) {
   unlink(path);
   rmdir(dir);
   /* bad edits */
-  ck_assert_int_eq(edit_boundary(grid, rest, m, &b, &es, NAN, out, NULL, NULL, &e), ERR_INVALID);
+  ck_assert_int_eq(edit_boundary(grid, rest, m, &b, &es, NAN, EDIT_SPACE_X, out, NULL, NULL, &e),
+                   ERR_INVALID);
   ck_assert_ptr_nonnull(strstr(e.msg, "strength"));
   b.dim = 10;
-  ck_assert_int_eq(edit_boundary(grid, rest, m, &b, &es, 1, out, NULL, NULL, &e), ERR_INVALID);
+  ck_assert_int_eq(edit_boundary(grid, rest, m, &b, &es, 1, EDIT_SPACE_X, out, NULL, NULL, &e),
+                   ERR_INVALID);
   b.dim = D;
   ck_assert_int_eq(edit_latent_at(grid, m, 40, &es, out, NULL, &e), ERR_INVALID);
   json_t *bad = json_pack("{s:s, s:i}", "name", "dpm++2m", "steps", 40);
@@ -266,6 +273,144 @@ START_TEST(edits_cross_the_boundary) {
   json_decref(solver);
   json_decref(mcfg);
   model_free(m);
+}
+END_TEST
+
+/* The h-space path on a small class-conditional UNet: the mid-block hook, its rows under
+ * guidance, and edits that move h: a zero move reproduces the unedited chain bit for bit (so the
+ * substituted rows are the network's own, in the right order), a real move changes the result,
+ * and a boundary without an h part or of another shape is refused. */
+START_TEST(h_space_edits) {
+  char path[512];
+  model *m = NULL, *gm = load_gmm("mix3");
+  err e = {0};
+  ck_assert_msg(model_load(test_src_path(path, sizeof path, "tests/fixtures/unet/classcond_small"),
+                           &m, &e) == 0,
+                "%s", e.msg);
+  int shape[3];
+  ck_assert_msg(model_mid_shape(m, 8, 8, shape, &e) == 0, "%s", e.msg);
+  ck_assert_int_eq(shape[0], 32); /* the last block's channels at 8 / 2 */
+  ck_assert_int_eq(shape[1], 4);
+  ck_assert_int_eq(shape[2], 4);
+  ck_assert_int_eq(model_mid_shape(gm, 8, 8, shape, &e), ERR_UNSUPPORTED);
+  enum { B = 3, DX = 3 * 8 * 8, DH = 32 * 4 * 4 };
+  float x[B * DX], o1[B * DX], o2[B * DX], h1[2 * B * DH], h2[2 * B * DH], t[B] = {500, 500, 500};
+  int64_t lab[B] = {1, 4, 7};
+  rng_normal(5, 0, 0, x, B * DX);
+  /* save, then replace with what was saved: the same floats; a changed h changes them */
+  unet_mid save = {.save = h1};
+  ck_assert(model_eval_mid(m, x, B, 8, 8, t, lab, o1, 1, &save, &e) == 0);
+  unet_mid swap = {.save = h2, .replace = h1};
+  ck_assert(model_eval_mid(m, x, B, 8, 8, t, lab, o2, 1, &swap, &e) == 0);
+  ck_assert(memcmp(o1, o2, sizeof o1) == 0 && memcmp(h1, h2, B * DH * sizeof *h1) == 0);
+  for (int k = 0; k < B * DH; k++)
+    h2[k] = h1[k] + 0.5f;
+  swap = (unet_mid){.replace = h2};
+  ck_assert(model_eval_mid(m, x, B, 8, 8, t, lab, o2, 1, &swap, &e) == 0);
+  ck_assert(memcmp(o1, o2, sizeof o1) != 0);
+  ck_assert_int_eq(model_eval_mid(gm, x, B, 8, 8, t, lab, o2, 1, &save, &e), ERR_UNSUPPORTED);
+  /* guided: 2 B rows, the conditional ones first */
+  guidance g = guidance_for(m, 3.0);
+  ck_assert_int_eq(guidance_passes(&g), 2);
+  ck_assert_int_eq(guidance_passes(NULL), 1);
+  save.save = h2;
+  ck_assert(guidance_eval_mid(&g, m, x, B, 8, 8, t, lab, o2, 1, &save, &e) == 0);
+  ck_assert(memcmp(h1, h2, B * DH * sizeof *h1) == 0);
+  ck_assert(memcmp(h1, h2 + B * DH, B * DH * sizeof *h1) != 0);
+
+  /* edits on a 10-step grid at step 4 */
+  json_error_t je;
+  json_t *mcfg = json_load_file(model_scheduler_config_path(m), 0, &je);
+  json_t *solver = json_pack("{s:s, s:i}", "name", "ddim", "steps", 10);
+  sampler *grid = NULL, *rest = NULL;
+  ck_assert_msg(edit_grid_sampler(solver, mcfg, 0.0, &grid, &e) == 0, "%s", e.msg);
+  ck_assert(edit_grid_sampler(solver, mcfg, 1.0, &rest, &e) == 0);
+  boundary b = {.dim = DX, .c = 3, .h = 8, .w = 8, .scale = 1, .step = 4};
+  b.normal = calloc(DX, sizeof *b.normal);
+  b.normal[0] = 1;
+  boundary hb = {.dim = DH, .c = 32, .h = 4, .w = 4, .scale = 1};
+  hb.normal = calloc(DH, sizeof *hb.normal);
+  for (int k = 0; k < DH; k++)
+    hb.normal[k] = (k % 3 ? 1.0f : -1.0f) / sqrtf(DH);
+  float lat[DX], plain[DX], edited[DX], hrow[2 * DH];
+  for (int gi = 0; gi < 2; gi++) {
+    edit_src src = {.batch = 1, .seed = 21, .labels = lab, .guidance = gi ? &g : NULL};
+    ck_assert(edit_latent_at(grid, m, b.step, &src, lat, NULL, &e) == 0);
+    ck_assert(edit_mid_at(grid, m, b.step, &src, lat, hrow, &e) == 0);
+    sampler_run_opts r = {.batch = 1,
+                          .seed = 21,
+                          .init_noise = lat,
+                          .start_step = b.step,
+                          .labels = lab,
+                          .guidance = src.guidance};
+    ck_assert(sampler_run(rest, m, &r, plain, NULL, &e) == 0);
+    /* offset so that h already sits at the target distance 1: nothing moves */
+    hb.offset = 0;
+    hb.offset = 1 - boundary_distance(&hb, hrow);
+    b.mid = &hb;
+    int nfe = 0;
+    ck_assert_msg(edit_boundary(grid, rest, m, &b, &src, 1, EDIT_SPACE_H, edited, NULL, &nfe, &e) ==
+                      0,
+                  "%s", e.msg);
+    ck_assert_int_eq(nfe, 11); /* 4 to reach the step, 1 for h, 6 to finish */
+    double dmax = 0;
+    for (int k = 0; k < DX; k++)
+      dmax = fmax(dmax, fabs(edited[k] - plain[k]));
+    ck_assert_msg(dmax < 1e-5, "guided %d: zero h move changed the result by %g", gi, dmax);
+    ck_assert(edit_boundary(grid, rest, m, &b, &src, 30, EDIT_SPACE_H, edited, NULL, NULL, &e) ==
+              0);
+    dmax = 0;
+    for (int k = 0; k < DX; k++)
+      dmax = fmax(dmax, fabs(edited[k] - plain[k]));
+    ck_assert_msg(dmax > 1e-4, "guided %d: an h move changed nothing (%g)", gi, dmax);
+    fprintf(stderr, "h-space edit (guided %d): moving h by 29 spreads changes x0 by %.3g\n", gi,
+            dmax);
+  }
+  /* refused: no h part, a wrong h shape, an unknown space, a model without a mid block */
+  b.mid = NULL;
+  edit_src src = {.batch = 1, .seed = 21, .labels = lab};
+  ck_assert_int_eq(
+      edit_boundary(grid, rest, m, &b, &src, 1, EDIT_SPACE_BOTH, edited, NULL, NULL, &e),
+      ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "no h-space part"));
+  edit_space sp;
+  ck_assert_int_eq(edit_space_parse(NULL, &b, &sp), 0);
+  ck_assert_int_eq(sp, EDIT_SPACE_X);
+  b.mid = &hb;
+  ck_assert_int_eq(edit_space_parse(NULL, &b, &sp), 0);
+  ck_assert_int_eq(sp, EDIT_SPACE_BOTH);
+  ck_assert_int_eq(edit_space_parse("z", &b, &sp), -1);
+  ck_assert_int_eq(edit_boundary(grid, rest, m, &b, &src, 1, (edit_space)7, edited, NULL, NULL, &e),
+                   ERR_INVALID);
+  hb.c = 16;
+  ck_assert_int_eq(edit_boundary(grid, rest, m, &b, &src, 1, EDIT_SPACE_H, edited, NULL, NULL, &e),
+                   ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "mid block"));
+  hb.c = 32;
+  /* the file keeps the h part */
+  char dir[64];
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+  snprintf(path, sizeof path, "%s/h.json", dir);
+  b.solver = solver;
+  ck_assert(boundary_save(&b, path, &e) == 0);
+  boundary c;
+  ck_assert_msg(boundary_load(path, &c, &e) == 0, "%s", e.msg);
+  ck_assert_ptr_nonnull(c.mid);
+  ck_assert_int_eq(c.mid->dim, DH);
+  ck_assert(fabs(c.mid->offset - hb.offset) < 1e-6);
+  for (int k = 0; k < DH; k++)
+    ck_assert(fabs(c.mid->normal[k] - hb.normal[k]) < 1e-6);
+  boundary_free(&c);
+  unlink(path);
+  rmdir(dir);
+  free(b.normal);
+  free(hb.normal);
+  sampler_free(grid);
+  sampler_free(rest);
+  json_decref(solver);
+  json_decref(mcfg);
+  model_free(m);
+  model_free(gm);
 }
 END_TEST
 
@@ -304,6 +449,19 @@ START_TEST(rejects_bad_files) {
       "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"scale\": -1}",
       "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
       "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"model\": 7}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"mid\": 3}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"mid\": {}}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"mid\": {\"shape\": [2, 1, 1], "
+      "\"normal\": [0, 0], \"offset\": 0}}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"mid\": {\"shape\": [2, 1, 1], "
+      "\"normal\": [1, 0, 0], \"offset\": 0}}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"mid\": {\"shape\": [2, 1, 1], "
+      "\"normal\": [1, 0]}}",
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     FILE *f = fopen(path, "w");
@@ -344,6 +502,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, svm_separates_and_generalises);
   tcase_add_test(tc, mixing_step_profile);
   tcase_add_test(tc, edits_cross_the_boundary);
+  tcase_add_test(tc, h_space_edits);
   tcase_add_test(tc, rejects_bad_files);
   suite_add_tcase(s, tc);
   return s;

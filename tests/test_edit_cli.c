@@ -1,6 +1,7 @@
 /* The guidance and editing commands end to end: `sample --guidance-scale/--init-image/--mask`,
  * `invert`, `edit` (noise maps and boundaries) and `boundary fit`, their flag validation, and
  * corrupt, truncated or oversized PNG inputs (errors with exit status 1 or 2, never a crash). */
+#include <jansson.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <sys/wait.h>
@@ -280,7 +281,77 @@ START_TEST(boundary_fit_and_edit) {
                                 gmm[1], tmp, tmp),
                    1);
   ck_assert_ptr_nonnull(strstr(out, "invalid JSON"));
+  /* a mixture has no h-space: its boundary is x only, and --space h is refused */
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "edit --model %s --boundary %s/b.json --strength 1 --seed 1 "
+                                "--space h --out %s/x.npy",
+                                gmm[1], tmp, tmp),
+                   1);
+  ck_assert_ptr_nonnull(strstr(out, "no h-space part"));
   npy_array_free(&s);
+}
+END_TEST
+
+/* On a UNet the fit writes an h-space boundary too (the mid block's output), and each space
+ * edits: x alone, h alone, both (the default when the file has h). */
+START_TEST(boundary_h_space) {
+  char out[16384], tmp[64], p[128], unet[1024];
+  ck_assert_ptr_nonnull(test_tmpdir(tmp, sizeof tmp));
+  test_src_path(unet, sizeof unet, "tests/fixtures/unet/classcond_small");
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --class 3 --seed 4 --steps 10 --batch 24 "
+                                "--out %s/s.npy --quiet",
+                                unet, tmp),
+                   0);
+  snprintf(p, sizeof p, "%s/l.txt", tmp);
+  FILE *f = fopen(p, "w");
+  for (int i = 0; i < 24; i++)
+    fprintf(f, "%d 3\n", i % 2);
+  fclose(f);
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "boundary fit --model %s --images %s/s.npy --labels %s/l.txt "
+                             "--steps 10 --step 4 --out %s/b.json",
+                             unet, tmp, tmp, tmp) == 0,
+                "%s", out);
+  ck_assert_ptr_nonnull(strstr(out, "h-space boundary (mid block 32x4x4)"));
+  snprintf(p, sizeof p, "%s/b.json", tmp);
+  json_error_t je;
+  json_t *j = json_load_file(p, 0, &je);
+  ck_assert_ptr_nonnull(j);
+  json_t *mid = json_object_get(j, "mid");
+  ck_assert_int_eq(json_array_size(json_object_get(mid, "normal")), 32 * 4 * 4);
+  json_decref(j);
+  npy_array res[3];
+  static const char *const spaces[] = {"x", "h", "both"};
+  for (int k = 0; k < 3; k++) {
+    ck_assert_msg(test_run_cli(out, sizeof out,
+                               "edit --model %s --boundary %s/b.json --strength 20 --seed 1 "
+                               "--class 3 --batch 2 --space %s --out %s/e%d.npy",
+                               unet, tmp, spaces[k], tmp, k) == 0,
+                  "%s", out);
+    ck_assert_ptr_nonnull(strstr(out, spaces[k]));
+    snprintf(p, sizeof p, "%s/e%d.npy", tmp, k);
+    res[k] = read_npy(p);
+  }
+  ck_assert(memcmp(res[0].data, res[1].data, sizeof(float) * 2 * 192) != 0);
+  ck_assert(memcmp(res[0].data, res[2].data, sizeof(float) * 2 * 192) != 0);
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "edit --model %s --boundary %s/b.json --strength 20 --seed 1 "
+                             "--class 3 --batch 2 --out %s/d.npy",
+                             unet, tmp, tmp) == 0,
+                "%s", out);
+  snprintf(p, sizeof p, "%s/d.npy", tmp);
+  npy_array d = read_npy(p);
+  ck_assert(memcmp(d.data, res[2].data, sizeof(float) * 2 * 192) == 0); /* default: both */
+  npy_array_free(&d);
+  for (int k = 0; k < 3; k++)
+    npy_array_free(&res[k]);
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "edit --model %s --boundary %s/b.json --strength 1 --seed 1 "
+                                "--class 3 --space z --out %s/x.npy",
+                                unet, tmp, tmp),
+                   2);
+  ck_assert_ptr_nonnull(strstr(out, "--space"));
 }
 END_TEST
 
@@ -329,6 +400,7 @@ START_TEST(flags_are_validated) {
       {"edit --model M --boundary T/b.json --strength nan --seed 1 --out T/e.npy", "--strength", 2},
       {"edit --model M --boundary T/b.json --strength 1 --seed 1 --eta 2 --out T/e.npy", "--eta",
        2},
+      {"edit --model M --noise T/n.npy --space h --out T/e.npy", "--space", 2},
       {"edit --model M --boundary T/b.json --strength 1 --seed 1 --skip 2 --out T/e.npy", "--noise",
        2},
       {"boundary fit --model M --labels T/l.txt", "required", 2},
@@ -493,6 +565,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, guided_img2img_and_inpainting);
   tcase_add_test(tc, invert_and_edit_noise);
   tcase_add_test(tc, boundary_fit_and_edit);
+  tcase_add_test(tc, boundary_h_space);
   tcase_add_test(tc, flags_are_validated);
   tcase_add_test(tc, corrupt_pngs_are_errors);
   suite_add_tcase(s, tc);

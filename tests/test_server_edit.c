@@ -254,13 +254,14 @@ END_TEST
 /* Image 0 of job id has the pixels of the PNG at path. */
 static void check_same_png(const daemon_proc *d, const char *id, const char *path) {
   uint8_t *a, *b;
-  fetch_pixels(d, id, 0, &a);
+  int ha, wa;
+  fetch_pixels_size(d, id, 0, &a, &ha, &wa);
   size_t len;
   uint8_t *buf = read_file_all(path, &len);
   int h, w;
   err e;
   ck_assert_int_eq(image_png_decode(buf, len, 64, 64, &b, &h, &w, &e), 0);
-  ck_assert_msg(h == 32 && w == 32 && memcmp(a, b, 32 * 32 * 3) == 0,
+  ck_assert_msg(h == ha && w == wa && memcmp(a, b, (size_t)h * w * 3) == 0,
                 "job %s differs from the CLI's %s", id, path);
   free(buf);
   free(a);
@@ -651,6 +652,80 @@ START_TEST(boundary_jobs) {
 }
 END_TEST
 
+/* h-space boundary edits on a UNet: the job moves x and h (or what edit.space names) and gives the
+ * CLI's pixels; a space the boundary cannot serve is a 400 naming edit.space. */
+START_TEST(boundary_h_jobs) {
+  char st[512], tmp[256], unet[1024], shapes[1024], a1[1100], a2[1100], bpath[600], cli_png[600];
+  test_src_path(unet, sizeof unet, "tests/fixtures/unet/classcond_small");
+  test_src_path(shapes, sizeof shapes, "models/shapes-gmm");
+  snprintf(a1, sizeof a1, "default=%s", shapes);
+  snprintf(a2, sizeof a2, "small=%s", unet);
+  const char *args[] = {"--model", a1, "--model", a2, NULL};
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  test_tmpdir(tmp, sizeof tmp);
+  boundary b = {.dim = 3 * 8 * 8, .c = 3, .h = 8, .w = 8, .scale = 1, .step = 4};
+  boundary hb = {.dim = 32 * 4 * 4, .c = 32, .h = 4, .w = 4, .scale = 2, .offset = 0.5};
+  b.normal = calloc((size_t)b.dim, sizeof *b.normal);
+  hb.normal = calloc((size_t)hb.dim, sizeof *hb.normal);
+  for (int i = 0; i < b.dim; i++)
+    b.normal[i] = i < 64 ? 0.125f : 0;
+  for (int i = 0; i < hb.dim; i++)
+    hb.normal[i] = (i % 2 ? 1.0f : -1.0f) / sqrtf((float)hb.dim);
+  b.mid = &hb;
+  b.solver = json_pack("{s:s, s:i}", "name", "ddim", "steps", 10);
+  snprintf(bpath, sizeof bpath, "%s/h.json", tmp);
+  err e;
+  ck_assert_msg(boundary_save(&b, bpath, &e) == 0, "%s", e.msg);
+  json_t *bj = boundary_to_json(&b);
+  char *btext = json_dumps(bj, JSON_COMPACT);
+  json_decref(bj);
+  b.mid = NULL;
+  bj = boundary_to_json(&b); /* the same without its h part */
+  char *xtext = json_dumps(bj, JSON_COMPACT);
+  json_decref(bj);
+  free(hb.normal);
+  boundary_free(&b);
+  size_t cap = strlen(btext) + (1 << 14);
+  char *body = malloc(cap), id[64];
+  static const char *const spaces[] = {NULL, "x", "h"};
+  for (int k = 0; k < 3; k++) {
+    char sp[32] = "";
+    if (spaces[k])
+      snprintf(sp, sizeof sp, ", \"space\": \"%s\"", spaces[k]);
+    snprintf(body, cap,
+             "{\"model\": \"small\", \"class_label\": 2, \"seed\": 5, \"edit\": {\"type\": "
+             "\"boundary\", \"boundary\": %s, \"strength\": 3%s}}",
+             btext, sp);
+    submit_job(&d, body, id, sizeof id);
+    wait_state(&d, id, "succeeded", 60);
+    snprintf(cli_png, sizeof cli_png, "%s/h%d.png", tmp, k);
+    run_cli("edit --model %s --boundary %s --strength 3 --seed 5 --class 2 %s%s -o %s --quiet",
+            unet, bpath, spaces[k] ? "--space " : "", spaces[k] ? spaces[k] : "", cli_png);
+    check_same_png(&d, id, cli_png);
+  }
+  snprintf(body, cap,
+           "{\"model\": \"small\", \"class_label\": 2, \"edit\": {\"type\": \"boundary\", "
+           "\"boundary\": %s, \"strength\": 3, \"space\": \"z\"}}",
+           btext);
+  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "edit.space");
+  snprintf(body, cap,
+           "{\"model\": \"small\", \"class_label\": 2, \"edit\": {\"type\": \"boundary\", "
+           "\"boundary\": %s, \"strength\": 3, \"space\": 4}}",
+           btext);
+  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "edit.space");
+  snprintf(body, cap,
+           "{\"model\": \"small\", \"class_label\": 2, \"edit\": {\"type\": \"boundary\", "
+           "\"boundary\": %s, \"strength\": 3, \"space\": \"h\"}}",
+           xtext);
+  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "edit.space");
+  free(btext);
+  free(xtext);
+  free(body);
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_edit");
   TCase *tc = tcase_create("server_edit");
@@ -658,6 +733,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, edit_jobs);
   tcase_add_test(tc, invert_jobs);
   tcase_add_test(tc, boundary_jobs);
+  tcase_add_test(tc, boundary_h_jobs);
   suite_add_tcase(s, tc);
   return s;
 }

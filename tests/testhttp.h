@@ -404,8 +404,9 @@ static inline void write_file(const char *path, const uint8_t *b, size_t n) {
   fclose(f);
 }
 
-/* The pixels of image n of a job (at most 64x64). */
-static inline void fetch_pixels(const daemon_proc *d, const char *id, int n, uint8_t **px) {
+/* The pixels of image n of a job (at most 64x64) and their size (hp, wp may be NULL). */
+static inline void fetch_pixels_size(const daemon_proc *d, const char *id, int n, uint8_t **px,
+                                     int *hp, int *wp) {
   char path[128];
   snprintf(path, sizeof path, "/v1/jobs/%s/images/%d", id, n);
   http_resp r;
@@ -414,6 +415,14 @@ static inline void fetch_pixels(const daemon_proc *d, const char *id, int n, uin
   err e;
   ck_assert_int_eq(image_png_decode((uint8_t *)r.body, r.len, 64, 64, px, &h, &w, &e), 0);
   http_free(&r);
+  if (hp)
+    *hp = h;
+  if (wp)
+    *wp = w;
+}
+
+static inline void fetch_pixels(const daemon_proc *d, const char *id, int n, uint8_t **px) {
+  fetch_pixels_size(d, id, n, px, NULL, NULL);
 }
 
 #endif
