@@ -180,26 +180,12 @@ static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int 
   }
   npy_array a = {0};
   err qe = {0};
-  if (npy_parse_f32(raw, len, field, &a, &qe) != ERR_OK) {
-    rc = api_fail(e, 400, "invalid_field", field, "%s", qe.msg);
-    goto done;
-  }
-  if (a.ndim != ndim || memcmp(a.shape, shape, sizeof *shape * (size_t)ndim) != 0) {
-    char want[128] = "", got[128] = "";
-    for (int i = 0; i < ndim; i++)
-      snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld", i ? ", " : "",
-               (long long)shape[i]);
-    for (int i = 0; i < a.ndim; i++)
-      snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", i ? ", " : "",
-               (long long)a.shape[i]);
-    rc = api_fail(e, 400, "invalid_field", field,
-                  "%s: maps of shape [%s] do not fit this job, which needs [%s] (batch_size, "
-                  "%sthe model's channels, height, width)",
-                  field, got, want, ndim == 5 ? "scheduler.steps + 1, " : "");
-    goto done;
-  }
-  if (npy_check_finite(&a, field, &qe) != ERR_OK) {
-    rc = api_fail(e, 400, "invalid_field", field, "%s", qe.msg);
+  if ((rc = npy_parse_f32_shaped(raw, len, field, shape, ndim, &a, &qe)) != ERR_OK) {
+    rc = api_fail(e, 400, "invalid_field", field, "%s%s", qe.msg,
+                  rc != ERR_SHAPE ? ""
+                  : ndim == 5     ? " (batch_size, scheduler.steps + 1, the model's channels, "
+                                    "height, width)"
+                                  : " (batch_size, the model's channels, height, width)");
     goto done;
   }
   b64 = nz ? NULL : base64_encode(raw, len);

@@ -11,6 +11,7 @@ enum {
   ERR_FORMAT = -4,      /* malformed file (safetensors, npy, png, json) */
   ERR_UNSUPPORTED = -5, /* valid but not implemented (config value, dtype) */
   ERR_CANCELLED = -6,   /* caller asked to stop */
+  ERR_SHAPE = -7,       /* well-formed data of the wrong shape */
 };
 
 typedef struct err {

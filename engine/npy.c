@@ -551,6 +551,30 @@ int npy_check_finite(const npy_array *a, const char *what, err *e) {
   return ERR_OK;
 }
 
+static void format_shape(char *buf, size_t n, const int64_t *shape, int ndim) {
+  buf[0] = 0;
+  for (int i = 0; i < ndim; i++)
+    snprintf(buf + strlen(buf), n - strlen(buf), "%s%lld", i ? ", " : "", (long long)shape[i]);
+}
+
+int npy_parse_f32_shaped(const void *buf, size_t len, const char *name, const int64_t *shape,
+                         int ndim, npy_array *out, err *e) {
+  int rc = npy_parse_f32(buf, len, name, out, e);
+  if (rc != ERR_OK)
+    return rc;
+  if (out->ndim != ndim || memcmp(out->shape, shape, sizeof *shape * (size_t)ndim) != 0) {
+    char want[160], got[160];
+    format_shape(want, sizeof want, shape, ndim);
+    format_shape(got, sizeof got, out->shape, out->ndim);
+    rc = err_set(e, ERR_SHAPE, "%s: shape [%s] where [%s] is needed", name, got, want);
+  } else {
+    rc = npy_check_finite(out, name, e);
+  }
+  if (rc != ERR_OK)
+    npy_array_free(out);
+  return rc;
+}
+
 void npy_array_free(npy_array *a) {
   if (!a)
     return;

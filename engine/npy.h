@@ -27,6 +27,10 @@ int npy_parse_f32(const void *buf, size_t len, const char *name, npy_array *out,
 void npy_array_free(npy_array *a);
 /* ERR_INVALID "<what>: value I is not finite" for the first NaN or infinity of a. */
 int npy_check_finite(const npy_array *a, const char *what, err *e);
+/* An upload that must be finite float data of exactly this shape: npy_parse_f32, then
+ * ERR_SHAPE "<name>: shape [..] where [..] is needed", then npy_check_finite. */
+int npy_parse_f32_shaped(const void *buf, size_t len, const char *name, const int64_t *shape,
+                         int ndim, npy_array *out, err *e);
 
 int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e);
 /* The bytes of the same file, malloc'ed. */

@@ -24,20 +24,12 @@ static int decode_noise(const char *b64, const int64_t *shape, int ndim, float *
   if (base64_decode(b64, strlen(b64), &raw, &len) != 0)
     return err_set(e, ERR_FORMAT, "edit.noise: not base64");
   npy_array a = {0};
-  int rc = npy_parse_f32(raw, len, "edit.noise", &a, e);
+  int rc = npy_parse_f32_shaped(raw, len, "edit.noise", shape, ndim, &a, e);
   free(raw);
-  if (rc)
-    return rc;
-  if (a.ndim != ndim || memcmp(a.shape, shape, sizeof *shape * (size_t)ndim) != 0) {
-    npy_array_free(&a);
-    return err_set(e, ERR_INVALID, "edit.noise: the maps' shape does not fit this job");
-  }
-  if ((rc = npy_check_finite(&a, "edit.noise", e)) != ERR_OK) {
-    npy_array_free(&a);
-    return rc;
-  }
+  if (rc == ERR_SHAPE)
+    rc = ERR_INVALID;
   *out = a.data;
-  return ERR_OK;
+  return rc;
 }
 
 /* The grid of an inversion: DDIM with the job's steps and options, never clipping (a clipped

@@ -439,6 +439,35 @@ START_TEST(test_write_errors) {
 }
 END_TEST
 
+/* Uploads of a required shape: the right one parses, a wrong shape is ERR_SHAPE naming both,
+ * a non-finite value and a corrupt header are the parser's errors, and nothing leaks. */
+START_TEST(test_parse_shaped) {
+  const float v[6] = {1, 2, 3, 4, 5, 6};
+  const int64_t shape[2] = {2, 3}, other[2] = {3, 2};
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  err e = {0};
+  ck_assert(npy_encode_f32(v, 2, shape, &buf, &len, &e) == 0);
+  npy_array a = {0};
+  ck_assert_msg(npy_parse_f32_shaped(buf, len, "maps", shape, 2, &a, &e) == 0, "%s", e.msg);
+  ck_assert(a.count == 6 && a.data[5] == 6);
+  npy_array_free(&a);
+  ck_assert_int_eq(npy_parse_f32_shaped(buf, len, "maps", other, 2, &a, &e), ERR_SHAPE);
+  ck_assert_str_eq(e.msg, "maps: shape [2, 3] where [3, 2] is needed");
+  ck_assert_ptr_null(a.data);
+  ck_assert_int_eq(npy_parse_f32_shaped(buf, len, "maps", shape, 1, &a, &e), ERR_SHAPE);
+  free(buf);
+  const float bad[2] = {1, NAN};
+  const int64_t two[1] = {2};
+  ck_assert(npy_encode_f32(bad, 1, two, &buf, &len, &e) == 0);
+  ck_assert_int_eq(npy_parse_f32_shaped(buf, len, "maps", two, 1, &a, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "not finite"));
+  ck_assert_ptr_null(a.data);
+  ck_assert_int_ne(npy_parse_f32_shaped(buf, 20, "maps", two, 1, &a, &e), ERR_OK);
+  free(buf);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("npy");
   TCase *tc = tcase_create("core");
@@ -451,6 +480,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, test_bad_files);
   tcase_add_test(tc, test_every_truncation);
   tcase_add_test(tc, test_write_errors);
+  tcase_add_test(tc, test_parse_shaped);
   suite_add_tcase(s, tc);
   return s;
 }
