@@ -71,7 +71,7 @@ void config_defaults(config *c) {
   c->queue_max = 256;
   c->batch_max_images = 16;
   c->result_ttl = 86400;
-  c->max_body_bytes = 64 * 1024;
+  c->max_body_bytes = 4 << 20; /* a 100-step noise upload of the default model is ~1.7 MB */
   c->max_batch = 16;
   c->max_steps = 1000;
   c->max_image_size = 512;

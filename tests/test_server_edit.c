@@ -309,8 +309,7 @@ static int max_pixel_diff(const uint8_t *a, const uint8_t *b, size_t n) {
 START_TEST(invert_jobs) {
   char st[512], tmp[256], path[600], model[1024];
   daemon_proc d;
-  /* noise maps are sent back in the body: more than the default 64 KiB */
-  const char *args[] = {"--max-body-bytes", "4000000", "--max-steps", "5000", NULL};
+  const char *args[] = {"--max-steps", "5000", NULL};
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   test_tmpdir(tmp, sizeof tmp);
   test_src_path(model, sizeof model, "models/shapes-gmm");
