@@ -152,6 +152,19 @@ static int check_mid(const model *m, const boundary *hb, err *e) {
   return ERR_OK;
 }
 
+/* One progress count over an edit's phases (latent, h, the rest), each of which counts from 1. */
+typedef struct phased {
+  sampler_progress_fn fn;
+  void *user;
+  int done, total, nfe;
+} phased;
+
+static void phased_report(int step, int total, int nfe, void *u) {
+  const phased *p = u;
+  (void)total;
+  p->fn(p->done + step, p->total, p->nfe + nfe, p->user);
+}
+
 int edit_boundary(const sampler *grid, const sampler *rest, const model *m, const boundary *b,
                   const edit_src *src, double strength, edit_space space, float *out, float *latent,
                   int *nfe, err *e) {
@@ -178,12 +191,22 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
   if (src->batch < 1)
     return err_set(e, ERR_INVALID, "batch %d must be positive", src->batch);
   const size_t nd = (size_t)src->batch * d;
-  const int passes = guidance_passes(src->guidance);
+  const int passes = guidance_passes(src->guidance), n = sampler_num_steps(grid);
+  const int latent_steps = src->image ? n - b->step : b->step;
+  phased ph = {src->progress, src->progress_user, 0,
+               latent_steps + !!(space & EDIT_SPACE_H) + n - b->step, 0};
+  edit_src ps = *src;
+  if (src->progress) {
+    ps.progress = phased_report;
+    ps.progress_user = &ph;
+  }
   float *x = malloc(nd * sizeof *x), *mid = NULL;
   if (!x)
     return err_set(e, ERR_NOMEM, "out of memory");
-  rc = edit_latent_at(grid, m, b->step, src, x, &part, e);
+  rc = edit_latent_at(grid, m, b->step, &ps, x, &part, e);
   *nfe += part;
+  ph.done += latent_steps;
+  ph.nfe = *nfe;
   if (rc == ERR_OK && (space & EDIT_SPACE_H)) {
     /* h of the unmoved latent, as the release takes it from the unedited chain */
     if (!(mid = malloc((size_t)passes * src->batch * b->mid->dim * sizeof *mid)))
@@ -191,6 +214,10 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
     else if ((rc = edit_mid_at(grid, m, b->step, src, x, mid, e)) == ERR_OK) {
       ++*nfe;
       move_mid(b->mid, mid, src->batch, passes, strength * b->mid->scale);
+      ph.nfe = *nfe;
+      if (src->progress)
+        phased_report(1, 1, 0, &ph);
+      ph.done++;
     }
   }
   if (rc == ERR_OK) {
@@ -205,8 +232,8 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
                           .start_step = b->step,
                           .labels = src->labels,
                           .guidance = src->guidance,
-                          .progress = src->progress,
-                          .progress_user = src->progress_user,
+                          .progress = ps.progress,
+                          .progress_user = ps.progress_user,
                           .cancel = src->cancel,
                           .threads = src->threads,
                           .first_mid = mid};

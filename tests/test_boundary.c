@@ -276,6 +276,20 @@ START_TEST(edits_cross_the_boundary) {
 }
 END_TEST
 
+/* Progress of an edit: one count over all its phases, one step at a time. */
+typedef struct seen {
+  int calls, last, total, nfe, ok;
+} seen;
+
+static void on_progress(int step, int total, int nfe, void *u) {
+  seen *s = u;
+  s->ok = s->ok && step == s->last + 1 && (s->calls == 0 || total == s->total) && nfe >= s->nfe;
+  s->calls++;
+  s->last = step;
+  s->total = total;
+  s->nfe = nfe;
+}
+
 /* The h-space path on a small class-conditional UNet: the mid-block hook, its rows under
  * guidance, and edits that move h: a zero move reproduces the unedited chain bit for bit (so the
  * substituted rows are the network's own, in the right order), a real move changes the result,
@@ -349,10 +363,16 @@ START_TEST(h_space_edits) {
     hb.offset = 1 - boundary_distance(&hb, hrow);
     b.mid = &hb;
     int nfe = 0;
+    seen pr = {.ok = 1};
+    src.progress = on_progress;
+    src.progress_user = &pr;
     ck_assert_msg(edit_boundary(grid, rest, m, &b, &src, 1, EDIT_SPACE_H, edited, NULL, &nfe, &e) ==
                       0,
                   "%s", e.msg);
     ck_assert_int_eq(nfe, 11); /* 4 to reach the step, 1 for h, 6 to finish */
+    ck_assert_msg(pr.ok && pr.calls == 11 && pr.last == 11 && pr.total == 11 && pr.nfe == 11,
+                  "progress: %d calls, last %d of %d, nfe %d", pr.calls, pr.last, pr.total, pr.nfe);
+    src.progress = NULL;
     double dmax = 0;
     for (int k = 0; k < DX; k++)
       dmax = fmax(dmax, fabs(edited[k] - plain[k]));
