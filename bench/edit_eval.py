@@ -4,14 +4,21 @@
     OPENBLAS_NUM_THREADS=1 /usr/bin/python3 bench/edit_eval.py --model models/glyphs32 \\
         [--engine build/denoised] [--n 200] [--n-fit 400] [--steps 50] [--guidance 3] \\
         [--strengths 1,2,3,4] [--skips 0,20,40,60] [--g-tgt 4] [--inv-steps 10,20,50,100,200]
+        [--attributes polarity,bold,italic] [--mixing-step auto|K] [--space x,h,both]
         [--only boundary,classchange,inversion]
 
+The figures of issue 7's closing note:
+    ... --guidance 2 --steps 20 --only boundary --attributes polarity,bold,italic \
+        --mixing-step 8 --strengths 4,6 --space x,both
+    ... --only classchange --g-tgt 3 --skips 40,50,60
+
 1. BoundaryDiffusion attribute flips. A labelled pool of --n-fit generated images (classes
-   spread evenly) is classified, `denoised boundary fit` fits one boundary per attribute at the
-   automatic mixing step of a --steps DDIM grid, and --n fresh generated images are edited with
-   `denoised edit --boundary --seed` towards the opposite side, at each of --strengths. Reported
-   per attribute and strength: the share whose attribute verdict flips, the share still read as
-   the requested class, and both together. Target: flip >= 80% with the class kept >= 90%.
+   spread evenly) is classified, `denoised boundary fit` fits one boundary per attribute (in
+   x_t and, for a UNet, in h) at the mixing step (automatic, or --mixing-step) of a --steps
+   DDIM grid, and --n fresh generated images are edited with `denoised edit --boundary --seed`
+   towards the opposite side, at each of --strengths, in each of --space. Reported per
+   attribute, space and strength: the share whose attribute verdict flips, the share still read
+   as the requested class, and both together. Target: flip >= 80% with the class kept >= 90%.
 2. Class change through edit-friendly DDPM inversion. --n source images (held-out real glyphs
    from --data when there, else generated) are inverted (`denoised invert --method ddpm`, their
    own class, guidance --g-src) and sampled again (`denoised edit --noise`) with a random other
@@ -26,7 +33,8 @@
    reconstruction error. Target: edit-friendly below 1e-4 at every step count.
 
 The instrument: for a UNet model the glyph classifier (bench/glyph_classifier.pt, heads char,
-bold, italic, fg, bg; tools/glyphs/train_classifier.py); for a GaussianMixtureDenoiser model
+bold, italic, fg, bg; tools/glyphs/train_classifier.py; the attribute "polarity" is 1 for light
+ink on a darker ground, from the fg and bg heads and the palette's luminance); for a GaussianMixtureDenoiser model
 (e.g. models/shapes-gmm) the mixture itself: an image's component is the nearest mean, its class
 the component's label, and the attributes are the two bits of the component's index within its
 class (for shapes-gmm: the colour scheme, bit0 = light background, bit1 = green/blue shape).
