@@ -26,7 +26,8 @@ The figures of issue 7's closing note:
    class, the share keeping the colours (classifier fg and bg heads, or the mixture's colour
    scheme) and the position (centre of the ink's bounding box within 2 px, where the renderer
    places a glyph; the ink centroid is printed too), and all three. Target: class >= 90%
-   while keeping position and colour.
+   while keeping position and colour. --target same resamples in the source's own class: what
+   the guidance and the skip alone change.
 
 3. Inversion round trips: --n source images DDIM-inverted and edit-friendly-DDPM-inverted at
    each of --inv-steps and sampled back (`denoised invert --verify`): max abs and relative L2
@@ -269,8 +270,10 @@ def classchange_eval(args, eng, inst, n_classes, report):
     rng = np.random.RandomState(args.seed)
     x, cls, what = sources(args, eng, inst, n_classes, rng)
     tgt = (cls + rng.randint(1, n_classes, len(cls))) % n_classes
-    print("== class change by edit-friendly DDPM inversion (%d %s, %d steps, g_src %s, g_tgt %s)"
-          % (len(x), what, args.ddpm_steps, args.g_src, args.g_tgt))
+    if args.target == "same":  # the drift of resampling alone, without a class change
+        tgt = cls.copy()
+    print("== class change by edit-friendly DDPM inversion (%d %s, %d steps, g_src %s, g_tgt %s, "
+          "target %s class)" % (len(x), what, args.ddpm_steps, args.g_src, args.g_tgt, args.target))
     src = eng.path("src.npy")
     np.save(src, x.astype(np.float32))
     maps = eng.path("maps.npy")
@@ -350,6 +353,8 @@ def main():
     ap.add_argument("--skips", default="0,20,40,60")
     ap.add_argument("--g-src", type=float, default=None, help="guidance of the inversion")
     ap.add_argument("--g-tgt", type=float, default=4.0, help="guidance of the class change")
+    ap.add_argument("--target", choices=("other", "same"), default="other",
+                    help="class change to a random other class, or resampling in the same one")
     ap.add_argument("--inv-steps", default="10,20,50,100,200",
                     help="step counts of the inversion table")
     ap.add_argument("--only", default="boundary,classchange,inversion")
