@@ -28,8 +28,9 @@ static const char help[] =
     "model's DDIM grid at the mixing step and, for a UNet, one in its h-space (the mid-block\n"
     "output of the model call there), as the authors' release does.\n"
     "  --labels FILE       one image per line: 'PATH LABEL [CLASS]' (PATH a PNG or .npy\n"
-    "                      [C, H, W], relative to FILE's folder; LABEL 0 or 1; CLASS for\n"
-    "                      class-conditional models), '#' comments; or with --images, one\n"
+    "                      [C, H, W], relative to FILE's folder; LABEL 0 or 1; CLASS, a\n"
+    "                      name or an index, for class-conditional models), '#' comments;\n"
+    "                      or with --images, one\n"
     "                      'LABEL [CLASS]' line per image of X.npy [N, C, H, W] in [-1, 1]\n"
     "  --out B.json        the boundary file\n"
     "  --step auto|K       the mixing step on the grid (default auto: the last step whose\n"
@@ -37,7 +38,7 @@ static const char help[] =
     "                      images' statistics)\n"
     "  --eps E             KL per value for --step auto (default 0.01)\n"
     "  --steps N           DDIM grid steps (default 50)\n"
-    "  --class C           class of lines without one\n"
+    "  --class C           class (name or index) of lines without one\n"
     "  --guidance-scale G  guidance of the inversion's model calls\n"
     "  --C C               SVM cost (default 1, sklearn's)\n"
     "  --test-fraction F   held out to report accuracy, in [0, 0.9] (default 0.2)\n"
@@ -47,6 +48,7 @@ static const char help[] =
 typedef struct fit_args {
   const char *model_dir, *labels, *images, *out, *attribute;
   long long steps, step, cls, batch, threads;
+  const char *class_s;
   double eps, C, test_fraction, guidance;
   int has_class, has_guidance, quiet, step_auto;
 } fit_args;
@@ -96,8 +98,7 @@ static int parse_args(int argc, char **argv, fit_args *a) {
         return 2;
       break;
     case 'l':
-      if (cli_parse_int("--class", optarg, 0, 1 << 20, &a->cls))
-        return 2;
+      a->class_s = optarg; /* a name or an index, resolved against the model */
       a->has_class = 1;
       break;
     case 'g':
@@ -171,7 +172,8 @@ static int set_push(sample_set *s, size_t d, const float *x, int label, int64_t 
 }
 
 /* Reads the label lines (and the images they name, or X.npy's). */
-static int read_labels(const fit_args *a, const model_info *mi, sample_set *set, err *e) {
+static int read_labels(const fit_args *a, const model *m, sample_set *set, err *e) {
+  const model_info *mi = model_get_info(m);
   const int size = mi->sample_size, cin = mi->in_channels;
   const size_t d = (size_t)cin * size * size;
   npy_array all = {0};
@@ -228,10 +230,8 @@ static int read_labels(const fit_args *a, const model_info *mi, sample_set *set,
     }
     int64_t cls = a->has_class ? a->cls : -1;
     if (cs) {
-      char *end;
-      errno = 0;
-      long long v = strtoll(cs, &end, 10);
-      if (errno || *end || v < 0 || v >= (mi->num_classes ? mi->num_classes : 1)) {
+      const int64_t v = mi->num_classes ? model_class_from_name(m, cs) : -1;
+      if (v < 0) {
         rc = err_set(e, ERR_INVALID, "--labels %s:%d: class '%s' is not a class of this model",
                      a->labels, lineno, cs);
         break;
@@ -319,7 +319,11 @@ static int boundary_fit_main(int argc, char **argv) {
   json_t *forced = json_pack("{s:f}", "eta", 0.0);
   int rc = cli_build_sampler(m, "ddim", a.steps, NULL, NULL, 0, forced, &s, &e);
   json_decref(forced);
-  if (rc || read_labels(&a, mi, &set, &e)) {
+  if (!rc && a.class_s && (a.cls = model_class_from_name(m, a.class_s)) < 0) {
+    status = cli_usage_error(cmd, "--class: '%s' is not a class of this model", a.class_s);
+    goto done;
+  }
+  if (rc || read_labels(&a, m, &set, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }

@@ -352,6 +352,40 @@ START_TEST(boundary_h_space) {
                                 unet, tmp, tmp),
                    2);
   ck_assert_ptr_nonnull(strstr(out, "--space"));
+  /* classes by name, in the labels and --class (shapes-gmm names its classes) */
+  char shapes[1024];
+  test_src_path(shapes, sizeof shapes, "models/shapes-gmm");
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --class ring --seed 4 --steps 10 --batch 8 "
+                                "--out %s/r.npy --quiet",
+                                shapes, tmp),
+                   0);
+  snprintf(p, sizeof p, "%s/n.txt", tmp);
+  f = fopen(p, "w");
+  for (int i = 0; i < 8; i++)
+    fprintf(f, i < 4 ? "%d ring\n" : "%d\n", i % 2);
+  fclose(f);
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "boundary fit --model %s --images %s/r.npy --labels %s/n.txt "
+                             "--class RING --steps 10 --step 4 --out %s/n.json --quiet",
+                             shapes, tmp, tmp, tmp) == 0,
+                "%s", out);
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "boundary fit --model %s --images %s/r.npy --labels %s/n.txt "
+                                "--class hexagon --steps 10 --out %s/n.json",
+                                shapes, tmp, tmp, tmp),
+                   2);
+  ck_assert_ptr_nonnull(strstr(out, "'hexagon' is not a class"));
+  f = fopen(p, "w");
+  for (int i = 0; i < 8; i++)
+    fprintf(f, "%d %s\n", i % 2, i == 5 ? "hexagon" : "ring");
+  fclose(f);
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "boundary fit --model %s --images %s/r.npy --labels %s/n.txt "
+                                "--steps 10 --out %s/n.json",
+                                shapes, tmp, tmp, tmp),
+                   1);
+  ck_assert_ptr_nonnull(strstr(out, "n.txt:6: class 'hexagon' is not a class"));
 }
 END_TEST
 
