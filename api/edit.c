@@ -341,11 +341,10 @@ static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, q
   const int dim = bd.dim,
             steps = bd.solver ? (int)json_integer_value(json_object_get(bd.solver, "steps")) : 0;
   const json_t *sv = json_object_get(ed, "space");
-  edit_space space;
-  const int bad_space =
-      sv && (!json_is_string(sv) || edit_space_parse(json_string_value(sv), &bd, &space) != 0);
-  if (!bad_space && !sv)
-    edit_space_parse(NULL, &bd, &space);
+  edit_space space; /* absent: the boundary's default */
+  int bad_space = sv && !json_is_string(sv);
+  if (!bad_space && edit_space_parse(sv ? json_string_value(sv) : NULL, &bd, &space) != 0)
+    bad_space = 1;
   const int has_mid = bd.mid != NULL;
   boundary_free(&bd);
   if (bad_space)

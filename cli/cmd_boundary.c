@@ -330,7 +330,8 @@ static int boundary_fit_main(int argc, char **argv) {
   const int n = sampler_num_steps(s), size = mi->sample_size;
   const size_t d = (size_t)mi->in_channels * size * size;
   guidance g = guidance_for(m, a.guidance);
-  const int passes = a.has_guidance ? guidance_passes(&g) : 1;
+  const guidance *gp = a.has_guidance ? &g : NULL;
+  const int passes = guidance_passes(gp);
   /* the h-space boundary too when the model has a bottleneck (a UNet's mid block) */
   int hshape[3] = {0, 0, 0};
   err he = {0};
@@ -379,7 +380,7 @@ static int boundary_fit_main(int argc, char **argv) {
     edit_src src = {.batch = nb,
                     .image = set.x + (size_t)i0 * d,
                     .labels = mi->num_classes ? set.cls + i0 : NULL,
-                    .guidance = a.has_guidance ? &g : NULL,
+                    .guidance = gp,
                     .threads = (int)a.threads};
     if (edit_latent_at(s, m, step, &src, lat + (size_t)i0 * d, NULL, &e) ||
         (with_h && edit_mid_at(s, m, step, &src, lat + (size_t)i0 * d, hrows, &e))) {
