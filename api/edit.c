@@ -9,6 +9,7 @@
 #include "base64.h"
 #include "boundary.h"
 #include "edit.h"
+#include "image.h"
 #include "internal.h"
 #include "npy.h"
 
@@ -66,8 +67,8 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
   if (f->input_image) {
     if ((rc = get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
       goto done;
-    if (edit_image_from_png(png, len, "input_image", md->in_channels, out->height, out->width, px,
-                            &qe) != ERR_OK) {
+    if (image_from_png(png, len, "input_image", md->in_channels, out->height, out->width, px,
+                       &qe) != ERR_OK) {
       rc = api_fail(e, 400, "invalid_field", "input_image", "%s", qe.msg);
       goto done;
     }
@@ -77,7 +78,7 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
     png = NULL;
     if ((rc = get_png(f->mask, "mask", &out->mask, &png, &len, e)))
       goto done;
-    if (edit_mask_from_png(png, len, "mask", out->height, out->width, px, &qe) != ERR_OK) {
+    if (image_mask_from_png(png, len, "mask", out->height, out->width, px, &qe) != ERR_OK) {
       rc = api_fail(e, 400, "invalid_field", "mask", "%s", qe.msg);
       goto done;
     }

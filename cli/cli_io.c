@@ -11,6 +11,7 @@
 
 #include "cli.h"
 #include "edit.h"
+#include "image.h"
 #include "npy.h"
 #include "schedule.h"
 
@@ -86,8 +87,7 @@ int cli_read_image(const char *flag, const char *path, int c, int h, int w, floa
   float *x = malloc(n * sizeof *x);
   char field[600];
   snprintf(field, sizeof field, "%s %s", flag, path);
-  rc = x ? edit_image_from_png(png, len, field, c, h, w, x, e)
-         : err_set(e, ERR_NOMEM, "out of memory");
+  rc = x ? image_from_png(png, len, field, c, h, w, x, e) : err_set(e, ERR_NOMEM, "out of memory");
   free(png);
   if (rc != ERR_OK) {
     free(x);
@@ -196,7 +196,8 @@ int cli_read_mask(const char *flag, const char *path, int h, int w, float **out,
   float *x = malloc(n * sizeof *x);
   char field[600];
   snprintf(field, sizeof field, "%s %s", flag, path);
-  rc = x ? edit_mask_from_png(png, len, field, h, w, x, e) : err_set(e, ERR_NOMEM, "out of memory");
+  rc =
+      x ? image_mask_from_png(png, len, field, h, w, x, e) : err_set(e, ERR_NOMEM, "out of memory");
   free(png);
   if (rc != ERR_OK) {
     free(x);

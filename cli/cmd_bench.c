@@ -154,7 +154,9 @@ int cmd_bench(int argc, char **argv) {
   }
   for (long long i = 0; i < warmup + iters; i++) {
     double t0 = now_ms();
-    if (guidance_eval(guided ? &g : NULL, m, x, n, s, s, t, lab, out, (int)threads, &e)) {
+    const model_call c = {
+        .x = x, .n = n, .h = s, .w = s, .t = t, .labels = lab, .threads = (int)threads};
+    if (guidance_eval(guided ? &g : NULL, m, &c, out, &e)) {
       cli_fail(cmd, "%s", e.msg);
       goto done;
     }

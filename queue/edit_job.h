@@ -4,6 +4,7 @@
 #define DENOISED_QUEUE_EDIT_JOB_H
 
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -29,7 +30,7 @@ typedef struct edit_job {
   sampler_progress_fn progress;
   void *progress_user;
   edit_job_phase *phase; /* updated between phases */
-  volatile int *cancel;
+  const atomic_int *cancel;
   int threads;
 } edit_job;
 

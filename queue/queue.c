@@ -8,6 +8,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,7 +68,7 @@ struct qbatch {
   qmodel *qm;
   qjob **jobs;
   int njobs, nimg;
-  volatile int cancel;
+  atomic_int cancel;
   float *x; /* the samples being denoised; previews read image 0 */
   sampler *s;
   const sched_config *cfg; /* the sampler's */
@@ -874,7 +875,7 @@ static void batch_progress(int step, int total, int nfe, void *user) {
     emit(q, j, "progress", d, 0);
   }
   if (!live || q->stopping)
-    b->cancel = 1;
+    atomic_store(&b->cancel, 1);
   pthread_mutex_unlock(&q->mu);
   free(preview);
 }
@@ -995,8 +996,8 @@ static int decode_edit_png(const char *b64, const char *field, int is_mask, int 
   const size_t d = (size_t)(is_mask ? 1 : c) * h * w;
   float *x = malloc(d * (size_t)batch * sizeof *x);
   int rc = !x        ? err_set(e, ERR_NOMEM, "out of memory")
-           : is_mask ? edit_mask_from_png(png, len, field, h, w, x, e)
-                     : edit_image_from_png(png, len, field, c, h, w, x, e);
+           : is_mask ? image_mask_from_png(png, len, field, h, w, x, e)
+                     : image_from_png(png, len, field, c, h, w, x, e);
   free(png);
   if (rc) {
     free(x);
@@ -1345,7 +1346,7 @@ int queue_stop(queue *q, int timeout_ms) {
   pthread_mutex_lock(&q->mu);
   q->stopping = 1;
   for (int i = 0; i < q->nrunning; i++)
-    q->running[i]->cancel = 1;
+    atomic_store(&q->running[i]->cancel, 1);
   pthread_cond_broadcast(&q->cv);
   pthread_mutex_unlock(&q->mu);
   wake_loop(q);
@@ -1654,7 +1655,7 @@ int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *ou
     for (int i = 0; i < j->batch->njobs; i++)
       live += j->batch->jobs[i]->state == QUEUE_RUNNING;
     if (!live) /* the batch serves nobody now: stop it at the next step boundary */
-      j->batch->cancel = 1;
+      atomic_store(&j->batch->cancel, 1);
   }
   if (out)
     make_view(q, j, out);

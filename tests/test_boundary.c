@@ -15,7 +15,6 @@
 #include "safetensors.h"
 #include "sampler.h"
 #include "testutil.h"
-#include "unet.h"
 
 enum { D = 192 };
 
@@ -312,23 +311,25 @@ START_TEST(h_space_edits) {
   int64_t lab[B] = {1, 4, 7};
   rng_normal(5, 0, 0, x, B * DX);
   /* save, then replace with what was saved: the same floats; a changed h changes them */
-  unet_mid save = {.save = h1};
-  ck_assert(model_eval_mid(m, x, B, 8, 8, t, lab, o1, 1, &save, &e) == 0);
-  unet_mid swap = {.save = h2, .replace = h1};
-  ck_assert(model_eval_mid(m, x, B, 8, 8, t, lab, o2, 1, &swap, &e) == 0);
+  model_call save = {.x = x, .n = B, .h = 8, .w = 8, .t = t, .labels = lab, .threads = 1};
+  save.hooks.mid_save = h1;
+  ck_assert(model_run(m, &save, o1, &e) == 0);
+  model_call swap = save;
+  swap.hooks = (model_hooks){.mid_save = h2, .mid_replace = h1};
+  ck_assert(model_run(m, &swap, o2, &e) == 0);
   ck_assert(memcmp(o1, o2, sizeof o1) == 0 && memcmp(h1, h2, B * DH * sizeof *h1) == 0);
   for (int k = 0; k < B * DH; k++)
     h2[k] = h1[k] + 0.5f;
-  swap = (unet_mid){.replace = h2};
-  ck_assert(model_eval_mid(m, x, B, 8, 8, t, lab, o2, 1, &swap, &e) == 0);
+  swap.hooks = (model_hooks){.mid_replace = h2};
+  ck_assert(model_run(m, &swap, o2, &e) == 0);
   ck_assert(memcmp(o1, o2, sizeof o1) != 0);
-  ck_assert_int_eq(model_eval_mid(gm, x, B, 8, 8, t, lab, o2, 1, &save, &e), ERR_UNSUPPORTED);
+  ck_assert_int_eq(model_run(gm, &save, o2, &e), ERR_UNSUPPORTED);
   /* guided: 2 B rows, the conditional ones first */
   guidance g = guidance_for(m, 3.0);
   ck_assert_int_eq(guidance_passes(&g), 2);
   ck_assert_int_eq(guidance_passes(NULL), 1);
-  save.save = h2;
-  ck_assert(guidance_eval_mid(&g, m, x, B, 8, 8, t, lab, o2, 1, &save, &e) == 0);
+  save.hooks.mid_save = h2;
+  ck_assert(guidance_eval(&g, m, &save, o2, &e) == 0);
   ck_assert(memcmp(h1, h2, B * DH * sizeof *h1) == 0);
   ck_assert(memcmp(h1, h2 + B * DH, B * DH * sizeof *h1) != 0);
 

@@ -166,14 +166,15 @@ START_TEST(one_batched_evaluation_per_step) {
     x[k] = out[k];
   ck_assert(model_eval(m, x, 1, 8, 8, &t, &l, cond, 1, &e) == 0);
   ck_assert(model_eval(m, x, 1, 8, 8, &t, &nl, unc, 1, &e) == 0);
-  ck_assert(guidance_eval(&g, m, x, 1, 8, 8, &t, &l, got, 1, &e) == 0);
+  const model_call one = {.x = x, .n = 1, .h = 8, .w = 8, .t = &t, .labels = &l, .threads = 1};
+  ck_assert(guidance_eval(&g, m, &one, got, &e) == 0);
   for (int k = 0; k < 192; k++)
     ck_assert_float_eq(got[k], unc[k] + 4.0f * (cond[k] - unc[k]));
   /* g = 0 is the unconditional model, g = 1 the conditional one */
   guidance g0 = guidance_for(m, 0.0), g1 = guidance_for(m, 1.0);
-  ck_assert(guidance_eval(&g0, m, x, 1, 8, 8, &t, &l, got, 1, &e) == 0);
+  ck_assert(guidance_eval(&g0, m, &one, got, &e) == 0);
   ck_assert(memcmp(got, unc, sizeof got) == 0);
-  ck_assert(guidance_eval(&g1, m, x, 1, 8, 8, &t, &l, got, 1, &e) == 0);
+  ck_assert(guidance_eval(&g1, m, &one, got, &e) == 0);
   ck_assert(memcmp(got, cond, sizeof got) == 0);
   free(out);
   sampler_free(s);

@@ -336,7 +336,7 @@ END_TEST
 
 typedef struct progress_log {
   int calls, last_step, last_total, last_nfe, cancel_at;
-  volatile int *cancel;
+  atomic_int *cancel;
 } progress_log;
 
 static void on_progress(int step, int total, int nfe, void *user) {
@@ -347,7 +347,7 @@ static void on_progress(int step, int total, int nfe, void *user) {
   p->last_total = total;
   p->last_nfe = nfe;
   if (p->cancel_at && step == p->cancel_at)
-    *p->cancel = 1;
+    atomic_store(p->cancel, 1);
 }
 
 START_TEST(progress_and_cancel) {
@@ -357,7 +357,7 @@ START_TEST(progress_and_cancel) {
   sampler *s = make_sampler(m, "ddim", NULL, 10, &cfg);
   float out[2 * DD];
   err e = {0};
-  volatile int cancel = 0;
+  atomic_int cancel = 0;
   progress_log log = {.cancel = &cancel};
   sampler_run_opts o = {.batch = 2,
                         .seed = 1,
@@ -1027,7 +1027,7 @@ START_TEST(nfe_and_progress) {
     ck_assert_msg(from_json(cases[i].spec, &s, &e) == 0, "%s: %s", cases[i].spec, e.msg);
     ck_assert_msg(sampler_nfe(s) == cases[i].nfe, "%s: plans %d NFE, expected %d", cases[i].spec,
                   sampler_nfe(s), cases[i].nfe);
-    volatile int cancel = 0;
+    atomic_int cancel = 0;
     progress_log log = {.cancel = &cancel};
     float out[2 * 192];
     sampler_run_opts o = {.batch = 2,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Dump diffusers' noise schedules, set_timesteps() results and from_config() defaults as the
-reference values tests/test_schedule.c compares engine/schedule.c with.
+reference values tests/test_schedule.c compares engine/noise/schedule.c with.
 
     /usr/bin/python3 tools/gen_sched_fixtures.py [--diffusers-src /tmp/diffusers-0.21/src] \
         [--out tests/fixtures/sched]

@@ -25,7 +25,7 @@ import diffusers_sched  # noqa: E402
 from gen_sampler_fixtures import Gmm  # noqa: E402
 
 # What the engine's short names stand for: (diffusers class, fixed options). Keep in step with
-# engine/sampler.c's names[].
+# engine/solver/sampler.c's names[].
 ALIASES = {
     "pndm": ("PNDMScheduler", {}),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),

@@ -1,4 +1,4 @@
-/* Classifier-free guidance (Ho & Salimans 2022) over model_eval: one call of batch 2 n with the
+/* Classifier-free guidance (Ho & Salimans 2022) over model_run: one call of batch 2 n with the
  * images' labels and the null label, combined in float32 in diffusers' order
  * (uncond + g * (cond - uncond)), so results match its pipelines to rounding. */
 #include "guidance.h"
@@ -6,8 +6,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "unet.h"
 
 guidance guidance_for(const model *m, double scale) {
   guidance g = {.enabled = 1, .scale = scale, .null_label = model_get_info(m)->null_class};
@@ -35,20 +33,15 @@ int guidance_passes(const guidance *g) {
   return g && g->enabled && g->scale != 1.0 && g->scale != 0.0 ? 2 : 1;
 }
 
-int guidance_eval(const guidance *g, const model *m, const float *x, int n, int h, int w,
-                  const float *t, const int64_t *labels, float *out, int threads, err *e) {
-  return guidance_eval_mid(g, m, x, n, h, w, t, labels, out, threads, NULL, e);
-}
-
-int guidance_eval_mid(const guidance *g, const model *m, const float *x, int n, int h, int w,
-                      const float *t, const int64_t *labels, float *out, int threads,
-                      const unet_mid *mid, err *e) {
+int guidance_eval(const guidance *g, const model *m, const model_call *c, float *out, err *e) {
   if (!g || !g->enabled || g->scale == 1.0)
-    return model_eval_mid(m, x, n, h, w, t, labels, out, threads, mid, e);
-  if (!labels)
+    return model_run(m, c, out, e);
+  if (!c->labels)
     return err_set(e, ERR_INVALID, "classifier-free guidance needs class labels");
   const model_info *mi = model_get_info(m);
-  const size_t din = (size_t)mi->in_channels * h * w, dout = (size_t)mi->out_channels * h * w;
+  const int n = c->n;
+  const size_t din = (size_t)mi->in_channels * c->h * c->w;
+  const size_t dout = (size_t)mi->out_channels * c->h * c->w;
   const size_t nb = (size_t)n;
   /* g = 0 is the unconditional model: u + 0 (c - u) == u, so one pass gives the same floats */
   if (g->scale == 0.0) {
@@ -57,7 +50,9 @@ int guidance_eval_mid(const guidance *g, const model *m, const float *x, int n, 
       return err_set(e, ERR_NOMEM, "out of memory");
     for (size_t b = 0; b < nb; b++)
       nl[b] = g->null_label;
-    int rc = model_eval_mid(m, x, n, h, w, t, nl, out, threads, mid, e);
+    model_call u = *c;
+    u.labels = nl;
+    int rc = model_run(m, &u, out, e);
     free(nl);
     return rc;
   }
@@ -71,23 +66,28 @@ int guidance_eval_mid(const guidance *g, const model *m, const float *x, int n, 
   }
   /* conditional rows first, then unconditional: the model's result per row does not depend on
    * the batch, so the order is free */
-  memcpy(x2, x, nb * din * sizeof *x2);
-  memcpy(x2 + nb * din, x, nb * din * sizeof *x2);
+  memcpy(x2, c->x, nb * din * sizeof *x2);
+  memcpy(x2 + nb * din, c->x, nb * din * sizeof *x2);
   for (size_t b = 0; b < nb; b++) {
-    t2[b] = t2[nb + b] = t[b];
-    l2[b] = labels[b];
+    t2[b] = t2[nb + b] = c->t[b];
+    l2[b] = c->labels[b];
     l2[nb + b] = g->null_label;
   }
-  if ((rc = model_eval_mid(m, x2, 2 * n, h, w, t2, l2, o2, threads, mid, e)) != ERR_OK)
+  model_call both = *c;
+  both.x = x2;
+  both.n = 2 * n;
+  both.t = t2;
+  both.labels = l2;
+  if ((rc = model_run(m, &both, o2, e)) != ERR_OK)
     goto done;
   const float s = (float)g->scale;
   const size_t dg = din < dout ? din : dout; /* the guided (prediction) part of each row */
   for (size_t b = 0; b < nb; b++) {
-    const float *c = o2 + b * dout, *u = o2 + (nb + b) * dout;
+    const float *co = o2 + b * dout, *u = o2 + (nb + b) * dout;
     float *o = out + b * dout;
     for (size_t k = 0; k < dg; k++)
-      o[k] = u[k] + s * (c[k] - u[k]);
-    memcpy(o + dg, c + dg, (dout - dg) * sizeof *o);
+      o[k] = u[k] + s * (co[k] - u[k]);
+    memcpy(o + dg, co + dg, (dout - dg) * sizeof *o);
   }
 done:
   free(x2);

@@ -52,12 +52,18 @@ static int inv_setup(const sampler *s, const model *m, const invert_opts *o, inv
 static int inv_eval(inv_ctx *c, const float *x, double t, float *out, int *nfe, int step, int total,
                     err *e) {
   const invert_opts *o = c->o;
-  if (o->cancel && *o->cancel)
+  if (o->cancel && atomic_load(o->cancel))
     return err_set(e, ERR_CANCELLED, "cancelled in inversion step %d of %d", step + 1, total);
   for (int b = 0; b < o->batch; b++)
     c->tv[b] = (float)t;
-  int rc = guidance_eval(o->guidance, c->m, x, o->batch, c->h, c->w, c->tv, o->labels, out,
-                         o->threads > 0 ? o->threads : 1, e);
+  const model_call mc = {.x = x,
+                         .n = o->batch,
+                         .h = c->h,
+                         .w = c->w,
+                         .t = c->tv,
+                         .labels = o->labels,
+                         .threads = o->threads > 0 ? o->threads : 1};
+  int rc = guidance_eval(o->guidance, c->m, &mc, out, e);
   if (rc != ERR_OK)
     return err_prefix(e, "inversion step %d (t=%g)", step + 1, t);
   (*nfe)++;

@@ -5,6 +5,7 @@
 #define DENOISED_EDIT_H
 
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "boundary.h"
@@ -23,7 +24,7 @@ typedef struct edit_src {
   const guidance *guidance; /* or NULL */
   sampler_progress_fn progress;
   void *progress_user;
-  volatile int *cancel;
+  const atomic_int *cancel;
   int threads;
 } edit_src;
 
@@ -63,15 +64,5 @@ const char *edit_space_name(edit_space s);
 int edit_boundary(const sampler *grid, const sampler *rest, const model *m, const boundary *b,
                   const edit_src *src, double strength, edit_space space, float *out, float *latent,
                   int *nfe, err *e);
-
-/* Input images of edit requests (CLI files, base64 in API jobs): a PNG decoded under the size
- * limit h x w (a different size is an error naming `field`), to c = 1 (luma, as PIL's "L") or 3
- * channels in [-1, 1], CHW. */
-int edit_image_from_png(const uint8_t *png, size_t len, const char *field, int c, int h, int w,
-                        float *out, err *e);
-/* An inpainting mask: white (luma >= 128, diffusers' >= 0.5) is generated, black kept; out gets
- * h * w values 0 or 1. */
-int edit_mask_from_png(const uint8_t *png, size_t len, const char *field, int h, int w, float *out,
-                       err *e);
 
 #endif

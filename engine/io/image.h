@@ -42,4 +42,14 @@ int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, u
  * if the file has no such chunk. */
 int image_png_read_text(const char *path, const char *key, char **value, err *e);
 
+/* Input images of edit requests (CLI files, base64 in API jobs): a PNG decoded under the size
+ * limit h x w (a different size is an error naming `field`), to c = 1 (luma, as PIL's "L") or 3
+ * channels in [-1, 1], CHW. */
+int image_from_png(const uint8_t *png, size_t len, const char *field, int c, int h, int w,
+                   float *out, err *e);
+/* An inpainting mask: white (luma >= 128, diffusers' >= 0.5) is generated, black kept; out gets
+ * h * w values 0 or 1. */
+int image_mask_from_png(const uint8_t *png, size_t len, const char *field, int h, int w, float *out,
+                        err *e);
+
 #endif

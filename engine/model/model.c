@@ -281,7 +281,9 @@ const char *model_scheduler_config_path(const model *m) {
 
 int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
                const int64_t *labels, float *out, int threads, err *e) {
-  return model_eval_mid(m, x, n, h, w, t, labels, out, threads, NULL, e);
+  const model_call c = {
+      .x = x, .n = n, .h = h, .w = w, .t = t, .labels = labels, .threads = threads};
+  return model_run(m, &c, out, e);
 }
 
 int model_mid_shape(const model *m, int h, int w, int shape[3], err *e) {
@@ -290,18 +292,21 @@ int model_mid_shape(const model *m, int h, int w, int shape[3], err *e) {
   return unet_mid_shape(m->unet, h, w, shape, e);
 }
 
-int model_eval_mid(const model *m, const float *x, int n, int h, int w, const float *t,
-                   const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
-  if (n < 1 || !x || !t || !out)
-    return err_set(e, ERR_INVALID, "model_eval: empty batch or missing buffers");
-  if (m->unet)
-    return unet_forward_mid(m->unet, x, n, h, w, t, labels, out, threads, mid, e);
-  if (mid)
+int model_run(const model *m, const model_call *c, float *out, err *e) {
+  if (c->n < 1 || !c->x || !c->t || !out)
+    return err_set(e, ERR_INVALID, "model_run: empty batch or missing buffers");
+  const int hooked = c->hooks.mid_save || c->hooks.mid_replace;
+  if (m->unet) {
+    const unet_mid mid = {.save = c->hooks.mid_save, .replace = c->hooks.mid_replace};
+    return unet_forward_mid(m->unet, c->x, c->n, c->h, c->w, c->t, c->labels, out, c->threads,
+                            hooked ? &mid : NULL, e);
+  }
+  if (hooked)
     return err_set(e, ERR_UNSUPPORTED, "%s has no mid block (h-space)", m->info.class_name);
-  if (h != m->info.sample_size || w != m->info.sample_size)
+  if (c->h != m->info.sample_size || c->w != m->info.sample_size)
     return err_set(e, ERR_INVALID, "GaussianMixtureDenoiser is %dx%d; got %dx%d",
-                   m->info.sample_size, m->info.sample_size, h, w);
-  return gmm_eval(m->gmm, x, n, t, labels, out, e);
+                   m->info.sample_size, m->info.sample_size, c->h, c->w);
+  return gmm_eval(m->gmm, c->x, c->n, c->t, c->labels, out, e);
 }
 
 double model_flops(const model *m, int h, int w) {

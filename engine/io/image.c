@@ -575,3 +575,58 @@ int image_png_read_text(const char *path, const char *key, char **value, err *e)
   fclose(f);
   return rc;
 }
+
+/* ---- input images of requests ---- */
+
+static int decode_exact(const uint8_t *png, size_t len, const char *field, int h, int w,
+                        uint8_t **px, err *e) {
+  int ph = 0, pw = 0;
+  int rc = image_png_decode(png, len, w, h, px, &ph, &pw, e);
+  if (rc == ERR_INVALID && strstr(e->msg, "larger than"))
+    return err_prefix(e, "%s: the model samples %dx%d", field, w, h);
+  if (rc != ERR_OK)
+    return err_prefix(e, "%s", field);
+  if (ph != h || pw != w) {
+    free(*px);
+    *px = NULL;
+    return err_set(e, ERR_INVALID, "%s: image is %dx%d, the model samples %dx%d", field, pw, ph, w,
+                   h);
+  }
+  return ERR_OK;
+}
+
+/* PIL's convert("L"): L = R * 299/1000 + G * 587/1000 + B * 114/1000, rounded */
+static uint8_t luma(const uint8_t *p) {
+  return (uint8_t)((p[0] * 299u + p[1] * 587u + p[2] * 114u + 500u) / 1000u);
+}
+
+int image_from_png(const uint8_t *png, size_t len, const char *field, int c, int h, int w,
+                   float *out, err *e) {
+  if (c != 1 && c != 3)
+    return err_set(e, ERR_UNSUPPORTED, "%s: images for a %d-channel model are not supported", field,
+                   c);
+  uint8_t *px = NULL;
+  int rc = decode_exact(png, len, field, h, w, &px, e);
+  if (rc != ERR_OK)
+    return rc;
+  if (c == 1) {
+    const size_t plane = (size_t)h * w;
+    for (size_t i = 0; i < plane; i++)
+      px[i] = luma(px + 3 * i); /* in place: i <= 3 i */
+  }
+  image_from_u8(px, c, h, w, out);
+  free(px);
+  return ERR_OK;
+}
+
+int image_mask_from_png(const uint8_t *png, size_t len, const char *field, int h, int w, float *out,
+                        err *e) {
+  uint8_t *px = NULL;
+  int rc = decode_exact(png, len, field, h, w, &px, e);
+  if (rc != ERR_OK)
+    return rc;
+  for (size_t i = 0; i < (size_t)h * w; i++)
+    out[i] = luma(px + 3 * i) >= 128 ? 1.0f : 0.0f;
+  free(px);
+  return ERR_OK;
+}

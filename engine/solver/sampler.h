@@ -5,6 +5,7 @@
 #define DENOISED_SAMPLER_H
 
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -85,8 +86,8 @@ typedef struct sampler_run_opts {
   void *progress_user;
   sampler_noise_fn noise;
   void *noise_user;
-  volatile int *cancel; /* checked before every evaluation; non-zero stops the run */
-  int threads;          /* CPU threads for the model, >= 1 (0 means 1) */
+  const atomic_int *cancel; /* checked before every evaluation; non-zero stops the run */
+  int threads;              /* CPU threads for the model, >= 1 (0 means 1) */
   /* Classifier-free guidance of every evaluation (NULL: none); needs labels. */
   const guidance *guidance;
   /* Part of the schedule: steps [start_step, end_step) of sampler_num_steps (end_step 0: to

@@ -24,23 +24,16 @@ guidance guidance_for(const model *m, double scale);
  * accepts. Errors name the field ("guidance_scale", "null_class"). */
 int guidance_check(const guidance *g, const model *m, err *e);
 
-/* model_eval under guidance g (NULL or disabled: plain model_eval). Guided calls need labels and
- * evaluate 2 n images at once; g = 1 and g = 0 need only one pass (the conditional or the
- * unconditional one). Like diffusers' pipelines, whatever the model predicts (eps, x0 or v) is
+/* model_run under guidance g (NULL or disabled: plain model_run). Hooks see
+ * guidance_passes(g) * n rows in the evaluated order (conditional rows first). Guided calls need
+ * labels and evaluate 2 n images at once; g = 1 and g = 0 need only one pass (the conditional or
+ * the unconditional one). Like diffusers' pipelines, whatever the model predicts (eps, x0 or v) is
  * guided; of a learned variance (out_channels = 2 in_channels) only the prediction half is, the
  * variance half is the conditional pass's. */
-int guidance_eval(const guidance *g, const model *m, const float *x, int n, int h, int w,
-                  const float *t, const int64_t *labels, float *out, int threads, err *e);
+int guidance_eval(const guidance *g, const model *m, const model_call *c, float *out, err *e);
 
 /* Evaluations per row of a guided call: 2 (the conditional rows, then the unconditional ones,
  * in one batch of 2 n) or 1 (no guidance, g = 1 or g = 0). */
 int guidance_passes(const guidance *g);
-
-/* guidance_eval with access to a UNet's mid-block output (unet.h): mid's buffers hold
- * guidance_passes(g) * n rows in the evaluated order (conditional rows first). */
-struct unet_mid;
-int guidance_eval_mid(const guidance *g, const model *m, const float *x, int n, int h, int w,
-                      const float *t, const int64_t *labels, float *out, int threads,
-                      const struct unet_mid *mid, err *e);
 
 #endif

@@ -6,6 +6,7 @@
 #define DENOISED_INVERT_H
 
 #include <jansson.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -27,7 +28,7 @@ typedef struct invert_opts {
   uint64_t first_image;     /* rng image index of the first image */
   sampler_progress_fn progress;
   void *progress_user;
-  volatile int *cancel;
+  const atomic_int *cancel;
   int threads;
 } invert_opts;
 

@@ -7,7 +7,6 @@
 
 #include "rng.h"
 #include "sampler_impl.h"
-#include "unet.h"
 
 struct run_ctx {
   const sampler *s;
@@ -28,15 +27,21 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
                        double t_for_msg, float *out, err *e) {
   const sampler_run_opts *o = r->o;
   const int total = r->s->n;
-  if (o->cancel && *o->cancel)
+  if (o->cancel && atomic_load(o->cancel))
     return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", step + 1, total);
-  const unet_mid mid = {.replace = o->first_mid};
   const int hooked = o->first_mid && r->nfe == 0;
   if (hooked && n != r->batch)
     return err_set(e, ERR_INVALID, "step %d: a mid-block replacement needs the whole batch",
                    step + 1);
-  int rc = guidance_eval_mid(o->guidance, r->m, x, n, r->h, r->w, r->tv, labels, out,
-                             o->threads > 0 ? o->threads : 1, hooked ? &mid : NULL, e);
+  const model_call c = {.x = x,
+                        .n = n,
+                        .h = r->h,
+                        .w = r->w,
+                        .t = r->tv,
+                        .labels = labels,
+                        .hooks = {.mid_replace = hooked ? o->first_mid : NULL},
+                        .threads = o->threads > 0 ? o->threads : 1};
+  int rc = guidance_eval(o->guidance, r->m, &c, out, e);
   if (rc != ERR_OK)
     return err_prefix(e, "step %d (t=%g)", step + 1, t_for_msg);
   r->nfe++;

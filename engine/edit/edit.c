@@ -12,7 +12,6 @@
 #include "image.h"
 #include "invert.h"
 #include "rng.h"
-#include "unet.h"
 
 int edit_grid_sampler(const json_t *solver, const json_t *model_config, double eta, sampler **out,
                       err *e) {
@@ -99,9 +98,15 @@ int edit_mid_at(const sampler *s, const model *m, int step, const edit_src *src,
   }
   for (int b = 0; b < src->batch; b++)
     tv[b] = (float)sampler_timesteps(s)[step];
-  const unet_mid hook = {.save = mid};
-  rc = guidance_eval_mid(src->guidance, m, x, src->batch, size, size, tv, src->labels, out,
-                         src->threads > 0 ? src->threads : 1, &hook, e);
+  const model_call c = {.x = x,
+                        .n = src->batch,
+                        .h = size,
+                        .w = size,
+                        .t = tv,
+                        .labels = src->labels,
+                        .hooks = {.mid_save = mid},
+                        .threads = src->threads > 0 ? src->threads : 1};
+  rc = guidance_eval(src->guidance, m, &c, out, e);
 done:
   free(out);
   free(tv);
@@ -243,59 +248,4 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
   free(x);
   free(mid);
   return rc;
-}
-
-/* ---- input images ---- */
-
-static int decode_exact(const uint8_t *png, size_t len, const char *field, int h, int w,
-                        uint8_t **px, err *e) {
-  int ph = 0, pw = 0;
-  int rc = image_png_decode(png, len, w, h, px, &ph, &pw, e);
-  if (rc == ERR_INVALID && strstr(e->msg, "larger than"))
-    return err_prefix(e, "%s: the model samples %dx%d", field, w, h);
-  if (rc != ERR_OK)
-    return err_prefix(e, "%s", field);
-  if (ph != h || pw != w) {
-    free(*px);
-    *px = NULL;
-    return err_set(e, ERR_INVALID, "%s: image is %dx%d, the model samples %dx%d", field, pw, ph, w,
-                   h);
-  }
-  return ERR_OK;
-}
-
-/* PIL's convert("L"): L = R * 299/1000 + G * 587/1000 + B * 114/1000, rounded */
-static uint8_t luma(const uint8_t *p) {
-  return (uint8_t)((p[0] * 299u + p[1] * 587u + p[2] * 114u + 500u) / 1000u);
-}
-
-int edit_image_from_png(const uint8_t *png, size_t len, const char *field, int c, int h, int w,
-                        float *out, err *e) {
-  if (c != 1 && c != 3)
-    return err_set(e, ERR_UNSUPPORTED, "%s: images for a %d-channel model are not supported", field,
-                   c);
-  uint8_t *px = NULL;
-  int rc = decode_exact(png, len, field, h, w, &px, e);
-  if (rc != ERR_OK)
-    return rc;
-  if (c == 1) {
-    const size_t plane = (size_t)h * w;
-    for (size_t i = 0; i < plane; i++)
-      px[i] = luma(px + 3 * i); /* in place: i <= 3 i */
-  }
-  image_from_u8(px, c, h, w, out);
-  free(px);
-  return ERR_OK;
-}
-
-int edit_mask_from_png(const uint8_t *png, size_t len, const char *field, int h, int w, float *out,
-                       err *e) {
-  uint8_t *px = NULL;
-  int rc = decode_exact(png, len, field, h, w, &px, e);
-  if (rc != ERR_OK)
-    return rc;
-  for (size_t i = 0; i < (size_t)h * w; i++)
-    out[i] = luma(px + 3 * i) >= 128 ? 1.0f : 0.0f;
-  free(px);
-  return ERR_OK;
 }

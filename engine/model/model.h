@@ -46,20 +46,36 @@ int64_t model_class_from_name(const model *m, const char *name);
 /* Path of the scheduler_config.json that belongs with the model, or NULL. */
 const char *model_scheduler_config_path(const model *m);
 
-/* One network evaluation on a batch of n images (NCHW float32, in_channels x
- * sample_size^2 each; H and W may differ from sample_size for UNets).
- * t holds one (possibly fractional) timestep per image; labels one class per
- * image or NULL. out receives n * out_channels * h * w floats. `threads` is
- * the number of CPU threads this call may use (>= 1). Thread-safe. */
+/* Hooks into one evaluation (NULL fields: none). mid_save receives the mid-block output (h) of
+ * every image; mid_replace is used by the decoder instead of the network's own. Both hold
+ * n * C * H * W floats (model_mid_shape). Models without a mid block refuse hooks
+ * (ERR_UNSUPPORTED). */
+typedef struct model_hooks {
+  float *mid_save;
+  const float *mid_replace;
+} model_hooks;
+
+/* One network evaluation on a batch of n images (NCHW float32, in_channels x h x w each; h and w
+ * may differ from sample_size for UNets). t holds one (possibly fractional) timestep per image;
+ * labels one class per image or NULL. `threads` is the number of CPU threads this call may use
+ * (>= 1). Later conditioning (text, images) joins here, so callers above the model room pass
+ * one struct instead of growing argument lists. */
+typedef struct model_call {
+  const float *x;
+  int n, h, w;
+  const float *t;
+  const int64_t *labels;
+  model_hooks hooks;
+  int threads;
+} model_call;
+
+/* Runs c; out receives n * out_channels * h * w floats. Thread-safe. */
+int model_run(const model *m, const model_call *c, float *out, err *e);
+
+/* model_run without hooks, for callers with plain arrays. */
 int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
                const int64_t *labels, float *out, int threads, err *e);
 
-/* model_eval with access to a UNet's mid-block output (unet.h's unet_mid; NULL: model_eval).
- * ERR_UNSUPPORTED for models without one (the GaussianMixtureDenoiser). */
-struct unet_mid;
-int model_eval_mid(const model *m, const float *x, int n, int h, int w, const float *t,
-                   const int64_t *labels, float *out, int threads, const struct unet_mid *mid,
-                   err *e);
 /* [C, H, W] of the mid-block output for h x w images; ERR_UNSUPPORTED without one. */
 int model_mid_shape(const model *m, int h, int w, int shape[3], err *e);
 
