@@ -154,9 +154,9 @@ int cmd_bench(int argc, char **argv) {
   }
   for (long long i = 0; i < warmup + iters; i++) {
     double t0 = now_ms();
-    const model_call c = {
+    const model_call call = {
         .x = x, .n = n, .h = s, .w = s, .t = t, .labels = lab, .threads = (int)threads};
-    if (guidance_eval(guided ? &g : NULL, m, &c, out, &e)) {
+    if (guidance_eval(guided ? &g : NULL, m, &call, out, &e)) {
       cli_fail(cmd, "%s", e.msg);
       goto done;
     }
