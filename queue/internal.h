@@ -1,0 +1,150 @@
+/* What the queue's own files share and nobody else sees: the job, batch, model and queue
+ * structs, and the helpers one concern offers another. The public face is queue.h; the store
+ * seam is store.h. One mutex (queue.mu) guards all of it: functions marked "lock held" expect
+ * the caller to hold it. */
+#ifndef DENOISED_QUEUE_INTERNAL_H
+#define DENOISED_QUEUE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <uv.h>
+
+#include "edit_job.h"
+#include "queue.h"
+#include "store.h"
+
+#define RING 64        /* progress events kept per job; older ones are superseded anyway */
+#define PREVIEW_MAX 64 /* preview side in pixels */
+#define EXPIRY_EVERY_MS 60000
+
+typedef struct qevent {
+  uint64_t seq;
+  const char *type;
+  char *data;
+} qevent;
+
+typedef struct qmodel {
+  char name[QUEUE_NAME_SIZE];
+  char path[1024];
+  model *m;
+  json_t *labels;
+  json_t *sched; /* its scheduler_config.json, or NULL */
+  int refs;      /* the registry's own reference plus running batches */
+} qmodel;
+
+typedef struct qbatch qbatch;
+
+typedef struct qjob {
+  char id[QUEUE_ID_SIZE];
+  queue_spec spec;
+  queue_state state;
+  int pending; /* being written to the store: invisible until committed */
+  double created, started, finished, t_mono_created, t_mono_started;
+  int step, total, nfe, images, files;
+  char error[512];
+  qevent *life; /* lifecycle events: never dropped */
+  int nlife, caplife;
+  qevent ring[RING]; /* progress events: the newest RING */
+  int ring_head, ring_n;
+  uint64_t next_seq;
+  double last_progress;
+  qbatch *batch;
+} qjob;
+
+struct qbatch {
+  uv_work_t work;
+  queue *q;
+  qmodel *qm;
+  qjob **jobs;
+  int njobs, nimg;
+  atomic_int cancel;
+  float *x; /* the samples being denoised; previews read image 0 */
+  sampler *s;
+  const sched_config *cfg; /* the sampler's */
+  float *abar;
+  double t_start, t_last;
+  int h, w;
+  const int64_t *labels;
+  const uint64_t *img_seed, *img_index;
+  edit_job_phase phase; /* inversion jobs: their phases on one progress count */
+};
+
+struct queue {
+  queue_opts o;
+  char state_dir[1024], url_prefix[128];
+  store *st;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  qjob **jobs; /* sorted by id (creation order) */
+  int njobs, capjobs;
+  qjob **queued; /* FIFO */
+  int nqueued, capqueued;
+  qbatch **running;
+  int nrunning;
+  qmodel **models;
+  int nmodels;
+  uv_loop_t loop;
+  uv_async_t wake;
+  uv_timer_t expiry;
+  pthread_t thread;
+  int started, stopping, loop_done;
+  int closing; /* wake handle closed or closing: uv_async_send would abort */
+  int busy;
+  int npending; /* submissions being written to the store, counted against queue_max */
+  uint64_t last_id_ms;
+  uint32_t id_counter;
+  double t0, busy_seconds;
+  uint64_t submitted, succeeded, failed, cancelled, rejected_full, rejected_limit, images_generated,
+      batches, batched_jobs;
+  queue_hist step_h, job_h, wait_h;
+};
+
+/* ---- queue.c: clocks, names, log ---- */
+const char *qevent_type(const char *name); /* the interned event type, or "message" */
+int qstate_final(queue_state s);
+double qclock_real(void);
+double qclock_mono(void);
+void qhist_observe(queue_hist *h, double v);
+void qlog(queue *q, queue_log_level level, const char *id, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* ---- spec.c ---- */
+int qspec_has_noise(const queue_spec *s);
+
+/* ---- jobs.c: the job index, the FIFO and the per-job event log (lock held unless said) ---- */
+void qjob_free(qjob *j);
+/* Appends an event (data: stolen); lifecycle events are kept for good, progress in a ring. */
+void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle);
+void qjob_drop_progress(qjob *j);
+/* The job's durable record (malloc'ed JSON text). */
+char *qjob_record(const qjob *j, size_t *len);
+/* Writes a record through the store; lock released. Takes text. */
+int qjob_persist(queue *q, const char *id, char *text, size_t len);
+int qjob_index(queue *q, const char *id, int *pos);
+/* The committed job `id`, or NULL (also when owner is set and differs). */
+qjob *qjob_find(queue *q, const char *id, const char *owner);
+int qjob_insert(queue *q, qjob *j);
+void qjob_remove_at(queue *q, int pos);
+int qjob_enqueue(queue *q, qjob *j);
+void qjob_unqueue(queue *q, const qjob *j);
+void qjob_view(queue *q, const qjob *j, queue_job_view *v);
+void qjob_make_id(queue *q, char *out);
+/* Moves j to final state st and returns its record for the caller to persist, unlocked. */
+char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len);
+
+/* ---- models.c: the model registry and solver specs to samplers ---- */
+void qmodel_unref(qmodel *m);
+qmodel *qmodel_find(queue *q, const char *name);
+int qmodel_sampler(const qmodel *qm, const queue_spec *s, sampler **out, char *field, size_t fl,
+                   err *e);
+
+/* ---- worker.c: one batch on a libuv pool thread ---- */
+void qworker_run(uv_work_t *w);
+
+/* ---- loop.c: the scheduler thread ---- */
+void qloop_wake(queue *q);
+
+/* ---- recovery.c: jobs back from the store at start ---- */
+void qrecovery_load_one(void *user, const char *id, const char *text, size_t len);
+
+#endif

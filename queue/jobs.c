@@ -1,0 +1,252 @@
+/* Jobs in memory: the id-ordered index, the FIFO of queued jobs, ids, views, final states and
+ * the per-job event log (lifecycle events kept, progress in a ring). */
+#include "internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+/* ---- jobs and events ---- */
+
+void qjob_free(qjob *j) {
+  if (!j)
+    return;
+  for (int i = 0; i < j->nlife; i++)
+    free(j->life[i].data);
+  free(j->life);
+  for (int i = 0; i < j->ring_n; i++)
+    free(j->ring[(j->ring_head + i) % RING].data);
+  queue_spec_clear(&j->spec);
+  free(j);
+}
+
+/* Appends an event (lock held). data is stolen; job_id, seq, type and time are added. */
+void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle) {
+  if (!data)
+    data = json_object();
+  uint64_t seq = j->next_seq++;
+  json_object_set_new(data, "job_id", json_string(j->id));
+  json_object_set_new(data, "seq", json_integer((json_int_t)seq));
+  json_object_set_new(data, "type", json_string(type));
+  json_object_set_new(data, "time", json_real(qclock_real()));
+  char *text = json_dumps(data, JSON_COMPACT | JSON_REAL_PRECISION(13)); /* ms of unix time */
+  json_decref(data);
+  if (!text)
+    return;
+  qevent ev = {seq, qevent_type(type), text};
+  if (lifecycle) {
+    if (j->nlife == j->caplife) {
+      int cap = j->caplife ? 2 * j->caplife : 8;
+      qevent *n = realloc(j->life, (size_t)cap * sizeof *n);
+      if (!n) {
+        free(text);
+        return;
+      }
+      j->life = n;
+      j->caplife = cap;
+    }
+    j->life[j->nlife++] = ev;
+  } else {
+    if (j->ring_n == RING) {
+      free(j->ring[j->ring_head].data);
+      j->ring[j->ring_head] = ev;
+      j->ring_head = (j->ring_head + 1) % RING;
+    } else {
+      j->ring[(j->ring_head + j->ring_n++) % RING] = ev;
+    }
+  }
+  pthread_cond_broadcast(&q->cv);
+}
+
+/* A finished job keeps its lifecycle and its last progress event: the others are superseded
+ * (each carries the absolute step), and a retained job should cost little memory. */
+void qjob_drop_progress(qjob *j) {
+  for (int i = 0; i + 1 < j->ring_n; i++)
+    free(j->ring[(j->ring_head + i) % RING].data);
+  if (j->ring_n > 1) {
+    j->ring[0] = j->ring[(j->ring_head + j->ring_n - 1) % RING];
+    j->ring_n = 1;
+  }
+  j->ring_head = 0;
+}
+
+/* The record the store keeps (lock held). */
+char *qjob_record(const qjob *j, size_t *len) {
+  json_t *ev = json_array();
+  for (int i = 0; i < j->nlife; i++)
+    json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)j->life[i].seq,
+                                        "type", j->life[i].type, "data", j->life[i].data));
+  json_t *r =
+      json_pack("{s:s, s:o, s:s, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:s, s:I, s:o}", "id",
+                j->id, "spec", queue_spec_to_json(&j->spec), "state", queue_state_name(j->state),
+                "created", j->created, "started", j->started, "finished", j->finished, "step",
+                j->step, "total", j->total, "nfe", j->nfe, "images", j->images, "files", j->files,
+                "error", j->error, "next_seq", (json_int_t)j->next_seq, "events", ev);
+  char *text = r ? json_dumps(r, JSON_COMPACT) : NULL;
+  json_decref(r);
+  *len = text ? strlen(text) : 0;
+  return text;
+}
+
+int qjob_persist(queue *q, const char *id, char *text, size_t len) {
+  err e = {0};
+  int rc = text ? q->st->ops->put_job(q->st, id, text, len, &e)
+                : err_set(&e, ERR_NOMEM, "out of memory");
+  if (rc)
+    qlog(q, QUEUE_LOG_ERROR, id, "persisting the job failed: %s", e.msg);
+  free(text);
+  return rc;
+}
+
+int qjob_index(queue *q, const char *id, int *pos) {
+  int lo = 0, hi = q->njobs;
+  while (lo < hi) {
+    int mid = (lo + hi) / 2;
+    int c = strcmp(q->jobs[mid]->id, id);
+    if (c == 0) {
+      *pos = mid;
+      return 1;
+    }
+    if (c < 0)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  *pos = lo;
+  return 0;
+}
+
+qjob *qjob_find(queue *q, const char *id, const char *owner) {
+  int pos;
+  if (!id || !qjob_index(q, id, &pos))
+    return NULL;
+  qjob *j = q->jobs[pos];
+  if (j->pending || (owner && strcmp(owner, j->spec.owner) != 0))
+    return NULL;
+  return j;
+}
+
+/* Makes room for one more pointer in a job array that holds `n` of `*cap`. */
+static int reserve_one(qjob ***arr, int n, int *cap) {
+  if (n < *cap)
+    return ERR_OK;
+  int grown = *cap ? 2 * *cap : 64;
+  qjob **p = realloc(*arr, (size_t)grown * sizeof *p);
+  if (!p)
+    return ERR_NOMEM;
+  *arr = p;
+  *cap = grown;
+  return ERR_OK;
+}
+
+int qjob_insert(queue *q, qjob *j) {
+  if (reserve_one(&q->jobs, q->njobs, &q->capjobs))
+    return ERR_NOMEM;
+  int pos;
+  qjob_index(q, j->id, &pos);
+  memmove(q->jobs + pos + 1, q->jobs + pos, (size_t)(q->njobs - pos) * sizeof *q->jobs);
+  q->jobs[pos] = j;
+  q->njobs++;
+  return ERR_OK;
+}
+
+void qjob_remove_at(queue *q, int pos) {
+  memmove(q->jobs + pos, q->jobs + pos + 1, (size_t)(q->njobs - pos - 1) * sizeof *q->jobs);
+  q->njobs--;
+}
+
+int qjob_enqueue(queue *q, qjob *j) {
+  if (reserve_one(&q->queued, q->nqueued, &q->capqueued))
+    return ERR_NOMEM;
+  q->queued[q->nqueued++] = j;
+  return ERR_OK;
+}
+
+void qjob_unqueue(queue *q, const qjob *j) {
+  for (int i = 0; i < q->nqueued; i++)
+    if (q->queued[i] == j) {
+      memmove(q->queued + i, q->queued + i + 1, (size_t)(q->nqueued - i - 1) * sizeof *q->queued);
+      q->nqueued--;
+      return;
+    }
+}
+
+static int position_of(queue *q, const qjob *j) {
+  for (int i = 0; i < q->nqueued; i++)
+    if (q->queued[i] == j)
+      return i + 1;
+  return 0;
+}
+
+void qjob_view(queue *q, const qjob *j, queue_job_view *v) {
+  memset(v, 0, sizeof *v);
+  snprintf(v->id, sizeof v->id, "%s", j->id);
+  v->state = j->state;
+  v->position = j->state == QUEUE_QUEUED ? position_of(q, j) : 0;
+  v->step = j->step;
+  v->total = j->total;
+  v->nfe = j->nfe;
+  v->created = j->created;
+  v->started = j->started;
+  v->finished = j->finished;
+  v->images = j->images;
+  v->batched_with = j->batch ? j->batch->njobs - 1 : 0;
+  snprintf(v->error, sizeof v->error, "%s", j->error);
+  v->last_seq = j->next_seq - 1;
+  queue_spec_copy(&v->spec, &j->spec);
+}
+
+void queue_view_clear(queue_job_view *v) {
+  queue_spec_clear(&v->spec);
+}
+
+/* Time-ordered ids: listing by id is listing by submission, and a cursor is just an id. */
+void qjob_make_id(queue *q, char *out) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  uint64_t ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+  if (ms <= q->last_id_ms) {
+    ms = q->last_id_ms;
+    q->id_counter++;
+  } else {
+    q->last_id_ms = ms;
+    q->id_counter = 0;
+  }
+  uint32_t r = 0;
+  if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r)
+    r = (uint32_t)rand();
+  snprintf(out, QUEUE_ID_SIZE, "%012llx%04x%08x", (unsigned long long)(ms & 0xffffffffffffull),
+           q->id_counter & 0xffff, r);
+}
+
+/* Lock held. The job's final state goes to the store by the caller, unlocked. */
+char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len) {
+  j->state = st;
+  j->finished = qclock_real();
+  if (why)
+    snprintf(j->error, sizeof j->error, "%s", why);
+  json_t *d = json_object();
+  if (st == QUEUE_SUCCEEDED) {
+    q->succeeded++;
+    json_object_set_new(d, "images", json_integer(j->images));
+    qhist_observe(&q->job_h, qclock_mono() - j->t_mono_created);
+  } else if (st == QUEUE_FAILED) {
+    q->failed++;
+    json_object_set_new(d, "error", json_string(j->error));
+  } else {
+    q->cancelled++;
+    json_object_set_new(d, "reason", json_string(j->error));
+  }
+  qjob_emit(q, j,
+            st == QUEUE_SUCCEEDED ? "done"
+            : st == QUEUE_FAILED  ? "failed"
+                                  : "cancelled",
+            d, 1);
+  qjob_drop_progress(j);
+  return qjob_record(j, len);
+}

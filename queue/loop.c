@@ -1,0 +1,242 @@
+/* The scheduler thread: a libuv loop that forms batches from the FIFO, dispatches them onto
+ * the worker pool, finishes them, and expires old results. */
+#include "internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+static void dispatch(queue *q);
+
+static void after_work_cb(uv_work_t *w, int status) {
+  (void)status;
+  qbatch *b = w->data;
+  queue *q = b->q;
+  pthread_mutex_lock(&q->mu);
+  q->busy--;
+  q->busy_seconds += qclock_mono() - b->t_start;
+  for (int i = 0; i < b->njobs; i++) {
+    b->jobs[i]->batch = NULL;
+    if (b->jobs[i]->state == QUEUE_QUEUED) /* put back by a shutdown */
+      qjob_enqueue(q, b->jobs[i]);
+  }
+  for (int i = 0; i < q->nrunning; i++)
+    if (q->running[i] == b) {
+      q->running[i] = q->running[--q->nrunning];
+      break;
+    }
+  qmodel_unref(b->qm);
+  pthread_cond_broadcast(&q->cv);
+  pthread_mutex_unlock(&q->mu);
+  sampler_free(b->s);
+  free(b->abar);
+  free(b->x);
+  free(b->jobs);
+  free(b);
+  uv_async_send(&q->wake);
+}
+
+/* Loop thread, lock held. */
+static void dispatch(queue *q) {
+  while (!q->stopping && q->busy < q->o.workers && q->nqueued > 0) {
+    qjob *head = q->queued[0];
+    qmodel *qm = qmodel_find(q, head->spec.model);
+    if (!qm || !qm->m) {
+      qjob_unqueue(q, head);
+      size_t len;
+      char *rec = qjob_finish(q, head, QUEUE_FAILED, "the model is no longer configured", &len);
+      char id[QUEUE_ID_SIZE];
+      snprintf(id, sizeof id, "%s", head->id);
+      pthread_mutex_unlock(&q->mu);
+      qjob_persist(q, id, rec, len);
+      pthread_mutex_lock(&q->mu);
+      continue;
+    }
+    qbatch *b = calloc(1, sizeof *b);
+    qjob **jobs = malloc(sizeof *jobs * (size_t)(q->nqueued < 1024 ? q->nqueued : 1024));
+    qbatch **run = realloc(q->running, sizeof *run * (size_t)(q->nrunning + 1));
+    if (run)
+      q->running = run;
+    if (!b || !jobs || !run) {
+      free(b);
+      free(jobs);
+      qlog(q, QUEUE_LOG_ERROR, NULL, "out of memory scheduling a job");
+      return;
+    }
+    b->q = q;
+    b->qm = qm;
+    qm->refs++;
+    jobs[0] = head;
+    b->njobs = 1;
+    b->nimg = head->spec.batch;
+    if (q->o.batch_max_images > 1)
+      for (int i = 1; i < q->nqueued && b->njobs < 1024; i++) {
+        qjob *j = q->queued[i];
+        if (b->nimg + j->spec.batch <= q->o.batch_max_images &&
+            queue_spec_compatible(&head->spec, &j->spec)) {
+          jobs[b->njobs++] = j;
+          b->nimg += j->spec.batch;
+        }
+      }
+    b->jobs = jobs;
+    const double t = qclock_real(), tm = qclock_mono();
+    for (int i = 0; i < b->njobs; i++) {
+      qjob *j = jobs[i];
+      qjob_unqueue(q, j);
+      j->state = QUEUE_RUNNING;
+      j->batch = b;
+      j->started = t;
+      j->t_mono_started = tm;
+      j->last_progress = 0;
+      qhist_observe(&q->wait_h, tm - j->t_mono_created);
+      qjob_emit(q, j, "started", json_pack("{s:i}", "batched_with", b->njobs - 1), 1);
+    }
+    q->batches++;
+    if (b->njobs > 1)
+      q->batched_jobs += (uint64_t)b->njobs;
+    q->running[q->nrunning++] = b;
+    q->busy++;
+    b->work.data = b;
+    b->t_start = tm;
+    if (uv_queue_work(&q->loop, &b->work, qworker_run, after_work_cb) != 0) {
+      qlog(q, QUEUE_LOG_ERROR, NULL, "uv_queue_work failed");
+      q->busy--;
+    }
+  }
+}
+
+static void expire(queue *q) {
+  const double cutoff = qclock_real() - q->o.result_ttl;
+  for (;;) {
+    char id[QUEUE_ID_SIZE];
+    int files = 0, found = 0, noise = 0;
+    pthread_mutex_lock(&q->mu);
+    for (int i = 0; i < q->njobs; i++) {
+      qjob *j = q->jobs[i];
+      if (qstate_final(j->state) && !j->batch && j->finished > 0 && j->finished < cutoff) {
+        snprintf(id, sizeof id, "%s", j->id);
+        files = j->files;
+        noise = qspec_has_noise(&j->spec);
+        qjob_remove_at(q, i);
+        qjob_free(j);
+        found = 1;
+        break;
+      }
+    }
+    pthread_mutex_unlock(&q->mu);
+    if (!found)
+      return;
+    err e = {0};
+    static const char *const noise_file[] = {QUEUE_NOISE_FILE, NULL};
+    if (q->st->ops->remove_job(q->st, id, files, noise ? noise_file : NULL, &e))
+      qlog(q, QUEUE_LOG_WARN, id, "expiring: %s", e.msg);
+    else
+      qlog(q, QUEUE_LOG_DEBUG, id, "expired");
+  }
+}
+
+/* Wakes the loop thread from any thread. libuv aborts the process when the
+ * wake-up handle is already closed, so the send happens under the lock that
+ * wake_cb takes to mark it closing: a request racing a shutdown is safe. */
+void qloop_wake(queue *q) {
+  pthread_mutex_lock(&q->mu);
+  if (q->started && !q->closing)
+    uv_async_send(&q->wake);
+  pthread_mutex_unlock(&q->mu);
+}
+
+static void on_close(uv_handle_t *h) {
+  (void)h;
+}
+
+static void wake_cb(uv_async_t *a) {
+  queue *q = a->data;
+  pthread_mutex_lock(&q->mu);
+  if (q->stopping && q->busy == 0) {
+    q->closing = 1; /* under the lock: qloop_wake() sends nothing from now on */
+    pthread_mutex_unlock(&q->mu);
+    uv_close((uv_handle_t *)&q->wake, on_close);
+    uv_close((uv_handle_t *)&q->expiry, on_close);
+    return;
+  }
+  dispatch(q);
+  pthread_mutex_unlock(&q->mu);
+}
+
+static void expiry_cb(uv_timer_t *t) {
+  expire(t->data);
+}
+
+static void *loop_main(void *arg) {
+  queue *q = arg;
+  uv_run(&q->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&q->loop);
+  pthread_mutex_lock(&q->mu);
+  q->loop_done = 1;
+  pthread_cond_broadcast(&q->cv);
+  pthread_mutex_unlock(&q->mu);
+  return NULL;
+}
+
+int queue_start(queue *q, err *e) {
+  /* libuv sizes its pool from the environment on first use; the queue never runs more than
+   * `workers` jobs at once, so this only has to be large enough */
+  if (!getenv("UV_THREADPOOL_SIZE") || atoi(getenv("UV_THREADPOOL_SIZE")) < q->o.workers) {
+    char n[16];
+    snprintf(n, sizeof n, "%d", q->o.workers < 4 ? 4 : q->o.workers);
+    setenv("UV_THREADPOOL_SIZE", n, 1);
+  }
+  if (uv_loop_init(&q->loop) != 0)
+    return err_set(e, ERR_NOMEM, "cannot start the event loop");
+  uv_async_init(&q->loop, &q->wake, wake_cb);
+  q->wake.data = q;
+  uv_timer_init(&q->loop, &q->expiry);
+  q->expiry.data = q;
+  uint64_t every = (uint64_t)q->o.result_ttl * 1000 / 4;
+  if (every > EXPIRY_EVERY_MS)
+    every = EXPIRY_EVERY_MS;
+  if (every < 100)
+    every = 100;
+  uv_timer_start(&q->expiry, expiry_cb, every, every);
+  if (pthread_create(&q->thread, NULL, loop_main, q) != 0)
+    return err_set(e, ERR_NOMEM, "cannot start the queue thread");
+  q->started = 1;
+  uv_async_send(&q->wake);
+  return ERR_OK;
+}
+
+int queue_stop(queue *q, int timeout_ms) {
+  if (!q->started)
+    return 0;
+  pthread_mutex_lock(&q->mu);
+  q->stopping = 1;
+  for (int i = 0; i < q->nrunning; i++)
+    atomic_store(&q->running[i]->cancel, 1);
+  pthread_cond_broadcast(&q->cv);
+  pthread_mutex_unlock(&q->mu);
+  qloop_wake(q);
+  struct timespec dl;
+  clock_gettime(CLOCK_REALTIME, &dl);
+  dl.tv_sec += timeout_ms / 1000;
+  dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+  if (dl.tv_nsec >= 1000000000) {
+    dl.tv_sec++;
+    dl.tv_nsec -= 1000000000;
+  }
+  pthread_mutex_lock(&q->mu);
+  while (!q->loop_done)
+    if (pthread_cond_timedwait(&q->cv, &q->mu, &dl) == ETIMEDOUT)
+      break;
+  int done = q->loop_done;
+  pthread_mutex_unlock(&q->mu);
+  if (!done)
+    return -1;
+  pthread_join(q->thread, NULL);
+  q->started = 0;
+  return 0;
+}

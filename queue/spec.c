@@ -1,0 +1,147 @@
+/* Job specs: what a client asked for, copied, compared for batching, and kept as JSON in the
+ * job record. */
+#include "internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+/* ---- specs ---- */
+
+static const char *const edit_names[] = {NULL,          "img2img",     "inpaint",
+                                         "invert_ddim", "invert_ddpm", "boundary"};
+
+const char *queue_edit_name(int edit) {
+  return edit > 0 && edit < (int)(sizeof edit_names / sizeof *edit_names) ? edit_names[edit] : NULL;
+}
+
+int queue_edit_from_name(const char *name) {
+  for (int k = 1; k < (int)(sizeof edit_names / sizeof *edit_names); k++)
+    if (strcmp(name, edit_names[k]) == 0)
+      return k;
+  return -1;
+}
+
+/* Inversions of an input image store the noise they found. */
+int qspec_has_noise(const queue_spec *s) {
+  return (s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) && s->input_image;
+}
+
+void queue_spec_clear(queue_spec *s) {
+  json_decref(s->options);
+  free(s->input_image);
+  free(s->mask);
+  json_decref(s->edit_args);
+  memset(s, 0, sizeof *s);
+}
+
+int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
+  *dst = *src;
+  dst->options = src->options ? json_deep_copy(src->options) : NULL;
+  dst->input_image = src->input_image ? strdup(src->input_image) : NULL;
+  dst->mask = src->mask ? strdup(src->mask) : NULL;
+  dst->edit_args = src->edit_args ? json_deep_copy(src->edit_args) : NULL;
+  return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
+                 (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
+             ? ERR_NOMEM
+             : ERR_OK;
+}
+
+int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
+  return strcmp(a->model, b->model) == 0 && strcmp(a->solver, b->solver) == 0 &&
+         a->steps == b->steps && a->height == b->height && a->width == b->width &&
+         a->has_label == b->has_label && !a->preview_every && !b->preview_every && !a->edit &&
+         !b->edit && a->has_guidance == b->has_guidance &&
+         (!a->has_guidance ||
+          (a->guidance_scale == b->guidance_scale && a->null_class == b->null_class)) &&
+         json_equal(a->options ? a->options : json_null(), b->options ? b->options : json_null());
+}
+
+json_t *queue_spec_to_json(const queue_spec *s) {
+  json_t *j = json_pack(
+      "{s:s, s:s, s:i, s:O, s:i, s:I, s:I, s:i, s:i, s:i, s:s}", "model", s->model, "solver",
+      s->solver, "steps", s->steps, "options", s->options ? s->options : json_null(), "batch",
+      s->batch, "seed", (json_int_t)s->seed, "first_image", (json_int_t)s->first_image, "height",
+      s->height, "width", s->width, "preview_every", s->preview_every, "owner", s->owner);
+  if (j && s->has_label)
+    json_object_set_new(j, "class_label", json_integer(s->label));
+  if (j && s->has_guidance) {
+    json_object_set_new(j, "guidance_scale", json_real(s->guidance_scale));
+    json_object_set_new(j, "null_class", json_integer(s->null_class));
+  }
+  if (j && s->edit) {
+    json_object_set_new(j, "edit", json_string(queue_edit_name(s->edit)));
+    json_object_set_new(j, "strength", json_real(s->strength));
+    if (s->input_image)
+      json_object_set_new(j, "input_image", json_string(s->input_image));
+    if (s->mask)
+      json_object_set_new(j, "mask", json_string(s->mask));
+    if (s->edit_args)
+      json_object_set(j, "edit_args", s->edit_args);
+  }
+  return j;
+}
+
+int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
+  memset(s, 0, sizeof *s);
+  const char *model, *solver, *owner;
+  json_t *options = NULL, *label = NULL, *gscale = NULL, *gnull = NULL, *edit = NULL;
+  json_t *strength = NULL, *input = NULL, *mask = NULL, *args = NULL;
+  json_int_t seed, first;
+  json_error_t je;
+  if (json_unpack_ex((json_t *)j, &je, 0,
+                     "{s:s, s:s, s:i, s:o, s:i, s:I, s:I, s:i, s:i, s:i, s:s, s?o, s?o, s?o, s?o, "
+                     "s?o, s?o, s?o, s?o}",
+                     "model", &model, "solver", &solver, "steps", &s->steps, "options", &options,
+                     "batch", &s->batch, "seed", &seed, "first_image", &first, "height", &s->height,
+                     "width", &s->width, "preview_every", &s->preview_every, "owner", &owner,
+                     "class_label", &label, "guidance_scale", &gscale, "null_class", &gnull, "edit",
+                     &edit, "strength", &strength, "input_image", &input, "mask", &mask,
+                     "edit_args", &args))
+    return err_set(e, ERR_FORMAT, "job spec: %s", je.text);
+  if (strlen(model) >= sizeof s->model || strlen(solver) >= sizeof s->solver ||
+      strlen(owner) >= sizeof s->owner || s->batch < 1 || s->steps < 1 || seed < 0 || first < 0)
+    return err_set(e, ERR_FORMAT, "job spec: out-of-range values");
+  snprintf(s->model, sizeof s->model, "%s", model);
+  snprintf(s->solver, sizeof s->solver, "%s", solver);
+  snprintf(s->owner, sizeof s->owner, "%s", owner);
+  s->seed = (uint64_t)seed;
+  s->first_image = (uint64_t)first;
+  if (json_is_object(options))
+    s->options = json_deep_copy(options);
+  if (label && json_is_integer(label)) {
+    s->has_label = 1;
+    s->label = json_integer_value(label);
+  }
+  if (gscale && json_is_number(gscale)) {
+    s->has_guidance = 1;
+    s->guidance_scale = json_number_value(gscale);
+    s->null_class = json_is_integer(gnull) ? json_integer_value(gnull) : -1;
+  }
+  if (edit) {
+    int k = json_is_string(edit) ? queue_edit_from_name(json_string_value(edit)) : -1;
+    const int needs_input = k == QUEUE_EDIT_IMG2IMG || k == QUEUE_EDIT_INPAINT;
+    if (k <= 0 || !json_is_number(strength) || (input && !json_is_string(input)) ||
+        (needs_input && !input) || (k == QUEUE_EDIT_INPAINT && !json_is_string(mask)) ||
+        (needs_input ? args != NULL : !json_is_object(args))) {
+      queue_spec_clear(s);
+      return err_set(e, ERR_FORMAT, "job spec: a bad edit");
+    }
+    s->edit = k;
+    s->strength = json_number_value(strength);
+    s->input_image = input ? strdup(json_string_value(input)) : NULL;
+    s->mask = json_is_string(mask) ? strdup(json_string_value(mask)) : NULL;
+    s->edit_args = args ? json_deep_copy(args) : NULL;
+    if ((input && !s->input_image) || (json_is_string(mask) && !s->mask) ||
+        (args && !s->edit_args)) {
+      queue_spec_clear(s);
+      return err_set(e, ERR_NOMEM, "out of memory");
+    }
+  }
+  return ERR_OK;
+}
