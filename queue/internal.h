@@ -41,6 +41,7 @@ typedef struct qjob {
   int pending; /* being written to the store: invisible until committed */
   double created, started, finished, t_mono_created, t_mono_started;
   int step, total, nfe, images, files;
+  int attempts; /* runs started, persisted before each run begins */
   char error[512];
   qevent *life; /* lifecycle events: never dropped */
   int nlife, caplife;
@@ -90,7 +91,8 @@ struct queue {
   int started, stopping, loop_done;
   int closing; /* wake handle closed or closing: uv_async_send would abort */
   int busy;
-  int npending; /* submissions being written to the store, counted against queue_max */
+  int npending;              /* submissions being written to the store, counted against queue_max */
+  uint64_t fault_crash_seed; /* tests only: a job with this seed aborts the worker */
   uint64_t last_id_ms;
   uint32_t id_counter;
   double t0, busy_seconds;

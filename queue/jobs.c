@@ -81,12 +81,12 @@ char *qjob_record(const qjob *j, size_t *len) {
   for (int i = 0; i < j->nlife; i++)
     json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)j->life[i].seq,
                                         "type", j->life[i].type, "data", j->life[i].data));
-  json_t *r =
-      json_pack("{s:s, s:o, s:s, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:s, s:I, s:o}", "id",
-                j->id, "spec", queue_spec_to_json(&j->spec), "state", queue_state_name(j->state),
-                "created", j->created, "started", j->started, "finished", j->finished, "step",
-                j->step, "total", j->total, "nfe", j->nfe, "images", j->images, "files", j->files,
-                "error", j->error, "next_seq", (json_int_t)j->next_seq, "events", ev);
+  json_t *r = json_pack(
+      "{s:s, s:o, s:s, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:I, s:o}", "id", j->id,
+      "spec", queue_spec_to_json(&j->spec), "state", queue_state_name(j->state), "created",
+      j->created, "started", j->started, "finished", j->finished, "step", j->step, "total",
+      j->total, "nfe", j->nfe, "images", j->images, "files", j->files, "attempts", j->attempts,
+      "error", j->error, "next_seq", (json_int_t)j->next_seq, "events", ev);
   char *text = r ? json_dumps(r, JSON_COMPACT) : NULL;
   json_decref(r);
   *len = text ? strlen(text) : 0;

@@ -91,6 +91,7 @@ static void dispatch(queue *q) {
       j->state = QUEUE_RUNNING;
       j->batch = b;
       j->started = t;
+      j->attempts++;
       j->t_mono_started = tm;
       j->last_progress = 0;
       qhist_observe(&q->wait_h, tm - j->t_mono_created);

@@ -92,6 +92,12 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
     q->o.threads_per_job = 1;
   if (q->o.batch_max_images < 1)
     q->o.batch_max_images = 1;
+  if (q->o.max_attempts < 1)
+    q->o.max_attempts = 2;
+  /* Test-only fault hook: a job with this seed aborts the process in the worker, as a poison job
+   * would (tests/test_durability.c crash_loop_is_broken). Unset in production. */
+  const char *crash = getenv("DENOISED_FAULT_CRASH_SEED");
+  q->fault_crash_seed = crash ? strtoull(crash, NULL, 10) : 0;
   pthread_mutex_init(&q->mu, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);

@@ -106,7 +106,11 @@ typedef struct queue_opts {
   int queue_max;        /* queued jobs */
   int batch_max_images; /* 1: no batching */
   int max_jobs_per_key;
-  int result_ttl;           /* seconds */
+  int result_ttl; /* seconds */
+  /* A job whose run killed the process is run again after a restart, at most this many runs in
+   * all (0: 2); then it fails with "crashed the worker N times", so one poison request cannot
+   * make a crash loop. */
+  int max_attempts;
   int progress_interval_ms; /* least time between progress events of a job */
   const char *url_prefix;   /* "/v1/jobs/": image links in events */
   queue_log_fn log;

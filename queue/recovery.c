@@ -27,10 +27,11 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
   json_t *spec = NULL, *events = NULL;
   json_int_t next_seq = 1;
   if (!r || !j ||
-      json_unpack_ex(r, &je, 0, "{s:o, s:s, s:F, s?F, s?F, s?i, s?i, s?i, s?s, s?I, s?o}", "spec",
-                     &spec, "state", &state, "created", &j->created, "started", &j->started,
+      json_unpack_ex(r, &je, 0, "{s:o, s:s, s:F, s?F, s?F, s?i, s?i, s?i, s?i, s?s, s?I, s?o}",
+                     "spec", &spec, "state", &state, "created", &j->created, "started", &j->started,
                      "finished", &j->finished, "images", &j->images, "files", &j->files, "total",
-                     &j->total, "error", &error, "next_seq", &next_seq, "events", &events) ||
+                     &j->total, "attempts", &j->attempts, "error", &error, "next_seq", &next_seq,
+                     "events", &events) ||
       queue_spec_from_json(spec, &j->spec, &e) || queue_state_from_name(state) < 0 ||
       strlen(id) >= QUEUE_ID_SIZE) {
     qlog(q, QUEUE_LOG_ERROR, id, "recovery: unreadable job record (%s); left in place",
@@ -78,6 +79,21 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
     j->state = QUEUE_QUEUED;
     j->started = 0;
     j->images = 0;
+    if (j->attempts >= q->o.max_attempts) {
+      /* every run so far ended with the process: fail it for good rather than loop */
+      char why[128];
+      snprintf(why, sizeof why, "crashed the worker %d times", j->attempts);
+      size_t len = 0;
+      char *rec = qjob_finish(q, j, QUEUE_FAILED, why, &len);
+      qlog(q, QUEUE_LOG_ERROR, id, "recovery: %s; failed", why);
+      if (qjob_insert(q, j) != ERR_OK) {
+        free(rec);
+        qjob_free(j);
+        return;
+      }
+      qjob_persist(q, id, rec, len);
+      return;
+    }
     qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", was_running ? "restarted" : "recovered"),
               1);
   }

@@ -273,10 +273,29 @@ static int decode_edit_png(const char *b64, const char *field, int is_mask, int 
   return ERR_OK;
 }
 
+/* Before any compute: each job's record with its attempts count goes to the store, so a run that
+ * kills the process is counted at the next start (recovery fails the job after max_attempts). */
+static void persist_attempts(qbatch *b) {
+  queue *q = b->q;
+  char *recs[b->njobs];
+  size_t lens[b->njobs];
+  pthread_mutex_lock(&q->mu);
+  for (int i = 0; i < b->njobs; i++)
+    recs[i] = qjob_record(b->jobs[i], &lens[i]);
+  pthread_mutex_unlock(&q->mu);
+  for (int i = 0; i < b->njobs; i++)
+    if (recs[i])
+      qjob_persist(q, b->jobs[i]->id, recs[i], lens[i]);
+  for (int i = 0; i < b->njobs; i++)
+    if (q->fault_crash_seed && b->jobs[i]->spec.seed == q->fault_crash_seed)
+      abort();
+}
+
 void qworker_run(uv_work_t *w) {
   qbatch *b = w->data;
   queue *q = b->q;
   qjob *head = b->jobs[0];
+  persist_attempts(b);
   const model_info *mi = model_get_info(b->qm->m);
   err e = {0};
   char field[128];
@@ -374,25 +393,31 @@ void qworker_run(uv_work_t *w) {
   } else {
     char *recs[b->njobs];
     size_t lens[b->njobs];
+    int failed[b->njobs];
     pthread_mutex_lock(&q->mu);
     for (int i = 0; i < b->njobs; i++) {
       qjob *j = b->jobs[i];
       recs[i] = NULL;
+      failed[i] = 0;
       if (j->state != QUEUE_RUNNING)
         continue;
       if (rc == ERR_CANCELLED && q->stopping) {
         /* shutdown: the store still says queued, so it runs again after a restart */
         j->state = QUEUE_QUEUED;
         j->step = j->nfe = 0;
+        j->attempts--; /* stopped, not crashed: this run does not count */
         qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "shutdown"), 1);
+        recs[i] = qjob_record(j, &lens[i]);
       } else {
         recs[i] = qjob_finish(q, j, QUEUE_FAILED, e.msg, &lens[i]);
+        failed[i] = 1;
       }
     }
     pthread_mutex_unlock(&q->mu);
     for (int i = 0; i < b->njobs; i++)
       if (recs[i]) {
-        qlog(q, QUEUE_LOG_WARN, b->jobs[i]->id, "failed: %s", e.msg);
+        if (failed[i])
+          qlog(q, QUEUE_LOG_WARN, b->jobs[i]->id, "failed: %s", e.msg);
         qjob_persist(q, b->jobs[i]->id, recs[i], lens[i]);
       }
   }

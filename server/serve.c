@@ -169,6 +169,7 @@ int server_main(int argc, char **argv) {
                    .batch_max_images = s.cfg.batch_max_images,
                    .max_jobs_per_key = s.cfg.max_jobs_per_key,
                    .result_ttl = s.cfg.result_ttl,
+                   .max_attempts = s.cfg.max_attempts,
                    .progress_interval_ms = s.cfg.progress_interval_ms,
                    .url_prefix = "/v1/jobs/",
                    .log = log_queue_cb};

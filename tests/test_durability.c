@@ -65,7 +65,9 @@ START_TEST(kill9_loses_nothing) {
     last = id;
     n++;
   }
-  recovered = strstr(events, "\"reason\":\"recovered\"") != NULL;
+  /* it was running when the process died (its record says so since the attempts count is
+   * persisted before each run), so it comes back "restarted" */
+  recovered = strstr(events, "\"reason\":\"restarted\"") != NULL;
   ck_assert_int_ge(n, 4);
   ck_assert(recovered);
   ck_assert_int_gt(skipped, 1000); /* 2 x steps + batch + 8 */
@@ -95,6 +97,61 @@ START_TEST(kill9_loses_nothing) {
   free(again);
   /* the events of the restarted job kept unique, increasing ids across the crash */
   daemon_stop(&d2);
+}
+END_TEST
+
+/* Waits up to timeout_s for the daemon to exit by itself; its status, or -1. */
+static int daemon_wait_exit(daemon_proc *d, double timeout_s) {
+  for (double t0 = th_now(); d->pid && th_now() - t0 < timeout_s;) {
+    int st;
+    if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+      d->pid = 0;
+      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+    usleep(10000);
+  }
+  return -1;
+}
+
+/* A job whose run kills the process (the test-only fault hook aborts on its seed) runs again
+ * after a restart, but only max_attempts times in all: then it fails with a clear error and the
+ * daemon goes on with other work, instead of a crash loop from one request. */
+START_TEST(crash_loop_is_broken) {
+  char st[512];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", NULL};
+  const char *env[] = {"DENOISED_FAULT_CRASH_SEED=4242", NULL};
+  ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), args, env), 0);
+  char poison[64];
+  submit_job(&d, "{\"class_label\": 1, \"seed\": 4242, \"scheduler\": {\"name\": \"ddim\", "
+                 "\"steps\": 5}}",
+             poison, sizeof poison);
+  ck_assert_int_eq(daemon_wait_exit(&d, 30), 128 + SIGABRT);
+  /* the second run: it may die before or after the daemon says it listens */
+  int rc = daemon_start_env(&d, st, args, env);
+  if (rc == 0)
+    rc = daemon_wait_exit(&d, 30);
+  ck_assert_int_eq(rc, 128 + SIGABRT);
+  /* the third start: the job has had its two runs */
+  ck_assert_int_eq(daemon_start_env(&d, st, args, env), 0);
+  char state[32], path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", poison);
+  size_t len;
+  char *view = get_body(&d, path, &len);
+  ck_assert_msg(strstr(view, "\"state\":\"failed\"") &&
+                    strstr(view, "crashed the worker 2 times"),
+                "%s", view);
+  free(view);
+  ck_assert_int_ge(daemon_log_count(&d, "crashed the worker 2 times"), 1);
+  char ok[64];
+  submit_job(&d, SMALL_JOB, ok, sizeof ok);
+  wait_state(&d, ok, "succeeded", 60);
+  daemon_stop(&d);
+  /* and it stays failed */
+  ck_assert_int_eq(daemon_start_env(&d, st, args, env), 0);
+  job_state(&d, poison, state, sizeof state, NULL);
+  ck_assert_str_eq(state, "failed");
+  daemon_stop(&d);
 }
 END_TEST
 
@@ -507,6 +564,7 @@ Suite *test_suite(void) {
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, kill9_loses_nothing);
   tcase_add_test(tc, kill9_keeps_edit_jobs);
+  tcase_add_test(tc, crash_loop_is_broken);
   tcase_add_test(tc, sigterm_stops_at_step_boundary);
   tcase_add_test(tc, sighup_reloads_models);
   tcase_add_test(tc, sighup_reopens_the_log);
