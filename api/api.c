@@ -69,6 +69,7 @@ int api_fail_queue(api_error *e, const err *qe) {
     e->retry_after = 10;
     return api_fail(e, 503, "unavailable", NULL, "%s", qe->msg);
   case QUEUE_NOT_READY: return api_fail(e, 409, "not_ready", NULL, "%s", qe->msg);
+  case QUEUE_TOO_LARGE: return api_fail(e, 413, "job_too_large", NULL, "%s", qe->msg);
   case ERR_IO:
     return api_fail(e, strstr(qe->msg, "No space left") ? 507 : 500, "storage_error", NULL,
                     "the job could not be stored: %s", qe->msg);

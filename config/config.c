@@ -41,6 +41,7 @@ static const key_desc keys[] = {
     INT_KEY(batch_max_images, 1, 1024, "images in a forward shared by jobs (1: no batching)"),
     INT_KEY(result_ttl, 1, 365 * 86400, "seconds finished jobs and images are kept"),
     INT_KEY(max_attempts, 1, 100, "runs of a job that killed the daemon before it fails"),
+    INT_KEY(max_job_bytes, 65536, 1 << 30, "largest stored job, inputs included (else 413)"),
     INT_KEY(max_body_bytes, 256, 64 << 20, "largest request body"),
     INT_KEY(max_batch, 1, 1024, "largest batch_size"),
     INT_KEY(max_steps, 1, 100000, "most steps per job"),
@@ -73,6 +74,7 @@ void config_defaults(config *c) {
   c->batch_max_images = 16;
   c->result_ttl = 86400;
   c->max_attempts = 2;
+  c->max_job_bytes = 64 << 20;
   c->max_body_bytes = 4 << 20; /* a 100-step noise upload of the default model is ~1.7 MB */
   c->max_batch = 16;
   c->max_steps = 1000;

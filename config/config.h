@@ -38,6 +38,7 @@ typedef struct config {
   int batch_max_images; /* images in a forward shared by jobs; 1 disables batching */
   int result_ttl;       /* seconds a finished job and its images are kept */
   int max_attempts;     /* runs of a job that crashed the daemon before it fails for good */
+  int max_job_bytes;    /* largest job record (inputs included) accepted */
   int max_body_bytes;
   int max_batch;
   int max_steps;

@@ -94,6 +94,10 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
     q->o.batch_max_images = 1;
   if (q->o.max_attempts < 1)
     q->o.max_attempts = 2;
+  if (q->o.max_job_bytes == 0)
+    q->o.max_job_bytes = (size_t)64 << 20;
+  if (q->o.max_job_bytes > STORE_RECORD_MAX - STORE_RECORD_HEADROOM)
+    q->o.max_job_bytes = STORE_RECORD_MAX - STORE_RECORD_HEADROOM;
   /* Test-only fault hook: a job with this seed aborts the process in the worker, as a poison job
    * would (tests/test_durability.c crash_loop_is_broken). Unset in production. */
   const char *crash = getenv("DENOISED_FAULT_CRASH_SEED");
@@ -193,7 +197,20 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   qjob_emit(q, j, "queued", json_pack("{s:i}", "position", q->nqueued + 1), 1);
   size_t len;
   char *rec = qjob_record(j, &len);
+  if (rec && len > q->o.max_job_bytes) {
+    q->npending--;
+    j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
+    j->spec.input_image = j->spec.mask = NULL;
+    pthread_mutex_unlock(&q->mu);
+    free(rec);
+    qjob_free(j);
+    return err_set(e, QUEUE_TOO_LARGE,
+                   "the job with its inputs takes %zu bytes; at most %zu are accepted "
+                   "(max_job_bytes)",
+                   len, q->o.max_job_bytes);
+  }
   if (!rec || qjob_insert(q, j) != ERR_OK) {
+    q->npending--;
     j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
     j->spec.input_image = j->spec.mask = NULL;
     pthread_mutex_unlock(&q->mu);

@@ -22,6 +22,7 @@ enum {
   QUEUE_CONFLICT = -103,  /* the job is finished: nothing to cancel */
   QUEUE_STOPPING = -104,  /* shutting down: no new jobs */
   QUEUE_NOT_READY = -105, /* the image is not produced (yet) */
+  QUEUE_TOO_LARGE = -106, /* the job's record (inputs included) exceeds max_job_bytes */
 };
 
 #define QUEUE_ID_SIZE 32
@@ -111,6 +112,9 @@ typedef struct queue_opts {
    * all (0: 2); then it fails with "crashed the worker N times", so one poison request cannot
    * make a crash loop. */
   int max_attempts;
+  /* Largest job record (spec with its inputs: images, masks, noise) accepted; 0: 64 MiB; at most
+   * 1 GiB. Checked before the 202 so an accepted job is always readable at recovery. */
+  size_t max_job_bytes;
   int progress_interval_ms; /* least time between progress events of a job */
   const char *url_prefix;   /* "/v1/jobs/": image links in events */
   queue_log_fn log;

@@ -11,6 +11,13 @@
 
 typedef struct store store;
 
+/* The largest job record a store writes and reads back: the queue refuses larger jobs before
+ * their 202 (queue_opts.max_job_bytes, at most this less STORE_RECORD_HEADROOM), so nothing
+ * accepted is ever unreadable at recovery. */
+#define STORE_RECORD_MAX (((size_t)1 << 30) + ((size_t)1 << 20))
+/* Room a record keeps for what a job adds after its submission (events, error text). */
+#define STORE_RECORD_HEADROOM ((size_t)1 << 20)
+
 /* Called once per stored job record by list_jobs. */
 typedef void (*store_job_fn)(void *user, const char *id, const char *json, size_t len);
 

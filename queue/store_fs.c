@@ -67,6 +67,9 @@ static int sync_dir(fs_store *s, int dirfd, const char *sub, err *e) {
 
 static int fs_put_job(store *b, const char *id, const char *json, size_t len, err *e) {
   fs_store *s = (fs_store *)b;
+  if (len > STORE_RECORD_MAX) /* what list_jobs could not read back is never written */
+    return err_set(e, ERR_INVALID, "job record of %zu bytes exceeds the store's %zu", len,
+                   STORE_RECORD_MAX);
   char name[128];
   snprintf(name, sizeof name, "%s.json", id);
   int rc = write_atomic(s, s->jobs_fd, "jobs", name, json, len, e);
@@ -199,7 +202,7 @@ static int fs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
     int jfd = openat(s->jobs_fd, nm, O_RDONLY | O_CLOEXEC);
     uint8_t *buf = NULL;
     size_t len = 0;
-    if (jfd >= 0 && read_fd_all(jfd, &buf, &len, (size_t)16 << 20) == 0)
+    if (jfd >= 0 && read_fd_all(jfd, &buf, &len, STORE_RECORD_MAX) == 0)
       fn(user, id, (const char *)buf, len);
     else
       fn(user, id, NULL, 0); /* unreadable: the queue reports it */

@@ -170,6 +170,7 @@ int server_main(int argc, char **argv) {
                    .max_jobs_per_key = s.cfg.max_jobs_per_key,
                    .result_ttl = s.cfg.result_ttl,
                    .max_attempts = s.cfg.max_attempts,
+                   .max_job_bytes = (size_t)s.cfg.max_job_bytes,
                    .progress_interval_ms = s.cfg.progress_interval_ms,
                    .url_prefix = "/v1/jobs/",
                    .log = log_queue_cb};

@@ -123,8 +123,9 @@ START_TEST(crash_loop_is_broken) {
   const char *env[] = {"DENOISED_FAULT_CRASH_SEED=4242", NULL};
   ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), args, env), 0);
   char poison[64];
-  submit_job(&d, "{\"class_label\": 1, \"seed\": 4242, \"scheduler\": {\"name\": \"ddim\", "
-                 "\"steps\": 5}}",
+  submit_job(&d,
+             "{\"class_label\": 1, \"seed\": 4242, \"scheduler\": {\"name\": \"ddim\", "
+             "\"steps\": 5}}",
              poison, sizeof poison);
   ck_assert_int_eq(daemon_wait_exit(&d, 30), 128 + SIGABRT);
   /* the second run: it may die before or after the daemon says it listens */
@@ -138,8 +139,7 @@ START_TEST(crash_loop_is_broken) {
   snprintf(path, sizeof path, "/v1/jobs/%s", poison);
   size_t len;
   char *view = get_body(&d, path, &len);
-  ck_assert_msg(strstr(view, "\"state\":\"failed\"") &&
-                    strstr(view, "crashed the worker 2 times"),
+  ck_assert_msg(strstr(view, "\"state\":\"failed\"") && strstr(view, "crashed the worker 2 times"),
                 "%s", view);
   free(view);
   ck_assert_int_ge(daemon_log_count(&d, "crashed the worker 2 times"), 1);
@@ -152,6 +152,56 @@ START_TEST(crash_loop_is_broken) {
   job_state(&d, poison, state, sizeof state, NULL);
   ck_assert_str_eq(state, "failed");
   daemon_stop(&d);
+}
+END_TEST
+
+/* No lost 202: a job that carries an earlier inversion's noise (edit.noise_from) holds it in
+ * its record. Larger than max_job_bytes is a 413 naming the limit before any 202; the largest
+ * accepted one survives kill -9 and runs after the restart. */
+START_TEST(large_jobs_are_refused_or_recovered) {
+  char st[512], path[256];
+  daemon_proc d;
+  const char *small[] = {"--max-job-bytes", "1048576", NULL};
+  const char *large[] = {"--max-job-bytes", "2097152", "--workers", "1", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), small), 0);
+  char src[64], inv[64];
+  submit_job(&d, SMALL_JOB, src, sizeof src);
+  wait_state(&d, src, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", src);
+  size_t len;
+  char *png = get_body(&d, path, &len);
+  char *img = base64_encode((uint8_t *)png, len);
+  free(png);
+  size_t cap = strlen(img) + 512;
+  char *body = malloc(cap);
+  /* 100 steps: 101 maps of the 32x32 RGB image, ~1.2 MB of floats, ~1.65 MB in base64 */
+  snprintf(body, cap,
+           "{\"class_label\": 2, \"seed\": 5, \"scheduler\": {\"name\": \"ddim\", \"steps\": "
+           "100}, \"input_image\": \"%s\", \"edit\": {\"type\": \"invert_ddpm\"}}",
+           img);
+  submit_job(&d, body, inv, sizeof inv);
+  wait_state(&d, inv, "succeeded", 120);
+  char *use = malloc(512);
+  snprintf(use, 512,
+           "{\"class_label\": 4, \"scheduler\": {\"name\": \"ddim\", \"steps\": 100}, "
+           "\"edit\": {\"type\": \"invert_ddpm\", \"noise_from\": \"%s\", \"skip\": 3}}",
+           inv);
+  http_resp r;
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", use, &r), 413);
+  ck_assert_msg(strstr(r.body, "max_job_bytes") && strstr(r.body, "job_too_large"), "%s", r.body);
+  http_free(&r);
+  daemon_stop(&d);
+  /* with room for it: accepted, killed at once, recovered after the restart */
+  ck_assert_int_eq(daemon_start(&d, st, large), 0);
+  char big[64];
+  submit_job(&d, use, big, sizeof big);
+  ck_assert_int_eq(daemon_signal_wait(&d, SIGKILL, 10), 128 + SIGKILL);
+  ck_assert_int_eq(daemon_start(&d, st, large), 0);
+  wait_state(&d, big, "succeeded", 120);
+  daemon_stop(&d);
+  free(use);
+  free(body);
+  free(img);
 }
 END_TEST
 
@@ -565,6 +615,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, kill9_loses_nothing);
   tcase_add_test(tc, kill9_keeps_edit_jobs);
   tcase_add_test(tc, crash_loop_is_broken);
+  tcase_add_test(tc, large_jobs_are_refused_or_recovered);
   tcase_add_test(tc, sigterm_stops_at_step_boundary);
   tcase_add_test(tc, sighup_reloads_models);
   tcase_add_test(tc, sighup_reopens_the_log);
