@@ -9,7 +9,8 @@
 #include <stdatomic.h>
 #include <uv.h>
 
-#include "edit_job.h"
+#include "npy.h"
+#include "pipeline.h"
 #include "queue.h"
 #include "store.h"
 
@@ -28,8 +29,7 @@ typedef struct qmodel {
   char path[1024];
   model *m;
   json_t *labels;
-  json_t *sched; /* its scheduler_config.json, or NULL */
-  int refs;      /* the registry's own reference plus running batches */
+  int refs; /* the registry's own reference plus running batches */
 } qmodel;
 
 typedef struct qbatch qbatch;
@@ -59,15 +59,10 @@ struct qbatch {
   qjob **jobs;
   int njobs, nimg;
   atomic_int cancel;
-  float *x; /* the samples being denoised; previews read image 0 */
-  sampler *s;
-  const sched_config *cfg; /* the sampler's */
-  float *abar;
+  sampler *s; /* the final sampling's solver (metadata), owned */
   double t_start, t_last;
   int h, w;
-  const int64_t *labels;
-  const uint64_t *img_seed, *img_index;
-  edit_job_phase phase; /* inversion jobs: their phases on one progress count */
+  const uint64_t *img_seed, *img_index; /* per image of a batch of several jobs */
 };
 
 struct queue {
@@ -137,8 +132,20 @@ char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *le
 /* ---- models.c: the model registry and solver specs to samplers ---- */
 void qmodel_unref(qmodel *m);
 qmodel *qmodel_find(queue *q, const char *name);
-int qmodel_sampler(const qmodel *qm, const queue_spec *s, sampler **out, char *field, size_t fl,
-                   err *e);
+
+/* ---- request.c: a spec as the pipeline's typed request ---- */
+typedef struct qrequest {
+  pipeline_request r;
+  guidance g, gsrc;
+  int64_t *labels, *src_labels;
+  float *image, *mask; /* decoded once; the pipeline replicates them */
+  npy_array noise;
+  boundary bd;
+  int has_bd;
+} qrequest;
+/* Fills q from sp (its inputs decoded, its edit arguments typed); qrequest_free in any case. */
+int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e);
+void qrequest_free(qrequest *q);
 
 /* ---- worker.c: one batch on a libuv pool thread ---- */
 void qworker_run(uv_work_t *w);

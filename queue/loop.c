@@ -34,8 +34,6 @@ static void after_work_cb(uv_work_t *w, int status) {
   pthread_cond_broadcast(&q->cv);
   pthread_mutex_unlock(&q->mu);
   sampler_free(b->s);
-  free(b->abar);
-  free(b->x);
   free(b->jobs);
   free(b);
   uv_async_send(&q->wake);

@@ -17,7 +17,6 @@ void qmodel_unref(qmodel *m) {
   if (m && --m->refs == 0) {
     model_free(m->m);
     json_decref(m->labels);
-    json_decref(m->sched);
     free(m);
   }
 }
@@ -62,13 +61,6 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
       m->labels = json_array();
       for (int k = 0; m->labels && k < mi->n_class_labels; k++)
         json_array_append_new(m->labels, json_string(mi->class_labels[k]));
-    }
-    const char *sp = model_scheduler_config_path(m->m);
-    json_error_t je;
-    if (sp && !(m->sched = json_load_file(sp, 0, &je))) {
-      rc = err_set(e, ERR_FORMAT, "model '%s': %s:%d: %s", m->name, sp, je.line, je.text);
-      qmodel_unref(m);
-      break;
     }
     list[got++] = m;
   }
@@ -134,72 +126,6 @@ static void setfield(char *field, size_t n, const char *fmt, const char *arg) {
     snprintf(field, n, fmt, arg);
 }
 
-static int try_spec(const qmodel *qm, const queue_spec *s, const char *only_key, sampler **out,
-                    err *e) {
-  json_t *spec = json_pack("{s:s, s:i}", "name", s->solver, "steps", s->steps);
-  if (!spec)
-    return err_set(e, ERR_NOMEM, "out of memory");
-  if (only_key)
-    json_object_set_new(spec, "options",
-                        json_pack("{s:O}", only_key, json_object_get(s->options, only_key)));
-  else if (s->options)
-    json_object_set(spec, "options", s->options);
-  int rc = sampler_new_from_json(spec, qm->sched, out, e);
-  json_decref(spec);
-  return rc;
-}
-
-/* The one place a job's scheduler block becomes a solver: the engine's sampler_new_from_json
- * with {name, steps, options} over the model's scheduler_config.json. When it refuses, the
- * options are tried one by one to name the key at fault. */
-int qmodel_sampler(const qmodel *qm, const queue_spec *s, sampler **out, char *field, size_t fl,
-                   err *e) {
-  if (!sampler_solver_class(s->solver)) {
-    setfield(field, fl, "%s", "scheduler.name");
-    return err_set(e, ERR_INVALID, "unknown solver '%s'", s->solver);
-  }
-  int rc = try_spec(qm, s, NULL, out, e);
-  if (rc == ERR_OK) {
-    const model_info *mi = model_get_info(qm->m);
-    const sched_config *cfg = sampler_config(*out);
-    const char *pred = sched_prediction_name(cfg->prediction_type); /* a static string */
-    if (mi->prediction_type && strcmp(mi->prediction_type, pred) != 0) {
-      sampler_free(*out);
-      *out = NULL;
-      setfield(field, fl, "%s", "scheduler.options.prediction_type");
-      return err_set(e, ERR_INVALID, "the model predicts '%s', not '%s'", mi->prediction_type,
-                     pred);
-    }
-    return ERR_OK;
-  }
-  if (rc == ERR_NOMEM)
-    return rc;
-  const char *key;
-  json_t *v;
-  json_object_foreach(s->options, key, v) {
-    sampler *one = NULL;
-    err e1 = {0};
-    if (try_spec(qm, s, key, &one, &e1) != ERR_OK) {
-      setfield(field, fl, "scheduler.options.%s", key);
-      *e = e1;
-      return e1.code;
-    }
-    sampler_free(one);
-  }
-  queue_spec bare = *s;
-  bare.options = NULL;
-  sampler *one = NULL;
-  err e1 = {0};
-  if (try_spec(qm, &bare, NULL, &one, &e1) != ERR_OK) {
-    setfield(field, fl, "%s", strstr(e1.msg, "steps") ? "scheduler.steps" : "scheduler");
-    *e = e1;
-    return e1.code;
-  }
-  sampler_free(one);
-  setfield(field, fl, "%s", "scheduler.options"); /* keys fine alone, not together */
-  return rc;
-}
-
 int queue_make_sampler(queue *q, const queue_spec *s, sampler **out, char *field, size_t fieldlen,
                        err *e) {
   pthread_mutex_lock(&q->mu);
@@ -211,7 +137,8 @@ int queue_make_sampler(queue *q, const queue_spec *s, sampler **out, char *field
     setfield(field, fieldlen, "%s", "model");
     return err_set(e, QUEUE_NOT_FOUND, "unknown model '%s'", s->model);
   }
-  int rc = qmodel_sampler(m, s, out, field, fieldlen, e);
+  const pipeline_solver ps = {.name = s->solver, .steps = s->steps, .options = s->options};
+  int rc = pipeline_sampler(m->m, &ps, out, field, fieldlen, e);
   pthread_mutex_lock(&q->mu);
   qmodel_unref(m);
   pthread_mutex_unlock(&q->mu);

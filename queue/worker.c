@@ -26,117 +26,20 @@ static int batch_noise(void *user, uint64_t image, uint64_t stream, float *out, 
   return ERR_OK;
 }
 
-/* Solvers of the Euler family keep x in sigma space (x0 + sigma eps) rather than the VP space
- * (sqrt(abar) x0 + sqrt(1 - abar) eps) of DDPM/DDIM/DPM-Solver; the preview converts. */
-static int sigma_space(const char *solver) {
-  static const char *const classes[] = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                        "HeunDiscreteScheduler",  "LMSDiscreteScheduler",
-                                        "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-                                        "DPMSolverSDEScheduler",  "EDMEulerScheduler"};
-  const char *cls = sampler_solver_class(solver);
-  for (size_t i = 0; cls && i < sizeof classes / sizeof *classes; i++)
-    if (strcmp(cls, classes[i]) == 0)
-      return 1;
-  return 0;
-}
-
-/* A small PNG of image 0's predicted x0 after `nfe` evaluations: one more evaluation of one
- * image at the timestep the solver evaluates next (the engine keeps its own x0 private). */
-static char *make_preview(qbatch *b, int nfe) {
-  const model_info *mi = model_get_info(b->qm->m);
-  const int c = mi->in_channels, h = b->h, w = b->w;
-  const size_t d = (size_t)c * h * w;
-  float *x0 = malloc(d * sizeof *x0);
-  float *mo = malloc((size_t)mi->out_channels * h * w * sizeof *mo);
-  char *url = NULL;
-  const double *tm = sampler_timesteps(b->s);
-  const int T = b->cfg->num_train_timesteps;
-  if (!x0 || !mo)
-    goto done;
-  if (!b->abar) {
-    b->abar = malloc((size_t)T * sizeof *b->abar);
-    err e0;
-    if (!b->abar || sched_alphas_cumprod(b->cfg, b->abar, &e0)) {
-      free(b->abar);
-      b->abar = NULL;
-      goto done;
-    }
-  }
-  const int sig = sigma_space(b->jobs[0]->spec.solver);
-  if (!tm || nfe >= sampler_nfe(b->s)) { /* qstate_final (or data-dependent): x is the image */
-    memcpy(x0, b->x, d * sizeof *x0);
-  } else {
-    const double t = tm[nfe];
-    int ti = (int)floor(t);
-    ti = ti < 0 ? 0 : ti >= T - 1 ? T - 2 : ti;
-    const double fr = t - ti < 0 ? 0 : t - ti > 1 ? 1 : t - ti;
-    const float a = (float)((1 - fr) * b->abar[ti] + fr * b->abar[ti + 1]);
-    const float sa = sqrtf(a), sb = sqrtf(1.0f - a);
-    for (size_t i = 0; i < d; i++) /* to VP space */
-      x0[i] = sig ? b->x[i] * sa : b->x[i];
-    float tv = (float)t;
-    err e;
-    if (model_eval(b->qm->m, x0, 1, h, w, &tv, b->labels, mo, b->q->o.threads_per_job, &e))
-      goto done;
-    for (size_t i = 0; i < d; i++) {
-      const float xv = x0[i];
-      switch (b->cfg->prediction_type) {
-      case SCHED_PRED_EPSILON: x0[i] = (xv - sb * mo[i]) / sa; break;
-      case SCHED_PRED_SAMPLE: x0[i] = mo[i]; break;
-      case SCHED_PRED_V: x0[i] = sa * xv - sb * mo[i]; break;
-      }
-    }
-  }
-  int f = 1;
-  while (h / f > PREVIEW_MAX || w / f > PREVIEW_MAX)
-    f++;
-  const int ph = h / f, pw = w / f, pc = c < 3 ? 1 : 3;
-  float *small = calloc((size_t)pc * ph * pw, sizeof *small);
-  uint8_t *px = malloc((size_t)ph * pw * 3);
-  uint8_t *png = NULL;
-  size_t len = 0;
-  if (small && px) {
-    for (int ch = 0; ch < pc; ch++)
-      for (int y = 0; y < ph * f; y++)
-        for (int xx = 0; xx < pw * f; xx++)
-          small[((size_t)ch * ph + y / f) * pw + xx / f] +=
-              x0[((size_t)ch * h + y) * w + xx] / (float)(f * f);
-    image_to_u8(small, pc, ph, pw, px);
-    err e;
-    if (image_png_encode(px, pc, ph, pw, NULL, 0, &png, &len, &e) == ERR_OK) {
-      char *b64 = base64_encode(png, len);
-      if (b64) {
-        size_t n = strlen(b64) + 32;
-        url = malloc(n);
-        if (url)
-          snprintf(url, n, "data:image/png;base64,%s", b64);
-        free(b64);
-      }
-    }
-  }
-  free(png);
-  free(px);
-  free(small);
-done:
-  free(x0);
-  free(mo);
-  return url;
-}
-
-static void batch_progress(int step, int total, int nfe, void *user) {
+static void batch_progress(const pipeline_progress *p, void *user) {
   qbatch *b = user;
   queue *q = b->q;
   const double t = qclock_mono(), dt = t - b->t_last;
   b->t_last = t;
-  qjob *head = b->jobs[0];
+  const int step = p->step, total = p->total, nfe = p->nfe;
   char *preview = NULL;
-  if (b->phase.total) {
-    step = b->phase.base + step < b->phase.total ? b->phase.base + step : b->phase.total;
-    total = b->phase.total;
-    nfe += b->phase.nfe;
+  if (p->preview) {
+    char *b64 = base64_encode(p->preview, p->preview_len);
+    size_t n = b64 ? strlen(b64) + 32 : 0;
+    if (b64 && (preview = malloc(n)))
+      snprintf(preview, n, "data:image/png;base64,%s", b64);
+    free(b64);
   }
-  if (head->spec.preview_every && (step % head->spec.preview_every == 0 || step == total))
-    preview = make_preview(b, nfe);
   pthread_mutex_lock(&q->mu);
   qhist_observe(&q->step_h, dt);
   int live = 0;
@@ -185,7 +88,7 @@ static void write_results(qbatch *b, int base, qjob *j, const float *x, size_t d
                      .image_index = j->spec.first_image + (uint64_t)i,
                      .height = b->h,
                      .width = b->w,
-                     .cfg = b->cfg,
+                     .cfg = sampler_config(b->s),
                      .has_label = j->spec.has_label,
                      .label = j->spec.label,
                      .has_guidance = j->spec.has_guidance,
@@ -251,28 +154,6 @@ static void write_results(qbatch *b, int base, qjob *j, const float *x, size_t d
 
 /* An edit job's base64 PNG (checked at submission) decoded: image (c channels) or mask, the
  * same picture for every image of the batch. */
-static int decode_edit_png(const char *b64, const char *field, int is_mask, int c, int h, int w,
-                           int batch, float **out, err *e) {
-  uint8_t *png = NULL;
-  size_t len = 0;
-  if (!b64 || base64_decode(b64, strlen(b64), &png, &len) != 0)
-    return err_set(e, ERR_FORMAT, "%s: not base64", field);
-  const size_t d = (size_t)(is_mask ? 1 : c) * h * w;
-  float *x = malloc(d * (size_t)batch * sizeof *x);
-  int rc = !x        ? err_set(e, ERR_NOMEM, "out of memory")
-           : is_mask ? image_mask_from_png(png, len, field, h, w, x, e)
-                     : image_from_png(png, len, field, c, h, w, x, e);
-  free(png);
-  if (rc) {
-    free(x);
-    return rc;
-  }
-  for (int b = 1; b < batch; b++)
-    memcpy(x + d * (size_t)b, x, d * sizeof *x);
-  *out = x;
-  return ERR_OK;
-}
-
 /* Before any compute: each job's record with its attempts count goes to the store, so a run that
  * kills the process is counted at the next start (recovery fails the job after max_attempts). */
 static void persist_attempts(qbatch *b) {
@@ -298,96 +179,59 @@ void qworker_run(uv_work_t *w) {
   persist_attempts(b);
   const model_info *mi = model_get_info(b->qm->m);
   err e = {0};
-  char field[128];
-  float *init = NULL, *init_image = NULL, *mask = NULL;
+  qrequest req;
+  pipeline_result res = {0};
+  float *init = NULL;
   int64_t *labels = NULL;
   uint64_t *seeds = NULL, *index = NULL;
-  uint8_t *noise = NULL;
-  size_t noise_len = 0;
-  const int edit_job_kind = head->spec.edit >= QUEUE_EDIT_INVERT_DDIM;
-  int rc =
-      edit_job_kind ? ERR_OK : qmodel_sampler(b->qm, &head->spec, &b->s, field, sizeof field, &e);
-  if (!rc && head->spec.input_image) /* edits are never batched: the head is the whole batch */
-    rc = decode_edit_png(head->spec.input_image, "input_image", 0, mi->in_channels,
-                         head->spec.height, head->spec.width, b->nimg, &init_image, &e);
-  if (!rc && head->spec.edit == QUEUE_EDIT_INPAINT)
-    rc = decode_edit_png(head->spec.mask, "mask", 1, mi->in_channels, head->spec.height,
-                         head->spec.width, b->nimg, &mask, &e);
-  if (rc == ERR_OK && b->s)
-    b->cfg = sampler_config(b->s);
+  int rc = qrequest_from_spec(b->qm->m, &head->spec, &req, &e);
   b->h = head->spec.height;
   b->w = head->spec.width;
   const size_t d = (size_t)mi->in_channels * b->h * b->w;
-  if (!rc) {
-    b->x = malloc((size_t)b->nimg * d * sizeof *b->x);
+  if (!rc && b->njobs > 1) {
+    /* a batch of jobs: each position runs on its job's (seed, image) streams and label, so
+     * every image equals the one it would be alone (edits are never batched) */
     seeds = malloc((size_t)b->nimg * sizeof *seeds);
     index = malloc((size_t)b->nimg * sizeof *index);
     labels = head->spec.has_label ? malloc((size_t)b->nimg * sizeof *labels) : NULL;
-    init = b->njobs > 1 ? malloc((size_t)b->nimg * d * sizeof *init) : NULL;
-    if (!b->x || !seeds || !index || (head->spec.has_label && !labels) || (b->njobs > 1 && !init))
+    init = malloc((size_t)b->nimg * d * sizeof *init);
+    if (!seeds || !index || (head->spec.has_label && !labels) || !init)
       rc = err_set(&e, ERR_NOMEM, "out of memory for %d images", b->nimg);
-  }
-  if (!rc) {
-    int k = 0;
-    for (int i = 0; i < b->njobs; i++)
+    for (int i = 0, k = 0; !rc && i < b->njobs; i++)
       for (int n = 0; n < b->jobs[i]->spec.batch; n++, k++) {
         seeds[k] = b->jobs[i]->spec.seed;
         index[k] = b->jobs[i]->spec.first_image + (uint64_t)n;
         if (labels)
           labels[k] = b->jobs[i]->spec.label;
-        if (init)
-          rng_normal(seeds[k], index[k], 0, init + (size_t)k * d, d);
+        rng_normal(seeds[k], index[k], 0, init + (size_t)k * d, d);
       }
-    b->labels = labels;
+    req.r.batch = b->nimg;
+    req.r.first_image = 0;
+    req.r.noise = init;
+    if (labels)
+      req.r.labels = labels;
     b->img_seed = seeds;
     b->img_index = index;
-    guidance g = guidance_for(b->qm->m, head->spec.guidance_scale);
-    g.null_label = head->spec.null_class;
-    /* a single job runs on its own seed as the CLI would; a batch of jobs maps each position to
-     * its job's (seed, image) so every image equals the one it would be alone */
-    sampler_run_opts o = {.batch = b->nimg,
-                          .height = b->h,
-                          .width = b->w,
-                          .seed = head->spec.seed,
-                          .first_image = b->njobs > 1 ? 0 : head->spec.first_image,
-                          .init_noise = init,
-                          .labels = labels,
-                          .progress = batch_progress,
-                          .progress_user = b,
-                          .noise = b->njobs > 1 ? batch_noise : NULL,
-                          .noise_user = b,
-                          .cancel = &b->cancel,
-                          .threads = q->o.threads_per_job,
-                          .guidance = head->spec.has_guidance ? &g : NULL,
-                          .init_image = init_image,
-                          .strength = head->spec.strength,
-                          .mask = mask};
+  }
+  if (!rc) {
+    pipeline_hooks hooks = {.progress = batch_progress,
+                            .progress_user = b,
+                            .preview_every = head->spec.preview_every,
+                            .cancel = &b->cancel,
+                            .threads = q->o.threads_per_job,
+                            .noise = b->njobs > 1 ? batch_noise : NULL,
+                            .noise_user = b};
     b->t_start = b->t_last = qclock_mono();
-    if (edit_job_kind) {
-      edit_job ej = {.m = b->qm->m,
-                     .sched = b->qm->sched,
-                     .spec = &head->spec,
-                     .image = init_image,
-                     .labels = labels,
-                     .guidance = o.guidance,
-                     .progress = batch_progress,
-                     .progress_user = b,
-                     .phase = &b->phase,
-                     .cancel = &b->cancel,
-                     .threads = q->o.threads_per_job};
-      rc = edit_job_run(&ej, &b->s, b->x, &noise, &noise_len, NULL, &e);
-      if (b->s)
-        b->cfg = sampler_config(b->s);
-      if (!rc && noise)
-        rc = q->st->ops->put_file(q->st, head->id, QUEUE_NOISE_FILE, noise, noise_len, &e);
-    } else {
-      rc = sampler_run(b->s, b->qm->m, &o, b->x, NULL, &e);
-    }
+    rc = pipeline_run(b->qm->m, &req.r, &hooks, &res, &e);
+    b->s = res.sampler;
+    res.sampler = NULL;
+    if (!rc && res.noise)
+      rc = q->st->ops->put_file(q->st, head->id, QUEUE_NOISE_FILE, res.noise, res.noise_len, &e);
   }
   if (rc == ERR_OK) {
     int base = 0;
     for (int i = 0; i < b->njobs; i++) {
-      write_results(b, base, b->jobs[i], b->x, d);
+      write_results(b, base, b->jobs[i], res.images, d);
       base += b->jobs[i]->spec.batch;
     }
   } else {
@@ -422,10 +266,9 @@ void qworker_run(uv_work_t *w) {
       }
   }
   free(init);
-  free(init_image);
-  free(mask);
-  free(noise);
   free(labels);
   free(seeds);
   free(index);
+  qrequest_free(&req);
+  pipeline_result_clear(&res);
 }

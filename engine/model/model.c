@@ -25,6 +25,7 @@ struct model {
   char prediction_type[32];
   char sched_path[MODEL_PATH_MAX];
   int has_sched;
+  json_t *sched_json; /* scheduler_config.json as read, or NULL */
   unet *unet;
   gmm *gmm;
   char **labels; /* info.class_labels */
@@ -218,10 +219,14 @@ int model_load(const char *dir, model **out, err *e) {
     return rc;
   }
   m->has_sched = is_file(m->sched_path);
+  if (m->has_sched && !(m->sched_json = sched_config_read_json(m->sched_path, e))) {
+    free(m);
+    return e ? e->code : ERR_FORMAT;
+  }
   snprintf(cfg_path, sizeof cfg_path, "%s/config.json", net_dir);
   json_t *cfg = load_json(cfg_path, e);
   if (!cfg) {
-    free(m);
+    model_free(m);
     return e ? e->code : ERR_FORMAT;
   }
   const json_t *cls = json_object_get(cfg, "_class_name");
@@ -268,6 +273,7 @@ void model_free(model *m) {
   for (int i = 0; m->labels && m->labels[i]; i++)
     free(m->labels[i]);
   free(m->labels);
+  json_decref(m->sched_json);
   free(m);
 }
 
@@ -277,6 +283,10 @@ const model_info *model_get_info(const model *m) {
 
 const char *model_scheduler_config_path(const model *m) {
   return m->has_sched ? m->sched_path : NULL;
+}
+
+const json_t *model_scheduler_config(const model *m) {
+  return m->sched_json;
 }
 
 int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,

@@ -4,6 +4,7 @@
 #ifndef DENOISED_MODEL_H
 #define DENOISED_MODEL_H
 
+#include <jansson.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -45,6 +46,9 @@ int64_t model_class_from_name(const model *m, const char *name);
 
 /* Path of the scheduler_config.json that belongs with the model, or NULL. */
 const char *model_scheduler_config_path(const model *m);
+/* That file's JSON object as read at load (borrowed, lives as long as m), or NULL. Every solver
+ * of a run with this model starts from it. */
+const json_t *model_scheduler_config(const model *m);
 
 /* Hooks into one evaluation (NULL fields: none). mid_save receives the mid-block output (h) of
  * every image; mid_replace is used by the decoder instead of the network's own. Both hold

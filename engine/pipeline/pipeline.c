@@ -1,0 +1,444 @@
+/* The one job runner (pipeline.h): a typed request to a sampler, inputs replicated over the
+ * batch, each kind run through the engine's rooms below, and one progress count (with previews)
+ * over all of a run's phases. */
+#include "pipeline.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "image.h"
+#include "npy.h"
+#include "schedule.h"
+
+#define PREVIEW_MAX 64 /* preview side in pixels */
+
+/* ---- solver spec to sampler ---- */
+
+static void set_field(char *field, size_t n, const char *fmt, const char *arg) {
+  if (field && n)
+    snprintf(field, n, fmt, arg);
+}
+
+/* {name, steps, config, options} with only one of the options (only_key), all, or none */
+static int try_solver(const model *m, const pipeline_solver *s, const char *only_key, int no_opts,
+                      sampler **out, err *e) {
+  json_t *spec = json_pack("{s:s}", "name", s->name);
+  if (!spec)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  if (s->steps)
+    json_object_set_new(spec, "steps", json_integer(s->steps));
+  if (s->config)
+    json_object_set(spec, "config", (json_t *)s->config);
+  if (only_key)
+    json_object_set_new(spec, "options",
+                        json_pack("{s:O}", only_key, json_object_get(s->options, only_key)));
+  else if (s->options && !no_opts)
+    json_object_set(spec, "options", (json_t *)s->options);
+  int rc = sampler_new_from_json(spec, model_scheduler_config(m), out, e);
+  json_decref(spec);
+  return rc;
+}
+
+int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, char *field,
+                     size_t fieldlen, err *e) {
+  *out = NULL;
+  if (!s->name || !sampler_solver_class(s->name)) {
+    set_field(field, fieldlen, "%s", "scheduler.name");
+    return err_set(e, ERR_INVALID, "unknown scheduler '%s'", s->name ? s->name : "");
+  }
+  int rc = try_solver(m, s, NULL, 0, out, e);
+  if (rc == ERR_OK) {
+    const model_info *mi = model_get_info(m);
+    const char *pred = sched_prediction_name(sampler_config(*out)->prediction_type);
+    if (mi->prediction_type && strcmp(mi->prediction_type, pred) != 0) {
+      sampler_free(*out);
+      *out = NULL;
+      set_field(field, fieldlen, "%s", "scheduler.options.prediction_type");
+      return err_set(e, ERR_INVALID, "the model predicts '%s', not '%s'", mi->prediction_type,
+                     pred);
+    }
+    return ERR_OK;
+  }
+  if (rc == ERR_NOMEM)
+    return rc;
+  /* name the part at fault: each option alone, then the spec without options */
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)s->options, key, v) {
+    sampler *one = NULL;
+    err e1 = {0};
+    if (try_solver(m, s, key, 0, &one, &e1) != ERR_OK) {
+      set_field(field, fieldlen, "scheduler.options.%s", key);
+      *e = e1;
+      return e1.code;
+    }
+    sampler_free(one);
+  }
+  sampler *one = NULL;
+  err e1 = {0};
+  if (try_solver(m, s, NULL, 1, &one, &e1) != ERR_OK) {
+    set_field(field, fieldlen, "%s",
+              strstr(e1.msg, "steps") ? "scheduler.steps"
+              : s->config             ? "scheduler.config"
+                                      : "scheduler");
+    *e = e1;
+    return e1.code;
+  }
+  sampler_free(one);
+  set_field(field, fieldlen, "%s", "scheduler.options"); /* keys fine alone, not together */
+  return rc;
+}
+
+/* The grid inversions run on: DDIM over the request's config and options, never clipping (a
+ * clipped step cannot be run backwards); edit-friendly maps add eta 1 and end at alpha_bar[0]
+ * (set_alpha_to_one false) so the chain ends on the image itself. */
+static int inversion_sampler(const model *m, const pipeline_request *r, sampler **out, char *field,
+                             size_t fieldlen, err *e) {
+  const int ddpm = r->kind == PIPELINE_INVERT_DDPM;
+  json_t *opts = r->solver.options ? json_deep_copy(r->solver.options) : json_object();
+  if (!opts)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  json_object_set_new(opts, "clip_sample", json_false());
+  json_object_set_new(opts, "thresholding", json_false());
+  if (ddpm) {
+    json_object_set_new(opts, "eta", json_real(1.0));
+    json_object_set_new(opts, "set_alpha_to_one", json_false());
+  }
+  const json_t *config =
+      r->noise && r->invert.maps_config ? r->invert.maps_config : r->solver.config;
+  pipeline_solver s = {.name = "ddim",
+                       .steps = r->solver.steps ? r->solver.steps
+                                : ddpm          ? 100
+                                                : 50,
+                       .config = config,
+                       .options = opts};
+  int rc = pipeline_sampler(m, &s, out, field, fieldlen, e);
+  json_decref(opts);
+  return rc;
+}
+
+/* ---- progress over phases, previews ---- */
+
+typedef struct run_ctx {
+  const model *m;
+  const pipeline_request *r;
+  const pipeline_hooks *h;
+  int base, total, nfe_base; /* this phase's place in the whole count (total 0: as reported) */
+  const sampler *s;          /* the sampling phase's solver (previews), or NULL */
+  const float *x;            /* the samples being denoised (previews read image 0) */
+  int height, width;
+} run_ctx;
+
+/* Whether the solver holds its state VE-scaled (x / sqrt(alpha_bar)): the Euler family. */
+static int sigma_space(const sampler *s) {
+  static const char *const classes[] = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                        "HeunDiscreteScheduler",  "LMSDiscreteScheduler",
+                                        "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                                        "DPMSolverSDEScheduler",  "EDMEulerScheduler"};
+  const char *cls = sampler_solver_class(sampler_name(s));
+  for (size_t i = 0; cls && i < sizeof classes / sizeof *classes; i++)
+    if (strcmp(cls, classes[i]) == 0)
+      return 1;
+  return 0;
+}
+
+/* The PNG of a small picture of image 0's predicted x0 after `nfe` evaluations of the sampling
+ * phase: one more evaluation at the timestep the solver evaluates next, converted as the
+ * solver's prediction type says (the engine's x0 stays private to the solver). */
+static int preview_png(run_ctx *c, int nfe, uint8_t **png, size_t *len) {
+  const model_info *mi = model_get_info(c->m);
+  const int ch = mi->in_channels, h = c->height, w = c->width;
+  const size_t d = (size_t)ch * h * w;
+  const sched_config *cfg = sampler_config(c->s);
+  const double *tm = sampler_timesteps(c->s);
+  float *x0 = malloc(d * sizeof *x0), *mo = malloc((size_t)mi->out_channels * h * w * sizeof *mo);
+  int rc = -1;
+  if (!x0 || !mo)
+    goto done;
+  if (!tm || nfe >= sampler_nfe(c->s)) { /* finished (or data-dependent): x is the image */
+    memcpy(x0, c->x, d * sizeof *x0);
+  } else {
+    const int T = sampler_train_timesteps(c->s);
+    const float *ab = sampler_alphas_cumprod(c->s);
+    const double t = tm[nfe];
+    int ti = (int)floor(t);
+    ti = ti < 0 ? 0 : ti >= T - 1 ? T - 2 : ti;
+    const double fr = t - ti < 0 ? 0 : t - ti > 1 ? 1 : t - ti;
+    const float a = (float)((1 - fr) * ab[ti] + fr * ab[ti + 1]);
+    const float sa = sqrtf(a), sb = sqrtf(1.0f - a);
+    const int ve = sigma_space(c->s);
+    for (size_t i = 0; i < d; i++) /* to VP space */
+      x0[i] = ve ? c->x[i] * sa : c->x[i];
+    float tv = (float)t;
+    err e;
+    const model_call call = {.x = x0,
+                             .n = 1,
+                             .h = h,
+                             .w = w,
+                             .t = &tv,
+                             .labels = c->r->labels,
+                             .threads = c->h->threads > 0 ? c->h->threads : 1};
+    if (model_run(c->m, &call, mo, &e))
+      goto done;
+    for (size_t i = 0; i < d; i++) {
+      const float xv = x0[i];
+      switch (cfg->prediction_type) {
+      case SCHED_PRED_EPSILON: x0[i] = (xv - sb * mo[i]) / sa; break;
+      case SCHED_PRED_SAMPLE: x0[i] = mo[i]; break;
+      case SCHED_PRED_V: x0[i] = sa * xv - sb * mo[i]; break;
+      }
+    }
+  }
+  int f = 1;
+  while (h / f > PREVIEW_MAX || w / f > PREVIEW_MAX)
+    f++;
+  const int ph = h / f, pw = w / f, pc = ch < 3 ? 1 : 3;
+  float *small = calloc((size_t)pc * ph * pw, sizeof *small);
+  uint8_t *px = malloc((size_t)ph * pw * 3);
+  if (small && px) {
+    for (int k = 0; k < pc; k++)
+      for (int y = 0; y < ph * f; y++)
+        for (int xx = 0; xx < pw * f; xx++)
+          small[((size_t)k * ph + y / f) * pw + xx / f] +=
+              x0[((size_t)k * h + y) * w + xx] / (float)(f * f);
+    image_to_u8(small, pc, ph, pw, px);
+    err e;
+    rc = image_png_encode(px, pc, ph, pw, NULL, 0, png, len, &e);
+  }
+  free(small);
+  free(px);
+done:
+  free(x0);
+  free(mo);
+  return rc;
+}
+
+static void on_progress(int step, int total, int nfe, void *user) {
+  run_ctx *c = user;
+  const pipeline_hooks *h = c->h;
+  if (!h->progress)
+    return;
+  pipeline_progress p = {.step = step, .total = total, .nfe = c->nfe_base + nfe};
+  if (c->total) {
+    p.step = c->base + step < c->total ? c->base + step : c->total;
+    p.total = c->total;
+  }
+  uint8_t *png = NULL;
+  size_t len = 0;
+  if (c->s && h->preview_every && (p.step % h->preview_every == 0 || p.step == p.total) &&
+      preview_png(c, nfe, &png, &len) == ERR_OK) {
+    p.preview = png;
+    p.preview_len = len;
+  }
+  h->progress(&p, h->progress_user);
+  free(png);
+}
+
+/* ---- inputs ---- */
+
+/* count pictures of n floats each as batch of them: one repeated, or one each */
+static float *replicate(const float *src, int count, size_t n, int batch, err *e) {
+  if (count != 1 && count != batch) {
+    err_set(e, ERR_INVALID, "%d input pictures for a batch of %d", count, batch);
+    return NULL;
+  }
+  float *out = malloc(sizeof *out * n * (size_t)batch);
+  if (!out) {
+    err_set(e, ERR_NOMEM, "out of memory for %d input pictures", batch);
+    return NULL;
+  }
+  for (int b = 0; b < batch; b++)
+    memcpy(out + n * (size_t)b, src + (count == 1 ? 0 : n * (size_t)b), n * sizeof *out);
+  return out;
+}
+
+/* ---- kinds ---- */
+
+static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  const pipeline_hooks *h = c->h;
+  int rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
+  if (rc)
+    return rc;
+  c->s = out->sampler;
+  sampler_run_opts o = {.batch = r->batch,
+                        .height = out->height,
+                        .width = out->width,
+                        .seed = r->seed,
+                        .first_image = r->first_image,
+                        .init_noise = r->noise,
+                        .labels = r->labels,
+                        .progress = on_progress,
+                        .progress_user = c,
+                        .noise = h->noise,
+                        .noise_user = h->noise_user,
+                        .cancel = h->cancel,
+                        .threads = h->threads,
+                        .guidance = r->guidance,
+                        .init_image = image,
+                        .strength = r->strength,
+                        .mask = mask};
+  return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
+}
+
+static int run_inversion(run_ctx *c, const float *image, pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  const pipeline_hooks *h = c->h;
+  const model_info *mi = model_get_info(c->m);
+  const int ddpm = r->kind == PIPELINE_INVERT_DDPM, batch = r->batch;
+  const size_t d = (size_t)mi->in_channels * out->height * out->width;
+  int rc = inversion_sampler(c->m, r, &out->sampler, NULL, 0, e);
+  if (rc)
+    return rc;
+  const sampler *s = out->sampler;
+  const int n = sampler_num_steps(s), nmaps = ddpm ? n + 1 : 1;
+  const int64_t shape5[5] = {batch, nmaps, mi->in_channels, out->height, out->width};
+  const int64_t shape4[4] = {batch, mi->in_channels, out->height, out->width};
+  const int64_t *src_labels = r->invert.source_labels ? r->invert.source_labels : r->labels;
+  invert_opts io = {.batch = batch,
+                    .height = out->height,
+                    .width = out->width,
+                    .labels = src_labels,
+                    .guidance = r->invert.source_guidance,
+                    .seed = r->seed,
+                    .first_image = r->first_image,
+                    .progress = on_progress,
+                    .progress_user = c,
+                    .cancel = h->cancel,
+                    .threads = h->threads};
+  if (r->noise && r->noise_shape &&
+      (r->noise_ndim != (ddpm ? 5 : 4) ||
+       memcmp(r->noise_shape, ddpm ? shape5 : shape4, sizeof *shape4 * (ddpm ? 5 : 4)) != 0))
+    return ddpm ? err_set(e, ERR_SHAPE,
+                          "edit.noise: expected shape [%d, %d, %d, %d, %d] (batch_size, "
+                          "scheduler.steps + 1, the model's channels, height, width)",
+                          batch, n + 1, mi->in_channels, out->height, out->width)
+                : err_set(e, ERR_SHAPE,
+                          "edit.noise: expected shape [%d, %d, %d, %d] (batch_size, the "
+                          "model's channels, height, width)",
+                          batch, mi->in_channels, out->height, out->width);
+  float *maps = NULL;
+  const size_t nm = d * (size_t)batch * (size_t)nmaps;
+  if (!(maps = malloc(sizeof *maps * nm)))
+    return err_set(e, ERR_NOMEM, "out of memory for the noise maps");
+  if (r->noise) {
+    memcpy(maps, r->noise, sizeof *maps * nm);
+    c->total = n;
+  } else {
+    c->total = r->invert.invert_only ? n : 2 * n;
+    rc = ddpm ? invert_ddpm(s, c->m, &io, image, maps, &out->nfe, e)
+              : invert_ddim(s, c->m, &io, image, 0, maps, &out->nfe, e);
+    if (!rc)
+      rc = npy_encode_f32(maps, ddpm ? 5 : 4, ddpm ? shape5 : shape4, &out->noise, &out->noise_len,
+                          e);
+    c->base = n;
+    c->nfe_base = out->nfe;
+  }
+  if (!rc && !r->invert.invert_only) {
+    c->s = s;
+    c->x = out->images;
+    invert_edit ed = r->invert.edit;
+    ed.ddpm = ddpm;
+    invert_sample_opts so = {
+        .skip = r->invert.skip, .src_labels = src_labels, .src_guidance = io.guidance};
+    io.labels = r->labels;
+    io.guidance = r->guidance;
+    int part = 0;
+    rc = invert_edit_sample(s, c->m, &io, &so, &ed, maps, out->images, &part, e);
+    out->nfe += part;
+  }
+  free(maps);
+  return rc;
+}
+
+static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  const pipeline_hooks *h = c->h;
+  const boundary *b = r->bound.boundary;
+  const model_info *mi = model_get_info(c->m);
+  if (!b)
+    return err_set(e, ERR_INVALID, "edit.boundary: missing");
+  if (b->dim != mi->in_channels * out->height * out->width)
+    return err_set(e, ERR_INVALID,
+                   "edit.boundary: a boundary for latents of %d values; this model's have %d",
+                   b->dim, mi->in_channels * out->height * out->width);
+  sampler *grid = NULL;
+  const json_t *mcfg = model_scheduler_config(c->m);
+  int rc = edit_grid_sampler(b->solver, mcfg, 0.0, &grid, e);
+  if (!rc)
+    rc = edit_grid_sampler(b->solver, mcfg, r->bound.eta, &out->sampler, e);
+  if (!rc) {
+    edit_src src = {.batch = r->batch,
+                    .image = image,
+                    .init_noise = r->noise,
+                    .seed = r->seed,
+                    .first_image = r->first_image,
+                    .labels = r->labels,
+                    .guidance = r->guidance,
+                    .progress = on_progress,
+                    .progress_user = c,
+                    .cancel = h->cancel,
+                    .threads = h->threads};
+    rc = edit_boundary(grid, out->sampler, c->m, b, &src, r->bound.strength, r->bound.space,
+                       out->images, NULL, &out->nfe, e);
+  }
+  sampler_free(grid);
+  return rc;
+}
+
+/* ---- the runner ---- */
+
+void pipeline_result_clear(pipeline_result *r) {
+  free(r->images);
+  sampler_free(r->sampler);
+  free(r->noise);
+  memset(r, 0, sizeof *r);
+}
+
+int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks *h,
+                 pipeline_result *out, err *e) {
+  memset(out, 0, sizeof *out);
+  const pipeline_hooks none = {0};
+  h = h ? h : &none;
+  const model_info *mi = model_get_info(m);
+  out->height = r->height ? r->height : mi->sample_size;
+  out->width = r->width ? r->width : mi->sample_size;
+  if (r->batch < 1 || out->height < 1 || out->width < 1)
+    return err_set(e, ERR_INVALID, "batch and size must be at least 1");
+  const size_t d = (size_t)mi->in_channels * out->height * out->width;
+  const size_t plane = (size_t)out->height * out->width;
+  if (r->guidance && guidance_check(r->guidance, m, e))
+    return e->code;
+  float *image = NULL, *mask = NULL;
+  int rc = ERR_OK;
+  if (r->image && !(image = replicate(r->image, r->images, d, r->batch, e)))
+    return e->code;
+  if (r->mask && !(mask = replicate(r->mask, r->images, plane, r->batch, e))) {
+    free(image);
+    return e->code;
+  }
+  if (!(out->images = calloc(d * (size_t)r->batch, sizeof *out->images))) {
+    rc = err_set(e, ERR_NOMEM, "out of memory for %d images", r->batch);
+    goto done;
+  }
+  run_ctx c = {
+      .m = m, .r = r, .h = h, .x = out->images, .height = out->height, .width = out->width};
+  switch (r->kind) {
+  case PIPELINE_GENERATE: rc = run_generate(&c, image, mask, out, e); break;
+  case PIPELINE_INVERT_DDIM:
+  case PIPELINE_INVERT_DDPM:
+    rc = !image && !r->noise
+             ? err_set(e, ERR_INVALID, "an inversion needs an input image or its noise")
+             : run_inversion(&c, image, out, e);
+    break;
+  case PIPELINE_BOUNDARY: rc = run_boundary(&c, image, out, e); break;
+  default: rc = err_set(e, ERR_INVALID, "unknown job kind %d", (int)r->kind);
+  }
+done:
+  free(image);
+  free(mask);
+  if (rc && rc != ERR_CANCELLED)
+    pipeline_result_clear(out);
+  return rc;
+}
