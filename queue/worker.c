@@ -14,7 +14,6 @@
 #include "base64.h"
 #include "edit.h"
 #include "image.h"
-#include "meta.h"
 #include "rng.h"
 
 /* ---- workers ---- */
@@ -70,37 +69,27 @@ static void batch_progress(const pipeline_progress *p, void *user) {
   free(preview);
 }
 
-static void write_results(qbatch *b, int base, qjob *j, const float *x, size_t d) {
+static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *r, const float *x,
+                          size_t d) {
   queue *q = b->q;
   json_t *extra = json_pack("{s:s}", "job_id", j->id);
-  if (extra && j->spec.edit) /* the input image stays with the job: replay needs it as a file */
-    json_object_set_new(extra, "edit", json_string(queue_edit_name(j->spec.edit)));
+  /* this job's part of the batch: its seed, images and classes */
+  pipeline_request rj = *r;
+  rj.seed = j->spec.seed;
+  rj.first_image = j->spec.first_image;
+  rj.batch = j->spec.batch;
+  rj.labels = r->labels ? r->labels + base : NULL;
   for (int i = 0; i < j->spec.batch; i++) {
     pthread_mutex_lock(&q->mu);
     int live = j->state == QUEUE_RUNNING;
     pthread_mutex_unlock(&q->mu);
     if (!live)
       break;
-    meta_image mm = {.model = j->spec.model,
-                     .solver = j->spec.solver,
-                     .steps = sampler_num_steps(b->s),
-                     .seed = j->spec.seed,
-                     .image_index = j->spec.first_image + (uint64_t)i,
-                     .height = b->h,
-                     .width = b->w,
-                     .cfg = sampler_config(b->s),
-                     .has_label = j->spec.has_label,
-                     .label = j->spec.label,
-                     .has_guidance = j->spec.has_guidance,
-                     .guidance_scale = j->spec.guidance_scale,
-                     .has_strength = j->spec.edit != QUEUE_EDIT_NONE,
-                     .strength = j->spec.strength,
-                     .extra = extra};
     uint8_t *png = NULL;
     size_t len = 0;
     err e = {0};
-    const model_info *mi = model_get_info(b->qm->m);
-    int rc = meta_png_encode(&mm, x + (size_t)(base + i) * d, mi->in_channels, &png, &len, &e);
+    int rc = pipeline_png(b->qm->m, &rj, b->s, x + (size_t)(base + i) * d, i, j->spec.model, extra,
+                          &png, &len, &e);
     if (!rc)
       rc = q->st->ops->put_image(q->st, j->id, i, png, len, &e);
     if (!rc && i == j->spec.batch - 1)
@@ -231,7 +220,7 @@ void qworker_run(uv_work_t *w) {
   if (rc == ERR_OK) {
     int base = 0;
     for (int i = 0; i < b->njobs; i++) {
-      write_results(b, base, b->jobs[i], res.images, d);
+      write_results(b, base, b->jobs[i], &req.r, res.images, d);
       base += b->jobs[i]->spec.batch;
     }
   } else {

@@ -22,6 +22,8 @@ json_t *meta_json(const meta_image *m) {
     json_object_set_new(j, "guidance_scale", json_real(m->guidance_scale));
   if (m->has_strength)
     json_object_set_new(j, "strength", json_real(m->strength));
+  if (m->edit)
+    json_object_set(j, "edit", (json_t *)m->edit);
   if (m->extra)
     json_object_update(j, (json_t *)m->extra);
   return j;
@@ -39,6 +41,9 @@ void meta_infotext(const meta_image *m, char *buf, size_t n) {
     off += (size_t)snprintf(buf + off, n - off, ", CFG scale: %g", m->guidance_scale);
   if (m->has_strength && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Denoising strength: %g", m->strength);
+  const char *type = json_string_value(json_object_get(m->edit, "type"));
+  if (type && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Edit: %s", type);
   if (off < n)
     snprintf(buf + off, n - off, ", Version: %s", META_VERSION);
 }

@@ -29,6 +29,7 @@ typedef struct meta_image {
   double guidance_scale;
   int has_strength; /* img2img / inpainting: A1111 "Denoising strength", JSON "strength" */
   double strength;
+  const json_t *edit;  /* the edit block as the JSON API spells it ({"type": ...}), or NULL */
   const json_t *extra; /* more keys for the JSON (e.g. the job id), or NULL */
 } meta_image;
 
@@ -36,7 +37,7 @@ typedef struct meta_image {
 json_t *meta_json(const meta_image *m);
 
 /* "Steps: 50, Sampler: ddim, Seed: 1, Size: 32x32, Model: NAME, ..., Version: ..." where NAME is
- * the last path component of m->model. */
+ * the last path component of m->model; an edit adds "Edit: TYPE". */
 void meta_infotext(const meta_image *m, char *buf, size_t n);
 
 /* One CHW float image (out_channels of the model: 1 or 3+, in [-1, 1]) as PNG bytes carrying

@@ -387,6 +387,74 @@ static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, er
   return rc;
 }
 
+/* ---- metadata ---- */
+
+static const char *const kind_names[] = {NULL, "invert_ddim", "invert_ddpm", "boundary"};
+
+json_t *pipeline_edit_json(const pipeline_request *r, int i) {
+  if (r->kind == PIPELINE_GENERATE && !r->image)
+    return NULL;
+  const char *type =
+      r->kind == PIPELINE_GENERATE ? (r->mask ? "inpaint" : "img2img") : kind_names[r->kind];
+  json_t *j = json_pack("{s:s}", "type", type);
+  if (!j)
+    return NULL;
+  const invert_edit *ed = &r->invert.edit;
+  switch (r->kind) {
+  case PIPELINE_GENERATE: json_object_set_new(j, "strength", json_real(r->strength)); break;
+  case PIPELINE_INVERT_DDIM:
+  case PIPELINE_INVERT_DDPM:
+    if (r->invert.source_labels)
+      json_object_set_new(j, "source_class", json_integer(r->invert.source_labels[i]));
+    if (r->invert.source_guidance)
+      json_object_set_new(j, "source_guidance", json_real(r->invert.source_guidance->scale));
+    if (r->invert.skip)
+      json_object_set_new(j, "skip", json_integer(r->invert.skip));
+    if (ed->dx || ed->dy)
+      json_object_set_new(j, "shift", json_pack("[i, i]", ed->dx, ed->dy));
+    if (ed->has_colour)
+      json_object_set_new(j, "colour",
+                          json_pack("[f, f, f]", ed->colour[0], ed->colour[1], ed->colour[2]));
+    if (ed->has_colour && ed->colour_from >= 0)
+      json_object_set_new(j, "colour_from", json_integer(ed->colour_from));
+    break;
+  case PIPELINE_BOUNDARY:
+    json_object_set_new(j, "strength", json_real(r->bound.strength));
+    json_object_set_new(j, "space", json_string(edit_space_name(r->bound.space)));
+    json_object_set_new(j, "eta", json_real(r->bound.eta));
+    if (r->bound.boundary)
+      json_object_set_new(j, "step", json_integer(r->bound.boundary->step));
+    break;
+  }
+  return j;
+}
+
+int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, const float *chw,
+                 int i, const char *model_name, const json_t *extra, uint8_t **png, size_t *len,
+                 err *e) {
+  const model_info *mi = model_get_info(m);
+  json_t *edit = pipeline_edit_json(r, i);
+  meta_image mm = {.model = model_name,
+                   .solver = r->kind == PIPELINE_GENERATE ? r->solver.name : sampler_name(s),
+                   .steps = sampler_num_steps(s),
+                   .seed = r->seed,
+                   .image_index = r->first_image + (uint64_t)i,
+                   .height = r->height ? r->height : mi->sample_size,
+                   .width = r->width ? r->width : mi->sample_size,
+                   .cfg = sampler_config(s),
+                   .has_label = r->labels != NULL,
+                   .label = r->labels ? r->labels[i] : 0,
+                   .has_guidance = r->guidance && r->guidance->enabled,
+                   .guidance_scale = r->guidance ? r->guidance->scale : 0,
+                   .has_strength = r->kind == PIPELINE_GENERATE && r->image,
+                   .strength = r->strength,
+                   .edit = edit,
+                   .extra = extra};
+  int rc = meta_png_encode(&mm, chw, mi->in_channels, png, len, e);
+  json_decref(edit);
+  return rc;
+}
+
 /* ---- the runner ---- */
 
 void pipeline_result_clear(pipeline_result *r) {

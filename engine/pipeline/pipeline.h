@@ -128,4 +128,17 @@ void pipeline_result_clear(pipeline_result *r);
 int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks *h,
                  pipeline_result *out, err *e);
 
+/* The edit block of image i of r as the JSON API spells it ({"type": "img2img" | "inpaint" |
+ * "invert_ddim" | "invert_ddpm" | "boundary", and the kind's arguments}), or NULL for plain
+ * generation; a new reference. */
+json_t *pipeline_edit_json(const pipeline_request *r, int i);
+
+/* Image i of a finished run of r (chw: its C x H x W floats) as PNG bytes with the metadata of
+ * meta.h: r's seed, class, guidance and edit, the solver that ran (s), and the model as the front
+ * end names it (a folder for the CLI, a configured name for the daemon); extra keys (or NULL)
+ * join the JSON record. *png is malloc'ed. */
+int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, const float *chw,
+                 int i, const char *model_name, const json_t *extra, uint8_t **png, size_t *len,
+                 err *e);
+
 #endif
