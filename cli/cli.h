@@ -9,6 +9,7 @@
 
 #include "err.h"
 #include "model.h"
+#include "pipeline.h"
 #include "sampler.h"
 
 /* Parse a whole string as an integer in [min, max]; on failure print an error
@@ -51,13 +52,28 @@ typedef struct cli_progress {
 void cli_progress_init(cli_progress *p, int quiet);
 void cli_on_progress(int step, int total, int nfe, void *user);
 
-/* The model's scheduler config (new reference) or NULL with *e clear when it has none. */
-json_t *cli_model_sched(const model *m, err *e);
-/* A solver spec from the usual flags: name, steps (0: default), --scheduler-config file (or
- * NULL), KEY=VALUE overrides, and options forced on top (or NULL). */
-int cli_build_sampler(const model *m, const char *name, long long steps, const char *sched_file,
-                      const char *const *overrides, int noverrides, const json_t *forced,
-                      sampler **out, err *e);
+/* pipeline_progress to the bar (progress_user: a cli_progress). */
+void cli_on_pipeline_progress(const pipeline_progress *p, void *user);
+
+/* The solver flags as the pipeline's solver: name, steps (0: the default), a
+ * --scheduler-config file read into config (or NULL) and KEY=VALUE --scheduler-opt into
+ * options. Owns its JSON: cli_solver_clear. */
+typedef struct cli_solver {
+  pipeline_solver s;
+  json_t *config, *options;
+} cli_solver;
+int cli_solver_from_flags(const char *name, long long steps, const char *sched_file,
+                          const char *const *overrides, int noverrides, cli_solver *out, err *e);
+void cli_solver_clear(cli_solver *s);
+/* pipeline_sampler with its errors in the words of the flags (--scheduler, --steps,
+ * --scheduler-opt KEY, the config file). */
+int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file, err *e);
+
+/* The images of a finished run as PNGs with their metadata: base for one image, base-<i>.png
+ * (before the extension) for a batch. model_name is what --replay loads. */
+int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
+                   const pipeline_result *res, const char *model_name, const json_t *extra, err *e);
+
 /* "a,b[,c]" into n doubles (n = count) each in [lo, hi]; prints an error naming flag. */
 int cli_parse_list(const char *flag, const char *s, int count, double lo, double hi, double *out);
 

@@ -227,47 +227,79 @@ void cli_on_progress(int step, int total, int nfe, void *user) {
     fputc('\n', stderr);
 }
 
-json_t *cli_model_sched(const model *m, err *e) {
-  const char *path = model_scheduler_config_path(m);
-  e->code = ERR_OK;
-  return path ? sched_config_read_json(path, e) : NULL;
+void cli_on_pipeline_progress(const pipeline_progress *p, void *user) {
+  cli_on_progress(p->step, p->total, p->nfe, user);
 }
 
-int cli_build_sampler(const model *m, const char *name, long long steps, const char *sched_file,
-                      const char *const *overrides, int noverrides, const json_t *forced,
-                      sampler **out, err *e) {
-  json_t *spec = json_pack("{s:s}", "name", name);
-  json_t *mcfg = cli_model_sched(m, e);
-  int rc = spec ? e->code : err_set(e, ERR_NOMEM, "out of memory");
-  if (rc == ERR_OK && steps)
-    json_object_set_new(spec, "steps", json_integer(steps));
-  if (rc == ERR_OK && sched_file) {
-    json_t *j = sched_config_read_json(sched_file, e);
-    if (!j)
-      rc = e->code;
-    else
-      json_object_set_new(spec, "config", j);
-  }
-  json_t *opts = json_object();
-  for (int i = 0; rc == ERR_OK && i < noverrides; i++) {
+int cli_solver_from_flags(const char *name, long long steps, const char *sched_file,
+                          const char *const *overrides, int noverrides, cli_solver *out, err *e) {
+  memset(out, 0, sizeof *out);
+  out->s.name = name;
+  out->s.steps = (int)steps;
+  if (sched_file && !(out->config = sched_config_read_json(sched_file, e)))
+    return e->code;
+  if (noverrides && !(out->options = json_object()))
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < noverrides; i++) {
     const char *kv = overrides[i], *eq = strchr(kv, '=');
     if (!eq || eq == kv) {
-      rc = err_set(e, ERR_INVALID, "--scheduler-opt '%s': expected KEY=VALUE", kv);
-      break;
+      cli_solver_clear(out);
+      return err_set(e, ERR_INVALID, "--scheduler-opt '%s': expected KEY=VALUE", kv);
     }
     char key[128];
     snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
-    json_object_set_new(opts, key, sched_value_from_text(eq + 1));
+    json_object_set_new(out->options, key, sched_value_from_text(eq + 1));
   }
-  if (rc == ERR_OK && forced)
-    json_object_update(opts, (json_t *)forced);
-  if (rc == ERR_OK && json_object_size(opts))
-    json_object_set(spec, "options", opts);
-  if (rc == ERR_OK)
-    rc = sampler_new_from_json(spec, mcfg, out, e);
-  json_decref(opts);
-  json_decref(spec);
-  json_decref(mcfg);
+  out->s.config = out->config;
+  out->s.options = out->options;
+  return ERR_OK;
+}
+
+void cli_solver_clear(cli_solver *s) {
+  json_decref(s->config);
+  json_decref(s->options);
+  memset(s, 0, sizeof *s);
+}
+
+int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file, err *e) {
+  sampler *one = NULL;
+  char field[160] = "";
+  int rc = pipeline_sampler(m, &s->s, &one, field, sizeof field, e);
+  sampler_free(one);
+  if (rc == ERR_OK || rc == ERR_NOMEM)
+    return rc;
+  if (strncmp(field, "scheduler.options.", 18) == 0)
+    err_prefix(e, "--scheduler-opt %s", field + 18);
+  else if (strcmp(field, "scheduler.config") == 0 && sched_file)
+    err_prefix(e, "%s", sched_file);
+  else if (strcmp(field, "scheduler.steps") == 0)
+    err_prefix(e, "--steps");
+  return rc;
+}
+
+int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
+                   const pipeline_result *res, const char *model_name, const json_t *extra,
+                   err *e) {
+  const model_info *mi = model_get_info(m);
+  const size_t d = (size_t)mi->in_channels * res->height * res->width;
+  int rc = ERR_OK;
+  for (int i = 0; i < r->batch && rc == ERR_OK; i++) {
+    char name[4200];
+    const char *dot = strrchr(base, '.'), *slash = strrchr(base, '/');
+    if (!dot || (slash && dot < slash))
+      dot = base + strlen(base);
+    if (r->batch == 1)
+      snprintf(name, sizeof name, "%s", base);
+    else
+      snprintf(name, sizeof name, "%.*s-%d%s", (int)(dot - base), base, i, dot);
+    uint8_t *png = NULL;
+    size_t len = 0;
+    rc = pipeline_png(m, r, res->sampler, res->images + d * (size_t)i, i, model_name, extra, &png,
+                      &len, e);
+    if (rc == ERR_OK)
+      rc = image_file_write(name, png, len, e);
+    free(png);
+  }
   return rc;
 }
 

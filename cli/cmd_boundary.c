@@ -316,9 +316,10 @@ static int boundary_fit_main(int argc, char **argv) {
                                   "--guidance-scale");
     goto done;
   }
-  json_t *forced = json_pack("{s:f}", "eta", 0.0);
-  int rc = cli_build_sampler(m, "ddim", a.steps, NULL, NULL, 0, forced, &s, &e);
-  json_decref(forced);
+  json_t *eta0 = json_pack("{s:f}", "eta", 0.0);
+  const pipeline_solver ddim = {.name = "ddim", .steps = (int)a.steps, .options = eta0};
+  int rc = pipeline_sampler(m, &ddim, &s, NULL, 0, &e);
+  json_decref(eta0);
   if (!rc && a.class_s && (a.cls = model_class_from_name(m, a.class_s)) < 0) {
     status = cli_usage_error(cmd, "--class: '%s' is not a class of this model", a.class_s);
     goto done;

@@ -183,36 +183,15 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   return 0;
 }
 
-static int write_outputs(const edit_args *a, const float *x, int batch, int c, int h, int w,
-                         const json_t *meta, err *e) {
+static int write_outputs(const edit_args *a, const model *m, const pipeline_request *r,
+                         const pipeline_result *res, const json_t *extra, err *e) {
   if (a->npy_out) {
-    const int64_t shape[4] = {batch, c, h, w};
-    int rc = npy_write_f32(a->npy_out, x, 4, shape, e);
+    const int64_t shape[4] = {r->batch, model_get_info(m)->in_channels, res->height, res->width};
+    int rc = npy_write_f32(a->npy_out, res->images, 4, shape, e);
     if (rc != ERR_OK)
       return rc;
   }
-  if (!a->png_out)
-    return ERR_OK;
-  const int pc = c < 3 ? 1 : 3;
-  uint8_t *px = malloc((size_t)h * w * 3);
-  char *js = json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS);
-  int rc = px && js ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
-  for (int b = 0; b < batch && rc == ERR_OK; b++) {
-    char name[4200];
-    const char *base = a->png_out, *dot = strrchr(base, '.'), *slash = strrchr(base, '/');
-    if (!dot || (slash && dot < slash))
-      dot = base + strlen(base);
-    if (batch == 1)
-      snprintf(name, sizeof name, "%s", base);
-    else
-      snprintf(name, sizeof name, "%.*s-%d%s", (int)(dot - base), base, b, dot);
-    image_to_u8(x + (size_t)b * c * h * w, pc, h, w, px);
-    image_text t = {"denoised", js, 1};
-    rc = image_png_write(name, px, pc, h, w, &t, 1, e);
-  }
-  free(px);
-  free(js);
-  return rc;
+  return a->png_out ? cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, e) : ERR_OK;
 }
 
 /* NOISE.npy's sidecar NOISE.json, as `denoised invert` writes it */
@@ -256,7 +235,7 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
   const char *cmd = "edit";
   const model_info *mi = model_get_info(m);
   const int size = mi->sample_size, cin = mi->in_channels;
-  json_t *side = read_sidecar(a->noise, e), *mcfg = NULL, *spec = NULL;
+  json_t *side = read_sidecar(a->noise, e);
   if (!side)
     return cli_fail(cmd, "%s", e->msg);
   const int ddpm = strcmp(json_string_value(json_object_get(side, "method")), "ddpm") == 0;
@@ -266,11 +245,9 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
   const json_t *jl = json_object_get(side, "class_labels");
   const json_t *jg = json_object_get(side, "guidance_scale");
   int status = 1;
-  sampler *s = NULL;
   npy_array maps = {0};
-  float *out = NULL;
+  pipeline_result res = {0};
   int64_t *src = NULL, *tgt = NULL;
-  const size_t d = (size_t)cin * size * size;
   if (!ddpm && (a->has_skip || a->colour_s)) {
     status = cli_usage_error(cmd, "--skip and --colour need ddpm noise maps (this is %s x_T)",
                              json_string_value(json_object_get(side, "method")));
@@ -329,76 +306,50 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
                                   "--guidance-scale");
     goto done;
   }
-  /* the grid the maps were made on: DDIM with the recorded (resolved) config */
-  mcfg = cli_model_sched(m, e);
-  spec = json_pack("{s:s, s:i, s:O}", "name", "ddim", "steps", n, "config",
-                   json_object_get(sv, "config") ? json_object_get(sv, "config") : json_null());
-  if (ddpm)
-    json_object_set_new(spec, "options",
-                        json_pack("{s:f, s:b, s:b, s:b}", "eta", 1.0, "set_alpha_to_one", 0,
-                                  "clip_sample", 0, "thresholding", 0));
-  if (e->code || sampler_new_from_json(spec, mcfg, &s, e)) {
-    cli_fail(cmd, "%s: %s", a->noise, e->msg);
-    goto done;
-  }
-  out = malloc(sizeof(float) * d * (size_t)batch);
-  if (!out) {
-    cli_fail(cmd, "out of memory");
-    goto done;
-  }
   cli_progress pr;
   cli_progress_init(&pr, a->quiet);
   const double g_src = json_is_number(jg) ? json_number_value(jg) : 1.0;
   guidance gs = guidance_for(m, g_src), gt = guidance_for(m, a->has_guidance ? a->guidance : g_src);
   const int guided_src = mi->num_classes && json_is_number(jg);
   const int guided_tgt = mi->num_classes && (a->has_guidance || json_is_number(jg));
-  invert_opts io = {.batch = batch,
-                    .labels = tgt,
-                    .guidance = guided_tgt ? &gt : NULL,
-                    .progress = cli_on_progress,
-                    .progress_user = &pr,
-                    .threads = (int)a->threads};
-  invert_sample_opts so = {
-      .skip = (int)a->skip, .src_labels = src, .src_guidance = guided_src ? &gs : NULL};
-  invert_edit ed = {.ddpm = ddpm,
-                    .dx = a->shift[0],
-                    .dy = a->shift[1],
-                    .has_colour = a->colour_s != NULL,
-                    .colour = {(float)a->colour[0], (float)a->colour[1], (float)a->colour[2]},
-                    .colour_from = a->has_colour_from ? (int)a->colour_from : -1};
-  int nfe = 0;
-  int rc = invert_edit_sample(s, m, &io, &so, &ed, maps.data, out, &nfe, e);
-  if (rc) {
-    cli_fail(cmd, "%s", e->msg);
+  /* the grid the maps were made on: DDIM with the recorded (resolved) config */
+  const json_t *grid = json_object_get(sv, "config");
+  pipeline_request r = {
+      .kind = ddpm ? PIPELINE_INVERT_DDPM : PIPELINE_INVERT_DDIM,
+      .solver = {.name = "ddim", .steps = n, .config = grid},
+      .batch = batch,
+      .labels = tgt,
+      .guidance = guided_tgt ? &gt : NULL,
+      .noise = maps.data,
+      .noise_shape = maps.shape,
+      .noise_ndim = maps.ndim,
+      .invert = {.source_labels = src,
+                 .source_guidance = guided_src ? &gs : NULL,
+                 .skip = (int)a->skip,
+                 .edit = {.dx = a->shift[0],
+                          .dy = a->shift[1],
+                          .has_colour = a->colour_s != NULL,
+                          .colour = {(float)a->colour[0], (float)a->colour[1], (float)a->colour[2]},
+                          .colour_from = a->has_colour_from ? (int)a->colour_from : -1},
+                 .maps_config = grid}};
+  pipeline_hooks hooks = {
+      .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
+  json_t *extra = json_pack("{s:s}", "noise", a->noise);
+  if (pipeline_run(m, &r, &hooks, &res, e) || write_outputs(a, m, &r, &res, extra, e)) {
+    json_decref(extra);
+    cli_fail(cmd, "%s: %s", a->noise, e->msg);
     goto done;
   }
-  json_t *meta = json_pack("{s:s, s:s, s:s, s:I}", "edit", "noise", "noise", a->noise, "model",
-                           a->model_dir, "skip", (json_int_t)a->skip);
-  if (a->classes)
-    json_object_set_new(meta, "class", json_string(a->classes));
-  if (a->has_guidance)
-    json_object_set_new(meta, "guidance_scale", json_real(a->guidance));
-  if (a->shift_s)
-    json_object_set_new(meta, "shift", json_string(a->shift_s));
-  if (a->colour_s)
-    json_object_set_new(meta, "colour", json_string(a->colour_s));
-  rc = write_outputs(a, out, batch, cin, size, size, meta, e);
-  json_decref(meta);
-  if (rc) {
-    cli_fail(cmd, "%s", e->msg);
-    goto done;
-  }
+  json_decref(extra);
+  const int nfe = res.nfe;
   if (!a->quiet)
     fprintf(stderr, "denoised edit: %d image(s), %d NFE per image\n", batch, nfe);
   status = 0;
 done:
   npy_array_free(&maps);
-  free(out);
+  pipeline_result_clear(&res);
   free(src);
   free(tgt);
-  sampler_free(s);
-  json_decref(spec);
-  json_decref(mcfg);
   json_decref(side);
   return status;
 }
@@ -408,9 +359,8 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
   const model_info *mi = model_get_info(m);
   const int size = mi->sample_size, cin = mi->in_channels;
   boundary b = {0};
-  sampler *grid = NULL, *rest = NULL;
-  json_t *mcfg = NULL;
-  float *img = NULL, *out = NULL;
+  pipeline_result res = {0};
+  float *img = NULL;
   int64_t *labels = NULL;
   int status = 1, batch = (int)a->batch;
   if (boundary_load(a->boundary, &b, e)) {
@@ -443,48 +393,30 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
       goto done;
     }
   }
-  mcfg = cli_model_sched(m, e);
-  if (e->code || edit_grid_sampler(b.solver, mcfg, 0.0, &grid, e) ||
-      edit_grid_sampler(b.solver, mcfg, a->eta, &rest, e)) {
-    cli_fail(cmd, "%s: %s", a->boundary, e->msg);
-    goto done;
-  }
-  out = malloc(sizeof(float) * (size_t)batch * b.dim);
-  if (!out) {
-    cli_fail(cmd, "out of memory");
-    goto done;
-  }
   cli_progress pr;
   cli_progress_init(&pr, a->quiet);
   guidance g = guidance_for(m, a->guidance);
-  edit_src src = {.batch = batch,
-                  .image = img,
-                  .seed = (uint64_t)a->seed,
-                  .labels = labels,
-                  .guidance = a->has_guidance ? &g : NULL,
-                  .progress = cli_on_progress,
-                  .progress_user = &pr,
-                  .threads = (int)a->threads};
-  int nfe = 0;
   edit_space space;
   edit_space_parse(a->space, &b, &space); /* the name was checked with the options */
-  if (edit_boundary(grid, rest, m, &b, &src, a->strength, space, out, NULL, &nfe, e)) {
+  pipeline_request r = {
+      .kind = PIPELINE_BOUNDARY,
+      .batch = batch,
+      .seed = (uint64_t)a->seed,
+      .labels = labels,
+      .guidance = a->has_guidance ? &g : NULL,
+      .image = img,
+      .images = img ? batch : 0,
+      .bound = {.boundary = &b, .strength = a->strength, .space = space, .eta = a->eta}};
+  pipeline_hooks hooks = {
+      .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
+  json_t *extra = json_pack("{s:s}", "boundary", a->boundary);
+  if (pipeline_run(m, &r, &hooks, &res, e) || write_outputs(a, m, &r, &res, extra, e)) {
+    json_decref(extra);
     cli_fail(cmd, "%s: %s", a->boundary, e->msg);
     goto done;
   }
-  json_t *meta = json_pack("{s:s, s:s, s:s, s:f, s:f, s:i, s:s}", "edit", "boundary", "boundary",
-                           a->boundary, "model", a->model_dir, "strength", a->strength, "eta",
-                           a->eta, "step", b.step, "space", edit_space_name(space));
-  if (a->has_seed)
-    json_object_set_new(meta, "seed", json_integer(a->seed));
-  if (a->classes)
-    json_object_set_new(meta, "class", json_string(a->classes));
-  int rc = write_outputs(a, out, batch, cin, size, size, meta, e);
-  json_decref(meta);
-  if (rc) {
-    cli_fail(cmd, "%s", e->msg);
-    goto done;
-  }
+  json_decref(extra);
+  const int nfe = res.nfe;
   if (!a->quiet)
     fprintf(stderr,
             "denoised edit: %d image(s) moved to %g spreads (%s) at step %d, %d NFE per image\n",
@@ -492,11 +424,8 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
   status = 0;
 done:
   boundary_free(&b);
-  sampler_free(grid);
-  sampler_free(rest);
-  json_decref(mcfg);
+  pipeline_result_clear(&res);
   free(img);
-  free(out);
   free(labels);
   return status;
 }

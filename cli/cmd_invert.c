@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "image.h"
 #include "invert.h"
 #include "npy.h"
 
@@ -126,6 +127,62 @@ static char *sidecar_path(const char *npy) {
   return p;
 }
 
+/* NOISE.json: how the noise was made, for `denoised edit --noise` and `sample --noise`. */
+static int write_sidecar(const invert_args *a, const pipeline_request *r, const sampler *s,
+                         err *e) {
+  json_t *jl = json_null();
+  if (r->labels) {
+    jl = json_array();
+    for (int b = 0; b < r->batch; b++)
+      json_array_append_new(jl, json_integer(r->labels[b]));
+  }
+  json_t *side = json_pack("{s:s, s:i, s:s, s:s, s:{s:s, s:i, s:o}, s:o, s:o, s:I, s:i}", "format",
+                           "denoised-noise", "version", 1, "method", a->method, "model",
+                           a->model_dir, "solver", "name", "ddim", "steps", sampler_num_steps(s),
+                           "config", sampler_config_json(s), "class_labels", jl, "guidance_scale",
+                           a->has_guidance ? json_real(a->guidance) : json_null(), "seed",
+                           (json_int_t)a->seed, "batch", r->batch);
+  char *path = sidecar_path(a->out);
+  int rc = ERR_OK;
+  if (!side || !path ||
+      json_dump_file(side, path, JSON_INDENT(1) | JSON_SORT_KEYS | JSON_REAL_PRECISION(17)))
+    rc = err_set(e, ERR_IO, "cannot write %s", path ? path : "the sidecar");
+  free(path);
+  json_decref(side);
+  return rc;
+}
+
+/* Samples the noise back (the inversion's own grid, classes and guidance) and prints how far
+ * the result is from the input. */
+static int verify(const invert_args *a, const model *m, const pipeline_request *r,
+                  const pipeline_result *inv, const float *x0, err *e) {
+  npy_array noise = {0};
+  pipeline_result back = {0};
+  pipeline_request rb = *r;
+  rb.invert.invert_only = 0;
+  rb.guidance = r->invert.source_guidance;
+  int rc = npy_parse_f32(inv->noise, inv->noise_len, a->out, &noise, e);
+  if (rc == ERR_OK) {
+    rb.noise = noise.data;
+    rc = pipeline_run(m, &rb, NULL, &back, e);
+  }
+  if (rc == ERR_OK) {
+    const size_t d = (size_t)model_get_info(m)->in_channels * back.height * back.width;
+    double mx = 0, num = 0, den = 0;
+    for (size_t i = 0; i < d * (size_t)r->batch; i++) {
+      const double df = (double)back.images[i] - x0[i];
+      mx = isnan(df) || fabs(df) > mx ? fabs(df) : mx;
+      num += df * df;
+      den += (double)x0[i] * x0[i];
+    }
+    printf("reconstruction: max abs error %.3g, rel L2 %.3g (%s, %d steps)\n", mx,
+           den > 0 ? sqrt(num / den) : sqrt(num), a->method, sampler_num_steps(back.sampler));
+  }
+  npy_array_free(&noise);
+  pipeline_result_clear(&back);
+  return rc;
+}
+
 int cmd_invert(int argc, char **argv) {
   const char *cmd = "invert";
   invert_args a = {.threads = 2};
@@ -135,11 +192,10 @@ int cmd_invert(int argc, char **argv) {
   const int ddpm = strcmp(a.method, "ddpm") == 0;
   err e = {0};
   model *m = NULL;
-  sampler *s = NULL;
-  float *x0 = NULL, *res = NULL, *back = NULL;
+  float *x0 = NULL;
   int64_t *labels = NULL;
-  json_t *side = NULL, *forced = NULL;
-  char *side_path = NULL;
+  cli_solver solver = {0};
+  pipeline_result res = {0};
   int status = 1, batch = 0;
   if (model_load(a.model_dir, &m, &e)) {
     cli_fail(cmd, "%s", e.msg);
@@ -168,105 +224,46 @@ int cmd_invert(int argc, char **argv) {
       goto done;
     }
   }
-  /* no clipping: a clipped step cannot be run backwards, nor a noiseless last one steered */
-  forced = ddpm ? json_pack("{s:f, s:b, s:b, s:b}", "eta", 1.0, "set_alpha_to_one", 0,
-                            "clip_sample", 0, "thresholding", 0)
-                : json_pack("{s:b, s:b}", "clip_sample", 0, "thresholding", 0);
-  if (cli_build_sampler(m, "ddim", a.steps ? a.steps : (ddpm ? 100 : 50), a.sched_file, a.overrides,
-                        a.noverrides, forced, &s, &e)) {
+  /* the pipeline's inversion grid: DDIM, never clipping (see pipeline.h) */
+  if (cli_solver_from_flags("ddim", a.steps, a.sched_file, a.overrides, a.noverrides, &solver,
+                            &e) ||
+      cli_solver_check(m, &solver, a.sched_file, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  const int n = sampler_num_steps(s);
-  const size_t d = (size_t)cin * size * size, per = ddpm ? (size_t)(n + 1) * d : d;
-  res = malloc(sizeof(float) * per * (size_t)batch);
-  if (!res) {
-    cli_fail(cmd, "out of memory");
-    goto done;
-  }
+  guidance g = guidance_for(m, a.guidance);
+  pipeline_request r = {
+      .kind = ddpm ? PIPELINE_INVERT_DDPM : PIPELINE_INVERT_DDIM,
+      .solver = solver.s,
+      .batch = batch,
+      .seed = (uint64_t)a.seed,
+      .labels = labels,
+      .image = x0,
+      .images = batch,
+      .invert = {.source_guidance = a.has_guidance ? &g : NULL, .invert_only = 1}};
   cli_progress pr;
   cli_progress_init(&pr, a.quiet);
-  guidance g = guidance_for(m, a.guidance);
-  invert_opts io = {.batch = batch,
-                    .labels = labels,
-                    .guidance = a.has_guidance ? &g : NULL,
-                    .seed = (uint64_t)a.seed,
-                    .progress = cli_on_progress,
-                    .progress_user = &pr,
-                    .threads = (int)a.threads};
-  int nfe = 0;
-  if ((ddpm ? invert_ddpm(s, m, &io, x0, res, &nfe, &e)
-            : invert_ddim(s, m, &io, x0, 0, res, &nfe, &e)) != ERR_OK) {
+  pipeline_hooks hooks = {
+      .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a.threads};
+  if (pipeline_run(m, &r, &hooks, &res, &e) ||
+      image_file_write(a.out, res.noise, res.noise_len, &e) ||
+      write_sidecar(&a, &r, res.sampler, &e)) {
     cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  const int64_t shape5[5] = {batch, n + 1, cin, size, size}, shape4[4] = {batch, cin, size, size};
-  if (npy_write_f32(a.out, res, ddpm ? 5 : 4, ddpm ? shape5 : shape4, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  json_t *jl = json_null();
-  if (labels) {
-    jl = json_array();
-    for (int b = 0; b < batch; b++)
-      json_array_append_new(jl, json_integer(labels[b]));
-  }
-  json_t *cfg = sampler_config_json(s);
-  side = json_pack("{s:s, s:i, s:s, s:s, s:{s:s, s:i, s:o}, s:o, s:o, s:I, s:i}", "format",
-                   "denoised-noise", "version", 1, "method", a.method, "model", a.model_dir,
-                   "solver", "name", "ddim", "steps", n, "config", cfg, "class_labels", jl,
-                   "guidance_scale", a.has_guidance ? json_real(a.guidance) : json_null(), "seed",
-                   (json_int_t)a.seed, "batch", batch);
-  side_path = sidecar_path(a.out);
-  if (!side || !side_path ||
-      json_dump_file(side, side_path, JSON_INDENT(1) | JSON_SORT_KEYS | JSON_REAL_PRECISION(17))) {
-    cli_fail(cmd, "cannot write %s", side_path ? side_path : "the sidecar");
     goto done;
   }
   if (!a.quiet)
     fprintf(stderr, "denoised invert: %d image(s), %s, %d steps, %d NFE per image -> %s\n", batch,
-            a.method, n, nfe, a.out);
-  if (a.verify) {
-    back = malloc(sizeof(float) * d * (size_t)batch);
-    int rc;
-    if (!back) {
-      cli_fail(cmd, "out of memory");
-      goto done;
-    }
-    if (ddpm) {
-      rc = invert_ddpm_sample(s, m, &io, NULL, res, back, &nfe, &e);
-    } else {
-      sampler_run_opts r = {.batch = batch,
-                            .init_noise = res,
-                            .labels = labels,
-                            .guidance = io.guidance,
-                            .threads = (int)a.threads};
-      rc = sampler_run(s, m, &r, back, &nfe, &e);
-    }
-    if (rc) {
-      cli_fail(cmd, "%s", e.msg);
-      goto done;
-    }
-    double mx = 0, num = 0, den = 0;
-    for (size_t i = 0; i < d * (size_t)batch; i++) {
-      const double df = (double)back[i] - x0[i];
-      mx = fmax(mx, fabs(df));
-      num += df * df;
-      den += (double)x0[i] * x0[i];
-    }
-    printf("reconstruction: max abs error %.3g, rel L2 %.3g (%s, %d steps)\n", mx,
-           den > 0 ? sqrt(num / den) : sqrt(num), a.method, n);
+            a.method, sampler_num_steps(res.sampler), res.nfe, a.out);
+  if (a.verify && verify(&a, m, &r, &res, x0, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
   }
   status = 0;
 done:
   free(x0);
-  free(res);
-  free(back);
   free(labels);
-  free(side_path);
-  json_decref(side);
-  json_decref(forced);
-  sampler_free(s);
+  cli_solver_clear(&solver);
+  pipeline_result_clear(&res);
   model_free(m);
   return status;
 }

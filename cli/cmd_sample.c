@@ -95,117 +95,6 @@ static uint64_t random_seed(void) {
   return s & ((1ull << 53) - 1);
 }
 
-/* The request as the engine's solver spec: the model's scheduler_config.json, then the user's
- * file ("config"), then KEY=VALUE ("options"); on --replay the config the image recorded. */
-static int build_sampler(const sample_args *a, const model *m, const char *solver,
-                         const json_t *recorded, sampler **out, err *e) {
-  json_t *spec = json_pack("{s:s}", "name", solver), *mcfg = NULL;
-  const char *path = model_scheduler_config_path(m);
-  int rc = spec ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
-  if (rc == ERR_OK && path && !(mcfg = sched_config_read_json(path, e)))
-    rc = e->code;
-  if (rc == ERR_OK && a->steps)
-    json_object_set_new(spec, "steps", json_integer(a->steps));
-  if (rc == ERR_OK && recorded) {
-    json_object_set(spec, "config", (json_t *)recorded);
-  } else if (rc == ERR_OK && a->sched_file) {
-    json_t *j = sched_config_read_json(a->sched_file, e);
-    if (!j)
-      rc = e->code;
-    else
-      json_object_set_new(spec, "config", j);
-  }
-  if (rc == ERR_OK && !recorded && a->noverrides) {
-    json_t *opts = json_object();
-    json_object_set_new(spec, "options", opts);
-    for (int i = 0; i < a->noverrides && rc == ERR_OK; i++) {
-      const char *kv = a->overrides[i], *eq = strchr(kv, '=');
-      if (!eq || eq == kv) {
-        rc = err_set(e, ERR_INVALID, "--scheduler-opt '%s': expected KEY=VALUE", kv);
-        break;
-      }
-      char key[128];
-      snprintf(key, sizeof key, "%.*s", (int)(eq - kv), kv);
-      json_object_set_new(opts, key, sched_value_from_text(eq + 1));
-    }
-  }
-  if (rc == ERR_OK)
-    rc = sampler_new_from_json(spec, mcfg, out, e);
-  if (rc != ERR_OK && a->sched_file && !recorded && strstr(e->msg, "solver spec config"))
-    err_prefix(e, "%s", a->sched_file);
-  json_decref(spec);
-  json_decref(mcfg);
-  return rc;
-}
-
-static char *png_name(const char *base, int i, int batch) {
-  size_t n = strlen(base) + 32;
-  char *out = malloc(n);
-  if (!out)
-    return NULL;
-  if (batch == 1) {
-    snprintf(out, n, "%s", base);
-    return out;
-  }
-  const char *dot = strrchr(base, '.'), *slash = strrchr(base, '/');
-  if (!dot || (slash && dot < slash))
-    dot = base + strlen(base);
-  snprintf(out, n, "%.*s-%d%s", (int)(dot - base), base, i, dot);
-  return out;
-}
-
-static int write_pngs(const sample_args *a, const model *m, const sched_config *cfg,
-                      const char *solver, int steps, uint64_t seed, const float *x, int h, int w,
-                      err *e) {
-  const model_info *mi = model_get_info(m);
-  /* samples live in the input space: a learned-variance model outputs 2C */
-  int c = mi->in_channels < 3 ? 1 : 3;
-  size_t plane = (size_t)h * w, per = (size_t)mi->in_channels * plane;
-  uint8_t *px = malloc(plane * 3);
-  if (!px)
-    return err_set(e, ERR_NOMEM, "out of memory");
-  int rc = ERR_OK;
-  for (int i = 0; i < (int)a->batch && !rc; i++) {
-    image_to_u8(x + per * i, c, h, w, px);
-    json_t *extra = json_object();
-    if (extra && a->init_image)
-      json_object_set_new(extra, "init_image", json_string(a->init_image));
-    if (extra && a->mask)
-      json_object_set_new(extra, "mask", json_string(a->mask));
-    meta_image mm = {.model = a->model_dir,
-                     .solver = solver,
-                     .steps = steps,
-                     .seed = seed,
-                     .image_index = (uint64_t)(a->first_image + i),
-                     .height = h,
-                     .width = w,
-                     .cfg = cfg,
-                     .has_label = a->has_label,
-                     .label = a->label,
-                     .has_guidance = a->has_guidance,
-                     .guidance_scale = a->guidance,
-                     .has_strength = a->init_image != NULL,
-                     .strength = a->strength,
-                     .extra = extra};
-    json_t *meta = meta_json(&mm);
-    char *meta_s = meta ? json_dumps(meta, JSON_COMPACT | JSON_SORT_KEYS) : NULL, info[1024];
-    meta_infotext(&mm, info, sizeof info);
-    char *name = png_name(a->png_out, i, (int)a->batch);
-    if (!name || !meta_s) {
-      rc = err_set(e, ERR_NOMEM, "out of memory");
-    } else {
-      image_text texts[2] = {{META_TEXT_KEY, info, 0}, {META_JSON_KEY, meta_s, 1}};
-      rc = image_png_write(name, px, c, h, w, texts, 2, e);
-    }
-    free(name);
-    free(meta_s);
-    json_decref(meta);
-    json_decref(extra);
-  }
-  free(px);
-  return rc;
-}
-
 /* Fills the arguments from the JSON a PNG of ours carries. */
 static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   char *text = NULL;
@@ -367,6 +256,88 @@ static int parse_args(int argc, char **argv, sample_args *a) {
   return 0;
 }
 
+/* Class, guidance and size against the model: a usage error (status 2) names the flag. */
+static int check_model_args(sample_args *a, const model *m) {
+  const char *cmd = "sample";
+  const model_info *mi = model_get_info(m);
+  if (!a->size && mi->sample_size < 1)
+    return cli_usage_error(cmd, "the model has no sample_size: pass --size");
+  if (mi->num_classes && !a->has_label)
+    return cli_usage_error(cmd, "this model is class-conditional (%d classes): pass --class",
+                           mi->num_classes);
+  if (!mi->num_classes && a->has_label)
+    return cli_usage_error(cmd, "this model is not class-conditional: drop --class");
+  if (a->class_s && (a->label = model_class_from_name(m, a->class_s)) < 0)
+    return cli_usage_error(cmd, "--class '%s' is not a class of this model (an index in [0, %d)%s)",
+                           a->class_s, mi->num_classes,
+                           mi->class_labels ? " or a name of _class_labels" : "");
+  if (!a->class_s && a->has_label && (a->label < 0 || a->label >= mi->num_classes)) /* replay */
+    return cli_usage_error(cmd, "class %lld out of range [0, %d)", a->label, mi->num_classes);
+  if (a->has_guidance && !mi->num_classes)
+    return cli_usage_error(cmd, "--guidance-scale needs a class-conditional model");
+  return 0;
+}
+
+/* The files a run reads: init image and mask (one picture for the batch), explicit noise. */
+typedef struct sample_inputs {
+  float *image, *mask;
+  npy_array noise;
+  int64_t *labels;
+} sample_inputs;
+
+static int read_inputs(const sample_args *a, const model *m, int size, sample_inputs *in, err *e) {
+  const model_info *mi = model_get_info(m);
+  if (a->init_image &&
+      (cli_read_image("--init-image", a->init_image, mi->in_channels, size, size, &in->image, e) ||
+       (a->mask && cli_read_mask("--mask", a->mask, size, size, &in->mask, e))))
+    return e->code;
+  if (a->noise_path) {
+    if (npy_read_f32(a->noise_path, &in->noise, e))
+      return e->code;
+    const npy_array *n = &in->noise;
+    if (n->ndim != 4 || n->shape[0] != a->batch || n->shape[1] != mi->in_channels ||
+        n->shape[2] != size || n->shape[3] != size)
+      return err_set(e, ERR_SHAPE, "%s: expected shape [%lld, %d, %d, %d]", a->noise_path, a->batch,
+                     mi->in_channels, size, size);
+  }
+  if (a->has_label) {
+    if (!(in->labels = malloc(sizeof *in->labels * (size_t)a->batch)))
+      return err_set(e, ERR_NOMEM, "out of memory");
+    for (int i = 0; i < a->batch; i++)
+      in->labels[i] = a->label;
+  }
+  return ERR_OK;
+}
+
+static void sample_inputs_free(sample_inputs *in) {
+  free(in->image);
+  free(in->mask);
+  npy_array_free(&in->noise);
+  free(in->labels);
+}
+
+static int write_outputs(const sample_args *a, const model *m, const pipeline_request *r,
+                         const pipeline_result *res, err *e) {
+  const model_info *mi = model_get_info(m);
+  if (a->npy_out) {
+    int64_t shape[4] = {r->batch, mi->in_channels, res->height, res->width};
+    if (npy_write_f32(a->npy_out, res->images, 4, shape, e))
+      return e->code;
+  }
+  if (!a->png_out)
+    return ERR_OK;
+  json_t *extra = json_object();
+  if (!extra)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  if (a->init_image) /* replay reads them again */
+    json_object_set_new(extra, "init_image", json_string(a->init_image));
+  if (a->mask)
+    json_object_set_new(extra, "mask", json_string(a->mask));
+  int rc = cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, e);
+  json_decref(extra);
+  return rc;
+}
+
 int cmd_sample(int argc, char **argv) {
   const char *cmd = "sample";
   sample_args a = {.scheduler = NULL, .batch = 1, .threads = 2};
@@ -376,161 +347,82 @@ int cmd_sample(int argc, char **argv) {
   err e = {0};
   json_t *replay_meta = NULL;
   model *m = NULL;
-  sampler *s = NULL;
   int status = 1;
-  npy_array noise = {0};
-  float *out = NULL, *init_px = NULL, *mask_px = NULL, *init_b = NULL, *mask_b = NULL;
+  cli_solver solver = {0};
+  sample_inputs in = {0};
+  pipeline_result res = {0};
   if (a.replay && load_replay(&a, &replay_meta, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  const char *solver = a.scheduler ? a.scheduler : "ddim";
-  if (!sampler_solver_class(solver)) {
-    cli_usage_error(cmd, "unknown scheduler '%s' (see --help for the names)", solver);
-    status = 2;
+  const char *name = a.scheduler ? a.scheduler : "ddim";
+  if (!sampler_solver_class(name)) {
+    status = cli_usage_error(cmd, "unknown scheduler '%s' (see --help for the names)", name);
     goto done;
   }
   if (model_load(a.model_dir, &m, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  const model_info *mi = model_get_info(m);
-  json_t *recorded = replay_meta ? json_object_get(replay_meta, "scheduler_config") : NULL;
-  if (build_sampler(&a, m, solver, recorded, &s, &e)) {
+  if (replay_meta) { /* the resolved config the image recorded, nothing on top */
+    solver.s = (pipeline_solver){.name = name,
+                                 .steps = (int)a.steps,
+                                 .config = json_object_get(replay_meta, "scheduler_config")};
+  } else if (cli_solver_from_flags(name, a.steps, a.sched_file, a.overrides, a.noverrides, &solver,
+                                   &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  const sched_config *cfg = sampler_config(s);
-  int size = a.size ? (int)a.size : mi->sample_size;
-  if (size < 1) {
-    cli_usage_error(cmd, "the model has no sample_size: pass --size");
-    status = 2;
+  if (cli_solver_check(m, &solver, a.sched_file, &e)) {
+    cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  if (mi->num_classes && !a.has_label) {
-    cli_usage_error(cmd, "this model is class-conditional (%d classes): pass --class",
-                    mi->num_classes);
-    status = 2;
+  if ((status = check_model_args(&a, m)) != 0)
     goto done;
-  }
-  if (!mi->num_classes && a.has_label) {
-    cli_usage_error(cmd, "this model is not class-conditional: drop --class");
-    status = 2;
+  status = 1;
+  const int size = a.size ? (int)a.size : model_get_info(m)->sample_size;
+  if (read_inputs(&a, m, size, &in, &e)) {
+    cli_fail(cmd, "%s", e.msg);
     goto done;
-  }
-  if (a.class_s && (a.label = model_class_from_name(m, a.class_s)) < 0) {
-    cli_usage_error(cmd, "--class '%s' is not a class of this model (an index in [0, %d)%s)",
-                    a.class_s, mi->num_classes,
-                    mi->class_labels ? " or a name of _class_labels" : "");
-    status = 2;
-    goto done;
-  }
-  if (!a.class_s && a.has_label && (a.label < 0 || a.label >= mi->num_classes)) { /* --replay */
-    cli_usage_error(cmd, "class %lld out of range [0, %d)", a.label, mi->num_classes);
-    status = 2;
-    goto done;
-  }
-  if (a.has_guidance && !mi->num_classes) {
-    cli_usage_error(cmd, "--guidance-scale needs a class-conditional model");
-    status = 2;
-    goto done;
-  }
-  if (a.init_image) {
-    if (cli_read_image("--init-image", a.init_image, mi->in_channels, size, size, &init_px, &e) ||
-        (a.mask && cli_read_mask("--mask", a.mask, size, size, &mask_px, &e))) {
-      cli_fail(cmd, "%s", e.msg);
-      goto done;
-    }
-    const size_t d = (size_t)mi->in_channels * size * size, plane = (size_t)size * size;
-    init_b = malloc(sizeof(float) * d * (size_t)a.batch);
-    mask_b = a.mask ? malloc(sizeof(float) * plane * (size_t)a.batch) : NULL;
-    if (!init_b || (a.mask && !mask_b)) {
-      cli_fail(cmd, "out of memory");
-      goto done;
-    }
-    for (long long b = 0; b < a.batch; b++) { /* one picture, every image its own noise */
-      memcpy(init_b + d * (size_t)b, init_px, d * sizeof *init_b);
-      if (mask_b)
-        memcpy(mask_b + plane * (size_t)b, mask_px, plane * sizeof *mask_b);
-    }
-  }
-  if (a.noise_path) {
-    if (npy_read_f32(a.noise_path, &noise, &e)) {
-      cli_fail(cmd, "%s", e.msg);
-      goto done;
-    }
-    if (noise.ndim != 4 || noise.shape[0] != a.batch || noise.shape[1] != mi->in_channels ||
-        noise.shape[2] != size || noise.shape[3] != size) {
-      cli_fail(cmd, "%s: expected shape [%lld, %d, %d, %d]", a.noise_path, a.batch, mi->in_channels,
-               size, size);
-      goto done;
-    }
   }
   uint64_t seed = a.has_seed ? (uint64_t)a.seed : random_seed();
   if (!a.has_seed && !a.noise_path && !a.quiet)
     fprintf(stderr, "denoised sample: seed %llu\n", (unsigned long long)seed);
-  int64_t *labels = NULL;
-  if (a.has_label) {
-    labels = malloc(sizeof *labels * (size_t)a.batch);
-    for (int i = 0; labels && i < a.batch; i++)
-      labels[i] = a.label;
-  }
-  size_t count = (size_t)a.batch * mi->in_channels * size * size;
-  out = malloc(sizeof(float) * count);
-  if (!out || (a.has_label && !labels)) {
-    free(labels);
-    cli_fail(cmd, "out of memory");
-    goto done;
-  }
-  cli_progress pr;
-  cli_progress_init(&pr, a.quiet);
   guidance g = guidance_for(m, a.guidance);
-  sampler_run_opts o = {.batch = (int)a.batch,
+  pipeline_request r = {.kind = PIPELINE_GENERATE,
+                        .solver = solver.s,
+                        .batch = (int)a.batch,
                         .height = size,
                         .width = size,
                         .seed = seed,
                         .first_image = (uint64_t)a.first_image,
-                        .init_noise = a.noise_path ? noise.data : NULL,
-                        .labels = labels,
-                        .progress = cli_on_progress,
-                        .progress_user = &pr,
-                        .threads = (int)a.threads,
+                        .labels = in.labels,
                         .guidance = a.has_guidance ? &g : NULL,
-                        .init_image = init_b,
+                        .image = in.image,
+                        .images = 1,
+                        .mask = in.mask,
                         .strength = a.strength,
-                        .mask = mask_b};
-  int nfe = 0, rc = sampler_run(s, m, &o, out, &nfe, &e);
-  if (pr.tty && !sampler_nfe(s))
+                        .noise = a.noise_path ? in.noise.data : NULL};
+  cli_progress pr;
+  cli_progress_init(&pr, a.quiet);
+  pipeline_hooks hooks = {
+      .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a.threads};
+  int rc = pipeline_run(m, &r, &hooks, &res, &e);
+  if (pr.tty && res.sampler && !sampler_nfe(res.sampler))
     fputc('\n', stderr);
-  free(labels);
-  if (rc) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  if (a.npy_out) {
-    int64_t shape[4] = {a.batch, mi->in_channels, size, size};
-    if (npy_write_f32(a.npy_out, out, 4, shape, &e)) {
-      cli_fail(cmd, "%s", e.msg);
-      goto done;
-    }
-  }
-  if (a.png_out &&
-      write_pngs(&a, m, cfg, solver, sampler_num_steps(s), seed, out, size, size, &e)) {
+  if (rc || write_outputs(&a, m, &r, &res, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
   if (!a.quiet)
     fprintf(stderr, "denoised sample: %lld image(s), %s, %d steps, %d NFE per image\n", a.batch,
-            solver, sampler_num_steps(s), nfe);
+            name, sampler_num_steps(res.sampler), res.nfe);
   status = 0;
 done:
-  free(out);
-  free(init_px);
-  free(mask_px);
-  free(init_b);
-  free(mask_b);
-  npy_array_free(&noise);
-  sampler_free(s);
+  pipeline_result_clear(&res);
+  sample_inputs_free(&in);
+  if (!replay_meta)
+    cli_solver_clear(&solver);
   model_free(m);
   json_decref(replay_meta);
   return status;

@@ -292,7 +292,7 @@ done:
   return rc;
 }
 
-static int write_file_atomic(const char *path, const uint8_t *data, size_t len, err *e) {
+int image_file_write(const char *path, const uint8_t *data, size_t len, err *e) {
   size_t plen = strlen(path);
   char *tmp = malloc(plen + 16);
   if (!tmp)
@@ -339,7 +339,7 @@ int image_png_write(const char *path, const uint8_t *px, int c, int h, int w,
   int rc = image_png_encode(px, c, h, w, texts, ntexts, &buf, &len, e);
   if (rc)
     return err_prefix(e, "%s", path);
-  rc = write_file_atomic(path, buf, len, e);
+  rc = image_file_write(path, buf, len, e);
   free(buf);
   return rc;
 }

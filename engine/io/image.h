@@ -28,6 +28,9 @@ typedef struct image_text {
  * image_png_write goes through a temporary file and rename(). */
 int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *texts, int ntexts,
                      uint8_t **png, size_t *png_len, err *e);
+/* Bytes to path through a temporary file beside it and rename(), so readers never see a partial
+ * file (PNGs, .npy bytes). */
+int image_file_write(const char *path, const uint8_t *data, size_t len, err *e);
 int image_png_write(const char *path, const uint8_t *px, int c, int h, int w,
                     const image_text *texts, int ntexts, err *e);
 
