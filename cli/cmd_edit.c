@@ -14,6 +14,7 @@
 #include "edit.h"
 #include "image.h"
 #include "invert.h"
+#include "meta.h"
 #include "npy.h"
 
 #define EDIT_MAX_BATCH 4096
@@ -26,6 +27,7 @@ static const char help[] =
     "                     (--image IN.png | --seed S [--batch N]) [--class C[,C...]]\n"
     "                     [--guidance-scale G] [--eta E] [--space x|h|both]\n"
     "                     (-o OUT.png | --out OUT.npy)\n"
+    "       denoised edit --replay IMAGE.png [--model DIR] (-o OUT.png | --out OUT.npy)\n"
     "\n"
     "Noise-space edits (--noise, from 'denoised invert'; NOISE.json must be beside it):\n"
     "  --class C          sample with these classes instead of the inverted ones\n"
@@ -46,16 +48,86 @@ static const char help[] =
     "  --space x|h|both   move x_t, the UNet's bottleneck h (its mid-block output, used in\n"
     "                     the first step after the mixing step), or both as the authors'\n"
     "                     release (default: both when the file has an h part, else x)\n"
-    "Output: -o OUT.png (OUT-<i>.png for several) or --out OUT.npy [B, C, H, W].\n";
+    "Output: -o OUT.png (OUT-<i>.png for several) or --out OUT.npy [B, C, H, W].\n"
+    "  --replay IMAGE.png redo the edit a PNG of 'denoised edit' records (its noise or boundary\n"
+    "                     file and input must still be where they were): that one image\n";
 
 typedef struct edit_args {
-  const char *model_dir, *noise, *boundary, *image, *classes, *png_out, *npy_out;
+  const char *model_dir, *noise, *boundary, *image, *classes, *png_out, *npy_out, *replay;
   const char *shift_s, *colour_s, *space;
   double guidance, strength, eta, colour[3];
   long long skip, seed, batch, threads, colour_from;
   int has_guidance, has_strength, has_seed, has_skip, has_colour_from, quiet;
   int shift[2];
+  long long only; /* --replay: the one image (rng image index) to write, else -1 */
+  json_t *meta;   /* --replay: the record the strings above point into */
 } edit_args;
+
+/* Fills the arguments from the record a PNG of `denoised edit` carries (pipeline_png, with the
+ * files as extra keys); status 1 with a message when it is not one. */
+static int load_replay(edit_args *a) {
+  const char *cmd = "edit";
+  char *text = NULL;
+  err e = {0};
+  if (image_png_read_text(a->replay, META_JSON_KEY, &text, &e))
+    return cli_fail(cmd, "%s", e.msg);
+  json_error_t je;
+  json_t *m = json_loads(text, 0, &je);
+  free(text);
+  const json_t *ed = json_object_get(m, "edit");
+  const char *type = json_string_value(json_object_get(ed, "type"));
+  const json_t *idx = json_object_get(m, "image_index"), *seed = json_object_get(m, "seed");
+  const json_t *gs = json_object_get(m, "guidance_scale");
+  a->meta = m;
+  if (!type || !json_is_integer(idx) || json_integer_value(idx) < 0 || !json_is_integer(seed) ||
+      json_integer_value(seed) < 0)
+    return cli_fail(cmd, "%s: metadata '%s' is not a record of 'denoised edit'", a->replay,
+                    META_JSON_KEY);
+  a->only = json_integer_value(idx);
+  if (!a->model_dir)
+    a->model_dir = json_string_value(json_object_get(m, "model"));
+  a->classes = json_string_value(json_object_get(m, "classes"));
+  if (json_is_number(gs)) {
+    a->guidance = json_number_value(gs);
+    a->has_guidance = 1;
+  }
+  if (strncmp(type, "invert_", 7) == 0) {
+    const json_t *sh = json_object_get(ed, "shift"), *co = json_object_get(ed, "colour");
+    const json_t *cf = json_object_get(ed, "colour_from");
+    a->noise = json_string_value(json_object_get(m, "noise"));
+    a->skip = json_integer_value(json_object_get(ed, "skip"));
+    a->has_skip = a->skip > 0;
+    if (json_array_size(sh) == 2) {
+      a->shift[0] = (int)json_integer_value(json_array_get(sh, 0));
+      a->shift[1] = (int)json_integer_value(json_array_get(sh, 1));
+      a->shift_s = "replay";
+    }
+    for (int c = 0; json_array_size(co) == 3 && c < 3; c++) {
+      a->colour[c] = json_number_value(json_array_get(co, c));
+      a->colour_s = "replay";
+    }
+    a->colour_from = json_integer_value(cf);
+    a->has_colour_from = json_is_integer(cf);
+  } else if (strcmp(type, "boundary") == 0) {
+    const json_t *sp = json_object_get(ed, "space"), *eta = json_object_get(ed, "eta");
+    a->boundary = json_string_value(json_object_get(m, "boundary"));
+    a->image = json_string_value(json_object_get(m, "image"));
+    a->strength = json_number_value(json_object_get(ed, "strength"));
+    a->has_strength = 1;
+    a->eta = json_is_number(eta) ? json_number_value(eta) : 1.0;
+    a->space = json_string_value(sp);
+    if (!a->image) { /* generated: that one image of the seed's streams */
+      a->seed = json_integer_value(seed);
+      a->has_seed = 1;
+    }
+  }
+  if (!a->noise && !a->boundary)
+    return cli_fail(cmd, "%s: records %s, not a noise or boundary edit%s", a->replay, type,
+                    strncmp(type, "in", 2) == 0 || strcmp(type, "img2img") == 0
+                        ? " (replay it with 'denoised sample --replay')"
+                        : " (or its noise or boundary file is not named)");
+  return 0;
+}
 
 static int parse_args(int argc, char **argv, edit_args *a) {
   static const struct option opts[] = {{"model", required_argument, 0, 'm'},
@@ -74,6 +146,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
                                        {"colour-from", required_argument, 0, 'F'},
                                        {"eta", required_argument, 0, 'e'},
                                        {"space", required_argument, 0, 'H'},
+                                       {"replay", required_argument, 0, 'r'},
                                        {"out", required_argument, 0, 'u'},
                                        {"threads", required_argument, 0, 'j'},
                                        {"quiet", no_argument, 0, 'q'},
@@ -83,7 +156,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   optind = 1;
   int c;
   double v[2];
-  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:u:o:j:qh", opts, NULL)) !=
+  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:r:u:o:j:qh", opts, NULL)) !=
          -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
@@ -143,6 +216,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
         return cli_usage_error(cmd, "--space: '%s' is not x, h or both", optarg);
       a->space = optarg;
       break;
+    case 'r': a->replay = optarg; break;
     case 'u': a->npy_out = optarg; break;
     case 'o': a->png_out = optarg; break;
     case 'j':
@@ -156,10 +230,19 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!a->model_dir)
-    a->model_dir = cli_default_model();
   if (!a->png_out && !a->npy_out)
     return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
+  if (a->replay) {
+    if (a->noise || a->boundary || a->image || a->classes || a->has_strength || a->has_seed ||
+        a->batch || a->has_guidance || a->has_skip || a->shift_s || a->colour_s ||
+        a->has_colour_from || a->space)
+      return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
+    int rc = load_replay(a);
+    if (rc)
+      return rc;
+  }
+  if (!a->model_dir)
+    a->model_dir = cli_default_model();
   if (!!a->noise == !!a->boundary)
     return cli_usage_error(cmd, "give either --noise (noise-space edits) or --boundary");
   if (a->noise) {
@@ -192,6 +275,53 @@ static int write_outputs(const edit_args *a, const model *m, const pipeline_requ
       return rc;
   }
   return a->png_out ? cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, e) : ERR_OK;
+}
+
+/* What --replay keeps of a run: image k alone (its request and result as views into the run's;
+ * nothing is copied, the run's result is freed as usual). */
+static void only_image(const model *m, pipeline_request *r, pipeline_result *res, int k) {
+  const size_t d = (size_t)model_get_info(m)->in_channels * res->height * res->width;
+  r->batch = 1;
+  r->first_image += (uint64_t)k;
+  if (r->labels)
+    r->labels += k;
+  if (r->invert.source_labels)
+    r->invert.source_labels += k;
+  res->images += d * (size_t)k;
+}
+
+/* pipeline_run, then the outputs: every image, or on --replay the recorded one */
+static int run_and_write(const edit_args *a, const model *m, const pipeline_request *r,
+                         const pipeline_hooks *h, pipeline_result *res, err *e) {
+  json_t *extra = json_object();
+  if (!extra)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  /* the files and flags a replay needs beside the request */
+  if (a->noise)
+    json_object_set_new(extra, "noise", json_string(a->noise));
+  if (a->boundary)
+    json_object_set_new(extra, "boundary", json_string(a->boundary));
+  if (a->image)
+    json_object_set_new(extra, "image", json_string(a->image));
+  if (a->classes)
+    json_object_set_new(extra, "classes", json_string(a->classes));
+  int rc = pipeline_run(m, r, h, res, e);
+  if (rc == ERR_OK && a->only < 0) {
+    rc = write_outputs(a, m, r, res, extra, e);
+  } else if (rc == ERR_OK) {
+    const long long k = a->only - (long long)r->first_image;
+    pipeline_request r1 = *r;
+    pipeline_result view = *res;
+    if (k < 0 || k >= r->batch) {
+      rc = err_set(e, ERR_INVALID, "the record's image %lld is not in this run of %d", a->only,
+                   r->batch);
+    } else {
+      only_image(m, &r1, &view, (int)k);
+      rc = write_outputs(a, m, &r1, &view, extra, e);
+    }
+  }
+  json_decref(extra);
+  return rc;
 }
 
 /* NOISE.npy's sidecar NOISE.json, as `denoised invert` writes it */
@@ -334,13 +464,10 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
                  .maps_config = grid}};
   pipeline_hooks hooks = {
       .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
-  json_t *extra = json_pack("{s:s}", "noise", a->noise);
-  if (pipeline_run(m, &r, &hooks, &res, e) || write_outputs(a, m, &r, &res, extra, e)) {
-    json_decref(extra);
+  if (run_and_write(a, m, &r, &hooks, &res, e)) {
     cli_fail(cmd, "%s: %s", a->noise, e->msg);
     goto done;
   }
-  json_decref(extra);
   const int nfe = res.nfe;
   if (!a->quiet)
     fprintf(stderr, "denoised edit: %d image(s), %d NFE per image\n", batch, nfe);
@@ -402,6 +529,7 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
       .kind = PIPELINE_BOUNDARY,
       .batch = batch,
       .seed = (uint64_t)a->seed,
+      .first_image = a->only > 0 && !img ? (uint64_t)a->only : 0,
       .labels = labels,
       .guidance = a->has_guidance ? &g : NULL,
       .image = img,
@@ -409,13 +537,10 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
       .bound = {.boundary = &b, .strength = a->strength, .space = space, .eta = a->eta}};
   pipeline_hooks hooks = {
       .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
-  json_t *extra = json_pack("{s:s}", "boundary", a->boundary);
-  if (pipeline_run(m, &r, &hooks, &res, e) || write_outputs(a, m, &r, &res, extra, e)) {
-    json_decref(extra);
+  if (run_and_write(a, m, &r, &hooks, &res, e)) {
     cli_fail(cmd, "%s: %s", a->boundary, e->msg);
     goto done;
   }
-  json_decref(extra);
   const int nfe = res.nfe;
   if (!a->quiet)
     fprintf(stderr,
@@ -431,15 +556,20 @@ done:
 }
 
 int cmd_edit(int argc, char **argv) {
-  edit_args a = {.threads = 2, .eta = 1.0};
+  edit_args a = {.threads = 2, .eta = 1.0, .only = -1};
   int prc = parse_args(argc, argv, &a);
-  if (prc)
+  if (prc) {
+    json_decref(a.meta);
     return prc < 0 ? 0 : prc;
+  }
   err e = {0};
   model *m = NULL;
-  if (model_load(a.model_dir, &m, &e))
+  if (model_load(a.model_dir, &m, &e)) {
+    json_decref(a.meta);
     return cli_fail("edit", "%s", e.msg);
+  }
   int status = a.noise ? edit_noise(&a, m, &e) : edit_with_boundary(&a, m, &e);
   model_free(m);
+  json_decref(a.meta);
   return status;
 }

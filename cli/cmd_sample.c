@@ -117,6 +117,13 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
     return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a denoised request: %s", a->replay,
                    META_JSON_KEY, je.text);
   }
+  const char *type = json_string_value(json_object_get(json_object_get(meta, "edit"), "type"));
+  if (type && strcmp(type, "img2img") != 0 && strcmp(type, "inpaint") != 0) {
+    err_set(e, ERR_INVALID, "%s records an edit (%s): replay it with 'denoised edit --replay'",
+            a->replay, type);
+    json_decref(meta);
+    return e->code;
+  }
   if (!a->model_dir) /* images from the daemon record a model name: --model gives its folder */
     a->model_dir = model_dir;
   a->scheduler = solver;

@@ -152,6 +152,24 @@ START_TEST(invert_and_edit_noise) {
     ck_assert_msg(test_rel_l2(ed.data, x.data, 384) > 0.01, "%s changed nothing", edits[i]);
     npy_array_free(&ed);
   }
+  /* an edited PNG records the edit: `edit --replay` redoes that one image bit for bit, and
+   * `sample --replay` sends it there */
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "edit --model %s --noise %s/n.npy --class 1,2 --skip 4 --shift 1,0 "
+                                "--colour 0.2,0,0 --colour-from 25 -o %s/e.png --quiet",
+                                gmm[0], tmp, tmp),
+                   0);
+  ck_assert_msg(
+      test_run_cli(out, sizeof out, "edit --replay %s/e-1.png -o %s/e1.png --quiet", tmp, tmp) == 0,
+      "%s", out);
+  snprintf(p, sizeof p, "%s/e-1.png", tmp);
+  snprintf(q, sizeof q, "%s/e1.png", tmp);
+  ck_assert_msg(test_files_equal(p, q), "the replayed edit differs");
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out, "sample --replay %s/e-1.png -o %s/e2.png", tmp, tmp), 1);
+  ck_assert_ptr_nonnull(strstr(out, "edit --replay"));
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out, "edit --replay %s/e1.png --skip 2 -o %s/e2.png", tmp, tmp), 2);
   /* DDIM inversion: x_T goes back through sample --noise and edit --noise */
   ck_assert_int_eq(test_run_cli(out, sizeof out,
                                 "invert --model %s --method ddim --image %s/x.npy --class 0 "
@@ -242,6 +260,23 @@ START_TEST(boundary_fit_and_edit) {
                    0);
   snprintf(p, sizeof p, "%s/e-59.png", tmp);
   ck_assert_int_eq(access(p, F_OK), 0);
+  /* both kinds of boundary edit replay from their PNGs: generated (that image's streams) and
+   * inverted (the input file again) */
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out,
+                   "edit --model %s --boundary %s/b.json --strength 3 --seed 1 --batch 3 "
+                   "-o %s/g.png --quiet",
+                   gmm[1], tmp, tmp),
+      0);
+  const char *replays[] = {"g-2", "e-7"};
+  for (int i = 0; i < 2; i++) {
+    char a[128], b[128];
+    snprintf(a, sizeof a, "%s/%s.png", tmp, replays[i]);
+    snprintf(b, sizeof b, "%s/r%d.png", tmp, i);
+    ck_assert_msg(test_run_cli(out, sizeof out, "edit --replay %s -o %s --quiet", a, b) == 0,
+                  "%s: %s", replays[i], out);
+    ck_assert_msg(test_files_equal(a, b), "%s: the replayed boundary edit differs", replays[i]);
+  }
   /* fixed step; PATH LABEL lines; the boundary of another model's size */
   snprintf(p, sizeof p, "%s/l2.txt", tmp);
   f = fopen(p, "w");
