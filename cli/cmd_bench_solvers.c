@@ -41,7 +41,6 @@ static const char *const default_solvers[] = {
 
 typedef struct bench_ctx {
   model *m;
-  json_t *mcfg;
   int batch, h, w, threads;
   uint64_t seed;
   int64_t *labels;
@@ -72,16 +71,10 @@ static int parse_list_int(const char *s, int *out, int max, int *n) {
  * budget search takes the next smaller one. */
 static int make(const bench_ctx *b, const char *name, int steps, json_t *extra, sampler **out,
                 err *e) {
-  json_t *spec = json_pack("{s:s}", "name", name);
-  if (steps > 0)
-    json_object_set_new(spec, "steps", json_integer(steps));
-  if (extra)
-    json_object_set(spec, "options", extra);
-  int rc = sampler_new_from_json(spec, b->mcfg, out, e);
-  if (rc != ERR_OK || extra) {
-    json_decref(spec);
+  pipeline_solver spec = {.name = name, .steps = steps > 0 ? steps : 0, .options = extra};
+  int rc = pipeline_sampler(b->m, &spec, out, NULL, 0, e);
+  if (rc != ERR_OK || extra)
     return rc;
-  }
   const sched_config *cfg = sampler_config(*out);
   const char *cls = sampler_solver_class(name);
   json_t *fix = json_object();
@@ -101,8 +94,8 @@ static int make(const bench_ctx *b, const char *name, int steps, json_t *extra, 
   }
   if (rc == ERR_OK && json_object_size(fix)) {
     sampler *t = NULL;
-    json_object_set(spec, "options", fix);
-    rc = sampler_new_from_json(spec, b->mcfg, &t, e);
+    spec.options = fix;
+    rc = pipeline_sampler(b->m, &spec, &t, NULL, 0, e);
     if (rc == ERR_OK) {
       sampler_free(*out);
       *out = t;
@@ -113,7 +106,6 @@ static int make(const bench_ctx *b, const char *name, int steps, json_t *extra, 
     *out = NULL;
   }
   json_decref(fix);
-  json_decref(spec);
   return rc;
 }
 
@@ -144,8 +136,8 @@ static int clean_estimate(const bench_ctx *b, const float *x, float *x0, err *e)
   const size_t d = (size_t)mi->in_channels * b->h * b->w,
                dout = (size_t)mi->out_channels * b->h * b->w;
   sched_config cfg;
-  int rc = b->mcfg ? sched_config_from_json(b->mcfg, NULL, 0, &cfg, e)
-                   : sched_config_init(&cfg, NULL, e);
+  const json_t *mcfg = model_scheduler_config(b->m);
+  int rc = mcfg ? sched_config_from_json(mcfg, NULL, 0, &cfg, e) : sched_config_init(&cfg, NULL, e);
   if (rc != ERR_OK)
     return rc;
   float *ab = malloc((size_t)cfg.num_train_timesteps * sizeof *ab);
@@ -285,11 +277,6 @@ int cmd_bench_solvers(int argc, char **argv) {
     status = 2;
     goto done;
   }
-  const char *sp = model_scheduler_config_path(b.m);
-  if (sp && !(b.mcfg = sched_config_read_json(sp, &e))) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
   if (mi->num_classes) {
     b.labels = malloc((size_t)b.batch * sizeof *b.labels);
     for (int i = 0; b.labels && i < b.batch; i++)
@@ -401,7 +388,6 @@ done:
   free(ref_half);
   free(x);
   free(b.labels);
-  json_decref(b.mcfg);
   model_free(b.m);
   return status;
 }
