@@ -137,6 +137,7 @@ START_TEST(one_picture_serves_the_batch) {
   r.images = B;
   ck_assert_int_eq(pipeline_run(m, &r, NULL, &b, &e), 0);
   assert_same(a.images, b.images, B * D, "replicated picture");
+  pipeline_result_clear(&b);
   /* 3 pictures for a batch of 2: refused, naming the counts */
   r.images = 3;
   ck_assert_int_eq(pipeline_run(m, &r, NULL, &b, &e), ERR_INVALID);
