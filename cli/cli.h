@@ -70,9 +70,11 @@ void cli_solver_clear(cli_solver *s);
 int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file, err *e);
 
 /* The images of a finished run as PNGs with their metadata: base for one image, base-<i>.png
- * (before the extension) for a batch. model_name is what --replay loads. */
+ * (before the extension) for a batch; only >= 0 writes that image alone, to base (a replay).
+ * model_name is what --replay loads. */
 int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
-                   const pipeline_result *res, const char *model_name, const json_t *extra, err *e);
+                   const pipeline_result *res, const char *model_name, const json_t *extra,
+                   int only, err *e);
 
 /* "a,b[,c]" into n doubles (n = count) each in [lo, hi]; prints an error naming flag. */
 int cli_parse_list(const char *flag, const char *s, int count, double lo, double hi, double *out);

@@ -279,16 +279,18 @@ int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file
 
 int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
                    const pipeline_result *res, const char *model_name, const json_t *extra,
-                   err *e) {
+                   int only, err *e) {
   const model_info *mi = model_get_info(m);
   const size_t d = (size_t)mi->in_channels * res->height * res->width;
+  if (only >= r->batch)
+    return err_set(e, ERR_INVALID, "image %d is not in this run of %d", only, r->batch);
   int rc = ERR_OK;
-  for (int i = 0; i < r->batch && rc == ERR_OK; i++) {
+  for (int i = only < 0 ? 0 : only; i < (only < 0 ? r->batch : only + 1) && rc == ERR_OK; i++) {
     char name[4200];
     const char *dot = strrchr(base, '.'), *slash = strrchr(base, '/');
     if (!dot || (slash && dot < slash))
       dot = base + strlen(base);
-    if (r->batch == 1)
+    if (r->batch == 1 || only >= 0)
       snprintf(name, sizeof name, "%s", base);
     else
       snprintf(name, sizeof name, "%.*s-%d%s", (int)(dot - base), base, i, dot);

@@ -59,73 +59,106 @@ typedef struct edit_args {
   long long skip, seed, batch, threads, colour_from;
   int has_guidance, has_strength, has_seed, has_skip, has_colour_from, quiet;
   int shift[2];
-  long long only; /* --replay: the one image (rng image index) to write, else -1 */
-  json_t *meta;   /* --replay: the record the strings above point into */
+  /* --replay: the record's image (rng index and place in its run's batch), else only = -1 */
+  long long only, batch_index;
+  int inverted;    /* a boundary edit of an input picture */
+  json_t *meta;    /* the record the strings above point into */
+  char labels[32]; /* its class when it names no --class list (daemon records) */
+  const char *job; /* the daemon job that made it, or NULL */
 } edit_args;
 
-/* Fills the arguments from the record a PNG of `denoised edit` carries (pipeline_png, with the
- * files as extra keys); status 1 with a message when it is not one. */
+/* What a replay lacks: the file the record does not name (a daemon job's inputs are its own). */
+static int replay_missing(const edit_args *a, const char *what, const char *flag) {
+  if (a->job)
+    return cli_fail("edit",
+                    "%s: made by daemon job %s, whose %s is not a file here: pass it with %s%s",
+                    a->replay, a->job, what, flag,
+                    strcmp(flag, "--noise") == 0 ? " (GET /v1/jobs/ID/noise.npy)" : "");
+  return cli_fail("edit", "%s: the record names no %s: pass it with %s", a->replay, what, flag);
+}
+
+static void replay_noise_args(edit_args *a, const json_t *ed) {
+  const json_t *sh = json_object_get(ed, "shift"), *co = json_object_get(ed, "colour");
+  const json_t *cf = json_object_get(ed, "colour_from");
+  a->skip = json_integer_value(json_object_get(ed, "skip"));
+  a->has_skip = a->skip > 0;
+  if (json_array_size(sh) == 2) {
+    a->shift[0] = (int)json_integer_value(json_array_get(sh, 0));
+    a->shift[1] = (int)json_integer_value(json_array_get(sh, 1));
+    a->shift_s = "replay";
+  }
+  for (int c = 0; json_array_size(co) == 3 && c < 3; c++) {
+    a->colour[c] = json_number_value(json_array_get(co, c));
+    a->colour_s = "replay";
+  }
+  a->colour_from = json_integer_value(cf);
+  a->has_colour_from = json_is_integer(cf);
+}
+
+static void replay_boundary_args(edit_args *a, const json_t *ed) {
+  const json_t *eta = json_object_get(ed, "eta");
+  a->strength = json_number_value(json_object_get(ed, "strength"));
+  a->has_strength = 1;
+  a->eta = json_is_number(eta) ? json_number_value(eta) : 1.0;
+  a->space = json_string_value(json_object_get(ed, "space"));
+  a->inverted = json_is_true(json_object_get(ed, "inverted"));
+}
+
+/* Fills the arguments from the record a PNG of `denoised edit` or of a daemon edit job carries
+ * (pipeline_png; the CLI adds its files as extra keys). Files given as flags (--noise,
+ * --boundary, --image) stand in for what the record does not name. Exit status on failure. */
 static int load_replay(edit_args *a) {
   const char *cmd = "edit";
   char *text = NULL;
   err e = {0};
   if (image_png_read_text(a->replay, META_JSON_KEY, &text, &e))
     return cli_fail(cmd, "%s", e.msg);
-  json_error_t je;
-  json_t *m = json_loads(text, 0, &je);
+  json_t *m = json_loads(text, 0, NULL);
   free(text);
-  const json_t *ed = json_object_get(m, "edit");
+  a->meta = m;
+  const json_t *ed = json_object_get(m, "edit"), *gs = json_object_get(m, "guidance_scale");
   const char *type = json_string_value(json_object_get(ed, "type"));
   const json_t *idx = json_object_get(m, "image_index"), *seed = json_object_get(m, "seed");
-  const json_t *gs = json_object_get(m, "guidance_scale");
-  a->meta = m;
+  const json_t *bi = json_object_get(m, "batch_index"), *lab = json_object_get(m, "class_label");
   if (!type || !json_is_integer(idx) || json_integer_value(idx) < 0 || !json_is_integer(seed) ||
-      json_integer_value(seed) < 0)
-    return cli_fail(cmd, "%s: metadata '%s' is not a record of 'denoised edit'", a->replay,
-                    META_JSON_KEY);
+      json_integer_value(seed) < 0 || (bi && (!json_is_integer(bi) || json_integer_value(bi) < 0)))
+    return cli_fail(cmd, "%s: metadata '%s' is not a record of an edit", a->replay, META_JSON_KEY);
   a->only = json_integer_value(idx);
+  a->batch_index = bi ? json_integer_value(bi) : a->only;
+  a->job = json_string_value(json_object_get(m, "job_id"));
   if (!a->model_dir)
     a->model_dir = json_string_value(json_object_get(m, "model"));
   a->classes = json_string_value(json_object_get(m, "classes"));
+  if (!a->classes && json_is_integer(lab)) { /* a daemon job: one class for its images */
+    snprintf(a->labels, sizeof a->labels, "%lld", (long long)json_integer_value(lab));
+    a->classes = a->labels;
+  }
   if (json_is_number(gs)) {
     a->guidance = json_number_value(gs);
     a->has_guidance = 1;
   }
   if (strncmp(type, "invert_", 7) == 0) {
-    const json_t *sh = json_object_get(ed, "shift"), *co = json_object_get(ed, "colour");
-    const json_t *cf = json_object_get(ed, "colour_from");
-    a->noise = json_string_value(json_object_get(m, "noise"));
-    a->skip = json_integer_value(json_object_get(ed, "skip"));
-    a->has_skip = a->skip > 0;
-    if (json_array_size(sh) == 2) {
-      a->shift[0] = (int)json_integer_value(json_array_get(sh, 0));
-      a->shift[1] = (int)json_integer_value(json_array_get(sh, 1));
-      a->shift_s = "replay";
-    }
-    for (int c = 0; json_array_size(co) == 3 && c < 3; c++) {
-      a->colour[c] = json_number_value(json_array_get(co, c));
-      a->colour_s = "replay";
-    }
-    a->colour_from = json_integer_value(cf);
-    a->has_colour_from = json_is_integer(cf);
+    replay_noise_args(a, ed);
+    if (!a->noise && !(a->noise = json_string_value(json_object_get(m, "noise"))))
+      return replay_missing(a, "noise", "--noise");
   } else if (strcmp(type, "boundary") == 0) {
-    const json_t *sp = json_object_get(ed, "space"), *eta = json_object_get(ed, "eta");
-    a->boundary = json_string_value(json_object_get(m, "boundary"));
-    a->image = json_string_value(json_object_get(m, "image"));
-    a->strength = json_number_value(json_object_get(ed, "strength"));
-    a->has_strength = 1;
-    a->eta = json_is_number(eta) ? json_number_value(eta) : 1.0;
-    a->space = json_string_value(sp);
+    replay_boundary_args(a, ed);
+    if (!a->boundary && !(a->boundary = json_string_value(json_object_get(m, "boundary"))))
+      return replay_missing(a, "boundary", "--boundary");
+    if (!a->image)
+      a->image = json_string_value(json_object_get(m, "image"));
+    if (a->inverted && !a->image)
+      return replay_missing(a, "input picture", "--image");
     if (!a->image) { /* generated: that one image of the seed's streams */
       a->seed = json_integer_value(seed);
       a->has_seed = 1;
     }
+  } else {
+    return cli_fail(cmd,
+                    "%s: records %s, not a noise or boundary edit (replay it with "
+                    "'denoised sample --replay')",
+                    a->replay, type);
   }
-  if (!a->noise && !a->boundary)
-    return cli_fail(cmd, "%s: records %s, not a noise or boundary edit%s", a->replay, type,
-                    strncmp(type, "in", 2) == 0 || strcmp(type, "img2img") == 0
-                        ? " (replay it with 'denoised sample --replay')"
-                        : " (or its noise or boundary file is not named)");
   return 0;
 }
 
@@ -233,10 +266,11 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   if (!a->png_out && !a->npy_out)
     return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
   if (a->replay) {
-    if (a->noise || a->boundary || a->image || a->classes || a->has_strength || a->has_seed ||
-        a->batch || a->has_guidance || a->has_skip || a->shift_s || a->colour_s ||
-        a->has_colour_from || a->space)
-      return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
+    if (a->classes || a->has_strength || a->has_seed || a->batch || a->has_guidance ||
+        a->has_skip || a->shift_s || a->colour_s || a->has_colour_from || a->space)
+      return cli_usage_error(cmd, "--replay takes only --model, the files the record does not "
+                                  "name (--noise, --boundary, --image), -o/--out, --threads and "
+                                  "--quiet");
     int rc = load_replay(a);
     if (rc)
       return rc;
@@ -274,20 +308,9 @@ static int write_outputs(const edit_args *a, const model *m, const pipeline_requ
     if (rc != ERR_OK)
       return rc;
   }
-  return a->png_out ? cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, e) : ERR_OK;
-}
-
-/* What --replay keeps of a run: image k alone (its request and result as views into the run's;
- * nothing is copied, the run's result is freed as usual). */
-static void only_image(const model *m, pipeline_request *r, pipeline_result *res, int k) {
-  const size_t d = (size_t)model_get_info(m)->in_channels * res->height * res->width;
-  r->batch = 1;
-  r->first_image += (uint64_t)k;
-  if (r->labels)
-    r->labels += k;
-  if (r->invert.source_labels)
-    r->invert.source_labels += k;
-  res->images += d * (size_t)k;
+  /* a replay writes the record's image: alone in its run, or at its place in the batch */
+  const int only = a->only < 0 ? -1 : r->batch == 1 ? 0 : (int)a->batch_index;
+  return a->png_out ? cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, only, e) : ERR_OK;
 }
 
 /* pipeline_run, then the outputs: every image, or on --replay the recorded one */
@@ -306,20 +329,8 @@ static int run_and_write(const edit_args *a, const model *m, const pipeline_requ
   if (a->classes)
     json_object_set_new(extra, "classes", json_string(a->classes));
   int rc = pipeline_run(m, r, h, res, e);
-  if (rc == ERR_OK && a->only < 0) {
+  if (rc == ERR_OK)
     rc = write_outputs(a, m, r, res, extra, e);
-  } else if (rc == ERR_OK) {
-    const long long k = a->only - (long long)r->first_image;
-    pipeline_request r1 = *r;
-    pipeline_result view = *res;
-    if (k < 0 || k >= r->batch) {
-      rc = err_set(e, ERR_INVALID, "the record's image %lld is not in this run of %d", a->only,
-                   r->batch);
-    } else {
-      only_image(m, &r1, &view, (int)k);
-      rc = write_outputs(a, m, &r1, &view, extra, e);
-    }
-  }
   json_decref(extra);
   return rc;
 }
@@ -361,13 +372,39 @@ static json_t *read_sidecar(const char *npy, err *e) {
   return j;
 }
 
+/* A daemon record stands in for the sidecar its job never wrote: the inversion's grid, classes
+ * and guidance; the batch is the noise file's. */
+static json_t *sidecar_from_record(const json_t *rec, int64_t batch) {
+  const json_t *ed = json_object_get(rec, "edit"), *lab = json_object_get(rec, "class_label");
+  const json_t *src = json_object_get(ed, "source_class"),
+               *sg = json_object_get(ed, "source_guidance");
+  json_t *labels = json_null();
+  if (json_is_integer(lab)) {
+    labels = json_array();
+    for (int64_t b = 0; b < batch; b++)
+      json_array_append_new(labels, json_integer(json_integer_value(src ? src : lab)));
+  }
+  return json_pack("{s:s, s:s, s:{s:s, s:O, s:O}, s:o, s:O?, s:I}", "format", "denoised-noise",
+                   "method", json_string_value(json_object_get(ed, "type")) + 7, "solver", "name",
+                   "ddim", "steps", json_object_get(rec, "steps"), "config",
+                   json_object_get(rec, "scheduler_config"), "class_labels", labels,
+                   "guidance_scale", sg, "batch", (json_int_t)batch);
+}
+
 static int edit_noise(const edit_args *a, model *m, err *e) {
   const char *cmd = "edit";
   const model_info *mi = model_get_info(m);
   const int size = mi->sample_size, cin = mi->in_channels;
-  json_t *side = read_sidecar(a->noise, e);
-  if (!side)
+  npy_array maps = {0};
+  if (npy_read_f32(a->noise, &maps, e))
     return cli_fail(cmd, "%s", e->msg);
+  json_t *side = a->meta && !json_object_get(a->meta, "noise")
+                     ? sidecar_from_record(a->meta, maps.ndim ? maps.shape[0] : 0)
+                     : read_sidecar(a->noise, e);
+  if (!side) {
+    npy_array_free(&maps);
+    return cli_fail(cmd, "%s", e->msg);
+  }
   const int ddpm = strcmp(json_string_value(json_object_get(side, "method")), "ddpm") == 0;
   const json_t *sv = json_object_get(side, "solver");
   const int n = (int)json_integer_value(json_object_get(sv, "steps"));
@@ -375,7 +412,6 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
   const json_t *jl = json_object_get(side, "class_labels");
   const json_t *jg = json_object_get(side, "guidance_scale");
   int status = 1;
-  npy_array maps = {0};
   pipeline_result res = {0};
   int64_t *src = NULL, *tgt = NULL;
   if (!ddpm && (a->has_skip || a->colour_s)) {
@@ -383,12 +419,8 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
                              json_string_value(json_object_get(side, "method")));
     goto done;
   }
-  if (npy_read_f32(a->noise, &maps, e)) {
-    cli_fail(cmd, "%s", e->msg);
-    goto done;
-  }
   const int64_t want5[5] = {batch, n + 1, cin, size, size}, want4[4] = {batch, cin, size, size};
-  if (maps.ndim != (ddpm ? 5 : 4) ||
+  if (batch < 1 || maps.ndim != (ddpm ? 5 : 4) ||
       memcmp(maps.shape, ddpm ? want5 : want4, sizeof(int64_t) * (ddpm ? 5 : 4)) != 0) {
     cli_fail(cmd,
              "%s: shape does not match its sidecar and the model (expected [%d, %s%d, %d, %d])",
@@ -529,7 +561,7 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
       .kind = PIPELINE_BOUNDARY,
       .batch = batch,
       .seed = (uint64_t)a->seed,
-      .first_image = a->only > 0 && !img ? (uint64_t)a->only : 0,
+      .first_image = a->only >= 0 && batch == 1 ? (uint64_t)a->only : 0,
       .labels = labels,
       .guidance = a->has_guidance ? &g : NULL,
       .image = img,

@@ -145,14 +145,35 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
     a->guidance = json_number_value(gs);
     a->has_guidance = 1;
   }
-  /* img2img and inpainting replay from the recorded files, when they are still there */
-  if (json_is_string(init)) {
+  /* img2img and inpainting replay from the recorded files (or the ones given: a daemon job's
+   * pictures are its own) */
+  if (!a->init_image && json_is_string(init))
     a->init_image = json_string_value(init);
+  if (!a->mask && json_is_string(mask))
+    a->mask = json_string_value(mask);
+  const char *job = json_string_value(json_object_get(meta, "job_id"));
+  if (type && !a->init_image) {
+    err_set(e, ERR_INVALID,
+            "%s records %s%s%s, whose input picture is not named: pass it with "
+            "--init-image",
+            a->replay, type, job ? " of daemon job " : "", job ? job : "");
+  } else if (type && strcmp(type, "inpaint") == 0 && !a->mask) {
+    err_set(e, ERR_INVALID,
+            "%s records inpainting%s%s, whose mask is not named: pass it with "
+            "--mask",
+            a->replay, job ? " of daemon job " : "", job ? job : "");
+  } else if (!type && (a->init_image || a->mask)) {
+    err_set(e, ERR_INVALID, "%s records no img2img or inpainting: drop --init-image and --mask",
+            a->replay);
+  }
+  if (e->code) {
+    json_decref(meta);
+    return e->code;
+  }
+  if (a->init_image) {
     a->strength = json_is_number(st) ? json_number_value(st) : 0.8;
     a->has_strength = 1;
   }
-  if (json_is_string(mask))
-    a->mask = json_string_value(mask);
   *meta_out = meta;
   return ERR_OK;
 }
@@ -244,9 +265,10 @@ static int parse_args(int argc, char **argv, sample_args *a) {
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
   if (a->replay) {
     if (a->scheduler || a->sched_file || a->noverrides || a->has_seed || a->noise_path ||
-        a->has_label || a->steps || a->size || a->has_guidance || a->init_image || a->mask ||
-        a->has_strength)
-      return cli_usage_error(cmd, "--replay takes only --model, -o/--out, --threads and --quiet");
+        a->has_label || a->steps || a->size || a->has_guidance || a->has_strength)
+      return cli_usage_error(cmd, "--replay takes only --model, --init-image and --mask (the "
+                                  "pictures the record does not name), -o/--out, --threads and "
+                                  "--quiet");
   } else if (!a->model_dir) {
     a->model_dir = cli_default_model();
   }
@@ -340,7 +362,7 @@ static int write_outputs(const sample_args *a, const model *m, const pipeline_re
     json_object_set_new(extra, "init_image", json_string(a->init_image));
   if (a->mask)
     json_object_set_new(extra, "mask", json_string(a->mask));
-  int rc = cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, e);
+  int rc = cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, -1, e);
   json_decref(extra);
   return rc;
 }

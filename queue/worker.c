@@ -88,6 +88,9 @@ static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *
     uint8_t *png = NULL;
     size_t len = 0;
     err e = {0};
+    /* where the image sits in the job's batch: a replay of an edit picks it from the job's
+     * noise (the rng index alone does not say, when the job set first_image) */
+    json_object_set_new(extra, "batch_index", json_integer(i));
     int rc = pipeline_png(b->qm->m, &rj, b->s, x + (size_t)(base + i) * d, i, j->spec.model, extra,
                           &png, &len, &e);
     if (!rc)

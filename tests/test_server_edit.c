@@ -268,6 +268,34 @@ static void check_same_png(const daemon_proc *d, const char *id, const char *pat
   free(b);
 }
 
+/* Image n of job id, saved as a PNG, replays with `denoised SUB --replay IT --model M FLAGS`
+ * (the files the record cannot name: the job's noise, boundary or input picture) to its pixels. */
+static void check_job_replay(const daemon_proc *d, const char *id, int n, const char *tmp,
+                             const char *sub, const char *flags) {
+  char path[160], png[600], out[600], model[1024];
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/%d", id, n);
+  http_resp r;
+  ck_assert_int_eq(http_get(d, path, &r), 200);
+  snprintf(png, sizeof png, "%s/job-%d.png", tmp, n);
+  write_file(png, (uint8_t *)r.body, r.len);
+  http_free(&r);
+  test_src_path(model, sizeof model, "models/shapes-gmm");
+  snprintf(out, sizeof out, "%s/job-%d-replayed.png", tmp, n);
+  run_cli("%s --replay %s --model %s %s -o %s --quiet", sub, png, model, flags, out);
+  uint8_t *a, *b;
+  fetch_pixels(d, id, n, &a);
+  size_t len;
+  uint8_t *buf = read_file_all(out, &len);
+  int h, w;
+  err e;
+  ck_assert_int_eq(image_png_decode(buf, len, 64, 64, &b, &h, &w, &e), 0);
+  ck_assert_msg(memcmp(a, b, (size_t)h * w * 3) == 0, "job %s image %d: the replay (%s %s) differs",
+                id, n, sub, flags);
+  free(buf);
+  free(a);
+  free(b);
+}
+
 /* The noise.npy of job id, parsed; its raw bytes in *raw (malloc'ed) when asked. */
 static void fetch_noise(const daemon_proc *d, const char *id, npy_array *out, uint8_t **raw,
                         size_t *rawlen) {
@@ -388,6 +416,34 @@ START_TEST(invert_jobs) {
           cli_npy, cli_png);
   check_same_png(&d, by_id, cli_png);
   check_same_png(&d, by_upload, cli_png);
+  /* the edits replay from their PNGs given the noise the record cannot name as a file; without
+   * it the error says what to pass */
+  char inv_npy[600], flags[700], out[4096], rep[700];
+  snprintf(inv_npy, sizeof inv_npy, "%s/inv-job.npy", tmp);
+  write_file(inv_npy, raw, rawlen);
+  snprintf(flags, sizeof flags, "--noise %s", inv_npy);
+  check_job_replay(&d, by_id, 0, tmp, "edit", flags);
+  check_job_replay(&d, by_upload, 0, tmp, "edit", flags);
+  snprintf(rep, sizeof rep, "edit --replay %s/job-0.png --model %s -o %s/x.png", tmp, model, tmp);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "%s", rep), 1);
+  ck_assert_msg(strstr(out, by_upload) && strstr(out, "--noise"), "%s", out);
+  snprintf(rep, sizeof rep, "sample --replay %s/job-0.png --model %s -o %s/x.png", tmp, model, tmp);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "%s", rep), 1);
+  ck_assert_msg(strstr(out, "edit --replay"), "%s", out);
+  /* img2img: its input picture given */
+  snprintf(body, cap,
+           "{\"class_label\": 3, \"seed\": 4, \"batch_size\": 2, \"scheduler\": {\"name\": "
+           "\"ddim\", \"steps\": 10}, \"input_image\": \"%s\", \"edit\": {\"type\": "
+           "\"img2img\", \"strength\": 0.6}}",
+           img);
+  char i2i[64];
+  submit_job(&d, body, i2i, sizeof i2i);
+  wait_state(&d, i2i, "succeeded", 60);
+  snprintf(flags, sizeof flags, "--init-image %s", in_png);
+  check_job_replay(&d, i2i, 1, tmp, "sample", flags);
+  snprintf(rep, sizeof rep, "sample --replay %s/job-1.png --model %s -o %s/x.png", tmp, model, tmp);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "%s", rep), 1);
+  ck_assert_msg(strstr(out, i2i) && strstr(out, "--init-image"), "%s", out);
   snprintf(path, sizeof path, "/v1/jobs/%s/noise.npy", by_id); /* not an inversion of a picture */
   expect_error(&d, "GET", path, NULL, 404, "not_found", NULL);
 
@@ -568,6 +624,9 @@ START_TEST(boundary_jobs) {
   run_cli("edit --model %s --boundary %s --strength 3 --seed 9 --class 1 -o %s --quiet", model,
           bpath, cli_png);
   check_same_png(&d, id, cli_png);
+  char bflags[700];
+  snprintf(bflags, sizeof bflags, "--boundary %s", bpath);
+  check_job_replay(&d, id, 0, tmp, "edit", bflags);
   snprintf(path, sizeof path, "/v1/jobs/%s", id);
   http_resp r;
   ck_assert_int_eq(http_get(&d, path, &r), 200);
@@ -602,6 +661,8 @@ START_TEST(boundary_jobs) {
   run_cli("edit --model %s --boundary %s --strength -2 --eta 0 --image %s --class 1 -o %s --quiet",
           model, bpath, in_png, cli_png);
   check_same_png(&d, id, cli_png);
+  snprintf(bflags, sizeof bflags, "--boundary %s --image %s", bpath, in_png);
+  check_job_replay(&d, id, 0, tmp, "edit", bflags);
   /* errors */
   struct {
     const char *tmpl; /* %s: the boundary */

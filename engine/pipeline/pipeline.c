@@ -424,6 +424,8 @@ json_t *pipeline_edit_json(const pipeline_request *r, int i) {
     json_object_set_new(j, "eta", json_real(r->bound.eta));
     if (r->bound.boundary)
       json_object_set_new(j, "step", json_integer(r->bound.boundary->step));
+    if (r->image) /* an input picture, inverted to the step (else generated from the seed) */
+      json_object_set_new(j, "inverted", json_true());
     break;
   }
   return j;
