@@ -185,54 +185,65 @@ static int reference(const bench_ctx *b, int nfe, float *ref_min, err *e) {
   return rc;
 }
 
-int cmd_bench_solvers(int argc, char **argv) {
-  const char *cmd = "bench solvers";
-  const char *model_dir = NULL, *solver_list = NULL;
-  int nfes[MAX_NFE] = {5, 10, 20, 50}, n_nfe = 4;
-  long long batch = 4, seed = 0, label = 0, size = 0, ref_nfe = 1200, threads = 2;
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"nfe", required_argument, 0, 'n'},
-                                       {"solvers", required_argument, 0, 's'},
-                                       {"batch", required_argument, 0, 'b'},
-                                       {"seed", required_argument, 0, 'S'},
-                                       {"class", required_argument, 0, 'c'},
-                                       {"size", required_argument, 0, 'z'},
-                                       {"ref-nfe", required_argument, 0, 'r'},
-                                       {"threads", required_argument, 0, 'j'},
-                                       {"help", no_argument, 0, 'h'},
-                                       {0, 0, 0, 0}};
+/* What the flags ask for. */
+typedef struct bench_args {
+  const char *model_dir, *solver_list;
+  int nfes[MAX_NFE], n_nfe;
+  long long batch, seed, label, size, ref_nfe, threads;
+} bench_args;
+
+/* The reference solves a solver's output is compared with (ref_half only estimates the
+ * reference's own error), and room for that output. */
+typedef struct bench_refs {
+  float *min, *clean, *half, *x;
+} bench_refs;
+
+static const struct option long_opts[] = {{"model", required_argument, 0, 'm'},
+                                          {"nfe", required_argument, 0, 'n'},
+                                          {"solvers", required_argument, 0, 's'},
+                                          {"batch", required_argument, 0, 'b'},
+                                          {"seed", required_argument, 0, 'S'},
+                                          {"class", required_argument, 0, 'c'},
+                                          {"size", required_argument, 0, 'z'},
+                                          {"ref-nfe", required_argument, 0, 'r'},
+                                          {"threads", required_argument, 0, 'j'},
+                                          {"help", no_argument, 0, 'h'},
+                                          {0, 0, 0, 0}};
+
+/* Returns -1 to go on, else the exit status (0 after --help). */
+static int parse_args(int argc, char **argv, const char *cmd, bench_args *a) {
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:n:s:b:S:c:z:r:j:h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:n:s:b:S:c:z:r:j:h", long_opts, NULL)) != -1) {
     switch (c) {
-    case 'm': model_dir = optarg; break;
+    case 'm': a->model_dir = optarg; break;
     case 'n':
-      if (parse_list_int(optarg, nfes, MAX_NFE, &n_nfe))
+      if (parse_list_int(optarg, a->nfes, MAX_NFE, &a->n_nfe))
         return cli_usage_error(cmd, "--nfe expects a comma-separated list of positive integers");
       break;
-    case 's': solver_list = optarg; break;
+    case 's': a->solver_list = optarg; break;
     case 'b':
-      if (cli_parse_int("--batch", optarg, 1, 1024, &batch))
+      if (cli_parse_int("--batch", optarg, 1, 1024, &a->batch))
         return 2;
       break;
     case 'S':
-      if (cli_parse_int("--seed", optarg, 0, (1ll << 53) - 1, &seed))
+      if (cli_parse_int("--seed", optarg, 0, (1ll << 53) - 1, &a->seed))
         return 2;
       break;
     case 'c':
-      if (cli_parse_int("--class", optarg, 0, 1 << 20, &label))
+      if (cli_parse_int("--class", optarg, 0, 1 << 20, &a->label))
         return 2;
       break;
     case 'z':
-      if (cli_parse_int("--size", optarg, 1, 4096, &size))
+      if (cli_parse_int("--size", optarg, 1, 4096, &a->size))
         return 2;
       break;
     case 'r':
-      if (cli_parse_int("--ref-nfe", optarg, 30, 100000, &ref_nfe))
+      if (cli_parse_int("--ref-nfe", optarg, 30, 100000, &a->ref_nfe))
         return 2;
       break;
     case 'j':
-      if (cli_parse_int("--threads", optarg, 1, 256, &threads))
+      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
         return 2;
       break;
     case 'h': fputs(help, stdout); return 0;
@@ -241,152 +252,217 @@ int cmd_bench_solvers(int argc, char **argv) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!model_dir)
+  if (!a->model_dir)
     return cli_usage_error(cmd, "--model is required");
-  const char *names[MAX_SOLVERS];
-  int n_solvers = 0;
-  char *list_copy = NULL;
-  if (solver_list) {
-    list_copy = strdup(solver_list);
+  return -1;
+}
+
+/* --solvers split in place in *copy (malloc'ed, NULL without --solvers), or the default
+ * list. Returns -1 to go on, else the exit status (with *copy freed). */
+static int solver_names(const char *cmd, const char *list, const char **names, int *n,
+                        char **copy) {
+  *n = 0;
+  if (list) {
+    *copy = strdup(list);
     char *save = NULL;
-    for (char *t = strtok_r(list_copy, ",", &save); t && n_solvers < MAX_SOLVERS;
+    for (char *t = strtok_r(*copy, ",", &save); t && *n < MAX_SOLVERS;
          t = strtok_r(NULL, ",", &save))
-      names[n_solvers++] = t;
+      names[(*n)++] = t;
   } else {
     for (size_t i = 0; i < sizeof default_solvers / sizeof *default_solvers; i++)
-      names[n_solvers++] = default_solvers[i];
+      names[(*n)++] = default_solvers[i];
   }
-  for (int i = 0; i < n_solvers; i++)
+  for (int i = 0; i < *n; i++)
     if (!sampler_solver_class(names[i])) {
       int st = cli_usage_error(cmd, "unknown solver '%s'", names[i]);
-      free(list_copy);
+      free(*copy);
+      *copy = NULL;
       return st;
     }
-  err e = {0};
-  bench_ctx b = {.batch = (int)batch, .seed = (uint64_t)seed, .threads = (int)threads};
-  int status = 1;
-  float *ref_min = NULL, *ref_clean = NULL, *ref_half = NULL, *x = NULL;
-  if (model_load(model_dir, &b.m, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
+  return -1;
+}
+
+/* The model, the image size, the labels and the buffers. Returns -1 to go on, else the exit
+ * status; what was allocated stays in b and r for the caller to free. */
+static int bench_setup(const char *cmd, const bench_args *a, bench_ctx *b, bench_refs *r, err *e) {
+  if (model_load(a->model_dir, &b->m, e)) {
+    cli_fail(cmd, "%s", e->msg);
+    return 1;
   }
-  const model_info *mi = model_get_info(b.m);
-  b.h = b.w = size ? (int)size : mi->sample_size;
-  if (b.h < 1) {
+  const model_info *mi = model_get_info(b->m);
+  b->h = b->w = a->size ? (int)a->size : mi->sample_size;
+  if (b->h < 1) {
     cli_usage_error(cmd, "the model has no sample_size: pass --size");
-    status = 2;
-    goto done;
+    return 2;
   }
   if (mi->num_classes) {
-    b.labels = malloc((size_t)b.batch * sizeof *b.labels);
-    for (int i = 0; b.labels && i < b.batch; i++)
-      b.labels[i] = label;
+    b->labels = malloc((size_t)b->batch * sizeof *b->labels);
+    for (int i = 0; b->labels && i < b->batch; i++)
+      b->labels[i] = a->label;
   }
-  b.count = (size_t)b.batch * mi->in_channels * b.h * b.w;
-  ref_min = malloc(b.count * sizeof *ref_min);
-  ref_clean = malloc(b.count * sizeof *ref_clean);
-  ref_half = malloc(b.count * sizeof *ref_half);
-  x = malloc(b.count * sizeof *x);
-  if (!ref_min || !ref_clean || !ref_half || !x || (mi->num_classes && !b.labels)) {
+  b->count = (size_t)b->batch * mi->in_channels * b->h * b->w;
+  r->min = malloc(b->count * sizeof *r->min);
+  r->clean = malloc(b->count * sizeof *r->clean);
+  r->half = malloc(b->count * sizeof *r->half);
+  r->x = malloc(b->count * sizeof *r->x);
+  if (!r->min || !r->clean || !r->half || !r->x || (mi->num_classes && !b->labels)) {
     cli_fail(cmd, "out of memory");
-    goto done;
+    return 1;
   }
-  fprintf(stderr, "bench solvers: reference solve (%lld NFE)...\n", ref_nfe);
-  if (reference(&b, (int)ref_nfe, ref_min, &e) || reference(&b, (int)ref_nfe / 2, ref_half, &e) ||
-      clean_estimate(&b, ref_min, ref_clean, &e)) {
-    cli_fail(cmd, "reference: %s", e.msg);
-    goto done;
+  return -1;
+}
+
+/* The reference at --ref-nfe, its clean estimate, and the same solve at half the NFE whose
+ * distance from it bounds the reference's own error. Returns -1 to go on, else 1. */
+static int bench_reference(const char *cmd, const bench_args *a, const bench_ctx *b, bench_refs *r,
+                           err *e) {
+  fprintf(stderr, "bench solvers: reference solve (%lld NFE)...\n", a->ref_nfe);
+  if (reference(b, (int)a->ref_nfe, r->min, e) || reference(b, (int)a->ref_nfe / 2, r->half, e) ||
+      clean_estimate(b, r->min, r->clean, e)) {
+    cli_fail(cmd, "reference: %s", e->msg);
+    return 1;
   }
+  return -1;
+}
+
+static void print_header(const bench_args *a, const bench_ctx *b, const bench_refs *r) {
+  const model_info *mi = model_get_info(b->m);
   printf("bench solvers: model %s, batch %d, seed %lld%s; reference DPM-Solver-3 (logSNR) with "
          "%lld NFE, its error ~%.1e (vs %lld NFE)\n",
-         model_dir, b.batch, seed, mi->num_classes ? " (class-conditional)" : "", ref_nfe,
-         rel_l2(ref_half, ref_min, b.count), ref_nfe / 2);
+         a->model_dir, b->batch, a->seed, mi->num_classes ? " (class-conditional)" : "", a->ref_nfe,
+         rel_l2(r->half, r->min, b->count), a->ref_nfe / 2);
   printf("%-20s", "solver");
-  for (int k = 0; k < n_nfe; k++) {
+  for (int k = 0; k < a->n_nfe; k++) {
     char hdr[32];
-    snprintf(hdr, sizeof hdr, "NFE %d", nfes[k]);
+    snprintf(hdr, sizeof hdr, "NFE %d", a->nfes[k]);
     printf(" %14s", hdr);
   }
-  for (int k = 0; k + 1 < n_nfe; k++) {
+  for (int k = 0; k + 1 < a->n_nfe; k++) {
     char hdr[32];
-    snprintf(hdr, sizeof hdr, "p %d-%d", nfes[k], nfes[k + 1]);
+    snprintf(hdr, sizeof hdr, "p %d-%d", a->nfes[k], a->nfes[k + 1]);
     printf(" %9s", hdr);
   }
   printf("\n");
-  for (int i = 0; i < n_solvers; i++) {
-    double errs[MAX_NFE];
-    int used[MAX_NFE];
-    sampler *s = NULL;
-    if (make(&b, names[i], 0, NULL, &s, &e)) {
-      printf("%-20s %s\n", names[i], e.msg);
-      continue;
-    }
-    const int stochastic = sampler_is_stochastic(s), adaptive = sampler_nfe(s) == 0;
+}
+
+/* What s's output is compared with: a solver ending at sigma 0 took the clean estimate's step. */
+static const float *reference_for(const bench_refs *r, const sampler *s) {
+  return sampler_ends_clean(s) ? r->clean : r->min;
+}
+
+/* The rest of an adaptive solver's row: its NFE follows from rtol/atol, not from a budget. */
+static void bench_adaptive(const bench_ctx *b, const char *name, const bench_refs *r, err *e) {
+  sampler *s = NULL;
+  int nfe = 0;
+  if (make(b, name, 0, NULL, &s, e) || run(b, s, r->x, &nfe, e)) {
+    printf(" %s\n", e->msg);
+  } else {
+    printf(" %.3e with %d NFE (rtol %g, atol %g)\n", rel_l2(r->x, reference_for(r, s), b->count),
+           nfe, sampler_config(s)->rtol, sampler_config(s)->atol);
+  }
+  sampler_free(s);
+}
+
+/* One cell: the error with the most steps whose planned NFE fits `budget` (NAN and 0 NFE
+ * without one, or when the run fails). */
+static void bench_budget(const bench_ctx *b, const char *name, int budget, const bench_refs *r,
+                         double *error, int *used, err *e) {
+  *error = NAN;
+  *used = 0;
+  sampler *s = NULL;
+  int steps = budget;
+  for (; steps >= 1; steps--) {
+    if (make(b, name, steps, NULL, &s, NULL) == ERR_OK && sampler_nfe(s) <= budget)
+      break;
     sampler_free(s);
     s = NULL;
-    if (stochastic) {
-      printf("%-20s (stochastic: skipped)\n", names[i]);
-      continue;
-    }
-    printf("%-20s", names[i]);
-    fflush(stdout);
-    if (adaptive) { /* its NFE follows from rtol/atol, not from a budget */
-      int nfe = 0;
-      if (make(&b, names[i], 0, NULL, &s, &e) || run(&b, s, x, &nfe, &e)) {
-        printf(" %s\n", e.msg);
-      } else {
-        const float *ref = sampler_ends_clean(s) ? ref_clean : ref_min;
-        printf(" %.3e with %d NFE (rtol %g, atol %g)\n", rel_l2(x, ref, b.count), nfe,
-               sampler_config(s)->rtol, sampler_config(s)->atol);
-      }
-      sampler_free(s);
-      continue;
-    }
-    for (int k = 0; k < n_nfe; k++) {
-      errs[k] = NAN;
-      used[k] = 0;
-      /* the most steps whose planned NFE fits the budget */
-      int steps = nfes[k];
-      for (; steps >= 1; steps--) {
-        if (make(&b, names[i], steps, NULL, &s, NULL) == ERR_OK && sampler_nfe(s) <= nfes[k])
-          break;
-        sampler_free(s);
-        s = NULL;
-      }
-      char cell[40] = "-";
-      if (steps >= 1 && s) {
-        int nfe = 0;
-        if (run(&b, s, x, &nfe, &e) == ERR_OK) {
-          errs[k] = rel_l2(x, sampler_ends_clean(s) ? ref_clean : ref_min, b.count);
-          used[k] = nfe;
-          if (nfe == nfes[k])
-            snprintf(cell, sizeof cell, "%.3e", errs[k]);
-          else
-            snprintf(cell, sizeof cell, "%.3e(%d)", errs[k], nfe);
-        } else {
-          snprintf(cell, sizeof cell, "error");
-        }
-      }
-      sampler_free(s);
-      s = NULL;
-      printf(" %14s", cell);
-      fflush(stdout);
-    }
-    for (int k = 0; k + 1 < n_nfe; k++) {
-      if (isfinite(errs[k]) && isfinite(errs[k + 1]) && errs[k + 1] > 0 && used[k + 1] > used[k])
-        printf(" %9.2f", log(errs[k] / errs[k + 1]) / log((double)used[k + 1] / used[k]));
-      else
-        printf(" %9s", "-");
-    }
-    printf("\n");
   }
-  status = 0;
-done:
+  char cell[40] = "-";
+  if (steps >= 1 && s) {
+    int nfe = 0;
+    if (run(b, s, r->x, &nfe, e) == ERR_OK) {
+      *error = rel_l2(r->x, reference_for(r, s), b->count);
+      *used = nfe;
+      if (nfe == budget)
+        snprintf(cell, sizeof cell, "%.3e", *error);
+      else
+        snprintf(cell, sizeof cell, "%.3e(%d)", *error, nfe);
+    } else {
+      snprintf(cell, sizeof cell, "error");
+    }
+  }
+  sampler_free(s);
+  printf(" %14s", cell);
+  fflush(stdout);
+}
+
+/* The empirical order between successive budgets, from the NFE actually spent. */
+static void print_orders(const double *errs, const int *used, int n) {
+  for (int k = 0; k + 1 < n; k++) {
+    if (isfinite(errs[k]) && isfinite(errs[k + 1]) && errs[k + 1] > 0 && used[k + 1] > used[k])
+      printf(" %9.2f", log(errs[k] / errs[k + 1]) / log((double)used[k + 1] / used[k]));
+    else
+      printf(" %9s", "-");
+  }
+  printf("\n");
+}
+
+/* One solver's row of the table. */
+static void bench_solver(const bench_args *a, const bench_ctx *b, const char *name,
+                         const bench_refs *r, err *e) {
+  sampler *s = NULL;
+  if (make(b, name, 0, NULL, &s, e)) {
+    printf("%-20s %s\n", name, e->msg);
+    return;
+  }
+  const int stochastic = sampler_is_stochastic(s), adaptive = sampler_nfe(s) == 0;
+  sampler_free(s);
+  if (stochastic) {
+    printf("%-20s (stochastic: skipped)\n", name);
+    return;
+  }
+  printf("%-20s", name);
+  fflush(stdout);
+  if (adaptive) {
+    bench_adaptive(b, name, r, e);
+    return;
+  }
+  double errs[MAX_NFE];
+  int used[MAX_NFE];
+  for (int k = 0; k < a->n_nfe; k++)
+    bench_budget(b, name, a->nfes[k], r, &errs[k], &used[k], e);
+  print_orders(errs, used, a->n_nfe);
+}
+
+int cmd_bench_solvers(int argc, char **argv) {
+  const char *cmd = "bench solvers";
+  bench_args a = {.nfes = {5, 10, 20, 50}, .n_nfe = 4, .batch = 4, .ref_nfe = 1200, .threads = 2};
+  int status = parse_args(argc, argv, cmd, &a);
+  if (status >= 0)
+    return status;
+  const char *names[MAX_SOLVERS];
+  int n_solvers = 0;
+  char *list_copy = NULL;
+  status = solver_names(cmd, a.solver_list, names, &n_solvers, &list_copy);
+  if (status >= 0)
+    return status;
+  err e = {0};
+  bench_ctx b = {.batch = (int)a.batch, .seed = (uint64_t)a.seed, .threads = (int)a.threads};
+  bench_refs r = {0};
+  status = bench_setup(cmd, &a, &b, &r, &e);
+  if (status < 0)
+    status = bench_reference(cmd, &a, &b, &r, &e);
+  if (status < 0) {
+    print_header(&a, &b, &r);
+    for (int i = 0; i < n_solvers; i++)
+      bench_solver(&a, &b, names[i], &r, &e);
+    status = 0;
+  }
   free(list_copy);
-  free(ref_min);
-  free(ref_clean);
-  free(ref_half);
-  free(x);
+  free(r.min);
+  free(r.clean);
+  free(r.half);
+  free(r.x);
   free(b.labels);
   model_free(b.m);
   return status;
