@@ -171,22 +171,121 @@ static int set_push(sample_set *s, size_t d, const float *x, int label, int64_t 
   return ERR_OK;
 }
 
-/* Reads the label lines (and the images they name, or X.npy's). */
-static int read_labels(const fit_args *a, const model *m, sample_set *set, err *e) {
+/* One label line's fields. */
+typedef struct label_line {
+  const char *path; /* NULL with --images */
+  int label;        /* -1: a blank line or a comment */
+  int64_t cls;      /* -1: none */
+} label_line;
+
+/* X.npy of --images, checked against the model's shape; nothing without --images. */
+static int read_label_images(const fit_args *a, int cin, int size, npy_array *all, err *e) {
+  if (!a->images)
+    return ERR_OK;
+  if (npy_read_f32(a->images, all, e))
+    return err_prefix(e, "--images");
+  if (all->ndim != 4 || all->shape[1] != cin || all->shape[2] != size || all->shape[3] != size ||
+      all->shape[0] < 1 || all->shape[0] > BOUNDARY_MAX_IMAGES) {
+    npy_array_free(all);
+    return err_set(e, ERR_INVALID, "--images %s: expected shape [N, %d, %d, %d]", a->images, cin,
+                   size, size);
+  }
+  return ERR_OK;
+}
+
+/* The class of a line: its CLASS column, else --class; checked against the model. */
+static int label_line_class(const fit_args *a, const model *m, const char *cs, int lineno,
+                            int64_t *out, err *e) {
+  const model_info *mi = model_get_info(m);
+  int64_t cls = a->has_class ? a->cls : -1;
+  if (cs) {
+    const int64_t v = mi->num_classes ? model_class_from_name(m, cs) : -1;
+    if (v < 0)
+      return err_set(e, ERR_INVALID, "--labels %s:%d: class '%s' is not a class of this model",
+                     a->labels, lineno, cs);
+    cls = v;
+  }
+  if (mi->num_classes && cls < 0)
+    return err_set(e, ERR_INVALID,
+                   "--labels %s:%d: no class (this model is class-conditional: add a CLASS "
+                   "column or --class)",
+                   a->labels, lineno);
+  if (mi->num_classes && cls >= mi->num_classes)
+    return err_set(e, ERR_INVALID, "--class %lld out of range [0, %d)", (long long)cls,
+                   mi->num_classes);
+  *out = cls;
+  return ERR_OK;
+}
+
+/* Splits line `lineno` in place into its fields. */
+static int parse_label_line(const fit_args *a, const model *m, char *line, int lineno,
+                            label_line *out, err *e) {
+  out->label = -1;
+  size_t len = strlen(line);
+  if (len > BOUNDARY_MAX_LINE)
+    return err_set(e, ERR_INVALID, "--labels %s:%d: line too long", a->labels, lineno);
+  while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' '))
+    line[--len] = 0;
+  char *p = line;
+  while (*p == ' ' || *p == '\t')
+    p++;
+  if (!*p || *p == '#')
+    return ERR_OK;
+  char *tok[4];
+  int nt = 0;
+  for (char *t = strtok(p, " \t"); t && nt < 4; t = strtok(NULL, " \t"))
+    tok[nt++] = t;
+  const int want_path = !a->images;
+  if (nt < 1 + want_path || nt > 2 + want_path)
+    return err_set(e, ERR_INVALID, "--labels %s:%d: expected '%sLABEL [CLASS]'", a->labels, lineno,
+                   want_path ? "PATH " : "");
+  const char *ls = tok[want_path], *cs = nt == 2 + want_path ? tok[1 + want_path] : NULL;
+  if (strcmp(ls, "0") != 0 && strcmp(ls, "1") != 0)
+    return err_set(e, ERR_INVALID, "--labels %s:%d: label '%s' is not 0 or 1", a->labels, lineno,
+                   ls);
+  int rc = label_line_class(a, m, cs, lineno, &out->cls, e);
+  if (rc == ERR_OK) {
+    out->path = want_path ? tok[0] : NULL;
+    out->label = ls[0] - '0';
+  }
+  return rc;
+}
+
+/* The image of a line into the set: the next one of X.npy, or the file it names (relative to
+ * dir, the labels file's folder). */
+static int push_label_image(const fit_args *a, const model *m, const npy_array *all,
+                            const char *dir, const label_line *l, sample_set *set, err *e) {
   const model_info *mi = model_get_info(m);
   const int size = mi->sample_size, cin = mi->in_channels;
   const size_t d = (size_t)cin * size * size;
-  npy_array all = {0};
+  if (set->n >= BOUNDARY_MAX_IMAGES)
+    return err_set(e, ERR_INVALID, "--labels: more than %d images", BOUNDARY_MAX_IMAGES);
   if (a->images) {
-    if (npy_read_f32(a->images, &all, e))
-      return err_prefix(e, "--images");
-    if (all.ndim != 4 || all.shape[1] != cin || all.shape[2] != size || all.shape[3] != size ||
-        all.shape[0] < 1 || all.shape[0] > BOUNDARY_MAX_IMAGES) {
-      npy_array_free(&all);
-      return err_set(e, ERR_INVALID, "--images %s: expected shape [N, %d, %d, %d]", a->images, cin,
-                     size, size);
-    }
+    if (set->n >= all->shape[0])
+      return err_set(e, ERR_INVALID, "--labels %s: more lines than the %lld images of %s",
+                     a->labels, (long long)all->shape[0], a->images);
+    return set_push(set, d, all->data + (size_t)set->n * d, l->label, l->cls, e);
   }
+  char path[8300];
+  if (l->path[0] == '/')
+    snprintf(path, sizeof path, "%s", l->path);
+  else
+    snprintf(path, sizeof path, "%s/%s", dir, l->path);
+  float *x = NULL;
+  int rc = cli_read_image("--labels image", path, cin, size, size, &x, e);
+  if (rc == ERR_OK)
+    rc = set_push(set, d, x, l->label, l->cls, e);
+  free(x);
+  return rc;
+}
+
+/* Reads the label lines (and the images they name, or X.npy's). */
+static int read_labels(const fit_args *a, const model *m, sample_set *set, err *e) {
+  const model_info *mi = model_get_info(m);
+  npy_array all = {0};
+  int rc = read_label_images(a, mi->in_channels, mi->sample_size, &all, e);
+  if (rc != ERR_OK)
+    return rc;
   FILE *f = fopen(a->labels, "r");
   if (!f) {
     npy_array_free(&all);
@@ -197,82 +296,12 @@ static int read_labels(const fit_args *a, const model *m, sample_set *set, err *
   if (slash)
     snprintf(dir, sizeof dir, "%.*s", (int)(slash - a->labels), a->labels);
   char line[BOUNDARY_MAX_LINE + 2];
-  int lineno = 0, rc = ERR_OK;
+  int lineno = 0;
   while (rc == ERR_OK && fgets(line, sizeof line, f)) {
-    lineno++;
-    size_t len = strlen(line);
-    if (len > BOUNDARY_MAX_LINE) {
-      rc = err_set(e, ERR_INVALID, "--labels %s:%d: line too long", a->labels, lineno);
-      break;
-    }
-    while (len && (line[len - 1] == '\n' || line[len - 1] == '\r' || line[len - 1] == ' '))
-      line[--len] = 0;
-    char *p = line;
-    while (*p == ' ' || *p == '\t')
-      p++;
-    if (!*p || *p == '#')
-      continue;
-    char *tok[4];
-    int nt = 0;
-    for (char *t = strtok(p, " \t"); t && nt < 4; t = strtok(NULL, " \t"))
-      tok[nt++] = t;
-    const int want_path = !a->images;
-    if (nt < 1 + want_path || nt > 2 + want_path) {
-      rc = err_set(e, ERR_INVALID, "--labels %s:%d: expected '%sLABEL [CLASS]'", a->labels, lineno,
-                   want_path ? "PATH " : "");
-      break;
-    }
-    const char *ls = tok[want_path], *cs = nt == 2 + want_path ? tok[1 + want_path] : NULL;
-    if (strcmp(ls, "0") != 0 && strcmp(ls, "1") != 0) {
-      rc = err_set(e, ERR_INVALID, "--labels %s:%d: label '%s' is not 0 or 1", a->labels, lineno,
-                   ls);
-      break;
-    }
-    int64_t cls = a->has_class ? a->cls : -1;
-    if (cs) {
-      const int64_t v = mi->num_classes ? model_class_from_name(m, cs) : -1;
-      if (v < 0) {
-        rc = err_set(e, ERR_INVALID, "--labels %s:%d: class '%s' is not a class of this model",
-                     a->labels, lineno, cs);
-        break;
-      }
-      cls = v;
-    }
-    if (mi->num_classes && cls < 0) {
-      rc = err_set(e, ERR_INVALID,
-                   "--labels %s:%d: no class (this model is class-conditional: add a CLASS "
-                   "column or --class)",
-                   a->labels, lineno);
-      break;
-    }
-    if (mi->num_classes && cls >= mi->num_classes) {
-      rc = err_set(e, ERR_INVALID, "--class %lld out of range [0, %d)", (long long)cls,
-                   mi->num_classes);
-      break;
-    }
-    if (set->n >= BOUNDARY_MAX_IMAGES) {
-      rc = err_set(e, ERR_INVALID, "--labels: more than %d images", BOUNDARY_MAX_IMAGES);
-      break;
-    }
-    if (a->images) {
-      if (set->n >= all.shape[0]) {
-        rc = err_set(e, ERR_INVALID, "--labels %s: more lines than the %lld images of %s",
-                     a->labels, (long long)all.shape[0], a->images);
-        break;
-      }
-      rc = set_push(set, d, all.data + (size_t)set->n * d, ls[0] - '0', cls, e);
-    } else {
-      char path[8300];
-      if (tok[0][0] == '/')
-        snprintf(path, sizeof path, "%s", tok[0]);
-      else
-        snprintf(path, sizeof path, "%s/%s", dir, tok[0]);
-      float *x = NULL;
-      rc = cli_read_image("--labels image", path, cin, size, size, &x, e);
-      if (rc == ERR_OK)
-        rc = set_push(set, d, x, ls[0] - '0', cls, e);
-      free(x);
-    }
+    label_line l = {.path = NULL, .label = -1, .cls = -1};
+    rc = parse_label_line(a, m, line, ++lineno, &l, e);
+    if (rc == ERR_OK && l.label >= 0)
+      rc = push_label_image(a, m, &all, dir, &l, set, e);
   }
   if (rc == ERR_OK && ferror(f))
     rc = err_set(e, ERR_IO, "--labels %s: read error", a->labels);
@@ -284,6 +313,170 @@ static int read_labels(const fit_args *a, const model *m, sample_set *set, err *
     rc = err_set(e, ERR_INVALID, "--labels: %d images are too few to fit a boundary", set->n);
   npy_array_free(&all);
   return rc;
+}
+
+/* What a fit works on: the model, its DDIM grid, the labelled images, their latents at the
+ * mixing step and (with_h) their bottleneck h there. */
+typedef struct fit_ctx {
+  model *m;
+  sampler *s;
+  sample_set set;
+  int n, size, step; /* grid steps, image side, mixing step */
+  size_t d, hd;      /* values of a latent, of an h */
+  int with_h, hshape[3];
+  guidance g;
+  const guidance *gp; /* &g with --guidance-scale, else NULL */
+  float *lat, *abar, *hl, *hrows;
+  double *kl;
+} fit_ctx;
+
+static void fit_ctx_free(fit_ctx *c) {
+  free(c->set.x);
+  free(c->set.label);
+  free(c->set.cls);
+  free(c->lat);
+  free(c->hl);
+  free(c->hrows);
+  free(c->abar);
+  free(c->kl);
+  sampler_free(c->s);
+  model_free(c->m);
+}
+
+/* The phases of a fit below return 0 to go on, else the exit status (the error printed). */
+
+/* The model, its DDIM grid (eta 0: the inversion is deterministic), --class and the labels. */
+static int fit_load(const char *cmd, fit_args *a, fit_ctx *c, err *e) {
+  if (model_load(a->model_dir, &c->m, e))
+    return cli_fail(cmd, "%s", e->msg);
+  const model_info *mi = model_get_info(c->m);
+  if (!mi->num_classes && (a->has_class || a->has_guidance))
+    return cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
+                                "--guidance-scale");
+  json_t *eta0 = json_pack("{s:f}", "eta", 0.0);
+  const pipeline_solver ddim = {.name = "ddim", .steps = (int)a->steps, .options = eta0};
+  int rc = pipeline_sampler(c->m, &ddim, &c->s, NULL, 0, e);
+  json_decref(eta0);
+  if (!rc && a->class_s && (a->cls = model_class_from_name(c->m, a->class_s)) < 0)
+    return cli_usage_error(cmd, "--class: '%s' is not a class of this model", a->class_s);
+  if (rc || read_labels(a, c->m, &c->set, e))
+    return cli_fail(cmd, "%s", e->msg);
+  return 0;
+}
+
+static int fit_alloc(const char *cmd, const fit_args *a, fit_ctx *c) {
+  const model_info *mi = model_get_info(c->m);
+  c->n = sampler_num_steps(c->s);
+  c->size = mi->sample_size;
+  c->d = (size_t)mi->in_channels * c->size * c->size;
+  c->g = guidance_for(c->m, a->guidance);
+  c->gp = a->has_guidance ? &c->g : NULL;
+  const int passes = guidance_passes(c->gp);
+  /* the h-space boundary too when the model has a bottleneck (a UNet's mid block) */
+  err he = {0};
+  c->with_h = model_mid_shape(c->m, c->size, c->size, c->hshape, &he) == ERR_OK;
+  c->hd = (size_t)c->hshape[0] * c->hshape[1] * c->hshape[2];
+  c->abar = malloc(sizeof *c->abar * (size_t)c->n);
+  c->kl = malloc(sizeof *c->kl * (size_t)c->n);
+  c->lat = malloc(sizeof *c->lat * c->d * (size_t)c->set.n);
+  if (c->with_h) {
+    c->hl = malloc(sizeof *c->hl * c->hd * (size_t)c->set.n);
+    c->hrows = malloc(sizeof *c->hrows * c->hd * (size_t)a->batch * passes);
+  }
+  if (!c->abar || !c->kl || !c->lat || (c->with_h && (!c->hl || !c->hrows)))
+    return cli_fail(cmd, "out of memory");
+  return 0;
+}
+
+/* The mixing step: --step K, or with --step auto the one the images' statistics pick; the KL
+ * along the grid is shown either way. */
+static int fit_choose_step(const char *cmd, const fit_args *a, fit_ctx *c, err *e) {
+  for (int k = 0; k < c->n; k++) {
+    float al, be;
+    sampler_step_level(c->s, k, &al, &be);
+    c->abar[k] = al * al;
+  }
+  int step = (int)a->step;
+  if (boundary_mixing_step(c->set.x, c->set.n, (int)c->d, c->abar, c->n, a->eps, c->kl, &step, e))
+    return cli_fail(cmd, "%s", e->msg);
+  if (!a->step_auto)
+    step = (int)a->step;
+  if (step >= c->n)
+    return cli_usage_error(cmd, "--step %d: the grid has %d steps", step, c->n);
+  c->step = step;
+  const double *ts = sampler_timesteps(c->s);
+  if (!a->quiet) {
+    fprintf(stderr, "KL(q_t || N(0, I)) per value along the %d-step grid:", c->n);
+    for (int k = 0; k < c->n; k += (c->n + 9) / 10)
+      fprintf(stderr, " t=%g:%.3g", ts[k], c->kl[k]);
+    fprintf(stderr, "\nmixing step: %d (t = %g, KL %.4g)%s\n", step, ts[step], c->kl[step],
+            a->step_auto ? " [auto]" : "");
+  }
+  return 0;
+}
+
+/* latents: DDIM inversion to the mixing step, a batch of images at a time */
+static int fit_invert(const char *cmd, const fit_args *a, fit_ctx *c, err *e) {
+  const model_info *mi = model_get_info(c->m);
+  cli_progress pr;
+  cli_progress_init(&pr, a->quiet);
+  for (int i0 = 0; i0 < c->set.n; i0 += (int)a->batch) {
+    const int nb = c->set.n - i0 < a->batch ? c->set.n - i0 : (int)a->batch;
+    edit_src src = {.batch = nb,
+                    .image = c->set.x + (size_t)i0 * c->d,
+                    .labels = mi->num_classes ? c->set.cls + i0 : NULL,
+                    .guidance = c->gp,
+                    .threads = (int)a->threads};
+    float *lat = c->lat + (size_t)i0 * c->d;
+    if (edit_latent_at(c->s, c->m, c->step, &src, lat, NULL, e) ||
+        (c->with_h && edit_mid_at(c->s, c->m, c->step, &src, lat, c->hrows, e)))
+      return cli_fail(cmd, "%s", e->msg);
+    if (c->with_h) /* the conditional rows come first */
+      memcpy(c->hl + (size_t)i0 * c->hd, c->hrows, sizeof *c->hl * c->hd * (size_t)nb);
+    cli_on_progress(i0 + nb, c->set.n, 0, &pr);
+  }
+  return 0;
+}
+
+/* The SVMs, and the boundary file with what `edit --boundary` needs to redo the grid. */
+static int fit_save(const char *cmd, const fit_args *a, const fit_ctx *c, boundary *b, err *e) {
+  boundary_fit_opts fo = {.C = a->C, .test_fraction = a->test_fraction};
+  if (boundary_fit(c->lat, c->set.label, c->set.n, (int)c->d, &fo, b, e))
+    return cli_fail(cmd, "%s", e->msg);
+  if (c->with_h) {
+    if (!(b->mid = calloc(1, sizeof *b->mid)) ||
+        boundary_fit(c->hl, c->set.label, c->set.n, (int)c->hd, &fo, b->mid, e))
+      return cli_fail(cmd, "h-space: %s", b->mid ? e->msg : "out of memory");
+    b->mid->c = c->hshape[0];
+    b->mid->h = c->hshape[1];
+    b->mid->w = c->hshape[2];
+  }
+  b->c = model_get_info(c->m)->in_channels;
+  b->h = b->w = c->size;
+  b->step = c->step;
+  b->timestep = sampler_timesteps(c->s)[c->step];
+  b->solver = json_pack("{s:s, s:i, s:o}", "name", "ddim", "steps", c->n, "config",
+                        sampler_config_json(c->s));
+  snprintf(b->model, sizeof b->model, "%s", a->model_dir);
+  snprintf(b->attribute, sizeof b->attribute, "%s", a->attribute ? a->attribute : "");
+  if (boundary_save(b, a->out, e))
+    return cli_fail(cmd, "%s", e->msg);
+  return 0;
+}
+
+static void print_fit_report(const fit_args *a, const fit_ctx *c, const boundary *b) {
+  const double t = sampler_timesteps(c->s)[c->step];
+  printf("boundary: %d images (%d train, %d test), step %d (t = %g), train accuracy %.3f, test "
+         "accuracy %.3f, distance spread %.4g, class means %+.3g / %+.3g, radius %.3f -> %s\n",
+         c->set.n, b->n_train, b->n_test, c->step, t, b->train_accuracy, b->test_accuracy, b->scale,
+         b->mean_neg / (b->scale > 0 ? b->scale : 1), b->mean_pos / (b->scale > 0 ? b->scale : 1),
+         b->radius, a->out);
+  if (b->mid)
+    printf("h-space boundary (mid block %dx%dx%d): train accuracy %.3f, test accuracy %.3f, "
+           "distance spread %.4g, class means %+.3g / %+.3g\n",
+           b->mid->c, b->mid->h, b->mid->w, b->mid->train_accuracy, b->mid->test_accuracy,
+           b->mid->scale, b->mid->mean_neg / (b->mid->scale > 0 ? b->mid->scale : 1),
+           b->mid->mean_pos / (b->mid->scale > 0 ? b->mid->scale : 1));
 }
 
 static int boundary_fit_main(int argc, char **argv) {
@@ -299,150 +492,21 @@ static int boundary_fit_main(int argc, char **argv) {
   if (prc)
     return prc < 0 ? 0 : prc;
   err e = {0};
-  model *m = NULL;
-  sampler *s = NULL;
-  sample_set set = {0};
-  float *lat = NULL, *abar = NULL, *hl = NULL, *hrows = NULL;
-  double *kl = NULL;
+  fit_ctx c = {0};
   boundary b = {0};
-  int status = 1;
-  if (model_load(a.model_dir, &m, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  const model_info *mi = model_get_info(m);
-  if (!mi->num_classes && (a.has_class || a.has_guidance)) {
-    status = cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
-                                  "--guidance-scale");
-    goto done;
-  }
-  json_t *eta0 = json_pack("{s:f}", "eta", 0.0);
-  const pipeline_solver ddim = {.name = "ddim", .steps = (int)a.steps, .options = eta0};
-  int rc = pipeline_sampler(m, &ddim, &s, NULL, 0, &e);
-  json_decref(eta0);
-  if (!rc && a.class_s && (a.cls = model_class_from_name(m, a.class_s)) < 0) {
-    status = cli_usage_error(cmd, "--class: '%s' is not a class of this model", a.class_s);
-    goto done;
-  }
-  if (rc || read_labels(&a, m, &set, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  const int n = sampler_num_steps(s), size = mi->sample_size;
-  const size_t d = (size_t)mi->in_channels * size * size;
-  guidance g = guidance_for(m, a.guidance);
-  const guidance *gp = a.has_guidance ? &g : NULL;
-  const int passes = guidance_passes(gp);
-  /* the h-space boundary too when the model has a bottleneck (a UNet's mid block) */
-  int hshape[3] = {0, 0, 0};
-  err he = {0};
-  const int with_h = model_mid_shape(m, size, size, hshape, &he) == ERR_OK;
-  const size_t hd = (size_t)hshape[0] * hshape[1] * hshape[2];
-  abar = malloc(sizeof *abar * (size_t)n);
-  kl = malloc(sizeof *kl * (size_t)n);
-  lat = malloc(sizeof *lat * d * (size_t)set.n);
-  if (with_h) {
-    hl = malloc(sizeof *hl * hd * (size_t)set.n);
-    hrows = malloc(sizeof *hrows * hd * (size_t)a.batch * passes);
-  }
-  if (!abar || !kl || !lat || (with_h && (!hl || !hrows))) {
-    cli_fail(cmd, "out of memory");
-    goto done;
-  }
-  for (int k = 0; k < n; k++) {
-    float al, be;
-    sampler_step_level(s, k, &al, &be);
-    abar[k] = al * al;
-  }
-  int step = (int)a.step;
-  if (boundary_mixing_step(set.x, set.n, (int)d, abar, n, a.eps, kl, &step, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  if (!a.step_auto)
-    step = (int)a.step;
-  if (step >= n) {
-    status = cli_usage_error(cmd, "--step %d: the grid has %d steps", step, n);
-    goto done;
-  }
-  const double *ts = sampler_timesteps(s);
-  if (!a.quiet) {
-    fprintf(stderr, "KL(q_t || N(0, I)) per value along the %d-step grid:", n);
-    for (int k = 0; k < n; k += (n + 9) / 10)
-      fprintf(stderr, " t=%g:%.3g", ts[k], kl[k]);
-    fprintf(stderr, "\nmixing step: %d (t = %g, KL %.4g)%s\n", step, ts[step], kl[step],
-            a.step_auto ? " [auto]" : "");
-  }
-  /* latents: DDIM inversion to the mixing step, a batch of images at a time */
-  cli_progress pr;
-  cli_progress_init(&pr, a.quiet);
-  for (int i0 = 0; i0 < set.n; i0 += (int)a.batch) {
-    const int nb = set.n - i0 < a.batch ? set.n - i0 : (int)a.batch;
-    edit_src src = {.batch = nb,
-                    .image = set.x + (size_t)i0 * d,
-                    .labels = mi->num_classes ? set.cls + i0 : NULL,
-                    .guidance = gp,
-                    .threads = (int)a.threads};
-    if (edit_latent_at(s, m, step, &src, lat + (size_t)i0 * d, NULL, &e) ||
-        (with_h && edit_mid_at(s, m, step, &src, lat + (size_t)i0 * d, hrows, &e))) {
-      cli_fail(cmd, "%s", e.msg);
-      goto done;
-    }
-    if (with_h) /* the conditional rows come first */
-      memcpy(hl + (size_t)i0 * hd, hrows, sizeof *hl * hd * (size_t)nb);
-    cli_on_progress(i0 + nb, set.n, 0, &pr);
-  }
-  boundary_fit_opts fo = {.C = a.C, .test_fraction = a.test_fraction};
-  if (boundary_fit(lat, set.label, set.n, (int)d, &fo, &b, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  if (with_h) {
-    if (!(b.mid = calloc(1, sizeof *b.mid)) ||
-        boundary_fit(hl, set.label, set.n, (int)hd, &fo, b.mid, &e)) {
-      cli_fail(cmd, "h-space: %s", b.mid ? e.msg : "out of memory");
-      goto done;
-    }
-    b.mid->c = hshape[0];
-    b.mid->h = hshape[1];
-    b.mid->w = hshape[2];
-  }
-  b.c = mi->in_channels;
-  b.h = b.w = size;
-  b.step = step;
-  b.timestep = ts[step];
-  b.solver =
-      json_pack("{s:s, s:i, s:o}", "name", "ddim", "steps", n, "config", sampler_config_json(s));
-  snprintf(b.model, sizeof b.model, "%s", a.model_dir);
-  snprintf(b.attribute, sizeof b.attribute, "%s", a.attribute ? a.attribute : "");
-  if (boundary_save(&b, a.out, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  printf("boundary: %d images (%d train, %d test), step %d (t = %g), train accuracy %.3f, test "
-         "accuracy %.3f, distance spread %.4g, class means %+.3g / %+.3g, radius %.3f -> %s\n",
-         set.n, b.n_train, b.n_test, step, ts[step], b.train_accuracy, b.test_accuracy, b.scale,
-         b.mean_neg / (b.scale > 0 ? b.scale : 1), b.mean_pos / (b.scale > 0 ? b.scale : 1),
-         b.radius, a.out);
-  if (b.mid)
-    printf("h-space boundary (mid block %dx%dx%d): train accuracy %.3f, test accuracy %.3f, "
-           "distance spread %.4g, class means %+.3g / %+.3g\n",
-           b.mid->c, b.mid->h, b.mid->w, b.mid->train_accuracy, b.mid->test_accuracy, b.mid->scale,
-           b.mid->mean_neg / (b.mid->scale > 0 ? b.mid->scale : 1),
-           b.mid->mean_pos / (b.mid->scale > 0 ? b.mid->scale : 1));
-  status = 0;
-done:
+  int status = fit_load(cmd, &a, &c, &e);
+  if (!status)
+    status = fit_alloc(cmd, &a, &c);
+  if (!status)
+    status = fit_choose_step(cmd, &a, &c, &e);
+  if (!status)
+    status = fit_invert(cmd, &a, &c, &e);
+  if (!status)
+    status = fit_save(cmd, &a, &c, &b, &e);
+  if (!status)
+    print_fit_report(&a, &c, &b);
   boundary_free(&b);
-  free(set.x);
-  free(set.label);
-  free(set.cls);
-  free(lat);
-  free(hl);
-  free(hrows);
-  free(abar);
-  free(kl);
-  sampler_free(s);
-  model_free(m);
+  fit_ctx_free(&c);
   return status;
 }
 
