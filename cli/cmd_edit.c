@@ -162,121 +162,102 @@ static int load_replay(edit_args *a) {
   return 0;
 }
 
-static int parse_args(int argc, char **argv, edit_args *a) {
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"noise", required_argument, 0, 'N'},
-                                       {"boundary", required_argument, 0, 'B'},
-                                       {"strength", required_argument, 0, 'T'},
-                                       {"image", required_argument, 0, 'i'},
-                                       {"seed", required_argument, 0, 'S'},
-                                       {"batch", required_argument, 0, 'b'},
-                                       {"class", required_argument, 0, 'l'},
-                                       {"guidance-scale", required_argument, 0, 'g'},
-                                       {"skip", required_argument, 0, 'k'},
-                                       {"shift", required_argument, 0, 'x'},
-                                       {"colour", required_argument, 0, 'C'},
-                                       {"color", required_argument, 0, 'C'},
-                                       {"colour-from", required_argument, 0, 'F'},
-                                       {"eta", required_argument, 0, 'e'},
-                                       {"space", required_argument, 0, 'H'},
-                                       {"replay", required_argument, 0, 'r'},
-                                       {"out", required_argument, 0, 'u'},
-                                       {"threads", required_argument, 0, 'j'},
-                                       {"quiet", no_argument, 0, 'q'},
-                                       {"help", no_argument, 0, 'h'},
-                                       {0, 0, 0, 0}};
-  const char *cmd = "edit";
-  optind = 1;
-  int c;
+static const struct option edit_opts[] = {{"model", required_argument, 0, 'm'},
+                                          {"noise", required_argument, 0, 'N'},
+                                          {"boundary", required_argument, 0, 'B'},
+                                          {"strength", required_argument, 0, 'T'},
+                                          {"image", required_argument, 0, 'i'},
+                                          {"seed", required_argument, 0, 'S'},
+                                          {"batch", required_argument, 0, 'b'},
+                                          {"class", required_argument, 0, 'l'},
+                                          {"guidance-scale", required_argument, 0, 'g'},
+                                          {"skip", required_argument, 0, 'k'},
+                                          {"shift", required_argument, 0, 'x'},
+                                          {"colour", required_argument, 0, 'C'},
+                                          {"color", required_argument, 0, 'C'},
+                                          {"colour-from", required_argument, 0, 'F'},
+                                          {"eta", required_argument, 0, 'e'},
+                                          {"space", required_argument, 0, 'H'},
+                                          {"replay", required_argument, 0, 'r'},
+                                          {"out", required_argument, 0, 'u'},
+                                          {"threads", required_argument, 0, 'j'},
+                                          {"quiet", no_argument, 0, 'q'},
+                                          {"help", no_argument, 0, 'h'},
+                                          {0, 0, 0, 0}};
+
+/* --shift DX,DY: whole pixels, as the maps are moved by rolling them */
+static int parse_shift(const char *arg, edit_args *a) {
   double v[2];
-  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:r:u:o:j:qh", opts, NULL)) !=
-         -1) {
-    switch (c) {
-    case 'm': a->model_dir = optarg; break;
-    case 'N': a->noise = optarg; break;
-    case 'B': a->boundary = optarg; break;
-    case 'T':
-      if (cli_parse_double("--strength", optarg, -1000, 1000, &a->strength))
-        return 2;
-      a->has_strength = 1;
-      break;
-    case 'i': a->image = optarg; break;
-    case 'S':
-      if (cli_parse_int("--seed", optarg, 0, (1ll << 53) - 1, &a->seed))
-        return 2;
-      a->has_seed = 1;
-      break;
-    case 'b':
-      if (cli_parse_int("--batch", optarg, 1, EDIT_MAX_BATCH, &a->batch))
-        return 2;
-      break;
-    case 'l': a->classes = optarg; break;
-    case 'g':
-      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
-        return 2;
-      a->has_guidance = 1;
-      break;
-    case 'k':
-      if (cli_parse_int("--skip", optarg, 0, 100000, &a->skip))
-        return 2;
-      a->has_skip = 1;
-      break;
-    case 'x':
-      if (cli_parse_list("--shift", optarg, 2, -4096, 4096, v))
-        return 2;
-      if (v[0] != floor(v[0]) || v[1] != floor(v[1]))
-        return cli_usage_error(cmd, "--shift takes whole pixels, got '%s'", optarg);
-      a->shift[0] = (int)v[0];
-      a->shift[1] = (int)v[1];
-      a->shift_s = optarg;
-      break;
-    case 'C':
-      if (cli_parse_list("--colour", optarg, 3, -2, 2, a->colour))
-        return 2;
-      a->colour_s = optarg;
-      break;
-    case 'F':
-      if (cli_parse_int("--colour-from", optarg, 0, 100000, &a->colour_from))
-        return 2;
-      a->has_colour_from = 1;
-      break;
-    case 'e':
-      if (cli_parse_double("--eta", optarg, 0, 1, &a->eta))
-        return 2;
-      break;
-    case 'H':
-      if (edit_space_parse(optarg, NULL, &(edit_space){0}))
-        return cli_usage_error(cmd, "--space: '%s' is not x, h or both", optarg);
-      a->space = optarg;
-      break;
-    case 'r': a->replay = optarg; break;
-    case 'u': a->npy_out = optarg; break;
-    case 'o': a->png_out = optarg; break;
-    case 'j':
-      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
-        return 2;
-      break;
-    case 'q': a->quiet = 1; break;
-    case 'h': fputs(help, stdout); return -1;
-    default: return cli_usage_error(cmd, "bad option");
-    }
+  if (cli_parse_list("--shift", arg, 2, -4096, 4096, v))
+    return 2;
+  if (v[0] != floor(v[0]) || v[1] != floor(v[1]))
+    return cli_usage_error("edit", "--shift takes whole pixels, got '%s'", arg);
+  a->shift[0] = (int)v[0];
+  a->shift[1] = (int)v[1];
+  a->shift_s = arg;
+  return 0;
+}
+
+/* One option of getopt_long; returns 0 to go on, else what parse_args returns. */
+static int edit_option(int c, const char *arg, edit_args *a) {
+  switch (c) {
+  case 'm': a->model_dir = arg; break;
+  case 'N': a->noise = arg; break;
+  case 'B': a->boundary = arg; break;
+  case 'T':
+    if (cli_parse_double("--strength", arg, -1000, 1000, &a->strength))
+      return 2;
+    a->has_strength = 1;
+    break;
+  case 'i': a->image = arg; break;
+  case 'S':
+    if (cli_parse_int("--seed", arg, 0, (1ll << 53) - 1, &a->seed))
+      return 2;
+    a->has_seed = 1;
+    break;
+  case 'b': return cli_parse_int("--batch", arg, 1, EDIT_MAX_BATCH, &a->batch) ? 2 : 0;
+  case 'l': a->classes = arg; break;
+  case 'g':
+    if (cli_parse_double("--guidance-scale", arg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
+      return 2;
+    a->has_guidance = 1;
+    break;
+  case 'k':
+    if (cli_parse_int("--skip", arg, 0, 100000, &a->skip))
+      return 2;
+    a->has_skip = 1;
+    break;
+  case 'x': return parse_shift(arg, a);
+  case 'C':
+    if (cli_parse_list("--colour", arg, 3, -2, 2, a->colour))
+      return 2;
+    a->colour_s = arg;
+    break;
+  case 'F':
+    if (cli_parse_int("--colour-from", arg, 0, 100000, &a->colour_from))
+      return 2;
+    a->has_colour_from = 1;
+    break;
+  case 'e': return cli_parse_double("--eta", arg, 0, 1, &a->eta) ? 2 : 0;
+  case 'H':
+    if (edit_space_parse(arg, NULL, &(edit_space){0}))
+      return cli_usage_error("edit", "--space: '%s' is not x, h or both", arg);
+    a->space = arg;
+    break;
+  case 'r': a->replay = arg; break;
+  case 'u': a->npy_out = arg; break;
+  case 'o': a->png_out = arg; break;
+  case 'j': return cli_parse_int("--threads", arg, 1, 256, &a->threads) ? 2 : 0;
+  case 'q': a->quiet = 1; break;
+  case 'h': fputs(help, stdout); return -1;
+  default: return cli_usage_error("edit", "bad option");
   }
-  if (optind < argc)
-    return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!a->png_out && !a->npy_out)
-    return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
-  if (a->replay) {
-    if (a->classes || a->has_strength || a->has_seed || a->batch || a->has_guidance ||
-        a->has_skip || a->shift_s || a->colour_s || a->has_colour_from || a->space)
-      return cli_usage_error(cmd, "--replay takes only --model, the files the record does not "
-                                  "name (--noise, --boundary, --image), -o/--out, --threads and "
-                                  "--quiet");
-    int rc = load_replay(a);
-    if (rc)
-      return rc;
-  }
-  if (!a->model_dir)
-    a->model_dir = cli_default_model();
+  return 0;
+}
+
+/* The flags of the two kinds of edit exclude each other's. */
+static int check_args(edit_args *a) {
+  const char *cmd = "edit";
   if (!!a->noise == !!a->boundary)
     return cli_usage_error(cmd, "give either --noise (noise-space edits) or --boundary");
   if (a->noise) {
@@ -298,6 +279,36 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   if (!a->batch)
     a->batch = 1;
   return 0;
+}
+
+/* Returns 0 to go on, -1 after --help, else the exit status. */
+static int parse_args(int argc, char **argv, edit_args *a) {
+  const char *cmd = "edit";
+  optind = 1;
+  int c;
+  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:r:u:o:j:qh", edit_opts,
+                          NULL)) != -1) {
+    int rc = edit_option(c, optarg, a);
+    if (rc)
+      return rc;
+  }
+  if (optind < argc)
+    return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+  if (!a->png_out && !a->npy_out)
+    return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
+  if (a->replay) {
+    if (a->classes || a->has_strength || a->has_seed || a->batch || a->has_guidance ||
+        a->has_skip || a->shift_s || a->colour_s || a->has_colour_from || a->space)
+      return cli_usage_error(cmd, "--replay takes only --model, the files the record does not "
+                                  "name (--noise, --boundary, --image), -o/--out, --threads and "
+                                  "--quiet");
+    int rc = load_replay(a);
+    if (rc)
+      return rc;
+  }
+  if (!a->model_dir)
+    a->model_dir = cli_default_model();
+  return check_args(a);
 }
 
 static int write_outputs(const edit_args *a, const model *m, const pipeline_request *r,
@@ -391,100 +402,107 @@ static json_t *sidecar_from_record(const json_t *rec, int64_t batch) {
                    "guidance_scale", sg, "batch", (json_int_t)batch);
 }
 
-static int edit_noise(const edit_args *a, model *m, err *e) {
+/* What the sidecar of the maps says (or the daemon record standing in for it). */
+typedef struct noise_side {
+  json_t *json;
+  int ddpm, n, batch; /* DDPM maps (else DDIM x_T), steps of their grid, images */
+} noise_side;
+
+/* The steps below return 0 to go on, else the exit status (the error printed). */
+
+static int noise_load(const edit_args *a, npy_array *maps, noise_side *s, err *e) {
+  if (npy_read_f32(a->noise, maps, e))
+    return cli_fail("edit", "%s", e->msg);
+  s->json = a->meta && !json_object_get(a->meta, "noise")
+                ? sidecar_from_record(a->meta, maps->ndim ? maps->shape[0] : 0)
+                : read_sidecar(a->noise, e);
+  if (!s->json)
+    return cli_fail("edit", "%s", e->msg);
+  s->ddpm = strcmp(json_string_value(json_object_get(s->json, "method")), "ddpm") == 0;
+  s->n = (int)json_integer_value(json_object_get(json_object_get(s->json, "solver"), "steps"));
+  s->batch = (int)json_integer_value(json_object_get(s->json, "batch"));
+  return 0;
+}
+
+/* The maps against their sidecar and the model, and the flags that need DDPM maps or name
+ * their steps. */
+static int noise_check(const edit_args *a, const model_info *mi, const npy_array *maps,
+                       const noise_side *s, err *e) {
+  const char *cmd = "edit";
+  const int size = mi->sample_size, cin = mi->in_channels, batch = s->batch;
+  if (!s->ddpm && (a->has_skip || a->colour_s))
+    return cli_usage_error(cmd, "--skip and --colour need ddpm noise maps (this is %s x_T)",
+                           json_string_value(json_object_get(s->json, "method")));
+  const int64_t want5[5] = {batch, s->n + 1, cin, size, size}, want4[4] = {batch, cin, size, size};
+  if (batch < 1 || maps->ndim != (s->ddpm ? 5 : 4) ||
+      memcmp(maps->shape, s->ddpm ? want5 : want4, sizeof(int64_t) * (s->ddpm ? 5 : 4)) != 0)
+    return cli_fail(
+        cmd, "%s: shape does not match its sidecar and the model (expected [%d, %s%d, %d, %d])",
+        a->noise, batch, s->ddpm ? "steps + 1, " : "", cin, size, size);
+  if (npy_check_finite(maps, a->noise, e))
+    return cli_fail(cmd, "%s", e->msg);
+  if (a->has_skip && a->skip >= s->n)
+    return cli_usage_error(cmd, "--skip %lld: the maps have %d steps", a->skip, s->n);
+  if (a->has_colour_from && a->colour_from >= s->n)
+    return cli_usage_error(cmd, "--colour-from %lld: the maps have %d steps", a->colour_from, s->n);
+  return 0;
+}
+
+/* The classes the maps were made with (*src) and those to sample with (*tgt: --class, else the
+ * same); both stay NULL for a model without classes. */
+static int noise_labels(const edit_args *a, const model *m, const noise_side *s, int64_t **src,
+                        int64_t **tgt) {
   const char *cmd = "edit";
   const model_info *mi = model_get_info(m);
-  const int size = mi->sample_size, cin = mi->in_channels;
-  npy_array maps = {0};
-  if (npy_read_f32(a->noise, &maps, e))
-    return cli_fail(cmd, "%s", e->msg);
-  json_t *side = a->meta && !json_object_get(a->meta, "noise")
-                     ? sidecar_from_record(a->meta, maps.ndim ? maps.shape[0] : 0)
-                     : read_sidecar(a->noise, e);
-  if (!side) {
-    npy_array_free(&maps);
-    return cli_fail(cmd, "%s", e->msg);
-  }
-  const int ddpm = strcmp(json_string_value(json_object_get(side, "method")), "ddpm") == 0;
-  const json_t *sv = json_object_get(side, "solver");
-  const int n = (int)json_integer_value(json_object_get(sv, "steps"));
-  const int batch = (int)json_integer_value(json_object_get(side, "batch"));
-  const json_t *jl = json_object_get(side, "class_labels");
-  const json_t *jg = json_object_get(side, "guidance_scale");
-  int status = 1;
-  pipeline_result res = {0};
-  int64_t *src = NULL, *tgt = NULL;
-  if (!ddpm && (a->has_skip || a->colour_s)) {
-    status = cli_usage_error(cmd, "--skip and --colour need ddpm noise maps (this is %s x_T)",
-                             json_string_value(json_object_get(side, "method")));
-    goto done;
-  }
-  const int64_t want5[5] = {batch, n + 1, cin, size, size}, want4[4] = {batch, cin, size, size};
-  if (batch < 1 || maps.ndim != (ddpm ? 5 : 4) ||
-      memcmp(maps.shape, ddpm ? want5 : want4, sizeof(int64_t) * (ddpm ? 5 : 4)) != 0) {
-    cli_fail(cmd,
-             "%s: shape does not match its sidecar and the model (expected [%d, %s%d, %d, %d])",
-             a->noise, batch, ddpm ? "steps + 1, " : "", cin, size, size);
-    goto done;
-  }
-  if (npy_check_finite(&maps, a->noise, e)) {
-    cli_fail(cmd, "%s", e->msg);
-    goto done;
-  }
-  if (a->has_skip && a->skip >= n) {
-    status = cli_usage_error(cmd, "--skip %lld: the maps have %d steps", a->skip, n);
-    goto done;
-  }
-  if (a->has_colour_from && a->colour_from >= n) {
-    status = cli_usage_error(cmd, "--colour-from %lld: the maps have %d steps", a->colour_from, n);
-    goto done;
-  }
-  if (mi->num_classes) {
-    src = malloc(sizeof *src * (size_t)batch);
-    tgt = malloc(sizeof *tgt * (size_t)batch);
-    if (!src || !tgt || !json_is_array(jl) || (int)json_array_size(jl) != batch) {
-      cli_fail(cmd, "%s: the sidecar has no class_labels for this class-conditional model",
-               a->noise);
-      goto done;
-    }
-    for (int b = 0; b < batch; b++) {
-      const json_t *v = json_array_get(jl, b);
-      if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-          json_integer_value(v) >= mi->num_classes) {
-        cli_fail(cmd, "%s: class_labels[%d] is not a class of this model", a->noise, b);
-        goto done;
-      }
-      src[b] = tgt[b] = json_integer_value(v);
-    }
-    if (a->classes && cli_parse_labels("--class", a->classes, batch, m, tgt)) {
-      status = 2;
-      goto done;
-    }
-  } else if (json_is_array(jl)) {
-    cli_fail(cmd, "%s: made with class labels, but this model is not class-conditional", a->noise);
-    goto done;
-  } else if (a->classes || a->has_guidance) {
-    status = cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
+  const json_t *jl = json_object_get(s->json, "class_labels");
+  if (!mi->num_classes) {
+    if (json_is_array(jl))
+      return cli_fail(cmd, "%s: made with class labels, but this model is not class-conditional",
+                      a->noise);
+    if (a->classes || a->has_guidance)
+      return cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
                                   "--guidance-scale");
-    goto done;
+    return 0;
   }
+  *src = malloc(sizeof **src * (size_t)s->batch);
+  *tgt = malloc(sizeof **tgt * (size_t)s->batch);
+  if (!*src || !*tgt || !json_is_array(jl) || (int)json_array_size(jl) != s->batch)
+    return cli_fail(cmd, "%s: the sidecar has no class_labels for this class-conditional model",
+                    a->noise);
+  for (int b = 0; b < s->batch; b++) {
+    const json_t *v = json_array_get(jl, b);
+    if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+        json_integer_value(v) >= mi->num_classes)
+      return cli_fail(cmd, "%s: class_labels[%d] is not a class of this model", a->noise, b);
+    (*src)[b] = (*tgt)[b] = json_integer_value(v);
+  }
+  if (a->classes && cli_parse_labels("--class", a->classes, s->batch, m, *tgt))
+    return 2;
+  return 0;
+}
+
+/* The maps sampled again on the grid they were made on (DDIM with the recorded, resolved
+ * config) under the edit, and the outputs written. */
+static int noise_run(const edit_args *a, model *m, const npy_array *maps, const noise_side *s,
+                     int64_t *src, int64_t *tgt, err *e) {
+  const int classes = model_get_info(m)->num_classes != 0;
+  const json_t *jg = json_object_get(s->json, "guidance_scale");
   cli_progress pr;
   cli_progress_init(&pr, a->quiet);
   const double g_src = json_is_number(jg) ? json_number_value(jg) : 1.0;
   guidance gs = guidance_for(m, g_src), gt = guidance_for(m, a->has_guidance ? a->guidance : g_src);
-  const int guided_src = mi->num_classes && json_is_number(jg);
-  const int guided_tgt = mi->num_classes && (a->has_guidance || json_is_number(jg));
-  /* the grid the maps were made on: DDIM with the recorded (resolved) config */
-  const json_t *grid = json_object_get(sv, "config");
+  const int guided_src = classes && json_is_number(jg);
+  const int guided_tgt = classes && (a->has_guidance || json_is_number(jg));
+  const json_t *grid = json_object_get(json_object_get(s->json, "solver"), "config");
   pipeline_request r = {
-      .kind = ddpm ? PIPELINE_INVERT_DDPM : PIPELINE_INVERT_DDIM,
-      .solver = {.name = "ddim", .steps = n, .config = grid},
-      .batch = batch,
+      .kind = s->ddpm ? PIPELINE_INVERT_DDPM : PIPELINE_INVERT_DDIM,
+      .solver = {.name = "ddim", .steps = s->n, .config = grid},
+      .batch = s->batch,
       .labels = tgt,
       .guidance = guided_tgt ? &gt : NULL,
-      .noise = maps.data,
-      .noise_shape = maps.shape,
-      .noise_ndim = maps.ndim,
+      .noise = maps->data,
+      .noise_shape = maps->shape,
+      .noise_ndim = maps->ndim,
       .invert = {.source_labels = src,
                  .source_guidance = guided_src ? &gs : NULL,
                  .skip = (int)a->skip,
@@ -496,20 +514,31 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
                  .maps_config = grid}};
   pipeline_hooks hooks = {
       .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
-  if (run_and_write(a, m, &r, &hooks, &res, e)) {
-    cli_fail(cmd, "%s: %s", a->noise, e->msg);
-    goto done;
-  }
-  const int nfe = res.nfe;
-  if (!a->quiet)
-    fprintf(stderr, "denoised edit: %d image(s), %d NFE per image\n", batch, nfe);
-  status = 0;
-done:
-  npy_array_free(&maps);
+  pipeline_result res = {0};
+  int status = 0;
+  if (run_and_write(a, m, &r, &hooks, &res, e))
+    status = cli_fail("edit", "%s: %s", a->noise, e->msg);
+  else if (!a->quiet)
+    fprintf(stderr, "denoised edit: %d image(s), %d NFE per image\n", s->batch, res.nfe);
   pipeline_result_clear(&res);
+  return status;
+}
+
+static int edit_noise(const edit_args *a, model *m, err *e) {
+  npy_array maps = {0};
+  noise_side side = {0};
+  int64_t *src = NULL, *tgt = NULL;
+  int status = noise_load(a, &maps, &side, e);
+  if (!status)
+    status = noise_check(a, model_get_info(m), &maps, &side, e);
+  if (!status)
+    status = noise_labels(a, m, &side, &src, &tgt);
+  if (!status)
+    status = noise_run(a, m, &maps, &side, src, tgt, e);
+  npy_array_free(&maps);
   free(src);
   free(tgt);
-  json_decref(side);
+  json_decref(side.json);
   return status;
 }
 
