@@ -59,60 +59,55 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-int cmd_bench(int argc, char **argv) {
+typedef struct unet_args {
+  const char *model_dir;
+  long long batch, threads, size, iters, warmup;
+  double gscale;
+  int guided; /* --guidance-scale given */
+} unet_args;
+
+static const struct option unet_opts[] = {{"model", required_argument, 0, 'm'},
+                                          {"batch", required_argument, 0, 'b'},
+                                          {"threads", required_argument, 0, 'j'},
+                                          {"size", required_argument, 0, 's'},
+                                          {"iters", required_argument, 0, 'n'},
+                                          {"warmup", required_argument, 0, 'w'},
+                                          {"guidance-scale", required_argument, 0, 'g'},
+                                          {"help", no_argument, 0, 'h'},
+                                          {0, 0, 0, 0}};
+
+/* Returns -1 to go on, else the exit status (0 after --help). */
+static int parse_unet_args(int argc, char **argv, unet_args *a) {
   const char *cmd = "bench";
-  if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-    fputs(help, argc < 2 ? stderr : stdout);
-    return argc < 2 ? 2 : 0;
-  }
-  if (strcmp(argv[1], "solvers") == 0)
-    return cmd_bench_solvers(argc - 1, argv + 1);
-  if (strcmp(argv[1], "unet") != 0)
-    return cli_usage_error(cmd, "unknown benchmark '%s' (available: unet, solvers)", argv[1]);
-  argc--;
-  argv++;
-  const char *model_dir = NULL;
-  long long batch = 1, threads = 2, size = 0, iters = 5, warmup = 2;
-  double gscale = 1;
-  int guided = 0;
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"batch", required_argument, 0, 'b'},
-                                       {"threads", required_argument, 0, 'j'},
-                                       {"size", required_argument, 0, 's'},
-                                       {"iters", required_argument, 0, 'n'},
-                                       {"warmup", required_argument, 0, 'w'},
-                                       {"guidance-scale", required_argument, 0, 'g'},
-                                       {"help", no_argument, 0, 'h'},
-                                       {0, 0, 0, 0}};
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:b:j:s:n:w:g:h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:b:j:s:n:w:g:h", unet_opts, NULL)) != -1) {
     switch (c) {
-    case 'm': model_dir = optarg; break;
+    case 'm': a->model_dir = optarg; break;
     case 'b':
-      if (cli_parse_int("--batch", optarg, 1, 4096, &batch))
+      if (cli_parse_int("--batch", optarg, 1, 4096, &a->batch))
         return 2;
       break;
     case 'j':
-      if (cli_parse_int("--threads", optarg, 1, 256, &threads))
+      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
         return 2;
       break;
     case 's':
-      if (cli_parse_int("--size", optarg, 1, 4096, &size))
+      if (cli_parse_int("--size", optarg, 1, 4096, &a->size))
         return 2;
       break;
     case 'n':
-      if (cli_parse_int("--iters", optarg, 1, 10000, &iters))
+      if (cli_parse_int("--iters", optarg, 1, 10000, &a->iters))
         return 2;
       break;
     case 'w':
-      if (cli_parse_int("--warmup", optarg, 0, 10000, &warmup))
+      if (cli_parse_int("--warmup", optarg, 0, 10000, &a->warmup))
         return 2;
       break;
     case 'g':
-      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &gscale))
+      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->gscale))
         return 2;
-      guided = 1;
+      a->guided = 1;
       break;
     case 'h': fputs(help, stdout); return 0;
     default: return cli_usage_error(cmd, "bad option");
@@ -120,66 +115,116 @@ int cmd_bench(int argc, char **argv) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!model_dir)
+  if (!a->model_dir)
     return cli_usage_error(cmd, "--model is required");
+  return -1;
+}
+
+/* One evaluation's inputs (Gaussian noise at t = 500, class 0), its output and the timings. */
+typedef struct unet_bufs {
+  float *x, *out, *t;
+  int64_t *labels;
+  double *times;
+} unet_bufs;
+
+static void unet_bufs_free(unet_bufs *b) {
+  free(b->x);
+  free(b->out);
+  free(b->t);
+  free(b->labels);
+  free(b->times);
+}
+
+/* n images of side s; -1 when out of memory. */
+static int unet_inputs(const model_info *mi, int s, int n, long long iters, unet_bufs *b) {
+  size_t per = (size_t)mi->in_channels * s * s;
+  b->x = malloc(sizeof(float) * per * n);
+  b->out = malloc(sizeof(float) * (size_t)mi->out_channels * s * s * n);
+  b->t = malloc(sizeof(float) * n);
+  b->labels = calloc((size_t)n, sizeof *b->labels);
+  b->times = malloc(sizeof(double) * (size_t)iters);
+  if (!b->x || !b->out || !b->t || !b->labels || !b->times)
+    return -1;
+  for (int i = 0; i < n; i++) {
+    rng_normal(0, (uint64_t)i, 0, b->x + per * i, per);
+    b->t[i] = 500.0f;
+  }
+  return 0;
+}
+
+/* --warmup untimed evaluations, then --iters timed ones into b->times, sorted. */
+static int time_evals(const unet_args *a, const model *m, int s, int n, unet_bufs *b,
+                      const guidance *g, err *e) {
+  const int64_t *lab = model_get_info(m)->num_classes ? b->labels : NULL;
+  for (long long i = 0; i < a->warmup + a->iters; i++) {
+    double t0 = now_ms();
+    const model_call call = {
+        .x = b->x, .n = n, .h = s, .w = s, .t = b->t, .labels = lab, .threads = (int)a->threads};
+    int rc = guidance_eval(a->guided ? g : NULL, m, &call, b->out, e);
+    if (rc != ERR_OK)
+      return rc;
+    if (i >= a->warmup)
+      b->times[i - a->warmup] = now_ms() - t0;
+  }
+  qsort(b->times, (size_t)a->iters, sizeof *b->times, cmp_double);
+  return ERR_OK;
+}
+
+static void print_unet_report(const unet_args *a, const model *m, int s, int n,
+                              const double *times) {
+  /* a guided evaluation (g other than 0 and 1) is one forward of twice the batch */
+  const int fwd = a->guided && a->gscale != 0 && a->gscale != 1 ? 2 * n : n;
+  double med = times[a->iters / 2], flops = model_flops(m, s, s) * fwd;
+  printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
+         "gflops=%.1f peak_rss_mb=%.1f kernel=%s",
+         n, a->threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(), gemm_kernel_name());
+  if (a->guided)
+    printf(" guidance=%g forwards_per_step=1 images_per_forward=%d", a->gscale, fwd);
+  putchar('\n');
+}
+
+static int bench_unet(int argc, char **argv) {
+  const char *cmd = "bench";
+  unet_args a = {.batch = 1, .threads = 2, .iters = 5, .warmup = 2, .gscale = 1};
+  int status = parse_unet_args(argc, argv, &a);
+  if (status >= 0)
+    return status;
   err e = {0};
   model *m = NULL;
-  if (model_load(model_dir, &m, &e))
+  if (model_load(a.model_dir, &m, &e))
     return cli_fail(cmd, "%s", e.msg);
   const model_info *mi = model_get_info(m);
-  int s = size ? (int)size : mi->sample_size, n = (int)batch, status = 1;
+  const int s = a.size ? (int)a.size : mi->sample_size, n = (int)a.batch;
   if (s < 1) {
     model_free(m);
     return cli_usage_error(cmd, "the model has no sample_size: pass --size");
   }
-  size_t per = (size_t)mi->in_channels * s * s;
-  float *x = malloc(sizeof(float) * per * n);
-  float *out = malloc(sizeof(float) * (size_t)mi->out_channels * s * s * n);
-  float *t = malloc(sizeof(float) * n);
-  int64_t *labels = calloc((size_t)n, sizeof *labels);
-  double *times = malloc(sizeof(double) * (size_t)iters);
-  if (!x || !out || !t || !labels || !times) {
+  unet_bufs b = {0};
+  status = 1;
+  if (unet_inputs(mi, s, n, a.iters, &b)) {
     cli_fail(cmd, "out of memory");
-    goto done;
-  }
-  for (int i = 0; i < n; i++) {
-    rng_normal(0, (uint64_t)i, 0, x + per * i, per);
-    t[i] = 500.0f;
-  }
-  const int64_t *lab = mi->num_classes ? labels : NULL;
-  guidance g = guidance_for(m, gscale);
-  if (guided && guidance_check(&g, m, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  for (long long i = 0; i < warmup + iters; i++) {
-    double t0 = now_ms();
-    const model_call call = {
-        .x = x, .n = n, .h = s, .w = s, .t = t, .labels = lab, .threads = (int)threads};
-    if (guidance_eval(guided ? &g : NULL, m, &call, out, &e)) {
+  } else {
+    guidance g = guidance_for(m, a.gscale);
+    if ((a.guided && guidance_check(&g, m, &e)) || time_evals(&a, m, s, n, &b, &g, &e)) {
       cli_fail(cmd, "%s", e.msg);
-      goto done;
+    } else {
+      print_unet_report(&a, m, s, n, b.times);
+      status = 0;
     }
-    if (i >= warmup)
-      times[i - warmup] = now_ms() - t0;
   }
-  qsort(times, (size_t)iters, sizeof *times, cmp_double);
-  /* a guided evaluation (g other than 0 and 1) is one forward of twice the batch */
-  const int fwd = guided && gscale != 0 && gscale != 1 ? 2 * n : n;
-  double med = times[iters / 2], flops = model_flops(m, s, s) * fwd;
-  printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
-         "gflops=%.1f peak_rss_mb=%.1f kernel=%s",
-         n, threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(), gemm_kernel_name());
-  if (guided)
-    printf(" guidance=%g forwards_per_step=1 images_per_forward=%d", gscale, fwd);
-  putchar('\n');
-  status = 0;
-done:
-  free(x);
-  free(out);
-  free(t);
-  free(labels);
-  free(times);
+  unet_bufs_free(&b);
   model_free(m);
   return status;
+}
+
+int cmd_bench(int argc, char **argv) {
+  if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+    fputs(help, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (strcmp(argv[1], "solvers") == 0)
+    return cmd_bench_solvers(argc - 1, argv + 1);
+  if (strcmp(argv[1], "unet") != 0)
+    return cli_usage_error("bench", "unknown benchmark '%s' (available: unet, solvers)", argv[1]);
+  return bench_unet(argc - 1, argv + 1);
 }
