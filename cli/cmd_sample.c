@@ -178,91 +178,92 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   return ERR_OK;
 }
 
-static int parse_args(int argc, char **argv, sample_args *a) {
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"scheduler", required_argument, 0, 's'},
-                                       {"steps", required_argument, 0, 'n'},
-                                       {"scheduler-config", required_argument, 0, 'c'},
-                                       {"scheduler-opt", required_argument, 0, 'O'},
-                                       {"seed", required_argument, 0, 'S'},
-                                       {"noise", required_argument, 0, 'N'},
-                                       {"batch", required_argument, 0, 'b'},
-                                       {"class", required_argument, 0, 'l'},
-                                       {"guidance-scale", required_argument, 0, 'g'},
-                                       {"init-image", required_argument, 0, 'I'},
-                                       {"strength", required_argument, 0, 'T'},
-                                       {"mask", required_argument, 0, 'M'},
-                                       {"size", required_argument, 0, 'z'},
-                                       {"threads", required_argument, 0, 'j'},
-                                       {"out", required_argument, 0, 'u'},
-                                       {"replay", required_argument, 0, 'r'},
-                                       {"quiet", no_argument, 0, 'q'},
-                                       {"help", no_argument, 0, 'h'},
-                                       {0, 0, 0, 0}};
+static const struct option sample_opts[] = {{"model", required_argument, 0, 'm'},
+                                            {"scheduler", required_argument, 0, 's'},
+                                            {"steps", required_argument, 0, 'n'},
+                                            {"scheduler-config", required_argument, 0, 'c'},
+                                            {"scheduler-opt", required_argument, 0, 'O'},
+                                            {"seed", required_argument, 0, 'S'},
+                                            {"noise", required_argument, 0, 'N'},
+                                            {"batch", required_argument, 0, 'b'},
+                                            {"class", required_argument, 0, 'l'},
+                                            {"guidance-scale", required_argument, 0, 'g'},
+                                            {"init-image", required_argument, 0, 'I'},
+                                            {"strength", required_argument, 0, 'T'},
+                                            {"mask", required_argument, 0, 'M'},
+                                            {"size", required_argument, 0, 'z'},
+                                            {"threads", required_argument, 0, 'j'},
+                                            {"out", required_argument, 0, 'u'},
+                                            {"replay", required_argument, 0, 'r'},
+                                            {"quiet", no_argument, 0, 'q'},
+                                            {"help", no_argument, 0, 'h'},
+                                            {0, 0, 0, 0}};
+
+/* One option of getopt_long; returns 0 to go on, else what parse_args returns. */
+static int sample_option(int c, const char *arg, sample_args *a) {
   const char *cmd = "sample";
-  optind = 1;
-  int c;
-  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:qh", opts, NULL)) !=
-         -1) {
-    switch (c) {
-    case 'm': a->model_dir = optarg; break;
-    case 's': a->scheduler = optarg; break;
-    case 'n':
-      if (cli_parse_int("--steps", optarg, 1, 100000, &a->steps))
-        return 2;
-      break;
-    case 'c': a->sched_file = optarg; break;
-    case 'O':
-      if (a->noverrides == MAX_OVERRIDES)
-        return cli_usage_error(cmd, "at most %d --scheduler-opt", MAX_OVERRIDES);
-      a->overrides[a->noverrides++] = optarg;
-      break;
-    case 'S':
-      if (cli_parse_int("--seed", optarg, -1, (1ll << 53) - 1, &a->seed))
-        return 2;
-      a->has_seed = a->seed >= 0;
-      break;
-    case 'N': a->noise_path = optarg; break;
-    case 'b':
-      if (cli_parse_int("--batch", optarg, 1, 1024, &a->batch))
-        return 2;
-      break;
-    case 'l':
-      a->class_s = optarg; /* an index or a name: resolved once the model is loaded */
-      a->has_label = 1;
-      break;
-    case 'g':
-      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
-        return 2;
-      a->has_guidance = 1;
-      break;
-    case 'I': a->init_image = optarg; break;
-    case 'T':
-      if (cli_parse_double("--strength", optarg, 0, 1, &a->strength))
-        return 2;
-      if (a->strength <= 0)
-        return cli_usage_error(cmd, "--strength must be greater than 0");
-      a->has_strength = 1;
-      break;
-    case 'M': a->mask = optarg; break;
-    case 'z':
-      if (cli_parse_int("--size", optarg, 1, 4096, &a->size))
-        return 2;
-      break;
-    case 'j':
-      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
-        return 2;
-      break;
-    case 'u': a->npy_out = optarg; break;
-    case 'o': a->png_out = optarg; break;
-    case 'r': a->replay = optarg; break;
-    case 'q': a->quiet = 1; break;
-    case 'h': fputs(help, stdout); return -1;
-    default: return cli_usage_error(cmd, "bad option");
-    }
+  switch (c) {
+  case 'm': a->model_dir = arg; break;
+  case 's': a->scheduler = arg; break;
+  case 'n':
+    if (cli_parse_int("--steps", arg, 1, 100000, &a->steps))
+      return 2;
+    break;
+  case 'c': a->sched_file = arg; break;
+  case 'O':
+    if (a->noverrides == MAX_OVERRIDES)
+      return cli_usage_error(cmd, "at most %d --scheduler-opt", MAX_OVERRIDES);
+    a->overrides[a->noverrides++] = arg;
+    break;
+  case 'S':
+    if (cli_parse_int("--seed", arg, -1, (1ll << 53) - 1, &a->seed))
+      return 2;
+    a->has_seed = a->seed >= 0;
+    break;
+  case 'N': a->noise_path = arg; break;
+  case 'b':
+    if (cli_parse_int("--batch", arg, 1, 1024, &a->batch))
+      return 2;
+    break;
+  case 'l':
+    a->class_s = arg; /* an index or a name: resolved once the model is loaded */
+    a->has_label = 1;
+    break;
+  case 'g':
+    if (cli_parse_double("--guidance-scale", arg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
+      return 2;
+    a->has_guidance = 1;
+    break;
+  case 'I': a->init_image = arg; break;
+  case 'T':
+    if (cli_parse_double("--strength", arg, 0, 1, &a->strength))
+      return 2;
+    if (a->strength <= 0)
+      return cli_usage_error(cmd, "--strength must be greater than 0");
+    a->has_strength = 1;
+    break;
+  case 'M': a->mask = arg; break;
+  case 'z':
+    if (cli_parse_int("--size", arg, 1, 4096, &a->size))
+      return 2;
+    break;
+  case 'j':
+    if (cli_parse_int("--threads", arg, 1, 256, &a->threads))
+      return 2;
+    break;
+  case 'u': a->npy_out = arg; break;
+  case 'o': a->png_out = arg; break;
+  case 'r': a->replay = arg; break;
+  case 'q': a->quiet = 1; break;
+  case 'h': fputs(help, stdout); return -1;
+  default: return cli_usage_error(cmd, "bad option");
   }
-  if (optind < argc)
-    return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+  return 0;
+}
+
+/* Flags that exclude or need each other, and the defaults that follow from them. */
+static int check_args(sample_args *a) {
+  const char *cmd = "sample";
   if (a->replay) {
     if (a->scheduler || a->sched_file || a->noverrides || a->has_seed || a->noise_path ||
         a->has_label || a->steps || a->size || a->has_guidance || a->has_strength)
@@ -283,6 +284,21 @@ static int parse_args(int argc, char **argv, sample_args *a) {
   if (a->init_image && !a->has_strength)
     a->strength = a->mask ? 1.0 : 0.8; /* diffusers' pipeline defaults */
   return 0;
+}
+
+/* Returns 0 to go on, -1 after --help, else the exit status. */
+static int parse_args(int argc, char **argv, sample_args *a) {
+  optind = 1;
+  int c;
+  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:qh", sample_opts,
+                          NULL)) != -1) {
+    int rc = sample_option(c, optarg, a);
+    if (rc)
+      return rc;
+  }
+  if (optind < argc)
+    return cli_usage_error("sample", "unexpected argument '%s'", argv[optind]);
+  return check_args(a);
 }
 
 /* Class, guidance and size against the model: a usage error (status 2) names the flag. */
