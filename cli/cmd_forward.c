@@ -21,29 +21,34 @@ static const char help[] =
     "  --out OUT.npy        output [N, out_channels, H, W] float32\n"
     "  --threads N          CPU threads (default 2)\n";
 
-int cmd_forward(int argc, char **argv) {
-  const char *cmd = "forward", *model_dir = NULL, *in_path = NULL, *t_path = NULL;
-  const char *l_path = NULL, *out_path = NULL;
-  long long threads = 2;
-  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"input", required_argument, 0, 'i'},
-                                       {"timesteps", required_argument, 0, 't'},
-                                       {"class-labels", required_argument, 0, 'l'},
-                                       {"out", required_argument, 0, 'o'},
-                                       {"threads", required_argument, 0, 'j'},
-                                       {"help", no_argument, 0, 'h'},
-                                       {0, 0, 0, 0}};
+typedef struct forward_args {
+  const char *model_dir, *in_path, *t_path, *l_path, *out_path;
+  long long threads;
+} forward_args;
+
+static const struct option forward_opts[] = {{"model", required_argument, 0, 'm'},
+                                             {"input", required_argument, 0, 'i'},
+                                             {"timesteps", required_argument, 0, 't'},
+                                             {"class-labels", required_argument, 0, 'l'},
+                                             {"out", required_argument, 0, 'o'},
+                                             {"threads", required_argument, 0, 'j'},
+                                             {"help", no_argument, 0, 'h'},
+                                             {0, 0, 0, 0}};
+
+/* Returns -1 to go on, else the exit status (0 after --help). */
+static int parse_args(int argc, char **argv, forward_args *a) {
+  const char *cmd = "forward";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:i:t:l:o:j:h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:i:t:l:o:j:h", forward_opts, NULL)) != -1) {
     switch (c) {
-    case 'm': model_dir = optarg; break;
-    case 'i': in_path = optarg; break;
-    case 't': t_path = optarg; break;
-    case 'l': l_path = optarg; break;
-    case 'o': out_path = optarg; break;
+    case 'm': a->model_dir = optarg; break;
+    case 'i': a->in_path = optarg; break;
+    case 't': a->t_path = optarg; break;
+    case 'l': a->l_path = optarg; break;
+    case 'o': a->out_path = optarg; break;
     case 'j':
-      if (cli_parse_int("--threads", optarg, 1, 256, &threads))
+      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
         return 2;
       break;
     case 'h': fputs(help, stdout); return 0;
@@ -52,68 +57,89 @@ int cmd_forward(int argc, char **argv) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!model_dir || !in_path || !t_path || !out_path)
+  if (!a->model_dir || !a->in_path || !a->t_path || !a->out_path)
     return cli_usage_error(cmd, "--model, --input, --timesteps and --out are required");
+  return -1;
+}
 
+/* The evaluation's inputs: x [n, C, h, w], one timestep per image in tv (NULL when out of
+ * memory) and the labels (NULL without --class-labels). */
+typedef struct forward_inputs {
+  npy_array x, t;
+  float *tv;
+  int64_t *labels;
+  int n, h, w;
+} forward_inputs;
+
+static void forward_inputs_free(forward_inputs *in) {
+  free(in->tv);
+  free(in->labels);
+  npy_array_free(&in->x);
+  npy_array_free(&in->t);
+}
+
+/* Returns 0, or 1 with the error printed. */
+static int read_inputs(const forward_args *a, const model_info *mi, forward_inputs *in) {
+  const char *cmd = "forward";
+  err e = {0};
+  if (npy_read_f32(a->in_path, &in->x, &e) || npy_read_f32(a->t_path, &in->t, &e))
+    return cli_fail(cmd, "%s", e.msg);
+  if (in->x.ndim != 4 || in->x.shape[1] != mi->in_channels)
+    return cli_fail(cmd, "%s: expected shape [N, %d, H, W]", a->in_path, mi->in_channels);
+  const int n = in->n = (int)in->x.shape[0];
+  in->h = (int)in->x.shape[2];
+  in->w = (int)in->x.shape[3];
+  if (in->t.count != n && in->t.count != 1)
+    return cli_fail(cmd, "%s: %lld timesteps for %d images", a->t_path, (long long)in->t.count, n);
+  /* one timestep stands for every image */
+  in->tv = malloc(sizeof(float) * (size_t)n);
+  for (int i = 0; in->tv && i < n; i++)
+    in->tv[i] = in->t.data[in->t.count == 1 ? 0 : i];
+  if (a->l_path) {
+    int64_t nlabels = 0, lshape[NPY_MAX_DIMS];
+    int lnd;
+    if (npy_read_i64(a->l_path, &in->labels, &nlabels, &lnd, lshape, &e))
+      return cli_fail(cmd, "%s", e.msg);
+    if (nlabels != n)
+      return cli_fail(cmd, "%s: %lld labels for %d images", a->l_path, (long long)nlabels, n);
+  }
+  return 0;
+}
+
+/* The evaluation and OUT.npy; returns 0, or 1 with the error printed. */
+static int eval_and_write(const forward_args *a, model *m, const forward_inputs *in) {
+  const char *cmd = "forward";
+  const model_info *mi = model_get_info(m);
+  err e = {0};
+  float *out = malloc(sizeof(float) * (size_t)in->n * mi->out_channels * in->h * in->w);
+  int status = 1;
+  const int64_t oshape[4] = {in->n, mi->out_channels, in->h, in->w};
+  if (!out || !in->tv)
+    cli_fail(cmd, "out of memory");
+  else if (model_eval(m, in->x.data, in->n, in->h, in->w, in->tv, in->labels, out, (int)a->threads,
+                      &e) ||
+           npy_write_f32(a->out_path, out, 4, oshape, &e))
+    cli_fail(cmd, "%s", e.msg);
+  else
+    status = 0;
+  free(out);
+  return status;
+}
+
+int cmd_forward(int argc, char **argv) {
+  forward_args a = {.threads = 2};
+  int status = parse_args(argc, argv, &a);
+  if (status >= 0)
+    return status;
   err e = {0};
   model *m = NULL;
-  npy_array x = {0}, t = {0};
-  int64_t *labels = NULL, nlabels = 0, lshape[NPY_MAX_DIMS];
-  float *out = NULL, *tv = NULL;
-  int status = 1, lnd;
-  if (model_load(model_dir, &m, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  const model_info *mi = model_get_info(m);
-  if (npy_read_f32(in_path, &x, &e) || npy_read_f32(t_path, &t, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  if (x.ndim != 4 || x.shape[1] != mi->in_channels) {
-    cli_fail(cmd, "%s: expected shape [N, %d, H, W]", in_path, mi->in_channels);
-    goto done;
-  }
-  int n = (int)x.shape[0], h = (int)x.shape[2], w = (int)x.shape[3];
-  if (t.count != n && t.count != 1) {
-    cli_fail(cmd, "%s: %lld timesteps for %d images", t_path, (long long)t.count, n);
-    goto done;
-  }
-  tv = malloc(sizeof(float) * (size_t)n);
-  for (int i = 0; tv && i < n; i++)
-    tv[i] = t.data[t.count == 1 ? 0 : i];
-  if (l_path) {
-    if (npy_read_i64(l_path, &labels, &nlabels, &lnd, lshape, &e)) {
-      cli_fail(cmd, "%s", e.msg);
-      goto done;
-    }
-    if (nlabels != n) {
-      cli_fail(cmd, "%s: %lld labels for %d images", l_path, (long long)nlabels, n);
-      goto done;
-    }
-  }
-  size_t count = (size_t)n * mi->out_channels * h * w;
-  out = malloc(sizeof(float) * count);
-  if (!out || !tv) {
-    cli_fail(cmd, "out of memory");
-    goto done;
-  }
-  if (model_eval(m, x.data, n, h, w, tv, labels, out, (int)threads, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  int64_t oshape[4] = {n, mi->out_channels, h, w};
-  if (npy_write_f32(out_path, out, 4, oshape, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  status = 0;
-done:
-  free(out);
-  free(tv);
-  free(labels);
-  npy_array_free(&x);
-  npy_array_free(&t);
+  if (model_load(a.model_dir, &m, &e))
+    return cli_fail("forward", "%s", e.msg);
+  forward_inputs in = {0};
+  status = read_inputs(&a, model_get_info(m), &in);
+  if (!status)
+    status = eval_and_write(&a, m, &in);
+  forward_inputs_free(&in);
   model_free(m);
   return status;
 }
