@@ -127,6 +127,12 @@ START_TEST(bench_solvers_table) {
                    2);
   ck_assert_ptr_nonnull(strstr(out, "unknown solver 'nope'"));
   ck_assert_int_eq(test_run_cli(out, sizeof out, "bench solvers --model %s --nfe 5,x", model), 2);
+  /* a solver whose step count must divide T is refused quietly, not a crash (NULL error path) */
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "bench solvers --model %s --solvers pndm --nfe 10 --ref-nfe 100",
+                             model) == 0,
+                "%s", out);
+  ck_assert_ptr_nonnull(strstr(out, "pndm"));
   ck_assert_int_eq(test_run_cli(out, sizeof out, "bench solvers --help"), 0);
   ck_assert_ptr_nonnull(strstr(out, "--ref-nfe"));
 }

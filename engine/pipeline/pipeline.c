@@ -70,7 +70,8 @@ int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, ch
     err e1 = {0};
     if (try_solver(m, s, key, 0, &one, &e1) != ERR_OK) {
       set_field(field, fieldlen, "scheduler.options.%s", key);
-      *e = e1;
+      if (e)
+        *e = e1;
       return e1.code;
     }
     sampler_free(one);
@@ -82,7 +83,8 @@ int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, ch
               strstr(e1.msg, "steps") ? "scheduler.steps"
               : s->config             ? "scheduler.config"
                                       : "scheduler");
-    *e = e1;
+    if (e)
+      *e = e1;
     return e1.code;
   }
   sampler_free(one);
