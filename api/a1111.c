@@ -186,9 +186,9 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
   v = json_object_get(j, "prompt");
   if (json_is_string(v) && json_string_length(v) > 0) {
     const char *p = json_string_value(v);
-    char *end;
-    long long idx = strtoll(p, &end, 10);
-    label = *end == 0 && end != p ? json_integer(idx) : json_string(p);
+    unsigned long long idx;
+    label =
+        api_parse_uint(p, INT64_MAX, &idx) == 0 ? json_integer((json_int_t)idx) : json_string(p);
   }
   queue_model_desc md;
   int has_classes = queue_model_get(c->q, -1, model ? model : c->default_model, &md) == ERR_OK &&

@@ -78,6 +78,22 @@ int api_fail_queue(api_error *e, const err *qe) {
   }
 }
 
+int api_parse_uint(const char *s, unsigned long long max, unsigned long long *out) {
+  if (!s || s[0] < '0' || s[0] > '9' || (s[0] == '0' && s[1]))
+    return -1;
+  unsigned long long v = 0;
+  for (const char *p = s; *p; p++) {
+    if (*p < '0' || *p > '9')
+      return -1;
+    const unsigned d = (unsigned)(*p - '0');
+    if (d > max || v > (max - d) / 10) /* v * 10 + d > max, without overflow */
+      return -1;
+    v = v * 10 + d;
+  }
+  *out = v;
+  return 0;
+}
+
 json_t *api_time_json(double t) {
   if (t <= 0)
     return json_null();

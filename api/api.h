@@ -26,6 +26,12 @@ json_t *api_error_json(const api_error *e);
 /* Maps a queue error (QUEUE_FULL, ERR_IO, ...) onto an HTTP error. */
 int api_fail_queue(api_error *e, const err *qe);
 
+/* A number from a URL path, a query or a header, in canonical decimal form only: "0", or a digit
+ * 1-9 followed by digits, at most max. No sign, blank, leading zero or left-over escape
+ * ("+0", " 5", "05", "5%00") is a number: a client or proxy that reads such text differently
+ * must not see a different request. Returns 0, or -1 with *out untouched. */
+int api_parse_uint(const char *s, unsigned long long max, unsigned long long *out);
+
 typedef struct api_ctx {
   queue *q;
   const char *default_model;

@@ -21,8 +21,10 @@
 #define JOBS_PREFIX "/v1/jobs/"
 #define MAX_LIST 100
 
-/* A connection as the reaper sees it: slow clients must not hold a thread forever. */
-typedef enum { CONN_WAITING, CONN_BODY, CONN_RESPONDING } conn_phase;
+/* A connection as the reaper sees it: slow clients must not hold a thread forever. Between
+ * requests a connection may sit idle for idle_timeout; once a request line has arrived, the
+ * headers and body must follow within header_timeout. */
+typedef enum { CONN_IDLE, CONN_REQUEST, CONN_RESPONDING } conn_phase;
 
 typedef struct conn_track {
   struct conn_track *next, *prev;
@@ -40,6 +42,7 @@ typedef struct req {
   size_t len, cap;
   int too_big;
   int status;
+  int close; /* the request's framing is unusable: answer, then close the connection */
   int authed;
   char owner[QUEUE_NAME_SIZE]; /* the key's name; "" without auth */
   int scopes;
@@ -84,7 +87,7 @@ static enum MHD_Result queue_resp(srv *s, struct MHD_Connection *c, req *r, int 
     MHD_add_response_header(resp, "Access-Control-Expose-Headers",
                             "Location, Retry-After, X-Request-Id, X-Job-Id, X-Seed");
   }
-  if (atomic_load(&s->stopping))
+  if (atomic_load(&s->stopping) || r->close)
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
   r->status = status;
   enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
@@ -292,16 +295,12 @@ static enum MHD_Result serve_events(srv *s, struct MHD_Connection *c, req *r, co
   const char *last = header(c, "Last-Event-ID");
   if (!last)
     last = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "last_event_id");
-  uint64_t after = 0;
-  if (last && *last) {
-    char *end;
-    errno = 0;
-    unsigned long long v2 = strtoull(last, &end, 10);
-    if (errno || *end || end == last)
-      return fail(s, c, r, 400, "invalid_field", "Last-Event-ID",
-                  "Last-Event-ID: expected the integer id of an event, got '%.40s'", last);
-    after = v2;
-  }
+  unsigned long long after = 0;
+  if (last && *last && api_parse_uint(last, UINT64_MAX, &after))
+    return fail(s, c, r, 400, "invalid_field", "Last-Event-ID",
+                "Last-Event-ID: expected the decimal id of an event (no sign, blank or leading "
+                "zero), got '%.40s'",
+                last);
   sse *x = calloc(1, sizeof *x);
   if (!x || !(x->buf = malloc(4096))) {
     free(x);
@@ -511,14 +510,15 @@ static enum MHD_Result get_job_list(srv *s, struct MHD_Connection *c, req *r) {
   const char *ls = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "limit");
   const char *cursor = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "cursor");
   const char *st = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "state");
-  long limit = 20;
-  if (ls) {
-    char *end;
-    limit = strtol(ls, &end, 10);
-    if (*end || end == ls || limit < 1 || limit > MAX_LIST)
-      return fail(s, c, r, 400, "out_of_range", "limit",
-                  "limit: expected an integer in [1, %d], got '%.20s'", MAX_LIST, ls);
-  }
+  unsigned long long limit = 20;
+  if (ls && api_parse_uint(ls, UINT64_MAX, &limit))
+    return fail(s, c, r, 400, "invalid_field", "limit",
+                "limit: expected a decimal integer in [1, %d] (no sign, blank or leading zero), "
+                "got '%.20s'",
+                MAX_LIST, ls);
+  if (limit < 1 || limit > MAX_LIST)
+    return fail(s, c, r, 400, "out_of_range", "limit", "limit: %llu is out of range [1, %d]", limit,
+                MAX_LIST);
   if (cursor && !valid_id(cursor, strlen(cursor)))
     return fail(s, c, r, 400, "invalid_field", "cursor",
                 "cursor: not a cursor from a previous page ('%.40s')", cursor);
@@ -607,10 +607,14 @@ static enum MHD_Result route_job(srv *s, struct MHD_Connection *c, req *r, const
     if (authorize(s, c, r, SCOPE_READ, &ret))
       return ret;
     const char *ns = slash + 8;
-    char *end;
-    long n = strtol(ns, &end, 10);
-    if (*end || end == ns || n < 0 || n > 1 << 20 || (ns[0] == '0' && ns[1]))
-      return fail(s, c, r, 404, "not_found", NULL, "no image '%.20s'", ns);
+    unsigned long long n;
+    if (api_parse_uint(ns, UINT64_MAX, &n))
+      return fail(s, c, r, 400, "invalid_field", "n",
+                  "n: the image index is a decimal integer (no sign, blank, escape or leading "
+                  "zero), got '%.20s'",
+                  ns);
+    if (n > 1 << 20)
+      return fail(s, c, r, 404, "not_found", NULL, "no image %llu", n);
     return serve_png(s, c, r, id, (int)n, owner);
   }
   return fail(s, c, r, 404, "not_found", NULL, "no such resource");
@@ -758,6 +762,57 @@ static void request_id(srv *s, struct MHD_Connection *c, char *out, size_t n) {
   snprintf(out, n, "r%llu", (unsigned long long)atomic_fetch_add(&s->req_counter, 1));
 }
 
+/* How the body is framed, from every header line (libmicrohttpd would use the first of two). */
+typedef struct framing {
+  int n_length, n_encoding;
+  const char *length, *encoding;
+} framing;
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value) {
+  (void)kind;
+  framing *f = cls;
+  if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+    f->n_length++;
+    f->length = value;
+  } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+    f->n_encoding++;
+    f->encoding = value;
+  }
+  return MHD_YES;
+}
+
+/* Refuses a body whose length two parties could read differently (two Content-Length headers,
+ * Content-Length with Transfer-Encoding, a length that is not plain digits): behind a proxy
+ * that is how requests are smuggled. Such a connection is closed after the answer. Returns 0 to
+ * go on. */
+static int check_framing(srv *s, struct MHD_Connection *c, req *r, enum MHD_Result *ret) {
+  framing f = {0};
+  MHD_get_connection_values(c, MHD_HEADER_KIND, count_framing, &f);
+  unsigned long long len = 0;
+  r->close = 1;
+  if (f.n_length > 1)
+    *ret = fail(s, c, r, 400, "invalid_header", "Content-Length",
+                "Content-Length: sent %d times; send it once", f.n_length);
+  else if (f.n_length && f.n_encoding)
+    *ret = fail(s, c, r, 400, "invalid_header", "Transfer-Encoding",
+                "Transfer-Encoding: not with Content-Length; send one of them");
+  else if (f.n_encoding > 1 || (f.n_encoding && strcasecmp(f.encoding, "chunked") != 0))
+    *ret = fail(s, c, r, 400, "invalid_header", "Transfer-Encoding",
+                "Transfer-Encoding: only a single 'chunked' is supported");
+  else if (f.n_length && api_parse_uint(f.length, UINT64_MAX, &len))
+    *ret = fail(s, c, r, 400, "invalid_header", "Content-Length",
+                "Content-Length: expected a decimal byte count (no sign, blank or leading zero), "
+                "got '%.40s'",
+                f.length);
+  else if (len > (unsigned long long)s->cfg.max_body_bytes)
+    *ret = fail(s, c, r, 413, "payload_too_large", NULL,
+                "the body is larger than this server's limit of %d bytes", s->cfg.max_body_bytes);
+  else
+    return r->close = 0;
+  return -1;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_size, void **con_cls) {
@@ -776,21 +831,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
     r->ct = ci ? (conn_track *)ci->socket_context : NULL;
-    if (r->ct) {
-      pthread_mutex_lock(&s->conn_mu);
-      r->ct->phase = CONN_BODY;
-      r->ct->since = r->t0; /* header_timeout now covers the body */
-      pthread_mutex_unlock(&s->conn_mu);
-    }
     if (strlen(url) >= sizeof r->path)
       return fail(s, c, r, 414, "uri_too_long", NULL, "the URL is longer than %zu bytes",
                   sizeof r->path - 1);
+    enum MHD_Result ret;
+    if (check_framing(s, c, r, &ret))
+      return ret;
     if (strcmp(method, "OPTIONS") == 0)
       return preflight(s, c, r);
-    const char *cl = header(c, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg.max_body_bytes)
-      return fail(s, c, r, 413, "payload_too_large", NULL,
-                  "the body is larger than this server's limit of %d bytes", s->cfg.max_body_bytes);
     if (s->api.auth) {
       const char *authz = header(c, MHD_HTTP_HEADER_AUTHORIZATION);
       char bearer[300];
@@ -866,7 +914,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     atomic_fetch_add(&s->requests[r->status / 100], 1);
   if (r->ct) {
     pthread_mutex_lock(&s->conn_mu);
-    r->ct->phase = CONN_WAITING;
+    r->ct->phase = CONN_IDLE;
     r->ct->since = mono();
     pthread_mutex_unlock(&s->conn_mu);
   }
@@ -899,7 +947,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
     if (!t)
       return;
     t->fd = ci ? ci->connect_fd : -1;
-    t->phase = CONN_WAITING;
+    t->phase = CONN_IDLE;
     t->since = mono();
     pthread_mutex_lock(&s->conn_mu);
     t->next = s->conns;
@@ -925,8 +973,53 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
   }
 }
 
-/* Closes connections that take longer than header_timeout to deliver a request (headers and
- * body): libmicrohttpd's own timeout only sees silence, not a client that trickles bytes. */
+/* A request line has arrived (libmicrohttpd calls this before it reads the headers): from now
+ * on header_timeout counts, not idle_timeout. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c) {
+  (void)uri;
+  srv *s = cls;
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+  conn_track *t = ci ? ci->socket_context : NULL;
+  if (t) {
+    pthread_mutex_lock(&s->conn_mu);
+    t->phase = CONN_REQUEST;
+    t->since = mono();
+    pthread_mutex_unlock(&s->conn_mu);
+  }
+  return NULL;
+}
+
+static int hex_digit(char ch) {
+  return ch >= '0' && ch <= '9'   ? ch - '0'
+         : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+         : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                  : -1;
+}
+
+/* Paths and query values are decoded as usual (%HH), except %00: a NUL would end the string
+ * early and make "5%00" read as "5". Left as text it keeps the value non-canonical, so every
+ * parser refuses it. */
+static size_t unescape(void *cls, struct MHD_Connection *c, char *text) {
+  (void)cls;
+  (void)c;
+  char *w = text;
+  for (const char *p = text; *p;) {
+    const int hi = p[0] == '%' ? hex_digit(p[1]) : -1, lo = hi >= 0 ? hex_digit(p[2]) : -1;
+    if (lo >= 0 && (hi | lo)) {
+      *w++ = (char)(hi * 16 + lo);
+      p += 3;
+    } else {
+      *w++ = *p++;
+    }
+  }
+  *w = 0;
+  return (size_t)(w - text);
+}
+
+/* Closes connections idle for longer than idle_timeout, and those that take longer than
+ * header_timeout to deliver a request (headers and body): libmicrohttpd's own timeout only sees
+ * silence, not a client that trickles bytes. */
 static void *reaper_main(void *arg) {
   srv *s = arg;
   while (!atomic_load(&s->reaper_stop)) {
@@ -934,7 +1027,8 @@ static void *reaper_main(void *arg) {
     const double now = mono();
     pthread_mutex_lock(&s->conn_mu);
     for (conn_track *t = s->conns; t; t = t->next)
-      if (t->phase != CONN_RESPONDING && t->fd >= 0 && now - t->since > s->cfg.header_timeout) {
+      if (t->phase != CONN_RESPONDING && t->fd >= 0 &&
+          now - t->since > (t->phase == CONN_IDLE ? s->cfg.idle_timeout : s->cfg.header_timeout)) {
         shutdown(t->fd, SHUT_RDWR); /* libmicrohttpd sees the socket fail and closes it */
         t->fd = -1;
       }
@@ -1003,7 +1097,8 @@ int http_start(srv *s, err *e) {
       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)s->cfg.idle_timeout,
       MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)64 * 1024, MHD_OPTION_THREAD_STACK_SIZE,
       (size_t)1 << 20, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
-      on_connection, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_END);
+      on_connection, s, MHD_OPTION_URI_LOG_CALLBACK, on_uri, s, MHD_OPTION_UNESCAPE_CALLBACK,
+      unescape, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_END);
   if (!s->mhd) {
     close(s->listen_fd);
     s->listen_fd = -1;

@@ -3,13 +3,16 @@
 #ifndef DENOISED_TESTHTTP_H
 #define DENOISED_TESTHTTP_H
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -370,6 +373,93 @@ static inline void expect_error(const daemon_proc *d, const char *method, const 
     ck_assert(json_is_null(f));
   json_decref(j);
   http_free(&r);
+}
+
+/* ---- raw sockets: requests libcurl would never send (two Content-Length headers, blanks in a
+ * path), and a connection's life seen from the client ---- */
+
+static inline int raw_connect(const daemon_proc *d) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ck_assert_int_ge(fd, 0);
+  struct sockaddr_in sa = {0};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)d->port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ck_assert_msg(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect: %s",
+                strerror(errno));
+  return fd;
+}
+
+static inline void raw_send(int fd, const char *text) {
+  size_t n = strlen(text);
+  ck_assert_int_eq(send(fd, text, n, MSG_NOSIGNAL), (ssize_t)n);
+}
+
+/* Reads one response (headers and a Content-Length body; only the headers of any other) within
+ * timeout_s into out. Returns its status, 0 if the server closed the connection first, -1 on a
+ * timeout. */
+static inline long raw_response(int fd, double timeout_s, char *out, size_t n) {
+  size_t len = 0;
+  out[0] = 0;
+  const double t0 = th_now();
+  for (;;) {
+    const char *eoh = strstr(out, "\r\n\r\n");
+    if (eoh) {
+      const char *cl = strstr(out, "\r\nContent-Length:"); /* as the daemon spells it */
+      size_t want = (size_t)(eoh + 4 - out) + (cl && cl < eoh ? strtoul(cl + 17, NULL, 10) : 0);
+      if (len >= want || len + 1 >= n)
+        return strncmp(out, "HTTP/1.", 7) == 0 ? strtol(out + 9, NULL, 10) : -1;
+    }
+    const double left = timeout_s - (th_now() - t0);
+    if (left <= 0 || len + 1 >= n)
+      return -1;
+    struct timeval tv = {(time_t)left, (suseconds_t)((left - (double)(time_t)left) * 1e6) + 1000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ssize_t k = recv(fd, out + len, n - 1 - len, 0);
+    if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+      return 0;
+    if (k > 0) {
+      len += (size_t)k;
+      out[len] = 0;
+    }
+  }
+}
+
+/* 1 if the server closes the connection within timeout_s (what it still sends is skipped). */
+static inline int raw_closed_within(int fd, double timeout_s) {
+  const double t0 = th_now();
+  while (th_now() - t0 < timeout_s) {
+    char b[4096];
+    struct timeval tv = {0, 50000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ssize_t k = recv(fd, b, sizeof b, 0);
+    if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+      return 1;
+  }
+  return 0;
+}
+
+/* One request on a fresh connection: the status, the response in out. */
+static inline long raw_request(const daemon_proc *d, const char *text, char *out, size_t n) {
+  int fd = raw_connect(d);
+  raw_send(fd, text);
+  long st = raw_response(fd, 30, out, n);
+  close(fd);
+  return st;
+}
+
+/* The error object's field ("" for null) and code of a JSON error response in resp. */
+static inline void raw_error(const char *resp, char *field, size_t fn, char *code, size_t cn) {
+  const char *body = strstr(resp, "\r\n\r\n");
+  ck_assert_ptr_nonnull(body);
+  json_t *j = json_loads(body + 4, 0, NULL);
+  ck_assert_msg(j != NULL, "not a JSON body: %s", resp);
+  json_t *e = json_object_get(j, "error"), *f = json_object_get(e, "field");
+  ck_assert_msg(json_is_object(e), "no error object: %s", resp);
+  ck_assert(json_is_string(json_object_get(e, "message")));
+  snprintf(field, fn, "%s", json_is_string(f) ? json_string_value(f) : "");
+  snprintf(code, cn, "%s", json_string_value(json_object_get(e, "code")));
+  json_decref(j);
 }
 
 static inline uint8_t *read_file_all(const char *path, size_t *len) {
