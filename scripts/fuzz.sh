@@ -1,0 +1,58 @@
+#!/bin/sh
+# Builds the libFuzzer harnesses of tests/fuzz (clang, ASan+UBSan, in build-fuzz/) and runs each
+# for SECONDS (default 60), one after the other, then prints a table of executions and coverage
+# (cov: edges, ft: features, from libFuzzer's last status line) per harness.
+# Usage: scripts/fuzz.sh [SECONDS]
+#   FUZZ_ONLY="job png"  run only these harnesses (names without fuzz_)
+#   FUZZ_FINDINGS=DIR    where crash, leak and timeout inputs are kept (build-fuzz/findings)
+# Each harness starts from its committed seeds (tests/fuzz/corpus/NAME, never modified) plus what
+# earlier runs in build-fuzz/corpus/NAME found, with tests/fuzz/dict/NAME.dict when there is one.
+# Exits non-zero if any harness crashed, leaked, hung or failed one of its checks; the input is
+# in the findings directory and the harness's log beside it.
+set -eu
+cd "$(dirname "$0")/.."
+secs="${1:-60}"
+case "$secs" in '' | *[!0-9]*) echo "usage: scripts/fuzz.sh [SECONDS]" >&2; exit 2 ;; esac
+findings="${FUZZ_FINDINGS:-build-fuzz/findings}"
+CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DDENOISED_FUZZ=ON \
+  -DDENOISED_TESTS=OFF >/dev/null
+cmake --build build-fuzz -j"$(nproc)" --target fuzz >/dev/null
+names="${FUZZ_ONLY:-$(ls tests/fuzz/corpus)}"
+mkdir -p "$findings" build-fuzz/logs
+# harnesses of path-reading parsers rewrite a scratch file per input: in memory when possible
+tmp=$(mktemp -d /dev/shm/denoised-fuzz.XXXXXX 2>/dev/null || mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+table=build-fuzz/fuzz-table.txt
+printf '%-18s %7s %12s %7s %7s  %s\n' harness seconds executions cov ft result >"$table"
+failed=0
+for name in $names; do
+  bin="build-fuzz/fuzz_$name"
+  [ -x "$bin" ] || { echo "fuzz: no harness fuzz_$name" >&2; exit 2; }
+  mkdir -p "build-fuzz/corpus/$name" "$findings/$name"
+  dict=""
+  [ -f "tests/fuzz/dict/$name.dict" ] && dict="-dict=tests/fuzz/dict/$name.dict"
+  log="build-fuzz/logs/$name.log"
+  start=$(date +%s)
+  rc=0
+  # shellcheck disable=SC2086
+  TMPDIR="$tmp" ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$bin" -max_total_time="$secs" -timeout=25 -rss_limit_mb=4096 -max_len=65536 \
+    -print_final_stats=1 -artifact_prefix="$findings/$name/" $dict \
+    "build-fuzz/corpus/$name" "tests/fuzz/corpus/$name" >"$log" 2>&1 || rc=$?
+  took=$(($(date +%s) - start))
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+  status=$(grep -E '^#[0-9]+.*cov: [0-9]+ ft: [0-9]+' "$log" | tail -n 1)
+  cov=$(echo "$status" | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
+  ft=$(echo "$status" | sed -n 's/.*ft: \([0-9]*\).*/\1/p')
+  result=ok
+  if [ "$rc" != 0 ]; then
+    result="FAILED (exit $rc): $(ls -t "$findings/$name" | head -n 1), log $log"
+    cp "$log" "$findings/$name/"
+    failed=1
+  fi
+  printf '%-18s %7s %12s %7s %7s  %s\n' "$name" "$took" "${execs:-?}" "${cov:-?}" "${ft:-?}" \
+    "$result" >>"$table"
+done
+cat "$table"
+exit "$failed"
