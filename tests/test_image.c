@@ -563,6 +563,40 @@ START_TEST(test_png_corrupt) {
 }
 END_TEST
 
+/* libpng allocates (and clears) a chunk's declared length before reading it: 129 bytes whose
+ * iTXt claims 1.6 GB took 1.8 GB and 40 s under ASan (tests/fuzz/fuzz_png.c found it,
+ * tests/fuzz/regressions/png). Such a chunk is refused before libpng sees it, in memory and in a
+ * file. */
+START_TEST(test_png_chunk_past_the_end) {
+  char src[512];
+  test_src_path(src, sizeof src, "tests/fuzz/regressions/png/itxt-claims-1.6GB");
+  FILE *f = fopen(src, "rb");
+  ck_assert_ptr_nonnull(f);
+  uint8_t png[512];
+  size_t len = fread(png, 1, sizeof png, f);
+  fclose(f);
+  ck_assert_uint_eq(len, 129);
+  uint8_t *out;
+  int h, w;
+  err e = {0};
+  ck_assert_int_eq(image_png_decode(png, len, 64, 64, &out, &h, &w, &e), ERR_FORMAT);
+  ck_assert_ptr_null(out);
+  ck_assert_msg(strstr(e.msg, "'iTXt'") && strstr(e.msg, "1634598938"), "%s", e.msg);
+  char *value = NULL;
+  ck_assert_int_eq(image_png_read_text(src, "parameters", &value, &e), ERR_FORMAT);
+  ck_assert_ptr_null(value);
+  ck_assert_msg(strstr(e.msg, "'iTXt'"), "%s", e.msg);
+  /* the same chunk with its true length decodes */
+  png[76] = 0, png[77] = 0, png[78] = 0, png[79] = 26;
+  len = 76 + 12 + 26;
+  memcpy(png + len, "\0\0\0\0IEND\xae\x42\x60\x82", 12);
+  e.msg[0] = 0;
+  if (image_png_decode(png, len + 12, 64, 64, &out, &h, &w, &e) == ERR_OK)
+    free(out);
+  ck_assert_ptr_null(strstr(e.msg, "claims"));
+}
+END_TEST
+
 START_TEST(test_png_encode_errors) {
   uint8_t px[12] = {0};
   uint8_t *png = px;
@@ -629,6 +663,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, test_png_limits);
   tcase_add_test(tc, test_png_corrupt);
   tcase_add_test(tc, test_png_encode_errors);
+  tcase_add_test(tc, test_png_chunk_past_the_end);
   suite_add_tcase(s, tc);
   return s;
 }

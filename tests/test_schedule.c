@@ -4,6 +4,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #include "npy.h"
 #include "schedule.h"
@@ -333,6 +334,40 @@ START_TEST(files_and_ranges) {
 }
 END_TEST
 
+/* diffusers writes -Infinity, Infinity and NaN, which are not JSON: outside strings they read as
+ * null. NaN is one byte shorter than null; replacing it in place wrote past it (found by
+ * tests/fuzz/fuzz_scheduler_config.c: tests/fuzz/regressions/scheduler_config). */
+START_TEST(nonfinite_words_read_as_null) {
+  char dir[64], path[128], src[512];
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+  snprintf(path, sizeof path, "%s/scheduler_config.json", dir);
+  FILE *f = fopen(path, "w");
+  ck_assert_ptr_nonnull(f);
+  fputs("{\"eta\": NaN, \"lambda_min_clipped\": -Infinity, \"sigma_max\": Infinity,\n"
+        " \"note\": \"NaN, \\\"Infinity\\\" stay text\", \"last\":NaN}",
+        f);
+  ck_assert_int_eq(fclose(f), 0);
+  err e = {0};
+  json_t *j = sched_config_read_json(path, &e);
+  ck_assert_msg(j != NULL, "%s", e.msg);
+  ck_assert(json_is_null(json_object_get(j, "eta")));
+  ck_assert(json_is_null(json_object_get(j, "lambda_min_clipped")));
+  ck_assert(json_is_null(json_object_get(j, "sigma_max")));
+  ck_assert(json_is_null(json_object_get(j, "last")));
+  ck_assert_str_eq(json_string_value(json_object_get(j, "note")), "NaN, \"Infinity\" stay text");
+  json_decref(j);
+  /* the fuzzer's input, a NaN outside any string in broken JSON: refused as bad JSON */
+  sched_config c;
+  ck_assert_int_eq(
+      sched_config_load_file(
+          test_src_path(src, sizeof src, "tests/fuzz/regressions/scheduler_config/nan-overwrites"),
+          NULL, 0, &c, &e),
+      ERR_FORMAT);
+  unlink(path);
+  rmdir(dir);
+}
+END_TEST
+
 START_TEST(json_round_trip) {
   sched_config a, b;
   err e = {0};
@@ -371,6 +406,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, null_values);
   tcase_add_test(tc, files_and_ranges);
   tcase_add_test(tc, json_round_trip);
+  tcase_add_test(tc, nonfinite_words_read_as_null);
   suite_add_tcase(s, tc);
   return s;
 }

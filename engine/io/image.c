@@ -359,6 +359,36 @@ static void mem_read(png_structp png, png_bytep out, size_t n) {
   s->pos += n;
 }
 
+/* libpng allocates (and clears) a chunk's declared length before it reads the chunk, so a few
+ * bytes claiming a 1.6 GB iTXt cost that much memory and tens of seconds: every chunk up to IEND
+ * must lie inside the size bytes of data, read from mem or else from fd. Returns 0, or -1 with
+ * the offending chunk described in why. */
+static int chunks_inside(const uint8_t *mem, int fd, uint64_t size, char *why, size_t whylen) {
+  uint8_t hdr[8];
+  for (uint64_t at = 8; at + 8 <= size;) {
+    if (mem)
+      memcpy(hdr, mem + at, 8);
+    else if (pread(fd, hdr, 8, (off_t)at) != 8)
+      return 0; /* a read error: libpng reports it */
+    uint64_t n = (uint64_t)hdr[0] << 24 | (uint64_t)hdr[1] << 16 | (uint64_t)hdr[2] << 8 | hdr[3];
+    if (n + 12 > size - at) {
+      char type[5];
+      for (int k = 0; k < 4; k++)
+        type[k] = (hdr[4 + k] >= 'A' && hdr[4 + k] <= 'z') ? (char)hdr[4 + k] : '?';
+      type[4] = 0;
+      snprintf(why, whylen,
+               "chunk '%s' at byte %llu claims %llu bytes, past the end of the data "
+               "(%llu bytes)",
+               type, (unsigned long long)at, (unsigned long long)n, (unsigned long long)size);
+      return -1;
+    }
+    if (memcmp(hdr + 4, "IEND", 4) == 0)
+      return 0;
+    at += 12 + n;
+  }
+  return 0; /* truncated inside a chunk header: libpng reports it */
+}
+
 typedef struct dec_job {
   memsrc src;
   int max_w, max_h;
@@ -446,6 +476,9 @@ int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, u
     return err_set(e, ERR_INVALID, "PNG decode: bad size limit %dx%d", max_w, max_h);
   if (png_len < 8 || png_sig_cmp(png, 0, 8) != 0)
     return err_set(e, ERR_FORMAT, "PNG decode: not a PNG (bad signature)");
+  char why[200];
+  if (chunks_inside(png, -1, png_len, why, sizeof why) != 0)
+    return err_set(e, ERR_FORMAT, "PNG decode: %s", why);
   dec_job j = {.src = {png, png_len, 0}, .max_w = max_w, .max_h = max_h};
   int rc = ERR_OK;
   if (decode_run(&j) != 0) {
@@ -548,11 +581,14 @@ int image_png_read_text(const char *path, const char *key, char **value, err *e)
     return err_set(e, ERR_IO, "%s: cannot open: %s", path, strerror(errno));
   struct stat st;
   unsigned char sig[8];
+  char why[200];
   int rc = ERR_OK;
   if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
     rc = err_set(e, ERR_IO, "%s: not a regular file", path);
   } else if (fread(sig, 1, 8, f) != 8 || png_sig_cmp(sig, 0, 8) != 0) {
     rc = err_set(e, ERR_FORMAT, "%s: not a PNG (bad signature)", path);
+  } else if (chunks_inside(NULL, fileno(f), (uint64_t)st.st_size, why, sizeof why) != 0) {
+    rc = err_set(e, ERR_FORMAT, "%s: %s", path, why);
   } else {
     rewind(f);
     text_job j = {.f = f, .key = key};

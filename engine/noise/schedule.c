@@ -861,32 +861,41 @@ int sched_config_from_json(const json_t *obj, const char *name, int strict, sche
 
 /* Python's json module writes float('-inf') as -Infinity (DPMSolverMultistepScheduler's
  * lambda_min_clipped default), which is not JSON; outside strings, -Infinity, Infinity and NaN
- * become null, which every key that can hold them reads as its default. */
-static void json_nonfinite_to_null(char *text) {
+ * become null, which every key that can hold them reads as its default. NaN is shorter than
+ * null, so the text is copied, not rewritten in place: a malloc'ed copy of len bytes of text,
+ * *outlen long, or NULL when out of memory. */
+static char *json_nonfinite_to_null(const char *text, size_t len, size_t *outlen) {
   static const char *const words[] = {"-Infinity", "Infinity", "NaN"};
+  char *out = malloc(len + len / 3 + 2); /* every 3 bytes may become 4 */
+  if (!out)
+    return NULL;
+  size_t o = 0;
   int in_str = 0;
-  for (char *p = text; *p; p++) {
-    if (in_str) {
-      if (*p == '\\' && p[1])
-        p++;
-      else if (*p == '"')
-        in_str = 0;
+  for (size_t i = 0; i < len; i++) {
+    if (in_str || text[i] == '"') {
+      if (in_str && text[i] == '\\' && i + 1 < len)
+        out[o++] = text[i++];
+      else
+        in_str = in_str ? text[i] != '"' : 1;
+      out[o++] = text[i];
       continue;
     }
-    if (*p == '"') {
-      in_str = 1;
-      continue;
-    }
-    for (int w = 0; w < 3; w++) {
-      size_t n = strlen(words[w]);
-      if (strncmp(p, words[w], n) == 0) {
-        memcpy(p, "null", 4);
-        memset(p + 4, ' ', n - 4);
-        p += n - 1;
+    int w = 0;
+    size_t n = 0;
+    for (; w < 3; w++)
+      if (len - i >= (n = strlen(words[w])) && memcmp(text + i, words[w], n) == 0)
         break;
-      }
+    if (w == 3) {
+      out[o++] = text[i];
+      continue;
     }
+    memcpy(out + o, "null", 4);
+    o += 4;
+    i += n - 1;
   }
+  out[o] = '\0';
+  *outlen = o;
+  return out;
 }
 
 static json_t *load_json_lenient(const char *path, err *e) {
@@ -921,11 +930,16 @@ static json_t *load_json_lenient(const char *path, err *e) {
     err_set(e, ERR_IO, "%s: read error", path);
     return NULL;
   }
-  buf[len] = '\0';
-  json_nonfinite_to_null(buf);
-  json_error_t je;
-  json_t *obj = json_loadb(buf, len, 0, &je);
+  size_t clean_len = 0;
+  char *clean = json_nonfinite_to_null(buf, len, &clean_len);
   free(buf);
+  if (!clean) {
+    err_set(e, ERR_NOMEM, "%s: out of memory", path);
+    return NULL;
+  }
+  json_error_t je;
+  json_t *obj = json_loadb(clean, clean_len, 0, &je);
+  free(clean);
   if (!obj)
     err_set(e, ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
   return obj;
