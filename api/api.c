@@ -628,6 +628,8 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
     json_object_set_new(j, "batched_with", json_integer(v->batched_with));
   if (v->state == QUEUE_FAILED || v->state == QUEUE_CANCELLED)
     json_object_set_new(j, "error", json_pack("{s:s}", "message", v->error));
+  if (v->store_error[0]) /* finished, but not on disk yet: the state shown is the one before */
+    json_object_set_new(j, "store_error", json_string(v->store_error));
   json_t *t = json_object_get(j, "timings");
   if (v->started > 0)
     json_object_set_new(t, "queued_seconds", json_real(v->started - v->created));

@@ -34,6 +34,15 @@ typedef struct qmodel {
 
 typedef struct qbatch qbatch;
 
+/* A final state decided but not yet durable: see qjob_finish. */
+typedef struct qfinal {
+  queue_state state;
+  double time;
+  char why[512];
+  char *event; /* the final event's text, sequence number next_seq */
+  int writing; /* a persist is under way: the retry leaves it alone */
+} qfinal;
+
 typedef struct qjob {
   char id[QUEUE_ID_SIZE];
   queue_spec spec;
@@ -50,6 +59,10 @@ typedef struct qjob {
   uint64_t next_seq;
   double last_progress;
   qbatch *batch;
+  /* Set between deciding a final state and writing it: readers see the job as it was (with
+   * store_error once a write failed), so a state once reported terminal is on disk for good. */
+  qfinal *final;
+  char store_error[256];
 } qjob;
 
 struct qbatch {
@@ -88,6 +101,12 @@ struct queue {
   int busy;
   int npending;              /* submissions being written to the store, counted against queue_max */
   uint64_t fault_crash_seed; /* tests only: a job with this seed aborts the worker */
+  store_fault env_fault;     /* tests only: DENOISED_FAULT_STORE */
+  uv_timer_t retry;          /* writes final states that failed to be stored, probes the store */
+  int unsettled;             /* jobs whose final state failed to be written */
+  int store_ok;              /* the last write or probe succeeded */
+  char store_why[256];
+  double last_probe;
   uint64_t last_id_ms;
   uint32_t id_counter;
   double t0, busy_seconds;
@@ -126,8 +145,17 @@ int qjob_enqueue(queue *q, qjob *j);
 void qjob_unqueue(queue *q, const qjob *j);
 void qjob_view(queue *q, const qjob *j, queue_job_view *v);
 void qjob_make_id(queue *q, char *out);
-/* Moves j to final state st and returns its record for the caller to persist, unlocked. */
-char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len);
+/* Decides j's final state st and returns the record that says so, for qjob_settle_write
+ * (unlocked); nothing readers see changes until the record is on disk. */
+char *qjob_finish(qjob *j, queue_state st, const char *why, size_t *len);
+/* Writes a record from qjob_finish (lock not held) and settles: on success the final state
+ * becomes what readers see (event included); on failure the job waits, visible with its
+ * store_error, for the loop's retry. Takes text. */
+void qjob_settle_write(queue *q, qjob *j, char *text, size_t len);
+/* Whether j still runs: running, and no final state decided (lock held). */
+int qjob_live(const qjob *j);
+/* Records a storage failure or success for readiness (lock held). */
+void qstore_note(queue *q, int rc, const char *why);
 
 /* ---- models.c: the model registry and solver specs to samplers ---- */
 void qmodel_unref(qmodel *m);

@@ -16,6 +16,9 @@
 void qjob_free(qjob *j) {
   if (!j)
     return;
+  if (j->final)
+    free(j->final->event);
+  free(j->final);
   for (int i = 0; i < j->nlife; i++)
     free(j->life[i].data);
   free(j->life);
@@ -25,19 +28,22 @@ void qjob_free(qjob *j) {
   free(j);
 }
 
-/* Appends an event (lock held). data is stolen; job_id, seq, type and time are added. */
-void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle) {
+/* An event's text: data (stolen) with job_id, seq, type and time added. */
+static char *event_text(const qjob *j, uint64_t seq, const char *type, json_t *data) {
   if (!data)
     data = json_object();
-  uint64_t seq = j->next_seq++;
   json_object_set_new(data, "job_id", json_string(j->id));
   json_object_set_new(data, "seq", json_integer((json_int_t)seq));
   json_object_set_new(data, "type", json_string(type));
   json_object_set_new(data, "time", json_real(qclock_real()));
   char *text = json_dumps(data, JSON_COMPACT | JSON_REAL_PRECISION(13)); /* ms of unix time */
   json_decref(data);
-  if (!text)
-    return;
+  return text;
+}
+
+/* Appends an event's text (stolen) to the log (lock held). */
+static void push_event(queue *q, qjob *j, uint64_t seq, const char *type, char *text,
+                       int lifecycle) {
   qevent ev = {seq, qevent_type(type), text};
   if (lifecycle) {
     if (j->nlife == j->caplife) {
@@ -63,6 +69,14 @@ void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle)
   pthread_cond_broadcast(&q->cv);
 }
 
+/* Appends an event (lock held). data is stolen; job_id, seq, type and time are added. */
+void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle) {
+  uint64_t seq = j->next_seq++;
+  char *text = event_text(j, seq, type, data);
+  if (text)
+    push_event(q, j, seq, type, text, lifecycle);
+}
+
 /* A finished job keeps its lifecycle and its last progress event: the others are superseded
  * (each carries the absolute step), and a retained job should cost little memory. */
 void qjob_drop_progress(qjob *j) {
@@ -75,30 +89,51 @@ void qjob_drop_progress(qjob *j) {
   j->ring_head = 0;
 }
 
-/* The record the store keeps (lock held). */
+static const char *final_event_type(queue_state st) {
+  return st == QUEUE_SUCCEEDED ? "done" : st == QUEUE_FAILED ? "failed" : "cancelled";
+}
+
+/* The record the store keeps (lock held): with a decided final state, the job as it will be. */
 char *qjob_record(const qjob *j, size_t *len) {
+  const qfinal *f = j->final;
   json_t *ev = json_array();
   for (int i = 0; i < j->nlife; i++)
     json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)j->life[i].seq,
                                         "type", j->life[i].type, "data", j->life[i].data));
+  if (f)
+    json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)j->next_seq, "type",
+                                        final_event_type(f->state), "data", f->event));
   json_t *r = json_pack(
       "{s:s, s:o, s:s, s:f, s:f, s:f, s:i, s:i, s:i, s:i, s:i, s:i, s:s, s:I, s:o}", "id", j->id,
-      "spec", queue_spec_to_json(&j->spec), "state", queue_state_name(j->state), "created",
-      j->created, "started", j->started, "finished", j->finished, "step", j->step, "total",
-      j->total, "nfe", j->nfe, "images", j->images, "files", j->files, "attempts", j->attempts,
-      "error", j->error, "next_seq", (json_int_t)j->next_seq, "events", ev);
+      "spec", queue_spec_to_json(&j->spec), "state", queue_state_name(f ? f->state : j->state),
+      "created", j->created, "started", j->started, "finished", f ? f->time : j->finished, "step",
+      j->step, "total", j->total, "nfe", j->nfe, "images", j->images, "files", j->files, "attempts",
+      j->attempts, "error", f ? f->why : j->error, "next_seq",
+      (json_int_t)(j->next_seq + (f != NULL)), "events", ev);
   char *text = r ? json_dumps(r, JSON_COMPACT) : NULL;
   json_decref(r);
   *len = text ? strlen(text) : 0;
   return text;
 }
 
+void qstore_note(queue *q, int rc, const char *why) {
+  q->store_ok = rc == ERR_OK;
+  if (rc)
+    snprintf(q->store_why, sizeof q->store_why, "%s", why);
+}
+
 int qjob_persist(queue *q, const char *id, char *text, size_t len) {
   err e = {0};
   int rc = text ? q->st->ops->put_job(q->st, id, text, len, &e)
                 : err_set(&e, ERR_NOMEM, "out of memory");
-  if (rc)
+  if (rc) {
     qlog(q, QUEUE_LOG_ERROR, id, "persisting the job failed: %s", e.msg);
+    if (rc != ERR_NOMEM) {
+      pthread_mutex_lock(&q->mu);
+      qstore_note(q, rc, e.msg);
+      pthread_mutex_unlock(&q->mu);
+    }
+  }
   free(text);
   return rc;
 }
@@ -187,6 +222,7 @@ void qjob_view(queue *q, const qjob *j, queue_job_view *v) {
   memset(v, 0, sizeof *v);
   snprintf(v->id, sizeof v->id, "%s", j->id);
   v->state = j->state;
+  snprintf(v->store_error, sizeof v->store_error, "%s", j->store_error);
   v->position = j->state == QUEUE_QUEUED ? position_of(q, j) : 0;
   v->step = j->step;
   v->total = j->total;
@@ -224,29 +260,86 @@ void qjob_make_id(queue *q, char *out) {
            q->id_counter & 0xffff, r);
 }
 
-/* Lock held. The job's final state goes to the store by the caller, unlocked. */
-char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len) {
-  j->state = st;
-  j->finished = qclock_real();
-  if (why)
-    snprintf(j->error, sizeof j->error, "%s", why);
-  json_t *d = json_object();
-  if (st == QUEUE_SUCCEEDED) {
+int qjob_live(const qjob *j) {
+  return j->state == QUEUE_RUNNING && !j->final;
+}
+
+/* Lock held. The record goes to the store by the caller (qjob_settle_write), unlocked. */
+char *qjob_finish(qjob *j, queue_state st, const char *why, size_t *len) {
+  if (!j->final) {
+    qfinal *f = calloc(1, sizeof *f);
+    json_t *d = json_object();
+    if (!f || !d) {
+      free(f);
+      json_decref(d);
+      *len = 0;
+      return NULL;
+    }
+    f->state = st;
+    f->time = qclock_real();
+    snprintf(f->why, sizeof f->why, "%s", why ? why : "");
+    if (st == QUEUE_SUCCEEDED)
+      json_object_set_new(d, "images", json_integer(j->images));
+    else
+      json_object_set_new(d, st == QUEUE_FAILED ? "error" : "reason", json_string(f->why));
+    f->event = event_text(j, j->next_seq, final_event_type(st), d);
+    if (!f->event) {
+      free(f);
+      *len = 0;
+      return NULL;
+    }
+    j->final = f;
+  }
+  j->final->writing = 1;
+  return qjob_record(j, len);
+}
+
+/* Lock held: the decided final state, now on disk, becomes what readers see. */
+static void settle(queue *q, qjob *j) {
+  qfinal *f = j->final;
+  j->state = f->state;
+  j->finished = f->time;
+  snprintf(j->error, sizeof j->error, "%s", f->why);
+  j->store_error[0] = 0;
+  if (f->state == QUEUE_SUCCEEDED) {
     q->succeeded++;
-    json_object_set_new(d, "images", json_integer(j->images));
     qhist_observe(&q->job_h, qclock_mono() - j->t_mono_created);
-  } else if (st == QUEUE_FAILED) {
+  } else if (f->state == QUEUE_FAILED) {
     q->failed++;
-    json_object_set_new(d, "error", json_string(j->error));
   } else {
     q->cancelled++;
-    json_object_set_new(d, "reason", json_string(j->error));
   }
-  qjob_emit(q, j,
-            st == QUEUE_SUCCEEDED ? "done"
-            : st == QUEUE_FAILED  ? "failed"
-                                  : "cancelled",
-            d, 1);
+  uint64_t seq = j->next_seq++;
+  push_event(q, j, seq, final_event_type(f->state), f->event, 1);
+  free(f);
+  j->final = NULL;
   qjob_drop_progress(j);
-  return qjob_record(j, len);
+}
+
+void qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
+  err e = {0};
+  int rc = text ? q->st->ops->put_job(q->st, j->id, text, len, &e)
+                : err_set(&e, ERR_NOMEM, "out of memory");
+  free(text);
+  pthread_mutex_lock(&q->mu);
+  if (!j->final) { /* nothing decided (cannot happen): nothing to settle */
+    pthread_mutex_unlock(&q->mu);
+    return;
+  }
+  j->final->writing = 0;
+  const int was_unsettled = j->store_error[0] != 0;
+  if (rc == ERR_OK) {
+    settle(q, j);
+    q->unsettled -= was_unsettled;
+    qstore_note(q, ERR_OK, NULL);
+  } else {
+    snprintf(j->store_error, sizeof j->store_error, "storing the final state failed (%s); retrying",
+             e.msg);
+    q->unsettled += !was_unsettled;
+    if (rc != ERR_NOMEM)
+      qstore_note(q, rc, e.msg);
+  }
+  pthread_mutex_unlock(&q->mu);
+  if (rc)
+    qlog(q, QUEUE_LOG_ERROR, j->id, "storing the final state failed: %s; will retry", e.msg);
 }

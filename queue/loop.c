@@ -47,11 +47,9 @@ static void dispatch(queue *q) {
     if (!qm || !qm->m) {
       qjob_unqueue(q, head);
       size_t len;
-      char *rec = qjob_finish(q, head, QUEUE_FAILED, "the model is no longer configured", &len);
-      char id[QUEUE_ID_SIZE];
-      snprintf(id, sizeof id, "%s", head->id);
+      char *rec = qjob_finish(head, QUEUE_FAILED, "the model is no longer configured", &len);
       pthread_mutex_unlock(&q->mu);
-      qjob_persist(q, id, rec, len);
+      qjob_settle_write(q, head, rec, len);
       pthread_mutex_lock(&q->mu);
       continue;
     }
@@ -139,6 +137,47 @@ static void expire(queue *q) {
   }
 }
 
+/* A job whose decided final state the store refused (lock held), or NULL. */
+static qjob *next_unsettled(queue *q) {
+  for (int i = 0; i < q->njobs; i++) {
+    qjob *j = q->jobs[i];
+    if (j->final && !j->final->writing && j->store_error[0])
+      return j;
+  }
+  return NULL;
+}
+
+/* Loop thread: probes a failing store (and a healthy one now and then) so that readiness
+ * recovers by itself, and rewrites final states the store refused, oldest first, until one
+ * fails again. */
+static void retry_cb(uv_timer_t *t) {
+  queue *q = t->data;
+  pthread_mutex_lock(&q->mu);
+  const double now = qclock_mono();
+  const int probe = !q->store_ok || (q->o.probe_every_ms > 0 &&
+                                     (now - q->last_probe) * 1000 >= q->o.probe_every_ms);
+  pthread_mutex_unlock(&q->mu);
+  if (probe) {
+    err e = {0};
+    int rc = q->st->ops->probe(q->st, &e);
+    pthread_mutex_lock(&q->mu);
+    q->last_probe = now;
+    if (rc != ERR_NOMEM)
+      qstore_note(q, rc, e.msg);
+    pthread_mutex_unlock(&q->mu);
+  }
+  for (;;) {
+    pthread_mutex_lock(&q->mu);
+    qjob *j = q->store_ok ? next_unsettled(q) : NULL;
+    size_t len = 0;
+    char *rec = j ? qjob_finish(j, j->final->state, NULL, &len) : NULL;
+    pthread_mutex_unlock(&q->mu);
+    if (!j)
+      return;
+    qjob_settle_write(q, j, rec, len);
+  }
+}
+
 /* Wakes the loop thread from any thread. libuv aborts the process when the
  * wake-up handle is already closed, so the send happens under the lock that
  * wake_cb takes to mark it closing: a request racing a shutdown is safe. */
@@ -161,6 +200,7 @@ static void wake_cb(uv_async_t *a) {
     pthread_mutex_unlock(&q->mu);
     uv_close((uv_handle_t *)&q->wake, on_close);
     uv_close((uv_handle_t *)&q->expiry, on_close);
+    uv_close((uv_handle_t *)&q->retry, on_close);
     return;
   }
   dispatch(q);
@@ -202,6 +242,11 @@ int queue_start(queue *q, err *e) {
   if (every < 100)
     every = 100;
   uv_timer_start(&q->expiry, expiry_cb, every, every);
+  q->last_probe = qclock_mono(); /* the store was probed when it opened */
+  uv_timer_init(&q->loop, &q->retry);
+  q->retry.data = q;
+  const uint64_t retry = q->o.retry_ms > 0 ? (uint64_t)q->o.retry_ms : 1000;
+  uv_timer_start(&q->retry, retry_cb, retry, retry);
   if (pthread_create(&q->thread, NULL, loop_main, q) != 0)
     return err_set(e, ERR_NOMEM, "cannot start the queue thread");
   q->started = 1;

@@ -92,6 +92,8 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
     q->o.threads_per_job = 1;
   if (q->o.batch_max_images < 1)
     q->o.batch_max_images = 1;
+  if (q->o.probe_every_ms == 0)
+    q->o.probe_every_ms = 10000;
   if (q->o.max_attempts < 1)
     q->o.max_attempts = 2;
   if (q->o.max_job_bytes == 0)
@@ -102,6 +104,19 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
    * would (tests/test_durability.c crash_loop_is_broken). Unset in production. */
   const char *crash = getenv("DENOISED_FAULT_CRASH_SEED");
   q->fault_crash_seed = crash ? strtoull(crash, NULL, 10) : 0;
+  /* Test-only storage faults (tests/test_faults.c sets o->store_fault; daemon tests use the
+   * variable, e.g. "write:40:sticky:ENOSPC" for a disk that fills up). */
+  store_fault *fault = o->store_fault;
+  const char *fenv = getenv("DENOISED_FAULT_STORE");
+  if (!fault && fenv && *fenv) {
+    int rc = store_fault_parse(fenv, &q->env_fault, e);
+    if (rc) {
+      free(q);
+      return rc;
+    }
+    fault = &q->env_fault;
+  }
+  q->store_ok = 1;
   pthread_mutex_init(&q->mu, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
@@ -110,7 +125,7 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
   q->step_h.bounds = step_bounds;
   q->job_h.bounds = q->wait_h.bounds = job_bounds;
   q->t0 = qclock_mono();
-  int rc = store_fs_open(q->state_dir, &q->st, e);
+  int rc = store_fs_open(q->state_dir, fault, &q->st, e);
   if (rc) {
     queue_free(q);
     return rc;
@@ -224,6 +239,8 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   free(rec);
   pthread_mutex_lock(&q->mu);
   q->npending--;
+  if (rc != ERR_NOMEM && rc != ERR_INVALID)
+    qstore_note(q, rc, e ? e->msg : "");
   int pos;
   if (rc) {
     if (qjob_index(q, j->id, &pos))
@@ -290,31 +307,38 @@ int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *ou
     pthread_mutex_unlock(&q->mu);
     return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
   }
-  if (qstate_final(j->state)) {
+  if (qstate_final(j->state) || j->final) {
     if (out)
       qjob_view(q, j, out);
-    queue_state st = j->state;
+    const char *st = j->final ? "finishing" : queue_state_name(j->state);
     pthread_mutex_unlock(&q->mu);
-    return err_set(e, QUEUE_CONFLICT, "job '%s' is already %s", id, queue_state_name(st));
+    return err_set(e, QUEUE_CONFLICT, "job '%s' is already %s", id, st);
   }
   const int was_running = j->state == QUEUE_RUNNING;
   if (!was_running)
     qjob_unqueue(q, j);
   size_t len;
-  char *rec = qjob_finish(q, j, QUEUE_CANCELLED,
+  char *rec = qjob_finish(j, QUEUE_CANCELLED,
                           was_running ? "cancelled while running" : "cancelled while queued", &len);
   if (was_running && j->batch) {
     int live = 0;
     for (int i = 0; i < j->batch->njobs; i++)
-      live += j->batch->jobs[i]->state == QUEUE_RUNNING;
+      live += qjob_live(j->batch->jobs[i]);
     if (!live) /* the batch serves nobody now: stop it at the next step boundary */
       atomic_store(&j->batch->cancel, 1);
   }
-  if (out)
-    qjob_view(q, j, out);
   pthread_mutex_unlock(&q->mu);
   qlog(q, QUEUE_LOG_INFO, id, "cancelled (%s)", was_running ? "running" : "queued");
-  qjob_persist(q, id, rec, len);
+  qjob_settle_write(q, j, rec, len);
+  if (out) { /* as stored: cancelled, or as it was with store_error when the write failed */
+    pthread_mutex_lock(&q->mu);
+    qjob *now = qjob_find(q, id, owner);
+    if (now)
+      qjob_view(q, now, out);
+    pthread_mutex_unlock(&q->mu);
+    if (!now)
+      return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
+  }
   return ERR_OK;
 }
 
@@ -325,7 +349,7 @@ int queue_cancel_running(queue *q, const char *owner) {
   for (int i = 0; i < q->nrunning && n < 64; i++)
     for (int k = 0; k < q->running[i]->njobs && n < 64; k++) {
       qjob *j = q->running[i]->jobs[k];
-      if (j->state == QUEUE_RUNNING && (!owner || strcmp(owner, j->spec.owner) == 0))
+      if (qjob_live(j) && (!owner || strcmp(owner, j->spec.owner) == 0))
         snprintf(ids[n++], QUEUE_ID_SIZE, "%s", j->id);
     }
   pthread_mutex_unlock(&q->mu);
@@ -540,6 +564,8 @@ int queue_ready(queue *q, char *why, size_t whylen) {
     snprintf(why, whylen, "queue full");
   else if (!q->started)
     snprintf(why, whylen, "not started");
+  else if (!q->store_ok)
+    snprintf(why, whylen, "storage failing: %s", q->store_why);
   else
     ok = 1;
   pthread_mutex_unlock(&q->mu);

@@ -119,6 +119,11 @@ typedef struct queue_opts {
   const char *url_prefix;   /* "/v1/jobs/": image links in events */
   queue_log_fn log;
   void *log_user;
+  /* Tests only (store.h): faults injected under the store; NULL in production. */
+  struct store_fault *store_fault;
+  /* How often the store is probed for readiness while healthy (ms; 0: 10 s, <0: never); while
+   * failing it is probed, and failed final states rewritten, every retry_ms (0: 1 s). */
+  int probe_every_ms, retry_ms;
 } queue_opts;
 
 typedef struct queue queue;
@@ -174,6 +179,9 @@ typedef struct queue_job_view {
   int images;                        /* images ready */
   int batched_with;                  /* other jobs sharing its forward, while running */
   char error[512];
+  /* Set while the job's final state is decided but could not be written yet (the store is
+   * failing): the state shown is the one before, and the write is retried. */
+  char store_error[256];
   uint64_t last_seq;
   queue_spec spec; /* a copy; queue_view_clear frees it */
 } queue_job_view;

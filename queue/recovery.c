@@ -84,14 +84,14 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
       char why[128];
       snprintf(why, sizeof why, "crashed the worker %d times", j->attempts);
       size_t rec_len = 0;
-      char *rec = qjob_finish(q, j, QUEUE_FAILED, why, &rec_len);
+      char *rec = qjob_finish(j, QUEUE_FAILED, why, &rec_len);
       qlog(q, QUEUE_LOG_ERROR, id, "recovery: %s; failed", why);
       if (qjob_insert(q, j) != ERR_OK) {
         free(rec);
         qjob_free(j);
         return;
       }
-      qjob_persist(q, id, rec, rec_len);
+      qjob_settle_write(q, j, rec, rec_len);
       return;
     }
     qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", was_running ? "restarted" : "recovered"),

@@ -4,6 +4,7 @@
 #ifndef DENOISED_QUEUE_STORE_H
 #define DENOISED_QUEUE_STORE_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,6 +37,8 @@ typedef struct store_ops {
    * NULL); missing pieces are not an error. */
   int (*remove_job)(store *s, const char *id, int nimages, const char *const *files, err *e);
   int (*list_jobs)(store *s, store_job_fn fn, void *user, err *e);
+  /* Whether a small write is durable now (readiness; cheap enough to call every few seconds). */
+  int (*probe)(store *s, err *e);
   void (*free)(store *s);
 } store_ops;
 
@@ -43,9 +46,32 @@ struct store {
   const store_ops *ops;
 };
 
+/* Storage faults for tests (SQLite's test VFS idea): the directory backend's system calls pass
+ * through these counters, and the fail_at-th call of a kind fails with errnum (EIO if 0); with
+ * sticky set, every call from then on fails too, as on a disk that stays full, until fail_at is
+ * set back to 0. The counters are atomics: tests arm and clear them while workers write. */
+typedef enum {
+  STORE_FAULT_WRITE,  /* creating a file or writing to it */
+  STORE_FAULT_FSYNC,  /* syncing a file or a directory */
+  STORE_FAULT_RENAME, /* moving a written file into place */
+  STORE_FAULT_READ,   /* opening a file to read it or reading it */
+  STORE_FAULT_KINDS
+} store_fault_kind;
+
+typedef struct store_fault {
+  atomic_long calls[STORE_FAULT_KINDS];
+  atomic_long fail_at[STORE_FAULT_KINDS]; /* 1-based; 0: never */
+  atomic_int sticky, errnum;
+  atomic_long injected; /* faults injected so far */
+} store_fault;
+
+/* "KIND:N[:sticky][:ENOSPC|EIO|EROFS]" (KIND write, fsync, rename or read) into f, as the
+ * daemon's test-only DENOISED_FAULT_STORE variable spells it. */
+int store_fault_parse(const char *text, store_fault *f, err *e);
+
 /* The directory backend: DIR/jobs/ID.json, DIR/images/ID-N.png and DIR/images/ID.NAME, created
- * if missing.
+ * if missing. fault is NULL except in tests (it must outlive the store).
  * Fails with a clear message when DIR cannot be created or written. */
-int store_fs_open(const char *dir, store **out, err *e);
+int store_fs_open(const char *dir, store_fault *fault, store **out, err *e);
 
 #endif

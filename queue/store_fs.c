@@ -17,12 +17,79 @@ typedef struct fs_store {
   store base;
   char dir[1024];
   int jobs_fd, images_fd, lock_fd;
+  store_fault *fault;
 } fs_store;
 
-static int write_all(int fd, const void *buf, size_t len) {
+/* ---- the system calls, through the test-only fault counters ---- */
+
+static int fault_hit(const fs_store *s, store_fault_kind k) {
+  store_fault *f = s->fault;
+  if (!f)
+    return 0;
+  const long n = atomic_fetch_add(&f->calls[k], 1) + 1, at = atomic_load(&f->fail_at[k]);
+  if (at <= 0 || n < at || (n > at && !atomic_load(&f->sticky)))
+    return 0;
+  atomic_fetch_add(&f->injected, 1);
+  const int en = atomic_load(&f->errnum);
+  errno = en ? en : EIO;
+  return 1;
+}
+
+static int io_open(const fs_store *s, int dirfd, const char *name, int flags, mode_t mode) {
+  if (fault_hit(s, (flags & O_CREAT) ? STORE_FAULT_WRITE : STORE_FAULT_READ))
+    return -1;
+  return openat(dirfd, name, flags, mode);
+}
+
+static ssize_t io_write(const fs_store *s, int fd, const void *p, size_t n) {
+  return fault_hit(s, STORE_FAULT_WRITE) ? -1 : write(fd, p, n);
+}
+
+static ssize_t io_read(const fs_store *s, int fd, void *p, size_t n) {
+  return fault_hit(s, STORE_FAULT_READ) ? -1 : read(fd, p, n);
+}
+
+static int io_fsync(const fs_store *s, int fd) {
+  return fault_hit(s, STORE_FAULT_FSYNC) ? -1 : fsync(fd);
+}
+
+static int io_rename(const fs_store *s, int dirfd, const char *from, const char *to) {
+  return fault_hit(s, STORE_FAULT_RENAME) ? -1 : renameat(dirfd, from, dirfd, to);
+}
+
+int store_fault_parse(const char *text, store_fault *f, err *e) {
+  static const char *const kinds[] = {"write", "fsync", "rename", "read"};
+  char kind[16] = "", opt1[16] = "", opt2[16] = "";
+  long n = 0;
+  int got = sscanf(text, "%15[a-z]:%ld:%15[a-zA-Z]:%15[a-zA-Z]", kind, &n, opt1, opt2);
+  int k = 0;
+  while (k < STORE_FAULT_KINDS && strcmp(kind, kinds[k]) != 0)
+    k++;
+  if (got < 2 || k == STORE_FAULT_KINDS || n < 1)
+    return err_set(e, ERR_INVALID, "fault '%s': expected KIND:N[:sticky][:ENOSPC|EIO|EROFS]", text);
+  memset(f, 0, sizeof *f);
+  atomic_store(&f->fail_at[k], n);
+  for (const char *o = opt1; o; o = o == opt1 ? opt2 : NULL) {
+    if (strcmp(o, "sticky") == 0)
+      atomic_store(&f->sticky, 1);
+    else if (strcmp(o, "ENOSPC") == 0)
+      atomic_store(&f->errnum, ENOSPC);
+    else if (strcmp(o, "EROFS") == 0)
+      atomic_store(&f->errnum, EROFS);
+    else if (strcmp(o, "EIO") == 0)
+      atomic_store(&f->errnum, EIO);
+    else if (*o)
+      return err_set(e, ERR_INVALID, "fault '%s': unknown option '%s'", text, o);
+  }
+  return ERR_OK;
+}
+
+/* ---- files ---- */
+
+static int write_all(const fs_store *s, int fd, const void *buf, size_t len) {
   const char *p = buf;
   while (len) {
-    ssize_t w = write(fd, p, len);
+    ssize_t w = io_write(s, fd, p, len);
     if (w < 0) {
       if (errno == EINTR)
         continue;
@@ -39,18 +106,18 @@ static int write_atomic(fs_store *s, int dirfd, const char *sub, const char *nam
                         size_t len, err *e) {
   char tmp[300];
   snprintf(tmp, sizeof tmp, ".tmp-%s", name);
-  int fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  int fd = io_open(s, dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
   if (fd < 0)
     return err_set(e, ERR_IO, "state directory %s: creating %s/%s: %s", s->dir, sub, tmp,
                    strerror(errno));
-  if (write_all(fd, data, len) != 0 || fsync(fd) != 0) {
+  if (write_all(s, fd, data, len) != 0 || io_fsync(s, fd) != 0) {
     int en = errno;
     close(fd);
     unlinkat(dirfd, tmp, 0);
     return err_set(e, ERR_IO, "state directory %s: writing %s/%s: %s", s->dir, sub, name,
                    strerror(en));
   }
-  if (close(fd) != 0 || renameat(dirfd, tmp, dirfd, name) != 0) {
+  if (close(fd) != 0 || io_rename(s, dirfd, tmp, name) != 0) {
     int en = errno;
     unlinkat(dirfd, tmp, 0);
     return err_set(e, ERR_IO, "state directory %s: renaming %s/%s: %s", s->dir, sub, name,
@@ -60,7 +127,7 @@ static int write_atomic(fs_store *s, int dirfd, const char *sub, const char *nam
 }
 
 static int sync_dir(fs_store *s, int dirfd, const char *sub, err *e) {
-  if (fsync(dirfd) != 0)
+  if (io_fsync(s, dirfd) != 0)
     return err_set(e, ERR_IO, "state directory %s: syncing %s/: %s", s->dir, sub, strerror(errno));
   return ERR_OK;
 }
@@ -88,7 +155,7 @@ static int fs_sync_images(store *b, err *e) {
   return sync_dir(s, s->images_fd, "images", e);
 }
 
-static int read_fd_all(int fd, uint8_t **out, size_t *len, size_t max) {
+static int read_fd_all(const fs_store *s, int fd, uint8_t **out, size_t *len, size_t max) {
   struct stat st;
   if (fstat(fd, &st) != 0)
     return -1;
@@ -101,7 +168,7 @@ static int read_fd_all(int fd, uint8_t **out, size_t *len, size_t max) {
   if (!buf)
     return -1;
   while (got < n) {
-    ssize_t r = read(fd, buf + got, n - got);
+    ssize_t r = io_read(s, fd, buf + got, n - got);
     if (r < 0 && errno == EINTR)
       continue;
     if (r <= 0) {
@@ -136,10 +203,10 @@ static int fs_put_file(store *b, const char *id, const char *file, const uint8_t
 }
 
 static int read_named(fs_store *s, const char *name, uint8_t **data, size_t *len, err *e) {
-  int fd = openat(s->images_fd, name, O_RDONLY | O_CLOEXEC);
+  int fd = io_open(s, s->images_fd, name, O_RDONLY | O_CLOEXEC, 0);
   if (fd < 0)
     return err_set(e, ERR_IO, "images/%s: %s", name, strerror(errno));
-  int rc = read_fd_all(fd, data, len, (size_t)1 << 30);
+  int rc = read_fd_all(s, fd, data, len, (size_t)1 << 30);
   int en = errno;
   close(fd);
   if (rc)
@@ -199,10 +266,10 @@ static int fs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
       continue;
     char id[100];
     snprintf(id, sizeof id, "%.*s", (int)(n - 5), nm);
-    int jfd = openat(s->jobs_fd, nm, O_RDONLY | O_CLOEXEC);
+    int jfd = io_open(s, s->jobs_fd, nm, O_RDONLY | O_CLOEXEC, 0);
     uint8_t *buf = NULL;
     size_t len = 0;
-    if (jfd >= 0 && read_fd_all(jfd, &buf, &len, STORE_RECORD_MAX) == 0)
+    if (jfd >= 0 && read_fd_all(s, jfd, &buf, &len, STORE_RECORD_MAX) == 0)
       fn(user, id, (const char *)buf, len);
     else
       fn(user, id, NULL, 0); /* unreadable: the queue reports it */
@@ -212,6 +279,16 @@ static int fs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
   }
   closedir(d);
   return ERR_OK;
+}
+
+static int fs_probe(store *b, err *e) {
+  fs_store *s = (fs_store *)b;
+  static const char probe[] = "probe";
+  int rc = write_atomic(s, s->jobs_fd, "jobs", ".probe", probe, sizeof probe, e);
+  if (!rc)
+    rc = sync_dir(s, s->jobs_fd, "jobs", e);
+  unlinkat(s->jobs_fd, ".probe", 0);
+  return rc;
 }
 
 static void fs_free(store *b) {
@@ -227,9 +304,9 @@ static void fs_free(store *b) {
   free(s);
 }
 
-static const store_ops fs_ops = {fs_put_job,    fs_put_image, fs_sync_images,
-                                 fs_get_image,  fs_put_file,  fs_get_file,
-                                 fs_remove_job, fs_list_jobs, fs_free};
+static const store_ops fs_ops = {fs_put_job,  fs_put_image, fs_sync_images, fs_get_image,
+                                 fs_put_file, fs_get_file,  fs_remove_job,  fs_list_jobs,
+                                 fs_probe,    fs_free};
 
 static int open_subdir(fs_store *s, const char *sub, int *out, err *e) {
   char path[1200];
@@ -255,11 +332,12 @@ static int open_subdir(fs_store *s, const char *sub, int *out, err *e) {
   return ERR_OK;
 }
 
-int store_fs_open(const char *dir, store **out, err *e) {
+int store_fs_open(const char *dir, store_fault *fault, store **out, err *e) {
   fs_store *s = calloc(1, sizeof *s);
   if (!s)
     return err_set(e, ERR_NOMEM, "out of memory");
   s->base.ops = &fs_ops;
+  s->fault = fault;
   s->jobs_fd = s->images_fd = s->lock_fd = -1;
   if (strlen(dir) >= sizeof s->dir - 16) {
     free(s);
@@ -287,10 +365,8 @@ int store_fs_open(const char *dir, store **out, err *e) {
     goto fail;
   /* a directory that opens but cannot take a write (read-only mount, full disk) should stop the
    * daemon at start, not fail the first job */
-  static const char probe[] = "probe";
-  if ((rc = write_atomic(s, s->jobs_fd, "jobs", ".probe", probe, sizeof probe, e)))
+  if ((rc = fs_probe(&s->base, e)))
     goto fail;
-  unlinkat(s->jobs_fd, ".probe", 0);
   *out = &s->base;
   return ERR_OK;
 fail:

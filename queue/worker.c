@@ -44,7 +44,7 @@ static void batch_progress(const pipeline_progress *p, void *user) {
   int live = 0;
   for (int i = 0; i < b->njobs; i++) {
     qjob *j = b->jobs[i];
-    if (j->state != QUEUE_RUNNING)
+    if (!qjob_live(j))
       continue;
     live++;
     j->step = step;
@@ -81,7 +81,7 @@ static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *
   rj.labels = r->labels ? r->labels + base : NULL;
   for (int i = 0; i < j->spec.batch; i++) {
     pthread_mutex_lock(&q->mu);
-    int live = j->state == QUEUE_RUNNING;
+    int live = qjob_live(j);
     pthread_mutex_unlock(&q->mu);
     if (!live)
       break;
@@ -101,17 +101,20 @@ static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *
     pthread_mutex_lock(&q->mu);
     if (rc) {
       err_prefix(&e, "writing image %d", i);
-      size_t rl;
-      char *rec = j->state == QUEUE_RUNNING ? qjob_finish(q, j, QUEUE_FAILED, e.msg, &rl) : NULL;
+      if (rc != ERR_NOMEM)
+        qstore_note(q, rc, e.msg);
+      size_t rl = 0;
+      const int live_now = qjob_live(j);
+      char *rec = live_now ? qjob_finish(j, QUEUE_FAILED, e.msg, &rl) : NULL;
       pthread_mutex_unlock(&q->mu);
       qlog(q, QUEUE_LOG_ERROR, j->id, "%s", e.msg);
-      if (rec)
-        qjob_persist(q, j->id, rec, rl);
+      if (live_now)
+        qjob_settle_write(q, j, rec, rl);
       json_decref(extra);
       return;
     }
     j->files = i + 1;
-    if (j->state == QUEUE_RUNNING && i < j->spec.batch - 1) {
+    if (qjob_live(j) && i < j->spec.batch - 1) {
       /* the last image's event waits for the directory sync above */
       j->images = i + 1;
       char url[256];
@@ -127,7 +130,8 @@ static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *
   pthread_mutex_lock(&q->mu);
   char *rec = NULL;
   size_t rl = 0;
-  if (j->state == QUEUE_RUNNING) {
+  const int live = qjob_live(j);
+  if (live) {
     int i = j->spec.batch - 1;
     j->images = j->spec.batch;
     char url[256];
@@ -137,11 +141,11 @@ static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *
                         (json_int_t)(j->spec.first_image + (uint64_t)i)),
               1);
     q->images_generated += (uint64_t)j->images;
-    rec = qjob_finish(q, j, QUEUE_SUCCEEDED, NULL, &rl);
+    rec = qjob_finish(j, QUEUE_SUCCEEDED, NULL, &rl);
   }
   pthread_mutex_unlock(&q->mu);
-  if (rec)
-    qjob_persist(q, j->id, rec, rl);
+  if (live)
+    qjob_settle_write(q, j, rec, rl);
 }
 
 /* An edit job's base64 PNG (checked at submission) decoded: image (c channels) or mask, the
@@ -230,12 +234,13 @@ void qworker_run(uv_work_t *w) {
     char *recs[b->njobs];
     size_t lens[b->njobs];
     int failed[b->njobs];
+    memset(failed, 0, sizeof failed);
     pthread_mutex_lock(&q->mu);
     for (int i = 0; i < b->njobs; i++) {
       qjob *j = b->jobs[i];
       recs[i] = NULL;
       failed[i] = 0;
-      if (j->state != QUEUE_RUNNING)
+      if (!qjob_live(j))
         continue;
       if (rc == ERR_CANCELLED && q->stopping) {
         /* shutdown: the store still says queued, so it runs again after a restart */
@@ -245,15 +250,16 @@ void qworker_run(uv_work_t *w) {
         qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "shutdown"), 1);
         recs[i] = qjob_record(j, &lens[i]);
       } else {
-        recs[i] = qjob_finish(q, j, QUEUE_FAILED, e.msg, &lens[i]);
+        recs[i] = qjob_finish(j, QUEUE_FAILED, e.msg, &lens[i]);
         failed[i] = 1;
       }
     }
     pthread_mutex_unlock(&q->mu);
     for (int i = 0; i < b->njobs; i++)
-      if (recs[i]) {
-        if (failed[i])
-          qlog(q, QUEUE_LOG_WARN, b->jobs[i]->id, "failed: %s", e.msg);
+      if (failed[i]) {
+        qlog(q, QUEUE_LOG_WARN, b->jobs[i]->id, "failed: %s", e.msg);
+        qjob_settle_write(q, b->jobs[i], recs[i], lens[i]);
+      } else if (recs[i]) {
         qjob_persist(q, b->jobs[i]->id, recs[i], lens[i]);
       }
   }

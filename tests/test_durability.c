@@ -427,9 +427,91 @@ END_TEST
 
 static int run_cmd(char *out, size_t n, const char *fmt, ...);
 
+/* Polls a job until it is finished or its final state waits on the store (store_error); returns
+ * the job's JSON. */
+static json_t *wait_settled(const daemon_proc *d, const char *id, double timeout_s) {
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  for (double t0 = th_now(); th_now() - t0 < timeout_s; usleep(20000)) {
+    http_resp r;
+    ck_assert_int_eq(http_get(d, path, &r), 200);
+    json_t *j = http_json(&r);
+    http_free(&r);
+    const char *st = json_string_value(json_object_get(j, "state"));
+    if (json_object_get(j, "store_error") || strcmp(st, "succeeded") == 0 ||
+        strcmp(st, "failed") == 0 || strcmp(st, "cancelled") == 0)
+      return j;
+    json_decref(j);
+  }
+  ck_abort_msg("job %s neither finished nor waited on the store in %.0f s", id, timeout_s);
+  return NULL;
+}
+
+/* Says whether a job's JSON tells the disk-full reason: a failure, or a final state waiting on
+ * the store. */
+static int tells_disk_full(const json_t *j) {
+  const char *msg = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
+  const char *store = json_string_value(json_object_get(j, "store_error"));
+  return (msg && strstr(msg, "No space left on device")) ||
+         (store && strstr(store, "No space left on device"));
+}
+
+/* A disk that fills up, without root: the store's test-only fault hook makes every write from
+ * the 15th on fail with ENOSPC (2 at start, then 8 per one-image job: record, attempts, image,
+ * final record), i.e. while the second job writes its image. That job fails, but its final
+ * state cannot be stored either: it shows its running state with store_error, never "failed"
+ * (a restart would run it again). Submissions get 507, /readyz says the storage fails, /healthz
+ * answers. After a restart with space the job runs again and succeeds; the first job's result
+ * is intact. */
+START_TEST(disk_fills_up_without_root) {
+  char st[512];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", NULL};
+  const char *env[] = {"DENOISED_FAULT_STORE=write:15:sticky:ENOSPC", NULL};
+  ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), args, env), 0);
+  char first[64], second[64], path[128];
+  submit_job(&d, SMALL_JOB, first, sizeof first);
+  wait_state(&d, first, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", first);
+  size_t first_len;
+  char *first_png = get_body(&d, path, &first_len);
+  submit_job(&d, SMALL_JOB, second, sizeof second);
+  json_t *j = wait_settled(&d, second, 60);
+  ck_assert_msg(json_object_get(j, "store_error") && tells_disk_full(j),
+                "the second job should wait on the full disk: %s",
+                json_string_value(json_object_get(j, "state")));
+  ck_assert_str_eq(json_string_value(json_object_get(j, "state")), "running");
+  json_decref(j);
+  http_resp r;
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", SMALL_JOB, &r), 507);
+  ck_assert_ptr_nonnull(strstr(r.body, "No space left on device"));
+  http_free(&r);
+  ck_assert_int_eq(http_get(&d, "/readyz", &r), 503);
+  ck_assert_ptr_nonnull(strstr(r.body, "storage failing"));
+  http_free(&r);
+  ck_assert_int_eq(http_get(&d, "/healthz", &r), 200);
+  http_free(&r);
+  ck_assert_int_ge(daemon_log_count(&d, "storing the final state failed"), 1);
+  daemon_signal_wait(&d, SIGTERM, 30);
+  /* space again: the job nobody saw finish runs again; the finished one is as it was */
+  ck_assert_int_eq(daemon_start(&d, st, args), 0);
+  wait_state(&d, second, "succeeded", 60);
+  size_t len;
+  char *png = get_body(&d, path, &len);
+  ck_assert(len == first_len && memcmp(png, first_png, len) == 0);
+  free(png);
+  free(first_png);
+  ck_assert_int_eq(http_get(&d, "/readyz", &r), 200);
+  http_free(&r);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* A full disk, for real: a 160 KiB tmpfs as the state directory (needs root, as CI has; other
- * machines skip). Images that do not fit fail their job with the reason; a job record that
- * does not fit is refused with 507, so no job is ever accepted and then lost. */
+ * machines skip; disk_fills_up_without_root covers the same without root). Images that do not
+ * fit fail their job with the reason (or, when the failure cannot be stored either, leave it
+ * waiting with store_error); a job record that does not fit is refused with 507, so no job is
+ * ever accepted and then lost; /readyz says the storage fails. */
 START_TEST(full_disk_is_clear) {
   char tmp[256], mnt[512], cmd[1200], out[4096];
   test_tmpdir(tmp, sizeof tmp);
@@ -457,19 +539,17 @@ START_TEST(full_disk_is_clear) {
       char id[64];
       snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
       json_decref(j);
-      wait_state(&d, id, "finished", 60);
-      char path[128];
-      snprintf(path, sizeof path, "/v1/jobs/%s", id);
-      http_resp g;
-      http_get(&d, path, &g);
-      if (strstr(g.body, "\"failed\"") && strstr(g.body, "No space left on device"))
-        job_failed = 1;
-      http_free(&g);
+      json_t *settled = wait_settled(&d, id, 60);
+      job_failed |= tells_disk_full(settled);
+      json_decref(settled);
     }
     http_free(&r);
   }
   http_resp r;
   int healthy = started && http_get(&d, "/healthz", &r) == 200;
+  if (started)
+    http_free(&r);
+  int unready = started && http_get(&d, "/readyz", &r) == 503;
   if (started)
     http_free(&r);
   if (started)
@@ -480,6 +560,7 @@ START_TEST(full_disk_is_clear) {
   ck_assert_msg(job_failed, "no job failed with the disk-full reason; see %s", d.log);
   ck_assert_msg(refused, "no submission was refused with 507; see %s", d.log);
   ck_assert(healthy);
+  ck_assert_msg(unready, "/readyz said ready on a full disk");
 }
 END_TEST
 
@@ -622,6 +703,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, results_expire);
   tcase_add_test(tc, disk_errors_are_clear);
   tcase_add_test(tc, full_disk_is_clear);
+  tcase_add_test(tc, disk_fills_up_without_root);
   tcase_add_test(tc, startup_errors_and_config_check);
   tcase_add_test(tc, deploy_files);
   suite_add_tcase(s, tc);

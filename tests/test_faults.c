@@ -1,0 +1,299 @@
+/* Storage fault injection (SQLite's test VFS idea): the queue runs jobs over a store whose
+ * Nth write, fsync, rename or read fails, once or from then on (a disk that fills up), for
+ * every N a fault-free run reaches. After each run the directory is opened again without
+ * faults and checked: every accepted job is there, every state that was reported terminal is
+ * still that state, every finished image is readable, every failure was reported with a
+ * message. ASan checks that nothing leaks on any of these paths. */
+#include <errno.h>
+#include <time.h>
+
+#include "queue.h"
+#include "store.h"
+#include "testutil.h"
+
+#define NJOBS 3
+
+typedef struct run_log {
+  char id[NJOBS][QUEUE_ID_SIZE];
+  int accepted[NJOBS];
+  queue_state seen[NJOBS]; /* terminal state reported, or -1 */
+  int images[NJOBS];
+  int reported_errors, unreported_errors, refused;
+} run_log;
+
+static queue *open_queue(const char *dir, store_fault *f, err *e) {
+  queue_opts o = {.state_dir = dir,
+                  .workers = 1,
+                  .threads_per_job = 1,
+                  .queue_max = 16,
+                  .batch_max_images = 1,
+                  .max_jobs_per_key = 16,
+                  .result_ttl = 3600,
+                  .url_prefix = "/v1/jobs/",
+                  .store_fault = f,
+                  .probe_every_ms = -1, /* probes only while failing: counts stay repeatable */
+                  .retry_ms = 10};
+  queue *q = NULL;
+  if (queue_new(&o, &q, e) != ERR_OK)
+    return NULL;
+  char model[1024];
+  queue_model_conf m = {"default", test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3")};
+  if (queue_set_models(q, &m, 1, e) != ERR_OK || queue_start(q, e) != ERR_OK) {
+    queue_free(q);
+    return NULL;
+  }
+  return q;
+}
+
+static void make_spec(queue_spec *s, int k) {
+  memset(s, 0, sizeof *s);
+  snprintf(s->model, sizeof s->model, "default");
+  snprintf(s->solver, sizeof s->solver, "ddim");
+  s->steps = 4;
+  s->options = json_object();
+  s->batch = 2;
+  s->seed = 100 + (uint64_t)k;
+  s->height = s->width = 8;
+}
+
+/* Polls until every accepted job is terminal or waits on a refused write; records what a
+ * client would have seen. */
+static void watch(queue *q, run_log *r, int ms) {
+  for (int t = 0; t < ms; t += 5) {
+    int open = 0;
+    for (int k = 0; k < NJOBS; k++) {
+      if (!r->accepted[k])
+        continue;
+      queue_job_view v;
+      err e = {0};
+      ck_assert_int_eq(queue_get(q, r->id[k], NULL, &v, &e), ERR_OK);
+      if (v.state == QUEUE_SUCCEEDED || v.state == QUEUE_FAILED || v.state == QUEUE_CANCELLED) {
+        if ((int)r->seen[k] >= 0)
+          ck_assert_int_eq(v.state, r->seen[k]); /* a terminal state never changes */
+        r->seen[k] = v.state;
+        r->images[k] = v.images;
+        if (v.state == QUEUE_FAILED)
+          v.error[0] ? r->reported_errors++ : r->unreported_errors++;
+      } else {
+        open += !v.store_error[0];
+      }
+      queue_view_clear(&v);
+    }
+    if (!open)
+      return;
+    struct timespec ts = {0, 5000000};
+    nanosleep(&ts, NULL);
+  }
+}
+
+/* Reads every finished image as a client would: a failed read is an error with a message. */
+static void fetch_images(queue *q, const run_log *r) {
+  for (int k = 0; k < NJOBS; k++)
+    for (int i = 0; r->seen[k] == QUEUE_SUCCEEDED && i < r->images[k]; i++) {
+      uint8_t *png = NULL;
+      size_t len = 0;
+      err e = {0};
+      if (queue_image(q, r->id[k], NULL, i, &png, &len, &e) != ERR_OK)
+        ck_assert_msg(e.msg[0], "a failed image read without a message");
+      free(png);
+    }
+}
+
+/* Submits, cancels one, and watches; the fault (if any) is armed for the whole run. */
+static void run_jobs(const char *dir, store_fault *f, run_log *r) {
+  memset(r, 0, sizeof *r);
+  for (int k = 0; k < NJOBS; k++)
+    r->seen[k] = (queue_state)-1;
+  err e = {0};
+  queue *q = open_queue(dir, f, &e);
+  if (!q) { /* the store failed while opening: a clear refusal, nothing accepted */
+    ck_assert_msg(e.msg[0], "queue_new failed without a message");
+    r->refused = 1;
+    return;
+  }
+  for (int k = 0; k < NJOBS; k++) {
+    queue_spec s;
+    make_spec(&s, k);
+    queue_job_view v;
+    err se = {0};
+    if (queue_submit(q, &s, &v, &se) == ERR_OK) {
+      r->accepted[k] = 1;
+      snprintf(r->id[k], sizeof r->id[k], "%s", v.id);
+      queue_view_clear(&v);
+    } else {
+      ck_assert_msg(se.msg[0], "a refused submission without a message");
+      queue_spec_clear(&s);
+    }
+  }
+  if (r->accepted[NJOBS - 1]) {
+    err ce = {0};
+    queue_job_view v;
+    memset(&v, 0, sizeof v);
+    int rc = queue_cancel(q, r->id[NJOBS - 1], NULL, &v, &ce);
+    ck_assert(rc == ERR_OK || rc == QUEUE_CONFLICT);
+    queue_view_clear(&v);
+  }
+  watch(q, r, 5000);
+  if (f && atomic_load(&f->sticky) && atomic_load(&f->injected)) {
+    /* a disk that stays full: readiness says so; once space is back everything settles */
+    char why[256] = "";
+    for (int t = 0; t < 200 && queue_ready(q, why, sizeof why); t++) {
+      struct timespec ts = {0, 5000000};
+      nanosleep(&ts, NULL);
+    }
+    ck_assert_msg(strstr(why, "storage failing"), "readyz while the store fails: '%s'", why);
+    for (int k = 0; k < STORE_FAULT_KINDS; k++)
+      atomic_store(&f->fail_at[k], 0);
+    watch(q, r, 5000);
+    int ready = 0;
+    for (int t = 0; t < 400 && !(ready = queue_ready(q, why, sizeof why)); t++) {
+      struct timespec ts = {0, 5000000};
+      nanosleep(&ts, NULL);
+    }
+    ck_assert_msg(ready, "not ready after the store recovered: %s", why);
+  }
+  fetch_images(q, r);
+  queue_free(q);
+  /* a restart with the fault still armed: recovery reads every record */
+  q = open_queue(dir, f, &e);
+  if (!q) {
+    ck_assert_msg(e.msg[0], "queue_new failed without a message");
+    return;
+  }
+  for (int k = 0; k < NJOBS; k++) {
+    queue_job_view v;
+    err ge = {0};
+    if (!r->accepted[k] || queue_get(q, r->id[k], NULL, &v, &ge) != ERR_OK)
+      continue; /* an unreadable record is skipped (and logged); the healthy reopen finds it */
+    if ((int)r->seen[k] >= 0)
+      ck_assert_int_eq(v.state, r->seen[k]);
+    queue_view_clear(&v);
+  }
+  fetch_images(q, r);
+  queue_free(q);
+}
+
+/* Opens the directory again, healthy, and checks what the run reported. */
+static void check_recovered(const char *dir, const run_log *r, const char *what) {
+  err e = {0};
+  queue *q = open_queue(dir, NULL, &e);
+  ck_assert_msg(q, "%s: reopening: %s", what, e.msg);
+  for (int k = 0; k < NJOBS; k++) {
+    if (!r->accepted[k])
+      continue;
+    queue_job_view v;
+    ck_assert_msg(queue_get(q, r->id[k], NULL, &v, &e) == ERR_OK, "%s: accepted job %d lost", what,
+                  k);
+    if ((int)r->seen[k] >= 0)
+      ck_assert_msg(v.state == r->seen[k], "%s: job %d was reported %s, came back %s", what, k,
+                    queue_state_name(r->seen[k]), queue_state_name(v.state));
+    if (r->seen[k] == QUEUE_SUCCEEDED)
+      for (int i = 0; i < r->images[k]; i++) {
+        uint8_t *png = NULL;
+        size_t len = 0;
+        ck_assert_msg(queue_image(q, r->id[k], NULL, i, &png, &len, &e) == ERR_OK,
+                      "%s: image %d of job %d lost: %s", what, i, k, e.msg);
+        ck_assert(len > 8 && memcmp(png, "\x89PNG", 4) == 0);
+        free(png);
+      }
+    queue_view_clear(&v);
+  }
+  queue_free(q);
+}
+
+static void sweep(store_fault_kind kind, int sticky, int errnum) {
+  static const char *const names[] = {"write", "fsync", "rename", "read"};
+  char tmp[256], dir[300];
+  /* a fault-free run counts the calls of each kind */
+  store_fault base;
+  memset(&base, 0, sizeof base);
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(dir, sizeof dir, "%s/state", tmp);
+  run_log r;
+  run_jobs(dir, &base, &r);
+  check_recovered(dir, &r, "no fault");
+  for (int k = 0; k < NJOBS - 1; k++)
+    ck_assert_int_eq(r.seen[k], QUEUE_SUCCEEDED);
+  const long calls = atomic_load(&base.calls[kind]);
+  ck_assert_int_gt(calls, 0);
+  int injected = 0;
+  for (long n = 1; n <= calls + 1; n++) {
+    store_fault f;
+    memset(&f, 0, sizeof f);
+    atomic_store(&f.fail_at[kind], n);
+    atomic_store(&f.sticky, sticky);
+    atomic_store(&f.errnum, errnum);
+    test_tmpdir(tmp, sizeof tmp);
+    snprintf(dir, sizeof dir, "%s/state", tmp);
+    run_jobs(dir, &f, &r);
+    char what[96];
+    snprintf(what, sizeof what, "%s fault at call %ld%s", names[kind], n, sticky ? " on" : "");
+    ck_assert_msg(r.unreported_errors == 0, "%s: a failed job without a message", what);
+    check_recovered(dir, &r, what);
+    injected += atomic_load(&f.injected) > 0;
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    ck_assert_int_eq(system(cmd), 0);
+  }
+  fprintf(stderr, "test_faults: %s%s: %ld calls in a clean run, %d runs with a fault\n",
+          names[kind], sticky ? " (sticky)" : "", calls, injected);
+  ck_assert_int_ge(injected, (int)calls - 1); /* the sweep reached (nearly) every call */
+}
+
+START_TEST(write_faults_once) {
+  sweep(STORE_FAULT_WRITE, 0, EIO);
+}
+END_TEST
+
+START_TEST(disk_fills_up) {
+  sweep(STORE_FAULT_WRITE, 1, ENOSPC);
+}
+END_TEST
+
+START_TEST(fsync_faults) {
+  sweep(STORE_FAULT_FSYNC, 0, EIO);
+  sweep(STORE_FAULT_FSYNC, 1, EIO);
+}
+END_TEST
+
+START_TEST(rename_faults) {
+  sweep(STORE_FAULT_RENAME, 0, EIO);
+  sweep(STORE_FAULT_RENAME, 1, EROFS);
+}
+END_TEST
+
+START_TEST(read_faults) {
+  sweep(STORE_FAULT_READ, 0, EIO);
+}
+END_TEST
+
+START_TEST(fault_spec_parsing) {
+  store_fault f;
+  err e = {0};
+  ck_assert_int_eq(store_fault_parse("write:40:sticky:ENOSPC", &f, &e), ERR_OK);
+  ck_assert_int_eq(atomic_load(&f.fail_at[STORE_FAULT_WRITE]), 40);
+  ck_assert_int_eq(atomic_load(&f.sticky), 1);
+  ck_assert_int_eq(atomic_load(&f.errnum), ENOSPC);
+  ck_assert_int_eq(store_fault_parse("fsync:3", &f, &e), ERR_OK);
+  ck_assert_int_eq(atomic_load(&f.sticky), 0);
+  ck_assert_int_ne(store_fault_parse("disk:3", &f, &e), ERR_OK);
+  ck_assert_ptr_nonnull(strstr(e.msg, "KIND:N"));
+  ck_assert_int_ne(store_fault_parse("write:0", &f, &e), ERR_OK);
+  ck_assert_int_ne(store_fault_parse("write:2:often", &f, &e), ERR_OK);
+  ck_assert_ptr_nonnull(strstr(e.msg, "often"));
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("faults");
+  TCase *tc = tcase_create("store");
+  tcase_set_timeout(tc, 600);
+  tcase_add_test(tc, fault_spec_parsing);
+  tcase_add_test(tc, write_faults_once);
+  tcase_add_test(tc, disk_fills_up);
+  tcase_add_test(tc, fsync_faults);
+  tcase_add_test(tc, rename_faults);
+  tcase_add_test(tc, read_faults);
+  suite_add_tcase(s, tc);
+  return s;
+}
