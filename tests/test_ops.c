@@ -1,6 +1,7 @@
 /* Tensor-core ops against naive double-precision references: convolutions of
  * every shape the UNet uses (1x1, 3x3, stride 2, asymmetric padding), group
  * norm, attention, resampling, embeddings, and the arena. */
+#include <float.h>
 #include <math.h>
 
 #include "arena.h"
@@ -103,9 +104,9 @@ START_TEST(group_norm_matches_reference) {
   for (int i = 0; i < n * c * hw; i++)
     x[i] = x[i] * 3 + 100; /* large mean: a one-pass variance would lose digits */
   float *y = malloc(sizeof(float) * n * c * hw), *ys = malloc(sizeof(float) * n * c * hw);
-  pool *p = pool_new(2);
-  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 0, y, p);
-  pool_free(p);
+  pool *pl = pool_new(2);
+  ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 0, y, pl);
+  pool_free(pl);
   ops_group_norm(x, n, c, hw, groups, 1e-6f, g, b, 1, ys, NULL);
   int cpg = c / groups;
   for (int bi = 0; bi < n; bi++)
@@ -290,6 +291,52 @@ START_TEST(linear_and_silu) {
 }
 END_TEST
 
+/* The vectorized exp under SiLU is defined for every input and agrees with libm's expf at the
+ * edges: NaN stays NaN, infinities and huge values neither wrap nor stop at exp(+-88) (the
+ * ASan+UBSan build aborts on a NaN or out-of-range float-to-int conversion). ctest runs this in
+ * every CPU tier (test_ops, test_ops_avx2, test_ops_openblas). */
+START_TEST(silu_is_defined_for_every_input) {
+  const float v[] = {NAN,    -NAN,    INFINITY, -INFINITY, 1e30f,   -1e30f,   88.7f,
+                     -88.7f, 87.5f,   -87.5f,   88.0f,     -88.0f,  100.0f,   -100.0f,
+                     104.5f, -104.5f, 1000.0f,  -1000.0f,  FLT_MAX, -FLT_MAX, 0.0f,
+                     -0.0f,  1.0f,    -1.0f,    20.0f,     -20.0f,  FLT_MIN,  -FLT_MIN,
+                     1e-40f, -1e-40f, 3e38f,    -3e38f,    86.0f,   -86.0f,   -103.0f,
+                     103.0f, -87.33f, 87.33f,   -50.0f,    50.0f,   0.5f,     -0.5f};
+  enum { N = sizeof v / sizeof *v, REP = 37 }; /* REP: lengths that hit every vector tail */
+  float x[N * REP], y[N * REP];
+  for (int k = 0; k < N * REP; k++)
+    x[k] = v[(k * 7) % N];
+  ops_silu(x, N * REP, y);
+  for (int k = 0; k < N * REP; k++) {
+    const float ref = x[k] / (1.0f + expf(-x[k]));
+    if (isnan(ref)) {
+      ck_assert_msg(isnan(y[k]), "silu(%g) = %g, libm gives NaN", x[k], y[k]);
+      continue;
+    }
+    ck_assert_msg(!isnan(y[k]) &&
+                      (isinf(ref) ? y[k] == ref : fabsf(y[k] - ref) <= 1e-6f * fabsf(ref)),
+                  "silu(%g) = %.9g, libm gives %.9g", x[k], y[k], ref);
+  }
+  /* the same exp inside group norm + SiLU: a huge gamma drives it to +-1e30, NaN spreads */
+  float g[8], gamma[2] = {1e30f, -1e30f}, gy[8];
+  for (int k = 0; k < 8; k++)
+    g[k] = (float)(k % 4) - 1.5f;
+  ops_group_norm(g, 1, 2, 4, 2, 1e-5f, gamma, NULL, 1, gy, NULL);
+  for (int k = 0; k < 8; k++) {
+    const float pre = (g[k] / sqrtf(1.25f + 1e-5f)) * gamma[k / 4];
+    const float ref = pre / (1.0f + expf(-pre));
+    ck_assert_msg(fabsf(gy[k] - ref) <= 1e-5f * fabsf(ref) + 1e-30f, "gn silu %d: %g vs %g", k,
+                  gy[k], ref);
+  }
+  g[3] = NAN;
+  ops_group_norm(g, 1, 2, 4, 2, 1e-5f, NULL, NULL, 1, gy, NULL);
+  for (int k = 0; k < 4; k++)
+    ck_assert_msg(isnan(gy[k]), "group with a NaN: value %d is %g", k, gy[k]);
+  for (int k = 4; k < 8; k++)
+    ck_assert_msg(isfinite(gy[k]), "group without a NaN: value %d is %g", k, gy[k]);
+}
+END_TEST
+
 START_TEST(arena_marks) {
   arena *a = arena_new(1 << 20);
   char *p = arena_alloc(a, 100);
@@ -320,6 +367,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, resampling);
   tcase_add_test(tc, timestep_embedding);
   tcase_add_test(tc, linear_and_silu);
+  tcase_add_test(tc, silu_is_defined_for_every_input);
   tcase_add_test(tc, arena_marks);
   suite_add_tcase(s, tc);
   return s;

@@ -255,11 +255,18 @@ typedef struct gn_job {
 
 /* exp(x) in float, vectorizable: Cody-Waite range reduction and Cephes'
  * degree-6 polynomial (about 1 ulp), with rounding done by the 1.5*2^23
- * trick rather than a libm call so the loop compiles to plain vector ops. */
+ * trick rather than a libm call so the loop compiles to plain vector ops.
+ * Defined for every input, like expf: the argument is clamped before its
+ * conversion to int (NaN or a value beyond int's range is undefined
+ * behaviour there), NaN comes back as NaN, and 2^n is applied in two halves
+ * so that results overflow to inf above ~88.72 and fade through the
+ * subnormals to 0 below ~-87.3 instead of stopping at exp(+-88). In the
+ * normal range both halves are exact, so results there are unchanged. */
 static inline float exp_fast(float x) {
-  x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
+  /* NaN fails the first test and lands on a finite value */
+  float xc = x >= -104.0f ? (x <= 89.0f ? x : 89.0f) : -104.0f;
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -268,28 +275,72 @@ static inline float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  /* n is in [-150, 128]: each half in [-75, 64] is a normal exponent */
+  int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
+  uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+  float s1, s2;
+  memcpy(&s1, &b1, sizeof s1);
+  memcpy(&s2, &b2, sizeof s2);
+  float y = p * s1 * s2;
+  return x == x ? y : x;
 }
 
 static inline float silu1(float v) {
   return v / (1.0f + exp_fast(-v));
 }
 
-/* Same arithmetic in every clone (no FMA contraction under -std=c11), so the
- * vector width never changes results. */
+/* The vector loops below are compiled once per CPU tier (AVX-512, AVX2, baseline) and picked at
+ * run time by the tier the GEMM uses (gemm_kernel_name, which honours DENOISED_NO_AVX512 and
+ * DENOISED_NO_AVX2), so the tests can run every version. Same arithmetic in each (no FMA
+ * contraction under -std=c11): the vector width never changes results. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define OPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define OPS_TIERS 1
+#define OPS_BODY static inline __attribute__((always_inline))
+#define OPS_TIERED(name, params, args)                                                             \
+  __attribute__((target("avx512f"))) static void name##_avx512 params {                            \
+    name##_body args;                                                                              \
+  }                                                                                                \
+  __attribute__((target("avx2"))) static void name##_avx2 params {                                 \
+    name##_body args;                                                                              \
+  }                                                                                                \
+  static void name##_base params {                                                                 \
+    name##_body args;                                                                              \
+  }
 #else
-#define OPS_CLONES
+#define OPS_TIERS 0
+#define OPS_BODY static inline
+#define OPS_TIERED(name, params, args)                                                             \
+  static void name##_base params {                                                                 \
+    name##_body args;                                                                              \
+  }
+#endif
+
+#if OPS_TIERS
+/* 2: AVX-512, 1: AVX2, 0: baseline */
+static int ops_tier(void) {
+  static _Atomic int cached = -1;
+  int t = cached;
+  if (t < 0) {
+    const char *k = gemm_kernel_name();
+    t = strcmp(k, "avx512") == 0 ? 2 : strcmp(k, "avx2") == 0 ? 1 : 0;
+    cached = t;
+  }
+  return t;
+}
+
+#define OPS_DISPATCH(name, args)                                                                   \
+  switch (ops_tier()) {                                                                            \
+  case 2: name##_avx512 args; break;                                                               \
+  case 1: name##_avx2 args; break;                                                                 \
+  default: name##_base args; break;                                                                \
+  }
+#else
+#define OPS_DISPATCH(name, args) name##_base args;
 #endif
 
 /* Sum and squared deviation of a group in double, over 8 interleaved
  * partial sums: vectorizable, and a fixed order whatever the threads. */
-OPS_CLONES static void group_moments(const float *x, size_t cnt, double *mean_out,
-                                     double *var_out) {
+OPS_BODY void group_moments(const float *x, size_t cnt, double *mean_out, double *var_out) {
   double acc[8] = {0};
   size_t i = 0;
   for (; i + 8 <= cnt; i += 8)
@@ -316,9 +367,7 @@ OPS_CLONES static void group_moments(const float *x, size_t cnt, double *mean_ou
   *var_out = var / (double)cnt;
 }
 
-OPS_CLONES static void gn_task(void *ctx, int task, int worker) {
-  (void)worker;
-  gn_job *j = ctx;
+OPS_BODY void gn_group_body(const gn_job *j, int task) {
   int cpg = j->c / j->groups, g = task % j->groups, img = task / j->groups;
   size_t off = ((size_t)img * j->c + (size_t)g * cpg) * j->hw, cnt = (size_t)cpg * j->hw;
   const float *x = j->x + off;
@@ -340,6 +389,12 @@ OPS_CLONES static void gn_task(void *ctx, int task, int worker) {
     }
   }
 }
+OPS_TIERED(gn_group, (const gn_job *j, int task), (j, task))
+
+static void gn_task(void *ctx, int task, int worker) {
+  (void)worker;
+  OPS_DISPATCH(gn_group, ((const gn_job *)ctx, task))
+}
 
 void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
                     const float *beta, int silu, float *y, pool *p) {
@@ -360,9 +415,14 @@ void ops_linear(const float *x, int n, int in, int out, const float *weight, con
   }
 }
 
-OPS_CLONES void ops_silu(const float *x, size_t count, float *y) {
+OPS_BODY void silu_body(const float *x, size_t count, float *y) {
   for (size_t i = 0; i < count; i++)
     y[i] = silu1(x[i]);
+}
+OPS_TIERED(silu, (const float *x, size_t count, float *y), (x, count, y))
+
+void ops_silu(const float *x, size_t count, float *y) {
+  OPS_DISPATCH(silu, (x, count, y))
 }
 
 void ops_upsample_nearest2x(const float *x, int n, int c, int h, int w, float *y) {
