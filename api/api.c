@@ -428,8 +428,8 @@ static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *ow
         (strstr(field, "thresholding") || strstr(field, "sample_max_value")) &&
         !(f->options && json_object_get(f->options, field + 18)))
       snprintf(field, sizeof field, "guidance.thresholding");
-    rc = api_fail(e, 400, "invalid_field", field[0] ? field : "scheduler", "%s: %s",
-                  field[0] ? field : "scheduler", qe.msg);
+    rc = api_fail(e, 400, strstr(qe.msg, "out of range") ? "out_of_range" : "invalid_field",
+                  field[0] ? field : "scheduler", "%s: %s", field[0] ? field : "scheduler", qe.msg);
     goto done;
   }
   out->steps = sampler_num_steps(s);

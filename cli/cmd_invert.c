@@ -228,7 +228,8 @@ int cmd_invert(int argc, char **argv) {
   if (cli_solver_from_flags("ddim", a.steps, a.sched_file, a.overrides, a.noverrides, &solver,
                             &e) ||
       cli_solver_check(m, &solver, a.sched_file, &e)) {
-    cli_fail(cmd, "%s", e.msg);
+    status = e.code == ERR_NOMEM || e.code == ERR_IO ? cli_fail(cmd, "%s", e.msg)
+                                                     : cli_usage_error(cmd, "%s", e.msg);
     goto done;
   }
   guidance g = guidance_for(m, a.guidance);

@@ -415,11 +415,14 @@ int cmd_sample(int argc, char **argv) {
                                  .config = json_object_get(replay_meta, "scheduler_config")};
   } else if (cli_solver_from_flags(name, a.steps, a.sched_file, a.overrides, a.noverrides, &solver,
                                    &e)) {
-    cli_fail(cmd, "%s", e.msg);
+    status = e.code == ERR_NOMEM || e.code == ERR_IO ? cli_fail(cmd, "%s", e.msg)
+                                                     : cli_usage_error(cmd, "%s", e.msg);
     goto done;
   }
+  /* a flag's value out of its range is a usage error, as in the daemon's 400 */
   if (cli_solver_check(m, &solver, a.sched_file, &e)) {
-    cli_fail(cmd, "%s", e.msg);
+    status = e.code == ERR_NOMEM || e.code == ERR_IO ? cli_fail(cmd, "%s", e.msg)
+                                                     : cli_usage_error(cmd, "%s", e.msg);
     goto done;
   }
   if ((status = check_model_args(&a, m)) != 0)

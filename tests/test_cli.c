@@ -81,14 +81,14 @@ START_TEST(runtime_errors_are_clear) {
       test_run_cli(out, sizeof out,
                    "sample --model %s --class 0 --scheduler-opt bogus_key=1 --out %s/a.npy", model,
                    tmp),
-      1);
+      2);
   ck_assert_ptr_nonnull(strstr(out, "bogus_key"));
   ck_assert_int_eq(
       test_run_cli(
           out, sizeof out,
           "sample --model %s --class 0 --scheduler-opt timestep_spacing=sideways --out %s/a.npy",
           model, tmp),
-      1);
+      2);
   ck_assert_ptr_nonnull(strstr(out, "timestep_spacing"));
   ck_assert_int_eq(
       test_run_cli(out, sizeof out, "sample --replay %s/missing.png -o %s/b.png", tmp, tmp), 1);

@@ -1,6 +1,7 @@
 /* Scheduler config and training schedule against values dumped from diffusers
  * (tools/gen_sched_fixtures.py): bit-exact betas/alphas_cumprod, set_timesteps for every
  * spacing, from_config defaults, and errors that name the offending key. */
+#include <glob.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdint.h>
@@ -300,6 +301,104 @@ START_TEST(null_values) {
 }
 END_TEST
 
+/* Issue 13.1: every numeric key a request can set has a range that keeps runs finite, and the
+ * error names the key and the range; every diffusers default and every config shipped in
+ * models/ and tests/fixtures lies inside. */
+static void expect_range(const char *json, const char *key, const char *range) {
+  json_t *o = json_loads(json, 0, NULL);
+  sched_config c;
+  err e = {0};
+  ck_assert_msg(sched_config_from_json(o, "ddim", 1, &c, &e) != 0, "%s was accepted", json);
+  char want[64];
+  snprintf(want, sizeof want, "'%s'", key);
+  ck_assert_msg(strstr(e.msg, want) && strstr(e.msg, range), "%s: '%s' should name %s and %s", json,
+                e.msg, want, range);
+  json_decref(o);
+}
+
+START_TEST(ranges_keep_runs_finite) {
+  expect_range("{\"eta\": 1e6}", "eta", "[0, 1]");
+  expect_range("{\"eta\": 1.0001}", "eta", "[0, 1]");
+  expect_range("{\"beta_start\": 1.0, \"beta_end\": 1.0}", "beta_start", "(0, 1)");
+  expect_range("{\"beta_end\": 1.0}", "beta_end", "(0, 1)");
+  expect_range("{\"beta_start\": 0}", "beta_start", "(0, 1)");
+  expect_range("{\"sample_max_value\": 1e30}", "sample_max_value", "(0, 1000000]");
+  expect_range("{\"clip_sample_range\": -1}", "clip_sample_range", "(0, 1000000]");
+  expect_range("{\"dynamic_thresholding_ratio\": 1.5}", "dynamic_thresholding_ratio", "[0, 1]");
+  expect_range("{\"sigma_max\": 1e30}", "sigma_max", "(0, 1000000]");
+  expect_range("{\"sigma_min\": 0}", "sigma_min", "(0, 1000000]");
+  expect_range("{\"lambda_min_clipped\": -1e30}", "lambda_min_clipped", "[-1000, 1000]");
+  expect_range("{\"thresholding_max_val\": 0}", "thresholding_max_val", "(0, 1000000]");
+  expect_range("{\"solver_order\": 4}", "solver_order", "[1, 3]");
+  expect_range("{\"sigma_min\": 5, \"sigma_max\": 2}", "sigma_min", "below sigma_max");
+  char r[64];
+  ck_assert(sched_key_range("eta", r, sizeof r) && strcmp(r, "[0, 1]") == 0);
+  ck_assert(!sched_key_range("beta_schedule", r, sizeof r));
+  /* in range key by key, yet no signal left: alpha_bar underflows (linear 0.5 .. 0.9) */
+  json_t *o = json_loads("{\"beta_start\": 0.5, \"beta_end\": 0.9}", 0, NULL);
+  sched_config c;
+  err e = {0};
+  ck_assert_int_eq(sched_config_from_json(o, "ddim", 1, &c, &e), 0);
+  float ab[1000];
+  ck_assert_int_ne(sched_alphas_cumprod(&c, ab, &e), 0);
+  ck_assert_msg(strstr(e.msg, "alphas_cumprod[") && strstr(e.msg, "beta_end"), "%s", e.msg);
+  sched_config_free(&c);
+  json_decref(o);
+  /* the edges that stay: zero-SNR ends on 0 by design, cosine near 2e-9 */
+  o = json_loads("{\"rescale_betas_zero_snr\": true, \"beta_schedule\": \"squaredcos_cap_v2\"}", 0,
+                 NULL);
+  ck_assert_int_eq(sched_config_from_json(o, "ddim", 1, &c, &e), 0);
+  ck_assert_msg(sched_alphas_cumprod(&c, ab, &e) == 0, "%s", e.msg);
+  sched_config_free(&c);
+  json_decref(o);
+  /* every class's defaults pass their own ranges (a round trip through its keys) */
+  static const char *const classes[] = {"DDPMScheduler",
+                                        "DDIMScheduler",
+                                        "PNDMScheduler",
+                                        "DPMSolverMultistepScheduler",
+                                        "DPMSolverSinglestepScheduler",
+                                        "UniPCMultistepScheduler",
+                                        "DEISMultistepScheduler",
+                                        "EulerDiscreteScheduler",
+                                        "EulerAncestralDiscreteScheduler",
+                                        "HeunDiscreteScheduler",
+                                        "DPM_Solver",
+                                        "PNDM_Official"};
+  for (size_t i = 0; i < sizeof classes / sizeof *classes; i++) {
+    ck_assert_int_eq(sched_config_init(&c, classes[i], &e), 0);
+    json_t *j = sched_config_to_json_for(&c, classes[i]);
+    sched_config d;
+    ck_assert_msg(sched_config_from_json(j, classes[i], 1, &d, &e) == 0, "%s: %s", classes[i],
+                  e.msg);
+    ck_assert_msg(sched_alphas_cumprod(&d, ab, &e) == 0, "%s: %s", classes[i], e.msg);
+    sched_config_free(&d);
+    sched_config_free(&c);
+    json_decref(j);
+  }
+  /* every scheduler_config.json shipped */
+  static const char *const patterns[] = {"models/*/scheduler_config.json",
+                                         "tests/fixtures/*/*/scheduler_config.json",
+                                         "tests/fixtures/*/scheduler_config.json"};
+  int files = 0;
+  for (size_t p = 0; p < sizeof patterns / sizeof *patterns; p++) {
+    char pat[512];
+    glob_t g;
+    if (glob(test_src_path(pat, sizeof pat, patterns[p]), 0, NULL, &g) != 0)
+      continue;
+    for (size_t k = 0; k < g.gl_pathc; k++, files++) {
+      ck_assert_msg(sched_config_load_file(g.gl_pathv[k], NULL, 0, &c, &e) == 0, "%s: %s",
+                    g.gl_pathv[k], e.msg);
+      float *t = malloc((size_t)c.num_train_timesteps * sizeof *t);
+      ck_assert_msg(sched_alphas_cumprod(&c, t, &e) == 0, "%s: %s", g.gl_pathv[k], e.msg);
+      free(t);
+      sched_config_free(&c);
+    }
+    globfree(&g);
+  }
+  ck_assert_int_ge(files, 10);
+}
+END_TEST
+
 START_TEST(files_and_ranges) {
   char path[512];
   sched_config c;
@@ -322,11 +421,9 @@ START_TEST(files_and_ranges) {
   ck_assert_int_eq(sched_timesteps(&c, 61, ts, &e), 0);
   ck_assert_int_eq(ts[0], 999);
   ck_assert_int_ge(ts[60], 0);
-  /* a zero beta would divide by zero in every solver */
-  ck_assert_int_eq(sched_config_set(&c, "beta_start", "0", &e), 0);
-  float betas[1000];
-  ck_assert_int_ne(sched_betas(&c, betas, &e), 0);
-  ck_assert_ptr_nonnull(strstr(e.msg, "beta"));
+  /* a zero beta would divide by zero in every solver: refused as the key is set */
+  ck_assert_int_ne(sched_config_set(&c, "beta_start", "0", &e), 0);
+  ck_assert_ptr_nonnull(strstr(e.msg, "'beta_start'"));
   sched_config_free(&c);
   ck_assert_int_ne(sched_config_load_file("/nonexistent/scheduler_config.json", NULL, 0, &c, &e),
                    0);
@@ -405,6 +502,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, legacy_predict_epsilon);
   tcase_add_test(tc, null_values);
   tcase_add_test(tc, files_and_ranges);
+  tcase_add_test(tc, ranges_keep_runs_finite);
   tcase_add_test(tc, json_round_trip);
   tcase_add_test(tc, nonfinite_words_read_as_null);
   suite_add_tcase(s, tc);

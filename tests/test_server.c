@@ -522,7 +522,7 @@ static void read_events(const daemon_proc *d, const char *id, const char *last_e
   memset(out, 0, sizeof *out);
   out->stop_after_seq = stop_after;
   CURL *c = curl_easy_init();
-  char url[256], hdr[64];
+  char url[256];
   snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/jobs/%s/events", d->port, id);
   curl_easy_setopt(c, CURLOPT_URL, url);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, sse_write);
@@ -530,6 +530,7 @@ static void read_events(const daemon_proc *d, const char *id, const char *last_e
   curl_easy_setopt(c, CURLOPT_TIMEOUT, 120L);
   struct curl_slist *hl = curl_slist_append(NULL, "Accept: text/event-stream");
   if (last_event_id) {
+    char hdr[64];
     snprintf(hdr, sizeof hdr, "Last-Event-ID: %s", last_event_id);
     hl = curl_slist_append(hl, hdr);
   }
@@ -1132,6 +1133,68 @@ START_TEST(concurrent_clients_and_batching) {
 }
 END_TEST
 
+/* Issue 13.1, poison jobs: requests that used to pass validation and make sampling non-finite
+ * (a black PNG "succeeded", or an abort under UBSan) are refused before the 202 with the field
+ * and its range. */
+static void expect_range_error(const daemon_proc *d, const char *body, const char *field,
+                               const char *range) {
+  http_resp r;
+  http_post(d, "/v1/jobs", body, &r);
+  ck_assert_msg(r.status == 400, "%s: %ld %s", body, r.status, r.body ? r.body : "");
+  json_t *j = http_json(&r), *e = json_object_get(j, "error");
+  const char *f = json_string_value(json_object_get(e, "field"));
+  const char *m = json_string_value(json_object_get(e, "message"));
+  ck_assert_msg(f && strncmp(f, field, strlen(field)) == 0, "%s: field %s, wanted %s", body,
+                f ? f : "null", field);
+  ck_assert_msg(m && strstr(m, range), "%s: message '%s' lacks '%s'", body, m ? m : "", range);
+  json_decref(j);
+  http_free(&r);
+}
+
+START_TEST(poison_numerics_are_refused) {
+  char st[512];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  expect_error(&d, "POST", "/v1/jobs",
+               "{\"class_label\": 1, \"scheduler\": {\"name\": \"ddim\", \"options\": "
+               "{\"eta\": 1e6}}}",
+               400, "out_of_range", "scheduler.options.eta");
+  expect_range_error(&d,
+                     "{\"class_label\": 1, \"scheduler\": {\"name\": \"ddim\", \"options\": "
+                     "{\"eta\": 1e6}}}",
+                     "scheduler.options.eta", "[0, 1]");
+  expect_range_error(&d,
+                     "{\"class_label\": 1, \"scheduler\": {\"name\": \"ddim\", \"options\": "
+                     "{\"beta_start\": 1.0, \"beta_end\": 1.0}}}",
+                     "scheduler.options.beta_", "(0, 1)");
+  /* each beta in range, together no signal left: refused naming the schedule */
+  expect_range_error(&d,
+                     "{\"class_label\": 1, \"scheduler\": {\"name\": \"euler\", \"options\": "
+                     "{\"beta_start\": 0.5, \"beta_end\": 0.9}}}",
+                     "scheduler.options", "alphas_cumprod");
+  expect_range_error(&d,
+                     "{\"class_label\": 1, \"scheduler\": {\"name\": \"dpm++2m\", \"options\": "
+                     "{\"sample_max_value\": 1e30, \"thresholding\": true}}}",
+                     "scheduler.options.sample_max_value", "(0, 1000000]");
+  /* the A1111 route's eta too */
+  http_resp r;
+  http_post(&d, "/sdapi/v1/txt2img",
+            "{\"prompt\": \"ring\", \"sampler_name\": \"DDIM\", \"steps\": 5, \"eta\": 1e6}", &r);
+  ck_assert_msg(r.status == 400 || r.status == 422, "A1111 eta 1e6: %ld %s", r.status,
+                r.body ? r.body : "");
+  ck_assert_msg(r.body && strstr(r.body, "eta"), "%s", r.body ? r.body : "");
+  http_free(&r);
+  /* in range still runs */
+  char id[64];
+  submit_job(&d,
+             "{\"class_label\": 1, \"seed\": 3, \"scheduler\": {\"name\": \"ddim\", \"steps\": 5, "
+             "\"options\": {\"eta\": 1.0}}}",
+             id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   Suite *s = suite_create("server");
@@ -1149,6 +1212,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, slow_clients_are_cut);
   tcase_add_test(tc, concurrent_clients_and_batching);
   tcase_add_test(tc, guided_jobs);
+  tcase_add_test(tc, poison_numerics_are_refused);
   suite_add_tcase(s, tc);
   return s;
 }

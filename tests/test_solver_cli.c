@@ -58,16 +58,21 @@ START_TEST(bad_solver_requests) {
     const char *words[2];
   } cases[] = {
       {"--scheduler dpm++4m", 2, {"unknown scheduler 'dpm++4m'", NULL}},
-      {"--scheduler dpm++2m --scheduler-opt solver_order=3", 1, {"solver_order", "contradicts"}},
-      {"--scheduler ddim --scheduler-opt solver_order=2", 1, {"solver_order", "ddim"}},
-      {"--scheduler unipc --scheduler-opt solver_type=bh3", 1, {"solver_type", "bh3"}},
-      {"--scheduler euler --scheduler-opt use_beta_sigmas=true", 1, {"use_beta_sigmas", NULL}},
+      {"--scheduler dpm++2m --scheduler-opt solver_order=3", 2, {"solver_order", "contradicts"}},
+      {"--scheduler ddim --scheduler-opt solver_order=2", 2, {"solver_order", "ddim"}},
+      {"--scheduler unipc --scheduler-opt solver_type=bh3", 2, {"solver_type", "bh3"}},
+      {"--scheduler euler --scheduler-opt use_beta_sigmas=true", 2, {"use_beta_sigmas", NULL}},
       {"--scheduler DPMSolverMultistepScheduler --scheduler-opt algorithm_type=dpmsolver",
-       1,
+       2,
        {"final_sigmas_type", "sigma_min"}},
-      {"--scheduler dpm-solver-adaptive --scheduler-opt solver_order=1", 1, {"solver_order", NULL}},
-      {"--scheduler pndm --steps 3", 1, {"4 steps", NULL}},
-      {"--scheduler heun --scheduler-opt noequals", 1, {"KEY=VALUE", NULL}},
+      {"--scheduler dpm-solver-adaptive --scheduler-opt solver_order=1", 2, {"solver_order", NULL}},
+      {"--scheduler pndm --steps 3", 2, {"4 steps", NULL}},
+      {"--scheduler heun --scheduler-opt noequals", 2, {"KEY=VALUE", NULL}},
+      /* issue 13.1: values that would make the run non-finite, refused with their range */
+      {"--scheduler ddim --scheduler-opt eta=1e6", 2, {"'eta'", "[0, 1]"}},
+      {"--scheduler ddim --scheduler-opt beta_start=1 --scheduler-opt beta_end=1",
+       2,
+       {"'beta_start'", "(0, 1)"}},
   };
   char out[8192], model[1024], tmp[256];
   test_tmpdir(tmp, sizeof tmp);

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -500,18 +501,6 @@ static const char *json_kind(const json_t *v) {
   }
 }
 
-static int get_real(const char *key, const json_t *v, double lo, double hi, double *out, err *e) {
-  if (!json_is_number(v))
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a number, got %s", key,
-                   json_kind(v));
-  double x = json_number_value(v);
-  if (!isfinite(x) || x < lo || x > hi)
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': %g is out of range [%g, %g]", key, x,
-                   lo, hi);
-  *out = x;
-  return ERR_OK;
-}
-
 static int get_int(const char *key, const json_t *v, long long lo, long long hi, int *out, err *e) {
   long long x;
   if (json_is_integer(v)) {
@@ -614,6 +603,87 @@ static int get_trained_betas(const json_t *v, sched_config *cfg, err *e) {
   return ERR_OK;
 }
 
+/* ---- the numeric keys a request can set, with their ranges ----
+ * One row per key: the values every solver stays finite with. They hold diffusers' defaults and
+ * every config in models/ and tests/fixtures with room to spare; what lies outside would make a
+ * run non-finite (eta above 1 takes the square root of a negative variance in DDIM, a beta of 1
+ * empties alpha_bar) or means nothing. An open end excludes its bound: "(0, 1)". */
+typedef struct sched_range {
+  const char *key;
+  size_t offset; /* of the double or int field in sched_config */
+  int is_int;
+  double lo, hi;
+  unsigned char lo_open, hi_open;
+} sched_range;
+
+#define REAL(k, lo, hi, lo_open, hi_open)                                                          \
+  { #k, offsetof(sched_config, k), 0, lo, hi, lo_open, hi_open }
+#define INT(k, lo, hi)                                                                             \
+  { #k, offsetof(sched_config, k), 1, lo, hi, 0, 0 }
+static const sched_range sched_ranges[] = {
+    INT(num_train_timesteps, 1, SCHED_MAX_TRAIN_TIMESTEPS),
+    REAL(beta_start, 0.0, 1.0, 1, 1),
+    REAL(beta_end, 0.0, 1.0, 1, 1),
+    INT(steps_offset, 0, SCHED_MAX_TRAIN_TIMESTEPS),
+    REAL(clip_sample_range, 0.0, 1e6, 1, 0),
+    REAL(dynamic_thresholding_ratio, 0.0, 1.0, 0, 0),
+    REAL(sample_max_value, 0.0, 1e6, 1, 0),
+    REAL(eta, 0.0, 1.0, 0, 0),
+    INT(solver_order, 1, 3),
+    REAL(lambda_min_clipped, -1e3, 1e3, 0, 0),
+    REAL(sigma_min, 0.0, 1e6, 1, 0),
+    REAL(sigma_max, 0.0, 1e6, 1, 0),
+    REAL(rtol, 0.0, 1e3, 0, 0),
+    REAL(atol, 0.0, 1e3, 0, 0),
+    REAL(h_init, 1e-6, 100.0, 0, 0),
+    REAL(theta, 1e-3, 1.0, 0, 0),
+    REAL(t_err, 1e-12, 1.0, 0, 0),
+    REAL(thresholding_max_val, 0.0, 1e6, 1, 0),
+};
+#undef REAL
+#undef INT
+
+static const sched_range *range_of(const char *key) {
+  for (int i = 0; i < COUNT(sched_ranges); i++)
+    if (strcmp(sched_ranges[i].key, key) == 0)
+      return &sched_ranges[i];
+  return NULL;
+}
+
+int sched_key_range(const char *key, char *buf, size_t n) {
+  const sched_range *r = range_of(key);
+  if (!r)
+    return 0;
+  snprintf(buf, n, "%c%.15g, %.15g%c", r->lo_open ? '(' : '[', r->lo, r->hi,
+           r->hi_open ? ')' : ']');
+  return 1;
+}
+
+/* v into the field r names, or an error with the key and its range. */
+static int get_ranged(const sched_range *r, const json_t *v, sched_config *cfg, err *e) {
+  double x;
+  if (r->is_int) {
+    int iv = 0;
+    int rc = get_int(r->key, v, (long long)r->lo, (long long)r->hi, &iv, e);
+    if (rc == ERR_OK)
+      memcpy((char *)cfg + r->offset, &iv, sizeof iv);
+    return rc;
+  }
+  if (!json_is_number(v))
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a number, got %s", r->key,
+                   json_kind(v));
+  x = json_number_value(v);
+  if (!isfinite(x) || (r->lo_open ? x <= r->lo : x < r->lo) ||
+      (r->hi_open ? x >= r->hi : x > r->hi)) {
+    char range[96];
+    sched_key_range(r->key, range, sizeof range);
+    return err_set(e, ERR_INVALID, "scheduler config key '%s': %g is out of range %s", r->key, x,
+                   range);
+  }
+  memcpy((char *)cfg + r->offset, &x, sizeof x);
+  return ERR_OK;
+}
+
 /* Applies one modelled key; returns 1 through *handled when the key is one of ours. A JSON null
  * keeps the default (None mostly selects it in diffusers), except that it clears a flag. */
 static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *handled, err *e) {
@@ -651,14 +721,9 @@ static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *h
     *handled = sched_is_known_key(key) ? 1 : 0;
     return ERR_OK;
   }
-  if (strcmp(key, "num_train_timesteps") == 0) {
-    rc = get_int(key, v, 1, SCHED_MAX_TRAIN_TIMESTEPS, &iv, e);
-    if (rc == ERR_OK)
-      cfg->num_train_timesteps = iv;
-  } else if (strcmp(key, "beta_start") == 0) {
-    rc = get_real(key, v, 0.0, 1.0, &cfg->beta_start, e);
-  } else if (strcmp(key, "beta_end") == 0) {
-    rc = get_real(key, v, 0.0, 1.0, &cfg->beta_end, e);
+  const sched_range *range = range_of(key);
+  if (range) {
+    rc = get_ranged(range, v, cfg, e);
   } else if (strcmp(key, "beta_schedule") == 0) {
     rc = get_enum(key, v, beta_names, COUNT(beta_names), &iv, e);
     if (rc == ERR_OK)
@@ -681,28 +746,16 @@ static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *h
     rc = get_enum(key, v, spacing_names, COUNT(spacing_names), &iv, e);
     if (rc == ERR_OK)
       cfg->timestep_spacing = (sched_spacing)iv;
-  } else if (strcmp(key, "steps_offset") == 0) {
-    rc = get_int(key, v, 0, SCHED_MAX_TRAIN_TIMESTEPS, &cfg->steps_offset, e);
   } else if (strcmp(key, "set_alpha_to_one") == 0) {
     rc = get_bool(key, v, &cfg->set_alpha_to_one, e);
   } else if (strcmp(key, "clip_sample") == 0) {
     rc = get_bool(key, v, &cfg->clip_sample, e);
-  } else if (strcmp(key, "clip_sample_range") == 0) {
-    rc = get_real(key, v, 1e-30, 1e30, &cfg->clip_sample_range, e);
   } else if (strcmp(key, "thresholding") == 0) {
     rc = get_bool(key, v, &cfg->thresholding, e);
-  } else if (strcmp(key, "dynamic_thresholding_ratio") == 0) {
-    rc = get_real(key, v, 0.0, 1.0, &cfg->dynamic_thresholding_ratio, e);
-  } else if (strcmp(key, "sample_max_value") == 0) {
-    rc = get_real(key, v, 1e-30, 1e30, &cfg->sample_max_value, e);
   } else if (strcmp(key, "variance_type") == 0) {
     rc = get_enum(key, v, variance_names, COUNT(variance_names), &iv, e);
     if (rc == ERR_OK)
       cfg->variance_type = (sched_variance)iv;
-  } else if (strcmp(key, "eta") == 0) {
-    rc = get_real(key, v, 0.0, 1e6, &cfg->eta, e);
-  } else if (strcmp(key, "solver_order") == 0) {
-    rc = get_int(key, v, 1, 3, &cfg->solver_order, e);
   } else if (strcmp(key, "algorithm_type") == 0) {
     rc = get_enum(key, v, algorithm_names, COUNT(algorithm_names), &iv, e);
     if (rc == ERR_OK)
@@ -737,27 +790,9 @@ static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *h
     rc = get_bool(key, v, &cfg->skip_prk_steps, e);
   } else if (strcmp(key, "denoise_to_zero") == 0) {
     rc = get_bool(key, v, &cfg->denoise_to_zero, e);
-  } else if (strcmp(key, "lambda_min_clipped") == 0) {
-    rc = get_real(key, v, -1e30, 1e30, &cfg->lambda_min_clipped, e);
-  } else if (strcmp(key, "sigma_min") == 0) {
-    rc = get_real(key, v, 1e-30, 1e30, &cfg->sigma_min, e);
-  } else if (strcmp(key, "sigma_max") == 0) {
-    rc = get_real(key, v, 1e-30, 1e30, &cfg->sigma_max, e);
   } else if (strcmp(key, "disable_corrector") == 0) {
     rc = get_int_list(key, v, cfg->disable_corrector, SCHED_MAX_DISABLE_CORRECTOR,
                       &cfg->n_disable_corrector, e);
-  } else if (strcmp(key, "rtol") == 0) {
-    rc = get_real(key, v, 0.0, 1e3, &cfg->rtol, e);
-  } else if (strcmp(key, "atol") == 0) {
-    rc = get_real(key, v, 0.0, 1e3, &cfg->atol, e);
-  } else if (strcmp(key, "h_init") == 0) {
-    rc = get_real(key, v, 1e-6, 100.0, &cfg->h_init, e);
-  } else if (strcmp(key, "theta") == 0) {
-    rc = get_real(key, v, 1e-3, 1.0, &cfg->theta, e);
-  } else if (strcmp(key, "t_err") == 0) {
-    rc = get_real(key, v, 1e-12, 1.0, &cfg->t_err, e);
-  } else if (strcmp(key, "thresholding_max_val") == 0) {
-    rc = get_real(key, v, 1e-30, 1e30, &cfg->thresholding_max_val, e);
   } else {
     *handled = 0;
   }
@@ -768,6 +803,10 @@ int sched_config_validate(const sched_config *cfg, err *e) {
   if (cfg->num_train_timesteps < 1 || cfg->num_train_timesteps > SCHED_MAX_TRAIN_TIMESTEPS)
     return err_set(e, ERR_INVALID, "scheduler config key 'num_train_timesteps': %d is out of range",
                    cfg->num_train_timesteps);
+  if (cfg->sigma_min >= cfg->sigma_max) /* both set (NaN is None) and in the wrong order */
+    return err_set(e, ERR_INVALID,
+                   "scheduler config key 'sigma_min': %g must be below sigma_max (%g)",
+                   cfg->sigma_min, cfg->sigma_max);
   if (cfg->steps_offset >= cfg->num_train_timesteps)
     return err_set(e, ERR_INVALID,
                    "scheduler config key 'steps_offset': %d must be below num_train_timesteps (%d)",
@@ -1216,6 +1255,21 @@ int sched_alphas_cumprod(const sched_config *cfg, float *out, err *e) {
   if (rc == ERR_OK)
     cumprod_alphas(betas, n, out);
   free(betas);
+  /* Below the floor sigma = sqrt((1 - abar) / abar) squared leaves float range and x0 = (x - sigma
+   * eps) / sqrt(abar) is noise times 1e15: no solver returns a finite image. Legitimate
+   * schedules stay far above (cosine ends near 2e-9, 4000 linear steps near 4e-18); the zero-SNR
+   * rescale ends on 0 by design and the solvers treat that step. */
+  const int last = cfg->rescale_betas_zero_snr ? n - 1 : n;
+  for (int i = 0; rc == ERR_OK && i < last; i++)
+    if (!(out[i] >= SCHED_MIN_ALPHA_BAR))
+      rc = err_set(e, ERR_INVALID,
+                   "scheduler config: alphas_cumprod[%d] = %g is below %g, the schedule leaves no "
+                   "signal there (sigma above 1e15); lower beta_start, beta_end or "
+                   "num_train_timesteps (%s schedule, beta_start %g, beta_end %g, %d steps)",
+                   i, (double)out[i], SCHED_MIN_ALPHA_BAR,
+                   cfg->trained_betas ? "trained_betas"
+                                      : sched_beta_schedule_name(cfg->beta_schedule),
+                   cfg->beta_start, cfg->beta_end, n);
   return rc;
 }
 

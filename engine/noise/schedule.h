@@ -5,6 +5,7 @@
 #define DENOISED_SCHEDULE_H
 
 #include <jansson.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -144,6 +145,15 @@ int sched_config_set(sched_config *cfg, const char *key, const char *value, err 
 /* That reading of a VALUE text as a JSON value (new reference; NULL only when out of memory). */
 json_t *sched_value_from_text(const char *value);
 int sched_config_set_override(sched_config *cfg, const char *key_equals_value, err *e);
+
+/* The range a numeric key accepts ("(0, 1)", "[0, 1]": an open end excludes its bound) into
+ * buf; 0 if key has no range (not numeric, or not a key). Values outside are refused with the
+ * key and the range in the message. */
+int sched_key_range(const char *key, char *buf, size_t n);
+
+/* The smallest alpha_bar a schedule may reach (sigma 1e15) before its last step (a zero-SNR
+ * rescale ends on 0): sched_alphas_cumprod refuses schedules that fall below. */
+#define SCHED_MIN_ALPHA_BAR 1e-30
 
 /* Cross-key checks (trained_betas length against num_train_timesteps, ...). */
 int sched_config_validate(const sched_config *cfg, err *e);
