@@ -12,6 +12,7 @@
 #include "image.h"
 #include "internal.h"
 #include "npy.h"
+#include "pipeline.h"
 
 #define API_MAX_PNG_BYTES (4 << 20)     /* an input image or mask, decoded from base64 */
 #define API_MAX_NOISE_BYTES (256 << 20) /* the noise maps an inversion job keeps */
@@ -187,6 +188,10 @@ static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int 
                   : ndim == 5     ? " (batch_size, scheduler.steps + 1, the model's channels, "
                                     "height, width)"
                                   : " (batch_size, the model's channels, height, width)");
+    goto done;
+  }
+  if (pipeline_check_noise(a.data, (size_t)a.count, field, &qe) != ERR_OK) {
+    rc = api_fail(e, 400, "out_of_range", field, "%s", qe.msg);
     goto done;
   }
   b64 = nz ? NULL : base64_encode(raw, len);

@@ -107,6 +107,7 @@ struct queue {
   int store_ok;              /* the last write or probe succeeded */
   char store_why[256];
   double last_probe;
+  uint64_t fault_nan_seed; /* tests only: a job with this seed gets NaN step noise */
   uint64_t last_id_ms;
   uint32_t id_counter;
   double t0, busy_seconds;

@@ -117,6 +117,9 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
     fault = &q->env_fault;
   }
   q->store_ok = 1;
+  /* and one whose stochastic steps draw a NaN (tests/test_server_edit.c poison jobs) */
+  const char *nan_seed = getenv("DENOISED_FAULT_NAN_SEED");
+  q->fault_nan_seed = nan_seed ? strtoull(nan_seed, NULL, 10) : 0;
   pthread_mutex_init(&q->mu, NULL);
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);

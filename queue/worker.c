@@ -25,6 +25,19 @@ static int batch_noise(void *user, uint64_t image, uint64_t stream, float *out, 
   return ERR_OK;
 }
 
+/* Test-only fault hook (DENOISED_FAULT_NAN_SEED): the noise of a stochastic step turns NaN at
+ * the third evaluation, as a poison input would, so the tests see a run that goes non-finite
+ * fail with the step named (tests/test_server_edit.c). */
+static int fault_nan_noise(void *user, uint64_t image, uint64_t stream, float *out, size_t n,
+                           err *e) {
+  (void)e;
+  const qbatch *b = user;
+  rng_normal(b->jobs[0]->spec.seed, image, stream, out, n);
+  if (stream == 3 && n)
+    out[0] = NAN;
+  return ERR_OK;
+}
+
 static void batch_progress(const pipeline_progress *p, void *user) {
   qbatch *b = user;
   queue *q = b->q;
@@ -217,6 +230,8 @@ void qworker_run(uv_work_t *w) {
                             .threads = q->o.threads_per_job,
                             .noise = b->njobs > 1 ? batch_noise : NULL,
                             .noise_user = b};
+    if (b->njobs == 1 && q->fault_nan_seed && head->spec.seed == q->fault_nan_seed)
+      hooks.noise = fault_nan_noise;
     b->t_start = b->t_last = qclock_mono();
     rc = pipeline_run(b->qm->m, &req.r, &hooks, &res, &e);
     b->s = res.sampler;

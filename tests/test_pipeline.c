@@ -296,6 +296,61 @@ START_TEST(cancel_keeps_the_last_step) {
 }
 END_TEST
 
+/* Issue 13.1 through the one job runner the CLI and the daemon share: given noise that is not
+ * noise (3e38, inf) is refused naming edit.noise, and a run that goes non-finite (NaN step noise
+ * of DDPM, from the hook the daemon's batching uses) returns ERR_NUMERIC naming the step, with no
+ * images. */
+static int nan_in_step3(void *user, uint64_t image, uint64_t stream, float *out, size_t n, err *e) {
+  (void)user;
+  (void)e;
+  rng_normal(9, image, stream, out, n);
+  if (stream == 3)
+    out[n - 1] = NAN;
+  return ERR_OK;
+}
+
+START_TEST(non_finite_runs_fail_naming_the_step) {
+  model *m = load_cond4();
+  err e = {0};
+  const int64_t labels[B] = {0, 2};
+  float *x = malloc(sizeof *x * B * D);
+  const float bad[] = {3e38f, -INFINITY, 1.5e4f};
+  for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+    rng_normal(1, 0, 0, x, B * D);
+    x[D + 7] = bad[k];
+    pipeline_request r = {.kind = PIPELINE_GENERATE,
+                          .solver = {.name = "ddim", .steps = 6},
+                          .batch = B,
+                          .labels = labels,
+                          .noise = x};
+    pipeline_result res;
+    ck_assert_int_eq(pipeline_run(m, &r, NULL, &res, &e), ERR_INVALID);
+    ck_assert_msg(strstr(e.msg, "edit.noise: value 199"), "%s", e.msg);
+    ck_assert_ptr_null(res.images);
+    /* an inversion's x_T likewise */
+    const int64_t shape[4] = {B, 3, S, S};
+    r.kind = PIPELINE_INVERT_DDIM;
+    r.noise_shape = shape;
+    r.noise_ndim = 4;
+    ck_assert_int_eq(pipeline_run(m, &r, NULL, &res, &e), ERR_INVALID);
+    ck_assert_msg(strstr(e.msg, "edit.noise"), "%s", e.msg);
+  }
+  pipeline_request r = {.kind = PIPELINE_GENERATE,
+                        .solver = {.name = "ddpm", .steps = 8},
+                        .batch = B,
+                        .seed = 4,
+                        .labels = labels};
+  pipeline_hooks h = {.noise = nan_in_step3, .threads = 1};
+  pipeline_result res;
+  ck_assert_int_eq(pipeline_run(m, &r, &h, &res, &e), ERR_NUMERIC);
+  ck_assert_msg(strstr(e.msg, "non-finite values in the sampler state at step 4 of 8 (t="), "%s",
+                e.msg);
+  ck_assert_ptr_null(res.images);
+  free(x);
+  model_free(m);
+}
+END_TEST
+
 START_TEST(solver_errors_name_the_field) {
   model *m = load_cond4();
   err e = {0};
@@ -399,6 +454,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, boundary_matches_edit_boundary);
   tcase_add_test(tc, cancel_keeps_the_last_step);
   tcase_add_test(tc, solver_errors_name_the_field);
+  tcase_add_test(tc, non_finite_runs_fail_naming_the_step);
   tcase_add_test(tc, png_metadata_for_every_kind);
   suite_add_tcase(s, tc);
   return s;

@@ -11,6 +11,7 @@
 
 #include "model.h"
 #include "npy.h"
+#include "rng.h"
 #include "safetensors.h"
 #include "sampler.h"
 #include "schedule.h"
@@ -1102,6 +1103,99 @@ START_TEST(paper_thresholding) {
 }
 END_TEST
 
+/* Issue 13.1: a run that goes non-finite stops with ERR_NUMERIC naming what and the step, never
+ * returns NaN "images": the model's output (a UNet whose mid block is made NaN through the
+ * h-space hook at the first evaluation of a run started at step 3), the solver state (a
+ * stochastic step fed NaN noise), the starting noise (inf, or 3e38 scaled by Euler's sigma). */
+static int nan_at_stream4(void *user, uint64_t image, uint64_t stream, float *out, size_t n,
+                          err *e) {
+  (void)user;
+  (void)e;
+  rng_normal(1, image, stream, out, n);
+  if (stream == 4)
+    out[n / 2] = NAN;
+  return ERR_OK;
+}
+
+static void expect_numeric(const sampler *s, const model *m, const sampler_run_opts *o,
+                           const char *needle) {
+  const model_info *mi = model_get_info(m);
+  size_t n = (size_t)o->batch * mi->in_channels * mi->sample_size * mi->sample_size;
+  float *out = malloc(n * sizeof *out);
+  err e = {0};
+  ck_assert_int_eq(sampler_run(s, m, o, out, NULL, &e), ERR_NUMERIC);
+  ck_assert_msg(strstr(e.msg, needle), "'%s' should say '%s'", e.msg, needle);
+  free(out);
+}
+
+START_TEST(non_finite_runs_stop_naming_the_step) {
+  char path[512];
+  err e = {0};
+  model *u = NULL;
+  ck_assert_msg(model_load(test_src_path(path, sizeof path, "tests/fixtures/unet/classcond_small"),
+                           &u, &e) == 0,
+                "%s", e.msg);
+  const model_info *ui = model_get_info(u);
+  const int hw = ui->sample_size;
+  int shape[3];
+  ck_assert_int_eq(model_mid_shape(u, hw, hw, shape, &e), 0);
+  const size_t dx = (size_t)ui->in_channels * hw * hw, dh = (size_t)shape[0] * shape[1] * shape[2];
+  float *x = malloc(dx * sizeof *x), *h = malloc(dh * sizeof *h);
+  rng_normal(2, 0, 0, x, dx);
+  for (size_t k = 0; k < dh; k++)
+    h[k] = k == dh / 3 ? NAN : 0.5f;
+  sched_config cfg;
+  sampler *s = make_sampler(u, "ddim", NULL, 10, &cfg);
+  const int64_t lab = 1;
+  sampler_run_opts o = {
+      .batch = 1, .labels = &lab, .threads = 1, .start_step = 2, .init_noise = x, .first_mid = h};
+  expect_numeric(s, u, &o, "non-finite values in the model output at step 3 of 10 (t=");
+  /* guided: the same, the guidance names itself only when its own combination overflows */
+  guidance g = guidance_for(u, 3.0);
+  o.guidance = &g;
+  float *h2 = malloc(2 * dh * sizeof *h2);
+  for (size_t k = 0; k < 2 * dh; k++)
+    h2[k] = k == dh + 1 ? NAN : 0.5f;
+  o.first_mid = h2;
+  expect_numeric(s, u, &o, "model output at step 3 of 10");
+  free(h2);
+  sampler_free(s);
+  sched_config_free(&cfg);
+  /* the starting state: inf in x_T */
+  s = make_sampler(u, "ddim", NULL, 10, &cfg);
+  x[5] = INFINITY;
+  sampler_run_opts o2 = {.batch = 1, .labels = &lab, .threads = 1, .init_noise = x};
+  expect_numeric(s, u, &o2, "non-finite values in the starting noise at step 1 of 10");
+  sampler_free(s);
+  sched_config_free(&cfg);
+  /* 3e38 is finite, but Euler scales x_T by its first sigma: inf */
+  for (size_t k = 0; k < dx; k++)
+    x[k] = 3e38f;
+  s = make_sampler(u, "euler", NULL, 10, &cfg);
+  expect_numeric(s, u, &o2, "starting noise at step 1 of 10");
+  sampler_free(s);
+  sched_config_free(&cfg);
+  model_free(u);
+  /* the solver state: DDPM adds NaN noise in its 4th step, the 5th evaluation sees it */
+  model *m = load_model("cond4");
+  s = make_sampler(m, "ddpm", NULL, 10, &cfg);
+  sampler_run_opts o3 = {.batch = 1, .labels = &lab, .threads = 1, .noise = nan_at_stream4};
+  expect_numeric(s, m, &o3, "non-finite values in the sampler state at step 5 of 10 (t=");
+  sampler_free(s);
+  sched_config_free(&cfg);
+  /* a finite run still runs */
+  s = make_sampler(m, "ddpm", NULL, 10, &cfg);
+  o3.noise = NULL;
+  float out[192];
+  ck_assert_msg(sampler_run(s, m, &o3, out, NULL, &e) == 0, "%s", e.msg);
+  sampler_free(s);
+  sched_config_free(&cfg);
+  model_free(m);
+  free(x);
+  free(h);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("sampler");
   TCase *tc = tcase_create("sampler");
@@ -1122,6 +1216,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, stochastic_seed_reproducibility);
   tcase_add_test(tc, nfe_and_progress);
   tcase_add_test(tc, paper_thresholding);
+  tcase_add_test(tc, non_finite_runs_stop_naming_the_step);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -3,6 +3,7 @@
  * BoundaryDiffusion moves, each equal to the CLI's result, and every bad edit field a 400. */
 #include <math.h>
 
+#include "base64.h"
 #include "boundary.h"
 #include "npy.h"
 #include "testhttp.h"
@@ -651,7 +652,9 @@ START_TEST(boundary_jobs) {
   write_file(in_png, (uint8_t *)r.body, r.len);
   http_free(&r);
   cap += strlen(img);
-  body = realloc(body, cap);
+  char *grown = realloc(body, cap);
+  ck_assert_ptr_nonnull(grown);
+  body = grown;
   snprintf(body, cap,
            "{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"boundary\", "
            "\"boundary\": %s, \"strength\": -2, \"eta\": 0}}",
@@ -786,6 +789,87 @@ START_TEST(boundary_h_jobs) {
 }
 END_TEST
 
+/* Issue 13.1, poison jobs: uploaded noise near the float limit (3e38: finite, so the .npy checks
+ * passed it, and the run answered a black PNG as "succeeded") is refused at submission naming the
+ * field; a run that goes non-finite all the same fails naming the step, and the daemon goes on. */
+static void poison_noise(const daemon_proc *d, const char *type, int ndim, const int64_t *shape,
+                         float value) {
+  size_t n = 1;
+  for (int k = 0; k < ndim; k++)
+    n *= (size_t)shape[k];
+  float *v = malloc(n * sizeof *v);
+  for (size_t k = 0; k < n; k++)
+    v[k] = k % 2 ? value : -value;
+  uint8_t *npy = NULL;
+  size_t len = 0;
+  err e = {0};
+  ck_assert_msg(npy_encode_f32(v, ndim, shape, &npy, &len, &e) == 0, "%s", e.msg);
+  char *b64 = base64_encode(npy, len);
+  size_t cap = strlen(b64) + 512;
+  char *body = malloc(cap);
+  snprintf(body, cap,
+           "{\"class_label\": 1, \"seed\": 2, \"scheduler\": {\"name\": \"ddim\", \"steps\": %d}, "
+           "\"edit\": {\"type\": \"%s\", \"noise\": \"%s\"}}",
+           ndim == 5 ? (int)shape[1] - 1 : 5, type, b64);
+  expect_error(d, "POST", "/v1/jobs", body, 400, "out_of_range", "edit.noise");
+  free(body);
+  free(b64);
+  free(npy);
+  free(v);
+}
+
+START_TEST(poison_jobs_are_refused_or_fail) {
+  char st[512];
+  daemon_proc d;
+  const char *env[] = {"DENOISED_FAULT_NAN_SEED=31337", NULL};
+  ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), NULL, env), 0);
+  const int64_t xt[4] = {1, 3, 32, 32}, maps[5] = {1, 6, 3, 32, 32};
+  poison_noise(&d, "invert_ddim", 4, xt, 3e38f);
+  poison_noise(&d, "invert_ddpm", 5, maps, 3e38f);
+  poison_noise(&d, "invert_ddim", 4, xt, 2e4f);
+  /* a run that goes non-finite (the test hook: NaN noise in DDPM's third step) fails, naming
+   * the step where it shows, and leaves no image */
+  char bad[64], path[128];
+  submit_job(&d,
+             "{\"class_label\": 2, \"seed\": 31337, \"scheduler\": {\"name\": \"ddpm\", \"steps\": "
+             "10}}",
+             bad, sizeof bad);
+  wait_state(&d, bad, "finished", 60);
+  for (int pass = 0; pass < 2; pass++) {
+    snprintf(path, sizeof path, "/v1/jobs/%s", bad);
+    http_resp g;
+    http_get(&d, path, &g);
+    json_t *j = http_json(&g);
+    const char *state = json_string_value(json_object_get(j, "state"));
+    const char *msg = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
+    ck_assert_msg(state && strcmp(state, "failed") == 0, "%s", g.body);
+    ck_assert_msg(msg && strstr(msg, "non-finite values in the sampler state at step 4 of 10"),
+                  "%s", g.body);
+    json_decref(j);
+    http_free(&g);
+    snprintf(path, sizeof path, "/v1/jobs/%s/images/0", bad);
+    http_get(&d, path, &g);
+    ck_assert_msg(g.status != 200, "a failed job serves an image");
+    http_free(&g);
+    /* still serving, and after a restart the job stays failed (it is not run again) */
+    http_get(&d, "/healthz", &g);
+    ck_assert_int_eq(g.status, 200);
+    http_free(&g);
+    char id[64];
+    submit_job(
+        &d, "{\"class_label\": 2, \"seed\": 7, \"scheduler\": {\"name\": \"ddpm\", \"steps\": 10}}",
+        id, sizeof id);
+    wait_state(&d, id, "succeeded", 60);
+    ck_assert_msg((daemon_log_count(&d, "non-finite values") > 0) == (pass == 0),
+                  "start %d: the poison job ran %s", pass + 1,
+                  pass ? "again" : "without a log line");
+    daemon_stop(&d);
+    if (pass == 0)
+      ck_assert_int_eq(daemon_start_env(&d, st, NULL, env), 0);
+  }
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_edit");
   TCase *tc = tcase_create("server_edit");
@@ -794,6 +878,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, invert_jobs);
   tcase_add_test(tc, boundary_jobs);
   tcase_add_test(tc, boundary_h_jobs);
+  tcase_add_test(tc, poison_jobs_are_refused_or_fail);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -28,3 +28,14 @@ int err_prefix(err *e, const char *fmt, ...) {
   snprintf(e->msg, sizeof e->msg, "%s: %s", head, old);
   return e->code;
 }
+
+int err_append(err *e, const char *fmt, ...) {
+  if (!e)
+    return ERR_INVALID;
+  size_t len = strlen(e->msg);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(e->msg + len, sizeof e->msg - len, fmt, ap);
+  va_end(ap);
+  return e->code;
+}

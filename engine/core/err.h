@@ -12,6 +12,7 @@ enum {
   ERR_UNSUPPORTED = -5, /* valid but not implemented (config value, dtype) */
   ERR_CANCELLED = -6,   /* caller asked to stop */
   ERR_SHAPE = -7,       /* well-formed data of the wrong shape */
+  ERR_NUMERIC = -8,     /* a computation produced NaN or infinity (the message says where) */
 };
 
 typedef struct err {
@@ -25,5 +26,7 @@ int err_set(err *e, int code, const char *fmt, ...) __attribute__((format(printf
 
 /* Prefixes the message already in e with more context ("loading x: ..."). */
 int err_prefix(err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends context to the message already in e ("... at step 3 of 20"). */
+int err_append(err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

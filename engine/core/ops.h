@@ -49,6 +49,10 @@ void ops_linear(const float *x, int n, int in, int out, const float *weight, con
 
 void ops_silu(const float *x, size_t count, float *y);
 
+/* Whether every value is finite (no NaN, no infinity): one cheap pass, for the checks that stop
+ * a run the moment it goes non-finite. */
+int ops_all_finite(const float *x, size_t count);
+
 /* Nearest-neighbour 2x upsampling: [n][c][h][w] -> [n][c][2h][2w]. */
 void ops_upsample_nearest2x(const float *x, int n, int c, int h, int w, float *y);
 

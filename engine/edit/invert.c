@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ops.h"
 #include "rng.h"
 
 /* The evaluation context shared by both inversions. */
@@ -56,6 +57,10 @@ static int inv_eval(inv_ctx *c, const float *x, double t, float *out, int *nfe, 
     return err_set(e, ERR_CANCELLED, "cancelled in inversion step %d of %d", step + 1, total);
   for (int b = 0; b < o->batch; b++)
     c->tv[b] = (float)t;
+  /* a run stops when it goes non-finite, saying where (as sampler_run does) */
+  if (!isfinite(t) || !ops_all_finite(x, (size_t)o->batch * c->d))
+    return err_set(e, ERR_NUMERIC, "non-finite values in the %s at inversion step %d of %d (t=%g)",
+                   !isfinite(t) ? "timesteps" : "inverted state", step + 1, total, t);
   const model_call mc = {.x = x,
                          .n = o->batch,
                          .h = c->h,
@@ -64,6 +69,8 @@ static int inv_eval(inv_ctx *c, const float *x, double t, float *out, int *nfe, 
                          .labels = o->labels,
                          .threads = o->threads > 0 ? o->threads : 1};
   int rc = guidance_eval(o->guidance, c->m, &mc, out, e);
+  if (rc == ERR_NUMERIC)
+    return err_append(e, " at inversion step %d of %d (t=%g)", step + 1, total, t);
   if (rc != ERR_OK)
     return err_prefix(e, "inversion step %d (t=%g)", step + 1, t);
   (*nfe)++;
@@ -124,6 +131,9 @@ int invert_ddim(const sampler *s, const model *m, const invert_opts *o, const fl
       out[i] = sn * x0p + sbn * pe;
     }
   }
+  if (rc == ERR_OK && !ops_all_finite(out, nd))
+    rc = err_set(e, ERR_NUMERIC, "non-finite values in the inverted state after inversion step %d",
+                 n - stop_step);
   free(mo);
   free(c.tv);
   return rc;
@@ -233,6 +243,13 @@ int invert_ddpm(const sampler *s, const model *m, const invert_opts *o, const fl
     cur = nxt;
     nxt = t;
   }
+  /* a map z = (x_prev - mean) / std overflows when std is tiny against the gap */
+  for (int i = 0; i < o->batch && rc == ERR_OK; i++)
+    for (int k = 0; k <= n && rc == ERR_OK; k++)
+      if (!ops_all_finite(maps + (size_t)i * per + (size_t)k * d, d))
+        rc = err_set(e, ERR_NUMERIC,
+                     "non-finite values in the noise map of inversion step %d of %d (image %d)", k,
+                     n, i);
 done:
   free(cur);
   free(nxt);

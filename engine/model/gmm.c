@@ -259,7 +259,7 @@ int gmm_load(const json_t *config, const char *weights_path, const double *alpha
  * interpolation of log sigma between integer neighbours (_sigma_to_t); this is its inverse. */
 static double abar_at(const gmm *g, double t) {
   const int last = g->num_train_timesteps - 1;
-  if (t <= 0)
+  if (!(t > 0)) /* NaN too: never cast to int below */
     return g->abar[0];
   if (t >= last)
     return g->abar[last];

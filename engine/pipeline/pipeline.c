@@ -164,8 +164,8 @@ static int preview_png(run_ctx *c, int nfe, uint8_t **png, size_t *len) {
     const int T = sampler_train_timesteps(c->s);
     const float *ab = sampler_alphas_cumprod(c->s);
     const double t = tm[nfe];
-    int ti = (int)floor(t);
-    ti = ti < 0 ? 0 : ti >= T - 1 ? T - 2 : ti;
+    const double tf = floor(t); /* clamped before the int conversion */
+    const int ti = !(tf > 0) ? 0 : tf >= T - 1 ? T - 2 : (int)tf;
     const double fr = t - ti < 0 ? 0 : t - ti > 1 ? 1 : t - ti;
     const float a = (float)((1 - fr) * ab[ti] + fr * ab[ti + 1]);
     const float sa = sqrtf(a), sb = sqrtf(1.0f - a);
@@ -255,12 +255,26 @@ static float *replicate(const float *src, int count, size_t n, int batch, err *e
   return out;
 }
 
+int pipeline_check_noise(const float *noise, size_t count, const char *field, err *e) {
+  for (size_t i = 0; i < count; i++)
+    if (!(fabsf(noise[i]) <= (float)PIPELINE_NOISE_MAX))
+      return err_set(e, ERR_INVALID,
+                     "%s: value %zu is %g; noise must be finite and within +-%g (it is standard "
+                     "normal, and larger values overflow float32 during sampling)",
+                     field, i, (double)noise[i], PIPELINE_NOISE_MAX);
+  return ERR_OK;
+}
+
 /* ---- kinds ---- */
 
 static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *out, err *e) {
   const pipeline_request *r = c->r;
   const pipeline_hooks *h = c->h;
-  int rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
+  const model_info *mi = model_get_info(c->m);
+  const size_t nd = (size_t)r->batch * mi->in_channels * out->height * out->width;
+  int rc = r->noise ? pipeline_check_noise(r->noise, nd, "edit.noise", e) : ERR_OK;
+  if (!rc)
+    rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
   if (rc)
     return rc;
   c->s = out->sampler;
@@ -322,6 +336,8 @@ static int run_inversion(run_ctx *c, const float *image, pipeline_result *out, e
                           batch, mi->in_channels, out->height, out->width);
   float *maps = NULL;
   const size_t nm = d * (size_t)batch * (size_t)nmaps;
+  if (r->noise && (rc = pipeline_check_noise(r->noise, nm, "edit.noise", e)) != ERR_OK)
+    return rc;
   if (!(maps = malloc(sizeof *maps * nm)))
     return err_set(e, ERR_NOMEM, "out of memory for the noise maps");
   if (r->noise) {
@@ -365,6 +381,8 @@ static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, er
     return err_set(e, ERR_INVALID,
                    "edit.boundary: a boundary for latents of %d values; this model's have %d",
                    b->dim, mi->in_channels * out->height * out->width);
+  if (r->noise && pipeline_check_noise(r->noise, (size_t)r->batch * b->dim, "edit.noise", e))
+    return e->code;
   sampler *grid = NULL;
   const json_t *mcfg = model_scheduler_config(c->m);
   int rc = edit_grid_sampler(b->solver, mcfg, 0.0, &grid, e);

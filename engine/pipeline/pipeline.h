@@ -122,6 +122,13 @@ typedef struct pipeline_result {
 
 void pipeline_result_clear(pipeline_result *r);
 
+/* Given noise (x_T, or an inversion's maps) is standard normal or close to it; values beyond
+ * +-PIPELINE_NOISE_MAX are not noise and overflow float32 within a few steps (a solver scales
+ * x_T by up to sigma_max), so they are refused like NaN and infinity. */
+#define PIPELINE_NOISE_MAX 1e4
+/* ERR_INVALID naming `field` and the first value that is not finite or beyond the bound. */
+int pipeline_check_noise(const float *noise, size_t count, const char *field, err *e);
+
 /* Runs r on m. Checks what the model cannot do (sizes, guidance, the boundary's dimension) with
  * errors naming the request's part. out is cleared first and on error, except ERR_CANCELLED,
  * where out->images holds the last completed step's samples (the caller clears it). */

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ops.h"
+
 guidance guidance_for(const model *m, double scale) {
   guidance g = {.enabled = 1, .scale = scale, .null_label = model_get_info(m)->null_class};
   return g;
@@ -33,9 +35,23 @@ int guidance_passes(const guidance *g) {
   return g && g->enabled && g->scale != 1.0 && g->scale != 0.0 ? 2 : 1;
 }
 
+static int guided_run(const guidance *g, const model *m, const model_call *c, float *out, err *e);
+
 int guidance_eval(const guidance *g, const model *m, const model_call *c, float *out, err *e) {
-  if (!g || !g->enabled || g->scale == 1.0)
-    return model_run(m, c, out, e);
+  const int guided = g && g->enabled && g->scale != 1.0;
+  int rc = guided ? guided_run(g, m, c, out, e) : model_run(m, c, out, e);
+  if (rc != ERR_OK)
+    return rc;
+  const model_info *mi = model_get_info(m);
+  if (!ops_all_finite(out, (size_t)c->n * mi->out_channels * c->h * c->w))
+    return guided && g->scale != 0.0
+               ? err_set(e, ERR_NUMERIC, "non-finite values in the guidance output (scale %g)",
+                         g->scale)
+               : err_set(e, ERR_NUMERIC, "non-finite values in the model output");
+  return ERR_OK;
+}
+
+static int guided_run(const guidance *g, const model *m, const model_call *c, float *out, err *e) {
   if (!c->labels)
     return err_set(e, ERR_INVALID, "classifier-free guidance needs class labels");
   const model_info *mi = model_get_info(m);
@@ -80,6 +96,10 @@ int guidance_eval(const guidance *g, const model *m, const model_call *c, float 
   both.labels = l2;
   if ((rc = model_run(m, &both, o2, e)) != ERR_OK)
     goto done;
+  if (!ops_all_finite(o2, 2 * nb * dout)) {
+    rc = err_set(e, ERR_NUMERIC, "non-finite values in the model output");
+    goto done;
+  }
   const float s = (float)g->scale;
   const size_t dg = din < dout ? din : dout; /* the guided (prediction) part of each row */
   for (size_t b = 0; b < nb; b++) {

@@ -31,6 +31,9 @@ int guidance_check(const guidance *g, const model *m, err *e);
  * guided; of a learned variance (out_channels = 2 in_channels) only the prediction half is, the
  * variance half is the conditional pass's. */
 int guidance_eval(const guidance *g, const model *m, const model_call *c, float *out, err *e);
+/* (It answers ERR_NUMERIC, "non-finite values in the model output" or "... in the guidance
+ * output", when a value of the model's output or of the guided combination is NaN or infinite:
+ * callers add where in the run that was.) */
 
 /* Evaluations per row of a guided call: 2 (the conditional rows, then the unconditional ones,
  * in one batch of 2 n) or 1 (no guidance, g = 1 or g = 0). */

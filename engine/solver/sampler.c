@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ops.h"
 #include "rng.h"
 #include "sampler_impl.h"
 
@@ -23,12 +24,29 @@ struct run_ctx {
 
 /* ---- evaluation, progress, noise ---- */
 
+/* A run stops the moment a value goes non-finite, naming what and where: the evaluation's
+ * input (the starting noise, or the solver's state), its timesteps, the model's or the guided
+ * output (guidance_eval). One pass over each per evaluation. */
+static int check_input(const run_ctx *r, int step, const float *x, int n, double t, err *e) {
+  const char *what = !ops_all_finite(r->tv, (size_t)n)     ? "timesteps"
+                     : ops_all_finite(x, (size_t)n * r->d) ? NULL
+                     : r->nfe == 0                         ? "starting noise"
+                                                           : "sampler state";
+  if (!what)
+    return ERR_OK;
+  return err_set(e, ERR_NUMERIC, "non-finite values in the %s at step %d of %d (t=%g)", what,
+                 step + 1, r->s->n, t);
+}
+
 static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_t *labels,
                        double t_for_msg, float *out, err *e) {
   const sampler_run_opts *o = r->o;
   const int total = r->s->n;
   if (o->cancel && atomic_load(o->cancel))
     return err_set(e, ERR_CANCELLED, "cancelled in step %d of %d", step + 1, total);
+  int rc = check_input(r, step, x, n, t_for_msg, e);
+  if (rc != ERR_OK)
+    return rc;
   const int hooked = o->first_mid && r->nfe == 0;
   if (hooked && n != r->batch)
     return err_set(e, ERR_INVALID, "step %d: a mid-block replacement needs the whole batch",
@@ -41,7 +59,9 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
                         .labels = labels,
                         .hooks = {.mid_replace = hooked ? o->first_mid : NULL},
                         .threads = o->threads > 0 ? o->threads : 1};
-  int rc = guidance_eval(o->guidance, r->m, &c, out, e);
+  rc = guidance_eval(o->guidance, r->m, &c, out, e);
+  if (rc == ERR_NUMERIC)
+    return err_append(e, " at step %d of %d (t=%g)", step + 1, total, t_for_msg);
   if (rc != ERR_OK)
     return err_prefix(e, "step %d (t=%g)", step + 1, t_for_msg);
   r->nfe++;
@@ -150,7 +170,7 @@ static double log_sigma_ve(double abar) {
 
 double sampler_abar_at(const sampler *s, double t) {
   const int last = s->T - 1;
-  if (t <= 0)
+  if (!(t > 0)) /* NaN too: never cast to int below */
     return s->abar[0];
   if (t >= last)
     return s->abar[last];
@@ -302,7 +322,11 @@ static void ddim_mean(const sampler *s, int k, const float *x, const float *mo, 
   const float sa = sqrtf(a_t), sb = sqrtf(beta_t);
   const float var = (1.0f - a_prev) / beta_t * (1.0f - a_t / a_prev);
   const float std = (float)cfg->eta * sqrtf(var);
-  const float c_dir = sqrtf(1.0f - a_prev - std * std);
+  /* 1 - a_prev - std^2 = (1 - a_prev) a_t (1 / a_prev - 1) / (1 - a_t) >= 0 for eta <= 1, but
+   * float rounding can take it just below zero (eta 1 from a_t near 0: one trailing step);
+   * there diffusers' (.) ** 0.5 gives NaN, zero is the value */
+  const float dir2 = 1.0f - a_prev - std * std;
+  const float c_dir = sqrtf(dir2 > 0.0f ? dir2 : 0.0f);
   const float c_x0 = sqrtf(a_prev);
   predict_x0(cfg->prediction_type, a_t, x, mo, d, x0);
   /* pred_epsilon is taken before clipping, from the raw output */
@@ -832,7 +856,7 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
   }
   if (s->desc->run) {
     rc = s->desc->run(s, &run, out, e);
-    goto done;
+    goto check;
   }
   step_ctx c = {.batch = o->batch,
                 .d = d,
@@ -860,7 +884,7 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
         xin[k] = out[k] / div;
       in = xin;
     }
-    if ((rc = sampler_eval_all(&run, i, in, s->tm[i], mo, e)) != ERR_OK)
+    if ((rc = sampler_eval_all(&run, start + done_steps, in, s->tm[i], mo, e)) != ERR_OK)
       break;
     if (c.mo_stride == d && dout != d) /* a learned variance only DDPM uses */
       for (size_t b = 1; b < nb; b++)
@@ -872,6 +896,10 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     if (s->step_end[i])
       sampler_report(&run, ++done_steps, end - start);
   }
+check: /* the last step's arithmetic comes after the last evaluation */
+  if (rc == ERR_OK && !ops_all_finite(out, nd))
+    rc = err_set(e, ERR_NUMERIC, "non-finite values in the sampler state after step %d of %d",
+                 s->desc->run ? s->n : end, s->n);
 done:
   if (nfe)
     *nfe = run.nfe;

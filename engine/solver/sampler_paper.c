@@ -39,7 +39,7 @@ static int lam_table(sampler *s, err *e) {
 static double lam_at(const sampler *s, double u) {
   const double *L = s->aux;
   const int last = s->n_aux - 1;
-  if (u <= 0)
+  if (!(u > 0)) /* NaN too: never cast to int below */
     return L[0];
   if (u >= last)
     return L[last];
