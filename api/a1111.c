@@ -1,6 +1,7 @@
 /* AUTOMATIC1111 compatibility: /sdapi/v1 request and response shapes and their sampler names
  * mapped onto ours. Their server ignores fields it does not know, so this does too; the fields
  * it uses are still checked and errors still name them. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,13 +107,13 @@ static int a_int(const json_t *obj, const char *key, long long lo, long long hi,
   double x;
   if (json_is_integer(v))
     x = (double)json_integer_value(v);
-  else if (json_is_real(v) && json_real_value(v) == (double)(long long)json_real_value(v))
-    x = json_real_value(v);
+  else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)))
+    x = json_real_value(v); /* 20.0 from a Python client; converted once known in range */
   else
     return api_fail(e, 400, "wrong_type", key, "%s: expected an integer, got %s", key,
                     api_type_name(v));
-  if (x < (double)lo || x > (double)hi)
-    return api_fail(e, 400, "out_of_range", key, "%s: %.0f is out of range [%lld, %lld]", key, x,
+  if (x < (double)lo || x > (double)hi) /* before the cast: 2.13e58 has no long long */
+    return api_fail(e, 400, "out_of_range", key, "%s: %.17g is out of range [%lld, %lld]", key, x,
                     lo, hi);
   *out = (long long)x;
   return 0;
