@@ -70,12 +70,38 @@ int api_fail_queue(api_error *e, const err *qe) {
     return api_fail(e, 503, "unavailable", NULL, "%s", qe->msg);
   case QUEUE_NOT_READY: return api_fail(e, 409, "not_ready", NULL, "%s", qe->msg);
   case QUEUE_TOO_LARGE: return api_fail(e, 413, "job_too_large", NULL, "%s", qe->msg);
+  case QUEUE_KEY_REUSED:
+    return api_fail(e, 422, "idempotency_key_reused", "Idempotency-Key", "%s", qe->msg);
+  case QUEUE_KEY_BUSY:
+    e->retry_after = 1;
+    return api_fail(e, 409, "idempotency_key_busy", "Idempotency-Key", "%s", qe->msg);
   case ERR_IO:
     return api_fail(e, strstr(qe->msg, "No space left") ? 507 : 500, "storage_error", NULL,
                     "the job could not be stored: %s", qe->msg);
   case ERR_NOMEM: return api_fail(e, 503, "out_of_memory", NULL, "%s", qe->msg);
   default: return api_fail(e, 500, "internal", NULL, "%s", qe->msg);
   }
+}
+
+int api_idempotency(const char *key, const char *body, size_t len, queue_spec *spec, api_error *e) {
+  if (!key)
+    return 0;
+  const size_t n = strlen(key);
+  if (n == 0 || n >= sizeof spec->idem_key)
+    return api_fail(e, 400, "invalid_header", "Idempotency-Key",
+                    "Idempotency-Key: 1 to %zu characters", sizeof spec->idem_key - 1);
+  for (size_t i = 0; i < n; i++)
+    if (key[i] < 0x21 || key[i] > 0x7e)
+      return api_fail(e, 400, "invalid_header", "Idempotency-Key",
+                      "Idempotency-Key: visible ASCII characters only (byte %zu)", i);
+  /* FNV-1a: tells a retry from a different request under the same key, not a security check
+   * (a key is the client's own) */
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < len; i++)
+    h = (h ^ (uint8_t)body[i]) * 0x100000001b3ull;
+  memcpy(spec->idem_key, key, n + 1);
+  spec->idem_hash = h;
+  return 0;
 }
 
 int api_parse_uint(const char *s, unsigned long long max, unsigned long long *out) {

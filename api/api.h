@@ -32,6 +32,10 @@ int api_fail_queue(api_error *e, const err *qe);
  * must not see a different request. Returns 0, or -1 with *out untouched. */
 int api_parse_uint(const char *s, unsigned long long max, unsigned long long *out);
 
+/* An Idempotency-Key header (NULL: none) into spec, with a hash of the request body; 400
+ * naming the header if it is empty, over 255 characters or not visible ASCII. */
+int api_idempotency(const char *key, const char *body, size_t len, queue_spec *spec, api_error *e);
+
 typedef struct api_ctx {
   queue *q;
   const char *default_model;

@@ -102,9 +102,10 @@ struct queue {
   int npending;              /* submissions being written to the store, counted against queue_max */
   uint64_t fault_crash_seed; /* tests only: a job with this seed aborts the worker */
   store_fault env_fault;     /* tests only: DENOISED_FAULT_STORE */
-  uv_timer_t retry;          /* writes final states that failed to be stored, probes the store */
-  int unsettled;             /* jobs whose final state failed to be written */
-  int store_ok;              /* the last write or probe succeeded */
+  int fault_kill_after_record; /* tests only: DENOISED_FAULT_KILL_AFTER_RECORD */
+  uv_timer_t retry;            /* writes final states that failed to be stored, probes the store */
+  int unsettled;               /* jobs whose final state failed to be written */
+  int store_ok;                /* the last write or probe succeeded */
   char store_why[256];
   double last_probe;
   uint64_t fault_nan_seed; /* tests only: a job with this seed gets NaN step noise */

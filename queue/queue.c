@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -104,6 +105,8 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
    * would (tests/test_durability.c crash_loop_is_broken). Unset in production. */
   const char *crash = getenv("DENOISED_FAULT_CRASH_SEED");
   q->fault_crash_seed = crash ? strtoull(crash, NULL, 10) : 0;
+  /* Test-only: killed between a job's record write and its 202 (idempotent retries). */
+  q->fault_kill_after_record = getenv("DENOISED_FAULT_KILL_AFTER_RECORD") != NULL;
   /* Test-only storage faults (tests/test_faults.c sets o->store_fault; daemon tests use the
    * variable, e.g. "write:40:sticky:ENOSPC" for a disk that fills up). */
   store_fault *fault = o->store_fault;
@@ -181,7 +184,50 @@ static int count_active(queue *q, const char *owner) {
   return n;
 }
 
+/* The job an earlier submission with spec's idempotency key made (lock held), or NULL. A
+ * linear scan: retained jobs are bounded by queue_max and result_ttl. */
+static qjob *find_by_key(queue *q, const queue_spec *spec) {
+  for (int i = q->njobs - 1; i >= 0; i--) {
+    qjob *j = q->jobs[i];
+    if (j->spec.idem_key[0] && strcmp(j->spec.idem_key, spec->idem_key) == 0 &&
+        strcmp(j->spec.owner, spec->owner) == 0)
+      return j;
+  }
+  return NULL;
+}
+
+/* A submission repeated with its idempotency key (lock held, released): the first job. */
+static int replay(queue *q, qjob *first, queue_spec *spec, queue_job_view *out, err *e) {
+  char id[QUEUE_ID_SIZE];
+  snprintf(id, sizeof id, "%s", first->id);
+  if (first->spec.idem_hash != spec->idem_hash) {
+    pthread_mutex_unlock(&q->mu);
+    return err_set(e, QUEUE_KEY_REUSED,
+                   "Idempotency-Key '%s' was used with a different request (job %s)",
+                   spec->idem_key, id);
+  }
+  if (first->pending) {
+    pthread_mutex_unlock(&q->mu);
+    return err_set(e, QUEUE_KEY_BUSY,
+                   "the first request with Idempotency-Key '%s' is still being accepted; retry",
+                   spec->idem_key);
+  }
+  if (out) {
+    qjob_view(q, first, out);
+    out->replayed = 1;
+  }
+  pthread_mutex_unlock(&q->mu);
+  queue_spec_clear(spec);
+  memset(spec, 0, sizeof *spec);
+  return ERR_OK;
+}
+
 int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
+  pthread_mutex_lock(&q->mu);
+  qjob *first = spec->idem_key[0] ? find_by_key(q, spec) : NULL;
+  if (first) /* before any limit: a retry of an accepted job is never refused for load */
+    return replay(q, first, spec, out, e);
+  pthread_mutex_unlock(&q->mu);
   qjob *j = calloc(1, sizeof *j);
   if (!j)
     return err_set(e, ERR_NOMEM, "out of memory");
@@ -190,6 +236,10 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     pthread_mutex_unlock(&q->mu);
     free(j);
     return err_set(e, QUEUE_STOPPING, "the server is shutting down");
+  }
+  if (spec->idem_key[0] && (first = find_by_key(q, spec))) { /* raced in meanwhile */
+    free(j);
+    return replay(q, first, spec, out, e);
   }
   if (q->nqueued + q->npending >= q->o.queue_max) {
     q->rejected_full++;
@@ -254,6 +304,8 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     qjob_free(j);
     return rc;
   }
+  if (q->fault_kill_after_record) /* tests only: the process dies before the 202 */
+    raise(SIGKILL);
   j->pending = 0;
   if (qjob_enqueue(q, j) != ERR_OK) {
     pthread_mutex_unlock(&q->mu);

@@ -16,17 +16,20 @@
 
 /* Error codes beyond err.h's, in err.code. */
 enum {
-  QUEUE_FULL = -100,      /* queue_max jobs are waiting */
-  QUEUE_LIMIT = -101,     /* this API key has max_jobs_per_key unfinished jobs */
-  QUEUE_NOT_FOUND = -102, /* no such job (or not the caller's) */
-  QUEUE_CONFLICT = -103,  /* the job is finished: nothing to cancel */
-  QUEUE_STOPPING = -104,  /* shutting down: no new jobs */
-  QUEUE_NOT_READY = -105, /* the image is not produced (yet) */
-  QUEUE_TOO_LARGE = -106, /* the job's record (inputs included) exceeds max_job_bytes */
+  QUEUE_FULL = -100,       /* queue_max jobs are waiting */
+  QUEUE_LIMIT = -101,      /* this API key has max_jobs_per_key unfinished jobs */
+  QUEUE_NOT_FOUND = -102,  /* no such job (or not the caller's) */
+  QUEUE_CONFLICT = -103,   /* the job is finished: nothing to cancel */
+  QUEUE_STOPPING = -104,   /* shutting down: no new jobs */
+  QUEUE_NOT_READY = -105,  /* the image is not produced (yet) */
+  QUEUE_TOO_LARGE = -106,  /* the job's record (inputs included) exceeds max_job_bytes */
+  QUEUE_KEY_REUSED = -107, /* the idempotency key names a job of a different request */
+  QUEUE_KEY_BUSY = -108,   /* the idempotency key's first submission is still being stored */
 };
 
 #define QUEUE_ID_SIZE 32
 #define QUEUE_NAME_SIZE 64
+#define QUEUE_KEY_SIZE 256 /* an idempotency key, NUL included */
 
 typedef enum {
   QUEUE_QUEUED,
@@ -71,6 +74,10 @@ typedef struct queue_spec {
    * skip, shift [dx, dy], colour [r, g, b], colour_from, noise (base64 .npy), boundary (the
    * boundary file's object), eta. */
   json_t *edit_args;
+  /* The client's Idempotency-Key ("" for none) and a hash of the request it came with: another
+   * submission of the same owner with the same key gets the first job back (queue_submit). */
+  char idem_key[QUEUE_KEY_SIZE];
+  uint64_t idem_hash;
 } queue_spec;
 
 enum {
@@ -183,13 +190,17 @@ typedef struct queue_job_view {
    * failing): the state shown is the one before, and the write is retried. */
   char store_error[256];
   uint64_t last_seq;
+  int replayed;    /* queue_submit: an earlier job with the same idempotency key */
   queue_spec spec; /* a copy; queue_view_clear frees it */
 } queue_job_view;
 
 void queue_view_clear(queue_job_view *v);
 
 /* Accepts a job: on disk (durable) before it returns. The spec is moved into the queue on
- * success (left empty) and untouched on failure. */
+ * success (left empty) and untouched on failure. A spec with an idempotency key that an
+ * earlier job of the same owner holds is not queued again: out is that job, with replayed set
+ * (QUEUE_KEY_REUSED if the requests differ, QUEUE_KEY_BUSY while the first is being stored).
+ * Keys are remembered as long as their job (result_ttl), across restarts. */
 int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e);
 
 /* owner NULL sees every job; otherwise only jobs with that owner exist. */

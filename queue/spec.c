@@ -84,6 +84,12 @@ json_t *queue_spec_to_json(const queue_spec *s) {
     if (s->edit_args)
       json_object_set(j, "edit_args", s->edit_args);
   }
+  if (j && s->idem_key[0]) {
+    char hash[17];
+    snprintf(hash, sizeof hash, "%016llx", (unsigned long long)s->idem_hash);
+    json_object_set_new(j, "idempotency_key", json_string(s->idem_key));
+    json_object_set_new(j, "idempotency_hash", json_string(hash));
+  }
   return j;
 }
 
@@ -117,6 +123,12 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   if (label && json_is_integer(label)) {
     s->has_label = 1;
     s->label = json_integer_value(label);
+  }
+  const char *key = json_string_value(json_object_get(j, "idempotency_key"));
+  const char *hash = json_string_value(json_object_get(j, "idempotency_hash"));
+  if (key && hash && strlen(key) < sizeof s->idem_key && strlen(hash) == 16) {
+    snprintf(s->idem_key, sizeof s->idem_key, "%s", key);
+    s->idem_hash = strtoull(hash, NULL, 16);
   }
   if (gscale && json_is_number(gscale)) {
     s->has_guidance = 1;

@@ -382,6 +382,13 @@ static enum MHD_Result serve_noise(srv *s, struct MHD_Connection *c, req *r, con
 static int submit(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec, queue_job_view *v,
                   enum MHD_Result *ret) {
   err e = {0};
+  api_error ke = {0};
+  if (api_idempotency(MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Idempotency-Key"), r->body,
+                      r->len, spec, &ke)) {
+    queue_spec_clear(spec);
+    *ret = send_error(s, c, r, &ke);
+    return -1;
+  }
   if (queue_submit(s->q, spec, v, &e) != ERR_OK) {
     queue_spec_clear(spec);
     api_error ae = {0};
@@ -407,9 +414,12 @@ static enum MHD_Result post_job(srv *s, struct MHD_Connection *c, req *r) {
   char loc[128];
   snprintf(loc, sizeof loc, JOBS_PREFIX "%s", v.id);
   json_t *j = api_job_json(&v, JOBS_PREFIX);
+  const int replayed = v.replayed;
   queue_view_clear(&v);
-  log_event(LOG_INFO, "job accepted", "req", r->id, "job", r->job, LOG_END);
-  return send_json_h(s, c, r, 202, j, MHD_HTTP_HEADER_LOCATION, loc);
+  log_event(LOG_INFO, replayed ? "job replayed (Idempotency-Key)" : "job accepted", "req", r->id,
+            "job", r->job, LOG_END);
+  /* a retry gets the first job, 200: nothing new was accepted */
+  return send_json_h(s, c, r, replayed ? 200 : 202, j, MHD_HTTP_HEADER_LOCATION, loc);
 }
 
 /* Submits and waits: the connection thread blocks, the workers do not. */

@@ -427,6 +427,77 @@ END_TEST
 
 static int run_cmd(char *out, size_t n, const char *fmt, ...);
 
+static long post_keyed(const daemon_proc *d, const char *key, const char *body, http_resp *r) {
+  char h[400];
+  snprintf(h, sizeof h, "Idempotency-Key: %s", key);
+  const char *hdrs[] = {h, NULL};
+  return http_req(d, "POST", "/v1/jobs", body, strlen(body), hdrs, r);
+}
+
+static void expect_job_id(const http_resp *r, const char *id) {
+  json_t *j = http_json(r);
+  ck_assert_str_eq(json_string_value(json_object_get(j, "id")), id);
+  json_decref(j);
+}
+
+/* Idempotency-Key: a retried POST returns the first job (200, same id), a different body under
+ * the same key is a 422, malformed keys are 400; and a client whose connection died after the
+ * record was written but before the 202 (the daemon killed there by a test-only hook) gets the
+ * job it did submit when it retries after the restart: one job, not two. */
+START_TEST(idempotent_submission) {
+  char st[512], id[64];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  http_resp r;
+  ck_assert_int_eq(post_keyed(&d, "order-1", SMALL_JOB, &r), 202);
+  json_t *j = http_json(&r);
+  snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
+  json_decref(j);
+  http_free(&r);
+  ck_assert_int_eq(post_keyed(&d, "order-1", SMALL_JOB, &r), 200);
+  expect_job_id(&r, id);
+  http_free(&r);
+  ck_assert_int_eq(post_keyed(&d, "order-1", LONG_JOB, &r), 422);
+  ck_assert_ptr_nonnull(strstr(r.body, "\"field\":\"Idempotency-Key\""));
+  ck_assert_ptr_nonnull(strstr(r.body, id));
+  http_free(&r);
+  char long_key[300];
+  memset(long_key, 'k', sizeof long_key - 1);
+  long_key[sizeof long_key - 1] = 0;
+  ck_assert_int_eq(post_keyed(&d, long_key, SMALL_JOB, &r), 400);
+  ck_assert_ptr_nonnull(strstr(r.body, "Idempotency-Key"));
+  http_free(&r);
+  ck_assert_int_eq(post_keyed(&d, "caf\xc3\xa9", SMALL_JOB, &r), 400);
+  http_free(&r);
+  wait_state(&d, id, "succeeded", 60);
+  ck_assert_int_eq(post_keyed(&d, "order-1", SMALL_JOB, &r), 200); /* finished: still the same */
+  expect_job_id(&r, id);
+  http_free(&r);
+  daemon_stop(&d);
+
+  /* killed between the record and the 202 */
+  const char *env[] = {"DENOISED_FAULT_KILL_AFTER_RECORD=1", NULL};
+  ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), args, env), 0);
+  ck_assert_int_le(post_keyed(&d, "order-2", SMALL_JOB, &r), 0); /* no answer */
+  http_free(&r);
+  ck_assert_int_eq(daemon_wait_exit(&d, 30), 128 + SIGKILL);
+  ck_assert_int_eq(daemon_start(&d, st, args), 0);
+  ck_assert_int_eq(post_keyed(&d, "order-2", SMALL_JOB, &r), 200);
+  j = http_json(&r);
+  snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
+  json_decref(j);
+  http_free(&r);
+  ck_assert_int_eq(http_get(&d, "/v1/jobs", &r), 200);
+  j = http_json(&r);
+  ck_assert_int_eq(json_array_size(json_object_get(j, "jobs")), 1);
+  json_decref(j);
+  http_free(&r);
+  wait_state(&d, id, "succeeded", 60);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* Polls a job until it is finished or its final state waits on the store (store_error); returns
  * the job's JSON. */
 static json_t *wait_settled(const daemon_proc *d, const char *id, double timeout_s) {
@@ -704,6 +775,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, disk_errors_are_clear);
   tcase_add_test(tc, full_disk_is_clear);
   tcase_add_test(tc, disk_fills_up_without_root);
+  tcase_add_test(tc, idempotent_submission);
   tcase_add_test(tc, startup_errors_and_config_check);
   tcase_add_test(tc, deploy_files);
   suite_add_tcase(s, tc);
