@@ -1,7 +1,6 @@
 /* AUTOMATIC1111 compatibility: /sdapi/v1 request and response shapes and their sampler names
  * mapped onto ours. Their server ignores fields it does not know, so this does too; the fields
  * it uses are still checked and errors still name them. */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,26 +96,38 @@ json_t *api_sd_models_json(const api_ctx *c) {
   return arr;
 }
 
-/* Integer-valued field (A1111 clients sometimes send 20.0). */
+/* Integer-valued field, absent when null (A1111 clients sometimes send 20.0). */
 static int a_int(const json_t *obj, const char *key, long long lo, long long hi, long long *out,
                  int *present, api_error *e) {
   const json_t *v = json_object_get(obj, key);
   *present = v && !json_is_null(v);
-  if (!*present)
-    return 0;
-  double x;
-  if (json_is_integer(v))
-    x = (double)json_integer_value(v);
-  else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)))
-    x = json_real_value(v); /* 20.0 from a Python client; converted once known in range */
-  else
-    return api_fail(e, 400, "wrong_type", key, "%s: expected an integer, got %s", key,
-                    api_type_name(v));
-  if (x < (double)lo || x > (double)hi) /* before the cast: 2.13e58 has no long long */
-    return api_fail(e, 400, "out_of_range", key, "%s: %.17g is out of range [%lld, %lld]", key, x,
-                    lo, hi);
-  *out = (long long)x;
-  return 0;
+  return *present ? api_int_value(v, key, lo, hi, 1, out, e) : 0;
+}
+
+/* An error of the native request we built, told in the A1111 names the client sent: the field
+ * and the message's leading "field:" alike. */
+static void theirs(api_error *e, const char *sampler_field) {
+  static const char *const map[][2] = {{"class_label", "prompt"},
+                                       {"scheduler.steps", "steps"},
+                                       {"scheduler.options.eta", "eta"},
+                                       {"model", "override_settings.sd_model_checkpoint"}};
+  const char *name = NULL;
+  for (size_t i = 0; i < sizeof map / sizeof *map && !name; i++)
+    if (strcmp(e->field, map[i][0]) == 0)
+      name = map[i][1];
+  if (strcmp(e->field, "scheduler.name") == 0)
+    name = sampler_field;
+  else if (strncmp(e->field, "guidance.", 9) == 0)
+    name = "cfg_scale";
+  if (!name)
+    return;
+  const size_t n = strlen(e->field);
+  if (strncmp(e->message, e->field, n) == 0 && e->message[n] == ':') {
+    char rest[sizeof e->message];
+    snprintf(rest, sizeof rest, "%s", e->message + n);
+    snprintf(e->message, sizeof e->message, "%s%s", name, rest);
+  }
+  snprintf(e->field, sizeof e->field, "%s", name);
 }
 
 int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char *owner,
@@ -248,20 +259,8 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
   }
   rc = api_parse_job(c, text, strlen(text), owner, out, e);
   free(text);
-  if (rc) { /* name their fields, not ours */
-    if (strcmp(e->field, "class_label") == 0)
-      snprintf(e->field, sizeof e->field, "prompt");
-    else if (strcmp(e->field, "scheduler.steps") == 0)
-      snprintf(e->field, sizeof e->field, "steps");
-    else if (strcmp(e->field, "scheduler.name") == 0)
-      snprintf(e->field, sizeof e->field, "%s", sfield);
-    else if (strcmp(e->field, "scheduler.options.eta") == 0)
-      snprintf(e->field, sizeof e->field, "eta");
-    else if (strcmp(e->field, "model") == 0)
-      snprintf(e->field, sizeof e->field, "override_settings.sd_model_checkpoint");
-    else if (strncmp(e->field, "guidance.", 9) == 0)
-      snprintf(e->field, sizeof e->field, "cfg_scale");
-  }
+  if (rc) /* name their fields, not ours */
+    theirs(e, sfield);
 done:
   json_decref(j);
   return rc;

@@ -19,23 +19,37 @@
 #define MAX_SEED ((1ll << 53) - 1) /* JSON clients carry numbers as doubles */
 #define MAX_FIRST_IMAGE (1ll << 31)
 
+/* The length of the well-formed UTF-8 sequence at p, or 0: RFC 3629's table, so no C0/C1 or
+ * other overlong form, no surrogate (ED A0-BF), nothing above U+10FFFF (F4 90+, F5-FF), no
+ * stray continuation byte and no sequence cut short (a NUL is never a continuation byte, so
+ * nothing is read past the end). */
+static int utf8_sequence(const unsigned char *p) {
+  const unsigned c = p[0];
+  if (c < 0x80)
+    return 1;
+  if (c < 0xc2 || c > 0xf4)
+    return 0;
+  const int n = c < 0xe0 ? 2 : c < 0xf0 ? 3 : 4;
+  const unsigned lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80;
+  const unsigned hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+  if (p[1] < lo || p[1] > hi)
+    return 0;
+  for (int i = 2; i < n; i++)
+    if ((p[i] & 0xc0) != 0x80)
+      return 0;
+  return n;
+}
+
 /* Messages quote what clients sent (a .npy header, a key) and may be cut mid-character: JSON
- * strings must be UTF-8, so every byte that does not start a whole sequence becomes '?'. */
+ * strings must be UTF-8 or the error cannot be sent at all, so every byte that does not begin a
+ * well-formed sequence becomes '?'. */
 static void make_utf8(char *s) {
   for (unsigned char *p = (unsigned char *)s; *p;) {
-    const int n = *p < 0x80             ? 1
-                  : (*p & 0xe0) == 0xc0 ? 2
-                  : (*p & 0xf0) == 0xe0 ? 3
-                  : (*p & 0xf8) == 0xf0 ? 4
-                                        : 0;
-    int ok = n > 0 && !(n == 2 && *p < 0xc2);
-    for (int i = 1; ok && i < n; i++)
-      ok = (p[i] & 0xc0) == 0x80;
-    if (!ok) {
+    const int n = utf8_sequence(p);
+    if (n)
+      p += n;
+    else
       *p++ = '?';
-      continue;
-    }
-    p += n;
   }
 }
 
@@ -146,6 +160,31 @@ const char *api_type_name(const json_t *v) {
   }
 }
 
+int api_int_value(const json_t *v, const char *field, long long lo, long long hi, int allow_real,
+                  long long *out, api_error *e) {
+  long long x;
+  if (json_is_integer(v)) {
+    x = json_integer_value(v);
+  } else if (allow_real && json_is_real(v)) {
+    const double d = json_real_value(v);
+    /* the range first: converting a double outside long long is undefined behaviour */
+    if (!(d >= (double)lo && d <= (double)hi && fabs(d) < 0x1p62))
+      return api_fail(e, 400, "out_of_range", field, "%s: %g is out of range [%lld, %lld]", field,
+                      d, lo, hi);
+    if (d != floor(d))
+      return api_fail(e, 400, "wrong_type", field, "%s: expected an integer, got %g", field, d);
+    x = (long long)d;
+  } else {
+    return api_fail(e, 400, "wrong_type", field, "%s: expected an integer, got %s", field,
+                    api_type_name(v));
+  }
+  if (x < lo || x > hi)
+    return api_fail(e, 400, "out_of_range", field, "%s: %lld is out of range [%lld, %lld]", field,
+                    x, lo, hi);
+  *out = x;
+  return 0;
+}
+
 /* An integer field in [lo, hi]; 0 with *out untouched when absent. */
 int api_get_int(const json_t *obj, const char *key, const char *field, long long lo, long long hi,
                 long long *out, int *present, api_error *e) {
@@ -153,15 +192,7 @@ int api_get_int(const json_t *obj, const char *key, const char *field, long long
   *present = v != NULL;
   if (!v)
     return 0;
-  if (!json_is_integer(v))
-    return api_fail(e, 400, "wrong_type", field, "%s: expected an integer, got %s", field,
-                    api_type_name(v));
-  long long x = json_integer_value(v);
-  if (x < lo || x > hi)
-    return api_fail(e, 400, "out_of_range", field, "%s: %lld is out of range [%lld, %lld]", field,
-                    x, lo, hi);
-  *out = x;
-  return 0;
+  return api_int_value(v, field, lo, hi, 0, out, e);
 }
 
 static int parse_body(const char *body, size_t len, json_t **out, api_error *e) {
@@ -237,6 +268,18 @@ int api_parse_label(const json_t *v, const queue_model_desc *md, const char *fie
   }
   return api_fail(e, 400, "wrong_type", field, "%s: expected a class index or name, got %s", field,
                   api_type_name(v));
+}
+
+/* The null class of a model that names its classes and not it (glyphs32's 36) is the
+ * unconditional label guidance uses, not a picture anyone asked for. */
+static int check_not_null_class(const queue_model_desc *md, int64_t label, api_error *e) {
+  const size_t named = md->class_labels ? json_array_size(md->class_labels) : 0;
+  if (md->null_class < 0 || label != md->null_class || !named || (size_t)label < named)
+    return 0;
+  return api_fail(e, 400, "out_of_range", "class_label",
+                  "class_label: %lld is model '%s''s null class (the unconditional label of "
+                  "classifier-free guidance), not a class: give one of [0, %zu)",
+                  (long long)label, md->name, named);
 }
 
 /* Checks a size against what the model can produce. */
@@ -413,7 +456,8 @@ static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *ow
                     names[0] ? names : "an index");
       goto done;
     }
-    if ((rc = api_parse_label(f->label, &md, "class_label", &out->label, e)))
+    if ((rc = api_parse_label(f->label, &md, "class_label", &out->label, e)) ||
+        (rc = check_not_null_class(&md, out->label, e)))
       goto done;
     out->has_label = 1;
   } else if (f->label && !json_is_null(f->label)) {
@@ -505,6 +549,8 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   if ((rc = api_check_keys(j, "", top, e)))
     goto done;
   const json_t *v = json_object_get(j, "model");
+  if (json_is_null(v)) /* as for every other nullable field: the default */
+    v = NULL;
   if (v && !json_is_string(v)) {
     rc = api_fail(e, 400, "wrong_type", "model", "model: expected a model name, got %s",
                   api_type_name(v));

@@ -10,6 +10,11 @@
 
 /* "an object", "an integer", ... for messages. */
 const char *api_type_name(const json_t *v);
+/* The one reader of integer fields: a JSON integer or, with allow_real, an integral number
+ * (A1111 clients send 20.0), in [lo, hi]. The range is checked before any conversion, so
+ * 2.13e58 is a 400 naming the field and the range, never an out-of-range cast. */
+int api_int_value(const json_t *v, const char *field, long long lo, long long hi, int allow_real,
+                  long long *out, api_error *e);
 /* An integer field in [lo, hi]; 0 with *out untouched when absent. */
 int api_get_int(const json_t *obj, const char *key, const char *field, long long lo, long long hi,
                 long long *out, int *present, api_error *e);

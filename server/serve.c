@@ -113,22 +113,27 @@ static void reload(srv *s, const serve_args *a) {
     log_event(LOG_ERROR, "reload: model list not changed", "error", e.msg, LOG_END);
     return;
   }
-  auth keys;
-  if (auth_load(c.api_keys_file, getenv("DENOISED_API_KEYS"), &keys, &e)) {
-    log_event(LOG_ERROR, "reload: API keys not changed", "error", e.msg, LOG_END);
-  } else if (s->api.auth != (keys.n > 0)) {
-    log_event(LOG_ERROR, "reload: turning API keys on or off needs a restart; keys unchanged",
-              LOG_END);
-    auth_free(&keys);
-  } else {
-    pthread_rwlock_wrlock(&s->auth_lock);
-    auth old = s->keys;
-    s->keys = keys;
-    pthread_rwlock_unlock(&s->auth_lock);
-    auth_free(&old);
-  }
   char n[16];
   snprintf(n, sizeof n, "%d", c.nmodels);
+  auth keys;
+  if (auth_load(c.api_keys_file, getenv("DENOISED_API_KEYS"), &keys, &e)) {
+    log_event(LOG_ERROR, "reload incomplete: models reread, API keys not changed", "models", n,
+              "error", e.msg, LOG_END);
+    return;
+  }
+  if (s->api.auth != (keys.n > 0)) {
+    log_event(LOG_ERROR,
+              "reload incomplete: models reread; turning API keys on or off needs a restart, "
+              "keys not changed",
+              "models", n, LOG_END);
+    auth_free(&keys);
+    return;
+  }
+  pthread_rwlock_wrlock(&s->auth_lock);
+  auth old = s->keys;
+  s->keys = keys;
+  pthread_rwlock_unlock(&s->auth_lock);
+  auth_free(&old);
   log_event(LOG_INFO, "reloaded: log reopened, models and API keys reread", "models", n, LOG_END);
 }
 

@@ -35,6 +35,20 @@ typedef struct parser {
   err *e;
 } parser;
 
+/* A header string as messages quote it: bytes outside printable ASCII as \xNN, so an error
+ * about '<f\xf5' says which byte is wrong and is valid text wherever it goes (JSON, logs). */
+static const char *quoted(const char *in, char *out, size_t n) {
+  size_t k = 0;
+  for (const unsigned char *p = (const unsigned char *)in; *p && k + 5 < n; p++) {
+    if (*p >= 0x20 && *p < 0x7f && *p != '\\')
+      out[k++] = (char)*p;
+    else
+      k += (size_t)snprintf(out + k, n - k, "\\x%02x", *p);
+  }
+  out[k] = 0;
+  return out;
+}
+
 static void skip_ws(parser *ps) {
   while (ps->p < ps->end && (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\n' || *ps->p == '\r'))
     ps->p++;
@@ -160,7 +174,7 @@ static int parse_descr(parser *ps, npy_header *h) {
   if (ps->p < ps->end && *ps->p == '[')
     return err_set(ps->e, ERR_UNSUPPORTED, "%s: structured .npy dtypes are not supported",
                    ps->path);
-  char d[32];
+  char d[32], q[130];
   int rc = parse_string(ps, d, sizeof d);
   if (rc)
     return rc;
@@ -182,13 +196,13 @@ static int parse_descr(parser *ps, npy_header *h) {
   if (d[0] == '>')
     return err_set(ps->e, ERR_UNSUPPORTED,
                    "%s: big-endian .npy dtype '%s' is not supported (save it little-endian)",
-                   ps->path, d);
+                   ps->path, quoted(d, q, sizeof q));
   if (strcmp(d, "|O") == 0 || strcmp(d, "<O") == 0)
     return err_set(ps->e, ERR_UNSUPPORTED, "%s: object .npy arrays (pickles) are not supported",
                    ps->path);
   return err_set(ps->e, ERR_UNSUPPORTED,
                  "%s: .npy dtype '%s' is not supported (want <f4, <f8, <i4, <i8, |u1 or |i1)",
-                 ps->path, d);
+                 ps->path, quoted(d, q, sizeof q));
 }
 
 static int parse_dict(const char *path, const char *text, size_t len, npy_header *h, err *e) {
@@ -202,7 +216,7 @@ static int parse_dict(const char *path, const char *text, size_t len, npy_header
       ps.p++;
       break;
     }
-    char key[32];
+    char key[32], q[130];
     if ((rc = parse_string(&ps, key, sizeof key)))
       return rc;
     if ((rc = expect(&ps, ':')))
@@ -218,12 +232,14 @@ static int parse_dict(const char *path, const char *text, size_t len, npy_header
       seen = &have_shape;
       rc = parse_shape(&ps, h);
     } else {
-      return err_set(e, ERR_FORMAT, "%s: unexpected key '%s' in .npy header", path, key);
+      return err_set(e, ERR_FORMAT, "%s: unexpected key '%s' in .npy header", path,
+                     quoted(key, q, sizeof q));
     }
     if (rc)
       return rc;
     if (*seen)
-      return err_set(e, ERR_FORMAT, "%s: duplicate key '%s' in .npy header", path, key);
+      return err_set(e, ERR_FORMAT, "%s: duplicate key '%s' in .npy header", path,
+                     quoted(key, q, sizeof q));
     *seen = 1;
     skip_ws(&ps);
     if (ps.p < ps.end && *ps.p == ',')
