@@ -397,14 +397,15 @@ int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *ou
   return ERR_OK;
 }
 
-int queue_cancel_running(queue *q, const char *owner) {
+int queue_cancel_running(queue *q, const char *owner, const char *client) {
   char ids[64][QUEUE_ID_SIZE];
   int n = 0;
   pthread_mutex_lock(&q->mu);
   for (int i = 0; i < q->nrunning && n < 64; i++)
     for (int k = 0; k < q->running[i]->njobs && n < 64; k++) {
       qjob *j = q->running[i]->jobs[k];
-      if (qjob_live(j) && (!owner || strcmp(owner, j->spec.owner) == 0))
+      if (qjob_live(j) && (!owner || strcmp(owner, j->spec.owner) == 0) &&
+          (!client || strcmp(client, j->spec.client) == 0))
         snprintf(ids[n++], QUEUE_ID_SIZE, "%s", j->id);
     }
   pthread_mutex_unlock(&q->mu);

@@ -78,6 +78,9 @@ typedef struct queue_spec {
    * submission of the same owner with the same key gets the first job back (queue_submit). */
   char idem_key[QUEUE_KEY_SIZE];
   uint64_t idem_hash;
+  /* Who submitted it, as far as the server can tell without API keys (a client token or the
+   * peer address): an interrupt without a job id reaches only that client's jobs. */
+  char client[QUEUE_NAME_SIZE];
 } queue_spec;
 
 enum {
@@ -214,8 +217,8 @@ int queue_list(queue *q, const char *owner, const char *before, int state, int l
 /* Cancels: a queued job leaves the queue, a running one stops at the next step boundary.
  * QUEUE_CONFLICT for a finished job. */
 int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *out, err *e);
-/* Cancels every running job of owner (NULL: all); returns how many. */
-int queue_cancel_running(queue *q, const char *owner);
+/* Cancels every running job of owner and client (NULL: any); returns how many. */
+int queue_cancel_running(queue *q, const char *owner, const char *client);
 
 /* The first running job of owner (or the head of its queue); 1 if there is one. */
 int queue_current(queue *q, const char *owner, queue_job_view *out, int *queued_total);

@@ -84,6 +84,8 @@ json_t *queue_spec_to_json(const queue_spec *s) {
     if (s->edit_args)
       json_object_set(j, "edit_args", s->edit_args);
   }
+  if (j && s->client[0])
+    json_object_set_new(j, "client", json_string(s->client));
   if (j && s->idem_key[0]) {
     char hash[17];
     snprintf(hash, sizeof hash, "%016llx", (unsigned long long)s->idem_hash);
@@ -124,6 +126,9 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
     s->has_label = 1;
     s->label = json_integer_value(label);
   }
+  const char *client = json_string_value(json_object_get(j, "client"));
+  if (client && strlen(client) < sizeof s->client)
+    snprintf(s->client, sizeof s->client, "%s", client);
   const char *key = json_string_value(json_object_get(j, "idempotency_key"));
   const char *hash = json_string_value(json_object_get(j, "idempotency_hash"));
   if (key && hash && strlen(key) < sizeof s->idem_key && strlen(hash) == 16) {

@@ -956,7 +956,32 @@ START_TEST(generate_and_a1111) {
   ck_assert(json_real_value(json_object_get(j, "progress")) > 0);
   json_decref(j);
   http_free(&r);
+  /* without API keys an interrupt stops only the caller's own jobs: another client (token) or
+   * the same address with a token of its own leaves this job running */
+  const char *other[] = {"X-Client-Token: tab-2", NULL};
+  ck_assert_int_eq(http_req(&d, "POST", "/sdapi/v1/interrupt", "{}", 2, other, &r), 200);
+  http_free(&r);
+  char st2[32];
+  job_state(&d, id, st2, sizeof st2, NULL);
+  ck_assert_str_eq(st2, "running");
+  ck_assert_int_eq(http_post(&d, "/sdapi/v1/interrupt", "", &r), 200); /* same address */
+  http_free(&r);
+  wait_state(&d, id, "cancelled", 30);
+  /* a job submitted with a client token: only that token interrupts it */
+  const char *tab1[] = {"X-Client-Token: tab-1", NULL};
+  ck_assert_int_eq(http_req(&d, "POST", "/v1/jobs", LONG_JOB, strlen(LONG_JOB), tab1, &r), 202);
+  j = http_json(&r);
+  snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
+  json_decref(j);
+  http_free(&r);
+  wait_running(&d, id, 60);
   ck_assert_int_eq(http_post(&d, "/sdapi/v1/interrupt", "", &r), 200);
+  http_free(&r);
+  ck_assert_int_eq(http_req(&d, "POST", "/sdapi/v1/interrupt", "{}", 2, other, &r), 200);
+  http_free(&r);
+  job_state(&d, id, st2, sizeof st2, NULL);
+  ck_assert_str_eq(st2, "running");
+  ck_assert_int_eq(http_req(&d, "POST", "/sdapi/v1/interrupt", "{}", 2, tab1, &r), 200);
   http_free(&r);
   wait_state(&d, id, "cancelled", 30);
   daemon_stop(&d);
