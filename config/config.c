@@ -49,6 +49,11 @@ static const key_desc keys[] = {
     INT_KEY(max_jobs_per_key, 1, 1000000, "queued + running jobs per API key (with keys)"),
     INT_KEY(max_connections, 4, 65536, "open connections"),
     INT_KEY(max_connections_per_ip, 1, 65536, "open connections per client address"),
+    INT_KEY(max_connections_per_key, 1, 65536, "open connections per API key (with keys)"),
+    INT_KEY(max_streams_per_client, 1, 65536,
+            "event streams and synchronous waits per API key and per client address"),
+    INT_KEY(connection_reserve, 0, 65536,
+            "connections streams never take, for health checks and submissions (0: auto)"),
     INT_KEY(header_timeout, 1, 3600, "seconds to receive a whole request"),
     INT_KEY(idle_timeout, 1, 86400, "seconds a silent connection is kept"),
     INT_KEY(shutdown_timeout, 1, 3600, "seconds SIGTERM waits for running jobs"),
@@ -82,6 +87,8 @@ void config_defaults(config *c) {
   c->max_jobs_per_key = 64;
   c->max_connections = 256;
   c->max_connections_per_ip = 64;
+  c->max_connections_per_key = 64;
+  c->max_streams_per_client = 16;
   c->header_timeout = 10;
   c->idle_timeout = 60;
   c->shutdown_timeout = 30;
@@ -419,6 +426,12 @@ int config_finalize(config *c, err *e) {
   if (!ok)
     return err_set(e, ERR_INVALID, "log_level: '%s' is not one of debug, info, warn, error",
                    c->log_level);
+  if (c->connection_reserve == 0) /* auto: an eighth, at least 2 */
+    c->connection_reserve = c->max_connections / 8 > 2 ? c->max_connections / 8 : 2;
+  if (c->connection_reserve >= c->max_connections)
+    return err_set(e, ERR_INVALID,
+                   "connection_reserve: %d must be below max_connections %d (streams need some)",
+                   c->connection_reserve, c->max_connections);
   if (c->sse_heartbeat >= c->idle_timeout)
     return err_set(e, ERR_INVALID,
                    "sse_heartbeat: %d s must be shorter than idle_timeout %d s, or event streams "

@@ -46,8 +46,14 @@ typedef struct config {
   int max_jobs_per_key; /* queued + running jobs per API key (no limit without keys) */
   int max_connections;
   int max_connections_per_ip;
-  int header_timeout; /* seconds from connect to complete request headers and body */
-  int idle_timeout;   /* seconds a connection may sit silent */
+  int max_connections_per_key; /* connections whose requests carry one API key */
+  /* Long requests (event streams, synchronous /v1/generate and txt2img waits): at most
+   * max_streams_per_client per API key and per client address, and at most max_connections -
+   * connection_reserve in all, so the reserve always answers /healthz, /readyz and submissions. */
+  int max_streams_per_client;
+  int connection_reserve; /* 0 in a file: max_connections / 8, at least 2 */
+  int header_timeout;     /* seconds from connect to complete request headers and body */
+  int idle_timeout;       /* seconds a connection may sit silent */
   int shutdown_timeout;
   int generate_timeout; /* seconds POST /v1/generate and /sdapi/v1/txt2img wait */
   int sse_heartbeat;

@@ -30,8 +30,16 @@ typedef struct conn_track {
   struct conn_track *next, *prev;
   int fd;
   conn_phase phase;
-  double since; /* monotonic start of the current phase */
+  double since;                /* monotonic start of the current phase */
+  char owner[QUEUE_NAME_SIZE]; /* the API key of its last request, for max_connections_per_key */
 } conn_track;
+
+/* A long request (an event stream, a synchronous wait) as the per-client limits count it. */
+typedef struct stream_slot {
+  struct stream_slot *next, *prev;
+  char addr[INET6_ADDRSTRLEN];
+  char owner[QUEUE_NAME_SIZE];
+} stream_slot;
 
 typedef struct req {
   char id[32];
@@ -45,6 +53,7 @@ typedef struct req {
   int close; /* the request's framing is unusable: answer, then close the connection */
   int authed;
   char owner[QUEUE_NAME_SIZE]; /* the key's name; "" without auth */
+  char addr[INET6_ADDRSTRLEN]; /* the client's address */
   int scopes;
   conn_track *ct;
   char job[QUEUE_ID_SIZE]; /* for the log line */
@@ -165,8 +174,8 @@ static enum MHD_Result fail(srv *s, struct MHD_Connection *c, req *r, int status
   vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
   api_fail(&e, status, code, field, "%s", msg);
-  if (status == 503)
-    e.retry_after = 10;
+  if (status == 503 || status == 429)
+    e.retry_after = status == 503 ? 10 : 5;
   return send_error(s, c, r, &e);
 }
 
@@ -230,10 +239,95 @@ static const char *owner_filter(srv *s, const req *r) {
   return r->owner;
 }
 
+/* ---- per-client limits on long requests ---- */
+
+/* Takes a stream slot for r, or answers why not in *ret: 429 when this key or address has its
+ * max_streams_per_client, 503 when streams hold every connection but the reserve (which keeps
+ * /healthz, /readyz and submissions answering). */
+static stream_slot *stream_acquire(srv *s, struct MHD_Connection *c, req *r, enum MHD_Result *ret) {
+  const int cap = s->cfg.max_connections - s->cfg.connection_reserve;
+  const int per = s->cfg.max_streams_per_client;
+  int total = 0, by_addr = 0, by_key = 0;
+  stream_slot *slot = calloc(1, sizeof *slot);
+  pthread_mutex_lock(&s->conn_mu);
+  for (const stream_slot *t = s->streams; t; t = t->next) {
+    total++;
+    by_addr += strcmp(t->addr, r->addr) == 0;
+    by_key += r->owner[0] && strcmp(t->owner, r->owner) == 0;
+  }
+  const int ok = slot && total < cap && by_addr < per && by_key < per;
+  if (ok) {
+    snprintf(slot->addr, sizeof slot->addr, "%s", r->addr);
+    snprintf(slot->owner, sizeof slot->owner, "%s", r->owner);
+    slot->next = s->streams;
+    if (s->streams)
+      s->streams->prev = slot;
+    s->streams = slot;
+  }
+  pthread_mutex_unlock(&s->conn_mu);
+  if (ok)
+    return slot;
+  if (!slot)
+    *ret = fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+  else if (total >= cap)
+    *ret = fail(s, c, r, 503, "streams_full", NULL,
+                "the server has %d event streams and synchronous waits open, all it allows "
+                "(max_connections %d less connection_reserve %d); retry later",
+                total, s->cfg.max_connections, s->cfg.connection_reserve);
+  else if (by_key >= per)
+    *ret = fail(s, c, r, 429, "too_many_streams", NULL,
+                "the key '%s' has %d event streams and synchronous waits open, its limit "
+                "(max_streams_per_client); close one first",
+                r->owner, by_key);
+  else
+    *ret = fail(s, c, r, 429, "too_many_streams", NULL,
+                "client address %s has %d event streams and synchronous waits open, its limit "
+                "(max_streams_per_client); close one first",
+                r->addr, by_addr);
+  free(slot);
+  return NULL;
+}
+
+static void stream_release(srv *s, stream_slot *slot) {
+  if (!slot)
+    return;
+  pthread_mutex_lock(&s->conn_mu);
+  if (slot->prev)
+    slot->prev->next = slot->next;
+  else
+    s->streams = slot->next;
+  if (slot->next)
+    slot->next->prev = slot->prev;
+  pthread_mutex_unlock(&s->conn_mu);
+  free(slot);
+}
+
+/* Counts this connection against its API key; returns 0 to go on, else the 429 is in *ret and
+ * the connection closes after it. */
+static int key_connections(srv *s, struct MHD_Connection *c, req *r, enum MHD_Result *ret) {
+  if (!s->api.auth || !r->authed || !r->ct)
+    return 0;
+  int n = 0;
+  pthread_mutex_lock(&s->conn_mu);
+  snprintf(r->ct->owner, sizeof r->ct->owner, "%s", r->owner);
+  for (const conn_track *t = s->conns; t; t = t->next)
+    n += strcmp(t->owner, r->owner) == 0;
+  pthread_mutex_unlock(&s->conn_mu);
+  if (n <= s->cfg.max_connections_per_key)
+    return 0;
+  r->close = 1;
+  *ret = fail(s, c, r, 429, "too_many_connections", NULL,
+              "the key '%s' has %d connections open, above its limit of %d "
+              "(max_connections_per_key)",
+              r->owner, n, s->cfg.max_connections_per_key);
+  return -1;
+}
+
 /* ---- SSE ---- */
 
 typedef struct sse {
   srv *s;
+  stream_slot *slot;
   char id[QUEUE_ID_SIZE];
   char owner[QUEUE_NAME_SIZE];
   int all;
@@ -307,6 +401,7 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *out, size_t max) {
 static void sse_free(void *cls) {
   sse *x = cls;
   atomic_fetch_sub(&x->s->sse_streams, 1);
+  stream_release(x->s, x->slot);
   free(x->buf);
   free(x);
 }
@@ -327,11 +422,17 @@ static enum MHD_Result serve_events(srv *s, struct MHD_Connection *c, req *r, co
                 "Last-Event-ID: expected the decimal id of an event (no sign, blank or leading "
                 "zero), got '%.40s'",
                 last);
+  enum MHD_Result ret;
+  stream_slot *slot = stream_acquire(s, c, r, &ret);
+  if (!slot)
+    return ret;
   sse *x = calloc(1, sizeof *x);
   if (!x || !(x->buf = malloc(4096))) {
     free(x);
+    stream_release(s, slot);
     return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
   }
+  x->slot = slot;
   x->cap = 4096;
   x->s = s;
   snprintf(x->id, sizeof x->id, "%s", id);
@@ -452,13 +553,20 @@ static enum MHD_Result post_job(srv *s, struct MHD_Connection *c, req *r) {
 /* Submits and waits: the connection thread blocks, the workers do not. */
 static int run_sync(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec,
                     queue_job_view *done, enum MHD_Result *ret) {
+  stream_slot *slot = stream_acquire(s, c, r, ret); /* the wait holds a connection as a stream */
   queue_job_view v;
-  if (submit(s, c, r, spec, &v, ret))
+  if (!slot || submit(s, c, r, spec, &v, ret)) {
+    if (!slot)
+      queue_spec_clear(spec);
+    stream_release(s, slot);
     return -1;
+  }
   queue_view_clear(&v);
   log_event(LOG_INFO, "job accepted (synchronous)", "req", r->id, "job", r->job, LOG_END);
   err e = {0};
-  if (queue_wait(s->q, r->job, s->cfg.generate_timeout * 1000, done, &e) != ERR_OK) {
+  const int rc = queue_wait(s->q, r->job, s->cfg.generate_timeout * 1000, done, &e);
+  stream_release(s, slot);
+  if (rc != ERR_OK) {
     *ret = fail(s, c, r, 500, "internal", NULL, "%s", e.msg);
     return -1;
   }
@@ -788,6 +896,19 @@ static enum MHD_Result preflight(srv *s, struct MHD_Connection *c, req *r) {
   return queue_resp(s, c, r, 204, resp, NULL);
 }
 
+static void client_address(struct MHD_Connection *c, char *out, size_t n) {
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+  const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+  const void *a =
+      !sa                         ? NULL
+      : sa->sa_family == AF_INET  ? (const void *)&((const struct sockaddr_in *)sa)->sin_addr
+      : sa->sa_family == AF_INET6 ? (const void *)&((const struct sockaddr_in6 *)sa)->sin6_addr
+                                  : NULL;
+  if (!a || !inet_ntop(sa->sa_family, a, out, (socklen_t)n))
+    snprintf(out, n, "unknown");
+}
+
 static void request_id(srv *s, struct MHD_Connection *c, char *out, size_t n) {
   const char *in = header(c, "X-Request-Id");
   if (in) { /* keep a caller's id when it is harmless to log */
@@ -873,6 +994,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
     r->ct = ci ? (conn_track *)ci->socket_context : NULL;
+    client_address(c, r->addr, sizeof r->addr);
     if (strlen(url) >= sizeof r->path)
       return fail(s, c, r, 414, "uri_too_long", NULL, "the URL is longer than %zu bytes",
                   sizeof r->path - 1);
@@ -905,6 +1027,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
       r->authed = 1;
       r->scopes = 31;
     }
+    if (strcmp(url, "/healthz") != 0 && strcmp(url, "/readyz") != 0 &&
+        key_connections(s, c, r, &ret))
+      return ret;
     return MHD_YES;
   }
   if (*upload_size) {
@@ -1059,21 +1184,29 @@ static size_t unescape(void *cls, struct MHD_Connection *c, char *text) {
   return (size_t)(w - text);
 }
 
-/* Closes connections idle for longer than idle_timeout, and those that take longer than
- * header_timeout to deliver a request (headers and body): libmicrohttpd's own timeout only sees
- * silence, not a client that trickles bytes. */
+/* Closes connections idle for longer than idle_timeout (or for a second, while open connections
+ * reach into connection_reserve), and those that take longer than header_timeout to deliver a
+ * request (headers and body): libmicrohttpd's own timeout only sees silence, not a client that
+ * trickles bytes. */
 static void *reaper_main(void *arg) {
   srv *s = arg;
   while (!atomic_load(&s->reaper_stop)) {
     usleep(250000);
     const double now = mono();
+    /* connections into the reserve: idle ones go first, so new requests find a slot */
+    long excess = (long)atomic_load(&s->open_connections) -
+                  (s->cfg.max_connections - s->cfg.connection_reserve);
     pthread_mutex_lock(&s->conn_mu);
-    for (conn_track *t = s->conns; t; t = t->next)
+    for (conn_track *t = s->conns; t; t = t->next) {
+      const double age = now - t->since;
+      const int shed = t->phase == CONN_IDLE && excess > 0 && age > 1;
       if (t->phase != CONN_RESPONDING && t->fd >= 0 &&
-          now - t->since > (t->phase == CONN_IDLE ? s->cfg.idle_timeout : s->cfg.header_timeout)) {
+          (shed || age > (t->phase == CONN_IDLE ? s->cfg.idle_timeout : s->cfg.header_timeout))) {
         shutdown(t->fd, SHUT_RDWR); /* libmicrohttpd sees the socket fail and closes it */
         t->fd = -1;
+        excess--;
       }
+    }
     pthread_mutex_unlock(&s->conn_mu);
   }
   return NULL;

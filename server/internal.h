@@ -70,8 +70,9 @@ typedef struct srv {
   atomic_int stopping;
   atomic_ullong requests[6];
   atomic_ullong connections, open_connections, sse_streams, auth_failures, req_counter;
-  pthread_mutex_t conn_mu;
+  pthread_mutex_t conn_mu; /* guards conns and streams */
   struct conn_track *conns;
+  struct stream_slot *streams; /* event streams and synchronous waits open now */
   pthread_t reaper;
   int reaper_running;
   atomic_int reaper_stop;

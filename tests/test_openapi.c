@@ -103,6 +103,7 @@ START_TEST(responses_match_the_spec) {
                         "/sdapi/v1/sd-models",
                         "/sdapi/v1/progress",
                         "/v1/jobs?limit=500",
+                        "/v1/jobs?limit=%205",
                         "/v1/jobs/0123456789abcdef01234567"};
   for (size_t i = 0; i < sizeof gets / sizeof *gets; i++) {
     call(&d, "GET", gets[i], NULL, NULL, &r);
@@ -115,9 +116,10 @@ START_TEST(responses_match_the_spec) {
   json_decref(j);
   http_free(&r);
   wait_state(&d, id, "succeeded", 60);
-  const char *fmts[] = {"/v1/jobs/%s", "/v1/jobs/%s/images/0", "/v1/jobs/%s/images/5",
-                        "/v1/jobs/%s/events"};
-  for (int i = 0; i < 4; i++) {
+  const char *fmts[] = {
+      "/v1/jobs/%s",        "/v1/jobs/%s/images/0",     "/v1/jobs/%s/images/5",
+      "/v1/jobs/%s/events", "/v1/jobs/%s/images/%%2B0", "/v1/jobs/%s/events?last_event_id=01"};
+  for (int i = 0; i < 6; i++) {
     snprintf(path, sizeof path, fmts[i], id);
     call(&d, "GET", path, NULL, NULL, &r);
     http_free(&r);

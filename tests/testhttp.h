@@ -378,9 +378,17 @@ static inline void expect_error(const daemon_proc *d, const char *method, const 
 /* ---- raw sockets: requests libcurl would never send (two Content-Length headers, blanks in a
  * path), and a connection's life seen from the client ---- */
 
-static inline int raw_connect(const daemon_proc *d) {
+/* A connection from the loopback address src ("127.0.0.2": another client; NULL: any). */
+static inline int raw_connect_from(const daemon_proc *d, const char *src) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   ck_assert_int_ge(fd, 0);
+  if (src) {
+    struct sockaddr_in me = {0};
+    me.sin_family = AF_INET;
+    ck_assert_int_eq(inet_pton(AF_INET, src, &me.sin_addr), 1);
+    ck_assert_msg(bind(fd, (struct sockaddr *)&me, sizeof me) == 0, "bind %s: %s", src,
+                  strerror(errno));
+  }
   struct sockaddr_in sa = {0};
   sa.sin_family = AF_INET;
   sa.sin_port = htons((uint16_t)d->port);
@@ -388,6 +396,10 @@ static inline int raw_connect(const daemon_proc *d) {
   ck_assert_msg(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect: %s",
                 strerror(errno));
   return fd;
+}
+
+static inline int raw_connect(const daemon_proc *d) {
+  return raw_connect_from(d, NULL);
 }
 
 static inline void raw_send(int fd, const char *text) {
@@ -439,13 +451,18 @@ static inline int raw_closed_within(int fd, double timeout_s) {
   return 0;
 }
 
-/* One request on a fresh connection: the status, the response in out. */
-static inline long raw_request(const daemon_proc *d, const char *text, char *out, size_t n) {
-  int fd = raw_connect(d);
+/* One request on a fresh connection from src (NULL: any): the status, the response in out. */
+static inline long raw_request_from(const daemon_proc *d, const char *src, const char *text,
+                                    char *out, size_t n) {
+  int fd = raw_connect_from(d, src);
   raw_send(fd, text);
   long st = raw_response(fd, 30, out, n);
   close(fd);
   return st;
+}
+
+static inline long raw_request(const daemon_proc *d, const char *text, char *out, size_t n) {
+  return raw_request_from(d, NULL, text, out, n);
 }
 
 /* The error object's field ("" for null) and code of a JSON error response in resp. */
