@@ -221,6 +221,24 @@ def main():
         put("txt2img", name, json.dumps(body))
     put("txt2img", "empty", "")
 
+    # http: the first byte picks the method (fuzz_http.c: GET HEAD DELETE OPTIONS POST PUT), the
+    # rest is the request target
+    targets = {
+        "healthz": b"\0/healthz", "readyz": b"\1/readyz", "metrics": b"\0/metrics",
+        "models": b"\0/v1/models", "list": b"\0/v1/jobs?limit=5&state=queued",
+        "list_cursor": b"\0/v1/jobs/?cursor=0123456789abcdef&limit=100",
+        "list_bad": b"\0/v1/jobs?limit=%205", "job": b"\0/v1/jobs/0123456789abcdef",
+        "cancel": b"\2/v1/jobs/0123456789abcdef",
+        "image": b"\0/v1/jobs/0123456789abcdef/images/0",
+        "image_plus": b"\0/v1/jobs/0123456789abcdef/images/%2B0",
+        "events": b"\0/v1/jobs/0123456789abcdef/events?access_token=k",
+        "noise": b"\0/v1/jobs/0123456789abcdef/noise.npy", "post_job": b"\4/v1/jobs",
+        "txt2img": b"\4/sdapi/v1/txt2img", "progress": b"\0/sdapi/v1/progress",
+        "options": b"\3/v1/jobs", "escapes": b"\0/v1/%6aobs?state=%00queued",
+    }
+    for name, t in targets.items():
+        put("http", name, t)
+
 
 if __name__ == "__main__":
     main()
