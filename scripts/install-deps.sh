@@ -1,10 +1,12 @@
 #!/bin/sh
 # Installs the Debian packages denoised needs to build and test; skips what is present.
-# Usage: scripts/install-deps.sh [--reference] [--openapi] [--bench]
+# Usage: scripts/install-deps.sh [--reference] [--openapi] [--bench] [--fuzz] [--training]
 #   --reference  python3-torch + the modules tools/ needs to import a diffusers source tree
 #                for fixtures/bench
 #   --openapi    node + npm (Debian's, if no npm is on PATH) and the OpenAPI validator that
 #                tests/test_openapi.c runs (tools/openapi, pinned by its package-lock.json)
+#   --fuzz       clang with libFuzzer and its sanitizer runtimes (libclang-rt-14-dev) and
+#                llvm-symbolizer, for scripts/fuzz.sh
 #   --bench      wrk, for bench/load.sh
 #   --training   --reference plus the Debian font packages tools/glyphs/fonts.txt renders the glyph
 #                data set from (retraining models/glyphs32 and bench/glyph_classifier.pt)
@@ -20,6 +22,7 @@ for arg in "$@"; do
     openapi=1
     if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
   --bench) PKGS="$PKGS wrk" ;;
+  --fuzz) PKGS="$PKGS clang libclang-rt-14-dev llvm" ;;
   --training)
     PKGS="$PKGS python3-torch python3-numpy python3-pil"
     PKGS="$PKGS fonts-adf-accanthis fonts-anonymous-pro fonts-cantarell fonts-cmu fonts-courier-prime"
