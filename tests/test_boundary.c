@@ -483,7 +483,23 @@ START_TEST(rejects_bad_files) {
       "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
       "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"mid\": {\"shape\": [2, 1, 1], "
       "\"normal\": [1, 0]}}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, -4e38], \"offset\": 0, \"step\": 1}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 1e300, \"step\": 1}",
+      "{\"format\": \"denoised-boundary\", \"version\": 1, \"shape\": [1, 1, 2], "
+      "\"normal\": [1, 0], \"offset\": 0, \"step\": 1, \"radius\": -2e6}",
   };
+  /* found by tests/fuzz/fuzz_boundary.c: 1e306 is a finite double but no float; the mid normal
+   * came out NaN (tests/fuzz/regressions/boundary) */
+  char src[512];
+  boundary fz;
+  err fe = {0};
+  ck_assert_int_ne(
+      boundary_load(test_src_path(src, sizeof src, "tests/fuzz/regressions/boundary/normal-1e306"),
+                    &fz, &fe),
+      0);
+  ck_assert_msg(strstr(fe.msg, "mid") && strstr(fe.msg, "normal[3]"), "%s", fe.msg);
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     FILE *f = fopen(path, "w");
     fputs(bad[i], f);

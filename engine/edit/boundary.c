@@ -4,6 +4,7 @@
  * file, and the automatic mixing step. */
 #include "boundary.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -318,8 +319,9 @@ static int geometry_from_json(const json_t *j, boundary *b, err *e) {
     return err_set(e, ERR_NOMEM, "out of memory");
   for (int k = 0; k < b->dim; k++) {
     const json_t *x = json_array_get(nv, k);
-    if (!json_is_number(x) || !isfinite(json_number_value(x)))
-      return err_set(e, ERR_FORMAT, "normal[%d] is not a finite number", k);
+    /* a double beyond float's range would become infinite, and the unit normal NaN */
+    if (!json_is_number(x) || !(fabs(json_number_value(x)) <= FLT_MAX))
+      return err_set(e, ERR_FORMAT, "normal[%d] is not a finite number (float32)", k);
     b->normal[k] = (float)json_number_value(x);
     norm += (double)b->normal[k] * b->normal[k];
   }
@@ -328,15 +330,27 @@ static int geometry_from_json(const json_t *j, boundary *b, err *e) {
     return err_set(e, ERR_FORMAT, "the normal is zero");
   for (int k = 0; k < b->dim; k++) /* rounding in the file: make it unit again */
     b->normal[k] = (float)(b->normal[k] / norm);
-  int rc;
-  if ((rc = get_num(j, "offset", 1, &b->offset, e)) ||
-      (rc = get_num(j, "scale", 0, &b->scale, e)) ||
-      (rc = get_num(j, "mean_positive", 0, &b->mean_pos, e)) ||
-      (rc = get_num(j, "mean_negative", 0, &b->mean_neg, e)) ||
-      (rc = get_num(j, "train_accuracy", 0, &b->train_accuracy, e)) ||
-      (rc = get_num(j, "test_accuracy", 0, &b->test_accuracy, e)) ||
-      (rc = get_num(j, "radius", 0, &b->radius, e)))
-    return rc;
+  /* Latents' distances are O(sqrt(dim)); far larger values come from a broken file, and moving
+   * a latent that far overflows float. */
+  const struct {
+    const char *key;
+    double *v;
+    int required;
+  } nums[] = {{"offset", &b->offset, 1},
+              {"scale", &b->scale, 0},
+              {"mean_positive", &b->mean_pos, 0},
+              {"mean_negative", &b->mean_neg, 0},
+              {"train_accuracy", &b->train_accuracy, 0},
+              {"test_accuracy", &b->test_accuracy, 0},
+              {"radius", &b->radius, 0}};
+  for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+    int rc = get_num(j, nums[i].key, nums[i].required, nums[i].v, e);
+    if (rc)
+      return rc;
+    if (fabs(*nums[i].v) > BOUNDARY_MAX_VALUE)
+      return err_set(e, ERR_FORMAT, "key '%s': %g is outside [-%g, %g]", nums[i].key, *nums[i].v,
+                     BOUNDARY_MAX_VALUE, BOUNDARY_MAX_VALUE);
+  }
   if (b->scale < 0)
     return err_set(e, ERR_FORMAT, "key 'scale' must not be negative");
   return ERR_OK;

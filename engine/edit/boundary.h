@@ -14,6 +14,8 @@
 
 #define BOUNDARY_FORMAT "denoised-boundary"
 #define BOUNDARY_MAX_DIM (1 << 24)
+/* Largest |offset|, scale, mean distance or radius a file may give. */
+#define BOUNDARY_MAX_VALUE 1e6
 
 typedef struct boundary {
   int dim;                              /* values per latent (C * H * W) */
