@@ -13,4 +13,4 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DDENOISED_SANITIZE=ON >/dev/n
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --output-on-failure -j"$jobs")
-FUZZ_SEED=1 scripts/fuzz.sh 20
+FUZZ_SEED=1 FUZZ_PARALLEL="$jobs" scripts/fuzz.sh 20
