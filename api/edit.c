@@ -53,13 +53,15 @@ static int get_png(const json_t *v, const char *field, char **b64, uint8_t **png
   return 0;
 }
 
-/* input_image (and mask) decoded at the job's size; out->input_image / out->mask keep the
- * base64 text. */
+/* input_image (and mask) decoded at the job's size, once: out->input_image / out->mask keep the
+ * base64 text (the record), out->decoded the floats the worker uses. */
 static int check_pictures(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
                           api_error *e) {
+  if (!f->input_image && !f->mask)
+    return 0;
   const size_t plane = (size_t)out->height * out->width;
-  float *px = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane * sizeof *px);
-  if (!px)
+  queue_decoded *dec = queue_spec_decoded(out);
+  if (!dec)
     return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
   int rc = 0;
   uint8_t *png = NULL;
@@ -68,8 +70,13 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
   if (f->input_image) {
     if ((rc = get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
       goto done;
-    if (image_from_png(png, len, "input_image", md->in_channels, out->height, out->width, px,
-                       &qe) != ERR_OK) {
+    if (!(dec->image = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane *
+                              sizeof *dec->image))) {
+      rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+      goto done;
+    }
+    if (image_from_png(png, len, "input_image", md->in_channels, out->height, out->width,
+                       dec->image, &qe) != ERR_OK) {
       rc = api_fail(e, 400, "invalid_field", "input_image", "%s", qe.msg);
       goto done;
     }
@@ -79,14 +86,17 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
     png = NULL;
     if ((rc = get_png(f->mask, "mask", &out->mask, &png, &len, e)))
       goto done;
-    if (image_mask_from_png(png, len, "mask", out->height, out->width, px, &qe) != ERR_OK) {
+    if (!(dec->mask = malloc(plane * sizeof *dec->mask))) {
+      rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+      goto done;
+    }
+    if (image_mask_from_png(png, len, "mask", out->height, out->width, dec->mask, &qe) != ERR_OK) {
       rc = api_fail(e, 400, "invalid_field", "mask", "%s", qe.msg);
       goto done;
     }
   }
 done:
   free(png);
-  free(px);
   return rc;
 }
 
@@ -142,7 +152,7 @@ typedef struct noise_source {
  * checked against the shape this job's grid needs; the base64 text goes to args.noise. */
 static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int kind,
                      const int64_t *shape, int ndim, json_t *args, noise_source *src,
-                     api_error *e) {
+                     queue_spec *out, api_error *e) {
   const json_t *nz = json_object_get(ed, "noise"), *from = json_object_get(ed, "noise_from");
   const char *field = nz ? "edit.noise" : "edit.noise_from";
   uint8_t *raw = NULL;
@@ -200,6 +210,16 @@ static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int 
     goto done;
   }
   json_object_set_new(args, "noise", nz ? json_string(json_string_value(nz)) : json_string(b64));
+  queue_decoded *dec = queue_spec_decoded(out);
+  if (!dec) {
+    rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+    goto done;
+  }
+  /* the parsed maps go to the worker as they are: parsed once */
+  dec->noise = a.data;
+  dec->noise_ndim = a.ndim;
+  memcpy(dec->noise_shape, a.shape, sizeof dec->noise_shape);
+  a.data = NULL;
 done:
   npy_array_free(&a);
   free(raw);
@@ -251,7 +271,7 @@ static int parse_invert(const api_ctx *c, const api_job_fields *f, const queue_m
   const int64_t shape[5] = {out->batch, nmaps, md->in_channels, out->height, out->width};
   const int64_t shape4[4] = {out->batch, md->in_channels, out->height, out->width};
   if (has_noise &&
-      (rc = get_noise(c, ed, owner, kind, ddpm ? shape : shape4, ddpm ? 5 : 4, args, &src, e)))
+      (rc = get_noise(c, ed, owner, kind, ddpm ? shape : shape4, ddpm ? 5 : 4, args, &src, out, e)))
     goto done;
   const json_t *sc = json_object_get(ed, "source_class");
   if (sc && md->num_classes <= 0) {

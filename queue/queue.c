@@ -269,6 +269,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     q->npending--;
     j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
     j->spec.input_image = j->spec.mask = NULL;
+    j->spec.decoded = NULL;
     pthread_mutex_unlock(&q->mu);
     free(rec);
     qjob_free(j);
@@ -281,6 +282,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     q->npending--;
     j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
     j->spec.input_image = j->spec.mask = NULL;
+    j->spec.decoded = NULL;
     pthread_mutex_unlock(&q->mu);
     free(rec);
     qjob_free(j);
@@ -301,6 +303,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     pthread_mutex_unlock(&q->mu);
     j->spec.options = j->spec.edit_args = NULL;
     j->spec.input_image = j->spec.mask = NULL;
+    j->spec.decoded = NULL;
     qjob_free(j);
     return rc;
   }

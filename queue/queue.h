@@ -81,7 +81,22 @@ typedef struct queue_spec {
   /* Who submitted it, as far as the server can tell without API keys (a client token or the
    * peer address): an interrupt without a job id reaches only that client's jobs. */
   char client[QUEUE_NAME_SIZE];
+  /* The inputs as the API decoded them at submission (owned; never copied, never stored), so
+   * a worker does not decode the base64 a second time; NULL after a restart (decoded again from
+   * the record) and once the job is finished. */
+  struct queue_decoded *decoded;
 } queue_spec;
+
+/* An edit job's decoded inputs: input_image (the model's channels x height x width, in [-1, 1]),
+ * mask (height x width, 1 generated, 0 kept) and noise maps (edit.noise, checked finite), each
+ * malloc'ed or NULL. */
+typedef struct queue_decoded {
+  float *image, *mask, *noise;
+  int noise_ndim;
+  int64_t noise_shape[8];
+} queue_decoded;
+/* The spec's decoded inputs, created empty when missing; NULL out of memory. */
+queue_decoded *queue_spec_decoded(queue_spec *s);
 
 enum {
   QUEUE_EDIT_NONE,

@@ -1,5 +1,6 @@
-/* A job spec as the pipeline's typed request: the spec's base64 inputs decoded once (the
- * pipeline replicates them over the batch), and the edit arguments the API validated read into
+/* A job spec as the pipeline's typed request: the inputs the API decoded at submission (after a
+ * restart, the spec's base64 inputs decoded here, once; the pipeline replicates them over the
+ * batch), and the edit arguments the API validated read into
  * typed fields. The spec keeps its JSON form because it is what the store persists. */
 #include "internal.h"
 
@@ -75,6 +76,12 @@ static int invert_args(const queue_spec *sp, const model *m, qrequest *q, err *e
   for (int c = 0; c < 3 && json_is_array(co); c++)
     q->r.invert.edit.colour[c] = (float)json_number_value(json_array_get(co, c));
   const json_t *nz = json_object_get(a, "noise");
+  if (json_is_string(nz) && sp->decoded && sp->decoded->noise) {
+    q->r.noise = sp->decoded->noise;
+    q->r.noise_shape = sp->decoded->noise_shape;
+    q->r.noise_ndim = sp->decoded->noise_ndim;
+    return ERR_OK;
+  }
   if (json_is_string(nz))
     return decode_noise(json_string_value(nz), q, e);
   if (!q->r.image)
@@ -131,14 +138,16 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
     q->g.null_label = sp->null_class;
     q->r.guidance = &q->g;
   }
+  /* decoded at submission, or (after a restart) decoded here, once */
+  const queue_decoded *dec = sp->decoded;
   int rc = ERR_OK;
-  if (sp->input_image)
+  if (sp->input_image && !(dec && dec->image))
     rc = decode_png(sp->input_image, "input_image", 0, mi->in_channels, sp->height, sp->width,
                     &q->image, e);
-  if (!rc && sp->edit == QUEUE_EDIT_INPAINT)
+  if (!rc && sp->edit == QUEUE_EDIT_INPAINT && !(dec && dec->mask))
     rc = decode_png(sp->mask, "mask", 1, mi->in_channels, sp->height, sp->width, &q->mask, e);
-  q->r.image = q->image;
-  q->r.mask = q->mask;
+  q->r.image = q->image ? q->image : dec ? dec->image : NULL;
+  q->r.mask = q->mask ? q->mask : dec ? dec->mask : NULL;
   if (!rc && sp->edit >= QUEUE_EDIT_INVERT_DDIM && !json_is_object(sp->edit_args))
     rc = err_set(e, ERR_FORMAT, "the job's edit arguments are missing");
   if (!rc && (sp->edit == QUEUE_EDIT_INVERT_DDIM || sp->edit == QUEUE_EDIT_INVERT_DDPM))

@@ -32,7 +32,23 @@ int qspec_has_noise(const queue_spec *s) {
   return (s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) && s->input_image;
 }
 
+static void decoded_free(queue_decoded *d) {
+  if (!d)
+    return;
+  free(d->image);
+  free(d->mask);
+  free(d->noise);
+  free(d);
+}
+
+queue_decoded *queue_spec_decoded(queue_spec *s) {
+  if (!s->decoded)
+    s->decoded = calloc(1, sizeof *s->decoded);
+  return s->decoded;
+}
+
 void queue_spec_clear(queue_spec *s) {
+  decoded_free(s->decoded);
   json_decref(s->options);
   free(s->input_image);
   free(s->mask);
@@ -42,6 +58,7 @@ void queue_spec_clear(queue_spec *s) {
 
 int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
   *dst = *src;
+  dst->decoded = NULL;
   dst->options = src->options ? json_deep_copy(src->options) : NULL;
   dst->input_image = src->input_image ? strdup(src->input_image) : NULL;
   dst->mask = src->mask ? strdup(src->mask) : NULL;

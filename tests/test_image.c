@@ -597,6 +597,44 @@ START_TEST(test_png_chunk_past_the_end) {
 }
 END_TEST
 
+/* issue 22: a 32x32 header with megabytes of compressed zeros behind its scanlines cost 6.6 s
+ * of CPU (libpng inflated everything); now it is refused before inflating more than the header
+ * declares, by its compressed size and, under that bound, by what it inflates to. */
+START_TEST(test_png_trailing_data) {
+  uint8_t *out = NULL;
+  int h, w;
+  err e = {0};
+  size_t len;
+  uint8_t *png = test_trailing_png(32, 32, 160, &len); /* 2.5 GiB of zeros in ~2.6 MB */
+  ck_assert_uint_gt(len, 2000000);
+  double t0 = test_cpu_seconds();
+  ck_assert_int_eq(image_png_decode(png, len, 64, 64, &out, &h, &w, &e), ERR_FORMAT);
+  double cpu = test_cpu_seconds() - t0;
+  ck_assert_ptr_null(out);
+  ck_assert_msg(strstr(e.msg, "compressed image data"), "%s", e.msg);
+  ck_assert_msg(cpu < 1.0, "%.3f s of CPU", cpu);
+  printf("trailing data PNG (%zu bytes) refused in %.2f ms of CPU\n", len, cpu * 1e3);
+  free(png);
+  /* 48 MiB of zeros in ~50 KB: under the compressed bound, refused by the inflated one */
+  png = test_trailing_png(32, 32, 3, &len);
+  t0 = test_cpu_seconds();
+  ck_assert_int_eq(image_png_decode(png, len, 64, 64, &out, &h, &w, &e), ERR_FORMAT);
+  cpu = test_cpu_seconds() - t0;
+  ck_assert_msg(strstr(e.msg, "trailing data"), "%s", e.msg);
+  ck_assert_msg(cpu < 1.0, "%.3f s of CPU", cpu);
+  free(png);
+  /* the same stream without the trailing zeros is a black picture */
+  png = test_trailing_png(32, 32, 0, &len);
+  ck_assert_int_eq(image_png_decode(png, len, 64, 64, &out, &h, &w, &e), ERR_OK);
+  ck_assert_int_eq(h, 32);
+  ck_assert_int_eq(w, 32);
+  for (int i = 0; i < 32 * 32 * 3; i++)
+    ck_assert_int_eq(out[i], 0);
+  free(out);
+  free(png);
+}
+END_TEST
+
 START_TEST(test_png_encode_errors) {
   uint8_t px[12] = {0};
   uint8_t *png = px;
@@ -664,6 +702,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, test_png_corrupt);
   tcase_add_test(tc, test_png_encode_errors);
   tcase_add_test(tc, test_png_chunk_past_the_end);
+  tcase_add_test(tc, test_png_trailing_data);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -870,11 +870,59 @@ START_TEST(poison_jobs_are_refused_or_fail) {
 }
 END_TEST
 
+/* CPU seconds (user + system) process pid has used, from /proc/PID/stat. */
+static double proc_cpu_seconds(pid_t pid) {
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  FILE *f = fopen(path, "r");
+  ck_assert_ptr_nonnull(f);
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  const char *p = strrchr(buf, ')');
+  ck_assert_ptr_nonnull(p);
+  unsigned long long ut = 0, st = 0;
+  /* after the name: state and 10 more fields, then utime and stime */
+  ck_assert_int_eq(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st),
+                   2);
+  return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* issue 22: a 32x32 PNG with ~2 MB of compressed zeros behind its scanlines (2 GiB inflated)
+ * cost 6.6 s of CPU at submission and again on the worker; now a 400 naming input_image, at the
+ * cost of reading its chunk headers. */
+START_TEST(trailing_data_png_is_refused) {
+  char st[512];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  size_t len;
+  uint8_t *png = test_trailing_png(32, 32, 128, &len);
+  char *b64 = base64_encode(png, len);
+  size_t cap = strlen(b64) + 512;
+  char *body = malloc(cap);
+  snprintf(body, cap,
+           "{\"class_label\": 3, \"seed\": 21, \"scheduler\": {\"name\": \"ddim\", \"steps\": 20}, "
+           "\"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", \"strength\": 0.6}}",
+           b64);
+  const double t0 = proc_cpu_seconds(d.pid);
+  expect_error(&d, "POST", "/v1/jobs", body, 400, "invalid_field", "input_image");
+  const double cpu = proc_cpu_seconds(d.pid) - t0;
+  /* the daemon's whole request (body, JSON, base64) in CPU clock ticks: a generous bound */
+  ck_assert_msg(cpu < 1.0, "%.2f s of CPU", cpu);
+  printf("trailing data PNG of %zu bytes: 400 after %.2f s of daemon CPU\n", len, cpu);
+  free(body);
+  free(b64);
+  free(png);
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_edit");
   TCase *tc = tcase_create("server_edit");
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, edit_jobs);
+  tcase_add_test(tc, trailing_data_png_is_refused);
   tcase_add_test(tc, invert_jobs);
   tcase_add_test(tc, boundary_jobs);
   tcase_add_test(tc, boundary_h_jobs);
