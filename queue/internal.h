@@ -128,6 +128,13 @@ void qlog(queue *q, queue_log_level level, const char *id, const char *fmt, ...)
 
 /* ---- spec.c ---- */
 int qspec_has_noise(const queue_spec *s);
+/* A copy without the large inputs, what views carry: input_image and mask are "" when the job
+ * has them, edit_args' noise is true and its boundary only attribute, step and model; no decoded
+ * inputs. The job's record keeps the inputs. */
+int qspec_copy_light(queue_spec *dst, const queue_spec *src);
+/* Drops s's large inputs as qspec_copy_light does, once nothing will run or store them again:
+ * a finished job whose final record is on disk and whose batch is over (lock held). */
+void qspec_release_inputs(queue_spec *s);
 
 /* ---- jobs.c: the job index, the FIFO and the per-job event log (lock held unless said) ---- */
 void qjob_free(qjob *j);

@@ -234,7 +234,7 @@ void qjob_view(queue *q, const qjob *j, queue_job_view *v) {
   v->batched_with = j->batch ? j->batch->njobs - 1 : 0;
   snprintf(v->error, sizeof v->error, "%s", j->error);
   v->last_seq = j->next_seq - 1;
-  queue_spec_copy(&v->spec, &j->spec);
+  qspec_copy_light(&v->spec, &j->spec);
 }
 
 void queue_view_clear(queue_job_view *v) {
@@ -314,6 +314,8 @@ static void settle(queue *q, qjob *j) {
   free(f);
   j->final = NULL;
   qjob_drop_progress(j);
+  if (!j->batch) /* else when the batch is over (after_work_cb): the worker may still read them */
+    qspec_release_inputs(&j->spec);
 }
 
 void qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {

@@ -24,6 +24,8 @@ static void after_work_cb(uv_work_t *w, int status) {
     b->jobs[i]->batch = NULL;
     if (b->jobs[i]->state == QUEUE_QUEUED) /* put back by a shutdown */
       qjob_enqueue(q, b->jobs[i]);
+    else if (qstate_final(b->jobs[i]->state) && !b->jobs[i]->final) /* settled, on disk */
+      qspec_release_inputs(&b->jobs[i]->spec);
   }
   for (int i = 0; i < q->nrunning; i++)
     if (q->running[i] == b) {

@@ -208,8 +208,11 @@ typedef struct queue_job_view {
    * failing): the state shown is the one before, and the write is retried. */
   char store_error[256];
   uint64_t last_seq;
-  int replayed;    /* queue_submit: an earlier job with the same idempotency key */
-  queue_spec spec; /* a copy; queue_view_clear frees it */
+  int replayed; /* queue_submit: an earlier job with the same idempotency key */
+  /* A copy without the large inputs (listings copy no images under the lock): input_image and
+   * mask are "" when the job has them, edit_args' noise is true and its boundary keeps only
+   * attribute, step and model; queue_view_clear frees it. */
+  queue_spec spec;
 } queue_job_view;
 
 void queue_view_clear(queue_job_view *v);

@@ -70,6 +70,8 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
       j->next_seq = (uint64_t)seq + 1;
   }
   json_decref(r);
+  if (qstate_final(j->state)) /* its record on disk keeps the inputs; views need none of them */
+    qspec_release_inputs(&j->spec);
   if (!qstate_final(j->state)) {
     /* queued, or running when the process died: progress events of the lost run were never
      * written, so skip past every number they can have used, keeping ids unique for clients

@@ -69,6 +69,58 @@ int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
              : ERR_OK;
 }
 
+/* edit_args without what is large: the noise maps become true, a boundary keeps only its
+ * attribute, step and model (what views echo). NULL out of memory. */
+static json_t *light_args(const json_t *args) {
+  json_t *out = json_object();
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)args, key, v) {
+    json_t *c;
+    if (!out)
+      break;
+    if (strcmp(key, "noise") == 0) {
+      c = json_true();
+    } else if (strcmp(key, "boundary") == 0 && json_is_object(v)) {
+      c = json_object();
+      static const char *const keep[] = {"attribute", "step", "model"};
+      for (int k = 0; c && k < 3; k++)
+        if (json_object_get(v, keep[k]))
+          json_object_set_new(c, keep[k], json_deep_copy(json_object_get(v, keep[k])));
+    } else {
+      c = json_deep_copy(v);
+    }
+    if (!c || json_object_set_new(out, key, c) != 0) {
+      json_decref(out);
+      out = NULL;
+    }
+  }
+  return out;
+}
+
+int qspec_copy_light(queue_spec *dst, const queue_spec *src) {
+  *dst = *src;
+  dst->decoded = NULL;
+  dst->options = src->options ? json_deep_copy(src->options) : NULL;
+  dst->input_image = src->input_image ? strdup("") : NULL;
+  dst->mask = src->mask ? strdup("") : NULL;
+  dst->edit_args = src->edit_args ? light_args(src->edit_args) : NULL;
+  return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
+                 (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
+             ? ERR_NOMEM
+             : ERR_OK;
+}
+
+void qspec_release_inputs(queue_spec *s) {
+  queue_spec light;
+  if (qspec_copy_light(&light, s) != ERR_OK) {
+    queue_spec_clear(&light);
+    return; /* kept as it is: correct, only larger */
+  }
+  queue_spec_clear(s);
+  *s = light;
+}
+
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
   return strcmp(a->model, b->model) == 0 && strcmp(a->solver, b->solver) == 0 &&
          a->steps == b->steps && a->height == b->height && a->width == b->width &&

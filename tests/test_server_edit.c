@@ -917,12 +917,113 @@ START_TEST(trailing_data_png_is_refused) {
 }
 END_TEST
 
+/* kB of field (VmRSS, VmHWM) in /proc/PID/status. */
+static long proc_status_kb(pid_t pid, const char *field) {
+  char path[64], line[256];
+  snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+  FILE *f = fopen(path, "r");
+  ck_assert_ptr_nonnull(f);
+  long kb = -1;
+  while (kb < 0 && fgets(line, sizeof line, f))
+    if (strncmp(line, field, strlen(field)) == 0 && line[strlen(field)] == ':')
+      kb = strtol(line + strlen(field) + 1, NULL, 10);
+  fclose(f);
+  ck_assert_int_ge(kb, 0);
+  return kb;
+}
+
+/* A black 32x32 PNG of about `size` bytes: random bytes in a private ancillary chunk. */
+static uint8_t *padded_png(size_t size, size_t *len) {
+  uint8_t *png = test_trailing_png(32, 32, 0, len);
+  const size_t iend = *len - 12;
+  uint8_t *tail = malloc(12);
+  memcpy(tail, png + iend, 12);
+  *len = iend;
+  uint8_t *junk = malloc(size);
+  for (size_t i = 0; i < size; i++)
+    junk[i] = (uint8_t)(i * 2654435761u >> 13);
+  test_put_chunk(&png, len, "juNk", junk, size);
+  png = realloc(png, *len + 12);
+  memcpy(png + *len, tail, 12);
+  *len += 12;
+  free(junk);
+  free(tail);
+  return png;
+}
+
+/* issue 22.1: finished jobs kept their whole spec, base64 inputs included (200 img2img jobs of
+ * 3.9 MB: +860 MB of RSS), and listings deep-copied them under the lock. Now a finished job
+ * keeps what its views need, its record on disk keeps the inputs, and a restart reads them once
+ * more only for jobs that still have to run. */
+START_TEST(finished_jobs_release_inputs) {
+  char st[512], path[128];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  size_t len;
+  uint8_t *png = padded_png(1500000, &len);
+  char *b64 = base64_encode(png, len);
+  const size_t cap = strlen(b64) + 512;
+  char *body = malloc(cap);
+  snprintf(body, cap,
+           "{\"class_label\": 3, \"seed\": 5, \"scheduler\": {\"name\": \"ddim\", \"steps\": 4}, "
+           "\"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\", \"strength\": 0.5}}",
+           b64);
+  char first[64], id[64];
+  submit_job(&d, body, first, sizeof first); /* the first one settles the heap's sizes */
+  wait_state(&d, first, "succeeded", 60);
+  const long rss0 = proc_status_kb(d.pid, "VmRSS");
+  enum { N = 20 };
+  for (int i = 0; i < N; i++)
+    submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "succeeded", 120);
+  const long rss1 = proc_status_kb(d.pid, "VmRSS");
+  /* the inputs are 20 x 2 MB of base64: kept, they are +40 MB */
+  printf("%d finished img2img jobs with %zu-byte inputs: VmRSS %ld -> %ld kB\n", N, strlen(b64),
+         rss0, rss1);
+  ck_assert_msg(rss1 - rss0 < (long)(N * strlen(b64) / 1024 / 3), "VmRSS %ld -> %ld kB", rss0,
+                rss1);
+  /* the views echo what they did: the edit, no picture */
+  http_resp r;
+  ck_assert_int_eq(http_get(&d, "/v1/jobs?limit=100", &r), 200);
+  ck_assert_msg(r.len < 200000, "a listing of %d jobs takes %zu bytes", N + 1, r.len);
+  http_free(&r);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  json_t *j = http_json(&r);
+  json_t *ed = json_object_get(json_object_get(j, "request"), "edit");
+  ck_assert_str_eq(json_string_value(json_object_get(ed, "type")), "img2img");
+  ck_assert(json_is_false(json_object_get(ed, "mask")));
+  json_decref(j);
+  http_free(&r);
+  /* the record still holds the input: after a restart the job is there, and its image */
+  daemon_stop(&d);
+  ck_assert_int_eq(daemon_start(&d, st, NULL), 0);
+  snprintf(path, sizeof path, "%s/jobs/%s.json", st, id);
+  size_t rec_len;
+  char *rec = (char *)read_file_all(path, &rec_len);
+  rec[rec_len] = 0;
+  ck_assert_msg(strstr(rec, b64) != NULL, "the record lost its input_image");
+  free(rec);
+  char state[32];
+  job_state(&d, id, state, sizeof state, NULL);
+  ck_assert_str_eq(state, "succeeded");
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  http_free(&r);
+  free(body);
+  free(b64);
+  free(png);
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_edit");
   TCase *tc = tcase_create("server_edit");
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, edit_jobs);
   tcase_add_test(tc, trailing_data_png_is_refused);
+  tcase_add_test(tc, finished_jobs_release_inputs);
   tcase_add_test(tc, invert_jobs);
   tcase_add_test(tc, boundary_jobs);
   tcase_add_test(tc, boundary_h_jobs);
