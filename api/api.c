@@ -410,6 +410,23 @@ done:
   return rc;
 }
 
+/* The job's compute in megapixel-evaluations (an upper bound: img2img runs fewer steps, an
+ * inversion runs its grid twice), against this server's per-job budget. */
+static int check_cost(const api_ctx *c, queue_spec *out, int nfe, api_error *e) {
+  const int inversion = out->edit == QUEUE_EDIT_INVERT_DDIM || out->edit == QUEUE_EDIT_INVERT_DDPM;
+  out->cost = (double)out->batch * nfe * (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1) *
+              out->height * out->width / 1e6;
+  if (c->max_job_cost > 0 && out->cost > c->max_job_cost)
+    return api_fail(e, 400, "over_budget", NULL,
+                    "this job needs %.0f megapixel-evaluations (batch_size %d x %d network "
+                    "evaluations%s x %dx%d pixels); this server allows %.0f per job "
+                    "(max_job_cost): fewer images, steps or pixels",
+                    out->cost, out->batch, nfe * (inversion ? 2 : 1),
+                    out->has_guidance ? " x 2 for guidance" : "", out->width, out->height,
+                    c->max_job_cost);
+  return 0;
+}
+
 /* Resolves model, sizes, seed and solver; builds the sampler once to validate the scheduler
  * block. Shared by /v1/jobs and /sdapi/v1/txt2img. */
 static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *owner,
@@ -504,6 +521,8 @@ static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *ow
   }
   out->steps = sampler_num_steps(s);
   rc = api_parse_edit(c, f, &md, s, owner, out, e);
+  if (!rc)
+    rc = check_cost(c, out, sampler_nfe(s), e);
   sampler_free(s);
   if (rc)
     goto done;

@@ -41,7 +41,8 @@ typedef struct api_ctx {
   const char *default_model;
   int max_batch, max_steps, max_image_size;
   int queue_max, workers, threads_per_job, batch_max_images, max_body_bytes, result_ttl;
-  int auth; /* API keys are required */
+  int auth;            /* API keys are required */
+  double max_job_cost; /* megapixel-evaluations a job may need (0: no limit) */
 } api_ctx;
 
 /* POST /v1/jobs (and /v1/generate) body -> spec. owner is the API key name ("" without auth). */

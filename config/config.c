@@ -58,6 +58,12 @@ static const key_desc keys[] = {
     INT_KEY(idle_timeout, 1, 86400, "seconds a silent connection is kept"),
     INT_KEY(shutdown_timeout, 1, 3600, "seconds SIGTERM waits for running jobs"),
     INT_KEY(generate_timeout, 1, 86400, "seconds a synchronous request waits"),
+    INT_KEY(max_job_seconds, 0, 30 * 86400, "seconds a job may run before it fails (0: none)"),
+    INT_KEY(max_job_cost, 0, 1000000000,
+            "megapixel-evaluations a job may need: images x evaluations x pixels (0: none)"),
+    INT_KEY(max_key_cost, 0, 1000000000,
+            "megapixel-evaluations one API key's unfinished jobs may hold (all clients together "
+            "without keys; 0: none)"),
     INT_KEY(sse_heartbeat, 1, 3600, "seconds between SSE keep-alive comments"),
     INT_KEY(progress_interval_ms, 0, 60000, "least time between two progress events of a job"),
     STR_KEY(api_keys_file, "file of API keys (empty: no auth unless DENOISED_API_KEYS)"),
@@ -93,6 +99,9 @@ void config_defaults(config *c) {
   c->idle_timeout = 60;
   c->shutdown_timeout = 30;
   c->generate_timeout = 300;
+  c->max_job_seconds = 3600;
+  c->max_job_cost = 2000; /* 16 guided 32x32 images of 60 steps: 63; 4 of 50 at 256x256: 1311 */
+  c->max_key_cost = 20000;
   c->sse_heartbeat = 15;
   c->progress_interval_ms = 100;
   snprintf(c->log_level, sizeof c->log_level, "info");

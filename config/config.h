@@ -56,6 +56,9 @@ typedef struct config {
   int idle_timeout;       /* seconds a connection may sit silent */
   int shutdown_timeout;
   int generate_timeout; /* seconds POST /v1/generate and /sdapi/v1/txt2img wait */
+  int max_job_seconds;  /* a run longer than this fails (0: none) */
+  int max_job_cost;     /* megapixel-evaluations per job (0: none) */
+  int max_key_cost;     /* megapixel-evaluations of one key's unfinished jobs (0: none) */
   int sse_heartbeat;
   int progress_interval_ms; /* at most one progress event per job per interval */
   char api_keys_file[CONFIG_PATH_MAX];

@@ -72,7 +72,8 @@ struct qbatch {
   qjob **jobs;
   int njobs, nimg;
   atomic_int cancel;
-  sampler *s; /* the final sampling's solver (metadata), owned */
+  int timed_out; /* stopped by max_job_seconds (lock held) */
+  sampler *s;    /* the final sampling's solver (metadata), owned */
   double t_start, t_last;
   int h, w;
   const uint64_t *img_seed, *img_index; /* per image of a batch of several jobs */

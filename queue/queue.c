@@ -175,11 +175,15 @@ void queue_free(queue *q) {
 
 /* ---- requests ---- */
 
-static int count_active(queue *q, const char *owner) {
+static int count_active(queue *q, const char *owner, double *cost) {
   int n = 0;
+  *cost = 0;
   for (int i = 0; i < q->njobs; i++) {
     const qjob *j = q->jobs[i];
-    n += !qstate_final(j->state) && strcmp(j->spec.owner, owner) == 0;
+    if (!qstate_final(j->state) && strcmp(j->spec.owner, owner) == 0) {
+      n++;
+      *cost += j->spec.cost;
+    }
   }
   return n;
 }
@@ -248,11 +252,22 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     return err_set(e, QUEUE_FULL, "the queue is full (%d jobs waiting)", q->o.queue_max);
   }
   /* without API keys there is one anonymous owner: queue_max is the only bound then */
-  if (spec->owner[0] && count_active(q, spec->owner) >= q->o.max_jobs_per_key) {
+  double held = 0;
+  const int active = count_active(q, spec->owner, &held);
+  if (spec->owner[0] && active >= q->o.max_jobs_per_key) {
     q->rejected_limit++;
     pthread_mutex_unlock(&q->mu);
     free(j);
     return err_set(e, QUEUE_LIMIT, "at most %d unfinished jobs per API key", q->o.max_jobs_per_key);
+  }
+  if (q->o.max_owner_cost > 0 && held + spec->cost > q->o.max_owner_cost) {
+    q->rejected_limit++;
+    pthread_mutex_unlock(&q->mu);
+    free(j);
+    return err_set(e, QUEUE_LIMIT,
+                   "this job's compute (%.0f megapixel-evaluations) with your unfinished jobs' "
+                   "(%.0f) exceeds the %.0f a client may hold (max_key_cost)",
+                   spec->cost, held, q->o.max_owner_cost);
   }
   qjob_make_id(q, j->id);
   j->spec = *spec;

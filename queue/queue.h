@@ -85,6 +85,9 @@ typedef struct queue_spec {
    * a worker does not decode the base64 a second time; NULL after a restart (decoded again from
    * the record) and once the job is finished. */
   struct queue_decoded *decoded;
+  /* Its compute estimate in megapixel-evaluations (images x network evaluations x H x W / 1e6,
+   * guidance counting twice), set by the API; budgets are checked against it. */
+  double cost;
 } queue_spec;
 
 /* An edit job's decoded inputs: input_image (the model's channels x height x width, in [-1, 1]),
@@ -141,7 +144,13 @@ typedef struct queue_opts {
    * 1 GiB. Checked before the 202 so an accepted job is always readable at recovery. */
   size_t max_job_bytes;
   int progress_interval_ms; /* least time between progress events of a job */
-  const char *url_prefix;   /* "/v1/jobs/": image links in events */
+  /* A run (job or batch) longer than this fails its jobs at the next step boundary, with the
+   * limit named (0: no limit). */
+  int max_job_seconds;
+  /* The most compute (queue_spec.cost) an owner's unfinished jobs may hold together (0: no
+   * limit); more is QUEUE_LIMIT. */
+  double max_owner_cost;
+  const char *url_prefix; /* "/v1/jobs/": image links in events */
   queue_log_fn log;
   void *log_user;
   /* Tests only (store.h): faults injected under the store; NULL in production. */

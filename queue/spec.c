@@ -153,6 +153,8 @@ json_t *queue_spec_to_json(const queue_spec *s) {
     if (s->edit_args)
       json_object_set(j, "edit_args", s->edit_args);
   }
+  if (j && s->cost > 0)
+    json_object_set_new(j, "cost", json_real(s->cost));
   if (j && s->client[0])
     json_object_set_new(j, "client", json_string(s->client));
   if (j && s->idem_key[0]) {
@@ -195,6 +197,9 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
     s->has_label = 1;
     s->label = json_integer_value(label);
   }
+  s->cost = json_number_value(json_object_get(j, "cost")); /* 0 when absent */
+  if (!(s->cost >= 0 && s->cost < 1e300))
+    s->cost = 0;
   const char *client = json_string_value(json_object_get(j, "client"));
   if (client && strlen(client) < sizeof s->client)
     snprintf(s->client, sizeof s->client, "%s", client);

@@ -78,6 +78,10 @@ static void batch_progress(const pipeline_progress *p, void *user) {
   }
   if (!live || q->stopping)
     atomic_store(&b->cancel, 1);
+  if (q->o.max_job_seconds > 0 && t - b->t_start > q->o.max_job_seconds) {
+    b->timed_out = 1; /* the run stops at this step boundary and its jobs fail */
+    atomic_store(&b->cancel, 1);
+  }
   pthread_mutex_unlock(&q->mu);
   free(preview);
 }
@@ -251,6 +255,11 @@ void qworker_run(uv_work_t *w) {
     int failed[b->njobs];
     memset(failed, 0, sizeof failed);
     pthread_mutex_lock(&q->mu);
+    if (rc == ERR_CANCELLED && b->timed_out && !q->stopping)
+      err_set(&e, ERR_CANCELLED,
+              "the job ran longer than this server's limit of %d s "
+              "(max_job_seconds)",
+              q->o.max_job_seconds);
     for (int i = 0; i < b->njobs; i++) {
       qjob *j = b->jobs[i];
       recs[i] = NULL;

@@ -178,6 +178,8 @@ int server_main(int argc, char **argv) {
                    .max_job_bytes = (size_t)s.cfg.max_job_bytes,
                    .progress_interval_ms = s.cfg.progress_interval_ms,
                    .url_prefix = "/v1/jobs/",
+                   .max_job_seconds = s.cfg.max_job_seconds,
+                   .max_owner_cost = s.cfg.max_key_cost,
                    .log = log_queue_cb};
   int status = SERVER_EXIT_FAILURE;
   if (queue_new(&qo, &s.q, &e)) {
@@ -201,7 +203,8 @@ int server_main(int argc, char **argv) {
                     .batch_max_images = s.cfg.batch_max_images,
                     .max_body_bytes = s.cfg.max_body_bytes,
                     .result_ttl = s.cfg.result_ttl,
-                    .auth = s.keys.n > 0};
+                    .auth = s.keys.n > 0,
+                    .max_job_cost = s.cfg.max_job_cost};
   if (queue_start(s.q, &e)) {
     log_event(LOG_ERROR, "starting workers failed", "error", e.msg, LOG_END);
     goto out;

@@ -1227,6 +1227,49 @@ START_TEST(poison_numerics_are_refused) {
 }
 END_TEST
 
+/* Compute budgets: a job over max_job_cost is a 400 naming the limit before anything is
+ * queued; unfinished jobs of one client over max_key_cost are a 429; a run longer than
+ * max_job_seconds fails at a step boundary naming the limit, and the daemon goes on. */
+START_TEST(compute_budgets) {
+  char st[512], id[64], glyphs[1024], model_arg[1100];
+  daemon_proc d;
+  /* the glyph UNet as the default: its 1000 steps take seconds, the analytic model's ms */
+  test_src_path(glyphs, sizeof glyphs, "models/glyphs32");
+  snprintf(model_arg, sizeof model_arg, "default=%s", glyphs);
+  const char *args[] = {
+      "--workers", "1",       "--max-job-cost", "5", "--max-key-cost", "9", "--max-job-seconds",
+      "1",         "--model", model_arg,        NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  /* 8 images x 1000 evaluations x 32x32 = 8.2 megapixel-evaluations */
+  expect_error(&d, "POST", "/v1/jobs", LONG_JOB, 400, "over_budget", NULL);
+  http_resp r;
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", LONG_JOB, &r), 400);
+  ck_assert_ptr_nonnull(strstr(r.body, "max_job_cost"));
+  ck_assert_ptr_nonnull(strstr(r.body, "1000 network evaluations"));
+  http_free(&r);
+  /* 4 images x 1000 = 4.1 each: the first two fit under 9, the third does not */
+  const char *mid = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 4, "
+                    "\"scheduler\": {\"name\": \"ddpm\", \"steps\": 1000}}";
+  submit_job(&d, mid, id, sizeof id);
+  char id2[64];
+  submit_job(&d, mid, id2, sizeof id2);
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", mid, &r), 429);
+  ck_assert_ptr_nonnull(strstr(r.body, "max_key_cost"));
+  http_free(&r);
+  /* 1000 DDPM steps of 4 images take longer than 1 s here: failed, naming the limit */
+  wait_state(&d, id, "failed", 120);
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "max_job_seconds"));
+  http_free(&r);
+  wait_state(&d, id2, "failed", 120);
+  submit_job(&d, SMALL_JOB, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   Suite *s = suite_create("server");
@@ -1245,6 +1288,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, concurrent_clients_and_batching);
   tcase_add_test(tc, guided_jobs);
   tcase_add_test(tc, poison_numerics_are_refused);
+  tcase_add_test(tc, compute_budgets);
   suite_add_tcase(s, tc);
   return s;
 }
