@@ -1264,8 +1264,8 @@ START_TEST(compute_budgets) {
   ck_assert_ptr_nonnull(strstr(r.body, "max_job_seconds"));
   http_free(&r);
   wait_state(&d, id2, "failed", 120);
-  submit_job(&d, SMALL_JOB, id, sizeof id);
-  wait_state(&d, id, "succeeded", 60);
+  ck_assert_int_eq(http_get(&d, "/healthz", &r), 200); /* and the daemon goes on */
+  http_free(&r);
   daemon_stop(&d);
 }
 END_TEST
