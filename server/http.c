@@ -209,27 +209,16 @@ static int authorize(srv *s, struct MHD_Connection *c, req *r, int scope, enum M
 /* Who a request comes from, without API keys: its X-Client-Token (1-48 visible ASCII
  * characters; a browser tab or script names itself) or else its peer address. Jobs remember it
  * so that an interrupt, which names no job, stops only the caller's own. */
-static void client_identity(struct MHD_Connection *c, char *out, size_t n) {
+static void client_identity(struct MHD_Connection *c, const req *r, char *out, size_t n) {
   const char *t = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Client-Token");
   size_t len = t ? strlen(t) : 0;
   int ok = len > 0 && len <= 48;
   for (size_t i = 0; ok && i < len; i++)
     ok = t[i] > 0x20 && t[i] < 0x7f;
-  if (ok) {
+  if (ok)
     snprintf(out, n, "token:%s", t);
-    return;
-  }
-  const union MHD_ConnectionInfo *ci =
-      MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-  char addr[INET6_ADDRSTRLEN] = "?";
-  const struct sockaddr *sa = ci ? ci->client_addr : NULL;
-  if (sa && sa->sa_family == AF_INET)
-    inet_ntop(AF_INET, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, addr,
-              sizeof addr);
-  else if (sa && sa->sa_family == AF_INET6)
-    inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr, addr,
-              sizeof addr);
-  snprintf(out, n, "addr:%s", addr);
+  else /* the address the request started with (client_address) */
+    snprintf(out, n, "addr:%s", r->addr);
 }
 
 /* Whose jobs a request sees: admins and the auth-less server see all. */
@@ -516,7 +505,7 @@ static int submit(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec, qu
     *ret = send_error(s, c, r, &ke);
     return -1;
   }
-  client_identity(c, spec->client, sizeof spec->client);
+  client_identity(c, r, spec->client, sizeof spec->client);
   if (queue_submit(s->q, spec, v, &e) != ERR_OK) {
     queue_spec_clear(spec);
     api_error ae = {0};
@@ -869,7 +858,7 @@ static enum MHD_Result route(srv *s, struct MHD_Connection *c, req *r) {
       return ret;
     /* without API keys every client is the same owner: only the caller's own jobs stop */
     char client[QUEUE_NAME_SIZE];
-    client_identity(c, client, sizeof client);
+    client_identity(c, r, client, sizeof client);
     int n = queue_cancel_running(s->q, owner_filter(s, r), s->api.auth ? NULL : client);
     char nb[16];
     snprintf(nb, sizeof nb, "%d", n);
