@@ -1,6 +1,7 @@
 /* AUTOMATIC1111 compatibility: /sdapi/v1 request and response shapes and their sampler names
  * mapped onto ours. Their server ignores fields it does not know, so this does too; the fields
  * it uses are still checked and errors still name them. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -318,10 +319,10 @@ json_t *api_sd_progress_json(const queue_job_view *v, int have, int queued_total
   char stamp[32] = "0";
   if (have && v->total > 0 && v->state == QUEUE_RUNNING) {
     progress = (double)v->step / v->total;
-    time_t now = time(NULL);
-    double elapsed = (double)now - v->started;
+    /* whole seconds, rounded up, as the native progress events: no per-step times */
+    const double elapsed = (double)time(NULL) - floor(v->started);
     if (v->step > 0 && elapsed > 0)
-      eta = elapsed / v->step * (v->total - v->step);
+      eta = ceil(elapsed / v->step * (v->total - v->step));
   }
   if (have) {
     time_t t = (time_t)v->created;

@@ -134,6 +134,8 @@ int api_parse_uint(const char *s, unsigned long long max, unsigned long long *ou
   return 0;
 }
 
+/* Whole seconds, like every time a client sees: milliseconds between started_at and
+ * finished_at would time the model (DeepPeep). */
 json_t *api_time_json(double t) {
   if (t <= 0)
     return json_null();
@@ -141,10 +143,15 @@ json_t *api_time_json(double t) {
   struct tm tm;
   gmtime_r(&s, &tm);
   char buf[64];
-  int ms = (int)((t - (double)s) * 1000);
-  snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-           tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms < 0 ? 0 : ms % 1000);
+  snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+           tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
   return json_string(buf);
+}
+
+/* The whole seconds between two times as the views show them (each cut to the second), so a
+ * duration says no more than the timestamps beside it. */
+static json_t *seconds_between(double from, double to) {
+  return json_integer((json_int_t)(floor(to) - floor(from)));
 }
 
 const char *api_type_name(const json_t *v) {
@@ -723,11 +730,11 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
     json_object_set_new(j, "store_error", json_string(v->store_error));
   json_t *t = json_object_get(j, "timings");
   if (v->started > 0)
-    json_object_set_new(t, "queued_seconds", json_real(v->started - v->created));
+    json_object_set_new(t, "queued_seconds", seconds_between(v->created, v->started));
   if (v->finished > 0 && v->started > 0)
-    json_object_set_new(t, "run_seconds", json_real(v->finished - v->started));
+    json_object_set_new(t, "run_seconds", seconds_between(v->started, v->finished));
   if (v->finished > 0)
-    json_object_set_new(t, "total_seconds", json_real(v->finished - v->created));
+    json_object_set_new(t, "total_seconds", seconds_between(v->created, v->finished));
   return j;
 }
 

@@ -28,15 +28,16 @@ void qjob_free(qjob *j) {
   free(j);
 }
 
-/* An event's text: data (stolen) with job_id, seq, type and time added. */
+/* An event's text: data (stolen) with job_id, seq, type and time added. The time is whole unix
+ * seconds: finer stamps on successive events would give clients per-step times. */
 static char *event_text(const qjob *j, uint64_t seq, const char *type, json_t *data) {
   if (!data)
     data = json_object();
   json_object_set_new(data, "job_id", json_string(j->id));
   json_object_set_new(data, "seq", json_integer((json_int_t)seq));
   json_object_set_new(data, "type", json_string(type));
-  json_object_set_new(data, "time", json_real(qclock_real()));
-  char *text = json_dumps(data, JSON_COMPACT | JSON_REAL_PRECISION(13)); /* ms of unix time */
+  json_object_set_new(data, "time", json_integer((json_int_t)floor(qclock_real())));
+  char *text = json_dumps(data, JSON_COMPACT);
   json_decref(data);
   return text;
 }

@@ -38,6 +38,14 @@ static int fault_nan_noise(void *user, uint64_t image, uint64_t stream, float *o
   return ERR_OK;
 }
 
+/* A progress event's data. Times are whole seconds (elapsed down, eta up): a step's time at
+ * millisecond resolution fingerprints the model's size and the solver (DeepPeep). */
+static json_t *progress_data(int step, int total, int nfe, double elapsed) {
+  const double eta = step && total ? elapsed / step * (total - step) : 0.0;
+  return json_pack("{s:i, s:i, s:i, s:I, s:I}", "step", step, "total", total, "nfe", nfe, "elapsed",
+                   (json_int_t)floor(elapsed), "eta", (json_int_t)ceil(eta));
+}
+
 static void batch_progress(const pipeline_progress *p, void *user) {
   qbatch *b = user;
   queue *q = b->q;
@@ -68,10 +76,7 @@ static void batch_progress(const pipeline_progress *p, void *user) {
     if (!due && !(preview && i == 0))
       continue;
     j->last_progress = t;
-    const double elapsed = t - j->t_mono_started;
-    const double eta = step && total ? elapsed / step * (total - step) : 0.0;
-    json_t *d = json_pack("{s:i, s:i, s:i, s:f, s:f}", "step", step, "total", total, "nfe", nfe,
-                          "elapsed", round(elapsed * 1000) / 1000, "eta", round(eta * 1000) / 1000);
+    json_t *d = progress_data(step, total, nfe, t - j->t_mono_started);
     if (preview && i == 0)
       json_object_set_new(d, "preview", json_string(preview));
     qjob_emit(q, j, "progress", d, 0);

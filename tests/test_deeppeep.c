@@ -1,0 +1,147 @@
+/* DeepPeep-aware serving (issue 13.7) end to end over HTTP: what a client can read about a
+ * model's timing and internals. Times are whole seconds; internals need the admin scope;
+ * constant-time mode gives every seed the same event sequence; batching never lets another
+ * tenant's input change a job's run. */
+#include "testhttp.h"
+
+/* ---- event streams ---- */
+
+typedef struct sse_log {
+  char *text;
+  size_t len;
+} sse_log;
+
+static size_t sse_write(char *p, size_t sz, size_t n, void *u) {
+  sse_log *s = u;
+  size_t k = sz * n;
+  char *nb = realloc(s->text, s->len + k + 1);
+  if (!nb)
+    return 0;
+  s->text = nb;
+  memcpy(s->text + s->len, p, k);
+  s->len += k;
+  s->text[s->len] = 0;
+  return k;
+}
+
+/* The whole stream of a job, until its final event (the stream ends there). */
+static void read_events(const daemon_proc *d, const char *id, const char *token, sse_log *out) {
+  memset(out, 0, sizeof *out);
+  CURL *c = curl_easy_init();
+  char url[256];
+  snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/jobs/%s/events", d->port, id);
+  curl_easy_setopt(c, CURLOPT_URL, url);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, sse_write);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT, 120L);
+  struct curl_slist *hl = curl_slist_append(NULL, "Accept: text/event-stream");
+  if (token) {
+    char auth[128];
+    snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+    hl = curl_slist_append(hl, auth);
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, hl);
+  curl_easy_perform(c);
+  curl_slist_free_all(hl);
+  curl_easy_cleanup(c);
+}
+
+/* The data objects of a stream's events, in order (new references in ev). */
+static int parse_events(const char *text, json_t **ev, int max) {
+  int n = 0;
+  for (const char *l = text; l && *l && n < max;) {
+    const char *nl = strchr(l, '\n');
+    if (strncmp(l, "data: ", 6) == 0) {
+      ev[n] = json_loadb(l + 6, (size_t)((nl ? nl : l + strlen(l)) - l - 6), 0, NULL);
+      ck_assert_msg(ev[n] != NULL, "event data is not JSON: %.200s", l);
+      n++;
+    }
+    l = nl ? nl + 1 : NULL;
+  }
+  return n;
+}
+
+static void free_events(json_t **ev, int n) {
+  for (int i = 0; i < n; i++)
+    json_decref(ev[i]);
+}
+
+/* An integer-valued JSON number (json_integer, or a real with no fraction would not do: the
+ * contract says integer). */
+static void assert_whole(const json_t *v, const char *what) {
+  ck_assert_msg(json_is_integer(v), "%s is not a whole number of seconds", what);
+  ck_assert_int_ge(json_integer_value(v), 0);
+}
+
+/* "2026-12-04T17:47:12Z": no fraction of a second. */
+static void assert_whole_stamp(const json_t *v, const char *what) {
+  const char *s = json_string_value(v);
+  ck_assert_msg(s != NULL, "%s is not a string", what);
+  ck_assert_msg(strlen(s) == 20 && s[19] == 'Z' && !strchr(s, '.'), "%s: '%s'", what, s);
+}
+
+#define SLOW_JOB                                                                                   \
+  "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 8, "                                          \
+  "\"scheduler\": {\"name\": \"ddpm\", \"steps\": 1000}}"
+
+/* Every time a client reads is whole seconds: events (time, elapsed, eta), the job's
+ * timestamps and timings, the A1111 progress. Without quantization elapsed carries
+ * milliseconds (0.012 after a step) and the stamps end in .NNNZ. */
+START_TEST(client_times_are_whole_seconds) {
+  char st[512];
+  daemon_proc d;
+  const char *args[] = {"--progress-interval-ms", "0", "--workers", "1", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  char id[64], path[256];
+  submit_job(&d, SLOW_JOB, id, sizeof id);
+  wait_running(&d, id, 30);
+  http_resp r;
+  ck_assert_int_eq(http_get(&d, "/sdapi/v1/progress", &r), 200);
+  json_t *j = http_json(&r);
+  const json_t *eta = json_object_get(j, "eta_relative");
+  ck_assert_msg(json_is_number(eta) && json_number_value(eta) == floor(json_number_value(eta)),
+                "eta_relative %s", r.body);
+  json_decref(j);
+  http_free(&r);
+  wait_state(&d, id, "succeeded", 120);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  j = http_json(&r);
+  assert_whole_stamp(json_object_get(j, "created_at"), "created_at");
+  assert_whole_stamp(json_object_get(j, "started_at"), "started_at");
+  assert_whole_stamp(json_object_get(j, "finished_at"), "finished_at");
+  const json_t *t = json_object_get(j, "timings");
+  assert_whole(json_object_get(t, "queued_seconds"), "queued_seconds");
+  assert_whole(json_object_get(t, "run_seconds"), "run_seconds");
+  assert_whole(json_object_get(t, "total_seconds"), "total_seconds");
+  json_decref(j);
+  http_free(&r);
+  sse_log log;
+  read_events(&d, id, NULL, &log);
+  static json_t *ev[2048];
+  int n = parse_events(log.text, ev, 2048), progress = 0;
+  ck_assert_int_ge(n, 4);
+  for (int i = 0; i < n; i++) {
+    assert_whole(json_object_get(ev[i], "time"), "time");
+    if (strcmp(json_string_value(json_object_get(ev[i], "type")), "progress") != 0)
+      continue;
+    progress++;
+    assert_whole(json_object_get(ev[i], "elapsed"), "elapsed");
+    assert_whole(json_object_get(ev[i], "eta"), "eta");
+  }
+  ck_assert_int_ge(progress, 1);
+  free_events(ev, n);
+  free(log.text);
+  daemon_stop(&d);
+}
+END_TEST
+
+Suite *test_suite(void) {
+  curl_global_init(CURL_GLOBAL_DEFAULT);
+  Suite *s = suite_create("deeppeep");
+  TCase *tc = tcase_create("serving");
+  tcase_set_timeout(tc, 300);
+  tcase_add_test(tc, client_times_are_whole_seconds);
+  suite_add_tcase(s, tc);
+  return s;
+}
