@@ -131,6 +131,134 @@ static void theirs(api_error *e, const char *sampler_field) {
   snprintf(e->field, sizeof e->field, "%s", name);
 }
 
+/* A txt2img body read in their names, before it becomes a native request. */
+typedef struct txt2img_req {
+  long long steps, seed, batch, n_iter, width, height;
+  int has_steps, has_w, has_h;
+  const char *solver, *sfield; /* ours; the field that named it, for errors */
+  const char *model;           /* borrowed from the body */
+  json_t *options;             /* scheduler options (owned) */
+  json_t *label;               /* class_label from the prompt (owned), NULL for none */
+  double cfg;
+  int has_cfg;
+} txt2img_req;
+
+static int txt2img_numbers(const api_ctx *c, const json_t *j, txt2img_req *r, api_error *e) {
+  int rc, present;
+  r->seed = -1;
+  r->batch = r->n_iter = 1;
+  if ((rc = a_int(j, "steps", 1, c->max_steps, &r->steps, &r->has_steps, e)) ||
+      (rc = a_int(j, "seed", -1, (1ll << 53) - 1, &r->seed, &present, e)) ||
+      (rc = a_int(j, "batch_size", 1, c->max_batch, &r->batch, &present, e)) ||
+      (rc = a_int(j, "n_iter", 1, c->max_batch, &r->n_iter, &present, e)) ||
+      (rc = a_int(j, "width", 1, c->max_image_size, &r->width, &r->has_w, e)) ||
+      (rc = a_int(j, "height", 1, c->max_image_size, &r->height, &r->has_h, e)))
+    return rc;
+  if (r->batch * r->n_iter > c->max_batch)
+    return api_fail(e, 400, "out_of_range", "n_iter",
+                    "n_iter: batch_size x n_iter = %lld images is above this server's limit of %d",
+                    r->batch * r->n_iter, c->max_batch);
+  return 0;
+}
+
+/* sampler_name, else sampler_index (older clients), through their names to ours */
+static int txt2img_sampler(const json_t *j, txt2img_req *r, api_error *e) {
+  const json_t *v = json_object_get(j, "sampler_name");
+  if (!v || json_is_null(v))
+    v = json_object_get(j, "sampler_index");
+  r->solver = "ddim";
+  r->sfield = json_object_get(j, "sampler_name") ? "sampler_name" : "sampler_index";
+  if (!v || json_is_null(v))
+    return 0;
+  if (!json_is_string(v))
+    return api_fail(e, 400, "wrong_type", r->sfield, "%s: expected a sampler name, got %s",
+                    r->sfield, api_type_name(v));
+  r->solver = api_a1111_solver(json_string_value(v));
+  if (!r->solver)
+    return api_fail(e, 400, "invalid_field", r->sfield,
+                    "%s: sampler '%s' is not available here (GET /sdapi/v1/samplers lists them)",
+                    r->sfield, json_string_value(v));
+  return 0;
+}
+
+static int txt2img_eta(const json_t *j, txt2img_req *r, api_error *e) {
+  const json_t *v = json_object_get(j, "eta");
+  if (!v || json_is_null(v))
+    return 0;
+  if (!json_is_number(v))
+    return api_fail(e, 400, "wrong_type", "eta", "eta: expected a number, got %s",
+                    api_type_name(v));
+  json_object_set(r->options, "eta", (json_t *)v);
+  return 0;
+}
+
+/* The model (override_settings.sd_model_checkpoint names one of ours, as in their API) and the
+ * prompt, which picks the class of a class-conditional model by name or index. Returns whether
+ * the model is class-conditional. */
+static int txt2img_model_label(const api_ctx *c, const json_t *j, txt2img_req *r) {
+  const json_t *ov = json_object_get(j, "override_settings");
+  const json_t *ck = json_is_object(ov) ? json_object_get(ov, "sd_model_checkpoint") : NULL;
+  if (json_is_string(ck))
+    r->model = json_string_value(ck);
+  const json_t *v = json_object_get(j, "prompt");
+  if (json_is_string(v) && json_string_length(v) > 0) {
+    const char *p = json_string_value(v);
+    unsigned long long idx;
+    r->label =
+        api_parse_uint(p, INT64_MAX, &idx) == 0 ? json_integer((json_int_t)idx) : json_string(p);
+  }
+  queue_model_desc md;
+  int has_classes =
+      queue_model_get(c->q, -1, r->model ? r->model : c->default_model, &md) == ERR_OK &&
+      md.num_classes > 0;
+  queue_model_desc_clear(&md);
+  if (!has_classes && r->label) { /* a text prompt means nothing to an unconditional model */
+    json_decref(r->label);
+    r->label = NULL;
+  }
+  return has_classes;
+}
+
+/* cfg_scale is classifier-free guidance of a class-conditional model; their default (7) on an
+ * unconditional model means nothing and is ignored, as a prompt is */
+static int txt2img_cfg(const json_t *j, int has_classes, txt2img_req *r, api_error *e) {
+  const json_t *v = json_object_get(j, "cfg_scale");
+  if (!v || json_is_null(v))
+    return 0;
+  if (!json_is_number(v))
+    return api_fail(e, 400, "wrong_type", "cfg_scale", "cfg_scale: expected a number, got %s",
+                    api_type_name(v));
+  r->cfg = json_number_value(v);
+  if (has_classes && (r->cfg < 0 || r->cfg > 50))
+    return api_fail(e, 400, "out_of_range", "cfg_scale", "cfg_scale: %g is out of range [0, 50]",
+                    r->cfg);
+  r->has_cfg = has_classes;
+  return 0;
+}
+
+/* The native request with their fields mapped onto ours; takes the options and the label. */
+static json_t *txt2img_native(txt2img_req *r) {
+  json_t *native =
+      json_pack("{s:I, s:{s:s, s:O}}", "batch_size", (json_int_t)(r->batch * r->n_iter),
+                "scheduler", "name", r->solver, "options", r->options);
+  if (r->model)
+    json_object_set_new(native, "model", json_string(r->model));
+  if (r->seed >= 0)
+    json_object_set_new(native, "seed", json_integer(r->seed));
+  if (r->has_steps)
+    json_object_set_new(json_object_get(native, "scheduler"), "steps", json_integer(r->steps));
+  if (r->has_w)
+    json_object_set_new(native, "width", json_integer(r->width));
+  if (r->has_h)
+    json_object_set_new(native, "height", json_integer(r->height));
+  if (r->label)
+    json_object_set_new(native, "class_label", r->label);
+  r->label = NULL;
+  if (r->has_cfg)
+    json_object_set_new(native, "guidance", json_pack("{s:f}", "scale", r->cfg));
+  return native;
+}
+
 int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char *owner,
                       queue_spec *out, api_error *e) {
   json_error_t je;
@@ -138,120 +266,17 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
   if (!j)
     return api_fail(e, 400, "invalid_json", NULL, "invalid JSON at line %d, column %d: %s", je.line,
                     je.column, je.text);
-  int rc = 0, present;
+  txt2img_req r = {0};
+  int rc = 0;
   if (!json_is_object(j)) {
     rc = api_fail(e, 400, "invalid_json", NULL, "the body must be a JSON object");
     goto done;
   }
-  long long steps = 0, seed = -1, batch = 1, n_iter = 1, width = 0, height = 0;
-  int has_steps, has_w, has_h, p2;
-  if ((rc = a_int(j, "steps", 1, c->max_steps, &steps, &has_steps, e)) ||
-      (rc = a_int(j, "seed", -1, (1ll << 53) - 1, &seed, &present, e)) ||
-      (rc = a_int(j, "batch_size", 1, c->max_batch, &batch, &present, e)) ||
-      (rc = a_int(j, "n_iter", 1, c->max_batch, &n_iter, &p2, e)) ||
-      (rc = a_int(j, "width", 1, c->max_image_size, &width, &has_w, e)) ||
-      (rc = a_int(j, "height", 1, c->max_image_size, &height, &has_h, e)))
+  r.options = json_object();
+  if ((rc = txt2img_numbers(c, j, &r, e)) || (rc = txt2img_sampler(j, &r, e)) ||
+      (rc = txt2img_eta(j, &r, e)) || (rc = txt2img_cfg(j, txt2img_model_label(c, j, &r), &r, e)))
     goto done;
-  if (batch * n_iter > c->max_batch) {
-    rc = api_fail(e, 400, "out_of_range", "n_iter",
-                  "n_iter: batch_size x n_iter = %lld images is above this server's limit of %d",
-                  batch * n_iter, c->max_batch);
-    goto done;
-  }
-  const json_t *v = json_object_get(j, "sampler_name");
-  if (!v || json_is_null(v))
-    v = json_object_get(j, "sampler_index");
-  const char *solver = "ddim";
-  const char *sfield = json_object_get(j, "sampler_name") ? "sampler_name" : "sampler_index";
-  if (v && !json_is_null(v)) {
-    if (!json_is_string(v)) {
-      rc = api_fail(e, 400, "wrong_type", sfield, "%s: expected a sampler name, got %s", sfield,
-                    api_type_name(v));
-      goto done;
-    }
-    solver = api_a1111_solver(json_string_value(v));
-    if (!solver) {
-      rc = api_fail(e, 400, "invalid_field", sfield,
-                    "%s: sampler '%s' is not available here (GET /sdapi/v1/samplers lists them)",
-                    sfield, json_string_value(v));
-      goto done;
-    }
-  }
-  json_t *options = json_object();
-  v = json_object_get(j, "eta");
-  if (v && !json_is_null(v)) {
-    if (!json_is_number(v)) {
-      json_decref(options);
-      rc =
-          api_fail(e, 400, "wrong_type", "eta", "eta: expected a number, got %s", api_type_name(v));
-      goto done;
-    }
-    json_object_set(options, "eta", (json_t *)v);
-  }
-  /* the model: override_settings.sd_model_checkpoint names one of ours, as in their API */
-  const char *model = NULL;
-  const json_t *ov = json_object_get(j, "override_settings");
-  const json_t *ck = json_is_object(ov) ? json_object_get(ov, "sd_model_checkpoint") : NULL;
-  if (json_is_string(ck))
-    model = json_string_value(ck);
-  /* the prompt picks the class of a class-conditional model by name or index */
-  json_t *label = NULL;
-  v = json_object_get(j, "prompt");
-  if (json_is_string(v) && json_string_length(v) > 0) {
-    const char *p = json_string_value(v);
-    unsigned long long idx;
-    label =
-        api_parse_uint(p, INT64_MAX, &idx) == 0 ? json_integer((json_int_t)idx) : json_string(p);
-  }
-  queue_model_desc md;
-  int has_classes = queue_model_get(c->q, -1, model ? model : c->default_model, &md) == ERR_OK &&
-                    md.num_classes > 0;
-  queue_model_desc_clear(&md);
-  if (!has_classes && label) { /* a text prompt means nothing to an unconditional model */
-    json_decref(label);
-    label = NULL;
-  }
-  /* cfg_scale is classifier-free guidance of a class-conditional model; their default (7) on an
-   * unconditional model means nothing and is ignored, as a prompt is */
-  double cfg = 0;
-  int has_cfg = 0;
-  v = json_object_get(j, "cfg_scale");
-  if (v && !json_is_null(v)) {
-    if (!json_is_number(v)) {
-      json_decref(label);
-      json_decref(options);
-      rc = api_fail(e, 400, "wrong_type", "cfg_scale", "cfg_scale: expected a number, got %s",
-                    api_type_name(v));
-      goto done;
-    }
-    cfg = json_number_value(v);
-    if (has_classes && (cfg < 0 || cfg > 50)) {
-      json_decref(label);
-      json_decref(options);
-      rc = api_fail(e, 400, "out_of_range", "cfg_scale", "cfg_scale: %g is out of range [0, 50]",
-                    cfg);
-      goto done;
-    }
-    has_cfg = has_classes;
-  }
-  /* reuse the native path with their field names mapped onto ours */
-  json_t *native = json_pack("{s:I, s:{s:s, s:O}}", "batch_size", (json_int_t)(batch * n_iter),
-                             "scheduler", "name", solver, "options", options);
-  json_decref(options);
-  if (model)
-    json_object_set_new(native, "model", json_string(model));
-  if (seed >= 0)
-    json_object_set_new(native, "seed", json_integer(seed));
-  if (has_steps)
-    json_object_set_new(json_object_get(native, "scheduler"), "steps", json_integer(steps));
-  if (has_w)
-    json_object_set_new(native, "width", json_integer(width));
-  if (has_h)
-    json_object_set_new(native, "height", json_integer(height));
-  if (label)
-    json_object_set_new(native, "class_label", label);
-  if (has_cfg)
-    json_object_set_new(native, "guidance", json_pack("{s:f}", "scale", cfg));
+  json_t *native = txt2img_native(&r);
   char *text = json_dumps(native, JSON_COMPACT);
   json_decref(native);
   if (!text) {
@@ -261,8 +286,10 @@ int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char
   rc = api_parse_job(c, text, strlen(text), owner, out, e);
   free(text);
   if (rc) /* name their fields, not ours */
-    theirs(e, sfield);
+    theirs(e, r.sfield);
 done:
+  json_decref(r.options);
+  json_decref(r.label);
   json_decref(j);
   return rc;
 }

@@ -227,19 +227,17 @@ done:
   return rc;
 }
 
-/* invert_ddim / invert_ddpm: the image (input_image) or earlier noise (noise, noise_from), the
- * classes and guidance the inversion ran with, and the noise-space edits. */
-static int parse_invert(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
-                        const sampler *s, const char *owner, int kind, queue_spec *out,
-                        api_error *e) {
+/* The checks of an inversion's request before anything is decoded: its keys, DDIM's grid, one
+ * source (an image or earlier noise) and the noise maps' size. */
+static int invert_check(const api_job_fields *f, const queue_model_desc *md, const sampler *s,
+                        int ddpm, const queue_spec *out, api_error *e) {
   const json_t *ed = f->edit;
-  const int ddpm = kind == QUEUE_EDIT_INVERT_DDPM;
   static const char *const ddim_keys[] = {
       "type", "source_class", "source_guidance", "shift", "noise", "noise_from", NULL};
   static const char *const ddpm_keys[] = {
       "type",       "source_class", "source_guidance", "shift",       "noise",
       "noise_from", "skip",         "colour",          "colour_from", NULL};
-  int rc = api_check_keys(ed, "edit.", ddpm ? ddpm_keys : ddim_keys, e), present;
+  int rc = api_check_keys(ed, "edit.", ddpm ? ddpm_keys : ddim_keys, e);
   if (rc)
     return rc;
   const char *cls = sampler_solver_class(out->solver);
@@ -264,68 +262,91 @@ static int parse_invert(const api_ctx *c, const api_job_fields *f, const queue_m
                     "scheduler.steps: the noise maps of %d steps x %d images would take %.0f MB, "
                     "above this server's limit of %d MB",
                     n, out->batch, bytes / 1e6, API_MAX_NOISE_BYTES >> 20);
-  json_t *args = json_object();
-  if (!args)
-    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
-  noise_source src = {0};
-  const int64_t shape[5] = {out->batch, nmaps, md->in_channels, out->height, out->width};
-  const int64_t shape4[4] = {out->batch, md->in_channels, out->height, out->width};
-  if (has_noise &&
-      (rc = get_noise(c, ed, owner, kind, ddpm ? shape : shape4, ddpm ? 5 : 4, args, &src, out, e)))
-    goto done;
+  return 0;
+}
+
+/* source_class and source_guidance (what the inversion ran with; an earlier inversion's by
+ * default) into args. */
+static int invert_source(const json_t *ed, const queue_model_desc *md, const noise_source *src,
+                         json_t *args, api_error *e) {
   const json_t *sc = json_object_get(ed, "source_class");
-  if (sc && md->num_classes <= 0) {
-    rc = api_fail(e, 400, "invalid_field", "edit.source_class",
-                  "edit.source_class: model '%s' is not class-conditional", md->name);
-    goto done;
-  }
-  int64_t label = src.label;
+  if (sc && md->num_classes <= 0)
+    return api_fail(e, 400, "invalid_field", "edit.source_class",
+                    "edit.source_class: model '%s' is not class-conditional", md->name);
+  int64_t label = src->label;
+  int rc, present;
   if (sc && (rc = api_parse_label(sc, md, "edit.source_class", &label, e)))
-    goto done;
-  if (sc || src.has_label)
+    return rc;
+  if (sc || src->has_label)
     json_object_set_new(args, "source_class", json_integer(label));
-  double g = src.guidance, lo = 0, hi = API_MAX_SOURCE_GUIDANCE;
+  double g = src->guidance, lo = 0, hi = API_MAX_SOURCE_GUIDANCE;
   if ((rc = get_number(ed, "source_guidance", "edit.source_guidance", lo, hi, &g, &present, e)))
-    goto done;
-  if (present && md->num_classes <= 0) {
-    rc = api_fail(e, 400, "invalid_field", "edit.source_guidance",
-                  "edit.source_guidance: model '%s' is not class-conditional", md->name);
-    goto done;
-  }
-  if (present || src.has_guidance)
+    return rc;
+  if (present && md->num_classes <= 0)
+    return api_fail(e, 400, "invalid_field", "edit.source_guidance",
+                    "edit.source_guidance: model '%s' is not class-conditional", md->name);
+  if (present || src->has_guidance)
     json_object_set_new(args, "source_guidance", json_real(g));
+  return 0;
+}
+
+/* The noise-space edits (skip, shift, colour, colour_from) into args; n is the grid's steps. */
+static int invert_edits(const json_t *ed, const queue_model_desc *md, const queue_spec *out, int n,
+                        json_t *args, api_error *e) {
   long long skip = 0, from = 0;
+  int rc, present;
   if ((rc = api_get_int(ed, "skip", "edit.skip", 0, n - 1, &skip, &present, e)))
-    goto done;
+    return rc;
   if (present)
     json_object_set_new(args, "skip", json_integer(skip));
   json_t *shift = NULL, *colour = NULL;
   const double size = out->height > out->width ? out->height : out->width;
   if ((rc = get_list(ed, "shift", "edit.shift", 2, -size, size, 1, &shift, e)))
-    goto done;
+    return rc;
   if (shift)
     json_object_set_new(args, "shift", shift);
   if ((rc = get_list(ed, "colour", "edit.colour", 3, -2, 2, 0, &colour, e)))
-    goto done;
+    return rc;
   if (colour) {
     if (md->in_channels != 1 && md->in_channels != 3) {
       json_decref(colour);
-      rc = api_fail(e, 400, "invalid_field", "edit.colour",
-                    "edit.colour: needs a 1- or 3-channel model, not %d", md->in_channels);
-      goto done;
+      return api_fail(e, 400, "invalid_field", "edit.colour",
+                      "edit.colour: needs a 1- or 3-channel model, not %d", md->in_channels);
     }
     json_object_set_new(args, "colour", colour);
   }
   if ((rc = api_get_int(ed, "colour_from", "edit.colour_from", 0, n - 1, &from, &present, e)))
-    goto done;
-  if (present && !colour) {
-    rc = api_fail(e, 400, "invalid_field", "edit.colour_from",
-                  "edit.colour_from: goes with edit.colour");
-    goto done;
-  }
+    return rc;
+  if (present && !colour)
+    return api_fail(e, 400, "invalid_field", "edit.colour_from",
+                    "edit.colour_from: goes with edit.colour");
   if (present)
     json_object_set_new(args, "colour_from", json_integer(from));
-  if ((rc = check_pictures(f, md, out, e)))
+  return 0;
+}
+
+/* invert_ddim / invert_ddpm: the image (input_image) or earlier noise (noise, noise_from), the
+ * classes and guidance the inversion ran with, and the noise-space edits. */
+static int parse_invert(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                        const sampler *s, const char *owner, int kind, queue_spec *out,
+                        api_error *e) {
+  const json_t *ed = f->edit;
+  const int ddpm = kind == QUEUE_EDIT_INVERT_DDPM;
+  int rc = invert_check(f, md, s, ddpm, out, e);
+  if (rc)
+    return rc;
+  json_t *args = json_object();
+  if (!args)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  noise_source src = {0};
+  const int n = sampler_num_steps(s), nmaps = ddpm ? n + 1 : 1;
+  const int64_t shape[5] = {out->batch, nmaps, md->in_channels, out->height, out->width};
+  const int64_t shape4[4] = {out->batch, md->in_channels, out->height, out->width};
+  const int has_noise = json_object_get(ed, "noise") || json_object_get(ed, "noise_from");
+  if ((has_noise && (rc = get_noise(c, ed, owner, kind, ddpm ? shape : shape4, ddpm ? 5 : 4, args,
+                                    &src, out, e))) ||
+      (rc = invert_source(ed, md, &src, args, e)) || (rc = invert_edits(ed, md, out, n, args, e)) ||
+      (rc = check_pictures(f, md, out, e)))
     goto done;
   out->edit = kind;
   out->strength = 1.0;

@@ -754,118 +754,124 @@ static enum MHD_Result route_job(srv *s, struct MHD_Connection *c, req *r, const
   return fail(s, c, r, 404, "not_found", NULL, "no such resource");
 }
 
+static enum MHD_Result get_healthz(srv *s, struct MHD_Connection *c, req *r) {
+  return send_json(s, c, r, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+static enum MHD_Result get_readyz(srv *s, struct MHD_Connection *c, req *r) {
+  char why[128] = "";
+  int ok = !atomic_load(&s->stopping) && queue_ready(s->q, why, sizeof why);
+  if (atomic_load(&s->stopping))
+    snprintf(why, sizeof why, "shutting down");
+  return send_json(s, c, r, ok ? 200 : 503,
+                   ok ? json_pack("{s:b}", "ready", 1)
+                      : json_pack("{s:b, s:s}", "ready", 0, "reason", why));
+}
+
+static enum MHD_Result get_metrics(srv *s, struct MHD_Connection *c, req *r) {
+  enum MHD_Result ret;
+  if (s->api.auth && authorize(s, c, r, SCOPE_METRICS, &ret))
+    return ret;
+  queue_stats qs;
+  queue_get_stats(s->q, &qs);
+  api_http_stats hs = {{0}, 0, 0, 0, 0};
+  for (int i = 0; i < 6; i++)
+    hs.requests[i] = atomic_load(&s->requests[i]);
+  hs.connections = atomic_load(&s->connections);
+  hs.open_connections = atomic_load(&s->open_connections);
+  hs.sse_streams = atomic_load(&s->sse_streams);
+  hs.auth_failures = atomic_load(&s->auth_failures);
+  char *text = api_metrics_text(&qs, &hs);
+  if (!text)
+    return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+  return send_text(s, c, r, 200, text, strlen(text), "text/plain; version=0.0.4; charset=utf-8");
+}
+
+/* the read-only descriptions: models, capabilities, and A1111's samplers and models */
+static enum MHD_Result get_listing(srv *s, struct MHD_Connection *c, req *r) {
+  const char *p = r->path;
+  json_t *j = strcmp(p, "/v1/models") == 0           ? api_models_json(&s->api)
+              : strcmp(p, "/v1/capabilities") == 0   ? api_capabilities_json(&s->api)
+              : strcmp(p, "/sdapi/v1/samplers") == 0 ? api_sd_samplers_json()
+                                                     : api_sd_models_json(&s->api);
+  return send_json(s, c, r, 200, j);
+}
+
+static enum MHD_Result get_sd_progress(srv *s, struct MHD_Connection *c, req *r) {
+  queue_job_view v;
+  memset(&v, 0, sizeof v);
+  int queued = 0, have = queue_current(s->q, owner_filter(s, r), &v, &queued);
+  json_t *j = api_sd_progress_json(&v, have, have && v.state == QUEUE_QUEUED ? queued - 1 : queued);
+  if (have)
+    queue_view_clear(&v);
+  return send_json(s, c, r, 200, j);
+}
+
+static enum MHD_Result post_interrupt(srv *s, struct MHD_Connection *c, req *r) {
+  /* without API keys every client is the same owner: only the caller's own jobs stop */
+  char client[QUEUE_NAME_SIZE];
+  client_identity(c, r, client, sizeof client);
+  int n = queue_cancel_running(s->q, owner_filter(s, r), s->api.auth ? NULL : client);
+  char nb[16];
+  snprintf(nb, sizeof nb, "%d", n);
+  log_event(LOG_INFO, "interrupt", "req", r->id, "cancelled", nb, LOG_END);
+  return send_json(s, c, r, 200, json_object());
+}
+
+/* The fixed routes: one row per path and method. GET rows answer HEAD too; scope 0 checks no
+ * key (or, for /metrics, only when keys are configured); `always` rows answer while the server
+ * stops, so that probes see it stopping. Paths under JOBS_PREFIX go to route_job. */
+enum { M_GET, M_POST };
+typedef enum MHD_Result (*route_fn)(srv *s, struct MHD_Connection *c, req *r);
+typedef struct route_row {
+  const char *path;
+  int method, scope, always;
+  route_fn fn;
+  const char *allow; /* the Allow header of a 405 on this path */
+} route_row;
+
+static const route_row routes[] = {
+    {"/healthz", M_GET, 0, 1, get_healthz, "GET"},
+    {"/readyz", M_GET, 0, 1, get_readyz, "GET"},
+    {"/metrics", M_GET, 0, 0, get_metrics, "GET"},
+    {"/v1/models", M_GET, SCOPE_READ, 0, get_listing, "GET"},
+    {"/v1/capabilities", M_GET, SCOPE_READ, 0, get_listing, "GET"},
+    {"/sdapi/v1/samplers", M_GET, SCOPE_READ, 0, get_listing, "GET"},
+    {"/sdapi/v1/sd-models", M_GET, SCOPE_READ, 0, get_listing, "GET"},
+    {"/v1/jobs", M_POST, SCOPE_SUBMIT, 0, post_job, "GET, POST"},
+    {"/v1/jobs", M_GET, SCOPE_READ, 0, get_job_list, "GET, POST"},
+    {"/v1/jobs/", M_POST, SCOPE_SUBMIT, 0, post_job, "GET, POST"},
+    {"/v1/jobs/", M_GET, SCOPE_READ, 0, get_job_list, "GET, POST"},
+    {"/v1/generate", M_POST, SCOPE_SUBMIT, 0, post_generate, "POST"},
+    {"/sdapi/v1/txt2img", M_POST, SCOPE_SUBMIT, 0, post_txt2img, "POST"},
+    {"/sdapi/v1/progress", M_GET, SCOPE_READ, 0, get_sd_progress, "GET"},
+    {"/sdapi/v1/interrupt", M_POST, SCOPE_CANCEL, 0, post_interrupt, "POST"},
+};
+
 static enum MHD_Result route(srv *s, struct MHD_Connection *c, req *r) {
   const char *p = r->path, *m = r->method;
-  enum MHD_Result ret;
   const int get = strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0;
   const int post = strcmp(m, "POST") == 0;
-  if (strcmp(p, "/healthz") == 0) {
-    if (!get)
-      return method_not_allowed(s, c, r, "GET");
-    return send_json(s, c, r, 200, json_pack("{s:s}", "status", "ok"));
-  }
-  if (strcmp(p, "/readyz") == 0) {
-    if (!get)
-      return method_not_allowed(s, c, r, "GET");
-    char why[128] = "";
-    int ok = !atomic_load(&s->stopping) && queue_ready(s->q, why, sizeof why);
-    if (atomic_load(&s->stopping))
-      snprintf(why, sizeof why, "shutting down");
-    return send_json(s, c, r, ok ? 200 : 503,
-                     ok ? json_pack("{s:b}", "ready", 1)
-                        : json_pack("{s:b, s:s}", "ready", 0, "reason", why));
-  }
-  if (atomic_load(&s->stopping))
+  const route_row *at = NULL, *hit = NULL;
+  for (size_t i = 0; i < sizeof routes / sizeof *routes && !hit; i++)
+    if (strcmp(p, routes[i].path) == 0) {
+      at = at ? at : &routes[i];
+      if ((routes[i].method == M_GET && get) || (routes[i].method == M_POST && post))
+        hit = &routes[i];
+    }
+  if (!(at && at->always) && atomic_load(&s->stopping))
     return fail(s, c, r, 503, "unavailable", NULL, "the server is shutting down");
-  if (strcmp(p, "/metrics") == 0) {
-    if (!get)
-      return method_not_allowed(s, c, r, "GET");
-    if (s->api.auth && authorize(s, c, r, SCOPE_METRICS, &ret))
-      return ret;
-    queue_stats qs;
-    queue_get_stats(s->q, &qs);
-    api_http_stats hs = {{0}, 0, 0, 0, 0};
-    for (int i = 0; i < 6; i++)
-      hs.requests[i] = atomic_load(&s->requests[i]);
-    hs.connections = atomic_load(&s->connections);
-    hs.open_connections = atomic_load(&s->open_connections);
-    hs.sse_streams = atomic_load(&s->sse_streams);
-    hs.auth_failures = atomic_load(&s->auth_failures);
-    char *text = api_metrics_text(&qs, &hs);
-    if (!text)
-      return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
-    return send_text(s, c, r, 200, text, strlen(text), "text/plain; version=0.0.4; charset=utf-8");
+  if (!at) {
+    if (strncmp(p, JOBS_PREFIX, strlen(JOBS_PREFIX)) == 0)
+      return route_job(s, c, r, p + strlen(JOBS_PREFIX));
+    return fail(s, c, r, 404, "not_found", NULL, "no route %s %.100s", m, p);
   }
-  if (strcmp(p, "/v1/models") == 0 || strcmp(p, "/v1/capabilities") == 0 ||
-      strcmp(p, "/sdapi/v1/samplers") == 0 || strcmp(p, "/sdapi/v1/sd-models") == 0) {
-    if (!get)
-      return method_not_allowed(s, c, r, "GET");
-    if (authorize(s, c, r, SCOPE_READ, &ret))
-      return ret;
-    json_t *j = strcmp(p, "/v1/models") == 0           ? api_models_json(&s->api)
-                : strcmp(p, "/v1/capabilities") == 0   ? api_capabilities_json(&s->api)
-                : strcmp(p, "/sdapi/v1/samplers") == 0 ? api_sd_samplers_json()
-                                                       : api_sd_models_json(&s->api);
-    return send_json(s, c, r, 200, j);
-  }
-  if (strcmp(p, "/v1/jobs") == 0 || strcmp(p, "/v1/jobs/") == 0) {
-    if (post) {
-      if (authorize(s, c, r, SCOPE_SUBMIT, &ret))
-        return ret;
-      return post_job(s, c, r);
-    }
-    if (get) {
-      if (authorize(s, c, r, SCOPE_READ, &ret))
-        return ret;
-      return get_job_list(s, c, r);
-    }
-    return method_not_allowed(s, c, r, "GET, POST");
-  }
-  if (strncmp(p, JOBS_PREFIX, strlen(JOBS_PREFIX)) == 0)
-    return route_job(s, c, r, p + strlen(JOBS_PREFIX));
-  if (strcmp(p, "/v1/generate") == 0) {
-    if (!post)
-      return method_not_allowed(s, c, r, "POST");
-    if (authorize(s, c, r, SCOPE_SUBMIT, &ret))
-      return ret;
-    return post_generate(s, c, r);
-  }
-  if (strcmp(p, "/sdapi/v1/txt2img") == 0) {
-    if (!post)
-      return method_not_allowed(s, c, r, "POST");
-    if (authorize(s, c, r, SCOPE_SUBMIT, &ret))
-      return ret;
-    return post_txt2img(s, c, r);
-  }
-  if (strcmp(p, "/sdapi/v1/progress") == 0) {
-    if (!get)
-      return method_not_allowed(s, c, r, "GET");
-    if (authorize(s, c, r, SCOPE_READ, &ret))
-      return ret;
-    queue_job_view v;
-    memset(&v, 0, sizeof v);
-    int queued = 0, have = queue_current(s->q, owner_filter(s, r), &v, &queued);
-    json_t *j =
-        api_sd_progress_json(&v, have, have && v.state == QUEUE_QUEUED ? queued - 1 : queued);
-    if (have)
-      queue_view_clear(&v);
-    return send_json(s, c, r, 200, j);
-  }
-  if (strcmp(p, "/sdapi/v1/interrupt") == 0) {
-    if (!post)
-      return method_not_allowed(s, c, r, "POST");
-    if (authorize(s, c, r, SCOPE_CANCEL, &ret))
-      return ret;
-    /* without API keys every client is the same owner: only the caller's own jobs stop */
-    char client[QUEUE_NAME_SIZE];
-    client_identity(c, r, client, sizeof client);
-    int n = queue_cancel_running(s->q, owner_filter(s, r), s->api.auth ? NULL : client);
-    char nb[16];
-    snprintf(nb, sizeof nb, "%d", n);
-    log_event(LOG_INFO, "interrupt", "req", r->id, "cancelled", nb, LOG_END);
-    return send_json(s, c, r, 200, json_object());
-  }
-  return fail(s, c, r, 404, "not_found", NULL, "no route %s %.100s", m, p);
+  if (!hit)
+    return method_not_allowed(s, c, r, at->allow);
+  enum MHD_Result ret;
+  if (hit->scope && authorize(s, c, r, hit->scope, &ret))
+    return ret;
+  return hit->fn(s, c, r);
 }
 
 /* ---- the libmicrohttpd callbacks ---- */

@@ -137,6 +137,92 @@ static void reload(srv *s, const serve_args *a) {
   log_event(LOG_INFO, "reloaded: log reopened, models and API keys reread", "models", n, LOG_END);
 }
 
+/* The queue over the state directory, with the configured models loaded; 0 or an exit code. */
+static int start_queue(srv *s, err *e) {
+  queue_opts qo = {.state_dir = s->cfg.state_dir,
+                   .workers = s->cfg.workers,
+                   .threads_per_job = s->cfg.threads_per_job,
+                   .queue_max = s->cfg.queue_max,
+                   .batch_max_images = s->cfg.batch_max_images,
+                   .max_jobs_per_key = s->cfg.max_jobs_per_key,
+                   .result_ttl = s->cfg.result_ttl,
+                   .max_attempts = s->cfg.max_attempts,
+                   .max_job_bytes = (size_t)s->cfg.max_job_bytes,
+                   .progress_interval_ms = s->cfg.progress_interval_ms,
+                   .url_prefix = "/v1/jobs/",
+                   .max_job_seconds = s->cfg.max_job_seconds,
+                   .max_owner_cost = s->cfg.max_key_cost,
+                   .log = log_queue_cb};
+  if (queue_new(&qo, &s->q, e)) {
+    log_event(LOG_ERROR, "state directory unusable", "error", e->msg, LOG_END);
+    return SERVER_EXIT_STATE;
+  }
+  if (load_models(s->q, &s->cfg, e)) {
+    log_event(LOG_ERROR, "loading models failed", "error", e->msg, LOG_END);
+    return SERVER_EXIT_MODEL;
+  }
+  return 0;
+}
+
+static void init_api(srv *s) {
+  s->api = (api_ctx){.q = s->q,
+                     .default_model = s->cfg.default_model,
+                     .max_batch = s->cfg.max_batch,
+                     .max_steps = s->cfg.max_steps,
+                     .max_image_size = s->cfg.max_image_size,
+                     .queue_max = s->cfg.queue_max,
+                     .workers = s->cfg.workers,
+                     .threads_per_job = s->cfg.threads_per_job,
+                     .batch_max_images = s->cfg.batch_max_images,
+                     .max_body_bytes = s->cfg.max_body_bytes,
+                     .result_ttl = s->cfg.result_ttl,
+                     .auth = s->keys.n > 0,
+                     .max_job_cost = s->cfg.max_job_cost};
+}
+
+static void log_listening(const srv *s) {
+  char host[256], url[300], w[16], t[16], nm[16], keys[16];
+  int port;
+  err e = {0};
+  config_listen_split(s->cfg.listen, host, sizeof host, &port, &e);
+  snprintf(url, sizeof url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, s->port);
+  snprintf(w, sizeof w, "%d", s->cfg.workers);
+  snprintf(t, sizeof t, "%d", s->cfg.threads_per_job);
+  snprintf(nm, sizeof nm, "%d", s->cfg.nmodels);
+  snprintf(keys, sizeof keys, "%d", s->keys.n);
+  log_event(LOG_INFO, "listening", "url", url, "workers", w, "threads_per_job", t, "models", nm,
+            "default_model", s->cfg.default_model, "state_dir", s->cfg.state_dir, "api_keys", keys,
+            LOG_END);
+}
+
+/* Serves until SIGTERM or SIGINT (SIGHUP reloads meanwhile), then stops gracefully: running
+ * jobs stop at a step boundary and stay queued on disk. Returns an exit code, or does not return
+ * when the workers outlast shutdown_timeout. */
+static int serve_until_signal(srv *s, const serve_args *a, const sigset_t *set) {
+  for (;;) {
+    int sig = 0;
+    if (sigwait(set, &sig) != 0)
+      continue;
+    if (sig == SIGHUP) {
+      reload(s, a);
+      continue;
+    }
+    log_event(LOG_INFO, "stopping", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT", LOG_END);
+    break;
+  }
+  atomic_store(&s->stopping, 1);
+  http_quiesce(s);
+  if (queue_stop(s->q, s->cfg.shutdown_timeout * 1000) != 0) {
+    log_event(LOG_ERROR, "shutdown timed out: workers still computing; their jobs stay queued",
+              LOG_END);
+    log_close();
+    _exit(SERVER_EXIT_SHUTDOWN_TIMEOUT); /* workers still use the models: no cleanup */
+  }
+  http_stop(s);
+  log_event(LOG_INFO, "stopped", LOG_END);
+  return SERVER_EXIT_OK;
+}
+
 int server_main(int argc, char **argv) {
   serve_args a = {0};
   int prc = parse_serve_args(argc, argv, &a);
@@ -167,44 +253,11 @@ int server_main(int argc, char **argv) {
     log_event(LOG_ERROR, "API keys", "error", e.msg, LOG_END);
     return SERVER_EXIT_USAGE;
   }
-  queue_opts qo = {.state_dir = s.cfg.state_dir,
-                   .workers = s.cfg.workers,
-                   .threads_per_job = s.cfg.threads_per_job,
-                   .queue_max = s.cfg.queue_max,
-                   .batch_max_images = s.cfg.batch_max_images,
-                   .max_jobs_per_key = s.cfg.max_jobs_per_key,
-                   .result_ttl = s.cfg.result_ttl,
-                   .max_attempts = s.cfg.max_attempts,
-                   .max_job_bytes = (size_t)s.cfg.max_job_bytes,
-                   .progress_interval_ms = s.cfg.progress_interval_ms,
-                   .url_prefix = "/v1/jobs/",
-                   .max_job_seconds = s.cfg.max_job_seconds,
-                   .max_owner_cost = s.cfg.max_key_cost,
-                   .log = log_queue_cb};
-  int status = SERVER_EXIT_FAILURE;
-  if (queue_new(&qo, &s.q, &e)) {
-    log_event(LOG_ERROR, "state directory unusable", "error", e.msg, LOG_END);
-    status = SERVER_EXIT_STATE;
+  int status = start_queue(&s, &e);
+  if (status)
     goto out;
-  }
-  if (load_models(s.q, &s.cfg, &e)) {
-    log_event(LOG_ERROR, "loading models failed", "error", e.msg, LOG_END);
-    status = SERVER_EXIT_MODEL;
-    goto out;
-  }
-  s.api = (api_ctx){.q = s.q,
-                    .default_model = s.cfg.default_model,
-                    .max_batch = s.cfg.max_batch,
-                    .max_steps = s.cfg.max_steps,
-                    .max_image_size = s.cfg.max_image_size,
-                    .queue_max = s.cfg.queue_max,
-                    .workers = s.cfg.workers,
-                    .threads_per_job = s.cfg.threads_per_job,
-                    .batch_max_images = s.cfg.batch_max_images,
-                    .max_body_bytes = s.cfg.max_body_bytes,
-                    .result_ttl = s.cfg.result_ttl,
-                    .auth = s.keys.n > 0,
-                    .max_job_cost = s.cfg.max_job_cost};
+  init_api(&s);
+  status = SERVER_EXIT_FAILURE;
   if (queue_start(s.q, &e)) {
     log_event(LOG_ERROR, "starting workers failed", "error", e.msg, LOG_END);
     goto out;
@@ -215,41 +268,8 @@ int server_main(int argc, char **argv) {
     queue_stop(s.q, s.cfg.shutdown_timeout * 1000);
     goto out;
   }
-  {
-    char host[256], url[300], w[16], t[16], nm[16], keys[16];
-    int port;
-    config_listen_split(s.cfg.listen, host, sizeof host, &port, &e);
-    snprintf(url, sizeof url, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, s.port);
-    snprintf(w, sizeof w, "%d", s.cfg.workers);
-    snprintf(t, sizeof t, "%d", s.cfg.threads_per_job);
-    snprintf(nm, sizeof nm, "%d", s.cfg.nmodels);
-    snprintf(keys, sizeof keys, "%d", s.keys.n);
-    log_event(LOG_INFO, "listening", "url", url, "workers", w, "threads_per_job", t, "models", nm,
-              "default_model", s.cfg.default_model, "state_dir", s.cfg.state_dir, "api_keys", keys,
-              LOG_END);
-  }
-  for (;;) {
-    int sig = 0;
-    if (sigwait(&set, &sig) != 0)
-      continue;
-    if (sig == SIGHUP) {
-      reload(&s, &a);
-      continue;
-    }
-    log_event(LOG_INFO, "stopping", "signal", sig == SIGTERM ? "SIGTERM" : "SIGINT", LOG_END);
-    break;
-  }
-  atomic_store(&s.stopping, 1);
-  http_quiesce(&s);
-  if (queue_stop(s.q, s.cfg.shutdown_timeout * 1000) != 0) {
-    log_event(LOG_ERROR, "shutdown timed out: workers still computing; their jobs stay queued",
-              LOG_END);
-    log_close();
-    _exit(SERVER_EXIT_SHUTDOWN_TIMEOUT); /* workers still use the models: no cleanup */
-  }
-  http_stop(&s);
-  log_event(LOG_INFO, "stopped", LOG_END);
-  status = SERVER_EXIT_OK;
+  log_listening(&s);
+  status = serve_until_signal(&s, &a, &set);
 out:
   http_stop(&s);
   queue_free(s.q);
