@@ -738,18 +738,24 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
   return j;
 }
 
-json_t *api_models_json(const api_ctx *c) {
+json_t *api_models_json(const api_ctx *c, int internals) {
   json_t *arr = json_array();
   for (int i = 0; i < queue_model_count(c->q); i++) {
     queue_model_desc d;
     if (queue_model_get(c->q, i, NULL, &d) != ERR_OK)
       continue;
-    json_t *m = json_pack("{s:s, s:s, s:s, s:i, s:i, s:i, s:I, s:b}", "name", d.name, "kind",
-                          d.kind == MODEL_UNET2D ? "UNet2DModel" : "GaussianMixtureDenoiser",
-                          "prediction_type", d.prediction_type[0] ? d.prediction_type : "epsilon",
-                          "sample_size", d.sample_size, "channels", d.in_channels, "num_classes",
-                          d.num_classes, "num_params", (json_int_t)d.num_params, "default",
+    /* what a request needs: sizes, channels, classes */
+    json_t *m = json_pack("{s:s, s:i, s:i, s:i, s:b}", "name", d.name, "sample_size", d.sample_size,
+                          "channels", d.in_channels, "num_classes", d.num_classes, "default",
                           strcmp(d.name, c->default_model) == 0);
+    if (internals) {
+      json_object_set_new(
+          m, "kind",
+          json_string(d.kind == MODEL_UNET2D ? "UNet2DModel" : "GaussianMixtureDenoiser"));
+      json_object_set_new(m, "prediction_type",
+                          json_string(d.prediction_type[0] ? d.prediction_type : "epsilon"));
+      json_object_set_new(m, "num_params", json_integer((json_int_t)d.num_params));
+    }
     if (d.class_labels)
       json_object_set(m, "class_labels", d.class_labels);
     json_array_append_new(arr, m);

@@ -51,10 +51,12 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
 
 /* Views. prefix is the jobs URL ("/v1/jobs/"). */
 json_t *api_job_json(const queue_job_view *v, const char *prefix);
-json_t *api_models_json(const api_ctx *c);
+/* internals: the model's class, prediction type and parameter count, which fingerprint the
+ * architecture (DeepPeep); for admins only (README, Security). */
+json_t *api_models_json(const api_ctx *c, int internals);
 json_t *api_capabilities_json(const api_ctx *c);
 
-/* RFC 3339 UTC with milliseconds, or JSON null for 0. */
+/* RFC 3339 UTC in whole seconds, or JSON null for 0. */
 json_t *api_time_json(double unix_seconds);
 
 /* ---- AUTOMATIC1111 /sdapi/v1 ---- */
@@ -80,7 +82,8 @@ typedef struct api_http_stats {
   uint64_t connections, open_connections, sse_streams, auth_failures;
 } api_http_stats;
 
-/* Prometheus text exposition (version 0.0.4), malloc'ed. */
-char *api_metrics_text(const queue_stats *s, const api_http_stats *h);
+/* Prometheus text exposition (version 0.0.4), malloc'ed. internals adds what times the model
+ * (step, job and wait histograms, busy time, constant-time overruns): admins only. */
+char *api_metrics_text(const queue_stats *s, const api_http_stats *h, int internals);
 
 #endif

@@ -1,5 +1,6 @@
-/* /metrics in the Prometheus text format (0.0.4): queue depth, jobs by state, latency
- * histograms, images generated, worker utilisation and HTTP counters. */
+/* /metrics in the Prometheus text format (0.0.4): queue depth, jobs by state, images generated
+ * and HTTP counters for the metrics scope; latency histograms and worker utilisation, which
+ * time the model, for admins only. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +59,25 @@ static void hist(buf *b, const char *name, const char *help, const queue_hist *h
       name, h->sum, name, (unsigned long long)h->count);
 }
 
-char *api_metrics_text(const queue_stats *s, const api_http_stats *h) {
+/* What times the model or its runs: per-step and per-job durations, busy time (DeepPeep). */
+static void timing_metrics(buf *b, const queue_stats *s) {
+  metric(b, "denoised_worker_busy_seconds_total", "counter",
+         "Worker time spent computing, summed over workers.");
+  put(b, "denoised_worker_busy_seconds_total %.3f\n", s->busy_seconds);
+  metric(b, "denoised_worker_utilisation", "gauge",
+         "Busy worker time over available worker time since start (0..1).");
+  put(b, "denoised_worker_utilisation %.4f\n",
+      s->uptime > 0 && s->workers ? s->busy_seconds / (s->uptime * s->workers) : 0.0);
+  hist(b, "denoised_step_seconds", "Wall time of one sampler step of a batch.", &s->step_seconds);
+  hist(b, "denoised_job_seconds", "Submission to completion of succeeded jobs.", &s->job_seconds);
+  hist(b, "denoised_queue_wait_seconds", "Submission to start.", &s->wait_seconds);
+  metric(b, "denoised_constant_time_overruns_total", "counter",
+         "Constant-time mode: step boundaries reached after their budget (evaluations slower "
+         "than constant_time_eval_ms).");
+  put(b, "denoised_constant_time_overruns_total %llu\n", (unsigned long long)s->pace_overruns);
+}
+
+char *api_metrics_text(const queue_stats *s, const api_http_stats *h, int internals) {
   buf b = {malloc(8192), 0, 8192, 0};
   if (!b.p)
     return NULL;
@@ -92,20 +111,12 @@ char *api_metrics_text(const queue_stats *s, const api_http_stats *h) {
   put(&b, "denoised_workers_busy %d\n", s->busy_workers);
   metric(&b, "denoised_threads_per_job", "gauge", "Compute threads per worker.");
   put(&b, "denoised_threads_per_job %d\n", s->threads_per_job);
-  metric(&b, "denoised_worker_busy_seconds_total", "counter",
-         "Worker time spent computing, summed over workers.");
-  put(&b, "denoised_worker_busy_seconds_total %.3f\n", s->busy_seconds);
-  metric(&b, "denoised_worker_utilisation", "gauge",
-         "Busy worker time over available worker time since start (0..1).");
-  put(&b, "denoised_worker_utilisation %.4f\n",
-      s->uptime > 0 && s->workers ? s->busy_seconds / (s->uptime * s->workers) : 0.0);
   metric(&b, "denoised_uptime_seconds", "gauge", "Seconds since start.");
   put(&b, "denoised_uptime_seconds %.3f\n", s->uptime);
   metric(&b, "denoised_models", "gauge", "Models loaded.");
   put(&b, "denoised_models %d\n", s->models);
-  hist(&b, "denoised_step_seconds", "Wall time of one sampler step of a batch.", &s->step_seconds);
-  hist(&b, "denoised_job_seconds", "Submission to completion of succeeded jobs.", &s->job_seconds);
-  hist(&b, "denoised_queue_wait_seconds", "Submission to start.", &s->wait_seconds);
+  if (internals)
+    timing_metrics(&b, s);
   metric(&b, "denoised_http_requests_total", "counter", "HTTP responses by status class.");
   for (int i = 1; i <= 5; i++)
     put(&b, "denoised_http_requests_total{code=\"%dxx\"} %llu\n", i,

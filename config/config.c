@@ -14,7 +14,7 @@
 
 extern char **environ;
 
-typedef enum { KEY_INT, KEY_STR } key_type;
+typedef enum { KEY_INT, KEY_STR, KEY_BOOL } key_type;
 
 typedef struct key_desc {
   const char *name;
@@ -29,6 +29,8 @@ typedef struct key_desc {
   { #n, KEY_INT, offsetof(config, n), 0, lo, hi, h }
 #define STR_KEY(n, h)                                                                              \
   { #n, KEY_STR, offsetof(config, n), sizeof(((config *)0)->n), 0, 0, h }
+#define BOOL_KEY(n, h)                                                                             \
+  { #n, KEY_BOOL, offsetof(config, n), 0, 0, 1, h }
 
 static const key_desc keys[] = {
     STR_KEY(listen, "HOST:PORT to listen on"),
@@ -66,6 +68,13 @@ static const key_desc keys[] = {
             "without keys; 0: none)"),
     INT_KEY(sse_heartbeat, 1, 3600, "seconds between SSE keep-alive comments"),
     INT_KEY(progress_interval_ms, 0, 60000, "least time between two progress events of a job"),
+    BOOL_KEY(expose_internals,
+             "without API keys, serve model internals and timing metrics to every client (with "
+             "keys only admin keys see them, whatever this says)"),
+    INT_KEY(constant_time_eval_ms, 0, 600000,
+            "constant-time mode: each network evaluation padded to this many ms (0: off)"),
+    INT_KEY(constant_time_max_nfe, 1, 100000,
+            "constant-time mode: evaluations a data-dependent solver is padded to (more fails)"),
     STR_KEY(api_keys_file, "file of API keys (empty: no auth unless DENOISED_API_KEYS)"),
     STR_KEY(log_level, "debug, info, warn or error"),
     STR_KEY(log_file, "log file (empty: stderr); reopened on SIGHUP"),
@@ -104,6 +113,7 @@ void config_defaults(config *c) {
   c->max_key_cost = 20000;
   c->sse_heartbeat = 15;
   c->progress_interval_ms = 100;
+  c->constant_time_max_nfe = 200;
   snprintf(c->log_level, sizeof c->log_level, "info");
 }
 
@@ -267,6 +277,10 @@ int config_apply_json(config *c, const json_t *obj, const char *origin, err *e) 
       if (!json_is_integer(v))
         return err_set(e, ERR_INVALID, "%s: key '%s': expected an integer", origin, name);
       rc = set_int(&tmp, k, json_integer_value(v), origin, e);
+    } else if (k->type == KEY_BOOL) {
+      if (!json_is_boolean(v))
+        return err_set(e, ERR_INVALID, "%s: key '%s': expected true or false", origin, name);
+      rc = set_int(&tmp, k, json_is_true(v), origin, e);
     } else {
       if (!json_is_string(v))
         return err_set(e, ERR_INVALID, "%s: key '%s': expected a string", origin, name);
@@ -305,6 +319,13 @@ static int parse_int_text(const char *s, long long *out) {
 static int set_text(config *c, const key_desc *k, const char *value, const char *origin, err *e) {
   if (k->type == KEY_STR)
     return set_str(c, k, value, origin, e);
+  if (k->type == KEY_BOOL) {
+    const int t = strcmp(value, "true") == 0 || strcmp(value, "1") == 0;
+    if (!t && strcmp(value, "false") != 0 && strcmp(value, "0") != 0)
+      return err_set(e, ERR_INVALID, "%s: key '%s': expected true or false, got '%s'", origin,
+                     k->name, value);
+    return set_int(c, k, t, origin, e);
+  }
   long long v;
   if (parse_int_text(value, &v))
     return err_set(e, ERR_INVALID, "%s: key '%s': expected an integer, got '%s'", origin, k->name,
@@ -455,7 +476,9 @@ json_t *config_to_json(const config *c) {
     const key_desc *k = &keys[i];
     const char *p = (const char *)c + k->off;
     json_object_set_new(j, k->name,
-                        k->type == KEY_INT ? json_integer(*(const int *)p) : json_string(p));
+                        k->type == KEY_INT    ? json_integer(*(const int *)p)
+                        : k->type == KEY_BOOL ? json_boolean(*(const int *)p)
+                                              : json_string(p));
   }
   json_t *m = json_object();
   for (int i = 0; i < c->nmodels; i++)
@@ -502,6 +525,8 @@ int config_main(int argc, char **argv) {
       if (keys[i].type == KEY_INT)
         printf("%-24s integer in [%ld, %ld]: %s\n", keys[i].name, keys[i].min, keys[i].max,
                keys[i].help);
+      else if (keys[i].type == KEY_BOOL)
+        printf("%-24s true or false: %s\n", keys[i].name, keys[i].help);
       else
         printf("%-24s string: %s\n", keys[i].name, keys[i].help);
     }

@@ -61,6 +61,13 @@ typedef struct config {
   int max_key_cost;     /* megapixel-evaluations of one key's unfinished jobs (0: none) */
   int sse_heartbeat;
   int progress_interval_ms; /* at most one progress event per job per interval */
+  /* DeepPeep (README, Security): without API keys, model internals and timing metrics are
+   * served only when this is set; with keys, only to admin keys. */
+  int expose_internals;
+  /* Constant-time mode: each network evaluation takes this budget (0: off), and solvers whose
+   * evaluation count depends on the sample are padded to constant_time_max_nfe. */
+  int constant_time_eval_ms;
+  int constant_time_max_nfe;
   char api_keys_file[CONFIG_PATH_MAX];
   char cors_origins[CONFIG_MAX_ORIGINS][256];
   int ncors;

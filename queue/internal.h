@@ -116,6 +116,7 @@ struct queue {
   uint64_t submitted, succeeded, failed, cancelled, rejected_full, rejected_limit, images_generated,
       batches, batched_jobs;
   queue_hist step_h, job_h, wait_h;
+  uint64_t pace_overruns;
 };
 
 /* ---- queue.c: clocks, names, log ---- */

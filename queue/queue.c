@@ -624,6 +624,7 @@ void queue_get_stats(queue *q, queue_stats *s) {
   s->step_seconds = q->step_h;
   s->job_seconds = q->job_h;
   s->wait_seconds = q->wait_h;
+  s->pace_overruns = q->pace_overruns;
   pthread_mutex_unlock(&q->mu);
 }
 

@@ -144,6 +144,11 @@ typedef struct queue_opts {
    * 1 GiB. Checked before the 202 so an accepted job is always readable at recovery. */
   size_t max_job_bytes;
   int progress_interval_ms; /* least time between progress events of a job */
+  /* Constant-time mode (0: off): every network evaluation of a run takes this long, waited out
+   * at each step boundary, so a client's view of a run's timing follows from its request;
+   * solvers whose evaluation count depends on the sample report and wait out
+   * constant_time_max_nfe evaluations (a run that needs more fails). */
+  int constant_time_eval_ms, constant_time_max_nfe;
   /* A run (job or batch) longer than this fails its jobs at the next step boundary, with the
    * limit named (0: no limit). */
   int max_job_seconds;
@@ -291,6 +296,7 @@ typedef struct queue_stats {
   double uptime;
   int models, stopping;
   queue_hist step_seconds, job_seconds, wait_seconds;
+  uint64_t pace_overruns; /* constant-time mode: step boundaries reached after their budget */
 } queue_stats;
 
 void queue_get_stats(queue *q, queue_stats *out);

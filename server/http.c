@@ -228,6 +228,13 @@ static const char *owner_filter(srv *s, const req *r) {
   return r->owner;
 }
 
+/* Whether r may see what fingerprints a model (DeepPeep): its internals and the metrics that
+ * time it. Admin keys may; without keys every request has every scope, so only when the
+ * operator set expose_internals. */
+static int internals_allowed(const srv *s, const req *r) {
+  return (r->scopes & SCOPE_ADMIN) && (s->api.auth || s->cfg.expose_internals);
+}
+
 /* ---- per-client limits on long requests ---- */
 
 /* Takes a stream slot for r, or answers why not in *ret: 429 when this key or address has its
@@ -781,7 +788,7 @@ static enum MHD_Result get_metrics(srv *s, struct MHD_Connection *c, req *r) {
   hs.open_connections = atomic_load(&s->open_connections);
   hs.sse_streams = atomic_load(&s->sse_streams);
   hs.auth_failures = atomic_load(&s->auth_failures);
-  char *text = api_metrics_text(&qs, &hs);
+  char *text = api_metrics_text(&qs, &hs, internals_allowed(s, r));
   if (!text)
     return fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
   return send_text(s, c, r, 200, text, strlen(text), "text/plain; version=0.0.4; charset=utf-8");
@@ -790,7 +797,7 @@ static enum MHD_Result get_metrics(srv *s, struct MHD_Connection *c, req *r) {
 /* the read-only descriptions: models, capabilities, and A1111's samplers and models */
 static enum MHD_Result get_listing(srv *s, struct MHD_Connection *c, req *r) {
   const char *p = r->path;
-  json_t *j = strcmp(p, "/v1/models") == 0           ? api_models_json(&s->api)
+  json_t *j = strcmp(p, "/v1/models") == 0 ? api_models_json(&s->api, internals_allowed(s, r))
               : strcmp(p, "/v1/capabilities") == 0   ? api_capabilities_json(&s->api)
               : strcmp(p, "/sdapi/v1/samplers") == 0 ? api_sd_samplers_json()
                                                      : api_sd_models_json(&s->api);

@@ -149,6 +149,8 @@ static int start_queue(srv *s, err *e) {
                    .max_attempts = s->cfg.max_attempts,
                    .max_job_bytes = (size_t)s->cfg.max_job_bytes,
                    .progress_interval_ms = s->cfg.progress_interval_ms,
+                   .constant_time_eval_ms = s->cfg.constant_time_eval_ms,
+                   .constant_time_max_nfe = s->cfg.constant_time_max_nfe,
                    .url_prefix = "/v1/jobs/",
                    .max_job_seconds = s->cfg.max_job_seconds,
                    .max_owner_cost = s->cfg.max_key_cost,

@@ -2,6 +2,7 @@
  * model's timing and internals. Times are whole seconds; internals need the admin scope;
  * constant-time mode gives every seed the same event sequence; batching never lets another
  * tenant's input change a job's run. */
+#include "config.h"
 #include "testhttp.h"
 
 /* ---- event streams ---- */
@@ -136,12 +137,147 @@ START_TEST(client_times_are_whole_seconds) {
 }
 END_TEST
 
+/* ---- internals ---- */
+
+#define OPS_KEY "ops-key-0123456789abcdef01"
+#define ROOT_KEY "root-key-0123456789abcdef01"
+
+/* GET path as key (NULL: none); the body (malloc'ed), failing unless 200. */
+static char *get_as(const daemon_proc *d, const char *path, const char *key) {
+  char auth[128];
+  snprintf(auth, sizeof auth, "Authorization: Bearer %s", key ? key : "");
+  const char *hdrs[] = {auth, NULL};
+  http_resp r;
+  http_req(d, "GET", path, NULL, 0, key ? hdrs : NULL, &r);
+  ck_assert_msg(r.status == 200, "GET %s: %ld %s", path, r.status, r.body ? r.body : "");
+  char *body = strdup(r.body);
+  http_free(&r);
+  return body;
+}
+
+/* What /v1/models and /metrics show as `key`: internals (the model's class, prediction type
+ * and parameter count; the timing histograms) or only what a request needs. */
+static void expect_internals(const daemon_proc *d, const char *key, int want) {
+  char *body = get_as(d, "/v1/models", key);
+  json_t *j = json_loads(body, 0, NULL);
+  const json_t *m = json_array_get(json_object_get(j, "models"), 0);
+  ck_assert_int_eq(json_integer_value(json_object_get(m, "num_classes")), 6);
+  ck_assert_int_eq(json_integer_value(json_object_get(m, "sample_size")), 32);
+  ck_assert_msg(!json_object_get(m, "num_params") == !want, "models as %s: %s", key, body);
+  ck_assert_msg(!json_object_get(m, "kind") == !want, "models as %s: %s", key, body);
+  ck_assert_msg(!json_object_get(m, "prediction_type") == !want, "models as %s: %s", key, body);
+  json_decref(j);
+  free(body);
+  body = get_as(d, "/metrics", key);
+  ck_assert_ptr_nonnull(strstr(body, "denoised_jobs_total{state=\"succeeded\"} 1"));
+  const char *timing[] = {"denoised_step_seconds",       "denoised_job_seconds",
+                          "denoised_queue_wait_seconds", "denoised_worker_busy_seconds_total",
+                          "denoised_worker_utilisation", "denoised_constant_time_overruns_total"};
+  for (int i = 0; i < 6; i++)
+    ck_assert_msg(!strstr(body, timing[i]) == !want, "metrics as %s: %s %s", key ? key : "-",
+                  timing[i], want ? "missing" : "shown");
+  free(body);
+}
+
+/* Model internals and timing metrics reach admins only: without keys nobody unless
+ * expose_internals is set; with keys an admin key, never a metrics or read key (even with
+ * expose_internals). */
+START_TEST(internals_need_admin) {
+  char st[512], id[64];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  submit_job(&d,
+             "{\"class_label\": 1, \"seed\": 1, \"scheduler\": {\"name\": \"ddim\", \"steps\": 5}}",
+             id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  expect_internals(&d, NULL, 0);
+  daemon_stop(&d);
+  const char *open[] = {"--expose-internals", "true", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), open), 0);
+  submit_job(&d,
+             "{\"class_label\": 1, \"seed\": 1, \"scheduler\": {\"name\": \"ddim\", \"steps\": 5}}",
+             id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  expect_internals(&d, NULL, 1);
+  daemon_stop(&d);
+  const char *env[] = {"DENOISED_API_KEYS=ops:" OPS_KEY ":read+submit+metrics,root:" ROOT_KEY
+                       ":read+metrics+admin",
+                       NULL};
+  ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), open, env), 0);
+  char auth[128];
+  snprintf(auth, sizeof auth, "Authorization: Bearer %s", OPS_KEY);
+  const char *hdrs[] = {auth, NULL};
+  const char *body =
+      "{\"class_label\": 1, \"seed\": 1, \"scheduler\": {\"name\": \"ddim\", \"steps\": 5}}";
+  http_resp r;
+  http_req(&d, "POST", "/v1/jobs", body, strlen(body), hdrs, &r);
+  ck_assert_int_eq(r.status, 202);
+  json_t *j = http_json(&r);
+  snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
+  json_decref(j);
+  http_free(&r);
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  for (double t0 = th_now(); th_now() - t0 < 60; usleep(20000)) {
+    char *v = get_as(&d, path, OPS_KEY);
+    const int done = strstr(v, "\"succeeded\"") != NULL;
+    free(v);
+    if (done)
+      break;
+  }
+  expect_internals(&d, OPS_KEY, 0);
+  expect_internals(&d, ROOT_KEY, 1);
+  daemon_stop(&d);
+}
+END_TEST
+
+/* ---- config ---- */
+
+static void expect_config_error(const char *json, const char *key) {
+  config c;
+  config_defaults(&c);
+  err e = {0};
+  json_t *j = json_loads(json, 0, NULL);
+  ck_assert_int_ne(config_apply_json(&c, j, "test.json", &e), 0);
+  ck_assert_msg(strstr(e.msg, key) != NULL, "%s: '%s' does not name %s", json, e.msg, key);
+  json_decref(j);
+}
+
+/* The new keys are checked like the others: a bad value is an error naming the key. */
+START_TEST(config_keys_are_checked) {
+  expect_config_error("{\"expose_internals\": 1}", "expose_internals");
+  expect_config_error("{\"expose_internals\": \"yes\"}", "expose_internals");
+  expect_config_error("{\"constant_time_eval_ms\": -1}", "constant_time_eval_ms");
+  expect_config_error("{\"constant_time_eval_ms\": 600001}", "constant_time_eval_ms");
+  expect_config_error("{\"constant_time_max_nfe\": 0}", "constant_time_max_nfe");
+  config c;
+  config_defaults(&c);
+  ck_assert_int_eq(c.expose_internals, 0);
+  ck_assert_int_eq(c.constant_time_eval_ms, 0);
+  err e = {0};
+  ck_assert_int_ne(config_set_flag(&c, "expose-internals", "maybe", &e), 0);
+  ck_assert_ptr_nonnull(strstr(e.msg, "expose_internals"));
+  ck_assert_int_eq(config_set_flag(&c, "expose-internals", "true", &e), 0);
+  ck_assert_int_eq(config_set_flag(&c, "constant-time-eval-ms", "25", &e), 0);
+  char *env[] = {"DENOISED_CONSTANT_TIME_MAX_NFE=64", NULL};
+  ck_assert_int_eq(config_apply_env(&c, env, &e), 0);
+  ck_assert_int_eq(c.expose_internals, 1);
+  ck_assert_int_eq(c.constant_time_eval_ms, 25);
+  ck_assert_int_eq(c.constant_time_max_nfe, 64);
+  json_t *j = config_to_json(&c);
+  ck_assert(json_is_true(json_object_get(j, "expose_internals")));
+  json_decref(j);
+}
+END_TEST
+
 Suite *test_suite(void) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   Suite *s = suite_create("deeppeep");
   TCase *tc = tcase_create("serving");
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, client_times_are_whole_seconds);
+  tcase_add_test(tc, internals_need_admin);
+  tcase_add_test(tc, config_keys_are_checked);
   suite_add_tcase(s, tc);
   return s;
 }
