@@ -434,108 +434,131 @@ static int check_cost(const api_ctx *c, queue_spec *out, int nfe, api_error *e) 
   return 0;
 }
 
+/* The model a job names, or the default; the error lists what is served. */
+static int find_model(const api_ctx *c, const api_job_fields *f, queue_model_desc *md,
+                      api_error *e) {
+  const char *mname = f->model ? f->model : c->default_model;
+  if (queue_model_get(c->q, -1, mname, md) == ERR_OK)
+    return 0;
+  char names[512] = "";
+  for (int i = 0; i < queue_model_count(c->q); i++) {
+    queue_model_desc d;
+    if (queue_model_get(c->q, i, NULL, &d) == ERR_OK) {
+      size_t n = strlen(names);
+      snprintf(names + n, sizeof names - n, "%s%s", n ? ", " : "", d.name);
+      queue_model_desc_clear(&d);
+    }
+  }
+  return api_fail(e, 400, "invalid_field", "model", "model: no model named '%s' (available: %s)",
+                  mname, names);
+}
+
+/* class_label: required by a class-conditional model (the error lists its classes), refused
+ * by others. */
+static int parse_class(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
+                       api_error *e) {
+  if (md->num_classes <= 0) {
+    if (f->label && !json_is_null(f->label))
+      return api_fail(e, 400, "invalid_field", "class_label",
+                      "class_label: model '%s' is not class-conditional", md->name);
+    return 0;
+  }
+  if (!f->label) {
+    char names[256] = "";
+    size_t i;
+    json_t *l;
+    json_array_foreach(md->class_labels, i, l) {
+      size_t n = strlen(names);
+      if (json_is_string(l))
+        snprintf(names + n, sizeof names - n, "%s%zu=%s", i ? ", " : "", i, json_string_value(l));
+    }
+    return api_fail(e, 400, "missing_field", "class_label",
+                    "class_label: model '%s' is class-conditional, give a class (%s)", md->name,
+                    names[0] ? names : "an index");
+  }
+  int rc = api_parse_label(f->label, md, "class_label", &out->label, e);
+  if (!rc)
+    rc = check_not_null_class(md, out->label, e);
+  out->has_label = !rc;
+  return rc;
+}
+
+/* The solver by name or alias and its steps (the solver's default when not given). */
+static int parse_solver(const api_ctx *c, const api_job_fields *f, queue_spec *out, api_error *e) {
+  const char *solver = resolve_solver(f->solver ? f->solver : "ddim");
+  if (!solver) {
+    char list[256];
+    solver_list(list, sizeof list);
+    return api_fail(e, 400, "invalid_field", f->solver_field,
+                    "%s: unknown solver '%s' (one of: %s)", f->solver_field, f->solver, list);
+  }
+  snprintf(out->solver, sizeof out->solver, "%s", solver);
+  out->steps = f->has_steps ? (int)f->steps : sampler_solver_default_steps(solver);
+  if (out->steps > c->max_steps)
+    return api_fail(e, 400, "out_of_range", "scheduler.steps",
+                    "scheduler.steps: %s defaults to %d steps, above this server's limit of %d; "
+                    "give steps",
+                    solver, out->steps, c->max_steps);
+  return 0;
+}
+
+/* The sampler the spec describes, built once to validate the scheduler block; a thresholding
+ * the guidance block asked for is named there. */
+static int make_sampler(const api_ctx *c, const api_job_fields *f, queue_spec *out, sampler **s,
+                        api_error *e) {
+  err qe = {0};
+  char field[128] = "";
+  if (queue_make_sampler(c->q, out, s, field, sizeof field, &qe) == ERR_OK)
+    return 0;
+  const json_t *th = f->guidance ? json_object_get(f->guidance, "thresholding") : NULL;
+  if (th && strncmp(field, "scheduler.options.", 18) == 0 &&
+      (strstr(field, "thresholding") || strstr(field, "sample_max_value")) &&
+      !(f->options && json_object_get(f->options, field + 18)))
+    snprintf(field, sizeof field, "guidance.thresholding");
+  return api_fail(e, 400, strstr(qe.msg, "out of range") ? "out_of_range" : "invalid_field",
+                  field[0] ? field : "scheduler", "%s: %s", field[0] ? field : "scheduler", qe.msg);
+}
+
+/* Sizes, seed, class, guidance and solver of a job (everything but the edit block). */
+static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                       const char *owner, queue_spec *out, api_error *e) {
+  snprintf(out->model, sizeof out->model, "%s", md->name);
+  snprintf(out->owner, sizeof out->owner, "%s", owner ? owner : "");
+  out->batch = (int)f->batch;
+  out->seed = f->has_seed && f->seed >= 0 ? (uint64_t)f->seed : api_random_seed();
+  out->first_image = (uint64_t)f->first_image;
+  out->height = f->has_height ? (int)f->height : md->sample_size;
+  out->width = f->has_width ? (int)f->width : md->sample_size;
+  out->preview_every = (int)f->preview;
+  int rc;
+  if ((rc = check_size(c, md, "height", out->height, e)) ||
+      (rc = check_size(c, md, "width", out->width, e)) || (rc = parse_class(f, md, out, e)) ||
+      (f->guidance && (rc = parse_guidance(f->guidance, md, out, e))) ||
+      (rc = parse_solver(c, f, out, e)))
+    return rc;
+  out->options = f->options ? json_deep_copy(f->options) : json_object();
+  return merge_thresholding(f->guidance, out->options, e);
+}
+
 /* Resolves model, sizes, seed and solver; builds the sampler once to validate the scheduler
  * block. Shared by /v1/jobs and /sdapi/v1/txt2img. */
 static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *owner,
                        queue_spec *out, api_error *e) {
   queue_model_desc md;
-  const char *mname = f->model ? f->model : c->default_model;
-  if (queue_model_get(c->q, -1, mname, &md) != ERR_OK) {
-    char names[512] = "";
-    for (int i = 0; i < queue_model_count(c->q); i++) {
-      queue_model_desc d;
-      if (queue_model_get(c->q, i, NULL, &d) == ERR_OK) {
-        size_t n = strlen(names);
-        snprintf(names + n, sizeof names - n, "%s%s", n ? ", " : "", d.name);
-        queue_model_desc_clear(&d);
-      }
-    }
-    return api_fail(e, 400, "invalid_field", "model", "model: no model named '%s' (available: %s)",
-                    mname, names);
-  }
-  int rc = 0;
   memset(out, 0, sizeof *out);
-  snprintf(out->model, sizeof out->model, "%s", md.name);
-  snprintf(out->owner, sizeof out->owner, "%s", owner ? owner : "");
-  out->batch = (int)f->batch;
-  out->seed = f->has_seed && f->seed >= 0 ? (uint64_t)f->seed : api_random_seed();
-  out->first_image = (uint64_t)f->first_image;
-  out->height = f->has_height ? (int)f->height : md.sample_size;
-  out->width = f->has_width ? (int)f->width : md.sample_size;
-  if ((rc = check_size(c, &md, "height", out->height, e)) ||
-      (rc = check_size(c, &md, "width", out->width, e)))
-    goto done;
-  if (md.num_classes > 0) {
-    if (!f->label) {
-      char names[256] = "";
-      size_t i;
-      json_t *l;
-      json_array_foreach(md.class_labels, i, l) {
-        size_t n = strlen(names);
-        if (json_is_string(l))
-          snprintf(names + n, sizeof names - n, "%s%zu=%s", i ? ", " : "", i, json_string_value(l));
-      }
-      rc = api_fail(e, 400, "missing_field", "class_label",
-                    "class_label: model '%s' is class-conditional, give a class (%s)", md.name,
-                    names[0] ? names : "an index");
-      goto done;
-    }
-    if ((rc = api_parse_label(f->label, &md, "class_label", &out->label, e)) ||
-        (rc = check_not_null_class(&md, out->label, e)))
-      goto done;
-    out->has_label = 1;
-  } else if (f->label && !json_is_null(f->label)) {
-    rc = api_fail(e, 400, "invalid_field", "class_label",
-                  "class_label: model '%s' is not class-conditional", md.name);
-    goto done;
-  }
-  if (f->guidance && (rc = parse_guidance(f->guidance, &md, out, e)))
-    goto done;
-  const char *solver = resolve_solver(f->solver ? f->solver : "ddim");
-  if (!solver) {
-    char list[256];
-    solver_list(list, sizeof list);
-    rc = api_fail(e, 400, "invalid_field", f->solver_field, "%s: unknown solver '%s' (one of: %s)",
-                  f->solver_field, f->solver, list);
-    goto done;
-  }
-  snprintf(out->solver, sizeof out->solver, "%s", solver);
-  out->steps = f->has_steps ? (int)f->steps : sampler_solver_default_steps(solver);
-  if (out->steps > c->max_steps) {
-    rc = api_fail(e, 400, "out_of_range", "scheduler.steps",
-                  "scheduler.steps: %s defaults to %d steps, above this server's limit of %d; "
-                  "give steps",
-                  solver, out->steps, c->max_steps);
-    goto done;
-  }
-  out->options = f->options ? json_deep_copy(f->options) : json_object();
-  if ((rc = merge_thresholding(f->guidance, out->options, e)))
-    goto done;
-  out->preview_every = (int)f->preview;
-  sampler *s = NULL;
-  err qe = {0};
-  char field[128] = "";
-  if (queue_make_sampler(c->q, out, &s, field, sizeof field, &qe) != ERR_OK) {
-    /* a thresholding the guidance block asked for is named there */
-    const json_t *th = f->guidance ? json_object_get(f->guidance, "thresholding") : NULL;
-    if (th && strncmp(field, "scheduler.options.", 18) == 0 &&
-        (strstr(field, "thresholding") || strstr(field, "sample_max_value")) &&
-        !(f->options && json_object_get(f->options, field + 18)))
-      snprintf(field, sizeof field, "guidance.thresholding");
-    rc = api_fail(e, 400, strstr(qe.msg, "out of range") ? "out_of_range" : "invalid_field",
-                  field[0] ? field : "scheduler", "%s: %s", field[0] ? field : "scheduler", qe.msg);
-    goto done;
-  }
-  out->steps = sampler_num_steps(s);
-  rc = api_parse_edit(c, f, &md, s, owner, out, e);
-  if (!rc)
-    rc = check_cost(c, out, sampler_nfe(s), e);
-  sampler_free(s);
+  int rc = find_model(c, f, &md, e);
   if (rc)
-    goto done;
-  if (out->preview_every > out->steps)
-    out->preview_every = out->steps;
-done:
+    return rc;
+  sampler *s = NULL;
+  if (!(rc = spec_basics(c, f, &md, owner, out, e)) && !(rc = make_sampler(c, f, out, &s, e))) {
+    out->steps = sampler_num_steps(s);
+    rc = api_parse_edit(c, f, &md, s, owner, out, e);
+    if (!rc)
+      rc = check_cost(c, out, sampler_nfe(s), e);
+    if (out->preview_every > out->steps)
+      out->preview_every = out->steps;
+  }
+  sampler_free(s);
   if (rc)
     queue_spec_clear(out);
   queue_model_desc_clear(&md);

@@ -226,29 +226,21 @@ static int replay(queue *q, qjob *first, queue_spec *spec, queue_job_view *out, 
   return ERR_OK;
 }
 
-int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
-  pthread_mutex_lock(&q->mu);
+/* Idempotent replays (lock held): ERR_OK with *handled set when spec repeats an earlier
+ * submission's key (the lock is then released, as replay does), else nothing happens. */
+static int replay_if_repeated(queue *q, queue_spec *spec, queue_job_view *out, int *handled,
+                              err *e) {
   qjob *first = spec->idem_key[0] ? find_by_key(q, spec) : NULL;
-  if (first) /* before any limit: a retry of an accepted job is never refused for load */
-    return replay(q, first, spec, out, e);
-  pthread_mutex_unlock(&q->mu);
-  qjob *j = calloc(1, sizeof *j);
-  if (!j)
-    return err_set(e, ERR_NOMEM, "out of memory");
-  pthread_mutex_lock(&q->mu);
-  if (q->stopping) {
-    pthread_mutex_unlock(&q->mu);
-    free(j);
+  *handled = first != NULL;
+  return first ? replay(q, first, spec, out, e) : ERR_OK;
+}
+
+/* The admission limits (lock held): queue length, jobs and compute per owner. */
+static int check_limits(queue *q, const queue_spec *spec, err *e) {
+  if (q->stopping)
     return err_set(e, QUEUE_STOPPING, "the server is shutting down");
-  }
-  if (spec->idem_key[0] && (first = find_by_key(q, spec))) { /* raced in meanwhile */
-    free(j);
-    return replay(q, first, spec, out, e);
-  }
   if (q->nqueued + q->npending >= q->o.queue_max) {
     q->rejected_full++;
-    pthread_mutex_unlock(&q->mu);
-    free(j);
     return err_set(e, QUEUE_FULL, "the queue is full (%d jobs waiting)", q->o.queue_max);
   }
   /* without API keys there is one anonymous owner: queue_max is the only bound then */
@@ -256,19 +248,29 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   const int active = count_active(q, spec->owner, &held);
   if (spec->owner[0] && active >= q->o.max_jobs_per_key) {
     q->rejected_limit++;
-    pthread_mutex_unlock(&q->mu);
-    free(j);
     return err_set(e, QUEUE_LIMIT, "at most %d unfinished jobs per API key", q->o.max_jobs_per_key);
   }
   if (q->o.max_owner_cost > 0 && held + spec->cost > q->o.max_owner_cost) {
     q->rejected_limit++;
-    pthread_mutex_unlock(&q->mu);
-    free(j);
     return err_set(e, QUEUE_LIMIT,
                    "this job's compute (%.0f megapixel-evaluations) with your unfinished jobs' "
                    "(%.0f) exceeds the %.0f a client may hold (max_key_cost)",
                    spec->cost, held, q->o.max_owner_cost);
   }
+  return ERR_OK;
+}
+
+/* Frees a job that was never accepted: its spec's inputs are still the caller's. */
+static void discard_unaccepted(qjob *j) {
+  j->spec.options = j->spec.edit_args = NULL;
+  j->spec.input_image = j->spec.mask = NULL;
+  j->spec.decoded = NULL;
+  qjob_free(j);
+}
+
+/* Makes j a pending job of spec with its first record in *rec (lock held): in the index but
+ * invisible until the record is durable. On failure j is freed. */
+static int add_pending(queue *q, qjob *j, const queue_spec *spec, char **rec, size_t *len, err *e) {
   qjob_make_id(q, j->id);
   j->spec = *spec;
   j->state = QUEUE_QUEUED;
@@ -278,33 +280,27 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   j->t_mono_created = qclock_mono();
   j->next_seq = 1;
   qjob_emit(q, j, "queued", json_pack("{s:i}", "position", q->nqueued + 1), 1);
-  size_t len;
-  char *rec = qjob_record(j, &len);
-  if (rec && len > q->o.max_job_bytes) {
+  *rec = qjob_record(j, len);
+  int rc = ERR_OK;
+  if (*rec && *len > q->o.max_job_bytes)
+    rc = err_set(e, QUEUE_TOO_LARGE,
+                 "the job with its inputs takes %zu bytes; at most %zu are accepted "
+                 "(max_job_bytes)",
+                 *len, q->o.max_job_bytes);
+  else if (!*rec || qjob_insert(q, j) != ERR_OK)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (rc) {
     q->npending--;
-    j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
-    j->spec.input_image = j->spec.mask = NULL;
-    j->spec.decoded = NULL;
-    pthread_mutex_unlock(&q->mu);
-    free(rec);
-    qjob_free(j);
-    return err_set(e, QUEUE_TOO_LARGE,
-                   "the job with its inputs takes %zu bytes; at most %zu are accepted "
-                   "(max_job_bytes)",
-                   len, q->o.max_job_bytes);
+    free(*rec);
+    *rec = NULL;
+    discard_unaccepted(j);
   }
-  if (!rec || qjob_insert(q, j) != ERR_OK) {
-    q->npending--;
-    j->spec.options = j->spec.edit_args = NULL; /* still the caller's */
-    j->spec.input_image = j->spec.mask = NULL;
-    j->spec.decoded = NULL;
-    pthread_mutex_unlock(&q->mu);
-    free(rec);
-    qjob_free(j);
-    return err_set(e, ERR_NOMEM, "out of memory");
-  }
-  pthread_mutex_unlock(&q->mu);
-  /* durable before the 202: a crash after this point cannot lose the job */
+  return rc;
+}
+
+/* The pending job's record written (lock not held on entry, held on return): durable before
+ * the 202, so a crash after this point cannot lose the job. On failure j is gone. */
+static int write_pending(queue *q, qjob *j, char *rec, size_t len, err *e) {
   int rc = q->st->ops->put_job(q->st, j->id, rec, len, e);
   free(rec);
   pthread_mutex_lock(&q->mu);
@@ -312,14 +308,41 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   if (rc != ERR_NOMEM && rc != ERR_INVALID)
     qstore_note(q, rc, e ? e->msg : "");
   int pos;
-  if (rc) {
-    if (qjob_index(q, j->id, &pos))
-      qjob_remove_at(q, pos);
+  if (rc && qjob_index(q, j->id, &pos))
+    qjob_remove_at(q, pos);
+  if (rc)
+    discard_unaccepted(j);
+  return rc;
+}
+
+int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
+  int handled = 0;
+  pthread_mutex_lock(&q->mu);
+  /* before any limit: a retry of an accepted job is never refused for load */
+  int rc = replay_if_repeated(q, spec, out, &handled, e);
+  if (handled)
+    return rc;
+  pthread_mutex_unlock(&q->mu);
+  qjob *j = calloc(1, sizeof *j);
+  if (!j)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  pthread_mutex_lock(&q->mu);
+  rc = replay_if_repeated(q, spec, out, &handled, e); /* raced in meanwhile */
+  if (handled) {
+    free(j);
+    return rc;
+  }
+  size_t len = 0;
+  char *rec = NULL;
+  if ((rc = check_limits(q, spec, e)))
+    free(j);
+  else
+    rc = add_pending(q, j, spec, &rec, &len, e);
+  pthread_mutex_unlock(&q->mu);
+  if (rc)
+    return rc;
+  if ((rc = write_pending(q, j, rec, len, e))) {
     pthread_mutex_unlock(&q->mu);
-    j->spec.options = j->spec.edit_args = NULL;
-    j->spec.input_image = j->spec.mask = NULL;
-    j->spec.decoded = NULL;
-    qjob_free(j);
     return rc;
   }
   if (q->fault_kill_after_record) /* tests only: the process dies before the 202 */

@@ -91,6 +91,67 @@ static void batch_progress(const pipeline_progress *p, void *user) {
   free(preview);
 }
 
+/* Announces image i of j (lock held). */
+static void emit_image(queue *q, qjob *j, int i) {
+  char url[256];
+  snprintf(url, sizeof url, "%s%s/images/%d", q->url_prefix, j->id, i);
+  qjob_emit(q, j, "image",
+            json_pack("{s:i, s:s, s:I}", "index", i, "url", url, "image_index",
+                      (json_int_t)(j->spec.first_image + (uint64_t)i)),
+            1);
+}
+
+/* Image i of j as PNG with its metadata into the store; the last one syncs them all. */
+static int store_image(qbatch *b, qjob *j, const pipeline_request *rj, const float *x, int i,
+                       json_t *extra, err *e) {
+  queue *q = b->q;
+  uint8_t *png = NULL;
+  size_t len = 0;
+  /* where the image sits in the job's batch: a replay of an edit picks it from the job's
+   * noise (the rng index alone does not say, when the job set first_image) */
+  json_object_set_new(extra, "batch_index", json_integer(i));
+  int rc = pipeline_png(b->qm->m, rj, b->s, x, i, j->spec.model, extra, &png, &len, e);
+  if (!rc)
+    rc = q->st->ops->put_image(q->st, j->id, i, png, len, e);
+  if (!rc && i == j->spec.batch - 1)
+    rc = q->st->ops->sync_images(q->st, e);
+  free(png);
+  return rc;
+}
+
+/* An image write failed (lock held on entry, released on return): the job fails with it. */
+static void fail_image_unlock(queue *q, qjob *j, int i, int rc, err *e) {
+  err_prefix(e, "writing image %d", i);
+  if (rc != ERR_NOMEM)
+    qstore_note(q, rc, e->msg);
+  size_t rl = 0;
+  const int live = qjob_live(j);
+  char *rec = live ? qjob_finish(j, QUEUE_FAILED, e->msg, &rl) : NULL;
+  pthread_mutex_unlock(&q->mu);
+  qlog(q, QUEUE_LOG_ERROR, j->id, "%s", e->msg);
+  if (live)
+    qjob_settle_write(q, j, rec, rl);
+}
+
+/* Every image of j is durable: its last image event, then its success. */
+static void succeed_job(queue *q, qjob *j) {
+  pthread_mutex_lock(&q->mu);
+  char *rec = NULL;
+  size_t rl = 0;
+  const int live = qjob_live(j);
+  if (live) {
+    j->images = j->spec.batch;
+    emit_image(q, j, j->spec.batch - 1);
+    q->images_generated += (uint64_t)j->images;
+    rec = qjob_finish(j, QUEUE_SUCCEEDED, NULL, &rl);
+  }
+  pthread_mutex_unlock(&q->mu);
+  if (live)
+    qjob_settle_write(q, j, rec, rl);
+}
+
+/* Job j's images (from position base of the batch's x) stored one by one, each announced once
+ * durable; stops when the job is no longer live (cancelled meanwhile). */
 static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *r, const float *x,
                           size_t d) {
   queue *q = b->q;
@@ -107,71 +168,25 @@ static void write_results(qbatch *b, int base, qjob *j, const pipeline_request *
     pthread_mutex_unlock(&q->mu);
     if (!live)
       break;
-    uint8_t *png = NULL;
-    size_t len = 0;
     err e = {0};
-    /* where the image sits in the job's batch: a replay of an edit picks it from the job's
-     * noise (the rng index alone does not say, when the job set first_image) */
-    json_object_set_new(extra, "batch_index", json_integer(i));
-    int rc = pipeline_png(b->qm->m, &rj, b->s, x + (size_t)(base + i) * d, i, j->spec.model, extra,
-                          &png, &len, &e);
-    if (!rc)
-      rc = q->st->ops->put_image(q->st, j->id, i, png, len, &e);
-    if (!rc && i == j->spec.batch - 1)
-      rc = q->st->ops->sync_images(q->st, &e);
-    free(png);
+    int rc = store_image(b, j, &rj, x + (size_t)(base + i) * d, i, extra, &e);
     pthread_mutex_lock(&q->mu);
     if (rc) {
-      err_prefix(&e, "writing image %d", i);
-      if (rc != ERR_NOMEM)
-        qstore_note(q, rc, e.msg);
-      size_t rl = 0;
-      const int live_now = qjob_live(j);
-      char *rec = live_now ? qjob_finish(j, QUEUE_FAILED, e.msg, &rl) : NULL;
-      pthread_mutex_unlock(&q->mu);
-      qlog(q, QUEUE_LOG_ERROR, j->id, "%s", e.msg);
-      if (live_now)
-        qjob_settle_write(q, j, rec, rl);
+      fail_image_unlock(q, j, i, rc, &e);
       json_decref(extra);
       return;
     }
     j->files = i + 1;
-    if (qjob_live(j) && i < j->spec.batch - 1) {
-      /* the last image's event waits for the directory sync above */
+    if (qjob_live(j) && i < j->spec.batch - 1) { /* the last one waits for the sync */
       j->images = i + 1;
-      char url[256];
-      snprintf(url, sizeof url, "%s%s/images/%d", q->url_prefix, j->id, i);
-      qjob_emit(q, j, "image",
-                json_pack("{s:i, s:s, s:I}", "index", i, "url", url, "image_index",
-                          (json_int_t)(j->spec.first_image + (uint64_t)i)),
-                1);
+      emit_image(q, j, i);
     }
     pthread_mutex_unlock(&q->mu);
   }
   json_decref(extra);
-  pthread_mutex_lock(&q->mu);
-  char *rec = NULL;
-  size_t rl = 0;
-  const int live = qjob_live(j);
-  if (live) {
-    int i = j->spec.batch - 1;
-    j->images = j->spec.batch;
-    char url[256];
-    snprintf(url, sizeof url, "%s%s/images/%d", q->url_prefix, j->id, i);
-    qjob_emit(q, j, "image",
-              json_pack("{s:i, s:s, s:I}", "index", i, "url", url, "image_index",
-                        (json_int_t)(j->spec.first_image + (uint64_t)i)),
-              1);
-    q->images_generated += (uint64_t)j->images;
-    rec = qjob_finish(j, QUEUE_SUCCEEDED, NULL, &rl);
-  }
-  pthread_mutex_unlock(&q->mu);
-  if (live)
-    qjob_settle_write(q, j, rec, rl);
+  succeed_job(q, j);
 }
 
-/* An edit job's base64 PNG (checked at submission) decoded: image (c channels) or mask, the
- * same picture for every image of the batch. */
 /* Before any compute: each job's record with its attempts count goes to the store, so a run that
  * kills the process is counted at the next start (recovery fails the job after max_attempts). */
 static void persist_attempts(qbatch *b) {
@@ -190,112 +205,135 @@ static void persist_attempts(qbatch *b) {
       abort();
 }
 
+/* Per-image seeds, indices, labels and starting noise of a batch of several jobs. */
+typedef struct batch_arrays {
+  float *init;
+  int64_t *labels;
+  uint64_t *seeds, *index;
+} batch_arrays;
+
+static void batch_arrays_free(batch_arrays *a) {
+  free(a->init);
+  free(a->labels);
+  free(a->seeds);
+  free(a->index);
+}
+
+/* A batch of jobs: each position runs on its job's (seed, image) streams and label, so every
+ * image equals the one it would be alone (edits are never batched). */
+static int batch_inputs(qbatch *b, qrequest *req, size_t d, batch_arrays *a, err *e) {
+  const qjob *head = b->jobs[0];
+  a->seeds = malloc((size_t)b->nimg * sizeof *a->seeds);
+  a->index = malloc((size_t)b->nimg * sizeof *a->index);
+  a->labels = head->spec.has_label ? malloc((size_t)b->nimg * sizeof *a->labels) : NULL;
+  a->init = malloc((size_t)b->nimg * d * sizeof *a->init);
+  if (!a->seeds || !a->index || (head->spec.has_label && !a->labels) || !a->init)
+    return err_set(e, ERR_NOMEM, "out of memory for %d images", b->nimg);
+  for (int i = 0, k = 0; i < b->njobs; i++)
+    for (int n = 0; n < b->jobs[i]->spec.batch; n++, k++) {
+      a->seeds[k] = b->jobs[i]->spec.seed;
+      a->index[k] = b->jobs[i]->spec.first_image + (uint64_t)n;
+      if (a->labels)
+        a->labels[k] = b->jobs[i]->spec.label;
+      rng_normal(a->seeds[k], a->index[k], 0, a->init + (size_t)k * d, d);
+    }
+  req->r.batch = b->nimg;
+  req->r.first_image = 0;
+  req->r.noise = a->init;
+  if (a->labels)
+    req->r.labels = a->labels;
+  b->img_seed = a->seeds;
+  b->img_index = a->index;
+  return ERR_OK;
+}
+
+/* The pipeline run with the queue's progress, cancel and noise hooks; an inversion's noise
+ * goes to the store with the head job. */
+static int run_batch(qbatch *b, qrequest *req, pipeline_result *res, err *e) {
+  queue *q = b->q;
+  const qjob *head = b->jobs[0];
+  pipeline_hooks hooks = {.progress = batch_progress,
+                          .progress_user = b,
+                          .preview_every = head->spec.preview_every,
+                          .cancel = &b->cancel,
+                          .threads = q->o.threads_per_job,
+                          .noise = b->njobs > 1 ? batch_noise : NULL,
+                          .noise_user = b};
+  if (b->njobs == 1 && q->fault_nan_seed && head->spec.seed == q->fault_nan_seed)
+    hooks.noise = fault_nan_noise;
+  b->t_start = b->t_last = qclock_mono();
+  int rc = pipeline_run(b->qm->m, &req->r, &hooks, res, e);
+  b->s = res->sampler;
+  res->sampler = NULL;
+  if (!rc && res->noise)
+    rc = q->st->ops->put_file(q->st, head->id, QUEUE_NOISE_FILE, res->noise, res->noise_len, e);
+  return rc;
+}
+
+/* A run that did not finish: at shutdown its jobs go back to queued (the store still says so,
+ * and they run again after a restart), otherwise they fail with the run's error. */
+static void fail_batch(qbatch *b, int rc, err *e) {
+  queue *q = b->q;
+  char *recs[b->njobs];
+  size_t lens[b->njobs];
+  int failed[b->njobs];
+  pthread_mutex_lock(&q->mu);
+  if (rc == ERR_CANCELLED && b->timed_out && !q->stopping)
+    err_set(e, ERR_CANCELLED,
+            "the job ran longer than this server's limit of %d s "
+            "(max_job_seconds)",
+            q->o.max_job_seconds);
+  for (int i = 0; i < b->njobs; i++) {
+    qjob *j = b->jobs[i];
+    recs[i] = NULL;
+    failed[i] = 0;
+    if (!qjob_live(j))
+      continue;
+    if (rc == ERR_CANCELLED && q->stopping) {
+      j->state = QUEUE_QUEUED;
+      j->step = j->nfe = 0;
+      j->attempts--; /* stopped, not crashed: this run does not count */
+      qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "shutdown"), 1);
+      recs[i] = qjob_record(j, &lens[i]);
+    } else {
+      recs[i] = qjob_finish(j, QUEUE_FAILED, e->msg, &lens[i]);
+      failed[i] = 1;
+    }
+  }
+  pthread_mutex_unlock(&q->mu);
+  for (int i = 0; i < b->njobs; i++)
+    if (failed[i]) {
+      qlog(q, QUEUE_LOG_WARN, b->jobs[i]->id, "failed: %s", e->msg);
+      qjob_settle_write(q, b->jobs[i], recs[i], lens[i]);
+    } else if (recs[i]) {
+      qjob_persist(q, b->jobs[i]->id, recs[i], lens[i]);
+    }
+}
+
 void qworker_run(uv_work_t *w) {
   qbatch *b = w->data;
-  queue *q = b->q;
   qjob *head = b->jobs[0];
   persist_attempts(b);
   const model_info *mi = model_get_info(b->qm->m);
   err e = {0};
   qrequest req;
   pipeline_result res = {0};
-  float *init = NULL;
-  int64_t *labels = NULL;
-  uint64_t *seeds = NULL, *index = NULL;
+  batch_arrays arrays = {0};
   int rc = qrequest_from_spec(b->qm->m, &head->spec, &req, &e);
   b->h = head->spec.height;
   b->w = head->spec.width;
   const size_t d = (size_t)mi->in_channels * b->h * b->w;
-  if (!rc && b->njobs > 1) {
-    /* a batch of jobs: each position runs on its job's (seed, image) streams and label, so
-     * every image equals the one it would be alone (edits are never batched) */
-    seeds = malloc((size_t)b->nimg * sizeof *seeds);
-    index = malloc((size_t)b->nimg * sizeof *index);
-    labels = head->spec.has_label ? malloc((size_t)b->nimg * sizeof *labels) : NULL;
-    init = malloc((size_t)b->nimg * d * sizeof *init);
-    if (!seeds || !index || (head->spec.has_label && !labels) || !init)
-      rc = err_set(&e, ERR_NOMEM, "out of memory for %d images", b->nimg);
-    for (int i = 0, k = 0; !rc && i < b->njobs; i++)
-      for (int n = 0; n < b->jobs[i]->spec.batch; n++, k++) {
-        seeds[k] = b->jobs[i]->spec.seed;
-        index[k] = b->jobs[i]->spec.first_image + (uint64_t)n;
-        if (labels)
-          labels[k] = b->jobs[i]->spec.label;
-        rng_normal(seeds[k], index[k], 0, init + (size_t)k * d, d);
-      }
-    req.r.batch = b->nimg;
-    req.r.first_image = 0;
-    req.r.noise = init;
-    if (labels)
-      req.r.labels = labels;
-    b->img_seed = seeds;
-    b->img_index = index;
-  }
-  if (!rc) {
-    pipeline_hooks hooks = {.progress = batch_progress,
-                            .progress_user = b,
-                            .preview_every = head->spec.preview_every,
-                            .cancel = &b->cancel,
-                            .threads = q->o.threads_per_job,
-                            .noise = b->njobs > 1 ? batch_noise : NULL,
-                            .noise_user = b};
-    if (b->njobs == 1 && q->fault_nan_seed && head->spec.seed == q->fault_nan_seed)
-      hooks.noise = fault_nan_noise;
-    b->t_start = b->t_last = qclock_mono();
-    rc = pipeline_run(b->qm->m, &req.r, &hooks, &res, &e);
-    b->s = res.sampler;
-    res.sampler = NULL;
-    if (!rc && res.noise)
-      rc = q->st->ops->put_file(q->st, head->id, QUEUE_NOISE_FILE, res.noise, res.noise_len, &e);
-  }
+  if (!rc && b->njobs > 1)
+    rc = batch_inputs(b, &req, d, &arrays, &e);
+  if (!rc)
+    rc = run_batch(b, &req, &res, &e);
   if (rc == ERR_OK) {
-    int base = 0;
-    for (int i = 0; i < b->njobs; i++) {
+    for (int i = 0, base = 0; i < b->njobs; base += b->jobs[i]->spec.batch, i++)
       write_results(b, base, b->jobs[i], &req.r, res.images, d);
-      base += b->jobs[i]->spec.batch;
-    }
   } else {
-    char *recs[b->njobs];
-    size_t lens[b->njobs];
-    int failed[b->njobs];
-    memset(failed, 0, sizeof failed);
-    pthread_mutex_lock(&q->mu);
-    if (rc == ERR_CANCELLED && b->timed_out && !q->stopping)
-      err_set(&e, ERR_CANCELLED,
-              "the job ran longer than this server's limit of %d s "
-              "(max_job_seconds)",
-              q->o.max_job_seconds);
-    for (int i = 0; i < b->njobs; i++) {
-      qjob *j = b->jobs[i];
-      recs[i] = NULL;
-      failed[i] = 0;
-      if (!qjob_live(j))
-        continue;
-      if (rc == ERR_CANCELLED && q->stopping) {
-        /* shutdown: the store still says queued, so it runs again after a restart */
-        j->state = QUEUE_QUEUED;
-        j->step = j->nfe = 0;
-        j->attempts--; /* stopped, not crashed: this run does not count */
-        qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "shutdown"), 1);
-        recs[i] = qjob_record(j, &lens[i]);
-      } else {
-        recs[i] = qjob_finish(j, QUEUE_FAILED, e.msg, &lens[i]);
-        failed[i] = 1;
-      }
-    }
-    pthread_mutex_unlock(&q->mu);
-    for (int i = 0; i < b->njobs; i++)
-      if (failed[i]) {
-        qlog(q, QUEUE_LOG_WARN, b->jobs[i]->id, "failed: %s", e.msg);
-        qjob_settle_write(q, b->jobs[i], recs[i], lens[i]);
-      } else if (recs[i]) {
-        qjob_persist(q, b->jobs[i]->id, recs[i], lens[i]);
-      }
+    fail_batch(b, rc, &e);
   }
-  free(init);
-  free(labels);
-  free(seeds);
-  free(index);
+  batch_arrays_free(&arrays);
   qrequest_free(&req);
   pipeline_result_clear(&res);
 }
