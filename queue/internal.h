@@ -1,7 +1,8 @@
 /* What the queue's own files share and nobody else sees: the job, batch, model and queue
- * structs, and the helpers one concern offers another. The public face is queue.h; the store
- * seam is store.h. One mutex (queue.mu) guards all of it: functions marked "lock held" expect
- * the caller to hold it. */
+ * structs, and the helpers one concern offers another. The public face is queue.h; the seams
+ * a shared deployment replaces are store.h (records, images) and backend.h (the runnable jobs
+ * with their claims, and the event logs). One mutex (queue.mu) guards all of it: functions marked
+ * "lock held" expect the caller to hold it. */
 #ifndef DENOISED_QUEUE_INTERNAL_H
 #define DENOISED_QUEUE_INTERNAL_H
 
@@ -9,20 +10,18 @@
 #include <stdatomic.h>
 #include <uv.h>
 
+#include "backend.h"
 #include "npy.h"
 #include "pipeline.h"
 #include "queue.h"
 #include "store.h"
 
-#define RING 64        /* progress events kept per job; older ones are superseded anyway */
+#define RING 64 /* progress events kept per job; older ones are superseded anyway */
+/* A running job's claim on the backend: renewed by the loop every retry tick while this process
+ * lives, so only a dead node's claims run out (the Redis issue re-claims those elsewhere). */
+#define LEASE_MS 60000
 #define PREVIEW_MAX 64 /* preview side in pixels */
 #define EXPIRY_EVERY_MS 60000
-
-typedef struct qevent {
-  uint64_t seq;
-  const char *type;
-  char *data;
-} qevent;
 
 typedef struct qmodel {
   char name[QUEUE_NAME_SIZE];
@@ -52,11 +51,8 @@ typedef struct qjob {
   int step, total, nfe, images, files;
   int attempts; /* runs started, persisted before each run begins */
   char error[512];
-  qevent *life; /* lifecycle events: never dropped */
-  int nlife, caplife;
-  qevent ring[RING]; /* progress events: the newest RING */
-  int ring_head, ring_n;
-  uint64_t next_seq;
+  uint64_t next_seq; /* of its next event; the events themselves are in the backend's log */
+  uint64_t lease;    /* the backend's token for this process's claim while running, else 0 */
   double last_progress;
   qbatch *batch;
   /* Set between deciding a final state and writing it: readers see the job as it was (with
@@ -87,8 +83,7 @@ struct queue {
   pthread_cond_t cv;
   qjob **jobs; /* sorted by id (creation order) */
   int njobs, capjobs;
-  qjob **queued; /* FIFO */
-  int nqueued, capqueued;
+  qbackend *be; /* the queued jobs (ids, in order) and every job's event log */
   qbatch **running;
   int nrunning;
   qmodel **models;
@@ -139,12 +134,15 @@ int qspec_copy_light(queue_spec *dst, const queue_spec *src);
 void qspec_release_inputs(queue_spec *s);
 
 /* ---- jobs.c: the job index, the FIFO and the per-job event log (lock held unless said) ---- */
+/* Frees the job in memory; its event log stays in the backend (shared with other nodes). */
 void qjob_free(qjob *j);
-/* Appends an event (data: stolen); lifecycle events are kept for good, progress in a ring. */
+/* Frees a job that leaves for good (expired, never accepted) together with its event log. */
+void qjob_discard(queue *q, qjob *j);
+/* Appends an event to the job's log (data: stolen); lifecycle events are kept for good,
+ * progress as the backend's transient events (the newest RING). */
 void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle);
-void qjob_drop_progress(qjob *j);
 /* The job's durable record (malloc'ed JSON text). */
-char *qjob_record(const qjob *j, size_t *len);
+char *qjob_record(queue *q, const qjob *j, size_t *len);
 /* Writes a record through the store; lock released. Takes text. */
 int qjob_persist(queue *q, const char *id, char *text, size_t len);
 int qjob_index(queue *q, const char *id, int *pos);
@@ -154,11 +152,15 @@ int qjob_insert(queue *q, qjob *j);
 void qjob_remove_at(queue *q, int pos);
 int qjob_enqueue(queue *q, qjob *j);
 void qjob_unqueue(queue *q, const qjob *j);
+int qjob_nqueued(queue *q);
+/* The queued jobs in order (malloc'ed, *n of them; NULL with *n = 0 when none or out of
+ * memory); ids the backend holds that this process does not know are skipped. */
+qjob **qjob_queued(queue *q, int *n);
 void qjob_view(queue *q, const qjob *j, queue_job_view *v);
 void qjob_make_id(queue *q, char *out);
 /* Decides j's final state st and returns the record that says so, for qjob_settle_write
  * (unlocked); nothing readers see changes until the record is on disk. */
-char *qjob_finish(qjob *j, queue_state st, const char *why, size_t *len);
+char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len);
 /* Writes a record from qjob_finish (lock not held) and settles: on success the final state
  * becomes what readers see (event included); on failure the job waits, visible with its
  * store_error, for the loop's retry. Takes text. */

@@ -1,5 +1,5 @@
-/* Jobs in memory: the id-ordered index, the FIFO of queued jobs, ids, views, final states and
- * the per-job event log (lifecycle events kept, progress in a ring). */
+/* Jobs in memory: the id-ordered index, ids, views and final states; the FIFO of queued jobs
+ * and the per-job event logs (lifecycle events kept, progress trimmed) through the backend. */
 #include "internal.h"
 
 #include <errno.h>
@@ -19,13 +19,14 @@ void qjob_free(qjob *j) {
   if (j->final)
     free(j->final->event);
   free(j->final);
-  for (int i = 0; i < j->nlife; i++)
-    free(j->life[i].data);
-  free(j->life);
-  for (int i = 0; i < j->ring_n; i++)
-    free(j->ring[(j->ring_head + i) % RING].data);
   queue_spec_clear(&j->spec);
   free(j);
+}
+
+void qjob_discard(queue *q, qjob *j) {
+  if (j)
+    q->be->ops->drop(q->be, j->id);
+  qjob_free(j);
 }
 
 /* An event's text: data (stolen) with job_id, seq, type and time added. The time is whole unix
@@ -42,31 +43,13 @@ static char *event_text(const qjob *j, uint64_t seq, const char *type, json_t *d
   return text;
 }
 
-/* Appends an event's text (stolen) to the log (lock held). */
+/* Appends an event's text (stolen) to the job's log (lock held) and wakes its readers. */
 static void push_event(queue *q, qjob *j, uint64_t seq, const char *type, char *text,
                        int lifecycle) {
-  qevent ev = {seq, qevent_type(type), text};
-  if (lifecycle) {
-    if (j->nlife == j->caplife) {
-      int cap = j->caplife ? 2 * j->caplife : 8;
-      qevent *n = realloc(j->life, (size_t)cap * sizeof *n);
-      if (!n) {
-        free(text);
-        return;
-      }
-      j->life = n;
-      j->caplife = cap;
-    }
-    j->life[j->nlife++] = ev;
-  } else {
-    if (j->ring_n == RING) {
-      free(j->ring[j->ring_head].data);
-      j->ring[j->ring_head] = ev;
-      j->ring_head = (j->ring_head + 1) % RING;
-    } else {
-      j->ring[(j->ring_head + j->ring_n++) % RING] = ev;
-    }
-  }
+  err e = {0};
+  if (q->be->ops->append(q->be, j->id, seq, type, text, lifecycle, &e) != ERR_OK)
+    qlog(q, QUEUE_LOG_ERROR, j->id, "event %llu lost: %s", (unsigned long long)seq, e.msg);
+  free(text);
   pthread_cond_broadcast(&q->cv);
 }
 
@@ -78,29 +61,32 @@ void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle)
     push_event(q, j, seq, type, text, lifecycle);
 }
 
-/* A finished job keeps its lifecycle and its last progress event: the others are superseded
- * (each carries the absolute step), and a retained job should cost little memory. */
-void qjob_drop_progress(qjob *j) {
-  for (int i = 0; i + 1 < j->ring_n; i++)
-    free(j->ring[(j->ring_head + i) % RING].data);
-  if (j->ring_n > 1) {
-    j->ring[0] = j->ring[(j->ring_head + j->ring_n - 1) % RING];
-    j->ring_n = 1;
-  }
-  j->ring_head = 0;
-}
-
 static const char *final_event_type(queue_state st) {
   return st == QUEUE_SUCCEEDED ? "done" : st == QUEUE_FAILED ? "failed" : "cancelled";
 }
 
-/* The record the store keeps (lock held): with a decided final state, the job as it will be. */
-char *qjob_record(const qjob *j, size_t *len) {
-  const qfinal *f = j->final;
+/* The job's lifecycle events as the record keeps them (lock held); NULL out of memory. */
+static json_t *record_events(queue *q, const qjob *j) {
+  qbackend_event *evs = NULL;
+  int n = 0;
+  err e = {0};
+  if (q->be->ops->read(q->be, j->id, 0, 1, &evs, &n, &e) != ERR_OK)
+    return NULL;
   json_t *ev = json_array();
-  for (int i = 0; i < j->nlife; i++)
-    json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)j->life[i].seq,
-                                        "type", j->life[i].type, "data", j->life[i].data));
+  for (int i = 0; ev && i < n; i++)
+    json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)evs[i].seq, "type",
+                                        evs[i].type, "data", evs[i].data));
+  qbackend_events_free(evs, n);
+  return ev;
+}
+
+/* The record the store keeps (lock held): with a decided final state, the job as it will be. */
+char *qjob_record(queue *q, const qjob *j, size_t *len) {
+  const qfinal *f = j->final;
+  json_t *ev = record_events(q, j);
+  *len = 0;
+  if (!ev)
+    return NULL;
   if (f)
     json_array_append_new(ev, json_pack("{s:I, s:s, s:s}", "seq", (json_int_t)j->next_seq, "type",
                                         final_event_type(f->state), "data", f->event));
@@ -197,26 +183,38 @@ void qjob_remove_at(queue *q, int pos) {
 }
 
 int qjob_enqueue(queue *q, qjob *j) {
-  if (reserve_one(&q->queued, q->nqueued, &q->capqueued))
-    return ERR_NOMEM;
-  q->queued[q->nqueued++] = j;
-  return ERR_OK;
+  err e = {0};
+  int rc = q->be->ops->push(q->be, j->id, &e);
+  if (rc)
+    qlog(q, QUEUE_LOG_ERROR, j->id, "queueing failed: %s", e.msg);
+  return rc;
 }
 
 void qjob_unqueue(queue *q, const qjob *j) {
-  for (int i = 0; i < q->nqueued; i++)
-    if (q->queued[i] == j) {
-      memmove(q->queued + i, q->queued + i + 1, (size_t)(q->nqueued - i - 1) * sizeof *q->queued);
-      q->nqueued--;
-      return;
-    }
+  q->be->ops->remove(q->be, j->id);
 }
 
-static int position_of(queue *q, const qjob *j) {
-  for (int i = 0; i < q->nqueued; i++)
-    if (q->queued[i] == j)
-      return i + 1;
-  return 0;
+int qjob_nqueued(queue *q) {
+  return q->be->ops->count(q->be);
+}
+
+qjob **qjob_queued(queue *q, int *n) {
+  *n = 0;
+  const int max = q->be->ops->count(q->be);
+  qbackend_id *ids = max ? malloc((size_t)max * sizeof *ids) : NULL;
+  qjob **out = ids ? malloc((size_t)max * sizeof *out) : NULL;
+  const int got = out ? q->be->ops->peek(q->be, 0, max, ids) : 0;
+  for (int i = 0; i < got; i++) {
+    qjob *j = qjob_find(q, ids[i], NULL);
+    if (j)
+      out[(*n)++] = j;
+  }
+  free(ids);
+  if (!*n) {
+    free(out);
+    return NULL;
+  }
+  return out;
 }
 
 void qjob_view(queue *q, const qjob *j, queue_job_view *v) {
@@ -224,7 +222,7 @@ void qjob_view(queue *q, const qjob *j, queue_job_view *v) {
   snprintf(v->id, sizeof v->id, "%s", j->id);
   v->state = j->state;
   snprintf(v->store_error, sizeof v->store_error, "%s", j->store_error);
-  v->position = j->state == QUEUE_QUEUED ? position_of(q, j) : 0;
+  v->position = j->state == QUEUE_QUEUED ? q->be->ops->position(q->be, j->id) : 0;
   v->step = j->step;
   v->total = j->total;
   v->nfe = j->nfe;
@@ -266,7 +264,7 @@ int qjob_live(const qjob *j) {
 }
 
 /* Lock held. The record goes to the store by the caller (qjob_settle_write), unlocked. */
-char *qjob_finish(qjob *j, queue_state st, const char *why, size_t *len) {
+char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len) {
   if (!j->final) {
     qfinal *f = calloc(1, sizeof *f);
     json_t *d = json_object();
@@ -292,7 +290,7 @@ char *qjob_finish(qjob *j, queue_state st, const char *why, size_t *len) {
     j->final = f;
   }
   j->final->writing = 1;
-  return qjob_record(j, len);
+  return qjob_record(q, j, len);
 }
 
 /* Lock held: the decided final state, now on disk, becomes what readers see. */
@@ -314,7 +312,9 @@ static void settle(queue *q, qjob *j) {
   push_event(q, j, seq, final_event_type(f->state), f->event, 1);
   free(f);
   j->final = NULL;
-  qjob_drop_progress(j);
+  /* a finished job keeps its lifecycle and its last progress event: the others are superseded
+   * (each carries the absolute step), and a retained job should cost little memory */
+  q->be->ops->trim(q->be, j->id, 1);
   if (!j->batch) /* else when the batch is over (after_work_cb): the worker may still read them */
     qspec_release_inputs(&j->spec);
 }

@@ -1,5 +1,6 @@
-/* The scheduler thread: a libuv loop that forms batches from the FIFO, dispatches them onto
- * the worker pool, finishes them, and expires old results. */
+/* The scheduler thread: a libuv loop that forms batches from the queued jobs, claims them from
+ * the backend, dispatches them onto the worker pool, finishes them (their claims completed or
+ * released), renews the claims of running jobs, and expires old results. */
 #include "internal.h"
 
 #include <errno.h>
@@ -13,6 +14,17 @@
 
 static void dispatch(queue *q);
 
+/* The run of j is over (lock held): a job put back by a shutdown goes back to its place in the
+ * queue, any other leaves it for good. */
+static void end_claim(queue *q, qjob *j) {
+  err e = {0};
+  const int rc = j->state == QUEUE_QUEUED ? q->be->ops->release(q->be, j->id, j->lease, &e)
+                                          : q->be->ops->complete(q->be, j->id, j->lease, &e);
+  if (rc)
+    qlog(q, QUEUE_LOG_WARN, j->id, "ending its claim: %s", e.msg);
+  j->lease = 0;
+}
+
 static void after_work_cb(uv_work_t *w, int status) {
   (void)status;
   qbatch *b = w->data;
@@ -22,9 +34,8 @@ static void after_work_cb(uv_work_t *w, int status) {
   q->busy_seconds += qclock_mono() - b->t_start;
   for (int i = 0; i < b->njobs; i++) {
     b->jobs[i]->batch = NULL;
-    if (b->jobs[i]->state == QUEUE_QUEUED) /* put back by a shutdown */
-      qjob_enqueue(q, b->jobs[i]);
-    else if (qstate_final(b->jobs[i]->state) && !b->jobs[i]->final) /* settled, on disk */
+    end_claim(q, b->jobs[i]);
+    if (qstate_final(b->jobs[i]->state) && !b->jobs[i]->final) /* settled, on disk */
       qspec_release_inputs(&b->jobs[i]->spec);
   }
   for (int i = 0; i < q->nrunning; i++)
@@ -41,72 +52,105 @@ static void after_work_cb(uv_work_t *w, int status) {
   uv_async_send(&q->wake);
 }
 
-/* Loop thread, lock held. */
-static void dispatch(queue *q) {
-  while (!q->stopping && q->busy < q->o.workers && q->nqueued > 0) {
-    qjob *head = q->queued[0];
-    qmodel *qm = qmodel_find(q, head->spec.model);
-    if (!qm || !qm->m) {
-      qjob_unqueue(q, head);
-      size_t len;
-      char *rec = qjob_finish(head, QUEUE_FAILED, "the model is no longer configured", &len);
-      pthread_mutex_unlock(&q->mu);
-      qjob_settle_write(q, head, rec, len);
-      pthread_mutex_lock(&q->mu);
+/* Fails a queued job whose model is gone (lock held, released meanwhile). */
+static void fail_unserved(queue *q, qjob *head) {
+  qjob_unqueue(q, head);
+  size_t len;
+  char *rec = qjob_finish(q, head, QUEUE_FAILED, "the model is no longer configured", &len);
+  pthread_mutex_unlock(&q->mu);
+  qjob_settle_write(q, head, rec, len);
+  pthread_mutex_lock(&q->mu);
+}
+
+/* The jobs that run with queued[0] (lock held): the queued ones it can share its forward with,
+ * in queue order, up to batch_max_images, each claimed from the backend (a job another holder
+ * took meanwhile is left out). Returns how many are in jobs. */
+static int claim_batch(queue *q, qjob **queued, int n, qjob **jobs, int *nimg) {
+  int k = 0;
+  *nimg = 0;
+  for (int i = 0; i < n && k < 1024; i++) {
+    qjob *j = queued[i];
+    if (i > 0 && (q->o.batch_max_images <= 1 || *nimg + j->spec.batch > q->o.batch_max_images ||
+                  !queue_spec_compatible(&queued[0]->spec, &j->spec)))
+      continue;
+    err e = {0};
+    if (q->be->ops->claim(q->be, j->id, LEASE_MS, &j->lease, &e) != ERR_OK) {
+      if (i == 0)
+        return 0;
       continue;
     }
-    qbatch *b = calloc(1, sizeof *b);
-    qjob **jobs = malloc(sizeof *jobs * (size_t)(q->nqueued < 1024 ? q->nqueued : 1024));
-    qbatch **run = realloc(q->running, sizeof *run * (size_t)(q->nrunning + 1));
-    if (run)
-      q->running = run;
-    if (!b || !jobs || !run) {
-      free(b);
-      free(jobs);
-      qlog(q, QUEUE_LOG_ERROR, NULL, "out of memory scheduling a job");
-      return;
-    }
-    b->q = q;
-    b->qm = qm;
-    qm->refs++;
-    jobs[0] = head;
-    b->njobs = 1;
-    b->nimg = head->spec.batch;
-    if (q->o.batch_max_images > 1)
-      for (int i = 1; i < q->nqueued && b->njobs < 1024; i++) {
-        qjob *j = q->queued[i];
-        if (b->nimg + j->spec.batch <= q->o.batch_max_images &&
-            queue_spec_compatible(&head->spec, &j->spec)) {
-          jobs[b->njobs++] = j;
-          b->nimg += j->spec.batch;
-        }
-      }
-    b->jobs = jobs;
-    const double t = qclock_real(), tm = qclock_mono();
-    for (int i = 0; i < b->njobs; i++) {
-      qjob *j = jobs[i];
-      qjob_unqueue(q, j);
-      j->state = QUEUE_RUNNING;
-      j->batch = b;
-      j->started = t;
-      j->attempts++;
-      j->t_mono_started = tm;
-      j->last_progress = 0;
-      qhist_observe(&q->wait_h, tm - j->t_mono_created);
-      qjob_emit(q, j, "started", json_pack("{s:i}", "batched_with", b->njobs - 1), 1);
-    }
-    q->batches++;
-    if (b->njobs > 1)
-      q->batched_jobs += (uint64_t)b->njobs;
-    q->running[q->nrunning++] = b;
-    q->busy++;
-    b->work.data = b;
-    b->t_start = tm;
-    if (uv_queue_work(&q->loop, &b->work, qworker_run, after_work_cb) != 0) {
-      qlog(q, QUEUE_LOG_ERROR, NULL, "uv_queue_work failed");
-      q->busy--;
-    }
+    jobs[k++] = j;
+    *nimg += j->spec.batch;
   }
+  return k;
+}
+
+/* Marks the claimed jobs of b running (lock held). */
+static void start_jobs(queue *q, qbatch *b) {
+  const double t = qclock_real(), tm = qclock_mono();
+  for (int i = 0; i < b->njobs; i++) {
+    qjob *j = b->jobs[i];
+    j->state = QUEUE_RUNNING;
+    j->batch = b;
+    j->started = t;
+    j->attempts++;
+    j->t_mono_started = tm;
+    j->last_progress = 0;
+    qhist_observe(&q->wait_h, tm - j->t_mono_created);
+    qjob_emit(q, j, "started", json_pack("{s:i}", "batched_with", b->njobs - 1), 1);
+  }
+  q->batches++;
+  if (b->njobs > 1)
+    q->batched_jobs += (uint64_t)b->njobs;
+  b->t_start = tm;
+}
+
+/* Forms one batch from the queue's head and hands it to the pool (lock held); 0 when there
+ * was nothing to start. */
+static int dispatch_one(queue *q) {
+  int n = 0;
+  qjob **queued = qjob_queued(q, &n);
+  if (!n)
+    return 0;
+  qmodel *qm = qmodel_find(q, queued[0]->spec.model);
+  if (!qm || !qm->m) {
+    fail_unserved(q, queued[0]);
+    free(queued);
+    return 1;
+  }
+  qbatch *b = calloc(1, sizeof *b);
+  qjob **jobs = malloc(sizeof *jobs * (size_t)(n < 1024 ? n : 1024));
+  qbatch **run = realloc(q->running, sizeof *run * (size_t)(q->nrunning + 1));
+  if (run)
+    q->running = run;
+  if (!b || !jobs || !run || !(b->njobs = claim_batch(q, queued, n, jobs, &b->nimg))) {
+    if (!b || !jobs || !run)
+      qlog(q, QUEUE_LOG_ERROR, NULL, "out of memory scheduling a job");
+    free(b);
+    free(jobs);
+    free(queued);
+    return 0;
+  }
+  free(queued);
+  b->q = q;
+  b->qm = qm;
+  qm->refs++;
+  b->jobs = jobs;
+  start_jobs(q, b);
+  q->running[q->nrunning++] = b;
+  q->busy++;
+  b->work.data = b;
+  if (uv_queue_work(&q->loop, &b->work, qworker_run, after_work_cb) != 0) {
+    qlog(q, QUEUE_LOG_ERROR, NULL, "uv_queue_work failed");
+    q->busy--;
+  }
+  return 1;
+}
+
+/* Loop thread, lock held. */
+static void dispatch(queue *q) {
+  while (!q->stopping && q->busy < q->o.workers && dispatch_one(q))
+    ;
 }
 
 static void expire(queue *q) {
@@ -122,7 +166,7 @@ static void expire(queue *q) {
         files = j->files;
         noise = qspec_has_noise(&j->spec);
         qjob_remove_at(q, i);
-        qjob_free(j);
+        qjob_discard(q, j);
         found = 1;
         break;
       }
@@ -149,12 +193,25 @@ static qjob *next_unsettled(queue *q) {
   return NULL;
 }
 
+/* Loop thread, lock held: the heartbeat of this process's claims, so that they run out only when
+ * it is gone. A claim found lost is logged: the job may run elsewhere too (at least once). */
+static void renew_claims(queue *q) {
+  for (int i = 0; i < q->nrunning; i++)
+    for (int k = 0; k < q->running[i]->njobs; k++) {
+      qjob *j = q->running[i]->jobs[k];
+      err e = {0};
+      if (j->lease && q->be->ops->renew(q->be, j->id, j->lease, LEASE_MS, &e) != ERR_OK)
+        qlog(q, QUEUE_LOG_WARN, j->id, "renewing its claim: %s", e.msg);
+    }
+}
+
 /* Loop thread: probes a failing store (and a healthy one now and then) so that readiness
  * recovers by itself, and rewrites final states the store refused, oldest first, until one
  * fails again. */
 static void retry_cb(uv_timer_t *t) {
   queue *q = t->data;
   pthread_mutex_lock(&q->mu);
+  renew_claims(q);
   const double now = qclock_mono();
   const int probe = !q->store_ok || (q->o.probe_every_ms > 0 &&
                                      (now - q->last_probe) * 1000 >= q->o.probe_every_ms);
@@ -172,7 +229,7 @@ static void retry_cb(uv_timer_t *t) {
     pthread_mutex_lock(&q->mu);
     qjob *j = q->store_ok ? next_unsettled(q) : NULL;
     size_t len = 0;
-    char *rec = j ? qjob_finish(j, j->final->state, NULL, &len) : NULL;
+    char *rec = j ? qjob_finish(q, j, j->final->state, NULL, &len) : NULL;
     pthread_mutex_unlock(&q->mu);
     if (!j)
       return;

@@ -131,7 +131,9 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
   q->step_h.bounds = step_bounds;
   q->job_h.bounds = q->wait_h.bounds = job_bounds;
   q->t0 = qclock_mono();
-  int rc = store_fs_open(q->state_dir, fault, &q->st, e);
+  int rc = qbackend_mem_open(&(qbackend_mem_opts){.transient_max = RING}, &q->be, e);
+  if (!rc)
+    rc = store_fs_open(q->state_dir, fault, &q->st, e);
   if (rc) {
     queue_free(q);
     return rc;
@@ -161,13 +163,14 @@ void queue_free(queue *q) {
   for (int i = 0; i < q->njobs; i++)
     qjob_free(q->jobs[i]);
   free(q->jobs);
-  free(q->queued);
   free(q->running);
   for (int i = 0; i < q->nmodels; i++)
     qmodel_unref(q->models[i]);
   free(q->models);
   if (q->st)
     q->st->ops->free(q->st);
+  if (q->be)
+    q->be->ops->free(q->be);
   pthread_mutex_destroy(&q->mu);
   pthread_cond_destroy(&q->cv);
   free(q);
@@ -239,7 +242,7 @@ static int replay_if_repeated(queue *q, queue_spec *spec, queue_job_view *out, i
 static int check_limits(queue *q, const queue_spec *spec, err *e) {
   if (q->stopping)
     return err_set(e, QUEUE_STOPPING, "the server is shutting down");
-  if (q->nqueued + q->npending >= q->o.queue_max) {
+  if (qjob_nqueued(q) + q->npending >= q->o.queue_max) {
     q->rejected_full++;
     return err_set(e, QUEUE_FULL, "the queue is full (%d jobs waiting)", q->o.queue_max);
   }
@@ -261,11 +264,11 @@ static int check_limits(queue *q, const queue_spec *spec, err *e) {
 }
 
 /* Frees a job that was never accepted: its spec's inputs are still the caller's. */
-static void discard_unaccepted(qjob *j) {
+static void discard_unaccepted(queue *q, qjob *j) {
   j->spec.options = j->spec.edit_args = NULL;
   j->spec.input_image = j->spec.mask = NULL;
   j->spec.decoded = NULL;
-  qjob_free(j);
+  qjob_discard(q, j);
 }
 
 /* Makes j a pending job of spec with its first record in *rec (lock held): in the index but
@@ -279,8 +282,8 @@ static int add_pending(queue *q, qjob *j, const queue_spec *spec, char **rec, si
   j->created = qclock_real();
   j->t_mono_created = qclock_mono();
   j->next_seq = 1;
-  qjob_emit(q, j, "queued", json_pack("{s:i}", "position", q->nqueued + 1), 1);
-  *rec = qjob_record(j, len);
+  qjob_emit(q, j, "queued", json_pack("{s:i}", "position", qjob_nqueued(q) + 1), 1);
+  *rec = qjob_record(q, j, len);
   int rc = ERR_OK;
   if (*rec && *len > q->o.max_job_bytes)
     rc = err_set(e, QUEUE_TOO_LARGE,
@@ -293,7 +296,7 @@ static int add_pending(queue *q, qjob *j, const queue_spec *spec, char **rec, si
     q->npending--;
     free(*rec);
     *rec = NULL;
-    discard_unaccepted(j);
+    discard_unaccepted(q, j);
   }
   return rc;
 }
@@ -311,7 +314,7 @@ static int write_pending(queue *q, qjob *j, char *rec, size_t len, err *e) {
   if (rc && qjob_index(q, j->id, &pos))
     qjob_remove_at(q, pos);
   if (rc)
-    discard_unaccepted(j);
+    discard_unaccepted(q, j);
   return rc;
 }
 
@@ -414,7 +417,7 @@ int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *ou
   if (!was_running)
     qjob_unqueue(q, j);
   size_t len;
-  char *rec = qjob_finish(j, QUEUE_CANCELLED,
+  char *rec = qjob_finish(q, j, QUEUE_CANCELLED,
                           was_running ? "cancelled while running" : "cancelled while queued", &len);
   if (was_running && j->batch) {
     int live = 0;
@@ -459,11 +462,12 @@ int queue_cancel_running(queue *q, const char *owner, const char *client) {
 }
 
 int queue_current(queue *q, const char *owner, queue_job_view *out, int *queued_total) {
-  int found = 0;
+  int found = 0, n = 0;
   pthread_mutex_lock(&q->mu);
+  qjob **queued = qjob_queued(q, &n);
   *queued_total = 0;
-  for (int i = 0; i < q->nqueued; i++)
-    *queued_total += !owner || strcmp(owner, q->queued[i]->spec.owner) == 0;
+  for (int i = 0; i < n; i++)
+    *queued_total += !owner || strcmp(owner, queued[i]->spec.owner) == 0;
   for (int i = 0; i < q->nrunning && !found; i++)
     for (int k = 0; k < q->running[i]->njobs && !found; k++) {
       qjob *j = q->running[i]->jobs[k];
@@ -472,12 +476,13 @@ int queue_current(queue *q, const char *owner, queue_job_view *out, int *queued_
         found = 1;
       }
     }
-  for (int i = 0; i < q->nqueued && !found; i++)
-    if (!owner || strcmp(owner, q->queued[i]->spec.owner) == 0) {
-      qjob_view(q, q->queued[i], out);
+  for (int i = 0; i < n && !found; i++)
+    if (!owner || strcmp(owner, queued[i]->spec.owner) == 0) {
+      qjob_view(q, queued[i], out);
       found = 1;
     }
   pthread_mutex_unlock(&q->mu);
+  free(queued);
   return found;
 }
 
@@ -491,32 +496,24 @@ static void deadline_in(struct timespec *dl, int ms) {
   }
 }
 
-/* Events after `after` in seq order (lock held); returns the count. */
-static int collect(const qjob *j, uint64_t after, queue_event *out, int max) {
-  int n = 0, a = 0, r = 0;
-  while (n < max) {
-    const qevent *ea = NULL, *er = NULL;
-    while (a < j->nlife && j->life[a].seq <= after)
-      a++;
-    while (r < j->ring_n && j->ring[(j->ring_head + r) % RING].seq <= after)
-      r++;
-    if (a < j->nlife)
-      ea = &j->life[a];
-    if (r < j->ring_n)
-      er = &j->ring[(j->ring_head + r) % RING];
-    const qevent *pick = ea && (!er || ea->seq < er->seq) ? ea : er;
-    if (!pick)
-      break;
-    if (pick == ea)
-      a++;
-    else
-      r++;
-    out[n].seq = pick->seq;
-    out[n].type = pick->type;
-    out[n].data = strdup(pick->data);
-    n++;
+/* Events of j after `after` from its log, in seq order (lock held). */
+static int collect(queue *q, const qjob *j, uint64_t after, queue_event **evs, int *n, err *e) {
+  qbackend_event *got = NULL;
+  int k = 0;
+  int rc = q->be->ops->read(q->be, j->id, after, 0, &got, &k, e);
+  queue_event *out = rc || !k ? NULL : calloc((size_t)k, sizeof *out);
+  if (!rc && k && !out)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; out && i < k; i++) {
+    out[i].seq = got[i].seq;
+    out[i].type = qevent_type(got[i].type);
+    out[i].data = got[i].data; /* moved */
+    got[i].data = NULL;
   }
-  return n;
+  qbackend_events_free(got, k);
+  *evs = out;
+  *n = out ? k : 0;
+  return rc;
 }
 
 int queue_events(queue *q, const char *id, const char *owner, uint64_t after, int timeout_ms,
@@ -533,15 +530,10 @@ int queue_events(queue *q, const char *id, const char *owner, uint64_t after, in
       pthread_mutex_unlock(&q->mu);
       return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
     }
-    const int max = j->nlife + j->ring_n;
-    if (max > 0 && j->next_seq - 1 > after) {
-      queue_event *out = calloc((size_t)max, sizeof *out);
-      if (!out) {
-        pthread_mutex_unlock(&q->mu);
-        return err_set(e, ERR_NOMEM, "out of memory");
-      }
-      *n = collect(j, after, out, max);
-      *evs = out;
+    const int rc = j->next_seq - 1 > after ? collect(q, j, after, evs, n, e) : ERR_OK;
+    if (rc) {
+      pthread_mutex_unlock(&q->mu);
+      return rc;
     }
     /* done once the terminal event is among those delivered */
     if (qstate_final(j->state) && (*n > 0 ? (*evs)[*n - 1].seq : after) >= j->next_seq - 1)
@@ -621,7 +613,7 @@ int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size
 void queue_get_stats(queue *q, queue_stats *s) {
   memset(s, 0, sizeof *s);
   pthread_mutex_lock(&q->mu);
-  s->queued = q->nqueued;
+  s->queued = qjob_nqueued(q);
   for (int i = 0; i < q->nrunning; i++)
     for (int k = 0; k < q->running[i]->njobs; k++)
       s->running += q->running[i]->jobs[k]->state == QUEUE_RUNNING;
@@ -658,7 +650,7 @@ int queue_ready(queue *q, char *why, size_t whylen) {
     snprintf(why, whylen, "shutting down");
   else if (!q->nmodels)
     snprintf(why, whylen, "no model loaded");
-  else if (q->nqueued >= q->o.queue_max)
+  else if (qjob_nqueued(q) >= q->o.queue_max)
     snprintf(why, whylen, "queue full");
   else if (!q->started)
     snprintf(why, whylen, "not started");

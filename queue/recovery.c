@@ -75,6 +75,25 @@ static json_t *load_record(const char *text, size_t len, json_error_t *je) {
   return json_loadb(text, len, 0, je);
 }
 
+/* The record's lifecycle events back into the job's log, in order (the backend refuses
+ * anything out of order: a damaged record loses those events, not the job). */
+static void load_events(queue *q, qjob *j, const json_t *events) {
+  size_t i;
+  json_t *ev;
+  json_array_foreach(events, i, ev) {
+    json_int_t seq;
+    const char *type, *data;
+    if (json_unpack(ev, "{s:I, s:s, s:s}", "seq", &seq, "type", &type, "data", &data) != 0 ||
+        seq <= 0)
+      continue;
+    err e = {0};
+    if (q->be->ops->append(q->be, j->id, (uint64_t)seq, qevent_type(type), data, 1, &e))
+      qlog(q, QUEUE_LOG_WARN, j->id, "recovery: event %lld dropped: %s", (long long)seq, e.msg);
+    if ((uint64_t)seq >= j->next_seq)
+      j->next_seq = (uint64_t)seq + 1;
+  }
+}
+
 void qrecovery_load_one(void *user, const char *id, const char *text, size_t len) {
   queue *q = user;
   if (!text) {
@@ -109,28 +128,7 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
   j->state = (queue_state)queue_state_from_name(state);
   j->next_seq = (uint64_t)(next_seq > 0 ? next_seq : 1);
   j->t_mono_created = qclock_mono();
-  size_t i;
-  json_t *ev;
-  json_array_foreach(events, i, ev) {
-    json_int_t seq;
-    const char *type, *data;
-    if (json_unpack(ev, "{s:I, s:s, s:s}", "seq", &seq, "type", &type, "data", &data) != 0)
-      continue;
-    if (j->nlife == j->caplife) {
-      int cap = j->caplife ? 2 * j->caplife : 8;
-      qevent *n = realloc(j->life, (size_t)cap * sizeof *n);
-      if (!n)
-        break;
-      j->life = n;
-      j->caplife = cap;
-    }
-    char *copy = strdup(data);
-    if (!copy)
-      break;
-    j->life[j->nlife++] = (qevent){(uint64_t)seq, qevent_type(type), copy};
-    if ((uint64_t)seq >= j->next_seq)
-      j->next_seq = (uint64_t)seq + 1;
-  }
+  load_events(q, j, events);
   json_decref(r);
   if (qstate_final(j->state)) /* its record on disk keeps the inputs; views need none of them */
     qspec_release_inputs(&j->spec);
@@ -148,11 +146,11 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
       char why[128];
       snprintf(why, sizeof why, "crashed the worker %d times", j->attempts);
       size_t rec_len = 0;
-      char *rec = qjob_finish(j, QUEUE_FAILED, why, &rec_len);
+      char *rec = qjob_finish(q, j, QUEUE_FAILED, why, &rec_len);
       qlog(q, QUEUE_LOG_ERROR, id, "recovery: %s; failed", why);
       if (qjob_insert(q, j) != ERR_OK) {
         free(rec);
-        qjob_free(j);
+        qjob_discard(q, j);
         return;
       }
       qjob_settle_write(q, j, rec, rec_len);
@@ -162,7 +160,7 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
               1);
   }
   if (qjob_insert(q, j) != ERR_OK) {
-    qjob_free(j);
+    qjob_discard(q, j);
     return;
   }
   /* (queued ones go to the FIFO after all are loaded, in id order) */

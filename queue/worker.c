@@ -126,7 +126,7 @@ static void fail_image_unlock(queue *q, qjob *j, int i, int rc, err *e) {
     qstore_note(q, rc, e->msg);
   size_t rl = 0;
   const int live = qjob_live(j);
-  char *rec = live ? qjob_finish(j, QUEUE_FAILED, e->msg, &rl) : NULL;
+  char *rec = live ? qjob_finish(q, j, QUEUE_FAILED, e->msg, &rl) : NULL;
   pthread_mutex_unlock(&q->mu);
   qlog(q, QUEUE_LOG_ERROR, j->id, "%s", e->msg);
   if (live)
@@ -143,7 +143,7 @@ static void succeed_job(queue *q, qjob *j) {
     j->images = j->spec.batch;
     emit_image(q, j, j->spec.batch - 1);
     q->images_generated += (uint64_t)j->images;
-    rec = qjob_finish(j, QUEUE_SUCCEEDED, NULL, &rl);
+    rec = qjob_finish(q, j, QUEUE_SUCCEEDED, NULL, &rl);
   }
   pthread_mutex_unlock(&q->mu);
   if (live)
@@ -195,7 +195,7 @@ static void persist_attempts(qbatch *b) {
   size_t lens[b->njobs];
   pthread_mutex_lock(&q->mu);
   for (int i = 0; i < b->njobs; i++)
-    recs[i] = qjob_record(b->jobs[i], &lens[i]);
+    recs[i] = qjob_record(q, b->jobs[i], &lens[i]);
   pthread_mutex_unlock(&q->mu);
   for (int i = 0; i < b->njobs; i++)
     if (recs[i])
@@ -294,9 +294,9 @@ static void fail_batch(qbatch *b, int rc, err *e) {
       j->step = j->nfe = 0;
       j->attempts--; /* stopped, not crashed: this run does not count */
       qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "shutdown"), 1);
-      recs[i] = qjob_record(j, &lens[i]);
+      recs[i] = qjob_record(q, j, &lens[i]);
     } else {
-      recs[i] = qjob_finish(j, QUEUE_FAILED, e->msg, &lens[i]);
+      recs[i] = qjob_finish(q, j, QUEUE_FAILED, e->msg, &lens[i]);
       failed[i] = 1;
     }
   }

@@ -1,0 +1,392 @@
+/* The queue backend's contract (queue/backend.h), written against the ops struct only, so every
+ * backend runs the same checks: add a factory to `factories` (a Redis one opens a fresh
+ * database and moves time by sleeping). Each test runs once per factory. What it pins down:
+ * first pushed first claimed, a job claimed by one holder at a time, leases that renew and run
+ * out (the job back at its place, the old token dead), event logs read after a sequence number
+ * with gaps, trimming and dropping, and threads that claim concurrently never sharing a job.
+ * ASan checks that freeing a backend with jobs, claims and logs in it leaks nothing. */
+#include <pthread.h>
+
+#include "backend.h"
+#include "testutil.h"
+
+/* ---- factories ---- */
+
+typedef struct fixture {
+  double now; /* the in-memory backend's clock, seconds */
+} fixture;
+
+typedef struct factory {
+  const char *name;
+  int (*open)(fixture *fx, qbackend **out, err *e);
+  /* Moves the backend's clock on by ms (real backends sleep). */
+  void (*advance)(fixture *fx, int ms);
+} factory;
+
+static double fixture_clock(void *user) {
+  return ((const fixture *)user)->now;
+}
+
+static int mem_open(fixture *fx, qbackend **out, err *e) {
+  fx->now = 1000;
+  qbackend_mem_opts o = {.transient_max = 8, .clock = fixture_clock, .clock_user = fx};
+  return qbackend_mem_open(&o, out, e);
+}
+
+static void mem_advance(fixture *fx, int ms) {
+  fx->now += ms / 1000.0;
+}
+
+static const factory factories[] = {{"mem", mem_open, mem_advance}};
+#define NFACTORIES ((int)(sizeof factories / sizeof *factories))
+
+/* The backend of loop index i, empty. */
+static qbackend *open_backend(int i, fixture *fx) {
+  qbackend *b = NULL;
+  err e = {0};
+  ck_assert_msg(factories[i].open(fx, &b, &e) == ERR_OK, "%s: %s", factories[i].name, e.msg);
+  return b;
+}
+
+static void push(qbackend *b, const char *id) {
+  err e = {0};
+  ck_assert_msg(b->ops->push(b, id, &e) == ERR_OK, "push %s: %s", id, e.msg);
+}
+
+static uint64_t claim(qbackend *b, const char *id, int lease_ms) {
+  err e = {0};
+  uint64_t t = 0;
+  ck_assert_msg(b->ops->claim(b, id, lease_ms, &t, &e) == ERR_OK, "claim %s: %s", id, e.msg);
+  return t;
+}
+
+/* The queued ids joined by spaces, head first. */
+static const char *queued(qbackend *b, char *buf, size_t n) {
+  qbackend_id ids[16];
+  const int k = b->ops->peek(b, 0, 16, ids);
+  buf[0] = 0;
+  for (int i = 0; i < k; i++)
+    snprintf(buf + strlen(buf), n - strlen(buf), "%s%s", i ? " " : "", ids[i]);
+  return buf;
+}
+
+/* ---- runnable jobs ---- */
+
+START_TEST(fifo_order_and_places) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  char buf[256];
+  push(b, "a");
+  push(b, "b");
+  push(b, "c");
+  err e = {0};
+  ck_assert_int_eq(b->ops->push(b, "b", &e), QBACKEND_EXISTS);
+  ck_assert_int_eq(b->ops->count(b), 3);
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "a b c");
+  ck_assert_int_eq(b->ops->position(b, "a"), 1);
+  ck_assert_int_eq(b->ops->position(b, "c"), 3);
+  ck_assert_int_eq(b->ops->position(b, "zz"), 0);
+  qbackend_id two[2];
+  ck_assert_int_eq(b->ops->peek(b, 1, 2, two), 2);
+  ck_assert_str_eq(two[0], "b");
+  ck_assert_int_eq(b->ops->peek(b, 3, 2, two), 0);
+  ck_assert_int_eq(b->ops->remove(b, "b"), 1); /* a cancel */
+  ck_assert_int_eq(b->ops->remove(b, "b"), 0);
+  ck_assert_int_eq(b->ops->position(b, "c"), 2);
+  uint64_t t = claim(b, "a", 60000);
+  ck_assert_int_eq(b->ops->remove(b, "a"), 0); /* claimed: the holder finishes it */
+  ck_assert_int_eq(b->ops->count(b), 1);
+  ck_assert_int_eq(b->ops->position(b, "a"), 0);
+  ck_assert_int_eq(b->ops->push(b, "a", &e), QBACKEND_EXISTS);
+  ck_assert_int_eq(b->ops->complete(b, "a", t, &e), ERR_OK);
+  push(b, "d");
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "c d");
+  b->ops->free(b);
+}
+END_TEST
+
+START_TEST(a_job_has_one_holder) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  err e = {0};
+  uint64_t t2 = 0;
+  push(b, "a");
+  push(b, "b");
+  const uint64_t t1 = claim(b, "a", 60000);
+  ck_assert_int_eq(b->ops->claim(b, "a", 60000, &t2, &e), QBACKEND_GONE);
+  ck_assert_int_eq(b->ops->claim(b, "nobody", 60000, &t2, &e), QBACKEND_GONE);
+  ck_assert_int_ne(b->ops->claim(b, "b", 0, &t2, &e), ERR_OK); /* a lease must be positive */
+  t2 = claim(b, "b", 60000);
+  ck_assert(t1 != t2);
+  ck_assert_int_eq(b->ops->complete(b, "a", t2, &e), QBACKEND_GONE); /* b's token, not a's */
+  ck_assert_int_eq(b->ops->renew(b, "a", t1, 60000, &e), ERR_OK);
+  ck_assert_int_eq(b->ops->complete(b, "a", t1, &e), ERR_OK);
+  ck_assert_int_eq(b->ops->complete(b, "a", t1, &e), QBACKEND_GONE);
+  ck_assert_int_eq(b->ops->release(b, "a", t1, &e), QBACKEND_GONE);
+  ck_assert_int_eq(b->ops->claim(b, "a", 60000, &t2, &e), QBACKEND_GONE); /* completed */
+  ck_assert_int_eq(b->ops->count(b), 0);
+  b->ops->free(b);
+}
+END_TEST
+
+START_TEST(release_puts_a_job_back_at_its_place) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  char buf[256];
+  err e = {0};
+  push(b, "a");
+  push(b, "b");
+  push(b, "c");
+  const uint64_t tb = claim(b, "b", 60000);
+  const uint64_t ta = claim(b, "a", 60000);
+  push(b, "d");
+  ck_assert_int_eq(b->ops->release(b, "b", tb, &e), ERR_OK);
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "b c d");
+  ck_assert_int_eq(b->ops->release(b, "a", ta, &e), ERR_OK);
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "a b c d");
+  ck_assert_int_eq(b->ops->renew(b, "a", ta, 60000, &e), QBACKEND_GONE);
+  const uint64_t again = claim(b, "a", 60000); /* runs again, under a new token */
+  ck_assert(again != ta);
+  b->ops->free(b);
+}
+END_TEST
+
+START_TEST(leases_run_out_unless_renewed) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  char buf[256];
+  err e = {0};
+  qbackend_id back[4];
+  push(b, "a");
+  push(b, "b");
+  const uint64_t t = claim(b, "a", 1000);
+  factories[_i].advance(&fx, 600);
+  ck_assert_int_eq(b->ops->reclaim(b, 4, back), 0);
+  ck_assert_int_eq(b->ops->renew(b, "a", t, 1000, &e), ERR_OK); /* a heartbeat */
+  factories[_i].advance(&fx, 600);
+  ck_assert_int_eq(b->ops->reclaim(b, 4, back), 0); /* 1.2 s after the claim, 0.6 s after renew */
+  ck_assert_int_eq(b->ops->position(b, "a"), 0);
+  factories[_i].advance(&fx, 600); /* no heartbeat for 1.2 s: the holder is presumed dead */
+  ck_assert_int_eq(b->ops->renew(b, "a", t, 1000, &e), QBACKEND_GONE);
+  ck_assert_int_eq(b->ops->complete(b, "a", t, &e), QBACKEND_GONE);
+  ck_assert_int_eq(b->ops->reclaim(b, 4, back), 1);
+  ck_assert_str_eq(back[0], "a");
+  ck_assert_int_eq(b->ops->reclaim(b, 4, back), 0);
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "a b"); /* back ahead of b, as first pushed */
+  const uint64_t t2 = claim(b, "a", 1000);
+  ck_assert(t2 != t);
+  ck_assert_int_eq(b->ops->complete(b, "a", t, &e), QBACKEND_GONE); /* the old holder's */
+  ck_assert_int_eq(b->ops->complete(b, "a", t2, &e), ERR_OK);
+  factories[_i].advance(&fx, 5000);
+  ck_assert_int_eq(b->ops->reclaim(b, 4, back), 0); /* completed jobs never come back */
+  /* more expired than the caller asked to hear about: all go back all the same */
+  push(b, "c");
+  push(b, "d");
+  claim(b, "b", 100);
+  claim(b, "c", 100);
+  claim(b, "d", 100);
+  factories[_i].advance(&fx, 300);
+  ck_assert_int_eq(b->ops->reclaim(b, 1, back), 3);
+  ck_assert_int_eq(b->ops->count(b), 3);
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "b c d");
+  b->ops->free(b);
+}
+END_TEST
+
+/* ---- event logs ---- */
+
+static void append(qbackend *b, const char *id, uint64_t seq, const char *type, int lasting) {
+  char data[64];
+  snprintf(data, sizeof data, "{\"seq\":%llu}", (unsigned long long)seq);
+  err e = {0};
+  ck_assert_msg(b->ops->append(b, id, seq, type, data, lasting, &e) == ERR_OK, "append %llu: %s",
+                (unsigned long long)seq, e.msg);
+}
+
+/* The seqs of id's events after `after`, joined by spaces. */
+static const char *seqs(qbackend *b, const char *id, uint64_t after, int lasting_only, char *buf,
+                        size_t n) {
+  qbackend_event *ev = NULL;
+  int k = -1;
+  err e = {0};
+  ck_assert_int_eq(b->ops->read(b, id, after, lasting_only, &ev, &k, &e), ERR_OK);
+  buf[0] = 0;
+  for (int i = 0; i < k; i++) {
+    char want[64];
+    snprintf(want, sizeof want, "{\"seq\":%llu}", (unsigned long long)ev[i].seq);
+    ck_assert_str_eq(ev[i].data, want); /* each event keeps its own data */
+    snprintf(buf + strlen(buf), n - strlen(buf), "%s%llu", i ? " " : "",
+             (unsigned long long)ev[i].seq);
+  }
+  ck_assert(k == 0 ? ev == NULL : ev != NULL);
+  qbackend_events_free(ev, k);
+  return buf;
+}
+
+START_TEST(event_log_reads_after_a_sequence_number) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  char buf[256];
+  err e = {0};
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), ""); /* no log yet: empty */
+  append(b, "j", 1, "queued", 1);
+  append(b, "j", 2, "started", 1);
+  append(b, "j", 3, "progress", 0);
+  append(b, "k", 1, "queued", 1); /* logs are per job */
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), "1 2 3");
+  ck_assert_str_eq(seqs(b, "j", 2, 0, buf, sizeof buf), "3");
+  ck_assert_str_eq(seqs(b, "j", 3, 0, buf, sizeof buf), "");
+  ck_assert_str_eq(seqs(b, "j", 99, 0, buf, sizeof buf), "");
+  ck_assert_str_eq(seqs(b, "k", 0, 0, buf, sizeof buf), "1");
+  /* gaps: numbers a lost run used are skipped, and a reader between them gets what follows */
+  append(b, "j", 40, "queued", 1);
+  append(b, "j", 41, "progress", 0);
+  ck_assert_str_eq(seqs(b, "j", 3, 0, buf, sizeof buf), "40 41");
+  ck_assert_str_eq(seqs(b, "j", 17, 0, buf, sizeof buf), "40 41");
+  ck_assert_str_eq(seqs(b, "j", 0, 1, buf, sizeof buf), "1 2 40");
+  /* numbers only grow */
+  ck_assert_int_eq(b->ops->append(b, "j", 41, "progress", "{}", 0, &e), QBACKEND_ORDER);
+  ck_assert_int_eq(b->ops->append(b, "j", 7, "done", "{}", 1, &e), QBACKEND_ORDER);
+  ck_assert_int_eq(b->ops->append(b, "n", 0, "queued", "{}", 1, &e), QBACKEND_ORDER);
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), "1 2 3 40 41");
+  qbackend_event *ev = NULL;
+  int k = 0;
+  ck_assert_int_eq(b->ops->read(b, "j", 40, 0, &ev, &k, &e), ERR_OK);
+  ck_assert_int_eq(k, 1);
+  ck_assert_str_eq(ev[0].type, "progress");
+  ck_assert_int_eq(ev[0].lasting, 0);
+  qbackend_events_free(ev, k);
+  b->ops->free(b);
+}
+END_TEST
+
+START_TEST(event_log_trims_transient_events_only) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  char buf[512];
+  append(b, "j", 1, "queued", 1);
+  append(b, "j", 2, "started", 1);
+  for (uint64_t s = 3; s < 200; s++)
+    append(b, "j", s, s % 50 == 0 ? "image" : "progress", s % 50 == 0);
+  /* however few progress events a backend keeps, it keeps the newest and every lasting one */
+  qbackend_event *ev = NULL;
+  int k = 0;
+  err e = {0};
+  ck_assert_int_eq(b->ops->read(b, "j", 0, 0, &ev, &k, &e), ERR_OK);
+  ck_assert_int_ge(k, 7);
+  ck_assert_int_eq(ev[k - 1].seq, 199);
+  int lasting = 0;
+  for (int i = 0; i < k; i++) {
+    lasting += ev[i].lasting;
+    ck_assert(i == 0 || ev[i].seq > ev[i - 1].seq);
+  }
+  ck_assert_int_eq(lasting, 5);
+  qbackend_events_free(ev, k);
+  append(b, "j", 200, "done", 1);
+  b->ops->trim(b, "j", 1); /* a finished job keeps its last progress event */
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), "1 2 50 100 150 199 200");
+  b->ops->trim(b, "j", 0);
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), "1 2 50 100 150 200");
+  ck_assert_str_eq(seqs(b, "j", 100, 0, buf, sizeof buf), "150 200");
+  b->ops->trim(b, "nobody", 0); /* no log: nothing to do */
+  b->ops->drop(b, "j");
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), "");
+  append(b, "j", 1, "queued", 1); /* a dropped log starts afresh */
+  ck_assert_str_eq(seqs(b, "j", 0, 0, buf, sizeof buf), "1");
+  b->ops->drop(b, "nobody");
+  b->ops->free(b);
+}
+END_TEST
+
+/* ---- concurrency ---- */
+
+#define NCLAIMERS 8
+#define NJOBS 2000
+
+typedef struct claimer {
+  qbackend *b;
+  pthread_barrier_t *go;
+  int got[NJOBS]; /* claims won, by job number */
+  int claims, lost;
+} claimer;
+
+/* Takes jobs from the head as several daemons' workers would: peek, then race to claim. */
+static void *claim_loop(void *arg) {
+  claimer *c = arg;
+  pthread_barrier_wait(c->go); /* all at once: the races are the point */
+  for (;;) {
+    qbackend_id ids[4];
+    const int n = c->b->ops->peek(c->b, 0, 4, ids);
+    if (n == 0)
+      return NULL;
+    for (int i = 0; i < n; i++) {
+      uint64_t t;
+      err e = {0};
+      const int rc = c->b->ops->claim(c->b, ids[i], 60000, &t, &e);
+      if (rc == QBACKEND_GONE) {
+        c->lost++;
+        continue;
+      }
+      if (rc != ERR_OK)
+        return NULL;
+      c->got[atoi(ids[i] + 1)]++;
+      c->claims++;
+      c->b->ops->append(c->b, ids[i], 1, "started", "{}", 1, &e);
+      if (atoi(ids[i] + 1) % 3 == 0) /* some finish, some stay claimed until the end */
+        c->b->ops->complete(c->b, ids[i], t, &e);
+    }
+  }
+}
+
+START_TEST(concurrent_claimers_never_share_a_job) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  for (int i = 0; i < NJOBS; i++) {
+    char id[16];
+    snprintf(id, sizeof id, "j%d", i);
+    push(b, id);
+  }
+  static claimer c[NCLAIMERS];
+  pthread_t th[NCLAIMERS];
+  pthread_barrier_t go;
+  pthread_barrier_init(&go, NULL, NCLAIMERS);
+  memset(c, 0, sizeof c);
+  for (int i = 0; i < NCLAIMERS; i++) {
+    c[i].b = b;
+    c[i].go = &go;
+    ck_assert_int_eq(pthread_create(&th[i], NULL, claim_loop, &c[i]), 0);
+  }
+  for (int i = 0; i < NCLAIMERS; i++)
+    pthread_join(th[i], NULL);
+  pthread_barrier_destroy(&go);
+  int total = 0, lost = 0;
+  for (int j = 0; j < NJOBS; j++) {
+    int holders = 0;
+    for (int i = 0; i < NCLAIMERS; i++)
+      holders += c[i].got[j];
+    ck_assert_msg(holders == 1, "job j%d claimed %d times", j, holders);
+  }
+  for (int i = 0; i < NCLAIMERS; i++) {
+    total += c[i].claims;
+    lost += c[i].lost;
+  }
+  ck_assert_int_eq(total, NJOBS);
+  ck_assert_int_eq(b->ops->count(b), 0);
+  fprintf(stderr, "%s: %d claims, %d lost races\n", factories[_i].name, total, lost);
+  b->ops->free(b); /* claimed jobs and logs left in it: ASan checks they are freed */
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("backend_contract");
+  TCase *tc = tcase_create("contract");
+  tcase_add_loop_test(tc, fifo_order_and_places, 0, NFACTORIES);
+  tcase_add_loop_test(tc, a_job_has_one_holder, 0, NFACTORIES);
+  tcase_add_loop_test(tc, release_puts_a_job_back_at_its_place, 0, NFACTORIES);
+  tcase_add_loop_test(tc, leases_run_out_unless_renewed, 0, NFACTORIES);
+  tcase_add_loop_test(tc, event_log_reads_after_a_sequence_number, 0, NFACTORIES);
+  tcase_add_loop_test(tc, event_log_trims_transient_events_only, 0, NFACTORIES);
+  tcase_add_loop_test(tc, concurrent_claimers_never_share_a_job, 0, NFACTORIES);
+  suite_add_tcase(s, tc);
+  return s;
+}
