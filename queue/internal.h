@@ -195,6 +195,7 @@ void qworker_run(uv_work_t *w);
 void qloop_wake(queue *q);
 
 /* ---- recovery.c: jobs back from the store at start ---- */
-void qrecovery_load_one(void *user, const char *id, const char *text, size_t len);
+/* Every record in the store back as a job; queued ones in the backend's queue, in id order. */
+int qrecovery_run(queue *q, err *e);
 
 #endif

@@ -78,6 +78,45 @@ void qhist_observe(queue_hist *h, double v) {
   h->count++;
 }
 
+/* Zero and out-of-range options replaced by their defaults and bounds. */
+static void opts_defaults(queue_opts *o) {
+  if (o->workers < 1)
+    o->workers = 1;
+  if (o->threads_per_job < 1)
+    o->threads_per_job = 1;
+  if (o->batch_max_images < 1)
+    o->batch_max_images = 1;
+  if (o->probe_every_ms == 0)
+    o->probe_every_ms = 10000;
+  if (o->max_attempts < 1)
+    o->max_attempts = 2;
+  if (o->max_job_bytes == 0)
+    o->max_job_bytes = (size_t)64 << 20;
+  if (o->max_job_bytes > STORE_RECORD_MAX - STORE_RECORD_HEADROOM)
+    o->max_job_bytes = STORE_RECORD_MAX - STORE_RECORD_HEADROOM;
+}
+
+/* The test-only fault hooks from the environment, unset in production; *fault the storage
+ * faults to inject (tests/test_faults.c sets o->store_fault; daemon tests use the variable,
+ * e.g. "write:40:sticky:ENOSPC" for a disk that fills up). */
+static int fault_hooks(queue *q, store_fault **fault, err *e) {
+  /* a job with this seed aborts the process in the worker, as a poison job would
+   * (tests/test_durability.c crash_loop_is_broken) */
+  const char *crash = getenv("DENOISED_FAULT_CRASH_SEED");
+  q->fault_crash_seed = crash ? strtoull(crash, NULL, 10) : 0;
+  /* killed between a job's record write and its 202 (idempotent retries) */
+  q->fault_kill_after_record = getenv("DENOISED_FAULT_KILL_AFTER_RECORD") != NULL;
+  /* a job whose stochastic steps draw a NaN (tests/test_server_edit.c poison jobs) */
+  const char *nan_seed = getenv("DENOISED_FAULT_NAN_SEED");
+  q->fault_nan_seed = nan_seed ? strtoull(nan_seed, NULL, 10) : 0;
+  *fault = q->o.store_fault;
+  const char *fenv = getenv("DENOISED_FAULT_STORE");
+  if (*fault || !fenv || !*fenv)
+    return ERR_OK;
+  *fault = &q->env_fault;
+  return store_fault_parse(fenv, &q->env_fault, e);
+}
+
 int queue_new(const queue_opts *o, queue **out, err *e) {
   queue *q = calloc(1, sizeof *q);
   if (!q)
@@ -87,70 +126,28 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
   snprintf(q->url_prefix, sizeof q->url_prefix, "%s", o->url_prefix ? o->url_prefix : "");
   q->o.state_dir = q->state_dir;
   q->o.url_prefix = q->url_prefix;
-  if (q->o.workers < 1)
-    q->o.workers = 1;
-  if (q->o.threads_per_job < 1)
-    q->o.threads_per_job = 1;
-  if (q->o.batch_max_images < 1)
-    q->o.batch_max_images = 1;
-  if (q->o.probe_every_ms == 0)
-    q->o.probe_every_ms = 10000;
-  if (q->o.max_attempts < 1)
-    q->o.max_attempts = 2;
-  if (q->o.max_job_bytes == 0)
-    q->o.max_job_bytes = (size_t)64 << 20;
-  if (q->o.max_job_bytes > STORE_RECORD_MAX - STORE_RECORD_HEADROOM)
-    q->o.max_job_bytes = STORE_RECORD_MAX - STORE_RECORD_HEADROOM;
-  /* Test-only fault hook: a job with this seed aborts the process in the worker, as a poison job
-   * would (tests/test_durability.c crash_loop_is_broken). Unset in production. */
-  const char *crash = getenv("DENOISED_FAULT_CRASH_SEED");
-  q->fault_crash_seed = crash ? strtoull(crash, NULL, 10) : 0;
-  /* Test-only: killed between a job's record write and its 202 (idempotent retries). */
-  q->fault_kill_after_record = getenv("DENOISED_FAULT_KILL_AFTER_RECORD") != NULL;
-  /* Test-only storage faults (tests/test_faults.c sets o->store_fault; daemon tests use the
-   * variable, e.g. "write:40:sticky:ENOSPC" for a disk that fills up). */
-  store_fault *fault = o->store_fault;
-  const char *fenv = getenv("DENOISED_FAULT_STORE");
-  if (!fault && fenv && *fenv) {
-    int rc = store_fault_parse(fenv, &q->env_fault, e);
-    if (rc) {
-      free(q);
-      return rc;
-    }
-    fault = &q->env_fault;
+  opts_defaults(&q->o);
+  store_fault *fault = NULL;
+  int rc = fault_hooks(q, &fault, e);
+  if (rc) {
+    free(q);
+    return rc;
   }
   q->store_ok = 1;
-  /* and one whose stochastic steps draw a NaN (tests/test_server_edit.c poison jobs) */
-  const char *nan_seed = getenv("DENOISED_FAULT_NAN_SEED");
-  q->fault_nan_seed = nan_seed ? strtoull(nan_seed, NULL, 10) : 0;
   pthread_mutex_init(&q->mu, NULL);
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_cond_init(&q->cv, &ca);
-  pthread_condattr_destroy(&ca);
+  pthread_cond_init(&q->cv, NULL);
   q->step_h.bounds = step_bounds;
   q->job_h.bounds = q->wait_h.bounds = job_bounds;
   q->t0 = qclock_mono();
-  int rc = qbackend_mem_open(&(qbackend_mem_opts){.transient_max = RING}, &q->be, e);
+  rc = qbackend_mem_open(&(qbackend_mem_opts){.transient_max = RING}, &q->be, e);
   if (!rc)
     rc = store_fs_open(q->state_dir, fault, &q->st, e);
+  if (!rc)
+    rc = qrecovery_run(q, e);
   if (rc) {
     queue_free(q);
     return rc;
   }
-  if ((rc = q->st->ops->list_jobs(q->st, qrecovery_load_one, q, e))) {
-    queue_free(q);
-    return rc;
-  }
-  int requeued = 0;
-  for (int i = 0; i < q->njobs; i++)
-    if (q->jobs[i]->state == QUEUE_QUEUED) {
-      qjob_enqueue(q, q->jobs[i]);
-      requeued++;
-    }
-  if (q->njobs)
-    qlog(q, QUEUE_LOG_INFO, NULL, "recovered %d jobs (%d queued again) from %s", q->njobs, requeued,
-         q->state_dir);
   *out = q;
   return ERR_OK;
 }

@@ -94,12 +94,9 @@ static void load_events(queue *q, qjob *j, const json_t *events) {
   }
 }
 
-void qrecovery_load_one(void *user, const char *id, const char *text, size_t len) {
-  queue *q = user;
-  if (!text) {
-    qlog(q, QUEUE_LOG_ERROR, id, "recovery: cannot read the job file; left in place");
-    return;
-  }
+/* The job a record describes, its events in the backend's log; NULL (logged) when the record
+ * cannot be read: it is left in place for a person to look at. */
+static qjob *parse_job(queue *q, const char *id, const char *text, size_t len) {
   json_error_t je;
   json_t *r = load_record(text, len, &je);
   qjob *j = calloc(1, sizeof *j);
@@ -121,7 +118,7 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
     if (j)
       queue_spec_clear(&j->spec);
     free(j);
-    return;
+    return NULL;
   }
   snprintf(j->id, sizeof j->id, "%s", id);
   snprintf(j->error, sizeof j->error, "%s", error);
@@ -130,38 +127,69 @@ void qrecovery_load_one(void *user, const char *id, const char *text, size_t len
   j->t_mono_created = qclock_mono();
   load_events(q, j, events);
   json_decref(r);
-  if (qstate_final(j->state)) /* its record on disk keeps the inputs; views need none of them */
-    qspec_release_inputs(&j->spec);
-  if (!qstate_final(j->state)) {
-    /* queued, or running when the process died: progress events of the lost run were never
-     * written, so skip past every number they can have used, keeping ids unique for clients
-     * that resume with Last-Event-ID */
-    j->next_seq += 2 * (uint64_t)j->spec.steps + (uint64_t)j->spec.batch + 8;
-    const int was_running = j->state == QUEUE_RUNNING || j->started > 0;
-    j->state = QUEUE_QUEUED;
-    j->started = 0;
-    j->images = 0;
-    if (j->attempts >= q->o.max_attempts) {
-      /* every run so far ended with the process: fail it for good rather than loop */
-      char why[128];
-      snprintf(why, sizeof why, "crashed the worker %d times", j->attempts);
-      size_t rec_len = 0;
-      char *rec = qjob_finish(q, j, QUEUE_FAILED, why, &rec_len);
-      qlog(q, QUEUE_LOG_ERROR, id, "recovery: %s; failed", why);
-      if (qjob_insert(q, j) != ERR_OK) {
-        free(rec);
-        qjob_discard(q, j);
-        return;
-      }
-      qjob_settle_write(q, j, rec, rec_len);
-      return;
-    }
+  return j;
+}
+
+/* An unfinished job (queued, or running when the process died) made queued again, or failed
+ * for good after max_attempts runs that each ended with the process; 1 if it was failed (and
+ * is in the index then). */
+static int requeue_or_fail(queue *q, qjob *j) {
+  /* progress events of the lost run were never written, so skip past every number they can
+   * have used, keeping ids unique for clients that resume with Last-Event-ID */
+  j->next_seq += 2 * (uint64_t)j->spec.steps + (uint64_t)j->spec.batch + 8;
+  const int was_running = j->state == QUEUE_RUNNING || j->started > 0;
+  j->state = QUEUE_QUEUED;
+  j->started = 0;
+  j->images = 0;
+  if (j->attempts < q->o.max_attempts) {
     qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", was_running ? "restarted" : "recovered"),
               1);
+    return 0;
   }
+  char why[128];
+  snprintf(why, sizeof why, "crashed the worker %d times", j->attempts);
+  size_t rec_len = 0;
+  char *rec = qjob_finish(q, j, QUEUE_FAILED, why, &rec_len);
+  qlog(q, QUEUE_LOG_ERROR, j->id, "recovery: %s; failed", why);
   if (qjob_insert(q, j) != ERR_OK) {
+    free(rec);
     qjob_discard(q, j);
+    return 1;
+  }
+  qjob_settle_write(q, j, rec, rec_len);
+  return 1;
+}
+
+static void load_one(void *user, const char *id, const char *text, size_t len) {
+  queue *q = user;
+  if (!text) {
+    qlog(q, QUEUE_LOG_ERROR, id, "recovery: cannot read the job file; left in place");
     return;
   }
-  /* (queued ones go to the FIFO after all are loaded, in id order) */
+  qjob *j = parse_job(q, id, text, len);
+  if (!j)
+    return;
+  if (qstate_final(j->state)) /* its record on disk keeps the inputs; views need none of them */
+    qspec_release_inputs(&j->spec);
+  else if (requeue_or_fail(q, j))
+    return;
+  /* queued ones go to the backend's queue once all are loaded (qrecovery_run) */
+  if (qjob_insert(q, j) != ERR_OK)
+    qjob_discard(q, j);
+}
+
+int qrecovery_run(queue *q, err *e) {
+  int rc = q->st->ops->list_jobs(q->st, load_one, q, e);
+  if (rc)
+    return rc;
+  int requeued = 0; /* in id order: submission order */
+  for (int i = 0; i < q->njobs; i++)
+    if (q->jobs[i]->state == QUEUE_QUEUED) {
+      qjob_enqueue(q, q->jobs[i]);
+      requeued++;
+    }
+  if (q->njobs)
+    qlog(q, QUEUE_LOG_INFO, NULL, "recovered %d jobs (%d queued again) from %s", q->njobs, requeued,
+         q->state_dir);
+  return ERR_OK;
 }
