@@ -3,6 +3,8 @@
  * difference in alpha_bar shows up as a mismatch against diffusers in every later step. */
 #include "schedule.h"
 
+#include "sched_keys.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
@@ -304,53 +306,7 @@ static const struct {
     {"timestep_type", "\"discrete\""},
 };
 
-/* Guards against configs that would make the tables absurdly large. */
-#define SCHED_MAX_TRAIN_TIMESTEPS 1000000
-
-static const char *const beta_names[] = {"linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"};
-static const char *const pred_names[] = {"epsilon", "sample", "v_prediction"};
-static const char *const spacing_names[] = {"leading", "trailing", "linspace"};
-static const char *const variance_names[] = {"fixed_small",     "fixed_small_log", "fixed_large",
-                                             "fixed_large_log", "learned",         "learned_range"};
-static const char *const algorithm_names[] = {"dpmsolver", "dpmsolver++", "sde-dpmsolver",
-                                              "sde-dpmsolver++", "deis"};
-static const char *const solver_type_names[] = {"midpoint", "heun",      "logrho", "bh1",
-                                                "bh2",      "dpmsolver", "taylor"};
-static const char *const final_sigmas_names[] = {"zero", "sigma_min"};
-static const char *const skip_names[] = {"time_uniform", "logSNR", "time_quadratic"};
-static const char *const method_names[] = {"multistep", "singlestep", "singlestep_fixed",
-                                           "adaptive",  "F-PNDM",     "S-PNDM"};
-
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-const char *sched_prediction_name(sched_prediction p) {
-  return (int)p >= 0 && (int)p < COUNT(pred_names) ? pred_names[p] : "?";
-}
-const char *sched_spacing_name(sched_spacing s) {
-  return (int)s >= 0 && (int)s < COUNT(spacing_names) ? spacing_names[s] : "?";
-}
-const char *sched_variance_name(sched_variance v) {
-  return (int)v >= 0 && (int)v < COUNT(variance_names) ? variance_names[v] : "?";
-}
-const char *sched_beta_schedule_name(sched_beta_schedule b) {
-  return (int)b >= 0 && (int)b < COUNT(beta_names) ? beta_names[b] : "?";
-}
-
-const char *sched_algorithm_name(sched_algorithm a) {
-  return (int)a >= 0 && (int)a < COUNT(algorithm_names) ? algorithm_names[a] : "?";
-}
-const char *sched_solver_type_name(sched_solver_type t) {
-  return (int)t >= 0 && (int)t < COUNT(solver_type_names) ? solver_type_names[t] : "?";
-}
-const char *sched_final_sigmas_name(sched_final_sigmas f) {
-  return (int)f >= 0 && (int)f < COUNT(final_sigmas_names) ? final_sigmas_names[f] : "?";
-}
-const char *sched_skip_name(sched_skip k) {
-  return (int)k >= 0 && (int)k < COUNT(skip_names) ? skip_names[k] : "?";
-}
-const char *sched_method_name(sched_method m) {
-  return (int)m >= 0 && (int)m < COUNT(method_names) ? method_names[m] : "?";
-}
 
 static const sched_defaults *sched_find(const char *name) {
   for (int i = 0; i < COUNT(sched_table); i++)
@@ -419,46 +375,18 @@ int sched_config_init(sched_config *cfg, const char *name, err *e) {
     return err_set(e, ERR_UNSUPPORTED, "unknown scheduler '%s'", name);
   memset(cfg, 0, sizeof *cfg);
   snprintf(cfg->scheduler, sizeof cfg->scheduler, "%s", d->class_name);
-  cfg->num_train_timesteps = 1000;
+  sched_keys_defaults(cfg);
+  /* the class's own defaults */
   cfg->beta_start = d->beta_start;
   cfg->beta_end = d->beta_end;
   cfg->beta_schedule = d->beta_schedule;
-  cfg->trained_betas = NULL;
-  cfg->rescale_betas_zero_snr = 0;
-  cfg->prediction_type = SCHED_PRED_EPSILON;
   cfg->timestep_spacing = d->spacing;
-  cfg->steps_offset = 0;
   cfg->set_alpha_to_one = d->set_alpha_to_one;
   cfg->clip_sample = d->clip_sample;
-  cfg->clip_sample_range = 1.0;
-  cfg->thresholding = 0;
-  cfg->dynamic_thresholding_ratio = 0.995;
-  cfg->sample_max_value = 1.0;
-  cfg->variance_type = SCHED_VAR_FIXED_SMALL;
-  cfg->eta = 0.0;
-  cfg->solver_order = 2;
   cfg->algorithm_type = d->algorithm;
   cfg->solver_type = d->solver_type;
   cfg->lower_order_final = d->lower_order_final;
-  cfg->euler_at_final = 0;
-  cfg->use_karras_sigmas = 0;
-  cfg->use_lu_lambdas = 0;
-  cfg->final_sigmas_type = SCHED_FINAL_ZERO;
-  cfg->lambda_min_clipped = -INFINITY;
-  cfg->sigma_min = NAN;
-  cfg->sigma_max = NAN;
-  cfg->predict_x0 = 1;
-  cfg->n_disable_corrector = 0;
-  cfg->skip_prk_steps = 0;
   cfg->method = d->method;
-  cfg->skip_type = SCHED_SKIP_TIME_UNIFORM;
-  cfg->denoise_to_zero = 0;
-  cfg->rtol = 0.05;
-  cfg->atol = 0.0078;
-  cfg->h_init = 0.05;
-  cfg->theta = 0.9;
-  cfg->t_err = 1e-5;
-  cfg->thresholding_max_val = 1.0;
   /* the official code's numerical_clip_alpha; null (-inf) switches it off */
   if (strcmp(d->class_name, "DPM_Solver") == 0)
     cfg->lambda_min_clipped = -5.1;
@@ -486,319 +414,6 @@ int sched_config_copy(sched_config *dst, const sched_config *src, err *e) {
   return ERR_OK;
 }
 
-/* ---- value parsing: each helper names the key in its message ---- */
-
-static const char *json_kind(const json_t *v) {
-  switch (json_typeof(v)) {
-  case JSON_OBJECT: return "an object";
-  case JSON_ARRAY: return "an array";
-  case JSON_STRING: return "a string";
-  case JSON_INTEGER: return "an integer";
-  case JSON_REAL: return "a number";
-  case JSON_TRUE:
-  case JSON_FALSE: return "a boolean";
-  default: return "null";
-  }
-}
-
-static int get_int(const char *key, const json_t *v, long long lo, long long hi, int *out, err *e) {
-  long long x;
-  if (json_is_integer(v)) {
-    x = json_integer_value(v);
-  } else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
-             fabs(json_real_value(v)) < 1e15) {
-    x = (long long)json_real_value(v); /* 1000.0 from a Python float is still 1000 */
-  } else {
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected an integer, got %s", key,
-                   json_kind(v));
-  }
-  if (x < lo || x > hi)
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': %lld is out of range [%lld, %lld]",
-                   key, x, lo, hi);
-  *out = (int)x;
-  return ERR_OK;
-}
-
-static int get_bool(const char *key, const json_t *v, int *out, err *e) {
-  if (json_is_boolean(v)) {
-    *out = json_is_true(v);
-    return ERR_OK;
-  }
-  if (json_is_integer(v) && (json_integer_value(v) == 0 || json_integer_value(v) == 1)) {
-    *out = (int)json_integer_value(v);
-    return ERR_OK;
-  }
-  return err_set(e, ERR_INVALID, "scheduler config key '%s': expected true or false, got %s", key,
-                 json_kind(v));
-}
-
-static int get_enum(const char *key, const json_t *v, const char *const *names, int n, int *out,
-                    err *e) {
-  if (json_is_string(v)) {
-    for (int i = 0; i < n; i++)
-      if (strcmp(json_string_value(v), names[i]) == 0) {
-        *out = i;
-        return ERR_OK;
-      }
-  }
-  char list[256] = "";
-  for (int i = 0; i < n; i++) {
-    size_t len = strlen(list);
-    snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", names[i]);
-  }
-  if (json_is_string(v))
-    return err_set(e, ERR_UNSUPPORTED,
-                   "scheduler config key '%s': unsupported value '%s' (one of: %s)", key,
-                   json_string_value(v), list);
-  return err_set(e, ERR_INVALID,
-                 "scheduler config key '%s': expected a string (one of: %s), got %s", key, list,
-                 json_kind(v));
-}
-
-static int get_int_list(const char *key, const json_t *v, int *out, int max, int *n, err *e) {
-  if (!json_is_array(v))
-    return err_set(e, ERR_INVALID,
-                   "scheduler config key '%s': expected a list of step indices, got %s", key,
-                   json_kind(v));
-  if (json_array_size(v) > (size_t)max)
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': at most %d entries", key, max);
-  int tmp[SCHED_MAX_DISABLE_CORRECTOR] = {0};
-  for (size_t i = 0; i < json_array_size(v); i++) {
-    int rc = get_int(key, json_array_get(v, i), 0, SCHED_MAX_TRAIN_TIMESTEPS, &tmp[i], e);
-    if (rc != ERR_OK)
-      return rc;
-  }
-  *n = (int)json_array_size(v);
-  memcpy(out, tmp, (size_t)*n * sizeof *out);
-  return ERR_OK;
-}
-
-static int get_trained_betas(const json_t *v, sched_config *cfg, err *e) {
-  if (!json_is_array(v))
-    return err_set(e, ERR_INVALID,
-                   "scheduler config key 'trained_betas': expected an array of numbers, got %s",
-                   json_kind(v));
-  size_t n = json_array_size(v);
-  if (n < 1 || n > SCHED_MAX_TRAIN_TIMESTEPS)
-    return err_set(e, ERR_INVALID, "scheduler config key 'trained_betas': %zu values", n);
-  float *tb = malloc(n * sizeof *tb);
-  if (!tb)
-    return err_set(e, ERR_NOMEM, "out of memory reading trained_betas");
-  for (size_t i = 0; i < n; i++) {
-    const json_t *x = json_array_get(v, i);
-    /* torch.tensor(list, dtype=float32) rounds each Python float once */
-    double d = json_is_number(x) ? json_number_value(x) : NAN;
-    if (!isfinite(d) || !((float)d > 0.0f) || (float)d > 1.0f) {
-      free(tb);
-      return err_set(e, ERR_INVALID,
-                     "scheduler config key 'trained_betas': value %zu must be a number in (0, 1]",
-                     i);
-    }
-    tb[i] = (float)d;
-  }
-  free(cfg->trained_betas);
-  cfg->trained_betas = tb;
-  /* diffusers sizes its tables by the array, so the array decides the length */
-  cfg->num_train_timesteps = (int)n;
-  return ERR_OK;
-}
-
-/* ---- the numeric keys a request can set, with their ranges ----
- * One row per key: the values every solver stays finite with. They hold diffusers' defaults and
- * every config in models/ and tests/fixtures with room to spare; what lies outside would make a
- * run non-finite (eta above 1 takes the square root of a negative variance in DDIM, a beta of 1
- * empties alpha_bar) or means nothing. An open end excludes its bound: "(0, 1)". */
-typedef struct sched_range {
-  const char *key;
-  size_t offset; /* of the double or int field in sched_config */
-  int is_int;
-  double lo, hi;
-  unsigned char lo_open, hi_open;
-} sched_range;
-
-#define REAL(k, lo, hi, lo_open, hi_open)                                                          \
-  { #k, offsetof(sched_config, k), 0, lo, hi, lo_open, hi_open }
-#define INT(k, lo, hi)                                                                             \
-  { #k, offsetof(sched_config, k), 1, lo, hi, 0, 0 }
-static const sched_range sched_ranges[] = {
-    INT(num_train_timesteps, 1, SCHED_MAX_TRAIN_TIMESTEPS),
-    REAL(beta_start, 0.0, 1.0, 1, 1),
-    REAL(beta_end, 0.0, 1.0, 1, 1),
-    INT(steps_offset, 0, SCHED_MAX_TRAIN_TIMESTEPS),
-    REAL(clip_sample_range, 0.0, 1e6, 1, 0),
-    REAL(dynamic_thresholding_ratio, 0.0, 1.0, 0, 0),
-    REAL(sample_max_value, 0.0, 1e6, 1, 0),
-    REAL(eta, 0.0, 1.0, 0, 0),
-    INT(solver_order, 1, 3),
-    REAL(lambda_min_clipped, -1e3, 1e3, 0, 0),
-    REAL(sigma_min, 0.0, 1e6, 1, 0),
-    REAL(sigma_max, 0.0, 1e6, 1, 0),
-    REAL(rtol, 0.0, 1e3, 0, 0),
-    REAL(atol, 0.0, 1e3, 0, 0),
-    REAL(h_init, 1e-6, 100.0, 0, 0),
-    REAL(theta, 1e-3, 1.0, 0, 0),
-    REAL(t_err, 1e-12, 1.0, 0, 0),
-    REAL(thresholding_max_val, 0.0, 1e6, 1, 0),
-};
-#undef REAL
-#undef INT
-
-static const sched_range *range_of(const char *key) {
-  for (int i = 0; i < COUNT(sched_ranges); i++)
-    if (strcmp(sched_ranges[i].key, key) == 0)
-      return &sched_ranges[i];
-  return NULL;
-}
-
-int sched_key_range(const char *key, char *buf, size_t n) {
-  const sched_range *r = range_of(key);
-  if (!r)
-    return 0;
-  snprintf(buf, n, "%c%.15g, %.15g%c", r->lo_open ? '(' : '[', r->lo, r->hi,
-           r->hi_open ? ')' : ']');
-  return 1;
-}
-
-/* v into the field r names, or an error with the key and its range. */
-static int get_ranged(const sched_range *r, const json_t *v, sched_config *cfg, err *e) {
-  double x;
-  if (r->is_int) {
-    int iv = 0;
-    int rc = get_int(r->key, v, (long long)r->lo, (long long)r->hi, &iv, e);
-    if (rc == ERR_OK)
-      memcpy((char *)cfg + r->offset, &iv, sizeof iv);
-    return rc;
-  }
-  if (!json_is_number(v))
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': expected a number, got %s", r->key,
-                   json_kind(v));
-  x = json_number_value(v);
-  if (!isfinite(x) || (r->lo_open ? x <= r->lo : x < r->lo) ||
-      (r->hi_open ? x >= r->hi : x > r->hi)) {
-    char range[96];
-    sched_key_range(r->key, range, sizeof range);
-    return err_set(e, ERR_INVALID, "scheduler config key '%s': %g is out of range %s", r->key, x,
-                   range);
-  }
-  memcpy((char *)cfg + r->offset, &x, sizeof x);
-  return ERR_OK;
-}
-
-/* Applies one modelled key; returns 1 through *handled when the key is one of ours. A JSON null
- * keeps the default (None mostly selects it in diffusers), except that it clears a flag. */
-static int apply_key(sched_config *cfg, const char *key, const json_t *v, int *handled, err *e) {
-  int rc = ERR_OK, iv = 0;
-  *handled = 1;
-  if (json_is_null(v)) {
-    if (strcmp(key, "trained_betas") == 0) {
-      free(cfg->trained_betas);
-      cfg->trained_betas = NULL;
-    }
-    /* None is falsy where diffusers tests a flag ("elif self.config.clip_sample:") */
-    int *flag = strcmp(key, "clip_sample") == 0              ? &cfg->clip_sample
-                : strcmp(key, "set_alpha_to_one") == 0       ? &cfg->set_alpha_to_one
-                : strcmp(key, "thresholding") == 0           ? &cfg->thresholding
-                : strcmp(key, "rescale_betas_zero_snr") == 0 ? &cfg->rescale_betas_zero_snr
-                : strcmp(key, "lower_order_final") == 0      ? &cfg->lower_order_final
-                : strcmp(key, "euler_at_final") == 0         ? &cfg->euler_at_final
-                : strcmp(key, "use_karras_sigmas") == 0      ? &cfg->use_karras_sigmas
-                : strcmp(key, "use_lu_lambdas") == 0         ? &cfg->use_lu_lambdas
-                : strcmp(key, "predict_x0") == 0             ? &cfg->predict_x0
-                : strcmp(key, "skip_prk_steps") == 0         ? &cfg->skip_prk_steps
-                : strcmp(key, "denoise_to_zero") == 0        ? &cfg->denoise_to_zero
-                                                             : NULL;
-    if (flag)
-      *flag = 0;
-    /* None means "no bound" for these, and -inf is what JSON cannot spell */
-    if (strcmp(key, "lambda_min_clipped") == 0)
-      cfg->lambda_min_clipped = -INFINITY;
-    else if (strcmp(key, "sigma_min") == 0)
-      cfg->sigma_min = NAN;
-    else if (strcmp(key, "sigma_max") == 0)
-      cfg->sigma_max = NAN;
-    else if (strcmp(key, "disable_corrector") == 0)
-      cfg->n_disable_corrector = 0;
-    *handled = sched_is_known_key(key) ? 1 : 0;
-    return ERR_OK;
-  }
-  const sched_range *range = range_of(key);
-  if (range) {
-    rc = get_ranged(range, v, cfg, e);
-  } else if (strcmp(key, "beta_schedule") == 0) {
-    rc = get_enum(key, v, beta_names, COUNT(beta_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->beta_schedule = (sched_beta_schedule)iv;
-  } else if (strcmp(key, "trained_betas") == 0) {
-    rc = get_trained_betas(v, cfg, e);
-  } else if (strcmp(key, "rescale_betas_zero_snr") == 0) {
-    rc = get_bool(key, v, &cfg->rescale_betas_zero_snr, e);
-  } else if (strcmp(key, "prediction_type") == 0) {
-    rc = get_enum(key, v, pred_names, COUNT(pred_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->prediction_type = (sched_prediction)iv;
-  } else if (strcmp(key, "predict_epsilon") == 0) {
-    /* diffusers <= 0.12 spelled prediction_type this way; an explicit prediction_type in the
-     * same object wins (see sched_config_apply_json) */
-    rc = get_bool(key, v, &iv, e);
-    if (rc == ERR_OK)
-      cfg->prediction_type = iv ? SCHED_PRED_EPSILON : SCHED_PRED_SAMPLE;
-  } else if (strcmp(key, "timestep_spacing") == 0) {
-    rc = get_enum(key, v, spacing_names, COUNT(spacing_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->timestep_spacing = (sched_spacing)iv;
-  } else if (strcmp(key, "set_alpha_to_one") == 0) {
-    rc = get_bool(key, v, &cfg->set_alpha_to_one, e);
-  } else if (strcmp(key, "clip_sample") == 0) {
-    rc = get_bool(key, v, &cfg->clip_sample, e);
-  } else if (strcmp(key, "thresholding") == 0) {
-    rc = get_bool(key, v, &cfg->thresholding, e);
-  } else if (strcmp(key, "variance_type") == 0) {
-    rc = get_enum(key, v, variance_names, COUNT(variance_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->variance_type = (sched_variance)iv;
-  } else if (strcmp(key, "algorithm_type") == 0) {
-    rc = get_enum(key, v, algorithm_names, COUNT(algorithm_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->algorithm_type = (sched_algorithm)iv;
-  } else if (strcmp(key, "solver_type") == 0) {
-    rc = get_enum(key, v, solver_type_names, COUNT(solver_type_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->solver_type = (sched_solver_type)iv;
-  } else if (strcmp(key, "final_sigmas_type") == 0) {
-    rc = get_enum(key, v, final_sigmas_names, COUNT(final_sigmas_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->final_sigmas_type = (sched_final_sigmas)iv;
-  } else if (strcmp(key, "skip_type") == 0) {
-    rc = get_enum(key, v, skip_names, COUNT(skip_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->skip_type = (sched_skip)iv;
-  } else if (strcmp(key, "method") == 0) {
-    rc = get_enum(key, v, method_names, COUNT(method_names), &iv, e);
-    if (rc == ERR_OK)
-      cfg->method = (sched_method)iv;
-  } else if (strcmp(key, "lower_order_final") == 0) {
-    rc = get_bool(key, v, &cfg->lower_order_final, e);
-  } else if (strcmp(key, "euler_at_final") == 0) {
-    rc = get_bool(key, v, &cfg->euler_at_final, e);
-  } else if (strcmp(key, "use_karras_sigmas") == 0) {
-    rc = get_bool(key, v, &cfg->use_karras_sigmas, e);
-  } else if (strcmp(key, "use_lu_lambdas") == 0) {
-    rc = get_bool(key, v, &cfg->use_lu_lambdas, e);
-  } else if (strcmp(key, "predict_x0") == 0) {
-    rc = get_bool(key, v, &cfg->predict_x0, e);
-  } else if (strcmp(key, "skip_prk_steps") == 0) {
-    rc = get_bool(key, v, &cfg->skip_prk_steps, e);
-  } else if (strcmp(key, "denoise_to_zero") == 0) {
-    rc = get_bool(key, v, &cfg->denoise_to_zero, e);
-  } else if (strcmp(key, "disable_corrector") == 0) {
-    rc = get_int_list(key, v, cfg->disable_corrector, SCHED_MAX_DISABLE_CORRECTOR,
-                      &cfg->n_disable_corrector, e);
-  } else {
-    *handled = 0;
-  }
-  return rc;
-}
-
 int sched_config_validate(const sched_config *cfg, err *e) {
   if (cfg->num_train_timesteps < 1 || cfg->num_train_timesteps > SCHED_MAX_TRAIN_TIMESTEPS)
     return err_set(e, ERR_INVALID, "scheduler config key 'num_train_timesteps': %d is out of range",
@@ -817,7 +432,7 @@ int sched_config_validate(const sched_config *cfg, err *e) {
 int sched_config_apply_json(sched_config *cfg, const json_t *obj, int strict, err *e) {
   if (!json_is_object(obj))
     return err_set(e, ERR_INVALID, "scheduler config: expected a JSON object, got %s",
-                   obj ? json_kind(obj) : "nothing");
+                   obj ? sched_json_kind(obj) : "nothing");
   sched_config tmp;
   int rc = sched_config_copy(&tmp, cfg, e);
   if (rc != ERR_OK)
@@ -832,7 +447,7 @@ int sched_config_apply_json(sched_config *cfg, const json_t *obj, int strict, er
     if (strcmp(key, "prediction_type") == 0 || strcmp(key, "num_train_timesteps") == 0)
       continue;
     int handled = 0;
-    rc = apply_key(&tmp, key, v, &handled, e);
+    rc = sched_keys_apply(&tmp, key, v, &handled, e);
     if (rc != ERR_OK)
       goto fail;
     if (strcmp(key, "trained_betas") == 0 && !json_is_null(v))
@@ -846,7 +461,7 @@ int sched_config_apply_json(sched_config *cfg, const json_t *obj, int strict, er
   for (int i = 0; i < COUNT(late); i++) {
     const json_t *lv = json_object_get(obj, late[i]);
     int handled;
-    if (lv && (rc = apply_key(&tmp, late[i], lv, &handled, e)) != ERR_OK)
+    if (lv && (rc = sched_keys_apply(&tmp, late[i], lv, &handled, e)) != ERR_OK)
       goto fail;
   }
   if (tmp.trained_betas) {
@@ -1046,72 +661,6 @@ int sched_config_set_override(sched_config *cfg, const char *kv, err *e) {
   memcpy(key, kv, n);
   key[n] = '\0';
   return sched_config_set(cfg, key, eq + 1, e);
-}
-
-json_t *sched_config_to_json(const sched_config *cfg) {
-  json_t *o = json_object();
-  if (!o)
-    return NULL;
-  json_object_set_new(o, "_class_name", json_string(cfg->scheduler));
-  json_object_set_new(o, "num_train_timesteps", json_integer(cfg->num_train_timesteps));
-  json_object_set_new(o, "beta_start", json_real(cfg->beta_start));
-  json_object_set_new(o, "beta_end", json_real(cfg->beta_end));
-  json_object_set_new(o, "beta_schedule",
-                      json_string(sched_beta_schedule_name(cfg->beta_schedule)));
-  if (cfg->trained_betas) {
-    json_t *a = json_array();
-    for (int i = 0; a && i < cfg->num_train_timesteps; i++)
-      json_array_append_new(a, json_real(cfg->trained_betas[i]));
-    json_object_set_new(o, "trained_betas", a);
-  } else {
-    json_object_set_new(o, "trained_betas", json_null());
-  }
-  json_object_set_new(o, "rescale_betas_zero_snr", json_boolean(cfg->rescale_betas_zero_snr));
-  json_object_set_new(o, "prediction_type",
-                      json_string(sched_prediction_name(cfg->prediction_type)));
-  json_object_set_new(o, "timestep_spacing",
-                      json_string(sched_spacing_name(cfg->timestep_spacing)));
-  json_object_set_new(o, "steps_offset", json_integer(cfg->steps_offset));
-  json_object_set_new(o, "set_alpha_to_one", json_boolean(cfg->set_alpha_to_one));
-  json_object_set_new(o, "clip_sample", json_boolean(cfg->clip_sample));
-  json_object_set_new(o, "clip_sample_range", json_real(cfg->clip_sample_range));
-  json_object_set_new(o, "thresholding", json_boolean(cfg->thresholding));
-  json_object_set_new(o, "dynamic_thresholding_ratio", json_real(cfg->dynamic_thresholding_ratio));
-  json_object_set_new(o, "sample_max_value", json_real(cfg->sample_max_value));
-  json_object_set_new(o, "variance_type", json_string(sched_variance_name(cfg->variance_type)));
-  json_object_set_new(o, "eta", json_real(cfg->eta));
-  json_object_set_new(o, "solver_order", json_integer(cfg->solver_order));
-  json_object_set_new(o, "algorithm_type", json_string(sched_algorithm_name(cfg->algorithm_type)));
-  json_object_set_new(o, "solver_type", json_string(sched_solver_type_name(cfg->solver_type)));
-  json_object_set_new(o, "lower_order_final", json_boolean(cfg->lower_order_final));
-  json_object_set_new(o, "euler_at_final", json_boolean(cfg->euler_at_final));
-  json_object_set_new(o, "use_karras_sigmas", json_boolean(cfg->use_karras_sigmas));
-  json_object_set_new(o, "use_lu_lambdas", json_boolean(cfg->use_lu_lambdas));
-  json_object_set_new(o, "final_sigmas_type",
-                      json_string(sched_final_sigmas_name(cfg->final_sigmas_type)));
-  json_object_set_new(o, "lambda_min_clipped",
-                      isfinite(cfg->lambda_min_clipped) ? json_real(cfg->lambda_min_clipped)
-                                                        : json_null());
-  json_object_set_new(o, "sigma_min",
-                      isnan(cfg->sigma_min) ? json_null() : json_real(cfg->sigma_min));
-  json_object_set_new(o, "sigma_max",
-                      isnan(cfg->sigma_max) ? json_null() : json_real(cfg->sigma_max));
-  json_object_set_new(o, "predict_x0", json_boolean(cfg->predict_x0));
-  json_t *dc = json_array();
-  for (int i = 0; dc && i < cfg->n_disable_corrector; i++)
-    json_array_append_new(dc, json_integer(cfg->disable_corrector[i]));
-  json_object_set_new(o, "disable_corrector", dc);
-  json_object_set_new(o, "skip_prk_steps", json_boolean(cfg->skip_prk_steps));
-  json_object_set_new(o, "method", json_string(sched_method_name(cfg->method)));
-  json_object_set_new(o, "skip_type", json_string(sched_skip_name(cfg->skip_type)));
-  json_object_set_new(o, "denoise_to_zero", json_boolean(cfg->denoise_to_zero));
-  json_object_set_new(o, "rtol", json_real(cfg->rtol));
-  json_object_set_new(o, "atol", json_real(cfg->atol));
-  json_object_set_new(o, "h_init", json_real(cfg->h_init));
-  json_object_set_new(o, "theta", json_real(cfg->theta));
-  json_object_set_new(o, "t_err", json_real(cfg->t_err));
-  json_object_set_new(o, "thresholding_max_val", json_real(cfg->thresholding_max_val));
-  return o;
 }
 
 json_t *sched_config_to_json_for(const sched_config *cfg, const char *class_name) {
