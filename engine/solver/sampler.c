@@ -363,9 +363,9 @@ static int ddim_step(const sampler *s, step_ctx *c, err *e) {
 }
 
 static const solver_desc solver_ddpm = {
-    "ddpm", "DDPMScheduler", 1000, ddpm_prepare, ddpm_step, NULL, 0, 1};
+    "ddpm", "DDPMScheduler", 1000, ddpm_prepare, ddpm_step, NULL, 0, 1, NULL};
 static const solver_desc solver_ddim = {
-    "ddim", "DDIMScheduler", 50, ddim_prepare, ddim_step, NULL, 0, 0};
+    "ddim", "DDIMScheduler", 50, ddim_prepare, ddim_step, NULL, 0, 0, NULL};
 
 /* ---- names ---- */
 
@@ -496,7 +496,7 @@ void sampler_free(sampler *s) {
   free(s->prev);
   free(s->sigmas);
   free(s->orders);
-  free(s->aux);
+  free(s->lambdas);
   free(s);
 }
 
@@ -872,8 +872,11 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
   float *xin = c.noise + nd;
   for (int k = 0; k < 3; k++)
     c.tmp[k] = xin + (size_t)(k + 1) * nd;
+  float *bufs[SAMPLER_MAX_BUF] = {0};
   for (int k = 0; k < nbuf; k++)
-    c.buf[k] = c.tmp[2] + (size_t)(k + 1) * nd;
+    bufs[k] = c.tmp[2] + (size_t)(k + 1) * nd;
+  if (s->desc->bind)
+    s->desc->bind(s, &c, bufs);
   int done_steps = 0;
   for (int i = e0; i < e1 && rc == ERR_OK; i++) {
     c.i = i;

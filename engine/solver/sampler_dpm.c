@@ -73,24 +73,29 @@ static float lambda_of(float alpha, float sigma) {
   return logf(alpha) - logf(sigma);
 }
 
-/* model_outputs[-1 - j] of a history of `order` buffers kept as a ring in ist[4..7]. */
+/* model_outputs[-1 - j] of a history of `order` outputs. */
 static float *hist(step_ctx *c, int order, int j) {
-  return c->buf[c->ist[4 + order - 1 - j]];
+  return c->st.ms.outputs[order - 1 - j];
 }
 
-/* Shifts the history and returns the buffer that becomes model_outputs[-1]. */
+/* Shifts the history and returns the buffer that becomes model_outputs[-1] (the oldest one's). */
 static float *hist_push(step_ctx *c, int order) {
-  int *slot = c->ist + 4;
-  if (!c->ist[3]) {
-    for (int k = 0; k < order; k++)
-      slot[k] = k;
-    c->ist[3] = 1;
-  }
-  const int oldest = slot[0];
+  float **out = c->st.ms.outputs;
+  float *oldest = out[0];
   for (int k = 0; k + 1 < order; k++)
-    slot[k] = slot[k + 1];
-  slot[order - 1] = oldest;
-  return c->buf[oldest];
+    out[k] = out[k + 1];
+  out[order - 1] = oldest;
+  return oldest;
+}
+
+/* The state buffers of the multistep family: the outputs first, then the solver's own. */
+static void multistep_bind(const sampler *s, step_ctx *c, float *const *bufs) {
+  (void)s;
+  multistep_state *st = &c->st.ms;
+  for (int k = 0; k < SAMPLER_MAX_ORDER; k++)
+    st->outputs[k] = bufs[k];
+  st->sample = st->last_sample = bufs[SAMPLER_MAX_ORDER];
+  st->d2 = bufs[SAMPLER_MAX_ORDER + 1];
 }
 
 /* Timesteps of DPMSolverMultistep, UniPC and DEIS for `spacing` (their set_timesteps, which
@@ -440,7 +445,7 @@ static int dpm_multi_step(const sampler *s, step_ctx *c, err *e) {
   const sched_config *cfg = &s->cfg;
   const int i = c->i, N = s->n, K = cfg->solver_order;
   const size_t nd = (size_t)c->batch * c->d;
-  int *lon = &c->ist[0];
+  int *lon = &c->st.ms.lower_order_nums;
   const int lof = i == N - 1 && (cfg->euler_at_final || (cfg->lower_order_final && N < 15) ||
                                  cfg->final_sigmas_type == SCHED_FINAL_ZERO);
   const int los = i == N - 2 && cfg->lower_order_final && N < 15;
@@ -520,7 +525,8 @@ const solver_desc solver_dpm_multistep = {"dpm_multistep",
                                           dpm_multi_step,
                                           NULL,
                                           3,
-                                          0};
+                                          0,
+                                          multistep_bind};
 
 /* ---- DPMSolverSinglestepScheduler ---- */
 
@@ -597,7 +603,7 @@ static int dpm_single_step(const sampler *s, step_ctx *c, err *e) {
   const size_t nd = (size_t)c->batch * c->d;
   float *m = hist_push(c, K);
   convert_batch(s, c, s->sigmas[i], m, dpm_convert);
-  int *filled = &c->ist[0]; /* model_outputs that are not None */
+  int *filled = &c->st.ms.lower_order_nums; /* model_outputs that are not None */
   if (*filled < K)
     (*filled)++;
   if (is_sde(cfg->algorithm_type)) {
@@ -608,7 +614,7 @@ static int dpm_single_step(const sampler *s, step_ctx *c, err *e) {
   int order = s->orders[i];
   while (order > *filled)
     order--;
-  float *sample = c->buf[3]; /* self.sample: x at the start of the segment */
+  float *sample = c->st.ms.sample;
   if (order == 1)
     memcpy(sample, c->x, nd * sizeof *sample);
   const float *z = c->noise;
@@ -640,7 +646,7 @@ static int dpm_single_step(const sampler *s, step_ctx *c, err *e) {
     const float h = lt - l2, h0 = l0 - l2, h1 = l1 - l2, r0 = h0 / h, r1 = h1 / h;
     const float *m0 = hist(c, K, 0), *m1 = hist(c, K, 1), *m2 = hist(c, K, 2);
     const float i1 = 1.0f / r1, i0 = 1.0f / r0, rd = r0 - r1;
-    float *D1_1 = c->tmp[1], *D1 = c->tmp[2], *D2 = c->buf[4];
+    float *D1_1 = c->tmp[1], *D1 = c->tmp[2], *D2 = c->st.ms.d2;
     for (size_t k = 0; k < nd; k++) {
       const float d10 = i1 * (m1[k] - m2[k]), d11 = i0 * (m0[k] - m2[k]);
       D1_1[k] = d11;
@@ -685,7 +691,8 @@ const solver_desc solver_dpm_singlestep = {"dpm_singlestep",
                                            dpm_single_step,
                                            NULL,
                                            5,
-                                           0};
+                                           0,
+                                           multistep_bind};
 
 /* ---- UniPCMultistepScheduler ---- */
 
@@ -878,8 +885,9 @@ static int unipc_step(const sampler *s, step_ctx *c, err *e) {
   const sched_config *cfg = &s->cfg;
   const int i = c->i, N = s->n, K = cfg->solver_order;
   const size_t nd = (size_t)c->batch * c->d;
-  int *lon = &c->ist[0], *this_order = &c->ist[1], *has_last = &c->ist[2];
-  float *last = c->buf[K];
+  multistep_state *st = &c->st.ms;
+  int *lon = &st->lower_order_nums, *this_order = &st->this_order, *has_last = &st->has_last;
+  float *last = st->last_sample;
   int disabled = 0;
   for (int k = 0; k < cfg->n_disable_corrector; k++)
     disabled |= cfg->disable_corrector[k] == i - 1;
@@ -902,7 +910,7 @@ static int unipc_step(const sampler *s, step_ctx *c, err *e) {
 }
 
 const solver_desc solver_unipc = {
-    "unipc", "UniPCMultistepScheduler", 25, unipc_prepare, unipc_step, NULL, 4, 0};
+    "unipc", "UniPCMultistepScheduler", 25, unipc_prepare, unipc_step, NULL, 4, 0, multistep_bind};
 
 /* ---- DEISMultistepScheduler ---- */
 
@@ -951,7 +959,7 @@ static int deis_step(const sampler *s, step_ctx *c, err *e) {
   const sched_config *cfg = &s->cfg;
   const int i = c->i, N = s->n, K = cfg->solver_order;
   const size_t nd = (size_t)c->batch * c->d;
-  int *lon = &c->ist[0];
+  int *lon = &c->st.ms.lower_order_nums;
   const int lof = i == N - 1 && cfg->lower_order_final && N < 15;
   const int los = i == N - 2 && cfg->lower_order_final && N < 15;
   float *m = hist_push(c, K);
@@ -990,4 +998,4 @@ static int deis_step(const sampler *s, step_ctx *c, err *e) {
 }
 
 const solver_desc solver_deis = {
-    "deis", "DEISMultistepScheduler", 25, deis_prepare, deis_step, NULL, 3, 0};
+    "deis", "DEISMultistepScheduler", 25, deis_prepare, deis_step, NULL, 3, 0, multistep_bind};

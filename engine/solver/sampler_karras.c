@@ -145,7 +145,7 @@ static int euler_step(const sampler *s, step_ctx *c, err *e) {
 }
 
 const solver_desc solver_euler = {
-    "euler", "EulerDiscreteScheduler", 50, euler_prepare, euler_step, NULL, 0, 0};
+    "euler", "EulerDiscreteScheduler", 50, euler_prepare, euler_step, NULL, 0, 0, NULL};
 
 /* ---- EulerAncestralDiscreteScheduler ---- */
 
@@ -186,7 +186,8 @@ static int euler_a_step(const sampler *s, step_ctx *c, err *e) {
 }
 
 const solver_desc solver_euler_a = {
-    "euler_a", "EulerAncestralDiscreteScheduler", 50, euler_a_prepare, euler_a_step, NULL, 0, 1};
+    "euler_a", "EulerAncestralDiscreteScheduler", 50, euler_a_prepare, euler_a_step, NULL, 0, 1,
+    NULL};
 
 /* ---- HeunDiscreteScheduler ---- */
 
@@ -224,15 +225,22 @@ static int heun_prepare(sampler *s, err *e) {
   return rc;
 }
 
+static void heun_bind(const sampler *s, step_ctx *c, float *const *bufs) {
+  (void)s;
+  c->st.heun.prev_derivative = bufs[0];
+  c->st.heun.prev_sample = bufs[1];
+}
+
 static int heun_step(const sampler *s, step_ctx *c, err *e) {
   (void)e;
   const sched_config *cfg = &s->cfg;
   const size_t nd = (size_t)c->batch * c->d;
-  const int j = c->i, first = !c->ist[0];
+  heun_state *st = &c->st.heun;
+  const int j = c->i, first = !st->second;
   const float sigma = first ? s->sigmas[j] : s->sigmas[j - 1];
   const float sigma_next = first ? s->sigmas[j + 1] : s->sigmas[j];
   const float sigma_hat = sigma * (0.0f + 1.0f);
-  float *x0 = c->tmp[0], *prev_der = c->buf[0], *prev_x = c->buf[1];
+  float *x0 = c->tmp[0], *prev_der = st->prev_derivative, *prev_x = st->prev_sample;
   euler_x0(cfg->prediction_type, first ? sigma_hat : sigma_next, c->x, c->mo, nd, x0);
   if (cfg->clip_sample) {
     const float r = (float)cfg->clip_sample_range;
@@ -247,7 +255,7 @@ static int heun_step(const sampler *s, step_ctx *c, err *e) {
       prev_x[k] = c->x[k];
       c->x[k] = c->x[k] + der * dt;
     }
-    c->ist[0] = 1;
+    st->second = 1;
   } else {
     const float dt = s->sigmas[j] - s->sigmas[j - 1] * (0.0f + 1.0f);
     for (size_t k = 0; k < nd; k++) {
@@ -255,10 +263,10 @@ static int heun_step(const sampler *s, step_ctx *c, err *e) {
       der = (prev_der[k] + der) / 2.0f;
       c->x[k] = prev_x[k] + der * dt;
     }
-    c->ist[0] = 0;
+    st->second = 0;
   }
   return ERR_OK;
 }
 
 const solver_desc solver_heun = {
-    "heun", "HeunDiscreteScheduler", 50, heun_prepare, heun_step, NULL, 2, 0};
+    "heun", "HeunDiscreteScheduler", 50, heun_prepare, heun_step, NULL, 2, 0, heun_bind};

@@ -19,8 +19,8 @@
 /* lambda at the training timesteps, the tail below lambda_min_clipped dropped like the official
  * numerical_clip_alpha (-5.1); an infinite lambda (zero terminal SNR) always ends the table */
 static int lam_table(sampler *s, err *e) {
-  s->aux = malloc((size_t)s->T * sizeof *s->aux);
-  if (!s->aux)
+  s->lambdas = malloc((size_t)s->T * sizeof *s->lambdas);
+  if (!s->lambdas)
     return err_set(e, ERR_NOMEM, "out of memory");
   int tc = 0;
   for (int k = 0; k < s->T; k++) {
@@ -28,17 +28,17 @@ static int lam_table(sampler *s, err *e) {
     const double lam = -0.5 * (log1p(-a) - log(a));
     if (!isfinite(lam) || lam < s->cfg.lambda_min_clipped)
       break;
-    s->aux[tc++] = lam;
+    s->lambdas[tc++] = lam;
   }
-  s->n_aux = tc;
+  s->n_lambdas = tc;
   if (tc < 2)
     return err_set(e, ERR_INVALID, "DPM_Solver: the noise schedule has no usable range");
   return ERR_OK;
 }
 
 static double lam_at(const sampler *s, double u) {
-  const double *L = s->aux;
-  const int last = s->n_aux - 1;
+  const double *L = s->lambdas;
+  const int last = s->n_lambdas - 1;
   if (!(u > 0)) /* NaN too: never cast to int below */
     return L[0];
   if (u >= last)
@@ -49,8 +49,8 @@ static double lam_at(const sampler *s, double u) {
 }
 
 static double u_of_lam(const sampler *s, double lam) {
-  const double *L = s->aux;
-  const int last = s->n_aux - 1;
+  const double *L = s->lambdas;
+  const int last = s->n_lambdas - 1;
   if (lam >= L[0])
     return 0;
   if (lam <= L[last])
@@ -81,10 +81,10 @@ static coef coef_at(const sampler *s, double u) {
 
 /* official continuous time t = (u + 1) / Tc */
 static double t_of(const sampler *s, double u) {
-  return (u + 1) / s->n_aux;
+  return (u + 1) / s->n_lambdas;
 }
 static double u_of_t(const sampler *s, double t) {
-  return t * s->n_aux - 1;
+  return t * s->n_lambdas - 1;
 }
 
 /* get_time_steps(skip_type, t_T, t_0, N) as labels, N + 1 values */
@@ -118,7 +118,7 @@ static void time_steps(const sampler *s, double uT, double u0, int N, double *ou
  * K + 1 outer labels. Returns K. */
 static int singlestep_plan(const sampler *s, int *orders, double *outer) {
   const int steps = s->n, order = s->cfg.solver_order;
-  const double uT = s->n_aux - 1, u0 = 0;
+  const double uT = s->n_lambdas - 1, u0 = 0;
   int K = 0;
   if (s->cfg.method == SCHED_METHOD_SINGLESTEP_FIXED) {
     K = steps / order;
@@ -229,7 +229,7 @@ static int dpm_official_prepare(sampler *s, err *e) {
       free(g);
       return rc != ERR_OK ? rc : err_set(e, ERR_NOMEM, "out of memory");
     }
-    time_steps(s, s->n_aux - 1, 0, n, g);
+    time_steps(s, s->n_lambdas - 1, 0, n, g);
     for (int k = 0; k < n; k++) {
       s->tm[k] = g[k];
       s->step_end[k] = k > 0;
@@ -464,7 +464,7 @@ static int run_multistep(pctx *c, float *x, float *mem, err *e) {
   double *g = malloc((size_t)(N + 1) * sizeof *g), up[3], uv[1024];
   if (!g)
     return err_set(e, ERR_NOMEM, "out of memory");
-  time_steps(s, s->n_aux - 1, 0, N, g);
+  time_steps(s, s->n_lambdas - 1, 0, N, g);
   float *m[3] = {mem, mem + nd, mem + 2 * nd}, *out = mem + 3 * nd;
   for (int b = 0; b < c->n; b++)
     uv[b] = g[0];
@@ -547,7 +547,7 @@ static int run_adaptive(pctx *c, float *x, float *mem, err *e) {
   const double l0 = lam_at(s, 0), r1 = order == 2 ? 0.5 : 1.0 / 3.0, r2 = 2.0 / 3.0;
   memcpy(xp, x, nd * sizeof *x);
   for (int b = 0; b < B; b++) {
-    su[b] = s->n_aux - 1;
+    su[b] = s->n_lambdas - 1;
     ls[b] = lam_at(s, su[b]);
     h[b] = cfg->h_init;
   }
@@ -654,5 +654,5 @@ static int dpm_official_run(const sampler *s, run_ctx *r, float *x, err *e) {
   return rc;
 }
 
-const solver_desc solver_dpm_official = {"dpm_official", "DPM_Solver",     20, dpm_official_prepare,
-                                         NULL,           dpm_official_run, 0,  0};
+const solver_desc solver_dpm_official = {
+    "dpm_official", "DPM_Solver", 20, dpm_official_prepare, NULL, dpm_official_run, 0, 0, NULL};

@@ -114,27 +114,31 @@ static int pndm_prev(const sampler *s, step_ctx *c, const float *sample, int64_t
   return ERR_OK;
 }
 
-/* ets as a list of at most 4 buffers: ist[0] its length, ist[1..4] buffer indices, oldest first */
+/* ets[-1 - back] */
 static float *ets_at(step_ctx *c, int back) {
-  return c->buf[c->ist[1 + c->ist[0] - 1 - back]];
+  return c->st.pndm.ets[c->st.pndm.n_ets - 1 - back];
 }
 
 static void ets_append(step_ctx *c, const float *m, size_t nd) {
-  int *len = &c->ist[0], *idx = c->ist + 1;
-  if (!c->ist[6]) { /* first use: buffers 0..3 */
-    for (int k = 0; k < 4; k++)
-      idx[k] = k;
-    c->ist[6] = 1;
-  }
-  if (*len == 4) { /* ets[-3:] then append: reuse the oldest buffer */
-    const int old = idx[0];
+  pndm_state *st = &c->st.pndm;
+  if (st->n_ets == 4) { /* ets[-3:] then append: reuse the oldest buffer */
+    float *old = st->ets[0];
     for (int k = 0; k < 3; k++)
-      idx[k] = idx[k + 1];
-    idx[3] = old;
-    *len = 3;
+      st->ets[k] = st->ets[k + 1];
+    st->ets[3] = old;
+    st->n_ets = 3;
   }
-  memcpy(c->buf[idx[*len]], m, nd * sizeof *m);
-  (*len)++;
+  memcpy(st->ets[st->n_ets], m, nd * sizeof *m);
+  st->n_ets++;
+}
+
+static void pndm_bind(const sampler *s, step_ctx *c, float *const *bufs) {
+  (void)s;
+  pndm_state *st = &c->st.pndm;
+  for (int k = 0; k < 4; k++)
+    st->ets[k] = bufs[k];
+  st->cur_model_output = bufs[4];
+  st->cur_sample = bufs[5];
 }
 
 static int pndm_step(const sampler *s, step_ctx *c, err *e) {
@@ -143,7 +147,8 @@ static int pndm_step(const sampler *s, step_ctx *c, err *e) {
   /* j is diffusers' self.counter, which restarts with a later start (img2img) */
   const int j = c->i - c->i0, T = s->T, n = s->n;
   const int64_t tj = s->ts[c->i];
-  float *cur = c->buf[4], *cur_sample = c->buf[5], *m = c->tmp[0], *out = c->tmp[1];
+  float *cur = c->st.pndm.cur_model_output, *cur_sample = c->st.pndm.cur_sample;
+  float *m = c->tmp[0], *out = c->tmp[1];
   const float *mo = c->mo;
   if (!cfg->skip_prk_steps && j < 12) {
     const int64_t diff = j % 2 ? 0 : T / n / 2;
@@ -179,7 +184,7 @@ static int pndm_step(const sampler *s, step_ctx *c, err *e) {
     t = tj + ratio;
   }
   const float *sample = c->x;
-  const int len = c->ist[0];
+  const int len = c->st.pndm.n_ets;
   if (len == 1 && j == 0) {
     memcpy(m, mo, nd * sizeof *m);
     memcpy(cur_sample, c->x, nd * sizeof *cur_sample);
@@ -209,7 +214,8 @@ static int pndm_step(const sampler *s, step_ctx *c, err *e) {
   return ERR_OK;
 }
 
-const solver_desc solver_pndm = {"pndm", "PNDMScheduler", 50, pndm_prepare, pndm_step, NULL, 6, 0};
+const solver_desc solver_pndm = {"pndm", "PNDMScheduler", 50, pndm_prepare, pndm_step, NULL, 6,
+                                 0,      pndm_bind};
 
 /* ---- the paper's F-PNDM / S-PNDM (official runner/method.py) ----
  * Deviations, on purpose: alpha_bar is read at the model's own timestep (the official code reads
@@ -370,5 +376,12 @@ static int pndm_official_run(const sampler *s, run_ctx *r, float *x, err *e) {
   return rc;
 }
 
-const solver_desc solver_pndm_official = {
-    "pndm_official", "PNDM_Official", 50, pndm_official_prepare, NULL, pndm_official_run, 0, 0};
+const solver_desc solver_pndm_official = {"pndm_official",
+                                          "PNDM_Official",
+                                          50,
+                                          pndm_official_prepare,
+                                          NULL,
+                                          pndm_official_run,
+                                          0,
+                                          0,
+                                          NULL};

@@ -11,23 +11,54 @@
 typedef struct run_ctx run_ctx;
 
 #define SAMPLER_MAX_BUF 8
-#define SAMPLER_ISTATE 16
+#define SAMPLER_MAX_ORDER 3
+
+/* The per-run state of the step() solvers, one typed struct per family. It is zeroed per run and
+ * its arrays are solver_desc.nbuf buffers of batch * d floats that solver_desc.bind hands out. */
+
+/* DPMSolverMultistep, DPMSolverSinglestep, UniPC, DEIS. */
+typedef struct multistep_state {
+  float *outputs[SAMPLER_MAX_ORDER]; /* diffusers' model_outputs, oldest first (solver_order) */
+  int lower_order_nums; /* steps so far, up to the order (singlestep: outputs that are not None) */
+  float *sample;        /* singlestep: self.sample, x at the start of the segment */
+  float *d2;            /* singlestep, third order: the second difference */
+  float *last_sample;   /* UniPC: x before the predictor, which the next corrector starts from */
+  int has_last;         /* UniPC: last_sample is set */
+  int this_order;       /* UniPC: the order of the last predictor */
+} multistep_state;
+
+/* PNDMScheduler. */
+typedef struct pndm_state {
+  float *ets[4]; /* the last model outputs, oldest first; n_ets of them */
+  int n_ets;
+  float *cur_model_output, *cur_sample; /* the Runge-Kutta warm-up's running sum and its x */
+} pndm_state;
+
+/* HeunDiscreteScheduler. */
+typedef struct heun_state {
+  int second; /* the next evaluation is the second of a step (diffusers: not state_in_first_order)
+               */
+  float *prev_derivative, *prev_sample;
+} heun_state;
 
 /* What one step of a diffusers-style solver sees: the whole batch after the model evaluation
  * number i, scratch space and the per-run state. */
 typedef struct step_ctx {
   int i; /* evaluation index, 0 .. n_evals-1 */
   int batch;
-  size_t d;                    /* values per image */
-  float *x;                    /* batch * d, updated in place */
-  const float *mo;             /* model output, mo_stride values per image */
-  size_t mo_stride;            /* d, except for DDPM with a learned variance (2 d) */
-  float *x0;                   /* d scratch (DDPM/DDIM) */
-  float *noise;                /* batch * d scratch */
-  float *sel;                  /* d scratch for the thresholding quantile */
-  float *tmp[3];               /* batch * d scratch each */
-  float *buf[SAMPLER_MAX_BUF]; /* solver_desc.nbuf buffers of batch * d, zeroed per run */
-  int ist[SAMPLER_ISTATE];     /* solver integer state, zeroed per run */
+  size_t d;         /* values per image */
+  float *x;         /* batch * d, updated in place */
+  const float *mo;  /* model output, mo_stride values per image */
+  size_t mo_stride; /* d, except for DDPM with a learned variance (2 d) */
+  float *x0;        /* d scratch (DDPM/DDIM) */
+  float *noise;     /* batch * d scratch */
+  float *sel;       /* d scratch for the thresholding quantile */
+  float *tmp[3];    /* batch * d scratch each */
+  union {
+    multistep_state ms;
+    pndm_state pndm;
+    heun_state heun;
+  } st; /* the solver's state, zeroed per run */
   const sampler_run_opts *o;
   run_ctx *run;
   int i0; /* the run's first evaluation (a later start restarts counters such as PNDM's) */
@@ -45,6 +76,8 @@ typedef struct solver_desc {
   int (*run)(const sampler *s, run_ctx *r, float *x, err *e);
   int nbuf; /* state buffers of batch * d floats for step() */
   int stochastic_always;
+  /* Hands the nbuf zeroed buffers to the fields of step_ctx.st, once per run; NULL if none. */
+  void (*bind)(const sampler *s, step_ctx *c, float *const *bufs);
 } solver_desc;
 
 struct sampler {
@@ -65,9 +98,9 @@ struct sampler {
   int64_t *ts, *prev; /* integer timesteps (DDPM/DDIM/PNDM) */
   float *sigmas;      /* sigma grid (n_sigmas) */
   int n_sigmas;
-  int *orders; /* per-evaluation orders (singlestep) */
-  double *aux; /* further per-solver data */
-  int n_aux;
+  int *orders;     /* per-evaluation orders (singlestep) */
+  double *lambdas; /* DPM_Solver: lambda at the training timesteps, clipped (n_lambdas) */
+  int n_lambdas;
 };
 
 /* ---- sampler.c ---- */
