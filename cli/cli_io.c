@@ -56,9 +56,33 @@ static int is_npy(const char *path) {
   return n > 4 && strcmp(path + n - 4, ".npy") == 0;
 }
 
+/* A PNG file as c x h x w floats (image_from_png), or with c 0 as an h x w mask
+ * (image_mask_from_png); errors name the flag and the path. */
+static int read_png(const char *flag, const char *path, int c, int h, int w, float **out, err *e) {
+  uint8_t *png;
+  size_t len;
+  int rc = cli_read_file(flag, path, CLI_MAX_IMAGE_BYTES, &png, &len, e);
+  if (rc != ERR_OK)
+    return rc;
+  float *x = malloc((size_t)(c ? c : 1) * h * w * sizeof *x);
+  char field[600];
+  snprintf(field, sizeof field, "%s %s", flag, path);
+  if (!x)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  else
+    rc = c ? image_from_png(png, len, field, c, h, w, x, e)
+           : image_mask_from_png(png, len, field, h, w, x, e);
+  free(png);
+  if (rc != ERR_OK) {
+    free(x);
+    return rc;
+  }
+  *out = x;
+  return ERR_OK;
+}
+
 int cli_read_image(const char *flag, const char *path, int c, int h, int w, float **out, err *e) {
   *out = NULL;
-  const size_t n = (size_t)c * h * w;
   if (is_npy(path)) {
     npy_array a;
     int rc = npy_read_f32(path, &a, e);
@@ -79,22 +103,7 @@ int cli_read_image(const char *flag, const char *path, int c, int h, int w, floa
     *out = a.data;
     return ERR_OK;
   }
-  uint8_t *png;
-  size_t len;
-  int rc = cli_read_file(flag, path, CLI_MAX_IMAGE_BYTES, &png, &len, e);
-  if (rc != ERR_OK)
-    return rc;
-  float *x = malloc(n * sizeof *x);
-  char field[600];
-  snprintf(field, sizeof field, "%s %s", flag, path);
-  rc = x ? image_from_png(png, len, field, c, h, w, x, e) : err_set(e, ERR_NOMEM, "out of memory");
-  free(png);
-  if (rc != ERR_OK) {
-    free(x);
-    return rc;
-  }
-  *out = x;
-  return ERR_OK;
+  return read_png(flag, path, c, h, w, out, e);
 }
 
 int cli_read_images(const char *flag, const char *path, int c, int h, int w, int max_batch,
@@ -188,23 +197,7 @@ int cli_read_mask(const char *flag, const char *path, int h, int w, float **out,
     *out = a.data;
     return ERR_OK;
   }
-  uint8_t *png;
-  size_t len;
-  int rc = cli_read_file(flag, path, CLI_MAX_IMAGE_BYTES, &png, &len, e);
-  if (rc != ERR_OK)
-    return rc;
-  float *x = malloc(n * sizeof *x);
-  char field[600];
-  snprintf(field, sizeof field, "%s %s", flag, path);
-  rc =
-      x ? image_mask_from_png(png, len, field, h, w, x, e) : err_set(e, ERR_NOMEM, "out of memory");
-  free(png);
-  if (rc != ERR_OK) {
-    free(x);
-    return rc;
-  }
-  *out = x;
-  return ERR_OK;
+  return read_png(flag, path, 0, h, w, out, e);
 }
 
 void cli_progress_init(cli_progress *p, int quiet) {

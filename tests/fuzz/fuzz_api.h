@@ -7,6 +7,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "api.h"
@@ -73,6 +74,39 @@ static void fuzz_api_open(api_ctx *ctx) {
                    .batch_max_images = c.batch_max_images,
                    .max_body_bytes = c.max_body_bytes,
                    .result_ttl = c.result_ttl};
+}
+
+/* ---- the harnesses of request bodies (fuzz_job, fuzz_txt2img) ---- */
+
+typedef int (*fuzz_body_parser)(const api_ctx *c, const char *body, size_t len, const char *owner,
+                                queue_spec *out, api_error *e);
+
+/* Their one context, opened before the first input. */
+static inline api_ctx *fuzz_body_ctx(void) {
+  static api_ctx ctx;
+  return &ctx;
+}
+
+#ifdef FUZZ_BODY_HARNESS /* defined by the harnesses of bodies, which need no other set-up */
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+  (void)argc;
+  (void)argv;
+  fuzz_api_open(fuzz_body_ctx());
+  return 0;
+}
+#endif
+
+/* Parses one body as the daemon does: 1 with *spec filled (the caller clears it) when the body
+ * is accepted, 0 when it is refused as a refusal must be (a 4xx with a code and a message);
+ * aborts on any other answer. */
+static inline int fuzz_body_parse(fuzz_body_parser parse, const uint8_t *data, size_t size,
+                                  queue_spec *spec) {
+  api_error ae = {0};
+  memset(spec, 0, sizeof *spec);
+  int rc = parse(fuzz_body_ctx(), (const char *)data, size, "", spec, &ae);
+  if (rc && (rc < 400 || rc > 499 || !ae.code[0] || !ae.message[0]))
+    abort();
+  return rc == 0;
 }
 
 #endif

@@ -4,26 +4,13 @@
  * queue_spec_from_json, as recovery reads it); a refused one gets a 4xx naming what is wrong. */
 #include <string.h>
 
+#define FUZZ_BODY_HARNESS
 #include "fuzz_api.h"
 
-static api_ctx ctx;
-
-int LLVMFuzzerInitialize(int *argc, char ***argv) {
-  (void)argc;
-  (void)argv;
-  fuzz_api_open(&ctx);
-  return 0;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  queue_spec spec = {0};
-  api_error ae = {0};
-  int rc = api_parse_job(&ctx, (const char *)data, size, "", &spec, &ae);
-  if (rc) {
-    if (rc < 400 || rc > 499 || !ae.code[0] || !ae.message[0])
-      abort();
+  queue_spec spec;
+  if (!fuzz_body_parse(api_parse_job, data, size, &spec))
     return 0;
-  }
   json_t *j = queue_spec_to_json(&spec);
   queue_spec back = {0};
   err e = {0};
