@@ -1,0 +1,711 @@
+/* The grad room's harness, after ggml's test-backend-ops grad mode: for every op of the table,
+ * several small random configurations; the engine's forward is compared with a double-precision
+ * reference, and its backward (every input slot, weights included) with central finite
+ * differences of sum(G * reference(x)) in double precision, by relative L2 error against a
+ * threshold per op. A second test checks that 1 and 2 threads give bit-identical gradients, a
+ * third that bad nodes are refused with the field named. DENOISED_GRAD_BENCH=1 also times the
+ * convolution's backward against its forward. */
+#include <float.h>
+#include <math.h>
+#include <time.h>
+
+#include "arena.h"
+#include "grad.h"
+#include "ops.h"
+#include "pool.h"
+#include "rng.h"
+#include "testutil.h"
+
+#define FD_SAMPLES 48 /* elements of a slot checked by finite differences (all if fewer) */
+#define FD_STEP 1e-4
+
+typedef struct opcase opcase;
+typedef void (*ref_fn)(const opcase *oc, double *const *s, double *out);
+
+struct opcase {
+  const char *label;
+  grad_node nd;
+  int nslots;
+  size_t size[GRAD_MAX_SRC], out_size;
+  float *f[GRAD_MAX_SRC]; /* the inputs in float, owned */
+  conv2d conv;
+  attn_weights aw;
+  int64_t labels[16];
+  ref_fn ref;
+  double tol; /* relative L2 allowed for the forward and for each gradient */
+};
+
+/* ---------- double-precision references ---------- */
+
+static void ref_conv(const opcase *oc, double *const *s, double *y) {
+  const conv2d *c = &oc->conv;
+  int n = oc->nd.n, h = oc->nd.h, w = oc->nd.w, oh, ow;
+  ops_conv2d_out_size(c, h, w, &oh, &ow);
+  for (int b = 0; b < n; b++)
+    for (int o = 0; o < c->cout; o++)
+      for (int oy = 0; oy < oh; oy++)
+        for (int ox = 0; ox < ow; ox++) {
+          double acc = s[2][o];
+          for (int i = 0; i < c->cin; i++)
+            for (int ky = 0; ky < c->k; ky++)
+              for (int kx = 0; kx < c->k; kx++) {
+                int iy = oy * c->stride - c->pad_top + ky, ix = ox * c->stride - c->pad_left + kx;
+                if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                  acc += s[1][((o * c->cin + i) * c->k + ky) * c->k + kx] *
+                         s[0][((size_t)(b * c->cin + i) * h + iy) * w + ix];
+              }
+          y[((size_t)(b * c->cout + o) * oh + oy) * ow + ox] = acc;
+        }
+}
+
+static double silu_d(double v) {
+  return v / (1.0 + exp(-v));
+}
+
+static void gn_d(const double *x, int n, int c, int hw, int groups, double eps, const double *gamma,
+                 const double *beta, int silu, double *y) {
+  int cpg = c / groups;
+  for (int b = 0; b < n; b++)
+    for (int g = 0; g < groups; g++) {
+      size_t off = ((size_t)b * c + (size_t)g * cpg) * hw, cnt = (size_t)cpg * hw;
+      double m = 0, v = 0;
+      for (size_t i = 0; i < cnt; i++)
+        m += x[off + i];
+      m /= (double)cnt;
+      for (size_t i = 0; i < cnt; i++)
+        v += (x[off + i] - m) * (x[off + i] - m);
+      double rstd = 1.0 / sqrt(v / (double)cnt + eps);
+      for (int ci = 0; ci < cpg; ci++)
+        for (int q = 0; q < hw; q++) {
+          size_t i = off + (size_t)ci * hw + q;
+          double z = (x[i] - m) * rstd * gamma[g * cpg + ci] + beta[g * cpg + ci];
+          y[i] = silu ? silu_d(z) : z;
+        }
+    }
+}
+
+static void ref_gn(const opcase *oc, double *const *s, double *y) {
+  const grad_node *nd = &oc->nd;
+  gn_d(s[0], nd->n, nd->c, nd->h * nd->w, nd->p.gn.groups, nd->p.gn.eps, s[1], s[2], nd->p.gn.silu,
+       y);
+}
+
+static void ref_silu(const opcase *oc, double *const *s, double *y) {
+  for (size_t i = 0; i < oc->out_size; i++)
+    y[i] = silu_d(s[0][i]);
+}
+
+static void linear_d(const double *x, int n, int in, int out, const double *w, const double *b,
+                     double *y) {
+  for (int i = 0; i < n; i++)
+    for (int o = 0; o < out; o++) {
+      double acc = b ? b[o] : 0;
+      for (int k = 0; k < in; k++)
+        acc += w[(size_t)o * in + k] * x[(size_t)i * in + k];
+      y[(size_t)i * out + o] = acc;
+    }
+}
+
+static void ref_linear(const opcase *oc, double *const *s, double *y) {
+  linear_d(s[0], oc->nd.n, oc->nd.c, oc->nd.p.linear.out, s[1], oc->nd.src[2] ? s[2] : NULL, y);
+}
+
+/* Per pixel l: out[o][l] = sum_i w[o][i] in[i][l] + b[o]: diffusers' to_q etc. on [c][L]. */
+static void proj_d(const double *in, int c, int L, const double *w, const double *b, double *out) {
+  for (int o = 0; o < c; o++)
+    for (int l = 0; l < L; l++) {
+      double acc = b[o];
+      for (int i = 0; i < c; i++)
+        acc += w[o * c + i] * in[(size_t)i * L + l];
+      out[(size_t)o * L + l] = acc;
+    }
+}
+
+static void ref_attn(const opcase *oc, double *const *s, double *y) {
+  const attn_weights *aw = &oc->aw;
+  int n = oc->nd.n, c = aw->channels, L = oc->nd.h * oc->nd.w, dh = c / aw->heads;
+  size_t plane = (size_t)c * L;
+  double *xn = malloc(sizeof(double) * plane * n), *q = malloc(sizeof(double) * plane);
+  double *k = malloc(sizeof(double) * plane), *v = malloc(sizeof(double) * plane);
+  double *o = malloc(sizeof(double) * plane), *pr = malloc(sizeof(double) * L);
+  double *out = malloc(sizeof(double) * plane);
+  if (aw->groups > 0)
+    gn_d(s[0], n, c, L, aw->groups, aw->eps, s[1], s[2], 0, xn);
+  else
+    memcpy(xn, s[0], sizeof(double) * plane * n);
+  for (int b = 0; b < n; b++) {
+    const double *xb = xn + b * plane;
+    proj_d(xb, c, L, s[3], s[4], q);
+    proj_d(xb, c, L, s[5], s[6], k);
+    proj_d(xb, c, L, s[7], s[8], v);
+    for (int hd = 0; hd < aw->heads; hd++)
+      for (int r = 0; r < L; r++) {
+        double mx = -DBL_MAX, sum = 0;
+        for (int l = 0; l < L; l++) {
+          double acc = 0;
+          for (int d = 0; d < dh; d++)
+            acc += q[(size_t)(hd * dh + d) * L + r] * k[(size_t)(hd * dh + d) * L + l];
+          pr[l] = acc / sqrt((double)dh);
+          mx = pr[l] > mx ? pr[l] : mx;
+        }
+        for (int l = 0; l < L; l++)
+          sum += pr[l] = exp(pr[l] - mx);
+        for (int d = 0; d < dh; d++) {
+          double acc = 0;
+          for (int l = 0; l < L; l++)
+            acc += pr[l] / sum * v[(size_t)(hd * dh + d) * L + l];
+          o[(size_t)(hd * dh + d) * L + r] = acc;
+        }
+      }
+    proj_d(o, c, L, s[9], s[10], out);
+    for (size_t i = 0; i < plane; i++)
+      y[b * plane + i] = (out[i] + s[0][b * plane + i]) / aw->rescale;
+  }
+  free(xn), free(q), free(k), free(v), free(o), free(pr), free(out);
+}
+
+static void ref_up(const opcase *oc, double *const *s, double *y) {
+  int h = oc->nd.h, w = oc->nd.w;
+  for (size_t pl = 0; pl < (size_t)oc->nd.n * oc->nd.c; pl++)
+    for (int oy = 0; oy < 2 * h; oy++)
+      for (int ox = 0; ox < 2 * w; ox++)
+        y[(pl * 2 * h + oy) * 2 * w + ox] = s[0][(pl * h + oy / 2) * w + ox / 2];
+}
+
+static void ref_pool(const opcase *oc, double *const *s, double *y) {
+  int h = oc->nd.h, w = oc->nd.w, oh = h / 2, ow = w / 2;
+  for (size_t pl = 0; pl < (size_t)oc->nd.n * oc->nd.c; pl++)
+    for (int oy = 0; oy < oh; oy++)
+      for (int ox = 0; ox < ow; ox++) {
+        const double *p = s[0] + (pl * h + 2 * oy) * w + 2 * ox;
+        y[(pl * oh + oy) * ow + ox] = (p[0] + p[1] + p[w] + p[w + 1]) / 4;
+      }
+}
+
+/* The frequencies are constants of the op: taken in float as diffusers (and the engine) do. */
+static void ref_temb(const opcase *oc, double *const *s, double *y) {
+  int dim = oc->nd.c, half = dim / 2, flip = oc->nd.p.temb.flip_sin_to_cos;
+  for (int i = 0; i < oc->nd.n; i++) {
+    double *o = y + (size_t)i * dim;
+    for (int k = 0; k < half; k++) {
+      float expo = (float)-log(10000.0) * (float)k;
+      expo = expo / ((float)half - oc->nd.p.temb.freq_shift);
+      double arg = s[0][i] * (double)expf(expo);
+      o[flip ? half + k : k] = sin(arg);
+      o[flip ? k : half + k] = cos(arg);
+    }
+    if (dim % 2)
+      o[dim - 1] = 0;
+  }
+}
+
+static void ref_mlp(const opcase *oc, double *const *s, double *y) {
+  int n = oc->nd.n, hid = oc->nd.p.mlp.hidden;
+  double *h = malloc(sizeof(double) * n * hid);
+  linear_d(s[0], n, oc->nd.c, hid, s[1], s[2], h);
+  for (int i = 0; i < n * hid; i++)
+    h[i] = silu_d(h[i]);
+  linear_d(h, n, hid, oc->nd.p.mlp.out, s[3], s[4], y);
+  free(h);
+}
+
+static void ref_embed(const opcase *oc, double *const *s, double *y) {
+  for (int i = 0; i < oc->nd.n; i++)
+    for (int k = 0; k < oc->nd.c; k++)
+      y[(size_t)i * oc->nd.c + k] = s[0][(size_t)oc->labels[i] * oc->nd.c + k];
+}
+
+static void ref_concat(const opcase *oc, double *const *s, double *y) {
+  size_t hw = (size_t)oc->nd.h * oc->nd.w, ca = oc->nd.c * hw, cb = oc->nd.p.concat.cb * hw;
+  for (int i = 0; i < oc->nd.n; i++) {
+    memcpy(y + i * (ca + cb), s[0] + i * ca, sizeof(double) * ca);
+    memcpy(y + i * (ca + cb) + ca, s[1] + i * cb, sizeof(double) * cb);
+  }
+}
+
+static void ref_ss(const opcase *oc, double *const *s, double *y) {
+  int c = oc->nd.c, hw = oc->nd.h * oc->nd.w, sc = oc->nd.p.ss.has_scale;
+  for (int i = 0; i < oc->nd.n; i++)
+    for (int ch = 0; ch < c; ch++)
+      for (int k = 0; k < hw; k++) {
+        size_t at = ((size_t)i * c + ch) * hw + k;
+        y[at] = sc ? s[0][at] * (1 + s[1][i * 2 * c + ch]) + s[1][i * 2 * c + c + ch]
+                   : s[0][at] + s[1][i * c + ch];
+      }
+}
+
+static void ref_add(const opcase *oc, double *const *s, double *y) {
+  for (size_t i = 0; i < oc->out_size; i++)
+    y[i] = (s[0][i] + s[1][i]) / oc->nd.p.add.divisor;
+}
+
+/* ---------- building cases ---------- */
+
+static uint64_t case_seed = 1;
+
+static float *randn(size_t n, float scale) {
+  float *p = malloc(n * sizeof *p + 4);
+  rng_normal(7, case_seed++, 0, p, n);
+  for (size_t i = 0; i < n; i++)
+    p[i] *= scale;
+  return p;
+}
+
+/* Sizes from the table's rule, random inputs, and the op's own structs wired to them. */
+static void case_init(opcase *oc, const char *label, ref_fn ref, double tol) {
+  const grad_rule *r = grad_rule_get(oc->nd.op);
+  oc->label = label;
+  oc->ref = ref;
+  oc->tol = tol;
+  oc->nslots = r->nsrc;
+  if (oc->nd.op == GRAD_CONV2D) {
+    int k = oc->conv.k;
+    oc->f[1] = randn((size_t)oc->conv.cout * oc->conv.cin * k * k, 1.0f / sqrtf(oc->conv.cin * k));
+    oc->f[2] = randn((size_t)oc->conv.cout, 0.5f);
+    oc->conv.weight = oc->f[1];
+    oc->conv.bias = oc->f[2];
+    ck_assert_int_eq(ops_conv2d_pack(&oc->conv), 0);
+    oc->nd.p.conv = &oc->conv;
+  }
+  if (oc->nd.op == GRAD_ATTENTION) {
+    int c = oc->aw.channels;
+    const float **slots[11] = {NULL,       &oc->aw.norm_gamma, &oc->aw.norm_beta, &oc->aw.wq,
+                               &oc->aw.bq, &oc->aw.wk,         &oc->aw.bk,        &oc->aw.wv,
+                               &oc->aw.bv, &oc->aw.wo,         &oc->aw.bo};
+    for (int i = 1; i < 11; i++) {
+      int vec = i <= 2 || i % 2 == 0;
+      oc->f[i] = randn(vec ? (size_t)c : (size_t)c * c, vec ? 0.5f : 1.0f / sqrtf(c));
+      if (i == 1)
+        for (int k = 0; k < c; k++)
+          oc->f[1][k] += 1.0f;
+      *slots[i] = oc->f[i];
+    }
+    if (oc->aw.groups == 0)
+      oc->aw.norm_gamma = oc->aw.norm_beta = NULL;
+    ck_assert_int_eq(ops_attention_pack(&oc->aw), 0);
+    oc->nd.p.attn = &oc->aw;
+  }
+  if (oc->nd.op == GRAD_CLASS_EMBEDDING)
+    oc->nd.p.embed.labels = oc->labels;
+  for (int i = 0; i < oc->nslots; i++) {
+    oc->size[i] = grad_size(&oc->nd, i);
+    ck_assert_msg(oc->size[i] > 0, "%s: slot %d has no size", label, i);
+    if (!oc->f[i])
+      oc->f[i] = randn(oc->size[i], oc->nd.op == GRAD_TIMESTEP_EMBEDDING ? 20.0f : 1.0f);
+    if (oc->nd.op == GRAD_TIMESTEP_EMBEDDING)
+      for (size_t k = 0; k < oc->size[i]; k++)
+        oc->f[i][k] = fabsf(oc->f[i][k]);
+    if (oc->nd.op != GRAD_CONV2D && oc->nd.op != GRAD_ATTENTION)
+      oc->nd.src[i] = oc->f[i];
+  }
+  oc->nd.src[0] = oc->f[0];
+  oc->out_size = grad_size(&oc->nd, -1);
+  ck_assert_msg(oc->out_size > 0, "%s: no output size", label);
+}
+
+static void case_free(opcase *oc) {
+  if (oc->nd.op == GRAD_CONV2D)
+    ops_conv2d_unpack(&oc->conv);
+  if (oc->nd.op == GRAD_ATTENTION)
+    ops_attention_unpack(&oc->aw);
+  for (int i = 0; i < GRAD_MAX_SRC; i++)
+    free(oc->f[i]);
+}
+
+static opcase conv_case(int cin, int cout, int k, int stride, int pt, int pl, int pb, int pr, int n,
+                        int h, int w) {
+  opcase oc = {.nd = {.op = GRAD_CONV2D, .n = n, .c = cin, .h = h, .w = w}};
+  oc.conv = (conv2d){.cin = cin,
+                     .cout = cout,
+                     .k = k,
+                     .stride = stride,
+                     .pad_top = pt,
+                     .pad_left = pl,
+                     .pad_bottom = pb,
+                     .pad_right = pr};
+  return oc;
+}
+
+static opcase attn_case(int c, int heads, int groups, float rescale, int n, int h, int w) {
+  opcase oc = {.nd = {.op = GRAD_ATTENTION, .n = n, .c = c, .h = h, .w = w}};
+  oc.aw = (attn_weights){
+      .channels = c, .heads = heads, .groups = groups, .eps = 1e-5f, .rescale = rescale};
+  return oc;
+}
+
+static opcase node_case(grad_op op, int n, int c, int h, int w) {
+  return (opcase){.nd = {.op = op, .n = n, .c = c, .h = h, .w = w}};
+}
+
+/* Every configuration the harness runs; `covered` marks the ops of the table they reach. */
+static int build_cases(opcase *cs) {
+  int m = 0;
+  /* convolutions: 3x3 and 1x1, stride 1 and 2, symmetric and diffusers' (0,1,0,1) padding, and
+   * an 8x8 3x3 layer whose forward goes through Winograd */
+  cs[m] = conv_case(3, 5, 3, 1, 1, 1, 1, 1, 2, 6, 5);
+  case_init(&cs[m++], "conv 3x3 s1 pad1", ref_conv, 1e-5);
+  cs[m] = conv_case(4, 6, 1, 1, 0, 0, 0, 0, 2, 5, 7);
+  case_init(&cs[m++], "conv 1x1", ref_conv, 1e-5);
+  cs[m] = conv_case(5, 4, 3, 2, 1, 1, 1, 1, 2, 7, 6);
+  case_init(&cs[m++], "conv 3x3 s2 pad1", ref_conv, 1e-5);
+  cs[m] = conv_case(4, 4, 3, 2, 0, 0, 1, 1, 2, 8, 8);
+  case_init(&cs[m++], "conv 3x3 s2 pad(0,1,0,1)", ref_conv, 1e-5);
+  cs[m] = conv_case(16, 16, 3, 1, 1, 1, 1, 1, 1, 8, 8);
+  case_init(&cs[m++], "conv 3x3 s1 8x8 (winograd fwd)", ref_conv, 1e-5);
+  cs[m] = node_case(GRAD_GROUP_NORM, 2, 8, 5, 5);
+  cs[m].nd.p.gn.groups = 4;
+  cs[m].nd.p.gn.eps = 1e-5f;
+  case_init(&cs[m++], "group_norm 4 groups", ref_gn, 1e-5);
+  cs[m] = node_case(GRAD_GROUP_NORM, 2, 6, 4, 3);
+  cs[m].nd.p.gn.groups = 3;
+  cs[m].nd.p.gn.silu = 1;
+  cs[m].nd.p.gn.eps = 1e-6f;
+  case_init(&cs[m++], "group_norm+silu 3 groups", ref_gn, 1e-5);
+  cs[m] = node_case(GRAD_GROUP_NORM, 1, 4, 3, 3);
+  cs[m].nd.p.gn.groups = 1;
+  cs[m].nd.p.gn.silu = 1;
+  cs[m].nd.p.gn.eps = 1e-5f;
+  case_init(&cs[m++], "group_norm+silu 1 group", ref_gn, 1e-5);
+  cs[m] = node_case(GRAD_SILU, 2, 3, 4, 5);
+  case_init(&cs[m++], "silu", ref_silu, 1e-5);
+  cs[m] = node_case(GRAD_LINEAR, 3, 7, 1, 1);
+  cs[m].nd.p.linear.out = 5;
+  case_init(&cs[m++], "linear 7->5", ref_linear, 1e-5);
+  cs[m] = node_case(GRAD_LINEAR, 2, 16, 1, 1);
+  cs[m].nd.p.linear.out = 12;
+  case_init(&cs[m++], "linear 16->12", ref_linear, 1e-5);
+  cs[m] = attn_case(8, 2, 4, 1.0f, 2, 4, 4);
+  case_init(&cs[m++], "attention 2 heads, gn", ref_attn, 5e-5);
+  cs[m] = attn_case(6, 1, 0, 1.4142135f, 2, 3, 3);
+  case_init(&cs[m++], "attention 1 head, no gn, rescale", ref_attn, 5e-5);
+  cs[m] = attn_case(8, 4, 2, 1.0f, 1, 5, 4);
+  case_init(&cs[m++], "attention 4 heads", ref_attn, 5e-5);
+  cs[m] = node_case(GRAD_UPSAMPLE_NEAREST2X, 2, 3, 3, 4);
+  case_init(&cs[m++], "upsample 2x", ref_up, 1e-5);
+  cs[m] = node_case(GRAD_AVGPOOL2X2, 2, 3, 4, 6);
+  case_init(&cs[m++], "avgpool 2x2", ref_pool, 1e-5);
+  cs[m] = node_case(GRAD_AVGPOOL2X2, 1, 2, 5, 7);
+  case_init(&cs[m++], "avgpool 2x2 odd", ref_pool, 1e-5);
+  cs[m] = node_case(GRAD_TIMESTEP_EMBEDDING, 4, 8, 1, 1);
+  cs[m].nd.p.temb.flip_sin_to_cos = 1;
+  case_init(&cs[m++], "timestep embedding flip", ref_temb, 1e-5);
+  cs[m] = node_case(GRAD_TIMESTEP_EMBEDDING, 3, 7, 1, 1);
+  cs[m].nd.p.temb.freq_shift = 1.0f;
+  case_init(&cs[m++], "timestep embedding odd, shift 1", ref_temb, 1e-5);
+  cs[m] = node_case(GRAD_TIME_MLP, 3, 6, 1, 1);
+  cs[m].nd.p.mlp.hidden = cs[m].nd.p.mlp.out = 10;
+  case_init(&cs[m++], "time MLP 6->10->10", ref_mlp, 1e-5);
+  cs[m] = node_case(GRAD_CLASS_EMBEDDING, 4, 6, 1, 1);
+  cs[m].nd.p.embed.classes = 5;
+  memcpy(cs[m].labels, (int64_t[]){1, 3, 1, 0}, 4 * sizeof(int64_t));
+  case_init(&cs[m++], "class embedding", ref_embed, 1e-6);
+  cs[m] = node_case(GRAD_CONCAT, 2, 3, 3, 3);
+  cs[m].nd.p.concat.cb = 2;
+  case_init(&cs[m++], "skip concat", ref_concat, 1e-6);
+  cs[m] = node_case(GRAD_SCALE_SHIFT, 2, 4, 3, 3);
+  case_init(&cs[m++], "time shift (default)", ref_ss, 1e-5);
+  cs[m] = node_case(GRAD_SCALE_SHIFT, 2, 4, 3, 2);
+  cs[m].nd.p.ss.has_scale = 1;
+  case_init(&cs[m++], "scale_shift", ref_ss, 1e-5);
+  cs[m] = node_case(GRAD_ADD, 2, 3, 2, 2);
+  cs[m].nd.p.add.divisor = 1.0f;
+  case_init(&cs[m++], "residual add", ref_add, 1e-5);
+  cs[m] = node_case(GRAD_ADD, 1, 3, 2, 3);
+  cs[m].nd.p.add.divisor = 0.7071f;
+  case_init(&cs[m++], "residual add / scale", ref_add, 1e-5);
+  return m;
+}
+
+#define MAX_CASES 40
+
+/* ---------- the checks ---------- */
+
+static double rel_l2_d(const double *a, const double *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static double loss_d(const opcase *oc, double *const *s, const float *g, double *y) {
+  oc->ref(oc, s, y);
+  double l = 0;
+  for (size_t i = 0; i < oc->out_size; i++)
+    l += g[i] * y[i];
+  return l;
+}
+
+/* Runs the backward with dsrc pre-filled (the rules accumulate) and returns the increments. */
+static float **run_backward(opcase *oc, const float *g, pool *p) {
+  float **d = calloc(GRAD_MAX_SRC, sizeof *d), **pre = calloc(GRAD_MAX_SRC, sizeof *pre);
+  for (int i = 0; i < oc->nslots; i++) {
+    pre[i] = randn(oc->size[i], 0.1f);
+    d[i] = malloc(oc->size[i] * sizeof(float));
+    memcpy(d[i], pre[i], oc->size[i] * sizeof(float));
+    oc->nd.dsrc[i] = d[i];
+  }
+  if (oc->nd.op == GRAD_ATTENTION && oc->aw.groups == 0)
+    oc->nd.dsrc[1] = oc->nd.dsrc[2] = NULL;
+  oc->nd.ddst = g;
+  arena *a = arena_new(1 << 20);
+  err e = {0};
+  int rc = grad_backward(&oc->nd, a, p, &e);
+  ck_assert_msg(rc == ERR_OK, "%s: backward failed: %s", oc->label, e.msg);
+  arena_free(a);
+  for (int i = 0; i < oc->nslots; i++) {
+    for (size_t k = 0; k < oc->size[i]; k++)
+      d[i][k] -= pre[i][k];
+    free(pre[i]);
+    oc->nd.dsrc[i] = NULL;
+  }
+  free(pre);
+  return d;
+}
+
+static void free_grads(float **d) {
+  for (int i = 0; i < GRAD_MAX_SRC; i++)
+    free(d[i]);
+  free(d);
+}
+
+/* Forward vs reference, then each slot's gradient vs central differences on up to FD_SAMPLES
+ * of its elements. Returns the worst relative error seen (printed in the table). */
+static double check_case(opcase *oc, double *fwd_err) {
+  double *s[GRAD_MAX_SRC] = {0};
+  for (int i = 0; i < oc->nslots; i++) {
+    s[i] = malloc(oc->size[i] * sizeof(double));
+    for (size_t k = 0; k < oc->size[i]; k++)
+      s[i][k] = oc->f[i] ? oc->f[i][k] : 0;
+  }
+  double *yd = malloc(oc->out_size * sizeof(double));
+  float *yf = malloc(oc->out_size * sizeof(float)), *g = randn(oc->out_size, 1.0f);
+  arena *a = arena_new(1 << 20);
+  err e = {0};
+  ck_assert_msg(grad_forward(&oc->nd, yf, a, NULL, &e) == ERR_OK, "%s: %s", oc->label, e.msg);
+  arena_free(a);
+  oc->ref(oc, s, yd);
+  double *yfd = malloc(oc->out_size * sizeof(double));
+  for (size_t i = 0; i < oc->out_size; i++)
+    yfd[i] = yf[i];
+  *fwd_err = rel_l2_d(yfd, yd, oc->out_size);
+  ck_assert_msg(*fwd_err <= oc->tol, "%s: forward rel L2 %.3g > %.3g", oc->label, *fwd_err,
+                oc->tol);
+  float **d = run_backward(oc, g, NULL);
+  double worst = 0;
+  for (int i = 0; i < oc->nslots; i++) {
+    if (!oc->nd.src[i] && oc->nd.op != GRAD_CONV2D && oc->nd.op != GRAD_ATTENTION)
+      continue;
+    if (oc->nd.op == GRAD_ATTENTION && oc->aw.groups == 0 && (i == 1 || i == 2))
+      continue;
+    size_t cnt = oc->size[i] < FD_SAMPLES ? oc->size[i] : FD_SAMPLES;
+    double fd[FD_SAMPLES], an[FD_SAMPLES];
+    /* cppcheck-suppress knownConditionTrueFalse ; sizes come from case_init, never 0 */
+    for (size_t j = 0; j < cnt; j++) {
+      size_t k = oc->size[i] <= FD_SAMPLES ? j : (j * 7919u + 13u) % oc->size[i];
+      double v = s[i][k], hstep = FD_STEP * (fabs(v) > 1 ? fabs(v) : 1);
+      s[i][k] = v + hstep;
+      double lp = loss_d(oc, s, g, yd);
+      s[i][k] = v - hstep;
+      double lm = loss_d(oc, s, g, yd);
+      s[i][k] = v;
+      fd[j] = (lp - lm) / (2 * hstep);
+      an[j] = d[i][k];
+    }
+    /* relative, with a floor for gradients that vanish by symmetry (softmax makes the key bias
+     * irrelevant: its gradient is float noise against an exact zero) */
+    double num = 0, den = 0;
+    /* cppcheck-suppress knownConditionTrueFalse */
+    for (size_t j = 0; j < cnt; j++) {
+      num += (an[j] - fd[j]) * (an[j] - fd[j]);
+      den += fd[j] * fd[j];
+    }
+    double r = sqrt(num / fmax(den, 1e-2 * (double)cnt));
+    ck_assert_msg(r <= oc->tol, "%s: gradient of slot %d (%s) rel L2 %.3g > %.3g", oc->label, i,
+                  grad_rule_get(oc->nd.op)->src_names[i], r, oc->tol);
+    worst = r > worst ? r : worst;
+  }
+  free_grads(d);
+  for (int i = 0; i < oc->nslots; i++)
+    free(s[i]);
+  free(yd), free(yf), free(yfd), free(g);
+  return worst;
+}
+
+START_TEST(every_op_matches_reference_and_finite_differences) {
+  static opcase cs[MAX_CASES];
+  int m = build_cases(cs), covered[GRAD_OP_COUNT] = {0};
+  printf("%-36s %-20s %10s %10s %8s\n", "case", "op", "fwd relL2", "grad relL2", "limit");
+  for (int i = 0; i < m; i++) {
+    double fe, ge = check_case(&cs[i], &fe);
+    printf("%-36s %-20s %10.2e %10.2e %8.0e\n", cs[i].label, grad_rule_get(cs[i].nd.op)->name, fe,
+           ge, cs[i].tol);
+    covered[cs[i].nd.op] = 1;
+    case_free(&cs[i]);
+  }
+  for (int op = 0; op < GRAD_OP_COUNT; op++)
+    ck_assert_msg(covered[op], "op %s of the table has no case in the harness",
+                  grad_rule_get(op)->name);
+}
+END_TEST
+
+/* 1 and 2 threads give the same bits, on the small cases and on shapes big enough that the
+ * convolution splits its weight gradient into several row, column and pixel tiles. */
+START_TEST(gradients_do_not_depend_on_threads) {
+  static opcase cs[MAX_CASES];
+  int m = build_cases(cs);
+  cs[m] = conv_case(64, 60, 3, 1, 1, 1, 1, 1, 2, 32, 32);
+  case_init(&cs[m++], "conv 64->60 32x32", ref_conv, 0);
+  cs[m] = conv_case(30, 52, 3, 2, 0, 0, 1, 1, 3, 16, 16);
+  case_init(&cs[m++], "conv 30->52 s2 16x16", ref_conv, 0);
+  cs[m] = attn_case(32, 4, 8, 1.0f, 2, 20, 20);
+  case_init(&cs[m++], "attention 32ch 20x20", ref_attn, 0);
+  pool *p2 = pool_new(2);
+  ck_assert_ptr_nonnull(p2);
+  for (int i = 0; i < m; i++) {
+    float *g = randn(cs[i].out_size, 1.0f);
+    case_seed = 1000;
+    float **d1 = run_backward(&cs[i], g, NULL);
+    case_seed = 1000;
+    float **d2 = run_backward(&cs[i], g, p2);
+    for (int s = 0; s < cs[i].nslots; s++)
+      ck_assert_msg(memcmp(d1[s], d2[s], cs[i].size[s] * sizeof(float)) == 0,
+                    "%s: slot %d differs between 1 and 2 threads", cs[i].label, s);
+    free_grads(d1);
+    free_grads(d2);
+    free(g);
+    case_free(&cs[i]);
+  }
+  pool_free(p2);
+}
+END_TEST
+
+START_TEST(bad_nodes_name_the_field) {
+  float x[64] = {0}, dx[64] = {0};
+  arena *a = arena_new(1 << 16);
+  err e = {0};
+  grad_node nd = {.op = GRAD_GROUP_NORM, .n = 1, .c = 6, .h = 2, .w = 2};
+  nd.p.gn.groups = 4;
+  nd.p.gn.eps = 1e-5f;
+  nd.src[0] = x;
+  nd.ddst = x;
+  nd.dsrc[0] = dx;
+  ck_assert_int_eq(grad_backward(&nd, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "p.gn.groups"));
+  nd.p.gn.groups = 3;
+  nd.ddst = NULL;
+  ck_assert_int_eq(grad_backward(&nd, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "ddst"));
+  nd.ddst = x;
+  nd.dsrc[5] = dx;
+  ck_assert_int_eq(grad_backward(&nd, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "dsrc[5]"));
+  int64_t labels[2] = {0, 9};
+  grad_node em = {.op = GRAD_CLASS_EMBEDDING, .n = 2, .c = 4, .h = 1, .w = 1};
+  em.p.embed.labels = labels;
+  em.p.embed.classes = 3;
+  em.src[0] = x;
+  ck_assert_int_eq(grad_forward(&em, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "labels'[1]"));
+  grad_node li = {.op = GRAD_LINEAR, .n = 2, .c = 4, .h = 1, .w = 1};
+  li.p.linear.out = 3;
+  li.src[0] = x;
+  ck_assert_int_eq(grad_forward(&li, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "src[1]' (weight)"));
+  grad_node cv = {.op = GRAD_CONV2D, .n = 1, .c = 2, .h = 4, .w = 4};
+  cv.src[0] = x;
+  ck_assert_int_eq(grad_forward(&cv, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "p.conv"));
+  grad_node unknown = {.op = GRAD_OP_COUNT, .n = 1, .c = 1, .h = 1, .w = 1};
+  ck_assert_int_eq(grad_forward(&unknown, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_null(grad_rule_get(GRAD_OP_COUNT));
+  arena_free(a);
+}
+END_TEST
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Not a check: with DENOISED_GRAD_BENCH=1, the median time of a convolution's forward and of
+ * its backward (input, weight and bias gradients) on layers of the UNets this engine runs. */
+START_TEST(conv_backward_cost) {
+  const char *on = getenv("DENOISED_GRAD_BENCH");
+  if (!on || *on != '1')
+    return;
+  static const int shapes[][6] = {/* cin, cout, k, stride, n, size */
+                                  {64, 64, 3, 1, 16, 16},
+                                  {128, 128, 3, 1, 16, 16},
+                                  {128, 128, 3, 1, 4, 32},
+                                  {128, 128, 3, 2, 4, 32},
+                                  {256, 128, 1, 1, 4, 32}};
+  int threads = getenv("DENOISED_GRAD_THREADS") ? atoi(getenv("DENOISED_GRAD_THREADS")) : 2;
+  pool *p = pool_new(threads);
+  arena *a = arena_new(64 << 20);
+  for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+    const int *sh = shapes[si];
+    int pad = sh[3] == 2 ? 0 : sh[2] / 2;
+    opcase oc =
+        conv_case(sh[0], sh[1], sh[2], sh[3], pad, pad, sh[2] / 2, sh[2] / 2, sh[4], sh[5], sh[5]);
+    case_init(&oc, "bench", ref_conv, 0);
+    float *y = malloc(oc.out_size * sizeof(float)), *g = randn(oc.out_size, 1.0f);
+    float *dx = calloc(oc.size[0], sizeof(float)), *dw = calloc(oc.size[1], sizeof(float));
+    float *db = calloc(oc.size[2], sizeof(float));
+    oc.nd.ddst = g;
+    double tf[5], tb[5], tx[5], tw[5];
+    err e;
+    for (int r = 0; r < 5; r++) {
+      double t0 = now_s();
+      grad_forward(&oc.nd, y, a, p, &e);
+      double t1 = now_s();
+      oc.nd.dsrc[0] = dx;
+      oc.nd.dsrc[1] = dw;
+      oc.nd.dsrc[2] = db;
+      grad_backward(&oc.nd, a, p, &e);
+      double t2 = now_s();
+      oc.nd.dsrc[1] = oc.nd.dsrc[2] = NULL;
+      grad_backward(&oc.nd, a, p, &e);
+      double t3 = now_s();
+      oc.nd.dsrc[0] = NULL;
+      oc.nd.dsrc[1] = dw;
+      grad_backward(&oc.nd, a, p, &e);
+      double t4 = now_s();
+      oc.nd.dsrc[1] = NULL;
+      tf[r] = t1 - t0, tb[r] = t2 - t1, tx[r] = t3 - t2, tw[r] = t4 - t3;
+    }
+    double *all[4] = {tf, tb, tx, tw};
+    for (int k = 0; k < 4; k++) /* median of 5 */
+      for (int i = 0; i < 5; i++)
+        for (int j = i + 1; j < 5; j++)
+          if (all[k][j] < all[k][i]) {
+            double t = all[k][i];
+            all[k][i] = all[k][j];
+            all[k][j] = t;
+          }
+    double flops = 2.0 * oc.out_size * sh[0] * sh[2] * sh[2];
+    printf("conv %3d->%3d k%d s%d batch %2d %2dx%-2d (%d threads): fwd %7.2f ms (%5.1f GFLOP/s), "
+           "bwd %7.2f ms = %.2fx fwd (dx %.2f ms, dW %.2f ms)\n",
+           sh[0], sh[1], sh[2], sh[3], sh[4], sh[5], sh[5], threads, tf[2] * 1e3,
+           flops / tf[2] * 1e-9, tb[2] * 1e3, tb[2] / tf[2], tx[2] * 1e3, tw[2] * 1e3);
+    free(y), free(g), free(dx), free(dw), free(db);
+    case_free(&oc);
+  }
+  arena_free(a);
+  pool_free(p);
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("grad_ops");
+  TCase *tc = tcase_create("grad_ops");
+  tcase_set_timeout(tc, 600);
+  tcase_add_test(tc, every_op_matches_reference_and_finite_differences);
+  tcase_add_test(tc, gradients_do_not_depend_on_threads);
+  tcase_add_test(tc, bad_nodes_name_the_field);
+  tcase_add_test(tc, conv_backward_cost);
+  suite_add_tcase(s, tc);
+  return s;
+}
