@@ -1,42 +1,50 @@
 /* Backward of ops_conv2d for every shape the UNet uses (1x1, 3x3, stride 1 and 2, symmetric or
  * diffusers' (0,1,0,1) padding), on the engine's split-invariant GEMM (engine/core/gemm.h):
- *   dW += dY . col^T   A = dY (packed per image and pixel tile), B = im2col transposed;
+ *   dW^T += col . dY^T   A = im2col rows (unfolded and packed by each task), B = dY transposed;
  *   dX += col2im(W^T . dY)   A = W^T (packed once per call), B = dY as it lies in memory;
  *   db += sum of dY.
  * The forward may have run Winograd; its backward is the exact convolution's (the two agree to
- * float rounding), so no Winograd-domain rule is needed. Tasks split output channels (dW) or
- * input channels (dX) and never a sum, so the gradients do not depend on the thread count. */
+ * float rounding), so no Winograd-domain rule is needed. Tasks split im2col rows (dW) or input
+ * channels (dX) and never a sum, so the gradients do not depend on the thread count. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "gemm.h"
 #include "grad_rules.h"
 
-#define DW_TILE_BYTES (2u << 20) /* transposed im2col tile, about one L2's worth */
-#define DW_ROWS 48               /* output channels per dW task (a multiple of the GEMM's 12) */
-#define DW_COLS 256              /* weight columns per dW task */
-#define DX_ROWS 96               /* im2col rows per dX task, rounded to whole input channels */
+#define DW_TILE 4096 /* output pixels per dW GEMM (a multiple of the GEMM's k-block) */
+#define DW_ROWS 48   /* im2col rows per dW task */
+#define DX_ROWS 96   /* im2col rows per dX task, rounded to whole input channels */
 
 typedef struct conv_geom {
   const conv2d *c;
   int n, h, w, oh, ow, P, K, kk;
 } conv_geom;
 
-/* colt[p - p0][K] = the receptive field of output pixel p of one image, zero where padded. */
-static void im2col_t(const conv_geom *g, const float *x, int p0, int p1, float *colt) {
+/* im2col rows [r0, r1) (row = (ci, ky, kx)) for output pixels [p0, p1) of one image, into
+ * col[r - r0][p - p0] (row stride ld): the forward's layout, built row by row. */
+static void im2col_rows(const conv_geom *g, const float *x, int r0, int r1, int p0, int p1,
+                        float *col, int ld) {
   const conv2d *c = g->c;
-  for (int p = p0; p < p1; p++) {
-    int oy = p / g->ow, ox = p % g->ow;
-    float *dst = colt + (size_t)(p - p0) * g->K;
-    for (int ci = 0; ci < c->cin; ci++) {
-      const float *xc = x + (size_t)ci * g->h * g->w;
-      for (int ky = 0; ky < c->k; ky++) {
-        int iy = oy * c->stride - c->pad_top + ky;
-        for (int kx = 0; kx < c->k; kx++) {
+  for (int r = r0; r < r1; r++) {
+    int ci = r / g->kk, ky = r % g->kk / c->k, kx = r % c->k;
+    const float *xc = x + (size_t)ci * g->h * g->w;
+    float *dst = col + (size_t)(r - r0) * ld;
+    for (int p = p0; p < p1;) {
+      int oy = p / g->ow, ox0 = p % g->ow, ox1 = g->ow < ox0 + (p1 - p) ? g->ow : ox0 + (p1 - p);
+      int iy = oy * c->stride - c->pad_top + ky;
+      float *d = dst + (p - p0);
+      if (iy < 0 || iy >= g->h) {
+        memset(d, 0, sizeof(float) * (ox1 - ox0));
+      } else {
+        const float *src = xc + (size_t)iy * g->w;
+        for (int ox = ox0; ox < ox1; ox++) {
           int ix = ox * c->stride - c->pad_left + kx;
-          *dst++ = iy >= 0 && iy < g->h && ix >= 0 && ix < g->w ? xc[(size_t)iy * g->w + ix] : 0.0f;
+          d[ox - ox0] = ix >= 0 && ix < g->w ? src[ix] : 0.0f;
         }
       }
+      p += ox1 - ox0;
     }
   }
 }
@@ -65,61 +73,76 @@ static void col2im_add(const conv_geom *g, const float *dcol, int ci0, int ci1, 
 
 typedef struct dw_job {
   const conv_geom *g;
-  const gemm_packed *dy; /* cout x T */
-  const float *colt;     /* T x K */
-  float *dw, *scratch;
-  size_t scratch_stride;
-  int col_chunks;
+  const float *x;   /* all images */
+  const float *dyt; /* the tile's dY transposed, T x cout */
+  size_t q0, q1;    /* the tile: output pixels of all images, image-major */
+  float *dwt;       /* K x cout, accumulated over images and tiles */
+  float *col, *gs;  /* per worker */
+  size_t col_stride, gs_stride;
+  atomic_int failed;
 } dw_job;
 
+/* Rows [r0, r1) of dW^T += col[r0..r1) . dY^T: each task unfolds and packs its own rows. */
 static void dw_task(void *ctx, int task, int worker) {
   dw_job *j = ctx;
-  int K = j->g->K, cout = j->g->c->cout;
-  int r0 = task / j->col_chunks * DW_ROWS, c0 = task % j->col_chunks * DW_COLS;
-  int r1 = r0 + DW_ROWS < cout ? r0 + DW_ROWS : cout, c1 = c0 + DW_COLS < K ? c0 + DW_COLS : K;
-  gemm_run(j->dy, r0, r1, j->colt + c0, K, c1 - c0, j->dw + (size_t)r0 * K + c0, K, 1,
-           j->scratch + (size_t)worker * j->scratch_stride);
+  const conv_geom *g = j->g;
+  int K = g->K, cout = g->c->cout, T = (int)(j->q1 - j->q0);
+  int r0 = task * DW_ROWS, r1 = r0 + DW_ROWS < K ? r0 + DW_ROWS : K;
+  float *col = j->col + (size_t)worker * j->col_stride;
+  for (size_t img = j->q0 / g->P; img * g->P < j->q1; img++) {
+    size_t lo = img * g->P > j->q0 ? img * g->P : j->q0;
+    size_t hi = (img + 1) * g->P < j->q1 ? (img + 1) * g->P : j->q1;
+    im2col_rows(g, j->x + img * g->c->cin * g->h * g->w, r0, r1, (int)(lo - img * g->P),
+                (int)(hi - img * g->P), col + (lo - j->q0), T);
+  }
+  gemm_packed pk;
+  if (gemm_pack_a(&pk, col, r1 - r0, T)) {
+    atomic_store(&j->failed, 1);
+    return;
+  }
+  gemm_run(&pk, 0, r1 - r0, j->dyt, cout, cout, j->dwt + (size_t)r0 * cout, cout, 1,
+           j->gs + (size_t)worker * j->gs_stride);
+  gemm_packed_free(&pk);
 }
 
-/* dW accumulates image by image and tile by tile, in that order, whatever the threads. */
+/* dW^T = sum over tiles of the batch's output pixels (image-major, so small images share a
+ * tile), in order, of col . dY^T: the transposed operand is dY (cout rows), not the 9x larger
+ * im2col; added to dW once at the end. */
 static int conv_dweight(const conv_geom *g, const float *x, const float *dy, float *dw, arena *a,
                         pool *p, err *e) {
   const conv2d *c = g->c;
-  int T = (int)(DW_TILE_BYTES / sizeof(float) / (size_t)g->K) / 256 * 256;
-  if (T < 256)
-    T = 256;
-  if (T > g->P)
-    T = g->P;
-  int threads = pool_threads(p);
-  dw_job j = {.g = g, .dw = dw, .col_chunks = (g->K + DW_COLS - 1) / DW_COLS};
-  j.scratch_stride = gemm_scratch_floats(T, DW_COLS);
+  size_t total = (size_t)g->n * g->P;
+  int T = total < DW_TILE ? (int)total : DW_TILE, threads = pool_threads(p);
+  dw_job j = {.g = g, .x = x, .col_stride = (size_t)DW_ROWS * T};
+  atomic_init(&j.failed, 0);
+  j.gs_stride = gemm_scratch_floats(T, c->cout);
   arena_mark m = arena_get_mark(a);
-  float *colt = arena_floats(a, (size_t)T * g->K), *tile = arena_floats(a, (size_t)c->cout * T);
-  j.scratch = arena_floats(a, j.scratch_stride * threads);
-  if (!colt || !tile || !j.scratch)
+  float *dyt = arena_floats(a, (size_t)T * c->cout);
+  j.dwt = arena_floats(a, (size_t)g->K * c->cout);
+  j.col = arena_floats(a, j.col_stride * threads);
+  j.gs = arena_floats(a, j.gs_stride * threads);
+  if (!dyt || !j.dwt || !j.col || !j.gs)
     return err_set(e, ERR_NOMEM, "out of memory for the weight gradient of a convolution");
-  int ntasks = (c->cout + DW_ROWS - 1) / DW_ROWS * j.col_chunks;
-  for (int img = 0; img < g->n; img++) {
-    const float *xi = x + (size_t)img * c->cin * g->h * g->w;
-    const float *dyi = dy + (size_t)img * c->cout * g->P;
-    for (int p0 = 0; p0 < g->P; p0 += T) {
-      int p1 = p0 + T < g->P ? p0 + T : g->P;
+  memset(j.dwt, 0, sizeof(float) * g->K * c->cout);
+  j.dyt = dyt;
+  int ntasks = (g->K + DW_ROWS - 1) / DW_ROWS;
+  for (j.q0 = 0; j.q0 < total && !atomic_load(&j.failed); j.q0 += T) {
+    j.q1 = j.q0 + T < total ? j.q0 + T : total;
+    for (size_t q = j.q0; q < j.q1; q++) {
+      const float *src = dy + q / g->P * c->cout * g->P + q % g->P;
+      float *dst = dyt + (q - j.q0) * c->cout;
       for (int co = 0; co < c->cout; co++)
-        memcpy(tile + (size_t)co * (p1 - p0), dyi + (size_t)co * g->P + p0,
-               sizeof(float) * (p1 - p0));
-      gemm_packed pk;
-      if (gemm_pack_a(&pk, tile, c->cout, p1 - p0)) {
-        arena_release(a, m);
-        return err_set(e, ERR_NOMEM, "out of memory for the weight gradient of a convolution");
-      }
-      im2col_t(g, xi, p0, p1, colt);
-      j.dy = &pk;
-      j.colt = colt;
-      pool_run(p, ntasks, dw_task, &j);
-      gemm_packed_free(&pk);
+        dst[co] = src[(size_t)co * g->P];
     }
+    pool_run(p, ntasks, dw_task, &j);
   }
+  if (!atomic_load(&j.failed))
+    for (int co = 0; co < c->cout; co++)
+      for (int k = 0; k < g->K; k++)
+        dw[(size_t)co * g->K + k] += j.dwt[(size_t)k * c->cout + co];
   arena_release(a, m);
+  if (atomic_load(&j.failed))
+    return err_set(e, ERR_NOMEM, "out of memory for the weight gradient of a convolution");
   return ERR_OK;
 }
 
