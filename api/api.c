@@ -555,6 +555,7 @@ static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *ow
     rc = api_parse_edit(c, f, &md, s, owner, out, e);
     if (!rc)
       rc = check_cost(c, out, sampler_nfe(s), e);
+    out->nfe_varies = sampler_nfe(s) == 0; /* never batched (queue_spec_compatible) */
     if (out->preview_every > out->steps)
       out->preview_every = out->steps;
   }

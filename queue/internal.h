@@ -73,6 +73,9 @@ struct qbatch {
   double t_start, t_last;
   int h, w;
   const uint64_t *img_seed, *img_index; /* per image of a batch of several jobs */
+  /* constant-time mode (pacing.c): the last evaluation slot of a data-dependent run, the
+   * count of the last report, and whether the run needed more than constant_time_max_nfe */
+  int pace_slot, pace_emitted, pace_over;
 };
 
 struct queue {
@@ -187,6 +190,23 @@ typedef struct qrequest {
 /* Fills q from sp (its inputs decoded, its edit arguments typed); qrequest_free in any case. */
 int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e);
 void qrequest_free(qrequest *q);
+
+/* ---- pacing.c: constant-time mode ---- */
+/* Where a run is, as its jobs are told: step of total, evaluations, whole seconds. */
+typedef struct qreport {
+  int step, total, nfe;
+  double elapsed, eta;
+} qreport;
+/* Tells b's live jobs (lock not held); preview (a data URL or NULL) goes to the head job. */
+typedef void (*qreport_fn)(qbatch *b, const qreport *r, const char *preview);
+int qpace_on(const qbatch *b);
+/* At a step boundary: waits out the budget of the evaluations so far and reports what is due
+ * by the budget's clock (a data-dependent solver: its slots, none of its previews). A run over
+ * constant_time_max_nfe is cancelled with pace_over set. */
+void qpace_step(qbatch *b, const pipeline_progress *p, qreport_fn emit, const char *preview);
+/* After a successful run of nfe evaluations: a data-dependent solver's remaining slots, waited
+ * out and reported; -1 (pace_over set) if it needed more than constant_time_max_nfe. */
+int qpace_finish(qbatch *b, int nfe, qreport_fn emit);
 
 /* ---- worker.c: one batch on a libuv pool thread ---- */
 void qworker_run(uv_work_t *w);

@@ -88,6 +88,9 @@ typedef struct queue_spec {
   /* Its compute estimate in megapixel-evaluations (images x network evaluations x H x W / 1e6,
    * guidance counting twice), set by the API; budgets are checked against it. */
   double cost;
+  /* Its solver's evaluation count depends on the sample (dpm-solver-adaptive), set by the API:
+   * such a job shares no forward, or another tenant's input would set its run's length. */
+  int nfe_varies;
 } queue_spec;
 
 /* An edit job's decoded inputs: input_image (the model's channels x height x width, in [-1, 1]),
@@ -121,7 +124,9 @@ void queue_spec_clear(queue_spec *s);
 int queue_spec_copy(queue_spec *dst, const queue_spec *src);
 json_t *queue_spec_to_json(const queue_spec *s);
 int queue_spec_from_json(const json_t *j, queue_spec *s, err *e);
-/* Same model, solver, steps, size, scheduler options and guidance: one forward can serve both. */
+/* Same model, solver, steps, size, scheduler options and guidance, and an evaluation count
+ * that does not depend on the sample: one forward serves both, and each job's run (steps,
+ * evaluations, events) is the one it gets alone, whatever the other's seed or classes. */
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b);
 
 typedef enum { QUEUE_LOG_DEBUG, QUEUE_LOG_INFO, QUEUE_LOG_WARN, QUEUE_LOG_ERROR } queue_log_level;

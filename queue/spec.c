@@ -123,9 +123,9 @@ void qspec_release_inputs(queue_spec *s) {
 
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
   return strcmp(a->model, b->model) == 0 && strcmp(a->solver, b->solver) == 0 &&
-         a->steps == b->steps && a->height == b->height && a->width == b->width &&
-         a->has_label == b->has_label && !a->preview_every && !b->preview_every && !a->edit &&
-         !b->edit && a->has_guidance == b->has_guidance &&
+         a->steps == b->steps && a->height == b->height && a->width == b->width && !a->nfe_varies &&
+         !b->nfe_varies && a->has_label == b->has_label && !a->preview_every && !b->preview_every &&
+         !a->edit && !b->edit && a->has_guidance == b->has_guidance &&
          (!a->has_guidance ||
           (a->guidance_scale == b->guidance_scale && a->null_class == b->null_class)) &&
          json_equal(a->options ? a->options : json_null(), b->options ? b->options : json_null());
@@ -155,6 +155,8 @@ json_t *queue_spec_to_json(const queue_spec *s) {
   }
   if (j && s->cost > 0)
     json_object_set_new(j, "cost", json_real(s->cost));
+  if (j && s->nfe_varies)
+    json_object_set_new(j, "nfe_varies", json_true());
   if (j && s->client[0])
     json_object_set_new(j, "client", json_string(s->client));
   if (j && s->idem_key[0]) {
@@ -198,6 +200,7 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
     s->label = json_integer_value(label);
   }
   s->cost = json_number_value(json_object_get(j, "cost")); /* 0 when absent */
+  s->nfe_varies = json_is_true(json_object_get(j, "nfe_varies"));
   if (!(s->cost >= 0 && s->cost < 1e300))
     s->cost = 0;
   const char *client = json_string_value(json_object_get(j, "client"));

@@ -40,53 +40,103 @@ static int fault_nan_noise(void *user, uint64_t image, uint64_t stream, float *o
 
 /* A progress event's data. Times are whole seconds (elapsed down, eta up): a step's time at
  * millisecond resolution fingerprints the model's size and the solver (DeepPeep). */
-static json_t *progress_data(int step, int total, int nfe, double elapsed) {
-  const double eta = step && total ? elapsed / step * (total - step) : 0.0;
-  return json_pack("{s:i, s:i, s:i, s:I, s:I}", "step", step, "total", total, "nfe", nfe, "elapsed",
-                   (json_int_t)floor(elapsed), "eta", (json_int_t)ceil(eta));
+static json_t *progress_data(const qreport *r) {
+  return json_pack("{s:i, s:i, s:i, s:I, s:I}", "step", r->step, "total", r->total, "nfe", r->nfe,
+                   "elapsed", (json_int_t)floor(r->elapsed), "eta", (json_int_t)ceil(r->eta));
 }
 
-static void batch_progress(const pipeline_progress *p, void *user) {
-  qbatch *b = user;
+/* Constant-time mode's reports: every live job is told the same; with none left (cancelled)
+ * the padding stops. */
+static void report_paced(qbatch *b, const qreport *r, const char *preview) {
   queue *q = b->q;
-  const double t = qclock_mono(), dt = t - b->t_last;
-  b->t_last = t;
-  const int step = p->step, total = p->total, nfe = p->nfe;
-  char *preview = NULL;
-  if (p->preview) {
-    char *b64 = base64_encode(p->preview, p->preview_len);
-    size_t n = b64 ? strlen(b64) + 32 : 0;
-    if (b64 && (preview = malloc(n)))
-      snprintf(preview, n, "data:image/png;base64,%s", b64);
-    free(b64);
-  }
   pthread_mutex_lock(&q->mu);
-  qhist_observe(&q->step_h, dt);
   int live = 0;
   for (int i = 0; i < b->njobs; i++) {
     qjob *j = b->jobs[i];
     if (!qjob_live(j))
       continue;
     live++;
-    j->step = step;
-    j->total = total;
-    j->nfe = nfe;
-    const int due =
-        step == 1 || step == total || (t - j->last_progress) * 1000.0 >= q->o.progress_interval_ms;
-    if (!due && !(preview && i == 0))
-      continue;
-    j->last_progress = t;
-    json_t *d = progress_data(step, total, nfe, t - j->t_mono_started);
+    j->step = r->step;
+    j->total = r->total;
+    j->nfe = r->nfe;
+    json_t *d = progress_data(r);
     if (preview && i == 0)
       json_object_set_new(d, "preview", json_string(preview));
     qjob_emit(q, j, "progress", d, 0);
   }
   if (!live || q->stopping)
     atomic_store(&b->cancel, 1);
+  pthread_mutex_unlock(&q->mu);
+}
+
+/* The run as it goes: each job at most once per progress_interval_ms (lock held). */
+static void report_timed(qbatch *b, const pipeline_progress *p, double t, const char *preview) {
+  queue *q = b->q;
+  for (int i = 0; i < b->njobs; i++) {
+    qjob *j = b->jobs[i];
+    if (!qjob_live(j))
+      continue;
+    j->step = p->step;
+    j->total = p->total;
+    j->nfe = p->nfe;
+    const int due = p->step == 1 || p->step == p->total ||
+                    (t - j->last_progress) * 1000.0 >= q->o.progress_interval_ms;
+    if (!due && !(preview && i == 0))
+      continue;
+    j->last_progress = t;
+    const double elapsed = t - j->t_mono_started;
+    const qreport r = {p->step, p->total, p->nfe, elapsed,
+                       p->step && p->total ? elapsed / p->step * (p->total - p->step) : 0.0};
+    json_t *d = progress_data(&r);
+    if (preview && i == 0)
+      json_object_set_new(d, "preview", json_string(preview));
+    qjob_emit(q, j, "progress", d, 0);
+  }
+}
+
+/* The x0 preview as a data URL, or NULL. */
+static char *preview_url(const pipeline_progress *p) {
+  char *url = NULL;
+  if (p->preview) {
+    char *b64 = base64_encode(p->preview, p->preview_len);
+    size_t n = b64 ? strlen(b64) + 32 : 0;
+    if (b64 && (url = malloc(n)))
+      snprintf(url, n, "data:image/png;base64,%s", b64);
+    free(b64);
+  }
+  return url;
+}
+
+/* Stops the run at this step boundary when no job wants it any more, the queue stops or the
+ * run is over max_job_seconds (lock held). */
+static void check_run(qbatch *b, double t) {
+  queue *q = b->q;
+  int live = 0;
+  for (int i = 0; i < b->njobs; i++)
+    live += qjob_live(b->jobs[i]);
+  if (!live || q->stopping)
+    atomic_store(&b->cancel, 1);
   if (q->o.max_job_seconds > 0 && t - b->t_start > q->o.max_job_seconds) {
     b->timed_out = 1; /* the run stops at this step boundary and its jobs fail */
     atomic_store(&b->cancel, 1);
   }
+}
+
+static void batch_progress(const pipeline_progress *p, void *user) {
+  qbatch *b = user;
+  queue *q = b->q;
+  const double t = qclock_mono(), dt = t - b->t_last;
+  char *preview = preview_url(p);
+  pthread_mutex_lock(&q->mu);
+  qhist_observe(&q->step_h, dt); /* the compute, before any padding */
+  if (!qpace_on(b))
+    report_timed(b, p, t, preview);
+  pthread_mutex_unlock(&q->mu);
+  if (qpace_on(b))
+    qpace_step(b, p, report_paced, preview);
+  pthread_mutex_lock(&q->mu);
+  b->t_last = qclock_mono();
+  check_run(b, b->t_last);
   pthread_mutex_unlock(&q->mu);
   free(preview);
 }
@@ -263,6 +313,8 @@ static int run_batch(qbatch *b, qrequest *req, pipeline_result *res, err *e) {
     hooks.noise = fault_nan_noise;
   b->t_start = b->t_last = qclock_mono();
   int rc = pipeline_run(b->qm->m, &req->r, &hooks, res, e);
+  if (!rc && qpace_on(b) && qpace_finish(b, res->nfe, report_paced))
+    rc = ERR_CANCELLED;
   b->s = res->sampler;
   res->sampler = NULL;
   if (!rc && res->noise)
@@ -283,6 +335,11 @@ static void fail_batch(qbatch *b, int rc, err *e) {
             "the job ran longer than this server's limit of %d s "
             "(max_job_seconds)",
             q->o.max_job_seconds);
+  else if (rc == ERR_CANCELLED && b->pace_over && !q->stopping)
+    err_set(e, ERR_CANCELLED,
+            "the run needed more than this server's %d network evaluations "
+            "(constant_time_max_nfe)",
+            q->o.constant_time_max_nfe);
   for (int i = 0; i < b->njobs; i++) {
     qjob *j = b->jobs[i];
     recs[i] = NULL;

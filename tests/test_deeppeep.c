@@ -231,6 +231,178 @@ START_TEST(internals_need_admin) {
 }
 END_TEST
 
+/* ---- constant-time mode ---- */
+
+#define ADAPTIVE_JOB                                                                               \
+  "{\"class_label\": 2, \"seed\": %d, \"scheduler\": {\"name\": \"dpm-solver-adaptive\"}}"
+#define FIXED_JOB                                                                                  \
+  "{\"class_label\": 2, \"seed\": %d, \"scheduler\": {\"name\": \"ddim\", \"steps\": 12}}"
+
+/* A job's events as a client compares them across seeds: everything but the job id, the
+ * absolute time and the image links (which hold the id), one line per event. */
+static char *event_signature(const daemon_proc *d, const char *fmt, int seed, double *secs) {
+  char body[256], id[64];
+  snprintf(body, sizeof body, fmt, seed);
+  const double t0 = th_now();
+  submit_job(d, body, id, sizeof id);
+  sse_log log;
+  read_events(d, id, NULL, &log);
+  *secs = th_now() - t0;
+  static json_t *ev[512];
+  const int n = parse_events(log.text, ev, 512);
+  size_t cap = 64 + (size_t)n * 256, len = 0;
+  char *sig = calloc(1, cap);
+  for (int i = 0; i < n; i++) {
+    json_object_del(ev[i], "job_id");
+    json_object_del(ev[i], "time");
+    json_object_del(ev[i], "url");
+    char *line = json_dumps(ev[i], JSON_COMPACT | JSON_SORT_KEYS);
+    len += (size_t)snprintf(sig + len, cap - len, "%s\n", line);
+    free(line);
+  }
+  free_events(ev, n);
+  free(log.text);
+  return sig;
+}
+
+/* The evaluations a finished job reports (its view's progress.nfe). */
+static int job_nfe(const daemon_proc *d, const char *fmt, int seed) {
+  char body[256], id[64], path[128];
+  snprintf(body, sizeof body, fmt, seed);
+  submit_job(d, body, id, sizeof id);
+  wait_state(d, id, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  http_resp r;
+  http_get(d, path, &r);
+  json_t *j = http_json(&r);
+  const int nfe = (int)json_integer_value(json_object_get(json_object_get(j, "progress"), "nfe"));
+  json_decref(j);
+  http_free(&r);
+  return nfe;
+}
+
+/* Seeds 1 and 5 need 24 and 33 evaluations of the adaptive solver (a client sees it without
+ * constant-time mode); with it, both report and wait out 36 slots of 20 ms: identical events
+ * (count, order, step/total/nfe, elapsed, eta) and no finish before 0.72 s. A fixed solver
+ * (ddim) gives identical events too. Seed 23 needs 39 and fails naming the limit. */
+START_TEST(constant_time_same_events_for_every_seed) {
+  char st[512];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+  const int free1 = job_nfe(&d, ADAPTIVE_JOB, 1), free5 = job_nfe(&d, ADAPTIVE_JOB, 5);
+  ck_assert_msg(free1 != free5, "seeds 1 and 5 need %d and %d evaluations", free1, free5);
+  daemon_stop(&d);
+  const char *args[] = {"--constant-time-eval-ms",
+                        "20",
+                        "--constant-time-max-nfe",
+                        "36",
+                        "--expose-internals",
+                        "true",
+                        NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  const char *kinds[] = {ADAPTIVE_JOB, FIXED_JOB};
+  for (int k = 0; k < 2; k++) {
+    double s1, s5;
+    char *a = event_signature(&d, kinds[k], 1, &s1), *b = event_signature(&d, kinds[k], 5, &s5);
+    ck_assert_msg(strcmp(a, b) == 0, "seed 1:\n%s\nseed 5:\n%s", a, b);
+    ck_assert_ptr_nonnull(strstr(a, "\"type\":\"done\""));
+    if (k == 0) {
+      ck_assert_ptr_nonnull(strstr(a, "\"nfe\":36,\"seq\""));
+      ck_assert_msg(s1 >= 0.72 && s5 >= 0.72, "finished after %.3f and %.3f s", s1, s5);
+    }
+    free(a);
+    free(b);
+  }
+  char id[64], body[256];
+  snprintf(body, sizeof body, ADAPTIVE_JOB, 23);
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "failed", 60);
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  http_resp r;
+  http_get(&d, path, &r);
+  ck_assert_ptr_nonnull(strstr(r.body, "constant_time_max_nfe"));
+  http_free(&r);
+  daemon_stop(&d);
+}
+END_TEST
+
+/* ---- batching ---- */
+
+/* The batched_with of a finished job's started event. */
+static int started_batched_with(const daemon_proc *d, const char *id) {
+  sse_log log;
+  read_events(d, id, NULL, &log);
+  static json_t *ev[512];
+  const int n = parse_events(log.text, ev, 512);
+  int with = -1;
+  for (int i = 0; i < n; i++)
+    if (strcmp(json_string_value(json_object_get(ev[i], "type")), "started") == 0)
+      with = (int)json_integer_value(json_object_get(ev[i], "batched_with"));
+  free_events(ev, n);
+  free(log.text);
+  return with;
+}
+
+/* Queues the jobs behind a running blocker on the one worker, then cancels the blocker, so
+ * they are dispatched together (batched where allowed); ids in out. */
+static void queue_together(const daemon_proc *d, const char *const *bodies, int n,
+                           char (*out)[64]) {
+  char blocker[64], path[128];
+  submit_job(d, SLOW_JOB, blocker, sizeof blocker);
+  wait_running(d, blocker, 30);
+  for (int i = 0; i < n; i++)
+    submit_job(d, bodies[i], out[i], sizeof out[i]);
+  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
+  http_resp r;
+  http_req(d, "DELETE", path, NULL, 0, NULL, &r);
+  http_free(&r);
+  for (int i = 0; i < n; i++)
+    wait_state(d, out[i], "succeeded", 60);
+}
+
+/* A job's run does not depend on another tenant's input: jobs share a forward only with
+ * identical solver, steps, options, size and guidance (a 12-step and a 40-step job never do;
+ * two 12-step jobs with other seeds and classes do), and never when the solver's evaluation
+ * count depends on the sample: an adaptive job of seed 1 (24 evaluations) queued with one of
+ * seed 5 (33) runs alone and reports 24, not the batch's 33. */
+START_TEST(batching_ignores_other_tenants_inputs) {
+  char st[512], ids[2][64];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  const int alone = job_nfe(&d, ADAPTIVE_JOB, 1);
+  const char *fixed[] = {
+      "{\"class_label\": 1, \"seed\": 3, \"scheduler\": {\"name\": \"ddim\", \"steps\": 12}}",
+      "{\"class_label\": 4, \"seed\": 9, \"scheduler\": {\"name\": \"ddim\", \"steps\": 12}}"};
+  queue_together(&d, fixed, 2, ids);
+  ck_assert_int_eq(started_batched_with(&d, ids[0]), 1);
+  ck_assert_int_eq(started_batched_with(&d, ids[1]), 1);
+  const char *steps[] = {
+      "{\"class_label\": 1, \"seed\": 3, \"scheduler\": {\"name\": \"ddim\", \"steps\": 12}}",
+      "{\"class_label\": 1, \"seed\": 3, \"scheduler\": {\"name\": \"ddim\", \"steps\": 40}}"};
+  queue_together(&d, steps, 2, ids);
+  ck_assert_int_eq(started_batched_with(&d, ids[0]), 0);
+  ck_assert_int_eq(started_batched_with(&d, ids[1]), 0);
+  char a1[256], a5[256];
+  snprintf(a1, sizeof a1, ADAPTIVE_JOB, 1);
+  snprintf(a5, sizeof a5, ADAPTIVE_JOB, 5);
+  const char *adaptive[] = {a1, a5};
+  queue_together(&d, adaptive, 2, ids);
+  ck_assert_int_eq(started_batched_with(&d, ids[0]), 0);
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", ids[0]);
+  http_resp r;
+  http_get(&d, path, &r);
+  json_t *j = http_json(&r);
+  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "nfe")),
+                   alone);
+  json_decref(j);
+  http_free(&r);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* ---- config ---- */
 
 static void expect_config_error(const char *json, const char *key) {
@@ -278,6 +450,8 @@ Suite *test_suite(void) {
   tcase_add_test(tc, client_times_are_whole_seconds);
   tcase_add_test(tc, internals_need_admin);
   tcase_add_test(tc, config_keys_are_checked);
+  tcase_add_test(tc, constant_time_same_events_for_every_seed);
+  tcase_add_test(tc, batching_ignores_other_tenants_inputs);
   suite_add_tcase(s, tc);
   return s;
 }
