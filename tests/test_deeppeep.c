@@ -2,6 +2,7 @@
  * model's timing and internals. Times are whole seconds; internals need the admin scope;
  * constant-time mode gives every seed the same event sequence; batching never lets another
  * tenant's input change a job's run. */
+#include "boundary.h"
 #include "config.h"
 #include "testhttp.h"
 
@@ -403,6 +404,58 @@ START_TEST(batching_ignores_other_tenants_inputs) {
 }
 END_TEST
 
+/* ---- errors ---- */
+
+/* An h-space boundary fitted on another architecture fails the job, and the message says so
+ * without the served model's mid-block shape (its channel count and resolution: the
+ * architecture a client is not to learn). Before, it read "the model's mid block gives
+ * 32x4x4". */
+START_TEST(errors_carry_no_model_shapes) {
+  char st[512], unet[1024], shapes[1024], a1[1100], a2[1100];
+  test_src_path(unet, sizeof unet, "tests/fixtures/unet/classcond_small");
+  test_src_path(shapes, sizeof shapes, "models/shapes-gmm");
+  snprintf(a1, sizeof a1, "default=%s", shapes);
+  snprintf(a2, sizeof a2, "small=%s", unet);
+  const char *args[] = {"--model", a1, "--model", a2, NULL};
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  boundary b = {.dim = 3 * 8 * 8, .c = 3, .h = 8, .w = 8, .scale = 1, .step = 4};
+  boundary hb = {.dim = 16 * 2 * 2, .c = 16, .h = 2, .w = 2, .scale = 1};
+  b.normal = calloc((size_t)b.dim, sizeof *b.normal);
+  hb.normal = calloc((size_t)hb.dim, sizeof *hb.normal);
+  b.normal[0] = 1;
+  hb.normal[0] = 1;
+  b.mid = &hb;
+  b.solver = json_pack("{s:s, s:i}", "name", "ddim", "steps", 10);
+  json_t *bj = boundary_to_json(&b);
+  char *btext = json_dumps(bj, JSON_COMPACT);
+  json_decref(bj);
+  b.mid = NULL;
+  free(hb.normal);
+  boundary_free(&b);
+  size_t cap = strlen(btext) + 512;
+  char *body = malloc(cap), id[64], path[128];
+  snprintf(body, cap,
+           "{\"model\": \"small\", \"class_label\": 2, \"seed\": 5, \"edit\": {\"type\": "
+           "\"boundary\", \"boundary\": %s, \"strength\": 3, \"space\": \"h\"}}",
+           btext);
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "failed", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  http_resp r;
+  http_get(&d, path, &r);
+  json_t *j = http_json(&r);
+  const char *msg = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
+  ck_assert_msg(msg && strstr(msg, "16x2x2") && strstr(msg, "mid block"), "%s", r.body);
+  ck_assert_msg(!strstr(msg, "32x"), "the model's mid-block shape leaks: %s", msg);
+  json_decref(j);
+  http_free(&r);
+  free(btext);
+  free(body);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* ---- config ---- */
 
 static void expect_config_error(const char *json, const char *key) {
@@ -452,6 +505,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, config_keys_are_checked);
   tcase_add_test(tc, constant_time_same_events_for_every_seed);
   tcase_add_test(tc, batching_ignores_other_tenants_inputs);
+  tcase_add_test(tc, errors_carry_no_model_shapes);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -150,10 +150,13 @@ static int check_mid(const model *m, const boundary *hb, err *e) {
   int rc = model_mid_shape(m, size, size, shape, e);
   if (rc != ERR_OK)
     return err_prefix(e, "h-space edit");
+  /* the model's own shape stays out: the daemon hands this message to clients, and a mid
+   * block's channels and size are the architecture they are not to learn (DeepPeep) */
   if (shape[0] != hb->c || shape[1] != hb->h || shape[2] != hb->w)
     return err_set(e, ERR_INVALID,
-                   "the boundary's h-space is %dx%dx%d, the model's mid block gives %dx%dx%d",
-                   hb->c, hb->h, hb->w, shape[0], shape[1], shape[2]);
+                   "the boundary's h-space is %dx%dx%d, not this model's mid block: fit the "
+                   "boundary on this model",
+                   hb->c, hb->h, hb->w);
   return ERR_OK;
 }
 
