@@ -81,39 +81,10 @@ static int read_png(const char *flag, const char *path, int c, int h, int w, flo
   return ERR_OK;
 }
 
-int cli_read_image(const char *flag, const char *path, int c, int h, int w, float **out, err *e) {
-  *out = NULL;
-  if (is_npy(path)) {
-    npy_array a;
-    int rc = npy_read_f32(path, &a, e);
-    if (rc != ERR_OK)
-      return err_prefix(e, "%s", flag);
-    const int lead = a.ndim == 4 ? 1 : 0;
-    if ((a.ndim != 3 && a.ndim != 4) || (lead && a.shape[0] != 1) || a.shape[lead] != c ||
-        a.shape[lead + 1] != h || a.shape[lead + 2] != w) {
-      npy_array_free(&a);
-      return err_set(e, ERR_INVALID, "%s %s: expected shape [%d, %d, %d]", flag, path, c, h, w);
-    }
-    char what[1200];
-    snprintf(what, sizeof what, "%s %s", flag, path);
-    if ((rc = npy_check_finite(&a, what, e)) != ERR_OK) {
-      npy_array_free(&a);
-      return rc;
-    }
-    *out = a.data;
-    return ERR_OK;
-  }
-  return read_png(flag, path, c, h, w, out, e);
-}
-
-int cli_read_images(const char *flag, const char *path, int c, int h, int w, int max_batch,
-                    int *batch, float **out, err *e) {
-  *out = NULL;
-  *batch = 0;
-  if (!is_npy(path)) {
-    *batch = 1;
-    return cli_read_image(flag, path, c, h, w, out, e);
-  }
+/* A .npy of images [C, H, W] or [B, C, H, W], B in [1, max_batch], all finite; `single` says
+ * in the error that one image is expected. */
+static int read_npy_images(const char *flag, const char *path, int c, int h, int w, int max_batch,
+                           int single, int *batch, float **out, err *e) {
   npy_array a;
   int rc = npy_read_f32(path, &a, e);
   if (rc != ERR_OK)
@@ -123,6 +94,8 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
   if ((a.ndim != 3 && a.ndim != 4) || b < 1 || b > max_batch || a.shape[lead] != c ||
       a.shape[lead + 1] != h || a.shape[lead + 2] != w) {
     npy_array_free(&a);
+    if (single)
+      return err_set(e, ERR_INVALID, "%s %s: expected shape [%d, %d, %d]", flag, path, c, h, w);
     return err_set(e, ERR_INVALID, "%s %s: expected shape [B, %d, %d, %d] with B in [1, %d]", flag,
                    path, c, h, w, max_batch);
   }
@@ -135,6 +108,25 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
   *batch = (int)b;
   *out = a.data;
   return ERR_OK;
+}
+
+int cli_read_image(const char *flag, const char *path, int c, int h, int w, float **out, err *e) {
+  *out = NULL;
+  int batch;
+  if (is_npy(path))
+    return read_npy_images(flag, path, c, h, w, 1, 1, &batch, out, e);
+  return read_png(flag, path, c, h, w, out, e);
+}
+
+int cli_read_images(const char *flag, const char *path, int c, int h, int w, int max_batch,
+                    int *batch, float **out, err *e) {
+  *out = NULL;
+  *batch = 0;
+  if (!is_npy(path)) {
+    *batch = 1;
+    return cli_read_image(flag, path, c, h, w, out, e);
+  }
+  return read_npy_images(flag, path, c, h, w, max_batch, 0, batch, out, e);
 }
 
 const char *cli_default_model(void) {

@@ -12,7 +12,7 @@
 #                data set from (retraining models/glyphs32 and bench/glyph_classifier.pt)
 set -eu
 cd "$(dirname "$0")/.."
-PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev"
+PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev universal-ctags"
 openapi=0
 for arg in "$@"; do
   case "$arg" in
