@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "mem.h"
+
 /* A queued or claimed job. */
 typedef struct mem_slot {
   qbackend_id id;
@@ -47,7 +49,7 @@ static int grow(void **arr, int n, int *cap, size_t size) {
   if (n < *cap)
     return ERR_OK;
   const int c = *cap ? 2 * *cap : 16;
-  void *p = realloc(*arr, (size_t)c * size);
+  void *p = mem_realloc(*arr, (size_t)c * size);
   if (!p)
     return ERR_NOMEM;
   *arr = p;
@@ -261,7 +263,7 @@ static mem_log *open_log(mem_backend *m, const char *id) {
   int pos;
   if (log_index(m, id, &pos))
     return m->logs[pos];
-  mem_log *l = calloc(1, sizeof *l);
+  mem_log *l = mem_calloc(1, sizeof *l);
   if (!l || grow((void **)&m->logs, m->nlogs, &m->caplogs, sizeof *m->logs)) {
     free(l);
     return NULL;
@@ -292,7 +294,7 @@ static int mem_append(qbackend *b, const char *id, uint64_t seq, const char *typ
   mem_backend *m = (mem_backend *)b;
   if (strlen(id) >= QUEUE_ID_SIZE || strlen(type) >= QBACKEND_TYPE_SIZE)
     return err_set(e, ERR_INVALID, "event '%.20s' of job '%.40s': name too long", type, id);
-  char *copy = strdup(data ? data : "");
+  char *copy = mem_strdup(data ? data : "");
   if (!copy)
     return err_set(e, ERR_NOMEM, "out of memory");
   pthread_mutex_lock(&m->mu);
@@ -327,8 +329,9 @@ static int copy_events(const mem_log *l, int i, int lasting_only, qbackend_event
     if (lasting_only && !l->ev[i].lasting)
       continue;
     out[n] = l->ev[i];
-    if (!(out[n].data = strdup(l->ev[i].data))) {
-      qbackend_events_free(out, n);
+    if (!(out[n].data = mem_strdup(l->ev[i].data))) {
+      while (n-- > 0) /* the array itself is the caller's */
+        free(out[n].data);
       return -1;
     }
     n++;
@@ -353,7 +356,7 @@ static int mem_read(qbackend *b, const char *id, uint64_t after, int lasting_onl
   }
   int rc = ERR_OK;
   if (l && lo < l->n) {
-    qbackend_event *out = malloc((size_t)(l->n - lo) * sizeof *out);
+    qbackend_event *out = mem_malloc((size_t)(l->n - lo) * sizeof *out);
     const int got = out ? copy_events(l, lo, lasting_only, out) : -1;
     if (got < 0) {
       free(out);
@@ -437,7 +440,7 @@ static const qbackend_ops mem_ops = {
 };
 
 int qbackend_mem_open(const qbackend_mem_opts *o, qbackend **out, err *e) {
-  mem_backend *m = calloc(1, sizeof *m);
+  mem_backend *m = mem_calloc(1, sizeof *m);
   if (!m)
     return err_set(e, ERR_NOMEM, "out of memory");
   m->base.ops = &mem_ops;

@@ -46,7 +46,8 @@ typedef struct qjob {
   char id[QUEUE_ID_SIZE];
   queue_spec spec;
   queue_state state;
-  int pending; /* being written to the store: invisible until committed */
+  int pending;  /* being written to the store: invisible until committed */
+  int unpushed; /* queued on disk, but the backend refused it: the retry timer pushes it */
   double created, started, finished, t_mono_created, t_mono_started;
   int step, total, nfe, images, files;
   int attempts; /* runs started, persisted before each run begins */
@@ -57,7 +58,8 @@ typedef struct qjob {
   qbatch *batch;
   /* Set between deciding a final state and writing it: readers see the job as it was (with
    * store_error once a write failed), so a state once reported terminal is on disk for good. */
-  qfinal *final;
+  qfinal *final; /* the decided final state (&final_slot) until settled, else NULL */
+  qfinal final_slot;
   char store_error[256];
 } qjob;
 
@@ -104,6 +106,7 @@ struct queue {
   int fault_kill_after_record; /* tests only: DENOISED_FAULT_KILL_AFTER_RECORD */
   uv_timer_t retry;            /* writes final states that failed to be stored, probes the store */
   int unsettled;               /* jobs whose final state failed to be written */
+  int unpushed;                /* queued jobs the backend refused (qjob.unpushed) */
   int store_ok;                /* the last write or probe succeeded */
   char store_why[256];
   double last_probe;
@@ -154,6 +157,8 @@ qjob *qjob_find(queue *q, const char *id, const char *owner);
 int qjob_insert(queue *q, qjob *j);
 void qjob_remove_at(queue *q, int pos);
 int qjob_enqueue(queue *q, qjob *j);
+/* Pushes the jobs the backend refused before (lock held). */
+void qjob_push_unpushed(queue *q);
 void qjob_unqueue(queue *q, const qjob *j);
 int qjob_nqueued(queue *q);
 /* The queued jobs in order (malloc'ed, *n of them; NULL with *n = 0 when none or out of
@@ -167,7 +172,7 @@ char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *le
 /* Writes a record from qjob_finish (lock not held) and settles: on success the final state
  * becomes what readers see (event included); on failure the job waits, visible with its
  * store_error, for the loop's retry. Takes text. */
-void qjob_settle_write(queue *q, qjob *j, char *text, size_t len);
+int qjob_settle_write(queue *q, qjob *j, char *text, size_t len);
 /* Whether j still runs: running, and no final state decided (lock held). */
 int qjob_live(const qjob *j);
 /* Records a storage failure or success for readiness (lock held). */

@@ -11,6 +11,8 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "mem.h"
+
 /* ---- jobs and events ---- */
 
 void qjob_free(qjob *j) {
@@ -18,7 +20,6 @@ void qjob_free(qjob *j) {
     return;
   if (j->final)
     free(j->final->event);
-  free(j->final);
   queue_spec_clear(&j->spec);
   free(j);
 }
@@ -158,7 +159,7 @@ static int reserve_one(qjob ***arr, int n, int *cap) {
   if (n < *cap)
     return ERR_OK;
   int grown = *cap ? 2 * *cap : 64;
-  qjob **p = realloc(*arr, (size_t)grown * sizeof *p);
+  qjob **p = mem_realloc(*arr, (size_t)grown * sizeof *p);
   if (!p)
     return ERR_NOMEM;
   *arr = p;
@@ -182,12 +183,35 @@ void qjob_remove_at(queue *q, int pos) {
   q->njobs--;
 }
 
+/* A job queued on disk stays accepted when the backend refuses it (out of memory, a backend
+ * out of reach): it is marked and the retry timer pushes it again (qjob_push_unpushed). */
 int qjob_enqueue(queue *q, qjob *j) {
   err e = {0};
   int rc = q->be->ops->push(q->be, j->id, &e);
-  if (rc)
-    qlog(q, QUEUE_LOG_ERROR, j->id, "queueing failed: %s", e.msg);
+  if (rc && !j->unpushed) {
+    qlog(q, QUEUE_LOG_ERROR, j->id, "queueing failed: %s; will retry", e.msg);
+    j->unpushed = 1;
+    q->unpushed++;
+  } else if (!rc && j->unpushed) {
+    j->unpushed = 0;
+    q->unpushed--;
+  }
   return rc;
+}
+
+void qjob_push_unpushed(queue *q) {
+  for (int i = 0; q->unpushed > 0 && i < q->njobs; i++) {
+    qjob *j = q->jobs[i];
+    if (!j->unpushed)
+      continue;
+    if (j->state == QUEUE_QUEUED && !j->final) {
+      if (qjob_enqueue(q, j) != ERR_OK)
+        return; /* still refused: the next tick */
+    } else {    /* cancelled meanwhile */
+      j->unpushed = 0;
+      q->unpushed--;
+    }
+  }
 }
 
 void qjob_unqueue(queue *q, const qjob *j) {
@@ -201,8 +225,8 @@ int qjob_nqueued(queue *q) {
 qjob **qjob_queued(queue *q, int *n) {
   *n = 0;
   const int max = q->be->ops->count(q->be);
-  qbackend_id *ids = max ? malloc((size_t)max * sizeof *ids) : NULL;
-  qjob **out = ids ? malloc((size_t)max * sizeof *out) : NULL;
+  qbackend_id *ids = max ? mem_malloc((size_t)max * sizeof *ids) : NULL;
+  qjob **out = ids ? mem_malloc((size_t)max * sizeof *out) : NULL;
   const int got = out ? q->be->ops->peek(q->be, 0, max, ids) : 0;
   for (int i = 0; i < got; i++) {
     qjob *j = qjob_find(q, ids[i], NULL);
@@ -263,33 +287,31 @@ int qjob_live(const qjob *j) {
   return j->state == QUEUE_RUNNING && !j->final;
 }
 
-/* Lock held. The record goes to the store by the caller (qjob_settle_write), unlocked. */
+/* Lock held. The decision is kept in the job itself (no allocation can lose it); the final
+ * event and the record may fail to build for want of memory, and then the write is retried like
+ * a refused one. The record goes to the store by the caller (qjob_settle_write), unlocked. */
 char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *len) {
+  *len = 0;
   if (!j->final) {
-    qfinal *f = calloc(1, sizeof *f);
-    json_t *d = json_object();
-    if (!f || !d) {
-      free(f);
-      json_decref(d);
-      *len = 0;
-      return NULL;
-    }
+    qfinal *f = &j->final_slot;
+    memset(f, 0, sizeof *f);
     f->state = st;
     f->time = qclock_real();
     snprintf(f->why, sizeof f->why, "%s", why ? why : "");
-    if (st == QUEUE_SUCCEEDED)
-      json_object_set_new(d, "images", json_integer(j->images));
-    else
-      json_object_set_new(d, st == QUEUE_FAILED ? "error" : "reason", json_string(f->why));
-    f->event = event_text(j, j->next_seq, final_event_type(st), d);
-    if (!f->event) {
-      free(f);
-      *len = 0;
-      return NULL;
-    }
     j->final = f;
   }
-  j->final->writing = 1;
+  qfinal *f = j->final;
+  f->writing = 1;
+  if (!f->event) {
+    json_t *d = json_object();
+    if (f->state == QUEUE_SUCCEEDED)
+      json_object_set_new(d, "images", json_integer(j->images));
+    else
+      json_object_set_new(d, f->state == QUEUE_FAILED ? "error" : "reason", json_string(f->why));
+    f->event = d ? event_text(j, j->next_seq, final_event_type(f->state), d) : NULL;
+    if (!f->event)
+      return NULL;
+  }
   return qjob_record(q, j, len);
 }
 
@@ -310,7 +332,7 @@ static void settle(queue *q, qjob *j) {
   }
   uint64_t seq = j->next_seq++;
   push_event(q, j, seq, final_event_type(f->state), f->event, 1);
-  free(f);
+  f->event = NULL;
   j->final = NULL;
   /* a finished job keeps its lifecycle and its last progress event: the others are superseded
    * (each carries the absolute step), and a retained job should cost little memory */
@@ -319,7 +341,7 @@ static void settle(queue *q, qjob *j) {
     qspec_release_inputs(&j->spec);
 }
 
-void qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
+int qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   err e = {0};
   int rc = text ? q->st->ops->put_job(q->st, j->id, text, len, &e)
                 : err_set(&e, ERR_NOMEM, "out of memory");
@@ -327,7 +349,7 @@ void qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   pthread_mutex_lock(&q->mu);
   if (!j->final) { /* nothing decided (cannot happen): nothing to settle */
     pthread_mutex_unlock(&q->mu);
-    return;
+    return ERR_OK;
   }
   j->final->writing = 0;
   const int was_unsettled = j->store_error[0] != 0;
@@ -345,4 +367,5 @@ void qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   pthread_mutex_unlock(&q->mu);
   if (rc)
     qlog(q, QUEUE_LOG_ERROR, j->id, "storing the final state failed: %s; will retry", e.msg);
+  return rc;
 }

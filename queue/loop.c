@@ -12,6 +12,8 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "mem.h"
+
 static void dispatch(queue *q);
 
 /* The run of j is over (lock held): a job put back by a shutdown goes back to its place in the
@@ -118,14 +120,14 @@ static int dispatch_one(queue *q) {
     free(queued);
     return 1;
   }
-  qbatch *b = calloc(1, sizeof *b);
-  qjob **jobs = malloc(sizeof *jobs * (size_t)(n < 1024 ? n : 1024));
-  qbatch **run = realloc(q->running, sizeof *run * (size_t)(q->nrunning + 1));
+  qbatch *b = mem_calloc(1, sizeof *b);
+  qjob **jobs = mem_malloc(sizeof *jobs * (size_t)(n < 1024 ? n : 1024));
+  qbatch **run = mem_realloc(q->running, sizeof *run * (size_t)(q->nrunning + 1));
   if (run)
     q->running = run;
   if (!b || !jobs || !run || !(b->njobs = claim_batch(q, queued, n, jobs, &b->nimg))) {
     if (!b || !jobs || !run)
-      qlog(q, QUEUE_LOG_ERROR, NULL, "out of memory scheduling a job");
+      qlog(q, QUEUE_LOG_ERROR, NULL, "out of memory scheduling a job; retrying");
     free(b);
     free(jobs);
     free(queued);
@@ -206,12 +208,15 @@ static void renew_claims(queue *q) {
 }
 
 /* Loop thread: probes a failing store (and a healthy one now and then) so that readiness
- * recovers by itself, and rewrites final states the store refused, oldest first, until one
- * fails again. */
+ * recovers by itself, pushes jobs the backend refused, dispatches again (a dispatch that failed,
+ * out of memory or on a claim the backend refused, left its jobs queued), and rewrites final states
+ * the store refused, oldest first, until one fails again. */
 static void retry_cb(uv_timer_t *t) {
   queue *q = t->data;
   pthread_mutex_lock(&q->mu);
   renew_claims(q);
+  qjob_push_unpushed(q);
+  dispatch(q);
   const double now = qclock_mono();
   const int probe = !q->store_ok || (q->o.probe_every_ms > 0 &&
                                      (now - q->last_probe) * 1000 >= q->o.probe_every_ms);
@@ -231,9 +236,8 @@ static void retry_cb(uv_timer_t *t) {
     size_t len = 0;
     char *rec = j ? qjob_finish(q, j, j->final->state, NULL, &len) : NULL;
     pthread_mutex_unlock(&q->mu);
-    if (!j)
-      return;
-    qjob_settle_write(q, j, rec, len);
+    if (!j || qjob_settle_write(q, j, rec, len) != ERR_OK)
+      return; /* the next tick tries again */
   }
 }
 

@@ -11,6 +11,8 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "mem.h"
+
 /* ---- models ---- */
 
 void qmodel_unref(qmodel *m) {
@@ -29,7 +31,7 @@ qmodel *qmodel_find(queue *q, const char *name) {
 }
 
 int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
-  qmodel **list = calloc((size_t)(n > 0 ? n : 1), sizeof *list);
+  qmodel **list = mem_calloc((size_t)(n > 0 ? n : 1), sizeof *list);
   if (!list)
     return err_set(e, ERR_NOMEM, "out of memory");
   int rc = ERR_OK, got = 0;
@@ -43,7 +45,7 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
       continue;
     }
     pthread_mutex_unlock(&q->mu);
-    qmodel *m = calloc(1, sizeof *m);
+    qmodel *m = mem_calloc(1, sizeof *m);
     if (!m) {
       rc = err_set(e, ERR_NOMEM, "out of memory");
       break;

@@ -15,6 +15,8 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "mem.h"
+
 static const double step_bounds[QUEUE_HIST_BUCKETS] = {
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 static const double job_bounds[QUEUE_HIST_BUCKETS] = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
@@ -118,7 +120,7 @@ static int fault_hooks(queue *q, store_fault **fault, err *e) {
 }
 
 int queue_new(const queue_opts *o, queue **out, err *e) {
-  queue *q = calloc(1, sizeof *q);
+  queue *q = mem_calloc(1, sizeof *q);
   if (!q)
     return err_set(e, ERR_NOMEM, "out of memory");
   q->o = *o;
@@ -323,7 +325,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   if (handled)
     return rc;
   pthread_mutex_unlock(&q->mu);
-  qjob *j = calloc(1, sizeof *j);
+  qjob *j = mem_calloc(1, sizeof *j);
   if (!j)
     return err_set(e, ERR_NOMEM, "out of memory");
   pthread_mutex_lock(&q->mu);
@@ -348,10 +350,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   if (q->fault_kill_after_record) /* tests only: the process dies before the 202 */
     raise(SIGKILL);
   j->pending = 0;
-  if (qjob_enqueue(q, j) != ERR_OK) {
-    pthread_mutex_unlock(&q->mu);
-    return err_set(e, ERR_NOMEM, "out of memory");
-  }
+  qjob_enqueue(q, j); /* on disk, so accepted: a refused push is retried */
   q->submitted++;
   memset(spec, 0, sizeof *spec);
   if (out)
@@ -498,7 +497,7 @@ static int collect(queue *q, const qjob *j, uint64_t after, queue_event **evs, i
   qbackend_event *got = NULL;
   int k = 0;
   int rc = q->be->ops->read(q->be, j->id, after, 0, &got, &k, e);
-  queue_event *out = rc || !k ? NULL : calloc((size_t)k, sizeof *out);
+  queue_event *out = rc || !k ? NULL : mem_calloc((size_t)k, sizeof *out);
   if (!rc && k && !out)
     rc = err_set(e, ERR_NOMEM, "out of memory");
   for (int i = 0; out && i < k; i++) {

@@ -11,6 +11,8 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "mem.h"
+
 /* ---- recovery ---- */
 
 /* Strings longer than this (input pictures, noise maps in base64) are what make a record large. */
@@ -20,7 +22,7 @@
  * none of them (its views carry no inputs), and parsing a gigabyte of base64 took a restart 23 s.
  * NULL out of memory. */
 static char *skeleton(const char *text, size_t len, size_t *out_len) {
-  char *out = malloc(len + 1);
+  char *out = mem_malloc(len + 1);
   size_t o = 0;
   for (size_t i = 0; out && i < len;) {
     const char *q = memchr(text + i, '"', len - i);
@@ -99,7 +101,7 @@ static void load_events(queue *q, qjob *j, const json_t *events) {
 static qjob *parse_job(queue *q, const char *id, const char *text, size_t len) {
   json_error_t je;
   json_t *r = load_record(text, len, &je);
-  qjob *j = calloc(1, sizeof *j);
+  qjob *j = mem_calloc(1, sizeof *j);
   err e = {0};
   const char *state = NULL, *error = "";
   json_t *spec = NULL, *events = NULL;

@@ -9,6 +9,7 @@
 
 #include "base64.h"
 #include "image.h"
+#include "mem.h"
 #include "npy.h"
 
 static int arg_int(const json_t *a, const char *key, int dflt) {
@@ -22,7 +23,7 @@ static int decode_png(const char *b64, const char *field, int is_mask, int c, in
   size_t len = 0;
   if (!b64 || base64_decode(b64, strlen(b64), &png, &len) != 0)
     return err_set(e, ERR_FORMAT, "%s: not base64", field);
-  float *x = malloc((size_t)(is_mask ? 1 : c) * h * w * sizeof *x);
+  float *x = mem_malloc((size_t)(is_mask ? 1 : c) * h * w * sizeof *x);
   int rc = !x        ? err_set(e, ERR_NOMEM, "out of memory")
            : is_mask ? image_mask_from_png(png, len, field, h, w, x, e)
                      : image_from_png(png, len, field, c, h, w, x, e);
@@ -55,7 +56,7 @@ static int decode_noise(const char *b64, qrequest *q, err *e) {
 static int invert_args(const queue_spec *sp, const model *m, qrequest *q, err *e) {
   const json_t *a = sp->edit_args;
   if (q->r.labels) {
-    if (!(q->src_labels = malloc(sizeof *q->src_labels * (size_t)sp->batch)))
+    if (!(q->src_labels = mem_malloc(sizeof *q->src_labels * (size_t)sp->batch)))
       return err_set(e, ERR_NOMEM, "out of memory");
     for (int b = 0; b < sp->batch; b++)
       q->src_labels[b] = arg_int(a, "source_class", (int)q->r.labels[b]);
@@ -127,7 +128,7 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
                          .images = 1,
                          .strength = sp->strength};
   if (sp->has_label) {
-    if (!(q->labels = malloc(sizeof *q->labels * (size_t)sp->batch)))
+    if (!(q->labels = mem_malloc(sizeof *q->labels * (size_t)sp->batch)))
       return err_set(e, ERR_NOMEM, "out of memory");
     for (int b = 0; b < sp->batch; b++)
       q->labels[b] = sp->label;

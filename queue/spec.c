@@ -11,6 +11,8 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "mem.h"
+
 /* ---- specs ---- */
 
 static const char *const edit_names[] = {NULL,          "img2img",     "inpaint",
@@ -43,7 +45,7 @@ static void decoded_free(queue_decoded *d) {
 
 queue_decoded *queue_spec_decoded(queue_spec *s) {
   if (!s->decoded)
-    s->decoded = calloc(1, sizeof *s->decoded);
+    s->decoded = mem_calloc(1, sizeof *s->decoded);
   return s->decoded;
 }
 
@@ -60,8 +62,8 @@ int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
   *dst = *src;
   dst->decoded = NULL;
   dst->options = src->options ? json_deep_copy(src->options) : NULL;
-  dst->input_image = src->input_image ? strdup(src->input_image) : NULL;
-  dst->mask = src->mask ? strdup(src->mask) : NULL;
+  dst->input_image = src->input_image ? mem_strdup(src->input_image) : NULL;
+  dst->mask = src->mask ? mem_strdup(src->mask) : NULL;
   dst->edit_args = src->edit_args ? json_deep_copy(src->edit_args) : NULL;
   return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
                  (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
@@ -102,8 +104,8 @@ int qspec_copy_light(queue_spec *dst, const queue_spec *src) {
   *dst = *src;
   dst->decoded = NULL;
   dst->options = src->options ? json_deep_copy(src->options) : NULL;
-  dst->input_image = src->input_image ? strdup("") : NULL;
-  dst->mask = src->mask ? strdup("") : NULL;
+  dst->input_image = src->input_image ? mem_strdup("") : NULL;
+  dst->mask = src->mask ? mem_strdup("") : NULL;
   dst->edit_args = src->edit_args ? light_args(src->edit_args) : NULL;
   return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
                  (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
@@ -228,8 +230,8 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
     }
     s->edit = k;
     s->strength = json_number_value(strength);
-    s->input_image = input ? strdup(json_string_value(input)) : NULL;
-    s->mask = json_is_string(mask) ? strdup(json_string_value(mask)) : NULL;
+    s->input_image = input ? mem_strdup(json_string_value(input)) : NULL;
+    s->mask = json_is_string(mask) ? mem_strdup(json_string_value(mask)) : NULL;
     s->edit_args = args ? json_deep_copy(args) : NULL;
     if ((input && !s->input_image) || (json_is_string(mask) && !s->mask) ||
         (args && !s->edit_args)) {

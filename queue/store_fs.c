@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "mem.h"
 #include "store.h"
 
 typedef struct fs_store {
@@ -164,7 +165,7 @@ static int read_fd_all(const fs_store *s, int fd, uint8_t **out, size_t *len, si
     return -1;
   }
   size_t n = (size_t)st.st_size, got = 0;
-  uint8_t *buf = malloc(n + 1);
+  uint8_t *buf = mem_malloc(n + 1);
   if (!buf)
     return -1;
   while (got < n) {
@@ -333,7 +334,7 @@ static int open_subdir(fs_store *s, const char *sub, int *out, err *e) {
 }
 
 int store_fs_open(const char *dir, store_fault *fault, store **out, err *e) {
-  fs_store *s = calloc(1, sizeof *s);
+  fs_store *s = mem_calloc(1, sizeof *s);
   if (!s)
     return err_set(e, ERR_NOMEM, "out of memory");
   s->base.ops = &fs_ops;

@@ -14,6 +14,7 @@
 #include "base64.h"
 #include "edit.h"
 #include "image.h"
+#include "mem.h"
 #include "rng.h"
 
 /* ---- workers ---- */
@@ -100,7 +101,7 @@ static char *preview_url(const pipeline_progress *p) {
   if (p->preview) {
     char *b64 = base64_encode(p->preview, p->preview_len);
     size_t n = b64 ? strlen(b64) + 32 : 0;
-    if (b64 && (url = malloc(n)))
+    if (b64 && (url = mem_malloc(n)))
       snprintf(url, n, "data:image/png;base64,%s", b64);
     free(b64);
   }
@@ -273,10 +274,10 @@ static void batch_arrays_free(batch_arrays *a) {
  * image equals the one it would be alone (edits are never batched). */
 static int batch_inputs(qbatch *b, qrequest *req, size_t d, batch_arrays *a, err *e) {
   const qjob *head = b->jobs[0];
-  a->seeds = malloc((size_t)b->nimg * sizeof *a->seeds);
-  a->index = malloc((size_t)b->nimg * sizeof *a->index);
-  a->labels = head->spec.has_label ? malloc((size_t)b->nimg * sizeof *a->labels) : NULL;
-  a->init = malloc((size_t)b->nimg * d * sizeof *a->init);
+  a->seeds = mem_malloc((size_t)b->nimg * sizeof *a->seeds);
+  a->index = mem_malloc((size_t)b->nimg * sizeof *a->index);
+  a->labels = head->spec.has_label ? mem_malloc((size_t)b->nimg * sizeof *a->labels) : NULL;
+  a->init = mem_malloc((size_t)b->nimg * d * sizeof *a->init);
   if (!a->seeds || !a->index || (head->spec.has_label && !a->labels) || !a->init)
     return err_set(e, ERR_NOMEM, "out of memory for %d images", b->nimg);
   for (int i = 0, k = 0; i < b->njobs; i++)

@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "mem.h"
+
 #define ARENA_ALIGN 64
 #define ARENA_MAX_CHUNKS 64
 
@@ -24,7 +26,7 @@ struct arena {
 };
 
 arena *arena_new(size_t chunk_bytes) {
-  arena *a = calloc(1, sizeof *a);
+  arena *a = mem_calloc(1, sizeof *a);
   if (a)
     a->chunk_bytes = chunk_bytes < (1u << 20) ? (1u << 20) : chunk_bytes;
   return a;
@@ -64,7 +66,7 @@ void *arena_alloc(arena *a, size_t bytes) {
     if (a->nchunks == ARENA_MAX_CHUNKS)
       return NULL;
     size_t size = bytes > a->chunk_bytes ? bytes : a->chunk_bytes;
-    void *base = aligned_alloc(ARENA_ALIGN, size);
+    void *base = mem_aligned(ARENA_ALIGN, size);
     if (!base)
       return NULL;
     int at = a->cur < a->nchunks ? a->cur + 1 : a->nchunks;
@@ -102,7 +104,7 @@ void arena_reset(arena *a) {
   /* Several chunks means the sizes did not fit: one chunk of the peak serves
    * every later pass of the same shape without new allocations. */
   size_t want = (a->peak + 4095) & ~(size_t)4095;
-  void *big = aligned_alloc(ARENA_ALIGN, want);
+  void *big = mem_aligned(ARENA_ALIGN, want);
   if (!big)
     return;
   for (int i = 0; i < a->nchunks; i++)

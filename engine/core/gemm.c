@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mem.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define GEMM_X86 1
@@ -56,7 +58,7 @@ int gemm_pack_a(gemm_packed *p, const float *a, int m, int k) {
   p->m = m;
   p->k = k;
   p->rowmajor = a;
-  p->data = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+  p->data = mem_aligned(64, (bytes + 63) & ~(size_t)63);
   if (!p->data)
     return -1;
   for (int pi = 0; pi < panels; pi++) {

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "gemm.h"
+#include "mem.h"
 #include "pool.h"
 
 #define COL_TILE_BYTES (2u << 20) /* im2col tile kept near cache size */
@@ -167,7 +168,7 @@ int ops_conv2d_pack(conv2d *c) {
       c->pad_top == c->pad_left && c->pad_top == c->pad_bottom && c->pad_top == c->pad_right;
   if (winograd_enabled() && symmetric &&
       wino_applies(c->k, c->stride, c->pad_top, c->cin, c->cout)) {
-    c->wino = malloc(sizeof *c->wino);
+    c->wino = mem_malloc(sizeof *c->wino);
     if (!c->wino || wino_prepare(c->wino, c->weight, c->bias, c->cin, c->cout)) {
       free(c->wino);
       c->wino = NULL;
@@ -175,7 +176,11 @@ int ops_conv2d_pack(conv2d *c) {
     }
   }
   /* Both forms are kept: small images go the im2col way (see ops_conv2d). */
-  return gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k);
+  if (gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k)) {
+    ops_conv2d_unpack(c); /* all or nothing: the caller frees only what packed */
+    return -1;
+  }
+  return 0;
 }
 
 void ops_conv2d_unpack(conv2d *c) {
@@ -530,8 +535,11 @@ int ops_attention_pack(attn_weights *aw) {
                            .stride = 1,
                            .weight = w[i],
                            .bias = b[i]};
-    if (ops_conv2d_pack(&aw->proj[i]))
+    if (ops_conv2d_pack(&aw->proj[i])) {
+      while (i-- > 0)
+        ops_conv2d_unpack(&aw->proj[i]);
       return -1;
+    }
   }
   return 0;
 }

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mem.h"
 #include "pool.h"
 
 #define WINO_V_BYTES (4u << 20) /* transformed input block kept near L2/L3 size */
@@ -27,7 +28,7 @@ int wino_prepare(wino_conv *w, const float *weight, const float *bias, int cin, 
   w->cin = cin;
   w->cout = cout;
   w->bias = bias;
-  float *u = malloc(sizeof(float) * WINO_POINTS * (size_t)cout * cin);
+  float *u = mem_malloc(sizeof(float) * WINO_POINTS * (size_t)cout * cin);
   if (!u)
     return -1;
   for (int co = 0; co < cout; co++)

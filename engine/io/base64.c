@@ -3,11 +3,13 @@
 
 #include <stdlib.h>
 
+#include "mem.h"
+
 static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 char *base64_encode(const uint8_t *data, size_t len) {
   size_t n = (len + 2) / 3 * 4;
-  char *out = malloc(n + 1), *p = out;
+  char *out = mem_malloc(n + 1), *p = out;
   if (!out)
     return NULL;
   size_t i = 0;
@@ -46,7 +48,7 @@ static int value_of(char c) {
 int base64_decode(const char *text, size_t len, uint8_t **out, size_t *outlen) {
   if (len % 4)
     return -1;
-  uint8_t *buf = malloc(len / 4 * 3 + 1);
+  uint8_t *buf = mem_malloc(len / 4 * 3 + 1);
   if (!buf)
     return -1;
   size_t o = 0;

@@ -13,6 +13,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "mem.h"
+
 /* libpng's own default IHDR limit; beyond it encoding fails with a vague message. */
 #define PNG_DIM_MAX 1000000
 
@@ -87,7 +89,7 @@ static int utf8_scan(const char *s, uint32_t *max_cp) {
 
 /* Valid UTF-8 with every code point <= U+00FF, to Latin-1 (never longer). */
 static char *utf8_to_latin1(const char *s) {
-  char *out = malloc(strlen(s) + 1), *o = out;
+  char *out = mem_malloc(strlen(s) + 1), *o = out;
   if (!out)
     return NULL;
   for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
@@ -106,7 +108,7 @@ static char *latin1_to_utf8(const char *s) {
   size_t n = 0;
   for (const unsigned char *p = (const unsigned char *)s; *p; p++)
     n += *p < 0x80 ? 1 : 2;
-  char *out = malloc(n + 1), *o = out;
+  char *out = mem_malloc(n + 1), *o = out;
   if (!out)
     return NULL;
   for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
@@ -168,7 +170,7 @@ static void mem_write(png_structp png, png_bytep data, size_t n) {
     size_t cap = b->cap ? b->cap : 16384;
     while (cap < b->len + n)
       cap *= 2;
-    uint8_t *p = realloc(b->data, cap);
+    uint8_t *p = mem_realloc(b->data, cap);
     if (!p)
       png_error(png, "out of memory");
     b->data = p;
@@ -241,9 +243,9 @@ int image_png_encode(const uint8_t *px, int c, int h, int w, const image_text *t
     return err_set(e, ERR_INVALID, "PNG encode: bad text list");
 
   int rc = ERR_OK;
-  png_text *pt = calloc((size_t)(ntexts ? ntexts : 1), sizeof *pt);
+  png_text *pt = mem_calloc((size_t)(ntexts ? ntexts : 1), sizeof *pt);
   /* Latin-1 copies of tEXt values that held non-ASCII UTF-8. */
-  char **owned = calloc((size_t)(ntexts ? ntexts : 1), sizeof *owned);
+  char **owned = mem_calloc((size_t)(ntexts ? ntexts : 1), sizeof *owned);
   enc_job j = {.px = px, .c = c, .h = h, .w = w, .texts = pt, .ntexts = ntexts};
   if (!pt || !owned) {
     rc = err_set(e, ERR_NOMEM, "PNG encode: out of memory");
@@ -295,7 +297,7 @@ done:
 
 int image_file_write(const char *path, const uint8_t *data, size_t len, err *e) {
   size_t plen = strlen(path);
-  char *tmp = malloc(plen + 16);
+  char *tmp = mem_malloc(plen + 16);
   if (!tmp)
     return err_set(e, ERR_NOMEM, "%s: out of memory", path);
   memcpy(tmp, path, plen);
@@ -552,8 +554,8 @@ static int decode_run(dec_job *j) {
   if (png_get_channels(png, info) != 3 || png_get_bit_depth(png, info) != 8 ||
       png_get_rowbytes(png, info) != stride)
     png_error(png, "unexpected pixel layout after conversion to RGB");
-  j->px = malloc(stride * j->h);
-  j->rows = malloc(sizeof *j->rows * j->h);
+  j->px = mem_malloc(stride * j->h);
+  j->rows = mem_malloc(sizeof *j->rows * j->h);
   if (!j->px || !j->rows) {
     j->nomem = 1;
     png_error(png, "out of memory");
@@ -625,7 +627,7 @@ static int find_text(png_structp png, png_infop info, text_job *j) {
     /* tEXt and zTXt are Latin-1; iTXt is already UTF-8. */
     if (texts[i].compression == PNG_ITXT_COMPRESSION_NONE ||
         texts[i].compression == PNG_ITXT_COMPRESSION_zTXt)
-      j->value = strdup(v);
+      j->value = mem_strdup(v);
     else
       j->value = latin1_to_utf8(v);
     if (!j->value)
@@ -658,7 +660,7 @@ static int text_run(text_job *j) {
     /* Text after the image data: decode (and discard) rows to reach it. */
     int passes = png_set_interlace_handling(png);
     png_read_update_info(png, info);
-    if (!(j->row = malloc(png_get_rowbytes(png, info)))) {
+    if (!(j->row = mem_malloc(png_get_rowbytes(png, info)))) {
       j->nomem = 1;
       png_error(png, "out of memory");
     }

@@ -11,6 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "mem.h"
+
 /* numpy itself refuses headers above 10000 bytes by default; allow more but
  * keep a garbage length field from turning into a huge allocation. */
 #define NPY_MAX_HEADER (1 << 20)
@@ -316,7 +318,7 @@ static int read_header(FILE *f, const char *path, uint64_t size, npy_header *h, 
                  path, (unsigned long long)hlen, (long long)size);
     goto done;
   }
-  text = malloc(hlen + 1);
+  text = mem_malloc(hlen + 1);
   if (!text) {
     rc = err_set(e, ERR_NOMEM, "%s: out of memory for the .npy header", path);
     goto done;
@@ -407,7 +409,7 @@ typedef int (*conv_fn)(const npy_header *h, const unsigned char *b, int64_t i, v
 
 static int read_data(FILE *f, const char *path, const npy_header *h, conv_fn conv, void *dst,
                      err *e) {
-  unsigned char *buf = malloc(NPY_CHUNK);
+  unsigned char *buf = mem_malloc(NPY_CHUNK);
   if (!buf)
     return err_set(e, ERR_NOMEM, "%s: out of memory", path);
   int64_t per = NPY_CHUNK / h->itemsize, i = 0;
@@ -491,7 +493,7 @@ static int read_f32(FILE *f, const char *path, const npy_header *hp, npy_array *
   const npy_header h = *hp;
   int rc;
   /* Never NULL, even for an empty array, so callers can treat NULL as failure. */
-  float *data = malloc((size_t)(h.count ? h.count : 1) * sizeof *data);
+  float *data = mem_malloc((size_t)(h.count ? h.count : 1) * sizeof *data);
   if (!data) {
     fclose(f);
     return err_set(e, ERR_NOMEM, "%s: out of memory for %lld floats", path, (long long)h.count);
@@ -540,7 +542,7 @@ int npy_read_i64(const char *path, int64_t **data, int64_t *count, int *ndim,
   int rc = open_npy(path, &f, &h, e);
   if (rc)
     return rc;
-  int64_t *buf = malloc((size_t)(h.count ? h.count : 1) * sizeof *buf);
+  int64_t *buf = mem_malloc((size_t)(h.count ? h.count : 1) * sizeof *buf);
   if (!buf) {
     fclose(f);
     return err_set(e, ERR_NOMEM, "%s: out of memory for %lld integers", path, (long long)h.count);
@@ -698,7 +700,7 @@ int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *
 
   /* Write beside the target and rename, so readers never see a partial file. */
   size_t plen = strlen(path);
-  char *tmp = malloc(plen + 16);
+  char *tmp = mem_malloc(plen + 16);
   if (!tmp)
     return err_set(e, ERR_NOMEM, "%s: out of memory", path);
   memcpy(tmp, path, plen);

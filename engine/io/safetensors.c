@@ -12,6 +12,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "mem.h"
+
 #define ST_MAX_HEADER (100u << 20) /* the format's own limit is 100 MB */
 
 typedef struct st_entry {
@@ -66,7 +68,7 @@ static int parse_entry(st_file *f, const char *name, json_t *v, st_entry *out, e
   if (!json_is_string(dt) || !json_is_array(shape) || !json_is_array(offs) ||
       json_array_size(offs) != 2)
     return err_set(e, ERR_FORMAT, "tensor '%s': needs dtype, shape and data_offsets[2]", name);
-  out->info.name = strdup(name);
+  out->info.name = mem_strdup(name);
   if (!out->info.name)
     return err_set(e, ERR_NOMEM, "out of memory");
   out->info.dtype = dtype_parse(json_string_value(dt));
@@ -127,7 +129,7 @@ static int parse_header(st_file *f, err *e) {
     rc = err_set(e, ERR_FORMAT, "header is not a JSON object");
     goto done;
   }
-  f->entries = calloc(json_object_size(root) + 1, sizeof *f->entries);
+  f->entries = mem_calloc(json_object_size(root) + 1, sizeof *f->entries);
   if (!f->entries) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto done;
@@ -150,10 +152,13 @@ done:
 
 int st_open(const char *path, st_file **out, err *e) {
   *out = NULL;
-  st_file *f = calloc(1, sizeof *f);
+  st_file *f = mem_calloc(1, sizeof *f);
   if (!f)
     return err_set(e, ERR_NOMEM, "out of memory");
-  f->path = strdup(path);
+  if (!(f->path = mem_strdup(path))) {
+    free(f);
+    return err_set(e, ERR_NOMEM, "%s: out of memory", path);
+  }
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     int rc = err_set(e, ERR_IO, "%s: %s", path, strerror(errno));

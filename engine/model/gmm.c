@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mem.h"
 #include "safetensors.h"
 
 /* Sizes beyond these are not a test model any more, and would overflow int products. */
@@ -117,8 +118,8 @@ static int read_tensor(const st_file *f, const char *name, int ndim, const int64
   int64_t n = 1;
   for (int i = 0; i < ndim; i++)
     n *= shape[i];
-  float *tmp = malloc((size_t)n * sizeof *tmp);
-  double *d = malloc((size_t)n * sizeof *d);
+  float *tmp = mem_malloc((size_t)n * sizeof *tmp);
+  double *d = mem_malloc((size_t)n * sizeof *d);
   if (!tmp || !d) {
     free(tmp);
     free(d);
@@ -161,8 +162,8 @@ static int load_tensors(gmm *g, const st_file *f, err *e) {
       (rc = read_tensor(f, "stds", 1, kshape, &stds, e)) != ERR_OK ||
       (rc = read_tensor(f, "means", 4, mshape, &g->means, e)) != ERR_OK)
     goto done;
-  g->log_w = malloc((size_t)g->k * sizeof *g->log_w);
-  g->var = malloc((size_t)g->k * sizeof *g->var);
+  g->log_w = mem_malloc((size_t)g->k * sizeof *g->log_w);
+  g->var = mem_malloc((size_t)g->k * sizeof *g->var);
   if (!g->log_w || !g->var) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto done;
@@ -194,7 +195,7 @@ static int load_tensors(gmm *g, const st_file *f, err *e) {
       rc = err_set(e, ERR_FORMAT, "tensor 'labels' must have shape [%d]", g->k);
       goto done;
     }
-    g->labels = malloc((size_t)g->k * sizeof *g->labels);
+    g->labels = mem_malloc((size_t)g->k * sizeof *g->labels);
     if (!g->labels) {
       rc = err_set(e, ERR_NOMEM, "out of memory");
       goto done;
@@ -218,8 +219,8 @@ static int set_schedule(gmm *g, const double *abar, int n, err *e) {
   if (!abar || n < 1)
     return err_set(e, ERR_INVALID, "GaussianMixtureDenoiser needs a noise schedule");
   g->num_train_timesteps = n;
-  g->abar = malloc((size_t)n * sizeof *g->abar);
-  g->log_sigma = malloc((size_t)n * sizeof *g->log_sigma);
+  g->abar = mem_malloc((size_t)n * sizeof *g->abar);
+  g->log_sigma = mem_malloc((size_t)n * sizeof *g->log_sigma);
   if (!g->abar || !g->log_sigma)
     return err_set(e, ERR_NOMEM, "out of memory");
   for (int i = 0; i < n; i++) {
@@ -234,7 +235,7 @@ static int set_schedule(gmm *g, const double *abar, int n, err *e) {
 
 int gmm_load(const json_t *config, const char *weights_path, const double *alphas_cumprod,
              int num_train_timesteps, gmm **out, err *e) {
-  gmm *g = calloc(1, sizeof *g);
+  gmm *g = mem_calloc(1, sizeof *g);
   if (!g)
     return err_set(e, ERR_NOMEM, "out of memory");
   st_file *f = NULL;
@@ -277,8 +278,8 @@ static double abar_at(const gmm *g, double t) {
 int gmm_eval(const gmm *g, const float *x, int n, const float *t, const int64_t *labels, float *out,
              err *e) {
   const int d = g->d, kk = g->k;
-  double *logp = malloc((size_t)kk * sizeof *logp);
-  double *ex0 = malloc((size_t)d * sizeof *ex0);
+  double *logp = mem_malloc((size_t)kk * sizeof *logp);
+  double *ex0 = mem_malloc((size_t)d * sizeof *ex0);
   if (!logp || !ex0) {
     free(logp);
     free(ex0);

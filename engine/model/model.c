@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "gmm.h"
+#include "mem.h"
 #include "ops.h"
 #include "safetensors.h"
 #include "schedule.h"
@@ -112,7 +113,7 @@ static int load_gmm(model *m, const json_t *cfg, const char *weights, err *e) {
   int rc = sched_config_load_file(m->sched_path, NULL, 0, &sc, e);
   if (rc)
     return rc;
-  double *ac = malloc(sizeof(double) * (size_t)sc.num_train_timesteps);
+  double *ac = mem_malloc(sizeof(double) * (size_t)sc.num_train_timesteps);
   if (!ac) {
     sched_config_free(&sc);
     return err_set(e, ERR_NOMEM, "out of memory");
@@ -178,7 +179,7 @@ static int read_class_labels(model *m, const json_t *cfg, const char *cfg_path, 
   if (n < 0 || n > m->info.num_classes)
     return err_set(e, ERR_FORMAT, "%s: key '_class_labels' must be an array of at most %d names",
                    cfg_path, m->info.num_classes);
-  m->labels = calloc((size_t)n + 1, sizeof *m->labels); /* NULL-terminated */
+  m->labels = mem_calloc((size_t)n + 1, sizeof *m->labels); /* NULL-terminated */
   if (!m->labels)
     return err_set(e, ERR_NOMEM, "out of memory");
   for (int i = 0; i < n; i++) {
@@ -186,7 +187,7 @@ static int read_class_labels(model *m, const json_t *cfg, const char *cfg_path, 
     if (!json_is_string(s) || json_string_length(s) == 0 || json_string_length(s) > 64)
       return err_set(e, ERR_FORMAT, "%s: _class_labels[%d] must be a name of 1 to 64 bytes",
                      cfg_path, i);
-    if (!(m->labels[i] = strdup(json_string_value(s))))
+    if (!(m->labels[i] = mem_strdup(json_string_value(s))))
       return err_set(e, ERR_NOMEM, "out of memory");
   }
   m->info.class_labels = (const char *const *)m->labels;
@@ -210,7 +211,7 @@ int model_load(const char *dir, model **out, err *e) {
   *out = NULL;
   ops_init();
   char net_dir[MODEL_PATH_MAX], cfg_path[MODEL_PATH_MAX + 16];
-  model *m = calloc(1, sizeof *m);
+  model *m = mem_calloc(1, sizeof *m);
   if (!m)
     return err_set(e, ERR_NOMEM, "out of memory");
   int rc = resolve_layout(dir, net_dir, m->sched_path, e);

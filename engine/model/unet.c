@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "arena.h"
+#include "mem.h"
 #include "ops.h"
 
 #define UNET_MAX_LEVELS 8
@@ -351,7 +352,7 @@ static float *load_tensor(loader *ld, const char *name, int ndim, const int64_t 
   int64_t count = 1;
   for (int i = 0; i < ndim; i++)
     count *= shape[i];
-  float *p = aligned_alloc(64, ((size_t)count * sizeof(float) + 63) & ~(size_t)63);
+  float *p = mem_aligned(64, ((size_t)count * sizeof(float) + 63) & ~(size_t)63);
   if (!p) {
     err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
     return NULL;
@@ -632,7 +633,7 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
   int rc = parse_config(config, &c, e);
   if (rc)
     return rc;
-  unet *u = calloc(1, sizeof *u);
+  unet *u = mem_calloc(1, sizeof *u);
   if (!u)
     return err_set(e, ERR_NOMEM, "out of memory");
   pthread_mutex_init(&u->lock, NULL);
@@ -646,7 +647,7 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
                           .in_channels = c.in_channels,
                           .out_channels = c.out_channels,
                           .num_classes = c.num_classes};
-  loader ld = {u, weights, calloc((size_t)st_count(weights) + 1, 1), e};
+  loader ld = {u, weights, mem_calloc((size_t)st_count(weights) + 1, 1), e};
   if (!ld.used) {
     unet_free(u);
     return err_set(e, ERR_NOMEM, "out of memory");

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "image.h"
+#include "mem.h"
 
 json_t *meta_json(const meta_image *m) {
   json_t *j =
@@ -52,7 +53,7 @@ int meta_png_encode(const meta_image *m, const float *chw, int channels, uint8_t
                     size_t *png_len, err *e) {
   const int c = channels < 3 ? 1 : 3;
   const size_t plane = (size_t)m->height * m->width;
-  uint8_t *px = malloc(plane * 3);
+  uint8_t *px = mem_malloc(plane * 3);
   json_t *j = meta_json(m);
   char *js = j ? json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
   json_decref(j);

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "image.h"
+#include "mem.h"
 #include "npy.h"
 #include "schedule.h"
 
@@ -154,7 +155,8 @@ static int preview_png(run_ctx *c, int nfe, uint8_t **png, size_t *len) {
   const size_t d = (size_t)ch * h * w;
   const sched_config *cfg = sampler_config(c->s);
   const double *tm = sampler_timesteps(c->s);
-  float *x0 = malloc(d * sizeof *x0), *mo = malloc((size_t)mi->out_channels * h * w * sizeof *mo);
+  float *x0 = mem_malloc(d * sizeof *x0),
+        *mo = mem_malloc((size_t)mi->out_channels * h * w * sizeof *mo);
   int rc = -1;
   if (!x0 || !mo)
     goto done;
@@ -196,8 +198,8 @@ static int preview_png(run_ctx *c, int nfe, uint8_t **png, size_t *len) {
   while (h / f > PREVIEW_MAX || w / f > PREVIEW_MAX)
     f++;
   const int ph = h / f, pw = w / f, pc = ch < 3 ? 1 : 3;
-  float *small = calloc((size_t)pc * ph * pw, sizeof *small);
-  uint8_t *px = malloc((size_t)ph * pw * 3);
+  float *small = mem_calloc((size_t)pc * ph * pw, sizeof *small);
+  uint8_t *px = mem_malloc((size_t)ph * pw * 3);
   if (small && px) {
     for (int k = 0; k < pc; k++)
       for (int y = 0; y < ph * f; y++)
@@ -245,7 +247,7 @@ static float *replicate(const float *src, int count, size_t n, int batch, err *e
     err_set(e, ERR_INVALID, "%d input pictures for a batch of %d", count, batch);
     return NULL;
   }
-  float *out = malloc(sizeof *out * n * (size_t)batch);
+  float *out = mem_malloc(sizeof *out * n * (size_t)batch);
   if (!out) {
     err_set(e, ERR_NOMEM, "out of memory for %d input pictures", batch);
     return NULL;
@@ -338,7 +340,7 @@ static int run_inversion(run_ctx *c, const float *image, pipeline_result *out, e
   const size_t nm = d * (size_t)batch * (size_t)nmaps;
   if (r->noise && (rc = pipeline_check_noise(r->noise, nm, "edit.noise", e)) != ERR_OK)
     return rc;
-  if (!(maps = malloc(sizeof *maps * nm)))
+  if (!(maps = mem_malloc(sizeof *maps * nm)))
     return err_set(e, ERR_NOMEM, "out of memory for the noise maps");
   if (r->noise) {
     memcpy(maps, r->noise, sizeof *maps * nm);
@@ -508,7 +510,7 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
     free(image);
     return e->code;
   }
-  if (!(out->images = calloc(d * (size_t)r->batch, sizeof *out->images))) {
+  if (!(out->images = mem_calloc(d * (size_t)r->batch, sizeof *out->images))) {
     rc = err_set(e, ERR_NOMEM, "out of memory for %d images", r->batch);
     goto done;
   }
