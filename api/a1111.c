@@ -172,7 +172,7 @@ static int txt2img_sampler(const json_t *j, txt2img_req *r, api_error *e) {
     return 0;
   if (!json_is_string(v))
     return api_fail(e, 400, "wrong_type", r->sfield, "%s: expected a sampler name, got %s",
-                    r->sfield, api_type_name(v));
+                    r->sfield, sched_json_kind(v));
   r->solver = api_a1111_solver(json_string_value(v));
   if (!r->solver)
     return api_fail(e, 400, "invalid_field", r->sfield,
@@ -187,7 +187,7 @@ static int txt2img_eta(const json_t *j, txt2img_req *r, api_error *e) {
     return 0;
   if (!json_is_number(v))
     return api_fail(e, 400, "wrong_type", "eta", "eta: expected a number, got %s",
-                    api_type_name(v));
+                    sched_json_kind(v));
   json_object_set(r->options, "eta", (json_t *)v);
   return 0;
 }
@@ -227,7 +227,7 @@ static int txt2img_cfg(const json_t *j, int has_classes, txt2img_req *r, api_err
     return 0;
   if (!json_is_number(v))
     return api_fail(e, 400, "wrong_type", "cfg_scale", "cfg_scale: expected a number, got %s",
-                    api_type_name(v));
+                    sched_json_kind(v));
   r->cfg = json_number_value(v);
   if (has_classes && (r->cfg < 0 || r->cfg > 50))
     return api_fail(e, 400, "out_of_range", "cfg_scale", "cfg_scale: %g is out of range [0, 50]",

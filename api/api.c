@@ -154,19 +154,6 @@ static json_t *seconds_between(double from, double to) {
   return json_integer((json_int_t)(floor(to) - floor(from)));
 }
 
-const char *api_type_name(const json_t *v) {
-  switch (json_typeof(v)) {
-  case JSON_OBJECT: return "an object";
-  case JSON_ARRAY: return "an array";
-  case JSON_STRING: return "a string";
-  case JSON_INTEGER: return "an integer";
-  case JSON_REAL: return "a number";
-  case JSON_TRUE:
-  case JSON_FALSE: return "a boolean";
-  default: return "null";
-  }
-}
-
 int api_int_value(const json_t *v, const char *field, long long lo, long long hi, int allow_real,
                   long long *out, api_error *e) {
   long long x;
@@ -183,7 +170,7 @@ int api_int_value(const json_t *v, const char *field, long long lo, long long hi
     x = (long long)d;
   } else {
     return api_fail(e, 400, "wrong_type", field, "%s: expected an integer, got %s", field,
-                    api_type_name(v));
+                    sched_json_kind(v));
   }
   if (x < lo || x > hi)
     return api_fail(e, 400, "out_of_range", field, "%s: %lld is out of range [%lld, %lld]", field,
@@ -212,7 +199,7 @@ static int parse_body(const char *body, size_t len, json_t **out, api_error *e) 
                     je.column, je.text);
   if (!json_is_object(j)) {
     api_fail(e, 400, "invalid_json", NULL, "the body must be a JSON object, not %s",
-             api_type_name(j));
+             sched_json_kind(j));
     json_decref(j);
     return e->status;
   }
@@ -274,7 +261,7 @@ int api_parse_label(const json_t *v, const queue_model_desc *md, const char *fie
                     names[0] ? names : "by index only");
   }
   return api_fail(e, 400, "wrong_type", field, "%s: expected a class index or name, got %s", field,
-                  api_type_name(v));
+                  sched_json_kind(v));
 }
 
 /* The null class of a model that names its classes and not it (glyphs32's 36) is the
@@ -314,7 +301,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   static const char *const keys[] = {"scale", "null_class", "thresholding", NULL};
   if (!json_is_object(g))
     return api_fail(e, 400, "wrong_type", "guidance",
-                    "guidance: expected an object {scale, null_class}, got %s", api_type_name(g));
+                    "guidance: expected an object {scale, null_class}, got %s", sched_json_kind(g));
   const char *key;
   json_t *v;
   json_object_foreach((json_t *)g, key, v) {
@@ -333,7 +320,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
                     "guidance.scale: give the guidance scale (1: the conditional model alone)");
   if (!json_is_number(sc))
     return api_fail(e, 400, "wrong_type", "guidance.scale",
-                    "guidance.scale: expected a number, got %s", api_type_name(sc));
+                    "guidance.scale: expected a number, got %s", sched_json_kind(sc));
   if (md->num_classes <= 0)
     return api_fail(e, 400, "invalid_field", "guidance.scale",
                     "guidance.scale: model '%s' is not class-conditional: classifier-free "
@@ -348,7 +335,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   if (nc) {
     if (!json_is_integer(nc))
       return api_fail(e, 400, "wrong_type", "guidance.null_class",
-                      "guidance.null_class: expected an integer, got %s", api_type_name(nc));
+                      "guidance.null_class: expected an integer, got %s", sched_json_kind(nc));
     const long long lo = md->kind == MODEL_GAUSSIAN_MIXTURE ? -1 : 0;
     const long long n = json_integer_value(nc);
     if (n < lo || n >= md->num_classes)
@@ -396,7 +383,7 @@ static int merge_thresholding(const json_t *g, json_t *options, api_error *e) {
   } else {
     rc = api_fail(e, 400, "wrong_type", "guidance.thresholding",
                   "guidance.thresholding: expected a boolean or {ratio, max_value}, got %s",
-                  api_type_name(th));
+                  sched_json_kind(th));
     goto done;
   }
   const char *key;
@@ -603,7 +590,7 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
     v = NULL;
   if (v && !json_is_string(v)) {
     rc = api_fail(e, 400, "wrong_type", "model", "model: expected a model name, got %s",
-                  api_type_name(v));
+                  sched_json_kind(v));
     goto done;
   }
   f.model = v ? json_string_value(v) : NULL;
@@ -632,9 +619,9 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
     goto done;
   const json_t *sc = json_object_get(j, "scheduler");
   if (sc && !json_is_object(sc) && !json_is_string(sc)) {
-    rc =
-        api_fail(e, 400, "wrong_type", "scheduler",
-                 "scheduler: expected an object {name, steps, options}, got %s", api_type_name(sc));
+    rc = api_fail(e, 400, "wrong_type", "scheduler",
+                  "scheduler: expected an object {name, steps, options}, got %s",
+                  sched_json_kind(sc));
     goto done;
   }
   if (json_is_string(sc)) { /* shorthand: "scheduler": "ddim" */
@@ -646,7 +633,7 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
     v = json_object_get(sc, "name");
     if (v && !json_is_string(v)) {
       rc = api_fail(e, 400, "wrong_type", "scheduler.name",
-                    "scheduler.name: expected a solver name, got %s", api_type_name(v));
+                    "scheduler.name: expected a solver name, got %s", sched_json_kind(v));
       goto done;
     }
     f.solver = v ? json_string_value(v) : NULL;
@@ -657,7 +644,7 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
     if (v && !json_is_object(v)) {
       rc = api_fail(e, 400, "wrong_type", "scheduler.options",
                     "scheduler.options: expected an object of scheduler_config keys, got %s",
-                    api_type_name(v));
+                    sched_json_kind(v));
       goto done;
     }
     f.options = (json_t *)v;
@@ -666,7 +653,7 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   if (pv) {
     if (!json_is_object(pv)) {
       rc = api_fail(e, 400, "wrong_type", "preview", "preview: expected an object {every}, got %s",
-                    api_type_name(pv));
+                    sched_json_kind(pv));
       goto done;
     }
     if ((rc = api_check_keys(pv, "preview.", preview_keys, e)) ||

@@ -24,7 +24,7 @@ static int get_png(const json_t *v, const char *field, char **b64, uint8_t **png
                    api_error *e) {
   if (!json_is_string(v))
     return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 PNG, got %s", field,
-                    api_type_name(v));
+                    sched_json_kind(v));
   const char *t = json_string_value(v);
   size_t n = json_string_length(v);
   if (strncmp(t, "data:", 5) == 0) {
@@ -109,7 +109,7 @@ static int get_number(const json_t *obj, const char *key, const char *field, dou
     return 0;
   if (!json_is_number(v))
     return api_fail(e, 400, "wrong_type", field, "%s: expected a number, got %s", field,
-                    api_type_name(v));
+                    sched_json_kind(v));
   const double x = json_number_value(v);
   if (!(x >= lo && x <= hi))
     return api_fail(e, 400, "out_of_range", field, "%s: %g is out of range [%g, %g]", field, x, lo,
@@ -131,7 +131,7 @@ static int get_list(const json_t *obj, const char *key, const char *field, int n
     const json_t *x = json_array_get(v, (size_t)i);
     if (integral ? !json_is_integer(x) : !json_is_number(x))
       return api_fail(e, 400, "wrong_type", field, "%s[%d]: expected %s, got %s", field, i,
-                      integral ? "an integer" : "a number", api_type_name(x));
+                      integral ? "an integer" : "a number", sched_json_kind(x));
     const double d = json_number_value(x);
     if (!(d >= lo && d <= hi))
       return api_fail(e, 400, "out_of_range", field, "%s[%d]: %g is out of range [%g, %g]", field,
@@ -162,14 +162,14 @@ static int get_noise(const api_ctx *c, const json_t *ed, const char *owner, int 
   if (nz) {
     if (!json_is_string(nz))
       return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 .npy, got %s", field,
-                      api_type_name(nz));
+                      sched_json_kind(nz));
     if (base64_decode(json_string_value(nz), json_string_length(nz), &raw, &len) != 0)
       return api_fail(e, 400, "invalid_field", field, "%s: not valid base64 (RFC 4648, padded)",
                       field);
   } else {
     if (!json_is_string(from))
       return api_fail(e, 400, "wrong_type", field, "%s: expected a job id, got %s", field,
-                      api_type_name(from));
+                      sched_json_kind(from));
     const char *id = json_string_value(from);
     queue_job_view v;
     err qe = {0};
@@ -474,7 +474,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   }
   if (!json_is_object(f->edit))
     return api_fail(e, 400, "wrong_type", "edit", "edit: expected an object {type, ...}, got %s",
-                    api_type_name(f->edit));
+                    sched_json_kind(f->edit));
   const json_t *ty = json_object_get(f->edit, "type");
   if (!ty)
     return api_fail(e, 400, "missing_field", "edit.type",
@@ -482,7 +482,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
                     "invert_ddpm or boundary)");
   if (!json_is_string(ty))
     return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
-                    api_type_name(ty));
+                    sched_json_kind(ty));
   const int kind = queue_edit_from_name(json_string_value(ty));
   if (kind < 0)
     return api_fail(e, 400, "invalid_field", "edit.type",

@@ -8,8 +8,6 @@
 #include "api.h"
 #include "sampler.h"
 
-/* "an object", "an integer", ... for messages. */
-const char *api_type_name(const json_t *v);
 /* The one reader of integer fields: a JSON integer or, with allow_real, an integral number
  * (A1111 clients send 20.0), in [lo, hi]. The range is checked before any conversion, so
  * 2.13e58 is a 400 naming the field and the range, never an out-of-range cast. */

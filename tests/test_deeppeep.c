@@ -8,46 +8,6 @@
 
 /* ---- event streams ---- */
 
-typedef struct sse_log {
-  char *text;
-  size_t len;
-} sse_log;
-
-static size_t sse_write(char *p, size_t sz, size_t n, void *u) {
-  sse_log *s = u;
-  size_t k = sz * n;
-  char *nb = realloc(s->text, s->len + k + 1);
-  if (!nb)
-    return 0;
-  s->text = nb;
-  memcpy(s->text + s->len, p, k);
-  s->len += k;
-  s->text[s->len] = 0;
-  return k;
-}
-
-/* The whole stream of a job, until its final event (the stream ends there). */
-static void read_events(const daemon_proc *d, const char *id, const char *token, sse_log *out) {
-  memset(out, 0, sizeof *out);
-  CURL *c = curl_easy_init();
-  char url[256];
-  snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/jobs/%s/events", d->port, id);
-  curl_easy_setopt(c, CURLOPT_URL, url);
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, sse_write);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
-  curl_easy_setopt(c, CURLOPT_TIMEOUT, 120L);
-  struct curl_slist *hl = curl_slist_append(NULL, "Accept: text/event-stream");
-  if (token) {
-    char auth[128];
-    snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
-    hl = curl_slist_append(hl, auth);
-  }
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, hl);
-  curl_easy_perform(c);
-  curl_slist_free_all(hl);
-  curl_easy_cleanup(c);
-}
-
 /* The data objects of a stream's events, in order (new references in ev). */
 static int parse_events(const char *text, json_t **ev, int max) {
   int n = 0;
@@ -119,7 +79,7 @@ START_TEST(client_times_are_whole_seconds) {
   json_decref(j);
   http_free(&r);
   sse_log log;
-  read_events(&d, id, NULL, &log);
+  test_sse_read(&d, id, NULL, 0, &log);
   static json_t *ev[2048];
   int n = parse_events(log.text, ev, 2048), progress = 0;
   ck_assert_int_ge(n, 4);
@@ -247,7 +207,7 @@ static char *event_signature(const daemon_proc *d, const char *fmt, int seed, do
   const double t0 = th_now();
   submit_job(d, body, id, sizeof id);
   sse_log log;
-  read_events(d, id, NULL, &log);
+  test_sse_read(d, id, NULL, 0, &log);
   *secs = th_now() - t0;
   static json_t *ev[512];
   const int n = parse_events(log.text, ev, 512);
@@ -333,7 +293,7 @@ END_TEST
 /* The batched_with of a finished job's started event. */
 static int started_batched_with(const daemon_proc *d, const char *id) {
   sse_log log;
-  read_events(d, id, NULL, &log);
+  test_sse_read(d, id, NULL, 0, &log);
   static json_t *ev[512];
   const int n = parse_events(log.text, ev, 512);
   int with = -1;

@@ -308,10 +308,13 @@ static void sweep_alloc(void) {
  * loaded. */
 typedef int (*loader_fn)(const char *path, uint64_t *digest, err *e);
 
+/* FNV-1a: a digest that tells whether a loader read the same values on every run */
+#define DIGEST_START 14695981039346656037u
+
 static uint64_t digest_bytes(uint64_t h, const void *p, size_t n) {
   const unsigned char *b = p;
   for (size_t i = 0; i < n; i++)
-    h = (h ^ b[i]) * 1099511628211u; /* FNV-1a */
+    h = (h ^ b[i]) * 1099511628211u;
   return h;
 }
 
@@ -326,7 +329,7 @@ static int load_unet(const char *dir, uint64_t *digest, err *e) {
   float t = 10.0f;
   int64_t label = 0;
   int rc = model_eval(m, x, n, h, w, &t, mi->num_classes ? &label : NULL, out, 1, e);
-  *digest = digest_bytes(14695981039346656037u, out, (size_t)mi->out_channels * h * w * 4);
+  *digest = digest_bytes(DIGEST_START, out, (size_t)mi->out_channels * h * w * 4);
   free(x);
   free(out);
   model_free(m);
@@ -338,7 +341,7 @@ static int load_npy(const char *path, uint64_t *digest, err *e) {
   int rc = npy_read_f32(path, &a, e);
   if (rc != ERR_OK)
     return rc;
-  *digest = digest_bytes(14695981039346656037u, a.data, (size_t)a.count * sizeof *a.data);
+  *digest = digest_bytes(DIGEST_START, a.data, (size_t)a.count * sizeof *a.data);
   npy_array_free(&a);
   return rc;
 }
@@ -348,7 +351,7 @@ static int load_safetensors(const char *path, uint64_t *digest, err *e) {
   int rc = st_open(path, &f, e);
   if (rc != ERR_OK)
     return rc;
-  *digest = 14695981039346656037u;
+  *digest = DIGEST_START;
   for (int i = 0; i < st_count(f); i++) {
     const char *name = st_info_at(f, i)->name;
     *digest = digest_bytes(*digest, name, strlen(name));

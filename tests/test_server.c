@@ -493,55 +493,6 @@ END_TEST
 
 /* ---- SSE ---- */
 
-typedef struct sse_log {
-  char *text;
-  size_t len;
-  int stop_after_seq; /* abort the transfer once this id was seen (0: run to the end) */
-} sse_log;
-
-static size_t sse_write(char *p, size_t sz, size_t n, void *u) {
-  sse_log *s = u;
-  size_t k = sz * n;
-  char *nb = realloc(s->text, s->len + k + 1);
-  if (!nb)
-    return 0;
-  s->text = nb;
-  memcpy(s->text + s->len, p, k);
-  s->len += k;
-  s->text[s->len] = 0;
-  if (s->stop_after_seq) {
-    char want[32];
-    snprintf(want, sizeof want, "id: %d\n", s->stop_after_seq);
-    const char *hit = strstr(s->text, want);
-    if (hit && strstr(hit, "\n\n"))
-      return 0; /* makes curl abort: a client that goes away mid-stream */
-  }
-  return k;
-}
-
-static void read_events(const daemon_proc *d, const char *id, const char *last_event_id,
-                        int stop_after, sse_log *out) {
-  memset(out, 0, sizeof *out);
-  out->stop_after_seq = stop_after;
-  CURL *c = curl_easy_init();
-  char url[256];
-  snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/jobs/%s/events", d->port, id);
-  curl_easy_setopt(c, CURLOPT_URL, url);
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, sse_write);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
-  curl_easy_setopt(c, CURLOPT_TIMEOUT, 120L);
-  struct curl_slist *hl = curl_slist_append(NULL, "Accept: text/event-stream");
-  if (last_event_id) {
-    char hdr[64];
-    snprintf(hdr, sizeof hdr, "Last-Event-ID: %s", last_event_id);
-    hl = curl_slist_append(hl, hdr);
-  }
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, hl);
-  curl_easy_perform(c);
-  curl_slist_free_all(hl);
-  curl_easy_cleanup(c);
-}
-
 typedef struct parsed_event {
   long id;
   char type[32];
@@ -594,7 +545,7 @@ START_TEST(events_order_and_resume) {
              "\"ddpm\", \"steps\": 200}, \"preview\": {\"every\": 50}}",
              id, sizeof id);
   sse_log all;
-  read_events(&d, id, NULL, 0, &all);
+  test_sse_read(&d, id, NULL, 0, &all);
   ck_assert_ptr_nonnull(strstr(all.text, "retry: "));
   static parsed_event ev[1024];
   int n = parse_events(all.text, ev, 1024);
@@ -643,7 +594,7 @@ START_TEST(events_order_and_resume) {
   char last[32];
   snprintf(last, sizeof last, "%ld", ev[1].id);
   sse_log rest;
-  read_events(&d, id, last, 0, &rest);
+  test_sse_read(&d, id, last, 0, &rest);
   static parsed_event ev2[1024];
   int n2 = parse_events(rest.text, ev2, 1024);
   ck_assert_int_ge(n2, 4);
@@ -658,7 +609,7 @@ START_TEST(events_order_and_resume) {
   ck_assert_int_eq(k, n2); /* every resumed event was in the original stream, in order */
   snprintf(last, sizeof last, "%ld", ev[n - 1].id);
   sse_log none;
-  read_events(&d, id, last, 0, &none);
+  test_sse_read(&d, id, last, 0, &none);
   ck_assert_int_eq(parse_events(none.text, ev2 + 512, 16), 0);
   for (int i = 0; i < n; i++)
     json_decref(ev[i].data);
@@ -670,11 +621,11 @@ START_TEST(events_order_and_resume) {
   /* a live resume: drop the stream mid-run, reconnect with the last id, lose nothing */
   submit_job(&d, LONG_JOB, id, sizeof id);
   sse_log part;
-  read_events(&d, id, NULL, 3, &part);
+  test_sse_read(&d, id, NULL, 3, &part);
   n = parse_events(part.text, ev, 1024);
   ck_assert_int_ge(n, 3);
   snprintf(last, sizeof last, "%ld", ev[n - 1].id);
-  read_events(&d, id, last, 0, &rest);
+  test_sse_read(&d, id, last, 0, &rest);
   n2 = parse_events(rest.text, ev2, 1024);
   ck_assert_int_ge(n2, 2);
   ck_assert_int_eq(ev2[0].id, ev[n - 1].id + 1); /* the next one, nothing skipped */
@@ -750,7 +701,7 @@ START_TEST(cancel_queued_and_running) {
   expect_error(&d, "DELETE", "/v1/jobs/0123456789abcdef01234567", NULL, 404, "not_found", NULL);
   /* the cancelled events close their streams */
   sse_log s;
-  read_events(&d, b, NULL, 0, &s);
+  test_sse_read(&d, b, NULL, 0, &s);
   ck_assert_ptr_nonnull(strstr(s.text, "event: cancelled"));
   free(s.text);
   daemon_stop(&d);

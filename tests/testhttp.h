@@ -532,4 +532,57 @@ static inline void fetch_pixels(const daemon_proc *d, const char *id, int n, uin
   fetch_pixels_size(d, id, n, px, NULL, NULL);
 }
 
+/* ---- Server-Sent Events ---- */
+
+typedef struct sse_log {
+  char *text;
+  size_t len;
+  int stop_after_seq; /* abort the transfer once this id was seen (0: run to the end) */
+} sse_log;
+
+static inline size_t test_sse_write(char *p, size_t sz, size_t n, void *u) {
+  sse_log *s = u;
+  size_t k = sz * n;
+  char *nb = realloc(s->text, s->len + k + 1);
+  if (!nb)
+    return 0;
+  s->text = nb;
+  memcpy(s->text + s->len, p, k);
+  s->len += k;
+  s->text[s->len] = 0;
+  if (s->stop_after_seq) {
+    char want[32];
+    snprintf(want, sizeof want, "id: %d\n", s->stop_after_seq);
+    const char *hit = strstr(s->text, want);
+    if (hit && strstr(hit, "\n\n"))
+      return 0; /* makes curl abort: a client that goes away mid-stream */
+  }
+  return k;
+}
+
+/* The event stream of job id, until its final event (the stream ends there) or, with
+ * stop_after > 0, until event stop_after is complete; last_event_id resumes a stream. */
+static inline void test_sse_read(const daemon_proc *d, const char *id, const char *last_event_id,
+                                 int stop_after, sse_log *out) {
+  memset(out, 0, sizeof *out);
+  out->stop_after_seq = stop_after;
+  CURL *c = curl_easy_init();
+  char url[256];
+  snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/jobs/%s/events", d->port, id);
+  curl_easy_setopt(c, CURLOPT_URL, url);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, test_sse_write);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, out);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT, 120L);
+  struct curl_slist *hl = curl_slist_append(NULL, "Accept: text/event-stream");
+  if (last_event_id) {
+    char hdr[64];
+    snprintf(hdr, sizeof hdr, "Last-Event-ID: %s", last_event_id);
+    hl = curl_slist_append(hl, hdr);
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, hl);
+  curl_easy_perform(c);
+  curl_slist_free_all(hl);
+  curl_easy_cleanup(c);
+}
+
 #endif

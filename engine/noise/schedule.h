@@ -172,6 +172,10 @@ int sched_key_is_known(const char *key);
  * an error naming the key if obj sets one that class_name reads to anything else. */
 int sched_check_unsupported(const json_t *obj, const char *class_name, err *e);
 
+/* "an object", "a string", ... as every "expected X, got Y" message in the project names a JSON
+ * value; the API's messages use it too, so that both layers word a type the same way. */
+const char *sched_json_kind(const json_t *v);
+
 const char *sched_prediction_name(sched_prediction p);
 const char *sched_spacing_name(sched_spacing s);
 const char *sched_variance_name(sched_variance v);

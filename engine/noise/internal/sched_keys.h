@@ -20,7 +20,4 @@ void sched_keys_defaults(sched_config *cfg);
  * clears a flag, resets a key whose None means "no bound", and otherwise keeps the value. */
 int sched_keys_apply(sched_config *cfg, const char *key, const json_t *v, int *handled, err *e);
 
-/* "an object", "a string", ... for messages. */
-const char *sched_json_kind(const json_t *v);
-
 #endif
