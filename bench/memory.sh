@@ -5,8 +5,9 @@
 # an ancillary chunk (what a client can send within the limits), waits for them, and reports:
 #   1. VmRSS of the idle daemon, and after the N jobs finished
 #   2. the RSS four concurrent GET /v1/jobs?limit=100 add (VmHWM before and after)
-#   3. the time from a restart to the first 200 of /healthz, and VmRSS then
-# Usage: bench/memory.sh [--jobs N] [--size BYTES] [--model DIR]
+#   3. the time from a restart to the first 200 of /healthz (RESTARTS restarts, each time and
+#      the median), and VmRSS then; and the same for a daemon over an empty state directory
+# Usage: bench/memory.sh [--jobs N] [--size BYTES] [--model DIR] [--restarts K]
 #   env DENOISED_BIN (default build/denoised). Needs curl and python3.
 set -eu
 cd "$(dirname "$0")/.."
@@ -14,12 +15,15 @@ BIN="${DENOISED_BIN:-build/denoised}"
 NJOBS=200
 SIZE=3900000
 MODEL=models/glyphs32
+RESTARTS=5
 while [ $# -gt 0 ]; do
   case "$1" in
   --jobs) NJOBS="$2"; shift 2 ;;
   --size) SIZE="$2"; shift 2 ;;
   --model) MODEL="$2"; shift 2 ;;
-  *) echo "usage: bench/memory.sh [--jobs N] [--size BYTES] [--model DIR]" >&2; exit 2 ;;
+  --restarts) RESTARTS="$2"; shift 2 ;;
+  *) echo "usage: bench/memory.sh [--jobs N] [--size BYTES] [--model DIR] [--restarts K]" >&2
+     exit 2 ;;
   esac
 done
 [ -x "$BIN" ] || { echo "memory.sh: $BIN not built" >&2; exit 1; }
@@ -46,8 +50,10 @@ BODY=$(wc -c <"$TMP/body.json")
 # bodies and records large enough for the inputs; results kept for the default day
 printf '{"max_body_bytes": %d}\n' $((BODY + 65536)) >"$TMP/config.json"
 
+STATE="$TMP/state"
 start() {
-  "$BIN" serve --config "$TMP/config.json" --listen 127.0.0.1:0 --state-dir "$TMP/state" \
+  : >"$TMP/log" # a fresh log: the port is the one this start logs
+  "$BIN" serve --config "$TMP/config.json" --listen 127.0.0.1:0 --state-dir "$STATE" \
     --model "default=$MODEL" 2>>"$TMP/log" &
   PID=$!
   T0=$(date +%s.%N)
@@ -100,8 +106,20 @@ for _ in 1 2 3 4; do curl -s -o /dev/null "$URL/healthz"; done
 HWM1=$(kb VmHWM)
 R1=$(kb VmRSS)
 echo "4 concurrent listings:     VmHWM +$(mb $((HWM1 - HWM0))) MB, VmRSS after +$(mb $((R1 - R0))) MB"
-kill -TERM "$PID"
-wait "$PID" || true
-PID=""
-start
-echo "restart to /healthz 200:   $(echo "$T1 $T0" | awk '{printf "%.2f", $1 - $2}') s, VmRSS $(mb "$(kb VmRSS)") MB"
+stop() { kill -TERM "$PID"; wait "$PID" || true; PID=""; }
+# RESTARTS starts over STATE, each timed to the first 200 of /healthz: the times and the median
+restarts() {
+  TIMES=""
+  for _ in $(seq "$RESTARTS"); do
+    stop
+    start
+    TIMES="$TIMES $(echo "$T1 $T0" | awk '{printf "%.2f", $1 - $2}')"
+  done
+  MEDIAN=$(echo "$TIMES" | tr ' ' '\n' | sed '/^$/d' | sort -n | awk '{a[NR] = $1}
+    END {printf "%.2f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
+}
+restarts
+echo "restart to /healthz 200:   median $MEDIAN s of$TIMES; VmRSS $(mb "$(kb VmRSS)") MB"
+STATE="$TMP/empty" # the same over no jobs: what start-up costs anyway
+restarts
+echo "  (empty state directory:  median $MEDIAN s of$TIMES)"
