@@ -1067,12 +1067,6 @@ START_TEST(bad_nodes_name_the_field) {
 }
 END_TEST
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* Not a check: with DENOISED_GRAD_BENCH=1, the median time of a convolution's forward and of
  * its backward (input, weight and bias gradients) on layers of the UNets this engine runs. */
 START_TEST(conv_backward_cost) {
@@ -1101,21 +1095,21 @@ START_TEST(conv_backward_cost) {
     double tf[5], tb[5], tx[5], tw[5];
     err e;
     for (int r = 0; r < 5; r++) {
-      double t0 = now_s();
+      double t0 = test_now_s();
       grad_forward(&oc.nd, y, a, p, &e);
-      double t1 = now_s();
+      double t1 = test_now_s();
       oc.nd.dsrc[0] = dx;
       oc.nd.dsrc[1] = dw;
       oc.nd.dsrc[2] = db;
       grad_backward(&oc.nd, a, p, &e);
-      double t2 = now_s();
+      double t2 = test_now_s();
       oc.nd.dsrc[1] = oc.nd.dsrc[2] = NULL;
       grad_backward(&oc.nd, a, p, &e);
-      double t3 = now_s();
+      double t3 = test_now_s();
       oc.nd.dsrc[0] = NULL;
       oc.nd.dsrc[1] = dw;
       grad_backward(&oc.nd, a, p, &e);
-      double t4 = now_s();
+      double t4 = test_now_s();
       oc.nd.dsrc[1] = NULL;
       tf[r] = t1 - t0, tb[r] = t2 - t1, tx[r] = t3 - t2, tw[r] = t4 - t3;
     }

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <zlib.h>
 
 Suite *test_suite(void);
@@ -32,6 +33,13 @@ static inline const char *test_bin(void) {
 static inline const char *test_tmpdir(char *buf, size_t n) {
   snprintf(buf, n, "/tmp/denoised-test-XXXXXX");
   return mkdtemp(buf);
+}
+
+/* Seconds on the monotonic clock, for the timings some tests print. */
+static inline double test_now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* Relative L2 error ||a - b|| / ||b||. */

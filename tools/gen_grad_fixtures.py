@@ -14,16 +14,31 @@ time shift and scale-shift, residual add with output_scale_factor). Files, per c
   NAME.g.npy       upstream gradient; NAME.out.npy the output
   NAME.d<i>.npy    gradient of slot i
   cases.json       [{name, op, n, c, h, w, params, slots}]
+
+Whole-model cases (--unet, on by default): tiny UNet2DModel configs (two levels, attention, one
+class-conditional with legacy attention names and (0,1,0,1) downsampling, one unconditional
+with scale-shift, resnet resamplers, centred input and a mid-block attention without group norm),
+random weights, and the gradient of sum(G * model(x, t, labels)) by torch.autograd in float64
+through tools/torch_unet.py (diffusers' UNet2DModel composed of torch.nn.functional, checked
+against diffusers by tools/check_torch_unet.py). Each is a model folder NAME/ with
+  config.json, diffusion_pytorch_model.safetensors   the model (F32)
+  input.npy, timesteps.npy (float32), class_labels.npy (int64, conditional only), grad_output.npy
+  output.npy, grad_input.npy, grad_class.npy (the class-embedding row each image adds)
+  grad_params.safetensors                            every parameter's gradient, modern names
 Needs Debian's python3-torch and python3-numpy only.
 """
 import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import st  # noqa: E402
 
 
 def rnd(gen, *shape, scale=1.0):
@@ -188,19 +203,86 @@ def run_case(gen, out, name, spec, labels=None):
             "slots": len(shapes)}
 
 
+UNET_CASES = {
+    "unet_classcond": dict(
+        config=dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[4, 8],
+                    layers_per_block=1, norm_num_groups=2, attention_head_dim=4,
+                    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                    up_block_types=["AttnUpBlock2D", "UpBlock2D"], num_class_embeds=5,
+                    flip_sin_to_cos=True, freq_shift=0, downsample_padding=0, norm_eps=1e-5),
+        legacy=True, batch=3, timesteps=[3.5, 410.0, 977.25], labels=[0, 3, 4]),
+    "unet_scaleshift": dict(
+        config=dict(sample_size=8, in_channels=2, out_channels=2, block_out_channels=[4, 8],
+                    layers_per_block=1, norm_num_groups=2, attention_head_dim=None,
+                    down_block_types=["AttnDownBlock2D", "AttnDownBlock2D"],
+                    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D"],
+                    resnet_time_scale_shift="scale_shift", downsample_type="resnet",
+                    upsample_type="resnet", center_input_sample=True, flip_sin_to_cos=False,
+                    freq_shift=1, mid_block_scale_factor=1.4142135, norm_eps=1e-6),
+        legacy=False, batch=2, timesteps=[17.0, 600.5], labels=None),
+}
+
+
+def run_unet_case(seed, out, name, spec):
+    """One tiny UNet2DModel, its inputs and torch.autograd's gradients (float64 compute)."""
+    from torch_unet import TorchUNet
+    from unet_arch import full_config, random_weights, write_model_dir
+
+    config = full_config(spec["config"])
+    weights = random_weights(config, seed=seed, legacy=spec["legacy"])
+    folder = os.path.join(out, name)
+    write_model_dir(folder, spec["config"], weights)
+    gen = torch.Generator().manual_seed(seed)
+    n, c, size = spec["batch"], config["in_channels"], config["sample_size"]
+    x = rnd(gen, n, c, size, size)
+    t = torch.tensor(spec["timesteps"], dtype=torch.float32)
+    labels = torch.tensor(spec["labels"]) if spec["labels"] else None
+
+    class Taped(TorchUNet):
+        """Keeps the time MLP's output, whose gradient is the class row's (emb = mlp + row)."""
+        def _lin(self, h, pfx):
+            y = super()._lin(h, pfx)
+            if pfx == "time_embedding.linear_2":
+                y.retain_grad()
+                self.mlp_out = y
+            return y
+
+    params = {k: torch.from_numpy(v).double().requires_grad_(True) for k, v in weights.items()}
+    net = Taped(config, params, dtype=torch.float64)
+    xd = x.double().requires_grad_(True)
+    y = net(xd, t, labels)
+    g = rnd(gen, *y.shape)
+    (y * g.double()).sum().backward()
+    save(folder, "input", x.numpy())
+    save(folder, "timesteps", t.numpy())
+    if labels is not None:
+        save(folder, "class_labels", labels.numpy().astype(np.int64))
+        save(folder, "grad_class", net.mlp_out.grad.float().numpy())
+    save(folder, "grad_output", g.numpy())
+    save(folder, "output", y.detach().float().numpy())
+    save(folder, "grad_input", xd.grad.float().numpy())
+    grads = {k: p.grad.float().numpy() for k, p in net.p.items()}
+    st.save(os.path.join(folder, "grad_params.safetensors"), grads, metadata={"format": "pt"})
+    return {"name": name, "seed": seed, "params": len(grads),
+            "values": int(sum(v.size for v in grads.values()))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/grad")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-unet", action="store_true", help="single ops only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
     cases = [run_case(gen, args.out, name, spec) for name, spec in CASES.items()]
     spec, labels = class_embedding(gen)
     cases.append(run_case(gen, args.out, "class_embedding", spec, labels))
+    unets = [] if args.no_unet else [run_unet_case(args.seed + i, args.out, name, spec)
+                                     for i, (name, spec) in enumerate(UNET_CASES.items())]
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump({"torch": torch.__version__, "seed": args.seed, "dtype": "float64 compute",
-                   "cases": cases}, f, indent=1)
+                   "cases": cases, "unets": unets}, f, indent=1)
     print("%d cases in %s" % (len(cases), args.out))
 
 

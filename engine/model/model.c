@@ -16,6 +16,7 @@
 #include "safetensors.h"
 #include "schedule.h"
 #include "unet.h"
+#include "unet_impl.h"
 
 #define MODEL_MAX_CONFIG_BYTES (1 << 20)
 #define MODEL_PATH_MAX 4096
@@ -152,6 +153,7 @@ static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
   m->info.out_channels = s->out_channels;
   m->info.num_classes = s->num_classes;
   m->info.num_params = s->num_params;
+  m->info.class_embed_dim = s->num_classes ? m->unet->temb_dim : 0;
   return ERR_OK;
 }
 
@@ -322,4 +324,85 @@ int model_run(const model *m, const model_call *c, float *out, err *e) {
 
 double model_flops(const model *m, int h, int w) {
   return m->unet ? unet_flops(m->unet, h, w) : 0.0;
+}
+
+/* ---------- learned tensors and gradients ---------- */
+
+struct model_grads {
+  int count;
+  size_t *sizes;
+  float **g;
+};
+
+int model_param_count(const model *m) {
+  return m->unet ? m->unet->nparams : 0;
+}
+
+const model_param *model_param_at(const model *m, int i) {
+  return i >= 0 && i < model_param_count(m) ? &m->unet->params[i] : NULL;
+}
+
+int model_repack(model *m, err *e) {
+  if (!m->unet)
+    return err_set(e, ERR_UNSUPPORTED, "%s has no learned tensors", m->info.class_name);
+  return unet_repack(m->unet, e);
+}
+
+void model_grads_free(model_grads *g) {
+  if (!g)
+    return;
+  for (int i = 0; g->g && i < g->count; i++)
+    free(g->g[i]);
+  free(g->g);
+  free(g->sizes);
+  free(g);
+}
+
+int model_grads_new(const model *m, model_grads **out, err *e) {
+  *out = NULL;
+  int n = model_param_count(m);
+  if (n == 0)
+    return err_set(e, ERR_UNSUPPORTED, "%s has no learned tensors", m->info.class_name);
+  model_grads *g = mem_calloc(1, sizeof *g);
+  if (!g)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  g->g = mem_calloc((size_t)n, sizeof *g->g);
+  g->sizes = mem_calloc((size_t)n, sizeof *g->sizes);
+  if (!g->g || !g->sizes) {
+    model_grads_free(g);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  g->count = n;
+  for (int i = 0; i < n; i++) {
+    g->sizes[i] = model_param_at(m, i)->count;
+    if (!(g->g[i] = mem_calloc(g->sizes[i], sizeof(float)))) {
+      model_grads_free(g);
+      return err_set(e, ERR_NOMEM, "out of memory for the gradient of '%s'",
+                     model_param_at(m, i)->name);
+    }
+  }
+  *out = g;
+  return ERR_OK;
+}
+
+float *model_grads_at(const model_grads *g, int i) {
+  return i >= 0 && i < g->count ? g->g[i] : NULL;
+}
+
+void model_grads_zero(model_grads *g) {
+  for (int i = 0; i < g->count; i++)
+    memset(g->g[i], 0, g->sizes[i] * sizeof(float));
+}
+
+int model_backward(const model *m, const model_call *c, const model_grad_call *g, err *e) {
+  if (!m->unet)
+    return err_set(e, ERR_UNSUPPORTED, "%s has no gradient (only UNet2DModel does)",
+                   m->info.class_name);
+  if (c->n < 1 || !c->x || !c->t || !g || !g->grad_out)
+    return err_set(e, ERR_INVALID, "model_backward: empty batch or missing buffers");
+  if (c->hooks.mid_save || c->hooks.mid_replace)
+    return err_set(e, ERR_UNSUPPORTED, "model_backward takes no h-space hooks");
+  if (g->params && g->params->count != m->unet->nparams)
+    return err_set(e, ERR_INVALID, "model_backward: gradients made for another model");
+  return unet_backward(m->unet, c, g, g->params ? g->params->g : NULL, e);
 }

@@ -26,6 +26,9 @@ typedef struct model_info {
    * mixture. Unused when num_classes is 0. */
   int64_t null_class;
   int64_t num_params; /* learned parameters (UNet) or stored values */
+  /* Length of the embedding row a class label adds to the time embedding (model_backward's
+   * grad_class is [n][class_embed_dim]); 0 when not class-conditional. */
+  int class_embed_dim;
   /* prediction_type declared by the model's own config.json, or NULL. */
   const char *prediction_type;
   /* Names of classes 0 .. n_class_labels - 1 from config.json "_class_labels" (optional, at
@@ -82,6 +85,56 @@ int model_eval(const model *m, const float *x, int n, int h, int w, const float 
 
 /* [C, H, W] of the mid-block output for h x w images; ERR_UNSUPPORTED without one. */
 int model_mid_shape(const model *m, int h, int w, int shape[3], err *e);
+
+/* ---------- learned tensors and gradients (UNet2DModel only) ---------- */
+
+/* One learned tensor, under diffusers' name (attention in the modern to_q/to_k/to_v/to_out.0
+ * naming whatever the file used) and shape. data is the trainable float32 copy the model was
+ * built from; after changing it call model_repack before the next evaluation. */
+typedef struct model_param {
+  const char *name;
+  int ndim;
+  int64_t shape[4];
+  size_t count;
+  float *data;
+} model_param;
+
+/* Learned tensors in a fixed order (the loader's); 0 for models without any (the GMM). */
+int model_param_count(const model *m);
+/* Tensor i, or NULL out of range. The pointer lives as long as m. */
+const model_param *model_param_at(const model *m, int i);
+/* Re-derives the packed (GEMM and Winograd) forms of every layer from the params' data, after
+ * an optimizer step or a load. No other thread may evaluate m meanwhile. ERR_NOMEM. */
+int model_repack(model *m, err *e);
+
+/* Gradient buffers, one per model_param in the same order and of the same size. */
+typedef struct model_grads model_grads;
+int model_grads_new(const model *m, model_grads **out, err *e);
+void model_grads_free(model_grads *g);
+/* Buffer of tensor i (model_param_at(m, i)->count floats), or NULL out of range. */
+float *model_grads_at(const model_grads *g, int i);
+void model_grads_zero(model_grads *g);
+
+/* What model_backward computes, for L = sum(grad_out * model(x, t, labels)). NULL fields are
+ * not computed. grad_x [n][in_channels][h][w], grad_t [n] and grad_class [n][class_embed_dim]
+ * (the gradient of the class-embedding row each image adds: the conditioning input) are
+ * written; parameter gradients are ADDED to params (model_grads_zero to start over), so several
+ * batches accumulate. out, if set, receives the forward output. */
+typedef struct model_grad_call {
+  const float *grad_out; /* required: n * out_channels * h * w */
+  float *out;
+  float *grad_x;
+  float *grad_t;
+  float *grad_class;
+  model_grads *params;
+} model_grad_call;
+
+/* Forward with a tape, then backward. Memory policy: every activation of the forward is kept
+ * (about twice the forward's peak, plus a gradient buffer per activation) and nothing is
+ * recomputed but what the rules of engine/grad recompute inside one op. Deterministic: the same
+ * inputs give bit-identical gradients on any thread count. Hooks are refused (ERR_UNSUPPORTED),
+ * as is a model without parameters. Thread-safe against other evaluations of m. */
+int model_backward(const model *m, const model_call *c, const model_grad_call *g, err *e);
 
 /* Approximate multiply-add FLOPs (x2) of one forward on one h x w image. */
 double model_flops(const model *m, int h, int w);

@@ -13,70 +13,7 @@
 #include "mem.h"
 #include "ops.h"
 
-#define UNET_MAX_LEVELS 8
-#define UNET_MAX_LAYERS 8
-#define UNET_MAX_PARAMS 4096
-#define UNET_MAX_SPARE 8
-
-typedef struct workspace {
-  arena *a;
-  pool *p;
-} workspace;
-
-typedef struct group_norm {
-  int groups, channels;
-  float eps;
-  float *gamma, *beta;
-} group_norm;
-
-typedef struct linear {
-  int in, out;
-  float *weight, *bias;
-} linear;
-
-typedef struct resnet {
-  int cin, cout, up, down, scale_shift;
-  float out_scale;
-  group_norm norm1, norm2;
-  conv2d conv1, conv2, shortcut;
-  int has_shortcut;
-  linear temb_proj;
-} resnet;
-
-typedef enum { SAMPLE_NONE, SAMPLE_CONV, SAMPLE_RESNET } resample_kind;
-
-typedef struct block {
-  int nlayers, has_attn;
-  resnet res[UNET_MAX_LAYERS];
-  attn_weights attn[UNET_MAX_LAYERS];
-  resample_kind sample;
-  conv2d sample_conv;
-  resnet sample_res;
-} block;
-
-struct unet {
-  unet_shape shape;
-  int nlevels, temb_dim, ch0, center_input, flip_sin_to_cos;
-  float freq_shift;
-  conv2d conv_in, conv_out;
-  linear temb1, temb2;
-  float *class_table; /* [num_classes][temb_dim] */
-  block down[UNET_MAX_LEVELS], up[UNET_MAX_LEVELS];
-  resnet mid_res[2];
-  attn_weights mid_attn;
-  int mid_has_attn, has_mid;
-  group_norm norm_out;
-  void *params[UNET_MAX_PARAMS];
-  int nparams;
-  conv2d *convs[UNET_MAX_PARAMS]; /* packed layers, unpacked by unet_free */
-  int nconvs;
-  /* Workspaces (arena + thread pool) of finished forward passes, reused so
-   * that steady-state sampling touches no fresh pages and starts no threads;
-   * one per concurrent caller. */
-  pthread_mutex_t lock;
-  workspace spare[UNET_MAX_SPARE];
-  int nspare;
-};
+#include "unet_impl.h"
 
 /* ---------- config ---------- */
 
@@ -357,7 +294,13 @@ static float *load_tensor(loader *ld, const char *name, int ndim, const int64_t 
     err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
     return NULL;
   }
-  ld->u->params[ld->u->nparams++] = p;
+  model_param *mp = &ld->u->params[ld->u->nparams++];
+  *mp = (model_param){.ndim = ndim, .count = (size_t)count, .data = p};
+  memcpy(mp->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  if (!(mp->name = mem_strdup(name))) {
+    err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
+    return NULL;
+  }
   if (st_read_f32(ld->st, name, ndim, shape, p, ld->e))
     return NULL;
   ld->used[st_index(ld->st, name)] = 1;
@@ -421,6 +364,10 @@ static int load_linear(loader *ld, const char *wname, const char *bname, int in,
   int four = info && info->ndim == 4;
   if (!(*w = load_tensor(ld, wname, four ? 4 : 2, four ? shape4 : shape2)))
     return ld->e->code;
+  if (four) { /* gradients and checkpoints use the modern [out, in] */
+    model_param *mp = &ld->u->params[ld->u->nparams - 1];
+    mp->ndim = 2;
+  }
   if (!(*b = load_tensor(ld, bname, 1, bshape)))
     return ld->e->code;
   return ERR_OK;
@@ -463,6 +410,21 @@ static int load_resnet(loader *ld, const unet_config *c, const char *prefix, int
   return ERR_OK;
 }
 
+/* Gives the weight and bias just loaded under a legacy attention name their modern names. */
+static int rename_legacy(loader *ld, const char *prefix, const char *modern) {
+  char name[256];
+  for (int k = 0; k < 2; k++) {
+    model_param *mp = &ld->u->params[ld->u->nparams - 2 + k];
+    snprintf(name, sizeof name, "%s.%s.%s", prefix, modern, k ? "bias" : "weight");
+    char *copy = mem_strdup(name);
+    if (!copy)
+      return err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
+    free((char *)mp->name);
+    mp->name = copy;
+  }
+  return ERR_OK;
+}
+
 static int load_attention(loader *ld, const unet_config *c, const char *prefix, int channels,
                           int head_dim, int groups, float rescale, attn_weights *a) {
   char name[256], wname[256], bname[256];
@@ -499,6 +461,8 @@ static int load_attention(loader *ld, const unet_config *c, const char *prefix, 
       return err_set(ld->e, ERR_FORMAT, "missing tensor '%s' (or legacy '%s')", name, wname);
     }
     if ((rc = load_linear(ld, wname, bname, channels, channels, w[i], b[i])))
+      return rc;
+    if (legacy && (rc = rename_legacy(ld, prefix, modern[i])))
       return rc;
   }
   if (ops_attention_pack(a))
@@ -673,14 +637,25 @@ void unet_free(unet *u) {
     return;
   for (int i = 0; i < u->nconvs; i++)
     ops_conv2d_unpack(u->convs[i]);
-  for (int i = 0; i < u->nparams; i++)
-    free(u->params[i]);
+  for (int i = 0; i < u->nparams; i++) {
+    free(u->params[i].data);
+    free((char *)u->params[i].name);
+  }
   for (int i = 0; i < u->nspare; i++) {
     arena_free(u->spare[i].a);
     pool_free(u->spare[i].p);
   }
   pthread_mutex_destroy(&u->lock);
   free(u);
+}
+
+int unet_repack(unet *u, err *e) {
+  for (int i = 0; i < u->nconvs; i++) {
+    ops_conv2d_unpack(u->convs[i]);
+    if (ops_conv2d_pack(u->convs[i]))
+      return err_set(e, ERR_NOMEM, "out of memory packing layer %d of %d", i, u->nconvs);
+  }
+  return ERR_OK;
 }
 
 const unet_shape *unet_get_shape(const unet *u) {
@@ -948,8 +923,8 @@ oom:
   return err_set(e, ERR_NOMEM, "out of memory in UNet forward (batch %d, %dx%d)", n, h, w);
 }
 
-static int check_input(const unet *u, int n, int h, int w, const float *t, const int64_t *labels,
-                       err *e) {
+int unet_check_input(const unet *u, int n, int h, int w, const float *t, const int64_t *labels,
+                     err *e) {
   int mult = 1 << (u->nlevels - 1);
   if (n < 1 || h < 1 || w < 1 || h > 4096 || w > 4096)
     return err_set(e, ERR_INVALID, "bad input shape: batch %d, %dx%d", n, h, w);
@@ -979,7 +954,7 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
 
 int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
                      const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
-  int rc = check_input(u, n, h, w, t, labels, e);
+  int rc = unet_check_input(u, n, h, w, t, labels, e);
   if (rc)
     return rc;
   if (mid && !u->has_mid)

@@ -1,0 +1,90 @@
+/* The UNet2DModel's layers as unet.c builds them, shared with the model-level backward
+ * (unet_grad.c) so both walk the very same structure. Private to the model room. */
+#ifndef DENOISED_UNET_IMPL_H
+#define DENOISED_UNET_IMPL_H
+
+#include <pthread.h>
+
+#include "arena.h"
+#include "model.h"
+#include "ops.h"
+#include "pool.h"
+#include "unet.h"
+
+#define UNET_MAX_LEVELS 8
+#define UNET_MAX_LAYERS 8
+#define UNET_MAX_PARAMS 4096
+#define UNET_MAX_SPARE 8
+
+typedef struct workspace {
+  arena *a;
+  pool *p;
+} workspace;
+
+typedef struct group_norm {
+  int groups, channels;
+  float eps;
+  float *gamma, *beta;
+} group_norm;
+
+typedef struct linear {
+  int in, out;
+  float *weight, *bias;
+} linear;
+
+typedef struct resnet {
+  int cin, cout, up, down, scale_shift;
+  float out_scale;
+  group_norm norm1, norm2;
+  conv2d conv1, conv2, shortcut;
+  int has_shortcut;
+  linear temb_proj;
+} resnet;
+
+typedef enum { SAMPLE_NONE, SAMPLE_CONV, SAMPLE_RESNET } resample_kind;
+
+typedef struct block {
+  int nlayers, has_attn;
+  resnet res[UNET_MAX_LAYERS];
+  attn_weights attn[UNET_MAX_LAYERS];
+  resample_kind sample;
+  conv2d sample_conv;
+  resnet sample_res;
+} block;
+
+struct unet {
+  unet_shape shape;
+  int nlevels, temb_dim, ch0, center_input, flip_sin_to_cos;
+  float freq_shift;
+  conv2d conv_in, conv_out;
+  linear temb1, temb2;
+  float *class_table; /* [num_classes][temb_dim] */
+  block down[UNET_MAX_LEVELS], up[UNET_MAX_LEVELS];
+  resnet mid_res[2];
+  attn_weights mid_attn;
+  int mid_has_attn, has_mid;
+  group_norm norm_out;
+  model_param params[UNET_MAX_PARAMS]; /* learned tensors in load order, names owned */
+  int nparams;
+  conv2d *convs[UNET_MAX_PARAMS]; /* packed layers, unpacked by unet_free */
+  int nconvs;
+  /* Workspaces (arena + thread pool) of finished forward passes, reused so
+   * that steady-state sampling touches no fresh pages and starts no threads;
+   * one per concurrent caller. */
+  pthread_mutex_t lock;
+  workspace spare[UNET_MAX_SPARE];
+  int nspare;
+};
+
+/* ERR_INVALID naming what is wrong with a batch's shape, timesteps or labels. */
+int unet_check_input(const unet *u, int n, int h, int w, const float *t, const int64_t *labels,
+                     err *e);
+
+/* The gradient of the tape in unet_grad.c; see model_backward. */
+int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, float *const *pg,
+                  err *e);
+
+/* Unpacks and packs every layer again from the params' data (model_repack). */
+int unet_repack(unet *u, err *e);
+
+#endif
