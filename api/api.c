@@ -541,7 +541,9 @@ static int finish_spec(const api_ctx *c, const api_job_fields *f, const char *ow
     out->steps = sampler_num_steps(s);
     rc = api_parse_edit(c, f, &md, s, owner, out, e);
     if (!rc)
-      rc = check_cost(c, out, sampler_nfe(s), e);
+      /* a data-dependent count (0) is counted at the cap the queue holds the run to: counted
+       * as 0 it cost nothing against max_job_cost and max_key_cost */
+      rc = check_cost(c, out, sampler_nfe(s) > 0 ? sampler_nfe(s) : c->max_varying_nfe, e);
     out->nfe_varies = sampler_nfe(s) == 0; /* never batched (queue_spec_compatible) */
     if (out->preview_every > out->steps)
       out->preview_every = out->steps;

@@ -43,6 +43,9 @@ typedef struct api_ctx {
   int queue_max, workers, threads_per_job, batch_max_images, max_body_bytes, result_ttl;
   int auth;            /* API keys are required */
   double max_job_cost; /* megapixel-evaluations a job may need (0: no limit) */
+  /* evaluations per image a data-dependent solver (dpm-solver-adaptive) may make: its cost is
+   * counted at this many, and the queue fails a run that needs more (constant_time_max_nfe) */
+  int max_varying_nfe;
 } api_ctx;
 
 /* POST /v1/jobs (and /v1/generate) body -> spec. owner is the API key name ("" without auth). */

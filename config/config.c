@@ -74,7 +74,8 @@ static const key_desc keys[] = {
     INT_KEY(constant_time_eval_ms, 0, 600000,
             "constant-time mode: each network evaluation padded to this many ms (0: off)"),
     INT_KEY(constant_time_max_nfe, 1, 100000,
-            "constant-time mode: evaluations a data-dependent solver is padded to (more fails)"),
+            "evaluations per image a data-dependent solver (dpm-solver-adaptive) may make: "
+            "its cost counts this many, a run needing more fails; constant-time mode pads to it"),
     STR_KEY(api_keys_file, "file of API keys (empty: no auth unless DENOISED_API_KEYS)"),
     STR_KEY(log_level, "debug, info, warn or error"),
     STR_KEY(log_file, "log file (empty: stderr); reopened on SIGHUP"),

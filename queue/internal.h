@@ -111,6 +111,7 @@ struct queue {
   char store_why[256];
   double last_probe;
   uint64_t fault_nan_seed; /* tests only: a job with this seed gets NaN step noise */
+  int fault_pool_refuses;  /* tests only: the worker pool refuses the Nth batch handed to it */
   uint64_t last_id_ms;
   uint32_t id_counter;
   double t0, busy_seconds;

@@ -107,6 +107,25 @@ static void start_jobs(queue *q, qbatch *b) {
   b->t_start = tm;
 }
 
+/* The worker pool refused b (lock held, released meanwhile): its jobs, marked running, would
+ * stay so for good. They fail with the reason (a persistent refusal fails each job once instead
+ * of spinning on it), and the batch ends as a finished one does. */
+static void refuse_batch(queue *q, qbatch *b, int uvrc) {
+  char why[256];
+  snprintf(why, sizeof why, "the worker pool refused the job (%s); submit it again",
+           uv_strerror(uvrc));
+  qlog(q, QUEUE_LOG_ERROR, NULL, "uv_queue_work failed: %s", uv_strerror(uvrc));
+  char *recs[b->njobs];
+  size_t lens[b->njobs];
+  for (int i = 0; i < b->njobs; i++)
+    recs[i] = qjob_finish(q, b->jobs[i], QUEUE_FAILED, why, &lens[i]);
+  pthread_mutex_unlock(&q->mu);
+  for (int i = 0; i < b->njobs; i++)
+    qjob_settle_write(q, b->jobs[i], recs[i], lens[i]);
+  after_work_cb(&b->work, uvrc); /* busy, running, claims and the batch itself */
+  pthread_mutex_lock(&q->mu);
+}
+
 /* Forms one batch from the queue's head and hands it to the pool (lock held); 0 when there
  * was nothing to start. */
 static int dispatch_one(queue *q) {
@@ -142,10 +161,11 @@ static int dispatch_one(queue *q) {
   q->running[q->nrunning++] = b;
   q->busy++;
   b->work.data = b;
-  if (uv_queue_work(&q->loop, &b->work, qworker_run, after_work_cb) != 0) {
-    qlog(q, QUEUE_LOG_ERROR, NULL, "uv_queue_work failed");
-    q->busy--;
-  }
+  const int refused = q->fault_pool_refuses > 0 && --q->fault_pool_refuses == 0;
+  const int uvrc =
+      refused ? UV_EINVAL : uv_queue_work(&q->loop, &b->work, qworker_run, after_work_cb);
+  if (uvrc != 0)
+    refuse_batch(q, b, uvrc);
   return 1;
 }
 

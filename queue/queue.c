@@ -111,6 +111,9 @@ static int fault_hooks(queue *q, store_fault **fault, err *e) {
   /* a job whose stochastic steps draw a NaN (tests/test_server_edit.c poison jobs) */
   const char *nan_seed = getenv("DENOISED_FAULT_NAN_SEED");
   q->fault_nan_seed = nan_seed ? strtoull(nan_seed, NULL, 10) : 0;
+  /* the worker pool refuses the Nth batch (tests/test_durability.c pool_refusal_fails_jobs) */
+  const char *refuse = getenv("DENOISED_FAULT_POOL_REFUSES");
+  q->fault_pool_refuses = refuse ? atoi(refuse) : 0;
   *fault = q->o.store_fault;
   const char *fenv = getenv("DENOISED_FAULT_STORE");
   if (*fault || !fenv || !*fenv)

@@ -132,6 +132,11 @@ static void batch_progress(const pipeline_progress *p, void *user) {
   qhist_observe(&q->step_h, dt); /* the compute, before any padding */
   if (!qpace_on(b))
     report_timed(b, p, t, preview);
+  if (!qpace_on(b) && p->total <= 0 && q->o.constant_time_max_nfe > 0 &&
+      p->nfe > q->o.constant_time_max_nfe) {
+    b->pace_over = 1; /* its cost was counted at the cap: a run past it fails naming it */
+    atomic_store(&b->cancel, 1);
+  }
   pthread_mutex_unlock(&q->mu);
   if (qpace_on(b))
     qpace_step(b, p, report_paced, preview);

@@ -182,7 +182,8 @@ static void init_api(srv *s) {
                      .max_body_bytes = s->cfg.max_body_bytes,
                      .result_ttl = s->cfg.result_ttl,
                      .auth = s->keys.n > 0,
-                     .max_job_cost = s->cfg.max_job_cost};
+                     .max_job_cost = s->cfg.max_job_cost,
+                     .max_varying_nfe = s->cfg.constant_time_max_nfe};
 }
 
 static void log_listening(const srv *s) {

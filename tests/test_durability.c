@@ -155,6 +155,32 @@ START_TEST(crash_loop_is_broken) {
 }
 END_TEST
 
+/* A batch the worker pool refuses (the test-only hook refuses the first) does not leave its job
+ * running for good: it fails naming the reason, durably, and the next job runs. */
+START_TEST(pool_refusal_fails_jobs) {
+  char st[512];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", NULL};
+  const char *env[] = {"DENOISED_FAULT_POOL_REFUSES=1", NULL};
+  ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), args, env), 0);
+  char refused[64], ok[64], state[32], path[128];
+  submit_job(&d, SMALL_JOB, refused, sizeof refused);
+  wait_state(&d, refused, "failed", 30);
+  snprintf(path, sizeof path, "/v1/jobs/%s", refused);
+  size_t len;
+  char *view = get_body(&d, path, &len);
+  ck_assert_msg(strstr(view, "the worker pool refused the job"), "%s", view);
+  free(view);
+  submit_job(&d, SMALL_JOB, ok, sizeof ok);
+  wait_state(&d, ok, "succeeded", 60);
+  daemon_stop(&d);
+  ck_assert_int_eq(daemon_start(&d, st, args), 0); /* and it stays failed */
+  job_state(&d, refused, state, sizeof state, NULL);
+  ck_assert_str_eq(state, "failed");
+  daemon_stop(&d);
+}
+END_TEST
+
 /* No lost 202: a job that carries an earlier inversion's noise (edit.noise_from) holds it in
  * its record. Larger than max_job_bytes is a 413 naming the limit before any 202; the largest
  * accepted one survives kill -9 and runs after the restart. */
@@ -776,6 +802,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, full_disk_is_clear);
   tcase_add_test(tc, disk_fills_up_without_root);
   tcase_add_test(tc, idempotent_submission);
+  tcase_add_test(tc, pool_refusal_fails_jobs);
   tcase_add_test(tc, startup_errors_and_config_check);
   tcase_add_test(tc, deploy_files);
   suite_add_tcase(s, tc);

@@ -1189,9 +1189,19 @@ START_TEST(compute_budgets) {
   /* the glyph UNet as the default: its 1000 steps take seconds, the analytic model's ms */
   test_src_path(glyphs, sizeof glyphs, "models/glyphs32");
   snprintf(model_arg, sizeof model_arg, "default=%s", glyphs);
-  const char *args[] = {
-      "--workers", "1",       "--max-job-cost", "5", "--max-key-cost", "9", "--max-job-seconds",
-      "1",         "--model", model_arg,        NULL};
+  const char *args[] = {"--workers",
+                        "1",
+                        "--max-job-cost",
+                        "5",
+                        "--max-key-cost",
+                        "9",
+                        "--max-job-seconds",
+                        "1",
+                        "--constant-time-max-nfe",
+                        "400",
+                        "--model",
+                        model_arg,
+                        NULL};
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   /* 8 images x 1000 evaluations x 32x32 = 8.2 megapixel-evaluations */
   expect_error(&d, "POST", "/v1/jobs", LONG_JOB, 400, "over_budget", NULL);
@@ -1199,6 +1209,14 @@ START_TEST(compute_budgets) {
   ck_assert_int_eq(http_post(&d, "/v1/jobs", LONG_JOB, &r), 400);
   ck_assert_ptr_nonnull(strstr(r.body, "max_job_cost"));
   ck_assert_ptr_nonnull(strstr(r.body, "1000 network evaluations"));
+  http_free(&r);
+  /* a data-dependent count is counted at its cap: 16 x 400 x 32x32 = 6.6 (it was 0) */
+  const char *adaptive = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 16, "
+                         "\"scheduler\": {\"name\": \"dpm-solver-adaptive\", "
+                         "\"options\": {\"thresholding\": false}}}";
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", adaptive, &r), 400);
+  ck_assert_msg(strstr(r.body, "over_budget") && strstr(r.body, "400 network evaluations"), "%s",
+                r.body);
   http_free(&r);
   /* 4 images x 1000 = 4.1 each: the first two fit under 9, the third does not */
   const char *mid = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 4, "
@@ -1218,6 +1236,20 @@ START_TEST(compute_budgets) {
   http_free(&r);
   wait_state(&d, id2, "failed", 120);
   ck_assert_int_eq(http_get(&d, "/healthz", &r), 200); /* and the daemon goes on */
+  http_free(&r);
+  daemon_stop(&d);
+  /* and the run is held to that cap, constant-time mode or not: past it, it fails naming it */
+  const char *capped[] = {"--constant-time-max-nfe", "3", "--model", model_arg, NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), capped), 0);
+  submit_job(&d,
+             "{\"class_label\": 0, \"seed\": 5, \"scheduler\": {\"name\": "
+             "\"dpm-solver-adaptive\", "
+             "\"options\": {\"thresholding\": false}}}",
+             id, sizeof id);
+  wait_state(&d, id, "failed", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  ck_assert_msg(strstr(r.body, "constant_time_max_nfe"), "%s", r.body);
   http_free(&r);
   daemon_stop(&d);
 }
