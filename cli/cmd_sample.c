@@ -23,6 +23,7 @@
 static const char help[] =
     "usage: denoised sample [--model DIR] [--scheduler NAME] [--steps N]\n"
     "                       [--scheduler-config FILE.json] [--scheduler-opt KEY=VALUE ...]\n"
+    "                       [--solver-data FILE]\n"
     "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
     "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
     "                       [--mask MASK.png]] [--size S] [--threads T] [--quiet]\n"
@@ -37,13 +38,17 @@ static const char help[] =
     "                          dpm-solver, dpm-solver++, dpm++2m, dpm++3m, dpm++2m-karras,\n"
     "                          dpm++2m-sde, dpm++2m-sde-karras, dpm++2s, dpm++2s-sde, unipc,\n"
     "                          deis, euler, euler-a, heun, and the papers' variants f-pndm,\n"
-    "                          s-pndm, dpm-solver-fast, dpm-solver-adaptive (DPM_Solver)\n"
+    "                          s-pndm, dpm-solver-fast, dpm-solver-adaptive (DPM_Solver);\n"
+    "                          dpm-solver-v3 (DPM-Solver-v3, --solver-data)\n"
     "  --steps N               inference steps (default: the solver's diffusers default); for\n"
     "                          dpm-solver-fast the NFE budget\n"
     "  --scheduler-config F    JSON object of diffusers scheduler_config keys, layered on the\n"
     "                          model's scheduler_config.json (keys of other schedulers ignored)\n"
     "  --scheduler-opt K=V     one more key the solver reads (repeatable), e.g. eta=1,\n"
     "                          timestep_spacing=trailing, solver_order=3, use_karras_sigmas=true\n"
+    "  --solver-data FILE      the solver's data: for dpm-solver-v3 a statistics file (JSON\n"
+    "                          header + .npy, README \"DPM-Solver-v3\"); without it flat\n"
+    "                          statistics (l = 1, s = b = 0)\n"
     "  --seed S                seed (default: random, printed); image i of a batch uses noise\n"
     "                          stream i, so any image can be regenerated alone\n"
     "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
@@ -71,7 +76,7 @@ static const char help[] =
 
 typedef struct sample_args {
   const char *model_dir, *scheduler, *sched_file, *noise_path, *npy_out, *png_out, *replay;
-  const char *init_image, *mask;
+  const char *init_image, *mask, *solver_data;
   double guidance, strength;
   int has_guidance, has_strength;
   const char *overrides[MAX_OVERRIDES];
@@ -107,12 +112,14 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   const char *model_dir, *solver;
   json_int_t steps, seed, index, h, w;
   json_t *cfg = NULL, *label = NULL, *gs = NULL, *st = NULL, *init = NULL, *mask = NULL;
-  if (!meta || json_unpack_ex(meta, &je, 0,
-                              "{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:o, s?o, s?o, s?o, s?o, s?o}",
-                              "model", &model_dir, "scheduler", &solver, "steps", &steps, "seed",
-                              &seed, "image_index", &index, "height", &h, "width", &w,
-                              "scheduler_config", &cfg, "class_label", &label, "guidance_scale",
-                              &gs, "strength", &st, "init_image", &init, "mask", &mask)) {
+  if (!meta ||
+      json_unpack_ex(meta, &je, 0,
+                     "{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:o, s?o, s?o, s?o, s?o, s?o, "
+                     "s?s}",
+                     "model", &model_dir, "scheduler", &solver, "steps", &steps, "seed", &seed,
+                     "image_index", &index, "height", &h, "width", &w, "scheduler_config", &cfg,
+                     "class_label", &label, "guidance_scale", &gs, "strength", &st, "init_image",
+                     &init, "mask", &mask, "solver_data", &a->solver_data)) {
     json_decref(meta);
     return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a denoised request: %s", a->replay,
                    META_JSON_KEY, je.text);
@@ -183,6 +190,7 @@ static const struct option sample_opts[] = {{"model", required_argument, 0, 'm'}
                                             {"steps", required_argument, 0, 'n'},
                                             {"scheduler-config", required_argument, 0, 'c'},
                                             {"scheduler-opt", required_argument, 0, 'O'},
+                                            {"solver-data", required_argument, 0, 'D'},
                                             {"seed", required_argument, 0, 'S'},
                                             {"noise", required_argument, 0, 'N'},
                                             {"batch", required_argument, 0, 'b'},
@@ -210,6 +218,7 @@ static int sample_option(int c, const char *arg, sample_args *a) {
       return 2;
     break;
   case 'c': a->sched_file = arg; break;
+  case 'D': a->solver_data = arg; break;
   case 'O':
     if (a->noverrides == MAX_OVERRIDES)
       return cli_usage_error(cmd, "at most %d --scheduler-opt", MAX_OVERRIDES);
@@ -265,8 +274,8 @@ static int sample_option(int c, const char *arg, sample_args *a) {
 static int check_args(sample_args *a) {
   const char *cmd = "sample";
   if (a->replay) {
-    if (a->scheduler || a->sched_file || a->noverrides || a->has_seed || a->noise_path ||
-        a->has_label || a->steps || a->size || a->has_guidance || a->has_strength)
+    if (a->scheduler || a->sched_file || a->noverrides || a->solver_data || a->has_seed ||
+        a->noise_path || a->has_label || a->steps || a->size || a->has_guidance || a->has_strength)
       return cli_usage_error(cmd, "--replay takes only --model, --init-image and --mask (the "
                                   "pictures the record does not name), -o/--out, --threads and "
                                   "--quiet");
@@ -412,13 +421,16 @@ int cmd_sample(int argc, char **argv) {
   if (replay_meta) { /* the resolved config the image recorded, nothing on top */
     solver.s = (pipeline_solver){.name = name,
                                  .steps = (int)a.steps,
-                                 .config = json_object_get(replay_meta, "scheduler_config")};
+                                 .config = json_object_get(replay_meta, "scheduler_config"),
+                                 .data = a.solver_data};
   } else if (cli_solver_from_flags(name, a.steps, a.sched_file, a.overrides, a.noverrides, &solver,
                                    &e)) {
     status = e.code == ERR_NOMEM || e.code == ERR_IO ? cli_fail(cmd, "%s", e.msg)
                                                      : cli_usage_error(cmd, "%s", e.msg);
     goto done;
   }
+  if (!replay_meta)
+    solver.s.data = a.solver_data;
   /* a flag's value out of its range is a usage error, as in the daemon's 400 */
   if (cli_solver_check(m, &solver, a.sched_file, &e)) {
     status = e.code == ERR_NOMEM || e.code == ERR_IO ? cli_fail(cmd, "%s", e.msg)

@@ -53,6 +53,8 @@ static const sched_defaults sched_table[] = {
      SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
     /* the official DPM-Solver code (dpm_solver_pytorch.DPM_Solver.sample defaults) */
     {"DPM_Solver", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, SCHED_SOLVER_DPMSOLVER, 1, MS},
+    /* the DPM-Solver-v3 authors' sampler (dpm_solver_v3.DPM_Solver_v3) */
+    {"DPM_Solver_v3", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
     /* the official PNDM code (runner/method.py), F-PNDM by default */
     {"PNDM_Official", NULL, LIN, SCHED_SPACING_LEADING, 0, 0, DPMPP, MID, 1, SCHED_METHOD_F_PNDM},
 };
@@ -167,6 +169,9 @@ static const char *const sched_known_keys[] = {
     "method",
     "rtol",
     "skip_type",
+    "use_corrector",
+    "predictor_pseudo",
+    "corrector_pseudo",
     "t_err",
     "theta",
     "thresholding_max_val",
@@ -265,6 +270,9 @@ static const char *const keys_dpm_official[] = {"solver_order",
                                                 "t_err",
                                                 "lambda_min_clipped",
                                                 NULL};
+static const char *const keys_dpm_v3[] = {
+    "solver_order",     "skip_type",        "lower_order_final",  "use_corrector",
+    "predictor_pseudo", "corrector_pseudo", "lambda_min_clipped", NULL};
 static const char *const keys_pndm_official[] = {"method", "timestep_spacing", "steps_offset",
                                                  "set_alpha_to_one", NULL};
 static const char *const keys_none[] = {NULL};
@@ -287,6 +295,7 @@ static const struct {
     {"EulerAncestralDiscreteScheduler", keys_euler_a},
     {"HeunDiscreteScheduler", keys_heun},
     {"DPM_Solver", keys_dpm_official},
+    {"DPM_Solver_v3", keys_dpm_v3},
     {"PNDM_Official", keys_pndm_official},
 };
 
@@ -388,7 +397,7 @@ int sched_config_init(sched_config *cfg, const char *name, err *e) {
   cfg->lower_order_final = d->lower_order_final;
   cfg->method = d->method;
   /* the official code's numerical_clip_alpha; null (-inf) switches it off */
-  if (strcmp(d->class_name, "DPM_Solver") == 0)
+  if (strcmp(d->class_name, "DPM_Solver") == 0 || strcmp(d->class_name, "DPM_Solver_v3") == 0)
     cfg->lambda_min_clipped = -5.1;
   return ERR_OK;
 }

@@ -112,6 +112,8 @@ typedef struct sched_config {
   int denoise_to_zero;
   double rtol, atol, h_init, theta, t_err; /* DPM-Solver-12/23 step size control */
   double thresholding_max_val;             /* the paper's dynamic thresholding floor */
+  /* DPM-Solver-v3 (the authors' sample() arguments) */
+  int use_corrector, predictor_pseudo, corrector_pseudo;
 } sched_config;
 
 /* Fills cfg with the defaults of scheduler `name`: a diffusers class name ("DDIMScheduler"), one

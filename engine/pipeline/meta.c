@@ -17,6 +17,8 @@ json_t *meta_json(const meta_image *m) {
                 "scheduler_config", sched_config_to_json(m->cfg), "version", META_VERSION);
   if (!j)
     return NULL;
+  if (m->solver_data)
+    json_object_set_new(j, "solver_data", json_string(m->solver_data));
   if (m->has_label)
     json_object_set_new(j, "class_label", json_integer(m->label));
   if (m->has_guidance)

@@ -23,6 +23,7 @@ typedef struct meta_image {
   uint64_t image_index; /* rng image index: position in the batch plus first_image */
   int height, width;
   const sched_config *cfg;
+  const char *solver_data; /* the solver's data file (JSON "solver_data"), or NULL */
   int has_label;
   int64_t label;
   int has_guidance; /* classifier-free guidance: A1111 "CFG scale", JSON "guidance_scale" */

@@ -31,6 +31,8 @@ static int try_solver(const model *m, const pipeline_solver *s, const char *only
     json_object_set_new(spec, "steps", json_integer(s->steps));
   if (s->config)
     json_object_set(spec, "config", (json_t *)s->config);
+  if (s->data)
+    json_object_set_new(spec, "data", json_string(s->data));
   if (only_key)
     json_object_set_new(spec, "options",
                         json_pack("{s:O}", only_key, json_object_get(s->options, only_key)));
@@ -466,6 +468,7 @@ int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, co
                    .height = r->height ? r->height : mi->sample_size,
                    .width = r->width ? r->width : mi->sample_size,
                    .cfg = sampler_config(s),
+                   .solver_data = sampler_data(s),
                    .has_label = r->labels != NULL,
                    .label = r->labels ? r->labels[i] : 0,
                    .has_guidance = r->guidance && r->guidance->enabled,

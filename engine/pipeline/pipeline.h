@@ -36,6 +36,7 @@ typedef struct pipeline_solver {
   int steps;             /* 0: the solver's default */
   const json_t *config;  /* scheduler_config keys over the model's (a user's file, or the
                           * resolved config a replayed image recorded), or NULL */
+  const char *data;      /* the solver's data file (DPM-Solver-v3 statistics), or NULL */
   const json_t *options; /* further keys the solver reads (scheduler.options, --scheduler-opt),
                           * or NULL */
 } pipeline_solver;

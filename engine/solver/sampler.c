@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mem.h"
 #include "ops.h"
 #include "rng.h"
 #include "sampler_impl.h"
@@ -424,6 +425,9 @@ static const solver_name names[] = {
     {"dpm-solver-adaptive", &solver_dpm_official, "{\"method\": \"adaptive\"}",
      "{\"solver_order\": 3, \"algorithm_type\": \"dpmsolver\"}",
      "DPM-Solver-12/23 (official code): adaptive step size under rtol/atol; steps is ignored"},
+    {"dpm-solver-v3", &solver_dpm_v3, NULL, "{\"skip_type\": \"logSNR\"}",
+     "DPM-Solver-v3 (authors' code): multistep predictor-corrector on the model's statistics "
+     "(spec \"data\": a statistics file; flat statistics without one)"},
 };
 #define NNAMES ((int)(sizeof names / sizeof names[0]))
 
@@ -431,6 +435,7 @@ static const solver_desc *const impls[] = {
     &solver_ddpm,           &solver_ddim,  &solver_pndm,          &solver_dpm_multistep,
     &solver_dpm_singlestep, &solver_unipc, &solver_deis,          &solver_euler,
     &solver_euler_a,        &solver_heun,  &solver_pndm_official, &solver_dpm_official,
+    &solver_dpm_v3,
 };
 #define NIMPLS ((int)(sizeof impls / sizeof impls[0]))
 
@@ -497,6 +502,8 @@ void sampler_free(sampler *s) {
   free(s->sigmas);
   free(s->orders);
   free(s->lambdas);
+  sampler_v3_free(s->v3);
+  free(s->data);
   free(s);
 }
 
@@ -511,8 +518,9 @@ static int apply_text(sched_config *cfg, const char *json_text, err *e) {
   return rc;
 }
 
+/* data: the solver's data file (DPM-Solver-v3 statistics), or NULL */
 static int build(const solver_desc *d, const char *name, const sched_config *cfg, int steps,
-                 sampler **out, err *e) {
+                 const char *data, sampler **out, err *e) {
   sampler *s = calloc(1, sizeof *s);
   if (!s)
     return err_set(e, ERR_NOMEM, "out of memory");
@@ -542,9 +550,14 @@ static int build(const solver_desc *d, const char *name, const sched_config *cfg
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto fail;
   }
+  if (data && d != &solver_dpm_v3) {
+    rc = err_set(e, ERR_INVALID, "solver spec key 'data': %s takes no solver data", name);
+    goto fail;
+  }
   if ((rc = sched_config_validate(&s->cfg, e)) != ERR_OK ||
       (rc = sched_alphas_cumprod(&s->cfg, s->abar, e)) != ERR_OK ||
-      (rc = d->prepare(s, e)) != ERR_OK)
+      (data && !(s->data = mem_strdup(data)) && (rc = err_set(e, ERR_NOMEM, "out of memory"))) ||
+      (data && (rc = sampler_v3_attach(s, data, e)) != ERR_OK) || (rc = d->prepare(s, e)) != ERR_OK)
     goto fail;
   s->stochastic |= d->stochastic_always;
   *out = s;
@@ -568,7 +581,7 @@ int sampler_new(const char *name, const sched_config *cfg, int num_inference_ste
     sched_config_free(&c);
     return rc;
   }
-  rc = build(d, name, &c, num_inference_steps, out, e);
+  rc = build(d, name, &c, num_inference_steps, NULL, out, e);
   sched_config_free(&c);
   return rc;
 }
@@ -624,10 +637,15 @@ int sampler_new_from_json(const json_t *spec, const json_t *model_config, sample
   json_t *v;
   json_object_foreach((json_t *)spec, key, v) {
     if (strcmp(key, "name") && strcmp(key, "steps") && strcmp(key, "config") &&
-        strcmp(key, "options"))
+        strcmp(key, "options") && strcmp(key, "data"))
       return err_set(e, ERR_INVALID,
-                     "solver spec: unknown key '%s' (expected name, steps, config, options)", key);
+                     "solver spec: unknown key '%s' (expected name, steps, config, options, data)",
+                     key);
   }
+  const json_t *jd = json_object_get(spec, "data");
+  if (jd && !json_is_null(jd) && !json_is_string(jd))
+    return err_set(e, ERR_INVALID, "solver spec key 'data': expected a file path");
+  const char *data = jd && json_is_string(jd) ? json_string_value(jd) : NULL;
   const json_t *jn = json_object_get(spec, "name");
   const char *name = NULL;
   if (jn && !json_is_null(jn)) {
@@ -720,7 +738,7 @@ int sampler_new_from_json(const json_t *spec, const json_t *model_config, sample
         (rc = apply_layer(&cfg, lc, "solver spec config", e)) == ERR_OK &&
         (rc = apply_text(&cfg, alias ? alias->fixed : NULL, e)) == ERR_OK &&
         (rc = apply_layer(&cfg, opts, "solver spec options", e)) == ERR_OK)
-      rc = build(d, name, &cfg, steps, out, e);
+      rc = build(d, name, &cfg, steps, data, out, e);
   }
   if (have)
     sched_config_free(&cfg);
@@ -731,6 +749,9 @@ int sampler_new_from_json(const json_t *spec, const json_t *model_config, sample
 
 const char *sampler_name(const sampler *s) {
   return s->name;
+}
+const char *sampler_data(const sampler *s) {
+  return s->data;
 }
 json_t *sampler_config_json(const sampler *s) {
   return sched_config_to_json_for(&s->cfg, s->desc->class_name);

@@ -47,6 +47,8 @@ int sampler_new_from_json(const json_t *spec, const json_t *model_config, sample
 void sampler_free(sampler *s);
 
 const char *sampler_name(const sampler *s);
+/* The solver data file the spec named ("data": DPM-Solver-v3 statistics, see README), or NULL. */
+const char *sampler_data(const sampler *s);
 /* The resolved scheduler config (new reference): the keys this solver reads, with
  * "_class_name"; sampler_new(name, config from it) rebuilds the same solver. */
 json_t *sampler_config_json(const sampler *s);

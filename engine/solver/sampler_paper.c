@@ -18,7 +18,7 @@
 
 /* lambda at the training timesteps, the tail below lambda_min_clipped dropped like the official
  * numerical_clip_alpha (-5.1); an infinite lambda (zero terminal SNR) always ends the table */
-static int lam_table(sampler *s, err *e) {
+int paper_lam_table(sampler *s, err *e) {
   s->lambdas = malloc((size_t)s->T * sizeof *s->lambdas);
   if (!s->lambdas)
     return err_set(e, ERR_NOMEM, "out of memory");
@@ -36,7 +36,7 @@ static int lam_table(sampler *s, err *e) {
   return ERR_OK;
 }
 
-static double lam_at(const sampler *s, double u) {
+double paper_lam_at(const sampler *s, double u) {
   const double *L = s->lambdas;
   const int last = s->n_lambdas - 1;
   if (!(u > 0)) /* NaN too: never cast to int below */
@@ -48,7 +48,7 @@ static double lam_at(const sampler *s, double u) {
   return w == 0 ? L[lo] : (1 - w) * L[lo] + w * L[lo + 1];
 }
 
-static double u_of_lam(const sampler *s, double lam) {
+double paper_u_of_lam(const sampler *s, double lam) {
   const double *L = s->lambdas;
   const int last = s->n_lambdas - 1;
   if (lam >= L[0])
@@ -72,7 +72,7 @@ typedef struct coef {
 
 static coef coef_at(const sampler *s, double u) {
   coef c;
-  c.lam = lam_at(s, u);
+  c.lam = paper_lam_at(s, u);
   c.log_alpha = -0.5 * log1p(exp(-2 * c.lam));
   c.alpha = exp(c.log_alpha);
   c.sigma = exp(c.log_alpha - c.lam);
@@ -80,32 +80,32 @@ static coef coef_at(const sampler *s, double u) {
 }
 
 /* official continuous time t = (u + 1) / Tc */
-static double t_of(const sampler *s, double u) {
+double paper_t_of(const sampler *s, double u) {
   return (u + 1) / s->n_lambdas;
 }
-static double u_of_t(const sampler *s, double t) {
+double paper_u_of_t(const sampler *s, double t) {
   return t * s->n_lambdas - 1;
 }
 
 /* get_time_steps(skip_type, t_T, t_0, N) as labels, N + 1 values */
 static void time_steps(const sampler *s, double uT, double u0, int N, double *out) {
-  const double tT = t_of(s, uT), t0 = t_of(s, u0);
+  const double tT = paper_t_of(s, uT), t0 = paper_t_of(s, u0);
   switch (s->cfg.skip_type) {
   case SCHED_SKIP_LOGSNR: {
-    const double lT = lam_at(s, uT), l0 = lam_at(s, u0);
+    const double lT = paper_lam_at(s, uT), l0 = paper_lam_at(s, u0);
     for (int i = 0; i <= N; i++)
-      out[i] = i == 0 ? uT : i == N ? u0 : u_of_lam(s, lT + (l0 - lT) * i / N);
+      out[i] = i == 0 ? uT : i == N ? u0 : paper_u_of_lam(s, lT + (l0 - lT) * i / N);
     break;
   }
   case SCHED_SKIP_TIME_UNIFORM:
     for (int i = 0; i <= N; i++)
-      out[i] = u_of_t(s, tT + (t0 - tT) * i / N);
+      out[i] = paper_u_of_t(s, tT + (t0 - tT) * i / N);
     break;
   case SCHED_SKIP_TIME_QUADRATIC: {
     const double a = sqrt(tT), b = sqrt(t0);
     for (int i = 0; i <= N; i++) {
       const double r = a + (b - a) * i / N;
-      out[i] = u_of_t(s, r * r);
+      out[i] = paper_u_of_t(s, r * r);
     }
     break;
   }
@@ -174,10 +174,10 @@ static void inner_r(const sampler *s, double us, double ut, int order, double *r
   if (order < 2)
     return;
   time_steps(s, us, ut, order, in);
-  const double l0 = lam_at(s, in[0]), h = lam_at(s, in[order]) - l0;
-  *r1 = (lam_at(s, in[1]) - l0) / h;
+  const double l0 = paper_lam_at(s, in[0]), h = paper_lam_at(s, in[order]) - l0;
+  *r1 = (paper_lam_at(s, in[1]) - l0) / h;
   if (order == 3)
-    *r2 = (lam_at(s, in[2]) - l0) / h;
+    *r2 = (paper_lam_at(s, in[2]) - l0) / h;
 }
 
 /* ---- prepare ---- */
@@ -216,7 +216,7 @@ static int dpm_official_prepare(sampler *s, err *e) {
   if (cfg->method == SCHED_METHOD_SINGLESTEP_FIXED && n < K)
     return err_set(e, ERR_INVALID,
                    "DPM_Solver singlestep_fixed of order %d needs at least %d steps (NFE)", K, K);
-  int rc = lam_table(s, e);
+  int rc = paper_lam_table(s, e);
   if (rc != ERR_OK)
     return rc;
   const int dz = cfg->denoise_to_zero;
@@ -251,12 +251,12 @@ static int dpm_official_prepare(sampler *s, err *e) {
     for (int k = 0; k < steps; k++) {
       double r1, r2;
       inner_r(s, outer[k], outer[k + 1], orders[k], &r1, &r2);
-      const double ls = lam_at(s, outer[k]), h = lam_at(s, outer[k + 1]) - ls;
+      const double ls = paper_lam_at(s, outer[k]), h = paper_lam_at(s, outer[k + 1]) - ls;
       s->tm[j++] = outer[k];
       if (orders[k] >= 2)
-        s->tm[j++] = u_of_lam(s, ls + r1 * h);
+        s->tm[j++] = paper_u_of_lam(s, ls + r1 * h);
       if (orders[k] == 3)
-        s->tm[j++] = u_of_lam(s, ls + r2 * h);
+        s->tm[j++] = paper_u_of_lam(s, ls + r2 * h);
       s->step_end[j - 1] = 1;
     }
     free(orders);
@@ -355,8 +355,8 @@ static int single_update(pctx *c, const float *x, const double *us, const double
   for (int b = 0; b < n; b++) {
     const coef ks = coef_at(c->s, us[b]), kt = coef_at(c->s, ut[b]);
     const double h = kt.lam - ks.lam;
-    u1[b] = u_of_lam(c->s, ks.lam + r1 * h);
-    u2[b] = u_of_lam(c->s, ks.lam + r2 * h);
+    u1[b] = paper_u_of_lam(c->s, ks.lam + r1 * h);
+    u2[b] = paper_u_of_lam(c->s, ks.lam + r2 * h);
     if (have_ms1)
       continue;
     const coef k1 = coef_at(c->s, u1[b]);
@@ -544,18 +544,18 @@ static int run_adaptive(pctx *c, float *x, float *mem, err *e) {
   double *su = st, *h = st + B, *ls = st + 3 * B, *us = st + 4 * B, *ut_a = st + 5 * B;
   float *xp = mem, *xa = mem + nd, *xl = mem + 2 * nd, *xh = mem + 3 * nd;
   bufs Bf = {mem + 4 * nd, mem + 5 * nd, mem + 6 * nd, mem + 7 * nd};
-  const double l0 = lam_at(s, 0), r1 = order == 2 ? 0.5 : 1.0 / 3.0, r2 = 2.0 / 3.0;
+  const double l0 = paper_lam_at(s, 0), r1 = order == 2 ? 0.5 : 1.0 / 3.0, r2 = 2.0 / 3.0;
   memcpy(xp, x, nd * sizeof *x);
   for (int b = 0; b < B; b++) {
     su[b] = s->n_lambdas - 1;
-    ls[b] = lam_at(s, su[b]);
+    ls[b] = paper_lam_at(s, su[b]);
     h[b] = cfg->h_init;
   }
   int rc = ERR_OK, rounds = 0;
   for (;;) {
     int n = 0;
     for (int b = 0; b < B; b++)
-      if (fabs(t_of(s, su[b]) - t_of(s, 0)) > cfg->t_err)
+      if (fabs(paper_t_of(s, su[b]) - paper_t_of(s, 0)) > cfg->t_err)
         rows[n++] = b;
     if (n == 0)
       break;
@@ -568,7 +568,7 @@ static int run_adaptive(pctx *c, float *x, float *mem, err *e) {
     for (int k = 0; k < n; k++) {
       memcpy(xa + (size_t)k * d, x + (size_t)rows[k] * d, d * sizeof *x);
       us[k] = su[rows[k]];
-      ut_a[k] = u_of_lam(s, ls[rows[k]] + h[rows[k]]);
+      ut_a[k] = paper_u_of_lam(s, ls[rows[k]] + h[rows[k]]);
     }
     pctx cc = *c;
     cc.n = n;
@@ -595,7 +595,7 @@ static int run_adaptive(pctx *c, float *x, float *mem, err *e) {
         memcpy(x + (size_t)b * d, hi, d * sizeof *x);
         memcpy(xp + (size_t)b * d, lo, d * sizeof *x);
         su[b] = ut_a[k];
-        ls[b] = lam_at(s, su[b]);
+        ls[b] = paper_lam_at(s, su[b]);
         accepted[b]++;
       }
       const double hn = cfg->theta * h[b] * pow(E, -1.0 / order);

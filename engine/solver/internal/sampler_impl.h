@@ -101,7 +101,22 @@ struct sampler {
   int *orders;     /* per-evaluation orders (singlestep) */
   double *lambdas; /* DPM_Solver: lambda at the training timesteps, clipped (n_lambdas) */
   int n_lambdas;
+  struct v3_stats *v3; /* DPM-Solver-v3: the empirical model statistics, owned */
+  char *data;          /* the statistics file's path as given, owned, or NULL */
 };
+
+/* ---- sampler_paper.c: the official DPM-Solver code's continuous schedule, labels u in
+ * [0, n_lambdas - 1] (the training timesteps, the tail below lambda_min_clipped dropped) ---- */
+int paper_lam_table(sampler *s, err *e); /* fills s->lambdas */
+double paper_lam_at(const sampler *s, double u);
+double paper_u_of_lam(const sampler *s, double lam);
+double paper_t_of(const sampler *s, double u); /* the official continuous time (u + 1) / Tc */
+double paper_u_of_t(const sampler *s, double t);
+
+/* ---- sampler_v3.c ---- */
+/* Loads a statistics file (sampler.h: the "data" of a v3 solver spec) into s->v3. */
+int sampler_v3_attach(sampler *s, const char *path, err *e);
+void sampler_v3_free(struct v3_stats *st);
 
 /* ---- sampler.c ---- */
 /* Model evaluation of the whole batch at one timestep, counted and cancellable. */
@@ -139,7 +154,7 @@ float sampler_sigma_of(const sampler *s, int t);
 /* Solvers of the other files. */
 extern const solver_desc solver_pndm, solver_dpm_multistep, solver_dpm_singlestep, solver_unipc,
     solver_deis, solver_euler, solver_euler_a, solver_heun, solver_pndm_official,
-    solver_dpm_official;
+    solver_dpm_official, solver_dpm_v3;
 
 /* Shared by the sigma-grid solvers (sampler_dpm.c, sampler_karras.c). */
 /* numpy's linspace(start, stop, n)[i] */
