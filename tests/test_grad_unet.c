@@ -403,6 +403,47 @@ START_TEST(parameters_carry_modern_names) {
 }
 END_TEST
 
+/* The learned tensors written with st_write_f32 beside the config make a model folder that
+ * model_load takes back and that computes the very same output (a checkpoint's round trip). */
+START_TEST(params_written_as_safetensors_load_back) {
+  char dir[1024], tmp[64], path[1200];
+  model *m = load_fixture("unet_classcond", dir, sizeof dir);
+  batch b;
+  read_batch(m, dir, &b);
+  int n = model_param_count(m);
+  st_out_tensor *t = calloc((size_t)n, sizeof *t);
+  for (int i = 0; i < n; i++) {
+    const model_param *mp = model_param_at(m, i);
+    t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, mp->data};
+  }
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", tmp);
+  const char *meta[] = {"format", "pt"};
+  err e = {0};
+  ck_assert_msg(st_write_f32(path, t, n, meta, 1, &e) == 0, "%s", e.msg);
+  free(t);
+  char src[1200], dst[1200];
+  snprintf(src, sizeof src, "%s/config.json", dir);
+  snprintf(dst, sizeof dst, "%s/config.json", tmp);
+  FILE *in = fopen(src, "rb"), *out = fopen(dst, "wb");
+  int ch;
+  while ((ch = fgetc(in)) != EOF)
+    fputc(ch, out);
+  fclose(in);
+  fclose(out);
+  model *back = NULL;
+  ck_assert_msg(model_load(tmp, &back, &e) == 0, "%s", e.msg);
+  float *y1 = malloc(b.nout * sizeof(float)), *y2 = malloc(b.nout * sizeof(float));
+  loss(m, &b, y1);
+  loss(back, &b, y2);
+  ck_assert(memcmp(y1, y2, b.nout * sizeof(float)) == 0);
+  free(y1), free(y2);
+  model_free(back);
+  free_batch(&b);
+  model_free(m);
+}
+END_TEST
+
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return (x > y) - (x < y);
@@ -474,6 +515,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, parameter_gradients_accumulate);
   tcase_add_test(tc, backward_refuses_bad_calls);
   tcase_add_test(tc, parameters_carry_modern_names);
+  tcase_add_test(tc, params_written_as_safetensors_load_back);
   tcase_add_test(tc, unet_backward_cost);
   suite_add_tcase(s, tc);
   return s;

@@ -2,6 +2,7 @@
  * think of must give an error naming the problem, never a crash. */
 #include <math.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #include "safetensors.h"
 #include "testutil.h"
@@ -148,6 +149,93 @@ START_TEST(unknown_dtype_is_reported_on_read) {
 }
 END_TEST
 
+/* The writer: what it writes, the reader reads back exactly (order, shapes, metadata, empty and
+ * scalar tensors). */
+START_TEST(writer_round_trip) {
+  char dir[64], path[128];
+  test_tmpdir(dir, sizeof dir);
+  snprintf(path, sizeof path, "%s/w.safetensors", dir);
+  float a[6] = {1.5f, -2, 3e-38f, INFINITY, -0.0f, 7}, b[1] = {42}, c[2] = {5, 6};
+  int64_t sa[2] = {2, 3}, sz[3] = {4, 0, 2}, sc[1] = {2};
+  st_out_tensor t[] = {{"down_blocks.0.weight", 2, sa, a},
+                       {"scalar", 0, NULL, b},
+                       {"empty", 3, sz, NULL},
+                       {"z.bias", 1, sc, c}};
+  const char *meta[] = {"format", "pt", "step", "12"};
+  err e = {0};
+  ck_assert_msg(st_write_f32(path, t, 4, meta, 2, &e) == 0, "%s", e.msg);
+  st_file *f = NULL;
+  ck_assert_msg(st_open(path, &f, &e) == 0, "%s", e.msg);
+  ck_assert_int_eq(st_count(f), 4);
+  const st_tensor_info *in = st_find(f, "down_blocks.0.weight");
+  ck_assert_int_eq(in->ndim, 2);
+  ck_assert_int_eq(in->shape[1], 3);
+  float out[6];
+  ck_assert_int_eq(st_read_f32(f, "down_blocks.0.weight", 2, sa, out, &e), 0);
+  ck_assert(memcmp(out, a, sizeof a) == 0);
+  ck_assert_int_eq(st_read_f32(f, "scalar", 0, NULL, out, &e), 0);
+  ck_assert_float_eq(out[0], 42);
+  ck_assert_int_eq(st_find(f, "empty")->count, 0);
+  ck_assert_int_eq(st_find(f, "empty")->shape[0], 4);
+  ck_assert_int_eq(st_read_f32(f, "z.bias", 1, sc, out, &e), 0);
+  ck_assert_float_eq(out[1], 6);
+  st_close(f);
+  /* the header is 8-byte aligned and space-padded, as the format recommends */
+  FILE *fp = fopen(path, "rb");
+  unsigned char len8[8];
+  ck_assert_int_eq(fread(len8, 1, 8, fp), 8);
+  fclose(fp);
+  ck_assert_int_eq(len8[0] % 8, 0);
+  ck_assert_int_eq(st_write_f32(path, NULL, 0, NULL, 0, &e), 0); /* an empty file is valid */
+  ck_assert_int_eq(st_open(path, &f, &e), 0);
+  ck_assert_int_eq(st_count(f), 0);
+  st_close(f);
+}
+END_TEST
+
+static void expect_write_error(const st_out_tensor *t, int n, const char *const *meta, int nmeta,
+                               const char *needle) {
+  char dir[64], path[128];
+  test_tmpdir(dir, sizeof dir);
+  snprintf(path, sizeof path, "%s/bad.safetensors", dir);
+  err e = {0};
+  ck_assert_int_ne(st_write_f32(path, t, n, meta, nmeta, &e), 0);
+  ck_assert_msg(strstr(e.msg, needle), "error '%s' should mention '%s'", e.msg, needle);
+  ck_assert_int_ne(access(path, F_OK), 0); /* nothing written */
+}
+
+/* Names and shapes are checked before anything is written. */
+START_TEST(writer_refuses_bad_tensors) {
+  float v[4] = {0};
+  int64_t s1[1] = {4}, neg[1] = {-1}, huge[2] = {INT64_MAX / 8, 1024};
+  char long_name[ST_MAX_NAME + 2];
+  memset(long_name, 'a', sizeof long_name - 1);
+  long_name[sizeof long_name - 1] = 0;
+  const char *bad_names[] = {"", "a\"b", "new\nline", "__metadata__", long_name, "\x7f", NULL};
+  for (int i = 0; i < 7; i++) {
+    st_out_tensor t = {bad_names[i], 1, s1, v};
+    expect_write_error(&t, 1, NULL, 0, "printable ASCII");
+  }
+  st_out_tensor dup[2] = {{"w", 1, s1, v}, {"w", 1, s1, v}};
+  expect_write_error(dup, 2, NULL, 0, "named twice");
+  st_out_tensor t = {"w", 1, neg, v};
+  expect_write_error(&t, 1, NULL, 0, "shape[0]");
+  t = (st_out_tensor){"w", 2, huge, v};
+  expect_write_error(&t, 1, NULL, 0, "too large");
+  t = (st_out_tensor){"w", ST_MAX_DIMS + 1, s1, v};
+  expect_write_error(&t, 1, NULL, 0, "ndim");
+  t = (st_out_tensor){"w", 1, s1, NULL};
+  expect_write_error(&t, 1, NULL, 0, "no data");
+  t = (st_out_tensor){"w", 1, s1, v};
+  const char *meta[] = {"k", "v", "k", "w"}, *badmeta[] = {"k", "\"quoted\""};
+  expect_write_error(&t, 1, meta, 2, "twice");
+  expect_write_error(&t, 1, badmeta, 1, "metadata value 0");
+  err e = {0};
+  ck_assert_int_eq(st_write_f32("/nonexistent-dir/x.safetensors", &t, 1, NULL, 0, &e), ERR_IO);
+  ck_assert_ptr_nonnull(strstr(e.msg, "/nonexistent-dir"));
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("safetensors");
   TCase *tc = tcase_create("safetensors");
@@ -155,6 +243,8 @@ Suite *test_suite(void) {
   tcase_add_test(tc, half_precision_edge_values);
   tcase_add_test(tc, malformed_files);
   tcase_add_test(tc, unknown_dtype_is_reported_on_read);
+  tcase_add_test(tc, writer_round_trip);
+  tcase_add_test(tc, writer_refuses_bad_tensors);
   suite_add_tcase(s, tc);
   return s;
 }

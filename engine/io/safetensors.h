@@ -38,4 +38,25 @@ int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *sha
                 err *e);
 int st_read_i64(const st_file *f, const char *name, int64_t *dst, int64_t count, err *e);
 
+/* ---------- writing ---------- */
+
+/* One float32 tensor to write. name: 1 to ST_MAX_NAME bytes of printable ASCII (no quotes,
+ * backslashes or control bytes), not "__metadata__", unique in the file; ndim 0 to ST_MAX_DIMS,
+ * every dimension >= 0; data holds the product of shape floats (may be NULL when it is 0). */
+#define ST_MAX_NAME 512
+typedef struct st_out_tensor {
+  const char *name;
+  int ndim;
+  const int64_t *shape;
+  const float *data;
+} st_out_tensor;
+
+/* Writes `count` tensors as an F32 safetensors file, in the given order, with the string pairs
+ * meta[0..2*nmeta) as "__metadata__" (keys and values checked like names; NULL for none).
+ * Everything is validated before the file is touched; the file is written to a temporary name
+ * beside path, synced and renamed, so a reader never sees half a file. ERR_INVALID naming the
+ * tensor and field, ERR_IO naming the path, ERR_NOMEM. */
+int st_write_f32(const char *path, const st_out_tensor *t, int count, const char *const *meta,
+                 int nmeta, err *e);
+
 #endif
