@@ -105,6 +105,12 @@ char *api_metrics_text(const queue_stats *s, const api_http_stats *h, int intern
   put(&b, "denoised_batches_total %llu\n", (unsigned long long)s->batches);
   metric(&b, "denoised_batched_jobs_total", "counter", "Jobs that shared a batch with others.");
   put(&b, "denoised_batched_jobs_total %llu\n", (unsigned long long)s->batched_jobs);
+  metric(&b, "denoised_retained_bytes", "gauge",
+         "Estimated memory of the finished jobs kept (retained_budget_mb).");
+  put(&b, "denoised_retained_bytes %llu\n", (unsigned long long)s->retained_bytes);
+  metric(&b, "denoised_expired_early_total", "counter",
+         "Finished jobs expired before result_ttl to stay within retained_budget_mb.");
+  put(&b, "denoised_expired_early_total %llu\n", (unsigned long long)s->expired_early);
   metric(&b, "denoised_workers", "gauge", "Worker slots (jobs or batches computed at once).");
   put(&b, "denoised_workers %d\n", s->workers);
   metric(&b, "denoised_workers_busy", "gauge", "Worker slots computing now.");

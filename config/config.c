@@ -42,6 +42,9 @@ static const key_desc keys[] = {
     INT_KEY(queue_max, 1, 1000000, "queued jobs before 429"),
     INT_KEY(batch_max_images, 1, 1024, "images in a forward shared by jobs (1: no batching)"),
     INT_KEY(result_ttl, 1, 365 * 86400, "seconds finished jobs and images are kept"),
+    INT_KEY(retained_budget_mb, 0, 1 << 20,
+            "MB of memory finished jobs kept may take (estimated); past it the oldest expire "
+            "before result_ttl (0: no limit)"),
     INT_KEY(max_attempts, 1, 100, "runs of a job that killed the daemon before it fails"),
     INT_KEY(max_job_bytes, 65536, 1 << 30, "largest stored job, inputs included (else 413)"),
     INT_KEY(max_body_bytes, 256, 64 << 20, "largest request body"),
@@ -94,6 +97,7 @@ void config_defaults(config *c) {
   c->queue_max = 256;
   c->batch_max_images = 16;
   c->result_ttl = 86400;
+  c->retained_budget_mb = 256;
   c->max_attempts = 2;
   c->max_job_bytes = 64 << 20;
   c->max_body_bytes = 4 << 20; /* a 100-step noise upload of the default model is ~1.7 MB */

@@ -35,10 +35,11 @@ typedef struct config {
   int workers;                         /* concurrent jobs (or batches); 0: min(2, cpu_budget) */
   int threads_per_job;                 /* 0: cpu_budget / workers */
   int queue_max;
-  int batch_max_images; /* images in a forward shared by jobs; 1 disables batching */
-  int result_ttl;       /* seconds a finished job and its images are kept */
-  int max_attempts;     /* runs of a job that crashed the daemon before it fails for good */
-  int max_job_bytes;    /* largest job record (inputs included) accepted */
+  int batch_max_images;   /* images in a forward shared by jobs; 1 disables batching */
+  int result_ttl;         /* seconds a finished job and its images are kept */
+  int retained_budget_mb; /* memory finished jobs may take; past it the oldest expire early */
+  int max_attempts;       /* runs of a job that crashed the daemon before it fails for good */
+  int max_job_bytes;      /* largest job record (inputs included) accepted */
   int max_body_bytes;
   int max_batch;
   int max_steps;

@@ -61,6 +61,7 @@ typedef struct qjob {
   qfinal *final; /* the decided final state (&final_slot) until settled, else NULL */
   qfinal final_slot;
   char store_error[256];
+  size_t retained; /* its estimated memory once finished and settled; 0: not counted yet */
 } qjob;
 
 struct qbatch {
@@ -119,6 +120,7 @@ struct queue {
       batches, batched_jobs;
   queue_hist step_h, job_h, wait_h;
   uint64_t pace_overruns;
+  uint64_t retained_bytes, expired_early; /* retained_budget: see queue_stats */
 };
 
 /* ---- queue.c: clocks, names, log ---- */

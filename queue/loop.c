@@ -15,6 +15,7 @@
 #include "mem.h"
 
 static void dispatch(queue *q);
+static void expire(queue *q);
 
 /* The run of j is over (lock held): a job put back by a shutdown goes back to its place in the
  * queue, any other leaves it for good. */
@@ -52,6 +53,8 @@ static void after_work_cb(uv_work_t *w, int status) {
   free(b->jobs);
   free(b);
   uv_async_send(&q->wake);
+  if (q->o.retained_budget) /* what finished may be past the budget now */
+    expire(q);
 }
 
 /* Fails a queued job whose model is gone (lock held, released meanwhile). */
@@ -175,23 +178,58 @@ static void dispatch(queue *q) {
     ;
 }
 
+/* What a finished job keeps in memory, estimated once (lock held): the job itself and its
+ * record without inputs (the spec and the lifecycle events, which the job and the event log
+ * hold as JSON objects and text), counted twice for jansson's and the allocator's overhead. */
+static size_t retained_bytes(queue *q, qjob *j) {
+  if (!j->retained) {
+    size_t len = 0;
+    free(qjob_record(q, j, &len));
+    j->retained = sizeof *j + 2 * len;
+  }
+  return j->retained;
+}
+
+/* The index of the finished job to expire (lock held), or -1: one past result_ttl, else, while
+ * the finished jobs' estimated memory is over retained_budget, the one that finished first. */
+static int expiring(queue *q, double cutoff) {
+  uint64_t total = 0;
+  int oldest = -1;
+  for (int i = 0; i < q->njobs; i++) {
+    qjob *j = q->jobs[i];
+    if (!qstate_final(j->state) || j->batch) /* a batch's jobs keep inputs until it is over */
+      continue;
+    if (j->finished > 0 && j->finished < cutoff)
+      return i;
+    if (oldest < 0 || j->finished < q->jobs[oldest]->finished)
+      oldest = i;
+    total += retained_bytes(q, j);
+  }
+  q->retained_bytes = total;
+  if (!q->o.retained_budget || total <= q->o.retained_budget || oldest < 0)
+    return -1;
+  q->expired_early++;
+  q->retained_bytes -= q->jobs[oldest]->retained;
+  return oldest;
+}
+
+/* Removes finished jobs past result_ttl, then the oldest ones while over retained_budget,
+ * records and files included. Loop thread. */
 static void expire(queue *q) {
   const double cutoff = qclock_real() - q->o.result_ttl;
   for (;;) {
     char id[QUEUE_ID_SIZE];
     int files = 0, found = 0, noise = 0;
     pthread_mutex_lock(&q->mu);
-    for (int i = 0; i < q->njobs; i++) {
+    const int i = expiring(q, cutoff);
+    if (i >= 0) {
       qjob *j = q->jobs[i];
-      if (qstate_final(j->state) && !j->batch && j->finished > 0 && j->finished < cutoff) {
-        snprintf(id, sizeof id, "%s", j->id);
-        files = j->files;
-        noise = qspec_has_noise(&j->spec);
-        qjob_remove_at(q, i);
-        qjob_discard(q, j);
-        found = 1;
-        break;
-      }
+      snprintf(id, sizeof id, "%s", j->id);
+      files = j->files;
+      noise = qspec_has_noise(&j->spec);
+      qjob_remove_at(q, i);
+      qjob_discard(q, j);
+      found = 1;
     }
     pthread_mutex_unlock(&q->mu);
     if (!found)

@@ -639,6 +639,8 @@ void queue_get_stats(queue *q, queue_stats *s) {
   s->job_seconds = q->job_h;
   s->wait_seconds = q->wait_h;
   s->pace_overruns = q->pace_overruns;
+  s->retained_bytes = q->retained_bytes;
+  s->expired_early = q->expired_early;
   pthread_mutex_unlock(&q->mu);
 }
 

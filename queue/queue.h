@@ -141,6 +141,10 @@ typedef struct queue_opts {
   int batch_max_images; /* 1: no batching */
   int max_jobs_per_key;
   int result_ttl; /* seconds */
+  /* Bytes of memory the finished jobs kept may take, as estimated (their records without
+   * inputs, twice, plus the job itself); past it the oldest finished ones expire before
+   * result_ttl, images and records included (0: no limit). */
+  size_t retained_budget;
   /* A job whose run killed the process is run again after a restart, at most this many runs in
    * all (0: 2); then it fails with "crashed the worker N times", so one poison request cannot
    * make a crash loop. */
@@ -302,6 +306,9 @@ typedef struct queue_stats {
   int models, stopping;
   queue_hist step_seconds, job_seconds, wait_seconds;
   uint64_t pace_overruns; /* constant-time mode: step boundaries reached after their budget */
+  /* The finished jobs' estimated memory at the last expiry pass, and how many finished jobs
+   * retained_budget expired before result_ttl. */
+  uint64_t retained_bytes, expired_early;
 } queue_stats;
 
 void queue_get_stats(queue *q, queue_stats *out);

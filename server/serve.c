@@ -149,6 +149,7 @@ static int start_queue(srv *s, err *e) {
                    .batch_max_images = s->cfg.batch_max_images,
                    .max_jobs_per_key = s->cfg.max_jobs_per_key,
                    .result_ttl = s->cfg.result_ttl,
+                   .retained_budget = (size_t)s->cfg.retained_budget_mb << 20,
                    .max_attempts = s->cfg.max_attempts,
                    .max_job_bytes = (size_t)s->cfg.max_job_bytes,
                    .progress_interval_ms = s->cfg.progress_interval_ms,

@@ -181,6 +181,50 @@ START_TEST(pool_refusal_fails_jobs) {
 }
 END_TEST
 
+/* retained_budget_mb: once the finished jobs' estimated memory passes the budget, the oldest
+ * expire before result_ttl (record and images gone, 404) and the newest stay; the metrics say
+ * how much is retained and how many went early. */
+START_TEST(retained_budget_expires_oldest) {
+  char st[512], first[64], last[64], path[700];
+  daemon_proc d;
+  const char *args[] = {"--workers", "1", "--retained-budget-mb", "1", NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  /* 16 images each: a record of a few KB, so about a hundred jobs pass 1 MB */
+  const char *job = "{\"class_label\": 1, \"seed\": 9, \"batch_size\": 16, "
+                    "\"scheduler\": {\"name\": \"ddim\", \"steps\": 4}}";
+  submit_job(&d, job, first, sizeof first);
+  wait_state(&d, first, "succeeded", 60);
+  snprintf(path, sizeof path, "%s/images/%s-0.png", st, first);
+  ck_assert_int_eq(access(path, F_OK), 0);
+  http_resp r;
+  int gone = 0;
+  for (int k = 0; k < 400 && !gone; k++) {
+    submit_job(&d, job, last, sizeof last);
+    wait_state(&d, last, "succeeded", 60);
+    snprintf(path, sizeof path, "/v1/jobs/%s", first);
+    gone = http_get(&d, path, &r) == 404;
+    http_free(&r);
+  }
+  ck_assert_msg(gone, "the first job was still kept after 400 more");
+  snprintf(path, sizeof path, "%s/images/%s-0.png", st, first);
+  ck_assert_int_ne(access(path, F_OK), 0); /* its images went with it */
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/15", last);
+  ck_assert_int_eq(http_get(&d, path, &r), 200); /* the newest stay */
+  http_free(&r);
+  size_t len;
+  char *m = get_body(&d, "/metrics", &len);
+  const char *rb = strstr(m, "\ndenoised_retained_bytes "),
+             *ee = strstr(m, "\ndenoised_expired_early_total ");
+  ck_assert_msg(rb && ee, "%s", m);
+  const long long retained = atoll(rb + strlen("\ndenoised_retained_bytes ")),
+                  early = atoll(ee + strlen("\ndenoised_expired_early_total "));
+  ck_assert_msg(retained > 512 * 1024 && retained <= 1024 * 1024, "retained %lld", retained);
+  ck_assert_int_ge(early, 1);
+  free(m);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* No lost 202: a job that carries an earlier inversion's noise (edit.noise_from) holds it in
  * its record. Larger than max_job_bytes is a 413 naming the limit before any 202; the largest
  * accepted one survives kill -9 and runs after the restart. */
@@ -803,6 +847,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, disk_fills_up_without_root);
   tcase_add_test(tc, idempotent_submission);
   tcase_add_test(tc, pool_refusal_fails_jobs);
+  tcase_add_test(tc, retained_budget_expires_oldest);
   tcase_add_test(tc, startup_errors_and_config_check);
   tcase_add_test(tc, deploy_files);
   suite_add_tcase(s, tc);
