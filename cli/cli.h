@@ -86,5 +86,6 @@ int cmd_bench_solvers(int argc, char **argv);
 int cmd_invert(int argc, char **argv);
 int cmd_edit(int argc, char **argv);
 int cmd_boundary(int argc, char **argv);
+int cmd_stats(int argc, char **argv);
 
 #endif

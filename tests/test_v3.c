@@ -208,6 +208,109 @@ START_TEST(statistics_file_validated) {
 }
 END_TEST
 
+/* Statistics of the single Gaussian N(mu, 0.25 I) (tests/fixtures/gmm/gauss1), whose noise
+ * prediction is linear in x: l is exactly sigma^2 / (alpha^2 s^2 + sigma^2) (the Jacobian is that
+ * diagonal, so the Hutchinson probe and the finite difference are exact up to rounding), f has no
+ * x-dependence left (s = 0), and first-order v3 on these statistics is exact up to the estimate
+ * of b and the grid's quadrature: at 3 steps it is far closer to a 1000-step DPM-Solver++
+ * reference than flat statistics. */
+START_TEST(computed_statistics_exact_on_a_gaussian) {
+  char path[512], dir[64], out[600], npath[600];
+  model *m = NULL;
+  err e = {0};
+  ck_assert_msg(model_load(test_src_path(path, sizeof path, "tests/fixtures/gmm/gauss1"), &m, &e) ==
+                    0,
+                "%s", e.msg);
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+  snprintf(out, sizeof out, "%s/g.json", dir);
+  snprintf(npath, sizeof npath, "%s/g.npy", dir);
+  enum { N = 8, D = 192, K = 400 };
+  float x0[N * D];
+  for (int i = 0; i < N * D; i++)
+    x0[i] = 0.3f + 0.5f * (float)sin(1.7 * i);
+  json_t *spec = json_pack("{s:s, s:i}", "name", "dpm-solver-v3", "steps", 10);
+  sampler *s = NULL;
+  ck_assert_msg(sampler_new_from_json(spec, model_scheduler_config(m), &s, &e) == 0, "%s", e.msg);
+  ck_assert_msg(sampler_v3_stats_compute(m, s, x0, N, K, 1, 1, NULL, NULL, out, &e) == 0, "%s",
+                e.msg);
+  sampler_free(s);
+  json_decref(spec);
+  json_t *h = json_load_file(out, 0, NULL);
+  ck_assert_ptr_nonnull(h);
+  const double lT = json_real_value(json_object_get(h, "lambda_T"));
+  const double l0 = json_real_value(json_object_get(h, "lambda_0"));
+  json_decref(h);
+  npy_array a = {0};
+  ck_assert_msg(npy_read_f32(npath, &a, &e) == 0, "%s", e.msg);
+  ck_assert_int_eq(a.count, 3 * (K + 1) * D);
+  double lerr = 0, smax = 0;
+  for (int k = 0; k <= K; k++) {
+    const double lam = lT + (l0 - lT) * k / K, al2 = 1 / (1 + exp(-2 * lam)), sg2 = 1 - al2;
+    const double want = sg2 / (al2 * 0.25 + sg2);
+    for (int p = 0; p < D; p++) {
+      lerr = fmax(lerr, fabs(a.data[k * D + p] - want));
+      smax = fmax(smax, fabs(a.data[(K + 1) * D + k * D + p]));
+    }
+  }
+  npy_array_free(&a);
+  ck_assert_msg(lerr < 1e-4, "l differs from the Gaussian's exact diagonal by %g", lerr);
+  ck_assert_msg(smax == 0, "s should be 0 where f has no x-dependence (max |s| %g)", smax);
+  /* first-order v3 at 3 steps: computed against flat statistics */
+  float init[2 * D], ref[2 * D], got[2 * D], flat[2 * D];
+  for (int i = 0; i < 2 * D; i++)
+    init[i] = (float)cos(0.9 * i + 0.2);
+  json_t *r = json_pack("{s:s, s:i, s:{s:s, s:s, s:s, s:i}}", "name", "DPM_Solver", "steps", 1000,
+                        "options", "method", "multistep", "algorithm_type", "dpmsolver++",
+                        "skip_type", "logSNR", "solver_order", 3);
+  json_t *v = json_pack("{s:s, s:i, s:s, s:{s:i, s:b}}", "name", "dpm-solver-v3", "steps", 3,
+                        "data", out, "options", "solver_order", 1, "use_corrector", 0);
+  json_t *f = json_pack("{s:s, s:i, s:{s:i, s:b}}", "name", "dpm-solver-v3", "steps", 3, "options",
+                        "solver_order", 1, "use_corrector", 0);
+  run_spec(m, r, 2, init, ref);
+  run_spec(m, v, 2, init, got);
+  run_spec(m, f, 2, init, flat);
+  const double eg = test_rel_l2(got, ref, 2 * D), ef = test_rel_l2(flat, ref, 2 * D);
+  ck_assert_msg(eg < 1e-2 && ef > 0.1, "3 steps: computed statistics %g, flat %g", eg, ef);
+  json_decref(r);
+  json_decref(v);
+  json_decref(f);
+  /* bad inputs */
+  ck_assert_int_ne(sampler_v3_stats_compute(m, NULL, x0, N, K, 1, 1, NULL, NULL, out, &e), 0);
+  char cmd[700];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  ck_assert_int_eq(system(cmd), 0);
+  model_free(m);
+}
+END_TEST
+
+/* The command: writes a file the sampler reads; refuses a bad --data and a name without .json. */
+START_TEST(stats_command) {
+  char dir[64], outb[8192], model[512];
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+  test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3");
+  ck_assert_int_eq(test_run_cli(outb, sizeof outb,
+                                "stats --model %s --samples 4 --grid 20 --quiet --out %s/m.json",
+                                model, dir),
+                   0);
+  ck_assert_int_eq(test_run_cli(outb, sizeof outb,
+                                "sample --model %s --scheduler dpm-solver-v3 --solver-data "
+                                "%s/m.json --steps 5 --seed 1 --quiet --out %s/x.npy",
+                                model, dir, dir),
+                   0);
+  ck_assert_int_eq(
+      test_run_cli(outb, sizeof outb, "stats --model %s --quiet --out %s/m.txt", model, dir), 1);
+  ck_assert_msg(strstr(outb, "must end in .json") != NULL, "%s", outb);
+  ck_assert_int_eq(test_run_cli(outb, sizeof outb,
+                                "stats --model %s --data %s/x.npy --quiet --out %s/n.json", model,
+                                dir, dir),
+                   1);
+  ck_assert_msg(strstr(outb, "data points") != NULL, "%s", outb);
+  char cmd[200];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("v3");
   TCase *tc = tcase_create("v3");
@@ -215,6 +318,8 @@ Suite *test_suite(void) {
   tcase_add_test(tc, matches_authors_code);
   tcase_add_test(tc, flat_statistics_reduce_to_dpmpp);
   tcase_add_test(tc, statistics_file_validated);
+  tcase_add_test(tc, computed_statistics_exact_on_a_gaussian);
+  tcase_add_test(tc, stats_command);
   suite_add_tcase(s, tc);
   return s;
 }

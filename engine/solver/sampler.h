@@ -126,6 +126,20 @@ typedef struct sampler_run_opts {
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e);
 
+/* DPM-Solver-v3's empirical model statistics for model m, written as the statistics file
+ * out_path (NAME.json + NAME.npy; README "DPM-Solver-v3"): l, s, b on a grid of K intervals
+ * uniform in lambda over the range of s (a dpm-solver-v3 sampler: its schedule and prediction
+ * type), from the n data points x0 (n * C * H * W floats, 2 <= n <= 64) noised with fresh noise
+ * of `seed` at every grid point. As the authors' example script: l is the Hutchinson estimate of
+ * sigma diag(d eps / dx) (one Rademacher probe per point), l' its central difference smoothed over
+ * +-5 grid points, s and b the per-dimension least-squares fit of the lambda-derivative of
+ * f = (sigma eps - l x) / alpha along the ODE; the Jacobian-vector products are central
+ * differences (step 5e-3). 5 evaluations of the n points per grid point; progress gets
+ * (done, total) over the 2 (K + 1) grid passes. Unconditional (no class, no guidance). */
+int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, int n, int K,
+                             uint64_t seed, int threads, sampler_progress_fn progress, void *user,
+                             const char *out_path, err *e);
+
 /* The first step a run with img2img strength `strength` performs (n - int(n * strength)); an
  * error if that leaves no step. */
 int sampler_strength_start(const sampler *s, double strength, int *start_step, err *e);

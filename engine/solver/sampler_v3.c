@@ -22,6 +22,7 @@
 
 #include "mem.h"
 #include "npy.h"
+#include "rng.h"
 #include "sampler_impl.h"
 
 #define V3_FLAT_K 1200 /* the CIFAR statistics' grid, used for flat statistics */
@@ -566,3 +567,196 @@ static int v3_run(const sampler *s, run_ctx *r, float *x, err *e) {
 
 const solver_desc solver_dpm_v3 = {"dpm_v3", "DPM_Solver_v3", 10, v3_prepare, NULL, v3_run, 0, 0,
                                    NULL};
+
+/* ---- computing the statistics (the authors' ScoreSDE example script, with finite differences
+ * for the Jacobian-vector products) ---- */
+
+/* Writes the header out_path (NAME.json) and NAME.npy beside it. */
+static int v3_stats_write(const char *out_path, const float *lsb, int K, int C, int hw,
+                          double lam_T, double lam_0, err *e) {
+  const size_t len = strlen(out_path);
+  if (len < 6 || strcmp(out_path + len - 5, ".json") != 0)
+    return err_set(e, ERR_INVALID, "the statistics file name must end in .json, not '%s'",
+                   out_path);
+  char npath[4096];
+  if (len >= sizeof npath)
+    return err_set(e, ERR_INVALID, "statistics path too long");
+  snprintf(npath, sizeof npath, "%.*s.npy", (int)(len - 5), out_path);
+  const char *base = strrchr(npath, '/');
+  base = base ? base + 1 : npath;
+  const int64_t shape[5] = {3, K + 1, C, hw, hw};
+  int rc = npy_write_f32(npath, lsb, 5, shape, e);
+  if (rc != ERR_OK)
+    return rc;
+  json_t *h = json_pack("{s:s, s:i, s:f, s:f, s:i, s:[i,i,i], s:s}", "format", "denoised-v3-stats",
+                        "version", 1, "lambda_T", lam_T, "lambda_0", lam_0, "grid", K, "shape", C,
+                        hw, hw, "arrays", base);
+  if (!h)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  if (json_dump_file(h, out_path, JSON_INDENT(1) | JSON_REAL_PRECISION(17)) != 0)
+    rc = err_set(e, ERR_IO, "cannot write %s", out_path);
+  json_decref(h);
+  return rc;
+}
+
+/* eps of n images at lambda (model output converted by the prediction type), float in/out. */
+static int stats_eps(const model *m, const sampler *s, const float *x, int n, int hw, double lam,
+                     float *out, int threads, err *e) {
+  float t[64];
+  const float u = (float)paper_u_of_lam(s, lam);
+  for (int b = 0; b < n; b++)
+    t[b] = u;
+  int rc = model_eval(m, x, n, hw, hw, t, NULL, out, threads, e);
+  if (rc != ERR_OK)
+    return rc;
+  const double al = alpha_of(lam), sg = al * exp(-lam);
+  const size_t nd = (size_t)n * model_get_info(m)->in_channels * hw * hw;
+  for (size_t j = 0; j < nd; j++) {
+    if (s->cfg.prediction_type == SCHED_PRED_SAMPLE)
+      out[j] = (float)((x[j] - al * out[j]) / sg);
+    else if (s->cfg.prediction_type == SCHED_PRED_V)
+      out[j] = (float)(al * out[j] + sg * x[j]);
+  }
+  return ERR_OK;
+}
+
+#define STATS_DELTA                                                                                \
+  5e-3 /* finite-difference step, in x (and in lambda for the total derivative)                    \
+        */
+
+int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, int n, int K,
+                             uint64_t seed, int threads, sampler_progress_fn progress, void *user,
+                             const char *out_path, err *e) {
+  const model_info *mi = model_get_info(m);
+  const int hw = mi->sample_size, C = mi->in_channels;
+  const size_t d = (size_t)C * hw * hw;
+  if (!s || s->desc != &solver_dpm_v3)
+    return err_set(e, ERR_INVALID, "statistics are computed for the dpm-solver-v3 solver");
+  if (n < 2 || n > 64)
+    return err_set(e, ERR_INVALID, "statistics need 2 to 64 data points, not %d", n);
+  if (K < 2 || K > V3_MAX_K)
+    return err_set(e, ERR_INVALID, "the statistics grid must have 2 to %d intervals", V3_MAX_K);
+  const double lam_T = s->lambdas[s->n_lambdas - 1], lam_0 = s->lambdas[0];
+  const size_t nd = (size_t)n * d, G = (size_t)(K + 1) * d;
+  float *buf = mem_malloc((6 * nd) * sizeof *buf);
+  float *out = mem_malloc(3 * G * sizeof *out); /* l, s, b */
+  double *dl = mem_malloc(G * sizeof *dl), *tmp = mem_malloc((size_t)(K + 1) * sizeof *tmp);
+  int rc = ERR_OK;
+  if (!buf || !out || !dl || !tmp) {
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+    goto done;
+  }
+  float *x = buf, *z = buf + nd, *xp = buf + 2 * nd, *xm = buf + 3 * nd, *ep = buf + 4 * nd,
+        *em = buf + 5 * nd;
+  float *L = out, *Sv = out + G, *Bv = out + 2 * G;
+  const int total = 2 * (K + 1);
+  /* pass 1: l_k = mean over data of sigma v . (J_x eps v), v Rademacher (Hutchinson diagonal) */
+  for (int k = 0; k <= K && rc == ERR_OK; k++) {
+    const double lam = lam_T + (lam_0 - lam_T) * k / K, al = alpha_of(lam), sg = al * exp(-lam);
+    for (int b = 0; b < n; b++) {
+      rng_normal(seed, (uint64_t)b, (uint64_t)(2 * k + 1), z + b * d, d);
+      rng_uniform(seed, (uint64_t)b, (uint64_t)(2 * k + 2), ep + b * d, d);
+    }
+    for (size_t j = 0; j < nd; j++) {
+      x[j] = (float)(al * x0[j] + sg * z[j]);
+      const float v = ep[j] < 0.5f ? -1.0f : 1.0f;
+      xp[j] = (float)(x[j] + STATS_DELTA * v);
+      xm[j] = (float)(x[j] - STATS_DELTA * v);
+      em[j] = v;
+    }
+    float *v = em, *e1 = z, *e2 = ep;
+    if ((rc = stats_eps(m, s, xp, n, hw, lam, e1, threads, e)) != ERR_OK ||
+        (rc = stats_eps(m, s, xm, n, hw, lam, e2, threads, e)) != ERR_OK)
+      break;
+    for (size_t p = 0; p < d; p++) {
+      double acc = 0;
+      for (int b = 0; b < n; b++) {
+        const size_t j = b * d + p;
+        /* v_i (J v)_i, with the step as float32 rounding left it */
+        acc += sg * v[j] * (e1[j] - e2[j]) / fabs((double)xp[j] - xm[j]);
+      }
+      L[(size_t)k * d + p] = (float)(acc / n);
+    }
+    if (progress)
+      progress(k + 1, total, 2 * (k + 1), user);
+  }
+  if (rc != ERR_OK)
+    goto done;
+  /* l' by central differences in lambda (one-sided at the ends), then a +-5-point moving mean */
+  const double hl = (lam_0 - lam_T) / K;
+  for (int k = 0; k <= K; k++)
+    for (size_t p = 0; p < d; p++) {
+      const int a = k > 0 ? k - 1 : 0, c = k < K ? k + 1 : K;
+      dl[(size_t)k * d + p] = (L[(size_t)c * d + p] - L[(size_t)a * d + p]) / ((c - a) * hl);
+    }
+  for (size_t p = 0; p < d; p++) {
+    for (int k = 0; k <= K; k++) {
+      double acc = 0;
+      int cnt = 0;
+      for (int q = k - 5; q <= k + 5; q++)
+        if (q >= 0 && q <= K) {
+          acc += dl[(size_t)q * d + p];
+          cnt++;
+        }
+      tmp[k] = acc / cnt;
+    }
+    for (int k = 0; k <= K; k++)
+      dl[(size_t)k * d + p] = tmp[k];
+  }
+  /* pass 2: a = f = (sigma eps - l x) / alpha and its total lambda-derivative along the ODE,
+   * bvec = e^-lam ((l - 1) eps + d eps/d lam) - l' x / alpha; s, b the least-squares fit */
+  for (int k = 0; k <= K && rc == ERR_OK; k++) {
+    const double lam = lam_T + (lam_0 - lam_T) * k / K, al = alpha_of(lam), sg = al * exp(-lam);
+    for (int b = 0; b < n; b++)
+      rng_normal(seed, (uint64_t)b, (uint64_t)(2 * (K + 1) + k + 1), z + b * d, d);
+    for (size_t j = 0; j < nd; j++)
+      x[j] = (float)(al * x0[j] + sg * z[j]);
+    if ((rc = stats_eps(m, s, x, n, hw, lam, ep, threads, e)) != ERR_OK)
+      break;
+    for (size_t j = 0; j < nd; j++) { /* dx/dlam = sigma^2 x - sigma eps */
+      const double vx = sg * sg * x[j] - sg * ep[j];
+      xp[j] = (float)(x[j] + STATS_DELTA * vx);
+      xm[j] = (float)(x[j] - STATS_DELTA * vx);
+    }
+    if ((rc = stats_eps(m, s, xp, n, hw, lam + STATS_DELTA, em, threads, e)) != ERR_OK ||
+        (rc = stats_eps(m, s, xm, n, hw, lam - STATS_DELTA, z, threads, e)) != ERR_OK)
+      break;
+    for (size_t p = 0; p < d; p++) {
+      const double l = L[(size_t)k * d + p], lp = dl[(size_t)k * d + p];
+      double sa = 0, sb = 0, saa = 0, sab = 0, sxx = 0;
+      for (int b = 0; b < n; b++) {
+        const size_t j = b * d + p;
+        const double a = (sg * ep[j] - l * x[j]) / al;
+        const double ed = (em[j] - z[j]) / (2 * STATS_DELTA);
+        const double bv = exp(-lam) * ((l - 1) * ep[j] + ed) - lp * x[j] / al;
+        sa += a;
+        sb += bv;
+        saa += a * a;
+        sab += a * bv;
+        sxx += (l * x[j] / al) * (l * x[j] / al);
+      }
+      const double ma = sa / n, mb = sb / n, var = saa / n - ma * ma, cov = sab / n - ma * mb;
+      /* f constant over the data (an exactly linear model, where l removes all x-dependence)
+       * up to the estimate's noise: no slope to fit, only the bias. The threshold is relative
+       * to the part l x / alpha that l took out of f and to f itself. */
+      const double sv = var > 1e-6 * (saa + sxx) / n + 1e-300 ? cov / var : 0;
+      Sv[(size_t)k * d + p] = (float)sv;
+      Bv[(size_t)k * d + p] = (float)(mb - sv * ma);
+    }
+    if (progress)
+      progress(K + 2 + k, total, 2 * (K + 1) + 3 * (k + 1), user);
+  }
+  for (size_t j = 0; rc == ERR_OK && j < 3 * G; j++)
+    if (!isfinite(out[j]))
+      rc = err_set(e, ERR_INVALID,
+                   "the statistics came out non-finite (the model's output at some lambda); "
+                   "nothing written");
+  if (rc == ERR_OK)
+    rc = v3_stats_write(out_path, out, K, C, hw, lam_T, lam_0, e);
+done:
+  free(buf);
+  free(out);
+  free(dl);
+  free(tmp);
+  return rc;
+}
