@@ -180,12 +180,14 @@ static void dispatch(queue *q) {
 
 /* What a finished job keeps in memory, estimated once (lock held): the job itself and its
  * record without inputs (the spec and the lifecycle events, which the job and the event log
- * hold as JSON objects and text), counted twice for jansson's and the allocator's overhead. */
+ * hold as JSON objects and text), counted three times for jansson's and the allocator's
+ * overhead: 1000 one-image jobs grew the daemon's RSS by 5.3 MB where twice the record
+ * estimated 4.3 MB. */
 static size_t retained_bytes(queue *q, qjob *j) {
   if (!j->retained) {
     size_t len = 0;
     free(qjob_record(q, j, &len));
-    j->retained = sizeof *j + 2 * len;
+    j->retained = sizeof *j + 3 * len;
   }
   return j->retained;
 }

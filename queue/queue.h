@@ -142,7 +142,7 @@ typedef struct queue_opts {
   int max_jobs_per_key;
   int result_ttl; /* seconds */
   /* Bytes of memory the finished jobs kept may take, as estimated (their records without
-   * inputs, twice, plus the job itself); past it the oldest finished ones expire before
+   * inputs, three times, plus the job itself); past it the oldest finished ones expire before
    * result_ttl, images and records included (0: no limit). */
   size_t retained_budget;
   /* A job whose run killed the process is run again after a restart, at most this many runs in
