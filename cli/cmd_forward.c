@@ -1,5 +1,6 @@
 /* `denoised forward`: one network evaluation on .npy inputs, writing the raw
- * model output; the tool behind the parity tests against diffusers. */
+ * model output; the tool behind the parity tests against diffusers. With --grad-output it also
+ * runs the backward (model_backward) and writes the gradients of sum(G * output) asked for. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,10 +9,13 @@
 #include "cli.h"
 #include "model.h"
 #include "npy.h"
+#include "safetensors.h"
 
 static const char help[] =
     "usage: denoised forward --model DIR --input X.npy --timesteps T.npy\n"
-    "                        [--class-labels L.npy] --out OUT.npy [--threads N]\n"
+    "                        [--class-labels L.npy] [--out OUT.npy] [--threads N]\n"
+    "                        [--grad-output G.npy [--grad-input GX.npy]\n"
+    "                         [--grad-params GP.safetensors]]\n"
     "\n"
     "Runs one network evaluation and writes the raw model output.\n"
     "  --model DIR          diffusers model folder (flat or pipeline layout)\n"
@@ -19,10 +23,15 @@ static const char help[] =
     "  --timesteps T.npy    N timesteps (or one, used for every image); may be fractional\n"
     "  --class-labels L.npy N integer class labels (class-conditional models)\n"
     "  --out OUT.npy        output [N, out_channels, H, W] float32\n"
-    "  --threads N          CPU threads (default 2)\n";
+    "  --threads N          CPU threads (default 2)\n"
+    "  --grad-output G.npy  G, shaped like the output: gradients of sum(G * output)\n"
+    "  --grad-input GX.npy  d/d input, [N, C, H, W] float32\n"
+    "  --grad-params GP.safetensors  d/d every parameter, under diffusers' names (F32)\n"
+    "At least one of --out, --grad-input, --grad-params; only what is asked is written.\n";
 
 typedef struct forward_args {
   const char *model_dir, *in_path, *t_path, *l_path, *out_path;
+  const char *g_path, *gx_path, *gp_path;
   long long threads;
 } forward_args;
 
@@ -32,6 +41,9 @@ static const struct option forward_opts[] = {{"model", required_argument, 0, 'm'
                                              {"class-labels", required_argument, 0, 'l'},
                                              {"out", required_argument, 0, 'o'},
                                              {"threads", required_argument, 0, 'j'},
+                                             {"grad-output", required_argument, 0, 'G'},
+                                             {"grad-input", required_argument, 0, 'X'},
+                                             {"grad-params", required_argument, 0, 'P'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
 
@@ -40,13 +52,16 @@ static int parse_args(int argc, char **argv, forward_args *a) {
   const char *cmd = "forward";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:i:t:l:o:j:h", forward_opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:i:t:l:o:j:hG:X:P:", forward_opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'i': a->in_path = optarg; break;
     case 't': a->t_path = optarg; break;
     case 'l': a->l_path = optarg; break;
     case 'o': a->out_path = optarg; break;
+    case 'G': a->g_path = optarg; break;
+    case 'X': a->gx_path = optarg; break;
+    case 'P': a->gp_path = optarg; break;
     case 'j':
       if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
         return 2;
@@ -57,8 +72,12 @@ static int parse_args(int argc, char **argv, forward_args *a) {
   }
   if (optind < argc)
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-  if (!a->model_dir || !a->in_path || !a->t_path || !a->out_path)
-    return cli_usage_error(cmd, "--model, --input, --timesteps and --out are required");
+  if (!a->model_dir || !a->in_path || !a->t_path)
+    return cli_usage_error(cmd, "--model, --input and --timesteps are required");
+  if ((a->gx_path || a->gp_path) && !a->g_path)
+    return cli_usage_error(cmd, "--grad-input and --grad-params need --grad-output");
+  if (!a->out_path && !a->gx_path && !a->gp_path)
+    return cli_usage_error(cmd, "nothing to write: give --out, --grad-input or --grad-params");
   return -1;
 }
 
@@ -126,6 +145,65 @@ static int eval_and_write(const forward_args *a, model *m, const forward_inputs 
   return status;
 }
 
+/* The parameter gradients as a safetensors file under the parameters' names. */
+static int write_param_grads(const char *path, const model *m, const model_grads *g, err *e) {
+  int n = model_param_count(m);
+  st_out_tensor *t = calloc((size_t)n, sizeof *t);
+  if (!t)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < n; i++) {
+    const model_param *mp = model_param_at(m, i);
+    t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, model_grads_at(g, i)};
+  }
+  const char *meta[] = {"format", "pt"};
+  int rc = st_write_f32(path, t, n, meta, 1, e);
+  free(t);
+  return rc;
+}
+
+/* Forward and backward, then whatever of OUT, GX and GP was asked; 0, or 1 with the error. */
+static int grad_and_write(const forward_args *a, model *m, const forward_inputs *in) {
+  const model_info *mi = model_get_info(m);
+  err e = {0};
+  npy_array g = {0};
+  const size_t nout = (size_t)in->n * mi->out_channels * in->h * in->w;
+  const int64_t oshape[4] = {in->n, mi->out_channels, in->h, in->w};
+  const int64_t xshape[4] = {in->n, mi->in_channels, in->h, in->w};
+  if (npy_read_f32(a->g_path, &g, &e))
+    return cli_fail("forward", "%s", e.msg);
+  if (g.ndim != 4 || memcmp(g.shape, oshape, sizeof oshape) != 0) {
+    npy_array_free(&g);
+    return cli_fail("forward", "%s: expected the output's shape [%d, %d, %d, %d]", a->g_path, in->n,
+                    mi->out_channels, in->h, in->w);
+  }
+  model_grad_call gc = {.grad_out = g.data};
+  float *out = a->out_path ? malloc(sizeof(float) * nout) : NULL;
+  float *gx = a->gx_path ? malloc(sizeof(float) * (size_t)in->x.count) : NULL;
+  int rc = (a->out_path && !out) || (a->gx_path && !gx) || !in->tv
+               ? err_set(&e, ERR_NOMEM, "out of memory")
+               : ERR_OK;
+  if (!rc && a->gp_path)
+    rc = model_grads_new(m, &gc.params, &e);
+  gc.out = out;
+  gc.grad_x = gx;
+  const model_call c = {.x = in->x.data,
+                        .n = in->n,
+                        .h = in->h,
+                        .w = in->w,
+                        .t = in->tv,
+                        .labels = in->labels,
+                        .threads = (int)a->threads};
+  (void)(rc || (rc = model_backward(m, &c, &gc, &e)) ||
+         (out && (rc = npy_write_f32(a->out_path, out, 4, oshape, &e))) ||
+         (gx && (rc = npy_write_f32(a->gx_path, gx, 4, xshape, &e))) ||
+         (gc.params && (rc = write_param_grads(a->gp_path, m, gc.params, &e))));
+  model_grads_free(gc.params);
+  free(out);
+  free(gx);
+  npy_array_free(&g);
+  return rc ? cli_fail("forward", "%s", e.msg) : 0;
+}
+
 int cmd_forward(int argc, char **argv) {
   forward_args a = {.threads = 2};
   int status = parse_args(argc, argv, &a);
@@ -138,7 +216,7 @@ int cmd_forward(int argc, char **argv) {
   forward_inputs in = {0};
   status = read_inputs(&a, model_get_info(m), &in);
   if (!status)
-    status = eval_and_write(&a, m, &in);
+    status = a.g_path ? grad_and_write(&a, m, &in) : eval_and_write(&a, m, &in);
   forward_inputs_free(&in);
   model_free(m);
   return status;

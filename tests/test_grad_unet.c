@@ -444,6 +444,48 @@ START_TEST(params_written_as_safetensors_load_back) {
 }
 END_TEST
 
+/* denoised forward --grad-output: the CLI writes what model_backward gives (torch's gradients). */
+START_TEST(cli_writes_gradients) {
+  char dir[1024], tmp[64], out[4096];
+  test_src_path(dir, sizeof dir, "tests/fixtures/grad/unet_classcond");
+  test_tmpdir(tmp, sizeof tmp);
+  int rc = test_run_cli(out, sizeof out,
+                        "forward --model %s --input %s/input.npy --timesteps %s/timesteps.npy "
+                        "--class-labels %s/class_labels.npy --grad-output %s/grad_output.npy "
+                        "--grad-input %s/gx.npy --grad-params %s/gp.safetensors",
+                        dir, dir, dir, dir, dir, tmp, tmp);
+  ck_assert_msg(rc == 0, "%s", out);
+  char path[1200];
+  snprintf(path, sizeof path, "%s/gx.npy", tmp);
+  npy_array gx;
+  err e = {0};
+  ck_assert_int_eq(npy_read_f32(path, &gx, &e), 0);
+  float *want = read_npy(dir, "grad_input", (size_t)gx.count);
+  ck_assert_double_lt(test_rel_l2(gx.data, want, (size_t)gx.count), 1e-4);
+  free(want);
+  npy_array_free(&gx);
+  snprintf(path, sizeof path, "%s/gp.safetensors", tmp);
+  st_file *st = NULL;
+  ck_assert_msg(st_open(path, &st, &e) == 0, "%s", e.msg);
+  ck_assert_int_eq(st_count(st), 145);
+  ck_assert_ptr_nonnull(st_find(st, "down_blocks.1.attentions.0.to_q.weight"));
+  st_close(st);
+  rc = test_run_cli(out, sizeof out,
+                    "forward --model %s --input %s/input.npy --timesteps %s/timesteps.npy "
+                    "--class-labels %s/class_labels.npy --grad-output %s/timesteps.npy "
+                    "--grad-input %s/gx.npy",
+                    dir, dir, dir, dir, dir, tmp);
+  ck_assert_int_eq(rc, 1);
+  ck_assert_msg(strstr(out, "expected the output's shape [3, 3, 8, 8]"), "%s", out);
+  rc = test_run_cli(out, sizeof out,
+                    "forward --model %s --input %s/input.npy --timesteps "
+                    "%s/timesteps.npy --grad-input %s/gx.npy",
+                    dir, dir, dir, tmp);
+  ck_assert_int_eq(rc, 2);
+  ck_assert_ptr_nonnull(strstr(out, "need --grad-output"));
+}
+END_TEST
+
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return (x > y) - (x < y);
@@ -516,6 +558,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, backward_refuses_bad_calls);
   tcase_add_test(tc, parameters_carry_modern_names);
   tcase_add_test(tc, params_written_as_safetensors_load_back);
+  tcase_add_test(tc, cli_writes_gradients);
   tcase_add_test(tc, unet_backward_cost);
   suite_add_tcase(s, tc);
   return s;
