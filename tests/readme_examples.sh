@@ -1,0 +1,84 @@
+#!/bin/sh
+# Runs the README's examples as written: the CLI block and the daemon's curl session, each
+# command verbatim, in a scratch folder where `build/` is the build under test and `models/` the
+# repository's models. What an example takes as the reader's own (a checkpoint folder, x.npy,
+# a mask, labels) is put there first; the only rewrites are those placeholders and the port.
+# Every PNG an example writes must be a PNG (a `curl > E.png` that saved an error body fails).
+# The set-up block (scripts/run.sh, scripts/test.sh) is what CI itself runs, so it is not rerun.
+# Usage: tests/readme_examples.sh BUILD_DIR
+set -eu
+src=$(cd "$(dirname "$0")/.." && pwd)
+build=$(cd "${1:?usage: tests/readme_examples.sh BUILD_DIR}" && pwd)
+work=$(mktemp -d)
+daemon=""
+cleanup() {
+  [ -n "$daemon" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cd "$work"
+ln -s "$build" build
+ln -s "$src/models" models
+mkdir out
+
+# The N-th ```sh block of the README (1-based).
+block() {
+  awk -v want="$1" '/^```sh$/ { n++; inside = (n == want); next }
+                    /^```/ { inside = 0 } inside' "$src/README.md"
+}
+
+# Each PNG below the scratch folder must start with the PNG signature.
+check_pngs() {
+  for f in $(find . -name '*.png' -not -path './models/*' -not -path './build/*'); do
+    if [ "$(head -c 8 "$f" | od -An -tx1 | tr -d ' \n')" != "89504e470d0a1a0a" ]; then
+      echo "readme_examples: $1 wrote $f, which is not a PNG:" >&2
+      head -c 300 "$f" >&2
+      echo >&2
+      exit 1
+    fi
+  done
+}
+
+# --- the reader's own files: a checkpoint folder, network inputs, a mask, labelled images ---
+fixture="$src/tests/fixtures/unet/cifar_small"
+cp "$fixture/input.npy" x.npy
+cp "$fixture/timesteps.npy" t.npy
+# 32x32 grey PNG, right half white: inpaint the right half
+echo 'iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGElEQVR42mNgQAP/0QDDqIJRBaMKRqoCADDU/hBjxPbDAAAAAElFTkSuQmCC' |
+  base64 -d >m.png
+
+cli=$(block 2)
+[ -n "$cli" ] || { echo "readme_examples: the README has no CLI block" >&2; exit 1; }
+# boundary fit reads labelled glyphs: x.npy is then 16 generated images, half light-on-dark
+build/denoised sample --class R --seed 11 --batch 16 --out glyphs.npy --quiet
+i=0
+while [ $i -lt 16 ]; do echo "$((i % 2)) R"; i=$((i + 1)); done >polarity.txt
+cli=$(printf '%s\n' "$cli" |
+  sed -e "s|~/models/ddpm-cifar10-32|$fixture|g" -e "s|--model DIR|--model $fixture|g" \
+    -e "s|boundary fit --images x.npy|boundary fit --images glyphs.npy|")
+echo "readme_examples: the CLI block ($(printf '%s\n' "$cli" | grep -c 'build/denoised') commands)"
+printf 'set -eux\n%s\n' "$cli" >cli.sh
+sh cli.sh >cli.log 2>&1 || { tail -30 cli.log >&2; echo "readme_examples: the CLI block failed" >&2; exit 1; }
+check_pngs "the CLI block"
+[ -f out/A-3.png ] && [ -f again.png ] && cmp -s out/A-3.png again.png ||
+  { echo "readme_examples: --replay did not give the same image" >&2; exit 1; }
+
+# --- the daemon session: `build/denoised serve` with no flags but a free port ---
+build/denoised serve --listen 127.0.0.1:0 >serve.log 2>&1 &
+daemon=$!
+port=""
+for _ in $(seq 100); do
+  port=$(sed -n 's/.*msg=listening.*url=http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' serve.log | head -n 1)
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$port" ] || { cat serve.log >&2; echo "readme_examples: the daemon did not start" >&2; exit 1; }
+session=$(block 3 | sed "s|localhost:8080|localhost:$port|g")
+[ -n "$session" ] || { echo "readme_examples: the README has no daemon block" >&2; exit 1; }
+printf 'set -eux\n%s\n' "$session" >session.sh
+sh session.sh >session.log 2>&1 || { tail -30 session.log >&2; echo "readme_examples: the daemon block failed" >&2; exit 1; }
+check_pngs "the daemon block"
+for f in A-0.png B.png guided.png edited.png E.png; do
+  [ -s "$f" ] || { echo "readme_examples: the daemon block wrote no $f" >&2; exit 1; }
+done
+echo "readme_examples: every example ran"
