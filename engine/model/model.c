@@ -134,6 +134,17 @@ static int load_gmm(model *m, const json_t *cfg, const char *weights, err *e) {
   return ERR_OK;
 }
 
+static void set_unet_info(model *m) {
+  const unet_shape *s = unet_get_shape(m->unet);
+  m->info.kind = MODEL_UNET2D;
+  m->info.sample_size = s->sample_size;
+  m->info.in_channels = s->in_channels;
+  m->info.out_channels = s->out_channels;
+  m->info.num_classes = s->num_classes;
+  m->info.num_params = s->num_params;
+  m->info.class_embed_dim = s->num_classes ? m->unet->temb_dim : 0;
+}
+
 static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
   char path[MODEL_PATH_MAX];
   st_file *st = NULL;
@@ -146,14 +157,7 @@ static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
   st_close(st); /* weights were copied (and converted) into the model */
   if (rc)
     return rc;
-  const unet_shape *s = unet_get_shape(m->unet);
-  m->info.kind = MODEL_UNET2D;
-  m->info.sample_size = s->sample_size;
-  m->info.in_channels = s->in_channels;
-  m->info.out_channels = s->out_channels;
-  m->info.num_classes = s->num_classes;
-  m->info.num_params = s->num_params;
-  m->info.class_embed_dim = s->num_classes ? m->unet->temb_dim : 0;
+  set_unet_info(m);
   return ERR_OK;
 }
 
@@ -209,6 +213,20 @@ int64_t model_class_from_name(const model *m, const char *name) {
   return -1;
 }
 
+/* The class and prediction type a config.json declares; returns the class name. */
+static const char *read_names(model *m, const json_t *cfg) {
+  const json_t *cls = json_object_get(cfg, "_class_name");
+  const char *name = json_is_string(cls) ? json_string_value(cls) : "UNet2DModel";
+  snprintf(m->class_name, sizeof m->class_name, "%s", name);
+  m->info.class_name = m->class_name;
+  const json_t *pt = json_object_get(cfg, "prediction_type");
+  /* UNet2DModel configs do not say what they predict; diffusers assumes epsilon. */
+  snprintf(m->prediction_type, sizeof m->prediction_type, "%s",
+           json_is_string(pt) ? json_string_value(pt) : "epsilon");
+  m->info.prediction_type = m->prediction_type;
+  return name;
+}
+
 int model_load(const char *dir, model **out, err *e) {
   *out = NULL;
   ops_init();
@@ -232,15 +250,7 @@ int model_load(const char *dir, model **out, err *e) {
     model_free(m);
     return e ? e->code : ERR_FORMAT;
   }
-  const json_t *cls = json_object_get(cfg, "_class_name");
-  const char *name = json_is_string(cls) ? json_string_value(cls) : "UNet2DModel";
-  snprintf(m->class_name, sizeof m->class_name, "%s", name);
-  m->info.class_name = m->class_name;
-  const json_t *pt = json_object_get(cfg, "prediction_type");
-  /* UNet2DModel configs do not say what they predict; diffusers assumes epsilon. */
-  snprintf(m->prediction_type, sizeof m->prediction_type, "%s",
-           json_is_string(pt) ? json_string_value(pt) : "epsilon");
-  m->info.prediction_type = m->prediction_type;
+  const char *name = read_names(m, cfg);
   if (strcmp(name, "UNet2DModel") == 0) {
     rc = load_unet(m, cfg, net_dir, e);
   } else if (strcmp(name, "GaussianMixtureDenoiser") == 0) {
@@ -261,6 +271,39 @@ int model_load(const char *dir, model **out, err *e) {
     rc = read_class_labels(m, cfg, cfg_path, e);
   json_decref(cfg);
   if (rc) {
+    model_free(m);
+    return rc;
+  }
+  *out = m;
+  return ERR_OK;
+}
+
+int model_init(const char *config_path, uint64_t seed, model **out, err *e) {
+  *out = NULL;
+  ops_init();
+  json_t *cfg = load_json(config_path, e);
+  if (!cfg)
+    return e ? e->code : ERR_FORMAT;
+  model *m = mem_calloc(1, sizeof *m);
+  if (!m) {
+    json_decref(cfg);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  const char *name = read_names(m, cfg);
+  int rc = ERR_OK;
+  if (strcmp(name, "UNet2DModel") != 0)
+    rc = err_set(e, ERR_UNSUPPORTED,
+                 "key '_class_name': \"%s\" cannot be initialised (only UNet2DModel)", name);
+  else if ((rc = unet_init(cfg, seed, &m->unet, e)) == ERR_OK)
+    set_unet_info(m);
+  if (rc == ERR_OK)
+    rc = read_null_class(m, cfg, config_path, e);
+  if (rc == ERR_OK)
+    rc = read_class_labels(m, cfg, config_path, e);
+  json_decref(cfg);
+  if (rc) {
+    if (e && strncmp(e->msg, config_path, strlen(config_path)) != 0)
+      err_prefix(e, "%s", config_path);
     model_free(m);
     return rc;
   }
@@ -398,7 +441,7 @@ int model_backward(const model *m, const model_call *c, const model_grad_call *g
   if (!m->unet)
     return err_set(e, ERR_UNSUPPORTED, "%s has no gradient (only UNet2DModel does)",
                    m->info.class_name);
-  if (c->n < 1 || !c->x || !c->t || !g || !g->grad_out)
+  if (c->n < 1 || !c->x || !c->t || !g || (!g->grad_out && !g->loss_grad))
     return err_set(e, ERR_INVALID, "model_backward: empty batch or missing buffers");
   if (c->hooks.mid_save || c->hooks.mid_replace)
     return err_set(e, ERR_UNSUPPORTED, "model_backward takes no h-space hooks");

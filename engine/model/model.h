@@ -40,6 +40,11 @@ typedef struct model_info {
 /* Loads `dir`: flat (config.json + diffusion_pytorch_model.safetensors) or
  * pipeline layout (model_index.json + unet/). Returns ERR_OK and *out. */
 int model_load(const char *dir, model **out, err *e);
+/* A UNet2DModel built from the config.json at config_path with a fresh training
+ * initialisation drawn from seed (PyTorch's default layer init, the identity trick of zeroed
+ * last convolutions; see unet.c). No scheduler config. ERR_FORMAT/ERR_INVALID/ERR_UNSUPPORTED
+ * naming the file and key. */
+int model_init(const char *config_path, uint64_t seed, model **out, err *e);
 void model_free(model *m);
 const model_info *model_get_info(const model *m);
 
@@ -121,7 +126,12 @@ void model_grads_zero(model_grads *g);
  * written; parameter gradients are ADDED to params (model_grads_zero to start over), so several
  * batches accumulate. out, if set, receives the forward output. */
 typedef struct model_grad_call {
-  const float *grad_out; /* required: n * out_channels * h * w */
+  const float *grad_out; /* n * out_channels * h * w; required unless loss_grad is set */
+  /* Instead of grad_out: called with the forward's output to write the upstream gradient into
+   * grad_out (both n * out_channels * h * w), for a loss whose gradient depends on the output.
+   * A non-zero return (with e set) stops the call. */
+  int (*loss_grad)(const float *out, float *grad_out, void *user, err *e);
+  void *loss_user;
   float *out;
   float *grad_x;
   float *grad_t;

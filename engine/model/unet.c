@@ -12,8 +12,12 @@
 #include "arena.h"
 #include "mem.h"
 #include "ops.h"
+#include "rng.h"
 
 #include "unet_impl.h"
+
+/* The generator stream of a fresh initialisation (rng.h: stream k of image i = tensor i). */
+#define UNET_INIT_STREAM 0x696e6974u
 
 /* ---------- config ---------- */
 
@@ -266,9 +270,11 @@ static int parse_config(const json_t *cfg, unet_config *c, err *e) {
 
 typedef struct loader {
   unet *u;
-  const st_file *st;
+  const st_file *st;   /* NULL: a fresh initialisation instead of a file (unet_init) */
   unsigned char *used; /* per tensor of the file: has a layer claimed it */
   err *e;
+  uint64_t seed;
+  int64_t fan_in; /* of the last weight initialised, for the bias that follows it */
 } loader;
 
 /* Registers a packed convolution for ops_conv2d_unpack in unet_free. */
@@ -279,6 +285,53 @@ static int keep_conv(loader *ld, conv2d *c) {
   }
   ld->u->convs[ld->u->nconvs++] = c;
   return ERR_OK;
+}
+
+/* Whether `name` ends in `suffix`. */
+static int ends_with(const char *name, const char *suffix) {
+  size_t n = strlen(name), k = strlen(suffix);
+  return n >= k && strcmp(name + n - k, suffix) == 0;
+}
+
+/* A fresh training initialisation, as tools/torch_unet.py init_weights (the glyph trainer's):
+ * PyTorch's default for Conv2d and Linear (weight and bias uniform in +-1/sqrt(fan_in), what
+ * diffusers' UNet2DModel() gets), GroupNorm 1 and 0, the class embedding N(0, 1); the last
+ * convolution of every resnet, every attention output projection and conv_out start at zero,
+ * so each block starts as the identity (the DDPM trick that steadies early training). The
+ * numbers come from the engine's counter-based generator (tensor i is stream i of the seed), so
+ * they differ from torch's but not between runs or machines. */
+static void init_tensor(loader *ld, const model_param *mp, int index) {
+  float *p = mp->data;
+  const char *name = mp->name;
+  const char *dot = strrchr(name, '.'), *mod = dot;
+  while (mod > name && mod[-1] != '.')
+    mod--;
+  int is_weight = strcmp(dot, ".weight") == 0;
+  if (mp->ndim == 1 && strstr(mod, "norm")) {
+    for (size_t i = 0; i < mp->count; i++)
+      p[i] = is_weight ? 1.0f : 0.0f;
+    return;
+  }
+  if (strcmp(name, "class_embedding.weight") == 0) {
+    rng_normal(ld->seed, (uint64_t)index, UNET_INIT_STREAM, p, mp->count);
+    return;
+  }
+  if (mp->ndim >= 2) {
+    ld->fan_in = 1;
+    for (int d = 1; d < mp->ndim; d++)
+      ld->fan_in *= mp->shape[d];
+  }
+  char module[256];
+  snprintf(module, sizeof module, "%.*s", (int)(dot - name), name);
+  if (ends_with(module, ".conv2") || ends_with(module, ".to_out.0") ||
+      strcmp(module, "conv_out") == 0) {
+    memset(p, 0, mp->count * sizeof *p);
+    return;
+  }
+  const float bound = (float)(1.0 / sqrt((double)(ld->fan_in > 0 ? ld->fan_in : 1)));
+  rng_uniform(ld->seed, (uint64_t)index, UNET_INIT_STREAM, p, mp->count);
+  for (size_t i = 0; i < mp->count; i++)
+    p[i] = (p[i] * 2.0f - 1.0f) * bound;
 }
 
 static float *load_tensor(loader *ld, const char *name, int ndim, const int64_t *shape) {
@@ -301,9 +354,13 @@ static float *load_tensor(loader *ld, const char *name, int ndim, const int64_t 
     err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
     return NULL;
   }
-  if (st_read_f32(ld->st, name, ndim, shape, p, ld->e))
-    return NULL;
-  ld->used[st_index(ld->st, name)] = 1;
+  if (!ld->st) {
+    init_tensor(ld, mp, ld->u->nparams - 1);
+  } else {
+    if (st_read_f32(ld->st, name, ndim, shape, p, ld->e))
+      return NULL;
+    ld->used[st_index(ld->st, name)] = 1;
+  }
   ld->u->shape.num_params += count;
   return p;
 }
@@ -360,7 +417,7 @@ static int load_conv(loader *ld, const char *prefix, int cin, int cout, int k, i
 static int load_linear(loader *ld, const char *wname, const char *bname, int in, int out, float **w,
                        float **b) {
   int64_t shape2[2] = {out, in}, shape4[4] = {out, in, 1, 1}, bshape[1] = {out};
-  const st_tensor_info *info = st_find(ld->st, wname);
+  const st_tensor_info *info = ld->st ? st_find(ld->st, wname) : NULL;
   int four = info && info->ndim == 4;
   if (!(*w = load_tensor(ld, wname, four ? 4 : 2, four ? shape4 : shape2)))
     return ld->e->code;
@@ -447,7 +504,7 @@ static int load_attention(loader *ld, const unet_config *c, const char *prefix, 
   }
   /* Checkpoints saved before diffusers 0.13 (all google/ddpm-*) use the old names. */
   snprintf(name, sizeof name, "%s.to_q.weight", prefix);
-  int legacy = !st_find(ld->st, name);
+  int legacy = ld->st && !st_find(ld->st, name);
   static const char *const modern[] = {"to_q", "to_k", "to_v", "to_out.0"};
   static const char *const old[] = {"query", "key", "value", "proj_attn"};
   float **w[4] = {(float **)&a->wq, (float **)&a->wk, (float **)&a->wv, (float **)&a->wo};
@@ -591,7 +648,9 @@ static int load_weights(loader *ld, const unet_config *c) {
   return ERR_OK;
 }
 
-int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) {
+/* Builds the network of `config` with weights from the file, or (weights NULL) freshly
+ * initialised from seed. */
+static int build(const json_t *config, const st_file *weights, uint64_t seed, unet **out, err *e) {
   *out = NULL;
   unet_config c;
   int rc = parse_config(config, &c, e);
@@ -611,7 +670,8 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
                           .in_channels = c.in_channels,
                           .out_channels = c.out_channels,
                           .num_classes = c.num_classes};
-  loader ld = {u, weights, mem_calloc((size_t)st_count(weights) + 1, 1), e};
+  const int nfile = weights ? st_count(weights) : 0;
+  loader ld = {u, weights, mem_calloc((size_t)nfile + 1, 1), e, seed, 1};
   if (!ld.used) {
     unet_free(u);
     return err_set(e, ERR_NOMEM, "out of memory");
@@ -619,7 +679,7 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
   rc = load_weights(&ld, &c);
   /* A tensor no layer claimed means the config and the weights disagree
    * (say, attention blocks the config does not declare): refuse to guess. */
-  for (int i = 0; !rc && i < st_count(weights); i++)
+  for (int i = 0; !rc && i < nfile; i++)
     if (!ld.used[i])
       rc = err_set(e, ERR_FORMAT, "tensor '%s' is not used by the model that config.json describes",
                    st_info_at(weights, i)->name);
@@ -630,6 +690,14 @@ int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) 
   }
   *out = u;
   return ERR_OK;
+}
+
+int unet_load(const json_t *config, const st_file *weights, unet **out, err *e) {
+  return build(config, weights, 0, out, e);
+}
+
+int unet_init(const json_t *config, uint64_t seed, unet **out, err *e) {
+  return build(config, NULL, seed, out, e);
 }
 
 void unet_free(unet *u) {

@@ -320,10 +320,13 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
   if ((rc = t_forward(&T, c, &xin, &t_act, &cls, &out)))
     goto done;
   size_t ocount = (size_t)c->n * out.c * out.h * out.w;
-  memcpy(out.d, g->grad_out, ocount * sizeof(float));
+  if (g->loss_grad)
+    rc = g->loss_grad(out.v, out.d, g->loss_user, e);
+  else
+    memcpy(out.d, g->grad_out, ocount * sizeof(float));
   if (g->out)
     memcpy(g->out, out.v, ocount * sizeof(float));
-  for (int i = T.count - 1; i >= 0 && rc == ERR_OK; i--)
+  for (int i = T.count - 1; i >= 0 && rc == ERR_OK; i--) /* rc: loss_grad's */
     rc = grad_backward(&T.nodes[i], T.a, T.p, e);
   if (rc)
     goto done;

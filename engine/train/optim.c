@@ -93,6 +93,16 @@ long adamw_steps(const adamw *o) {
   return o->steps;
 }
 
+float *adamw_moment(adamw *o, int which, int i) {
+  if (i < 0 || i >= o->n || (which != 0 && which != 1))
+    return NULL;
+  return which ? o->v[i] : o->m[i];
+}
+
+void adamw_set_steps(adamw *o, long steps) {
+  o->steps = steps;
+}
+
 double ema_decay(const ema_config *c, long optimization_step) {
   double step = (double)(optimization_step - c->update_after_step - 1);
   if (step < 0)

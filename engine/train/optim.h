@@ -27,6 +27,11 @@ int adamw_step(adamw *o, float *const *params, const float *const *grads, double
 /* Steps taken so far. */
 long adamw_steps(const adamw *o);
 
+/* The first (which 0) or second (1) moment of tensor i, NULL out of range: a checkpoint saves
+ * and restores them (with adamw_set_steps) so that a resumed run continues bit for bit. */
+float *adamw_moment(adamw *o, int which, int i);
+void adamw_set_steps(adamw *o, long steps);
+
 typedef struct ema_config {
   double decay;           /* upper bound of the decay (diffusers' default 0.9999) */
   double min_decay;       /* lower bound (0) */

@@ -19,6 +19,9 @@ typedef struct unet_shape {
 } unet_shape;
 
 int unet_load(const json_t *config, const st_file *weights, unet **out, err *e);
+/* The network of `config` with a fresh training initialisation drawn from seed (see
+ * init_tensor in unet.c). */
+int unet_init(const json_t *config, uint64_t seed, unet **out, err *e);
 void unet_free(unet *u);
 const unet_shape *unet_get_shape(const unet *u);
 

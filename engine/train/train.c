@@ -1,0 +1,397 @@
+/* The training step (train.h): the noising, target and loss weights in diffusers' float32
+ * arithmetic, the loss's gradient fed to model_backward as the network's upstream gradient,
+ * then clipping, AdamW, the repack of the model and the EMA. */
+#include "train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mem.h"
+#include "rng.h"
+
+/* Generator streams (rng.h) of the random draws; image = the global index of the sample
+ * (step * batch + i), or the epoch for the data order. Uniform and normal draws at one address
+ * share raw words, hence a stream each. */
+#define STREAM_TIMESTEP 0x74726e01u
+#define STREAM_NOISE 0x74726e02u
+#define STREAM_DROPOUT 0x74726e03u
+#define STREAM_ORDER 0x74726e04u
+
+struct trainer {
+  model *m;
+  train_config c;
+  int T;            /* num_train_timesteps */
+  float *ac;        /* alphas_cumprod [T] */
+  int np;           /* model_param_count */
+  size_t *counts;   /* per tensor */
+  float **params;   /* the model's data pointers */
+  float **ema;      /* shadow weights, or NULL */
+  const float **gp; /* gradient buffers */
+  model_grads *grads;
+  adamw *opt;
+  long steps;
+  /* per-batch scratch, grown as needed */
+  size_t cap;
+  float *noisy, *target, *tf, *w;
+  int64_t *lab;
+  float *noise_buf;
+  int64_t *ts_buf;
+};
+
+static const char *const lr_names[] = {"constant", "constant_with_warmup", "cosine"};
+
+int train_lr_kind_from_name(const char *name) {
+  for (int i = 0; i < 3; i++)
+    if (strcmp(name, lr_names[i]) == 0)
+      return i;
+  return -1;
+}
+
+const char *train_lr_kind_name(train_lr_kind k) {
+  return (unsigned)k < 3 ? lr_names[k] : "?";
+}
+
+double train_lr_at(train_lr_kind k, double lr, long warmup, long total, long step) {
+  if (k == TRAIN_LR_CONSTANT)
+    return lr;
+  if (step < warmup)
+    return lr * (double)step / (double)(warmup > 1 ? warmup : 1);
+  if (k == TRAIN_LR_CONSTANT_WARMUP)
+    return lr;
+  long span = total - warmup > 1 ? total - warmup : 1;
+  double progress = (double)(step - warmup) / (double)span;
+  double f = 0.5 * (1.0 + cos(M_PI * 0.5 * 2.0 * progress)); /* num_cycles 0.5 */
+  return lr * (f > 0 ? f : 0);
+}
+
+void trainer_free(trainer *t) {
+  if (!t)
+    return;
+  for (int i = 0; t->ema && i < t->np; i++)
+    free(t->ema[i]);
+  free(t->ema);
+  free(t->counts);
+  free(t->params);
+  free(t->gp);
+  free(t->ac);
+  model_grads_free(t->grads);
+  adamw_free(t->opt);
+  free(t->noisy), free(t->target), free(t->tf), free(t->w), free(t->lab);
+  free(t->noise_buf), free(t->ts_buf);
+  free(t);
+}
+
+static int check_config(const model_info *mi, const train_config *c, err *e) {
+  if (mi->kind != MODEL_UNET2D)
+    return err_set(e, ERR_UNSUPPORTED, "only a UNet2DModel can be trained");
+  if (mi->out_channels != mi->in_channels)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "the model predicts %d channels of %d-channel images (learned variance is "
+                   "not trained here)",
+                   mi->out_channels, mi->in_channels);
+  if (!(c->min_snr_gamma >= 0) || !isfinite(c->min_snr_gamma))
+    return err_set(e, ERR_INVALID, "min-SNR gamma must be >= 0 (0: off)");
+  if (!(c->null_dropout >= 0 && c->null_dropout <= 1))
+    return err_set(e, ERR_INVALID, "null-class dropout must be in [0, 1]");
+  if (c->null_dropout > 0 &&
+      (mi->num_classes == 0 || c->null_class < 0 || c->null_class >= mi->num_classes))
+    return err_set(e, ERR_INVALID, "null-class dropout needs a class-conditional model");
+  if (!(c->clip_norm >= 0) || !isfinite(c->clip_norm))
+    return err_set(e, ERR_INVALID, "gradient clipping norm must be >= 0 (0: off)");
+  if ((unsigned)c->lr_kind > TRAIN_LR_COSINE)
+    return err_set(e, ERR_INVALID, "unknown learning-rate schedule");
+  if (!(c->lr >= 0) || !isfinite(c->lr) || c->warmup < 0 || c->total_steps < 1)
+    return err_set(e, ERR_INVALID, "learning rate, warm-up and steps must be >= 0, >= 0, >= 1");
+  if (c->use_ema && !(c->ema.decay >= 0 && c->ema.decay <= 1))
+    return err_set(e, ERR_INVALID, "EMA decay must be in [0, 1]");
+  return ERR_OK;
+}
+
+int trainer_new(model *m, const sched_config *sc, const train_config *c, trainer **out, err *e) {
+  *out = NULL;
+  const model_info *mi = model_get_info(m);
+  int rc = check_config(mi, c, e);
+  if (rc)
+    return rc;
+  trainer *t = mem_calloc(1, sizeof *t);
+  if (!t)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  t->m = m;
+  t->c = *c;
+  t->np = model_param_count(m);
+  t->T = sc->num_train_timesteps;
+  t->ac = mem_malloc(sizeof(float) * (size_t)t->T);
+  t->counts = mem_calloc((size_t)t->np + 1, sizeof *t->counts);
+  t->params = mem_calloc((size_t)t->np + 1, sizeof *t->params);
+  t->gp = mem_calloc((size_t)t->np + 1, sizeof *t->gp);
+  if (!t->ac || !t->counts || !t->params || !t->gp) {
+    trainer_free(t);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  if ((rc = sched_alphas_cumprod(sc, t->ac, e)) || (rc = model_grads_new(m, &t->grads, e))) {
+    trainer_free(t);
+    return rc;
+  }
+  for (int i = 0; i < t->np; i++) {
+    const model_param *p = model_param_at(m, i);
+    t->counts[i] = p->count;
+    t->params[i] = p->data;
+    t->gp[i] = model_grads_at(t->grads, i);
+  }
+  if ((rc = adamw_new(&c->adamw, t->np, t->counts, &t->opt, e))) {
+    trainer_free(t);
+    return rc;
+  }
+  if (c->use_ema) {
+    int ok = (t->ema = mem_calloc((size_t)t->np + 1, sizeof *t->ema)) != NULL;
+    for (int i = 0; ok && i < t->np; i++) {
+      ok = (t->ema[i] = mem_malloc(t->counts[i] * sizeof(float) + 1)) != NULL;
+      if (ok)
+        memcpy(t->ema[i], t->params[i], t->counts[i] * sizeof(float));
+    }
+    if (!ok) {
+      trainer_free(t);
+      return err_set(e, ERR_NOMEM, "out of memory for the EMA weights");
+    }
+  }
+  *out = t;
+  return ERR_OK;
+}
+
+long trainer_steps(const trainer *t) {
+  return t->steps;
+}
+
+float *trainer_ema_at(trainer *t, int i) {
+  return t->ema && i >= 0 && i < t->np ? t->ema[i] : NULL;
+}
+
+float *trainer_moment_at(trainer *t, int which, int i) {
+  return adamw_moment(t->opt, which, i);
+}
+
+void trainer_set_steps(trainer *t, long steps) {
+  t->steps = steps;
+  adamw_set_steps(t->opt, steps);
+}
+
+static int grow(trainer *t, int n, size_t per_image, err *e) {
+  size_t need = (size_t)n * per_image;
+  if (need <= t->cap && (size_t)n <= t->cap)
+    return ERR_OK;
+  size_t cap = need > (size_t)n ? need : (size_t)n;
+  free(t->noisy), free(t->target), free(t->tf), free(t->w), free(t->lab);
+  free(t->noise_buf), free(t->ts_buf);
+  t->noisy = mem_malloc(cap * sizeof(float));
+  t->target = mem_malloc(cap * sizeof(float));
+  t->noise_buf = mem_malloc(cap * sizeof(float));
+  t->tf = mem_malloc((size_t)n * sizeof(float));
+  t->w = mem_malloc((size_t)n * sizeof(float));
+  t->lab = mem_malloc((size_t)n * sizeof(int64_t));
+  t->ts_buf = mem_malloc((size_t)n * sizeof(int64_t));
+  t->cap = 0;
+  if (!t->noisy || !t->target || !t->noise_buf || !t->tf || !t->w || !t->lab || !t->ts_buf)
+    return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", n);
+  t->cap = cap;
+  return ERR_OK;
+}
+
+/* The loss weight of one image (train_text_to_image.py's min-SNR weights on compute_snr, in
+ * float32): epsilon min(snr, g) / snr, v min(snr, g) / (snr + 1), sample min(snr, g). Without
+ * gamma, epsilon and v are unweighted and sample takes train_unconditional.py's
+ * alpha_bar / (1 - alpha_bar), which is the same as regressing the noise. */
+static float loss_weight(const trainer *t, float ac) {
+  const float alpha = sqrtf(ac), sigma = sqrtf(1.0f - ac);
+  const float r = alpha / sigma, snr = r * r;
+  if (t->c.min_snr_gamma <= 0)
+    return t->c.prediction == SCHED_PRED_SAMPLE ? ac / (1.0f - ac) : 1.0f;
+  const float g = (float)t->c.min_snr_gamma, base = snr < g ? snr : g;
+  if (t->c.prediction == SCHED_PRED_EPSILON)
+    return base / snr;
+  if (t->c.prediction == SCHED_PRED_V)
+    return base / (snr + 1.0f);
+  return base;
+}
+
+typedef struct loss_ctx {
+  const trainer *t;
+  int n;
+  size_t per; /* values per image */
+  double loss;
+} loss_ctx;
+
+/* mean_i(w_i * mean_j (out - target)^2) and its gradient 2 w_i (out - target) / (n * per). */
+static int loss_grad(const float *out, float *grad, void *user, err *e) {
+  loss_ctx *L = user;
+  const trainer *t = L->t;
+  double total = 0;
+  const double scale = 2.0 / ((double)L->n * (double)L->per);
+  for (int i = 0; i < L->n; i++) {
+    const float *o = out + (size_t)i * L->per, *y = t->target + (size_t)i * L->per;
+    float *g = grad + (size_t)i * L->per;
+    double sq = 0;
+    for (size_t j = 0; j < L->per; j++) {
+      double d = (double)o[j] - y[j];
+      sq += d * d;
+      g[j] = (float)(scale * t->w[i] * d);
+    }
+    total += t->w[i] * (sq / (double)L->per);
+  }
+  L->loss = total / L->n;
+  if (!isfinite(L->loss))
+    return err_set(e, ERR_NUMERIC, "the loss is not finite");
+  return ERR_OK;
+}
+
+/* Global L2 norm of the gradient (in double, tensor by tensor in order, so the same on any
+ * thread count), then clip_grad_norm_'s scaling by max_norm / (norm + 1e-6) when below 1. */
+static double clip_grads(trainer *t) {
+  double sum = 0;
+  for (int i = 0; i < t->np; i++) {
+    const float *g = t->gp[i];
+    double s = 0;
+    for (size_t k = 0; k < t->counts[i]; k++)
+      s += (double)g[k] * g[k];
+    sum += s;
+  }
+  const double norm = sqrt(sum);
+  if (t->c.clip_norm > 0) {
+    const double coef = t->c.clip_norm / (norm + 1e-6);
+    if (coef < 1.0) {
+      const float f = (float)coef;
+      for (int i = 0; i < t->np; i++) {
+        float *g = model_grads_at(t->grads, i);
+        for (size_t k = 0; k < t->counts[i]; k++)
+          g[k] *= f;
+      }
+    }
+  }
+  return norm;
+}
+
+/* x_t, the target and the weight of every image (DDPMScheduler.add_noise and get_velocity in
+ * float32: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise, sqrt(alpha_bar) noise -
+ * sqrt(1 - alpha_bar) x0). */
+static void noise_batch(trainer *t, const float *x0, int n, size_t per, const int64_t *ts,
+                        const float *noise) {
+  for (int i = 0; i < n; i++) {
+    const float ac = t->ac[ts[i]], sa = sqrtf(ac), s1 = sqrtf(1.0f - ac);
+    const float *x = x0 + (size_t)i * per, *z = noise + (size_t)i * per;
+    float *xt = t->noisy + (size_t)i * per, *y = t->target + (size_t)i * per;
+    for (size_t j = 0; j < per; j++) {
+      const float a = sa * x[j], b = s1 * z[j];
+      xt[j] = a + b;
+      if (t->c.prediction == SCHED_PRED_EPSILON)
+        y[j] = z[j];
+      else if (t->c.prediction == SCHED_PRED_SAMPLE)
+        y[j] = x[j];
+      else {
+        const float v1 = sa * z[j], v2 = s1 * x[j];
+        y[j] = v1 - v2;
+      }
+    }
+    t->tf[i] = (float)ts[i];
+    t->w[i] = loss_weight(t, ac);
+  }
+}
+
+int trainer_step_given(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
+                       const int64_t *timesteps, const float *noise, train_step_info *info,
+                       err *e) {
+  const model_info *mi = model_get_info(t->m);
+  if (n < 1 || h < 1 || w < 1 || !x0 || !timesteps || !noise)
+    return err_set(e, ERR_INVALID, "training step: empty batch");
+  const size_t per = (size_t)mi->in_channels * h * w;
+  for (int i = 0; i < n; i++)
+    if (timesteps[i] < 0 || timesteps[i] >= t->T)
+      return err_set(e, ERR_INVALID, "training step: timestep %lld outside [0, %d)",
+                     (long long)timesteps[i], t->T);
+  int rc = grow(t, n, per, e);
+  if (rc)
+    return rc;
+  noise_batch(t, x0, n, per, timesteps, noise);
+  model_grads_zero(t->grads);
+  const model_call call = {
+      .x = t->noisy, .n = n, .h = h, .w = w, .t = t->tf, .labels = labels, .threads = t->c.threads};
+  loss_ctx L = {t, n, per, 0};
+  const model_grad_call g = {.loss_grad = loss_grad, .loss_user = &L, .params = t->grads};
+  if ((rc = model_backward(t->m, &call, &g, e)))
+    return err_append(e, " at training step %ld", t->steps + 1);
+  const double norm = clip_grads(t);
+  if (!isfinite(norm))
+    return err_set(e, ERR_NUMERIC, "the gradient is not finite at training step %ld", t->steps + 1);
+  const double lr = train_lr_at(t->c.lr_kind, t->c.lr, t->c.warmup, t->c.total_steps, t->steps);
+  if ((rc = adamw_step(t->opt, t->params, t->gp, lr, e)) || (rc = model_repack(t->m, e)))
+    return rc;
+  t->steps++;
+  if (t->ema)
+    ema_update(&t->c.ema, t->steps, t->np, t->counts, t->ema, (const float *const *)t->params);
+  if (info)
+    *info = (train_step_info){.loss = L.loss, .grad_norm = norm, .lr = lr};
+  return ERR_OK;
+}
+
+int trainer_step(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
+                 train_step_info *info, err *e) {
+  const model_info *mi = model_get_info(t->m);
+  if (n < 1 || h < 1 || w < 1)
+    return err_set(e, ERR_INVALID, "training step: empty batch");
+  const size_t per = (size_t)mi->in_channels * h * w;
+  int rc = grow(t, n, per, e);
+  if (rc)
+    return rc;
+  const uint64_t seed = t->c.seed, first = (uint64_t)t->steps * (uint64_t)n;
+  for (int i = 0; i < n; i++) {
+    float u;
+    rng_uniform(seed, first + (uint64_t)i, STREAM_TIMESTEP, &u, 1);
+    int64_t ts = (int64_t)(u * (float)t->T); /* torch.randint(0, T): u < 1 keeps it below T */
+    t->ts_buf[i] = ts < t->T ? ts : t->T - 1;
+    rng_normal(seed, first + (uint64_t)i, STREAM_NOISE, t->noise_buf + (size_t)i * per, per);
+    if (labels) {
+      rng_uniform(seed, first + (uint64_t)i, STREAM_DROPOUT, &u, 1);
+      t->lab[i] = u < t->c.null_dropout ? t->c.null_class : labels[i];
+    }
+  }
+  return trainer_step_given(t, x0, labels ? t->lab : NULL, n, h, w, t->ts_buf, t->noise_buf, info,
+                            e);
+}
+
+/* Permutation of 0..n-1 for one epoch: Fisher-Yates on uniform draws of stream STREAM_ORDER. */
+static void epoch_order(uint64_t seed, uint64_t epoch, int64_t n, int64_t *perm, float *u) {
+  rng_uniform(seed, epoch, STREAM_ORDER, u, (size_t)n);
+  for (int64_t i = 0; i < n; i++)
+    perm[i] = i;
+  for (int64_t i = n - 1; i > 0; i--) {
+    int64_t j = (int64_t)(u[i] * (float)(i + 1));
+    if (j > i)
+      j = i;
+    int64_t tmp = perm[i];
+    perm[i] = perm[j];
+    perm[j] = tmp;
+  }
+}
+
+int train_batch_indices(uint64_t seed, long step, int batch, int64_t n, int64_t *idx, err *e) {
+  if (n < 1 || n > (1 << 24) || batch < 1 || step < 0)
+    return err_set(e, ERR_INVALID, "data order: %lld images (1 to 2^24), batch %d", (long long)n,
+                   batch);
+  int64_t *perm = mem_malloc((size_t)n * sizeof *perm);
+  float *u = mem_malloc((size_t)n * sizeof *u);
+  if (!perm || !u) {
+    free(perm), free(u);
+    return err_set(e, ERR_NOMEM, "out of memory for the data order");
+  }
+  uint64_t have = UINT64_MAX;
+  for (int i = 0; i < batch; i++) {
+    const uint64_t j = (uint64_t)step * (uint64_t)batch + (uint64_t)i;
+    const uint64_t epoch = j / (uint64_t)n;
+    if (epoch != have) {
+      epoch_order(seed, epoch, n, perm, u);
+      have = epoch;
+    }
+    idx[i] = perm[j % (uint64_t)n];
+  }
+  free(perm), free(u);
+  return ERR_OK;
+}
