@@ -153,12 +153,12 @@ static void expect_error(const model *m, const char *stats, const char *needle) 
   json_decref(spec);
 }
 
-/* A statistics header with these fields (shape [C, 8, 8]). */
+/* A statistics header with these fields (grid of 12 intervals, shape [C, 8, 8]). */
 static const char *header(char *buf, size_t n, double lam_T, double lam_0, int c,
                           const char *arrays) {
   snprintf(buf, n,
            "{\"format\": \"denoised-v3-stats\", \"version\": 1, \"lambda_T\": %g, "
-           "\"lambda_0\": %g, \"grid\": 4, \"shape\": [%d, 8, 8], \"arrays\": \"%s\"}",
+           "\"lambda_0\": %g, \"grid\": 12, \"shape\": [%d, 8, 8], \"arrays\": \"%s\"}",
            lam_T, lam_0, c, arrays);
   return buf;
 }
@@ -170,7 +170,7 @@ START_TEST(statistics_file_validated) {
   ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
   char good[400];
   header(good, sizeof good, -4, 4, 3, "a.npy");
-  const int64_t ok[5] = {3, 5, 3, 8, 8}, bad[5] = {3, 4, 3, 8, 8}, other[5] = {3, 5, 1, 8, 8};
+  const int64_t ok[5] = {3, 13, 3, 8, 8}, bad[5] = {3, 12, 3, 8, 8}, other[5] = {3, 13, 1, 8, 8};
   /* a valid file runs */
   write_stats(dir, good, 5, ok, 0.5f, path, sizeof path);
   json_t *spec = json_pack("{s:s, s:i, s:s}", "name", "dpm-solver-v3", "steps", 4, "data", path);
@@ -180,9 +180,16 @@ START_TEST(statistics_file_validated) {
   run_spec(m, spec, 1, x, out);
   json_decref(spec);
   write_stats(dir, good, 5, bad, 0.5f, path, sizeof path);
-  expect_error(m, path, "must have shape [3, 5, 3, 8, 8]");
+  expect_error(m, path, "must have shape [3, 13, 3, 8, 8]");
   write_stats(dir, good, 5, ok, NAN, path, sizeof path);
   expect_error(m, path, "is not finite");
+  /* more steps than the grid has points apart: two steps would share a lambda */
+  snprintf(h, sizeof h,
+           "{\"format\": \"denoised-v3-stats\", \"version\": 1, \"lambda_T\": -4, "
+           "\"lambda_0\": 4, \"grid\": 3, \"shape\": [3, 8, 8], \"arrays\": \"a.npy\"}");
+  const int64_t coarse[5] = {3, 4, 3, 8, 8};
+  write_stats(dir, h, 5, coarse, 0.5f, path, sizeof path);
+  expect_error(m, path, "grid of 3 intervals is too coarse for 5 steps");
   write_stats(dir, header(h, sizeof h, -4, 4, 1, "a.npy"), 5, other, 0.5f, path, sizeof path);
   expect_error(m, path, "computed for another model or size");
   write_stats(dir, header(h, sizeof h, -9, 4, 3, "a.npy"), 5, ok, 0.5f, path, sizeof path);

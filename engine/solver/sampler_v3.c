@@ -294,6 +294,18 @@ static int v3_prepare(sampler *s, err *e) {
     return rc != ERR_OK ? rc : err_set(e, ERR_NOMEM, "out of memory");
   }
   plan_indexes(s, idx);
+  /* two steps on one grid point would divide by a zero lambda step: a grid too coarse for the
+   * step count is refused rather than run into NaN */
+  for (int k = 0; k < s->n; k++)
+    if (idx[k + 1] <= idx[k]) {
+      const int a = idx[k];
+      free(idx);
+      return err_set(e, ERR_INVALID,
+                     "DPM-Solver-v3 statistics grid of %d intervals is too coarse for %d steps "
+                     "(steps %d and %d land on grid point %d): compute them on a finer grid "
+                     "or use fewer steps",
+                     st->K, s->n, k, k + 1, a);
+    }
   for (int k = 0; k < s->n; k++) {
     s->tm[k] = paper_u_of_lam(s, lam_of_index(st, idx[k]));
     s->step_end[k] = k > 0;

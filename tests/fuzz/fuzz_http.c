@@ -4,8 +4,10 @@
  * in-process `denoised serve` (the default model, no workers, nothing ever computed). The first
  * byte picks the method, the rest is the target (CR and LF replaced, so every request is
  * complete). Every request gets an answer, and never a 500. */
+#include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -32,14 +34,32 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   return 0;
 }
 
-/* Reads the whole answer (the server closes after it); 0 if none came within 10 s. */
-static size_t exchange(const char *req, size_t len, char *resp, size_t cap) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
+/* A connected socket with the request sent. At over 1000 connections a second the client side
+ * can run out of local ports (each closed connection holds its tuple for a minute), which says
+ * nothing about the daemon: the harness waits for ports to free, up to 20 s, before it gives up. */
+static int send_request(const char *req, size_t len) {
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s.port)};
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-      send(fd, req, len, MSG_NOSIGNAL) != (ssize_t)len)
-    abort();
+  for (int attempt = 0; attempt < 100; attempt++) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        send(fd, req, len, MSG_NOSIGNAL) == (ssize_t)len)
+      return fd;
+    int why = errno;
+    if (fd >= 0)
+      close(fd);
+    if (attempt == 99) {
+      fprintf(stderr, "fuzz_http: cannot reach the daemon: %s\n", strerror(why));
+      abort();
+    }
+    usleep(200000);
+  }
+  return -1;
+}
+
+/* Reads the whole answer (the server closes after it); 0 if none came within 10 s. */
+static size_t exchange(const char *req, size_t len, char *resp, size_t cap) {
+  int fd = send_request(req, len);
   size_t n = 0;
   for (;;) {
     struct pollfd p = {.fd = fd, .events = POLLIN};
@@ -52,6 +72,9 @@ static size_t exchange(const char *req, size_t len, char *resp, size_t cap) {
     if (n == cap - 1)
       break; /* the status line is all that is checked */
   }
+  /* close with a reset: the client keeps no TIME_WAIT entry for the port */
+  struct linger now = {.l_onoff = 1, .l_linger = 0};
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
   close(fd);
   resp[n] = 0;
   return n;

@@ -221,6 +221,23 @@ def main():
         put("txt2img", name, json.dumps(body))
     put("txt2img", "empty", "")
 
+    # DPM-Solver-v3 statistics (fuzz_solver_data.c): the JSON header, a NUL, then the .npy it
+    # names ("s.npy"); l, s, b of shape [3, K + 1, C, H, W], broadcast when C = H = W = 1
+    def v3(K, shape, values, **over):
+        h = dict({"format": "denoised-v3-stats", "version": 1, "lambda_T": -4.5,
+                  "lambda_0": 4.0, "grid": K, "shape": shape, "arrays": "s.npy"}, **over)
+        n = 3 * (K + 1) * shape[0] * shape[1] * shape[2]
+        return json.dumps(h).encode() + b"\0" + npy([3, K + 1] + shape, values(n))
+    put("solver_data", "flat", v3(12, [1, 1, 1], lambda n: [1.0] * (n // 3) + [0.0] * (2 * n // 3)))
+    put("solver_data", "varied", v3(16, [1, 1, 1], lambda n: [0.1 * ((i * 7) % 5 - 2)
+                                                            for i in range(n)]))
+    put("solver_data", "per_pixel", v3(8, [3, 8, 8], lambda n: [0.01 * (i % 13)
+                                                               for i in range(n)]))
+    put("solver_data", "wrong_shape", v3(12, [3, 4, 4], lambda n: [0.0] * n))
+    put("solver_data", "outside_schedule", v3(2, [1, 1, 1], lambda n: [0.0] * n,
+                                               lambda_T=-40.0))
+    put("solver_data", "header_only", json.dumps({"format": "denoised-v3-stats", "version": 1}))
+
     # http: the first byte picks the method (fuzz_http.c: GET HEAD DELETE OPTIONS POST PUT), the
     # rest is the request target
     targets = {
