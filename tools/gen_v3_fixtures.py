@@ -111,21 +111,31 @@ def make_stats(shape):
     return np.stack([l, s, b]).astype(np.float32)
 
 
+def import_authors(path, name):
+    """The authors' module from where it lies, with `.cuda()` a no-op so it runs on the CPU."""
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def mix3(models):
+    """The mixture model's folder and its sample shape (C, H, W)."""
+    mdir = os.path.join(models, "mix3")
+    with open(os.path.join(mdir, "config.json")) as f:
+        conf = json.load(f)
+    return mdir, (conf["in_channels"], conf["sample_size"], conf["sample_size"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--authors", required=True, help="path of the authors' dpm_solver_v3.py")
     ap.add_argument("--models", default="tests/fixtures/gmm")
     ap.add_argument("--out", default="tests/fixtures/v3")
     args = ap.parse_args()
-    torch.Tensor.cuda = lambda self, *a, **k: self  # run their GPU code on the CPU
-    spec = importlib.util.spec_from_file_location("authors_v3", args.authors)
-    v3 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(v3)
-
-    mdir = os.path.join(args.models, "mix3")
-    with open(os.path.join(mdir, "config.json")) as f:
-        conf = json.load(f)
-    shape = (conf["in_channels"], conf["sample_size"], conf["sample_size"])
+    v3 = import_authors(args.authors, "authors_v3")
+    mdir, shape = mix3(args.models)
     os.makedirs(args.out, exist_ok=True)
     stats = make_stats(shape)
     np.save(os.path.join(args.out, "stats.npy"), stats)

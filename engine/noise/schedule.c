@@ -55,6 +55,8 @@ static const sched_defaults sched_table[] = {
     {"DPM_Solver", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, SCHED_SOLVER_DPMSOLVER, 1, MS},
     /* the DPM-Solver-v3 authors' sampler (dpm_solver_v3.DPM_Solver_v3) */
     {"DPM_Solver_v3", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    /* the USF executor (thu-nics/USF uni_sampler): every decision is in its schedule file */
+    {"USF", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
     /* the official PNDM code (runner/method.py), F-PNDM by default */
     {"PNDM_Official", NULL, LIN, SCHED_SPACING_LEADING, 0, 0, DPMPP, MID, 1, SCHED_METHOD_F_PNDM},
 };
@@ -273,6 +275,7 @@ static const char *const keys_dpm_official[] = {"solver_order",
 static const char *const keys_dpm_v3[] = {
     "solver_order",     "skip_type",        "lower_order_final",  "use_corrector",
     "predictor_pseudo", "corrector_pseudo", "lambda_min_clipped", NULL};
+static const char *const keys_usf[] = {"lambda_min_clipped", NULL};
 static const char *const keys_pndm_official[] = {"method", "timestep_spacing", "steps_offset",
                                                  "set_alpha_to_one", NULL};
 static const char *const keys_none[] = {NULL};
@@ -296,6 +299,7 @@ static const struct {
     {"HeunDiscreteScheduler", keys_heun},
     {"DPM_Solver", keys_dpm_official},
     {"DPM_Solver_v3", keys_dpm_v3},
+    {"USF", keys_usf},
     {"PNDM_Official", keys_pndm_official},
 };
 
@@ -397,7 +401,8 @@ int sched_config_init(sched_config *cfg, const char *name, err *e) {
   cfg->lower_order_final = d->lower_order_final;
   cfg->method = d->method;
   /* the official code's numerical_clip_alpha; null (-inf) switches it off */
-  if (strcmp(d->class_name, "DPM_Solver") == 0 || strcmp(d->class_name, "DPM_Solver_v3") == 0)
+  if (strcmp(d->class_name, "DPM_Solver") == 0 || strcmp(d->class_name, "DPM_Solver_v3") == 0 ||
+      strcmp(d->class_name, "USF") == 0)
     cfg->lambda_min_clipped = -5.1;
   return ERR_OK;
 }

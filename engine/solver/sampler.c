@@ -428,6 +428,9 @@ static const solver_name names[] = {
     {"dpm-solver-v3", &solver_dpm_v3, NULL, "{\"skip_type\": \"logSNR\"}",
      "DPM-Solver-v3 (authors' code): multistep predictor-corrector on the model's statistics "
      "(spec \"data\": a statistics file; flat statistics without one)"},
+    {"usf", &solver_usf, NULL, NULL,
+     "USF (S^3 paper's unified sampling framework): runs a per-step solver schedule (spec "
+     "\"data\": the schedule file)"},
 };
 #define NNAMES ((int)(sizeof names / sizeof names[0]))
 
@@ -435,7 +438,7 @@ static const solver_desc *const impls[] = {
     &solver_ddpm,           &solver_ddim,  &solver_pndm,          &solver_dpm_multistep,
     &solver_dpm_singlestep, &solver_unipc, &solver_deis,          &solver_euler,
     &solver_euler_a,        &solver_heun,  &solver_pndm_official, &solver_dpm_official,
-    &solver_dpm_v3,
+    &solver_dpm_v3,         &solver_usf,
 };
 #define NIMPLS ((int)(sizeof impls / sizeof impls[0]))
 
@@ -503,6 +506,7 @@ void sampler_free(sampler *s) {
   free(s->orders);
   free(s->lambdas);
   sampler_v3_free(s->v3);
+  sampler_usf_free(s->usf);
   free(s->data);
   free(s);
 }
@@ -536,12 +540,13 @@ static int build(const solver_desc *d, const char *name, const sched_config *cfg
   const int T = cfg->num_train_timesteps;
   s->T = T;
   s->init_sigma = 1.0f;
-  if (steps == 0)
+  /* default_steps 0: the solver data decides (USF's schedule), prepare() sets s->n */
+  if (steps == 0 && d->default_steps > 0)
     steps = d->default_steps < T ? d->default_steps : T;
   s->n = steps;
   /* DPM_Solver's steps are an NFE budget on a continuous schedule, not training timesteps */
   const int max_steps = d == &solver_dpm_official ? 100000 : T;
-  if (steps < 1 || steps > max_steps) {
+  if ((steps < 1 && d->default_steps > 0) || steps < 0 || steps > max_steps) {
     rc = err_set(e, ERR_INVALID, "num_inference_steps %d must be in [1, %d]", steps, max_steps);
     goto fail;
   }
@@ -550,14 +555,16 @@ static int build(const solver_desc *d, const char *name, const sched_config *cfg
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto fail;
   }
-  if (data && d != &solver_dpm_v3) {
+  if (data && d != &solver_dpm_v3 && d != &solver_usf) {
     rc = err_set(e, ERR_INVALID, "solver spec key 'data': %s takes no solver data", name);
     goto fail;
   }
   if ((rc = sched_config_validate(&s->cfg, e)) != ERR_OK ||
       (rc = sched_alphas_cumprod(&s->cfg, s->abar, e)) != ERR_OK ||
       (data && !(s->data = mem_strdup(data)) && (rc = err_set(e, ERR_NOMEM, "out of memory"))) ||
-      (data && (rc = sampler_v3_attach(s, data, e)) != ERR_OK) || (rc = d->prepare(s, e)) != ERR_OK)
+      (data && d == &solver_dpm_v3 && (rc = sampler_v3_attach(s, data, e)) != ERR_OK) ||
+      (data && d == &solver_usf && (rc = sampler_usf_attach(s, data, e)) != ERR_OK) ||
+      (rc = d->prepare(s, e)) != ERR_OK)
     goto fail;
   s->stochastic |= d->stochastic_always;
   *out = s;

@@ -28,16 +28,6 @@
 #define V3_FLAT_K 1200 /* the CIFAR statistics' grid, used for flat statistics */
 #define V3_MAX_K 100000
 
-typedef struct v3_stats {
-  int K;               /* grid intervals: K + 1 points */
-  size_t dd;           /* values per grid point: C*H*W, or 1 for flat statistics */
-  int shape[3];        /* C, H, W (0 for flat) */
-  double lam_T, lam_0; /* grid ends, lam_T < lam_0 */
-  double *lam;         /* K + 1 */
-  /* (K + 1) * dd each: l, and the prefix integrals from lam_T */
-  double *l, *L, *S, *I, *B, *C;
-} v3_stats;
-
 void sampler_v3_free(v3_stats *st) {
   if (!st)
     return;

@@ -101,8 +101,9 @@ struct sampler {
   int *orders;     /* per-evaluation orders (singlestep) */
   double *lambdas; /* DPM_Solver: lambda at the training timesteps, clipped (n_lambdas) */
   int n_lambdas;
-  struct v3_stats *v3; /* DPM-Solver-v3: the empirical model statistics, owned */
-  char *data;          /* the statistics file's path as given, owned, or NULL */
+  struct v3_stats *v3;      /* DPM-Solver-v3: the empirical model statistics, owned */
+  char *data;               /* the statistics file's path as given, owned, or NULL */
+  struct usf_schedule *usf; /* USF: the solver schedule, owned */
 };
 
 /* ---- sampler_paper.c: the official DPM-Solver code's continuous schedule, labels u in
@@ -114,9 +115,26 @@ double paper_t_of(const sampler *s, double u); /* the official continuous time (
 double paper_u_of_t(const sampler *s, double t);
 
 /* ---- sampler_v3.c ---- */
+/* The statistics and the prefix integrals of the update (also read by sampler_usf.c's v3-type
+ * steps). */
+typedef struct v3_stats {
+  int K;               /* grid intervals: K + 1 points */
+  size_t dd;           /* values per grid point: C*H*W, or 1 for flat statistics */
+  int shape[3];        /* C, H, W (0 for flat) */
+  double lam_T, lam_0; /* grid ends, lam_T < lam_0 */
+  double *lam;         /* K + 1 */
+  /* (K + 1) * dd each: l, and the prefix integrals from lam_T */
+  double *l, *L, *S, *I, *B, *C;
+} v3_stats;
 /* Loads a statistics file (sampler.h: the "data" of a v3 solver spec) into s->v3. */
 int sampler_v3_attach(sampler *s, const char *path, err *e);
 void sampler_v3_free(struct v3_stats *st);
+
+/* ---- sampler_usf.c ---- */
+/* Loads a USF solver schedule (the "data" of a usf solver spec; README) into s->usf, and the
+ * DPM-Solver-v3 statistics it names into s->v3. */
+int sampler_usf_attach(sampler *s, const char *path, err *e);
+void sampler_usf_free(struct usf_schedule *u);
 
 /* ---- sampler.c ---- */
 /* Model evaluation of the whole batch at one timestep, counted and cancellable. */
@@ -154,7 +172,7 @@ float sampler_sigma_of(const sampler *s, int t);
 /* Solvers of the other files. */
 extern const solver_desc solver_pndm, solver_dpm_multistep, solver_dpm_singlestep, solver_unipc,
     solver_deis, solver_euler, solver_euler_a, solver_heun, solver_pndm_official,
-    solver_dpm_official, solver_dpm_v3;
+    solver_dpm_official, solver_dpm_v3, solver_usf;
 
 /* Shared by the sigma-grid solvers (sampler_dpm.c, sampler_karras.c). */
 /* numpy's linspace(start, stop, n)[i] */
