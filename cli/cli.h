@@ -11,6 +11,7 @@
 #include "model.h"
 #include "pipeline.h"
 #include "sampler.h"
+#include "train.h"
 
 /* Parse a whole string as an integer in [min, max]; on failure print an error
  * naming `flag` to stderr and return -1. */
@@ -79,6 +80,54 @@ int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
 /* "a,b[,c]" into n doubles (n = count) each in [lo, hi]; prints an error naming flag. */
 int cli_parse_list(const char *flag, const char *s, int count, double lo, double hi, double *out);
 
+/* ---- `denoised train` (cmd_train.c, train_data.c, train_out.c) ---- */
+
+/* The training images in memory, checked against the model. */
+typedef struct cli_train_data {
+  int64_t n;
+  int c, h, w;
+  float *x;        /* n * c * h * w values in [-1, 1] */
+  int64_t *labels; /* n labels, or NULL (unconditional model) */
+  char desc[1400]; /* what they are, for the model card */
+} cli_train_data;
+/* --data (a .npy [N, C, H, W], or an imagefolder: PNGs + metadata.jsonl) and --labels (a .npy
+ * [N] for the .npy); dropout: labels will be dropped to the null class, which they may then
+ * not use. Errors name the file, line or key. */
+int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
+                        cli_train_data *d, err *e);
+void cli_train_data_free(cli_train_data *d);
+
+/* The flags of `denoised train`. */
+typedef struct cli_train_opts {
+  const char *model_config, *init, *data, *labels, *out, *sched_file, *lr_schedule, *prediction;
+  long long steps, batch, warmup, seed, threads, ckpt_every, stop_after;
+  double lr, clip, ema, min_snr, dropout, weight_decay;
+  int resume, quiet;
+} cli_train_opts;
+
+/* One training run: what it trains, on what, and what it has written. */
+typedef struct cli_train_run {
+  const cli_train_opts *o;
+  model *m;
+  trainer *t;
+  cli_train_data d;
+  json_t *config, *sched; /* config.json and scheduler_config.json to write */
+  json_t *recipe;         /* every setting that changes the result */
+  double wall;            /* seconds spent training, over every resumed part */
+  FILE *log;              /* OUT/loss.jsonl */
+} cli_train_run;
+
+/* OUT/checkpoint/: weights, EMA and AdamW moments (one safetensors file) and state.json (step,
+ * recipe, wall time). Load refuses a checkpoint of another recipe, naming the setting. */
+int cli_train_checkpoint_save(cli_train_run *r, err *e);
+int cli_train_checkpoint_load(cli_train_run *r, err *e);
+/* OUT/loss.jsonl, keeping the lines of the first `keep` steps (a resumed run's). */
+int cli_train_log_open(cli_train_run *r, long keep, err *e);
+/* The diffusers folder in OUT: config.json, diffusion_pytorch_model.safetensors (the EMA when
+ * on), scheduler_config.json, README.md (the model card) and loss.png from loss.jsonl. */
+int cli_train_export(cli_train_run *r, err *e);
+
+int cmd_train(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_sample(int argc, char **argv);
 int cmd_bench(int argc, char **argv);

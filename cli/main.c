@@ -22,6 +22,7 @@ static const char usage[] = "usage: denoised <command> [options]\n"
                             "  edit      edits in noise space, or across a semantic boundary\n"
                             "  boundary  'boundary fit': a semantic boundary from labelled images\n"
                             "  stats     DPM-Solver-v3 statistics of a model (--solver-data)\n"
+                            "  train     train a UNet2DModel on images (a diffusers folder)\n"
                             "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
                             "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
                             "  config    check a daemon config file, list its keys\n"
@@ -92,6 +93,8 @@ int main(int argc, char **argv) {
     puts("denoised 0.1.0");
     return 0;
   }
+  if (strcmp(cmd, "train") == 0)
+    return cmd_train(argc - 1, argv + 1);
   if (strcmp(cmd, "stats") == 0)
     return cmd_stats(argc - 1, argv + 1);
   if (strcmp(cmd, "forward") == 0)

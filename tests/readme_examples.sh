@@ -5,6 +5,7 @@
 # a mask, labels) is put there first; the only rewrites are those placeholders and the port.
 # Every PNG an example writes must be a PNG (a `curl > E.png` that saved an error body fails).
 # The set-up block (scripts/run.sh, scripts/test.sh) is what CI itself runs, so it is not rerun.
+# Blocks: 2 the CLI, 3 the daemon's session, 4 training.
 # Usage: tests/readme_examples.sh BUILD_DIR
 set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -62,6 +63,17 @@ sh cli.sh >cli.log 2>&1 || { tail -30 cli.log >&2; echo "readme_examples: the CL
 check_pngs "the CLI block"
 [ -f out/A-3.png ] && [ -f again.png ] && cmp -s out/A-3.png again.png ||
   { echo "readme_examples: --replay did not give the same image" >&2; exit 1; }
+
+# --- the training block: it makes its own data set with the default model ---
+training=$(block 4)
+[ -n "$training" ] || { echo "readme_examples: the README has no training block" >&2; exit 1; }
+printf 'set -eux\n%s\n' "$training" >train.sh
+sh train.sh >train.log 2>&1 || { tail -30 train.log >&2; echo "readme_examples: the training block failed" >&2; exit 1; }
+check_pngs "the training block"
+for f in out/glyphs-ft/diffusion_pytorch_model.safetensors out/glyphs-ft/README.md out/ft-A.png \
+  out/glyphs-new/loss.png; do
+  [ -s "$f" ] || { echo "readme_examples: the training block wrote no $f" >&2; exit 1; }
+done
 
 # --- the daemon session: `build/denoised serve` with no flags but a free port ---
 build/denoised serve --listen 127.0.0.1:0 >serve.log 2>&1 &

@@ -1,0 +1,367 @@
+/* `denoised train`: trains a UNet2DModel (a fresh one from a config.json, or a model folder to
+ * fine-tune) on a .npy of images or an imagefolder with the engine's training step
+ * (engine/train/train.h), with checkpoints to resume from, a loss log, and a diffusers model
+ * folder at the end (train_out.c). The data and every setting are checked before the first
+ * step (train_data.c). */
+#include <getopt.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "schedule.h"
+
+static const char help[] =
+    "usage: denoised train (--model-config UNET_CONFIG.json | --init MODEL_DIR)\n"
+    "                      --data (X.npy [--labels L.npy] | IMAGE_FOLDER) --steps N --batch B\n"
+    "                      [options] --out MODEL_DIR\n"
+    "\n"
+    "Trains a UNet2DModel as diffusers' training examples do and writes a diffusers model\n"
+    "folder (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json, README.md)\n"
+    "with loss.jsonl, loss.png and checkpoint/ (weights, EMA, optimizer state).\n"
+    "  --model-config F   a UNet2DModel config.json: a fresh model (initialised from --seed)\n"
+    "  --init DIR         a model folder to fine-tune (its scheduler_config.json is kept)\n"
+    "  --data X.npy       images [N, C, H, W] in [-1, 1], with --labels L.npy [N] (integers)\n"
+    "                     for a class-conditional model\n"
+    "  --data FOLDER      PNG files (the model's size and channels) and, for a class-conditional\n"
+    "                     model, metadata.jsonl: {\"file_name\": \"a.png\", \"label\": 3 or "
+    "\"A\"}\n"
+    "  --steps N          optimizer steps (required); --batch B images per step (required)\n"
+    "  --lr LR            peak learning rate (default 1e-4)\n"
+    "  --lr-schedule S    constant, constant_with_warmup or cosine (default cosine)\n"
+    "  --warmup N         warm-up steps from 0 (default 0)\n"
+    "  --clip G           clip the gradient's global norm at G (default 1; 0: off)\n"
+    "  --ema DECAY        keep an EMA of the weights (warm-up 1 - (1 + step)^-3/4, at most\n"
+    "                     DECAY) and write it as the model (default 0: off)\n"
+    "  --weight-decay W   AdamW's decoupled weight decay (default 1e-6; betas 0.95, 0.999)\n"
+    "  --prediction-type T  epsilon, v_prediction or sample (default: the scheduler config's)\n"
+    "  --min-snr-gamma G  min-SNR-gamma loss weights (default 0: off)\n"
+    "  --null-class-dropout P  replace a label by the null class with probability P (for\n"
+    "                     classifier-free guidance; default 0)\n"
+    "  --scheduler-config F  the training noise schedule (default: --init's, else DDPM's)\n"
+    "  --seed S           data order, timesteps, noise, dropout and a fresh init (default 0)\n"
+    "  --threads T        CPU threads (default 2; the result does not depend on it)\n"
+    "  --checkpoint-every K  write checkpoint/ every K steps (default 500) and at the end\n"
+    "  --stop-after K     stop after step K with a checkpoint, as if interrupted\n"
+    "  --resume           continue the run in --out from its checkpoint (same settings)\n"
+    "  --quiet            no progress on stderr\n";
+
+enum { O_MODEL_CONFIG = 256, O_INIT, O_LABELS, O_LR_SCHED, O_PRED, O_SCHED, O_RESUME, O_QUIET };
+
+/* Numeric flags by option code: one table, one range check each. */
+static const struct {
+  int c;
+  const char *flag;
+  int is_int;
+  double lo, hi;
+  size_t off;
+} num_flags[] = {{'n', "--steps", 1, 1, 1e9, offsetof(cli_train_opts, steps)},
+                 {'b', "--batch", 1, 1, 4096, offsetof(cli_train_opts, batch)},
+                 {'w', "--warmup", 1, 0, 1e9, offsetof(cli_train_opts, warmup)},
+                 {'s', "--seed", 1, 0, 9007199254740991.0, offsetof(cli_train_opts, seed)},
+                 {'j', "--threads", 1, 1, 256, offsetof(cli_train_opts, threads)},
+                 {'k', "--checkpoint-every", 1, 1, 1e9, offsetof(cli_train_opts, ckpt_every)},
+                 {'S', "--stop-after", 1, 1, 1e9, offsetof(cli_train_opts, stop_after)},
+                 {'l', "--lr", 0, 0, 1, offsetof(cli_train_opts, lr)},
+                 {'c', "--clip", 0, 0, 1e6, offsetof(cli_train_opts, clip)},
+                 {'e', "--ema", 0, 0, 1, offsetof(cli_train_opts, ema)},
+                 {'g', "--min-snr-gamma", 0, 0, 1e6, offsetof(cli_train_opts, min_snr)},
+                 {'p', "--null-class-dropout", 0, 0, 1, offsetof(cli_train_opts, dropout)},
+                 {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)}};
+
+static int num_flag(int c, const char *arg, cli_train_opts *o) {
+  for (size_t i = 0; i < sizeof num_flags / sizeof num_flags[0]; i++) {
+    if (num_flags[i].c != c)
+      continue;
+    void *dst = (char *)o + num_flags[i].off;
+    return num_flags[i].is_int
+               ? cli_parse_int(num_flags[i].flag, arg, (long long)num_flags[i].lo,
+                               (long long)num_flags[i].hi, dst)
+               : cli_parse_double(num_flags[i].flag, arg, num_flags[i].lo, num_flags[i].hi, dst);
+  }
+  return cli_usage_error("train", "unknown option") != 0;
+}
+
+/* The flags that need another flag or exclude one. */
+static int check_args(int argc, char **argv, const cli_train_opts *o) {
+  if (optind < argc)
+    return cli_usage_error("train", "unexpected argument '%s'", argv[optind]);
+  if (!o->model_config == !o->init)
+    return cli_usage_error("train", "give one of --model-config UNET_CONFIG.json or --init DIR");
+  if (!o->data || !o->out || !o->steps || !o->batch)
+    return cli_usage_error("train", "--data, --steps, --batch and --out are required");
+  if (train_lr_kind_from_name(o->lr_schedule) < 0)
+    return cli_usage_error("train", "--lr-schedule '%s': constant, constant_with_warmup or cosine",
+                           o->lr_schedule);
+  if (o->prediction && strcmp(o->prediction, "epsilon") && strcmp(o->prediction, "v_prediction") &&
+      strcmp(o->prediction, "sample"))
+    return cli_usage_error("train", "--prediction-type '%s': epsilon, v_prediction or sample",
+                           o->prediction);
+  if (o->stop_after && o->stop_after >= o->steps)
+    return cli_usage_error("train", "--stop-after must be below --steps");
+  return -1;
+}
+
+static int parse_args(int argc, char **argv, cli_train_opts *o) {
+  static const struct option opts[] = {{"model-config", required_argument, 0, O_MODEL_CONFIG},
+                                       {"init", required_argument, 0, O_INIT},
+                                       {"data", required_argument, 0, 'd'},
+                                       {"labels", required_argument, 0, O_LABELS},
+                                       {"out", required_argument, 0, 'o'},
+                                       {"lr-schedule", required_argument, 0, O_LR_SCHED},
+                                       {"prediction-type", required_argument, 0, O_PRED},
+                                       {"scheduler-config", required_argument, 0, O_SCHED},
+                                       {"resume", no_argument, 0, O_RESUME},
+                                       {"quiet", no_argument, 0, O_QUIET},
+                                       {"help", no_argument, 0, 'h'},
+                                       {"steps", required_argument, 0, 'n'},
+                                       {"batch", required_argument, 0, 'b'},
+                                       {"warmup", required_argument, 0, 'w'},
+                                       {"seed", required_argument, 0, 's'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"checkpoint-every", required_argument, 0, 'k'},
+                                       {"stop-after", required_argument, 0, 'S'},
+                                       {"lr", required_argument, 0, 'l'},
+                                       {"clip", required_argument, 0, 'c'},
+                                       {"ema", required_argument, 0, 'e'},
+                                       {"min-snr-gamma", required_argument, 0, 'g'},
+                                       {"null-class-dropout", required_argument, 0, 'p'},
+                                       {"weight-decay", required_argument, 0, 'W'},
+                                       {0, 0, 0, 0}};
+  int c;
+  optind = 1;
+  while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+    switch (c) {
+    case O_MODEL_CONFIG: o->model_config = optarg; break;
+    case O_INIT: o->init = optarg; break;
+    case 'd': o->data = optarg; break;
+    case O_LABELS: o->labels = optarg; break;
+    case 'o': o->out = optarg; break;
+    case O_LR_SCHED: o->lr_schedule = optarg; break;
+    case O_PRED: o->prediction = optarg; break;
+    case O_SCHED: o->sched_file = optarg; break;
+    case O_RESUME: o->resume = 1; break;
+    case O_QUIET: o->quiet = 1; break;
+    case 'h': fputs(help, stdout); return 0;
+    default:
+      if (num_flag(c, optarg, o) != 0)
+        return 2;
+    }
+  }
+  return check_args(argc, argv, o);
+}
+
+/* The config.json of --init (flat or pipeline layout) or --model-config, as JSON. */
+static json_t *read_config(const cli_train_opts *o, err *e) {
+  char path[4200];
+  struct stat sb;
+  if (o->model_config)
+    snprintf(path, sizeof path, "%s", o->model_config);
+  else {
+    snprintf(path, sizeof path, "%s/unet/config.json", o->init);
+    if (stat(path, &sb) != 0)
+      snprintf(path, sizeof path, "%s/config.json", o->init);
+  }
+  json_error_t je;
+  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!j)
+    err_set(e, ERR_FORMAT, "%s:%d: %s", path, je.line, je.text);
+  return j;
+}
+
+/* The schedule's JSON (--scheduler-config, --init's, else DDPMScheduler's defaults) with the
+ * trained prediction type, parsed into sc. */
+static int read_schedule(cli_train_run *r, sched_config *sc, err *e) {
+  const cli_train_opts *o = r->o;
+  const json_t *own = o->init ? model_scheduler_config(r->m) : NULL;
+  int rc = ERR_OK;
+  if (o->sched_file)
+    r->sched = sched_config_read_json(o->sched_file, e);
+  else if (own)
+    r->sched = json_deep_copy(own);
+  else if ((rc = sched_config_init(sc, "DDPMScheduler", e)) == ERR_OK) {
+    r->sched = sched_config_to_json_for(sc, "DDPMScheduler");
+    json_object_set_new(r->sched, "_class_name", json_string("DDPMScheduler"));
+    sched_config_free(sc);
+  }
+  if (rc || !r->sched)
+    return rc ? rc : e->code ? e->code : err_set(e, ERR_NOMEM, "out of memory");
+  if (o->prediction)
+    json_object_set_new(r->sched, "prediction_type", json_string(o->prediction));
+  rc = sched_config_from_json(r->sched, NULL, 0, sc, e);
+  if (rc)
+    err_prefix(e, "%s", o->sched_file ? o->sched_file : "the scheduler config");
+  return rc;
+}
+
+/* Every setting that changes the result, for state.json, the model card and --resume. */
+static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc) {
+  return json_pack(
+      "{s:s?, s:s?, s:s, s:s?, s:s?, s:I, s:I, s:f, s:s, s:I, s:f, s:f, s:f, s:s, s:f, s:f, s:I}",
+      "model_config", o->model_config, "init", o->init, "data", o->data, "labels", o->labels,
+      "scheduler_config", o->sched_file, "steps", (json_int_t)o->steps, "batch",
+      (json_int_t)o->batch, "lr", o->lr, "lr_schedule", o->lr_schedule, "warmup",
+      (json_int_t)o->warmup, "clip", o->clip, "ema", o->ema, "weight_decay", o->weight_decay,
+      "prediction_type", sched_prediction_name(sc->prediction_type), "min_snr_gamma", o->min_snr,
+      "null_class_dropout", o->dropout, "seed", (json_int_t)o->seed);
+}
+
+/* Model, schedule, data and trainer, every check done before the first step. */
+static int setup(cli_train_run *r, err *e) {
+  const cli_train_opts *o = r->o;
+  int rc = o->init ? model_load(o->init, &r->m, e)
+                   : model_init(o->model_config, (uint64_t)o->seed, &r->m, e);
+  if (rc)
+    return rc;
+  if (!(r->config = read_config(o, e)))
+    return e->code;
+  sched_config sc;
+  if ((rc = read_schedule(r, &sc, e)))
+    return rc;
+  const model_info *mi = model_get_info(r->m);
+  train_config tc = {.prediction = sc.prediction_type,
+                     .min_snr_gamma = o->min_snr,
+                     .null_dropout = o->dropout,
+                     .null_class = mi->null_class,
+                     .clip_norm = o->clip,
+                     .lr_kind = (train_lr_kind)train_lr_kind_from_name(o->lr_schedule),
+                     .lr = o->lr,
+                     .warmup = (long)o->warmup,
+                     .total_steps = (long)o->steps,
+                     .adamw = {0.95, 0.999, 1e-8, o->weight_decay},
+                     .use_ema = o->ema > 0,
+                     .ema = {.decay = o->ema, .use_warmup = 1, .inv_gamma = 1, .power = 0.75},
+                     .seed = (uint64_t)o->seed,
+                     .threads = (int)o->threads};
+  r->recipe = make_recipe(o, &sc);
+  if (!r->recipe)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (!rc && (rc = cli_train_data_load(o->data, o->labels, r->m, o->dropout > 0, &r->d, e)) == 0)
+    rc = trainer_new(r->m, &sc, &tc, &r->t, e);
+  sched_config_free(&sc);
+  return rc;
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Progress on stderr: a bar redrawn in place on a terminal, else a line every tenth. */
+static void progress(const cli_train_opts *o, long done, long first, long total, double loss,
+                     double elapsed) {
+  static int tty = -1;
+  if (o->quiet)
+    return;
+  if (tty < 0)
+    tty = isatty(STDERR_FILENO);
+  const double rate = elapsed > 0 ? (double)(done - first) / elapsed : 0;
+  const long eta = rate > 0 ? (long)((double)(total - done) / rate + 0.5) : 0;
+  const long tenth = total / 10 > 0 ? total / 10 : 1;
+  if (!tty && done % tenth && done != total)
+    return;
+  const int width = 30, bar = (int)(done * width / total);
+  fprintf(stderr, "%s[%.*s%*s] %ld/%ld steps, loss %.4f, %.2f steps/s, ETA %ldm%02lds%s",
+          tty ? "\r" : "", bar, "##############################", width - bar, "", done, total,
+          loss, rate, eta / 60, eta % 60, tty && done != total ? "" : "\n");
+}
+
+/* Steps [first, stop) with a log line each and checkpoints as asked. */
+static int train_loop(cli_train_run *r, long first, long stop, err *e) {
+  const cli_train_opts *o = r->o;
+  const int b = (int)o->batch;
+  const size_t per = (size_t)r->d.c * r->d.h * r->d.w;
+  float *x = malloc((size_t)b * per * sizeof *x);
+  int64_t *idx = malloc((size_t)b * sizeof *idx), *lab = malloc((size_t)b * sizeof *lab);
+  int rc = x && idx && lab ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for a batch");
+  const double t0 = now_s(), wall0 = r->wall;
+  double smooth = 0;
+  for (long step = first; rc == ERR_OK && step < stop; step++) {
+    if ((rc = train_batch_indices((uint64_t)o->seed, step, b, r->d.n, idx, e)))
+      break;
+    for (int i = 0; i < b; i++) {
+      memcpy(x + (size_t)i * per, r->d.x + (size_t)idx[i] * per, per * sizeof *x);
+      if (r->d.labels)
+        lab[i] = r->d.labels[idx[i]];
+    }
+    train_step_info info;
+    if ((rc = trainer_step(r->t, x, r->d.labels ? lab : NULL, b, r->d.h, r->d.w, &info, e)))
+      break;
+    fprintf(r->log, "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g}\n",
+            step + 1, info.loss, info.lr, info.grad_norm);
+    fflush(r->log);
+    smooth = step == first ? info.loss : 0.9 * smooth + 0.1 * info.loss;
+    r->wall = wall0 + (now_s() - t0);
+    progress(o, step + 1, first, (long)o->steps, smooth, now_s() - t0);
+    if ((step + 1) % o->ckpt_every == 0 && step + 1 < stop)
+      rc = cli_train_checkpoint_save(r, e);
+  }
+  free(x), free(idx), free(lab);
+  return rc;
+}
+
+static int run(cli_train_run *r, err *e) {
+  const cli_train_opts *o = r->o;
+  char path[4200];
+  struct stat sb;
+  snprintf(path, sizeof path, "%s/checkpoint/state.json", o->out);
+  const int have = stat(path, &sb) == 0;
+  if (have && !o->resume)
+    return err_set(e, ERR_INVALID,
+                   "%s holds a training run already (checkpoint/): add --resume "
+                   "to continue it, or choose another --out",
+                   o->out);
+  if (!have && o->resume)
+    return err_set(e, ERR_INVALID, "--resume: %s has no checkpoint", path);
+  int rc = setup(r, e); /* every check before anything is written */
+  if (!rc && mkdir(o->out, 0777) != 0 && (stat(o->out, &sb) != 0 || !S_ISDIR(sb.st_mode)))
+    rc = err_set(e, ERR_IO, "--out %s: cannot create the folder", o->out);
+  if (!rc && o->resume)
+    rc = cli_train_checkpoint_load(r, e);
+  if (!rc)
+    rc = cli_train_log_open(r, trainer_steps(r->t), e);
+  const long stop = (long)(o->stop_after ? o->stop_after : o->steps);
+  if (!rc && trainer_steps(r->t) < stop)
+    rc = train_loop(r, trainer_steps(r->t), stop, e);
+  if (!rc)
+    rc = cli_train_checkpoint_save(r, e);
+  if (!rc && stop == o->steps)
+    rc = cli_train_export(r, e);
+  return rc;
+}
+
+int cmd_train(int argc, char **argv) {
+  cli_train_opts o = {.lr = 1e-4,
+                      .lr_schedule = "cosine",
+                      .clip = 1,
+                      .weight_decay = 1e-6,
+                      .threads = 2,
+                      .ckpt_every = 500};
+  int status = parse_args(argc, argv, &o);
+  if (status >= 0)
+    return status;
+  cli_train_run r = {.o = &o};
+  err e = {0};
+  int rc = run(&r, &e);
+  if (rc)
+    status = cli_fail("train", "%s", e.msg);
+  else if (o.stop_after)
+    printf("stopped after step %ld of %lld (%.1f s); continue with --resume\n", trainer_steps(r.t),
+           o.steps, r.wall);
+  else
+    printf("trained %lld steps of batch %lld in %.1f s; wrote %s\n", o.steps, o.batch, r.wall,
+           o.out);
+  status = rc ? status : 0;
+  if (r.log)
+    fclose(r.log);
+  trainer_free(r.t);
+  cli_train_data_free(&r.d);
+  model_free(r.m);
+  json_decref(r.config), json_decref(r.sched), json_decref(r.recipe);
+  return status;
+}
