@@ -1,12 +1,15 @@
 /* USF: the schedule executor against the authors' uni_sampler on the exact mixture model
  * (tools/gen_usf_fixtures.py, decision sets covering every option), its reduction to the official
  * DPM-Solver(++) multistep on a UNet with guidance and on other prediction types, the paper-style
- * implicit corrector's extra evaluations, and the schedule file's validation. */
+ * implicit corrector's extra evaluations, the schedule file's validation, and tools/usf_convert.py
+ * on decisions saved as the authors ship them. */
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "guidance.h"
 #include "model.h"
@@ -414,6 +417,79 @@ START_TEST(cli_runs_a_schedule) {
 }
 END_TEST
 
+/* Runs a shell command, its output (stdout and stderr) into out; returns the exit status. */
+static int run_sh(char *out, size_t n, const char *cmd) {
+  char full[4096];
+  snprintf(full, sizeof full, "%s 2>&1", cmd);
+  FILE *p = popen(full, "r");
+  ck_assert_ptr_nonnull(p);
+  size_t k = fread(out, 1, n - 1, p);
+  out[k] = 0;
+  const int st = pclose(p);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* tools/usf_convert.py on the decisions of the fixture cases saved as the authors ship schedules
+ * (torch.save; one as the latent-diffusion files, [decisions, score] with numpy scalars; one with
+ * their "implicit" corrector): each converted schedule reproduces the authors' output, so the
+ * converter and the executor agree with uni_sampler end to end. A .pth whose pickle would call
+ * os.system is refused, naming the global, and nothing runs. */
+START_TEST(converter_reproduces_cases) {
+  if (system("command -v python3 >/dev/null 2>&1") != 0) {
+    fprintf(stderr, "test_usf: converter SKIPPED: python3 not installed\n");
+    return;
+  }
+  char tool[512], fix[512], dir[64], cmd[4096], out[4096], path[600];
+  test_src_path(tool, sizeof tool, "tools/usf_convert.py");
+  test_src_path(fix, sizeof fix, "tests/fixtures/usf");
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+  snprintf(cmd, sizeof cmd, "cp %s/stats.json %s/stats.npy %s/", fix, fix, dir);
+  ck_assert_int_eq(system(cmd), 0);
+  snprintf(path, sizeof path, "%s/cases.json", fix);
+  json_t *cases = json_load_file(path, 0, NULL);
+  ck_assert_ptr_nonnull(cases);
+  model *m = load("tests/fixtures/gmm/mix3");
+  size_t i;
+  json_t *c;
+  json_array_foreach(json_object_get(cases, "cases"), i, c) {
+    const char *name = json_string_value(json_object_get(c, "name"));
+    snprintf(cmd, sizeof cmd,
+             "python3 %s %s/%s.pth --time edm --statistics stats.json --average-x0 "
+             "%s/average_x0.pth -o %s/%s.json",
+             tool, fix, name, fix, dir, name);
+    ck_assert_msg(run_sh(out, sizeof out, cmd) == 0, "%s: %s", name, out);
+    npy_array init = {0}, want = {0};
+    err e = {0};
+    snprintf(path, sizeof path, "%s/%s_init.npy", fix, name);
+    ck_assert_msg(npy_read_f32(path, &init, &e) == 0, "%s", e.msg);
+    snprintf(path, sizeof path, "%s/%s_out.npy", fix, name);
+    ck_assert_msg(npy_read_f32(path, &want, &e) == 0, "%s", e.msg);
+    snprintf(path, sizeof path, "%s/%s.json", dir, name);
+    json_t *spec = usf_spec(path);
+    float *x = malloc(want.count * sizeof *x);
+    sampler_run_opts o = {.batch = 2, .init_noise = init.data, .threads = 1};
+    run_spec(m, spec, &o, x);
+    const double r = test_rel_l2(x, want.data, want.count);
+    ck_assert_msg(r < 1e-5, "%s converted: relative L2 %g against the authors' uni_sampler", name,
+                  r);
+    free(x);
+    json_decref(spec);
+    npy_array_free(&init);
+    npy_array_free(&want);
+  }
+  snprintf(cmd, sizeof cmd, "python3 %s %s/refused.pth -o %s/r.json", tool, fix, dir);
+  ck_assert_int_eq(run_sh(out, sizeof out, cmd), 1);
+  ck_assert_msg(strstr(out, "global os.system at byte 2 is not one a schedule needs") != NULL, "%s",
+                out);
+  snprintf(path, sizeof path, "%s/r.json", dir);
+  ck_assert_int_ne(access(path, F_OK), 0);
+  model_free(m);
+  json_decref(cases);
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("usf");
   TCase *tc = tcase_create("core");
@@ -423,6 +499,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, implicit_corrector_evaluates_again);
   tcase_add_test(tc, schedule_validated);
   tcase_add_test(tc, cli_runs_a_schedule);
+  tcase_add_test(tc, converter_reproduces_cases);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -17,14 +17,19 @@ engine's own lambda-to-timestep map.
 
 Each case is written twice: as our schedule file (<out>/<case>.json, what `--scheduler usf
 --solver-data` reads) and, translated, as the decisions dict their `sample` takes; the test runs
-ours on <case>_init.npy and compares with <case>_out.npy. Also writes <out>/stats.json + .npy (the
-v3 statistics of the v3-type steps) and <out>/cases.json.
+ours on <case>_init.npy and compares with <case>_out.npy. The decisions dict is also saved the
+way the authors ship schedules (<case>.pth, torch.save; average_x0.pth), and refused.pth is a
+file whose pickle would call os.system: tools/usf_convert.py must turn the former into schedules
+that reproduce <case>_out.npy and refuse the latter. Also writes <out>/stats.json + .npy (the v3
+statistics of the v3-type steps) and <out>/cases.json.
 """
 import argparse
+import copy
 import json
 import math
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -71,7 +76,8 @@ def corr(kind, order, start=-2, ders=None):
     return c
 
 
-# Each case: (name, first_step, steps). Together they cover the three prediction types, orders
+# Each case: (name, first_step, steps). The authors' corrector type is "implicit" in
+# data_relaxed_corr (their code runs it as "pseudo"). Together they cover the three prediction types, orders
 # 1-4, start points -1/-2/-3, default and explicit points, estimates beyond the order, every
 # relaxation, pseudo correctors (one on the last step), and the three first steps.
 CASES = [
@@ -100,8 +106,9 @@ CASES = [
 ]
 
 
-def decisions(case_steps, lam, first):
-    """Our schedule's decisions as the authors' decisions dict (the converter's inverse)."""
+def decisions(case_steps, lam, first, their_corr):
+    """Our schedule's decisions as the authors' decisions dict (the converter's inverse); their
+    corrector type their_corr ("pseudo" or "implicit", the same in their code) for ours."""
     pmap = {"noise": "noise_prediction", "data": "data_prediction",
             "v3": "dpmsolver_v3_prediction"}
 
@@ -125,9 +132,29 @@ def decisions(case_steps, lam, first):
         if c is None:
             dec["corrector_types"].append({"type": "no_corrector"})
         else:
-            dec["corrector_types"].append({"type": c["type"], "start_point": c["start_point"],
+            dec["corrector_types"].append({"type": their_corr, "start_point": c["start_point"],
                                            "taylor_order": c["order"], "derivative_type": ders(c)})
     return dec
+
+
+def save_pth(dec, name, out):
+    """The decisions as the authors ship schedules (torch.save), for tools/usf_convert.py: the
+    mixed case as the latent-diffusion files are, [decisions, score] with numpy scalars."""
+    if name == "mixed_skipback_avg":
+        dec = copy.deepcopy(dec)
+        for ders in dec["derivative_types"]:
+            for dv in ders:
+                dv["relaxation_coefficient"] = np.float64(dv["relaxation_coefficient"])
+        dec = [dec, np.float64(4.25)]
+    torch.save(dec, os.path.join(out, name + ".pth"))
+
+
+def write_refused(path):
+    """A .pth whose pickle would call os.system: the converter must refuse it, not run it."""
+    evil = b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("refused/data.pkl", evil)
+        z.writestr("refused/version", "3\n")
 
 
 def main():
@@ -180,8 +207,10 @@ def main():
             return model_fn(x, t)
 
         sampler.model = lambda x, t: counted(x, t.expand((x.shape[0])))
-        x = sampler.sample(torch.from_numpy(init.astype(np.float64)),
-                           decisions(case_steps, lam, first))
+        dec = decisions(case_steps, lam, first,
+                        "implicit" if name == "data_relaxed_corr" else "pseudo")
+        x = sampler.sample(torch.from_numpy(init.astype(np.float64)), dec)
+        save_pth(dec, name, args.out)
         sched = {"format": "denoised-usf-schedule", "version": 1, "time": "lambda",
                  "timesteps": lam, "first_step": first, "steps": case_steps,
                  "source": "tools/gen_usf_fixtures.py case " + name}
@@ -194,7 +223,9 @@ def main():
         np.save(os.path.join(args.out, name + "_init.npy"), init)
         np.save(os.path.join(args.out, name + "_out.npy"), x.numpy().astype(np.float32))
         cases.append({"name": name, "nfe": calls[0]})
-    for f in ("l.npz", "sb.npz", "avg.pth"):
+    os.replace(os.path.join(tmp, "avg.pth"), os.path.join(args.out, "average_x0.pth"))
+    write_refused(os.path.join(args.out, "refused.pth"))
+    for f in ("l.npz", "sb.npz"):
         os.remove(os.path.join(tmp, f))
     os.rmdir(tmp)
     with open(os.path.join(args.out, "cases.json"), "w") as f:

@@ -38,6 +38,7 @@
 #define USF_MAX_COEF 100.0   /* |linear relaxation coefficient| */
 #define USF_MAX_X0 1e4       /* |average_x0| values */
 #define USF_MAX_BATCH 100000 /* labels per evaluation */
+#define USF_MIN_DLAM 1e-5    /* the smallest lambda step */
 
 enum { PRED_NOISE, PRED_DATA, PRED_V3 };
 enum { RELAX_NONE, RELAX_LINEAR, RELAX_DPM2, RELAX_BH1, RELAX_BH2, RELAX_PEXP, RELAX_MEXP };
@@ -464,11 +465,12 @@ static int usf_prepare(sampler *s, err *e) {
                      k, v, u->time_is_t ? "t" : "lambda", u->time_is_t ? tmin : lo,
                      u->time_is_t ? tmax : hi);
     u->lam[k] = u->time_is_t ? paper_lam_at(s, paper_u_of_t(s, v)) : v;
-    if (k > 0 && !(u->lam[k] > u->lam[k - 1]))
+    /* a smaller step leaves the relaxations' e^h - 1 - h at rounding level (0/0) */
+    if (k > 0 && !(u->lam[k] >= u->lam[k - 1] + USF_MIN_DLAM))
       return err_set(e, ERR_INVALID,
                      "USF schedule: timesteps[%d]: lambda must increase (t decrease) from step to "
-                     "step (%g after %g)",
-                     k, u->lam[k], u->lam[k - 1]);
+                     "step by at least %g (%.17g after %.17g)",
+                     k, USF_MIN_DLAM, u->lam[k], u->lam[k - 1]);
   }
   if (u->has_v3) {
     const v3_stats *st = s->v3;
