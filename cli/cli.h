@@ -101,7 +101,7 @@ void cli_train_data_free(cli_train_data *d);
 typedef struct cli_train_opts {
   const char *model_config, *init, *data, *labels, *out, *sched_file, *lr_schedule, *prediction;
   long long steps, batch, warmup, seed, threads, ckpt_every, stop_after;
-  double lr, clip, ema, min_snr, dropout, weight_decay;
+  double lr, clip, ema, ema_power, min_snr, dropout, weight_decay, betas[2];
   int resume, quiet;
 } cli_train_opts;
 

@@ -4,6 +4,7 @@
  * folder at the end (train_out.c). The data and every setting are checked before the first
  * step (train_data.c). */
 #include <getopt.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,9 +36,12 @@ static const char help[] =
     "  --lr-schedule S    constant, constant_with_warmup or cosine (default cosine)\n"
     "  --warmup N         warm-up steps from 0 (default 0)\n"
     "  --clip G           clip the gradient's global norm at G (default 1; 0: off)\n"
-    "  --ema DECAY        keep an EMA of the weights (warm-up 1 - (1 + step)^-3/4, at most\n"
-    "                     DECAY) and write it as the model (default 0: off)\n"
-    "  --weight-decay W   AdamW's decoupled weight decay (default 1e-6; betas 0.95, 0.999)\n"
+    "  --ema DECAY        keep an EMA of the weights (decay at most DECAY) and write it as\n"
+    "                     the model (default 0: off)\n"
+    "  --ema-warmup P     EMA decay 1 - (1 + step)^-P (default 0.75);\n"
+    "                     0: (1 + step) / (10 + step)\n"
+    "  --weight-decay W   AdamW's decoupled weight decay (default 1e-6)\n"
+    "  --adam-betas B1,B2 AdamW's betas (default 0.95,0.999)\n"
     "  --prediction-type T  epsilon, v_prediction or sample (default: the scheduler config's)\n"
     "  --min-snr-gamma G  min-SNR-gamma loss weights (default 0: off)\n"
     "  --null-class-dropout P  replace a label by the null class with probability P (for\n"
@@ -47,10 +51,21 @@ static const char help[] =
     "  --threads T        CPU threads (default 2; the result does not depend on it)\n"
     "  --checkpoint-every K  write checkpoint/ every K steps (default 500) and at the end\n"
     "  --stop-after K     stop after step K with a checkpoint, as if interrupted\n"
+    "                     (SIGINT or SIGTERM also stop after the current step with one)\n"
     "  --resume           continue the run in --out from its checkpoint (same settings)\n"
     "  --quiet            no progress on stderr\n";
 
-enum { O_MODEL_CONFIG = 256, O_INIT, O_LABELS, O_LR_SCHED, O_PRED, O_SCHED, O_RESUME, O_QUIET };
+enum {
+  O_MODEL_CONFIG = 256,
+  O_INIT,
+  O_LABELS,
+  O_LR_SCHED,
+  O_PRED,
+  O_SCHED,
+  O_RESUME,
+  O_QUIET,
+  O_BETAS
+};
 
 /* Numeric flags by option code: one table, one range check each. */
 static const struct {
@@ -71,7 +86,8 @@ static const struct {
                  {'e', "--ema", 0, 0, 1, offsetof(cli_train_opts, ema)},
                  {'g', "--min-snr-gamma", 0, 0, 1e6, offsetof(cli_train_opts, min_snr)},
                  {'p', "--null-class-dropout", 0, 0, 1, offsetof(cli_train_opts, dropout)},
-                 {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)}};
+                 {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)},
+                 {'P', "--ema-warmup", 0, 0, 10, offsetof(cli_train_opts, ema_power)}};
 
 static int num_flag(int c, const char *arg, cli_train_opts *o) {
   for (size_t i = 0; i < sizeof num_flags / sizeof num_flags[0]; i++) {
@@ -131,6 +147,8 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
                                        {"min-snr-gamma", required_argument, 0, 'g'},
                                        {"null-class-dropout", required_argument, 0, 'p'},
                                        {"weight-decay", required_argument, 0, 'W'},
+                                       {"ema-warmup", required_argument, 0, 'P'},
+                                       {"adam-betas", required_argument, 0, O_BETAS},
                                        {0, 0, 0, 0}};
   int c;
   optind = 1;
@@ -146,6 +164,10 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
     case O_SCHED: o->sched_file = optarg; break;
     case O_RESUME: o->resume = 1; break;
     case O_QUIET: o->quiet = 1; break;
+    case O_BETAS:
+      if (cli_parse_list("--adam-betas", optarg, 2, 0, 0.999999, o->betas) != 0)
+        return 2;
+      break;
     case 'h': fputs(help, stdout); return 0;
     default:
       if (num_flag(c, optarg, o) != 0)
@@ -200,14 +222,17 @@ static int read_schedule(cli_train_run *r, sched_config *sc, err *e) {
 
 /* Every setting that changes the result, for state.json, the model card and --resume. */
 static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc) {
-  return json_pack(
-      "{s:s?, s:s?, s:s, s:s?, s:s?, s:I, s:I, s:f, s:s, s:I, s:f, s:f, s:f, s:s, s:f, s:f, s:I}",
-      "model_config", o->model_config, "init", o->init, "data", o->data, "labels", o->labels,
-      "scheduler_config", o->sched_file, "steps", (json_int_t)o->steps, "batch",
-      (json_int_t)o->batch, "lr", o->lr, "lr_schedule", o->lr_schedule, "warmup",
-      (json_int_t)o->warmup, "clip", o->clip, "ema", o->ema, "weight_decay", o->weight_decay,
-      "prediction_type", sched_prediction_name(sc->prediction_type), "min_snr_gamma", o->min_snr,
-      "null_class_dropout", o->dropout, "seed", (json_int_t)o->seed);
+  char betas[64];
+  snprintf(betas, sizeof betas, "%.10g,%.10g", o->betas[0], o->betas[1]);
+  return json_pack("{s:s?, s:s?, s:s, s:s?, s:s?, s:I, s:I, s:f, s:s, s:I, s:f, s:f, s:f, s:f, "
+                   "s:s, s:s, s:f, s:f, s:I}",
+                   "model_config", o->model_config, "init", o->init, "data", o->data, "labels",
+                   o->labels, "scheduler_config", o->sched_file, "steps", (json_int_t)o->steps,
+                   "batch", (json_int_t)o->batch, "lr", o->lr, "lr_schedule", o->lr_schedule,
+                   "warmup", (json_int_t)o->warmup, "clip", o->clip, "ema", o->ema, "ema_warmup",
+                   o->ema_power, "weight_decay", o->weight_decay, "adam_betas", betas,
+                   "prediction_type", sched_prediction_name(sc->prediction_type), "min_snr_gamma",
+                   o->min_snr, "null_class_dropout", o->dropout, "seed", (json_int_t)o->seed);
 }
 
 /* Model, schedule, data and trainer, every check done before the first step. */
@@ -232,9 +257,12 @@ static int setup(cli_train_run *r, err *e) {
                      .lr = o->lr,
                      .warmup = (long)o->warmup,
                      .total_steps = (long)o->steps,
-                     .adamw = {0.95, 0.999, 1e-8, o->weight_decay},
+                     .adamw = {o->betas[0], o->betas[1], 1e-8, o->weight_decay},
                      .use_ema = o->ema > 0,
-                     .ema = {.decay = o->ema, .use_warmup = 1, .inv_gamma = 1, .power = 0.75},
+                     .ema = {.decay = o->ema,
+                             .use_warmup = o->ema_power > 0,
+                             .inv_gamma = 1,
+                             .power = o->ema_power},
                      .seed = (uint64_t)o->seed,
                      .threads = (int)o->threads};
   r->recipe = make_recipe(o, &sc);
@@ -244,6 +272,13 @@ static int setup(cli_train_run *r, err *e) {
     rc = trainer_new(r->m, &sc, &tc, &r->t, e);
   sched_config_free(&sc);
   return rc;
+}
+
+/* Set by SIGINT/SIGTERM: the loop finishes its step, writes a checkpoint and stops. */
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig) {
+  interrupted = sig;
 }
 
 static double now_s(void) {
@@ -298,8 +333,10 @@ static int train_loop(cli_train_run *r, long first, long stop, err *e) {
     smooth = step == first ? info.loss : 0.9 * smooth + 0.1 * info.loss;
     r->wall = wall0 + (now_s() - t0);
     progress(o, step + 1, first, (long)o->steps, smooth, now_s() - t0);
-    if ((step + 1) % o->ckpt_every == 0 && step + 1 < stop)
+    if ((step + 1) % o->ckpt_every == 0 && step + 1 < stop && !interrupted)
       rc = cli_train_checkpoint_save(r, e);
+    if (interrupted)
+      break; /* run() writes the checkpoint */
   }
   free(x), free(idx), free(lab);
   return rc;
@@ -326,11 +363,18 @@ static int run(cli_train_run *r, err *e) {
   if (!rc)
     rc = cli_train_log_open(r, trainer_steps(r->t), e);
   const long stop = (long)(o->stop_after ? o->stop_after : o->steps);
-  if (!rc && trainer_steps(r->t) < stop)
+  if (!rc && trainer_steps(r->t) < stop) {
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     rc = train_loop(r, trainer_steps(r->t), stop, e);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+  }
   if (!rc)
     rc = cli_train_checkpoint_save(r, e);
-  if (!rc && stop == o->steps)
+  if (!rc && trainer_steps(r->t) == o->steps)
     rc = cli_train_export(r, e);
   return rc;
 }
@@ -340,6 +384,8 @@ int cmd_train(int argc, char **argv) {
                       .lr_schedule = "cosine",
                       .clip = 1,
                       .weight_decay = 1e-6,
+                      .ema_power = 0.75,
+                      .betas = {0.95, 0.999},
                       .threads = 2,
                       .ckpt_every = 500};
   int status = parse_args(argc, argv, &o);
@@ -350,13 +396,18 @@ int cmd_train(int argc, char **argv) {
   int rc = run(&r, &e);
   if (rc)
     status = cli_fail("train", "%s", e.msg);
+  else if (interrupted)
+    fprintf(stderr,
+            "%sdenoised train: interrupted after step %ld of %lld (checkpoint written); "
+            "continue with --resume\n",
+            isatty(STDERR_FILENO) ? "\n" : "", trainer_steps(r.t), o.steps);
   else if (o.stop_after)
     printf("stopped after step %ld of %lld (%.1f s); continue with --resume\n", trainer_steps(r.t),
            o.steps, r.wall);
   else
     printf("trained %lld steps of batch %lld in %.1f s; wrote %s\n", o.steps, o.batch, r.wall,
            o.out);
-  status = rc ? status : 0;
+  status = rc ? status : interrupted ? 128 + interrupted : 0;
   if (r.log)
     fclose(r.log);
   trainer_free(r.t);

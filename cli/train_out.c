@@ -327,7 +327,7 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
           "# A UNet2DModel trained by denoised\n\n"
           "A diffusers `UNet2DModel` (%lld parameters, float32, %s) trained with `denoised "
           "train`.\nThe weights are %s.\n\n## Recipe\n\n```\n%s\n```\n\n"
-          "Prediction type `%s`; AdamW (betas 0.95, 0.999, eps 1e-8); learning-rate schedule "
+          "Prediction type `%s`; AdamW (eps 1e-8); learning-rate schedule "
           "`%s`;\nnoise schedule in `scheduler_config.json`. Settings as JSON: "
           "`checkpoint/state.json`.\n\n## Data\n\n%s\n\n## Result\n\n"
           "- %ld steps of batch %lld (%.2f epochs)\n"

@@ -2,7 +2,10 @@
  * 8x8): the loss falls on a trivially learnable data set, the folder it writes loads as a model,
  * a run stopped and resumed (on another thread count) is bit-identical to an uninterrupted one,
  * an imagefolder trains, and bad data or settings are refused before anything is written. */
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "image.h"
 #include "model.h"
@@ -109,10 +112,10 @@ END_TEST
 
 START_TEST(resume_is_bit_identical) {
   char extra[512], a[600], b[600];
-  snprintf(extra, sizeof extra, "--steps 40 --threads 2 --out %s/full", dir);
+  snprintf(extra, sizeof extra, "--steps 40 --threads 2 --ema-warmup 0 --out %s/full", dir);
   ck_assert_msg(train(extra) == 0, "%s", out);
   snprintf(extra, sizeof extra,
-           "--steps 40 --threads 1 --checkpoint-every 7 --stop-after 17 "
+           "--steps 40 --threads 1 --ema-warmup 0 --checkpoint-every 7 --stop-after 17 "
            "--out %s/part",
            dir);
   ck_assert_msg(train(extra) == 0, "%s", out);
@@ -123,7 +126,8 @@ START_TEST(resume_is_bit_identical) {
   snprintf(extra, sizeof extra, "--steps 40 --out %s/part", dir);
   ck_assert_int_eq(train(extra), 1); /* the run is there: continuing needs --resume */
   ck_assert_ptr_nonnull(strstr(out, "--resume"));
-  snprintf(extra, sizeof extra, "--steps 40 --threads 2 --resume --out %s/part", dir);
+  snprintf(extra, sizeof extra, "--steps 40 --threads 2 --ema-warmup 0 --resume --out %s/part",
+           dir);
   ck_assert_msg(train(extra) == 0, "%s", out);
   static const char *const same[] = {"diffusion_pytorch_model.safetensors", "loss.jsonl",
                                      "config.json", "scheduler_config.json"};
@@ -133,9 +137,63 @@ START_TEST(resume_is_bit_identical) {
     ck_assert_msg(test_files_equal(a, b), "%s differs", same[i]);
   }
   /* another setting is refused by name */
-  snprintf(extra, sizeof extra, "--steps 40 --resume --out %s/part --min-snr-gamma 5", dir);
+  snprintf(extra, sizeof extra,
+           "--steps 40 --ema-warmup 0 --resume --out %s/part --min-snr-gamma 5", dir);
   ck_assert_int_eq(train(extra), 1);
   ck_assert_msg(strstr(out, "min_snr_gamma"), "%s", out);
+}
+END_TEST
+
+static long count_lines(const char *path) {
+  FILE *f = fopen(path, "r");
+  long n = 0;
+  for (int c; f && (c = fgetc(f)) != EOF;)
+    n += c == '\n';
+  if (f)
+    fclose(f);
+  return n;
+}
+
+/* SIGINT finishes the step, writes a checkpoint of it and exits 130; --resume goes on from it. */
+START_TEST(interrupt_writes_checkpoint) {
+  char log[600], errpath[600];
+  snprintf(log, sizeof log, "%s/i/loss.jsonl", dir);
+  snprintf(errpath, sizeof errpath, "%s/stderr.txt", dir);
+  char odir[600], data[600], labels[600];
+  snprintf(odir, sizeof odir, "%s/i", dir);
+  snprintf(data, sizeof data, "%s/x.npy", dir);
+  snprintf(labels, sizeof labels, "%s/l.npy", dir);
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    FILE *ef = freopen(errpath, "w", stderr);
+    (void)ef;
+    execl(test_bin(), "denoised", "train", "--model-config", cfg, "--data", data, "--labels",
+          labels, "--steps", "1000000", "--batch", "2", "--quiet", "--out", odir, (char *)NULL);
+    _exit(127);
+  }
+  const double t0 = test_now_s();
+  while (count_lines(log) < 3 && test_now_s() - t0 < 60)
+    usleep(10000);
+  ck_assert_int_eq(kill(pid, SIGINT), 0);
+  int st;
+  ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+  ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 130, "status %d", st);
+  FILE *f = fopen(errpath, "r");
+  char msg[1024] = "";
+  ck_assert_uint_gt(fread(msg, 1, sizeof msg - 1, f), 0);
+  fclose(f);
+  long k = 0;
+  const char *p = strstr(msg, "interrupted after step ");
+  ck_assert_msg(p && sscanf(p, "interrupted after step %ld", &k) == 1, "%s", msg);
+  ck_assert_int_eq(count_lines(log), k);
+  char extra[256];
+  snprintf(extra, sizeof extra, "--steps 1000000 --resume --stop-after %ld --out %s", k + 2, odir);
+  ck_assert_msg(test_run_cli(out, sizeof out,
+                             "train --model-config %s --data %s --labels %s --batch 2 --quiet %s",
+                             cfg, data, labels, extra) == 0,
+                "%s", out);
+  ck_assert_int_eq(count_lines(log), k + 2);
 }
 END_TEST
 
@@ -256,6 +314,11 @@ START_TEST(refusals) {
                        "--out %s/r",
                        cfg, dir, dir),
           "--steps", "r");
+  refused(test_run_cli(out, sizeof out,
+                       "train --model-config %s --data %s/x.npy --labels %s/l.npy --steps 3 "
+                       "--batch 2 --adam-betas 0.9 --out %s/r",
+                       cfg, dir, dir, dir),
+          "--adam-betas expects 2", "r");
   ck_assert_int_eq(test_run_cli(out, sizeof out, "train --help"), 0);
   ck_assert_ptr_nonnull(strstr(out, "--null-class-dropout"));
 }
@@ -269,6 +332,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, loss_falls_and_folder_loads);
   tcase_add_test(tc, resume_is_bit_identical);
   tcase_add_test(tc, imagefolder_trains);
+  tcase_add_test(tc, interrupt_writes_checkpoint);
   tcase_add_test(tc, refusals);
   suite_add_tcase(s, tc);
   return s;
