@@ -335,6 +335,7 @@ static void fail_batch(qbatch *b, int rc, err *e) {
   char *recs[b->njobs];
   size_t lens[b->njobs];
   int failed[b->njobs];
+  memset(failed, 0, sizeof failed); /* both loops cover every job; cppcheck cannot tell */
   pthread_mutex_lock(&q->mu);
   if (rc == ERR_CANCELLED && b->timed_out && !q->stopping)
     err_set(e, ERR_CANCELLED,
