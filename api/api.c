@@ -524,6 +524,8 @@ static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_mo
       (rc = parse_solver(c, f, out, e)))
     return rc;
   out->options = f->options ? json_deep_copy(f->options) : json_object();
+  if (f->data)
+    snprintf(out->data, sizeof out->data, "%s", f->data);
   return merge_thresholding(f->guidance, out->options, e);
 }
 
@@ -572,12 +574,53 @@ int api_check_keys(const json_t *obj, const char *prefix, const char *const *all
   return 0;
 }
 
+/* The scheduler block: a solver name (shorthand), or {name, steps, options, data}; data names
+ * solver data of the model (MODEL/solver_data), never a path, so a client cannot make the server
+ * read a file of its choosing. */
+static int parse_scheduler(const api_ctx *c, const json_t *sc, api_job_fields *f, api_error *e) {
+  static const char *const sched_keys[] = {"name", "steps", "options", "data", NULL};
+  if (sc && !json_is_object(sc) && !json_is_string(sc))
+    return api_fail(e, 400, "wrong_type", "scheduler",
+                    "scheduler: expected an object {name, steps, options, data}, got %s",
+                    sched_json_kind(sc));
+  if (json_is_string(sc)) { /* shorthand: "scheduler": "ddim" */
+    f->solver = json_string_value(sc);
+    f->solver_field = "scheduler";
+    return 0;
+  }
+  if (!sc)
+    return 0;
+  int rc = api_check_keys(sc, "scheduler.", sched_keys, e);
+  const json_t *v = json_object_get(sc, "name");
+  if (!rc && v && !json_is_string(v))
+    rc = api_fail(e, 400, "wrong_type", "scheduler.name",
+                  "scheduler.name: expected a solver name, got %s", sched_json_kind(v));
+  f->solver = json_is_string(v) ? json_string_value(v) : NULL;
+  if (!rc)
+    rc = api_get_int(sc, "steps", "scheduler.steps", 1, c->max_steps, &f->steps, &f->has_steps, e);
+  v = json_object_get(sc, "options");
+  if (!rc && v && !json_is_object(v))
+    rc = api_fail(e, 400, "wrong_type", "scheduler.options",
+                  "scheduler.options: expected an object of scheduler_config keys, got %s",
+                  sched_json_kind(v));
+  f->options = (json_t *)v;
+  v = json_object_get(sc, "data");
+  if (!rc && v && !json_is_null(v) &&
+      !(json_is_string(v) && sampler_data_name_ok(json_string_value(v))))
+    rc = api_fail(e, 400, "invalid_field", "scheduler.data",
+                  "scheduler.data: expected the name of one of the model's solver data (1 to %d "
+                  "characters of A-Z a-z 0-9 . _ -, starting with a letter or digit; GET "
+                  "/v1/models lists them), never a path",
+                  SAMPLER_DATA_NAME_MAX);
+  f->data = json_is_string(v) ? json_string_value(v) : NULL;
+  return rc;
+}
+
 int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *owner,
                   queue_spec *out, api_error *e) {
   static const char *const top[] = {
       "model",       "batch_size", "seed",     "class_label", "width",       "height", "scheduler",
       "first_image", "preview",    "guidance", "edit",        "input_image", "mask",   NULL};
-  static const char *const sched_keys[] = {"name", "steps", "options", NULL};
   static const char *const preview_keys[] = {"every", NULL};
   json_t *j = NULL;
   int rc = parse_body(body, len, &j, e);
@@ -619,38 +662,8 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
       (rc = api_get_int(j, "first_image", "first_image", 0, MAX_FIRST_IMAGE, &f.first_image,
                         &present, e)))
     goto done;
-  const json_t *sc = json_object_get(j, "scheduler");
-  if (sc && !json_is_object(sc) && !json_is_string(sc)) {
-    rc = api_fail(e, 400, "wrong_type", "scheduler",
-                  "scheduler: expected an object {name, steps, options}, got %s",
-                  sched_json_kind(sc));
+  if ((rc = parse_scheduler(c, json_object_get(j, "scheduler"), &f, e)))
     goto done;
-  }
-  if (json_is_string(sc)) { /* shorthand: "scheduler": "ddim" */
-    f.solver = json_string_value(sc);
-    f.solver_field = "scheduler";
-  } else if (sc) {
-    if ((rc = api_check_keys(sc, "scheduler.", sched_keys, e)))
-      goto done;
-    v = json_object_get(sc, "name");
-    if (v && !json_is_string(v)) {
-      rc = api_fail(e, 400, "wrong_type", "scheduler.name",
-                    "scheduler.name: expected a solver name, got %s", sched_json_kind(v));
-      goto done;
-    }
-    f.solver = v ? json_string_value(v) : NULL;
-    if ((rc = api_get_int(sc, "steps", "scheduler.steps", 1, c->max_steps, &f.steps, &f.has_steps,
-                          e)))
-      goto done;
-    v = json_object_get(sc, "options");
-    if (v && !json_is_object(v)) {
-      rc = api_fail(e, 400, "wrong_type", "scheduler.options",
-                    "scheduler.options: expected an object of scheduler_config keys, got %s",
-                    sched_json_kind(v));
-      goto done;
-    }
-    f.options = (json_t *)v;
-  }
   const json_t *pv = json_object_get(j, "preview");
   if (pv) {
     if (!json_is_object(pv)) {
@@ -684,6 +697,8 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
                 s->solver, "steps", s->steps, "options", s->options ? s->options : json_object());
   if (s->has_label)
     json_object_set_new(req, "class_label", json_integer(s->label));
+  if (s->data[0])
+    json_object_set_new(json_object_get(req, "scheduler"), "data", json_string(s->data));
   if (s->preview_every)
     json_object_set_new(req, "preview", json_pack("{s:i}", "every", s->preview_every));
   if (s->edit) {
@@ -771,6 +786,9 @@ json_t *api_models_json(const api_ctx *c, int internals) {
     }
     if (d.class_labels)
       json_object_set(m, "class_labels", d.class_labels);
+    /* what a job may name as scheduler.data, with what each was computed for */
+    json_object_set_new(m, "solver_data",
+                        d.solver_data ? json_incref(d.solver_data) : json_array());
     json_array_append_new(arr, m);
     queue_model_desc_clear(&d);
   }

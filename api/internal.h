@@ -32,6 +32,7 @@ typedef struct api_job_fields {
   const char *solver;
   const char *solver_field;
   json_t *options;                         /* borrowed */
+  const char *data;                        /* scheduler.data, a solver data name, or NULL */
   const json_t *guidance;                  /* the "guidance" block, borrowed, or NULL */
   const json_t *edit, *input_image, *mask; /* editing, borrowed, or NULL */
 } api_job_fields;

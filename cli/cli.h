@@ -136,5 +136,6 @@ int cmd_invert(int argc, char **argv);
 int cmd_edit(int argc, char **argv);
 int cmd_boundary(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
+int cmd_info(int argc, char **argv);
 
 #endif

@@ -1,38 +1,53 @@
 /* `denoised stats`: DPM-Solver-v3's empirical model statistics for a model (engine:
  * sampler_v3_stats_compute), from given data or, by default, the model's own 50-step
- * DPM-Solver++(2M) samples, written as a statistics file that `sample --scheduler dpm-solver-v3
- * --solver-data FILE` reads. */
+ * DPM-Solver++(2M) samples, for one class or all and one guidance scale, written as a statistics
+ * file beside the model (--out NAME: MODEL/solver_data/NAME.json) or anywhere (--out FILE.json),
+ * which `sample --scheduler dpm-solver-v3 --solver-data NAME|FILE` reads. */
+#include <errno.h>
 #include <getopt.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli.h"
 #include "npy.h"
 #include "sampler.h"
 
 static const char help[] =
-    "usage: denoised stats [--model DIR] [--data X.npy] [--samples N] [--grid K] [--seed S]\n"
-    "                      [--threads T] [--quiet] --out FILE.json\n"
+    "usage: denoised stats [--model DIR] [--class C] [--guidance-scale G] [--data X.npy]\n"
+    "                      [--samples N] [--grid K] [--seed S] [--threads T] [--quiet]\n"
+    "                      --out NAME|FILE.json\n"
     "\n"
     "Computes DPM-Solver-v3's empirical model statistics (l, s, b per pixel on a grid uniform\n"
-    "in lambda over the model's schedule) and writes FILE.json + FILE.npy.\n"
+    "in lambda over the model's schedule) and writes them with a header recording what they\n"
+    "are for (the model's weights digest, the schedule, the class and the guidance scale).\n"
     "  --model DIR    diffusers model folder (default: the built-in default model)\n"
+    "  --out NAME     the model's solver data NAME: DIR/solver_data/NAME.json + NAME.npy\n"
+    "                 (NAME: letters, digits, . _ -), which 'sample --solver-data NAME' and\n"
+    "                 the daemon's scheduler.data find; or FILE.json (+ FILE.npy) anywhere\n"
+    "  --class C      class-conditional models: statistics of class C (an index or a name);\n"
+    "                 without it the data points cycle through every class and the\n"
+    "                 statistics serve any class\n"
+    "  --guidance-scale G  classifier-free guidance of every evaluation (default: none, the\n"
+    "                 conditional model, i.e. scale 1); statistics are per scale, and a run\n"
+    "                 with another scale refuses them\n"
     "  --data X.npy   data points [N, C, H, W] in [-1, 1] (default: N samples of the model,\n"
-    "                 DPM-Solver++(2M) with 50 steps, unconditional)\n"
+    "                 DPM-Solver++(2M) with 50 steps, with the class(es) and guidance above)\n"
     "  --samples N    data points, 2..64 (default 16; with --data: its first N)\n"
     "  --grid K       grid intervals, 2..100000 (default 120)\n"
     "  --seed S       seed of the samples and of the noise at every grid point (default 0)\n"
     "  --threads T    CPU threads (default 2)\n"
     "  --quiet        no progress bar\n"
-    "Cost: 5 N network evaluations per grid point (finite-difference Jacobian-vector products),\n"
-    "plus 50 batched ones for the samples.\n";
+    "Cost: 5 N network evaluations per grid point (finite-difference Jacobian-vector products;\n"
+    "twice the images with guidance), plus 50 batched ones for the samples.\n";
 
 typedef struct stats_args {
-  const char *model_dir, *data, *out;
+  const char *model_dir, *data, *out, *class_s;
   long long samples, grid, seed, threads;
-  int quiet;
+  double guidance;
+  int has_guidance, quiet;
 } stats_args;
 
 /* The integer flags, by option letter: one table, one range check. */
@@ -61,6 +76,7 @@ static int parse_args(int argc, char **argv, stats_args *a) {
       {"samples", required_argument, 0, 'n'}, {"grid", required_argument, 0, 'k'},
       {"seed", required_argument, 0, 's'},    {"threads", required_argument, 0, 'j'},
       {"out", required_argument, 0, 'o'},     {"quiet", no_argument, 0, 'q'},
+      {"class", required_argument, 0, 'l'},   {"guidance-scale", required_argument, 0, 'g'},
       {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
   int c;
   optind = 1;
@@ -70,6 +86,12 @@ static int parse_args(int argc, char **argv, stats_args *a) {
     case 'd': a->data = optarg; break;
     case 'o': a->out = optarg; break;
     case 'q': a->quiet = 1; break;
+    case 'l': a->class_s = optarg; break;
+    case 'g':
+      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
+        return 2;
+      a->has_guidance = 1;
+      break;
     case 'h': fputs(help, stdout); return 0;
     default:
       if (int_flag(c, optarg, a) != 0)
@@ -79,14 +101,57 @@ static int parse_args(int argc, char **argv, stats_args *a) {
   if (optind < argc)
     return cli_usage_error("stats", "unexpected argument '%s'", argv[optind]);
   if (!a->out)
-    return cli_usage_error("stats", "--out FILE.json is required");
+    return cli_usage_error("stats", "--out NAME or --out FILE.json is required");
+  if (sampler_data_is_name(a->out) && !sampler_data_name_ok(a->out))
+    return cli_usage_error("stats",
+                           "--out '%s' is neither a solver data name (letters, digits, . _ -, "
+                           "starting with a letter or digit) nor a FILE.json",
+                           a->out);
   if (!a->model_dir)
     a->model_dir = cli_default_model();
   return -1;
 }
 
-/* The n data points: the first n of --data, or the model's own samples. */
-static int data_points(const stats_args *a, const model *m, int n, float *x, err *e) {
+/* What the statistics are computed on: the class per data point and the guidance. */
+typedef struct stats_cond {
+  int64_t *labels; /* n, or NULL for an unconditional model */
+  int one_class;
+  int64_t class_label;
+  guidance g;
+  int guided;
+} stats_cond;
+
+/* --class and --guidance-scale against the model: one class for every data point, or the
+ * classes in turn (the null class left out: nobody samples it); status 2 on a usage error. */
+static int stats_condition(const stats_args *a, const model *m, int n, stats_cond *c) {
+  const model_info *mi = model_get_info(m);
+  if (!mi->num_classes)
+    return a->class_s || a->has_guidance
+               ? cli_usage_error("stats", "this model is not class-conditional: drop --class "
+                                          "and --guidance-scale")
+               : 0;
+  if (a->class_s && (c->class_label = model_class_from_name(m, a->class_s)) < 0)
+    return cli_usage_error("stats", "--class '%s' is not a class of this model (%d classes)",
+                           a->class_s, mi->num_classes);
+  c->one_class = a->class_s != NULL;
+  if (!(c->labels = malloc((size_t)n * sizeof *c->labels)))
+    return cli_fail("stats", "out of memory");
+  int64_t next = 0;
+  for (int b = 0; b < n; b++) {
+    if (!c->one_class && next == mi->null_class)
+      next = (next + 1) % mi->num_classes;
+    c->labels[b] = c->one_class ? c->class_label : next;
+    next = (next + 1) % mi->num_classes;
+  }
+  c->g = guidance_for(m, a->guidance);
+  c->guided = a->has_guidance;
+  return 0;
+}
+
+/* The n data points: the first n of --data, or the model's own samples (of the same classes
+ * and guidance). */
+static int data_points(const stats_args *a, const model *m, const stats_cond *c, int n, float *x,
+                       err *e) {
   const model_info *mi = model_get_info(m);
   const size_t d = (size_t)mi->in_channels * mi->sample_size * mi->sample_size;
   if (a->data) {
@@ -111,10 +176,66 @@ static int data_points(const stats_args *a, const model *m, int n, float *x, err
   json_decref(spec);
   if (rc != ERR_OK)
     return rc;
-  sampler_run_opts o = {.batch = n, .seed = (uint64_t)a->seed, .threads = (int)a->threads};
+  sampler_run_opts o = {.batch = n,
+                        .seed = (uint64_t)a->seed,
+                        .threads = (int)a->threads,
+                        .labels = c->labels,
+                        .guidance = c->guided ? &c->g : NULL};
   rc = sampler_run(s, m, &o, x, NULL, e);
   sampler_free(s);
   return rc;
+}
+
+/* --out as a file: a name becomes MODEL/solver_data/NAME.json, the folder made if missing. */
+static int out_path(const stats_args *a, char *path, size_t n, err *e) {
+  if (!sampler_data_is_name(a->out)) {
+    snprintf(path, n, "%s", a->out);
+    return ERR_OK;
+  }
+  if ((size_t)snprintf(path, n, "%s/%s", a->model_dir, SAMPLER_DATA_DIR) >= n)
+    return err_set(e, ERR_INVALID, "model folder path too long");
+  if (mkdir(path, 0777) != 0 && errno != EEXIST)
+    return err_set(e, ERR_IO, "cannot make %s: %s", path, strerror(errno));
+  snprintf(path + strlen(path), n - strlen(path), "/%s.json", a->out);
+  return ERR_OK;
+}
+
+/* Computes and writes; 0 or an exit status. */
+static int stats_run(const stats_args *a, const model *m, const sampler *v3, err *e) {
+  const model_info *mi = model_get_info(m);
+  const int n = (int)a->samples;
+  stats_cond c = {0};
+  int status = stats_condition(a, m, n, &c);
+  float *x = malloc((size_t)n * mi->in_channels * mi->sample_size * mi->sample_size * sizeof *x);
+  if (!status && !x)
+    status = cli_fail("stats", "out of memory");
+  if (!status) {
+    char path[4200];
+    cli_progress bar;
+    cli_progress_init(&bar, a->quiet);
+    const sampler_v3_stats_opts o = {.n = n,
+                                     .x0 = x,
+                                     .K = (int)a->grid,
+                                     .seed = (uint64_t)a->seed,
+                                     .threads = (int)a->threads,
+                                     .labels = c.labels,
+                                     .one_class = c.one_class,
+                                     .class_label = c.class_label,
+                                     .guidance = c.guided ? &c.g : NULL,
+                                     .progress = cli_on_progress,
+                                     .progress_user = &bar};
+    int rc = out_path(a, path, sizeof path, e);
+    if (rc == ERR_OK)
+      rc = data_points(a, m, &c, n, x, e);
+    if (rc == ERR_OK)
+      rc = sampler_v3_stats_compute(m, v3, &o, path, e);
+    status = rc == ERR_OK ? 0 : cli_fail("stats", "%s", e->msg);
+    if (!status && !a->quiet)
+      fprintf(stderr, "denoised stats: wrote %s\n", path);
+  }
+  free(x);
+  free(c.labels);
+  return status;
 }
 
 int cmd_stats(int argc, char **argv) {
@@ -125,36 +246,16 @@ int cmd_stats(int argc, char **argv) {
   err e = {0};
   model *m = NULL;
   sampler *v3 = NULL;
-  float *x = NULL;
   status = 1;
-  if (model_load(a.model_dir, &m, &e)) {
-    cli_fail("stats", "%s", e.msg);
-    goto done;
-  }
-  const model_info *mi = model_get_info(m);
-  const int n = (int)a.samples;
-  x = malloc((size_t)n * mi->in_channels * mi->sample_size * mi->sample_size * sizeof *x);
   json_t *spec = json_pack("{s:s, s:i}", "name", "dpm-solver-v3", "steps", 10);
-  if (!x || !spec) {
-    json_decref(spec);
+  if (!spec)
     cli_fail("stats", "out of memory");
-    goto done;
-  }
-  int rc = sampler_new_from_json(spec, model_scheduler_config(m), &v3, &e);
-  json_decref(spec);
-  cli_progress bar;
-  cli_progress_init(&bar, a.quiet);
-  if (rc == ERR_OK)
-    rc = data_points(&a, m, n, x, &e);
-  if (rc == ERR_OK)
-    rc = sampler_v3_stats_compute(m, v3, x, n, (int)a.grid, (uint64_t)a.seed, (int)a.threads,
-                                  cli_on_progress, &bar, a.out, &e);
-  if (rc != ERR_OK)
+  else if (model_load(a.model_dir, &m, &e) ||
+           sampler_new_from_json(spec, model_scheduler_config(m), &v3, &e))
     cli_fail("stats", "%s", e.msg);
   else
-    status = 0;
-done:
-  free(x);
+    status = stats_run(&a, m, v3, &e);
+  json_decref(spec);
   sampler_free(v3);
   model_free(m);
   return status;

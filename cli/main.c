@@ -23,6 +23,7 @@ static const char usage[] = "usage: denoised <command> [options]\n"
                             "  boundary  'boundary fit': a semantic boundary from labelled images\n"
                             "  stats     DPM-Solver-v3 statistics of a model (--solver-data)\n"
                             "  train     train a UNet2DModel on images (a diffusers folder)\n"
+                            "  info      a model folder: its network and its solver data\n"
                             "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
                             "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
                             "  config    check a daemon config file, list its keys\n"
@@ -97,6 +98,8 @@ int main(int argc, char **argv) {
     return cmd_train(argc - 1, argv + 1);
   if (strcmp(cmd, "stats") == 0)
     return cmd_stats(argc - 1, argv + 1);
+  if (strcmp(cmd, "info") == 0)
+    return cmd_info(argc - 1, argv + 1);
   if (strcmp(cmd, "forward") == 0)
     return cmd_forward(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)

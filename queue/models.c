@@ -112,13 +112,18 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->null_class = mi->null_class;
   out->num_params = mi->num_params;
   out->class_labels = m->labels ? json_incref(m->labels) : NULL;
+  char path[sizeof m->path];
+  snprintf(path, sizeof path, "%s", m->path);
   pthread_mutex_unlock(&q->mu);
+  out->solver_data = sampler_data_list(path, NULL); /* files: outside the lock */
   return ERR_OK;
 }
 
 void queue_model_desc_clear(queue_model_desc *d) {
   json_decref(d->class_labels);
+  json_decref(d->solver_data);
   d->class_labels = NULL;
+  d->solver_data = NULL;
 }
 
 /* ---- samplers ---- */
@@ -139,8 +144,21 @@ int queue_make_sampler(queue *q, const queue_spec *s, sampler **out, char *field
     setfield(field, fieldlen, "%s", "model");
     return err_set(e, QUEUE_NOT_FOUND, "unknown model '%s'", s->model);
   }
-  const pipeline_solver ps = {.name = s->solver, .steps = s->steps, .options = s->options};
+  const pipeline_solver ps = {.name = s->solver,
+                              .steps = s->steps,
+                              .options = s->options,
+                              .data = s->data[0] ? s->data : NULL};
   int rc = pipeline_sampler(m->m, &ps, out, field, fieldlen, e);
+  if (rc == ERR_OK && ps.data) { /* the job's class and guidance against the data's */
+    const guidance g = {
+        .enabled = s->has_guidance, .scale = s->guidance_scale, .null_label = s->null_class};
+    if ((rc = pipeline_check_data(m->m, &ps, *out, &g, s->has_label ? &s->label : NULL, 1, e)) !=
+        ERR_OK) {
+      setfield(field, fieldlen, "%s", "scheduler.data");
+      sampler_free(*out);
+      *out = NULL;
+    }
+  }
   pthread_mutex_lock(&q->mu);
   qmodel_unref(m);
   pthread_mutex_unlock(&q->mu);

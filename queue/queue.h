@@ -49,6 +49,9 @@ typedef struct queue_spec {
   char solver[QUEUE_NAME_SIZE];
   int steps;
   json_t *options; /* scheduler options object (diffusers scheduler_config keys); owned */
+  /* The solver data the job names (scheduler.data: a name of the model's solver_data folder,
+   * never a path), "" for none. */
+  char data[SAMPLER_DATA_NAME_MAX + 1];
   int batch;
   uint64_t seed;
   uint64_t first_image; /* rng image index of image 0: image i uses noise stream first_image+i */
@@ -124,8 +127,8 @@ void queue_spec_clear(queue_spec *s);
 int queue_spec_copy(queue_spec *dst, const queue_spec *src);
 json_t *queue_spec_to_json(const queue_spec *s);
 int queue_spec_from_json(const json_t *j, queue_spec *s, err *e);
-/* Same model, solver, steps, size, scheduler options and guidance, and an evaluation count
- * that does not depend on the sample: one forward serves both, and each job's run (steps,
+/* Same model, solver, steps, size, scheduler options, solver data and guidance, and an evaluation
+ * count that does not depend on the sample: one forward serves both, and each job's run (steps,
  * evaluations, events) is the one it gets alone, whatever the other's seed or classes. */
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b);
 
@@ -199,6 +202,7 @@ typedef struct queue_model_desc {
   int64_t null_class; /* classifier-free guidance's "no class" label (model_info.null_class) */
   int64_t num_params;
   json_t *class_labels; /* array of names or NULL; a reference the caller decrefs */
+  json_t *solver_data;  /* sampler_data_list of its folder (names, never paths), or NULL */
 } queue_model_desc;
 
 int queue_model_count(queue *q);
@@ -206,9 +210,11 @@ int queue_model_count(queue *q);
 int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out);
 void queue_model_desc_clear(queue_model_desc *d);
 
-/* Builds the solver exactly as a worker will (sampler_new_from_json with the spec's name, steps
- * and options over the model's scheduler_config.json). On error `field` names the offending
- * part: "scheduler.name", "scheduler.steps", "scheduler.options.KEY", "scheduler.options". */
+/* Builds the solver exactly as a worker will (sampler_new_from_json with the spec's name, steps,
+ * options and solver data over the model's scheduler_config.json), and holds the spec's class and
+ * guidance to what the solver data was computed for. On error `field` names the offending part:
+ * "scheduler.name", "scheduler.steps", "scheduler.data", "scheduler.options.KEY",
+ * "scheduler.options". */
 int queue_make_sampler(queue *q, const queue_spec *s, sampler **out, char *field, size_t fieldlen,
                        err *e);
 

@@ -117,16 +117,18 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
                                         [QUEUE_EDIT_BOUNDARY] = PIPELINE_BOUNDARY};
   if (sp->edit < 0 || sp->edit > QUEUE_EDIT_BOUNDARY)
     return err_set(e, ERR_FORMAT, "unknown edit kind %d", sp->edit);
-  q->r =
-      (pipeline_request){.kind = kinds[sp->edit],
-                         .solver = {.name = sp->solver, .steps = sp->steps, .options = sp->options},
-                         .batch = sp->batch,
-                         .height = sp->height,
-                         .width = sp->width,
-                         .seed = sp->seed,
-                         .first_image = sp->first_image,
-                         .images = 1,
-                         .strength = sp->strength};
+  q->r = (pipeline_request){.kind = kinds[sp->edit],
+                            .solver = {.name = sp->solver,
+                                       .steps = sp->steps,
+                                       .options = sp->options,
+                                       .data = sp->data[0] ? sp->data : NULL},
+                            .batch = sp->batch,
+                            .height = sp->height,
+                            .width = sp->width,
+                            .seed = sp->seed,
+                            .first_image = sp->first_image,
+                            .images = 1,
+                            .strength = sp->strength};
   if (sp->has_label) {
     if (!(q->labels = mem_malloc(sizeof *q->labels * (size_t)sp->batch)))
       return err_set(e, ERR_NOMEM, "out of memory");

@@ -125,9 +125,10 @@ void qspec_release_inputs(queue_spec *s) {
 
 int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
   return strcmp(a->model, b->model) == 0 && strcmp(a->solver, b->solver) == 0 &&
-         a->steps == b->steps && a->height == b->height && a->width == b->width && !a->nfe_varies &&
-         !b->nfe_varies && a->has_label == b->has_label && !a->preview_every && !b->preview_every &&
-         !a->edit && !b->edit && a->has_guidance == b->has_guidance &&
+         a->steps == b->steps && strcmp(a->data, b->data) == 0 && a->height == b->height &&
+         a->width == b->width && !a->nfe_varies && !b->nfe_varies && a->has_label == b->has_label &&
+         !a->preview_every && !b->preview_every && !a->edit && !b->edit &&
+         a->has_guidance == b->has_guidance &&
          (!a->has_guidance ||
           (a->guidance_scale == b->guidance_scale && a->null_class == b->null_class)) &&
          json_equal(a->options ? a->options : json_null(), b->options ? b->options : json_null());
@@ -139,6 +140,8 @@ json_t *queue_spec_to_json(const queue_spec *s) {
       s->solver, "steps", s->steps, "options", s->options ? s->options : json_null(), "batch",
       s->batch, "seed", (json_int_t)s->seed, "first_image", (json_int_t)s->first_image, "height",
       s->height, "width", s->width, "preview_every", s->preview_every, "owner", s->owner);
+  if (j && s->data[0])
+    json_object_set_new(j, "data", json_string(s->data));
   if (j && s->has_label)
     json_object_set_new(j, "class_label", json_integer(s->label));
   if (j && s->has_guidance) {
@@ -195,6 +198,11 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   snprintf(s->owner, sizeof s->owner, "%s", owner);
   s->seed = (uint64_t)seed;
   s->first_image = (uint64_t)first;
+  const json_t *data = json_object_get(j, "data");
+  if (data && !(json_is_string(data) && sampler_data_name_ok(json_string_value(data))))
+    return err_set(e, ERR_FORMAT, "job spec: 'data' is not a solver data name");
+  if (data)
+    snprintf(s->data, sizeof s->data, "%s", json_string_value(data));
   if (json_is_object(options))
     s->options = json_deep_copy(options);
   if (label && json_is_integer(label)) {

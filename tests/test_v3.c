@@ -238,8 +238,8 @@ START_TEST(computed_statistics_exact_on_a_gaussian) {
   json_t *spec = json_pack("{s:s, s:i}", "name", "dpm-solver-v3", "steps", 10);
   sampler *s = NULL;
   ck_assert_msg(sampler_new_from_json(spec, model_scheduler_config(m), &s, &e) == 0, "%s", e.msg);
-  ck_assert_msg(sampler_v3_stats_compute(m, s, x0, N, K, 1, 1, NULL, NULL, out, &e) == 0, "%s",
-                e.msg);
+  const sampler_v3_stats_opts so = {.x0 = x0, .n = N, .K = K, .seed = 1, .threads = 1};
+  ck_assert_msg(sampler_v3_stats_compute(m, s, &so, out, &e) == 0, "%s", e.msg);
   sampler_free(s);
   json_decref(spec);
   json_t *h = json_load_file(out, 0, NULL);
@@ -282,7 +282,7 @@ START_TEST(computed_statistics_exact_on_a_gaussian) {
   json_decref(v);
   json_decref(f);
   /* bad inputs */
-  ck_assert_int_ne(sampler_v3_stats_compute(m, NULL, x0, N, K, 1, 1, NULL, NULL, out, &e), 0);
+  ck_assert_int_ne(sampler_v3_stats_compute(m, NULL, &so, out, &e), 0);
   char cmd[700];
   snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
   ck_assert_int_eq(system(cmd), 0);

@@ -26,6 +26,8 @@ struct model {
   char class_name[64];
   char prediction_type[32];
   char sched_path[MODEL_PATH_MAX];
+  char dir[MODEL_PATH_MAX]; /* the folder as given to model_load */
+  char digest[32];          /* of the weights file, model_weights_digest */
   int has_sched;
   json_t *sched_json; /* scheduler_config.json as read, or NULL */
   unet *unet;
@@ -103,6 +105,39 @@ static int open_weights(const char *net_dir, st_file **st, char *path, err *e) {
     return err_set(e, ERR_FORMAT, "%s: missing diffusion_pytorch_model.safetensors", net_dir);
   }
   return st_open(path, st, e);
+}
+
+/* 64-bit FNV-1a over the file's 8-byte little-endian words (a shorter tail byte by byte), then
+ * its length: an identity tag for files computed from the model (solver data), not a defence
+ * against forgery; word-wise because a byte-wise pass over a large checkpoint costs a visible
+ * part of the load. */
+static int weights_digest(const char *path, char *out, size_t n, err *e) {
+  FILE *f = fopen(path, "rb");
+  if (!f)
+    return err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
+  const uint64_t prime = 0x100000001b3ull;
+  uint64_t h = 0xcbf29ce484222325ull, len = 0;
+  unsigned char buf[16384];
+  size_t got;
+  while ((got = fread(buf, 1, sizeof buf, f)) > 0) {
+    size_t i = 0;
+    for (; i + 8 <= got; i += 8) {
+      uint64_t w = 0;
+      for (int k = 7; k >= 0; k--)
+        w = (w << 8) | buf[i + (size_t)k];
+      h = (h ^ w) * prime;
+    }
+    for (; i < got; i++)
+      h = (h ^ buf[i]) * prime;
+    len += got;
+  }
+  const int bad = ferror(f);
+  fclose(f);
+  if (bad)
+    return err_set(e, ERR_IO, "%s: read error", path);
+  h = (h ^ len) * prime;
+  snprintf(out, n, "fnv1a64:%016llx", (unsigned long long)h);
+  return ERR_OK;
 }
 
 static int load_gmm(model *m, const json_t *cfg, const char *weights, err *e) {
@@ -239,6 +274,7 @@ int model_load(const char *dir, model **out, err *e) {
     free(m);
     return rc;
   }
+  snprintf(m->dir, sizeof m->dir, "%s", dir);
   m->has_sched = is_file(m->sched_path);
   if (m->has_sched && !(m->sched_json = sched_config_read_json(m->sched_path, e))) {
     free(m);
@@ -264,6 +300,11 @@ int model_load(const char *dir, model **out, err *e) {
                  "%s: _class_name \"%s\" is not supported (UNet2DModel or "
                  "GaussianMixtureDenoiser)",
                  cfg_path, name);
+  }
+  if (rc == ERR_OK) {
+    char weights[MODEL_PATH_MAX + 40];
+    snprintf(weights, sizeof weights, "%s/diffusion_pytorch_model.safetensors", net_dir);
+    rc = weights_digest(weights, m->digest, sizeof m->digest, e);
   }
   if (rc == ERR_OK)
     rc = read_null_class(m, cfg, cfg_path, e);
@@ -325,6 +366,14 @@ void model_free(model *m) {
 
 const model_info *model_get_info(const model *m) {
   return &m->info;
+}
+
+const char *model_dir(const model *m) {
+  return m->dir;
+}
+
+const char *model_weights_digest(const model *m) {
+  return m->digest;
 }
 
 const char *model_scheduler_config_path(const model *m) {

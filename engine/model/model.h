@@ -52,6 +52,14 @@ const model_info *model_get_info(const model *m);
  * neither. */
 int64_t model_class_from_name(const model *m, const char *name);
 
+/* The folder the model was loaded from, as given to model_load (solver data lives in its
+ * solver_data/ subfolder: sampler.h). */
+const char *model_dir(const model *m);
+/* "fnv1a64:<16 hex digits>": a digest of the weights file (64-bit FNV-1a over its bytes as
+ * little-endian 8-byte words, then its length), taken at load. What files computed from the
+ * model (DPM-Solver-v3 statistics) record to be checked against it later. */
+const char *model_weights_digest(const model *m);
+
 /* Path of the scheduler_config.json that belongs with the model, or NULL. */
 const char *model_scheduler_config_path(const model *m);
 /* That file's JSON object as read at load (borrowed, lives as long as m), or NULL. Every solver

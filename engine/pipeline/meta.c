@@ -44,6 +44,11 @@ void meta_infotext(const meta_image *m, char *buf, size_t n) {
     off += (size_t)snprintf(buf + off, n - off, ", CFG scale: %g", m->guidance_scale);
   if (m->has_strength && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Denoising strength: %g", m->strength);
+  if (m->solver_data && off < n) { /* a name as is; of a file path, its last component */
+    const char *sd = strrchr(m->solver_data, '/');
+    off += (size_t)snprintf(buf + off, n - off, ", Solver data: %s",
+                            sd && sd[1] ? sd + 1 : m->solver_data);
+  }
   const char *type = json_string_value(json_object_get(m->edit, "type"));
   if (type && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Edit: %s", type);

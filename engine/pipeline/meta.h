@@ -38,7 +38,8 @@ typedef struct meta_image {
 json_t *meta_json(const meta_image *m);
 
 /* "Steps: 50, Sampler: ddim, Seed: 1, Size: 32x32, Model: NAME, ..., Version: ..." where NAME is
- * the last path component of m->model; an edit adds "Edit: TYPE". */
+ * the last path component of m->model; solver data adds "Solver data: NAME" (a file: its last
+ * path component), an edit "Edit: TYPE". */
 void meta_infotext(const meta_image *m, char *buf, size_t n);
 
 /* One CHW float image (out_channels of the model: 1 or 3+, in [-1, 1]) as PNG bytes carrying

@@ -21,25 +21,62 @@ static void set_field(char *field, size_t n, const char *fmt, const char *arg) {
     snprintf(field, n, fmt, arg);
 }
 
+/* The file of the request's solver data: a bare name is the model's (MODEL/solver_data), else a
+ * path as given. */
+static int data_file(const model *m, const pipeline_solver *s, char *path, size_t n, err *e) {
+  if (!sampler_data_is_name(s->data)) {
+    snprintf(path, n, "%s", s->data);
+    return ERR_OK;
+  }
+  return sampler_data_path(model_dir(m), s->data, path, n, e);
+}
+
+/* A message about the file of a named solver data speaks of the name: clients name data, never
+ * paths, and must not learn where the server keeps it. */
+static void name_not_path(err *e, const model *m, const pipeline_solver *s) {
+  char path[4200], msg[sizeof e->msg], *at;
+  if (!e || !s->data || !sampler_data_is_name(s->data) ||
+      data_file(m, s, path, sizeof path, NULL) != ERR_OK)
+    return;
+  while ((at = strstr(e->msg, path)) != NULL) {
+    const int lead = strncmp(e->msg, "statistics file ", 16) == 0 && at == e->msg + 16 ? 16 : 0;
+    snprintf(msg, sizeof msg, "%.*ssolver data '%s'%s", (int)(at - e->msg) - lead, e->msg, s->data,
+             at + strlen(path));
+    memcpy(e->msg, msg, sizeof msg);
+  }
+}
+
 /* {name, steps, config, options} with only one of the options (only_key), all, or none */
 static int try_solver(const model *m, const pipeline_solver *s, const char *only_key, int no_opts,
                       sampler **out, err *e) {
-  json_t *spec = json_pack("{s:s}", "name", s->name);
+  char data[4200];
+  int rc = s->data ? data_file(m, s, data, sizeof data, e) : ERR_OK;
+  json_t *spec = rc == ERR_OK ? json_pack("{s:s}", "name", s->name) : NULL;
   if (!spec)
-    return err_set(e, ERR_NOMEM, "out of memory");
+    return rc != ERR_OK ? rc : err_set(e, ERR_NOMEM, "out of memory");
   if (s->steps)
     json_object_set_new(spec, "steps", json_integer(s->steps));
   if (s->config)
     json_object_set(spec, "config", (json_t *)s->config);
   if (s->data)
-    json_object_set_new(spec, "data", json_string(s->data));
+    json_object_set_new(spec, "data", json_string(data));
   if (only_key)
     json_object_set_new(spec, "options",
                         json_pack("{s:O}", only_key, json_object_get(s->options, only_key)));
   else if (s->options && !no_opts)
     json_object_set(spec, "options", (json_t *)s->options);
-  int rc = sampler_new_from_json(spec, model_scheduler_config(m), out, e);
+  rc = sampler_new_from_json(spec, model_scheduler_config(m), out, e);
   json_decref(spec);
+  if (rc != ERR_OK)
+    name_not_path(e, m, s);
+  return rc;
+}
+
+int pipeline_check_data(const model *m, const pipeline_solver *ps, const sampler *s,
+                        const guidance *g, const int64_t *labels, int batch, err *e) {
+  int rc = sampler_data_check(s, m, g, labels, batch, e);
+  if (rc != ERR_OK)
+    name_not_path(e, m, ps);
   return rc;
 }
 
@@ -65,6 +102,13 @@ int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, ch
   }
   if (rc == ERR_NOMEM)
     return rc;
+  /* the data names itself: it is not found, takes no such solver, or is not for this model */
+  if (s->data && e &&
+      (strstr(e->msg, "solver data") || strstr(e->msg, "statistics") ||
+       strstr(e->msg, "USF schedule"))) {
+    set_field(field, fieldlen, "%s", "scheduler.data");
+    return rc;
+  }
   /* name the part at fault: each option alone, then the spec without options */
   const char *key;
   json_t *v;
@@ -279,6 +323,8 @@ static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *
   int rc = r->noise ? pipeline_check_noise(r->noise, nd, "edit.noise", e) : ERR_OK;
   if (!rc)
     rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
+  if (!rc)
+    rc = pipeline_check_data(c->m, &r->solver, out->sampler, r->guidance, r->labels, r->batch, e);
   if (rc)
     return rc;
   c->s = out->sampler;
@@ -468,7 +514,9 @@ int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, co
                    .height = r->height ? r->height : mi->sample_size,
                    .width = r->width ? r->width : mi->sample_size,
                    .cfg = sampler_config(s),
-                   .solver_data = sampler_data(s),
+                   /* as the request named it: a name is found again beside the model */
+                   .solver_data = r->kind == PIPELINE_GENERATE && r->solver.data ? r->solver.data
+                                                                                 : sampler_data(s),
                    .has_label = r->labels != NULL,
                    .label = r->labels ? r->labels[i] : 0,
                    .has_guidance = r->guidance && r->guidance->enabled,

@@ -36,7 +36,8 @@ typedef struct pipeline_solver {
   int steps;             /* 0: the solver's default */
   const json_t *config;  /* scheduler_config keys over the model's (a user's file, or the
                           * resolved config a replayed image recorded), or NULL */
-  const char *data;      /* the solver's data file (DPM-Solver-v3 statistics), or NULL */
+  const char *data;      /* the solver's data (DPM-Solver-v3 statistics): a file, or a bare
+                          * name of the model's (MODEL/solver_data/NAME.json), or NULL */
   const json_t *options; /* further keys the solver reads (scheduler.options, --scheduler-opt),
                           * or NULL */
 } pipeline_solver;
@@ -44,9 +45,16 @@ typedef struct pipeline_solver {
 /* The one place a request's solver becomes a sampler: the model's scheduler_config.json, then
  * s->config, then s->options, and a prediction type the model does not make is refused. On
  * error `field` (if given) names the part at fault as the JSON API spells it: scheduler.name,
- * scheduler.steps, scheduler.config, scheduler.options or scheduler.options.KEY. */
+ * scheduler.steps, scheduler.config, scheduler.data, scheduler.options or
+ * scheduler.options.KEY. */
 int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, char *field,
                      size_t fieldlen, err *e);
+
+/* The run's class and guidance against what s's solver data was computed for
+ * (sampler_data_check), in the words of the request (a named data by its name, never its
+ * path). pipeline_run checks it; front ends call it to refuse a job before accepting it. */
+int pipeline_check_data(const model *m, const pipeline_solver *ps, const sampler *s,
+                        const guidance *g, const int64_t *labels, int batch, err *e);
 
 /* Arguments of the inversion kinds' sampling run (edit-friendly edits of the paper). */
 typedef struct pipeline_invert_args {

@@ -508,6 +508,7 @@ void sampler_free(sampler *s) {
   sampler_v3_free(s->v3);
   sampler_usf_free(s->usf);
   free(s->data);
+  json_decref(s->data_for);
   free(s);
 }
 

@@ -126,19 +126,68 @@ typedef struct sampler_run_opts {
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e);
 
+/* What sampler_v3_stats_compute evaluates the model on. */
+typedef struct sampler_v3_stats_opts {
+  const float *x0; /* n * C * H * W data points in [-1, 1] */
+  int n;           /* 2 <= n <= 64 */
+  int K;           /* grid intervals */
+  uint64_t seed;
+  int threads;
+  /* Class-conditional models: one class per data point (NULL for unconditional models), and
+   * whether they are all one class (class_label, recorded: the statistics are that class's) or
+   * spread over the classes (recorded as valid for any). */
+  const int64_t *labels;
+  int one_class;
+  int64_t class_label;
+  const guidance *guidance; /* classifier-free guidance of every evaluation, or NULL */
+  sampler_progress_fn progress;
+  void *progress_user;
+} sampler_v3_stats_opts;
+
 /* DPM-Solver-v3's empirical model statistics for model m, written as the statistics file
  * out_path (NAME.json + NAME.npy; README "DPM-Solver-v3"): l, s, b on a grid of K intervals
  * uniform in lambda over the range of s (a dpm-solver-v3 sampler: its schedule and prediction
- * type), from the n data points x0 (n * C * H * W floats, 2 <= n <= 64) noised with fresh noise
- * of `seed` at every grid point. As the authors' example script: l is the Hutchinson estimate of
- * sigma diag(d eps / dx) (one Rademacher probe per point), l' its central difference smoothed over
- * +-5 grid points, s and b the per-dimension least-squares fit of the lambda-derivative of
- * f = (sigma eps - l x) / alpha along the ODE; the Jacobian-vector products are central
- * differences (step 5e-3). 5 evaluations of the n points per grid point; progress gets
- * (done, total) over the 2 (K + 1) grid passes. Unconditional (no class, no guidance). */
-int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, int n, int K,
-                             uint64_t seed, int threads, sampler_progress_fn progress, void *user,
+ * type), from the n data points x0 noised with fresh noise of `seed` at every grid point. As the
+ * authors' example script: l is the Hutchinson estimate of sigma diag(d eps / dx) (one Rademacher
+ * probe per point), l' its central difference smoothed over +-5 grid points, s and b the
+ * per-dimension least-squares fit of the lambda-derivative of f = (sigma eps - l x) / alpha along
+ * the ODE; the Jacobian-vector products are central differences (step 5e-3). eps is the guided
+ * model output when o->guidance is set (the statistics are per guidance scale). The header
+ * (version 2) records what they were computed for: the model (class, size, channels, classes,
+ * weights digest), the schedule's lambda range, the class and the guidance scale (1 for a
+ * class-conditional model without guidance, null for an unconditional one), which
+ * sampler_data_check holds runs to. 5 evaluations of the n points per grid point; progress gets
+ * (done, total) over the 2 (K + 1) grid passes. */
+int sampler_v3_stats_compute(const model *m, const sampler *s, const sampler_v3_stats_opts *o,
                              const char *out_path, err *e);
+
+/* ---- solver data kept beside a model: MODEL/solver_data/NAME.json (+ its arrays) ---- */
+
+#define SAMPLER_DATA_DIR "solver_data"
+#define SAMPLER_DATA_NAME_MAX 64
+/* Whether text names solver data rather than a file: no '/' and no ".json" ending. */
+int sampler_data_is_name(const char *text);
+/* A valid name: 1 to SAMPLER_DATA_NAME_MAX characters of [A-Za-z0-9._-], the first a letter or
+ * digit (so no hidden file, no "..") and not ending in ".json". */
+int sampler_data_name_ok(const char *name);
+/* MODEL/solver_data/NAME.json for a name of the model in folder model_dir. ERR_INVALID for a bad
+ * name (the rule above) or one the folder does not have; the message lists the names it has
+ * and never the folder's path (it reaches HTTP clients). */
+int sampler_data_path(const char *model_dir, const char *name, char *path, size_t n, err *e);
+/* The solver data of the model in model_dir, sorted by name (new reference; an empty array
+ * without the folder): per entry name, kind ("dpm-solver-v3-stats"), version, grid, shape,
+ * data points, and what it was computed for (class_label and guidance_scale, null for "any" /
+ * unguided; null both for a version 1 header, which records nothing). Files that are not solver
+ * data headers are left out. */
+json_t *sampler_data_list(const char *model_dir, err *e);
+/* Holds a run on model m (guidance g or NULL, batch labels or NULL) to what the solver data of s
+ * was computed for: the model (weights digest, else class, size, channels), the schedule's
+ * lambda range, the class (every label that one, when recorded) and the guidance scale (and null
+ * class). A version 1 header records nothing: it is taken on trust for unguided runs (only its
+ * shape and lambda range are checked, at load and run) and refused for guided ones. ERR_OK
+ * without data; else ERR_INVALID naming the file and both sides of the mismatch. */
+int sampler_data_check(const sampler *s, const model *m, const guidance *g, const int64_t *labels,
+                       int batch, err *e);
 
 /* The first step a run with img2img strength `strength` performs (n - int(n * strength)); an
  * error if that leaves no step. */

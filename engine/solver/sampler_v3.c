@@ -151,10 +151,17 @@ int sampler_v3_attach(sampler *s, const char *path, err *e) {
     goto done;
   }
   if (!json_is_string(fmt) || strcmp(json_string_value(fmt), "denoised-v3-stats") != 0 ||
-      !json_is_integer(ver) || json_integer_value(ver) != 1) {
+      !json_is_integer(ver) || json_integer_value(ver) < 1 || json_integer_value(ver) > 2) {
     rc = err_set(e, ERR_INVALID,
                  "statistics file %s: not a DPM-Solver-v3 statistics header (expected format "
-                 "\"denoised-v3-stats\", version 1)",
+                 "\"denoised-v3-stats\", version 1 or 2)",
+                 path);
+    goto done;
+  }
+  /* version 2 says what the statistics were computed for (sampler_data_check) */
+  const json_t *cfor = json_object_get(h, "computed_for");
+  if (json_integer_value(ver) == 2 && !json_is_object(cfor)) {
+    rc = err_set(e, ERR_INVALID, "statistics file %s: a version 2 header needs 'computed_for'",
                  path);
     goto done;
   }
@@ -226,6 +233,8 @@ int sampler_v3_attach(sampler *s, const char *path, err *e) {
   sampler_v3_free(s->v3);
   s->v3 = st;
   st = NULL;
+  json_decref(s->data_for);
+  s->data_for = json_is_object(cfor) ? json_incref((json_t *)cfor) : NULL;
 done:
   npy_array_free(&a);
   sampler_v3_free(st);
@@ -573,9 +582,26 @@ const solver_desc solver_dpm_v3 = {"dpm_v3", "DPM_Solver_v3", 10, v3_prepare, NU
 /* ---- computing the statistics (the authors' ScoreSDE example script, with finite differences
  * for the Jacobian-vector products) ---- */
 
+/* The header's record of what the statistics are for (sampler_data_check reads it). */
+static json_t *computed_for(const model *m, const sampler *s, const sampler_v3_stats_opts *o) {
+  const model_info *mi = model_get_info(m);
+  const guidance *g = o->guidance && o->guidance->enabled ? o->guidance : NULL;
+  json_t *j = json_pack(
+      "{s:{s:s, s:i, s:i, s:i, s:s}, s:{s:f, s:f}, s:o, s:o, s:i, s:I}", "model", "class_name",
+      mi->class_name ? mi->class_name : "", "sample_size", mi->sample_size, "in_channels",
+      mi->in_channels, "num_classes", mi->num_classes, "weights_digest", model_weights_digest(m),
+      "schedule", "lambda_min", s->lambdas[s->n_lambdas - 1], "lambda_max", s->lambdas[0],
+      "class_label", mi->num_classes && o->one_class ? json_integer(o->class_label) : json_null(),
+      "guidance_scale", !mi->num_classes ? json_null() : json_real(g ? g->scale : 1.0),
+      "data_points", o->n, "seed", (json_int_t)o->seed);
+  if (j && g)
+    json_object_set_new(j, "null_class", json_integer(g->null_label));
+  return j;
+}
+
 /* Writes the header out_path (NAME.json) and NAME.npy beside it. */
 static int v3_stats_write(const char *out_path, const float *lsb, int K, int C, int hw,
-                          double lam_T, double lam_0, err *e) {
+                          double lam_T, double lam_0, json_t *cfor, err *e) {
   const size_t len = strlen(out_path);
   if (len < 6 || strcmp(out_path + len - 5, ".json") != 0)
     return err_set(e, ERR_INVALID, "the statistics file name must end in .json, not '%s'",
@@ -590,9 +616,9 @@ static int v3_stats_write(const char *out_path, const float *lsb, int K, int C, 
   int rc = npy_write_f32(npath, lsb, 5, shape, e);
   if (rc != ERR_OK)
     return rc;
-  json_t *h = json_pack("{s:s, s:i, s:f, s:f, s:i, s:[i,i,i], s:s}", "format", "denoised-v3-stats",
-                        "version", 1, "lambda_T", lam_T, "lambda_0", lam_0, "grid", K, "shape", C,
-                        hw, hw, "arrays", base);
+  json_t *h = json_pack("{s:s, s:i, s:f, s:f, s:i, s:[i,i,i], s:s, s:O}", "format",
+                        "denoised-v3-stats", "version", 2, "lambda_T", lam_T, "lambda_0", lam_0,
+                        "grid", K, "shape", C, hw, hw, "arrays", base, "computed_for", cfor);
   if (!h)
     return err_set(e, ERR_NOMEM, "out of memory");
   if (json_dump_file(h, out_path, JSON_INDENT(1) | JSON_REAL_PRECISION(17)) != 0)
@@ -601,14 +627,23 @@ static int v3_stats_write(const char *out_path, const float *lsb, int K, int C, 
   return rc;
 }
 
-/* eps of n images at lambda (model output converted by the prediction type), float in/out. */
-static int stats_eps(const model *m, const sampler *s, const float *x, int n, int hw, double lam,
-                     float *out, int threads, err *e) {
+/* eps of n images at lambda (the guided model output converted by the prediction type), float
+ * in/out. */
+static int stats_eps(const model *m, const sampler *s, const sampler_v3_stats_opts *o,
+                     const float *x, int hw, double lam, float *out, err *e) {
   float t[64];
+  const int n = o->n;
   const float u = (float)paper_u_of_lam(s, lam);
   for (int b = 0; b < n; b++)
     t[b] = u;
-  int rc = model_eval(m, x, n, hw, hw, t, NULL, out, threads, e);
+  const model_call c = {.x = x,
+                        .n = n,
+                        .h = hw,
+                        .w = hw,
+                        .t = t,
+                        .labels = o->labels,
+                        .threads = o->threads > 0 ? o->threads : 1};
+  int rc = guidance_eval(o->guidance, m, &c, out, e);
   if (rc != ERR_OK)
     return rc;
   const double al = alpha_of(lam), sg = al * exp(-lam);
@@ -626,16 +661,23 @@ static int stats_eps(const model *m, const sampler *s, const float *x, int n, in
   5e-3 /* finite-difference step, in x (and in lambda for the total derivative)                    \
         */
 
-int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, int n, int K,
-                             uint64_t seed, int threads, sampler_progress_fn progress, void *user,
+int sampler_v3_stats_compute(const model *m, const sampler *s, const sampler_v3_stats_opts *o,
                              const char *out_path, err *e) {
   const model_info *mi = model_get_info(m);
-  const int hw = mi->sample_size, C = mi->in_channels;
+  const int hw = mi->sample_size, C = mi->in_channels, n = o->n, K = o->K;
   const size_t d = (size_t)C * hw * hw;
+  const float *x0 = o->x0;
+  const uint64_t seed = o->seed;
   if (!s || s->desc != &solver_dpm_v3)
     return err_set(e, ERR_INVALID, "statistics are computed for the dpm-solver-v3 solver");
   if (n < 2 || n > 64)
     return err_set(e, ERR_INVALID, "statistics need 2 to 64 data points, not %d", n);
+  if (mi->num_classes && !o->labels)
+    return err_set(e, ERR_INVALID,
+                   "a class-conditional model's statistics need a class per data "
+                   "point");
+  if (o->guidance && guidance_check(o->guidance, m, e) != ERR_OK)
+    return e ? e->code : ERR_INVALID;
   if (K < 2 || K > V3_MAX_K)
     return err_set(e, ERR_INVALID, "the statistics grid must have 2 to %d intervals", V3_MAX_K);
   const double lam_T = s->lambdas[s->n_lambdas - 1], lam_0 = s->lambdas[0];
@@ -667,8 +709,8 @@ int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, 
       em[j] = v;
     }
     float *v = em, *e1 = z, *e2 = ep;
-    if ((rc = stats_eps(m, s, xp, n, hw, lam, e1, threads, e)) != ERR_OK ||
-        (rc = stats_eps(m, s, xm, n, hw, lam, e2, threads, e)) != ERR_OK)
+    if ((rc = stats_eps(m, s, o, xp, hw, lam, e1, e)) != ERR_OK ||
+        (rc = stats_eps(m, s, o, xm, hw, lam, e2, e)) != ERR_OK)
       break;
     for (size_t p = 0; p < d; p++) {
       double acc = 0;
@@ -679,8 +721,8 @@ int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, 
       }
       L[(size_t)k * d + p] = (float)(acc / n);
     }
-    if (progress)
-      progress(k + 1, total, 2 * (k + 1), user);
+    if (o->progress)
+      o->progress(k + 1, total, 2 * (k + 1), o->progress_user);
   }
   if (rc != ERR_OK)
     goto done;
@@ -713,15 +755,15 @@ int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, 
       rng_normal(seed, (uint64_t)b, (uint64_t)(2 * (K + 1) + k + 1), z + b * d, d);
     for (size_t j = 0; j < nd; j++)
       x[j] = (float)(al * x0[j] + sg * z[j]);
-    if ((rc = stats_eps(m, s, x, n, hw, lam, ep, threads, e)) != ERR_OK)
+    if ((rc = stats_eps(m, s, o, x, hw, lam, ep, e)) != ERR_OK)
       break;
     for (size_t j = 0; j < nd; j++) { /* dx/dlam = sigma^2 x - sigma eps */
       const double vx = sg * sg * x[j] - sg * ep[j];
       xp[j] = (float)(x[j] + STATS_DELTA * vx);
       xm[j] = (float)(x[j] - STATS_DELTA * vx);
     }
-    if ((rc = stats_eps(m, s, xp, n, hw, lam + STATS_DELTA, em, threads, e)) != ERR_OK ||
-        (rc = stats_eps(m, s, xm, n, hw, lam - STATS_DELTA, z, threads, e)) != ERR_OK)
+    if ((rc = stats_eps(m, s, o, xp, hw, lam + STATS_DELTA, em, e)) != ERR_OK ||
+        (rc = stats_eps(m, s, o, xm, hw, lam - STATS_DELTA, z, e)) != ERR_OK)
       break;
     for (size_t p = 0; p < d; p++) {
       const double l = L[(size_t)k * d + p], lp = dl[(size_t)k * d + p];
@@ -745,16 +787,20 @@ int sampler_v3_stats_compute(const model *m, const sampler *s, const float *x0, 
       Sv[(size_t)k * d + p] = (float)sv;
       Bv[(size_t)k * d + p] = (float)(mb - sv * ma);
     }
-    if (progress)
-      progress(K + 2 + k, total, 2 * (K + 1) + 3 * (k + 1), user);
+    if (o->progress)
+      o->progress(K + 2 + k, total, 2 * (K + 1) + 3 * (k + 1), o->progress_user);
   }
   for (size_t j = 0; rc == ERR_OK && j < 3 * G; j++)
     if (!isfinite(out[j]))
       rc = err_set(e, ERR_INVALID,
                    "the statistics came out non-finite (the model's output at some lambda); "
                    "nothing written");
+  json_t *cfor = rc == ERR_OK ? computed_for(m, s, o) : NULL;
+  if (rc == ERR_OK && !cfor)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
   if (rc == ERR_OK)
-    rc = v3_stats_write(out_path, out, K, C, hw, lam_T, lam_0, e);
+    rc = v3_stats_write(out_path, out, K, C, hw, lam_T, lam_0, cfor, e);
+  json_decref(cfor);
 done:
   free(buf);
   free(out);

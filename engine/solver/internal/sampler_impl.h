@@ -104,6 +104,9 @@ struct sampler {
   struct v3_stats *v3;      /* DPM-Solver-v3: the empirical model statistics, owned */
   char *data;               /* the statistics file's path as given, owned, or NULL */
   struct usf_schedule *usf; /* USF: the solver schedule, owned */
+  /* What the data was computed for (the statistics header's "computed_for": model, schedule,
+   * class, guidance), owned; NULL for a version 1 header, which records nothing. */
+  json_t *data_for;
 };
 
 /* ---- sampler_paper.c: the official DPM-Solver code's continuous schedule, labels u in
