@@ -1020,13 +1020,7 @@ int unet_forward(const unet *u, const float *x, int n, int h, int w, const float
   return unet_forward_mid(u, x, n, h, w, t, labels, out, threads, NULL, e);
 }
 
-int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
-                     const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
-  int rc = unet_check_input(u, n, h, w, t, labels, e);
-  if (rc)
-    return rc;
-  if (mid && !u->has_mid)
-    return err_set(e, ERR_UNSUPPORTED, "this UNet has no mid block (h-space)");
+int unet_workspace_take(const unet *u, int threads, workspace *out, err *e) {
   unet *mu = (unet *)u; /* only the workspace cache changes, under its lock */
   if (threads < 1)
     threads = 1;
@@ -1050,20 +1044,41 @@ int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const f
   if (!ws.a || (threads > 1 && !ws.p)) {
     arena_free(ws.a);
     pool_free(ws.p);
-    return err_set(e, ERR_NOMEM, "out of memory (or threads) for a forward pass");
+    return err_set(e, ERR_NOMEM, "out of memory (or threads) for a pass of the network");
   }
-  fwd f = {.u = u, .a = ws.a, .n = n, .p = ws.p, .mid = mid};
-  rc = forward(&f, x, h, w, t, labels, out, e);
-  arena_reset(ws.a);
+  *out = ws;
+  return ERR_OK;
+}
+
+void unet_workspace_give(const unet *u, workspace *ws) {
+  unet *mu = (unet *)u;
+  arena_reset(ws->a);
   pthread_mutex_lock(&mu->lock);
   if (mu->nspare < UNET_MAX_SPARE) {
-    mu->spare[mu->nspare++] = ws;
-    ws.a = NULL;
-    ws.p = NULL;
+    mu->spare[mu->nspare++] = *ws;
+    ws->a = NULL;
+    ws->p = NULL;
   }
   pthread_mutex_unlock(&mu->lock);
-  arena_free(ws.a);
-  pool_free(ws.p);
+  arena_free(ws->a);
+  pool_free(ws->p);
+  ws->a = NULL;
+  ws->p = NULL;
+}
+
+int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
+                     const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
+  int rc = unet_check_input(u, n, h, w, t, labels, e);
+  if (rc)
+    return rc;
+  if (mid && !u->has_mid)
+    return err_set(e, ERR_UNSUPPORTED, "this UNet has no mid block (h-space)");
+  workspace ws;
+  if ((rc = unet_workspace_take(u, threads, &ws, e)))
+    return rc;
+  fwd f = {.u = u, .a = ws.a, .n = n, .p = ws.p, .mid = mid};
+  rc = forward(&f, x, h, w, t, labels, out, e);
+  unet_workspace_give(u, &ws);
   return rc;
 }
 

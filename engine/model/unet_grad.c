@@ -308,14 +308,10 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
   int rc = unet_check_input(u, c->n, c->h, c->w, c->t, c->labels, e);
   if (rc)
     return rc;
-  int threads = c->threads < 1 ? 1 : c->threads;
-  tape T = {.u = u, .n = c->n, .pg = pg, .e = e};
-  T.a = arena_new((size_t)64 << 20);
-  T.p = threads > 1 ? pool_new(threads) : NULL;
-  if (!T.a || (threads > 1 && !T.p)) {
-    rc = err_set(e, ERR_NOMEM, "out of memory (or threads) for a backward pass");
-    goto done;
-  }
+  workspace ws;
+  if ((rc = unet_workspace_take(u, c->threads, &ws, e)))
+    return rc;
+  tape T = {.u = u, .n = c->n, .pg = pg, .e = e, .a = ws.a, .p = ws.p};
   act xin, t_act, cls = {0}, out;
   if ((rc = t_forward(&T, c, &xin, &t_act, &cls, &out)))
     goto done;
@@ -340,7 +336,6 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
     memcpy(g->grad_class, cls.d, (size_t)c->n * u->temb_dim * sizeof(float));
 done:
   free(T.nodes);
-  arena_free(T.a);
-  pool_free(T.p);
+  unet_workspace_give(u, &ws);
   return rc;
 }

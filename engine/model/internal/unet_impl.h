@@ -76,6 +76,13 @@ struct unet {
   int nspare;
 };
 
+/* A workspace (arena and thread pool of `threads`) from the model's spares, or a new one; give
+ * it back (reset) when done, so that repeated passes, forward or backward, fault in no fresh
+ * pages and start no threads. The arena keeps the high-water mark of its uses (a training
+ * step's tape) until the model is freed. */
+int unet_workspace_take(const unet *u, int threads, workspace *ws, err *e);
+void unet_workspace_give(const unet *u, workspace *ws);
+
 /* ERR_INVALID naming what is wrong with a batch's shape, timesteps or labels. */
 int unet_check_input(const unet *u, int n, int h, int w, const float *t, const int64_t *labels,
                      err *e);
