@@ -670,6 +670,11 @@ int sampler_v3_stats_compute(const model *m, const sampler *s, const sampler_v3_
   const uint64_t seed = o->seed;
   if (!s || s->desc != &solver_dpm_v3)
     return err_set(e, ERR_INVALID, "statistics are computed for the dpm-solver-v3 solver");
+  if (mi->out_channels != C) /* the evaluations below have room for the prediction only */
+    return err_set(e, ERR_UNSUPPORTED,
+                   "statistics for a model with a learned variance (%d output channels for %d "
+                   "input channels) are not supported",
+                   mi->out_channels, C);
   if (n < 2 || n > 64)
     return err_set(e, ERR_INVALID, "statistics need 2 to 64 data points, not %d", n);
   if (mi->num_classes && !o->labels)
