@@ -5,14 +5,15 @@
  *     a lease that runs out (its node died) puts the job back where it was;
  *   - each job's event log, readable after a sequence number by any node, so that a client's
  *     event stream (SSE with Last-Event-ID) resumes wherever it reconnects.
- * Jobs are named by id only: another node never sees this process's pointers. Today one
- * backend, in memory (backend_mem.c); a Redis backend (lists or streams for the queue, a stream
- * per job for events) implements the same operations, and tests/test_backend_contract.c runs
- * against any of them. Every operation is thread-safe on its own; the queue calls them with its
- * lock held, so a backend never calls back into the queue. */
+ * Jobs are named by id only: another node never sees this process's pointers. Two backends:
+ * in memory (backend_mem.c, one process) and Redis (backend_redis.c, sorted sets and Lua
+ * scripts); tests/test_backend_contract.c runs the same checks against both. Every operation is
+ * thread-safe on its own; the queue calls them with its lock held, so a backend never calls back
+ * into the queue. */
 #ifndef DENOISED_QUEUE_BACKEND_H
 #define DENOISED_QUEUE_BACKEND_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -103,5 +104,21 @@ typedef struct qbackend_mem_opts {
 
 /* o may be NULL for the defaults. */
 int qbackend_mem_open(const qbackend_mem_opts *o, qbackend **out, err *e);
+
+/* ---- the Redis backend: daemons that share one Redis server share one queue ---- */
+typedef struct qbackend_redis_opts {
+  const char *url;      /* redis://HOST[:PORT][/DB] or a unix socket path */
+  const char *password; /* NULL: none (never part of url, never logged) */
+  const char *prefix;   /* key prefix of this group of daemons; "denoised" if NULL */
+  int transient_max;    /* transient events kept per job (the newest); 64 if 0 */
+  int timeout_ms;       /* connect and command timeout; 5000 if 0 */
+} qbackend_redis_opts;
+
+/* Connects (a clear ERR_IO naming the URL when the server cannot be reached) and loads the
+ * backend's scripts. Leases run on the server's clock. A connection that breaks later is
+ * re-made on the next operation. */
+int qbackend_redis_open(const qbackend_redis_opts *o, qbackend **out, err *e);
+/* Splits a redis_url: host (or the socket path, with *port 0), port and database. */
+int qbackend_redis_parse_url(const char *url, char *host, size_t hostn, int *port, int *db, err *e);
 
 #endif

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs the Debian packages denoised needs to build and test; skips what is present.
-# Usage: scripts/install-deps.sh [--reference] [--openapi] [--bench] [--fuzz] [--training]
+# Usage: scripts/install-deps.sh [--reference] [--openapi] [--bench] [--fuzz] [--redis] [--training]
 #   --reference  python3-torch + the modules tools/ needs to import a diffusers source tree
 #                for fixtures/bench
 #   --openapi    node + npm (Debian's, if no npm is on PATH) and the OpenAPI validator that
@@ -8,11 +8,12 @@
 #   --fuzz       clang with libFuzzer and its sanitizer runtimes (libclang-rt-14-dev) and
 #                llvm-symbolizer, for scripts/fuzz.sh
 #   --bench      wrk, for bench/load.sh
+#   --redis      redis-server, which the tests start on a scratch socket to check the Redis backend
 #   --training   --reference plus the Debian font packages tools/glyphs/fonts.txt renders the glyph
 #                data set from (retraining models/glyphs32 and bench/glyph_classifier.pt)
 set -eu
 cd "$(dirname "$0")/.."
-PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev universal-ctags"
+PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev universal-ctags libhiredis-dev"
 openapi=0
 for arg in "$@"; do
   case "$arg" in
@@ -22,6 +23,7 @@ for arg in "$@"; do
     openapi=1
     if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
   --bench) PKGS="$PKGS wrk" ;;
+  --redis) PKGS="$PKGS redis-server" ;;
   --fuzz) PKGS="$PKGS clang libclang-rt-14-dev llvm" ;;
   --training)
     PKGS="$PKGS python3-torch python3-numpy python3-pil"

@@ -1,13 +1,16 @@
 /* The queue backend's contract (queue/backend.h), written against the ops struct only, so every
- * backend runs the same checks: add a factory to `factories` (a Redis one opens a fresh
- * database and moves time by sleeping). Each test runs once per factory. What it pins down:
+ * backend runs the same checks: a factory per backend (the Redis one gives each test a fresh key
+ * prefix and moves time by sleeping). Each test runs once per factory. What it pins down:
  * first pushed first claimed, a job claimed by one holder at a time, leases that renew and run
  * out (the job back at its place, the old token dead), event logs read after a sequence number
  * with gaps, trimming and dropping, and threads that claim concurrently never sharing a job.
- * ASan checks that freeing a backend with jobs, claims and logs in it leaks nothing. */
+ * ASan checks that freeing a backend with jobs, claims and logs in it leaks nothing. The Redis
+ * backend runs on a scratch redis-server (testredis.h); without one installed it is skipped,
+ * and the test says so. */
 #include <pthread.h>
 
 #include "backend.h"
+#include "testredis.h"
 #include "testutil.h"
 
 /* ---- factories ---- */
@@ -37,8 +40,27 @@ static void mem_advance(fixture *fx, int ms) {
   fx->now += ms / 1000.0;
 }
 
-static const factory factories[] = {{"mem", mem_open, mem_advance}};
-#define NFACTORIES ((int)(sizeof factories / sizeof *factories))
+/* The Redis backend on a scratch server (testredis.h) shared by the tests; each test gets its
+ * own key prefix, so it starts from an empty queue. Time moves by sleeping: leases run on the
+ * server's clock. */
+static test_redis redis;
+
+static int redis_open(fixture *fx, qbackend **out, err *e) {
+  static int opened;
+  char prefix[64];
+  (void)fx;
+  snprintf(prefix, sizeof prefix, "test-%ld-%d", (long)getpid(), ++opened);
+  qbackend_redis_opts o = {.url = redis.url, .prefix = prefix, .transient_max = 8};
+  return qbackend_redis_open(&o, out, e);
+}
+
+static void redis_advance(fixture *fx, int ms) {
+  (void)fx;
+  usleep((useconds_t)ms * 1000);
+}
+
+static factory factories[2] = {{"mem", mem_open, mem_advance}};
+static int nfactories = 1;
 
 /* The backend of loop index i, empty. */
 static qbackend *open_backend(int i, fixture *fx) {
@@ -377,16 +399,105 @@ START_TEST(concurrent_claimers_never_share_a_job) {
 }
 END_TEST
 
+static void stop_redis(void) {
+  test_redis_stop(&redis);
+}
+
+/* ---- the Redis backend's own ---- */
+
+START_TEST(redis_urls_and_refusals) {
+  char host[64];
+  int port, db;
+  err e = {0};
+  ck_assert_int_eq(
+      qbackend_redis_parse_url("redis://cache.local:6380/2", host, sizeof host, &port, &db, &e),
+      ERR_OK);
+  ck_assert_str_eq(host, "cache.local");
+  ck_assert_int_eq(port, 6380);
+  ck_assert_int_eq(db, 2);
+  ck_assert_int_eq(qbackend_redis_parse_url("redis://h", host, sizeof host, &port, &db, &e),
+                   ERR_OK);
+  ck_assert_int_eq(port, 6379);
+  ck_assert_int_eq(qbackend_redis_parse_url("/run/redis.sock", host, sizeof host, &port, &db, &e),
+                   ERR_OK);
+  ck_assert_int_eq(port, 0);
+  const char *bad[][2] = {
+      {"http://h:1", "must be redis://"},   {"redis://:secret@h:1", "must not hold a password"},
+      {"redis://h:0", "port must be in"},   {"redis://h:99999", "port must be in"},
+      {"redis://h:12x", "port must be in"}, {"redis://h/db", "database must be a number"},
+      {"redis://:1", "has no host"},        {"", "empty"}};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    memset(&e, 0, sizeof e);
+    ck_assert_int_ne(qbackend_redis_parse_url(bad[i][0], host, sizeof host, &port, &db, &e),
+                     ERR_OK);
+    ck_assert_msg(strstr(e.msg, bad[i][1]), "'%s': '%s' lacks '%s'", bad[i][0], e.msg, bad[i][1]);
+    ck_assert_msg(!strstr(e.msg, "secret"), "the password leaked: %s", e.msg);
+  }
+  /* nothing listens there: a clear error naming the URL */
+  qbackend *b = NULL;
+  qbackend_redis_opts o = {.url = "/nonexistent/redis.sock", .timeout_ms = 500};
+  memset(&e, 0, sizeof e);
+  ck_assert_int_eq(qbackend_redis_open(&o, &b, &e), ERR_IO);
+  ck_assert_msg(strstr(e.msg, "cannot connect to /nonexistent/redis.sock"), "%s", e.msg);
+  ck_assert_ptr_null(b);
+}
+END_TEST
+
+/* A server restart (as after a crash, with the append-only file fsynced on every write): the
+ * backend reconnects by itself, sends its scripts again (the restarted server forgot them), and
+ * finds every queued job, claim and event where it was. */
+START_TEST(redis_restart_keeps_the_queue) {
+  fixture fx;
+  qbackend *b = NULL;
+  err e = {0};
+  ck_assert_msg(redis_open(&fx, &b, &e) == ERR_OK, "%s", e.msg);
+  char buf[256];
+  push(b, "a");
+  push(b, "b");
+  push(b, "c");
+  const uint64_t t = claim(b, "a", 60000);
+  append(b, "a", 1, "queued", 1);
+  append(b, "a", 2, "progress", 0);
+  ck_assert_int_eq(test_redis_shutdown(&redis), 0);
+  ck_assert_int_eq(b->ops->push(b, "d", &e), ERR_IO); /* down: an error, not a hang */
+  ck_assert_msg(strstr(e.msg, "redis"), "%s", e.msg);
+  ck_assert_int_eq(test_redis_launch(&redis), 0);
+  push(b, "e");
+  ck_assert_str_eq(queued(b, buf, sizeof buf), "b c e");
+  ck_assert_str_eq(seqs(b, "a", 0, 0, buf, sizeof buf), "1 2");
+  ck_assert_int_eq(b->ops->complete(b, "a", t, &e), ERR_OK);
+  const uint64_t t2 = claim(b, "b", 60000);
+  ck_assert(t2 > t); /* tokens survive too: a restart never hands out an old one */
+  b->ops->free(b);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("backend_contract");
   TCase *tc = tcase_create("contract");
-  tcase_add_loop_test(tc, fifo_order_and_places, 0, NFACTORIES);
-  tcase_add_loop_test(tc, a_job_has_one_holder, 0, NFACTORIES);
-  tcase_add_loop_test(tc, release_puts_a_job_back_at_its_place, 0, NFACTORIES);
-  tcase_add_loop_test(tc, leases_run_out_unless_renewed, 0, NFACTORIES);
-  tcase_add_loop_test(tc, event_log_reads_after_a_sequence_number, 0, NFACTORIES);
-  tcase_add_loop_test(tc, event_log_trims_transient_events_only, 0, NFACTORIES);
-  tcase_add_loop_test(tc, concurrent_claimers_never_share_a_job, 0, NFACTORIES);
+  if (!test_redis_installed()) {
+    fprintf(stderr, "test_backend_contract: SKIPPING the Redis backend: redis-server is not "
+                    "installed (scripts/install-deps.sh --redis)\n");
+  } else if (test_redis_start(&redis) == 0) {
+    signal(SIGPIPE, SIG_IGN); /* as the daemon does: a dropped connection is an error, not a kill */
+    atexit(stop_redis);
+    factories[nfactories++] = (factory){"redis", redis_open, redis_advance};
+  } else {
+    fprintf(stderr, "test_backend_contract: redis-server is installed but did not start\n");
+    exit(1);
+  }
+  tcase_add_loop_test(tc, fifo_order_and_places, 0, nfactories);
+  tcase_add_loop_test(tc, a_job_has_one_holder, 0, nfactories);
+  tcase_add_loop_test(tc, release_puts_a_job_back_at_its_place, 0, nfactories);
+  tcase_add_loop_test(tc, leases_run_out_unless_renewed, 0, nfactories);
+  tcase_add_loop_test(tc, event_log_reads_after_a_sequence_number, 0, nfactories);
+  tcase_add_loop_test(tc, event_log_trims_transient_events_only, 0, nfactories);
+  tcase_add_loop_test(tc, concurrent_claimers_never_share_a_job, 0, nfactories);
   suite_add_tcase(s, tc);
+  TCase *rc = tcase_create("redis");
+  tcase_add_test(rc, redis_urls_and_refusals);
+  if (nfactories > 1)
+    tcase_add_test(rc, redis_restart_keeps_the_queue);
+  suite_add_tcase(s, rc);
   return s;
 }

@@ -1,0 +1,630 @@
+/* The Redis queue backend (backend.h): runnable jobs, claims and event logs that several daemons
+ * share through one Redis server. Every operation is one Lua script, so it is atomic on the
+ * server however many nodes race; leases are timed on the server's clock (TIME inside the
+ * script), so nodes whose clocks disagree still agree on when a lease ran out.
+ *
+ * Why sorted sets and not a stream with a consumer group: the seam asks for a queue position,
+ * a peek at the head, claiming a chosen job (a node takes only jobs for models it serves) and a
+ * job put back at its first place, none of which a stream offers; XAUTOCLAIM's re-claim after a
+ * timeout is what `reclaim` does here with a lease set scored by deadline.
+ *
+ * Keys, under the configured prefix P (one daemon group per prefix):
+ *   P:q          zset  queued ids scored by first-push order
+ *   P:order      hash  id -> first-push order, while the job is queued or claimed
+ *   P:orderseq   int   the last order given
+ *   P:leases     zset  claimed ids scored by lease deadline (server ms)
+ *   P:tokens     hash  id -> the claim's fencing token
+ *   P:tokenseq   int   the last token given (never reused: INCR on a key nothing deletes)
+ *   P:evlast     hash  id -> the highest seq appended to id's log
+ *   P:ev:ID      zset  id's events scored by seq, member "SEQ TYPE LASTING DATA"
+ *   P:evt:ID     zset  the seqs of id's transient events (to trim them oldest first) */
+#include "backend.h"
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mem.h"
+
+enum {
+  S_PUSH,
+  S_REMOVE,
+  S_CLAIM,
+  S_RENEW,
+  S_COMPLETE,
+  S_RELEASE,
+  S_RECLAIM,
+  S_APPEND,
+  S_TRIM,
+  S_COUNT
+};
+
+typedef struct redis_backend {
+  qbackend base;
+  pthread_mutex_t mu; /* one connection: hiredis contexts are not thread-safe */
+  redisContext *c;
+  char *password;
+  int db;
+  char prefix[128];
+  int transient_max;
+  char sha[S_COUNT][41]; /* the scripts' SHA1s, by S_ index */
+} redis_backend;
+
+/* ---- scripts ---- */
+
+/* The server's clock in milliseconds. */
+#define LUA_NOW                                                                                    \
+  "local tm = redis.call('TIME') local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) " \
+  "/ 1000) "
+
+/* A claim still held: token matches and the lease has not run out. */
+#define LUA_HELD                                                                                   \
+  "local function held(id, token, now) "                                                           \
+  "  if redis.call('HGET', KEYS[2], id) ~= token then return false end "                           \
+  "  local d = redis.call('ZSCORE', KEYS[1], id) "                                                 \
+  "  return d ~= false and tonumber(d) > now "                                                     \
+  "end "
+
+/* The scripts; each backend loads them at open and runs them by SHA1 (EVALSHA), sending the
+ * text again when a restarted server has forgotten it. */
+static const char *const scripts[S_COUNT] = {
+    /* KEYS q order orderseq; ARGV id -> 0, or -1 if queued or claimed */
+    [S_PUSH] = "if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return -1 end "
+               "local o = redis.call('INCR', KEYS[3]) "
+               "redis.call('HSET', KEYS[2], ARGV[1], o) "
+               "redis.call('ZADD', KEYS[1], o, ARGV[1]) return 0",
+    /* KEYS q order; ARGV id -> 1 if it was queued */
+    [S_REMOVE] = "if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then "
+                 "redis.call('HDEL', KEYS[2], ARGV[1]) return 1 end return 0",
+    /* KEYS q leases tokens tokenseq; ARGV id lease_ms -> token, or -1 if not queued */
+    [S_CLAIM] = LUA_NOW "if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return -1 end "
+                        "local t = redis.call('INCR', KEYS[4]) "
+                        "redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1]) "
+                        "redis.call('HSET', KEYS[3], ARGV[1], t) return t",
+    /* KEYS leases tokens; ARGV id token lease_ms -> 0, or -1 if not held */
+    [S_RENEW] = LUA_NOW LUA_HELD "if not held(ARGV[1], ARGV[2], now) then return -1 end "
+                                 "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1]) "
+                                 "return 0",
+    /* KEYS leases tokens order; ARGV id token -> 0, or -1 if not held */
+    [S_COMPLETE] = LUA_NOW LUA_HELD "if not held(ARGV[1], ARGV[2], now) then return -1 end "
+                                    "redis.call('ZREM', KEYS[1], ARGV[1]) "
+                                    "redis.call('HDEL', KEYS[2], ARGV[1]) "
+                                    "redis.call('HDEL', KEYS[3], ARGV[1]) return 0",
+    /* KEYS leases tokens order q; ARGV id token -> 0, or -1 if not held */
+    [S_RELEASE] = LUA_NOW LUA_HELD "if not held(ARGV[1], ARGV[2], now) then return -1 end "
+                                   "redis.call('ZREM', KEYS[1], ARGV[1]) "
+                                   "redis.call('HDEL', KEYS[2], ARGV[1]) "
+                                   "redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[3], "
+                                   "ARGV[1]), ARGV[1]) return 0",
+    /* KEYS leases tokens order q -> the ids put back */
+    [S_RECLAIM] = LUA_NOW "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now) "
+                          "for _, id in ipairs(ids) do "
+                          "  redis.call('ZREM', KEYS[1], id) redis.call('HDEL', KEYS[2], id) "
+                          "  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[3], id), id) "
+                          "end return ids",
+    /* KEYS ev evt evlast; ARGV id seq type lasting data transient_max -> 0, or -1 if seq is
+     * not above the log's last */
+    [S_APPEND] = "local seq = tonumber(ARGV[2]) "
+                 "if seq <= tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0') then "
+                 "return -1 end "
+                 "redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) "
+                 "redis.call('ZADD', KEYS[1], seq, ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] "
+                 ".. ' ' .. ARGV[5]) "
+                 "if ARGV[4] == '0' then "
+                 "  redis.call('ZADD', KEYS[2], seq, ARGV[2]) "
+                 "  local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6]) "
+                 "  if over > 0 then "
+                 "    for _, s in ipairs(redis.call('ZRANGE', KEYS[2], 0, over - 1)) do "
+                 "      redis.call('ZREMRANGEBYSCORE', KEYS[1], s, s) end "
+                 "    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) "
+                 "  end "
+                 "end return 0",
+    /* KEYS ev evt; ARGV keep -> 0 */
+    [S_TRIM] = "local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[1]) "
+               "if over > 0 then "
+               "  for _, s in ipairs(redis.call('ZRANGE', KEYS[2], 0, over - 1)) do "
+               "    redis.call('ZREMRANGEBYSCORE', KEYS[1], s, s) end "
+               "  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) "
+               "end return 0",
+};
+
+/* ---- connection ---- */
+
+static int reply_error(redisReply *r, const char *what, err *e) {
+  const int rc = err_set(e, ERR_IO, "redis: %s: %s", what,
+                         r && r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+  freeReplyObject(r);
+  return rc;
+}
+
+/* AUTH and SELECT on a fresh connection; the password is never put into a message. */
+static int rb_setup(redis_backend *b, err *e) {
+  redisReply *r;
+  if (b->password) {
+    r = redisCommand(b->c, "AUTH %s", b->password);
+    if (!r || r->type == REDIS_REPLY_ERROR) {
+      freeReplyObject(r);
+      return err_set(e, ERR_IO, "redis: the server refused the password");
+    }
+    freeReplyObject(r);
+  }
+  if (b->db) {
+    r = redisCommand(b->c, "SELECT %d", b->db);
+    if (!r || r->type == REDIS_REPLY_ERROR)
+      return reply_error(r, "SELECT", e);
+    freeReplyObject(r);
+  }
+  return ERR_OK;
+}
+
+/* A command's reply, reconnecting once when the connection broke (a restarted server). NULL
+ * with e set when the server cannot be reached. */
+static redisReply *rb_argv(redis_backend *b, int argc, const char **argv, const size_t *len,
+                           err *e) {
+  for (int attempt = 0; attempt < 2; attempt++) {
+    if (b->c->err) {
+      if (redisReconnect(b->c) != REDIS_OK || rb_setup(b, e) != ERR_OK) {
+        if (!e->msg[0])
+          err_set(e, ERR_IO, "redis: %s", b->c->errstr);
+        return NULL;
+      }
+    }
+    redisReply *r = redisCommandArgv(b->c, argc, argv, len);
+    if (r)
+      return r;
+  }
+  err_set(e, ERR_IO, "redis: %s", b->c->errstr[0] ? b->c->errstr : "connection lost");
+  return NULL;
+}
+
+/* The key P:name (P:name:id with an id). */
+static const char *key(const redis_backend *b, char *buf, size_t n, const char *name,
+                       const char *id) {
+  snprintf(buf, n, "%s:%s%s%s", b->prefix, name, id ? ":" : "", id ? id : "");
+  return buf;
+}
+
+/* Runs script s with nkeys keys then the arguments; the reply, or NULL with e set (a script
+ * error is an ERR_IO naming what failed). */
+static redisReply *rb_eval(redis_backend *b, int s, int nkeys, const char *const *keys, int nargs,
+                           const char *const *args, err *e) {
+  const char *argv[16];
+  char nk[8];
+  snprintf(nk, sizeof nk, "%d", nkeys);
+  int argc = 0;
+  argv[argc++] = "EVALSHA";
+  argv[argc++] = b->sha[s];
+  argv[argc++] = nk;
+  for (int i = 0; i < nkeys; i++)
+    argv[argc++] = keys[i];
+  for (int i = 0; i < nargs; i++)
+    argv[argc++] = args[i];
+  redisReply *r = rb_argv(b, argc, argv, NULL, e);
+  if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
+    freeReplyObject(r); /* the server restarted and forgot the script: send it whole */
+    argv[0] = "EVAL";
+    argv[1] = scripts[s];
+    r = rb_argv(b, argc, argv, NULL, e);
+  }
+  if (r && r->type == REDIS_REPLY_ERROR) {
+    reply_error(r, "script", e);
+    return NULL;
+  }
+  return r;
+}
+
+/* An integer script result, or INT64_MIN with e set. */
+static long long rb_eval_int(redis_backend *b, int s, int nkeys, const char *const *keys, int nargs,
+                             const char *const *args, err *e) {
+  redisReply *r = rb_eval(b, s, nkeys, keys, nargs, args, e);
+  if (!r)
+    return INT64_MIN;
+  if (r->type != REDIS_REPLY_INTEGER) {
+    reply_error(r, "script", e);
+    return INT64_MIN;
+  }
+  const long long v = r->integer;
+  freeReplyObject(r);
+  return v;
+}
+
+/* ---- runnable jobs ---- */
+
+#define KEYBUF 256
+
+static int rb_push(qbackend *qb, const char *id, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF];
+  const char *keys[] = {key(b, k1, KEYBUF, "q", NULL), key(b, k2, KEYBUF, "order", NULL),
+                        key(b, k3, KEYBUF, "orderseq", NULL)};
+  pthread_mutex_lock(&b->mu);
+  const long long v = rb_eval_int(b, S_PUSH, 3, keys, 1, &id, e);
+  pthread_mutex_unlock(&b->mu);
+  if (v == INT64_MIN)
+    return e->code ? e->code : ERR_IO;
+  if (v < 0)
+    return err_set(e, QBACKEND_EXISTS, "job %s is queued or running already", id);
+  return ERR_OK;
+}
+
+static int rb_remove(qbackend *qb, const char *id) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF];
+  const char *keys[] = {key(b, k1, KEYBUF, "q", NULL), key(b, k2, KEYBUF, "order", NULL)};
+  err e = {0};
+  pthread_mutex_lock(&b->mu);
+  const long long v = rb_eval_int(b, S_REMOVE, 2, keys, 1, &id, &e);
+  pthread_mutex_unlock(&b->mu);
+  return v == 1;
+}
+
+/* A plain command with an integer reply; -1 when the server cannot answer. */
+static long long rb_int(redis_backend *b, int argc, const char **argv) {
+  err e = {0};
+  pthread_mutex_lock(&b->mu);
+  redisReply *r = rb_argv(b, argc, argv, NULL, &e);
+  pthread_mutex_unlock(&b->mu);
+  const long long v = r && r->type == REDIS_REPLY_INTEGER ? r->integer
+                      : r && r->type == REDIS_REPLY_NIL   ? -2
+                                                          : -1;
+  freeReplyObject(r);
+  return v;
+}
+
+static int rb_count(qbackend *qb) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF];
+  const char *argv[] = {"ZCARD", key(b, k, KEYBUF, "q", NULL)};
+  const long long v = rb_int(b, 2, argv);
+  return v > 0 ? (int)v : 0;
+}
+
+static int rb_position(qbackend *qb, const char *id) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF];
+  const char *argv[] = {"ZRANK", key(b, k, KEYBUF, "q", NULL), id};
+  const long long v = rb_int(b, 3, argv);
+  return v >= 0 ? (int)v + 1 : 0;
+}
+
+/* Copies the string elements of an array reply into ids, up to max; returns how many. */
+static int copy_ids(const redisReply *r, int max, qbackend_id *ids) {
+  int n = 0;
+  for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements && n < max; i++) {
+    const redisReply *el = r->element[i];
+    if (el->type == REDIS_REPLY_STRING && el->len < QUEUE_ID_SIZE)
+      memcpy(ids[n++], el->str, el->len + 1);
+  }
+  return n;
+}
+
+static int rb_peek(qbackend *qb, int from, int max, qbackend_id *ids) {
+  redis_backend *b = (redis_backend *)qb;
+  if (max <= 0 || from < 0)
+    return 0;
+  char k[KEYBUF], lo[24], hi[24];
+  snprintf(lo, sizeof lo, "%d", from);
+  snprintf(hi, sizeof hi, "%d", from + max - 1);
+  const char *argv[] = {"ZRANGE", key(b, k, KEYBUF, "q", NULL), lo, hi};
+  err e = {0};
+  pthread_mutex_lock(&b->mu);
+  redisReply *r = rb_argv(b, 4, argv, NULL, &e);
+  pthread_mutex_unlock(&b->mu);
+  const int n = copy_ids(r, max, ids);
+  freeReplyObject(r);
+  return n;
+}
+
+static int rb_claim(qbackend *qb, const char *id, int lease_ms, uint64_t *token, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  if (lease_ms <= 0)
+    return err_set(e, ERR_INVALID, "a lease must be positive (got %d ms)", lease_ms);
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF], lease[16];
+  const char *keys[] = {key(b, k1, KEYBUF, "q", NULL), key(b, k2, KEYBUF, "leases", NULL),
+                        key(b, k3, KEYBUF, "tokens", NULL), key(b, k4, KEYBUF, "tokenseq", NULL)};
+  snprintf(lease, sizeof lease, "%d", lease_ms);
+  const char *args[] = {id, lease};
+  pthread_mutex_lock(&b->mu);
+  const long long v = rb_eval_int(b, S_CLAIM, 4, keys, 2, args, e);
+  pthread_mutex_unlock(&b->mu);
+  if (v == INT64_MIN)
+    return e->code ? e->code : ERR_IO;
+  if (v < 0)
+    return err_set(e, QBACKEND_GONE, "job %s is not queued", id);
+  *token = (uint64_t)v;
+  return ERR_OK;
+}
+
+/* renew, complete and release: a script over the claim of id under token. */
+static int rb_held_op(redis_backend *b, int s, const char *id, uint64_t token, int lease_ms,
+                      err *e) {
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF], tok[24], lease[16];
+  const char *keys[] = {key(b, k1, KEYBUF, "leases", NULL), key(b, k2, KEYBUF, "tokens", NULL),
+                        key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL)};
+  snprintf(tok, sizeof tok, "%" PRIu64, token);
+  snprintf(lease, sizeof lease, "%d", lease_ms);
+  const char *args[] = {id, tok, lease};
+  const int nkeys = s == S_RENEW ? 2 : s == S_COMPLETE ? 3 : 4;
+  pthread_mutex_lock(&b->mu);
+  const long long v = rb_eval_int(b, s, nkeys, keys, s == S_RENEW ? 3 : 2, args, e);
+  pthread_mutex_unlock(&b->mu);
+  if (v == INT64_MIN)
+    return e->code ? e->code : ERR_IO;
+  if (v < 0)
+    return err_set(e, QBACKEND_GONE, "the claim on job %s is no longer held", id);
+  return ERR_OK;
+}
+
+static int rb_renew(qbackend *qb, const char *id, uint64_t token, int lease_ms, err *e) {
+  if (lease_ms <= 0)
+    return err_set(e, ERR_INVALID, "a lease must be positive (got %d ms)", lease_ms);
+  return rb_held_op((redis_backend *)qb, S_RENEW, id, token, lease_ms, e);
+}
+
+static int rb_complete(qbackend *qb, const char *id, uint64_t token, err *e) {
+  return rb_held_op((redis_backend *)qb, S_COMPLETE, id, token, 0, e);
+}
+
+static int rb_release(qbackend *qb, const char *id, uint64_t token, err *e) {
+  return rb_held_op((redis_backend *)qb, S_RELEASE, id, token, 0, e);
+}
+
+static int rb_reclaim(qbackend *qb, int max, qbackend_id *ids) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF];
+  const char *keys[] = {key(b, k1, KEYBUF, "leases", NULL), key(b, k2, KEYBUF, "tokens", NULL),
+                        key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL)};
+  err e = {0};
+  pthread_mutex_lock(&b->mu);
+  redisReply *r = rb_eval(b, S_RECLAIM, 4, keys, 0, NULL, &e);
+  pthread_mutex_unlock(&b->mu);
+  const int all = r && r->type == REDIS_REPLY_ARRAY ? (int)r->elements : 0;
+  copy_ids(r, max, ids);
+  freeReplyObject(r);
+  return all;
+}
+
+/* ---- event logs ---- */
+
+static int rb_append(qbackend *qb, const char *id, uint64_t seq, const char *type, const char *data,
+                     int lasting, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  if (!type[0] || strlen(type) >= QBACKEND_TYPE_SIZE || strchr(type, ' '))
+    return err_set(e, ERR_INVALID, "event type '%s' is not one word", type);
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], sq[24], tm[16];
+  const char *keys[] = {key(b, k1, KEYBUF, "ev", id), key(b, k2, KEYBUF, "evt", id),
+                        key(b, k3, KEYBUF, "evlast", NULL)};
+  snprintf(sq, sizeof sq, "%" PRIu64, seq);
+  snprintf(tm, sizeof tm, "%d", b->transient_max);
+  const char *args[] = {id, sq, type, lasting ? "1" : "0", data, tm};
+  pthread_mutex_lock(&b->mu);
+  const long long v = rb_eval_int(b, S_APPEND, 3, keys, 6, args, e);
+  pthread_mutex_unlock(&b->mu);
+  if (v == INT64_MIN)
+    return e->code ? e->code : ERR_IO;
+  if (v < 0)
+    return err_set(e, QBACKEND_ORDER, "event %" PRIu64 " of job %s is not above the last", seq, id);
+  return ERR_OK;
+}
+
+/* One member "SEQ TYPE LASTING DATA" into ev; 0 if it is not of that form. */
+static int parse_event(const char *s, size_t len, qbackend_event *ev) {
+  char *end;
+  const unsigned long long seq = strtoull(s, &end, 10);
+  const char *type = end + 1;
+  const char *sp = *end == ' ' ? memchr(type, ' ', len - (size_t)(type - s)) : NULL;
+  if (!sp || sp - type >= QBACKEND_TYPE_SIZE || sp + 3 > s + len || sp[2] != ' ')
+    return 0;
+  ev->seq = seq;
+  memcpy(ev->type, type, (size_t)(sp - type));
+  ev->type[sp - type] = 0;
+  ev->lasting = sp[1] == '1';
+  const char *data = sp + 3;
+  const size_t n = len - (size_t)(data - s);
+  ev->data = mem_malloc(n + 1);
+  if (!ev->data)
+    return 0;
+  memcpy(ev->data, data, n);
+  ev->data[n] = 0;
+  return 1;
+}
+
+static int rb_read(qbackend *qb, const char *id, uint64_t after, int lasting_only,
+                   qbackend_event **evs, int *n, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  *evs = NULL;
+  *n = 0;
+  char k[KEYBUF], lo[32];
+  snprintf(lo, sizeof lo, "(%" PRIu64, after);
+  const char *argv[] = {"ZRANGEBYSCORE", key(b, k, KEYBUF, "ev", id), lo, "+inf"};
+  pthread_mutex_lock(&b->mu);
+  redisReply *r = rb_argv(b, 4, argv, NULL, e);
+  pthread_mutex_unlock(&b->mu);
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  if (r->type != REDIS_REPLY_ARRAY)
+    return reply_error(r, "ZRANGEBYSCORE", e);
+  qbackend_event *out = r->elements ? mem_calloc(r->elements, sizeof *out) : NULL;
+  if (r->elements && !out) {
+    freeReplyObject(r);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  int k2 = 0;
+  for (size_t i = 0; i < r->elements; i++) {
+    const redisReply *el = r->element[i];
+    qbackend_event ev = {0};
+    if (el->type != REDIS_REPLY_STRING || !parse_event(el->str, el->len, &ev)) {
+      qbackend_events_free(out, k2);
+      freeReplyObject(r);
+      return err_set(e, ERR_IO, "redis: job %s has an event that is not ours", id);
+    }
+    if (lasting_only && !ev.lasting) {
+      free(ev.data);
+      continue;
+    }
+    out[k2++] = ev;
+  }
+  freeReplyObject(r);
+  if (k2 == 0) {
+    free(out);
+    out = NULL;
+  }
+  *evs = out;
+  *n = k2;
+  return ERR_OK;
+}
+
+static void rb_trim(qbackend *qb, const char *id, int keep_transient) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF], keep[16];
+  const char *keys[] = {key(b, k1, KEYBUF, "ev", id), key(b, k2, KEYBUF, "evt", id)};
+  snprintf(keep, sizeof keep, "%d", keep_transient < 0 ? 0 : keep_transient);
+  const char *args[] = {keep};
+  err e = {0};
+  pthread_mutex_lock(&b->mu);
+  freeReplyObject(rb_eval(b, S_TRIM, 2, keys, 1, args, &e));
+  pthread_mutex_unlock(&b->mu);
+}
+
+static void rb_drop(qbackend *qb, const char *id) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF];
+  const char *del[] = {"DEL", key(b, k1, KEYBUF, "ev", id), key(b, k2, KEYBUF, "evt", id)};
+  const char *hdel[] = {"HDEL", key(b, k3, KEYBUF, "evlast", NULL), id};
+  err e = {0};
+  pthread_mutex_lock(&b->mu);
+  freeReplyObject(rb_argv(b, 3, del, NULL, &e));
+  freeReplyObject(rb_argv(b, 3, hdel, NULL, &e));
+  pthread_mutex_unlock(&b->mu);
+}
+
+static void rb_free(qbackend *qb) {
+  redis_backend *b = (redis_backend *)qb;
+  if (!b)
+    return;
+  if (b->c)
+    redisFree(b->c);
+  if (b->password) {
+    memset(b->password, 0, strlen(b->password));
+    free(b->password);
+  }
+  pthread_mutex_destroy(&b->mu);
+  free(b);
+}
+
+static const qbackend_ops redis_ops = {
+    .push = rb_push,
+    .remove = rb_remove,
+    .count = rb_count,
+    .position = rb_position,
+    .peek = rb_peek,
+    .claim = rb_claim,
+    .renew = rb_renew,
+    .complete = rb_complete,
+    .release = rb_release,
+    .reclaim = rb_reclaim,
+    .append = rb_append,
+    .read = rb_read,
+    .trim = rb_trim,
+    .drop = rb_drop,
+    .free = rb_free,
+};
+
+/* ---- opening ---- */
+
+int qbackend_redis_parse_url(const char *url, char *host, size_t hostn, int *port, int *db,
+                             err *e) {
+  *port = 0;
+  *db = 0;
+  if (!url || !*url)
+    return err_set(e, ERR_INVALID, "redis_url is empty");
+  if (url[0] == '/') { /* a unix socket path */
+    if (strlen(url) >= hostn)
+      return err_set(e, ERR_INVALID, "redis_url: the socket path is too long");
+    snprintf(host, hostn, "%s", url);
+    return ERR_OK;
+  }
+  static const char scheme[] = "redis://";
+  if (strncmp(url, scheme, sizeof scheme - 1) != 0)
+    return err_set(e, ERR_INVALID,
+                   "redis_url '%s' must be redis://HOST:PORT[/DB] or a unix socket path", url);
+  const char *h = url + sizeof scheme - 1;
+  if (strchr(h, '@'))
+    return err_set(e, ERR_INVALID,
+                   "redis_url must not hold a password: set redis_password_file or "
+                   "DENOISED_REDIS_PASSWORD");
+  const char *colon = strrchr(h, ':'), *slash = strchr(h, '/');
+  const char *hend = colon && (!slash || colon < slash) ? colon : slash ? slash : h + strlen(h);
+  if (hend == h || (size_t)(hend - h) >= hostn)
+    return err_set(e, ERR_INVALID, "redis_url '%s' has no host", url);
+  memcpy(host, h, (size_t)(hend - h));
+  host[hend - h] = 0;
+  *port = 6379;
+  if (hend == colon) {
+    char *end;
+    const long p = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || (*end && *end != '/') || p < 1 || p > 65535)
+      return err_set(e, ERR_INVALID, "redis_url '%s': the port must be in [1, 65535]", url);
+    *port = (int)p;
+  }
+  if (slash && slash[1]) {
+    char *end;
+    const long d = strtol(slash + 1, &end, 10);
+    if (*end || d < 0 || d > 1000000)
+      return err_set(e, ERR_INVALID, "redis_url '%s': the database must be a number", url);
+    *db = (int)d;
+  }
+  return ERR_OK;
+}
+
+int qbackend_redis_open(const qbackend_redis_opts *o, qbackend **out, err *e) {
+  char host[512];
+  int port, db;
+  int rc = qbackend_redis_parse_url(o->url, host, sizeof host, &port, &db, e);
+  if (rc != ERR_OK)
+    return rc;
+  const char *prefix = o->prefix && *o->prefix ? o->prefix : "denoised";
+  if (strlen(prefix) >= sizeof((redis_backend *)0)->prefix || strpbrk(prefix, " \t\r\n"))
+    return err_set(e, ERR_INVALID, "redis key prefix '%s' is too long or has blanks", prefix);
+  redis_backend *b = mem_calloc(1, sizeof *b);
+  if (!b)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  b->base.ops = &redis_ops;
+  pthread_mutex_init(&b->mu, NULL);
+  b->db = db;
+  b->transient_max = o->transient_max > 0 ? o->transient_max : 64;
+  snprintf(b->prefix, sizeof b->prefix, "%s", prefix);
+  if (o->password && *o->password && !(b->password = mem_strdup(o->password))) {
+    rb_free(&b->base);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  const struct timeval tv = {.tv_sec = o->timeout_ms > 0 ? o->timeout_ms / 1000 : 5,
+                             .tv_usec = o->timeout_ms > 0 ? (o->timeout_ms % 1000) * 1000 : 0};
+  b->c = port ? redisConnectWithTimeout(host, port, tv) : redisConnectUnixWithTimeout(host, tv);
+  if (!b->c || b->c->err) {
+    rc = err_set(e, ERR_IO, "redis: cannot connect to %s: %s", o->url,
+                 b->c ? b->c->errstr : "out of memory");
+    rb_free(&b->base);
+    return rc;
+  }
+  redisSetTimeout(b->c, tv);
+  if ((rc = rb_setup(b, e)) != ERR_OK) {
+    rb_free(&b->base);
+    return rc;
+  }
+  for (int s = 0; s < S_COUNT; s++) { /* load once, then EVALSHA */
+    redisReply *r = redisCommand(b->c, "SCRIPT LOAD %s", scripts[s]);
+    if (!r || r->type != REDIS_REPLY_STRING || r->len != 40) {
+      rc = reply_error(r, "SCRIPT LOAD", e);
+      rb_free(&b->base);
+      return rc;
+    }
+    memcpy(b->sha[s], r->str, 41);
+    freeReplyObject(r);
+  }
+  *out = &b->base;
+  return ERR_OK;
+}
