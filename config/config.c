@@ -80,6 +80,10 @@ static const key_desc keys[] = {
             "evaluations per image a data-dependent solver (dpm-solver-adaptive) may make: "
             "its cost counts this many, a run needing more fails; constant-time mode pads to it"),
     STR_KEY(api_keys_file, "file of API keys (empty: no auth unless DENOISED_API_KEYS)"),
+    STR_KEY(redis_url, "redis://HOST[:PORT][/DB] or a socket path: share the queue (empty: local)"),
+    STR_KEY(redis_prefix, "key prefix of the daemons that share one queue on Redis"),
+    STR_KEY(redis_password_file, "file holding the Redis password (else DENOISED_REDIS_PASSWORD)"),
+    INT_KEY(lease_seconds, 2, 3600, "seconds before a dead daemon's running job runs again"),
     STR_KEY(log_level, "debug, info, warn or error"),
     STR_KEY(log_file, "log file (empty: stderr); reopened on SIGHUP"),
 };
@@ -98,6 +102,8 @@ void config_defaults(config *c) {
   c->batch_max_images = 16;
   c->result_ttl = 86400;
   c->retained_budget_mb = 256;
+  c->lease_seconds = 60;
+  snprintf(c->redis_prefix, sizeof c->redis_prefix, "denoised");
   c->max_attempts = 2;
   c->max_job_bytes = 64 << 20;
   c->max_body_bytes = 4 << 20; /* a 100-step noise upload of the default model is ~1.7 MB */
@@ -433,6 +439,10 @@ int config_finalize(config *c, err *e) {
     return err_set(e, ERR_INVALID, "state_dir: must not be empty");
   if (c->nmodels == 0)
     return err_set(e, ERR_INVALID, "models: at least one model is needed");
+  if (!*c->redis_prefix || strpbrk(c->redis_prefix, " \t\r\n*?[]\\"))
+    return err_set(e, ERR_INVALID,
+                   "redis_prefix: '%s' must be non-empty, without blanks or * ? [ ] \\",
+                   c->redis_prefix);
   int found = 0;
   for (int i = 0; i < c->nmodels; i++)
     found |= strcmp(c->models[i].name, c->default_model) == 0;

@@ -70,6 +70,13 @@ typedef struct config {
   int constant_time_eval_ms;
   int constant_time_max_nfe;
   char api_keys_file[CONFIG_PATH_MAX];
+  /* Redis (empty url: the local state_dir): the queue, events, records and results of every
+   * daemon with the same url and prefix; the password comes from redis_password_file or
+   * DENOISED_REDIS_PASSWORD, never from this file or the url */
+  char redis_url[CONFIG_PATH_MAX];
+  char redis_prefix[128];
+  char redis_password_file[CONFIG_PATH_MAX];
+  int lease_seconds; /* a running job's claim lasts this long unless renewed (once a second) */
   char cors_origins[CONFIG_MAX_ORIGINS][256];
   int ncors;
   char log_level[16];

@@ -20,14 +20,13 @@
  *   P:evt:ID     zset  the seqs of id's transient events (to trim them oldest first) */
 #include "backend.h"
 
-#include <hiredis/hiredis.h>
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mem.h"
+#include "redisconn.h"
 
 enum {
   S_PUSH,
@@ -44,10 +43,7 @@ enum {
 
 typedef struct redis_backend {
   qbackend base;
-  pthread_mutex_t mu; /* one connection: hiredis contexts are not thread-safe */
-  redisContext *c;
-  char *password;
-  int db;
+  redisconn *c;
   char prefix[128];
   int transient_max;
   char sha[S_COUNT][41]; /* the scripts' SHA1s, by S_ index */
@@ -140,46 +136,6 @@ static int reply_error(redisReply *r, const char *what, err *e) {
   return rc;
 }
 
-/* AUTH and SELECT on a fresh connection; the password is never put into a message. */
-static int rb_setup(redis_backend *b, err *e) {
-  redisReply *r;
-  if (b->password) {
-    r = redisCommand(b->c, "AUTH %s", b->password);
-    if (!r || r->type == REDIS_REPLY_ERROR) {
-      freeReplyObject(r);
-      return err_set(e, ERR_IO, "redis: the server refused the password");
-    }
-    freeReplyObject(r);
-  }
-  if (b->db) {
-    r = redisCommand(b->c, "SELECT %d", b->db);
-    if (!r || r->type == REDIS_REPLY_ERROR)
-      return reply_error(r, "SELECT", e);
-    freeReplyObject(r);
-  }
-  return ERR_OK;
-}
-
-/* A command's reply, reconnecting once when the connection broke (a restarted server). NULL
- * with e set when the server cannot be reached. */
-static redisReply *rb_argv(redis_backend *b, int argc, const char **argv, const size_t *len,
-                           err *e) {
-  for (int attempt = 0; attempt < 2; attempt++) {
-    if (b->c->err) {
-      if (redisReconnect(b->c) != REDIS_OK || rb_setup(b, e) != ERR_OK) {
-        if (!e->msg[0])
-          err_set(e, ERR_IO, "redis: %s", b->c->errstr);
-        return NULL;
-      }
-    }
-    redisReply *r = redisCommandArgv(b->c, argc, argv, len);
-    if (r)
-      return r;
-  }
-  err_set(e, ERR_IO, "redis: %s", b->c->errstr[0] ? b->c->errstr : "connection lost");
-  return NULL;
-}
-
 /* The key P:name (P:name:id with an id). */
 static const char *key(const redis_backend *b, char *buf, size_t n, const char *name,
                        const char *id) {
@@ -202,12 +158,12 @@ static redisReply *rb_eval(redis_backend *b, int s, int nkeys, const char *const
     argv[argc++] = keys[i];
   for (int i = 0; i < nargs; i++)
     argv[argc++] = args[i];
-  redisReply *r = rb_argv(b, argc, argv, NULL, e);
+  redisReply *r = redisconn_argv(b->c, argc, argv, NULL, e);
   if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
     freeReplyObject(r); /* the server restarted and forgot the script: send it whole */
     argv[0] = "EVAL";
     argv[1] = scripts[s];
-    r = rb_argv(b, argc, argv, NULL, e);
+    r = redisconn_argv(b->c, argc, argv, NULL, e);
   }
   if (r && r->type == REDIS_REPLY_ERROR) {
     reply_error(r, "script", e);
@@ -240,9 +196,7 @@ static int rb_push(qbackend *qb, const char *id, err *e) {
   char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF];
   const char *keys[] = {key(b, k1, KEYBUF, "q", NULL), key(b, k2, KEYBUF, "order", NULL),
                         key(b, k3, KEYBUF, "orderseq", NULL)};
-  pthread_mutex_lock(&b->mu);
   const long long v = rb_eval_int(b, S_PUSH, 3, keys, 1, &id, e);
-  pthread_mutex_unlock(&b->mu);
   if (v == INT64_MIN)
     return e->code ? e->code : ERR_IO;
   if (v < 0)
@@ -255,18 +209,14 @@ static int rb_remove(qbackend *qb, const char *id) {
   char k1[KEYBUF], k2[KEYBUF];
   const char *keys[] = {key(b, k1, KEYBUF, "q", NULL), key(b, k2, KEYBUF, "order", NULL)};
   err e = {0};
-  pthread_mutex_lock(&b->mu);
   const long long v = rb_eval_int(b, S_REMOVE, 2, keys, 1, &id, &e);
-  pthread_mutex_unlock(&b->mu);
   return v == 1;
 }
 
 /* A plain command with an integer reply; -1 when the server cannot answer. */
 static long long rb_int(redis_backend *b, int argc, const char **argv) {
   err e = {0};
-  pthread_mutex_lock(&b->mu);
-  redisReply *r = rb_argv(b, argc, argv, NULL, &e);
-  pthread_mutex_unlock(&b->mu);
+  redisReply *r = redisconn_argv(b->c, argc, argv, NULL, &e);
   const long long v = r && r->type == REDIS_REPLY_INTEGER ? r->integer
                       : r && r->type == REDIS_REPLY_NIL   ? -2
                                                           : -1;
@@ -310,9 +260,7 @@ static int rb_peek(qbackend *qb, int from, int max, qbackend_id *ids) {
   snprintf(hi, sizeof hi, "%d", from + max - 1);
   const char *argv[] = {"ZRANGE", key(b, k, KEYBUF, "q", NULL), lo, hi};
   err e = {0};
-  pthread_mutex_lock(&b->mu);
-  redisReply *r = rb_argv(b, 4, argv, NULL, &e);
-  pthread_mutex_unlock(&b->mu);
+  redisReply *r = redisconn_argv(b->c, 4, argv, NULL, &e);
   const int n = copy_ids(r, max, ids);
   freeReplyObject(r);
   return n;
@@ -327,9 +275,7 @@ static int rb_claim(qbackend *qb, const char *id, int lease_ms, uint64_t *token,
                         key(b, k3, KEYBUF, "tokens", NULL), key(b, k4, KEYBUF, "tokenseq", NULL)};
   snprintf(lease, sizeof lease, "%d", lease_ms);
   const char *args[] = {id, lease};
-  pthread_mutex_lock(&b->mu);
   const long long v = rb_eval_int(b, S_CLAIM, 4, keys, 2, args, e);
-  pthread_mutex_unlock(&b->mu);
   if (v == INT64_MIN)
     return e->code ? e->code : ERR_IO;
   if (v < 0)
@@ -348,9 +294,7 @@ static int rb_held_op(redis_backend *b, int s, const char *id, uint64_t token, i
   snprintf(lease, sizeof lease, "%d", lease_ms);
   const char *args[] = {id, tok, lease};
   const int nkeys = s == S_RENEW ? 2 : s == S_COMPLETE ? 3 : 4;
-  pthread_mutex_lock(&b->mu);
   const long long v = rb_eval_int(b, s, nkeys, keys, s == S_RENEW ? 3 : 2, args, e);
-  pthread_mutex_unlock(&b->mu);
   if (v == INT64_MIN)
     return e->code ? e->code : ERR_IO;
   if (v < 0)
@@ -378,9 +322,7 @@ static int rb_reclaim(qbackend *qb, int max, qbackend_id *ids) {
   const char *keys[] = {key(b, k1, KEYBUF, "leases", NULL), key(b, k2, KEYBUF, "tokens", NULL),
                         key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL)};
   err e = {0};
-  pthread_mutex_lock(&b->mu);
   redisReply *r = rb_eval(b, S_RECLAIM, 4, keys, 0, NULL, &e);
-  pthread_mutex_unlock(&b->mu);
   const int all = r && r->type == REDIS_REPLY_ARRAY ? (int)r->elements : 0;
   copy_ids(r, max, ids);
   freeReplyObject(r);
@@ -400,9 +342,7 @@ static int rb_append(qbackend *qb, const char *id, uint64_t seq, const char *typ
   snprintf(sq, sizeof sq, "%" PRIu64, seq);
   snprintf(tm, sizeof tm, "%d", b->transient_max);
   const char *args[] = {id, sq, type, lasting ? "1" : "0", data, tm};
-  pthread_mutex_lock(&b->mu);
   const long long v = rb_eval_int(b, S_APPEND, 3, keys, 6, args, e);
-  pthread_mutex_unlock(&b->mu);
   if (v == INT64_MIN)
     return e->code ? e->code : ERR_IO;
   if (v < 0)
@@ -440,9 +380,7 @@ static int rb_read(qbackend *qb, const char *id, uint64_t after, int lasting_onl
   char k[KEYBUF], lo[32];
   snprintf(lo, sizeof lo, "(%" PRIu64, after);
   const char *argv[] = {"ZRANGEBYSCORE", key(b, k, KEYBUF, "ev", id), lo, "+inf"};
-  pthread_mutex_lock(&b->mu);
-  redisReply *r = rb_argv(b, 4, argv, NULL, e);
-  pthread_mutex_unlock(&b->mu);
+  redisReply *r = redisconn_argv(b->c, 4, argv, NULL, e);
   if (!r)
     return e->code ? e->code : ERR_IO;
   if (r->type != REDIS_REPLY_ARRAY)
@@ -484,9 +422,7 @@ static void rb_trim(qbackend *qb, const char *id, int keep_transient) {
   snprintf(keep, sizeof keep, "%d", keep_transient < 0 ? 0 : keep_transient);
   const char *args[] = {keep};
   err e = {0};
-  pthread_mutex_lock(&b->mu);
   freeReplyObject(rb_eval(b, S_TRIM, 2, keys, 1, args, &e));
-  pthread_mutex_unlock(&b->mu);
 }
 
 static void rb_drop(qbackend *qb, const char *id) {
@@ -495,23 +431,15 @@ static void rb_drop(qbackend *qb, const char *id) {
   const char *del[] = {"DEL", key(b, k1, KEYBUF, "ev", id), key(b, k2, KEYBUF, "evt", id)};
   const char *hdel[] = {"HDEL", key(b, k3, KEYBUF, "evlast", NULL), id};
   err e = {0};
-  pthread_mutex_lock(&b->mu);
-  freeReplyObject(rb_argv(b, 3, del, NULL, &e));
-  freeReplyObject(rb_argv(b, 3, hdel, NULL, &e));
-  pthread_mutex_unlock(&b->mu);
+  freeReplyObject(redisconn_argv(b->c, 3, del, NULL, &e));
+  freeReplyObject(redisconn_argv(b->c, 3, hdel, NULL, &e));
 }
 
 static void rb_free(qbackend *qb) {
   redis_backend *b = (redis_backend *)qb;
   if (!b)
     return;
-  if (b->c)
-    redisFree(b->c);
-  if (b->password) {
-    memset(b->password, 0, strlen(b->password));
-    free(b->password);
-  }
-  pthread_mutex_destroy(&b->mu);
+  redisconn_free(b->c);
   free(b);
 }
 
@@ -535,95 +463,32 @@ static const qbackend_ops redis_ops = {
 
 /* ---- opening ---- */
 
-int qbackend_redis_parse_url(const char *url, char *host, size_t hostn, int *port, int *db,
-                             err *e) {
-  *port = 0;
-  *db = 0;
-  if (!url || !*url)
-    return err_set(e, ERR_INVALID, "redis_url is empty");
-  if (url[0] == '/') { /* a unix socket path */
-    if (strlen(url) >= hostn)
-      return err_set(e, ERR_INVALID, "redis_url: the socket path is too long");
-    snprintf(host, hostn, "%s", url);
-    return ERR_OK;
-  }
-  static const char scheme[] = "redis://";
-  if (strncmp(url, scheme, sizeof scheme - 1) != 0)
-    return err_set(e, ERR_INVALID,
-                   "redis_url '%s' must be redis://HOST:PORT[/DB] or a unix socket path", url);
-  const char *h = url + sizeof scheme - 1;
-  if (strchr(h, '@'))
-    return err_set(e, ERR_INVALID,
-                   "redis_url must not hold a password: set redis_password_file or "
-                   "DENOISED_REDIS_PASSWORD");
-  const char *colon = strrchr(h, ':'), *slash = strchr(h, '/');
-  const char *hend = colon && (!slash || colon < slash) ? colon : slash ? slash : h + strlen(h);
-  if (hend == h || (size_t)(hend - h) >= hostn)
-    return err_set(e, ERR_INVALID, "redis_url '%s' has no host", url);
-  memcpy(host, h, (size_t)(hend - h));
-  host[hend - h] = 0;
-  *port = 6379;
-  if (hend == colon) {
-    char *end;
-    const long p = strtol(colon + 1, &end, 10);
-    if (end == colon + 1 || (*end && *end != '/') || p < 1 || p > 65535)
-      return err_set(e, ERR_INVALID, "redis_url '%s': the port must be in [1, 65535]", url);
-    *port = (int)p;
-  }
-  if (slash && slash[1]) {
-    char *end;
-    const long d = strtol(slash + 1, &end, 10);
-    if (*end || d < 0 || d > 1000000)
-      return err_set(e, ERR_INVALID, "redis_url '%s': the database must be a number", url);
-    *db = (int)d;
-  }
-  return ERR_OK;
-}
-
 int qbackend_redis_open(const qbackend_redis_opts *o, qbackend **out, err *e) {
-  char host[512];
-  int port, db;
-  int rc = qbackend_redis_parse_url(o->url, host, sizeof host, &port, &db, e);
-  if (rc != ERR_OK)
-    return rc;
   const char *prefix = o->prefix && *o->prefix ? o->prefix : "denoised";
-  if (strlen(prefix) >= sizeof((redis_backend *)0)->prefix || strpbrk(prefix, " \t\r\n"))
-    return err_set(e, ERR_INVALID, "redis key prefix '%s' is too long or has blanks", prefix);
+  if (strlen(prefix) >= sizeof((redis_backend *)0)->prefix || strpbrk(prefix, " \t\r\n*?[]\\"))
+    return err_set(e, ERR_INVALID,
+                   "redis_prefix '%s' is too long or has blanks or pattern characters", prefix);
   redis_backend *b = mem_calloc(1, sizeof *b);
   if (!b)
     return err_set(e, ERR_NOMEM, "out of memory");
   b->base.ops = &redis_ops;
-  pthread_mutex_init(&b->mu, NULL);
-  b->db = db;
   b->transient_max = o->transient_max > 0 ? o->transient_max : 64;
   snprintf(b->prefix, sizeof b->prefix, "%s", prefix);
-  if (o->password && *o->password && !(b->password = mem_strdup(o->password))) {
-    rb_free(&b->base);
-    return err_set(e, ERR_NOMEM, "out of memory");
-  }
-  const struct timeval tv = {.tv_sec = o->timeout_ms > 0 ? o->timeout_ms / 1000 : 5,
-                             .tv_usec = o->timeout_ms > 0 ? (o->timeout_ms % 1000) * 1000 : 0};
-  b->c = port ? redisConnectWithTimeout(host, port, tv) : redisConnectUnixWithTimeout(host, tv);
-  if (!b->c || b->c->err) {
-    rc = err_set(e, ERR_IO, "redis: cannot connect to %s: %s", o->url,
-                 b->c ? b->c->errstr : "out of memory");
-    rb_free(&b->base);
-    return rc;
-  }
-  redisSetTimeout(b->c, tv);
-  if ((rc = rb_setup(b, e)) != ERR_OK) {
-    rb_free(&b->base);
-    return rc;
-  }
-  for (int s = 0; s < S_COUNT; s++) { /* load once, then EVALSHA */
-    redisReply *r = redisCommand(b->c, "SCRIPT LOAD %s", scripts[s]);
-    if (!r || r->type != REDIS_REPLY_STRING || r->len != 40) {
-      rc = reply_error(r, "SCRIPT LOAD", e);
-      rb_free(&b->base);
-      return rc;
-    }
-    memcpy(b->sha[s], r->str, 41);
+  int rc = redisconn_open(o->url, o->password, o->timeout_ms, &b->c, e);
+  for (int s = 0; rc == ERR_OK && s < S_COUNT; s++) { /* load once, then EVALSHA */
+    const char *argv[] = {"SCRIPT", "LOAD", scripts[s]};
+    redisReply *r = redisconn_argv(b->c, 3, argv, NULL, e);
+    if (!r)
+      rc = ERR_IO;
+    else if (r->type != REDIS_REPLY_STRING || r->len != 40)
+      rc = reply_error(r, "SCRIPT LOAD", e), r = NULL;
+    else
+      memcpy(b->sha[s], r->str, 41);
     freeReplyObject(r);
+  }
+  if (rc != ERR_OK) {
+    rb_free(&b->base);
+    return rc;
   }
   *out = &b->base;
   return ERR_OK;

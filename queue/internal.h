@@ -16,10 +16,7 @@
 #include "queue.h"
 #include "store.h"
 
-#define RING 64 /* progress events kept per job; older ones are superseded anyway */
-/* A running job's claim on the backend: renewed by the loop every retry tick while this process
- * lives, so only a dead node's claims run out (the Redis issue re-claims those elsewhere). */
-#define LEASE_MS 60000
+#define RING 64        /* progress events kept per job; older ones are superseded anyway */
 #define PREVIEW_MAX 64 /* preview side in pixels */
 #define EXPIRY_EVERY_MS 60000
 
@@ -90,6 +87,9 @@ struct queue {
   qjob **jobs; /* sorted by id (creation order) */
   int njobs, capjobs;
   qbackend *be; /* the queued jobs (ids, in order) and every job's event log */
+  /* be and st outlive this process (Redis): at recovery the logs and the queue already hold
+   * what the records say, and a claim of this process's past life runs out by its lease */
+  int shared;
   qbatch **running;
   int nrunning;
   qmodel **models;

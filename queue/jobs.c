@@ -188,6 +188,8 @@ void qjob_remove_at(queue *q, int pos) {
 int qjob_enqueue(queue *q, qjob *j) {
   err e = {0};
   int rc = q->be->ops->push(q->be, j->id, &e);
+  if (rc == QBACKEND_EXISTS && q->shared)
+    rc = ERR_OK; /* queued already, or claimed by our past life: its lease runs out */
   if (rc && !j->unpushed) {
     qlog(q, QUEUE_LOG_ERROR, j->id, "queueing failed: %s; will retry", e.msg);
     j->unpushed = 1;

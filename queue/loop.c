@@ -79,7 +79,7 @@ static int claim_batch(queue *q, qjob **queued, int n, qjob **jobs, int *nimg) {
                   !queue_spec_compatible(&queued[0]->spec, &j->spec)))
       continue;
     err e = {0};
-    if (q->be->ops->claim(q->be, j->id, LEASE_MS, &j->lease, &e) != ERR_OK) {
+    if (q->be->ops->claim(q->be, j->id, q->o.lease_ms, &j->lease, &e) != ERR_OK) {
       if (i == 0)
         return 0;
       continue;
@@ -262,9 +262,21 @@ static void renew_claims(queue *q) {
     for (int k = 0; k < q->running[i]->njobs; k++) {
       qjob *j = q->running[i]->jobs[k];
       err e = {0};
-      if (j->lease && q->be->ops->renew(q->be, j->id, j->lease, LEASE_MS, &e) != ERR_OK)
+      if (j->lease && q->be->ops->renew(q->be, j->id, j->lease, q->o.lease_ms, &e) != ERR_OK)
         qlog(q, QUEUE_LOG_WARN, j->id, "renewing its claim: %s", e.msg);
     }
+}
+
+/* Loop thread, lock held: claims whose holder stopped renewing them (a process that died) are
+ * put back in the queue, where any node may claim them. */
+static void reclaim_expired(queue *q) {
+  qbackend_id ids[8];
+  const int n = q->be->ops->reclaim(q->be, 8, ids);
+  for (int i = 0; i < n && i < 8; i++)
+    qlog(q, QUEUE_LOG_WARN, ids[i],
+         "its claim ran out (the process running it died); queued again");
+  if (n > 8)
+    qlog(q, QUEUE_LOG_WARN, NULL, "%d claims ran out; queued again", n);
 }
 
 /* Loop thread: probes a failing store (and a healthy one now and then) so that readiness
@@ -275,6 +287,8 @@ static void retry_cb(uv_timer_t *t) {
   queue *q = t->data;
   pthread_mutex_lock(&q->mu);
   renew_claims(q);
+  if (q->shared) /* one process's own claims never run out while its loop renews them */
+    reclaim_expired(q);
   qjob_push_unpushed(q);
   dispatch(q);
   const double now = qclock_mono();

@@ -92,6 +92,8 @@ static void opts_defaults(queue_opts *o) {
     o->probe_every_ms = 10000;
   if (o->max_attempts < 1)
     o->max_attempts = 2;
+  if (o->lease_ms <= 0)
+    o->lease_ms = 60000;
   if (o->max_job_bytes == 0)
     o->max_job_bytes = (size_t)64 << 20;
   if (o->max_job_bytes > STORE_RECORD_MAX - STORE_RECORD_HEADROOM)
@@ -122,6 +124,28 @@ static int fault_hooks(queue *q, store_fault **fault, err *e) {
   return store_fault_parse(fenv, &q->env_fault, e);
 }
 
+/* The queue's backend and store: in memory and state_dir, or both on the configured Redis. */
+static int open_backends(queue *q, store_fault *fault, err *e) {
+  const queue_opts *o = &q->o;
+  int rc;
+  if (o->redis_url && *o->redis_url) {
+    qbackend_redis_opts ro = {.url = o->redis_url,
+                              .password = o->redis_password,
+                              .prefix = o->redis_prefix,
+                              .transient_max = RING};
+    rc = qbackend_redis_open(&ro, &q->be, e);
+    if (!rc)
+      rc = store_redis_open(o->redis_url, o->redis_password, o->redis_prefix, &q->st, e);
+    q->shared = 1;
+  } else {
+    rc = qbackend_mem_open(&(qbackend_mem_opts){.transient_max = RING}, &q->be, e);
+    if (!rc)
+      rc = store_fs_open(q->state_dir, fault, &q->st, e);
+  }
+  q->o.redis_password = NULL; /* read once: not kept where a dump would show it */
+  return rc;
+}
+
 int queue_new(const queue_opts *o, queue **out, err *e) {
   queue *q = mem_calloc(1, sizeof *q);
   if (!q)
@@ -144,9 +168,7 @@ int queue_new(const queue_opts *o, queue **out, err *e) {
   q->step_h.bounds = step_bounds;
   q->job_h.bounds = q->wait_h.bounds = job_bounds;
   q->t0 = qclock_mono();
-  rc = qbackend_mem_open(&(qbackend_mem_opts){.transient_max = RING}, &q->be, e);
-  if (!rc)
-    rc = store_fs_open(q->state_dir, fault, &q->st, e);
+  rc = open_backends(q, fault, e);
   if (!rc)
     rc = qrecovery_run(q, e);
   if (rc) {

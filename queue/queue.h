@@ -138,6 +138,13 @@ typedef void (*queue_log_fn)(void *user, queue_log_level level, const char *job_
 
 typedef struct queue_opts {
   const char *state_dir;
+  /* A Redis server to keep the queue, event logs, records and results in instead of memory and
+   * state_dir (NULL or "": the local ones): redis://HOST[:PORT][/DB] or a unix socket path.
+   * Read when the queue opens; the password is not kept. */
+  const char *redis_url, *redis_password, *redis_prefix;
+  /* How long a running job's claim lasts without this process renewing it (once a second):
+   * after a crash, the job runs again once this has passed (ms; 0: 60 s). */
+  int lease_ms;
   int workers;          /* jobs or batches computed at once */
   int threads_per_job;  /* compute threads each of them uses */
   int queue_max;        /* queued jobs */

@@ -82,6 +82,17 @@ static json_t *load_record(const char *text, size_t len, json_error_t *je) {
 static void load_events(queue *q, qjob *j, const json_t *events) {
   size_t i;
   json_t *ev;
+  if (q->shared) { /* the log outlived us: continue its numbering instead */
+    qbackend_event *evs = NULL;
+    int n = 0;
+    err e = {0};
+    if (q->be->ops->read(q->be, j->id, 0, 0, &evs, &n, &e) == ERR_OK && n > 0) {
+      if (evs[n - 1].seq >= j->next_seq)
+        j->next_seq = evs[n - 1].seq + 1;
+      qbackend_events_free(evs, n);
+      return;
+    }
+  }
   json_array_foreach(events, i, ev) {
     json_int_t seq;
     const char *type, *data;
@@ -192,6 +203,6 @@ int qrecovery_run(queue *q, err *e) {
     }
   if (q->njobs)
     qlog(q, QUEUE_LOG_INFO, NULL, "recovered %d jobs (%d queued again) from %s", q->njobs, requeued,
-         q->state_dir);
+         q->shared ? "Redis" : q->state_dir);
   return ERR_OK;
 }

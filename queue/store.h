@@ -1,6 +1,6 @@
-/* Where jobs and their images persist: a narrow interface (internal to queue/) with one backend
- * today, a directory on the local disk. A shared backend (Redis, object storage) implements the
- * same operations; the queue never touches files itself. */
+/* Where jobs and their images persist: a narrow interface (internal to queue/) with two
+ * backends, a directory on the local disk (store_fs.c) and Redis (store_redis.c); the queue never
+ * touches files itself. */
 #ifndef DENOISED_QUEUE_STORE_H
 #define DENOISED_QUEUE_STORE_H
 
@@ -69,9 +69,19 @@ typedef struct store_fault {
  * daemon's test-only DENOISED_FAULT_STORE variable spells it. */
 int store_fault_parse(const char *text, store_fault *f, err *e);
 
+/* Whether name is a result file name put_file accepts ([a-z0-9._-], not starting with a dot,
+ * at most 64 bytes); every backend checks with this. */
+int store_file_name_check(const char *name, err *e);
+
 /* The directory backend: DIR/jobs/ID.json, DIR/images/ID-N.png and DIR/images/ID.NAME, created
  * if missing. fault is NULL except in tests (it must outlive the store).
  * Fails with a clear message when DIR cannot be created or written. */
 int store_fs_open(const char *dir, store_fault *fault, store **out, err *e);
+
+/* The Redis backend: records, images and files as keys under prefix (see store_redis.c), on
+ * its own connection to url (redisconn.h). Each write is as durable as the server's
+ * persistence makes it (AOF with appendfsync always: on disk when the reply comes). */
+int store_redis_open(const char *url, const char *password, const char *prefix, store **out,
+                     err *e);
 
 #endif

@@ -186,11 +186,18 @@ static int read_fd_all(const fs_store *s, int fd, uint8_t **out, size_t *len, si
   return 0;
 }
 
-static int file_name(const char *id, const char *file, char *name, size_t n, err *e) {
+int store_file_name_check(const char *file, err *e) {
   if (!*file || strspn(file, "abcdefghijklmnopqrstuvwxyz0123456789._-") != strlen(file) ||
-      file[0] == '.' || snprintf(name, n, "%s.%s", id, file) >= (int)n)
+      file[0] == '.' || strlen(file) > 64)
     return err_set(e, ERR_INVALID, "'%s' is not a result file name", file);
   return ERR_OK;
+}
+
+static int file_name(const char *id, const char *file, char *name, size_t n, err *e) {
+  int rc = store_file_name_check(file, e);
+  if (rc == ERR_OK && snprintf(name, n, "%s.%s", id, file) >= (int)n)
+    rc = err_set(e, ERR_INVALID, "'%s' is not a result file name", file);
+  return rc;
 }
 
 static int fs_put_file(store *b, const char *id, const char *file, const uint8_t *data, size_t len,

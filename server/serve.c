@@ -1,5 +1,6 @@
 /* `denoised serve`: configuration, start-up order (store, models, workers, listener), signal
  * handling on the main thread (SIGHUP reload, SIGTERM/SIGINT graceful stop) and exit codes. */
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #ifdef __GLIBC__
@@ -140,9 +141,39 @@ static void reload(srv *s, const serve_args *a) {
   log_event(LOG_INFO, "reloaded: log reopened, models and API keys reread", "models", n, LOG_END);
 }
 
-/* The queue over the state directory, with the configured models loaded; 0 or an exit code. */
+/* The Redis password: redis_password_file's first line, else DENOISED_REDIS_PASSWORD, else none
+ * (""). Never logged. */
+static int redis_password(const config *c, char *pw, size_t n, err *e) {
+  pw[0] = 0;
+  if (!*c->redis_password_file) {
+    const char *env = getenv("DENOISED_REDIS_PASSWORD");
+    snprintf(pw, n, "%s", env ? env : "");
+    return ERR_OK;
+  }
+  FILE *f = fopen(c->redis_password_file, "r");
+  if (!f)
+    return err_set(e, ERR_IO, "redis_password_file %s: %s", c->redis_password_file,
+                   strerror(errno));
+  if (!fgets(pw, (int)n, f))
+    pw[0] = 0;
+  fclose(f);
+  pw[strcspn(pw, "\r\n")] = 0;
+  return ERR_OK;
+}
+
+/* The queue over the state directory or Redis, with the configured models loaded; 0 or an exit
+ * code. */
 static int start_queue(srv *s, err *e) {
+  char pw[512];
+  if (redis_password(&s->cfg, pw, sizeof pw, e)) {
+    log_event(LOG_ERROR, "Redis password unreadable", "error", e->msg, LOG_END);
+    return SERVER_EXIT_STATE;
+  }
   queue_opts qo = {.state_dir = s->cfg.state_dir,
+                   .redis_url = s->cfg.redis_url,
+                   .redis_password = pw,
+                   .redis_prefix = s->cfg.redis_prefix,
+                   .lease_ms = s->cfg.lease_seconds * 1000,
                    .workers = s->cfg.workers,
                    .threads_per_job = s->cfg.threads_per_job,
                    .queue_max = s->cfg.queue_max,
@@ -159,8 +190,11 @@ static int start_queue(srv *s, err *e) {
                    .max_job_seconds = s->cfg.max_job_seconds,
                    .max_owner_cost = s->cfg.max_key_cost,
                    .log = log_queue_cb};
-  if (queue_new(&qo, &s->q, e)) {
-    log_event(LOG_ERROR, "state directory unusable", "error", e->msg, LOG_END);
+  const int rc = queue_new(&qo, &s->q, e);
+  memset(pw, 0, sizeof pw);
+  if (rc) {
+    log_event(LOG_ERROR, *s->cfg.redis_url ? "Redis unusable" : "state directory unusable", "error",
+              e->msg, LOG_END);
     return SERVER_EXIT_STATE;
   }
   if (load_models(s->q, &s->cfg, e)) {
@@ -198,8 +232,8 @@ static void log_listening(const srv *s) {
   snprintf(nm, sizeof nm, "%d", s->cfg.nmodels);
   snprintf(keys, sizeof keys, "%d", s->keys.n);
   log_event(LOG_INFO, "listening", "url", url, "workers", w, "threads_per_job", t, "models", nm,
-            "default_model", s->cfg.default_model, "state_dir", s->cfg.state_dir, "api_keys", keys,
-            LOG_END);
+            "default_model", s->cfg.default_model, *s->cfg.redis_url ? "redis" : "state_dir",
+            *s->cfg.redis_url ? s->cfg.redis_url : s->cfg.state_dir, "api_keys", keys, LOG_END);
 }
 
 /* Serves until SIGTERM or SIGINT (SIGHUP reloads meanwhile), then stops gracefully: running

@@ -10,6 +10,7 @@
 #include <pthread.h>
 
 #include "backend.h"
+#include "redisconn.h"
 #include "testredis.h"
 #include "testutil.h"
 
@@ -410,15 +411,13 @@ START_TEST(redis_urls_and_refusals) {
   int port, db;
   err e = {0};
   ck_assert_int_eq(
-      qbackend_redis_parse_url("redis://cache.local:6380/2", host, sizeof host, &port, &db, &e),
-      ERR_OK);
+      redisconn_parse_url("redis://cache.local:6380/2", host, sizeof host, &port, &db, &e), ERR_OK);
   ck_assert_str_eq(host, "cache.local");
   ck_assert_int_eq(port, 6380);
   ck_assert_int_eq(db, 2);
-  ck_assert_int_eq(qbackend_redis_parse_url("redis://h", host, sizeof host, &port, &db, &e),
-                   ERR_OK);
+  ck_assert_int_eq(redisconn_parse_url("redis://h", host, sizeof host, &port, &db, &e), ERR_OK);
   ck_assert_int_eq(port, 6379);
-  ck_assert_int_eq(qbackend_redis_parse_url("/run/redis.sock", host, sizeof host, &port, &db, &e),
+  ck_assert_int_eq(redisconn_parse_url("/run/redis.sock", host, sizeof host, &port, &db, &e),
                    ERR_OK);
   ck_assert_int_eq(port, 0);
   const char *bad[][2] = {
@@ -428,8 +427,7 @@ START_TEST(redis_urls_and_refusals) {
       {"redis://:1", "has no host"},        {"", "empty"}};
   for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
     memset(&e, 0, sizeof e);
-    ck_assert_int_ne(qbackend_redis_parse_url(bad[i][0], host, sizeof host, &port, &db, &e),
-                     ERR_OK);
+    ck_assert_int_ne(redisconn_parse_url(bad[i][0], host, sizeof host, &port, &db, &e), ERR_OK);
     ck_assert_msg(strstr(e.msg, bad[i][1]), "'%s': '%s' lacks '%s'", bad[i][0], e.msg, bad[i][1]);
     ck_assert_msg(!strstr(e.msg, "secret"), "the password leaked: %s", e.msg);
   }

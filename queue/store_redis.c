@@ -1,0 +1,236 @@
+/* The Redis store (store.h): job records, images and result files as Redis strings, so every
+ * daemon of a group (one key prefix P) reads what any of them wrote.
+ *   P:jobs            set     ids with a record (recovery lists these)
+ *   P:job:ID          string  the record
+ *   P:img:ID:N        string  image N (PNG bytes)
+ *   P:file:ID:NAME    string  a result file (noise.npy)
+ *   P:probe           string  readiness writes
+ * A record is indexed before it is written, so a crash between the two leaves an index entry
+ * without a record (skipped and removed at listing), never a record recovery cannot find. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mem.h"
+#include "redisconn.h"
+#include "store.h"
+
+typedef struct redis_store {
+  store base;
+  redisconn *c;
+  char prefix[128];
+} redis_store;
+
+#define KEYBUF 256
+
+/* ERR_OK for a reply that is not an error; else ERR_IO naming what failed. Frees r. */
+static int check(redis_store *s, redisReply *r, const char *what, err *e) {
+  (void)s;
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  int rc = ERR_OK;
+  if (r->type == REDIS_REPLY_ERROR)
+    rc = err_set(e, ERR_IO, "redis: %s: %s", what, r->str);
+  freeReplyObject(r);
+  return rc;
+}
+
+static int set_key(redis_store *s, const char *k, const void *data, size_t len, err *e) {
+  const char *argv[] = {"SET", k, data};
+  const size_t lens[] = {3, strlen(k), len};
+  return check(s, redisconn_argv(s->c, 3, argv, lens, e), k, e);
+}
+
+/* A string key's value (NUL-terminated beyond len); ERR_IO "no such ..." when it is missing. */
+static int get_key(redis_store *s, const char *k, uint8_t **out, size_t *len, err *e) {
+  const char *argv[] = {"GET", k};
+  redisReply *r = redisconn_argv(s->c, 2, argv, NULL, e);
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  int rc = ERR_OK;
+  if (r->type == REDIS_REPLY_NIL) {
+    rc = err_set(e, ERR_IO, "redis: %s: no such key", k);
+  } else if (r->type != REDIS_REPLY_STRING) {
+    rc = err_set(e, ERR_IO, "redis: GET %s: %s", k, r->type == REDIS_REPLY_ERROR ? r->str : "?");
+  } else if (!(*out = mem_malloc(r->len + 1))) {
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  } else {
+    memcpy(*out, r->str, r->len);
+    (*out)[r->len] = 0;
+    *len = r->len;
+  }
+  freeReplyObject(r);
+  return rc;
+}
+
+static int rs_put_job(store *b, const char *id, const char *json, size_t len, err *e) {
+  redis_store *s = (redis_store *)b;
+  if (len > STORE_RECORD_MAX)
+    return err_set(e, ERR_INVALID, "job record of %zu bytes exceeds the store's %zu", len,
+                   STORE_RECORD_MAX);
+  char idx[KEYBUF], k[KEYBUF];
+  snprintf(idx, sizeof idx, "%s:jobs", s->prefix);
+  snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
+  const char *argv[] = {"SADD", idx, id};
+  int rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "SADD", e);
+  return rc ? rc : set_key(s, k, json, len, e);
+}
+
+static int rs_put_image(store *b, const char *id, int n, const uint8_t *png, size_t len, err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[KEYBUF];
+  snprintf(k, sizeof k, "%s:img:%s:%d", s->prefix, id, n);
+  return set_key(s, k, png, len, e);
+}
+
+static int rs_sync_images(store *b, err *e) {
+  (void)b;
+  (void)e;
+  return ERR_OK; /* every SET was as durable as the server makes writes when it answered */
+}
+
+static int rs_get_image(store *b, const char *id, int n, uint8_t **png, size_t *len, err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[KEYBUF];
+  snprintf(k, sizeof k, "%s:img:%s:%d", s->prefix, id, n);
+  return get_key(s, k, png, len, e);
+}
+
+static int rs_put_file(store *b, const char *id, const char *name, const uint8_t *data, size_t len,
+                       err *e) {
+  redis_store *s = (redis_store *)b;
+  int rc = store_file_name_check(name, e);
+  char k[KEYBUF];
+  snprintf(k, sizeof k, "%s:file:%s:%s", s->prefix, id, name);
+  return rc ? rc : set_key(s, k, data, len, e);
+}
+
+static int rs_get_file(store *b, const char *id, const char *name, uint8_t **data, size_t *len,
+                       err *e) {
+  redis_store *s = (redis_store *)b;
+  int rc = store_file_name_check(name, e);
+  char k[KEYBUF];
+  snprintf(k, sizeof k, "%s:file:%s:%s", s->prefix, id, name);
+  return rc ? rc : get_key(s, k, data, len, e);
+}
+
+static int rs_remove_job(store *b, const char *id, int nimages, const char *const *files, err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[KEYBUF];
+  int rc = ERR_OK;
+  for (int i = 0; i < nimages && rc == ERR_OK; i++) {
+    snprintf(k, sizeof k, "%s:img:%s:%d", s->prefix, id, i);
+    const char *argv[] = {"DEL", k};
+    rc = check(s, redisconn_argv(s->c, 2, argv, NULL, e), "DEL", e);
+  }
+  for (int i = 0; files && files[i] && rc == ERR_OK; i++) {
+    if (store_file_name_check(files[i], e) != ERR_OK)
+      continue;
+    snprintf(k, sizeof k, "%s:file:%s:%s", s->prefix, id, files[i]);
+    const char *argv[] = {"DEL", k};
+    rc = check(s, redisconn_argv(s->c, 2, argv, NULL, e), "DEL", e);
+  }
+  if (rc == ERR_OK) { /* the record last, then its index entry: a cut leaves it removable */
+    snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
+    const char *argv[] = {"DEL", k};
+    rc = check(s, redisconn_argv(s->c, 2, argv, NULL, e), "DEL", e);
+  }
+  if (rc == ERR_OK) {
+    snprintf(k, sizeof k, "%s:jobs", s->prefix);
+    const char *argv[] = {"SREM", k, id};
+    rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "SREM", e);
+  }
+  return rc;
+}
+
+static int by_id(const void *a, const void *b) {
+  const redisReply *x = *(redisReply *const *)a, *y = *(redisReply *const *)b;
+  return strcmp(x->str, y->str);
+}
+
+static int rs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
+  redis_store *s = (redis_store *)b;
+  char idx[KEYBUF];
+  snprintf(idx, sizeof idx, "%s:jobs", s->prefix);
+  const char *argv[] = {"SMEMBERS", idx};
+  redisReply *r = redisconn_argv(s->c, 2, argv, NULL, e);
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  if (r->type != REDIS_REPLY_ARRAY) {
+    const int rc = err_set(e, ERR_IO, "redis: SMEMBERS %s: %s", idx,
+                           r->type == REDIS_REPLY_ERROR ? r->str : "not a set");
+    freeReplyObject(r);
+    return rc;
+  }
+  /* ids sort by creation time: the same order a directory listing gives after sorting */
+  qsort(r->element, r->elements, sizeof *r->element, by_id);
+  for (size_t i = 0; i < r->elements; i++) {
+    const redisReply *el = r->element[i];
+    if (el->type != REDIS_REPLY_STRING || el->len == 0 || el->len > 100)
+      continue;
+    char k[KEYBUF];
+    snprintf(k, sizeof k, "%s:job:%s", s->prefix, el->str);
+    uint8_t *rec = NULL;
+    size_t len = 0;
+    err ge = {0};
+    if (get_key(s, k, &rec, &len, &ge) == ERR_OK) {
+      fn(user, el->str, (const char *)rec, len);
+    } else if (strstr(ge.msg, "no such key")) { /* indexed, never written: a cut write */
+      const char *srem[] = {"SREM", idx, el->str};
+      freeReplyObject(redisconn_argv(s->c, 3, srem, NULL, &ge));
+    } else {
+      fn(user, el->str, NULL, 0); /* unreadable: the queue reports it */
+    }
+    free(rec);
+  }
+  freeReplyObject(r);
+  return ERR_OK;
+}
+
+static int rs_probe(store *b, err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[KEYBUF];
+  snprintf(k, sizeof k, "%s:probe", s->prefix);
+  return set_key(s, k, "probe", 5, e); /* refused while the server cannot persist (MISCONF) */
+}
+
+static void rs_free(store *b) {
+  redis_store *s = (redis_store *)b;
+  if (!s)
+    return;
+  redisconn_free(s->c);
+  free(s);
+}
+
+static const store_ops redis_store_ops = {
+    .put_job = rs_put_job,
+    .put_image = rs_put_image,
+    .sync_images = rs_sync_images,
+    .get_image = rs_get_image,
+    .put_file = rs_put_file,
+    .get_file = rs_get_file,
+    .remove_job = rs_remove_job,
+    .list_jobs = rs_list_jobs,
+    .probe = rs_probe,
+    .free = rs_free,
+};
+
+int store_redis_open(const char *url, const char *password, const char *prefix, store **out,
+                     err *e) {
+  if (!prefix || !*prefix)
+    prefix = "denoised";
+  redis_store *s = mem_calloc(1, sizeof *s);
+  if (!s)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  s->base.ops = &redis_store_ops;
+  snprintf(s->prefix, sizeof s->prefix, "%s", prefix);
+  int rc = redisconn_open(url, password, 0, &s->c, e);
+  if (rc == ERR_OK)
+    rc = rs_probe(&s->base, e);
+  if (rc != ERR_OK) {
+    rs_free(&s->base);
+    return rc;
+  }
+  *out = &s->base;
+  return ERR_OK;
+}
