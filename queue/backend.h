@@ -112,6 +112,9 @@ typedef struct qbackend_redis_opts {
   const char *prefix;   /* key prefix of this group of daemons; "denoised" if NULL */
   int transient_max;    /* transient events kept per job (the newest); 64 if 0 */
   int timeout_ms;       /* connect and command timeout; 5000 if 0 */
+  /* Refuse to open while another backend opened with exclusive holds the prefix (a daemon
+   * that is alive and connected): the queue cannot share a prefix yet. */
+  int exclusive;
 } qbackend_redis_opts;
 
 /* Connects (a clear ERR_IO naming the URL when the server cannot be reached) and loads the

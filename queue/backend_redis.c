@@ -475,6 +475,16 @@ int qbackend_redis_open(const qbackend_redis_opts *o, qbackend **out, err *e) {
   b->transient_max = o->transient_max > 0 ? o->transient_max : 64;
   snprintf(b->prefix, sizeof b->prefix, "%s", prefix);
   int rc = redisconn_open(o->url, o->password, o->timeout_ms, &b->c, e);
+  if (rc == ERR_OK && o->exclusive) {
+    /* one daemon per prefix until the queue reads jobs other daemons accepted */
+    char name[160];
+    snprintf(name, sizeof name, "denoised:%s", prefix);
+    if ((rc = redisconn_claim_name(b->c, name, e)) != ERR_OK)
+      err_set(e, rc,
+              "redis_prefix '%s' is in use by another daemon on %s: several daemons on one prefix "
+              "are not supported yet; give each its own redis_prefix",
+              prefix, o->url);
+  }
   for (int s = 0; rc == ERR_OK && s < S_COUNT; s++) { /* load once, then EVALSHA */
     const char *argv[] = {"SCRIPT", "LOAD", scripts[s]};
     redisReply *r = redisconn_argv(b->c, 3, argv, NULL, e);

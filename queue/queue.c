@@ -132,7 +132,8 @@ static int open_backends(queue *q, store_fault *fault, err *e) {
     qbackend_redis_opts ro = {.url = o->redis_url,
                               .password = o->redis_password,
                               .prefix = o->redis_prefix,
-                              .transient_max = RING};
+                              .transient_max = RING,
+                              .exclusive = 1};
     rc = qbackend_redis_open(&ro, &q->be, e);
     if (!rc)
       rc = store_redis_open(o->redis_url, o->redis_password, o->redis_prefix, &q->st, e);

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "mem.h"
 
@@ -13,7 +14,8 @@ struct redisconn {
   redisContext *c;
   char *password;
   int db;
-  char url[512]; /* for messages: holds no password (refused in URLs) */
+  char url[512];  /* for messages: holds no password (refused in URLs) */
+  char name[160]; /* CLIENT SETNAME after every (re)connect, or "" */
 };
 
 int redisconn_parse_url(const char *url, char *host, size_t hostn, int *port, int *db, err *e) {
@@ -70,6 +72,8 @@ static int setup(redisconn *c, err *e) {
     if (!ok)
       return err_set(e, ERR_IO, "redis %s: the server refused the password", c->url);
   }
+  if (c->name[0]) /* best effort: a server whose ACL forbids it still works */
+    freeReplyObject(redisCommand(c->c, "CLIENT SETNAME %s", c->name));
   if (c->db) {
     r = redisCommand(c->c, "SELECT %d", c->db);
     const int ok = r && r->type != REDIS_REPLY_ERROR;
@@ -149,4 +153,43 @@ redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size
     err_set(e, ERR_IO, "redis %s: %s", c->url, c->c->errstr[0] ? c->c->errstr : "connection lost");
   pthread_mutex_unlock(&c->mu);
   return r;
+}
+
+/* Whether a connection named name is open on the server (CLIENT LIST); -1 if the server does
+ * not say (an ACL may forbid the command). */
+static int name_in_use(redisconn *c, const char *name, err *e) {
+  const char *argv[] = {"CLIENT", "LIST"};
+  redisReply *r = redisconn_argv(c, 2, argv, NULL, e);
+  if (!r || r->type != REDIS_REPLY_STRING) {
+    freeReplyObject(r);
+    return -1;
+  }
+  char needle[200];
+  snprintf(needle, sizeof needle, " name=%s ", name);
+  const int used = strstr(r->str, needle) != NULL;
+  freeReplyObject(r);
+  return used;
+}
+
+int redisconn_claim_name(redisconn *c, const char *name, err *e) {
+  if (strlen(name) >= sizeof c->name || strpbrk(name, " \t\r\n"))
+    return err_set(e, ERR_INVALID, "redis client name '%s' is too long or has blanks", name);
+  /* a daemon killed a moment ago may still be listed until the server reads its socket's end */
+  for (int attempt = 0; attempt < 10; attempt++) {
+    err le = {0};
+    const int used = name_in_use(c, name, &le);
+    if (used <= 0)
+      break;
+    if (attempt == 9)
+      return err_set(e, ERR_IO, "redis %s: '%s' is in use by another daemon connected there",
+                     c->url, name);
+    struct timespec ts = {0, 200 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  pthread_mutex_lock(&c->mu);
+  snprintf(c->name, sizeof c->name, "%s", name);
+  pthread_mutex_unlock(&c->mu);
+  const char *argv[] = {"CLIENT", "SETNAME", name};
+  freeReplyObject(redisconn_argv(c, 3, argv, NULL, e));
+  return ERR_OK;
 }

@@ -2,7 +2,8 @@
  * scratch redis-server (testredis.h), so a daemon killed with SIGKILL and started again, even
  * with an empty state directory, finds every finished image and runs the job it was running
  * again once that job's claim has run out; a Redis that cannot be reached, or that refuses the
- * password, stops the start with a clear error and exit code 4. Skipped, saying so, where
+ * password, or whose prefix another live daemon holds, stops the start with a clear error and
+ * exit code 4. Skipped, saying so, where
  * redis-server is not installed. */
 #include "testhttp.h"
 #include "testredis.h"
@@ -152,6 +153,24 @@ START_TEST(unreachable_redis_stops_the_start) {
 }
 END_TEST
 
+/* Until the queue reads jobs other daemons accepted, a prefix serves one live daemon: a second
+ * is refused at start, and free again as soon as the first is gone (even killed). */
+START_TEST(one_daemon_per_prefix) {
+  char st[512], st2[512];
+  daemon_proc a, b;
+  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "solo", NULL};
+  ck_assert_int_eq(daemon_start(&a, th_state_dir(st, sizeof st), args), 0);
+  ck_assert_int_eq(daemon_start(&b, th_state_dir(st2, sizeof st2), args), 4);
+  ck_assert(log_has(&b, "redis_prefix 'solo' is in use by another daemon"));
+  const char *other[] = {"--redis-url", redis.url, "--redis-prefix", "solo2", NULL};
+  ck_assert_int_eq(daemon_start(&b, st2, other), 0); /* another prefix is another queue */
+  daemon_stop(&b);
+  ck_assert_int_eq(daemon_signal_wait(&a, SIGKILL, 10), 128 + SIGKILL);
+  ck_assert_int_eq(daemon_start(&b, st2, args), 0);
+  daemon_stop(&b);
+}
+END_TEST
+
 static void stop_redis(void) {
   test_redis_stop(&redis);
 }
@@ -168,6 +187,7 @@ Suite *test_suite(void) {
     atexit(stop_redis);
     tcase_add_test(tc, kill9_on_redis_loses_nothing);
     tcase_add_test(tc, redis_password_and_refusals);
+    tcase_add_test(tc, one_daemon_per_prefix);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
