@@ -69,6 +69,13 @@ typedef struct qbackend_ops {
    * their ids (all are put back even beyond max); the count put back. */
   int (*reclaim)(qbackend *b, int max, qbackend_id *ids);
 
+  /* Asks the holder of id's claim to stop it (a cancel that reached another node): 1 if id is
+   * claimed, 0 if not. The request stands until a claim of id completes: a job released or
+   * whose lease ran out carries it to its next holder. */
+  int (*cancel_request)(qbackend *b, const char *id);
+  /* Whether a stop of id's current claim was asked for. */
+  int (*cancel_requested)(qbackend *b, const char *id);
+
   /* ---- per-job event logs ---- */
   /* Adds an event to id's log (created on first use). seq must be above the log's last
    * (QBACKEND_ORDER): gaps are allowed (numbers a lost run used). lasting events stay until
@@ -112,9 +119,6 @@ typedef struct qbackend_redis_opts {
   const char *prefix;   /* key prefix of this group of daemons; "denoised" if NULL */
   int transient_max;    /* transient events kept per job (the newest); 64 if 0 */
   int timeout_ms;       /* connect and command timeout; 5000 if 0 */
-  /* Refuse to open while another backend opened with exclusive holds the prefix (a daemon
-   * that is alive and connected): the queue cannot share a prefix yet. */
-  int exclusive;
 } qbackend_redis_opts;
 
 /* Connects (a clear ERR_IO naming the URL when the server cannot be reached) and loads the

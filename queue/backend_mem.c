@@ -16,6 +16,7 @@ typedef struct mem_slot {
   uint64_t order;  /* first push: a job put back regains this place */
   uint64_t token;  /* the claim's fencing token (claimed slots) */
   double deadline; /* when the lease runs out (claimed slots) */
+  int cancel;      /* a stop was asked for (claimed slots) */
 } mem_slot;
 
 typedef struct mem_log {
@@ -388,6 +389,31 @@ static void log_free(mem_log *l) {
   free(l);
 }
 
+/* The claimed slot of id (lock held), or NULL. */
+static mem_slot *claimed_slot(mem_backend *m, const char *id) {
+  const int i = find_slot(m->claimed, m->nclaimed, id);
+  return i < 0 ? NULL : &m->claimed[i];
+}
+
+static int mem_cancel_request(qbackend *b, const char *id) {
+  mem_backend *m = (mem_backend *)b;
+  pthread_mutex_lock(&m->mu);
+  mem_slot *s = claimed_slot(m, id);
+  if (s)
+    s->cancel = 1;
+  pthread_mutex_unlock(&m->mu);
+  return s != NULL;
+}
+
+static int mem_cancel_requested(qbackend *b, const char *id) {
+  mem_backend *m = (mem_backend *)b;
+  pthread_mutex_lock(&m->mu);
+  const mem_slot *s = claimed_slot(m, id);
+  const int asked = s && s->cancel;
+  pthread_mutex_unlock(&m->mu);
+  return asked;
+}
+
 static void mem_drop(qbackend *b, const char *id) {
   mem_backend *m = (mem_backend *)b;
   pthread_mutex_lock(&m->mu);
@@ -432,6 +458,8 @@ static const qbackend_ops mem_ops = {
     .complete = mem_complete,
     .release = mem_release,
     .reclaim = mem_reclaim,
+    .cancel_request = mem_cancel_request,
+    .cancel_requested = mem_cancel_requested,
     .append = mem_append,
     .read = mem_read,
     .trim = mem_trim,

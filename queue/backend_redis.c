@@ -17,7 +17,10 @@
  *   P:tokenseq   int   the last token given (never reused: INCR on a key nothing deletes)
  *   P:evlast     hash  id -> the highest seq appended to id's log
  *   P:ev:ID      zset  id's events scored by seq, member "SEQ TYPE LASTING DATA"
- *   P:evt:ID     zset  the seqs of id's transient events (to trim them oldest first) */
+ *   P:evt:ID     zset  the seqs of id's transient events (to trim them oldest first)
+ *   P:cancel     set   ids whose claim holder was asked to stop them (a cancel on another
+ *                      daemon); kept when the claim is released or runs out, so the next
+ *                      holder sees it, and dropped when a claim completes */
 #include "backend.h"
 
 #include <inttypes.h>
@@ -38,6 +41,7 @@ enum {
   S_RECLAIM,
   S_APPEND,
   S_TRIM,
+  S_CANCEL,
   S_COUNT
 };
 
@@ -84,18 +88,20 @@ static const char *const scripts[S_COUNT] = {
     [S_RENEW] = LUA_NOW LUA_HELD "if not held(ARGV[1], ARGV[2], now) then return -1 end "
                                  "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1]) "
                                  "return 0",
-    /* KEYS leases tokens order; ARGV id token -> 0, or -1 if not held */
+    /* KEYS leases tokens order q cancel; ARGV id token -> 0, or -1 if not held */
     [S_COMPLETE] = LUA_NOW LUA_HELD "if not held(ARGV[1], ARGV[2], now) then return -1 end "
                                     "redis.call('ZREM', KEYS[1], ARGV[1]) "
                                     "redis.call('HDEL', KEYS[2], ARGV[1]) "
-                                    "redis.call('HDEL', KEYS[3], ARGV[1]) return 0",
-    /* KEYS leases tokens order q; ARGV id token -> 0, or -1 if not held */
+                                    "redis.call('HDEL', KEYS[3], ARGV[1]) "
+                                    "redis.call('SREM', KEYS[5], ARGV[1]) return 0",
+    /* KEYS leases tokens order q cancel; ARGV id token -> 0, or -1 if not held */
     [S_RELEASE] = LUA_NOW LUA_HELD "if not held(ARGV[1], ARGV[2], now) then return -1 end "
                                    "redis.call('ZREM', KEYS[1], ARGV[1]) "
                                    "redis.call('HDEL', KEYS[2], ARGV[1]) "
                                    "redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[3], "
-                                   "ARGV[1]), ARGV[1]) return 0",
-    /* KEYS leases tokens order q -> the ids put back */
+                                   "ARGV[1]), ARGV[1]) "
+                                   "return 0",
+    /* KEYS leases tokens order q cancel -> the ids put back */
     [S_RECLAIM] = LUA_NOW "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now) "
                           "for _, id in ipairs(ids) do "
                           "  redis.call('ZREM', KEYS[1], id) redis.call('HDEL', KEYS[2], id) "
@@ -125,6 +131,9 @@ static const char *const scripts[S_COUNT] = {
                "    redis.call('ZREMRANGEBYSCORE', KEYS[1], s, s) end "
                "  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) "
                "end return 0",
+    /* KEYS tokens cancel; ARGV id -> 1 if claimed (the request is recorded), else 0 */
+    [S_CANCEL] = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end "
+                 "redis.call('SADD', KEYS[2], ARGV[1]) return 1",
 };
 
 /* ---- connection ---- */
@@ -287,14 +296,14 @@ static int rb_claim(qbackend *qb, const char *id, int lease_ms, uint64_t *token,
 /* renew, complete and release: a script over the claim of id under token. */
 static int rb_held_op(redis_backend *b, int s, const char *id, uint64_t token, int lease_ms,
                       err *e) {
-  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF], tok[24], lease[16];
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF], k5[KEYBUF], tok[24], lease[16];
   const char *keys[] = {key(b, k1, KEYBUF, "leases", NULL), key(b, k2, KEYBUF, "tokens", NULL),
-                        key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL)};
+                        key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL),
+                        key(b, k5, KEYBUF, "cancel", NULL)};
   snprintf(tok, sizeof tok, "%" PRIu64, token);
   snprintf(lease, sizeof lease, "%d", lease_ms);
   const char *args[] = {id, tok, lease};
-  const int nkeys = s == S_RENEW ? 2 : s == S_COMPLETE ? 3 : 4;
-  const long long v = rb_eval_int(b, s, nkeys, keys, s == S_RENEW ? 3 : 2, args, e);
+  const long long v = rb_eval_int(b, s, 5, keys, s == S_RENEW ? 3 : 2, args, e);
   if (v == INT64_MIN)
     return e->code ? e->code : ERR_IO;
   if (v < 0)
@@ -318,15 +327,35 @@ static int rb_release(qbackend *qb, const char *id, uint64_t token, err *e) {
 
 static int rb_reclaim(qbackend *qb, int max, qbackend_id *ids) {
   redis_backend *b = (redis_backend *)qb;
-  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF];
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF], k4[KEYBUF], k5[KEYBUF];
   const char *keys[] = {key(b, k1, KEYBUF, "leases", NULL), key(b, k2, KEYBUF, "tokens", NULL),
-                        key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL)};
+                        key(b, k3, KEYBUF, "order", NULL), key(b, k4, KEYBUF, "q", NULL),
+                        key(b, k5, KEYBUF, "cancel", NULL)};
   err e = {0};
-  redisReply *r = rb_eval(b, S_RECLAIM, 4, keys, 0, NULL, &e);
+  redisReply *r = rb_eval(b, S_RECLAIM, 5, keys, 0, NULL, &e);
   const int all = r && r->type == REDIS_REPLY_ARRAY ? (int)r->elements : 0;
   copy_ids(r, max, ids);
   freeReplyObject(r);
   return all;
+}
+
+static int rb_cancel_request(qbackend *qb, const char *id) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF];
+  const char *keys[] = {key(b, k1, KEYBUF, "tokens", NULL), key(b, k2, KEYBUF, "cancel", NULL)};
+  err e = {0};
+  return rb_eval_int(b, S_CANCEL, 2, keys, 1, &id, &e) == 1;
+}
+
+static int rb_cancel_requested(qbackend *qb, const char *id) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF];
+  const char *argv[] = {"SISMEMBER", key(b, k, KEYBUF, "cancel", NULL), id};
+  err e = {0};
+  redisReply *r = redisconn_argv(b->c, 3, argv, NULL, &e);
+  const int asked = r && r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+  freeReplyObject(r);
+  return asked;
 }
 
 /* ---- event logs ---- */
@@ -454,6 +483,8 @@ static const qbackend_ops redis_ops = {
     .complete = rb_complete,
     .release = rb_release,
     .reclaim = rb_reclaim,
+    .cancel_request = rb_cancel_request,
+    .cancel_requested = rb_cancel_requested,
     .append = rb_append,
     .read = rb_read,
     .trim = rb_trim,
@@ -475,15 +506,10 @@ int qbackend_redis_open(const qbackend_redis_opts *o, qbackend **out, err *e) {
   b->transient_max = o->transient_max > 0 ? o->transient_max : 64;
   snprintf(b->prefix, sizeof b->prefix, "%s", prefix);
   int rc = redisconn_open(o->url, o->password, o->timeout_ms, &b->c, e);
-  if (rc == ERR_OK && o->exclusive) {
-    /* one daemon per prefix until the queue reads jobs other daemons accepted */
+  if (rc == ERR_OK) {
     char name[160];
     snprintf(name, sizeof name, "denoised:%s", prefix);
-    if ((rc = redisconn_claim_name(b->c, name, e)) != ERR_OK)
-      err_set(e, rc,
-              "redis_prefix '%s' is in use by another daemon on %s: several daemons on one prefix "
-              "are not supported yet; give each its own redis_prefix",
-              prefix, o->url);
+    rc = redisconn_set_name(b->c, name, e);
   }
   for (int s = 0; rc == ERR_OK && s < S_COUNT; s++) { /* load once, then EVALSHA */
     const char *argv[] = {"SCRIPT", "LOAD", scripts[s]};

@@ -225,5 +225,25 @@ void qloop_wake(queue *q);
 /* ---- recovery.c: jobs back from the store at start ---- */
 /* Every record in the store back as a job; queued ones in the backend's queue, in id order. */
 int qrecovery_run(queue *q, err *e);
+/* The job a record describes, its events in (or, shared, its numbering from) the backend's
+ * log; NULL (logged) when the record cannot be read. */
+qjob *qrecord_parse(queue *q, const char *id, const char *text, size_t len);
+
+/* ---- shared.c: several daemons on one store and backend (Redis); no-ops otherwise ---- */
+/* Reads id's record again if this copy may be out of date (not running here, not final), or
+ * adopts the job if this process has never seen it. Unlocked. */
+void qshared_refresh(queue *q, const char *id);
+/* Adopts the jobs at the head of the shared queue this process has never seen. Unlocked. */
+void qshared_adopt(queue *q);
+/* Lock held, right after j was claimed: continues j's event numbering after the shared log;
+ * a job whose last run died with its process is queued again ("restarted"), or failed once it
+ * has crashed max_attempts runs (then 0: the claim is completed and j must not run). */
+int qshared_claimed(queue *q, qjob *j);
+/* Lock held: a cancel of j, which this process is not running: 1 when it was handed to the
+ * daemon that is (or the job was claimed meanwhile), 0 when j is to be cancelled here (it was
+ * taken out of the shared queue, or nothing is shared). */
+int qshared_cancel_elsewhere(queue *q, qjob *j);
+/* Lock held: up to max jobs running here that another daemon was asked to cancel. */
+int qshared_cancels_asked(queue *q, qbackend_id *ids, int max);
 
 #endif

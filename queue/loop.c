@@ -84,6 +84,11 @@ static int claim_batch(queue *q, qjob **queued, int n, qjob **jobs, int *nimg) {
         return 0;
       continue;
     }
+    if (!qshared_claimed(q, j)) { /* crashed too often: failed instead */
+      if (i == 0)
+        return 0;
+      continue;
+    }
     jobs[k++] = j;
     *nimg += j->spec.batch;
   }
@@ -134,8 +139,19 @@ static void refuse_batch(queue *q, qbatch *b, int uvrc) {
 static int dispatch_one(queue *q) {
   int n = 0;
   qjob **queued = qjob_queued(q, &n);
-  if (!n)
+  if (q->shared) { /* the shared queue holds other daemons' models' jobs too: theirs to run */
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+      const qmodel *m = qmodel_find(q, queued[i]->spec.model);
+      if (m && m->m)
+        queued[k++] = queued[i];
+    }
+    n = k;
+  }
+  if (!n) {
+    free(queued);
     return 0;
+  }
   qmodel *qm = qmodel_find(q, queued[0]->spec.model);
   if (!qm || !qm->m) {
     fail_unserved(q, queued[0]);
@@ -285,8 +301,11 @@ static void reclaim_expired(queue *q) {
  * the store refused, oldest first, until one fails again. */
 static void retry_cb(uv_timer_t *t) {
   queue *q = t->data;
+  qshared_adopt(q);
   pthread_mutex_lock(&q->mu);
   renew_claims(q);
+  qbackend_id cancels[16];
+  const int ncancels = qshared_cancels_asked(q, cancels, 16);
   if (q->shared) /* one process's own claims never run out while its loop renews them */
     reclaim_expired(q);
   qjob_push_unpushed(q);
@@ -295,6 +314,10 @@ static void retry_cb(uv_timer_t *t) {
   const int probe = !q->store_ok || (q->o.probe_every_ms > 0 &&
                                      (now - q->last_probe) * 1000 >= q->o.probe_every_ms);
   pthread_mutex_unlock(&q->mu);
+  for (int i = 0; i < ncancels; i++) { /* asked on another daemon */
+    err e = {0};
+    queue_cancel(q, cancels[i], NULL, NULL, &e);
+  }
   if (probe) {
     err e = {0};
     int rc = q->st->ops->probe(q->st, &e);

@@ -132,8 +132,7 @@ static int open_backends(queue *q, store_fault *fault, err *e) {
     qbackend_redis_opts ro = {.url = o->redis_url,
                               .password = o->redis_password,
                               .prefix = o->redis_prefix,
-                              .transient_max = RING,
-                              .exclusive = 1};
+                              .transient_max = RING};
     rc = qbackend_redis_open(&ro, &q->be, e);
     if (!rc)
       rc = store_redis_open(o->redis_url, o->redis_password, o->redis_prefix, &q->st, e);
@@ -387,6 +386,7 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
 }
 
 int queue_get(queue *q, const char *id, const char *owner, queue_job_view *out, err *e) {
+  qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   qjob *j = qjob_find(q, id, owner);
   if (j)
@@ -422,6 +422,7 @@ int queue_list(queue *q, const char *owner, const char *before, int state, int l
 }
 
 int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *out, err *e) {
+  qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   qjob *j = qjob_find(q, id, owner);
   if (!j) {
@@ -435,8 +436,14 @@ int queue_cancel(queue *q, const char *id, const char *owner, queue_job_view *ou
     pthread_mutex_unlock(&q->mu);
     return err_set(e, QUEUE_CONFLICT, "job '%s' is already %s", id, st);
   }
+  if (qshared_cancel_elsewhere(q, j)) { /* the daemon running it stops it at its next tick */
+    if (out)
+      qjob_view(q, j, out);
+    pthread_mutex_unlock(&q->mu);
+    return ERR_OK;
+  }
   const int was_running = j->state == QUEUE_RUNNING;
-  if (!was_running)
+  if (!was_running && !q->shared) /* shared: qshared_cancel_elsewhere took it out */
     qjob_unqueue(q, j);
   size_t len;
   char *rec = qjob_finish(q, j, QUEUE_CANCELLED,
@@ -518,6 +525,27 @@ static void deadline_in(struct timespec *dl, int ms) {
   }
 }
 
+/* Whether an event type ends a job's log. */
+static int final_event(const char *type) {
+  return strcmp(type, "done") == 0 || strcmp(type, "failed") == 0 || strcmp(type, "cancelled") == 0;
+}
+
+/* Lock held: waits for news of job id until *dl; 1 once *dl has passed. A process sharing its
+ * queue is not woken by what other daemons do, so it looks again every 200 ms. */
+static int shared_wait(queue *q, const char *id, const struct timespec *dl) {
+  if (!q->shared)
+    return pthread_cond_timedwait(&q->cv, &q->mu, dl) == ETIMEDOUT;
+  struct timespec soon;
+  deadline_in(&soon, 200);
+  const int last =
+      soon.tv_sec > dl->tv_sec || (soon.tv_sec == dl->tv_sec && soon.tv_nsec >= dl->tv_nsec);
+  pthread_cond_timedwait(&q->cv, &q->mu, last ? dl : &soon);
+  pthread_mutex_unlock(&q->mu);
+  qshared_refresh(q, id);
+  pthread_mutex_lock(&q->mu);
+  return last;
+}
+
 /* Events of j after `after` from its log, in seq order (lock held). */
 static int collect(queue *q, const qjob *j, uint64_t after, queue_event **evs, int *n, err *e) {
   qbackend_event *got = NULL;
@@ -545,6 +573,7 @@ int queue_events(queue *q, const char *id, const char *owner, uint64_t after, in
   *done = 0;
   struct timespec dl;
   deadline_in(&dl, timeout_ms);
+  qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   for (;;) {
     qjob *j = qjob_find(q, id, owner);
@@ -552,19 +581,23 @@ int queue_events(queue *q, const char *id, const char *owner, uint64_t after, in
       pthread_mutex_unlock(&q->mu);
       return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
     }
-    const int rc = j->next_seq - 1 > after ? collect(q, j, after, evs, n, e) : ERR_OK;
+    /* a job another daemon runs adds to its log without telling this process: read the log */
+    const int elsewhere = q->shared && !j->batch;
+    const int rc = elsewhere || j->next_seq - 1 > after ? collect(q, j, after, evs, n, e) : ERR_OK;
     if (rc) {
       pthread_mutex_unlock(&q->mu);
       return rc;
     }
     /* done once the terminal event is among those delivered */
-    if (qstate_final(j->state) && (*n > 0 ? (*evs)[*n - 1].seq : after) >= j->next_seq - 1)
+    if (elsewhere
+            ? *n > 0 && final_event((*evs)[*n - 1].type)
+            : qstate_final(j->state) && (*n > 0 ? (*evs)[*n - 1].seq : after) >= j->next_seq - 1)
       *done = 1;
     if (q->stopping && !*n)
       *done = 1;
     if (*n || *done)
       break;
-    if (pthread_cond_timedwait(&q->cv, &q->mu, &dl) == ETIMEDOUT)
+    if (shared_wait(q, id, &dl))
       break;
   }
   pthread_mutex_unlock(&q->mu);
@@ -580,6 +613,7 @@ void queue_events_free(queue_event *evs, int n) {
 int queue_wait(queue *q, const char *id, int timeout_ms, queue_job_view *out, err *e) {
   struct timespec dl;
   deadline_in(&dl, timeout_ms);
+  qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   for (;;) {
     qjob *j = qjob_find(q, id, NULL);
@@ -587,8 +621,7 @@ int queue_wait(queue *q, const char *id, int timeout_ms, queue_job_view *out, er
       pthread_mutex_unlock(&q->mu);
       return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
     }
-    if (qstate_final(j->state) || q->stopping ||
-        pthread_cond_timedwait(&q->cv, &q->mu, &dl) == ETIMEDOUT) {
+    if (qstate_final(j->state) || q->stopping || shared_wait(q, id, &dl)) {
       j = qjob_find(q, id, NULL);
       if (j)
         qjob_view(q, j, out);
@@ -600,6 +633,7 @@ int queue_wait(queue *q, const char *id, int timeout_ms, queue_job_view *out, er
 
 int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **png, size_t *len,
                 err *e) {
+  qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   qjob *j = qjob_find(q, id, owner);
   int batch = j ? j->spec.batch : 0, ready = j ? j->images : 0;
@@ -616,6 +650,7 @@ int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **pn
 }
 
 int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size_t *len, err *e) {
+  qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   qjob *j = qjob_find(q, id, owner);
   const int noise = j && qspec_has_noise(&j->spec);

@@ -82,16 +82,15 @@ static json_t *load_record(const char *text, size_t len, json_error_t *je) {
 static void load_events(queue *q, qjob *j, const json_t *events) {
   size_t i;
   json_t *ev;
-  if (q->shared) { /* the log outlived us: continue its numbering instead */
+  if (q->shared) { /* the log lives beside the record: continue its numbering, never replay */
     qbackend_event *evs = NULL;
     int n = 0;
     err e = {0};
-    if (q->be->ops->read(q->be, j->id, 0, 0, &evs, &n, &e) == ERR_OK && n > 0) {
-      if (evs[n - 1].seq >= j->next_seq)
-        j->next_seq = evs[n - 1].seq + 1;
-      qbackend_events_free(evs, n);
-      return;
-    }
+    if (q->be->ops->read(q->be, j->id, 0, 0, &evs, &n, &e) == ERR_OK && n > 0 &&
+        evs[n - 1].seq >= j->next_seq)
+      j->next_seq = evs[n - 1].seq + 1;
+    qbackend_events_free(evs, n);
+    return;
   }
   json_array_foreach(events, i, ev) {
     json_int_t seq;
@@ -107,9 +106,9 @@ static void load_events(queue *q, qjob *j, const json_t *events) {
   }
 }
 
-/* The job a record describes, its events in the backend's log; NULL (logged) when the record
- * cannot be read: it is left in place for a person to look at. */
-static qjob *parse_job(queue *q, const char *id, const char *text, size_t len) {
+/* The job a record describes (internal.h); at recovery an unreadable record is left in place
+ * for a person to look at. */
+qjob *qrecord_parse(queue *q, const char *id, const char *text, size_t len) {
   json_error_t je;
   json_t *r = load_record(text, len, &je);
   qjob *j = mem_calloc(1, sizeof *j);
@@ -179,11 +178,14 @@ static void load_one(void *user, const char *id, const char *text, size_t len) {
     qlog(q, QUEUE_LOG_ERROR, id, "recovery: cannot read the job file; left in place");
     return;
   }
-  qjob *j = parse_job(q, id, text, len);
+  qjob *j = qrecord_parse(q, id, text, len);
   if (!j)
     return;
   if (qstate_final(j->state)) /* its record on disk keeps the inputs; views need none of them */
     qspec_release_inputs(&j->spec);
+  else if (q->shared)
+    ; /* the shared queue holds it, or a claim that another daemon holds or that runs out and
+       * puts it back: whoever claims it then reruns it (qshared_claimed) */
   else if (requeue_or_fail(q, j))
     return;
   /* queued ones go to the backend's queue once all are loaded (qrecovery_run) */

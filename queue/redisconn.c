@@ -5,7 +5,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "mem.h"
 
@@ -155,41 +154,13 @@ redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size
   return r;
 }
 
-/* Whether a connection named name is open on the server (CLIENT LIST); -1 if the server does
- * not say (an ACL may forbid the command). */
-static int name_in_use(redisconn *c, const char *name, err *e) {
-  const char *argv[] = {"CLIENT", "LIST"};
-  redisReply *r = redisconn_argv(c, 2, argv, NULL, e);
-  if (!r || r->type != REDIS_REPLY_STRING) {
-    freeReplyObject(r);
-    return -1;
-  }
-  char needle[200];
-  snprintf(needle, sizeof needle, " name=%s ", name);
-  const int used = strstr(r->str, needle) != NULL;
-  freeReplyObject(r);
-  return used;
-}
-
-int redisconn_claim_name(redisconn *c, const char *name, err *e) {
+int redisconn_set_name(redisconn *c, const char *name, err *e) {
   if (strlen(name) >= sizeof c->name || strpbrk(name, " \t\r\n"))
     return err_set(e, ERR_INVALID, "redis client name '%s' is too long or has blanks", name);
-  /* a daemon killed a moment ago may still be listed until the server reads its socket's end */
-  for (int attempt = 0; attempt < 10; attempt++) {
-    err le = {0};
-    const int used = name_in_use(c, name, &le);
-    if (used <= 0)
-      break;
-    if (attempt == 9)
-      return err_set(e, ERR_IO, "redis %s: '%s' is in use by another daemon connected there",
-                     c->url, name);
-    struct timespec ts = {0, 200 * 1000 * 1000};
-    nanosleep(&ts, NULL);
-  }
   pthread_mutex_lock(&c->mu);
   snprintf(c->name, sizeof c->name, "%s", name);
   pthread_mutex_unlock(&c->mu);
   const char *argv[] = {"CLIENT", "SETNAME", name};
-  freeReplyObject(redisconn_argv(c, 3, argv, NULL, e));
+  freeReplyObject(redisconn_argv(c, 3, argv, NULL, e)); /* best effort, as in setup */
   return ERR_OK;
 }

@@ -27,10 +27,8 @@ void redisconn_free(redisconn *c);
  * NULL: the arguments are C strings. */
 redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size_t *len, err *e);
 
-/* Names this connection (CLIENT SETNAME, again after every reconnect) unless a connection of
- * that name is open on the server already: then ERR_IO saying so. Redis closes a client whose
- * process died, so the name is free again once its holder is gone, with no expiry to wait for.
- * A server that refuses CLIENT LIST (an ACL) is not checked. */
-int redisconn_claim_name(redisconn *c, const char *name, err *e);
+/* Names this connection (CLIENT SETNAME, again after every reconnect), so an operator's
+ * CLIENT LIST shows which daemons group is which. */
+int redisconn_set_name(redisconn *c, const char *name, err *e);
 
 #endif

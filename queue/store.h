@@ -37,6 +37,9 @@ typedef struct store_ops {
    * NULL); missing pieces are not an error. */
   int (*remove_job)(store *s, const char *id, int nimages, const char *const *files, err *e);
   int (*list_jobs)(store *s, store_job_fn fn, void *user, err *e);
+  /* One job's record (NUL-terminated beyond *len; the caller frees it); ERR_IO when there is
+   * none. Daemons sharing a store read the jobs other daemons accepted or ran this way. */
+  int (*get_job)(store *s, const char *id, char **json, size_t *len, err *e);
   /* Whether a small write is durable now (readiness; cheap enough to call every few seconds). */
   int (*probe)(store *s, err *e);
   void (*free)(store *s);

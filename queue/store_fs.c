@@ -289,6 +289,24 @@ static int fs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
   return ERR_OK;
 }
 
+static int fs_get_job(store *b, const char *id, char **json, size_t *len, err *e) {
+  fs_store *s = (fs_store *)b;
+  char name[128];
+  if (snprintf(name, sizeof name, "%s.json", id) >= (int)sizeof name || strchr(id, '/'))
+    return err_set(e, ERR_INVALID, "'%s' is not a job id", id);
+  int fd = io_open(s, s->jobs_fd, name, O_RDONLY | O_CLOEXEC, 0);
+  if (fd < 0)
+    return err_set(e, ERR_IO, "jobs/%s: %s", name, strerror(errno));
+  uint8_t *buf = NULL;
+  int rc = read_fd_all(s, fd, &buf, len, STORE_RECORD_MAX);
+  int en = errno;
+  close(fd);
+  if (rc)
+    return err_set(e, ERR_IO, "jobs/%s: %s", name, strerror(en));
+  *json = (char *)buf;
+  return ERR_OK;
+}
+
 static int fs_probe(store *b, err *e) {
   fs_store *s = (fs_store *)b;
   static const char probe[] = "probe";
@@ -312,9 +330,19 @@ static void fs_free(store *b) {
   free(s);
 }
 
-static const store_ops fs_ops = {fs_put_job,  fs_put_image, fs_sync_images, fs_get_image,
-                                 fs_put_file, fs_get_file,  fs_remove_job,  fs_list_jobs,
-                                 fs_probe,    fs_free};
+static const store_ops fs_ops = {
+    .put_job = fs_put_job,
+    .put_image = fs_put_image,
+    .sync_images = fs_sync_images,
+    .get_image = fs_get_image,
+    .put_file = fs_put_file,
+    .get_file = fs_get_file,
+    .remove_job = fs_remove_job,
+    .list_jobs = fs_list_jobs,
+    .get_job = fs_get_job,
+    .probe = fs_probe,
+    .free = fs_free,
+};
 
 static int open_subdir(fs_store *s, const char *sub, int *out, err *e) {
   char path[1200];

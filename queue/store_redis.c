@@ -187,6 +187,13 @@ static int rs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
   return ERR_OK;
 }
 
+static int rs_get_job(store *b, const char *id, char **json, size_t *len, err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[KEYBUF];
+  snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
+  return get_key(s, k, (uint8_t **)json, len, e);
+}
+
 static int rs_probe(store *b, err *e) {
   redis_store *s = (redis_store *)b;
   char k[KEYBUF];
@@ -211,6 +218,7 @@ static const store_ops redis_store_ops = {
     .get_file = rs_get_file,
     .remove_job = rs_remove_job,
     .list_jobs = rs_list_jobs,
+    .get_job = rs_get_job,
     .probe = rs_probe,
     .free = rs_free,
 };

@@ -216,6 +216,33 @@ START_TEST(leases_run_out_unless_renewed) {
 }
 END_TEST
 
+/* A cancel that reaches a node other than the holder: recorded only for a claimed job, seen by
+ * the holder and by the next one if the claim is given back, gone once a claim completes. */
+START_TEST(cancel_requests_reach_the_holder) {
+  fixture fx;
+  qbackend *b = open_backend(_i, &fx);
+  err e = {0};
+  push(b, "a");
+  push(b, "b");
+  ck_assert_int_eq(b->ops->cancel_request(b, "a"), 0); /* queued: the caller removes it */
+  ck_assert_int_eq(b->ops->cancel_request(b, "nobody"), 0);
+  const uint64_t t = claim(b, "a", 60000);
+  ck_assert_int_eq(b->ops->cancel_requested(b, "a"), 0);
+  ck_assert_int_eq(b->ops->cancel_request(b, "a"), 1);
+  ck_assert_int_eq(b->ops->cancel_requested(b, "a"), 1);
+  ck_assert_int_eq(b->ops->cancel_requested(b, "b"), 0);
+  ck_assert_int_eq(b->ops->release(b, "a", t, &e), ERR_OK);
+  const uint64_t t2 = claim(b, "a", 60000); /* the next holder sees the request */
+  ck_assert_int_eq(b->ops->cancel_requested(b, "a"), 1);
+  ck_assert_int_eq(b->ops->complete(b, "a", t2, &e), ERR_OK);
+  ck_assert_int_eq(b->ops->cancel_requested(b, "a"), 0); /* gone with the job */
+  push(b, "a");                                          /* an id used again starts clean */
+  claim(b, "a", 60000);
+  ck_assert_int_eq(b->ops->cancel_requested(b, "a"), 0);
+  b->ops->free(b);
+}
+END_TEST
+
 /* ---- event logs ---- */
 
 static void append(qbackend *b, const char *id, uint64_t seq, const char *type, int lasting) {
@@ -488,6 +515,7 @@ Suite *test_suite(void) {
   tcase_add_loop_test(tc, a_job_has_one_holder, 0, nfactories);
   tcase_add_loop_test(tc, release_puts_a_job_back_at_its_place, 0, nfactories);
   tcase_add_loop_test(tc, leases_run_out_unless_renewed, 0, nfactories);
+  tcase_add_loop_test(tc, cancel_requests_reach_the_holder, 0, nfactories);
   tcase_add_loop_test(tc, event_log_reads_after_a_sequence_number, 0, nfactories);
   tcase_add_loop_test(tc, event_log_trims_transient_events_only, 0, nfactories);
   tcase_add_loop_test(tc, concurrent_claimers_never_share_a_job, 0, nfactories);

@@ -2,9 +2,9 @@
  * scratch redis-server (testredis.h), so a daemon killed with SIGKILL and started again, even
  * with an empty state directory, finds every finished image and runs the job it was running
  * again once that job's claim has run out; a Redis that cannot be reached, or that refuses the
- * password, or whose prefix another live daemon holds, stops the start with a clear error and
- * exit code 4. Skipped, saying so, where
- * redis-server is not installed. */
+ * password, stops the start with a clear error and exit code 4; three daemons on one queue
+ * share its work, survive one of them being killed and cancel across daemons. Skipped, saying so,
+ * where redis-server is not installed. */
 #include "testhttp.h"
 #include "testredis.h"
 
@@ -153,21 +153,115 @@ START_TEST(unreachable_redis_stops_the_start) {
 }
 END_TEST
 
-/* Until the queue reads jobs other daemons accepted, a prefix serves one live daemon: a second
- * is refused at start, and free again as soon as the first is gone (even killed). */
-START_TEST(one_daemon_per_prefix) {
-  char st[512], st2[512];
-  daemon_proc a, b;
-  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "solo", NULL};
-  ck_assert_int_eq(daemon_start(&a, th_state_dir(st, sizeof st), args), 0);
-  ck_assert_int_eq(daemon_start(&b, th_state_dir(st2, sizeof st2), args), 4);
-  ck_assert(log_has(&b, "redis_prefix 'solo' is in use by another daemon"));
-  const char *other[] = {"--redis-url", redis.url, "--redis-prefix", "solo2", NULL};
-  ck_assert_int_eq(daemon_start(&b, st2, other), 0); /* another prefix is another queue */
-  daemon_stop(&b);
-  ck_assert_int_eq(daemon_signal_wait(&a, SIGKILL, 10), 128 + SIGKILL);
-  ck_assert_int_eq(daemon_start(&b, st2, args), 0);
-  daemon_stop(&b);
+/* The state of job id as daemon d sees it. */
+static const char *state_of(const daemon_proc *d, const char *id, char *st, size_t n) {
+  job_state(d, id, st, n, NULL);
+  return st;
+}
+
+/* The number of events of a type in id's stream as daemon d serves it (the whole log: the
+ * stream ends with the job). */
+static int count_events(const daemon_proc *d, const char *id, const char *type, char **text) {
+  char path[128], needle[64];
+  snprintf(path, sizeof path, "/v1/jobs/%s/events", id);
+  snprintf(needle, sizeof needle, "event: %s\n", type);
+  size_t len;
+  char *ev = get_body(d, path, &len);
+  int n = 0;
+  for (const char *p = strstr(ev, needle); p; p = strstr(p + 1, needle))
+    n++;
+  if (text)
+    *text = ev;
+  else
+    free(ev);
+  return n;
+}
+
+#define NSMALL 9
+#define NLONG 3
+
+/* Three daemons on one queue: any accepts, any runs, each shows every job; one killed mid-job
+ * loses nothing (its job runs again elsewhere once its claim ran out), no job ends twice,
+ * every image is the same from every daemon, a stream from a daemon that did not run the job
+ * shows all of it, and a cancel sent to one daemon stops the job another runs. */
+START_TEST(three_daemons_share_one_queue) {
+  char st[3][512], s[32];
+  daemon_proc d[3];
+  const char *args[] = {"--redis-url",
+                        redis.url,
+                        "--redis-prefix",
+                        "trio",
+                        "--lease-seconds",
+                        "2",
+                        "--workers",
+                        "1",
+                        "--batch-max-images",
+                        "1",
+                        NULL};
+  for (int i = 0; i < 3; i++)
+    ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
+  char longs[NLONG][64], smalls[NSMALL][64], body[256];
+  for (int i = 0; i < NLONG; i++) /* one long job per daemon's worker */
+    submit_job(&d[i], LONG_JOB, longs[i], sizeof longs[i]);
+  for (int i = 0; i < NSMALL; i++) {
+    snprintf(body, sizeof body,
+             "{\"class_label\": %d, \"seed\": %d, \"scheduler\": {\"name\": \"ddim\", "
+             "\"steps\": 10}}",
+             i % 3, 100 + i);
+    submit_job(&d[i % 3], body, smalls[i], sizeof smalls[i]);
+  }
+  /* every daemon sees every job, whoever accepted it */
+  for (int i = 0; i < NSMALL; i++)
+    ck_assert_str_ne(state_of(&d[(i + 1) % 3], smalls[i], s, sizeof s), "");
+  /* all three long jobs running: one per daemon; kill daemon 1 in the middle of its */
+  for (double t0 = th_now();; usleep(20000)) {
+    int running = 0;
+    for (int i = 0; i < NLONG; i++)
+      running += strcmp(state_of(&d[0], longs[i], s, sizeof s), "running") == 0;
+    if (running == NLONG)
+      break;
+    ck_assert_msg(th_now() - t0 < 60, "the long jobs did not all start");
+  }
+  ck_assert_int_eq(daemon_signal_wait(&d[1], SIGKILL, 10), 128 + SIGKILL);
+  for (int i = 0; i < NLONG; i++)
+    wait_state(&d[2], longs[i], "succeeded", 180);
+  for (int i = 0; i < NSMALL; i++)
+    wait_state(&d[0], smalls[i], "succeeded", 120);
+  int restarted = 0;
+  for (int i = 0; i < NLONG + NSMALL; i++) {
+    const char *id = i < NLONG ? longs[i] : smalls[i - NLONG];
+    char *text = NULL;
+    ck_assert_int_eq(count_events(&d[2], id, "done", &text), 1); /* ended once */
+    ck_assert_int_eq(count_events(&d[0], id, "failed", NULL), 0);
+    ck_assert_ptr_nonnull(strstr(text, "event: started"));
+    ck_assert_ptr_nonnull(strstr(text, "event: image"));
+    restarted += strstr(text, "\"reason\":\"restarted\"") != NULL;
+    free(text);
+    char path[128];
+    snprintf(path, sizeof path, "/v1/jobs/%s/images/0", id);
+    size_t la, lc;
+    char *a = get_body(&d[0], path, &la), *c = get_body(&d[2], path, &lc);
+    ck_assert(la == lc && memcmp(a, c, la) == 0); /* the same picture from every daemon */
+    free(a);
+    free(c);
+  }
+  ck_assert_int_eq(restarted, 1); /* daemon 1's long job, and only it, ran again */
+  /* a cancel sent to daemon 2 for a job that daemon 0 or 2 runs */
+  char victim[64];
+  submit_job(&d[0], LONG_JOB, victim, sizeof victim);
+  for (double t0 = th_now(); strcmp(state_of(&d[2], victim, s, sizeof s), "running") != 0;
+       usleep(20000))
+    ck_assert_msg(th_now() - t0 < 60, "the job to cancel did not start");
+  char path[128];
+  snprintf(path, sizeof path, "/v1/jobs/%s", victim);
+  http_resp r;
+  ck_assert_int_lt(http_req(&d[2], "DELETE", path, NULL, 0, NULL, &r), 300);
+  http_free(&r);
+  wait_state(&d[0], victim, "cancelled", 60);
+  ck_assert_int_eq(count_events(&d[2], victim, "cancelled", NULL), 1);
+  ck_assert_int_eq(count_events(&d[0], victim, "done", NULL), 0);
+  daemon_stop(&d[0]);
+  daemon_stop(&d[2]);
 }
 END_TEST
 
@@ -187,7 +281,7 @@ Suite *test_suite(void) {
     atexit(stop_redis);
     tcase_add_test(tc, kill9_on_redis_loses_nothing);
     tcase_add_test(tc, redis_password_and_refusals);
-    tcase_add_test(tc, one_daemon_per_prefix);
+    tcase_add_test(tc, three_daemons_share_one_queue);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
