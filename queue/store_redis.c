@@ -163,7 +163,8 @@ static int rs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
     return rc;
   }
   /* ids sort by creation time: the same order a directory listing gives after sorting */
-  qsort(r->element, r->elements, sizeof *r->element, by_id);
+  if (r->elements > 1)
+    qsort(r->element, r->elements, sizeof *r->element, by_id);
   for (size_t i = 0; i < r->elements; i++) {
     const redisReply *el = r->element[i];
     if (el->type != REDIS_REPLY_STRING || el->len == 0 || el->len > 100)
