@@ -46,6 +46,10 @@ static inline int test_redis_launch(const test_redis *r) {
       dup2(null, 1);
       dup2(null, 2);
     }
+    /* nor any other descriptor: a server outliving a failed test kept a caller's lock file
+     * locked through one it had inherited */
+    for (int fd = 3; fd < 4096; fd++)
+      close(fd);
     execlp("redis-server", "redis-server", "--port", "0", "--unixsocket", r->url,
            "--unixsocketperm", "700", "--dir", r->dir, "--save", "", "--appendonly", "yes",
            "--appendfsync", "always", "--logfile", log, "--pidfile", pidfile, (char *)NULL);
