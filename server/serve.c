@@ -1,6 +1,7 @@
 /* `denoised serve`: configuration, start-up order (store, models, workers, listener), signal
  * handling on the main thread (SIGHUP reload, SIGTERM/SIGINT graceful stop) and exit codes. */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #ifdef __GLIBC__
@@ -278,6 +279,37 @@ static void tune_malloc(void) {
 #endif
 }
 
+static pthread_t serve_main_thread;
+
+/* Threads started before main blocked the signals (OpenBLAS starts its pool from a library
+ * constructor) still accept them, and while the main thread is busy (a SIGHUP reload) the
+ * kernel hands a SIGTERM to one of them: with the default action that killed the daemon
+ * without a graceful stop (a test sending SIGTERM right after "reloaded" saw exit 143). This
+ * handler passes such a delivery on to the main thread, which blocks it until its sigwait. */
+static void forward_to_main(int sig) {
+  int saved = errno;
+  pthread_kill(serve_main_thread, sig);
+  errno = saved;
+}
+
+static void route_signals_to_main(sigset_t *set) {
+  sigemptyset(set);
+  sigaddset(set, SIGTERM);
+  sigaddset(set, SIGINT);
+  sigaddset(set, SIGHUP);
+  serve_main_thread = pthread_self();
+  pthread_sigmask(SIG_BLOCK, set, NULL);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = forward_to_main;
+  sigfillset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  signal(SIGPIPE, SIG_IGN);
+}
+
 int server_main(int argc, char **argv) {
   serve_args a = {0};
   int prc = parse_serve_args(argc, argv, &a);
@@ -295,14 +327,9 @@ int server_main(int argc, char **argv) {
     fprintf(stderr, "denoised serve: %s\n", e.msg);
     return SERVER_EXIT_USAGE;
   }
-  /* signals go to the main thread's sigwait: block them before any thread starts */
+  /* signals go to the main thread's sigwait: block them before our threads start */
   sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &set, NULL);
-  signal(SIGPIPE, SIG_IGN);
+  route_signals_to_main(&set);
   pthread_rwlock_init(&s.auth_lock, NULL);
   if (auth_load(s.cfg.api_keys_file, getenv("DENOISED_API_KEYS"), &s.keys, &e)) {
     log_event(LOG_ERROR, "API keys", "error", e.msg, LOG_END);

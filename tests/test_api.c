@@ -328,6 +328,22 @@ START_TEST(failed_key_reload_is_reported) {
 }
 END_TEST
 
+/* A SIGTERM that arrives while a SIGHUP reload runs still stops the daemon gracefully: the
+ * main thread is not in sigwait then, and the kernel gave the signal to a library's thread
+ * (OpenBLAS's pool), whose default action killed the process (exit 143). */
+START_TEST(sigterm_during_reload_stops_gracefully) {
+  char st[512];
+  for (int round = 0; round < 3; round++) {
+    daemon_proc d;
+    ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), NULL), 0);
+    kill(d.pid, SIGHUP);
+    usleep(2000 * round);
+    ck_assert_int_eq(daemon_signal_wait(&d, SIGTERM, 30), 0);
+    ck_assert_int_eq(daemon_log_count(&d, "msg=stopped"), 1);
+  }
+}
+END_TEST
+
 Suite *test_suite(void) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   Suite *s = suite_create("api");
@@ -339,6 +355,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, numbers_in_bodies_are_range_checked);
   tcase_add_test(tc, small_inconsistencies);
   tcase_add_test(tc, failed_key_reload_is_reported);
+  tcase_add_test(tc, sigterm_during_reload_stops_gracefully);
   suite_add_tcase(s, tc);
   return s;
 }
