@@ -89,6 +89,9 @@ int api_fail_queue(api_error *e, const err *qe) {
   case QUEUE_KEY_BUSY:
     e->retry_after = 1;
     return api_fail(e, 409, "idempotency_key_busy", "Idempotency-Key", "%s", qe->msg);
+  case QUEUE_UNAVAILABLE:
+    e->retry_after = 5;
+    return api_fail(e, 503, "store_unavailable", NULL, "the job could not be stored: %s", qe->msg);
   case ERR_IO:
     return api_fail(e, strstr(qe->msg, "No space left") ? 507 : 500, "storage_error", NULL,
                     "the job could not be stored: %s", qe->msg);

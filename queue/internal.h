@@ -150,8 +150,9 @@ void qjob_discard(queue *q, qjob *j);
 /* Appends an event to the job's log (data: stolen); lifecycle events are kept for good,
  * progress as the backend's transient events (the newest RING). */
 void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle);
-/* The job's durable record (malloc'ed JSON text). */
-char *qjob_record(queue *q, const qjob *j, size_t *len);
+/* The job's durable record (malloc'ed JSON text); NULL out of memory or when the backend's
+ * event log cannot be read (then e, if given, says which). */
+char *qjob_record(queue *q, const qjob *j, size_t *len, err *e);
 /* Writes a record through the store; lock released. Takes text. */
 int qjob_persist(queue *q, const char *id, char *text, size_t len);
 int qjob_index(queue *q, const char *id, int *pos);

@@ -48,8 +48,11 @@ static char *event_text(const qjob *j, uint64_t seq, const char *type, json_t *d
 static void push_event(queue *q, qjob *j, uint64_t seq, const char *type, char *text,
                        int lifecycle) {
   err e = {0};
-  if (q->be->ops->append(q->be, j->id, seq, type, text, lifecycle, &e) != ERR_OK)
+  const int rc = q->be->ops->append(q->be, j->id, seq, type, text, lifecycle, &e);
+  if (rc != ERR_OK && (q->store_ok || rc != QUEUE_UNAVAILABLE)) /* once per outage */
     qlog(q, QUEUE_LOG_ERROR, j->id, "event %llu lost: %s", (unsigned long long)seq, e.msg);
+  if (rc == QUEUE_UNAVAILABLE)
+    qstore_note(q, rc, e.msg);
   free(text);
   pthread_cond_broadcast(&q->cv);
 }
@@ -67,11 +70,11 @@ static const char *final_event_type(queue_state st) {
 }
 
 /* The job's lifecycle events as the record keeps them (lock held); NULL out of memory. */
-static json_t *record_events(queue *q, const qjob *j) {
+static json_t *record_events(queue *q, const qjob *j, err *e) {
   qbackend_event *evs = NULL;
   int n = 0;
-  err e = {0};
-  if (q->be->ops->read(q->be, j->id, 0, 1, &evs, &n, &e) != ERR_OK)
+  err local = {0};
+  if (q->be->ops->read(q->be, j->id, 0, 1, &evs, &n, e ? e : &local) != ERR_OK)
     return NULL;
   json_t *ev = json_array();
   for (int i = 0; ev && i < n; i++)
@@ -82,9 +85,9 @@ static json_t *record_events(queue *q, const qjob *j) {
 }
 
 /* The record the store keeps (lock held): with a decided final state, the job as it will be. */
-char *qjob_record(queue *q, const qjob *j, size_t *len) {
+char *qjob_record(queue *q, const qjob *j, size_t *len, err *e) {
   const qfinal *f = j->final;
-  json_t *ev = record_events(q, j);
+  json_t *ev = record_events(q, j, e);
   *len = 0;
   if (!ev)
     return NULL;
@@ -314,7 +317,7 @@ char *qjob_finish(queue *q, qjob *j, queue_state st, const char *why, size_t *le
     if (!f->event)
       return NULL;
   }
-  return qjob_record(q, j, len);
+  return qjob_record(q, j, len, NULL);
 }
 
 /* Lock held: the decided final state, now on disk, becomes what readers see. */

@@ -202,7 +202,7 @@ static void dispatch(queue *q) {
 static size_t retained_bytes(queue *q, qjob *j) {
   if (!j->retained) {
     size_t len = 0;
-    free(qjob_record(q, j, &len));
+    free(qjob_record(q, j, &len, NULL));
     j->retained = sizeof *j + 3 * len;
   }
   return j->retained;
@@ -290,7 +290,7 @@ static void reclaim_expired(queue *q) {
   const int n = q->be->ops->reclaim(q->be, 8, ids);
   for (int i = 0; i < n && i < 8; i++)
     qlog(q, QUEUE_LOG_WARN, ids[i],
-         "its claim ran out (the process running it died); queued again");
+         "its claim ran out (the process running it died, or lost Redis); queued again");
   if (n > 8)
     qlog(q, QUEUE_LOG_WARN, NULL, "%d claims ran out; queued again", n);
 }

@@ -307,9 +307,12 @@ static int add_pending(queue *q, qjob *j, const queue_spec *spec, char **rec, si
   j->t_mono_created = qclock_mono();
   j->next_seq = 1;
   qjob_emit(q, j, "queued", json_pack("{s:i}", "position", qjob_nqueued(q) + 1), 1);
-  *rec = qjob_record(q, j, len);
+  err re = {0};
+  *rec = qjob_record(q, j, len, &re);
   int rc = ERR_OK;
-  if (*rec && *len > q->o.max_job_bytes)
+  if (!*rec && re.code == QUEUE_UNAVAILABLE)
+    rc = err_set(e, QUEUE_UNAVAILABLE, "%s", re.msg);
+  else if (*rec && *len > q->o.max_job_bytes)
     rc = err_set(e, QUEUE_TOO_LARGE,
                  "the job with its inputs takes %zu bytes; at most %zu are accepted "
                  "(max_job_bytes)",

@@ -16,15 +16,16 @@
 
 /* Error codes beyond err.h's, in err.code. */
 enum {
-  QUEUE_FULL = -100,       /* queue_max jobs are waiting */
-  QUEUE_LIMIT = -101,      /* this API key has max_jobs_per_key unfinished jobs */
-  QUEUE_NOT_FOUND = -102,  /* no such job (or not the caller's) */
-  QUEUE_CONFLICT = -103,   /* the job is finished: nothing to cancel */
-  QUEUE_STOPPING = -104,   /* shutting down: no new jobs */
-  QUEUE_NOT_READY = -105,  /* the image is not produced (yet) */
-  QUEUE_TOO_LARGE = -106,  /* the job's record (inputs included) exceeds max_job_bytes */
-  QUEUE_KEY_REUSED = -107, /* the idempotency key names a job of a different request */
-  QUEUE_KEY_BUSY = -108,   /* the idempotency key's first submission is still being stored */
+  QUEUE_FULL = -100,        /* queue_max jobs are waiting */
+  QUEUE_LIMIT = -101,       /* this API key has max_jobs_per_key unfinished jobs */
+  QUEUE_NOT_FOUND = -102,   /* no such job (or not the caller's) */
+  QUEUE_CONFLICT = -103,    /* the job is finished: nothing to cancel */
+  QUEUE_STOPPING = -104,    /* shutting down: no new jobs */
+  QUEUE_NOT_READY = -105,   /* the image is not produced (yet) */
+  QUEUE_TOO_LARGE = -106,   /* the job's record (inputs included) exceeds max_job_bytes */
+  QUEUE_KEY_REUSED = -107,  /* the idempotency key names a job of a different request */
+  QUEUE_KEY_BUSY = -108,    /* the idempotency key's first submission is still being stored */
+  QUEUE_UNAVAILABLE = -109, /* the shared store (Redis) cannot be reached now: try again later */
 };
 
 #define QUEUE_ID_SIZE 32

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "mem.h"
+#include "queue.h"
 
 struct redisconn {
   pthread_mutex_t mu;
@@ -148,8 +149,16 @@ redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size
     }
     r = redisCommandArgv(c->c, argc, argv, len);
   }
-  if (!r && !refused)
-    err_set(e, ERR_IO, "redis %s: %s", c->url, c->c->errstr[0] ? c->c->errstr : "connection lost");
+  if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "LOADING", 7) == 0) {
+    /* a restarted server reads its append-only file: away for now, as above */
+    err_set(e, QUEUE_UNAVAILABLE, "redis %s: %s", c->url, r->str);
+    freeReplyObject(r);
+    r = NULL;
+    refused = 1;
+  }
+  if (!r && !refused) /* the server is away (restarting, network cut): worth retrying later */
+    err_set(e, QUEUE_UNAVAILABLE, "redis %s: %s", c->url,
+            c->c->errstr[0] ? c->c->errstr : "connection lost");
   pthread_mutex_unlock(&c->mu);
   return r;
 }

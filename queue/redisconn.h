@@ -23,8 +23,8 @@ int redisconn_open(const char *url, const char *password, int timeout_ms, redisc
 void redisconn_free(redisconn *c);
 
 /* A command's reply (free with freeReplyObject), the connection re-made once if it had broken;
- * NULL with e set when the server cannot be reached. An error reply is returned as such. len
- * NULL: the arguments are C strings. */
+ * NULL with e set (QUEUE_UNAVAILABLE) when the server cannot be reached. An error reply is returned
+ * as such. len NULL: the arguments are C strings. */
 redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size_t *len, err *e);
 
 /* Names this connection (CLIENT SETNAME, again after every reconnect), so an operator's

@@ -175,11 +175,22 @@ static int store_image(qbatch *b, qjob *j, const pipeline_request *rj, const flo
   return rc;
 }
 
-/* An image write failed (lock held on entry, released on return): the job fails with it. */
+/* An image write failed (lock held on entry, released on return): the job fails with it, unless
+ * the shared store is only away for now (Redis restarting): then the job is queued again here,
+ * and runs again once the store is back and its claim, which could not be released, ran out. */
 static void fail_image_unlock(queue *q, qjob *j, int i, int rc, err *e) {
   err_prefix(e, "writing image %d", i);
   if (rc != ERR_NOMEM)
     qstore_note(q, rc, e->msg);
+  if (rc == QUEUE_UNAVAILABLE && qjob_live(j)) {
+    j->state = QUEUE_QUEUED;
+    j->step = j->nfe = 0;
+    j->images = j->files = 0;
+    qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "store_unavailable"), 1);
+    pthread_mutex_unlock(&q->mu);
+    qlog(q, QUEUE_LOG_WARN, j->id, "%s; queued again", e->msg);
+    return;
+  }
   size_t rl = 0;
   const int live = qjob_live(j);
   char *rec = live ? qjob_finish(q, j, QUEUE_FAILED, e->msg, &rl) : NULL;
@@ -251,7 +262,7 @@ static void persist_attempts(qbatch *b) {
   size_t lens[b->njobs];
   pthread_mutex_lock(&q->mu);
   for (int i = 0; i < b->njobs; i++)
-    recs[i] = qjob_record(q, b->jobs[i], &lens[i]);
+    recs[i] = qjob_record(q, b->jobs[i], &lens[i], NULL);
   pthread_mutex_unlock(&q->mu);
   for (int i = 0; i < b->njobs; i++)
     if (recs[i])
@@ -358,7 +369,7 @@ static void fail_batch(qbatch *b, int rc, err *e) {
       j->step = j->nfe = 0;
       j->attempts--; /* stopped, not crashed: this run does not count */
       qjob_emit(q, j, "queued", json_pack("{s:s}", "reason", "shutdown"), 1);
-      recs[i] = qjob_record(q, j, &lens[i]);
+      recs[i] = qjob_record(q, j, &lens[i], NULL);
     } else {
       recs[i] = qjob_finish(q, j, QUEUE_FAILED, e->msg, &lens[i]);
       failed[i] = 1;

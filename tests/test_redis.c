@@ -265,6 +265,69 @@ START_TEST(three_daemons_share_one_queue) {
 }
 END_TEST
 
+/* Waits until /readyz answers want (200 or 503); fails after timeout_s. */
+static void wait_ready(const daemon_proc *d, long want, double timeout_s) {
+  for (double t0 = th_now();; usleep(50000)) {
+    http_resp r;
+    const long st = http_get(d, "/readyz", &r);
+    http_free(&r);
+    if (st == want)
+      return;
+    ck_assert_msg(th_now() - t0 < timeout_s, "/readyz answered %ld, not %ld", st, want);
+  }
+}
+
+/* Redis goes away while a job runs and comes back with its append-only file: meanwhile the
+ * daemon is not ready and refuses submissions with 503 and Retry-After (nothing is accepted
+ * that could not be stored); once Redis is back it is ready again by itself, the job that was
+ * running finishes (once: one done event), and what finished before is still there. */
+START_TEST(redis_lost_while_running) {
+  char st[512], path[128];
+  daemon_proc d;
+  const char *args[] = {"--redis-url",
+                        redis.url,
+                        "--redis-prefix",
+                        "lost",
+                        "--lease-seconds",
+                        "2",
+                        "--workers",
+                        "1",
+                        "--batch-max-images",
+                        "1",
+                        NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  char before[64], running[64], after[64];
+  submit_job(&d, SMALL_JOB, before, sizeof before);
+  wait_state(&d, before, "succeeded", 60);
+  submit_job(&d, LONG_JOB, running, sizeof running);
+  wait_running(&d, running, 60);
+  ck_assert_int_eq(test_redis_shutdown(&redis), 0);
+  wait_ready(&d, 503, 15);
+  http_resp r;
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", SMALL_JOB, &r), 503);
+  char retry[16], code[64] = "";
+  ck_assert_ptr_nonnull(http_header(&r, "Retry-After", retry, sizeof retry));
+  json_t *err = http_json(&r);
+  snprintf(code, sizeof code, "%s",
+           json_string_value(json_object_get(json_object_get(err, "error"), "code")));
+  json_decref(err);
+  http_free(&r);
+  ck_assert_str_eq(code, "store_unavailable");
+  ck_assert_int_eq(test_redis_launch(&redis), 0);
+  wait_ready(&d, 200, 30);
+  wait_state(&d, running, "succeeded", 180);
+  ck_assert_int_eq(count_events(&d, running, "done", NULL), 1);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/7", running);
+  size_t len;
+  free(get_body(&d, path, &len));
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", before);
+  free(get_body(&d, path, &len));
+  submit_job(&d, SMALL_JOB, after, sizeof after);
+  wait_state(&d, after, "succeeded", 60);
+  daemon_stop(&d);
+}
+END_TEST
+
 static void stop_redis(void) {
   test_redis_stop(&redis);
 }
@@ -282,6 +345,7 @@ Suite *test_suite(void) {
     tcase_add_test(tc, kill9_on_redis_loses_nothing);
     tcase_add_test(tc, redis_password_and_refusals);
     tcase_add_test(tc, three_daemons_share_one_queue);
+    tcase_add_test(tc, redis_lost_while_running);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
