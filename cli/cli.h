@@ -129,6 +129,7 @@ int cli_train_export(cli_train_run *r, err *e);
 
 int cmd_train(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
+int cmd_classify(int argc, char **argv);
 int cmd_sample(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_solvers(int argc, char **argv);

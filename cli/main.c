@@ -11,24 +11,26 @@
 #include "config.h"
 #include "server.h"
 
-static const char usage[] = "usage: denoised <command> [options]\n"
-                            "\n"
-                            "Diffusion-model image generation on the CPU.\n"
-                            "\n"
-                            "commands:\n"
-                            "  sample    generate images with a model and a solver (PNG or .npy)\n"
-                            "  forward   run one network evaluation on inputs from .npy files\n"
-                            "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
-                            "  edit      edits in noise space, or across a semantic boundary\n"
-                            "  boundary  'boundary fit': a semantic boundary from labelled images\n"
-                            "  stats     DPM-Solver-v3 statistics of a model (--solver-data)\n"
-                            "  train     train a UNet2DModel on images (a diffusers folder)\n"
-                            "  info      a model folder: its network and its solver data\n"
-                            "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
-                            "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
-                            "  config    check a daemon config file, list its keys\n"
-                            "\n"
-                            "Run 'denoised <command> --help' for the options of a command.\n";
+static const char usage[] =
+    "usage: denoised <command> [options]\n"
+    "\n"
+    "Diffusion-model image generation on the CPU.\n"
+    "\n"
+    "commands:\n"
+    "  sample    generate images with a model and a solver (PNG or .npy)\n"
+    "  forward   run one network evaluation on inputs from .npy files\n"
+    "  classify  an image classifier's verdicts, logits and input gradient\n"
+    "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
+    "  edit      edits in noise space, or across a semantic boundary\n"
+    "  boundary  'boundary fit': a semantic boundary from labelled images\n"
+    "  stats     DPM-Solver-v3 statistics of a model (--solver-data)\n"
+    "  train     train a UNet2DModel on images (a diffusers folder)\n"
+    "  info      a model folder: its network and its solver data\n"
+    "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
+    "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
+    "  config    check a daemon config file, list its keys\n"
+    "\n"
+    "Run 'denoised <command> --help' for the options of a command.\n";
 
 int cli_parse_int(const char *flag, const char *s, long long min, long long max, long long *out) {
   char *end;
@@ -102,6 +104,8 @@ int main(int argc, char **argv) {
     return cmd_info(argc - 1, argv + 1);
   if (strcmp(cmd, "forward") == 0)
     return cmd_forward(argc - 1, argv + 1);
+  if (strcmp(cmd, "classify") == 0)
+    return cmd_classify(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)
     return cmd_sample(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0)

@@ -189,6 +189,30 @@ static void ref_pool(const opcase *oc, double *const *s, double *y) {
       }
 }
 
+static void ref_relu(const opcase *oc, double *const *s, double *y) {
+  for (size_t i = 0; i < oc->out_size; i++)
+    y[i] = s[0][i] > 0 ? s[0][i] : 0;
+}
+
+static void ref_maxpool(const opcase *oc, double *const *s, double *y) {
+  int h = oc->nd.h, w = oc->nd.w, oh = h / 2, ow = w / 2;
+  for (size_t pl = 0; pl < (size_t)oc->nd.n * oc->nd.c; pl++)
+    for (int oy = 0; oy < oh; oy++)
+      for (int ox = 0; ox < ow; ox++) {
+        const double *p = s[0] + (pl * h + 2 * oy) * w + 2 * ox;
+        y[(pl * oh + oy) * ow + ox] = fmax(fmax(p[0], p[1]), fmax(p[w], p[w + 1]));
+      }
+}
+
+static void ref_gap(const opcase *oc, double *const *s, double *y) {
+  size_t hw = (size_t)oc->nd.h * oc->nd.w;
+  for (size_t pl = 0; pl < (size_t)oc->nd.n * oc->nd.c; pl++) {
+    y[pl] = 0;
+    for (size_t k = 0; k < hw; k++)
+      y[pl] += s[0][pl * hw + k] / (double)hw;
+  }
+}
+
 /* The frequencies are constants of the op: taken in float as diffusers (and the engine) do. */
 static void ref_temb(const opcase *oc, double *const *s, double *y) {
   int dim = oc->nd.c, half = dim / 2, flip = oc->nd.p.temb.flip_sin_to_cos;
@@ -426,6 +450,14 @@ static int build_cases(opcase *cs) {
   cs[m] = node_case(GRAD_ADD, 1, 3, 2, 3);
   cs[m].nd.p.add.divisor = 0.7071f;
   case_init(&cs[m++], "residual add / scale", ref_add, 1e-5);
+  cs[m] = node_case(GRAD_RELU, 2, 3, 4, 5);
+  case_init(&cs[m++], "relu", ref_relu, 1e-6);
+  cs[m] = node_case(GRAD_MAXPOOL2X2, 2, 3, 4, 6);
+  case_init(&cs[m++], "maxpool 2x2", ref_maxpool, 1e-6);
+  cs[m] = node_case(GRAD_MAXPOOL2X2, 1, 2, 5, 7);
+  case_init(&cs[m++], "maxpool 2x2 odd", ref_maxpool, 1e-6);
+  cs[m] = node_case(GRAD_GLOBAL_AVGPOOL, 2, 5, 4, 3);
+  case_init(&cs[m++], "global avgpool", ref_gap, 1e-6);
   return m;
 }
 

@@ -9,7 +9,8 @@ values and stored as float32. Each op is written with torch.nn.functional the wa
 modules compose it (Conv2d, Downsample2D's F.pad(0, 1, 0, 1) before a stride-2 conv, GroupNorm,
 SiLU, Linear, Attention with AttnProcessor on a 4-D input, Upsample2D's nearest interpolate,
 avg_pool2d, get_timestep_embedding, TimestepEmbedding, nn.Embedding, torch.cat, the resnet's
-time shift and scale-shift, residual add with output_scale_factor). Files, per case NAME:
+time shift and scale-shift, residual add with output_scale_factor; and the glyph classifier's
+relu, max_pool2d and adaptive_avg_pool2d(1)). Files, per case NAME:
   NAME.in<i>.npy   input slot i (the grad table's slot order), NAME.labels.npy (int64)
   NAME.g.npy       upstream gradient; NAME.out.npy the output
   NAME.d<i>.npy    gradient of slot i
@@ -166,6 +167,17 @@ CASES = {
 }
 
 
+# The classifier's ops (engine/model/classifier.h), drawn after the UNet ops' cases so that
+# adding them left the earlier fixtures' random draws unchanged.
+CLASSIFIER_CASES = {
+    "relu": ("relu", (2, 3, 4, 5), {}, [(2, 3, 4, 5)], F.relu),
+    "maxpool_odd": ("maxpool2x2", (1, 2, 5, 7), {}, [(1, 2, 5, 7)],
+                    lambda x: F.max_pool2d(x, kernel_size=2, stride=2)),
+    "global_avgpool": ("global_avgpool", (2, 5, 4, 3), {}, [(2, 5, 4, 3)],
+                       lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1)),
+}
+
+
 def class_embedding(gen, n=4, classes=5, dim=6):
     labels = torch.tensor([1, 3, 1, 0])
     return ("class_embedding", (n, dim, 1, 1), {"classes": classes}, [(classes, dim)],
@@ -278,6 +290,7 @@ def main():
     cases = [run_case(gen, args.out, name, spec) for name, spec in CASES.items()]
     spec, labels = class_embedding(gen)
     cases.append(run_case(gen, args.out, "class_embedding", spec, labels))
+    cases += [run_case(gen, args.out, name, spec) for name, spec in CLASSIFIER_CASES.items()]
     unets = [] if args.no_unet else [run_unet_case(args.seed + i, args.out, name, spec)
                                      for i, (name, spec) in enumerate(UNET_CASES.items())]
     with open(os.path.join(args.out, "cases.json"), "w") as f:

@@ -183,6 +183,11 @@ int ops_conv2d_pack(conv2d *c) {
   return 0;
 }
 
+int ops_conv2d_pack_direct(conv2d *c) {
+  c->wino = NULL;
+  return gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k) ? -1 : 0;
+}
+
 void ops_conv2d_unpack(conv2d *c) {
   if (c->wino) {
     wino_release(c->wino);

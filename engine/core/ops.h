@@ -29,6 +29,10 @@ typedef struct conv2d {
  * 3x3 stride-1 pad-1 layers (unless DENOISED_NO_WINOGRAD=1), im2col GEMM
  * layout otherwise. Unpack frees what pack made. */
 int ops_conv2d_pack(conv2d *c);
+/* The im2col GEMM form only: every output pixel is then summed in the same order, so equal input
+ * patches give bit-equal outputs (a max pool's ties stay ties, as in PyTorch; Winograd's
+ * position-dependent rounding breaks them and moves a max pool's gradient). */
+int ops_conv2d_pack_direct(conv2d *c);
 void ops_conv2d_unpack(conv2d *c);
 
 /* Output size of conv c on an h x w input. */

@@ -1,9 +1,9 @@
 /* The table of backward rules, the checks every node passes before a rule runs, and the rules
- * small enough to sit beside it (element-wise ops, resampling, embeddings, concatenation,
- * scale-shift, residual add). The forwards of the ops the UNet writes inline (engine/model/
- * unet.c: the time-embedding add and scale-shift, class rows, skip concatenation, residuals)
- * repeat its arithmetic exactly, so a backward composed from this table differentiates what the
- * engine runs. */
+ * small enough to sit beside it (element-wise ops, resampling, pooling, embeddings,
+ * concatenation, scale-shift, residual add). The forwards of the ops the UNet writes inline
+ * (engine/model/ unet.c: the time-embedding add and scale-shift, class rows, skip concatenation,
+ * residuals) repeat its arithmetic exactly, so a backward composed from this table differentiates
+ * what the engine runs. */
 #include "grad.h"
 
 #include <cblas.h>
@@ -204,6 +204,10 @@ static size_t size_ss(const grad_node *nd, int slot) {
   return slot == 1 ? (size_t)nd->n * nd->c * (nd->p.ss.has_scale ? 2 : 1) : numel(nd);
 }
 
+static size_t size_gap(const grad_node *nd, int slot) {
+  return slot < 0 ? (size_t)nd->n * nd->c : numel(nd);
+}
+
 /* ---------- forwards ---------- */
 
 static int fwd_conv(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
@@ -337,7 +341,105 @@ static int fwd_add(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
   return ERR_OK;
 }
 
+static int fwd_relu(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t count = numel(nd);
+  for (size_t i = 0; i < count; i++)
+    dst[i] = nd->src[0][i] > 0.0f ? nd->src[0][i] : 0.0f;
+  return ERR_OK;
+}
+
+/* The window's first maximum in row-major order wins, as PyTorch's CPU kernel picks it (which
+ * element of a tie gets the gradient). */
+static size_t maxpool_arg(const float *x, int w, int oy, int ox) {
+  size_t best = (size_t)(2 * oy) * w + 2 * ox;
+  for (int dy = 0; dy < 2; dy++)
+    for (int dx = 0; dx < 2; dx++) {
+      size_t k = (size_t)(2 * oy + dy) * w + 2 * ox + dx;
+      if (x[k] > x[best] || isnan(x[k]))
+        best = k;
+    }
+  return best;
+}
+
+static int fwd_maxpool(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  int h = nd->h, w = nd->w, oh = h / 2, ow = w / 2;
+  for (size_t plane = 0; plane < (size_t)nd->n * nd->c; plane++) {
+    const float *x = nd->src[0] + plane * h * w;
+    float *y = dst + plane * oh * ow;
+    for (int oy = 0; oy < oh; oy++)
+      for (int ox = 0; ox < ow; ox++)
+        y[(size_t)oy * ow + ox] = x[maxpool_arg(x, w, oy, ox)];
+  }
+  return ERR_OK;
+}
+
+/* Sums in double, then one division: within a rounding of PyTorch's adaptive_avg_pool2d(1). */
+static int fwd_gap(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t hw = (size_t)nd->h * nd->w;
+  for (size_t plane = 0; plane < (size_t)nd->n * nd->c; plane++) {
+    double s = 0;
+    for (size_t k = 0; k < hw; k++)
+      s += nd->src[0][plane * hw + k];
+    dst[plane] = (float)(s / (double)hw);
+  }
+  return ERR_OK;
+}
+
 /* ---------- backwards ---------- */
+
+/* PyTorch's threshold_backward: no gradient where the input is <= 0. */
+static int bwd_relu(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t count = numel(nd);
+  if (nd->dsrc[0])
+    for (size_t i = 0; i < count; i++)
+      if (nd->src[0][i] > 0.0f)
+        nd->dsrc[0][i] += nd->ddst[i];
+  return ERR_OK;
+}
+
+static int bwd_maxpool(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  int h = nd->h, w = nd->w, oh = h / 2, ow = w / 2;
+  if (!nd->dsrc[0])
+    return ERR_OK;
+  for (size_t plane = 0; plane < (size_t)nd->n * nd->c; plane++) {
+    const float *x = nd->src[0] + plane * h * w, *dy = nd->ddst + plane * oh * ow;
+    float *dx = nd->dsrc[0] + plane * h * w;
+    for (int oy = 0; oy < oh; oy++)
+      for (int ox = 0; ox < ow; ox++)
+        dx[maxpool_arg(x, w, oy, ox)] += dy[(size_t)oy * ow + ox];
+  }
+  return ERR_OK;
+}
+
+static int bwd_gap(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t hw = (size_t)nd->h * nd->w;
+  if (!nd->dsrc[0])
+    return ERR_OK;
+  for (size_t plane = 0; plane < (size_t)nd->n * nd->c; plane++) {
+    const float g = nd->ddst[plane] / (float)hw;
+    for (size_t k = 0; k < hw; k++)
+      nd->dsrc[0][plane * hw + k] += g;
+  }
+  return ERR_OK;
+}
 
 static int bwd_silu(const grad_node *nd, arena *a, pool *p, err *e) {
   (void)a;
@@ -607,6 +709,11 @@ static const grad_rule rules[GRAD_OP_COUNT] = {
         {"concat", 2, {"a", "b"}, 3u, check_concat, size_concat, fwd_concat, bwd_concat},
     [GRAD_SCALE_SHIFT] = {"scale_shift", 2, {"x", "emb"}, 3u, check_none, size_ss, fwd_ss, bwd_ss},
     [GRAD_ADD] = {"add", 2, {"a", "b"}, 3u, check_add, size_same, fwd_add, bwd_add},
+    [GRAD_RELU] = {"relu", 1, {"x"}, 1u, check_none, size_same, fwd_relu, bwd_relu},
+    [GRAD_MAXPOOL2X2] =
+        {"maxpool2x2", 1, {"x"}, 1u, check_pool, size_pool, fwd_maxpool, bwd_maxpool},
+    [GRAD_GLOBAL_AVGPOOL] =
+        {"global_avgpool", 1, {"x"}, 1u, check_none, size_gap, fwd_gap, bwd_gap},
 };
 
 const grad_rule *grad_rule_get(grad_op op) {

@@ -1,4 +1,5 @@
-/* Backward rules (vector-Jacobian products) for the ops a UNet2DModel runs, in one table indexed
+/* Backward rules (vector-Jacobian products) for the ops a UNet2DModel and the glyph classifier
+ * (engine/model/classifier.h) run, in one table indexed
  * by op, as ggml lays out its backward pass: each entry names the op's inputs and gives its
  * forward (the very code the engine runs, engine/core/ops.c or the UNet's inline arithmetic) and
  * its backward. The room knows nothing about models or training; a model-level backward composes
@@ -41,6 +42,9 @@ typedef enum grad_op {
   GRAD_CONCAT,             /* a [n][c][hw], b [n][p.concat.cb][hw] -> [n][c + cb][hw] */
   GRAD_SCALE_SHIFT,        /* x [n][c][hw], emb [n][c] (shift) or [n][2c] (scale, shift) */
   GRAD_ADD,                /* a, b -> (a + b) / p.add.divisor (residuals) */
+  GRAD_RELU,               /* x (classifier) */
+  GRAD_MAXPOOL2X2,         /* x: 2x2 max, stride 2, odd sizes floored (classifier) */
+  GRAD_GLOBAL_AVGPOOL,     /* x [n][c][h][w] -> [n][c] means (classifier) */
   GRAD_OP_COUNT
 } grad_op;
 
