@@ -210,7 +210,6 @@ static int parse_body(const char *body, size_t len, json_t **out, api_error *e) 
   return 0;
 }
 
-uint64_t api_random_seed(void);
 uint64_t api_random_seed(void) {
   uint64_t s = 0;
   if (getrandom(&s, sizeof s, 0) != (ssize_t)sizeof s)

@@ -67,14 +67,34 @@ json_t *api_time_json(double unix_seconds);
 /* Our solver for one of their sampler names ("Euler a", "DDIM", "k_euler_a", or ours), or NULL
  * when nothing here implements it. */
 const char *api_a1111_solver(const char *name);
-/* txt2img body -> spec; unknown A1111 fields are ignored as their server does, the ones we use
- * are checked. */
-int api_parse_txt2img(const api_ctx *c, const char *body, size_t len, const char *owner,
-                      queue_spec *out, api_error *e);
-/* {images: [base64 PNG], parameters: <request echo>, info: "<JSON string>"} */
-json_t *api_txt2img_json(const queue_job_view *v, char **images_b64, int n, const char *body,
-                         size_t len);
-json_t *api_sd_progress_json(const queue_job_view *v, int have, int queued_total);
+/* A txt2img or img2img body (img2img: init_images, mask, denoising_strength) read in their
+ * names: unknown fields are ignored as their server does, the ones used are checked and errors
+ * name them. Their batch_size x n_iter images become `count` one-image jobs, job i being spec
+ * with seed + i (their all_seeds count up), each run as the native route would run it.
+ * checkpoint: the model this client chose (POST /sdapi/v1/options), or NULL. */
+typedef struct api_sd_job {
+  queue_spec spec; /* image 0's job */
+  int count;
+  int draw_class; /* no prompt on a class-conditional model: each job's class from its seed */
+} api_sd_job;
+int api_sd_parse(const api_ctx *c, int img2img, const char *body, size_t len, const char *owner,
+                 const char *checkpoint, api_sd_job *out, api_error *e);
+/* Job i's spec (a copy: seed + i and, when drawn, its class); -1 out of memory. */
+int api_sd_job_at(const api_ctx *c, const api_sd_job *j, int i, queue_spec *out);
+void api_sd_job_clear(api_sd_job *j);
+/* The class an image without one gets on a class-conditional model: drawn from its seed
+ * (rng_choice at image 0), the null class left out. */
+int64_t api_sd_draw(const queue_model_desc *md, uint64_t seed);
+/* {images: [base64 PNG], parameters: <request echo>, info: "<JSON string>"} for the n jobs;
+ * b64[i] NULL where job i has no picture (interrupted before its first preview). */
+json_t *api_sd_result_json(const api_ctx *c, const queue_job_view *views, int n, char **b64,
+                           const char *body, size_t len);
+/* current_image: the newest preview of the running job (base64 PNG), or NULL. */
+json_t *api_sd_progress_json(const queue_job_view *v, int have, int queued_total,
+                             const char *current_image);
+/* POST /sdapi/v1/png-info {image} -> {info, items, parameters}: the PNG's infotext, its other
+ * text (our JSON record), and the infotext parsed as theirs does. */
+int api_sd_png_info(const api_ctx *c, const char *body, size_t len, json_t **out, api_error *e);
 json_t *api_sd_samplers_json(void);
 json_t *api_sd_models_json(const api_ctx *c);
 

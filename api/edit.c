@@ -20,8 +20,8 @@
 
 /* A base64 PNG field (optionally a data: URL): its base64 text (malloc'ed, for the spec) and
  * its bytes. */
-static int get_png(const json_t *v, const char *field, char **b64, uint8_t **png, size_t *len,
-                   api_error *e) {
+int api_get_png(const json_t *v, const char *field, char **b64, uint8_t **png, size_t *len,
+                api_error *e) {
   if (!json_is_string(v))
     return api_fail(e, 400, "wrong_type", field, "%s: expected a base64 PNG, got %s", field,
                     sched_json_kind(v));
@@ -68,7 +68,7 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
   size_t len = 0;
   err qe = {0};
   if (f->input_image) {
-    if ((rc = get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
+    if ((rc = api_get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
       goto done;
     if (!(dec->image = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane *
                               sizeof *dec->image))) {
@@ -84,7 +84,7 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
   if (f->mask) {
     free(png);
     png = NULL;
-    if ((rc = get_png(f->mask, "mask", &out->mask, &png, &len, e)))
+    if ((rc = api_get_png(f->mask, "mask", &out->mask, &png, &len, e)))
       goto done;
     if (!(dec->mask = malloc(plane * sizeof *dec->mask))) {
       rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");

@@ -22,6 +22,13 @@ int api_check_keys(const json_t *obj, const char *prefix, const char *const *all
 int api_parse_label(const json_t *v, const queue_model_desc *md, const char *field, int64_t *out,
                     api_error *e);
 
+/* A base64 PNG field (optionally a data: URL): its base64 text (malloc'ed) and its bytes; a
+ * 400 naming field when it is not one or is over the size limit. */
+int api_get_png(const json_t *v, const char *field, char **b64, uint8_t **png, size_t *len,
+                api_error *e);
+/* A fresh seed: 53 bits, so that JSON and A1111 clients carry it exactly. */
+uint64_t api_random_seed(void);
+
 /* The fields every form of request shares, already pulled out of their JSON. */
 typedef struct api_job_fields {
   const char *model;

@@ -113,7 +113,7 @@ static enum MHD_Result send_text(srv *s, struct MHD_Connection *c, req *r, int s
 
 static enum MHD_Result send_json_h(srv *s, struct MHD_Connection *c, req *r, int status, json_t *j,
                                    const char *hname, const char *hval) {
-  char *text = j ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(10)) : NULL;
+  char *text = j ? json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(10)) : NULL;
   json_decref(j);
   if (!text) {
     text =
@@ -503,7 +503,7 @@ static enum MHD_Result serve_noise(srv *s, struct MHD_Connection *c, req *r, con
 
 /* Hands the spec to the queue; on failure the error is already answered (*ret). */
 static int submit(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec, queue_job_view *v,
-                  enum MHD_Result *ret) {
+                  int part, enum MHD_Result *ret) {
   err e = {0};
   api_error ke = {0};
   if (api_idempotency(MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Idempotency-Key"), r->body,
@@ -511,6 +511,10 @@ static int submit(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec, qu
     queue_spec_clear(spec);
     *ret = send_error(s, c, r, &ke);
     return -1;
+  }
+  if (part > 0 && spec->idem_key[0]) { /* the parts of one A1111 request: a key each */
+    const size_t n = strlen(spec->idem_key);
+    snprintf(spec->idem_key + (n < QUEUE_KEY_SIZE - 8 ? n : QUEUE_KEY_SIZE - 8), 8, "/%d", part);
   }
   client_identity(c, r, spec->client, sizeof spec->client);
   if (queue_submit(s->q, spec, v, &e) != ERR_OK) {
@@ -533,7 +537,7 @@ static enum MHD_Result post_job(srv *s, struct MHD_Connection *c, req *r) {
     return send_error(s, c, r, &ae);
   queue_job_view v;
   enum MHD_Result ret;
-  if (submit(s, c, r, &spec, &v, &ret))
+  if (submit(s, c, r, &spec, &v, 0, &ret))
     return ret;
   char loc[128];
   snprintf(loc, sizeof loc, JOBS_PREFIX "%s", v.id);
@@ -551,7 +555,7 @@ static int run_sync(srv *s, struct MHD_Connection *c, req *r, queue_spec *spec,
                     queue_job_view *done, enum MHD_Result *ret) {
   stream_slot *slot = stream_acquire(s, c, r, ret); /* the wait holds a connection as a stream */
   queue_job_view v;
-  if (!slot || submit(s, c, r, spec, &v, ret)) {
+  if (!slot || submit(s, c, r, spec, &v, 0, ret)) {
     if (!slot)
       queue_spec_clear(spec);
     stream_release(s, slot);
@@ -617,33 +621,231 @@ static enum MHD_Result post_generate(srv *s, struct MHD_Connection *c, req *r) {
   return queue_resp(s, c, r, 200, resp, "image/png");
 }
 
-static enum MHD_Result post_txt2img(srv *s, struct MHD_Connection *c, req *r) {
-  queue_spec spec;
-  api_error ae = {0};
-  if (api_parse_txt2img(&s->api, r->body, r->len, r->owner, &spec, &ae))
-    return send_error(s, c, r, &ae);
-  queue_job_view v;
-  enum MHD_Result ret;
-  if (run_sync(s, c, r, &spec, &v, &ret))
-    return ret;
-  int n = v.images;
-  char **b64 = calloc((size_t)(n ? n : 1), sizeof *b64);
-  int ok = b64 != NULL;
-  for (int i = 0; ok && i < n; i++) {
-    uint8_t *png = NULL;
-    size_t len = 0;
-    err e = {0};
-    ok = queue_image(s->q, v.id, NULL, i, &png, &len, &e) == ERR_OK &&
-         (b64[i] = base64_encode(png, len)) != NULL;
-    free(png);
+/* ---- AUTOMATIC1111 /sdapi/v1 ---- */
+
+/* The key a client's A1111 options are kept under: API key name and client identity. */
+static void sd_client(struct MHD_Connection *c, const req *r, char *out, size_t n) {
+  char client[QUEUE_NAME_SIZE];
+  client_identity(c, r, client, sizeof client);
+  snprintf(out, n, "%s|%s", r->owner, client);
+}
+
+/* The model this client chose, copied into model; 0 if none. */
+static int sd_choice_get(srv *s, const char *client, char *model, size_t n) {
+  int found = 0;
+  pthread_mutex_lock(&s->conn_mu);
+  for (int i = 0; i < SD_CHOICES && !found; i++)
+    if (strcmp(s->sd_choices[i].client, client) == 0) {
+      snprintf(model, n, "%s", s->sd_choices[i].model);
+      found = 1;
+    }
+  pthread_mutex_unlock(&s->conn_mu);
+  return found;
+}
+
+static void sd_choice_set(srv *s, const char *client, const char *model) {
+  pthread_mutex_lock(&s->conn_mu);
+  int at = -1;
+  for (int i = 0; i < SD_CHOICES && at < 0; i++)
+    if (strcmp(s->sd_choices[i].client, client) == 0)
+      at = i;
+  if (at < 0) {
+    at = s->sd_next;
+    s->sd_next = (s->sd_next + 1) % SD_CHOICES;
   }
-  json_t *j = ok ? api_txt2img_json(&v, b64, n, r->body, r->len) : NULL;
-  for (int i = 0; b64 && i < n; i++)
-    free(b64[i]);
-  free(b64);
-  queue_view_clear(&v);
-  if (!j)
-    return fail(s, c, r, 500, "storage_error", NULL, "reading the images back failed");
+  snprintf(s->sd_choices[at].client, sizeof s->sd_choices[at].client, "%s", client);
+  snprintf(s->sd_choices[at].model, sizeof s->sd_choices[at].model, "%s", model);
+  pthread_mutex_unlock(&s->conn_mu);
+}
+
+static enum MHD_Result get_sd_options(srv *s, struct MHD_Connection *c, req *r) {
+  char client[2 * QUEUE_NAME_SIZE + 2], model[QUEUE_NAME_SIZE];
+  sd_client(c, r, client, sizeof client);
+  if (!sd_choice_get(s, client, model, sizeof model))
+    snprintf(model, sizeof model, "%s", s->api.default_model);
+  return send_json(s, c, r, 200,
+                   json_pack("{s:s, s:n, s:s, s:i}", "sd_model_checkpoint", model,
+                             "sd_checkpoint_hash", "samples_format", "png",
+                             "show_progress_every_n_steps", 1));
+}
+
+/* Their options: sd_model_checkpoint (a model of ours, for this client only) is kept; the
+ * others configure their UI and server, none of which exists here, and are ignored. */
+static enum MHD_Result post_sd_options(srv *s, struct MHD_Connection *c, req *r) {
+  json_t *j = r->len ? json_loadb(r->body, r->len, 0, NULL) : NULL;
+  if (!json_is_object(j)) {
+    json_decref(j);
+    return fail(s, c, r, 400, "invalid_json", NULL, "the body must be a JSON object of options");
+  }
+  const json_t *ck = json_object_get(j, "sd_model_checkpoint");
+  char model[QUEUE_NAME_SIZE] = "";
+  if (ck && !json_is_string(ck)) {
+    json_decref(j);
+    return fail(s, c, r, 400, "wrong_type", "sd_model_checkpoint",
+                "sd_model_checkpoint: expected a model name");
+  }
+  if (ck) {
+    snprintf(model, sizeof model, "%s", json_string_value(ck));
+    char *br = strstr(model, " ["); /* their titles carry " [hash]" */
+    if (br)
+      *br = 0;
+  }
+  json_decref(j);
+  queue_model_desc md;
+  if (model[0] && queue_model_get(s->q, -1, model, &md) != ERR_OK)
+    return fail(s, c, r, 400, "invalid_field", "sd_model_checkpoint",
+                "sd_model_checkpoint: no model named '%s' (GET /sdapi/v1/sd-models lists them)",
+                model);
+  if (model[0]) {
+    queue_model_desc_clear(&md);
+    char client[2 * QUEUE_NAME_SIZE + 2];
+    sd_client(c, r, client, sizeof client);
+    sd_choice_set(s, client, model);
+  }
+  return send_json(s, c, r, 200, json_null());
+}
+
+/* The newest preview of a job (base64 PNG, malloc'ed, the data URL's prefix cut), or NULL. */
+static char *last_preview(srv *s, const char *id, const char *owner) {
+  queue_event *evs = NULL;
+  int n = 0, done = 0;
+  err e = {0};
+  char *out = NULL;
+  if (queue_events(s->q, id, owner, 0, 0, &evs, &n, &done, &e) != ERR_OK)
+    return NULL;
+  for (int i = n - 1; i >= 0 && !out; i--) {
+    if (strcmp(evs[i].type, "progress") != 0 || !strstr(evs[i].data, "\"preview\""))
+      continue;
+    json_t *d = json_loads(evs[i].data, 0, NULL);
+    const char *p = json_string_value(json_object_get(d, "preview"));
+    const char *comma = p ? strchr(p, ',') : NULL;
+    if (comma)
+      out = strdup(comma + 1);
+    json_decref(d);
+  }
+  queue_events_free(evs, n);
+  return out;
+}
+
+/* Submits the n jobs of an A1111 request; views[i] gets job i, *ret the answer on failure
+ * (jobs already submitted are cancelled). Job i > 0 keeps an Idempotency-Key apart with "/i". */
+static int sd_submit(srv *s, struct MHD_Connection *c, req *r, api_sd_job *t, queue_job_view *views,
+                     enum MHD_Result *ret) {
+  for (int i = 0; i < t->count; i++) {
+    queue_spec spec;
+    if (api_sd_job_at(&s->api, t, i, &spec)) {
+      *ret = fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+    } else if (submit(s, c, r, &spec, &views[i], i, ret) == 0) {
+      continue;
+    }
+    for (int k = 0; k < i; k++) {
+      err ce = {0};
+      queue_cancel(s->q, views[k].id, NULL, NULL, &ce);
+      queue_view_clear(&views[k]);
+    }
+    return -1;
+  }
+  return 0;
+}
+/* Waits for the n jobs in turn (one deadline for all); an interrupted (cancelled) one stops
+ * the rest, as their interrupt stops the whole request. Returns -1 with *ret answered on a
+ * failure or timeout. */
+static int sd_wait(srv *s, struct MHD_Connection *c, req *r, queue_job_view *views, int n,
+                   enum MHD_Result *ret) {
+  const double deadline = mono() + s->cfg.generate_timeout;
+  int stopped = 0;
+  for (int i = 0; i < n; i++) {
+    err e = {0};
+    if (stopped) {
+      queue_cancel(s->q, views[i].id, NULL, NULL, &e);
+      memset(&e, 0, sizeof e);
+    }
+    char id[QUEUE_ID_SIZE];
+    snprintf(id, sizeof id, "%s", views[i].id);
+    queue_view_clear(&views[i]);
+    const int left = (int)((deadline - mono()) * 1000);
+    if (queue_wait(s->q, id, left > 0 ? left : 0, &views[i], &e) != ERR_OK) {
+      *ret = fail(s, c, r, 500, "internal", NULL, "%s", e.msg);
+      return -1;
+    }
+    stopped |= views[i].state == QUEUE_CANCELLED;
+    if (views[i].state == QUEUE_FAILED) {
+      *ret = fail(s, c, r, 500, "job_failed", NULL, "job %s failed: %s", id, views[i].error);
+      return -1;
+    }
+    if (views[i].state != QUEUE_SUCCEEDED && views[i].state != QUEUE_CANCELLED) {
+      *ret =
+          atomic_load(&s->stopping)
+              ? fail(s, c, r, 503, "unavailable", NULL,
+                     "the server is stopping; job %s stays queued and runs after the restart", id)
+              : fail(s, c, r, 504, "timeout", NULL,
+                     "job %s did not finish within %d s; it goes on: follow " JOBS_PREFIX "%s", id,
+                     s->cfg.generate_timeout, id);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* Job i's picture as base64: the image of a finished job, the newest preview (the model's
+ * estimate of the clean picture at the step it stopped) of an interrupted one, else NULL. */
+static char *sd_picture(srv *s, const queue_job_view *v) {
+  if (v->state != QUEUE_SUCCEEDED)
+    return last_preview(s, v->id, NULL);
+  uint8_t *png = NULL;
+  size_t len = 0;
+  err e = {0};
+  char *b64 =
+      queue_image(s->q, v->id, NULL, 0, &png, &len, &e) == ERR_OK ? base64_encode(png, len) : NULL;
+  free(png);
+  return b64;
+}
+
+/* POST /sdapi/v1/txt2img and /sdapi/v1/img2img: submit, wait, answer their JSON. */
+static enum MHD_Result post_sd(srv *s, struct MHD_Connection *c, req *r) {
+  const int img2img = strcmp(r->path, "/sdapi/v1/img2img") == 0;
+  char client[2 * QUEUE_NAME_SIZE + 2], model[QUEUE_NAME_SIZE];
+  sd_client(c, r, client, sizeof client);
+  const int chose = sd_choice_get(s, client, model, sizeof model);
+  api_sd_job t;
+  api_error ae = {0};
+  if (api_sd_parse(&s->api, img2img, r->body, r->len, r->owner, chose ? model : NULL, &t, &ae))
+    return send_error(s, c, r, &ae);
+  enum MHD_Result ret;
+  queue_job_view *views = calloc(t.count > 0 ? (size_t)t.count : 1, sizeof *views);
+  stream_slot *slot = views ? stream_acquire(s, c, r, &ret) : NULL;
+  if (!views)
+    ret = fail(s, c, r, 503, "out_of_memory", NULL, "out of memory");
+  int n = 0;
+  if (slot && sd_submit(s, c, r, &t, views, &ret) == 0) {
+    n = t.count;
+    log_event(LOG_INFO, "a1111 jobs accepted (synchronous)", "req", r->id, "job", views[0].id,
+              LOG_END);
+    if (sd_wait(s, c, r, views, n, &ret) == 0) {
+      char **b64 = calloc(n > 0 ? (size_t)n : 1, sizeof *b64);
+      for (int i = 0; b64 && i < n; i++)
+        b64[i] = sd_picture(s, &views[i]);
+      json_t *j = b64 ? api_sd_result_json(&s->api, views, n, b64, r->body, r->len) : NULL;
+      for (int i = 0; b64 && i < n; i++)
+        free(b64[i]);
+      free(b64);
+      ret = j ? send_json(s, c, r, 200, j)
+              : fail(s, c, r, 500, "storage_error", NULL, "reading the images back failed");
+    }
+  }
+  stream_release(s, slot);
+  for (int i = 0; i < n; i++)
+    queue_view_clear(&views[i]);
+  free(views);
+  api_sd_job_clear(&t);
+  return ret;
+}
+
+static enum MHD_Result post_png_info(srv *s, struct MHD_Connection *c, req *r) {
+  json_t *j = NULL;
+  api_error ae = {0};
+  if (api_sd_png_info(&s->api, r->body, r->len, &j, &ae))
+    return send_error(s, c, r, &ae);
   return send_json(s, c, r, 200, j);
 }
 
@@ -808,7 +1010,10 @@ static enum MHD_Result get_sd_progress(srv *s, struct MHD_Connection *c, req *r)
   queue_job_view v;
   memset(&v, 0, sizeof v);
   int queued = 0, have = queue_current(s->q, owner_filter(s, r), &v, &queued);
-  json_t *j = api_sd_progress_json(&v, have, have && v.state == QUEUE_QUEUED ? queued - 1 : queued);
+  char *preview = have && v.state == QUEUE_RUNNING ? last_preview(s, v.id, NULL) : NULL;
+  json_t *j = api_sd_progress_json(&v, have, have && v.state == QUEUE_QUEUED ? queued - 1 : queued,
+                                   preview);
+  free(preview);
   if (have)
     queue_view_clear(&v);
   return send_json(s, c, r, 200, j);
@@ -850,7 +1055,11 @@ static const route_row routes[] = {
     {"/v1/jobs/", M_POST, SCOPE_SUBMIT, 0, post_job, "GET, POST"},
     {"/v1/jobs/", M_GET, SCOPE_READ, 0, get_job_list, "GET, POST"},
     {"/v1/generate", M_POST, SCOPE_SUBMIT, 0, post_generate, "POST"},
-    {"/sdapi/v1/txt2img", M_POST, SCOPE_SUBMIT, 0, post_txt2img, "POST"},
+    {"/sdapi/v1/txt2img", M_POST, SCOPE_SUBMIT, 0, post_sd, "POST"},
+    {"/sdapi/v1/img2img", M_POST, SCOPE_SUBMIT, 0, post_sd, "POST"},
+    {"/sdapi/v1/png-info", M_POST, SCOPE_READ, 0, post_png_info, "POST"},
+    {"/sdapi/v1/options", M_GET, SCOPE_READ, 0, get_sd_options, "GET, POST"},
+    {"/sdapi/v1/options", M_POST, SCOPE_SUBMIT, 0, post_sd_options, "GET, POST"},
     {"/sdapi/v1/progress", M_GET, SCOPE_READ, 0, get_sd_progress, "GET"},
     {"/sdapi/v1/interrupt", M_POST, SCOPE_CANCEL, 0, post_interrupt, "POST"},
 };

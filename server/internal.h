@@ -59,6 +59,8 @@ const char *auth_scope_name(int scope);
 
 /* ---- http.c ---- */
 
+#define SD_CHOICES 64
+
 typedef struct srv {
   config cfg;
   queue *q;
@@ -73,6 +75,13 @@ typedef struct srv {
   pthread_mutex_t conn_mu; /* guards conns and streams */
   struct conn_track *conns;
   struct stream_slot *streams; /* event streams and synchronous waits open now */
+  /* The model each client chose with POST /sdapi/v1/options (sd_model_checkpoint), under
+   * conn_mu; the oldest choice gives way past SD_CHOICES clients. */
+  struct sd_choice {
+    char client[2 * QUEUE_NAME_SIZE + 2]; /* owner and client identity */
+    char model[QUEUE_NAME_SIZE];
+  } sd_choices[SD_CHOICES];
+  int sd_next;
   pthread_t reaper;
   int reaper_running;
   atomic_int reaper_stop;

@@ -102,6 +102,7 @@ START_TEST(responses_match_the_spec) {
                         "/sdapi/v1/samplers",
                         "/sdapi/v1/sd-models",
                         "/sdapi/v1/progress",
+                        "/sdapi/v1/options",
                         "/v1/jobs?limit=500",
                         "/v1/jobs?limit=%205",
                         "/v1/jobs/0123456789abcdef01234567"};
@@ -225,6 +226,15 @@ START_TEST(responses_match_the_spec) {
                    200);
   http_free(&r);
   ck_assert_int_eq(call(&d, "POST", "/sdapi/v1/interrupt", "{}", NULL, &r), 200);
+  http_free(&r);
+  ck_assert_int_eq(
+      call(&d, "POST", "/sdapi/v1/options", "{\"sd_model_checkpoint\": \"default\"}", NULL, &r),
+      200);
+  http_free(&r);
+  ck_assert_int_eq(call(&d, "POST", "/sdapi/v1/png-info", "{\"image\": \"aGVsbG8=\"}", NULL, &r),
+                   400);
+  http_free(&r);
+  ck_assert_int_eq(call(&d, "POST", "/sdapi/v1/img2img", "{\"prompt\": \"disc\"}", NULL, &r), 400);
   http_free(&r);
   /* 429: one running, two queued */
   const char *longjob = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 8, "

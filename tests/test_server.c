@@ -877,14 +877,15 @@ START_TEST(generate_and_a1111) {
   ck_assert_int_eq(json_integer_value(json_object_get(info, "seed")), 3);
   ck_assert_int_eq(json_array_size(json_object_get(info, "all_seeds")), 2);
   ck_assert_ptr_nonnull(
-      strstr(json_string_value(json_array_get(json_object_get(info, "infotexts"), 1)), "Seed: 3"));
+      strstr(json_string_value(json_array_get(json_object_get(info, "infotexts"), 1)), "Seed: 4"));
   json_decref(info);
   json_decref(j);
   http_free(&r);
   expect_error(&d, "POST", "/sdapi/v1/txt2img", "{\"prompt\": \"ring\", \"sampler_name\": \"Foo\"}",
                400, "invalid_field", "sampler_name");
-  expect_error(&d, "POST", "/sdapi/v1/txt2img", "{\"prompt\": \"ring\", \"width\": 512}", 400,
-               "invalid_field", "width");
+  /* A1111's default size on a 32-pixel model: the model's size is made (test_a1111) */
+  expect_error(&d, "POST", "/sdapi/v1/txt2img", "{\"prompt\": \"ring\", \"width\": 99999}", 400,
+               "out_of_range", "width");
   expect_error(&d, "POST", "/sdapi/v1/txt2img", "{\"prompt\": \"blob\"}", 400, "invalid_field",
                "prompt");
   expect_error(&d, "POST", "/sdapi/v1/txt2img", "{\"prompt\": \"ring\", \"steps\": \"ten\"}", 400,

@@ -94,3 +94,10 @@ void rng_normal(uint64_t seed, uint64_t image, uint64_t stream, float *out, size
 void rng_uniform(uint64_t seed, uint64_t image, uint64_t stream, float *out, size_t n) {
   rng_uniform_at(seed, image, stream, 0, out, n);
 }
+
+uint32_t rng_choice(uint64_t seed, uint64_t image, uint32_t n) {
+  float u;
+  rng_uniform(seed, image, RNG_STREAM_CHOICE, &u, 1);
+  const uint32_t k = (uint32_t)((double)u * n); /* u < 1 exactly, so k < n */
+  return k < n ? k : n - 1;
+}

@@ -34,6 +34,12 @@ void rng_normal_at(uint64_t seed, uint64_t image, uint64_t stream, uint64_t firs
 void rng_uniform_at(uint64_t seed, uint64_t image, uint64_t stream, uint64_t first, float *out,
                     size_t n);
 
+/* A class for one image when none was asked for: uniform in [0, n) from (seed, image) on a
+ * stream no sampler uses (RNG_STREAM_CHOICE), so the choice is part of the seed and the same
+ * wherever the image is made (CLI, daemon, A1111 route). n >= 1. */
+#define RNG_STREAM_CHOICE 0xffffffffu
+uint32_t rng_choice(uint64_t seed, uint64_t image, uint32_t n);
+
 /* The raw generator, exposed for tests against published test vectors. */
 void rng_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 

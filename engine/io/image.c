@@ -771,3 +771,40 @@ int image_mask_from_png(const uint8_t *png, size_t len, const char *field, int h
   free(px);
   return ERR_OK;
 }
+
+int image_png_text_mem(const uint8_t *png, size_t len, const char *key, int max_side, char **value,
+                       err *e) {
+  if (!value || !png || !key)
+    return err_set(e, ERR_INVALID, "PNG read text: no input, key or output pointer");
+  *value = NULL;
+  char why[200];
+  if (len < 8 || png_sig_cmp(png, 0, 8) != 0)
+    return err_set(e, ERR_FORMAT, "not a PNG (bad signature)");
+  if (len >= 24 &&
+      (be32_at(png + 16) > (uint32_t)max_side || be32_at(png + 20) > (uint32_t)max_side))
+    return err_set(e, ERR_FORMAT, "the picture is %ux%u, larger than the %dx%d limit",
+                   (unsigned)be32_at(png + 16), (unsigned)be32_at(png + 20), max_side, max_side);
+  if (chunks_inside(png, -1, len, why, sizeof why) != 0 ||
+      idat_bounded(png, len, max_side, max_side, why, sizeof why) != 0)
+    return err_set(e, ERR_FORMAT, "%s", why);
+  /* the file reader's libpng run, on the bytes: text after the image data is found too */
+  FILE *f = fmemopen((void *)png, len, "rb");
+  if (!f)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  text_job j = {.f = f, .key = key};
+  const int failed = text_run(&j);
+  free(j.row);
+  fclose(f);
+  if (j.nomem) {
+    free(j.value);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  if (failed) {
+    free(j.value);
+    return err_set(e, ERR_FORMAT, "%s", j.ectx.msg);
+  }
+  if (!j.value)
+    return err_set(e, ERR_INVALID, "no PNG text chunk '%s'", key);
+  *value = j.value;
+  return ERR_OK;
+}

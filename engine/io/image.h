@@ -44,6 +44,10 @@ int image_png_decode(const uint8_t *png, size_t png_len, int max_w, int max_h, u
  * the image data) from a PNG file into a malloc'ed UTF-8 string; ERR_INVALID
  * if the file has no such chunk. */
 int image_png_read_text(const char *path, const char *key, char **value, err *e);
+/* The same from PNG bytes (an upload), refusing pictures over max_side on a side and image
+ * data larger than such a picture needs before libpng reads any of it. */
+int image_png_text_mem(const uint8_t *png, size_t len, const char *key, int max_side, char **value,
+                       err *e);
 
 /* Input images of edit requests (CLI files, base64 in API jobs): a PNG decoded under the size
  * limit h x w (a different size is an error naming `field`), to c = 1 (luma, as PIL's "L") or 3

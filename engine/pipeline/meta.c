@@ -35,9 +35,13 @@ json_t *meta_json(const meta_image *m) {
 void meta_infotext(const meta_image *m, char *buf, size_t n) {
   const char *name = strrchr(m->model, '/');
   name = name && name[1] ? name + 1 : m->model;
-  size_t off =
-      (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s, Seed: %llu, Size: %dx%d, Model: %s",
-                       m->steps, m->solver, (unsigned long long)m->seed, m->width, m->height, name);
+  size_t off = (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s", m->steps,
+                                m->sampler_label ? m->sampler_label : m->solver);
+  if (m->schedule_label && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Schedule type: %s", m->schedule_label);
+  if (off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Seed: %llu, Size: %dx%d, Model: %s",
+                            (unsigned long long)m->seed, m->width, m->height, name);
   if (m->has_label && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", (long long)m->label);
   if (m->has_guidance && off < n)

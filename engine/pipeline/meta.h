@@ -32,6 +32,9 @@ typedef struct meta_image {
   double strength;
   const json_t *edit;  /* the edit block as the JSON API spells it ({"type": ...}), or NULL */
   const json_t *extra; /* more keys for the JSON (e.g. the job id), or NULL */
+  /* The infotext in AUTOMATIC1111's names (their route): "Sampler: Euler a" instead of our
+   * solver name, and "Schedule type: Karras" after it; NULL for ours and none. */
+  const char *sampler_label, *schedule_label;
 } meta_image;
 
 /* The JSON record (new reference), keys as `denoised sample --replay` reads them. */
