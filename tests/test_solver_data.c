@@ -350,6 +350,17 @@ START_TEST(daemon_scheduler_data) {
   expect_error(&d, "POST", "/v1/jobs",
                "{\"class_label\": 1, \"scheduler\": {\"name\": \"ddim\", \"data\": \"any\"}}", 400,
                "invalid_field", "scheduler.data");
+  /* the name is part of the job's record: after a restart the job still says it */
+  daemon_stop(&d);
+  ck_assert_int_eq(daemon_start(&d, st, args), 0);
+  snprintf(url, sizeof url, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, url, &r), 200);
+  j = http_json(&r);
+  ck_assert_str_eq(json_string_value(json_object_get(
+                       json_object_get(json_object_get(j, "request"), "scheduler"), "data")),
+                   "g2");
+  json_decref(j);
+  http_free(&r);
   daemon_stop(&d);
   snprintf(out, sizeof out, "rm -rf %s", dir);
   ck_assert_int_eq(system(out), 0);
