@@ -18,6 +18,7 @@
 static const char help[] =
     "usage: denoised stats [--model DIR] [--class C] [--guidance-scale G] [--data X.npy]\n"
     "                      [--samples N] [--grid K] [--seed S] [--threads T] [--quiet]\n"
+    "                      [--no-thresholding]\n"
     "                      --out NAME|FILE.json\n"
     "\n"
     "Computes DPM-Solver-v3's empirical model statistics (l, s, b per pixel on a grid uniform\n"
@@ -40,6 +41,10 @@ static const char help[] =
     "  --seed S       seed of the samples and of the noise at every grid point (default 0)\n"
     "  --threads T    CPU threads (default 2)\n"
     "  --quiet        no progress bar\n"
+    "  --no-thresholding  statistics of the plain ODE where the model's scheduler config\n"
+    "                 turns dynamic thresholding on (by default they are of the thresholded\n"
+    "                 one v3 then solves; runs must match, for 'sample --scheduler-opt\n"
+    "                 thresholding=false')\n"
     "Cost: 5 N network evaluations per grid point (finite-difference Jacobian-vector products;\n"
     "twice the images with guidance), plus 50 batched ones for the samples.\n";
 
@@ -47,7 +52,7 @@ typedef struct stats_args {
   const char *model_dir, *data, *out, *class_s;
   long long samples, grid, seed, threads;
   double guidance;
-  int has_guidance, quiet;
+  int has_guidance, quiet, no_thresholding;
 } stats_args;
 
 /* The integer flags, by option letter: one table, one range check. */
@@ -71,13 +76,19 @@ static int int_flag(int c, const char *arg, stats_args *a) {
 }
 
 static int parse_args(int argc, char **argv, stats_args *a) {
-  static const struct option opts[] = {
-      {"model", required_argument, 0, 'm'},   {"data", required_argument, 0, 'd'},
-      {"samples", required_argument, 0, 'n'}, {"grid", required_argument, 0, 'k'},
-      {"seed", required_argument, 0, 's'},    {"threads", required_argument, 0, 'j'},
-      {"out", required_argument, 0, 'o'},     {"quiet", no_argument, 0, 'q'},
-      {"class", required_argument, 0, 'l'},   {"guidance-scale", required_argument, 0, 'g'},
-      {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"data", required_argument, 0, 'd'},
+                                       {"samples", required_argument, 0, 'n'},
+                                       {"grid", required_argument, 0, 'k'},
+                                       {"seed", required_argument, 0, 's'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"out", required_argument, 0, 'o'},
+                                       {"quiet", no_argument, 0, 'q'},
+                                       {"class", required_argument, 0, 'l'},
+                                       {"guidance-scale", required_argument, 0, 'g'},
+                                       {"no-thresholding", no_argument, 0, 't'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
   int c;
   optind = 1;
   while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
@@ -86,6 +97,7 @@ static int parse_args(int argc, char **argv, stats_args *a) {
     case 'd': a->data = optarg; break;
     case 'o': a->out = optarg; break;
     case 'q': a->quiet = 1; break;
+    case 't': a->no_thresholding = 1; break;
     case 'l': a->class_s = optarg; break;
     case 'g':
       if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
@@ -247,7 +259,10 @@ int cmd_stats(int argc, char **argv) {
   model *m = NULL;
   sampler *v3 = NULL;
   status = 1;
-  json_t *spec = json_pack("{s:s, s:i}", "name", "dpm-solver-v3", "steps", 10);
+  /* the model's thresholding (if its config asks) is part of the ODE the statistics describe */
+  json_t *spec = a.no_thresholding ? json_pack("{s:s, s:i, s:{s:b}}", "name", "dpm-solver-v3",
+                                               "steps", 10, "options", "thresholding", 0)
+                                   : json_pack("{s:s, s:i}", "name", "dpm-solver-v3", "steps", 10);
   if (!spec)
     cli_fail("stats", "out of memory");
   else if (model_load(a.model_dir, &m, &e) ||

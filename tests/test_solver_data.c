@@ -137,6 +137,7 @@ START_TEST(runs_held_to_what_the_data_is_for) {
   ck_assert_int_eq(json_integer_value(json_object_get(h, "version")), 2);
   ck_assert_int_eq(json_integer_value(json_object_get(cf, "class_label")), 1);
   ck_assert(json_number_value(json_object_get(cf, "guidance_scale")) == 2.0);
+  ck_assert(json_is_false(json_object_get(json_object_get(cf, "schedule"), "thresholding")));
   ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(cf, "model"), "sample_size")),
                    8);
   ck_assert_ptr_nonnull(
@@ -156,6 +157,8 @@ START_TEST(runs_held_to_what_the_data_is_for) {
       {"g2", "--class 1", "computed at guidance scale 2, the run uses 1"},
       {"any", "--class 1 --guidance-scale 2", "guidance scale 1, the run uses 2"},
       {"g2", "--class 1 --guidance-scale 2 --scheduler-opt lambda_min_clipped=-3", "schedule"},
+      {"g2", "--class 1 --guidance-scale 2 --scheduler-opt thresholding=true",
+       "computed without dynamic thresholding"},
       {"nope", "--class 1", "no solver data named 'nope' for this model (it has: any, g2)"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -261,6 +264,20 @@ START_TEST(info_and_replay) {
 }
 END_TEST
 
+/* The job's record names the solver data `want`. */
+static void expect_job_data(daemon_proc *d, const char *id, const char *want) {
+  char url[128];
+  http_resp r = {0};
+  snprintf(url, sizeof url, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(d, url, &r), 200);
+  json_t *j = http_json(&r);
+  ck_assert_str_eq(json_string_value(json_object_get(
+                       json_object_get(json_object_get(j, "request"), "scheduler"), "data")),
+                   want);
+  json_decref(j);
+  http_free(&r);
+}
+
 /* The daemon: listed by GET /v1/models, named by scheduler.data (never a path), refused with a
  * 400 naming the field when it does not fit the job, recorded in the PNG, which the CLI replays
  * to the same pixels. */
@@ -287,14 +304,7 @@ START_TEST(daemon_scheduler_data) {
                     "\"scheduler\": {\"name\": \"dpm-solver-v3\", \"steps\": 5, \"data\": \"g2\"}}";
   submit_job(&d, job, id, sizeof id);
   wait_state(&d, id, "succeeded", 60);
-  snprintf(url, sizeof url, "/v1/jobs/%s", id);
-  ck_assert_int_eq(http_get(&d, url, &r), 200);
-  j = http_json(&r);
-  ck_assert_str_eq(json_string_value(json_object_get(
-                       json_object_get(json_object_get(j, "request"), "scheduler"), "data")),
-                   "g2");
-  json_decref(j);
-  http_free(&r);
+  expect_job_data(&d, id, "g2");
   /* the image: metadata by name, and the CLI's replay with the model's folder is the same */
   snprintf(url, sizeof url, "/v1/jobs/%s/images/0", id);
   ck_assert_int_eq(http_get(&d, url, &r), 200);
@@ -353,14 +363,7 @@ START_TEST(daemon_scheduler_data) {
   /* the name is part of the job's record: after a restart the job still says it */
   daemon_stop(&d);
   ck_assert_int_eq(daemon_start(&d, st, args), 0);
-  snprintf(url, sizeof url, "/v1/jobs/%s", id);
-  ck_assert_int_eq(http_get(&d, url, &r), 200);
-  j = http_json(&r);
-  ck_assert_str_eq(json_string_value(json_object_get(
-                       json_object_get(json_object_get(j, "request"), "scheduler"), "data")),
-                   "g2");
-  json_decref(j);
-  http_free(&r);
+  expect_job_data(&d, id, "g2");
   daemon_stop(&d);
   snprintf(out, sizeof out, "rm -rf %s", dir);
   ck_assert_int_eq(system(out), 0);

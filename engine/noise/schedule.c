@@ -272,9 +272,19 @@ static const char *const keys_dpm_official[] = {"solver_order",
                                                 "t_err",
                                                 "lambda_min_clipped",
                                                 NULL};
-static const char *const keys_dpm_v3[] = {
-    "solver_order",     "skip_type",        "lower_order_final",  "use_corrector",
-    "predictor_pseudo", "corrector_pseudo", "lambda_min_clipped", NULL};
+/* v3 reads the model's dynamic thresholding keys as diffusers does (a deviation from the authors'
+ * code, which has none: sampler_v3.c v3_threshold says why) */
+static const char *const keys_dpm_v3[] = {"solver_order",
+                                          "skip_type",
+                                          "lower_order_final",
+                                          "use_corrector",
+                                          "predictor_pseudo",
+                                          "corrector_pseudo",
+                                          "lambda_min_clipped",
+                                          "thresholding",
+                                          "dynamic_thresholding_ratio",
+                                          "sample_max_value",
+                                          NULL};
 static const char *const keys_usf[] = {"lambda_min_clipped", NULL};
 static const char *const keys_pndm_official[] = {"method", "timestep_spacing", "steps_offset",
                                                  "set_alpha_to_one", NULL};

@@ -135,10 +135,13 @@ static float abs_quantile(const sched_config *cfg, const float *x0, size_t d, fl
   return fabsf(w) < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.0f - w);
 }
 
+float sampler_threshold_scale(const sched_config *cfg, const float *x0, size_t d, float *sel) {
+  const float s = fmaxf(abs_quantile(cfg, x0, d, sel), 1.0f);
+  return fminf(s, (float)cfg->sample_max_value);
+}
+
 void sampler_threshold_diffusers(const sched_config *cfg, float *x0, size_t d, float *sel) {
-  float s = abs_quantile(cfg, x0, d, sel);
-  s = fmaxf(s, 1.0f);
-  s = fminf(s, (float)cfg->sample_max_value);
+  const float s = sampler_threshold_scale(cfg, x0, d, sel);
   for (size_t i = 0; i < d; i++)
     x0[i] = fminf(fmaxf(x0[i], -s), s) / s;
 }

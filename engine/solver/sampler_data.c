@@ -189,6 +189,23 @@ static int check_schedule(const sampler *s, const json_t *rec, err *e) {
                    "run's is [%g, %g]: another noise schedule (or lambda_min_clipped); recompute "
                    "with 'denoised stats'",
                    s->data, lo, hi, slo, shi);
+  /* files written before v3 thresholded lack the key: they describe the plain ODE and are
+   * accepted either way, as they were */
+  const json_t *th = json_object_get(rec, "thresholding");
+  if (!th)
+    return ERR_OK;
+  const int rec_on = json_is_object(th), run_on = s->cfg.thresholding != 0;
+  const double r = json_number_value(json_object_get(th, "ratio"));
+  const double mv = json_number_value(json_object_get(th, "sample_max_value"));
+  if (rec_on != run_on || (run_on && (!same(r, s->cfg.dynamic_thresholding_ratio) ||
+                                      !same(mv, s->cfg.sample_max_value))))
+    return err_set(e, ERR_INVALID,
+                   "statistics file %s was computed %s dynamic thresholding (ratio %g, "
+                   "sample_max_value %g), the run %s (ratio %g, sample_max_value %g): thresholding "
+                   "changes the ODE they describe; recompute with 'denoised stats' under the run's "
+                   "scheduler options",
+                   s->data, rec_on ? "with" : "without", r, mv, run_on ? "has it" : "has none",
+                   s->cfg.dynamic_thresholding_ratio, s->cfg.sample_max_value);
   return ERR_OK;
 }
 

@@ -154,6 +154,8 @@ void sampler_report(run_ctx *r, int step, int total);
 /* The standard normal noise of image b for evaluation index i (stream i + 1). */
 int sampler_noise(const step_ctx *c, int b, float *out, err *e);
 
+/* The scale s of diffusers' _threshold_sample for one image (x0 unchanged; sel d scratch). */
+float sampler_threshold_scale(const sched_config *cfg, const float *x0, size_t d, float *sel);
 /* diffusers' _threshold_sample on one image: s = quantile(|x0|, ratio), clamped to
  * [1, sample_max_value]. */
 void sampler_threshold_diffusers(const sched_config *cfg, float *x0, size_t d, float *sel);
