@@ -69,6 +69,12 @@ void cli_solver_clear(cli_solver *s);
 /* pipeline_sampler with its errors in the words of the flags (--scheduler, --steps,
  * --scheduler-opt KEY, the config file). */
 int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file, err *e);
+/* The same, keeping the sampler (*out, sampler_free) on success. */
+int cli_solver_make(const model *m, const cli_solver *s, const char *sched_file, sampler **out,
+                    err *e);
+/* Parameter gradients (one buffer per model_param) as an F32 safetensors file under the
+ * parameters' diffusers names. */
+int cli_write_param_grads(const char *path, const model *m, const model_grads *g, err *e);
 
 /* The images of a finished run as PNGs with their metadata: base for one image, base-<i>.png
  * (before the extension) for a batch; only >= 0 writes that image alone, to base (a replay).
@@ -130,6 +136,7 @@ int cli_train_export(cli_train_run *r, err *e);
 int cmd_train(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_classify(int argc, char **argv);
+int cmd_adjoint(int argc, char **argv);
 int cmd_sample(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_solvers(int argc, char **argv);

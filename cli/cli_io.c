@@ -13,6 +13,7 @@
 #include "edit.h"
 #include "image.h"
 #include "npy.h"
+#include "safetensors.h"
 #include "schedule.h"
 
 /* PNG inputs are small images; anything this large is not one of ours */
@@ -246,11 +247,11 @@ void cli_solver_clear(cli_solver *s) {
   memset(s, 0, sizeof *s);
 }
 
-int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file, err *e) {
-  sampler *one = NULL;
+int cli_solver_make(const model *m, const cli_solver *s, const char *sched_file, sampler **out,
+                    err *e) {
   char field[160] = "";
-  int rc = pipeline_sampler(m, &s->s, &one, field, sizeof field, e);
-  sampler_free(one);
+  *out = NULL;
+  int rc = pipeline_sampler(m, &s->s, out, field, sizeof field, e);
   if (rc == ERR_OK || rc == ERR_NOMEM)
     return rc;
   if (strncmp(field, "scheduler.options.", 18) == 0)
@@ -259,6 +260,28 @@ int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file
     err_prefix(e, "%s", sched_file);
   else if (strcmp(field, "scheduler.steps") == 0)
     err_prefix(e, "--steps");
+  return rc;
+}
+
+int cli_solver_check(const model *m, const cli_solver *s, const char *sched_file, err *e) {
+  sampler *one = NULL;
+  int rc = cli_solver_make(m, s, sched_file, &one, e);
+  sampler_free(one);
+  return rc;
+}
+
+int cli_write_param_grads(const char *path, const model *m, const model_grads *g, err *e) {
+  int n = model_param_count(m);
+  st_out_tensor *t = calloc((size_t)n, sizeof *t);
+  if (!t)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < n; i++) {
+    const model_param *mp = model_param_at(m, i);
+    t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, model_grads_at(g, i)};
+  }
+  const char *meta[] = {"format", "pt"};
+  int rc = st_write_f32(path, t, n, meta, 1, e);
+  free(t);
   return rc;
 }
 

@@ -145,22 +145,6 @@ static int eval_and_write(const forward_args *a, model *m, const forward_inputs 
   return status;
 }
 
-/* The parameter gradients as a safetensors file under the parameters' names. */
-static int write_param_grads(const char *path, const model *m, const model_grads *g, err *e) {
-  int n = model_param_count(m);
-  st_out_tensor *t = calloc((size_t)n, sizeof *t);
-  if (!t)
-    return err_set(e, ERR_NOMEM, "out of memory");
-  for (int i = 0; i < n; i++) {
-    const model_param *mp = model_param_at(m, i);
-    t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, model_grads_at(g, i)};
-  }
-  const char *meta[] = {"format", "pt"};
-  int rc = st_write_f32(path, t, n, meta, 1, e);
-  free(t);
-  return rc;
-}
-
 /* Forward and backward, then whatever of OUT, GX and GP was asked; 0, or 1 with the error. */
 static int grad_and_write(const forward_args *a, model *m, const forward_inputs *in) {
   const model_info *mi = model_get_info(m);
@@ -196,7 +180,7 @@ static int grad_and_write(const forward_args *a, model *m, const forward_inputs 
   (void)(rc || (rc = model_backward(m, &c, &gc, &e)) ||
          (out && (rc = npy_write_f32(a->out_path, out, 4, oshape, &e))) ||
          (gx && (rc = npy_write_f32(a->gx_path, gx, 4, xshape, &e))) ||
-         (gc.params && (rc = write_param_grads(a->gp_path, m, gc.params, &e))));
+         (gc.params && (rc = cli_write_param_grads(a->gp_path, m, gc.params, &e))));
   model_grads_free(gc.params);
   free(out);
   free(gx);

@@ -104,6 +104,8 @@ int main(int argc, char **argv) {
     return cmd_info(argc - 1, argv + 1);
   if (strcmp(cmd, "forward") == 0)
     return cmd_forward(argc - 1, argv + 1);
+  if (strcmp(cmd, "adjoint") == 0)
+    return cmd_adjoint(argc - 1, argv + 1);
   if (strcmp(cmd, "classify") == 0)
     return cmd_classify(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)

@@ -5,7 +5,7 @@
 # a mask, labels) is put there first; the only rewrites are those placeholders and the port.
 # Every PNG an example writes must be a PNG (a `curl > E.png` that saved an error body fails).
 # The set-up block (scripts/run.sh, scripts/test.sh) is what CI itself runs, so it is not rerun.
-# Blocks: 2 the CLI, 3 the daemon's session, 4 training.
+# Blocks: 2 the CLI, 3 the daemon's session, 4 training, 5 gradients through sampling.
 # Usage: tests/readme_examples.sh BUILD_DIR
 set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,6 +73,15 @@ check_pngs "the training block"
 for f in out/glyphs-ft/diffusion_pytorch_model.safetensors out/glyphs-ft/README.md out/ft-A.png \
   out/glyphs-new/loss.png; do
   [ -s "$f" ] || { echo "readme_examples: the training block wrote no $f" >&2; exit 1; }
+done
+
+# --- the gradients block: denoised adjoint on the default model ---
+grads=$(block 5)
+[ -n "$grads" ] || { echo "readme_examples: the README has no gradients block" >&2; exit 1; }
+printf 'set -eux\n%s\n' "$grads" >grads.sh
+sh grads.sh >grads.log 2>&1 || { tail -30 grads.log >&2; echo "readme_examples: the gradients block failed" >&2; exit 1; }
+for f in gn.npy gc.npy gp.safetensors; do
+  [ -s "$f" ] || { echo "readme_examples: the gradients block wrote no $f" >&2; exit 1; }
 done
 
 # --- the daemon session: `build/denoised serve` with no flags but a free port ---

@@ -912,6 +912,8 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
   int done_steps = 0;
   for (int i = e0; i < e1 && rc == ERR_OK; i++) {
     c.i = i;
+    if (o->states)
+      memcpy(o->states + (size_t)(i - e0) * nd, out, nd * sizeof *out);
     const float *in = out;
     if (s->in_div) {
       const float div = s->in_div[i];

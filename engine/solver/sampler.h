@@ -114,6 +114,11 @@ typedef struct sampler_run_opts {
    * the run's first evaluation, guidance_passes * batch rows as guidance_eval_mid lays them out.
    * That evaluation must cover the whole batch (every solver's first step does). */
   const float *first_mid;
+  /* If set, receives the state each evaluation of the run starts from (before any input
+   * scaling), evaluation after evaluation: (evaluations run) * batch * C * H * W floats; what
+   * the discrete adjoint (adjoint.h) keeps instead of the network's activations. diffusers-style
+   * solvers only: the papers' own loops (solver_desc.run) leave it untouched. */
+  float *states;
 } sampler_run_opts;
 
 /* Runs the whole chain; out receives batch * C * H * W floats (nominally in [-1, 1]) and *nfe
