@@ -298,9 +298,76 @@ static int check_size(const api_ctx *c, const queue_model_desc *md, const char *
 
 /* guidance: {"scale": number in [0, API_MAX_GUIDANCE], "null_class"?: int} for class-conditional
  * models; the null class defaults to the model's own. */
+/* The index of `v` (a name of `names`, case-insensitive, or an integer index) in names, or -1. */
+static int name_index(const json_t *names, const json_t *v) {
+  const size_t n = json_array_size(names);
+  if (json_is_integer(v))
+    return json_integer_value(v) >= 0 && (size_t)json_integer_value(v) < n
+               ? (int)json_integer_value(v)
+               : -1;
+  for (size_t i = 0; json_is_string(v) && i < n; i++) {
+    const json_t *name = json_array_get(names, i);
+    if (json_is_object(name))
+      name = json_object_get(name, "name");
+    if (strcasecmp(json_string_value(name), json_string_value(v)) == 0)
+      return (int)i;
+  }
+  return -1;
+}
+
+/* guidance.classifier {scale, target, head}: classifier guidance with the model's classifier
+ * (MODEL/classifier/), the head by name (default its first) and the target by name or index. */
+static int parse_classifier(const json_t *g, const queue_model_desc *md, queue_spec *out,
+                            api_error *e) {
+  static const char *const keys[] = {"scale", "target", "head", NULL};
+  int rc = json_is_object(g) ? api_check_keys(g, "guidance.classifier.", keys, e)
+                             : api_fail(e, 400, "wrong_type", "guidance.classifier",
+                                        "guidance.classifier: expected an object {scale, target, "
+                                        "head}, got %s",
+                                        sched_json_kind(g));
+  if (rc)
+    return rc;
+  if (!md->classifier)
+    return api_fail(e, 400, "invalid_field", "guidance.classifier",
+                    "guidance.classifier: model '%s' has no classifier (a GlyphClassifier folder "
+                    "in its classifier/ subfolder)",
+                    md->name);
+  if (strcmp(md->prediction_type[0] ? md->prediction_type : "epsilon", "epsilon") != 0)
+    return api_fail(e, 400, "invalid_field", "guidance.classifier",
+                    "guidance.classifier: model '%s' predicts '%s'; classifier guidance needs "
+                    "an epsilon model",
+                    md->name, md->prediction_type);
+  const json_t *sc = json_object_get(g, "scale"), *hd = json_object_get(g, "head");
+  const json_t *tg = json_object_get(g, "target");
+  if (!json_is_number(sc) || !(json_number_value(sc) >= 0) ||
+      json_number_value(sc) > API_MAX_GUIDANCE)
+    return api_fail(e, 400, sc ? "out_of_range" : "missing_field", "guidance.classifier.scale",
+                    "guidance.classifier.scale: a number in [0, %g]", API_MAX_GUIDANCE);
+  const json_t *heads = json_object_get(md->classifier, "heads");
+  const int h = hd ? name_index(heads, hd) : 0;
+  if (h < 0)
+    return api_fail(e, 400, "invalid_field", "guidance.classifier.head",
+                    "guidance.classifier.head: not a head of model '%s''s classifier (GET "
+                    "/v1/models lists them)",
+                    md->name);
+  const json_t *labels = json_object_get(json_array_get(heads, (size_t)h), "labels");
+  const int t = tg ? name_index(labels, tg) : -1;
+  if (t < 0)
+    return api_fail(e, 400, tg ? "invalid_field" : "missing_field", "guidance.classifier.target",
+                    "guidance.classifier.target: give a class of head '%s' (a name or an index "
+                    "in [0, %zu))",
+                    json_string_value(json_object_get(json_array_get(heads, (size_t)h), "name")),
+                    json_array_size(labels));
+  out->has_classifier = 1;
+  out->clf_scale = json_number_value(sc);
+  out->clf_head = h;
+  out->clf_target = t;
+  return 0;
+}
+
 static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spec *out,
                           api_error *e) {
-  static const char *const keys[] = {"scale", "null_class", "thresholding", NULL};
+  static const char *const keys[] = {"scale", "null_class", "thresholding", "classifier", NULL};
   if (!json_is_object(g))
     return api_fail(e, 400, "wrong_type", "guidance",
                     "guidance: expected an object {scale, null_class}, got %s", sched_json_kind(g));
@@ -348,7 +415,8 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   }
   out->has_guidance = 1;
   out->guidance_scale = x;
-  return 0;
+  const json_t *clf = json_object_get(g, "classifier");
+  return clf && !json_is_null(clf) ? parse_classifier(clf, md, out, e) : 0;
 }
 
 /* guidance.thresholding: true (diffusers' dynamic thresholding, ratio 0.995, max 1) or
@@ -728,6 +796,10 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
     json_object_set_new(req, "guidance",
                         json_pack("{s:f, s:I}", "scale", s->guidance_scale, "null_class",
                                   (json_int_t)s->null_class));
+  if (s->has_classifier && json_object_get(req, "guidance"))
+    json_object_set_new(json_object_get(req, "guidance"), "classifier",
+                        json_pack("{s:f, s:i, s:I}", "scale", s->clf_scale, "head", s->clf_head,
+                                  "target", (json_int_t)s->clf_target));
   json_t *images = json_array(), *links = json_array();
   for (int i = 0; i < s->batch; i++) {
     snprintf(url, sizeof url, "%s/images/%d", self, i);
@@ -791,6 +863,8 @@ json_t *api_models_json(const api_ctx *c, int internals) {
     /* what a job may name as scheduler.data, with what each was computed for */
     json_object_set_new(m, "solver_data",
                         d.solver_data ? json_incref(d.solver_data) : json_array());
+    if (d.classifier) /* what guidance.classifier may name */
+      json_object_set(m, "classifier", d.classifier);
     json_array_append_new(arr, m);
     queue_model_desc_clear(&d);
   }

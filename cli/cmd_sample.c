@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "classifier.h"
 #include "cli.h"
 #include "image.h"
 #include "meta.h"
@@ -26,7 +27,9 @@ static const char help[] =
     "                       [--solver-data NAME|FILE]\n"
     "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
     "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
-    "                       [--mask MASK.png]] [--size S] [--threads T] [--quiet]\n"
+    "                       [--mask MASK.png]] [--classifier DIR --classifier-target\n"
+    "                       [HEAD=]CLASS [--classifier-scale S]] [--size S] [--threads T]\n"
+    "                       [--quiet]\n"
     "                       (--out OUT.npy | -o OUT.png)\n"
     "       denoised sample --replay IMAGE.png [--model DIR] -o OUT.png\n"
     "\n"
@@ -69,6 +72,12 @@ static const char help[] =
     "  --mask MASK.png         inpainting: white pixels are generated, black ones keep the\n"
     "                          init image (re-noised to every step's level; diffusers' pipeline\n"
     "                          for models without mask channels)\n"
+    "  --classifier DIR        classifier guidance with an image classifier folder (e.g.\n"
+    "                          models/glyph-classifier): every evaluation's eps becomes\n"
+    "                          eps - S sigma/alpha grad log p(CLASS | clip(x0)) (README)\n"
+    "  --classifier-target [HEAD=]CLASS  the class to steer to, of the classifier's first head\n"
+    "                          or of HEAD (e.g. char=A, italic=italic, bg=white)\n"
+    "  --classifier-scale S    S in [0, 100] (default 1)\n"
     "  --size S                image side (default: the model's sample_size)\n"
     "  --threads T             CPU threads (default 2)\n"
     "  --out OUT.npy           write the raw samples [B, C, H, W] float32\n"
@@ -79,8 +88,8 @@ static const char help[] =
 
 typedef struct sample_args {
   const char *model_dir, *scheduler, *sched_file, *noise_path, *npy_out, *png_out, *replay;
-  const char *init_image, *mask, *solver_data;
-  double guidance, strength;
+  const char *init_image, *mask, *solver_data, *clf_dir, *clf_target;
+  double guidance, strength, clf_scale;
   int has_guidance, has_strength;
   const char *overrides[MAX_OVERRIDES];
   int noverrides;
@@ -126,6 +135,13 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
     json_decref(meta);
     return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a denoised request: %s", a->replay,
                    META_JSON_KEY, je.text);
+  }
+  if (json_object_get(meta, "classifier_guidance")) {
+    json_decref(meta);
+    return err_set(e, ERR_UNSUPPORTED,
+                   "%s was made with classifier guidance, which --replay does not redo: run "
+                   "the command again with the flags its metadata records",
+                   a->replay);
   }
   const char *type = json_string_value(json_object_get(json_object_get(meta, "edit"), "type"));
   if (type && strcmp(type, "img2img") != 0 && strcmp(type, "inpaint") != 0) {
@@ -206,6 +222,9 @@ static const struct option sample_opts[] = {{"model", required_argument, 0, 'm'}
                                             {"threads", required_argument, 0, 'j'},
                                             {"out", required_argument, 0, 'u'},
                                             {"replay", required_argument, 0, 'r'},
+                                            {"classifier", required_argument, 0, 'K'},
+                                            {"classifier-target", required_argument, 0, 'Y'},
+                                            {"classifier-scale", required_argument, 0, 'k'},
                                             {"quiet", no_argument, 0, 'q'},
                                             {"help", no_argument, 0, 'h'},
                                             {0, 0, 0, 0}};
@@ -266,6 +285,12 @@ static int sample_option(int c, const char *arg, sample_args *a) {
   case 'u': a->npy_out = arg; break;
   case 'o': a->png_out = arg; break;
   case 'r': a->replay = arg; break;
+  case 'K': a->clf_dir = arg; break;
+  case 'Y': a->clf_target = arg; break;
+  case 'k':
+    if (cli_parse_double("--classifier-scale", arg, 0, GUIDANCE_MAX_SCALE, &a->clf_scale))
+      return 2;
+    break;
   case 'q': a->quiet = 1; break;
   case 'h': fputs(help, stdout); return -1;
   default: return cli_usage_error(cmd, "bad option");
@@ -278,7 +303,8 @@ static int check_args(sample_args *a) {
   const char *cmd = "sample";
   if (a->replay) {
     if (a->scheduler || a->sched_file || a->noverrides || a->solver_data || a->has_seed ||
-        a->noise_path || a->has_label || a->steps || a->size || a->has_guidance || a->has_strength)
+        a->noise_path || a->has_label || a->steps || a->size || a->has_guidance ||
+        a->has_strength || a->clf_dir || a->clf_target)
       return cli_usage_error(cmd, "--replay takes only --model, --init-image and --mask (the "
                                   "pictures the record does not name), -o/--out, --threads and "
                                   "--quiet");
@@ -293,6 +319,8 @@ static int check_args(sample_args *a) {
     return cli_usage_error(cmd, "--strength needs --init-image");
   if (a->mask && !a->init_image)
     return cli_usage_error(cmd, "--mask needs --init-image (the picture to inpaint)");
+  if (!a->clf_dir != !a->clf_target)
+    return cli_usage_error(cmd, "--classifier and --classifier-target go together");
   if (a->init_image && !a->has_strength)
     a->strength = a->mask ? 1.0 : 0.8; /* diffusers' pipeline defaults */
   return 0;
@@ -302,7 +330,7 @@ static int check_args(sample_args *a) {
 static int parse_args(int argc, char **argv, sample_args *a) {
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:qh", sample_opts,
+  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:K:Y:k:qh", sample_opts,
                           NULL)) != -1) {
     int rc = sample_option(c, optarg, a);
     if (rc)
@@ -340,7 +368,42 @@ typedef struct sample_inputs {
   float *image, *mask;
   npy_array noise;
   int64_t *labels;
+  classifier *clf; /* --classifier, and its guidance of the run */
+  int64_t *targets;
+  classifier_guidance cg;
 } sample_inputs;
+
+/* --classifier DIR and --classifier-target [HEAD=]CLASS: the head (the first by default) and one
+ * target per image. */
+static int read_classifier(const sample_args *a, sample_inputs *in, err *e) {
+  if (classifier_load(a->clf_dir, &in->clf, e))
+    return err_prefix(e, "--classifier");
+  const char *eq = strchr(a->clf_target, '='), *label = eq ? eq + 1 : a->clf_target;
+  char head[72] = "";
+  if (eq)
+    snprintf(head, sizeof head, "%.*s", (int)(eq - a->clf_target < 71 ? eq - a->clf_target : 71),
+             a->clf_target);
+  const int h = eq ? classifier_head_index(in->clf, head) : 0;
+  const classifier_info *ci = classifier_get_info(in->clf);
+  if (h < 0)
+    return err_set(e, ERR_INVALID,
+                   "--classifier-target: '%s' is not a head of the classifier "
+                   "(its first is '%s')",
+                   head, ci->heads[0].name);
+  const int t = classifier_class_index(in->clf, h, label);
+  if (t < 0)
+    return err_set(e, ERR_INVALID,
+                   "--classifier-target: '%s' is not a class of head '%s' (an "
+                   "index in [0, %d) or a name)",
+                   label, ci->heads[h].name, ci->heads[h].classes);
+  if (!(in->targets = malloc(sizeof *in->targets * (size_t)a->batch)))
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < a->batch; i++)
+    in->targets[i] = t;
+  in->cg = (classifier_guidance){
+      .clf = in->clf, .head = h, .scale = a->clf_scale, .target = in->targets};
+  return ERR_OK;
+}
 
 static int read_inputs(const sample_args *a, const model *m, int size, sample_inputs *in, err *e) {
   const model_info *mi = model_get_info(m);
@@ -363,7 +426,7 @@ static int read_inputs(const sample_args *a, const model *m, int size, sample_in
     for (int i = 0; i < a->batch; i++)
       in->labels[i] = a->label;
   }
-  return ERR_OK;
+  return a->clf_dir ? read_classifier(a, in, e) : ERR_OK;
 }
 
 static void sample_inputs_free(sample_inputs *in) {
@@ -371,6 +434,8 @@ static void sample_inputs_free(sample_inputs *in) {
   free(in->mask);
   npy_array_free(&in->noise);
   free(in->labels);
+  free(in->targets);
+  classifier_free(in->clf);
 }
 
 static int write_outputs(const sample_args *a, const model *m, const pipeline_request *r,
@@ -397,7 +462,7 @@ static int write_outputs(const sample_args *a, const model *m, const pipeline_re
 
 int cmd_sample(int argc, char **argv) {
   const char *cmd = "sample";
-  sample_args a = {.scheduler = NULL, .batch = 1, .threads = 2};
+  sample_args a = {.scheduler = NULL, .batch = 1, .threads = 2, .clf_scale = 1.0};
   int prc = parse_args(argc, argv, &a);
   if (prc)
     return prc < 0 ? 0 : prc;
@@ -461,6 +526,7 @@ int cmd_sample(int argc, char **argv) {
                         .first_image = (uint64_t)a.first_image,
                         .labels = in.labels,
                         .guidance = a.has_guidance ? &g : NULL,
+                        .classifier = in.clf ? &in.cg : NULL,
                         .image = in.image,
                         .images = 1,
                         .mask = in.mask,

@@ -25,7 +25,8 @@ typedef struct qmodel {
   char path[1024];
   model *m;
   json_t *labels;
-  int refs; /* the registry's own reference plus running batches */
+  json_t *classifier; /* queue_model_desc.classifier, or NULL */
+  int refs;           /* the registry's own reference plus running batches */
 } qmodel;
 
 typedef struct qbatch qbatch;
@@ -195,6 +196,9 @@ typedef struct qrequest {
   npy_array noise;
   boundary bd;
   int has_bd;
+  classifier *clf; /* classifier guidance: the model's classifier, loaded for the job */
+  int64_t *targets;
+  classifier_guidance cg;
 } qrequest;
 /* Fills q from sp (its inputs decoded, its edit arguments typed); qrequest_free in any case. */
 int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e);

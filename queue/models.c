@@ -10,15 +10,48 @@
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "mem.h"
 
 /* ---- models ---- */
 
+/* The heads and classes of the classifier in MODEL/classifier/, for requests to name (NULL
+ * without the folder; an error if it is there but does not load). */
+static int classifier_desc(const char *model_path, json_t **out, err *e) {
+  char dir[1100], cfg[1200];
+  snprintf(dir, sizeof dir, "%s/classifier", model_path);
+  snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+  *out = NULL;
+  if (access(cfg, F_OK) != 0)
+    return ERR_OK;
+  classifier *c;
+  int rc = classifier_load(dir, &c, e);
+  if (rc != ERR_OK)
+    return err_prefix(e, "its classifier");
+  const classifier_info *ci = classifier_get_info(c);
+  json_t *heads = json_array();
+  for (int h = 0; heads && h < ci->n_heads; h++) {
+    json_t *labels = json_array();
+    for (int k = 0; labels && k < ci->heads[h].classes; k++) {
+      char idx[16];
+      snprintf(idx, sizeof idx, "%d", k);
+      json_array_append_new(labels,
+                            json_string(ci->heads[h].labels ? ci->heads[h].labels[k] : idx));
+    }
+    json_array_append_new(heads, json_pack("{s:s, s:i, s:o}", "name", ci->heads[h].name, "classes",
+                                           ci->heads[h].classes, "labels", labels));
+  }
+  *out = json_pack("{s:s, s:o}", "class_name", ci->class_name, "heads", heads);
+  classifier_free(c);
+  return *out ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+}
+
 void qmodel_unref(qmodel *m) {
   if (m && --m->refs == 0) {
     model_free(m->m);
     json_decref(m->labels);
+    json_decref(m->classifier);
     free(m);
   }
 }
@@ -55,6 +88,12 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
     m->refs = 1;
     if ((rc = model_load(m->path, &m->m, e)) != ERR_OK) {
       err_prefix(e, "model '%s' (%s)", m->name, m->path);
+      free(m);
+      break;
+    }
+    if ((rc = classifier_desc(m->path, &m->classifier, e)) != ERR_OK) {
+      err_prefix(e, "model '%s' (%s)", m->name, m->path);
+      model_free(m->m);
       free(m);
       break;
     }
@@ -112,6 +151,7 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->null_class = mi->null_class;
   out->num_params = mi->num_params;
   out->class_labels = m->labels ? json_incref(m->labels) : NULL;
+  out->classifier = m->classifier ? json_incref(m->classifier) : NULL;
   char path[sizeof m->path];
   snprintf(path, sizeof path, "%s", m->path);
   pthread_mutex_unlock(&q->mu);
@@ -122,8 +162,10 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
 void queue_model_desc_clear(queue_model_desc *d) {
   json_decref(d->class_labels);
   json_decref(d->solver_data);
+  json_decref(d->classifier);
   d->class_labels = NULL;
   d->solver_data = NULL;
+  d->classifier = NULL;
 }
 
 /* ---- samplers ---- */

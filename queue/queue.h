@@ -66,6 +66,12 @@ typedef struct queue_spec {
   int has_guidance;
   double guidance_scale;
   int64_t null_class;
+  /* Classifier guidance (guidance.h) with the model's classifier (MODEL/classifier/), resolved
+   * at submission: scale, head and target class indices. Such jobs are never batched. */
+  int has_classifier;
+  double clf_scale;
+  int clf_head;
+  int64_t clf_target;
   /* Editing: img2img (SDEdit) or inpainting of input_image (base64 PNG of height x width, owned,
    * checked at submission) at strength in (0, 1]; inpainting's mask (base64 PNG, owned: white
    * is generated, black kept). Edit jobs are never batched with others. */
@@ -211,6 +217,9 @@ typedef struct queue_model_desc {
   int64_t num_params;
   json_t *class_labels; /* array of names or NULL; a reference the caller decrefs */
   json_t *solver_data;  /* sampler_data_list of its folder (names, never paths), or NULL */
+  /* Its classifier (MODEL/classifier/, classifier.h) as {"class_name", "heads": [{"name",
+   * "classes", "labels"}]}, or NULL without one; a reference the caller decrefs. */
+  json_t *classifier;
 } queue_model_desc;
 
 int queue_model_count(queue *q);

@@ -141,6 +141,20 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
     q->g.null_label = sp->null_class;
     q->r.guidance = &q->g;
   }
+  if (sp->has_classifier) {
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s/classifier", model_dir(m));
+    int rc = classifier_load(dir, &q->clf, e);
+    if (rc != ERR_OK)
+      return err_prefix(e, "guidance.classifier");
+    if (!(q->targets = mem_malloc(sizeof *q->targets * (size_t)sp->batch)))
+      return err_set(e, ERR_NOMEM, "out of memory");
+    for (int b = 0; b < sp->batch; b++)
+      q->targets[b] = sp->clf_target;
+    q->cg = (classifier_guidance){
+        .clf = q->clf, .head = sp->clf_head, .scale = sp->clf_scale, .target = q->targets};
+    q->r.classifier = &q->cg;
+  }
   /* decoded at submission, or (after a restart) decoded here, once */
   const queue_decoded *dec = sp->decoded;
   int rc = ERR_OK;
@@ -163,6 +177,8 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
 void qrequest_free(qrequest *q) {
   free(q->labels);
   free(q->src_labels);
+  free(q->targets);
+  classifier_free(q->clf);
   free(q->image);
   free(q->mask);
   npy_array_free(&q->noise);

@@ -128,7 +128,7 @@ int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
          a->steps == b->steps && strcmp(a->data, b->data) == 0 && a->height == b->height &&
          a->width == b->width && !a->nfe_varies && !b->nfe_varies && a->has_label == b->has_label &&
          !a->preview_every && !b->preview_every && !a->edit && !b->edit &&
-         a->has_guidance == b->has_guidance &&
+         a->has_guidance == b->has_guidance && !a->has_classifier && !b->has_classifier &&
          (!a->has_guidance ||
           (a->guidance_scale == b->guidance_scale && a->null_class == b->null_class)) &&
          json_equal(a->options ? a->options : json_null(), b->options ? b->options : json_null());
@@ -148,6 +148,10 @@ json_t *queue_spec_to_json(const queue_spec *s) {
     json_object_set_new(j, "guidance_scale", json_real(s->guidance_scale));
     json_object_set_new(j, "null_class", json_integer(s->null_class));
   }
+  if (j && s->has_classifier)
+    json_object_set_new(j, "classifier",
+                        json_pack("{s:f, s:i, s:I}", "scale", s->clf_scale, "head", s->clf_head,
+                                  "target", (json_int_t)s->clf_target));
   if (j && s->edit) {
     json_object_set_new(j, "edit", json_string(queue_edit_name(s->edit)));
     json_object_set_new(j, "strength", json_real(s->strength));
@@ -221,6 +225,20 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   if (key && hash && strlen(key) < sizeof s->idem_key && strlen(hash) == 16) {
     snprintf(s->idem_key, sizeof s->idem_key, "%s", key);
     s->idem_hash = strtoull(hash, NULL, 16);
+  }
+  const json_t *clf = json_object_get(j, "classifier");
+  if (clf) {
+    const json_t *cs = json_object_get(clf, "scale"), *ch = json_object_get(clf, "head"),
+                 *ct = json_object_get(clf, "target");
+    if (!json_is_number(cs) || !json_is_integer(ch) || !json_is_integer(ct) ||
+        json_integer_value(ch) < 0 || json_integer_value(ch) > 1000) {
+      queue_spec_clear(s);
+      return err_set(e, ERR_FORMAT, "job spec: a bad classifier block");
+    }
+    s->has_classifier = 1;
+    s->clf_scale = json_number_value(cs);
+    s->clf_head = (int)json_integer_value(ch);
+    s->clf_target = json_integer_value(ct);
   }
   if (gscale && json_is_number(gscale)) {
     s->has_guidance = 1;

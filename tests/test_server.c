@@ -319,6 +319,98 @@ START_TEST(request_validation) {
 }
 END_TEST
 
+/* A daemon serving default=<src>/rel1 and name2=<src>/rel2. */
+static void start_two_models(daemon_proc *d, const char *rel1, const char *name2,
+                             const char *rel2) {
+  char st[512], p1[1024], p2[1024], a1[1100], a2[1100];
+  test_src_path(p1, sizeof p1, rel1);
+  test_src_path(p2, sizeof p2, rel2);
+  snprintf(a1, sizeof a1, "default=%s", p1);
+  snprintf(a2, sizeof a2, "%s=%s", name2, p2);
+  const char *args[] = {"--model", a1, "--model", a2, NULL};
+  ck_assert_int_eq(daemon_start(d, th_state_dir(st, sizeof st), args), 0);
+}
+
+/* guidance.classifier: the default glyph model's classifier (models/glyphs32/classifier) steers
+ * a job; the job echoes it, the PNG records it, GET /v1/models lists the heads; the refusals. */
+START_TEST(classifier_guided_jobs) {
+  daemon_proc d;
+  start_two_models(&d, "models/glyphs32", "shapes", "models/shapes-gmm");
+  http_resp r;
+  ck_assert_int_eq(http_get(&d, "/v1/models", &r), 200);
+  ck_assert_msg(strstr(r.body, "\"italic\"") && strstr(r.body, "\"classifier\""), "%s", r.body);
+  http_free(&r);
+  char cid[64], pid[64], path[256];
+  const char *job = "{\"class_label\": \"A\", \"seed\": 4, \"scheduler\": {\"name\": \"dpm++2m\", "
+                    "\"steps\": 6}, \"guidance\": {\"scale\": 2%s}}";
+  char body[512];
+  snprintf(body, sizeof body, job,
+           ", \"classifier\": {\"scale\": 3, \"head\": \"italic\", \"target\": \"italic\"}");
+  submit_job(&d, body, cid, sizeof cid);
+  snprintf(body, sizeof body, job, "");
+  submit_job(&d, body, pid, sizeof pid);
+  wait_state(&d, cid, "succeeded", 60);
+  wait_state(&d, pid, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", cid);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  json_t *j = http_json(&r);
+  json_t *cg =
+      json_object_get(json_object_get(json_object_get(j, "request"), "guidance"), "classifier");
+  ck_assert_msg(json_is_object(cg) && json_integer_value(json_object_get(cg, "head")) == 2 &&
+                    json_integer_value(json_object_get(cg, "target")) == 1,
+                "%s", r.body);
+  json_decref(j);
+  http_free(&r);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", cid);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  char tmp[256], png[512];
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(png, sizeof png, "%s/c.png", tmp);
+  FILE *f = fopen(png, "wb");
+  fwrite(r.body, 1, r.len, f);
+  fclose(f);
+  http_free(&r);
+  char *meta = NULL;
+  err e;
+  ck_assert_int_eq(image_png_read_text(png, "denoised", &meta, &e), 0);
+  ck_assert_msg(strstr(meta, "\"classifier_guidance\"") && strstr(meta, "\"italic\""), "%s", meta);
+  free(meta);
+  uint8_t *pc, *pp;
+  fetch_pixels(&d, cid, 0, &pc);
+  fetch_pixels(&d, pid, 0, &pp);
+  ck_assert_msg(memcmp(pc, pp, 32 * 32 * 3) != 0, "classifier guidance changed nothing");
+  free(pc);
+  free(pp);
+  struct {
+    const char *clf, *code, *field;
+  } bad[] = {
+      {"{\"scale\": 3, \"target\": \"A\", \"weight\": 1}", "unknown_field",
+       "guidance.classifier.weight"},
+      {"{\"scale\": 3}", "missing_field", "guidance.classifier.target"},
+      {"{\"target\": \"A\"}", "missing_field", "guidance.classifier.scale"},
+      {"{\"scale\": 101, \"target\": \"A\"}", "out_of_range", "guidance.classifier.scale"},
+      {"{\"scale\": 1, \"head\": \"slant\", \"target\": 1}", "invalid_field",
+       "guidance.classifier.head"},
+      {"{\"scale\": 1, \"head\": \"bold\", \"target\": 2}", "invalid_field",
+       "guidance.classifier.target"},
+      {"3", "wrong_type", "guidance.classifier"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    snprintf(body, sizeof body,
+             "{\"class_label\": \"A\", \"guidance\": {\"scale\": 2, \"classifier\": %s}}",
+             bad[i].clf);
+    expect_error(&d, "POST", "/v1/jobs", body, 400, bad[i].code, bad[i].field);
+  }
+  expect_error(&d, "POST", "/v1/jobs",
+               "{\"model\": \"shapes\", \"class_label\": 1, \"guidance\": {\"scale\": 2, "
+               "\"classifier\": {\"scale\": 1, \"target\": 0}}}",
+               400, "invalid_field", "guidance.classifier");
+  snprintf(path, sizeof path, "rm -r %s", tmp);
+  ck_assert_int_eq(system(path), 0);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* ---- guidance and editing ---- */
 
 /* Image n of job id: its PNG written to tmp/<name>.png, then `denoised sample --replay` of it
@@ -369,14 +461,8 @@ static json_t *check_replay(const daemon_proc *d, const char *id, int n, const c
 }
 
 START_TEST(guided_jobs) {
-  char st[512], shapes[1024], plain[1024], a1[1100], a2[1100];
-  test_src_path(shapes, sizeof shapes, "models/shapes-gmm");
-  test_src_path(plain, sizeof plain, "tests/fixtures/gmm/mix3");
-  snprintf(a1, sizeof a1, "default=%s", shapes);
-  snprintf(a2, sizeof a2, "plain=%s", plain);
-  const char *args[] = {"--model", a1, "--model", a2, NULL};
   daemon_proc d;
-  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  start_two_models(&d, "models/shapes-gmm", "plain", "tests/fixtures/gmm/mix3");
   http_resp r;
   ck_assert_int_eq(http_get(&d, "/v1/capabilities", &r), 200);
   json_t *j = http_json(&r);
@@ -1273,6 +1359,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, slow_clients_are_cut);
   tcase_add_test(tc, concurrent_clients_and_batching);
   tcase_add_test(tc, guided_jobs);
+  tcase_add_test(tc, classifier_guided_jobs);
   tcase_add_test(tc, poison_numerics_are_refused);
   tcase_add_test(tc, compute_budgets);
   suite_add_tcase(s, tc);

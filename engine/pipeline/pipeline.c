@@ -342,6 +342,7 @@ static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *
                         .cancel = h->cancel,
                         .threads = h->threads,
                         .guidance = r->guidance,
+                        .classifier = r->classifier,
                         .init_image = image,
                         .strength = r->strength,
                         .mask = mask};
@@ -506,6 +507,18 @@ int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, co
                  err *e) {
   const model_info *mi = model_get_info(m);
   json_t *edit = pipeline_edit_json(r, i);
+  json_t *more = NULL; /* extra, and classifier guidance (which --replay refuses to redo) */
+  if (r->classifier) {
+    const classifier_info *ci = classifier_get_info(r->classifier->clf);
+    const classifier_head *hd = &ci->heads[r->classifier->head];
+    const int64_t t = r->classifier->target[i];
+    char idx[24];
+    snprintf(idx, sizeof idx, "%lld", (long long)t);
+    more = extra ? json_deep_copy(extra) : json_object();
+    json_object_set_new(more, "classifier_guidance",
+                        json_pack("{s:s, s:s, s:f}", "head", hd->name, "target",
+                                  hd->labels ? hd->labels[t] : idx, "scale", r->classifier->scale));
+  }
   meta_image mm = {.model = model_name,
                    .solver = r->kind == PIPELINE_GENERATE ? r->solver.name : sampler_name(s),
                    .steps = sampler_num_steps(s),
@@ -524,9 +537,10 @@ int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, co
                    .has_strength = r->kind == PIPELINE_GENERATE && r->image,
                    .strength = r->strength,
                    .edit = edit,
-                   .extra = extra};
+                   .extra = more ? more : extra};
   int rc = meta_png_encode(&mm, chw, mi->in_channels, png, len, e);
   json_decref(edit);
+  json_decref(more);
   return rc;
 }
 
@@ -553,6 +567,10 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
   const size_t plane = (size_t)out->height * out->width;
   if (r->guidance && guidance_check(r->guidance, m, e))
     return e->code;
+  if (r->classifier && r->kind != PIPELINE_GENERATE)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "classifier guidance applies to generation, img2img and inpainting, not to "
+                   "inversions or boundary edits");
   float *image = NULL, *mask = NULL;
   int rc = ERR_OK;
   if (r->image && !(image = replicate(r->image, r->images, d, r->batch, e)))

@@ -82,6 +82,8 @@ typedef struct pipeline_request {
   uint64_t seed, first_image;
   const int64_t *labels;    /* one class per image, or NULL */
   const guidance *guidance; /* classifier-free guidance, or NULL */
+  /* Classifier guidance (guidance.h) of generation, img2img and inpainting, or NULL. */
+  const classifier_guidance *classifier;
   /* An input picture (C x H x W in [-1, 1]) per image, or one (images == 1) for the whole
    * batch; NULL for none. mask likewise (H x W, 1 = generate). */
   const float *image;

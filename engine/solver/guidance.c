@@ -116,3 +116,64 @@ done:
   free(l2);
   return rc;
 }
+
+/* ---- classifier guidance ---- */
+
+int classifier_guidance_check(const classifier_guidance *cg, const model *m, int h, int w,
+                              int batch, err *e) {
+  if (!cg)
+    return ERR_OK;
+  const model_info *mi = model_get_info(m);
+  if (!cg->clf || !cg->target)
+    return err_set(e, ERR_INVALID, "classifier guidance needs a classifier and targets");
+  const classifier_info *ci = classifier_get_info(cg->clf);
+  if (ci->in_channels != mi->in_channels || ci->sample_size != h || ci->sample_size != w)
+    return err_set(e, ERR_INVALID,
+                   "classifier: it reads %d-channel %dx%d images, the model makes %d-channel "
+                   "%dx%d ones",
+                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels, h, w);
+  if (!isfinite(cg->scale) || cg->scale < 0 || cg->scale > GUIDANCE_MAX_SCALE)
+    return err_set(e, ERR_INVALID, "classifier.scale %g must be in [0, %g]", cg->scale,
+                   GUIDANCE_MAX_SCALE);
+  if (cg->head < 0 || cg->head >= ci->n_heads)
+    return err_set(e, ERR_INVALID, "classifier.head %d is not a head of the classifier", cg->head);
+  const classifier_head *hd = &ci->heads[cg->head];
+  for (int b = 0; b < batch; b++)
+    if (cg->target[b] < 0 || cg->target[b] >= hd->classes)
+      return err_set(e, ERR_INVALID, "classifier.target %lld is not a class of head '%s' (0..%d)",
+                     (long long)cg->target[b], hd->name, hd->classes - 1);
+  return ERR_OK;
+}
+
+int classifier_guidance_apply(const classifier_guidance *cg, const float *x, float *eps, int n,
+                              int h, int w, const double *abar, int threads, err *e) {
+  const size_t d = (size_t)classifier_get_info(cg->clf)->in_channels * h * w;
+  float *x0 = malloc((size_t)n * d * sizeof *x0), *g = malloc((size_t)n * d * sizeof *g);
+  int rc = x0 && g ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for classifier guidance");
+  for (int b = 0; rc == ERR_OK && b < n; b++) {
+    const float alpha = (float)sqrt(abar[b]), sigma = (float)sqrt(1.0 - abar[b]);
+    for (size_t k = 0; k < d; k++) {
+      const float v = (x[b * d + k] - sigma * eps[b * d + k]) / alpha;
+      x0[b * d + k] = v;
+    }
+  }
+  /* the classifier reads the clipped estimate; x0 keeps the unclipped one for the mask */
+  float *c = rc == ERR_OK ? malloc((size_t)n * d * sizeof *c) : NULL;
+  if (rc == ERR_OK && !c)
+    rc = err_set(e, ERR_NOMEM, "out of memory for classifier guidance");
+  for (size_t k = 0; rc == ERR_OK && k < (size_t)n * d; k++)
+    c[k] = fminf(fmaxf(x0[k], -1.0f), 1.0f);
+  if (rc == ERR_OK)
+    rc = classifier_log_prob_grad(cg->clf, c, n, h, w, cg->head, cg->target, NULL, g, threads, e);
+  for (int b = 0; rc == ERR_OK && b < n; b++) {
+    const float alpha = (float)sqrt(abar[b]), sigma = (float)sqrt(1.0 - abar[b]);
+    const float k_s = (float)cg->scale * sigma / alpha;
+    for (size_t k = 0; k < d; k++)
+      if (fabsf(x0[b * d + k]) <= 1.0f)
+        eps[b * d + k] -= k_s * g[b * d + k];
+  }
+  free(x0);
+  free(g);
+  free(c);
+  return rc == ERR_OK ? ERR_OK : err_prefix(e, "classifier guidance");
+}

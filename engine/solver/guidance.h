@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 
+#include "classifier.h"
 #include "err.h"
 #include "model.h"
 
@@ -38,5 +39,30 @@ int guidance_eval(const guidance *g, const model *m, const model_call *c, float 
 /* Evaluations per row of a guided call: 2 (the conditional rows, then the unconditional ones,
  * in one batch of 2 n) or 1 (no guidance, g = 1 or g = 0). */
 int guidance_passes(const guidance *g);
+
+/* ---- classifier guidance ----
+ * eps <- eps - s (sigma / alpha) mask * grad log p(target | clip(x0)) with x0 = (x - sigma eps) /
+ * alpha the model's clean estimate at the evaluation's level abar = alpha^2 (sigma^2 = 1 - abar):
+ * the DPM-Solver papers' eps - s sigma grad_x log p(y | x), with a classifier of clean images
+ * (engine/model/classifier.h) read at x0 and grad_x log p(y | x0(x)) taken as
+ * grad_x0 log p / alpha (x0's dependence on x through the network left out: no UNet backward per
+ * step). mask is 1 where x0 is inside [-1, 1] (the clip's gradient). Epsilon-predicting models
+ * only. */
+typedef struct classifier_guidance {
+  const classifier *clf;
+  int head;              /* the classifier head the target belongs to */
+  double scale;          /* s, in [0, GUIDANCE_MAX_SCALE] */
+  const int64_t *target; /* one class of the head per image */
+} classifier_guidance;
+
+/* cg against a model run on h x w images: channels and size the classifier takes, a head, targets
+ * of the batch in range, a finite scale in range. Errors name "classifier" fields. */
+int classifier_guidance_check(const classifier_guidance *cg, const model *m, int h, int w,
+                              int batch, err *e);
+
+/* Applies cg to the n images of a batch evaluation (cg->target[i] is image i's): x the model
+ * input, eps the (guided) model output, changed in place, abar[i] the level of image i. */
+int classifier_guidance_apply(const classifier_guidance *cg, const float *x, float *eps, int n,
+                              int h, int w, const double *abar, int threads, err *e);
 
 #endif

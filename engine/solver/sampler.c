@@ -10,6 +10,8 @@
 #include "rng.h"
 #include "sampler_impl.h"
 
+#define SAMPLER_CLF_MAX_BATCH 256
+
 struct run_ctx {
   const sampler *s;
   const model *m;
@@ -61,6 +63,12 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
                         .hooks = {.mid_replace = hooked ? o->first_mid : NULL},
                         .threads = o->threads > 0 ? o->threads : 1};
   rc = guidance_eval(o->guidance, r->m, &c, out, e);
+  if (rc == ERR_OK && o->classifier) {
+    double abar[SAMPLER_CLF_MAX_BATCH];
+    for (int b = 0; b < n; b++)
+      abar[b] = sampler_abar_at(r->s, r->tv[b]);
+    rc = classifier_guidance_apply(o->classifier, x, out, n, r->h, r->w, abar, c.threads, e);
+  }
   if (rc == ERR_NUMERIC)
     return err_append(e, " at step %d of %d (t=%g)", step + 1, total, t_for_msg);
   if (rc != ERR_OK)
@@ -795,6 +803,27 @@ static void noise_to_level(const sampler *s, int i, const float *x0, const float
 static void blend_known(const sampler *s, int i, const sampler_run_opts *o, const float *nz,
                         size_t plane, size_t d, float *known, float *x);
 
+/* Classifier guidance reads eps at the evaluation's level: an epsilon model, whole-batch
+ * evaluations (diffusers-style solvers), at most SAMPLER_CLF_MAX_BATCH images. */
+static int check_classifier(const sampler *s, const model *m, const sampler_run_opts *o, int h,
+                            int w, err *e) {
+  const model_info *mi = model_get_info(m);
+  if (s->cfg.prediction_type != SCHED_PRED_EPSILON || mi->out_channels != mi->in_channels)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "classifier guidance needs an epsilon-predicting model without a learned "
+                   "variance (this run: prediction_type '%s', %d output channels)",
+                   sched_prediction_name(s->cfg.prediction_type), mi->out_channels);
+  if (s->desc->run)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "classifier guidance: %s runs the paper's own loop; use one of diffusers' "
+                   "solvers",
+                   s->name);
+  if (o->batch > SAMPLER_CLF_MAX_BATCH)
+    return err_set(e, ERR_INVALID, "classifier guidance: batch %d is above %d", o->batch,
+                   SAMPLER_CLF_MAX_BATCH);
+  return classifier_guidance_check(o->classifier, m, h, w, o->batch, e);
+}
+
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e) {
   if (nfe)
@@ -826,6 +855,8 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                    info->prediction_type, sched_prediction_name(cfg->prediction_type));
   int rc = guidance_check(o->guidance, m, e);
   if (rc != ERR_OK)
+    return rc;
+  if (o->classifier && (rc = check_classifier(s, m, o, h, w, e)) != ERR_OK)
     return rc;
   if (o->guidance && o->guidance->enabled && !o->labels)
     return err_set(e, ERR_INVALID, "guidance_scale: classifier-free guidance needs class labels");

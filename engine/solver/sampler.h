@@ -92,6 +92,9 @@ typedef struct sampler_run_opts {
   int threads;              /* CPU threads for the model, >= 1 (0 means 1) */
   /* Classifier-free guidance of every evaluation (NULL: none); needs labels. */
   const guidance *guidance;
+  /* Classifier guidance of every evaluation, after the classifier-free one (NULL: none):
+   * guidance.h. Epsilon-predicting models and diffusers-style solvers only. */
+  const classifier_guidance *classifier;
   /* Part of the schedule: steps [start_step, end_step) of sampler_num_steps (end_step 0: to
    * the end). With start_step > 0 (and no init_image) init_noise is required and is the state
    * at that step as the solver holds it (x_t at the step's level, VE-scaled for the Euler
