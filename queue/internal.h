@@ -242,7 +242,8 @@ void qshared_refresh(queue *q, const char *id);
 void qshared_adopt(queue *q);
 /* Lock held, right after j was claimed: continues j's event numbering after the shared log;
  * a job whose last run died with its process is queued again ("restarted"), or failed once it
- * has crashed max_attempts runs (then 0: the claim is completed and j must not run). */
+ * has crashed max_attempts runs (then 0: the claim is completed and j must not run); a job that
+ * had already ended (its claim came back because Redis was away when it ended) is left so (0). */
 int qshared_claimed(queue *q, qjob *j);
 /* Lock held: a cancel of j, which this process is not running: 1 when it was handed to the
  * daemon that is (or the job was claimed meanwhile), 0 when j is to be cancelled here (it was

@@ -138,9 +138,37 @@ static void end_unrun(queue *q, qjob *j, queue_state st, const char *why) {
   qlog(q, st == QUEUE_FAILED ? QUEUE_LOG_ERROR : QUEUE_LOG_INFO, j->id, "%s", why);
 }
 
+/* Lock held: whether j, just claimed, has already ended: its run finished and its record was
+ * written, but Redis went away before the claim was completed, so the claim ran out and put it
+ * back in the queue. Running it again would end it twice. */
+static int ended_already(queue *q, qjob *j) {
+  if (j->final || qstate_final(j->state))
+    return 1;
+  char *text = NULL;
+  size_t len = 0;
+  err e = {0};
+  if (q->st->ops->get_job(q->st, j->id, &text, &len, &e) != ERR_OK)
+    return 0;
+  qjob *fresh = qrecord_parse(q, j->id, text, len);
+  free(text);
+  const int ended = fresh && qstate_final(fresh->state);
+  if (ended)
+    take_fields(q, j, fresh);
+  qjob_free(fresh);
+  return ended;
+}
+
 int qshared_claimed(queue *q, qjob *j) {
   if (!q->shared)
     return 1;
+  if (ended_already(q, j)) {
+    err e = {0};
+    q->be->ops->complete(q->be, j->id, j->lease, &e);
+    j->lease = 0;
+    qlog(q, QUEUE_LOG_WARN, j->id,
+         "back in the queue after it had ended (Redis was away); left so");
+    return 0;
+  }
   follow_log(q, j);
   if (q->be->ops->cancel_requested(q->be, j->id)) { /* asked while its claim changed hands */
     end_unrun(q, j, QUEUE_CANCELLED, "cancelled while queued");
