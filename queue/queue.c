@@ -328,21 +328,60 @@ static int add_pending(queue *q, qjob *j, const queue_spec *spec, char **rec, si
   return rc;
 }
 
+/* A pending job that will not be accepted leaves the index and is freed (lock held). */
+static void drop_pending(queue *q, qjob *j) {
+  int pos;
+  q->npending--;
+  if (qjob_index(q, j->id, &pos))
+    qjob_remove_at(q, pos);
+  discard_unaccepted(q, j);
+}
+
 /* The pending job's record written (lock not held on entry, held on return): durable before
  * the 202, so a crash after this point cannot lose the job. On failure j is gone. */
 static int write_pending(queue *q, qjob *j, char *rec, size_t len, err *e) {
   int rc = q->st->ops->put_job(q->st, j->id, rec, len, e);
   free(rec);
   pthread_mutex_lock(&q->mu);
-  q->npending--;
   if (rc != ERR_NOMEM && rc != ERR_INVALID)
     qstore_note(q, rc, e ? e->msg : "");
-  int pos;
-  if (rc && qjob_index(q, j->id, &pos))
-    qjob_remove_at(q, pos);
   if (rc)
-    discard_unaccepted(q, j);
+    drop_pending(q, j);
+  else
+    q->npending--;
   return rc;
+}
+
+/* On a shared store (lock not held): binds spec's idempotency key to the pending j before its
+ * record is written, so a client retrying on another daemon gets one job, not two. When an
+ * earlier job holds the key, j is dropped (rec freed) and *handled set: the answer is that
+ * job's replay, or busy while its record is still being written elsewhere. */
+static int bind_shared_key(queue *q, qjob *j, char *rec, queue_spec *spec, queue_job_view *out,
+                           int *handled, err *e) {
+  *handled = 0;
+  if (!q->st->ops->bind_key || !spec->idem_key[0])
+    return ERR_OK;
+  char other[QUEUE_ID_SIZE] = "";
+  const int rc =
+      q->st->ops->bind_key(q->st, spec->owner, spec->idem_key, j->id, q->o.result_ttl, other, e);
+  if (rc == 1)
+    return ERR_OK;
+  free(rec);
+  pthread_mutex_lock(&q->mu);
+  drop_pending(q, j);
+  pthread_mutex_unlock(&q->mu);
+  *handled = 1;
+  if (rc < 0)
+    return rc;
+  qshared_refresh(q, other);
+  pthread_mutex_lock(&q->mu);
+  qjob *first = qjob_find(q, other, NULL);
+  if (first)
+    return replay(q, first, spec, out, e); /* unlocks */
+  pthread_mutex_unlock(&q->mu);
+  return err_set(e, QUEUE_KEY_BUSY,
+                 "the first request with Idempotency-Key '%s' is still being accepted; retry",
+                 spec->idem_key);
 }
 
 int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
@@ -371,8 +410,15 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
   pthread_mutex_unlock(&q->mu);
   if (rc)
     return rc;
+  rc = bind_shared_key(q, j, rec, spec, out, &handled, e);
+  if (handled)
+    return rc;
+  char id[QUEUE_ID_SIZE];
+  snprintf(id, sizeof id, "%s", j->id);
   if ((rc = write_pending(q, j, rec, len, e))) {
     pthread_mutex_unlock(&q->mu);
+    if (spec->idem_key[0] && q->st->ops->unbind_key)
+      q->st->ops->unbind_key(q->st, spec->owner, spec->idem_key, id);
     return rc;
   }
   if (q->fault_kill_after_record) /* tests only: the process dies before the 202 */

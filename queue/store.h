@@ -40,6 +40,14 @@ typedef struct store_ops {
   /* One job's record (NUL-terminated beyond *len; the caller frees it); ERR_IO when there is
    * none. Daemons sharing a store read the jobs other daemons accepted or ran this way. */
   int (*get_job)(store *s, const char *id, char **json, size_t *len, err *e);
+  /* Stores shared by several daemons only (NULL for the directory): binds owner's idempotency
+   * key to job id for ttl_s seconds unless it is bound already, so a client retrying on
+   * another daemon gets the first job. 1: bound to id; 0: bound to another job, whose id is
+   * put in other (QUEUE_ID_SIZE bytes); else an error code. */
+  int (*bind_key)(store *s, const char *owner, const char *key, const char *id, int ttl_s,
+                  char *other, err *e);
+  /* Drops the binding if it still names id (the submission failed after binding). */
+  void (*unbind_key)(store *s, const char *owner, const char *key, const char *id);
   /* Whether a small write is durable now (readiness; cheap enough to call every few seconds). */
   int (*probe)(store *s, err *e);
   void (*free)(store *s);

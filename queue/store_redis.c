@@ -5,6 +5,8 @@
  *   P:img:ID:N        string  image N (PNG bytes)
  *   P:file:ID:NAME    string  a result file (noise.npy)
  *   P:probe           string  readiness writes
+ *   P:idem:N:OWNER:KEY string the job an idempotency key made (N: the owner's length, so no
+ *                     owner and key pair reads as another), expiring with result_ttl
  * A record is indexed before it is written, so a crash between the two leaves an index entry
  * without a record (skipped and removed at listing), never a record recovery cannot find. */
 #include <stdio.h>
@@ -12,6 +14,7 @@
 #include <string.h>
 
 #include "mem.h"
+#include "queue.h"
 #include "redisconn.h"
 #include "store.h"
 
@@ -202,6 +205,60 @@ static int rs_probe(store *b, err *e) {
   return set_key(s, k, "probe", 5, e); /* refused while the server cannot persist (MISCONF) */
 }
 
+/* P:idem:N:OWNER:KEY into k (kn bytes); 0 if it does not fit. */
+static int idem_key(const redis_store *s, const char *owner, const char *key, char *k, size_t kn) {
+  const int n = snprintf(k, kn, "%s:idem:%zu:%s:%s", s->prefix, strlen(owner), owner, key);
+  return n > 0 && (size_t)n < kn;
+}
+
+static int rs_bind_key(store *b, const char *owner, const char *key, const char *id, int ttl_s,
+                       char *other, err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[1024], ttl[16];
+  if (!idem_key(s, owner, key, k, sizeof k))
+    return err_set(e, ERR_INVALID, "idempotency key too long");
+  snprintf(ttl, sizeof ttl, "%d", ttl_s > 0 ? ttl_s : 1);
+  for (int attempt = 0; attempt < 2; attempt++) { /* the binding may expire between the two */
+    const char *set[] = {"SET", k, id, "NX", "EX", ttl};
+    redisReply *r = redisconn_argv(s->c, 6, set, NULL, e);
+    if (!r)
+      return e->code ? e->code : ERR_IO;
+    const int bound = r->type == REDIS_REPLY_STATUS;
+    const int refused = r->type == REDIS_REPLY_ERROR;
+    if (refused)
+      err_set(e, ERR_IO, "redis: SET %s: %s", k, r->str);
+    freeReplyObject(r);
+    if (bound || refused)
+      return bound ? 1 : ERR_IO;
+    uint8_t *v = NULL;
+    size_t len = 0;
+    err ge = {0};
+    if (get_key(s, k, &v, &len, &ge) == ERR_OK) {
+      const int ok = len > 0 && len < QUEUE_ID_SIZE;
+      if (ok)
+        memcpy(other, v, len + 1);
+      free(v);
+      return ok ? 0 : err_set(e, ERR_IO, "redis: %s does not hold a job id", k);
+    }
+    if (ge.code != ERR_IO) /* away, or out of memory; ERR_IO: it expired meanwhile */
+      return err_set(e, ge.code, "%s", ge.msg);
+  }
+  return err_set(e, ERR_IO, "redis: %s: bound and unbound in turn", k);
+}
+
+static void rs_unbind_key(store *b, const char *owner, const char *key, const char *id) {
+  redis_store *s = (redis_store *)b;
+  char k[1024];
+  if (!idem_key(s, owner, key, k, sizeof k))
+    return;
+  const char *argv[] = {"EVAL",
+                        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                        "return redis.call('DEL', KEYS[1]) end return 0",
+                        "1", k, id};
+  err e = {0};
+  freeReplyObject(redisconn_argv(s->c, 5, argv, NULL, &e)); /* best effort: it expires anyway */
+}
+
 static void rs_free(store *b) {
   redis_store *s = (redis_store *)b;
   if (!s)
@@ -220,6 +277,8 @@ static const store_ops redis_store_ops = {
     .remove_job = rs_remove_job,
     .list_jobs = rs_list_jobs,
     .get_job = rs_get_job,
+    .bind_key = rs_bind_key,
+    .unbind_key = rs_unbind_key,
     .probe = rs_probe,
     .free = rs_free,
 };

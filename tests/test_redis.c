@@ -420,6 +420,56 @@ START_TEST(redis_restart_under_load_loses_nothing) {
 }
 END_TEST
 
+static long post_keyed(const daemon_proc *d, const char *key, const char *body, http_resp *r) {
+  char h[400];
+  snprintf(h, sizeof h, "Idempotency-Key: %s", key);
+  const char *hdrs[] = {h, NULL};
+  return http_req(d, "POST", "/v1/jobs", body, strlen(body), hdrs, r);
+}
+
+static void job_id_of(const http_resp *r, char *id, size_t n) {
+  json_t *j = http_json(r);
+  snprintf(id, n, "%s", json_string_value(json_object_get(j, "id")));
+  json_decref(j);
+}
+
+/* An Idempotency-Key is shared by the daemons of a group: a client retrying on another daemon
+ * (its first answer lost, or a 503 while Redis was away) gets the first job, not a second one;
+ * the same key with another request is refused on any daemon; keys of different clients or
+ * values are independent. */
+START_TEST(idempotency_keys_across_daemons) {
+  char st[2][512];
+  daemon_proc d[2];
+  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "idem", NULL};
+  for (int i = 0; i < 2; i++)
+    ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
+  http_resp r;
+  char first[64], again[64], other[64];
+  ck_assert_int_eq(post_keyed(&d[0], "order-7", SMALL_JOB, &r), 202);
+  job_id_of(&r, first, sizeof first);
+  http_free(&r);
+  ck_assert_int_eq(post_keyed(&d[1], "order-7", SMALL_JOB, &r), 200); /* the other daemon */
+  job_id_of(&r, again, sizeof again);
+  http_free(&r);
+  ck_assert_str_eq(again, first);
+  ck_assert_int_eq(post_keyed(&d[1], "order-7", LONG_JOB, &r), 422);
+  ck_assert_ptr_nonnull(strstr(r.body, first));
+  http_free(&r);
+  ck_assert_int_eq(post_keyed(&d[1], "order-8", SMALL_JOB, &r), 202);
+  job_id_of(&r, other, sizeof other);
+  http_free(&r);
+  ck_assert_str_ne(other, first);
+  wait_state(&d[0], first, "succeeded", 60);
+  ck_assert_int_eq(post_keyed(&d[1], "order-7", SMALL_JOB, &r), 200); /* finished: the same */
+  job_id_of(&r, again, sizeof again);
+  http_free(&r);
+  ck_assert_str_eq(again, first);
+  ck_assert_int_eq(count_events(&d[1], first, "done", NULL), 1);
+  daemon_stop(&d[0]);
+  daemon_stop(&d[1]);
+}
+END_TEST
+
 static void stop_redis(void) {
   test_redis_stop(&redis);
 }
@@ -440,6 +490,7 @@ Suite *test_suite(void) {
     tcase_add_test(tc, redis_lost_while_running);
     tcase_add_test(tc, ended_job_back_in_queue_is_not_rerun);
     tcase_add_test(tc, redis_restart_under_load_loses_nothing);
+    tcase_add_test(tc, idempotency_keys_across_daemons);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
