@@ -102,10 +102,14 @@ static const char *const scripts[S_COUNT] = {
                                    "ARGV[1]), ARGV[1]) "
                                    "return 0",
     /* KEYS leases tokens order q cancel -> the ids put back */
+    /* (a claim without its first-push order, which only a hand edit makes, goes first
+     * rather than making the script fail for every claim) */
     [S_RECLAIM] = LUA_NOW "local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now) "
                           "for _, id in ipairs(ids) do "
                           "  redis.call('ZREM', KEYS[1], id) redis.call('HDEL', KEYS[2], id) "
-                          "  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[3], id), id) "
+                          "  local o = redis.call('HGET', KEYS[3], id) "
+                          "  if not o then o = '0' redis.call('HSET', KEYS[3], id, o) end "
+                          "  redis.call('ZADD', KEYS[4], o, id) "
                           "end return ids",
     /* KEYS ev evt evlast; ARGV id seq type lasting data transient_max -> 0, or -1 if seq is
      * not above the log's last */

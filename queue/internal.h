@@ -40,6 +40,14 @@ typedef struct qfinal {
   int writing; /* a persist is under way: the retry leaves it alone */
 } qfinal;
 
+/* A lifecycle event the backend refused (Redis away): kept, in order, until it is taken. */
+typedef struct qunpublished {
+  struct qunpublished *next;
+  uint64_t seq;
+  char type[QBACKEND_TYPE_SIZE];
+  char *text;
+} qunpublished;
+
 typedef struct qjob {
   char id[QUEUE_ID_SIZE];
   queue_spec spec;
@@ -60,6 +68,9 @@ typedef struct qjob {
   qfinal final_slot;
   char store_error[256];
   size_t retained; /* its estimated memory once finished and settled; 0: not counted yet */
+  /* lifecycle events not in the backend's log yet, oldest first: readers of the log wait for
+   * the final one, so a lost one would keep their streams open for good */
+  qunpublished *unpublished;
 } qjob;
 
 struct qbatch {
@@ -108,6 +119,7 @@ struct queue {
   int fault_kill_after_record; /* tests only: DENOISED_FAULT_KILL_AFTER_RECORD */
   uv_timer_t retry;            /* writes final states that failed to be stored, probes the store */
   int unsettled;               /* jobs whose final state failed to be written */
+  int unpublished;             /* whether some job may hold events the backend refused */
   int unpushed;                /* queued jobs the backend refused (qjob.unpushed) */
   int store_ok;                /* the last write or probe succeeded */
   char store_why[256];
@@ -151,6 +163,9 @@ void qjob_discard(queue *q, qjob *j);
 /* Appends an event to the job's log (data: stolen); lifecycle events are kept for good,
  * progress as the backend's transient events (the newest RING). */
 void qjob_emit(queue *q, qjob *j, const char *type, json_t *data, int lifecycle);
+/* Appends the lifecycle events the backend refused earlier (lock held), oldest first, until
+ * one is refused again; the retry tick calls it. */
+void qjob_publish_unpublished(queue *q);
 /* The job's durable record (malloc'ed JSON text); NULL out of memory or when the backend's
  * event log cannot be read (then e, if given, says which). */
 char *qjob_record(queue *q, const qjob *j, size_t *len, err *e);
@@ -238,6 +253,12 @@ qjob *qrecord_parse(queue *q, const char *id, const char *text, size_t len);
 /* Reads id's record again if this copy may be out of date (not running here, not final), or
  * adopts the job if this process has never seen it. Unlocked. */
 void qshared_refresh(queue *q, const char *id);
+/* Before a listing (unlocked): the jobs of the shared store newer than the cursor before,
+ * newest first, that this process does not know or may know out of date, are read, until the
+ * listing's limit is passed or QUEUE_LIST_READS records were read (a listing costs at most that
+ * many reads; the rest come with the next page). */
+#define QUEUE_LIST_READS 256
+void qshared_list_sync(queue *q, const char *owner, const char *before, int state, int limit);
 /* Adopts the jobs at the head of the shared queue this process has never seen. Unlocked. */
 void qshared_adopt(queue *q);
 /* Lock held, right after j was claimed: continues j's event numbering after the shared log;

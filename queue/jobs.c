@@ -15,11 +15,21 @@
 
 /* ---- jobs and events ---- */
 
+static void free_unpublished(qjob *j) {
+  while (j->unpublished) {
+    qunpublished *u = j->unpublished;
+    j->unpublished = u->next;
+    free(u->text);
+    free(u);
+  }
+}
+
 void qjob_free(qjob *j) {
   if (!j)
     return;
   if (j->final)
     free(j->final->event);
+  free_unpublished(j);
   queue_spec_clear(&j->spec);
   free(j);
 }
@@ -44,16 +54,69 @@ static char *event_text(const qjob *j, uint64_t seq, const char *type, json_t *d
   return text;
 }
 
-/* Appends an event's text (stolen) to the job's log (lock held) and wakes its readers. */
+/* Appends j's refused lifecycle events (lock held) until one is refused again; 1 when none is
+ * left. One the log already holds (its reply was lost) counts as taken. */
+static int publish(queue *q, qjob *j) {
+  while (j->unpublished) {
+    qunpublished *u = j->unpublished;
+    err e = {0};
+    const int rc = q->be->ops->append(q->be, j->id, u->seq, u->type, u->text, 1, &e);
+    if (rc != ERR_OK && rc != QBACKEND_ORDER)
+      return 0;
+    j->unpublished = u->next;
+    free(u->text);
+    free(u);
+  }
+  return 1;
+}
+
+/* Keeps a refused lifecycle event (its text stolen) after j's others (lock held). */
+static void keep_unpublished(queue *q, qjob *j, uint64_t seq, const char *type, char *text) {
+  qunpublished *u = mem_calloc(1, sizeof *u);
+  if (!u) {
+    qlog(q, QUEUE_LOG_ERROR, j->id, "event %llu lost: out of memory", (unsigned long long)seq);
+    free(text);
+    return;
+  }
+  u->seq = seq;
+  snprintf(u->type, sizeof u->type, "%s", type);
+  u->text = text;
+  qunpublished **at = &j->unpublished;
+  while (*at)
+    at = &(*at)->next;
+  *at = u;
+  q->unpublished = 1;
+}
+
+/* Appends an event's text (stolen) to the job's log (lock held) and wakes its readers. A
+ * lifecycle event the backend refuses (Redis away) is kept and appended later, in order;
+ * a progress event is dropped (the next one supersedes it). */
 static void push_event(queue *q, qjob *j, uint64_t seq, const char *type, char *text,
                        int lifecycle) {
   err e = {0};
-  const int rc = q->be->ops->append(q->be, j->id, seq, type, text, lifecycle, &e);
+  int rc = publish(q, j) ? q->be->ops->append(q->be, j->id, seq, type, text, lifecycle, &e)
+                         : QUEUE_UNAVAILABLE;
+  if (rc == QUEUE_UNAVAILABLE && !e.code)
+    err_set(&e, rc, "earlier events are still waiting for the backend");
   if (rc != ERR_OK && (q->store_ok || rc != QUEUE_UNAVAILABLE)) /* once per outage */
-    qlog(q, QUEUE_LOG_ERROR, j->id, "event %llu lost: %s", (unsigned long long)seq, e.msg);
+    qlog(q, QUEUE_LOG_ERROR, j->id, "event %llu %s: %s", (unsigned long long)seq,
+         lifecycle && rc == QUEUE_UNAVAILABLE ? "kept to send again" : "lost", e.msg);
   if (rc == QUEUE_UNAVAILABLE)
     qstore_note(q, rc, e.msg);
-  free(text);
+  if (rc == QUEUE_UNAVAILABLE && lifecycle)
+    keep_unpublished(q, j, seq, type, text);
+  else
+    free(text);
+  pthread_cond_broadcast(&q->cv);
+}
+
+void qjob_publish_unpublished(queue *q) {
+  if (!q->unpublished)
+    return;
+  for (int i = 0; i < q->njobs; i++)
+    if (q->jobs[i]->unpublished && !publish(q, q->jobs[i]))
+      return; /* still away: the next tick (one refusal per tick, each may wait a timeout) */
+  q->unpublished = 0;
   pthread_cond_broadcast(&q->cv);
 }
 

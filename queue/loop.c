@@ -309,6 +309,7 @@ static void retry_cb(uv_timer_t *t) {
   if (q->shared) /* one process's own claims never run out while its loop renews them */
     reclaim_expired(q);
   qjob_push_unpushed(q);
+  qjob_publish_unpublished(q);
   dispatch(q);
   const double now = qclock_mono();
   const int probe = !q->store_ok || (q->o.probe_every_ms > 0 &&

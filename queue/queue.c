@@ -448,6 +448,7 @@ int queue_list(queue *q, const char *owner, const char *before, int state, int l
                queue_job_view *out, int *n, int *more) {
   *n = 0;
   *more = 0;
+  qshared_list_sync(q, owner, before, state, limit);
   pthread_mutex_lock(&q->mu);
   int start = q->njobs - 1;
   if (before) {

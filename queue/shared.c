@@ -112,6 +112,61 @@ void qshared_adopt(queue *q) {
   }
 }
 
+typedef struct id_list {
+  char (*ids)[QUEUE_ID_SIZE];
+  int n, cap;
+} id_list;
+
+static void collect_id(void *user, const char *id) {
+  id_list *l = user;
+  if (strlen(id) >= QUEUE_ID_SIZE)
+    return;
+  if (l->n == l->cap) {
+    const int cap = l->cap ? 2 * l->cap : 256;
+    char(*ids)[QUEUE_ID_SIZE] = realloc(l->ids, (size_t)cap * sizeof *ids);
+    if (!ids)
+      return;
+    l->ids = ids;
+    l->cap = cap;
+  }
+  snprintf(l->ids[l->n++], QUEUE_ID_SIZE, "%s", id);
+}
+
+/* Whether id is known here, not pending, and passes a listing's filters (lock held). */
+static int listed(queue *q, const char *id, const char *owner, int state) {
+  int pos;
+  const qjob *j = qjob_index(q, id, &pos) ? q->jobs[pos] : NULL;
+  return j && !j->pending && (!owner || strcmp(owner, j->spec.owner) == 0) &&
+         (state < 0 || (int)j->state == state);
+}
+
+void qshared_list_sync(queue *q, const char *owner, const char *before, int state, int limit) {
+  if (!q->shared || !q->st->ops->list_ids)
+    return;
+  id_list l = {0};
+  err e = {0};
+  if (q->st->ops->list_ids(q->st, collect_id, &l, &e) == ERR_OK) {
+    int matches = 0, reads = 0;
+    for (int i = l.n - 1; i >= 0 && matches <= limit && reads < QUEUE_LIST_READS; i--) {
+      const char *id = l.ids[i];
+      if (before && strcmp(id, before) >= 0)
+        continue;
+      int pos;
+      pthread_mutex_lock(&q->mu);
+      const int need = stale(qjob_index(q, id, &pos) ? q->jobs[pos] : NULL);
+      pthread_mutex_unlock(&q->mu);
+      if (need) {
+        qshared_refresh(q, id);
+        reads++;
+      }
+      pthread_mutex_lock(&q->mu);
+      matches += listed(q, id, owner, state);
+      pthread_mutex_unlock(&q->mu);
+    }
+  }
+  free(l.ids);
+}
+
 /* Lock held: j's event numbers continue after the last its shared log holds (other processes
  * may have appended since this copy was read). */
 static void follow_log(queue *q, qjob *j) {

@@ -21,6 +21,8 @@ typedef struct store store;
 
 /* Called once per stored job record by list_jobs. */
 typedef void (*store_job_fn)(void *user, const char *id, const char *json, size_t len);
+/* Called once per stored job id by list_ids. */
+typedef void (*store_id_fn)(void *user, const char *id);
 
 typedef struct store_ops {
   /* Durable when it returns: the record survives a crash (file fsync + directory fsync). */
@@ -37,6 +39,9 @@ typedef struct store_ops {
    * NULL); missing pieces are not an error. */
   int (*remove_job)(store *s, const char *id, int nimages, const char *const *files, err *e);
   int (*list_jobs)(store *s, store_job_fn fn, void *user, err *e);
+  /* Shared stores only (NULL for the directory): every id with a record, oldest first, without
+   * reading the records (listings on a daemon that may not know every job). */
+  int (*list_ids)(store *s, store_id_fn fn, void *user, err *e);
   /* One job's record (NUL-terminated beyond *len; the caller frees it); ERR_IO when there is
    * none. Daemons sharing a store read the jobs other daemons accepted or ran this way. */
   int (*get_job)(store *s, const char *id, char **json, size_t *len, err *e);

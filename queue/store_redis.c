@@ -151,23 +151,49 @@ static int by_id(const void *a, const void *b) {
   return strcmp(x->str, y->str);
 }
 
+/* The index of records (its name in idx) as a reply whose elements are the ids, sorted: ids
+ * sort by creation time, the same order a directory listing gives after sorting. NULL with e
+ * set when it cannot be read. */
+static redisReply *sorted_index(redis_store *s, char *idx, size_t n, err *e) {
+  snprintf(idx, n, "%s:jobs", s->prefix);
+  const char *argv[] = {"SMEMBERS", idx};
+  redisReply *r = redisconn_argv(s->c, 2, argv, NULL, e);
+  if (!r) {
+    if (!e->code)
+      err_set(e, ERR_IO, "redis: SMEMBERS %s: no reply", idx);
+    return NULL;
+  }
+  if (r->type != REDIS_REPLY_ARRAY) {
+    err_set(e, ERR_IO, "redis: SMEMBERS %s: %s", idx,
+            r->type == REDIS_REPLY_ERROR ? r->str : "not a set");
+    freeReplyObject(r);
+    return NULL;
+  }
+  if (r->elements > 1)
+    qsort(r->element, r->elements, sizeof *r->element, by_id);
+  return r;
+}
+
+static int rs_list_ids(store *b, store_id_fn fn, void *user, err *e) {
+  redis_store *s = (redis_store *)b;
+  char idx[KEYBUF];
+  redisReply *r = sorted_index(s, idx, sizeof idx, e);
+  if (!r)
+    return e->code;
+  for (size_t i = 0; i < r->elements; i++)
+    if (r->element[i]->type == REDIS_REPLY_STRING && r->element[i]->len > 0 &&
+        r->element[i]->len <= 100)
+      fn(user, r->element[i]->str);
+  freeReplyObject(r);
+  return ERR_OK;
+}
+
 static int rs_list_jobs(store *b, store_job_fn fn, void *user, err *e) {
   redis_store *s = (redis_store *)b;
   char idx[KEYBUF];
-  snprintf(idx, sizeof idx, "%s:jobs", s->prefix);
-  const char *argv[] = {"SMEMBERS", idx};
-  redisReply *r = redisconn_argv(s->c, 2, argv, NULL, e);
+  redisReply *r = sorted_index(s, idx, sizeof idx, e);
   if (!r)
-    return e->code ? e->code : ERR_IO;
-  if (r->type != REDIS_REPLY_ARRAY) {
-    const int rc = err_set(e, ERR_IO, "redis: SMEMBERS %s: %s", idx,
-                           r->type == REDIS_REPLY_ERROR ? r->str : "not a set");
-    freeReplyObject(r);
-    return rc;
-  }
-  /* ids sort by creation time: the same order a directory listing gives after sorting */
-  if (r->elements > 1)
-    qsort(r->element, r->elements, sizeof *r->element, by_id);
+    return e->code;
   for (size_t i = 0; i < r->elements; i++) {
     const redisReply *el = r->element[i];
     if (el->type != REDIS_REPLY_STRING || el->len == 0 || el->len > 100)
@@ -276,6 +302,7 @@ static const store_ops redis_store_ops = {
     .get_file = rs_get_file,
     .remove_job = rs_remove_job,
     .list_jobs = rs_list_jobs,
+    .list_ids = rs_list_ids,
     .get_job = rs_get_job,
     .bind_key = rs_bind_key,
     .unbind_key = rs_unbind_key,

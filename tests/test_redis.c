@@ -353,12 +353,20 @@ START_TEST(ended_job_back_in_queue_is_not_rerun) {
   wait_state(&d, ended, "succeeded", 60);
   redisContext *c = redisConnectUnix(redis.url);
   ck_assert(c && !c->err);
+  for (double t0 = th_now();; usleep(20000)) { /* "succeeded" comes before the claim completes */
+    redisReply *h = redisCommand(c, "HEXISTS phantom:tokens %s", ended);
+    const int held = h && h->type == REDIS_REPLY_INTEGER && h->integer == 1;
+    freeReplyObject(h);
+    if (!held)
+      break;
+    ck_assert_msg(th_now() - t0 < 30, "the finished job's claim was not completed");
+  }
   freeReplyObject(redisCommand(c, "HSET phantom:order %s 1", ended));
   freeReplyObject(redisCommand(c, "HSET phantom:tokens %s 999999", ended));
   freeReplyObject(redisCommand(c, "ZADD phantom:leases 0 %s", ended));
   redisFree(c);
   for (double t0 = th_now(); !log_has(&d, "back in the queue after it had ended"); usleep(50000))
-    ck_assert_msg(th_now() - t0 < 30, "the ended job's claim was not taken again");
+    ck_assert_msg(th_now() - t0 < 30, "the ended job's claim was not taken again (%s)", d.log);
   char s[32];
   ck_assert_str_eq(state_of(&d, ended, s, sizeof s), "succeeded");
   ck_assert_int_eq(count_events(&d, ended, "done", NULL), 1);
@@ -470,6 +478,38 @@ START_TEST(idempotency_keys_across_daemons) {
 }
 END_TEST
 
+/* A listing on any daemon of a group shows the group's jobs as they are: jobs another daemon
+ * accepted and ran (this one may never have seen them, or seen them queued) are listed with
+ * their final state. */
+START_TEST(listings_show_the_whole_group) {
+  char st[2][512], body[256];
+  daemon_proc d[2];
+  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "list", NULL};
+  for (int i = 0; i < 2; i++)
+    ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
+  enum { N = 6 };
+  char ids[N][64];
+  for (int i = 0; i < N; i++) {
+    small_job(body, sizeof body, 500 + i);
+    submit_job(&d[0], body, ids[i], sizeof ids[i]);
+  }
+  for (int i = 0; i < N; i++)
+    wait_state(&d[0], ids[i], "succeeded", 60);
+  http_resp r;
+  ck_assert_int_eq(http_get(&d[1], "/v1/jobs?state=succeeded&limit=100", &r), 200);
+  for (int i = 0; i < N; i++)
+    ck_assert_msg(strstr(r.body, ids[i]), "job %d missing from the other daemon's listing: %s", i,
+                  r.body);
+  http_free(&r);
+  ck_assert_int_eq(http_get(&d[1], "/v1/jobs?limit=2", &r), 200); /* newest first, paged */
+  ck_assert_ptr_nonnull(strstr(r.body, ids[N - 1]));
+  ck_assert_ptr_null(strstr(r.body, ids[0]));
+  http_free(&r);
+  daemon_stop(&d[0]);
+  daemon_stop(&d[1]);
+}
+END_TEST
+
 static void stop_redis(void) {
   test_redis_stop(&redis);
 }
@@ -491,6 +531,7 @@ Suite *test_suite(void) {
     tcase_add_test(tc, ended_job_back_in_queue_is_not_rerun);
     tcase_add_test(tc, redis_restart_under_load_loses_nothing);
     tcase_add_test(tc, idempotency_keys_across_daemons);
+    tcase_add_test(tc, listings_show_the_whole_group);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
