@@ -18,7 +18,7 @@ static test_redis redis;
 
 static char *get_body(const daemon_proc *d, const char *path, size_t *len) {
   http_resp r;
-  ck_assert_int_eq(http_get(d, path, &r), 200);
+  ck_assert_msg(http_get(d, path, &r) == 200, "GET %s: %ld (%s)", path, r.status, d->log);
   *len = r.len;
   return r.body;
 }
@@ -309,7 +309,11 @@ START_TEST(redis_lost_while_running) {
   char before[64], running[64], after[64];
   submit_job(&d, SMALL_JOB, before, sizeof before);
   wait_state(&d, before, "succeeded", 60);
-  submit_job(&d, LONG_JOB, running, sizeof running);
+  /* twice LONG_JOB's images: it must still run when Redis is gone (~0.1 s after this) */
+  submit_job(&d,
+             "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 16, "
+             "\"scheduler\": {\"name\": \"ddpm\", \"steps\": 1000}}",
+             running, sizeof running);
   wait_running(&d, running, 60);
   ck_assert_int_eq(test_redis_shutdown(&redis), 0);
   wait_ready(&d, 503, 15);
@@ -323,11 +327,19 @@ START_TEST(redis_lost_while_running) {
   json_decref(err);
   http_free(&r);
   ck_assert_str_eq(code, "store_unavailable");
+  /* its images cannot be written: queued again, not failed */
+  for (double t0 = th_now(); !log_has(&d, "queued again"); usleep(50000))
+    ck_assert_msg(th_now() - t0 < 120, "the running job was not queued again");
   ck_assert_int_eq(test_redis_launch(&redis), 0);
   wait_ready(&d, 200, 30);
   wait_state(&d, running, "succeeded", 180);
-  ck_assert_int_eq(count_events(&d, running, "done", NULL), 1);
-  snprintf(path, sizeof path, "/v1/jobs/%s/images/7", running);
+  char *text = NULL;
+  ck_assert_int_eq(count_events(&d, running, "done", &text), 1);
+  /* the event that said why it was queued again, refused while Redis was away, was kept and
+   * sent once it was back: the log tells the whole story */
+  ck_assert_msg(strstr(text, "\"reason\":\"store_unavailable\""), "%s", text);
+  free(text);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/15", running);
   size_t len;
   free(get_body(&d, path, &len));
   snprintf(path, sizeof path, "/v1/jobs/%s/images/0", before);
