@@ -209,7 +209,7 @@ static int read_inputs(const adjoint_args *a, const model *m, adjoint_inputs *in
   if (mi->num_classes && cli_parse_labels("--class", a->class_s, in->batch, m, in->labels))
     return err_set(e, ERR_INVALID, "bad --class");
   in->gd = guidance_for(m, a->guidance);
-  return guidance_check(&in->gd, m, e);
+  return a->has_guidance ? guidance_check(&in->gd, m, e) : ERR_OK;
 }
 
 static int write_outputs(const adjoint_args *a, const model *m, const adjoint_opts *o, err *e) {

@@ -20,7 +20,7 @@ typedef struct fcase {
   int batch;
   int64_t labels[8];
   guidance g;
-  int guided;
+  int guided, conditional;
   npy_array noise, gout;
   size_t nd;
 } fcase;
@@ -52,7 +52,8 @@ static void case_open(const char *name, fcase *c) {
                            json_object_get(cj, "steps"), "config", sc);
   ck_assert_msg(sampler_new_from_json(spec, NULL, &c->s, &e) == ERR_OK, "%s", e.msg);
   const json_t *labels = json_object_get(cj, "labels"), *scale = json_object_get(cj, "scale");
-  c->batch = (int)json_array_size(labels);
+  c->conditional = json_is_array(labels);
+  c->batch = c->conditional ? (int)json_array_size(labels) : 2;
   for (int b = 0; b < c->batch; b++)
     c->labels[b] = json_integer_value(json_array_get(labels, (size_t)b));
   c->guided = json_is_number(scale);
@@ -73,7 +74,7 @@ static void case_close(fcase *c) {
 static adjoint_opts case_opts(fcase *c) {
   adjoint_opts o = {.batch = c->batch,
                     .noise = c->noise.data,
-                    .labels = c->labels,
+                    .labels = c->conditional ? c->labels : NULL,
                     .guidance = c->guided ? &c->g : NULL,
                     .grad_output = c->gout.data,
                     .threads = 2};
@@ -120,15 +121,18 @@ static void check_fixture(const char *name) {
   float *gc = malloc((size_t)c.batch * mi->class_embed_dim * 4);
   model_grads *gp;
   ck_assert_int_eq(model_grads_new(c.m, &gp, &e), ERR_OK);
-  o.sample = sample, o.grad_noise = gn, o.grad_class = gc, o.grad_params = gp;
+  o.sample = sample, o.grad_noise = gn, o.grad_class = c.conditional ? gc : NULL;
+  o.grad_params = gp;
   ck_assert_msg(adjoint_run(c.s, c.m, &o, &e) == ERR_OK, "%s: %s", name, e.msg);
-  npy_array rs = fx_npy(name, "sample.npy"), rn = fx_npy(name, "grad_noise.npy"),
-            rc = fx_npy(name, "grad_class.npy");
-  double r[6];
+  npy_array rs = fx_npy(name, "sample.npy"), rn = fx_npy(name, "grad_noise.npy"), rc = {0};
+  double r[6] = {0};
   r[0] = test_rel_l2(sample, rs.data, c.nd);
   r[1] = test_rel_l2(gn, rn.data, c.nd);
-  ck_assert_int_eq((int)rc.count, c.batch * mi->class_embed_dim);
-  r[2] = test_rel_l2(gc, rc.data, (size_t)rc.count);
+  if (c.conditional) {
+    rc = fx_npy(name, "grad_class.npy");
+    ck_assert_int_eq((int)rc.count, c.batch * mi->class_embed_dim);
+    r[2] = test_rel_l2(gc, rc.data, (size_t)rc.count);
+  }
   check_params(name, c.m, gp, &r[3], &r[4]);
   r[5] = o.replay_err;
   printf("%-22s sample %.1e noise %.1e class %.1e params %.1e (worst tensor %.1e) replay %.1e\n",
@@ -137,7 +141,9 @@ static void check_fixture(const char *name) {
                                 "worst parameter", "parameters", "replay"};
   for (int i = 0; i < 6; i++)
     ck_assert_msg(r[i] < (i == 3 ? 1e-3 : 1e-4), "%s: %s rel L2 %.3g", name, what[i], r[i]);
-  npy_array_free(&rs), npy_array_free(&rn), npy_array_free(&rc);
+  npy_array_free(&rs), npy_array_free(&rn);
+  if (c.conditional)
+    npy_array_free(&rc);
   free(sample), free(gn), free(gc);
   model_grads_free(gp);
   case_close(&c);
@@ -163,12 +169,17 @@ START_TEST(ddim_v_guided) {
 }
 END_TEST
 
+START_TEST(dpmpp2m_uncond) {
+  check_fixture("dpmpp2m_uncond");
+}
+END_TEST
+
 /* L = sum(G * sample) by the engine's own sampler, accumulated in double. */
 static double loss_at(fcase *c, const float *noise) {
   float *x = malloc(c->nd * 4);
   sampler_run_opts ro = {.batch = c->batch,
                          .init_noise = noise,
-                         .labels = c->labels,
+                         .labels = c->conditional ? c->labels : NULL,
                          .guidance = c->guided ? &c->g : NULL,
                          .threads = 2};
   err e = {0};
@@ -330,6 +341,42 @@ START_TEST(cli_adjoint) {
     ck_assert_msg(rc == bad[i].status && strstr(out, bad[i].needle), "case %zu: rc %d: %s", i, rc,
                   out);
   }
+  /* --seed S draws the noise `sample --seed S` does: --sample is that command's image */
+  rc = test_run_cli(out, sizeof out,
+                    "sample --model %s --class 2 --scheduler dpm++2m --steps 3 --seed 9 "
+                    "--scheduler-config %s/scheduler_config.json --out %s/s1.npy --quiet",
+                    m, d, tmp);
+  ck_assert_msg(rc == 0, "%s", out);
+  rc = test_run_cli(out, sizeof out,
+                    "adjoint --model %s --class 2 --scheduler dpm++2m --steps 3 --seed 9 "
+                    "--scheduler-config %s/scheduler_config.json --grad-output %s/s1.npy "
+                    "--grad-noise %s/gn2.npy --sample %s/s2.npy --quiet",
+                    m, d, tmp, tmp, tmp);
+  ck_assert_msg(rc == 0, "%s", out);
+  char p1[128], p2[128];
+  snprintf(p1, sizeof p1, "%s/s1.npy", tmp);
+  snprintf(p2, sizeof p2, "%s/s2.npy", tmp);
+  ck_assert_msg(test_files_equal(p1, p2), "adjoint --seed's sample differs from sample --seed's");
+  rc = test_run_cli(out, sizeof out,
+                    "adjoint --model %s --class 2 --scheduler ddim --steps 3 --seed 9 --noise "
+                    "%s/noise.npy --grad-output %s/s1.npy --grad-noise %s/x.npy",
+                    m, d, tmp, tmp);
+  ck_assert_msg(rc == 2 && strstr(out, "one"), "%s", out);
+  /* an unconditional model: no --class, and none of the class flags */
+  char u[1024], ud[1024];
+  test_src_path(u, sizeof u, FX "/model_uncond");
+  test_src_path(ud, sizeof ud, FX "/dpmpp2m_uncond");
+  rc = test_run_cli(out, sizeof out,
+                    "adjoint --model %s --noise %s/noise.npy --scheduler dpm++2m --steps 4 "
+                    "--scheduler-config %s/scheduler_config.json --grad-output "
+                    "%s/grad_output.npy --grad-noise %s/gu.npy --quiet",
+                    u, ud, ud, ud, tmp);
+  ck_assert_msg(rc == 0, "%s", out);
+  rc = test_run_cli(out, sizeof out,
+                    "adjoint --model %s --noise %s/noise.npy --scheduler dpm++2m --steps 4 "
+                    "--class 1 --grad-output %s/grad_output.npy --grad-noise %s/gu.npy",
+                    u, ud, ud, tmp);
+  ck_assert_msg(rc == 1 && strstr(out, "not class-conditional"), "%s", out);
   /* a noise of the wrong size, a gradient of another batch */
   rc = test_run_cli(out, sizeof out,
                     "adjoint --model %s --noise %s/grad_class.npy --scheduler ddim --steps 2 "
@@ -348,6 +395,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, dpmpp2m_guided_clip);
   tcase_add_test(tc, dpmpp2m_plain);
   tcase_add_test(tc, ddim_v_guided);
+  tcase_add_test(tc, dpmpp2m_uncond);
   tcase_add_test(tc, finite_differences);
   tcase_add_test(tc, refusals);
   tcase_add_test(tc, cli_adjoint);

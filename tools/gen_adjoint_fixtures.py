@@ -16,7 +16,8 @@ noise and sigmas; L = sum(G * sample) is differentiated by torch.autograd with r
 noise, the class-embedding table (each image's label row: distinct labels, so row = image) and
 every weight. Files:
   model/, model_v/           config.json, diffusion_pytorch_model.safetensors (model_v: the
-                             same weights, "prediction_type": "v_prediction")
+                             same weights, "prediction_type": "v_prediction"); model_uncond/
+                             the same without the class embedding (v-prediction)
   CASE/scheduler_config.json the model's scheduler config for this case
   CASE/case.json             solver, steps, labels, guidance scale
   CASE/noise.npy, grad_output.npy, sample.npy, grad_noise.npy, grad_class.npy
@@ -59,6 +60,10 @@ CASES = {
     "ddim_v_guided": dict(solver="ddim", steps=4,
                           sched=dict(SCHED, prediction_type="v_prediction", clip_sample=False),
                           scale=3.0, labels=[0, 2]),
+    # an unconditional model (no class embedding): noise and weights only; last, so that the
+    # earlier cases' random draws stay as they were
+    "dpmpp2m_uncond": dict(solver="dpm++2m", steps=4, sched=dict(SCHED, prediction_type="v_prediction"),
+                           scale=None, labels=None, batch=2),
 }
 
 
@@ -81,6 +86,8 @@ def threshold(x0, cfg):
 
 def model_eps(net, x, t, labels, scale):
     n = x.shape[0]
+    if labels is None:
+        return net(x, torch.full((n,), float(t), dtype=torch.float64))
     tt = torch.full((n,), float(t), dtype=torch.float64)
     if scale is None or scale == 1.0:
         return net(x, tt, labels)
@@ -164,10 +171,11 @@ def dpm_loop(net, x, labels, cfg, steps, scale):
 def run_case(out, name, spec, weights, config, gen):
     params = {k: torch.from_numpy(v).double().requires_grad_(True) for k, v in weights.items()}
     net = TorchUNet(config, params, dtype=torch.float64)
-    n, size = len(spec["labels"]), config["sample_size"]
+    n = len(spec["labels"]) if spec["labels"] else spec["batch"]
+    size = config["sample_size"]
     noise = torch.randn((n, 3, size, size), generator=gen)
     g = torch.randn((n, 3, size, size), generator=gen)
-    labels = torch.tensor(spec["labels"])
+    labels = torch.tensor(spec["labels"]) if spec["labels"] else None
     x = noise.double().requires_grad_(True)
     loop = ddim_loop if spec["solver"] == "ddim" else dpm_loop
     sample = loop(net, x, labels, spec["sched"], spec["steps"], spec["scale"])
@@ -181,17 +189,21 @@ def run_case(out, name, spec, weights, config, gen):
     with open(os.path.join(folder, "case.json"), "w") as f:
         meta = {k: spec[k] for k in ("solver", "steps", "scale", "labels")}
         meta["model"] = "model_v" if spec["sched"].get("prediction_type") == "v_prediction" else "model"
+        if labels is None:
+            meta["model"] = "model_uncond"
         json.dump(meta, f, indent=1)
     np.save(os.path.join(folder, "noise.npy"), noise.numpy())
     np.save(os.path.join(folder, "grad_output.npy"), g.numpy())
     np.save(os.path.join(folder, "sample.npy"), sample.detach().float().numpy())
     np.save(os.path.join(folder, "grad_noise.npy"), grads[0].float().numpy())
-    table = grads[1 + names.index("class_embedding.weight")]
-    np.save(os.path.join(folder, "grad_class.npy"), table[labels].float().numpy())
+    table = grads[1 + names.index("class_embedding.weight")] if labels is not None else None
+    if table is not None:
+        np.save(os.path.join(folder, "grad_class.npy"), table[labels].float().numpy())
     st.save(os.path.join(folder, "grad_params.safetensors"),
             {k: v.float().numpy() for k, v in zip(names, grads[1:])}, metadata={"format": "pt"})
     print("%-22s |sample| %.3f |grad_noise| %.3g |grad_class| %.3g" % (
-        name, float(sample.abs().mean()), float(grads[0].norm()), float(table[labels].norm())))
+        name, float(sample.abs().mean()), float(grads[0].norm()),
+        float(table[labels].norm()) if table is not None else 0.0))
 
 
 def main():
@@ -208,9 +220,21 @@ def main():
     cfg = dict(json.load(open(path)), prediction_type="v_prediction")
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
+    # the same network without the class embedding, declaring v-prediction
+    uconfig = full_config({k: v for k, v in MODEL.items() if k != "num_class_embeds"})
+    uweights = {k: v for k, v in weights.items() if k != "class_embedding.weight"}
+    write_model_dir(os.path.join(args.out, "model_uncond"),
+                    {k: v for k, v in MODEL.items() if k != "num_class_embeds"}, uweights)
+    path = os.path.join(args.out, "model_uncond", "config.json")
+    cfg = dict(json.load(open(path)), prediction_type="v_prediction")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
     gen = torch.Generator().manual_seed(args.seed)
     for name, spec in CASES.items():
-        run_case(args.out, name, spec, weights, config, gen)
+        if spec["labels"] is None:
+            run_case(args.out, name, spec, uweights, uconfig, gen)
+        else:
+            run_case(args.out, name, spec, weights, config, gen)
 
 
 if __name__ == "__main__":
