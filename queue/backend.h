@@ -91,6 +91,9 @@ typedef struct qbackend_ops {
   void (*trim)(qbackend *b, const char *id, int keep_transient);
   /* Forgets id's log (the job expired or was never accepted). */
   void (*drop)(qbackend *b, const char *id);
+  /* Shared backends only (NULL otherwise): id's log goes by itself after ttl_s seconds, in case
+   * no daemon that knows the job is left to drop it. */
+  void (*expire)(qbackend *b, const char *id, int ttl_s);
 
   void (*free)(qbackend *b);
 } qbackend_ops;

@@ -468,6 +468,18 @@ static void rb_drop(qbackend *qb, const char *id) {
   freeReplyObject(redisconn_argv(b->c, 3, hdel, NULL, &e));
 }
 
+static void rb_expire(qbackend *qb, const char *id, int ttl_s) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF], ttl[16];
+  snprintf(ttl, sizeof ttl, "%d", ttl_s);
+  static const char *const names[] = {"ev", "evt"};
+  for (int i = 0; i < 2; i++) {
+    const char *argv[] = {"EXPIRE", key(b, k, KEYBUF, names[i], id), ttl};
+    err e = {0};
+    freeReplyObject(redisconn_argv(b->c, 3, argv, NULL, &e)); /* best effort, like drop */
+  }
+}
+
 static void rb_free(qbackend *qb) {
   redis_backend *b = (redis_backend *)qb;
   if (!b)
@@ -493,6 +505,7 @@ static const qbackend_ops redis_ops = {
     .read = rb_read,
     .trim = rb_trim,
     .drop = rb_drop,
+    .expire = rb_expire,
     .free = rb_free,
 };
 

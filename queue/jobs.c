@@ -409,11 +409,33 @@ static void settle(queue *q, qjob *j) {
     qspec_release_inputs(&j->spec);
 }
 
+/* Shared stores: a settled job's keys go by themselves in Redis somewhat after result_ttl (the
+ * daemons that know it remove it at result_ttl, checking every quarter of it), so the results
+ * of a job no daemon knows any more (all that did are gone) do not stay for good. */
+static void expire_later(queue *q, const char *id, int files, int noise) {
+  if (!q->st->ops->expire_job)
+    return;
+  const int ttl = q->o.result_ttl + q->o.result_ttl / 4 + 1;
+  static const char *const noise_file[] = {QUEUE_NOISE_FILE, NULL};
+  err e = {0};
+  if (q->st->ops->expire_job(q->st, id, files, noise ? noise_file : NULL, ttl, &e))
+    qlog(q, QUEUE_LOG_WARN, id, "setting its expiry: %s", e.msg);
+  if (q->be->ops->expire)
+    q->be->ops->expire(q->be, id, ttl);
+}
+
 int qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   err e = {0};
-  int rc = text ? q->st->ops->put_job(q->st, j->id, text, len, &e)
+  char id[QUEUE_ID_SIZE];
+  pthread_mutex_lock(&q->mu);
+  snprintf(id, sizeof id, "%s", j->id);
+  const int files = j->files, noise = qspec_has_noise(&j->spec);
+  pthread_mutex_unlock(&q->mu);
+  int rc = text ? q->st->ops->put_job(q->st, id, text, len, &e)
                 : err_set(&e, ERR_NOMEM, "out of memory");
   free(text);
+  if (rc == ERR_OK) /* before anyone sees it ended: a process dying after that leaves no orphan */
+    expire_later(q, id, files, noise);
   pthread_mutex_lock(&q->mu);
   if (!j->final) { /* nothing decided (cannot happen): nothing to settle */
     pthread_mutex_unlock(&q->mu);
@@ -434,6 +456,6 @@ int qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   }
   pthread_mutex_unlock(&q->mu);
   if (rc)
-    qlog(q, QUEUE_LOG_ERROR, j->id, "storing the final state failed: %s; will retry", e.msg);
+    qlog(q, QUEUE_LOG_ERROR, id, "storing the final state failed: %s; will retry", e.msg);
   return rc;
 }

@@ -38,6 +38,10 @@ typedef struct store_ops {
   /* Removes the record, its first nimages images and the named files (NULL-terminated list, or
    * NULL); missing pieces are not an error. */
   int (*remove_job)(store *s, const char *id, int nimages, const char *const *files, err *e);
+  /* Shared stores only (NULL for the directory): the same pieces go by themselves after ttl_s
+   * seconds, in case no daemon that knows the finished job is left to remove it. */
+  int (*expire_job)(store *s, const char *id, int nimages, const char *const *files, int ttl_s,
+                    err *e);
   int (*list_jobs)(store *s, store_job_fn fn, void *user, err *e);
   /* Shared stores only (NULL for the directory): every id with a record, oldest first, without
    * reading the records (listings on a daemon that may not know every job). */

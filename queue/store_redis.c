@@ -146,6 +146,30 @@ static int rs_remove_job(store *b, const char *id, int nimages, const char *cons
   return rc;
 }
 
+static int rs_expire_job(store *b, const char *id, int nimages, const char *const *files, int ttl_s,
+                         err *e) {
+  redis_store *s = (redis_store *)b;
+  char k[KEYBUF], ttl[16];
+  snprintf(ttl, sizeof ttl, "%d", ttl_s);
+  int rc = ERR_OK;
+  for (int i = -1; i < nimages && rc == ERR_OK; i++) { /* -1: the record */
+    if (i < 0)
+      snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
+    else
+      snprintf(k, sizeof k, "%s:img:%s:%d", s->prefix, id, i);
+    const char *argv[] = {"EXPIRE", k, ttl};
+    rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "EXPIRE", e);
+  }
+  for (int i = 0; files && files[i] && rc == ERR_OK; i++) {
+    if (store_file_name_check(files[i], e) != ERR_OK)
+      continue;
+    snprintf(k, sizeof k, "%s:file:%s:%s", s->prefix, id, files[i]);
+    const char *argv[] = {"EXPIRE", k, ttl};
+    rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "EXPIRE", e);
+  }
+  return rc; /* the index entry stays: listings drop entries whose record is gone */
+}
+
 static int by_id(const void *a, const void *b) {
   const redisReply *x = *(redisReply *const *)a, *y = *(redisReply *const *)b;
   return strcmp(x->str, y->str);
@@ -301,6 +325,7 @@ static const store_ops redis_store_ops = {
     .put_file = rs_put_file,
     .get_file = rs_get_file,
     .remove_job = rs_remove_job,
+    .expire_job = rs_expire_job,
     .list_jobs = rs_list_jobs,
     .list_ids = rs_list_ids,
     .get_job = rs_get_job,

@@ -522,6 +522,34 @@ START_TEST(listings_show_the_whole_group) {
 }
 END_TEST
 
+/* How many of the keys of job id under prefix p (record, image 0, event log) Redis still has. */
+static int job_keys_left(const char *p, const char *id) {
+  redisContext *c = redisConnectUnix(redis.url);
+  ck_assert(c && !c->err);
+  redisReply *r = redisCommand(c, "EXISTS %s:job:%s %s:img:%s:0 %s:ev:%s", p, id, p, id, p, id);
+  const int n = r && r->type == REDIS_REPLY_INTEGER ? (int)r->integer : -1;
+  freeReplyObject(r);
+  redisFree(c);
+  return n;
+}
+
+/* A finished job whose daemons are all gone does not keep its results in Redis for good: the
+ * keys expire by themselves somewhat after result_ttl. */
+START_TEST(orphaned_results_expire_in_redis) {
+  char st[512], id[64];
+  daemon_proc d;
+  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "orphan", "--result-ttl",
+                        "4",           NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  submit_job(&d, SMALL_JOB, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  ck_assert_int_eq(daemon_signal_wait(&d, SIGKILL, 10), 128 + SIGKILL); /* nobody expires it */
+  ck_assert_int_eq(job_keys_left("orphan", id), 3);
+  for (double t0 = th_now(); job_keys_left("orphan", id) > 0; usleep(200000))
+    ck_assert_msg(th_now() - t0 < 30, "the orphaned job's keys did not expire");
+}
+END_TEST
+
 static void stop_redis(void) {
   test_redis_stop(&redis);
 }
@@ -544,6 +572,7 @@ Suite *test_suite(void) {
     tcase_add_test(tc, redis_restart_under_load_loses_nothing);
     tcase_add_test(tc, idempotency_keys_across_daemons);
     tcase_add_test(tc, listings_show_the_whole_group);
+    tcase_add_test(tc, orphaned_results_expire_in_redis);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
