@@ -55,6 +55,7 @@ typedef struct req {
   char owner[QUEUE_NAME_SIZE]; /* the key's name; "" without auth */
   char addr[INET6_ADDRSTRLEN]; /* the client's address */
   int scopes;
+  const char *why; /* why a URL token was refused, for the 401 */
   conn_track *ct;
   char job[QUEUE_ID_SIZE]; /* for the log line */
 } req;
@@ -194,8 +195,11 @@ static enum MHD_Result method_not_allowed(srv *s, struct MHD_Connection *c, req 
  * get here. */
 static int authorize(srv *s, struct MHD_Connection *c, req *r, int scope, enum MHD_Result *ret) {
   if (!r->authed) {
-    *ret = fail(s, c, r, 401, "unauthorized", NULL,
-                "an API key is required: send 'Authorization: Bearer KEY'");
+    if (r->why)
+      *ret = fail(s, c, r, 401, "unauthorized", "token", "%s", r->why);
+    else
+      *ret = fail(s, c, r, 401, "unauthorized", NULL,
+                  "an API key is required: send 'Authorization: Bearer KEY'");
     return -1;
   }
   if ((r->scopes & scope) != scope) {
@@ -408,6 +412,9 @@ static enum MHD_Result serve_events(srv *s, struct MHD_Connection *c, req *r, co
   err e = {0};
   if (queue_get(s->q, id, owner, &v, &e) != ERR_OK)
     return fail(s, c, r, 404, "not_found", NULL, "no job '%s'", id);
+  const int final =
+      v.state == QUEUE_SUCCEEDED || v.state == QUEUE_FAILED || v.state == QUEUE_CANCELLED;
+  const uint64_t last_seq = v.last_seq;
   queue_view_clear(&v);
   const char *last = header(c, "Last-Event-ID");
   if (!last)
@@ -418,6 +425,11 @@ static enum MHD_Result serve_events(srv *s, struct MHD_Connection *c, req *r, co
                 "Last-Event-ID: expected the decimal id of an event (no sign, blank or leading "
                 "zero), got '%.40s'",
                 last);
+  /* A browser's EventSource reconnects after every end of stream, forever; 204 is what stops
+   * it. So a client that has had the final event gets 204 No Content. */
+  if (final && after >= last_seq)
+    return queue_resp(s, c, r, 204,
+                      MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT), NULL);
   enum MHD_Result ret;
   stream_slot *slot = stream_acquire(s, c, r, &ret);
   if (!slot)
@@ -499,6 +511,71 @@ static enum MHD_Result serve_noise(srv *s, struct MHD_Connection *c, req *r, con
   char disp[96];
   snprintf(disp, sizeof disp, "attachment; filename=\"%s-noise.npy\"", id);
   return serve_result(s, c, r, id, rc, &e, npy, len, "application/octet-stream", disp);
+}
+
+/* The query parameter name as a number in [1, max] into *out (left as is when absent); returns
+ * 0, or -1 with the 400 naming it in *ret. */
+static int query_uint(srv *s, struct MHD_Connection *c, req *r, const char *name, int max,
+                      unsigned long long *out, enum MHD_Result *ret) {
+  const char *v = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, name);
+  if (v && api_parse_uint(v, UINT64_MAX, out)) {
+    *ret = fail(s, c, r, 400, "invalid_field", name,
+                "%s: expected a decimal integer in [1, %d] (no sign, blank or leading zero), "
+                "got '%.20s'",
+                name, max, v);
+    return -1;
+  }
+  if (*out < 1 || *out > (unsigned long long)max) {
+    *ret = fail(s, c, r, 400, "out_of_range", name, "%s: %llu is out of range [1, %d]", name, *out,
+                max);
+    return -1;
+  }
+  return 0;
+}
+
+/* POST /v1/jobs/{id}/token[?ttl=SECONDS]: a URL token for the job's images and event stream
+ * (server/token.c), signed with the caller's key, and the URLs that carry it. Without API keys
+ * nothing needs one: token is null and the URLs are plain. */
+static enum MHD_Result post_token(srv *s, struct MHD_Connection *c, req *r, const char *id,
+                                  const char *owner) {
+  unsigned long long ttl = 600;
+  enum MHD_Result ret;
+  if (query_uint(s, c, r, "ttl", TOKEN_MAX_TTL, &ttl, &ret))
+    return ret;
+  queue_job_view v;
+  err e = {0};
+  if (queue_get(s->q, id, owner, &v, &e) != ERR_OK)
+    return fail(s, c, r, 404, "not_found", NULL, "no job '%s'", id);
+  const int images = v.images;
+  queue_view_clear(&v);
+  const long long expires = (long long)time(NULL) + (long long)ttl;
+  char tok[TOKEN_SIZE] = "", q[TOKEN_SIZE + 8] = "", url[256];
+  if (s->api.auth) {
+    pthread_rwlock_rdlock(&s->auth_lock);
+    for (int i = 0; i < s->keys.n; i++)
+      if (strcmp(s->keys.keys[i].name, r->owner) == 0)
+        token_make(&s->keys.keys[i], id, expires, tok, sizeof tok);
+    pthread_rwlock_unlock(&s->auth_lock);
+    if (!tok[0]) /* the key was reloaded away between the check and here */
+      return fail(s, c, r, 401, "unauthorized", NULL, "the key '%s' is no longer configured",
+                  r->owner);
+    snprintf(q, sizeof q, "?token=%s", tok);
+  }
+  json_t *imgs = json_array();
+  for (int i = 0; i < images; i++) {
+    snprintf(url, sizeof url, JOBS_PREFIX "%s/images/%d%s", id, i, q);
+    json_array_append_new(imgs, json_string(url));
+  }
+  snprintf(url, sizeof url, JOBS_PREFIX "%s/events%s", id, q);
+  char when[32];
+  const time_t t = (time_t)expires;
+  struct tm tm;
+  gmtime_r(&t, &tm);
+  strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return send_json(s, c, r, 200,
+                   json_pack("{s:s, s:o, s:I, s:s, s:s, s:o}", "job_id", id, "token",
+                             tok[0] ? json_string(tok) : json_null(), "expires_in", (json_int_t)ttl,
+                             "expires_at", when, "events", url, "images", imgs));
 }
 
 /* Hands the spec to the queue; on failure the error is already answered (*ret). */
@@ -850,18 +927,12 @@ static enum MHD_Result post_png_info(srv *s, struct MHD_Connection *c, req *r) {
 }
 
 static enum MHD_Result get_job_list(srv *s, struct MHD_Connection *c, req *r) {
-  const char *ls = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "limit");
   const char *cursor = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "cursor");
   const char *st = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "state");
   unsigned long long limit = 20;
-  if (ls && api_parse_uint(ls, UINT64_MAX, &limit))
-    return fail(s, c, r, 400, "invalid_field", "limit",
-                "limit: expected a decimal integer in [1, %d] (no sign, blank or leading zero), "
-                "got '%.20s'",
-                MAX_LIST, ls);
-  if (limit < 1 || limit > MAX_LIST)
-    return fail(s, c, r, 400, "out_of_range", "limit", "limit: %llu is out of range [1, %d]", limit,
-                MAX_LIST);
+  enum MHD_Result ret;
+  if (query_uint(s, c, r, "limit", MAX_LIST, &limit, &ret))
+    return ret;
   if (cursor && !valid_id(cursor, strlen(cursor)))
     return fail(s, c, r, 400, "invalid_field", "cursor",
                 "cursor: not a cursor from a previous page ('%.40s')", cursor);
@@ -936,6 +1007,13 @@ static enum MHD_Result route_job(srv *s, struct MHD_Connection *c, req *r, const
     if (authorize(s, c, r, SCOPE_READ, &ret))
       return ret;
     return serve_events(s, c, r, id);
+  }
+  if (strcmp(slash, "/token") == 0) {
+    if (strcmp(r->method, "POST") != 0)
+      return method_not_allowed(s, c, r, "POST");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    return post_token(s, c, r, id, owner);
   }
   if (strcmp(slash, "/noise.npy") == 0) {
     if (!get)
@@ -1030,6 +1108,24 @@ static enum MHD_Result post_interrupt(srv *s, struct MHD_Connection *c, req *r) 
   return send_json(s, c, r, 200, json_object());
 }
 
+/* The web UI, /docs and /openapi.yaml (server/static.c): public, as the page that asks for a key
+ * must load without one. The policy lets them load nothing from elsewhere and run no inline
+ * script; previews are data: URLs, uploads and downloads blob: ones. */
+static enum MHD_Result serve_static(srv *s, struct MHD_Connection *c, req *r,
+                                    const static_file *f) {
+  struct MHD_Response *resp =
+      MHD_create_response_from_buffer(f->len, (void *)f->data, MHD_RESPMEM_PERSISTENT);
+  if (resp) {
+    MHD_add_response_header(resp, "Content-Security-Policy",
+                            "default-src 'self'; img-src 'self' data: blob:; "
+                            "connect-src 'self'; style-src 'self'; script-src 'self'; "
+                            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
+  }
+  return queue_resp(s, c, r, 200, resp, f->ctype);
+}
+
 /* The fixed routes: one row per path and method. GET rows answer HEAD too; scope 0 checks no
  * key (or, for /metrics, only when keys are configured); `always` rows answer while the server
  * stops, so that probes see it stopping. Paths under JOBS_PREFIX go to route_job. */
@@ -1078,6 +1174,9 @@ static enum MHD_Result route(srv *s, struct MHD_Connection *c, req *r) {
   if (!(at && at->always) && atomic_load(&s->stopping))
     return fail(s, c, r, 503, "unavailable", NULL, "the server is shutting down");
   if (!at) {
+    const static_file *f = static_find(p);
+    if (f)
+      return get ? serve_static(s, c, r, f) : method_not_allowed(s, c, r, "GET");
     if (strncmp(p, JOBS_PREFIX, strlen(JOBS_PREFIX)) == 0)
       return route_job(s, c, r, p + strlen(JOBS_PREFIX));
     return fail(s, c, r, 404, "not_found", NULL, "no route %s %.100s", m, p);
@@ -1187,6 +1286,53 @@ static int check_framing(srv *s, struct MHD_Connection *c, req *r, enum MHD_Resu
   return -1;
 }
 
+/* The job a URL token may open: "/v1/jobs/ID/events" and "/v1/jobs/ID/images/N" only. Copies ID
+ * into job; 0 if the path is not one of them. */
+static int token_route(const char *url, char job[QUEUE_ID_SIZE]) {
+  if (strncmp(url, JOBS_PREFIX, strlen(JOBS_PREFIX)) != 0)
+    return 0;
+  const char *id = url + strlen(JOBS_PREFIX), *slash = strchr(id, '/');
+  if (!slash || !valid_id(id, (size_t)(slash - id)) ||
+      (strcmp(slash, "/events") != 0 && strncmp(slash, "/images/", 8) != 0))
+    return 0;
+  snprintf(job, QUEUE_ID_SIZE, "%.*s", (int)(slash - id), id);
+  return 1;
+}
+
+/* Who sends r: the key of its Authorization header; else, on an event stream, the key as
+ * ?access_token= (EventSource cannot send headers); else, on a job's images and events, a URL
+ * token of that job (?token=, server/token.c), which grants reading it only. The logged path
+ * never includes the query. Without keys every request holds every scope. */
+static void authenticate(srv *s, struct MHD_Connection *c, req *r, const char *url) {
+  if (!s->api.auth) {
+    r->authed = 1;
+    r->scopes = 31;
+    return;
+  }
+  const char *authz = header(c, MHD_HTTP_HEADER_AUTHORIZATION);
+  char bearer[300], job[QUEUE_ID_SIZE];
+  const size_t plen = strlen(url);
+  const char *tok = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "access_token");
+  const char *utok = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "token");
+  if (!authz && tok && plen > 7 && strcmp(url + plen - 7, "/events") == 0 && strlen(tok) < 256) {
+    snprintf(bearer, sizeof bearer, "Bearer %s", tok);
+    authz = bearer;
+  }
+  pthread_rwlock_rdlock(&s->auth_lock);
+  const auth_key *k = auth_check(&s->keys, authz);
+  int scopes = k ? k->scopes : 0;
+  if (!authz && utok && strcmp(r->method, "GET") == 0 && token_route(url, job)) {
+    k = token_check(&s->keys, job, utok, &r->why);
+    scopes = k ? k->scopes & (SCOPE_READ | SCOPE_ADMIN) : 0;
+  }
+  if (k) {
+    r->authed = 1;
+    r->scopes = scopes;
+    snprintf(r->owner, sizeof r->owner, "%s", k->name);
+  }
+  pthread_rwlock_unlock(&s->auth_lock);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_size, void **con_cls) {
@@ -1214,30 +1360,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
       return ret;
     if (strcmp(method, "OPTIONS") == 0)
       return preflight(s, c, r);
-    if (s->api.auth) {
-      const char *authz = header(c, MHD_HTTP_HEADER_AUTHORIZATION);
-      char bearer[300];
-      const size_t plen = strlen(url);
-      const char *tok = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "access_token");
-      /* a browser's EventSource cannot send headers: event streams also take the key as a
-       * query parameter (the logged path never includes the query) */
-      if (!authz && tok && plen > 7 && strcmp(url + plen - 7, "/events") == 0 &&
-          strlen(tok) < 256) {
-        snprintf(bearer, sizeof bearer, "Bearer %s", tok);
-        authz = bearer;
-      }
-      pthread_rwlock_rdlock(&s->auth_lock);
-      const auth_key *k = auth_check(&s->keys, authz);
-      if (k) {
-        r->authed = 1;
-        r->scopes = k->scopes;
-        snprintf(r->owner, sizeof r->owner, "%s", k->name);
-      }
-      pthread_rwlock_unlock(&s->auth_lock);
-    } else {
-      r->authed = 1;
-      r->scopes = 31;
-    }
+    authenticate(s, c, r, url);
     if (strcmp(url, "/healthz") != 0 && strcmp(url, "/readyz") != 0 &&
         key_connections(s, c, r, &ret))
       return ret;

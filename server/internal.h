@@ -57,6 +57,32 @@ void auth_free(auth *a);
 const auth_key *auth_check(const auth *a, const char *header);
 const char *auth_scope_name(int scope);
 
+/* ---- token.c: short-lived URL tokens for <img> and EventSource (no key in a URL) ---- */
+
+#define TOKEN_MAX_TTL 3600 /* seconds a URL token may live */
+#define TOKEN_SIZE 64      /* "EXPIRY.MAC" with its NUL */
+
+void token_hmac_sha256(const void *key, size_t klen, const void *msg, size_t mlen, uint8_t out[32]);
+/* "EXPIRY.MAC" for job, signed with key k, valid until expires (unix seconds). */
+void token_make(const auth_key *k, const char *job, long long expires, char *out, size_t n);
+/* The key whose token for job this is, if it has not expired; NULL with the reason in *why. */
+const auth_key *token_check(const auth *a, const char *job, const char *token, const char **why);
+
+/* ---- static.c: the web UI, /docs and /openapi.yaml, built into the binary ---- */
+
+typedef struct static_file {
+  const char *path;  /* the URL path: "/", "/docs", "/ui/app.js", "/openapi.yaml" */
+  const char *ctype; /* its Content-Type */
+  const unsigned char *data;
+  size_t len;
+} static_file;
+
+/* the table CMake generates from server/ui/ and openapi.yaml (server/embed.cmake) */
+extern const static_file static_files[];
+extern const int static_nfiles;
+/* The file served at path, or NULL. */
+const static_file *static_find(const char *path);
+
 /* ---- http.c ---- */
 
 #define SD_CHOICES 64

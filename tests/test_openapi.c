@@ -105,7 +105,11 @@ START_TEST(responses_match_the_spec) {
                         "/sdapi/v1/options",
                         "/v1/jobs?limit=500",
                         "/v1/jobs?limit=%205",
-                        "/v1/jobs/0123456789abcdef01234567"};
+                        "/v1/jobs/0123456789abcdef01234567",
+                        "/docs",
+                        "/openapi.yaml",
+                        "/ui/docs.js",
+                        "/ui/nope.js"};
   for (size_t i = 0; i < sizeof gets / sizeof *gets; i++) {
     call(&d, "GET", gets[i], NULL, NULL, &r);
     http_free(&r);
@@ -125,6 +129,13 @@ START_TEST(responses_match_the_spec) {
     call(&d, "GET", path, NULL, NULL, &r);
     http_free(&r);
   }
+  /* a URL token (null without keys), and an EventSource's reconnect after the final event */
+  snprintf(path, sizeof path, "/v1/jobs/%s/token?ttl=60", id);
+  ck_assert_int_eq(call(&d, "POST", path, "", NULL, &r), 200);
+  http_free(&r);
+  snprintf(path, sizeof path, "/v1/jobs/%s/events?last_event_id=999999", id);
+  ck_assert_int_eq(call(&d, "GET", path, NULL, NULL, &r), 204);
+  http_free(&r);
   char pid[64];
   submit_job(&d,
              "{\"class_label\": 4, \"seed\": 8, \"scheduler\": {\"name\": \"ddim\", \"steps\": "
@@ -270,6 +281,13 @@ START_TEST(responses_match_the_spec) {
   http_free(&r);
   const char *reader[] = {"Authorization: Bearer reader-key-0123456789abcdef", NULL};
   ck_assert_int_eq(call(&d, "POST", "/v1/jobs", SMALL_JOB, reader, &r), 403);
+  http_free(&r);
+  ck_assert_int_eq(
+      call(&d, "GET", "/v1/jobs/0123456789abcdef01234567/images/0?token=1.00", NULL, NULL, &r),
+      401);
+  http_free(&r);
+  ck_assert_int_eq(call(&d, "POST", "/v1/jobs/0123456789abcdef01234567/token", "", reader, &r),
+                   404);
   http_free(&r);
   daemon_stop(&d);
   fclose(rec);
