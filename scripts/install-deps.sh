@@ -1,10 +1,12 @@
 #!/bin/sh
 # Installs the Debian packages denoised needs to build and test; skips what is present.
-# Usage: scripts/install-deps.sh [--reference] [--openapi] [--bench] [--fuzz] [--redis] [--training]
+# Usage: scripts/install-deps.sh [--reference] [--openapi] [--browser] [--bench] [--fuzz] [--redis] [--training]
 #   --reference  python3-torch + the modules tools/ needs to import a diffusers source tree
 #                for fixtures/bench
 #   --openapi    node + npm (Debian's, if no npm is on PATH) and the OpenAPI validator that
 #                tests/test_openapi.c runs (tools/openapi, pinned by its package-lock.json)
+#   --browser    Debian's chromium, node + npm, and puppeteer-core + axe-core (tools/browser, pinned
+#                by its package-lock.json) for the web UI's browser test (test_browser)
 #   --fuzz       clang with libFuzzer and its sanitizer runtimes (libclang-rt-14-dev) and
 #                llvm-symbolizer, for scripts/fuzz.sh
 #   --bench      wrk, for bench/load.sh
@@ -15,12 +17,17 @@ set -eu
 cd "$(dirname "$0")/.."
 PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev universal-ctags libhiredis-dev"
 openapi=0
+browser=0
 for arg in "$@"; do
   case "$arg" in
   --reference)
     PKGS="$PKGS python3-torch python3-numpy python3-packaging python3-filelock python3-regex python3-requests python3-yaml python3-importlib-metadata python3-tqdm python3-pil" ;;
   --openapi)
     openapi=1
+    if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
+  --browser)
+    browser=1
+    PKGS="$PKGS chromium"
     if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
   --bench) PKGS="$PKGS wrk" ;;
   --redis) PKGS="$PKGS redis-server" ;;
@@ -53,4 +60,8 @@ fi
 if [ "$openapi" = 1 ] && [ ! -d tools/openapi/node_modules/@apidevtools/swagger-parser ]; then
   echo "install-deps: installing the OpenAPI validator (npm ci in tools/openapi)" >&2
   (cd tools/openapi && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+if [ "$browser" = 1 ] && [ ! -d tools/browser/node_modules/puppeteer-core ]; then
+  echo "install-deps: installing the browser test's modules (npm ci in tools/browser)" >&2
+  (cd tools/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

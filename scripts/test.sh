@@ -4,7 +4,7 @@
 # (scripts/fuzz.sh 20: clang, libFuzzer, ASan+UBSan).
 set -eu
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh --openapi --fuzz --redis
+scripts/install-deps.sh --openapi --browser --fuzz --redis
 jobs="$(nproc)"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$jobs"

@@ -48,7 +48,9 @@ START_TEST(static_files_and_docs) {
   free(file);
   http_free(&r);
   /* the pages, their scripts, and a policy that loads nothing from elsewhere */
-  const char *pages[][2] = {{"/docs", "text/html"},
+  const char *pages[][2] = {{"/", "text/html"},
+                            {"/docs", "text/html"},
+                            {"/ui/app.js", "text/javascript"},
                             {"/ui/docs.js", "text/javascript"},
                             {"/ui/style.css", "text/css"},
                             {"/ui/vendor/js-yaml.min.js", "text/javascript"}};
@@ -63,6 +65,10 @@ START_TEST(static_files_and_docs) {
   ck_assert_int_eq(http_get(&d, "/docs", &r), 200);
   ck_assert_ptr_nonnull(strstr(r.body, "/ui/docs.js"));
   ck_assert_ptr_null(strstr(r.body, "http")); /* nothing from the network */
+  http_free(&r);
+  ck_assert_int_eq(http_get(&d, "/", &r), 200);
+  ck_assert_ptr_nonnull(strstr(r.body, "/ui/app.js"));
+  ck_assert_ptr_null(strstr(r.body, "://"));
   http_free(&r);
   expect_error(&d, "GET", "/ui/nope.js", NULL, 404, "not_found", NULL);
   expect_error(&d, "POST", "/docs", "{}", 405, "method_not_allowed", NULL);
