@@ -173,8 +173,11 @@
     $('edit-boundary-box').hidden = t !== 'boundary';
     const hint = { img2img: '(0-1: the share of the steps that runs)', inpaint: '(0-1; 1 redraws the mask fully)', boundary: '(signed distance from the boundary; about +-1 to +-10)' };
     $('strength-hint').textContent = hint[t] || '';
-    if (t === 'inpaint' && Number($('strength').value) > 1) $('strength').value = 1;
-    if (t === 'boundary' && $('strength').value === '0.6') $('strength').value = 6;
+    // each edit's strength has its own scale: a value of another one is put back in range
+    const v = Number($('strength').value);
+    if (t === 'img2img' && !(v > 0 && v <= 1)) $('strength').value = 0.6;
+    if (t === 'inpaint' && !(v > 0 && v <= 1)) $('strength').value = 1;
+    if (t === 'boundary' && v > 0 && v <= 1) $('strength').value = 6;
     drawCanvas();
   }
   $('edit-type').addEventListener('change', onEditType);
@@ -385,7 +388,7 @@
     try {
       const job = await api('POST', '/v1/jobs', req);
       remember(job, req);
-      follow(job.id);
+      follow(job.id).catch((e) => setStatus(`Job ${job.id}: cannot follow it: ${e.message}`));
     } catch (e) {
       $('form-error').textContent = 'Not accepted: ' + e.message;
     } finally {
@@ -556,7 +559,7 @@
     const short = entry.id.slice(-8);
     acts.append(button('Reuse these settings', () => reuse(entry), `Reuse these settings of job ${short}`));
     if (v && (v.state === 'queued' || v.state === 'running') && st.current !== entry.id)
-      acts.append(button('Watch progress', () => follow(entry.id), `Watch the progress of job ${short}`));
+      acts.append(button('Watch progress', () => follow(entry.id).catch((e) => setStatus(`Job ${entry.id}: cannot follow it: ${e.message}`)), `Watch the progress of job ${short}`));
     if (v && (v.state === 'queued' || v.state === 'running'))
       acts.append(
         button('Cancel', async () => {
@@ -617,7 +620,7 @@
       if (e.status === 404) entry.gone = true;
     }
     const li = document.querySelector(`#gallery li[data-id="${id}"]`);
-    if (li) await renderEntry(li, entry);
+    if (li) await renderEntry(li, entry).catch((e) => (li.querySelector('.meta').textContent += ` (${e.message})`));
   }
 
   function renderGallery() {
@@ -629,7 +632,9 @@
       const li = document.createElement('li');
       li.dataset.id = entry.id;
       ul.append(li);
-      renderEntry(li, entry).then(() => refreshEntry(entry.id));
+      renderEntry(li, entry)
+        .catch(() => {})
+        .then(() => refreshEntry(entry.id));
     }
   }
 
