@@ -459,6 +459,7 @@
       es.close();
       if (st.es === es) st.es = null;
       $('cancel').disabled = true;
+      if (what === 'done') $('run-bar').value = $('run-bar').max;
       setStatus(what === 'failed' ? `Job ${id} failed: ${d.error || d.reason || 'see the gallery'}.` : `Job ${id}: ${what}.`);
       refreshEntry(id);
     };
