@@ -21,6 +21,10 @@ repetition), so load from other work spreads over all of them.
 
 `usf` configurations take the schedule as DATA (the steps come from it: NFE is what is printed);
 `--json FILE` writes the rows.
+
+--classify (the glyph model; bench/glyph_classifier.pt, tools/glyphs/train_classifier.py) adds,
+on the same samples, the share the classifier reads as the requested class ("acc") and the
+mode-mixture rate: the share whose top class probability is below 0.5 ("mix").
 """
 import argparse
 import json
@@ -70,6 +74,19 @@ def run(args, cfg, out):
     return np.load(out).astype(np.float64), dt / args.batch
 
 
+def classify(x, cls_index):
+    """(accuracy for cls_index, share with top probability < 0.5) of samples x [N, 3, H, W]."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "tools", "glyphs"))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from train_classifier import load_classifier, to_input
+    from glyph_eval import to_u8
+    net = load_classifier(os.path.join(ROOT, "bench", "glyph_classifier.pt"))
+    with torch.no_grad():
+        p = torch.softmax(net.heads["char"](net.features(to_input(to_u8(x)))), 1).numpy()
+    return float((p.argmax(1) == cls_index).mean()), float((p.max(1) < 0.5).mean())
+
+
 def rel_l2(x, ref):
     return float(np.sqrt(((x - ref) ** 2).sum() / (ref ** 2).sum()))
 
@@ -87,6 +104,8 @@ def main():
     ap.add_argument("--config", action="append", default=[])
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--classify", action="store_true")
+    ap.add_argument("--no-ref", action="store_true", help="skip the reference (with --classify)")
     args = ap.parse_args()
     if not args.config:
         sys.exit("give at least one --config NAME:NFE[:DATA[:OPT=V,...]]")
@@ -95,12 +114,14 @@ def main():
     cfgs = [parse_config(c) for c in args.config]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "x.npy")
-        ref, _ = run(args, ref_cfg, out)
-        ref_half, _ = run(args, half, out)
-        print("reference %s: %d images, seed %d, class %s, guidance %s; its own error "
-              "(vs %d steps) %.2e; |x| max %.3f"
-              % (args.ref, args.batch, args.seed, args.cls, args.guidance, half["steps"],
-                 rel_l2(ref_half, ref), np.abs(ref).max()))
+        ref = None
+        if not args.no_ref:
+            ref, _ = run(args, ref_cfg, out)
+            ref_half, _ = run(args, half, out)
+            print("reference %s: %d images, seed %d, class %s, guidance %s; its own error "
+                  "(vs %d steps) %.2e; |x| max %.3f"
+                  % (args.ref, args.batch, args.seed, args.cls, args.guidance, half["steps"],
+                     rel_l2(ref_half, ref), np.abs(ref).max()))
         times = {c["label"]: [] for c in cfgs}
         xs = {}
         for _ in range(args.reps):
@@ -109,15 +130,25 @@ def main():
                 xs[c["label"]] = x
                 times[c["label"]].append(dt)
     rows = []
-    print("| configuration | rel L2 | max abs | s/image |")
-    print("| --- | --- | --- | --- |")
+    cls_index = None
+    if args.classify:
+        labels = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        cls_index = int(args.cls) if args.cls.isdigit() else labels.index(args.cls)
+    print("| configuration | rel L2 | max abs | s/image |%s" % (" acc | mix |" if args.classify else ""))
+    print("| --- | --- | --- | --- |%s" % (" --- | --- |" if args.classify else ""))
     for c in cfgs:
         x = xs[c["label"]]
-        row = {"config": c["label"], "rel_l2": rel_l2(x, ref), "max_abs": float(np.abs(x).max()),
+        row = {"config": c["label"], "rel_l2": rel_l2(x, ref) if ref is not None else None,
+               "max_abs": float(np.abs(x).max()),
                "seconds_per_image": float(np.median(times[c["label"]]))}
+        extra = ""
+        if args.classify:
+            row["acc"], row["mix"] = classify(x, cls_index)
+            extra = " %.3f | %.3f |" % (row["acc"], row["mix"])
         rows.append(row)
-        print("| %s | %.4f | %.2f | %.3f |" % (row["config"], row["rel_l2"], row["max_abs"],
-                                              row["seconds_per_image"]))
+        print("| %s | %s | %.2f | %.3f |%s" % (row["config"], "%.4f" % row["rel_l2"] if ref is not
+                                               None else "-", row["max_abs"],
+                                               row["seconds_per_image"], extra))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"reference": args.ref, "model": args.model, "class": args.cls,

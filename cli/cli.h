@@ -144,6 +144,53 @@ int cmd_invert(int argc, char **argv);
 int cmd_edit(int argc, char **argv);
 int cmd_boundary(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
+int cmd_ot(int argc, char **argv);
+int cmd_search(int argc, char **argv);
+
+/* ---- data points for solver data computed from a model (cmd_stats.c; stats and ot fit) ---- */
+/* What the data points are: the class of each and the guidance. */
+typedef struct cli_data_cond {
+  int64_t *labels; /* n, or NULL for an unconditional model; owned */
+  int one_class;
+  int64_t class_label;
+  guidance g;
+  int guided;
+} cli_data_cond;
+/* --class and --guidance-scale against the model: one class for every data point, or the
+ * classes in turn (the null class left out: nobody samples it); status 2 on a usage error. */
+int cli_data_condition(const char *cmd, const char *class_s, int has_guidance, double scale,
+                       const model *m, int n, cli_data_cond *c);
+/* The n data points: the first n of the .npy `data`, or (data NULL) the model's own 50-step
+ * DPM-Solver++(2M) samples of the same classes and guidance. */
+int cli_data_points(const char *data, long long seed, int threads, const model *m,
+                    const cli_data_cond *c, int n, float *x, err *e);
+/* The getopt loop of those commands ("o:h" plus opts; set handles every other option, non-zero
+ * after printing a usage error): 0 after --help, 2 on a usage error, -1 to go on. */
+struct option;
+int cli_data_getopt(const char *cmd, int argc, char **argv, const struct option *opts,
+                    const char *help, int (*set)(int c, const char *arg, void *a), void *a);
+/* The flags those commands share: --model, --out, --class, --guidance-scale, --quiet. */
+typedef struct cli_data_flags {
+  const char *model_dir, *out, *class_s;
+  double guidance;
+  int has_guidance, quiet;
+} cli_data_flags;
+/* An integer flag of a command's table: option letter, name, range, offset in its args. */
+typedef struct cli_int_flag {
+  int c;
+  const char *flag;
+  long long lo, hi;
+  size_t off;
+} cli_int_flag;
+/* Sets option c: one of the shared flags (f), one of the table's (into args), else a usage
+ * error for an unknown option; 0 or non-zero after printing the error; 1 for "not mine" when
+ * c is none of them and unknown_ok is set. */
+int cli_data_flag(const char *cmd, cli_data_flags *f, const cli_int_flag *tab, size_t ntab,
+                  void *args, int c, const char *arg, int unknown_ok);
+/* -1 when --out is a valid solver data name or a file, else 2 after the usage error. */
+int cli_data_out_ok(const char *cmd, const char *out);
+/* --out as a file: a name becomes MODEL/solver_data/NAME.json, the folder made if missing. */
+int cli_data_out_path(const char *model_dir, const char *out, char *path, size_t n, err *e);
 int cmd_info(int argc, char **argv);
 
 #endif

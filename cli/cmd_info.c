@@ -4,6 +4,7 @@
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cli.h"
 #include "sampler.h"
@@ -56,12 +57,23 @@ static void print_text(const json_t *j) {
       snprintf(cls, sizeof cls, "class %lld", (long long)json_integer_value(cl));
     if (json_is_number(gs))
       snprintf(gsc, sizeof gsc, "guidance %g", json_number_value(gs));
-    if (json_integer_value(json_object_get(d, "version")) < 2)
+    const char *kind = json_string_value(json_object_get(d, "kind"));
+    /* a DPM-OT map (version 1) records what it is for; v3 statistics do from version 2 */
+    const int ot = kind && strcmp(kind, "dpm-ot-map") == 0;
+    const int unrec = !ot && json_integer_value(json_object_get(d, "version")) < 2;
+    if (unrec)
       snprintf(cls, sizeof cls, "%s", "not recorded (version 1)");
-    printf("  %-20s %s, grid %lld, %s, %s\n", json_string_value(json_object_get(d, "name")),
-           json_string_value(json_object_get(d, "kind")),
-           (long long)json_integer_value(json_object_get(d, "grid")), cls,
-           json_integer_value(json_object_get(d, "version")) < 2 ? "guidance not recorded" : gsc);
+    char what[64];
+    if (ot)
+      snprintf(what, sizeof what, "%lld targets at step %lld of %lld",
+               (long long)json_integer_value(json_object_get(d, "targets")),
+               (long long)json_integer_value(json_object_get(d, "step")),
+               (long long)json_integer_value(json_object_get(d, "steps")));
+    else
+      snprintf(what, sizeof what, "grid %lld",
+               (long long)json_integer_value(json_object_get(d, "grid")));
+    printf("  %-20s %s, %s, %s, %s\n", json_string_value(json_object_get(d, "name")), kind, what,
+           cls, unrec ? "guidance not recorded" : gsc);
   }
 }
 

@@ -124,30 +124,20 @@ static int parse_args(int argc, char **argv, stats_args *a) {
   return -1;
 }
 
-/* What the statistics are computed on: the class per data point and the guidance. */
-typedef struct stats_cond {
-  int64_t *labels; /* n, or NULL for an unconditional model */
-  int one_class;
-  int64_t class_label;
-  guidance g;
-  int guided;
-} stats_cond;
-
-/* --class and --guidance-scale against the model: one class for every data point, or the
- * classes in turn (the null class left out: nobody samples it); status 2 on a usage error. */
-static int stats_condition(const stats_args *a, const model *m, int n, stats_cond *c) {
+int cli_data_condition(const char *cmd, const char *class_s, int has_guidance, double scale,
+                       const model *m, int n, cli_data_cond *c) {
   const model_info *mi = model_get_info(m);
   if (!mi->num_classes)
-    return a->class_s || a->has_guidance
-               ? cli_usage_error("stats", "this model is not class-conditional: drop --class "
-                                          "and --guidance-scale")
+    return class_s || has_guidance
+               ? cli_usage_error(cmd, "this model is not class-conditional: drop --class "
+                                      "and --guidance-scale")
                : 0;
-  if (a->class_s && (c->class_label = model_class_from_name(m, a->class_s)) < 0)
-    return cli_usage_error("stats", "--class '%s' is not a class of this model (%d classes)",
-                           a->class_s, mi->num_classes);
-  c->one_class = a->class_s != NULL;
+  if (class_s && (c->class_label = model_class_from_name(m, class_s)) < 0)
+    return cli_usage_error(cmd, "--class '%s' is not a class of this model (%d classes)", class_s,
+                           mi->num_classes);
+  c->one_class = class_s != NULL;
   if (!(c->labels = malloc((size_t)n * sizeof *c->labels)))
-    return cli_fail("stats", "out of memory");
+    return cli_fail(cmd, "out of memory");
   int64_t next = 0;
   for (int b = 0; b < n; b++) {
     if (!c->one_class && next == mi->null_class)
@@ -155,27 +145,25 @@ static int stats_condition(const stats_args *a, const model *m, int n, stats_con
     c->labels[b] = c->one_class ? c->class_label : next;
     next = (next + 1) % mi->num_classes;
   }
-  c->g = guidance_for(m, a->guidance);
-  c->guided = a->has_guidance;
+  c->g = guidance_for(m, scale);
+  c->guided = has_guidance;
   return 0;
 }
 
-/* The n data points: the first n of --data, or the model's own samples (of the same classes
- * and guidance). */
-static int data_points(const stats_args *a, const model *m, const stats_cond *c, int n, float *x,
-                       err *e) {
+int cli_data_points(const char *data, long long seed, int threads, const model *m,
+                    const cli_data_cond *c, int n, float *x, err *e) {
   const model_info *mi = model_get_info(m);
   const size_t d = (size_t)mi->in_channels * mi->sample_size * mi->sample_size;
-  if (a->data) {
+  if (data) {
     npy_array arr = {0};
-    int rc = npy_read_f32(a->data, &arr, e);
+    int rc = npy_read_f32(data, &arr, e);
     if (rc == ERR_OK &&
         (arr.ndim != 4 || arr.shape[1] != mi->in_channels || arr.shape[2] != mi->sample_size ||
          arr.shape[3] != mi->sample_size || arr.shape[0] < n))
-      rc = err_set(e, ERR_INVALID, "%s: expected [N >= %d, %d, %d, %d] data points", a->data, n,
+      rc = err_set(e, ERR_INVALID, "%s: expected [N >= %d, %d, %d, %d] data points", data, n,
                    mi->in_channels, mi->sample_size, mi->sample_size);
     if (rc == ERR_OK)
-      rc = npy_check_finite(&arr, a->data, e);
+      rc = npy_check_finite(&arr, data, e);
     if (rc == ERR_OK)
       memcpy(x, arr.data, (size_t)n * d * sizeof *x);
     npy_array_free(&arr);
@@ -189,8 +177,8 @@ static int data_points(const stats_args *a, const model *m, const stats_cond *c,
   if (rc != ERR_OK)
     return rc;
   sampler_run_opts o = {.batch = n,
-                        .seed = (uint64_t)a->seed,
-                        .threads = (int)a->threads,
+                        .seed = (uint64_t)seed,
+                        .threads = threads,
                         .labels = c->labels,
                         .guidance = c->guided ? &c->g : NULL};
   rc = sampler_run(s, m, &o, x, NULL, e);
@@ -198,17 +186,16 @@ static int data_points(const stats_args *a, const model *m, const stats_cond *c,
   return rc;
 }
 
-/* --out as a file: a name becomes MODEL/solver_data/NAME.json, the folder made if missing. */
-static int out_path(const stats_args *a, char *path, size_t n, err *e) {
-  if (!sampler_data_is_name(a->out)) {
-    snprintf(path, n, "%s", a->out);
+int cli_data_out_path(const char *model_dir, const char *out, char *path, size_t n, err *e) {
+  if (!sampler_data_is_name(out)) {
+    snprintf(path, n, "%s", out);
     return ERR_OK;
   }
-  if ((size_t)snprintf(path, n, "%s/%s", a->model_dir, SAMPLER_DATA_DIR) >= n)
+  if ((size_t)snprintf(path, n, "%s/%s", model_dir, SAMPLER_DATA_DIR) >= n)
     return err_set(e, ERR_INVALID, "model folder path too long");
   if (mkdir(path, 0777) != 0 && errno != EEXIST)
     return err_set(e, ERR_IO, "cannot make %s: %s", path, strerror(errno));
-  snprintf(path + strlen(path), n - strlen(path), "/%s.json", a->out);
+  snprintf(path + strlen(path), n - strlen(path), "/%s.json", out);
   return ERR_OK;
 }
 
@@ -216,8 +203,8 @@ static int out_path(const stats_args *a, char *path, size_t n, err *e) {
 static int stats_run(const stats_args *a, const model *m, const sampler *v3, err *e) {
   const model_info *mi = model_get_info(m);
   const int n = (int)a->samples;
-  stats_cond c = {0};
-  int status = stats_condition(a, m, n, &c);
+  cli_data_cond c = {0};
+  int status = cli_data_condition("stats", a->class_s, a->has_guidance, a->guidance, m, n, &c);
   float *x = malloc((size_t)n * mi->in_channels * mi->sample_size * mi->sample_size * sizeof *x);
   if (!status && !x)
     status = cli_fail("stats", "out of memory");
@@ -236,9 +223,9 @@ static int stats_run(const stats_args *a, const model *m, const sampler *v3, err
                                      .guidance = c.guided ? &c.g : NULL,
                                      .progress = cli_on_progress,
                                      .progress_user = &bar};
-    int rc = out_path(a, path, sizeof path, e);
+    int rc = cli_data_out_path(a->model_dir, a->out, path, sizeof path, e);
     if (rc == ERR_OK)
-      rc = data_points(a, m, &c, n, x, e);
+      rc = cli_data_points(a->data, a->seed, (int)a->threads, m, &c, n, x, e);
     if (rc == ERR_OK)
       rc = sampler_v3_stats_compute(m, v3, &o, path, e);
     status = rc == ERR_OK ? 0 : cli_fail("stats", "%s", e->msg);
@@ -274,4 +261,46 @@ int cmd_stats(int argc, char **argv) {
   sampler_free(v3);
   model_free(m);
   return status;
+}
+
+int cli_data_getopt(const char *cmd, int argc, char **argv, const struct option *opts,
+                    const char *help, int (*set)(int c, const char *arg, void *a), void *a) {
+  int c;
+  optind = 1;
+  while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+    if (c == 'h') {
+      fputs(help, stdout);
+      return 0;
+    }
+    if (set(c, optarg, a) != 0)
+      return 2;
+  }
+  return optind < argc ? cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]) : -1;
+}
+
+int cli_data_out_ok(const char *cmd, const char *out) {
+  if (sampler_data_is_name(out) && !sampler_data_name_ok(out))
+    return cli_usage_error(cmd,
+                           "--out '%s' is neither a solver data name (letters, digits, . _ -, "
+                           "starting with a letter or digit) nor a FILE.json",
+                           out);
+  return -1;
+}
+
+int cli_data_flag(const char *cmd, cli_data_flags *f, const cli_int_flag *tab, size_t ntab,
+                  void *args, int c, const char *arg, int unknown_ok) {
+  for (size_t i = 0; i < ntab; i++)
+    if (tab[i].c == c)
+      return cli_parse_int(tab[i].flag, arg, tab[i].lo, tab[i].hi,
+                           (long long *)((char *)args + tab[i].off));
+  switch (c) {
+  case 'm': f->model_dir = arg; return 0;
+  case 'o': f->out = arg; return 0;
+  case 'l': f->class_s = arg; return 0;
+  case 'q': f->quiet = 1; return 0;
+  case 'g':
+    f->has_guidance = 1;
+    return cli_parse_double("--guidance-scale", arg, 0, GUIDANCE_MAX_SCALE, &f->guidance);
+  default: return unknown_ok ? 1 : cli_usage_error(cmd, "unknown option") != 0;
+  }
 }

@@ -24,6 +24,8 @@ static const char usage[] =
     "  edit      edits in noise space, or across a semantic boundary\n"
     "  boundary  'boundary fit': a semantic boundary from labelled images\n"
     "  stats     DPM-Solver-v3 statistics of a model (--solver-data)\n"
+    "  ot fit    DPM-OT transport map of a model (--scheduler dpm-ot)\n"
+    "  search    S^3-style search for a USF schedule of a model\n"
     "  train     train a UNet2DModel on images (a diffusers folder)\n"
     "  info      a model folder: its network and its solver data\n"
     "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
@@ -100,6 +102,10 @@ int main(int argc, char **argv) {
     return cmd_train(argc - 1, argv + 1);
   if (strcmp(cmd, "stats") == 0)
     return cmd_stats(argc - 1, argv + 1);
+  if (strcmp(cmd, "ot") == 0)
+    return cmd_ot(argc - 1, argv + 1);
+  if (strcmp(cmd, "search") == 0)
+    return cmd_search(argc - 1, argv + 1);
   if (strcmp(cmd, "info") == 0)
     return cmd_info(argc - 1, argv + 1);
   if (strcmp(cmd, "forward") == 0)

@@ -57,6 +57,8 @@ static const sched_defaults sched_table[] = {
     {"DPM_Solver_v3", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
     /* the USF executor (thu-nics/USF uni_sampler): every decision is in its schedule file */
     {"USF", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
+    /* DPM-OT: its map names the solver it hands over to; no keys of its own */
+    {"DPM_OT", NULL, LIN, SCHED_SPACING_LINSPACE, 0, 0, DPMPP, MID, 1, MS},
     /* the official PNDM code (runner/method.py), F-PNDM by default */
     {"PNDM_Official", NULL, LIN, SCHED_SPACING_LEADING, 0, 0, DPMPP, MID, 1, SCHED_METHOD_F_PNDM},
 };
@@ -273,7 +275,7 @@ static const char *const keys_dpm_official[] = {"solver_order",
                                                 "lambda_min_clipped",
                                                 NULL};
 /* v3 reads the model's dynamic thresholding keys as diffusers does (a deviation from the authors'
- * code, which has none: sampler_v3.c v3_threshold says why) */
+ * code, which has none: sampler_v3.c sampler_threshold_eps says why) */
 static const char *const keys_dpm_v3[] = {"solver_order",
                                           "skip_type",
                                           "lower_order_final",
@@ -285,7 +287,8 @@ static const char *const keys_dpm_v3[] = {"solver_order",
                                           "dynamic_thresholding_ratio",
                                           "sample_max_value",
                                           NULL};
-static const char *const keys_usf[] = {"lambda_min_clipped", NULL};
+static const char *const keys_usf[] = {"lambda_min_clipped", "thresholding",
+                                       "dynamic_thresholding_ratio", "sample_max_value", NULL};
 static const char *const keys_pndm_official[] = {"method", "timestep_spacing", "steps_offset",
                                                  "set_alpha_to_one", NULL};
 static const char *const keys_none[] = {NULL};
@@ -310,6 +313,7 @@ static const struct {
     {"DPM_Solver", keys_dpm_official},
     {"DPM_Solver_v3", keys_dpm_v3},
     {"USF", keys_usf},
+    {"DPM_OT", keys_none},
     {"PNDM_Official", keys_pndm_official},
 };
 

@@ -442,6 +442,9 @@ static const solver_name names[] = {
     {"usf", &solver_usf, NULL, NULL,
      "USF (S^3 paper's unified sampling framework): runs a per-step solver schedule (spec "
      "\"data\": the schedule file)"},
+    {"dpm-ot", &solver_dpm_ot, NULL, NULL,
+     "DPM-OT (authors' transport map): maps U[0,1]^d to data latents at a step, then runs the "
+     "map's solver for the remaining steps (spec \"data\": the map, 'denoised ot fit')"},
 };
 #define NNAMES ((int)(sizeof names / sizeof names[0]))
 
@@ -449,7 +452,7 @@ static const solver_desc *const impls[] = {
     &solver_ddpm,           &solver_ddim,  &solver_pndm,          &solver_dpm_multistep,
     &solver_dpm_singlestep, &solver_unipc, &solver_deis,          &solver_euler,
     &solver_euler_a,        &solver_heun,  &solver_pndm_official, &solver_dpm_official,
-    &solver_dpm_v3,         &solver_usf,
+    &solver_dpm_v3,         &solver_usf,   &solver_dpm_ot,
 };
 #define NIMPLS ((int)(sizeof impls / sizeof impls[0]))
 
@@ -520,6 +523,8 @@ void sampler_free(sampler *s) {
   sampler_usf_free(s->usf);
   free(s->data);
   json_decref(s->data_for);
+  sampler_ot_free(s->ot);
+  json_decref(s->ot_header);
   free(s);
 }
 
@@ -649,6 +654,28 @@ static int apply_layer(sched_config *cfg, const json_t *layer, const char *what,
   return rc;
 }
 
+/* DPM-OT: the map names its solver and steps; a spec may repeat the steps, nothing else. */
+static int ot_from_json(const json_t *spec, const char *data, const json_t *model_config,
+                        sampler **out, err *e) {
+  if (!data)
+    return err_set(e, ERR_INVALID,
+                   "dpm-ot samples through a transport map: give it as 'data' "
+                   "('denoised ot fit' makes one)");
+  const json_t *opts = json_object_get(spec, "options");
+  if (json_object_size(opts) > 0)
+    return err_set(e, ERR_INVALID, "dpm-ot takes no scheduler options (its map fixes the solver)");
+  int rc = sampler_ot_new(data, model_config, out, e);
+  const json_t *js = json_object_get(spec, "steps");
+  if (rc == ERR_OK && json_is_integer(js) && json_integer_value(js) != (*out)->n) {
+    rc = err_set(e, ERR_INVALID,
+                 "solver spec key 'steps': the transport map %s is for %d steps, not %lld", data,
+                 (*out)->n, (long long)json_integer_value(js));
+    sampler_free(*out);
+    *out = NULL;
+  }
+  return rc;
+}
+
 int sampler_new_from_json(const json_t *spec, const json_t *model_config, sampler **out, err *e) {
   if (!json_is_object(spec))
     return err_set(e, ERR_INVALID, "solver spec: expected a JSON object");
@@ -676,6 +703,8 @@ int sampler_new_from_json(const json_t *spec, const json_t *model_config, sample
   } else {
     return err_set(e, ERR_INVALID, "solver spec: no 'name' and no model scheduler class");
   }
+  if (strcmp(name, "dpm-ot") == 0)
+    return ot_from_json(spec, data, model_config, out, e);
   const solver_name *alias;
   const solver_desc *d = resolve(name, &alias);
   if (!d)
@@ -785,7 +814,8 @@ const double *sampler_timesteps(const sampler *s) {
   return s->n_evals ? s->tm : NULL;
 }
 int sampler_nfe(const sampler *s) {
-  return s->n_evals;
+  /* DPM-OT: the map replaces the steps before its own */
+  return s->ot ? s->n_evals - s->ot->step : s->n_evals;
 }
 int sampler_is_stochastic(const sampler *s) {
   return s->stochastic;
@@ -824,6 +854,26 @@ static int check_classifier(const sampler *s, const model *m, const sampler_run_
   return classifier_guidance_check(o->classifier, m, h, w, o->batch, e);
 }
 
+/* DPM-OT: the map gives each image's state at the map's step, the solver runs from there. */
+static int ot_run(const sampler *s, const model *m, const sampler_run_opts *o, size_t d, float *out,
+                  int *nfe, err *e) {
+  if (o->init_image || o->mask || o->init_noise || o->end_step)
+    return err_set(e, ERR_INVALID,
+                   "dpm-ot starts from its transport map: no initial noise, "
+                   "init image, mask or partial run");
+  float *x = malloc((size_t)o->batch * d * sizeof *x);
+  if (!x)
+    return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
+  int rc = sampler_ot_start(s, o, d, x, e);
+  sampler_run_opts oo = *o;
+  oo.start_step = s->ot->step;
+  oo.init_noise = x;
+  if (rc == ERR_OK)
+    rc = sampler_run(s, m, &oo, out, nfe, e);
+  free(x);
+  return rc;
+}
+
 int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, float *out, int *nfe,
                 err *e) {
   if (nfe)
@@ -860,6 +910,8 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     return rc;
   if (o->guidance && o->guidance->enabled && !o->labels)
     return err_set(e, ERR_INVALID, "guidance_scale: classifier-free guidance needs class labels");
+  if (s->ot && !o->start_step)
+    return ot_run(s, m, o, (size_t)cin * h * w, out, nfe, e);
   int start = 0, end = s->n;
   int *first = NULL;
   const int partial = o->start_step || o->end_step || o->init_image || o->mask;

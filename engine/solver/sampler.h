@@ -169,6 +169,64 @@ typedef struct sampler_v3_stats_opts {
 int sampler_v3_stats_compute(const model *m, const sampler *s, const sampler_v3_stats_opts *o,
                              const char *out_path, err *e);
 
+/* ---- DPM-OT (sampler_ot.c): the semi-discrete transport map from U[0, 1]^d to noised data
+ * latents at step `step` of a solver, and `--scheduler dpm-ot`, which maps and then runs the
+ * remaining steps ---- */
+/* Fills out (count floats) with source batch `batch` of fit iteration `iteration`. */
+typedef int (*sampler_ot_source_fn)(void *user, int iteration, int batch, float *out, size_t count,
+                                    err *e);
+typedef struct sampler_ot_fit_opts {
+  int max_iter;  /* iterations */
+  double lr;     /* the authors' 0.1 */
+  int batch;     /* source points per batch; 10 N / batch batches per iteration */
+  uint64_t seed; /* of the default source, U[0, 1]^d from rng_uniform(seed, iteration, batch) */
+  sampler_ot_source_fn source; /* NULL: the default */
+  void *source_user;
+  sampler_progress_fn progress; /* (iteration, max_iter, 0) */
+  void *progress_user;
+} sampler_ot_fit_opts;
+typedef struct sampler_ot_fit_report {
+  int iterations, empty, doublings;
+  double g_norm, lr;
+  long long samples; /* source points per iteration at the end */
+} sampler_ot_fit_report;
+/* The authors' dual solve for the intercepts h (n, in: the start, usually 0; out: the result)
+ * of u_h(x) = max_i <x, y_i> + h_i with equal target weights. */
+int sampler_ot_fit(const float *targets, int n, size_t d, const sampler_ot_fit_opts *o, float *h,
+                   sampler_ot_fit_report *rep, err *e);
+/* idx[j] = argmax_i <x_j, y_i> + h_i (float32, first on ties) for m points x. */
+int sampler_ot_assign(const float *targets, const float *h, int n, size_t d, const float *x, int m,
+                      int *idx, err *e);
+/* Writes the map: header (given fields kept; format, arrays, targets, shape added) at path
+ * NAME.json, targets NAME.npy and h NAME.h.npy beside it. */
+int sampler_ot_write(const char *path, json_t *header, const float *targets, const float *h, int n,
+                     const int shape[3], err *e);
+/* Whether solver s can carry a map at step `step` (deterministic, one evaluation per step, VP
+ * latents), with the reason if not. */
+int sampler_ot_solver_ok(const sampler *s, int step, err *e);
+/* alpha_bar at the start of step `step` of s (the level the map's targets are noised to). */
+double sampler_ot_abar(const sampler *s, int step);
+
+/* ---- S^3-style search for a USF schedule (sampler_search.c) ---- */
+typedef struct sampler_search_opts {
+  int nfe, budget, population, ref_steps;
+  /* the search noise: batch, seed (held-out noise: seed + 1), labels, guidance, threads */
+  sampler_run_opts run;
+  const char *state_path; /* every candidate tried, rewritten after each (resume reads it) */
+  int resume;
+  /* after each candidate: (tried, budget, its score, the best so far) */
+  void (*progress)(int tried, int budget, double score, double best, void *user);
+  void *progress_user;
+} sampler_search_opts;
+typedef struct sampler_search_result {
+  json_t *schedule;           /* the best USF schedule (new reference) */
+  double score;               /* its relative L2 error on the search noise */
+  double heldout, heldout_2m; /* on held-out noise: it, and lambda-uniform DPM-Solver++(2M) */
+  int tried;
+} sampler_search_result;
+int sampler_search(const model *m, const json_t *model_config, const sampler_search_opts *o,
+                   sampler_search_result *res, err *e);
+
 /* ---- solver data kept beside a model: MODEL/solver_data/NAME.json (+ its arrays) ---- */
 
 #define SAMPLER_DATA_DIR "solver_data"

@@ -79,7 +79,8 @@ static json_t *list_entry(const char *name, const char *path) {
   json_t *h = json_load_file(path, 0, NULL), *stats = NULL;
   const char *fmt = json_string_value(json_object_get(h, "format"));
   const int usf = fmt && strcmp(fmt, "denoised-usf-schedule") == 0;
-  if (!fmt || (!usf && strcmp(fmt, "denoised-v3-stats") != 0)) {
+  const int ot = fmt && strcmp(fmt, "denoised-ot-map") == 0;
+  if (!fmt || (!usf && !ot && strcmp(fmt, "denoised-v3-stats") != 0)) {
     json_decref(h);
     return NULL;
   }
@@ -95,15 +96,23 @@ static json_t *list_entry(const char *name, const char *path) {
                *gs = json_object_get(cf, "guidance_scale");
   const json_t *dp = json_object_get(cf, "data_points"), *v = json_object_get(h, "version");
   const json_t *grid = json_object_get(h, "grid"), *shape = json_object_get(h, "shape");
-  json_t *out = json_pack(
-      "{s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:O}", "name", name, "kind",
-      usf ? "usf-schedule" : "dpm-solver-v3-stats", "version", or_null(v, json_is_integer(v)),
-      "grid", or_null(grid, json_is_integer(grid)), "shape", or_null(shape, json_is_array(shape)),
-      "class_label", or_null(cl, json_is_integer(cl)), "guidance_scale",
-      or_null(gs, json_is_number(gs)), "data_points", or_null(dp, json_is_integer(dp)));
+  json_t *out =
+      json_pack("{s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:O}", "name", name, "kind",
+                usf  ? "usf-schedule"
+                : ot ? "dpm-ot-map"
+                     : "dpm-solver-v3-stats",
+                "version", or_null(v, json_is_integer(v)), "grid",
+                or_null(grid, json_is_integer(grid)), "shape", or_null(shape, json_is_array(shape)),
+                "class_label", or_null(cl, json_is_integer(cl)), "guidance_scale",
+                or_null(gs, json_is_number(gs)), "data_points", or_null(dp, json_is_integer(dp)));
   if (out && usf)
     json_object_set_new(out, "steps",
                         json_integer((json_int_t)json_array_size(json_object_get(h, "steps"))));
+  if (out && ot) {
+    json_object_set(out, "steps", json_object_get(json_object_get(h, "solver"), "steps"));
+    json_object_set(out, "step", json_object_get(h, "step"));
+    json_object_set(out, "targets", json_object_get(h, "targets"));
+  }
   json_decref(stats);
   json_decref(h);
   return out;
@@ -240,8 +249,27 @@ static int check_guidance(const sampler *s, const json_t *rec, const model *m, c
   return ERR_OK;
 }
 
+/* A DPM-OT map: the model, class and scale its targets came from, and the noise level. */
+static int check_ot(const sampler *s, const model *m, const guidance *g, const int64_t *labels,
+                    int batch, err *e) {
+  const json_t *rec = s->data_for;
+  int rc = check_model(s, json_object_get(rec, "model"), m, e);
+  if (rc == ERR_OK)
+    rc = check_guidance(s, rec, m, g, labels, batch, e);
+  const double want = json_number_value(json_object_get(s->ot_header, "alpha_bar"));
+  const double have = sampler_ot_abar(s, s->ot->step);
+  if (rc == ERR_OK && !same(want, have))
+    rc = err_set(e, ERR_INVALID,
+                 "transport map %s holds latents at alpha_bar %g, the run's step %d is at %g: "
+                 "another noise schedule; refit with 'denoised ot fit'",
+                 s->data, want, s->ot->step, have);
+  return rc;
+}
+
 int sampler_data_check(const sampler *s, const model *m, const guidance *g, const int64_t *labels,
                        int batch, err *e) {
+  if (s->ot)
+    return check_ot(s, m, g, labels, batch, e);
   /* statistics from a file: v3's own data, or those a USF schedule names (flat ones are built
    * for the run and fit any) */
   if (!s->data || !s->v3 || (s->desc != &solver_dpm_v3 && s->desc != &solver_usf))

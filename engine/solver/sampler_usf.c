@@ -514,6 +514,7 @@ typedef struct uctx {
   upt **ring; /* np points, newest last */
   int np, cap;
   float *xf, *of;
+  float *sel;  /* d scratch for thresholding */
   double *lab; /* batch model labels */
 } uctx;
 
@@ -552,9 +553,24 @@ static int fill_point(uctx *c, int step, upt *P, int first, err *e) {
       return rc;
   }
   const usf_schedule *u = c->u;
+  const int thr = first == FIRST_MODEL && s->cfg.thresholding;
+  if (thr) {
+    /* as v3 does where the model's config asks (sampler_threshold_eps); of is spent after */
+    for (size_t j = 0; j < nd; j++) {
+      double o = c->of[j];
+      if (s->cfg.prediction_type == SCHED_PRED_SAMPLE)
+        o = (P->x[j] - al * o) / sg;
+      else if (s->cfg.prediction_type == SCHED_PRED_V)
+        o = al * o + sg * P->x[j];
+      P->eps[j] = o;
+    }
+    sampler_threshold_eps(&s->cfg, d, nd, P->x, P->lam, c->of, c->sel, P->eps);
+  }
   for (size_t j = 0; j < nd; j++) {
     double o;
-    if (first == FIRST_ZERO_X0) {
+    if (thr) {
+      o = P->eps[j];
+    } else if (first == FIRST_ZERO_X0) {
       o = P->x[j]; /* the code's analytic first step: eps = x_T */
     } else if (first == FIRST_AVERAGE_X0) {
       const double a = u->avg[u->n_avg == 1 ? 0 : j % d];
@@ -784,13 +800,14 @@ static int usf_run(const sampler *s, run_ctx *r, float *x, err *e) {
   upt *pts = mem_calloc((size_t)cap, sizeof *pts);
   c.ring = mem_calloc((size_t)cap, sizeof *c.ring);
   double *mem = mem_malloc(((size_t)cap * per + 1) * nd * sizeof *mem);
-  c.xf = mem_malloc(2 * nd * sizeof *c.xf);
+  c.xf = mem_malloc((2 * nd + d) * sizeof *c.xf);
   c.lab = mem_malloc((size_t)B * sizeof *c.lab);
   int rc;
   if (!pts || !c.ring || !mem || !c.xf || !c.lab) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
   } else {
     c.of = c.xf + nd;
+    c.sel = c.of + nd;
     for (int k = 0; k < cap; k++) {
       double *b = mem + (size_t)k * per * nd;
       pts[k] = (upt){.x = b, .eps = b + nd, .x0 = b + 2 * nd, .f = st ? b + 3 * nd : NULL};

@@ -471,8 +471,8 @@ static void v3_update(const vctx *c, v3_pt *const *P, int order, int pseudo, int
  * from it, so v3 integrates the same corrected ODE as the diffusers solvers on that model (on
  * glyphs32 without it every sample leaves [-1, 1] and v3 is 5x further from the reference than
  * DPM-Solver++(2M)). Images whose x0 is left as it was keep eps bit for bit. of is nd scratch. */
-static void v3_threshold(const sched_config *cfg, size_t d, size_t nd, const double *x, double lam,
-                         float *of, float *sel, double *eps) {
+void sampler_threshold_eps(const sched_config *cfg, size_t d, size_t nd, const double *x,
+                           double lam, float *of, float *sel, double *eps) {
   const double al = alpha_of(lam), sg = al * exp(-lam);
   for (size_t j = 0; j < nd; j++)
     of[j] = (float)((x[j] - sg * eps[j]) / al);
@@ -511,7 +511,7 @@ static int v3_eps(vctx *c, int step, const double *x, int k, float *xf, float *o
     eps[j] = o;
   }
   if (s->cfg.thresholding)
-    v3_threshold(&s->cfg, c->d, c->nd, x, lam, of, c->sel, eps);
+    sampler_threshold_eps(&s->cfg, c->d, c->nd, x, lam, of, c->sel, eps);
   return ERR_OK;
 }
 
@@ -691,7 +691,7 @@ static int stats_eps(const model *m, const sampler *s, const sampler_v3_stats_op
   }
   if (!s->cfg.thresholding)
     return ERR_OK;
-  /* the statistics of the ODE the sampler solves: thresholded as it is (v3_threshold) */
+  /* the statistics of the ODE the sampler solves: thresholded as it is (sampler_threshold_eps) */
   double *xd = mem_malloc(2 * nd * sizeof *xd);
   float *of = mem_malloc((nd + d) * sizeof *of);
   if (!xd || !of) {
@@ -703,7 +703,7 @@ static int stats_eps(const model *m, const sampler *s, const sampler_v3_stats_op
     xd[j] = x[j];
     xd[nd + j] = out[j];
   }
-  v3_threshold(&s->cfg, d, nd, xd, lam, of, of + nd, xd + nd);
+  sampler_threshold_eps(&s->cfg, d, nd, xd, lam, of, of + nd, xd + nd);
   for (size_t j = 0; j < nd; j++)
     out[j] = (float)xd[nd + j];
   free(xd);

@@ -107,6 +107,8 @@ struct sampler {
   /* What the data was computed for (the statistics header's "computed_for": model, schedule,
    * class, guidance), owned; NULL for a version 1 header, which records nothing. */
   json_t *data_for;
+  struct ot_map *ot; /* DPM-OT: the transport map, owned (the solver is the map's inner one) */
+  json_t *ot_header; /* its header, owned */
 };
 
 /* ---- sampler_paper.c: the official DPM-Solver code's continuous schedule, labels u in
@@ -129,6 +131,12 @@ typedef struct v3_stats {
   /* (K + 1) * dd each: l, and the prefix integrals from lam_T */
   double *l, *L, *S, *I, *B, *C;
 } v3_stats;
+/* Dynamic thresholding of the data prediction for v3 and USF (a deviation from both authors'
+ * codes, where the model's config asks): x0 = (x - sigma eps) / alpha of each image (d values
+ * of nd) at lambda thresholded as diffusers does, eps recomputed where x0 changed. of: nd float
+ * scratch, sel: d. */
+void sampler_threshold_eps(const sched_config *cfg, size_t d, size_t nd, const double *x,
+                           double lam, float *of, float *sel, double *eps);
 /* Loads a statistics file (sampler.h: the "data" of a v3 solver spec) into s->v3. */
 int sampler_v3_attach(sampler *s, const char *path, err *e);
 void sampler_v3_free(struct v3_stats *st);
@@ -137,6 +145,20 @@ void sampler_v3_free(struct v3_stats *st);
 /* Loads a USF solver schedule (the "data" of a usf solver spec; README) into s->usf, and the
  * DPM-Solver-v3 statistics it names into s->v3. */
 int sampler_usf_attach(sampler *s, const char *path, err *e);
+
+/* ---- sampler_ot.c: DPM-OT ---- */
+typedef struct ot_map {
+  int n, step;    /* targets; the inner solver's step they are latents of */
+  int shape[3];   /* C, H, W */
+  size_t d;       /* C * H * W */
+  float *targets; /* n * d */
+  float *h;       /* n: the Brenier potential's intercepts */
+} ot_map;
+void sampler_ot_free(struct ot_map *m);
+/* The solver the map at path names, with the map attached. */
+int sampler_ot_new(const char *path, const json_t *model_config, sampler **out, err *e);
+/* The start of a DPM-OT run: each image's source point mapped to its target (x: batch * d). */
+int sampler_ot_start(const sampler *s, const sampler_run_opts *o, size_t d, float *x, err *e);
 void sampler_usf_free(struct usf_schedule *u);
 
 /* ---- sampler.c ---- */
@@ -177,7 +199,7 @@ float sampler_sigma_of(const sampler *s, int t);
 /* Solvers of the other files. */
 extern const solver_desc solver_pndm, solver_dpm_multistep, solver_dpm_singlestep, solver_unipc,
     solver_deis, solver_euler, solver_euler_a, solver_heun, solver_pndm_official,
-    solver_dpm_official, solver_dpm_v3, solver_usf;
+    solver_dpm_official, solver_dpm_v3, solver_usf, solver_dpm_ot;
 
 /* Shared by the sigma-grid solvers (sampler_dpm.c, sampler_karras.c). */
 /* numpy's linspace(start, stop, n)[i] */
