@@ -148,7 +148,7 @@ static int disclose(const ot_args *a, const model *m, const cli_data_cond *c, co
   if (rc == ERR_OK)
     rc = sampler_run(s, m, &o, x, NULL, e);
   if (rc == ERR_OK) {
-    double ds[M], dd[64];
+    double ds[M] = {0}, dd[64] = {0};
     const int nd = n < 64 ? n : 64;
     for (int b = 0; b < M; b++)
       ds[b] = nn_dist(x + (size_t)b * d, x0, n, d, -1);

@@ -150,7 +150,7 @@ static json_t *to_schedule(const genome *g, double lo, double hi) {
     /* the corrector from the step's start (-2 once the new point is in), one order up as far
      * as the k + 2 points allow */
     const int oc = g->order[k] + 1 < max_order(k + 1) ? g->order[k] + 1 : max_order(k + 1);
-    if (g->corr[k] && k < g->n - 1)
+    if (k < g->n - 1 && g->corr[k])
       json_object_set_new(
           st, "corrector",
           json_pack("{s:s, s:i, s:i}", "type", "pseudo", "order", oc, "start_point", -2));
