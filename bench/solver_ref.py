@@ -19,7 +19,8 @@ error is estimated by the same solve at half its steps. --reps R repeats each ru
 prints the median wall time per image; runs are interleaved (configuration order within a
 repetition), so load from other work spreads over all of them.
 
-`usf` configurations take the schedule as DATA (the steps come from it: NFE is what is printed);
+`usf` and `dpm-ot` configurations take the schedule or map as DATA (the steps come from it; the
+NFE is the label);
 `--json FILE` writes the rows.
 
 --classify (the glyph model; bench/glyph_classifier.pt, tools/glyphs/train_classifier.py) adds,
@@ -56,7 +57,7 @@ def run(args, cfg, out):
     cmd = [args.denoised, "sample", "--model", args.model, "--batch", str(args.batch),
            "--seed", str(args.seed), "--scheduler", cfg["name"], "--threads", str(args.threads),
            "--out", out, "--quiet"]
-    if cfg["name"] != "usf":
+    if cfg["name"] not in ("usf", "dpm-ot"):  # their data fixes the steps
         cmd += ["--steps", str(cfg["steps"])]
     if args.cls is not None:
         cmd += ["--class", args.cls]

@@ -22,7 +22,8 @@ static const char help[] =
     "DPM-Solver++(2M) solve from the same B noise images; prints the best so far after each\n"
     "candidate, then the best schedule's error on held-out noise next to DPM-Solver++(2M).\n"
     "Every candidate tried is kept in OUT.search.json; --resume continues from it.\n"
-    "  --budget C     candidates to evaluate (default 100; the first 3 are DPM-Solver++ 1/2M/3M)\n"
+    "  --budget C     candidates to evaluate (default 100; the first 5 are DPM-Solver++ 1/2M/3M\n"
+    "                 on lambda-uniform points and 2M/3M on diffusers' 2M grid)\n"
     "  --population P parents kept (default 8), --batch B images per score (default 4)\n"
     "  --ref-steps R  the reference's steps (default 200), --seed S the noise (default 0;\n"
     "                 held-out: S + 1)\n";
@@ -35,7 +36,7 @@ typedef struct search_args {
 
 static const cli_int_flag int_flags[] = {
     {'n', "--nfe", 2, 32, offsetof(search_args, nfe)},
-    {'b', "--budget", 4, 100000, offsetof(search_args, budget)},
+    {'b', "--budget", 6, 100000, offsetof(search_args, budget)},
     {'p', "--population", 2, 1000, offsetof(search_args, population)},
     {'B', "--batch", 1, 64, offsetof(search_args, batch)},
     {'s', "--seed", 0, (1ll << 53) - 1, offsetof(search_args, seed)},

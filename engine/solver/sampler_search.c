@@ -150,7 +150,7 @@ static json_t *to_schedule(const genome *g, double lo, double hi) {
     /* the corrector from the step's start (-2 once the new point is in), one order up as far
      * as the k + 2 points allow */
     const int oc = g->order[k] + 1 < max_order(k + 1) ? g->order[k] + 1 : max_order(k + 1);
-    if (k < g->n - 1 && g->corr[k])
+    if (g->corr[k] && k < g->n - 1)
       json_object_set_new(
           st, "corrector",
           json_pack("{s:s, s:i, s:i}", "type", "pseudo", "order", oc, "start_point", -2));
@@ -187,9 +187,10 @@ typedef struct sctx {
   const model *m;
   const json_t *cfg;
   const sampler_search_opts *o;
-  const float *ref[2]; /* reference on the search noise and on the held-out noise */
-  char tmp[4200];      /* the candidate's schedule file */
-  size_t n;            /* batch * d */
+  const float *ref[2];          /* reference on the search noise and on the held-out noise */
+  char tmp[4200];               /* the candidate's schedule file */
+  double grid[S_MAX_STEPS + 1]; /* diffusers' 2M grid as unit times */
+  size_t n;                     /* batch * d */
   float *x;
 } sctx;
 
@@ -288,6 +289,27 @@ static int lambda_range(const json_t *cfg, double *lo, double *hi, err *e) {
   return rc;
 }
 
+/* The unit times of diffusers' DPM-Solver++(2M) grid of n steps (its timesteps' lambdas, the
+ * last point at the schedule's end), which on thresholded models beats lambda-uniform points. */
+static int diffusers_grid(const json_t *cfg, int n, double lo, double hi, double *t, err *e) {
+  json_t *spec = json_pack("{s:s, s:i}", "name", "dpm++2m", "steps", n);
+  sampler *s = NULL;
+  int rc = sampler_new_from_json(spec, cfg, &s, e);
+  json_decref(spec);
+  for (int k = 0; rc == ERR_OK && k <= n; k++) {
+    double lam = hi;
+    if (k < n) {
+      const double a = sampler_abar_at(s, sampler_timesteps(s)[k]);
+      lam = 0.5 * log(a / (1 - a));
+    }
+    t[k] = fmin(fmax((lam - lo) / (hi - lo), 0), 1);
+  }
+  t[0] = 0;
+  t[n] = 1;
+  sampler_free(s);
+  return rc;
+}
+
 /* The baselines, then the resumed candidates, then children until the budget is spent. */
 static int evolve(sctx *c, genome *pop, int *np, json_t *state, double lo, double hi, uint64_t *rs,
                   err *e) {
@@ -296,8 +318,13 @@ static int evolve(sctx *c, genome *pop, int *np, json_t *state, double lo, doubl
   int tried = (int)json_array_size(json_object_get(state, "tried")), rc = ERR_OK;
   for (int it = tried; it < o->budget && rc == ERR_OK; it++) {
     genome g;
-    if (it < 3) {
-      baseline(&g, o->nfe, it + 1, 1); /* DPM-Solver++ 1, 2M, 3M from lambda-uniform points */
+    if (it < 5) {
+      /* DPM-Solver++ 1, 2M, 3M on lambda-uniform points, 2M and 3M on diffusers' grid */
+      baseline(&g, o->nfe, it < 3 ? it + 1 : it - 1, 1);
+      if (it >= 3) {
+        memcpy(g.t, c->grid, sizeof g.t);
+        fix_times(&g);
+      }
     } else {
       const genome *a = pick(pop, *np, rs);
       if (unif(rs) < 0.5)
@@ -350,8 +377,8 @@ int sampler_search(const model *m, const json_t *model_config, const sampler_sea
                    sampler_search_result *res, err *e) {
   if (o->nfe < 2 || o->nfe > S_MAX_STEPS)
     return err_set(e, ERR_INVALID, "search: NFE 2 to %d, not %d", S_MAX_STEPS, o->nfe);
-  if (o->population < 2 || o->budget < 4)
-    return err_set(e, ERR_INVALID, "search: a population of 2 or more and a budget of 4 or more");
+  if (o->population < 2 || o->budget < 6)
+    return err_set(e, ERR_INVALID, "search: a population of 2 or more and a budget of 6 or more");
   const model_info *mi = model_get_info(m);
   const size_t d = (size_t)mi->in_channels * mi->sample_size * mi->sample_size;
   const size_t n = (size_t)o->run.batch * d;
@@ -371,7 +398,8 @@ int sampler_search(const model *m, const json_t *model_config, const sampler_sea
   c.ref[0] = buf + n;
   c.ref[1] = buf + 2 * n;
   snprintf(c.tmp, sizeof c.tmp, "%s.candidate.json", o->state_path);
-  if ((rc = reference(&c, 0, buf + n, e)) != ERR_OK ||
+  if ((rc = diffusers_grid(model_config, o->nfe, lo, hi, c.grid, e)) != ERR_OK ||
+      (rc = reference(&c, 0, buf + n, e)) != ERR_OK ||
       (rc = reference(&c, 1, buf + 2 * n, e)) != ERR_OK)
     goto done;
   uint64_t rs = o->run.seed * 0x2545F4914F6CDD1Dull + 1;
