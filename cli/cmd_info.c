@@ -58,9 +58,13 @@ static void print_text(const json_t *j) {
     if (json_is_number(gs))
       snprintf(gsc, sizeof gsc, "guidance %g", json_number_value(gs));
     const char *kind = json_string_value(json_object_get(d, "kind"));
-    /* a DPM-OT map (version 1) records what it is for; v3 statistics do from version 2 */
+    /* a DPM-OT map (version 1) records what it is for; v3 statistics do from version 2; a USF
+     * schedule shows its statistics' record */
     const int ot = kind && strcmp(kind, "dpm-ot-map") == 0;
-    const int unrec = !ot && json_integer_value(json_object_get(d, "version")) < 2;
+    const int usf = kind && strcmp(kind, "usf-schedule") == 0;
+    const int unrec = !ot && !usf && json_integer_value(json_object_get(d, "version")) < 2;
+    if (usf && !json_is_number(gs)) /* no statistics: nothing ties it to a scale */
+      snprintf(gsc, sizeof gsc, "%s", "any guidance");
     if (unrec)
       snprintf(cls, sizeof cls, "%s", "not recorded (version 1)");
     char what[64];
@@ -68,6 +72,9 @@ static void print_text(const json_t *j) {
       snprintf(what, sizeof what, "%lld targets at step %lld of %lld",
                (long long)json_integer_value(json_object_get(d, "targets")),
                (long long)json_integer_value(json_object_get(d, "step")),
+               (long long)json_integer_value(json_object_get(d, "steps")));
+    else if (usf) /* class and scale: those of the statistics it names, if any */
+      snprintf(what, sizeof what, "%lld steps",
                (long long)json_integer_value(json_object_get(d, "steps")));
     else
       snprintf(what, sizeof what, "grid %lld",
