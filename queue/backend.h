@@ -76,6 +76,13 @@ typedef struct qbackend_ops {
   /* Whether a stop of id's current claim was asked for. */
   int (*cancel_requested)(qbackend *b, const char *id);
 
+  /* ---- per-owner load (shared backends only; NULL otherwise: the queue counts its own) ---- */
+  /* Counts id, of cost, against owner (an API key's name) while it is queued or claimed. */
+  int (*owner_add)(qbackend *b, const char *owner, const char *id, double cost, err *e);
+  /* The owner's queued or claimed jobs across every process sharing the backend, and their
+   * cost (the limits max_jobs_per_key and max_key_cost). */
+  int (*owner_load)(qbackend *b, const char *owner, int *jobs, double *cost, err *e);
+
   /* ---- per-job event logs ---- */
   /* Adds an event to id's log (created on first use). seq must be above the log's last
    * (QBACKEND_ORDER): gaps are allowed (numbers a lost run used). lasting events stay until

@@ -18,6 +18,8 @@
  *   P:evlast     hash  id -> the highest seq appended to id's log
  *   P:ev:ID      zset  id's events scored by seq, member "SEQ TYPE LASTING DATA"
  *   P:evt:ID     zset  the seqs of id's transient events (to trim them oldest first)
+ *   P:own:OWNER  hash  id -> compute cost of the owner's (API key's) jobs, added at submission;
+ *                      entries no longer queued or claimed are dropped when it is counted
  *   P:cancel     set   ids whose claim holder was asked to stop them (a cancel on another
  *                      daemon); kept when the claim is released or runs out, so the next
  *                      holder sees it, and dropped when a claim completes */
@@ -42,6 +44,7 @@ enum {
   S_APPEND,
   S_TRIM,
   S_CANCEL,
+  S_OWNER_LOAD,
   S_COUNT
 };
 
@@ -138,6 +141,15 @@ static const char *const scripts[S_COUNT] = {
     /* KEYS tokens cancel; ARGV id -> 1 if claimed (the request is recorded), else 0 */
     [S_CANCEL] = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end "
                  "redis.call('SADD', KEYS[2], ARGV[1]) return 1",
+    /* KEYS own q leases -> {jobs, "cost"} of the owner's queued or claimed jobs; the others
+     * (finished, expired) leave the hash */
+    [S_OWNER_LOAD] = "local n, c = 0, 0 local all = redis.call('HGETALL', KEYS[1]) "
+                     "for i = 1, #all, 2 do "
+                     "  if redis.call('ZSCORE', KEYS[2], all[i]) or "
+                     "     redis.call('ZSCORE', KEYS[3], all[i]) then "
+                     "    n = n + 1 c = c + tonumber(all[i + 1]) "
+                     "  else redis.call('HDEL', KEYS[1], all[i]) end "
+                     "end return {n, tostring(c)}",
 };
 
 /* ---- connection ---- */
@@ -362,6 +374,43 @@ static int rb_cancel_requested(qbackend *qb, const char *id) {
   return asked;
 }
 
+static int rb_owner_add(qbackend *qb, const char *owner, const char *id, double cost, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF], c[32];
+  if (strlen(b->prefix) + strlen(owner) + 8 >= KEYBUF)
+    return err_set(e, ERR_INVALID, "API key name '%s' is too long to count in Redis", owner);
+  snprintf(c, sizeof c, "%.17g", cost);
+  const char *argv[] = {"HSET", key(b, k, KEYBUF, "own", owner), id, c};
+  redisReply *r = redisconn_argv(b->c, 4, argv, NULL, e);
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  if (r->type == REDIS_REPLY_ERROR)
+    return reply_error(r, "HSET", e);
+  freeReplyObject(r);
+  return ERR_OK;
+}
+
+static int rb_owner_load(qbackend *qb, const char *owner, int *jobs, double *cost, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  *jobs = 0;
+  *cost = 0;
+  if (strlen(b->prefix) + strlen(owner) + 8 >= KEYBUF)
+    return err_set(e, ERR_INVALID, "API key name '%s' is too long to count in Redis", owner);
+  char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF];
+  const char *keys[] = {key(b, k1, KEYBUF, "own", owner), key(b, k2, KEYBUF, "q", NULL),
+                        key(b, k3, KEYBUF, "leases", NULL)};
+  redisReply *r = rb_eval(b, S_OWNER_LOAD, 3, keys, 0, NULL, e);
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+      r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_STRING)
+    return reply_error(r, "counting an owner's jobs", e);
+  *jobs = (int)r->element[0]->integer;
+  *cost = strtod(r->element[1]->str, NULL);
+  freeReplyObject(r);
+  return ERR_OK;
+}
+
 /* ---- event logs ---- */
 
 static int rb_append(qbackend *qb, const char *id, uint64_t seq, const char *type, const char *data,
@@ -501,6 +550,8 @@ static const qbackend_ops redis_ops = {
     .reclaim = rb_reclaim,
     .cancel_request = rb_cancel_request,
     .cancel_requested = rb_cancel_requested,
+    .owner_add = rb_owner_add,
+    .owner_load = rb_owner_load,
     .append = rb_append,
     .read = rb_read,
     .trim = rb_trim,

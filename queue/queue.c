@@ -215,6 +215,26 @@ static int count_active(queue *q, const char *owner, double *cost) {
   return n;
 }
 
+/* The owner's unfinished jobs and their cost (lock held). Daemons sharing a backend count the
+ * whole group's there (queued or claimed), plus their own pending ones: their own copies of
+ * jobs others ran may be out of date, and jobs others accepted may be unknown here. */
+static int owner_load(queue *q, const char *owner, double *cost) {
+  int jobs = 0;
+  err e = {0};
+  if (!owner[0] || !q->shared || !q->be->ops->owner_load ||
+      q->be->ops->owner_load(q->be, owner, &jobs, cost, &e) != ERR_OK) {
+    if (e.code)
+      qlog(q, QUEUE_LOG_WARN, NULL, "counting the jobs of '%s' in the group: %s", owner, e.msg);
+    return count_active(q, owner, cost);
+  }
+  for (int i = 0; i < q->njobs; i++)
+    if (q->jobs[i]->pending && strcmp(q->jobs[i]->spec.owner, owner) == 0) {
+      jobs++;
+      *cost += q->jobs[i]->spec.cost;
+    }
+  return jobs;
+}
+
 /* The job an earlier submission with spec's idempotency key made (lock held), or NULL. A
  * linear scan: retained jobs are bounded by queue_max and result_ttl. */
 static qjob *find_by_key(queue *q, const queue_spec *spec) {
@@ -272,7 +292,7 @@ static int check_limits(queue *q, const queue_spec *spec, err *e) {
   }
   /* without API keys there is one anonymous owner: queue_max is the only bound then */
   double held = 0;
-  const int active = count_active(q, spec->owner, &held);
+  const int active = owner_load(q, spec->owner, &held);
   if (spec->owner[0] && active >= q->o.max_jobs_per_key) {
     q->rejected_limit++;
     return err_set(e, QUEUE_LIMIT, "at most %d unfinished jobs per API key", q->o.max_jobs_per_key);
@@ -425,6 +445,10 @@ int queue_submit(queue *q, queue_spec *spec, queue_job_view *out, err *e) {
     raise(SIGKILL);
   j->pending = 0;
   qjob_enqueue(q, j); /* on disk, so accepted: a refused push is retried */
+  err oe = {0};
+  if (spec->owner[0] && q->shared && q->be->ops->owner_add &&
+      q->be->ops->owner_add(q->be, spec->owner, j->id, spec->cost, &oe) != ERR_OK)
+    qlog(q, QUEUE_LOG_WARN, j->id, "counting it against its API key: %s", oe.msg);
   q->submitted++;
   memset(spec, 0, sizeof *spec);
   if (out)

@@ -550,6 +550,73 @@ START_TEST(orphaned_results_expire_in_redis) {
 }
 END_TEST
 
+static long post_as(const daemon_proc *d, const char *key, const char *body, http_resp *r) {
+  char h[200];
+  snprintf(h, sizeof h, "Authorization: Bearer %s", key);
+  const char *hdrs[] = {h, NULL};
+  return http_req(d, "POST", "/v1/jobs", body, strlen(body), hdrs, r);
+}
+
+/* max_jobs_per_key holds for the group, not per daemon: a client cannot get N times its share
+ * by spreading its jobs over N daemons, and jobs another daemon finished stop counting (this
+ * daemon's copies of them may say queued). */
+START_TEST(per_key_limits_hold_across_daemons) {
+  char st[2][512], tmp[256], keys[300];
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(keys, sizeof keys, "%s/keys", tmp);
+  FILE *f = fopen(keys, "w");
+  fprintf(f, "alice k-alice-0123456789abcdef01\nbob k-bob-0123456789abcdef0123\n");
+  fclose(f);
+  daemon_proc d[2];
+  const char *args[] = {"--redis-url",
+                        redis.url,
+                        "--redis-prefix",
+                        "perkey",
+                        "--api-keys-file",
+                        keys,
+                        "--max-jobs-per-key",
+                        "2",
+                        "--workers",
+                        "1",
+                        NULL};
+  for (int i = 0; i < 2; i++)
+    ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
+  static const char long_job[] = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 16, "
+                                 "\"scheduler\": {\"name\": \"ddpm\", \"steps\": 1000}}";
+  http_resp r;
+  char ids[2][64];
+  for (int i = 0; i < 2; i++) {
+    ck_assert_int_eq(post_as(&d[0], "k-alice-0123456789abcdef01", long_job, &r), 202);
+    job_id_of(&r, ids[i], sizeof ids[i]);
+    http_free(&r);
+  }
+  ck_assert_int_eq(post_as(&d[1], "k-alice-0123456789abcdef01", SMALL_JOB, &r), 429);
+  ck_assert_ptr_nonnull(strstr(r.body, "too_many_jobs"));
+  http_free(&r);
+  ck_assert_int_eq(post_as(&d[1], "k-bob-0123456789abcdef0123", SMALL_JOB, &r), 202); /* alone */
+  http_free(&r);
+  const char *auth[] = {"Authorization: Bearer k-alice-0123456789abcdef01", NULL};
+  for (int i = 0; i < 2; i++) {
+    char path[128];
+    snprintf(path, sizeof path, "/v1/jobs/%s", ids[i]);
+    for (double t0 = th_now();; usleep(50000)) {
+      ck_assert_int_eq(http_req(&d[0], "GET", path, NULL, 0, auth, &r), 200);
+      const int done = strstr(r.body, "\"succeeded\"") != NULL;
+      http_free(&r);
+      if (done)
+        break;
+      ck_assert_msg(th_now() - t0 < 120, "alice's job %d did not finish", i);
+    }
+  }
+  for (int i = 0; i < 2; i++) { /* finished: room again, on either daemon */
+    ck_assert_int_eq(post_as(&d[i], "k-alice-0123456789abcdef01", SMALL_JOB, &r), 202);
+    http_free(&r);
+  }
+  daemon_stop(&d[0]);
+  daemon_stop(&d[1]);
+}
+END_TEST
+
 static void stop_redis(void) {
   test_redis_stop(&redis);
 }
@@ -573,6 +640,7 @@ Suite *test_suite(void) {
     tcase_add_test(tc, idempotency_keys_across_daemons);
     tcase_add_test(tc, listings_show_the_whole_group);
     tcase_add_test(tc, orphaned_results_expire_in_redis);
+    tcase_add_test(tc, per_key_limits_hold_across_daemons);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
