@@ -82,6 +82,8 @@ typedef struct qbackend_ops {
   /* The owner's queued or claimed jobs across every process sharing the backend, and their
    * cost (the limits max_jobs_per_key and max_key_cost). */
   int (*owner_load)(qbackend *b, const char *owner, int *jobs, double *cost, err *e);
+  /* Stops counting id (its final state is written: its claim may end a little later). */
+  void (*owner_drop)(qbackend *b, const char *owner, const char *id);
 
   /* ---- per-job event logs ---- */
   /* Adds an event to id's log (created on first use). seq must be above the log's last

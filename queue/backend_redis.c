@@ -411,6 +411,16 @@ static int rb_owner_load(qbackend *qb, const char *owner, int *jobs, double *cos
   return ERR_OK;
 }
 
+static void rb_owner_drop(qbackend *qb, const char *owner, const char *id) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF];
+  if (strlen(b->prefix) + strlen(owner) + 8 >= KEYBUF)
+    return;
+  const char *argv[] = {"HDEL", key(b, k, KEYBUF, "own", owner), id};
+  err e = {0};
+  freeReplyObject(redisconn_argv(b->c, 3, argv, NULL, &e)); /* else dropped at the next count */
+}
+
 /* ---- event logs ---- */
 
 static int rb_append(qbackend *qb, const char *id, uint64_t seq, const char *type, const char *data,
@@ -552,6 +562,7 @@ static const qbackend_ops redis_ops = {
     .cancel_requested = rb_cancel_requested,
     .owner_add = rb_owner_add,
     .owner_load = rb_owner_load,
+    .owner_drop = rb_owner_drop,
     .append = rb_append,
     .read = rb_read,
     .trim = rb_trim,

@@ -426,11 +426,16 @@ static void expire_later(queue *q, const char *id, int files, int noise) {
 
 int qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   err e = {0};
-  char id[QUEUE_ID_SIZE];
+  char id[QUEUE_ID_SIZE], owner[sizeof j->spec.owner];
   pthread_mutex_lock(&q->mu);
   snprintf(id, sizeof id, "%s", j->id);
+  snprintf(owner, sizeof owner, "%s", j->spec.owner);
   const int files = j->files, noise = qspec_has_noise(&j->spec);
   pthread_mutex_unlock(&q->mu);
+  /* before the record says it ended: a client that reads that may submit again at once (the
+   * other way round it could be refused for a job it saw end) */
+  if (owner[0] && q->shared && q->be->ops->owner_drop)
+    q->be->ops->owner_drop(q->be, owner, id);
   int rc = text ? q->st->ops->put_job(q->st, id, text, len, &e)
                 : err_set(&e, ERR_NOMEM, "out of memory");
   free(text);

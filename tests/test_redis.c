@@ -258,7 +258,12 @@ START_TEST(three_daemons_share_one_queue) {
   ck_assert_int_eq(restarted, 1); /* daemon 1's long job, and only it, ran again */
   /* a cancel sent to daemon 2 for a job that daemon 0 or 2 runs */
   char victim[64];
-  submit_job(&d[0], LONG_JOB, victim, sizeof victim);
+  /* four times LONG_JOB's work (twice the images, guided): the cancel reaches the daemon running
+   * it at that daemon's next one-second tick, and must find it still running */
+  submit_job(&d[0],
+             "{\"class_label\": 0, \"seed\": 6, \"batch_size\": 16, \"guidance\": {\"scale\": 3}, "
+             "\"scheduler\": {\"name\": \"ddpm\", \"steps\": 1000}}",
+             victim, sizeof victim);
   for (double t0 = th_now(); strcmp(state_of(&d[2], victim, s, sizeof s), "running") != 0;
        usleep(20000))
     ck_assert_msg(th_now() - t0 < 60, "the job to cancel did not start");
