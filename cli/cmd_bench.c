@@ -1,6 +1,7 @@
 /* `denoised bench unet`: times network evaluations on random inputs and
- * reports ms per forward, effective GFLOP/s and peak RSS. The side-by-side
- * comparison with PyTorch lives in bench/unet, which calls this. */
+ * reports ms per forward, effective GFLOP/s and peak RSS; `denoised bench train` times
+ * training steps the same way. The side-by-side comparisons with PyTorch live in bench/unet
+ * and bench/train, which call these. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,13 +14,18 @@
 #include "guidance.h"
 #include "model.h"
 #include "rng.h"
+#include "schedule.h"
+#include "train.h"
 
 static const char help[] =
     "usage: denoised bench unet --model DIR [--batch B] [--threads T] [--size S]\n"
     "                           [--iters N] [--warmup W] [--guidance-scale G]\n"
+    "       denoised bench train --model DIR [--batch B] [--threads T] [--iters N] [--warmup W]\n"
     "       denoised bench solvers --model DIR [--nfe 5,10,20,50] ...  (solver accuracy; --help)\n"
     "\n"
-    "Times one network evaluation (median of N) on Gaussian noise.\n"
+    "unet: times one network evaluation (median of N) on Gaussian noise.\n"
+    "train: times one training step (forward, backward to every parameter, AdamW at lr 1e-4;\n"
+    "       the model's own schedule, epsilon loss) on random images, labels and timesteps.\n"
     "  --batch B    images per forward (default 1)\n"
     "  --threads T  CPU threads (default 2)\n"
     "  --size S     image side (default: the model's sample_size)\n"
@@ -217,6 +223,84 @@ static int bench_unet(int argc, char **argv) {
   return status;
 }
 
+/* --warmup untimed then --iters timed training steps of m at batch n into times, sorted. */
+static int time_train_steps(const unet_args *a, model *m, int n, double *times, err *e) {
+  const model_info *mi = model_get_info(m);
+  const json_t *own = model_scheduler_config(m);
+  sched_config sc;
+  int rc = own ? sched_config_from_json(own, NULL, 0, &sc, e) : sched_config_init(&sc, NULL, e);
+  if (rc)
+    return rc;
+  const train_config tc = {.prediction = SCHED_PRED_EPSILON,
+                           .null_class = mi->null_class,
+                           .lr_kind = TRAIN_LR_CONSTANT,
+                           .lr = 1e-4,
+                           .total_steps = (long)(a->warmup + a->iters),
+                           .adamw = {0.9, 0.999, 1e-8, 0.01},
+                           .seed = 1,
+                           .threads = (int)a->threads};
+  trainer *t = NULL;
+  rc = trainer_new(m, &sc, &tc, &t, e);
+  sched_config_free(&sc);
+  const int s = mi->sample_size;
+  const size_t per = (size_t)mi->in_channels * s * s;
+  float *x0 = malloc(sizeof(float) * per * n);
+  int64_t *labels = calloc((size_t)n, sizeof *labels);
+  if (!rc && (!x0 || !labels))
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; !rc && i < n; i++) {
+    rng_uniform(1, (uint64_t)i, 0, x0 + per * i, per);
+    for (size_t k = 0; k < per; k++)
+      x0[per * i + k] = 2 * x0[per * i + k] - 1;
+    labels[i] = mi->num_classes ? i % mi->num_classes : 0;
+  }
+  for (long long i = 0; !rc && i < a->warmup + a->iters; i++) {
+    const double t0 = now_ms();
+    train_step_info info;
+    rc = trainer_step(t, x0, mi->num_classes ? labels : NULL, n, s, s, &info, e);
+    if (i >= a->warmup)
+      times[i - a->warmup] = now_ms() - t0;
+  }
+  if (!rc)
+    qsort(times, (size_t)a->iters, sizeof *times, cmp_double);
+  free(x0);
+  free(labels);
+  trainer_free(t);
+  return rc;
+}
+
+static int bench_train(int argc, char **argv) {
+  const char *cmd = "bench train";
+  unet_args a = {.batch = 16, .threads = 2, .iters = 5, .warmup = 2, .gscale = 1};
+  int status = parse_unet_args(argc, argv, &a);
+  if (status >= 0)
+    return status;
+  if (a.size || a.guided)
+    return cli_usage_error(cmd, "--size and --guidance-scale are for 'bench unet'");
+  err e = {0};
+  model *m = NULL;
+  if (model_load(a.model_dir, &m, &e))
+    return cli_fail(cmd, "%s", e.msg);
+  const int n = (int)a.batch;
+  double *times = malloc(sizeof(double) * (size_t)a.iters);
+  status = 1;
+  if (!times) {
+    cli_fail(cmd, "out of memory");
+  } else if (time_train_steps(&a, m, n, times, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+  } else {
+    const double med = times[a.iters / 2];
+    printf("bench train: batch=%d threads=%lld size=%d ms_per_step=%.3f ms_per_image=%.3f "
+           "min_ms=%.3f peak_rss_mb=%.1f kernel=%s\n",
+           n, a.threads, model_get_info(m)->sample_size, med, med / n, times[0], peak_rss_mb(),
+           gemm_kernel_name());
+    status = 0;
+  }
+  free(times);
+  model_free(m);
+  return status;
+}
+
 int cmd_bench(int argc, char **argv) {
   if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
     fputs(help, argc < 2 ? stderr : stdout);
@@ -224,7 +308,10 @@ int cmd_bench(int argc, char **argv) {
   }
   if (strcmp(argv[1], "solvers") == 0)
     return cmd_bench_solvers(argc - 1, argv + 1);
+  if (strcmp(argv[1], "train") == 0)
+    return bench_train(argc - 1, argv + 1);
   if (strcmp(argv[1], "unet") != 0)
-    return cli_usage_error("bench", "unknown benchmark '%s' (available: unet, solvers)", argv[1]);
+    return cli_usage_error("bench", "unknown benchmark '%s' (available: unet, train, solvers)",
+                           argv[1]);
   return bench_unet(argc - 1, argv + 1);
 }

@@ -324,6 +324,27 @@ START_TEST(refusals) {
 }
 END_TEST
 
+/* `denoised bench train` (the engine half of bench/train) runs steps on the fixture model and
+ * reports them in the line bench/train parses; options that only 'bench unet' has are refused. */
+START_TEST(bench_train_reports_steps) {
+  char model[1024];
+  test_src_path(model, sizeof model, "tests/fixtures/train/model");
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "bench train --model %s --batch 3 --iters 2 --warmup 1 --threads 1",
+                                model),
+                   0);
+  double ms = -1, rss = -1;
+  const char *line = strstr(out, "bench train: batch=3 threads=1 size=");
+  ck_assert_msg(line, "%s", out);
+  ck_assert_int_eq(sscanf(strstr(line, "ms_per_step="), "ms_per_step=%lf", &ms), 1);
+  ck_assert_int_eq(sscanf(strstr(line, "peak_rss_mb="), "peak_rss_mb=%lf", &rss), 1);
+  ck_assert(ms > 0 && rss > 0);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "bench train --model %s --size 8", model), 2);
+  ck_assert_ptr_nonnull(strstr(out, "--size"));
+  ck_assert_int_ne(test_run_cli(out, sizeof out, "bench train --model %s/nowhere", model), 0);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("train_cli");
   TCase *tc = tcase_create("train_cli");
@@ -334,6 +355,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, imagefolder_trains);
   tcase_add_test(tc, interrupt_writes_checkpoint);
   tcase_add_test(tc, refusals);
+  tcase_add_test(tc, bench_train_reports_steps);
   suite_add_tcase(s, tc);
   return s;
 }
