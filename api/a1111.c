@@ -261,7 +261,7 @@ static int sd_sampler(const json_t *j, sd_req *r, api_error *e) {
   const json_t *v = json_object_get(j, "sampler_name");
   if (!v || json_is_null(v) || (json_is_string(v) && json_string_length(v) == 0))
     v = json_object_get(j, "sampler_index");
-  r->solver = "ddim";
+  r->solver = NULL; /* the model's recommendation or ddim (sd_read) */
   r->sfield = v == json_object_get(j, "sampler_name") ? "sampler_name" : "sampler_index";
   if (!v || json_is_null(v) || (json_is_string(v) && json_string_length(v) == 0))
     return 0;
@@ -494,13 +494,7 @@ static json_t *sd_native(sd_req *r) {
 }
 
 int64_t api_sd_draw(const queue_model_desc *md, uint64_t seed) {
-  /* among the classes, the null class (guidance's "no class") left out */
-  const int has_null = md->null_class >= 0 && md->null_class < md->num_classes;
-  const uint32_t n = (uint32_t)(md->num_classes - has_null);
-  int64_t k = n ? (int64_t)rng_choice(seed, 0, n) : 0;
-  if (has_null && k >= md->null_class)
-    k++;
-  return k;
+  return md->num_classes > 0 ? rng_class(seed, 0, md->num_classes, md->null_class) : 0;
 }
 
 static void sd_req_clear(sd_req *r) {
@@ -518,8 +512,14 @@ static int sd_read(const api_ctx *c, const json_t *j, const char *checkpoint, sd
   if ((rc = sd_numbers(c, j, r, e)) || (rc = sd_sampler(j, r, e)) ||
       (rc = sd_model(c, j, checkpoint, r, mname, mlen, e)))
     return rc;
-  if (!r->solver)
-    r->solver = "ddim";
+  if (!r->solver) { /* none named: the model's recommendation, its steps with it */
+    r->solver =
+        r->md.rec_solver[0] && api_a1111_solver(r->md.rec_solver) ? r->md.rec_solver : "ddim";
+    if (!r->has_steps && r->md.rec_steps > 0 && r->solver == r->md.rec_solver) {
+      r->steps = r->md.rec_steps;
+      r->has_steps = 1;
+    }
+  }
   if ((rc = sd_options(j, r, e)) || (rc = sd_prompts(j, r, e)) || (rc = sd_cfg(j, r, e)) ||
       (r->img2img && (rc = sd_img2img(c, j, r, e))))
     return rc;

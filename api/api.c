@@ -541,8 +541,16 @@ static int parse_class(const api_job_fields *f, const queue_model_desc *md, queu
 }
 
 /* The solver by name or alias and its steps (the solver's default when not given). */
-static int parse_solver(const api_ctx *c, const api_job_fields *f, queue_spec *out, api_error *e) {
-  const char *solver = resolve_solver(f->solver ? f->solver : "ddim");
+static int parse_solver(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                        queue_spec *out, api_error *e) {
+  /* none named: the model's recommendation (its steps with it), else ddim */
+  const char *solver = resolve_solver(f->solver           ? f->solver
+                                      : md->rec_solver[0] ? md->rec_solver
+                                                          : "ddim");
+  if (!solver && !f->solver)
+    return api_fail(e, 500, "internal", "model",
+                    "model '%s' recommends solver '%s', which this server does not have", md->name,
+                    md->rec_solver);
   if (!solver) {
     char list[256];
     solver_list(list, sizeof list);
@@ -550,7 +558,9 @@ static int parse_solver(const api_ctx *c, const api_job_fields *f, queue_spec *o
                     "%s: unknown solver '%s' (one of: %s)", f->solver_field, f->solver, list);
   }
   snprintf(out->solver, sizeof out->solver, "%s", solver);
-  out->steps = f->has_steps ? (int)f->steps : sampler_solver_default_steps(solver);
+  out->steps = f->has_steps                      ? (int)f->steps
+               : !f->solver && md->rec_steps > 0 ? md->rec_steps
+                                                 : sampler_solver_default_steps(solver);
   if (out->steps > c->max_steps)
     return api_fail(e, 400, "out_of_range", "scheduler.steps",
                     "scheduler.steps: %s defaults to %d steps, above this server's limit of %d; "
@@ -591,8 +601,17 @@ static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_mo
   if ((rc = check_size(c, md, "height", out->height, e)) ||
       (rc = check_size(c, md, "width", out->width, e)) || (rc = parse_class(f, md, out, e)) ||
       (f->guidance && (rc = parse_guidance(f->guidance, md, out, e))) ||
-      (rc = parse_solver(c, f, out, e)))
+      (rc = parse_solver(c, f, md, out, e)))
     return rc;
+  /* no guidance block: the model's recommended scale, for generation, img2img and inpainting
+   * (an inversion's guidance is part of the picture it inverts: never implied) */
+  const char *et = json_string_value(json_object_get(f->edit, "type"));
+  if (!f->guidance && !f->no_guidance && md->num_classes > 0 && md->rec_guidance >= 0 &&
+      (!et || strcmp(et, "img2img") == 0 || strcmp(et, "inpaint") == 0)) {
+    out->has_guidance = 1;
+    out->guidance_scale = md->rec_guidance;
+    out->null_class = md->null_class;
+  }
   out->options = f->options ? json_deep_copy(f->options) : json_object();
   if (f->data)
     snprintf(out->data, sizeof out->data, "%s", f->data);
@@ -721,6 +740,10 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   if (f.label && json_is_null(f.label))
     f.label = NULL;
   f.guidance = json_object_get(j, "guidance");
+  if (json_is_null(f.guidance)) { /* explicitly none: not even the model's recommended scale */
+    f.guidance = NULL;
+    f.no_guidance = 1;
+  }
   if (f.guidance && json_is_null(f.guidance))
     f.guidance = NULL;
   f.edit = json_object_get(j, "edit");
@@ -860,6 +883,15 @@ json_t *api_models_json(const api_ctx *c, int internals) {
     }
     if (d.class_labels)
       json_object_set(m, "class_labels", d.class_labels);
+    /* what a job gets for what it leaves out (config.json "_recommended") */
+    json_t *rec = json_object();
+    if (d.rec_solver[0])
+      json_object_set_new(rec, "scheduler", json_string(d.rec_solver));
+    if (d.rec_steps > 0)
+      json_object_set_new(rec, "steps", json_integer(d.rec_steps));
+    if (d.rec_guidance >= 0)
+      json_object_set_new(rec, "guidance_scale", json_real(d.rec_guidance));
+    json_object_set_new(m, "recommended", rec);
     /* what a job may name as scheduler.data, with what each was computed for */
     json_object_set_new(m, "solver_data",
                         d.solver_data ? json_incref(d.solver_data) : json_array());

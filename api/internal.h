@@ -41,6 +41,7 @@ typedef struct api_job_fields {
   json_t *options;                         /* borrowed */
   const char *data;                        /* scheduler.data, a solver data name, or NULL */
   const json_t *guidance;                  /* the "guidance" block, borrowed, or NULL */
+  int no_guidance;                         /* "guidance": null: none, not the model's */
   const json_t *edit, *input_image, *mask; /* editing, borrowed, or NULL */
 } api_job_fields;
 

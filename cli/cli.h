@@ -39,8 +39,14 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
  * naming flag. */
 int cli_parse_labels(const char *flag, const char *s, int batch, const model *m, int64_t *out);
 
-/* The model folder commands use without --model: the build's default (DENOISED_DEFAULT_MODEL). */
+/* The model folder commands use without --model: the default model, beside an installed binary
+ * or in the source tree (config_default_model_path). */
 const char *cli_default_model(void);
+/* What an image records for a model folder: the default model by its name ("glyphs32"), never
+ * a path of this machine; other folders as given. */
+const char *cli_model_record(const char *dir);
+/* A recorded model back to a folder: the default model's name is its folder here. */
+const char *cli_model_from_record(const char *rec);
 /* An inpainting mask (white: generate, black: keep): a PNG, or a .npy [H, W] of values in
  * [0, 1]. *out: malloc'ed h * w floats. */
 int cli_read_mask(const char *flag, const char *path, int h, int w, float **out, err *e);
@@ -75,6 +81,11 @@ int cli_solver_make(const model *m, const cli_solver *s, const char *sched_file,
 /* Parameter gradients (one buffer per model_param) as an F32 safetensors file under the
  * parameters' diffusers names. */
 int cli_write_param_grads(const char *path, const model *m, const model_grads *g, err *e);
+
+/* Bytes to an output path: "-" is standard output (refused when it is a terminal); a new or
+ * regular file is replaced atomically (image_file_write); anything else that exists (a symlink,
+ * /dev/stdout, a pipe) is opened and written through, never replaced; a directory is an error. */
+int cli_write_out(const char *path, const uint8_t *data, size_t len, err *e);
 
 /* The images of a finished run as PNGs with their metadata: base for one image, base-<i>.png
  * (before the extension) for a batch; only >= 0 writes that image alone, to base (a replay).

@@ -2,6 +2,7 @@
  * masks (PNG under the model's size, or .npy), the progress bar, and the solver spec built from
  * --scheduler/--steps/--scheduler-config/--scheduler-opt. */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "config.h"
 #include "edit.h"
 #include "image.h"
 #include "npy.h"
@@ -131,7 +133,15 @@ int cli_read_images(const char *flag, const char *path, int c, int h, int w, int
 }
 
 const char *cli_default_model(void) {
-  return DENOISED_DEFAULT_MODEL;
+  return config_default_model_path();
+}
+
+const char *cli_model_record(const char *dir) {
+  return strcmp(dir, cli_default_model()) == 0 ? config_default_model_name() : dir;
+}
+
+const char *cli_model_from_record(const char *rec) {
+  return strcmp(rec, config_default_model_name()) == 0 ? cli_default_model() : rec;
 }
 
 int cli_parse_labels(const char *flag, const char *s, int batch, const model *m, int64_t *out) {
@@ -285,6 +295,39 @@ int cli_write_param_grads(const char *path, const model *m, const model_grads *g
   return rc;
 }
 
+int cli_write_out(const char *path, const uint8_t *data, size_t len, err *e) {
+  int fd = -1;
+  struct stat st;
+  if (strcmp(path, "-") == 0) {
+    if (isatty(STDOUT_FILENO))
+      return err_set(e, ERR_INVALID, "-o -: standard output is a terminal: pipe or redirect it");
+    fd = STDOUT_FILENO;
+  } else if (lstat(path, &st) != 0 || S_ISREG(st.st_mode)) {
+    return image_file_write(path, data, len, e); /* a new or regular file: replaced atomically */
+  } else if (S_ISDIR(st.st_mode)) {
+    return err_set(e, ERR_IO, "%s: is a directory", path);
+  } else if ((fd = open(path, O_WRONLY | O_TRUNC | O_NOCTTY | O_CLOEXEC)) < 0) {
+    /* a symlink, device or pipe (/dev/stdout) is written through, never replaced */
+    return err_set(e, ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+  }
+  size_t off = 0;
+  while (off < len) {
+    const ssize_t n = write(fd, data + off, len - off);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0) {
+      const int err_no = errno;
+      if (fd != STDOUT_FILENO)
+        close(fd);
+      return err_set(e, ERR_IO, "%s: write failed: %s", path, strerror(err_no));
+    }
+    off += (size_t)n;
+  }
+  if (fd != STDOUT_FILENO && close(fd) != 0)
+    return err_set(e, ERR_IO, "%s: close failed: %s", path, strerror(errno));
+  return ERR_OK;
+}
+
 int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
                    const pipeline_result *res, const char *model_name, const json_t *extra,
                    int only, err *e) {
@@ -292,6 +335,9 @@ int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
   const size_t d = (size_t)mi->in_channels * res->height * res->width;
   if (only >= r->batch)
     return err_set(e, ERR_INVALID, "image %d is not in this run of %d", only, r->batch);
+  if (strcmp(base, "-") == 0 && r->batch > 1 && only < 0)
+    return err_set(e, ERR_INVALID, "-o -: standard output takes one PNG; this run made %d",
+                   r->batch);
   int rc = ERR_OK;
   for (int i = only < 0 ? 0 : only; i < (only < 0 ? r->batch : only + 1) && rc == ERR_OK; i++) {
     char name[4200];
@@ -307,7 +353,7 @@ int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
     rc = pipeline_png(m, r, res->sampler, res->images + d * (size_t)i, i, model_name, extra, &png,
                       &len, e);
     if (rc == ERR_OK)
-      rc = image_file_write(name, png, len, e);
+      rc = cli_write_out(name, png, len, e);
     free(png);
   }
   return rc;

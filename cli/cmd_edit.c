@@ -128,6 +128,8 @@ static int load_replay(edit_args *a) {
   a->job = json_string_value(json_object_get(m, "job_id"));
   if (!a->model_dir)
     a->model_dir = json_string_value(json_object_get(m, "model"));
+  if (a->model_dir)
+    a->model_dir = cli_model_from_record(a->model_dir);
   a->classes = json_string_value(json_object_get(m, "classes"));
   if (!a->classes && json_is_integer(lab)) { /* a daemon job: one class for its images */
     snprintf(a->labels, sizeof a->labels, "%lld", (long long)json_integer_value(lab));
@@ -321,7 +323,9 @@ static int write_outputs(const edit_args *a, const model *m, const pipeline_requ
   }
   /* a replay writes the record's image: alone in its run, or at its place in the batch */
   const int only = a->only < 0 ? -1 : r->batch == 1 ? 0 : (int)a->batch_index;
-  return a->png_out ? cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, only, e) : ERR_OK;
+  return a->png_out
+             ? cli_write_pngs(a->png_out, m, r, res, cli_model_record(a->model_dir), extra, only, e)
+             : ERR_OK;
 }
 
 /* pipeline_run, then the outputs: every image, or on --replay the recorded one */

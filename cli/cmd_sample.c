@@ -16,6 +16,7 @@
 #include "meta.h"
 #include "model.h"
 #include "npy.h"
+#include "rng.h"
 #include "sampler.h"
 #include "schedule.h"
 
@@ -35,8 +36,10 @@ static const char help[] =
     "\n"
     "Generates images by solving the reverse diffusion from Gaussian noise.\n"
     "  --model DIR             diffusers model folder (flat or pipeline layout); default:\n"
-    "                          the built-in default model (" DENOISED_DEFAULT_MODEL ")\n"
-    "  --scheduler NAME        solver (default ddim): a diffusers class name such as\n"
+    "                          the default model (glyphs32, installed beside the binary)\n"
+    "  --scheduler NAME        solver (default: the model's recommended one, config.json\n"
+    "                          \"_recommended\", with its steps; else ddim): a diffusers class\n"
+    "                          name such as\n"
     "                          DPMSolverMultistepScheduler, or ddpm, ddim, pndm, plms,\n"
     "                          dpm-solver, dpm-solver++, dpm++2m, dpm++3m, dpm++2m-karras,\n"
     "                          dpm++2m-sde, dpm++2m-sde-karras, dpm++2s, dpm++2s-sde, unipc,\n"
@@ -62,11 +65,14 @@ static const char help[] =
     "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
     "  --batch B               images (default 1)\n"
     "  --class C               class of class-conditional models: an index or a name of the\n"
-    "                          model's _class_labels (the default glyph model: 0-9, A-Z)\n"
+    "                          model's _class_labels (the default glyph model: 0-9, A-Z);\n"
+    "                          without it each image's class is drawn from the seed and its\n"
+    "                          image index (printed, and recorded in the PNG)\n"
     "  --guidance-scale G      classifier-free guidance: uncond + G (cond - uncond), both\n"
     "                          passes in one batched evaluation per step; G in [0, 100], 1 is\n"
     "                          the plain conditional model, 0 the unconditional one (the null\n"
-    "                          class of the model's config.json \"_null_class\")\n"
+    "                          class of the model's config.json \"_null_class\"); default:\n"
+    "                          the model's recommended scale, else none\n"
     "  --init-image IN.png     img2img (SDEdit): start from IN (PNG or .npy [C, H, W] in\n"
     "                          [-1, 1], the model's size) noised to the level --strength picks\n"
     "  --strength S            share of the schedule that runs, (0, 1] (default 0.8; with\n"
@@ -80,12 +86,16 @@ static const char help[] =
     "  --classifier-target [HEAD=]CLASS  the class to steer to, of the classifier's first head\n"
     "                          or of HEAD (e.g. char=A, italic=italic, bg=white)\n"
     "  --classifier-scale S    S in [0, 100] (default 1)\n"
-    "  --size S                image side (default: the model's sample_size)\n"
+    "  --size S                image side: the model's sample_size (other sizes are refused:\n"
+    "                          the model never learned them); needed only without one\n"
     "  --threads T             CPU threads (default 2)\n"
     "  --out OUT.npy           write the raw samples [B, C, H, W] float32\n"
-    "  -o OUT.png              write PNGs (OUT.png for one image, OUT-<i>.png for a batch)\n"
+    "  -o OUT.png              write PNGs (OUT.png for one image, OUT-<i>.png for a batch);\n"
+    "                          -o - writes the one PNG to standard output; an existing\n"
+    "                          symlink, device or pipe is written through, never replaced\n"
     "  --replay IMAGE.png      regenerate the image from the metadata a PNG of ours carries\n"
-    "                          (--model DIR for images from the daemon, which record a name)\n"
+    "                          (--model DIR for images from the daemon, which record a name);\n"
+    "                          refused when the result differs from IMAGE.png's pixels\n"
     "  --quiet                 no progress bar\n";
 
 typedef struct sample_args {
@@ -97,6 +107,7 @@ typedef struct sample_args {
   int noverrides;
   long long steps, seed, batch, label, size, threads, first_image;
   int has_seed, has_label, quiet;
+  int draw_class;      /* class-conditional model, no --class: each image's drawn from its seed */
   const char *class_s; /* --class as given */
 } sample_args;
 
@@ -153,7 +164,7 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
     return e->code;
   }
   if (!a->model_dir) /* images from the daemon record a model name: --model gives its folder */
-    a->model_dir = model_dir;
+    a->model_dir = cli_model_from_record(model_dir);
   a->scheduler = solver;
   a->steps = steps;
   a->seed = seed;
@@ -349,9 +360,12 @@ static int check_model_args(sample_args *a, const model *m) {
   const model_info *mi = model_get_info(m);
   if (!a->size && mi->sample_size < 1)
     return cli_usage_error(cmd, "the model has no sample_size: pass --size");
-  if (mi->num_classes && !a->has_label)
-    return cli_usage_error(cmd, "this model is class-conditional (%d classes): pass --class",
-                           mi->num_classes);
+  /* a size the model was not built for gives pictures it never learned (a 32-pixel model's
+   * 64x64 is noise-like garbage); a replay makes what its record says */
+  if (a->size && mi->sample_size > 0 && a->size != mi->sample_size && !a->replay)
+    return cli_usage_error(cmd, "--size %lld: this model makes %dx%d images (its sample_size)",
+                           a->size, mi->sample_size, mi->sample_size);
+  a->draw_class = mi->num_classes > 0 && !a->has_label;
   if (!mi->num_classes && a->has_label)
     return cli_usage_error(cmd, "this model is not class-conditional: drop --class");
   if (a->class_s && (a->label = model_class_from_name(m, a->class_s)) < 0)
@@ -407,7 +421,8 @@ static int read_classifier(const sample_args *a, sample_inputs *in, err *e) {
   return ERR_OK;
 }
 
-static int read_inputs(const sample_args *a, const model *m, int size, sample_inputs *in, err *e) {
+static int read_inputs(const sample_args *a, const model *m, int size, uint64_t seed,
+                       sample_inputs *in, err *e) {
   const model_info *mi = model_get_info(m);
   if (a->init_image &&
       (cli_read_image("--init-image", a->init_image, mi->in_channels, size, size, &in->image, e) ||
@@ -422,11 +437,13 @@ static int read_inputs(const sample_args *a, const model *m, int size, sample_in
       return err_set(e, ERR_SHAPE, "%s: expected shape [%lld, %d, %d, %d]", a->noise_path, a->batch,
                      mi->in_channels, size, size);
   }
-  if (a->has_label) {
+  if (a->has_label || a->draw_class) {
     if (!(in->labels = malloc(sizeof *in->labels * (size_t)a->batch)))
       return err_set(e, ERR_NOMEM, "out of memory");
-    for (int i = 0; i < a->batch; i++)
-      in->labels[i] = a->label;
+    for (int i = 0; i < a->batch; i++) /* drawn: the rule the daemon's A1111 route uses */
+      in->labels[i] = a->has_label ? a->label
+                                   : rng_class(seed, (uint64_t)a->first_image + (uint64_t)i,
+                                               mi->num_classes, mi->null_class);
   }
   return a->clf_dir ? read_classifier(a, in, e) : ERR_OK;
 }
@@ -457,9 +474,79 @@ static int write_outputs(const sample_args *a, const model *m, const pipeline_re
     json_object_set_new(extra, "init_image", json_string(a->init_image));
   if (a->mask)
     json_object_set_new(extra, "mask", json_string(a->mask));
-  int rc = cli_write_pngs(a->png_out, m, r, res, a->model_dir, extra, -1, e);
+  int rc = cli_write_pngs(a->png_out, m, r, res, cli_model_record(a->model_dir), extra, -1, e);
   json_decref(extra);
   return rc;
+}
+
+/* The model's recommended settings (config.json "_recommended") for what the flags leave open,
+ * said on stderr so that a run's settings are never a surprise. */
+static void apply_recommended(sample_args *a, const model *m) {
+  const model_info *mi = model_get_info(m);
+  char said[160] = "";
+  int n = 0;
+  if (!a->scheduler && mi->rec_solver) {
+    a->scheduler = mi->rec_solver;
+    n += snprintf(said + n, sizeof said - (size_t)n, "%s", a->scheduler);
+    if (!a->steps && mi->rec_steps > 0) {
+      a->steps = mi->rec_steps;
+      n += snprintf(said + n, sizeof said - (size_t)n, ", %d steps", mi->rec_steps);
+    }
+  }
+  if (!a->has_guidance && mi->num_classes > 0 && mi->rec_guidance >= 0) {
+    a->guidance = mi->rec_guidance;
+    a->has_guidance = 1;
+    n += snprintf(said + n, sizeof said - (size_t)n, "%sguidance scale %g", n ? ", " : "",
+                  a->guidance);
+  }
+  if (n && !a->quiet)
+    fprintf(stderr, "denoised sample: the model's recommended %s (flags override them)\n", said);
+}
+
+/* A replay must make the very picture it was given: pixels that differ mean the file was
+ * edited after it was made (or --model names other weights), and the output would be a wrong
+ * image passed off as the original. */
+static int same_as_replay(const sample_args *a, const model *m, const pipeline_result *res,
+                          err *e) {
+  const int ch = model_get_info(m)->in_channels, c = ch < 3 ? 1 : 3;
+  const size_t n = (size_t)c * res->height * res->width;
+  float *file = NULL;
+  uint8_t *pa = malloc(n), *pb = malloc(n);
+  int rc = pa && pb ? cli_read_image("--replay", a->replay, ch, res->height, res->width, &file, e)
+                    : err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK) {
+    image_to_u8(file, c, res->height, res->width, pa);
+    image_to_u8(res->images, c, res->height, res->width, pb);
+    size_t diff = 0;
+    for (size_t i = 0; i < n; i++)
+      diff += pa[i] != pb[i];
+    if (diff)
+      rc = err_set(e, ERR_INVALID,
+                   "%s: %zu of %zu pixel values differ from what its metadata makes: the picture "
+                   "was changed after it was made (or --model names other weights); nothing "
+                   "written",
+                   a->replay, diff, n);
+  }
+  free(file);
+  free(pa);
+  free(pb);
+  return rc;
+}
+
+/* Says which classes were drawn, as the metadata records them. */
+static void say_drawn(const sample_args *a, const model *m, const sample_inputs *in) {
+  if (!a->draw_class || a->quiet)
+    return;
+  const model_info *mi = model_get_info(m);
+  fprintf(stderr, "denoised sample: no --class: classes drawn from the seed:");
+  for (int i = 0; i < a->batch; i++) {
+    const int64_t k = in->labels[i];
+    if (k < mi->n_class_labels)
+      fprintf(stderr, " %s", mi->class_labels[k]);
+    else
+      fprintf(stderr, " %lld", (long long)k);
+  }
+  fputc('\n', stderr);
 }
 
 int cmd_sample(int argc, char **argv) {
@@ -479,13 +566,15 @@ int cmd_sample(int argc, char **argv) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
+  if (model_load(a.model_dir, &m, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  if (!replay_meta)
+    apply_recommended(&a, m);
   const char *name = a.scheduler ? a.scheduler : "ddim";
   if (!sampler_solver_class(name)) {
     status = cli_usage_error(cmd, "unknown scheduler '%s' (see --help for the names)", name);
-    goto done;
-  }
-  if (model_load(a.model_dir, &m, &e)) {
-    cli_fail(cmd, "%s", e.msg);
     goto done;
   }
   if (replay_meta) { /* the resolved config the image recorded, nothing on top */
@@ -511,13 +600,14 @@ int cmd_sample(int argc, char **argv) {
     goto done;
   status = 1;
   const int size = a.size ? (int)a.size : model_get_info(m)->sample_size;
-  if (read_inputs(&a, m, size, &in, &e)) {
-    cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
   uint64_t seed = a.has_seed ? (uint64_t)a.seed : random_seed();
   if (!a.has_seed && !a.noise_path && !a.quiet)
     fprintf(stderr, "denoised sample: seed %llu\n", (unsigned long long)seed);
+  if (read_inputs(&a, m, size, seed, &in, &e)) {
+    cli_fail(cmd, "%s", e.msg);
+    goto done;
+  }
+  say_drawn(&a, m, &in);
   guidance g = guidance_for(m, a.guidance);
   pipeline_request r = {.kind = PIPELINE_GENERATE,
                         .solver = solver.s,
@@ -541,7 +631,8 @@ int cmd_sample(int argc, char **argv) {
   int rc = pipeline_run(m, &r, &hooks, &res, &e);
   if (pr.tty && res.sampler && !sampler_nfe(res.sampler))
     fputc('\n', stderr);
-  if (rc || write_outputs(&a, m, &r, &res, &e)) {
+  if (rc || (replay_meta && same_as_replay(&a, m, &res, &e)) ||
+      write_outputs(&a, m, &r, &res, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }

@@ -126,6 +126,8 @@ int main(int argc, char **argv) {
     return cmd_boundary(argc - 1, argv + 1);
   if (strcmp(cmd, "serve") == 0)
     return server_main(argc - 1, argv + 1);
+  if (strcmp(cmd, "config") == 0 && argc >= 3 && strcmp(argv[2], "check") == 0)
+    return server_config_check(argc - 2, argv + 2); /* as serve checks it */
   if (strcmp(cmd, "config") == 0)
     return config_main(argc - 1, argv + 1);
   fprintf(stderr, "denoised: unknown command '%s'\n\n%s", cmd, usage);

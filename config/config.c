@@ -5,6 +5,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -90,12 +91,46 @@ static const key_desc keys[] = {
 
 #define NKEYS ((int)(sizeof keys / sizeof keys[0]))
 
+static char default_path[CONFIG_PATH_MAX];
+static pthread_once_t default_once = PTHREAD_ONCE_INIT;
+
+static void find_default_model(void) {
+  snprintf(default_path, sizeof default_path, "%s", DENOISED_DEFAULT_MODEL);
+  char exe[CONFIG_PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n <= 0)
+    return;
+  exe[n] = 0;
+  char *slash = strrchr(exe, '/');
+  if (!slash)
+    return;
+  *slash = 0;
+  char beside[CONFIG_PATH_MAX + 64];
+  struct stat st;
+  snprintf(beside, sizeof beside, "%s/../share/denoised/models/%s", exe,
+           config_default_model_name());
+  char *real = stat(beside, &st) == 0 && S_ISDIR(st.st_mode) ? realpath(beside, NULL) : NULL;
+  if (real && strlen(real) < sizeof default_path)
+    snprintf(default_path, sizeof default_path, "%s", real);
+  free(real);
+}
+
+const char *config_default_model_path(void) {
+  pthread_once(&default_once, find_default_model);
+  return default_path;
+}
+
+const char *config_default_model_name(void) {
+  const char *p = DENOISED_DEFAULT_MODEL, *s = strrchr(p, '/');
+  return s && s[1] ? s + 1 : p;
+}
+
 void config_defaults(config *c) {
   memset(c, 0, sizeof *c);
   snprintf(c->listen, sizeof c->listen, "127.0.0.1:8080");
   snprintf(c->state_dir, sizeof c->state_dir, "denoised-state");
   snprintf(c->models[0].name, sizeof c->models[0].name, "%s", CONFIG_DEFAULT_MODEL_NAME);
-  snprintf(c->models[0].path, sizeof c->models[0].path, "%s", DENOISED_DEFAULT_MODEL);
+  snprintf(c->models[0].path, sizeof c->models[0].path, "%s", config_default_model_path());
   c->nmodels = 1;
   snprintf(c->default_model, sizeof c->default_model, "%s", CONFIG_DEFAULT_MODEL_NAME);
   c->queue_max = 256;
@@ -148,6 +183,8 @@ static int set_str(config *c, const key_desc *k, const char *v, const char *orig
     return err_set(e, ERR_INVALID, "%s: key '%s': longer than %zu characters", origin, k->name,
                    k->size - 1);
   snprintf((char *)c + k->off, k->size, "%s", v);
+  if (strcmp(k->name, "default_model") == 0)
+    c->default_model_set = 1;
   return ERR_OK;
 }
 
@@ -304,6 +341,26 @@ int config_apply_json(config *c, const json_t *obj, const char *origin, err *e) 
   return ERR_OK;
 }
 
+/* A config file's relative model paths name folders beside the file, wherever the daemon
+ * starts (as an include path would): joined with the file's directory. */
+static int resolve_models(config *c, const char *file, err *e) {
+  const char *slash = strrchr(file, '/');
+  if (!slash)
+    return ERR_OK; /* the file is in the working directory: paths already resolve there */
+  const int dlen = (int)(slash - file);
+  for (int i = 0; i < c->nmodels; i++) {
+    char *p = c->models[i].path;
+    if (p[0] == '/')
+      continue;
+    char joined[CONFIG_PATH_MAX];
+    if (snprintf(joined, sizeof joined, "%.*s/%s", dlen, file, p) >= (int)sizeof joined)
+      return err_set(e, ERR_INVALID, "%s: key 'models.%s': the path beside the file is too long",
+                     file, c->models[i].name);
+    snprintf(p, CONFIG_PATH_MAX, "%s", joined);
+  }
+  return ERR_OK;
+}
+
 int config_load_file(config *c, const char *path, err *e) {
   json_error_t je;
   json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
@@ -313,6 +370,8 @@ int config_load_file(config *c, const char *path, err *e) {
     return err_set(e, ERR_FORMAT, "%s:%d:%d: invalid JSON: %s", path, je.line, je.column, je.text);
   }
   int rc = config_apply_json(c, j, path, e);
+  if (rc == ERR_OK && json_object_get(j, "models"))
+    rc = resolve_models(c, path, e);
   json_decref(j);
   return rc;
 }
@@ -446,6 +505,10 @@ int config_finalize(config *c, err *e) {
   int found = 0;
   for (int i = 0; i < c->nmodels; i++)
     found |= strcmp(c->models[i].name, c->default_model) == 0;
+  if (!found && !c->default_model_set) { /* serve --model a=DIR: a is the default */
+    snprintf(c->default_model, sizeof c->default_model, "%s", c->models[0].name);
+    found = 1;
+  }
   if (!found)
     return err_set(e, ERR_INVALID, "default_model: '%s' is not one of the configured models",
                    c->default_model);
@@ -528,7 +591,6 @@ int config_main(int argc, char **argv) {
   }
   config c;
   config_defaults(&c);
-  err e = {0};
   if (strcmp(argv[1], "defaults") == 0 && argc == 2) {
     json_t *j = config_to_json(&c);
     int rc = print_json(j);
@@ -549,28 +611,8 @@ int config_main(int argc, char **argv) {
     printf("%-24s array of origins allowed by CORS (\"*\" for any)\n", "cors_origins");
     return 0;
   }
-  if (strcmp(argv[1], "check") != 0 || argc != 3) {
-    fputs(config_usage, stderr);
-    return 2;
-  }
-  if (config_load_file(&c, argv[2], &e) || config_apply_env(&c, NULL, &e) ||
-      config_finalize(&c, &e)) {
-    fprintf(stderr, "denoised config: %s\n", e.msg);
-    return 2;
-  }
-  int bad = 0;
-  for (int i = 0; i < c.nmodels; i++) {
-    struct stat st;
-    if (stat(c.models[i].path, &st) != 0 || !S_ISDIR(st.st_mode)) {
-      fprintf(stderr, "denoised config: models.%s: '%s' is not a directory\n", c.models[i].name,
-              c.models[i].path);
-      bad = 1;
-    }
-  }
-  if (bad)
-    return 2;
-  json_t *j = config_to_json(&c);
-  int rc = print_json(j);
-  json_decref(j);
-  return rc;
+  /* "check" is server_config_check: it validates what serve does, API keys and models
+   * included, which are above this room */
+  fputs(config_usage, stderr);
+  return 2;
 }

@@ -18,6 +18,13 @@
 #ifndef DENOISED_DEFAULT_MODEL
 #define DENOISED_DEFAULT_MODEL "models/glyphs32"
 #endif
+
+/* The default model's folder: beside an installed binary (BINDIR/../share/denoised/models/NAME,
+ * as `cmake --install` lays it out, NAME being the last component of DENOISED_DEFAULT_MODEL),
+ * else the build-time DENOISED_DEFAULT_MODEL (the source tree). Computed once. */
+const char *config_default_model_path(void);
+/* Its NAME ("glyphs32"): what images record instead of a path of this machine. */
+const char *config_default_model_name(void);
 #define CONFIG_DEFAULT_MODEL_NAME "default"
 
 typedef struct config_model {
@@ -31,9 +38,12 @@ typedef struct config {
   config_model models[CONFIG_MAX_MODELS];
   int nmodels;
   char default_model[CONFIG_NAME_MAX]; /* used when a request names no model */
-  int cpu_budget;                      /* 0: the CPUs online */
-  int workers;                         /* concurrent jobs (or batches); 0: min(2, cpu_budget) */
-  int threads_per_job;                 /* 0: cpu_budget / workers */
+  /* default_model was set (file, environment or flag); else a model list without one named
+   * "default" makes its first model the default (config_finalize) */
+  int default_model_set;
+  int cpu_budget;      /* 0: the CPUs online */
+  int workers;         /* concurrent jobs (or batches); 0: min(2, cpu_budget) */
+  int threads_per_job; /* 0: cpu_budget / workers */
   int queue_max;
   int batch_max_images;   /* images in a forward shared by jobs; 1 disables batching */
   int result_ttl;         /* seconds a finished job and its images are kept */

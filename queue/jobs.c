@@ -448,7 +448,11 @@ int qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   }
   j->final->writing = 0;
   const int was_unsettled = j->store_error[0] != 0;
+  char done[160] = ""; /* one line per finished job, for whoever reads the log */
   if (rc == ERR_OK) {
+    const double ran = j->started > 0 ? j->final->time - j->started : 0;
+    snprintf(done, sizeof done, "job %s: %d image(s), %d steps, ran %.2f s",
+             queue_state_name(j->final->state), j->images, j->step, ran > 0 ? ran : 0);
     settle(q, j);
     q->unsettled -= was_unsettled;
     qstore_note(q, ERR_OK, NULL);
@@ -462,5 +466,7 @@ int qjob_settle_write(queue *q, qjob *j, char *text, size_t len) {
   pthread_mutex_unlock(&q->mu);
   if (rc)
     qlog(q, QUEUE_LOG_ERROR, id, "storing the final state failed: %s; will retry", e.msg);
+  else if (done[0])
+    qlog(q, QUEUE_LOG_INFO, id, "%s", done);
   return rc;
 }

@@ -152,6 +152,9 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->num_params = mi->num_params;
   out->class_labels = m->labels ? json_incref(m->labels) : NULL;
   out->classifier = m->classifier ? json_incref(m->classifier) : NULL;
+  snprintf(out->rec_solver, sizeof out->rec_solver, "%s", mi->rec_solver ? mi->rec_solver : "");
+  out->rec_steps = mi->rec_steps;
+  out->rec_guidance = mi->rec_guidance;
   char path[sizeof m->path];
   snprintf(path, sizeof path, "%s", m->path);
   pthread_mutex_unlock(&q->mu);

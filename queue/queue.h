@@ -220,6 +220,10 @@ typedef struct queue_model_desc {
   /* Its classifier (MODEL/classifier/, classifier.h) as {"class_name", "heads": [{"name",
    * "classes", "labels"}]}, or NULL without one; a reference the caller decrefs. */
   json_t *classifier;
+  /* model_info's recommended settings: "" / 0 / < 0 when not given */
+  char rec_solver[QUEUE_NAME_SIZE];
+  int rec_steps;
+  double rec_guidance;
 } queue_model_desc;
 
 int queue_model_count(queue *q);

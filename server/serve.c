@@ -9,9 +9,11 @@
 #endif
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
+#include "model.h"
 #include "server.h"
 
 static const char serve_help[] =
@@ -95,6 +97,52 @@ static int parse_serve_args(int argc, char **argv, serve_args *a) {
     }
   }
   return 0;
+}
+
+static const char check_help[] =
+    "usage: denoised config check FILE\n"
+    "\n"
+    "Validates FILE as 'denoised serve --config FILE' would start with it: the file, DENOISED_*\n"
+    "environment overrides, the API keys (api_keys_file, DENOISED_API_KEYS) and every model\n"
+    "(loaded). Prints the effective configuration as JSON; exit 0, or 2 with the reason.\n";
+
+int server_config_check(int argc, char **argv) {
+  if (argc == 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+    fputs(check_help, stdout);
+    return 0;
+  }
+  if (argc != 2 || argv[1][0] == '-') {
+    fputs(check_help, stderr);
+    return SERVER_EXIT_USAGE;
+  }
+  serve_args a = {.config_file = argv[1], .argc = 1, .argv = argv};
+  static config c; /* large: off the stack */
+  err e = {0};
+  auth keys = {0};
+  int rc = build_config(&a, &c, &e) ||
+           auth_load(c.api_keys_file, getenv("DENOISED_API_KEYS"), &keys, &e);
+  auth_free(&keys);
+  for (int i = 0; !rc && i < c.nmodels; i++) {
+    struct stat st;
+    model *m = NULL;
+    if (stat(c.models[i].path, &st) != 0 || !S_ISDIR(st.st_mode))
+      rc = err_set(&e, ERR_INVALID, "models.%s: '%s' is not a directory", c.models[i].name,
+                   c.models[i].path);
+    else if ((rc = model_load(c.models[i].path, &m, &e)) != ERR_OK)
+      err_prefix(&e, "models.%s", c.models[i].name);
+    model_free(m);
+  }
+  if (rc) {
+    fprintf(stderr, "denoised config: %s\n", e.msg);
+    return SERVER_EXIT_USAGE;
+  }
+  json_t *j = config_to_json(&c);
+  char *text = j ? json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;
+  json_decref(j);
+  if (text)
+    puts(text);
+  free(text);
+  return text ? 0 : 1;
 }
 
 static int load_models(queue *q, const config *c, err *e) {

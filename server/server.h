@@ -22,5 +22,9 @@ enum {
 };
 
 int server_main(int argc, char **argv);
+/* `denoised config check FILE`: the configuration `serve --config FILE` would run with, checked
+ * as serve checks it (API keys file and DENOISED_API_KEYS read, every model loaded), printed as
+ * JSON; 0, or 2 with the reason on stderr. argv[0] is "check". */
+int server_config_check(int argc, char **argv);
 
 #endif

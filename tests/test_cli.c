@@ -21,9 +21,10 @@ START_TEST(help_and_usage_errors) {
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps abc --out y.npy"), 2);
   ck_assert_ptr_nonnull(strstr(out, "--steps expects an integer"));
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps 0 --out y.npy"), 2);
-  /* without --model: the build's default model, which is class-conditional */
-  ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --steps 5 --out y.npy"), 2);
-  ck_assert_ptr_nonnull(strstr(out, "pass --class"));
+  /* without --model: the default model, which is class-conditional (without --class each
+   * image's class is drawn: test_rough_edges); a size it was not built for is refused */
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --size 48 --out y.npy"), 2);
+  ck_assert_ptr_nonnull(strstr(out, "--size 48"));
   ck_assert_int_eq(test_run_cli(out, sizeof out, "sample --model x --steps 5"), 2);
   ck_assert_int_eq(
       test_run_cli(out, sizeof out, "sample --model x --seed 1 --noise n.npy --out y.npy"), 2);
@@ -39,9 +40,12 @@ START_TEST(runtime_errors_are_clear) {
       test_run_cli(out, sizeof out, "sample --model /nonexistent --seed 1 --out %s/a.npy", tmp), 1);
   ck_assert_ptr_nonnull(strstr(out, "does not exist"));
   test_src_path(model, sizeof model, "tests/fixtures/gmm/cond4");
-  ck_assert_int_eq(
-      test_run_cli(out, sizeof out, "sample --model %s --seed 1 --out %s/a.npy", model, tmp), 2);
-  ck_assert_ptr_nonnull(strstr(out, "pass --class"));
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "sample --model %s --seed 1 --guidance-scale 2 --steps 5 "
+                                "--out %s/a.npy",
+                                model, tmp),
+                   0);
+  ck_assert_ptr_nonnull(strstr(out, "classes drawn from the seed"));
   ck_assert_int_eq(test_run_cli(out, sizeof out,
                                 "sample --model %s --class 9 --seed 1 --out %s/a.npy", model, tmp),
                    2);

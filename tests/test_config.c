@@ -104,9 +104,16 @@ START_TEST(errors_name_key_and_source) {
   ck_assert_int_ne(config_finalize(&c, &e), 0);
   ck_assert_ptr_nonnull(strstr(e.msg, "workers"));
   config_defaults(&c);
-  snprintf(c.default_model, sizeof c.default_model, "missing");
+  ck_assert_int_eq(config_set_flag(&c, "default-model", "missing", &e), 0);
   ck_assert_int_ne(config_finalize(&c, &e), 0);
   ck_assert_ptr_nonnull(strstr(e.msg, "default_model"));
+  /* a list without its default named: the first model is the default (serve --model a=DIR) */
+  config_defaults(&c);
+  c.nmodels = 0;
+  ck_assert_int_eq(config_set_flag(&c, "model", "a=/x", &e), 0);
+  ck_assert_int_eq(config_set_flag(&c, "model", "b=/y", &e), 0);
+  ck_assert_int_eq(config_finalize(&c, &e), 0);
+  ck_assert_str_eq(c.default_model, "a");
   config_defaults(&c);
   c.sse_heartbeat = 100;
   c.idle_timeout = 30;

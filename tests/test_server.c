@@ -1306,7 +1306,7 @@ START_TEST(compute_budgets) {
                 r.body);
   http_free(&r);
   /* 4 images x 1000 = 4.1 each: the first two fit under 9, the third does not */
-  const char *mid = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 4, "
+  const char *mid = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 4, \"guidance\": null, "
                     "\"scheduler\": {\"name\": \"ddpm\", \"steps\": 1000}}";
   submit_job(&d, mid, id, sizeof id);
   char id2[64];
@@ -1329,7 +1329,7 @@ START_TEST(compute_budgets) {
   const char *capped[] = {"--constant-time-max-nfe", "3", "--model", model_arg, NULL};
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), capped), 0);
   submit_job(&d,
-             "{\"class_label\": 0, \"seed\": 5, \"scheduler\": {\"name\": "
+             "{\"class_label\": 0, \"seed\": 5, \"guidance\": null, \"scheduler\": {\"name\": "
              "\"dpm-solver-adaptive\", "
              "\"options\": {\"thresholding\": false}}}",
              id, sizeof id);

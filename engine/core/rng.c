@@ -101,3 +101,9 @@ uint32_t rng_choice(uint64_t seed, uint64_t image, uint32_t n) {
   const uint32_t k = (uint32_t)((double)u * n); /* u < 1 exactly, so k < n */
   return k < n ? k : n - 1;
 }
+
+int64_t rng_class(uint64_t seed, uint64_t image, int num_classes, int64_t null_class) {
+  const int has_null = null_class >= 0 && null_class < num_classes && num_classes > 1;
+  int64_t k = rng_choice(seed, image, (uint32_t)(num_classes - has_null));
+  return has_null && k >= null_class ? k + 1 : k;
+}

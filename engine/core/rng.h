@@ -39,6 +39,9 @@ void rng_uniform_at(uint64_t seed, uint64_t image, uint64_t stream, uint64_t fir
  * wherever the image is made (CLI, daemon, A1111 route). n >= 1. */
 #define RNG_STREAM_CHOICE 0xffffffffu
 uint32_t rng_choice(uint64_t seed, uint64_t image, uint32_t n);
+/* The class of such an image: rng_choice over [0, num_classes) with null_class (classifier-free
+ * guidance's "no class", when in range) left out. num_classes >= 1. */
+int64_t rng_class(uint64_t seed, uint64_t image, int num_classes, int64_t null_class);
 
 /* The raw generator, exposed for tests against published test vectors. */
 void rng_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);

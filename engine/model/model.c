@@ -33,6 +33,7 @@ struct model {
   unet *unet;
   gmm *gmm;
   char **labels; /* info.class_labels */
+  char rec_solver[64];
 };
 
 static int is_file(const char *path) {
@@ -236,6 +237,39 @@ static int read_class_labels(model *m, const json_t *cfg, const char *cfg_path, 
   return ERR_OK;
 }
 
+/* "_recommended": the author's settings (model_info.rec_*); every key optional, each checked. */
+static int read_recommended(model *m, const json_t *cfg, const char *cfg_path, err *e) {
+  m->info.rec_guidance = -1;
+  const json_t *v = json_object_get(cfg, "_recommended");
+  if (!v || json_is_null(v))
+    return ERR_OK;
+  if (!json_is_object(v))
+    return err_set(e, ERR_FORMAT,
+                   "%s: key '_recommended' must be an object {scheduler, steps, guidance_scale}",
+                   cfg_path);
+  const char *k;
+  const json_t *x;
+  json_object_foreach((json_t *)v, k, x) {
+    if (strcmp(k, "scheduler") == 0 && json_is_string(x) && json_string_length(x) > 0 &&
+        json_string_length(x) < sizeof m->rec_solver) {
+      snprintf(m->rec_solver, sizeof m->rec_solver, "%s", json_string_value(x));
+      m->info.rec_solver = m->rec_solver;
+    } else if (strcmp(k, "steps") == 0 && json_is_integer(x) && json_integer_value(x) >= 1 &&
+               json_integer_value(x) <= 1000) {
+      m->info.rec_steps = (int)json_integer_value(x);
+    } else if (strcmp(k, "guidance_scale") == 0 && json_is_number(x) && m->info.num_classes > 0 &&
+               json_number_value(x) >= 0 && json_number_value(x) <= 50) {
+      m->info.rec_guidance = json_number_value(x);
+    } else {
+      return err_set(e, ERR_FORMAT,
+                     "%s: _recommended.%s: expected scheduler (a solver name), steps (1-1000) or "
+                     "guidance_scale (0-50, class-conditional models only)",
+                     cfg_path, k);
+    }
+  }
+  return ERR_OK;
+}
+
 int64_t model_class_from_name(const model *m, const char *name) {
   const int k = m->info.num_classes;
   char *end;
@@ -310,6 +344,8 @@ int model_load(const char *dir, model **out, err *e) {
     rc = read_null_class(m, cfg, cfg_path, e);
   if (rc == ERR_OK)
     rc = read_class_labels(m, cfg, cfg_path, e);
+  if (rc == ERR_OK)
+    rc = read_recommended(m, cfg, cfg_path, e);
   json_decref(cfg);
   if (rc) {
     model_free(m);
@@ -341,6 +377,8 @@ int model_init(const char *config_path, uint64_t seed, model **out, err *e) {
     rc = read_null_class(m, cfg, config_path, e);
   if (rc == ERR_OK)
     rc = read_class_labels(m, cfg, config_path, e);
+  if (rc == ERR_OK)
+    rc = read_recommended(m, cfg, config_path, e);
   json_decref(cfg);
   if (rc) {
     if (e && strncmp(e->msg, config_path, strlen(config_path)) != 0)

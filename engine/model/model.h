@@ -35,6 +35,13 @@ typedef struct model_info {
    * most num_classes), or NULL. */
   const char *const *class_labels;
   int n_class_labels;
+  /* The settings its author recommends, config.json "_recommended": {"scheduler": NAME,
+   * "steps": N, "guidance_scale": G} (each optional), which the CLI, the daemon and the A1111
+   * route use when a request gives none. rec_solver is NULL, rec_steps 0 and rec_guidance < 0
+   * when not given; the solver name is checked by its users (the solver room is above this). */
+  const char *rec_solver;
+  int rec_steps;
+  double rec_guidance;
 } model_info;
 
 /* Loads `dir`: flat (config.json + diffusion_pytorch_model.safetensors) or

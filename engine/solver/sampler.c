@@ -676,6 +676,19 @@ static int ot_from_json(const json_t *spec, const char *data, const json_t *mode
   return rc;
 }
 
+/* The official DPM-Solver code applies the paper's dynamic thresholding to the data prediction,
+ * i.e. to DPM-Solver++ only. A model whose own scheduler config turns thresholding on (the
+ * default glyph model's DDPMScheduler does) gets dpm-solver-fast and dpm-solver-adaptive as
+ * DPM-Solver++ rather than a refusal, unless the request chose the algorithm itself. */
+static int prefer_data_prediction(const solver_desc *d, sched_config *cfg, const json_t *lc,
+                                  const json_t *opts, err *e) {
+  if (d != &solver_dpm_official || !cfg->thresholding ||
+      cfg->algorithm_type != SCHED_ALGO_DPMSOLVER || json_object_get(lc, "algorithm_type") ||
+      json_object_get(opts, "algorithm_type"))
+    return ERR_OK;
+  return apply_text(cfg, "{\"algorithm_type\": \"dpmsolver++\"}", e);
+}
+
 int sampler_new_from_json(const json_t *spec, const json_t *model_config, sampler **out, err *e) {
   if (!json_is_object(spec))
     return err_set(e, ERR_INVALID, "solver spec: expected a JSON object");
@@ -783,6 +796,7 @@ int sampler_new_from_json(const json_t *spec, const json_t *model_config, sample
     have = 1;
     if ((rc = apply_text(&cfg, alias ? alias->defaults : NULL, e)) == ERR_OK &&
         (rc = apply_layer(&cfg, lm, "model scheduler config", e)) == ERR_OK &&
+        (rc = prefer_data_prediction(d, &cfg, lc, opts, e)) == ERR_OK &&
         (rc = apply_layer(&cfg, lc, "solver spec config", e)) == ERR_OK &&
         (rc = apply_text(&cfg, alias ? alias->fixed : NULL, e)) == ERR_OK &&
         (rc = apply_layer(&cfg, opts, "solver spec options", e)) == ERR_OK)
