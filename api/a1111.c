@@ -505,6 +505,25 @@ static void sd_req_clear(sd_req *r) {
   queue_model_desc_clear(&r->md);
 }
 
+/* Their k-diffusion "churn" (s_churn, with s_tmin, s_tmax, s_noise) adds noise inside the
+ * Euler, Heun and DPM2 steps; ours have none, so a non-zero s_churn for those samplers is
+ * refused (theirs ignore it for the others, and so does this). Likewise img2img's
+ * initial_noise_multiplier other than 1, which scales the starting noise. */
+static int sd_churn(const json_t *j, const sd_req *r, api_error *e) {
+  const json_t *v = json_object_get(j, "s_churn");
+  const int churns = strcmp(r->solver, "euler") == 0 || strcmp(r->solver, "heun") == 0 ||
+                     strncmp(r->solver, "kdpm2", 5) == 0;
+  if (churns && json_is_number(v) && json_number_value(v) != 0)
+    return api_fail(e, 400, "invalid_field", "s_churn",
+                    "s_churn: the %s sampler here adds no churn noise: send 0",
+                    label_for(r->solver));
+  v = json_object_get(j, "initial_noise_multiplier");
+  if (r->img2img && json_is_number(v) && json_number_value(v) != 1)
+    return api_fail(e, 400, "invalid_field", "initial_noise_multiplier",
+                    "initial_noise_multiplier: the starting noise is not scaled here: send 1");
+  return 0;
+}
+
 /* Their fields, read in order; the model first, since prompts mean classes of it. */
 static int sd_read(const api_ctx *c, const json_t *j, const char *checkpoint, sd_req *r,
                    char *mname, size_t mlen, api_error *e) {
@@ -520,8 +539,8 @@ static int sd_read(const api_ctx *c, const json_t *j, const char *checkpoint, sd
       r->has_steps = 1;
     }
   }
-  if ((rc = sd_options(j, r, e)) || (rc = sd_prompts(j, r, e)) || (rc = sd_cfg(j, r, e)) ||
-      (r->img2img && (rc = sd_img2img(c, j, r, e))))
+  if ((rc = sd_churn(j, r, e)) || (rc = sd_options(j, r, e)) || (rc = sd_prompts(j, r, e)) ||
+      (rc = sd_cfg(j, r, e)) || (r->img2img && (rc = sd_img2img(c, j, r, e))))
     return rc;
   return 0;
 }

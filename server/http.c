@@ -1088,7 +1088,10 @@ static enum MHD_Result get_sd_progress(srv *s, struct MHD_Connection *c, req *r)
   queue_job_view v;
   memset(&v, 0, sizeof v);
   int queued = 0, have = queue_current(s->q, owner_filter(s, r), &v, &queued);
-  char *preview = have && v.state == QUEUE_RUNNING ? last_preview(s, v.id, NULL) : NULL;
+  /* their skip_current_image=true: the client does not want the picture */
+  const char *skip = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "skip_current_image");
+  const int want = !(skip && strcasecmp(skip, "true") == 0);
+  char *preview = want && have && v.state == QUEUE_RUNNING ? last_preview(s, v.id, NULL) : NULL;
   json_t *j = api_sd_progress_json(&v, have, have && v.state == QUEUE_QUEUED ? queued - 1 : queued,
                                    preview);
   free(preview);

@@ -204,11 +204,19 @@ START_TEST(scheduler_and_negative_prompt) {
       {"{\"prompt\": \"ring\", \"restore_faces\": true}", "restore_faces"},
       {"{\"prompt\": \"ring\", \"styles\": [\"x\"]}", "styles"},
       {"{\"prompt\": \"ring\", \"width\": 99999}", "width"},
+      {"{\"prompt\": \"ring\", \"sampler_name\": \"Euler\", \"s_churn\": 0.5}", "s_churn"},
       {"{\"prompt\": \"ring\", \"override_settings\": {\"sd_model_checkpoint\": \"nope\"}}",
        "override_settings.sd_model_checkpoint"},
   };
   for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
     expect_field(&d, "/sdapi/v1/txt2img", bad[i][0], bad[i][1]);
+  /* what theirs ignores is ignored: churn on a sampler without it */
+  ck_assert_int_eq(sd_post(&d, "/sdapi/v1/txt2img",
+                           "{\"prompt\": \"ring\", \"steps\": 3, \"sampler_name\": \"DDIM\", "
+                           "\"s_churn\": 0.5, \"s_noise\": 1.003}",
+                           NULL, &j),
+                   200);
+  json_decref(j);
   daemon_stop(&d);
 }
 END_TEST
@@ -442,6 +450,15 @@ START_TEST(interrupt_returns_partial_images) {
     usleep(20000);
   }
   ck_assert_msg(pj, "no current_image while the job ran");
+  {
+    http_resp r2;
+    ck_assert_int_eq(
+        http_req(&d, "GET", "/sdapi/v1/progress?skip_current_image=true", NULL, 0, ti, &r2), 200);
+    json_t *sk = http_json(&r2);
+    ck_assert(json_is_null(json_object_get(sk, "current_image")));
+    json_decref(sk);
+    http_free(&r2);
+  }
   int h, w;
   free(b64_pixels(json_string_value(json_object_get(pj, "current_image")), &h, &w));
   ck_assert_int_eq(h, 32);
