@@ -28,6 +28,17 @@ static json_t *info_json(const char *dir, const model *m, json_t *data) {
                         model_weights_digest(m), "solver_data", data);
   if (j && mi->num_classes)
     json_object_set_new(j, "null_class", json_integer(mi->null_class));
+  json_t *rec = json_object(); /* config.json "_recommended", what sample uses by default */
+  if (mi->rec_solver)
+    json_object_set_new(rec, "scheduler", json_string(mi->rec_solver));
+  if (mi->rec_steps > 0)
+    json_object_set_new(rec, "steps", json_integer(mi->rec_steps));
+  if (mi->rec_guidance >= 0)
+    json_object_set_new(rec, "guidance_scale", json_real(mi->rec_guidance));
+  if (j)
+    json_object_set_new(j, "recommended", rec);
+  else
+    json_decref(rec);
   return j;
 }
 
@@ -44,6 +55,12 @@ static void print_text(const json_t *j) {
   if (nc)
     printf("classes      %lld (null class %lld)\n", nc,
            (long long)json_integer_value(json_object_get(j, "null_class")));
+  const json_t *rec = json_object_get(j, "recommended");
+  if (json_object_size(rec)) {
+    char *t = json_dumps(rec, JSON_COMPACT | JSON_REAL_PRECISION(6));
+    printf("recommended  %s\n", t ? t : "");
+    free(t);
+  }
   printf("weights      %s\n", json_string_value(json_object_get(j, "weights_digest")));
   const json_t *data = json_object_get(j, "solver_data");
   printf("solver data  %zu%s\n", json_array_size(data), json_array_size(data) ? ":" : "");

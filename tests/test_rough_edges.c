@@ -43,6 +43,11 @@ START_TEST(sample_without_flags_uses_the_model_card) {
     ck_assert_str_eq(json_string_value(json_object_get(j, "model")), "glyphs32");
     json_decref(j);
   }
+  /* denoised info shows what the card recommends */
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "info"), 0);
+  ck_assert_msg(
+      strstr(out, "recommended  {\"scheduler\":\"dpm++2m\",\"steps\":20,\"guidance_scale\":2"),
+      "%s", out);
   /* the drawn classes are not all one */
   ck_assert(rng_class(5, 0, 37, 36) != rng_class(5, 1, 37, 36) ||
             rng_class(5, 1, 37, 36) != rng_class(5, 2, 37, 36));
