@@ -6,13 +6,7 @@
 # Usage: tests/install_test.sh BUILD_DIR
 set -eu
 build=$(cd "${1:?usage: tests/install_test.sh BUILD_DIR}" && pwd)
-work=$(mktemp -d)
-daemon=""
-cleanup() {
-  [ -n "$daemon" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. "$(cd "$(dirname "$0")" && pwd)/scratch.sh"
 fail() { echo "install_test: $*" >&2; exit 1; }
 prefix=$work/prefix
 cmake --install "$build" --prefix "$prefix" >/dev/null
@@ -35,13 +29,9 @@ cmp -s a.png b.png || fail "the replay differs"
 # serve the default model
 "$bin" serve --listen 127.0.0.1:0 --state-dir state >serve.log 2>&1 &
 daemon=$!
-url=""
-for _ in $(seq 1 300); do
-  url=$(sed -n 's/.*msg=listening.* url=\(http:[^ ]*\).*/\1/p' serve.log | head -1)
-  [ -n "$url" ] && break
-  sleep 0.1
-done
-[ -n "$url" ] || fail "serve did not start: $(cat serve.log)"
+port=$(daemon_port serve.log)
+[ -n "$port" ] || fail "serve did not start: $(cat serve.log)"
+url=http://127.0.0.1:$port
 curl -sf -d '{"class_label": "K", "seed": 4}' "$url/v1/generate" -o g.png || fail "generate failed"
 [ "$(head -c 8 g.png | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || fail "g.png is not a PNG"
 for _ in $(seq 1 100); do # logged once its final state is on disk, just after the answer

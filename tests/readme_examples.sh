@@ -10,13 +10,7 @@
 set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "${1:?usage: tests/readme_examples.sh BUILD_DIR}" && pwd)
-work=$(mktemp -d)
-daemon=""
-cleanup() {
-  [ -n "$daemon" ] && kill "$daemon" 2>/dev/null && wait "$daemon" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. "$src/tests/scratch.sh"
 cd "$work"
 ln -s "$build" build
 ln -s "$src/models" models
@@ -87,12 +81,7 @@ done
 # --- the daemon session: `build/denoised serve` with no flags but a free port ---
 build/denoised serve --listen 127.0.0.1:0 >serve.log 2>&1 &
 daemon=$!
-port=""
-for _ in $(seq 100); do
-  port=$(sed -n 's/.*msg=listening.*url=http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' serve.log | head -n 1)
-  [ -n "$port" ] && break
-  sleep 0.1
-done
+port=$(daemon_port serve.log)
 [ -n "$port" ] || { cat serve.log >&2; echo "readme_examples: the daemon did not start" >&2; exit 1; }
 session=$(block 3 | sed "s|localhost:8080|localhost:$port|g")
 [ -n "$session" ] || { echo "readme_examples: the README has no daemon block" >&2; exit 1; }
