@@ -117,28 +117,40 @@ static int rs_get_file(store *b, const char *id, const char *name, uint8_t **dat
   return rc ? rc : get_key(s, k, data, len, e);
 }
 
-static int rs_remove_job(store *b, const char *id, int nimages, const char *const *files, err *e) {
-  redis_store *s = (redis_store *)b;
+/* `cmd KEY [arg]` (DEL, or EXPIRE with its seconds). */
+static int key_command(redis_store *s, const char *cmd, const char *k, const char *arg, err *e) {
+  const char *argv[] = {cmd, k, arg};
+  return check(s, redisconn_argv(s->c, arg ? 3 : 2, argv, NULL, e), cmd, e);
+}
+
+/* key_command on each key of job id: its first nimages images, the named files, then its
+ * record (last: a cut leaves the record, so the job stays findable and removable). */
+static int each_job_key(redis_store *s, const char *id, int nimages, const char *const *files,
+                        const char *cmd, const char *arg, err *e) {
   char k[KEYBUF];
   int rc = ERR_OK;
   for (int i = 0; i < nimages && rc == ERR_OK; i++) {
     snprintf(k, sizeof k, "%s:img:%s:%d", s->prefix, id, i);
-    const char *argv[] = {"DEL", k};
-    rc = check(s, redisconn_argv(s->c, 2, argv, NULL, e), "DEL", e);
+    rc = key_command(s, cmd, k, arg, e);
   }
   for (int i = 0; files && files[i] && rc == ERR_OK; i++) {
     if (store_file_name_check(files[i], e) != ERR_OK)
       continue;
     snprintf(k, sizeof k, "%s:file:%s:%s", s->prefix, id, files[i]);
-    const char *argv[] = {"DEL", k};
-    rc = check(s, redisconn_argv(s->c, 2, argv, NULL, e), "DEL", e);
-  }
-  if (rc == ERR_OK) { /* the record last, then its index entry: a cut leaves it removable */
-    snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
-    const char *argv[] = {"DEL", k};
-    rc = check(s, redisconn_argv(s->c, 2, argv, NULL, e), "DEL", e);
+    rc = key_command(s, cmd, k, arg, e);
   }
   if (rc == ERR_OK) {
+    snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
+    rc = key_command(s, cmd, k, arg, e);
+  }
+  return rc;
+}
+
+static int rs_remove_job(store *b, const char *id, int nimages, const char *const *files, err *e) {
+  redis_store *s = (redis_store *)b;
+  int rc = each_job_key(s, id, nimages, files, "DEL", NULL, e);
+  if (rc == ERR_OK) { /* the index entry after the record */
+    char k[KEYBUF];
     snprintf(k, sizeof k, "%s:jobs", s->prefix);
     const char *argv[] = {"SREM", k, id};
     rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "SREM", e);
@@ -148,26 +160,10 @@ static int rs_remove_job(store *b, const char *id, int nimages, const char *cons
 
 static int rs_expire_job(store *b, const char *id, int nimages, const char *const *files, int ttl_s,
                          err *e) {
-  redis_store *s = (redis_store *)b;
-  char k[KEYBUF], ttl[16];
+  char ttl[16];
   snprintf(ttl, sizeof ttl, "%d", ttl_s);
-  int rc = ERR_OK;
-  for (int i = -1; i < nimages && rc == ERR_OK; i++) { /* -1: the record */
-    if (i < 0)
-      snprintf(k, sizeof k, "%s:job:%s", s->prefix, id);
-    else
-      snprintf(k, sizeof k, "%s:img:%s:%d", s->prefix, id, i);
-    const char *argv[] = {"EXPIRE", k, ttl};
-    rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "EXPIRE", e);
-  }
-  for (int i = 0; files && files[i] && rc == ERR_OK; i++) {
-    if (store_file_name_check(files[i], e) != ERR_OK)
-      continue;
-    snprintf(k, sizeof k, "%s:file:%s:%s", s->prefix, id, files[i]);
-    const char *argv[] = {"EXPIRE", k, ttl};
-    rc = check(s, redisconn_argv(s->c, 3, argv, NULL, e), "EXPIRE", e);
-  }
-  return rc; /* the index entry stays: listings drop entries whose record is gone */
+  /* the index entry stays: listings drop entries whose record is gone */
+  return each_job_key((redis_store *)b, id, nimages, files, "EXPIRE", ttl, e);
 }
 
 static int by_id(const void *a, const void *b) {
