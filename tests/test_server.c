@@ -749,6 +749,8 @@ START_TEST(cancel_queued_and_running) {
   char a[64], b[64], path[128];
   submit_job(&d, LONG_JOB, a, sizeof a);
   submit_job(&d, LONG_JOB, b, sizeof b);
+  /* b is first in line once a runs; asked before the worker has taken a, b is second */
+  wait_running(&d, a, 60);
   http_resp r;
   snprintf(path, sizeof path, "/v1/jobs/%s", b);
   ck_assert_int_eq(http_get(&d, path, &r), 200);
