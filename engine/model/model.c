@@ -465,11 +465,11 @@ struct model_grads {
 };
 
 int model_param_count(const model *m) {
-  return m->unet ? m->unet->nparams : 0;
+  return m->unet ? m->unet->ps.nparams : 0;
 }
 
 const model_param *model_param_at(const model *m, int i) {
-  return i >= 0 && i < model_param_count(m) ? &m->unet->params[i] : NULL;
+  return i >= 0 && i < model_param_count(m) ? &m->unet->ps.params[i] : NULL;
 }
 
 int model_repack(model *m, err *e) {
@@ -532,7 +532,7 @@ int model_backward(const model *m, const model_call *c, const model_grad_call *g
     return err_set(e, ERR_INVALID, "model_backward: empty batch or missing buffers");
   if (c->hooks.mid_save || c->hooks.mid_replace)
     return err_set(e, ERR_UNSUPPORTED, "model_backward takes no h-space hooks");
-  if (g->params && g->params->count != m->unet->nparams)
+  if (g->params && g->params->count != m->unet->ps.nparams)
     return err_set(e, ERR_INVALID, "model_backward: gradients made for another model");
   return unet_backward(m->unet, c, g, g->params ? g->params->g : NULL, e);
 }

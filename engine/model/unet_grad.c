@@ -32,8 +32,8 @@ typedef struct tape {
 static float *pgrad(const tape *T, const float *data) {
   if (!T->pg || !data)
     return NULL;
-  for (int i = 0; i < T->u->nparams; i++)
-    if (T->u->params[i].data == data)
+  for (int i = 0; i < T->u->ps.nparams; i++)
+    if (T->u->ps.params[i].data == data)
       return T->pg[i];
   return NULL;
 }

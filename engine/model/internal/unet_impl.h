@@ -6,6 +6,7 @@
 #include <pthread.h>
 
 #include "arena.h"
+#include "blocks.h"
 #include "model.h"
 #include "ops.h"
 #include "pool.h"
@@ -13,33 +14,6 @@
 
 #define UNET_MAX_LEVELS 8
 #define UNET_MAX_LAYERS 8
-#define UNET_MAX_PARAMS 4096
-#define UNET_MAX_SPARE 8
-
-typedef struct workspace {
-  arena *a;
-  pool *p;
-} workspace;
-
-typedef struct group_norm {
-  int groups, channels;
-  float eps;
-  float *gamma, *beta;
-} group_norm;
-
-typedef struct linear {
-  int in, out;
-  float *weight, *bias;
-} linear;
-
-typedef struct resnet {
-  int cin, cout, up, down, scale_shift;
-  float out_scale;
-  group_norm norm1, norm2;
-  conv2d conv1, conv2, shortcut;
-  int has_shortcut;
-  linear temb_proj;
-} resnet;
 
 typedef enum { SAMPLE_NONE, SAMPLE_CONV, SAMPLE_RESNET } resample_kind;
 
@@ -64,16 +38,8 @@ struct unet {
   attn_weights mid_attn;
   int mid_has_attn, has_mid;
   group_norm norm_out;
-  model_param params[UNET_MAX_PARAMS]; /* learned tensors in load order, names owned */
-  int nparams;
-  conv2d *convs[UNET_MAX_PARAMS]; /* packed layers, unpacked by unet_free */
-  int nconvs;
-  /* Workspaces (arena + thread pool) of finished forward passes, reused so
-   * that steady-state sampling touches no fresh pages and starts no threads;
-   * one per concurrent caller. */
-  pthread_mutex_t lock;
-  workspace spare[UNET_MAX_SPARE];
-  int nspare;
+  blocks_params ps;     /* learned tensors in load order and packed layers */
+  blocks_spares spares; /* workspaces of finished passes */
 };
 
 /* A workspace (arena and thread pool of `threads`) from the model's spares, or a new one; give
