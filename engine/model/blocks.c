@@ -333,7 +333,7 @@ int blocks_load_linear(blocks_loader *ld, const char *wname, const char *bname, 
 
 int blocks_load_resnet(blocks_loader *ld, const char *prefix, const resnet_spec *s, int cin,
                        int cout, resnet *r) {
-  char name[256], name2[256];
+  char name[256];
   int rc;
   *r = (resnet){.cin = cin,
                 .cout = cout,
@@ -350,6 +350,7 @@ int blocks_load_resnet(blocks_loader *ld, const char *prefix, const resnet_spec 
   if (s->temb_dim) {
     int tout = s->scale_shift ? 2 * cout : cout;
     r->temb_proj = (linear){.in = s->temb_dim, .out = tout};
+    char name2[256];
     snprintf(name, sizeof name, "%s.time_emb_proj.weight", prefix);
     snprintf(name2, sizeof name2, "%s.time_emb_proj.bias", prefix);
     if ((rc = blocks_load_linear(ld, name, name2, s->temb_dim, tout, &r->temb_proj.weight,

@@ -156,12 +156,12 @@ typedef struct blocks_run {
 } blocks_run;
 
 /* n x c x h x w floats from the run's arena, or NULL. */
-float *blocks_act(blocks_run *r, int c, int h, int w);
-int blocks_conv(blocks_run *r, const conv2d *c, const float *x, int h, int w, float *y);
-void blocks_norm(blocks_run *r, const group_norm *g, const float *x, int hw, int silu, float *y);
+float *blocks_act(blocks_run *f, int c, int h, int w);
+int blocks_conv(blocks_run *f, const conv2d *c, const float *x, int h, int w, float *y);
+void blocks_norm(blocks_run *f, const group_norm *g, const float *x, int hw, int silu, float *y);
 /* y (n x cout x h' x w') = the resnet of x; nonzero when out of memory. */
-int blocks_resnet_forward(blocks_run *r, const resnet *res, const float *x, int h, int w, float *y);
+int blocks_resnet_forward(blocks_run *f, const resnet *r, const float *x, int h, int w, float *y);
 /* x = attention(x) in place. */
-int blocks_attn_forward(blocks_run *r, const attn_weights *aw, float *x, int hw);
+int blocks_attn_forward(blocks_run *f, const attn_weights *aw, float *x, int hw);
 
 #endif
