@@ -23,7 +23,7 @@ typedef struct st_entry {
 
 struct st_file {
   char *path;
-  const uint8_t *map;
+  const uint8_t *map; /* NULL for a view, which borrows its base's data */
   size_t map_len;
   const uint8_t *data; /* start of the data section */
   uint64_t data_len;
@@ -228,6 +228,52 @@ int st_index(const st_file *f, const char *name) {
 const st_tensor_info *st_find(const st_file *f, const char *name) {
   const st_entry *en = find_entry(f, name);
   return en ? &en->info : NULL;
+}
+
+int st_view(const st_file *base, const st_alias *a, int n, st_file **out, err *e) {
+  *out = NULL;
+  st_file *v = mem_calloc(1, sizeof *v);
+  if (!v || !(v->path = mem_strdup(base->path)) ||
+      !(v->entries = mem_calloc((size_t)n + 1, sizeof *v->entries))) {
+    st_close(v);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  v->data = base->data;
+  v->data_len = base->data_len;
+  for (int i = 0; i < n; i++) {
+    const st_entry *src = find_entry(base, a[i].from);
+    if (!src) {
+      st_close(v);
+      return err_set(e, ERR_FORMAT, "%s: missing tensor '%s'", base->path, a[i].from);
+    }
+    st_entry en = *src;
+    if (a[i].rows) {
+      const int64_t dim0 = en.info.ndim ? en.info.shape[0] : 0;
+      if (a[i].row0 < 0 || a[i].rows < 0 || a[i].row0 + a[i].rows > dim0) {
+        st_close(v);
+        return err_set(e, ERR_FORMAT, "%s: tensor '%s' has %lld rows, not rows %lld to %lld",
+                       base->path, a[i].from, (long long)dim0, (long long)a[i].row0,
+                       (long long)(a[i].row0 + a[i].rows));
+      }
+      const uint64_t row_bytes = (en.end - en.begin) / (uint64_t)dim0;
+      en.begin += (uint64_t)a[i].row0 * row_bytes;
+      en.end = en.begin + (uint64_t)a[i].rows * row_bytes;
+      en.info.count = en.info.count / dim0 * a[i].rows;
+      en.info.shape[0] = a[i].rows;
+    }
+    if (find_entry(v, a[i].name)) {
+      st_close(v);
+      return err_set(e, ERR_INVALID, "%s: two tensors named '%s' in one view", base->path,
+                     a[i].name);
+    }
+    if (!(en.info.name = mem_strdup(a[i].name))) {
+      st_close(v);
+      return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    v->entries[v->count++] = en;
+  }
+  *out = v;
+  return ERR_OK;
 }
 
 static float half_to_float(uint16_t h) {

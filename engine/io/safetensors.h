@@ -38,6 +38,22 @@ int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *sha
                 err *e);
 int st_read_i64(const st_file *f, const char *name, int64_t *dst, int64_t count, err *e);
 
+/* ---------- views ---------- */
+
+/* One tensor of a view: tensor `from` of the base file, rows [row0, row0 + rows) of its first
+ * dimension (rows 0: the whole tensor), seen under `name`. */
+typedef struct st_alias {
+  const char *name;
+  const char *from;
+  int64_t row0, rows;
+} st_alias;
+
+/* A file that shows `n` tensors of `base` under other names (a single-file Stable-Diffusion
+ * checkpoint seen as diffusers' folders; a fused q/k/v matrix seen as three). Nothing is
+ * copied: base must stay open while the view is used; st_close(view) frees the view only.
+ * ERR_FORMAT naming a missing tensor or rows outside it, ERR_INVALID for a duplicate name. */
+int st_view(const st_file *base, const st_alias *a, int n, st_file **out, err *e);
+
 /* ---------- writing ---------- */
 
 /* One float32 tensor to write. name: 1 to ST_MAX_NAME bytes of printable ASCII (no quotes,
