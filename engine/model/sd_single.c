@@ -6,6 +6,7 @@
  * norm groups, the VAE's scaling factor, the training schedule). */
 #include "sd_single.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,12 +71,14 @@ static int starts_with(const char *s, const char *prefix) {
   return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
-/* The tensor fmt names with the indices a and b, or NULL. */
-static const st_tensor_info *tensor(const sd_single *s, const char *fmt, int a, int b) {
+/* The tensor that fmt and its indices name, or NULL. */
+__attribute__((format(printf, 2, 3))) static const st_tensor_info *tensor(const sd_single *s,
+                                                                          const char *fmt, ...) {
   char name[256];
-  /* fmt names zero to two of a, b; snprintf ignores the rest */
-  // cppcheck-suppress wrongPrintfScanfArgNum
-  snprintf(name, sizeof name, fmt, a, b);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(name, sizeof name, fmt, ap);
+  va_end(ap);
   return st_find(s->file, name);
 }
 
@@ -168,7 +171,7 @@ static int unet_layout_infer(const sd_single *s, unet_layout *u, err *e) {
   }
   u->layers = 0;
   for (k = 1; k <= maxk && !u->layers; k++)
-    if (tensor(s, UNET_PREFIX "input_blocks.%d.0.op.weight", k, 0))
+    if (tensor(s, UNET_PREFIX "input_blocks.%d.0.op.weight", k))
       u->layers = k - 1;
   if (!u->layers)
     u->layers = maxk; /* one level: no downsampler */
@@ -196,11 +199,11 @@ static json_t *name_list(const char *const *v, int n) {
 }
 
 static int unet_config(sd_single *s, const unet_layout *u, int sample, err *e) {
-  const st_tensor_info *cin = tensor(s, UNET_PREFIX "input_blocks.0.0.weight", 0, 0);
-  const st_tensor_info *cout = tensor(s, UNET_PREFIX "out.2.weight", 0, 0);
-  const st_tensor_info *mid = tensor(s, UNET_PREFIX "middle_block.1.proj_in.weight", 0, 0);
+  const st_tensor_info *cin = tensor(s, UNET_PREFIX "input_blocks.0.0.weight");
+  const st_tensor_info *cout = tensor(s, UNET_PREFIX "out.2.weight");
+  const st_tensor_info *mid = tensor(s, UNET_PREFIX "middle_block.1.proj_in.weight");
   const st_tensor_info *k2 =
-      tensor(s, UNET_PREFIX "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 0, 0);
+      tensor(s, UNET_PREFIX "middle_block.1.transformer_blocks.0.attn2.to_k.weight");
   if (!cin || cin->ndim != 4 || !cout || cout->ndim != 4 || !mid || !k2 || k2->ndim != 2)
     return err_set(e, ERR_FORMAT,
                    "the UNet lacks conv_in, conv_out or the cross-attention mid block of "
@@ -210,19 +213,19 @@ static int unet_config(sd_single *s, const unet_layout *u, int sample, err *e) {
   const int per = u->layers + 1;
   for (int i = 0; i < u->levels; i++) {
     const st_tensor_info *w =
-        tensor(s, UNET_PREFIX "input_blocks.%d.0.out_layers.3.weight", 1 + i * per, 0);
+        tensor(s, UNET_PREFIX "input_blocks.%d.0.out_layers.3.weight", 1 + i * per);
     if (!w || w->ndim != 4)
       return err_set(e, ERR_FORMAT, "the UNet has no resnet at input_blocks.%d", 1 + i * per);
     channels[i] = (int)w->shape[0];
     heads[i] = channels[i] / 64;
-    down[i] = tensor(s, UNET_PREFIX "input_blocks.%d.1.proj_in.weight", 1 + i * per, 0)
+    down[i] = tensor(s, UNET_PREFIX "input_blocks.%d.1.proj_in.weight", 1 + i * per)
                   ? "CrossAttnDownBlock2D"
                   : "DownBlock2D";
-    up[i] = tensor(s, UNET_PREFIX "output_blocks.%d.1.proj_in.weight", i * per, 0)
+    up[i] = tensor(s, UNET_PREFIX "output_blocks.%d.1.proj_in.weight", i * per)
                 ? "CrossAttnUpBlock2D"
                 : "UpBlock2D";
   }
-  while (tensor(s, UNET_PREFIX "middle_block.1.transformer_blocks.%d.norm1.weight", depth, 0))
+  while (tensor(s, UNET_PREFIX "middle_block.1.transformer_blocks.%d.norm1.weight", depth))
     depth++;
   json_t *c = json_object();
   if (!c)
@@ -254,7 +257,7 @@ static int unet_config(sd_single *s, const unet_layout *u, int sample, err *e) {
 }
 
 static int unet_part(sd_single *s, int sample, alias_list *l, err *e) {
-  if (tensor(s, UNET_PREFIX "label_emb.0.0.weight", 0, 0))
+  if (tensor(s, UNET_PREFIX "label_emb.0.0.weight"))
     return err_set(e, ERR_UNSUPPORTED,
                    "this checkpoint's UNet has label embeddings (SD-XL or unCLIP): only Stable "
                    "Diffusion 1.x and 2.x are supported");
@@ -317,22 +320,22 @@ static int vae_name(int levels, const char *rest, char *out, size_t n, err *e) {
 }
 
 static int vae_part(sd_single *s, int image_size, alias_list *l, err *e) {
-  const st_tensor_info *cin = tensor(s, VAE_PREFIX "encoder.conv_in.weight", 0, 0);
-  const st_tensor_info *cout = tensor(s, VAE_PREFIX "decoder.conv_out.weight", 0, 0);
-  const st_tensor_info *pq = tensor(s, VAE_PREFIX "post_quant_conv.weight", 0, 0);
+  const st_tensor_info *cin = tensor(s, VAE_PREFIX "encoder.conv_in.weight");
+  const st_tensor_info *cout = tensor(s, VAE_PREFIX "decoder.conv_out.weight");
+  const st_tensor_info *pq = tensor(s, VAE_PREFIX "post_quant_conv.weight");
   if (!cin || cin->ndim != 4 || !cout || cout->ndim != 4 || !pq || pq->ndim != 4)
     return err_set(e, ERR_FORMAT, "the checkpoint has no VAE (first_stage_model.*) tensors");
   int levels = 0, layers = 0, channels[SD_MAX_LEVELS];
   const char *down[SD_MAX_LEVELS], *up[SD_MAX_LEVELS];
   while (levels < SD_MAX_LEVELS &&
-         tensor(s, VAE_PREFIX "encoder.down.%d.block.0.conv2.weight", levels, 0)) {
+         tensor(s, VAE_PREFIX "encoder.down.%d.block.0.conv2.weight", levels)) {
     channels[levels] =
-        (int)tensor(s, VAE_PREFIX "encoder.down.%d.block.0.conv2.weight", levels, 0)->shape[0];
+        (int)tensor(s, VAE_PREFIX "encoder.down.%d.block.0.conv2.weight", levels)->shape[0];
     down[levels] = "DownEncoderBlock2D";
     up[levels] = "UpDecoderBlock2D";
     levels++;
   }
-  while (tensor(s, VAE_PREFIX "encoder.down.0.block.%d.conv1.weight", layers, 0))
+  while (tensor(s, VAE_PREFIX "encoder.down.0.block.%d.conv1.weight", layers))
     layers++;
   if (!levels || !layers)
     return err_set(e, ERR_FORMAT, "the VAE's encoder has no down blocks");
@@ -450,14 +453,14 @@ static int text_part(sd_single *s, alias_list *l, err *e) {
   int layers = 0;
   const char *fc1 = s->family == 1 ? CLIP_PREFIX "text_model.encoder.layers.%d.mlp.fc1.weight"
                                    : OPENCLIP_PREFIX "transformer.resblocks.%d.mlp.c_fc.weight";
-  while (tensor(s, fc1, layers, 0))
+  while (tensor(s, fc1, layers))
     layers++;
   if (!layers && s->family == 1) {
     fc1 = CLIP_PREFIX "encoder.layers.%d.mlp.fc1.weight";
-    while (tensor(s, fc1, layers, 0))
+    while (tensor(s, fc1, layers))
       layers++;
   }
-  const st_tensor_info *ff = layers ? tensor(s, fc1, 0, 0) : NULL;
+  const st_tensor_info *ff = layers ? tensor(s, fc1, 0) : NULL;
   snprintf(name, sizeof name, "%s",
            s->family == 1 ? CLIP_PREFIX "text_model.embeddings.position_embedding.weight"
                           : OPENCLIP_PREFIX "positional_embedding");
