@@ -337,6 +337,95 @@ START_TEST(silu_is_defined_for_every_input) {
 }
 END_TEST
 
+/* Cross-attention shapes (queries and keys of different lengths) against attention written out
+ * per element, one head at a time. */
+START_TEST(mha_cross_matches_reference) {
+  const int n = 2, c = 12, heads = 3, lq = 270, lk = 7, dh = c / heads;
+  float *q = randn((size_t)n * c * lq, 30), *k = randn((size_t)n * c * lk, 31);
+  float *v = randn((size_t)n * c * lk, 32), *o = malloc(sizeof(float) * n * c * lq);
+  double *ref = malloc(sizeof(double) * n * c * lq), p[7];
+  for (int b = 0; b < n; b++)
+    for (int h = 0; h < heads; h++)
+      for (int r = 0; r < lq; r++) {
+        double mx = -1e300, sum = 0;
+        for (int l = 0; l < lk; l++) {
+          double s = 0;
+          for (int d = 0; d < dh; d++)
+            s += (double)q[((size_t)b * c + h * dh + d) * lq + r] *
+                 k[((size_t)b * c + h * dh + d) * lk + l];
+          p[l] = s / sqrt(dh);
+          mx = p[l] > mx ? p[l] : mx;
+        }
+        for (int l = 0; l < lk; l++)
+          sum += (p[l] = exp(p[l] - mx));
+        for (int d = 0; d < dh; d++) {
+          double s = 0;
+          for (int l = 0; l < lk; l++)
+            s += p[l] / sum * v[((size_t)b * c + h * dh + d) * lk + l];
+          ref[((size_t)b * c + h * dh + d) * lq + r] = s;
+        }
+      }
+  arena *a = arena_new(1 << 20);
+  pool *pl = pool_new(2);
+  ck_assert_int_eq(ops_mha(q, k, v, n, c, heads, lq, lk, o, a, pl), 0);
+  double err = rel_err_d(o, ref, (size_t)n * c * lq);
+  ck_assert_msg(err < 1e-6, "cross-attention rel err %g", err);
+  pool_free(pl);
+  arena_free(a);
+  free(q);
+  free(k);
+  free(v);
+  free(o);
+  free(ref);
+}
+END_TEST
+
+/* Layer norm over channels per position, and GEGLU, against their definitions. */
+START_TEST(layer_norm_and_geglu) {
+  const int n = 2, c = 20, L = 150, inner = c / 2; /* 150 positions: several blocks */
+  float *x = randn((size_t)n * c * L, 40), *g = randn(c, 41), *b = randn(c, 42);
+  for (size_t i = 0; i < (size_t)n * c * L; i++)
+    x[i] = 3.0f + 2.0f * x[i]; /* an offset the mean must remove */
+  float *y = malloc(sizeof(float) * n * c * L);
+  pool *pl = pool_new(2);
+  ops_layer_norm(x, n, c, L, 1e-5f, g, b, y, pl);
+  double num = 0, den = 0;
+  for (int i = 0; i < n; i++)
+    for (int t = 0; t < L; t++) {
+      double mean = 0, var = 0;
+      for (int ch = 0; ch < c; ch++)
+        mean += x[((size_t)i * c + ch) * L + t];
+      mean /= c;
+      for (int ch = 0; ch < c; ch++) {
+        double d = x[((size_t)i * c + ch) * L + t] - mean;
+        var += d * d;
+      }
+      var /= c;
+      for (int ch = 0; ch < c; ch++) {
+        size_t at = ((size_t)i * c + ch) * L + t;
+        double ref = (x[at] - mean) / sqrt(var + 1e-5) * g[ch] + b[ch];
+        num += (y[at] - ref) * (y[at] - ref);
+        den += ref * ref;
+      }
+    }
+  ck_assert_msg(sqrt(num / den) < 1e-6, "layer norm rel err %g", sqrt(num / den));
+  /* GEGLU: channels [0, inner) times gelu of channels [inner, 2 inner) */
+  ops_geglu(x, n, inner, L, y, pl);
+  for (int i = 0; i < n; i++)
+    for (int ch = 0; ch < inner; ch++)
+      for (int t = 0; t < L; t++) {
+        double a = x[((size_t)i * c + ch) * L + t], gt = x[((size_t)i * c + inner + ch) * L + t];
+        double ref = a * 0.5 * gt * (1 + erf(gt / sqrt(2.0)));
+        ck_assert_double_eq_tol(y[((size_t)i * inner + ch) * L + t], ref, 1e-5 * (1 + fabs(ref)));
+      }
+  pool_free(pl);
+  free(x);
+  free(g);
+  free(b);
+  free(y);
+}
+END_TEST
+
 START_TEST(arena_marks) {
   arena *a = arena_new(1 << 20);
   char *p = arena_alloc(a, 100);
@@ -368,6 +457,8 @@ Suite *test_suite(void) {
   tcase_add_test(tc, timestep_embedding);
   tcase_add_test(tc, linear_and_silu);
   tcase_add_test(tc, silu_is_defined_for_every_input);
+  tcase_add_test(tc, mha_cross_matches_reference);
+  tcase_add_test(tc, layer_norm_and_geglu);
   tcase_add_test(tc, arena_marks);
   suite_add_tcase(s, tc);
   return s;

@@ -496,10 +496,10 @@ void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos,
 }
 
 typedef struct attn_job {
-  const float *q, *k, *v; /* [n][c][L], channel-major like the activations */
+  const float *q, *k, *v; /* [n][c][lq], [n][c][lk], [n][c][lk]: channel-major like activations */
   float *o;
-  float *scores; /* per-worker [rows][L] */
-  int c, L, heads, dh, rows, nchunks;
+  float *scores; /* per-worker [rows][lk] */
+  int c, lq, lk, heads, dh, rows, nchunks;
   float scale;
 } attn_job;
 
@@ -507,28 +507,119 @@ static void attn_task(void *ctx, int task, int worker) {
   attn_job *j = ctx;
   int chunk = task % j->nchunks, head = (task / j->nchunks) % j->heads;
   int img = task / j->nchunks / j->heads;
-  int r0 = chunk * j->rows, r1 = r0 + j->rows < j->L ? r0 + j->rows : j->L, nr = r1 - r0;
-  size_t base = ((size_t)img * j->c + (size_t)head * j->dh) * j->L;
-  float *s = j->scores + (size_t)worker * j->rows * j->L;
+  int r0 = chunk * j->rows, r1 = r0 + j->rows < j->lq ? r0 + j->rows : j->lq, nr = r1 - r0;
+  size_t qbase = ((size_t)img * j->c + (size_t)head * j->dh) * j->lq;
+  size_t kbase = ((size_t)img * j->c + (size_t)head * j->dh) * j->lk;
+  const int lk = j->lk;
+  float *s = j->scores + (size_t)worker * j->rows * lk;
   /* scores[r][l] = scale * sum_d q[d][r] k[d][l] */
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, j->L, j->dh, j->scale, j->q + base + r0,
-              j->L, j->k + base, j->L, 0.0f, s, j->L);
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, lk, j->dh, j->scale, j->q + qbase + r0,
+              j->lq, j->k + kbase, lk, 0.0f, s, lk);
   for (int r = 0; r < nr; r++) {
-    float *row = s + (size_t)r * j->L, mx = row[0];
-    for (int l = 1; l < j->L; l++)
+    float *row = s + (size_t)r * lk, mx = row[0];
+    for (int l = 1; l < lk; l++)
       mx = row[l] > mx ? row[l] : mx;
     float sum = 0;
-    for (int l = 0; l < j->L; l++) {
+    for (int l = 0; l < lk; l++) {
       row[l] = expf(row[l] - mx);
       sum += row[l];
     }
     float inv = 1.0f / sum;
-    for (int l = 0; l < j->L; l++)
+    for (int l = 0; l < lk; l++)
       row[l] *= inv;
   }
   /* o[d][r] = sum_l v[d][l] p[r][l] */
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, j->L, 1.0f, j->v + base, j->L, s,
-              j->L, 0.0f, j->o + base + r0, j->L);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, lk, 1.0f, j->v + kbase, lk, s, lk,
+              0.0f, j->o + qbase + r0, j->lq);
+}
+
+int ops_mha(const float *q, const float *k, const float *v, int n, int c, int heads, int lq, int lk,
+            float *o, arena *a, pool *p) {
+  attn_job j = {.q = q, .k = k, .v = v, .o = o, .c = c, .lq = lq, .lk = lk, .heads = heads};
+  j.dh = c / heads;
+  j.scale = 1.0f / sqrtf((float)j.dh);
+  j.rows = lq < 256 ? lq : 256;
+  j.nchunks = (lq + j.rows - 1) / j.rows;
+  arena_mark m = arena_get_mark(a);
+  j.scores = arena_floats(a, (size_t)j.rows * lk * pool_threads(p));
+  if (!j.scores)
+    return -1;
+  pool_run(p, n * heads * j.nchunks, attn_task, &j);
+  arena_release(a, m);
+  return 0;
+}
+
+typedef struct ln_job {
+  const float *x;
+  float *y;
+  int c, L, nblocks;
+  float eps;
+  const float *gamma, *beta;
+} ln_job;
+
+#define LN_TOKENS 64 /* positions per task: one pass over the channels serves them all */
+
+static void ln_task(void *ctx, int task, int worker) {
+  (void)worker;
+  const ln_job *j = ctx;
+  int img = task / j->nblocks, l0 = task % j->nblocks * LN_TOKENS;
+  int nt = j->L - l0 < LN_TOKENS ? j->L - l0 : LN_TOKENS;
+  const size_t base = (size_t)img * j->c * j->L + (size_t)l0;
+  double mean[LN_TOKENS] = {0}, var[LN_TOKENS] = {0};
+  for (int ch = 0; ch < j->c; ch++) {
+    const float *xc = j->x + base + (size_t)ch * j->L;
+    for (int t = 0; t < nt; t++)
+      mean[t] += xc[t];
+  }
+  for (int t = 0; t < nt; t++)
+    mean[t] /= j->c;
+  for (int ch = 0; ch < j->c; ch++) {
+    const float *xc = j->x + base + (size_t)ch * j->L;
+    for (int t = 0; t < nt; t++) {
+      double d = xc[t] - mean[t];
+      var[t] += d * d;
+    }
+  }
+  float fm[LN_TOKENS], rstd[LN_TOKENS];
+  for (int t = 0; t < nt; t++) {
+    fm[t] = (float)mean[t];
+    rstd[t] = (float)(1.0 / sqrt(var[t] / j->c + j->eps));
+  }
+  for (int ch = 0; ch < j->c; ch++) {
+    const float *xc = j->x + base + (size_t)ch * j->L;
+    float *yc = j->y + base + (size_t)ch * j->L;
+    const float g = j->gamma ? j->gamma[ch] : 1.0f, b = j->beta ? j->beta[ch] : 0.0f;
+    for (int t = 0; t < nt; t++)
+      yc[t] = (xc[t] - fm[t]) * rstd[t] * g + b;
+  }
+}
+
+void ops_layer_norm(const float *x, int n, int c, int L, float eps, const float *gamma,
+                    const float *beta, float *y, pool *p) {
+  ln_job j = {x, y, c, L, (L + LN_TOKENS - 1) / LN_TOKENS, eps, gamma, beta};
+  pool_run(p, n * j.nblocks, ln_task, &j);
+}
+
+typedef struct geglu_job {
+  const float *x;
+  float *y;
+  int inner, L;
+} geglu_job;
+
+static void geglu_task(void *ctx, int task, int worker) {
+  (void)worker;
+  const geglu_job *j = ctx;
+  int img = task / j->inner, ch = task % j->inner;
+  const float *a = j->x + ((size_t)img * 2 * j->inner + ch) * j->L;
+  const float *g = a + (size_t)j->inner * j->L;
+  float *y = j->y + ((size_t)img * j->inner + ch) * j->L;
+  for (int t = 0; t < j->L; t++)
+    y[t] = a[t] * (0.5f * g[t] * (1.0f + erff(g[t] * 0.70710678118654752f)));
+}
+
+void ops_geglu(const float *x, int n, int inner, int L, float *y, pool *p) {
+  geglu_job j = {x, y, inner, L};
+  pool_run(p, n * inner, geglu_task, &j);
 }
 
 int ops_attention_pack(attn_weights *aw) {
@@ -556,7 +647,7 @@ void ops_attention_unpack(attn_weights *aw) {
 
 int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
                   pool *p) {
-  int c = aw->channels, threads = pool_threads(p);
+  int c = aw->channels;
   size_t count = (size_t)n * c * hw;
   arena_mark m = arena_get_mark(a);
   float *xn = arena_floats(a, count), *q = arena_floats(a, count), *k = arena_floats(a, count);
@@ -571,15 +662,8 @@ int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *
   for (int i = 0; i < 3; i++)
     if (ops_conv2d(&aw->proj[i], xn, n, hw, 1, dst[i], a, p))
       return -1;
-  attn_job j = {.q = q, .k = k, .v = v, .o = o, .c = c, .L = hw, .heads = aw->heads};
-  j.dh = c / aw->heads;
-  j.scale = 1.0f / sqrtf((float)j.dh);
-  j.rows = hw < 256 ? hw : 256;
-  j.nchunks = (hw + j.rows - 1) / j.rows;
-  j.scores = arena_floats(a, (size_t)j.rows * hw * threads);
-  if (!j.scores)
+  if (ops_mha(q, k, v, n, c, aw->heads, hw, hw, o, a, p))
     return -1;
-  pool_run(p, n * aw->heads * j.nchunks, attn_task, &j);
   if (ops_conv2d(&aw->proj[3], o, n, hw, 1, xn, a, p))
     return -1;
   for (size_t i = 0; i < count; i++)

@@ -82,6 +82,24 @@ typedef struct attn_weights {
 int ops_attention_pack(attn_weights *aw);
 void ops_attention_unpack(attn_weights *aw);
 
+/* Multi-head scaled dot-product attention on channel-major tensors: queries q [n][c][lq], keys
+ * and values k, v [n][c][lk], output o [n][c][lq]; head h owns channels [h*c/heads, (h+1)*c/heads)
+ * and scores are scaled by 1/sqrt(c/heads). Self-attention has lq == lk and k from the same
+ * tokens; cross-attention takes k and v from another sequence (a text encoder's). Returns 0, or
+ * -1 when the arena is out of memory. */
+int ops_mha(const float *q, const float *k, const float *v, int n, int c, int heads, int lq, int lk,
+            float *o, arena *a, pool *p);
+
+/* Layer norm over the c channels of every position of a channel-major [n][c][L] tensor (a
+ * token sequence kept in the layout the 1x1-convolution GEMMs want), then gamma and beta per
+ * channel (either may be NULL). In-place (y == x) is allowed. */
+void ops_layer_norm(const float *x, int n, int c, int L, float eps, const float *gamma,
+                    const float *beta, float *y, pool *p);
+
+/* GEGLU on a channel-major [n][2*inner][L] projection: y[n][inner][L] = a * gelu(g), a its first
+ * inner channels and g the rest, with the exact (erf) GELU that torch uses by default. */
+void ops_geglu(const float *x, int n, int inner, int L, float *y, pool *p);
+
 /* Spatial self-attention with diffusers' semantics (AttnProcessor on a 4-D
  * input with residual_connection): y = (x + attn(norm(x))) / rescale. */
 int ops_attention(const attn_weights *aw, const float *x, int n, int hw, float *y, arena *a,
