@@ -1,5 +1,6 @@
-/* `denoised forward`: one network evaluation on .npy inputs, writing the raw
- * model output; the tool behind the parity tests against diffusers. With --grad-output it also
+/* `denoised forward`: one network evaluation on .npy inputs (a text-conditional UNet's with the
+ * encoder hidden states), writing the raw model output; the tool behind the parity tests
+ * against diffusers. With --grad-output it also
  * runs the backward (model_backward) and writes the gradients of sum(G * output) asked for. */
 #include <getopt.h>
 #include <stdio.h>
@@ -13,7 +14,8 @@
 
 static const char help[] =
     "usage: denoised forward --model DIR --input X.npy --timesteps T.npy\n"
-    "                        [--class-labels L.npy] [--out OUT.npy] [--threads N]\n"
+    "                        [--class-labels L.npy] [--encoder-hidden-states E.npy]\n"
+    "                        [--out OUT.npy] [--threads N]\n"
     "                        [--grad-output G.npy [--grad-input GX.npy]\n"
     "                         [--grad-params GP.safetensors]]\n"
     "\n"
@@ -22,6 +24,9 @@ static const char help[] =
     "  --input X.npy        float array [N, C, H, W]\n"
     "  --timesteps T.npy    N timesteps (or one, used for every image); may be fractional\n"
     "  --class-labels L.npy N integer class labels (class-conditional models)\n"
+    "  --encoder-hidden-states E.npy  float array [N, S, D] (or [1, S, D] for every image):\n"
+    "                       a text encoder's hidden states, required by a text-conditional\n"
+    "                       UNet (UNet2DConditionModel, D its cross_attention_dim)\n"
     "  --out OUT.npy        output [N, out_channels, H, W] float32\n"
     "  --threads N          CPU threads (default 2)\n"
     "  --grad-output G.npy  G, shaped like the output: gradients of sum(G * output)\n"
@@ -30,7 +35,7 @@ static const char help[] =
     "At least one of --out, --grad-input, --grad-params; only what is asked is written.\n";
 
 typedef struct forward_args {
-  const char *model_dir, *in_path, *t_path, *l_path, *out_path;
+  const char *model_dir, *in_path, *t_path, *l_path, *e_path, *out_path;
   const char *g_path, *gx_path, *gp_path;
   long long threads;
 } forward_args;
@@ -39,6 +44,7 @@ static const struct option forward_opts[] = {{"model", required_argument, 0, 'm'
                                              {"input", required_argument, 0, 'i'},
                                              {"timesteps", required_argument, 0, 't'},
                                              {"class-labels", required_argument, 0, 'l'},
+                                             {"encoder-hidden-states", required_argument, 0, 'E'},
                                              {"out", required_argument, 0, 'o'},
                                              {"threads", required_argument, 0, 'j'},
                                              {"grad-output", required_argument, 0, 'G'},
@@ -52,12 +58,13 @@ static int parse_args(int argc, char **argv, forward_args *a) {
   const char *cmd = "forward";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:i:t:l:o:j:hG:X:P:", forward_opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:i:t:l:E:o:j:hG:X:P:", forward_opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'i': a->in_path = optarg; break;
     case 't': a->t_path = optarg; break;
     case 'l': a->l_path = optarg; break;
+    case 'E': a->e_path = optarg; break;
     case 'o': a->out_path = optarg; break;
     case 'G': a->g_path = optarg; break;
     case 'X': a->gx_path = optarg; break;
@@ -82,19 +89,45 @@ static int parse_args(int argc, char **argv, forward_args *a) {
 }
 
 /* The evaluation's inputs: x [n, C, h, w], one timestep per image in tv (NULL when out of
- * memory) and the labels (NULL without --class-labels). */
+ * memory), the labels (NULL without --class-labels) and the encoder hidden states, one
+ * sequence per image in ev (NULL without --encoder-hidden-states). */
 typedef struct forward_inputs {
-  npy_array x, t;
-  float *tv;
+  npy_array x, t, ehs;
+  float *tv, *ev;
+  int seq;
   int64_t *labels;
   int n, h, w;
 } forward_inputs;
 
 static void forward_inputs_free(forward_inputs *in) {
   free(in->tv);
+  free(in->ev);
+  npy_array_free(&in->ehs);
   free(in->labels);
   npy_array_free(&in->x);
   npy_array_free(&in->t);
+}
+
+/* --encoder-hidden-states: [n or 1, S, D] with D the model's width, as one sequence per image.
+ * Returns 0, or 1 with the error printed. */
+static int read_hidden_states(const char *path, const model_info *mi, forward_inputs *in) {
+  err e = {0};
+  if (!mi->cross_attention_dim)
+    return cli_fail("forward", "%s: %s takes no encoder hidden states", path, mi->class_name);
+  if (npy_read_f32(path, &in->ehs, &e))
+    return cli_fail("forward", "%s", e.msg);
+  const npy_array *a = &in->ehs;
+  if (a->ndim != 3 || (a->shape[0] != in->n && a->shape[0] != 1) || a->shape[1] < 1 ||
+      a->shape[1] > 4096 || a->shape[2] != mi->cross_attention_dim)
+    return cli_fail("forward", "%s: expected shape [%d (or 1), S, %d] with S in 1..4096", path,
+                    in->n, mi->cross_attention_dim);
+  in->seq = (int)a->shape[1];
+  const size_t per = (size_t)in->seq * mi->cross_attention_dim;
+  if (!(in->ev = malloc(sizeof(float) * per * (size_t)in->n)))
+    return cli_fail("forward", "out of memory");
+  for (int i = 0; i < in->n; i++) /* one sequence stands for every image */
+    memcpy(in->ev + per * i, a->data + (a->shape[0] == 1 ? 0 : per * i), sizeof(float) * per);
+  return 0;
 }
 
 /* Returns 0, or 1 with the error printed. */
@@ -122,7 +155,25 @@ static int read_inputs(const forward_args *a, const model_info *mi, forward_inpu
     if (nlabels != n)
       return cli_fail(cmd, "%s: %lld labels for %d images", a->l_path, (long long)nlabels, n);
   }
+  if (a->e_path)
+    return read_hidden_states(a->e_path, mi, in);
+  if (mi->cross_attention_dim)
+    return cli_fail(cmd, "%s is text-conditional: give --encoder-hidden-states E.npy [N, S, %d]",
+                    mi->class_name, mi->cross_attention_dim);
   return 0;
+}
+
+/* The call the inputs make. */
+static model_call inputs_call(const forward_args *a, const forward_inputs *in) {
+  return (model_call){.x = in->x.data,
+                      .n = in->n,
+                      .h = in->h,
+                      .w = in->w,
+                      .t = in->tv,
+                      .labels = in->labels,
+                      .encoder_hidden_states = in->ev,
+                      .seq_len = in->seq,
+                      .threads = (int)a->threads};
 }
 
 /* The evaluation and OUT.npy; returns 0, or 1 with the error printed. */
@@ -132,12 +183,11 @@ static int eval_and_write(const forward_args *a, model *m, const forward_inputs 
   err e = {0};
   float *out = malloc(sizeof(float) * (size_t)in->n * mi->out_channels * in->h * in->w);
   int status = 1;
+  const model_call c = inputs_call(a, in);
   const int64_t oshape[4] = {in->n, mi->out_channels, in->h, in->w};
   if (!out || !in->tv)
     cli_fail(cmd, "out of memory");
-  else if (model_eval(m, in->x.data, in->n, in->h, in->w, in->tv, in->labels, out, (int)a->threads,
-                      &e) ||
-           npy_write_f32(a->out_path, out, 4, oshape, &e))
+  else if (model_run(m, &c, out, &e) || npy_write_f32(a->out_path, out, 4, oshape, &e))
     cli_fail(cmd, "%s", e.msg);
   else
     status = 0;
@@ -170,13 +220,7 @@ static int grad_and_write(const forward_args *a, model *m, const forward_inputs 
     rc = model_grads_new(m, &gc.params, &e);
   gc.out = out;
   gc.grad_x = gx;
-  const model_call c = {.x = in->x.data,
-                        .n = in->n,
-                        .h = in->h,
-                        .w = in->w,
-                        .t = in->tv,
-                        .labels = in->labels,
-                        .threads = (int)a->threads};
+  const model_call c = inputs_call(a, in);
   (void)(rc || (rc = model_backward(m, &c, &gc, &e)) ||
          (out && (rc = npy_write_f32(a->out_path, out, 4, oshape, &e))) ||
          (gx && (rc = npy_write_f32(a->gx_path, gx, 4, xshape, &e))) ||

@@ -38,6 +38,10 @@ check_pngs() {
 fixture="$src/tests/fixtures/unet/cifar_small"
 cp "$fixture/input.npy" x.npy
 cp "$fixture/timesteps.npy" t.npy
+# a Stable-Diffusion UNet's inputs (the toy SD-1.x fixture stands for the checkpoint)
+sd="$src/tests/fixtures/cunet/sd1_small"
+cp "$sd/input.npy" latents.npy
+cp "$sd/encoder_hidden_states.npy" text.npy
 # 32x32 grey PNG, right half white: inpaint the right half
 echo 'iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGElEQVR42mNgQAP/0QDDqIJRBaMKRqoCADDU/hBjxPbDAAAAAElFTkSuQmCC' |
   base64 -d >m.png
@@ -50,6 +54,7 @@ i=0
 while [ $i -lt 16 ]; do echo "$((i % 2)) R"; i=$((i + 1)); done >polarity.txt
 cli=$(printf '%s\n' "$cli" |
   sed -e "s|~/models/ddpm-cifar10-32|$fixture|g" -e "s|--model DIR|--model $fixture|g" \
+    -e "s|~/models/stable-diffusion-v1-5|$sd|g" \
     -e "s|boundary fit --images x.npy|boundary fit --images glyphs.npy|")
 echo "readme_examples: the CLI block ($(printf '%s\n' "$cli" | grep -c 'build/denoised') commands)"
 printf 'set -eux\n%s\n' "$cli" >cli.sh

@@ -259,9 +259,9 @@ START_TEST(file_errors) {
   /* an unknown model class */
   broken_model(dir, sizeof dir, NULL);
   snprintf(path, sizeof path, "%s/config.json", dir);
-  spit(path, "{\"_class_name\": \"UNet2DConditionModel\"}", 39);
+  spit(path, "{\"_class_name\": \"ControlNetModel\"}", 34);
   ck_assert_int_ne(model_load(dir, &m, &e), 0);
-  ck_assert_ptr_nonnull(strstr(e.msg, "UNet2DConditionModel"));
+  ck_assert_ptr_nonnull(strstr(e.msg, "ControlNetModel"));
 }
 END_TEST
 

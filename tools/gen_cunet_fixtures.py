@@ -39,7 +39,7 @@ import numpy as np
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import st  # noqa: E402
-from gen_unet_fixtures import randomise  # noqa: E402
+from gen_unet_fixtures import each_preset, stored_weights  # noqa: E402
 
 _SD_KEYS = dict(  # keys every SD 1.x / 2.x unet/config.json shares
     act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
@@ -182,14 +182,7 @@ def main(argv=None):
     if args.all_presets:
         if args.config or args.out:
             die("--all-presets takes no --config/--out")
-        rest = list(argv)
-        i = rest.index("--all-presets")
-        del rest[i:i + 2]
-        for name in PRESETS:
-            rc = main(rest + ["--config", name, "--out", os.path.join(args.all_presets, name)])
-            if rc:
-                return rc
-        return 0
+        return each_preset(main, argv, PRESETS, args.all_presets)
     if not args.config or not args.out:
         die("need --config and --out (or --all-presets ROOT / --list-presets)")
 
@@ -208,11 +201,7 @@ def main(argv=None):
         model = UNet2DConditionModel(**spec["config"])
     except (TypeError, ValueError) as e:
         die("bad UNet2DConditionModel config: %s" % e)
-    randomise(model, torch)
-    model.eval()
-    sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    sd = {k: st.round_to_dtype(v, spec["dtype"]) for k, v in sd.items()}
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    sd = stored_weights(model, torch, spec["dtype"])
 
     x, t, ehs = make_inputs(spec, model, torch)
     with torch.no_grad(), diffusers_env.safe_baddbmm():

@@ -143,6 +143,29 @@ def randomise(model, torch, gen_scale=0.1):
                 p.copy_(1 + gen_scale * torch.randn_like(p))
 
 
+def stored_weights(model, torch, dtype):
+    """Randomises the model (eval mode) and rounds its weights through the storage dtype, so the
+    reference sees the stored values; returns them as float32 numpy arrays by name."""
+    randomise(model, torch)
+    model.eval()
+    sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    sd = {k: st.round_to_dtype(v, dtype) for k, v in sd.items()}
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    return sd
+
+
+def each_preset(main, argv, presets, root):
+    """Runs main once per preset with --all-presets ROOT replaced by --config NAME --out ROOT/NAME."""
+    rest = list(argv)
+    i = rest.index("--all-presets")
+    del rest[i:i + 2]
+    for name in presets:
+        rc = main(rest + ["--config", name, "--out", os.path.join(root, name)])
+        if rc:
+            return rc
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="preset name or UNet2DModel config.json")
@@ -178,14 +201,8 @@ def main(argv=None):
     if args.all_presets:
         if args.config or args.out:
             die("--all-presets takes no --config/--out")
-        for name in PRESETS:
-            one = [a for a in (argv if argv is not None else sys.argv[1:])]
-            i = one.index("--all-presets")
-            del one[i:i + 2]
-            rc = main(one + ["--config", name, "--out", os.path.join(args.all_presets, name)])
-            if rc:
-                return rc
-        return 0
+        return each_preset(main, argv if argv is not None else sys.argv[1:], PRESETS,
+                           args.all_presets)
     if not args.config or not args.out:
         die("need --config and --out (or --all-presets ROOT / --list-presets)")
 
@@ -233,13 +250,7 @@ def main(argv=None):
         model = UNet2DModel(**cfg)
     except TypeError as e:
         die("bad UNet2DModel config: %s" % e)
-    randomise(model, torch)
-    model.eval()
-
-    # Round weights through the storage dtype first, so the reference sees stored values.
-    sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    sd = {k: st.round_to_dtype(v, dtype) for k, v in sd.items()}
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    sd = stored_weights(model, torch, dtype)
 
     g = torch.Generator().manual_seed(seed * 1000 + 17)
     c = model.config.in_channels

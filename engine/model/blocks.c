@@ -313,6 +313,22 @@ int blocks_load_conv(blocks_loader *ld, const char *prefix, int cin, int cout, i
   return keep_conv(ld, c);
 }
 
+int blocks_load_token_linear(blocks_loader *ld, const char *prefix, int in, int out, int bias,
+                             conv2d *c) {
+  char name[256];
+  const int64_t wshape[2] = {out, in}, bshape[1] = {out};
+  *c = (conv2d){.cin = in, .cout = out, .k = 1, .stride = 1};
+  snprintf(name, sizeof name, "%s.weight", prefix);
+  if (!(c->weight = blocks_load_tensor(ld, name, 2, wshape)))
+    return ld->e->code;
+  snprintf(name, sizeof name, "%s.bias", prefix);
+  if (bias && !(c->bias = blocks_load_tensor(ld, name, 1, bshape)))
+    return ld->e->code;
+  if (ops_conv2d_pack(c))
+    return err_set(ld->e, ERR_NOMEM, "out of memory packing '%s'", prefix);
+  return keep_conv(ld, c);
+}
+
 /* A linear layer; `conv_ok` also accepts a [out, in, 1, 1] weight (old
  * checkpoints stored some projections as 1x1 convolutions). */
 int blocks_load_linear(blocks_loader *ld, const char *wname, const char *bname, int in, int out,
@@ -511,6 +527,41 @@ int blocks_conv(blocks_run *f, const conv2d *c, const float *x, int h, int w, fl
 void blocks_norm(blocks_run *f, const group_norm *g, const float *x, int hw, int silu, float *y) {
   if (!f->dry)
     ops_group_norm(x, f->n, g->channels, hw, g->groups, g->eps, g->gamma, g->beta, silu, y, f->p);
+}
+
+int blocks_time_embedding(blocks_run *f, const float *t, int ch0, int flip_sin_to_cos,
+                          float freq_shift, const linear *l1, const linear *l2,
+                          const float *class_table, const int64_t *labels) {
+  const int n = f->n, dim = l2->out;
+  float *tproj = arena_floats(f->a, (size_t)n * ch0), *hid = arena_floats(f->a, (size_t)n * dim);
+  float *emb = arena_floats(f->a, (size_t)n * dim);
+  if (!tproj || !hid || !emb)
+    return -1;
+  f->flops += 2.0 * n * (l1->in * l1->out + l2->in * l2->out);
+  f->temb_act = hid;
+  if (f->dry)
+    return 0;
+  ops_timestep_embedding(t, n, ch0, flip_sin_to_cos, freq_shift, tproj);
+  ops_linear(tproj, n, l1->in, l1->out, l1->weight, l1->bias, hid);
+  ops_silu(hid, (size_t)n * l1->out, hid);
+  ops_linear(hid, n, l2->in, l2->out, l2->weight, l2->bias, emb);
+  for (int i = 0; class_table && i < n; i++) {
+    const float *row = class_table + (size_t)labels[i] * dim;
+    for (int k = 0; k < dim; k++)
+      emb[(size_t)i * dim + k] += row[k];
+  }
+  ops_silu(emb, (size_t)n * dim, hid);
+  return 0;
+}
+
+void blocks_concat(blocks_run *f, const float *a, int ca, const float *b, int cb, int hw,
+                   float *out) {
+  for (int k = 0; !f->dry && k < f->n; k++) {
+    memcpy(out + (size_t)k * (ca + cb) * hw, a + (size_t)k * ca * hw,
+           (size_t)ca * hw * sizeof(float));
+    memcpy(out + ((size_t)k * (ca + cb) + ca) * hw, b + (size_t)k * cb * hw,
+           (size_t)cb * hw * sizeof(float));
+  }
 }
 
 int blocks_resnet_forward(blocks_run *f, const resnet *r, const float *x, int h, int w, float *y) {

@@ -10,6 +10,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include "cunet.h"
 #include "gmm.h"
 #include "mem.h"
 #include "ops.h"
@@ -31,6 +32,7 @@ struct model {
   int has_sched;
   json_t *sched_json; /* scheduler_config.json as read, or NULL */
   unet *unet;
+  cunet *cunet;
   gmm *gmm;
   char **labels; /* info.class_labels */
   char rec_solver[64];
@@ -181,19 +183,35 @@ static void set_unet_info(model *m) {
   m->info.class_embed_dim = s->num_classes ? m->unet->temb_dim : 0;
 }
 
-static int load_unet(model *m, const json_t *cfg, const char *net_dir, err *e) {
+static void set_cunet_info(model *m) {
+  const cunet_shape *s = cunet_get_shape(m->cunet);
+  m->info.kind = MODEL_UNET2D_CONDITION;
+  m->info.sample_size = s->sample_size;
+  m->info.in_channels = s->in_channels;
+  m->info.out_channels = s->out_channels;
+  m->info.num_classes = s->num_classes;
+  m->info.num_params = s->num_params;
+  m->info.class_embed_dim = s->num_classes ? s->temb_dim : 0;
+  m->info.cross_attention_dim = s->cross_dim;
+}
+
+/* A UNet2DModel, or (conditional) a UNet2DConditionModel, from net_dir's weights. */
+static int load_unet(model *m, const json_t *cfg, const char *net_dir, int conditional, err *e) {
   char path[MODEL_PATH_MAX];
   st_file *st = NULL;
   int rc = open_weights(net_dir, &st, path, e);
   if (rc)
     return rc;
-  rc = unet_load(cfg, st, &m->unet, e);
+  rc = conditional ? cunet_load(cfg, st, &m->cunet, e) : unet_load(cfg, st, &m->unet, e);
   if (rc)
     err_prefix(e, "%s", path);
   st_close(st); /* weights were copied (and converted) into the model */
   if (rc)
     return rc;
-  set_unet_info(m);
+  if (conditional)
+    set_cunet_info(m);
+  else
+    set_unet_info(m);
   return ERR_OK;
 }
 
@@ -322,7 +340,9 @@ int model_load(const char *dir, model **out, err *e) {
   }
   const char *name = read_names(m, cfg);
   if (strcmp(name, "UNet2DModel") == 0) {
-    rc = load_unet(m, cfg, net_dir, e);
+    rc = load_unet(m, cfg, net_dir, 0, e);
+  } else if (strcmp(name, "UNet2DConditionModel") == 0) {
+    rc = load_unet(m, cfg, net_dir, 1, e);
   } else if (strcmp(name, "GaussianMixtureDenoiser") == 0) {
     char weights[MODEL_PATH_MAX + 40];
     snprintf(weights, sizeof weights, "%s/diffusion_pytorch_model.safetensors", net_dir);
@@ -331,7 +351,7 @@ int model_load(const char *dir, model **out, err *e) {
       err_prefix(e, "%s", net_dir);
   } else {
     rc = err_set(e, ERR_UNSUPPORTED,
-                 "%s: _class_name \"%s\" is not supported (UNet2DModel or "
+                 "%s: _class_name \"%s\" is not supported (UNet2DModel, UNet2DConditionModel or "
                  "GaussianMixtureDenoiser)",
                  cfg_path, name);
   }
@@ -394,6 +414,7 @@ void model_free(model *m) {
   if (!m)
     return;
   unet_free(m->unet);
+  cunet_free(m->cunet);
   gmm_free(m->gmm);
   for (int i = 0; m->labels && m->labels[i]; i++)
     free(m->labels[i]);
@@ -430,6 +451,8 @@ int model_eval(const model *m, const float *x, int n, int h, int w, const float 
 }
 
 int model_mid_shape(const model *m, int h, int w, int shape[3], err *e) {
+  if (m->cunet)
+    return cunet_mid_shape(m->cunet, h, w, shape, e);
   if (!m->unet)
     return err_set(e, ERR_UNSUPPORTED, "%s has no mid block (h-space)", m->info.class_name);
   return unet_mid_shape(m->unet, h, w, shape, e);
@@ -438,6 +461,11 @@ int model_mid_shape(const model *m, int h, int w, int shape[3], err *e) {
 int model_run(const model *m, const model_call *c, float *out, err *e) {
   if (c->n < 1 || !c->x || !c->t || !out)
     return err_set(e, ERR_INVALID, "model_run: empty batch or missing buffers");
+  if (m->cunet)
+    return cunet_forward(m->cunet, c, out, e);
+  if (c->encoder_hidden_states)
+    return err_set(e, ERR_INVALID, "%s takes no encoder hidden states (no text conditioning)",
+                   m->info.class_name);
   const int hooked = c->hooks.mid_save || c->hooks.mid_replace;
   if (m->unet) {
     const unet_mid mid = {.save = c->hooks.mid_save, .replace = c->hooks.mid_replace};
@@ -453,6 +481,8 @@ int model_run(const model *m, const model_call *c, float *out, err *e) {
 }
 
 double model_flops(const model *m, int h, int w) {
+  if (m->cunet)
+    return cunet_flops(m->cunet, h, w, 77);
   return m->unet ? unet_flops(m->unet, h, w) : 0.0;
 }
 
@@ -464,15 +494,23 @@ struct model_grads {
   float **g;
 };
 
+/* The learned tensors of whichever UNet m is, or NULL. */
+static blocks_params *params_of(const model *m) {
+  return m->unet ? &m->unet->ps : m->cunet ? cunet_params(m->cunet) : NULL;
+}
+
 int model_param_count(const model *m) {
-  return m->unet ? m->unet->ps.nparams : 0;
+  const blocks_params *ps = params_of(m);
+  return ps ? ps->nparams : 0;
 }
 
 const model_param *model_param_at(const model *m, int i) {
-  return i >= 0 && i < model_param_count(m) ? &m->unet->ps.params[i] : NULL;
+  return i >= 0 && i < model_param_count(m) ? &params_of(m)->params[i] : NULL;
 }
 
 int model_repack(model *m, err *e) {
+  if (m->cunet)
+    return blocks_params_repack(cunet_params(m->cunet), e);
   if (!m->unet)
     return err_set(e, ERR_UNSUPPORTED, "%s has no learned tensors", m->info.class_name);
   return unet_repack(m->unet, e);
@@ -532,6 +570,9 @@ int model_backward(const model *m, const model_call *c, const model_grad_call *g
     return err_set(e, ERR_INVALID, "model_backward: empty batch or missing buffers");
   if (c->hooks.mid_save || c->hooks.mid_replace)
     return err_set(e, ERR_UNSUPPORTED, "model_backward takes no h-space hooks");
+  if (c->encoder_hidden_states)
+    return err_set(e, ERR_INVALID, "%s takes no encoder hidden states (no text conditioning)",
+                   m->info.class_name);
   if (g->params && g->params->count != m->unet->ps.nparams)
     return err_set(e, ERR_INVALID, "model_backward: gradients made for another model");
   return unet_backward(m->unet, c, g, g->params ? g->params->g : NULL, e);

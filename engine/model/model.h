@@ -1,5 +1,6 @@
-/* The denoising network behind one interface: a UNet2DModel checkpoint or the
- * analytic GaussianMixtureDenoiser, loaded from a diffusers-layout directory.
+/* The denoising network behind one interface: a UNet2DModel or UNet2DConditionModel (Stable
+ * Diffusion 1.x/2.x) checkpoint or the analytic GaussianMixtureDenoiser, loaded from a
+ * diffusers-layout directory.
  * A loaded model is read-only, so any number of threads may evaluate it. */
 #ifndef DENOISED_MODEL_H
 #define DENOISED_MODEL_H
@@ -11,7 +12,7 @@
 
 typedef struct model model;
 
-typedef enum { MODEL_UNET2D, MODEL_GAUSSIAN_MIXTURE } model_kind;
+typedef enum { MODEL_UNET2D, MODEL_GAUSSIAN_MIXTURE, MODEL_UNET2D_CONDITION } model_kind;
 
 typedef struct model_info {
   model_kind kind;
@@ -29,6 +30,9 @@ typedef struct model_info {
   /* Length of the embedding row a class label adds to the time embedding (model_backward's
    * grad_class is [n][class_embed_dim]); 0 when not class-conditional. */
   int class_embed_dim;
+  /* Width of the encoder hidden states a text-conditional UNet (UNet2DConditionModel) attends
+   * to, which every model_call to it must then carry; 0 for models without text conditioning. */
+  int cross_attention_dim;
   /* prediction_type declared by the model's own config.json, or NULL. */
   const char *prediction_type;
   /* Names of classes 0 .. n_class_labels - 1 from config.json "_class_labels" (optional, at
@@ -92,6 +96,11 @@ typedef struct model_call {
   int n, h, w;
   const float *t;
   const int64_t *labels;
+  /* Text conditioning: one sequence of seq_len vectors of model_info.cross_attention_dim per
+   * image, [n][seq_len][cross_attention_dim] (a text encoder's last hidden states). Required by
+   * models with cross_attention_dim > 0, refused by the others; NULL otherwise. */
+  const float *encoder_hidden_states;
+  int seq_len;
   model_hooks hooks;
   int threads;
 } model_call;
@@ -99,14 +108,14 @@ typedef struct model_call {
 /* Runs c; out receives n * out_channels * h * w floats. Thread-safe. */
 int model_run(const model *m, const model_call *c, float *out, err *e);
 
-/* model_run without hooks, for callers with plain arrays. */
+/* model_run without hooks or text conditioning, for callers with plain arrays. */
 int model_eval(const model *m, const float *x, int n, int h, int w, const float *t,
                const int64_t *labels, float *out, int threads, err *e);
 
 /* [C, H, W] of the mid-block output for h x w images; ERR_UNSUPPORTED without one. */
 int model_mid_shape(const model *m, int h, int w, int shape[3], err *e);
 
-/* ---------- learned tensors and gradients (UNet2DModel only) ---------- */
+/* ---------- learned tensors (UNets) and gradients (UNet2DModel only) ---------- */
 
 /* One learned tensor, under diffusers' name (attention in the modern to_q/to_k/to_v/to_out.0
  * naming whatever the file used) and shape. data is the trainable float32 copy the model was
@@ -161,7 +170,8 @@ typedef struct model_grad_call {
  * as is a model without parameters. Thread-safe against other evaluations of m. */
 int model_backward(const model *m, const model_call *c, const model_grad_call *g, err *e);
 
-/* Approximate multiply-add FLOPs (x2) of one forward on one h x w image. */
+/* Approximate multiply-add FLOPs (x2) of one forward on one h x w image (a text-conditional
+ * UNet's attending to 77 tokens, CLIP's context length). */
 double model_flops(const model *m, int h, int w);
 
 #endif

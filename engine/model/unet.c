@@ -383,30 +383,13 @@ static int forward(fwd *f, const float *x, int h, int w, const float *t, const i
                    float *out, err *e) {
   const unet *u = f->u;
   int n = f->r.n;
-  float *emb = arena_floats(f->r.a, (size_t)n * u->temb_dim);
-  float *tproj = arena_floats(f->r.a, (size_t)n * u->ch0);
-  float *hid = arena_floats(f->r.a, (size_t)n * u->temb_dim);
   float *xin = blocks_act(&f->r, u->shape.in_channels, h, w);
-  if (!emb || !tproj || !hid || !xin)
+  if (!xin || blocks_time_embedding(&f->r, t, u->ch0, u->flip_sin_to_cos, u->freq_shift, &u->temb1,
+                                    &u->temb2, u->class_table, labels))
     return err_set(e, ERR_NOMEM, "out of memory in UNet forward");
-  f->r.flops += 2.0 * n * (u->temb1.in * u->temb1.out + u->temb2.in * u->temb2.out);
-  if (!f->r.dry) {
-    ops_timestep_embedding(t, n, u->ch0, u->flip_sin_to_cos, u->freq_shift, tproj);
-    ops_linear(tproj, n, u->temb1.in, u->temb1.out, u->temb1.weight, u->temb1.bias, hid);
-    ops_silu(hid, (size_t)n * u->temb_dim, hid);
-    ops_linear(hid, n, u->temb2.in, u->temb2.out, u->temb2.weight, u->temb2.bias, emb);
-    if (u->class_table)
-      for (int i = 0; i < n; i++) {
-        const float *row = u->class_table + (size_t)labels[i] * u->temb_dim;
-        for (int k = 0; k < u->temb_dim; k++)
-          emb[(size_t)i * u->temb_dim + k] += row[k];
-      }
-    ops_silu(emb, (size_t)n * u->temb_dim, hid);
-    size_t cnt = (size_t)n * u->shape.in_channels * h * w;
-    for (size_t i = 0; i < cnt; i++)
-      xin[i] = u->center_input ? 2.0f * x[i] - 1.0f : x[i];
-  }
-  f->r.temb_act = hid;
+  const size_t cnt = (size_t)n * u->shape.in_channels * h * w;
+  for (size_t i = 0; !f->r.dry && i < cnt; i++)
+    xin[i] = u->center_input ? 2.0f * x[i] - 1.0f : x[i];
 
   typedef struct skip {
     float *p;
@@ -481,14 +464,7 @@ static int forward(fwd *f, const float *x, int h, int w, const float *t, const i
       float *cat = blocks_act(&f->r, ch + s.c, h, w), *nx = blocks_act(&f->r, r->cout, h, w);
       if (!cat || !nx)
         goto oom;
-      if (!f->r.dry)
-        for (int k = 0; k < n; k++) {
-          size_t plane = (size_t)h * w;
-          memcpy(cat + (size_t)k * (ch + s.c) * plane, cur + (size_t)k * ch * plane,
-                 (size_t)ch * plane * sizeof(float));
-          memcpy(cat + ((size_t)k * (ch + s.c) + ch) * plane, s.p + (size_t)k * s.c * plane,
-                 (size_t)s.c * plane * sizeof(float));
-        }
+      blocks_concat(&f->r, cur, ch, s.p, s.c, h * w, cat);
       if (blocks_resnet_forward(&f->r, r, cat, h, w, nx))
         goto oom;
       if (b->has_attn && blocks_attn_forward(&f->r, &b->attn[l], nx, h * w))

@@ -112,6 +112,11 @@ int blocks_load_conv(blocks_loader *ld, const char *prefix, int cin, int cout, i
 /* A linear layer; a [out, in, 1, 1] weight (old checkpoints' 1x1 convolutions) is accepted. */
 int blocks_load_linear(blocks_loader *ld, const char *wname, const char *bname, int in, int out,
                        float **w, float **b);
+/* A Linear layer (weight [out, in], bias optional) applied to channel-major tokens
+ * ([n][in][positions], the activations' layout): the same product as a 1x1 convolution, so it
+ * is packed as one and run with blocks_conv on (positions x 1) inputs. */
+int blocks_load_token_linear(blocks_loader *ld, const char *prefix, int in, int out, int bias,
+                             conv2d *c);
 int blocks_load_resnet(blocks_loader *ld, const char *prefix, const resnet_spec *s, int cin,
                        int cout, resnet *r);
 /* Single-sequence self-attention over the pixels with an optional group norm (groups 0: none),
@@ -159,6 +164,16 @@ typedef struct blocks_run {
 float *blocks_act(blocks_run *f, int c, int h, int w);
 int blocks_conv(blocks_run *f, const conv2d *c, const float *x, int h, int w, float *y);
 void blocks_norm(blocks_run *f, const group_norm *g, const float *x, int hw, int silu, float *y);
+/* The time embedding every resnet reads: diffusers' Timesteps sinusoid (ch0 wide) of t, then
+ * linear_1, SiLU, linear_2, plus each image's row of class_table (NULL: none), then SiLU, into
+ * f->temb_act ([n][l2->out], from the arena). Nonzero when out of memory. */
+int blocks_time_embedding(blocks_run *f, const float *t, int ch0, int flip_sin_to_cos,
+                          float freq_shift, const linear *l1, const linear *l2,
+                          const float *class_table, const int64_t *labels);
+/* out (n x (ca + cb) x hw) = a (n x ca x hw) and b (n x cb x hw) stacked along the channels:
+ * an up block's input and its skip connection. */
+void blocks_concat(blocks_run *f, const float *a, int ca, const float *b, int cb, int hw,
+                   float *out);
 /* y (n x cout x h' x w') = the resnet of x; nonzero when out of memory. */
 int blocks_resnet_forward(blocks_run *f, const resnet *r, const float *x, int h, int w, float *y);
 /* x = attention(x) in place. */
