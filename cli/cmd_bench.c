@@ -177,13 +177,14 @@ static int time_evals(const unet_args *a, const model *m, int s, int n, unet_buf
 }
 
 static void print_unet_report(const unet_args *a, const model *m, int s, int n,
-                              const double *times) {
+                              const double *times, double load_ms) {
   /* a guided evaluation (g other than 0 and 1) is one forward of twice the batch */
   const int fwd = a->guided && a->gscale != 0 && a->gscale != 1 ? 2 * n : n;
   double med = times[a->iters / 2], flops = model_flops(m, s, s) * fwd;
   printf("bench unet: batch=%d threads=%lld size=%d ms_per_forward=%.3f ms_per_image=%.3f "
-         "gflops=%.1f peak_rss_mb=%.1f kernel=%s",
-         n, a->threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(), gemm_kernel_name());
+         "gflops=%.1f peak_rss_mb=%.1f kernel=%s load_ms=%.1f",
+         n, a->threads, s, med, med / n, flops / (med * 1e6), peak_rss_mb(), gemm_kernel_name(),
+         load_ms);
   if (a->guided)
     printf(" guidance=%g forwards_per_step=1 images_per_forward=%d", a->gscale, fwd);
   putchar('\n');
@@ -197,8 +198,10 @@ static int bench_unet(int argc, char **argv) {
     return status;
   err e = {0};
   model *m = NULL;
+  const double t_load = now_ms();
   if (model_load(a.model_dir, &m, &e))
     return cli_fail(cmd, "%s", e.msg);
+  const double load_ms = now_ms() - t_load;
   const model_info *mi = model_get_info(m);
   const int s = a.size ? (int)a.size : mi->sample_size, n = (int)a.batch;
   if (s < 1) {
@@ -214,7 +217,7 @@ static int bench_unet(int argc, char **argv) {
     if ((a.guided && guidance_check(&g, m, &e)) || time_evals(&a, m, s, n, &b, &g, &e)) {
       cli_fail(cmd, "%s", e.msg);
     } else {
-      print_unet_report(&a, m, s, n, b.times);
+      print_unet_report(&a, m, s, n, b.times, load_ms);
       status = 0;
     }
   }

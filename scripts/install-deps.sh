@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs the Debian packages denoised needs to build and test; skips what is present.
-# Usage: scripts/install-deps.sh [--reference] [--openapi] [--browser] [--bench] [--fuzz] [--redis] [--training]
+# Usage: scripts/install-deps.sh [--reference] [--openapi] [--browser] [--bench] [--fuzz] [--redis] [--training] [--peers]
 #   --reference  python3-torch + the modules tools/ needs to import a diffusers source tree
 #                for fixtures/bench
 #   --openapi    node + npm (Debian's, if no npm is on PATH) and the OpenAPI validator that
@@ -11,6 +11,8 @@
 #                llvm-symbolizer, for scripts/fuzz.sh
 #   --bench      wrk, for bench/load.sh
 #   --redis      redis-server, which the tests start on a scratch socket to check the Redis backend
+#   --peers      --reference plus node + npm and ONNX Runtime (onnxruntime-node, CPU build, pinned by
+#                tools/onnxruntime/package-lock.json) for bench/peers
 #   --training   --reference plus the Debian font packages tools/glyphs/fonts.txt renders the glyph
 #                data set from (retraining models/glyphs32 and bench/glyph_classifier.pt)
 set -eu
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/.."
 PKGS="build-essential cmake pkg-config libopenblas-dev libjansson-dev libpng-dev libuv1-dev libmicrohttpd-dev check libcurl4-openssl-dev universal-ctags libhiredis-dev"
 openapi=0
 browser=0
+peers=0
 for arg in "$@"; do
   case "$arg" in
   --reference)
@@ -30,6 +33,10 @@ for arg in "$@"; do
     PKGS="$PKGS chromium"
     if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
   --bench) PKGS="$PKGS wrk" ;;
+  --peers)
+    peers=1
+    PKGS="$PKGS python3-torch python3-numpy"
+    if ! command -v npm >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
   --redis) PKGS="$PKGS redis-server" ;;
   --fuzz) PKGS="$PKGS clang libclang-rt-14-dev llvm" ;;
   --training)
@@ -64,4 +71,9 @@ fi
 if [ "$browser" = 1 ] && [ ! -d tools/browser/node_modules/puppeteer-core ]; then
   echo "install-deps: installing the browser test's modules (npm ci in tools/browser)" >&2
   (cd tools/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+if [ "$peers" = 1 ] && [ ! -d tools/onnxruntime/node_modules/onnxruntime-node ]; then
+  # --ignore-scripts: the package's postinstall only fetches GPU providers we do not use
+  echo "install-deps: installing ONNX Runtime for bench/peers (npm ci in tools/onnxruntime)" >&2
+  (cd tools/onnxruntime && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
 fi
