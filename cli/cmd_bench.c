@@ -176,8 +176,8 @@ static int time_evals(const unet_args *a, const model *m, int s, int n, unet_buf
   return ERR_OK;
 }
 
-static void print_unet_report(const unet_args *a, const model *m, int s, int n,
-                              const double *times, double load_ms) {
+static void print_unet_report(const unet_args *a, const model *m, int s, int n, const double *times,
+                              double load_ms) {
   /* a guided evaluation (g other than 0 and 1) is one forward of twice the batch */
   const int fwd = a->guided && a->gscale != 0 && a->gscale != 1 ? 2 * n : n;
   double med = times[a->iters / 2], flops = model_flops(m, s, s) * fwd;
