@@ -23,7 +23,8 @@ static const char help[] =
     "       denoised bench train --model DIR [--batch B] [--threads T] [--iters N] [--warmup W]\n"
     "       denoised bench solvers --model DIR [--nfe 5,10,20,50] ...  (solver accuracy; --help)\n"
     "\n"
-    "unet: times one network evaluation (median of N) on Gaussian noise.\n"
+    "unet: times one network evaluation (median of N) on Gaussian noise (a text-conditional\n"
+    "      UNet's with 77 Gaussian encoder hidden states per image).\n"
     "train: times one training step (forward, backward to every parameter, AdamW at lr 1e-4;\n"
     "       the model's own schedule, epsilon loss) on random images, labels and timesteps.\n"
     "  --batch B    images per forward (default 1)\n"
@@ -126,15 +127,19 @@ static int parse_unet_args(int argc, char **argv, unet_args *a) {
   return -1;
 }
 
-/* One evaluation's inputs (Gaussian noise at t = 500, class 0), its output and the timings. */
+/* One evaluation's inputs (Gaussian noise at t = 500, class 0, and for a text-conditional UNet
+ * 77 Gaussian encoder hidden states per image, CLIP's context length), its output and the
+ * timings. */
+#define BENCH_SEQ 77
 typedef struct unet_bufs {
-  float *x, *out, *t;
+  float *x, *out, *t, *ehs;
   int64_t *labels;
   double *times;
 } unet_bufs;
 
 static void unet_bufs_free(unet_bufs *b) {
   free(b->x);
+  free(b->ehs);
   free(b->out);
   free(b->t);
   free(b->labels);
@@ -149,8 +154,13 @@ static int unet_inputs(const model_info *mi, int s, int n, long long iters, unet
   b->t = malloc(sizeof(float) * n);
   b->labels = calloc((size_t)n, sizeof *b->labels);
   b->times = malloc(sizeof(double) * (size_t)iters);
+  const size_t ne = (size_t)n * BENCH_SEQ * mi->cross_attention_dim;
+  if (ne && !(b->ehs = malloc(sizeof(float) * ne)))
+    return -1;
   if (!b->x || !b->out || !b->t || !b->labels || !b->times)
     return -1;
+  if (ne)
+    rng_normal(0, 0, 1, b->ehs, ne);
   for (int i = 0; i < n; i++) {
     rng_normal(0, (uint64_t)i, 0, b->x + per * i, per);
     b->t[i] = 500.0f;
@@ -164,8 +174,15 @@ static int time_evals(const unet_args *a, const model *m, int s, int n, unet_buf
   const int64_t *lab = model_get_info(m)->num_classes ? b->labels : NULL;
   for (long long i = 0; i < a->warmup + a->iters; i++) {
     double t0 = now_ms();
-    const model_call call = {
-        .x = b->x, .n = n, .h = s, .w = s, .t = b->t, .labels = lab, .threads = (int)a->threads};
+    const model_call call = {.x = b->x,
+                             .n = n,
+                             .h = s,
+                             .w = s,
+                             .t = b->t,
+                             .labels = lab,
+                             .encoder_hidden_states = b->ehs,
+                             .seq_len = b->ehs ? BENCH_SEQ : 0,
+                             .threads = (int)a->threads};
     int rc = guidance_eval(a->guided ? g : NULL, m, &call, b->out, e);
     if (rc != ERR_OK)
       return rc;
@@ -204,6 +221,11 @@ static int bench_unet(int argc, char **argv) {
   const double load_ms = now_ms() - t_load;
   const model_info *mi = model_get_info(m);
   const int s = a.size ? (int)a.size : mi->sample_size, n = (int)a.batch;
+  if (a.guided && mi->cross_attention_dim) {
+    model_free(m);
+    return cli_usage_error(cmd, "--guidance-scale is for class-conditional models; time a "
+                                "text-conditional one's guided step as --batch 2");
+  }
   if (s < 1) {
     model_free(m);
     return cli_usage_error(cmd, "the model has no sample_size: pass --size");

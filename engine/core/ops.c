@@ -495,6 +495,36 @@ void ops_timestep_embedding(const float *t, int n, int dim, int flip_sin_to_cos,
   }
 }
 
+/* Per row: the max, then exp_fast (vectorized, where expf is a scalar call that dominated
+ * large attentions), then a sum over 8 interleaved partial sums, so that every tier adds in
+ * the same order. */
+OPS_BODY void softmax_rows_body(float *s, int nr, int L) {
+  for (int r = 0; r < nr; r++) {
+    float *row = s + (size_t)r * L, mx = row[0];
+    for (int l = 1; l < L; l++)
+      mx = row[l] > mx ? row[l] : mx;
+    for (int l = 0; l < L; l++)
+      row[l] = exp_fast(row[l] - mx);
+    float acc[8] = {0}, sum = 0;
+    int l = 0;
+    for (; l + 8 <= L; l += 8)
+      for (int k = 0; k < 8; k++)
+        acc[k] += row[l + k];
+    for (int k = 0; k < 8; k++)
+      sum += acc[k];
+    for (; l < L; l++)
+      sum += row[l];
+    const float inv = 1.0f / sum;
+    for (l = 0; l < L; l++)
+      row[l] *= inv;
+  }
+}
+OPS_TIERED(softmax_rows, (float *s, int nr, int L), (s, nr, L))
+
+void ops_softmax_rows(float *s, int nr, int L) {
+  OPS_DISPATCH(softmax_rows, (s, nr, L))
+}
+
 typedef struct attn_job {
   const float *q, *k, *v; /* [n][c][lq], [n][c][lk], [n][c][lk]: channel-major like activations */
   float *o;
@@ -515,19 +545,7 @@ static void attn_task(void *ctx, int task, int worker) {
   /* scores[r][l] = scale * sum_d q[d][r] k[d][l] */
   cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, lk, j->dh, j->scale, j->q + qbase + r0,
               j->lq, j->k + kbase, lk, 0.0f, s, lk);
-  for (int r = 0; r < nr; r++) {
-    float *row = s + (size_t)r * lk, mx = row[0];
-    for (int l = 1; l < lk; l++)
-      mx = row[l] > mx ? row[l] : mx;
-    float sum = 0;
-    for (int l = 0; l < lk; l++) {
-      row[l] = expf(row[l] - mx);
-      sum += row[l];
-    }
-    float inv = 1.0f / sum;
-    for (int l = 0; l < lk; l++)
-      row[l] *= inv;
-  }
+  ops_softmax_rows(s, nr, lk);
   /* o[d][r] = sum_l v[d][l] p[r][l] */
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, lk, 1.0f, j->v + kbase, lk, s, lk,
               0.0f, j->o + qbase + r0, j->lq);

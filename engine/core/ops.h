@@ -82,6 +82,10 @@ typedef struct attn_weights {
 int ops_attention_pack(attn_weights *aw);
 void ops_attention_unpack(attn_weights *aw);
 
+/* Softmax of each of nr rows of L scores, in place: the attention's probabilities, computed
+ * the same way by the forward and by the backward's recomputation (engine/grad). */
+void ops_softmax_rows(float *s, int nr, int L);
+
 /* Multi-head scaled dot-product attention on channel-major tensors: queries q [n][c][lq], keys
  * and values k, v [n][c][lk], output o [n][c][lq]; head h owns channels [h*c/heads, (h+1)*c/heads)
  * and scores are scaled by 1/sqrt(c/heads). Self-attention has lq == lk and k from the same

@@ -20,23 +20,6 @@ typedef struct attn_bwd {
   float scale;
 } attn_bwd;
 
-/* Softmax of rows s[r][0..L) in place, as the forward computes it. */
-static void softmax_rows(float *s, int nr, int L) {
-  for (int r = 0; r < nr; r++) {
-    float *row = s + (size_t)r * L, mx = row[0];
-    for (int l = 1; l < L; l++)
-      mx = row[l] > mx ? row[l] : mx;
-    float sum = 0;
-    for (int l = 0; l < L; l++) {
-      row[l] = expf(row[l] - mx);
-      sum += row[l];
-    }
-    float inv = 1.0f / sum;
-    for (int l = 0; l < L; l++)
-      row[l] *= inv;
-  }
-}
-
 /* With dout == NULL: the forward core o = v P^T. Otherwise, with P = softmax(scale q^T k):
  * dv = dout P, dP = dout^T v, dS = P (dP - rowsum(dP P)), dq = scale k dS^T, dk = scale q dS. */
 static void attn_task(void *ctx, int task, int worker) {
@@ -48,7 +31,7 @@ static void attn_task(void *ctx, int task, int worker) {
     int nr = r0 + j->rows < L ? j->rows : L - r0;
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nr, L, j->dh, j->scale, j->q + base + r0,
                 L, j->k + base, L, 0.0f, s, L);
-    softmax_rows(s, nr, L);
+    ops_softmax_rows(s, nr, L); /* as the forward computes it */
     if (!j->dout) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->dh, nr, L, 1.0f, j->v + base, L, s, L,
                   0.0f, j->o + base + r0, L);
