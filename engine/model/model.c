@@ -176,7 +176,8 @@ static void set_unet_info(model *m) {
   const unet_shape *s = unet_get_shape(m->unet);
   m->info.kind = MODEL_UNET2D;
   m->info.sample_size = s->sample_size;
-  m->info.in_channels = s->in_channels;
+  m->info.in_channels = s->in_channels - s->cond_channels;
+  m->info.cond_channels = s->cond_channels;
   m->info.out_channels = s->out_channels;
   m->info.num_classes = s->num_classes;
   m->info.num_params = s->num_params;
@@ -461,6 +462,8 @@ int model_mid_shape(const model *m, int h, int w, int shape[3], err *e) {
 int model_run(const model *m, const model_call *c, float *out, err *e) {
   if (c->n < 1 || !c->x || !c->t || !out)
     return err_set(e, ERR_INVALID, "model_run: empty batch or missing buffers");
+  if (c->cond && !m->info.cond_channels)
+    return err_set(e, ERR_INVALID, "%s takes no conditioning image", m->info.class_name);
   if (m->cunet)
     return cunet_forward(m->cunet, c, out, e);
   if (c->encoder_hidden_states)
@@ -469,8 +472,8 @@ int model_run(const model *m, const model_call *c, float *out, err *e) {
   const int hooked = c->hooks.mid_save || c->hooks.mid_replace;
   if (m->unet) {
     const unet_mid mid = {.save = c->hooks.mid_save, .replace = c->hooks.mid_replace};
-    return unet_forward_mid(m->unet, c->x, c->n, c->h, c->w, c->t, c->labels, out, c->threads,
-                            hooked ? &mid : NULL, e);
+    return unet_forward_mid(m->unet, c->x, c->cond, c->n, c->h, c->w, c->t, c->labels, out,
+                            c->threads, hooked ? &mid : NULL, e);
   }
   if (hooked)
     return err_set(e, ERR_UNSUPPORTED, "%s has no mid block (h-space)", m->info.class_name);

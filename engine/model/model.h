@@ -18,8 +18,12 @@ typedef struct model_info {
   model_kind kind;
   const char *class_name; /* "_class_name" from config.json */
   int sample_size;        /* H == W of the images it was built for */
-  int in_channels;
+  int in_channels;        /* of the image denoised (x), conditioning channels not counted */
   int out_channels;
+  /* Channels of the conditioning image an image-conditioned UNet takes beside x (config.json
+   * "_cond_channels": its conv_in reads in_channels + cond_channels, the image concatenated
+   * after x); 0 for other models. */
+  int cond_channels;
   int num_classes; /* 0 when not class-conditional */
   /* The label classifier-free guidance uses for "no class": config.json "_null_class", else
    * num_classes - 1 for a class-conditional UNet (the convention of models trained with label
@@ -103,6 +107,10 @@ typedef struct model_call {
   int seq_len;
   model_hooks hooks;
   int threads;
+  /* Image conditioning: [n][cond_channels][h][w], concatenated to x along the channels before
+   * the first convolution (an image-conditioned DPM's blurry input). Required by models with
+   * model_info.cond_channels > 0, refused by the others; NULL otherwise. */
+  const float *cond;
 } model_call;
 
 /* Runs c; out receives n * out_channels * h * w floats. Thread-safe. */
@@ -145,10 +153,11 @@ float *model_grads_at(const model_grads *g, int i);
 void model_grads_zero(model_grads *g);
 
 /* What model_backward computes, for L = sum(grad_out * model(x, t, labels)). NULL fields are
- * not computed. grad_x [n][in_channels][h][w], grad_t [n] and grad_class [n][class_embed_dim]
- * (the gradient of the class-embedding row each image adds: the conditioning input) are
- * written; parameter gradients are ADDED to params (model_grads_zero to start over), so several
- * batches accumulate. out, if set, receives the forward output. */
+ * not computed. grad_x [n][in_channels][h][w] (of x alone: the conditioning image is a constant
+ * here), grad_t [n] and grad_class [n][class_embed_dim] (the gradient of the class-embedding row
+ * each image adds: the conditioning input) are written; parameter gradients are ADDED to params
+ * (model_grads_zero to start over), so several batches accumulate. out, if set, receives the
+ * forward output. */
 typedef struct model_grad_call {
   const float *grad_out; /* n * out_channels * h * w; required unless loss_grad is set */
   /* Instead of grad_out: called with the forward's output to write the upstream gradient into

@@ -21,6 +21,7 @@
 
 typedef struct unet_config {
   int sample_size, in_channels, out_channels, center_input, flip_sin_to_cos;
+  int cond_channels; /* the trailing input channels that carry the conditioning image */
   double freq_shift;
   int nlevels;
   const char *down_types[UNET_MAX_LEVELS], *up_types[UNET_MAX_LEVELS];
@@ -171,6 +172,15 @@ static int parse_config(const json_t *cfg, unet_config *c, err *e) {
                    ndown, nup, c->nlevels);
   if (c->norm_eps <= 0)
     return err_set(e, ERR_INVALID, "config key 'norm_eps' must be positive");
+  /* Our key, not diffusers': an image-conditioned UNet is a UNet2DModel whose conv_in reads x
+   * and the conditioning image concatenated, so diffusers loads the same file as is. */
+  if ((rc = blocks_get_int(cfg, "_cond_channels", 0, 0, 64, &c->cond_channels, e)))
+    return rc;
+  if (c->cond_channels >= c->in_channels)
+    return err_set(e, ERR_INVALID,
+                   "config key '_cond_channels' (%d) must be below in_channels (%d): the first "
+                   "in_channels - _cond_channels input channels are the image denoised",
+                   c->cond_channels, c->in_channels);
   return ERR_OK;
 }
 
@@ -330,6 +340,7 @@ static int build(const json_t *config, const st_file *weights, uint64_t seed, un
   u->freq_shift = (float)c.freq_shift;
   u->shape = (unet_shape){.sample_size = c.sample_size,
                           .in_channels = c.in_channels,
+                          .cond_channels = c.cond_channels,
                           .out_channels = c.out_channels,
                           .num_classes = c.num_classes};
   blocks_loader ld;
@@ -379,17 +390,16 @@ typedef struct fwd {
 } fwd;
 
 /* Runs the network; in dry mode only shapes and FLOPs are computed. */
-static int forward(fwd *f, const float *x, int h, int w, const float *t, const int64_t *labels,
-                   float *out, err *e) {
+static int forward(fwd *f, const float *x, const float *cond, int h, int w, const float *t,
+                   const int64_t *labels, float *out, err *e) {
   const unet *u = f->u;
   int n = f->r.n;
   float *xin = blocks_act(&f->r, u->shape.in_channels, h, w);
   if (!xin || blocks_time_embedding(&f->r, t, u->ch0, u->flip_sin_to_cos, u->freq_shift, &u->temb1,
                                     &u->temb2, u->class_table, labels))
     return err_set(e, ERR_NOMEM, "out of memory in UNet forward");
-  const size_t cnt = (size_t)n * u->shape.in_channels * h * w;
-  for (size_t i = 0; !f->r.dry && i < cnt; i++)
-    xin[i] = u->center_input ? 2.0f * x[i] - 1.0f : x[i];
+  if (!f->r.dry)
+    unet_input(u, x, cond, n, (size_t)h * w, xin);
 
   typedef struct skip {
     float *p;
@@ -503,9 +513,29 @@ oom:
   return err_set(e, ERR_NOMEM, "out of memory in UNet forward (batch %d, %dx%d)", n, h, w);
 }
 
+void unet_input(const unet *u, const float *x, const float *cond, int n, size_t plane, float *xin) {
+  const int cc = u->shape.cond_channels, cx = u->shape.in_channels - cc;
+  const size_t dx = (size_t)cx * plane, dc = (size_t)cc * plane, d = dx + dc;
+  for (int k = 0; k < n; k++) {
+    memcpy(xin + k * d, x + k * dx, dx * sizeof *xin);
+    if (cc)
+      memcpy(xin + k * d + dx, cond + k * dc, dc * sizeof *xin);
+  }
+  if (u->center_input)
+    for (size_t i = 0; i < (size_t)n * d; i++)
+      xin[i] = 2.0f * xin[i] - 1.0f;
+}
+
 int unet_check_input(const unet *u, int n, int h, int w, const float *t, const int64_t *labels,
-                     err *e) {
+                     const float *cond, err *e) {
   int mult = 1 << (u->nlevels - 1);
+  if (u->shape.cond_channels && !cond)
+    return err_set(e, ERR_INVALID,
+                   "this model is image-conditioned: a conditioning image of %d channels is "
+                   "required",
+                   u->shape.cond_channels);
+  if (!u->shape.cond_channels && cond)
+    return err_set(e, ERR_INVALID, "this model takes no conditioning image");
   if (n < 1 || h < 1 || w < 1 || h > 4096 || w > 4096)
     return err_set(e, ERR_INVALID, "bad input shape: batch %d, %dx%d", n, h, w);
   if (h % mult || w % mult)
@@ -529,7 +559,7 @@ int unet_check_input(const unet *u, int n, int h, int w, const float *t, const i
 
 int unet_forward(const unet *u, const float *x, int n, int h, int w, const float *t,
                  const int64_t *labels, float *out, int threads, err *e) {
-  return unet_forward_mid(u, x, n, h, w, t, labels, out, threads, NULL, e);
+  return unet_forward_mid(u, x, NULL, n, h, w, t, labels, out, threads, NULL, e);
 }
 
 int unet_workspace_take(const unet *u, int threads, workspace *ws, err *e) {
@@ -540,9 +570,10 @@ void unet_workspace_give(const unet *u, workspace *ws) {
   blocks_workspace_give(&((unet *)u)->spares, ws);
 }
 
-int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
-                     const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e) {
-  int rc = unet_check_input(u, n, h, w, t, labels, e);
+int unet_forward_mid(const unet *u, const float *x, const float *cond, int n, int h, int w,
+                     const float *t, const int64_t *labels, float *out, int threads,
+                     const unet_mid *mid, err *e) {
+  int rc = unet_check_input(u, n, h, w, t, labels, cond, e);
   if (rc)
     return rc;
   if (mid && !u->has_mid)
@@ -551,7 +582,7 @@ int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const f
   if ((rc = unet_workspace_take(u, threads, &ws, e)))
     return rc;
   fwd f = {.r = {.a = ws.a, .n = n, .p = ws.p}, .u = u, .mid = mid};
-  rc = forward(&f, x, h, w, t, labels, out, e);
+  rc = forward(&f, x, cond, h, w, t, labels, out, e);
   unet_workspace_give(u, &ws);
   return rc;
 }
@@ -566,7 +597,7 @@ static int dry_run(const unet *u, int h, int w, fwd *f, err *e) {
   if (!a)
     return err_set(e, ERR_NOMEM, "out of memory");
   *f = (fwd){.r = {.a = a, .n = 1, .dry = 1}, .u = u};
-  int rc = forward(f, NULL, h, w, NULL, NULL, NULL, e);
+  int rc = forward(f, NULL, NULL, h, w, NULL, NULL, NULL, e);
   arena_free(a);
   return rc;
 }

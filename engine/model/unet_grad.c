@@ -280,8 +280,7 @@ static int t_forward(tape *T, const model_call *c, act *xin, act *t_act, act *cl
   *xin = (act){arena_floats(T->a, cnt), zeros(T, cnt), u->shape.in_channels, c->h, c->w};
   if (!xin->v || !xin->d)
     return err_set(T->e, ERR_NOMEM, "out of memory for the UNet's tape");
-  for (size_t i = 0; i < cnt; i++)
-    xin->v[i] = u->center_input ? 2.0f * c->x[i] - 1.0f : c->x[i];
+  unet_input(u, c->x, c->cond, T->n, (size_t)c->h * c->w, xin->v);
   act cur, skips[MAX_SKIPS];
   int nskips = 0, rc;
   if ((rc = t_embedding(T, c, t_act, cls)) || (rc = t_conv(T, &u->conv_in, xin, &cur)))
@@ -305,7 +304,7 @@ static int t_forward(tape *T, const model_call *c, act *xin, act *t_act, act *cl
 
 int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, float *const *pg,
                   err *e) {
-  int rc = unet_check_input(u, c->n, c->h, c->w, c->t, c->labels, e);
+  int rc = unet_check_input(u, c->n, c->h, c->w, c->t, c->labels, c->cond, e);
   if (rc)
     return rc;
   workspace ws;
@@ -326,10 +325,14 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
     rc = grad_backward(&T.nodes[i], T.a, T.p, e);
   if (rc)
     goto done;
-  size_t xcount = (size_t)c->n * xin.c * xin.h * xin.w;
-  if (g->grad_x)
-    for (size_t i = 0; i < xcount; i++)
-      g->grad_x[i] = u->center_input ? 2.0f * xin.d[i] : xin.d[i];
+  if (g->grad_x) { /* the x channels of each image's conv_in input */
+    const size_t plane = (size_t)xin.h * xin.w, d = (size_t)xin.c * plane;
+    const size_t dx = (size_t)(xin.c - u->shape.cond_channels) * plane;
+    const float f = u->center_input ? 2.0f : 1.0f;
+    for (int k = 0; k < c->n; k++)
+      for (size_t i = 0; i < dx; i++)
+        g->grad_x[k * dx + i] = f * xin.d[k * d + i];
+  }
   if (g->grad_t)
     memcpy(g->grad_t, t_act.d, (size_t)c->n * sizeof(float));
   if (g->grad_class && u->class_table)

@@ -75,8 +75,11 @@ static int guided_run(const guidance *g, const model *m, const model_call *c, fl
   float *x2 = malloc(2 * nb * din * sizeof *x2), *o2 = malloc(2 * nb * dout * sizeof *o2);
   float *t2 = malloc(2 * nb * sizeof *t2);
   int64_t *l2 = malloc(2 * nb * sizeof *l2);
+  /* the image conditioning stays in both passes: guidance is over the class only */
+  const size_t dc = (size_t)mi->cond_channels * c->h * c->w;
+  float *c2 = c->cond ? malloc(2 * nb * dc * sizeof *c2) : NULL;
   int rc = ERR_OK;
-  if (!x2 || !o2 || !t2 || !l2) {
+  if (!x2 || !o2 || !t2 || !l2 || (c->cond && !c2)) {
     rc = err_set(e, ERR_NOMEM, "out of memory for a guided batch of %d", n);
     goto done;
   }
@@ -84,6 +87,10 @@ static int guided_run(const guidance *g, const model *m, const model_call *c, fl
    * the batch, so the order is free */
   memcpy(x2, c->x, nb * din * sizeof *x2);
   memcpy(x2 + nb * din, c->x, nb * din * sizeof *x2);
+  if (c2) {
+    memcpy(c2, c->cond, nb * dc * sizeof *c2);
+    memcpy(c2 + nb * dc, c->cond, nb * dc * sizeof *c2);
+  }
   for (size_t b = 0; b < nb; b++) {
     t2[b] = t2[nb + b] = c->t[b];
     l2[b] = c->labels[b];
@@ -94,6 +101,7 @@ static int guided_run(const guidance *g, const model *m, const model_call *c, fl
   both.n = 2 * n;
   both.t = t2;
   both.labels = l2;
+  both.cond = c2;
   if ((rc = model_run(m, &both, o2, e)) != ERR_OK)
     goto done;
   if (!ops_all_finite(o2, 2 * nb * dout)) {
@@ -114,6 +122,7 @@ done:
   free(o2);
   free(t2);
   free(l2);
+  free(c2);
   return rc;
 }
 

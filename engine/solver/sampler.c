@@ -21,6 +21,8 @@ struct run_ctx {
   size_t dout;     /* model output values per image (2 d for a learned variance) */
   float *tv;       /* batch timesteps */
   int64_t *labels; /* batch labels for row subsets */
+  float *cond;     /* batch conditioning images for row subsets, or NULL */
+  size_t dc;       /* conditioning values per image */
   float *full;     /* batch * dout scratch for sampler_eval_rows, custom loops only */
   int nfe;
 };
@@ -42,7 +44,7 @@ static int check_input(const run_ctx *r, int step, const float *x, int n, double
 }
 
 static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_t *labels,
-                       double t_for_msg, float *out, err *e) {
+                       const float *cond, double t_for_msg, float *out, err *e) {
   const sampler_run_opts *o = r->o;
   const int total = r->s->n;
   if (o->cancel && atomic_load(o->cancel))
@@ -61,7 +63,8 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
                         .t = r->tv,
                         .labels = labels,
                         .hooks = {.mid_replace = hooked ? o->first_mid : NULL},
-                        .threads = o->threads > 0 ? o->threads : 1};
+                        .threads = o->threads > 0 ? o->threads : 1,
+                        .cond = cond};
   rc = guidance_eval(o->guidance, r->m, &c, out, e);
   if (rc == ERR_OK && o->classifier) {
     double abar[SAMPLER_CLF_MAX_BATCH];
@@ -80,7 +83,7 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
 int sampler_eval_all(run_ctx *r, int step, const float *x, double t, float *out, err *e) {
   for (int b = 0; b < r->batch; b++)
     r->tv[b] = (float)t;
-  return eval_common(r, step, x, r->batch, r->o->labels, t, out, e);
+  return eval_common(r, step, x, r->batch, r->o->labels, r->o->cond, t, out, e);
 }
 
 int sampler_eval_rows(run_ctx *r, int step, const float *x, int n, const int *rows, const double *t,
@@ -89,9 +92,12 @@ int sampler_eval_rows(run_ctx *r, int step, const float *x, int n, const int *ro
     r->tv[k] = (float)t[k];
     if (r->o->labels)
       r->labels[k] = r->o->labels[rows ? rows[k] : k];
+    if (r->o->cond && rows) /* every row keeps its own image */
+      memcpy(r->cond + k * r->dc, r->o->cond + (size_t)rows[k] * r->dc, r->dc * sizeof(float));
   }
+  const float *cond = r->o->cond && rows ? r->cond : r->o->cond;
   float *dst = r->dout == r->d ? out : r->full;
-  int rc = eval_common(r, step, x, n, r->o->labels ? r->labels : NULL, t[0], dst, e);
+  int rc = eval_common(r, step, x, n, r->o->labels ? r->labels : NULL, cond, t[0], dst, e);
   if (rc == ERR_OK && dst != out) /* keep the prediction, drop a learned variance */
     for (int k = 0; k < n; k++)
       memcpy(out + (size_t)k * r->d, dst + (size_t)k * r->dout, r->d * sizeof *out);
@@ -924,6 +930,11 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     return rc;
   if (o->guidance && o->guidance->enabled && !o->labels)
     return err_set(e, ERR_INVALID, "guidance_scale: classifier-free guidance needs class labels");
+  if (!info->cond_channels != !o->cond)
+    return err_set(e, ERR_INVALID,
+                   info->cond_channels ? "sampler: the model is image-conditioned: a conditioning "
+                                         "image is required"
+                                       : "sampler: the model takes no conditioning image");
   if (s->ot && !o->start_step)
     return ot_run(s, m, o, (size_t)cin * h * w, out, nfe, e);
   int start = 0, end = s->n;
@@ -939,6 +950,8 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
   float *scratch = calloc(3 * d + (5 + (size_t)nbuf) * nd, sizeof *scratch);
   float *tv = malloc(nb * sizeof *tv);
   int64_t *lab = malloc(nb * sizeof *lab);
+  const size_t dc = (size_t)info->cond_channels * h * w;
+  float *cbuf = o->cond ? malloc(nb * dc * sizeof *cbuf) : NULL;
   /* img2img/inpainting: the initial noise, which also re-noises the kept region */
   float *nz = o->init_image ? malloc(nd * sizeof *nz) : NULL;
   run_ctx run = {.s = s,
@@ -951,8 +964,10 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                  .dout = dout,
                  .tv = tv,
                  .labels = lab,
+                 .cond = cbuf,
+                 .dc = dc,
                  .full = mo};
-  if (!mo || !scratch || !tv || !lab || (o->init_image && !nz)) {
+  if (!mo || !scratch || !tv || !lab || (o->init_image && !nz) || (o->cond && !cbuf)) {
     rc = err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
     goto done;
   }
@@ -1041,6 +1056,7 @@ done:
   free(scratch);
   free(tv);
   free(lab);
+  free(cbuf);
   free(nz);
   free(first);
   return rc;

@@ -84,6 +84,9 @@ typedef struct sampler_run_opts {
   uint64_t first_image;    /* rng image index of out[0], so a split batch reproduces */
   const float *init_noise; /* batch * C * H * W floats, or NULL: rng_normal(seed, image, 0) */
   const int64_t *labels;   /* one class per image, or NULL */
+  /* The conditioning image of every evaluation, batch * cond_channels * H * W: required by an
+   * image-conditioned model (model_info.cond_channels), refused otherwise. */
+  const float *cond;
   sampler_progress_fn progress;
   void *progress_user;
   sampler_noise_fn noise;

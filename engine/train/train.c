@@ -90,6 +90,10 @@ static int check_config(const model_info *mi, const train_config *c, err *e) {
                    "the model predicts %d channels of %d-channel images (learned variance is "
                    "not trained here)",
                    mi->out_channels, mi->in_channels);
+  if (c->regression && mi->cond_channels)
+    return err_set(e, ERR_INVALID,
+                   "a regression model reads the degraded image as its input: give it a config "
+                   "without _cond_channels");
   if (!(c->min_snr_gamma >= 0) || !isfinite(c->min_snr_gamma))
     return err_set(e, ERR_INVALID, "min-SNR gamma must be >= 0 (0: off)");
   if (!(c->null_dropout >= 0 && c->null_dropout <= 1))
@@ -296,24 +300,55 @@ static void noise_batch(trainer *t, const float *x0, int n, size_t per, const in
   }
 }
 
-int trainer_step_given(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
-                       const int64_t *timesteps, const float *noise, train_step_info *info,
-                       err *e) {
+/* The regression baseline's batch: the degraded image in at t = 0, the clean one as the target,
+ * every image weighted 1 (plain MSE; no noise). */
+static void regression_batch(trainer *t, const float *x0, int n, size_t per) {
+  memcpy(t->target, x0, (size_t)n * per * sizeof(float));
+  for (int i = 0; i < n; i++)
+    t->tf[i] = 0.0f, t->w[i] = 1.0f;
+}
+
+static int check_cond(const trainer *t, const model_info *mi, const float *cond, err *e) {
+  if (t->c.regression && !cond)
+    return err_set(e, ERR_INVALID, "training step: a regression model needs the degraded images");
+  if (!t->c.regression && !mi->cond_channels != !cond)
+    return err_set(e, ERR_INVALID,
+                   mi->cond_channels
+                       ? "training step: the model is image-conditioned: conditioning images "
+                         "are required"
+                       : "training step: the model takes no conditioning images");
+  return ERR_OK;
+}
+
+static int step_given(trainer *t, const float *x0, const float *cond, const int64_t *labels, int n,
+                      int h, int w, const int64_t *timesteps, const float *noise,
+                      train_step_info *info, err *e) {
   const model_info *mi = model_get_info(t->m);
   if (n < 1 || h < 1 || w < 1 || !x0 || !timesteps || !noise)
     return err_set(e, ERR_INVALID, "training step: empty batch");
+  int rc = check_cond(t, mi, cond, e);
+  if (rc)
+    return rc;
   const size_t per = (size_t)mi->in_channels * h * w;
   for (int i = 0; i < n; i++)
     if (timesteps[i] < 0 || timesteps[i] >= t->T)
       return err_set(e, ERR_INVALID, "training step: timestep %lld outside [0, %d)",
                      (long long)timesteps[i], t->T);
-  int rc = grow(t, n, per, e);
-  if (rc)
+  if ((rc = grow(t, n, per, e)))
     return rc;
-  noise_batch(t, x0, n, per, timesteps, noise);
+  if (t->c.regression)
+    regression_batch(t, x0, n, per);
+  else
+    noise_batch(t, x0, n, per, timesteps, noise);
   model_grads_zero(t->grads);
-  const model_call call = {
-      .x = t->noisy, .n = n, .h = h, .w = w, .t = t->tf, .labels = labels, .threads = t->c.threads};
+  const model_call call = {.x = t->c.regression ? cond : t->noisy,
+                           .n = n,
+                           .h = h,
+                           .w = w,
+                           .t = t->tf,
+                           .labels = labels,
+                           .threads = t->c.threads,
+                           .cond = t->c.regression ? NULL : cond};
   loss_ctx L = {t, n, per, 0};
   const model_grad_call g = {.loss_grad = loss_grad, .loss_user = &L, .params = t->grads};
   if ((rc = model_backward(t->m, &call, &g, e)))
@@ -332,8 +367,19 @@ int trainer_step_given(trainer *t, const float *x0, const int64_t *labels, int n
   return ERR_OK;
 }
 
+int trainer_step_given(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
+                       const int64_t *timesteps, const float *noise, train_step_info *info,
+                       err *e) {
+  return step_given(t, x0, NULL, labels, n, h, w, timesteps, noise, info, e);
+}
+
 int trainer_step(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
                  train_step_info *info, err *e) {
+  return trainer_step_cond(t, x0, NULL, labels, n, h, w, info, e);
+}
+
+int trainer_step_cond(trainer *t, const float *x0, const float *cond, const int64_t *labels, int n,
+                      int h, int w, train_step_info *info, err *e) {
   const model_info *mi = model_get_info(t->m);
   if (n < 1 || h < 1 || w < 1)
     return err_set(e, ERR_INVALID, "training step: empty batch");
@@ -353,8 +399,7 @@ int trainer_step(trainer *t, const float *x0, const int64_t *labels, int n, int 
       t->lab[i] = u < t->c.null_dropout ? t->c.null_class : labels[i];
     }
   }
-  return trainer_step_given(t, x0, labels ? t->lab : NULL, n, h, w, t->ts_buf, t->noise_buf, info,
-                            e);
+  return step_given(t, x0, cond, labels ? t->lab : NULL, n, h, w, t->ts_buf, t->noise_buf, info, e);
 }
 
 /* Permutation of 0..n-1 for one epoch: Fisher-Yates on uniform draws of stream STREAM_ORDER. */

@@ -45,6 +45,10 @@ typedef struct train_config {
   ema_config ema;
   uint64_t seed;
   int threads;
+  /* The regression baseline of a restoration task instead of a diffusion model: the network
+   * maps the degraded image (the step's cond) at t = 0 straight to the clean one (x0) with an
+   * unweighted MSE; no noise, timesteps or prediction type. The model has no _cond_channels. */
+  int regression;
 } train_config;
 
 /* What one step did: the loss it minimised (weighted as configured), the gradient's global norm
@@ -65,6 +69,12 @@ void trainer_free(trainer *t);
  * timesteps, noise and label dropout are drawn for step trainer_steps(t) from the seed. */
 int trainer_step(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
                  train_step_info *info, err *e);
+
+/* trainer_step for an image-conditioned model (model_info.cond_channels): cond [n][cond_channels]
+ * [H][W] goes with x0 into every evaluation; for a regression trainer cond [n, C, H, W] is the
+ * network's input. NULL for other models. */
+int trainer_step_cond(trainer *t, const float *x0, const float *cond, const int64_t *labels, int n,
+                      int h, int w, train_step_info *info, err *e);
 
 /* The same step with the timesteps [n] and noise [n, C, H, W] given and the labels taken as
  * they are (no dropout): for checks against other implementations. */

@@ -12,8 +12,9 @@
 typedef struct unet unet;
 
 typedef struct unet_shape {
-  int sample_size; /* 0 when the config leaves it null */
-  int in_channels, out_channels;
+  int sample_size;               /* 0 when the config leaves it null */
+  int in_channels, out_channels; /* of conv_in and conv_out */
+  int cond_channels;             /* in_channels' trailing conditioning-image channels */
   int num_classes;
   int64_t num_params;
 } unet_shape;
@@ -40,9 +41,11 @@ typedef struct unet_mid {
 /* [C, H, W] of the mid-block output for h x w inputs; ERR_UNSUPPORTED without a mid block. */
 int unet_mid_shape(const unet *u, int h, int w, int shape[3], err *e);
 
-/* unet_forward with access to the mid-block output (mid may be NULL). */
-int unet_forward_mid(const unet *u, const float *x, int n, int h, int w, const float *t,
-                     const int64_t *labels, float *out, int threads, const unet_mid *mid, err *e);
+/* unet_forward with the conditioning image ([n][cond_channels][h][w], NULL without) and access
+ * to the mid-block output (mid may be NULL). */
+int unet_forward_mid(const unet *u, const float *x, const float *cond, int n, int h, int w,
+                     const float *t, const int64_t *labels, float *out, int threads,
+                     const unet_mid *mid, err *e);
 
 /* FLOPs (2 x multiply-adds of convolutions, linears and attention matmuls). */
 double unet_flops(const unet *u, int h, int w);

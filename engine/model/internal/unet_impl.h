@@ -49,9 +49,14 @@ struct unet {
 int unet_workspace_take(const unet *u, int threads, workspace *ws, err *e);
 void unet_workspace_give(const unet *u, workspace *ws);
 
-/* ERR_INVALID naming what is wrong with a batch's shape, timesteps or labels. */
+/* ERR_INVALID naming what is wrong with a batch's shape, timesteps, labels or conditioning image
+ * (required exactly when the UNet has cond_channels). */
 int unet_check_input(const unet *u, int n, int h, int w, const float *t, const int64_t *labels,
-                     err *e);
+                     const float *cond, err *e);
+
+/* conv_in's input for n images of `plane` pixels: x and the conditioning image concatenated
+ * along the channels, centred (2 v - 1) if the config says center_input_sample. */
+void unet_input(const unet *u, const float *x, const float *cond, int n, size_t plane, float *xin);
 
 /* The gradient of the tape in unet_grad.c; see model_backward. */
 int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, float *const *pg,

@@ -1,0 +1,237 @@
+/* The image-conditioned UNet (issue 18: the icDPM's network, x and the blurry image
+ * concatenated before conv_in): forward and gradients against the PyTorch reference of
+ * tools/deblur/cond_unet.py (fixtures by tools/deblur/gen_cond_fixtures.py), the conditioning
+ * image through the samplers (every row its own), the training step with it and the regression
+ * baseline's objective, and the refusals when it is missing or not wanted. */
+#include <math.h>
+#include <string.h>
+
+#include "model.h"
+#include "npy.h"
+#include "sampler.h"
+#include "schedule.h"
+#include "testutil.h"
+#include "train.h"
+
+static const char *fx(char *buf, size_t n, const char *file) {
+  char rel[256];
+  snprintf(rel, sizeof rel, "tests/fixtures/cond_unet/%s", file);
+  return test_src_path(buf, n, rel);
+}
+
+static model *load_fx(void) {
+  char dir[1024];
+  model *m = NULL;
+  err e = {0};
+  ck_assert_msg(model_load(fx(dir, sizeof dir, ""), &m, &e) == 0, "%s", e.msg);
+  return m;
+}
+
+static void read_fx(const char *name, npy_array *a) {
+  char path[1024];
+  err e = {0};
+  ck_assert_msg(npy_read_f32(fx(path, sizeof path, name), a, &e) == 0, "%s", e.msg);
+}
+
+START_TEST(forward_matches_reference) {
+  model *m = load_fx();
+  const model_info *mi = model_get_info(m);
+  ck_assert_int_eq(mi->in_channels, 3);
+  ck_assert_int_eq(mi->cond_channels, 3);
+  npy_array x, c, t, ref;
+  read_fx("input.npy", &x), read_fx("cond.npy", &c), read_fx("timesteps.npy", &t);
+  read_fx("output.npy", &ref);
+  float *out = malloc(ref.count * sizeof *out), *one = malloc(ref.count * sizeof *one);
+  model_call call = {.x = x.data, .n = 2, .h = 16, .w = 16, .t = t.data, .threads = 2};
+  call.cond = c.data;
+  err e = {0};
+  ck_assert_msg(model_run(m, &call, out, &e) == 0, "%s", e.msg);
+  const double rel = test_rel_l2(out, ref.data, ref.count);
+  printf("cond unet forward rel L2 %.3g\n", rel);
+  ck_assert_msg(rel < 1e-5, "relative L2 %g", rel);
+  /* the second image alone, with its own conditioning image, is bit-identical */
+  const size_t d = ref.count / 2;
+  call = (model_call){.x = x.data + d, .n = 1, .h = 16, .w = 16, .t = t.data + 1, .threads = 1};
+  call.cond = c.data + d;
+  ck_assert_int_eq(model_run(m, &call, one, &e), 0);
+  ck_assert(memcmp(one, out + d, d * sizeof *one) == 0);
+  /* the conditioning image matters */
+  call.cond = c.data;
+  ck_assert_int_eq(model_run(m, &call, one, &e), 0);
+  ck_assert(test_rel_l2(one, out + d, d) > 1e-3);
+  free(out), free(one);
+  npy_array_free(&x), npy_array_free(&c), npy_array_free(&t), npy_array_free(&ref);
+  model_free(m);
+}
+END_TEST
+
+static int param_index(const model *m, const char *name) {
+  for (int i = 0; i < model_param_count(m); i++)
+    if (strcmp(model_param_at(m, i)->name, name) == 0)
+      return i;
+  ck_abort_msg("no parameter %s", name);
+  return -1;
+}
+
+START_TEST(gradients_match_reference) {
+  model *m = load_fx();
+  npy_array x, c, t, g, gx, gin, gout;
+  read_fx("input.npy", &x), read_fx("cond.npy", &c), read_fx("timesteps.npy", &t);
+  read_fx("grad_out.npy", &g), read_fx("grad_input.npy", &gx);
+  read_fx("grad_conv_in.npy", &gin), read_fx("grad_conv_out.npy", &gout);
+  model_grads *pg = NULL;
+  err e = {0};
+  ck_assert_int_eq(model_grads_new(m, &pg, &e), 0);
+  float *dx = malloc(x.count * sizeof *dx);
+  model_call call = {.x = x.data, .n = 2, .h = 16, .w = 16, .t = t.data, .threads = 2};
+  call.cond = c.data;
+  const model_grad_call gc = {.grad_out = g.data, .grad_x = dx, .params = pg};
+  ck_assert_msg(model_backward(m, &call, &gc, &e) == 0, "%s", e.msg);
+  const float *din = model_grads_at(pg, param_index(m, "conv_in.weight"));
+  const float *dout = model_grads_at(pg, param_index(m, "conv_out.weight"));
+  const double r[3] = {test_rel_l2(dx, gx.data, gx.count), test_rel_l2(din, gin.data, gin.count),
+                       test_rel_l2(dout, gout.data, gout.count)};
+  printf("cond unet grads rel L2: x %.3g conv_in %.3g conv_out %.3g\n", r[0], r[1], r[2]);
+  for (int i = 0; i < 3; i++)
+    ck_assert_msg(r[i] < 1e-4, "gradient %d: relative L2 %g", i, r[i]);
+  model_grads_free(pg);
+  free(dx);
+  npy_array_free(&x), npy_array_free(&c), npy_array_free(&t), npy_array_free(&g);
+  npy_array_free(&gx), npy_array_free(&gin), npy_array_free(&gout);
+  model_free(m);
+}
+END_TEST
+
+START_TEST(refusals) {
+  model *m = load_fx();
+  float x[3 * 16 * 16] = {0}, t = 10, out[3 * 16 * 16];
+  err e = {0};
+  ck_assert_int_eq(model_eval(m, x, 1, 16, 16, &t, NULL, out, 1, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "image-conditioned"));
+  model_grads *pg = NULL;
+  ck_assert_int_eq(model_grads_new(m, &pg, &e), 0);
+  const model_call call = {.x = x, .n = 1, .h = 16, .w = 16, .t = &t, .threads = 1};
+  const model_grad_call gc = {.grad_out = x, .params = pg};
+  ck_assert_int_eq(model_backward(m, &call, &gc, &e), ERR_INVALID);
+  model_grads_free(pg);
+  model_free(m);
+  /* a plain UNet refuses a conditioning image */
+  char dir[1024];
+  ck_assert_int_eq(
+      model_load(test_src_path(dir, sizeof dir, "tests/fixtures/unet/cifar_small"), &m, &e), 0);
+  model_call c2 = {.x = x, .n = 1, .h = 16, .w = 16, .t = &t, .threads = 1};
+  c2.cond = x;
+  ck_assert_int_eq(model_run(m, &c2, out, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "no conditioning image"));
+  model_free(m);
+  /* _cond_channels must leave channels for x */
+  char tmp[512], path[1024];
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(path, sizeof path, "%s/config.json", tmp);
+  FILE *f = fopen(path, "w");
+  fputs("{\"_class_name\": \"UNet2DModel\", \"in_channels\": 3, \"_cond_channels\": 3, "
+        "\"block_out_channels\": [8, 8], \"norm_num_groups\": 4, \"down_block_types\": "
+        "[\"DownBlock2D\", \"DownBlock2D\"], \"up_block_types\": [\"UpBlock2D\", \"UpBlock2D\"]}",
+        f);
+  fclose(f);
+  ck_assert_int_eq(model_init(path, 1, &m, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "_cond_channels"));
+}
+END_TEST
+
+/* A batch of two through DDIM gives each image what a run of that image alone gives: the
+ * solver hands every evaluation the right rows of the conditioning image. */
+START_TEST(sampler_passes_the_condition) {
+  model *m = load_fx();
+  npy_array c;
+  read_fx("cond.npy", &c);
+  sched_config cfg;
+  err e = {0};
+  ck_assert_int_eq(sched_config_from_json(model_scheduler_config(m), "DDIMScheduler", 0, &cfg, &e),
+                   0);
+  sampler *s = NULL;
+  ck_assert_msg(sampler_new("ddim", &cfg, 4, &s, &e) == 0, "%s", e.msg);
+  const size_t d = 3 * 16 * 16;
+  float both[2 * 3 * 16 * 16], one[3 * 16 * 16];
+  sampler_run_opts o = {.batch = 2, .seed = 5, .threads = 2, .cond = c.data};
+  ck_assert_msg(sampler_run(s, m, &o, both, NULL, &e) == 0, "%s", e.msg);
+  o = (sampler_run_opts){.batch = 1, .seed = 5, .first_image = 1, .threads = 1, .cond = c.data + d};
+  ck_assert_msg(sampler_run(s, m, &o, one, NULL, &e) == 0, "%s", e.msg);
+  ck_assert(memcmp(one, both + d, sizeof one) == 0);
+  o.cond = NULL;
+  ck_assert_int_eq(sampler_run(s, m, &o, one, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "conditioning image"));
+  sampler_free(s);
+  sched_config_free(&cfg);
+  npy_array_free(&c);
+  model_free(m);
+}
+END_TEST
+
+static train_config config(int regression) {
+  train_config c = {.prediction = SCHED_PRED_EPSILON,
+                    .lr_kind = TRAIN_LR_CONSTANT,
+                    .lr = 1e-3,
+                    .total_steps = 30,
+                    .adamw = {0.9, 0.999, 1e-8, 0.0},
+                    .seed = 3,
+                    .threads = 2,
+                    .regression = regression};
+  return c;
+}
+
+/* Steps on one batch: the icDPM's loss takes the conditioning image; the regression baseline
+ * learns to map the blurry image to the sharp one (its loss falls). */
+START_TEST(training_steps) {
+  npy_array x, c;
+  read_fx("input.npy", &x), read_fx("cond.npy", &c);
+  for (int64_t i = 0; i < x.count; i++) /* a clean image in [-1, 1] */
+    x.data[i] = tanhf(x.data[i]);
+  sched_config sc;
+  err e = {0};
+  ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
+  model *m = load_fx();
+  trainer *t = NULL;
+  train_config tc = config(0);
+  ck_assert_msg(trainer_new(m, &sc, &tc, &t, &e) == 0, "%s", e.msg);
+  train_step_info info;
+  ck_assert_int_eq(trainer_step(t, x.data, NULL, 2, 16, 16, &info, &e), ERR_INVALID);
+  ck_assert_msg(trainer_step_cond(t, x.data, c.data, NULL, 2, 16, 16, &info, &e) == 0, "%s", e.msg);
+  ck_assert(isfinite(info.loss) && info.loss > 0);
+  trainer_free(t);
+  tc = config(1);
+  ck_assert_int_eq(trainer_new(m, &sc, &tc, &t, &e), ERR_INVALID); /* it has _cond_channels */
+  model_free(m);
+  char dir[1024];
+  ck_assert_int_eq(
+      model_load(test_src_path(dir, sizeof dir, "tests/fixtures/unet/cifar_small"), &m, &e), 0);
+  ck_assert_msg(trainer_new(m, &sc, &tc, &t, &e) == 0, "%s", e.msg);
+  ck_assert_int_eq(trainer_step(t, x.data, NULL, 2, 16, 16, &info, &e), ERR_INVALID);
+  double first = 0;
+  for (int s = 0; s < 30; s++) {
+    ck_assert_msg(trainer_step_cond(t, x.data, c.data, NULL, 2, 16, 16, &info, &e) == 0, "%s",
+                  e.msg);
+    if (s == 0)
+      first = info.loss;
+  }
+  printf("regression loss %.4f -> %.4f in 30 steps\n", first, info.loss);
+  ck_assert_msg(info.loss < 0.5 * first, "loss %g -> %g", first, info.loss);
+  trainer_free(t);
+  model_free(m);
+  sched_config_free(&sc);
+  npy_array_free(&x), npy_array_free(&c);
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("cond_unet");
+  TCase *tc = tcase_create("cond_unet");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, forward_matches_reference);
+  tcase_add_test(tc, gradients_match_reference);
+  tcase_add_test(tc, refusals);
+  tcase_add_test(tc, sampler_passes_the_condition);
+  tcase_add_test(tc, training_steps);
+  suite_add_tcase(s, tc);
+  return s;
+}
