@@ -105,6 +105,8 @@ typedef struct cli_train_data {
   int c, h, w;
   float *x;        /* n * c * h * w values in [-1, 1] */
   int64_t *labels; /* n labels, or NULL (unconditional model) */
+  float *cond;     /* n * cc * h * w conditioning images in [-1, 1] (--cond), or NULL */
+  int cc;
   char desc[1400]; /* what they are, for the model card */
 } cli_train_data;
 /* --data (a .npy [N, C, H, W], or an imagefolder: PNGs + metadata.jsonl) and --labels (a .npy
@@ -113,10 +115,16 @@ typedef struct cli_train_data {
 int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
                         cli_train_data *d, err *e);
 void cli_train_data_free(cli_train_data *d);
+/* --cond: a .npy [N, C, H, W] of conditioning images in [-1, 1], one per image of d, with the
+ * model's cond_channels (for a regression model: its in_channels, the images it reads). */
+int cli_train_cond_load(const char *path, const model *m, int regression, cli_train_data *d,
+                        err *e);
 
 /* The flags of `denoised train`. */
 typedef struct cli_train_opts {
   const char *model_config, *init, *data, *labels, *out, *sched_file, *lr_schedule, *prediction;
+  const char *cond; /* --cond: conditioning (degraded) images */
+  int regression;   /* --regression: the restoration baseline */
   long long steps, batch, warmup, seed, threads, ckpt_every, stop_after;
   double lr, clip, ema, ema_power, min_snr, dropout, weight_decay, betas[2];
   int resume, quiet;

@@ -19,7 +19,7 @@
 static const char help[] =
     "usage: denoised train (--model-config UNET_CONFIG.json | --init MODEL_DIR)\n"
     "                      --data (X.npy [--labels L.npy] | IMAGE_FOLDER) --steps N --batch B\n"
-    "                      [options] --out MODEL_DIR\n"
+    "                      [--cond C.npy [--regression]] [options] --out MODEL_DIR\n"
     "\n"
     "Trains a UNet2DModel as diffusers' training examples do and writes a diffusers model\n"
     "folder (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json, README.md)\n"
@@ -31,6 +31,11 @@ static const char help[] =
     "  --data FOLDER      PNG files (the model's size and channels) and, for a class-conditional\n"
     "                     model, metadata.jsonl: {\"file_name\": \"a.png\", \"label\": 3 or "
     "\"A\"}\n"
+    "  --cond C.npy       conditioning images [N, C', H, W] in [-1, 1], one per --data image,\n"
+    "                     for an image-conditioned model (config key \"_cond_channels\": C');\n"
+    "                     e.g. the blurry copies of sharp --data images\n"
+    "  --regression       train the restoration baseline instead: the model maps each --cond\n"
+    "                     image (at t = 0) to its --data image, plain MSE, no noise\n"
     "  --steps N          optimizer steps (required); --batch B images per step (required)\n"
     "  --lr LR            peak learning rate (default 1e-4)\n"
     "  --lr-schedule S    constant, constant_with_warmup or cosine (default cosine)\n"
@@ -64,7 +69,9 @@ enum {
   O_SCHED,
   O_RESUME,
   O_QUIET,
-  O_BETAS
+  O_BETAS,
+  O_COND,
+  O_REGRESSION
 };
 
 /* Numeric flags by option code: one table, one range check each. */
@@ -119,6 +126,11 @@ static int check_args(int argc, char **argv, const cli_train_opts *o) {
                            o->prediction);
   if (o->stop_after && o->stop_after >= o->steps)
     return cli_usage_error("train", "--stop-after must be below --steps");
+  if (o->regression && !o->cond)
+    return cli_usage_error("train", "--regression needs --cond (the images the model reads)");
+  if (o->cond && o->labels)
+    return cli_usage_error("train", "--cond and --labels: class labels are not supported with "
+                                    "conditioning images");
   return -1;
 }
 
@@ -149,6 +161,8 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
                                        {"weight-decay", required_argument, 0, 'W'},
                                        {"ema-warmup", required_argument, 0, 'P'},
                                        {"adam-betas", required_argument, 0, O_BETAS},
+                                       {"cond", required_argument, 0, O_COND},
+                                       {"regression", no_argument, 0, O_REGRESSION},
                                        {0, 0, 0, 0}};
   int c;
   optind = 1;
@@ -164,6 +178,8 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
     case O_SCHED: o->sched_file = optarg; break;
     case O_RESUME: o->resume = 1; break;
     case O_QUIET: o->quiet = 1; break;
+    case O_COND: o->cond = optarg; break;
+    case O_REGRESSION: o->regression = 1; break;
     case O_BETAS:
       if (cli_parse_list("--adam-betas", optarg, 2, 0, 0.999999, o->betas) != 0)
         return 2;
@@ -220,8 +236,8 @@ static int read_schedule(cli_train_run *r, sched_config *sc, err *e) {
   return rc;
 }
 
-/* Every setting that changes the result, for state.json, the model card and --resume. */
-static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc) {
+/* The settings every run has (recipe). */
+static json_t *recipe_base(const cli_train_opts *o, const sched_config *sc) {
   char betas[64];
   snprintf(betas, sizeof betas, "%.10g,%.10g", o->betas[0], o->betas[1]);
   return json_pack("{s:s?, s:s?, s:s, s:s?, s:s?, s:I, s:I, s:f, s:s, s:I, s:f, s:f, s:f, s:f, "
@@ -233,6 +249,17 @@ static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc) {
                    o->ema_power, "weight_decay", o->weight_decay, "adam_betas", betas,
                    "prediction_type", sched_prediction_name(sc->prediction_type), "min_snr_gamma",
                    o->min_snr, "null_class_dropout", o->dropout, "seed", (json_int_t)o->seed);
+}
+
+/* Every setting that changes the result, for state.json, the model card and --resume (the
+ * conditioning keys only when used, so earlier runs' checkpoints still match). */
+static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc) {
+  json_t *j = recipe_base(o, sc);
+  if (j && o->cond)
+    json_object_set_new(j, "cond", json_string(o->cond));
+  if (j && o->regression)
+    json_object_set_new(j, "regression", json_true());
+  return j;
 }
 
 /* Model, schedule, data and trainer, every check done before the first step. */
@@ -264,12 +291,18 @@ static int setup(cli_train_run *r, err *e) {
                              .inv_gamma = 1,
                              .power = o->ema_power},
                      .seed = (uint64_t)o->seed,
-                     .threads = (int)o->threads};
+                     .threads = (int)o->threads,
+                     .regression = o->regression};
   r->recipe = make_recipe(o, &sc);
   if (!r->recipe)
     rc = err_set(e, ERR_NOMEM, "out of memory");
-  if (!rc && (rc = cli_train_data_load(o->data, o->labels, r->m, o->dropout > 0, &r->d, e)) == 0)
-    rc = trainer_new(r->m, &sc, &tc, &r->t, e);
+  if (!rc)
+    rc = cli_train_data_load(o->data, o->labels, r->m, o->dropout > 0, &r->d, e);
+  if (!rc && o->cond)
+    rc = cli_train_cond_load(o->cond, r->m, o->regression, &r->d, e);
+  if (!rc && (rc = trainer_new(r->m, &sc, &tc, &r->t, e)) == 0 && o->regression)
+    /* the exported folder says what it is, for `denoised deblur` */
+    json_object_set_new(r->config, "_regression", json_true());
   sched_config_free(&sc);
   return rc;
 }
@@ -310,10 +343,13 @@ static void progress(const cli_train_opts *o, long done, long first, long total,
 static int train_loop(cli_train_run *r, long first, long stop, err *e) {
   const cli_train_opts *o = r->o;
   const int b = (int)o->batch;
-  const size_t per = (size_t)r->d.c * r->d.h * r->d.w;
+  const size_t per = (size_t)r->d.c * r->d.h * r->d.w, pc = (size_t)r->d.cc * r->d.h * r->d.w;
   float *x = malloc((size_t)b * per * sizeof *x);
+  float *cond = r->d.cond ? malloc((size_t)b * pc * sizeof *cond) : NULL;
   int64_t *idx = malloc((size_t)b * sizeof *idx), *lab = malloc((size_t)b * sizeof *lab);
-  int rc = x && idx && lab ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for a batch");
+  int rc = x && idx && lab && (cond || !r->d.cond)
+               ? ERR_OK
+               : err_set(e, ERR_NOMEM, "out of memory for a batch");
   const double t0 = now_s(), wall0 = r->wall;
   double smooth = 0;
   for (long step = first; rc == ERR_OK && step < stop; step++) {
@@ -323,9 +359,12 @@ static int train_loop(cli_train_run *r, long first, long stop, err *e) {
       memcpy(x + (size_t)i * per, r->d.x + (size_t)idx[i] * per, per * sizeof *x);
       if (r->d.labels)
         lab[i] = r->d.labels[idx[i]];
+      if (cond)
+        memcpy(cond + (size_t)i * pc, r->d.cond + (size_t)idx[i] * pc, pc * sizeof *cond);
     }
     train_step_info info;
-    if ((rc = trainer_step(r->t, x, r->d.labels ? lab : NULL, b, r->d.h, r->d.w, &info, e)))
+    if ((rc = trainer_step_cond(r->t, x, cond, r->d.labels ? lab : NULL, b, r->d.h, r->d.w, &info,
+                                e)))
       break;
     fprintf(r->log, "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g}\n",
             step + 1, info.loss, info.lr, info.grad_norm);
@@ -338,7 +377,7 @@ static int train_loop(cli_train_run *r, long first, long stop, err *e) {
     if (interrupted)
       break; /* run() writes the checkpoint */
   }
-  free(x), free(idx), free(lab);
+  free(x), free(idx), free(lab), free(cond);
   return rc;
 }
 

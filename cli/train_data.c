@@ -22,6 +22,7 @@
 void cli_train_data_free(cli_train_data *d) {
   free(d->x);
   free(d->labels);
+  free(d->cond);
   memset(d, 0, sizeof *d);
 }
 
@@ -97,6 +98,42 @@ static int load_npy(const char *path, const model_info *mi, cli_train_data *d, e
   d->x = a.data;
   snprintf(d->desc, sizeof d->desc, "%s: %lld images %dx%dx%d", path, (long long)d->n, d->c, d->h,
            d->w);
+  return ERR_OK;
+}
+
+int cli_train_cond_load(const char *path, const model *m, int regression, cli_train_data *d,
+                        err *e) {
+  const model_info *mi = model_get_info(m);
+  const int want = regression ? mi->in_channels : mi->cond_channels;
+  if (!want)
+    return err_set(e, ERR_INVALID,
+                   "--cond %s: the model takes no conditioning image (a config with "
+                   "\"_cond_channels\", or --regression)",
+                   path);
+  npy_array a = {0};
+  char what[1100];
+  snprintf(what, sizeof what, "--cond %s", path);
+  int rc = npy_read_f32(path, &a, e);
+  if (rc)
+    return err_prefix(e, "--cond");
+  if (a.ndim != 4 || a.shape[0] != d->n || a.shape[1] != want || a.shape[2] != d->h ||
+      a.shape[3] != d->w)
+    rc = err_set(e, ERR_SHAPE, "%s: expected images [%lld, %d, %d, %d] (one per --data image)",
+                 what, (long long)d->n, want, d->h, d->w);
+  if (!rc)
+    rc = npy_check_finite(&a, what, e);
+  for (int64_t i = 0; !rc && i < a.count; i++)
+    if (a.data[i] < -1.0f || a.data[i] > 1.0f)
+      rc = err_set(e, ERR_INVALID, "%s: value %lld is %g; images must be in [-1, 1]", what,
+                   (long long)i, a.data[i]);
+  if (rc) {
+    npy_array_free(&a);
+    return rc;
+  }
+  d->cond = a.data;
+  d->cc = want;
+  size_t k = strlen(d->desc);
+  snprintf(d->desc + k, sizeof d->desc - k, ", conditioned on %s", path);
   return ERR_OK;
 }
 

@@ -297,7 +297,10 @@ static void recipe_command(const json_t *recipe, char *buf, size_t n) {
     for (char *p = flag; *p; p++)
       *p = *p == '_' ? '-' : *p;
     const char *s = json_is_string(v) ? json_string_value(v) : val;
-    k += (size_t)snprintf(buf + k, n - k, " --%s %s", flag, s ? s : "?");
+    if (json_is_true(v)) /* a switch */
+      k += (size_t)snprintf(buf + k, n - k, " --%s", flag);
+    else
+      k += (size_t)snprintf(buf + k, n - k, " --%s %s", flag, s ? s : "?");
     free(val);
   }
   if (k < n)

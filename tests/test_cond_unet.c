@@ -223,6 +223,69 @@ START_TEST(training_steps) {
 }
 END_TEST
 
+static int has(const char *path, const char *text) {
+  FILE *f = fopen(path, "r");
+  if (!f)
+    return 0;
+  char buf[8192];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  buf[n] = 0;
+  fclose(f);
+  return strstr(buf, text) != NULL;
+}
+
+/* `denoised train --cond` (and --regression) end to end, and its refusals. */
+START_TEST(train_cli) {
+  char dir[1024], plain[1024], tmp[512], out[16384], path[1200];
+  fx(dir, sizeof dir, "");
+  test_src_path(plain, sizeof plain, "tests/fixtures/unet/cifar_small/config.json");
+  test_tmpdir(tmp, sizeof tmp);
+  int st = test_run_cli(out, sizeof out,
+                        "train --model-config %s/config.json --data %s/cond.npy --cond "
+                        "%s/cond.npy --steps 2 --batch 2 --quiet --out %s/ic",
+                        dir, dir, dir, tmp);
+  ck_assert_msg(st == 0, "%s", out);
+  snprintf(path, sizeof path, "%s/ic/config.json", tmp);
+  ck_assert(has(path, "\"_cond_channels\": 3"));
+  snprintf(path, sizeof path, "%s/ic/README.md", tmp);
+  ck_assert_msg(has(path, "--cond "), "the model card's command lacks --cond");
+  st = test_run_cli(out, sizeof out,
+                    "train --model-config %s --data %s/cond.npy --cond %s/cond.npy --regression "
+                    "--steps 2 --batch 2 --quiet --out %s/reg",
+                    plain, dir, dir, tmp);
+  ck_assert_msg(st == 0, "%s", out);
+  snprintf(path, sizeof path, "%s/reg/config.json", tmp);
+  ck_assert(has(path, "\"_regression\": true"));
+  snprintf(path, sizeof path, "%s/reg/README.md", tmp);
+  ck_assert(has(path, " --regression"));
+  /* refusals: name the flag and what is wrong */
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "train --model-config %s/config.json --data %s/cond.npy --steps 2 "
+                                "--batch 2 --regression --out %s/x",
+                                dir, dir, tmp),
+                   2);
+  ck_assert_ptr_nonnull(strstr(out, "--regression needs --cond"));
+  ck_assert_int_ne(test_run_cli(out, sizeof out,
+                                "train --model-config %s/config.json --data %s/cond.npy --cond "
+                                "%s/input.npy --steps 2 --batch 2 --out %s/x",
+                                dir, dir, dir, tmp),
+                   0);
+  ck_assert_msg(strstr(out, "--cond") && strstr(out, "[-1, 1]"), "%s", out);
+  ck_assert_int_ne(test_run_cli(out, sizeof out,
+                                "train --model-config %s --data %s/cond.npy --cond %s/cond.npy "
+                                "--steps 2 --batch 2 --out %s/x",
+                                plain, dir, dir, tmp),
+                   0);
+  ck_assert_msg(strstr(out, "takes no conditioning image"), "%s", out);
+  ck_assert_int_ne(test_run_cli(out, sizeof out,
+                                "train --model-config %s/config.json --data %s/cond.npy --steps 2 "
+                                "--batch 2 --out %s/x",
+                                dir, dir, tmp),
+                   0);
+  ck_assert_msg(strstr(out, "image-conditioned"), "%s", out);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("cond_unet");
   TCase *tc = tcase_create("cond_unet");
@@ -232,6 +295,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, refusals);
   tcase_add_test(tc, sampler_passes_the_condition);
   tcase_add_test(tc, training_steps);
+  tcase_add_test(tc, train_cli);
   suite_add_tcase(s, tc);
   return s;
 }
