@@ -163,6 +163,7 @@ int cmd_invert(int argc, char **argv);
 int cmd_edit(int argc, char **argv);
 int cmd_boundary(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
+int cmd_deblur(int argc, char **argv);
 int cmd_ot(int argc, char **argv);
 int cmd_search(int argc, char **argv);
 

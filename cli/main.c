@@ -22,6 +22,7 @@ static const char usage[] =
     "  classify  an image classifier's verdicts, logits and input gradient\n"
     "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
     "  edit      edits in noise space, or across a semantic boundary\n"
+    "  deblur    restore a blurry picture with a deblurring model\n"
     "  boundary  'boundary fit': a semantic boundary from labelled images\n"
     "  stats     DPM-Solver-v3 statistics of a model (--solver-data)\n"
     "  ot fit    DPM-OT transport map of a model (--scheduler dpm-ot)\n"
@@ -122,6 +123,8 @@ int main(int argc, char **argv) {
     return cmd_invert(argc - 1, argv + 1);
   if (strcmp(cmd, "edit") == 0)
     return cmd_edit(argc - 1, argv + 1);
+  if (strcmp(cmd, "deblur") == 0)
+    return cmd_deblur(argc - 1, argv + 1);
   if (strcmp(cmd, "boundary") == 0)
     return cmd_boundary(argc - 1, argv + 1);
   if (strcmp(cmd, "serve") == 0)

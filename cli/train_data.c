@@ -72,6 +72,16 @@ static int load_labels(const char *path, const model_info *mi, int dropout, cli_
   return ERR_OK;
 }
 
+/* Images are finite and in [-1, 1]; the first value that is not is named. */
+static int check_values(const npy_array *a, const char *what, err *e) {
+  int rc = npy_check_finite(a, what, e);
+  for (int64_t i = 0; !rc && i < a->count; i++)
+    if (a->data[i] < -1.0f || a->data[i] > 1.0f)
+      rc = err_set(e, ERR_INVALID, "%s: value %lld is %g; images must be in [-1, 1]", what,
+                   (long long)i, a->data[i]);
+  return rc;
+}
+
 static int load_npy(const char *path, const model_info *mi, cli_train_data *d, err *e) {
   npy_array a = {0};
   char what[1100];
@@ -85,11 +95,7 @@ static int load_npy(const char *path, const model_info *mi, cli_train_data *d, e
   if (!rc)
     rc = check_size(mi, what, (int)a.shape[1], (int)a.shape[2], (int)a.shape[3], e);
   if (!rc)
-    rc = npy_check_finite(&a, what, e);
-  for (int64_t i = 0; !rc && i < a.count; i++)
-    if (a.data[i] < -1.0f || a.data[i] > 1.0f)
-      rc = err_set(e, ERR_INVALID, "%s: value %lld is %g; images must be in [-1, 1]", what,
-                   (long long)i, a.data[i]);
+    rc = check_values(&a, what, e);
   if (rc) {
     npy_array_free(&a);
     return rc;
@@ -121,11 +127,7 @@ int cli_train_cond_load(const char *path, const model *m, int regression, cli_tr
     rc = err_set(e, ERR_SHAPE, "%s: expected images [%lld, %d, %d, %d] (one per --data image)",
                  what, (long long)d->n, want, d->h, d->w);
   if (!rc)
-    rc = npy_check_finite(&a, what, e);
-  for (int64_t i = 0; !rc && i < a.count; i++)
-    if (a.data[i] < -1.0f || a.data[i] > 1.0f)
-      rc = err_set(e, ERR_INVALID, "%s: value %lld is %g; images must be in [-1, 1]", what,
-                   (long long)i, a.data[i]);
+    rc = check_values(&a, what, e);
   if (rc) {
     npy_array_free(&a);
     return rc;

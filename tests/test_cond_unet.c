@@ -6,6 +6,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "image.h"
 #include "model.h"
 #include "npy.h"
 #include "sampler.h"
@@ -286,6 +287,71 @@ START_TEST(train_cli) {
 }
 END_TEST
 
+/* A w x h RGB PNG of a smooth pattern at path. */
+static void write_png(const char *path, int c, int h, int w) {
+  uint8_t *px = malloc((size_t)c * h * w);
+  for (int i = 0; i < c * h * w; i++)
+    px[i] = (uint8_t)(i * 7 % 251);
+  err e = {0};
+  ck_assert_msg(image_png_write(path, px, c, h, w, NULL, 0, &e) == 0, "%s", e.msg);
+  free(px);
+}
+
+/* `denoised deblur` on a picture larger than the training size, with the image-conditioned
+ * fixture and with a regression model, and its refusals. */
+START_TEST(deblur_cli) {
+  char dir[1024], plain[1024], tmp[512], out[16384], in[1200], res[1200], path[1200];
+  fx(dir, sizeof dir, "");
+  test_src_path(plain, sizeof plain, "tests/fixtures/unet/cifar_small");
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(in, sizeof in, "%s/blurry.png", tmp);
+  write_png(in, 3, 24, 40);
+  snprintf(res, sizeof res, "%s/sharp.png", tmp);
+  int st = test_run_cli(out, sizeof out, "deblur --model %s --image %s --steps 3 --quiet -o %s",
+                        dir, in, res);
+  ck_assert_msg(st == 0, "%s", out);
+  uint8_t *png = NULL, *px = NULL;
+  size_t len;
+  int h, w;
+  err e = {0};
+  FILE *f = fopen(res, "rb");
+  ck_assert_ptr_nonnull(f);
+  png = malloc(1 << 20);
+  len = fread(png, 1, 1 << 20, f);
+  fclose(f);
+  ck_assert_int_eq(image_png_decode(png, len, 4096, 4096, &px, &h, &w, &e), 0);
+  ck_assert(h == 24 && w == 40);
+  free(png), free(px);
+  ck_assert(test_run_cli(out, sizeof out, "deblur --model %s --image %s -o %s", plain, in, res));
+  ck_assert_msg(strstr(out, "not a deblurring model"), "%s", out);
+  write_png(in, 1, 24, 40); /* grey: taken as RGB like every input image */
+  ck_assert_int_eq(test_run_cli(out, sizeof out,
+                                "deblur --model %s --image %s --quiet --steps 2 -o %s", dir, in,
+                                res),
+                   0);
+  write_png(in, 3, 23, 40);
+  ck_assert(test_run_cli(out, sizeof out, "deblur --model %s --image %s -o %s", dir, in, res));
+  ck_assert_msg(strstr(out, "multiple of 2"), "%s", out);
+  snprintf(path, sizeof path, "%s/bad.png", tmp);
+  f = fopen(path, "w");
+  fputs("not a png", f);
+  fclose(f);
+  ck_assert(test_run_cli(out, sizeof out, "deblur --model %s --image %s -o %s", dir, path, res));
+  ck_assert_msg(strstr(out, "--image"), "%s", out);
+  ck_assert_int_eq(test_run_cli(out, sizeof out, "deblur --image %s -o %s", in, res), 2);
+  ck_assert_msg(strstr(out, "--model is required"), "%s", out);
+  /* a regression model: one evaluation */
+  st = test_run_cli(out, sizeof out,
+                    "train --model-config %s/config.json --data %s/cond.npy --cond %s/cond.npy "
+                    "--regression --steps 1 --batch 2 --quiet --out %s/reg",
+                    plain, dir, dir, tmp);
+  ck_assert_msg(st == 0, "%s", out);
+  write_png(in, 3, 16, 32);
+  st = test_run_cli(out, sizeof out, "deblur --model %s/reg --image %s -o %s", tmp, in, res);
+  ck_assert_msg(st == 0 && strstr(out, "1 NFE"), "%s", out);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("cond_unet");
   TCase *tc = tcase_create("cond_unet");
@@ -296,6 +362,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, sampler_passes_the_condition);
   tcase_add_test(tc, training_steps);
   tcase_add_test(tc, train_cli);
+  tcase_add_test(tc, deblur_cli);
   suite_add_tcase(s, tc);
   return s;
 }

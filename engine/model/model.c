@@ -256,6 +256,22 @@ static int read_class_labels(model *m, const json_t *cfg, const char *cfg_path, 
   return ERR_OK;
 }
 
+/* "_regression": a restoration regression network (model_info.regression). */
+static int read_regression(model *m, const json_t *cfg, const char *cfg_path, err *e) {
+  const json_t *v = json_object_get(cfg, "_regression");
+  if (!v || json_is_null(v))
+    return ERR_OK;
+  if (!json_is_boolean(v))
+    return err_set(e, ERR_FORMAT, "%s: key '_regression' must be true or false", cfg_path);
+  if (json_is_true(v) && (!m->unet || m->info.cond_channels))
+    return err_set(e, ERR_FORMAT,
+                   "%s: '_regression' is for a UNet2DModel without _cond_channels (it reads the "
+                   "degraded image as its input)",
+                   cfg_path);
+  m->info.regression = json_is_true(v);
+  return ERR_OK;
+}
+
 /* "_recommended": the author's settings (model_info.rec_*); every key optional, each checked. */
 static int read_recommended(model *m, const json_t *cfg, const char *cfg_path, err *e) {
   m->info.rec_guidance = -1;
@@ -367,6 +383,8 @@ int model_load(const char *dir, model **out, err *e) {
     rc = read_class_labels(m, cfg, cfg_path, e);
   if (rc == ERR_OK)
     rc = read_recommended(m, cfg, cfg_path, e);
+  if (rc == ERR_OK)
+    rc = read_regression(m, cfg, cfg_path, e);
   json_decref(cfg);
   if (rc) {
     model_free(m);

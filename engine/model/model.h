@@ -24,6 +24,9 @@ typedef struct model_info {
    * "_cond_channels": its conv_in reads in_channels + cond_channels, the image concatenated
    * after x); 0 for other models. */
   int cond_channels;
+  /* config.json "_regression": true (written by `denoised train --regression`): a restoration
+   * network that maps a degraded image at t = 0 to the clean one, not a denoiser. */
+  int regression;
   int num_classes; /* 0 when not class-conditional */
   /* The label classifier-free guidance uses for "no class": config.json "_null_class", else
    * num_classes - 1 for a class-conditional UNet (the convention of models trained with label

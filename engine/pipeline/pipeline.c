@@ -176,6 +176,7 @@ typedef struct run_ctx {
   int base, total, nfe_base; /* this phase's place in the whole count (total 0: as reported) */
   const sampler *s;          /* the sampling phase's solver (previews), or NULL */
   const float *x;            /* the samples being denoised (previews read image 0) */
+  const float *cond;         /* image 0's conditioning image, or NULL */
   int height, width;
 } run_ctx;
 
@@ -228,7 +229,8 @@ static int preview_png(run_ctx *c, int nfe, uint8_t **png, size_t *len) {
                              .w = w,
                              .t = &tv,
                              .labels = c->r->labels,
-                             .threads = c->h->threads > 0 ? c->h->threads : 1};
+                             .threads = c->h->threads > 0 ? c->h->threads : 1,
+                             .cond = c->cond};
     if (model_run(c->m, &call, mo, &e))
       goto done;
     for (size_t i = 0; i < d; i++) {
@@ -315,9 +317,26 @@ int pipeline_check_noise(const float *noise, size_t count, const char *field, er
 
 /* ---- kinds ---- */
 
-static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *out, err *e) {
+/* The options every sampling phase of a request shares: its batch, size, noise, progress,
+ * cancellation and threads. */
+static sampler_run_opts sampling_opts(run_ctx *c, const pipeline_result *out) {
   const pipeline_request *r = c->r;
   const pipeline_hooks *h = c->h;
+  return (sampler_run_opts){.batch = r->batch,
+                            .height = out->height,
+                            .width = out->width,
+                            .seed = r->seed,
+                            .first_image = r->first_image,
+                            .progress = on_progress,
+                            .progress_user = c,
+                            .noise = h->noise,
+                            .noise_user = h->noise_user,
+                            .cancel = h->cancel,
+                            .threads = h->threads};
+}
+
+static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
   const model_info *mi = model_get_info(c->m);
   const size_t nd = (size_t)r->batch * mi->in_channels * out->height * out->width;
   int rc = r->noise ? pipeline_check_noise(r->noise, nd, "edit.noise", e) : ERR_OK;
@@ -328,24 +347,52 @@ static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *
   if (rc)
     return rc;
   c->s = out->sampler;
-  sampler_run_opts o = {.batch = r->batch,
-                        .height = out->height,
-                        .width = out->width,
-                        .seed = r->seed,
-                        .first_image = r->first_image,
-                        .init_noise = r->noise,
-                        .labels = r->labels,
-                        .progress = on_progress,
-                        .progress_user = c,
-                        .noise = h->noise,
-                        .noise_user = h->noise_user,
-                        .cancel = h->cancel,
-                        .threads = h->threads,
-                        .guidance = r->guidance,
-                        .classifier = r->classifier,
-                        .init_image = image,
-                        .strength = r->strength,
-                        .mask = mask};
+  sampler_run_opts o = sampling_opts(c, out);
+  o.init_noise = r->noise;
+  o.labels = r->labels;
+  o.guidance = r->guidance;
+  o.classifier = r->classifier;
+  o.init_image = image;
+  o.strength = r->strength;
+  o.mask = mask;
+  return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
+}
+
+/* Restoration: the image-conditioned model samples from noise with the degraded image as its
+ * condition in every evaluation (any solver); a regression model is one evaluation at t = 0,
+ * for which the solver only names the run in the metadata. */
+static int run_deblur(run_ctx *c, const float *image, pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  const pipeline_hooks *h = c->h;
+  const model_info *mi = model_get_info(c->m);
+  if (!image)
+    return err_set(e, ERR_INVALID, "deblurring needs an input image");
+  if (!mi->cond_channels && !mi->regression)
+    return err_set(e, ERR_INVALID,
+                   "the model is neither image-conditioned (_cond_channels) nor a regression "
+                   "model (_regression): it cannot deblur");
+  if (r->labels || r->guidance || r->noise)
+    return err_set(e, ERR_INVALID, "deblurring takes no class, guidance or noise");
+  int rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
+  if (rc)
+    return rc;
+  if (mi->regression) {
+    float *t = mem_calloc((size_t)r->batch, sizeof *t);
+    const model_call call = {.x = image,
+                             .n = r->batch,
+                             .h = out->height,
+                             .w = out->width,
+                             .t = t,
+                             .threads = h->threads > 0 ? h->threads : 1};
+    rc = t ? model_run(c->m, &call, out->images, e) : err_set(e, ERR_NOMEM, "out of memory");
+    free(t);
+    out->nfe = 1;
+    return rc;
+  }
+  c->s = out->sampler;
+  c->cond = image;
+  sampler_run_opts o = sampling_opts(c, out);
+  o.cond = image;
   return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
 }
 
@@ -460,7 +507,7 @@ static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, er
 
 /* ---- metadata ---- */
 
-static const char *const kind_names[] = {NULL, "invert_ddim", "invert_ddpm", "boundary"};
+static const char *const kind_names[] = {NULL, "invert_ddim", "invert_ddpm", "boundary", "deblur"};
 
 json_t *pipeline_edit_json(const pipeline_request *r, int i) {
   if (r->kind == PIPELINE_GENERATE && !r->image)
@@ -498,6 +545,7 @@ json_t *pipeline_edit_json(const pipeline_request *r, int i) {
     if (r->image) /* an input picture, inverted to the step (else generated from the seed) */
       json_object_set_new(j, "inverted", json_true());
     break;
+  case PIPELINE_DEBLUR: break;
   }
   return j;
 }
@@ -573,7 +621,10 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
                    "inversions or boundary edits");
   float *image = NULL, *mask = NULL;
   int rc = ERR_OK;
-  if (r->image && !(image = replicate(r->image, r->images, d, r->batch, e)))
+  const int ci = r->kind != PIPELINE_DEBLUR ? mi->in_channels
+                 : mi->regression           ? mi->in_channels
+                                            : mi->cond_channels;
+  if (r->image && !(image = replicate(r->image, r->images, (size_t)ci * plane, r->batch, e)))
     return e->code;
   if (r->mask && !(mask = replicate(r->mask, r->images, plane, r->batch, e))) {
     free(image);
@@ -594,6 +645,7 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
              : run_inversion(&c, image, out, e);
     break;
   case PIPELINE_BOUNDARY: rc = run_boundary(&c, image, out, e); break;
+  case PIPELINE_DEBLUR: rc = run_deblur(&c, image, out, e); break;
   default: rc = err_set(e, ERR_INVALID, "unknown job kind %d", (int)r->kind);
   }
 done:

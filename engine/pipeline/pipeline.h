@@ -28,6 +28,9 @@ typedef enum {
   PIPELINE_INVERT_DDPM, /* edit-friendly DDPM inversion (or given maps), sampled with edits */
   PIPELINE_BOUNDARY,    /* BoundaryDiffusion: an input or generated image moved across a
                          * boundary at its mixing step */
+  PIPELINE_DEBLUR,      /* restoration of the input image (the degraded one): sampled from noise
+                         * by an image-conditioned model (model_info.cond_channels) given it,
+                         * or one evaluation at t = 0 of a regression model */
 } pipeline_kind;
 
 /* What a request says about the solver, in the words of the JSON API (`scheduler`). */
@@ -85,7 +88,8 @@ typedef struct pipeline_request {
   /* Classifier guidance (guidance.h) of generation, img2img and inpainting, or NULL. */
   const classifier_guidance *classifier;
   /* An input picture (C x H x W in [-1, 1]) per image, or one (images == 1) for the whole
-   * batch; NULL for none. mask likewise (H x W, 1 = generate). */
+   * batch; NULL for none. mask likewise (H x W, 1 = generate). DEBLUR: the degraded picture,
+   * of the model's cond_channels (a regression model's in_channels). */
   const float *image;
   int images;
   const float *mask;

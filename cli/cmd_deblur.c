@@ -1,0 +1,159 @@
+/* `denoised deblur`: restores a blurry picture with a deblurring model (issue 18) through the
+ * pipeline's deblur job: an image-conditioned model samples the sharp image from noise with the
+ * blurry one as its condition (any solver), a regression model maps it in one evaluation. The
+ * picture may be larger than the training size: the UNet is fully convolutional. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "image.h"
+
+#define DEBLUR_MAX_SIDE 1024
+#define DEBLUR_MAX_BYTES (64u << 20)
+
+static const char help[] =
+    "usage: denoised deblur --model DIR --image IN.png [--scheduler S] [--steps N] [--seed S]\n"
+    "                       [--threads T] [--quiet] -o OUT.png\n"
+    "\n"
+    "Restores a blurry picture with a deblurring model: an image-conditioned UNet (config key\n"
+    "_cond_channels; trained with 'denoised train --cond') samples the sharp picture from noise\n"
+    "given the blurry one; a regression model ('denoised train --regression') maps it in one\n"
+    "evaluation (the solver flags then only name the run).\n"
+    "  --model DIR        the deblurring model folder (no model is shipped yet)\n"
+    "  --image IN.png     the blurry picture: RGB, any size up to 1024x1024 that the model's\n"
+    "                     down-samplings divide (a multiple of 4 for the configs of\n"
+    "                     tools/deblur)\n"
+    "  --scheduler S      a solver (default: the model's recommendation, else ddim)\n"
+    "  --steps N          solver steps (default: the model's recommendation, else the solver's)\n"
+    "  --seed S           the starting noise (default 0)\n"
+    "  --threads T        CPU threads (default 2)\n"
+    "  -o OUT.png         the restored picture, with the run's metadata\n";
+
+typedef struct deblur_args {
+  const char *model_dir, *image, *out, *scheduler;
+  long long steps, seed, threads;
+  int quiet;
+} deblur_args;
+
+static int parse_args(int argc, char **argv, deblur_args *a) {
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"image", required_argument, 0, 'i'},
+                                       {"scheduler", required_argument, 0, 'S'},
+                                       {"steps", required_argument, 0, 'n'},
+                                       {"seed", required_argument, 0, 's'},
+                                       {"threads", required_argument, 0, 'j'},
+                                       {"quiet", no_argument, 0, 'q'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
+  int c;
+  optind = 1;
+  while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'm': a->model_dir = optarg; break;
+    case 'i': a->image = optarg; break;
+    case 'o': a->out = optarg; break;
+    case 'S': a->scheduler = optarg; break;
+    case 'q': a->quiet = 1; break;
+    case 'n':
+      if (cli_parse_int("--steps", optarg, 1, 1000, &a->steps))
+        return 2;
+      break;
+    case 's':
+      if (cli_parse_int("--seed", optarg, 0, 9007199254740991LL, &a->seed))
+        return 2;
+      break;
+    case 'j':
+      if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
+        return 2;
+      break;
+    case 'h': fputs(help, stdout); return 0;
+    default: return cli_usage_error("deblur", "unknown option (see --help)");
+    }
+  }
+  if (optind < argc)
+    return cli_usage_error("deblur", "unexpected argument '%s'", argv[optind]);
+  if (!a->image || !a->out)
+    return cli_usage_error("deblur", "--image and -o are required");
+  if (!a->model_dir)
+    return cli_usage_error("deblur",
+                           "--model is required: no deblurring model is shipped yet (train one "
+                           "with 'denoised train --cond' or '--regression')");
+  return -1;
+}
+
+/* The blurry picture at its own size, c channels in [-1, 1]. */
+static int read_blurry(const char *path, int c, float **x, int *h, int *w, err *e) {
+  uint8_t *png = NULL, *px = NULL;
+  size_t len;
+  int rc = cli_read_file("--image", path, DEBLUR_MAX_BYTES, &png, &len, e);
+  char field[600];
+  snprintf(field, sizeof field, "--image %s", path);
+  if (!rc && (rc = image_png_decode(png, len, DEBLUR_MAX_SIDE, DEBLUR_MAX_SIDE, &px, h, w, e)))
+    err_prefix(e, "%s", field);
+  free(px);
+  if (!rc && !(*x = malloc((size_t)c * *h * *w * sizeof **x)))
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (!rc)
+    rc = image_from_png(png, len, field, c, *h, *w, *x, e);
+  free(png);
+  return rc;
+}
+
+static int run(const deblur_args *a, const model *m, err *e) {
+  const model_info *mi = model_get_info(m);
+  const int c = mi->regression ? mi->in_channels : mi->cond_channels;
+  if (!c)
+    return err_set(e, ERR_INVALID,
+                   "%s is not a deblurring model (its config has neither _cond_channels nor "
+                   "_regression)",
+                   a->model_dir);
+  const char *solver = a->scheduler ? a->scheduler : mi->rec_solver ? mi->rec_solver : "ddim";
+  float *x = NULL;
+  int h = 0, w = 0;
+  cli_solver sv = {0};
+  pipeline_result res = {0};
+  json_t *extra = json_pack("{s:s}", "image", a->image); /* what a replay reads */
+  int rc = extra ? read_blurry(a->image, c, &x, &h, &w, e) : err_set(e, ERR_NOMEM, "out of memory");
+  if (!rc)
+    rc = cli_solver_from_flags(solver, a->steps ? a->steps : mi->rec_steps, NULL, NULL, 0, &sv, e);
+  cli_progress pr;
+  cli_progress_init(&pr, a->quiet);
+  const pipeline_request r = {.kind = PIPELINE_DEBLUR,
+                              .solver = sv.s,
+                              .batch = 1,
+                              .height = h,
+                              .width = w,
+                              .seed = (uint64_t)a->seed,
+                              .image = x,
+                              .images = 1};
+  const pipeline_hooks hk = {
+      .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
+  if (!rc)
+    rc = pipeline_run(m, &r, &hk, &res, e);
+  if (!rc)
+    rc = cli_write_pngs(a->out, m, &r, &res, cli_model_record(a->model_dir), extra, -1, e);
+  if (!rc && !a->quiet)
+    fprintf(stderr, "denoised deblur: %dx%d picture restored with %s, %d NFE\n", w, h,
+            mi->regression ? "the regression model" : solver, res.nfe);
+  pipeline_result_clear(&res);
+  cli_solver_clear(&sv);
+  json_decref(extra);
+  free(x);
+  return rc;
+}
+
+int cmd_deblur(int argc, char **argv) {
+  deblur_args a = {.threads = 2};
+  int prc = parse_args(argc, argv, &a);
+  if (prc >= 0)
+    return prc;
+  model *m = NULL;
+  err e = {0};
+  if (model_load(a.model_dir, &m, &e))
+    return cli_fail("deblur", "%s", e.msg);
+  const int rc = run(&a, m, &e);
+  model_free(m);
+  return rc ? cli_fail("deblur", "%s", e.msg) : 0;
+}
