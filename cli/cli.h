@@ -17,6 +17,10 @@
  * naming `flag` to stderr and return -1. */
 int cli_parse_int(const char *flag, const char *s, long long min, long long max, long long *out);
 int cli_parse_double(const char *flag, const char *s, double min, double max, double *out);
+/* --precision fp32|bf16 (model_precision_parse); -1 with the message printed. */
+int cli_parse_precision(const char *s, model_precision *out);
+/* model_load, then model_set_precision; 0, or 1 with the error printed for cmd. */
+int cli_load_model(const char *cmd, const char *dir, model_precision p, model **out);
 
 /* Prints "denoised <cmd>: <msg>" to stderr; returns exit status 1 (2 for usage). */
 int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -16,6 +16,7 @@ static const char help[] =
     "usage: denoised forward --model DIR --input X.npy --timesteps T.npy\n"
     "                        [--class-labels L.npy] [--encoder-hidden-states E.npy]\n"
     "                        [--out OUT.npy] [--threads N]\n"
+    "                        [--precision fp32|bf16]\n"
     "                        [--grad-output G.npy [--grad-input GX.npy]\n"
     "                         [--grad-params GP.safetensors]]\n"
     "\n"
@@ -29,6 +30,8 @@ static const char help[] =
     "                       UNet (UNet2DConditionModel, D its cross_attention_dim)\n"
     "  --out OUT.npy        output [N, out_channels, H, W] float32\n"
     "  --threads N          CPU threads (default 2)\n"
+    "  --precision P        fp32 (default, exact) or bf16 (AVX512-BF16 CPUs: the convolutions\n"
+    "                       multiply in bfloat16 with float32 sums)\n"
     "  --grad-output G.npy  G, shaped like the output: gradients of sum(G * output)\n"
     "  --grad-input GX.npy  d/d input, [N, C, H, W] float32\n"
     "  --grad-params GP.safetensors  d/d every parameter, under diffusers' names (F32)\n"
@@ -38,6 +41,7 @@ typedef struct forward_args {
   const char *model_dir, *in_path, *t_path, *l_path, *e_path, *out_path;
   const char *g_path, *gx_path, *gp_path;
   long long threads;
+  model_precision precision;
 } forward_args;
 
 static const struct option forward_opts[] = {{"model", required_argument, 0, 'm'},
@@ -50,6 +54,7 @@ static const struct option forward_opts[] = {{"model", required_argument, 0, 'm'
                                              {"grad-output", required_argument, 0, 'G'},
                                              {"grad-input", required_argument, 0, 'X'},
                                              {"grad-params", required_argument, 0, 'P'},
+                                             {"precision", required_argument, 0, 'p'},
                                              {"help", no_argument, 0, 'h'},
                                              {0, 0, 0, 0}};
 
@@ -58,7 +63,7 @@ static int parse_args(int argc, char **argv, forward_args *a) {
   const char *cmd = "forward";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:i:t:l:E:o:j:hG:X:P:", forward_opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:i:t:l:E:o:j:hG:X:P:p:", forward_opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'i': a->in_path = optarg; break;
@@ -71,6 +76,10 @@ static int parse_args(int argc, char **argv, forward_args *a) {
     case 'P': a->gp_path = optarg; break;
     case 'j':
       if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
+        return 2;
+      break;
+    case 'p':
+      if (cli_parse_precision(optarg, &a->precision))
         return 2;
       break;
     case 'h': fputs(help, stdout); return 0;
@@ -237,10 +246,9 @@ int cmd_forward(int argc, char **argv) {
   int status = parse_args(argc, argv, &a);
   if (status >= 0)
     return status;
-  err e = {0};
   model *m = NULL;
-  if (model_load(a.model_dir, &m, &e))
-    return cli_fail("forward", "%s", e.msg);
+  if (cli_load_model("forward", a.model_dir, a.precision, &m))
+    return 1;
   forward_inputs in = {0};
   status = read_inputs(&a, model_get_info(m), &in);
   if (!status)

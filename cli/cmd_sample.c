@@ -30,6 +30,7 @@ static const char help[] =
     "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
     "                       [--mask MASK.png]] [--classifier DIR --classifier-target\n"
     "                       [HEAD=]CLASS [--classifier-scale S]] [--size S] [--threads T]\n"
+    "                       [--precision fp32|bf16]\n"
     "                       [--quiet]\n"
     "                       (--out OUT.npy | -o OUT.png)\n"
     "       denoised sample --replay IMAGE.png [--model DIR] -o OUT.png\n"
@@ -89,6 +90,9 @@ static const char help[] =
     "  --size S                image side: the model's sample_size (other sizes are refused:\n"
     "                          the model never learned them); needed only without one\n"
     "  --threads T             CPU threads (default 2)\n"
+    "  --precision P           fp32 (default, exact) or bf16 (AVX512-BF16 CPUs: convolutions\n"
+    "                          in bfloat16 with float32 sums; not recorded in the PNG, so a\n"
+    "                          --replay of such an image needs --precision bf16 again)\n"
     "  --out OUT.npy           write the raw samples [B, C, H, W] float32\n"
     "  -o OUT.png              write PNGs (OUT.png for one image, OUT-<i>.png for a batch);\n"
     "                          -o - writes the one PNG to standard output; an existing\n"
@@ -109,6 +113,7 @@ typedef struct sample_args {
   int has_seed, has_label, quiet;
   int draw_class;      /* class-conditional model, no --class: each image's drawn from its seed */
   const char *class_s; /* --class as given */
+  model_precision precision;
 } sample_args;
 
 static uint64_t random_seed(void) {
@@ -238,6 +243,7 @@ static const struct option sample_opts[] = {{"model", required_argument, 0, 'm'}
                                             {"classifier", required_argument, 0, 'K'},
                                             {"classifier-target", required_argument, 0, 'Y'},
                                             {"classifier-scale", required_argument, 0, 'k'},
+                                            {"precision", required_argument, 0, 'p'},
                                             {"quiet", no_argument, 0, 'q'},
                                             {"help", no_argument, 0, 'h'},
                                             {0, 0, 0, 0}};
@@ -295,6 +301,10 @@ static int sample_option(int c, const char *arg, sample_args *a) {
     if (cli_parse_int("--threads", arg, 1, 256, &a->threads))
       return 2;
     break;
+  case 'p':
+    if (cli_parse_precision(arg, &a->precision))
+      return 2;
+    break;
   case 'u': a->npy_out = arg; break;
   case 'o': a->png_out = arg; break;
   case 'r': a->replay = arg; break;
@@ -319,8 +329,8 @@ static int check_args(sample_args *a) {
         a->noise_path || a->has_label || a->steps || a->size || a->has_guidance ||
         a->has_strength || a->clf_dir || a->clf_target)
       return cli_usage_error(cmd, "--replay takes only --model, --init-image and --mask (the "
-                                  "pictures the record does not name), -o/--out, --threads and "
-                                  "--quiet");
+                                  "pictures the record does not name), -o/--out, --threads, "
+                                  "--precision and --quiet");
   } else if (!a->model_dir) {
     a->model_dir = cli_default_model();
   }
@@ -343,7 +353,7 @@ static int check_args(sample_args *a) {
 static int parse_args(int argc, char **argv, sample_args *a) {
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:K:Y:k:qh", sample_opts,
+  while ((c = getopt_long(argc, argv, "m:s:n:c:O:S:N:b:l:g:I:T:M:z:j:u:o:r:K:Y:k:p:qh", sample_opts,
                           NULL)) != -1) {
     int rc = sample_option(c, optarg, a);
     if (rc)
@@ -566,10 +576,8 @@ int cmd_sample(int argc, char **argv) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
-  if (model_load(a.model_dir, &m, &e)) {
-    cli_fail(cmd, "%s", e.msg);
+  if (cli_load_model(cmd, a.model_dir, a.precision, &m))
     goto done;
-  }
   if (!replay_meta)
     apply_recommended(&a, m);
   const char *name = a.scheduler ? a.scheduler : "ddim";

@@ -48,6 +48,26 @@ int cli_parse_int(const char *flag, const char *s, long long min, long long max,
   return 0;
 }
 
+int cli_parse_precision(const char *s, model_precision *out) {
+  err e = {0};
+  if (model_precision_parse(s, out, &e)) {
+    fprintf(stderr, "denoised: --precision: %s\n", e.msg);
+    return -1;
+  }
+  return 0;
+}
+
+int cli_load_model(const char *cmd, const char *dir, model_precision p, model **out) {
+  err e = {0};
+  *out = NULL;
+  if (model_load(dir, out, &e) || model_set_precision(*out, p, &e)) {
+    model_free(*out);
+    *out = NULL;
+    return cli_fail(cmd, "%s", e.msg);
+  }
+  return 0;
+}
+
 int cli_parse_double(const char *flag, const char *s, double min, double max, double *out) {
   char *end;
   errno = 0;

@@ -14,6 +14,7 @@
 #include "mem.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define GEMM_X86 1
 #endif
@@ -58,6 +59,7 @@ int gemm_pack_a(gemm_packed *p, const float *a, int m, int k) {
   p->m = m;
   p->k = k;
   p->rowmajor = a;
+  p->bf16 = NULL;
   p->data = mem_aligned(64, (bytes + 63) & ~(size_t)63);
   if (!p->data)
     return -1;
@@ -75,6 +77,68 @@ int gemm_pack_a(gemm_packed *p, const float *a, int m, int k) {
 void gemm_packed_free(gemm_packed *p) {
   free(p->data);
   p->data = NULL;
+  free(p->bf16);
+  p->bf16 = NULL;
+}
+
+#ifdef GEMM_X86
+static int has_bf16(void) {
+  static int cached = -1;
+  if (cached < 0) {
+    __builtin_cpu_init();
+    /* CPUID leaf 7 sub-leaf 1, EAX bit 5; the OS's saving of the ZMM state is part of the
+     * avx512f check */
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d))
+      a = 0;
+    cached = has_avx512() && __builtin_cpu_supports("avx512bw") && (a >> 5 & 1);
+    const char *off = getenv("DENOISED_NO_BF16");
+    if (off && *off && *off != '0')
+      cached = 0;
+  }
+  return cached;
+}
+#endif
+
+int gemm_bf16_available(void) {
+#ifdef GEMM_X86
+  return has_bf16();
+#else
+  return 0;
+#endif
+}
+
+/* float -> bf16, round to nearest even (NaN stays a quiet NaN). */
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return (uint16_t)(u >> 16 | 0x40);
+  return (uint16_t)((u + 0x7fffu + (u >> 16 & 1)) >> 16);
+}
+
+/* bf16 panels: per panel of GEMM_MR rows, k pairs outermost, then the rows, then the two k of
+ * the pair (VDPBF16PS multiplies adjacent pairs); an odd k is padded with a zero. */
+int gemm_packed_to_bf16(gemm_packed *p) {
+  if (!gemm_bf16_available() || !p->data)
+    return -1;
+  const int panels = (p->m + GEMM_MR - 1) / GEMM_MR, pairs = (p->k + 1) / 2;
+  size_t n = (size_t)panels * pairs * GEMM_MR * 2;
+  uint16_t *h = mem_aligned(64, (n * sizeof *h + 63) & ~(size_t)63);
+  if (!h)
+    return -1;
+  for (int pi = 0; pi < panels; pi++) {
+    const float *src = p->data + (size_t)pi * GEMM_MR * p->k;
+    uint16_t *dst = h + (size_t)pi * pairs * GEMM_MR * 2;
+    for (int kk = 0; kk < 2 * pairs; kk++)
+      for (int r = 0; r < GEMM_MR; r++)
+        dst[((size_t)(kk / 2) * GEMM_MR + r) * 2 + kk % 2] =
+            kk < p->k ? to_bf16(src[(size_t)kk * GEMM_MR + r]) : 0;
+  }
+  free(p->data);
+  p->data = NULL;
+  p->bf16 = h;
+  return 0;
 }
 
 size_t gemm_scratch_floats(int k, int n) {
@@ -102,6 +166,23 @@ __attribute__((target("avx512f"))) static void pack_b(const float *b, int ldb, i
     const float *src = b + (size_t)(k0 + kk) * ldb + j0;
     _mm512_store_ps(dst + kk * GEMM_NR, _mm512_maskz_loadu_ps(m0, src));
     _mm512_store_ps(dst + kk * GEMM_NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+  }
+}
+
+/* Writes (or with add, adds) the mr x nr corner of a 12x32 block of sums into C. */
+__attribute__((target("avx512f"))) static inline void
+store_12x32(__m512 acc[GEMM_MR][2], float *c, int ldc, int mr, int nr, int add) {
+  __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+  __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xffff : (__mmask16)((1u << (nr - 16)) - 1);
+  for (int r = 0; r < mr; r++) {
+    float *row = c + (size_t)r * ldc;
+    __m512 v0 = acc[r][0], v1 = acc[r][1];
+    if (add) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), v1);
+    }
+    _mm512_mask_storeu_ps(row, m0, v0);
+    _mm512_mask_storeu_ps(row + 16, m1, v1);
   }
 }
 
@@ -137,18 +218,7 @@ kernel_12x32(int kc, const float *a, const float *b, float *c, int ldc, int mr, 
   }
   __m512 acc[GEMM_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51},
                             {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91}, {ca0, ca1}, {cb0, cb1}};
-  __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
-  __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xffff : (__mmask16)((1u << (nr - 16)) - 1);
-  for (int r = 0; r < mr; r++) {
-    float *row = c + (size_t)r * ldc;
-    __m512 v0 = acc[r][0], v1 = acc[r][1];
-    if (add) {
-      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), v0);
-      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), v1);
-    }
-    _mm512_mask_storeu_ps(row, m0, v0);
-    _mm512_mask_storeu_ps(row + 16, m1, v1);
-  }
+  store_12x32(acc, c, ldc, mr, nr, add);
 }
 
 /* AVX2 + FMA: the same 12x32 block done as 2 x 2 tiles of 6x16, with the
@@ -224,6 +294,72 @@ static void run_blocked(const gemm_packed *a, int r0, int r1, const float *b, in
     }
   }
 }
+
+/* Packs rows [k0, k0+kc) x columns [j0, j0+nr) of B as bf16 pairs: per pair of k, 32 columns
+ * of (B[k][j], B[k+1][j]), zero past nr and past the last k. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+pack_b_bf16(const float *b, int ldb, int k0, int kc, int j0, int nr, uint16_t *dst) {
+  /* interleave the two converted rows: element 2j from row k, 2j+1 from row k+1 */
+  static const int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_loadu_si512(order);
+  __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+  __mmask16 m1 = nr <= 16 ? 0 : nr >= 32 ? 0xffff : (__mmask16)((1u << (nr - 16)) - 1);
+  for (int kk = 0; kk < kc; kk += 2) {
+    const float *r0 = b + (size_t)(k0 + kk) * ldb + j0;
+    const float *r1 = r0 + ldb;
+    int second = kk + 1 < kc;
+    for (int half = 0; half < 2; half++) {
+      __mmask16 m = half ? m1 : m0;
+      __m512 x0 = _mm512_maskz_loadu_ps(m, r0 + 16 * half);
+      __m512 x1 = second ? _mm512_maskz_loadu_ps(m, r1 + 16 * half) : _mm512_setzero_ps();
+      __m512i v = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+      _mm512_store_si512(dst + (size_t)kk / 2 * 64 + 32 * half, _mm512_permutexvar_epi16(idx, v));
+    }
+  }
+}
+
+/* C[mr x nr] (+)= A bf16 panel (pairs x 12 x 2) * B bf16 panel (pairs x 32 x 2), float sums. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+kernel_bf16_12x32(int pairs, const uint16_t *a, const uint16_t *b, float *c, int ldc, int mr,
+                  int nr, int add) {
+  __m512 acc[GEMM_MR][2];
+  for (int r = 0; r < GEMM_MR; r++)
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint32_t *a32 = (const uint32_t *)(const void *)a;
+  for (int kp = 0; kp < pairs; kp++) {
+    __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 32);
+    for (int r = 0; r < GEMM_MR; r++) {
+      __m512bh av = (__m512bh)_mm512_set1_epi32((int)a32[r]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+    a32 += GEMM_MR;
+    b += 64;
+  }
+  store_12x32(acc, c, ldc, mr, nr, add);
+}
+
+/* run_blocked's order over bf16 panels (GEMM_KC is even, so k-blocks start on a pair). */
+static void run_blocked_bf16(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int n,
+                             float *c, int ldc, int accumulate, float *scratch) {
+  const int k = a->k, pairs = (k + 1) / 2;
+  uint16_t *bp = (uint16_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
+    int kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
+    int add = accumulate || k0 > 0;
+    for (int j0 = 0; j0 < n; j0 += GEMM_NR) {
+      int nr = n - j0 < GEMM_NR ? n - j0 : GEMM_NR;
+      pack_b_bf16(b, ldb, k0, kc, j0, nr, bp);
+      for (int i0 = r0; i0 < r1; i0 += GEMM_MR) {
+        int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
+        const uint16_t *ap =
+            a->bf16 + ((size_t)(i0 / GEMM_MR) * pairs + (size_t)k0 / 2) * GEMM_MR * 2;
+        kernel_bf16_12x32((kc + 1) / 2, ap, bp, c + (size_t)(i0 - r0) * ldc + j0, ldc, mr, nr, add);
+      }
+    }
+  }
+}
 #endif
 
 const char *gemm_kernel_name(void) {
@@ -241,6 +377,10 @@ void gemm_run(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int
   if (r1 <= r0 || n <= 0)
     return;
 #ifdef GEMM_X86
+  if (a->bf16) {
+    run_blocked_bf16(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch);
+    return;
+  }
   if (has_avx512()) {
     run_blocked(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch, pack_b, kernel_12x32);
     return;

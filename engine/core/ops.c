@@ -197,6 +197,15 @@ void ops_conv2d_unpack(conv2d *c) {
   gemm_packed_free(&c->packed);
 }
 
+int ops_conv2d_to_bf16(conv2d *c) {
+  if (c->packed.data && gemm_packed_to_bf16(&c->packed))
+    return -1;
+  for (int p = 0; c->wino && p < WINO_POINTS; p++)
+    if (c->wino->u[p].data && gemm_packed_to_bf16(&c->wino->u[p]))
+      return -1;
+  return 0;
+}
+
 int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, arena *a, pool *p) {
   int threads = pool_threads(p);
   /* Winograd pays off only with enough tiles per GEMM: on small images its

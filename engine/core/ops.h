@@ -34,6 +34,10 @@ int ops_conv2d_pack(conv2d *c);
  * position-dependent rounding breaks them and moves a max pool's gradient). */
 int ops_conv2d_pack_direct(conv2d *c);
 void ops_conv2d_unpack(conv2d *c);
+/* Rounds a packed convolution's weights (im2col and Winograd forms) to bf16 for the
+ * gemm_packed_to_bf16 products. Returns 0, or -1 when out of memory or the CPU lacks bf16
+ * (a layer already converted stays so; ops_conv2d_unpack frees either kind). */
+int ops_conv2d_to_bf16(conv2d *c);
 
 /* Output size of conv c on an h x w input. */
 void ops_conv2d_out_size(const conv2d *c, int h, int w, int *oh, int *ow);

@@ -529,6 +529,25 @@ const model_param *model_param_at(const model *m, int i) {
   return i >= 0 && i < model_param_count(m) ? &params_of(m)->params[i] : NULL;
 }
 
+int model_precision_parse(const char *s, model_precision *out, err *e) {
+  if (s && strcmp(s, "fp32") == 0)
+    *out = MODEL_FP32;
+  else if (s && strcmp(s, "bf16") == 0)
+    *out = MODEL_BF16;
+  else
+    return err_set(e, ERR_INVALID, "precision '%s' is not one of fp32, bf16", s ? s : "(null)");
+  return ERR_OK;
+}
+
+int model_set_precision(model *m, model_precision p, err *e) {
+  if (p == MODEL_FP32)
+    return ERR_OK;
+  if (!m->unet)
+    return err_set(e, ERR_UNSUPPORTED, "precision bf16 applies to UNet models, not %s",
+                   m->info.class_name);
+  return unet_to_bf16(m->unet, e);
+}
+
 int model_repack(model *m, err *e) {
   if (m->cunet)
     return blocks_params_repack(cunet_params(m->cunet), e);

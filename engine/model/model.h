@@ -147,6 +147,17 @@ const model_param *model_param_at(const model *m, int i);
  * an optimizer step or a load. No other thread may evaluate m meanwhile. ERR_NOMEM. */
 int model_repack(model *m, err *e);
 
+/* Arithmetic of the network's convolutions and attention projections: fp32 (the default and
+ * the exact mode, the one the parity tests hold to) or bf16 (weights and activations rounded
+ * to bfloat16 inside the GEMMs, products summed in float32; about 3 significant digits).
+ * model_precision_parse takes "fp32" or "bf16" (ERR_INVALID naming the value otherwise). */
+typedef enum model_precision { MODEL_FP32 = 0, MODEL_BF16 = 1 } model_precision;
+int model_precision_parse(const char *s, model_precision *out, err *e);
+/* Switches a loaded model to p (once, before evaluating; fp32 -> bf16 only, as the float
+ * weights are dropped). ERR_UNSUPPORTED for bf16 on a CPU without AVX512-BF16 or on a model
+ * that is not a UNet. A model_repack (training) returns it to fp32. */
+int model_set_precision(model *m, model_precision p, err *e);
+
 /* Gradient buffers, one per model_param in the same order and of the same size. */
 typedef struct model_grads model_grads;
 int model_grads_new(const model *m, model_grads **out, err *e);

@@ -64,5 +64,8 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
 
 /* Unpacks and packs every layer again from the params' data (model_repack). */
 int unet_repack(unet *u, err *e);
+/* Every convolution's packed weights to bf16 (ops_conv2d_to_bf16); ERR_UNSUPPORTED when the
+ * CPU has no AVX512-BF16, ERR_NOMEM. */
+int unet_to_bf16(unet *u, err *e);
 
 #endif
