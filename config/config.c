@@ -210,6 +210,7 @@ static int add_model(config *c, const char *name, const char *path, const char *
   for (int i = 0; i < c->nmodels; i++)
     if (strcmp(c->models[i].name, name) == 0) {
       snprintf(c->models[i].path, sizeof c->models[i].path, "%s", path);
+      c->models[i].precision[0] = 0;
       return ERR_OK;
     }
   if (c->nmodels == CONFIG_MAX_MODELS)
@@ -217,8 +218,39 @@ static int add_model(config *c, const char *name, const char *path, const char *
                    CONFIG_MAX_MODELS);
   snprintf(c->models[c->nmodels].name, CONFIG_NAME_MAX, "%s", name);
   snprintf(c->models[c->nmodels].path, CONFIG_PATH_MAX, "%s", path);
+  c->models[c->nmodels].precision[0] = 0;
   c->nmodels++;
   return ERR_OK;
+}
+
+/* One entry of "models": "DIR", or {"path": "DIR", "precision": "fp32"|"bf16"}. */
+static int add_model_json(config *c, const char *name, const json_t *v, const char *origin,
+                          err *e) {
+  if (json_is_string(v))
+    return add_model(c, name, json_string_value(v), origin, e);
+  const json_t *path = json_object_get(v, "path"), *prec = json_object_get(v, "precision");
+  if (!json_is_object(v) || !json_is_string(path))
+    return err_set(e, ERR_INVALID,
+                   "%s: key 'models.%s': expected a directory path string or an object "
+                   "{\"path\": DIR, \"precision\": \"fp32\"|\"bf16\"}",
+                   origin, name);
+  const char *key;
+  const json_t *x;
+  json_object_foreach((json_t *)v, key, x) {
+    if (strcmp(key, "path") != 0 && strcmp(key, "precision") != 0)
+      return err_set(e, ERR_INVALID, "%s: key 'models.%s.%s': unknown (path, precision)", origin,
+                     name, key);
+  }
+  const char *p = prec ? json_string_value(prec) : "fp32";
+  if (!p || (strcmp(p, "fp32") != 0 && strcmp(p, "bf16") != 0))
+    return err_set(e, ERR_INVALID, "%s: key 'models.%s.precision': expected \"fp32\" or \"bf16\"",
+                   origin, name);
+  int rc = add_model(c, name, json_string_value(path), origin, e);
+  for (int i = 0; !rc && i < c->nmodels; i++)
+    if (strcmp(c->models[i].name, name) == 0)
+      snprintf(c->models[i].precision, sizeof c->models[i].precision, "%s",
+               strcmp(p, "bf16") == 0 ? p : "");
+  return rc;
 }
 
 static int add_origin(config *c, const char *o, const char *origin, err *e) {
@@ -287,10 +319,7 @@ int config_apply_json(config *c, const json_t *obj, const char *origin, err *e) 
       const char *mn;
       json_t *mp;
       json_object_foreach(v, mn, mp) {
-        if (!json_is_string(mp))
-          return err_set(e, ERR_INVALID, "%s: key 'models.%s': expected a directory path string",
-                         origin, mn);
-        if ((rc = add_model(&tmp, mn, json_string_value(mp), origin, e)))
+        if ((rc = add_model_json(&tmp, mn, mp, origin, e)))
           return rc;
       }
       continue;
@@ -560,7 +589,11 @@ json_t *config_to_json(const config *c) {
   }
   json_t *m = json_object();
   for (int i = 0; i < c->nmodels; i++)
-    json_object_set_new(m, c->models[i].name, json_string(c->models[i].path));
+    json_object_set_new(m, c->models[i].name,
+                        c->models[i].precision[0]
+                            ? json_pack("{s:s, s:s}", "path", c->models[i].path, "precision",
+                                        c->models[i].precision)
+                            : json_string(c->models[i].path));
   json_object_set_new(j, "models", m);
   json_t *o = json_array();
   for (int i = 0; i < c->ncors; i++)
@@ -607,7 +640,9 @@ int config_main(int argc, char **argv) {
       else
         printf("%-24s string: %s\n", keys[i].name, keys[i].help);
     }
-    printf("%-24s object {\"NAME\": \"DIR\"}: models served, by name\n", "models");
+    printf("%-24s object {\"NAME\": \"DIR\" or {\"path\": \"DIR\", \"precision\": \"bf16\"}}: "
+           "models served, by name (precision fp32, the default, or bf16 on AVX512-BF16 CPUs)\n",
+           "models");
     printf("%-24s array of origins allowed by CORS (\"*\" for any)\n", "cors_origins");
     return 0;
   }

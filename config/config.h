@@ -30,6 +30,7 @@ const char *config_default_model_name(void);
 typedef struct config_model {
   char name[CONFIG_NAME_MAX];
   char path[CONFIG_PATH_MAX];
+  char precision[8]; /* "fp32" or "bf16" (model_set_precision); "" is fp32 */
 } config_model;
 
 typedef struct config {

@@ -23,6 +23,7 @@
 typedef struct qmodel {
   char name[QUEUE_NAME_SIZE];
   char path[1024];
+  char precision[8]; /* as configured: "" (fp32) or "bf16" */
   model *m;
   json_t *labels;
   json_t *classifier; /* queue_model_desc.classifier, or NULL */

@@ -71,7 +71,10 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
   for (int i = 0; i < n && !rc; i++) {
     pthread_mutex_lock(&q->mu);
     qmodel *old = qmodel_find(q, models[i].name);
-    if (old && strcmp(old->path, models[i].path) == 0) { /* same folder: keep the loaded copy */
+    const char *prec =
+        models[i].precision && strcmp(models[i].precision, "fp32") != 0 ? models[i].precision : "";
+    /* same folder and precision: keep the loaded copy */
+    if (old && strcmp(old->path, models[i].path) == 0 && strcmp(old->precision, prec) == 0) {
       old->refs++;
       list[got++] = old;
       pthread_mutex_unlock(&q->mu);
@@ -85,9 +88,14 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
     }
     snprintf(m->name, sizeof m->name, "%s", models[i].name);
     snprintf(m->path, sizeof m->path, "%s", models[i].path);
+    snprintf(m->precision, sizeof m->precision, "%s", prec);
     m->refs = 1;
-    if ((rc = model_load(m->path, &m->m, e)) != ERR_OK) {
+    model_precision mp = MODEL_FP32;
+    if ((rc = model_load(m->path, &m->m, e)) != ERR_OK ||
+        (*prec && ((rc = model_precision_parse(prec, &mp, e)) != ERR_OK ||
+                   (rc = model_set_precision(m->m, mp, e)) != ERR_OK))) {
       err_prefix(e, "model '%s' (%s)", m->name, m->path);
+      model_free(m->m);
       free(m);
       break;
     }

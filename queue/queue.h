@@ -200,6 +200,7 @@ void queue_free(queue *q);
 
 typedef struct queue_model_conf {
   const char *name, *path;
+  const char *precision; /* "fp32", "bf16" (model_set_precision), or NULL/"" for fp32 */
 } queue_model_conf;
 
 /* Loads the list (mmapped weights, shared read-only by all workers). A model already loaded

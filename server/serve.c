@@ -128,7 +128,8 @@ int server_config_check(int argc, char **argv) {
     if (stat(c.models[i].path, &st) != 0 || !S_ISDIR(st.st_mode))
       rc = err_set(&e, ERR_INVALID, "models.%s: '%s' is not a directory", c.models[i].name,
                    c.models[i].path);
-    else if ((rc = model_load(c.models[i].path, &m, &e)) != ERR_OK)
+    else if ((rc = model_load(c.models[i].path, &m, &e)) != ERR_OK ||
+             (c.models[i].precision[0] && (rc = model_set_precision(m, MODEL_BF16, &e)) != ERR_OK))
       err_prefix(&e, "models.%s", c.models[i].name);
     model_free(m);
   }
@@ -148,7 +149,7 @@ int server_config_check(int argc, char **argv) {
 static int load_models(queue *q, const config *c, err *e) {
   queue_model_conf list[CONFIG_MAX_MODELS];
   for (int i = 0; i < c->nmodels; i++)
-    list[i] = (queue_model_conf){c->models[i].name, c->models[i].path};
+    list[i] = (queue_model_conf){c->models[i].name, c->models[i].path, c->models[i].precision};
   return queue_set_models(q, list, c->nmodels, e);
 }
 

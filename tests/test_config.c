@@ -81,6 +81,9 @@ START_TEST(errors_name_key_and_source) {
       {"{\"cors_origins\": \"*\"}", "cors_origins"},
       {"{\"cors_origins\": [\"*\", 1]}", "cors_origins[1]"},
       {"{\"nope\": 1}", "unknown key 'nope'"},
+      {"{\"models\": {\"m\": {\"path\": \"/x\", \"precision\": \"fp16\"}}}", "models.m.precision"},
+      {"{\"models\": {\"m\": {\"path\": \"/x\", \"threads\": 2}}}", "models.m.threads"},
+      {"{\"models\": {\"m\": {\"precision\": \"bf16\"}}}", "models.m"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     config_defaults(&c);
@@ -122,6 +125,34 @@ START_TEST(errors_name_key_and_source) {
 }
 END_TEST
 
+/* A model given as {"path", "precision"}: bf16 is kept and written back in that form; fp32
+ * (the default) goes back to the plain path. */
+START_TEST(model_precision_entries) {
+  config c;
+  err e = {0};
+  config_defaults(&c);
+  json_t *j = json_loads("{\"models\": {\"a\": {\"path\": \"/x\", \"precision\": \"bf16\"}, "
+                         "\"b\": {\"path\": \"/y\", \"precision\": \"fp32\"}, \"c\": \"/z\"}}",
+                         0, NULL);
+  ck_assert_msg(config_apply_json(&c, j, "t.json", &e) == 0, "%s", e.msg);
+  json_decref(j);
+  ck_assert_int_eq(c.nmodels, 3);
+  ck_assert_str_eq(c.models[0].precision, "bf16");
+  ck_assert_str_eq(c.models[1].precision, "");
+  ck_assert_str_eq(c.models[2].precision, "");
+  json_t *back = config_to_json(&c);
+  json_t *m = json_object_get(back, "models");
+  ck_assert_str_eq(json_string_value(json_object_get(json_object_get(m, "a"), "precision")),
+                   "bf16");
+  ck_assert_str_eq(json_string_value(json_object_get(m, "b")), "/y");
+  config c2;
+  config_defaults(&c2);
+  ck_assert_int_eq(config_apply_json(&c2, back, "back", &e), 0);
+  ck_assert_str_eq(c2.models[0].precision, "bf16");
+  json_decref(back);
+}
+END_TEST
+
 START_TEST(listen_addresses) {
   char host[64];
   int port;
@@ -146,6 +177,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, file_env_flags_precedence);
   tcase_add_test(tc, errors_name_key_and_source);
   tcase_add_test(tc, listen_addresses);
+  tcase_add_test(tc, model_precision_entries);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -45,7 +45,8 @@ static queue *open_queue(const char *dir, store_fault *f, err *e) {
   if (queue_new(&o, &q, e) != ERR_OK)
     return NULL;
   char model[1024];
-  queue_model_conf m = {"default", test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3")};
+  queue_model_conf m = {"default", test_src_path(model, sizeof model, "tests/fixtures/gmm/mix3"),
+                        NULL};
   if (queue_set_models(q, &m, 1, e) != ERR_OK || queue_start(q, e) != ERR_OK) {
     queue_free(q);
     return NULL;

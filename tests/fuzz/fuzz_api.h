@@ -58,7 +58,7 @@ static void fuzz_api_open(api_ctx *ctx) {
   atexit(fuzz_api_close);
   queue_model_conf models[CONFIG_MAX_MODELS];
   for (int i = 0; i < c.nmodels; i++)
-    models[i] = (queue_model_conf){c.models[i].name, c.models[i].path};
+    models[i] = (queue_model_conf){c.models[i].name, c.models[i].path, c.models[i].precision};
   if (queue_set_models(fuzz_q, models, c.nmodels, &e))
     fuzz_api_fail("models", &e);
   static char default_model[CONFIG_NAME_MAX];
