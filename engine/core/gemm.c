@@ -108,6 +108,7 @@ int gemm_bf16_available(void) {
 #endif
 }
 
+#ifdef GEMM_X86
 /* float -> bf16, round to nearest even (NaN stays a quiet NaN). */
 static uint16_t to_bf16(float f) {
   uint32_t u;
@@ -120,7 +121,7 @@ static uint16_t to_bf16(float f) {
 /* bf16 panels: per panel of GEMM_MR rows, k pairs outermost, then the rows, then the two k of
  * the pair (VDPBF16PS multiplies adjacent pairs); an odd k is padded with a zero. */
 int gemm_packed_to_bf16(gemm_packed *p) {
-  if (!gemm_bf16_available() || !p->data)
+  if (!has_bf16() || !p->data)
     return -1;
   const int panels = (p->m + GEMM_MR - 1) / GEMM_MR, pairs = (p->k + 1) / 2;
   size_t n = (size_t)panels * pairs * GEMM_MR * 2;
@@ -140,6 +141,12 @@ int gemm_packed_to_bf16(gemm_packed *p) {
   p->bf16 = h;
   return 0;
 }
+#else
+int gemm_packed_to_bf16(gemm_packed *p) {
+  (void)p;
+  return -1; /* no bf16 kernel off x86 */
+}
+#endif
 
 size_t gemm_scratch_floats(int k, int n) {
   (void)k;
