@@ -143,6 +143,18 @@ int blocks_params_repack(blocks_params *ps, err *e) {
   return ERR_OK;
 }
 
+int blocks_params_to_bf16(blocks_params *ps, err *e) {
+  if (!gemm_bf16_available())
+    return err_set(e, ERR_UNSUPPORTED,
+                   "precision bf16 needs a CPU with AVX512-BF16 (VDPBF16PS), which this one lacks; "
+                   "use precision fp32");
+  for (int i = 0; i < ps->nconvs; i++)
+    if (ops_conv2d_to_bf16(ps->convs[i]))
+      return err_set(e, ERR_NOMEM, "out of memory converting layer %d of %d to bf16", i,
+                     ps->nconvs);
+  return ERR_OK;
+}
+
 int blocks_loader_begin(blocks_loader *ld, blocks_params *ps, const st_file *st, uint64_t seed,
                         err *e) {
   const int nfile = st ? st_count(st) : 0;

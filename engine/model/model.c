@@ -542,6 +542,8 @@ int model_precision_parse(const char *s, model_precision *out, err *e) {
 int model_set_precision(model *m, model_precision p, err *e) {
   if (p == MODEL_FP32)
     return ERR_OK;
+  if (m->cunet)
+    return blocks_params_to_bf16(cunet_params(m->cunet), e);
   if (!m->unet)
     return err_set(e, ERR_UNSUPPORTED, "precision bf16 applies to UNet models, not %s",
                    m->info.class_name);

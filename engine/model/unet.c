@@ -377,14 +377,7 @@ int unet_repack(unet *u, err *e) {
 }
 
 int unet_to_bf16(unet *u, err *e) {
-  if (!gemm_bf16_available())
-    return err_set(e, ERR_UNSUPPORTED,
-                   "precision bf16 needs a CPU with AVX512-BF16 (VDPBF16PS), which this one lacks; "
-                   "use precision fp32");
-  for (int i = 0; i < u->nconvs; i++)
-    if (ops_conv2d_to_bf16(u->convs[i]))
-      return err_set(e, ERR_NOMEM, "out of memory converting layer %d of %d to bf16", i, u->nconvs);
-  return ERR_OK;
+  return blocks_params_to_bf16(&u->ps, e);
 }
 
 const unet_shape *unet_get_shape(const unet *u) {

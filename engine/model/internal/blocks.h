@@ -50,6 +50,9 @@ typedef struct blocks_params {
 void blocks_params_free(blocks_params *ps);
 /* Unpacks and packs every layer again from the params' data (after an optimizer step). */
 int blocks_params_repack(blocks_params *ps, err *e);
+/* Every packed layer to bf16 (ops_conv2d_to_bf16): ERR_UNSUPPORTED when the CPU has no
+ * AVX512-BF16, ERR_NOMEM. */
+int blocks_params_to_bf16(blocks_params *ps, err *e);
 
 /* Reads tensors from a checkpoint, or (st NULL) draws a fresh training initialisation from
  * seed: PyTorch's default for Conv2d and Linear, norms 1 and 0, a class embedding N(0, 1), and
