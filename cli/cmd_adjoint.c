@@ -1,6 +1,7 @@
 /* `denoised adjoint`: gradients through a whole sampling run (engine/solver/adjoint.h): of
  * L = sum(G * sample) with respect to the initial noise, the class-embedding rows and the
- * weights, by the discrete adjoint of the solver at one stored image per step. */
+ * weights, by the discrete adjoint of the solver at one stored image per step, or by the
+ * continuous adjoint of the probability-flow ODE (AdjointDPM) on the solver's time grid. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,11 +18,15 @@ static const char help[] =
     "                        [--scheduler-config F] [--class C] [--guidance-scale G]\n"
     "                        --grad-output G.npy [--grad-noise OUT.npy]\n"
     "                        [--grad-class-embedding OUT.npy] [--grad-params OUT.safetensors]\n"
-    "                        [--sample OUT.npy] [--method discrete] [--threads T] [--quiet]\n"
+    "                        [--sample OUT.npy] [--method discrete|continuous] [--threads T]\n"
+    "                        [--quiet]\n"
     "\n"
     "Samples from the noise XT with the solver, then writes the gradients of\n"
     "L = sum(G * sample) asked for, by the discrete adjoint of the solver (the exact gradient of\n"
-    "the sample it produced; memory: one image per step, the network recomputed step by step).\n"
+    "the sample it produced; memory: one image per step, the network recomputed step by step)\n"
+    "or by the continuous adjoint (AdjointDPM: the probability-flow ODE in y = x / alpha,\n"
+    "rho = sigma / alpha solved by the first-order exponential integrator on the solver's time\n"
+    "grid, then its adjoint ODE backward from the sample; memory: a few images, whatever N).\n"
     "  --model DIR        diffusers UNet2DModel folder (default: the built-in default model)\n"
     "  --noise XT.npy     the initial noise [B, C, S, S] (or [C, S, S]) at the model's size\n"
     "  --seed S           or the noise 'denoised sample --seed S' draws (images 0..B-1), so\n"
@@ -41,7 +46,9 @@ static const char help[] =
     "                     embedding), [B, class embedding size]\n"
     "  --grad-params OUT  dL/d(every weight), under diffusers' names (F32 safetensors)\n"
     "  --sample OUT       the sample itself, [B, C, S, S]\n"
-    "  --method discrete  the only method so far (the continuous adjoint is not built)\n"
+    "  --method M         discrete (default): the gradient of the solver's own image;\n"
+    "                     continuous: the gradient of the ODE's solution (the sample is that\n"
+    "                     solve's), which the discrete one approaches as N grows\n"
     "  --threads T        CPU threads (default 2)\n"
     "  --quiet            no progress bar\n"
     "At least one of --grad-noise, --grad-class-embedding, --grad-params.\n";
@@ -53,6 +60,7 @@ typedef struct adjoint_args {
   int has_seed;
   double guidance;
   int has_guidance, quiet;
+  adjoint_method method;
 } adjoint_args;
 
 static const struct option opts[] = {{"model", required_argument, 0, 'm'},
@@ -119,11 +127,9 @@ static int parse_args(int argc, char **argv, adjoint_args *a) {
         return 2;
       a->has_guidance = 1;
     } else if (c == 'M') {
-      if (strcmp(optarg, "discrete") != 0)
-        return cli_usage_error(cmd,
-                               "--method '%s': only 'discrete' is built (the continuous "
-                               "adjoint is not)",
-                               optarg);
+      if (strcmp(optarg, "discrete") != 0 && strcmp(optarg, "continuous") != 0)
+        return cli_usage_error(cmd, "--method '%s': discrete or continuous", optarg);
+      a->method = optarg[0] == 'c' ? ADJOINT_CONTINUOUS : ADJOINT_DISCRETE;
     } else if (c == 'q') {
       a->quiet = 1;
     } else if (c == 'h') {
@@ -229,7 +235,8 @@ static int run(const adjoint_args *a, model *m, const sampler *s, adjoint_inputs
   const size_t nd = (size_t)in->batch * mi->in_channels * mi->sample_size * mi->sample_size;
   cli_progress bar;
   cli_progress_init(&bar, a->quiet);
-  adjoint_opts o = {.batch = in->batch,
+  adjoint_opts o = {.method = a->method,
+                    .batch = in->batch,
                     .noise = in->noise.data,
                     .labels = mi->num_classes ? in->labels : NULL,
                     .guidance = a->has_guidance ? &in->gd : NULL,
@@ -251,8 +258,9 @@ static int run(const adjoint_args *a, model *m, const sampler *s, adjoint_inputs
   if (rc == ERR_OK)
     rc = write_outputs(a, m, &o, e);
   if (rc == ERR_OK && !a->quiet)
-    fprintf(stderr, "adjoint: %d steps of %s, batch %d; replay check %.1e\n", sampler_num_steps(s),
-            sampler_name(s), in->batch, o.replay_err);
+    fprintf(stderr, "adjoint: %d steps of %s (%s), batch %d; %s %.1e\n", sampler_num_steps(s),
+            sampler_name(s), a->method ? "continuous" : "discrete", in->batch,
+            a->method ? "reconstruction of the noise off by" : "replay check", o.replay_err);
   model_grads_free(o.grad_params);
   free(o.sample);
   free(o.grad_noise);

@@ -122,6 +122,24 @@ static float lambda_at(const sampler *s, int k, float *alpha, float *sigma) {
   return logf(*alpha) - logf(*sigma);
 }
 
+/* eps at (alpha, sigma) from the model output, through the clipped x0 when the solver clips
+ * (DDIM: clip_sample or thresholding; the DPM solvers: thresholding): x0 clipped, eps back from
+ * it, as dpmsolver's convert_model_output does. */
+static void eps_form_coefs(const sched_config *cfg, int ddim, float alpha, float sigma,
+                           lin_step *L) {
+  float ex = 0, em = 0;
+  eps_coefs(cfg->prediction_type, alpha, sigma, &ex, &em);
+  clip_coefs(cfg, ddim, L);
+  if (!L->clip) {
+    L->qx = ex, L->qm = em;
+    return;
+  }
+  L->px = 1.0f / alpha - sigma * ex / alpha;
+  L->pm = -sigma * em / alpha;
+  L->qx = 1.0f / sigma;
+  L->qc = -alpha / sigma;
+}
+
 /* convert_model_output: dpmsolver++ keeps the (thresholded) x0, dpmsolver eps (with
  * thresholding: x0 from eps, thresholded, back to eps). */
 static void dpm_convert_coefs(const sampler *s, int k, lin_step *L) {
@@ -134,17 +152,7 @@ static void dpm_convert_coefs(const sampler *s, int k, lin_step *L) {
     L->qc = 1.0f;
     return;
   }
-  float ex = 0, em = 0;
-  eps_coefs(cfg->prediction_type, alpha, sigma, &ex, &em);
-  if (!cfg->thresholding) {
-    L->qx = ex, L->qm = em;
-    return;
-  }
-  L->px = 1.0f / alpha - sigma * ex / alpha;
-  L->pm = -sigma * em / alpha;
-  clip_coefs(cfg, 0, L);
-  L->qx = 1.0f / sigma;
-  L->qc = -alpha / sigma;
+  eps_form_coefs(cfg, 0, alpha, sigma, L);
 }
 
 /* dpm_multi_step's branch at step k and its coefficients on x, m0, m1, m2. */
@@ -206,6 +214,13 @@ static void step_coefs(const sampler *s, int k, lin_step *L) {
   dpm_update_coefs(s, k, L);
 }
 
+/* m of the linear form for one value: state x, (guided) model output mo. */
+static float lin_m(const lin_step *L, float x, float mo) {
+  const float u = L->px * x + L->pm * mo;
+  const float c = L->clip ? fminf(fmaxf(u, -L->cs), L->cs) * L->cscale : u;
+  return L->qx * x + L->qc * c + L->qm * mo;
+}
+
 /* ---- the reverse sweep ---- */
 
 /* What the upstream-gradient callback of one evaluation needs and fills. */
@@ -232,8 +247,7 @@ static int upstream(const float *out, float *grad_out, void *user, err *e) {
     const float mo = v->unc ? v->unc[k] + v->scale * (out[k] - v->unc[k]) : out[k];
     const float x = v->x[k], u = L->px * x + L->pm * mo;
     const int inside = !L->clip || (u >= -L->cs && u <= L->cs);
-    const float c = L->clip ? fminf(fmaxf(u, -L->cs), L->cs) * L->cscale : u;
-    v->mval[k] = L->qx * x + L->qc * c + L->qm * mo;
+    v->mval[k] = lin_m(L, x, mo);
     const float mb = v->mbar[k];
     const float ub = inside ? L->qc * mb * (L->clip ? L->cscale : 1.0f) : 0.0f;
     v->xbar[k] += L->qx * mb + L->px * ub;
@@ -452,11 +466,173 @@ static void on_forward(int step, int total, int nfe, void *user) {
   p->o->progress(step, p->total, nfe, p->o->progress_user);
 }
 
+/* ---- the continuous adjoint ---- */
+
+/* Grid point k of the ODE (0 <= k <= n): alpha and rho = sigma / alpha at the level of the
+ * solver's evaluation k, k = n the level the solver ends at. */
+static void ode_level(const sampler *s, int k, float *alpha, float *rho) {
+  float sigma;
+  if (!is_ddim(s)) {
+    alpha_sigma(s->sigmas[k], alpha, &sigma);
+    *rho = s->sigmas[k];
+    return;
+  }
+  const float final_abar = s->cfg.set_alpha_to_one ? 1.0f : s->abar[0];
+  const int64_t t = k < s->n ? s->ts[k] : s->prev[s->n - 1];
+  const float abar = t >= 0 ? s->abar[t] : final_abar;
+  *alpha = sqrtf(abar);
+  *rho = sqrtf(1.0f - abar) / *alpha;
+}
+
+/* eps (clipped where the solver clips) at grid point k, as a linear form. */
+static void ode_coefs(const sampler *s, int k, lin_step *L) {
+  float alpha, rho;
+  ode_level(s, k, &alpha, &rho);
+  memset(L, 0, sizeof *L);
+  eps_form_coefs(&s->cfg, is_ddim(s), alpha, rho * alpha, L);
+}
+
+/* The forward solve: n first-order steps y_{k+1} = y_k + (rho_{k+1} - rho_k) eps_k, written in
+ * x (x_{k+1} = alpha_{k+1} / alpha_k x_k + alpha_{k+1} (rho_{k+1} - rho_k) eps_k, finite at a
+ * clean end). x holds x_T on entry and the sample on return; last receives x_{n-1}. */
+static int ode_forward(const sampler *s, const model *m, adjoint_opts *o, sweep *w, float *x,
+                       float *last, err *e) {
+  const model_info *mi = model_get_info(m);
+  const int N = s->n, S = mi->sample_size;
+  for (int k = 0; k < N; k++) {
+    if (o->cancel && atomic_load(o->cancel))
+      return err_set(e, ERR_CANCELLED, "cancelled in the ODE solve's step %d of %d", k + 1, N);
+    for (int b = 0; b < o->batch; b++)
+      w->tv[b] = (float)s->tm[k];
+    const model_call c = {.x = x,
+                          .n = o->batch,
+                          .h = S,
+                          .w = S,
+                          .t = w->tv,
+                          .labels = o->labels,
+                          .threads = o->threads};
+    float *mo = w->mval[0];
+    int rc = guidance_eval(o->guidance, m, &c, mo, e);
+    if (rc != ERR_OK)
+      return err_prefix(e, "ODE solve, step %d of %d", k + 1, N);
+    lin_step L;
+    ode_coefs(s, k, &L);
+    float a0, r0, a1, r1;
+    ode_level(s, k, &a0, &r0);
+    ode_level(s, k + 1, &a1, &r1);
+    const float ca = a1 / a0, cm = a1 * (r1 - r0);
+    if (k == N - 1)
+      memcpy(last, x, w->nd * sizeof(float));
+    for (size_t q = 0; q < w->nd; q++)
+      x[q] = ca * x[q] + cm * lin_m(&L, x[q], mo[q]);
+    if (o->progress)
+      o->progress(k + 1, 2 * N, k + 1, o->progress_user);
+  }
+  return ERR_OK;
+}
+
+/* One backward evaluation at grid point k, state x: w->xbar = (d eps / dx)^T mbar with mbar in
+ * w->mbar[0], eps(x) in w->mval[0]; the class and weight gradients get mbar's share. */
+static int ode_vjp(const sampler *s, const model *m, adjoint_opts *o, sweep *w, int k,
+                   const float *x, err *e) {
+  lin_step L;
+  ode_coefs(s, k, &L);
+  memset(w->xbar, 0, w->nd * sizeof(float));
+  return back_eval(s, m, o, w, k, x, &L, e);
+}
+
+/* The backward solve from the sample: the last step exactly at its kept start x_{n-1}, then
+ * for k = n-2 .. 0 one step of the augmented system from rho_{k+1} to rho_k, evaluated where it
+ * starts (x_{k+1}): a_y += h a_y d eps/dy, a_c and a_theta += h a_y d eps/d(c, theta),
+ * y_k = y_{k+1} - h eps, h = rho_{k+1} - rho_k. ax holds dL/dx (the adjoint in x, a_y / alpha)
+ * throughout; x the state, both batch * d. */
+static int ode_backward(const sampler *s, const model *m, adjoint_opts *o, sweep *w, float *x,
+                        float *ax, err *e) {
+  const int N = s->n;
+  float a0, r0, a1, r1;
+  ode_level(s, N - 1, &a0, &r0);
+  ode_level(s, N, &a1, &r1);
+  for (size_t q = 0; q < w->nd; q++)
+    w->mbar[0][q] = a1 * (r1 - r0) * ax[q];
+  int rc = ode_vjp(s, m, o, w, N - 1, x, e);
+  for (size_t q = 0; rc == ERR_OK && q < w->nd; q++)
+    ax[q] = a1 / a0 * ax[q] + w->xbar[q];
+  if (o->progress && rc == ERR_OK)
+    o->progress(N + 1, 2 * N, 0, o->progress_user);
+  for (int k = N - 2; rc == ERR_OK && k >= 0; k--) {
+    if (o->cancel && atomic_load(o->cancel))
+      return err_set(e, ERR_CANCELLED, "cancelled in the adjoint's step %d of %d", N - k, N);
+    ode_level(s, k, &a0, &r0);
+    ode_level(s, k + 1, &a1, &r1);
+    const float h = r1 - r0;
+    /* a_y = alpha_{k+1} ax; the VJP's cotangent is h a_y */
+    for (size_t q = 0; q < w->nd; q++)
+      w->mbar[0][q] = h * a1 * ax[q];
+    rc = ode_vjp(s, m, o, w, k + 1, x, e);
+    for (size_t q = 0; rc == ERR_OK && q < w->nd; q++) {
+      const float ay = a1 * ax[q] + a1 * w->xbar[q];
+      ax[q] = ay / a0;
+      x[q] = a0 * (x[q] / a1 - h * w->mval[0][q]);
+    }
+    if (o->progress && rc == ERR_OK)
+      o->progress(2 * N - k, 2 * N, 0, o->progress_user);
+  }
+  return rc;
+}
+
+static double rel_l2(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t q = 0; q < n; q++) {
+    num += ((double)a[q] - b[q]) * ((double)a[q] - b[q]);
+    den += (double)b[q] * b[q];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int continuous_run(const sampler *s, const model *m, adjoint_opts *o, sweep *w, err *e) {
+  float *x = mem_malloc(w->nd * sizeof(float)), *last = mem_malloc(w->nd * sizeof(float));
+  float *ax = mem_malloc(w->nd * sizeof(float));
+  int rc = x && last && ax ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for the ODE's states");
+  if (rc == ERR_OK) {
+    memcpy(x, o->noise, w->nd * sizeof(float));
+    rc = ode_forward(s, m, o, w, x, last, e);
+  }
+  if (rc == ERR_OK && o->sample)
+    memcpy(o->sample, x, w->nd * sizeof(float));
+  if (rc == ERR_OK) {
+    memcpy(ax, o->grad_output, w->nd * sizeof(float));
+    rc = ode_backward(s, m, o, w, last, ax, e);
+  }
+  if (rc == ERR_OK) {
+    o->replay_err = rel_l2(last, o->noise, w->nd);
+    if (o->grad_noise)
+      memcpy(o->grad_noise, ax, w->nd * sizeof(float));
+  }
+  free(x), free(last), free(ax);
+  return rc;
+}
+
+static int adjoint_continuous(const sampler *s, const model *m, adjoint_opts *o, err *e) {
+  const model_info *mi = model_get_info(m);
+  sweep w = {.d = (size_t)mi->in_channels * mi->sample_size * mi->sample_size,
+             .guided = guidance_passes(o->guidance) == 2};
+  w.nd = (size_t)o->batch * w.d;
+  if (o->grad_class)
+    memset(o->grad_class, 0, (size_t)o->batch * mi->class_embed_dim * sizeof(float));
+  int rc = sweep_new(&w, m, o, e);
+  if (rc == ERR_OK)
+    rc = continuous_run(s, m, o, &w, e);
+  sweep_free(&w);
+  return rc;
+}
+
 int adjoint_run(const sampler *s, const model *m, adjoint_opts *o, err *e) {
   o->replay_err = 0;
   int rc = check_opts(s, m, o, e);
   if (rc != ERR_OK)
     return rc;
+  if (o->method == ADJOINT_CONTINUOUS)
+    return adjoint_continuous(s, m, o, e);
   const model_info *mi = model_get_info(m);
   const int N = s->n_evals;
   sweep w = {.d = (size_t)mi->in_channels * mi->sample_size * mi->sample_size,
