@@ -20,6 +20,8 @@ static const char usage[] =
     "  sample    generate images with a model and a solver (PNG or .npy)\n"
     "  forward   run one network evaluation on inputs from .npy files\n"
     "  classify  an image classifier's verdicts, logits and input gradient\n"
+    "  adjoint   gradients through a sampling run (discrete or continuous adjoint)\n"
+    "  audit     adversarial initial noise against a classifier, vs random noise\n"
     "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
     "  edit      edits in noise space, or across a semantic boundary\n"
     "  deblur    restore a blurry picture with a deblurring model\n"
@@ -135,6 +137,8 @@ int main(int argc, char **argv) {
     return cmd_adjoint(argc - 1, argv + 1);
   if (strcmp(cmd, "classify") == 0)
     return cmd_classify(argc - 1, argv + 1);
+  if (strcmp(cmd, "audit") == 0)
+    return cmd_audit(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)
     return cmd_sample(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0)

@@ -451,6 +451,38 @@ START_TEST(cli_adjoint) {
 }
 END_TEST
 
+/* `denoised audit` runs end to end on the default model (a tiny run: the figures are in the
+ * README) and refuses bad inputs naming them. */
+START_TEST(cli_audit) {
+  char out[8192], u[1024];
+  int rc = test_run_cli(out, sizeof out,
+                        "audit --class A --batch 2 --iters 1 --eps 0.1 --random 1 --steps 3 "
+                        "--quiet");
+  ck_assert_msg(rc == 0 && strstr(out, "clean: ") && strstr(out, "eps 0.1: adversarial "),
+                "rc %d: %s", rc, out);
+  test_src_path(u, sizeof u, FX "/model_uncond");
+  struct {
+    const char *args, *needle;
+    int status;
+  } bad[] = {
+      {"--class A --eps 3", "--eps", 2},
+      {"--class A --eps 0.1,0.1,0.1,0.1,0.1", "at most 4", 2},
+      {"--eps 0.1", "--class is required", 2},
+      {"--class A --head nosuch --steps 2", "no such head", 1},
+      {"--class A --target nosuch --steps 2", "--target 'nosuch'", 1},
+      {"--class A --scheduler euler --steps 2", "not 'euler'", 1},
+      {"--class 1 --model %s", "class-conditional", 1},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char args[2048];
+    snprintf(args, sizeof args, bad[i].args, u);
+    rc = test_run_cli(out, sizeof out, "audit %s --quiet", args);
+    ck_assert_msg(rc == bad[i].status && strstr(out, bad[i].needle), "case %zu: rc %d: %s", i, rc,
+                  out);
+  }
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("adjoint");
   TCase *tc = tcase_create("adjoint");
@@ -463,6 +495,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, continuous_converges);
   tcase_add_test(tc, refusals);
   tcase_add_test(tc, cli_adjoint);
+  tcase_add_test(tc, cli_audit);
   suite_add_tcase(s, tc);
   return s;
 }
