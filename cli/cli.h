@@ -158,6 +158,7 @@ int cli_train_export(cli_train_run *r, err *e);
 
 int cmd_train(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
+int cmd_vae(int argc, char **argv);
 int cmd_classify(int argc, char **argv);
 int cmd_adjoint(int argc, char **argv);
 int cmd_audit(int argc, char **argv);

@@ -19,6 +19,7 @@ static const char usage[] =
     "commands:\n"
     "  sample    generate images with a model and a solver (PNG or .npy)\n"
     "  forward   run one network evaluation on inputs from .npy files\n"
+    "  vae       encode images to latents or decode latents (AutoencoderKL)\n"
     "  classify  an image classifier's verdicts, logits and input gradient\n"
     "  adjoint   gradients through a sampling run (discrete or continuous adjoint)\n"
     "  audit     adversarial initial noise against a classifier, vs random noise\n"
@@ -133,6 +134,8 @@ int main(int argc, char **argv) {
     return cmd_info(argc - 1, argv + 1);
   if (strcmp(cmd, "forward") == 0)
     return cmd_forward(argc - 1, argv + 1);
+  if (strcmp(cmd, "vae") == 0)
+    return cmd_vae(argc - 1, argv + 1);
   if (strcmp(cmd, "adjoint") == 0)
     return cmd_adjoint(argc - 1, argv + 1);
   if (strcmp(cmd, "classify") == 0)

@@ -4,16 +4,92 @@
  * room builds on the same code. */
 #include "blocks.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "mem.h"
 #include "rng.h"
 
 /* The generator stream of a fresh initialisation (rng.h: stream k of image i = tensor i). */
 #define BLOCKS_INIT_STREAM 0x696e6974u
+
+/* ---------- a network's folder ---------- */
+
+static int is_file(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+static int is_dir(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
+int blocks_net_dir(const char *dir, const char *sub, char *net_dir, int *pipeline, err *e) {
+  char p[BLOCKS_PATH_MAX];
+  if (strlen(dir) > BLOCKS_PATH_MAX - 128)
+    return err_set(e, ERR_INVALID, "model directory path is too long");
+  if (!is_dir(dir))
+    return err_set(e, ERR_IO, "model directory '%s' does not exist", dir);
+  snprintf(p, sizeof p, "%s/model_index.json", dir);
+  *pipeline = is_file(p);
+  if (*pipeline) {
+    snprintf(net_dir, BLOCKS_PATH_MAX, "%s/%s", dir, sub);
+    if (!is_dir(net_dir))
+      return err_set(e, ERR_FORMAT, "%s: pipeline layout without a '%s/' folder", dir, sub);
+  } else {
+    snprintf(net_dir, BLOCKS_PATH_MAX, "%s", dir);
+  }
+  snprintf(p, sizeof p, "%s/config.json", net_dir);
+  if (!is_file(p))
+    return err_set(e, ERR_FORMAT, "%s: no config.json (expected a diffusers model folder)",
+                   net_dir);
+  return ERR_OK;
+}
+
+json_t *blocks_read_json(const char *path, err *e) {
+  struct stat sb;
+  if (stat(path, &sb) != 0) {
+    err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
+    return NULL;
+  }
+  if (sb.st_size > BLOCKS_MAX_CONFIG_BYTES) {
+    err_set(e, ERR_FORMAT, "%s: %lld bytes is too large for a config file", path,
+            (long long)sb.st_size);
+    return NULL;
+  }
+  json_error_t je;
+  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!j)
+    err_set(e, ERR_FORMAT, "%s:%d: invalid JSON: %s", path, je.line, je.text);
+  else if (!json_is_object(j)) {
+    err_set(e, ERR_FORMAT, "%s: expected a JSON object", path);
+    json_decref(j);
+    j = NULL;
+  }
+  return j;
+}
+
+int blocks_open_weights(const char *net_dir, const char *file, st_file **st, char *path, err *e) {
+  snprintf(path, BLOCKS_PATH_MAX, "%s/%s", net_dir, file);
+  if (!is_file(path)) {
+    char bin[BLOCKS_PATH_MAX];
+    const char *dot = strrchr(file, '.');
+    snprintf(bin, sizeof bin, "%s/%.*s.bin", net_dir, (int)(dot ? dot - file : (long)strlen(file)),
+             file);
+    if (is_file(bin))
+      return err_set(e, ERR_UNSUPPORTED,
+                     "%s: only a PyTorch .bin checkpoint; convert it with "
+                     "tools/bin_to_safetensors.py %s %s",
+                     net_dir, bin, path);
+    return err_set(e, ERR_FORMAT, "%s: missing %s", net_dir, file);
+  }
+  return st_open(path, st, e);
+}
 
 /* ---------- config.json ---------- */
 

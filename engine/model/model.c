@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "cunet.h"
+#include "blocks.h"
 #include "gmm.h"
 #include "mem.h"
 #include "ops.h"
@@ -19,8 +20,7 @@
 #include "unet.h"
 #include "unet_impl.h"
 
-#define MODEL_MAX_CONFIG_BYTES (1 << 20)
-#define MODEL_PATH_MAX 4096
+#define MODEL_PATH_MAX BLOCKS_PATH_MAX
 
 struct model {
   model_info info;
@@ -43,71 +43,15 @@ static int is_file(const char *path) {
   return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-static int is_dir(const char *path) {
-  struct stat sb;
-  return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
-}
-
-static json_t *load_json(const char *path, err *e) {
-  struct stat sb;
-  if (stat(path, &sb) != 0) {
-    err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
-    return NULL;
-  }
-  if (sb.st_size > MODEL_MAX_CONFIG_BYTES) {
-    err_set(e, ERR_FORMAT, "%s: %lld bytes is too large for a config file", path,
-            (long long)sb.st_size);
-    return NULL;
-  }
-  json_error_t je;
-  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-  if (!j)
-    err_set(e, ERR_FORMAT, "%s:%d: invalid JSON: %s", path, je.line, je.text);
-  else if (!json_is_object(j)) {
-    err_set(e, ERR_FORMAT, "%s: expected a JSON object", path);
-    json_decref(j);
-    j = NULL;
-  }
-  return j;
-}
-
 /* Finds the network's own folder and its scheduler config in either layout. */
 static int resolve_layout(const char *dir, char *net_dir, char *sched_path, err *e) {
-  char p[MODEL_PATH_MAX];
-  if (strlen(dir) > MODEL_PATH_MAX - 128)
-    return err_set(e, ERR_INVALID, "model directory path is too long");
-  if (!is_dir(dir))
-    return err_set(e, ERR_IO, "model directory '%s' does not exist", dir);
-  snprintf(p, sizeof p, "%s/model_index.json", dir);
-  if (is_file(p)) {
-    snprintf(net_dir, MODEL_PATH_MAX, "%s/unet", dir);
-    if (!is_dir(net_dir))
-      return err_set(e, ERR_FORMAT, "%s: pipeline layout without a 'unet/' folder", dir);
-    snprintf(sched_path, MODEL_PATH_MAX, "%s/scheduler/scheduler_config.json", dir);
-  } else {
-    snprintf(net_dir, MODEL_PATH_MAX, "%s", dir);
-    snprintf(sched_path, MODEL_PATH_MAX, "%s/scheduler_config.json", dir);
-  }
-  snprintf(p, sizeof p, "%s/config.json", net_dir);
-  if (!is_file(p))
-    return err_set(e, ERR_FORMAT, "%s: no config.json (expected a diffusers model folder)",
-                   net_dir);
+  int pipeline = 0;
+  int rc = blocks_net_dir(dir, "unet", net_dir, &pipeline, e);
+  if (rc)
+    return rc;
+  snprintf(sched_path, MODEL_PATH_MAX,
+           pipeline ? "%s/scheduler/scheduler_config.json" : "%s/scheduler_config.json", dir);
   return ERR_OK;
-}
-
-static int open_weights(const char *net_dir, st_file **st, char *path, err *e) {
-  snprintf(path, MODEL_PATH_MAX, "%s/diffusion_pytorch_model.safetensors", net_dir);
-  if (!is_file(path)) {
-    char bin[MODEL_PATH_MAX];
-    snprintf(bin, sizeof bin, "%s/diffusion_pytorch_model.bin", net_dir);
-    if (is_file(bin))
-      return err_set(e, ERR_UNSUPPORTED,
-                     "%s: only a PyTorch .bin checkpoint; convert it with "
-                     "tools/bin_to_safetensors.py %s %s",
-                     net_dir, bin, path);
-    return err_set(e, ERR_FORMAT, "%s: missing diffusion_pytorch_model.safetensors", net_dir);
-  }
-  return st_open(path, st, e);
 }
 
 /* 64-bit FNV-1a over the file's 8-byte little-endian words (a shorter tail byte by byte), then
@@ -200,7 +144,7 @@ static void set_cunet_info(model *m) {
 static int load_unet(model *m, const json_t *cfg, const char *net_dir, int conditional, err *e) {
   char path[MODEL_PATH_MAX];
   st_file *st = NULL;
-  int rc = open_weights(net_dir, &st, path, e);
+  int rc = blocks_open_weights(net_dir, "diffusion_pytorch_model.safetensors", &st, path, e);
   if (rc)
     return rc;
   rc = conditional ? cunet_load(cfg, st, &m->cunet, e) : unet_load(cfg, st, &m->unet, e);
@@ -350,7 +294,7 @@ int model_load(const char *dir, model **out, err *e) {
     return e ? e->code : ERR_FORMAT;
   }
   snprintf(cfg_path, sizeof cfg_path, "%s/config.json", net_dir);
-  json_t *cfg = load_json(cfg_path, e);
+  json_t *cfg = blocks_read_json(cfg_path, e);
   if (!cfg) {
     model_free(m);
     return e ? e->code : ERR_FORMAT;
@@ -397,7 +341,7 @@ int model_load(const char *dir, model **out, err *e) {
 int model_init(const char *config_path, uint64_t seed, model **out, err *e) {
   *out = NULL;
   ops_init();
-  json_t *cfg = load_json(config_path, e);
+  json_t *cfg = blocks_read_json(config_path, e);
   if (!cfg)
     return e ? e->code : ERR_FORMAT;
   model *m = mem_calloc(1, sizeof *m);

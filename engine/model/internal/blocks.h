@@ -18,6 +18,22 @@
 #include "pool.h"
 #include "safetensors.h"
 
+/* ---------- a network's folder ---------- */
+
+#define BLOCKS_PATH_MAX 4096
+#define BLOCKS_MAX_CONFIG_BYTES (1 << 20)
+
+/* The folder of one network of `dir` into net_dir (BLOCKS_PATH_MAX bytes): dir itself, or
+ * dir/<sub> when dir is a diffusers pipeline (holds model_index.json; *pipeline says which).
+ * The folder must hold config.json. ERR_IO / ERR_FORMAT / ERR_INVALID naming the folder. */
+int blocks_net_dir(const char *dir, const char *sub, char *net_dir, int *pipeline, err *e);
+/* A config file's JSON object (duplicate keys refused, at most BLOCKS_MAX_CONFIG_BYTES), or
+ * NULL with e set. */
+json_t *blocks_read_json(const char *path, err *e);
+/* Opens the safetensors checkpoint net_dir/<file>, its path into path (BLOCKS_PATH_MAX bytes);
+ * a PyTorch .bin in its place gets the conversion command in the error. */
+int blocks_open_weights(const char *net_dir, const char *file, st_file **st, char *path, err *e);
+
 /* ---------- config.json ---------- */
 
 /* Each leaves *out at `def` when the key is absent or null, else checks the value. */

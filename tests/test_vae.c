@@ -1,0 +1,177 @@
+/* AutoencoderKL: parity with diffusers (tools/gen_vae_fixtures.py: encode mean/std, decode,
+ * tiled decode, in float64) on the committed fixtures, determinism over threads, posterior
+ * samples from the seed, the CLI, and clear refusals of bad input. */
+#include <math.h>
+#include <string.h>
+
+#include "npy.h"
+#include "testutil.h"
+#include "vae.h"
+
+static const char *const fixtures[] = {"two_level", "three_level", "groups32_f16"};
+
+static void fx_path(char *buf, size_t n, const char *fx, const char *file) {
+  char rel[256];
+  snprintf(rel, sizeof rel, "tests/fixtures/vae/%s%s%s", fx, file ? "/" : "", file ? file : "");
+  test_src_path(buf, n, rel);
+}
+
+static void read_npy(const char *fx, const char *name, npy_array *a) {
+  char path[512];
+  err e = {0};
+  fx_path(path, sizeof path, fx, name);
+  ck_assert_msg(npy_read_f32(path, a, &e) == ERR_OK, "%s", e.msg);
+}
+
+static vae *load(const char *fx) {
+  char path[512];
+  vae *v = NULL;
+  err e = {0};
+  fx_path(path, sizeof path, fx, NULL);
+  ck_assert_msg(vae_load(path, &v, &e) == ERR_OK, "%s: %s", fx, e.msg);
+  return v;
+}
+
+START_TEST(parity_with_diffusers) {
+  for (size_t f = 0; f < sizeof fixtures / sizeof *fixtures; f++) {
+    const char *fx = fixtures[f];
+    vae *v = load(fx);
+    const vae_info *vi = vae_get_info(v);
+    npy_array x, mean, std, z, dec;
+    read_npy(fx, "input.npy", &x);
+    read_npy(fx, "mean.npy", &mean);
+    read_npy(fx, "std.npy", &std);
+    read_npy(fx, "latents.npy", &z);
+    read_npy(fx, "decoded.npy", &dec);
+    const int n = (int)x.shape[0], h = (int)x.shape[2], w = (int)x.shape[3];
+    float *m = malloc((size_t)mean.count * sizeof *m), *s = malloc((size_t)std.count * sizeof *s);
+    float *d = malloc((size_t)dec.count * sizeof *d);
+    err e = {0};
+    ck_assert_msg(vae_encode(v, x.data, n, h, w, m, s, 2, &e) == ERR_OK, "%s", e.msg);
+    const double em = test_rel_l2(m, mean.data, (size_t)mean.count);
+    const double es = test_rel_l2(s, std.data, (size_t)std.count);
+    ck_assert_msg(em < 1e-4 && es < 1e-4, "%s encode: mean %g, std %g", fx, em, es);
+    const int zh = (int)z.shape[2], zw = (int)z.shape[3];
+    ck_assert_int_eq(zh * vi->factor, (int)dec.shape[2]);
+    ck_assert_msg(vae_decode(v, z.data, (int)z.shape[0], zh, zw, VAE_TILE_OFF, d, 2, &e) == ERR_OK,
+                  "%s", e.msg);
+    const double ed = test_rel_l2(d, dec.data, (size_t)dec.count);
+    ck_assert_msg(ed < 1e-4, "%s decode: %g", fx, ed);
+    printf("vae parity %s: mean %.2e std %.2e decode %.2e\n", fx, em, es, ed);
+    /* one thread gives the same bits */
+    float *d1 = malloc((size_t)dec.count * sizeof *d1);
+    ck_assert_int_eq(vae_decode(v, z.data, (int)z.shape[0], zh, zw, VAE_TILE_OFF, d1, 1, &e),
+                     ERR_OK);
+    ck_assert(memcmp(d, d1, (size_t)dec.count * sizeof *d) == 0);
+    free(d1);
+    free(m);
+    free(s);
+    free(d);
+    npy_array_free(&x);
+    npy_array_free(&mean);
+    npy_array_free(&std);
+    npy_array_free(&z);
+    npy_array_free(&dec);
+    vae_free(v);
+  }
+}
+END_TEST
+
+START_TEST(tiled_decode_matches_diffusers) {
+  vae *v = load("two_level");
+  npy_array z, dec;
+  read_npy("two_level", "latents_tiled.npy", &z);
+  read_npy("two_level", "decoded_tiled.npy", &dec);
+  float *d = malloc((size_t)dec.count * sizeof *d);
+  err e = {0};
+  int used = 0;
+  ck_assert_int_eq(vae_decode_tiling(v, (int)z.shape[2], (int)z.shape[3], 4, &used, &e), ERR_OK);
+  ck_assert_int_eq(used, 4);
+  ck_assert_msg(vae_decode(v, z.data, (int)z.shape[0], (int)z.shape[2], (int)z.shape[3], 4, d, 2,
+                           &e) == ERR_OK,
+                "%s", e.msg);
+  const double ed = test_rel_l2(d, dec.data, (size_t)dec.count);
+  ck_assert_msg(ed < 1e-4, "tiled decode: %g", ed);
+  ck_assert_int_eq(vae_decode_tiling(v, 8, 8, 6, &used, &e), ERR_INVALID); /* not a multiple of 4 */
+  free(d);
+  npy_array_free(&z);
+  npy_array_free(&dec);
+  vae_free(v);
+}
+END_TEST
+
+START_TEST(samples_follow_the_seed) {
+  const float mean[4] = {0, 1, 2, 3}, std[4] = {1, 1, 0.5f, 0};
+  float a[4], b[4], c[4];
+  vae_sample(mean, std, 2, 2, 7, a);
+  vae_sample(mean, std, 2, 2, 7, b);
+  vae_sample(mean, std, 2, 2, 8, c);
+  ck_assert(memcmp(a, b, sizeof a) == 0);
+  ck_assert(memcmp(a, c, sizeof a) != 0);
+  ck_assert(a[3] == 3.0f); /* std 0: the mean */
+}
+END_TEST
+
+START_TEST(bad_input_is_refused) {
+  vae *v = load("two_level");
+  const vae_info *vi = vae_get_info(v);
+  float x[3 * 6 * 6] = {0}, out[4 * 6 * 6];
+  err e = {0};
+  /* sides not multiples of the factor */
+  if (vi->factor > 1) {
+    ck_assert_int_eq(vae_encode(v, x, 1, 3, 3, out, NULL, 1, &e), ERR_INVALID);
+  }
+  x[5] = NAN;
+  ck_assert_int_ne(vae_encode(v, x, 1, 4, 4, out, NULL, 1, &e), ERR_OK);
+  float z[4 * 2 * 2] = {0};
+  z[1] = INFINITY;
+  float img[3 * 8 * 8];
+  ck_assert_int_ne(vae_decode(v, z, 1, 2, 2, VAE_TILE_OFF, img, 1, &e), ERR_OK);
+  vae_free(v);
+  vae *none = NULL;
+  ck_assert_int_ne(vae_load("/nonexistent-vae", &none, &e), ERR_OK);
+  ck_assert_ptr_null(none);
+}
+END_TEST
+
+START_TEST(cli_round_trip) {
+  char dir[64], model[512], out[4096];
+  ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
+  fx_path(model, sizeof model, "two_level", NULL);
+  int st = test_run_cli(out, sizeof out,
+                        "vae decode --model %s --input %s/latents.npy --out %s/d.npy --tile off",
+                        model, model, dir);
+  ck_assert_msg(st == 0, "%s", out);
+  char p[256];
+  snprintf(p, sizeof p, "%s/d.npy", dir);
+  npy_array got, ref;
+  err e = {0};
+  ck_assert_int_eq(npy_read_f32(p, &got, &e), ERR_OK);
+  read_npy("two_level", "decoded.npy", &ref);
+  ck_assert(test_rel_l2(got.data, ref.data, (size_t)ref.count) < 1e-4);
+  /* images as latents: a clear error naming the channels */
+  st = test_run_cli(out, sizeof out, "vae decode --model %s --input %s/input.npy --out %s/x.npy",
+                    model, model, dir);
+  ck_assert_int_ne(st, 0);
+  ck_assert_ptr_nonnull(strstr(out, "channels"));
+  st = test_run_cli(out, sizeof out, "vae info --model %s", model);
+  ck_assert_msg(st == 0 && strstr(out, "scaling"), "%s", out);
+  npy_array_free(&got);
+  npy_array_free(&ref);
+  snprintf(p, sizeof p, "rm -rf %s", dir);
+  ck_assert_int_eq(system(p), 0);
+}
+END_TEST
+
+Suite *test_suite(void) {
+  Suite *s = suite_create("vae");
+  TCase *tc = tcase_create("core");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, parity_with_diffusers);
+  tcase_add_test(tc, tiled_decode_matches_diffusers);
+  tcase_add_test(tc, samples_follow_the_seed);
+  tcase_add_test(tc, bad_input_is_refused);
+  tcase_add_test(tc, cli_round_trip);
+  suite_add_tcase(s, tc);
+  return s;
+}
