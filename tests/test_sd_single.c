@@ -6,6 +6,7 @@
 #include <jansson.h>
 #include <unistd.h>
 
+#include "cunet.h"
 #include "sd_single.h"
 #include "testutil.h"
 
@@ -158,6 +159,13 @@ static void check_family(int family) {
       json_integer_value(json_object_get(sd_single_config(s, SD_PART_UNET), "sample_size")),
       family == 2 ? 96 : 64);
   ck_assert_ptr_null(sd_single_weights(s, SD_PART_SCHEDULER));
+  /* The UNet part is one the UNet2DConditionModel loader takes as it is. */
+  cunet *u = NULL;
+  ck_assert_msg(cunet_load(sd_single_config(s, SD_PART_UNET), sd_single_weights(s, SD_PART_UNET),
+                           &u, &e) == ERR_OK,
+                "%s", e.msg);
+  ck_assert_int_eq(cunet_get_shape(u)->cross_dim, family == 1 ? 64 : 128);
+  cunet_free(u);
   sd_single_free(s);
   synth_clean(&sy);
 }

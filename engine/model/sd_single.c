@@ -217,7 +217,7 @@ static int unet_config(sd_single *s, const unet_layout *u, int sample, err *e) {
     if (!w || w->ndim != 4)
       return err_set(e, ERR_FORMAT, "the UNet has no resnet at input_blocks.%d", 1 + i * per);
     channels[i] = (int)w->shape[0];
-    heads[i] = channels[i] / 64;
+    heads[i] = channels[i] >= 64 ? channels[i] / 64 : 1; /* the real ones: 320 and up */
     down[i] = tensor(s, UNET_PREFIX "input_blocks.%d.1.proj_in.weight", 1 + i * per)
                   ? "CrossAttnDownBlock2D"
                   : "DownBlock2D";
