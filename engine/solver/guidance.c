@@ -18,12 +18,18 @@ int guidance_check(const guidance *g, const model *m, err *e) {
   if (!g || !g->enabled)
     return ERR_OK;
   const model_info *mi = model_get_info(m);
-  if (!mi->num_classes)
+  if (mi->cross_attention_dim && (!g->uncond_states || g->seq_len < 1))
+    return err_set(e, ERR_INVALID,
+                   "negative_prompt: guidance of a text-conditional model needs the hidden "
+                   "states of an unconditional (empty or negative) prompt");
+  if (!mi->cross_attention_dim && !mi->num_classes)
     return err_set(e, ERR_INVALID,
                    "guidance_scale: classifier-free guidance needs a class-conditional model");
   if (!isfinite(g->scale) || g->scale < 0 || g->scale > GUIDANCE_MAX_SCALE)
     return err_set(e, ERR_INVALID, "guidance_scale %g must be in [0, %g]", g->scale,
                    GUIDANCE_MAX_SCALE);
+  if (mi->cross_attention_dim)
+    return ERR_OK; /* labels, if the UNet also takes classes, are the caller's */
   const int64_t lo = mi->kind == MODEL_GAUSSIAN_MIXTURE ? INT64_MIN : 0;
   if (g->null_label < lo || g->null_label >= mi->num_classes)
     return err_set(e, ERR_INVALID, "null_class %lld is not a label of this model (%d classes)",
@@ -51,35 +57,74 @@ int guidance_eval(const guidance *g, const model *m, const model_call *c, float 
   return ERR_OK;
 }
 
+/* The unconditional rows' labels (the null label for every image; NULL without labels, caller
+ * frees), after checking that the unconditional hidden states fit the call's. */
+static int uncond_rows(const guidance *g, const model_call *c, int n, int64_t **labels, err *e) {
+  *labels = NULL;
+  if (c->labels && !(*labels = malloc((size_t)n * sizeof **labels)))
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int b = 0; c->labels && b < n; b++)
+    (*labels)[b] = g->null_label;
+  if (!c->encoder_hidden_states)
+    return ERR_OK;
+  if (!g->uncond_states || g->seq_len != c->seq_len)
+    return err_set(e, ERR_INVALID,
+                   "guidance: the unconditional prompt's hidden states (%d tokens) do not match "
+                   "the prompt's (%d)",
+                   g->seq_len, c->seq_len);
+  return ERR_OK;
+}
+
+/* A batch's hidden states, then n copies of one unconditional sequence of `per` values. */
+static float *stack_states(const float *first, int nfirst, const float *row, int n, size_t per) {
+  float *s = malloc(((size_t)nfirst + (size_t)n) * per * sizeof *s);
+  if (!s)
+    return NULL;
+  if (nfirst)
+    memcpy(s, first, (size_t)nfirst * per * sizeof *s);
+  for (int b = 0; b < n; b++)
+    memcpy(s + ((size_t)nfirst + (size_t)b) * per, row, per * sizeof *s);
+  return s;
+}
+
 static int guided_run(const guidance *g, const model *m, const model_call *c, float *out, err *e) {
-  if (!c->labels)
-    return err_set(e, ERR_INVALID, "classifier-free guidance needs class labels");
+  if (!c->labels && !c->encoder_hidden_states)
+    return err_set(e, ERR_INVALID, "classifier-free guidance needs class labels or a prompt");
   const model_info *mi = model_get_info(m);
   const int n = c->n;
   const size_t din = (size_t)mi->in_channels * c->h * c->w;
   const size_t dout = (size_t)mi->out_channels * c->h * c->w;
+  const size_t per = (size_t)c->seq_len * (size_t)mi->cross_attention_dim;
   const size_t nb = (size_t)n;
+  int64_t *nl = NULL;
+  float *ns = NULL;
+  int rc = uncond_rows(g, c, n, &nl, e);
+  if (rc != ERR_OK)
+    return rc;
   /* g = 0 is the unconditional model: u + 0 (c - u) == u, so one pass gives the same floats */
   if (g->scale == 0.0) {
-    int64_t *nl = malloc(nb * sizeof *nl);
-    if (!nl)
-      return err_set(e, ERR_NOMEM, "out of memory");
-    for (size_t b = 0; b < nb; b++)
-      nl[b] = g->null_label;
     model_call u = *c;
     u.labels = nl;
-    int rc = model_run(m, &u, out, e);
+    if (c->encoder_hidden_states &&
+        !(u.encoder_hidden_states = ns = stack_states(NULL, 0, g->uncond_states, n, per)))
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == ERR_OK)
+      rc = model_run(m, &u, out, e);
     free(nl);
+    free(ns);
     return rc;
   }
   float *x2 = malloc(2 * nb * din * sizeof *x2), *o2 = malloc(2 * nb * dout * sizeof *o2);
   float *t2 = malloc(2 * nb * sizeof *t2);
-  int64_t *l2 = malloc(2 * nb * sizeof *l2);
+  int64_t *l2 = c->labels ? malloc(2 * nb * sizeof *l2) : NULL;
   /* the image conditioning stays in both passes: guidance is over the class only */
   const size_t dc = (size_t)mi->cond_channels * c->h * c->w;
   float *c2 = c->cond ? malloc(2 * nb * dc * sizeof *c2) : NULL;
-  int rc = ERR_OK;
-  if (!x2 || !o2 || !t2 || !l2 || (c->cond && !c2)) {
+  float *s2 = c->encoder_hidden_states
+                  ? stack_states(c->encoder_hidden_states, n, g->uncond_states, n, per)
+                  : NULL;
+  if (!x2 || !o2 || !t2 || (c->labels && !l2) || (c->cond && !c2) ||
+      (c->encoder_hidden_states && !s2)) {
     rc = err_set(e, ERR_NOMEM, "out of memory for a guided batch of %d", n);
     goto done;
   }
@@ -93,8 +138,10 @@ static int guided_run(const guidance *g, const model *m, const model_call *c, fl
   }
   for (size_t b = 0; b < nb; b++) {
     t2[b] = t2[nb + b] = c->t[b];
-    l2[b] = c->labels[b];
-    l2[nb + b] = g->null_label;
+    if (l2) {
+      l2[b] = c->labels[b];
+      l2[nb + b] = nl[b];
+    }
   }
   model_call both = *c;
   both.x = x2;
@@ -102,6 +149,7 @@ static int guided_run(const guidance *g, const model *m, const model_call *c, fl
   both.t = t2;
   both.labels = l2;
   both.cond = c2;
+  both.encoder_hidden_states = s2;
   if ((rc = model_run(m, &both, o2, e)) != ERR_OK)
     goto done;
   if (!ops_all_finite(o2, 2 * nb * dout)) {
@@ -123,6 +171,8 @@ done:
   free(t2);
   free(l2);
   free(c2);
+  free(s2);
+  free(nl);
   return rc;
 }
 

@@ -16,13 +16,18 @@ typedef struct guidance {
   int enabled;        /* 0: plain model calls */
   double scale;       /* g in [0, GUIDANCE_MAX_SCALE]; 1 is the conditional model alone */
   int64_t null_label; /* the "no class" label (model_info.null_class) */
+  /* Text-conditional models: the unconditional pass's encoder hidden states (the empty or the
+   * negative prompt's), one sequence [seq_len][cross_attention_dim] for every image. */
+  const float *uncond_states;
+  int seq_len;
 } guidance;
 
 /* Guidance of scale g with the model's own null class. */
 guidance guidance_for(const model *m, double scale);
 
-/* Checks g against m: a class-conditional model, a finite scale in range, a null label the model
- * accepts. Errors name the field ("guidance_scale", "null_class"). */
+/* Checks g against m: a class-conditional model with a null label it accepts, or a
+ * text-conditional one with unconditional hidden states; a finite scale in range. Errors name
+ * the field ("guidance_scale", "null_class", "negative_prompt"). */
 int guidance_check(const guidance *g, const model *m, err *e);
 
 /* model_run under guidance g (NULL or disabled: plain model_run). Hooks see

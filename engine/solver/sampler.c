@@ -23,6 +23,7 @@ struct run_ctx {
   int64_t *labels; /* batch labels for row subsets */
   float *cond;     /* batch conditioning images for row subsets, or NULL */
   size_t dc;       /* conditioning values per image */
+  float *states;   /* text_states repeated for every image of the batch, or NULL */
   float *full;     /* batch * dout scratch for sampler_eval_rows, custom loops only */
   int nfe;
 };
@@ -62,6 +63,8 @@ static int eval_common(run_ctx *r, int step, const float *x, int n, const int64_
                         .w = r->w,
                         .t = r->tv,
                         .labels = labels,
+                        .encoder_hidden_states = r->states,
+                        .seq_len = r->states ? o->text_seq : 0,
                         .hooks = {.mid_replace = hooked ? o->first_mid : NULL},
                         .threads = o->threads > 0 ? o->threads : 1,
                         .cond = cond};
@@ -928,7 +931,14 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
     return rc;
   if (o->classifier && (rc = check_classifier(s, m, o, h, w, e)) != ERR_OK)
     return rc;
-  if (o->guidance && o->guidance->enabled && !o->labels)
+  const size_t tdim = (size_t)info->cross_attention_dim;
+  if (!tdim != !o->text_states || (o->text_states && o->text_seq < 1))
+    return err_set(e, ERR_INVALID,
+                   tdim ? "sampler: this text-conditional model needs a prompt's hidden states"
+                        : "sampler: this model takes no text conditioning");
+  if (tdim && s->ot)
+    return err_set(e, ERR_UNSUPPORTED, "sampler: dpm-ot is not built for text-conditional models");
+  if (o->guidance && o->guidance->enabled && !o->labels && !o->text_states)
     return err_set(e, ERR_INVALID, "guidance_scale: classifier-free guidance needs class labels");
   if (!info->cond_channels != !o->cond)
     return err_set(e, ERR_INVALID,
@@ -967,7 +977,12 @@ int sampler_run(const sampler *s, const model *m, const sampler_run_opts *o, flo
                  .cond = cbuf,
                  .dc = dc,
                  .full = mo};
-  if (!mo || !scratch || !tv || !lab || (o->init_image && !nz) || (o->cond && !cbuf)) {
+  const size_t per_text = tdim * (size_t)o->text_seq;
+  if (tdim && (run.states = malloc(nb * per_text * sizeof *run.states)))
+    for (size_t b = 0; b < nb; b++)
+      memcpy(run.states + b * per_text, o->text_states, per_text * sizeof *run.states);
+  if (!mo || !scratch || !tv || !lab || (o->init_image && !nz) || (tdim && !run.states) ||
+      (o->cond && !cbuf)) {
     rc = err_set(e, ERR_NOMEM, "out of memory for a batch of %d", o->batch);
     goto done;
   }
@@ -1057,6 +1072,7 @@ done:
   free(tv);
   free(lab);
   free(cbuf);
+  free(run.states);
   free(nz);
   free(first);
   return rc;

@@ -87,6 +87,10 @@ typedef struct sampler_run_opts {
   /* The conditioning image of every evaluation, batch * cond_channels * H * W: required by an
    * image-conditioned model (model_info.cond_channels), refused otherwise. */
   const float *cond;
+  /* Text-conditional models (model_info.cross_attention_dim > 0): the prompt's encoder hidden
+   * states, one sequence [text_seq][cross_attention_dim] every image of the batch attends to. */
+  const float *text_states;
+  int text_seq;
   sampler_progress_fn progress;
   void *progress_user;
   sampler_noise_fn noise;
