@@ -160,6 +160,7 @@ int cmd_train(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_vae(int argc, char **argv);
 int cmd_classify(int argc, char **argv);
+int cmd_encode_text(int argc, char **argv);
 int cmd_adjoint(int argc, char **argv);
 int cmd_audit(int argc, char **argv);
 int cmd_sample(int argc, char **argv);

@@ -23,6 +23,7 @@ static const char usage[] =
     "  classify  an image classifier's verdicts, logits and input gradient\n"
     "  adjoint   gradients through a sampling run (discrete or continuous adjoint)\n"
     "  audit     adversarial initial noise against a classifier, vs random noise\n"
+    "  encode-text prompts to CLIP text-encoder hidden states (.npy)\n"
     "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
     "  edit      edits in noise space, or across a semantic boundary\n"
     "  deblur    restore a blurry picture with a deblurring model\n"
@@ -142,6 +143,8 @@ int main(int argc, char **argv) {
     return cmd_classify(argc - 1, argv + 1);
   if (strcmp(cmd, "audit") == 0)
     return cmd_audit(argc - 1, argv + 1);
+  if (strcmp(cmd, "encode-text") == 0)
+    return cmd_encode_text(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)
     return cmd_sample(argc - 1, argv + 1);
   if (strcmp(cmd, "bench") == 0)

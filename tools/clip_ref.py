@@ -1,72 +1,56 @@
-"""OpenAI's CLIP reference (model.py and simple_tokenizer.py with its BPE file), loaded from a git
-mirror of github.com/openai/CLIP without its package's image dependencies, for
-tools/gen_clip_fixtures.py and the development checks of the C tokenizer.
+"""OpenAI's CLIP reference (model.py and simple_tokenizer.py with its BPE file) and the ftfy it
+cleans text with, each loaded from a git mirror (github.com/openai/CLIP, github.com/rspeer/
+python-ftfy at a release tag) without installing anything, for tools/gen_clip_fixtures.py and
+development checks of the C tokenizer.
 
-CLIP's tokenizer imports ftfy, which is not installable here. STAND_IN_FTFY replaces it with a
-fix_text that applies exactly the ftfy subset engine/text/clip_tok.c implements (README.md "Text
-encoder" lists it), so fixtures test everything downstream of that subset bit for bit; real ftfy
-additionally repairs mojibake and unescapes HTML once more when the text has no '<'.
+ftfy's formatting module imports wcwidth (terminal display widths), which is not installed and
+which fix_text never calls: a stub stands in for it.
 """
 import importlib.util
+import io
 import os
-import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import types
-import unicodedata
 
 DEFAULT_REPO = "/work/.mirror/openai+CLIP/repo"
-
-CP1252_HIGH = [0x20AC, 0x81, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030,
-               0x0160, 0x2039, 0x0152, 0x8D, 0x017D, 0x8F, 0x90, 0x2018, 0x2019, 0x201C, 0x201D,
-               0x2022, 0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D, 0x017E,
-               0x0178]
-LIGATURES = "\u0132\u0133\u0149\u01c4\u01c5\u01c6\u01c7\u01c8\u01c9\u01ca\u01cb\u01cc" \
-            "\u01f1\u01f2\u01f3\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06"
+FTFY_REPO = "/work/.mirror/rspeer+python-ftfy/repo"
+FTFY_TAG = "v6.3.1"
 
 
-def _maps():
-    m = {0x80 + i: chr(c) for i, c in enumerate(CP1252_HIGH)}
-    lig = {ord(c): unicodedata.normalize("NFKC", c) for c in LIGATURES}
-    width = {0x3000: " "}
-    for cp in range(0xFF01, 0xFFF0):
-        alt = unicodedata.normalize("NFKC", chr(cp))
-        if alt != chr(cp):
-            width[cp] = alt
-    control = {c: None for c in list(range(0, 9)) + [0x0B] + list(range(0x0E, 0x20)) + [0x7F] +
-               list(range(0x206A, 0x2070)) + [0xFEFF] + list(range(0xFFF9, 0xFFFD))}
-    return m, lig, width, control
+def git_show(repo, spec):
+    return subprocess.run(["git", "--git-dir", repo, "show", spec], check=True,
+                          capture_output=True).stdout
 
 
-C1, LIG, WIDTH, CONTROL = _maps()
+def load_ftfy(repo=FTFY_REPO, tag=FTFY_TAG):
+    """The ftfy package of that release."""
+    tmp = tempfile.mkdtemp(prefix="ftfy_ref_")
+    tar = subprocess.run(["git", "--git-dir", repo, "archive", tag, "ftfy"], check=True,
+                         capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(tmp)
+    if "wcwidth" not in sys.modules:
+        stub = types.ModuleType("wcwidth")
+        stub.wcwidth = lambda c: 1
+        stub.wcswidth = lambda s: len(s)
+        sys.modules["wcwidth"] = stub
+    sys.path.insert(0, tmp)
+    import ftfy  # noqa: E402
+    sys.path.remove(tmp)
+    return ftfy
 
 
-def stand_in_fix_text(text):
-    """ftfy.fix_text's default steps that the C tokenizer implements, in ftfy's order."""
-    text = re.sub("\x1b\\[[0-9;]*[a-zA-Z]", "", text)
-    text = text.translate(C1).translate(LIG).translate(WIDTH)
-    text = re.sub("[\u02bc\u2018-\u201b]", "'", text)
-    text = re.sub("[\u201c-\u201f]", '"', text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = text.replace("\u2028", "\n").replace("\u2029", "\n").replace("\x85", "\n")
-    text = text.translate(CONTROL)
-    return unicodedata.normalize("NFC", text)
-
-
-STAND_IN_FTFY = types.ModuleType("ftfy")
-STAND_IN_FTFY.fix_text = stand_in_fix_text
-
-
-def load(repo=DEFAULT_REPO):
-    """(model module, simple_tokenizer module, path of bpe_simple_vocab_16e6.txt.gz)."""
+def load(repo=DEFAULT_REPO, ftfy_repo=FTFY_REPO):
+    """(model module, simple_tokenizer module, path of bpe_simple_vocab_16e6.txt.gz, ftfy)."""
     tmp = tempfile.mkdtemp(prefix="clip_ref_")
     for name in ("model.py", "simple_tokenizer.py", "bpe_simple_vocab_16e6.txt.gz"):
-        data = subprocess.run(["git", "--git-dir", repo, "show", "HEAD:clip/" + name],
-                              check=True, capture_output=True).stdout
         with open(os.path.join(tmp, name), "wb") as f:
-            f.write(data)
-    sys.modules["ftfy"] = STAND_IN_FTFY
+            f.write(git_show(repo, "HEAD:clip/" + name))
+    ftfy = load_ftfy(ftfy_repo)
+    sys.modules["ftfy"] = ftfy
     mods = []
     for name in ("model", "simple_tokenizer"):
         spec = importlib.util.spec_from_file_location("clip_ref_" + name,
@@ -74,4 +58,4 @@ def load(repo=DEFAULT_REPO):
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         mods.append(mod)
-    return mods[0], mods[1], os.path.join(tmp, "bpe_simple_vocab_16e6.txt.gz")
+    return mods[0], mods[1], os.path.join(tmp, "bpe_simple_vocab_16e6.txt.gz"), ftfy

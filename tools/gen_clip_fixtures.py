@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Generate the CLIP tokenizer and text-encoder fixtures (tests/fixtures/clip) from OpenAI's CLIP
-reference (tools/clip_ref.py; run at development time only).
+reference and the real ftfy it cleans text with (tools/clip_ref.py; run at development time
+only).
 
   tok_full/   Token ids from the FULL released vocabulary (bpe_simple_vocab_16e6.txt.gz) for
               PROMPTS_FULL, with the part of that vocabulary those prompts use, in Hugging Face
@@ -18,11 +19,18 @@ reference (tools/clip_ref.py; run at development time only).
               OpenCLIP's SD 2.x text tower) and F16 weights (the reference uses the F16-rounded
               weights): text_encoder/ and tokenizer/ side by side for --tokenizer.
   prompts.json The prompt sets.
+  clean.json   For each prompt of the full set, the text CLIP tokenizes (ftfy.fix_text, html
+              unescape twice, whitespace clean-up, lower-case); and MOJIBAKE: prompts on which
+              ftfy's mojibake repair (fix_encoding, which the C tokenizer does not do) changes
+              the text, with CLIP's text and the text without that repair. Every prompt of the
+              sets is checked to be one that repair leaves alone.
 
 Run: /usr/bin/python3 tools/gen_clip_fixtures.py [--clip-repo DIR] --out tests/fixtures/clip
 """
 import argparse
 import gzip
+import html
+import html.entities
 import json
 import os
 import sys
@@ -33,6 +41,7 @@ import torch
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import clip_ref  # noqa: E402
+import gen_unicode_tables  # noqa: E402
 import st  # noqa: E402
 
 SMALL_MERGES = 1000
@@ -72,7 +81,12 @@ PROMPTS_FULL = PROMPTS_MODEL + [
     "supercalifragilisticexpialidocious antidisestablishmentarianism",
     "\u03a3\u039f\u03a6\u0399\u0391\u03a3 \u03a3\u0391\u03a3' \u03a3",  # final sigma
     LONG + ", " + LONG,
+    "&amp;amp;amp;lt;deep&amp;amp;amp;gt; &EACUTE;t&EACUTE; &NTILDE;o &SZLIG; &nTILDE; &#65x;",
+    "one &amp;amp;amp; line\n<b>two</b> &amp;amp;amp; &EACUTE;\nthree &amp;amp;amp;",
+    "\x1b[1\ufb01 \ufb05 \ufb03 \uffe3 \x1b[\u0663m digit \uff02quoted\uff02 \u0149",
 ]
+
+MOJIBAKE = ["caf\u00c3\u00a9 cr\u00c3\u00a8me br\u00c3\u00bbl\u00c3\u00a9e"]
 
 
 def byte_vocab(tok):
@@ -258,16 +272,43 @@ def gen_model(out, name, model_mod, tok, merges, gelu, f16, pad, seed):
           f"{'F16' if f16 else 'F32'}, pad {pad!r}")
 
 
+def clip_clean(tokmod, text):
+    return tokmod.whitespace_clean(tokmod.basic_clean(text)).lower()
+
+
+def gen_clean(out, tokmod, ftfy):
+    """clean.json, after checking that the prompts stay inside what the C side implements and
+    that its entity rule gives ftfy's table."""
+    want = dict(ftfy.chardata.HTML_ENTITIES)
+    rule = {k: v for k, v in html.entities.html5.items() if k.endswith(";")}
+    rule.update(gen_unicode_tables.ftfy_upper_entities())
+    assert {"&" + k: v for k, v in rule.items()} == want, "ftfy's entity table moved"
+    for p in PROMPTS_FULL:
+        assert ftfy.fix_text(p) == ftfy.fix_text(p, fix_encoding=False), \
+            f"ftfy repairs mojibake in {p!r}: not a parity prompt"
+    moji = []
+    for p in MOJIBAKE:
+        ref = clip_clean(tokmod, p)
+        ours = tokmod.whitespace_clean(html.unescape(html.unescape(
+            ftfy.fix_text(p, fix_encoding=False))).strip()).lower()
+        assert ref != ours
+        moji.append([p, ref, ours])
+    with open(os.path.join(out, "clean.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(full=[clip_clean(tokmod, p) for p in PROMPTS_FULL], mojibake=moji), f,
+                  ensure_ascii=False, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip-repo", default=clip_ref.DEFAULT_REPO)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    model_mod, tokmod, gz = clip_ref.load(args.clip_repo)
+    model_mod, tokmod, gz, ftfy = clip_ref.load(args.clip_repo)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prompts.json"), "w", encoding="utf-8") as f:
         json.dump(dict(model=PROMPTS_MODEL, full=PROMPTS_FULL), f, ensure_ascii=False, indent=1)
+    gen_clean(args.out, tokmod, ftfy)
     gen_full(args.out, tokmod, gz)
     tok, merges = small_tokenizer(tokmod, gz, args.out)
     gen_model(args.out, "sd1", model_mod, tok, merges, False, False, "<|endoftext|>", 1)

@@ -9,15 +9,23 @@ Tables (all sorted, searched by bisection):
   space / pyspace ranges           regex's \\s (the whitespace collapse), str.isspace (str.strip)
   lower                            str.lower() where it changes a code point (1 to 3 code points)
   case_ignorable / cased ranges    the Final_Sigma context str.lower() applies to U+03A3
+  digit ranges                     Python re's \\d (ftfy's terminal-escape pattern)
   html5                            html.entities.html5 (html.unescape's named references)
+  ftfy_upper                       the rest of ftfy's unescape_html table (HTML5's names that end
+                                   in ';' are the first part): upper-case forms of lower-case
+                                   names, decoding to the upper-cased text
   ccc, decomp, compose             canonical combining classes, full canonical decompositions and
                                    primary composites, for NFC (Hangul is algorithmic in C)
-  width, ligature                  ftfy's fix_character_width / fix_latin_ligatures maps
+  width, ligature                  ftfy's fix_character_width map (NFKC of the half/full-width
+                                   forms) and fix_latin_ligatures map (the one-level
+                                   compatibility decomposition of its ligatures and digraphs)
 
 Run: /usr/bin/python3 tools/gen_unicode_tables.py > engine/text/unicode_tables.c &&
      clang-format -i engine/text/unicode_tables.c
 """
+import html
 import html.entities
+import re
 import sys
 import unicodedata
 
@@ -53,6 +61,14 @@ def cps(s):
     return [ord(c) for c in s]
 
 
+def compat(c):
+    """One level of c's compatibility decomposition, recomposed (NFKC would go on to fold
+    U+FB05's long s, which ftfy keeps)."""
+    d = unicodedata.decomposition(c)
+    assert d.startswith("<compat> ")
+    return cps(unicodedata.normalize("NFC", "".join(chr(int(x, 16)) for x in d.split()[1:])))
+
+
 def emit_ranges(name, rs):
     print(f"const uni_range {name}[] = {{")
     for a, b in rs:
@@ -68,6 +84,29 @@ def emit_map(name, pairs, width):
         print(f"  {{0x{cp:X}, {len(seq)}, {{{vals}}}}},")
     print("};")
     print(f"const int {name}_count = {len(pairs)};\n")
+
+
+def ftfy_upper_entities():
+    """The entities ftfy's unescape_html knows beyond HTML5's own: the upper-case forms of the
+    lower-case names (with ';') that html.unescape leaves alone, decoding to upper-case text."""
+    ents = {}
+    for name, text in html.entities.html5.items():
+        upper = name.upper()
+        if name.endswith(";") and name == name.lower() and \
+                html.unescape("&" + upper) == "&" + upper:
+            ents[upper] = text.upper()
+    return ents
+
+
+def emit_entities(name, table):
+    ents = sorted(table.items())
+    assert all(len(v) <= 4 and len(k) <= 32 for k, v in ents)
+    print(f"const uni_entity {name}[] = {{")
+    for k, v in ents:
+        vals = ", ".join(f"0x{ord(c):X}" for c in v)
+        print(f"  {{{c_string(k)}, {len(v)}, {{{vals}}}}},")
+    print("};")
+    print(f"const int {name}_count = {len(ents)};\n")
 
 
 def c_string(s):
@@ -86,6 +125,8 @@ def main():
     emit_ranges("uni_other", ranges(rx(r"[^\s\p{L}\p{N}]", regex.IGNORECASE)))
     emit_ranges("uni_space", ranges(rx(r"\s")))
     emit_ranges("uni_pyspace", ranges(lambda cp: not is_surrogate(cp) and chr(cp).isspace()))
+    digit = re.compile(r"\d")
+    emit_ranges("uni_digit", ranges(lambda cp: not is_surrogate(cp) and digit.fullmatch(chr(cp))))
     lower = []
     for cp in range(MAXCP):
         if is_surrogate(cp):
@@ -106,14 +147,8 @@ def main():
         final("A" + chr(cp) + "\u03a3") and ("A\u03a3" + chr(cp)).lower()[1] == "\u03c2"))
     emit_ranges("uni_cased", ranges(
         lambda cp: not is_surrogate(cp) and final(chr(cp) + "\u03a3")))
-    ents = sorted(html.entities.html5.items())
-    assert all(len(v) <= 2 and len(k) <= 32 for k, v in ents)
-    print("const uni_entity uni_html5[] = {")
-    for k, v in ents:
-        vals = ", ".join(f"0x{ord(c):X}" for c in v)
-        print(f"  {{{c_string(k)}, {len(v)}, {{{vals}}}}},")
-    print("};")
-    print(f"const int uni_html5_count = {len(ents)};\n")
+    emit_entities("uni_html5", html.entities.html5)
+    emit_entities("uni_ftfy_upper", ftfy_upper_entities())
     ccc = [(cp, unicodedata.combining(chr(cp))) for cp in range(MAXCP)
            if not is_surrogate(cp) and unicodedata.combining(chr(cp))]
     print("const uni_ccc uni_combining[] = {")
@@ -134,6 +169,9 @@ def main():
         parts = [int(x, 16) for x in d.split()]
         if len(parts) == 2 and unicodedata.normalize("NFC", chr(parts[0]) + chr(parts[1])) == chr(cp):
             compose.append((parts[0], parts[1], cp))
+    # clip_tok.c skips the searches below these (FIRST_DECOMPOSABLE, FIRST_COMBINING)
+    assert decomp[0][0] == 0xC0 and ccc[0][0] == 0x300
+    assert min(b for _, b, _ in compose) >= 0x300
     emit_map("uni_decomp", decomp, 4)
     compose.sort()
     print("const uni_pair uni_compose[] = {")
@@ -147,11 +185,11 @@ def main():
         if alt != chr(cp):
             width.append((cp, cps(alt)))
     emit_map("uni_width", width, 3)
-    lig = sorted((ord(c), cps(unicodedata.normalize("NFKC", c))) for c in LIGATURES)
+    lig = sorted((ord(c), compat(c)) for c in LIGATURES)
     emit_map("uni_ligature", lig, 3)
 
 
-# ftfy's fix_latin_ligatures set: Latin ligatures and digraphs, broken up by NFKC.
+# The characters ftfy's fix_latin_ligatures splits: Latin ligatures and digraphs.
 LIGATURES = "\u0132\u0133\u0149\u01c4\u01c5\u01c6\u01c7\u01c8\u01c9\u01ca\u01cb\u01cc" \
             "\u01f1\u01f2\u01f3\ufb00\ufb01\ufb02\ufb03\ufb04\ufb05\ufb06"
 

@@ -608,9 +608,18 @@ static int write_all(FILE *f, const void *p, size_t n) {
   return fwrite(p, 1, n, f) == n ? 0 : -1;
 }
 
-static int write_body(FILE *f, const float *data, int ndim, const int64_t *shape, int64_t count) {
+/* The element type of an array to write: float32 or int64. */
+typedef struct npy_out_type {
+  const char *descr;
+  int size;
+} npy_out_type;
+static const npy_out_type out_f32 = {"<f4", 4}, out_i64 = {"<i8", 8};
+
+static int write_body(FILE *f, const void *data, npy_out_type ty, int ndim, const int64_t *shape,
+                      int64_t count) {
   char dict[256];
-  int len = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (");
+  int len =
+      snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (", ty.descr);
   for (int i = 0; i < ndim; i++)
     len += snprintf(dict + len, sizeof dict - (size_t)len, "%s%lld", i ? ", " : "",
                     (long long)shape[i]);
@@ -630,25 +639,31 @@ static int write_body(FILE *f, const float *data, int ndim, const int64_t *shape
       return -1;
   if (fputc('\n', f) == EOF)
     return -1;
+  /* little-endian whatever the host's order */
+  const unsigned char *src = data;
   unsigned char buf[4096] = {0};
   for (int64_t i = 0; i < count;) {
     size_t n = 0;
-    for (; n < sizeof buf / 4 && i < count; n++, i++) {
-      uint32_t u;
-      memcpy(&u, &data[i], 4);
-      buf[4 * n] = (unsigned char)u;
-      buf[4 * n + 1] = (unsigned char)(u >> 8);
-      buf[4 * n + 2] = (unsigned char)(u >> 16);
-      buf[4 * n + 3] = (unsigned char)(u >> 24);
+    for (; n + (size_t)ty.size <= sizeof buf && i < count; i++) {
+      uint64_t u;
+      if (ty.size == 4) {
+        uint32_t v;
+        memcpy(&v, src + 4 * i, 4);
+        u = v;
+      } else {
+        memcpy(&u, src + 8 * i, 8);
+      }
+      for (int b = 0; b < ty.size; b++)
+        buf[n++] = (unsigned char)(u >> (8 * b));
     }
-    if (write_all(f, buf, 4 * n))
+    if (write_all(f, buf, n))
       return -1;
   }
   return 0;
 }
 
 /* The element count of an array to write, checked. */
-static int write_count(const char *path, const float *data, int ndim, const int64_t *shape,
+static int write_count(const char *path, const void *data, int ndim, const int64_t *shape,
                        int64_t *out, err *e) {
   if (ndim < 0 || ndim > NPY_MAX_DIMS)
     return err_set(e, ERR_INVALID, "%s: cannot write %d dimensions (max %d)", path, ndim,
@@ -659,7 +674,7 @@ static int write_count(const char *path, const float *data, int ndim, const int6
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0)
       return err_set(e, ERR_INVALID, "%s: negative dimension %lld", path, (long long)shape[i]);
-    if (shape[i] != 0 && count > INT64_MAX / 4 / shape[i])
+    if (shape[i] != 0 && count > INT64_MAX / 8 / shape[i])
       return err_set(e, ERR_INVALID, "%s: shape too large", path);
     count *= shape[i];
   }
@@ -680,7 +695,7 @@ int npy_encode_f32(const float *data, int ndim, const int64_t *shape, uint8_t **
   FILE *f = open_memstream(&buf, &n);
   if (!f)
     return err_set(e, ERR_NOMEM, "npy: out of memory");
-  int bad = write_body(f, data, ndim, shape, count);
+  int bad = write_body(f, data, out_f32, ndim, shape, count);
   if (fclose(f) != 0 || bad) {
     free(buf);
     return err_set(e, ERR_NOMEM, "npy: out of memory for %lld floats", (long long)count);
@@ -690,15 +705,16 @@ int npy_encode_f32(const float *data, int ndim, const int64_t *shape, uint8_t **
   return ERR_OK;
 }
 
-int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e) {
+/* Written beside the target and renamed, so readers never see a partial file. */
+static int write_file(const char *path, const void *data, npy_out_type ty, int ndim,
+                      const int64_t *shape, err *e) {
   if (!path)
-    return err_set(e, ERR_INVALID, "npy_write_f32: no path given");
+    return err_set(e, ERR_INVALID, "npy: no path given");
   int64_t count;
   int rc0 = write_count(path, data, ndim, shape, &count, e);
   if (rc0)
     return rc0;
 
-  /* Write beside the target and rename, so readers never see a partial file. */
   size_t plen = strlen(path);
   char *tmp = mem_malloc(plen + 16);
   if (!tmp)
@@ -720,7 +736,7 @@ int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *
     free(tmp);
     return rc;
   }
-  int bad = write_body(f, data, ndim, shape, count);
+  int bad = write_body(f, data, ty, ndim, shape, count);
   if (!bad && fflush(f) != 0)
     bad = -1;
   int saved = errno;
@@ -739,4 +755,12 @@ int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *
   }
   free(tmp);
   return ERR_OK;
+}
+
+int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e) {
+  return write_file(path, data, out_f32, ndim, shape, e);
+}
+
+int npy_write_i64(const char *path, const int64_t *data, int ndim, const int64_t *shape, err *e) {
+  return write_file(path, data, out_i64, ndim, shape, e);
 }

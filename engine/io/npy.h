@@ -1,5 +1,5 @@
 /* NumPy .npy files: read any little-endian float32/float64/int32/int64 array
- * (C order) into float32 or int64, write float32. Sizes checked against the file. */
+ * (C order) into float32 or int64, write float32 or int64. Sizes checked against the file. */
 #ifndef DENOISED_NPY_H
 #define DENOISED_NPY_H
 
@@ -33,6 +33,8 @@ int npy_parse_f32_shaped(const void *buf, size_t len, const char *name, const in
                          int ndim, npy_array *out, err *e);
 
 int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, err *e);
+/* The same for int64 data (token ids). */
+int npy_write_i64(const char *path, const int64_t *data, int ndim, const int64_t *shape, err *e);
 /* The bytes of the same file, malloc'ed. */
 int npy_encode_f32(const float *data, int ndim, const int64_t *shape, uint8_t **out, size_t *len,
                    err *e);

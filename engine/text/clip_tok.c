@@ -39,8 +39,8 @@ static int cp_push(cpbuf *b, uint32_t c) {
   return 0;
 }
 
-static int cp_push_n(cpbuf *b, const uint32_t *c, int n) {
-  for (int i = 0; i < n; i++)
+static int cp_push_n(cpbuf *b, const uint32_t *c, size_t n) {
+  for (size_t i = 0; i < n; i++)
     if (cp_push(b, c[i]))
       return -1;
   return 0;
@@ -146,11 +146,19 @@ static const uni_map3 *find_map3(const uni_map3 *m, int n, uint32_t c) {
   return bsearch(&c, m, (size_t)n, sizeof *m, cp_cmp);
 }
 
+/* The tables' first entries (asserted by the generator) let Latin-1 text skip the searches. */
+#define FIRST_DECOMPOSABLE 0xC0u
+#define FIRST_COMBINING 0x300u
+
 static const uni_map4 *find_decomp(uint32_t c) {
+  if (c < FIRST_DECOMPOSABLE)
+    return NULL;
   return bsearch(&c, uni_decomp, (size_t)uni_decomp_count, sizeof *uni_decomp, cp_cmp);
 }
 
 static int ccc_of(uint32_t c) {
+  if (c < FIRST_COMBINING)
+    return 0;
   const uni_ccc *x =
       bsearch(&c, uni_combining, (size_t)uni_combining_count, sizeof *uni_combining, cp_cmp);
   return x ? x->ccc : 0;
@@ -165,6 +173,8 @@ static int ccc_of(uint32_t c) {
 #define HANGUL_COUNT (19u * 21u * 28u)
 
 static uint32_t compose_pair(uint32_t a, uint32_t b) {
+  if (b < FIRST_COMBINING)
+    return 0;
   if (a >= HANGUL_L && a < HANGUL_L + 19 && b >= HANGUL_V && b < HANGUL_V + HANGUL_VN)
     return HANGUL_S + ((a - HANGUL_L) * HANGUL_VN + (b - HANGUL_V)) * HANGUL_TN;
   if (a >= HANGUL_S && a < HANGUL_S + HANGUL_COUNT && (a - HANGUL_S) % HANGUL_TN == 0 &&
@@ -248,64 +258,8 @@ static const uint32_t cp1252_high[32] = {
     0x2039, 0x0152, 0x8D,   0x017D, 0x8F,   0x90,   0x2018, 0x2019, 0x201C, 0x201D, 0x2022,
     0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D,   0x017E, 0x0178};
 
-static int ftfy_control(uint32_t c) {
-  return c <= 0x08 || c == 0x0B || (c >= 0x0E && c <= 0x1F) || c == 0x7F ||
-         (c >= 0x206A && c <= 0x206F) || c == 0xFEFF || (c >= 0xFFF9 && c <= 0xFFFC);
-}
-
 static int is_ascii_digit(uint32_t c) {
   return c >= '0' && c <= '9';
-}
-
-/* The subset of ftfy.fix_text (6.x defaults) we apply, in its order: terminal escapes removed,
- * C1 controls read as Windows-1252, Latin ligatures split, full/half-width forms normalised,
- * curly quotes straightened, line breaks unified, control characters removed, NFC. Not done:
- * mojibake repair (fix_encoding and its relatives) and ftfy's own HTML unescape. */
-static int ftfy_subset(cpbuf *t, cpbuf *tmp) {
-  tmp->n = 0;
-  for (size_t i = 0; i < t->n; i++) {
-    if (t->v[i] == 0x1B && i + 1 < t->n && t->v[i + 1] == '[') {
-      size_t j = i + 2;
-      while (j < t->n && (is_ascii_digit(t->v[j]) || t->v[j] == ';'))
-        j++;
-      uint32_t f = j < t->n ? t->v[j] : 0;
-      if ((f >= 'a' && f <= 'z') || (f >= 'A' && f <= 'Z')) {
-        i = j;
-        continue;
-      }
-    }
-    uint32_t c = t->v[i];
-    if (c >= 0x80 && c <= 0x9F)
-      c = cp1252_high[c - 0x80];
-    const uni_map3 *m = find_map3(uni_ligature, uni_ligature_count, c);
-    if (!m)
-      m = find_map3(uni_width, uni_width_count, c);
-    uint32_t buf[3];
-    int nb = 1;
-    if (m) {
-      memcpy(buf, m->to, sizeof buf);
-      nb = m->n;
-    } else {
-      buf[0] = c;
-    }
-    for (int k = 0; k < nb; k++) {
-      uint32_t d = buf[k];
-      if (d == 0x02BC || (d >= 0x2018 && d <= 0x201B))
-        d = '\'';
-      else if (d >= 0x201C && d <= 0x201F)
-        d = '"';
-      else if (d == '\r' && k == nb - 1 && i + 1 < t->n && t->v[i + 1] == '\n')
-        continue; /* \r\n: the \n that follows stays */
-      else if (d == '\r' || d == 0x2028 || d == 0x2029 || d == 0x85)
-        d = '\n';
-      if (ftfy_control(d))
-        continue;
-      if (cp_push(tmp, d))
-        return -1;
-    }
-  }
-  cp_swap(t, tmp);
-  return nfc(t, tmp);
 }
 
 static int entity_cmp(const void *key, const void *elem) {
@@ -387,7 +341,7 @@ static size_t named_ref(const uint32_t *v, size_t n, size_t i, cpbuf *out, int *
     const uni_entity *ent = find_entity(name);
     if (!ent)
       continue;
-    if (cp_push_n(out, ent->to, ent->n) || cp_push_n(out, v + i + 1 + x, (int)(len - x)))
+    if (cp_push_n(out, ent->to, ent->n) || cp_push_n(out, v + i + 1 + x, len - x))
       *fail = 1;
     return j - i;
   }
@@ -417,6 +371,185 @@ static int html_unescape(cpbuf *t, cpbuf *tmp) {
   return fail ? -1 : 0;
 }
 
+/* ---------- ftfy ---------- */
+
+static int ftfy_control(uint32_t c) {
+  return c <= 0x08 || c == 0x0B || (c >= 0x0E && c <= 0x1F) || c == 0x7F ||
+         (c >= 0x206A && c <= 0x206F) || c == 0xFEFF || (c >= 0xFFF9 && c <= 0xFFFC);
+}
+
+static int is_ascii_alnum(uint32_t c) {
+  return is_ascii_digit(c) || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
+}
+
+/* Length of ftfy's entity pattern "&#?[0-9A-Za-z]{1,24};" at v[i], or 0. */
+static size_t ftfy_entity_len(const uint32_t *v, size_t n, size_t i) {
+  size_t j = i + 1, k = 0;
+  if (j < n && v[j] == '#')
+    j++;
+  while (j + k < n && k <= 24 && is_ascii_alnum(v[j + k]))
+    k++;
+  return k >= 1 && k <= 24 && j + k < n && v[j + k] == ';' ? j + k + 1 - i : 0;
+}
+
+/* The named entity of length len at v[i] ("&name;") in ftfy's table: HTML5's names that end
+ * in ';', then its upper-case additions. */
+static const uni_entity *ftfy_entity(const uint32_t *v, size_t i, size_t len) {
+  char name[32];
+  for (size_t k = 1; k < len; k++)
+    name[k - 1] = (char)v[i + k];
+  name[len - 1] = '\0';
+  const uni_entity *ent = find_entity(name);
+  return ent ? ent
+             : bsearch(name, uni_ftfy_upper, (size_t)uni_ftfy_upper_count, sizeof *uni_ftfy_upper,
+                       entity_cmp);
+}
+
+/* ftfy's unescape_html: each match of its entity pattern that is in its table, or that is a
+ * numeric reference html.unescape decodes whole, is replaced; other matches stay. */
+static int ftfy_unescape(cpbuf *t, cpbuf *tmp) {
+  tmp->n = 0;
+  int fail = 0;
+  for (size_t i = 0; i < t->n && !fail;) {
+    size_t len = t->v[i] == '&' ? ftfy_entity_len(t->v, t->n, i) : 0, used = 0;
+    if (len && t->v[i + 1] == '#') {
+      size_t mark = tmp->n;
+      used = numeric_ref(t->v, i + len, i, tmp, &fail);
+      if (used != len) { /* html.unescape decoded only a part: ftfy keeps the text */
+        tmp->n = mark;
+        used = 0;
+      }
+    } else if (len) {
+      const uni_entity *ent = ftfy_entity(t->v, i, len);
+      if (ent) {
+        fail |= cp_push_n(tmp, ent->to, ent->n);
+        used = len;
+      }
+    }
+    if (!used) { /* re.sub goes on after the whole match */
+      used = len ? len : 1;
+      fail |= cp_push_n(tmp, t->v + i, used);
+    }
+    i += used;
+  }
+  cp_swap(t, tmp);
+  return fail ? -1 : 0;
+}
+
+/* fix_c1_controls, fix_latin_ligatures, fix_character_width and uncurl_quotes on one
+ * character: each maps characters alone, so applying them in turn to a character is applying
+ * them in turn to the text. Up to 9 characters in out. */
+static int ftfy_map_char(uint32_t c, uint32_t *out) {
+  if (c < 0x80) { /* no map touches ASCII */
+    out[0] = c;
+    return 1;
+  }
+  if (c <= 0x9F)
+    c = cp1252_high[c - 0x80];
+  const uni_map3 *lig = find_map3(uni_ligature, uni_ligature_count, c);
+  int n = 0;
+  for (int k = 0; k < (lig ? lig->n : 1); k++) {
+    uint32_t d = lig ? lig->to[k] : c;
+    const uni_map3 *w = find_map3(uni_width, uni_width_count, d);
+    for (int x = 0; x < (w ? w->n : 1); x++) {
+      uint32_t q = w ? w->to[x] : d;
+      if (q == 0x02BC || (q >= 0x2018 && q <= 0x201B))
+        q = '\'';
+      else if (q >= 0x201C && q <= 0x201F)
+        q = '"';
+      out[n++] = q;
+    }
+  }
+  return n;
+}
+
+/* The character maps, then fix_line_breaks ("\r\n", "\r", U+2028, U+2029, U+0085 to "\n"; no
+ * map makes a "\r" or "\n", so the "\r\n" test can look at the unmapped text). */
+static int ftfy_maps(cpbuf *t, cpbuf *tmp) {
+  tmp->n = 0;
+  for (size_t i = 0; i < t->n; i++) {
+    uint32_t buf[9];
+    int nb = ftfy_map_char(t->v[i], buf);
+    for (int k = 0; k < nb; k++) {
+      uint32_t d = buf[k];
+      if (d == '\r' && i + 1 < t->n && t->v[i + 1] == '\n')
+        continue;
+      if (d == '\r' || d == 0x2028 || d == 0x2029 || d == 0x85)
+        d = '\n';
+      if (cp_push(tmp, d))
+        return -1;
+    }
+  }
+  cp_swap(t, tmp);
+  return 0;
+}
+
+/* remove_terminal_escapes (ESC "[", Python's \d digits or ';', an ASCII letter), then
+ * remove_control_chars. */
+static int ftfy_strip(cpbuf *t, cpbuf *tmp) {
+  tmp->n = 0;
+  for (size_t i = 0; i < t->n; i++) {
+    if (t->v[i] == 0x1B && i + 1 < t->n && t->v[i + 1] == '[') {
+      size_t j = i + 2;
+      while (j < t->n && (t->v[j] == ';' || in_ranges(uni_digit, uni_digit_count, t->v[j])))
+        j++;
+      uint32_t f = j < t->n ? t->v[j] : 0;
+      if ((f >= 'a' && f <= 'z') || (f >= 'A' && f <= 'Z')) {
+        i = j;
+        continue;
+      }
+    }
+    if (!ftfy_control(t->v[i]) && cp_push(tmp, t->v[i]))
+      return -1;
+  }
+  cp_swap(t, tmp);
+  return 0;
+}
+
+/* One piece of fix_text, fixed until nothing changes (ftfy's fix_and_explain). A round that
+ * changes the text undoes an entity or an escape (shortening it) or maps characters the next
+ * round leaves alone, so the piece's length bounds the rounds; the bound guards against a
+ * hang all the same. */
+static int ftfy_piece(cpbuf *s, cpbuf *tmp, cpbuf *prev, int unescape) {
+  for (size_t round = 0, limit = s->n + 2; round < limit; round++) {
+    prev->n = 0;
+    if (cp_push_n(prev, s->v, s->n))
+      return -1;
+    if ((unescape && ftfy_unescape(s, tmp)) || ftfy_maps(s, tmp) || ftfy_strip(s, tmp) ||
+        nfc(s, tmp))
+      return -1;
+    if (s->n == prev->n && memcmp(s->v, prev->v, s->n * sizeof *s->v) == 0)
+      break;
+  }
+  return 0;
+}
+
+/* ftfy.fix_text with its defaults except fix_encoding (README.md "Text encoder"): line by line
+ * (each piece ends after its "\n"), and with HTML unescaping off from the first line that
+ * holds a "<" on ("auto"). */
+static int ftfy_fix_text(cpbuf *t, cpbuf *tmp) {
+  cpbuf piece = {0}, prev = {0}, out = {0};
+  int unescape = 1, rc = 0;
+  for (size_t pos = 0; pos < t->n && !rc;) {
+    size_t end = pos;
+    while (end < t->n && t->v[end] != '\n')
+      end++;
+    end += end < t->n;
+    for (size_t k = pos; k < end; k++)
+      unescape &= t->v[k] != '<';
+    piece.n = 0;
+    rc = cp_push_n(&piece, t->v + pos, end - pos) || ftfy_piece(&piece, tmp, &prev, unescape) ||
+         cp_push_n(&out, piece.v, piece.n);
+    pos = end;
+  }
+  if (!rc)
+    cp_swap(t, &out);
+  free(piece.v);
+  free(prev.v);
+  free(out.v);
+  return rc;
+}
+
 static int is_space(uint32_t c) {
   return in_ranges(uni_space, uni_space_count, c);
 }
@@ -431,7 +564,8 @@ static void strip(cpbuf *t) {
     a++;
   while (b > a && is_pyspace(t->v[b - 1]))
     b--;
-  memmove(t->v, t->v + a, (b - a) * sizeof *t->v);
+  if (a) /* an empty text has no buffer */
+    memmove(t->v, t->v + a, (b - a) * sizeof *t->v);
   t->n = b - a;
 }
 
@@ -484,7 +618,7 @@ static int collapse_and_lower(cpbuf *t, cpbuf *tmp) {
 /* CLIP's basic_clean then whitespace_clean then lower(), on the decoded prompt in t. */
 static int clean(cpbuf *t, err *e) {
   cpbuf tmp = {0};
-  int rc = ftfy_subset(t, &tmp) || html_unescape(t, &tmp) || html_unescape(t, &tmp);
+  int rc = ftfy_fix_text(t, &tmp) || html_unescape(t, &tmp) || html_unescape(t, &tmp);
   if (!rc) {
     strip(t);
     rc = collapse_and_lower(t, &tmp);

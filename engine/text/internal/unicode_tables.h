@@ -21,7 +21,7 @@ typedef struct uni_map4 {
 typedef struct uni_entity {
   const char *name; /* with its ';' when the reference has one */
   uint8_t n;
-  uint32_t to[2];
+  uint32_t to[4];
 } uni_entity;
 typedef struct uni_ccc {
   uint32_t cp;
@@ -31,17 +31,18 @@ typedef struct uni_pair {
   uint32_t a, b, composite;
 } uni_pair;
 
-extern const uni_range uni_letter[], uni_number[], uni_other[], uni_space[], uni_pyspace[];
+extern const uni_range uni_letter[], uni_number[], uni_other[], uni_space[], uni_pyspace[],
+    uni_digit[];
 extern const int uni_letter_count, uni_number_count, uni_other_count, uni_space_count,
-    uni_pyspace_count;
+    uni_pyspace_count, uni_digit_count;
 extern const uni_range uni_case_ignorable[], uni_cased[];
 extern const int uni_case_ignorable_count, uni_cased_count;
 extern const uni_map3 uni_lower[], uni_width[], uni_ligature[];
 extern const int uni_lower_count, uni_width_count, uni_ligature_count;
 extern const uni_map4 uni_decomp[];
 extern const int uni_decomp_count;
-extern const uni_entity uni_html5[];
-extern const int uni_html5_count;
+extern const uni_entity uni_html5[], uni_ftfy_upper[];
+extern const int uni_html5_count, uni_ftfy_upper_count;
 extern const uni_ccc uni_combining[];
 extern const int uni_combining_count;
 extern const uni_pair uni_compose[];
