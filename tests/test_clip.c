@@ -342,6 +342,10 @@ START_TEST(from_config_objects) {
   json_t *bad = json_array();
   ck_assert_int_eq(clip_text_new_from(bad, NULL, "sd2 view", &m2, &e), ERR_FORMAT);
   ck_assert_ptr_nonnull(strstr(e.msg, "sd2 view"));
+  root = json_load_file(cfg, 0, NULL);
+  ck_assert_int_eq(clip_text_new_from(root, NULL, NULL, &m2, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "no tensors"));
+  json_decref(root);
   json_decref(bad);
 }
 END_TEST

@@ -185,7 +185,11 @@ int clip_text_new_from(const json_t *config, const st_file *weights, const char 
   clip_text_model *m = mem_calloc(1, sizeof *m);
   if (!m)
     return err_set(e, ERR_NOMEM, "out of memory loading the text encoder");
+  if (!source)
+    source = "the text encoder";
   int rc = parse_config(config, source, &m->cfg, e);
+  if (!rc && !weights)
+    rc = err_set(e, ERR_INVALID, "%s: no tensors given", source);
   const clip_text_config *c = &m->cfg;
   if (!rc) {
     m->weights = mem_malloc(weight_floats(c) * sizeof(float));
