@@ -40,9 +40,19 @@ static int cp_push(cpbuf *b, uint32_t c) {
 }
 
 static int cp_push_n(cpbuf *b, const uint32_t *c, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    if (cp_push(b, c[i]))
+  if (b->n + n > b->cap) {
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->n + n)
+      cap *= 2;
+    uint32_t *v = mem_realloc(b->v, cap * sizeof *v);
+    if (!v)
       return -1;
+    b->v = v;
+    b->cap = cap;
+  }
+  if (n)
+    memcpy(b->v + b->n, c, n * sizeof *c);
+  b->n += n;
   return 0;
 }
 
@@ -198,7 +208,12 @@ static uint32_t compose_pair(uint32_t a, uint32_t b) {
 
 /* Unicode NFC: full canonical decomposition, canonical ordering, then composition of each
  * starter with the following characters it is not blocked from. */
-static int nfc(cpbuf *in, cpbuf *out) {
+static int nfc(cpbuf *in, cpbuf *out, int *changed) {
+  size_t i0 = 0;
+  while (i0 < in->n && in->v[i0] < FIRST_DECOMPOSABLE)
+    i0++;
+  if (i0 == in->n) /* Latin-1 below U+00C0 is NFC as it stands */
+    return 0;
   out->n = 0;
   for (size_t i = 0; i < in->n; i++) {
     uint32_t c = in->v[i];
@@ -246,6 +261,7 @@ static int nfc(cpbuf *in, cpbuf *out) {
     last_cc = cc;
     v[n++] = c;
   }
+  *changed |= n != in->n || memcmp(v, in->v, n * sizeof *v) != 0;
   out->n = n;
   cp_swap(in, out);
   return 0;
@@ -407,9 +423,14 @@ static const uni_entity *ftfy_entity(const uint32_t *v, size_t i, size_t len) {
 
 /* ftfy's unescape_html: each match of its entity pattern that is in its table, or that is a
  * numeric reference html.unescape decodes whole, is replaced; other matches stay. */
-static int ftfy_unescape(cpbuf *t, cpbuf *tmp) {
+static int ftfy_unescape(cpbuf *t, cpbuf *tmp, int *changed) {
+  const uint32_t *amp = t->v;
+  while (amp < t->v + t->n && *amp != '&')
+    amp++;
+  if (amp == t->v + t->n)
+    return 0;
   tmp->n = 0;
-  int fail = 0;
+  int fail = 0, replaced = 0;
   for (size_t i = 0; i < t->n && !fail;) {
     size_t len = t->v[i] == '&' ? ftfy_entity_len(t->v, t->n, i) : 0, used = 0;
     if (len && t->v[i + 1] == '#') {
@@ -426,12 +447,16 @@ static int ftfy_unescape(cpbuf *t, cpbuf *tmp) {
         used = len;
       }
     }
-    if (!used) { /* re.sub goes on after the whole match */
+    replaced |= used != 0;
+    if (!used) { /* re.sub goes on after the whole match; text without '&' is copied whole */
       used = len ? len : 1;
+      while (!len && i + used < t->n && t->v[i + used] != '&')
+        used++;
       fail |= cp_push_n(tmp, t->v + i, used);
     }
     i += used;
   }
+  *changed |= replaced;
   cp_swap(t, tmp);
   return fail ? -1 : 0;
 }
@@ -465,17 +490,27 @@ static int ftfy_map_char(uint32_t c, uint32_t *out) {
 
 /* The character maps, then fix_line_breaks ("\r\n", "\r", U+2028, U+2029, U+0085 to "\n"; no
  * map makes a "\r" or "\n", so the "\r\n" test can look at the unmapped text). */
-static int ftfy_maps(cpbuf *t, cpbuf *tmp) {
+static int ftfy_maps(cpbuf *t, cpbuf *tmp, int *changed) {
+  size_t first = 0;
+  while (first < t->n && t->v[first] < 0x80 && t->v[first] != '\r')
+    first++;
+  if (first == t->n) /* only ASCII and no "\r": nothing to map */
+    return 0;
   tmp->n = 0;
   for (size_t i = 0; i < t->n; i++) {
     uint32_t buf[9];
     int nb = ftfy_map_char(t->v[i], buf);
+    *changed |= nb != 1 || buf[0] != t->v[i];
     for (int k = 0; k < nb; k++) {
       uint32_t d = buf[k];
-      if (d == '\r' && i + 1 < t->n && t->v[i + 1] == '\n')
+      if (d == '\r' && i + 1 < t->n && t->v[i + 1] == '\n') {
+        *changed = 1;
         continue;
-      if (d == '\r' || d == 0x2028 || d == 0x2029 || d == 0x85)
+      }
+      if (d == '\r' || d == 0x2028 || d == 0x2029 || d == 0x85) {
         d = '\n';
+        *changed = 1;
+      }
       if (cp_push(tmp, d))
         return -1;
     }
@@ -486,7 +521,12 @@ static int ftfy_maps(cpbuf *t, cpbuf *tmp) {
 
 /* remove_terminal_escapes (ESC "[", Python's \d digits or ';', an ASCII letter), then
  * remove_control_chars. */
-static int ftfy_strip(cpbuf *t, cpbuf *tmp) {
+static int ftfy_strip(cpbuf *t, cpbuf *tmp, int *changed) {
+  size_t first = 0; /* ESC is a control character too */
+  while (first < t->n && !ftfy_control(t->v[first]))
+    first++;
+  if (first == t->n)
+    return 0;
   tmp->n = 0;
   for (size_t i = 0; i < t->n; i++) {
     if (t->v[i] == 0x1B && i + 1 < t->n && t->v[i + 1] == '[') {
@@ -502,6 +542,7 @@ static int ftfy_strip(cpbuf *t, cpbuf *tmp) {
     if (!ftfy_control(t->v[i]) && cp_push(tmp, t->v[i]))
       return -1;
   }
+  *changed |= tmp->n != t->n;
   cp_swap(t, tmp);
   return 0;
 }
@@ -509,16 +550,14 @@ static int ftfy_strip(cpbuf *t, cpbuf *tmp) {
 /* One piece of fix_text, fixed until nothing changes (ftfy's fix_and_explain). A round that
  * changes the text undoes an entity or an escape (shortening it) or maps characters the next
  * round leaves alone, so the piece's length bounds the rounds; the bound guards against a
- * hang all the same. */
-static int ftfy_piece(cpbuf *s, cpbuf *tmp, cpbuf *prev, int unescape) {
+ * hang all the same. Steps skip text they cannot change. */
+static int ftfy_piece(cpbuf *s, cpbuf *tmp, int unescape) {
   for (size_t round = 0, limit = s->n + 2; round < limit; round++) {
-    prev->n = 0;
-    if (cp_push_n(prev, s->v, s->n))
+    int changed = 0;
+    if ((unescape && ftfy_unescape(s, tmp, &changed)) || ftfy_maps(s, tmp, &changed) ||
+        ftfy_strip(s, tmp, &changed) || nfc(s, tmp, &changed))
       return -1;
-    if ((unescape && ftfy_unescape(s, tmp)) || ftfy_maps(s, tmp) || ftfy_strip(s, tmp) ||
-        nfc(s, tmp))
-      return -1;
-    if (s->n == prev->n && memcmp(s->v, prev->v, s->n * sizeof *s->v) == 0)
+    if (!changed)
       break;
   }
   return 0;
@@ -528,7 +567,7 @@ static int ftfy_piece(cpbuf *s, cpbuf *tmp, cpbuf *prev, int unescape) {
  * (each piece ends after its "\n"), and with HTML unescaping off from the first line that
  * holds a "<" on ("auto"). */
 static int ftfy_fix_text(cpbuf *t, cpbuf *tmp) {
-  cpbuf piece = {0}, prev = {0}, out = {0};
+  cpbuf piece = {0}, out = {0};
   int unescape = 1, rc = 0;
   for (size_t pos = 0; pos < t->n && !rc;) {
     size_t end = pos;
@@ -538,14 +577,13 @@ static int ftfy_fix_text(cpbuf *t, cpbuf *tmp) {
     for (size_t k = pos; k < end; k++)
       unescape &= t->v[k] != '<';
     piece.n = 0;
-    rc = cp_push_n(&piece, t->v + pos, end - pos) || ftfy_piece(&piece, tmp, &prev, unescape) ||
+    rc = cp_push_n(&piece, t->v + pos, end - pos) || ftfy_piece(&piece, tmp, unescape) ||
          cp_push_n(&out, piece.v, piece.n);
     pos = end;
   }
   if (!rc)
     cp_swap(t, &out);
   free(piece.v);
-  free(prev.v);
   free(out.v);
   return rc;
 }
