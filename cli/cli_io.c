@@ -332,7 +332,7 @@ int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
                    const pipeline_result *res, const char *model_name, const json_t *extra,
                    int only, err *e) {
   const model_info *mi = model_get_info(m);
-  const size_t d = (size_t)mi->in_channels * res->height * res->width;
+  const size_t d = (size_t)mi->image_channels * res->height * res->width;
   if (only >= r->batch)
     return err_set(e, ERR_INVALID, "image %d is not in this run of %d", only, r->batch);
   if (strcmp(base, "-") == 0 && r->batch > 1 && only < 0)

@@ -27,6 +27,7 @@ static const char help[] =
     "                       [--scheduler-config FILE.json] [--scheduler-opt KEY=VALUE ...]\n"
     "                       [--solver-data NAME|FILE]\n"
     "                       [--seed S | --noise NOISE.npy] [--batch B] [--class C]\n"
+    "                       [--prompt P [--negative-prompt N] [--clip-skip K]]\n"
     "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
     "                       [--mask MASK.png]] [--classifier DIR --classifier-target\n"
     "                       [HEAD=]CLASS [--classifier-scale S]] [--size S] [--threads T]\n"
@@ -69,6 +70,11 @@ static const char help[] =
     "                          model's _class_labels (the default glyph model: 0-9, A-Z);\n"
     "                          without it each image's class is drawn from the seed and its\n"
     "                          image index (printed, and recorded in the PNG)\n"
+    "  --prompt P              text-to-image models (a Stable-Diffusion pipeline folder): the\n"
+    "                          prompt every image follows\n"
+    "  --negative-prompt N     what guidance steers away from (default: the empty prompt)\n"
+    "  --clip-skip K           text encoder layer, counted as AUTOMATIC1111 does: 1 (default)\n"
+    "                          the last, 2 the one before (through the final layer norm)\n"
     "  --guidance-scale G      classifier-free guidance: uncond + G (cond - uncond), both\n"
     "                          passes in one batched evaluation per step; G in [0, 100], 1 is\n"
     "                          the plain conditional model, 0 the unconditional one (the null\n"
@@ -105,6 +111,8 @@ static const char help[] =
 typedef struct sample_args {
   const char *model_dir, *scheduler, *sched_file, *noise_path, *npy_out, *png_out, *replay;
   const char *init_image, *mask, *solver_data, *clf_dir, *clf_target;
+  const char *prompt, *negative_prompt;
+  long long clip_skip;
   double guidance, strength, clf_scale;
   int has_guidance, has_strength;
   const char *overrides[MAX_OVERRIDES];
@@ -189,6 +197,11 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
     a->guidance = json_number_value(gs);
     a->has_guidance = 1;
   }
+  /* text-to-image: the prompts (alive as long as the record, which the caller keeps) */
+  a->prompt = json_string_value(json_object_get(meta, "prompt"));
+  a->negative_prompt = json_string_value(json_object_get(meta, "negative_prompt"));
+  const json_t *skip = json_object_get(meta, "clip_skip");
+  a->clip_skip = json_is_integer(skip) ? json_integer_value(skip) : 0;
   /* img2img and inpainting replay from the recorded files (or the ones given: a daemon job's
    * pictures are its own) */
   if (!a->init_image && json_is_string(init))
@@ -244,6 +257,9 @@ static const struct option sample_opts[] = {{"model", required_argument, 0, 'm'}
                                             {"classifier-target", required_argument, 0, 'Y'},
                                             {"classifier-scale", required_argument, 0, 'k'},
                                             {"precision", required_argument, 0, 'p'},
+                                            {"prompt", required_argument, 0, 'P'},
+                                            {"negative-prompt", required_argument, 0, 'X'},
+                                            {"clip-skip", required_argument, 0, 'C'},
                                             {"quiet", no_argument, 0, 'q'},
                                             {"help", no_argument, 0, 'h'},
                                             {0, 0, 0, 0}};
@@ -314,6 +330,12 @@ static int sample_option(int c, const char *arg, sample_args *a) {
     if (cli_parse_double("--classifier-scale", arg, 0, GUIDANCE_MAX_SCALE, &a->clf_scale))
       return 2;
     break;
+  case 'P': a->prompt = arg; break;
+  case 'X': a->negative_prompt = arg; break;
+  case 'C':
+    if (cli_parse_int("--clip-skip", arg, 1, 12, &a->clip_skip))
+      return 2;
+    break;
   case 'q': a->quiet = 1; break;
   case 'h': fputs(help, stdout); return -1;
   default: return cli_usage_error(cmd, "bad option");
@@ -364,12 +386,34 @@ static int parse_args(int argc, char **argv, sample_args *a) {
   return check_args(a);
 }
 
+/* The flags of a text-to-image model: a prompt, a size of latents it can take, no class unless
+ * the UNet also has class embeddings, no pixel-model edits. */
+static int check_text_args(sample_args *a, const model_info *mi) {
+  const char *cmd = "sample";
+  const int f = mi->latent_factor;
+  if (!a->prompt)
+    return cli_usage_error(cmd, "this is a text-to-image model: give --prompt");
+  if (a->size && a->size % f)
+    return cli_usage_error(cmd, "--size %lld must be a multiple of %d for this model", a->size, f);
+  if (a->has_label && !mi->num_classes)
+    return cli_usage_error(cmd, "this model is not class-conditional: drop --class");
+  if (a->init_image || a->mask || a->clf_dir)
+    return cli_usage_error(cmd, "--init-image, --mask and --classifier are not built for "
+                                "text-to-image models yet");
+  return 0;
+}
+
 /* Class, guidance and size against the model: a usage error (status 2) names the flag. */
 static int check_model_args(sample_args *a, const model *m) {
   const char *cmd = "sample";
   const model_info *mi = model_get_info(m);
   if (!a->size && mi->sample_size < 1)
     return cli_usage_error(cmd, "the model has no sample_size: pass --size");
+  if (mi->latent_factor > 1) /* text to image: any multiple of the latent factor */
+    return check_text_args(a, mi);
+  if (a->prompt || a->negative_prompt || a->clip_skip)
+    return cli_usage_error(cmd, "this model takes no prompt: drop --prompt, --negative-prompt "
+                                "and --clip-skip");
   /* a size the model was not built for gives pictures it never learned (a 32-pixel model's
    * 64x64 is noise-like garbage); a replay makes what its record says */
   if (a->size && mi->sample_size > 0 && a->size != mi->sample_size && !a->replay)
@@ -442,10 +486,11 @@ static int read_inputs(const sample_args *a, const model *m, int size, uint64_t 
     if (npy_read_f32(a->noise_path, &in->noise, e))
       return e->code;
     const npy_array *n = &in->noise;
+    const int ns = size / mi->latent_factor; /* latent models take latent noise */
     if (n->ndim != 4 || n->shape[0] != a->batch || n->shape[1] != mi->in_channels ||
-        n->shape[2] != size || n->shape[3] != size)
+        n->shape[2] != ns || n->shape[3] != ns)
       return err_set(e, ERR_SHAPE, "%s: expected shape [%lld, %d, %d, %d]", a->noise_path, a->batch,
-                     mi->in_channels, size, size);
+                     mi->in_channels, ns, ns);
   }
   if (a->has_label || a->draw_class) {
     if (!(in->labels = malloc(sizeof *in->labels * (size_t)a->batch)))
@@ -471,7 +516,7 @@ static int write_outputs(const sample_args *a, const model *m, const pipeline_re
                          const pipeline_result *res, err *e) {
   const model_info *mi = model_get_info(m);
   if (a->npy_out) {
-    int64_t shape[4] = {r->batch, mi->in_channels, res->height, res->width};
+    int64_t shape[4] = {r->batch, mi->image_channels, res->height, res->width};
     if (npy_write_f32(a->npy_out, res->images, 4, shape, e))
       return e->code;
   }
@@ -503,7 +548,14 @@ static void apply_recommended(sample_args *a, const model *m) {
       n += snprintf(said + n, sizeof said - (size_t)n, ", %d steps", mi->rec_steps);
     }
   }
-  if (!a->has_guidance && mi->num_classes > 0 && mi->rec_guidance >= 0) {
+  if (!a->has_guidance && mi->latent_factor > 1 && mi->rec_guidance < 0) {
+    a->guidance = 7.5; /* StableDiffusionPipeline's default */
+    a->has_guidance = 1;
+    if (!a->quiet)
+      fprintf(stderr, "denoised sample: guidance scale 7.5 (diffusers' default; "
+                      "--guidance-scale overrides it)\n");
+  }
+  if (!a->has_guidance && (mi->num_classes > 0 || mi->latent_factor > 1) && mi->rec_guidance >= 0) {
     a->guidance = mi->rec_guidance;
     a->has_guidance = 1;
     n += snprintf(said + n, sizeof said - (size_t)n, "%sguidance scale %g", n ? ", " : "",
@@ -513,12 +565,36 @@ static void apply_recommended(sample_args *a, const model *m) {
     fprintf(stderr, "denoised sample: the model's recommended %s (flags override them)\n", said);
 }
 
+/* The pipeline's request for the parsed flags and read inputs (g: the guidance it points to). */
+static pipeline_request sample_request(const sample_args *a, const sample_inputs *in,
+                                       const pipeline_solver *solver, int size, uint64_t seed,
+                                       const guidance *g) {
+  return (pipeline_request){.kind = PIPELINE_GENERATE,
+                            .solver = *solver,
+                            .batch = (int)a->batch,
+                            .height = size,
+                            .width = size,
+                            .seed = seed,
+                            .first_image = (uint64_t)a->first_image,
+                            .labels = in->labels,
+                            .prompt = a->prompt,
+                            .negative_prompt = a->negative_prompt,
+                            .clip_skip = (int)a->clip_skip,
+                            .guidance = a->has_guidance ? g : NULL,
+                            .classifier = in->clf ? &in->cg : NULL,
+                            .image = in->image,
+                            .images = 1,
+                            .mask = in->mask,
+                            .strength = a->strength,
+                            .noise = a->noise_path ? in->noise.data : NULL};
+}
+
 /* A replay must make the very picture it was given: pixels that differ mean the file was
  * edited after it was made (or --model names other weights), and the output would be a wrong
  * image passed off as the original. */
 static int same_as_replay(const sample_args *a, const model *m, const pipeline_result *res,
                           err *e) {
-  const int ch = model_get_info(m)->in_channels, c = ch < 3 ? 1 : 3;
+  const int ch = model_get_info(m)->image_channels, c = ch < 3 ? 1 : 3;
   const size_t n = (size_t)c * res->height * res->width;
   float *file = NULL;
   uint8_t *pa = malloc(n), *pb = malloc(n);
@@ -607,7 +683,8 @@ int cmd_sample(int argc, char **argv) {
   if ((status = check_model_args(&a, m)) != 0)
     goto done;
   status = 1;
-  const int size = a.size ? (int)a.size : model_get_info(m)->sample_size;
+  const int size =
+      a.size ? (int)a.size : model_get_info(m)->sample_size * model_get_info(m)->latent_factor;
   uint64_t seed = a.has_seed ? (uint64_t)a.seed : random_seed();
   if (!a.has_seed && !a.noise_path && !a.quiet)
     fprintf(stderr, "denoised sample: seed %llu\n", (unsigned long long)seed);
@@ -617,21 +694,7 @@ int cmd_sample(int argc, char **argv) {
   }
   say_drawn(&a, m, &in);
   guidance g = guidance_for(m, a.guidance);
-  pipeline_request r = {.kind = PIPELINE_GENERATE,
-                        .solver = solver.s,
-                        .batch = (int)a.batch,
-                        .height = size,
-                        .width = size,
-                        .seed = seed,
-                        .first_image = (uint64_t)a.first_image,
-                        .labels = in.labels,
-                        .guidance = a.has_guidance ? &g : NULL,
-                        .classifier = in.clf ? &in.cg : NULL,
-                        .image = in.image,
-                        .images = 1,
-                        .mask = in.mask,
-                        .strength = a.strength,
-                        .noise = a.noise_path ? in.noise.data : NULL};
+  const pipeline_request r = sample_request(&a, &in, &solver.s, size, seed, &g);
   cli_progress pr;
   cli_progress_init(&pr, a.quiet);
   pipeline_hooks hooks = {

@@ -55,7 +55,7 @@ while [ $i -lt 16 ]; do echo "$((i % 2)) R"; i=$((i + 1)); done >polarity.txt
 cli=$(printf '%s\n' "$cli" |
   sed -e "s|~/models/ddpm-cifar10-32|$fixture|g" -e "s|--model DIR|--model $fixture|g" \
     -e "s|~/models/stable-diffusion-v1-5|$sd|g" \
-    -e "s|~/models/sd-pipeline|$src/tests/fixtures/clip/sd1|g" \
+    -e "s|~/models/sd-pipeline|$src/tests/fixtures/sd_pipeline/tiny|g" \
     -e "s|boundary fit --images x.npy|boundary fit --images glyphs.npy|")
 echo "readme_examples: the CLI block ($(printf '%s\n' "$cli" | grep -c 'build/denoised') commands)"
 printf 'set -eux\n%s\n' "$cli" >cli.sh

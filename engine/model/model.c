@@ -10,9 +10,10 @@
 #include <strings.h>
 #include <sys/stat.h>
 
-#include "cunet.h"
 #include "blocks.h"
+#include "cunet.h"
 #include "gmm.h"
+#include "latent.h"
 #include "mem.h"
 #include "ops.h"
 #include "safetensors.h"
@@ -33,6 +34,7 @@ struct model {
   json_t *sched_json; /* scheduler_config.json as read, or NULL */
   unet *unet;
   cunet *cunet;
+  latent_parts *latent; /* a text-to-image pipeline's VAE and text encoder, or NULL */
   gmm *gmm;
   char **labels; /* info.class_labels */
   char rec_solver[64];
@@ -261,6 +263,34 @@ int64_t model_class_from_name(const model *m, const char *name) {
   return -1;
 }
 
+/* A pipeline folder with a UNet2DConditionModel, a VAE and a text encoder is a text-to-image
+ * model: its parts are loaded beside the UNet and must fit it. Anything else makes images
+ * directly (latent_factor 1). */
+static int load_latent(model *m, const char *dir, err *e) {
+  char p[MODEL_PATH_MAX + 32];
+  m->info.latent_factor = 1;
+  m->info.image_channels = m->info.in_channels;
+  snprintf(p, sizeof p, "%s/model_index.json", dir);
+  if (m->info.kind != MODEL_UNET2D_CONDITION || !is_file(p))
+    return ERR_OK;
+  snprintf(p, sizeof p, "%s/vae/config.json", dir);
+  if (!is_file(p))
+    return ERR_OK; /* a UNet on its own: forward only */
+  int rc = latent_parts_load(dir, &m->latent, e);
+  if (rc)
+    return rc;
+  const latent_info *li = latent_get_info(m->latent);
+  if (li->latent_channels != m->info.in_channels || li->text_dim != m->info.cross_attention_dim)
+    return err_set(e, ERR_FORMAT,
+                   "%s: the VAE's %d latent channels and the text encoder's width %d do not fit "
+                   "the UNet's %d input channels and cross_attention_dim %d",
+                   dir, li->latent_channels, li->text_dim, m->info.in_channels,
+                   m->info.cross_attention_dim);
+  m->info.latent_factor = li->factor;
+  m->info.image_channels = li->image_channels;
+  return ERR_OK;
+}
+
 /* The class and prediction type a config.json declares; returns the class name. */
 static const char *read_names(model *m, const json_t *cfg) {
   const json_t *cls = json_object_get(cfg, "_class_name");
@@ -329,6 +359,8 @@ int model_load(const char *dir, model **out, err *e) {
     rc = read_recommended(m, cfg, cfg_path, e);
   if (rc == ERR_OK)
     rc = read_regression(m, cfg, cfg_path, e);
+  if (rc == ERR_OK)
+    rc = load_latent(m, dir, e);
   json_decref(cfg);
   if (rc) {
     model_free(m);
@@ -356,6 +388,8 @@ int model_init(const char *config_path, uint64_t seed, model **out, err *e) {
                  "key '_class_name': \"%s\" cannot be initialised (only UNet2DModel)", name);
   else if ((rc = unet_init(cfg, seed, &m->unet, e)) == ERR_OK)
     set_unet_info(m);
+  m->info.latent_factor = 1;
+  m->info.image_channels = m->info.in_channels;
   if (rc == ERR_OK)
     rc = read_null_class(m, cfg, config_path, e);
   if (rc == ERR_OK)
@@ -378,12 +412,17 @@ void model_free(model *m) {
     return;
   unet_free(m->unet);
   cunet_free(m->cunet);
+  latent_parts_free(m->latent);
   gmm_free(m->gmm);
   for (int i = 0; m->labels && m->labels[i]; i++)
     free(m->labels[i]);
   free(m->labels);
   json_decref(m->sched_json);
   free(m);
+}
+
+const latent_parts *model_latent(const model *m) {
+  return m->latent;
 }
 
 const model_info *model_get_info(const model *m) {

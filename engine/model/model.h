@@ -40,6 +40,10 @@ typedef struct model_info {
   /* Width of the encoder hidden states a text-conditional UNet (UNet2DConditionModel) attends
    * to, which every model_call to it must then carry; 0 for models without text conditioning. */
   int cross_attention_dim;
+  /* Text-to-image pipelines (model_latent): image pixels per latent pixel along a side (8 for
+   * Stable Diffusion) and the channels of the images the VAE decodes; 1 and in_channels for
+   * models that make images directly. sample_size is the UNet's, in latents. */
+  int latent_factor, image_channels;
   /* prediction_type declared by the model's own config.json, or NULL. */
   const char *prediction_type;
   /* Names of classes 0 .. n_class_labels - 1 from config.json "_class_labels" (optional, at
@@ -65,6 +69,9 @@ int model_load(const char *dir, model **out, err *e);
 int model_init(const char *config_path, uint64_t seed, model **out, err *e);
 void model_free(model *m);
 const model_info *model_get_info(const model *m);
+/* The VAE and text encoder of a text-to-image pipeline folder (latent.h), or NULL. */
+struct latent_parts;
+const struct latent_parts *model_latent(const model *m);
 
 /* The class a label names: an index ("3") or one of class_labels (case-insensitive); -1 if
  * neither. */

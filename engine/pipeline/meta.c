@@ -25,6 +25,12 @@ json_t *meta_json(const meta_image *m) {
     json_object_set_new(j, "guidance_scale", json_real(m->guidance_scale));
   if (m->has_strength)
     json_object_set_new(j, "strength", json_real(m->strength));
+  if (m->prompt)
+    json_object_set_new(j, "prompt", json_string(m->prompt));
+  if (m->negative_prompt)
+    json_object_set_new(j, "negative_prompt", json_string(m->negative_prompt));
+  if (m->clip_skip > 1)
+    json_object_set_new(j, "clip_skip", json_integer(m->clip_skip));
   if (m->edit)
     json_object_set(j, "edit", (json_t *)m->edit);
   if (m->extra)
@@ -35,8 +41,14 @@ json_t *meta_json(const meta_image *m) {
 void meta_infotext(const meta_image *m, char *buf, size_t n) {
   const char *name = strrchr(m->model, '/');
   name = name && name[1] ? name + 1 : m->model;
-  size_t off = (size_t)snprintf(buf, n, "Steps: %d, Sampler: %s", m->steps,
-                                m->sampler_label ? m->sampler_label : m->solver);
+  size_t off = 0;
+  if (m->prompt)
+    off += (size_t)snprintf(buf, n, "%s\n", m->prompt);
+  if (m->prompt && m->negative_prompt && m->negative_prompt[0] && off < n)
+    off += (size_t)snprintf(buf + off, n - off, "Negative prompt: %s\n", m->negative_prompt);
+  if (off < n)
+    off += (size_t)snprintf(buf + off, n - off, "Steps: %d, Sampler: %s", m->steps,
+                            m->sampler_label ? m->sampler_label : m->solver);
   if (m->schedule_label && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Schedule type: %s", m->schedule_label);
   if (off < n)
@@ -46,6 +58,8 @@ void meta_infotext(const meta_image *m, char *buf, size_t n) {
     off += (size_t)snprintf(buf + off, n - off, ", Class: %lld", (long long)m->label);
   if (m->has_guidance && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", CFG scale: %g", m->guidance_scale);
+  if (m->clip_skip > 1 && off < n)
+    off += (size_t)snprintf(buf + off, n - off, ", Clip skip: %d", m->clip_skip);
   if (m->has_strength && off < n)
     off += (size_t)snprintf(buf + off, n - off, ", Denoising strength: %g", m->strength);
   if (m->solver_data && off < n) { /* a name as is; of a file path, its last component */
@@ -72,11 +86,18 @@ int meta_png_encode(const meta_image *m, const float *chw, int channels, uint8_t
   if (!px || !js) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
   } else {
-    char info[1024];
-    meta_infotext(m, info, sizeof info);
-    image_to_u8(chw, c, m->height, m->width, px);
-    image_text texts[2] = {{META_TEXT_KEY, info, 0}, {META_JSON_KEY, js, 1}};
-    rc = image_png_encode(px, c, m->height, m->width, texts, 2, png, png_len, e);
+    const size_t n = 1024 + (m->prompt ? strlen(m->prompt) : 0) +
+                     (m->negative_prompt ? strlen(m->negative_prompt) : 0);
+    char *info = mem_malloc(n);
+    if (!info) {
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+    } else {
+      meta_infotext(m, info, n);
+      image_to_u8(chw, c, m->height, m->width, px);
+      image_text texts[2] = {{META_TEXT_KEY, info, 0}, {META_JSON_KEY, js, 1}};
+      rc = image_png_encode(px, c, m->height, m->width, texts, 2, png, png_len, e);
+      free(info);
+    }
   }
   free(px);
   free(js);

@@ -35,14 +35,18 @@ typedef struct meta_image {
   /* The infotext in AUTOMATIC1111's names (their route): "Sampler: Euler a" instead of our
    * solver name, and "Schedule type: Karras" after it; NULL for ours and none. */
   const char *sampler_label, *schedule_label;
+  /* Text-to-image: the prompt and negative prompt (NULL: none), clip skip (0: default). */
+  const char *prompt, *negative_prompt;
+  int clip_skip;
 } meta_image;
 
 /* The JSON record (new reference), keys as `denoised sample --replay` reads them. */
 json_t *meta_json(const meta_image *m);
 
-/* "Steps: 50, Sampler: ddim, Seed: 1, Size: 32x32, Model: NAME, ..., Version: ..." where NAME is
- * the last path component of m->model; solver data adds "Solver data: NAME" (a file: its last
- * path component), an edit "Edit: TYPE". */
+/* With a prompt, A1111's layout: the prompt, "Negative prompt: N" on its own line, then the
+ * settings line; the settings line itself is "Steps: 50, Sampler: ddim, Seed: 1, Size: 32x32,
+ * Model: NAME, ..., Version: ..." where NAME is the last path component of m->model; solver data
+ * adds "Solver data: NAME" (a file: its last path component), an edit "Edit: TYPE". */
 void meta_infotext(const meta_image *m, char *buf, size_t n);
 
 /* One CHW float image (out_channels of the model: 1 or 3+, in [-1, 1]) as PNG bytes carrying

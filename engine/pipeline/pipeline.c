@@ -358,6 +358,67 @@ static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *
   return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
 }
 
+/* Text to image on a latent model, as diffusers' StableDiffusionPipeline: the prompt and the
+ * negative (or empty) prompt encoded once, the sampler run on latents with guidance as one
+ * batched call, the VAE decoding the result. */
+static int run_latent(run_ctx *c, pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  const pipeline_hooks *h = c->h;
+  const latent_parts *lp = model_latent(c->m);
+  const latent_info *li = latent_get_info(lp);
+  const model_info *mi = model_get_info(c->m);
+  if (r->kind != PIPELINE_GENERATE || r->image || r->mask || r->classifier)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "this text-to-image model supports plain generation for now (no img2img, "
+                   "inpainting, inversion, boundary edits or classifier guidance)");
+  const int f = li->factor, lh = out->height / f, lw = out->width / f;
+  if (out->height % f || out->width % f || lh < 1 || lw < 1)
+    return err_set(e, ERR_INVALID, "size %dx%d: width and height must be multiples of %d",
+                   out->width, out->height, f);
+  if (r->clip_skip < 0 || r->clip_skip > 12)
+    return err_set(e, ERR_INVALID, "clip_skip %d must be in [1, 12]", r->clip_skip);
+  const size_t per = (size_t)li->seq_len * li->text_dim;
+  const size_t nz = (size_t)r->batch * mi->in_channels * lh * lw;
+  float *cond = mem_malloc(per * sizeof *cond), *uncond = mem_malloc(per * sizeof *uncond);
+  float *z = mem_malloc(nz * sizeof *z);
+  int rc = !cond || !uncond || !z ? err_set(e, ERR_NOMEM, "out of memory") : ERR_OK;
+  const int skip = r->clip_skip ? r->clip_skip : 1, threads = h->threads > 0 ? h->threads : 1;
+  if (!rc &&
+      (rc = latent_encode_prompt(lp, r->prompt ? r->prompt : "", skip, cond, NULL, threads, e)))
+    err_prefix(e, "prompt");
+  if (!rc && (rc = latent_encode_prompt(lp, r->negative_prompt ? r->negative_prompt : "", skip,
+                                        uncond, NULL, threads, e)))
+    err_prefix(e, "negative_prompt");
+  if (!rc && r->noise)
+    rc = pipeline_check_noise(r->noise, nz, "edit.noise", e);
+  if (!rc)
+    rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
+  guidance g = {0};
+  if (r->guidance && r->guidance->enabled) {
+    g = *r->guidance;
+    g.uncond_states = uncond;
+    g.seq_len = li->seq_len;
+  }
+  if (!rc) {
+    c->s = NULL; /* previews would show latents: none */
+    sampler_run_opts o = sampling_opts(c, out);
+    o.height = lh;
+    o.width = lw;
+    o.init_noise = r->noise;
+    o.labels = r->labels;
+    o.text_states = cond;
+    o.text_seq = li->seq_len;
+    o.guidance = g.enabled ? &g : NULL;
+    rc = sampler_run(out->sampler, c->m, &o, z, &out->nfe, e);
+  }
+  if (!rc)
+    rc = latent_decode(lp, z, r->batch, lh, lw, out->images, threads, e);
+  free(cond);
+  free(uncond);
+  free(z);
+  return rc;
+}
+
 /* Restoration: the image-conditioned model samples from noise with the degraded image as its
  * condition in every evaluation (any solver); a regression model is one evaluation at t = 0,
  * for which the solver only names the run in the metadata. */
@@ -572,8 +633,8 @@ int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, co
                    .steps = sampler_num_steps(s),
                    .seed = r->seed,
                    .image_index = r->first_image + (uint64_t)i,
-                   .height = r->height ? r->height : mi->sample_size,
-                   .width = r->width ? r->width : mi->sample_size,
+                   .height = r->height ? r->height : mi->sample_size * mi->latent_factor,
+                   .width = r->width ? r->width : mi->sample_size * mi->latent_factor,
                    .cfg = sampler_config(s),
                    /* as the request named it: a name is found again beside the model */
                    .solver_data = r->kind == PIPELINE_GENERATE && r->solver.data ? r->solver.data
@@ -585,8 +646,11 @@ int pipeline_png(const model *m, const pipeline_request *r, const sampler *s, co
                    .has_strength = r->kind == PIPELINE_GENERATE && r->image,
                    .strength = r->strength,
                    .edit = edit,
-                   .extra = more ? more : extra};
-  int rc = meta_png_encode(&mm, chw, mi->in_channels, png, len, e);
+                   .extra = more ? more : extra,
+                   .prompt = r->prompt,
+                   .negative_prompt = r->negative_prompt,
+                   .clip_skip = r->clip_skip};
+  int rc = meta_png_encode(&mm, chw, mi->image_channels, png, len, e);
   json_decref(edit);
   json_decref(more);
   return rc;
@@ -607,13 +671,15 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
   const pipeline_hooks none = {0};
   h = h ? h : &none;
   const model_info *mi = model_get_info(m);
-  out->height = r->height ? r->height : mi->sample_size;
-  out->width = r->width ? r->width : mi->sample_size;
+  const latent_parts *lp = model_latent(m);
+  out->height = r->height ? r->height : mi->sample_size * mi->latent_factor;
+  out->width = r->width ? r->width : mi->sample_size * mi->latent_factor;
   if (r->batch < 1 || out->height < 1 || out->width < 1)
     return err_set(e, ERR_INVALID, "batch and size must be at least 1");
-  const size_t d = (size_t)mi->in_channels * out->height * out->width;
+  const int channels = mi->image_channels;
+  const size_t d = (size_t)channels * out->height * out->width;
   const size_t plane = (size_t)out->height * out->width;
-  if (r->guidance && guidance_check(r->guidance, m, e))
+  if (r->guidance && !lp && guidance_check(r->guidance, m, e)) /* latent: once it has the prompts */
     return e->code;
   if (r->classifier && r->kind != PIPELINE_GENERATE)
     return err_set(e, ERR_UNSUPPORTED,
@@ -636,6 +702,10 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
   }
   run_ctx c = {
       .m = m, .r = r, .h = h, .x = out->images, .height = out->height, .width = out->width};
+  if (lp) {
+    rc = run_latent(&c, out, e);
+    goto done;
+  }
   switch (r->kind) {
   case PIPELINE_GENERATE: rc = run_generate(&c, image, mask, out, e); break;
   case PIPELINE_INVERT_DDIM:

@@ -18,6 +18,7 @@
 #include "err.h"
 #include "guidance.h"
 #include "invert.h"
+#include "latent.h"
 #include "meta.h"
 #include "model.h"
 #include "sampler.h"
@@ -83,7 +84,12 @@ typedef struct pipeline_request {
   int batch;
   int height, width; /* 0: the model's sample_size */
   uint64_t seed, first_image;
-  const int64_t *labels;    /* one class per image, or NULL */
+  const int64_t *labels; /* one class per image, or NULL */
+  /* Latent text-to-image models (model_latent): the prompt every image follows, the negative
+   * prompt guidance steers away from (NULL: the empty prompt), clip skip (0 or 1: the last
+   * layer). height/width are the image's; the sampler runs on latents 1/factor the size. */
+  const char *prompt, *negative_prompt;
+  int clip_skip;
   const guidance *guidance; /* classifier-free guidance, or NULL */
   /* Classifier guidance (guidance.h) of generation, img2img and inpainting, or NULL. */
   const classifier_guidance *classifier;
