@@ -163,6 +163,8 @@ int cmd_classify(int argc, char **argv);
 int cmd_encode_text(int argc, char **argv);
 int cmd_adjoint(int argc, char **argv);
 int cmd_audit(int argc, char **argv);
+int cmd_concept(int argc, char **argv);
+int cmd_stylize(int argc, char **argv);
 int cmd_sample(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_bench_solvers(int argc, char **argv);

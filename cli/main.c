@@ -23,6 +23,8 @@ static const char usage[] =
     "  classify  an image classifier's verdicts, logits and input gradient\n"
     "  adjoint   gradients through a sampling run (discrete or continuous adjoint)\n"
     "  audit     adversarial initial noise against a classifier, vs random noise\n"
+    "  concept   learn a named class embedding from a classifier's verdict\n"
+    "  stylize   fine-tune a model toward a classifier's attribute verdict\n"
     "  encode-text prompts to CLIP text-encoder hidden states (.npy)\n"
     "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
     "  edit      edits in noise space, or across a semantic boundary\n"
@@ -143,6 +145,10 @@ int main(int argc, char **argv) {
     return cmd_classify(argc - 1, argv + 1);
   if (strcmp(cmd, "audit") == 0)
     return cmd_audit(argc - 1, argv + 1);
+  if (strcmp(cmd, "concept") == 0)
+    return cmd_concept(argc - 1, argv + 1);
+  if (strcmp(cmd, "stylize") == 0)
+    return cmd_stylize(argc - 1, argv + 1);
   if (strcmp(cmd, "encode-text") == 0)
     return cmd_encode_text(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)

@@ -80,7 +80,8 @@ grads=$(block 5)
 [ -n "$grads" ] || { echo "readme_examples: the README has no gradients block" >&2; exit 1; }
 printf 'set -eux\n%s\n' "$grads" >grads.sh
 sh grads.sh >grads.log 2>&1 || { tail -30 grads.log >&2; echo "readme_examples: the gradients block failed" >&2; exit 1; }
-for f in gn.npy gc.npy gp.safetensors; do
+for f in gn.npy gc.npy gp.safetensors my-glyphs/embeddings/myK.safetensors myk.png \
+    my-glyphs-italic/diffusion_pytorch_model.safetensors; do
   [ -s "$f" ] || { echo "readme_examples: the gradients block wrote no $f" >&2; exit 1; }
 done
 

@@ -3,7 +3,9 @@
  * GaussianMixtureDenoiser behind the common model interface. */
 #include "model.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,6 +253,165 @@ static int read_recommended(model *m, const json_t *cfg, const char *cfg_path, e
   return ERR_OK;
 }
 
+/* ---------- named class embeddings ---------- */
+
+int model_embedding_name_ok(const char *name) {
+  const size_t n = name ? strlen(name) : 0;
+  if (n < 1 || n > 64 || name[0] == '.')
+    return 0;
+  int digits = 1;
+  for (size_t i = 0; i < n; i++) {
+    const char c = name[i];
+    const int alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+    if (!alnum && c != '_' && c != '-' && c != '.')
+      return 0;
+    digits = digits && c >= '0' && c <= '9';
+  }
+  return !digits;
+}
+
+/* Room for the names of k + 1 classes (plus the NULL end): the classes before k without a name
+ * get their index, so that the name of class k (the caller's to set) sits at its label. */
+static int grow_labels(model *m, int k, err *e) {
+  char **l = mem_realloc(m->labels, ((size_t)k + 2) * sizeof *l);
+  if (!l)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  m->labels = l;
+  for (int i = m->info.n_class_labels; i < k; i++) {
+    char idx[24];
+    snprintf(idx, sizeof idx, "%d", i);
+    if (!(l[i] = mem_strdup(idx))) {
+      m->info.n_class_labels = i;
+      l[i] = NULL;
+      return err_set(e, ERR_NOMEM, "out of memory");
+    }
+  }
+  l[k] = l[k + 1] = NULL;
+  m->info.class_labels = (const char *const *)l;
+  m->info.n_class_labels = k;
+  return ERR_OK;
+}
+
+int model_add_class(model *m, const char *name, const float *row, int64_t *label, err *e) {
+  if (!m->unet || !m->unet->class_table)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "%s has no class embeddings: only a class-conditional UNet2DModel takes a "
+                   "named class embedding",
+                   m->info.class_name);
+  if (!model_embedding_name_ok(name))
+    return err_set(e, ERR_INVALID,
+                   "embedding name '%s': use 1 to 64 letters, digits, '_', '-' or '.' (not only "
+                   "digits, not starting with '.')",
+                   name ? name : "");
+  if (model_class_from_name(m, name) >= 0)
+    return err_set(e, ERR_INVALID,
+                   "embedding name '%s': the model already has a class of that name", name);
+  unet *u = m->unet;
+  const size_t dim = (size_t)u->temb_dim;
+  for (size_t i = 0; i < dim; i++)
+    if (!isfinite(row[i]))
+      return err_set(e, ERR_INVALID, "embedding '%s': value %zu is not finite", name, i);
+  const int k = u->shape.num_classes;
+  float *table = mem_aligned(64, (((size_t)k + 1) * dim * sizeof(float) + 63) & ~(size_t)63);
+  if (!table)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  memcpy(table, u->class_table, (size_t)k * dim * sizeof(float));
+  memcpy(table + (size_t)k * dim, row, dim * sizeof(float));
+  int rc = grow_labels(m, k, e);
+  if (rc == ERR_OK && !(m->labels[k] = mem_strdup(name)))
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK)
+    m->info.n_class_labels = k + 1;
+  if (rc) {
+    free(table);
+    return rc;
+  }
+  /* The learned tensor keeps its count (the first k0 rows): saving or training the model sees
+   * the table it was loaded with. */
+  for (int i = 0; i < u->ps.nparams; i++)
+    if (u->ps.params[i].data == u->class_table)
+      u->ps.params[i].data = table;
+  free(u->class_table);
+  u->class_table = table;
+  u->shape.num_classes = k + 1;
+  m->info.num_classes = k + 1;
+  m->info.num_embeddings++;
+  *label = k;
+  return ERR_OK;
+}
+
+float *model_class_row(model *m, int64_t label) {
+  if (!m->unet || !m->unet->class_table || label < 0 || label >= m->info.num_classes)
+    return NULL;
+  return m->unet->class_table + (size_t)label * (size_t)m->unet->temb_dim;
+}
+
+static int cmp_names(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int load_embedding(model *m, const char *path, const char *name, err *e) {
+  st_file *f = NULL;
+  int rc = st_open(path, &f, e);
+  const int64_t dim = m->info.class_embed_dim;
+  float *row = mem_malloc((size_t)dim * sizeof(float));
+  if (rc == ERR_OK && !row)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK)
+    rc = st_read_f32(f, MODEL_EMBEDDING_TENSOR, 1, &dim, row, e);
+  if (rc == ERR_OK)
+    rc = model_add_class(m, name, row, &(int64_t){0}, e);
+  free(row);
+  st_close(f);
+  return rc ? err_prefix(e, "%s", path) : ERR_OK;
+}
+
+/* Every MODEL_EMBEDDINGS_DIR/NAME.safetensors beside the model, in name order. */
+static int load_embeddings(model *m, err *e) {
+  char dir[MODEL_PATH_MAX + 16];
+  snprintf(dir, sizeof dir, "%s/" MODEL_EMBEDDINGS_DIR, m->dir);
+  DIR *d = opendir(dir);
+  if (!d)
+    return ERR_OK;
+  char **names = NULL;
+  int n = 0, cap = 0, rc = ERR_OK;
+  const char *ext = ".safetensors";
+  for (struct dirent *de; rc == ERR_OK && (de = readdir(d));) {
+    const size_t len = strlen(de->d_name), el = strlen(ext);
+    if (de->d_name[0] == '.' || len <= el || strcmp(de->d_name + len - el, ext) != 0)
+      continue;
+    if (n == cap) {
+      cap = cap ? 2 * cap : 16;
+      char **g = mem_realloc(names, (size_t)cap * sizeof *g);
+      if (!g) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        break;
+      }
+      names = g;
+    }
+    if (!(names[n] = mem_strdup(de->d_name)))
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+    else
+      names[n++][len - el] = 0;
+  }
+  closedir(d);
+  if (n && (!m->unet || !m->info.num_classes) && rc == ERR_OK)
+    rc = err_set(e, ERR_UNSUPPORTED,
+                 "%s: class embeddings beside a model without class embeddings (%s)", dir,
+                 m->info.class_name);
+  if (rc == ERR_OK && n)
+    qsort(names, (size_t)n, sizeof *names, cmp_names);
+  for (int i = 0; i < n; i++) {
+    char path[MODEL_PATH_MAX + 96];
+    snprintf(path, sizeof path, "%s/%s%s", dir, names[i], ext);
+    if (rc == ERR_OK)
+      rc = load_embedding(m, path, names[i], e);
+    free(names[i]);
+  }
+  free(names);
+  return rc;
+}
+
 int64_t model_class_from_name(const model *m, const char *name) {
   const int k = m->info.num_classes;
   char *end;
@@ -359,6 +520,8 @@ int model_load(const char *dir, model **out, err *e) {
     rc = read_recommended(m, cfg, cfg_path, e);
   if (rc == ERR_OK)
     rc = read_regression(m, cfg, cfg_path, e);
+  if (rc == ERR_OK)
+    rc = load_embeddings(m, e);
   if (rc == ERR_OK)
     rc = load_latent(m, dir, e);
   json_decref(cfg);
@@ -600,5 +763,12 @@ int model_backward(const model *m, const model_call *c, const model_grad_call *g
                    m->info.class_name);
   if (g->params && g->params->count != m->unet->ps.nparams)
     return err_set(e, ERR_INVALID, "model_backward: gradients made for another model");
+  const int64_t first_embedding = m->info.num_classes - m->info.num_embeddings;
+  for (int i = 0; g->params && c->labels && i < c->n; i++)
+    if (c->labels[i] >= first_embedding && c->labels[i] < m->info.num_classes)
+      return err_set(e, ERR_UNSUPPORTED,
+                     "model_backward: no weight gradients through the named class embedding "
+                     "'%s' (it is not a learned tensor of the model)",
+                     m->info.class_labels[c->labels[i]]);
   return unet_backward(m->unet, c, g, g->params ? g->params->g : NULL, e);
 }

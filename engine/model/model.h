@@ -50,6 +50,11 @@ typedef struct model_info {
    * most num_classes), or NULL. */
   const char *const *class_labels;
   int n_class_labels;
+  /* Named class embeddings (textual-inversion style rows, model_add_class): the last
+   * num_embeddings classes, [num_classes - num_embeddings, num_classes), each named in
+   * class_labels (classes before them without a name of their own are named by their index
+   * there). 0 for a model without any. */
+  int num_embeddings;
   /* The settings its author recommends, config.json "_recommended": {"scheduler": NAME,
    * "steps": N, "guidance_scale": G} (each optional), which the CLI, the daemon and the A1111
    * route use when a request gives none. rec_solver is NULL, rec_steps 0 and rec_guidance < 0
@@ -76,6 +81,32 @@ const struct latent_parts *model_latent(const model *m);
 /* The class a label names: an index ("3") or one of class_labels (case-insensitive); -1 if
  * neither. */
 int64_t model_class_from_name(const model *m, const char *name);
+
+/* ---------- named class embeddings ---------- */
+
+/* The folder, beside a model, of its named class embeddings: NAME.safetensors each, holding one
+ * F32 tensor MODEL_EMBEDDING_TENSOR of class_embed_dim values (written by `denoised concept`).
+ * model_load appends every one of them (in name order) as a class of that name, the way A1111
+ * loads its embeddings/ folder at start; a file that is not such a row fails the load, naming
+ * it. */
+#define MODEL_EMBEDDINGS_DIR "embeddings"
+#define MODEL_EMBEDDING_TENSOR "class_embedding"
+
+/* 1 if name may name an embedding: 1 to 64 bytes of letters, digits, '_', '-' and '.', not
+ * starting with '.', not all digits (an index). */
+int model_embedding_name_ok(const char *name);
+
+/* Appends a class named `name` whose embedding row is row[class_embed_dim], returning its label
+ * in *label (UNet2DModel with class embeddings only: ERR_UNSUPPORTED otherwise; ERR_INVALID for
+ * a bad or taken name or a row that is not finite). The null class and the learned table are
+ * unchanged (the row is not a parameter: model_param_at's class table keeps its count, and
+ * model_backward refuses parameter gradients of images with such a label). Not thread-safe:
+ * before the model is shared, or with no evaluation running. */
+int model_add_class(model *m, const char *name, const float *row, int64_t *label, err *e);
+
+/* The embedding row of class `label`, class_embed_dim floats, writable (an optimizer's working
+ * row: no evaluation may run while it changes), or NULL (no class table, out of range). */
+float *model_class_row(model *m, int64_t label);
 
 /* The folder the model was loaded from, as given to model_load (solver data lives in its
  * solver_data/ subfolder: sampler.h). */

@@ -1,0 +1,19 @@
+/* The loss and step size the adjoint tasks share (private to engine/adjtask). */
+#ifndef DENOISED_ADJTASK_MARGIN_H
+#define DENOISED_ADJTASK_MARGIN_H
+
+#include "adjtask.h"
+
+/* Per target head of one image's logits z: cross-entropy of the logits with the target's
+ * lowered by `margin`, 0 once the target leads every other class of its head by the margin
+ * (the loss saturates). Returns the sum over the targets times `scale` and ADDS its gradient
+ * with respect to z, times `scale`, to g (n_logits floats). */
+double adjtask_margin_loss(const classifier *clf, const float *z, const adjtask_target *t, int nt,
+                           double margin, double scale, float *g);
+
+/* The step size of step `step` of `steps`: cosine decay from lr to lr / 10, big moves while the
+ * images are far from the verdict, small ones once the batch-to-batch noise of the gradient is
+ * what remains. */
+double adjtask_lr(double lr, int step, int steps);
+
+#endif
