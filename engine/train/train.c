@@ -17,6 +17,7 @@
 #define STREAM_NOISE 0x74726e02u
 #define STREAM_DROPOUT 0x74726e03u
 #define STREAM_ORDER 0x74726e04u
+#define STREAM_PAIRS 0x74726e05u
 
 struct trainer {
   model *m;
@@ -37,6 +38,9 @@ struct trainer {
   int64_t *lab;
   float *noise_buf;
   int64_t *ts_buf;
+  /* DomainStudio: the source model's output and each image's x0 coefficients */
+  float *out_sou;
+  double *cx, *co;
 };
 
 static const char *const lr_names[] = {"constant", "constant_with_warmup", "cosine"};
@@ -79,6 +83,7 @@ void trainer_free(trainer *t) {
   adamw_free(t->opt);
   free(t->noisy), free(t->target), free(t->tf), free(t->w), free(t->lab);
   free(t->noise_buf), free(t->ts_buf);
+  free(t->out_sou), free(t->cx), free(t->co);
   free(t);
 }
 
@@ -112,10 +117,43 @@ static int check_config(const model_info *mi, const train_config *c, err *e) {
   return ERR_OK;
 }
 
+/* DomainStudio's source: the same network as the model trained (every tensor's name and
+ * shape), and a loss the method defines. */
+static int check_source(const model *m, const train_config *c, err *e) {
+  const model *s = c->source;
+  const dstudio_weights *w = &c->dstudio;
+  if (c->regression || model_get_info(m)->cond_channels)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "DomainStudio adapts a denoiser of images: not an image-conditioned or "
+                   "regression model");
+  if (c->min_snr_gamma > 0)
+    return err_set(e, ERR_INVALID, "DomainStudio's denoising loss is unweighted: no min-SNR gamma");
+  if (!(w->pair >= 0 && w->hf_pair >= 0 && w->hf_mse >= 0) ||
+      !isfinite(w->pair + w->hf_pair + w->hf_mse))
+    return err_set(e, ERR_INVALID, "DomainStudio: loss weights must be finite and >= 0");
+  const int np = model_param_count(m);
+  if (model_get_info(s)->kind != MODEL_UNET2D || model_param_count(s) != np)
+    return err_set(e, ERR_INVALID,
+                   "DomainStudio: the source model is not the network being adapted (%d tensors, "
+                   "the model has %d)",
+                   model_param_count(s), np);
+  for (int i = 0; i < np; i++) {
+    const model_param *a = model_param_at(m, i), *b = model_param_at(s, i);
+    if (strcmp(a->name, b->name) != 0 || a->count != b->count || a->ndim != b->ndim ||
+        memcmp(a->shape, b->shape, sizeof a->shape) != 0)
+      return err_set(e, ERR_INVALID,
+                     "DomainStudio: the source model's tensor %s differs from the model's %s",
+                     b->name, a->name);
+  }
+  return ERR_OK;
+}
+
 int trainer_new(model *m, const sched_config *sc, const train_config *c, trainer **out, err *e) {
   *out = NULL;
   const model_info *mi = model_get_info(m);
   int rc = check_config(mi, c, e);
+  if (!rc && c->source)
+    rc = check_source(m, c, e);
   if (rc)
     return rc;
   trainer *t = mem_calloc(1, sizeof *t);
@@ -187,6 +225,16 @@ static int grow(trainer *t, int n, size_t per_image, err *e) {
   size_t cap = need > (size_t)n ? need : (size_t)n;
   free(t->noisy), free(t->target), free(t->tf), free(t->w), free(t->lab);
   free(t->noise_buf), free(t->ts_buf);
+  free(t->out_sou), free(t->cx), free(t->co);
+  t->out_sou = NULL;
+  t->cx = t->co = NULL;
+  if (t->c.source) {
+    t->out_sou = mem_malloc(cap * sizeof(float));
+    t->cx = mem_malloc((size_t)n * sizeof(double));
+    t->co = mem_malloc((size_t)n * sizeof(double));
+    if (!t->out_sou || !t->cx || !t->co)
+      return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", n);
+  }
   t->noisy = mem_malloc(cap * sizeof(float));
   t->target = mem_malloc(cap * sizeof(float));
   t->noise_buf = mem_malloc(cap * sizeof(float));
@@ -223,7 +271,31 @@ typedef struct loss_ctx {
   int n;
   size_t per; /* values per image */
   double loss;
+  const dstudio_batch *ds; /* DomainStudio's batch, or NULL */
+  dstudio_terms terms;
 } loss_ctx;
+
+/* DomainStudio's loss (dstudio_loss) on the adapted model's output. */
+static int dstudio_loss_grad(const float *out, float *grad, void *user, err *e) {
+  loss_ctx *L = user;
+  int rc = dstudio_loss(L->ds, out, &L->t->c.dstudio, &L->terms, grad, e);
+  L->loss = L->terms.total;
+  return rc;
+}
+
+/* x0 = cx x_t + co out for the prediction type, in double from the float32 alpha_bar (the
+ * authors' _predict_xstart_from_eps for epsilon). */
+static void x0_coefficients(const trainer *t, int n, const int64_t *ts) {
+  for (int i = 0; i < n; i++) {
+    const double ac = t->ac[ts[i]];
+    if (t->c.prediction == SCHED_PRED_EPSILON)
+      t->cx[i] = sqrt(1.0 / ac), t->co[i] = -sqrt(1.0 / ac - 1.0);
+    else if (t->c.prediction == SCHED_PRED_SAMPLE)
+      t->cx[i] = 0.0, t->co[i] = 1.0;
+    else
+      t->cx[i] = sqrt(ac), t->co[i] = -sqrt(1.0 - ac);
+  }
+}
 
 /* mean_i(w_i * mean_j (out - target)^2) and its gradient 2 w_i (out - target) / (n * per). */
 static int loss_grad(const float *out, float *grad, void *user, err *e) {
@@ -326,6 +398,11 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
   const model_info *mi = model_get_info(t->m);
   if (n < 1 || h < 1 || w < 1 || !x0 || !timesteps || !noise)
     return err_set(e, ERR_INVALID, "training step: empty batch");
+  if (t->c.source && n < 3)
+    return err_set(e, ERR_INVALID,
+                   "training step: DomainStudio's pairwise terms need batches of at least 3 "
+                   "images, got %d",
+                   n);
   int rc = check_cond(t, mi, cond, e);
   if (rc)
     return rc;
@@ -349,8 +426,30 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
                            .labels = labels,
                            .threads = t->c.threads,
                            .cond = t->c.regression ? NULL : cond};
-  loss_ctx L = {t, n, per, 0};
-  const model_grad_call g = {.loss_grad = loss_grad, .loss_user = &L, .params = t->grads};
+  loss_ctx L = {.t = t, .n = n, .per = per};
+  dstudio_batch ds;
+  if (t->c.source) {
+    /* the frozen source on the same noisy batch, then the three items of the pairwise terms */
+    if ((rc = model_run(t->c.source, &call, t->out_sou, e)))
+      return err_prefix(e, "the DomainStudio source model");
+    x0_coefficients(t, n, timesteps);
+    ds = (dstudio_batch){.n = n,
+                         .c = mi->in_channels,
+                         .h = h,
+                         .w = w,
+                         .x_t = t->noisy,
+                         .target = t->target,
+                         .out_sou = t->out_sou,
+                         .cx = t->cx,
+                         .co = t->co};
+    float u[3];
+    rng_uniform(t->c.seed, (uint64_t)t->steps, STREAM_PAIRS, u, 3);
+    dstudio_pick(u, n, ds.idx);
+    L.ds = &ds;
+  }
+  const model_grad_call g = {.loss_grad = t->c.source ? dstudio_loss_grad : loss_grad,
+                             .loss_user = &L,
+                             .params = t->grads};
   if ((rc = model_backward(t->m, &call, &g, e)))
     return err_append(e, " at training step %ld", t->steps + 1);
   const double norm = clip_grads(t);
@@ -363,7 +462,7 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
   if (t->ema)
     ema_update(&t->c.ema, t->steps, t->np, t->counts, t->ema, (const float *const *)t->params);
   if (info)
-    *info = (train_step_info){.loss = L.loss, .grad_norm = norm, .lr = lr};
+    *info = (train_step_info){.loss = L.loss, .grad_norm = norm, .lr = lr, .terms = L.terms};
   return ERR_OK;
 }
 

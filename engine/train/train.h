@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include "dstudio.h"
 #include "err.h"
 #include "model.h"
 #include "optim.h"
@@ -49,12 +50,19 @@ typedef struct train_config {
    * maps the degraded image (the step's cond) at t = 0 straight to the clean one (x0) with an
    * unweighted MSE; no noise, timesteps or prediction type. The model has no _cond_channels. */
   int regression;
+  /* DomainStudio few-shot adaptation (dstudio.h): a frozen copy of the model being trained (same
+   * architecture and, at the start, the same weights), evaluated on every step's noisy batch
+   * beside it; the loss is then dstudio_loss with these weights on three distinct items drawn
+   * from the seed (batches of at least 3), unweighted by timestep. NULL: the plain loss. */
+  const model *source;
+  dstudio_weights dstudio;
 } train_config;
 
 /* What one step did: the loss it minimised (weighted as configured), the gradient's global norm
  * before clipping, and the learning rate it used. */
 typedef struct train_step_info {
   double loss, grad_norm, lr;
+  dstudio_terms terms; /* DomainStudio's terms (total = loss); zero for the plain loss */
 } train_step_info;
 
 typedef struct trainer trainer;
