@@ -132,12 +132,17 @@ typedef struct cli_train_opts {
   long long steps, batch, warmup, seed, threads, ckpt_every, stop_after;
   double lr, clip, ema, ema_power, min_snr, dropout, weight_decay, betas[2];
   int resume, quiet;
+  /* `denoised finetune`: "domainstudio" (a frozen copy of --init as the source, these loss
+   * weights) or "plain"; NULL for `denoised train`. */
+  const char *method;
+  dstudio_weights dstudio;
 } cli_train_opts;
 
 /* One training run: what it trains, on what, and what it has written. */
 typedef struct cli_train_run {
   const cli_train_opts *o;
   model *m;
+  model *source; /* DomainStudio's frozen source, or NULL */
   trainer *t;
   cli_train_data d;
   json_t *config, *sched; /* config.json and scheduler_config.json to write */
@@ -157,6 +162,9 @@ int cli_train_log_open(cli_train_run *r, long keep, err *e);
 int cli_train_export(cli_train_run *r, err *e);
 
 int cmd_train(int argc, char **argv);
+/* `denoised finetune` (cmd_train.c): few-shot adaptation of a model folder, DomainStudio or
+ * plain, with the authors' recipe as defaults. */
+int cmd_finetune(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_vae(int argc, char **argv);
 int cmd_classify(int argc, char **argv);

@@ -34,6 +34,7 @@ static const char usage[] =
     "  ot fit    DPM-OT transport map of a model (--scheduler dpm-ot)\n"
     "  search    S^3-style search for a USF schedule of a model\n"
     "  train     train a UNet2DModel on images (a diffusers folder)\n"
+    "  finetune  adapt a model to a few images (DomainStudio or plain fine-tuning)\n"
     "  info      a model folder: its network and its solver data\n"
     "  bench     benchmarks (bench unet: ms per forward and GFLOP/s)\n"
     "  serve     the HTTP daemon (jobs, live progress, PNG delivery)\n"
@@ -127,6 +128,8 @@ int main(int argc, char **argv) {
   }
   if (strcmp(cmd, "train") == 0)
     return cmd_train(argc - 1, argv + 1);
+  if (strcmp(cmd, "finetune") == 0)
+    return cmd_finetune(argc - 1, argv + 1);
   if (strcmp(cmd, "stats") == 0)
     return cmd_stats(argc - 1, argv + 1);
   if (strcmp(cmd, "ot") == 0)

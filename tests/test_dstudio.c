@@ -5,8 +5,10 @@
  * pairwise terms vanish while the adapted model still equals its source). */
 #include <jansson.h>
 #include <math.h>
+#include <sys/stat.h>
 
 #include "dstudio.h"
+#include "image.h"
 #include "model.h"
 #include "npy.h"
 #include "schedule.h"
@@ -287,6 +289,80 @@ START_TEST(trainer_step_domainstudio) {
 }
 END_TEST
 
+/* n PNGs of c x size x size (different pictures) with labels 0..n-1 in metadata.jsonl. */
+static void write_shots(const char *dir, int n, int c, int size) {
+  uint8_t px[3 * 40 * 40];
+  char path[1200];
+  snprintf(path, sizeof path, "%s/metadata.jsonl", dir);
+  FILE *meta = fopen(path, "w");
+  ck_assert_ptr_nonnull(meta);
+  err e = {0};
+  for (int i = 0; i < n; i++) {
+    for (int k = 0; k < c * size * size; k++)
+      px[k] = (uint8_t)((k * (7 + i)) % 251);
+    snprintf(path, sizeof path, "%s/s%d.png", dir, i);
+    ck_assert_msg(image_png_write(path, px, c, size, size, NULL, 0, &e) == 0, "%s", e.msg);
+    fprintf(meta, "{\"file_name\": \"s%d.png\", \"label\": %d}\n", i, i % 4);
+  }
+  fclose(meta);
+}
+
+/* denoised finetune: both methods give a folder that sample loads; bad inputs are refused with
+ * the problem named. */
+START_TEST(finetune_cli) {
+  char tmp[64], dir[128], out[256], log[8192], model[1024], gmm[1024];
+  ck_assert_ptr_nonnull(test_tmpdir(tmp, sizeof tmp));
+  test_src_path(model, sizeof model, "tests/fixtures/train/model");
+  test_src_path(gmm, sizeof gmm, "models/shapes-gmm");
+  snprintf(dir, sizeof dir, "%s/shots", tmp);
+  ck_assert_int_eq(mkdir(dir, 0777), 0);
+  write_shots(dir, 4, 3, 8);
+  const char *methods[2] = {"domainstudio", "plain"};
+  for (int k = 0; k < 2; k++) {
+    snprintf(out, sizeof out, "%s/%s", tmp, methods[k]);
+    int st = test_run_cli(log, sizeof log,
+                          "finetune --init %s --images %s --method %s --steps 3 --seed 1 --out %s",
+                          model, dir, methods[k], out);
+    ck_assert_msg(st == 0, "%s", log);
+    ck_assert_ptr_nonnull(strstr(log, "fine-tuned 3 steps"));
+    st = test_run_cli(log, sizeof log, "sample --model %s --class 1 --steps 2 --seed 1 --out %s.png",
+                      out, out);
+    ck_assert_msg(st == 0, "%s", log);
+  }
+  /* the DomainStudio log carries its terms */
+  snprintf(out, sizeof out, "%s/domainstudio/loss.jsonl", tmp);
+  FILE *f = fopen(out, "r");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_int_gt((int)fread(log, 1, sizeof log - 1, f), 0);
+  fclose(f);
+  ck_assert_ptr_nonnull(strstr(log, "\"hf_pair\""));
+  /* too few images, wrong size, wrong channels, a model it cannot adapt, a small batch */
+  snprintf(out, sizeof out, "%s/bad", tmp);
+  char few[128], big[128], grey[128];
+  snprintf(few, sizeof few, "%s/few", tmp);
+  snprintf(big, sizeof big, "%s/big", tmp);
+  snprintf(grey, sizeof grey, "%s/grey", tmp);
+  ck_assert_int_eq(mkdir(few, 0777) | mkdir(big, 0777) | mkdir(grey, 0777), 0);
+  write_shots(few, 2, 3, 8);
+  write_shots(big, 4, 3, 16);
+  write_shots(grey, 4, 1, 8);
+  const struct {
+    const char *init, *images, *extra, *needle;
+  } bad[] = {{model, few, "", "at least 3"},
+             {model, big, "", "sample_size is 8"},
+             {model, grey, "", "1 channels, the model takes 3"},
+             {gmm, dir, "", "cannot adapt"},
+             {model, dir, "--batch 2", "--batch 3 or more"},
+             {model, dir, "--method nope", "domainstudio or plain"}};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    int st = test_run_cli(log, sizeof log,
+                          "finetune --init %s --images %s --method domainstudio --steps 2 %s --out %s",
+                          bad[i].init, bad[i].images, bad[i].extra, out);
+    ck_assert_msg(st != 0 && strstr(log, bad[i].needle), "case %zu: %s", i, log);
+  }
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("dstudio");
   TCase *tc = tcase_create("dstudio");
@@ -298,6 +374,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, pick_is_three_distinct_items);
   tcase_add_test(tc, refuses_bad_batches);
   tcase_add_test(tc, trainer_step_domainstudio);
+  tcase_add_test(tc, finetune_cli);
   suite_add_tcase(s, tc);
   return s;
 }
