@@ -504,7 +504,8 @@ static const char finetune_help[] =
     "usage: denoised finetune --init MODEL_DIR --images DIR --method domainstudio|plain\n"
     "                         --steps N [options] --out NEW_MODEL_DIR\n"
     "\n"
-    "Adapts a UNet2DModel to a few images (the authors use 10) and writes a diffusers model folder\n"
+    "Adapts a UNet2DModel to a few images (the authors use 10) and writes a diffusers model "
+    "folder\n"
     "that 'denoised sample --model' loads (with loss.jsonl, loss.png, README.md, checkpoint/).\n"
     "  domainstudio  DomainStudio (Zhu et al.): the denoising loss plus relative-distance\n"
     "                preservation against a frozen copy of --init (pairwise similarity\n"
@@ -512,7 +513,8 @@ static const char finetune_help[] =
     "                and a high-frequency MSE to the images, weighted as the authors' recipe\n"
     "  plain         the denoising loss alone (plain fine-tuning), same settings otherwise\n"
     "  --images DIR       PNG files of the model's size and channels; for a class-conditional\n"
-    "                     model, metadata.jsonl: {\"file_name\": \"a.png\", \"label\": \"A\" or 10}\n"
+    "                     model, metadata.jsonl: {\"file_name\": \"a.png\", \"label\": \"A\" or "
+    "10}\n"
     "  --steps N          optimizer steps (required)\n"
     "  --batch B          images per step (default 3, the authors' per-GPU batch; >= 3 for\n"
     "                     domainstudio)\n"
@@ -580,7 +582,8 @@ static int finetune_args(int argc, char **argv, cli_train_opts *o) {
   if (optind < argc)
     return cli_usage_error("finetune", "unexpected argument '%s'", argv[optind]);
   if (!o->init || !o->data || !o->method || !o->steps || !o->out)
-    return cli_usage_error("finetune", "--init, --images, --method, --steps and --out are required");
+    return cli_usage_error("finetune",
+                           "--init, --images, --method, --steps and --out are required");
   if (strcmp(o->method, "domainstudio") != 0 && strcmp(o->method, "plain") != 0)
     return cli_usage_error("finetune", "--method '%s': domainstudio or plain", o->method);
   if (strcmp(o->method, "domainstudio") == 0 && o->batch < 3)
@@ -593,13 +596,13 @@ static int finetune_args(int argc, char **argv, cli_train_opts *o) {
 
 int cmd_finetune(int argc, char **argv) {
   /* the authors' recipe: Adam at a constant 1e-4, batch 3, no weight decay, clipping or EMA */
-  cli_train_opts o = {.lr = 1e-4,
-                      .lr_schedule = "constant",
-                      .batch = 3,
-                      .betas = {0.9, 0.999},
-                      .threads = 2,
-                      .dstudio = {DSTUDIO_RECIPE_PAIR, DSTUDIO_RECIPE_HF_PAIR,
-                                  DSTUDIO_RECIPE_HF_MSE}};
+  cli_train_opts o = {
+      .lr = 1e-4,
+      .lr_schedule = "constant",
+      .batch = 3,
+      .betas = {0.9, 0.999},
+      .threads = 2,
+      .dstudio = {DSTUDIO_RECIPE_PAIR, DSTUDIO_RECIPE_HF_PAIR, DSTUDIO_RECIPE_HF_MSE}};
   int status = finetune_args(argc, argv, &o);
   if (status >= 0)
     return status;

@@ -325,8 +325,8 @@ START_TEST(finetune_cli) {
                           model, dir, methods[k], out);
     ck_assert_msg(st == 0, "%s", log);
     ck_assert_ptr_nonnull(strstr(log, "fine-tuned 3 steps"));
-    st = test_run_cli(log, sizeof log, "sample --model %s --class 1 --steps 2 --seed 1 --out %s.png",
-                      out, out);
+    st = test_run_cli(log, sizeof log,
+                      "sample --model %s --class 1 --steps 2 --seed 1 --out %s.png", out, out);
     ck_assert_msg(st == 0, "%s", log);
   }
   /* the DomainStudio log carries its terms */
@@ -355,9 +355,10 @@ START_TEST(finetune_cli) {
              {model, dir, "--batch 2", "--batch 3 or more"},
              {model, dir, "--method nope", "domainstudio or plain"}};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-    int st = test_run_cli(log, sizeof log,
-                          "finetune --init %s --images %s --method domainstudio --steps 2 %s --out %s",
-                          bad[i].init, bad[i].images, bad[i].extra, out);
+    int st =
+        test_run_cli(log, sizeof log,
+                     "finetune --init %s --images %s --method domainstudio --steps 2 %s --out %s",
+                     bad[i].init, bad[i].images, bad[i].extra, out);
     ck_assert_msg(st != 0 && strstr(log, bad[i].needle), "case %zu: %s", i, log);
   }
 }
