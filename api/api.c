@@ -795,8 +795,9 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
   if (s->preview_every)
     json_object_set_new(req, "preview", json_pack("{s:i}", "every", s->preview_every));
   if (s->edit) {
-    json_t *ed = json_pack("{s:s, s:f, s:b}", "type", queue_edit_name(s->edit), "strength",
-                           s->strength, "mask", s->mask != NULL);
+    json_t *ed = json_pack("{s:s, s:b}", "type", queue_edit_name(s->edit), "mask", s->mask != NULL);
+    if (s->edit != QUEUE_EDIT_DEBLUR) /* a restoration has no strength */
+      json_object_set_new(ed, "strength", json_real(s->strength));
     const char *key;
     json_t *a;
     json_object_foreach(s->edit_args, key, a) {

@@ -70,13 +70,15 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
   if (f->input_image) {
     if ((rc = api_get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
       goto done;
-    if (!(dec->image = malloc((size_t)(md->in_channels > 3 ? md->in_channels : 3) * plane *
-                              sizeof *dec->image))) {
+    /* a deblurring job's picture has the channels of the model's conditioning image */
+    const int c =
+        out->edit == QUEUE_EDIT_DEBLUR && !md->regression ? md->cond_channels : md->in_channels;
+    if (!(dec->image = malloc((size_t)(c > 3 ? c : 3) * plane * sizeof *dec->image))) {
       rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");
       goto done;
     }
-    if (image_from_png(png, len, "input_image", md->in_channels, out->height, out->width,
-                       dec->image, &qe) != ERR_OK) {
+    if (image_from_png(png, len, "input_image", c, out->height, out->width, dec->image, &qe) !=
+        ERR_OK) {
       rc = api_fail(e, 400, "invalid_field", "input_image", "%s", qe.msg);
       goto done;
     }
@@ -463,8 +465,42 @@ static int parse_sdedit(const api_job_fields *f, const queue_model_desc *md, con
   return 0;
 }
 
+/* deblur: the blurry picture restored by a deblurring model (an image-conditioned DPM sampled
+ * with any solver, or a regression model's one evaluation); nothing else to set. */
+static int parse_deblur(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
+                        api_error *e) {
+  static const char *const keys[] = {"type", NULL};
+  int rc = api_check_keys(f->edit, "edit.", keys, e);
+  if (rc)
+    return rc;
+  if (!md->cond_channels && !md->regression)
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: model '%s' cannot deblur (it is neither image-conditioned nor a "
+                    "regression model); name a deblurring model",
+                    md->name);
+  if (!f->input_image)
+    return api_fail(e, 400, "missing_field", "input_image",
+                    "input_image: deblur needs the blurry picture (base64 PNG of the job's size)");
+  if (f->mask)
+    return api_fail(e, 400, "invalid_field", "mask", "mask: goes with edit.type inpaint");
+  if (out->has_label || out->has_guidance || out->has_classifier)
+    return api_fail(e, 400, "invalid_field", out->has_label ? "class_label" : "guidance",
+                    "%s: deblurring takes no class or guidance",
+                    out->has_label ? "class_label" : "guidance");
+  out->edit = QUEUE_EDIT_DEBLUR; /* before the picture: it sets the channels decoded */
+  return check_pictures(f, md, out, e);
+}
+
 int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
                    const sampler *s, const char *owner, queue_spec *out, api_error *e) {
+  const int deblurring = md->cond_channels || md->regression;
+  const json_t *ty = f->edit ? json_object_get(f->edit, "type") : NULL;
+  if (deblurring && !(json_is_string(ty) && strcmp(json_string_value(ty), "deblur") == 0))
+    return api_fail(e, 400, f->edit ? "invalid_field" : "missing_field",
+                    f->edit ? "edit.type" : "edit",
+                    "%s: model '%s' is a deblurring model: it only restores pictures (edit "
+                    "{\"type\": \"deblur\"} with input_image)",
+                    f->edit ? "edit.type" : "edit", md->name);
   if (!f->edit) {
     if (f->input_image || f->mask)
       return api_fail(e, 400, "missing_field", "edit",
@@ -475,11 +511,10 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   if (!json_is_object(f->edit))
     return api_fail(e, 400, "wrong_type", "edit", "edit: expected an object {type, ...}, got %s",
                     sched_json_kind(f->edit));
-  const json_t *ty = json_object_get(f->edit, "type");
   if (!ty)
     return api_fail(e, 400, "missing_field", "edit.type",
                     "edit.type: give the kind of edit (img2img, inpaint, invert_ddim, "
-                    "invert_ddpm or boundary)");
+                    "invert_ddpm, boundary or deblur)");
   if (!json_is_string(ty))
     return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
                     sched_json_kind(ty));
@@ -487,7 +522,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   if (kind < 0)
     return api_fail(e, 400, "invalid_field", "edit.type",
                     "edit.type: '%.40s' is not an edit (img2img, inpaint, invert_ddim, "
-                    "invert_ddpm or boundary)",
+                    "invert_ddpm, boundary or deblur)",
                     json_string_value(ty));
   if (out->preview_every)
     return api_fail(e, 400, "invalid_field", "preview",
@@ -496,6 +531,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   case QUEUE_EDIT_IMG2IMG:
   case QUEUE_EDIT_INPAINT: return parse_sdedit(f, md, s, kind, out, e);
   case QUEUE_EDIT_BOUNDARY: return parse_boundary(f, md, out, e);
+  case QUEUE_EDIT_DEBLUR: return parse_deblur(f, md, out, e);
   default: return parse_invert(c, f, md, s, owner, kind, out, e);
   }
 }

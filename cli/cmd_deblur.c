@@ -16,6 +16,7 @@
 static const char help[] =
     "usage: denoised deblur --model DIR --image IN.png [--scheduler S] [--steps N] [--seed S]\n"
     "                       [--threads T] [--quiet] -o OUT.png\n"
+    "       denoised deblur --replay R.png [--model DIR] [--image IN.png] -o OUT.png\n"
     "\n"
     "Restores a blurry picture with a deblurring model: an image-conditioned UNet (config key\n"
     "_cond_channels; trained with 'denoised train --cond') samples the sharp picture from noise\n"
@@ -29,12 +30,20 @@ static const char help[] =
     "  --steps N          solver steps (default: the model's recommendation, else the solver's)\n"
     "  --seed S           the starting noise (default 0)\n"
     "  --threads T        CPU threads (default 2)\n"
-    "  -o OUT.png         the restored picture, with the run's metadata\n";
+    "  -o OUT.png         the restored picture, with the run's metadata\n"
+    "  --replay R.png     redo the restoration a PNG of 'denoised deblur' or of a daemon deblur\n"
+    "                     job records (model, solver, steps, seed, image index); a daemon job's\n"
+    "                     input is not a file: pass it with --image (and its folder with "
+    "--model)\n";
 
 typedef struct deblur_args {
-  const char *model_dir, *image, *out, *scheduler;
+  const char *model_dir, *image, *out, *scheduler, *replay;
   long long steps, seed, threads;
   int quiet;
+  /* --replay: the record (owned), its resolved scheduler config and image index */
+  json_t *meta;
+  const json_t *sched_config;
+  long long image_index;
 } deblur_args;
 
 static int parse_args(int argc, char **argv, deblur_args *a) {
@@ -45,6 +54,7 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
                                        {"seed", required_argument, 0, 's'},
                                        {"threads", required_argument, 0, 'j'},
                                        {"quiet", no_argument, 0, 'q'},
+                                       {"replay", required_argument, 0, 'r'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
   int c;
@@ -56,6 +66,7 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
     case 'o': a->out = optarg; break;
     case 'S': a->scheduler = optarg; break;
     case 'q': a->quiet = 1; break;
+    case 'r': a->replay = optarg; break;
     case 'n':
       if (cli_parse_int("--steps", optarg, 1, 1000, &a->steps))
         return 2;
@@ -74,6 +85,10 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
   }
   if (optind < argc)
     return cli_usage_error("deblur", "unexpected argument '%s'", argv[optind]);
+  if (a->replay && (a->scheduler || a->steps || a->seed))
+    return cli_usage_error("deblur", "--replay takes its solver, steps and seed from the record");
+  if (a->replay)
+    return a->out ? -1 : cli_usage_error("deblur", "-o is required");
   if (!a->image || !a->out)
     return cli_usage_error("deblur", "--image and -o are required");
   if (!a->model_dir)
@@ -101,6 +116,45 @@ static int read_blurry(const char *path, int c, float **x, int *h, int *w, err *
   return rc;
 }
 
+/* Fills a from the record of a deblurred PNG (pipeline_png): files given as flags stand in for
+ * what it does not name (a daemon job's input and model folder). */
+static int load_replay(deblur_args *a, err *e) {
+  char *text = NULL;
+  if (image_png_read_text(a->replay, META_JSON_KEY, &text, e))
+    return e->code;
+  a->meta = json_loads(text, 0, NULL);
+  free(text);
+  const json_t *m = a->meta;
+  const char *type = json_string_value(json_object_get(json_object_get(m, "edit"), "type"));
+  const json_t *idx = json_object_get(m, "image_index"), *seed = json_object_get(m, "seed");
+  const json_t *steps = json_object_get(m, "steps");
+  const char *solver = json_string_value(json_object_get(m, "scheduler"));
+  const char *model = json_string_value(json_object_get(m, "model"));
+  const char *job = json_string_value(json_object_get(m, "job_id"));
+  if (!type || strcmp(type, "deblur") != 0)
+    return err_set(e, ERR_INVALID, "%s: records %s, not a restoration (replay it with '%s')",
+                   a->replay, type ? type : "a generation",
+                   type ? "denoised edit --replay" : "denoised sample --replay");
+  if (!json_is_integer(idx) || json_integer_value(idx) < 0 || !json_is_integer(seed) ||
+      json_integer_value(seed) < 0 || !json_is_integer(steps) || json_integer_value(steps) < 1 ||
+      !solver || !model)
+    return err_set(e, ERR_FORMAT, "%s: metadata '%s' is not a record of a restoration", a->replay,
+                   META_JSON_KEY);
+  if (!a->image && !(a->image = json_string_value(json_object_get(m, "image"))))
+    return err_set(e, ERR_INVALID,
+                   "%s records a restoration%s%s, whose input picture is not named: pass it "
+                   "with --image",
+                   a->replay, job ? " of daemon job " : "", job ? job : "");
+  if (!a->model_dir)
+    a->model_dir = cli_model_from_record(model);
+  a->scheduler = solver;
+  a->steps = json_integer_value(steps);
+  a->seed = json_integer_value(seed);
+  a->image_index = json_integer_value(idx);
+  a->sched_config = json_object_get(m, "scheduler_config");
+  return ERR_OK;
+}
+
 static int run(const deblur_args *a, const model *m, err *e) {
   const model_info *mi = model_get_info(m);
   const int c = mi->regression ? mi->in_channels : mi->cond_channels;
@@ -116,7 +170,9 @@ static int run(const deblur_args *a, const model *m, err *e) {
   pipeline_result res = {0};
   json_t *extra = json_pack("{s:s}", "image", a->image); /* what a replay reads */
   int rc = extra ? read_blurry(a->image, c, &x, &h, &w, e) : err_set(e, ERR_NOMEM, "out of memory");
-  if (!rc)
+  if (!rc && a->replay) /* the resolved config the image recorded, nothing on top */
+    sv.s = (pipeline_solver){.name = solver, .steps = (int)a->steps, .config = a->sched_config};
+  else if (!rc)
     rc = cli_solver_from_flags(solver, a->steps ? a->steps : mi->rec_steps, NULL, NULL, 0, &sv, e);
   cli_progress pr;
   cli_progress_init(&pr, a->quiet);
@@ -126,6 +182,7 @@ static int run(const deblur_args *a, const model *m, err *e) {
                               .height = h,
                               .width = w,
                               .seed = (uint64_t)a->seed,
+                              .first_image = (uint64_t)a->image_index,
                               .image = x,
                               .images = 1};
   const pipeline_hooks hk = {
@@ -151,9 +208,16 @@ int cmd_deblur(int argc, char **argv) {
     return prc;
   model *m = NULL;
   err e = {0};
-  if (model_load(a.model_dir, &m, &e))
+  if (a.replay && load_replay(&a, &e)) {
+    json_decref(a.meta);
     return cli_fail("deblur", "%s", e.msg);
+  }
+  if (model_load(a.model_dir, &m, &e)) {
+    json_decref(a.meta);
+    return cli_fail("deblur", "%s", e.msg);
+  }
   const int rc = run(&a, m, &e);
   model_free(m);
+  json_decref(a.meta);
   return rc ? cli_fail("deblur", "%s", e.msg) : 0;
 }

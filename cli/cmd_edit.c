@@ -158,8 +158,8 @@ static int load_replay(edit_args *a) {
   } else {
     return cli_fail(cmd,
                     "%s: records %s, not a noise or boundary edit (replay it with "
-                    "'denoised sample --replay')",
-                    a->replay, type);
+                    "'denoised %s --replay')",
+                    a->replay, type, strcmp(type, "deblur") == 0 ? "deblur" : "sample");
   }
   return 0;
 }

@@ -171,8 +171,8 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   }
   const char *type = json_string_value(json_object_get(json_object_get(meta, "edit"), "type"));
   if (type && strcmp(type, "img2img") != 0 && strcmp(type, "inpaint") != 0) {
-    err_set(e, ERR_INVALID, "%s records an edit (%s): replay it with 'denoised edit --replay'",
-            a->replay, type);
+    err_set(e, ERR_INVALID, "%s records an edit (%s): replay it with 'denoised %s --replay'",
+            a->replay, type, strcmp(type, "deblur") == 0 ? "deblur" : "edit");
     json_decref(meta);
     return e->code;
   }

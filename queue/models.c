@@ -156,6 +156,8 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->in_channels = mi->in_channels;
   out->out_channels = mi->out_channels;
   out->num_classes = mi->num_classes;
+  out->cond_channels = mi->cond_channels;
+  out->regression = mi->regression;
   out->null_class = mi->null_class;
   out->num_params = mi->num_params;
   out->class_labels = m->labels ? json_incref(m->labels) : NULL;

@@ -120,7 +120,8 @@ enum {
   QUEUE_EDIT_INPAINT,
   QUEUE_EDIT_INVERT_DDIM,
   QUEUE_EDIT_INVERT_DDPM,
-  QUEUE_EDIT_BOUNDARY
+  QUEUE_EDIT_BOUNDARY,
+  QUEUE_EDIT_DEBLUR /* input_image restored by a deblurring model (no strength, no edit_args) */
 };
 /* An inversion job's noise: DDIM x_T [batch, C, H, W] or the edit-friendly maps
  * [batch, steps + 1, C, H, W], as .npy. */
@@ -214,6 +215,9 @@ typedef struct queue_model_desc {
   char prediction_type[16];
   model_kind kind;
   int sample_size, in_channels, out_channels, num_classes;
+  /* a deblurring model: the channels of its conditioning image (model_info.cond_channels), or
+   * set regression (model_info.regression: it maps the input image in one evaluation) */
+  int cond_channels, regression;
   int64_t null_class; /* classifier-free guidance's "no class" label (model_info.null_class) */
   int64_t num_params;
   json_t *class_labels; /* array of names or NULL; a reference the caller decrefs */

@@ -114,8 +114,9 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
                                         [QUEUE_EDIT_INPAINT] = PIPELINE_GENERATE,
                                         [QUEUE_EDIT_INVERT_DDIM] = PIPELINE_INVERT_DDIM,
                                         [QUEUE_EDIT_INVERT_DDPM] = PIPELINE_INVERT_DDPM,
-                                        [QUEUE_EDIT_BOUNDARY] = PIPELINE_BOUNDARY};
-  if (sp->edit < 0 || sp->edit > QUEUE_EDIT_BOUNDARY)
+                                        [QUEUE_EDIT_BOUNDARY] = PIPELINE_BOUNDARY,
+                                        [QUEUE_EDIT_DEBLUR] = PIPELINE_DEBLUR};
+  if (sp->edit < 0 || sp->edit > QUEUE_EDIT_DEBLUR)
     return err_set(e, ERR_FORMAT, "unknown edit kind %d", sp->edit);
   q->r = (pipeline_request){.kind = kinds[sp->edit],
                             .solver = {.name = sp->solver,
@@ -158,14 +159,17 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
   /* decoded at submission, or (after a restart) decoded here, once */
   const queue_decoded *dec = sp->decoded;
   int rc = ERR_OK;
+  /* a deblurring job's picture has the channels of the model's conditioning image */
+  const int ci =
+      sp->edit == QUEUE_EDIT_DEBLUR && !mi->regression ? mi->cond_channels : mi->in_channels;
   if (sp->input_image && !(dec && dec->image))
-    rc = decode_png(sp->input_image, "input_image", 0, mi->in_channels, sp->height, sp->width,
-                    &q->image, e);
+    rc = decode_png(sp->input_image, "input_image", 0, ci, sp->height, sp->width, &q->image, e);
   if (!rc && sp->edit == QUEUE_EDIT_INPAINT && !(dec && dec->mask))
     rc = decode_png(sp->mask, "mask", 1, mi->in_channels, sp->height, sp->width, &q->mask, e);
   q->r.image = q->image ? q->image : dec ? dec->image : NULL;
   q->r.mask = q->mask ? q->mask : dec ? dec->mask : NULL;
-  if (!rc && sp->edit >= QUEUE_EDIT_INVERT_DDIM && !json_is_object(sp->edit_args))
+  if (!rc && sp->edit >= QUEUE_EDIT_INVERT_DDIM && sp->edit <= QUEUE_EDIT_BOUNDARY &&
+      !json_is_object(sp->edit_args))
     rc = err_set(e, ERR_FORMAT, "the job's edit arguments are missing");
   if (!rc && (sp->edit == QUEUE_EDIT_INVERT_DDIM || sp->edit == QUEUE_EDIT_INVERT_DDPM))
     rc = invert_args(sp, m, q, e);

@@ -15,8 +15,8 @@
 
 /* ---- specs ---- */
 
-static const char *const edit_names[] = {NULL,          "img2img",     "inpaint",
-                                         "invert_ddim", "invert_ddpm", "boundary"};
+static const char *const edit_names[] = {NULL,          "img2img",  "inpaint", "invert_ddim",
+                                         "invert_ddpm", "boundary", "deblur"};
 
 const char *queue_edit_name(int edit) {
   return edit > 0 && edit < (int)(sizeof edit_names / sizeof *edit_names) ? edit_names[edit] : NULL;
@@ -247,7 +247,8 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   }
   if (edit) {
     int k = json_is_string(edit) ? queue_edit_from_name(json_string_value(edit)) : -1;
-    const int needs_input = k == QUEUE_EDIT_IMG2IMG || k == QUEUE_EDIT_INPAINT;
+    const int needs_input =
+        k == QUEUE_EDIT_IMG2IMG || k == QUEUE_EDIT_INPAINT || k == QUEUE_EDIT_DEBLUR;
     if (k <= 0 || !json_is_number(strength) || (input && !json_is_string(input)) ||
         (needs_input && !input) || (k == QUEUE_EDIT_INPAINT && !json_is_string(mask)) ||
         (needs_input ? args != NULL : !json_is_object(args))) {

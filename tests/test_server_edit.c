@@ -789,6 +789,132 @@ START_TEST(boundary_h_jobs) {
 }
 END_TEST
 
+/* Issue 18: deblur jobs on an image-conditioned model equal `denoised deblur` with the same
+ * flags (image 1 of a batch by its noise stream), replay from their PNG given the input, and
+ * every bad request is a 400 naming the field. */
+START_TEST(deblur_jobs) {
+  char st[512], tmp[256], fix[1024], shapes[1024], a1[1100], a2[1100], in_png[600], cli_png[600];
+  char job_png[600], out_png[600], path[160], id[64];
+  test_src_path(fix, sizeof fix, "tests/fixtures/cond_unet");
+  test_src_path(shapes, sizeof shapes, "models/shapes-gmm");
+  snprintf(a1, sizeof a1, "default=%s", shapes);
+  snprintf(a2, sizeof a2, "deblur=%s", fix);
+  const char *args[] = {"--model", a1, "--model", a2, NULL};
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  test_tmpdir(tmp, sizeof tmp);
+  uint8_t *png;
+  size_t len;
+  char *img = mask_b64(16, 16, 5, &png, &len); /* the "blurry" picture, 16x16 as the model */
+  snprintf(in_png, sizeof in_png, "%s/blurry.png", tmp);
+  write_file(in_png, png, len);
+  free(png);
+  char *png32 = mask_b64(32, 32, 5, &png, &len);
+  free(png);
+  size_t cap = strlen(png32) + 2048;
+  char *body = malloc(cap);
+  snprintf(body, cap,
+           "{\"model\": \"deblur\", \"seed\": 3, \"batch_size\": 2, \"scheduler\": {\"name\": "
+           "\"dpm++2m\", \"steps\": 6}, \"input_image\": \"%s\", \"edit\": {\"type\": "
+           "\"deblur\"}}",
+           img);
+  submit_job(&d, body, id, sizeof id);
+  wait_state(&d, id, "succeeded", 60);
+  http_resp r;
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  json_t *j = http_json(&r);
+  const json_t *ed = json_object_get(json_object_get(j, "request"), "edit");
+  ck_assert_str_eq(json_string_value(json_object_get(ed, "type")), "deblur");
+  ck_assert_ptr_null(json_object_get(ed, "strength")); /* a restoration has none */
+  ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "progress"), "total")), 6);
+  json_decref(j);
+  http_free(&r);
+  /* image 0 is the CLI's restoration with the same flags */
+  snprintf(cli_png, sizeof cli_png, "%s/cli.png", tmp);
+  run_cli("deblur --model %s --image %s --scheduler dpm++2m --steps 6 --seed 3 -o %s --quiet", fix,
+          in_png, cli_png);
+  check_same_png(&d, id, cli_png);
+  /* image 1 replays from its PNG, given the input picture and the model's folder */
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/1", id);
+  ck_assert_int_eq(http_get(&d, path, &r), 200);
+  snprintf(job_png, sizeof job_png, "%s/job-1.png", tmp);
+  write_file(job_png, (uint8_t *)r.body, r.len);
+  http_free(&r);
+  snprintf(out_png, sizeof out_png, "%s/replayed.png", tmp);
+  run_cli("deblur --replay %s --model %s --image %s -o %s --quiet", job_png, fix, in_png, out_png);
+  uint8_t *a, *b, *c0;
+  fetch_pixels(&d, id, 1, &a);
+  fetch_pixels(&d, id, 0, &c0);
+  uint8_t *buf = read_file_all(out_png, &len);
+  int h, w;
+  err e;
+  ck_assert_int_eq(image_png_decode(buf, len, 64, 64, &b, &h, &w, &e), 0);
+  ck_assert(h == 16 && w == 16 && memcmp(a, b, 16 * 16 * 3) == 0);
+  ck_assert_msg(memcmp(a, c0, 16 * 16 * 3) != 0, "the batch's images share their noise");
+  free(buf);
+  free(a);
+  free(b);
+  free(c0);
+  /* without the input, the replay names what is missing and the job */
+  char out[4096];
+  ck_assert_int_ne(
+      test_run_cli(out, sizeof out, "deblur --replay %s --model %s -o %s", job_png, fix, out_png),
+      0);
+  ck_assert_msg(strstr(out, "--image") && strstr(out, id), "%s", out);
+  /* the other replays send it here */
+  ck_assert_int_ne(
+      test_run_cli(out, sizeof out, "edit --replay %s --model %s -o %s", job_png, fix, out_png), 0);
+  ck_assert_msg(strstr(out, "deblur --replay"), "%s", out);
+  char trunc[64];
+  snprintf(trunc, sizeof trunc, "%.40s", img); /* a PNG cut after its signature and header */
+  struct {
+    const char *tmpl; /* %s: an image */
+    const char *image;
+    const char *code, *field;
+  } cases[] = {
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}}", "@@@@",
+       "invalid_field", "input_image"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}}",
+       "aGVsbG8gd29ybGQ=", "invalid_field", "input_image"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}}", trunc,
+       "invalid_field", "input_image"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}}", png32,
+       "invalid_field", "input_image"}, /* 32x32 for a 16x16 job */
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}, "
+       "\"height\": 24}",
+       img, "invalid_field", "height"},
+      {"{\"model\": \"deblur\", \"input_image\": 7, \"edit\": {\"type\": \"deblur\"}}%s", "",
+       "wrong_type", "input_image"},
+      {"{\"model\": \"deblur\", \"edit\": {\"type\": \"deblur\"}}%s", "", "missing_field",
+       "input_image"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\", "
+       "\"strength\": 0.5}}",
+       img, "unknown_field", "edit.strength"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"mask\": \"x\", \"edit\": {\"type\": "
+       "\"deblur\"}}",
+       img, "invalid_field", "mask"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}, "
+       "\"preview\": {\"every\": 2}}",
+       img, "invalid_field", "preview"},
+      /* a deblurring model only deblurs, and only it does */
+      {"{\"model\": \"deblur\"%s}", "", "missing_field", "edit"},
+      {"{\"model\": \"deblur\", \"input_image\": \"%s\", \"edit\": {\"type\": \"img2img\"}}", img,
+       "invalid_field", "edit.type"},
+      {"{\"class_label\": 1, \"input_image\": \"%s\", \"edit\": {\"type\": \"deblur\"}}", img,
+       "invalid_field", "edit.type"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    snprintf(body, cap, cases[i].tmpl, cases[i].image);
+    expect_error(&d, "POST", "/v1/jobs", body, 400, cases[i].code, cases[i].field);
+  }
+  free(img);
+  free(png32);
+  free(body);
+  daemon_stop(&d);
+}
+END_TEST
+
 /* Issue 13.1, poison jobs: uploaded noise near the float limit (3e38: finite, so the .npy checks
  * passed it, and the run answered a black PNG as "succeeded") is refused at submission naming the
  * field; a run that goes non-finite all the same fails naming the step, and the daemon goes on. */
@@ -1035,6 +1161,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, invert_jobs);
   tcase_add_test(tc, boundary_jobs);
   tcase_add_test(tc, boundary_h_jobs);
+  tcase_add_test(tc, deblur_jobs);
   tcase_add_test(tc, poison_jobs_are_refused_or_fail);
   suite_add_tcase(s, tc);
   return s;
