@@ -9,13 +9,16 @@
 
 #include "cli.h"
 #include "image.h"
+#include "npy.h"
 
 #define DEBLUR_MAX_SIDE 1024
 #define DEBLUR_MAX_BYTES (64u << 20)
+#define DEBLUR_MAX_BATCH 4096
 
 static const char help[] =
     "usage: denoised deblur --model DIR --image IN.png [--scheduler S] [--steps N] [--seed S]\n"
     "                       [--threads T] [--quiet] -o OUT.png\n"
+    "       denoised deblur --model DIR --image IN.npy [solver flags] --out OUT.npy\n"
     "       denoised deblur --replay R.png [--model DIR] [--image IN.png] -o OUT.png\n"
     "\n"
     "Restores a blurry picture with a deblurring model: an image-conditioned UNet (config key\n"
@@ -31,13 +34,15 @@ static const char help[] =
     "  --seed S           the starting noise (default 0)\n"
     "  --threads T        CPU threads (default 2)\n"
     "  -o OUT.png         the restored picture, with the run's metadata\n"
+    "  --image IN.npy     a batch [B, C, S, S] in [-1, 1] at the model's size S (B <= 4096;\n"
+    "                     image i on noise stream i of the seed), restored to --out OUT.npy\n"
     "  --replay R.png     redo the restoration a PNG of 'denoised deblur' or of a daemon deblur\n"
     "                     job records (model, solver, steps, seed, image index); a daemon job's\n"
     "                     input is not a file: pass it with --image (and its folder with "
     "--model)\n";
 
 typedef struct deblur_args {
-  const char *model_dir, *image, *out, *scheduler, *replay;
+  const char *model_dir, *image, *out, *npy_out, *scheduler, *replay;
   long long steps, seed, threads;
   int quiet;
   /* --replay: the record (owned), its resolved scheduler config and image index */
@@ -55,6 +60,7 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
                                        {"threads", required_argument, 0, 'j'},
                                        {"quiet", no_argument, 0, 'q'},
                                        {"replay", required_argument, 0, 'r'},
+                                       {"out", required_argument, 0, 'u'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
   int c;
@@ -67,6 +73,7 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
     case 'S': a->scheduler = optarg; break;
     case 'q': a->quiet = 1; break;
     case 'r': a->replay = optarg; break;
+    case 'u': a->npy_out = optarg; break;
     case 'n':
       if (cli_parse_int("--steps", optarg, 1, 1000, &a->steps))
         return 2;
@@ -89,8 +96,14 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
     return cli_usage_error("deblur", "--replay takes its solver, steps and seed from the record");
   if (a->replay)
     return a->out ? -1 : cli_usage_error("deblur", "-o is required");
-  if (!a->image || !a->out)
-    return cli_usage_error("deblur", "--image and -o are required");
+  const size_t il = a->image ? strlen(a->image) : 0;
+  const int npy = il > 4 && strcmp(a->image + il - 4, ".npy") == 0;
+  if (a->image && (npy ? !a->npy_out || a->out : !a->out || a->npy_out))
+    return cli_usage_error("deblur", npy ? "a .npy --image is restored to --out OUT.npy (not -o)"
+                                         : "-o OUT.png is required (--out goes with a .npy "
+                                           "batch)");
+  if (!a->image)
+    return cli_usage_error("deblur", "--image is required");
   if (!a->model_dir)
     return cli_usage_error("deblur",
                            "--model is required: no deblurring model is shipped yet (train one "
@@ -169,7 +182,14 @@ static int run(const deblur_args *a, const model *m, err *e) {
   cli_solver sv = {0};
   pipeline_result res = {0};
   json_t *extra = json_pack("{s:s}", "image", a->image); /* what a replay reads */
-  int rc = extra ? read_blurry(a->image, c, &x, &h, &w, e) : err_set(e, ERR_NOMEM, "out of memory");
+  int batch = 1, rc = ERR_OK;
+  if (!extra)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  else if (a->npy_out) { /* a batch at the model's size */
+    h = w = mi->sample_size;
+    rc = cli_read_images("--image", a->image, c, h, w, DEBLUR_MAX_BATCH, &batch, &x, e);
+  } else
+    rc = read_blurry(a->image, c, &x, &h, &w, e);
   if (!rc && a->replay) /* the resolved config the image recorded, nothing on top */
     sv.s = (pipeline_solver){.name = solver, .steps = (int)a->steps, .config = a->sched_config};
   else if (!rc)
@@ -178,21 +198,24 @@ static int run(const deblur_args *a, const model *m, err *e) {
   cli_progress_init(&pr, a->quiet);
   const pipeline_request r = {.kind = PIPELINE_DEBLUR,
                               .solver = sv.s,
-                              .batch = 1,
+                              .batch = batch,
                               .height = h,
                               .width = w,
                               .seed = (uint64_t)a->seed,
                               .first_image = (uint64_t)a->image_index,
                               .image = x,
-                              .images = 1};
+                              .images = batch};
   const pipeline_hooks hk = {
       .progress = cli_on_pipeline_progress, .progress_user = &pr, .threads = (int)a->threads};
   if (!rc)
     rc = pipeline_run(m, &r, &hk, &res, e);
-  if (!rc)
+  const int64_t shape[4] = {batch, mi->image_channels, h, w};
+  if (!rc && a->npy_out)
+    rc = npy_write_f32(a->npy_out, res.images, 4, shape, e);
+  else if (!rc)
     rc = cli_write_pngs(a->out, m, &r, &res, cli_model_record(a->model_dir), extra, -1, e);
   if (!rc && !a->quiet)
-    fprintf(stderr, "denoised deblur: %dx%d picture restored with %s, %d NFE\n", w, h,
+    fprintf(stderr, "denoised deblur: %d %dx%d picture(s) restored with %s, %d NFE\n", batch, w, h,
             mi->regression ? "the regression model" : solver, res.nfe);
   pipeline_result_clear(&res);
   cli_solver_clear(&sv);
