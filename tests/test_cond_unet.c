@@ -340,6 +340,23 @@ START_TEST(deblur_cli) {
   ck_assert_msg(strstr(out, "--image"), "%s", out);
   ck_assert_int_eq(test_run_cli(out, sizeof out, "deblur --image %s -o %s", in, res), 2);
   ck_assert_msg(strstr(out, "--model is required"), "%s", out);
+  /* a .npy batch at the model's size, restored to --out; each row on its own noise stream */
+  snprintf(path, sizeof path, "%s/sharp.npy", tmp);
+  st = test_run_cli(out, sizeof out,
+                    "deblur --model %s --image %s/cond.npy --steps 2 --quiet --out %s", dir, dir,
+                    path);
+  ck_assert_msg(st == 0, "%s", out);
+  npy_array a = {0};
+  ck_assert_int_eq(npy_read_f32(path, &a, &e), 0);
+  ck_assert(a.ndim == 4 && a.shape[0] == 2 && a.shape[1] == 3 && a.shape[2] == 16 &&
+            a.shape[3] == 16);
+  ck_assert_int_eq(npy_check_finite(&a, "out", &e), 0);
+  ck_assert(memcmp(a.data, a.data + 3 * 16 * 16, 3 * 16 * 16 * sizeof *a.data) != 0);
+  npy_array_free(&a);
+  ck_assert_int_eq(
+      test_run_cli(out, sizeof out, "deblur --model %s --image %s/cond.npy -o %s", dir, dir, res),
+      2);
+  ck_assert_msg(strstr(out, "--out OUT.npy"), "%s", out);
   /* a regression model: one evaluation */
   st = test_run_cli(out, sizeof out,
                     "train --model-config %s/config.json --data %s/cond.npy --cond %s/cond.npy "
