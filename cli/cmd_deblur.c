@@ -14,18 +14,20 @@
 #define DEBLUR_MAX_SIDE 1024
 #define DEBLUR_MAX_BYTES (64u << 20)
 #define DEBLUR_MAX_BATCH 4096
+#define DEBLUR_DEFAULT_MODEL "deblur-icdpm"
 
 static const char help[] =
-    "usage: denoised deblur --model DIR --image IN.png [--scheduler S] [--steps N] [--seed S]\n"
+    "usage: denoised deblur [--model DIR] --image IN.png [--scheduler S] [--steps N] [--seed S]\n"
     "                       [--threads T] [--quiet] -o OUT.png\n"
-    "       denoised deblur --model DIR --image IN.npy [solver flags] --out OUT.npy\n"
+    "       denoised deblur [--model DIR] --image IN.npy [solver flags] --out OUT.npy\n"
     "       denoised deblur --replay R.png [--model DIR] [--image IN.png] -o OUT.png\n"
     "\n"
     "Restores a blurry picture with a deblurring model: an image-conditioned UNet (config key\n"
     "_cond_channels; trained with 'denoised train --cond') samples the sharp picture from noise\n"
     "given the blurry one; a regression model ('denoised train --regression') maps it in one\n"
     "evaluation (the solver flags then only name the run).\n"
-    "  --model DIR        the deblurring model folder (no model is shipped yet)\n"
+    "  --model DIR        the deblurring model folder (default: the shipped icDPM,\n"
+    "                     models/deblur-icdpm; models/deblur-reg is the regression baseline)\n"
     "  --image IN.png     the blurry picture: RGB, any size up to 1024x1024 that the model's\n"
     "                     down-samplings divide (a multiple of 4 for the configs of\n"
     "                     tools/deblur)\n"
@@ -104,11 +106,15 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
                                            "batch)");
   if (!a->image)
     return cli_usage_error("deblur", "--image is required");
-  if (!a->model_dir)
-    return cli_usage_error("deblur",
-                           "--model is required: no deblurring model is shipped yet (train one "
-                           "with 'denoised train --cond' or '--regression')");
   return -1;
+}
+
+/* The shipped icDPM, beside the default model (models/ in the source tree, share/denoised/models
+ * when installed). */
+static const char *default_deblur_model(char *buf, size_t n) {
+  const char *d = cli_default_model(), *s = strrchr(d, '/');
+  snprintf(buf, n, "%.*s%s", s ? (int)(s - d + 1) : 0, d, DEBLUR_DEFAULT_MODEL);
+  return buf;
 }
 
 /* The blurry picture at its own size, c channels in [-1, 1]. */
@@ -235,6 +241,9 @@ int cmd_deblur(int argc, char **argv) {
     json_decref(a.meta);
     return cli_fail("deblur", "%s", e.msg);
   }
+  char dflt[4200];
+  if (!a.model_dir)
+    a.model_dir = default_deblur_model(dflt, sizeof dflt);
   if (model_load(a.model_dir, &m, &e)) {
     json_decref(a.meta);
     return cli_fail("deblur", "%s", e.msg);
