@@ -14,7 +14,8 @@
 #define DEBLUR_MAX_SIDE 1024
 #define DEBLUR_MAX_BYTES (64u << 20)
 #define DEBLUR_MAX_BATCH 4096
-#define DEBLUR_DEFAULT_MODEL "deblur-icdpm"
+/* the regression baseline, until an icDPM restores better (tools/deblur/models.md) */
+#define DEBLUR_DEFAULT_MODEL "deblur-reg"
 
 static const char help[] =
     "usage: denoised deblur [--model DIR] --image IN.png [--scheduler S] [--steps N] [--seed S]\n"
@@ -26,8 +27,8 @@ static const char help[] =
     "_cond_channels; trained with 'denoised train --cond') samples the sharp picture from noise\n"
     "given the blurry one; a regression model ('denoised train --regression') maps it in one\n"
     "evaluation (the solver flags then only name the run).\n"
-    "  --model DIR        the deblurring model folder (default: the shipped icDPM,\n"
-    "                     models/deblur-icdpm; models/deblur-reg is the regression baseline)\n"
+    "  --model DIR        the deblurring model folder (default: the shipped regression\n"
+    "                     baseline, models/deblur-reg; models/deblur-icdpm is the icDPM)\n"
     "  --image IN.png     the blurry picture: RGB, any size up to 1024x1024 that the model's\n"
     "                     down-samplings divide (a multiple of 4 for the configs of\n"
     "                     tools/deblur)\n"
@@ -109,8 +110,8 @@ static int parse_args(int argc, char **argv, deblur_args *a) {
   return -1;
 }
 
-/* The shipped icDPM, beside the default model (models/ in the source tree, share/denoised/models
- * when installed). */
+/* The shipped deblurring model, beside the default model (models/ in the source tree,
+ * share/denoised/models when installed). */
 static const char *default_deblur_model(char *buf, size_t n) {
   const char *d = cli_default_model(), *s = strrchr(d, '/');
   snprintf(buf, n, "%.*s%s", s ? (int)(s - d + 1) : 0, d, DEBLUR_DEFAULT_MODEL);

@@ -338,7 +338,7 @@ START_TEST(deblur_cli) {
   fclose(f);
   ck_assert(test_run_cli(out, sizeof out, "deblur --model %s --image %s -o %s", dir, path, res));
   ck_assert_msg(strstr(out, "--image"), "%s", out);
-  /* without --model: the shipped icDPM (models/deblur-icdpm) */
+  /* without --model: the shipped model (models/deblur-reg) */
   write_png(in, 3, 32, 32);
   st = test_run_cli(out, sizeof out, "deblur --image %s --steps 2 --quiet -o %s", in, res);
   ck_assert_msg(st == 0, "%s", out);
