@@ -36,15 +36,11 @@ import torch.nn.functional as F
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, os.path.join(ROOT, "tools", "glyphs"))
+sys.path.insert(0, BENCH)
+from glyph_eval import frechet, to_u8  # noqa: E402
 from train_classifier import load_classifier, predict  # noqa: E402
 
 SETS = ("indomain", "defocus", "motion_unseen", "blur_jpeg", "fonts")
-
-
-def to_u8(x):
-    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] (the engine's PNG conversion)."""
-    x = np.clip((np.asarray(x, dtype=np.float32) + 1.0) * 127.5, 0, 255)
-    return np.rint(x).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def psnr(a, b):
@@ -67,21 +63,6 @@ def ssim(a, b):
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return float(m.mean())
-
-
-def _sqrtm_psd(c):
-    w, v = np.linalg.eigh(c)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet(f1, f2):
-    """Frechet distance between Gaussians fitted to two feature sets [N, D]."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    s1 = _sqrtm_psd(c1)
-    m = s1 @ c2 @ s1
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt)
 
 
 def restore(args, model_dir, blurry):
