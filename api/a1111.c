@@ -159,6 +159,7 @@ static void theirs(api_error *e, const char *sampler_field, int img2img) {
                                        {"scheduler.options.eta", "eta"},
                                        {"guidance.null_class", "negative_prompt"},
                                        {"edit.strength", "denoising_strength"},
+                                       {"clip_skip", "override_settings.CLIP_stop_at_last_layers"},
                                        {"mask", "mask"},
                                        {"model", "override_settings.sd_model_checkpoint"}};
   const char *name = NULL;
@@ -194,6 +195,10 @@ typedef struct sd_req {
   json_t *options;             /* scheduler options (owned) */
   json_t *label, *neg;         /* class_label and guidance's null class (owned), or NULL */
   queue_model_desc md;         /* the model's description, once known */
+  /* a text-to-image model's prompts (borrowed from the body) and clip skip (0: not given) */
+  const char *prompt, *neg_text;
+  long long clip_skip;
+  long long width, height; /* as sent (0: not), which a text-to-image model makes */
   double cfg, strength;
   int has_cfg, draw_class;
   const json_t *init, *mask;
@@ -231,16 +236,16 @@ static int sd_unsupported(const json_t *j, api_error *e) {
 
 static int sd_numbers(const api_ctx *c, const json_t *j, sd_req *r, api_error *e) {
   int rc, present;
-  long long w, h;
   r->seed = -1;
   r->batch = r->n_iter = 1;
   if ((rc = a_int(j, "steps", 1, c->max_steps, &r->steps, &r->has_steps, e)) ||
       (rc = a_int(j, "seed", -1, (1ll << 53) - 1, &r->seed, &present, e)) ||
       (rc = a_int(j, "batch_size", 1, c->max_batch, &r->batch, &present, e)) ||
       (rc = a_int(j, "n_iter", 1, c->max_batch, &r->n_iter, &present, e)) ||
-      /* checked, then the model's own size is made (README: A1111 route) */
-      (rc = a_int(j, "width", 1, c->max_image_size, &w, &present, e)) ||
-      (rc = a_int(j, "height", 1, c->max_image_size, &h, &present, e)) ||
+      /* checked, then the model's own size is made (README: A1111 route), except by a
+       * text-to-image model (sd_native) */
+      (rc = a_int(j, "width", 1, c->max_image_size, &r->width, &present, e)) ||
+      (rc = a_int(j, "height", 1, c->max_image_size, &r->height, &present, e)) ||
       (rc = a_num(j, "denoising_strength", 0, 1, &r->strength, &present, e)))
     return rc;
   if (!present)
@@ -354,7 +359,28 @@ static int sd_model(const api_ctx *c, const json_t *j, const char *checkpoint, s
                   name);
 }
 
-/* prompt and negative_prompt: on a class-conditional model the prompt names the class (none:
+int api_sd_clip_option(const json_t *v, int *out, api_error *e) {
+  long long x;
+  const int rc = api_int_value(v, "CLIP_stop_at_last_layers", 1, 12, 1, &x, e);
+  if (!rc)
+    *out = (int)x;
+  return rc;
+}
+
+/* override_settings.CLIP_stop_at_last_layers, their clip skip (1: the last layer), else the
+ * client's option (already in r), for a text-to-image model; range-checked against its text
+ * encoder by the native parser. */
+static int sd_clip_skip(const json_t *j, sd_req *r, api_error *e) {
+  const json_t *ov = json_object_get(j, "override_settings");
+  const json_t *v = json_is_object(ov) ? json_object_get(ov, "CLIP_stop_at_last_layers") : NULL;
+  if (!v || json_is_null(v))
+    return 0;
+  return api_int_value(v, "override_settings.CLIP_stop_at_last_layers", 1, 1000, 1, &r->clip_skip,
+                       e);
+}
+
+/* prompt and negative_prompt: on a text-to-image model they go to its text encoder; on a
+ * class-conditional model the prompt names the class (none:
  * drawn from each image's seed) and the negative prompt the class guidance steers away from
  * (its null class); an unconditional model takes any prompt (it means nothing to it, as an
  * empty one) but refuses a negative prompt, which it cannot honour. */
@@ -366,6 +392,11 @@ static int sd_prompts(const json_t *j, sd_req *r, api_error *e) {
   if (np && !json_is_null(np) && !json_is_string(np))
     return api_fail(e, 400, "wrong_type", "negative_prompt",
                     "negative_prompt: expected a string, got %s", sched_json_kind(np));
+  if (r->md.text_conditional) { /* the text encoder reads them (checked by the native parser) */
+    r->prompt = json_is_string(p) ? json_string_value(p) : "";
+    r->neg_text = json_is_string(np) ? json_string_value(np) : "";
+    return sd_clip_skip(j, r, e);
+  }
   const int has_p = json_is_string(p) && json_string_length(p) > 0;
   const int has_np = json_is_string(np) && json_string_length(np) > 0;
   if (r->md.num_classes <= 0) {
@@ -405,10 +436,11 @@ static int sd_cfg(const json_t *j, sd_req *r, api_error *e) {
     return api_fail(e, 400, "wrong_type", "cfg_scale", "cfg_scale: expected a number, got %s",
                     sched_json_kind(v));
   r->cfg = json_number_value(v);
-  if (r->md.num_classes > 0 && (r->cfg < 0 || r->cfg > 50))
+  const int guided = r->md.num_classes > 0 || r->md.text_conditional;
+  if (guided && (r->cfg < 0 || r->cfg > 50))
     return api_fail(e, 400, "out_of_range", "cfg_scale", "cfg_scale: %g is out of range [0, 50]",
                     r->cfg);
-  r->has_cfg = r->md.num_classes > 0;
+  r->has_cfg = guided;
   return 0;
 }
 
@@ -475,6 +507,16 @@ static json_t *sd_native(sd_req *r) {
     r->label = json_integer(api_sd_draw(&r->md, (uint64_t)r->seed));
   if (r->label)
     json_object_set(native, "class_label", r->label);
+  if (r->prompt) { /* a text-to-image model: its prompts, clip skip and the size asked for */
+    json_object_set_new(native, "prompt", json_string(r->prompt));
+    json_object_set_new(native, "negative_prompt", json_string(r->neg_text));
+    if (r->clip_skip)
+      json_object_set_new(native, "clip_skip", json_integer(r->clip_skip));
+    if (r->width)
+      json_object_set_new(native, "width", json_integer(r->width));
+    if (r->height)
+      json_object_set_new(native, "height", json_integer(r->height));
+  }
   if (r->has_cfg) {
     json_t *g = json_pack("{s:f}", "scale", r->cfg);
     if (r->neg)
@@ -540,20 +582,25 @@ static int sd_read(const api_ctx *c, const json_t *j, const char *checkpoint, sd
     }
   }
   if ((rc = sd_churn(j, r, e)) || (rc = sd_options(j, r, e)) || (rc = sd_prompts(j, r, e)) ||
-      (rc = sd_cfg(j, r, e)) || (r->img2img && (rc = sd_img2img(c, j, r, e))))
+      (rc = sd_cfg(j, r, e)))
     return rc;
-  return 0;
+  if (r->img2img && r->md.text_conditional)
+    return api_fail(e, 400, "invalid_field", "init_images",
+                    "init_images: model '%s' is a latent text-to-image model: img2img and "
+                    "inpainting are not available on it yet (txt2img only)",
+                    r->md.name);
+  return r->img2img ? sd_img2img(c, j, r, e) : 0;
 }
 
 int api_sd_parse(const api_ctx *c, int img2img, const char *body, size_t len, const char *owner,
-                 const char *checkpoint, api_sd_job *out, api_error *e) {
+                 const char *checkpoint, int clip_skip, api_sd_job *out, api_error *e) {
   memset(out, 0, sizeof *out);
   json_error_t je;
   json_t *j = len ? json_loadb(body, len, 0, &je) : json_object();
   if (!j)
     return api_fail(e, 400, "invalid_json", NULL, "invalid JSON at line %d, column %d: %s", je.line,
                     je.column, je.text);
-  sd_req r = {.img2img = img2img, .options = json_object()};
+  sd_req r = {.img2img = img2img, .options = json_object(), .clip_skip = clip_skip};
   char mname[QUEUE_NAME_SIZE];
   int rc = 0;
   if (!json_is_object(j)) {
@@ -577,8 +624,9 @@ int api_sd_parse(const api_ctx *c, int img2img, const char *body, size_t len, co
   }
   out->count = (int)(r.batch * r.n_iter);
   out->draw_class = r.draw_class;
-  /* previews feed current_image and an interrupt's partial images (none for edit jobs) */
-  if (!img2img)
+  /* previews feed current_image and an interrupt's partial images (none for edit jobs, nor
+   * for a latent model, whose estimates would be latents) */
+  if (!img2img && !r.md.text_conditional)
     out->spec.preview_every = out->spec.steps > 25 ? out->spec.steps / 25 : 1;
 done:
   sd_req_clear(&r);
@@ -635,12 +683,20 @@ static json_t *sd_infotext(const queue_spec *s, const char *prompt, const char *
                    .has_strength = s->edit == QUEUE_EDIT_IMG2IMG || s->edit == QUEUE_EDIT_INPAINT,
                    .strength = s->strength,
                    .sampler_label = label_for(s->solver),
-                   .schedule_label = sched};
-  char params[1024], text[1400];
+                   .schedule_label = sched,
+                   .clip_skip = s->clip_skip};
+  char params[1024];
   meta_infotext(&mm, params, sizeof params);
-  snprintf(text, sizeof text, "%s%s%s%s%s", prompt, neg[0] ? "\nNegative prompt: " : "", neg,
+  /* prompts run to CLIP_MAX_PROMPT_BYTES each: sized for them */
+  const size_t n = strlen(prompt) + strlen(neg) + sizeof params + 32;
+  char *text = malloc(n);
+  if (!text)
+    return NULL;
+  snprintf(text, n, "%s%s%s%s%s", prompt, neg[0] ? "\nNegative prompt: " : "", neg,
            prompt[0] || neg[0] ? "\n" : "", params);
-  return json_string(text);
+  json_t *out = json_string(text);
+  free(text);
+  return out;
 }
 
 /* The body's string field, "" when absent. */
@@ -694,8 +750,9 @@ static json_t *sd_info(const api_ctx *c, const queue_job_view *v, int n, const j
       json_is_integer(bs) ? (json_int_t)json_integer_value(bs) : 1, "restore_faces", 0,
       "face_restoration_model", "sd_model_name", s0->model, "sd_model_hash", "sd_vae_name",
       "sd_vae_hash", "seed_resize_from_w", -1, "seed_resize_from_h", -1, "index_of_first_image", 0,
-      "infotexts", infos, "styles", "job_timestamp", stamp, "clip_skip", 1,
-      "is_using_inpainting_conditioning", 0, "version", META_VERSION, "job_ids", ids);
+      "infotexts", infos, "styles", "job_timestamp", stamp, "clip_skip",
+      s0->clip_skip > 1 ? s0->clip_skip : 1, "is_using_inpainting_conditioning", 0, "version",
+      META_VERSION, "job_ids", ids);
   if (info && s0->edit)
     json_object_set_new(info, "denoising_strength", json_real(s0->strength));
   else if (info)
@@ -794,9 +851,13 @@ static json_t *parse_infotext(const char *text) {
   json_t *out = json_object();
   const char *last = strrchr(text, '\n');
   const char *params = last ? last + 1 : text;
-  char prompt[1400] = "";
+  /* the prompt lines run to CLIP_MAX_PROMPT_BYTES each */
+  char *prompt = last ? strndup(text, (size_t)(last - text)) : strdup("");
+  if (!prompt) {
+    json_decref(out);
+    return NULL;
+  }
   if (last) {
-    snprintf(prompt, sizeof prompt, "%.*s", (int)(last - text), text);
     static const char tag[] = "Negative prompt: ";
     char *np =
         strncmp(prompt, tag, sizeof tag - 1) == 0 ? prompt : strstr(prompt, "\nNegative prompt: ");
@@ -807,6 +868,7 @@ static json_t *parse_infotext(const char *text) {
     }
   }
   json_object_set_new(out, "Prompt", json_string(prompt));
+  free(prompt);
   parse_params_line(params, out);
   return out;
 }

@@ -5,6 +5,7 @@
 #include "internal.h"
 
 #include "base64.h"
+#include "clip.h"
 #include "edit.h"
 
 #include <math.h>
@@ -278,12 +279,26 @@ static int check_not_null_class(const queue_model_desc *md, int64_t label, api_e
                   (long long)label, md->name, named);
 }
 
+int api_model_size(const queue_model_desc *md) {
+  return md->sample_size * (md->latent_factor > 0 ? md->latent_factor : 1);
+}
+
+/* A latent model's UNet needs latents its down-samplings divide: multiples of 8 latents, as
+ * Stable Diffusion's three; a pixel UNet its own size or a multiple of 32. */
+int api_size_multiple(const queue_model_desc *md) {
+  return md->latent_factor > 1 ? 8 * md->latent_factor : md->kind == MODEL_UNET2D ? 32 : 0;
+}
+
 /* Checks a size against what the model can produce. */
 static int check_size(const api_ctx *c, const queue_model_desc *md, const char *field, int v,
                       api_error *e) {
   if (v < 1 || v > c->max_image_size)
     return api_fail(e, 400, "out_of_range", field, "%s: %d is out of range [1, %d]", field, v,
                     c->max_image_size);
+  if (md->latent_factor > 1 && v % api_size_multiple(md) != 0)
+    return api_fail(e, 400, "invalid_field", field,
+                    "%s: %d must be a multiple of %d for model '%s' (8 latents of %d pixels)",
+                    field, v, api_size_multiple(md), md->name, md->latent_factor);
   if (md->kind == MODEL_GAUSSIAN_MIXTURE && v != md->sample_size)
     return api_fail(e, 400, "invalid_field", field, "%s: model '%s' produces %dx%d images only",
                     field, md->name, md->sample_size, md->sample_size);
@@ -390,7 +405,7 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
   if (!json_is_number(sc))
     return api_fail(e, 400, "wrong_type", "guidance.scale",
                     "guidance.scale: expected a number, got %s", sched_json_kind(sc));
-  if (md->num_classes <= 0)
+  if (md->num_classes <= 0 && !md->text_conditional)
     return api_fail(e, 400, "invalid_field", "guidance.scale",
                     "guidance.scale: model '%s' is not class-conditional: classifier-free "
                     "guidance needs class labels",
@@ -401,6 +416,11 @@ static int parse_guidance(const json_t *g, const queue_model_desc *md, queue_spe
                     "guidance.scale: %g is out of range [0, %g]", x, API_MAX_GUIDANCE);
   out->null_class = md->null_class;
   const json_t *nc = json_object_get(g, "null_class");
+  if (nc && md->text_conditional && md->num_classes <= 0)
+    return api_fail(e, 400, "invalid_field", "guidance.null_class",
+                    "guidance.null_class: model '%s' is text-to-image: guidance steers away "
+                    "from negative_prompt, not a class",
+                    md->name);
   if (nc) {
     if (!json_is_integer(nc))
       return api_fail(e, 400, "wrong_type", "guidance.null_class",
@@ -517,7 +537,10 @@ static int parse_class(const api_job_fields *f, const queue_model_desc *md, queu
   if (md->num_classes <= 0) {
     if (f->label && !json_is_null(f->label))
       return api_fail(e, 400, "invalid_field", "class_label",
-                      "class_label: model '%s' is not class-conditional", md->name);
+                      md->text_conditional
+                          ? "class_label: model '%s' is text-to-image: give a prompt, not a class"
+                          : "class_label: model '%s' is not class-conditional",
+                      md->name);
     return 0;
   }
   if (!f->label) {
@@ -586,6 +609,60 @@ static int make_sampler(const api_ctx *c, const api_job_fields *f, queue_spec *o
                   field[0] ? field : "scheduler", "%s: %s", field[0] ? field : "scheduler", qe.msg);
 }
 
+/* A prompt field: a string of at most CLIP_MAX_PROMPT_BYTES, copied into *out (bodies are read
+ * without JSON_ALLOW_NUL: no "\u0000" reaches here, and strings are UTF-8 already). */
+static int text_field(const json_t *v, const char *field, char **out, api_error *e) {
+  if (!json_is_string(v))
+    return api_fail(e, 400, "wrong_type", field, "%s: expected a string, got %s", field,
+                    sched_json_kind(v));
+  const size_t n = json_string_length(v);
+  if (n > CLIP_MAX_PROMPT_BYTES)
+    return api_fail(e, 400, "out_of_range", field, "%s: %zu bytes, over the limit of %d", field, n,
+                    CLIP_MAX_PROMPT_BYTES);
+  if (!(*out = strdup(json_string_value(v))))
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  return 0;
+}
+
+/* prompt, negative_prompt and clip_skip: a text-to-image model needs its prompt ("" for the
+ * unconditional picture) and takes clip skip up to its text encoder's layers; other models
+ * take none of them. Text models make no previews (they would show latents) and no edits:
+ * the engine runs their text to image only. */
+static int parse_text(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
+                      api_error *e) {
+  if (!md->text_conditional) {
+    const char *field = f->prompt            ? "prompt"
+                        : f->negative_prompt ? "negative_prompt"
+                        : f->clip_skip       ? "clip_skip"
+                                             : NULL;
+    if (!field)
+      return 0;
+    return api_fail(
+        e, 400, "invalid_field", field, "%s: model '%s' takes no prompt (%s)", field, md->name,
+        md->num_classes > 0 ? "it is class-conditional: give class_label" : "it is unconditional");
+  }
+  const char *edit = f->edit ? "edit" : f->input_image ? "input_image" : f->mask ? "mask" : NULL;
+  if (edit)
+    return api_fail(e, 400, "invalid_field", edit,
+                    "%s: model '%s' is a latent text-to-image model: img2img, inpainting and "
+                    "other edits are not available on it yet (text to image only)",
+                    edit, md->name);
+  if (f->preview)
+    return api_fail(e, 400, "invalid_field", "preview",
+                    "preview: model '%s' samples latents: it makes no previews", md->name);
+  if (!f->prompt)
+    return api_fail(e, 400, "missing_field", "prompt",
+                    "prompt: model '%s' is text-to-image: give a prompt (\"\" for none)", md->name);
+  int rc = text_field(f->prompt, "prompt", &out->prompt, e);
+  if (!rc && f->negative_prompt)
+    rc = text_field(f->negative_prompt, "negative_prompt", &out->negative_prompt, e);
+  long long skip = 0;
+  if (!rc && f->clip_skip &&
+      !(rc = api_int_value(f->clip_skip, "clip_skip", 1, md->text_layers, 0, &skip, e)))
+    out->clip_skip = (int)skip;
+  return rc;
+}
+
 /* Sizes, seed, class, guidance and solver of a job (everything but the edit block). */
 static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
                        const char *owner, queue_spec *out, api_error *e) {
@@ -594,15 +671,19 @@ static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_mo
   out->batch = (int)f->batch;
   out->seed = f->has_seed && f->seed >= 0 ? (uint64_t)f->seed : api_random_seed();
   out->first_image = (uint64_t)f->first_image;
-  out->height = f->has_height ? (int)f->height : md->sample_size;
-  out->width = f->has_width ? (int)f->width : md->sample_size;
+  out->height = f->has_height ? (int)f->height : api_model_size(md);
+  out->width = f->has_width ? (int)f->width : api_model_size(md);
   out->preview_every = (int)f->preview;
   int rc;
   if ((rc = check_size(c, md, "height", out->height, e)) ||
-      (rc = check_size(c, md, "width", out->width, e)) || (rc = parse_class(f, md, out, e)) ||
+      (rc = check_size(c, md, "width", out->width, e)) || (rc = parse_text(f, md, out, e)) ||
+      (rc = parse_class(f, md, out, e)) ||
       (f->guidance && (rc = parse_guidance(f->guidance, md, out, e))) ||
       (rc = parse_solver(c, f, md, out, e)))
     return rc;
+  if (md->text_conditional && strcmp(out->solver, "dpm-ot") == 0)
+    return api_fail(e, 400, "invalid_field", f->solver_field,
+                    "%s: dpm-ot is not built for text-to-image models", f->solver_field);
   /* no guidance block: the model's recommended scale, for generation, img2img and inpainting
    * (an inversion's guidance is part of the picture it inverts: never implied) */
   const char *et = json_string_value(json_object_get(f->edit, "type"));
@@ -612,6 +693,13 @@ static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_mo
     out->guidance_scale = md->rec_guidance;
     out->null_class = md->null_class;
   }
+  if (!f->guidance && !f->no_guidance && md->text_conditional && !out->has_guidance) {
+    out->has_guidance = 1; /* the model's recommendation, else StableDiffusionPipeline's 7.5 */
+    out->guidance_scale = md->rec_guidance >= 0 ? md->rec_guidance : 7.5;
+    out->null_class = -1;
+  }
+  if (md->text_conditional && md->num_classes <= 0)
+    out->null_class = -1; /* the negative prompt is its unconditional side */
   out->options = f->options ? json_deep_copy(f->options) : json_object();
   if (f->data)
     snprintf(out->data, sizeof out->data, "%s", f->data);
@@ -705,11 +793,18 @@ static int parse_scheduler(const api_ctx *c, const json_t *sc, api_job_fields *f
   return rc;
 }
 
+/* A field, or NULL when absent or null (the default). */
+static const json_t *not_null(const json_t *v) {
+  return json_is_null(v) ? NULL : v;
+}
+
 int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *owner,
                   queue_spec *out, api_error *e) {
   static const char *const top[] = {
-      "model",       "batch_size", "seed",     "class_label", "width",       "height", "scheduler",
-      "first_image", "preview",    "guidance", "edit",        "input_image", "mask",   NULL};
+      "model",     "batch_size",  "seed",        "class_label", "width",
+      "height",    "scheduler",   "first_image", "preview",     "guidance",
+      "edit",      "input_image", "mask",        "prompt",      "negative_prompt",
+      "clip_skip", NULL};
   static const char *const preview_keys[] = {"every", NULL};
   json_t *j = NULL;
   int rc = parse_body(body, len, &j, e);
@@ -749,6 +844,9 @@ int api_parse_job(const api_ctx *c, const char *body, size_t len, const char *ow
   f.edit = json_object_get(j, "edit");
   f.input_image = json_object_get(j, "input_image");
   f.mask = json_object_get(j, "mask");
+  f.prompt = not_null(json_object_get(j, "prompt"));
+  f.negative_prompt = not_null(json_object_get(j, "negative_prompt"));
+  f.clip_skip = not_null(json_object_get(j, "clip_skip"));
   if ((rc = api_get_int(j, "width", "width", 1, c->max_image_size, &f.width, &f.has_width, e)) ||
       (rc =
            api_get_int(j, "height", "height", 1, c->max_image_size, &f.height, &f.has_height, e)) ||
@@ -790,6 +888,12 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
                 s->solver, "steps", s->steps, "options", s->options ? s->options : json_object());
   if (s->has_label)
     json_object_set_new(req, "class_label", json_integer(s->label));
+  if (s->prompt)
+    json_object_set_new(req, "prompt", json_string(s->prompt));
+  if (s->negative_prompt)
+    json_object_set_new(req, "negative_prompt", json_string(s->negative_prompt));
+  if (s->clip_skip)
+    json_object_set_new(req, "clip_skip", json_integer(s->clip_skip));
   if (s->data[0])
     json_object_set_new(json_object_get(req, "scheduler"), "data", json_string(s->data));
   if (s->preview_every)
@@ -816,10 +920,12 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
     }
     json_object_set_new(req, "edit", ed);
   }
-  if (s->has_guidance)
+  if (s->has_guidance) /* a text model's unconditional side is its negative prompt */
     json_object_set_new(req, "guidance",
-                        json_pack("{s:f, s:I}", "scale", s->guidance_scale, "null_class",
-                                  (json_int_t)s->null_class));
+                        s->prompt && s->null_class < 0
+                            ? json_pack("{s:f}", "scale", s->guidance_scale)
+                            : json_pack("{s:f, s:I}", "scale", s->guidance_scale, "null_class",
+                                        (json_int_t)s->null_class));
   if (s->has_classifier && json_object_get(req, "guidance"))
     json_object_set_new(json_object_get(req, "guidance"), "classifier",
                         json_pack("{s:f, s:i, s:I}", "scale", s->clf_scale, "head", s->clf_head,
@@ -870,14 +976,23 @@ json_t *api_models_json(const api_ctx *c, int internals) {
     queue_model_desc d;
     if (queue_model_get(c->q, i, NULL, &d) != ERR_OK)
       continue;
-    /* what a request needs: sizes, channels, classes */
-    json_t *m = json_pack("{s:s, s:i, s:i, s:i, s:b}", "name", d.name, "sample_size", d.sample_size,
-                          "channels", d.in_channels, "num_classes", d.num_classes, "default",
-                          strcmp(d.name, c->default_model) == 0);
+    /* what a request needs: sizes (in pixels), channels, classes or prompts */
+    const int multiple = api_size_multiple(&d);
+    json_t *m = json_pack(
+        "{s:s, s:i, s:i, s:i, s:b, s:b, s:i, s:{s:i, s:o}}", "name", d.name, "sample_size",
+        api_model_size(&d), "channels", d.image_channels, "num_classes", d.num_classes, "default",
+        strcmp(d.name, c->default_model) == 0, "text_conditional", d.text_conditional,
+        "latent_factor", d.latent_factor, "sizes", "default", api_model_size(&d), "multiple_of",
+        multiple ? json_integer(multiple) : json_null());
+    if (d.text_conditional) /* what prompt, negative_prompt and clip_skip may be */
+      json_object_set_new(m, "text_encoder",
+                          json_pack("{s:i, s:i, s:i}", "layers", d.text_layers, "tokens",
+                                    d.text_tokens, "max_prompt_bytes", CLIP_MAX_PROMPT_BYTES));
     if (internals) {
-      json_object_set_new(
-          m, "kind",
-          json_string(d.kind == MODEL_UNET2D ? "UNet2DModel" : "GaussianMixtureDenoiser"));
+      json_object_set_new(m, "kind",
+                          json_string(d.kind == MODEL_UNET2D             ? "UNet2DModel"
+                                      : d.kind == MODEL_GAUSSIAN_MIXTURE ? "GaussianMixtureDenoiser"
+                                                                         : "UNet2DConditionModel"));
       json_object_set_new(m, "prediction_type",
                           json_string(d.prediction_type[0] ? d.prediction_type : "epsilon"));
       json_object_set_new(m, "num_params", json_integer((json_int_t)d.num_params));

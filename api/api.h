@@ -71,14 +71,18 @@ const char *api_a1111_solver(const char *name);
  * names: unknown fields are ignored as their server does, the ones used are checked and errors
  * name them. Their batch_size x n_iter images become `count` one-image jobs, job i being spec
  * with seed + i (their all_seeds count up), each run as the native route would run it.
- * checkpoint: the model this client chose (POST /sdapi/v1/options), or NULL. */
+ * checkpoint: the model this client chose (POST /sdapi/v1/options), or NULL; clip_skip: its
+ * CLIP_stop_at_last_layers there (0: none), which override_settings overrides. */
 typedef struct api_sd_job {
   queue_spec spec; /* image 0's job */
   int count;
   int draw_class; /* no prompt on a class-conditional model: each job's class from its seed */
 } api_sd_job;
+/* Their option CLIP_stop_at_last_layers (POST /sdapi/v1/options): 1 to 12 as their slider, an
+ * integral number; a 400 naming it otherwise. */
+int api_sd_clip_option(const json_t *v, int *out, api_error *e);
 int api_sd_parse(const api_ctx *c, int img2img, const char *body, size_t len, const char *owner,
-                 const char *checkpoint, api_sd_job *out, api_error *e);
+                 const char *checkpoint, int clip_skip, api_sd_job *out, api_error *e);
 /* Job i's spec (a copy: seed + i and, when drawn, its class); -1 out of memory. */
 int api_sd_job_at(const api_ctx *c, const api_sd_job *j, int i, queue_spec *out);
 void api_sd_job_clear(api_sd_job *j);

@@ -43,7 +43,14 @@ typedef struct api_job_fields {
   const json_t *guidance;                  /* the "guidance" block, borrowed, or NULL */
   int no_guidance;                         /* "guidance": null: none, not the model's */
   const json_t *edit, *input_image, *mask; /* editing, borrowed, or NULL */
+  /* text-to-image: prompt, negative_prompt and clip_skip as sent (borrowed, null as absent) */
+  const json_t *prompt, *negative_prompt, *clip_skip;
 } api_job_fields;
+
+/* The default image side of a model in pixels (a latent model's sample_size is in latents)
+ * and the multiple other sizes must be of (0: the default size only). */
+int api_model_size(const queue_model_desc *md);
+int api_size_multiple(const queue_model_desc *md);
 
 /* The edit block with input_image, mask and the noise of earlier inversions, after the size and
  * the solver s are known: images and noise are decoded here so a bad one is a 400, never a

@@ -160,6 +160,15 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->regression = mi->regression;
   out->null_class = mi->null_class;
   out->num_params = mi->num_params;
+  out->latent_factor = mi->latent_factor > 0 ? mi->latent_factor : 1;
+  out->image_channels = mi->image_channels > 0 ? mi->image_channels : mi->in_channels;
+  const latent_parts *lp = model_latent(m->m);
+  if (lp) {
+    const latent_info *li = latent_get_info(lp);
+    out->text_conditional = 1;
+    out->text_layers = li->text_layers;
+    out->text_tokens = li->seq_len;
+  }
   out->class_labels = m->labels ? json_incref(m->labels) : NULL;
   out->classifier = m->classifier ? json_incref(m->classifier) : NULL;
   snprintf(out->rec_solver, sizeof out->rec_solver, "%s", mi->rec_solver ? mi->rec_solver : "");

@@ -58,8 +58,13 @@ typedef struct queue_spec {
   uint64_t first_image; /* rng image index of image 0: image i uses noise stream first_image+i */
   int has_label;
   int64_t label;
-  int height, width;
-  int preview_every;           /* steps between x0 previews in progress events; 0: none */
+  /* Text-to-image models (queue_model_desc.text_conditional): the prompt every image follows
+   * and the negative prompt guidance steers away from (UTF-8, owned; NULL: none, the empty
+   * prompt), and clip skip as AUTOMATIC1111 counts it (0: the last layer). */
+  char *prompt, *negative_prompt;
+  int clip_skip;
+  int height, width; /* of the image, in pixels (a latent model samples 1/latent_factor of it) */
+  int preview_every; /* steps between x0 previews in progress events; 0: none */
   char owner[QUEUE_NAME_SIZE]; /* API key name, "" without auth */
   /* Classifier-free guidance (class-conditional models): scale and the null label, resolved
    * (the model's own unless the request names one). */
@@ -220,6 +225,11 @@ typedef struct queue_model_desc {
   int cond_channels, regression;
   int64_t null_class; /* classifier-free guidance's "no class" label (model_info.null_class) */
   int64_t num_params;
+  /* Text-to-image pipelines (model_latent): they take prompts; image pixels per latent pixel
+   * (1 for models that make images directly: then sample_size is in pixels, otherwise in
+   * latents); the channels of the images they make; the text encoder's layers (clip skip's
+   * range) and tokens per prompt. */
+  int text_conditional, latent_factor, image_channels, text_layers, text_tokens;
   json_t *class_labels; /* array of names or NULL; a reference the caller decrefs */
   json_t *solver_data;  /* sampler_data_list of its folder (names, never paths), or NULL */
   /* Its classifier (MODEL/classifier/, classifier.h) as {"class_name", "heads": [{"name",

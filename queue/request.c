@@ -129,7 +129,10 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
                             .seed = sp->seed,
                             .first_image = sp->first_image,
                             .images = 1,
-                            .strength = sp->strength};
+                            .strength = sp->strength,
+                            .prompt = sp->prompt,
+                            .negative_prompt = sp->negative_prompt,
+                            .clip_skip = sp->clip_skip};
   if (sp->has_label) {
     if (!(q->labels = mem_malloc(sizeof *q->labels * (size_t)sp->batch)))
       return err_set(e, ERR_NOMEM, "out of memory");

@@ -54,8 +54,23 @@ void queue_spec_clear(queue_spec *s) {
   json_decref(s->options);
   free(s->input_image);
   free(s->mask);
+  free(s->prompt);
+  free(s->negative_prompt);
   json_decref(s->edit_args);
   memset(s, 0, sizeof *s);
+}
+
+/* dst's own copies of src's prompts (dst a shallow copy of src); -1 out of memory. Prompts are
+ * at most CLIP_MAX_PROMPT_BYTES: views carry them too. */
+static int copy_prompts(queue_spec *dst, const queue_spec *src) {
+  dst->prompt = src->prompt ? mem_strdup(src->prompt) : NULL;
+  dst->negative_prompt = src->negative_prompt ? mem_strdup(src->negative_prompt) : NULL;
+  return (src->prompt && !dst->prompt) || (src->negative_prompt && !dst->negative_prompt) ? -1 : 0;
+}
+
+/* Two optional strings alike. */
+static int same_text(const char *a, const char *b) {
+  return a && b ? strcmp(a, b) == 0 : a == b;
 }
 
 int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
@@ -65,8 +80,9 @@ int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
   dst->input_image = src->input_image ? mem_strdup(src->input_image) : NULL;
   dst->mask = src->mask ? mem_strdup(src->mask) : NULL;
   dst->edit_args = src->edit_args ? json_deep_copy(src->edit_args) : NULL;
-  return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
-                 (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
+  return copy_prompts(dst, src) || (src->options && !dst->options) ||
+                 (src->input_image && !dst->input_image) || (src->mask && !dst->mask) ||
+                 (src->edit_args && !dst->edit_args)
              ? ERR_NOMEM
              : ERR_OK;
 }
@@ -107,8 +123,9 @@ int qspec_copy_light(queue_spec *dst, const queue_spec *src) {
   dst->input_image = src->input_image ? mem_strdup("") : NULL;
   dst->mask = src->mask ? mem_strdup("") : NULL;
   dst->edit_args = src->edit_args ? light_args(src->edit_args) : NULL;
-  return (src->options && !dst->options) || (src->input_image && !dst->input_image) ||
-                 (src->mask && !dst->mask) || (src->edit_args && !dst->edit_args)
+  return copy_prompts(dst, src) || (src->options && !dst->options) ||
+                 (src->input_image && !dst->input_image) || (src->mask && !dst->mask) ||
+                 (src->edit_args && !dst->edit_args)
              ? ERR_NOMEM
              : ERR_OK;
 }
@@ -129,6 +146,8 @@ int queue_spec_compatible(const queue_spec *a, const queue_spec *b) {
          a->width == b->width && !a->nfe_varies && !b->nfe_varies && a->has_label == b->has_label &&
          !a->preview_every && !b->preview_every && !a->edit && !b->edit &&
          a->has_guidance == b->has_guidance && !a->has_classifier && !b->has_classifier &&
+         same_text(a->prompt, b->prompt) && same_text(a->negative_prompt, b->negative_prompt) &&
+         a->clip_skip == b->clip_skip &&
          (!a->has_guidance ||
           (a->guidance_scale == b->guidance_scale && a->null_class == b->null_class)) &&
          json_equal(a->options ? a->options : json_null(), b->options ? b->options : json_null());
@@ -144,6 +163,12 @@ json_t *queue_spec_to_json(const queue_spec *s) {
     json_object_set_new(j, "data", json_string(s->data));
   if (j && s->has_label)
     json_object_set_new(j, "class_label", json_integer(s->label));
+  if (j && s->prompt)
+    json_object_set_new(j, "prompt", json_string(s->prompt));
+  if (j && s->negative_prompt)
+    json_object_set_new(j, "negative_prompt", json_string(s->negative_prompt));
+  if (j && s->clip_skip)
+    json_object_set_new(j, "clip_skip", json_integer(s->clip_skip));
   if (j && s->has_guidance) {
     json_object_set_new(j, "guidance_scale", json_real(s->guidance_scale));
     json_object_set_new(j, "null_class", json_integer(s->null_class));
@@ -175,6 +200,20 @@ json_t *queue_spec_to_json(const queue_spec *s) {
     json_object_set_new(j, "idempotency_hash", json_string(hash));
   }
   return j;
+}
+
+/* A record's prompts and clip skip, as the API validated them. */
+static int prompts_from_json(const json_t *j, queue_spec *s, err *e) {
+  const json_t *p = json_object_get(j, "prompt"), *np = json_object_get(j, "negative_prompt");
+  const json_t *cs = json_object_get(j, "clip_skip");
+  if ((p && !json_is_string(p)) || (np && !json_is_string(np)) || (cs && !json_is_integer(cs)) ||
+      json_integer_value(cs) < 0 || json_integer_value(cs) > 1000)
+    return err_set(e, ERR_FORMAT, "job spec: a bad prompt, negative_prompt or clip_skip");
+  s->prompt = p ? mem_strdup(json_string_value(p)) : NULL;
+  s->negative_prompt = np ? mem_strdup(json_string_value(np)) : NULL;
+  s->clip_skip = (int)json_integer_value(cs);
+  return (p && !s->prompt) || (np && !s->negative_prompt) ? err_set(e, ERR_NOMEM, "out of memory")
+                                                          : ERR_OK;
 }
 
 int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
@@ -225,6 +264,10 @@ int queue_spec_from_json(const json_t *j, queue_spec *s, err *e) {
   if (key && hash && strlen(key) < sizeof s->idem_key && strlen(hash) == 16) {
     snprintf(s->idem_key, sizeof s->idem_key, "%s", key);
     s->idem_hash = strtoull(hash, NULL, 16);
+  }
+  if (prompts_from_json(j, s, e)) {
+    queue_spec_clear(s);
+    return e->code;
   }
   const json_t *clf = json_object_get(j, "classifier");
   if (clf) {

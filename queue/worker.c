@@ -397,14 +397,17 @@ void qworker_run(uv_work_t *w) {
   int rc = qrequest_from_spec(b->qm->m, &head->spec, &req, &e);
   b->h = head->spec.height;
   b->w = head->spec.width;
-  const size_t d = (size_t)mi->in_channels * b->h * b->w;
+  /* a latent model's noise is latents, 1/latent_factor of the image along each side */
+  const int f = mi->latent_factor > 0 ? mi->latent_factor : 1;
+  const size_t d_noise = (size_t)mi->in_channels * (b->h / f) * (b->w / f);
+  const size_t d_image = (size_t)mi->image_channels * b->h * b->w;
   if (!rc && b->njobs > 1)
-    rc = batch_inputs(b, &req, d, &arrays, &e);
+    rc = batch_inputs(b, &req, d_noise, &arrays, &e);
   if (!rc)
     rc = run_batch(b, &req, &res, &e);
   if (rc == ERR_OK) {
     for (int i = 0, base = 0; i < b->njobs; base += b->jobs[i]->spec.batch, i++)
-      write_results(b, base, b->jobs[i], &req.r, res.images, d);
+      write_results(b, base, b->jobs[i], &req.r, res.images, d_image);
   } else {
     fail_batch(b, rc, &e);
   }

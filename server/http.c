@@ -707,20 +707,25 @@ static void sd_client(struct MHD_Connection *c, const req *r, char *out, size_t 
   snprintf(out, n, "%s|%s", r->owner, client);
 }
 
-/* The model this client chose, copied into model; 0 if none. */
-static int sd_choice_get(srv *s, const char *client, char *model, size_t n) {
+/* The model this client chose, copied into model ("" if none), and its clip skip (0: none);
+ * 0 if the client chose nothing. */
+static int sd_choice_get(srv *s, const char *client, char *model, size_t n, int *clip_skip) {
   int found = 0;
+  model[0] = 0;
+  *clip_skip = 0;
   pthread_mutex_lock(&s->conn_mu);
   for (int i = 0; i < SD_CHOICES && !found; i++)
     if (strcmp(s->sd_choices[i].client, client) == 0) {
       snprintf(model, n, "%s", s->sd_choices[i].model);
+      *clip_skip = s->sd_choices[i].clip_skip;
       found = 1;
     }
   pthread_mutex_unlock(&s->conn_mu);
   return found;
 }
 
-static void sd_choice_set(srv *s, const char *client, const char *model) {
+/* Keeps a client's choice: model "" and clip_skip 0 leave what it chose before. */
+static void sd_choice_set(srv *s, const char *client, const char *model, int clip_skip) {
   pthread_mutex_lock(&s->conn_mu);
   int at = -1;
   for (int i = 0; i < SD_CHOICES && at < 0; i++)
@@ -730,24 +735,35 @@ static void sd_choice_set(srv *s, const char *client, const char *model) {
     at = s->sd_next;
     s->sd_next = (s->sd_next + 1) % SD_CHOICES;
   }
+  if (strcmp(s->sd_choices[at].client, client) != 0) { /* a new slot: nothing chosen yet */
+    s->sd_choices[at].model[0] = 0;
+    s->sd_choices[at].clip_skip = 0;
+  }
   snprintf(s->sd_choices[at].client, sizeof s->sd_choices[at].client, "%s", client);
-  snprintf(s->sd_choices[at].model, sizeof s->sd_choices[at].model, "%s", model);
+  if (model[0])
+    snprintf(s->sd_choices[at].model, sizeof s->sd_choices[at].model, "%s", model);
+  if (clip_skip)
+    s->sd_choices[at].clip_skip = clip_skip;
   pthread_mutex_unlock(&s->conn_mu);
 }
 
 static enum MHD_Result get_sd_options(srv *s, struct MHD_Connection *c, req *r) {
   char client[2 * QUEUE_NAME_SIZE + 2], model[QUEUE_NAME_SIZE];
+  int skip;
   sd_client(c, r, client, sizeof client);
-  if (!sd_choice_get(s, client, model, sizeof model))
+  if (!sd_choice_get(s, client, model, sizeof model, &skip) || !model[0])
     snprintf(model, sizeof model, "%s", s->api.default_model);
   return send_json(s, c, r, 200,
-                   json_pack("{s:s, s:n, s:s, s:i}", "sd_model_checkpoint", model,
+                   json_pack("{s:s, s:n, s:s, s:i, s:i}", "sd_model_checkpoint", model,
                              "sd_checkpoint_hash", "samples_format", "png",
-                             "show_progress_every_n_steps", 1));
+                             "show_progress_every_n_steps", 1, "CLIP_stop_at_last_layers",
+                             skip ? skip : 1));
 }
 
-/* Their options: sd_model_checkpoint (a model of ours, for this client only) is kept; the
- * others configure their UI and server, none of which exists here, and are ignored. */
+/* Their options: sd_model_checkpoint (a model of ours) and CLIP_stop_at_last_layers (their
+ * clip skip, 1 to 12; text-to-image models take it, up to their text encoder's layers) are
+ * kept, for this client only; the others configure their UI and server, none of which exists
+ * here, and are ignored. */
 static enum MHD_Result post_sd_options(srv *s, struct MHD_Connection *c, req *r) {
   json_t *j = r->len ? json_loadb(r->body, r->len, 0, NULL) : NULL;
   if (!json_is_object(j)) {
@@ -756,6 +772,13 @@ static enum MHD_Result post_sd_options(srv *s, struct MHD_Connection *c, req *r)
   }
   const json_t *ck = json_object_get(j, "sd_model_checkpoint");
   char model[QUEUE_NAME_SIZE] = "";
+  const json_t *skip = json_object_get(j, "CLIP_stop_at_last_layers");
+  int clip_skip = 0;
+  api_error ae = {0};
+  if (skip && !json_is_null(skip) && api_sd_clip_option(skip, &clip_skip, &ae)) {
+    json_decref(j);
+    return send_error(s, c, r, &ae);
+  }
   if (ck && !json_is_string(ck)) {
     json_decref(j);
     return fail(s, c, r, 400, "wrong_type", "sd_model_checkpoint",
@@ -773,11 +796,12 @@ static enum MHD_Result post_sd_options(srv *s, struct MHD_Connection *c, req *r)
     return fail(s, c, r, 400, "invalid_field", "sd_model_checkpoint",
                 "sd_model_checkpoint: no model named '%s' (GET /sdapi/v1/sd-models lists them)",
                 model);
-  if (model[0]) {
+  if (model[0])
     queue_model_desc_clear(&md);
+  if (model[0] || clip_skip) {
     char client[2 * QUEUE_NAME_SIZE + 2];
     sd_client(c, r, client, sizeof client);
-    sd_choice_set(s, client, model);
+    sd_choice_set(s, client, model, clip_skip);
   }
   return send_json(s, c, r, 200, json_null());
 }
@@ -882,11 +906,13 @@ static char *sd_picture(srv *s, const queue_job_view *v) {
 static enum MHD_Result post_sd(srv *s, struct MHD_Connection *c, req *r) {
   const int img2img = strcmp(r->path, "/sdapi/v1/img2img") == 0;
   char client[2 * QUEUE_NAME_SIZE + 2], model[QUEUE_NAME_SIZE];
+  int skip;
   sd_client(c, r, client, sizeof client);
-  const int chose = sd_choice_get(s, client, model, sizeof model);
+  sd_choice_get(s, client, model, sizeof model, &skip);
   api_sd_job t;
   api_error ae = {0};
-  if (api_sd_parse(&s->api, img2img, r->body, r->len, r->owner, chose ? model : NULL, &t, &ae))
+  if (api_sd_parse(&s->api, img2img, r->body, r->len, r->owner, model[0] ? model : NULL, skip, &t,
+                   &ae))
     return send_error(s, c, r, &ae);
   enum MHD_Result ret;
   queue_job_view *views = calloc(t.count > 0 ? (size_t)t.count : 1, sizeof *views);

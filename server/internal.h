@@ -101,11 +101,13 @@ typedef struct srv {
   pthread_mutex_t conn_mu; /* guards conns and streams */
   struct conn_track *conns;
   struct stream_slot *streams; /* event streams and synchronous waits open now */
-  /* The model each client chose with POST /sdapi/v1/options (sd_model_checkpoint), under
-   * conn_mu; the oldest choice gives way past SD_CHOICES clients. */
+  /* The model and clip skip each client chose with POST /sdapi/v1/options
+   * (sd_model_checkpoint, CLIP_stop_at_last_layers), under conn_mu; the oldest choice gives way
+   * past SD_CHOICES clients. */
   struct sd_choice {
     char client[2 * QUEUE_NAME_SIZE + 2]; /* owner and client identity */
-    char model[QUEUE_NAME_SIZE];
+    char model[QUEUE_NAME_SIZE];          /* "": not chosen */
+    int clip_skip;                        /* 0: not chosen */
   } sd_choices[SD_CHOICES];
   int sd_next;
   pthread_t reaper;

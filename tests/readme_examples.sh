@@ -5,7 +5,8 @@
 # a mask, labels) is put there first; the only rewrites are those placeholders and the port.
 # Every PNG an example writes must be a PNG (a `curl > E.png` that saved an error body fails).
 # The set-up block (scripts/run.sh, scripts/test.sh) is what CI itself runs, so it is not rerun.
-# Blocks: 2 the CLI, 3 the daemon's session, 4 training, 5 gradients through sampling.
+# Blocks: 2 the CLI, 3 the daemon's session, 4 the daemon's prompts (a second daemon serving the
+# SD pipeline fixture as `sd`), 5 training, 6 gradients through sampling.
 # Usage: tests/readme_examples.sh BUILD_DIR
 set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,7 +66,7 @@ check_pngs "the CLI block"
   { echo "readme_examples: --replay did not give the same image" >&2; exit 1; }
 
 # --- the training block: it makes its own data set with the default model ---
-training=$(block 4)
+training=$(block 5)
 [ -n "$training" ] || { echo "readme_examples: the README has no training block" >&2; exit 1; }
 printf 'set -eux\n%s\n' "$training" >train.sh
 sh train.sh >train.log 2>&1 || { tail -30 train.log >&2; echo "readme_examples: the training block failed" >&2; exit 1; }
@@ -76,7 +77,7 @@ for f in out/glyphs-ft/diffusion_pytorch_model.safetensors out/glyphs-ft/README.
 done
 
 # --- the gradients block: denoised adjoint on the default model ---
-grads=$(block 5)
+grads=$(block 6)
 [ -n "$grads" ] || { echo "readme_examples: the README has no gradients block" >&2; exit 1; }
 printf 'set -eux\n%s\n' "$grads" >grads.sh
 sh grads.sh >grads.log 2>&1 || { tail -30 grads.log >&2; echo "readme_examples: the gradients block failed" >&2; exit 1; }
@@ -97,5 +98,27 @@ sh session.sh >session.log 2>&1 || { tail -30 session.log >&2; echo "readme_exam
 check_pngs "the daemon block"
 for f in A-0.png B.png guided.png edited.png E.png; do
   [ -s "$f" ] || { echo "readme_examples: the daemon block wrote no $f" >&2; exit 1; }
+done
+kill "$daemon" && wait "$daemon" || true
+daemon=""
+
+# --- the daemon's prompts: the serve command the README gives, the fixture for the pipeline ---
+pipe="$src/tests/fixtures/sd_pipeline/tiny"
+build/denoised serve --model default=models/glyphs32 --model "sd=$pipe" --listen 127.0.0.1:0 \
+  --state-dir sd-state >serve-sd.log 2>&1 &
+daemon=$!
+port=$(daemon_port serve-sd.log)
+[ -n "$port" ] || { cat serve-sd.log >&2; echo "readme_examples: the prompt daemon did not start" >&2; exit 1; }
+prompts=$(block 4 | sed -e "s|localhost:8080|localhost:$port|g" -e "s|~/models/sd-pipeline|$pipe|g")
+[ -n "$prompts" ] || { echo "readme_examples: the README has no prompt block" >&2; exit 1; }
+printf 'set -eux\n%s\n' "$prompts" >prompts.sh
+sh prompts.sh >prompts.log 2>&1 || { tail -30 prompts.log >&2; echo "readme_examples: the prompt block failed" >&2; exit 1; }
+check_pngs "the prompt block"
+grep -q '"text_conditional":true' prompts.log ||
+  { echo "readme_examples: /v1/models does not say the pipeline takes prompts" >&2; exit 1; }
+grep -q 'Negative prompt: blurry' cat-a1111.json ||
+  { echo "readme_examples: the A1111 answer has no prompt lines" >&2; exit 1; }
+for f in cat-daemon.png cat-again.png; do
+  [ -s "$f" ] || { echo "readme_examples: the prompt block wrote no $f" >&2; exit 1; }
 done
 echo "readme_examples: every example ran"

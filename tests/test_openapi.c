@@ -290,6 +290,46 @@ START_TEST(responses_match_the_spec) {
                    404);
   http_free(&r);
   daemon_stop(&d);
+  /* a text-to-image pipeline beside it: its model entry, a prompt job's view, A1111 prompts */
+  char m1[1100], m2[1100], p1[1024];
+  snprintf(m1, sizeof m1, "default=%s", test_src_path(p1, sizeof p1, "models/shapes-gmm"));
+  snprintf(m2, sizeof m2, "sd=%s", test_src_path(p1, sizeof p1, "tests/fixtures/sd_pipeline/tiny"));
+  const char *sargs[] = {"--model", m1, "--model", m2, NULL};
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), sargs), 0);
+  call(&d, "GET", "/v1/models", NULL, NULL, &r);
+  http_free(&r);
+  ck_assert_int_eq(call(&d, "POST", "/v1/jobs",
+                        "{\"model\": \"sd\", \"prompt\": \"a cat\", \"negative_prompt\": "
+                        "\"blurry\", \"clip_skip\": 2, \"scheduler\": {\"name\": \"ddim\", "
+                        "\"steps\": 3}}",
+                        NULL, &r),
+                   202);
+  json_t *tj = http_json(&r);
+  snprintf(id, sizeof id, "%s", json_string_value(json_object_get(tj, "id")));
+  json_decref(tj);
+  http_free(&r);
+  wait_state(&d, id, "succeeded", 60);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  call(&d, "GET", path, NULL, NULL, &r);
+  http_free(&r);
+  ck_assert_int_eq(call(&d, "POST", "/v1/jobs",
+                        "{\"model\": \"sd\", \"prompt\": \"a\", "
+                        "\"clip_skip\": 9}",
+                        NULL, &r),
+                   400);
+  http_free(&r);
+  ck_assert_int_eq(
+      call(&d, "POST", "/sdapi/v1/options", "{\"CLIP_stop_at_last_layers\": 2}", NULL, &r), 200);
+  http_free(&r);
+  call(&d, "GET", "/sdapi/v1/options", NULL, NULL, &r);
+  http_free(&r);
+  ck_assert_int_eq(call(&d, "POST", "/sdapi/v1/txt2img",
+                        "{\"prompt\": \"a cat\", \"negative_prompt\": \"blurry\", \"steps\": 3, "
+                        "\"override_settings\": {\"sd_model_checkpoint\": \"sd\"}}",
+                        NULL, &r),
+                   200);
+  http_free(&r);
+  daemon_stop(&d);
   fclose(rec);
   ck_assert_msg(run_check(script, spec, file, out, sizeof out) == 0, "%s", out);
   ck_assert_ptr_nonnull(strstr(out, "0 failures"));

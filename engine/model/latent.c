@@ -50,6 +50,7 @@ int latent_parts_load(const char *dir, latent_parts **out, err *e) {
                           .image_channels = vi->out_channels,
                           .seq_len = clip_tokenizer_length(p->tok),
                           .text_dim = tc->hidden_size,
+                          .text_layers = tc->layers,
                           .scaling_factor = vi->scaling_factor,
                           .shift_factor = vi->shift_factor};
   if (p->info.seq_len > tc->max_positions) {

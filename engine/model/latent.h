@@ -15,8 +15,9 @@ typedef struct latent_info {
   int factor;          /* image pixels per latent pixel along a side (8 for SD) */
   int latent_channels; /* the VAE's, which must be the UNet's in_channels */
   int image_channels;
-  int seq_len;  /* tokens per prompt (77) */
-  int text_dim; /* hidden size of the text encoder, the UNet's cross_attention_dim */
+  int seq_len;     /* tokens per prompt (77) */
+  int text_dim;    /* hidden size of the text encoder, the UNet's cross_attention_dim */
+  int text_layers; /* the text encoder's transformer layers: clip skip runs from 1 to this */
   double scaling_factor, shift_factor;
 } latent_info;
 

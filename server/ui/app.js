@@ -145,15 +145,33 @@
       names.forEach((n) => option(sel, n, n, n === keep));
     }
     const cond = names.length > 0;
-    $('class-box').hidden = !cond;
-    $('class').disabled = !cond;
-    $('guidance').disabled = !cond;
+    // a text-to-image model (a Stable-Diffusion pipeline) takes prompts instead of classes
+    const text = !!m.text_conditional;
+    $('class-box').hidden = !cond || text;
+    $('class').disabled = !cond || text;
+    $('prompt-box').hidden = !text;
+    $('guidance').disabled = !cond && !text;
+    if (text && st.textModel !== m.name) {
+      // its own guidance default: the recommendation, else StableDiffusionPipeline's 7.5
+      const rec = m.recommended && m.recommended.guidance_scale;
+      $('guidance').value = rec >= 0 ? rec : 7.5;
+    }
+    st.textModel = text ? m.name : null;
+    // no latent editing or previews yet
+    $('edit-box').hidden = text;
+    $('preview-every').disabled = text;
+    if (text) $('edit-type').value = '';
     $('class-hint').textContent = cond ? `(${names.length} classes)` : '';
-    // a UNet runs at the size it was trained at: the only size offered
+    // a pixel UNet runs at the size it was trained at: the only size offered; a latent model
+    // takes multiples of 8 latents up to twice its size (and the server's limit)
     const size = $('size');
+    const keep = Number(size.value);
     size.textContent = '';
     const px = m.sample_size || 32;
-    option(size, px, `${px} x ${px}`, true);
+    const step = text && m.sizes && m.sizes.multiple_of;
+    const top = Math.min(2 * px, (st.caps.limits || {}).max_image_size || 2 * px);
+    const sizes = step ? Array.from({ length: Math.floor(top / step) }, (_, i) => (i + 1) * step) : [px];
+    for (const n of sizes) option(size, n, `${n} x ${n}`, sizes.includes(keep) ? n === keep : n === px);
     resetCanvas();
   }
   $('model').addEventListener('change', onModel);
@@ -333,6 +351,15 @@
       scheduler: { name: $('solver').value, steps },
     };
     const names = classNames(m);
+    if (m.text_conditional) {
+      req.prompt = $('prompt').value;
+      const neg = $('negative-prompt').value;
+      if (neg) req.negative_prompt = neg;
+      const g = Number($('guidance').value);
+      if (!(g >= 0 && g <= 50)) throw new Error('Guidance scale must be in [0, 50]');
+      req.guidance = { scale: g };
+      return req; // no edits or previews of latents
+    }
     if (names.length) {
       req.class_label = Array.isArray(m.class_labels) && m.class_labels.length ? $('class').value : Number($('class').value);
       const g = Number($('guidance').value);
@@ -502,6 +529,8 @@
     if (typeof cls === 'number' && names[cls] !== undefined) cls = names[cls];
     const bits = [];
     if (cls !== undefined) bits.push(`class ${cls}`);
+    if (r.prompt !== undefined) bits.push(`“${r.prompt.length > 60 ? r.prompt.slice(0, 60) + '…' : r.prompt}”`);
+    if (r.negative_prompt) bits.push(`not “${r.negative_prompt.length > 30 ? r.negative_prompt.slice(0, 30) + '…' : r.negative_prompt}”`);
     if (r.scheduler) bits.push(`${r.scheduler.name} ${r.scheduler.steps || ''} steps`);
     if (r.guidance) bits.push(`guidance ${r.guidance.scale}`);
     bits.push(`seed ${r.seed}`);
@@ -654,6 +683,12 @@
     const names = classNames(model());
     const cls = typeof r.class_label === 'number' ? names[r.class_label] : r.class_label;
     if (cls !== undefined) $('class').value = cls;
+    if (r.prompt !== undefined) $('prompt').value = r.prompt;
+    $('negative-prompt').value = r.negative_prompt || '';
+    if (r.width && [...$('size').options].some((o) => Number(o.value) === r.width)) {
+      $('size').value = r.width;
+      resetCanvas();
+    }
     if (r.scheduler) {
       $('solver').value = r.scheduler.name;
       if (r.scheduler.steps) $('steps').value = r.scheduler.steps;
@@ -670,6 +705,10 @@
   }
 
   async function editFrom(url) {
+    if (model().text_conditional) {
+      $('form-error').textContent = 'This model takes no edits yet (text to image only): choose another model to edit the image with.';
+      return;
+    }
     if (!$('edit-type').value) $('edit-type').value = 'img2img';
     onEditType();
     try {

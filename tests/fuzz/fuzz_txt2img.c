@@ -10,7 +10,7 @@ static int img2img_mode;
 static int parse_sd(const api_ctx *c, const char *body, size_t len, const char *owner,
                     queue_spec *out, api_error *e) {
   api_sd_job t;
-  int rc = api_sd_parse(c, img2img_mode, body, len, owner, NULL, &t, e);
+  int rc = api_sd_parse(c, img2img_mode, body, len, owner, NULL, 0, &t, e);
   if (!rc) {
     if (t.count < 1 || t.count > 64 || api_sd_job_at(c, &t, t.count - 1, out))
       abort();

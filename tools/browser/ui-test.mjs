@@ -44,10 +44,11 @@ function check(ok, what) {
   if (!ok) throw new Error('check failed: ' + what);
 }
 
-// `denoised serve` on 127.0.0.1:0 with the default model; resolves with its base URL.
-function startDaemon(env) {
+// `denoised serve` on 127.0.0.1:0 with the default model (or the models of `more`, flags);
+// resolves with its base URL.
+function startDaemon(env, more = []) {
   const state = fs.mkdtempSync(path.join(os.tmpdir(), 'denoised-browser-'));
-  const p = spawn(args.bin, ['serve', '--listen', '127.0.0.1:0', '--state-dir', state], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const p = spawn(args.bin, ['serve', '--listen', '127.0.0.1:0', '--state-dir', state, ...more], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   daemons.push({ p, state });
   let text = '';
   return new Promise((resolve, reject) => {
@@ -198,6 +199,7 @@ async function uiRun(base) {
   check((await page.$(`#gallery li[data-id="${long}"]`)) === null, 'Delete removes the job from the gallery');
   check((await page.evaluate(() => JSON.parse(localStorage.getItem('denoised.gallery.v1')).length)) === 4, 'four jobs are left in localStorage');
   log('cancelled a running job and deleted it from the gallery');
+  if (!args.base) await textRun(page);
   // accessibility: axe-core, no serious or critical violations
   await page.evaluate(axeSource);
   const axe = await page.evaluate(async () => {
@@ -220,6 +222,29 @@ async function uiRun(base) {
   log('/docs renders the spec');
   check(problems.length === 0, 'no console errors or failed requests:\n  ' + problems.join('\n  '));
   await page.close();
+}
+
+// A text-to-image model: the prompt fields replace the class picker (and the edits); a job
+// with a prompt runs and its infotext carries A1111's prompt lines.
+async function textRun(page) {
+  await page.select('#model', 'sd');
+  const shown = await page.evaluate(() => ['#prompt-box', '#class-box', '#edit-box'].map((s) => !document.querySelector(s).hidden));
+  check(JSON.stringify(shown) === '[true,false,false]', `a text model shows the prompt, no classes or edits (${shown})`);
+  check((await page.$eval('#guidance', (e) => e.value)) === '7.5', 'a text model\'s guidance defaults to 7.5');
+  await page.type('#prompt', 'a photo of a cat');
+  await page.type('#negative-prompt', 'blurry');
+  await page.select('#solver', 'dpm++2m');
+  for (const [id, v] of [['#steps', '5'], ['#batch', '1'], ['#seed', '3']]) {
+    await page.$eval(id, (e) => (e.value = ''));
+    await page.type(id, v);
+  }
+  const job = await generate(page, 1, 'text to image');
+  await page.click(`#gallery li[data-id="${job}"] details summary`);
+  await page.waitForFunction((id) => /a photo of a cat\s*Negative prompt: blurry\s*Steps: 5/.test(document.querySelector(`#gallery li[data-id="${id}"] .infotext`).textContent), { timeout: 5000 }, job);
+  await page.select('#model', 'default');
+  check(await page.$eval('#prompt-box', (e) => e.hidden) && !(await page.$eval('#class-box', (e) => e.hidden)), 'back on the glyph model the classes return');
+  await page.select('#model', 'sd'); // the accessibility check below sees the prompt fields too
+  log('text to image: prompt fields, the job, its infotext with the prompt lines');
 }
 
 async function keyRun(base) {
@@ -246,12 +271,16 @@ async function keyRun(base) {
   await page.close();
 }
 
+// the plain daemon also serves the tiny Stable-Diffusion pipeline fixture as `sd`
+const src = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../..');
+const withPipeline = ['--model', `default=${src}/models/glyphs32`, '--model', `sd=${src}/tests/fixtures/sd_pipeline/tiny`];
+
 let code = 0;
 try {
   // --base/--keyed-base: daemons already running (the second with that key), for UI work
   const [plain, keyed] = args.base
     ? [args.base, args['keyed-base']]
-    : await Promise.all([startDaemon({}), startDaemon({ DENOISED_API_KEYS: 'browser:browser-key-0123456789abcdef' })]);
+    : await Promise.all([startDaemon({}, withPipeline), startDaemon({ DENOISED_API_KEYS: 'browser:browser-key-0123456789abcdef' })]);
   browser = await puppeteer.launch({ executablePath: chromium, headless: true, args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run'] });
   log(`chromium ${await browser.version()}, daemons at ${plain} and ${keyed}`);
   await uiRun(plain);
