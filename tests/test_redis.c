@@ -626,6 +626,52 @@ static void stop_redis(void) {
   test_redis_stop(&redis);
 }
 
+/* A queued text-to-image job's prompts live in its Redis record: a daemon killed with SIGKILL
+ * and started again with an empty state directory runs it with them. */
+START_TEST(prompt_job_survives_on_redis) {
+  char st[512], st2[512], path[128], m1[1100], m2[1100], p[1024];
+  snprintf(m1, sizeof m1, "default=%s", test_src_path(p, sizeof p, "models/shapes-gmm"));
+  snprintf(m2, sizeof m2, "sd=%s", test_src_path(p, sizeof p, "tests/fixtures/sd_pipeline/tiny"));
+  const char *args[] = {
+      "--redis-url", redis.url, "--redis-prefix", "prompt", "--lease-seconds", "2",
+      "--workers",   "1",       "--model",        m1,       "--model",         m2,
+      NULL};
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
+  char blocker[64], id[64];
+  submit_job(&d, LONG_JOB, blocker, sizeof blocker);
+  wait_running(&d, blocker, 60);
+  submit_job(&d,
+             "{\"model\": \"sd\", \"prompt\": \"a photo of a cat\", \"negative_prompt\": "
+             "\"blurry\", \"clip_skip\": 2, \"seed\": 3, \"scheduler\": {\"name\": \"ddim\", "
+             "\"steps\": 4}}",
+             id, sizeof id);
+  ck_assert_int_eq(daemon_signal_wait(&d, SIGKILL, 10), 128 + SIGKILL);
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st2, sizeof st2), args), 0);
+  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
+  http_resp r;
+  http_req(&d, "DELETE", path, NULL, 0, NULL, &r);
+  http_free(&r);
+  wait_state(&d, id, "succeeded", 120);
+  snprintf(path, sizeof path, "/v1/jobs/%s", id);
+  size_t len;
+  char *view = get_body(&d, path, &len);
+  ck_assert_ptr_nonnull(strstr(view, "\"prompt\":\"a photo of a cat\""));
+  ck_assert_ptr_nonnull(strstr(view, "\"negative_prompt\":\"blurry\""));
+  ck_assert_ptr_nonnull(strstr(view, "\"clip_skip\":2"));
+  free(view);
+  snprintf(path, sizeof path, "/v1/jobs/%s/images/0", id);
+  char *png = get_body(&d, path, &len);
+  char *info = NULL;
+  err e = {0};
+  ck_assert_int_eq(image_png_text_mem((uint8_t *)png, len, "parameters", 64, &info, &e), 0);
+  ck_assert_msg(strncmp(info, "a photo of a cat\nNegative prompt: blurry\n", 40) == 0, "%s", info);
+  free(info);
+  free(png);
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("redis");
   TCase *tc = tcase_create("redis");
@@ -646,6 +692,7 @@ Suite *test_suite(void) {
     tcase_add_test(tc, listings_show_the_whole_group);
     tcase_add_test(tc, orphaned_results_expire_in_redis);
     tcase_add_test(tc, per_key_limits_hold_across_daemons);
+    tcase_add_test(tc, prompt_job_survives_on_redis);
   } else {
     fprintf(stderr, "test_redis: redis-server is installed but did not start\n");
     exit(1);
