@@ -15,10 +15,12 @@
   "{\"model\": \"sd\", \"prompt\": \"a photo of a cat\", \"negative_prompt\": \"blurry\", "        \
   "\"clip_skip\": 2, \"seed\": 3, \"scheduler\": {\"name\": \"dpm++2m\", \"steps\": 5}}"
 
-/* The daemon's arguments: the default model and the pipeline as "sd" (paths kept static). */
-static const char *const *prompt_args(const char *extra1, const char *extra2) {
+/* The daemon's arguments: the default model and the pipeline as "sd" (paths kept static), then
+ * up to four more (NULL ends them). */
+static const char *const *prompt_args4(const char *a, const char *b, const char *c,
+                                       const char *dd) {
   static char def[1100], sd[1100];
-  static const char *args[8];
+  static const char *args[10];
   char p[1024];
   snprintf(def, sizeof def, "default=%s", test_src_path(p, sizeof p, "models/shapes-gmm"));
   snprintf(sd, sizeof sd, "sd=%s", test_src_path(p, sizeof p, FIXTURE));
@@ -27,12 +29,15 @@ static const char *const *prompt_args(const char *extra1, const char *extra2) {
   args[n++] = def;
   args[n++] = "--model";
   args[n++] = sd;
-  if (extra1) {
-    args[n++] = extra1;
-    args[n++] = extra2;
-  }
+  const char *more[] = {a, b, c, dd};
+  for (int i = 0; i < 4 && more[i]; i++)
+    args[n++] = more[i];
   args[n] = NULL;
   return args;
+}
+
+static const char *const *prompt_args(const char *a, const char *b) {
+  return prompt_args4(a, b, NULL, NULL);
 }
 
 static char *get_body(const daemon_proc *d, const char *path, size_t *len) {
@@ -352,6 +357,58 @@ START_TEST(queued_prompt_job_survives_kill9) {
 }
 END_TEST
 
+/* Prompt jobs of one prompt pile up behind a long job and share one forward (noise in latents,
+ * images in pixels); each image is the one its job makes alone. */
+START_TEST(batched_prompt_jobs_equal_alone) {
+  char st[512], path[128];
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st),
+                                prompt_args4("--workers", "1", "--batch-max-images", "16")),
+                   0);
+  char blocker[64], ids[3][64], body[512];
+  submit_job(&d, LONG_JOB, blocker, sizeof blocker);
+  wait_running(&d, blocker, 60);
+  for (int k = 0; k < 3; k++) {
+    snprintf(body, sizeof body,
+             "{\"model\": \"sd\", \"prompt\": \"a photo of a cat\", \"seed\": %d, "
+             "\"batch_size\": %d, \"scheduler\": {\"name\": \"dpm++2m\", \"steps\": 4}}",
+             10 + k, 1 + k % 2);
+    submit_job(&d, body, ids[k], sizeof ids[k]);
+  }
+  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
+  http_resp r;
+  ck_assert_int_eq(http_req(&d, "DELETE", path, NULL, 0, NULL, &r), 200);
+  http_free(&r);
+  for (int k = 0; k < 3; k++)
+    wait_state(&d, ids[k], "succeeded", 120);
+  http_get(&d, "/metrics", &r);
+  const char *bj = strstr(r.body, "\ndenoised_batched_jobs_total ");
+  ck_assert_ptr_nonnull(bj);
+  ck_assert_msg(atoi(bj + strlen("\ndenoised_batched_jobs_total ")) >= 2,
+                "the prompt jobs were not batched: %.60s", bj);
+  http_free(&r);
+  for (int k = 0; k < 3; k++) {
+    char alone[64];
+    snprintf(body, sizeof body,
+             "{\"model\": \"sd\", \"prompt\": \"a photo of a cat\", \"seed\": %d, "
+             "\"batch_size\": %d, \"scheduler\": {\"name\": \"dpm++2m\", \"steps\": 4}}",
+             10 + k, 1 + k % 2);
+    submit_job(&d, body, alone, sizeof alone);
+    wait_state(&d, alone, "succeeded", 120);
+    for (int i = 0; i < 1 + k % 2; i++) {
+      uint8_t *a, *b;
+      fetch_pixels(&d, ids[k], i, &a);
+      fetch_pixels(&d, alone, i, &b);
+      ck_assert_msg(memcmp(a, b, 32 * 32 * 3) == 0, "job %d image %d: batched and alone differ", k,
+                    i);
+      free(a);
+      free(b);
+    }
+  }
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_prompt");
   TCase *tc = tcase_create("core");
@@ -361,6 +418,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, bad_fields_are_named);
   tcase_add_test(tc, a1111_prompts_reach_the_text_encoder);
   tcase_add_test(tc, queued_prompt_job_survives_kill9);
+  tcase_add_test(tc, batched_prompt_jobs_equal_alone);
   suite_add_tcase(s, tc);
   return s;
 }
