@@ -17,6 +17,9 @@
  * naming `flag` to stderr and return -1. */
 int cli_parse_int(const char *flag, const char *s, long long min, long long max, long long *out);
 int cli_parse_double(const char *flag, const char *s, double min, double max, double *out);
+/* --size S (a square) or WxH (width first, as A1111 writes sizes), each side in [1, max]. */
+int cli_parse_size(const char *flag, const char *s, long long max, long long *width,
+                   long long *height);
 /* --precision fp32|bf16 (model_precision_parse); -1 with the message printed. */
 int cli_parse_precision(const char *s, model_precision *out);
 /* model_load, then model_set_precision; 0, or 1 with the error printed for cmd. */

@@ -23,6 +23,7 @@ static const char help[] =
     "usage: denoised edit [--model DIR] --noise NOISE.npy [--class C[,C...]]\n"
     "                     [--guidance-scale G] [--skip K] [--shift DX,DY] [--colour R,G,B\n"
     "                     [--colour-from K]] (-o OUT.png | --out OUT.npy) [--threads T]\n"
+    "                     [--prompt TARGET [--source-prompt SOURCE] [--negative-prompt N]]\n"
     "       denoised edit [--model DIR] --boundary B.json --strength S\n"
     "                     (--image IN.png | --seed S [--batch N]) [--class C[,C...]]\n"
     "                     [--guidance-scale G] [--eta E] [--space x|h|both]\n"
@@ -37,6 +38,14 @@ static const char help[] =
     "  --shift DX,DY      translate x_T and every map by whole pixels (wrapping around)\n"
     "  --colour R,G,B     ddpm maps: add this offset (in [-1, 1] image units) through the maps\n"
     "                     of the steps from --colour-from (default: the last quarter) on\n"
+    "  --prompt TARGET    text-to-image models: sample the (latent) maps with this prompt\n"
+    "                     (default: the inversion's); the paper's text-based edit is\n"
+    "                     --prompt TARGET --skip K with ddpm maps\n"
+    "  --source-prompt S  the prompt of the first --skip steps (default: the inversion's,\n"
+    "                     which gives its chain back exactly)\n"
+    "  --negative-prompt N  the unconditional prompt (default: the inversion's)\n"
+    "  (text models: --guidance-scale defaults to 15, the paper's cfg_tar; --shift moves by\n"
+    "  whole latents, multiples of the VAE's factor in pixels; --colour does not apply)\n"
     "Boundary edits (BoundaryDiffusion, Zhu et al. 2023):\n"
     "  --boundary B.json  from 'denoised boundary fit'\n"
     "  --strength S       target signed distance from the boundary at the mixing step, in units\n"
@@ -55,6 +64,7 @@ static const char help[] =
 typedef struct edit_args {
   const char *model_dir, *noise, *boundary, *image, *classes, *png_out, *npy_out, *replay;
   const char *shift_s, *colour_s, *space;
+  const char *prompt, *source_prompt, *negative_prompt;
   double guidance, strength, eta, colour[3];
   long long skip, seed, batch, threads, colour_from;
   int has_guidance, has_strength, has_seed, has_skip, has_colour_from, quiet;
@@ -143,6 +153,10 @@ static int load_replay(edit_args *a) {
     replay_noise_args(a, ed);
     if (!a->noise && !(a->noise = json_string_value(json_object_get(m, "noise"))))
       return replay_missing(a, "noise", "--noise");
+    /* text models: the prompts the record names (alive as long as the record) */
+    a->prompt = json_string_value(json_object_get(m, "prompt"));
+    a->negative_prompt = json_string_value(json_object_get(m, "negative_prompt"));
+    a->source_prompt = json_string_value(json_object_get(ed, "source_prompt"));
   } else if (strcmp(type, "boundary") == 0) {
     replay_boundary_args(a, ed);
     if (!a->boundary && !(a->boundary = json_string_value(json_object_get(m, "boundary"))))
@@ -184,6 +198,9 @@ static const struct option edit_opts[] = {{"model", required_argument, 0, 'm'},
                                           {"out", required_argument, 0, 'u'},
                                           {"threads", required_argument, 0, 'j'},
                                           {"quiet", no_argument, 0, 'q'},
+                                          {"prompt", required_argument, 0, 'P'},
+                                          {"source-prompt", required_argument, 0, 'R'},
+                                          {"negative-prompt", required_argument, 0, 'X'},
                                           {"help", no_argument, 0, 'h'},
                                           {0, 0, 0, 0}};
 
@@ -251,6 +268,9 @@ static int edit_option(int c, const char *arg, edit_args *a) {
   case 'o': a->png_out = arg; break;
   case 'j': return cli_parse_int("--threads", arg, 1, 256, &a->threads) ? 2 : 0;
   case 'q': a->quiet = 1; break;
+  case 'P': a->prompt = arg; break;
+  case 'R': a->source_prompt = arg; break;
+  case 'X': a->negative_prompt = arg; break;
   case 'h': fputs(help, stdout); return -1;
   default: return cli_usage_error("edit", "bad option");
   }
@@ -271,6 +291,9 @@ static int check_args(edit_args *a) {
   } else {
     if (a->has_skip || a->shift_s || a->colour_s || a->has_colour_from)
       return cli_usage_error(cmd, "--skip, --shift and --colour go with --noise");
+    if (a->prompt || a->source_prompt || a->negative_prompt)
+      return cli_usage_error(cmd, "--prompt, --source-prompt and --negative-prompt go with "
+                                  "--noise (boundary edits are not built for text models)");
     if (!a->has_strength)
       return cli_usage_error(cmd, "--boundary needs --strength");
     if (!!a->image == !!a->has_seed)
@@ -288,7 +311,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
   const char *cmd = "edit";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:r:u:o:j:qh", edit_opts,
+  while ((c = getopt_long(argc, argv, "m:N:B:T:i:S:b:l:g:k:x:C:F:e:H:r:u:o:j:qhP:R:X:", edit_opts,
                           NULL)) != -1) {
     int rc = edit_option(c, optarg, a);
     if (rc)
@@ -300,7 +323,8 @@ static int parse_args(int argc, char **argv, edit_args *a) {
     return cli_usage_error(cmd, "give -o OUT.png or --out OUT.npy");
   if (a->replay) {
     if (a->classes || a->has_strength || a->has_seed || a->batch || a->has_guidance ||
-        a->has_skip || a->shift_s || a->colour_s || a->has_colour_from || a->space)
+        a->has_skip || a->shift_s || a->colour_s || a->has_colour_from || a->space || a->prompt ||
+        a->source_prompt || a->negative_prompt)
       return cli_usage_error(cmd, "--replay takes only --model, the files the record does not "
                                   "name (--noise, --boundary, --image), -o/--out, --threads and "
                                   "--quiet");
@@ -316,7 +340,7 @@ static int parse_args(int argc, char **argv, edit_args *a) {
 static int write_outputs(const edit_args *a, const model *m, const pipeline_request *r,
                          const pipeline_result *res, const json_t *extra, err *e) {
   if (a->npy_out) {
-    const int64_t shape[4] = {r->batch, model_get_info(m)->in_channels, res->height, res->width};
+    const int64_t shape[4] = {r->batch, model_get_info(m)->image_channels, res->height, res->width};
     int rc = npy_write_f32(a->npy_out, res->images, 4, shape, e);
     if (rc != ERR_OK)
       return rc;
@@ -399,17 +423,29 @@ static json_t *sidecar_from_record(const json_t *rec, int64_t batch) {
     for (int64_t b = 0; b < batch; b++)
       json_array_append_new(labels, json_integer(json_integer_value(src ? src : lab)));
   }
-  return json_pack("{s:s, s:s, s:{s:s, s:O, s:O}, s:o, s:O?, s:I}", "format", "denoised-noise",
-                   "method", json_string_value(json_object_get(ed, "type")) + 7, "solver", "name",
-                   "ddim", "steps", json_object_get(rec, "steps"), "config",
-                   json_object_get(rec, "scheduler_config"), "class_labels", labels,
-                   "guidance_scale", sg, "batch", (json_int_t)batch);
+  json_t *side = json_pack(
+      "{s:s, s:s, s:{s:s, s:O, s:O}, s:o, s:O?, s:I}", "format", "denoised-noise", "method",
+      json_string_value(json_object_get(ed, "type")) + 7, "solver", "name", "ddim", "steps",
+      json_object_get(rec, "steps"), "config", json_object_get(rec, "scheduler_config"),
+      "class_labels", labels, "guidance_scale", sg, "batch", (json_int_t)batch);
+  const json_t *prompt = json_object_get(rec, "prompt"), *cs = json_object_get(rec, "clip_skip");
+  const json_t *sp = json_object_get(ed, "source_prompt");
+  if (side && json_is_string(prompt)) /* a text model's: the inversion's prompt and size */
+    json_object_update_new(
+        side, json_pack("{s:O, s:O?, s:I, s:O, s:O}", "prompt", sp ? sp : prompt, "negative_prompt",
+                        json_object_get(rec, "negative_prompt"), "clip_skip",
+                        (json_int_t)(json_is_integer(cs) ? json_integer_value(cs) : 1), "height",
+                        json_object_get(rec, "height"), "width", json_object_get(rec, "width")));
+  return side;
 }
 
 /* What the sidecar of the maps says (or the daemon record standing in for it). */
 typedef struct noise_side {
   json_t *json;
   int ddpm, n, batch; /* DDPM maps (else DDIM x_T), steps of their grid, images */
+  /* text models: the inversion's prompts, clip skip and picture size (else NULL, 0) */
+  const char *prompt, *negative_prompt;
+  int clip_skip, height, width;
 } noise_side;
 
 /* The steps below return 0 to go on, else the exit status (the error printed). */
@@ -425,6 +461,11 @@ static int noise_load(const edit_args *a, npy_array *maps, noise_side *s, err *e
   s->ddpm = strcmp(json_string_value(json_object_get(s->json, "method")), "ddpm") == 0;
   s->n = (int)json_integer_value(json_object_get(json_object_get(s->json, "solver"), "steps"));
   s->batch = (int)json_integer_value(json_object_get(s->json, "batch"));
+  s->prompt = json_string_value(json_object_get(s->json, "prompt"));
+  s->negative_prompt = json_string_value(json_object_get(s->json, "negative_prompt"));
+  s->clip_skip = (int)json_integer_value(json_object_get(s->json, "clip_skip"));
+  s->height = (int)json_integer_value(json_object_get(s->json, "height"));
+  s->width = (int)json_integer_value(json_object_get(s->json, "width"));
   return 0;
 }
 
@@ -433,16 +474,25 @@ static int noise_load(const edit_args *a, npy_array *maps, noise_side *s, err *e
 static int noise_check(const edit_args *a, const model_info *mi, const npy_array *maps,
                        const noise_side *s, err *e) {
   const char *cmd = "edit";
-  const int size = mi->sample_size, cin = mi->in_channels, batch = s->batch;
+  const int f = mi->latent_factor, cin = mi->in_channels, batch = s->batch;
+  if (f > 1 && (!s->prompt || s->height < f || s->width < f || s->height % f || s->width % f ||
+                s->clip_skip < 1 || s->clip_skip > 12))
+    return cli_fail(cmd,
+                    "%s: its sidecar has no prompt, clip_skip and size of a text-to-image "
+                    "inversion (made by 'denoised invert --prompt')",
+                    a->noise);
+  if (f == 1 && (s->prompt || a->prompt || a->source_prompt || a->negative_prompt))
+    return cli_usage_error(cmd, "this model takes no prompt (and its maps were made without)");
+  const int hh = f > 1 ? s->height / f : mi->sample_size, ww = f > 1 ? s->width / f : hh;
   if (!s->ddpm && (a->has_skip || a->colour_s))
     return cli_usage_error(cmd, "--skip and --colour need ddpm noise maps (this is %s x_T)",
                            json_string_value(json_object_get(s->json, "method")));
-  const int64_t want5[5] = {batch, s->n + 1, cin, size, size}, want4[4] = {batch, cin, size, size};
+  const int64_t want5[5] = {batch, s->n + 1, cin, hh, ww}, want4[4] = {batch, cin, hh, ww};
   if (batch < 1 || maps->ndim != (s->ddpm ? 5 : 4) ||
       memcmp(maps->shape, s->ddpm ? want5 : want4, sizeof(int64_t) * (s->ddpm ? 5 : 4)) != 0)
     return cli_fail(
         cmd, "%s: shape does not match its sidecar and the model (expected [%d, %s%d, %d, %d])",
-        a->noise, batch, s->ddpm ? "steps + 1, " : "", cin, size, size);
+        a->noise, batch, s->ddpm ? "steps + 1, " : "", cin, hh, ww);
   if (npy_check_finite(maps, a->noise, e))
     return cli_fail(cmd, "%s", e->msg);
   if (a->has_skip && a->skip >= s->n)
@@ -463,9 +513,9 @@ static int noise_labels(const edit_args *a, const model *m, const noise_side *s,
     if (json_is_array(jl))
       return cli_fail(cmd, "%s: made with class labels, but this model is not class-conditional",
                       a->noise);
-    if (a->classes || a->has_guidance)
-      return cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
-                                  "--guidance-scale");
+    if (a->classes || (a->has_guidance && mi->latent_factor <= 1))
+      return cli_usage_error(cmd, "this model is not class-conditional: drop --class%s",
+                             mi->latent_factor > 1 ? "" : " and --guidance-scale");
     return 0;
   }
   *src = malloc(sizeof **src * (size_t)s->batch);
@@ -489,26 +539,38 @@ static int noise_labels(const edit_args *a, const model *m, const noise_side *s,
  * config) under the edit, and the outputs written. */
 static int noise_run(const edit_args *a, model *m, const npy_array *maps, const noise_side *s,
                      int64_t *src, int64_t *tgt, err *e) {
-  const int classes = model_get_info(m)->num_classes != 0;
+  const int text = model_get_info(m)->latent_factor > 1;
+  const int classes = model_get_info(m)->num_classes != 0 || text;
   const json_t *jg = json_object_get(s->json, "guidance_scale");
   cli_progress pr;
   cli_progress_init(&pr, a->quiet);
   const double g_src = json_is_number(jg) ? json_number_value(jg) : 1.0;
-  guidance gs = guidance_for(m, g_src), gt = guidance_for(m, a->has_guidance ? a->guidance : g_src);
+  /* text models: the edit-friendly paper's cfg_tar unless given */
+  const double g_tgt = a->has_guidance ? a->guidance : text ? 15.0 : g_src;
+  if (text && !a->has_guidance && !a->quiet)
+    fprintf(stderr, "denoised edit: guidance scale 15 (the edit-friendly paper's for the target "
+                    "prompt; --guidance-scale overrides it)\n");
+  guidance gs = guidance_for(m, g_src), gt = guidance_for(m, g_tgt);
   const int guided_src = classes && json_is_number(jg);
-  const int guided_tgt = classes && (a->has_guidance || json_is_number(jg));
+  const int guided_tgt = classes && (a->has_guidance || json_is_number(jg) || text);
   const json_t *grid = json_object_get(json_object_get(s->json, "solver"), "config");
   pipeline_request r = {
       .kind = s->ddpm ? PIPELINE_INVERT_DDPM : PIPELINE_INVERT_DDIM,
       .solver = {.name = "ddim", .steps = s->n, .config = grid},
       .batch = s->batch,
+      .height = text ? s->height : 0,
+      .width = text ? s->width : 0,
       .labels = tgt,
+      .prompt = a->prompt ? a->prompt : s->prompt,
+      .negative_prompt = a->negative_prompt ? a->negative_prompt : s->negative_prompt,
+      .clip_skip = s->clip_skip,
       .guidance = guided_tgt ? &gt : NULL,
       .noise = maps->data,
       .noise_shape = maps->shape,
       .noise_ndim = maps->ndim,
       .invert = {.source_labels = src,
                  .source_guidance = guided_src ? &gs : NULL,
+                 .source_prompt = a->source_prompt ? a->source_prompt : s->prompt,
                  .skip = (int)a->skip,
                  .edit = {.dx = a->shift[0],
                           .dy = a->shift[1],

@@ -12,6 +12,7 @@
 #include "cli.h"
 #include "image.h"
 #include "invert.h"
+#include "latent.h"
 #include "npy.h"
 
 #define INVERT_MAX_BATCH 4096
@@ -21,6 +22,9 @@ static const char help[] =
     "                       [--class C[,C...]] [--guidance-scale G] [--steps N]\n"
     "                       [--scheduler-config F.json] [--scheduler-opt KEY=VALUE ...]\n"
     "                       [--seed S] [--verify] [--threads T] [--quiet]\n"
+    "       denoised invert --model PIPELINE --prompt SOURCE [--negative-prompt N]\n"
+    "                       [--clip-skip K] [--size S|WxH] --method ddim|ddpm --image IN.png\n"
+    "                       --out NOISE.npy [--guidance-scale G] ...\n"
     "\n"
     "Inverts images into the model's noise space.\n"
     "  --method ddim      deterministic DDIM inversion: NOISE.npy is x_T [B, C, H, W];\n"
@@ -34,7 +38,13 @@ static const char help[] =
     "  --image IN         a PNG of the model's size, or .npy [C, H, W] / [B, C, H, W] in [-1, 1]\n"
     "  --out NOISE.npy    the result; NOISE.json beside it records how it was made\n"
     "  --class C[,C...]   the images' classes (class-conditional models): one, or one each\n"
-    "  --guidance-scale G guidance of the inversion's model calls (the source prompt's cfg)\n"
+    "  --guidance-scale G guidance of the inversion's model calls (the source prompt's cfg;\n"
+    "                     text-to-image models: default 3.5, the edit-friendly paper's)\n"
+    "  --prompt SOURCE    text-to-image models (a Stable-Diffusion pipeline folder): the prompt\n"
+    "                     that describes IN; IN is VAE-encoded (the posterior mean) and the\n"
+    "                     latents are inverted, so NOISE.npy holds latents\n"
+    "  --negative-prompt N, --clip-skip K   as for sample\n"
+    "  --size S|WxH       text-to-image models: the picture's size (default the model's)\n"
     "  --steps N          DDIM grid steps (default 50 for ddim, 100 for ddpm)\n"
     "  --scheduler-config, --scheduler-opt   keys of the DDIM grid (as for sample)\n"
     "  --seed S           ddpm: the noise of the independent x_t draws (default 0)\n"
@@ -43,6 +53,8 @@ static const char help[] =
 
 typedef struct invert_args {
   const char *model_dir, *method, *image, *out, *sched_file, *classes;
+  const char *prompt, *negative_prompt;
+  long long clip_skip, width, height;
   const char *overrides[CLI_MAX_OVERRIDES];
   int noverrides, verify, quiet, has_guidance;
   long long steps, seed, threads;
@@ -63,12 +75,16 @@ static int parse_args(int argc, char **argv, invert_args *a) {
                                        {"verify", no_argument, 0, 'V'},
                                        {"threads", required_argument, 0, 'j'},
                                        {"quiet", no_argument, 0, 'q'},
+                                       {"prompt", required_argument, 0, 'P'},
+                                       {"negative-prompt", required_argument, 0, 'X'},
+                                       {"clip-skip", required_argument, 0, 'K'},
+                                       {"size", required_argument, 0, 'z'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
   const char *cmd = "invert";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:M:i:u:l:g:n:c:O:S:Vj:qh", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:M:i:u:l:g:n:c:O:S:Vj:qhP:X:K:z:", opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'M': a->method = optarg; break;
@@ -100,6 +116,16 @@ static int parse_args(int argc, char **argv, invert_args *a) {
         return 2;
       break;
     case 'q': a->quiet = 1; break;
+    case 'P': a->prompt = optarg; break;
+    case 'X': a->negative_prompt = optarg; break;
+    case 'K':
+      if (cli_parse_int("--clip-skip", optarg, 1, 12, &a->clip_skip))
+        return 2;
+      break;
+    case 'z':
+      if (cli_parse_size("--size", optarg, 4096, &a->width, &a->height))
+        return 2;
+      break;
     case 'h': fputs(help, stdout); return -1;
     default: return cli_usage_error(cmd, "bad option");
     }
@@ -136,12 +162,17 @@ static int write_sidecar(const invert_args *a, const pipeline_request *r, const 
     for (int b = 0; b < r->batch; b++)
       json_array_append_new(jl, json_integer(r->labels[b]));
   }
-  json_t *side = json_pack("{s:s, s:i, s:s, s:s, s:{s:s, s:i, s:o}, s:o, s:o, s:I, s:i}", "format",
-                           "denoised-noise", "version", 1, "method", a->method, "model",
-                           a->model_dir, "solver", "name", "ddim", "steps", sampler_num_steps(s),
-                           "config", sampler_config_json(s), "class_labels", jl, "guidance_scale",
-                           a->has_guidance ? json_real(a->guidance) : json_null(), "seed",
-                           (json_int_t)a->seed, "batch", r->batch);
+  json_t *side = json_pack(
+      "{s:s, s:i, s:s, s:s, s:{s:s, s:i, s:o}, s:o, s:o, s:I, s:i}", "format", "denoised-noise",
+      "version", 1, "method", a->method, "model", a->model_dir, "solver", "name", "ddim", "steps",
+      sampler_num_steps(s), "config", sampler_config_json(s), "class_labels", jl, "guidance_scale",
+      r->invert.source_guidance ? json_real(r->invert.source_guidance->scale) : json_null(), "seed",
+      (json_int_t)a->seed, "batch", r->batch);
+  if (side && a->prompt) /* text models: the source prompt and the picture's size */
+    json_object_update_new(side, json_pack("{s:s, s:s?, s:i, s:i, s:i}", "prompt", a->prompt,
+                                           "negative_prompt", a->negative_prompt, "clip_skip",
+                                           r->clip_skip ? r->clip_skip : 1, "height", r->height,
+                                           "width", r->width));
   char *path = sidecar_path(a->out);
   int rc = ERR_OK;
   if (!side || !path ||
@@ -154,6 +185,40 @@ static int write_sidecar(const invert_args *a, const pipeline_request *r, const 
 
 /* Samples the noise back (the inversion's own grid, classes and guidance) and prints how far
  * the result is from the input. */
+/* The error of pictures a against b (n values): max abs and relative L2 */
+static void picture_error(const float *a, const float *b, size_t n, double *mx, double *rel) {
+  double num = 0, den = 0;
+  *mx = 0;
+  for (size_t i = 0; i < n; i++) {
+    const double df = (double)a[i] - b[i];
+    *mx = isnan(df) || fabs(df) > *mx ? fabs(df) : *mx;
+    num += df * df;
+    den += (double)b[i] * b[i];
+  }
+  *rel = den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* A latent model's pictures as its VAE gives them back (decode of the posterior mean): what an
+ * exact inversion of the latents reconstructs. */
+static int vae_round_trip(const model *m, const float *x0, int batch, int h, int w, float **out,
+                          err *e) {
+  const latent_parts *lp = model_latent(m);
+  const latent_info *li = latent_get_info(lp);
+  const int f = li->factor;
+  float *z = malloc(sizeof *z * (size_t)batch * li->latent_channels * (h / f) * (w / f));
+  *out = malloc(sizeof **out * (size_t)batch * li->image_channels * h * w);
+  int rc = !z || !*out ? err_set(e, ERR_NOMEM, "out of memory") : ERR_OK;
+  if (!rc)
+    rc = latent_encode(lp, x0, batch, h / f, w / f, NULL, z, 2, e);
+  if (!rc)
+    rc = latent_decode(lp, z, batch, h / f, w / f, *out, 2, e);
+  free(z);
+  return rc;
+}
+
+/* Samples the noise back (the inversion's own grid, prompt or classes and guidance) and prints
+ * how far the result is from the input (a latent model's: from the VAE's round trip of it,
+ * which exact inversion gives back, and the VAE's own error beside). */
 static int verify(const invert_args *a, const model *m, const pipeline_request *r,
                   const pipeline_result *inv, const float *x0, err *e) {
   npy_array noise = {0};
@@ -161,26 +226,58 @@ static int verify(const invert_args *a, const model *m, const pipeline_request *
   pipeline_request rb = *r;
   rb.invert.invert_only = 0;
   rb.guidance = r->invert.source_guidance;
+  float *trip = NULL;
   int rc = npy_parse_f32(inv->noise, inv->noise_len, a->out, &noise, e);
   if (rc == ERR_OK) {
     rb.noise = noise.data;
     rc = pipeline_run(m, &rb, NULL, &back, e);
   }
+  if (rc == ERR_OK && model_latent(m))
+    rc = vae_round_trip(m, x0, r->batch, back.height, back.width, &trip, e);
   if (rc == ERR_OK) {
-    const size_t d = (size_t)model_get_info(m)->in_channels * back.height * back.width;
-    double mx = 0, num = 0, den = 0;
-    for (size_t i = 0; i < d * (size_t)r->batch; i++) {
-      const double df = (double)back.images[i] - x0[i];
-      mx = isnan(df) || fabs(df) > mx ? fabs(df) : mx;
-      num += df * df;
-      den += (double)x0[i] * x0[i];
+    const size_t d = (size_t)model_get_info(m)->image_channels * back.height * back.width;
+    double mx, rel, vmx, vrel;
+    picture_error(back.images, trip ? trip : x0, d * (size_t)r->batch, &mx, &rel);
+    printf("reconstruction: max abs error %.3g, rel L2 %.3g (%s, %d steps%s)\n", mx, rel, a->method,
+           sampler_num_steps(back.sampler),
+           trip ? ", against the VAE's round trip of the input" : "");
+    if (trip) {
+      picture_error(trip, x0, d * (size_t)r->batch, &vmx, &vrel);
+      printf("the VAE's round trip itself: max abs error %.3g, rel L2 %.3g\n", vmx, vrel);
     }
-    printf("reconstruction: max abs error %.3g, rel L2 %.3g (%s, %d steps)\n", mx,
-           den > 0 ? sqrt(num / den) : sqrt(num), a->method, sampler_num_steps(back.sampler));
   }
+  free(trip);
   npy_array_free(&noise);
   pipeline_result_clear(&back);
   return rc;
+}
+
+/* The flags against the model: a prompt for a text-to-image model (whose guidance defaults to
+ * the edit-friendly paper's cfg_src), classes for a class-conditional one. Returns 0 to go on,
+ * else the exit status. */
+static int check_model_flags(invert_args *a, const model_info *mi) {
+  const char *cmd = "invert";
+  const int text = mi->latent_factor > 1;
+  if (text && !a->prompt)
+    return cli_usage_error(cmd, "this is a text-to-image model: give --prompt (the source "
+                                "prompt, what the picture shows)");
+  if (!text && (a->prompt || a->negative_prompt || a->clip_skip || a->height))
+    return cli_usage_error(cmd, "this model takes no prompt: drop --prompt, --negative-prompt, "
+                                "--clip-skip and --size");
+  if (mi->num_classes && !a->classes)
+    return cli_usage_error(cmd, "this model is class-conditional (%d classes): pass --class",
+                           mi->num_classes);
+  if (!mi->num_classes && (a->classes || (a->has_guidance && !text)))
+    return cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
+                                "--guidance-scale");
+  if (text && !a->has_guidance) {
+    a->guidance = 3.5;
+    a->has_guidance = 1;
+    if (!a->quiet)
+      fprintf(stderr, "denoised invert: guidance scale 3.5 (the edit-friendly paper's for the "
+                      "source prompt; --guidance-scale overrides it)\n");
+  }
+  return 0;
 }
 
 int cmd_invert(int argc, char **argv) {
@@ -202,19 +299,14 @@ int cmd_invert(int argc, char **argv) {
     goto done;
   }
   const model_info *mi = model_get_info(m);
-  const int size = mi->sample_size, cin = mi->in_channels;
-  if (cli_read_images("--image", a.image, cin, size, size, INVERT_MAX_BATCH, &batch, &x0, &e)) {
+  const int text = mi->latent_factor > 1, side = mi->sample_size * mi->latent_factor;
+  const int height = a.height ? (int)a.height : side, width = a.height ? (int)a.width : side;
+  if ((status = check_model_flags(&a, mi)) != 0)
+    goto done;
+  status = 1;
+  if (cli_read_images("--image", a.image, mi->image_channels, height, width, INVERT_MAX_BATCH,
+                      &batch, &x0, &e)) {
     cli_fail(cmd, "%s", e.msg);
-    goto done;
-  }
-  if (mi->num_classes && !a.classes) {
-    status = cli_usage_error(cmd, "this model is class-conditional (%d classes): pass --class",
-                             mi->num_classes);
-    goto done;
-  }
-  if (!mi->num_classes && (a.classes || a.has_guidance)) {
-    status = cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
-                                  "--guidance-scale");
     goto done;
   }
   if (a.classes) {
@@ -237,8 +329,13 @@ int cmd_invert(int argc, char **argv) {
       .kind = ddpm ? PIPELINE_INVERT_DDPM : PIPELINE_INVERT_DDIM,
       .solver = solver.s,
       .batch = batch,
+      .height = text ? height : 0,
+      .width = text ? width : 0,
       .seed = (uint64_t)a.seed,
       .labels = labels,
+      .prompt = a.prompt,
+      .negative_prompt = a.negative_prompt,
+      .clip_skip = (int)a.clip_skip,
       .image = x0,
       .images = batch,
       .invert = {.source_guidance = a.has_guidance ? &g : NULL, .invert_only = 1}};

@@ -30,7 +30,7 @@ static const char help[] =
     "                       [--prompt P [--negative-prompt N] [--clip-skip K]]\n"
     "                       [--guidance-scale G] [--init-image IN.png [--strength S]\n"
     "                       [--mask MASK.png]] [--classifier DIR --classifier-target\n"
-    "                       [HEAD=]CLASS [--classifier-scale S]] [--size S] [--threads T]\n"
+    "                       [HEAD=]CLASS [--classifier-scale S]] [--size S|WxH] [--threads T]\n"
     "                       [--precision fp32|bf16]\n"
     "                       [--quiet]\n"
     "                       (--out OUT.npy | -o OUT.png)\n"
@@ -64,7 +64,8 @@ static const char help[] =
     "                          For dpm-ot the map (README \"DPM-OT\"): its solver, steps\n"
     "  --seed S                seed (default: random, printed); image i of a batch uses noise\n"
     "                          stream i, so any image can be regenerated alone\n"
-    "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed\n"
+    "  --noise NOISE.npy       explicit initial noise [B, C, H, W] instead of the seed (with\n"
+    "                          --init-image --seed may go along: it draws the rest)\n"
     "  --batch B               images (default 1)\n"
     "  --class C               class of class-conditional models: an index or a name of the\n"
     "                          model's _class_labels (the default glyph model: 0-9, A-Z);\n"
@@ -87,14 +88,19 @@ static const char help[] =
     "  --mask MASK.png         inpainting: white pixels are generated, black ones keep the\n"
     "                          init image (re-noised to every step's level; diffusers' pipeline\n"
     "                          for models without mask channels)\n"
+    "                          Text-to-image models run both on latents: IN is VAE-encoded\n"
+    "                          (a posterior sample drawn from the seed, as diffusers), the\n"
+    "                          mask binarized at 0.5 and reduced to the latent size (nearest)\n"
     "  --classifier DIR        classifier guidance with an image classifier folder (e.g.\n"
     "                          models/glyph-classifier): every evaluation's eps becomes\n"
     "                          eps - S sigma/alpha grad log p(CLASS | clip(x0)) (README)\n"
     "  --classifier-target [HEAD=]CLASS  the class to steer to, of the classifier's first head\n"
     "                          or of HEAD (e.g. char=A, italic=italic, bg=white)\n"
     "  --classifier-scale S    S in [0, 100] (default 1)\n"
-    "  --size S                image side: the model's sample_size (other sizes are refused:\n"
-    "                          the model never learned them); needed only without one\n"
+    "  --size S|WxH            image side: the model's sample_size (other sizes are refused:\n"
+    "                          the model never learned them); needed only without one. Text-\n"
+    "                          to-image models take any width and height (WxH) that are\n"
+    "                          multiples of their latent factor\n"
     "  --threads T             CPU threads (default 2)\n"
     "  --precision P           fp32 (default, exact) or bf16 (AVX512-BF16 CPUs: convolutions\n"
     "                          in bfloat16 with float32 sums; not recorded in the PNG, so a\n"
@@ -117,7 +123,7 @@ typedef struct sample_args {
   int has_guidance, has_strength;
   const char *overrides[MAX_OVERRIDES];
   int noverrides;
-  long long steps, seed, batch, label, size, threads, first_image;
+  long long steps, seed, batch, label, size, width, threads, first_image; /* size: height */
   int has_seed, has_label, quiet;
   int draw_class;      /* class-conditional model, no --class: each image's drawn from its seed */
   const char *class_s; /* --class as given */
@@ -184,8 +190,9 @@ static int load_replay(sample_args *a, json_t **meta_out, err *e) {
   a->has_seed = 1;
   a->first_image = index;
   a->size = h;
+  a->width = w;
   a->batch = 1;
-  if (h != w || h < 1 || steps < 1 || seed < 0 || index < 0) {
+  if (h < 1 || w < 1 || steps < 1 || seed < 0 || index < 0) {
     json_decref(meta);
     return err_set(e, ERR_FORMAT, "%s: metadata has out-of-range values", a->replay);
   }
@@ -310,7 +317,7 @@ static int sample_option(int c, const char *arg, sample_args *a) {
     break;
   case 'M': a->mask = arg; break;
   case 'z':
-    if (cli_parse_int("--size", arg, 1, 4096, &a->size))
+    if (cli_parse_size("--size", arg, 4096, &a->width, &a->size))
       return 2;
     break;
   case 'j':
@@ -358,8 +365,10 @@ static int check_args(sample_args *a) {
   }
   if (!a->npy_out && !a->png_out)
     return cli_usage_error(cmd, "give --out OUT.npy or -o OUT.png");
-  if (a->noise_path && a->has_seed)
-    return cli_usage_error(cmd, "--seed and --noise exclude each other");
+  /* with an init image the seed still draws what the noise does not: a latent model's VAE
+   * posterior sample */
+  if (a->noise_path && a->has_seed && !a->init_image)
+    return cli_usage_error(cmd, "--seed and --noise exclude each other (but for --init-image)");
   if (a->has_strength && !a->init_image)
     return cli_usage_error(cmd, "--strength needs --init-image");
   if (a->mask && !a->init_image)
@@ -393,13 +402,16 @@ static int check_text_args(sample_args *a, const model_info *mi) {
   const int f = mi->latent_factor;
   if (!a->prompt)
     return cli_usage_error(cmd, "this is a text-to-image model: give --prompt");
-  if (a->size && a->size % f)
-    return cli_usage_error(cmd, "--size %lld must be a multiple of %d for this model", a->size, f);
+  if (a->size && (a->size % f || a->width % f))
+    return cli_usage_error(cmd,
+                           "--size %lldx%lld: width and height must be multiples of %d for "
+                           "this model",
+                           a->width, a->size, f);
   if (a->has_label && !mi->num_classes)
     return cli_usage_error(cmd, "this model is not class-conditional: drop --class");
-  if (a->init_image || a->mask || a->clf_dir)
-    return cli_usage_error(cmd, "--init-image, --mask and --classifier are not built for "
-                                "text-to-image models yet");
+  if (a->clf_dir)
+    return cli_usage_error(cmd, "--classifier reads pixels; a text-to-image model samples "
+                                "latents: drop it");
   return 0;
 }
 
@@ -416,9 +428,10 @@ static int check_model_args(sample_args *a, const model *m) {
                                 "and --clip-skip");
   /* a size the model was not built for gives pictures it never learned (a 32-pixel model's
    * 64x64 is noise-like garbage); a replay makes what its record says */
-  if (a->size && mi->sample_size > 0 && a->size != mi->sample_size && !a->replay)
-    return cli_usage_error(cmd, "--size %lld: this model makes %dx%d images (its sample_size)",
-                           a->size, mi->sample_size, mi->sample_size);
+  if (a->size && mi->sample_size > 0 &&
+      (a->size != mi->sample_size || a->width != mi->sample_size) && !a->replay)
+    return cli_usage_error(cmd, "--size %lldx%lld: this model makes %dx%d images (its sample_size)",
+                           a->width, a->size, mi->sample_size, mi->sample_size);
   a->draw_class = mi->num_classes > 0 && !a->has_label;
   if (!mi->num_classes && a->has_label)
     return cli_usage_error(cmd, "this model is not class-conditional: drop --class");
@@ -475,22 +488,22 @@ static int read_classifier(const sample_args *a, sample_inputs *in, err *e) {
   return ERR_OK;
 }
 
-static int read_inputs(const sample_args *a, const model *m, int size, uint64_t seed,
+static int read_inputs(const sample_args *a, const model *m, int h, int w, uint64_t seed,
                        sample_inputs *in, err *e) {
   const model_info *mi = model_get_info(m);
   if (a->init_image &&
-      (cli_read_image("--init-image", a->init_image, mi->in_channels, size, size, &in->image, e) ||
-       (a->mask && cli_read_mask("--mask", a->mask, size, size, &in->mask, e))))
+      (cli_read_image("--init-image", a->init_image, mi->image_channels, h, w, &in->image, e) ||
+       (a->mask && cli_read_mask("--mask", a->mask, h, w, &in->mask, e))))
     return e->code;
   if (a->noise_path) {
     if (npy_read_f32(a->noise_path, &in->noise, e))
       return e->code;
     const npy_array *n = &in->noise;
-    const int ns = size / mi->latent_factor; /* latent models take latent noise */
+    const int nh = h / mi->latent_factor, nw = w / mi->latent_factor; /* latents: latent noise */
     if (n->ndim != 4 || n->shape[0] != a->batch || n->shape[1] != mi->in_channels ||
-        n->shape[2] != ns || n->shape[3] != ns)
+        n->shape[2] != nh || n->shape[3] != nw)
       return err_set(e, ERR_SHAPE, "%s: expected shape [%lld, %d, %d, %d]", a->noise_path, a->batch,
-                     mi->in_channels, ns, ns);
+                     mi->in_channels, nh, nw);
   }
   if (a->has_label || a->draw_class) {
     if (!(in->labels = malloc(sizeof *in->labels * (size_t)a->batch)))
@@ -567,13 +580,13 @@ static void apply_recommended(sample_args *a, const model *m) {
 
 /* The pipeline's request for the parsed flags and read inputs (g: the guidance it points to). */
 static pipeline_request sample_request(const sample_args *a, const sample_inputs *in,
-                                       const pipeline_solver *solver, int size, uint64_t seed,
+                                       const pipeline_solver *solver, int h, int w, uint64_t seed,
                                        const guidance *g) {
   return (pipeline_request){.kind = PIPELINE_GENERATE,
                             .solver = *solver,
                             .batch = (int)a->batch,
-                            .height = size,
-                            .width = size,
+                            .height = h,
+                            .width = w,
                             .seed = seed,
                             .first_image = (uint64_t)a->first_image,
                             .labels = in->labels,
@@ -683,18 +696,18 @@ int cmd_sample(int argc, char **argv) {
   if ((status = check_model_args(&a, m)) != 0)
     goto done;
   status = 1;
-  const int size =
-      a.size ? (int)a.size : model_get_info(m)->sample_size * model_get_info(m)->latent_factor;
+  const int side = model_get_info(m)->sample_size * model_get_info(m)->latent_factor;
+  const int height = a.size ? (int)a.size : side, width = a.size ? (int)a.width : side;
   uint64_t seed = a.has_seed ? (uint64_t)a.seed : random_seed();
-  if (!a.has_seed && !a.noise_path && !a.quiet)
+  if (!a.has_seed && (!a.noise_path || a.init_image) && !a.quiet)
     fprintf(stderr, "denoised sample: seed %llu\n", (unsigned long long)seed);
-  if (read_inputs(&a, m, size, seed, &in, &e)) {
+  if (read_inputs(&a, m, height, width, seed, &in, &e)) {
     cli_fail(cmd, "%s", e.msg);
     goto done;
   }
   say_drawn(&a, m, &in);
   guidance g = guidance_for(m, a.guidance);
-  const pipeline_request r = sample_request(&a, &in, &solver.s, size, seed, &g);
+  const pipeline_request r = sample_request(&a, &in, &solver.s, height, width, seed, &g);
   cli_progress pr;
   cli_progress_init(&pr, a.quiet);
   pipeline_hooks hooks = {

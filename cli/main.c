@@ -55,6 +55,25 @@ int cli_parse_int(const char *flag, const char *s, long long min, long long max,
   return 0;
 }
 
+int cli_parse_size(const char *flag, const char *s, long long max, long long *width,
+                   long long *height) {
+  char one[32];
+  const char *x = strchr(s, 'x');
+  if (!x)
+    x = strchr(s, 'X');
+  if (!x) {
+    if (cli_parse_int(flag, s, 1, max, width))
+      return -1;
+    *height = *width;
+    return 0;
+  }
+  snprintf(one, sizeof one, "%.*s", (int)(x - s < 31 ? x - s : 31), s);
+  if (x - s >= 31 || cli_parse_int(flag, one, 1, max, width) ||
+      cli_parse_int(flag, x + 1, 1, max, height))
+    return -1;
+  return 0;
+}
+
 int cli_parse_precision(const char *s, model_precision *out) {
   err e = {0};
   if (model_precision_parse(s, out, &e)) {

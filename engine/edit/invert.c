@@ -19,7 +19,13 @@ typedef struct inv_ctx {
   int h, w;
   size_t d;
   float *tv;
+  float *states; /* o->text_states repeated for every image, or NULL */
 } inv_ctx;
+
+static void inv_ctx_clear(inv_ctx *c) {
+  free(c->tv);
+  free(c->states);
+}
 
 static int inv_setup(const sampler *s, const model *m, const invert_opts *o, inv_ctx *c, err *e) {
   const model_info *mi = model_get_info(m);
@@ -40,14 +46,28 @@ static int inv_setup(const sampler *s, const model *m, const invert_opts *o, inv
                    mi->out_channels, mi->in_channels);
   if (mi->num_classes && !o->labels)
     return err_set(e, ERR_INVALID, "this model is class-conditional: the inversion needs labels");
+  if (!mi->cross_attention_dim != !o->text_states || (o->text_states && o->text_seq < 1))
+    return err_set(e, ERR_INVALID,
+                   mi->cross_attention_dim
+                       ? "this model is text-conditional: the inversion needs a prompt's states"
+                       : "this model takes no text: the inversion takes no prompt");
   int rc = guidance_check(o->guidance, m, e);
   if (rc != ERR_OK)
     return rc;
-  if (o->guidance && o->guidance->enabled && !o->labels)
+  if (o->guidance && o->guidance->enabled && !o->labels && !o->text_states)
     return err_set(e, ERR_INVALID, "guidance_scale: classifier-free guidance needs class labels");
   c->d = (size_t)mi->in_channels * c->h * c->w;
   c->tv = malloc((size_t)o->batch * sizeof *c->tv);
-  return c->tv ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  c->states = NULL;
+  const size_t per = (size_t)o->text_seq * mi->cross_attention_dim;
+  if (o->text_states && (c->states = malloc((size_t)o->batch * per * sizeof *c->states)))
+    for (int b = 0; b < o->batch; b++)
+      memcpy(c->states + (size_t)b * per, o->text_states, per * sizeof *c->states);
+  if (!c->tv || (o->text_states && !c->states)) {
+    inv_ctx_clear(c);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  return ERR_OK;
 }
 
 static int inv_eval(inv_ctx *c, const float *x, double t, float *out, int *nfe, int step, int total,
@@ -67,6 +87,8 @@ static int inv_eval(inv_ctx *c, const float *x, double t, float *out, int *nfe, 
                          .w = c->w,
                          .t = c->tv,
                          .labels = o->labels,
+                         .encoder_hidden_states = c->states,
+                         .seq_len = c->states ? o->text_seq : 0,
                          .threads = o->threads > 0 ? o->threads : 1};
   int rc = guidance_eval(o->guidance, c->m, &mc, out, e);
   if (rc == ERR_NUMERIC)
@@ -101,7 +123,7 @@ int invert_ddim(const sampler *s, const model *m, const invert_opts *o, const fl
   const size_t nd = (size_t)o->batch * c.d;
   float *mo = malloc(nd * sizeof *mo);
   if (!mo) {
-    free(c.tv);
+    inv_ctx_clear(&c);
     return err_set(e, ERR_NOMEM, "out of memory");
   }
   memcpy(out, x0, nd * sizeof *out);
@@ -135,7 +157,7 @@ int invert_ddim(const sampler *s, const model *m, const invert_opts *o, const fl
     rc = err_set(e, ERR_NUMERIC, "non-finite values in the inverted state after inversion step %d",
                  n - stop_step);
   free(mo);
-  free(c.tv);
+  inv_ctx_clear(&c);
   return rc;
 }
 
@@ -256,7 +278,7 @@ done:
   free(mo);
   free(mean);
   free(scratch);
-  free(c.tv);
+  inv_ctx_clear(&c);
   return rc;
 }
 
@@ -310,11 +332,13 @@ int invert_ddpm_sample(const sampler *s, const model *m, const invert_opts *o,
                         .noise = noise_from_maps,
                         .noise_user = &ms,
                         .cancel = o->cancel,
-                        .threads = o->threads};
+                        .threads = o->threads,
+                        .text_seq = o->text_seq};
   int rc = ERR_OK, part = 0;
   if (skip > 0) {
     r.labels = so->src_labels;
     r.guidance = so->src_guidance;
+    r.text_states = so->src_text_states;
     r.end_step = skip;
     rc = sampler_run(s, m, &r, out, &part, e);
     *nfe += part;
@@ -326,6 +350,7 @@ int invert_ddpm_sample(const sampler *s, const model *m, const invert_opts *o,
   if (rc == ERR_OK) {
     r.labels = o->labels;
     r.guidance = o->guidance;
+    r.text_states = o->text_states;
     rc = sampler_run(s, m, &r, out, &part, e);
     *nfe += part;
   }
@@ -421,6 +446,8 @@ int invert_edit_sample(const sampler *s, const model *m, const invert_opts *o,
                         .init_noise = maps,
                         .labels = o->labels,
                         .guidance = o->guidance,
+                        .text_states = o->text_states,
+                        .text_seq = o->text_seq,
                         .progress = o->progress,
                         .progress_user = o->progress_user,
                         .cancel = o->cancel,

@@ -24,8 +24,12 @@ typedef struct invert_opts {
   int height, width;        /* 0: the model's sample_size */
   const int64_t *labels;    /* the images' classes, or NULL */
   const guidance *guidance; /* guidance of the inversion's model calls, or NULL */
-  uint64_t seed;            /* edit-friendly: the independent noise of every x_t */
-  uint64_t first_image;     /* rng image index of the first image */
+  /* Text-conditional models: the prompt's encoder hidden states [text_seq][cross_attention_dim]
+   * every image attends to (the guidance's uncond_states are the unconditional ones), or NULL. */
+  const float *text_states;
+  int text_seq;
+  uint64_t seed;        /* edit-friendly: the independent noise of every x_t */
+  uint64_t first_image; /* rng image index of the first image */
   sampler_progress_fn progress;
   void *progress_user;
   const atomic_int *cancel;
@@ -64,11 +68,13 @@ int invert_ddpm(const sampler *s, const model *m, const invert_opts *o, const fl
  * images with the inversion's labels and guidance, and makes the edits with others. skip
  * (T_skip) > 0 runs the first skip steps with src_labels/src_guidance (the inversion's, which
  * gives back its chain exactly) and the rest with o->labels/o->guidance; o's seed and
- * first_image are not used. */
+ * first_image are not used. With a text model the source prompt (so->src_text_states) takes the
+ * place of the source labels and o->text_states of the labels. */
 typedef struct invert_sample_opts {
   int skip;
   const int64_t *src_labels;
   const guidance *src_guidance;
+  const float *src_text_states; /* the source prompt's states (text models), or NULL */
 } invert_sample_opts;
 int invert_ddpm_sample(const sampler *s, const model *m, const invert_opts *o,
                        const invert_sample_opts *so, const float *maps, float *out, int *nfe,

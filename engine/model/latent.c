@@ -94,6 +94,22 @@ int latent_encode_prompt(const latent_parts *p, const char *prompt, int clip_ski
   return rc;
 }
 
+int latent_encode(const latent_parts *p, const float *images, int n, int h, int w, const float *eps,
+                  float *z, int threads, err *e) {
+  const size_t count = (size_t)n * p->info.latent_channels * h * w;
+  float *std = eps ? malloc(count * sizeof *std) : NULL;
+  if (eps && !std)
+    return err_set(e, ERR_NOMEM, "out of memory for %d latents of %dx%d", n, h, w);
+  const int f = p->info.factor;
+  int rc = vae_encode(p->vae, images, n, h * f, w * f, z, std, threads, e);
+  /* diffusers: scaling_factor * (latent_dist.sample(generator) - shift_factor) */
+  for (size_t k = 0; rc == ERR_OK && k < count; k++)
+    z[k] = (float)(((double)z[k] + (eps ? (double)std[k] * eps[k] : 0.0) - p->info.shift_factor) *
+                   p->info.scaling_factor);
+  free(std);
+  return rc;
+}
+
 int latent_decode(const latent_parts *p, const float *z, int n, int h, int w, float *images,
                   int threads, err *e) {
   const size_t count = (size_t)n * p->info.latent_channels * h * w;

@@ -33,6 +33,13 @@ const latent_info *latent_get_info(const latent_parts *p);
 int latent_encode_prompt(const latent_parts *p, const char *prompt, int clip_skip, float *states,
                          int *truncated, int threads, err *e);
 
+/* Images [n][image_channels][factor h][factor w] in [-1, 1] to latents as the UNet sees them
+ * [n][latent_channels][h][w]: (posterior - shift_factor) * scaling_factor, where the posterior is
+ * its mean when eps is NULL, else mean + std * eps (eps: n latents of standard normal noise, what
+ * diffusers' latent_dist.sample(generator) draws). */
+int latent_encode(const latent_parts *p, const float *images, int n, int h, int w, const float *eps,
+                  float *z, int threads, err *e);
+
 /* Latents as the UNet sees them (scaled) [n][latent_channels][h][w] to images
  * [n][image_channels][factor h][factor w] in about [-1, 1], unclamped. */
 int latent_decode(const latent_parts *p, const float *z, int n, int h, int w, float *images,

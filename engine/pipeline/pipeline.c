@@ -10,7 +10,9 @@
 #include "image.h"
 #include "mem.h"
 #include "npy.h"
+#include "rng.h"
 #include "schedule.h"
+#include "vae.h"
 
 #define PREVIEW_MAX 64 /* preview side in pixels */
 
@@ -177,7 +179,13 @@ typedef struct run_ctx {
   const sampler *s;          /* the sampling phase's solver (previews), or NULL */
   const float *x;            /* the samples being denoised (previews read image 0) */
   const float *cond;         /* image 0's conditioning image, or NULL */
-  int height, width;
+  int height, width;         /* of what the solver runs on: latents on a latent model */
+  /* Text models: the prompt's and the source prompt's hidden states (one sequence each), and
+   * the guidance of both with their unconditional states; else NULL and the request's. */
+  const float *text, *src_text;
+  int seq;
+  const guidance *g, *src_g;
+  int factor; /* image pixels per sampled pixel (shifts are given in image pixels) */
 } run_ctx;
 
 /* Whether the solver holds its state VE-scaled (x / sqrt(alpha_bar)): the Euler family. */
@@ -278,7 +286,8 @@ static void on_progress(int step, int total, int nfe, void *user) {
   }
   uint8_t *png = NULL;
   size_t len = 0;
-  if (c->s && h->preview_every && (p.step % h->preview_every == 0 || p.step == p.total) &&
+  if (c->s && !c->text && h->preview_every &&
+      (p.step % h->preview_every == 0 || p.step == p.total) &&
       preview_png(c, nfe, &png, &len) == ERR_OK) {
     p.preview = png;
     p.preview_len = len;
@@ -358,67 +367,6 @@ static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *
   return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
 }
 
-/* Text to image on a latent model, as diffusers' StableDiffusionPipeline: the prompt and the
- * negative (or empty) prompt encoded once, the sampler run on latents with guidance as one
- * batched call, the VAE decoding the result. */
-static int run_latent(run_ctx *c, pipeline_result *out, err *e) {
-  const pipeline_request *r = c->r;
-  const pipeline_hooks *h = c->h;
-  const latent_parts *lp = model_latent(c->m);
-  const latent_info *li = latent_get_info(lp);
-  const model_info *mi = model_get_info(c->m);
-  if (r->kind != PIPELINE_GENERATE || r->image || r->mask || r->classifier)
-    return err_set(e, ERR_UNSUPPORTED,
-                   "this text-to-image model supports plain generation for now (no img2img, "
-                   "inpainting, inversion, boundary edits or classifier guidance)");
-  const int f = li->factor, lh = out->height / f, lw = out->width / f;
-  if (out->height % f || out->width % f || lh < 1 || lw < 1)
-    return err_set(e, ERR_INVALID, "size %dx%d: width and height must be multiples of %d",
-                   out->width, out->height, f);
-  if (r->clip_skip < 0 || r->clip_skip > 12)
-    return err_set(e, ERR_INVALID, "clip_skip %d must be in [1, 12]", r->clip_skip);
-  const size_t per = (size_t)li->seq_len * li->text_dim;
-  const size_t nz = (size_t)r->batch * mi->in_channels * lh * lw;
-  float *cond = mem_malloc(per * sizeof *cond), *uncond = mem_malloc(per * sizeof *uncond);
-  float *z = mem_malloc(nz * sizeof *z);
-  int rc = !cond || !uncond || !z ? err_set(e, ERR_NOMEM, "out of memory") : ERR_OK;
-  const int skip = r->clip_skip ? r->clip_skip : 1, threads = h->threads > 0 ? h->threads : 1;
-  if (!rc &&
-      (rc = latent_encode_prompt(lp, r->prompt ? r->prompt : "", skip, cond, NULL, threads, e)))
-    err_prefix(e, "prompt");
-  if (!rc && (rc = latent_encode_prompt(lp, r->negative_prompt ? r->negative_prompt : "", skip,
-                                        uncond, NULL, threads, e)))
-    err_prefix(e, "negative_prompt");
-  if (!rc && r->noise)
-    rc = pipeline_check_noise(r->noise, nz, "edit.noise", e);
-  if (!rc)
-    rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
-  guidance g = {0};
-  if (r->guidance && r->guidance->enabled) {
-    g = *r->guidance;
-    g.uncond_states = uncond;
-    g.seq_len = li->seq_len;
-  }
-  if (!rc) {
-    c->s = NULL; /* previews would show latents: none */
-    sampler_run_opts o = sampling_opts(c, out);
-    o.height = lh;
-    o.width = lw;
-    o.init_noise = r->noise;
-    o.labels = r->labels;
-    o.text_states = cond;
-    o.text_seq = li->seq_len;
-    o.guidance = g.enabled ? &g : NULL;
-    rc = sampler_run(out->sampler, c->m, &o, z, &out->nfe, e);
-  }
-  if (!rc)
-    rc = latent_decode(lp, z, r->batch, lh, lw, out->images, threads, e);
-  free(cond);
-  free(uncond);
-  free(z);
-  return rc;
-}
-
 /* Restoration: the image-conditioned model samples from noise with the degraded image as its
  * condition in every evaluation (any solver); a regression model is one evaluation at t = 0,
  * for which the solver only names the run in the metadata. */
@@ -457,25 +405,29 @@ static int run_deblur(run_ctx *c, const float *image, pipeline_result *out, err 
   return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
 }
 
-static int run_inversion(run_ctx *c, const float *image, pipeline_result *out, err *e) {
+/* Inversion of image (latents on a latent model) and the sampling of the edit into xs (c's
+ * size). */
+static int run_inversion(run_ctx *c, const float *image, float *xs, pipeline_result *out, err *e) {
   const pipeline_request *r = c->r;
   const pipeline_hooks *h = c->h;
   const model_info *mi = model_get_info(c->m);
   const int ddpm = r->kind == PIPELINE_INVERT_DDPM, batch = r->batch;
-  const size_t d = (size_t)mi->in_channels * out->height * out->width;
+  const size_t d = (size_t)mi->in_channels * c->height * c->width;
   int rc = inversion_sampler(c->m, r, &out->sampler, NULL, 0, e);
   if (rc)
     return rc;
   const sampler *s = out->sampler;
   const int n = sampler_num_steps(s), nmaps = ddpm ? n + 1 : 1;
-  const int64_t shape5[5] = {batch, nmaps, mi->in_channels, out->height, out->width};
-  const int64_t shape4[4] = {batch, mi->in_channels, out->height, out->width};
+  const int64_t shape5[5] = {batch, nmaps, mi->in_channels, c->height, c->width};
+  const int64_t shape4[4] = {batch, mi->in_channels, c->height, c->width};
   const int64_t *src_labels = r->invert.source_labels ? r->invert.source_labels : r->labels;
   invert_opts io = {.batch = batch,
-                    .height = out->height,
-                    .width = out->width,
+                    .height = c->height,
+                    .width = c->width,
                     .labels = src_labels,
-                    .guidance = r->invert.source_guidance,
+                    .guidance = c->src_g,
+                    .text_states = c->src_text,
+                    .text_seq = c->seq,
                     .seed = r->seed,
                     .first_image = r->first_image,
                     .progress = on_progress,
@@ -488,11 +440,11 @@ static int run_inversion(run_ctx *c, const float *image, pipeline_result *out, e
     return ddpm ? err_set(e, ERR_SHAPE,
                           "edit.noise: expected shape [%d, %d, %d, %d, %d] (batch_size, "
                           "scheduler.steps + 1, the model's channels, height, width)",
-                          batch, n + 1, mi->in_channels, out->height, out->width)
+                          batch, n + 1, mi->in_channels, c->height, c->width)
                 : err_set(e, ERR_SHAPE,
                           "edit.noise: expected shape [%d, %d, %d, %d] (batch_size, the "
                           "model's channels, height, width)",
-                          batch, mi->in_channels, out->height, out->width);
+                          batch, mi->in_channels, c->height, c->width);
   float *maps = NULL;
   const size_t nm = d * (size_t)batch * (size_t)nmaps;
   if (r->noise && (rc = pipeline_check_noise(r->noise, nm, "edit.noise", e)) != ERR_OK)
@@ -514,15 +466,20 @@ static int run_inversion(run_ctx *c, const float *image, pipeline_result *out, e
   }
   if (!rc && !r->invert.invert_only) {
     c->s = s;
-    c->x = out->images;
+    c->x = xs;
     invert_edit ed = r->invert.edit;
     ed.ddpm = ddpm;
-    invert_sample_opts so = {
-        .skip = r->invert.skip, .src_labels = src_labels, .src_guidance = io.guidance};
+    ed.dx /= c->factor;
+    ed.dy /= c->factor;
+    invert_sample_opts so = {.skip = r->invert.skip,
+                             .src_labels = src_labels,
+                             .src_guidance = io.guidance,
+                             .src_text_states = c->src_text};
     io.labels = r->labels;
-    io.guidance = r->guidance;
+    io.guidance = c->g;
+    io.text_states = c->text;
     int part = 0;
-    rc = invert_edit_sample(s, c->m, &io, &so, &ed, maps, out->images, &part, e);
+    rc = invert_edit_sample(s, c->m, &io, &so, &ed, maps, xs, &part, e);
     out->nfe += part;
   }
   free(maps);
@@ -566,6 +523,184 @@ static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, er
   return rc;
 }
 
+/* The mask of inpainting at the latent size, as diffusers' StableDiffusionInpaintPipeline makes
+ * it: binarized at 0.5 (its mask processor), then interpolate(mode="nearest") to the latent size,
+ * which for a whole factor f picks pixel (f y, f x). */
+static void latent_mask(const float *mask, int batch, int h, int w, int f, float *out) {
+  const int lh = h / f, lw = w / f;
+  for (int b = 0; b < batch; b++)
+    for (int y = 0; y < lh; y++)
+      for (int x = 0; x < lw; x++)
+        out[((size_t)b * lh + y) * lw + x] =
+            mask[((size_t)b * h + (size_t)y * f) * w + (size_t)x * f] >= 0.5f ? 1.0f : 0.0f;
+}
+
+/* The standard normal noise of posterior samples: each image's own stream VAE_SAMPLE_STREAM,
+ * through the batch's noise hook when there is one (a batch of requests). */
+static int posterior_noise(const run_ctx *c, size_t per, float *eps, err *e) {
+  const pipeline_request *r = c->r;
+  for (int b = 0; b < r->batch; b++) {
+    float *eb = eps + (size_t)b * per;
+    if (c->h->noise) {
+      int rc = c->h->noise(c->h->noise_user, r->first_image + (uint64_t)b, VAE_SAMPLE_STREAM, eb,
+                           per, e);
+      if (rc)
+        return rc;
+    } else {
+      rng_normal(r->seed, r->first_image + (uint64_t)b, VAE_SAMPLE_STREAM, eb, per);
+    }
+  }
+  return ERR_OK;
+}
+
+/* img2img and inpainting on latents, as diffusers' StableDiffusionImg2ImgPipeline and
+ * StableDiffusionInpaintPipeline (a UNet without mask channels) run them: the sampler starts
+ * from the encoded image noised to the strength's step and keeps the masked-out latents of the
+ * re-noised original after every step. */
+static int latent_generate(run_ctx *c, const float *z0, const float *lmask, float *z,
+                           pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  int rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
+  if (rc)
+    return rc;
+  c->s = out->sampler;
+  sampler_run_opts o = sampling_opts(c, out);
+  o.height = c->height;
+  o.width = c->width;
+  o.init_noise = r->noise;
+  o.labels = r->labels;
+  o.text_states = c->text;
+  o.text_seq = c->seq;
+  o.guidance = c->g;
+  o.init_image = z0;
+  o.strength = r->strength;
+  o.mask = lmask;
+  return sampler_run(out->sampler, c->m, &o, z, &out->nfe, e);
+}
+
+/* Every kind but deblurring on a latent text-to-image model, as diffusers' Stable Diffusion
+ * pipelines: the prompts encoded once (the prompt, the negative or empty one, and for
+ * inversions the source prompt), guidance as one batched call with the unconditional states,
+ * input pictures VAE-encoded, the kind run on latents, the VAE decoding the result. */
+static int run_latent(run_ctx *c, const float *image, const float *mask, pipeline_result *out,
+                      err *e) {
+  const pipeline_request *r = c->r;
+  const pipeline_hooks *h = c->h;
+  const latent_parts *lp = model_latent(c->m);
+  const latent_info *li = latent_get_info(lp);
+  const model_info *mi = model_get_info(c->m);
+  if (r->kind == PIPELINE_DEBLUR || r->classifier)
+    return err_set(e, ERR_UNSUPPORTED, "text-to-image models do not take %s",
+                   r->classifier ? "classifier guidance (the classifier reads pixels, the "
+                                   "sampler runs on latents)"
+                                 : "deblurring jobs (no image-conditioned latent model)");
+  const int f = li->factor, lh = out->height / f, lw = out->width / f;
+  if (out->height % f || out->width % f || lh < 1 || lw < 1)
+    return err_set(e, ERR_INVALID, "size %dx%d: width and height must be multiples of %d",
+                   out->width, out->height, f);
+  if (r->clip_skip < 0 || r->clip_skip > 12)
+    return err_set(e, ERR_INVALID, "clip_skip %d must be in [1, 12]", r->clip_skip);
+  const invert_edit *ed = &r->invert.edit;
+  const int inversion = r->kind == PIPELINE_INVERT_DDIM || r->kind == PIPELINE_INVERT_DDPM;
+  if (inversion && ed->has_colour)
+    return err_set(e, ERR_INVALID,
+                   "edit.colour: colour edits add RGB offsets to the noise maps; "
+                   "a text-to-image model's maps are latents");
+  if (inversion && (ed->dx % f || ed->dy % f))
+    return err_set(e, ERR_INVALID,
+                   "edit.shift: %d,%d pixels; a latent model shifts by whole latents, multiples "
+                   "of %d pixels",
+                   ed->dx, ed->dy, f);
+  const size_t per = (size_t)li->seq_len * li->text_dim;
+  const size_t dz = (size_t)mi->in_channels * lh * lw, nz = (size_t)r->batch * dz;
+  const int src_own = inversion && r->invert.source_prompt;
+  float *cond = mem_malloc(per * sizeof *cond), *uncond = mem_malloc(per * sizeof *uncond);
+  float *src = src_own ? mem_malloc(per * sizeof *src) : NULL;
+  float *z = mem_malloc(nz * sizeof *z), *z0 = NULL, *lmask = NULL;
+  int rc =
+      !cond || !uncond || !z || (src_own && !src) ? err_set(e, ERR_NOMEM, "out of memory") : ERR_OK;
+  const int skip = r->clip_skip ? r->clip_skip : 1, threads = h->threads > 0 ? h->threads : 1;
+  if (!rc &&
+      (rc = latent_encode_prompt(lp, r->prompt ? r->prompt : "", skip, cond, NULL, threads, e)))
+    err_prefix(e, "prompt");
+  if (!rc && (rc = latent_encode_prompt(lp, r->negative_prompt ? r->negative_prompt : "", skip,
+                                        uncond, NULL, threads, e)))
+    err_prefix(e, "negative_prompt");
+  if (!rc && src_own &&
+      (rc = latent_encode_prompt(lp, r->invert.source_prompt, skip, src, NULL, threads, e)))
+    err_prefix(e, "source_prompt");
+  if (!rc && r->noise && r->kind == PIPELINE_GENERATE)
+    rc = pipeline_check_noise(r->noise, nz, "edit.noise", e);
+  /* the input picture to latents: a posterior sample for img2img and inpainting (diffusers'
+   * latent_dist.sample), the mean where an edit starts by inverting the picture */
+  if (!rc && image && r->kind != PIPELINE_DEBLUR) {
+    const int sample = r->kind == PIPELINE_GENERATE;
+    float *eps = sample ? mem_malloc(nz * sizeof *eps) : NULL;
+    if (!(z0 = mem_malloc(nz * sizeof *z0)) || (sample && !eps))
+      rc = err_set(e, ERR_NOMEM, "out of memory for %d latents", r->batch);
+    if (!rc && sample)
+      rc = posterior_noise(c, dz, eps, e);
+    if (!rc && (rc = latent_encode(lp, image, r->batch, lh, lw, eps, z0, threads, e)))
+      err_prefix(e, "image");
+    free(eps);
+  }
+  if (!rc && mask) {
+    if (!(lmask = mem_malloc((size_t)r->batch * lh * lw * sizeof *lmask)))
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+    else
+      latent_mask(mask, r->batch, out->height, out->width, f, lmask);
+  }
+  guidance g = {0}, gs = {0};
+  if (r->guidance && r->guidance->enabled) {
+    g = *r->guidance;
+    g.uncond_states = uncond;
+    g.seq_len = li->seq_len;
+  }
+  if (r->invert.source_guidance && r->invert.source_guidance->enabled) {
+    gs = *r->invert.source_guidance;
+    gs.uncond_states = uncond;
+    gs.seq_len = li->seq_len;
+  }
+  c->text = cond;
+  c->src_text = src_own ? src : cond;
+  c->seq = li->seq_len;
+  c->g = g.enabled ? &g : NULL;
+  c->src_g = gs.enabled ? &gs : NULL;
+  c->height = lh;
+  c->width = lw;
+  c->factor = f;
+  if (!rc && c->g)
+    rc = guidance_check(c->g, c->m, e);
+  if (!rc && c->src_g && (rc = guidance_check(c->src_g, c->m, e)))
+    err_prefix(e, "source guidance");
+  if (!rc) {
+    switch (r->kind) {
+    case PIPELINE_GENERATE: rc = latent_generate(c, z0, lmask, z, out, e); break;
+    case PIPELINE_INVERT_DDIM:
+    case PIPELINE_INVERT_DDPM:
+      rc = !z0 && !r->noise
+               ? err_set(e, ERR_INVALID, "an inversion needs an input image or its noise")
+               : run_inversion(c, z0, z, out, e);
+      break;
+    case PIPELINE_BOUNDARY:
+      /* boundaries are fitted on pixel models' DDIM latents and h-space by `boundary fit`,
+       * which does not encode pictures or prompts yet */
+      rc = err_set(e, ERR_UNSUPPORTED, "boundary edits are not built for text-to-image models");
+      break;
+    default: rc = err_set(e, ERR_INVALID, "unknown job kind %d", (int)r->kind);
+    }
+  }
+  if (!rc && !(inversion && r->invert.invert_only))
+    rc = latent_decode(lp, z, r->batch, lh, lw, out->images, threads, e);
+  free(cond);
+  free(uncond);
+  free(src);
+  free(z);
+  free(z0);
+  free(lmask);
+  return rc;
+}
+
 /* ---- metadata ---- */
 
 static const char *const kind_names[] = {NULL, "invert_ddim", "invert_ddpm", "boundary", "deblur"};
@@ -587,6 +722,8 @@ json_t *pipeline_edit_json(const pipeline_request *r, int i) {
       json_object_set_new(j, "source_class", json_integer(r->invert.source_labels[i]));
     if (r->invert.source_guidance)
       json_object_set_new(j, "source_guidance", json_real(r->invert.source_guidance->scale));
+    if (r->invert.source_prompt)
+      json_object_set_new(j, "source_prompt", json_string(r->invert.source_prompt));
     if (r->invert.skip)
       json_object_set_new(j, "skip", json_integer(r->invert.skip));
     if (ed->dx || ed->dy)
@@ -687,9 +824,10 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
                    "inversions or boundary edits");
   float *image = NULL, *mask = NULL;
   int rc = ERR_OK;
-  const int ci = r->kind != PIPELINE_DEBLUR ? mi->in_channels
-                 : mi->regression           ? mi->in_channels
-                                            : mi->cond_channels;
+  const int ci = lp                           ? mi->image_channels /* pictures to encode */
+                 : r->kind != PIPELINE_DEBLUR ? mi->in_channels
+                 : mi->regression             ? mi->in_channels
+                                              : mi->cond_channels;
   if (r->image && !(image = replicate(r->image, r->images, (size_t)ci * plane, r->batch, e)))
     return e->code;
   if (r->mask && !(mask = replicate(r->mask, r->images, plane, r->batch, e))) {
@@ -700,10 +838,17 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
     rc = err_set(e, ERR_NOMEM, "out of memory for %d images", r->batch);
     goto done;
   }
-  run_ctx c = {
-      .m = m, .r = r, .h = h, .x = out->images, .height = out->height, .width = out->width};
+  run_ctx c = {.m = m,
+               .r = r,
+               .h = h,
+               .x = out->images,
+               .height = out->height,
+               .width = out->width,
+               .g = r->guidance,
+               .src_g = r->invert.source_guidance,
+               .factor = 1};
   if (lp) {
-    rc = run_latent(&c, out, e);
+    rc = run_latent(&c, image, mask, out, e);
     goto done;
   }
   switch (r->kind) {
@@ -712,7 +857,7 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
   case PIPELINE_INVERT_DDPM:
     rc = !image && !r->noise
              ? err_set(e, ERR_INVALID, "an inversion needs an input image or its noise")
-             : run_inversion(&c, image, out, e);
+             : run_inversion(&c, image, out->images, out, e);
     break;
   case PIPELINE_BOUNDARY: rc = run_boundary(&c, image, out, e); break;
   case PIPELINE_DEBLUR: rc = run_deblur(&c, image, out, e); break;

@@ -64,6 +64,9 @@ int pipeline_check_data(const model *m, const pipeline_solver *ps, const sampler
 typedef struct pipeline_invert_args {
   const int64_t *source_labels;    /* the inversion's classes per image, or NULL: the labels */
   const guidance *source_guidance; /* the inversion's guidance, or NULL: none */
+  const char *source_prompt;       /* text models: the inversion's prompt (the one the input
+                                    * image shows), or NULL: the prompt; the edit samples with
+                                    * the prompt after the first skip steps */
   int skip;                        /* T_skip of the DDPM maps */
   invert_edit edit;                /* shift and colour (edit.ddpm is set by the pipeline) */
   const json_t *maps_config;       /* given maps: the scheduler_config they were made with */
@@ -87,7 +90,13 @@ typedef struct pipeline_request {
   const int64_t *labels; /* one class per image, or NULL */
   /* Latent text-to-image models (model_latent): the prompt every image follows, the negative
    * prompt guidance steers away from (NULL: the empty prompt), clip skip (0 or 1: the last
-   * layer). height/width are the image's; the sampler runs on latents 1/factor the size. */
+   * layer). height/width are the image's (multiples of the VAE's factor, not necessarily
+   * square); the sampler runs on latents 1/factor the size. Every kind but DEBLUR runs there:
+   * input pictures are VAE-encoded (img2img and inpainting: a posterior sample, eps from
+   * rng stream VAE_SAMPLE_STREAM of (seed, image) as diffusers' latent_dist.sample(generator);
+   * inversions and boundary edits: the posterior mean, as the edit-friendly authors' code),
+   * masks reduced to the latent size (binarized at 0.5, nearest, as diffusers), noise and
+   * noise maps are latents, and the result is decoded. */
   const char *prompt, *negative_prompt;
   int clip_skip;
   const guidance *guidance; /* classifier-free guidance, or NULL */
