@@ -13,6 +13,7 @@
 #include "boundary.h"
 #include "cli.h"
 #include "edit.h"
+#include "latent.h"
 #include "npy.h"
 
 #define BOUNDARY_MAX_IMAGES 100000
@@ -23,6 +24,7 @@ static const char help[] =
     "                             [--step auto|K] [--eps E] [--steps N] [--class C]\n"
     "                             [--guidance-scale G] [--C C] [--test-fraction F]\n"
     "                             [--attribute NAME] [--batch B] [--threads T] [--quiet]\n"
+    "                             [--prompt P [--negative-prompt N] [--size S|WxH]]\n"
     "\n"
     "Fits a semantic boundary (BoundaryDiffusion, Zhu et al. 2023) in the x_t space of the\n"
     "model's DDIM grid at the mixing step and, for a UNet, one in its h-space (the mid-block\n"
@@ -43,11 +45,18 @@ static const char help[] =
     "  --C C               SVM cost (default 1, sklearn's)\n"
     "  --test-fraction F   held out to report accuracy, in [0, 0.9] (default 0.2)\n"
     "  --attribute NAME    what label 1 means (recorded)\n"
-    "  --batch B           images inverted at once (default 16)\n";
+    "  --batch B           images inverted at once (default 16)\n"
+    "  --prompt P          text-to-image models (a Stable-Diffusion pipeline folder): the\n"
+    "                      prompt of the inversion's model calls; the pictures (PNGs or\n"
+    "                      .npy of --size, default the model's) are VAE-encoded (the\n"
+    "                      posterior mean) and the boundary lives in latent space; edit with\n"
+    "                      the same prompt and guidance\n"
+    "  --negative-prompt N the unconditional prompt of --guidance-scale\n";
 
 typedef struct fit_args {
   const char *model_dir, *labels, *images, *out, *attribute;
-  long long steps, step, cls, batch, threads;
+  const char *prompt, *negative_prompt;
+  long long steps, step, cls, batch, threads, width, height;
   const char *class_s;
   double eps, C, test_fraction, guidance;
   int has_class, has_guidance, quiet, step_auto;
@@ -69,12 +78,15 @@ static int parse_args(int argc, char **argv, fit_args *a) {
                                        {"batch", required_argument, 0, 'b'},
                                        {"threads", required_argument, 0, 'j'},
                                        {"quiet", no_argument, 0, 'q'},
+                                       {"prompt", required_argument, 0, 'P'},
+                                       {"negative-prompt", required_argument, 0, 'X'},
+                                       {"size", required_argument, 0, 'z'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
   const char *cmd = "boundary fit";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:L:I:u:s:E:n:l:g:C:f:a:b:j:qh", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:L:I:u:s:E:n:l:g:C:f:a:b:j:qhP:X:z:", opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'L': a->labels = optarg; break;
@@ -128,6 +140,12 @@ static int parse_args(int argc, char **argv, fit_args *a) {
         return 2;
       break;
     case 'q': a->quiet = 1; break;
+    case 'P': a->prompt = optarg; break;
+    case 'X': a->negative_prompt = optarg; break;
+    case 'z':
+      if (cli_parse_size("--size", optarg, 4096, &a->width, &a->height))
+        return 2;
+      break;
     case 'h': fputs(help, stdout); return -1;
     default: return cli_usage_error(cmd, "bad option");
     }
@@ -178,17 +196,28 @@ typedef struct label_line {
   int64_t cls;      /* -1: none */
 } label_line;
 
-/* X.npy of --images, checked against the model's shape; nothing without --images. */
-static int read_label_images(const fit_args *a, int cin, int size, npy_array *all, err *e) {
+/* The pictures' channels and size: the model's sample_size, or for a text-to-image model
+ * --size (default its sample_size times the VAE's factor) in image channels. */
+static void image_dims(const fit_args *a, const model_info *mi, int *c, int *h, int *w) {
+  const int side = mi->sample_size * mi->latent_factor;
+  *c = mi->latent_factor > 1 ? mi->image_channels : mi->in_channels;
+  *h = a->height ? (int)a->height : side;
+  *w = a->height ? (int)a->width : side;
+}
+
+/* X.npy of --images, checked against the pictures' shape; nothing without --images. */
+static int read_label_images(const fit_args *a, const model_info *mi, npy_array *all, err *e) {
+  int cin, h, w;
+  image_dims(a, mi, &cin, &h, &w);
   if (!a->images)
     return ERR_OK;
   if (npy_read_f32(a->images, all, e))
     return err_prefix(e, "--images");
-  if (all->ndim != 4 || all->shape[1] != cin || all->shape[2] != size || all->shape[3] != size ||
+  if (all->ndim != 4 || all->shape[1] != cin || all->shape[2] != h || all->shape[3] != w ||
       all->shape[0] < 1 || all->shape[0] > BOUNDARY_MAX_IMAGES) {
     npy_array_free(all);
-    return err_set(e, ERR_INVALID, "--images %s: expected shape [N, %d, %d, %d]", a->images, cin,
-                   size, size);
+    return err_set(e, ERR_INVALID, "--images %s: expected shape [N, %d, %d, %d]", a->images, cin, h,
+                   w);
   }
   return ERR_OK;
 }
@@ -255,9 +284,9 @@ static int parse_label_line(const fit_args *a, const model *m, char *line, int l
  * dir, the labels file's folder). */
 static int push_label_image(const fit_args *a, const model *m, const npy_array *all,
                             const char *dir, const label_line *l, sample_set *set, err *e) {
-  const model_info *mi = model_get_info(m);
-  const int size = mi->sample_size, cin = mi->in_channels;
-  const size_t d = (size_t)cin * size * size;
+  int cin, ih, iw;
+  image_dims(a, model_get_info(m), &cin, &ih, &iw);
+  const size_t d = (size_t)cin * ih * iw;
   if (set->n >= BOUNDARY_MAX_IMAGES)
     return err_set(e, ERR_INVALID, "--labels: more than %d images", BOUNDARY_MAX_IMAGES);
   if (a->images) {
@@ -272,7 +301,7 @@ static int push_label_image(const fit_args *a, const model *m, const npy_array *
   else
     snprintf(path, sizeof path, "%s/%s", dir, l->path);
   float *x = NULL;
-  int rc = cli_read_image("--labels image", path, cin, size, size, &x, e);
+  int rc = cli_read_image("--labels image", path, cin, ih, iw, &x, e);
   if (rc == ERR_OK)
     rc = set_push(set, d, x, l->label, l->cls, e);
   free(x);
@@ -281,9 +310,8 @@ static int push_label_image(const fit_args *a, const model *m, const npy_array *
 
 /* Reads the label lines (and the images they name, or X.npy's). */
 static int read_labels(const fit_args *a, const model *m, sample_set *set, err *e) {
-  const model_info *mi = model_get_info(m);
   npy_array all = {0};
-  int rc = read_label_images(a, mi->in_channels, mi->sample_size, &all, e);
+  int rc = read_label_images(a, model_get_info(m), &all, e);
   if (rc != ERR_OK)
     return rc;
   FILE *f = fopen(a->labels, "r");
@@ -321,11 +349,13 @@ typedef struct fit_ctx {
   model *m;
   sampler *s;
   sample_set set;
-  int n, size, step; /* grid steps, image side, mixing step */
-  size_t d, hd;      /* values of a latent, of an h */
+  int n, lh, lw, step; /* grid steps, latent size, mixing step */
+  size_t d, hd;        /* values of a latent, of an h */
   int with_h, hshape[3];
   guidance g;
-  const guidance *gp; /* &g with --guidance-scale, else NULL */
+  const guidance *gp;   /* &g with --guidance-scale, else NULL */
+  float *cond, *uncond; /* text models: the prompt's and the negative prompt's states */
+  int seq;
   float *lat, *abar, *hl, *hrows;
   double *kl;
 } fit_ctx;
@@ -339,42 +369,93 @@ static void fit_ctx_free(fit_ctx *c) {
   free(c->hrows);
   free(c->abar);
   free(c->kl);
+  free(c->cond);
+  free(c->uncond);
   sampler_free(c->s);
   model_free(c->m);
 }
 
 /* The phases of a fit below return 0 to go on, else the exit status (the error printed). */
 
+/* A text-to-image model's fit runs on latents: the pictures VAE-encoded (the posterior mean,
+ * as inversions take them) a batch at a time, and the prompts encoded once. */
+static int fit_encode(const fit_args *a, fit_ctx *c, err *e) {
+  const latent_parts *lp = model_latent(c->m);
+  const latent_info *li = latent_get_info(lp);
+  int ic, ih, iw;
+  image_dims(a, model_get_info(c->m), &ic, &ih, &iw);
+  const int f = li->factor;
+  const size_t di = (size_t)ic * ih * iw, dl = (size_t)li->latent_channels * (ih / f) * (iw / f);
+  const size_t per = (size_t)li->seq_len * li->text_dim;
+  float *z = malloc(sizeof *z * dl * (size_t)c->set.n);
+  c->cond = malloc(sizeof *c->cond * per);
+  c->uncond = malloc(sizeof *c->uncond * per);
+  c->seq = li->seq_len;
+  int rc = !z || !c->cond || !c->uncond ? err_set(e, ERR_NOMEM, "out of memory") : ERR_OK;
+  const int threads = (int)a->threads;
+  if (!rc && (rc = latent_encode_prompt(lp, a->prompt, 1, c->cond, NULL, threads, e)))
+    err_prefix(e, "--prompt");
+  if (!rc && (rc = latent_encode_prompt(lp, a->negative_prompt ? a->negative_prompt : "", 1,
+                                        c->uncond, NULL, threads, e)))
+    err_prefix(e, "--negative-prompt");
+  for (int i0 = 0; !rc && i0 < c->set.n; i0 += (int)a->batch) {
+    const int nb = c->set.n - i0 < a->batch ? c->set.n - i0 : (int)a->batch;
+    rc = latent_encode(lp, c->set.x + (size_t)i0 * di, nb, ih / f, iw / f, NULL,
+                       z + (size_t)i0 * dl, threads, e);
+  }
+  if (rc) {
+    free(z);
+    return rc;
+  }
+  free(c->set.x);
+  c->set.x = z;
+  return ERR_OK;
+}
+
 /* The model, its DDIM grid (eta 0: the inversion is deterministic), --class and the labels. */
 static int fit_load(const char *cmd, fit_args *a, fit_ctx *c, err *e) {
   if (model_load(a->model_dir, &c->m, e))
     return cli_fail(cmd, "%s", e->msg);
   const model_info *mi = model_get_info(c->m);
-  if (!mi->num_classes && (a->has_class || a->has_guidance))
+  const int text = mi->latent_factor > 1;
+  if (!mi->num_classes && (a->has_class || (a->has_guidance && !text)))
     return cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
                                 "--guidance-scale");
+  if (text && !a->prompt)
+    return cli_usage_error(cmd, "this is a text-to-image model: give --prompt");
+  if (!text && (a->prompt || a->negative_prompt || a->height))
+    return cli_usage_error(cmd, "this model takes no prompt: drop --prompt, --negative-prompt "
+                                "and --size");
+  if (text && (a->height % mi->latent_factor || a->width % mi->latent_factor))
+    return cli_usage_error(cmd, "--size: width and height must be multiples of %d",
+                           mi->latent_factor);
   json_t *eta0 = json_pack("{s:f}", "eta", 0.0);
   const pipeline_solver ddim = {.name = "ddim", .steps = (int)a->steps, .options = eta0};
   int rc = pipeline_sampler(c->m, &ddim, &c->s, NULL, 0, e);
   json_decref(eta0);
   if (!rc && a->class_s && (a->cls = model_class_from_name(c->m, a->class_s)) < 0)
     return cli_usage_error(cmd, "--class: '%s' is not a class of this model", a->class_s);
-  if (rc || read_labels(a, c->m, &c->set, e))
+  if (rc || read_labels(a, c->m, &c->set, e) || (text && fit_encode(a, c, e)))
     return cli_fail(cmd, "%s", e->msg);
   return 0;
 }
 
 static int fit_alloc(const char *cmd, const fit_args *a, fit_ctx *c) {
   const model_info *mi = model_get_info(c->m);
+  int ic, ih, iw;
+  image_dims(a, mi, &ic, &ih, &iw);
   c->n = sampler_num_steps(c->s);
-  c->size = mi->sample_size;
-  c->d = (size_t)mi->in_channels * c->size * c->size;
+  c->lh = ih / mi->latent_factor;
+  c->lw = iw / mi->latent_factor;
+  c->d = (size_t)mi->in_channels * c->lh * c->lw;
   c->g = guidance_for(c->m, a->guidance);
+  c->g.uncond_states = c->uncond;
+  c->g.seq_len = c->seq;
   c->gp = a->has_guidance ? &c->g : NULL;
   const int passes = guidance_passes(c->gp);
   /* the h-space boundary too when the model has a bottleneck (a UNet's mid block) */
   err he = {0};
-  c->with_h = model_mid_shape(c->m, c->size, c->size, c->hshape, &he) == ERR_OK;
+  c->with_h = model_mid_shape(c->m, c->lh, c->lw, c->hshape, &he) == ERR_OK;
   c->hd = (size_t)c->hshape[0] * c->hshape[1] * c->hshape[2];
   c->abar = malloc(sizeof *c->abar * (size_t)c->n);
   c->kl = malloc(sizeof *c->kl * (size_t)c->n);
@@ -426,7 +507,11 @@ static int fit_invert(const char *cmd, const fit_args *a, fit_ctx *c, err *e) {
                     .image = c->set.x + (size_t)i0 * c->d,
                     .labels = mi->num_classes ? c->set.cls + i0 : NULL,
                     .guidance = c->gp,
-                    .threads = (int)a->threads};
+                    .threads = (int)a->threads,
+                    .height = c->lh,
+                    .width = c->lw,
+                    .text_states = c->cond,
+                    .text_seq = c->seq};
     float *lat = c->lat + (size_t)i0 * c->d;
     if (edit_latent_at(c->s, c->m, c->step, &src, lat, NULL, e) ||
         (c->with_h && edit_mid_at(c->s, c->m, c->step, &src, lat, c->hrows, e)))
@@ -452,7 +537,8 @@ static int fit_save(const char *cmd, const fit_args *a, const fit_ctx *c, bounda
     b->mid->w = c->hshape[2];
   }
   b->c = model_get_info(c->m)->in_channels;
-  b->h = b->w = c->size;
+  b->h = c->lh;
+  b->w = c->lw;
   b->step = c->step;
   b->timestep = sampler_timesteps(c->s)[c->step];
   b->solver = json_pack("{s:s, s:i, s:o}", "name", "ddim", "steps", c->n, "config",

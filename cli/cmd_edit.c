@@ -27,6 +27,7 @@ static const char help[] =
     "       denoised edit [--model DIR] --boundary B.json --strength S\n"
     "                     (--image IN.png | --seed S [--batch N]) [--class C[,C...]]\n"
     "                     [--guidance-scale G] [--eta E] [--space x|h|both]\n"
+    "                     [--prompt P [--negative-prompt N]]\n"
     "                     (-o OUT.png | --out OUT.npy)\n"
     "       denoised edit --replay IMAGE.png [--model DIR] (-o OUT.png | --out OUT.npy)\n"
     "\n"
@@ -149,14 +150,14 @@ static int load_replay(edit_args *a) {
     a->guidance = json_number_value(gs);
     a->has_guidance = 1;
   }
+  /* text models: the prompts the record names (alive as long as the record) */
+  a->prompt = json_string_value(json_object_get(m, "prompt"));
+  a->negative_prompt = json_string_value(json_object_get(m, "negative_prompt"));
+  a->source_prompt = json_string_value(json_object_get(ed, "source_prompt"));
   if (strncmp(type, "invert_", 7) == 0) {
     replay_noise_args(a, ed);
     if (!a->noise && !(a->noise = json_string_value(json_object_get(m, "noise"))))
       return replay_missing(a, "noise", "--noise");
-    /* text models: the prompts the record names (alive as long as the record) */
-    a->prompt = json_string_value(json_object_get(m, "prompt"));
-    a->negative_prompt = json_string_value(json_object_get(m, "negative_prompt"));
-    a->source_prompt = json_string_value(json_object_get(ed, "source_prompt"));
   } else if (strcmp(type, "boundary") == 0) {
     replay_boundary_args(a, ed);
     if (!a->boundary && !(a->boundary = json_string_value(json_object_get(m, "boundary"))))
@@ -291,9 +292,8 @@ static int check_args(edit_args *a) {
   } else {
     if (a->has_skip || a->shift_s || a->colour_s || a->has_colour_from)
       return cli_usage_error(cmd, "--skip, --shift and --colour go with --noise");
-    if (a->prompt || a->source_prompt || a->negative_prompt)
-      return cli_usage_error(cmd, "--prompt, --source-prompt and --negative-prompt go with "
-                                  "--noise (boundary edits are not built for text models)");
+    if (a->source_prompt)
+      return cli_usage_error(cmd, "--source-prompt goes with --noise");
     if (!a->has_strength)
       return cli_usage_error(cmd, "--boundary needs --strength");
     if (!!a->image == !!a->has_seed)
@@ -611,7 +611,7 @@ static int edit_noise(const edit_args *a, model *m, err *e) {
 static int edit_with_boundary(const edit_args *a, model *m, err *e) {
   const char *cmd = "edit";
   const model_info *mi = model_get_info(m);
-  const int size = mi->sample_size, cin = mi->in_channels;
+  const int f = mi->latent_factor, text = f > 1, cin = mi->in_channels;
   boundary b = {0};
   pipeline_result res = {0};
   float *img = NULL;
@@ -621,13 +621,21 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
     cli_fail(cmd, "%s", e->msg);
     goto done;
   }
-  if (b.dim != cin * size * size) {
+  /* a text model's boundary says its latents' size (the pictures' is f times it) */
+  const int lh = text ? b.h : mi->sample_size, lw = text ? b.w : mi->sample_size;
+  if (b.dim != cin * lh * lw) {
     cli_fail(cmd, "%s: a boundary for latents of %d values; this model's have %d", a->boundary,
-             b.dim, cin * size * size);
+             b.dim, cin * lh * lw);
     goto done;
   }
-  if (a->image &&
-      cli_read_images("--image", a->image, cin, size, size, EDIT_MAX_BATCH, &batch, &img, e)) {
+  if (!!text != !!a->prompt || (!text && a->negative_prompt)) {
+    status = cli_usage_error(cmd, text ? "this is a text-to-image model: give --prompt (the "
+                                         "boundary fit's)"
+                                       : "this model takes no prompt");
+    goto done;
+  }
+  if (a->image && cli_read_images("--image", a->image, text ? mi->image_channels : cin, lh * f,
+                                  lw * f, EDIT_MAX_BATCH, &batch, &img, e)) {
     cli_fail(cmd, "%s", e->msg);
     goto done;
   }
@@ -635,7 +643,7 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
     status = cli_usage_error(cmd, "this model is class-conditional: pass --class");
     goto done;
   }
-  if (!mi->num_classes && (a->classes || a->has_guidance)) {
+  if (!mi->num_classes && (a->classes || (a->has_guidance && !text))) {
     status = cli_usage_error(cmd, "this model is not class-conditional: drop --class and "
                                   "--guidance-scale");
     goto done;
@@ -655,6 +663,10 @@ static int edit_with_boundary(const edit_args *a, model *m, err *e) {
   pipeline_request r = {
       .kind = PIPELINE_BOUNDARY,
       .batch = batch,
+      .height = text ? lh * f : 0,
+      .width = text ? lw * f : 0,
+      .prompt = a->prompt,
+      .negative_prompt = a->negative_prompt,
       .seed = (uint64_t)a->seed,
       .first_image = a->only >= 0 && batch == 1 ? (uint64_t)a->only : 0,
       .labels = labels,

@@ -225,6 +225,17 @@ static double rel_files(const char *dir, const char *a, const char *b) {
   return r;
 }
 
+/* `edit --replay DIR/NAME -o DIR/again.png` writes the very same PNG */
+static void replays_the_same(const char *dir, const char *name) {
+  char out[8192], a[700], b[700];
+  int st =
+      test_run_cli(out, sizeof out, "edit --replay %s/%s -o %s/again.png --quiet", dir, name, dir);
+  ck_assert_msg(st == 0, "%s", out);
+  snprintf(a, sizeof a, "%s/%s", dir, name);
+  snprintf(b, sizeof b, "%s/again.png", dir);
+  ck_assert(test_files_equal(a, b));
+}
+
 /* The CLI: invert --prompt (verify prints the reconstruction against the VAE's round trip),
  * edit --prompt with T_skip; a larger skip keeps more of the input; replays. */
 START_TEST(cli_text_edit) {
@@ -258,13 +269,7 @@ START_TEST(cli_text_edit) {
          d0, d4);
   ck_assert(d0 > 1e-2);
   ck_assert(d4 > 1e-4 && d4 < d0);
-  st = test_run_cli(out, sizeof out, "edit --replay %s/dog1.png -o %s/again.png --quiet", s.dir,
-                    s.dir);
-  ck_assert_msg(st == 0, "%s", out);
-  char a[700], b[700];
-  snprintf(a, sizeof a, "%s/dog1.png", s.dir);
-  snprintf(b, sizeof b, "%s/again.png", s.dir);
-  ck_assert(test_files_equal(a, b));
+  replays_the_same(s.dir, "dog1.png");
   /* a shift by whole latents runs; half a latent, a colour offset are refused */
   st = test_run_cli(out, sizeof out,
                     "edit --model %s --noise %s/n.npy --shift 4,-2 --out %s/s.npy --quiet", s.model,
@@ -280,6 +285,63 @@ START_TEST(cli_text_edit) {
                     s.model, s.dir, s.dir);
   ck_assert_int_ne(st, 0);
   ck_assert_ptr_nonnull(strstr(out, "latents"));
+  scratch_close(&s);
+}
+END_TEST
+
+/* BoundaryDiffusion on latents: a boundary fitted on encoded pictures (x_t and the UNet's
+ * h-space at the mixing step, non-square), an inverted picture moved across it; the move changes
+ * the picture and the PNG replays. Labelled pictures: the fixture's picture and its negative. */
+START_TEST(boundary_on_latents) {
+  scratch s;
+  scratch_open(&s);
+  npy_array img;
+  read_npy(s.fx, "image.npy", &img);
+  const size_t d = (size_t)3 * H * W;
+  float *x = malloc(8 * d * sizeof *x);
+  for (int i = 0; i < 8; i++)
+    for (size_t k = 0; k < d; k++) /* +-0.8 picture plus a small deterministic ripple */
+      x[i * d + k] = (i % 2 ? 0.8f : -0.8f) * img.data[k] + 0.05f * sinf((float)(k * (i + 3)));
+  char p[700], out[8192];
+  err e = {0};
+  const int64_t shape[4] = {8, 3, H, W}, one[4] = {1, 3, H, W};
+  snprintf(p, sizeof p, "%s/x.npy", s.dir);
+  ck_assert_int_eq(npy_write_f32(p, x, 4, shape, &e), ERR_OK);
+  snprintf(p, sizeof p, "%s/one.npy", s.dir);
+  ck_assert_int_eq(npy_write_f32(p, x + d, 4, one, &e), ERR_OK);
+  snprintf(p, sizeof p, "%s/labels.txt", s.dir);
+  FILE *f = fopen(p, "w");
+  ck_assert_ptr_nonnull(f);
+  for (int i = 0; i < 8; i++)
+    fprintf(f, "%d\n", i % 2);
+  fclose(f);
+  int st = test_run_cli(out, sizeof out,
+                        "boundary fit --model %s --prompt 'a photo of a cat' --guidance-scale 3 "
+                        "--images %s/x.npy --labels %s/labels.txt --size %dx%d --steps 6 --step 2 "
+                        "--out %s/b.json --quiet",
+                        s.model, s.dir, s.dir, W, H, s.dir);
+  ck_assert_msg(st == 0, "%s", out);
+  ck_assert_ptr_nonnull(strstr(out, "h-space boundary"));
+  const double strengths[2] = {0, 3};
+  for (int k = 0; k < 2; k++) {
+    st = test_run_cli(out, sizeof out,
+                      "edit --model %s --boundary %s/b.json --strength %g --image %s/one.npy "
+                      "--prompt 'a photo of a cat' --guidance-scale 3 --out %s/e%d.npy -o "
+                      "%s/e%d.png --quiet",
+                      s.model, s.dir, strengths[k], s.dir, s.dir, k, s.dir, k);
+    ck_assert_msg(st == 0, "%s", out);
+  }
+  const double moved = rel_files(s.dir, "e1.npy", "e0.npy");
+  printf("sd boundary edit: strength 3 changes the picture by %.3f (relative L2)\n", moved);
+  ck_assert(moved > 1e-2);
+  replays_the_same(s.dir, "e1.png");
+  /* without the prompt it is refused */
+  st = test_run_cli(out, sizeof out,
+                    "edit --model %s --boundary %s/b.json --strength 1 --seed 1 -o %s/n.png",
+                    s.model, s.dir, s.dir);
+  ck_assert_int_eq(st, 2);
+  free(x);
+  npy_array_free(&img);
   scratch_close(&s);
 }
 END_TEST
@@ -324,6 +386,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, inpaint_matches_diffusers);
   tcase_add_test(tc, ddpm_inversion_reconstructs_latents);
   tcase_add_test(tc, cli_text_edit);
+  tcase_add_test(tc, boundary_on_latents);
   tcase_add_test(tc, refusals);
   suite_add_tcase(s, tc);
   return s;

@@ -40,13 +40,26 @@ int edit_grid_sampler(const json_t *solver, const json_t *model_config, double e
   return rc;
 }
 
+/* The latents' size: src's, else the model's sample_size. */
+static void src_size(const model *m, const edit_src *src, int *h, int *w) {
+  const int size = model_get_info(m)->sample_size;
+  *h = src->height ? src->height : size;
+  *w = src->width ? src->width : size;
+}
+
 int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *src, float *out,
                    int *nfe, err *e) {
   const int n = sampler_num_steps(s);
+  int h, w;
+  src_size(m, src, &h, &w);
   if (step < 0 || step >= n)
     return err_set(e, ERR_INVALID, "mixing step %d outside the grid's %d steps", step, n);
   if (src->image) {
     invert_opts io = {.batch = src->batch,
+                      .height = h,
+                      .width = w,
+                      .text_states = src->text_states,
+                      .text_seq = src->text_seq,
                       .labels = src->labels,
                       .guidance = src->guidance,
                       .progress = src->progress,
@@ -58,8 +71,7 @@ int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *s
   if (nfe)
     *nfe = 0;
   if (step == 0) { /* x_T itself */
-    const size_t d = (size_t)model_get_info(m)->in_channels * model_get_info(m)->sample_size *
-                     model_get_info(m)->sample_size;
+    const size_t d = (size_t)model_get_info(m)->in_channels * h * w;
     for (int b = 0; b < src->batch; b++) {
       if (src->init_noise)
         memcpy(out + (size_t)b * d, src->init_noise + (size_t)b * d, d * sizeof *out);
@@ -69,11 +81,15 @@ int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *s
     return ERR_OK;
   }
   sampler_run_opts r = {.batch = src->batch,
+                        .height = h,
+                        .width = w,
                         .seed = src->seed,
                         .first_image = src->first_image,
                         .init_noise = src->init_noise,
                         .labels = src->labels,
                         .guidance = src->guidance,
+                        .text_states = src->text_states,
+                        .text_seq = src->text_seq,
                         .progress = src->progress,
                         .progress_user = src->progress_user,
                         .cancel = src->cancel,
@@ -85,31 +101,41 @@ int edit_latent_at(const sampler *s, const model *m, int step, const edit_src *s
 int edit_mid_at(const sampler *s, const model *m, int step, const edit_src *src, const float *x,
                 float *mid, err *e) {
   const model_info *mi = model_get_info(m);
-  const int n = sampler_num_steps(s), size = mi->sample_size;
+  const int n = sampler_num_steps(s);
+  int h, w;
+  src_size(m, src, &h, &w);
   if (step < 0 || step >= n)
     return err_set(e, ERR_INVALID, "mixing step %d outside the grid's %d steps", step, n);
-  const size_t dout = (size_t)mi->out_channels * size * size;
+  const size_t dout = (size_t)mi->out_channels * h * w;
+  const size_t per = src->text_states ? (size_t)src->text_seq * mi->cross_attention_dim : 0;
   float *out = malloc((size_t)src->batch * dout * sizeof *out);
   float *tv = malloc((size_t)src->batch * sizeof *tv);
+  float *states = per ? malloc((size_t)src->batch * per * sizeof *states) : NULL;
   int rc = ERR_OK;
-  if (!out || !tv) {
+  if (!out || !tv || (per && !states)) {
     rc = err_set(e, ERR_NOMEM, "out of memory");
     goto done;
   }
-  for (int b = 0; b < src->batch; b++)
+  for (int b = 0; b < src->batch; b++) {
     tv[b] = (float)sampler_timesteps(s)[step];
+    if (per)
+      memcpy(states + (size_t)b * per, src->text_states, per * sizeof *states);
+  }
   const model_call c = {.x = x,
                         .n = src->batch,
-                        .h = size,
-                        .w = size,
+                        .h = h,
+                        .w = w,
                         .t = tv,
                         .labels = src->labels,
+                        .encoder_hidden_states = states,
+                        .seq_len = per ? src->text_seq : 0,
                         .hooks = {.mid_save = mid},
                         .threads = src->threads > 0 ? src->threads : 1};
   rc = guidance_eval(src->guidance, m, &c, out, e);
 done:
   free(out);
   free(tv);
+  free(states);
   return rc;
 }
 
@@ -144,10 +170,9 @@ static void move_mid(const boundary *hb, float *mid, int batch, int passes, doub
   }
 }
 
-static int check_mid(const model *m, const boundary *hb, err *e) {
-  const int size = model_get_info(m)->sample_size;
+static int check_mid(const model *m, const boundary *hb, int h, int w, err *e) {
   int shape[3];
-  int rc = model_mid_shape(m, size, size, shape, e);
+  int rc = model_mid_shape(m, h, w, shape, e);
   if (rc != ERR_OK)
     return err_prefix(e, "h-space edit");
   /* the model's own shape stays out: the daemon hands this message to clients, and a mid
@@ -180,7 +205,9 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
   nfe = nfe ? nfe : &dummy;
   *nfe = 0;
   const model_info *mi = model_get_info(m);
-  const size_t d = (size_t)mi->in_channels * mi->sample_size * mi->sample_size;
+  int h, w;
+  src_size(m, src, &h, &w);
+  const size_t d = (size_t)mi->in_channels * h * w;
   if ((size_t)b->dim != d)
     return err_set(e, ERR_INVALID, "boundary has %d values per latent, the model %zu", b->dim, d);
   if (!isfinite(strength) || fabs(strength) > 1000)
@@ -191,7 +218,7 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
   int rc;
   if ((space & EDIT_SPACE_H) && !b->mid)
     return err_set(e, ERR_INVALID, "the boundary has no h-space part: edit x only, or refit it");
-  if ((space & EDIT_SPACE_H) && (rc = check_mid(m, b->mid, e)) != ERR_OK)
+  if ((space & EDIT_SPACE_H) && (rc = check_mid(m, b->mid, h, w, e)) != ERR_OK)
     return rc;
   if (sampler_num_steps(rest) != sampler_num_steps(grid))
     return err_set(e, ERR_INVALID, "the edit's solver has %d steps, the boundary's grid %d",
@@ -234,12 +261,16 @@ int edit_boundary(const sampler *grid, const sampler *rest, const model *m, cons
     if (space & EDIT_SPACE_X)
       boundary_move(b, x, src->batch, strength * b->scale);
     sampler_run_opts r = {.batch = src->batch,
+                          .height = h,
+                          .width = w,
                           .seed = src->seed,
                           .first_image = src->first_image,
                           .init_noise = x,
                           .start_step = b->step,
                           .labels = src->labels,
                           .guidance = src->guidance,
+                          .text_states = src->text_states,
+                          .text_seq = src->text_seq,
                           .progress = ps.progress,
                           .progress_user = ps.progress_user,
                           .cancel = src->cancel,

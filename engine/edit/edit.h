@@ -26,6 +26,11 @@ typedef struct edit_src {
   void *progress_user;
   const atomic_int *cancel;
   int threads;
+  int height, width; /* of the latents the chain runs on (0: the model's sample_size) */
+  /* Text-conditional models: the prompt's encoder hidden states [text_seq][cross_attention_dim]
+   * every image attends to (guidance carries the unconditional ones), or NULL. */
+  const float *text_states;
+  int text_seq;
 } edit_src;
 
 /* The DDIM sampler of a boundary's grid: solver is {"name": "ddim", "steps": N, "config": {...}}

@@ -486,17 +486,18 @@ static int run_inversion(run_ctx *c, const float *image, float *xs, pipeline_res
   return rc;
 }
 
-static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, err *e) {
+/* A boundary edit of image (latents on a latent model) or of the seed's chain into xs. */
+static int run_boundary(run_ctx *c, const float *image, float *xs, pipeline_result *out, err *e) {
   const pipeline_request *r = c->r;
   const pipeline_hooks *h = c->h;
   const boundary *b = r->bound.boundary;
   const model_info *mi = model_get_info(c->m);
   if (!b)
     return err_set(e, ERR_INVALID, "edit.boundary: missing");
-  if (b->dim != mi->in_channels * out->height * out->width)
+  if (b->dim != mi->in_channels * c->height * c->width)
     return err_set(e, ERR_INVALID,
                    "edit.boundary: a boundary for latents of %d values; this model's have %d",
-                   b->dim, mi->in_channels * out->height * out->width);
+                   b->dim, mi->in_channels * c->height * c->width);
   if (r->noise && pipeline_check_noise(r->noise, (size_t)r->batch * b->dim, "edit.noise", e))
     return e->code;
   sampler *grid = NULL;
@@ -511,13 +512,17 @@ static int run_boundary(run_ctx *c, const float *image, pipeline_result *out, er
                     .seed = r->seed,
                     .first_image = r->first_image,
                     .labels = r->labels,
-                    .guidance = r->guidance,
+                    .guidance = c->g,
                     .progress = on_progress,
                     .progress_user = c,
                     .cancel = h->cancel,
-                    .threads = h->threads};
-    rc = edit_boundary(grid, out->sampler, c->m, b, &src, r->bound.strength, r->bound.space,
-                       out->images, NULL, &out->nfe, e);
+                    .threads = h->threads,
+                    .height = c->height,
+                    .width = c->width,
+                    .text_states = c->text,
+                    .text_seq = c->seq};
+    rc = edit_boundary(grid, out->sampler, c->m, b, &src, r->bound.strength, r->bound.space, xs,
+                       NULL, &out->nfe, e);
   }
   sampler_free(grid);
   return rc;
@@ -682,11 +687,7 @@ static int run_latent(run_ctx *c, const float *image, const float *mask, pipelin
                ? err_set(e, ERR_INVALID, "an inversion needs an input image or its noise")
                : run_inversion(c, z0, z, out, e);
       break;
-    case PIPELINE_BOUNDARY:
-      /* boundaries are fitted on pixel models' DDIM latents and h-space by `boundary fit`,
-       * which does not encode pictures or prompts yet */
-      rc = err_set(e, ERR_UNSUPPORTED, "boundary edits are not built for text-to-image models");
-      break;
+    case PIPELINE_BOUNDARY: rc = run_boundary(c, z0, z, out, e); break;
     default: rc = err_set(e, ERR_INVALID, "unknown job kind %d", (int)r->kind);
     }
   }
@@ -859,7 +860,7 @@ int pipeline_run(const model *m, const pipeline_request *r, const pipeline_hooks
              ? err_set(e, ERR_INVALID, "an inversion needs an input image or its noise")
              : run_inversion(&c, image, out->images, out, e);
     break;
-  case PIPELINE_BOUNDARY: rc = run_boundary(&c, image, out, e); break;
+  case PIPELINE_BOUNDARY: rc = run_boundary(&c, image, out->images, out, e); break;
   case PIPELINE_DEBLUR: rc = run_deblur(&c, image, out, e); break;
   default: rc = err_set(e, ERR_INVALID, "unknown job kind %d", (int)r->kind);
   }
