@@ -584,11 +584,6 @@ static int sd_read(const api_ctx *c, const json_t *j, const char *checkpoint, sd
   if ((rc = sd_churn(j, r, e)) || (rc = sd_options(j, r, e)) || (rc = sd_prompts(j, r, e)) ||
       (rc = sd_cfg(j, r, e)))
     return rc;
-  if (r->img2img && r->md.text_conditional)
-    return api_fail(e, 400, "invalid_field", "init_images",
-                    "init_images: model '%s' is a latent text-to-image model: img2img and "
-                    "inpainting are not available on it yet (txt2img only)",
-                    r->md.name);
   return r->img2img ? sd_img2img(c, j, r, e) : 0;
 }
 

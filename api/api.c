@@ -626,8 +626,8 @@ static int text_field(const json_t *v, const char *field, char **out, api_error 
 
 /* prompt, negative_prompt and clip_skip: a text-to-image model needs its prompt ("" for the
  * unconditional picture) and takes clip skip up to its text encoder's layers; other models
- * take none of them. Text models make no previews (they would show latents) and no edits:
- * the engine runs their text to image only. */
+ * take none of them. Text models make no previews (they would show latents) and of the edits
+ * img2img and inpainting only. */
 static int parse_text(const api_job_fields *f, const queue_model_desc *md, queue_spec *out,
                       api_error *e) {
   if (!md->text_conditional) {
@@ -641,12 +641,14 @@ static int parse_text(const api_job_fields *f, const queue_model_desc *md, queue
         e, 400, "invalid_field", field, "%s: model '%s' takes no prompt (%s)", field, md->name,
         md->num_classes > 0 ? "it is class-conditional: give class_label" : "it is unconditional");
   }
-  const char *edit = f->edit ? "edit" : f->input_image ? "input_image" : f->mask ? "mask" : NULL;
-  if (edit)
-    return api_fail(e, 400, "invalid_field", edit,
-                    "%s: model '%s' is a latent text-to-image model: img2img, inpainting and "
-                    "other edits are not available on it yet (text to image only)",
-                    edit, md->name);
+  /* the engine edits latents by img2img and inpainting (the picture VAE-encoded); inversions
+   * and boundary moves of latents are not offered here */
+  const char *et = json_string_value(json_object_get(f->edit, "type"));
+  if (et && strcmp(et, "img2img") != 0 && strcmp(et, "inpaint") != 0)
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: model '%s' is a latent text-to-image model: img2img and inpaint "
+                    "only (no inversions or boundary edits of its latents here yet)",
+                    md->name);
   if (f->preview)
     return api_fail(e, 400, "invalid_field", "preview",
                     "preview: model '%s' samples latents: it makes no previews", md->name);

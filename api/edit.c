@@ -70,9 +70,10 @@ static int check_pictures(const api_job_fields *f, const queue_model_desc *md, q
   if (f->input_image) {
     if ((rc = api_get_png(f->input_image, "input_image", &out->input_image, &png, &len, e)))
       goto done;
-    /* a deblurring job's picture has the channels of the model's conditioning image */
+    /* a deblurring job's picture has the channels of the model's conditioning image; otherwise
+     * the picture's own channels (a latent model's VAE encodes it: image_channels, 3) */
     const int c =
-        out->edit == QUEUE_EDIT_DEBLUR && !md->regression ? md->cond_channels : md->in_channels;
+        out->edit == QUEUE_EDIT_DEBLUR && !md->regression ? md->cond_channels : md->image_channels;
     if (!(dec->image = malloc((size_t)(c > 3 ? c : 3) * plane * sizeof *dec->image))) {
       rc = api_fail(e, 503, "out_of_memory", NULL, "out of memory");
       goto done;

@@ -164,7 +164,7 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
   int rc = ERR_OK;
   /* a deblurring job's picture has the channels of the model's conditioning image */
   const int ci =
-      sp->edit == QUEUE_EDIT_DEBLUR && !mi->regression ? mi->cond_channels : mi->in_channels;
+      sp->edit == QUEUE_EDIT_DEBLUR && !mi->regression ? mi->cond_channels : mi->image_channels;
   if (sp->input_image && !(dec && dec->image))
     rc = decode_png(sp->input_image, "input_image", 0, ci, sp->height, sp->width, &q->image, e);
   if (!rc && sp->edit == QUEUE_EDIT_INPAINT && !(dec && dec->mask))

@@ -178,9 +178,11 @@ START_TEST(bad_fields_are_named) {
        "guidance.scale"},
       {"{\"model\": \"sd\", \"prompt\": \"cat\", \"preview\": {\"every\": 2}}", "invalid_field",
        "preview"},
+      {"{\"model\": \"sd\", \"prompt\": \"cat\", \"edit\": {\"type\": \"invert_ddim\"}}",
+       "invalid_field", "edit.type"},
       {"{\"model\": \"sd\", \"prompt\": \"cat\", \"edit\": {\"type\": \"img2img\", \"strength\": "
        "0.5}}",
-       "invalid_field", "edit"},
+       "missing_field", "input_image"},
       {"{\"model\": \"default\", \"class_label\": 1, \"prompt\": \"cat\"}", "invalid_field",
        "prompt"},
       {"{\"model\": \"default\", \"class_label\": 1, \"negative_prompt\": \"\"}", "invalid_field",
@@ -276,7 +278,7 @@ START_TEST(a1111_prompts_reach_the_text_encoder) {
   expect_error(&d, "POST", "/sdapi/v1/img2img",
                "{\"prompt\": \"cat\", \"init_images\": [\"x\"], \"override_settings\": "
                "{\"sd_model_checkpoint\": \"sd\"}}",
-               400, "invalid_field", "init_images");
+               400, "invalid_field", "init_images[0]");
   expect_error(&d, "POST", "/sdapi/v1/options", "{\"CLIP_stop_at_last_layers\": 13}", 400,
                "out_of_range", "CLIP_stop_at_last_layers");
   /* their options: this client's model and clip skip, kept for its later requests */
@@ -409,6 +411,86 @@ START_TEST(batched_prompt_jobs_equal_alone) {
 }
 END_TEST
 
+/* img2img and inpainting of a picture on the pipeline (the engine's latent edits: the picture
+ * VAE-encoded, the mask reduced to latents): the daemon's job makes the CLI's pixels, natively
+ * and through the A1111 route. */
+START_TEST(latent_edits_run_as_the_cli_does) {
+  char st[512], dir[256], fix[1024], out[8192], file[700], mfile[700];
+  test_tmpdir(dir, sizeof dir);
+  test_src_path(fix, sizeof fix, FIXTURE);
+  uint8_t px[32 * 32 * 3], *png = NULL, *mpng = NULL;
+  for (size_t i = 0; i < sizeof px; i++)
+    px[i] = (uint8_t)((i / 3) % 32 < 16 ? 220 : (i * 13) % 180);
+  size_t plen = 0, mlen = 0;
+  err e = {0};
+  ck_assert_int_eq(image_png_encode(px, 3, 32, 32, NULL, 0, &png, &plen, &e), 0);
+  char *b64 = base64_encode(png, plen), *mb64 = mask_b64(32, 32, 16, &mpng, &mlen);
+  snprintf(file, sizeof file, "%s/in.png", dir);
+  snprintf(mfile, sizeof mfile, "%s/mask.png", dir);
+  write_file(file, png, plen);
+  write_file(mfile, mpng, mlen);
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), prompt_args(NULL, NULL)), 0);
+  char *body = malloc(2 * strlen(b64) + 2 * strlen(mb64) + 1024);
+  for (int inpaint = 0; inpaint < 2; inpaint++) {
+    sprintf(body,
+            "{\"model\": \"sd\", \"prompt\": \"a dog\", \"seed\": 5, \"scheduler\": {\"name\": "
+            "\"ddim\", \"steps\": 6}, \"input_image\": \"%s\", %s%s%s\"edit\": {\"type\": "
+            "\"%s\", \"strength\": 0.6}}",
+            b64, inpaint ? "\"mask\": \"" : "", inpaint ? mb64 : "", inpaint ? "\", " : "",
+            inpaint ? "inpaint" : "img2img");
+    char id[64];
+    submit_job(&d, body, id, sizeof id);
+    wait_state(&d, id, "succeeded", 120);
+    uint8_t *job;
+    fetch_pixels(&d, id, 0, &job);
+    int st_cli = test_run_cli(out, sizeof out,
+                              "sample --model %s --prompt 'a dog' --seed 5 --scheduler ddim "
+                              "--steps 6 --guidance-scale 7.5 --init-image %s --strength 0.6 %s%s "
+                              "-o %s/cli.png --quiet",
+                              fix, file, inpaint ? "--mask " : "", inpaint ? mfile : "", dir);
+    ck_assert_msg(st_cli == 0, "%s", out);
+    char cpath[700];
+    snprintf(cpath, sizeof cpath, "%s/cli.png", dir);
+    size_t clen;
+    uint8_t *cli = read_file_all(cpath, &clen);
+    int h, w;
+    uint8_t *cpx = png_pixels(cli, clen, &h, &w);
+    ck_assert_msg(memcmp(job, cpx, 32 * 32 * 3) == 0, "%s: the daemon's job and the CLI differ",
+                  inpaint ? "inpaint" : "img2img");
+    if (!inpaint) { /* the A1111 route's img2img is the same job */
+      sprintf(body,
+              "{\"prompt\": \"a dog\", \"seed\": 5, \"steps\": 6, \"sampler_name\": \"DDIM\", "
+              "\"cfg_scale\": 7.5, \"denoising_strength\": 0.6, \"init_images\": [\"%s\"], "
+              "\"override_settings\": {\"sd_model_checkpoint\": \"sd\"}}",
+              b64);
+      http_resp r;
+      ck_assert_int_eq(http_post(&d, "/sdapi/v1/img2img", body, &r), 200);
+      json_t *j = http_json(&r);
+      http_free(&r);
+      const char *img = json_string_value(json_array_get(json_object_get(j, "images"), 0));
+      uint8_t *raw = NULL;
+      size_t rlen = 0;
+      ck_assert_int_eq(base64_decode(img, strlen(img), &raw, &rlen), 0);
+      uint8_t *apx = png_pixels(raw, rlen, &h, &w);
+      ck_assert_msg(memcmp(job, apx, 32 * 32 * 3) == 0, "A1111 img2img differs from the job");
+      free(apx);
+      free(raw);
+      json_decref(j);
+    }
+    free(cpx);
+    free(cli);
+    free(job);
+  }
+  daemon_stop(&d);
+  free(body);
+  free(b64);
+  free(mb64);
+  free(png);
+  free(mpng);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_prompt");
   TCase *tc = tcase_create("core");
@@ -419,6 +501,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, a1111_prompts_reach_the_text_encoder);
   tcase_add_test(tc, queued_prompt_job_survives_kill9);
   tcase_add_test(tc, batched_prompt_jobs_equal_alone);
+  tcase_add_test(tc, latent_edits_run_as_the_cli_does);
   suite_add_tcase(s, tc);
   return s;
 }
