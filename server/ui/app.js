@@ -157,10 +157,13 @@
       $('guidance').value = rec >= 0 ? rec : 7.5;
     }
     st.textModel = text ? m.name : null;
-    // no latent editing or previews yet
-    $('edit-box').hidden = text;
+    // latents: img2img and inpainting only, no previews
     $('preview-every').disabled = text;
-    if (text) $('edit-type').value = '';
+    for (const o of $('edit-type').options) if (o.value === 'invert_ddpm' || o.value === 'boundary') o.disabled = o.hidden = text;
+    if (text && $('edit-type').selectedOptions[0].disabled) {
+      $('edit-type').value = '';
+      onEditType();
+    }
     $('class-hint').textContent = cond ? `(${names.length} classes)` : '';
     // a pixel UNet runs at the size it was trained at: the only size offered; a latent model
     // takes multiples of 8 latents up to twice its size (and the server's limit)
@@ -358,9 +361,7 @@
       const g = Number($('guidance').value);
       if (!(g >= 0 && g <= 50)) throw new Error('Guidance scale must be in [0, 50]');
       req.guidance = { scale: g };
-      return req; // no edits or previews of latents
-    }
-    if (names.length) {
+    } else if (names.length) {
       req.class_label = Array.isArray(m.class_labels) && m.class_labels.length ? $('class').value : Number($('class').value);
       const g = Number($('guidance').value);
       if (!(g >= 0 && g <= 50)) throw new Error('Guidance scale must be in [0, 50]');
@@ -368,7 +369,7 @@
     }
     const type = $('edit-type').value;
     const every = intField('preview-every', 0, steps, 'Preview every');
-    if (every > 0 && !type) req.preview = { every };
+    if (every > 0 && !type && !m.text_conditional) req.preview = { every }; // none of latents
     if (!type) return req;
     if (type !== 'boundary' && !st.input) throw new Error('Choose an input image for this edit');
     if (st.input) req.input_image = pngOf((d) => d.set(st.input.data));
@@ -705,10 +706,6 @@
   }
 
   async function editFrom(url) {
-    if (model().text_conditional) {
-      $('form-error').textContent = 'This model takes no edits yet (text to image only): choose another model to edit the image with.';
-      return;
-    }
     if (!$('edit-type').value) $('edit-type').value = 'img2img';
     onEditType();
     try {

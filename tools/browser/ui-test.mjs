@@ -224,12 +224,13 @@ async function uiRun(base) {
   await page.close();
 }
 
-// A text-to-image model: the prompt fields replace the class picker (and the edits); a job
-// with a prompt runs and its infotext carries A1111's prompt lines.
+// A text-to-image model: the prompt fields replace the class picker, its edits are img2img and
+// inpainting; a job with a prompt runs, its infotext carries A1111's prompt lines, and its
+// picture redrawn by img2img with another prompt runs too.
 async function textRun(page) {
   await page.select('#model', 'sd');
-  const shown = await page.evaluate(() => ['#prompt-box', '#class-box', '#edit-box'].map((s) => !document.querySelector(s).hidden));
-  check(JSON.stringify(shown) === '[true,false,false]', `a text model shows the prompt, no classes or edits (${shown})`);
+  const shown = await page.evaluate(() => ['#prompt-box', '#class-box', 'option[value=invert_ddpm]', 'option[value=img2img]'].map((s) => !document.querySelector(s).hidden));
+  check(JSON.stringify(shown) === '[true,false,false,true]', `a text model shows the prompt and img2img, no classes or inversions (${shown})`);
   check((await page.$eval('#guidance', (e) => e.value)) === '7.5', 'a text model\'s guidance defaults to 7.5');
   await page.type('#prompt', 'a photo of a cat');
   await page.type('#negative-prompt', 'blurry');
@@ -241,6 +242,15 @@ async function textRun(page) {
   const job = await generate(page, 1, 'text to image');
   await page.click(`#gallery li[data-id="${job}"] details summary`);
   await page.waitForFunction((id) => /a photo of a cat\s*Negative prompt: blurry\s*Steps: 5/.test(document.querySelector(`#gallery li[data-id="${id}"] .infotext`).textContent), { timeout: 5000 }, job);
+  await page.click(`#gallery li[data-id="${job}"] button[aria-label^="Edit image 1"]`);
+  await page.waitForFunction(() => document.querySelector('#input-canvas').getAttribute('aria-label').startsWith('Input image'));
+  check((await page.$eval('#edit-type', (e) => e.value)) === 'img2img', 'Edit selects img2img on a text model');
+  await page.$eval('#prompt', (e) => (e.value = ''));
+  await page.type('#prompt', 'a photo of a dog');
+  await page.$eval('#strength', (e) => (e.value = ''));
+  await page.type('#strength', '0.6');
+  await generate(page, 1, 'text-guided img2img');
+  await page.select('#edit-type', '');
   await page.select('#model', 'default');
   check(await page.$eval('#prompt-box', (e) => e.hidden) && !(await page.$eval('#class-box', (e) => e.hidden)), 'back on the glyph model the classes return');
   await page.select('#model', 'sd'); // the accessibility check below sees the prompt fields too
