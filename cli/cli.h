@@ -170,6 +170,7 @@ int cmd_train(int argc, char **argv);
 int cmd_finetune(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_vae(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
 int cmd_classify(int argc, char **argv);
 int cmd_encode_text(int argc, char **argv);
 int cmd_adjoint(int argc, char **argv);

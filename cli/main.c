@@ -26,6 +26,7 @@ static const char usage[] =
     "  concept   learn a named class embedding from a classifier's verdict\n"
     "  stylize   fine-tune a model toward a classifier's attribute verdict\n"
     "  encode-text prompts to CLIP text-encoder hidden states (.npy)\n"
+    "  convert   a single-file Stable-Diffusion checkpoint to a diffusers folder\n"
     "  invert    images to noise (DDIM, edit-friendly DDPM maps)\n"
     "  edit      edits in noise space, or across a semantic boundary\n"
     "  deblur    restore a blurry picture with a deblurring model\n"
@@ -171,6 +172,8 @@ int main(int argc, char **argv) {
     return cmd_concept(argc - 1, argv + 1);
   if (strcmp(cmd, "stylize") == 0)
     return cmd_stylize(argc - 1, argv + 1);
+  if (strcmp(cmd, "convert") == 0)
+    return cmd_convert(argc - 1, argv + 1);
   if (strcmp(cmd, "encode-text") == 0)
     return cmd_encode_text(argc - 1, argv + 1);
   if (strcmp(cmd, "sample") == 0)

@@ -2,7 +2,8 @@
 # Runs the README's examples as written: the CLI block and the daemon's curl session, each
 # command verbatim, in a scratch folder where `build/` is the build under test and `models/` the
 # repository's models. What an example takes as the reader's own (a checkpoint folder, x.npy,
-# a mask, labels) is put there first; the only rewrites are those placeholders and the port.
+# a mask, labels) is put there first; the only rewrites are those placeholders, the port, and the
+# single-file checkpoint's 512-pixel size (64 here: the stand-in's attention at 64x64 latents is slow).
 # Every PNG an example writes must be a PNG (a `curl > E.png` that saved an error body fails).
 # The set-up block (scripts/run.sh, scripts/test.sh) is what CI itself runs, so it is not rerun.
 # Blocks: 2 the CLI, 3 the daemon's session, 4 the daemon's prompts (a second daemon serving the
@@ -43,6 +44,11 @@ cp "$fixture/timesteps.npy" t.npy
 sd="$src/tests/fixtures/cunet/sd1_small"
 cp "$sd/input.npy" latents.npy
 cp "$sd/encoder_hidden_states.npy" text.npy
+# a single-file checkpoint (original key layout) with a tokenizer/ beside it: the tiny SD 1.x
+# names and shapes, synthetic weights (tools/sd_single_synth.py)
+mkdir single
+python3 "$src/tools/sd_single_synth.py" --family 1 --tokenizer "$src/tests/fixtures/clip/sd1/tokenizer" \
+  --out single/v1-5-pruned-emaonly.safetensors >/dev/null
 # 32x32 grey PNG, right half white: inpaint the right half
 echo 'iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGElEQVR42mNgQAP/0QDDqIJRBaMKRqoCADDU/hBjxPbDAAAAAElFTkSuQmCC' |
   base64 -d >m.png
@@ -57,6 +63,8 @@ cli=$(printf '%s\n' "$cli" |
   sed -e "s|~/models/ddpm-cifar10-32|$fixture|g" -e "s|--model DIR|--model $fixture|g" \
     -e "s|~/models/stable-diffusion-v1-5|$sd|g" \
     -e "s|~/models/sd-pipeline|$src/tests/fixtures/sd_pipeline/tiny|g" \
+    -e "s|~/models/v1-5-pruned-emaonly.safetensors|single/v1-5-pruned-emaonly.safetensors|g" \
+    -e "s|--size 512 --steps 20|--size 64 --steps 20|" \
     -e "s|boundary fit --images x.npy|boundary fit --images glyphs.npy|")
 echo "readme_examples: the CLI block ($(printf '%s\n' "$cli" | grep -c 'build/denoised') commands)"
 printf 'set -eux\n%s\n' "$cli" >cli.sh

@@ -11,6 +11,7 @@
 #include "clip.h"
 #include "mem.h"
 #include "pool.h"
+#include "sd_single.h"
 #include "vae.h"
 
 #define LATENT_PATH_MAX 4096
@@ -21,6 +22,31 @@ struct latent_parts {
   clip_tokenizer *tok;
   clip_text_model *text;
 };
+
+/* The parts loaded, their shared facts taken and checked; frees p on failure. `source` names
+ * the folder or file in errors. */
+static int finish(latent_parts *p, const char *source, latent_parts **out, err *e) {
+  const vae_info *vi = vae_get_info(p->vae);
+  const clip_text_config *tc = clip_text_config_of(p->text);
+  p->info = (latent_info){.factor = vi->factor,
+                          .latent_channels = vi->latent_channels,
+                          .image_channels = vi->out_channels,
+                          .seq_len = clip_tokenizer_length(p->tok),
+                          .text_dim = tc->hidden_size,
+                          .text_layers = tc->layers,
+                          .scaling_factor = vi->scaling_factor,
+                          .shift_factor = vi->shift_factor};
+  if (p->info.seq_len > tc->max_positions) {
+    int rc = err_set(e, ERR_FORMAT,
+                     "%s: the tokenizer's model_max_length %d exceeds the text encoder's %d "
+                     "positions",
+                     source, p->info.seq_len, tc->max_positions);
+    latent_parts_free(p);
+    return rc;
+  }
+  *out = p;
+  return ERR_OK;
+}
 
 int latent_parts_load(const char *dir, latent_parts **out, err *e) {
   *out = NULL;
@@ -43,25 +69,29 @@ int latent_parts_load(const char *dir, latent_parts **out, err *e) {
     latent_parts_free(p);
     return rc;
   }
-  const vae_info *vi = vae_get_info(p->vae);
-  const clip_text_config *tc = clip_text_config_of(p->text);
-  p->info = (latent_info){.factor = vi->factor,
-                          .latent_channels = vi->latent_channels,
-                          .image_channels = vi->out_channels,
-                          .seq_len = clip_tokenizer_length(p->tok),
-                          .text_dim = tc->hidden_size,
-                          .text_layers = tc->layers,
-                          .scaling_factor = vi->scaling_factor,
-                          .shift_factor = vi->shift_factor};
-  if (p->info.seq_len > tc->max_positions) {
-    rc = err_set(e, ERR_FORMAT,
-                 "%s: the tokenizer's model_max_length %d exceeds the text encoder's %d positions",
-                 dir, p->info.seq_len, tc->max_positions);
+  return finish(p, dir, out, e);
+}
+
+int latent_parts_load_single(const sd_single *s, const char *source, const char *tokenizer_dir,
+                             latent_parts **out, err *e) {
+  *out = NULL;
+  latent_parts *p = mem_calloc(1, sizeof *p);
+  if (!p)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = vae_load_from(sd_single_config(s, SD_PART_VAE), sd_single_weights(s, SD_PART_VAE),
+                         &p->vae, e);
+  if (rc)
+    err_prefix(e, "%s (VAE)", source);
+  if (!rc)
+    rc = clip_tokenizer_new_from(tokenizer_dir, sd_single_config(s, SD_PART_TOKENIZER), &p->tok, e);
+  if (!rc)
+    rc = clip_text_new_from(sd_single_config(s, SD_PART_TEXT_ENCODER),
+                            sd_single_weights(s, SD_PART_TEXT_ENCODER), source, &p->text, e);
+  if (rc) {
     latent_parts_free(p);
     return rc;
   }
-  *out = p;
-  return ERR_OK;
+  return finish(p, source, out, e);
 }
 
 void latent_parts_free(latent_parts *p) {

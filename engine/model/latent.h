@@ -24,6 +24,12 @@ typedef struct latent_info {
 /* Loads dir's vae/, tokenizer/ and text_encoder/ (model_index.json names them). ERR_* naming
  * the folder and what is wrong. */
 int latent_parts_load(const char *dir, latent_parts **out, err *e);
+/* The same from a single-file checkpoint's VAE and text encoder (sd_single.h; the weights are
+ * copied, s may be freed afterwards) with the vocabulary from tokenizer_dir (vocab.json,
+ * merges.txt: the file has none) and the family's special tokens. source names the file. */
+struct sd_single;
+int latent_parts_load_single(const struct sd_single *s, const char *source,
+                             const char *tokenizer_dir, latent_parts **out, err *e);
 void latent_parts_free(latent_parts *p);
 const latent_info *latent_get_info(const latent_parts *p);
 

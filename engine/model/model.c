@@ -20,6 +20,7 @@
 #include "ops.h"
 #include "safetensors.h"
 #include "schedule.h"
+#include "sd_single.h"
 #include "unet.h"
 #include "unet_impl.h"
 
@@ -424,6 +425,20 @@ int64_t model_class_from_name(const model *m, const char *name) {
   return -1;
 }
 
+/* The VAE and text encoder loaded beside the UNet must fit it. */
+static int fit_latent(model *m, const char *source, err *e) {
+  const latent_info *li = latent_get_info(m->latent);
+  if (li->latent_channels != m->info.in_channels || li->text_dim != m->info.cross_attention_dim)
+    return err_set(e, ERR_FORMAT,
+                   "%s: the VAE's %d latent channels and the text encoder's width %d do not fit "
+                   "the UNet's %d input channels and cross_attention_dim %d",
+                   source, li->latent_channels, li->text_dim, m->info.in_channels,
+                   m->info.cross_attention_dim);
+  m->info.latent_factor = li->factor;
+  m->info.image_channels = li->image_channels;
+  return ERR_OK;
+}
+
 /* A pipeline folder with a UNet2DConditionModel, a VAE and a text encoder is a text-to-image
  * model: its parts are loaded beside the UNet and must fit it. Anything else makes images
  * directly (latent_factor 1). */
@@ -438,18 +453,7 @@ static int load_latent(model *m, const char *dir, err *e) {
   if (!is_file(p))
     return ERR_OK; /* a UNet on its own: forward only */
   int rc = latent_parts_load(dir, &m->latent, e);
-  if (rc)
-    return rc;
-  const latent_info *li = latent_get_info(m->latent);
-  if (li->latent_channels != m->info.in_channels || li->text_dim != m->info.cross_attention_dim)
-    return err_set(e, ERR_FORMAT,
-                   "%s: the VAE's %d latent channels and the text encoder's width %d do not fit "
-                   "the UNet's %d input channels and cross_attention_dim %d",
-                   dir, li->latent_channels, li->text_dim, m->info.in_channels,
-                   m->info.cross_attention_dim);
-  m->info.latent_factor = li->factor;
-  m->info.image_channels = li->image_channels;
-  return ERR_OK;
+  return rc ? rc : fit_latent(m, dir, e);
 }
 
 /* The class and prediction type a config.json declares; returns the class name. */
@@ -466,9 +470,65 @@ static const char *read_names(model *m, const json_t *cfg) {
   return name;
 }
 
+/* A single-file Stable-Diffusion checkpoint (sd_single.h) is the pipeline folder it converts
+ * to. The file holds no vocabulary: the tokenizer/ folder beside it gives one (SD 1.x and 2.x
+ * share CLIP's BPE vocabulary; the family sets the pad token). */
+static int load_single(model *m, const char *path, err *e) {
+  char tok[MODEL_PATH_MAX + 16];
+  const char *slash = strrchr(path, '/');
+  if (slash)
+    snprintf(tok, sizeof tok, "%.*s/tokenizer", (int)(slash - path), path);
+  else
+    snprintf(tok, sizeof tok, "tokenizer");
+  struct stat sb;
+  if (stat(tok, &sb) != 0 || !S_ISDIR(sb.st_mode))
+    return err_set(e, ERR_FORMAT,
+                   "%s: a single-file checkpoint carries no tokenizer vocabulary: put a "
+                   "tokenizer/ folder beside it (%s), e.g. the tokenizer/ of any diffusers "
+                   "Stable Diffusion pipeline (vocab.json and merges.txt)",
+                   path, tok);
+  sd_single *s = NULL;
+  int rc = sd_single_open(path, &s, e);
+  if (rc)
+    return rc;
+  const json_t *cfg = sd_single_config(s, SD_PART_UNET);
+  read_names(m, cfg);
+  rc = cunet_load(cfg, sd_single_weights(s, SD_PART_UNET), &m->cunet, e);
+  if (rc)
+    err_prefix(e, "%s (UNet)", path);
+  if (!rc) {
+    set_cunet_info(m);
+    m->sched_json = json_deep_copy(sd_single_config(s, SD_PART_SCHEDULER));
+    if (!m->sched_json)
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+  }
+  if (!rc)
+    rc = latent_parts_load_single(s, path, tok, &m->latent, e);
+  sd_single_free(s);
+  if (!rc)
+    rc = fit_latent(m, path, e);
+  if (!rc)
+    rc = weights_digest(path, m->digest, sizeof m->digest, e);
+  m->info.rec_guidance = -1;
+  return rc;
+}
+
 int model_load(const char *dir, model **out, err *e) {
   *out = NULL;
   ops_init();
+  if (is_file(dir)) {
+    model *m = mem_calloc(1, sizeof *m);
+    if (!m)
+      return err_set(e, ERR_NOMEM, "out of memory");
+    snprintf(m->dir, sizeof m->dir, "%s", dir);
+    int rc = load_single(m, dir, e);
+    if (rc) {
+      model_free(m);
+      return rc;
+    }
+    *out = m;
+    return ERR_OK;
+  }
   char net_dir[MODEL_PATH_MAX], cfg_path[MODEL_PATH_MAX + 16];
   model *m = mem_calloc(1, sizeof *m);
   if (!m)

@@ -65,7 +65,9 @@ typedef struct model_info {
 } model_info;
 
 /* Loads `dir`: flat (config.json + diffusion_pytorch_model.safetensors) or
- * pipeline layout (model_index.json + unet/). Returns ERR_OK and *out. */
+ * pipeline layout (model_index.json + unet/), or a single-file Stable-Diffusion checkpoint
+ * (.safetensors in the original key layout, sd_single.h) with a tokenizer/ folder beside it.
+ * Returns ERR_OK and *out. */
 int model_load(const char *dir, model **out, err *e);
 /* A UNet2DModel built from the config.json at config_path with a fresh training
  * initialisation drawn from seed (PyTorch's default layer init, the identity trick of zeroed
