@@ -498,8 +498,22 @@ done:
  * inversion runs its grid twice), against this server's per-job budget. */
 static int check_cost(const api_ctx *c, queue_spec *out, int nfe, api_error *e) {
   const int inversion = out->edit == QUEUE_EDIT_INVERT_DDIM || out->edit == QUEUE_EDIT_INVERT_DDPM;
-  out->cost = (double)out->batch * nfe * (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1) *
-              out->height * out->width / 1e6;
+  /* a concept's or stylization's optimisation: per step, its batch sampled once and then through
+   * the adjoint (about five more evaluations' work per evaluation), before the job's images */
+  const json_t *ca =
+      out->edit == QUEUE_EDIT_CONCEPT || out->edit == QUEUE_EDIT_STYLIZE ? out->edit_args : NULL;
+  const json_t *aa = out->edit == QUEUE_EDIT_AUDIT ? out->edit_args : NULL;
+  const double runs = /* an audit: per box, iters ascent steps (sample + adjoint) and random */
+      aa ? 1.0 + (double)json_array_size(json_object_get(aa, "eps")) *
+                     (7.0 * (double)json_integer_value(json_object_get(aa, "iters")) + 1.0 +
+                      (double)json_integer_value(json_object_get(aa, "random")))
+         : 1.0;
+  const double images =
+      out->batch * runs + (ca ? 6.0 * (double)json_integer_value(json_object_get(ca, "steps")) *
+                                    (double)json_integer_value(json_object_get(ca, "batch"))
+                              : 0.0);
+  out->cost = images * nfe * (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1) * out->height *
+              out->width / 1e6;
   if (c->max_job_cost > 0 && out->cost > c->max_job_cost)
     return api_fail(e, 400, "over_budget", NULL,
                     "this job needs %.0f megapixel-evaluations (batch_size %d x %d network "
@@ -543,6 +557,9 @@ static int parse_class(const api_job_fields *f, const queue_model_desc *md, queu
                       md->name);
     return 0;
   }
+  const char *et = json_string_value(json_object_get(f->edit, "type"));
+  if (!f->label && et && strcmp(et, "concept") == 0)
+    return 0; /* a concept starts from the mean row unless a class is given */
   if (!f->label) {
     char names[256] = "";
     size_t i;
@@ -690,7 +707,8 @@ static int spec_basics(const api_ctx *c, const api_job_fields *f, const queue_mo
    * (an inversion's guidance is part of the picture it inverts: never implied) */
   const char *et = json_string_value(json_object_get(f->edit, "type"));
   if (!f->guidance && !f->no_guidance && md->num_classes > 0 && md->rec_guidance >= 0 &&
-      (!et || strcmp(et, "img2img") == 0 || strcmp(et, "inpaint") == 0)) {
+      (!et || strcmp(et, "img2img") == 0 || strcmp(et, "inpaint") == 0 ||
+       strcmp(et, "concept") == 0 || strcmp(et, "audit") == 0 || strcmp(et, "stylize") == 0)) {
     out->has_guidance = 1;
     out->guidance_scale = md->rec_guidance;
     out->null_class = md->null_class;
@@ -950,9 +968,15 @@ json_t *api_job_json(const queue_job_view *v, const char *prefix) {
                         api_time_json(v->created), "started_at", api_time_json(v->started),
                         "finished_at", api_time_json(v->finished), "images", images, "timings",
                         json_object(), "links", "self", self, "events", url, "images", links);
-  if ((s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) && s->input_image) {
+  if (((s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) &&
+       s->input_image) ||
+      s->edit == QUEUE_EDIT_AUDIT) {
     snprintf(url, sizeof url, "%s/noise.npy", self);
     json_object_set_new(json_object_get(j, "links"), "noise", json_string(url));
+  }
+  if (s->edit == QUEUE_EDIT_AUDIT) {
+    snprintf(url, sizeof url, "%s/report.json", self);
+    json_object_set_new(json_object_get(j, "links"), "report", json_string(url));
   }
   if (v->state == QUEUE_QUEUED)
     json_object_set_new(j, "position", json_integer(v->position));

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adjtask.h"
 #include "base64.h"
 #include "boundary.h"
 #include "edit.h"
@@ -431,6 +432,202 @@ static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, q
   return 0;
 }
 
+/* A concept from a metric: target checked against the model's classifier, a free embedding
+ * name, the optimiser's settings; class_label, if given, is the start row (else the mean). */
+static int parse_concept(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                         queue_spec *out, api_error *e) {
+  static const char *const keys[] = {"type", "target", "name",    "steps", "batch",
+                                     "lr",   "margin", "replace", NULL};
+  const json_t *ed = f->edit;
+  int rc = api_check_keys(ed, "edit.", keys, e), present;
+  if (rc)
+    return rc;
+  if (md->num_classes <= 0 || md->kind != MODEL_UNET2D)
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: a concept is a class-embedding row, and model '%s' has no class "
+                    "embeddings (a class-conditional UNet2DModel is needed)",
+                    md->name);
+  if (f->input_image || f->mask)
+    return api_fail(e, 400, "invalid_field", f->input_image ? "input_image" : "mask",
+                    "%s: a concept job takes no picture", f->input_image ? "input_image" : "mask");
+  const json_t *tv = json_object_get(ed, "target"), *nv = json_object_get(ed, "name");
+  if (!json_is_string(tv) || !json_is_string(nv))
+    return api_fail(e, 400, "missing_field", tv && json_is_string(tv) ? "edit.name" : "edit.target",
+                    "edit.target and edit.name: give the classifier's verdict (K, italic, "
+                    "fg=red, ...) and the embedding's name");
+  char target[512];
+  err qe = {0};
+  rc = queue_model_targets(c->q, md->name, json_string_value(tv), target, sizeof target, &qe);
+  if (rc)
+    return api_fail(e, 400, "invalid_field", "edit.target", "edit.target: %s", qe.msg);
+  const char *name = json_string_value(nv);
+  if (!model_embedding_name_ok(name))
+    return api_fail(e, 400, "invalid_field", "edit.name",
+                    "edit.name: use 1 to 64 letters, digits, '_', '-' or '.' (not only digits, not "
+                    "starting with '.')");
+  const json_t *rv = json_object_get(ed, "replace");
+  if (rv && !json_is_boolean(rv))
+    return api_fail(e, 400, "wrong_type", "edit.replace", "edit.replace: expected true or false");
+  const int first_emb = md->num_classes - md->num_embeddings;
+  size_t i;
+  json_t *l;
+  json_array_foreach(md->class_labels, i, l) {
+    if (!json_is_string(l) || strcasecmp(json_string_value(l), name) != 0)
+      continue;
+    if ((int)i < first_emb || !json_is_true(rv))
+      return api_fail(e, 409, "conflict", "edit.name",
+                      "edit.name: model '%s' already has a %s named '%s'%s", md->name,
+                      (int)i < first_emb ? "class" : "concept", name,
+                      (int)i < first_emb ? "" : " (\"replace\": true replaces it)");
+  }
+  long long steps = 120, batch = 8;
+  double lr = 0.15, margin = 2;
+  if ((rc = api_get_int(ed, "steps", "edit.steps", 1, 2000, &steps, &present, e)) ||
+      (rc = api_get_int(ed, "batch", "edit.batch", 1, 16, &batch, &present, e)) ||
+      (rc = get_number(ed, "lr", "edit.lr", 1e-6, 10, &lr, &present, e)) ||
+      (rc = get_number(ed, "margin", "edit.margin", 0, 100, &margin, &present, e)))
+    return rc;
+  out->edit_args = json_pack("{s:s, s:s, s:I, s:I, s:f, s:f, s:I}", "target", target, "name", name,
+                             "steps", steps, "batch", batch, "lr", lr, "margin", margin, "init",
+                             (json_int_t)(out->has_label ? out->label : -1));
+  if (!out->edit_args)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  out->edit = QUEUE_EDIT_CONCEPT;
+  return 0;
+}
+
+/* A security audit of the job's class: box sizes, ascent steps, random draws, the verdict
+ * (default: the class's name in the head "char"). */
+static int parse_audit(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                       queue_spec *out, api_error *e) {
+  static const char *const keys[] = {"type", "eps", "iters", "random", "target", NULL};
+  const json_t *ed = f->edit;
+  int rc = api_check_keys(ed, "edit.", keys, e), present;
+  if (rc)
+    return rc;
+  if (md->num_classes <= 0 || md->kind != MODEL_UNET2D || !out->has_label)
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: an audit generates one class of a class-conditional UNet2DModel; "
+                    "model '%s' has no class embeddings",
+                    md->name);
+  if (f->input_image || f->mask)
+    return api_fail(e, 400, "invalid_field", f->input_image ? "input_image" : "mask",
+                    "%s: an audit takes no picture", f->input_image ? "input_image" : "mask");
+  if (out->batch > ADJTASK_MAX_BATCH || out->height != md->sample_size ||
+      out->width != md->sample_size)
+    return api_fail(e, 400, "invalid_field", "batch_size",
+                    "batch_size: an audit takes at most %d images of the model's size",
+                    ADJTASK_MAX_BATCH);
+  json_t *eps = NULL;
+  const json_t *ev = json_object_get(ed, "eps");
+  const int neps = json_is_array(ev) ? (int)json_array_size(ev) : 2;
+  if (neps < 1 || neps > ADJTASK_MAX_EPS)
+    return api_fail(e, 400, "invalid_field", "edit.eps", "edit.eps: 1 to %d box sizes",
+                    ADJTASK_MAX_EPS);
+  if ((rc = get_list(ed, "eps", "edit.eps", neps, 1e-6, 2, 0, &eps, e)))
+    return rc;
+  long long iters = 10, random = 4;
+  if ((rc = api_get_int(ed, "iters", "edit.iters", 1, 200, &iters, &present, e)) ||
+      (rc = api_get_int(ed, "random", "edit.random", 1, 64, &random, &present, e))) {
+    json_decref(eps);
+    return rc;
+  }
+  const json_t *tv = json_object_get(ed, "target");
+  const char *name = json_string_value(json_array_get(md->class_labels, (size_t)out->label));
+  char want[160], target[512];
+  snprintf(want, sizeof want, "%s", json_is_string(tv) ? json_string_value(tv) : name ? name : "");
+  err qe = {0};
+  if ((tv && !json_is_string(tv)) ||
+      queue_model_targets(c->q, md->name, want, target, sizeof target, &qe) != ERR_OK ||
+      strchr(target, ',')) {
+    json_decref(eps);
+    return api_fail(e, 400, "invalid_field", "edit.target",
+                    "edit.target: %s (one verdict, HEAD=LABEL or LABEL; default: the class's "
+                    "name)",
+                    qe.msg[0] ? qe.msg : "expected a string");
+  }
+  out->edit_args =
+      json_pack("{s:s, s:o, s:I, s:I}", "target", target, "eps",
+                eps ? eps : json_pack("[f, f]", 0.05, 0.1), "iters", iters, "random", random);
+  if (!out->edit_args)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  out->edit = QUEUE_EDIT_AUDIT;
+  return 0;
+}
+
+/* Stylization: the style verdict and the head that keeps the class, checked against the
+ * model's classifier; a new model name; the optimiser's settings. */
+static int parse_stylize(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                         queue_spec *out, api_error *e) {
+  static const char *const keys[] = {"type",  "target", "keep", "keep_weight", "name",
+                                     "steps", "batch",  "lr",   "margin",      NULL};
+  const json_t *ed = f->edit;
+  int rc = api_check_keys(ed, "edit.", keys, e), present;
+  if (rc)
+    return rc;
+  if (md->num_classes <= 0 || md->kind != MODEL_UNET2D || !md->classifier)
+    return api_fail(e, 400, "invalid_field", "edit.type",
+                    "edit.type: stylize fine-tunes a class-conditional UNet2DModel with a "
+                    "classifier; model '%s' has no class embeddings or no classifier",
+                    md->name);
+  if (f->input_image || f->mask)
+    return api_fail(e, 400, "invalid_field", f->input_image ? "input_image" : "mask",
+                    "%s: a stylize job takes no picture", f->input_image ? "input_image" : "mask");
+  const json_t *tv = json_object_get(ed, "target"), *nv = json_object_get(ed, "name");
+  const json_t *kv = json_object_get(ed, "keep");
+  if (!json_is_string(tv) || !json_is_string(nv) || (kv && !json_is_string(kv)))
+    return api_fail(e, 400, "missing_field", json_is_string(tv) ? "edit.name" : "edit.target",
+                    "edit.target and edit.name: give the style (italic, bold, fg=red, ...) and "
+                    "the new model's name (edit.keep: a head name)");
+  char target[512], keep[80];
+  err qe = {0};
+  if (queue_model_targets(c->q, md->name, json_string_value(tv), target, sizeof target, &qe))
+    return api_fail(e, 400, "invalid_field", "edit.target", "edit.target: %s", qe.msg);
+  snprintf(keep, sizeof keep, "%s", kv ? json_string_value(kv) : "char");
+  int known = 0;
+  size_t i;
+  json_t *h;
+  json_array_foreach(json_object_get(md->classifier, "heads"), i, h) known |=
+      strcmp(json_string_value(json_object_get(h, "name")), keep) == 0;
+  if (!known)
+    return api_fail(e, 400, "invalid_field", "edit.keep",
+                    "edit.keep: the classifier has no head '%s'", keep);
+  const size_t kl = strlen(keep);
+  for (const char *p = target; p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+    if (strncmp(p, keep, kl) == 0 && p[kl] == '=')
+      return api_fail(e, 400, "invalid_field", "edit.target",
+                      "edit.target: the style cannot be a verdict of the head '%s' that keeps "
+                      "the class",
+                      keep);
+  const char *name = json_string_value(nv);
+  queue_model_desc other;
+  if (!sampler_data_name_ok(name) || strlen(name) >= QUEUE_NAME_SIZE)
+    return api_fail(e, 400, "invalid_field", "edit.name",
+                    "edit.name: 1 to %d characters of A-Z a-z 0-9 . _ -, starting with a letter "
+                    "or digit",
+                    QUEUE_NAME_SIZE - 1);
+  if (queue_model_get(c->q, -1, name, &other) == ERR_OK) {
+    queue_model_desc_clear(&other);
+    return api_fail(e, 409, "conflict", "edit.name", "edit.name: a model named '%s' is served",
+                    name);
+  }
+  long long steps = 40, batch = 8;
+  double lr = 2e-4, margin = 2, kw = 1;
+  if ((rc = api_get_int(ed, "steps", "edit.steps", 1, 2000, &steps, &present, e)) ||
+      (rc = api_get_int(ed, "batch", "edit.batch", 1, 16, &batch, &present, e)) ||
+      (rc = get_number(ed, "lr", "edit.lr", 1e-9, 1, &lr, &present, e)) ||
+      (rc = get_number(ed, "margin", "edit.margin", 0, 100, &margin, &present, e)) ||
+      (rc = get_number(ed, "keep_weight", "edit.keep_weight", 0, 100, &kw, &present, e)))
+    return rc;
+  out->edit_args = json_pack("{s:s, s:s, s:f, s:s, s:I, s:I, s:f, s:f}", "target", target, "keep",
+                             keep, "keep_weight", kw, "name", name, "steps", steps, "batch", batch,
+                             "lr", lr, "margin", margin);
+  if (!out->edit_args)
+    return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
+  out->edit = QUEUE_EDIT_STYLIZE;
+  return 0;
+}
+
 /* img2img / inpaint: strength in (0, 1] and the picture (and mask). */
 static int parse_sdedit(const api_job_fields *f, const queue_model_desc *md, const sampler *s,
                         int kind, queue_spec *out, api_error *e) {
@@ -515,7 +712,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   if (!ty)
     return api_fail(e, 400, "missing_field", "edit.type",
                     "edit.type: give the kind of edit (img2img, inpaint, invert_ddim, "
-                    "invert_ddpm, boundary or deblur)");
+                    "invert_ddpm, boundary, deblur, concept, audit or stylize)");
   if (!json_is_string(ty))
     return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
                     sched_json_kind(ty));
@@ -523,7 +720,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   if (kind < 0)
     return api_fail(e, 400, "invalid_field", "edit.type",
                     "edit.type: '%.40s' is not an edit (img2img, inpaint, invert_ddim, "
-                    "invert_ddpm, boundary or deblur)",
+                    "invert_ddpm, boundary, deblur, concept, audit or stylize)",
                     json_string_value(ty));
   if (out->preview_every)
     return api_fail(e, 400, "invalid_field", "preview",
@@ -533,6 +730,9 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   case QUEUE_EDIT_INPAINT: return parse_sdedit(f, md, s, kind, out, e);
   case QUEUE_EDIT_BOUNDARY: return parse_boundary(f, md, out, e);
   case QUEUE_EDIT_DEBLUR: return parse_deblur(f, md, out, e);
+  case QUEUE_EDIT_CONCEPT: return parse_concept(c, f, md, out, e);
+  case QUEUE_EDIT_AUDIT: return parse_audit(c, f, md, out, e);
+  case QUEUE_EDIT_STYLIZE: return parse_stylize(c, f, md, out, e);
   default: return parse_invert(c, f, md, s, owner, kind, out, e);
   }
 }

@@ -6,15 +6,15 @@
 #   - security audit: adversarial initial noise at two box sizes against random corners of the
 #     same boxes.
 # Everything runs on a scratch copy of the model (the embedding is written there, not beside the
-# repository's model). CPU: about 3 min (concept) + 2 min (audit) of 2 threads on an idle Zen 5.
-# Usage: bench/adjoint_tasks.sh [BUILD_DIR] [--target K] [--steps 60] [--lr 0.15] [--eval 200]
-#        [--audit-class K] [--audit-batch 8] [--audit-iters 5] [--skip-audit] [--skip-concept]
+# repository's model). CPU: about 5 min (concept) + 1.5 min (audit) of 2 threads on an idle Zen 5.
+# Usage: bench/adjoint_tasks.sh [BUILD_DIR] [--target K] [--steps 120] [--lr 0.15] [--eval 200]
+#        [--audit-class A] [--audit-batch 8] [--audit-iters 5] [--skip-audit] [--skip-concept]
 set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$src/build
 case ${1:-} in -*|'') ;; *) build=$1; shift ;; esac
 build=$(cd "$build" && pwd)
-target=K steps=60 lr=0.15 eval=200 aclass=K abatch=8 aiters=5 concept=1 audit=1
+target=K steps=120 lr=0.15 eval=200 aclass=A abatch=8 aiters=5 concept=1 audit=1
 while [ $# -gt 0 ]; do
   case $1 in
     --target) target=$2; shift ;;

@@ -1,22 +1,14 @@
-/* `denoised audit`: AdjointDPM's security audit of a generator. Adversarial initial noise
- * within an L-infinity box around each image's noise, found by projected sign-gradient ascent
- * (PGD) on -log p(target | sample) with the gradient through the whole sampling run from the
- * discrete adjoint (engine/solver/adjoint.h), makes the engine's classifier misread the
- * generated glyph; the success rate is set against random perturbations of the same size (the
- * box's corners: +-eps in every value), so a high rate says the sampler has directions a
- * classifier-based check can be steered along, not that any noise of that size breaks it. */
+/* `denoised audit`: AdjointDPM's security audit of a generator (engine/adjtask's audit_run):
+ * adversarial initial noise within an L-infinity box that makes the engine's classifier misread
+ * the generated glyph, against random perturbations of the same size. */
 #include <getopt.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include "adjoint.h"
-#include "classifier.h"
+#include "adjtask.h"
 #include "cli.h"
 #include "npy.h"
-#include "rng.h"
 
 static const char help[] =
     "usage: denoised audit [--model DIR] [--classifier DIR] --class C [--head NAME]\n"
@@ -48,7 +40,7 @@ static const char help[] =
     "  --threads T        CPU threads (default 2)\n"
     "  --quiet            only the result lines\n";
 
-#define AUDIT_MAX_EPS 4
+#define AUDIT_MAX_EPS ADJTASK_MAX_EPS
 
 typedef struct audit_args {
   const char *model_dir, *clf_dir, *class_s, *head, *target, *scheduler, *out_noise;
@@ -153,52 +145,44 @@ static int parse_args(int argc, char **argv, audit_args *a) {
   return -1;
 }
 
-/* What one audit works with: the model, the solver, the classifier and the run's buffers. */
-typedef struct audit {
-  const audit_args *a;
-  model *m;
-  sampler *s;
-  classifier *clf;
-  guidance gd;
-  int head, target, batch, S, C;
-  size_t d, nd;
-  int64_t labels[64], targets[64];
-  float *noise, *delta, *x, *g, *gz, *logits;
-  int correct[64], fooled[64];
-} audit;
-
-static int load_classifier(audit *au, err *e) {
-  const audit_args *a = au->a;
+static int load_classifier(const audit_args *a, model *m, const int64_t *labels, classifier **clf,
+                           audit_opts *o, err *e) {
   char dir[4096];
   if (a->clf_dir)
     snprintf(dir, sizeof dir, "%s", a->clf_dir);
   else
     snprintf(dir, sizeof dir, "%s/classifier", a->model_dir);
-  int rc = classifier_load(dir, &au->clf, e);
-  if (rc != ERR_OK)
+  if (classifier_load(dir, clf, e) != ERR_OK)
     return err_prefix(e, "--classifier");
-  const classifier_info *ci = classifier_get_info(au->clf);
-  if (ci->in_channels != au->C || ci->sample_size != au->S)
+  const classifier_info *ci = classifier_get_info(*clf);
+  const model_info *mi = model_get_info(m);
+  if (ci->in_channels != mi->in_channels || ci->sample_size != mi->sample_size)
     return err_set(e, ERR_INVALID,
                    "the classifier reads %d x %d x %d images, the model makes %d x %d x %d",
-                   ci->in_channels, ci->sample_size, ci->sample_size, au->C, au->S, au->S);
+                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels,
+                   mi->sample_size, mi->sample_size);
   const char *head = a->head ? a->head : "char";
-  if ((au->head = classifier_head_index(au->clf, head)) < 0)
+  if ((o->head = classifier_head_index(*clf, head)) < 0)
     return err_set(e, ERR_INVALID, "--head '%s': the classifier has no such head", head);
-  const model_info *mi = model_get_info(au->m);
-  const char *want = a->target                            ? a->target
-                     : au->labels[0] < mi->n_class_labels ? mi->class_labels[au->labels[0]]
-                                                          : a->class_s;
-  if ((au->target = classifier_class_index(au->clf, au->head, want)) < 0)
+  const char *want = a->target                        ? a->target
+                     : labels[0] < mi->n_class_labels ? mi->class_labels[labels[0]]
+                                                      : a->class_s;
+  if ((o->target = classifier_class_index(*clf, o->head, want)) < 0)
     return err_set(e, ERR_INVALID, "%s '%s': not a class of the classifier's head '%s'",
                    a->target ? "--target" : "the class's name", want, head);
-  for (int b = 0; b < au->batch; b++)
-    au->targets[b] = au->target;
   return ERR_OK;
 }
 
-static int audit_open(audit *au, err *e) {
-  const audit_args *a = au->a;
+/* What one audit works with: the model, the solver, the classifier, guidance. */
+typedef struct audit_cli {
+  model *m;
+  sampler *s;
+  classifier *clf;
+  guidance gd;
+  int64_t labels[64];
+} audit_cli;
+
+static int audit_open(const audit_args *a, audit_cli *au, audit_opts *o, err *e) {
   int rc = model_load(a->model_dir, &au->m, e);
   if (rc != ERR_OK)
     return rc;
@@ -207,15 +191,12 @@ static int audit_open(audit *au, err *e) {
     return err_set(e, ERR_INVALID,
                    "the audit needs a class-conditional model (this one has no "
                    "class embeddings)");
-  au->batch = (int)a->batch, au->S = mi->sample_size, au->C = mi->in_channels;
-  au->d = (size_t)au->C * au->S * au->S, au->nd = (size_t)au->batch * au->d;
   if (cli_parse_labels("--class", a->class_s, 1, au->m, au->labels))
     return err_set(e, ERR_INVALID, "bad --class");
-  for (int b = 1; b < au->batch; b++)
-    au->labels[b] = au->labels[0];
   const double g = a->has_guidance ? a->guidance : mi->rec_guidance >= 0 ? mi->rec_guidance : 1.0;
   au->gd = guidance_for(au->m, g);
-  if ((rc = guidance_check(&au->gd, au->m, e)) != ERR_OK || (rc = load_classifier(au, e)) != ERR_OK)
+  if ((rc = guidance_check(&au->gd, au->m, e)) != ERR_OK ||
+      (rc = load_classifier(a, au->m, au->labels, &au->clf, o, e)) != ERR_OK)
     return rc;
   cli_solver cs = {0};
   rc = cli_solver_from_flags(a->scheduler ? a->scheduler : "dpm++2m", a->steps, NULL, NULL, 0, &cs,
@@ -223,149 +204,37 @@ static int audit_open(audit *au, err *e) {
   if (rc == ERR_OK)
     rc = cli_solver_make(au->m, &cs, NULL, &au->s, e);
   cli_solver_clear(&cs);
-  if (rc == ERR_OK)
-    rc = adjoint_check_solver(au->s, e);
-  au->noise = malloc(au->nd * sizeof(float)), au->delta = malloc(au->nd * sizeof(float));
-  au->x = malloc(au->nd * sizeof(float)), au->g = malloc(au->nd * sizeof(float));
-  au->gz = malloc(au->nd * sizeof(float));
-  au->logits = malloc((size_t)au->batch * classifier_get_info(au->clf)->n_logits * sizeof(float));
-  if (rc == ERR_OK && !(au->noise && au->delta && au->x && au->g && au->gz && au->logits))
-    rc = err_set(e, ERR_NOMEM, "out of memory");
-  for (int b = 0; rc == ERR_OK && b < au->batch; b++)
-    rng_normal((uint64_t)a->seed, (uint64_t)b, 0, au->noise + (size_t)b * au->d, au->d);
+  o->gen = (adjtask_gen){.s = au->s, .gd = &au->gd, .threads = (int)a->threads};
+  o->clf = au->clf;
+  o->label = au->labels[0];
   return rc;
 }
 
-static void audit_close(audit *au) {
-  free(au->noise), free(au->delta), free(au->x), free(au->g), free(au->gz), free(au->logits);
-  sampler_free(au->s);
-  classifier_free(au->clf);
-  model_free(au->m);
+static void on_progress(const audit_progress *p, void *user) {
+  if (!*(const int *)user)
+    fprintf(stderr, "audit: run %d of %d: %d misread\n", p->step, p->total, p->misread);
 }
 
-/* Samples noise + delta and reads each image: read[b] = 1 when the head's verdict is the
- * target. */
-static int sample_and_read(audit *au, int *read, err *e) {
-  for (size_t k = 0; k < au->nd; k++)
-    au->g[k] = au->noise[k] + au->delta[k];
-  const sampler_run_opts ro = {.batch = au->batch,
-                               .init_noise = au->g,
-                               .labels = au->labels,
-                               .guidance = &au->gd,
-                               .threads = (int)au->a->threads};
-  int rc = sampler_run(au->s, au->m, &ro, au->x, NULL, e);
+static int run(const audit_args *a, audit_cli *au, audit_opts *o, err *e) {
+  const model_info *mi = model_get_info(au->m);
+  const size_t nd = (size_t)a->batch * mi->in_channels * mi->sample_size * mi->sample_size;
+  audit_result res = {0};
+  if (a->out_noise && !(res.noise = malloc(nd * sizeof(float))))
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = audit_run(au->m, o, &res, e);
   if (rc == ERR_OK)
-    rc = classifier_run(au->clf, au->x, au->batch, au->S, au->S, au->logits, NULL,
-                        (int)au->a->threads, e);
-  if (rc != ERR_OK)
-    return rc;
-  const classifier_info *ci = classifier_get_info(au->clf);
-  const classifier_head *h = &ci->heads[au->head];
-  for (int b = 0; b < au->batch; b++) {
-    const float *l = au->logits + (size_t)b * ci->n_logits + h->offset;
-    int best = 0;
-    for (int k = 1; k < h->classes; k++)
-      best = l[k] > l[best] ? k : best;
-    read[b] = best == au->target;
+    printf("clean: %d of %lld images read as the target\n", res.clean, a->batch);
+  const int nc = res.clean;
+  for (int i = 0; rc == ERR_OK && i < a->n_eps; i++)
+    printf("eps %g: adversarial %d of %d (%.0f%%), random %d of %lld (%.0f%%); attack %.1f s\n",
+           a->eps[i], res.adversarial[i], nc, nc ? 100.0 * res.adversarial[i] / nc : 0.0,
+           res.random[i], nc * a->random,
+           nc ? 100.0 * res.random[i] / ((double)nc * a->random) : 0.0, res.seconds[i]);
+  if (rc == ERR_OK && a->out_noise) {
+    const int64_t sh[4] = {a->batch, mi->in_channels, mi->sample_size, mi->sample_size};
+    rc = npy_write_f32(a->out_noise, res.noise, 4, sh, e);
   }
-  return ERR_OK;
-}
-
-/* One ascent step: the gradient of -log p(target | sample) to the noise, by the adjoint, for
- * the images not fooled yet; delta moves by step along its sign, back into the box. */
-static int ascent_step(audit *au, double eps, double step, err *e) {
-  int rc = classifier_log_prob_grad(au->clf, au->x, au->batch, au->S, au->S, au->head, au->targets,
-                                    NULL, au->gz, (int)au->a->threads, e);
-  for (size_t k = 0; k < au->nd; k++)
-    au->gz[k] = au->fooled[k / au->d] ? 0.0f : -au->gz[k];
-  adjoint_opts o = {.batch = au->batch,
-                    .noise = au->g,
-                    .labels = au->labels,
-                    .guidance = &au->gd,
-                    .grad_output = au->gz,
-                    .threads = (int)au->a->threads,
-                    .grad_noise = au->gz};
-  if (rc == ERR_OK)
-    rc = adjoint_run(au->s, au->m, &o, e);
-  for (size_t k = 0; rc == ERR_OK && k < au->nd; k++) {
-    if (au->fooled[k / au->d])
-      continue;
-    const float v = au->delta[k] + (float)step * (au->gz[k] > 0   ? 1.0f
-                                                  : au->gz[k] < 0 ? -1.0f
-                                                                  : 0.0f);
-    au->delta[k] = fminf(fmaxf(v, (float)-eps), (float)eps);
-  }
-  return rc;
-}
-
-/* The attack at one box size: returns in *succ the images read correctly without it and
- * misread with it. */
-static int attack(audit *au, double eps, int *succ, err *e) {
-  memset(au->delta, 0, au->nd * sizeof(float));
-  memset(au->fooled, 0, sizeof au->fooled);
-  int read[64], rc = ERR_OK;
-  const double step = 2.5 * eps / (double)au->a->iters;
-  for (int it = 0; rc == ERR_OK && it <= au->a->iters; it++) {
-    rc = sample_and_read(au, read, e);
-    int n = 0;
-    for (int b = 0; rc == ERR_OK && b < au->batch; b++) {
-      au->fooled[b] = au->fooled[b] || (au->correct[b] && !read[b]);
-      n += au->fooled[b];
-    }
-    if (!au->a->quiet && rc == ERR_OK)
-      fprintf(stderr, "audit: eps %g, step %d of %lld: %d misread\n", eps, it, au->a->iters, n);
-    *succ = n;
-    if (rc == ERR_OK && it < au->a->iters)
-      rc = ascent_step(au, eps, step, e);
-  }
-  return rc;
-}
-
-/* Random corners of the box: misreads of correctly read images over R draws each. */
-static int random_baseline(audit *au, double eps, int *succ, err *e) {
-  int read[64], rc = ERR_OK;
-  *succ = 0;
-  for (long long r = 0; rc == ERR_OK && r < au->a->random; r++) {
-    for (int b = 0; b < au->batch; b++)
-      rng_normal((uint64_t)au->a->seed + 1, (uint64_t)b, (uint64_t)r + 1,
-                 au->delta + (size_t)b * au->d, au->d);
-    for (size_t k = 0; k < au->nd; k++)
-      au->delta[k] = au->delta[k] >= 0 ? (float)eps : (float)-eps;
-    rc = sample_and_read(au, read, e);
-    for (int b = 0; rc == ERR_OK && b < au->batch; b++)
-      *succ += au->correct[b] && !read[b];
-  }
-  return rc;
-}
-
-static int run(audit *au, err *e) {
-  const audit_args *a = au->a;
-  memset(au->delta, 0, au->nd * sizeof(float));
-  int rc = sample_and_read(au, au->correct, e), nc = 0;
-  for (int b = 0; b < au->batch; b++)
-    nc += au->correct[b];
-  if (rc == ERR_OK)
-    printf("clean: %d of %d images read as the target\n", nc, au->batch);
-  for (int i = 0; rc == ERR_OK && i < a->n_eps; i++) {
-    int adv = 0, rnd = 0;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    rc = attack(au, a->eps[i], &adv, e);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    const double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-    if (rc == ERR_OK && i == a->n_eps - 1 && a->out_noise) {
-      for (size_t k = 0; k < au->nd; k++)
-        au->g[k] = au->noise[k] + au->delta[k];
-      const int64_t sh[4] = {au->batch, au->C, au->S, au->S};
-      rc = npy_write_f32(a->out_noise, au->g, 4, sh, e);
-    }
-    if (rc == ERR_OK)
-      rc = random_baseline(au, a->eps[i], &rnd, e);
-    if (rc == ERR_OK)
-      printf("eps %g: adversarial %d of %d (%.0f%%), random %d of %lld (%.0f%%); attack %.1f s\n",
-             a->eps[i], adv, nc, nc ? 100.0 * adv / nc : 0.0, rnd, nc * a->random,
-             nc ? 100.0 * rnd / ((double)nc * a->random) : 0.0, secs);
-  }
+  free(res.noise);
   return rc;
 }
 
@@ -381,12 +250,22 @@ int cmd_audit(int argc, char **argv) {
   if (status >= 0)
     return status;
   err e = {0};
-  audit au = {.a = &a};
-  int rc = audit_open(&au, &e);
+  audit_cli au = {0};
+  audit_opts o = {.batch = (int)a.batch,
+                  .seed = (uint64_t)a.seed,
+                  .eps = a.eps,
+                  .n_eps = a.n_eps,
+                  .iters = (int)a.iters,
+                  .random = (int)a.random,
+                  .progress = on_progress,
+                  .progress_user = &a.quiet};
+  int rc = audit_open(&a, &au, &o, &e);
   if (rc == ERR_OK)
-    rc = run(&au, &e);
+    rc = run(&a, &au, &o, &e);
   if (rc != ERR_OK)
     cli_fail("audit", "%s", e.msg);
-  audit_close(&au);
+  sampler_free(au.s);
+  classifier_free(au.clf);
+  model_free(au.m);
   return rc == ERR_OK ? 0 : 1;
 }

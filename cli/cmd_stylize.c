@@ -3,7 +3,6 @@
  * while the character head goes on reading each class (engine/adjtask), and writes the result
  * as a new model folder; with --eval it measures the style's rate and the class recognition
  * before and after on the same held-out noises. */
-#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,7 +12,6 @@
 
 #include "adjtask.h"
 #include "cli.h"
-#include "safetensors.h"
 
 static const char help[] =
     "usage: denoised stylize [--model DIR] [--classifier DIR] --target SPEC --out NEW_DIR\n"
@@ -234,46 +232,14 @@ static int evaluate(stylize_cli *sc, const char *when, err *e) {
   return rc;
 }
 
-static int copy_file(const char *from, const char *to, err *e) {
-  uint8_t *data = NULL;
-  size_t len = 0;
-  int rc = cli_read_file("--model", from, (size_t)1 << 31, &data, &len, e);
-  if (rc == ERR_OK)
-    rc = cli_write_out(to, data, len, e);
-  free(data);
-  return rc;
-}
-
 /* NEW_DIR: the fine-tuned weights, the model's config and scheduler config, the classifier. */
 static int save(stylize_cli *sc, err *e) {
   const stylize_args *a = sc->a;
-  char from[4200], to[4200], cdir[4096];
-  snprintf(to, sizeof to, "%s/classifier", a->out);
-  if (mkdir(a->out, 0777) != 0 || mkdir(to, 0777) != 0)
-    return err_set(e, ERR_IO, "cannot create %s: %s", to, strerror(errno));
-  const int np = model_param_count(sc->m);
-  st_out_tensor *t = calloc((size_t)np + 1, sizeof *t);
-  if (!t)
-    return err_set(e, ERR_NOMEM, "out of memory");
-  for (int i = 0; i < np; i++) {
-    const model_param *mp = model_param_at(sc->m, i);
-    t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, mp->data};
-  }
-  const char *meta[] = {"format", "pt", "trained_by", "denoised stylize", "target", a->target};
-  snprintf(to, sizeof to, "%s/diffusion_pytorch_model.safetensors", a->out);
-  int rc = st_write_f32(to, t, np, meta, 3, e);
-  free(t);
+  char cdir[4096];
   snprintf(cdir, sizeof cdir, "%s%s", a->clf_dir ? a->clf_dir : a->model_dir,
            a->clf_dir ? "" : "/classifier");
-  const char *files[][2] = {{a->model_dir, "config.json"},
-                            {a->model_dir, "scheduler_config.json"},
-                            {cdir, "config.json"},
-                            {cdir, "model.safetensors"}};
-  for (int i = 0; rc == ERR_OK && i < 4; i++) {
-    snprintf(from, sizeof from, "%s/%s", files[i][0], files[i][1]);
-    snprintf(to, sizeof to, "%s/%s%s", a->out, i >= 2 ? "classifier/" : "", files[i][1]);
-    rc = copy_file(from, to, e);
-  }
+  const char *meta[] = {"format", "pt", "trained_by", "denoised stylize", "target", a->target};
+  int rc = adjtask_save_model(sc->m, a->model_dir, cdir, a->out, meta, 3, e);
   if (rc == ERR_OK)
     printf("saved %s\n", a->out);
   return rc;

@@ -27,8 +27,13 @@ typedef struct qmodel {
   model *m;
   json_t *labels;
   json_t *classifier; /* queue_model_desc.classifier, or NULL */
+  classifier *clf;    /* MODEL/classifier/ loaded (read-only, shared), or NULL */
   int refs;           /* the registry's own reference plus running batches */
 } qmodel;
+
+/* Loads the model `name` again from its folder (after a concept job added an embedding) and
+ * puts the new copy in the registry; running batches keep the old one. */
+int qmodel_reload(queue *q, const char *name, err *e);
 
 typedef struct qbatch qbatch;
 
@@ -106,6 +111,9 @@ struct queue {
   qbatch **running;
   int nrunning;
   qmodel **models;
+  /* Models jobs made and registered (queue_register_model): name -> folder, as kept in
+   * STATE_DIR/QUEUE_REGISTERED_FILE; read once, at the first queue_set_models. */
+  json_t *registered;
   int nmodels;
   uv_loop_t loop;
   uv_async_t wake;

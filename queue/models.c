@@ -12,17 +12,20 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "adjtask.h"
 #include "mem.h"
 
 /* ---- models ---- */
 
-/* The heads and classes of the classifier in MODEL/classifier/, for requests to name (NULL
- * without the folder; an error if it is there but does not load). */
-static int classifier_desc(const char *model_path, json_t **out, err *e) {
+/* The classifier in MODEL/classifier/, kept loaded (concept jobs' verdicts), and its heads and
+ * classes for requests to name (both NULL without the folder; an error if it is there but does
+ * not load). */
+static int classifier_desc(const char *model_path, classifier **clf, json_t **out, err *e) {
   char dir[1100], cfg[1200];
   snprintf(dir, sizeof dir, "%s/classifier", model_path);
   snprintf(cfg, sizeof cfg, "%s/config.json", dir);
   *out = NULL;
+  *clf = NULL;
   if (access(cfg, F_OK) != 0)
     return ERR_OK;
   classifier *c;
@@ -43,13 +46,18 @@ static int classifier_desc(const char *model_path, json_t **out, err *e) {
                                            ci->heads[h].classes, "labels", labels));
   }
   *out = json_pack("{s:s, s:o}", "class_name", ci->class_name, "heads", heads);
-  classifier_free(c);
-  return *out ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  if (!*out) {
+    classifier_free(c);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
+  *clf = c;
+  return ERR_OK;
 }
 
 void qmodel_unref(qmodel *m) {
   if (m && --m->refs == 0) {
     model_free(m->m);
+    classifier_free(m->clf);
     json_decref(m->labels);
     json_decref(m->classifier);
     free(m);
@@ -63,10 +71,133 @@ qmodel *qmodel_find(queue *q, const char *name) {
   return NULL;
 }
 
-int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
-  qmodel **list = mem_calloc((size_t)(n > 0 ? n : 1), sizeof *list);
-  if (!list)
+/* A registry entry for the folder at path (one reference), or an error naming the model. */
+static int qmodel_open(const char *name, const char *path, const char *prec, qmodel **out, err *e) {
+  qmodel *m = mem_calloc(1, sizeof *m);
+  if (!m)
     return err_set(e, ERR_NOMEM, "out of memory");
+  snprintf(m->name, sizeof m->name, "%s", name);
+  snprintf(m->path, sizeof m->path, "%s", path);
+  snprintf(m->precision, sizeof m->precision, "%s", prec);
+  m->refs = 1;
+  model_precision mp = MODEL_FP32;
+  int rc = model_load(m->path, &m->m, e);
+  if (rc == ERR_OK && *prec &&
+      ((rc = model_precision_parse(prec, &mp, e)) != ERR_OK ||
+       (rc = model_set_precision(m->m, mp, e)) != ERR_OK))
+    rc = rc ? rc : ERR_INVALID;
+  if (rc == ERR_OK)
+    rc = classifier_desc(m->path, &m->clf, &m->classifier, e);
+  const model_info *mi = rc == ERR_OK ? model_get_info(m->m) : NULL;
+  if (mi && mi->class_labels) { /* as JSON, for listings and class names in requests */
+    m->labels = json_array();
+    for (int k = 0; m->labels && k < mi->n_class_labels; k++)
+      json_array_append_new(m->labels, json_string(mi->class_labels[k]));
+  }
+  if (rc != ERR_OK) {
+    err_prefix(e, "model '%s' (%s)", m->name, m->path);
+    m->refs = 1;
+    qmodel_unref(m);
+    return rc;
+  }
+  *out = m;
+  return ERR_OK;
+}
+
+int qmodel_reload(queue *q, const char *name, err *e) {
+  pthread_mutex_lock(&q->mu);
+  qmodel *old = qmodel_find(q, name);
+  char path[sizeof old->path], prec[sizeof old->precision];
+  if (old)
+    snprintf(path, sizeof path, "%s", old->path), snprintf(prec, sizeof prec, "%s", old->precision);
+  pthread_mutex_unlock(&q->mu);
+  if (!old)
+    return err_set(e, QUEUE_NOT_FOUND, "model '%s' is no longer served", name);
+  qmodel *m = NULL;
+  int rc = qmodel_open(name, path, prec, &m, e);
+  if (rc)
+    return rc;
+  pthread_mutex_lock(&q->mu);
+  for (int i = 0; i < q->nmodels; i++)
+    if (strcmp(q->models[i]->name, name) == 0 && strcmp(q->models[i]->path, path) == 0) {
+      qmodel_unref(q->models[i]); /* running batches hold their own reference */
+      q->models[i] = m;
+      m = NULL;
+      break;
+    }
+  pthread_mutex_unlock(&q->mu);
+  qmodel_unref(m); /* the list changed meanwhile: this copy is not needed */
+  return ERR_OK;
+}
+
+int queue_model_targets(queue *q, const char *model, const char *spec, char *canon, size_t n,
+                        err *e) {
+  pthread_mutex_lock(&q->mu);
+  qmodel *m = qmodel_find(q, model);
+  if (m)
+    m->refs++;
+  pthread_mutex_unlock(&q->mu);
+  if (!m)
+    return err_set(e, QUEUE_NOT_FOUND, "unknown model '%s'", model);
+  adjtask_target t[ADJTASK_MAX_TARGETS];
+  int nt = 0;
+  int rc = m->clf ? adjtask_parse_targets(m->clf, spec, t, &nt, e)
+                  : err_set(e, ERR_UNSUPPORTED, "model '%s' has no classifier (MODEL/classifier/)",
+                            model);
+  if (rc == ERR_OK)
+    adjtask_targets_str(m->clf, t, nt, canon, n);
+  pthread_mutex_lock(&q->mu);
+  qmodel_unref(m);
+  pthread_mutex_unlock(&q->mu);
+  return rc;
+}
+
+static void registry_path(const queue *q, char *buf, size_t n) {
+  snprintf(buf, n, "%s/" QUEUE_REGISTERED_FILE, q->state_dir);
+}
+
+/* The configured models, then the registered ones not configured (*nreg of them, last). */
+static queue_model_conf *with_registered(queue *q, const queue_model_conf *models, int n,
+                                         int *total, err *e) {
+  if (!q->registered) {
+    char path[1100];
+    registry_path(q, path, sizeof path);
+    q->registered = access(path, F_OK) == 0 ? json_load_file(path, 0, NULL) : json_object();
+    if (!json_is_object(q->registered)) {
+      json_decref(q->registered);
+      q->registered = json_object();
+      qlog(q, QUEUE_LOG_WARN, NULL, "%s is not a JSON object: no registered models", path);
+    }
+  }
+  queue_model_conf *all = mem_calloc((size_t)n + json_object_size(q->registered) + 1, sizeof *all);
+  if (!all) {
+    err_set(e, ERR_NOMEM, "out of memory");
+    return NULL;
+  }
+  memcpy(all, models, (size_t)n * sizeof *all);
+  *total = n;
+  const char *name;
+  json_t *v;
+  json_object_foreach(q->registered, name, v) {
+    int taken = !json_is_string(v);
+    for (int i = 0; i < n; i++)
+      taken |= strcmp(models[i].name, name) == 0;
+    if (!taken)
+      all[(*total)++] = (queue_model_conf){.name = name, .path = json_string_value(v)};
+  }
+  return all;
+}
+
+int queue_set_models(queue *q, const queue_model_conf *conf, int nconf, err *e) {
+  int n = 0;
+  queue_model_conf *models = with_registered(q, conf, nconf, &n, e);
+  if (!models)
+    return e->code;
+  qmodel **list = mem_calloc((size_t)(n > 0 ? n : 1), sizeof *list);
+  if (!list) {
+    free(models);
+    return err_set(e, ERR_NOMEM, "out of memory");
+  }
   int rc = ERR_OK, got = 0;
   for (int i = 0; i < n && !rc; i++) {
     pthread_mutex_lock(&q->mu);
@@ -81,36 +212,14 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
       continue;
     }
     pthread_mutex_unlock(&q->mu);
-    qmodel *m = mem_calloc(1, sizeof *m);
-    if (!m) {
-      rc = err_set(e, ERR_NOMEM, "out of memory");
+    qmodel *m = NULL;
+    if ((rc = qmodel_open(models[i].name, models[i].path, prec, &m, e)) != ERR_OK && i >= nconf) {
+      qlog(q, QUEUE_LOG_WARN, NULL, "registered %s: left out", e->msg);
+      rc = ERR_OK; /* a registered model that no longer loads does not stop the others */
+      continue;
+    }
+    if (rc != ERR_OK)
       break;
-    }
-    snprintf(m->name, sizeof m->name, "%s", models[i].name);
-    snprintf(m->path, sizeof m->path, "%s", models[i].path);
-    snprintf(m->precision, sizeof m->precision, "%s", prec);
-    m->refs = 1;
-    model_precision mp = MODEL_FP32;
-    if ((rc = model_load(m->path, &m->m, e)) != ERR_OK ||
-        (*prec && ((rc = model_precision_parse(prec, &mp, e)) != ERR_OK ||
-                   (rc = model_set_precision(m->m, mp, e)) != ERR_OK))) {
-      err_prefix(e, "model '%s' (%s)", m->name, m->path);
-      model_free(m->m);
-      free(m);
-      break;
-    }
-    if ((rc = classifier_desc(m->path, &m->classifier, e)) != ERR_OK) {
-      err_prefix(e, "model '%s' (%s)", m->name, m->path);
-      model_free(m->m);
-      free(m);
-      break;
-    }
-    const model_info *mi = model_get_info(m->m);
-    if (mi->class_labels) { /* as JSON, for listings and class names in requests */
-      m->labels = json_array();
-      for (int k = 0; m->labels && k < mi->n_class_labels; k++)
-        json_array_append_new(m->labels, json_string(mi->class_labels[k]));
-    }
     list[got++] = m;
   }
   pthread_mutex_lock(&q->mu);
@@ -126,6 +235,36 @@ int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e) {
     qmodel_unref(drop[i]); /* running batches hold their own reference */
   pthread_mutex_unlock(&q->mu);
   free(drop);
+  free(models);
+  return rc;
+}
+
+int queue_register_model(queue *q, const char *name, const char *path, err *e) {
+  qmodel *m = NULL;
+  int rc = qmodel_open(name, path, "", &m, e);
+  if (rc)
+    return rc;
+  pthread_mutex_lock(&q->mu);
+  qmodel **grown = qmodel_find(q, name) || !q->registered
+                       ? NULL
+                       : mem_realloc(q->models, ((size_t)q->nmodels + 1) * sizeof *grown);
+  if (grown) {
+    q->models = grown;
+    q->models[q->nmodels++] = m;
+    m = NULL;
+    json_object_set_new(q->registered, name, json_string(path));
+  } else {
+    rc = qmodel_find(q, name) ? err_set(e, QUEUE_CONFLICT, "a model named '%s' is served", name)
+                              : err_set(e, ERR_NOMEM, "out of memory");
+  }
+  char file[1100], tmp[1200];
+  registry_path(q, file, sizeof file);
+  snprintf(tmp, sizeof tmp, "%s.tmp", file);
+  if (rc == ERR_OK &&
+      (json_dump_file(q->registered, tmp, JSON_INDENT(2)) != 0 || rename(tmp, file) != 0))
+    rc = err_set(e, ERR_IO, "cannot write %s", file);
+  pthread_mutex_unlock(&q->mu);
+  qmodel_unref(m);
   return rc;
 }
 
@@ -158,6 +297,7 @@ int queue_model_get(queue *q, int index, const char *name, queue_model_desc *out
   out->num_classes = mi->num_classes;
   out->cond_channels = mi->cond_channels;
   out->regression = mi->regression;
+  out->num_embeddings = mi->num_embeddings;
   out->null_class = mi->null_class;
   out->num_params = mi->num_params;
   out->latent_factor = mi->latent_factor > 0 ? mi->latent_factor : 1;

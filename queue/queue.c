@@ -191,6 +191,7 @@ void queue_free(queue *q) {
   for (int i = 0; i < q->nmodels; i++)
     qmodel_unref(q->models[i]);
   free(q->models);
+  json_decref(q->registered);
   if (q->st)
     q->st->ops->free(q->st);
   if (q->be)
@@ -723,22 +724,39 @@ int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **pn
   return q->st->ops->get_image(q->st, id, n, png, len, e);
 }
 
-int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size_t *len, err *e) {
+/* A stored file of a succeeded job that has one (has(spec)); what names it in messages. */
+static int job_file(queue *q, const char *id, const char *owner, int (*has)(const queue_spec *),
+                    const char *file, const char *none, const char *what, uint8_t **data,
+                    size_t *len, err *e) {
   qshared_refresh(q, id);
   pthread_mutex_lock(&q->mu);
   qjob *j = qjob_find(q, id, owner);
-  const int noise = j && qspec_has_noise(&j->spec);
+  const int there = j && has(&j->spec);
   queue_state st = j ? j->state : QUEUE_FAILED;
   pthread_mutex_unlock(&q->mu);
   if (!j)
     return err_set(e, QUEUE_NOT_FOUND, "no job '%s'", id);
-  if (!noise)
-    return err_set(e, QUEUE_NOT_FOUND,
-                   "job '%s' is not an inversion of an input image: it has no noise", id);
+  if (!there)
+    return err_set(e, QUEUE_NOT_FOUND, "job '%s' is not %s", id, none);
   if (st != QUEUE_SUCCEEDED)
-    return err_set(e, QUEUE_NOT_READY, "the noise of job '%s' is not ready (job %s)", id,
+    return err_set(e, QUEUE_NOT_READY, "the %s of job '%s' is not ready (job %s)", what, id,
                    queue_state_name(st));
-  return q->st->ops->get_file(q->st, id, QUEUE_NOISE_FILE, npy, len, e);
+  return q->st->ops->get_file(q->st, id, file, data, len, e);
+}
+
+int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size_t *len, err *e) {
+  return job_file(q, id, owner, qspec_has_noise, QUEUE_NOISE_FILE,
+                  "an inversion of an input image or an audit: it has no noise", "noise", npy, len,
+                  e);
+}
+
+static int is_audit(const queue_spec *s) {
+  return s->edit == QUEUE_EDIT_AUDIT;
+}
+
+int queue_report(queue *q, const char *id, const char *owner, uint8_t **json, size_t *len, err *e) {
+  return job_file(q, id, owner, is_audit, QUEUE_REPORT_FILE, "an audit: it has no report", "report",
+                  json, len, e);
 }
 
 void queue_get_stats(queue *q, queue_stats *s) {

@@ -126,11 +126,28 @@ enum {
   QUEUE_EDIT_INVERT_DDIM,
   QUEUE_EDIT_INVERT_DDPM,
   QUEUE_EDIT_BOUNDARY,
-  QUEUE_EDIT_DEBLUR /* input_image restored by a deblurring model (no strength, no edit_args) */
+  QUEUE_EDIT_DEBLUR, /* input_image restored by a deblurring model (no strength, no edit_args) */
+  /* Concept from a metric (engine/adjtask): edit_args {target (canonical HEAD=LABEL,...), name,
+   * steps, batch, lr, margin, init (a class index or -1 for the mean row)}; the worker learns
+   * the row on its own copy of the model, saves MODEL/embeddings/NAME.safetensors, reloads the
+   * model so later jobs take NAME, and the job's images are samples of NAME. */
+  QUEUE_EDIT_CONCEPT,
+  /* Security audit (engine/adjtask audit_run) of the job's class_label: edit_args {target
+   * (canonical HEAD=LABEL), eps [..], iters, random}; the images are the samples of the last
+   * box's adversarial noises (QUEUE_NOISE_FILE), the report is QUEUE_REPORT_FILE. */
+  QUEUE_EDIT_AUDIT,
+  /* Stylization (engine/adjtask stylize_optimize): edit_args {target (canonical), keep (a head
+   * name), keep_weight, name, steps, batch, lr, margin}; the worker fine-tunes its own copy of
+   * the model, writes STATE_DIR/models/NAME-JOBID and registers it as model NAME
+   * (queue_register_model); the job's images are samples of class_label from it. */
+  QUEUE_EDIT_STYLIZE
 };
 /* An inversion job's noise: DDIM x_T [batch, C, H, W] or the edit-friendly maps
  * [batch, steps + 1, C, H, W], as .npy. */
 #define QUEUE_NOISE_FILE "noise.npy"
+/* An audit job's report: {clean, batch, boxes: [{eps, adversarial, random, random_draws,
+ * seconds}]} as JSON. */
+#define QUEUE_REPORT_FILE "report.json"
 /* Its name for edit ("img2img", ..., "boundary"; NULL for none); queue_edit_from_name returns -1
  * if unknown. */
 const char *queue_edit_name(int edit);
@@ -214,6 +231,20 @@ typedef struct queue_model_conf {
  * queued jobs naming it fail. On error nothing changes. */
 int queue_set_models(queue *q, const queue_model_conf *models, int n, err *e);
 
+/* Models a job made (a stylized model) are registered: served under name from then on, and
+ * listed in STATE_DIR/QUEUE_REGISTERED_FILE so that every later queue_set_models (a restart, a
+ * reload) serves them again after the configured ones (a configured model of the same name
+ * wins; one that no longer loads is left out with a warning). QUEUE_CONFLICT if name is served
+ * already. */
+#define QUEUE_REGISTERED_FILE "registered_models.json"
+int queue_register_model(queue *q, const char *name, const char *path, err *e);
+
+/* A classifier verdict for the model's classifier (engine/adjtask's syntax: HEAD=LABEL or
+ * LABEL items), checked and written back in canonical form into canon; ERR_INVALID naming the
+ * item, ERR_UNSUPPORTED when the model has no classifier, QUEUE_NOT_FOUND for no such model. */
+int queue_model_targets(queue *q, const char *model, const char *spec, char *canon, size_t n,
+                        err *e);
+
 typedef struct queue_model_desc {
   char name[QUEUE_NAME_SIZE];
   char class_name[QUEUE_NAME_SIZE];
@@ -223,6 +254,7 @@ typedef struct queue_model_desc {
   /* a deblurring model: the channels of its conditioning image (model_info.cond_channels), or
    * set regression (model_info.regression: it maps the input image in one evaluation) */
   int cond_channels, regression;
+  int num_embeddings; /* named class embeddings: the last classes (model_info.num_embeddings) */
   int64_t null_class; /* classifier-free guidance's "no class" label (model_info.null_class) */
   int64_t num_params;
   /* Text-to-image pipelines (model_latent): they take prompts; image pixels per latent pixel
@@ -324,6 +356,10 @@ int queue_wait(queue *q, const char *id, int timeout_ms, queue_job_view *out, er
 /* The noise an inversion job extracted (QUEUE_NOISE_FILE); QUEUE_NOT_FOUND for other jobs,
  * QUEUE_NOT_READY before the job succeeded. */
 int queue_noise(queue *q, const char *id, const char *owner, uint8_t **npy, size_t *len, err *e);
+
+/* An audit job's report (QUEUE_REPORT_FILE); QUEUE_NOT_FOUND for other jobs, QUEUE_NOT_READY
+ * before the job succeeded. */
+int queue_report(queue *q, const char *id, const char *owner, uint8_t **json, size_t *len, err *e);
 
 /* Image n of a succeeded job, PNG with its metadata; QUEUE_NOT_READY before it exists. */
 int queue_image(queue *q, const char *id, const char *owner, int n, uint8_t **png, size_t *len,

@@ -115,8 +115,11 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
                                         [QUEUE_EDIT_INVERT_DDIM] = PIPELINE_INVERT_DDIM,
                                         [QUEUE_EDIT_INVERT_DDPM] = PIPELINE_INVERT_DDPM,
                                         [QUEUE_EDIT_BOUNDARY] = PIPELINE_BOUNDARY,
-                                        [QUEUE_EDIT_DEBLUR] = PIPELINE_DEBLUR};
-  if (sp->edit < 0 || sp->edit > QUEUE_EDIT_DEBLUR)
+                                        [QUEUE_EDIT_DEBLUR] = PIPELINE_DEBLUR,
+                                        [QUEUE_EDIT_CONCEPT] = PIPELINE_GENERATE,
+                                        [QUEUE_EDIT_AUDIT] = PIPELINE_GENERATE,
+                                        [QUEUE_EDIT_STYLIZE] = PIPELINE_GENERATE};
+  if (sp->edit < 0 || sp->edit > QUEUE_EDIT_STYLIZE)
     return err_set(e, ERR_FORMAT, "unknown edit kind %d", sp->edit);
   q->r = (pipeline_request){.kind = kinds[sp->edit],
                             .solver = {.name = sp->solver,

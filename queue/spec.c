@@ -16,7 +16,8 @@
 /* ---- specs ---- */
 
 static const char *const edit_names[] = {NULL,          "img2img",  "inpaint", "invert_ddim",
-                                         "invert_ddpm", "boundary", "deblur"};
+                                         "invert_ddpm", "boundary", "deblur",  "concept",
+                                         "audit",       "stylize"};
 
 const char *queue_edit_name(int edit) {
   return edit > 0 && edit < (int)(sizeof edit_names / sizeof *edit_names) ? edit_names[edit] : NULL;
@@ -29,9 +30,11 @@ int queue_edit_from_name(const char *name) {
   return -1;
 }
 
-/* Inversions of an input image store the noise they found. */
+/* Inversions of an input image store the noise they found, audits the adversarial noise. */
 int qspec_has_noise(const queue_spec *s) {
-  return (s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) && s->input_image;
+  return ((s->edit == QUEUE_EDIT_INVERT_DDIM || s->edit == QUEUE_EDIT_INVERT_DDPM) &&
+          s->input_image) ||
+         s->edit == QUEUE_EDIT_AUDIT;
 }
 
 static void decoded_free(queue_decoded *d) {

@@ -1,5 +1,6 @@
-/* One batch on a libuv pool thread: inputs decoded, the sampler or an edit run, progress and
- * previews fed back under the lock, images and noise written to the store. */
+/* One batch on a libuv pool thread: inputs decoded, the sampler or an edit run (a concept job
+ * first learns its row), progress and previews fed back under the lock, images and noise
+ * written to the store. */
 #include "internal.h"
 
 #include <errno.h>
@@ -9,13 +10,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
 
+#include "adjtask.h"
 #include "base64.h"
 #include "edit.h"
 #include "image.h"
 #include "mem.h"
 #include "rng.h"
+#include "safetensors.h"
 
 /* ---- workers ---- */
 
@@ -314,9 +318,272 @@ static int batch_inputs(qbatch *b, qrequest *req, size_t d, batch_arrays *a, err
   return ERR_OK;
 }
 
+/* ---- concept jobs ---- */
+
+static void concept_progress_cb(const concept_progress *p, void *user) {
+  const pipeline_progress pp = {.step = p->step, .total = p->total};
+  batch_progress(&pp, user);
+}
+
+/* The row NAME on the worker's own copy of the model (the registry's is shared read-only):
+ * NAME appended (or, after a restart, taken over) with the start row, in *label. */
+static int concept_class(model *own, const json_t *a, int64_t *label, err *e) {
+  const model_info *mi = model_get_info(own);
+  const char *name = json_string_value(json_object_get(a, "name"));
+  const int64_t init = json_integer_value(json_object_get(a, "init"));
+  float *row = mem_malloc((size_t)mi->class_embed_dim * sizeof(float));
+  if (!row)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  int rc = ERR_OK;
+  if (init >= 0 && model_class_row(own, init))
+    memcpy(row, model_class_row(own, init), (size_t)mi->class_embed_dim * sizeof(float));
+  else
+    rc = concept_mean_row(own, row, e);
+  const int64_t have = name ? model_class_from_name(own, name) : -1;
+  if (rc == ERR_OK && have >= mi->num_classes - mi->num_embeddings) {
+    memcpy(model_class_row(own, have), row, (size_t)mi->class_embed_dim * sizeof(float));
+    *label = have;
+  } else if (rc == ERR_OK) {
+    rc = model_add_class(own, name, row, label, e);
+  }
+  free(row);
+  return rc;
+}
+
+static int concept_save(const qbatch *b, model *own, const json_t *a, int64_t label, err *e) {
+  const model_info *mi = model_get_info(own);
+  char dir[1100], path[1200];
+  snprintf(dir, sizeof dir, "%s/" MODEL_EMBEDDINGS_DIR, b->qm->path);
+  if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+    return err_set(e, ERR_IO, "cannot create %s: %s", dir, strerror(errno));
+  snprintf(path, sizeof path, "%s/%s.safetensors", dir,
+           json_string_value(json_object_get(a, "name")));
+  const int64_t dim = mi->class_embed_dim;
+  const char *meta[] = {"format", "denoised class embedding",
+                        "target", json_string_value(json_object_get(a, "target")),
+                        "job",    b->jobs[0]->id};
+  const st_out_tensor t = {.name = MODEL_EMBEDDING_TENSOR,
+                           .ndim = 1,
+                           .shape = &dim,
+                           .data = model_class_row(own, label)};
+  return st_write_f32(path, &t, 1, meta, 3, e);
+}
+
+/* Learns the concept on a copy of the model (*own, which the job's images then come from, all
+ * of class NAME), saves it beside the model and reloads the registry's copy so later jobs take
+ * NAME. */
+static int run_concept(qbatch *b, qrequest *req, model **own, err *e) {
+  const queue_spec *sp = &b->jobs[0]->spec;
+  const json_t *a = sp->edit_args;
+  int rc = model_load(b->qm->path, own, e);
+  adjtask_target t[ADJTASK_MAX_TARGETS] = {{0}};
+  int nt = 0;
+  int64_t label = -1;
+  sampler *s = NULL;
+  if (rc == ERR_OK && !b->qm->clf)
+    rc = err_set(e, ERR_UNSUPPORTED, "the model's classifier is gone");
+  if (rc == ERR_OK)
+    rc = adjtask_parse_targets(b->qm->clf, json_string_value(json_object_get(a, "target")), t, &nt,
+                               e);
+  if (rc == ERR_OK)
+    rc = concept_class(*own, a, &label, e);
+  if (rc == ERR_OK)
+    rc = queue_make_sampler(b->q, sp, &s, NULL, 0, e);
+  const concept_opts o = {.gen = {.s = s,
+                                  .gd = req->r.guidance,
+                                  .threads = b->q->o.threads_per_job,
+                                  .cancel = &b->cancel},
+                          .clf = b->qm->clf,
+                          .targets = t,
+                          .n_targets = nt,
+                          .label = label,
+                          .steps = (int)json_integer_value(json_object_get(a, "steps")),
+                          .batch = (int)json_integer_value(json_object_get(a, "batch")),
+                          .lr = json_number_value(json_object_get(a, "lr")),
+                          .margin = json_number_value(json_object_get(a, "margin")),
+                          .seed = sp->seed,
+                          .progress = concept_progress_cb,
+                          .progress_user = b};
+  if (rc == ERR_OK)
+    rc = concept_optimize(*own, &o, e);
+  sampler_free(s);
+  if (rc == ERR_OK)
+    rc = concept_save(b, *own, a, label, e);
+  if (rc == ERR_OK)
+    rc = qmodel_reload(b->q, sp->model, e);
+  if (rc == ERR_OK && !req->labels && !(req->labels = mem_malloc(sizeof *req->labels * sp->batch)))
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; rc == ERR_OK && i < sp->batch; i++)
+    req->labels[i] = label;
+  req->r.labels = req->labels;
+  return rc ? err_prefix(e, "concept") : ERR_OK;
+}
+
+/* ---- audit jobs ---- */
+
+static void audit_progress_cb(const audit_progress *p, void *user) {
+  const pipeline_progress pp = {.step = p->step, .total = p->total};
+  batch_progress(&pp, user);
+}
+
+/* The report as JSON text into the store, beside the adversarial noise. */
+static int audit_store(qbatch *b, const json_t *a, const audit_result *res, err *e) {
+  const queue_spec *sp = &b->jobs[0]->spec;
+  const model_info *mi = model_get_info(b->qm->m);
+  const json_t *eps = json_object_get(a, "eps");
+  json_t *boxes = json_array();
+  for (size_t i = 0; boxes && i < json_array_size(eps) && i < ADJTASK_MAX_EPS; i++)
+    json_array_append_new(
+        boxes,
+        json_pack("{s:f, s:i, s:i, s:I, s:f}", "eps", json_number_value(json_array_get(eps, i)),
+                  "adversarial", res->adversarial[i], "random", res->random[i], "random_draws",
+                  (json_int_t)res->clean * json_integer_value(json_object_get(a, "random")),
+                  "seconds", res->seconds[i]));
+  json_t *rep = json_pack("{s:s, s:I, s:i, s:i, s:O, s:o}", "target",
+                          json_string_value(json_object_get(a, "target")), "class_label",
+                          (json_int_t)sp->label, "batch", sp->batch, "clean", res->clean, "iters",
+                          json_object_get(a, "iters"), "boxes", boxes);
+  char *text = rep ? json_dumps(rep, JSON_COMPACT) : NULL;
+  json_decref(rep);
+  int rc = text ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK)
+    rc = b->q->st->ops->put_file(b->q->st, b->jobs[0]->id, QUEUE_REPORT_FILE, (uint8_t *)text,
+                                 strlen(text), e);
+  free(text);
+  const int64_t sh[4] = {sp->batch, mi->in_channels, sp->height, sp->width};
+  uint8_t *npy = NULL;
+  size_t len = 0;
+  if (rc == ERR_OK)
+    rc = npy_encode_f32(res->noise, 4, sh, &npy, &len, e);
+  if (rc == ERR_OK)
+    rc = b->q->st->ops->put_file(b->q->st, b->jobs[0]->id, QUEUE_NOISE_FILE, npy, len, e);
+  free(npy);
+  return rc;
+}
+
+/* The audit of the job's class with the served model (read-only); res->images are the job's
+ * images. */
+static int run_audit(qbatch *b, qrequest *req, audit_result *res, size_t d, err *e) {
+  const queue_spec *sp = &b->jobs[0]->spec;
+  const json_t *a = sp->edit_args;
+  const size_t nd = (size_t)sp->batch * d;
+  adjtask_target t[ADJTASK_MAX_TARGETS] = {{0}};
+  int nt = 0, rc = ERR_OK;
+  double eps[ADJTASK_MAX_EPS];
+  const json_t *ev = json_object_get(a, "eps");
+  const int neps = (int)json_array_size(ev);
+  for (int i = 0; i < neps && i < ADJTASK_MAX_EPS; i++)
+    eps[i] = json_number_value(json_array_get(ev, (size_t)i));
+  sampler *s = NULL;
+  res->noise = mem_malloc(nd * sizeof(float));
+  res->images = mem_malloc(nd * sizeof(float));
+  if (!res->noise || !res->images)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (rc == ERR_OK && !b->qm->clf)
+    rc = err_set(e, ERR_UNSUPPORTED, "the model's classifier is gone");
+  if (rc == ERR_OK)
+    rc = adjtask_parse_targets(b->qm->clf, json_string_value(json_object_get(a, "target")), t, &nt,
+                               e);
+  if (rc == ERR_OK)
+    rc = queue_make_sampler(b->q, sp, &s, NULL, 0, e);
+  const audit_opts o = {.gen = {.s = s,
+                                .gd = req->r.guidance,
+                                .threads = b->q->o.threads_per_job,
+                                .cancel = &b->cancel},
+                        .clf = b->qm->clf,
+                        .head = t[0].head,
+                        .target = t[0].cls,
+                        .label = sp->label,
+                        .batch = sp->batch,
+                        .seed = sp->seed,
+                        .eps = eps,
+                        .n_eps = neps,
+                        .iters = (int)json_integer_value(json_object_get(a, "iters")),
+                        .random = (int)json_integer_value(json_object_get(a, "random")),
+                        .progress = audit_progress_cb,
+                        .progress_user = b};
+  if (rc == ERR_OK)
+    rc = audit_run(b->qm->m, &o, res, e);
+  b->s = s; /* the images' metadata names the solver */
+  if (rc == ERR_OK)
+    rc = audit_store(b, a, res, e);
+  return rc ? err_prefix(e, "audit") : ERR_OK;
+}
+
+/* ---- stylize jobs ---- */
+
+static void stylize_progress_cb(const stylize_progress *p, void *user) {
+  const pipeline_progress pp = {.step = p->step, .total = p->total};
+  batch_progress(&pp, user);
+}
+
+#define STYLIZE_MAX_CLASSES 1024
+
+/* Fine-tunes a copy of the model (*own, which the job's images then come from), writes it to
+ * STATE_DIR/models/NAME-JOBID and registers it as model NAME. */
+static int run_stylize(qbatch *b, qrequest *req, model **own, err *e) {
+  const queue_spec *sp = &b->jobs[0]->spec;
+  const json_t *a = sp->edit_args;
+  const classifier *clf = b->qm->clf;
+  adjtask_target t[ADJTASK_MAX_TARGETS] = {{0}};
+  int nt = 0, n = 0, *keep_cls = mem_malloc(STYLIZE_MAX_CLASSES * sizeof *keep_cls);
+  int64_t *classes = mem_malloc(STYLIZE_MAX_CLASSES * sizeof *classes);
+  sampler *s = NULL;
+  int rc = classes && keep_cls ? model_load(b->qm->path, own, e)
+                               : err_set(e, ERR_NOMEM, "out of memory");
+  const int keep =
+      clf ? classifier_head_index(clf, json_string_value(json_object_get(a, "keep"))) : -1;
+  if (rc == ERR_OK && keep < 0)
+    rc = err_set(e, ERR_UNSUPPORTED, "the model's classifier or its head is gone");
+  if (rc == ERR_OK)
+    rc = adjtask_parse_targets(clf, json_string_value(json_object_get(a, "target")), t, &nt, e);
+  if (rc == ERR_OK)
+    rc = adjtask_class_map(*own, clf, keep, classes, keep_cls, STYLIZE_MAX_CLASSES, &n, e);
+  if (rc == ERR_OK)
+    rc = queue_make_sampler(b->q, sp, &s, NULL, 0, e);
+  const stylize_opts o = {.gen = {.s = s,
+                                  .gd = req->r.guidance,
+                                  .threads = b->q->o.threads_per_job,
+                                  .cancel = &b->cancel},
+                          .clf = clf,
+                          .targets = t,
+                          .n_targets = nt,
+                          .keep_head = keep,
+                          .classes = classes,
+                          .keep_cls = keep_cls,
+                          .n_classes = n,
+                          .keep_weight = json_number_value(json_object_get(a, "keep_weight")),
+                          .steps = (int)json_integer_value(json_object_get(a, "steps")),
+                          .batch = (int)json_integer_value(json_object_get(a, "batch")),
+                          .lr = json_number_value(json_object_get(a, "lr")),
+                          .margin = json_number_value(json_object_get(a, "margin")),
+                          .seed = sp->seed,
+                          .progress = stylize_progress_cb,
+                          .progress_user = b};
+  if (rc == ERR_OK)
+    rc = stylize_optimize(*own, &o, e);
+  sampler_free(s);
+  free(classes), free(keep_cls);
+  const char *name = json_string_value(json_object_get(a, "name"));
+  char dir[1200], out[1400], cdir[1100];
+  snprintf(dir, sizeof dir, "%s/models", b->q->state_dir);
+  snprintf(out, sizeof out, "%s/%s-%s", dir, name, b->jobs[0]->id);
+  snprintf(cdir, sizeof cdir, "%s/classifier", b->qm->path);
+  if (rc == ERR_OK && mkdir(dir, 0777) != 0 && errno != EEXIST)
+    rc = err_set(e, ERR_IO, "cannot create %s: %s", dir, strerror(errno));
+  if (rc == ERR_OK) {
+    const char *meta[] = {"format", "pt",          "trained_by", "denoised stylize job",
+                          "job",    b->jobs[0]->id};
+    rc = adjtask_save_model(*own, b->qm->path, cdir, out, meta, 3, e);
+  }
+  if (rc == ERR_OK)
+    rc = queue_register_model(b->q, name, out, e);
+  return rc ? err_prefix(e, "stylize") : ERR_OK;
+}
+
 /* The pipeline run with the queue's progress, cancel and noise hooks; an inversion's noise
  * goes to the store with the head job. */
-static int run_batch(qbatch *b, qrequest *req, pipeline_result *res, err *e) {
+static int run_batch(qbatch *b, const model *m, qrequest *req, pipeline_result *res, err *e) {
   queue *q = b->q;
   const qjob *head = b->jobs[0];
   pipeline_hooks hooks = {.progress = batch_progress,
@@ -328,8 +595,7 @@ static int run_batch(qbatch *b, qrequest *req, pipeline_result *res, err *e) {
                           .noise_user = b};
   if (b->njobs == 1 && q->fault_nan_seed && head->spec.seed == q->fault_nan_seed)
     hooks.noise = fault_nan_noise;
-  b->t_start = b->t_last = qclock_mono();
-  int rc = pipeline_run(b->qm->m, &req->r, &hooks, res, e);
+  int rc = pipeline_run(m, &req->r, &hooks, res, e);
   if (!rc && qpace_on(b) && qpace_finish(b, res->nfe, report_paced))
     rc = ERR_CANCELLED;
   b->s = res->sampler;
@@ -403,15 +669,27 @@ void qworker_run(uv_work_t *w) {
   const size_t d_image = (size_t)mi->image_channels * b->h * b->w;
   if (!rc && b->njobs > 1)
     rc = batch_inputs(b, &req, d_noise, &arrays, &e);
-  if (!rc)
-    rc = run_batch(b, &req, &res, &e);
+  model *own = NULL; /* a concept job's copy of the model, with its new row */
+  b->t_start = b->t_last = qclock_mono();
+  audit_result ar = {0};
+  if (!rc && head->spec.edit == QUEUE_EDIT_CONCEPT)
+    rc = run_concept(b, &req, &own, &e);
+  if (!rc && head->spec.edit == QUEUE_EDIT_STYLIZE)
+    rc = run_stylize(b, &req, &own, &e);
+  if (!rc && head->spec.edit == QUEUE_EDIT_AUDIT)
+    rc = run_audit(b, &req, &ar, d_image, &e); /* pixel models only: noise and image agree */
+  else if (!rc)
+    rc = run_batch(b, own ? own : b->qm->m, &req, &res, &e);
   if (rc == ERR_OK) {
     for (int i = 0, base = 0; i < b->njobs; base += b->jobs[i]->spec.batch, i++)
-      write_results(b, base, b->jobs[i], &req.r, res.images, d_image);
+      write_results(b, base, b->jobs[i], &req.r, ar.images ? ar.images : res.images, d_image);
   } else {
     fail_batch(b, rc, &e);
   }
   batch_arrays_free(&arrays);
   qrequest_free(&req);
   pipeline_result_clear(&res);
+  model_free(own);
+  free(ar.noise);
+  free(ar.images);
 }

@@ -513,6 +513,18 @@ static enum MHD_Result serve_noise(srv *s, struct MHD_Connection *c, req *r, con
   return serve_result(s, c, r, id, rc, &e, npy, len, "application/octet-stream", disp);
 }
 
+/* An audit job's report (JSON). */
+static enum MHD_Result serve_report(srv *s, struct MHD_Connection *c, req *r, const char *id,
+                                    const char *owner) {
+  uint8_t *json = NULL;
+  size_t len = 0;
+  err e = {0};
+  int rc = queue_report(s->q, id, owner, &json, &len, &e);
+  char disp[96];
+  snprintf(disp, sizeof disp, "inline; filename=\"%s-report.json\"", id);
+  return serve_result(s, c, r, id, rc, &e, json, len, "application/json", disp);
+}
+
 /* The query parameter name as a number in [1, max] into *out (left as is when absent); returns
  * 0, or -1 with the 400 naming it in *ret. */
 static int query_uint(srv *s, struct MHD_Connection *c, req *r, const char *name, int max,
@@ -1047,6 +1059,13 @@ static enum MHD_Result route_job(srv *s, struct MHD_Connection *c, req *r, const
     if (authorize(s, c, r, SCOPE_READ, &ret))
       return ret;
     return serve_noise(s, c, r, id, owner);
+  }
+  if (strcmp(slash, "/report.json") == 0) {
+    if (!get)
+      return method_not_allowed(s, c, r, "GET");
+    if (authorize(s, c, r, SCOPE_READ, &ret))
+      return ret;
+    return serve_report(s, c, r, id, owner);
   }
   if (strncmp(slash, "/images/", 8) == 0) {
     if (!get)

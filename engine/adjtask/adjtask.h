@@ -93,6 +93,43 @@ int concept_optimize(model *m, const concept_opts *o, err *e);
  * for a concept), into row[class_embed_dim]. ERR_UNSUPPORTED without class embeddings. */
 int concept_mean_row(model *m, float *row, err *e);
 
+#define ADJTASK_MAX_EPS 4
+
+typedef struct audit_progress {
+  int step, total; /* every sampling run of the audit counts one step */
+  int misread;     /* images misread so far in the current attack */
+} audit_progress;
+
+typedef struct audit_opts {
+  adjtask_gen gen;
+  const classifier *clf;
+  int head, target;  /* the verdict every image is expected to get */
+  int64_t label;     /* the class every image is generated as */
+  int batch;         /* images, 1..ADJTASK_MAX_BATCH */
+  uint64_t seed;     /* image b starts from rng_normal(seed, b, 0) (`denoised sample --seed`) */
+  const double *eps; /* box sizes, n_eps of them (1..ADJTASK_MAX_EPS), each in (0, 2] */
+  int n_eps;
+  int iters;  /* ascent steps per box (step 2.5 eps / iters) */
+  int random; /* random corners per image and box */
+  void (*progress)(const audit_progress *p, void *user);
+  void *progress_user;
+} audit_opts;
+
+typedef struct audit_result {
+  int clean;                        /* images read as the target without a perturbation */
+  int adversarial[ADJTASK_MAX_EPS]; /* of those, misread with the attack's noise */
+  int random[ADJTASK_MAX_EPS];      /* misreads over clean * random random corners */
+  double seconds[ADJTASK_MAX_EPS];  /* each attack's wall time */
+  float *noise;  /* if set: the last box's adversarial noises, batch * C * S * S */
+  float *images; /* if set: the samples from them */
+} audit_result;
+
+/* AdjointDPM's security audit: for each box, projected sign-gradient ascent on
+ * -log p(target | sample) over the noise (gradients through the whole run by the discrete
+ * adjoint; images already misread are frozen), then random corners of the same box (+-eps in
+ * every value, rng_normal(seed + 1, b, r + 1)'s signs). Errors as concept_optimize's. */
+int audit_run(const model *m, const audit_opts *o, audit_result *r, err *e);
+
 /* The model's classes a classifier head reads by name (class_labels matched against the head's
  * labels, the null class and named embeddings left out): classes[k] and the head's class
  * head_cls[k], at most max; *n of them (ERR_INVALID when none). */
@@ -122,6 +159,13 @@ typedef struct stylize_opts {
   void (*progress)(const stylize_progress *p, void *user);
   void *progress_user;
 } stylize_opts;
+
+/* Writes the folder out (which must not exist) as a model the engine loads: m's weights (F32
+ * diffusers names, meta pairs as the safetensors metadata), config.json and
+ * scheduler_config.json copied from src_dir (a flat model folder), and, if clf_dir is set, the
+ * classifier's config.json and model.safetensors as out/classifier/. ERR_IO naming the path. */
+int adjtask_save_model(const model *m, const char *src_dir, const char *clf_dir, const char *out,
+                       const char *const *meta, int nmeta, err *e);
 
 /* Fine-tunes every weight of m (then model_repack) toward the style: each step makes o->batch
  * images of the classes in turn from fresh noises, takes the margin loss of the style targets

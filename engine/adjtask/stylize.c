@@ -4,15 +4,19 @@
  * Fresh noises every step and classes in turn, so the style is learned for the model, not for
  * a fixed set of images; the keep term is what stops the cheapest way to an attribute verdict
  * (one glyph that is italic whatever the class). */
+#include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "adjoint.h"
 #include "adjtask.h"
 #include "margin.h"
 #include "optim.h"
 #include "rng.h"
+#include "safetensors.h"
 
 int adjtask_class_map(const model *m, const classifier *clf, int head, int64_t *classes,
                       int *head_cls, int max, int *n, err *e) {
@@ -179,5 +183,58 @@ int stylize_optimize(model *m, const stylize_opts *o, err *e) {
   model_grads_free(r.g);
   free(counts), free(r.params), free(r.grads);
   free(r.noise), free(r.x), free(r.gx), free(r.logits), free(r.gl);
+  return rc;
+}
+
+/* Copies the file from to to (small JSON and weight files). */
+static int copy_file(const char *from, const char *to, err *e) {
+  FILE *in = fopen(from, "rb");
+  if (!in)
+    return err_set(e, ERR_IO, "%s: %s", from, strerror(errno));
+  FILE *out = fopen(to, "wb");
+  if (!out) {
+    fclose(in);
+    return err_set(e, ERR_IO, "%s: %s", to, strerror(errno));
+  }
+  char buf[65536];
+  size_t n;
+  int bad = 0;
+  while (!bad && (n = fread(buf, 1, sizeof buf, in)) > 0)
+    bad = fwrite(buf, 1, n, out) != n;
+  bad = bad || ferror(in);
+  fclose(in);
+  if (fclose(out) != 0 || bad)
+    return err_set(e, ERR_IO, "copying %s to %s failed", from, to);
+  return ERR_OK;
+}
+
+int adjtask_save_model(const model *m, const char *src_dir, const char *clf_dir, const char *out,
+                       const char *const *meta, int nmeta, err *e) {
+  char from[4200], to[4200];
+  if (mkdir(out, 0777) != 0)
+    return err_set(e, ERR_IO, "cannot create %s: %s", out, strerror(errno));
+  snprintf(to, sizeof to, "%s/classifier", out);
+  if (clf_dir && mkdir(to, 0777) != 0)
+    return err_set(e, ERR_IO, "cannot create %s: %s", to, strerror(errno));
+  const int np = model_param_count(m);
+  st_out_tensor *t = calloc((size_t)np + 1, sizeof *t);
+  if (!t)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < np; i++) {
+    const model_param *mp = model_param_at(m, i);
+    t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, mp->data};
+  }
+  snprintf(to, sizeof to, "%s/diffusion_pytorch_model.safetensors", out);
+  int rc = st_write_f32(to, t, np, meta, nmeta, e);
+  free(t);
+  const char *files[][2] = {{src_dir, "config.json"},
+                            {src_dir, "scheduler_config.json"},
+                            {clf_dir, "config.json"},
+                            {clf_dir, "model.safetensors"}};
+  for (int i = 0; rc == ERR_OK && i < (clf_dir ? 4 : 2); i++) {
+    snprintf(from, sizeof from, "%s/%s", files[i][0], files[i][1]);
+    snprintf(to, sizeof to, "%s/%s%s", out, i >= 2 ? "classifier/" : "", files[i][1]);
+    rc = copy_file(from, to, e);
+  }
   return rc;
 }
