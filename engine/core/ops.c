@@ -166,26 +166,15 @@ static int winograd_enabled(void) {
 int ops_conv2d_pack(conv2d *c) {
   int symmetric =
       c->pad_top == c->pad_left && c->pad_top == c->pad_bottom && c->pad_top == c->pad_right;
-  if (winograd_enabled() && symmetric &&
-      wino_applies(c->k, c->stride, c->pad_top, c->cin, c->cout)) {
-    c->wino = mem_malloc(sizeof *c->wino);
-    if (!c->wino || wino_prepare(c->wino, c->weight, c->bias, c->cin, c->cout)) {
-      free(c->wino);
-      c->wino = NULL;
-      return -1;
-    }
-  }
-  /* Both forms are kept: small images go the im2col way (see ops_conv2d). */
-  if (gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k)) {
-    ops_conv2d_unpack(c); /* all or nothing: the caller frees only what packed */
-    return -1;
-  }
+  c->forms = OPS_FORM_GEMM;
+  if (winograd_enabled() && symmetric && wino_applies(c->k, c->stride, c->pad_top, c->cin, c->cout))
+    c->forms |= OPS_FORM_WINO;
   return 0;
 }
 
 int ops_conv2d_pack_direct(conv2d *c) {
-  c->wino = NULL;
-  return gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k) ? -1 : 0;
+  c->forms = OPS_FORM_GEMM;
+  return 0;
 }
 
 void ops_conv2d_unpack(conv2d *c) {
@@ -195,9 +184,64 @@ void ops_conv2d_unpack(conv2d *c) {
     c->wino = NULL;
   }
   gemm_packed_free(&c->packed);
+  c->forms = c->built = c->bf16 = 0;
+}
+
+int ops_conv2d_packed(const conv2d *c) {
+  return c->forms != 0;
+}
+
+/* Builds one form of a layer (and rounds it to bf16 if the layer is). */
+static int build_form(conv2d *c, int form) {
+  if (form == OPS_FORM_WINO) {
+    wino_conv *w = mem_malloc(sizeof *w);
+    if (!w || wino_prepare(w, c->weight, c->bias, c->cin, c->cout)) {
+      free(w);
+      return -1;
+    }
+    for (int p = 0; c->bf16 && p < WINO_POINTS; p++)
+      if (w->u[p].data && gemm_packed_to_bf16(&w->u[p])) {
+        wino_release(w);
+        free(w);
+        return -1;
+      }
+    c->wino = w;
+    return 0;
+  }
+  if (gemm_pack_a(&c->packed, c->weight, c->cout, c->cin * c->k * c->k))
+    return -1;
+  if (c->bf16 && gemm_packed_to_bf16(&c->packed)) {
+    gemm_packed_free(&c->packed);
+    return -1;
+  }
+  return 0;
+}
+
+/* Serialises the building of forms; forwards that find a form built read it without the lock. */
+static pthread_mutex_t form_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The form ready for use, built now if this is its first use. A layer's forms are mutable
+ * state behind a const conv2d: they are a cache of c->weight, filled once under form_lock and
+ * published with release order, so concurrent forwards over one model see them whole. */
+static int ensure_form(const conv2d *cc, int form) {
+  conv2d *c = (conv2d *)cc;
+  if (__atomic_load_n(&c->built, __ATOMIC_ACQUIRE) & form)
+    return 0;
+  pthread_mutex_lock(&form_lock);
+  int rc = 0;
+  if (!(c->built & form)) {
+    rc = build_form(c, form);
+    if (!rc)
+      __atomic_store_n(&c->built, c->built | form, __ATOMIC_RELEASE);
+  }
+  pthread_mutex_unlock(&form_lock);
+  return rc;
 }
 
 int ops_conv2d_to_bf16(conv2d *c) {
+  if (!gemm_bf16_available())
+    return -1;
+  c->bf16 = 1;
   if (c->packed.data && gemm_packed_to_bf16(&c->packed))
     return -1;
   for (int p = 0; c->wino && p < WINO_POINTS; p++)
@@ -212,8 +256,10 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
    * 4x larger filters make the GEMMs memory-bound. The choice depends on
    * the image size alone, never on the batch, so an image gets the same
    * bits alone or batched. */
-  if (c->wino && h * w >= OPS_WINO_MIN_PIXELS)
-    return wino_conv2d(c->wino, x, n, h, w, y, a, p);
+  if ((c->forms & OPS_FORM_WINO) && h * w >= OPS_WINO_MIN_PIXELS)
+    return ensure_form(c, OPS_FORM_WINO) ? -1 : wino_conv2d(c->wino, x, n, h, w, y, a, p);
+  if (ensure_form(c, OPS_FORM_GEMM))
+    return -1;
   conv_job j = {.c = c, .x = x, .y = y, .n = n, .h = h, .w = w};
   ops_conv2d_out_size(c, h, w, &j.oh, &j.ow);
   j.P = j.oh * j.ow;

@@ -21,22 +21,33 @@ typedef struct conv2d {
   int pad_top, pad_left, pad_bottom, pad_right;
   const float *weight; /* [cout][cin][k][k] */
   const float *bias;   /* [cout] or NULL */
-  gemm_packed packed;  /* weight in the GEMM kernel's layout: ops_conv2d_pack */
-  wino_conv *wino;     /* Winograd form instead, for 3x3 stride-1 layers */
+  gemm_packed packed;  /* weight in the GEMM kernel's layout, built on first use */
+  wino_conv *wino;     /* Winograd form, built on first use by an image large enough */
+  int forms;           /* OPS_FORM_* bits ops_conv2d_pack allowed (0: not packed) */
+  int built;           /* OPS_FORM_* bits built so far (atomic: forwards may share a layer) */
+  int bf16;            /* built forms are rounded to bf16 (ops_conv2d_to_bf16) */
 } conv2d;
 
-/* Packs c->weight for ops_conv2d (once, at load): Winograd-transformed for
- * 3x3 stride-1 pad-1 layers (unless DENOISED_NO_WINOGRAD=1), im2col GEMM
- * layout otherwise. Unpack frees what pack made. */
+#define OPS_FORM_GEMM 1 /* im2col GEMM panels */
+#define OPS_FORM_WINO 2 /* Winograd F(4x4,3x3) transformed filters */
+
+/* Readies c->weight for ops_conv2d: the Winograd form for 3x3 stride-1 pad-1 layers (unless
+ * DENOISED_NO_WINOGRAD=1) and the im2col GEMM form. Each form is built the first time a forward
+ * needs it (Winograd for images of 64 pixels and more, im2col below), so a layer holds only the
+ * forms its image sizes use: a model whose small levels never see Winograd keeps no 4x larger
+ * transformed copy there, and its large levels no GEMM copy. The bits are those of building at
+ * load. Unpack frees what was built. */
 int ops_conv2d_pack(conv2d *c);
 /* The im2col GEMM form only: every output pixel is then summed in the same order, so equal input
  * patches give bit-equal outputs (a max pool's ties stay ties, as in PyTorch; Winograd's
  * position-dependent rounding breaks them and moves a max pool's gradient). */
 int ops_conv2d_pack_direct(conv2d *c);
 void ops_conv2d_unpack(conv2d *c);
-/* Rounds a packed convolution's weights (im2col and Winograd forms) to bf16 for the
- * gemm_packed_to_bf16 products. Returns 0, or -1 when out of memory or the CPU lacks bf16
- * (a layer already converted stays so; ops_conv2d_unpack frees either kind). */
+/* Whether ops_conv2d_pack or ops_conv2d_pack_direct readied c. */
+int ops_conv2d_packed(const conv2d *c);
+/* Rounds a packed convolution's weights (im2col and Winograd forms, those built now and later) to
+ * bf16 for the gemm_packed_to_bf16 products. Returns 0, or -1 when out of memory or the CPU lacks
+ * bf16 (a layer already converted stays so; ops_conv2d_unpack frees either kind). */
 int ops_conv2d_to_bf16(conv2d *c);
 
 /* Output size of conv c on an h x w input. */

@@ -54,7 +54,7 @@ static int check_conv(const grad_node *nd, int backward, err *e) {
   ops_conv2d_out_size(c, nd->h, nd->w, &oh, &ow);
   if (oh < 1 || ow < 1)
     return bad(nd, e, "h", "and 'w' are smaller than the kernel");
-  if (backward == 0 && !c->packed.data && !c->packed.bf16 && !c->wino)
+  if (backward == 0 && !ops_conv2d_packed(c))
     return bad(nd, e, "p.conv", "is not packed (ops_conv2d_pack)");
   if (backward > 0 && nd->dsrc[2] && !c->bias)
     return bad(nd, e, "dsrc[2]", "asks for the gradient of a bias the convolution lacks");
@@ -88,8 +88,7 @@ static int check_attn(const grad_node *nd, int backward, err *e) {
   if (aw->rescale == 0 || !isfinite(aw->rescale))
     return bad(nd, e, "p.attn.rescale", "must be finite and non-zero");
   for (int i = 0; i < 4; i++)
-    if (!aw->proj[i].weight || !aw->proj[i].bias ||
-        (!aw->proj[i].packed.data && !aw->proj[i].packed.bf16))
+    if (!aw->proj[i].weight || !aw->proj[i].bias || !ops_conv2d_packed(&aw->proj[i]))
       return bad(nd, e, "p.attn", "is not packed (ops_attention_pack)");
   if (aw->groups > 0 && (nd->c % aw->groups || !aw->norm_gamma || !aw->norm_beta))
     return bad(nd, e, "p.attn.groups", "must divide the channels, with gamma and beta");
