@@ -25,6 +25,7 @@ struct st_file {
   char *path;
   const uint8_t *map; /* NULL for a view, which borrows its base's data */
   size_t map_len;
+  int fd;              /* kept open for st_map_f32; -1 for a view */
   const uint8_t *data; /* start of the data section */
   uint64_t data_len;
   st_entry *entries;
@@ -155,11 +156,13 @@ int st_open(const char *path, st_file **out, err *e) {
   st_file *f = mem_calloc(1, sizeof *f);
   if (!f)
     return err_set(e, ERR_NOMEM, "out of memory");
+  f->fd = -1;
   if (!(f->path = mem_strdup(path))) {
     free(f);
     return err_set(e, ERR_NOMEM, "%s: out of memory", path);
   }
   int fd = open(path, O_RDONLY | O_CLOEXEC);
+  f->fd = fd;
   if (fd < 0) {
     int rc = err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
     st_close(f);
@@ -167,7 +170,6 @@ int st_open(const char *path, st_file **out, err *e) {
   }
   struct stat sb;
   if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-    close(fd);
     st_close(f);
     return err_set(e, ERR_IO, "%s: not a regular file", path);
   }
@@ -176,14 +178,12 @@ int st_open(const char *path, st_file **out, err *e) {
     void *m = mmap(NULL, f->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
       int rc = err_set(e, ERR_IO, "%s: mmap: %s", path, strerror(errno));
-      close(fd);
       f->map_len = 0;
       st_close(f);
       return rc;
     }
     f->map = m;
   }
-  close(fd);
   int rc = parse_header(f, e);
   if (rc) {
     err_prefix(e, "%s", path);
@@ -202,6 +202,8 @@ void st_close(st_file *f) {
   free(f->entries);
   if (f->map)
     munmap((void *)f->map, f->map_len);
+  if (f->fd >= 0)
+    close(f->fd);
   free(f->path);
   free(f);
 }
@@ -233,6 +235,8 @@ const st_tensor_info *st_find(const st_file *f, const char *name) {
 int st_view(const st_file *base, const st_alias *a, int n, st_file **out, err *e) {
   *out = NULL;
   st_file *v = mem_calloc(1, sizeof *v);
+  if (v)
+    v->fd = -1;
   if (!v || !(v->path = mem_strdup(base->path)) ||
       !(v->entries = mem_calloc((size_t)n + 1, sizeof *v->entries))) {
     st_close(v);
@@ -359,6 +363,32 @@ int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *sha
                    f->path, name, dtype_name(en->info.dtype));
   }
   return ERR_OK;
+}
+
+int st_map_f32(const st_file *f, const char *name, int ndim, const int64_t *shape, float **data,
+               void **map, size_t *map_len) {
+  const st_entry *en = find_entry(f, name);
+  if (f->fd < 0 || !f->map || !en || en->info.dtype != ST_F32 || en->info.count < 1 ||
+      (shape && !shape_matches(&en->info, ndim, shape)))
+    return 0;
+  const uint64_t at = (uint64_t)(f->data - f->map) + en->begin;
+  const long page = sysconf(_SC_PAGESIZE);
+  if (at % sizeof(float) || page <= 0)
+    return 0;
+  const uint64_t start = at - at % (uint64_t)page;
+  const size_t len = (size_t)(at - start) + (size_t)en->info.count * sizeof(float);
+  void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, f->fd, (off_t)start);
+  if (m == MAP_FAILED)
+    return 0;
+  *map = m;
+  *map_len = len;
+  *data = (float *)((uint8_t *)m + (at - start));
+  return 1;
+}
+
+void st_unmap(void *map, size_t map_len) {
+  if (map)
+    munmap(map, map_len);
 }
 
 int st_read_i64(const st_file *f, const char *name, int64_t *dst, int64_t count, err *e) {

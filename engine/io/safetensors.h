@@ -36,6 +36,16 @@ int st_index(const st_file *f, const char *name);
  * shape equals `shape` (ndim dims) when shape is non-NULL. Errors name it. */
 int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *shape, float *dst,
                 err *e);
+/* Tensor `name` mapped from the file instead of copied, when it is float32 at a 4-byte aligned
+ * offset of a file st_open opened (not a view) and has `shape` (if non-NULL): returns 1 and sets
+ * *data to its values, in a private writable mapping (*map, *map_len for st_unmap) whose pages
+ * are read from the page cache on first touch and copied only when written, so a model holds no
+ * second copy of its weights and loading them costs no copy. The mapping outlives f; writers
+ * replace weight files by rename (st_write_f32), which leaves the mapped file intact. Returns 0
+ * when it cannot map (the caller copies with st_read_f32, which also names any error). */
+int st_map_f32(const st_file *f, const char *name, int ndim, const int64_t *shape, float **data,
+               void **map, size_t *map_len);
+void st_unmap(void *map, size_t map_len);
 int st_read_i64(const st_file *f, const char *name, int64_t *dst, int64_t count, err *e);
 
 /* ---------- views ---------- */

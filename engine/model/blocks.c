@@ -198,11 +198,21 @@ int blocks_check_keys(const json_t *cfg, const char *const *known, int nknown,
 
 /* ---------- learned tensors ---------- */
 
+void blocks_param_release(model_param *mp) {
+  if (mp->map)
+    st_unmap(mp->map, mp->map_len);
+  else
+    free(mp->data);
+  mp->data = NULL;
+  mp->map = NULL;
+  mp->map_len = 0;
+}
+
 void blocks_params_free(blocks_params *ps) {
   for (int i = 0; i < ps->nconvs; i++)
     ops_conv2d_unpack(ps->convs[i]);
   for (int i = 0; i < ps->nparams; i++) {
-    free(ps->params[i].data);
+    blocks_param_release(&ps->params[i]);
     free((char *)ps->params[i].name);
   }
   free(ps->params);
@@ -331,14 +341,18 @@ float *blocks_load_tensor(blocks_loader *ld, const char *name, int ndim, const i
   int64_t count = 1;
   for (int i = 0; i < ndim; i++)
     count *= shape[i];
-  float *p = mem_aligned(64, ((size_t)count * sizeof(float) + 63) & ~(size_t)63);
-  if (!p) {
+  model_param *mp = &ps->params[ps->nparams];
+  *mp = (model_param){.ndim = ndim, .count = (size_t)count};
+  memcpy(mp->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  /* float32 weights stay in the file's pages (no copy to make or keep), others are converted */
+  if (!ld->st || !st_map_f32(ld->st, name, ndim, shape, &mp->data, &mp->map, &mp->map_len))
+    mp->data = mem_aligned(64, ((size_t)count * sizeof(float) + 63) & ~(size_t)63);
+  if (!mp->data) {
     err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
     return NULL;
   }
-  model_param *mp = &ps->params[ps->nparams++];
-  *mp = (model_param){.ndim = ndim, .count = (size_t)count, .data = p};
-  memcpy(mp->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  ps->nparams++;
+  float *p = mp->data;
   if (!(mp->name = mem_strdup(name))) {
     err_set(ld->e, ERR_NOMEM, "out of memory loading '%s'", name);
     return NULL;
@@ -346,7 +360,7 @@ float *blocks_load_tensor(blocks_loader *ld, const char *name, int ndim, const i
   if (!ld->st) {
     init_tensor(ld, mp, ps->nparams - 1);
   } else {
-    if (st_read_f32(ld->st, name, ndim, shape, p, ld->e))
+    if (!mp->map && st_read_f32(ld->st, name, ndim, shape, p, ld->e))
       return NULL;
     ld->used[st_index(ld->st, name)] = 1;
   }

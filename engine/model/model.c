@@ -330,9 +330,10 @@ int model_add_class(model *m, const char *name, const float *row, int64_t *label
   /* The learned tensor keeps its count (the first k0 rows): saving or training the model sees
    * the table it was loaded with. */
   for (int i = 0; i < u->ps.nparams; i++)
-    if (u->ps.params[i].data == u->class_table)
+    if (u->ps.params[i].data == u->class_table) {
+      blocks_param_release(&u->ps.params[i]); /* the loaded table: a file mapping or its copy */
       u->ps.params[i].data = table;
-  free(u->class_table);
+    }
   u->class_table = table;
   u->shape.num_classes = k + 1;
   m->info.num_classes = k + 1;

@@ -177,6 +177,8 @@ typedef struct model_param {
   int64_t shape[4];
   size_t count;
   float *data;
+  void *map;      /* the loader's: data's file mapping (st_map_f32), or NULL when data is owned */
+  size_t map_len; /* ... and its length */
 } model_param;
 
 /* Learned tensors in a fixed order (the loader's); 0 for models without any (the GMM). */

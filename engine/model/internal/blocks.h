@@ -64,6 +64,8 @@ typedef struct blocks_params {
 } blocks_params;
 
 void blocks_params_free(blocks_params *ps);
+/* Frees a param's data: its file mapping (st_map_f32) or its allocation. */
+void blocks_param_release(model_param *mp);
 /* Unpacks and packs every layer again from the params' data (after an optimizer step). */
 int blocks_params_repack(blocks_params *ps, err *e);
 /* Every packed layer to bf16 (ops_conv2d_to_bf16): ERR_UNSUPPORTED when the CPU has no
