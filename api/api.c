@@ -512,8 +512,16 @@ static int check_cost(const api_ctx *c, queue_spec *out, int nfe, api_error *e) 
       out->batch * runs + (ca ? 6.0 * (double)json_integer_value(json_object_get(ca, "steps")) *
                                     (double)json_integer_value(json_object_get(ca, "batch"))
                               : 0.0);
-  out->cost = images * nfe * (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1) * out->height *
-              out->width / 1e6;
+  /* a fine-tuning: per step, its batch through the network and back (about three evaluations)
+   * and, for DomainStudio, through the frozen source */
+  const json_t *fa = out->edit == QUEUE_EDIT_FINETUNE ? out->edit_args : NULL;
+  const double train =
+      fa ? (double)json_integer_value(json_object_get(fa, "steps")) *
+               (double)json_integer_value(json_object_get(fa, "batch")) *
+               (strcmp(json_string_value(json_object_get(fa, "method")), "plain") == 0 ? 3 : 4)
+         : 0.0;
+  out->cost = (images * nfe * (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1) + train) *
+              out->height * out->width / 1e6;
   if (c->max_job_cost > 0 && out->cost > c->max_job_cost)
     return api_fail(e, 400, "over_budget", NULL,
                     "this job needs %.0f megapixel-evaluations (batch_size %d x %d network "

@@ -104,9 +104,8 @@ done:
   return rc;
 }
 
-/* A number field in [lo, hi]; 0 with *out untouched when absent. */
-static int get_number(const json_t *obj, const char *key, const char *field, double lo, double hi,
-                      double *out, int *present, api_error *e) {
+int api_get_number(const json_t *obj, const char *key, const char *field, double lo, double hi,
+                   double *out, int *present, api_error *e) {
   const json_t *v = json_object_get(obj, key);
   *present = v != NULL;
   if (!v)
@@ -284,7 +283,7 @@ static int invert_source(const json_t *ed, const queue_model_desc *md, const noi
   if (sc || src->has_label)
     json_object_set_new(args, "source_class", json_integer(label));
   double g = src->guidance, lo = 0, hi = API_MAX_SOURCE_GUIDANCE;
-  if ((rc = get_number(ed, "source_guidance", "edit.source_guidance", lo, hi, &g, &present, e)))
+  if ((rc = api_get_number(ed, "source_guidance", "edit.source_guidance", lo, hi, &g, &present, e)))
     return rc;
   if (present && md->num_classes <= 0)
     return api_fail(e, 400, "invalid_field", "edit.source_guidance",
@@ -412,13 +411,13 @@ static int parse_boundary(const api_job_fields *f, const queue_model_desc *md, q
                     "edit.boundary: a boundary for latents of %d values; model '%s' has %d", dim,
                     md->name, md->in_channels * md->sample_size * md->sample_size);
   double strength = 0, eta = 1;
-  if ((rc = get_number(ed, "strength", "edit.strength", -1000, 1000, &strength, &present, e)))
+  if ((rc = api_get_number(ed, "strength", "edit.strength", -1000, 1000, &strength, &present, e)))
     return rc;
   if (!present)
     return api_fail(e, 400, "missing_field", "edit.strength",
                     "edit.strength: give the signed distance to move to, in units of the "
                     "spread of the boundary's training latents (+: the positive side)");
-  if ((rc = get_number(ed, "eta", "edit.eta", 0, 1, &eta, &present, e)))
+  if ((rc = api_get_number(ed, "eta", "edit.eta", 0, 1, &eta, &present, e)))
     return rc;
   if ((rc = check_pictures(f, md, out, e)))
     return rc;
@@ -484,8 +483,8 @@ static int parse_concept(const api_ctx *c, const api_job_fields *f, const queue_
   double lr = 0.15, margin = 2;
   if ((rc = api_get_int(ed, "steps", "edit.steps", 1, 2000, &steps, &present, e)) ||
       (rc = api_get_int(ed, "batch", "edit.batch", 1, 16, &batch, &present, e)) ||
-      (rc = get_number(ed, "lr", "edit.lr", 1e-6, 10, &lr, &present, e)) ||
-      (rc = get_number(ed, "margin", "edit.margin", 0, 100, &margin, &present, e)))
+      (rc = api_get_number(ed, "lr", "edit.lr", 1e-6, 10, &lr, &present, e)) ||
+      (rc = api_get_number(ed, "margin", "edit.margin", 0, 100, &margin, &present, e)))
     return rc;
   out->edit_args = json_pack("{s:s, s:s, s:I, s:I, s:f, s:f, s:I}", "target", target, "name", name,
                              "steps", steps, "batch", batch, "lr", lr, "margin", margin, "init",
@@ -600,24 +599,15 @@ static int parse_stylize(const api_ctx *c, const api_job_fields *f, const queue_
                       "the class",
                       keep);
   const char *name = json_string_value(nv);
-  queue_model_desc other;
-  if (!sampler_data_name_ok(name) || strlen(name) >= QUEUE_NAME_SIZE)
-    return api_fail(e, 400, "invalid_field", "edit.name",
-                    "edit.name: 1 to %d characters of A-Z a-z 0-9 . _ -, starting with a letter "
-                    "or digit",
-                    QUEUE_NAME_SIZE - 1);
-  if (queue_model_get(c->q, -1, name, &other) == ERR_OK) {
-    queue_model_desc_clear(&other);
-    return api_fail(e, 409, "conflict", "edit.name", "edit.name: a model named '%s' is served",
-                    name);
-  }
+  if ((rc = api_new_model_name(c, name, "edit.name", e)))
+    return rc;
   long long steps = 40, batch = 8;
   double lr = 2e-4, margin = 2, kw = 1;
   if ((rc = api_get_int(ed, "steps", "edit.steps", 1, 2000, &steps, &present, e)) ||
       (rc = api_get_int(ed, "batch", "edit.batch", 1, 16, &batch, &present, e)) ||
-      (rc = get_number(ed, "lr", "edit.lr", 1e-9, 1, &lr, &present, e)) ||
-      (rc = get_number(ed, "margin", "edit.margin", 0, 100, &margin, &present, e)) ||
-      (rc = get_number(ed, "keep_weight", "edit.keep_weight", 0, 100, &kw, &present, e)))
+      (rc = api_get_number(ed, "lr", "edit.lr", 1e-9, 1, &lr, &present, e)) ||
+      (rc = api_get_number(ed, "margin", "edit.margin", 0, 100, &margin, &present, e)) ||
+      (rc = api_get_number(ed, "keep_weight", "edit.keep_weight", 0, 100, &kw, &present, e)))
     return rc;
   out->edit_args = json_pack("{s:s, s:s, s:f, s:s, s:I, s:I, s:f, s:f}", "target", target, "keep",
                              keep, "keep_weight", kw, "name", name, "steps", steps, "batch", batch,
@@ -625,6 +615,19 @@ static int parse_stylize(const api_ctx *c, const api_job_fields *f, const queue_
   if (!out->edit_args)
     return api_fail(e, 503, "out_of_memory", NULL, "out of memory");
   out->edit = QUEUE_EDIT_STYLIZE;
+  return 0;
+}
+
+int api_new_model_name(const api_ctx *c, const char *name, const char *field, api_error *e) {
+  queue_model_desc other;
+  if (!sampler_data_name_ok(name) || strlen(name) >= QUEUE_NAME_SIZE)
+    return api_fail(e, 400, "invalid_field", field,
+                    "%s: 1 to %d characters of A-Z a-z 0-9 . _ -, starting with a letter or digit",
+                    field, QUEUE_NAME_SIZE - 1);
+  if (queue_model_get(c->q, -1, name, &other) == ERR_OK) {
+    queue_model_desc_clear(&other);
+    return api_fail(e, 409, "conflict", field, "%s: a model named '%s' is served", field, name);
+  }
   return 0;
 }
 
@@ -636,8 +639,8 @@ static int parse_sdedit(const api_job_fields *f, const queue_model_desc *md, con
   if (rc)
     return rc;
   double strength = kind == QUEUE_EDIT_INPAINT ? 1.0 : 0.8; /* diffusers' pipeline defaults */
-  if ((rc = get_number(f->edit, "strength", "edit.strength", -INFINITY, INFINITY, &strength,
-                       &present, e)))
+  if ((rc = api_get_number(f->edit, "strength", "edit.strength", -INFINITY, INFINITY, &strength,
+                           &present, e)))
     return rc;
   if (!(strength > 0 && strength <= 1))
     return api_fail(e, 400, "out_of_range", "edit.strength",
@@ -712,7 +715,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   if (!ty)
     return api_fail(e, 400, "missing_field", "edit.type",
                     "edit.type: give the kind of edit (img2img, inpaint, invert_ddim, "
-                    "invert_ddpm, boundary, deblur, concept, audit or stylize)");
+                    "invert_ddpm, boundary, deblur, concept, audit, stylize or finetune)");
   if (!json_is_string(ty))
     return api_fail(e, 400, "wrong_type", "edit.type", "edit.type: expected a string, got %s",
                     sched_json_kind(ty));
@@ -720,7 +723,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   if (kind < 0)
     return api_fail(e, 400, "invalid_field", "edit.type",
                     "edit.type: '%.40s' is not an edit (img2img, inpaint, invert_ddim, "
-                    "invert_ddpm, boundary, deblur, concept, audit or stylize)",
+                    "invert_ddpm, boundary, deblur, concept, audit, stylize or finetune)",
                     json_string_value(ty));
   if (out->preview_every)
     return api_fail(e, 400, "invalid_field", "preview",
@@ -733,6 +736,7 @@ int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_
   case QUEUE_EDIT_CONCEPT: return parse_concept(c, f, md, out, e);
   case QUEUE_EDIT_AUDIT: return parse_audit(c, f, md, out, e);
   case QUEUE_EDIT_STYLIZE: return parse_stylize(c, f, md, out, e);
+  case QUEUE_EDIT_FINETUNE: return api_parse_finetune(c, f, md, out, e);
   default: return parse_invert(c, f, md, s, owner, kind, out, e);
   }
 }

@@ -16,6 +16,9 @@ int api_int_value(const json_t *v, const char *field, long long lo, long long hi
 /* An integer field in [lo, hi]; 0 with *out untouched when absent. */
 int api_get_int(const json_t *obj, const char *key, const char *field, long long lo, long long hi,
                 long long *out, int *present, api_error *e);
+/* A number field in [lo, hi]; 0 with *out untouched when absent. */
+int api_get_number(const json_t *obj, const char *key, const char *field, double lo, double hi,
+                   double *out, int *present, api_error *e);
 /* Unknown keys of obj (field names prefixed) are a 400. */
 int api_check_keys(const json_t *obj, const char *prefix, const char *const *allowed, api_error *e);
 /* A class: an index, or one of the model's class names. */
@@ -55,6 +58,13 @@ int api_size_multiple(const queue_model_desc *md);
 /* The edit block with input_image, mask and the noise of earlier inversions, after the size and
  * the solver s are known: images and noise are decoded here so a bad one is a 400, never a
  * failed job. */
+/* The name of a model a job will make (a stylization, a fine-tuning): a 400 naming field for a
+ * bad one, a 409 for a name served already. */
+int api_new_model_name(const api_ctx *c, const char *name, const char *field, api_error *e);
+/* edit.type finetune (api/finetune.c): the new model's name, the method, settings and images,
+ * each checked against the model (field names in the errors). */
+int api_parse_finetune(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
+                       queue_spec *out, api_error *e);
 int api_parse_edit(const api_ctx *c, const api_job_fields *f, const queue_model_desc *md,
                    const sampler *s, const char *owner, queue_spec *out, api_error *e);
 

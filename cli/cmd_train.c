@@ -597,10 +597,10 @@ static int finetune_args(int argc, char **argv, cli_train_opts *o) {
 int cmd_finetune(int argc, char **argv) {
   /* the authors' recipe: Adam at a constant 1e-4, batch 3, no weight decay, clipping or EMA */
   cli_train_opts o = {
-      .lr = 1e-4,
+      .lr = DSTUDIO_RECIPE_LR,
       .lr_schedule = "constant",
-      .batch = 3,
-      .betas = {0.9, 0.999},
+      .batch = DSTUDIO_RECIPE_BATCH,
+      .betas = {DSTUDIO_RECIPE_BETA1, DSTUDIO_RECIPE_BETA2},
       .threads = 2,
       .dstudio = {DSTUDIO_RECIPE_PAIR, DSTUDIO_RECIPE_HF_PAIR, DSTUDIO_RECIPE_HF_MSE}};
   int status = finetune_args(argc, argv, &o);

@@ -188,19 +188,6 @@ static int list_pngs(const char *dir, char ***names, int64_t *count, err *e) {
   return ERR_OK;
 }
 
-/* Channels (1 grey, 3 colour) and size from a PNG's IHDR, before decoding: mixed folders are
- * refused by name. Colour types 0 and 4 are grey (with alpha), 2, 3 and 6 colour. */
-static int png_header(const uint8_t *p, size_t len, const char *path, int *c, int *h, int *w,
-                      err *e) {
-  static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (len < 33 || memcmp(p, sig, 8) != 0 || memcmp(p + 12, "IHDR", 4) != 0)
-    return err_set(e, ERR_FORMAT, "%s: not a PNG file", path);
-  *w = (int)((uint32_t)p[16] << 24 | (uint32_t)p[17] << 16 | (uint32_t)p[18] << 8 | p[19]);
-  *h = (int)((uint32_t)p[20] << 24 | (uint32_t)p[21] << 16 | (uint32_t)p[22] << 8 | p[23]);
-  *c = p[25] == 0 || p[25] == 4 ? 1 : 3;
-  return ERR_OK;
-}
-
 /* Reads and checks every PNG of the folder into d->x (sorted by name). */
 static int load_pngs(const char *dir, char **names, const model_info *mi, cli_train_data *d,
                      err *e) {
@@ -214,7 +201,7 @@ static int load_pngs(const char *dir, char **names, const model_info *mi, cli_tr
     int c = 0, h = 0, w = 0;
     rc = cli_read_file("--data", path, TRAIN_MAX_PNG_BYTES, &png, &len, e);
     if (!rc)
-      rc = png_header(png, len, path, &c, &h, &w, e);
+      rc = image_png_header(png, len, path, &c, &h, &w, e);
     if (!rc && i == 0) {
       c0 = c;
       snprintf(first, sizeof first, "%s", path);

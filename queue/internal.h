@@ -34,6 +34,12 @@ typedef struct qmodel {
 /* Loads the model `name` again from its folder (after a concept job added an embedding) and
  * puts the new copy in the registry; running batches keep the old one. */
 int qmodel_reload(queue *q, const char *name, err *e);
+/* A model a job made from the served model src (a stylization, a fine-tuning): written to
+ * STATE_DIR/models/NAME-JOBID (src's configs, and its classifier if it has one, beside m's
+ * weights; trained_by goes into the weights' metadata) and registered as NAME
+ * (queue_register_model), so later jobs take it, after a restart too. */
+int qmodel_publish(queue *q, const qmodel *src, const model *m, const char *name,
+                   const char *job_id, const char *trained_by, err *e);
 
 typedef struct qbatch qbatch;
 
@@ -247,6 +253,14 @@ int qpace_finish(qbatch *b, int nfe, qreport_fn emit);
 
 /* ---- worker.c: one batch on a libuv pool thread ---- */
 void qworker_run(uv_work_t *w);
+/* A step of the batch's run (a pipeline_progress hook; user is the qbatch): its event,
+ * max_job_seconds, and the cancel set when the jobs are cancelled or the daemon stops. */
+void qworker_progress(const pipeline_progress *p, void *user);
+
+/* ---- finetune.c: a fine-tuning job's training (QUEUE_EDIT_FINETUNE) ---- */
+/* Trains *own (a copy of the batch's model, loaded here) on the job's images with a step
+ * event each, stops at a cancel, then publishes it under the job's name (qmodel_publish). */
+int qfinetune_run(qbatch *b, model **own, err *e);
 
 /* ---- loop.c: the scheduler thread ---- */
 void qloop_wake(queue *q);

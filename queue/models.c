@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -266,6 +267,19 @@ int queue_register_model(queue *q, const char *name, const char *path, err *e) {
   pthread_mutex_unlock(&q->mu);
   qmodel_unref(m);
   return rc;
+}
+
+int qmodel_publish(queue *q, const qmodel *src, const model *m, const char *name,
+                   const char *job_id, const char *trained_by, err *e) {
+  char dir[1200], out[1400], cdir[1100];
+  snprintf(dir, sizeof dir, "%s/models", q->state_dir);
+  snprintf(out, sizeof out, "%s/%s-%s", dir, name, job_id);
+  snprintf(cdir, sizeof cdir, "%s/classifier", src->path);
+  if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+    return err_set(e, ERR_IO, "cannot create %s: %s", dir, strerror(errno));
+  const char *meta[] = {"format", "pt", "trained_by", trained_by, "job", job_id};
+  int rc = adjtask_save_model(m, src->path, src->clf ? cdir : NULL, out, meta, 3, e);
+  return rc ? rc : queue_register_model(q, name, out, e);
 }
 
 int queue_model_count(queue *q) {

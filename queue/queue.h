@@ -140,7 +140,15 @@ enum {
    * name), keep_weight, name, steps, batch, lr, margin}; the worker fine-tunes its own copy of
    * the model, writes STATE_DIR/models/NAME-JOBID and registers it as model NAME
    * (queue_register_model); the job's images are samples of class_label from it. */
-  QUEUE_EDIT_STYLIZE
+  QUEUE_EDIT_STYLIZE,
+  /* Few-shot fine-tuning (engine/train, DomainStudio or plain): edit_args {name, method
+   * ("domainstudio" or "plain"), steps, lr, batch, pair_weight, hf_pair_weight, hf_mse_weight,
+   * images: [{image: base64 PNG of the model's size, label: a class index, for a
+   * class-conditional model}]} as the API checked them; the worker trains its own copy of the
+   * model (the served model's folder, loaded again, is DomainStudio's frozen source), writes it
+   * to STATE_DIR/models/NAME-JOBID and registers it as model NAME (qmodel_publish, as a
+   * stylization); the job's images are samples of class_label from it. */
+  QUEUE_EDIT_FINETUNE
 };
 /* An inversion job's noise: DDIM x_T [batch, C, H, W] or the edit-friendly maps
  * [batch, steps + 1, C, H, W], as .npy. */

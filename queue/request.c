@@ -118,8 +118,9 @@ int qrequest_from_spec(const model *m, const queue_spec *sp, qrequest *q, err *e
                                         [QUEUE_EDIT_DEBLUR] = PIPELINE_DEBLUR,
                                         [QUEUE_EDIT_CONCEPT] = PIPELINE_GENERATE,
                                         [QUEUE_EDIT_AUDIT] = PIPELINE_GENERATE,
-                                        [QUEUE_EDIT_STYLIZE] = PIPELINE_GENERATE};
-  if (sp->edit < 0 || sp->edit > QUEUE_EDIT_STYLIZE)
+                                        [QUEUE_EDIT_STYLIZE] = PIPELINE_GENERATE,
+                                        [QUEUE_EDIT_FINETUNE] = PIPELINE_GENERATE};
+  if (sp->edit < 0 || sp->edit > QUEUE_EDIT_FINETUNE)
     return err_set(e, ERR_FORMAT, "unknown edit kind %d", sp->edit);
   q->r = (pipeline_request){.kind = kinds[sp->edit],
                             .solver = {.name = sp->solver,

@@ -17,7 +17,7 @@
 
 static const char *const edit_names[] = {NULL,          "img2img",  "inpaint", "invert_ddim",
                                          "invert_ddpm", "boundary", "deblur",  "concept",
-                                         "audit",       "stylize"};
+                                         "audit",       "stylize",  "finetune"};
 
 const char *queue_edit_name(int edit) {
   return edit > 0 && edit < (int)(sizeof edit_names / sizeof *edit_names) ? edit_names[edit] : NULL;
@@ -90,8 +90,9 @@ int queue_spec_copy(queue_spec *dst, const queue_spec *src) {
              : ERR_OK;
 }
 
-/* edit_args without what is large: the noise maps become true, a boundary keeps only its
- * attribute, step and model (what views echo). NULL out of memory. */
+/* edit_args without what is large: the noise maps become true, a fine-tuning's images their
+ * count, a boundary keeps only its attribute, step and model (what views echo). NULL out of
+ * memory. */
 static json_t *light_args(const json_t *args) {
   json_t *out = json_object();
   const char *key;
@@ -102,6 +103,8 @@ static json_t *light_args(const json_t *args) {
       break;
     if (strcmp(key, "noise") == 0) {
       c = json_true();
+    } else if (strcmp(key, "images") == 0 && json_is_array(v)) {
+      c = json_integer((json_int_t)json_array_size(v)); /* a fine-tuning's: their count */
     } else if (strcmp(key, "boundary") == 0 && json_is_object(v)) {
       c = json_object();
       static const char *const keep[] = {"attribute", "step", "model"};

@@ -127,7 +127,7 @@ static void check_run(qbatch *b, double t) {
   }
 }
 
-static void batch_progress(const pipeline_progress *p, void *user) {
+void qworker_progress(const pipeline_progress *p, void *user) {
   qbatch *b = user;
   queue *q = b->q;
   const double t = qclock_mono(), dt = t - b->t_last;
@@ -322,7 +322,7 @@ static int batch_inputs(qbatch *b, qrequest *req, size_t d, batch_arrays *a, err
 
 static void concept_progress_cb(const concept_progress *p, void *user) {
   const pipeline_progress pp = {.step = p->step, .total = p->total};
-  batch_progress(&pp, user);
+  qworker_progress(&pp, user);
 }
 
 /* The row NAME on the worker's own copy of the model (the registry's is shared read-only):
@@ -423,7 +423,7 @@ static int run_concept(qbatch *b, qrequest *req, model **own, err *e) {
 
 static void audit_progress_cb(const audit_progress *p, void *user) {
   const pipeline_progress pp = {.step = p->step, .total = p->total};
-  batch_progress(&pp, user);
+  qworker_progress(&pp, user);
 }
 
 /* The report as JSON text into the store, beside the adversarial noise. */
@@ -514,7 +514,7 @@ static int run_audit(qbatch *b, qrequest *req, audit_result *res, size_t d, err 
 
 static void stylize_progress_cb(const stylize_progress *p, void *user) {
   const pipeline_progress pp = {.step = p->step, .total = p->total};
-  batch_progress(&pp, user);
+  qworker_progress(&pp, user);
 }
 
 #define STYLIZE_MAX_CLASSES 1024
@@ -564,20 +564,9 @@ static int run_stylize(qbatch *b, qrequest *req, model **own, err *e) {
     rc = stylize_optimize(*own, &o, e);
   sampler_free(s);
   free(classes), free(keep_cls);
-  const char *name = json_string_value(json_object_get(a, "name"));
-  char dir[1200], out[1400], cdir[1100];
-  snprintf(dir, sizeof dir, "%s/models", b->q->state_dir);
-  snprintf(out, sizeof out, "%s/%s-%s", dir, name, b->jobs[0]->id);
-  snprintf(cdir, sizeof cdir, "%s/classifier", b->qm->path);
-  if (rc == ERR_OK && mkdir(dir, 0777) != 0 && errno != EEXIST)
-    rc = err_set(e, ERR_IO, "cannot create %s: %s", dir, strerror(errno));
-  if (rc == ERR_OK) {
-    const char *meta[] = {"format", "pt",          "trained_by", "denoised stylize job",
-                          "job",    b->jobs[0]->id};
-    rc = adjtask_save_model(*own, b->qm->path, cdir, out, meta, 3, e);
-  }
   if (rc == ERR_OK)
-    rc = queue_register_model(b->q, name, out, e);
+    rc = qmodel_publish(b->q, b->qm, *own, json_string_value(json_object_get(a, "name")),
+                        b->jobs[0]->id, "denoised stylize job", e);
   return rc ? err_prefix(e, "stylize") : ERR_OK;
 }
 
@@ -586,7 +575,7 @@ static int run_stylize(qbatch *b, qrequest *req, model **own, err *e) {
 static int run_batch(qbatch *b, const model *m, qrequest *req, pipeline_result *res, err *e) {
   queue *q = b->q;
   const qjob *head = b->jobs[0];
-  pipeline_hooks hooks = {.progress = batch_progress,
+  pipeline_hooks hooks = {.progress = qworker_progress,
                           .progress_user = b,
                           .preview_every = head->spec.preview_every,
                           .cancel = &b->cancel,
@@ -669,13 +658,15 @@ void qworker_run(uv_work_t *w) {
   const size_t d_image = (size_t)mi->image_channels * b->h * b->w;
   if (!rc && b->njobs > 1)
     rc = batch_inputs(b, &req, d_noise, &arrays, &e);
-  model *own = NULL; /* a concept job's copy of the model, with its new row */
+  model *own = NULL; /* a concept's, stylization's or fine-tuning's copy of the model */
   b->t_start = b->t_last = qclock_mono();
   audit_result ar = {0};
   if (!rc && head->spec.edit == QUEUE_EDIT_CONCEPT)
     rc = run_concept(b, &req, &own, &e);
   if (!rc && head->spec.edit == QUEUE_EDIT_STYLIZE)
     rc = run_stylize(b, &req, &own, &e);
+  if (!rc && head->spec.edit == QUEUE_EDIT_FINETUNE)
+    rc = qfinetune_run(b, &own, &e);
   if (!rc && head->spec.edit == QUEUE_EDIT_AUDIT)
     rc = run_audit(b, &req, &ar, d_image, &e); /* pixel models only: noise and image agree */
   else if (!rc)

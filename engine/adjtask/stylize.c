@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "adjoint.h"
 #include "adjtask.h"
@@ -234,6 +235,8 @@ int adjtask_save_model(const model *m, const char *src_dir, const char *clf_dir,
   for (int i = 0; rc == ERR_OK && i < (clf_dir ? 4 : 2); i++) {
     snprintf(from, sizeof from, "%s/%s", files[i][0], files[i][1]);
     snprintf(to, sizeof to, "%s/%s%s", out, i >= 2 ? "classifier/" : "", files[i][1]);
+    if (i == 1 && access(from, F_OK) != 0)
+      continue; /* a model without one runs on DDPM's defaults, and so will its copy */
     rc = copy_file(from, to, e);
   }
   return rc;

@@ -808,3 +808,15 @@ int image_png_text_mem(const uint8_t *png, size_t len, const char *key, int max_
   *value = j.value;
   return ERR_OK;
 }
+
+/* Colour types 0 and 4 are grey (with alpha), 2, 3 and 6 colour. */
+int image_png_header(const uint8_t *p, size_t len, const char *what, int *c, int *h, int *w,
+                     err *e) {
+  static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (len < 33 || memcmp(p, sig, 8) != 0 || memcmp(p + 12, "IHDR", 4) != 0)
+    return err_set(e, ERR_FORMAT, "%s: not a PNG file", what);
+  *w = (int)((uint32_t)p[16] << 24 | (uint32_t)p[17] << 16 | (uint32_t)p[18] << 8 | p[19]);
+  *h = (int)((uint32_t)p[20] << 24 | (uint32_t)p[21] << 16 | (uint32_t)p[22] << 8 | p[23]);
+  *c = p[25] == 0 || p[25] == 4 ? 1 : 3;
+  return ERR_OK;
+}

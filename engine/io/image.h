@@ -49,6 +49,11 @@ int image_png_read_text(const char *path, const char *key, char **value, err *e)
 int image_png_text_mem(const uint8_t *png, size_t len, const char *key, int max_side, char **value,
                        err *e);
 
+/* Channels (1 grey, 3 colour) and size from a PNG's IHDR, before decoding, so that a picture of
+ * other channels than a model takes can be refused by name (image_from_png converts them).
+ * ERR_FORMAT naming what when it is not a PNG. */
+int image_png_header(const uint8_t *png, size_t len, const char *what, int *c, int *h, int *w,
+                     err *e);
 /* Input images of edit requests (CLI files, base64 in API jobs): a PNG decoded under the size
  * limit h x w (a different size is an error naming `field`), to c = 1 (luma, as PIL's "L") or 3
  * channels in [-1, 1], CHW. */

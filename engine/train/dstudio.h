@@ -31,6 +31,12 @@ typedef struct dstudio_weights {
 #define DSTUDIO_RECIPE_PAIR 4.0
 #define DSTUDIO_RECIPE_HF_PAIR 4.0
 #define DSTUDIO_RECIPE_HF_MSE 1.0
+/* and its optimisation (the authors' TrainLoop, for plain fine-tuning too): Adam at a constant
+ * learning rate, betas (0.9, 0.999), no weight decay, gradient clipping or EMA, batch 3 */
+#define DSTUDIO_RECIPE_LR 1e-4
+#define DSTUDIO_RECIPE_BATCH 3
+#define DSTUDIO_RECIPE_BETA1 0.9
+#define DSTUDIO_RECIPE_BETA2 0.999
 
 /* One noisy batch of n images of c x h x w (h, w >= 2) as both models saw it. An output out
  * means the clean estimate x0 = cx[i] * x_t + co[i] * out for image i (epsilon prediction:
