@@ -104,7 +104,7 @@ session=$(block 3 | sed "s|localhost:8080|localhost:$port|g")
 printf 'set -eux\n%s\n' "$session" >session.sh
 sh session.sh >session.log 2>&1 || { tail -30 session.log >&2; echo "readme_examples: the daemon block failed" >&2; exit 1; }
 check_pngs "the daemon block"
-for f in A-0.png B.png guided.png edited.png E.png; do
+for f in A-0.png B.png guided.png edited.png E.png K-shots.png; do
   [ -s "$f" ] || { echo "readme_examples: the daemon block wrote no $f" >&2; exit 1; }
 done
 kill "$daemon" && wait "$daemon" || true
