@@ -162,8 +162,9 @@ typedef struct stylize_opts {
 
 /* Writes the folder out (which must not exist) as a model the engine loads: m's weights (F32
  * diffusers names, meta pairs as the safetensors metadata), config.json and
- * scheduler_config.json (if there is one) copied from src_dir (a flat model folder), and, if clf_dir is set, the
- * classifier's config.json and model.safetensors as out/classifier/. ERR_IO naming the path. */
+ * scheduler_config.json (if there is one) copied from src_dir (a flat model folder), and, if
+ * clf_dir is set, the classifier's config.json and model.safetensors as out/classifier/. ERR_IO
+ * naming the path. */
 int adjtask_save_model(const model *m, const char *src_dir, const char *clf_dir, const char *out,
                        const char *const *meta, int nmeta, err *e);
 
