@@ -203,19 +203,6 @@ END_TEST
   "\"scheduler\": {\"name\": \"dpm++2m\", \"steps\": 2}, \"edit\": {\"type\": \"stylize\"" edit    \
   "}}"
 
-static int models_list_has(const daemon_proc *d, const char *name) {
-  http_resp r;
-  ck_assert_int_eq(http_get(d, "/v1/models", &r), 200);
-  json_t *j = http_json(&r), *m;
-  size_t i;
-  int found = 0;
-  json_array_foreach(json_object_get(j, "models"), i, m) found |=
-      strcmp(json_string_value(json_object_get(m, "name")), name) == 0;
-  json_decref(j);
-  http_free(&r);
-  return found;
-}
-
 /* A stylize job registers its model under the name given: later jobs use it, it survives a
  * restart; bad fields are 400s, a taken name 409. */
 START_TEST(stylize_jobs) {
@@ -232,7 +219,7 @@ START_TEST(stylize_jobs) {
       STYLIZE_JOB(", \"target\": \"italic\", \"name\": \"glyphs-it\", \"steps\": 1, \"batch\": 2"),
       id, sizeof id);
   wait_state(&d, id, "succeeded", 300);
-  ck_assert(models_list_has(&d, "glyphs-it"));
+  ck_assert(th_serves_model(&d, "glyphs-it"));
   char id2[64];
   submit_job(&d,
              "{\"model\": \"glyphs-it\", \"class_label\": \"K\", \"scheduler\": {\"name\": "
@@ -258,7 +245,7 @@ START_TEST(stylize_jobs) {
   daemon_stop(&d);
   /* a restart serves it again */
   ck_assert_int_eq(daemon_start(&d, st, args), 0);
-  ck_assert(models_list_has(&d, "glyphs-it"));
+  ck_assert(th_serves_model(&d, "glyphs-it"));
   daemon_stop(&d);
 }
 END_TEST

@@ -46,19 +46,6 @@ static char *ft_job(const char *model, int n, int c, int size, int label, const 
   return s;
 }
 
-static int models_list_has(const daemon_proc *d, const char *name) {
-  http_resp r;
-  ck_assert_int_eq(http_get(d, "/v1/models", &r), 200);
-  json_t *j = http_json(&r), *m;
-  size_t i;
-  int found = 0;
-  json_array_foreach(json_object_get(j, "models"), i, m) found |=
-      strcmp(json_string_value(json_object_get(m, "name")), name) == 0;
-  json_decref(j);
-  http_free(&r);
-  return found;
-}
-
 /* A sample of class 2 from the model (seed 1): its PNG, malloc'ed. */
 static char *sample_from(const daemon_proc *d, const char *model, size_t *len) {
   char body[256], id[64], path[128];
@@ -113,7 +100,7 @@ START_TEST(finetune_jobs) {
   submit_job(&d, body, id, sizeof id);
   free(body);
   wait_state(&d, id, "succeeded", 120);
-  ck_assert(models_list_has(&d, "tiny-ds"));
+  ck_assert(th_serves_model(&d, "tiny-ds"));
   http_resp r;
   snprintf(path, sizeof path, "/v1/jobs/%s", id);
   ck_assert_int_eq(http_get(&d, path, &r), 200);
@@ -153,7 +140,7 @@ START_TEST(finetune_jobs) {
   ck_assert_int_eq(http_req(&d, "DELETE", path, NULL, 0, NULL, &r), 200);
   http_free(&r);
   wait_state(&d, id, "cancelled", 60);
-  ck_assert(!models_list_has(&d, "tiny-long"));
+  ck_assert(!th_serves_model(&d, "tiny-long"));
 
   /* refusals at submission, each naming its field */
   const char *ds = ", \"name\": \"x2\", \"method\": \"domainstudio\", \"steps\": 2";
@@ -188,8 +175,8 @@ START_TEST(finetune_jobs) {
 
   /* a restart serves the models made */
   ck_assert_int_eq(daemon_start(&d, st, args), 0);
-  ck_assert(models_list_has(&d, "tiny-ds"));
-  ck_assert(models_list_has(&d, "tiny-plain"));
+  ck_assert(th_serves_model(&d, "tiny-ds"));
+  ck_assert(th_serves_model(&d, "tiny-plain"));
   p0 = sample_from(&d, "tiny-ds", &n0); /* the same model: the same picture */
   ck_assert(same_pixels(p0, n0, p1, n1));
   free(p0), free(p1);

@@ -338,6 +338,20 @@ static inline void wait_running(const daemon_proc *d, const char *id, double tim
   ck_abort_msg("job %s did not start", id);
 }
 
+/* Whether GET /v1/models lists a model of that name. */
+static inline int th_serves_model(const daemon_proc *d, const char *name) {
+  http_resp r;
+  ck_assert_int_eq(http_get(d, "/v1/models", &r), 200);
+  json_t *j = http_json(&r), *m;
+  size_t i;
+  int found = 0;
+  json_array_foreach(json_object_get(j, "models"), i, m) found |=
+      strcmp(json_string_value(json_object_get(m, "name")), name) == 0;
+  json_decref(j);
+  http_free(&r);
+  return found;
+}
+
 /* A scratch state directory path (not created). */
 static inline const char *th_state_dir(char *buf, size_t n) {
   char tmp[256];
