@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/dstudio-bench")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-source", action="store_true",
+                    help="skip the unadapted model's samples (its figures do not change)")
     args = ap.parse_args()
     if args.n_per_class < 2:
         raise SystemExit("domainstudio: --n-per-class must be >= 2 (diversity is pairwise)")
@@ -140,7 +142,7 @@ def main():
                                              "".join(CLASSES[c] for c in shot_classes), args.steps,
                                              args.n_per_class, args.sample_steps, args.guidance))
     results = {}
-    for method in ["source"] + args.methods.split(","):
+    for method in ([] if args.no_source else ["source"]) + args.methods.split(","):
         model, wall = args.model, 0.0
         if method != "source":
             model = os.path.join(args.work, method)
