@@ -34,6 +34,7 @@ struct opcase {
   conv2d conv;
   attn_weights aw;
   int64_t labels[16];
+  int64_t ids[64]; /* token embedding: [n][L] */
   ref_fn ref;
   double tol; /* relative L2 allowed for the forward and for each gradient */
 };
@@ -270,6 +271,85 @@ static void ref_add(const opcase *oc, double *const *s, double *y) {
     y[i] = (s[0][i] + s[1][i]) / oc->nd.p.add.divisor;
 }
 
+/* Layer norm over the channels of each position of [n][c][L]. */
+static void ref_ln(const opcase *oc, double *const *s, double *y) {
+  int c = oc->nd.c, L = oc->nd.h * oc->nd.w;
+  for (int b = 0; b < oc->nd.n; b++)
+    for (int t = 0; t < L; t++) {
+      const double *x = s[0] + (size_t)b * c * L + t;
+      double m = 0, v = 0;
+      for (int ch = 0; ch < c; ch++)
+        m += x[(size_t)ch * L] / c;
+      for (int ch = 0; ch < c; ch++)
+        v += (x[(size_t)ch * L] - m) * (x[(size_t)ch * L] - m) / c;
+      for (int ch = 0; ch < c; ch++)
+        y[(size_t)b * c * L + (size_t)ch * L + t] =
+            (x[(size_t)ch * L] - m) / sqrt(v + oc->nd.p.ln.eps) * s[1][ch] + s[2][ch];
+    }
+}
+
+static double gelu_d(double v) {
+  return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+}
+
+static void ref_gelu(const opcase *oc, double *const *s, double *y) {
+  for (size_t i = 0; i < oc->out_size; i++)
+    y[i] = gelu_d(s[0][i]);
+}
+
+static void ref_qgelu(const opcase *oc, double *const *s, double *y) {
+  for (size_t i = 0; i < oc->out_size; i++)
+    y[i] = s[0][i] / (1.0 + exp(-1.702 * s[0][i]));
+}
+
+static void ref_geglu(const opcase *oc, double *const *s, double *y) {
+  size_t half = (size_t)oc->nd.c / 2 * oc->nd.h * oc->nd.w;
+  for (int b = 0; b < oc->nd.n; b++)
+    for (size_t k = 0; k < half; k++)
+      y[b * half + k] = s[0][2 * half * b + k] * gelu_d(s[0][2 * half * b + half + k]);
+}
+
+/* softmax(q^T k / sqrt(d)) v per head; with the causal mask query r sees keys 0..r. */
+static void ref_mha(const opcase *oc, double *const *s, double *y) {
+  int c = oc->nd.c, lq = oc->nd.h * oc->nd.w, lk = oc->nd.p.mha.lk, heads = oc->nd.p.mha.heads;
+  int dh = c / heads;
+  double *pr = malloc(sizeof(double) * lk);
+  for (int b = 0; b < oc->nd.n; b++)
+    for (int hd = 0; hd < heads; hd++)
+      for (int r = 0; r < lq; r++) {
+        const double *q = s[0] + ((size_t)b * c + (size_t)hd * dh) * lq;
+        const double *k = s[1] + ((size_t)b * c + (size_t)hd * dh) * lk;
+        const double *v = s[2] + ((size_t)b * c + (size_t)hd * dh) * lk;
+        int nl = oc->nd.p.mha.causal ? r + 1 : lk;
+        double mx = -DBL_MAX, sum = 0;
+        for (int l = 0; l < nl; l++) {
+          double acc = 0;
+          for (int d = 0; d < dh; d++)
+            acc += q[(size_t)d * lq + r] * k[(size_t)d * lk + l];
+          pr[l] = acc / sqrt((double)dh);
+          mx = pr[l] > mx ? pr[l] : mx;
+        }
+        for (int l = 0; l < nl; l++)
+          sum += pr[l] = exp(pr[l] - mx);
+        for (int d = 0; d < dh; d++) {
+          double acc = 0;
+          for (int l = 0; l < nl; l++)
+            acc += pr[l] / sum * v[(size_t)d * lk + l];
+          y[((size_t)b * c + (size_t)hd * dh + d) * lq + r] = acc;
+        }
+      }
+  free(pr);
+}
+
+static void ref_tok(const opcase *oc, double *const *s, double *y) {
+  int d = oc->nd.c, L = oc->nd.h * oc->nd.w;
+  for (int b = 0; b < oc->nd.n; b++)
+    for (int t = 0; t < L; t++)
+      for (int c = 0; c < d; c++)
+        y[((size_t)b * d + c) * L + t] =
+            s[0][(size_t)oc->ids[(size_t)b * L + t] * d + c] + s[1][(size_t)t * d + c];
+}
+
 /* ---------- building cases ---------- */
 
 static uint64_t case_seed = 1;
@@ -322,6 +402,8 @@ static void case_init(opcase *oc, const char *label, ref_fn ref, double tol) {
   }
   if (oc->nd.op == GRAD_CLASS_EMBEDDING)
     oc->nd.p.embed.labels = oc->labels;
+  if (oc->nd.op == GRAD_TOKEN_EMBEDDING)
+    oc->nd.p.tok.ids = oc->ids;
   for (int i = 0; i < oc->nslots; i++) {
     oc->size[i] = grad_size(&oc->nd, i);
     ck_assert_msg(oc->size[i] > 0, "%s: slot %d has no size", label, i);
@@ -370,6 +452,24 @@ static opcase attn_case(int c, int heads, int groups, float rescale, int n, int 
 
 static opcase node_case(grad_op op, int n, int c, int h, int w) {
   return (opcase){.nd = {.op = op, .n = n, .c = c, .h = h, .w = w}};
+}
+
+static opcase mha_case(int n, int c, int heads, int lq, int lk, int causal) {
+  opcase oc = node_case(GRAD_MHA, n, c, lq, 1);
+  oc.nd.p.mha.heads = heads;
+  oc.nd.p.mha.lk = lk;
+  oc.nd.p.mha.causal = causal;
+  return oc;
+}
+
+/* Token ids drawn from the case's seed, a few repeated so that table rows sum several tokens. */
+static opcase tok_case(int n, int d, int L, int vocab, int positions) {
+  opcase oc = node_case(GRAD_TOKEN_EMBEDDING, n, d, L, 1);
+  oc.nd.p.tok.vocab = vocab;
+  oc.nd.p.tok.positions = positions;
+  for (int i = 0; i < n * L; i++)
+    oc.ids[i] = (int64_t)((i * 7 + 3) % vocab);
+  return oc;
 }
 
 /* Every configuration the harness runs; `covered` marks the ops of the table they reach. */
@@ -458,10 +558,30 @@ static int build_cases(opcase *cs) {
   case_init(&cs[m++], "maxpool 2x2 odd", ref_maxpool, 1e-6);
   cs[m] = node_case(GRAD_GLOBAL_AVGPOOL, 2, 5, 4, 3);
   case_init(&cs[m++], "global avgpool", ref_gap, 1e-6);
+  cs[m] = node_case(GRAD_LAYER_NORM, 2, 8, 5, 1);
+  cs[m].nd.p.ln.eps = 1e-5f;
+  case_init(&cs[m++], "layer_norm 8ch x 5 tokens", ref_ln, 1e-5);
+  cs[m] = node_case(GRAD_LAYER_NORM, 1, 5, 3, 2);
+  cs[m].nd.p.ln.eps = 1e-6f;
+  case_init(&cs[m++], "layer_norm 5ch 3x2", ref_ln, 1e-5);
+  cs[m] = node_case(GRAD_GELU, 2, 3, 4, 5);
+  case_init(&cs[m++], "gelu", ref_gelu, 1e-5);
+  cs[m] = node_case(GRAD_QUICK_GELU, 2, 3, 4, 5);
+  case_init(&cs[m++], "quick_gelu", ref_qgelu, 1e-5);
+  cs[m] = node_case(GRAD_GEGLU, 2, 6, 5, 1);
+  case_init(&cs[m++], "geglu 3 inner x 5", ref_geglu, 1e-5);
+  cs[m] = mha_case(2, 8, 2, 6, 6, 0);
+  case_init(&cs[m++], "mha self 2 heads", ref_mha, 5e-5);
+  cs[m] = mha_case(2, 8, 2, 9, 5, 0);
+  case_init(&cs[m++], "mha cross 9 queries 5 keys", ref_mha, 5e-5);
+  cs[m] = mha_case(2, 6, 3, 7, 7, 1);
+  case_init(&cs[m++], "mha causal 3 heads", ref_mha, 5e-5);
+  cs[m] = tok_case(2, 6, 5, 4, 7);
+  case_init(&cs[m++], "token+position embedding", ref_tok, 1e-6);
   return m;
 }
 
-#define MAX_CASES 40
+#define MAX_CASES 64
 
 /* ---------- a ResnetBlock2D composed from the table ---------- */
 
@@ -957,6 +1077,22 @@ static void parity_case(opcase *oc, const json_t *cj, const char *dir) {
   case GRAD_CONCAT: nd->p.concat.cb = param_int(cj, "cb"); break;
   case GRAD_SCALE_SHIFT: nd->p.ss.has_scale = param_int(cj, "has_scale"); break;
   case GRAD_ADD: nd->p.add.divisor = (float)param_num(cj, "divisor"); break;
+  case GRAD_LAYER_NORM: nd->p.ln.eps = (float)param_num(cj, "eps"); break;
+  case GRAD_MHA:
+    nd->p.mha.heads = param_int(cj, "heads");
+    nd->p.mha.lk = param_int(cj, "lk");
+    nd->p.mha.causal = param_int(cj, "causal");
+    break;
+  case GRAD_TOKEN_EMBEDDING: {
+    nd->p.tok.vocab = param_int(cj, "vocab");
+    nd->p.tok.positions = param_int(cj, "positions");
+    ck_assert_int_le(n * h * w, 64);
+    float *ids = load_npy(dir, name, "labels", (size_t)n * h * w);
+    for (int i = 0; i < n * h * w; i++)
+      oc->ids[i] = (int64_t)ids[i];
+    free(ids);
+    break;
+  }
   default: break;
   }
   int slots = (int)json_integer_value(json_object_get(cj, "slots"));
@@ -967,7 +1103,7 @@ static void parity_case(opcase *oc, const json_t *cj, const char *dir) {
     oc->f[i] = load_npy(dir, name, what, 0);
   }
   /* the key bias's gradient is zero by symmetry; float noise on it sets attention's limit */
-  case_init(oc, name, NULL, op == GRAD_ATTENTION ? 5e-5 : 1e-5);
+  case_init(oc, name, NULL, op == GRAD_ATTENTION || op == GRAD_MHA ? 5e-5 : 1e-5);
 }
 
 /* PyTorch autograd parity (tools/gen_grad_fixtures.py, torch.nn.functional composed as
@@ -1036,6 +1172,13 @@ START_TEST(gradients_do_not_depend_on_threads) {
   case_init(&cs[m++], "conv 30->52 s2 16x16", ref_conv, 0);
   cs[m] = attn_case(32, 4, 8, 1.0f, 2, 20, 20);
   case_init(&cs[m++], "attention 32ch 20x20", ref_attn, 0);
+  cs[m] = mha_case(2, 32, 4, 300, 77, 0);
+  case_init(&cs[m++], "cross-attention 300 queries 77 keys", ref_mha, 0);
+  cs[m] = mha_case(3, 32, 4, 77, 77, 1);
+  case_init(&cs[m++], "causal attention 77 tokens", ref_mha, 0);
+  cs[m] = node_case(GRAD_LAYER_NORM, 2, 48, 150, 1);
+  cs[m].nd.p.ln.eps = 1e-5f;
+  case_init(&cs[m++], "layer_norm 48ch x 150 tokens", ref_ln, 0);
   pool *p2 = pool_new(2);
   ck_assert_ptr_nonnull(p2);
   for (int i = 0; i < m; i++) {
@@ -1092,6 +1235,25 @@ START_TEST(bad_nodes_name_the_field) {
   cv.src[0] = x;
   ck_assert_int_eq(grad_forward(&cv, dx, a, NULL, &e), ERR_INVALID);
   ck_assert_ptr_nonnull(strstr(e.msg, "p.conv"));
+  grad_node mh = {.op = GRAD_MHA, .n = 1, .c = 6, .h = 4, .w = 1};
+  mh.p.mha.heads = 4;
+  mh.p.mha.lk = 4;
+  mh.src[0] = mh.src[1] = mh.src[2] = x;
+  ck_assert_int_eq(grad_forward(&mh, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "p.mha.heads"));
+  mh.p.mha.heads = 2;
+  mh.p.mha.lk = 3;
+  mh.p.mha.causal = 1;
+  ck_assert_int_eq(grad_forward(&mh, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "p.mha.causal"));
+  int64_t ids[4] = {0, 1, 2, 5};
+  grad_node tk = {.op = GRAD_TOKEN_EMBEDDING, .n = 1, .c = 2, .h = 4, .w = 1};
+  tk.p.tok.ids = ids;
+  tk.p.tok.vocab = 3;
+  tk.p.tok.positions = 4;
+  tk.src[0] = tk.src[1] = x;
+  ck_assert_int_eq(grad_forward(&tk, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_msg(strstr(e.msg, "p.tok.ids'[3]") != NULL, "%s", e.msg);
   grad_node unknown = {.op = GRAD_OP_COUNT, .n = 1, .c = 1, .h = 1, .w = 1};
   ck_assert_int_eq(grad_forward(&unknown, dx, a, NULL, &e), ERR_INVALID);
   ck_assert_ptr_null(grad_rule_get(GRAD_OP_COUNT));

@@ -10,8 +10,11 @@ modules compose it (Conv2d, Downsample2D's F.pad(0, 1, 0, 1) before a stride-2 c
 SiLU, Linear, Attention with AttnProcessor on a 4-D input, Upsample2D's nearest interpolate,
 avg_pool2d, get_timestep_embedding, TimestepEmbedding, nn.Embedding, torch.cat, the resnet's
 time shift and scale-shift, residual add with output_scale_factor; and the glyph classifier's
-relu, max_pool2d and adaptive_avg_pool2d(1)). Files, per case NAME:
-  NAME.in<i>.npy   input slot i (the grad table's slot order), NAME.labels.npy (int64)
+relu, max_pool2d and adaptive_avg_pool2d(1); the transformers' layer_norm, gelu, CLIP's
+quick_gelu, GEGLU, the attention core as self-, cross- and causal attention, and CLIP's token +
+position embedding). Files, per case NAME:
+  NAME.in<i>.npy   input slot i (the grad table's slot order), NAME.labels.npy (int64: class
+                   labels, or token ids [n][L])
   NAME.g.npy       upstream gradient; NAME.out.npy the output
   NAME.d<i>.npy    gradient of slot i
   cases.json       [{name, op, n, c, h, w, params, slots}]
@@ -178,6 +181,59 @@ CLASSIFIER_CASES = {
 }
 
 
+# The transformers' ops (UNet2DConditionModel's BasicTransformerBlock, CLIP's encoder layers), on
+# channel-major [n, c, L] sequences as the engine keeps them; drawn last for the same reason.
+def layer_norm(n, c, L, eps):
+    def fn(x, g, b):
+        return F.layer_norm(x.transpose(1, 2), (c,), g, b, eps).transpose(1, 2)
+    return "layer_norm", (n, c, L, 1), {"eps": eps}, [(n, c, L), (c,), (c,)], fn
+
+
+def geglu(n, inner, L):
+    def fn(x):
+        a, g = x.chunk(2, dim=1)  # diffusers' GEGLU: hidden_states, gate = proj(x).chunk(2, -1)
+        return a * F.gelu(g)
+    return "geglu", (n, 2 * inner, L, 1), {}, [(n, 2 * inner, L)], fn
+
+
+def mha(n, c, heads, lq, lk, causal):
+    """diffusers' Attention core (and CLIPAttention's, causal) on [n, c, L] q, k, v."""
+    def fn(q, k, v):
+        dh = c // heads
+
+        def split(t, L):
+            return t.reshape(n, heads, dh, L).transpose(2, 3)
+        s = split(q, lq) @ split(k, lk).transpose(2, 3) * dh ** -0.5
+        if causal:
+            mask = torch.full((lq, lk), float("-inf"), dtype=s.dtype).triu(1)
+            s = s + mask
+        o = torch.softmax(s, dim=-1) @ split(v, lk)
+        return o.transpose(2, 3).reshape(n, c, lq)
+    return ("mha", (n, c, lq, 1), {"heads": heads, "lk": lk, "causal": int(causal)},
+            [(n, c, lq), (n, c, lk), (n, c, lk)], fn)
+
+
+TEXT_CASES = {
+    "layer_norm": layer_norm(2, 8, 5, 1e-5),
+    "gelu": ("gelu", (2, 3, 4, 5), {}, [(2, 3, 4, 5)], F.gelu),
+    "quick_gelu": ("quick_gelu", (2, 3, 4, 5), {}, [(2, 3, 4, 5)],
+                   lambda x: x * torch.sigmoid(1.702 * x)),
+    "geglu": geglu(2, 3, 5),
+    "mha_cross": mha(2, 8, 2, 9, 5, False),
+    "mha_causal": mha(2, 6, 3, 7, 7, True),
+}
+
+
+def token_embedding(n=2, d=6, L=5, vocab=4, positions=7):
+    """CLIPTextEmbeddings: token rows plus position rows, returned channel-major."""
+    ids = torch.tensor([(i * 7 + 3) % vocab for i in range(n * L)]).reshape(n, L)
+
+    def fn(tok, pos):
+        return (F.embedding(ids, tok) + pos[:L][None]).transpose(1, 2)
+    return ("token_embedding", (n, d, L, 1), {"vocab": vocab, "positions": positions},
+            [(vocab, d), (positions, d)], fn), ids
+
+
 def class_embedding(gen, n=4, classes=5, dim=6):
     labels = torch.tensor([1, 3, 1, 0])
     return ("class_embedding", (n, dim, 1, 1), {"classes": classes}, [(classes, dim)],
@@ -193,7 +249,7 @@ def run_case(gen, out, name, spec, labels=None):
     inputs = []
     for i, s in enumerate(shapes):
         x = rnd(gen, *s, scale=1.0 if i == 0 else 0.5)
-        if op == "group_norm" and i == 1 or op == "attention" and i == 1:
+        if op in ("group_norm", "attention", "layer_norm") and i == 1:
             x = x + 1
         if op == "timestep_embedding":
             x = (x.abs() * 40).float()
@@ -291,6 +347,9 @@ def main():
     spec, labels = class_embedding(gen)
     cases.append(run_case(gen, args.out, "class_embedding", spec, labels))
     cases += [run_case(gen, args.out, name, spec) for name, spec in CLASSIFIER_CASES.items()]
+    cases += [run_case(gen, args.out, name, spec) for name, spec in TEXT_CASES.items()]
+    spec, ids = token_embedding()
+    cases.append(run_case(gen, args.out, "token_embedding", spec, ids))
     unets = [] if args.no_unet else [run_unet_case(args.seed + i, args.out, name, spec)
                                      for i, (name, spec) in enumerate(UNET_CASES.items())]
     with open(os.path.join(args.out, "cases.json"), "w") as f:

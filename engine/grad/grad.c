@@ -140,6 +140,46 @@ static int check_add(const grad_node *nd, int backward, err *e) {
   return ERR_OK;
 }
 
+static int check_ln(const grad_node *nd, int backward, err *e) {
+  if (!(nd->p.ln.eps > 0) || !isfinite(nd->p.ln.eps))
+    return bad(nd, e, "p.ln.eps", "must be positive and finite");
+  if (backward > 0 && ((nd->dsrc[1] && !nd->src[1]) || (nd->dsrc[2] && !nd->src[2])))
+    return bad(nd, e, "dsrc[1]", "and 'dsrc[2]' need the gamma and beta they differentiate");
+  return ERR_OK;
+}
+
+static int check_geglu(const grad_node *nd, int backward, err *e) {
+  (void)backward;
+  if (nd->c % 2)
+    return bad(nd, e, "c", "must be even: the projection's halves are the value and the gate");
+  return ERR_OK;
+}
+
+static int check_mha(const grad_node *nd, int backward, err *e) {
+  (void)backward;
+  if (nd->p.mha.heads < 1 || nd->c % nd->p.mha.heads)
+    return bad(nd, e, "p.mha.heads", "must be positive and divide the channels");
+  if (nd->p.mha.lk < 1)
+    return bad(nd, e, "p.mha.lk", "must be positive");
+  if (nd->p.mha.causal && nd->p.mha.lk != nd->h * nd->w)
+    return bad(nd, e, "p.mha.causal", "needs as many keys as queries (p.mha.lk == h * w)");
+  return ERR_OK;
+}
+
+static int check_tok(const grad_node *nd, int backward, err *e) {
+  (void)backward;
+  int L = nd->h * nd->w;
+  if (!nd->p.tok.ids || nd->p.tok.vocab < 1)
+    return bad(nd, e, "p.tok", "needs ids and a positive vocabulary size");
+  if (nd->p.tok.positions < L)
+    return bad(nd, e, "p.tok.positions", "is smaller than the sequence length h * w");
+  for (size_t i = 0; i < (size_t)nd->n * L; i++)
+    if (nd->p.tok.ids[i] < 0 || nd->p.tok.ids[i] >= nd->p.tok.vocab)
+      return err_set(e, ERR_INVALID, "grad node (%s): 'p.tok.ids'[%zu] = %lld out of [0, %d)",
+                     op_name(nd), i, (long long)nd->p.tok.ids[i], nd->p.tok.vocab);
+  return ERR_OK;
+}
+
 /* ---------- sizes ---------- */
 
 static size_t size_same(const grad_node *nd, int slot) {
@@ -206,6 +246,24 @@ static size_t size_ss(const grad_node *nd, int slot) {
 
 static size_t size_gap(const grad_node *nd, int slot) {
   return slot < 0 ? (size_t)nd->n * nd->c : numel(nd);
+}
+
+static size_t size_ln(const grad_node *nd, int slot) {
+  return slot >= 1 ? (size_t)nd->c : numel(nd);
+}
+
+static size_t size_geglu(const grad_node *nd, int slot) {
+  return slot < 0 ? numel(nd) / 2 : numel(nd);
+}
+
+static size_t size_mha(const grad_node *nd, int slot) {
+  return slot >= 1 ? (size_t)nd->n * nd->c * nd->p.mha.lk : numel(nd);
+}
+
+static size_t size_tok(const grad_node *nd, int slot) {
+  const size_t sizes[] = {numel(nd), (size_t)nd->p.tok.vocab * nd->c,
+                          (size_t)nd->p.tok.positions * nd->c};
+  return sizes[slot + 1];
 }
 
 /* ---------- forwards ---------- */
@@ -394,7 +452,133 @@ static int fwd_gap(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
   return ERR_OK;
 }
 
+static int fwd_ln(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)e;
+  ops_layer_norm(nd->src[0], nd->n, nd->c, nd->h * nd->w, nd->p.ln.eps, nd->src[1], nd->src[2], dst,
+                 p);
+  return ERR_OK;
+}
+
+/* The exact GELU as torch's default and the CLIP text encoder's "gelu" compute it. */
+static float gelu(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+static float dgelu(float x) {
+  return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
+         x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+
+static int fwd_gelu(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t count = numel(nd);
+  for (size_t i = 0; i < count; i++)
+    dst[i] = gelu(nd->src[0][i]);
+  return ERR_OK;
+}
+
+/* CLIP's quick_gelu, x sigmoid(1.702 x), written as engine/text/clip_text.c computes it. */
+static int fwd_qgelu(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t count = numel(nd);
+  for (size_t i = 0; i < count; i++)
+    dst[i] = nd->src[0][i] / (1.0f + expf(-1.702f * nd->src[0][i]));
+  return ERR_OK;
+}
+
+static int fwd_geglu(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)e;
+  ops_geglu(nd->src[0], nd->n, nd->c / 2, nd->h * nd->w, dst, p);
+  return ERR_OK;
+}
+
+/* Token row plus position row, channel-major, as engine/text/clip_text.c embeds a prompt. */
+static int fwd_tok(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  int d = nd->c, L = nd->h * nd->w;
+  for (int i = 0; i < nd->n; i++)
+    for (int t = 0; t < L; t++) {
+      const float *te = nd->src[0] + (size_t)nd->p.tok.ids[(size_t)i * L + t] * d;
+      const float *pe = nd->src[1] + (size_t)t * d;
+      for (int c = 0; c < d; c++)
+        dst[((size_t)i * d + c) * L + t] = te[c] + pe[c];
+    }
+  return ERR_OK;
+}
+
 /* ---------- backwards ---------- */
+
+static int bwd_gelu(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t count = numel(nd);
+  if (nd->dsrc[0])
+    for (size_t i = 0; i < count; i++)
+      nd->dsrc[0][i] += nd->ddst[i] * dgelu(nd->src[0][i]);
+  return ERR_OK;
+}
+
+static int bwd_qgelu(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t count = numel(nd);
+  if (nd->dsrc[0])
+    for (size_t i = 0; i < count; i++) {
+      float x = nd->src[0][i], s = 1.0f / (1.0f + expf(-1.702f * x));
+      nd->dsrc[0][i] += nd->ddst[i] * (s + 1.702f * x * s * (1.0f - s));
+    }
+  return ERR_OK;
+}
+
+/* y = a gelu(g): da = dy gelu(g), dg = dy a gelu'(g). */
+static int bwd_geglu(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  size_t half = (size_t)nd->c / 2 * nd->h * nd->w;
+  if (!nd->dsrc[0])
+    return ERR_OK;
+  for (int i = 0; i < nd->n; i++) {
+    const float *xa = nd->src[0] + 2 * half * i, *xg = xa + half, *dy = nd->ddst + half * i;
+    float *da = nd->dsrc[0] + 2 * half * i, *dg = da + half;
+    for (size_t k = 0; k < half; k++) {
+      da[k] += dy[k] * gelu(xg[k]);
+      dg[k] += dy[k] * xa[k] * dgelu(xg[k]);
+    }
+  }
+  return ERR_OK;
+}
+
+/* Rows of both tables receive their tokens' gradients in (prompt, position) order. */
+static int bwd_tok(const grad_node *nd, arena *a, pool *p, err *e) {
+  (void)a;
+  (void)p;
+  (void)e;
+  int d = nd->c, L = nd->h * nd->w;
+  for (int i = 0; i < nd->n; i++)
+    for (int t = 0; t < L; t++) {
+      float *dt = nd->dsrc[0] ? nd->dsrc[0] + (size_t)nd->p.tok.ids[(size_t)i * L + t] * d : NULL;
+      float *dp = nd->dsrc[1] ? nd->dsrc[1] + (size_t)t * d : NULL;
+      for (int c = 0; c < d; c++) {
+        float g = nd->ddst[((size_t)i * d + c) * L + t];
+        if (dt)
+          dt[c] += g;
+        if (dp)
+          dp[c] += g;
+      }
+    }
+  return ERR_OK;
+}
 
 /* PyTorch's threshold_backward: no gradient where the input is <= 0. */
 static int bwd_relu(const grad_node *nd, arena *a, pool *p, err *e) {
@@ -714,6 +898,33 @@ static const grad_rule rules[GRAD_OP_COUNT] = {
         {"maxpool2x2", 1, {"x"}, 1u, check_pool, size_pool, fwd_maxpool, bwd_maxpool},
     [GRAD_GLOBAL_AVGPOOL] =
         {"global_avgpool", 1, {"x"}, 1u, check_none, size_gap, fwd_gap, bwd_gap},
+    [GRAD_LAYER_NORM] = {"layer_norm",
+                         3,
+                         {"x", "weight", "bias"},
+                         1u,
+                         check_ln,
+                         size_ln,
+                         fwd_ln,
+                         grad_layer_norm_backward},
+    [GRAD_GELU] = {"gelu", 1, {"x"}, 1u, check_none, size_same, fwd_gelu, bwd_gelu},
+    [GRAD_QUICK_GELU] = {"quick_gelu", 1, {"x"}, 1u, check_none, size_same, fwd_qgelu, bwd_qgelu},
+    [GRAD_GEGLU] = {"geglu", 1, {"x"}, 1u, check_geglu, size_geglu, fwd_geglu, bwd_geglu},
+    [GRAD_MHA] = {"mha",
+                  3,
+                  {"query", "key", "value"},
+                  7u,
+                  check_mha,
+                  size_mha,
+                  grad_mha_forward,
+                  grad_mha_backward},
+    [GRAD_TOKEN_EMBEDDING] = {"token_embedding",
+                              2,
+                              {"token_embedding.weight", "position_embedding.weight"},
+                              3u,
+                              check_tok,
+                              size_tok,
+                              fwd_tok,
+                              bwd_tok},
 };
 
 const grad_rule *grad_rule_get(grad_op op) {

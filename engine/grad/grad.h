@@ -1,5 +1,7 @@
-/* Backward rules (vector-Jacobian products) for the ops a UNet2DModel and the glyph classifier
- * (engine/model/classifier.h) run, in one table indexed
+/* Backward rules (vector-Jacobian products) for the ops a UNet2DModel, the glyph classifier
+ * (engine/model/classifier.h) and the transformers of UNet2DConditionModel and CLIP run (layer
+ * norm, GELU/GEGLU/quick_gelu, self-, cross- and causal attention, token embeddings), in one
+ * table indexed
  * by op, as ggml lays out its backward pass: each entry names the op's inputs and gives its
  * forward (the very code the engine runs, engine/core/ops.c or the UNet's inline arithmetic) and
  * its backward. The room knows nothing about models or training; a model-level backward composes
@@ -45,6 +47,14 @@ typedef enum grad_op {
   GRAD_RELU,               /* x (classifier) */
   GRAD_MAXPOOL2X2,         /* x: 2x2 max, stride 2, odd sizes floored (classifier) */
   GRAD_GLOBAL_AVGPOOL,     /* x [n][c][h][w] -> [n][c] means (classifier) */
+  /* The transformers' ops (UNet2DConditionModel, CLIP), on channel-major token sequences
+   * [n][c][L] with L = h * w, the layout engine/model/transformer.c and engine/text/ run: */
+  GRAD_LAYER_NORM,      /* x, gamma, beta: over the c channels of each position */
+  GRAD_GELU,            /* x: exact (erf) GELU */
+  GRAD_QUICK_GELU,      /* x: x sigmoid(1.702 x), CLIP's activation */
+  GRAD_GEGLU,           /* x [n][2 inner][L] -> a * gelu(g) [n][inner][L], c = 2 inner */
+  GRAD_MHA,             /* q [n][c][L], k, v [n][c][p.mha.lk]: self-, cross- or causal attention */
+  GRAD_TOKEN_EMBEDDING, /* token table [vocab][c], position table [positions][c] -> [n][c][L] */
   GRAD_OP_COUNT
 } grad_op;
 
@@ -82,6 +92,17 @@ typedef struct grad_node {
     struct {
       float divisor;
     } add;
+    struct {
+      float eps;
+    } ln;
+    struct {
+      int heads, lk; /* key/value length: L for self-attention, the text's for cross */
+      int causal;    /* query r attends to keys 0..r (CLIP; needs lk == L) */
+    } mha;
+    struct {
+      const int64_t *ids; /* [n][L] */
+      int vocab, positions;
+    } tok;
   } p;
   const float *src[GRAD_MAX_SRC]; /* forward inputs (CONV2D and ATTENTION: slot 0 only) */
   const float *ddst;              /* upstream gradient, shaped like the output */

@@ -10,6 +10,9 @@
 int grad_conv2d_backward(const grad_node *nd, arena *a, pool *p, err *e);
 int grad_group_norm_backward(const grad_node *nd, arena *a, pool *p, err *e);
 int grad_attention_backward(const grad_node *nd, arena *a, pool *p, err *e);
+int grad_mha_forward(const grad_node *nd, float *dst, arena *a, pool *p, err *e);
+int grad_mha_backward(const grad_node *nd, arena *a, pool *p, err *e);
+int grad_layer_norm_backward(const grad_node *nd, arena *a, pool *p, err *e);
 
 /* d silu(z) / dz, as the backward of every fused or separate SiLU computes it. */
 static inline float grad_dsilu(float z) {
