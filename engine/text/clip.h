@@ -67,6 +67,13 @@ int clip_text_new_from(const json_t *config, const st_file *weights, const char 
 void clip_text_free(clip_text_model *m);
 const clip_text_config *clip_text_config_of(const clip_text_model *m);
 
+/* Every weight in one block of *count floats (what a backward's gradient buffer mirrors), and
+ * its i-th tensor: transformers' name, offset and floats in the block; NULL past the last. The
+ * order: token and position embeddings, final layer norm, then per layer layer_norm1, 2, q, k,
+ * v, out projections (weight, bias), fc1, fc2. The name is valid until the next call. */
+float *clip_text_weights(const clip_text_model *m, size_t *count);
+const char *clip_text_tensor(const clip_text_model *m, int i, size_t *offset, size_t *count);
+
 /* hidden[n][len][hidden_size] for the token ids[n][len] (len <= max_positions), causal
  * attention. clip_skip counts as AUTOMATIC1111 does: 1 is the last layer's output, N > 1 the
  * output N - 1 layers earlier; both through the final layer norm (diffusers' clip_skip is ours

@@ -178,6 +178,62 @@ void clip_text_free(clip_text_model *m) {
   free(m);
 }
 
+/* The tensors of the weight block in the order the loader takes them: (name, floats) pairs. */
+static int tensor_at(const clip_text_config *c, int i, char *name, size_t cap, size_t *count) {
+  size_t d = (size_t)c->hidden_size, in = (size_t)c->intermediate_size;
+  static const char *const head[4] = {"embeddings.token_embedding.weight",
+                                      "embeddings.position_embedding.weight",
+                                      "final_layer_norm.weight", "final_layer_norm.bias"};
+  static const char *const per[16] = {"layer_norm1.weight",
+                                      "layer_norm1.bias",
+                                      "layer_norm2.weight",
+                                      "layer_norm2.bias",
+                                      "self_attn.q_proj.weight",
+                                      "self_attn.q_proj.bias",
+                                      "self_attn.k_proj.weight",
+                                      "self_attn.k_proj.bias",
+                                      "self_attn.v_proj.weight",
+                                      "self_attn.v_proj.bias",
+                                      "self_attn.out_proj.weight",
+                                      "self_attn.out_proj.bias",
+                                      "mlp.fc1.weight",
+                                      "mlp.fc1.bias",
+                                      "mlp.fc2.weight",
+                                      "mlp.fc2.bias"};
+  if (i < 0 || i >= 4 + 16 * c->layers)
+    return 0;
+  if (i < 4) {
+    snprintf(name, cap, "text_model.%s", head[i]);
+    const size_t sizes[4] = {(size_t)c->vocab_size * d, (size_t)c->max_positions * d, d, d};
+    *count = sizes[i];
+    return 1;
+  }
+  int k = (i - 4) % 16;
+  snprintf(name, cap, "text_model.encoder.layers.%d.%s", (i - 4) / 16, per[k]);
+  const size_t sizes[16] = {d,     d, d,     d, d * d,  d,  d * d,  d,
+                            d * d, d, d * d, d, in * d, in, d * in, d};
+  *count = sizes[k];
+  return 1;
+}
+
+float *clip_text_weights(const clip_text_model *m, size_t *count) {
+  *count = weight_floats(&m->cfg);
+  return m->weights;
+}
+
+const char *clip_text_tensor(const clip_text_model *m, int i, size_t *offset, size_t *count) {
+  static _Thread_local char name[160];
+  size_t off = 0, cnt = 0;
+  for (int k = 0; k <= i; k++) {
+    off += cnt;
+    if (!tensor_at(&m->cfg, k, name, sizeof name, &cnt))
+      return NULL;
+  }
+  *offset = off;
+  *count = cnt;
+  return name;
+}
+
 int clip_text_new_from(const json_t *config, const st_file *weights, const char *source,
                        clip_text_model **out, err *e) {
   *out = NULL;
