@@ -371,6 +371,60 @@ START_TEST(deblur_cli) {
 }
 END_TEST
 
+/* Mean PSNR (dB, images in [-1, 1]) of n images of d values against the sharp ones. */
+static double mean_psnr(const float *a, const float *sharp, int n, size_t d) {
+  double sum = 0;
+  for (int k = 0; k < n; k++) {
+    double se = 0;
+    for (size_t i = 0; i < d; i++) {
+      const double v = a[k * d + i] < -1 ? -1 : a[k * d + i] > 1 ? 1 : a[k * d + i];
+      se += (v - sharp[k * d + i]) * (v - sharp[k * d + i]);
+    }
+    sum += 10.0 * log10(4.0 / (se / (double)d));
+  }
+  return sum / n;
+}
+
+/* The shipped deblurring models on eight in-domain pairs of make_pairs.py
+ * (tests/fixtures/deblur_pairs), through 'denoised deblur' as a user runs it: the regression
+ * baseline comes closer to the sharp images than the blurry input (PSNR), the icDPM, whose
+ * samples trade PSNR for sharp strokes (bench/deblur_eval.py measures its character accuracy),
+ * stays within 5 dB of the input. The first icDPM shipped failed this by 12 dB: an
+ * epsilon-prediction model whose x0 blows up at high noise (tools/deblur/x0_by_noise.py). */
+START_TEST(shipped_models_restore) {
+  static const char *const models[] = {"models/deblur-icdpm", "models/deblur-reg"};
+  static const double margin[] = {-5.0, 0.5}; /* dB over the blurry input's PSNR */
+  char sharp_p[1024], blurry_p[1024], dir[1024], tmp[512], path[1200], out[16384];
+  test_src_path(sharp_p, sizeof sharp_p, "tests/fixtures/deblur_pairs/sharp.npy");
+  test_src_path(blurry_p, sizeof blurry_p, "tests/fixtures/deblur_pairs/blurry.npy");
+  test_tmpdir(tmp, sizeof tmp);
+  snprintf(path, sizeof path, "%s/restored.npy", tmp);
+  npy_array sharp = {0}, blurry = {0};
+  err e = {0};
+  ck_assert_int_eq(npy_read_f32(sharp_p, &sharp, &e), 0);
+  ck_assert_int_eq(npy_read_f32(blurry_p, &blurry, &e), 0);
+  const int n = (int)sharp.shape[0];
+  const size_t d = (size_t)(sharp.count / n);
+  const double base = mean_psnr(blurry.data, sharp.data, n, d);
+  for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+    test_src_path(dir, sizeof dir, models[i]);
+    int st = test_run_cli(out, sizeof out,
+                          "deblur --model %s --image %s --steps 20 --threads 2 --quiet --out %s",
+                          dir, blurry_p, path);
+    ck_assert_msg(st == 0, "%s: %s", models[i], out);
+    npy_array r = {0};
+    ck_assert_int_eq(npy_read_f32(path, &r, &e), 0);
+    ck_assert(r.count == sharp.count);
+    const double psnr = mean_psnr(r.data, sharp.data, n, d);
+    ck_assert_msg(psnr > base + margin[i], "%s: %.2f dB, the blurry input %.2f dB", models[i], psnr,
+                  base);
+    npy_array_free(&r);
+  }
+  npy_array_free(&sharp);
+  npy_array_free(&blurry);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("cond_unet");
   TCase *tc = tcase_create("cond_unet");
@@ -382,6 +436,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, training_steps);
   tcase_add_test(tc, train_cli);
   tcase_add_test(tc, deblur_cli);
+  tcase_add_test(tc, shipped_models_restore);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -457,14 +457,19 @@ static int load_latent(model *m, const char *dir, err *e) {
   return rc ? rc : fit_latent(m, dir, e);
 }
 
-/* The class and prediction type a config.json declares; returns the class name. */
-static const char *read_names(model *m, const json_t *cfg) {
+/* The class and prediction type a config.json declares (sched: the scheduler config beside it,
+ * or NULL); returns the class name. */
+static const char *read_names(model *m, const json_t *cfg, const json_t *sched) {
   const json_t *cls = json_object_get(cfg, "_class_name");
   const char *name = json_is_string(cls) ? json_string_value(cls) : "UNet2DModel";
   snprintf(m->class_name, sizeof m->class_name, "%s", name);
   m->info.class_name = m->class_name;
   const json_t *pt = json_object_get(cfg, "prediction_type");
-  /* UNet2DModel configs do not say what they predict; diffusers assumes epsilon. */
+  /* UNet2DModel configs do not say what they predict: diffusers' pipelines take the scheduler
+   * config's prediction_type (what 'denoised train --prediction-type' writes there), and
+   * epsilon without one. */
+  if (!json_is_string(pt) && sched)
+    pt = json_object_get(sched, "prediction_type");
   snprintf(m->prediction_type, sizeof m->prediction_type, "%s",
            json_is_string(pt) ? json_string_value(pt) : "epsilon");
   m->info.prediction_type = m->prediction_type;
@@ -551,7 +556,7 @@ int model_load(const char *dir, model **out, err *e) {
     model_free(m);
     return e ? e->code : ERR_FORMAT;
   }
-  const char *name = read_names(m, cfg);
+  const char *name = read_names(m, cfg, m->sched_json);
   if (strcmp(name, "UNet2DModel") == 0) {
     rc = load_unet(m, cfg, net_dir, 0, e);
   } else if (strcmp(name, "UNet2DConditionModel") == 0) {
@@ -605,7 +610,7 @@ int model_init(const char *config_path, uint64_t seed, model **out, err *e) {
     json_decref(cfg);
     return err_set(e, ERR_NOMEM, "out of memory");
   }
-  const char *name = read_names(m, cfg);
+  const char *name = read_names(m, cfg, NULL);
   int rc = ERR_OK;
   if (strcmp(name, "UNet2DModel") != 0)
     rc = err_set(e, ERR_UNSUPPORTED,
