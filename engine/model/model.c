@@ -498,7 +498,7 @@ static int load_single(model *m, const char *path, err *e) {
   if (rc)
     return rc;
   const json_t *cfg = sd_single_config(s, SD_PART_UNET);
-  read_names(m, cfg);
+  read_names(m, cfg, NULL);
   rc = cunet_load(cfg, sd_single_weights(s, SD_PART_UNET), &m->cunet, e);
   if (rc)
     err_prefix(e, "%s (UNet)", path);
