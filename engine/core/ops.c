@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "gemm.h"
 #include "mem.h"
@@ -217,6 +219,21 @@ static int build_form(conv2d *c, int form) {
   return 0;
 }
 
+/* Hands a file-mapped weight's whole pages back to the kernel once a form is built from it:
+ * they are clean copies of the file (an optimizer's writes make them private, and reclaiming
+ * those keeps their data), so the weights stop counting twice in the process's memory and a
+ * later reader (another form, a backward pass) faults them in again from the page cache. */
+static void let_weight_pages_go(const conv2d *c) {
+  const long page = sysconf(_SC_PAGESIZE);
+  if (!c->weight_in_file || page <= 0)
+    return;
+  uintptr_t lo = (uintptr_t)c->weight, hi = lo + (uintptr_t)c->cout * c->cin * c->k * c->k * 4;
+  lo = (lo + (uintptr_t)page - 1) / (uintptr_t)page * (uintptr_t)page;
+  hi = hi / (uintptr_t)page * (uintptr_t)page;
+  if (hi > lo)
+    madvise((void *)lo, hi - lo, MADV_PAGEOUT);
+}
+
 /* Serialises the building of forms; forwards that find a form built read it without the lock. */
 static pthread_mutex_t form_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -231,8 +248,10 @@ static int ensure_form(const conv2d *cc, int form) {
   int rc = 0;
   if (!(c->built & form)) {
     rc = build_form(c, form);
-    if (!rc)
+    if (!rc) {
       __atomic_store_n(&c->built, c->built | form, __ATOMIC_RELEASE);
+      let_weight_pages_go(c);
+    }
   }
   pthread_mutex_unlock(&form_lock);
   return rc;

@@ -26,6 +26,7 @@ typedef struct conv2d {
   int forms;           /* OPS_FORM_* bits ops_conv2d_pack allowed (0: not packed) */
   int built;           /* OPS_FORM_* bits built so far (atomic: forwards may share a layer) */
   int bf16;            /* built forms are rounded to bf16 (ops_conv2d_to_bf16) */
+  int weight_in_file;  /* weight is a file mapping (st_map_f32): built forms let its pages go */
 } conv2d;
 
 #define OPS_FORM_GEMM 1 /* im2col GEMM panels */

@@ -402,6 +402,7 @@ int blocks_load_conv(blocks_loader *ld, const char *prefix, int cin, int cout, i
   snprintf(name, sizeof name, "%s.weight", prefix);
   if (!(c->weight = blocks_load_tensor(ld, name, 4, wshape)))
     return ld->e->code;
+  c->weight_in_file = ld->ps->params[ld->ps->nparams - 1].map != NULL;
   if (bias) {
     int64_t bshape[1] = {cout};
     snprintf(name, sizeof name, "%s.bias", prefix);
@@ -423,6 +424,7 @@ int blocks_load_token_linear(blocks_loader *ld, const char *prefix, int in, int 
   snprintf(name, sizeof name, "%s.weight", prefix);
   if (!(c->weight = blocks_load_tensor(ld, name, 2, wshape)))
     return ld->e->code;
+  c->weight_in_file = ld->ps->params[ld->ps->nparams - 1].map != NULL;
   snprintf(name, sizeof name, "%s.bias", prefix);
   if (bias && !(c->bias = blocks_load_tensor(ld, name, 1, bshape)))
     return ld->e->code;
