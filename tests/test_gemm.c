@@ -61,6 +61,59 @@ START_TEST(shapes) {
 }
 END_TEST
 
+/* Every element is the documented sum: k-blocks of 256 from the first, each a chain of fmaf from
+ * zero, added to C in turn (or stored first when not accumulating), whichever kernel and loop
+ * order the shape gets (narrow products of 1-8 columns are vectorised along rows, up to 64
+ * columns pack B whole, wider ones go block by block). Rows start at a kernel boundary and ldb,
+ * ldc are wider than n, as in the convolutions; columns past n must stay untouched. */
+static void check_order(int m, int k, int n, int accumulate) {
+  const int ldb = n + 3, ldc = n + 5, rb = gemm_row_block();
+  float *a = malloc(sizeof(float) * m * k), *b = malloc(sizeof(float) * k * ldb);
+  float *c = malloc(sizeof(float) * m * ldc), *c0 = malloc(sizeof(float) * m * ldc);
+  rng_normal(2, 0, 0, a, (size_t)m * k);
+  rng_normal(2, 1, 0, b, (size_t)k * ldb);
+  rng_normal(2, 2, 0, c0, (size_t)m * ldc);
+  memcpy(c, c0, sizeof(float) * m * ldc);
+  gemm_packed p;
+  ck_assert_int_eq(gemm_pack_a(&p, a, m, k), 0);
+  float *scratch = malloc(sizeof(float) * gemm_scratch_floats(k, n));
+  const int rs = m > 2 * rb ? rb : 0;
+  gemm_run(&p, 0, rs, b, ldb, n, c, ldc, accumulate, scratch);
+  gemm_run(&p, rs, m, b, ldb, n, c + (size_t)rs * ldc, ldc, accumulate, scratch);
+  for (int i = 0; i < m; i++)
+    for (int j = 0; j < ldc; j++) {
+      float want = c0[(size_t)i * ldc + j];
+      for (int k0 = 0; j < n && k0 < k; k0 += 256) {
+        float s = 0;
+        for (int q = k0; q < k && q < k0 + 256; q++)
+          s = fmaf(a[(size_t)i * k + q], b[(size_t)q * ldb + j], s);
+        want = k0 == 0 && !accumulate ? s : want + s;
+      }
+      ck_assert_msg(memcmp(&want, &c[(size_t)i * ldc + j], sizeof want) == 0,
+                    "gemm %dx%dx%d (accumulate %d): C[%d][%d] %.9g, not the documented sum %.9g", m,
+                    k, n, accumulate, i, j, c[(size_t)i * ldc + j], want);
+    }
+  gemm_packed_free(&p);
+  free(a);
+  free(b);
+  free(c);
+  free(c0);
+  free(scratch);
+}
+
+START_TEST(order) {
+  if (strcmp(gemm_kernel_name(), "openblas") == 0)
+    return; /* OpenBLAS sums in its own order */
+  static const int ms[] = {1, 13, 37, 64}, ks[] = {3, 256, 600},
+                   ns[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 64, 65};
+  for (int acc = 0; acc < 2; acc++)
+    for (int mi = 0; mi < 4; mi++)
+      for (int ki = 0; ki < 3; ki++)
+        for (int ni = 0; ni < (int)(sizeof ns / sizeof ns[0]); ni++)
+          check_order(ms[mi], ks[ki], ns[ni], acc);
+}
+END_TEST
+
 /* The test's own float -> bf16 -> float, round to nearest even (finite inputs). */
 static double bf16_round(float f) {
   uint32_t u;
@@ -153,6 +206,7 @@ Suite *test_suite(void) {
   TCase *tc = tcase_create("gemm");
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, shapes);
+  tcase_add_test(tc, order);
   tcase_add_test(tc, bf16);
   suite_add_tcase(s, tc);
   return s;

@@ -22,6 +22,14 @@
 #define GEMM_MR 12
 #define GEMM_NR 32
 #define GEMM_KC 256
+/* Products at most this wide (the small images of batch-1 passes, Winograd's tile columns) pack
+ * all of B at once, up to GEMM_NARROW_B_FLOATS (kept in L2), so that A, usually weights coming
+ * cold from memory, streams through once front to back: see run_narrow. */
+#define GEMM_NARROW_N 64
+#define GEMM_NARROW_B_FLOATS (160u << 10)
+/* How far ahead (floats of A) the AVX-512 kernels prefetch the panel they are reading: the
+ * hardware prefetchers stop at page boundaries, and A's panels are read 48 bytes per step. */
+#define GEMM_PREFETCH 768
 
 int gemm_row_block(void) {
   return GEMM_MR;
@@ -148,10 +156,20 @@ int gemm_packed_to_bf16(gemm_packed *p) {
 }
 #endif
 
+/* Whether a product takes the narrow path (see run_narrow): B a few panels wide, packed whole. */
+static int narrow_path(int k, int n) {
+  return n <= GEMM_NARROW_N && (size_t)k * GEMM_NARROW_N <= GEMM_NARROW_B_FLOATS;
+}
+
 size_t gemm_scratch_floats(int k, int n) {
-  (void)k;
-  (void)n;
-  return (size_t)GEMM_KC * GEMM_NR + 16; /* one packed B panel, plus alignment slack */
+  size_t s = (size_t)GEMM_KC * GEMM_NR; /* one packed B panel */
+  if (n > 0 && k > 0) {
+    int w = n < GEMM_NARROW_N ? n : GEMM_NARROW_N;
+    size_t whole = (size_t)k * ((w + GEMM_NR - 1) / GEMM_NR * GEMM_NR);
+    if (narrow_path(k, w) && whole > s)
+      s = whole; /* all of B's k rows, up to GEMM_NARROW_N columns */
+  }
+  return s + 16; /* plus alignment slack */
 }
 
 #ifdef GEMM_X86
@@ -203,6 +221,7 @@ kernel_12x32(int kc, const float *a, const float *b, float *c, int ldc, int mr, 
   for (int kk = 0; kk < kc; kk++) {
     __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
     __m512 av;
+    _mm_prefetch((const char *)(a + GEMM_PREFETCH), _MM_HINT_T0);
 #define GEMM_ROW(r, x0, x1)                                                                        \
   av = _mm512_set1_ps(a[r]);                                                                       \
   x0 = _mm512_fmadd_ps(av, b0, x0);                                                                \
@@ -226,6 +245,107 @@ kernel_12x32(int kc, const float *a, const float *b, float *c, int ldc, int mr, 
   __m512 acc[GEMM_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51},
                             {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91}, {ca0, ca1}, {cb0, cb1}};
   store_12x32(acc, c, ldc, mr, nr, add);
+}
+
+/* C[mr x nr] (+)= A panel (kc x 12) * the first 16 columns of a B panel (nr <= 16): half the
+ * B loads and FMAs of kernel_12x32 when the other half would be padding. Same sums. */
+__attribute__((target("avx512f"))) static void
+kernel_12x16(int kc, const float *a, const float *b, float *c, int ldc, int mr, int nr, int add) {
+  __m512 acc[GEMM_MR][2];
+  for (int r = 0; r < GEMM_MR; r++)
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int kk = 0; kk < kc; kk++) {
+    __m512 b0 = _mm512_load_ps(b);
+    _mm_prefetch((const char *)(a + GEMM_PREFETCH), _MM_HINT_T0);
+#pragma GCC unroll 12
+    for (int r = 0; r < GEMM_MR; r++)
+      acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), b0, acc[r][0]);
+    a += GEMM_MR;
+    b += GEMM_NR;
+  }
+  store_12x32(acc, c, ldc, mr, nr, add);
+}
+
+/* Products with a handful of columns (nr <= 8, e.g. a batch-1 Winograd GEMM on an 8x8 image,
+ * 4 tiles): vectorised along M instead, so no lanes are padding but the 4 unused of a 12-row
+ * panel column. NP panels at once give NP * NC independent sums to hide the FMA latency. Each
+ * lane computes acc = fma(A[i][k], B[k][j], acc) in k order, exactly kernel_12x32's sum. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+col_body(int kc, const float *a, size_t astride, int np, const float *b, float *c, int ldc,
+         int mr_last, int add, const int NC, const int NP) {
+  __m512 acc[4][8];
+  const float *ap[4];
+  __mmask16 am[4];
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; p++) {
+    ap[p] = a + (p < np ? p : 0) * astride;
+    am[p] = p < np ? 0x0fff : 0;
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; j++)
+      acc[p][j] = _mm512_setzero_ps();
+  }
+  for (int kk = 0; kk < kc; kk++) {
+    __m512 av[4];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; p++) {
+      av[p] = _mm512_maskz_loadu_ps(am[p], ap[p] + (size_t)kk * GEMM_MR);
+      _mm_prefetch((const char *)(ap[p] + (size_t)kk * GEMM_MR + GEMM_PREFETCH), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; j++) {
+      __m512 bv = _mm512_set1_ps(b[(size_t)kk * GEMM_NR + j]);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; p++)
+        acc[p][j] = _mm512_fmadd_ps(av[p], bv, acc[p][j]);
+    }
+  }
+  float tmp[8][16];
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; p++) { /* constant indices keep acc in registers */
+    if (p >= np)
+      break;
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; j++)
+      _mm512_storeu_ps(tmp[j], acc[p][j]);
+    int rows = p == np - 1 ? mr_last : GEMM_MR;
+    for (int r = 0; r < rows; r++) {
+      float *row = c + (size_t)(p * GEMM_MR + r) * ldc;
+      for (int j = 0; j < NC; j++)
+        row[j] = add ? row[j] + tmp[j][r] : tmp[j][r];
+    }
+  }
+}
+
+#define GEMM_COL_KERNEL(NC, NP)                                                                    \
+  __attribute__((target("avx512f"))) static void kernel_col##NC(                                   \
+      int kc, const float *a, size_t astride, int np, const float *b, float *c, int ldc,           \
+      int mr_last, int add) {                                                                      \
+    col_body(kc, a, astride, np, b, c, ldc, mr_last, add, NC, NP);                                 \
+  }
+GEMM_COL_KERNEL(1, 4)
+GEMM_COL_KERNEL(2, 4)
+GEMM_COL_KERNEL(3, 4)
+GEMM_COL_KERNEL(4, 4)
+GEMM_COL_KERNEL(5, 4)
+GEMM_COL_KERNEL(6, 4)
+GEMM_COL_KERNEL(7, 3)
+GEMM_COL_KERNEL(8, 3)
+#undef GEMM_COL_KERNEL
+
+typedef void (*col_fn)(int kc, const float *a, size_t astride, int np, const float *b, float *c,
+                       int ldc, int mr_last, int add);
+static const col_fn col_kernels[9] = {NULL,        kernel_col1, kernel_col2,
+                                      kernel_col3, kernel_col4, kernel_col5,
+                                      kernel_col6, kernel_col7, kernel_col8};
+static const int col_panels[9] = {0, 4, 4, 4, 4, 4, 4, 3, 3};
+
+/* kernel_12x32, or kernel_12x16 when the block's columns fit in 16. */
+__attribute__((target("avx512f"))) static void
+block_avx512(int kc, const float *a, const float *b, float *c, int ldc, int mr, int nr, int add) {
+  if (nr <= 16)
+    kernel_12x16(kc, a, b, c, ldc, mr, nr, add);
+  else
+    kernel_12x32(kc, a, b, c, ldc, mr, nr, add);
 }
 
 /* AVX2 + FMA: the same 12x32 block done as 2 x 2 tiles of 6x16, with the
@@ -297,6 +417,48 @@ static void run_blocked(const gemm_packed *a, int r0, int r1, const float *b, in
         int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
         const float *ap = a->data + (size_t)(i0 / GEMM_MR) * GEMM_MR * k + (size_t)k0 * GEMM_MR;
         block(kc, ap, bp, c + (size_t)(i0 - r0) * ldc + j0, ldc, mr, nr, add);
+      }
+    }
+  }
+}
+
+/* The AVX-512 order for narrow products (narrow_path): B packed whole (every k, up to
+ * GEMM_NARROW_N columns), then each A panel read once from its first k to its last, the panels
+ * in turn, so A streams through memory in one sequential pass (its panels are contiguous). Each
+ * C element still sums k-block by k-block from the first, as run_blocked does: same results. */
+__attribute__((target("avx512f"))) static void run_narrow(const gemm_packed *a, int r0, int r1,
+                                                          const float *b, int ldb, int n, float *c,
+                                                          int ldc, int accumulate, float *scratch) {
+  const int k = a->k, jpanels = (n + GEMM_NR - 1) / GEMM_NR;
+  float *bp = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  for (int jp = 0; jp < jpanels; jp++) {
+    int nr = n - jp * GEMM_NR < GEMM_NR ? n - jp * GEMM_NR : GEMM_NR;
+    pack_b(b, ldb, 0, k, jp * GEMM_NR, nr, bp + (size_t)jp * k * GEMM_NR);
+  }
+  const size_t astride = (size_t)GEMM_MR * k;
+  if (n <= 8) {
+    const col_fn kern = col_kernels[n];
+    const int group = col_panels[n] * GEMM_MR;
+    for (int i0 = r0; i0 < r1; i0 += group) {
+      int rows = r1 - i0 < group ? r1 - i0 : group, np = (rows + GEMM_MR - 1) / GEMM_MR;
+      const float *ap = a->data + (size_t)(i0 / GEMM_MR) * astride;
+      for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
+        int kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
+        kern(kc, ap + (size_t)k0 * GEMM_MR, astride, np, bp + (size_t)k0 * GEMM_NR,
+             c + (size_t)(i0 - r0) * ldc, ldc, rows - (np - 1) * GEMM_MR, accumulate || k0 > 0);
+      }
+    }
+    return;
+  }
+  for (int i0 = r0; i0 < r1; i0 += GEMM_MR) {
+    int mr = r1 - i0 < GEMM_MR ? r1 - i0 : GEMM_MR;
+    const float *ap = a->data + (size_t)(i0 / GEMM_MR) * astride;
+    for (int k0 = 0; k0 < k; k0 += GEMM_KC) {
+      int kc = k - k0 < GEMM_KC ? k - k0 : GEMM_KC;
+      for (int jp = 0; jp < jpanels; jp++) {
+        int nr = n - jp * GEMM_NR < GEMM_NR ? n - jp * GEMM_NR : GEMM_NR;
+        block_avx512(kc, ap + (size_t)k0 * GEMM_MR, bp + ((size_t)jp * k + k0) * GEMM_NR,
+                     c + (size_t)(i0 - r0) * ldc + jp * GEMM_NR, ldc, mr, nr, accumulate || k0 > 0);
       }
     }
   }
@@ -389,7 +551,10 @@ void gemm_run(const gemm_packed *a, int r0, int r1, const float *b, int ldb, int
     return;
   }
   if (has_avx512()) {
-    run_blocked(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch, pack_b, kernel_12x32);
+    if (narrow_path(a->k, n))
+      run_narrow(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch);
+    else
+      run_blocked(a, r0, r1, b, ldb, n, c, ldc, accumulate, scratch, pack_b, block_avx512);
     return;
   }
   if (has_avx2()) {
