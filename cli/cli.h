@@ -116,6 +116,9 @@ typedef struct cli_train_data {
   int cc;
   char desc[1400]; /* what they are, for the model card */
 } cli_train_data;
+/* A path as the model card shows it: an absolute one by its last two parts (the folder it was
+ * trained from is of no use to a reader, and may be a temporary one), others as given. */
+const char *cli_train_shown_path(const char *path);
 /* --data (a .npy [N, C, H, W], or an imagefolder: PNGs + metadata.jsonl) and --labels (a .npy
  * [N] for the .npy); dropout: labels will be dropped to the null class, which they may then
  * not use. Errors name the file, line or key. */
@@ -130,8 +133,9 @@ int cli_train_cond_load(const char *path, const model *m, int regression, cli_tr
 /* The flags of `denoised train`. */
 typedef struct cli_train_opts {
   const char *model_config, *init, *data, *labels, *out, *sched_file, *lr_schedule, *prediction;
-  const char *cond; /* --cond: conditioning (degraded) images */
-  int regression;   /* --regression: the restoration baseline */
+  const char *cond;    /* --cond: conditioning (degraded) images */
+  int regression;      /* --regression: the restoration baseline */
+  double guide_weight; /* --guide-weight: structure guidance's auxiliary loss; < 0: default */
   long long steps, batch, warmup, seed, threads, ckpt_every, stop_after;
   double lr, clip, ema, ema_power, min_snr, dropout, weight_decay, betas[2];
   int resume, quiet;

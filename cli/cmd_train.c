@@ -36,6 +36,9 @@ static const char help[] =
     "                     e.g. the blurry copies of sharp --data images\n"
     "  --regression       train the restoration baseline instead: the model maps each --cond\n"
     "                     image (at t = 0) to its --data image, plain MSE, no noise\n"
+    "  --guide-weight W   for a model with structure guidance (config key \"_guide_scales\"):\n"
+    "                     the weight of its guide networks' loss, the MSE of their prediction\n"
+    "                     of the --data image's grayscale at each scale (default 1)\n"
     "  --steps N          optimizer steps (required); --batch B images per step (required)\n"
     "  --lr LR            peak learning rate (default 1e-4)\n"
     "  --lr-schedule S    constant, constant_with_warmup or cosine (default cosine)\n"
@@ -94,7 +97,8 @@ static const struct {
                  {'g', "--min-snr-gamma", 0, 0, 1e6, offsetof(cli_train_opts, min_snr)},
                  {'p', "--null-class-dropout", 0, 0, 1, offsetof(cli_train_opts, dropout)},
                  {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)},
-                 {'P', "--ema-warmup", 0, 0, 10, offsetof(cli_train_opts, ema_power)}};
+                 {'P', "--ema-warmup", 0, 0, 10, offsetof(cli_train_opts, ema_power)},
+                 {'G', "--guide-weight", 0, 0, 1e6, offsetof(cli_train_opts, guide_weight)}};
 
 static int num_flag(int c, const char *arg, cli_train_opts *o) {
   for (size_t i = 0; i < sizeof num_flags / sizeof num_flags[0]; i++) {
@@ -163,6 +167,7 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
                                        {"adam-betas", required_argument, 0, O_BETAS},
                                        {"cond", required_argument, 0, O_COND},
                                        {"regression", no_argument, 0, O_REGRESSION},
+                                       {"guide-weight", required_argument, 0, 'G'},
                                        {0, 0, 0, 0}};
   int c;
   optind = 1;
@@ -252,13 +257,15 @@ static json_t *recipe_base(const cli_train_opts *o, const sched_config *sc) {
 }
 
 /* Every setting that changes the result, for state.json, the model card and --resume (the
- * conditioning keys only when used, so earlier runs' checkpoints still match). */
-static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc) {
+ * conditioning and guidance keys only when used, so earlier runs' checkpoints still match). */
+static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc, double guide_weight) {
   json_t *j = recipe_base(o, sc);
   if (j && o->cond)
     json_object_set_new(j, "cond", json_string(o->cond));
   if (j && o->regression)
     json_object_set_new(j, "regression", json_true());
+  if (j && guide_weight >= 0)
+    json_object_set_new(j, "guide_weight", json_real(guide_weight));
   if (j && o->method) {
     json_object_set_new(j, "method", json_string(o->method));
     if (strcmp(o->method, "domainstudio") == 0) {
@@ -283,6 +290,14 @@ static int setup(cli_train_run *r, err *e) {
   if ((rc = read_schedule(r, &sc, e)))
     return rc;
   const model_info *mi = model_get_info(r->m);
+  if (o->guide_weight >= 0 && !mi->guide_scales) {
+    sched_config_free(&sc);
+    return err_set(e, ERR_INVALID,
+                   "--guide-weight: the model has no structure guidance (config key "
+                   "\"_guide_scales\")");
+  }
+  /* a guided model's default weight; -1 keeps the recipe of unguided runs as it was */
+  const double gw = mi->guide_scales ? (o->guide_weight >= 0 ? o->guide_weight : 1.0) : -1;
   train_config tc = {.prediction = sc.prediction_type,
                      .min_snr_gamma = o->min_snr,
                      .null_dropout = o->dropout,
@@ -300,7 +315,8 @@ static int setup(cli_train_run *r, err *e) {
                              .power = o->ema_power},
                      .seed = (uint64_t)o->seed,
                      .threads = (int)o->threads,
-                     .regression = o->regression};
+                     .regression = o->regression,
+                     .guide_weight = gw > 0 ? gw : 0};
   if (o->method && strcmp(o->method, "domainstudio") == 0) {
     /* the frozen source: a second copy of the same folder */
     if ((rc = model_load(o->init, &r->source, e))) {
@@ -310,7 +326,7 @@ static int setup(cli_train_run *r, err *e) {
     tc.source = r->source;
     tc.dstudio = o->dstudio;
   }
-  r->recipe = make_recipe(o, &sc);
+  r->recipe = make_recipe(o, &sc, gw);
   if (!r->recipe)
     rc = err_set(e, ERR_NOMEM, "out of memory");
   /* finetune: whether the method can adapt the model at all before its images are read */
@@ -399,6 +415,11 @@ static int train_loop(cli_train_run *r, long first, long stop, err *e) {
               "\"pair\": %.9g, \"hf_pair\": %.9g, \"hf_mse\": %.9g}\n",
               step + 1, info.loss, info.lr, info.grad_norm, info.terms.mse, info.terms.pair,
               info.terms.hf_pair, info.terms.hf_mse);
+    else if (model_get_info(r->m)->guide_scales)
+      fprintf(
+          r->log,
+          "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"guide\": %.9g}\n",
+          step + 1, info.loss, info.lr, info.grad_norm, info.guide_loss);
     else
       fprintf(r->log, "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g}\n",
               step + 1, info.loss, info.lr, info.grad_norm);
@@ -487,6 +508,7 @@ static int execute(const char *cmd, cli_train_opts *o) {
 
 int cmd_train(int argc, char **argv) {
   cli_train_opts o = {.lr = 1e-4,
+                      .guide_weight = -1,
                       .lr_schedule = "cosine",
                       .clip = 1,
                       .weight_decay = 1e-6,
@@ -598,6 +620,7 @@ int cmd_finetune(int argc, char **argv) {
   /* the authors' recipe: Adam at a constant 1e-4, batch 3, no weight decay, clipping or EMA */
   cli_train_opts o = {
       .lr = DSTUDIO_RECIPE_LR,
+      .guide_weight = -1,
       .lr_schedule = "constant",
       .batch = DSTUDIO_RECIPE_BATCH,
       .betas = {DSTUDIO_RECIPE_BETA1, DSTUDIO_RECIPE_BETA2},

@@ -102,8 +102,8 @@ static int load_npy(const char *path, const model_info *mi, cli_train_data *d, e
   }
   d->n = a.shape[0], d->c = (int)a.shape[1], d->h = (int)a.shape[2], d->w = (int)a.shape[3];
   d->x = a.data;
-  snprintf(d->desc, sizeof d->desc, "%s: %lld images %dx%dx%d", path, (long long)d->n, d->c, d->h,
-           d->w);
+  snprintf(d->desc, sizeof d->desc, "%s: %lld images %dx%dx%d", cli_train_shown_path(path),
+           (long long)d->n, d->c, d->h, d->w);
   return ERR_OK;
 }
 
@@ -135,7 +135,7 @@ int cli_train_cond_load(const char *path, const model *m, int regression, cli_tr
   d->cond = a.data;
   d->cc = want;
   size_t k = strlen(d->desc);
-  snprintf(d->desc + k, sizeof d->desc - k, ", conditioned on %s", path);
+  snprintf(d->desc + k, sizeof d->desc - k, ", conditioned on %s", cli_train_shown_path(path));
   return ERR_OK;
 }
 
@@ -319,9 +319,22 @@ static int load_folder(const char *dir, const model *m, int dropout, cli_train_d
     free(names[i]);
   free(names);
   if (!rc)
-    snprintf(d->desc, sizeof d->desc, "%s: %lld PNG images %dx%dx%d%s", dir, (long long)d->n, d->c,
-             d->h, d->w, d->labels ? " with labels from metadata.jsonl" : "");
+    snprintf(d->desc, sizeof d->desc, "%s: %lld PNG images %dx%dx%d%s", cli_train_shown_path(dir),
+             (long long)d->n, d->c, d->h, d->w,
+             d->labels ? " with labels from metadata.jsonl" : "");
   return rc;
+}
+
+const char *cli_train_shown_path(const char *path) {
+  if (!path || path[0] != '/')
+    return path;
+  const char *end = path + strlen(path), *p = end;
+  while (p > path && p[-1] == '/') /* a trailing slash */
+    p--;
+  for (int parts = 0; p > path; p--)
+    if (p[-1] == '/' && p < end && *p != '/' && ++parts == 2) /* "a//b" is a/b */
+      break;
+  return *p ? p : path;
 }
 
 int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
@@ -350,7 +363,7 @@ int cli_train_data_load(const char *data, const char *labels, const model *m, in
       rc = load_labels(labels, mi, dropout, d, e);
     if (!rc && labels) {
       size_t k = strlen(d->desc);
-      snprintf(d->desc + k, sizeof d->desc - k, ", labels %s", labels);
+      snprintf(d->desc + k, sizeof d->desc - k, ", labels %s", cli_train_shown_path(labels));
     }
   }
   if (rc)

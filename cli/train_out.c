@@ -296,7 +296,7 @@ static void recipe_command(const json_t *recipe, char *buf, size_t n) {
     snprintf(flag, sizeof flag, "%s", key);
     for (char *p = flag; *p; p++)
       *p = *p == '_' ? '-' : *p;
-    const char *s = json_is_string(v) ? json_string_value(v) : val;
+    const char *s = json_is_string(v) ? cli_train_shown_path(json_string_value(v)) : val;
     if (json_is_true(v)) /* a switch */
       k += (size_t)snprintf(buf + k, n - k, " --%s", flag);
     else
@@ -315,9 +315,25 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
   double last = 0, first = 0;
   for (long i = 0; i < k && i < n; i++)
     last += loss[n - 1 - i] / (double)k, first += loss[i] / (double)k;
-  char path[PATH_LEN], cmd[8192], cond[160];
+  char path[PATH_LEN], cmd[8192], cond[320];
   recipe_command(r->recipe, cmd, sizeof cmd);
-  if (mi->num_classes)
+  const char *paths[] = {o->model_config, o->init, o->data, o->labels, o->cond, o->sched_file};
+  int shortened = 0;
+  for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++)
+    shortened |= paths[i] && paths[i][0] == '/';
+  if (o->regression)
+    snprintf(cond, sizeof cond,
+             "a regression network: it maps a degraded image, given as its input at t = 0, "
+             "straight to the clean one");
+  else if (mi->cond_channels)
+    snprintf(cond, sizeof cond,
+             "image-conditioned: its input is the noisy image with a %d-channel conditioning "
+             "image concatenated%s",
+             mi->cond_channels,
+             mi->guide_scales ? ", with multiscale structure guidance (config keys _guide_scales, "
+                                "_guide_channels)"
+                              : "");
+  else if (mi->num_classes)
     snprintf(cond, sizeof cond, "class-conditional (%d classes, null class %lld)", mi->num_classes,
              (long long)mi->null_class);
   else
@@ -328,8 +344,8 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
     return err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
   fprintf(f,
           "# A UNet2DModel trained by denoised\n\n"
-          "A diffusers `UNet2DModel` (%lld parameters, float32, %s) trained with `denoised "
-          "train`.\nThe weights are %s.\n\n## Recipe\n\n```\n%s\n```\n\n"
+          "A diffusers `UNet2DModel` (%lld parameters, float32) trained with `denoised "
+          "train`.\nIt is %s.\nThe weights are %s.\n\n## Recipe\n\n```\n%s\n```\n\n%s"
           "Prediction type `%s`; AdamW (eps 1e-8); learning-rate schedule "
           "`%s`;\nnoise schedule in `scheduler_config.json`. Settings as JSON: "
           "`checkpoint/state.json`.\n\n## Data\n\n%s\n\n## Result\n\n"
@@ -339,6 +355,7 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
           "- `loss.jsonl` (every step's loss, learning rate and gradient norm), `loss.png`\n",
           (long long)mi->num_params, cond,
           o->ema > 0 ? "the exponential moving average of training" : "those of the last step", cmd,
+          shortened ? "Absolute paths are shown by their last two parts.\n" : "",
           json_string_value(json_object_get(r->recipe, "prediction_type")), o->lr_schedule,
           r->d.desc, n, o->batch, (double)n * (double)o->batch / (double)r->d.n, last, k, k, first,
           r->wall, o->threads);

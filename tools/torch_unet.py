@@ -175,7 +175,7 @@ class TorchUNet:
     def _lin(self, x, pfx):
         return F.linear(x, self.p[pfx + ".weight"], self.p.get(pfx + ".bias"))
 
-    def _resnet(self, x, emb, pfx, out_scale=1.0, up=False, down=False):
+    def _resnet(self, x, emb, pfx, out_scale=1.0, up=False, down=False, add=None):
         h = self.act(self._gn(x, pfx + ".norm1"))
         if up:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -184,6 +184,8 @@ class TorchUNet:
             x = F.avg_pool2d(x, 2, 2)
             h = F.avg_pool2d(h, 2, 2)
         h = self._conv(h, pfx + ".conv1")
+        if add is not None:  # structure guidance (tools/deblur/cond_unet.py GuidedUNet)
+            h = h + add
         te = self._lin(self.act(emb), pfx + ".time_emb_proj")[:, :, None, None]
         if self.tss == "default":
             h = h + te
@@ -218,7 +220,8 @@ class TorchUNet:
         return self._conv(x, pfx + ".conv", stride=2, padding=self.dpad)
 
     # ---- forward ---------------------------------------------------------------------------
-    def __call__(self, x, timesteps, class_labels=None):
+    def __call__(self, x, timesteps, class_labels=None, guide=None):
+        """guide: {down level: [tensor per resnet]} added to those resnets' conv1 outputs."""
         c = self.c
         x = x.to(self.dtype)
         if self.mf is not torch.contiguous_format:
@@ -245,7 +248,8 @@ class TorchUNet:
             pfx = "down_blocks.%d" % i
             attn = bt == "AttnDownBlock2D"
             for j in range(self.L):
-                h = self._resnet(h, emb, "%s.resnets.%d" % (pfx, j))
+                add = guide[i][j] if guide and i in guide else None
+                h = self._resnet(h, emb, "%s.resnets.%d" % (pfx, j), add=add)
                 if attn:
                     h = self._attn(h, "%s.attentions.%d" % (pfx, j))
                 skips.append(h)
@@ -316,12 +320,12 @@ class UNet2D(torch.nn.Module):
             node.register_parameter(leaf, torch.nn.Parameter(w.float()))
         self._fn = TorchUNet(self.config, dict(self.named_parameters()))
 
-    def forward(self, x, timesteps, class_labels=None):
+    def forward(self, x, timesteps, class_labels=None, guide=None):
         # re-read the parameters each call (cheap) so .to()/load_state_dict() can never leave
         # the functional forward holding stale tensors
         self._fn.p = dict(self.named_parameters())
         self._fn.dtype = next(iter(self._fn.p.values())).dtype
-        return self._fn(x, timesteps, class_labels)
+        return self._fn(x, timesteps, class_labels, guide)
 
 
 def init_weights(config, seed=0, zero_out=True):

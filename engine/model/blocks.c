@@ -669,6 +669,11 @@ void blocks_concat(blocks_run *f, const float *a, int ca, const float *b, int cb
 }
 
 int blocks_resnet_forward(blocks_run *f, const resnet *r, const float *x, int h, int w, float *y) {
+  return blocks_resnet_forward_add(f, r, x, h, w, NULL, y);
+}
+
+int blocks_resnet_forward_add(blocks_run *f, const resnet *r, const float *x, int h, int w,
+                              const float *add, float *y) {
   int n = f->n, oh = h, ow = w;
   arena_mark m = arena_get_mark(f->a);
   float *hn = blocks_act(f, r->cin, h, w);
@@ -700,6 +705,9 @@ int blocks_resnet_forward(blocks_run *f, const resnet *r, const float *x, int h,
   float *tp = temb ? arena_floats(f->a, (size_t)n * r->temb_proj.out) : NULL;
   if (!h1 || (temb && !tp) || blocks_conv(f, &r->conv1, hn, oh, ow, h1))
     return -1;
+  if (add && !f->dry) /* beside conv1's output, before the time embedding (see blocks.h) */
+    for (size_t i = 0; i < (size_t)n * r->cout * hw; i++)
+      h1[i] += add[i];
   f->flops += 2.0 * n * r->temb_proj.in * r->temb_proj.out;
   if (!f->dry && !temb) {
     ops_group_norm(h1, n, r->cout, hw, r->norm2.groups, r->norm2.eps, r->norm2.gamma, r->norm2.beta,

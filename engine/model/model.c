@@ -127,6 +127,7 @@ static void set_unet_info(model *m) {
   m->info.sample_size = s->sample_size;
   m->info.in_channels = s->in_channels - s->cond_channels;
   m->info.cond_channels = s->cond_channels;
+  m->info.guide_scales = s->guide_scales;
   m->info.out_channels = s->out_channels;
   m->info.num_classes = s->num_classes;
   m->info.num_params = s->num_params;
@@ -829,6 +830,12 @@ int model_backward(const model *m, const model_call *c, const model_grad_call *g
                    m->info.class_name);
   if (g->params && g->params->count != m->unet->ps.nparams)
     return err_set(e, ERR_INVALID, "model_backward: gradients made for another model");
+  if (g->guide_target && !m->info.guide_scales)
+    return err_set(e, ERR_INVALID,
+                   "model_backward: an auxiliary guidance target for a model without structure "
+                   "guidance (config key _guide_scales)");
+  if (g->guide_target && !(g->guide_weight >= 0 && isfinite(g->guide_weight)))
+    return err_set(e, ERR_INVALID, "model_backward: the guidance loss weight must be >= 0");
   const int64_t first_embedding = m->info.num_classes - m->info.num_embeddings;
   for (int i = 0; g->params && c->labels && i < c->n; i++)
     if (c->labels[i] >= first_embedding && c->labels[i] < m->info.num_classes)

@@ -24,6 +24,11 @@ typedef struct model_info {
    * "_cond_channels": its conv_in reads in_channels + cond_channels, the image concatenated
    * after x); 0 for other models. */
   int cond_channels;
+  /* Scales of multiscale structure guidance (config.json "_guide_scales", our layout; see
+   * engine/model/internal/unet_impl.h): small networks that read the conditioning image's
+   * grayscale at 1/2^s of its size and feed the encoder; 0 for an unguided model. Such a model
+   * takes the auxiliary loss of model_grad_call.guide_target in training. */
+  int guide_scales;
   /* config.json "_regression": true (written by `denoised train --regression`): a restoration
    * network that maps a degraded image at t = 0 to the clean one, not a denoiser. */
   int regression;
@@ -226,6 +231,13 @@ typedef struct model_grad_call {
   float *grad_t;
   float *grad_class;
   model_grads *params;
+  /* Structure guidance's auxiliary loss (models with guide_scales only; NULL: none): the sharp
+   * image [n][in_channels][h][w] whose grayscale, average-pooled by 2^s, each guide network's
+   * head regresses. guide_weight * sum over scales of the mean squared error is added to L
+   * (its gradient reaches the guide networks only) and written to *guide_loss if set. */
+  const float *guide_target;
+  float guide_weight;
+  double *guide_loss;
 } model_grad_call;
 
 /* Forward with a tape, then backward. Memory policy: every activation of the forward is kept

@@ -22,6 +22,9 @@
 typedef struct unet_config {
   int sample_size, in_channels, out_channels, center_input, flip_sin_to_cos;
   int cond_channels; /* the trailing input channels that carry the conditioning image */
+  /* multiscale structure guidance: the scales (down levels) guided, ascending, and the guide
+   * networks' width */
+  int nguide, guide_scales[UNET_MAX_LEVELS], guide_channels;
   double freq_shift;
   int nlevels;
   const char *down_types[UNET_MAX_LEVELS], *up_types[UNET_MAX_LEVELS];
@@ -66,6 +69,50 @@ static const char *const known_keys[] = {"sample_size",
                                          "mid_block_type",
                                          "time_embedding_dim",
                                          "prediction_type"};
+
+/* Our keys for multiscale structure guidance (Ren et al. 2023; see unet_impl.h):
+ * "_guide_scales": [s, ...] (the down levels guided, each by a network on the conditioning
+ * image's grayscale average-pooled by 2^s) and "_guide_channels" (their width, default 16). */
+static int parse_guide(const json_t *cfg, unet_config *c, err *e) {
+  const json_t *gs = json_object_get(cfg, "_guide_scales");
+  int rc;
+  if (!gs || json_is_null(gs))
+    return json_object_get(cfg, "_guide_channels")
+               ? err_set(e, ERR_INVALID, "config key '_guide_channels' without '_guide_scales'")
+               : ERR_OK;
+  if (!json_is_array(gs) || json_array_size(gs) < 1 || (int)json_array_size(gs) > c->nlevels)
+    return err_set(e, ERR_INVALID,
+                   "config key '_guide_scales' must be a list of 1 to %d down levels (this "
+                   "UNet has %d)",
+                   c->nlevels, c->nlevels);
+  c->nguide = (int)json_array_size(gs);
+  for (int i = 0; i < c->nguide; i++) {
+    const json_t *v = json_array_get(gs, (size_t)i);
+    const json_int_t s = json_is_integer(v) ? json_integer_value(v) : -1;
+    if (s < 0 || s >= c->nlevels || (i && s <= c->guide_scales[i - 1]))
+      return err_set(e, ERR_INVALID,
+                     "config key '_guide_scales'[%d]: scales are increasing down levels in [0, "
+                     "%d) (a scale s guides down_blocks.s at 1/2^s of the input size)",
+                     i, c->nlevels);
+    c->guide_scales[i] = (int)s;
+  }
+  if ((rc = blocks_get_int(cfg, "_guide_channels", 16, 1, 1024, &c->guide_channels, e)))
+    return rc;
+  const int cx = c->in_channels - c->cond_channels;
+  if (!c->cond_channels || (c->cond_channels != 1 && c->cond_channels != 3) ||
+      cx != c->cond_channels)
+    return err_set(e, ERR_INVALID,
+                   "config key '_guide_scales': structure guidance reads the grayscale of the "
+                   "conditioning image and regresses the sharp image's: it needs '_cond_channels' "
+                   "1 or 3, the same as the image denoised (here %d and %d)",
+                   c->cond_channels, cx);
+  if (c->guide_channels % c->norm_groups)
+    return err_set(e, ERR_INVALID,
+                   "config key '_guide_channels' (%d) must be divisible by norm_num_groups (%d): "
+                   "the guide networks' resnets use the UNet's group norm",
+                   c->guide_channels, c->norm_groups);
+  return ERR_OK;
+}
 
 static int parse_config(const json_t *cfg, unet_config *c, err *e) {
   static const char *const down_allowed[] = {"DownBlock2D", "AttnDownBlock2D", NULL};
@@ -181,7 +228,7 @@ static int parse_config(const json_t *cfg, unet_config *c, err *e) {
                    "config key '_cond_channels' (%d) must be below in_channels (%d): the first "
                    "in_channels - _cond_channels input channels are the image denoised",
                    c->cond_channels, c->in_channels);
-  return ERR_OK;
+  return parse_guide(cfg, c, e);
 }
 
 /* ---------- weights ---------- */
@@ -196,6 +243,31 @@ static int load_resnet(blocks_loader *ld, const unet_config *c, const char *pref
                             .down = down,
                             .out_scale = out_scale};
   return blocks_load_resnet(ld, prefix, &spec, cin, cout, r);
+}
+
+/* The guide networks, after the UNet's own tensors: guide.{s}.conv_in (1 -> F), guide.{s}.resnet
+ * (a ResnetBlock2D F -> F without time embedding), guide.{s}.conv_out (F -> 1). */
+static int load_guides(blocks_loader *ld, unet *u, const unet_config *c) {
+  char name[256];
+  const int F = c->guide_channels;
+  const resnet_spec spec = {.groups = c->norm_groups, .eps = c->norm_eps, .out_scale = 1.0f};
+  int rc;
+  u->nguide = c->nguide;
+  u->guide_channels = F;
+  for (int g = 0; g < c->nguide; g++) {
+    guide_net *gn = &u->guide[g];
+    gn->scale = c->guide_scales[g];
+    snprintf(name, sizeof name, "guide.%d.conv_in", gn->scale);
+    if ((rc = blocks_load_conv(ld, name, 1, F, 3, 1, 1, 1, &gn->conv_in)))
+      return rc;
+    snprintf(name, sizeof name, "guide.%d.resnet", gn->scale);
+    if ((rc = blocks_load_resnet(ld, name, &spec, F, F, &gn->res)))
+      return rc;
+    snprintf(name, sizeof name, "guide.%d.conv_out", gn->scale);
+    if ((rc = blocks_load_conv(ld, name, F, 1, 3, 1, 1, 1, &gn->conv_out)))
+      return rc;
+  }
+  return ERR_OK;
 }
 
 static int load_weights(blocks_loader *ld, unet *u, const unet_config *c) {
@@ -227,10 +299,19 @@ static int load_weights(blocks_loader *ld, unet *u, const unet_config *c) {
     int head = c->attention_head_dim ? c->attention_head_dim : out;
     b->nlayers = c->layers_per_block;
     b->has_attn = strcmp(c->down_types[i], "AttnDownBlock2D") == 0;
+    for (int g = 0; g < c->nguide; g++)
+      if (c->guide_scales[g] == i)
+        b->guide = g + 1;
     for (int l = 0; l < b->nlayers; l++) {
       snprintf(name, sizeof name, "down_blocks.%d.resnets.%d", i, l);
       if ((rc = load_resnet(ld, c, name, l == 0 ? ch : out, out, temb, 1.0f, 0, 0, &b->res[l])))
         return rc;
+      if (b->guide) {
+        snprintf(name, sizeof name, "down_blocks.%d.resnets.%d.guide_proj", i, l);
+        if ((rc =
+                 blocks_load_conv(ld, name, c->guide_channels, out, 1, 1, 0, 0, &b->guide_proj[l])))
+          return rc;
+      }
       if (b->has_attn) {
         snprintf(name, sizeof name, "down_blocks.%d.attentions.%d", i, l);
         if ((rc = blocks_load_attention(ld, name, out, head, c->norm_groups, c->norm_eps, 1.0f,
@@ -317,7 +398,7 @@ static int load_weights(blocks_loader *ld, unet *u, const unet_config *c) {
       (rc = blocks_load_conv(ld, "conv_out", c->channels[0], c->out_channels, 3, 1, 1, 1,
                              &u->conv_out)))
     return rc;
-  return ERR_OK;
+  return load_guides(ld, u, c);
 }
 
 /* Builds the network of `config` with weights from the file, or (weights NULL) freshly
@@ -341,6 +422,7 @@ static int build(const json_t *config, const st_file *weights, uint64_t seed, un
   u->shape = (unet_shape){.sample_size = c.sample_size,
                           .in_channels = c.in_channels,
                           .cond_channels = c.cond_channels,
+                          .guide_scales = c.nguide,
                           .out_channels = c.out_channels,
                           .num_classes = c.num_classes};
   blocks_loader ld;
@@ -393,6 +475,45 @@ typedef struct fwd {
   int mid_shape[3];    /* [C, H, W] of the mid-block output, set by the pass */
 } fwd;
 
+void unet_guide_input(const float *img, int c, int n, int h, int w, int scale, float *out) {
+  const int k = 1 << scale, oh = h / k, ow = w / k;
+  const size_t plane = (size_t)h * w;
+  const float inv = 1.0f / (float)(k * k);
+  for (int i = 0; i < n; i++) {
+    const float *p = img + (size_t)i * c * plane;
+    for (int y = 0; y < oh; y++)
+      for (int x = 0; x < ow; x++) {
+        float sum = 0;
+        for (int dy = 0; dy < k; dy++)
+          for (int dx = 0; dx < k; dx++) {
+            const size_t o = (size_t)(y * k + dy) * w + (size_t)(x * k + dx);
+            sum +=
+                c == 3 ? 0.299f * p[o] + 0.587f * p[plane + o] + 0.114f * p[2 * plane + o] : p[o];
+          }
+        out[((size_t)i * oh + y) * ow + x] = sum * inv;
+      }
+  }
+}
+
+/* The guide networks' features ([n][F][h >> s][w >> s] per guide) of the conditioning image. */
+static int guide_features(blocks_run *r, const unet *u, const float *cond, int h, int w,
+                          float **feat) {
+  for (int g = 0; g < u->nguide; g++) {
+    const guide_net *gn = &u->guide[g];
+    const int gh = h >> gn->scale, gw = w >> gn->scale;
+    float *in = blocks_act(r, 1, gh, gw), *c1 = blocks_act(r, u->guide_channels, gh, gw);
+    feat[g] = blocks_act(r, u->guide_channels, gh, gw);
+    if (!in || !c1 || !feat[g])
+      return -1;
+    if (!r->dry)
+      unet_guide_input(cond, u->shape.cond_channels, r->n, h, w, gn->scale, in);
+    if (blocks_conv(r, &gn->conv_in, in, gh, gw, c1) ||
+        blocks_resnet_forward(r, &gn->res, c1, gh, gw, feat[g]))
+      return -1;
+  }
+  return 0;
+}
+
 /* Runs the network; in dry mode only shapes and FLOPs are computed. */
 static int forward(fwd *f, const float *x, const float *cond, int h, int w, const float *t,
                    const int64_t *labels, float *out, err *e) {
@@ -411,6 +532,9 @@ static int forward(fwd *f, const float *x, const float *cond, int h, int w, cons
   } skip;
   skip skips[UNET_MAX_LEVELS * UNET_MAX_LAYERS + 1];
   int nskips = 0, ch = u->ch0;
+  float *gfeat[UNET_MAX_LEVELS] = {0};
+  if (guide_features(&f->r, u, cond, h, w, gfeat))
+    goto oom;
   float *cur = blocks_act(&f->r, ch, h, w);
   if (!cur || blocks_conv(&f->r, &u->conv_in, xin, h, w, cur))
     goto oom;
@@ -419,8 +543,13 @@ static int forward(fwd *f, const float *x, const float *cond, int h, int w, cons
     const block *b = &u->down[i];
     for (int l = 0; l < b->nlayers; l++) {
       const resnet *r = &b->res[l];
-      float *nx = blocks_act(&f->r, r->cout, h, w);
-      if (!nx || blocks_resnet_forward(&f->r, r, cur, h, w, nx))
+      float *nx = blocks_act(&f->r, r->cout, h, w), *proj = NULL;
+      if (!nx)
+        goto oom;
+      if (b->guide && (!(proj = blocks_act(&f->r, r->cout, h, w)) ||
+                       blocks_conv(&f->r, &b->guide_proj[l], gfeat[b->guide - 1], h, w, proj)))
+        goto oom;
+      if (blocks_resnet_forward_add(&f->r, r, cur, h, w, proj, nx))
         goto oom;
       if (b->has_attn && blocks_attn_forward(&f->r, &b->attn[l], nx, h * w))
         goto oom;

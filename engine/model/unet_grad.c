@@ -4,6 +4,7 @@
  * buffer of its size; a tensor read by several nodes (the time embedding, the skips, the
  * residual inputs) just collects every contribution, because the rules accumulate. Parameter
  * gradients go straight into the caller's buffers, found by the parameter's address. */
+#include <math.h>
 #include <string.h>
 
 #include "grad.h"
@@ -146,8 +147,9 @@ static int t_attn(tape *T, const attn_weights *aw, const act *x, act *y) {
 }
 
 /* ResnetBlock2D as resnet_forward runs it: norm1 + SiLU, optional resampling of both branches,
- * conv1, the time projection (added, or scale-shift after norm2), SiLU, conv2, shortcut, sum. */
-static int t_resnet(tape *T, const resnet *r, const act *x, act *y) {
+ * conv1 (plus `add`, the guidance, when set), the time projection (added, or scale-shift after
+ * norm2; none in a guide network's resnet), SiLU, conv2, shortcut, sum. */
+static int t_resnet(tape *T, const resnet *r, const act *x, const act *add, act *y) {
   act hn, xs = *x, hs, h1, tp, h2, h3, h4, sc;
   int rc = t_norm(T, &r->norm1, x, 1, &hn);
   hs = hn;
@@ -155,19 +157,28 @@ static int t_resnet(tape *T, const resnet *r, const act *x, act *y) {
     grad_op op = r->up ? GRAD_UPSAMPLE_NEAREST2X : GRAD_AVGPOOL2X2;
     (void)((rc = t_unary(T, op, x, &xs)) || (rc = t_unary(T, op, &hn, &hs)));
   }
-  if (rc || (rc = t_conv(T, &r->conv1, &hs, &h1)) ||
-      (rc = t_linear(T, &r->temb_proj, &T->temb, &tp)))
+  if (rc || (rc = t_conv(T, &r->conv1, &hs, &h1)))
     return rc;
-  grad_node ss = node_of(T, GRAD_SCALE_SHIFT, &h1);
-  ss.p.ss.has_scale = r->scale_shift;
-  if (!r->scale_shift) {
-    (void)((rc = t_binary(T, ss, &h1, &tp, r->cout, &h2)) ||
-           (rc = t_norm(T, &r->norm2, &h2, 1, &h3)));
-  } else {
-    act h3p;
-    (void)((rc = t_norm(T, &r->norm2, &h1, 0, &h2)) ||
-           (rc = t_binary(T, ss, &h2, &tp, r->cout, &h3p)) ||
-           (rc = t_unary(T, GRAD_SILU, &h3p, &h3)));
+  if (add) {
+    act sum;
+    if ((rc = t_add(T, &h1, add, 1.0f, &sum)))
+      return rc;
+    h1 = sum;
+  }
+  if (!r->temb_proj.out) { /* norm2 + SiLU straight on conv1's output */
+    rc = t_norm(T, &r->norm2, &h1, 1, &h3);
+  } else if ((rc = t_linear(T, &r->temb_proj, &T->temb, &tp)) == ERR_OK) {
+    grad_node ss = node_of(T, GRAD_SCALE_SHIFT, &h1);
+    ss.p.ss.has_scale = r->scale_shift;
+    if (!r->scale_shift) {
+      (void)((rc = t_binary(T, ss, &h1, &tp, r->cout, &h2)) ||
+             (rc = t_norm(T, &r->norm2, &h2, 1, &h3)));
+    } else {
+      act h3p;
+      (void)((rc = t_norm(T, &r->norm2, &h1, 0, &h2)) ||
+             (rc = t_binary(T, ss, &h2, &tp, r->cout, &h3p)) ||
+             (rc = t_unary(T, GRAD_SILU, &h3p, &h3)));
+    }
   }
   if (rc || (rc = t_conv(T, &r->conv2, &h3, &h4)))
     return rc;
@@ -219,14 +230,18 @@ static int t_embedding(tape *T, const model_call *c, act *t_act, act *cls) {
 
 #define MAX_SKIPS (UNET_MAX_LEVELS * UNET_MAX_LAYERS + 1)
 
-static int t_down(tape *T, act *cur, act *skips, int *nskips) {
+static int t_down(tape *T, const act *gfeat, act *cur, act *skips, int *nskips) {
   const unet *u = T->u;
   int rc;
   for (int i = 0; i < u->nlevels; i++) {
     const block *b = &u->down[i];
     for (int l = 0; l < b->nlayers; l++) {
-      act nx;
-      if ((rc = t_resnet(T, &b->res[l], cur, &nx)) ||
+      act nx, pj, *proj = NULL;
+      if (b->guide && (rc = t_conv(T, &b->guide_proj[l], &gfeat[b->guide - 1], &pj)))
+        return rc;
+      if (b->guide)
+        proj = &pj;
+      if ((rc = t_resnet(T, &b->res[l], cur, proj, &nx)) ||
           (b->has_attn && (rc = t_attn(T, &b->attn[l], &nx, &nx))))
         return rc;
       skips[(*nskips)++] = *cur = nx;
@@ -234,7 +249,7 @@ static int t_down(tape *T, act *cur, act *skips, int *nskips) {
     if (b->sample != SAMPLE_NONE) {
       act nx;
       if ((rc = b->sample == SAMPLE_CONV ? t_conv(T, &b->sample_conv, cur, &nx)
-                                         : t_resnet(T, &b->sample_res, cur, &nx)))
+                                         : t_resnet(T, &b->sample_res, cur, NULL, &nx)))
         return rc;
       skips[(*nskips)++] = *cur = nx;
     }
@@ -253,7 +268,7 @@ static int t_up(tape *T, act *cur, act *skips, int *nskips) {
       grad_node nd = node_of(T, GRAD_CONCAT, cur);
       nd.p.concat.cb = s->c;
       if ((rc = t_binary(T, nd, cur, s, cur->c + s->c, &cat)) ||
-          (rc = t_resnet(T, &b->res[l], &cat, &nx)) ||
+          (rc = t_resnet(T, &b->res[l], &cat, NULL, &nx)) ||
           (b->has_attn && (rc = t_attn(T, &b->attn[l], &nx, &nx))))
         return rc;
       *cur = nx;
@@ -265,7 +280,7 @@ static int t_up(tape *T, act *cur, act *skips, int *nskips) {
         return rc;
     } else if (b->sample == SAMPLE_RESNET) {
       act nx;
-      if ((rc = t_resnet(T, &b->sample_res, cur, &nx)))
+      if ((rc = t_resnet(T, &b->sample_res, cur, NULL, &nx)))
         return rc;
       *cur = nx;
     }
@@ -273,26 +288,83 @@ static int t_up(tape *T, act *cur, act *skips, int *nskips) {
   return ERR_OK;
 }
 
-/* The forward on the tape; *xin and *out are the network's first input and its output. */
-static int t_forward(tape *T, const model_call *c, act *xin, act *t_act, act *cls, act *out) {
+/* A constant of the tape (no gradient): n x c x h x w floats. */
+static int t_const(tape *T, int c, int h, int w, act *a) {
+  *a = (act){arena_floats(T->a, (size_t)T->n * c * h * w), NULL, c, h, w};
+  return a->v ? ERR_OK : err_set(T->e, ERR_NOMEM, "out of memory for the UNet's tape");
+}
+
+/* The guide networks on the tape: their features (gfeat) and, when pred is set, their auxiliary
+ * predictions of the sharp grayscale (conv_out of the features plus the pooled input). */
+static int t_guides(tape *T, const model_call *c, act *gfeat, act *pred) {
+  const unet *u = T->u;
+  int rc;
+  for (int g = 0; g < u->nguide; g++) {
+    const guide_net *gn = &u->guide[g];
+    act in, c1, head;
+    if ((rc = t_const(T, 1, c->h >> gn->scale, c->w >> gn->scale, &in)))
+      return rc;
+    unet_guide_input(c->cond, u->shape.cond_channels, T->n, c->h, c->w, gn->scale, in.v);
+    if ((rc = t_conv(T, &gn->conv_in, &in, &c1)) ||
+        (rc = t_resnet(T, &gn->res, &c1, NULL, &gfeat[g])))
+      return rc;
+    if (pred && ((rc = t_conv(T, &gn->conv_out, &gfeat[g], &head)) ||
+                 (rc = t_add(T, &head, &in, 1.0f, &pred[g]))))
+      return rc;
+  }
+  return ERR_OK;
+}
+
+/* guide_weight * sum over scales of mean (pred - target)^2 into *loss, and its gradient into the
+ * predictions' gradient buffers (before the backward pass reads them). */
+static int guide_loss(tape *T, const model_call *c, const model_grad_call *g, const act *pred,
+                      double *loss) {
+  const unet *u = T->u;
+  *loss = 0;
+  for (int k = 0; k < u->nguide; k++) {
+    const act *p = &pred[k];
+    const size_t count = (size_t)T->n * p->h * p->w;
+    float *target = arena_floats(T->a, count);
+    if (!target)
+      return err_set(T->e, ERR_NOMEM, "out of memory for the UNet's tape");
+    unet_guide_input(g->guide_target, u->shape.in_channels - u->shape.cond_channels, T->n, c->h,
+                     c->w, u->guide[k].scale, target);
+    double sq = 0;
+    const double scale = 2.0 * g->guide_weight / (double)count;
+    for (size_t i = 0; i < count; i++) {
+      const double d = (double)p->v[i] - target[i];
+      sq += d * d;
+      p->d[i] += (float)(scale * d);
+    }
+    *loss += g->guide_weight * sq / (double)count;
+  }
+  return isfinite(*loss) ? ERR_OK
+                         : err_set(T->e, ERR_NUMERIC, "the structure-guidance loss is not finite");
+}
+
+/* The forward on the tape; *xin and *out are the network's first input and its output; pred
+ * (or NULL) receives the guide networks' auxiliary predictions. */
+static int t_forward(tape *T, const model_call *c, act *xin, act *t_act, act *cls, act *pred,
+                     act *out) {
   const unet *u = T->u;
   size_t cnt = (size_t)T->n * u->shape.in_channels * c->h * c->w;
   *xin = (act){arena_floats(T->a, cnt), zeros(T, cnt), u->shape.in_channels, c->h, c->w};
   if (!xin->v || !xin->d)
     return err_set(T->e, ERR_NOMEM, "out of memory for the UNet's tape");
   unet_input(u, c->x, c->cond, T->n, (size_t)c->h * c->w, xin->v);
-  act cur, skips[MAX_SKIPS];
+  act cur, skips[MAX_SKIPS], gfeat[UNET_MAX_LEVELS];
   int nskips = 0, rc;
-  if ((rc = t_embedding(T, c, t_act, cls)) || (rc = t_conv(T, &u->conv_in, xin, &cur)))
+  if ((rc = t_embedding(T, c, t_act, cls)) || (rc = t_guides(T, c, gfeat, pred)) ||
+      (rc = t_conv(T, &u->conv_in, xin, &cur)))
     return rc;
   skips[nskips++] = cur;
-  if ((rc = t_down(T, &cur, skips, &nskips)))
+  if ((rc = t_down(T, gfeat, &cur, skips, &nskips)))
     return rc;
   if (u->has_mid) {
     act a, b;
-    if ((rc = t_resnet(T, &u->mid_res[0], &cur, &a)) ||
+    if ((rc = t_resnet(T, &u->mid_res[0], &cur, NULL, &a)) ||
         (u->mid_has_attn && (rc = t_attn(T, &u->mid_attn, &a, &a))) ||
-        (rc = t_resnet(T, &u->mid_res[1], &a, &b)))
+        (rc = t_resnet(T, &u->mid_res[1], &a, NULL, &b)))
       return rc;
     cur = b;
   }
@@ -311,14 +383,19 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
   if ((rc = unet_workspace_take(u, c->threads, &ws, e)))
     return rc;
   tape T = {.u = u, .n = c->n, .pg = pg, .e = e, .a = ws.a, .p = ws.p};
-  act xin, t_act, cls = {0}, out;
-  if ((rc = t_forward(&T, c, &xin, &t_act, &cls, &out)))
+  act xin, t_act, cls = {0}, out, pred[UNET_MAX_LEVELS];
+  double aux = 0;
+  if ((rc = t_forward(&T, c, &xin, &t_act, &cls, g->guide_target ? pred : NULL, &out)))
     goto done;
   size_t ocount = (size_t)c->n * out.c * out.h * out.w;
   if (g->loss_grad)
     rc = g->loss_grad(out.v, out.d, g->loss_user, e);
   else
     memcpy(out.d, g->grad_out, ocount * sizeof(float));
+  if (!rc && g->guide_target)
+    rc = guide_loss(&T, c, g, pred, &aux);
+  if (!rc && g->guide_loss)
+    *g->guide_loss = aux;
   if (g->out)
     memcpy(g->out, out.v, ocount * sizeof(float));
   for (int i = T.count - 1; i >= 0 && rc == ERR_OK; i--) /* rc: loss_grad's */

@@ -114,6 +114,12 @@ static int check_config(const model_info *mi, const train_config *c, err *e) {
     return err_set(e, ERR_INVALID, "learning rate, warm-up and steps must be >= 0, >= 0, >= 1");
   if (c->use_ema && !(c->ema.decay >= 0 && c->ema.decay <= 1))
     return err_set(e, ERR_INVALID, "EMA decay must be in [0, 1]");
+  if (!(c->guide_weight >= 0) || !isfinite(c->guide_weight))
+    return err_set(e, ERR_INVALID, "the structure-guidance loss weight must be >= 0");
+  if (c->guide_weight > 0 && !mi->guide_scales)
+    return err_set(e, ERR_INVALID,
+                   "a structure-guidance loss weight for a model without structure guidance "
+                   "(config key _guide_scales)");
   return ERR_OK;
 }
 
@@ -447,9 +453,14 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
     dstudio_pick(u, n, ds.idx);
     L.ds = &ds;
   }
+  double aux = 0;
+  const int guided = t->c.guide_weight > 0 && !t->c.regression; /* the sharp x0 is the target */
   const model_grad_call g = {.loss_grad = t->c.source ? dstudio_loss_grad : loss_grad,
                              .loss_user = &L,
-                             .params = t->grads};
+                             .params = t->grads,
+                             .guide_target = guided ? x0 : NULL,
+                             .guide_weight = (float)t->c.guide_weight,
+                             .guide_loss = &aux};
   if ((rc = model_backward(t->m, &call, &g, e)))
     return err_append(e, " at training step %ld", t->steps + 1);
   const double norm = clip_grads(t);
@@ -462,7 +473,8 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
   if (t->ema)
     ema_update(&t->c.ema, t->steps, t->np, t->counts, t->ema, (const float *const *)t->params);
   if (info)
-    *info = (train_step_info){.loss = L.loss, .grad_norm = norm, .lr = lr, .terms = L.terms};
+    *info = (train_step_info){
+        .loss = L.loss + aux, .grad_norm = norm, .lr = lr, .guide_loss = aux, .terms = L.terms};
   return ERR_OK;
 }
 

@@ -50,6 +50,11 @@ typedef struct train_config {
    * maps the degraded image (the step's cond) at t = 0 straight to the clean one (x0) with an
    * unweighted MSE; no noise, timesteps or prediction type. The model has no _cond_channels. */
   int regression;
+  /* Multiscale structure guidance (model_info.guide_scales): the weight of the guide networks'
+   * auxiliary loss (model_grad_call.guide_target: each regresses the sharp image's grayscale at
+   * its scale), added to the denoising loss. 0: the guide networks learn from the denoising
+   * loss alone. Must be 0 for a model without guidance. */
+  double guide_weight;
   /* DomainStudio few-shot adaptation (dstudio.h): a frozen copy of the model being trained (same
    * architecture and, at the start, the same weights), evaluated on every step's noisy batch
    * beside it; the loss is then dstudio_loss with these weights on three distinct items drawn
@@ -62,6 +67,7 @@ typedef struct train_config {
  * before clipping, and the learning rate it used. */
 typedef struct train_step_info {
   double loss, grad_norm, lr;
+  double guide_loss;   /* the structure-guidance part of loss (weighted); 0 without */
   dstudio_terms terms; /* DomainStudio's terms (total = loss); zero for the plain loss */
 } train_step_info;
 

@@ -197,6 +197,11 @@ void blocks_concat(blocks_run *f, const float *a, int ca, const float *b, int cb
                    float *out);
 /* y (n x cout x h' x w') = the resnet of x; nonzero when out of memory. */
 int blocks_resnet_forward(blocks_run *f, const resnet *r, const float *x, int h, int w, float *y);
+/* The same with `add` (n x cout x h' x w', or NULL) added to conv1's output before the time
+ * embedding: a second input of the block, the sum conv1(h) + add being what a convolution of h
+ * and that input concatenated gives (multiscale structure guidance, unet.c). */
+int blocks_resnet_forward_add(blocks_run *f, const resnet *r, const float *x, int h, int w,
+                              const float *add, float *y);
 /* x = attention(x) in place. */
 int blocks_attn_forward(blocks_run *f, const attn_weights *aw, float *x, int hw);
 

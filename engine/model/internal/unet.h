@@ -15,6 +15,7 @@ typedef struct unet_shape {
   int sample_size;               /* 0 when the config leaves it null */
   int in_channels, out_channels; /* of conv_in and conv_out */
   int cond_channels;             /* in_channels' trailing conditioning-image channels */
+  int guide_scales;              /* structure-guidance scales (unet_impl.h), 0: none */
   int num_classes;
   int64_t num_params;
 } unet_shape;
