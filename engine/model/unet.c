@@ -251,11 +251,11 @@ static int load_guides(blocks_loader *ld, unet *u, const unet_config *c) {
   char name[256];
   const int F = c->guide_channels;
   const resnet_spec spec = {.groups = c->norm_groups, .eps = c->norm_eps, .out_scale = 1.0f};
-  int rc;
   u->nguide = c->nguide;
   u->guide_channels = F;
   for (int g = 0; g < c->nguide; g++) {
     guide_net *gn = &u->guide[g];
+    int rc;
     gn->scale = c->guide_scales[g];
     snprintf(name, sizeof name, "guide.%d.conv_in", gn->scale);
     if ((rc = blocks_load_conv(ld, name, 1, F, 3, 1, 1, 1, &gn->conv_in)))

@@ -298,10 +298,10 @@ static int t_const(tape *T, int c, int h, int w, act *a) {
  * predictions of the sharp grayscale (conv_out of the features plus the pooled input). */
 static int t_guides(tape *T, const model_call *c, act *gfeat, act *pred) {
   const unet *u = T->u;
-  int rc;
   for (int g = 0; g < u->nguide; g++) {
     const guide_net *gn = &u->guide[g];
     act in, c1, head;
+    int rc;
     if ((rc = t_const(T, 1, c->h >> gn->scale, c->w >> gn->scale, &in)))
       return rc;
     unet_guide_input(c->cond, u->shape.cond_channels, T->n, c->h, c->w, gn->scale, in.v);
@@ -383,7 +383,7 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
   if ((rc = unet_workspace_take(u, c->threads, &ws, e)))
     return rc;
   tape T = {.u = u, .n = c->n, .pg = pg, .e = e, .a = ws.a, .p = ws.p};
-  act xin, t_act, cls = {0}, out, pred[UNET_MAX_LEVELS];
+  act xin, t_act, cls = {0}, out, pred[UNET_MAX_LEVELS] = {{0}};
   double aux = 0;
   if ((rc = t_forward(&T, c, &xin, &t_act, &cls, g->guide_target ? pred : NULL, &out)))
     goto done;
