@@ -387,13 +387,14 @@ static double mean_psnr(const float *a, const float *sharp, int n, size_t d) {
 
 /* The shipped deblurring models on eight in-domain pairs of make_pairs.py
  * (tests/fixtures/deblur_pairs), through 'denoised deblur' as a user runs it: the regression
- * baseline comes closer to the sharp images than the blurry input (PSNR), the icDPM, whose
- * samples trade PSNR for sharp strokes (bench/deblur_eval.py measures its character accuracy),
- * stays within 5 dB of the input. The first icDPM shipped failed this by 12 dB: an
- * epsilon-prediction model whose x0 blows up at high noise (tools/deblur/x0_by_noise.py). */
+ * baseline comes closer to the sharp images than the blurry input (PSNR), the icDPMs (guided
+ * or not), whose samples trade PSNR for sharp strokes (bench/deblur_eval.py measures their
+ * character accuracy), stay within 5 dB of the input. The first icDPM shipped failed this by 12 dB:
+ * an epsilon-prediction model whose x0 blows up at high noise (tools/deblur/x0_by_noise.py). */
 START_TEST(shipped_models_restore) {
-  static const char *const models[] = {"models/deblur-icdpm", "models/deblur-reg"};
-  static const double margin[] = {-5.0, 0.5}; /* dB over the blurry input's PSNR */
+  static const char *const models[] = {"models/deblur-icdpm", "models/deblur-reg",
+                                       "models/deblur-guided"};
+  static const double margin[] = {-5.0, 0.5, -5.0}; /* dB over the blurry input's PSNR */
   char sharp_p[1024], blurry_p[1024], dir[1024], tmp[512], path[1200], out[16384];
   test_src_path(sharp_p, sizeof sharp_p, "tests/fixtures/deblur_pairs/sharp.npy");
   test_src_path(blurry_p, sizeof blurry_p, "tests/fixtures/deblur_pairs/blurry.npy");
