@@ -495,7 +495,9 @@ done:
 }
 
 /* The job's compute in megapixel-evaluations (an upper bound: img2img runs fewer steps, an
- * inversion runs its grid twice), against this server's per-job budget. */
+ * inversion runs its grid twice), against this server's per-job budget. A fine-tuning whose
+ * training dominates is refused naming its own fields (edit.steps, edit.batch), the fields a
+ * user lowers. */
 static int check_cost(const api_ctx *c, queue_spec *out, int nfe, api_error *e) {
   const int inversion = out->edit == QUEUE_EDIT_INVERT_DDIM || out->edit == QUEUE_EDIT_INVERT_DDPM;
   /* a concept's or stylization's optimisation: per step, its batch sampled once and then through
@@ -508,29 +510,42 @@ static int check_cost(const api_ctx *c, queue_spec *out, int nfe, api_error *e) 
                      (7.0 * (double)json_integer_value(json_object_get(aa, "iters")) + 1.0 +
                       (double)json_integer_value(json_object_get(aa, "random")))
          : 1.0;
-  const double images =
-      out->batch * runs + (ca ? 6.0 * (double)json_integer_value(json_object_get(ca, "steps")) *
+  const double optimised = ca ? 6.0 * (double)json_integer_value(json_object_get(ca, "steps")) *
                                     (double)json_integer_value(json_object_get(ca, "batch"))
-                              : 0.0);
+                              : 0.0;
   /* a fine-tuning: per step, its batch through the network and back (about three evaluations)
    * and, for DomainStudio, through the frozen source */
   const json_t *fa = out->edit == QUEUE_EDIT_FINETUNE ? out->edit_args : NULL;
-  const double train =
-      fa ? (double)json_integer_value(json_object_get(fa, "steps")) *
-               (double)json_integer_value(json_object_get(fa, "batch")) *
-               (strcmp(json_string_value(json_object_get(fa, "method")), "plain") == 0 ? 3 : 4)
-         : 0.0;
-  out->cost = (images * nfe * (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1) + train) *
-              out->height * out->width / 1e6;
-  if (c->max_job_cost > 0 && out->cost > c->max_job_cost)
-    return api_fail(e, 400, "over_budget", NULL,
-                    "this job needs %.0f megapixel-evaluations (batch_size %d x %d network "
-                    "evaluations%s x %dx%d pixels); this server allows %.0f per job "
-                    "(max_job_cost): fewer images, steps or pixels",
-                    out->cost, out->batch, nfe * (inversion ? 2 : 1),
-                    out->has_guidance ? " x 2 for guidance" : "", out->width, out->height,
-                    c->max_job_cost);
-  return 0;
+  const int passes =
+      fa && strcmp(json_string_value(json_object_get(fa, "method")), "plain") != 0 ? 4 : 3;
+  const double train = fa ? (double)json_integer_value(json_object_get(fa, "steps")) *
+                                (double)json_integer_value(json_object_get(fa, "batch")) * passes
+                          : 0.0;
+  /* every network evaluation of a sampling run: twice with guidance, an inversion's twice */
+  const double per_eval = (out->has_guidance ? 2 : 1) * (inversion ? 2 : 1);
+  const double sampling = out->batch * runs * nfe * per_eval;
+  const double optimisation = optimised * nfe * per_eval;
+  out->cost = (sampling + optimisation + train) * out->height * out->width / 1e6;
+  if (c->max_job_cost <= 0 || out->cost <= c->max_job_cost)
+    return 0;
+  if (fa && train >= sampling)
+    return api_fail(
+        e, 400, "over_budget", NULL,
+        "this fine-tuning needs %.0f megapixel-evaluations: edit.steps %" JSON_INTEGER_FORMAT
+        " x edit.batch %" JSON_INTEGER_FORMAT
+        " training images, each through the network about %d times (edit.method "
+        "'%s'), at %dx%d pixels; this server allows %.0f per job (max_job_cost): "
+        "fewer edit.steps or a smaller edit.batch",
+        out->cost, json_integer_value(json_object_get(fa, "steps")),
+        json_integer_value(json_object_get(fa, "batch")), passes,
+        json_string_value(json_object_get(fa, "method")), out->width, out->height, c->max_job_cost);
+  return api_fail(e, 400, "over_budget", NULL,
+                  "this job needs %.0f megapixel-evaluations (batch_size %d x %d network "
+                  "evaluations%s x %dx%d pixels); this server allows %.0f per job "
+                  "(max_job_cost): fewer images, steps or pixels",
+                  out->cost, out->batch, nfe * (inversion ? 2 : 1),
+                  out->has_guidance ? " x 2 for guidance" : "", out->width, out->height,
+                  c->max_job_cost);
 }
 
 /* The model a job names, or the default; the error lists what is served. */

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "classifier.h"
 #include "err.h"
 #include "model.h"
 #include "pipeline.h"
@@ -237,5 +238,36 @@ int cli_data_out_ok(const char *cmd, const char *out);
 /* --out as a file: a name becomes MODEL/solver_data/NAME.json, the folder made if missing. */
 int cli_data_out_path(const char *model_dir, const char *out, char *path, size_t n, err *e);
 int cmd_info(int argc, char **argv);
+
+/* ---- shared by concept, stylize and audit (adjtask_args.c) ---- */
+
+/* The flags those commands share: --model, --classifier, --scheduler, --guidance-scale, --seed,
+ * --threads, --quiet; their getopt_long entries are CLI_ADJ_OPTIONS. */
+typedef struct cli_adj_flags {
+  const char *model_dir, *clf_dir, *scheduler;
+  long long seed, threads;
+  double guidance;
+  int has_guidance, quiet;
+} cli_adj_flags;
+/* clang-format off */
+#define CLI_ADJ_OPTIONS                                                                            \
+  {"model", required_argument, 0, 'm'}, {"classifier", required_argument, 0, 'c'},                \
+  {"scheduler", required_argument, 0, 'S'}, {"guidance-scale", required_argument, 0, 'g'},        \
+  {"seed", required_argument, 0, 's'}, {"threads", required_argument, 0, 'j'},                    \
+  {"quiet", no_argument, 0, 'q'}
+/* clang-format on */
+/* Sets option c when it is one of them: 1, or 2 after printing a bad value's error; 0 when c is
+ * not one of them. */
+int cli_adj_flag(cli_adj_flags *f, int c, const char *arg);
+/* The classifier's folder: --classifier, else MODEL/classifier. */
+void cli_adj_classifier_dir(const cli_adj_flags *f, char *dir, size_t n);
+/* The classifier loaded from it (errors prefixed --classifier). */
+int cli_adj_classifier(const cli_adj_flags *f, classifier **clf, err *e);
+/* --guidance-scale, else the model's recommended scale, else 1, checked against the model. */
+int cli_adj_guidance(const cli_adj_flags *f, const model *m, guidance *gd, err *e);
+/* The solver: --scheduler, else (when rec) the model's recommended one, else dpm++2m, with
+ * steps inference steps; its name into name (if set). */
+int cli_adj_solver(const cli_adj_flags *f, const model *m, int rec, long long steps, char *name,
+                   size_t n, sampler **s, err *e);
 
 #endif

@@ -43,28 +43,23 @@ static const char help[] =
 #define AUDIT_MAX_EPS ADJTASK_MAX_EPS
 
 typedef struct audit_args {
-  const char *model_dir, *clf_dir, *class_s, *head, *target, *scheduler, *out_noise;
-  long long seed, batch, iters, random, steps, threads;
-  double eps[AUDIT_MAX_EPS], guidance;
-  int n_eps, has_guidance, quiet;
+  cli_adj_flags f;
+  const char *class_s, *head, *target, *out_noise;
+  long long batch, iters, random, steps;
+  double eps[AUDIT_MAX_EPS];
+  int n_eps;
 } audit_args;
 
-static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                     {"classifier", required_argument, 0, 'c'},
+static const struct option opts[] = {CLI_ADJ_OPTIONS,
                                      {"class", required_argument, 0, 'l'},
                                      {"head", required_argument, 0, 'H'},
                                      {"target", required_argument, 0, 'T'},
-                                     {"seed", required_argument, 0, 's'},
                                      {"batch", required_argument, 0, 'b'},
                                      {"eps", required_argument, 0, 'e'},
                                      {"iters", required_argument, 0, 'k'},
                                      {"random", required_argument, 0, 'r'},
-                                     {"scheduler", required_argument, 0, 'S'},
                                      {"steps", required_argument, 0, 'n'},
-                                     {"guidance-scale", required_argument, 0, 'g'},
                                      {"out-noise", required_argument, 0, 'o'},
-                                     {"threads", required_argument, 0, 'j'},
-                                     {"quiet", no_argument, 0, 'q'},
                                      {"help", no_argument, 0, 'h'},
                                      {0, 0, 0, 0}};
 
@@ -85,24 +80,19 @@ static int parse_eps(const char *s, audit_args *a) {
 static long long *int_flag(audit_args *a, int c, long long *lo, long long *hi, const char **name) {
   *lo = 1;
   switch (c) {
-  case 's': *lo = 0, *hi = (1ll << 53) - 1, *name = "--seed"; return &a->seed;
   case 'b': *hi = 64, *name = "--batch"; return &a->batch;
   case 'k': *hi = 200, *name = "--iters"; return &a->iters;
   case 'r': *hi = 64, *name = "--random"; return &a->random;
   case 'n': *hi = 1000, *name = "--steps"; return &a->steps;
-  case 'j': *hi = 256, *name = "--threads"; return &a->threads;
   default: return NULL;
   }
 }
 
 static const char **text_flag(audit_args *a, int c) {
   switch (c) {
-  case 'm': return &a->model_dir;
-  case 'c': return &a->clf_dir;
   case 'l': return &a->class_s;
   case 'H': return &a->head;
   case 'T': return &a->target;
-  case 'S': return &a->scheduler;
   case 'o': return &a->out_noise;
   default: return NULL;
   }
@@ -115,7 +105,11 @@ static int parse_args(int argc, char **argv, audit_args *a) {
   while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
     long long lo, hi, *iv;
     const char *name, **text = text_flag(a, c);
-    if (text) {
+    const int shared = cli_adj_flag(&a->f, c, optarg);
+    if (shared) {
+      if (shared == 2)
+        return 2;
+    } else if (text) {
       *text = optarg;
     } else if ((iv = int_flag(a, c, &lo, &hi, &name))) {
       if (cli_parse_int(name, optarg, lo, hi, iv))
@@ -123,12 +117,6 @@ static int parse_args(int argc, char **argv, audit_args *a) {
     } else if (c == 'e') {
       if (parse_eps(optarg, a))
         return 2;
-    } else if (c == 'g') {
-      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
-        return 2;
-      a->has_guidance = 1;
-    } else if (c == 'q') {
-      a->quiet = 1;
     } else if (c == 'h') {
       fputs(help, stdout);
       return 0;
@@ -140,27 +128,18 @@ static int parse_args(int argc, char **argv, audit_args *a) {
     return cli_usage_error("audit", "unexpected argument '%s'", argv[optind]);
   if (!a->class_s)
     return cli_usage_error("audit", "--class is required");
-  if (!a->model_dir)
-    a->model_dir = cli_default_model();
+  if (!a->f.model_dir)
+    a->f.model_dir = cli_default_model();
   return -1;
 }
 
+/* The classifier, the head read and the target class (audit_run checks the image sizes). */
 static int load_classifier(const audit_args *a, model *m, const int64_t *labels, classifier **clf,
                            audit_opts *o, err *e) {
-  char dir[4096];
-  if (a->clf_dir)
-    snprintf(dir, sizeof dir, "%s", a->clf_dir);
-  else
-    snprintf(dir, sizeof dir, "%s/classifier", a->model_dir);
-  if (classifier_load(dir, clf, e) != ERR_OK)
-    return err_prefix(e, "--classifier");
-  const classifier_info *ci = classifier_get_info(*clf);
+  int rc = cli_adj_classifier(&a->f, clf, e);
+  if (rc != ERR_OK)
+    return rc;
   const model_info *mi = model_get_info(m);
-  if (ci->in_channels != mi->in_channels || ci->sample_size != mi->sample_size)
-    return err_set(e, ERR_INVALID,
-                   "the classifier reads %d x %d x %d images, the model makes %d x %d x %d",
-                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels,
-                   mi->sample_size, mi->sample_size);
   const char *head = a->head ? a->head : "char";
   if ((o->head = classifier_head_index(*clf, head)) < 0)
     return err_set(e, ERR_INVALID, "--head '%s': the classifier has no such head", head);
@@ -183,7 +162,7 @@ typedef struct audit_cli {
 } audit_cli;
 
 static int audit_open(const audit_args *a, audit_cli *au, audit_opts *o, err *e) {
-  int rc = model_load(a->model_dir, &au->m, e);
+  int rc = model_load(a->f.model_dir, &au->m, e);
   if (rc != ERR_OK)
     return rc;
   const model_info *mi = model_get_info(au->m);
@@ -193,18 +172,11 @@ static int audit_open(const audit_args *a, audit_cli *au, audit_opts *o, err *e)
                    "class embeddings)");
   if (cli_parse_labels("--class", a->class_s, 1, au->m, au->labels))
     return err_set(e, ERR_INVALID, "bad --class");
-  const double g = a->has_guidance ? a->guidance : mi->rec_guidance >= 0 ? mi->rec_guidance : 1.0;
-  au->gd = guidance_for(au->m, g);
-  if ((rc = guidance_check(&au->gd, au->m, e)) != ERR_OK ||
+  if ((rc = cli_adj_guidance(&a->f, au->m, &au->gd, e)) != ERR_OK ||
       (rc = load_classifier(a, au->m, au->labels, &au->clf, o, e)) != ERR_OK)
     return rc;
-  cli_solver cs = {0};
-  rc = cli_solver_from_flags(a->scheduler ? a->scheduler : "dpm++2m", a->steps, NULL, NULL, 0, &cs,
-                             e);
-  if (rc == ERR_OK)
-    rc = cli_solver_make(au->m, &cs, NULL, &au->s, e);
-  cli_solver_clear(&cs);
-  o->gen = (adjtask_gen){.s = au->s, .gd = &au->gd, .threads = (int)a->threads};
+  rc = cli_adj_solver(&a->f, au->m, 0, a->steps, NULL, 0, &au->s, e);
+  o->gen = (adjtask_gen){.s = au->s, .gd = &au->gd, .threads = (int)a->f.threads};
   o->clf = au->clf;
   o->label = au->labels[0];
   return rc;
@@ -243,7 +215,7 @@ int cmd_audit(int argc, char **argv) {
                   .iters = 10,
                   .random = 4,
                   .steps = 10,
-                  .threads = 2,
+                  .f = {.threads = 2},
                   .eps = {0.05, 0.1},
                   .n_eps = 2};
   int status = parse_args(argc, argv, &a);
@@ -252,13 +224,13 @@ int cmd_audit(int argc, char **argv) {
   err e = {0};
   audit_cli au = {0};
   audit_opts o = {.batch = (int)a.batch,
-                  .seed = (uint64_t)a.seed,
+                  .seed = (uint64_t)a.f.seed,
                   .eps = a.eps,
                   .n_eps = a.n_eps,
                   .iters = (int)a.iters,
                   .random = (int)a.random,
                   .progress = on_progress,
-                  .progress_user = &a.quiet};
+                  .progress_user = &a.f.quiet};
   int rc = audit_open(&a, &au, &o, &e);
   if (rc == ERR_OK)
     rc = run(&a, &au, &o, &e);

@@ -55,14 +55,14 @@ static const char help[] =
     "  --quiet            only the result lines\n";
 
 typedef struct concept_args {
-  const char *model_dir, *clf_dir, *target, *name, *init, *scheduler, *compare;
-  long long steps, batch, sampler_steps, seed, eval, eval_seed, threads;
-  double lr, margin, guidance;
-  int has_guidance, force, quiet;
+  cli_adj_flags f;
+  const char *target, *name, *init, *compare;
+  long long steps, batch, sampler_steps, eval, eval_seed;
+  double lr, margin;
+  int force;
 } concept_args;
 
-static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                     {"classifier", required_argument, 0, 'c'},
+static const struct option opts[] = {CLI_ADJ_OPTIONS,
                                      {"target", required_argument, 0, 'T'},
                                      {"name", required_argument, 0, 'N'},
                                      {"steps", required_argument, 0, 'n'},
@@ -70,16 +70,11 @@ static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                      {"batch", required_argument, 0, 'b'},
                                      {"margin", required_argument, 0, 'M'},
                                      {"init", required_argument, 0, 'i'},
-                                     {"scheduler", required_argument, 0, 'S'},
                                      {"sampler-steps", required_argument, 0, 'k'},
-                                     {"guidance-scale", required_argument, 0, 'g'},
-                                     {"seed", required_argument, 0, 's'},
                                      {"eval", required_argument, 0, 'E'},
                                      {"eval-seed", required_argument, 0, 'e'},
                                      {"compare", required_argument, 0, 'C'},
                                      {"force", no_argument, 0, 'f'},
-                                     {"threads", required_argument, 0, 'j'},
-                                     {"quiet", no_argument, 0, 'q'},
                                      {"help", no_argument, 0, 'h'},
                                      {0, 0, 0, 0}};
 
@@ -90,22 +85,17 @@ static long long *int_flag(concept_args *a, int c, long long *lo, long long *hi,
   case 'n': *hi = 10000, *name = "--steps"; return &a->steps;
   case 'b': *hi = ADJTASK_MAX_BATCH, *name = "--batch"; return &a->batch;
   case 'k': *hi = 1000, *name = "--sampler-steps"; return &a->sampler_steps;
-  case 's': *lo = 0, *hi = (1ll << 53) - 1, *name = "--seed"; return &a->seed;
   case 'E': *lo = 0, *hi = 100000, *name = "--eval"; return &a->eval;
   case 'e': *lo = 0, *hi = (1ll << 53) - 1, *name = "--eval-seed"; return &a->eval_seed;
-  case 'j': *hi = 256, *name = "--threads"; return &a->threads;
   default: return NULL;
   }
 }
 
 static const char **text_flag(concept_args *a, int c) {
   switch (c) {
-  case 'm': return &a->model_dir;
-  case 'c': return &a->clf_dir;
   case 'T': return &a->target;
   case 'N': return &a->name;
   case 'i': return &a->init;
-  case 'S': return &a->scheduler;
   case 'C': return &a->compare;
   default: return NULL;
   }
@@ -117,7 +107,11 @@ static int parse_args(int argc, char **argv, concept_args *a) {
   while ((c = getopt_long(argc, argv, "qh", opts, NULL)) != -1) {
     long long lo, hi, *iv;
     const char *name, **text = text_flag(a, c);
-    if (text) {
+    const int shared = cli_adj_flag(&a->f, c, optarg);
+    if (shared) {
+      if (shared == 2)
+        return 2;
+    } else if (text) {
       *text = optarg;
     } else if ((iv = int_flag(a, c, &lo, &hi, &name))) {
       if (cli_parse_int(name, optarg, lo, hi, iv))
@@ -128,12 +122,8 @@ static int parse_args(int argc, char **argv, concept_args *a) {
     } else if (c == 'M') {
       if (cli_parse_double("--margin", optarg, 0, 100, &a->margin))
         return 2;
-    } else if (c == 'g') {
-      if (cli_parse_double("--guidance-scale", optarg, 0, GUIDANCE_MAX_SCALE, &a->guidance))
-        return 2;
-      a->has_guidance = 1;
-    } else if (c == 'f' || c == 'q') {
-      *(c == 'f' ? &a->force : &a->quiet) = 1;
+    } else if (c == 'f') {
+      a->force = 1;
     } else if (c == 'h') {
       fputs(help, stdout);
       return 0;
@@ -150,8 +140,8 @@ static int parse_args(int argc, char **argv, concept_args *a) {
                            "--name '%s': use 1 to 64 letters, digits, '_', '-' or '.' (not only "
                            "digits, not starting with '.')",
                            a->name);
-  if (!a->model_dir)
-    a->model_dir = cli_default_model();
+  if (!a->f.model_dir)
+    a->f.model_dir = cli_default_model();
   return -1;
 }
 
@@ -170,7 +160,7 @@ typedef struct concept_cli {
 
 static int load_parts(concept_cli *cc, err *e) {
   const concept_args *a = cc->a;
-  int rc = model_load(a->model_dir, &cc->m, e);
+  int rc = model_load(a->f.model_dir, &cc->m, e);
   if (rc)
     return rc;
   const model_info *mi = model_get_info(cc->m);
@@ -178,28 +168,15 @@ static int load_parts(concept_cli *cc, err *e) {
     return err_set(e, ERR_UNSUPPORTED,
                    "%s: a concept is a class-embedding row, and this model has no class "
                    "embeddings (a class-conditional UNet2DModel is needed)",
-                   a->model_dir);
-  char dir[4096];
-  snprintf(dir, sizeof dir, "%s%s", a->clf_dir ? a->clf_dir : a->model_dir,
-           a->clf_dir ? "" : "/classifier");
-  if ((rc = classifier_load(dir, &cc->clf, e)))
-    return err_prefix(e, "--classifier");
+                   a->f.model_dir);
+  if ((rc = cli_adj_classifier(&a->f, &cc->clf, e)))
+    return rc;
   if ((rc = adjtask_parse_targets(cc->clf, a->target, cc->t, &cc->nt, e)))
     return err_prefix(e, "--target");
-  const double g = a->has_guidance ? a->guidance : mi->rec_guidance >= 0 ? mi->rec_guidance : 1.0;
-  cc->gd = guidance_for(cc->m, g);
-  if ((rc = guidance_check(&cc->gd, cc->m, e)))
+  if ((rc = cli_adj_guidance(&a->f, cc->m, &cc->gd, e)))
     return rc;
-  snprintf(cc->solver, sizeof cc->solver, "%s",
-           a->scheduler     ? a->scheduler
-           : mi->rec_solver ? mi->rec_solver
-                            : "dpm++2m");
-  cli_solver cs = {0};
-  rc = cli_solver_from_flags(cc->solver, a->sampler_steps, NULL, NULL, 0, &cs, e);
-  if (rc == ERR_OK)
-    rc = cli_solver_make(cc->m, &cs, NULL, &cc->s, e);
-  cli_solver_clear(&cs);
-  return rc;
+  return cli_adj_solver(&a->f, cc->m, 1, a->sampler_steps, cc->solver, sizeof cc->solver, &cc->s,
+                        e);
 }
 
 /* The working class: NAME appended with the start row (or, with --force, NAME's own class
@@ -228,7 +205,7 @@ static int working_class(concept_cli *cc, err *e) {
     if (!a->force)
       return err_set(e, ERR_INVALID,
                      "--name '%s': %s/embeddings/%s.safetensors exists (--force replaces it)",
-                     a->name, a->model_dir, a->name);
+                     a->name, a->f.model_dir, a->name);
     cc->label = have;
     memcpy(model_class_row(cc->m, have), cc->row, (size_t)mi->class_embed_dim * sizeof(float));
     return ERR_OK;
@@ -238,7 +215,7 @@ static int working_class(concept_cli *cc, err *e) {
 
 static void on_step(const concept_progress *p, void *user) {
   const concept_args *a = user;
-  if (!a->quiet)
+  if (!a->f.quiet)
     fprintf(stderr, "concept: step %d of %d: loss %.4f, batch agreed %.0f%%\n", p->step, p->total,
             p->loss, 100.0 * p->agree);
 }
@@ -247,7 +224,7 @@ static int save(concept_cli *cc, double secs, err *e) {
   const concept_args *a = cc->a;
   const model_info *mi = model_get_info(cc->m);
   char dir[4096], path[4200], target[512], num[6][32];
-  snprintf(dir, sizeof dir, "%s/" MODEL_EMBEDDINGS_DIR, a->model_dir);
+  snprintf(dir, sizeof dir, "%s/" MODEL_EMBEDDINGS_DIR, a->f.model_dir);
   if (mkdir(dir, 0777) != 0 && errno != EEXIST)
     return err_set(e, ERR_IO, "cannot create %s: %s", dir, strerror(errno));
   snprintf(path, sizeof path, "%s/%s.safetensors", dir, a->name);
@@ -291,7 +268,7 @@ static int save(concept_cli *cc, double secs, err *e) {
 
 static int evaluate(concept_cli *cc, err *e) {
   const concept_args *a = cc->a;
-  const adjtask_gen g = {.s = cc->s, .gd = &cc->gd, .threads = (int)a->threads};
+  const adjtask_gen g = {.s = cc->s, .gd = &cc->gd, .threads = (int)a->f.threads};
   int agreed = 0;
   int rc = adjtask_agreement(cc->m, &g, cc->clf, cc->t, cc->nt, cc->label, (int)a->eval,
                              (uint64_t)a->eval_seed, 0, &agreed, e);
@@ -317,7 +294,7 @@ int cmd_concept(int argc, char **argv) {
                     .batch = 8,
                     .sampler_steps = 10,
                     .eval_seed = 1000003,
-                    .threads = 2,
+                    .f = {.threads = 2},
                     .lr = 0.15,
                     .margin = 2};
   int status = parse_args(argc, argv, &a);
@@ -330,7 +307,7 @@ int cmd_concept(int argc, char **argv) {
     rc = working_class(&cc, &e);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
-  const concept_opts o = {.gen = {.s = cc.s, .gd = &cc.gd, .threads = (int)a.threads},
+  const concept_opts o = {.gen = {.s = cc.s, .gd = &cc.gd, .threads = (int)a.f.threads},
                           .clf = cc.clf,
                           .targets = cc.t,
                           .n_targets = cc.nt,
@@ -339,7 +316,7 @@ int cmd_concept(int argc, char **argv) {
                           .batch = (int)a.batch,
                           .lr = a.lr,
                           .margin = a.margin,
-                          .seed = (uint64_t)a.seed,
+                          .seed = (uint64_t)a.f.seed,
                           .progress = on_step,
                           .progress_user = &a};
   if (rc == ERR_OK)

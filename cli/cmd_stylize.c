@@ -49,14 +49,13 @@ static const char help[] =
     "  --quiet            only the result lines\n";
 
 typedef struct stylize_args {
-  const char *model_dir, *clf_dir, *target, *out, *keep, *scheduler;
-  long long steps, batch, sampler_steps, seed, eval, eval_seed, threads;
-  double lr, margin, keep_weight, guidance;
-  int has_guidance, quiet;
+  cli_adj_flags f;
+  const char *target, *out, *keep;
+  long long steps, batch, sampler_steps, eval, eval_seed;
+  double lr, margin, keep_weight;
 } stylize_args;
 
-static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                     {"classifier", required_argument, 0, 'c'},
+static const struct option opts[] = {CLI_ADJ_OPTIONS,
                                      {"target", required_argument, 0, 'T'},
                                      {"out", required_argument, 0, 'o'},
                                      {"keep", required_argument, 0, 'K'},
@@ -65,14 +64,9 @@ static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                      {"lr", required_argument, 0, 'L'},
                                      {"batch", required_argument, 0, 'b'},
                                      {"margin", required_argument, 0, 'M'},
-                                     {"scheduler", required_argument, 0, 'S'},
                                      {"sampler-steps", required_argument, 0, 'k'},
-                                     {"guidance-scale", required_argument, 0, 'g'},
-                                     {"seed", required_argument, 0, 's'},
                                      {"eval", required_argument, 0, 'E'},
                                      {"eval-seed", required_argument, 0, 'e'},
-                                     {"threads", required_argument, 0, 'j'},
-                                     {"quiet", no_argument, 0, 'q'},
                                      {"help", no_argument, 0, 'h'},
                                      {0, 0, 0, 0}};
 
@@ -83,10 +77,8 @@ static long long *int_flag(stylize_args *a, int c, long long *lo, long long *hi,
   case 'n': *hi = 10000, *name = "--steps"; return &a->steps;
   case 'b': *hi = ADJTASK_MAX_BATCH, *name = "--batch"; return &a->batch;
   case 'k': *hi = 1000, *name = "--sampler-steps"; return &a->sampler_steps;
-  case 's': *lo = 0, *hi = (1ll << 53) - 1, *name = "--seed"; return &a->seed;
   case 'E': *lo = 0, *hi = 100000, *name = "--eval"; return &a->eval;
   case 'e': *lo = 0, *hi = (1ll << 53) - 1, *name = "--eval-seed"; return &a->eval_seed;
-  case 'j': *hi = 256, *name = "--threads"; return &a->threads;
   default: return NULL;
   }
 }
@@ -96,19 +88,15 @@ static double *real_flag(stylize_args *a, int c, double *lo, double *hi, const c
   case 'L': *lo = 1e-9, *hi = 1, *name = "--lr"; return &a->lr;
   case 'M': *lo = 0, *hi = 100, *name = "--margin"; return &a->margin;
   case 'W': *lo = 0, *hi = 100, *name = "--keep-weight"; return &a->keep_weight;
-  case 'g': *lo = 0, *hi = GUIDANCE_MAX_SCALE, *name = "--guidance-scale"; return &a->guidance;
   default: return NULL;
   }
 }
 
 static const char **text_flag(stylize_args *a, int c) {
   switch (c) {
-  case 'm': return &a->model_dir;
-  case 'c': return &a->clf_dir;
   case 'T': return &a->target;
   case 'o': return &a->out;
   case 'K': return &a->keep;
-  case 'S': return &a->scheduler;
   default: return NULL;
   }
 }
@@ -120,7 +108,11 @@ static int parse_args(int argc, char **argv, stylize_args *a) {
     long long lo, hi, *iv;
     double dlo, dhi, *dv;
     const char *name, **text = text_flag(a, c);
-    if (text) {
+    const int shared = cli_adj_flag(&a->f, c, optarg);
+    if (shared) {
+      if (shared == 2)
+        return 2;
+    } else if (text) {
       *text = optarg;
     } else if ((iv = int_flag(a, c, &lo, &hi, &name))) {
       if (cli_parse_int(name, optarg, lo, hi, iv))
@@ -128,9 +120,6 @@ static int parse_args(int argc, char **argv, stylize_args *a) {
     } else if ((dv = real_flag(a, c, &dlo, &dhi, &name))) {
       if (cli_parse_double(name, optarg, dlo, dhi, dv))
         return 2;
-      a->has_guidance |= c == 'g';
-    } else if (c == 'q') {
-      a->quiet = 1;
     } else if (c == 'h') {
       fputs(help, stdout);
       return 0;
@@ -142,8 +131,8 @@ static int parse_args(int argc, char **argv, stylize_args *a) {
     return cli_usage_error("stylize", "unexpected argument '%s'", argv[optind]);
   if (!a->target || !a->out)
     return cli_usage_error("stylize", "--target and --out are required");
-  if (!a->model_dir)
-    a->model_dir = cli_default_model();
+  if (!a->f.model_dir)
+    a->f.model_dir = cli_default_model();
   return -1;
 }
 
@@ -167,7 +156,7 @@ static int load_parts(stylize_cli *sc, err *e) {
   struct stat sb;
   if (stat(a->out, &sb) == 0)
     return err_set(e, ERR_INVALID, "--out %s exists (give a new folder)", a->out);
-  int rc = model_load(a->model_dir, &sc->m, e);
+  int rc = model_load(a->f.model_dir, &sc->m, e);
   if (rc)
     return rc;
   const model_info *mi = model_get_info(sc->m);
@@ -175,12 +164,9 @@ static int load_parts(stylize_cli *sc, err *e) {
     return err_set(e, ERR_UNSUPPORTED,
                    "%s: stylize fine-tunes a class-conditional UNet2DModel, and this model has no "
                    "class embeddings",
-                   a->model_dir);
-  char dir[4096];
-  snprintf(dir, sizeof dir, "%s%s", a->clf_dir ? a->clf_dir : a->model_dir,
-           a->clf_dir ? "" : "/classifier");
-  if ((rc = classifier_load(dir, &sc->clf, e)))
-    return err_prefix(e, "--classifier");
+                   a->f.model_dir);
+  if ((rc = cli_adj_classifier(&a->f, &sc->clf, e)))
+    return rc;
   if ((rc = adjtask_parse_targets(sc->clf, a->target, sc->t, &sc->nt, e)))
     return err_prefix(e, "--target");
   const char *keep = a->keep ? a->keep : "char";
@@ -189,20 +175,10 @@ static int load_parts(stylize_cli *sc, err *e) {
   if ((rc = adjtask_class_map(sc->m, sc->clf, sc->keep_head, sc->classes, sc->keep_cls,
                               STYLIZE_MAX_CLASSES, &sc->n_classes, e)))
     return err_prefix(e, "--keep");
-  const double g = a->has_guidance ? a->guidance : mi->rec_guidance >= 0 ? mi->rec_guidance : 1.0;
-  sc->gd = guidance_for(sc->m, g);
-  if ((rc = guidance_check(&sc->gd, sc->m, e)))
+  if ((rc = cli_adj_guidance(&a->f, sc->m, &sc->gd, e)))
     return rc;
-  snprintf(sc->solver, sizeof sc->solver, "%s",
-           a->scheduler     ? a->scheduler
-           : mi->rec_solver ? mi->rec_solver
-                            : "dpm++2m");
-  cli_solver cs = {0};
-  rc = cli_solver_from_flags(sc->solver, a->sampler_steps, NULL, NULL, 0, &cs, e);
-  if (rc == ERR_OK)
-    rc = cli_solver_make(sc->m, &cs, NULL, &sc->s, e);
-  cli_solver_clear(&cs);
-  return rc;
+  return cli_adj_solver(&a->f, sc->m, 1, a->sampler_steps, sc->solver, sizeof sc->solver, &sc->s,
+                        e);
 }
 
 /* Style and class rates on --eval images of the classes in turn. */
@@ -214,7 +190,7 @@ static int evaluate(stylize_cli *sc, const char *when, err *e) {
   int rc = logits && labels ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
   for (int i = 0; rc == ERR_OK && i < n; i++)
     labels[i] = sc->classes[i % sc->n_classes];
-  const adjtask_gen g = {.s = sc->s, .gd = &sc->gd, .threads = (int)a->threads};
+  const adjtask_gen g = {.s = sc->s, .gd = &sc->gd, .threads = (int)a->f.threads};
   if (rc == ERR_OK)
     rc = adjtask_generate_logits(sc->m, &g, sc->clf, labels, n, (uint64_t)a->eval_seed, 0, logits,
                                  e);
@@ -236,10 +212,9 @@ static int evaluate(stylize_cli *sc, const char *when, err *e) {
 static int save(stylize_cli *sc, err *e) {
   const stylize_args *a = sc->a;
   char cdir[4096];
-  snprintf(cdir, sizeof cdir, "%s%s", a->clf_dir ? a->clf_dir : a->model_dir,
-           a->clf_dir ? "" : "/classifier");
+  cli_adj_classifier_dir(&a->f, cdir, sizeof cdir);
   const char *meta[] = {"format", "pt", "trained_by", "denoised stylize", "target", a->target};
-  int rc = adjtask_save_model(sc->m, a->model_dir, cdir, a->out, meta, 3, e);
+  int rc = adjtask_save_model(sc->m, a->f.model_dir, cdir, a->out, meta, 3, e);
   if (rc == ERR_OK)
     printf("saved %s\n", a->out);
   return rc;
@@ -247,7 +222,7 @@ static int save(stylize_cli *sc, err *e) {
 
 static void on_step(const stylize_progress *p, void *user) {
   const stylize_args *a = user;
-  if (!a->quiet)
+  if (!a->f.quiet)
     fprintf(stderr, "stylize: step %d of %d: loss %.4f, style %.0f%%, class read %.0f%%\n", p->step,
             p->total, p->loss, 100.0 * p->style, 100.0 * p->keep);
 }
@@ -255,7 +230,7 @@ static void on_step(const stylize_progress *p, void *user) {
 static int run(stylize_cli *sc, err *e) {
   const stylize_args *a = sc->a;
   int rc = a->eval ? evaluate(sc, "before", e) : ERR_OK;
-  const stylize_opts o = {.gen = {.s = sc->s, .gd = &sc->gd, .threads = (int)a->threads},
+  const stylize_opts o = {.gen = {.s = sc->s, .gd = &sc->gd, .threads = (int)a->f.threads},
                           .clf = sc->clf,
                           .targets = sc->t,
                           .n_targets = sc->nt,
@@ -268,7 +243,7 @@ static int run(stylize_cli *sc, err *e) {
                           .batch = (int)a->batch,
                           .lr = a->lr,
                           .margin = a->margin,
-                          .seed = (uint64_t)a->seed,
+                          .seed = (uint64_t)a->f.seed,
                           .progress = on_step,
                           .progress_user = (void *)a};
   struct timespec t0, t1;
@@ -292,7 +267,7 @@ int cmd_stylize(int argc, char **argv) {
                     .batch = 8,
                     .sampler_steps = 10,
                     .eval_seed = 1000003,
-                    .threads = 2,
+                    .f = {.threads = 2},
                     .lr = 2e-4,
                     .margin = 2,
                     .keep_weight = 1};

@@ -37,7 +37,9 @@ int qmodel_reload(queue *q, const char *name, err *e);
 /* A model a job made from the served model src (a stylization, a fine-tuning): written to
  * STATE_DIR/models/NAME-JOBID (src's configs, and its classifier if it has one, beside m's
  * weights; trained_by goes into the weights' metadata) and registered as NAME
- * (queue_register_model), so later jobs take it, after a restart too. */
+ * (queue_register_model), so later jobs take it, after a restart too. Idempotent for one job
+ * id: a run again after the daemon died mid-publish replaces or takes what the earlier one
+ * left. */
 int qmodel_publish(queue *q, const qmodel *src, const model *m, const char *name,
                    const char *job_id, const char *trained_by, err *e);
 
@@ -131,12 +133,13 @@ struct queue {
   int npending;              /* submissions being written to the store, counted against queue_max */
   uint64_t fault_crash_seed; /* tests only: a job with this seed aborts the worker */
   store_fault env_fault;     /* tests only: DENOISED_FAULT_STORE */
-  int fault_kill_after_record; /* tests only: DENOISED_FAULT_KILL_AFTER_RECORD */
-  uv_timer_t retry;            /* writes final states that failed to be stored, probes the store */
-  int unsettled;               /* jobs whose final state failed to be written */
-  int unpublished;             /* whether some job may hold events the backend refused */
-  int unpushed;                /* queued jobs the backend refused (qjob.unpushed) */
-  int store_ok;                /* the last write or probe succeeded */
+  int fault_kill_after_record;    /* tests only: DENOISED_FAULT_KILL_AFTER_RECORD */
+  int fault_kill_before_register; /* tests only: DENOISED_FAULT_KILL_BEFORE_REGISTER */
+  uv_timer_t retry; /* writes final states that failed to be stored, probes the store */
+  int unsettled;    /* jobs whose final state failed to be written */
+  int unpublished;  /* whether some job may hold events the backend refused */
+  int unpushed;     /* queued jobs the backend refused (qjob.unpushed) */
+  int store_ok;     /* the last write or probe succeeded */
   char store_why[256];
   double last_probe;
   uint64_t fault_nan_seed; /* tests only: a job with this seed gets NaN step noise */

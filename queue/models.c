@@ -2,6 +2,7 @@
  * solver spec of a job turned into a sampler for its model. */
 #include "internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -269,17 +270,74 @@ int queue_register_model(queue *q, const char *name, const char *path, err *e) {
   return rc;
 }
 
+/* Removes path and, for a folder, everything under it (symbolic links themselves, not what
+ * they point to); a missing path is no error. depth bounds the recursion (a made model's folder
+ * is two levels deep). */
+static int rm_tree(const char *path, int depth, err *e) {
+  struct stat sb;
+  if (lstat(path, &sb) != 0)
+    return errno == ENOENT ? ERR_OK
+                           : err_set(e, ERR_IO, "cannot stat %s: %s", path, strerror(errno));
+  if (S_ISDIR(sb.st_mode)) {
+    DIR *d = depth > 0 ? opendir(path) : NULL;
+    if (!d)
+      return err_set(e, ERR_IO, "cannot remove %s: %s", path,
+                     depth > 0 ? strerror(errno) : "nested too deep");
+    int rc = ERR_OK;
+    for (struct dirent *de; rc == ERR_OK && (de = readdir(d));) {
+      if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+        continue;
+      char sub[2048];
+      snprintf(sub, sizeof sub, "%s/%s", path, de->d_name);
+      rc = rm_tree(sub, depth - 1, e);
+    }
+    closedir(d);
+    if (rc != ERR_OK)
+      return rc;
+  }
+  if (remove(path) != 0)
+    return err_set(e, ERR_IO, "cannot remove %s: %s", path, strerror(errno));
+  return ERR_OK;
+}
+
+/* Whether the registry already maps name to the folder out. */
+static int registered_as(queue *q, const char *name, const char *out) {
+  pthread_mutex_lock(&q->mu);
+  const char *have = q->registered ? json_string_value(json_object_get(q->registered, name)) : NULL;
+  const int same = have && strcmp(have, out) == 0 && qmodel_find(q, name);
+  pthread_mutex_unlock(&q->mu);
+  return same;
+}
+
+/* A job that runs again after the daemon died (the same job id, the same folder) may find its
+ * earlier run's work on disk: so the folder is written under OUT.partial and renamed into
+ * place whole, a leftover .partial or finished folder that was never registered is replaced,
+ * and one already registered under the name is taken as done. */
 int qmodel_publish(queue *q, const qmodel *src, const model *m, const char *name,
                    const char *job_id, const char *trained_by, err *e) {
-  char dir[1200], out[1400], cdir[1100];
+  char dir[1200], out[1400], part[1500], cdir[1100];
   snprintf(dir, sizeof dir, "%s/models", q->state_dir);
   snprintf(out, sizeof out, "%s/%s-%s", dir, name, job_id);
+  snprintf(part, sizeof part, "%s.partial", out);
   snprintf(cdir, sizeof cdir, "%s/classifier", src->path);
+  if (registered_as(q, name, out))
+    return ERR_OK;
   if (mkdir(dir, 0777) != 0 && errno != EEXIST)
     return err_set(e, ERR_IO, "cannot create %s: %s", dir, strerror(errno));
-  const char *meta[] = {"format", "pt", "trained_by", trained_by, "job", job_id};
-  int rc = adjtask_save_model(m, src->path, src->clf ? cdir : NULL, out, meta, 3, e);
-  return rc ? rc : queue_register_model(q, name, out, e);
+  int rc = rm_tree(part, 4, e);
+  if (rc == ERR_OK) {
+    const char *meta[] = {"format", "pt", "trained_by", trained_by, "job", job_id};
+    rc = adjtask_save_model(m, src->path, src->clf ? cdir : NULL, part, meta, 3, e);
+  }
+  if (rc == ERR_OK)
+    rc = rm_tree(out, 4, e);
+  if (rc == ERR_OK && rename(part, out) != 0)
+    rc = err_set(e, ERR_IO, "cannot rename %s to %s: %s", part, out, strerror(errno));
+  if (rc != ERR_OK)
+    return rc;
+  if (q->fault_kill_before_register) /* tests only: the process dies with the folder written */
+    abort();
+  return queue_register_model(q, name, out, e);
 }
 
 int queue_model_count(queue *q) {

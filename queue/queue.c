@@ -110,6 +110,9 @@ static int fault_hooks(queue *q, store_fault **fault, err *e) {
   q->fault_crash_seed = crash ? strtoull(crash, NULL, 10) : 0;
   /* killed between a job's record write and its 202 (idempotent retries) */
   q->fault_kill_after_record = getenv("DENOISED_FAULT_KILL_AFTER_RECORD") != NULL;
+  /* killed between writing a made model's folder and registering it (idempotent publish,
+   * tests/test_server_finetune.c publish_survives_a_crash) */
+  q->fault_kill_before_register = getenv("DENOISED_FAULT_KILL_BEFORE_REGISTER") != NULL;
   /* a job whose stochastic steps draw a NaN (tests/test_server_edit.c poison jobs) */
   const char *nan_seed = getenv("DENOISED_FAULT_NAN_SEED");
   q->fault_nan_seed = nan_seed ? strtoull(nan_seed, NULL, 10) : 0;

@@ -318,6 +318,39 @@ static int batch_inputs(qbatch *b, qrequest *req, size_t d, batch_arrays *a, err
   return ERR_OK;
 }
 
+/* ---- the classifier-driven jobs (concept, audit, stylize) ---- */
+
+/* What they share, from the job's edit: the verdict (edit.target, on the served model's
+ * classifier), the solver (*s, freed by the caller) and how images are made, and for the
+ * optimising ones (concept, stylize) the Adam run's edit.steps, batch, lr and margin. */
+typedef struct adj_setup {
+  adjtask_target t[ADJTASK_MAX_TARGETS];
+  int nt;
+  sampler *s;
+  adjtask_gen gen;
+  int steps, batch;
+  double lr, margin;
+} adj_setup;
+
+static int adj_setup_make(qbatch *b, const qrequest *req, adj_setup *u, err *e) {
+  const queue_spec *sp = &b->jobs[0]->spec;
+  const json_t *a = sp->edit_args;
+  memset(u, 0, sizeof *u);
+  u->steps = (int)json_integer_value(json_object_get(a, "steps"));
+  u->batch = (int)json_integer_value(json_object_get(a, "batch"));
+  u->lr = json_number_value(json_object_get(a, "lr"));
+  u->margin = json_number_value(json_object_get(a, "margin"));
+  int rc = b->qm->clf ? ERR_OK : err_set(e, ERR_UNSUPPORTED, "the model's classifier is gone");
+  if (rc == ERR_OK)
+    rc = adjtask_parse_targets(b->qm->clf, json_string_value(json_object_get(a, "target")), u->t,
+                               &u->nt, e);
+  if (rc == ERR_OK)
+    rc = queue_make_sampler(b->q, sp, &u->s, NULL, 0, e);
+  u->gen = (adjtask_gen){
+      .s = u->s, .gd = req->r.guidance, .threads = b->q->o.threads_per_job, .cancel = &b->cancel};
+  return rc;
+}
+
 /* ---- concept jobs ---- */
 
 static void concept_progress_cb(const concept_progress *p, void *user) {
@@ -375,38 +408,29 @@ static int concept_save(const qbatch *b, model *own, const json_t *a, int64_t la
 static int run_concept(qbatch *b, qrequest *req, model **own, err *e) {
   const queue_spec *sp = &b->jobs[0]->spec;
   const json_t *a = sp->edit_args;
-  int rc = model_load(b->qm->path, own, e);
-  adjtask_target t[ADJTASK_MAX_TARGETS] = {{0}};
-  int nt = 0;
   int64_t label = -1;
-  sampler *s = NULL;
-  if (rc == ERR_OK && !b->qm->clf)
-    rc = err_set(e, ERR_UNSUPPORTED, "the model's classifier is gone");
+  adj_setup u;
+  memset(&u, 0, sizeof u);
+  int rc = model_load(b->qm->path, own, e);
   if (rc == ERR_OK)
-    rc = adjtask_parse_targets(b->qm->clf, json_string_value(json_object_get(a, "target")), t, &nt,
-                               e);
+    rc = adj_setup_make(b, req, &u, e);
   if (rc == ERR_OK)
     rc = concept_class(*own, a, &label, e);
-  if (rc == ERR_OK)
-    rc = queue_make_sampler(b->q, sp, &s, NULL, 0, e);
-  const concept_opts o = {.gen = {.s = s,
-                                  .gd = req->r.guidance,
-                                  .threads = b->q->o.threads_per_job,
-                                  .cancel = &b->cancel},
+  const concept_opts o = {.gen = u.gen,
                           .clf = b->qm->clf,
-                          .targets = t,
-                          .n_targets = nt,
+                          .targets = u.t,
+                          .n_targets = u.nt,
                           .label = label,
-                          .steps = (int)json_integer_value(json_object_get(a, "steps")),
-                          .batch = (int)json_integer_value(json_object_get(a, "batch")),
-                          .lr = json_number_value(json_object_get(a, "lr")),
-                          .margin = json_number_value(json_object_get(a, "margin")),
+                          .steps = u.steps,
+                          .batch = u.batch,
+                          .lr = u.lr,
+                          .margin = u.margin,
                           .seed = sp->seed,
                           .progress = concept_progress_cb,
                           .progress_user = b};
   if (rc == ERR_OK)
     rc = concept_optimize(*own, &o, e);
-  sampler_free(s);
+  sampler_free(u.s);
   if (rc == ERR_OK)
     rc = concept_save(b, *own, a, label, e);
   if (rc == ERR_OK)
@@ -467,32 +491,21 @@ static int run_audit(qbatch *b, qrequest *req, audit_result *res, size_t d, err 
   const queue_spec *sp = &b->jobs[0]->spec;
   const json_t *a = sp->edit_args;
   const size_t nd = (size_t)sp->batch * d;
-  adjtask_target t[ADJTASK_MAX_TARGETS] = {{0}};
-  int nt = 0, rc = ERR_OK;
   double eps[ADJTASK_MAX_EPS];
   const json_t *ev = json_object_get(a, "eps");
   const int neps = (int)json_array_size(ev);
   for (int i = 0; i < neps && i < ADJTASK_MAX_EPS; i++)
     eps[i] = json_number_value(json_array_get(ev, (size_t)i));
-  sampler *s = NULL;
+  adj_setup u;
+  memset(&u, 0, sizeof u);
   res->noise = mem_malloc(nd * sizeof(float));
   res->images = mem_malloc(nd * sizeof(float));
-  if (!res->noise || !res->images)
-    rc = err_set(e, ERR_NOMEM, "out of memory");
-  if (rc == ERR_OK && !b->qm->clf)
-    rc = err_set(e, ERR_UNSUPPORTED, "the model's classifier is gone");
-  if (rc == ERR_OK)
-    rc = adjtask_parse_targets(b->qm->clf, json_string_value(json_object_get(a, "target")), t, &nt,
-                               e);
-  if (rc == ERR_OK)
-    rc = queue_make_sampler(b->q, sp, &s, NULL, 0, e);
-  const audit_opts o = {.gen = {.s = s,
-                                .gd = req->r.guidance,
-                                .threads = b->q->o.threads_per_job,
-                                .cancel = &b->cancel},
+  int rc = res->noise && res->images ? adj_setup_make(b, req, &u, e)
+                                     : err_set(e, ERR_NOMEM, "out of memory");
+  const audit_opts o = {.gen = u.gen,
                         .clf = b->qm->clf,
-                        .head = t[0].head,
-                        .target = t[0].cls,
+                        .head = u.t[0].head,
+                        .target = u.t[0].cls,
                         .label = sp->label,
                         .batch = sp->batch,
                         .seed = sp->seed,
@@ -504,7 +517,7 @@ static int run_audit(qbatch *b, qrequest *req, audit_result *res, size_t d, err 
                         .progress_user = b};
   if (rc == ERR_OK)
     rc = audit_run(b->qm->m, &o, res, e);
-  b->s = s; /* the images' metadata names the solver */
+  b->s = u.s; /* the images' metadata names the solver */
   if (rc == ERR_OK)
     rc = audit_store(b, a, res, e);
   return rc ? err_prefix(e, "audit") : ERR_OK;
@@ -525,10 +538,10 @@ static int run_stylize(qbatch *b, qrequest *req, model **own, err *e) {
   const queue_spec *sp = &b->jobs[0]->spec;
   const json_t *a = sp->edit_args;
   const classifier *clf = b->qm->clf;
-  adjtask_target t[ADJTASK_MAX_TARGETS] = {{0}};
-  int nt = 0, n = 0, *keep_cls = mem_malloc(STYLIZE_MAX_CLASSES * sizeof *keep_cls);
+  int n = 0, *keep_cls = mem_malloc(STYLIZE_MAX_CLASSES * sizeof *keep_cls);
   int64_t *classes = mem_malloc(STYLIZE_MAX_CLASSES * sizeof *classes);
-  sampler *s = NULL;
+  adj_setup u;
+  memset(&u, 0, sizeof u);
   int rc = classes && keep_cls ? model_load(b->qm->path, own, e)
                                : err_set(e, ERR_NOMEM, "out of memory");
   const int keep =
@@ -536,33 +549,28 @@ static int run_stylize(qbatch *b, qrequest *req, model **own, err *e) {
   if (rc == ERR_OK && keep < 0)
     rc = err_set(e, ERR_UNSUPPORTED, "the model's classifier or its head is gone");
   if (rc == ERR_OK)
-    rc = adjtask_parse_targets(clf, json_string_value(json_object_get(a, "target")), t, &nt, e);
+    rc = adj_setup_make(b, req, &u, e);
   if (rc == ERR_OK)
     rc = adjtask_class_map(*own, clf, keep, classes, keep_cls, STYLIZE_MAX_CLASSES, &n, e);
-  if (rc == ERR_OK)
-    rc = queue_make_sampler(b->q, sp, &s, NULL, 0, e);
-  const stylize_opts o = {.gen = {.s = s,
-                                  .gd = req->r.guidance,
-                                  .threads = b->q->o.threads_per_job,
-                                  .cancel = &b->cancel},
+  const stylize_opts o = {.gen = u.gen,
                           .clf = clf,
-                          .targets = t,
-                          .n_targets = nt,
+                          .targets = u.t,
+                          .n_targets = u.nt,
                           .keep_head = keep,
                           .classes = classes,
                           .keep_cls = keep_cls,
                           .n_classes = n,
                           .keep_weight = json_number_value(json_object_get(a, "keep_weight")),
-                          .steps = (int)json_integer_value(json_object_get(a, "steps")),
-                          .batch = (int)json_integer_value(json_object_get(a, "batch")),
-                          .lr = json_number_value(json_object_get(a, "lr")),
-                          .margin = json_number_value(json_object_get(a, "margin")),
+                          .steps = u.steps,
+                          .batch = u.batch,
+                          .lr = u.lr,
+                          .margin = u.margin,
                           .seed = sp->seed,
                           .progress = stylize_progress_cb,
                           .progress_user = b};
   if (rc == ERR_OK)
     rc = stylize_optimize(*own, &o, e);
-  sampler_free(s);
+  sampler_free(u.s);
   free(classes), free(keep_cls);
   if (rc == ERR_OK)
     rc = qmodel_publish(b->q, b->qm, *own, json_string_value(json_object_get(a, "name")),

@@ -472,6 +472,8 @@ START_TEST(cli_audit) {
       {"--class A --target nosuch --steps 2", "--target 'nosuch'", 1},
       {"--class A --scheduler euler --steps 2", "not 'euler'", 1},
       {"--class 1 --model %s", "class-conditional", 1},
+      {"--class A --threads 0", "--threads", 2},
+      {"--class A --classifier /nonexistent --steps 2", "--classifier", 1},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     char args[2048];

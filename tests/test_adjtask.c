@@ -286,6 +286,9 @@ START_TEST(cli_concept) {
       {"--model %s --target K --name zz --init nope --steps 1", "--init 'nope'", 1},
       {"--model %s --target K --name zz --scheduler euler-a --steps 1", "euler", 1},
       {"--model %s --target K --name zz --lr 0", "--lr", 2},
+      {"--model %s --target K --name zz --guidance-scale -1", "--guidance-scale", 2},
+      {"--model %s --target K --name zz --seed -1", "--seed", 2},
+      {"--model %s --target K --name zz --classifier /nonexistent", "--classifier", 1},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     char args[2048];
@@ -344,6 +347,8 @@ START_TEST(cli_stylize) {
       {"--target nope --out %s/n3", "--target: target 'nope'", 1},
       {"--target italic --out %s/n4 --scheduler euler-a", "euler", 1},
       {"--out %s/n5", "--target and --out are required", 2},
+      {"--target italic --out %s/n7 --threads 300", "--threads", 2},
+      {"--target italic --out %s/n8 --classifier /nonexistent", "--classifier", 1},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     char args[2048];

@@ -11,13 +11,6 @@
 #define SMALL_JOB                                                                                  \
   "{\"class_label\": 2, \"seed\": 7, \"scheduler\": {\"name\": \"ddim\", \"steps\": 10}}"
 
-static char *get_body(const daemon_proc *d, const char *path, size_t *len) {
-  http_resp r;
-  ck_assert_int_eq(http_get(d, path, &r), 200);
-  *len = r.len;
-  return r.body;
-}
-
 START_TEST(kill9_loses_nothing) {
   char st[512];
   daemon_proc d;
@@ -99,19 +92,6 @@ START_TEST(kill9_loses_nothing) {
   daemon_stop(&d2);
 }
 END_TEST
-
-/* Waits up to timeout_s for the daemon to exit by itself; its status, or -1. */
-static int daemon_wait_exit(daemon_proc *d, double timeout_s) {
-  for (double t0 = th_now(); d->pid && th_now() - t0 < timeout_s;) {
-    int st;
-    if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
-      d->pid = 0;
-      return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    }
-    usleep(10000);
-  }
-  return -1;
-}
 
 /* A job whose run kills the process (the test-only fault hook aborts on its seed) runs again
  * after a restart, but only max_attempts times in all: then it fails with a clear error and the
@@ -292,21 +272,11 @@ START_TEST(kill9_keeps_edit_jobs) {
           "\"guidance\": {\"scale\": 2}, \"input_image\": \"%s\", \"mask\": \"%s\", "
           "\"edit\": {\"type\": \"inpaint\", \"strength\": 0.9}}",
           b64, b64);
-  char st[512];
+  char st[512], edit[64], path[128];
   daemon_proc d;
   const char *args[] = {"--workers", "1", NULL};
-  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
-  char blocker[64], edit[64], path[128];
-  submit_job(&d, LONG_JOB, blocker, sizeof blocker);
-  wait_running(&d, blocker, 60);
-  submit_job(&d, body, edit, sizeof edit);
-  ck_assert_int_eq(daemon_signal_wait(&d, SIGKILL, 10), 128 + SIGKILL);
-  ck_assert_int_eq(daemon_start(&d, st, args), 0);
-  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
-  http_resp r;
-  http_req(&d, "DELETE", path, NULL, 0, NULL, &r);
-  http_free(&r);
-  wait_state(&d, edit, "succeeded", 120);
+  queued_job_survives_kill9(&d, th_state_dir(st, sizeof st), args, LONG_JOB, body, edit,
+                            sizeof edit);
   snprintf(path, sizeof path, "/v1/jobs/%s", edit);
   size_t len;
   char *view = get_body(&d, path, &len);

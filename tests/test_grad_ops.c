@@ -795,11 +795,46 @@ static double rel_l2_d(const double *a, const double *b, size_t n) {
   return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
-static double loss_d(const opcase *oc, double *const *s, const float *g, double *y) {
-  oc->ref(oc, s, y);
+/* sum(g * y) for the double reference's output y of the inputs s (what the finite differences
+ * differentiate), for one of the harness's cases (ctx) into its scratch y. */
+typedef double (*fd_loss_fn)(const void *ctx, double *const *s);
+
+/* Central differences of loss at up to max elements of s[slot] (all of them when it has that
+ * few, else a fixed stride through it), against the analytic gradient an: their relative L2,
+ * with a floor for gradients that vanish by symmetry (softmax makes the key bias irrelevant: its
+ * gradient is float noise against an exact zero). s[slot] is left as it was. */
+static double fd_rel_err(fd_loss_fn loss, const void *ctx, double *const *s, int slot, size_t size,
+                         const float *an, size_t max) {
+  const size_t cnt = size < max ? size : max;
+  double num = 0, den = 0;
+  /* cppcheck-suppress knownConditionTrueFalse ; sizes come from the cases, never 0 */
+  for (size_t j = 0; j < cnt; j++) {
+    size_t k = size <= max ? j : (j * 7919u + 13u) % size;
+    double v = s[slot][k], hstep = FD_STEP * (fabs(v) > 1 ? fabs(v) : 1);
+    s[slot][k] = v + hstep;
+    double lp = loss(ctx, s);
+    s[slot][k] = v - hstep;
+    double lm = loss(ctx, s);
+    s[slot][k] = v;
+    double fd = (lp - lm) / (2 * hstep);
+    num += (an[k] - fd) * (an[k] - fd);
+    den += fd * fd;
+  }
+  return sqrt(num / fmax(den, 1e-2 * (double)cnt));
+}
+
+typedef struct case_loss {
+  const opcase *oc;
+  const float *g;
+  double *y;
+} case_loss;
+
+static double loss_d(const void *ctx, double *const *s) {
+  const case_loss *c = ctx;
+  c->oc->ref(c->oc, s, c->y);
   double l = 0;
-  for (size_t i = 0; i < oc->out_size; i++)
-    l += g[i] * y[i];
+  for (size_t i = 0; i < c->oc->out_size; i++)
+    l += c->g[i] * c->y[i];
   return l;
 }
 
@@ -865,29 +900,8 @@ static double check_case(opcase *oc, double *fwd_err) {
       continue;
     if (oc->nd.op == GRAD_ATTENTION && oc->aw.groups == 0 && (i == 1 || i == 2))
       continue;
-    size_t cnt = oc->size[i] < FD_SAMPLES ? oc->size[i] : FD_SAMPLES;
-    double fd[FD_SAMPLES], an[FD_SAMPLES];
-    /* cppcheck-suppress knownConditionTrueFalse ; sizes come from case_init, never 0 */
-    for (size_t j = 0; j < cnt; j++) {
-      size_t k = oc->size[i] <= FD_SAMPLES ? j : (j * 7919u + 13u) % oc->size[i];
-      double v = s[i][k], hstep = FD_STEP * (fabs(v) > 1 ? fabs(v) : 1);
-      s[i][k] = v + hstep;
-      double lp = loss_d(oc, s, g, yd);
-      s[i][k] = v - hstep;
-      double lm = loss_d(oc, s, g, yd);
-      s[i][k] = v;
-      fd[j] = (lp - lm) / (2 * hstep);
-      an[j] = d[i][k];
-    }
-    /* relative, with a floor for gradients that vanish by symmetry (softmax makes the key bias
-     * irrelevant: its gradient is float noise against an exact zero) */
-    double num = 0, den = 0;
-    /* cppcheck-suppress knownConditionTrueFalse */
-    for (size_t j = 0; j < cnt; j++) {
-      num += (an[j] - fd[j]) * (an[j] - fd[j]);
-      den += fd[j] * fd[j];
-    }
-    double r = sqrt(num / fmax(den, 1e-2 * (double)cnt));
+    const case_loss cl = {oc, g, yd};
+    double r = fd_rel_err(loss_d, &cl, s, i, oc->size[i], d[i], FD_SAMPLES);
     ck_assert_msg(r <= oc->tol, "%s: gradient of slot %d (%s) rel L2 %.3g > %.3g", oc->label, i,
                   grad_rule_get(oc->nd.op)->src_names[i], r, oc->tol);
     worst = r > worst ? r : worst;
@@ -915,6 +929,22 @@ START_TEST(every_op_matches_reference_and_finite_differences) {
                   grad_rule_get(op)->name);
 }
 END_TEST
+
+typedef struct rb_loss {
+  const rblock *b;
+  const float *g;
+  double *y;
+  size_t ycnt;
+} rb_loss;
+
+static double rb_loss_d(const void *ctx, double *const *s) {
+  const rb_loss *c = ctx;
+  rb_ref(c->b, s, c->y);
+  double l = 0;
+  for (size_t q = 0; q < c->ycnt; q++)
+    l += c->g[q] * c->y[q];
+  return l;
+}
 
 /* A ResnetBlock2D (default time embedding with a 1x1 shortcut, and scale-shift with the mid
  * block's output scale) composed from the table's rules, forward and backward, against the
@@ -967,26 +997,8 @@ START_TEST(resnet_block_matches_finite_differences) {
     for (int i = 0; i < RB_SLOTS; i++) {
       if (!b->size[i]) /* no shortcut when cin == cout */
         continue;
-      size_t cnt = b->size[i] < 24 ? b->size[i] : 24;
-      double fd[24], an[24], num = 0, den = 0;
-      /* cppcheck-suppress knownConditionTrueFalse ; sizes come from rb_init */
-      for (size_t j = 0; j < cnt; j++) {
-        size_t k = b->size[i] <= 24 ? j : (j * 7919u + 13u) % b->size[i];
-        double v = s[i][k], hs = FD_STEP * (fabs(v) > 1 ? fabs(v) : 1), l[2];
-        for (int sgn = 0; sgn < 2; sgn++) {
-          s[i][k] = v + (sgn ? -hs : hs);
-          rb_ref(b, s, yd);
-          l[sgn] = 0;
-          for (size_t q = 0; q < ycnt; q++)
-            l[sgn] += g[q] * yd[q];
-        }
-        s[i][k] = v;
-        fd[j] = (l[0] - l[1]) / (2 * hs);
-        an[j] = d[i][k];
-        num += (an[j] - fd[j]) * (an[j] - fd[j]);
-        den += fd[j] * fd[j];
-      }
-      double r = sqrt(num / fmax(den, 1e-2 * (double)cnt));
+      const rb_loss rl = {b, g, yd, ycnt};
+      double r = fd_rel_err(rb_loss_d, &rl, s, i, b->size[i], d[i], 24);
       ck_assert_msg(r <= 2e-5, "resnet block %d: gradient of %s rel L2 %.3g", ci, rb_names[i], r);
       worst = r > worst ? r : worst;
     }
@@ -1219,6 +1231,19 @@ START_TEST(bad_nodes_name_the_field) {
   nd.dsrc[5] = dx;
   ck_assert_int_eq(grad_backward(&nd, a, NULL, &e), ERR_INVALID);
   ck_assert_ptr_nonnull(strstr(e.msg, "dsrc[5]"));
+  nd.dsrc[5] = NULL;
+  nd.dsrc[1] = dx; /* gamma's gradient without gamma */
+  ck_assert_int_eq(grad_backward(&nd, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "need the gamma and beta"));
+  grad_node ln = {.op = GRAD_LAYER_NORM, .n = 1, .c = 4, .h = 2, .w = 1};
+  ln.src[0] = x;
+  ck_assert_int_eq(grad_forward(&ln, dx, a, NULL, &e), ERR_INVALID);
+  ck_assert_msg(strstr(e.msg, "p.ln.eps") != NULL, "%s", e.msg);
+  ln.p.ln.eps = 1e-5f;
+  ln.ddst = x;
+  ln.dsrc[2] = dx;
+  ck_assert_int_eq(grad_backward(&ln, a, NULL, &e), ERR_INVALID);
+  ck_assert_ptr_nonnull(strstr(e.msg, "need the gamma and beta"));
   int64_t labels[2] = {0, 9};
   grad_node em = {.op = GRAD_CLASS_EMBEDDING, .n = 2, .c = 4, .h = 1, .w = 1};
   em.p.embed.labels = labels;

@@ -16,13 +16,6 @@
 
 static test_redis redis;
 
-static char *get_body(const daemon_proc *d, const char *path, size_t *len) {
-  http_resp r;
-  ck_assert_msg(http_get(d, path, &r) == 200, "GET %s: %ld (%s)", path, r.status, d->log);
-  *len = r.len;
-  return r.body;
-}
-
 /* Whether the daemon's log holds needle. */
 static int log_has(const daemon_proc *d, const char *needle) {
   static char text[1 << 20];

@@ -2,11 +2,17 @@
  * DomainStudio run and a plain one on the tiny training fixture register their models, which
  * later jobs sample and a restart serves again; the progress counts the training steps; a
  * running one is cancelled and registers nothing; bad fields are 400s (409 for a taken name)
- * naming the field. */
+ * naming the field. A daemon killed while it publishes a model (the test-only fault hook aborts
+ * between writing the folder and registering it) runs the job again after a restart and
+ * registers the model; a job over the server's budget is refused naming its fields. */
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "testhttp.h"
+
+#include <sys/stat.h>
 
 /* A base64 PNG of c x size x size, different for each i. */
 static char *shot_b64(int i, int c, int size) {
@@ -184,10 +190,90 @@ START_TEST(finetune_jobs) {
 }
 END_TEST
 
+/* Whether path exists. */
+static int exists(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0;
+}
+
+/* Submits a short DomainStudio job naming `name` to a daemon that dies publishing it (the
+ * fault hook aborts after the folder is written, before it is registered): the job's id into
+ * id, the folder's path into dir. */
+static void crash_publishing(const char *st, const char *const *args, const char *name, char *id,
+                             size_t n, char *dir, size_t dn) {
+  const char *env[] = {"DENOISED_FAULT_KILL_BEFORE_REGISTER=1", NULL};
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start_env(&d, st, args, env), 0);
+  char extra[128];
+  snprintf(extra, sizeof extra, ", \"name\": \"%s\", \"method\": \"domainstudio\", \"steps\": 2",
+           name);
+  char *body = ft_job("tiny", 3, 3, 8, 1, extra);
+  submit_job(&d, body, id, n);
+  free(body);
+  ck_assert_int_eq(daemon_wait_exit(&d, 120), 128 + SIGABRT);
+  snprintf(dir, dn, "%s/models/%s-%s/config.json", st, name, id);
+  ck_assert_msg(exists(dir), "%s", dir); /* written whole, not registered */
+  snprintf(dir, dn, "%s/models/%s-%s", st, name, id);
+}
+
+START_TEST(publish_survives_a_crash) {
+  char st[512], tm[1200], src[1024], id[64], dir[1024], path[1200];
+  snprintf(tm, sizeof tm, "tiny=%s", test_src_path(src, sizeof src, "tests/fixtures/train/model"));
+  const char *args[] = {"--model", tm, "--workers", "1", "--max-job-cost", "1", NULL};
+  th_state_dir(st, sizeof st);
+
+  /* died before registering, with a half-written .partial of an earlier try beside it: the
+   * run after the restart writes the model again and registers it */
+  crash_publishing(st, args, "tiny-crash", id, sizeof id, dir, sizeof dir);
+  snprintf(path, sizeof path, "%s.partial", dir);
+  ck_assert_int_eq(mkdir(path, 0777), 0);
+  snprintf(path, sizeof path, "%s.partial/config.json", dir);
+  write_file(path, (const uint8_t *)"{", 1);
+  daemon_proc d;
+  ck_assert_int_eq(daemon_start(&d, st, args), 0);
+  wait_state(&d, id, "succeeded", 120);
+  ck_assert(th_serves_model(&d, "tiny-crash"));
+  snprintf(path, sizeof path, "%s.partial", dir);
+  ck_assert_msg(!exists(path), "%s left behind", path);
+  size_t n0;
+  free(sample_from(&d, "tiny-crash", &n0));
+
+  /* over the budget (max_job_cost 1): the refusal names the fields to lower */
+  char *body = ft_job("tiny", 3, 3, 8, 1,
+                      ", \"name\": \"tiny-big\", \"method\": \"domainstudio\", \"steps\": "
+                      "20000");
+  http_resp r;
+  ck_assert_int_eq(http_post(&d, "/v1/jobs", body, &r), 400);
+  free(body);
+  ck_assert_msg(strstr(r.body, "over_budget") && strstr(r.body, "edit.steps 20000") &&
+                    strstr(r.body, "edit.batch 3") && strstr(r.body, "max_job_cost") &&
+                    !strstr(r.body, "network evaluations"),
+                "%s", r.body);
+  http_free(&r);
+  daemon_stop(&d);
+
+  /* died after registering (the registry written, as a crash between it and the job's final
+   * record leaves it): the run after the restart takes the registered model as published */
+  crash_publishing(st, args, "tiny-crash2", id, sizeof id, dir, sizeof dir);
+  snprintf(path, sizeof path, "%s/registered_models.json", st);
+  json_t *reg = json_load_file(path, 0, NULL);
+  ck_assert_ptr_nonnull(reg);
+  json_object_set_new(reg, "tiny-crash2", json_string(dir));
+  ck_assert_int_eq(json_dump_file(reg, path, 0), 0);
+  json_decref(reg);
+  ck_assert_int_eq(daemon_start(&d, st, args), 0);
+  ck_assert(th_serves_model(&d, "tiny-crash2"));
+  wait_state(&d, id, "succeeded", 120);
+  ck_assert(th_serves_model(&d, "tiny-crash2"));
+  daemon_stop(&d);
+}
+END_TEST
+
 Suite *test_suite(void) {
   Suite *s = suite_create("server_finetune");
   TCase *tc = tcase_create("server_finetune");
   tcase_add_test(tc, finetune_jobs);
+  tcase_add_test(tc, publish_survives_a_crash);
   suite_add_tcase(s, tc);
   return s;
 }

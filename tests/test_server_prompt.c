@@ -40,14 +40,6 @@ static const char *const *prompt_args(const char *a, const char *b) {
   return prompt_args4(a, b, NULL, NULL);
 }
 
-static char *get_body(const daemon_proc *d, const char *path, size_t *len) {
-  http_resp r;
-  ck_assert_msg(http_get(d, path, &r) == 200, "GET %s: %ld %.300s", path, r.status,
-                r.body ? r.body : "");
-  *len = r.len;
-  return r.body;
-}
-
 /* The pixels of PNG bytes (at most 64x64) and their size. */
 static uint8_t *png_pixels(const void *png, size_t len, int *h, int *w) {
   uint8_t *px = NULL;
@@ -311,21 +303,11 @@ START_TEST(a1111_prompts_reach_the_text_encoder) {
 END_TEST
 
 START_TEST(queued_prompt_job_survives_kill9) {
-  char st[512], path[128];
+  char st[512], path[128], id[64];
   daemon_proc d;
   const char *const *args = prompt_args("--workers", "1");
-  ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
-  char blocker[64], id[64];
-  submit_job(&d, LONG_JOB, blocker, sizeof blocker);
-  wait_running(&d, blocker, 60);
-  submit_job(&d, CAT_JOB, id, sizeof id);
-  ck_assert_int_eq(daemon_signal_wait(&d, SIGKILL, 10), 128 + SIGKILL);
-  ck_assert_int_eq(daemon_start(&d, st, args), 0);
-  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
-  http_resp r;
-  http_req(&d, "DELETE", path, NULL, 0, NULL, &r);
-  http_free(&r);
-  wait_state(&d, id, "succeeded", 120);
+  queued_job_survives_kill9(&d, th_state_dir(st, sizeof st), args, LONG_JOB, CAT_JOB, id,
+                            sizeof id);
   snprintf(path, sizeof path, "/v1/jobs/%s", id);
   size_t len;
   char *view = get_body(&d, path, &len);

@@ -129,13 +129,10 @@ static inline int daemon_start(daemon_proc *d, const char *state_dir, const char
   return daemon_start_env(d, state_dir, args, NULL);
 }
 
-/* Sends sig and waits up to timeout_s; returns the exit status (128+sig if killed, -1 if it did
- * not exit, in which case it is killed). */
-static inline int daemon_signal_wait(daemon_proc *d, int sig, double timeout_s) {
-  if (!d->pid)
-    return -1;
-  kill(d->pid, sig);
-  for (double t0 = th_now(); th_now() - t0 < timeout_s;) {
+/* Waits up to timeout_s for the daemon to exit (by itself, or after a signal): its status
+ * (128+sig if killed), or -1 if it is still running. */
+static inline int daemon_wait_exit(daemon_proc *d, double timeout_s) {
+  for (double t0 = th_now(); d->pid && th_now() - t0 < timeout_s;) {
     int st;
     if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
       d->pid = 0;
@@ -143,10 +140,22 @@ static inline int daemon_signal_wait(daemon_proc *d, int sig, double timeout_s) 
     }
     usleep(10000);
   }
-  kill(d->pid, SIGKILL);
-  waitpid(d->pid, NULL, 0);
-  d->pid = 0;
   return -1;
+}
+
+/* Sends sig and waits up to timeout_s; returns the exit status (128+sig if killed, -1 if it did
+ * not exit, in which case it is killed). */
+static inline int daemon_signal_wait(daemon_proc *d, int sig, double timeout_s) {
+  if (!d->pid)
+    return -1;
+  kill(d->pid, sig);
+  const int st = daemon_wait_exit(d, timeout_s);
+  if (st < 0) {
+    kill(d->pid, SIGKILL);
+    waitpid(d->pid, NULL, 0);
+    d->pid = 0;
+  }
+  return st;
 }
 
 static inline void daemon_stop(daemon_proc *d) {
@@ -336,6 +345,36 @@ static inline void wait_running(const daemon_proc *d, const char *id, double tim
                   "job %s is %s before it could be seen running", id, st);
   }
   ck_abort_msg("job %s did not start", id);
+}
+
+/* GET path, which must answer 200 (the failure names the status, body and daemon log): the
+ * body (the caller frees it) and its length. */
+static inline char *get_body(const daemon_proc *d, const char *path, size_t *len) {
+  http_resp r;
+  ck_assert_msg(http_get(d, path, &r) == 200, "GET %s: %ld %.300s (%s)", path, r.status,
+                r.body ? r.body : "", d->log);
+  *len = r.len;
+  return r.body;
+}
+
+/* A job (body) queued behind a running blocker (long_job) on a daemon started on state dir st
+ * with args, which is killed (SIGKILL) before the job runs and started again: with the blocker
+ * cancelled, the job must succeed. The daemon is left running; the job's id into id. */
+static inline void queued_job_survives_kill9(daemon_proc *d, const char *st,
+                                             const char *const *args, const char *long_job,
+                                             const char *body, char *id, size_t n) {
+  char blocker[64], path[128];
+  ck_assert_int_eq(daemon_start(d, st, args), 0);
+  submit_job(d, long_job, blocker, sizeof blocker);
+  wait_running(d, blocker, 60);
+  submit_job(d, body, id, n);
+  ck_assert_int_eq(daemon_signal_wait(d, SIGKILL, 10), 128 + SIGKILL);
+  ck_assert_int_eq(daemon_start(d, st, args), 0);
+  snprintf(path, sizeof path, "/v1/jobs/%s", blocker);
+  http_resp r;
+  http_req(d, "DELETE", path, NULL, 0, NULL, &r);
+  http_free(&r);
+  wait_state(d, id, "succeeded", 120);
 }
 
 /* Whether GET /v1/models lists a model of that name. */

@@ -174,3 +174,26 @@ double adjtask_margin_loss(const classifier *clf, const float *z, const adjtask_
 double adjtask_lr(double lr, int step, int steps) {
   return lr * (0.1 + 0.45 * (1 + cos(M_PI * step / steps)));
 }
+
+int adjtask_check_classifier(const model *m, const classifier *clf, err *e) {
+  const model_info *mi = model_get_info(m);
+  const classifier_info *ci = classifier_get_info(clf);
+  if (ci->in_channels != mi->in_channels || ci->sample_size != mi->sample_size)
+    return err_set(e, ERR_INVALID,
+                   "the classifier reads %d x %d x %d images, the model makes %d x %d x %d",
+                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels,
+                   mi->sample_size, mi->sample_size);
+  return ERR_OK;
+}
+
+int adjtask_adjoint(const adjtask_gen *g, const model *m, int batch, const float *noise,
+                    const int64_t *labels, const float *gout, adjoint_opts *ao, err *e) {
+  ao->batch = batch;
+  ao->noise = noise;
+  ao->labels = labels;
+  ao->guidance = g->gd;
+  ao->grad_output = gout;
+  ao->threads = g->threads;
+  ao->cancel = g->cancel;
+  return adjoint_run(g->s, m, ao, e);
+}

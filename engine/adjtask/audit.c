@@ -12,6 +12,7 @@
 
 #include "adjoint.h"
 #include "adjtask.h"
+#include "margin.h"
 #include "rng.h"
 
 typedef struct audit_run_t {
@@ -59,16 +60,9 @@ static int ascent_step(audit_run_t *r, double eps, double step, err *e) {
                                     r->gz, o->gen.threads, e);
   for (size_t k = 0; k < r->nd; k++)
     r->gz[k] = r->fooled[k / r->d] ? 0.0f : -r->gz[k];
-  adjoint_opts ao = {.batch = o->batch,
-                     .noise = r->g,
-                     .labels = r->labels,
-                     .guidance = o->gen.gd,
-                     .grad_output = r->gz,
-                     .threads = o->gen.threads,
-                     .grad_noise = r->gz,
-                     .cancel = o->gen.cancel};
+  adjoint_opts ao = {.grad_noise = r->gz};
   if (rc == ERR_OK)
-    rc = adjoint_run(o->gen.s, r->m, &ao, e);
+    rc = adjtask_adjoint(&o->gen, r->m, o->batch, r->g, r->labels, r->gz, &ao, e);
   for (size_t k = 0; rc == ERR_OK && k < r->nd; k++) {
     if (r->fooled[k / r->d])
       continue;
@@ -125,12 +119,10 @@ static int check_opts(const model *m, const audit_opts *o, err *e) {
   if (!mi->num_classes)
     return err_set(e, ERR_INVALID,
                    "the audit needs a class-conditional model (this one has no class embeddings)");
+  int rc = adjtask_check_classifier(m, o->clf, e);
+  if (rc != ERR_OK)
+    return rc;
   const classifier_info *ci = classifier_get_info(o->clf);
-  if (ci->in_channels != mi->in_channels || ci->sample_size != mi->sample_size)
-    return err_set(e, ERR_INVALID,
-                   "the classifier reads %d x %d x %d images, the model makes %d x %d x %d",
-                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels,
-                   mi->sample_size, mi->sample_size);
   if (o->head < 0 || o->head >= ci->n_heads || o->target < 0 ||
       o->target >= ci->heads[o->head].classes)
     return err_set(e, ERR_INVALID, "audit: no such head or target class");

@@ -59,16 +59,9 @@ static int step_grad(concept_run *r, int step, concept_progress *p, err *e) {
     return ERR_OK;
   rc = classifier_input_grad(o->clf, r->x, o->batch, r->S, r->S, r->gl, NULL, r->gx, o->gen.threads,
                              e);
-  adjoint_opts ao = {.batch = o->batch,
-                     .noise = r->noise,
-                     .labels = r->labels,
-                     .guidance = o->gen.gd,
-                     .grad_output = r->gx,
-                     .threads = o->gen.threads,
-                     .grad_class = r->gc,
-                     .cancel = o->gen.cancel};
+  adjoint_opts ao = {.grad_class = r->gc};
   if (rc == ERR_OK)
-    rc = adjoint_run(o->gen.s, r->m, &ao, e);
+    rc = adjtask_adjoint(&o->gen, r->m, o->batch, r->noise, r->labels, r->gx, &ao, e);
   for (int b = 0; rc == ERR_OK && b < o->batch; b++)
     for (int k = 0; k < r->dim; k++)
       r->grad[k] += r->gc[(size_t)b * r->dim + k];
@@ -85,12 +78,9 @@ static int check_opts(const model *m, const concept_opts *o, err *e) {
     return err_set(e, ERR_UNSUPPORTED,
                    "concept: the model has no class embeddings (a class-conditional UNet2DModel "
                    "is needed)");
-  const classifier_info *ci = classifier_get_info(o->clf);
-  if (ci->in_channels != mi->in_channels || ci->sample_size != mi->sample_size)
-    return err_set(e, ERR_INVALID,
-                   "the classifier reads %d x %d x %d images, the model makes %d x %d x %d",
-                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels,
-                   mi->sample_size, mi->sample_size);
+  int rc = adjtask_check_classifier(m, o->clf, e);
+  if (rc != ERR_OK)
+    return rc;
   if (o->n_targets < 1 || o->n_targets > ADJTASK_MAX_TARGETS)
     return err_set(e, ERR_INVALID, "concept: 1 to %d targets", ADJTASK_MAX_TARGETS);
   if (o->steps < 1 || o->batch < 1 || o->batch > ADJTASK_MAX_BATCH)

@@ -92,16 +92,9 @@ static int step_grad(stylize_run *r, int step, stylize_progress *p, err *e) {
     return ERR_OK;
   rc = classifier_input_grad(o->clf, r->x, o->batch, r->S, r->S, r->gl, NULL, r->gx, o->gen.threads,
                              e);
-  adjoint_opts ao = {.batch = o->batch,
-                     .noise = r->noise,
-                     .labels = r->labels,
-                     .guidance = o->gen.gd,
-                     .grad_output = r->gx,
-                     .threads = o->gen.threads,
-                     .grad_params = r->g,
-                     .cancel = o->gen.cancel};
+  adjoint_opts ao = {.grad_params = r->g};
   if (rc == ERR_OK)
-    rc = adjoint_run(o->gen.s, r->m, &ao, e);
+    rc = adjtask_adjoint(&o->gen, r->m, o->batch, r->noise, r->labels, r->gx, &ao, e);
   for (int i = 0; rc == ERR_OK && i < r->np; i++) {
     const size_t n = model_param_at(r->m, i)->count;
     for (size_t k = 0; k < n; k++)
@@ -116,12 +109,10 @@ static int check_opts(const model *m, const stylize_opts *o, err *e) {
   const model_info *mi = model_get_info(m);
   if (mi->kind != MODEL_UNET2D || !model_param_count(m))
     return err_set(e, ERR_UNSUPPORTED, "stylize: only a UNet2DModel's weights are fine-tuned");
+  int rc = adjtask_check_classifier(m, o->clf, e);
+  if (rc != ERR_OK)
+    return rc;
   const classifier_info *ci = classifier_get_info(o->clf);
-  if (ci->in_channels != mi->in_channels || ci->sample_size != mi->sample_size)
-    return err_set(e, ERR_INVALID,
-                   "the classifier reads %d x %d x %d images, the model makes %d x %d x %d",
-                   ci->in_channels, ci->sample_size, ci->sample_size, mi->in_channels,
-                   mi->sample_size, mi->sample_size);
   if (o->n_targets < 1 || o->n_targets > ADJTASK_MAX_TARGETS || o->n_classes < 1 ||
       o->keep_head < 0 || o->keep_head >= ci->n_heads)
     return err_set(e, ERR_INVALID, "stylize: 1 to %d style targets, classes and a keep head",

@@ -61,14 +61,20 @@ static int check_conv(const grad_node *nd, int backward, err *e) {
   return ERR_OK;
 }
 
-static int check_gn(const grad_node *nd, int backward, err *e) {
-  if (nd->p.gn.groups < 1 || nd->c % nd->p.gn.groups)
-    return bad(nd, e, "p.gn.groups", "must be positive and divide the channels");
-  if (!(nd->p.gn.eps > 0) || !isfinite(nd->p.gn.eps))
-    return bad(nd, e, "p.gn.eps", "must be positive and finite");
+/* A norm's epsilon (named by field) and, before a backward, the gamma and beta whose
+ * gradients dsrc[1] and dsrc[2] ask for: what group and layer norms check alike. */
+static int check_norm(const grad_node *nd, int backward, float eps, const char *field, err *e) {
+  if (!(eps > 0) || !isfinite(eps))
+    return bad(nd, e, field, "must be positive and finite");
   if (backward > 0 && ((nd->dsrc[1] && !nd->src[1]) || (nd->dsrc[2] && !nd->src[2])))
     return bad(nd, e, "dsrc[1]", "and 'dsrc[2]' need the gamma and beta they differentiate");
   return ERR_OK;
+}
+
+static int check_gn(const grad_node *nd, int backward, err *e) {
+  if (nd->p.gn.groups < 1 || nd->c % nd->p.gn.groups)
+    return bad(nd, e, "p.gn.groups", "must be positive and divide the channels");
+  return check_norm(nd, backward, nd->p.gn.eps, "p.gn.eps", e);
 }
 
 static int check_linear(const grad_node *nd, int backward, err *e) {
@@ -141,11 +147,7 @@ static int check_add(const grad_node *nd, int backward, err *e) {
 }
 
 static int check_ln(const grad_node *nd, int backward, err *e) {
-  if (!(nd->p.ln.eps > 0) || !isfinite(nd->p.ln.eps))
-    return bad(nd, e, "p.ln.eps", "must be positive and finite");
-  if (backward > 0 && ((nd->dsrc[1] && !nd->src[1]) || (nd->dsrc[2] && !nd->src[2])))
-    return bad(nd, e, "dsrc[1]", "and 'dsrc[2]' need the gamma and beta they differentiate");
-  return ERR_OK;
+  return check_norm(nd, backward, nd->p.ln.eps, "p.ln.eps", e);
 }
 
 static int check_geglu(const grad_node *nd, int backward, err *e) {
@@ -196,7 +198,8 @@ static size_t size_conv(const grad_node *nd, int slot) {
   return sizes[slot + 1];
 }
 
-static size_t size_gn(const grad_node *nd, int slot) {
+/* A norm over channels (group or layer norm): x and y alike, gamma and beta one per channel. */
+static size_t size_norm(const grad_node *nd, int slot) {
   return slot >= 1 ? (size_t)nd->c : numel(nd);
 }
 
@@ -246,10 +249,6 @@ static size_t size_ss(const grad_node *nd, int slot) {
 
 static size_t size_gap(const grad_node *nd, int slot) {
   return slot < 0 ? (size_t)nd->n * nd->c : numel(nd);
-}
-
-static size_t size_ln(const grad_node *nd, int slot) {
-  return slot >= 1 ? (size_t)nd->c : numel(nd);
 }
 
 static size_t size_geglu(const grad_node *nd, int slot) {
@@ -516,27 +515,33 @@ static int fwd_tok(const grad_node *nd, float *dst, arena *a, pool *p, err *e) {
 
 /* ---------- backwards ---------- */
 
+/* The backward of an elementwise activation y = f(x): dx += dy f'(x). */
+static void bwd_pointwise(const grad_node *nd, float (*deriv)(float)) {
+  size_t count = numel(nd);
+  if (nd->dsrc[0])
+    for (size_t i = 0; i < count; i++)
+      nd->dsrc[0][i] += nd->ddst[i] * deriv(nd->src[0][i]);
+}
+
 static int bwd_gelu(const grad_node *nd, arena *a, pool *p, err *e) {
   (void)a;
   (void)p;
   (void)e;
-  size_t count = numel(nd);
-  if (nd->dsrc[0])
-    for (size_t i = 0; i < count; i++)
-      nd->dsrc[0][i] += nd->ddst[i] * dgelu(nd->src[0][i]);
+  bwd_pointwise(nd, dgelu);
   return ERR_OK;
+}
+
+/* d/dx of x sigmoid(1.702 x). */
+static float dqgelu(float x) {
+  float s = 1.0f / (1.0f + expf(-1.702f * x));
+  return s + 1.702f * x * s * (1.0f - s);
 }
 
 static int bwd_qgelu(const grad_node *nd, arena *a, pool *p, err *e) {
   (void)a;
   (void)p;
   (void)e;
-  size_t count = numel(nd);
-  if (nd->dsrc[0])
-    for (size_t i = 0; i < count; i++) {
-      float x = nd->src[0][i], s = 1.0f / (1.0f + expf(-1.702f * x));
-      nd->dsrc[0][i] += nd->ddst[i] * (s + 1.702f * x * s * (1.0f - s));
-    }
+  bwd_pointwise(nd, dqgelu);
   return ERR_OK;
 }
 
@@ -629,10 +634,7 @@ static int bwd_silu(const grad_node *nd, arena *a, pool *p, err *e) {
   (void)a;
   (void)p;
   (void)e;
-  size_t count = numel(nd);
-  if (nd->dsrc[0])
-    for (size_t i = 0; i < count; i++)
-      nd->dsrc[0][i] += nd->ddst[i] * grad_dsilu(nd->src[0][i]);
+  bwd_pointwise(nd, grad_dsilu);
   return ERR_OK;
 }
 
@@ -851,7 +853,7 @@ static const grad_rule rules[GRAD_OP_COUNT] = {
                          {"x", "weight", "bias"},
                          1u,
                          check_gn,
-                         size_gn,
+                         size_norm,
                          fwd_gn,
                          grad_group_norm_backward},
     [GRAD_SILU] = {"silu", 1, {"x"}, 1u, check_none, size_same, fwd_silu, bwd_silu},
@@ -903,7 +905,7 @@ static const grad_rule rules[GRAD_OP_COUNT] = {
                          {"x", "weight", "bias"},
                          1u,
                          check_ln,
-                         size_ln,
+                         size_norm,
                          fwd_ln,
                          grad_layer_norm_backward},
     [GRAD_GELU] = {"gelu", 1, {"x"}, 1u, check_none, size_same, fwd_gelu, bwd_gelu},

@@ -69,17 +69,7 @@ int grad_layer_norm_backward(const grad_node *nd, arena *a, pool *p, err *e) {
   memset(j.dgamma, 0, sizeof(double) * tasks * c);
   memset(j.dbeta, 0, sizeof(double) * tasks * c);
   pool_run(p, tasks, ln_task, &j);
-  for (int ch = 0; ch < c; ch++) {
-    double dg = 0, db = 0;
-    for (int t = 0; t < tasks; t++) {
-      dg += j.dgamma[(size_t)t * c + ch];
-      db += j.dbeta[(size_t)t * c + ch];
-    }
-    if (nd->dsrc[1])
-      nd->dsrc[1][ch] += (float)dg;
-    if (nd->dsrc[2])
-      nd->dsrc[2][ch] += (float)db;
-  }
+  grad_norm_affine_add(nd, j.dgamma, j.dbeta, tasks, c);
   arena_release(a, m);
   return ERR_OK;
 }

@@ -80,17 +80,22 @@ int grad_group_norm_backward(const grad_node *nd, arena *a, pool *p, err *e) {
   if (!j.dgamma || !j.dbeta)
     return err_set(e, ERR_NOMEM, "out of memory for the gradient of a group norm");
   pool_run(p, n * nd->p.gn.groups, gn_task, &j);
+  grad_norm_affine_add(nd, j.dgamma, j.dbeta, n, c);
+  arena_release(a, m);
+  return ERR_OK;
+}
+
+void grad_norm_affine_add(const grad_node *nd, const double *dgamma, const double *dbeta, int rows,
+                          int c) {
   for (int ch = 0; ch < c; ch++) {
     double dg = 0, db = 0;
-    for (int img = 0; img < n; img++) {
-      dg += j.dgamma[(size_t)img * c + ch];
-      db += j.dbeta[(size_t)img * c + ch];
+    for (int r = 0; r < rows; r++) {
+      dg += dgamma[(size_t)r * c + ch];
+      db += dbeta[(size_t)r * c + ch];
     }
     if (nd->dsrc[1])
       nd->dsrc[1][ch] += (float)dg;
     if (nd->dsrc[2])
       nd->dsrc[2][ch] += (float)db;
   }
-  arena_release(a, m);
-  return ERR_OK;
 }

@@ -344,6 +344,28 @@ static sampler_run_opts sampling_opts(run_ctx *c, const pipeline_result *out) {
                             .threads = h->threads};
 }
 
+/* The sampling of a generate job with out->sampler into dst (c's size: latents on a latent
+ * model): from the request's noise, or from image noised to the strength's step (img2img) and
+ * kept outside mask (inpainting), with c's text states and guidance. */
+static int sample_generate(run_ctx *c, const float *image, const float *mask, float *dst,
+                           pipeline_result *out, err *e) {
+  const pipeline_request *r = c->r;
+  c->s = out->sampler;
+  sampler_run_opts o = sampling_opts(c, out);
+  o.height = c->height;
+  o.width = c->width;
+  o.init_noise = r->noise;
+  o.labels = r->labels;
+  o.text_states = c->text;
+  o.text_seq = c->seq;
+  o.guidance = c->g;
+  o.classifier = r->classifier;
+  o.init_image = image;
+  o.strength = r->strength;
+  o.mask = mask;
+  return sampler_run(out->sampler, c->m, &o, dst, &out->nfe, e);
+}
+
 static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *out, err *e) {
   const pipeline_request *r = c->r;
   const model_info *mi = model_get_info(c->m);
@@ -353,18 +375,7 @@ static int run_generate(run_ctx *c, float *image, float *mask, pipeline_result *
     rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
   if (!rc)
     rc = pipeline_check_data(c->m, &r->solver, out->sampler, r->guidance, r->labels, r->batch, e);
-  if (rc)
-    return rc;
-  c->s = out->sampler;
-  sampler_run_opts o = sampling_opts(c, out);
-  o.init_noise = r->noise;
-  o.labels = r->labels;
-  o.guidance = r->guidance;
-  o.classifier = r->classifier;
-  o.init_image = image;
-  o.strength = r->strength;
-  o.mask = mask;
-  return sampler_run(out->sampler, c->m, &o, out->images, &out->nfe, e);
+  return rc ? rc : sample_generate(c, image, mask, out->images, out, e);
 }
 
 /* Restoration: the image-conditioned model samples from noise with the degraded image as its
@@ -564,23 +575,8 @@ static int posterior_noise(const run_ctx *c, size_t per, float *eps, err *e) {
  * re-noised original after every step. */
 static int latent_generate(run_ctx *c, const float *z0, const float *lmask, float *z,
                            pipeline_result *out, err *e) {
-  const pipeline_request *r = c->r;
-  int rc = pipeline_sampler(c->m, &r->solver, &out->sampler, NULL, 0, e);
-  if (rc)
-    return rc;
-  c->s = out->sampler;
-  sampler_run_opts o = sampling_opts(c, out);
-  o.height = c->height;
-  o.width = c->width;
-  o.init_noise = r->noise;
-  o.labels = r->labels;
-  o.text_states = c->text;
-  o.text_seq = c->seq;
-  o.guidance = c->g;
-  o.init_image = z0;
-  o.strength = r->strength;
-  o.mask = lmask;
-  return sampler_run(out->sampler, c->m, &o, z, &out->nfe, e);
+  int rc = pipeline_sampler(c->m, &c->r->solver, &out->sampler, NULL, 0, e);
+  return rc ? rc : sample_generate(c, z0, lmask, z, out, e);
 }
 
 /* Every kind but deblurring on a latent text-to-image model, as diffusers' Stable Diffusion
