@@ -13,6 +13,7 @@
 #include "pipeline.h"
 #include "sampler.h"
 #include "train.h"
+#include "vae.h"
 
 /* Parse a whole string as an integer in [min, max]; on failure print an error
  * naming `flag` to stderr and return -1. */
@@ -126,6 +127,9 @@ const char *cli_train_shown_path(const char *path);
 int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
                         cli_train_data *d, err *e);
 void cli_train_data_free(cli_train_data *d);
+/* --data for a network without labels (an AutoencoderKL): square images with `channels`
+ * channels, any size, from a .npy or a folder of PNGs (metadata.jsonl ignored). */
+int cli_train_images_load(const char *data, int channels, cli_train_data *d, err *e);
 /* --cond: a .npy [N, C, H, W] of conditioning images in [-1, 1], one per image of d, with the
  * model's cond_channels (for a regression model: its in_channels, the images it reads). */
 int cli_train_cond_load(const char *path, const model *m, int regression, cli_train_data *d,
@@ -170,11 +174,16 @@ int cli_train_log_open(cli_train_run *r, long keep, err *e);
 int cli_train_export(cli_train_run *r, err *e);
 
 int cmd_train(int argc, char **argv);
+/* `denoised train vae` (cmd_train_vae.c): trains an AutoencoderKL. */
+int cmd_train_vae(int argc, char **argv);
 /* `denoised finetune` (cmd_train.c): few-shot adaptation of a model folder, DomainStudio or
  * plain, with the authors' recipe as defaults. */
 int cmd_finetune(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_vae(int argc, char **argv);
+/* A safetensors file (F32) of every parameter of v under its diffusers name: data[i] for
+ * tensor i (gradients), or the weights themselves when data is NULL (cmd_vae.c). */
+int cli_vae_write(const char *path, const vae *v, float *const *data, err *e);
 int cmd_convert(int argc, char **argv);
 int cmd_classify(int argc, char **argv);
 int cmd_encode_text(int argc, char **argv);

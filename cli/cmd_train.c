@@ -20,6 +20,7 @@ static const char help[] =
     "usage: denoised train (--model-config UNET_CONFIG.json | --init MODEL_DIR)\n"
     "                      --data (X.npy [--labels L.npy] | IMAGE_FOLDER) --steps N --batch B\n"
     "                      [--cond C.npy [--regression]] [options] --out MODEL_DIR\n"
+    "       denoised train vae ...   (an AutoencoderKL: 'denoised train vae --help')\n"
     "\n"
     "Trains a UNet2DModel as diffusers' training examples do and writes a diffusers model\n"
     "folder (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json, README.md)\n"
@@ -507,6 +508,8 @@ static int execute(const char *cmd, cli_train_opts *o) {
 }
 
 int cmd_train(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "vae") == 0)
+    return cmd_train_vae(argc - 1, argv + 1);
   cli_train_opts o = {.lr = 1e-4,
                       .guide_weight = -1,
                       .lr_schedule = "cosine",

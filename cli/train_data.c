@@ -337,6 +337,31 @@ const char *cli_train_shown_path(const char *path) {
   return *p ? p : path;
 }
 
+int cli_train_images_load(const char *data, int channels, cli_train_data *d, err *e) {
+  memset(d, 0, sizeof *d);
+  const model_info mi = {.in_channels = channels}; /* any square size */
+  struct stat sb;
+  if (stat(data, &sb) != 0)
+    return err_set(e, ERR_IO, "--data %s: %s", data, strerror(errno));
+  int rc;
+  if (S_ISDIR(sb.st_mode)) {
+    char **names = NULL;
+    if ((rc = list_pngs(data, &names, &d->n, e)) == ERR_OK)
+      rc = load_pngs(data, names, &mi, d, e);
+    for (int64_t i = 0; names && i < d->n; i++)
+      free(names[i]);
+    free(names);
+    if (!rc)
+      snprintf(d->desc, sizeof d->desc, "%s: %lld PNG images %dx%dx%d", cli_train_shown_path(data),
+               (long long)d->n, d->c, d->h, d->w);
+  } else {
+    rc = load_npy(data, &mi, d, e);
+  }
+  if (rc)
+    cli_train_data_free(d);
+  return rc;
+}
+
 int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
                         cli_train_data *d, err *e) {
   memset(d, 0, sizeof *d);

@@ -100,6 +100,44 @@ START_TEST(tiled_decode_matches_diffusers) {
 }
 END_TEST
 
+/* diffusers' tiled_encode: tiles of tile*factor pixels overlapping by a quarter, the moments
+ * blended over a quarter latent tile (gen_vae_fixtures.py --tile). */
+START_TEST(tiled_encode_matches_diffusers) {
+  static const struct {
+    const char *fx;
+    int tile;
+  } cases[] = {{"two_level", 4}, {"three_level", 8}};
+  const char *fx = cases[_i].fx;
+  const int tile = cases[_i].tile;
+  vae *v = load(fx);
+  npy_array x, mean, std;
+  read_npy(fx, "input_tiled.npy", &x);
+  read_npy(fx, "mean_tiled.npy", &mean);
+  read_npy(fx, "std_tiled.npy", &std);
+  const int h = (int)x.shape[2], w = (int)x.shape[3];
+  float *m = malloc((size_t)mean.count * sizeof *m), *s = malloc((size_t)std.count * sizeof *s);
+  err e = {0};
+  int used = 0;
+  ck_assert_int_eq(vae_encode_tiling(v, h, w, tile, &used, &e), ERR_OK);
+  ck_assert_int_eq(used, tile);
+  ck_assert_msg(vae_encode_tiled(v, x.data, 1, h, w, tile, m, s, 2, &e) == ERR_OK, "%s", e.msg);
+  const double em = test_rel_l2(m, mean.data, (size_t)mean.count);
+  const double es = test_rel_l2(s, std.data, (size_t)std.count);
+  printf("tiled encode %s (%dx%d, tile %d): mean %.2e std %.2e\n", fx, h, w, tile, em, es);
+  ck_assert_msg(em < 1e-4 && es < 1e-4, "%s tiled encode: mean %g, std %g", fx, em, es);
+  /* whole, the result differs (the tiles do not see each other) */
+  ck_assert_int_eq(vae_encode_tiled(v, x.data, 1, h, w, VAE_TILE_OFF, m, s, 2, &e), ERR_OK);
+  ck_assert(test_rel_l2(m, mean.data, (size_t)mean.count) > 1e-3);
+  ck_assert_int_eq(vae_encode_tiling(v, h, w, 6, &used, &e), ERR_INVALID);
+  ck_assert_int_eq(vae_encode_tiling(v, h + 1, w, 4, &used, &e), ERR_INVALID);
+  free(m), free(s);
+  npy_array_free(&x);
+  npy_array_free(&mean);
+  npy_array_free(&std);
+  vae_free(v);
+}
+END_TEST
+
 START_TEST(samples_follow_the_seed) {
   const float mean[4] = {0, 1, 2, 3}, std[4] = {1, 1, 0.5f, 0};
   float a[4], b[4], c[4];
@@ -169,6 +207,7 @@ Suite *test_suite(void) {
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, parity_with_diffusers);
   tcase_add_test(tc, tiled_decode_matches_diffusers);
+  tcase_add_loop_test(tc, tiled_encode_matches_diffusers, 0, 2);
   tcase_add_test(tc, samples_follow_the_seed);
   tcase_add_test(tc, bad_input_is_refused);
   tcase_add_test(tc, cli_round_trip);

@@ -14,6 +14,9 @@ A fixture directory is a diffusers VAE folder plus reference tensors:
   latents_tiled.npy  float32 [1,latent,th,tw]    (only with --tile) a latent larger than a tile
   decoded_tiled.npy  float32 [1,out,th*f,tw*f]   vae.decode with enable_tiling(), the tile
                                                  being --tile latent pixels (sample_size = tile*f)
+  input_tiled.npy    float32 [1,in,th*f,tw*f]    (only with --tile) an image larger than a tile,
+  mean_tiled.npy, std_tiled.npy                  and vae.encode of it with enable_tiling()
+                                                 (tiled_encode: tiles of tile*f pixels)
   fixture.json                                   how it was made (seed, dtype, tile, command, ...)
 where f = 2^(levels-1).  References are computed with the model and inputs in float64.
 
@@ -132,13 +135,17 @@ def build(spec, args, torch, AutoencoderKL):
         die("bad AutoencoderKL config: %s" % e)
 
 
-def tiled_reference(model64, z, tile, factor, diffusers_env, torch):
-    """diffusers' tiled decode with a tile of `tile` latent pixels (tile * factor image pixels)."""
+def tiled_reference(model64, z, tile, factor, diffusers_env, torch, encode_x=None):
+    """diffusers' tiled decode with a tile of `tile` latent pixels (tile * factor image pixels);
+    with encode_x, its tiled encode (posterior mean and std) instead."""
     model64.enable_tiling()
     model64.tile_latent_min_size = tile
     model64.tile_sample_min_size = tile * factor
     try:
         with torch.no_grad(), diffusers_env.safe_baddbmm():
+            if encode_x is not None:
+                post = model64.encode(encode_x.double()).latent_dist
+                return post.mean, post.std
             return model64.decode(z.double()).sample
     finally:
         model64.disable_tiling()
@@ -247,6 +254,9 @@ def main(argv=None):
     x = torch.rand(batch, cin, h, w, generator=gen, dtype=torch.float32) * 2 - 1
     z = torch.randn(batch, lat, lh, lw, generator=gen, dtype=torch.float32)
     zt = torch.randn(1, lat, th, tw, generator=gen, dtype=torch.float32) if tile else None
+    # drawn after everything else, so the other arrays stay what they were before tiled encodes
+    xt = (torch.rand(1, cin, th * factor, tw * factor, generator=gen, dtype=torch.float32) * 2 - 1
+          if tile else None)
 
     model64 = diffusers_env.exact_f64(copy.deepcopy(model))
     mean, std, dec = reference(model64, x, z, diffusers_env, torch)
@@ -256,6 +266,10 @@ def main(argv=None):
         dect = tiled_reference(model64, zt, tile, factor, diffusers_env, torch)
         out["latents_tiled"] = zt.numpy()
         out["decoded_tiled"] = f32(dect, "tiled decode")
+        mt, st_ = tiled_reference(model64, None, tile, factor, diffusers_env, torch, encode_x=xt)
+        out["input_tiled"] = xt.numpy()
+        out["mean_tiled"] = f32(mt, "tiled encode mean")
+        out["std_tiled"] = f32(st_, "tiled encode std")
 
     os.makedirs(args.out, exist_ok=True)
     model.save_config(args.out)
@@ -271,7 +285,7 @@ def main(argv=None):
     store = legacy_names(model, sd) if legacy else sd
     st.save(os.path.join(args.out, "diffusion_pytorch_model.safetensors"), store, dtype=dtype,
             metadata={"format": "pt"})
-    for name in ("latents_tiled", "decoded_tiled"):
+    for name in ("latents_tiled", "decoded_tiled", "input_tiled", "mean_tiled", "std_tiled"):
         p = os.path.join(args.out, name + ".npy")
         if name not in out and os.path.exists(p):
             os.remove(p)

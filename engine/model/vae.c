@@ -13,39 +13,7 @@
 #include "ops.h"
 #include "rng.h"
 #include "safetensors.h"
-
-#define VAE_MAX_LEVELS 8
-#define VAE_MAX_LAYERS 8
-/* diffusers builds every VAE block with resnet_eps=1e-6, whatever the config says. */
-#define VAE_EPS 1e-6
-
-typedef struct vae_block {
-  int nlayers, has_sample;
-  resnet res[VAE_MAX_LAYERS];
-  /* encoder: a stride-2 conv after (0,1,0,1) zero padding; decoder: a conv after nearest 2x */
-  conv2d sample;
-} vae_block;
-
-/* Encoder or Decoder: conv_in, blocks (the decoder's mid block comes first), conv_norm_out,
- * SiLU, conv_out. */
-typedef struct coder {
-  int nlevels, encoder;
-  conv2d conv_in, conv_out;
-  vae_block blocks[VAE_MAX_LEVELS];
-  resnet mid_res[2];
-  attn_weights mid_attn;
-  int mid_has_attn;
-  group_norm norm_out;
-} coder;
-
-struct vae {
-  vae_info info;
-  coder enc, dec;
-  conv2d quant, post_quant;
-  int has_quant, has_post_quant;
-  blocks_params ps;
-  blocks_spares spares;
-};
+#include "vae_impl.h"
 
 /* ---------- config ---------- */
 
@@ -281,7 +249,7 @@ static void set_info(vae *v, const vae_config *c) {
                        .num_params = v->ps.count};
 }
 
-static int build(const json_t *cfg, const st_file *st, vae **out, err *e) {
+static int build(const json_t *cfg, const st_file *st, uint64_t seed, vae **out, err *e) {
   vae_config c;
   int rc = parse_config(cfg, &c, e);
   if (rc)
@@ -291,7 +259,7 @@ static int build(const json_t *cfg, const st_file *st, vae **out, err *e) {
     return err_set(e, ERR_NOMEM, "out of memory");
   blocks_spares_init(&v->spares);
   blocks_loader ld;
-  rc = blocks_loader_begin(&ld, &v->ps, st, 0, e);
+  rc = blocks_loader_begin(&ld, &v->ps, st, seed, e);
   if (!rc)
     rc = blocks_loader_end(&ld, load_weights(&ld, &c, v));
   if (rc) {
@@ -327,7 +295,7 @@ int vae_load(const char *dir, vae **out, err *e) {
   st_file *st = NULL;
   rc = blocks_open_weights(net_dir, "diffusion_pytorch_model.safetensors", &st, path, e);
   if (!rc) {
-    rc = build(cfg, st, out, e);
+    rc = build(cfg, st, 0, out, e);
     if (rc)
       err_prefix(e, "%s", path);
   }
@@ -339,7 +307,25 @@ int vae_load(const char *dir, vae **out, err *e) {
 int vae_load_from(const json_t *config, const st_file *weights, vae **out, err *e) {
   *out = NULL;
   ops_init();
-  return build(config, weights, out, e);
+  return build(config, weights, 0, out, e);
+}
+
+int vae_init(const json_t *config, uint64_t seed, vae **out, err *e) {
+  *out = NULL;
+  ops_init();
+  return build(config, NULL, seed, out, e);
+}
+
+int vae_param_count(const vae *v) {
+  return v->ps.nparams;
+}
+
+const model_param *vae_param_at(const vae *v, int i) {
+  return i >= 0 && i < v->ps.nparams ? &v->ps.params[i] : NULL;
+}
+
+int vae_repack(vae *v, err *e) {
+  return blocks_params_repack(&v->ps, e);
 }
 
 void vae_free(vae *v) {
@@ -446,7 +432,7 @@ static int decode_whole(blocks_run *f, const vae *v, const float *z, int h, int 
   return coder_forward(f, &v->dec, zin, h, w, out, &oh, &ow);
 }
 
-static int check_size(int n, int h, int w, int multiple, const char *what, err *e) {
+int vae_check_size(int n, int h, int w, int multiple, const char *what, err *e) {
   if (n < 1 || h < 1 || w < 1 || h > 65536 || w > 65536)
     return err_set(e, ERR_INVALID, "bad %s shape: batch %d, %dx%d", what, n, h, w);
   if (h % multiple || w % multiple)
@@ -456,11 +442,15 @@ static int check_size(int n, int h, int w, int multiple, const char *what, err *
   return ERR_OK;
 }
 
-int vae_encode(const vae *v, const float *x, int n, int h, int w, float *mean, float *std,
-               int threads, err *e) {
+/* Forward declaration: the tiles live below with the decoder's. */
+static int encode_image(blocks_run *f, const vae *v, const float *x, int h, int w, int tile,
+                        float *mom, err *e);
+
+int vae_encode_tiled(const vae *v, const float *x, int n, int h, int w, int tile, float *mean,
+                     float *std, int threads, err *e) {
   const int lat = v->info.latent_channels, f = v->info.factor;
-  int rc = check_size(n, h, w, f, "image", e);
-  if (rc)
+  int used = 0, rc = vae_check_size(n, h, w, f, "image", e);
+  if (rc || (rc = vae_encode_tiling(v, h, w, tile, &used, e)))
     return rc;
   const size_t in_per = (size_t)v->info.in_channels * h * w, hw = (size_t)(h / f) * (w / f);
   if (!ops_all_finite(x, in_per * n))
@@ -468,19 +458,19 @@ int vae_encode(const vae *v, const float *x, int n, int h, int w, float *mean, f
   workspace ws;
   if ((rc = blocks_workspace_take(&((vae *)v)->spares, threads, &ws, e)))
     return rc;
-  /* one image at a time: the working memory is one image's whatever the batch */
+  /* one image at a time: the working memory is one image's (or tile's) whatever the batch */
   for (int i = 0; i < n && !rc; i++) {
     blocks_run run = {.a = ws.a, .p = ws.p, .n = 1};
     arena_mark m = arena_get_mark(ws.a);
     float *mom = arena_floats(ws.a, 2 * lat * hw);
-    if (!mom || encode_moments(&run, v, x + in_per * i, h, w, mom)) {
+    if (!mom)
       rc = err_set(e, ERR_NOMEM, "out of memory encoding a %dx%d image", h, w);
-      break;
-    }
+    else
+      rc = encode_image(&run, v, x + in_per * i, h, w, used, mom, e);
     const size_t lo = (size_t)i * lat * hw;
-    if (mean)
+    if (!rc && mean)
       memcpy(mean + lo, mom, sizeof(float) * lat * hw);
-    for (size_t k = 0; std && k < lat * hw; k++) {
+    for (size_t k = 0; !rc && std && k < lat * hw; k++) {
       const float lv = mom[lat * hw + k];
       std[lo + k] = expf(0.5f * (lv < -30.0f ? -30.0f : lv > 20.0f ? 20.0f : lv));
     }
@@ -488,6 +478,11 @@ int vae_encode(const vae *v, const float *x, int n, int h, int w, float *mean, f
   }
   blocks_workspace_give(&((vae *)v)->spares, &ws);
   return rc;
+}
+
+int vae_encode(const vae *v, const float *x, int n, int h, int w, float *mean, float *std,
+               int threads, err *e) {
+  return vae_encode_tiled(v, x, n, h, w, VAE_TILE_AUTO, mean, std, threads, e);
 }
 
 void vae_sample(const float *mean, const float *std, int n, size_t per_image, uint64_t seed,
@@ -505,32 +500,46 @@ void vae_sample(const float *mean, const float *std, int n, size_t per_image, ui
 
 /* ---------- tiles ---------- */
 
-/* The working memory of a whole decode of one h x w latent: a dry pass's arena. 0 when even
- * that cannot be reserved. */
-static size_t whole_decode_bytes(const vae *v, int h, int w) {
+/* The working memory of a whole pass over one image of an h x w latent (encoder: its
+ * factor*h x factor*w image): a dry pass's arena. 0 when even that cannot be reserved. */
+static size_t whole_bytes(const vae *v, int encoder, int h, int w) {
   arena *a = arena_new((size_t)64 << 20);
   if (!a)
     return 0;
   blocks_run run = {.a = a, .n = 1, .dry = 1};
-  float *out = blocks_act(&run, v->info.out_channels, h * v->info.factor, w * v->info.factor);
-  const size_t bytes = out && !decode_whole(&run, v, NULL, h, w, NULL) ? arena_capacity(a) : 0;
+  const int f = v->info.factor;
+  float *out = encoder ? blocks_act(&run, 2 * v->info.latent_channels, h, w)
+                       : blocks_act(&run, v->info.out_channels, h * f, w * f);
+  const int rc = !out      ? -1
+                 : encoder ? encode_moments(&run, v, NULL, h * f, w * f, NULL)
+                           : decode_whole(&run, v, NULL, h, w, NULL);
+  const size_t bytes = rc == 0 ? arena_capacity(a) : 0;
   arena_free(a);
   return bytes;
 }
 
-int vae_decode_tiling(const vae *v, int h, int w, int tile, int *used, err *e) {
-  int rc = check_size(1, h, w, 1, "latent", e);
-  if (rc)
-    return rc;
+/* The tile (latent pixels, 0: whole) a pass over an h x w latent uses for `tile`. */
+static int choose_tiling(const vae *v, int encoder, int h, int w, int tile, int *used, err *e) {
   if (tile != VAE_TILE_AUTO && tile != VAE_TILE_OFF && (tile < 4 || tile % 4 || tile > 4096))
     return err_set(e, ERR_INVALID, "tile size %d is not a positive multiple of 4 up to 4096", tile);
   if (tile == VAE_TILE_AUTO) {
-    const size_t bytes = whole_decode_bytes(v, h, w);
+    const size_t bytes = whole_bytes(v, encoder, h, w);
     tile = bytes && bytes <= VAE_AUTO_TILE_BYTES ? VAE_TILE_OFF : v->info.tile;
   }
-  /* a latent within one tile is decoded whole, as diffusers does */
+  /* an image within one tile is run whole, as diffusers does */
   *used = tile == VAE_TILE_OFF || (h <= tile && w <= tile) ? 0 : tile;
   return ERR_OK;
+}
+
+int vae_decode_tiling(const vae *v, int h, int w, int tile, int *used, err *e) {
+  int rc = vae_check_size(1, h, w, 1, "latent", e);
+  return rc ? rc : choose_tiling(v, 0, h, w, tile, used, e);
+}
+
+int vae_encode_tiling(const vae *v, int h, int w, int tile, int *used, err *e) {
+  const int f = v->info.factor;
+  int rc = vae_check_size(1, h, w, f, "image", e);
+  return rc ? rc : choose_tiling(v, 1, h / f, w / f, tile, used, e);
 }
 
 /* One tile being blended: its decoded pixels [cout][th][tw]. */
@@ -567,52 +576,88 @@ static void blend_h(const tile_img *a, tile_img *b, int c, int extent) {
     }
 }
 
-/* Decodes the latent tile at (i, j), at most tile x tile, of image z (lat x h x w) into t. */
-static int decode_tile(blocks_run *f, const vae *v, const float *z, int h, int w, int i, int j,
-                       int tile, tile_img *t) {
-  const int lat = v->info.latent_channels, fct = v->info.factor;
-  const int lh = h - i < tile ? h - i : tile, lw = w - j < tile ? w - j : tile;
+/* One direction in tiles, as diffusers' tiled_encode and tiled_decode cut them: input tiles of
+ * in_tile pixels every `step`, each giving an output tile mul/div times its size; neighbours
+ * blended over `extent` output pixels and each tile cut at `limit`. */
+typedef struct tiling {
+  int encoder;       /* image tiles to moments, else latent tiles to images */
+  int cin, cout;     /* channels */
+  int in_tile, step; /* input pixels */
+  int mul, div;      /* output size = input size * mul / div */
+  int extent, limit; /* output pixels */
+} tiling;
+
+/* The tiling of a tile of `tile` latent pixels: tile_latent_min_size = tile and
+ * tile_sample_min_size = tile * factor, overlap factor 1/4. */
+static tiling tiling_of(const vae *v, int encoder, int tile) {
+  const int f = v->info.factor, lat = v->info.latent_channels;
+  if (encoder)
+    return (tiling){.encoder = 1,
+                    .cin = v->info.in_channels,
+                    .cout = 2 * lat,
+                    .in_tile = tile * f,
+                    .step = tile * f - tile * f / 4,
+                    .mul = 1,
+                    .div = f,
+                    .extent = tile / 4,
+                    .limit = tile - tile / 4};
+  return (tiling){.cin = lat,
+                  .cout = v->info.out_channels,
+                  .in_tile = tile,
+                  .step = tile - tile / 4,
+                  .mul = f,
+                  .div = 1,
+                  .extent = tile * f / 4,
+                  .limit = tile * f - tile * f / 4};
+}
+
+/* Runs the input tile at (i, j), at most in_tile square, of one image x (cin x h x w) into t. */
+static int run_tile(blocks_run *f, const vae *v, const tiling *tl, const float *x, int h, int w,
+                    int i, int j, tile_img *t) {
+  const int lh = h - i < tl->in_tile ? h - i : tl->in_tile;
+  const int lw = w - j < tl->in_tile ? w - j : tl->in_tile;
   arena_mark m = arena_get_mark(f->a);
-  float *zt = arena_floats(f->a, (size_t)lat * lh * lw);
-  if (!zt)
+  float *xt = arena_floats(f->a, (size_t)tl->cin * lh * lw);
+  if (!xt)
     return -1;
-  for (int c = 0; c < lat; c++)
+  for (int c = 0; c < tl->cin; c++)
     for (int y = 0; y < lh; y++)
-      memcpy(zt + ((size_t)c * lh + y) * lw, z + ((size_t)c * h + i + y) * w + j,
+      memcpy(xt + ((size_t)c * lh + y) * lw, x + ((size_t)c * h + i + y) * w + j,
              sizeof(float) * (size_t)lw);
-  t->th = lh * fct;
-  t->tw = lw * fct;
-  const int rc = decode_whole(f, v, zt, lh, lw, t->px);
+  t->th = lh * tl->mul / tl->div;
+  t->tw = lw * tl->mul / tl->div;
+  const int rc =
+      tl->encoder ? encode_moments(f, v, xt, lh, lw, t->px) : decode_whole(f, v, xt, lh, lw, t->px);
   arena_release(f->a, m);
   return rc;
 }
 
 /* One image in tiles, a row of tiles at a time: the row above is kept for blending, so the
- * memory is two rows of decoded tiles besides the output. */
-static int decode_tiled(blocks_run *f, const vae *v, const float *z, int h, int w, int tile,
-                        float *out, err *e) {
-  const int fct = v->info.factor, c = v->info.out_channels;
-  const int step = tile - tile / 4, extent = tile * fct / 4, limit = tile * fct - extent;
-  const int ncols = (w + step - 1) / step, W = w * fct, H = h * fct;
-  const size_t tile_px = (size_t)c * tile * fct * tile * fct;
+ * memory is two rows of output tiles besides the output. */
+static int run_tiled(blocks_run *f, const vae *v, const tiling *tl, const float *x, int h, int w,
+                     float *out, err *e) {
+  const int c = tl->cout, ncols = (w + tl->step - 1) / tl->step;
+  const int W = w * tl->mul / tl->div, H = h * tl->mul / tl->div;
+  const int out_tile = tl->in_tile * tl->mul / tl->div;
+  const size_t tile_px = (size_t)c * out_tile * out_tile;
   tile_img *rows = calloc((size_t)2 * ncols, sizeof *rows);
   float *store = rows ? mem_aligned(64, sizeof(float) * tile_px * 2 * (size_t)ncols) : NULL;
-  int rc = rows && store ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for decoding tiles");
-  for (int r = 0, i = 0; !rc && i < h; i += step, r++) {
+  int rc = rows && store ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for tiles");
+  for (int r = 0, i = 0; !rc && i < h; i += tl->step, r++) {
     tile_img *cur = rows + (size_t)(r % 2) * ncols, *above = rows + (size_t)((r + 1) % 2) * ncols;
-    for (int k = 0, j = 0; !rc && j < w; j += step, k++) {
+    for (int k = 0, j = 0; !rc && j < w; j += tl->step, k++) {
       cur[k].px = store + tile_px * ((size_t)(r % 2) * ncols + k);
-      if (decode_tile(f, v, z, h, w, i, j, tile, &cur[k]))
-        rc = err_set(e, ERR_NOMEM, "out of memory decoding a %dx%d tile", tile, tile);
+      if (run_tile(f, v, tl, x, h, w, i, j, &cur[k]))
+        rc = err_set(e, ERR_NOMEM, "out of memory for a tile of %d pixels", tl->in_tile);
     }
-    for (int k = 0, j = 0; !rc && j < w; j += step, k++) {
+    for (int k = 0, j = 0; !rc && j < w; j += tl->step, k++) {
       if (r > 0)
-        blend_v(&above[k], &cur[k], c, extent);
+        blend_v(&above[k], &cur[k], c, tl->extent);
       if (k > 0)
-        blend_h(&cur[k - 1], &cur[k], c, extent);
-      const int y0 = i * fct, x0 = j * fct;
-      const int rh = cur[k].th < limit ? cur[k].th : limit,
-                cw = cur[k].tw < limit ? cur[k].tw : limit;
+        blend_h(&cur[k - 1], &cur[k], c, tl->extent);
+      const int y0 = i * tl->mul / tl->div, x0 = j * tl->mul / tl->div;
+      const int rh = cur[k].th < tl->limit ? cur[k].th : tl->limit,
+                cw = cur[k].tw < tl->limit ? cur[k].tw : tl->limit;
       for (int ch = 0; ch < c; ch++)
         for (int y = 0; y < rh && y0 + y < H; y++)
           memcpy(out + ((size_t)ch * H + y0 + y) * W + x0,
@@ -625,9 +670,20 @@ static int decode_tiled(blocks_run *f, const vae *v, const float *z, int h, int 
   return rc;
 }
 
+static int encode_image(blocks_run *f, const vae *v, const float *x, int h, int w, int tile,
+                        float *mom, err *e) {
+  if (tile) {
+    const tiling tl = tiling_of(v, 1, tile);
+    return run_tiled(f, v, &tl, x, h, w, mom, e);
+  }
+  if (encode_moments(f, v, x, h, w, mom))
+    return err_set(e, ERR_NOMEM, "out of memory encoding a %dx%d image (try tiles: --tile)", h, w);
+  return ERR_OK;
+}
+
 int vae_decode(const vae *v, const float *z, int n, int h, int w, int tile, float *out, int threads,
                err *e) {
-  int used, rc = check_size(n, h, w, 1, "latent", e);
+  int used = 0, rc = vae_check_size(n, h, w, 1, "latent", e);
   if (rc || (rc = vae_decode_tiling(v, h, w, tile, &used, e)))
     return rc;
   const size_t z_per = (size_t)v->info.latent_channels * h * w;
@@ -639,8 +695,9 @@ int vae_decode(const vae *v, const float *z, int n, int h, int w, int tile, floa
     return rc;
   for (int i = 0; i < n && !rc; i++) {
     blocks_run run = {.a = ws.a, .p = ws.p, .n = 1};
+    const tiling tl = tiling_of(v, 0, used);
     if (used)
-      rc = decode_tiled(&run, v, z + z_per * i, h, w, used, out + out_per * i, e);
+      rc = run_tiled(&run, v, &tl, z + z_per * i, h, w, out + out_per * i, e);
     else if (decode_whole(&run, v, z + z_per * i, h, w, out + out_per * i))
       rc = err_set(e, ERR_NOMEM, "out of memory decoding a %dx%d latent (try tiles: --tile)", h, w);
     arena_reset(ws.a);

@@ -124,3 +124,26 @@ double ema_update(const ema_config *c, long optimization_step, int ntensors, con
       shadow[i][k] -= one_minus * (shadow[i][k] - params[i][k]);
   return d;
 }
+
+double optim_clip_grad_norm(int ntensors, const size_t *counts, float *const *grads,
+                            double max_norm) {
+  double sum = 0;
+  for (int i = 0; i < ntensors; i++) {
+    const float *g = grads[i];
+    double s = 0;
+    for (size_t k = 0; k < counts[i]; k++)
+      s += (double)g[k] * g[k];
+    sum += s;
+  }
+  const double norm = sqrt(sum);
+  if (max_norm > 0) {
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) {
+      const float f = (float)coef;
+      for (int i = 0; i < ntensors; i++)
+        for (size_t k = 0; k < counts[i]; k++)
+          grads[i][k] *= f;
+    }
+  }
+  return norm;
+}

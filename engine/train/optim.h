@@ -32,6 +32,12 @@ long adamw_steps(const adamw *o);
 float *adamw_moment(adamw *o, int which, int i);
 void adamw_set_steps(adamw *o, long steps);
 
+/* The gradient's global L2 norm (in double, tensor by tensor in order, so the same on any
+ * thread count), then torch.nn.utils.clip_grad_norm_'s scaling by max_norm / (norm + 1e-6)
+ * when that is below 1 (max_norm 0: no clipping). Returns the norm before clipping. */
+double optim_clip_grad_norm(int ntensors, const size_t *counts, float *const *grads,
+                            double max_norm);
+
 typedef struct ema_config {
   double decay;           /* upper bound of the decay (diffusers' default 0.9999) */
   double min_decay;       /* lower bound (0) */

@@ -326,30 +326,9 @@ static int loss_grad(const float *out, float *grad, void *user, err *e) {
   return ERR_OK;
 }
 
-/* Global L2 norm of the gradient (in double, tensor by tensor in order, so the same on any
- * thread count), then clip_grad_norm_'s scaling by max_norm / (norm + 1e-6) when below 1. */
+/* The global norm, then clip_grad_norm_'s scaling (optim.h); the buffers are the model's. */
 static double clip_grads(trainer *t) {
-  double sum = 0;
-  for (int i = 0; i < t->np; i++) {
-    const float *g = t->gp[i];
-    double s = 0;
-    for (size_t k = 0; k < t->counts[i]; k++)
-      s += (double)g[k] * g[k];
-    sum += s;
-  }
-  const double norm = sqrt(sum);
-  if (t->c.clip_norm > 0) {
-    const double coef = t->c.clip_norm / (norm + 1e-6);
-    if (coef < 1.0) {
-      const float f = (float)coef;
-      for (int i = 0; i < t->np; i++) {
-        float *g = model_grads_at(t->grads, i);
-        for (size_t k = 0; k < t->counts[i]; k++)
-          g[k] *= f;
-      }
-    }
-  }
-  return norm;
+  return optim_clip_grad_norm(t->np, t->counts, (float *const *)t->gp, t->c.clip_norm);
 }
 
 /* x_t, the target and the weight of every image (DDPMScheduler.add_noise and get_velocity in
