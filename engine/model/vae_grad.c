@@ -92,11 +92,11 @@ static int backward(const vae *v, int encoder, const float *in, int n, int h, in
   const size_t per = (size_t)out.c * out.h * out.w;
   const size_t ocount = (size_t)n * per, half = per / 2;
   /* the encoder's log-variance is clamped as diffusers' posterior does */
-  float *y = out.v;
-  if (encoder && (y = clamped = mem_aligned(64, ocount * sizeof(float))) == NULL) {
+  if (encoder && (clamped = mem_aligned(64, ocount * sizeof(float))) == NULL) {
     rc = err_set(e, ERR_NOMEM, "out of memory for the VAE's moments");
     goto done;
   }
+  float *y = encoder ? clamped : out.v;
   for (size_t i = 0; encoder && i < ocount; i++) {
     const float lv = out.v[i];
     y[i] = i % per < half ? lv : lv < LOGVAR_MIN ? LOGVAR_MIN : lv > LOGVAR_MAX ? LOGVAR_MAX : lv;

@@ -69,6 +69,17 @@ double train_lr_at(train_lr_kind k, double lr, long warmup, long total, long ste
   return lr * (f > 0 ? f : 0);
 }
 
+int train_check_schedule(double clip_norm, train_lr_kind k, double lr, long warmup, long total,
+                         err *e) {
+  if (!(clip_norm >= 0) || !isfinite(clip_norm))
+    return err_set(e, ERR_INVALID, "gradient clipping norm must be >= 0 (0: off)");
+  if ((unsigned)k > TRAIN_LR_COSINE)
+    return err_set(e, ERR_INVALID, "unknown learning-rate schedule");
+  if (!(lr >= 0) || !isfinite(lr) || warmup < 0 || total < 1)
+    return err_set(e, ERR_INVALID, "learning rate, warm-up and steps must be >= 0, >= 0, >= 1");
+  return ERR_OK;
+}
+
 void trainer_free(trainer *t) {
   if (!t)
     return;
@@ -106,12 +117,9 @@ static int check_config(const model_info *mi, const train_config *c, err *e) {
   if (c->null_dropout > 0 &&
       (mi->num_classes == 0 || c->null_class < 0 || c->null_class >= mi->num_classes))
     return err_set(e, ERR_INVALID, "null-class dropout needs a class-conditional model");
-  if (!(c->clip_norm >= 0) || !isfinite(c->clip_norm))
-    return err_set(e, ERR_INVALID, "gradient clipping norm must be >= 0 (0: off)");
-  if ((unsigned)c->lr_kind > TRAIN_LR_COSINE)
-    return err_set(e, ERR_INVALID, "unknown learning-rate schedule");
-  if (!(c->lr >= 0) || !isfinite(c->lr) || c->warmup < 0 || c->total_steps < 1)
-    return err_set(e, ERR_INVALID, "learning rate, warm-up and steps must be >= 0, >= 0, >= 1");
+  int rc = train_check_schedule(c->clip_norm, c->lr_kind, c->lr, c->warmup, c->total_steps, e);
+  if (rc)
+    return rc;
   if (c->use_ema && !(c->ema.decay >= 0 && c->ema.decay <= 1))
     return err_set(e, ERR_INVALID, "EMA decay must be in [0, 1]");
   if (!(c->guide_weight >= 0) || !isfinite(c->guide_weight))

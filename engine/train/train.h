@@ -32,6 +32,11 @@ const char *train_lr_kind_name(train_lr_kind k);
  * the first step's rate is 0, as in diffusers. */
 double train_lr_at(train_lr_kind k, double lr, long warmup, long total, long step);
 
+/* ERR_INVALID naming the bad one of the settings every trainer shares: a clipping norm >= 0,
+ * a known schedule, lr >= 0, warm-up >= 0, total steps >= 1. */
+int train_check_schedule(double clip_norm, train_lr_kind k, double lr, long warmup, long total,
+                         err *e);
+
 typedef struct train_config {
   sched_prediction prediction; /* epsilon, sample or v_prediction */
   double min_snr_gamma;        /* 0: off */

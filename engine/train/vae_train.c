@@ -41,15 +41,9 @@ static int check_config(const vae_train_config *c, err *e) {
     return err_set(e, ERR_INVALID, "unknown reconstruction loss");
   if (!(c->kl_weight >= 0) || !isfinite(c->kl_weight))
     return err_set(e, ERR_INVALID, "the KL weight must be >= 0");
-  if (!(c->clip_norm >= 0) || !isfinite(c->clip_norm))
-    return err_set(e, ERR_INVALID, "gradient clipping norm must be >= 0 (0: off)");
-  if ((unsigned)c->lr_kind > TRAIN_LR_COSINE)
-    return err_set(e, ERR_INVALID, "unknown learning-rate schedule");
-  if (!(c->lr >= 0) || !isfinite(c->lr) || c->warmup < 0 || c->total_steps < 1)
-    return err_set(e, ERR_INVALID, "learning rate, warm-up and steps must be >= 0, >= 0, >= 1");
   if (c->threads < 1)
     return err_set(e, ERR_INVALID, "threads must be >= 1");
-  return ERR_OK;
+  return train_check_schedule(c->clip_norm, c->lr_kind, c->lr, c->warmup, c->total_steps, e);
 }
 
 int vae_trainer_new(vae *v, const vae_train_config *c, vae_trainer **out, err *e) {
@@ -94,7 +88,7 @@ typedef struct step_ctx {
   vae_trainer *t;
   const float *x;
   int n, h, w, lh, lw;
-  float *z, *noise, *dz, *rec_out;
+  float *z, *noise, *dz;
   double rec_sum, kl_sum;
 } step_ctx;
 

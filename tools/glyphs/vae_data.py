@@ -5,7 +5,7 @@
         --out X.npy
 
 Draws --n images (without replacement, from the seed) of DATA/train.npz whose (character, fg,
-bg) triple is not held out by tools/glyphs/captions.py (DATA/train_keep.npy when it exists, so
+bg) triple is not held out by tools/glyphs/captions.py (--keep, default DATA/train_keep.npy, when it exists, so
 the VAE never sees the combinations prompt-following is measured on) and writes them as float32
 [N, 3, 32, 32] in [-1, 1] (x / 127.5 - 1, the classifier's and the UNet trainer's scaling).
 """
@@ -20,11 +20,12 @@ def main():
     ap.add_argument("--data", default="/work/glyphs-data")
     ap.add_argument("--n", type=int, default=60000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", help="captions.py's train_keep.npy (default DATA/train_keep.npy)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     d = np.load(os.path.join(args.data, "train.npz"))
     images = d["images"]
-    keep_path = os.path.join(args.data, "train_keep.npy")
+    keep_path = args.keep or os.path.join(args.data, "train_keep.npy")
     pool = np.arange(len(images))
     if os.path.exists(keep_path):
         keep = np.load(keep_path)
