@@ -16,9 +16,9 @@
 static int t_mid(tape *T, const coder *k, tape_act *cur) {
   tape_act a, b;
   int rc;
-  if ((rc = tape_resnet(T, &k->mid_res[0], cur, &a)) ||
+  if ((rc = tape_resnet(T, &k->mid_res[0], cur, NULL, &a)) ||
       (k->mid_has_attn && (rc = tape_attn(T, &k->mid_attn, &a, &a))) ||
-      (rc = tape_resnet(T, &k->mid_res[1], &a, &b)))
+      (rc = tape_resnet(T, &k->mid_res[1], &a, NULL, &b)))
     return rc;
   *cur = b;
   return ERR_OK;
@@ -30,7 +30,7 @@ static int t_block(tape *T, const coder *k, const vae_block *b, tape_act *cur) {
   int rc;
   for (int l = 0; l < b->nlayers; l++) {
     tape_act nx;
-    if ((rc = tape_resnet(T, &b->res[l], cur, &nx)))
+    if ((rc = tape_resnet(T, &b->res[l], cur, NULL, &nx)))
       return rc;
     *cur = nx;
   }
