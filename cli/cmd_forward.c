@@ -18,7 +18,8 @@ static const char help[] =
     "                        [--out OUT.npy] [--threads N]\n"
     "                        [--precision fp32|bf16]\n"
     "                        [--grad-output G.npy [--grad-input GX.npy]\n"
-    "                         [--grad-params GP.safetensors]]\n"
+    "                         [--grad-params GP.safetensors]\n"
+    "                         [--grad-encoder-hidden-states GE.npy]]\n"
     "\n"
     "Runs one network evaluation and writes the raw model output.\n"
     "  --model DIR          diffusers model folder (flat or pipeline layout)\n"
@@ -35,35 +36,40 @@ static const char help[] =
     "  --grad-output G.npy  G, shaped like the output: gradients of sum(G * output)\n"
     "  --grad-input GX.npy  d/d input, [N, C, H, W] float32\n"
     "  --grad-params GP.safetensors  d/d every parameter, under diffusers' names (F32)\n"
-    "At least one of --out, --grad-input, --grad-params; only what is asked is written.\n";
+    "  --grad-encoder-hidden-states GE.npy  d/d the encoder hidden states, shaped as E.npy\n"
+    "                       (summed over the images when E.npy holds one sequence for all)\n"
+    "At least one of --out, --grad-input, --grad-params, --grad-encoder-hidden-states; only\n"
+    "what is asked is written.\n";
 
 typedef struct forward_args {
   const char *model_dir, *in_path, *t_path, *l_path, *e_path, *out_path;
-  const char *g_path, *gx_path, *gp_path;
+  const char *g_path, *gx_path, *gp_path, *ge_path;
   long long threads;
   model_precision precision;
 } forward_args;
 
-static const struct option forward_opts[] = {{"model", required_argument, 0, 'm'},
-                                             {"input", required_argument, 0, 'i'},
-                                             {"timesteps", required_argument, 0, 't'},
-                                             {"class-labels", required_argument, 0, 'l'},
-                                             {"encoder-hidden-states", required_argument, 0, 'E'},
-                                             {"out", required_argument, 0, 'o'},
-                                             {"threads", required_argument, 0, 'j'},
-                                             {"grad-output", required_argument, 0, 'G'},
-                                             {"grad-input", required_argument, 0, 'X'},
-                                             {"grad-params", required_argument, 0, 'P'},
-                                             {"precision", required_argument, 0, 'p'},
-                                             {"help", no_argument, 0, 'h'},
-                                             {0, 0, 0, 0}};
+static const struct option forward_opts[] = {
+    {"model", required_argument, 0, 'm'},
+    {"input", required_argument, 0, 'i'},
+    {"timesteps", required_argument, 0, 't'},
+    {"class-labels", required_argument, 0, 'l'},
+    {"encoder-hidden-states", required_argument, 0, 'E'},
+    {"out", required_argument, 0, 'o'},
+    {"threads", required_argument, 0, 'j'},
+    {"grad-output", required_argument, 0, 'G'},
+    {"grad-input", required_argument, 0, 'X'},
+    {"grad-params", required_argument, 0, 'P'},
+    {"grad-encoder-hidden-states", required_argument, 0, 'H'},
+    {"precision", required_argument, 0, 'p'},
+    {"help", no_argument, 0, 'h'},
+    {0, 0, 0, 0}};
 
 /* Returns -1 to go on, else the exit status (0 after --help). */
 static int parse_args(int argc, char **argv, forward_args *a) {
   const char *cmd = "forward";
   optind = 1;
   int c;
-  while ((c = getopt_long(argc, argv, "m:i:t:l:E:o:j:hG:X:P:p:", forward_opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "m:i:t:l:E:o:j:hG:X:P:H:p:", forward_opts, NULL)) != -1) {
     switch (c) {
     case 'm': a->model_dir = optarg; break;
     case 'i': a->in_path = optarg; break;
@@ -74,6 +80,7 @@ static int parse_args(int argc, char **argv, forward_args *a) {
     case 'G': a->g_path = optarg; break;
     case 'X': a->gx_path = optarg; break;
     case 'P': a->gp_path = optarg; break;
+    case 'H': a->ge_path = optarg; break;
     case 'j':
       if (cli_parse_int("--threads", optarg, 1, 256, &a->threads))
         return 2;
@@ -90,10 +97,14 @@ static int parse_args(int argc, char **argv, forward_args *a) {
     return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
   if (!a->model_dir || !a->in_path || !a->t_path)
     return cli_usage_error(cmd, "--model, --input and --timesteps are required");
-  if ((a->gx_path || a->gp_path) && !a->g_path)
-    return cli_usage_error(cmd, "--grad-input and --grad-params need --grad-output");
-  if (!a->out_path && !a->gx_path && !a->gp_path)
-    return cli_usage_error(cmd, "nothing to write: give --out, --grad-input or --grad-params");
+  if ((a->gx_path || a->gp_path || a->ge_path) && !a->g_path)
+    return cli_usage_error(cmd, "--grad-input, --grad-params and --grad-encoder-hidden-states "
+                                "need --grad-output");
+  if (a->ge_path && !a->e_path)
+    return cli_usage_error(cmd, "--grad-encoder-hidden-states needs --encoder-hidden-states");
+  if (!a->out_path && !a->gx_path && !a->gp_path && !a->ge_path)
+    return cli_usage_error(cmd, "nothing to write: give --out, --grad-input, --grad-params or "
+                                "--grad-encoder-hidden-states");
   return -1;
 }
 
@@ -204,7 +215,19 @@ static int eval_and_write(const forward_args *a, model *m, const forward_inputs 
   return status;
 }
 
-/* Forward and backward, then whatever of OUT, GX and GP was asked; 0, or 1 with the error. */
+/* GE.npy shaped as E.npy: the per-image gradients ge [n][S][D], summed over the images when
+ * one sequence stood for all of them. */
+static int write_grad_ehs(const char *path, const forward_inputs *in, float *ge, err *e) {
+  const npy_array *a = &in->ehs;
+  const size_t per = (size_t)in->seq * a->shape[2];
+  for (int i = 1; a->shape[0] == 1 && i < in->n; i++)
+    for (size_t k = 0; k < per; k++)
+      ge[k] += ge[per * i + k];
+  return npy_write_f32(path, ge, 3, a->shape, e);
+}
+
+/* Forward and backward, then whatever of OUT, GX, GP and GE was asked; 0, or 1 with the
+ * error. */
 static int grad_and_write(const forward_args *a, model *m, const forward_inputs *in) {
   const model_info *mi = model_get_info(m);
   err e = {0};
@@ -222,21 +245,25 @@ static int grad_and_write(const forward_args *a, model *m, const forward_inputs 
   model_grad_call gc = {.grad_out = g.data};
   float *out = a->out_path ? malloc(sizeof(float) * nout) : NULL;
   float *gx = a->gx_path ? malloc(sizeof(float) * (size_t)in->x.count) : NULL;
-  int rc = (a->out_path && !out) || (a->gx_path && !gx) || !in->tv
+  float *ge = a->ge_path ? malloc(sizeof(float) * in->n * in->seq * mi->cross_attention_dim) : NULL;
+  int rc = (a->out_path && !out) || (a->gx_path && !gx) || (a->ge_path && !ge) || !in->tv
                ? err_set(&e, ERR_NOMEM, "out of memory")
                : ERR_OK;
   if (!rc && a->gp_path)
     rc = model_grads_new(m, &gc.params, &e);
   gc.out = out;
   gc.grad_x = gx;
+  gc.grad_encoder_hidden_states = ge;
   const model_call c = inputs_call(a, in);
   (void)(rc || (rc = model_backward(m, &c, &gc, &e)) ||
          (out && (rc = npy_write_f32(a->out_path, out, 4, oshape, &e))) ||
          (gx && (rc = npy_write_f32(a->gx_path, gx, 4, xshape, &e))) ||
-         (gc.params && (rc = cli_write_param_grads(a->gp_path, m, gc.params, &e))));
+         (gc.params && (rc = cli_write_param_grads(a->gp_path, m, gc.params, &e))) ||
+         (ge && (rc = write_grad_ehs(a->ge_path, in, ge, &e))));
   model_grads_free(gc.params);
   free(out);
   free(gx);
+  free(ge);
   npy_array_free(&g);
   return rc ? cli_fail("forward", "%s", e.msg) : 0;
 }

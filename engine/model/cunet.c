@@ -2,7 +2,7 @@
  * and its refusals, weight loading under diffusers' names, and the forward pass with encoder
  * hidden states. The forward can also run dry (no arithmetic) to count FLOPs and find shapes
  * along exactly the same path. */
-#include "cunet.h"
+#include "cunet_impl.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -12,32 +12,6 @@
 #include "mem.h"
 #include "ops.h"
 #include "transformer.h"
-
-#define CUNET_MAX_LEVELS 8
-#define CUNET_MAX_LAYERS 8
-#define CUNET_MAX_SEQ 4096
-
-typedef struct cblock {
-  int nlayers, has_xattn, has_sample;
-  resnet res[CUNET_MAX_LAYERS];
-  transformer2d tf[CUNET_MAX_LAYERS];
-  conv2d sample_conv;
-} cblock;
-
-struct cunet {
-  cunet_shape shape;
-  int nlevels, ch0, center_input, flip_sin_to_cos, has_mid;
-  float freq_shift;
-  conv2d conv_in, conv_out;
-  linear temb1, temb2;
-  float *class_table; /* [num_classes][temb_dim] */
-  cblock down[CUNET_MAX_LEVELS], up[CUNET_MAX_LEVELS];
-  resnet mid_res[2];
-  transformer2d mid_tf;
-  group_norm norm_out;
-  blocks_params ps;
-  blocks_spares spares;
-};
 
 /* ---------- config ---------- */
 
@@ -419,7 +393,9 @@ static int load_weights(blocks_loader *ld, cunet *u, const cunet_config *c) {
   return rc;
 }
 
-int cunet_load(const json_t *config, const st_file *weights, cunet **out, err *e) {
+/* The network of config with its tensors from weights, or (weights NULL) a fresh training
+ * initialisation drawn from seed (blocks.h). */
+static int build(const json_t *config, const st_file *weights, uint64_t seed, cunet **out, err *e) {
   *out = NULL;
   cunet_config c;
   int rc = parse_config(config, &c, e);
@@ -442,7 +418,7 @@ int cunet_load(const json_t *config, const st_file *weights, cunet **out, err *e
                            .cross_dim = c.cross_dim,
                            .temb_dim = c.temb_dim};
   blocks_loader ld;
-  rc = blocks_loader_begin(&ld, &u->ps, weights, 0, e);
+  rc = blocks_loader_begin(&ld, &u->ps, weights, seed, e);
   if (!rc)
     rc = blocks_loader_end(&ld, load_weights(&ld, u, &c));
   if (rc) {
@@ -452,6 +428,14 @@ int cunet_load(const json_t *config, const st_file *weights, cunet **out, err *e
   u->shape.num_params = u->ps.count;
   *out = u;
   return ERR_OK;
+}
+
+int cunet_load(const json_t *config, const st_file *weights, cunet **out, err *e) {
+  return build(config, weights, 0, out, e);
+}
+
+int cunet_init(const json_t *config, uint64_t seed, cunet **out, err *e) {
+  return build(config, NULL, seed, out, e);
 }
 
 void cunet_free(cunet *u) {
@@ -607,7 +591,7 @@ oom:
   return err_set(e, ERR_NOMEM, "out of memory in UNet2DConditionModel forward (batch %d)", n);
 }
 
-static int check_call(const cunet *u, const model_call *c, err *e) {
+int cunet_check_call(const cunet *u, const model_call *c, err *e) {
   const int mult = 1 << (u->nlevels - 1);
   if (c->n < 1 || c->h < 1 || c->w < 1 || c->h > 4096 || c->w > 4096)
     return err_set(e, ERR_INVALID, "bad input shape: batch %d, %dx%d", c->n, c->h, c->w);
@@ -639,19 +623,15 @@ static int check_call(const cunet *u, const model_call *c, err *e) {
   return ERR_OK;
 }
 
-/* The hidden states [n][seq][cross] as the transformers read them: [n][cross][seq]. */
-static float *ctx_channel_major(cfwd *f, const float *ehs) {
-  const int n = f->r.n, seq = f->seq, d = f->u->shape.cross_dim;
-  float *ctx = arena_floats(f->r.a, (size_t)n * seq * d);
-  for (int i = 0; ctx && i < n; i++)
-    for (int s = 0; s < seq; s++)
-      for (int k = 0; k < d; k++)
-        ctx[((size_t)i * d + k) * seq + s] = ehs[((size_t)i * seq + s) * d + k];
-  return ctx;
+void cunet_transpose(const float *src, int n, int rows, int cols, float *dst) {
+  for (int i = 0; i < n; i++)
+    for (int r = 0; r < rows; r++)
+      for (int k = 0; k < cols; k++)
+        dst[((size_t)i * cols + k) * rows + r] = src[((size_t)i * rows + r) * cols + k];
 }
 
 int cunet_forward(const cunet *u, const model_call *c, float *out, err *e) {
-  int rc = check_call(u, c, e);
+  int rc = cunet_check_call(u, c, e);
   if (rc)
     return rc;
   const int hooked = c->hooks.mid_save || c->hooks.mid_replace;
@@ -663,10 +643,14 @@ int cunet_forward(const cunet *u, const model_call *c, float *out, err *e) {
     return rc;
   cfwd f = {.r = {.a = ws.a, .p = ws.p, .n = c->n}, .u = u, .seq = c->seq_len};
   f.hooks = hooked ? &c->hooks : NULL;
-  if (!(f.ctx = ctx_channel_major(&f, c->encoder_hidden_states)))
+  float *ctx = arena_floats(ws.a, (size_t)c->n * c->seq_len * u->shape.cross_dim);
+  if (!ctx)
     rc = err_set(e, ERR_NOMEM, "out of memory in UNet2DConditionModel forward");
-  else
+  else {
+    cunet_transpose(c->encoder_hidden_states, c->n, c->seq_len, u->shape.cross_dim, ctx);
+    f.ctx = ctx;
     rc = forward(&f, c->x, c->h, c->w, c->t, c->labels, out, e);
+  }
   blocks_workspace_give(spares, &ws);
   return rc;
 }

@@ -13,7 +13,7 @@
 #include <sys/stat.h>
 
 #include "blocks.h"
-#include "cunet.h"
+#include "cunet_impl.h"
 #include "gmm.h"
 #include "latent.h"
 #include "mem.h"
@@ -613,9 +613,14 @@ int model_init(const char *config_path, uint64_t seed, model **out, err *e) {
   }
   const char *name = read_names(m, cfg, NULL);
   int rc = ERR_OK;
-  if (strcmp(name, "UNet2DModel") != 0)
+  if (strcmp(name, "UNet2DConditionModel") == 0) {
+    if ((rc = cunet_init(cfg, seed, &m->cunet, e)) == ERR_OK)
+      set_cunet_info(m);
+  } else if (strcmp(name, "UNet2DModel") != 0)
     rc = err_set(e, ERR_UNSUPPORTED,
-                 "key '_class_name': \"%s\" cannot be initialised (only UNet2DModel)", name);
+                 "key '_class_name': \"%s\" cannot be initialised (only UNet2DModel and "
+                 "UNet2DConditionModel)",
+                 name);
   else if ((rc = unet_init(cfg, seed, &m->unet, e)) == ERR_OK)
     set_unet_info(m);
   m->info.latent_factor = 1;
@@ -818,17 +823,19 @@ void model_grads_zero(model_grads *g) {
 }
 
 int model_backward(const model *m, const model_call *c, const model_grad_call *g, err *e) {
-  if (!m->unet)
-    return err_set(e, ERR_UNSUPPORTED, "%s has no gradient (only UNet2DModel does)",
+  const blocks_params *ps = params_of(m);
+  if (!ps)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "%s has no gradient (only UNet2DModel and UNet2DConditionModel do)",
                    m->info.class_name);
   if (c->n < 1 || !c->x || !c->t || !g || (!g->grad_out && !g->loss_grad))
     return err_set(e, ERR_INVALID, "model_backward: empty batch or missing buffers");
   if (c->hooks.mid_save || c->hooks.mid_replace)
     return err_set(e, ERR_UNSUPPORTED, "model_backward takes no h-space hooks");
-  if (c->encoder_hidden_states)
+  if (c->encoder_hidden_states && !m->cunet)
     return err_set(e, ERR_INVALID, "%s takes no encoder hidden states (no text conditioning)",
                    m->info.class_name);
-  if (g->params && g->params->count != m->unet->ps.nparams)
+  if (g->params && g->params->count != ps->nparams)
     return err_set(e, ERR_INVALID, "model_backward: gradients made for another model");
   if (g->guide_target && !m->info.guide_scales)
     return err_set(e, ERR_INVALID,
@@ -843,5 +850,6 @@ int model_backward(const model *m, const model_call *c, const model_grad_call *g
                      "model_backward: no weight gradients through the named class embedding "
                      "'%s' (it is not a learned tensor of the model)",
                      m->info.class_labels[c->labels[i]]);
-  return unet_backward(m->unet, c, g, g->params ? g->params->g : NULL, e);
+  float *const *pg = g->params ? g->params->g : NULL;
+  return m->cunet ? cunet_backward(m->cunet, c, g, pg, e) : unet_backward(m->unet, c, g, pg, e);
 }

@@ -74,10 +74,10 @@ typedef struct model_info {
  * (.safetensors in the original key layout, sd_single.h) with a tokenizer/ folder beside it.
  * Returns ERR_OK and *out. */
 int model_load(const char *dir, model **out, err *e);
-/* A UNet2DModel built from the config.json at config_path with a fresh training
- * initialisation drawn from seed (PyTorch's default layer init, the identity trick of zeroed
- * last convolutions; see unet.c). No scheduler config. ERR_FORMAT/ERR_INVALID/ERR_UNSUPPORTED
- * naming the file and key. */
+/* A UNet2DModel or UNet2DConditionModel built from the config.json at config_path with a fresh
+ * training initialisation drawn from seed (PyTorch's default layer init, the identity trick of
+ * zeroed last convolutions; see blocks.h). No scheduler config.
+ * ERR_FORMAT/ERR_INVALID/ERR_UNSUPPORTED naming the file and key. */
 int model_init(const char *config_path, uint64_t seed, model **out, err *e);
 void model_free(model *m);
 const model_info *model_get_info(const model *m);
@@ -171,7 +171,7 @@ int model_eval(const model *m, const float *x, int n, int h, int w, const float 
 /* [C, H, W] of the mid-block output for h x w images; ERR_UNSUPPORTED without one. */
 int model_mid_shape(const model *m, int h, int w, int shape[3], err *e);
 
-/* ---------- learned tensors (UNets) and gradients (UNet2DModel only) ---------- */
+/* ---------- learned tensors and gradients (UNet2DModel, UNet2DConditionModel) ---------- */
 
 /* One learned tensor, under diffusers' name (attention in the modern to_q/to_k/to_v/to_out.0
  * naming whatever the file used) and shape. data is the trainable float32 copy the model was
@@ -213,7 +213,8 @@ void model_grads_free(model_grads *g);
 float *model_grads_at(const model_grads *g, int i);
 void model_grads_zero(model_grads *g);
 
-/* What model_backward computes, for L = sum(grad_out * model(x, t, labels)). NULL fields are
+/* What model_backward computes, for L = sum(grad_out * model(x, t, labels, encoder hidden
+ * states)). NULL fields are
  * not computed. grad_x [n][in_channels][h][w] (of x alone: the conditioning image is a constant
  * here), grad_t [n] and grad_class [n][class_embed_dim] (the gradient of the class-embedding row
  * each image adds: the conditioning input) are written; parameter gradients are ADDED to params
@@ -230,6 +231,9 @@ typedef struct model_grad_call {
   float *grad_x;
   float *grad_t;
   float *grad_class;
+  /* [n][seq_len][cross_attention_dim]: the gradient of the text conditioning (text-conditional
+   * models only; ignored by the others). Written. */
+  float *grad_encoder_hidden_states;
   model_grads *params;
   /* Structure guidance's auxiliary loss (models with guide_scales only; NULL: none): the sharp
    * image [n][in_channels][h][w] whose grayscale, average-pooled by 2^s, each guide network's

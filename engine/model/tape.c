@@ -1,6 +1,6 @@
 /* The tape of engine/grad nodes the model-level backwards record a forward on (tape.h): node
  * emission, the layers every network shares (convolution, group norm, linear, attention,
- * resnet), and the reverse sweep. */
+ * resnet, the UNets' skip concatenation and time embedding), and the reverse sweep. */
 #include "tape.h"
 
 #include <stdlib.h>
@@ -159,6 +159,63 @@ int tape_resnet(tape *T, const resnet *r, const tape_act *x, const tape_act *add
   if (r->has_shortcut && (rc = tape_conv(T, &r->shortcut, &xs, &sc)))
     return rc;
   return tape_add(T, &sc, &h4, r->out_scale, y);
+}
+
+int tape_concat(tape *T, const tape_act *a, const tape_act *b, tape_act *y) {
+  grad_node nd = tape_node(T, GRAD_CONCAT, a);
+  nd.p.concat.cb = b->c;
+  return tape_binary(T, nd, a, b, a->c + b->c, y);
+}
+
+int tape_time_embedding(tape *T, const tape_temb *s, const float *t, const int64_t *labels,
+                        tape_act *t_act, tape_act *cls) {
+  const int dim = s->l2->out;
+  tape_act tproj, emb, sum;
+  int rc = tape_new_act(T, 1, 1, 1, t_act);
+  if (rc)
+    return rc;
+  memcpy(t_act->v, t, (size_t)T->n * sizeof *t);
+  grad_node te = {.op = GRAD_TIMESTEP_EMBEDDING, .n = T->n, .c = s->ch0, .h = 1, .w = 1};
+  te.p.temb.flip_sin_to_cos = s->flip_sin_to_cos;
+  te.p.temb.freq_shift = s->freq_shift;
+  const tape_act *in[] = {t_act};
+  if ((rc = tape_emit(T, &te, in, 1, s->ch0, 1, 1, &tproj)))
+    return rc;
+  grad_node mlp = tape_node(T, GRAD_TIME_MLP, &tproj);
+  mlp.p.mlp.hidden = s->l1->out;
+  mlp.p.mlp.out = dim;
+  const float *w[4] = {s->l1->weight, s->l1->bias, s->l2->weight, s->l2->bias};
+  for (int i = 0; i < 4; i++) {
+    mlp.src[1 + i] = w[i];
+    mlp.dsrc[1 + i] = tape_pgrad(T, w[i]);
+  }
+  const tape_act *min[] = {&tproj};
+  if ((rc = tape_emit(T, &mlp, min, 1, dim, 1, 1, &emb)))
+    return rc;
+  if (s->class_table) {
+    grad_node ce = {.op = GRAD_CLASS_EMBEDDING, .n = T->n, .c = dim, .h = 1, .w = 1};
+    ce.p.embed.labels = labels;
+    ce.p.embed.classes = s->classes;
+    ce.src[0] = s->class_table;
+    ce.dsrc[0] = tape_pgrad(T, s->class_table);
+    if ((rc = tape_emit(T, &ce, NULL, 0, dim, 1, 1, cls)) ||
+        (rc = tape_add(T, &emb, cls, 1.0f, &sum)))
+      return rc;
+    emb = sum;
+  }
+  return tape_unary(T, GRAD_SILU, &emb, &T->temb);
+}
+
+int tape_seed(tape *T, const tape_act *out, const model_grad_call *g) {
+  const size_t ocount = (size_t)T->n * out->c * out->h * out->w;
+  int rc = ERR_OK;
+  if (g->loss_grad)
+    rc = g->loss_grad(out->v, out->d, g->loss_user, T->e);
+  else
+    memcpy(out->d, g->grad_out, ocount * sizeof(float));
+  if (g->out)
+    memcpy(g->out, out->v, ocount * sizeof(float));
+  return rc;
 }
 
 int tape_backward(tape *T) {

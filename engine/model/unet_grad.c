@@ -7,47 +7,6 @@
 #include "tape.h"
 #include "unet_impl.h"
 
-/* Timestep embedding, time MLP, class row, SiLU: T->temb. tin/cls receive the activations whose
- * gradients are dL/dt (via the embedding's input) and dL/d(class row). */
-static int t_embedding(tape *T, const model_call *c, tape_act *t_act, tape_act *cls) {
-  const unet *u = T->net;
-  tape_act tproj, emb, sum;
-  int rc = tape_new_act(T, 1, 1, 1, t_act);
-  if (rc)
-    return rc;
-  t_act->v = (float *)c->t;
-  grad_node te = {.op = GRAD_TIMESTEP_EMBEDDING, .n = T->n, .c = u->ch0, .h = 1, .w = 1};
-  te.p.temb.flip_sin_to_cos = u->flip_sin_to_cos;
-  te.p.temb.freq_shift = u->freq_shift;
-  const tape_act *in[] = {t_act};
-  rc = tape_emit(T, &te, in, 1, u->ch0, 1, 1, &tproj);
-  if (rc)
-    return rc;
-  grad_node mlp = tape_node(T, GRAD_TIME_MLP, &tproj);
-  mlp.p.mlp.hidden = u->temb1.out;
-  mlp.p.mlp.out = u->temb2.out;
-  const float *w[4] = {u->temb1.weight, u->temb1.bias, u->temb2.weight, u->temb2.bias};
-  for (int i = 0; i < 4; i++) {
-    mlp.src[1 + i] = w[i];
-    mlp.dsrc[1 + i] = tape_pgrad(T, w[i]);
-  }
-  const tape_act *min[] = {&tproj};
-  if ((rc = tape_emit(T, &mlp, min, 1, u->temb_dim, 1, 1, &emb)))
-    return rc;
-  if (u->class_table) {
-    grad_node ce = {.op = GRAD_CLASS_EMBEDDING, .n = T->n, .c = u->temb_dim, .h = 1, .w = 1};
-    ce.p.embed.labels = c->labels;
-    ce.p.embed.classes = u->shape.num_classes;
-    ce.src[0] = u->class_table;
-    ce.dsrc[0] = tape_pgrad(T, u->class_table);
-    if ((rc = tape_emit(T, &ce, NULL, 0, u->temb_dim, 1, 1, cls)) ||
-        (rc = tape_add(T, &emb, cls, 1.0f, &sum)))
-      return rc;
-    emb = sum;
-  }
-  return tape_unary(T, GRAD_SILU, &emb, &T->temb);
-}
-
 #define MAX_SKIPS (UNET_MAX_LEVELS * UNET_MAX_LAYERS + 1)
 
 static int t_down(tape *T, const tape_act *gfeat, tape_act *cur, tape_act *skips, int *nskips) {
@@ -83,11 +42,8 @@ static int t_up(tape *T, tape_act *cur, tape_act *skips, int *nskips) {
   for (int i = 0; i < u->nlevels; i++) {
     const block *b = &u->up[i];
     for (int l = 0; l < b->nlayers; l++) {
-      const tape_act *s = &skips[--*nskips];
       tape_act cat, nx;
-      grad_node nd = tape_node(T, GRAD_CONCAT, cur);
-      nd.p.concat.cb = s->c;
-      if ((rc = tape_binary(T, nd, cur, s, cur->c + s->c, &cat)) ||
+      if ((rc = tape_concat(T, cur, &skips[--*nskips], &cat)) ||
           (rc = tape_resnet(T, &b->res[l], &cat, NULL, &nx)) ||
           (b->has_attn && (rc = tape_attn(T, &b->attn[l], &nx, &nx))))
         return rc;
@@ -171,10 +127,17 @@ static int t_forward(tape *T, const model_call *c, tape_act *xin, tape_act *t_ac
   if (rc)
     return rc;
   unet_input(u, c->x, c->cond, T->n, (size_t)c->h * c->w, xin->v);
+  const tape_temb temb = {.ch0 = u->ch0,
+                          .flip_sin_to_cos = u->flip_sin_to_cos,
+                          .freq_shift = u->freq_shift,
+                          .l1 = &u->temb1,
+                          .l2 = &u->temb2,
+                          .class_table = u->class_table,
+                          .classes = u->shape.num_classes};
   tape_act cur, skips[MAX_SKIPS], gfeat[UNET_MAX_LEVELS];
   int nskips = 0;
-  if ((rc = t_embedding(T, c, t_act, cls)) || (rc = t_guides(T, c, gfeat, pred)) ||
-      (rc = tape_conv(T, &u->conv_in, xin, &cur)))
+  if ((rc = tape_time_embedding(T, &temb, c->t, c->labels, t_act, cls)) ||
+      (rc = t_guides(T, c, gfeat, pred)) || (rc = tape_conv(T, &u->conv_in, xin, &cur)))
     return rc;
   skips[nskips++] = cur;
   if ((rc = t_down(T, gfeat, &cur, skips, &nskips)))
@@ -207,18 +170,12 @@ int unet_backward(const unet *u, const model_call *c, const model_grad_call *g, 
   double aux = 0;
   if ((rc = t_forward(&T, c, &xin, &t_act, &cls, g->guide_target ? pred : NULL, &out)))
     goto done;
-  size_t ocount = (size_t)c->n * out.c * out.h * out.w;
-  if (g->loss_grad)
-    rc = g->loss_grad(out.v, out.d, g->loss_user, e);
-  else
-    memcpy(out.d, g->grad_out, ocount * sizeof(float));
+  rc = tape_seed(&T, &out, g);
   if (!rc && g->guide_target)
     rc = guide_loss(&T, c, g, pred, &aux);
   if (!rc && g->guide_loss)
     *g->guide_loss = aux;
-  if (g->out)
-    memcpy(g->out, out.v, ocount * sizeof(float));
-  if (rc || (rc = tape_backward(&T))) /* rc: loss_grad's */
+  if (rc || (rc = tape_backward(&T))) /* rc: loss_grad's or guide_loss's */
     goto done;
   if (g->grad_x) { /* the x channels of each image's conv_in input */
     const size_t plane = (size_t)xin.h * xin.w, d = (size_t)xin.c * plane;

@@ -25,6 +25,8 @@ typedef struct cunet_shape {
 } cunet_shape;
 
 int cunet_load(const json_t *config, const st_file *weights, cunet **out, err *e);
+/* The network of config with a fresh training initialisation drawn from seed (blocks.h). */
+int cunet_init(const json_t *config, uint64_t seed, cunet **out, err *e);
 void cunet_free(cunet *u);
 const cunet_shape *cunet_get_shape(const cunet *u);
 /* Its learned tensors and packed layers (model_param_at, model_repack). */

@@ -57,8 +57,28 @@ int tape_attn(tape *T, const attn_weights *aw, const tape_act *x, tape_act *y);
  * sum. */
 int tape_resnet(tape *T, const resnet *r, const tape_act *x, const tape_act *add, tape_act *y);
 
+/* a and b stacked along the channels (an up block's input and its skip connection). */
+int tape_concat(tape *T, const tape_act *a, const tape_act *b, tape_act *y);
+
+/* The time embedding as blocks_time_embedding computes it. */
+typedef struct tape_temb {
+  int ch0, flip_sin_to_cos;
+  float freq_shift;
+  const linear *l1, *l2;
+  const float *class_table; /* [classes][l2->out], or NULL */
+  int classes;
+} tape_temb;
+
+/* Timestep sinusoid, time MLP, class row, SiLU: T->temb. *t_act and *cls receive the
+ * activations whose gradients are dL/dt and dL/d(class row) (cls untouched without a table). */
+int tape_time_embedding(tape *T, const tape_temb *s, const float *t, const int64_t *labels,
+                        tape_act *t_act, tape_act *cls);
+
 /* Every node's backward, last to first. */
 int tape_backward(tape *T);
+/* A denoiser's output gradient seeded from g (grad_out, or loss_grad on the output) and the
+ * output copied to g->out if asked; loss_grad's code. tape_backward then runs the sweep. */
+int tape_seed(tape *T, const tape_act *out, const model_grad_call *g);
 /* Frees the node list (the activations live in T->a). */
 void tape_free(tape *T);
 
