@@ -9,6 +9,7 @@
 
 #include "classifier.h"
 #include "err.h"
+#include "latent.h"
 #include "model.h"
 #include "pipeline.h"
 #include "sampler.h"
@@ -90,6 +91,11 @@ int cli_solver_make(const model *m, const cli_solver *s, const char *sched_file,
 /* Parameter gradients (one buffer per model_param) as an F32 safetensors file under the
  * parameters' diffusers names. */
 int cli_write_param_grads(const char *path, const model *m, const model_grads *g, err *e);
+/* Copies a file (ERR_IO naming the path). */
+int cli_copy_file(const char *from, const char *to, err *e);
+/* OUT/model_index.json of a Stable-Diffusion pipeline folder (unet/, vae/, text_encoder/,
+ * tokenizer/, scheduler/), naming each part's class as diffusers' loader expects. */
+int cli_write_pipeline_index(const char *out, const char *scheduler_class, err *e);
 
 /* Bytes to an output path: "-" is standard output (refused when it is a terminal); a new or
  * regular file is replaced atomically (image_file_write); anything else that exists (a symlink,
@@ -116,16 +122,28 @@ typedef struct cli_train_data {
   int64_t *labels; /* n labels, or NULL (unconditional model) */
   float *cond;     /* n * cc * h * w conditioning images in [-1, 1] (--cond), or NULL */
   int cc;
+  int64_t *ids; /* n captions of len token ids (--captions), or NULL */
+  int len;
   char desc[1400]; /* what they are, for the model card */
 } cli_train_data;
 /* A path as the model card shows it: an absolute one by its last two parts (the folder it was
  * trained from is of no use to a reader, and may be a temporary one), others as given. */
 const char *cli_train_shown_path(const char *path);
-/* --data (a .npy [N, C, H, W], or an imagefolder: PNGs + metadata.jsonl) and --labels (a .npy
- * [N] for the .npy); dropout: labels will be dropped to the null class, which they may then
- * not use. Errors name the file, line or key. */
-int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
-                        cli_train_data *d, err *e);
+/* The images the data must hold: channels and (0: any) square size, the model's sample_size
+ * times factor (a latent model's VAE factor; 1 for a model of images). */
+typedef struct cli_train_want {
+  int c, size, factor;
+} cli_train_want;
+/* --data (a .npy [N, C, H, W], or an imagefolder: PNGs + metadata.jsonl) of images shaped as
+ * `want`, and --labels (a .npy [N] for the .npy); dropout: labels will be dropped to the null
+ * class, which they may then not use. Errors name the file, line or key. */
+int cli_train_data_load(const char *data, const char *labels, const model *m,
+                        const cli_train_want *want, int dropout, cli_train_data *d, err *e);
+/* --captions: a UTF-8 text file of one caption per line, one per --data image (a .npy's order,
+ * a folder's sorted names), tokenized into d->ids. */
+struct clip_tokenizer;
+int cli_train_captions_load(const char *path, const struct clip_tokenizer *tok, cli_train_data *d,
+                            err *e);
 void cli_train_data_free(cli_train_data *d);
 /* --data for a network without labels (an AutoencoderKL): square images with `channels`
  * channels, any size, from a .npy or a folder of PNGs (metadata.jsonl ignored). */
@@ -148,6 +166,12 @@ typedef struct cli_train_opts {
    * weights) or "plain"; NULL for `denoised train`. */
   const char *method;
   dstudio_weights dstudio;
+  /* A text-to-image model (UNet2DConditionModel): captions, the frozen VAE whose latents it
+   * learns, the text encoder (a folder, or a config for a fresh one) and its tokenizer. */
+  const char *captions, *vae, *text_encoder, *text_encoder_config, *tokenizer;
+  double caption_dropout;
+  long long clip_skip;
+  int freeze_text_encoder;
 } cli_train_opts;
 
 /* One training run: what it trains, on what, and what it has written. */
@@ -155,6 +179,13 @@ typedef struct cli_train_run {
   const cli_train_opts *o;
   model *m;
   model *source; /* DomainStudio's frozen source, or NULL */
+  /* A text-to-image model's VAE, tokenizer and text encoder (the trainer's), NULL otherwise;
+   * the folders they came from, the text encoder's config.json, the empty caption */
+  latent_parts *lp;
+  char vae_dir[4400], tokenizer_dir[4400];
+  json_t *text_config;
+  train_text text;
+  int64_t *empty_ids;
   trainer *t;
   cli_train_data d;
   json_t *config, *sched; /* config.json and scheduler_config.json to write */
@@ -162,6 +193,12 @@ typedef struct cli_train_run {
   double wall;            /* seconds spent training, over every resumed part */
   FILE *log;              /* OUT/loss.jsonl */
 } cli_train_run;
+
+/* A text-to-image run's VAE, tokenizer and text encoder (from the flags or --init), checked
+ * against the UNet: sets tc->text and the images the data must hold. */
+int cli_train_text_setup(cli_train_run *r, train_config *tc, cli_train_want *want, err *e);
+/* The latents of n images of the data's size, as the UNet learns them. */
+int cli_train_latents(const cli_train_run *r, const float *images, int n, float *z, err *e);
 
 /* OUT/checkpoint/: weights, EMA and AdamW moments (one safetensors file) and state.json (step,
  * recipe, wall time). Load refuses a checkpoint of another recipe, naming the setting. */

@@ -376,3 +376,41 @@ int cli_parse_list(const char *flag, const char *s, int count, double lo, double
   }
   return 0;
 }
+
+int cli_copy_file(const char *from, const char *to, err *e) {
+  size_t len = 0;
+  FILE *f = fopen(from, "rb");
+  if (!f)
+    return err_set(e, ERR_IO, "%s: %s", from, strerror(errno));
+  int rc = ERR_OK;
+  char buf[65536];
+  FILE *g = fopen(to, "wb");
+  if (!g)
+    rc = err_set(e, ERR_IO, "%s: %s", to, strerror(errno));
+  while (!rc && (len = fread(buf, 1, sizeof buf, f)) > 0)
+    if (fwrite(buf, 1, len, g) != len)
+      rc = err_set(e, ERR_IO, "%s: write error", to);
+  if (!rc && ferror(f))
+    rc = err_set(e, ERR_IO, "%s: read error", from);
+  if (g && fclose(g) && !rc)
+    rc = err_set(e, ERR_IO, "%s: write error", to);
+  fclose(f);
+  return rc;
+}
+
+int cli_write_pipeline_index(const char *out, const char *scheduler_class, err *e) {
+  json_t *j = json_pack("{s:s, s:s, s:[s,s], s:[s,s], s:[s,s], s:[s,s], s:[s,s]}", "_class_name",
+                        "StableDiffusionPipeline", "_diffusers_version", "0.21.0", "unet",
+                        "diffusers", "UNet2DConditionModel", "vae", "diffusers", "AutoencoderKL",
+                        "text_encoder", "transformers", "CLIPTextModel", "tokenizer",
+                        "transformers", "CLIPTokenizer", "scheduler", "diffusers", scheduler_class);
+  if (!j)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  char p[4200];
+  snprintf(p, sizeof p, "%s/model_index.json", out);
+  int rc = json_dump_file(j, p, JSON_INDENT(2) | JSON_SORT_KEYS)
+               ? err_set(e, ERR_IO, "%s: cannot write", p)
+               : ERR_OK;
+  json_decref(j);
+  return rc;
+}

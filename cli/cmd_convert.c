@@ -87,27 +87,6 @@ static int write_json(const json_t *j, const char *path, err *e) {
   return ERR_OK;
 }
 
-static int copy_file(const char *from, const char *to, err *e) {
-  size_t len = 0;
-  FILE *f = fopen(from, "rb");
-  if (!f)
-    return err_set(e, ERR_IO, "%s: %s", from, strerror(errno));
-  int rc = ERR_OK;
-  char buf[65536];
-  FILE *g = fopen(to, "wb");
-  if (!g)
-    rc = err_set(e, ERR_IO, "%s: %s", to, strerror(errno));
-  while (!rc && (len = fread(buf, 1, sizeof buf, f)) > 0)
-    if (fwrite(buf, 1, len, g) != len)
-      rc = err_set(e, ERR_IO, "%s: write error", to);
-  if (!rc && ferror(f))
-    rc = err_set(e, ERR_IO, "%s: read error", from);
-  if (g && fclose(g) && !rc)
-    rc = err_set(e, ERR_IO, "%s: write error", to);
-  fclose(f);
-  return rc;
-}
-
 static const char *const part_dirs[] = {"unet", "vae", "text_encoder", "scheduler", "tokenizer"};
 
 /* The folder's files, part by part. */
@@ -136,27 +115,16 @@ static int write_folder(const sd_single *s, const char *tok, const char *out, er
   for (int i = 0; i < 2 && !rc; i++) {
     snprintf(p, sizeof p, "%s/%s", tok, vocab[i]);
     snprintf(q, sizeof q, "%s/tokenizer/%s", out, vocab[i]);
-    rc = copy_file(p, q, e);
+    rc = cli_copy_file(p, q, e);
   }
   return rc;
 }
 
-/* model_index.json naming each part's class as diffusers' loader expects. */
+/* model_index.json with the checkpoint's scheduler. */
 static int write_index(const sd_single *s, const char *out, err *e) {
   const json_t *sc = json_object_get(sd_single_config(s, SD_PART_SCHEDULER), "_class_name");
-  json_t *j = json_pack("{s:s, s:s, s:[s,s], s:[s,s], s:[s,s], s:[s,s], s:[s,s]}", "_class_name",
-                        "StableDiffusionPipeline", "_diffusers_version", "0.21.0", "unet",
-                        "diffusers", "UNet2DConditionModel", "vae", "diffusers", "AutoencoderKL",
-                        "text_encoder", "transformers", "CLIPTextModel", "tokenizer",
-                        "transformers", "CLIPTokenizer", "scheduler", "diffusers",
-                        json_is_string(sc) ? json_string_value(sc) : "PNDMScheduler");
-  if (!j)
-    return err_set(e, ERR_NOMEM, "out of memory");
-  char p[4200];
-  snprintf(p, sizeof p, "%s/model_index.json", out);
-  int rc = write_json(j, p, e);
-  json_decref(j);
-  return rc;
+  return cli_write_pipeline_index(out, json_is_string(sc) ? json_string_value(sc) : "PNDMScheduler",
+                                  e);
 }
 
 int cmd_convert(int argc, char **argv) {

@@ -20,13 +20,22 @@ static const char help[] =
     "usage: denoised train (--model-config UNET_CONFIG.json | --init MODEL_DIR)\n"
     "                      --data (X.npy [--labels L.npy] | IMAGE_FOLDER) --steps N --batch B\n"
     "                      [--cond C.npy [--regression]] [options] --out MODEL_DIR\n"
+    "       denoised train (--model-config UNET_CONFIG.json | --init PIPELINE_DIR)\n"
+    "                      --data IMAGES --captions CAPTIONS.txt [--vae DIR]\n"
+    "                      [--text-encoder DIR | --text-encoder-config F] [--tokenizer DIR]\n"
+    "                      --steps N --batch B [options] --out PIPELINE_DIR\n"
     "       denoised train vae ...   (an AutoencoderKL: 'denoised train vae --help')\n"
     "\n"
     "Trains a UNet2DModel as diffusers' training examples do and writes a diffusers model\n"
     "folder (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json, README.md)\n"
-    "with loss.jsonl, loss.png and checkpoint/ (weights, EMA, optimizer state).\n"
-    "  --model-config F   a UNet2DModel config.json: a fresh model (initialised from --seed)\n"
-    "  --init DIR         a model folder to fine-tune (its scheduler_config.json is kept)\n"
+    "with loss.jsonl, loss.png and checkpoint/ (weights, EMA, optimizer state). A\n"
+    "UNet2DConditionModel is trained as a text-to-image model (train_text_to_image.py): on the\n"
+    "latents of a frozen VAE (its encoder's mean times scaling_factor), with a CLIP text encoder\n"
+    "trained jointly (unless frozen); it writes a pipeline folder (model_index.json, unet/,\n"
+    "text_encoder/, tokenizer/, vae/, scheduler/) that 'denoised sample --prompt' loads.\n"
+    "  --model-config F   a UNet2DModel or UNet2DConditionModel config.json: a fresh model\n"
+    "                     (initialised from --seed)\n"
+    "  --init DIR         a model or pipeline folder to fine-tune (its scheduler config is kept)\n"
     "  --data X.npy       images [N, C, H, W] in [-1, 1], with --labels L.npy [N] (integers)\n"
     "                     for a class-conditional model\n"
     "  --data FOLDER      PNG files (the model's size and channels) and, for a class-conditional\n"
@@ -40,6 +49,16 @@ static const char help[] =
     "  --guide-weight W   for a model with structure guidance (config key \"_guide_scales\"):\n"
     "                     the weight of its guide networks' loss, the MSE of their prediction\n"
     "                     of the --data image's grayscale at each scale (default 1)\n"
+    "  --captions F       text-to-image: one caption per line, one per --data image (images of\n"
+    "                     the VAE's channels and the UNet's sample_size times its factor)\n"
+    "  --vae DIR          the frozen VAE (a VAE or pipeline folder; default: --init's)\n"
+    "  --text-encoder DIR a CLIPTextModel folder to start from (default: --init's)\n"
+    "  --text-encoder-config F  a CLIPTextModel config.json: a fresh text encoder (from --seed)\n"
+    "  --tokenizer DIR    its CLIP tokenizer (vocab.json, merges.txt; default: --init's)\n"
+    "  --freeze-text-encoder  train the UNet alone\n"
+    "  --caption-dropout P  replace a caption by the empty one with probability P (for\n"
+    "                     classifier-free guidance; default 0)\n"
+    "  --clip-skip N      condition on the text encoder's layer N from the end (default 1)\n"
     "  --steps N          optimizer steps (required); --batch B images per step (required)\n"
     "  --lr LR            peak learning rate (default 1e-4)\n"
     "  --lr-schedule S    constant, constant_with_warmup or cosine (default cosine)\n"
@@ -75,7 +94,13 @@ enum {
   O_QUIET,
   O_BETAS,
   O_COND,
-  O_REGRESSION
+  O_REGRESSION,
+  O_CAPTIONS,
+  O_VAE,
+  O_TEXT_ENCODER,
+  O_TEXT_CONFIG,
+  O_TOKENIZER,
+  O_FREEZE_TEXT
 };
 
 /* Numeric flags by option code: one table, one range check each. */
@@ -99,7 +124,9 @@ static const struct {
                  {'p', "--null-class-dropout", 0, 0, 1, offsetof(cli_train_opts, dropout)},
                  {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)},
                  {'P', "--ema-warmup", 0, 0, 10, offsetof(cli_train_opts, ema_power)},
-                 {'G', "--guide-weight", 0, 0, 1e6, offsetof(cli_train_opts, guide_weight)}};
+                 {'G', "--guide-weight", 0, 0, 1e6, offsetof(cli_train_opts, guide_weight)},
+                 {'D', "--caption-dropout", 0, 0, 1, offsetof(cli_train_opts, caption_dropout)},
+                 {'K', "--clip-skip", 1, 1, 64, offsetof(cli_train_opts, clip_skip)}};
 
 static int num_flag(int c, const char *arg, cli_train_opts *o) {
   for (size_t i = 0; i < sizeof num_flags / sizeof num_flags[0]; i++) {
@@ -136,6 +163,15 @@ static int check_args(int argc, char **argv, const cli_train_opts *o) {
   if (o->cond && o->labels)
     return cli_usage_error("train", "--cond and --labels: class labels are not supported with "
                                     "conditioning images");
+  if (o->text_encoder && o->text_encoder_config)
+    return cli_usage_error("train", "give one of --text-encoder DIR or --text-encoder-config F");
+  if (!o->captions && (o->vae || o->text_encoder || o->text_encoder_config || o->tokenizer ||
+                       o->freeze_text_encoder || o->caption_dropout > 0))
+    return cli_usage_error("train", "--vae, --text-encoder(-config), --tokenizer, "
+                                    "--freeze-text-encoder and --caption-dropout go with "
+                                    "--captions (a text-to-image model)");
+  if (o->captions && (o->labels || o->cond))
+    return cli_usage_error("train", "--captions: no --labels or --cond with text conditioning");
   return -1;
 }
 
@@ -169,6 +205,14 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
                                        {"cond", required_argument, 0, O_COND},
                                        {"regression", no_argument, 0, O_REGRESSION},
                                        {"guide-weight", required_argument, 0, 'G'},
+                                       {"captions", required_argument, 0, O_CAPTIONS},
+                                       {"vae", required_argument, 0, O_VAE},
+                                       {"text-encoder", required_argument, 0, O_TEXT_ENCODER},
+                                       {"text-encoder-config", required_argument, 0, O_TEXT_CONFIG},
+                                       {"tokenizer", required_argument, 0, O_TOKENIZER},
+                                       {"freeze-text-encoder", no_argument, 0, O_FREEZE_TEXT},
+                                       {"caption-dropout", required_argument, 0, 'D'},
+                                       {"clip-skip", required_argument, 0, 'K'},
                                        {0, 0, 0, 0}};
   int c;
   optind = 1;
@@ -186,6 +230,12 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
     case O_QUIET: o->quiet = 1; break;
     case O_COND: o->cond = optarg; break;
     case O_REGRESSION: o->regression = 1; break;
+    case O_CAPTIONS: o->captions = optarg; break;
+    case O_VAE: o->vae = optarg; break;
+    case O_TEXT_ENCODER: o->text_encoder = optarg; break;
+    case O_TEXT_CONFIG: o->text_encoder_config = optarg; break;
+    case O_TOKENIZER: o->tokenizer = optarg; break;
+    case O_FREEZE_TEXT: o->freeze_text_encoder = 1; break;
     case O_BETAS:
       if (cli_parse_list("--adam-betas", optarg, 2, 0, 0.999999, o->betas) != 0)
         return 2;
@@ -267,6 +317,18 @@ static json_t *make_recipe(const cli_train_opts *o, const sched_config *sc, doub
     json_object_set_new(j, "regression", json_true());
   if (j && guide_weight >= 0)
     json_object_set_new(j, "guide_weight", json_real(guide_weight));
+  if (j && o->captions) {
+    json_object_set_new(j, "captions", json_string(o->captions));
+    json_object_set_new(j, "caption_dropout", json_real(o->caption_dropout));
+    json_object_set_new(j, "clip_skip", json_integer(o->clip_skip));
+    const char *keys[] = {"vae", "text_encoder", "text_encoder_config", "tokenizer"};
+    const char *vals[] = {o->vae, o->text_encoder, o->text_encoder_config, o->tokenizer};
+    for (int i = 0; i < 4; i++)
+      if (vals[i])
+        json_object_set_new(j, keys[i], json_string(vals[i]));
+    if (o->freeze_text_encoder)
+      json_object_set_new(j, "freeze_text_encoder", json_true());
+  }
   if (j && o->method) {
     json_object_set_new(j, "method", json_string(o->method));
     if (strcmp(o->method, "domainstudio") == 0) {
@@ -318,6 +380,18 @@ static int setup(cli_train_run *r, err *e) {
                      .threads = (int)o->threads,
                      .regression = o->regression,
                      .guide_weight = gw > 0 ? gw : 0};
+  cli_train_want want = {mi->in_channels, mi->sample_size, 1};
+  if (mi->cross_attention_dim && (rc = cli_train_text_setup(r, &tc, &want, e))) {
+    sched_config_free(&sc);
+    return rc;
+  }
+  if (!mi->cross_attention_dim && o->captions) {
+    sched_config_free(&sc);
+    return err_set(e, ERR_INVALID,
+                   "--captions %s: the model is not text-conditional (give a "
+                   "UNet2DConditionModel)",
+                   o->captions);
+  }
   if (o->method && strcmp(o->method, "domainstudio") == 0) {
     /* the frozen source: a second copy of the same folder */
     if ((rc = model_load(o->init, &r->source, e))) {
@@ -334,7 +408,9 @@ static int setup(cli_train_run *r, err *e) {
   if (!rc && o->method && (rc = trainer_new(r->m, &sc, &tc, &r->t, e)) != 0)
     err_prefix(e, "--method %s cannot adapt %s", o->method, o->init);
   if (!rc)
-    rc = cli_train_data_load(o->data, o->labels, r->m, o->dropout > 0, &r->d, e);
+    rc = cli_train_data_load(o->data, o->labels, r->m, &want, o->dropout > 0, &r->d, e);
+  if (!rc && r->lp)
+    rc = cli_train_captions_load(o->captions, latent_tokenizer(r->lp), &r->d, e);
   if (!rc && o->cond)
     rc = cli_train_cond_load(o->cond, r->m, o->regression, &r->d, e);
   if (!rc && r->source && r->d.n < 3)
@@ -383,32 +459,73 @@ static void progress(const cli_train_opts *o, long done, long first, long total,
           loss, rate, eta / 60, eta % 60, tty && done != total ? "" : "\n");
 }
 
+/* A gathered batch: images, conditioning images, labels, captions, and a text-to-image model's
+ * latents. */
+typedef struct batch {
+  float *x, *cond, *z;
+  int64_t *lab, *ids;
+} batch;
+
+static void batch_free(batch *bt) {
+  free(bt->x), free(bt->cond), free(bt->z), free(bt->lab), free(bt->ids);
+}
+
+static int batch_new(const cli_train_run *r, int b, batch *bt, err *e) {
+  const size_t per = (size_t)r->d.c * r->d.h * r->d.w, pc = (size_t)r->d.cc * r->d.h * r->d.w;
+  const int f = r->lp ? latent_get_info(r->lp)->factor : 1;
+  const size_t zper = (size_t)model_get_info(r->m)->in_channels * (r->d.h / f) * (r->d.w / f);
+  *bt = (batch){malloc((size_t)b * per * sizeof(float)),
+                r->d.cond ? malloc((size_t)b * pc * sizeof(float)) : NULL,
+                r->lp ? malloc((size_t)b * zper * sizeof(float)) : NULL,
+                malloc((size_t)b * sizeof(int64_t)),
+                r->d.ids ? malloc((size_t)b * r->d.len * sizeof(int64_t)) : NULL};
+  if (!bt->x || !bt->lab || (r->d.cond && !bt->cond) || (r->lp && !bt->z) || (r->d.ids && !bt->ids))
+    return err_set(e, ERR_NOMEM, "out of memory for a batch");
+  return ERR_OK;
+}
+
+/* Batch `idx` of the data into bt. */
+static void gather(const cli_train_run *r, const int64_t *idx, int b, batch *bt) {
+  const size_t per = (size_t)r->d.c * r->d.h * r->d.w, pc = (size_t)r->d.cc * r->d.h * r->d.w;
+  const size_t len = (size_t)r->d.len;
+  for (int i = 0; i < b; i++) {
+    memcpy(bt->x + (size_t)i * per, r->d.x + (size_t)idx[i] * per, per * sizeof *bt->x);
+    if (r->d.labels)
+      bt->lab[i] = r->d.labels[idx[i]];
+    if (bt->cond)
+      memcpy(bt->cond + (size_t)i * pc, r->d.cond + (size_t)idx[i] * pc, pc * sizeof *bt->cond);
+    if (bt->ids)
+      memcpy(bt->ids + i * len, r->d.ids + (size_t)idx[i] * len, len * sizeof *bt->ids);
+  }
+}
+
+/* One step on the gathered batch: a text-to-image model's on its images' latents. */
+static int batch_step(cli_train_run *r, batch *bt, int b, train_step_info *info, err *e) {
+  if (!r->lp)
+    return trainer_step_cond(r->t, bt->x, bt->cond, r->d.labels ? bt->lab : NULL, b, r->d.h, r->d.w,
+                             info, e);
+  const int f = latent_get_info(r->lp)->factor;
+  int rc = cli_train_latents(r, bt->x, b, bt->z, e);
+  return rc ? rc : trainer_step_text(r->t, bt->z, bt->ids, b, r->d.h / f, r->d.w / f, info, e);
+}
+
 /* Steps [first, stop) with a log line each and checkpoints as asked. */
 static int train_loop(cli_train_run *r, long first, long stop, err *e) {
   const cli_train_opts *o = r->o;
   const int b = (int)o->batch;
-  const size_t per = (size_t)r->d.c * r->d.h * r->d.w, pc = (size_t)r->d.cc * r->d.h * r->d.w;
-  float *x = malloc((size_t)b * per * sizeof *x);
-  float *cond = r->d.cond ? malloc((size_t)b * pc * sizeof *cond) : NULL;
-  int64_t *idx = malloc((size_t)b * sizeof *idx), *lab = malloc((size_t)b * sizeof *lab);
-  int rc = x && idx && lab && (cond || !r->d.cond)
-               ? ERR_OK
-               : err_set(e, ERR_NOMEM, "out of memory for a batch");
+  int64_t *idx = malloc((size_t)b * sizeof *idx);
+  batch bt;
+  int rc = batch_new(r, b, &bt, e);
+  if (!rc && !idx)
+    rc = err_set(e, ERR_NOMEM, "out of memory for a batch");
   const double t0 = now_s(), wall0 = r->wall;
   double smooth = 0;
   for (long step = first; rc == ERR_OK && step < stop; step++) {
     if ((rc = train_batch_indices((uint64_t)o->seed, step, b, r->d.n, idx, e)))
       break;
-    for (int i = 0; i < b; i++) {
-      memcpy(x + (size_t)i * per, r->d.x + (size_t)idx[i] * per, per * sizeof *x);
-      if (r->d.labels)
-        lab[i] = r->d.labels[idx[i]];
-      if (cond)
-        memcpy(cond + (size_t)i * pc, r->d.cond + (size_t)idx[i] * pc, pc * sizeof *cond);
-    }
+    gather(r, idx, b, &bt);
     train_step_info info;
-    if ((rc = trainer_step_cond(r->t, x, cond, r->d.labels ? lab : NULL, b, r->d.h, r->d.w, &info,
-                                e)))
+    if ((rc = batch_step(r, &bt, b, &info, e)))
       break;
     if (r->source)
       fprintf(r->log,
@@ -433,7 +550,8 @@ static int train_loop(cli_train_run *r, long first, long stop, err *e) {
     if (interrupted)
       break; /* run() writes the checkpoint */
   }
-  free(x), free(idx), free(lab), free(cond);
+  batch_free(&bt);
+  free(idx);
   return rc;
 }
 
@@ -503,7 +621,9 @@ static int execute(const char *cmd, cli_train_opts *o) {
   cli_train_data_free(&r.d);
   model_free(r.m);
   model_free(r.source);
-  json_decref(r.config), json_decref(r.sched), json_decref(r.recipe);
+  latent_parts_free(r.lp);
+  free(r.empty_ids);
+  json_decref(r.config), json_decref(r.sched), json_decref(r.recipe), json_decref(r.text_config);
   return status;
 }
 
@@ -518,7 +638,8 @@ int cmd_train(int argc, char **argv) {
                       .ema_power = 0.75,
                       .betas = {0.95, 0.999},
                       .threads = 2,
-                      .ckpt_every = 500};
+                      .ckpt_every = 500,
+                      .clip_skip = 1};
   int status = parse_args(argc, argv, &o);
   if (status >= 0)
     return status;

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "cli.h"
+#include "clip.h"
 #include "image.h"
 #include "npy.h"
 
@@ -23,17 +24,23 @@ void cli_train_data_free(cli_train_data *d) {
   free(d->x);
   free(d->labels);
   free(d->cond);
+  free(d->ids);
   memset(d, 0, sizeof *d);
 }
 
-/* The size every image must have: the model's sample_size (a config without one: H = W of the
+/* The size every image must have: the model's (a config without a sample_size: H = W of the
  * first image). */
-static int check_size(const model_info *mi, const char *what, int c, int h, int w, err *e) {
-  if (c != mi->in_channels)
-    return err_set(e, ERR_SHAPE, "%s: %d channels, the model takes %d", what, c, mi->in_channels);
-  if (mi->sample_size && (h != mi->sample_size || w != mi->sample_size))
+static int check_size(const cli_train_want *want, const char *what, int c, int h, int w, err *e) {
+  if (c != want->c)
+    return err_set(e, ERR_SHAPE, "%s: %d channels, the model takes %d", what, c, want->c);
+  if (want->size && want->factor == 1 && (h != want->size || w != want->size))
     return err_set(e, ERR_SHAPE, "%s: %dx%d images, the model's sample_size is %d", what, h, w,
-                   mi->sample_size);
+                   want->size);
+  if (want->size && (h != want->size || w != want->size))
+    return err_set(e, ERR_SHAPE,
+                   "%s: %dx%d images, the model takes %dx%d (its sample_size %d times the VAE's "
+                   "factor %d)",
+                   what, h, w, want->size, want->size, want->size / want->factor, want->factor);
   if (h != w || h < 1)
     return err_set(e, ERR_SHAPE, "%s: %dx%d images, expected square ones", what, h, w);
   return ERR_OK;
@@ -82,7 +89,7 @@ static int check_values(const npy_array *a, const char *what, err *e) {
   return rc;
 }
 
-static int load_npy(const char *path, const model_info *mi, cli_train_data *d, err *e) {
+static int load_npy(const char *path, const cli_train_want *want, cli_train_data *d, err *e) {
   npy_array a = {0};
   char what[1100];
   snprintf(what, sizeof what, "--data %s", path);
@@ -93,7 +100,7 @@ static int load_npy(const char *path, const model_info *mi, cli_train_data *d, e
     rc = err_set(e, ERR_SHAPE, "%s: expected images [N, C, H, W] with 1 <= N <= %d", what,
                  TRAIN_MAX_IMAGES);
   if (!rc)
-    rc = check_size(mi, what, (int)a.shape[1], (int)a.shape[2], (int)a.shape[3], e);
+    rc = check_size(want, what, (int)a.shape[1], (int)a.shape[2], (int)a.shape[3], e);
   if (!rc)
     rc = check_values(&a, what, e);
   if (rc) {
@@ -189,7 +196,7 @@ static int list_pngs(const char *dir, char ***names, int64_t *count, err *e) {
 }
 
 /* Reads and checks every PNG of the folder into d->x (sorted by name). */
-static int load_pngs(const char *dir, char **names, const model_info *mi, cli_train_data *d,
+static int load_pngs(const char *dir, char **names, const cli_train_want *want, cli_train_data *d,
                      err *e) {
   int rc = ERR_OK, c0 = 0;
   char first[1200] = "";
@@ -205,7 +212,7 @@ static int load_pngs(const char *dir, char **names, const model_info *mi, cli_tr
     if (!rc && i == 0) {
       c0 = c;
       snprintf(first, sizeof first, "%s", path);
-      if ((rc = check_size(mi, path, c, h, w, e)) == ERR_OK) {
+      if ((rc = check_size(want, path, c, h, w, e)) == ERR_OK) {
         d->c = c, d->h = h, d->w = w;
         size_t count = (size_t)d->n * c * h * w;
         if (!(d->x = malloc(count * sizeof *d->x)))
@@ -307,14 +314,15 @@ static int load_meta(const char *dir, char **names, const model *m, int dropout,
   return rc;
 }
 
-static int load_folder(const char *dir, const model *m, int dropout, cli_train_data *d, err *e) {
+static int load_folder(const char *dir, const model *m, const cli_train_want *want, int dropout,
+                       cli_train_data *d, err *e) {
   char **names = NULL;
   int rc = list_pngs(dir, &names, &d->n, e);
   if (rc)
     return rc;
   rc = load_meta(dir, names, m, dropout, d, e);
   if (!rc)
-    rc = load_pngs(dir, names, model_get_info(m), d, e);
+    rc = load_pngs(dir, names, want, d, e);
   for (int64_t i = 0; i < d->n; i++)
     free(names[i]);
   free(names);
@@ -339,7 +347,7 @@ const char *cli_train_shown_path(const char *path) {
 
 int cli_train_images_load(const char *data, int channels, cli_train_data *d, err *e) {
   memset(d, 0, sizeof *d);
-  const model_info mi = {.in_channels = channels}; /* any square size */
+  const cli_train_want want = {channels, 0, 1}; /* any square size */
   struct stat sb;
   if (stat(data, &sb) != 0)
     return err_set(e, ERR_IO, "--data %s: %s", data, strerror(errno));
@@ -347,7 +355,7 @@ int cli_train_images_load(const char *data, int channels, cli_train_data *d, err
   if (S_ISDIR(sb.st_mode)) {
     char **names = NULL;
     if ((rc = list_pngs(data, &names, &d->n, e)) == ERR_OK)
-      rc = load_pngs(data, names, &mi, d, e);
+      rc = load_pngs(data, names, &want, d, e);
     for (int64_t i = 0; names && i < d->n; i++)
       free(names[i]);
     free(names);
@@ -355,15 +363,15 @@ int cli_train_images_load(const char *data, int channels, cli_train_data *d, err
       snprintf(d->desc, sizeof d->desc, "%s: %lld PNG images %dx%dx%d", cli_train_shown_path(data),
                (long long)d->n, d->c, d->h, d->w);
   } else {
-    rc = load_npy(data, &mi, d, e);
+    rc = load_npy(data, &want, d, e);
   }
   if (rc)
     cli_train_data_free(d);
   return rc;
 }
 
-int cli_train_data_load(const char *data, const char *labels, const model *m, int dropout,
-                        cli_train_data *d, err *e) {
+int cli_train_data_load(const char *data, const char *labels, const model *m,
+                        const cli_train_want *want, int dropout, cli_train_data *d, err *e) {
   memset(d, 0, sizeof *d);
   const model_info *mi = model_get_info(m);
   struct stat sb;
@@ -374,9 +382,9 @@ int cli_train_data_load(const char *data, const char *labels, const model *m, in
     rc = labels ? err_set(e, ERR_INVALID,
                           "--labels is for a .npy; a folder's labels come from "
                           "its metadata.jsonl")
-                : load_folder(data, m, dropout, d, e);
+                : load_folder(data, m, want, dropout, d, e);
   } else {
-    rc = load_npy(data, mi, d, e);
+    rc = load_npy(data, want, d, e);
     if (!rc && labels && !mi->num_classes)
       rc = err_set(e, ERR_INVALID, "--labels %s: the model is not class-conditional", labels);
     else if (!rc && !labels && mi->num_classes)
@@ -393,5 +401,53 @@ int cli_train_data_load(const char *data, const char *labels, const model *m, in
   }
   if (rc)
     cli_train_data_free(d);
+  return rc;
+}
+
+/* One caption line (without its newline) into ids; where names the line in errors. */
+static int caption_line(const clip_tokenizer *tok, const char *line, size_t len, const char *where,
+                        int64_t *ids, err *e) {
+  int truncated = 0;
+  int rc = clip_tokenize(tok, line, len, ids, NULL, &truncated, e);
+  if (rc)
+    return err_prefix(e, "%s", where);
+  if (truncated)
+    return err_set(e, ERR_INVALID, "%s: the caption is longer than the tokenizer's %d tokens",
+                   where, clip_tokenizer_length(tok));
+  return ERR_OK;
+}
+
+int cli_train_captions_load(const char *path, const clip_tokenizer *tok, cli_train_data *d,
+                            err *e) {
+  FILE *f = fopen(path, "r");
+  if (!f)
+    return err_set(e, ERR_IO, "--captions %s: %s", path, strerror(errno));
+  const int len = clip_tokenizer_length(tok);
+  char *line = malloc(TRAIN_MAX_META_LINE);
+  d->len = len;
+  d->ids = malloc((size_t)d->n * len * sizeof *d->ids);
+  int rc = line && d->ids ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for the captions");
+  int64_t k = 0;
+  for (; rc == ERR_OK && fgets(line, TRAIN_MAX_META_LINE, f); k++) {
+    char where[1300];
+    snprintf(where, sizeof where, "--captions %s:%lld", path, (long long)k + 1);
+    size_t n = strcspn(line, "\r\n");
+    if (!strchr(line, '\n') && !feof(f))
+      rc = err_set(e, ERR_FORMAT, "%s: line longer than %d bytes", where, TRAIN_MAX_META_LINE);
+    else if (k >= d->n)
+      rc = err_set(e, ERR_INVALID, "--captions %s: more than the %lld captions of the %lld images",
+                   path, (long long)d->n, (long long)d->n);
+    else
+      rc = caption_line(tok, line, n, where, d->ids + k * len, e);
+  }
+  fclose(f);
+  free(line);
+  if (rc == ERR_OK && k != d->n)
+    rc = err_set(e, ERR_INVALID, "--captions %s: %lld captions for %lld images (one per line)",
+                 path, (long long)k, (long long)d->n);
+  if (rc == ERR_OK) {
+    size_t used = strlen(d->desc);
+    snprintf(d->desc + used, sizeof d->desc - used, ", captions %s", path);
+  }
   return rc;
 }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "clip.h"
 #include "image.h"
 #include "safetensors.h"
 
@@ -32,14 +33,14 @@ static int write_json(const char *path, const json_t *j, err *e) {
 /* The weights, the EMA and the moments as "param/NAME", "ema/NAME", "adam_m/NAME",
  * "adam_v/NAME". */
 static int write_state(cli_train_run *r, const char *path, err *e) {
-  const int np = model_param_count(r->m), kinds = 4;
+  const int np = trainer_tensor_count(r->t), kinds = 4;
   st_out_tensor *t = calloc((size_t)np * kinds + 1, sizeof *t);
   char **names = calloc((size_t)np * kinds + 1, sizeof *names);
   int count = 0, rc = t && names ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
   static const char *const prefix[] = {"param", "ema", "adam_m", "adam_v"};
   for (int k = 0; rc == ERR_OK && k < kinds; k++)
     for (int i = 0; rc == ERR_OK && i < np; i++) {
-      const model_param *mp = model_param_at(r->m, i);
+      const train_tensor *mp = trainer_tensor(r->t, i);
       const float *data = k == 0   ? mp->data
                           : k == 1 ? trainer_ema_at(r->t, i)
                                    : trainer_moment_at(r->t, k - 2, i);
@@ -119,8 +120,8 @@ static int read_state(cli_train_run *r, const char *path, err *e) {
   int rc = st_open(path, &st, e);
   static const char *const prefix[] = {"param", "ema", "adam_m", "adam_v"};
   for (int k = 0; rc == ERR_OK && k < 4; k++)
-    for (int i = 0; rc == ERR_OK && i < model_param_count(r->m); i++) {
-      const model_param *mp = model_param_at(r->m, i);
+    for (int i = 0; rc == ERR_OK && i < trainer_tensor_count(r->t); i++) {
+      const train_tensor *mp = trainer_tensor(r->t, i);
       float *dst = k == 0   ? mp->data
                    : k == 1 ? trainer_ema_at(r->t, i)
                             : trainer_moment_at(r->t, k - 2, i);
@@ -132,6 +133,8 @@ static int read_state(cli_train_run *r, const char *path, err *e) {
   st_close(st);
   if (rc == ERR_OK)
     rc = model_repack(r->m, e);
+  if (rc == ERR_OK && r->lp && !r->o->freeze_text_encoder)
+    rc = clip_text_repack(latent_text_encoder(r->lp), e);
   return rc;
 }
 
@@ -336,6 +339,11 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
   else if (mi->num_classes)
     snprintf(cond, sizeof cond, "class-conditional (%d classes, null class %lld)", mi->num_classes,
              (long long)mi->null_class);
+  else if (r->lp)
+    snprintf(cond, sizeof cond,
+             "text-conditional, on the latents of the frozen VAE in vae/, with the text encoder "
+             "in text_encoder/ %s",
+             o->freeze_text_encoder ? "(frozen)" : "trained jointly");
   else
     snprintf(cond, sizeof cond, "unconditional");
   snprintf(path, sizeof path, "%s/README.md", o->out);
@@ -343,8 +351,8 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
   if (!f)
     return err_set(e, ERR_IO, "%s: %s", path, strerror(errno));
   fprintf(f,
-          "# A UNet2DModel trained by denoised\n\n"
-          "A diffusers `UNet2DModel` (%lld parameters, float32) trained with `denoised "
+          "# A %s trained by denoised\n\n"
+          "A diffusers `%s` (%lld parameters, float32) trained with `denoised "
           "train`.\nIt is %s.\nThe weights are %s.\n\n## Recipe\n\n```\n%s\n```\n\n%s"
           "Prediction type `%s`; AdamW (eps 1e-8); learning-rate schedule "
           "`%s`;\nnoise schedule in `scheduler_config.json`. Settings as JSON: "
@@ -353,7 +361,7 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
           "- final loss %.6g (mean of the last %ld steps; the first %ld: %.6g)\n"
           "- wall time %.1f s on %lld threads\n"
           "- `loss.jsonl` (every step's loss, learning rate and gradient norm), `loss.png`\n",
-          (long long)mi->num_params, cond,
+          mi->class_name, mi->class_name, (long long)mi->num_params, cond,
           o->ema > 0 ? "the exponential moving average of training" : "those of the last step", cmd,
           shortened ? "Absolute paths are shown by their last two parts.\n" : "",
           json_string_value(json_object_get(r->recipe, "prediction_type")), o->lr_schedule,
@@ -364,9 +372,116 @@ static int write_card(cli_train_run *r, const double *loss, long n, err *e) {
   return ERR_OK;
 }
 
+/* One tensor list as an F32 safetensors file with the run's metadata. */
+static int write_tensors(const cli_train_run *r, const char *path, const st_out_tensor *t, int n,
+                         err *e) {
+  char step[32];
+  snprintf(step, sizeof step, "%ld", trainer_steps(r->t));
+  const char *meta[] = {"format", "pt", "step", step, "trained_by", "denoised train"};
+  return st_write_f32(path, t, n, meta, 3, e);
+}
+
+/* text_encoder/: its config and weights (the EMA when on, as the UNet's), transformers' names. */
+static int export_text_encoder(cli_train_run *r, const char *dir, err *e) {
+  const clip_text_model *m = latent_text_encoder(r->lp);
+  const int nmodel = model_param_count(r->m), trained = !r->o->freeze_text_encoder;
+  size_t total, off, count;
+  float *w = clip_text_weights(m, &total);
+  int n = 0;
+  while (clip_text_tensor(m, n, &off, &count))
+    n++;
+  st_out_tensor *t = calloc((size_t)n + 1, sizeof *t);
+  int64_t(*shapes)[2] = calloc((size_t)n + 1, sizeof *shapes);
+  char **names = calloc((size_t)n + 1, sizeof *names);
+  int rc = t && shapes && names ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; !rc && i < n; i++) {
+    const char *name = clip_text_tensor(m, i, &off, &count);
+    const float *ema = trained ? trainer_ema_at(r->t, nmodel + i) : NULL;
+    const int ndim = clip_text_tensor_shape(m, i, shapes[i]);
+    if (!(names[i] = strdup(name)))
+      rc = err_set(e, ERR_NOMEM, "out of memory");
+    t[i] = (st_out_tensor){names[i], ndim, shapes[i], ema ? ema : w + off};
+  }
+  char path[PATH_LEN + 64];
+  snprintf(path, sizeof path, "%s/model.safetensors", dir);
+  if (!rc)
+    rc = write_tensors(r, path, t, n, e);
+  json_t *cfg = json_deep_copy(r->text_config);
+  if (!rc && !cfg)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (!rc) {
+    json_object_set_new(cfg, "architectures", json_pack("[s]", "CLIPTextModel"));
+    if (!json_object_get(cfg, "model_type"))
+      json_object_set_new(cfg, "model_type", json_string("clip_text_model"));
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    rc = write_json(path, cfg, e);
+  }
+  json_decref(cfg);
+  for (int i = 0; names && i < n; i++)
+    free(names[i]);
+  free(names), free(shapes), free(t);
+  return rc;
+}
+
+/* Copies the files of `files` (NULL-terminated) from src to dst; a missing optional one (from
+ * index `optional` on) is skipped. */
+static int copy_files(const char *src, const char *dst, const char *const *files, int optional,
+                      err *e) {
+  int rc = ERR_OK;
+  for (int i = 0; !rc && files[i]; i++) {
+    char from[PATH_LEN + 64], to[PATH_LEN + 64];
+    snprintf(from, sizeof from, "%s/%s", src, files[i]);
+    snprintf(to, sizeof to, "%s/%s", dst, files[i]);
+    if (i >= optional && access(from, R_OK) != 0)
+      continue;
+    rc = cli_copy_file(from, to, e);
+  }
+  return rc;
+}
+
+/* A pipeline's parts besides the UNet and scheduler: the text encoder, the tokenizer and the
+ * frozen VAE copied, and model_index.json. */
+static int export_text_parts(cli_train_run *r, err *e) {
+  const char *out = r->o->out;
+  char dir[PATH_LEN + 64], vae[PATH_LEN + 64];
+  static const char *const tok[] = {"vocab.json", "merges.txt", "special_tokens_map.json",
+                                    "tokenizer_config.json", NULL};
+  static const char *const vae_files[] = {"config.json", "diffusion_pytorch_model.safetensors",
+                                          NULL};
+  snprintf(dir, sizeof dir, "%s/text_encoder", out);
+  int rc = export_text_encoder(r, dir, e);
+  snprintf(dir, sizeof dir, "%s/tokenizer", out);
+  if (!rc)
+    rc = copy_files(r->tokenizer_dir, dir, tok, 2, e);
+  snprintf(vae, sizeof vae, "%s/model_index.json", r->vae_dir);
+  const int pipeline = access(vae, R_OK) == 0;
+  snprintf(vae, sizeof vae, "%s%s", r->vae_dir, pipeline ? "/vae" : "");
+  snprintf(dir, sizeof dir, "%s/vae", out);
+  if (!rc)
+    rc = copy_files(vae, dir, vae_files, 2, e);
+  const char *sc = json_string_value(json_object_get(r->sched, "_class_name"));
+  if (!rc)
+    rc = cli_write_pipeline_index(out, sc ? sc : "DDPMScheduler", e);
+  return rc;
+}
+
+/* The pipeline's folders, or nothing for a lone UNet. */
+static int make_dirs(const cli_train_run *r, err *e) {
+  static const char *const parts[] = {"unet", "scheduler", "text_encoder", "tokenizer", "vae"};
+  for (int i = 0; r->lp && i < 5; i++) {
+    char dir[PATH_LEN + 64];
+    snprintf(dir, sizeof dir, "%s/%s", r->o->out, parts[i]);
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+      return err_set(e, ERR_IO, "%s: %s", dir, strerror(errno));
+  }
+  return ERR_OK;
+}
+
 int cli_train_export(cli_train_run *r, err *e) {
   const char *out = r->o->out;
-  char path[PATH_LEN], step[32];
+  char path[PATH_LEN + 64], unet[PATH_LEN + 16], sched[PATH_LEN + 16];
+  snprintf(unet, sizeof unet, "%s%s", out, r->lp ? "/unet" : "");
+  snprintf(sched, sizeof sched, "%s%s", out, r->lp ? "/scheduler" : "");
   const int np = model_param_count(r->m);
   st_out_tensor *t = calloc((size_t)np + 1, sizeof *t);
   if (!t)
@@ -376,17 +491,19 @@ int cli_train_export(cli_train_run *r, err *e) {
     const float *ema = trainer_ema_at(r->t, i);
     t[i] = (st_out_tensor){mp->name, mp->ndim, mp->shape, ema ? ema : mp->data};
   }
-  snprintf(step, sizeof step, "%ld", trainer_steps(r->t));
-  const char *meta[] = {"format", "pt", "step", step, "trained_by", "denoised train"};
-  snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", out);
-  int rc = st_write_f32(path, t, np, meta, 3, e);
+  int rc = make_dirs(r, e);
+  snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", unet);
+  if (!rc)
+    rc = write_tensors(r, path, t, np, e);
   free(t);
-  snprintf(path, sizeof path, "%s/config.json", out);
+  snprintf(path, sizeof path, "%s/config.json", unet);
   if (!rc)
     rc = write_json(path, r->config, e);
-  snprintf(path, sizeof path, "%s/scheduler_config.json", out);
+  snprintf(path, sizeof path, "%s/scheduler_config.json", sched);
   if (!rc)
     rc = write_json(path, r->sched, e);
+  if (!rc && r->lp)
+    rc = export_text_parts(r, e);
   long n = 0;
   double *loss = rc ? NULL : read_losses(out, &n);
   if (!rc && !loss)

@@ -48,28 +48,35 @@ static int finish(latent_parts *p, const char *source, latent_parts **out, err *
   return ERR_OK;
 }
 
-int latent_parts_load(const char *dir, latent_parts **out, err *e) {
+int latent_parts_assemble(const char *vae_dir, const char *tokenizer_dir, clip_text_model *text,
+                          latent_parts **out, err *e) {
   *out = NULL;
-  char path[LATENT_PATH_MAX];
-  if (strlen(dir) > LATENT_PATH_MAX - 32)
-    return err_set(e, ERR_INVALID, "model directory path is too long");
   latent_parts *p = mem_calloc(1, sizeof *p);
-  if (!p)
+  if (!p) {
+    clip_text_free(text);
     return err_set(e, ERR_NOMEM, "out of memory");
-  int rc = vae_load(dir, &p->vae, e);
-  if (!rc) {
-    snprintf(path, sizeof path, "%s/tokenizer", dir);
-    rc = clip_tokenizer_new(path, &p->tok, e);
   }
-  if (!rc) {
-    snprintf(path, sizeof path, "%s/text_encoder", dir);
-    rc = clip_text_new(path, &p->text, e);
-  }
+  p->text = text;
+  int rc = vae_load(vae_dir, &p->vae, e);
+  if (!rc)
+    rc = clip_tokenizer_new(tokenizer_dir, &p->tok, e);
   if (rc) {
     latent_parts_free(p);
     return rc;
   }
-  return finish(p, dir, out, e);
+  return finish(p, vae_dir, out, e);
+}
+
+int latent_parts_load(const char *dir, latent_parts **out, err *e) {
+  *out = NULL;
+  char path[LATENT_PATH_MAX], tok[LATENT_PATH_MAX];
+  if (strlen(dir) > LATENT_PATH_MAX - 32)
+    return err_set(e, ERR_INVALID, "model directory path is too long");
+  clip_text_model *text = NULL;
+  snprintf(path, sizeof path, "%s/text_encoder", dir);
+  snprintf(tok, sizeof tok, "%s/tokenizer", dir);
+  int rc = clip_text_new(path, &text, e);
+  return rc ? rc : latent_parts_assemble(dir, tok, text, out, e);
 }
 
 int latent_parts_load_single(const sd_single *s, const char *source, const char *tokenizer_dir,
@@ -101,6 +108,14 @@ void latent_parts_free(latent_parts *p) {
   clip_tokenizer_free(p->tok);
   clip_text_free(p->text);
   free(p);
+}
+
+clip_text_model *latent_text_encoder(latent_parts *p) {
+  return p->text;
+}
+
+const clip_tokenizer *latent_tokenizer(const latent_parts *p) {
+  return p->tok;
 }
 
 const latent_info *latent_get_info(const latent_parts *p) {

@@ -30,6 +30,16 @@ int latent_parts_load(const char *dir, latent_parts **out, err *e);
 struct sd_single;
 int latent_parts_load_single(const struct sd_single *s, const char *source,
                              const char *tokenizer_dir, latent_parts **out, err *e);
+/* The parts from separate folders, for training a text-to-image model: the VAE of vae_dir (a
+ * VAE folder or a pipeline folder), the tokenizer of tokenizer_dir, and `text`, a text encoder
+ * the parts take over (freed with them, also on failure). */
+struct clip_text_model;
+struct clip_tokenizer;
+int latent_parts_assemble(const char *vae_dir, const char *tokenizer_dir,
+                          struct clip_text_model *text, latent_parts **out, err *e);
+/* The text encoder (writable: a trainer updates its weights) and the tokenizer. */
+struct clip_text_model *latent_text_encoder(latent_parts *p);
+const struct clip_tokenizer *latent_tokenizer(const latent_parts *p);
 void latent_parts_free(latent_parts *p);
 const latent_info *latent_get_info(const latent_parts *p);
 

@@ -64,6 +64,10 @@ int clip_text_new(const char *dir, clip_text_model **out, err *e);
  * may be closed afterwards. */
 int clip_text_new_from(const json_t *config, const st_file *weights, const char *source,
                        clip_text_model **out, err *e);
+/* A fresh model of config (a CLIPTextModel config.json's object) for training, its weights
+ * drawn from seed as transformers initialises them (see init_std in clip_text.c) with the
+ * engine's counter-based generator. */
+int clip_text_init(const json_t *config, uint64_t seed, clip_text_model **out, err *e);
 void clip_text_free(clip_text_model *m);
 const clip_text_config *clip_text_config_of(const clip_text_model *m);
 
@@ -73,6 +77,11 @@ const clip_text_config *clip_text_config_of(const clip_text_model *m);
  * v, out projections (weight, bias), fc1, fc2. The name is valid until the next call. */
 float *clip_text_weights(const clip_text_model *m, size_t *count);
 const char *clip_text_tensor(const clip_text_model *m, int i, size_t *offset, size_t *count);
+/* Tensor i's shape as transformers stores it (shape[0..ndim)); returns ndim, 0 past the last. */
+int clip_text_tensor_shape(const clip_text_model *m, int i, int64_t shape[2]);
+/* Packs the projections again from the block's values, after an optimizer changed them. No
+ * encode may run meanwhile. ERR_NOMEM. */
+int clip_text_repack(clip_text_model *m, err *e);
 
 /* hidden[n][len][hidden_size] for the token ids[n][len] (len <= max_positions), causal
  * attention. clip_skip counts as AUTOMATIC1111 does: 1 is the last layer's output, N > 1 the

@@ -15,6 +15,7 @@
 #include "clip.h"
 #include "mem.h"
 #include "ops.h"
+#include "rng.h"
 #include "safetensors.h"
 
 typedef struct clip_layer {
@@ -102,16 +103,56 @@ static int parse_config(const json_t *root, const char *path, clip_text_config *
 /* ---------- weights ---------- */
 
 typedef struct loader {
-  const st_file *f;
+  const st_file *f; /* NULL: a fresh initialisation drawn from seed */
+  const clip_text_config *c;
+  uint64_t seed;
+  int index; /* tensors taken so far: the generator stream of the next fresh one */
   float *next;
   const char *path;
   err *e;
   int rc;
 } loader;
 
+/* transformers' CLIPTextModel._init_weights (initializer_range 0.02, factor 1): embeddings
+ * N(0, 0.02); q, k, v and fc2 N(0, d^-1/2 (2 layers)^-1/2), out_proj N(0, d^-1/2), fc1
+ * N(0, (2 d)^-1/2); layer norms 1 and 0; biases 0 (transformers leaves nn.Linear's own there:
+ * zero is the quieter start). The std of tensor `name`; 0 for zeros, -1 for ones. */
+static double init_std(const clip_text_config *c, const char *name) {
+  const double d = c->hidden_size, in_std = pow(d, -0.5) * pow(2.0 * c->layers, -0.5);
+  if (strstr(name, "embedding"))
+    return 0.02;
+  if (strstr(name, "norm"))
+    return strstr(name, ".weight") ? -1 : 0;
+  if (!strstr(name, ".weight"))
+    return 0;
+  if (strstr(name, "out_proj"))
+    return pow(d, -0.5);
+  if (strstr(name, "fc1"))
+    return pow(2.0 * d, -0.5);
+  return in_std; /* q, k, v, fc2 */
+}
+
+static void init_tensor(loader *l, const char *name, float *dst, size_t count) {
+  const double std = init_std(l->c, name);
+  if (std > 0) {
+    rng_normal(l->seed, (uint64_t)l->index, 0x636c6970u, dst, count);
+    for (size_t i = 0; i < count; i++)
+      dst[i] = (float)(dst[i] * std);
+  } else
+    for (size_t i = 0; i < count; i++)
+      dst[i] = std < 0 ? 1.0f : 0.0f;
+}
+
 static const float *take(loader *l, const char *name, int64_t d0, int64_t d1) {
   if (l->rc)
     return NULL;
+  if (!l->f) {
+    float *dst = l->next;
+    init_tensor(l, name, dst, (size_t)d0 * (size_t)(d1 ? d1 : 1));
+    l->index++;
+    l->next += d0 * (d1 ? d1 : 1);
+    return dst;
+  }
   int64_t shape[2] = {d0, d1};
   int ndim = d1 ? 2 : 1;
   float *dst = l->next;
@@ -234,8 +275,9 @@ const char *clip_text_tensor(const clip_text_model *m, int i, size_t *offset, si
   return name;
 }
 
-int clip_text_new_from(const json_t *config, const st_file *weights, const char *source,
-                       clip_text_model **out, err *e) {
+/* The model of config with its tensors from weights, or (weights NULL) drawn from seed. */
+static int build(const json_t *config, const st_file *weights, uint64_t seed, const char *source,
+                 clip_text_model **out, err *e) {
   *out = NULL;
   ops_init();
   clip_text_model *m = mem_calloc(1, sizeof *m);
@@ -244,8 +286,6 @@ int clip_text_new_from(const json_t *config, const st_file *weights, const char 
   if (!source)
     source = "the text encoder";
   int rc = parse_config(config, source, &m->cfg, e);
-  if (!rc && !weights)
-    rc = err_set(e, ERR_INVALID, "%s: no tensors given", source);
   const clip_text_config *c = &m->cfg;
   if (!rc) {
     m->weights = mem_malloc(weight_floats(c) * sizeof(float));
@@ -255,7 +295,7 @@ int clip_text_new_from(const json_t *config, const st_file *weights, const char 
                    weight_floats(c));
   }
   if (!rc) {
-    loader l = {.f = weights, .next = m->weights, .path = source, .e = e};
+    loader l = {.f = weights, .c = c, .seed = seed, .next = m->weights, .path = source, .e = e};
     int d = c->hidden_size;
     m->tok_emb = take(&l, "text_model.embeddings.token_embedding.weight", c->vocab_size, d);
     m->pos_emb = take(&l, "text_model.embeddings.position_embedding.weight", c->max_positions, d);
@@ -273,6 +313,66 @@ int clip_text_new_from(const json_t *config, const st_file *weights, const char 
   }
   *out = m;
   return 0;
+}
+
+int clip_text_new_from(const json_t *config, const st_file *weights, const char *source,
+                       clip_text_model **out, err *e) {
+  *out = NULL;
+  if (!source)
+    source = "the text encoder";
+  clip_text_config c;
+  if (!weights) { /* a bad config is named first */
+    int rc = parse_config(config, source, &c, e);
+    return rc ? rc : err_set(e, ERR_INVALID, "%s: no tensors given", source);
+  }
+  return build(config, weights, 0, source, out, e);
+}
+
+int clip_text_init(const json_t *config, uint64_t seed, clip_text_model **out, err *e) {
+  return build(config, NULL, seed, "the text encoder's config", out, e);
+}
+
+/* Every projection of the model, for packing. */
+static void each_projection(clip_text_model *m, conv2d **out) {
+  for (int i = 0; i < m->cfg.layers; i++) {
+    clip_layer *ly = &m->layers[i];
+    conv2d *c[6] = {&ly->q, &ly->k, &ly->v, &ly->o, &ly->fc1, &ly->fc2};
+    memcpy(out + 6 * i, c, sizeof c);
+  }
+}
+
+int clip_text_repack(clip_text_model *m, err *e) {
+  conv2d **c = mem_calloc((size_t)m->cfg.layers * 6, sizeof *c);
+  if (!c)
+    return err_set(e, ERR_NOMEM, "out of memory repacking the text encoder");
+  each_projection(m, c);
+  int rc = ERR_OK;
+  for (int i = 0; i < m->cfg.layers * 6; i++) {
+    ops_conv2d_unpack(c[i]);
+    if (!rc && ops_conv2d_pack_direct(c[i]))
+      rc = err_set(e, ERR_NOMEM, "out of memory repacking the text encoder");
+  }
+  free(c);
+  return rc;
+}
+
+int clip_text_tensor_shape(const clip_text_model *m, int i, int64_t shape[2]) {
+  size_t off, count;
+  const char *name = clip_text_tensor(m, i, &off, &count);
+  if (!name)
+    return 0;
+  const int64_t d = m->cfg.hidden_size;
+  if (strstr(name, "embedding")) {
+    shape[0] = (int64_t)count / d, shape[1] = d;
+    return 2;
+  }
+  if (!strstr(name, "norm") && strstr(name, ".weight")) {
+    shape[1] = strstr(name, "fc2") ? m->cfg.intermediate_size : d;
+    shape[0] = (int64_t)count / shape[1];
+    return 2;
+  }
+  shape[0] = (int64_t)count;
+  return 1;
 }
 
 int clip_text_new(const char *dir, clip_text_model **out, err *e) {

@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clip_grad.h"
 #include "mem.h"
+#include "pool.h"
 #include "rng.h"
 
 /* Generator streams (rng.h) of the random draws; image = the global index of the sample
@@ -22,14 +24,21 @@
 struct trainer {
   model *m;
   train_config c;
-  int T;            /* num_train_timesteps */
-  float *ac;        /* alphas_cumprod [T] */
-  int np;           /* model_param_count */
-  size_t *counts;   /* per tensor */
-  float **params;   /* the model's data pointers */
-  float **ema;      /* shadow weights, or NULL */
-  const float **gp; /* gradient buffers */
+  train_text text; /* c.text's copy (c.text points here) */
+  int T;           /* num_train_timesteps */
+  float *ac;       /* alphas_cumprod [T] */
+  int np;          /* tensors trained: the model's, then a trained text encoder's */
+  int nmodel;      /* model_param_count */
+  train_tensor *tensors;
+  size_t *counts; /* per tensor */
+  float **params; /* their data pointers */
+  float **ema;    /* shadow weights, or NULL */
+  float **gp;     /* gradient buffers */
   model_grads *grads;
+  float *text_grad;  /* the trained text encoder's gradient, laid out as its weight block */
+  pool *text_pool;   /* the text encoder's threads */
+  int64_t *ids;      /* a batch's captions after dropout */
+  float *ehs, *gehs; /* their hidden states and the UNet's gradient for them */
   adamw *opt;
   long steps;
   /* per-batch scratch, grown as needed */
@@ -89,6 +98,12 @@ void trainer_free(trainer *t) {
   free(t->counts);
   free(t->params);
   free(t->gp);
+  for (int i = t->nmodel; t->tensors && i < t->np; i++)
+    free((char *)t->tensors[i].name);
+  free(t->tensors);
+  free(t->text_grad);
+  pool_free(t->text_pool);
+  free(t->ids), free(t->ehs), free(t->gehs);
   free(t->ac);
   model_grads_free(t->grads);
   adamw_free(t->opt);
@@ -98,9 +113,45 @@ void trainer_free(trainer *t) {
   free(t);
 }
 
+/* The text conditioning fits the model: a text encoder exactly for a text-conditional UNet, of
+ * its cross-attention width, with a valid dropout and caption length. */
+static int check_text(const model_info *mi, const train_config *c, err *e) {
+  const train_text *x = c->text;
+  if (!mi->cross_attention_dim != !x)
+    return err_set(e, ERR_INVALID,
+                   x ? "a text encoder was given for a model without text conditioning"
+                     : "the model is text-conditional: training needs a text encoder and "
+                       "captions");
+  if (!x)
+    return ERR_OK;
+  const clip_text_config *tc = x->encoder ? clip_text_config_of(x->encoder) : NULL;
+  if (!tc || !x->empty_ids)
+    return err_set(e, ERR_INVALID, "text conditioning without a text encoder or empty caption");
+  if (tc->hidden_size != mi->cross_attention_dim)
+    return err_set(e, ERR_INVALID,
+                   "the text encoder's hidden_size %d is not the UNet's cross_attention_dim %d",
+                   tc->hidden_size, mi->cross_attention_dim);
+  if (x->len < 1 || x->len > tc->max_positions)
+    return err_set(e, ERR_INVALID, "captions of %d tokens: the text encoder takes 1 to %d", x->len,
+                   tc->max_positions);
+  if (x->clip_skip < 1 || x->clip_skip > tc->layers)
+    return err_set(e, ERR_INVALID, "clip skip %d: the text encoder has %d layers", x->clip_skip,
+                   tc->layers);
+  if (!(x->dropout >= 0 && x->dropout <= 1))
+    return err_set(e, ERR_INVALID, "caption dropout must be in [0, 1]");
+  if (c->regression || c->source)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "text conditioning trains a denoiser: not with regression or DomainStudio");
+  return ERR_OK;
+}
+
 static int check_config(const model_info *mi, const train_config *c, err *e) {
-  if (mi->kind != MODEL_UNET2D)
-    return err_set(e, ERR_UNSUPPORTED, "only a UNet2DModel can be trained");
+  if (mi->kind != MODEL_UNET2D && mi->kind != MODEL_UNET2D_CONDITION)
+    return err_set(e, ERR_UNSUPPORTED,
+                   "only a UNet2DModel or a UNet2DConditionModel can be trained");
+  int rc = check_text(mi, c, e);
+  if (rc)
+    return rc;
   if (mi->out_channels != mi->in_channels)
     return err_set(e, ERR_UNSUPPORTED,
                    "the model predicts %d channels of %d-channel images (learned variance is "
@@ -117,8 +168,7 @@ static int check_config(const model_info *mi, const train_config *c, err *e) {
   if (c->null_dropout > 0 &&
       (mi->num_classes == 0 || c->null_class < 0 || c->null_class >= mi->num_classes))
     return err_set(e, ERR_INVALID, "null-class dropout needs a class-conditional model");
-  int rc = train_check_schedule(c->clip_norm, c->lr_kind, c->lr, c->warmup, c->total_steps, e);
-  if (rc)
+  if ((rc = train_check_schedule(c->clip_norm, c->lr_kind, c->lr, c->warmup, c->total_steps, e)))
     return rc;
   if (c->use_ema && !(c->ema.decay >= 0 && c->ema.decay <= 1))
     return err_set(e, ERR_INVALID, "EMA decay must be in [0, 1]");
@@ -162,6 +212,72 @@ static int check_source(const model *m, const train_config *c, err *e) {
   return ERR_OK;
 }
 
+/* The trained text encoder's tensors after the model's, their gradients in one block. */
+static int add_text_tensors(trainer *t, err *e) {
+  clip_text_model *m = t->text.encoder;
+  size_t total, off, count;
+  float *w = clip_text_weights(m, &total);
+  if (!(t->text_grad = mem_calloc(total + 1, sizeof(float))))
+    return err_set(e, ERR_NOMEM, "out of memory for the text encoder's gradient");
+  for (int i = t->nmodel; i < t->np; i++) {
+    const int k = i - t->nmodel;
+    const char *name = clip_text_tensor(m, k, &off, &count);
+    train_tensor *tt = &t->tensors[i];
+    size_t len = strlen(name) + sizeof "text_encoder/";
+    char *full = mem_malloc(len);
+    if (!full)
+      return err_set(e, ERR_NOMEM, "out of memory");
+    snprintf(full, len, "text_encoder/%s", name);
+    *tt = (train_tensor){.name = full, .count = count, .data = w + off};
+    tt->ndim = clip_text_tensor_shape(m, k, tt->shape);
+    t->gp[i] = t->text_grad + off;
+  }
+  return ERR_OK;
+}
+
+/* Every tensor trained: the model's, then a trained text encoder's. */
+static int list_tensors(trainer *t, err *e) {
+  const int text = t->c.text && !t->c.text->frozen;
+  size_t off, count;
+  t->nmodel = model_param_count(t->m);
+  t->np = t->nmodel;
+  if (text) {
+    while (clip_text_tensor(t->text.encoder, t->np - t->nmodel, &off, &count))
+      t->np++;
+  }
+  t->counts = mem_calloc((size_t)t->np + 1, sizeof *t->counts);
+  t->params = mem_calloc((size_t)t->np + 1, sizeof *t->params);
+  t->gp = mem_calloc((size_t)t->np + 1, sizeof *t->gp);
+  t->tensors = mem_calloc((size_t)t->np + 1, sizeof *t->tensors);
+  if (!t->counts || !t->params || !t->gp || !t->tensors)
+    return err_set(e, ERR_NOMEM, "out of memory");
+  for (int i = 0; i < t->nmodel; i++) {
+    const model_param *p = model_param_at(t->m, i);
+    t->tensors[i] =
+        (train_tensor){.name = p->name, .ndim = p->ndim, .count = p->count, .data = p->data};
+    memcpy(t->tensors[i].shape, p->shape, sizeof p->shape);
+    t->gp[i] = model_grads_at(t->grads, i);
+  }
+  int rc = text ? add_text_tensors(t, e) : ERR_OK;
+  for (int i = 0; i < t->np; i++) {
+    t->counts[i] = t->tensors[i].count;
+    t->params[i] = t->tensors[i].data;
+  }
+  if (!rc && t->c.text && !(t->text_pool = pool_new(t->c.threads > 0 ? t->c.threads : 1)))
+    rc = err_set(e, ERR_NOMEM, "out of threads for the text encoder");
+  return rc;
+}
+
+static int new_ema(trainer *t, err *e) {
+  int ok = (t->ema = mem_calloc((size_t)t->np + 1, sizeof *t->ema)) != NULL;
+  for (int i = 0; ok && i < t->np; i++) {
+    ok = (t->ema[i] = mem_malloc(t->counts[i] * sizeof(float) + 1)) != NULL;
+    if (ok)
+      memcpy(t->ema[i], t->params[i], t->counts[i] * sizeof(float));
+  }
+  return ok ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory for the EMA weights");
+}
+
 int trainer_new(model *m, const sched_config *sc, const train_config *c, trainer **out, err *e) {
   *out = NULL;
   const model_info *mi = model_get_info(m);
@@ -175,44 +291,32 @@ int trainer_new(model *m, const sched_config *sc, const train_config *c, trainer
     return err_set(e, ERR_NOMEM, "out of memory");
   t->m = m;
   t->c = *c;
-  t->np = model_param_count(m);
+  if (c->text) {
+    t->text = *c->text;
+    t->c.text = &t->text;
+  }
   t->T = sc->num_train_timesteps;
   t->ac = mem_malloc(sizeof(float) * (size_t)t->T);
-  t->counts = mem_calloc((size_t)t->np + 1, sizeof *t->counts);
-  t->params = mem_calloc((size_t)t->np + 1, sizeof *t->params);
-  t->gp = mem_calloc((size_t)t->np + 1, sizeof *t->gp);
-  if (!t->ac || !t->counts || !t->params || !t->gp) {
-    trainer_free(t);
-    return err_set(e, ERR_NOMEM, "out of memory");
-  }
-  if ((rc = sched_alphas_cumprod(sc, t->ac, e)) || (rc = model_grads_new(m, &t->grads, e))) {
-    trainer_free(t);
-    return rc;
-  }
-  for (int i = 0; i < t->np; i++) {
-    const model_param *p = model_param_at(m, i);
-    t->counts[i] = p->count;
-    t->params[i] = p->data;
-    t->gp[i] = model_grads_at(t->grads, i);
-  }
-  if ((rc = adamw_new(&c->adamw, t->np, t->counts, &t->opt, e))) {
+  if (!t->ac)
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  if (!rc && !(rc = sched_alphas_cumprod(sc, t->ac, e)) &&
+      !(rc = model_grads_new(m, &t->grads, e)) && !(rc = list_tensors(t, e)) &&
+      !(rc = adamw_new(&c->adamw, t->np, t->counts, &t->opt, e)) && c->use_ema)
+    rc = new_ema(t, e);
+  if (rc) {
     trainer_free(t);
     return rc;
-  }
-  if (c->use_ema) {
-    int ok = (t->ema = mem_calloc((size_t)t->np + 1, sizeof *t->ema)) != NULL;
-    for (int i = 0; ok && i < t->np; i++) {
-      ok = (t->ema[i] = mem_malloc(t->counts[i] * sizeof(float) + 1)) != NULL;
-      if (ok)
-        memcpy(t->ema[i], t->params[i], t->counts[i] * sizeof(float));
-    }
-    if (!ok) {
-      trainer_free(t);
-      return err_set(e, ERR_NOMEM, "out of memory for the EMA weights");
-    }
   }
   *out = t;
   return ERR_OK;
+}
+
+int trainer_tensor_count(const trainer *t) {
+  return t->np;
+}
+
+const train_tensor *trainer_tensor(const trainer *t, int i) {
+  return i >= 0 && i < t->np ? &t->tensors[i] : NULL;
 }
 
 long trainer_steps(const trainer *t) {
@@ -259,6 +363,15 @@ static int grow(trainer *t, int n, size_t per_image, err *e) {
   t->cap = 0;
   if (!t->noisy || !t->target || !t->noise_buf || !t->tf || !t->w || !t->lab || !t->ts_buf)
     return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", n);
+  if (t->c.text) {
+    const size_t len = (size_t)t->text.len, d = (size_t)model_get_info(t->m)->cross_attention_dim;
+    free(t->ids), free(t->ehs), free(t->gehs);
+    t->ids = mem_malloc((size_t)n * len * sizeof *t->ids);
+    t->ehs = mem_malloc((size_t)n * len * d * sizeof(float));
+    t->gehs = mem_malloc((size_t)n * len * d * sizeof(float));
+    if (!t->ids || !t->ehs || !t->gehs)
+      return err_set(e, ERR_NOMEM, "out of memory for the captions of a batch of %d", n);
+  }
   t->cap = cap;
   return ERR_OK;
 }
@@ -385,6 +498,23 @@ static int check_cond(const trainer *t, const model_info *mi, const float *cond,
   return ERR_OK;
 }
 
+/* The batch's hidden states from its captions t->ids (t->ehs), as the UNet reads them. */
+static int encode_captions(trainer *t, int n, err *e) {
+  const train_text *x = &t->text;
+  return clip_text_encode(x->encoder, t->ids, n, x->len, x->clip_skip, t->ehs, t->text_pool, e);
+}
+
+/* The text encoder's share of the gradient: the UNet's gradient for the hidden states pulled
+ * back through the encoder into t->text_grad. */
+static int text_backward(trainer *t, int n, err *e) {
+  const train_text *x = &t->text;
+  size_t total;
+  clip_text_weights(x->encoder, &total);
+  memset(t->text_grad, 0, total * sizeof(float));
+  return clip_text_backward(x->encoder, t->ids, n, x->len, x->clip_skip, t->gehs, t->text_grad,
+                            NULL, t->text_pool, e);
+}
+
 static int step_given(trainer *t, const float *x0, const float *cond, const int64_t *labels, int n,
                       int h, int w, const int64_t *timesteps, const float *noise,
                       train_step_info *info, err *e) {
@@ -411,6 +541,8 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
   else
     noise_batch(t, x0, n, per, timesteps, noise);
   model_grads_zero(t->grads);
+  if (t->c.text && (rc = encode_captions(t, n, e)))
+    return rc;
   const model_call call = {.x = t->c.regression ? cond : t->noisy,
                            .n = n,
                            .h = h,
@@ -418,7 +550,9 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
                            .t = t->tf,
                            .labels = labels,
                            .threads = t->c.threads,
-                           .cond = t->c.regression ? NULL : cond};
+                           .cond = t->c.regression ? NULL : cond,
+                           .encoder_hidden_states = t->c.text ? t->ehs : NULL,
+                           .seq_len = t->c.text ? t->text.len : 0};
   loss_ctx L = {.t = t, .n = n, .per = per};
   dstudio_batch ds;
   if (t->c.source) {
@@ -447,14 +581,16 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
                              .params = t->grads,
                              .guide_target = guided ? x0 : NULL,
                              .guide_weight = (float)t->c.guide_weight,
-                             .guide_loss = &aux};
-  if ((rc = model_backward(t->m, &call, &g, e)))
+                             .guide_loss = &aux,
+                             .grad_encoder_hidden_states = t->text_grad ? t->gehs : NULL};
+  if ((rc = model_backward(t->m, &call, &g, e)) || (t->text_grad && (rc = text_backward(t, n, e))))
     return err_append(e, " at training step %ld", t->steps + 1);
   const double norm = clip_grads(t);
   if (!isfinite(norm))
     return err_set(e, ERR_NUMERIC, "the gradient is not finite at training step %ld", t->steps + 1);
   const double lr = train_lr_at(t->c.lr_kind, t->c.lr, t->c.warmup, t->c.total_steps, t->steps);
-  if ((rc = adamw_step(t->opt, t->params, t->gp, lr, e)) || (rc = model_repack(t->m, e)))
+  if ((rc = adamw_step(t->opt, t->params, (const float *const *)t->gp, lr, e)) ||
+      (rc = model_repack(t->m, e)) || (t->text_grad && (rc = clip_text_repack(t->text.encoder, e))))
     return rc;
   t->steps++;
   if (t->ema)
@@ -468,6 +604,8 @@ static int step_given(trainer *t, const float *x0, const float *cond, const int6
 int trainer_step_given(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
                        const int64_t *timesteps, const float *noise, train_step_info *info,
                        err *e) {
+  if (t->c.text)
+    return err_set(e, ERR_UNSUPPORTED, "training step: given draws take no captions");
   return step_given(t, x0, NULL, labels, n, h, w, timesteps, noise, info, e);
 }
 
@@ -476,28 +614,55 @@ int trainer_step(trainer *t, const float *x0, const int64_t *labels, int n, int 
   return trainer_step_cond(t, x0, NULL, labels, n, h, w, info, e);
 }
 
-int trainer_step_cond(trainer *t, const float *x0, const float *cond, const int64_t *labels, int n,
-                      int h, int w, train_step_info *info, err *e) {
-  const model_info *mi = model_get_info(t->m);
-  if (n < 1 || h < 1 || w < 1)
-    return err_set(e, ERR_INVALID, "training step: empty batch");
-  const size_t per = (size_t)mi->in_channels * h * w;
-  int rc = grow(t, n, per, e);
-  if (rc)
-    return rc;
+/* Step `steps`'s random draws for n images: timesteps, noise, and the dropout of labels (into
+ * t->lab) or captions (into t->ids). */
+static void draw(trainer *t, int n, size_t per, const int64_t *labels, const int64_t *ids) {
   const uint64_t seed = t->c.seed, first = (uint64_t)t->steps * (uint64_t)n;
+  const size_t len = t->c.text ? (size_t)t->text.len : 0;
   for (int i = 0; i < n; i++) {
     float u;
     rng_uniform(seed, first + (uint64_t)i, STREAM_TIMESTEP, &u, 1);
     int64_t ts = (int64_t)(u * (float)t->T); /* torch.randint(0, T): u < 1 keeps it below T */
     t->ts_buf[i] = ts < t->T ? ts : t->T - 1;
     rng_normal(seed, first + (uint64_t)i, STREAM_NOISE, t->noise_buf + (size_t)i * per, per);
-    if (labels) {
+    if (labels || ids)
       rng_uniform(seed, first + (uint64_t)i, STREAM_DROPOUT, &u, 1);
+    if (labels)
       t->lab[i] = u < t->c.null_dropout ? t->c.null_class : labels[i];
-    }
+    if (ids)
+      memcpy(t->ids + i * len, u < t->text.dropout ? t->text.empty_ids : ids + i * len,
+             len * sizeof *ids);
   }
+}
+
+int trainer_step_cond(trainer *t, const float *x0, const float *cond, const int64_t *labels, int n,
+                      int h, int w, train_step_info *info, err *e) {
+  const model_info *mi = model_get_info(t->m);
+  if (n < 1 || h < 1 || w < 1)
+    return err_set(e, ERR_INVALID, "training step: empty batch");
+  if (t->c.text)
+    return err_set(e, ERR_INVALID, "training step: the model is text-conditional: give captions");
+  const size_t per = (size_t)mi->in_channels * h * w;
+  int rc = grow(t, n, per, e);
+  if (rc)
+    return rc;
+  draw(t, n, per, labels, NULL);
   return step_given(t, x0, cond, labels ? t->lab : NULL, n, h, w, t->ts_buf, t->noise_buf, info, e);
+}
+
+int trainer_step_text(trainer *t, const float *x0, const int64_t *ids, int n, int h, int w,
+                      train_step_info *info, err *e) {
+  const model_info *mi = model_get_info(t->m);
+  if (n < 1 || h < 1 || w < 1 || !ids)
+    return err_set(e, ERR_INVALID, "training step: empty batch or no captions");
+  if (!t->c.text)
+    return err_set(e, ERR_INVALID, "training step: the model takes no captions");
+  const size_t per = (size_t)mi->in_channels * h * w;
+  int rc = grow(t, n, per, e);
+  if (rc)
+    return rc;
+  draw(t, n, per, NULL, ids);
+  return step_given(t, x0, NULL, NULL, n, h, w, t->ts_buf, t->noise_buf, info, e);
 }
 
 /* Permutation of 0..n-1 for one epoch: Fisher-Yates on uniform draws of stream STREAM_ORDER. */

@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include "clip.h"
 #include "dstudio.h"
 #include "err.h"
 #include "model.h"
@@ -36,6 +37,21 @@ double train_lr_at(train_lr_kind k, double lr, long warmup, long total, long ste
  * a known schedule, lr >= 0, warm-up >= 0, total steps >= 1. */
 int train_check_schedule(double clip_norm, train_lr_kind k, double lr, long warmup, long total,
                          err *e);
+
+/* Text conditioning of a UNet2DConditionModel, as diffusers' train_text_to_image.py trains it:
+ * the CLIP text encoder turns each image's caption (token ids) into the hidden states the UNet
+ * attends to, and is trained with the UNet (its tensors follow the UNet's in the optimizer, the
+ * gradient clipping, the EMA and the checkpoint; trainer_tensor) unless frozen. A caption becomes
+ * the empty caption with probability dropout, so the model also learns the unconditional
+ * prediction classifier-free guidance needs. */
+typedef struct train_text {
+  clip_text_model *encoder; /* the caller's; repacked after every step when trained */
+  int frozen;
+  int len;                  /* tokens per caption: the tokenizer's model_max_length */
+  const int64_t *empty_ids; /* [len]: the empty caption's ids */
+  double dropout;
+  int clip_skip; /* 1: the last layer (clip_text_encode's convention) */
+} train_text;
 
 typedef struct train_config {
   sched_prediction prediction; /* epsilon, sample or v_prediction */
@@ -66,6 +82,8 @@ typedef struct train_config {
    * from the seed (batches of at least 3), unweighted by timestep. NULL: the plain loss. */
   const model *source;
   dstudio_weights dstudio;
+  /* Text conditioning; required exactly by text-conditional models, NULL otherwise. */
+  const train_text *text;
 } train_config;
 
 /* What one step did: the loss it minimised (weighted as configured), the gradient's global norm
@@ -78,8 +96,9 @@ typedef struct train_step_info {
 
 typedef struct trainer trainer;
 
-/* A trainer of m (a UNet2DModel; its model_params are updated in place and m repacked after
- * every step) on the schedule sc (its num_train_timesteps and alphas_cumprod). The EMA, if on,
+/* A trainer of m (a UNet2DModel, or a UNet2DConditionModel with c->text; its model_params, and
+ * the text encoder's weights when trained, are updated in place and repacked after every step)
+ * on the schedule sc (its num_train_timesteps and alphas_cumprod). The EMA, if on,
  * starts as a copy of m's weights. ERR_INVALID naming the bad setting, ERR_NOMEM. */
 int trainer_new(model *m, const sched_config *sc, const train_config *c, trainer **out, err *e);
 void trainer_free(trainer *t);
@@ -100,10 +119,28 @@ int trainer_step_cond(trainer *t, const float *x0, const float *cond, const int6
 int trainer_step_given(trainer *t, const float *x0, const int64_t *labels, int n, int h, int w,
                        const int64_t *timesteps, const float *noise, train_step_info *info, err *e);
 
+/* trainer_step for a text-conditional model: ids [n][text->len] are each image's caption,
+ * dropped to the empty caption as configured (drawn from the seed like the noise). */
+int trainer_step_text(trainer *t, const float *x0, const int64_t *ids, int n, int h, int w,
+                      train_step_info *info, err *e);
+
+/* The tensors the trainer updates, in optimizer order: the model's (model_param_at order), then
+ * a trained text encoder's under "text_encoder/" + transformers' name. */
+typedef struct train_tensor {
+  const char *name;
+  int ndim;
+  int64_t shape[4];
+  size_t count;
+  float *data;
+} train_tensor;
+int trainer_tensor_count(const trainer *t);
+/* Tensor i, or NULL out of range. */
+const train_tensor *trainer_tensor(const trainer *t, int i);
+
 /* Optimizer steps taken so far. */
 long trainer_steps(const trainer *t);
 
-/* The state a checkpoint holds besides the weights: tensor i (model_param_at order) of the EMA
+/* The state a checkpoint holds besides the weights: tensor i (trainer_tensor order) of the EMA
  * (NULL when off) and AdamW's first (which 0) and second (1) moments. */
 float *trainer_ema_at(trainer *t, int i);
 float *trainer_moment_at(trainer *t, int which, int i);
