@@ -3,6 +3,7 @@
  * norm, attention, resampling, embeddings, and the arena. */
 #include <float.h>
 #include <math.h>
+#include <string.h>
 
 #include "arena.h"
 #include "ops.h"
@@ -193,6 +194,58 @@ static void naive_attention(const attn_weights *aw, const float *x, int n, int h
   free(o);
   free(p);
 }
+
+/* The fused time-embedding norm gives the separate passes' bits: add folded in before the norm,
+ * and with mod (scale_shift) the normed h * (1 + scale) + shift before a SiLU (the separate pass
+ * here uses ops_silu, the same SiLU); on 2 threads as on 1. The residual is (a + y) / scale. */
+START_TEST(group_norm_temb_matches_passes) {
+  const int n = 2, c = 8, hw = 37, groups = 4;
+  const size_t count = (size_t)n * c * hw;
+  float *x = randn(count, 7), *g = randn(c, 8), *b = randn(c, 9), *add = randn((size_t)n * c, 10);
+  float *mod = randn((size_t)n * 2 * c, 11);
+  float *want = malloc(sizeof(float) * count), *got = malloc(sizeof(float) * count);
+  pool *pl = pool_new(2);
+  for (int mode = 0; mode < 2; mode++) {
+    for (int i = 0; i < n; i++)
+      for (int ch = 0; ch < c; ch++)
+        for (int p = 0; p < hw; p++) {
+          size_t at = ((size_t)i * c + ch) * hw + p;
+          want[at] = mode ? x[at] : x[at] + add[(size_t)i * c + ch];
+        }
+    ops_group_norm(want, n, c, hw, groups, 1e-5f, g, b, !mode, want, NULL);
+    if (mode) {
+      for (int i = 0; i < n; i++)
+        for (int ch = 0; ch < c; ch++)
+          for (int p = 0; p < hw; p++) {
+            size_t at = ((size_t)i * c + ch) * hw + p;
+            want[at] =
+                want[at] * (1.0f + mod[(size_t)i * 2 * c + ch]) + mod[(size_t)i * 2 * c + c + ch];
+          }
+      ops_silu(want, count, want);
+    }
+    for (int threads = 1; threads <= 2; threads++) {
+      memcpy(got, x, sizeof(float) * count);
+      ops_group_norm_temb(got, n, c, hw, groups, 1e-5f, g, b, mode ? NULL : add, mode ? mod : NULL,
+                          1, got, threads == 2 ? pl : NULL);
+      ck_assert_msg(memcmp(got, want, sizeof(float) * count) == 0,
+                    "fused group norm (%s, %d threads) differs from the separate passes",
+                    mode ? "scale_shift" : "add", threads);
+    }
+  }
+  memcpy(got, x, sizeof(float) * count);
+  ops_residual(add, (size_t)n * c, 0.5f, got, pl);
+  for (int i = 0; i < n * c; i++)
+    ck_assert_float_eq(got[i], (add[i] + x[i]) / 0.5f);
+  pool_free(pl);
+  free(x);
+  free(g);
+  free(b);
+  free(add);
+  free(mod);
+  free(want);
+  free(got);
+}
+END_TEST
 
 START_TEST(attention_matches_reference) {
   int c = 16, n = 2, hw = 300; /* 300 tokens: more than one query-row chunk */
@@ -452,6 +505,7 @@ Suite *test_suite(void) {
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, conv_shapes);
   tcase_add_test(tc, group_norm_matches_reference);
+  tcase_add_test(tc, group_norm_temb_matches_passes);
   tcase_add_test(tc, attention_matches_reference);
   tcase_add_test(tc, resampling);
   tcase_add_test(tc, timestep_embedding);

@@ -335,6 +335,7 @@ typedef struct gn_job {
   int c, hw, groups, silu;
   float eps;
   const float *gamma, *beta;
+  const float *add, *mod; /* ops_group_norm_temb's, or NULL */
 } gn_job;
 
 /* exp(x) in float, vectorizable: Cody-Waite range reduction and Cephes'
@@ -455,16 +456,36 @@ OPS_BODY void gn_group_body(const gn_job *j, int task) {
   int cpg = j->c / j->groups, g = task % j->groups, img = task / j->groups;
   size_t off = ((size_t)img * j->c + (size_t)g * cpg) * j->hw, cnt = (size_t)cpg * j->hw;
   const float *x = j->x + off;
+  float *y = j->y + off;
+  if (j->add) { /* x + add goes to y first: the group is normalised there, as if added before */
+    for (int ci = 0; ci < cpg; ci++) {
+      const float v = j->add[(size_t)img * j->c + g * cpg + ci];
+      const float *xc = x + (size_t)ci * j->hw;
+      float *yc = y + (size_t)ci * j->hw;
+      for (int p = 0; p < j->hw; p++)
+        yc[p] = xc[p] + v;
+    }
+    x = y;
+  }
   double mean, var;
   group_moments(x, cnt, &mean, &var);
   float rstd = (float)(1.0 / sqrt(var + j->eps)), fmean = (float)mean;
-  float *y = j->y + off;
   for (int ci = 0; ci < cpg; ci++) {
     int ch = g * cpg + ci;
     float scale = rstd * (j->gamma ? j->gamma[ch] : 1.0f), shift = j->beta ? j->beta[ch] : 0.0f;
     const float *xc = x + (size_t)ci * j->hw;
     float *yc = y + (size_t)ci * j->hw;
-    if (j->silu) {
+    if (j->mod) {
+      const float sc = 1.0f + j->mod[(size_t)img * 2 * j->c + ch],
+                  sh = j->mod[(size_t)img * 2 * j->c + j->c + ch];
+      if (j->silu) {
+        for (int p = 0; p < j->hw; p++)
+          yc[p] = silu1(((xc[p] - fmean) * scale + shift) * sc + sh);
+      } else {
+        for (int p = 0; p < j->hw; p++)
+          yc[p] = ((xc[p] - fmean) * scale + shift) * sc + sh;
+      }
+    } else if (j->silu) {
       for (int p = 0; p < j->hw; p++)
         yc[p] = silu1((xc[p] - fmean) * scale + shift);
     } else {
@@ -482,8 +503,39 @@ static void gn_task(void *ctx, int task, int worker) {
 
 void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
                     const float *beta, int silu, float *y, pool *p) {
-  gn_job j = {x, y, c, hw, groups, silu, eps, gamma, beta};
+  gn_job j = {x, y, c, hw, groups, silu, eps, gamma, beta, NULL, NULL};
   pool_run(p, n * groups, gn_task, &j);
+}
+
+void ops_group_norm_temb(const float *x, int n, int c, int hw, int groups, float eps,
+                         const float *gamma, const float *beta, const float *add, const float *mod,
+                         int silu, float *y, pool *p) {
+  gn_job j = {x, y, c, hw, groups, silu, eps, gamma, beta, add, mod};
+  pool_run(p, n * groups, gn_task, &j);
+}
+
+typedef struct residual_job {
+  const float *a;
+  float *y;
+  size_t count;
+  float scale;
+} residual_job;
+
+#define RESIDUAL_CHUNK 16384 /* floats per task */
+
+static void residual_task(void *ctx, int task, int worker) {
+  (void)worker;
+  const residual_job *j = ctx;
+  size_t i0 = (size_t)task * RESIDUAL_CHUNK, i1 = i0 + RESIDUAL_CHUNK;
+  if (i1 > j->count)
+    i1 = j->count;
+  for (size_t i = i0; i < i1; i++)
+    j->y[i] = (j->a[i] + j->y[i]) / j->scale;
+}
+
+void ops_residual(const float *a, size_t count, float scale, float *y, pool *p) {
+  residual_job j = {a, y, count, scale};
+  pool_run(p, (int)((count + RESIDUAL_CHUNK - 1) / RESIDUAL_CHUNK), residual_task, &j);
 }
 
 void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,

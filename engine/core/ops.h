@@ -63,6 +63,17 @@ int ops_conv2d(const conv2d *c, const float *x, int n, int h, int w, float *y, a
 void ops_group_norm(const float *x, int n, int c, int hw, int groups, float eps, const float *gamma,
                     const float *beta, int silu, float *y, pool *p);
 
+/* ops_group_norm with a ResnetBlock2D's time embedding folded in: add ([n][c], or NULL) is added
+ * to x before the norm (the default time-embedding mode), and mod ([n][2c], or NULL) turns the
+ * normed h into h * (1 + mod[i][ch]) + mod[i][c + ch] before the SiLU ("scale_shift"). The same
+ * arithmetic as the separate passes, in one parallel pass per group. In place is allowed. */
+void ops_group_norm_temb(const float *x, int n, int c, int hw, int groups, float eps,
+                         const float *gamma, const float *beta, const float *add, const float *mod,
+                         int silu, float *y, pool *p);
+
+/* y = (a + y) / scale over count floats: a residual connection's output, split over the pool. */
+void ops_residual(const float *a, size_t count, float scale, float *y, pool *p);
+
 /* y[n][out] = x[n][in] * W^T + b, W stored [out][in] as in PyTorch. */
 void ops_linear(const float *x, int n, int in, int out, const float *weight, const float *bias,
                 float *y);

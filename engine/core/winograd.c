@@ -181,10 +181,11 @@ WINO_CLONES static void input_task(void *ctx, int task, int worker) {
         for (int p = 0; p < 36; p++)
           for (int l = 0; l < L; l++)
             dst[p * vstride + l] = v[p * L + l];
-      } else {
+      } else { /* as in output_task: no variable-length copy */
         for (int p = 0; p < 36; p++)
-          for (int l = 0; l < lanes; l++)
-            dst[p * vstride + l] = v[p * L + l];
+          for (int l = 0; l < L; l++)
+            if (l < lanes)
+              dst[p * vstride + l] = v[p * L + l];
       }
     }
   }
@@ -221,11 +222,14 @@ WINO_CLONES static void output_task(void *ctx, int task, int worker) {
     for (int co = c0; co < c1; co++) {
       float bias = w->bias ? w->bias[co] : 0.0f;
       const float *src = j->m + (size_t)co * j->ld + t0;
-      for (int p = 0; p < 36; p++) {
-        for (int l = 0; l < lanes; l++)
-          m[p * L + l] = src[p * mstride + l];
-        for (int l = lanes; l < L; l++)
-          m[p * L + l] = 0.0f;
+      if (lanes == L) { /* fixed length: a variable-length copy compiles to a slow rep movs */
+        for (int p = 0; p < 36; p++)
+          for (int l = 0; l < L; l++)
+            m[p * L + l] = src[p * mstride + l];
+      } else {
+        for (int p = 0; p < 36; p++)
+          for (int l = 0; l < L; l++)
+            m[p * L + l] = l < lanes ? src[p * mstride + l] : 0.0f;
       }
       for (int k = 0; k < 6; k++) /* columns: tmp (4x6) = A^T m */
         at6(m + k * L, 6 * L, tmp + k * L, 6 * L);

@@ -715,29 +715,9 @@ int blocks_resnet_forward_add(blocks_run *f, const resnet *r, const float *x, in
   } else if (!f->dry) {
     ops_linear(f->temb_act, n, r->temb_proj.in, r->temb_proj.out, r->temb_proj.weight,
                r->temb_proj.bias, tp);
-    if (!r->scale_shift) {
-      for (int i = 0; i < n; i++)
-        for (int c = 0; c < r->cout; c++) {
-          float *p = h1 + ((size_t)i * r->cout + c) * hw, v = tp[(size_t)i * r->cout + c];
-          for (int k = 0; k < hw; k++)
-            p[k] += v;
-        }
-      ops_group_norm(h1, n, r->cout, hw, r->norm2.groups, r->norm2.eps, r->norm2.gamma,
-                     r->norm2.beta, 1, h1, f->p);
-    } else {
-      ops_group_norm(h1, n, r->cout, hw, r->norm2.groups, r->norm2.eps, r->norm2.gamma,
-                     r->norm2.beta, 0, h1, f->p);
-      for (int i = 0; i < n; i++)
-        for (int c = 0; c < r->cout; c++) {
-          float *p = h1 + ((size_t)i * r->cout + c) * hw;
-          float sc = tp[(size_t)i * 2 * r->cout + c],
-                sh = tp[(size_t)i * 2 * r->cout + r->cout + c];
-          for (int k = 0; k < hw; k++) {
-            float v = p[k] * (1.0f + sc) + sh;
-            p[k] = v / (1.0f + expf(-v));
-          }
-        }
-    }
+    ops_group_norm_temb(h1, n, r->cout, hw, r->norm2.groups, r->norm2.eps, r->norm2.gamma,
+                        r->norm2.beta, r->scale_shift ? NULL : tp, r->scale_shift ? tp : NULL, 1,
+                        h1, f->p);
   }
   if (blocks_conv(f, &r->conv2, h1, oh, ow, y))
     return -1;
@@ -748,11 +728,8 @@ int blocks_resnet_forward_add(blocks_run *f, const resnet *r, const float *x, in
       return -1;
     sc = s;
   }
-  if (!f->dry) {
-    size_t count = (size_t)n * r->cout * hw;
-    for (size_t i = 0; i < count; i++)
-      y[i] = (sc[i] + y[i]) / r->out_scale;
-  }
+  if (!f->dry)
+    ops_residual(sc, (size_t)n * r->cout * hw, r->out_scale, y, f->p);
   arena_release(f->a, m);
   return 0;
 }

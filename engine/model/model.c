@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +33,8 @@ struct model {
   char prediction_type[32];
   char sched_path[MODEL_PATH_MAX];
   char dir[MODEL_PATH_MAX]; /* the folder as given to model_load */
-  char digest[32];          /* of the weights file, model_weights_digest */
+  char digest[32];          /* of the weights file: model_weights_digest fills it on first use */
+  char weights_path[MODEL_PATH_MAX + 40]; /* the file it digests */
   int has_sched;
   json_t *sched_json; /* scheduler_config.json as read, or NULL */
   unet *unet;
@@ -515,7 +517,7 @@ static int load_single(model *m, const char *path, err *e) {
   if (!rc)
     rc = fit_latent(m, path, e);
   if (!rc)
-    rc = weights_digest(path, m->digest, sizeof m->digest, e);
+    snprintf(m->weights_path, sizeof m->weights_path, "%s", path);
   m->info.rec_guidance = -1;
   return rc;
 }
@@ -575,9 +577,8 @@ int model_load(const char *dir, model **out, err *e) {
                  cfg_path, name);
   }
   if (rc == ERR_OK) {
-    char weights[MODEL_PATH_MAX + 40];
-    snprintf(weights, sizeof weights, "%s/diffusion_pytorch_model.safetensors", net_dir);
-    rc = weights_digest(weights, m->digest, sizeof m->digest, e);
+    snprintf(m->weights_path, sizeof m->weights_path, "%s/diffusion_pytorch_model.safetensors",
+             net_dir);
   }
   if (rc == ERR_OK)
     rc = read_null_class(m, cfg, cfg_path, e);
@@ -668,8 +669,22 @@ const char *model_dir(const model *m) {
   return m->dir;
 }
 
+/* Serialises the first digest of each model (concurrent jobs of a daemon may ask at once). */
+static pthread_mutex_t digest_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Taken on first use, not at load: hashing the whole file was most of a load's CPU time, and only
+ * info, solver data, OT fits, v3 statistics and concepts read it. The digest is a cache behind a
+ * const model, filled once under digest_lock. */
 const char *model_weights_digest(const model *m) {
-  return m->digest;
+  model *mm = (model *)m;
+  pthread_mutex_lock(&digest_lock);
+  if (!mm->digest[0] && mm->weights_path[0]) {
+    err e = {0};
+    if (weights_digest(mm->weights_path, mm->digest, sizeof mm->digest, &e))
+      mm->digest[0] = '\0'; /* unreadable now: the empty string, which matches no record */
+  }
+  pthread_mutex_unlock(&digest_lock);
+  return mm->digest;
 }
 
 const char *model_scheduler_config_path(const model *m) {

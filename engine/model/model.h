@@ -119,8 +119,10 @@ float *model_class_row(model *m, int64_t label);
  * solver_data/ subfolder: sampler.h). */
 const char *model_dir(const model *m);
 /* "fnv1a64:<16 hex digits>": a digest of the weights file (64-bit FNV-1a over its bytes as
- * little-endian 8-byte words, then its length), taken at load. What files computed from the
- * model (DPM-Solver-v3 statistics) record to be checked against it later. */
+ * little-endian 8-byte words, then its length), taken on the first call (not at load: hashing the
+ * file cost most of a load) and kept; "" when the file can no longer be read then. What files
+ * computed from the model (DPM-Solver-v3 statistics) record to be checked against it later.
+ * Thread-safe. */
 const char *model_weights_digest(const model *m);
 
 /* Path of the scheduler_config.json that belongs with the model, or NULL. */

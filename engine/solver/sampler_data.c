@@ -178,7 +178,7 @@ static int check_model(const sampler *s, const json_t *rec, const model *m, err 
                    "'denoised stats'",
                    s->data, ch, size, size, nc, mi->in_channels, mi->sample_size, mi->sample_size,
                    mi->num_classes);
-  if (!dig || strcmp(dig, model_weights_digest(m)) != 0)
+  if (!dig || !*dig || strcmp(dig, model_weights_digest(m)) != 0)
     return err_set(e, ERR_INVALID,
                    "statistics file %s was computed for other weights (digest %s, this model's "
                    "%s): statistics are per checkpoint; recompute with 'denoised stats'",
