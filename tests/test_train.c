@@ -267,6 +267,31 @@ START_TEST(deterministic_over_threads) {
 }
 END_TEST
 
+/* A batch of more images than any before but fewer values in all (smaller images) gets room for
+ * each image's draws: the scratch once grew by values only (ASan saw the overflow). */
+START_TEST(more_smaller_images_after_fewer_larger) {
+  err e = {0};
+  model *m = load_fx_model();
+  sched_config sc;
+  ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
+  train_config cfg = base_config();
+  trainer *t = NULL;
+  ck_assert_msg(trainer_new(m, &sc, &cfg, &t, &e) == 0, "%s", e.msg);
+  const int c = model_get_info(m)->in_channels;
+  float *x = calloc((size_t)2 * c * 16 * 16, sizeof(float));
+  const int64_t labels[6] = {0, 1, 2, 3, 0, 1};
+  ck_assert_msg(trainer_step(t, x, labels, 2, 16, 16, NULL, &e) == 0, "%s", e.msg);
+  train_step_info info;
+  ck_assert_msg(trainer_step(t, x, labels, 6, 8, 8, &info, &e) == 0, "%s", e.msg);
+  ck_assert(isfinite(info.loss));
+  ck_assert_int_eq(trainer_steps(t), 2);
+  free(x);
+  trainer_free(t);
+  sched_config_free(&sc);
+  model_free(m);
+}
+END_TEST
+
 START_TEST(refusals) {
   err e = {0};
   model *m = load_fx_model();
@@ -316,6 +341,7 @@ Suite *test_suite(void) {
   tcase_add_test(tc, data_order_is_epochs_of_permutations);
   tcase_add_test(tc, init_from_config);
   tcase_add_test(tc, deterministic_over_threads);
+  tcase_add_test(tc, more_smaller_images_after_fewer_larger);
   tcase_add_test(tc, refusals);
   suite_add_tcase(s, tc);
   return s;

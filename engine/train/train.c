@@ -41,8 +41,8 @@ struct trainer {
   float *ehs, *gehs; /* their hidden states and the UNet's gradient for them */
   adamw *opt;
   long steps;
-  /* per-batch scratch, grown as needed */
-  size_t cap;
+  /* per-batch scratch, grown as needed: cap values per buffer, cap_n images per per-image one */
+  size_t cap, cap_n;
   float *noisy, *target, *tf, *w;
   int64_t *lab;
   float *noise_buf;
@@ -338,7 +338,8 @@ void trainer_set_steps(trainer *t, long steps) {
 
 static int grow(trainer *t, int n, size_t per_image, err *e) {
   size_t need = (size_t)n * per_image;
-  if (need <= t->cap && (size_t)n <= t->cap)
+  /* both counts: a later batch of more but smaller images needs more per-image room only */
+  if (need <= t->cap && (size_t)n <= t->cap_n)
     return ERR_OK;
   size_t cap = need > (size_t)n ? need : (size_t)n;
   free(t->noisy), free(t->target), free(t->tf), free(t->w), free(t->lab);
@@ -360,7 +361,7 @@ static int grow(trainer *t, int n, size_t per_image, err *e) {
   t->w = mem_malloc((size_t)n * sizeof(float));
   t->lab = mem_malloc((size_t)n * sizeof(int64_t));
   t->ts_buf = mem_malloc((size_t)n * sizeof(int64_t));
-  t->cap = 0;
+  t->cap = t->cap_n = 0;
   if (!t->noisy || !t->target || !t->noise_buf || !t->tf || !t->w || !t->lab || !t->ts_buf)
     return err_set(e, ERR_NOMEM, "out of memory for a batch of %d", n);
   if (t->c.text) {
@@ -373,6 +374,7 @@ static int grow(trainer *t, int n, size_t per_image, err *e) {
       return err_set(e, ERR_NOMEM, "out of memory for the captions of a batch of %d", n);
   }
   t->cap = cap;
+  t->cap_n = (size_t)n;
   return ERR_OK;
 }
 
