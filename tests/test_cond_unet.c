@@ -11,37 +11,21 @@
 #include "npy.h"
 #include "sampler.h"
 #include "schedule.h"
+#include "testfx.h"
 #include "testutil.h"
 #include "train.h"
 
-static const char *fx(char *buf, size_t n, const char *file) {
-  char rel[256];
-  snprintf(rel, sizeof rel, "tests/fixtures/cond_unet/%s", file);
-  return test_src_path(buf, n, rel);
-}
-
-static model *load_fx(void) {
-  char dir[1024];
-  model *m = NULL;
-  err e = {0};
-  ck_assert_msg(model_load(fx(dir, sizeof dir, ""), &m, &e) == 0, "%s", e.msg);
-  return m;
-}
-
-static void read_fx(const char *name, npy_array *a) {
-  char path[1024];
-  err e = {0};
-  ck_assert_msg(npy_read_f32(fx(path, sizeof path, name), a, &e) == 0, "%s", e.msg);
-}
+#define FX "cond_unet"
 
 START_TEST(forward_matches_reference) {
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   const model_info *mi = model_get_info(m);
   ck_assert_int_eq(mi->in_channels, 3);
   ck_assert_int_eq(mi->cond_channels, 3);
   npy_array x, c, t, ref;
-  read_fx("input.npy", &x), read_fx("cond.npy", &c), read_fx("timesteps.npy", &t);
-  read_fx("output.npy", &ref);
+  test_fx_read_f32(&x, FX "/input.npy"), test_fx_read_f32(&c, FX "/cond.npy"),
+      test_fx_read_f32(&t, FX "/timesteps.npy");
+  test_fx_read_f32(&ref, FX "/output.npy");
   float *out = malloc(ref.count * sizeof *out), *one = malloc(ref.count * sizeof *one);
   model_call call = {.x = x.data, .n = 2, .h = 16, .w = 16, .t = t.data, .threads = 2};
   call.cond = c.data;
@@ -75,11 +59,12 @@ static int param_index(const model *m, const char *name) {
 }
 
 START_TEST(gradients_match_reference) {
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   npy_array x, c, t, g, gx, gin, gout;
-  read_fx("input.npy", &x), read_fx("cond.npy", &c), read_fx("timesteps.npy", &t);
-  read_fx("grad_out.npy", &g), read_fx("grad_input.npy", &gx);
-  read_fx("grad_conv_in.npy", &gin), read_fx("grad_conv_out.npy", &gout);
+  test_fx_read_f32(&x, FX "/input.npy"), test_fx_read_f32(&c, FX "/cond.npy"),
+      test_fx_read_f32(&t, FX "/timesteps.npy");
+  test_fx_read_f32(&g, FX "/grad_out.npy"), test_fx_read_f32(&gx, FX "/grad_input.npy");
+  test_fx_read_f32(&gin, FX "/grad_conv_in.npy"), test_fx_read_f32(&gout, FX "/grad_conv_out.npy");
   model_grads *pg = NULL;
   err e = {0};
   ck_assert_int_eq(model_grads_new(m, &pg, &e), 0);
@@ -104,7 +89,7 @@ START_TEST(gradients_match_reference) {
 END_TEST
 
 START_TEST(refusals) {
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   float x[3 * 16 * 16] = {0}, t = 10, out[3 * 16 * 16];
   err e = {0};
   ck_assert_int_eq(model_eval(m, x, 1, 16, 16, &t, NULL, out, 1, &e), ERR_INVALID);
@@ -143,9 +128,9 @@ END_TEST
 /* A batch of two through DDIM gives each image what a run of that image alone gives: the
  * solver hands every evaluation the right rows of the conditioning image. */
 START_TEST(sampler_passes_the_condition) {
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   npy_array c;
-  read_fx("cond.npy", &c);
+  test_fx_read_f32(&c, FX "/cond.npy");
   sched_config cfg;
   err e = {0};
   ck_assert_int_eq(sched_config_from_json(model_scheduler_config(m), "DDIMScheduler", 0, &cfg, &e),
@@ -185,13 +170,13 @@ static train_config config(int regression) {
  * learns to map the blurry image to the sharp one (its loss falls). */
 START_TEST(training_steps) {
   npy_array x, c;
-  read_fx("input.npy", &x), read_fx("cond.npy", &c);
+  test_fx_read_f32(&x, FX "/input.npy"), test_fx_read_f32(&c, FX "/cond.npy");
   for (int64_t i = 0; i < x.count; i++) /* a clean image in [-1, 1] */
     x.data[i] = tanhf(x.data[i]);
   sched_config sc;
   err e = {0};
   ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   trainer *t = NULL;
   train_config tc = config(0);
   ck_assert_msg(trainer_new(m, &sc, &tc, &t, &e) == 0, "%s", e.msg);
@@ -238,7 +223,7 @@ static int has(const char *path, const char *text) {
 /* `denoised train --cond` (and --regression) end to end, and its refusals. */
 START_TEST(train_cli) {
   char dir[1024], plain[1024], tmp[512], out[16384], path[1200];
-  fx(dir, sizeof dir, "");
+  test_fx_path(dir, sizeof dir, FX "/");
   test_src_path(plain, sizeof plain, "tests/fixtures/unet/cifar_small/config.json");
   test_tmpdir(tmp, sizeof tmp);
   int st = test_run_cli(out, sizeof out,
@@ -301,7 +286,7 @@ static void write_png(const char *path, int c, int h, int w) {
  * fixture and with a regression model, and its refusals. */
 START_TEST(deblur_cli) {
   char dir[1024], plain[1024], tmp[512], out[16384], in[1200], res[1200], path[1200];
-  fx(dir, sizeof dir, "");
+  test_fx_path(dir, sizeof dir, FX "/");
   test_src_path(plain, sizeof plain, "tests/fixtures/unet/cifar_small");
   test_tmpdir(tmp, sizeof tmp);
   snprintf(in, sizeof in, "%s/blurry.png", tmp);

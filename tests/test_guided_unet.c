@@ -10,30 +10,13 @@
 #include "model.h"
 #include "npy.h"
 #include "schedule.h"
+#include "testfx.h"
 #include "testutil.h"
 #include "train.h"
 
 #define GUIDE_WEIGHT 0.7f /* gen_cond_fixtures.py GUIDE_WEIGHT */
 
-static const char *fx(char *buf, size_t n, const char *file) {
-  char rel[256];
-  snprintf(rel, sizeof rel, "tests/fixtures/guided_unet/%s", file);
-  return test_src_path(buf, n, rel);
-}
-
-static model *load_fx(void) {
-  char dir[1024];
-  model *m = NULL;
-  err e = {0};
-  ck_assert_msg(model_load(fx(dir, sizeof dir, ""), &m, &e) == 0, "%s", e.msg);
-  return m;
-}
-
-static void read_fx(const char *name, npy_array *a) {
-  char path[1024];
-  err e = {0};
-  ck_assert_msg(npy_read_f32(fx(path, sizeof path, name), a, &e) == 0, "%s", e.msg);
-}
+#define FX "guided_unet"
 
 static int param_index(const model *m, const char *name) {
   for (int i = 0; i < model_param_count(m); i++)
@@ -49,8 +32,9 @@ typedef struct batch {
 } batch;
 
 static void read_batch(batch *b) {
-  read_fx("input.npy", &b->x), read_fx("cond.npy", &b->c), read_fx("sharp.npy", &b->sharp);
-  read_fx("timesteps.npy", &b->t), read_fx("grad_out.npy", &b->g);
+  test_fx_read_f32(&b->x, FX "/input.npy"), test_fx_read_f32(&b->c, FX "/cond.npy"),
+      test_fx_read_f32(&b->sharp, FX "/sharp.npy");
+  test_fx_read_f32(&b->t, FX "/timesteps.npy"), test_fx_read_f32(&b->g, FX "/grad_out.npy");
 }
 
 static void free_batch(batch *b) {
@@ -65,14 +49,14 @@ static model_call call_of(const batch *b, int threads) {
 }
 
 START_TEST(forward_matches_reference) {
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   const model_info *mi = model_get_info(m);
   ck_assert_int_eq(mi->guide_scales, 2);
   ck_assert_int_eq(mi->cond_channels, 3);
   batch b;
   read_batch(&b);
   npy_array ref;
-  read_fx("output.npy", &ref);
+  test_fx_read_f32(&ref, FX "/output.npy");
   float *out = malloc(ref.count * sizeof *out);
   model_call call = call_of(&b, 2);
   err e = {0};
@@ -107,11 +91,11 @@ START_TEST(gradients_match_reference) {
                                       "guide.2.conv_out.bias",
                                       "down_blocks.1.resnets.0.guide_proj.weight",
                                       "down_blocks.2.resnets.0.guide_proj.weight"};
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   batch b;
   read_batch(&b);
   npy_array gx, aux_ref;
-  read_fx("grad_input.npy", &gx), read_fx("guide_loss.npy", &aux_ref);
+  test_fx_read_f32(&gx, FX "/grad_input.npy"), test_fx_read_f32(&aux_ref, FX "/guide_loss.npy");
   model_grads *pg = NULL;
   err e = {0};
   ck_assert_int_eq(model_grads_new(m, &pg, &e), 0);
@@ -137,7 +121,7 @@ START_TEST(gradients_match_reference) {
     for (char *p = file + 5; *p && strcmp(p, ".npy"); p++)
       *p = *p == '.' ? '_' : *p;
     npy_array ref;
-    read_fx(file, &ref);
+    test_fx_read_f32(&ref, FX "/%s", file);
     const int k = param_index(m, names[i]);
     ck_assert_int_eq(ref.count, model_param_at(m, k)->count);
     const double r = test_rel_l2(model_grads_at(pg, k), ref.data, ref.count);
@@ -192,7 +176,7 @@ START_TEST(finite_differences) {
                 {"guide.1.resnet.conv1.weight", 37},
                 {"down_blocks.2.resnets.0.guide_proj.weight", 11},
                 {"guide.1.conv_in.bias", 3}};
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   batch b;
   read_batch(&b);
   model_grads *pg = NULL;
@@ -238,7 +222,7 @@ START_TEST(training_lowers_the_guide_loss) {
   sched_config sc;
   err e = {0};
   ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
-  model *m = load_fx();
+  model *m = test_fx_model(FX);
   train_config tc = {.prediction = SCHED_PRED_V,
                      .lr_kind = TRAIN_LR_CONSTANT,
                      .lr = 2e-3,
@@ -338,7 +322,7 @@ START_TEST(refusals) {
   ck_assert_int_eq(trainer_new(m, &sc, &tc, &t, &e), ERR_INVALID);
   ck_assert_ptr_nonnull(strstr(e.msg, "without structure guidance"));
   model_free(m);
-  m = load_fx();
+  m = test_fx_model(FX);
   tc.guide_weight = -1;
   ck_assert_int_eq(trainer_new(m, &sc, &tc, &t, &e), ERR_INVALID);
   model_free(m);
@@ -363,7 +347,7 @@ static int has(const char *path, const char *text) {
  * --guide-weight refused for a model without guidance. */
 START_TEST(train_and_deblur_cli) {
   char dir[1024], tmp[512], out[16384], path[1200];
-  fx(dir, sizeof dir, "");
+  test_fx_path(dir, sizeof dir, FX "/");
   test_tmpdir(tmp, sizeof tmp);
   int st = test_run_cli(out, sizeof out,
                         "train --model-config %s/config.json --data %s/sharp.npy --cond "

@@ -6,24 +6,11 @@
 
 #include "npy.h"
 #include "safetensors.h"
+#include "testfx.h"
 #include "testutil.h"
 #include "train.h"
 
-#define FX "tests/fixtures/train"
-
-static const char *fx(char *buf, size_t n, const char *name) {
-  char rel[256];
-  snprintf(rel, sizeof rel, FX "/%s", name);
-  return test_src_path(buf, n, rel);
-}
-
-static model *load_fx_model(void) {
-  char path[1024];
-  model *m = NULL;
-  err e = {0};
-  ck_assert_msg(model_load(fx(path, sizeof path, "model"), &m, &e) == 0, "%s", e.msg);
-  return m;
-}
+#define FX "train"
 
 static train_config base_config(void) {
   train_config c = {.prediction = SCHED_PRED_EPSILON,
@@ -49,7 +36,8 @@ static void compare_weights(model *m, trainer *t, const char *file, model *init,
   char path[1024];
   st_file *st = NULL;
   err e = {0};
-  ck_assert_msg(st_open(fx(path, sizeof path, file), &st, &e) == 0, "%s", e.msg);
+  ck_assert_msg(st_open(test_fx_path(path, sizeof path, FX "/%s", file), &st, &e) == 0, "%s",
+                e.msg);
   double num = 0, den = 0;
   *worst = 0;
   for (int i = 0; i < model_param_count(m); i++) {
@@ -79,22 +67,24 @@ static void run_case(const char *name, sched_prediction pred, double gamma, doub
                      int weights, int ema) {
   char path[1024], file[128];
   err e = {0};
-  model *m = load_fx_model(), *init = load_fx_model();
+  model *m = test_fx_model(FX "/model"), *init = test_fx_model(FX "/model");
   npy_array x0, noise;
   int64_t *labels, *ts, count;
   int ndim;
   int64_t shape[NPY_MAX_DIMS];
-  ck_assert_int_eq(npy_read_f32(fx(path, sizeof path, "x0.npy"), &x0, &e), 0);
-  ck_assert_int_eq(npy_read_f32(fx(path, sizeof path, "noise.npy"), &noise, &e), 0);
-  ck_assert_int_eq(
-      npy_read_i64(fx(path, sizeof path, "labels.npy"), &labels, &count, &ndim, shape, &e), 0);
-  ck_assert_int_eq(
-      npy_read_i64(fx(path, sizeof path, "timesteps.npy"), &ts, &count, &ndim, shape, &e), 0);
+  test_fx_read_f32(&x0, FX "/x0.npy");
+  test_fx_read_f32(&noise, FX "/noise.npy");
+  ck_assert_int_eq(npy_read_i64(test_fx_path(path, sizeof path, FX "/labels.npy"), &labels, &count,
+                                &ndim, shape, &e),
+                   0);
+  ck_assert_int_eq(npy_read_i64(test_fx_path(path, sizeof path, FX "/timesteps.npy"), &ts, &count,
+                                &ndim, shape, &e),
+                   0);
   const int steps = (int)shape[0], b = (int)shape[1];
   const int c = (int)x0.shape[1], h = (int)x0.shape[2], w = (int)x0.shape[3];
   snprintf(file, sizeof file, "%s.losses.npy", name);
   npy_array want_loss;
-  ck_assert_int_eq(npy_read_f32(fx(path, sizeof path, file), &want_loss, &e), 0);
+  test_fx_read_f32(&want_loss, FX "/%s", file);
   sched_config sc;
   ck_assert_int_eq(sched_config_init(&sc, "DDPMScheduler", &e), 0);
   train_config cfg = base_config();
@@ -190,8 +180,8 @@ END_TEST
 START_TEST(init_from_config) {
   char path[1024];
   err e = {0};
-  model *a = NULL, *b = NULL, *c = NULL, *ref = load_fx_model();
-  fx(path, sizeof path, "model/config.json");
+  model *a = NULL, *b = NULL, *c = NULL, *ref = test_fx_model(FX "/model");
+  test_fx_path(path, sizeof path, FX "/model/config.json");
   ck_assert_msg(model_init(path, 1, &a, &e) == 0, "%s", e.msg);
   ck_assert_int_eq(model_init(path, 1, &b, &e), 0);
   ck_assert_int_eq(model_init(path, 2, &c, &e), 0);
@@ -233,11 +223,10 @@ START_TEST(deterministic_over_threads) {
   err e = {0};
   float *w[2] = {NULL, NULL};
   size_t total = 0;
-  char path[1024];
   npy_array x0;
-  ck_assert_int_eq(npy_read_f32(fx(path, sizeof path, "x0.npy"), &x0, &e), 0);
+  test_fx_read_f32(&x0, FX "/x0.npy");
   for (int run = 0; run < 2; run++) {
-    model *m = load_fx_model();
+    model *m = test_fx_model(FX "/model");
     sched_config sc;
     ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
     train_config cfg = base_config();
@@ -271,7 +260,7 @@ END_TEST
  * each image's draws: the scratch once grew by values only (ASan saw the overflow). */
 START_TEST(more_smaller_images_after_fewer_larger) {
   err e = {0};
-  model *m = load_fx_model();
+  model *m = test_fx_model(FX "/model");
   sched_config sc;
   ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
   train_config cfg = base_config();
@@ -294,7 +283,7 @@ END_TEST
 
 START_TEST(refusals) {
   err e = {0};
-  model *m = load_fx_model();
+  model *m = test_fx_model(FX "/model");
   sched_config sc;
   ck_assert_int_eq(sched_config_init(&sc, NULL, &e), 0);
   trainer *t = NULL;

@@ -5,44 +5,25 @@
 #include <string.h>
 
 #include "npy.h"
+#include "testfx.h"
 #include "testutil.h"
 #include "vae.h"
 
 static const char *const fixtures[] = {"two_level", "three_level", "groups32_f16"};
 
-static void fx_path(char *buf, size_t n, const char *fx, const char *file) {
-  char rel[256];
-  snprintf(rel, sizeof rel, "tests/fixtures/vae/%s%s%s", fx, file ? "/" : "", file ? file : "");
-  test_src_path(buf, n, rel);
-}
-
-static void read_npy(const char *fx, const char *name, npy_array *a) {
-  char path[512];
-  err e = {0};
-  fx_path(path, sizeof path, fx, name);
-  ck_assert_msg(npy_read_f32(path, a, &e) == ERR_OK, "%s", e.msg);
-}
-
-static vae *load(const char *fx) {
-  char path[512];
-  vae *v = NULL;
-  err e = {0};
-  fx_path(path, sizeof path, fx, NULL);
-  ck_assert_msg(vae_load(path, &v, &e) == ERR_OK, "%s: %s", fx, e.msg);
-  return v;
-}
+#define FX "vae"
 
 START_TEST(parity_with_diffusers) {
   for (size_t f = 0; f < sizeof fixtures / sizeof *fixtures; f++) {
     const char *fx = fixtures[f];
-    vae *v = load(fx);
+    vae *v = test_fx_vae(FX "/%s", fx);
     const vae_info *vi = vae_get_info(v);
     npy_array x, mean, std, z, dec;
-    read_npy(fx, "input.npy", &x);
-    read_npy(fx, "mean.npy", &mean);
-    read_npy(fx, "std.npy", &std);
-    read_npy(fx, "latents.npy", &z);
-    read_npy(fx, "decoded.npy", &dec);
+    test_fx_read_f32(&x, FX "/%s/%s", fx, "input.npy");
+    test_fx_read_f32(&mean, FX "/%s/%s", fx, "mean.npy");
+    test_fx_read_f32(&std, FX "/%s/%s", fx, "std.npy");
+    test_fx_read_f32(&z, FX "/%s/%s", fx, "latents.npy");
+    test_fx_read_f32(&dec, FX "/%s/%s", fx, "decoded.npy");
     const int n = (int)x.shape[0], h = (int)x.shape[2], w = (int)x.shape[3];
     float *m = malloc((size_t)mean.count * sizeof *m), *s = malloc((size_t)std.count * sizeof *s);
     float *d = malloc((size_t)dec.count * sizeof *d);
@@ -78,10 +59,11 @@ START_TEST(parity_with_diffusers) {
 END_TEST
 
 START_TEST(tiled_decode_matches_diffusers) {
-  vae *v = load("two_level");
+  vae *v = test_fx_vae(FX "/"
+                          "two_level");
   npy_array z, dec;
-  read_npy("two_level", "latents_tiled.npy", &z);
-  read_npy("two_level", "decoded_tiled.npy", &dec);
+  test_fx_read_f32(&z, FX "/two_level/latents_tiled.npy");
+  test_fx_read_f32(&dec, FX "/two_level/decoded_tiled.npy");
   float *d = malloc((size_t)dec.count * sizeof *d);
   err e = {0};
   int used = 0;
@@ -109,11 +91,11 @@ START_TEST(tiled_encode_matches_diffusers) {
   } cases[] = {{"two_level", 4}, {"three_level", 8}};
   const char *fx = cases[_i].fx;
   const int tile = cases[_i].tile;
-  vae *v = load(fx);
+  vae *v = test_fx_vae(FX "/%s", fx);
   npy_array x, mean, std;
-  read_npy(fx, "input_tiled.npy", &x);
-  read_npy(fx, "mean_tiled.npy", &mean);
-  read_npy(fx, "std_tiled.npy", &std);
+  test_fx_read_f32(&x, FX "/%s/%s", fx, "input_tiled.npy");
+  test_fx_read_f32(&mean, FX "/%s/%s", fx, "mean_tiled.npy");
+  test_fx_read_f32(&std, FX "/%s/%s", fx, "std_tiled.npy");
   const int h = (int)x.shape[2], w = (int)x.shape[3];
   float *m = malloc((size_t)mean.count * sizeof *m), *s = malloc((size_t)std.count * sizeof *s);
   err e = {0};
@@ -151,7 +133,8 @@ START_TEST(samples_follow_the_seed) {
 END_TEST
 
 START_TEST(bad_input_is_refused) {
-  vae *v = load("two_level");
+  vae *v = test_fx_vae(FX "/"
+                          "two_level");
   const vae_info *vi = vae_get_info(v);
   float x[3 * 6 * 6] = {0}, out[4 * 6 * 6];
   err e = {0};
@@ -175,7 +158,7 @@ END_TEST
 START_TEST(cli_round_trip) {
   char dir[64], model[512], out[4096];
   ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
-  fx_path(model, sizeof model, "two_level", NULL);
+  test_fx_path(model, sizeof model, FX "/two_level");
   int st = test_run_cli(out, sizeof out,
                         "vae decode --model %s --input %s/latents.npy --out %s/d.npy --tile off",
                         model, model, dir);
@@ -185,7 +168,7 @@ START_TEST(cli_round_trip) {
   npy_array got, ref;
   err e = {0};
   ck_assert_int_eq(npy_read_f32(p, &got, &e), ERR_OK);
-  read_npy("two_level", "decoded.npy", &ref);
+  test_fx_read_f32(&ref, FX "/two_level/decoded.npy");
   ck_assert(test_rel_l2(got.data, ref.data, (size_t)ref.count) < 1e-4);
   /* images as latents: a clear error naming the channels */
   st = test_run_cli(out, sizeof out, "vae decode --model %s --input %s/input.npy --out %s/x.npy",

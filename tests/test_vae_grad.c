@@ -7,33 +7,13 @@
 
 #include "npy.h"
 #include "safetensors.h"
+#include "testfx.h"
 #include "testutil.h"
 #include "vae.h"
 
 static const char *const fixtures[] = {"two_level", "three_level"};
 
-static void fx_path(char *buf, size_t n, const char *fx, const char *file) {
-  char rel[256];
-  snprintf(rel, sizeof rel, "tests/fixtures/vae_grad/%s%s%s", fx, file ? "/" : "",
-           file ? file : "");
-  test_src_path(buf, n, rel);
-}
-
-static void read_npy(const char *fx, const char *name, npy_array *a) {
-  char path[512];
-  err e = {0};
-  fx_path(path, sizeof path, fx, name);
-  ck_assert_msg(npy_read_f32(path, a, &e) == ERR_OK, "%s", e.msg);
-}
-
-static vae *load(const char *fx) {
-  char path[512];
-  vae *v = NULL;
-  err e = {0};
-  fx_path(path, sizeof path, fx, NULL);
-  ck_assert_msg(vae_load(path, &v, &e) == ERR_OK, "%s: %s", fx, e.msg);
-  return v;
-}
+#define FX "vae_grad"
 
 static float **new_grads(const vae *v) {
   float **pg = calloc((size_t)vae_param_count(v), sizeof *pg);
@@ -56,8 +36,8 @@ typedef struct run {
 } run;
 
 static void run_one(const vae *v, const char *fx, int encoder, int threads, run *r) {
-  read_npy(fx, encoder ? "input.npy" : "latents.npy", &r->in);
-  read_npy(fx, encoder ? "grad_moments.npy" : "grad_decoded.npy", &r->g);
+  test_fx_read_f32(&r->in, FX "/%s/%s", fx, encoder ? "input.npy" : "latents.npy");
+  test_fx_read_f32(&r->g, FX "/%s/%s", fx, encoder ? "grad_moments.npy" : "grad_decoded.npy");
   r->nout = (size_t)r->g.count;
   r->out = malloc(r->nout * sizeof(float));
   r->gin = malloc((size_t)r->in.count * sizeof(float));
@@ -86,7 +66,7 @@ static void free_run(const vae *v, run *r) {
 static double check_params(const vae *v, const char *fx, const char *file, float **pg,
                            const char **worst_name) {
   char path[512];
-  fx_path(path, sizeof path, fx, file);
+  test_fx_path(path, sizeof path, FX "/%s/%s", fx, file);
   st_file *st = NULL;
   err e = {0};
   ck_assert_msg(st_open(path, &st, &e) == 0, "%s", e.msg);
@@ -126,17 +106,17 @@ static double check_params(const vae *v, const char *fx, const char *file, float
 
 START_TEST(gradients_match_pytorch) {
   const char *fx = fixtures[_i];
-  vae *v = load(fx);
+  vae *v = test_fx_vae(FX "/%s", fx);
   for (int encoder = 1; encoder >= 0; encoder--) {
     run r;
     run_one(v, fx, encoder, 2, &r);
     npy_array want;
-    read_npy(fx, encoder ? "moments.npy" : "decoded.npy", &want);
+    test_fx_read_f32(&want, FX "/%s/%s", fx, encoder ? "moments.npy" : "decoded.npy");
     ck_assert_int_eq((int)want.count, (int)r.nout);
     const double fwd = test_rel_l2(r.out, want.data, r.nout);
     npy_array_free(&want);
     ck_assert_msg(fwd < 1e-5, "%s: forward rel L2 %.3g", fx, fwd);
-    read_npy(fx, encoder ? "enc_grad_input.npy" : "dec_grad_input.npy", &want);
+    test_fx_read_f32(&want, FX "/%s/%s", fx, encoder ? "enc_grad_input.npy" : "dec_grad_input.npy");
     const double gin = test_rel_l2(r.gin, want.data, (size_t)want.count);
     npy_array_free(&want);
     ck_assert_msg(gin < 1e-4, "%s: input gradient rel L2 %.3g", fx, gin);
@@ -155,7 +135,7 @@ END_TEST
 /* The tape's forward is the engine's: vae_encode's mean and std, vae_decode's images. */
 START_TEST(tape_forward_is_the_forward) {
   const char *fx = fixtures[_i];
-  vae *v = load(fx);
+  vae *v = test_fx_vae(FX "/%s", fx);
   run re, rd;
   run_one(v, fx, 1, 1, &re);
   run_one(v, fx, 0, 1, &rd);
@@ -185,7 +165,7 @@ END_TEST
 
 START_TEST(gradients_do_not_depend_on_threads) {
   const char *fx = fixtures[_i];
-  vae *v = load(fx);
+  vae *v = test_fx_vae(FX "/%s", fx);
   for (int encoder = 0; encoder < 2; encoder++) {
     run a, b;
     run_one(v, fx, encoder, 1, &a);
@@ -213,7 +193,8 @@ static int push_logvar(const float *out, float *g, void *user, err *e) {
 }
 
 START_TEST(clamped_logvar_has_no_gradient) {
-  vae *v = load("two_level");
+  vae *v = test_fx_vae(FX "/"
+                          "two_level");
   /* shift quant_conv's log-variance biases far above 20: every logvar clamps */
   const vae_info *vi = vae_get_info(v);
   float *bias = NULL;
@@ -226,7 +207,7 @@ START_TEST(clamped_logvar_has_no_gradient) {
   err e = {0};
   ck_assert_int_eq(vae_repack(v, &e), ERR_OK);
   npy_array x;
-  read_npy("two_level", "input.npy", &x);
+  test_fx_read_f32(&x, FX "/two_level/input.npy");
   const int n = (int)x.shape[0], h = (int)x.shape[2], w = (int)x.shape[3];
   size_t sz[2] = {(size_t)2 * vi->latent_channels * (h / vi->factor) * (w / vi->factor), (size_t)n};
   float *gx = malloc((size_t)x.count * sizeof(float)), *mom = malloc(sz[0] * sz[1] * 4);
@@ -245,7 +226,8 @@ START_TEST(clamped_logvar_has_no_gradient) {
 END_TEST
 
 START_TEST(backward_refuses_bad_calls) {
-  vae *v = load("two_level");
+  vae *v = test_fx_vae(FX "/"
+                          "two_level");
   float x[3 * 12 * 12] = {0}, g[64 * 64] = {0};
   err e = {0};
   vae_grad_call gc = {.grad_out = g, .threads = 1};
@@ -265,8 +247,8 @@ END_TEST
 START_TEST(cli_writes_gradients) {
   char dir[64], fxd[512], g[512], out[4096], path[600];
   ck_assert_ptr_nonnull(test_tmpdir(dir, sizeof dir));
-  fx_path(fxd, sizeof fxd, "two_level", NULL);
-  fx_path(g, sizeof g, "two_level", "grad_decoded.npy");
+  test_fx_path(fxd, sizeof fxd, FX "/two_level");
+  test_fx_path(g, sizeof g, FX "/two_level/grad_decoded.npy");
   int st = test_run_cli(out, sizeof out,
                         "vae decode --model %s --input %s/latents.npy --grad-output %s "
                         "--grad-input %s/gz.npy --grad-params %s/gp.safetensors --threads 1",
@@ -276,12 +258,13 @@ START_TEST(cli_writes_gradients) {
   err e = {0};
   snprintf(path, sizeof path, "%s/gz.npy", dir);
   ck_assert_int_eq(npy_read_f32(path, &gz, &e), ERR_OK);
-  read_npy("two_level", "dec_grad_input.npy", &want);
+  test_fx_read_f32(&want, FX "/two_level/dec_grad_input.npy");
   ck_assert_int_eq((int)gz.count, (int)want.count);
   ck_assert(test_rel_l2(gz.data, want.data, (size_t)gz.count) < 1e-4);
   npy_array_free(&gz);
   npy_array_free(&want);
-  vae *v = load("two_level");
+  vae *v = test_fx_vae(FX "/"
+                          "two_level");
   float **pg = new_grads(v);
   st_file *sf = NULL;
   snprintf(path, sizeof path, "%s/gp.safetensors", dir);
@@ -296,13 +279,13 @@ START_TEST(cli_writes_gradients) {
   free_grads(v, pg);
   vae_free(v);
   /* the encoder's G may weight the mean alone */
-  fx_path(g, sizeof g, "two_level", "latents.npy"); /* [2, 4, 8, 8]: the mean's shape */
+  test_fx_path(g, sizeof g, FX "/two_level/latents.npy"); /* [2, 4, 8, 8]: the mean's shape */
   st = test_run_cli(out, sizeof out,
                     "vae encode --model %s --input %s/input.npy --grad-output %s "
                     "--grad-input %s/gx.npy",
                     fxd, fxd, g, dir);
   ck_assert_msg(st == 0, "%s", out);
-  fx_path(g, sizeof g, "two_level", "grad_decoded.npy");
+  test_fx_path(g, sizeof g, FX "/two_level/grad_decoded.npy");
   st = test_run_cli(out, sizeof out,
                     "vae encode --model %s --input %s/input.npy --grad-output %s "
                     "--grad-input %s/gx.npy",
