@@ -112,6 +112,21 @@ int cli_write_pngs(const char *base, const model *m, const pipeline_request *r,
 /* "a,b[,c]" into n doubles (n = count) each in [lo, hi]; prints an error naming flag. */
 int cli_parse_list(const char *flag, const char *s, int count, double lo, double hi, double *out);
 
+/* A numeric flag by option code: its name, integer or not, range, and the offset in a command's
+ * options struct of the long long or double it sets. One table per command, one range check. */
+typedef struct cli_num_flag {
+  int c;
+  const char *flag;
+  int is_int;
+  double lo, hi;
+  size_t off;
+} cli_num_flag;
+
+/* Parses arg for option code c per table[0..n) into opts; an unknown code is a usage error of
+ * cmd. 0 on success, else nonzero with the error printed. */
+int cli_parse_num_flag(const char *cmd, const cli_num_flag *table, size_t n, int c, const char *arg,
+                       void *opts);
+
 /* ---- `denoised train` (cmd_train.c, train_data.c, train_out.c) ---- */
 
 /* The training images in memory, checked against the model. */

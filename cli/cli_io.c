@@ -377,6 +377,19 @@ int cli_parse_list(const char *flag, const char *s, int count, double lo, double
   return 0;
 }
 
+int cli_parse_num_flag(const char *cmd, const cli_num_flag *table, size_t n, int c, const char *arg,
+                       void *opts) {
+  for (size_t i = 0; i < n; i++) {
+    if (table[i].c != c)
+      continue;
+    void *dst = (char *)opts + table[i].off;
+    return table[i].is_int ? cli_parse_int(table[i].flag, arg, (long long)table[i].lo,
+                                           (long long)table[i].hi, dst)
+                           : cli_parse_double(table[i].flag, arg, table[i].lo, table[i].hi, dst);
+  }
+  return cli_usage_error(cmd, "unknown option") != 0;
+}
+
 int cli_copy_file(const char *from, const char *to, err *e) {
   size_t len = 0;
   FILE *f = fopen(from, "rb");

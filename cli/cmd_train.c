@@ -104,41 +104,27 @@ enum {
 };
 
 /* Numeric flags by option code: one table, one range check each. */
-static const struct {
-  int c;
-  const char *flag;
-  int is_int;
-  double lo, hi;
-  size_t off;
-} num_flags[] = {{'n', "--steps", 1, 1, 1e9, offsetof(cli_train_opts, steps)},
-                 {'b', "--batch", 1, 1, 4096, offsetof(cli_train_opts, batch)},
-                 {'w', "--warmup", 1, 0, 1e9, offsetof(cli_train_opts, warmup)},
-                 {'s', "--seed", 1, 0, 9007199254740991.0, offsetof(cli_train_opts, seed)},
-                 {'j', "--threads", 1, 1, 256, offsetof(cli_train_opts, threads)},
-                 {'k', "--checkpoint-every", 1, 1, 1e9, offsetof(cli_train_opts, ckpt_every)},
-                 {'S', "--stop-after", 1, 1, 1e9, offsetof(cli_train_opts, stop_after)},
-                 {'l', "--lr", 0, 0, 1, offsetof(cli_train_opts, lr)},
-                 {'c', "--clip", 0, 0, 1e6, offsetof(cli_train_opts, clip)},
-                 {'e', "--ema", 0, 0, 1, offsetof(cli_train_opts, ema)},
-                 {'g', "--min-snr-gamma", 0, 0, 1e6, offsetof(cli_train_opts, min_snr)},
-                 {'p', "--null-class-dropout", 0, 0, 1, offsetof(cli_train_opts, dropout)},
-                 {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)},
-                 {'P', "--ema-warmup", 0, 0, 10, offsetof(cli_train_opts, ema_power)},
-                 {'G', "--guide-weight", 0, 0, 1e6, offsetof(cli_train_opts, guide_weight)},
-                 {'D', "--caption-dropout", 0, 0, 1, offsetof(cli_train_opts, caption_dropout)},
-                 {'K', "--clip-skip", 1, 1, 64, offsetof(cli_train_opts, clip_skip)}};
+static const cli_num_flag num_flags[] = {
+    {'n', "--steps", 1, 1, 1e9, offsetof(cli_train_opts, steps)},
+    {'b', "--batch", 1, 1, 4096, offsetof(cli_train_opts, batch)},
+    {'w', "--warmup", 1, 0, 1e9, offsetof(cli_train_opts, warmup)},
+    {'s', "--seed", 1, 0, 9007199254740991.0, offsetof(cli_train_opts, seed)},
+    {'j', "--threads", 1, 1, 256, offsetof(cli_train_opts, threads)},
+    {'k', "--checkpoint-every", 1, 1, 1e9, offsetof(cli_train_opts, ckpt_every)},
+    {'S', "--stop-after", 1, 1, 1e9, offsetof(cli_train_opts, stop_after)},
+    {'l', "--lr", 0, 0, 1, offsetof(cli_train_opts, lr)},
+    {'c', "--clip", 0, 0, 1e6, offsetof(cli_train_opts, clip)},
+    {'e', "--ema", 0, 0, 1, offsetof(cli_train_opts, ema)},
+    {'g', "--min-snr-gamma", 0, 0, 1e6, offsetof(cli_train_opts, min_snr)},
+    {'p', "--null-class-dropout", 0, 0, 1, offsetof(cli_train_opts, dropout)},
+    {'W', "--weight-decay", 0, 0, 1, offsetof(cli_train_opts, weight_decay)},
+    {'P', "--ema-warmup", 0, 0, 10, offsetof(cli_train_opts, ema_power)},
+    {'G', "--guide-weight", 0, 0, 1e6, offsetof(cli_train_opts, guide_weight)},
+    {'D', "--caption-dropout", 0, 0, 1, offsetof(cli_train_opts, caption_dropout)},
+    {'K', "--clip-skip", 1, 1, 64, offsetof(cli_train_opts, clip_skip)}};
 
 static int num_flag(int c, const char *arg, cli_train_opts *o) {
-  for (size_t i = 0; i < sizeof num_flags / sizeof num_flags[0]; i++) {
-    if (num_flags[i].c != c)
-      continue;
-    void *dst = (char *)o + num_flags[i].off;
-    return num_flags[i].is_int
-               ? cli_parse_int(num_flags[i].flag, arg, (long long)num_flags[i].lo,
-                               (long long)num_flags[i].hi, dst)
-               : cli_parse_double(num_flags[i].flag, arg, num_flags[i].lo, num_flags[i].hi, dst);
-  }
-  return cli_usage_error("train", "unknown option") != 0;
+  return cli_parse_num_flag("train", num_flags, sizeof num_flags / sizeof num_flags[0], c, arg, o);
 }
 
 /* The flags that need another flag or exclude one. */

@@ -7,6 +7,7 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,22 +55,25 @@ typedef struct vae_train_opts {
 
 enum { O_MODEL_CONFIG = 256, O_INIT, O_LR_SCHED, O_RECON, O_KL, O_BETAS, O_SCALE, O_QUIET };
 
+/* Numeric flags by option code (cli_parse_num_flag's table). */
+static const cli_num_flag num_flags[] = {
+    {'n', "--steps", 1, 1, 1e9, offsetof(vae_train_opts, steps)},
+    {'b', "--batch", 1, 1, 4096, offsetof(vae_train_opts, batch)},
+    {'w', "--warmup", 1, 0, 1e9, offsetof(vae_train_opts, warmup)},
+    {'s', "--seed", 1, 0, 9007199254740991.0, offsetof(vae_train_opts, seed)},
+    {'j', "--threads", 1, 1, 256, offsetof(vae_train_opts, threads)},
+    {'k', "--checkpoint-every", 1, 1, 1e9, offsetof(vae_train_opts, ckpt_every)},
+    {O_SCALE, "--scale-images", 1, 1, 1 << 20, offsetof(vae_train_opts, scale_images)},
+    {'l', "--lr", 0, 0, 1, offsetof(vae_train_opts, lr)},
+    {O_KL, "--kl-weight", 0, 0, 1e6, offsetof(vae_train_opts, kl_weight)},
+    {'c', "--clip", 0, 0, 1e9, offsetof(vae_train_opts, clip)},
+    {'W', "--weight-decay", 0, 0, 1, offsetof(vae_train_opts, weight_decay)}};
+
 static int parse_num(int c, const char *arg, vae_train_opts *o) {
-  switch (c) {
-  case 'n': return cli_parse_int("--steps", arg, 1, 1000000000, &o->steps);
-  case 'b': return cli_parse_int("--batch", arg, 1, 4096, &o->batch);
-  case 'w': return cli_parse_int("--warmup", arg, 0, 1000000000, &o->warmup);
-  case 's': return cli_parse_int("--seed", arg, 0, 9007199254740991LL, &o->seed);
-  case 'j': return cli_parse_int("--threads", arg, 1, 256, &o->threads);
-  case 'k': return cli_parse_int("--checkpoint-every", arg, 1, 1000000000, &o->ckpt_every);
-  case O_SCALE: return cli_parse_int("--scale-images", arg, 1, 1 << 20, &o->scale_images);
-  case 'l': return cli_parse_double("--lr", arg, 0, 1, &o->lr);
-  case O_KL: return cli_parse_double("--kl-weight", arg, 0, 1e6, &o->kl_weight);
-  case 'c': return cli_parse_double("--clip", arg, 0, 1e9, &o->clip);
-  case 'W': return cli_parse_double("--weight-decay", arg, 0, 1, &o->weight_decay);
-  case O_BETAS: return cli_parse_list("--adam-betas", arg, 2, 0, 0.999999, o->betas);
-  default: return cli_usage_error("train vae", "bad option") != 0;
-  }
+  if (c == O_BETAS)
+    return cli_parse_list("--adam-betas", arg, 2, 0, 0.999999, o->betas);
+  return cli_parse_num_flag("train vae", num_flags, sizeof num_flags / sizeof num_flags[0], c, arg,
+                            o);
 }
 
 /* Returns -1 to go on, else the exit status (0 after --help). */
