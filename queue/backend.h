@@ -39,6 +39,9 @@ typedef struct qbackend_event {
   int lasting; /* kept until the log is dropped; the others may be trimmed */
 } qbackend_event;
 
+/* Called once per live node by nodes: its id and its advertisement's text. */
+typedef void (*qbackend_node_fn)(void *user, const char *node, const char *text, size_t len);
+
 typedef struct qbackend_ops {
   /* ---- runnable jobs, first pushed first claimed ---- */
   /* Appends id (QBACKEND_EXISTS if it is queued or claimed already). */
@@ -84,6 +87,15 @@ typedef struct qbackend_ops {
   int (*owner_load)(qbackend *b, const char *owner, int *jobs, double *cost, err *e);
   /* Stops counting id (its final state is written: its claim may end a little later). */
   void (*owner_drop)(qbackend *b, const char *owner, const char *id);
+
+  /* ---- the group's nodes (shared backends only; NULL otherwise: one process is the group) ---- */
+  /* Says that node (an id unique to one process) is alive and what it serves (text, JSON) for
+   * ttl_ms from now; a node that stops saying it again is gone once that has run out. */
+  int (*advertise)(qbackend *b, const char *node, const char *text, int ttl_ms, err *e);
+  /* Takes node's word back at once (a clean stop). */
+  void (*withdraw)(qbackend *b, const char *node);
+  /* Every live node's last advertisement, handed to fn (dead nodes' are dropped). */
+  int (*nodes)(qbackend *b, qbackend_node_fn fn, void *user, err *e);
 
   /* ---- per-job event logs ---- */
   /* Adds an event to id's log (created on first use). seq must be above the log's last

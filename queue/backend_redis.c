@@ -22,7 +22,9 @@
  *                      entries no longer queued or claimed are dropped when it is counted
  *   P:cancel     set   ids whose claim holder was asked to stop them (a cancel on another
  *                      daemon); kept when the claim is released or runs out, so the next
- *                      holder sees it, and dropped when a claim completes */
+ *                      holder sees it, and dropped when a claim completes
+ *   P:nodes      zset  live nodes (one per daemon process) scored by when their word runs out
+ *   P:node:NODE  string what NODE serves (JSON), expiring then too */
 #include "backend.h"
 
 #include <inttypes.h>
@@ -45,6 +47,8 @@ enum {
   S_TRIM,
   S_CANCEL,
   S_OWNER_LOAD,
+  S_ADVERTISE,
+  S_NODES,
   S_COUNT
 };
 
@@ -150,6 +154,13 @@ static const char *const scripts[S_COUNT] = {
                      "    n = n + 1 c = c + tonumber(all[i + 1]) "
                      "  else redis.call('HDEL', KEYS[1], all[i]) end "
                      "end return {n, tostring(c)}",
+    /* KEYS nodes node; ARGV node text ttl_ms -> 0 */
+    [S_ADVERTISE] = LUA_NOW "redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) "
+                            "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1]) "
+                            "return 0",
+    /* KEYS nodes -> the live nodes (the others leave the set; their keys expired) */
+    [S_NODES] = LUA_NOW "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) "
+                        "return redis.call('ZRANGE', KEYS[1], 0, -1)",
 };
 
 /* ---- connection ---- */
@@ -374,13 +385,22 @@ static int rb_cancel_requested(qbackend *qb, const char *id) {
   return asked;
 }
 
+/* P:own:OWNER into k (KEYBUF bytes); NULL with e set (when given) if it does not fit. */
+static const char *owner_key(const redis_backend *b, const char *owner, char *k, err *e) {
+  if (strlen(b->prefix) + strlen(owner) + 8 < KEYBUF)
+    return key(b, k, KEYBUF, "own", owner);
+  if (e)
+    err_set(e, ERR_INVALID, "API key name '%s' is too long to count in Redis", owner);
+  return NULL;
+}
+
 static int rb_owner_add(qbackend *qb, const char *owner, const char *id, double cost, err *e) {
   redis_backend *b = (redis_backend *)qb;
   char k[KEYBUF], c[32];
-  if (strlen(b->prefix) + strlen(owner) + 8 >= KEYBUF)
-    return err_set(e, ERR_INVALID, "API key name '%s' is too long to count in Redis", owner);
+  if (!owner_key(b, owner, k, e))
+    return e->code;
   snprintf(c, sizeof c, "%.17g", cost);
-  const char *argv[] = {"HSET", key(b, k, KEYBUF, "own", owner), id, c};
+  const char *argv[] = {"HSET", k, id, c};
   redisReply *r = redisconn_argv(b->c, 4, argv, NULL, e);
   if (!r)
     return e->code ? e->code : ERR_IO;
@@ -394,11 +414,10 @@ static int rb_owner_load(qbackend *qb, const char *owner, int *jobs, double *cos
   redis_backend *b = (redis_backend *)qb;
   *jobs = 0;
   *cost = 0;
-  if (strlen(b->prefix) + strlen(owner) + 8 >= KEYBUF)
-    return err_set(e, ERR_INVALID, "API key name '%s' is too long to count in Redis", owner);
   char k1[KEYBUF], k2[KEYBUF], k3[KEYBUF];
-  const char *keys[] = {key(b, k1, KEYBUF, "own", owner), key(b, k2, KEYBUF, "q", NULL),
-                        key(b, k3, KEYBUF, "leases", NULL)};
+  if (!owner_key(b, owner, k1, e))
+    return e->code;
+  const char *keys[] = {k1, key(b, k2, KEYBUF, "q", NULL), key(b, k3, KEYBUF, "leases", NULL)};
   redisReply *r = rb_eval(b, S_OWNER_LOAD, 3, keys, 0, NULL, e);
   if (!r)
     return e->code ? e->code : ERR_IO;
@@ -414,11 +433,85 @@ static int rb_owner_load(qbackend *qb, const char *owner, int *jobs, double *cos
 static void rb_owner_drop(qbackend *qb, const char *owner, const char *id) {
   redis_backend *b = (redis_backend *)qb;
   char k[KEYBUF];
-  if (strlen(b->prefix) + strlen(owner) + 8 >= KEYBUF)
+  if (!owner_key(b, owner, k, NULL))
     return;
-  const char *argv[] = {"HDEL", key(b, k, KEYBUF, "own", owner), id};
+  const char *argv[] = {"HDEL", k, id};
   err e = {0};
   freeReplyObject(redisconn_argv(b->c, 3, argv, NULL, &e)); /* else dropped at the next count */
+}
+
+/* ---- the group's nodes ---- */
+
+/* P:node:NODE into k (KEYBUF bytes); NULL if it does not fit. */
+static const char *node_key(const redis_backend *b, const char *node, char *k) {
+  return strlen(b->prefix) + strlen(node) + 8 < KEYBUF ? key(b, k, KEYBUF, "node", node) : NULL;
+}
+
+static int rb_advertise(qbackend *qb, const char *node, const char *text, int ttl_ms, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF], ttl[16];
+  if (ttl_ms <= 0 || !node_key(b, node, k2))
+    return err_set(e, ERR_INVALID, "node '%s' or its time to live (%d ms) is not usable", node,
+                   ttl_ms);
+  snprintf(ttl, sizeof ttl, "%d", ttl_ms);
+  const char *keys[] = {key(b, k1, KEYBUF, "nodes", NULL), k2};
+  const char *args[] = {node, text, ttl};
+  const long long v = rb_eval_int(b, S_ADVERTISE, 2, keys, 3, args, e);
+  return v == INT64_MIN ? (e->code ? e->code : ERR_IO) : ERR_OK;
+}
+
+static void rb_withdraw(qbackend *qb, const char *node) {
+  redis_backend *b = (redis_backend *)qb;
+  char k1[KEYBUF], k2[KEYBUF];
+  if (!node_key(b, node, k2))
+    return;
+  const char *del[] = {"DEL", k2};
+  const char *zrem[] = {"ZREM", key(b, k1, KEYBUF, "nodes", NULL), node};
+  err e = {0};
+  freeReplyObject(redisconn_argv(b->c, 2, del, NULL, &e)); /* else it runs out by itself */
+  freeReplyObject(redisconn_argv(b->c, 3, zrem, NULL, &e));
+}
+
+static int rb_nodes(qbackend *qb, qbackend_node_fn fn, void *user, err *e) {
+  redis_backend *b = (redis_backend *)qb;
+  char k[KEYBUF];
+  const char *keys[] = {key(b, k, KEYBUF, "nodes", NULL)};
+  redisReply *r = rb_eval(b, S_NODES, 1, keys, 0, NULL, e);
+  if (!r)
+    return e->code ? e->code : ERR_IO;
+  if (r->type != REDIS_REPLY_ARRAY)
+    return reply_error(r, "listing the nodes", e);
+  /* their words in one MGET: one that ran out since is nil, and left out */
+  const size_t n = r->elements;
+  const char **argv = mem_calloc(n + 1, sizeof *argv);
+  size_t *from = mem_calloc(n + 1, sizeof *from); /* argv[1 + i] is the key of element from[i] */
+  char *keybuf = mem_malloc((n ? n : 1) * KEYBUF);
+  int rc = argv && from && keybuf ? ERR_OK : err_set(e, ERR_NOMEM, "out of memory");
+  size_t m = 0;
+  for (size_t i = 0; rc == ERR_OK && i < n; i++) {
+    char *k = keybuf + m * KEYBUF;
+    if (r->element[i]->type == REDIS_REPLY_STRING && node_key(b, r->element[i]->str, k)) {
+      argv[1 + m] = k;
+      from[m++] = i;
+    }
+  }
+  if (rc == ERR_OK && m > 0) {
+    argv[0] = "MGET";
+    redisReply *v = redisconn_argv(b->c, (int)m + 1, argv, NULL, e);
+    if (!v)
+      rc = e->code ? e->code : ERR_IO;
+    else if (v->type != REDIS_REPLY_ARRAY || v->elements != m)
+      rc = reply_error(v, "MGET of the nodes", e), v = NULL;
+    for (size_t i = 0; v && i < m; i++)
+      if (v->element[i]->type == REDIS_REPLY_STRING)
+        fn(user, r->element[from[i]]->str, v->element[i]->str, v->element[i]->len);
+    freeReplyObject(v);
+  }
+  free(from);
+  free(argv);
+  free(keybuf);
+  freeReplyObject(r);
+  return rc;
 }
 
 /* ---- event logs ---- */
@@ -563,6 +656,9 @@ static const qbackend_ops redis_ops = {
     .owner_add = rb_owner_add,
     .owner_load = rb_owner_load,
     .owner_drop = rb_owner_drop,
+    .advertise = rb_advertise,
+    .withdraw = rb_withdraw,
+    .nodes = rb_nodes,
     .append = rb_append,
     .read = rb_read,
     .trim = rb_trim,

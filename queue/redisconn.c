@@ -163,6 +163,33 @@ redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size
   return r;
 }
 
+int redisconn_pipeline(redisconn *c, int n, int argc, const char **argv, redisconn_reply_fn fn,
+                       void *user, err *e) {
+  pthread_mutex_lock(&c->mu);
+  int rc = ERR_OK, sent = 0;
+  if (c->c->err && (redisReconnect(c->c) != REDIS_OK || (rc = setup(c, e)) != ERR_OK)) {
+    rc = rc ? rc : err_set(e, QUEUE_UNAVAILABLE, "redis %s: %s", c->url, c->c->errstr);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+  }
+  for (; sent < n; sent++)
+    if (redisAppendCommandArgv(c->c, argc, argv + (size_t)sent * (size_t)argc, NULL) != REDIS_OK)
+      break;
+  for (int i = 0; i < sent; i++) {
+    void *r = NULL;
+    if (redisGetReply(c->c, &r) != REDIS_OK || !r) {
+      rc = err_set(e, QUEUE_UNAVAILABLE, "redis %s: %s", c->url,
+                   c->c->errstr[0] ? c->c->errstr : "connection lost");
+      break; /* the connection is broken (err set): the next command re-makes it */
+    }
+    fn(user, i, r);
+  }
+  if (rc == ERR_OK && sent < n)
+    rc = err_set(e, ERR_NOMEM, "redis %s: out of memory queueing commands", c->url);
+  pthread_mutex_unlock(&c->mu);
+  return rc;
+}
+
 int redisconn_set_name(redisconn *c, const char *name, err *e) {
   if (strlen(name) >= sizeof c->name || strpbrk(name, " \t\r\n"))
     return err_set(e, ERR_INVALID, "redis client name '%s' is too long or has blanks", name);

@@ -27,6 +27,16 @@ void redisconn_free(redisconn *c);
  * as such. len NULL: the arguments are C strings. */
 redisReply *redisconn_argv(redisconn *c, int argc, const char **argv, const size_t *len, err *e);
 
+/* Called with the i-th reply of a pipeline; the callee frees it (freeReplyObject). */
+typedef void (*redisconn_reply_fn)(void *user, int i, redisReply *r);
+
+/* n commands of argc arguments each (C strings; the i-th's at argv + i * argc) sent together
+ * and their replies read in order, each handed to fn as it comes: one round trip instead of n,
+ * one reply in memory at a time. ERR_OK once every reply came (error replies included); else
+ * e is set (QUEUE_UNAVAILABLE when the server is away) and the rest are not handed over. */
+int redisconn_pipeline(redisconn *c, int n, int argc, const char **argv, redisconn_reply_fn fn,
+                       void *user, err *e);
+
 /* Names this connection (CLIENT SETNAME, again after every reconnect), so an operator's
  * CLIENT LIST shows which daemons group is which. */
 int redisconn_set_name(redisconn *c, const char *name, err *e);

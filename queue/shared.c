@@ -63,24 +63,22 @@ static void take_fields(queue *q, qjob *j, const qjob *fresh) {
   }
 }
 
-void qshared_refresh(queue *q, const char *id) {
-  if (!q->shared || !id || strlen(id) >= QUEUE_ID_SIZE)
-    return;
+/* Whether this process's copy of id may be out of date, or it has none (unlocked). */
+static int needs_read(queue *q, const char *id) {
   int pos;
   pthread_mutex_lock(&q->mu);
-  int need = stale(qjob_index(q, id, &pos) ? q->jobs[pos] : NULL);
+  const int need = stale(qjob_index(q, id, &pos) ? q->jobs[pos] : NULL);
   pthread_mutex_unlock(&q->mu);
-  if (!need)
-    return;
-  char *text = NULL;
-  size_t len = 0;
-  err e = {0};
-  if (q->st->ops->get_job(q->st, id, &text, &len, &e) != ERR_OK)
-    return; /* no record (never accepted, expired): nothing to show */
-  qjob *fresh = qrecord_parse(q, id, text, len);
-  free(text);
+  return need;
+}
+
+/* id's record as just read from the store (text NULL: none): the job is adopted, or this
+ * process's copy takes the fields another may have changed (unlocked). */
+static void take_record(queue *q, const char *id, const char *text, size_t len) {
+  qjob *fresh = text ? qrecord_parse(q, id, text, len) : NULL;
   if (!fresh)
-    return;
+    return; /* no record (never accepted, expired): nothing to show */
+  int pos;
   pthread_mutex_lock(&q->mu);
   qjob *j = qjob_index(q, id, &pos) ? q->jobs[pos] : NULL;
   if (!j) {
@@ -95,6 +93,17 @@ void qshared_refresh(queue *q, const char *id) {
   }
   pthread_mutex_unlock(&q->mu);
   qjob_free(fresh);
+}
+
+void qshared_refresh(queue *q, const char *id) {
+  if (!q->shared || !id || strlen(id) >= QUEUE_ID_SIZE || !needs_read(q, id))
+    return;
+  char *text = NULL;
+  size_t len = 0;
+  err e = {0};
+  if (q->st->ops->get_job(q->st, id, &text, &len, &e) == ERR_OK)
+    take_record(q, id, text, len);
+  free(text);
 }
 
 void qshared_adopt(queue *q) {
@@ -140,27 +149,42 @@ static int listed(queue *q, const char *id, const char *owner, int state) {
          (state < 0 || (int)j->state == state);
 }
 
+static void take_read(void *user, const char *id, const char *json, size_t len) {
+  take_record(user, id, json, len);
+}
+
+/* Records read in one round trip while a listing syncs (the store's get_jobs). */
+#define LIST_CHUNK 32
+
 void qshared_list_sync(queue *q, const char *owner, const char *before, int state, int limit) {
-  if (!q->shared || !q->st->ops->list_ids)
+  if (!q->shared || !q->st->ops->list_ids || !q->st->ops->get_jobs)
     return;
   id_list l = {0};
   err e = {0};
   if (q->st->ops->list_ids(q->st, collect_id, &l, &e) == ERR_OK) {
-    int matches = 0, reads = 0;
-    for (int i = l.n - 1; i >= 0 && matches <= limit && reads < QUEUE_LIST_READS; i--) {
-      const char *id = l.ids[i];
-      if (before && strcmp(id, before) >= 0)
-        continue;
-      int pos;
-      pthread_mutex_lock(&q->mu);
-      const int need = stale(qjob_index(q, id, &pos) ? q->jobs[pos] : NULL);
-      pthread_mutex_unlock(&q->mu);
-      if (need) {
-        qshared_refresh(q, id);
-        reads++;
+    int matches = 0, reads = 0, i = l.n - 1;
+    while (i >= 0 && matches <= limit && reads < QUEUE_LIST_READS) {
+      /* the next ids, newest first: the ones known up to date count now, the others are read
+       * in one round trip (a chunk at most) and count once read */
+      const char *chunk[LIST_CHUNK];
+      int n = 0;
+      for (; i >= 0 && n < LIST_CHUNK && reads + n < QUEUE_LIST_READS && matches <= limit; i--) {
+        if (before && strcmp(l.ids[i], before) >= 0)
+          continue;
+        if (needs_read(q, l.ids[i])) {
+          chunk[n++] = l.ids[i];
+          continue;
+        }
+        pthread_mutex_lock(&q->mu);
+        matches += listed(q, l.ids[i], owner, state);
+        pthread_mutex_unlock(&q->mu);
       }
+      if (n > 0 && q->st->ops->get_jobs(q->st, n, chunk, take_read, q, &e) != ERR_OK)
+        break;
+      reads += n;
       pthread_mutex_lock(&q->mu);
-      matches += listed(q, id, owner, state);
+      for (int k = 0; k < n; k++)
+        matches += listed(q, chunk[k], owner, state);
       pthread_mutex_unlock(&q->mu);
     }
   }

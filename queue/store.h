@@ -49,6 +49,10 @@ typedef struct store_ops {
   /* One job's record (NUL-terminated beyond *len; the caller frees it); ERR_IO when there is
    * none. Daemons sharing a store read the jobs other daemons accepted or ran this way. */
   int (*get_job)(store *s, const char *id, char **json, size_t *len, err *e);
+  /* Shared stores only (NULL for the directory): the records of n ids in one round trip, each
+   * handed to fn as it comes (json NULL for an id without a record or an unreadable one);
+   * ERR_OK once every id was handed over, else an error code (the rest were not). */
+  int (*get_jobs)(store *s, int n, const char *const *ids, store_job_fn fn, void *user, err *e);
   /* Stores shared by several daemons only (NULL for the directory): binds owner's idempotency
    * key to job id for ttl_s seconds unless it is bound already, so a client retrying on
    * another daemon gets the first job. 1: bound to id; 0: bound to another job, whose id is

@@ -244,6 +244,46 @@ static int rs_get_job(store *b, const char *id, char **json, size_t *len, err *e
   return get_key(s, k, (uint8_t **)json, len, e);
 }
 
+typedef struct jobs_read {
+  const char *const *ids;
+  store_job_fn fn;
+  void *user;
+} jobs_read;
+
+static void job_read(void *user, int i, redisReply *r) {
+  const jobs_read *jr = user;
+  if (r->type == REDIS_REPLY_STRING)
+    jr->fn(jr->user, jr->ids[i], r->str, r->len);
+  else
+    jr->fn(jr->user, jr->ids[i], NULL, 0);
+  freeReplyObject(r);
+}
+
+/* GETs pipelined, not one MGET: one record in memory at a time, however large. */
+static int rs_get_jobs(store *b, int n, const char *const *ids, store_job_fn fn, void *user,
+                       err *e) {
+  redis_store *s = (redis_store *)b;
+  if (n <= 0)
+    return ERR_OK;
+  const char **argv = mem_calloc(2 * (size_t)n, sizeof *argv);
+  char *keys = mem_malloc((size_t)n * KEYBUF);
+  int rc = ERR_OK;
+  if (!argv || !keys) {
+    rc = err_set(e, ERR_NOMEM, "out of memory");
+  } else {
+    for (int i = 0; i < n; i++) {
+      snprintf(keys + (size_t)i * KEYBUF, KEYBUF, "%s:job:%s", s->prefix, ids[i]);
+      argv[2 * i] = "GET";
+      argv[2 * i + 1] = keys + (size_t)i * KEYBUF;
+    }
+    jobs_read jr = {ids, fn, user};
+    rc = redisconn_pipeline(s->c, n, 2, argv, job_read, &jr, e);
+  }
+  free(argv);
+  free(keys);
+  return rc;
+}
+
 static int rs_probe(store *b, err *e) {
   redis_store *s = (redis_store *)b;
   char k[KEYBUF];
@@ -325,6 +365,7 @@ static const store_ops redis_store_ops = {
     .list_jobs = rs_list_jobs,
     .list_ids = rs_list_ids,
     .get_job = rs_get_job,
+    .get_jobs = rs_get_jobs,
     .bind_key = rs_bind_key,
     .unbind_key = rs_unbind_key,
     .probe = rs_probe,

@@ -467,13 +467,6 @@ END_TEST
 
 static int run_cmd(char *out, size_t n, const char *fmt, ...);
 
-static long post_keyed(const daemon_proc *d, const char *key, const char *body, http_resp *r) {
-  char h[400];
-  snprintf(h, sizeof h, "Idempotency-Key: %s", key);
-  const char *hdrs[] = {h, NULL};
-  return http_req(d, "POST", "/v1/jobs", body, strlen(body), hdrs, r);
-}
-
 static void expect_job_id(const http_resp *r, const char *id) {
   json_t *j = http_json(r);
   ck_assert_str_eq(json_string_value(json_object_get(j, "id")), id);
@@ -490,28 +483,29 @@ START_TEST(idempotent_submission) {
   const char *args[] = {"--workers", "1", NULL};
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   http_resp r;
-  ck_assert_int_eq(post_keyed(&d, "order-1", SMALL_JOB, &r), 202);
+  ck_assert_int_eq(http_post_keyed(&d, "order-1", SMALL_JOB, &r), 202);
   json_t *j = http_json(&r);
   snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
   json_decref(j);
   http_free(&r);
-  ck_assert_int_eq(post_keyed(&d, "order-1", SMALL_JOB, &r), 200);
+  ck_assert_int_eq(http_post_keyed(&d, "order-1", SMALL_JOB, &r), 200);
   expect_job_id(&r, id);
   http_free(&r);
-  ck_assert_int_eq(post_keyed(&d, "order-1", LONG_JOB, &r), 422);
+  ck_assert_int_eq(http_post_keyed(&d, "order-1", LONG_JOB, &r), 422);
   ck_assert_ptr_nonnull(strstr(r.body, "\"field\":\"Idempotency-Key\""));
   ck_assert_ptr_nonnull(strstr(r.body, id));
   http_free(&r);
   char long_key[300];
   memset(long_key, 'k', sizeof long_key - 1);
   long_key[sizeof long_key - 1] = 0;
-  ck_assert_int_eq(post_keyed(&d, long_key, SMALL_JOB, &r), 400);
+  ck_assert_int_eq(http_post_keyed(&d, long_key, SMALL_JOB, &r), 400);
   ck_assert_ptr_nonnull(strstr(r.body, "Idempotency-Key"));
   http_free(&r);
-  ck_assert_int_eq(post_keyed(&d, "caf\xc3\xa9", SMALL_JOB, &r), 400);
+  ck_assert_int_eq(http_post_keyed(&d, "caf\xc3\xa9", SMALL_JOB, &r), 400);
   http_free(&r);
   wait_state(&d, id, "succeeded", 60);
-  ck_assert_int_eq(post_keyed(&d, "order-1", SMALL_JOB, &r), 200); /* finished: still the same */
+  ck_assert_int_eq(http_post_keyed(&d, "order-1", SMALL_JOB, &r),
+                   200); /* finished: still the same */
   expect_job_id(&r, id);
   http_free(&r);
   daemon_stop(&d);
@@ -519,11 +513,11 @@ START_TEST(idempotent_submission) {
   /* killed between the record and the 202 */
   const char *env[] = {"DENOISED_FAULT_KILL_AFTER_RECORD=1", NULL};
   ck_assert_int_eq(daemon_start_env(&d, th_state_dir(st, sizeof st), args, env), 0);
-  ck_assert_int_le(post_keyed(&d, "order-2", SMALL_JOB, &r), 0); /* no answer */
+  ck_assert_int_le(http_post_keyed(&d, "order-2", SMALL_JOB, &r), 0); /* no answer */
   http_free(&r);
   ck_assert_int_eq(daemon_wait_exit(&d, 30), 128 + SIGKILL);
   ck_assert_int_eq(daemon_start(&d, st, args), 0);
-  ck_assert_int_eq(post_keyed(&d, "order-2", SMALL_JOB, &r), 200);
+  ck_assert_int_eq(http_post_keyed(&d, "order-2", SMALL_JOB, &r), 200);
   j = http_json(&r);
   snprintf(id, sizeof id, "%s", json_string_value(json_object_get(j, "id")));
   json_decref(j);

@@ -16,6 +16,11 @@
 
 static test_redis redis;
 
+/* One worker that takes one image at a time, claims of two seconds: jobs run one by one, and a
+ * killed daemon's job runs again soon. */
+static const char *const ONE_WORKER[] = {"--lease-seconds",    "2", "--workers", "1",
+                                         "--batch-max-images", "1", NULL};
+
 /* Whether the daemon's log holds needle. */
 static int log_has(const daemon_proc *d, const char *needle) {
   static char text[1 << 20];
@@ -30,17 +35,7 @@ static int log_has(const daemon_proc *d, const char *needle) {
 START_TEST(kill9_on_redis_loses_nothing) {
   char st[512], st2[512], path[128];
   daemon_proc d;
-  const char *args[] = {"--redis-url",
-                        redis.url,
-                        "--redis-prefix",
-                        "kill9",
-                        "--lease-seconds",
-                        "2",
-                        "--workers",
-                        "1",
-                        "--batch-max-images",
-                        "1",
-                        NULL};
+  const char *argv[16], **args = test_redis_args(&redis, "kill9", ONE_WORKER, argv, 16);
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   char done[64], running[64], queued[64];
   submit_job(&d, SMALL_JOB, done, sizeof done);
@@ -189,17 +184,7 @@ static void small_job(char *body, size_t n, int i) {
 START_TEST(three_daemons_share_one_queue) {
   char st[3][512], s[32];
   daemon_proc d[3];
-  const char *args[] = {"--redis-url",
-                        redis.url,
-                        "--redis-prefix",
-                        "trio",
-                        "--lease-seconds",
-                        "2",
-                        "--workers",
-                        "1",
-                        "--batch-max-images",
-                        "1",
-                        NULL};
+  const char *argv[16], **args = test_redis_args(&redis, "trio", ONE_WORKER, argv, 16);
   for (int i = 0; i < 3; i++)
     ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
   char longs[NLONG][64], smalls[NSMALL][64], body[256];
@@ -292,17 +277,7 @@ static void wait_ready(const daemon_proc *d, long want, double timeout_s) {
 START_TEST(redis_lost_while_running) {
   char st[512], path[128];
   daemon_proc d;
-  const char *args[] = {"--redis-url",
-                        redis.url,
-                        "--redis-prefix",
-                        "lost",
-                        "--lease-seconds",
-                        "2",
-                        "--workers",
-                        "1",
-                        "--batch-max-images",
-                        "1",
-                        NULL};
+  const char *argv[16], **args = test_redis_args(&redis, "lost", ONE_WORKER, argv, 16);
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   char before[64], running[64], after[64];
   submit_job(&d, SMALL_JOB, before, sizeof before);
@@ -355,8 +330,8 @@ END_TEST
 START_TEST(ended_job_back_in_queue_is_not_rerun) {
   char st[512];
   daemon_proc d;
-  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "phantom", "--lease-seconds",
-                        "2",           NULL};
+  const char *const lease[] = {"--lease-seconds", "2", NULL};
+  const char *argv[8], **args = test_redis_args(&redis, "phantom", lease, argv, 8);
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   char ended[64], next[64];
   submit_job(&d, SMALL_JOB, ended, sizeof ended);
@@ -393,17 +368,7 @@ END_TEST
 START_TEST(redis_restart_under_load_loses_nothing) {
   char st[2][512];
   daemon_proc d[2];
-  const char *args[] = {"--redis-url",
-                        redis.url,
-                        "--redis-prefix",
-                        "reload",
-                        "--lease-seconds",
-                        "2",
-                        "--workers",
-                        "1",
-                        "--batch-max-images",
-                        "1",
-                        NULL};
+  const char *argv[16], **args = test_redis_args(&redis, "reload", ONE_WORKER, argv, 16);
   for (int i = 0; i < 2; i++)
     ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
   enum { BEFORE = 24, AFTER = 8 };
@@ -438,13 +403,6 @@ START_TEST(redis_restart_under_load_loses_nothing) {
 }
 END_TEST
 
-static long post_keyed(const daemon_proc *d, const char *key, const char *body, http_resp *r) {
-  char h[400];
-  snprintf(h, sizeof h, "Idempotency-Key: %s", key);
-  const char *hdrs[] = {h, NULL};
-  return http_req(d, "POST", "/v1/jobs", body, strlen(body), hdrs, r);
-}
-
 static void job_id_of(const http_resp *r, char *id, size_t n) {
   json_t *j = http_json(r);
   snprintf(id, n, "%s", json_string_value(json_object_get(j, "id")));
@@ -458,27 +416,27 @@ static void job_id_of(const http_resp *r, char *id, size_t n) {
 START_TEST(idempotency_keys_across_daemons) {
   char st[2][512];
   daemon_proc d[2];
-  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "idem", NULL};
+  const char *argv[8], **args = test_redis_args(&redis, "idem", NULL, argv, 8);
   for (int i = 0; i < 2; i++)
     ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
   http_resp r;
   char first[64], again[64], other[64];
-  ck_assert_int_eq(post_keyed(&d[0], "order-7", SMALL_JOB, &r), 202);
+  ck_assert_int_eq(http_post_keyed(&d[0], "order-7", SMALL_JOB, &r), 202);
   job_id_of(&r, first, sizeof first);
   http_free(&r);
-  ck_assert_int_eq(post_keyed(&d[1], "order-7", SMALL_JOB, &r), 200); /* the other daemon */
+  ck_assert_int_eq(http_post_keyed(&d[1], "order-7", SMALL_JOB, &r), 200); /* the other daemon */
   job_id_of(&r, again, sizeof again);
   http_free(&r);
   ck_assert_str_eq(again, first);
-  ck_assert_int_eq(post_keyed(&d[1], "order-7", LONG_JOB, &r), 422);
+  ck_assert_int_eq(http_post_keyed(&d[1], "order-7", LONG_JOB, &r), 422);
   ck_assert_ptr_nonnull(strstr(r.body, first));
   http_free(&r);
-  ck_assert_int_eq(post_keyed(&d[1], "order-8", SMALL_JOB, &r), 202);
+  ck_assert_int_eq(http_post_keyed(&d[1], "order-8", SMALL_JOB, &r), 202);
   job_id_of(&r, other, sizeof other);
   http_free(&r);
   ck_assert_str_ne(other, first);
   wait_state(&d[0], first, "succeeded", 60);
-  ck_assert_int_eq(post_keyed(&d[1], "order-7", SMALL_JOB, &r), 200); /* finished: the same */
+  ck_assert_int_eq(http_post_keyed(&d[1], "order-7", SMALL_JOB, &r), 200); /* finished: the same */
   job_id_of(&r, again, sizeof again);
   http_free(&r);
   ck_assert_str_eq(again, first);
@@ -494,7 +452,7 @@ END_TEST
 START_TEST(listings_show_the_whole_group) {
   char st[2][512], body[256];
   daemon_proc d[2];
-  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "list", NULL};
+  const char *argv[8], **args = test_redis_args(&redis, "list", NULL, argv, 8);
   for (int i = 0; i < 2; i++)
     ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
   enum { N = 6 };
@@ -536,8 +494,8 @@ static int job_keys_left(const char *p, const char *id) {
 START_TEST(orphaned_results_expire_in_redis) {
   char st[512], id[64];
   daemon_proc d;
-  const char *args[] = {"--redis-url", redis.url, "--redis-prefix", "orphan", "--result-ttl",
-                        "4",           NULL};
+  const char *const ttl[] = {"--result-ttl", "4", NULL};
+  const char *argv[8], **args = test_redis_args(&redis, "orphan", ttl, argv, 8);
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   submit_job(&d, SMALL_JOB, id, sizeof id);
   wait_state(&d, id, "succeeded", 60);
@@ -566,17 +524,9 @@ START_TEST(per_key_limits_hold_across_daemons) {
   fprintf(f, "alice k-alice-0123456789abcdef01\nbob k-bob-0123456789abcdef0123\n");
   fclose(f);
   daemon_proc d[2];
-  const char *args[] = {"--redis-url",
-                        redis.url,
-                        "--redis-prefix",
-                        "perkey",
-                        "--api-keys-file",
-                        keys,
-                        "--max-jobs-per-key",
-                        "2",
-                        "--workers",
-                        "1",
-                        NULL};
+  const char *const limits[] = {
+      "--api-keys-file", keys, "--max-jobs-per-key", "2", "--workers", "1", NULL};
+  const char *argv[16], **args = test_redis_args(&redis, "perkey", limits, argv, 16);
   for (int i = 0; i < 2; i++)
     ck_assert_int_eq(daemon_start(&d[i], th_state_dir(st[i], sizeof st[i]), args), 0);
   static const char long_job[] = "{\"class_label\": 0, \"seed\": 5, \"batch_size\": 16, "
@@ -625,10 +575,9 @@ START_TEST(prompt_job_survives_on_redis) {
   char st[512], st2[512], path[128], m1[1100], m2[1100], p[1024];
   snprintf(m1, sizeof m1, "default=%s", test_src_path(p, sizeof p, "models/shapes-gmm"));
   snprintf(m2, sizeof m2, "sd=%s", test_src_path(p, sizeof p, "tests/fixtures/sd_pipeline/tiny"));
-  const char *args[] = {
-      "--redis-url", redis.url, "--redis-prefix", "prompt", "--lease-seconds", "2",
-      "--workers",   "1",       "--model",        m1,       "--model",         m2,
-      NULL};
+  const char *const models[] = {"--lease-seconds", "2", "--workers", "1", "--model", m1,
+                                "--model",         m2,  NULL};
+  const char *argv[16], **args = test_redis_args(&redis, "prompt", models, argv, 16);
   daemon_proc d;
   ck_assert_int_eq(daemon_start(&d, th_state_dir(st, sizeof st), args), 0);
   char blocker[64], id[64];

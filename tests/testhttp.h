@@ -284,6 +284,15 @@ static inline long http_post(const daemon_proc *d, const char *path, const char 
   return http_req(d, "POST", path, json, strlen(json), NULL, r);
 }
 
+/* POST /v1/jobs with an Idempotency-Key header. */
+static inline long http_post_keyed(const daemon_proc *d, const char *key, const char *json,
+                                   http_resp *r) {
+  char h[400];
+  snprintf(h, sizeof h, "Idempotency-Key: %s", key);
+  const char *hdrs[] = {h, NULL};
+  return http_req(d, "POST", "/v1/jobs", json, strlen(json), hdrs, r);
+}
+
 /* The body parsed as JSON (new reference), failing the test if it is not. */
 static inline json_t *http_json(const http_resp *r) {
   json_error_t je;

@@ -101,6 +101,22 @@ static inline int test_redis_shutdown(const test_redis *r) {
   return -1;
 }
 
+/* A daemon's arguments for the group on r under key prefix `prefix`: --redis-url,
+ * --redis-prefix, then extra (NULL-terminated, may be NULL), into out (max entries, the last
+ * a NULL); returns out. */
+static inline const char **test_redis_args(const test_redis *r, const char *prefix,
+                                           const char *const *extra, const char **out, int max) {
+  int n = 0;
+  out[n++] = "--redis-url";
+  out[n++] = r->url;
+  out[n++] = "--redis-prefix";
+  out[n++] = prefix;
+  for (int i = 0; extra && extra[i] && n < max - 1; i++)
+    out[n++] = extra[i];
+  out[n] = NULL;
+  return out;
+}
+
 /* A fresh directory and a running server in it; -1 (and a message) if it cannot start. */
 static inline int test_redis_start(test_redis *r) {
   memset(r, 0, sizeof *r);

@@ -23,22 +23,24 @@ static void set_field(char *field, size_t n, const char *fmt, const char *arg) {
     snprintf(field, n, fmt, arg);
 }
 
-/* The file of the request's solver data: a bare name is the model's (MODEL/solver_data), else a
+/* The file of the request's solver data: a bare name is the model's (DIR/solver_data), else a
  * path as given. */
-static int data_file(const model *m, const pipeline_solver *s, char *path, size_t n, err *e) {
+static int data_file(const char *dir, const pipeline_solver *s, char *path, size_t n, err *e) {
   if (!sampler_data_is_name(s->data)) {
     snprintf(path, n, "%s", s->data);
     return ERR_OK;
   }
-  return sampler_data_path(model_dir(m), s->data, path, n, e);
+  if (!dir)
+    return err_set(e, ERR_INVALID, "solver data '%s': the model's folder is not here", s->data);
+  return sampler_data_path(dir, s->data, path, n, e);
 }
 
 /* A message about the file of a named solver data speaks of the name: clients name data, never
  * paths, and must not learn where the server keeps it. */
-static void name_not_path(err *e, const model *m, const pipeline_solver *s) {
+static void name_not_path(err *e, const char *dir, const pipeline_solver *s) {
   char path[4200], msg[sizeof e->msg], *at;
   if (!e || !s->data || !sampler_data_is_name(s->data) ||
-      data_file(m, s, path, sizeof path, NULL) != ERR_OK)
+      data_file(dir, s, path, sizeof path, NULL) != ERR_OK)
     return;
   while ((at = strstr(e->msg, path)) != NULL) {
     const int lead = strncmp(e->msg, "statistics file ", 16) == 0 && at == e->msg + 16 ? 16 : 0;
@@ -49,10 +51,10 @@ static void name_not_path(err *e, const model *m, const pipeline_solver *s) {
 }
 
 /* {name, steps, config, options} with only one of the options (only_key), all, or none */
-static int try_solver(const model *m, const pipeline_solver *s, const char *only_key, int no_opts,
-                      sampler **out, err *e) {
+static int try_solver(const pipeline_sched_source *m, const pipeline_solver *s,
+                      const char *only_key, int no_opts, sampler **out, err *e) {
   char data[4200];
-  int rc = s->data ? data_file(m, s, data, sizeof data, e) : ERR_OK;
+  int rc = s->data ? data_file(m->dir, s, data, sizeof data, e) : ERR_OK;
   json_t *spec = rc == ERR_OK ? json_pack("{s:s}", "name", s->name) : NULL;
   if (!spec)
     return rc != ERR_OK ? rc : err_set(e, ERR_NOMEM, "out of memory");
@@ -67,10 +69,10 @@ static int try_solver(const model *m, const pipeline_solver *s, const char *only
                         json_pack("{s:O}", only_key, json_object_get(s->options, only_key)));
   else if (s->options && !no_opts)
     json_object_set(spec, "options", (json_t *)s->options);
-  rc = sampler_new_from_json(spec, model_scheduler_config(m), out, e);
+  rc = sampler_new_from_json(spec, m->config, out, e);
   json_decref(spec);
   if (rc != ERR_OK)
-    name_not_path(e, m, s);
+    name_not_path(e, m->dir, s);
   return rc;
 }
 
@@ -78,12 +80,20 @@ int pipeline_check_data(const model *m, const pipeline_solver *ps, const sampler
                         const guidance *g, const int64_t *labels, int batch, err *e) {
   int rc = sampler_data_check(s, m, g, labels, batch, e);
   if (rc != ERR_OK)
-    name_not_path(e, m, ps);
+    name_not_path(e, model_dir(m), ps);
   return rc;
 }
 
 int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, char *field,
                      size_t fieldlen, err *e) {
+  const pipeline_sched_source src = {.config = model_scheduler_config(m),
+                                     .prediction_type = model_get_info(m)->prediction_type,
+                                     .dir = model_dir(m)};
+  return pipeline_sampler_from(&src, s, out, field, fieldlen, e);
+}
+
+int pipeline_sampler_from(const pipeline_sched_source *m, const pipeline_solver *s, sampler **out,
+                          char *field, size_t fieldlen, err *e) {
   *out = NULL;
   if (!s->name || !sampler_solver_class(s->name)) {
     set_field(field, fieldlen, "%s", "scheduler.name");
@@ -91,14 +101,12 @@ int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, ch
   }
   int rc = try_solver(m, s, NULL, 0, out, e);
   if (rc == ERR_OK) {
-    const model_info *mi = model_get_info(m);
     const char *pred = sched_prediction_name(sampler_config(*out)->prediction_type);
-    if (mi->prediction_type && strcmp(mi->prediction_type, pred) != 0) {
+    if (m->prediction_type && *m->prediction_type && strcmp(m->prediction_type, pred) != 0) {
       sampler_free(*out);
       *out = NULL;
       set_field(field, fieldlen, "%s", "scheduler.options.prediction_type");
-      return err_set(e, ERR_INVALID, "the model predicts '%s', not '%s'", mi->prediction_type,
-                     pred);
+      return err_set(e, ERR_INVALID, "the model predicts '%s', not '%s'", m->prediction_type, pred);
     }
     return ERR_OK;
   }

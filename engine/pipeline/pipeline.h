@@ -54,6 +54,20 @@ typedef struct pipeline_solver {
 int pipeline_sampler(const model *m, const pipeline_solver *s, sampler **out, char *field,
                      size_t fieldlen, err *e);
 
+/* What pipeline_sampler reads of a model, so that a solver can be checked where the model is
+ * not loaded (a daemon accepting a job another daemon of its group runs): its
+ * scheduler_config.json (NULL: the solver's defaults), the prediction type it makes (NULL or "":
+ * any) and its folder for named solver data (NULL: none can be named). */
+typedef struct pipeline_sched_source {
+  const json_t *config;
+  const char *prediction_type;
+  const char *dir;
+} pipeline_sched_source;
+
+/* pipeline_sampler over what src says of the model. */
+int pipeline_sampler_from(const pipeline_sched_source *src, const pipeline_solver *s, sampler **out,
+                          char *field, size_t fieldlen, err *e);
+
 /* The run's class and guidance against what s's solver data was computed for
  * (sampler_data_check), in the words of the request (a named data by its name, never its
  * path). pipeline_run checks it; front ends call it to refuse a job before accepting it. */
