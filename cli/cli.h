@@ -139,6 +139,9 @@ typedef struct cli_train_data {
   int cc;
   int64_t *ids; /* n captions of len token ids (--captions), or NULL */
   int len;
+  /* x holds a text-to-image run's latents [n][c][h][w] (cli_train_latents_cache: the images
+   * encoded once), no longer the images */
+  int latent;
   char desc[1400]; /* what they are, for the model card */
 } cli_train_data;
 /* A path as the model card shows it: an absolute one by its last two parts (the folder it was
@@ -187,6 +190,7 @@ typedef struct cli_train_opts {
   double caption_dropout;
   long long clip_skip;
   int freeze_text_encoder;
+  int encode_every_step; /* --encode-every-step: no latent cache (same result, for checking) */
 } cli_train_opts;
 
 /* One training run: what it trains, on what, and what it has written. */
@@ -214,6 +218,11 @@ typedef struct cli_train_run {
 int cli_train_text_setup(cli_train_run *r, train_config *tc, cli_train_want *want, err *e);
 /* The latents of n images of the data's size, as the UNet learns them. */
 int cli_train_latents(const cli_train_run *r, const float *images, int n, float *z, err *e);
+/* Replaces the data's images by their latents (cli_train_latents of every image, once), so a
+ * step no longer runs the frozen encoder on its batch: the latent is the posterior mean, a
+ * function of the image alone, so every step sees the same values as when it encoded its own
+ * batch. Sets r->d.latent. */
+int cli_train_latents_cache(cli_train_run *r, err *e);
 
 /* OUT/checkpoint/: weights, EMA and AdamW moments (one safetensors file) and state.json (step,
  * recipe, wall time). Load refuses a checkpoint of another recipe, naming the setting. */

@@ -59,6 +59,8 @@ static const char help[] =
     "  --caption-dropout P  replace a caption by the empty one with probability P (for\n"
     "                     classifier-free guidance; default 0)\n"
     "  --clip-skip N      condition on the text encoder's layer N from the end (default 1)\n"
+    "  --encode-every-step  run the VAE encoder on every step's batch instead of encoding the\n"
+    "                     data once before the first step (same result, slower; for checking)\n"
     "  --steps N          optimizer steps (required); --batch B images per step (required)\n"
     "  --lr LR            peak learning rate (default 1e-4)\n"
     "  --lr-schedule S    constant, constant_with_warmup or cosine (default cosine)\n"
@@ -100,7 +102,8 @@ enum {
   O_TEXT_ENCODER,
   O_TEXT_CONFIG,
   O_TOKENIZER,
-  O_FREEZE_TEXT
+  O_FREEZE_TEXT,
+  O_ENCODE_EVERY
 };
 
 /* Numeric flags by option code: one table, one range check each. */
@@ -152,10 +155,11 @@ static int check_args(int argc, char **argv, const cli_train_opts *o) {
   if (o->text_encoder && o->text_encoder_config)
     return cli_usage_error("train", "give one of --text-encoder DIR or --text-encoder-config F");
   if (!o->captions && (o->vae || o->text_encoder || o->text_encoder_config || o->tokenizer ||
-                       o->freeze_text_encoder || o->caption_dropout > 0))
+                       o->freeze_text_encoder || o->caption_dropout > 0 || o->encode_every_step))
     return cli_usage_error("train", "--vae, --text-encoder(-config), --tokenizer, "
-                                    "--freeze-text-encoder and --caption-dropout go with "
-                                    "--captions (a text-to-image model)");
+                                    "--freeze-text-encoder, --caption-dropout and "
+                                    "--encode-every-step go with --captions (a text-to-image "
+                                    "model)");
   if (o->captions && (o->labels || o->cond))
     return cli_usage_error("train", "--captions: no --labels or --cond with text conditioning");
   return -1;
@@ -199,6 +203,7 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
                                        {"freeze-text-encoder", no_argument, 0, O_FREEZE_TEXT},
                                        {"caption-dropout", required_argument, 0, 'D'},
                                        {"clip-skip", required_argument, 0, 'K'},
+                                       {"encode-every-step", no_argument, 0, O_ENCODE_EVERY},
                                        {0, 0, 0, 0}};
   int c;
   optind = 1;
@@ -222,6 +227,7 @@ static int parse_args(int argc, char **argv, cli_train_opts *o) {
     case O_TEXT_CONFIG: o->text_encoder_config = optarg; break;
     case O_TOKENIZER: o->tokenizer = optarg; break;
     case O_FREEZE_TEXT: o->freeze_text_encoder = 1; break;
+    case O_ENCODE_EVERY: o->encode_every_step = 1; break;
     case O_BETAS:
       if (cli_parse_list("--adam-betas", optarg, 2, 0, 0.999999, o->betas) != 0)
         return 2;
@@ -397,6 +403,8 @@ static int setup(cli_train_run *r, err *e) {
     rc = cli_train_data_load(o->data, o->labels, r->m, &want, o->dropout > 0, &r->d, e);
   if (!rc && r->lp)
     rc = cli_train_captions_load(o->captions, latent_tokenizer(r->lp), &r->d, e);
+  if (!rc && r->lp && !o->encode_every_step)
+    rc = cli_train_latents_cache(r, e);
   if (!rc && o->cond)
     rc = cli_train_cond_load(o->cond, r->m, o->regression, &r->d, e);
   if (!rc && r->source && r->d.n < 3)
@@ -458,14 +466,15 @@ static void batch_free(batch *bt) {
 
 static int batch_new(const cli_train_run *r, int b, batch *bt, err *e) {
   const size_t per = (size_t)r->d.c * r->d.h * r->d.w, pc = (size_t)r->d.cc * r->d.h * r->d.w;
-  const int f = r->lp ? latent_get_info(r->lp)->factor : 1;
+  const int encode = r->lp && !r->d.latent, f = encode ? latent_get_info(r->lp)->factor : 1;
   const size_t zper = (size_t)model_get_info(r->m)->in_channels * (r->d.h / f) * (r->d.w / f);
   *bt = (batch){malloc((size_t)b * per * sizeof(float)),
                 r->d.cond ? malloc((size_t)b * pc * sizeof(float)) : NULL,
-                r->lp ? malloc((size_t)b * zper * sizeof(float)) : NULL,
+                encode ? malloc((size_t)b * zper * sizeof(float)) : NULL,
                 malloc((size_t)b * sizeof(int64_t)),
                 r->d.ids ? malloc((size_t)b * r->d.len * sizeof(int64_t)) : NULL};
-  if (!bt->x || !bt->lab || (r->d.cond && !bt->cond) || (r->lp && !bt->z) || (r->d.ids && !bt->ids))
+  if (!bt->x || !bt->lab || (r->d.cond && !bt->cond) || (encode && !bt->z) ||
+      (r->d.ids && !bt->ids))
     return err_set(e, ERR_NOMEM, "out of memory for a batch");
   return ERR_OK;
 }
@@ -485,11 +494,14 @@ static void gather(const cli_train_run *r, const int64_t *idx, int b, batch *bt)
   }
 }
 
-/* One step on the gathered batch: a text-to-image model's on its images' latents. */
+/* One step on the gathered batch: a text-to-image model's on its images' latents (the cached
+ * ones, or encoded now with --encode-every-step). */
 static int batch_step(cli_train_run *r, batch *bt, int b, train_step_info *info, err *e) {
   if (!r->lp)
     return trainer_step_cond(r->t, bt->x, bt->cond, r->d.labels ? bt->lab : NULL, b, r->d.h, r->d.w,
                              info, e);
+  if (r->d.latent)
+    return trainer_step_text(r->t, bt->x, bt->ids, b, r->d.h, r->d.w, info, e);
   const int f = latent_get_info(r->lp)->factor;
   int rc = cli_train_latents(r, bt->x, b, bt->z, e);
   return rc ? rc : trainer_step_text(r->t, bt->z, bt->ids, b, r->d.h / f, r->d.w / f, info, e);

@@ -1,8 +1,10 @@
 /* The text-to-image side of `denoised train` (a UNet2DConditionModel): the frozen VAE, the
  * tokenizer and the text encoder it trains with, taken from their flags or the --init pipeline
- * folder and checked against the UNet before the first step, and each batch's latents (the
- * VAE encoder's posterior mean, shifted and scaled as diffusers' train_text_to_image.py takes
- * them). */
+ * folder and checked against the UNet before the first step, and the data's latents (the VAE
+ * encoder's posterior mean, shifted and scaled as diffusers' train_text_to_image.py takes them).
+ * diffusers encodes every batch at every step; the mean is a function of the image alone, so
+ * encoding every image once before the first step (cli_train_latents_cache) gives the steps the
+ * same values without the encoder's cost per step. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,4 +96,31 @@ int cli_train_text_setup(cli_train_run *r, train_config *tc, cli_train_want *wan
 int cli_train_latents(const cli_train_run *r, const float *images, int n, float *z, err *e) {
   const int f = latent_get_info(r->lp)->factor;
   return latent_encode(r->lp, images, n, r->d.h / f, r->d.w / f, NULL, z, (int)r->o->threads, e);
+}
+
+/* Images per encoder call when caching: the encoder's scratch stays small for any data size. */
+#define CACHE_CHUNK 256
+
+int cli_train_latents_cache(cli_train_run *r, err *e) {
+  cli_train_data *d = &r->d;
+  const latent_info *li = latent_get_info(r->lp);
+  const int f = li->factor, zc = li->latent_channels;
+  const size_t per = (size_t)d->c * d->h * d->w, zper = (size_t)zc * (d->h / f) * (d->w / f);
+  float *z = malloc((size_t)d->n * zper * sizeof *z);
+  if (!z)
+    return err_set(e, ERR_NOMEM, "out of memory for the latents of %lld images", (long long)d->n);
+  for (int64_t i = 0; i < d->n; i += CACHE_CHUNK) {
+    const int k = (int)(d->n - i < CACHE_CHUNK ? d->n - i : CACHE_CHUNK);
+    int rc = cli_train_latents(r, d->x + (size_t)i * per, k, z + (size_t)i * zper, e);
+    if (rc) {
+      free(z);
+      return err_prefix(e, "encoding --data images %lld-%lld", (long long)i,
+                        (long long)(i + k - 1));
+    }
+  }
+  free(d->x);
+  d->x = z;
+  d->c = zc, d->h /= f, d->w /= f;
+  d->latent = 1;
+  return ERR_OK;
 }

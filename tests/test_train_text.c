@@ -189,6 +189,65 @@ START_TEST(init_and_frozen) {
 }
 END_TEST
 
+/* Whether files a and b hold the same bytes. */
+static int same_file(const char *a, const char *b) {
+  FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+  ck_assert_msg(fa && fb, "%s or %s missing", a, b);
+  int ca, cb, same = 1;
+  do {
+    ca = fgetc(fa), cb = fgetc(fb);
+    same = ca == cb;
+  } while (same && ca != EOF);
+  fclose(fa), fclose(fb);
+  return same;
+}
+
+/* The latents cached before the first step (the default) train exactly as encoding every step's
+ * batch (--encode-every-step, diffusers' way): same losses, same weights, bit for bit. The images
+ * are all different and the batch (3) divides neither the data (8) nor the cache's chunk, so an
+ * encoder whose result depended on the batch it sits in would show. */
+START_TEST(cached_latents_train_as_per_step_encoding) {
+  float *x = malloc(sizeof(float) * N_IMAGES * 3 * 16 * 16);
+  uint32_t s = 12345;
+  for (int i = 0; i < N_IMAGES * 3 * 16 * 16; i++) {
+    s = s * 1664525u + 1013904223u;
+    x[i] = (float)(s >> 8) / (float)(1u << 24) * 2.0f - 1.0f;
+  }
+  char path[600], a[700], b[700], extra[700];
+  err e = {0};
+  const int64_t shape[4] = {N_IMAGES, 3, 16, 16};
+  snprintf(path, sizeof path, "%s/xr.npy", dir);
+  ck_assert_int_eq(npy_write_f32(path, x, 4, shape, &e), 0);
+  free(x);
+  for (int every = 0; every < 2; every++) {
+    snprintf(extra, sizeof extra, "--steps 4 --lr 1e-3 --caption-dropout 0.3 --out %s/%s %s", dir,
+             every ? "every" : "cached", every ? "--encode-every-step" : "");
+    int rc = test_run_cli(out, sizeof out,
+                          "train --model-config %s/unet.json --text-encoder-config "
+                          "%s/text_encoder/config.json --tokenizer %s/tokenizer --vae %s/vae "
+                          "--data %s/xr.npy --captions %s/c.txt --batch 3 --seed 2 --quiet %s",
+                          dir, tiny, tiny, tiny, dir, dir, extra);
+    ck_assert_msg(rc == 0, "%s", out);
+  }
+  static const char *const files[] = {"loss.jsonl", "unet/diffusion_pytorch_model.safetensors",
+                                      "text_encoder/model.safetensors"};
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+    snprintf(a, sizeof a, "%s/cached/%s", dir, files[i]);
+    snprintf(b, sizeof b, "%s/every/%s", dir, files[i]);
+    ck_assert_msg(same_file(a, b), "%s differs between cached and per-step latents", files[i]);
+  }
+  /* the flag goes with text-to-image training only */
+  char cfg[1024];
+  test_src_path(cfg, sizeof cfg, "tests/fixtures/train/model/config.json");
+  int rc = test_run_cli(out, sizeof out,
+                        "train --model-config %s --data %s/x.npy --encode-every-step --steps 2 "
+                        "--batch 2 --out %s/bad",
+                        cfg, dir, dir);
+  ck_assert_int_eq(rc, 2);
+  ck_assert_msg(strstr(out, "--encode-every-step go with --captions"), "%s", out);
+}
+END_TEST
+
 START_TEST(refusals) {
   char path[600];
   struct stat sb;
@@ -250,6 +309,7 @@ Suite *test_suite(void) {
   tcase_set_timeout(tc, 900);
   tcase_add_test(tc, loss_falls_and_pipeline_samples);
   tcase_add_test(tc, init_and_frozen);
+  tcase_add_test(tc, cached_latents_train_as_per_step_encoding);
   tcase_add_test(tc, refusals);
   suite_add_tcase(s, tc);
   return s;
